@@ -1,0 +1,139 @@
+"""The JSON-RPC methods of a circle session, and the state each session keeps.
+
+``openrpc.json`` is the contract for everything here; a test holds the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import openrpc
+from .auth import AuthenticationFailed, NonceStore, TooManyNonces
+from .config import Config
+from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError
+from .keys import InvalidKey, normalize_pubkey
+from .scripts import (
+    SOURCE_WS,
+    BackendUnavailable,
+    IScriptRunner,
+    ScriptFailed,
+    ScriptRequest,
+    ScriptTimeout,
+)
+
+# Application error codes (the design's -32001..-32006).
+AUTH_REQUIRED = -32001
+AUTH_FAILED = -32002
+SCRIPT_TIMEOUT = -32003
+BACKEND_UNAVAILABLE = -32004
+SCRIPT_FAILED = -32005
+TOO_MANY_REQUESTS = -32006
+
+log = Logger()
+methods = Methods()
+
+
+class Gateway:
+    """What every session of one server shares: configuration, clock, script backend."""
+
+    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner) -> None:
+        self.config = config
+        self.clock = clock
+        self.scripts = scripts
+        self.dispatcher = Dispatcher(
+            methods, config.max_batch,
+            RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
+        )
+
+    def new_session(self, circle: str, pubkey: Optional[str] = None) -> "Session":
+        return Session(self, circle, pubkey)
+
+
+class Session:
+    """One client's view of a circle: who it has proved to be and the nonces it holds."""
+
+    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None) -> None:
+        self.gateway = gateway
+        self.circle = circle
+        self.pubkey = pubkey  # compressed hex once authenticated
+        config = gateway.config
+        self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
+
+    @property
+    def authenticated(self) -> bool:
+        return self.pubkey is not None
+
+    def handle(self, payload) -> Deferred:
+        """Answer one WebSocket message; fires with the reply text or None."""
+        return self.gateway.dispatcher.handle(payload, self)
+
+
+def _pubkey_param(value: str) -> str:
+    try:
+        return normalize_pubkey(value)
+    except InvalidKey as e:
+        raise RPCError(INVALID_PARAMS, f"Invalid params: {e}") from None
+
+
+@methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
+    key = None if pubkey is None else _pubkey_param(pubkey)
+    try:
+        nonce = session.nonces.issue(key)
+    except TooManyNonces:
+        raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
+    return {"nonce": nonce.value, "expires_at": nonce.expires_at}
+
+
+@methods.add("authenticate", Param("pubkey", (str,)), Param("signature", (str,)))
+def authenticate(session: Session, pubkey: str, signature: str) -> dict:
+    try:
+        key = normalize_pubkey(pubkey)
+        signer = session.nonces.redeem(key, signature)
+    except (InvalidKey, AuthenticationFailed) as e:
+        log.info("authentication failed on circle {circle}: {reason}", circle=session.circle, reason=str(e))
+        raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
+    session.pubkey = signer
+    log.info("authenticated {pubkey} on circle {circle}", pubkey=signer, circle=session.circle)
+    return {"authenticated": True, "pubkey": signer}
+
+
+@methods.add("whoami")
+def whoami(session: Session) -> dict:
+    return {"circle": session.circle, "authenticated": session.authenticated, "pubkey": session.pubkey}
+
+
+@methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
+def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
+    gateway = session.gateway
+    if gateway.config.auth_required and not session.authenticated:
+        raise RPCError(AUTH_REQUIRED, "Authentication required: call fetch_nonce and authenticate first")
+    limit = gateway.config.script_timeout
+    if timeout is not None:
+        if not timeout > 0:
+            raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
+        limit = min(timeout, limit)
+    request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
+    d = gateway.scripts.run(request)
+    d.addCallback(lambda output: {"output": output})
+    d.addErrback(_script_error)
+    return d
+
+
+def _script_error(failure) -> Any:
+    if failure.check(ScriptTimeout):
+        raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(BackendUnavailable):
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
+    if failure.check(ScriptFailed):
+        raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
+    return failure
+
+
+@methods.add("rpc.discover")
+def discover(session: Session) -> dict:
+    return openrpc.document()

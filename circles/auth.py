@@ -1,0 +1,191 @@
+"""Proof of key ownership: nonces and the two signature forms a client may sign them with.
+
+A client proves it holds the private key of ``pubkey`` by signing a nonce the server issued.
+The signed message is the nonce string exactly as returned, UTF-8 encoded. Two forms are
+accepted, told apart by the signature's length:
+
+* 65 bytes ``r||s||v``: Ethereum ``personal_sign`` (EIP-191). The digest is
+  keccak256("\\x19Ethereum Signed Message:\\n" + len(msg) + msg); the key is recovered from the
+  signature and must equal ``pubkey``. ``v`` may be 0/1 or 27/28. This is what MetaMask, ethers
+  and eth-account produce.
+* 64 bytes compact ``r||s``, or DER: ECDSA over SHA-256(msg), verified against ``pubkey``.
+  High-S signatures are normalised first: they are as valid as their low-S twin, and signers
+  such as WebCrypto and python-ecdsa do not normalise.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from typing import Optional
+
+import attrs
+import coincurve
+from coincurve import ecdsa
+from Crypto.Hash import keccak
+from twisted.internet.interfaces import IReactorTime
+
+from .keys import parse_hex
+
+NONCE_BYTES = 16  # 128 bits, the design's floor
+ETH_SIGNATURE_LEN = 65
+COMPACT_SIGNATURE_LEN = 64
+_ETH_PREFIX = b"\x19Ethereum Signed Message:\n"
+
+
+class AuthenticationFailed(Exception):
+    """The proof did not hold; the message is a short, safe reason for the client."""
+
+
+class TooManyNonces(Exception):
+    """The store is full of live nonces; the caller should back off."""
+
+
+def eth_personal_digest(message: bytes) -> bytes:
+    """keccak256 of the EIP-191 ``personal_sign`` envelope around ``message``."""
+    digest = keccak.new(digest_bits=256)
+    digest.update(_ETH_PREFIX + str(len(message)).encode("ascii") + message)
+    return digest.digest()
+
+
+def _decode_signature(signature: str) -> bytes:
+    if not isinstance(signature, str):
+        raise AuthenticationFailed("signature must be a hex string")
+    try:
+        return parse_hex(signature)
+    except ValueError:
+        raise AuthenticationFailed("signature is not hex") from None
+
+
+def recover_eth_signer(message: bytes, raw: bytes) -> str:
+    """Return the compressed hex key that made the ``personal_sign`` signature ``raw``."""
+    v = raw[64]
+    if v in (27, 28):
+        v -= 27
+    if v not in (0, 1):
+        raise AuthenticationFailed("signature recovery id must be 0, 1, 27 or 28")
+    try:
+        key = coincurve.PublicKey.from_signature_and_message(
+            raw[:64] + bytes([v]), eth_personal_digest(message), hasher=None
+        )
+    except ValueError:
+        raise AuthenticationFailed("signature does not recover to a public key") from None
+    return key.format(compressed=True).hex()
+
+
+def verify_ecdsa(message: bytes, raw: bytes, pubkey: str) -> bool:
+    """Check a compact (64-byte) or DER ECDSA signature over SHA-256(message) by ``pubkey``."""
+    try:
+        if len(raw) == COMPACT_SIGNATURE_LEN:
+            parsed = ecdsa.deserialize_compact(raw)
+        else:
+            parsed = ecdsa.der_to_cdata(raw)
+    except ValueError:
+        raise AuthenticationFailed("signature is neither 64-byte compact, 65-byte r||s||v nor DER") from None
+    _, low_s = ecdsa.signature_normalize(parsed)
+    key = coincurve.PublicKey(bytes.fromhex(pubkey))
+    return key.verify(ecdsa.cdata_to_der(low_s), message)
+
+
+def signature_matches(message: bytes, signature: str, pubkey: Optional[str]) -> Optional[str]:
+    """Return the key that signed ``message`` if the signature is valid for it, else None.
+
+    ``pubkey`` is the compressed hex key the client claims. It may be None only for the
+    Ethereum form, where the key is recovered from the signature itself.
+    Malformed signatures raise :class:`AuthenticationFailed` with the reason.
+    """
+    raw = _decode_signature(signature)
+    if len(raw) == ETH_SIGNATURE_LEN:
+        signer = recover_eth_signer(message, raw)
+        return signer if pubkey is None or signer == pubkey else None
+    if pubkey is None:
+        raise AuthenticationFailed("an ECDSA signature needs the public key it is checked against")
+    return pubkey if verify_ecdsa(message, raw, pubkey) else None
+
+
+@attrs.frozen
+class Nonce:
+    value: str
+    pubkey: Optional[str]  # compressed hex, or None when issued without one
+    expires_at: float
+
+
+class NonceStore:
+    """Live nonces, single use, each with an expiry taken from an injected clock.
+
+    One store serves a session (its own nonces die with it) or a whole process (nonces issued
+    over HTTP, before any connection exists). Either way it is capped: when it is full of live
+    nonces, :meth:`issue` refuses rather than growing. Insertion order is expiry order (the TTL
+    is fixed), so sweeping pops from the front and costs only what it removes.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float, cap: int) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._cap = cap
+        self._live: OrderedDict[str, Nonce] = OrderedDict()
+
+    def __len__(self) -> int:
+        self.sweep()
+        return len(self._live)
+
+    def sweep(self) -> None:
+        now = self._clock.seconds()
+        live = self._live
+        while live:
+            oldest = next(iter(live.values()))
+            if oldest.expires_at > now:
+                break
+            live.popitem(last=False)
+
+    def issue(self, pubkey: Optional[str] = None) -> Nonce:
+        self.sweep()
+        if len(self._live) >= self._cap:
+            raise TooManyNonces("too many outstanding nonces")
+        nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, self._clock.seconds() + self._ttl)
+        self._live[nonce.value] = nonce
+        return nonce
+
+    def take(self, value: str) -> Optional[Nonce]:
+        """Remove and return the live nonce ``value``; None if unknown, used or expired."""
+        nonce = self._live.pop(value, None)
+        if nonce is None or nonce.expires_at <= self._clock.seconds():
+            return None
+        return nonce
+
+    def redeem(self, pubkey: Optional[str], signature: str) -> str:
+        """Find the live nonce ``signature`` signs, consume it and return the signer's key.
+
+        Candidates are the nonces issued for ``pubkey`` and those issued for no key, newest
+        first. A failed attempt consumes nothing, so a client may retry with a corrected
+        signature until the nonce expires.
+        """
+        self.sweep()
+        found_candidate = False
+        for nonce in reversed(self._live.values()):
+            if nonce.pubkey is not None and nonce.pubkey != pubkey:
+                continue
+            found_candidate = True
+            signer = signature_matches(nonce.value.encode("utf-8"), signature, pubkey)
+            if signer is not None:
+                del self._live[nonce.value]
+                return signer
+        if not found_candidate:
+            raise AuthenticationFailed("no live nonce for this public key: call fetch_nonce first")
+        raise AuthenticationFailed("signature does not match the public key and nonce")
+
+    def redeem_value(self, value: str, pubkey: str, signature: str) -> str:
+        """Consume the nonce ``value`` (as given by the client) and verify its signature.
+
+        Used where the client names the nonce itself (URL authentication). The nonce is used
+        up whatever the outcome, so a captured URL cannot be replayed.
+        """
+        nonce = self.take(value)
+        if nonce is None:
+            raise AuthenticationFailed("nonce unknown, used or expired")
+        if nonce.pubkey is not None and nonce.pubkey != pubkey:
+            raise AuthenticationFailed("nonce was issued for another public key")
+        signer = signature_matches(nonce.value.encode("utf-8"), signature, pubkey)
+        if signer is None:
+            raise AuthenticationFailed("signature does not match the public key and nonce")
+        return signer

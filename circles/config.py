@@ -1,0 +1,46 @@
+"""The gateway's configuration: one frozen value, built by the twistd plugin or by hand."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from .keys import InvalidKey, normalize_pubkey
+
+DEFAULT_PLAIN_PORT = 8080
+DEFAULT_TLS_PORT = 8443
+
+
+def _circle_set(values) -> frozenset:
+    circles = set()
+    for value in values:
+        try:
+            circles.add(normalize_pubkey(value))
+        except InvalidKey as e:
+            raise ValueError(f"invalid circle {value!r}: {e}") from None
+    return frozenset(circles)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything the gateway needs to know; immutable once the service is built.
+
+    ``circles`` empty means "serve any valid circle id" (a warning is logged once).
+    """
+
+    circles: frozenset = attrs.field(default=frozenset(), converter=_circle_set)
+    auth_required: bool = False
+    listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
+    port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
+    interface: str = ""
+    tls: Any = None  # an OpenSSL context factory, e.g. from circles.tls.load(); None: plain
+    nonce_ttl: float = 300.0
+    max_nonces_per_session: int = 16
+    max_message_size: int = 1024 * 1024
+    max_batch: int = 100
+    script_timeout: float = 30.0
+
+    def serves(self, circle: str) -> bool:
+        """Whether ``circle`` (compressed hex, already validated) is served here."""
+        return not self.circles or circle in self.circles

@@ -1,0 +1,255 @@
+"""JSON-RPC 2.0 (https://www.jsonrpc.org/specification), transport-agnostic, on Deferreds.
+
+No maintained JSON-RPC library speaks Twisted's Deferreds, so this is the one small module that
+follows the specification: requests, notifications (never answered, even when they fail),
+batches (an empty batch is one Invalid Request error; a batch of notifications gets no reply),
+``id`` echoed exactly, the reserved error codes. Handlers are plain callables returning a value
+or a Deferred; they raise :class:`RPCError` for errors the client should see. Any other
+exception is logged and becomes -32603 with no detail, so no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import attrs
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.logger import Logger
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+_MISSING = object()
+log = Logger()
+
+JSONValue = Any
+Params = Union[list, dict, None]
+
+
+class RPCError(Exception):
+    """An error answered to the client as a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = _MISSING) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_json(self) -> dict:
+        error = {"code": self.code, "message": self.message}
+        if self.data is not _MISSING:
+            error["data"] = self.data
+        return error
+
+
+@attrs.frozen
+class Param:
+    """One parameter of a method: its name, accepted JSON types, and whether it may be left out."""
+
+    name: str
+    types: tuple
+    required: bool = True
+
+    def check(self, value: Any) -> Any:
+        # bool is an int in Python but not a number in JSON.
+        if not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types):
+            names = "/".join(_JSON_TYPE_NAMES[t] for t in self.types)
+            raise RPCError(INVALID_PARAMS, f"Invalid params: '{self.name}' must be {names}")
+        return value
+
+
+_JSON_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean",
+                    dict: "an object", list: "an array", type(None): "null"}
+
+
+def bind_params(params: Params, spec: Sequence[Param]) -> dict:
+    """Map by-position or by-name params onto ``spec``; -32602 for anything that does not fit."""
+    if params is None:
+        params = {}
+    if isinstance(params, list):
+        if len(params) > len(spec):
+            raise RPCError(INVALID_PARAMS, f"Invalid params: at most {len(spec)} expected, got {len(params)}")
+        params = {p.name: value for p, value in zip(spec, params)}
+    else:
+        unknown = params.keys() - {p.name for p in spec}
+        if unknown:
+            raise RPCError(INVALID_PARAMS, f"Invalid params: unknown parameter '{sorted(unknown)[0]}'")
+    bound = {}
+    for p in spec:
+        if p.name in params:
+            bound[p.name] = p.check(params[p.name])
+        elif p.required:
+            raise RPCError(INVALID_PARAMS, f"Invalid params: '{p.name}' is required")
+    return bound
+
+
+Handler = Callable[..., Any]
+
+
+@attrs.frozen
+class Method:
+    """A callable exposed over JSON-RPC.
+
+    ``handler(context, params)`` receives the raw params (already checked to be an array, an
+    object or absent) when ``params`` is None, otherwise ``handler(context, **bound)`` with
+    the params bound to the spec.
+    """
+
+    name: str
+    handler: Handler
+    params: Optional[tuple] = ()
+
+    def call(self, context: Any, params: Params) -> Any:
+        if self.params is None:
+            return self.handler(context, params)
+        return self.handler(context, **bind_params(params, self.params))
+
+
+class Methods:
+    """A registry of methods, built once at import time and shared by every session."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._methods
+
+    def __iter__(self):
+        return iter(self._methods)
+
+    def add(self, name: str, *params: Param, raw_params: bool = False) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            self._methods[name] = Method(name, handler, None if raw_params else tuple(params))
+            return handler
+        return register
+
+    def get(self, name: str) -> Optional[Method]:
+        return self._methods.get(name)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def parse(payload: Union[str, bytes]) -> JSONValue:
+    """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
+    try:
+        return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RPCError(PARSE_ERROR, "Parse error: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RPCError(PARSE_ERROR, "Parse error") from None
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+
+
+def error_response(error: RPCError, id_: Any = None) -> dict:
+    return {"jsonrpc": "2.0", "error": error.to_json(), "id": id_}
+
+
+class Dispatcher:
+    """Turns one incoming message into at most one reply, calling methods from ``methods``.
+
+    ``max_batch`` bounds the requests in one batch; a longer batch is refused whole with
+    ``batch_error`` (the application's "too many requests" error).
+    """
+
+    def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError) -> None:
+        self._methods = methods
+        self._max_batch = max_batch
+        self._batch_error = batch_error
+
+    def handle(self, payload: Union[str, bytes], context: Any) -> Deferred:
+        """Return a Deferred firing with the reply text, or None when nothing is to be sent."""
+        try:
+            message = parse(payload)
+        except RPCError as e:
+            return succeed(encode(error_response(e)))
+        if isinstance(message, list):
+            if not message:
+                return succeed(encode(error_response(RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))))
+            if len(message) > self._max_batch:
+                return succeed(encode(error_response(self._batch_error)))
+            # Calls start in order: a synchronous method (authenticate) has finished before the
+            # next one in the batch begins.
+            d = gatherResults([self._call(request, context) for request in message], consumeErrors=True)
+            d.addCallback(lambda replies: [r for r in replies if r is not None] or None)
+        else:
+            d = self._call(message, context)
+        d.addCallback(lambda reply: None if reply is None else encode(reply))
+        return d
+
+    def _call(self, request: Any, context: Any) -> Deferred:
+        if not isinstance(request, dict):
+            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: expected an object")))
+        id_ = request.get("id", _MISSING)
+        is_notification = id_ is _MISSING
+        if not is_notification and not _valid_id(id_):
+            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: id must be a string, number or null")))
+        reply_id = None if is_notification else id_
+        if request.get("jsonrpc") != "2.0":
+            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\""), reply_id))
+        name = request.get("method")
+        if not isinstance(name, str):
+            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: method must be a string"), reply_id))
+        params = request.get("params")
+        if "params" in request and not isinstance(params, (list, dict)):
+            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: params must be an array or an object"), reply_id))
+        method = self._methods.get(name)
+        if method is None:
+            d = succeed(None)
+            error: Optional[RPCError] = RPCError(METHOD_NOT_FOUND, "Method not found")
+        else:
+            d = maybeDeferred(method.call, context, params)
+            error = None
+
+        def reply(result: Any) -> Optional[dict]:
+            if is_notification:
+                return None
+            if error is not None:
+                return error_response(error, id_)
+            return {"jsonrpc": "2.0", "result": result, "id": id_}
+
+        def failed(failure) -> Optional[dict]:
+            if failure.check(RPCError):
+                rpc_error = failure.value
+            else:
+                log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
+                rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
+            return None if is_notification else error_response(rpc_error, id_)
+
+        d.addCallbacks(reply, failed)
+        return d
+
+
+def encode(reply: Union[dict, list]) -> str:
+    """Serialise a reply; a result that cannot be serialised becomes -32603 for its request."""
+    try:
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        log.failure("JSON-RPC result could not be serialised")
+        replies = reply if isinstance(reply, list) else [reply]
+        fixed = [_serialisable(r) for r in replies]
+        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"), ensure_ascii=False)
+
+
+def _serialisable(reply: dict) -> dict:
+    try:
+        json.dumps(reply, allow_nan=False)
+        return reply
+    except (TypeError, ValueError):
+        return error_response(RPCError(INTERNAL_ERROR, "Internal error"), reply.get("id"))

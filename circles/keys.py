@@ -1,0 +1,53 @@
+"""secp256k1 public keys as the wire carries them: hex strings naming circles and callers.
+
+Every key that enters the server passes through :func:`normalize_pubkey`, so the rest of the
+code only ever sees one form: 33-byte compressed, lower-case hex, no ``0x``.
+"""
+
+from __future__ import annotations
+
+import coincurve
+
+COMPRESSED_HEX_LEN = 66
+UNCOMPRESSED_HEX_LEN = 130
+
+
+class InvalidKey(ValueError):
+    """The text is not a secp256k1 public key we accept; the message says why."""
+
+
+def parse_hex(text: str) -> bytes:
+    """Decode hex with an optional ``0x`` prefix, raising ValueError with a short reason."""
+    if text[:2] in ("0x", "0X"):
+        text = text[2:]
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("not hex") from None
+
+
+def normalize_pubkey(text: str) -> str:
+    """Return the compressed hex form of a 33- or 65-byte public key given as hex."""
+    if not isinstance(text, str):
+        raise InvalidKey("public key must be a hex string")
+    try:
+        raw = parse_hex(text)
+    except ValueError:
+        raise InvalidKey("public key is not hex") from None
+    if len(raw) not in (33, 65):
+        raise InvalidKey("public key must be 33 bytes (compressed) or 65 bytes (uncompressed)")
+    try:
+        key = coincurve.PublicKey(raw)
+    except ValueError:
+        raise InvalidKey("public key is not a point on secp256k1") from None
+    return key.format(compressed=True).hex()
+
+
+def is_circle_id(text: str) -> bool:
+    """True when ``text`` is a circle id as it appears in a URL: compressed, lower-case hex."""
+    if len(text) != COMPRESSED_HEX_LEN or text != text.lower():
+        return False
+    try:
+        return normalize_pubkey(text) == text
+    except InvalidKey:
+        return False

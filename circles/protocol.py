@@ -1,0 +1,115 @@
+"""The WebSocket side of a circle session: one protocol instance per client.
+
+Wire protocol
+=============
+
+A client opens a WebSocket to ``/{circle_pk}``, where ``circle_pk`` is the circle's secp256k1
+public key in compressed hex (66 characters). A path that is not such a key, or names a circle
+this server does not serve, is refused during the opening handshake with HTTP 404.
+
+Every message after that is one UTF-8 **text** frame holding one JSON-RPC 2.0 request,
+notification or batch; the server answers each request with one text frame holding the
+response (or the batch of responses), and sends nothing for notifications. Replies to
+different requests may arrive in any order (a slow ``play`` does not hold back a ``whoami``);
+match them by ``id``.
+
+Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
+
+    fetch_nonce  {pubkey?}                  -> {nonce, expires_at}
+    authenticate {pubkey, signature}        -> {authenticated: true, pubkey}
+    whoami                                  -> {circle, authenticated, pubkey}
+    play         {script, timeout?}         -> {output}
+    rpc.discover                            -> the OpenRPC document
+
+Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
+``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
+signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65-byte
+``r||s||v``) or plain ECDSA over SHA-256 (64-byte ``r||s`` or DER), and sends
+``authenticate``. From then on the session acts as that key; with ``--auth`` on, ``play``
+requires it. Authentication lasts as long as the connection.
+
+Errors are JSON-RPC error objects: -32700 parse error, -32600 invalid request, -32601 method
+not found, -32602 invalid params, -32603 internal error, and the application's -32001
+authentication required, -32002 authentication failed, -32003 script timed out, -32004 script
+backend unavailable, -32005 script failed (``data`` carries the worker's error), -32006 too
+many requests.
+
+Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
+not UTF-8, 1009 for a message over the size limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from .api import Gateway, Session
+from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
+
+CLOSE_UNSUPPORTED_DATA = 1003
+
+_connection_ids = itertools.count(1)
+
+
+def circle_from_path(path: str) -> Optional[str]:
+    """The circle id a request path names, or None if it names none."""
+    name = path[1:] if path.startswith("/") else path
+    if len(name) != COMPRESSED_HEX_LEN:
+        return None
+    try:
+        return normalize_pubkey(name)
+    except InvalidKey:
+        return None
+
+
+class CircleProtocol(WebSocketServerProtocol):
+    """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
+
+    log = Logger()
+    session: Optional[Session] = None
+
+    def onConnect(self, request):
+        self.connection_id = next(_connection_ids)
+        gateway: Gateway = self.factory.gateway
+        circle = circle_from_path(request.path)
+        if circle is None or not gateway.config.serves(circle):
+            raise ConnectionDeny(404, "No such circle")
+        self.session = gateway.new_session(circle)
+        self.log.info("connection {conn} opened on circle {circle} from {peer}",
+                      conn=self.connection_id, circle=circle, peer=self.peer)
+        return None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.sendClose(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send JSON-RPC as text")
+            return
+        self.session.handle(payload).addCallback(self._reply)
+
+    def _reply(self, text: Optional[str]) -> None:
+        if text is not None and self.state == self.STATE_OPEN:
+            self.sendMessage(text.encode("utf-8"))
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self.session is not None:
+            self.log.info("connection {conn} closed (code {code})", conn=self.connection_id, code=code)
+
+
+class CircleFactory(WebSocketServerFactory):
+    """Builds a :class:`CircleProtocol` per client, all sharing one :class:`Gateway`."""
+
+    protocol = CircleProtocol
+
+    def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
+        super().__init__(url)
+        self.gateway = gateway
+        limit = gateway.config.max_message_size
+        self.setProtocolOptions(
+            maxMessagePayloadSize=limit,
+            maxFramePayloadSize=limit,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+        )

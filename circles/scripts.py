@@ -1,0 +1,64 @@
+"""What the gateway asks of a script backend, and the ways running a script can fail.
+
+The server never runs scripts. It hands a :class:`ScriptRequest` to an :class:`IScriptRunner`
+(the Redis dispatcher in production) and relays what comes back. Keeping this interface small
+lets the protocol be tested without Redis and lets a deployment plug in another backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+from twisted.internet.defer import Deferred, fail
+from zope.interface import Interface, implementer
+
+SOURCE_WS = "ws"
+SOURCE_STRIPE = "webhook:stripe"
+SOURCE_IDENFY = "webhook:idenfy"
+
+
+@attrs.frozen
+class ScriptRequest:
+    circle: str  # compressed hex public key of the circle
+    script: str
+    caller: str  # compressed hex key of the authenticated caller, "" when anonymous
+    source: str  # SOURCE_WS or a webhook source
+    timeout: float  # seconds, already capped by the server
+
+
+class ScriptError(Exception):
+    """Base of the failures a caller of :meth:`IScriptRunner.run` must expect."""
+
+
+class ScriptTimeout(ScriptError):
+    """No worker answered before the deadline; the task was marked expired."""
+
+
+class BackendUnavailable(ScriptError):
+    """The backend (Redis) cannot take the task now; nothing was queued."""
+
+
+class ScriptFailed(ScriptError):
+    """A worker ran the script and reported an error, carried in ``detail``."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class IScriptRunner(Interface):
+    def run(request: ScriptRequest) -> Deferred:
+        """Run ``request`` on the circle's workers; fire with the output text or fail with
+        a :class:`ScriptError`."""
+
+
+@implementer(IScriptRunner)
+class NoScriptBackend:
+    """The runner used when no backend is configured: every script is refused at once."""
+
+    def __init__(self, reason: Optional[str] = None) -> None:
+        self.reason = reason or "no script backend is configured"
+
+    def run(self, request: ScriptRequest) -> Deferred:
+        return fail(BackendUnavailable(self.reason))

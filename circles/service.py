@@ -1,0 +1,110 @@
+"""``CirclesService``: the whole gateway as one Twisted service, for twistd or embedding.
+
+A larger application attaches it to its own service tree::
+
+    from circles import CirclesService, Config
+    CirclesService(Config(circles=[pk], listen=("tcp:8080",)), reactor=reactor).setServiceParent(app)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .api import Gateway
+from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from .protocol import CircleFactory
+from .scripts import IScriptRunner, NoScriptBackend
+from .web import build_site
+
+log = Logger()
+
+
+def server_endpoints(config: Config, reactor) -> list:
+    """The endpoints to listen on: ``config.listen`` strings, else the port (TLS if configured)."""
+    if config.listen:
+        return [serverFromString(reactor, description) for description in config.listen]
+    if config.tls is not None:
+        port = DEFAULT_TLS_PORT if config.port is None else config.port
+        return [SSL4ServerEndpoint(reactor, port, config.tls, interface=config.interface)]
+    port = DEFAULT_PLAIN_PORT if config.port is None else config.port
+    return [TCP4ServerEndpoint(reactor, port, interface=config.interface)]
+
+
+class ListeningService(Service):
+    """Listens on one endpoint while running; :meth:`when_listening` gives the bound port.
+
+    TCP and TLS endpoints bind synchronously, so a port in use makes :meth:`startService`
+    raise: ``twistd`` then exits with the reason instead of running without a socket.
+    """
+
+    def __init__(self, endpoint, factory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._waiters: list = []
+        self._failure: Optional[Failure] = None
+        self.port = None  # the IListeningPort once bound
+
+    def startService(self) -> None:
+        super().startService()
+        self._endpoint.listen(self._factory).addCallbacks(self._bound, self._failed)
+        if self._failure is not None:
+            self._failure.raiseException()
+
+    def _bound(self, port) -> None:
+        self.port = port
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
+
+    def _failed(self, failure: Failure) -> None:
+        log.error("cannot listen: {error}", error=failure.getErrorMessage())
+        self._failure = failure
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def when_listening(self) -> Deferred:
+        """Fire with the ``IListeningPort`` once bound, or fail as binding failed."""
+        if self.port is not None:
+            return succeed(self.port)
+        if self._failure is not None:
+            return fail(self._failure)
+        waiter = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
+
+
+class CirclesService(MultiService):
+    """The gateway: every listening endpoint sharing one :class:`~circles.api.Gateway`."""
+
+    def __init__(self, config: Config, *, reactor, scripts: Optional[IScriptRunner] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.gateway = Gateway(config, reactor, scripts if scripts is not None else NoScriptBackend())
+        self.site = build_site(CircleFactory(self.gateway), reactor)
+        self.listeners = [ListeningService(endpoint, self.site) for endpoint in server_endpoints(config, reactor)]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        if not self.config.circles:
+            log.warn("no circles configured (-k): serving any valid circle id")
+        super().startService()
+
+    def when_listening(self) -> Deferred:
+        """Fire with the list of bound ports, in the order of the endpoints."""
+        d = DeferredList([listener.when_listening() for listener in self.listeners],
+                         fireOnOneErrback=True, consumeErrors=True)
+        d.addCallback(lambda results: [port for _, port in results])
+        return d

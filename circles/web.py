@@ -1,0 +1,61 @@
+"""The one HTTP Site of a server: WebSocket circles and operational routes on one port.
+
+``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
+opening handshake whether the circle exists (404 if not), so that check lives in one place.
+Named routes beside it (``/openrpc.json``, and what later parts of the server add) are plain
+children of the root; circle ids are hex, so they never collide with those names.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.http import combinedLogFormatter
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from . import openrpc
+from .protocol import CircleFactory
+
+INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
+
+
+class _Document(Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: bytes) -> None:
+        super().__init__()
+        self._body = body
+        self._content_type = content_type
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", self._content_type)
+        return self._body
+
+
+class Root(Resource):
+    """``/`` and the named routes are children; any other single segment is a circle."""
+
+    def __init__(self, circles: Resource) -> None:
+        super().__init__()
+        self._circles = circles
+        self.putChild(b"", _Document(INDEX, b"text/plain; charset=utf-8"))
+        self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
+
+    def getChild(self, path: bytes, request):
+        return self._circles
+
+
+def _log_without_query(timestamp, request) -> str:
+    """Twisted's combined log line, minus the query string (it may carry signatures)."""
+    uri = request.uri
+    request.uri = uri.split(b"?", 1)[0]
+    try:
+        return combinedLogFormatter(timestamp, request)
+    finally:
+        request.uri = uri
+
+
+def build_site(factory: CircleFactory, reactor) -> Site:
+    site = Site(Root(WebSocketResource(factory)), logFormatter=_log_without_query, reactor=reactor)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="circles",
+    version="0.1.0",
+    description="WebSocket gateway of the Circles ecosystem: JSON-RPC 2.0, secp256k1 auth, Redis workers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["circles", "circles.*"]) + ["twisted.plugins"],
+    package_data={"circles": ["openrpc.json"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.8",
+        "autobahn>=23.1",
+        "coincurve>=20",
+        "txredisapi>=1.4.10",
+        "klein>=23.5",
+        "service-identity>=23.1",
+        "pyopenssl>=23.2",
+        "cryptography>=41",
+        "pycryptodome>=3.19",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "trustme>=1.1",
+            "websockets>=12",
+            "eth-account>=0.11",
+            "ecdsa>=0.19",
+            "hypothesis>=6",
+            "jsonschema>=4.18",
+        ],
+    },
+    classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
+)

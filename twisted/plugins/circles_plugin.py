@@ -1,0 +1,10 @@
+"""twistd plugins of the circles package (``twistd -n circles --help``)."""
+
+from twisted.application.service import ServiceMaker
+
+circles = ServiceMaker(
+    "circles",
+    "circles.server_tap",
+    "Circles WebSocket gateway: JSON-RPC 2.0 sessions with secp256k1 authentication",
+    "circles",
+)
