@@ -53,6 +53,8 @@ from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 CLOSE_UNSUPPORTED_DATA = 1003
 
 _connection_ids = itertools.count(1)
+# Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
+log = Logger()
 
 
 def circle_from_path(path: str) -> Optional[str]:
@@ -69,7 +71,6 @@ def circle_from_path(path: str) -> Optional[str]:
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
 
-    log = Logger()
     session: Optional[Session] = None
 
     def onConnect(self, request):
@@ -79,13 +80,14 @@ class CircleProtocol(WebSocketServerProtocol):
         if circle is None or not gateway.config.serves(circle):
             raise ConnectionDeny(404, "No such circle")
         self.session = gateway.new_session(circle)
-        self.log.info("connection {conn} opened on circle {circle} from {peer}",
+        log.info("connection {conn} opened on circle {circle} from {peer}",
                       conn=self.connection_id, circle=circle, peer=self.peer)
         return None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self.sendClose(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send JSON-RPC as text")
+            # sendClose() admits only 1000 and 3000-4999; 1003 is RFC 6455's code for this case.
+            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
         self.session.handle(payload).addCallback(self._reply)
 
@@ -95,7 +97,7 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self.session is not None:
-            self.log.info("connection {conn} closed (code {code})", conn=self.connection_id, code=code)
+            log.info("connection {conn} closed (code {code})", conn=self.connection_id, code=code)
 
 
 class CircleFactory(WebSocketServerFactory):
@@ -104,7 +106,7 @@ class CircleFactory(WebSocketServerFactory):
     protocol = CircleProtocol
 
     def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
-        super().__init__(url)
+        super().__init__(url, server="circles")
         self.gateway = gateway
         limit = gateway.config.max_message_size
         self.setProtocolOptions(
@@ -112,4 +114,6 @@ class CircleFactory(WebSocketServerFactory):
             maxFramePayloadSize=limit,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
+            # Tell a failing peer why (1007, 1009) with a close frame before dropping it.
+            failByDrop=False,
         )

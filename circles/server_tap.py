@@ -64,10 +64,11 @@ class Options(usage.Options):
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}")
+        # Bad files and keys are not usage mistakes: one line saying what is wrong, no help text.
         try:
             tls_options = tls.load(self["tls-cert"], self["tls-key"]) if self["tls-cert"] else None
         except tls.TLSError as e:
-            raise usage.UsageError(str(e))
+            raise SystemExit(f"circles: {e}")
         try:
             self.config = Config(
                 circles=self["circles"],
@@ -80,7 +81,7 @@ class Options(usage.Options):
                 max_message_size=self["max-message-size"],
             )
         except ValueError as e:
-            raise usage.UsageError(f"-k/--circle: {e}")
+            raise SystemExit(f"circles: -k/--circle: {e}")
 
 
 def makeService(config: Options, reactor=global_reactor) -> CirclesService:

@@ -28,8 +28,9 @@ def _read(path: str, what: str) -> bytes:
         raise TLSError(f"cannot read TLS {what} {path!r}: {e.strerror}") from None
 
 
-def _public_der(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _public_der(has_public_key) -> bytes:
+    """The DER public key of a private key or a certificate, to compare the two."""
+    return has_public_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load(cert_path: str, key_path: Optional[str] = None) -> CertificateOptions:

@@ -1,0 +1,19 @@
+import pytest
+import trustme
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A test CA (trustme) and a server certificate for localhost/127.0.0.1, as PEM files."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    directory = tmp_path_factory.mktemp("tls")
+    paths = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem",
+             "combined": directory / "combined.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(paths["cert"]), append=True)
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(paths["combined"]))
+    return {name: str(path) for name, path in paths.items()}

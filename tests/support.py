@@ -1,0 +1,117 @@
+"""Helpers shared by the end-to-end tests: keys, signing with eth-account, twistd processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import coincurve
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+class Key:
+    """A secp256k1 key pair as a test client holds it."""
+
+    def __init__(self, secret: Optional[bytes] = None) -> None:
+        self.private = coincurve.PrivateKey(secret)
+        self.pubkey = self.private.public_key.format(compressed=True).hex()
+        self.uncompressed = self.private.public_key.format(compressed=False).hex()
+
+    def eth_sign(self, text: str) -> str:
+        """``personal_sign`` of ``text`` by eth-account: the form MetaMask and ethers produce."""
+        return Account.from_key(self.private.secret).sign_message(encode_defunct(text=text)).signature.hex()
+
+    def der_sign(self, text: str) -> str:
+        """ECDSA over SHA-256, DER encoded, by coincurve."""
+        return self.private.sign(text.encode("utf-8")).hex()
+
+
+def request(ws, method: str, params: Any = None, id_: Any = 1) -> dict:
+    """Send one JSON-RPC request over a websockets sync connection and return the reply."""
+    message = {"jsonrpc": "2.0", "method": method, "id": id_}
+    if params is not None:
+        message["params"] = params
+    ws.send(json.dumps(message))
+    return json.loads(ws.recv(timeout=30))
+
+
+def authenticate(ws, key: Key) -> dict:
+    nonce = request(ws, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    return request(ws, "authenticate", {"pubkey": key.pubkey, "signature": key.eth_sign(nonce)})
+
+
+def client_tls(ca_pem: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_pem)
+    return context
+
+
+class Twistd:
+    """A ``twistd -n circles ...`` process whose log we read to learn its port."""
+
+    def __init__(self, args: list, cwd: Path, plugin: str = "circles") -> None:
+        self.lines: list = []
+        self._port_seen = threading.Event()
+        self.port: Optional[int] = None
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", plugin, *args],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = re.search(r"starting on (\d+)", line)
+            if match and self.port is None:
+                self.port = int(match.group(1))
+                self._port_seen.set()
+        self._port_seen.set()
+
+    def wait_listening(self, timeout: float = 30) -> int:
+        self._port_seen.wait(timeout)
+        if self.port is None:
+            raise AssertionError("twistd did not start listening:\n" + self.output)
+        return self.port
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextmanager
+def twistd(args: list, cwd: Path, plugin: str = "circles") -> Iterator[Twistd]:
+    process = Twistd(args, cwd, plugin)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def run_twistd_to_exit(args: list, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run twistd expecting it to refuse to start; return what it printed."""
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "circles", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
