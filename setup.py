@@ -26,6 +26,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "pytest-timeout>=2.2",
             "trustme>=1.1",
             "websockets>=12",
             "eth-account>=0.11",
