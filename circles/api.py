@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from . import openrpc
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
-from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError
+from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, bind_params
 from .keys import InvalidKey, normalize_pubkey
 from .scripts import (
     SOURCE_WS,
@@ -44,6 +44,8 @@ class Gateway:
         self.config = config
         self.clock = clock
         self.scripts = scripts
+        # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
+        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
@@ -89,8 +91,26 @@ def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
     return {"nonce": nonce.value, "expires_at": nonce.expires_at}
 
 
-@methods.add("authenticate", Param("pubkey", (str,)), Param("signature", (str,)))
-def authenticate(session: Session, pubkey: str, signature: str) -> dict:
+def _credentials(params) -> tuple:
+    """(pubkey, signature) from every form clients send.
+
+    Ours is ``{pubkey, signature}``; the ecosystem's earlier clients send
+    ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]`` or ``[{pubkey, signature}]``.
+    """
+    if isinstance(params, list) and len(params) == 1 and isinstance(params[0], dict):
+        params = params[0]
+    elif isinstance(params, dict) and params.keys() == {"credentials"} and isinstance(params["credentials"], dict):
+        params = params["credentials"]
+    bound = bind_params(params, _CREDENTIALS)
+    return bound["pubkey"], bound["signature"]
+
+
+_CREDENTIALS = (Param("pubkey", (str,)), Param("signature", (str,)))
+
+
+@methods.add("authenticate", *_CREDENTIALS, raw_params=True)
+def authenticate(session: Session, params) -> dict:
+    pubkey, signature = _credentials(params)
     try:
         key = normalize_pubkey(pubkey)
         signer = session.nonces.redeem(key, signature)

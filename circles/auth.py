@@ -15,6 +15,7 @@ accepted, told apart by the signature's length:
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import OrderedDict
 from typing import Optional
@@ -107,7 +108,7 @@ def signature_matches(message: bytes, signature: str, pubkey: Optional[str]) -> 
 class Nonce:
     value: str
     pubkey: Optional[str]  # compressed hex, or None when issued without one
-    expires_at: float
+    expires_at: int  # whole Unix seconds, as clients are told; refused from then on
 
 
 class NonceStore:
@@ -142,7 +143,8 @@ class NonceStore:
         self.sweep()
         if len(self._live) >= self._cap:
             raise TooManyNonces("too many outstanding nonces")
-        nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, self._clock.seconds() + self._ttl)
+        expires_at = math.ceil(self._clock.seconds() + self._ttl)
+        nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, expires_at)
         self._live[nonce.value] = nonce
         return nonce
 

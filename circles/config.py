@@ -37,6 +37,7 @@ class Config:
     tls: Any = None  # an OpenSSL context factory, e.g. from circles.tls.load(); None: plain
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16
+    max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
     script_timeout: float = 30.0

@@ -93,19 +93,20 @@ Handler = Callable[..., Any]
 
 @attrs.frozen
 class Method:
-    """A callable exposed over JSON-RPC.
+    """A callable exposed over JSON-RPC: ``handler(context, **bound_params)``.
 
-    ``handler(context, params)`` receives the raw params (already checked to be an array, an
-    object or absent) when ``params`` is None, otherwise ``handler(context, **bound)`` with
-    the params bound to the spec.
+    ``params`` is the canonical parameter list (what the documentation shows). A method that
+    accepts other shapes as well sets ``raw_params`` and gets ``handler(context, params)`` with
+    the params as sent (already checked to be an array, an object or absent).
     """
 
     name: str
     handler: Handler
-    params: Optional[tuple] = ()
+    params: tuple = ()
+    raw_params: bool = False
 
     def call(self, context: Any, params: Params) -> Any:
-        if self.params is None:
+        if self.raw_params:
             return self.handler(context, params)
         return self.handler(context, **bind_params(params, self.params))
 
@@ -124,7 +125,7 @@ class Methods:
 
     def add(self, name: str, *params: Param, raw_params: bool = False) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
-            self._methods[name] = Method(name, handler, None if raw_params else tuple(params))
+            self._methods[name] = Method(name, handler, tuple(params), raw_params)
             return handler
         return register
 

@@ -28,6 +28,13 @@ signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65
 ``authenticate``. From then on the session acts as that key; with ``--auth`` on, ``play``
 requires it. Authentication lasts as long as the connection.
 
+Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
+and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
+authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. They may
+also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
+or ``[{pubkey, signature}]``, and ``fetch_nonce`` with no key (the nonce is then bound to this
+connection only, and to whichever key signs it).
+
 Errors are JSON-RPC error objects: -32700 parse error, -32600 invalid request, -32601 method
 not found, -32602 invalid params, -32603 internal error, and the application's -32001
 authentication required, -32002 authentication failed, -32003 script timed out, -32004 script
@@ -48,6 +55,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from .api import Gateway, Session
+from .auth import AuthenticationFailed
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -79,10 +87,29 @@ class CircleProtocol(WebSocketServerProtocol):
         circle = circle_from_path(request.path)
         if circle is None or not gateway.config.serves(circle):
             raise ConnectionDeny(404, "No such circle")
-        self.session = gateway.new_session(circle)
-        log.info("connection {conn} opened on circle {circle} from {peer}",
-                      conn=self.connection_id, circle=circle, peer=self.peer)
+        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params))
+        log.info("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
+                 conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
+
+    @staticmethod
+    def _url_identity(gateway: Gateway, params: dict) -> Optional[str]:
+        """The key proved by ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce), if given.
+
+        A bad or replayed proof refuses the upgrade rather than opening an anonymous session
+        the client would mistake for an authenticated one.
+        """
+        names = ("pubkey", "sig", "nonce")
+        given = {name: params[name][0] for name in names if params.get(name)}
+        if not given:
+            return None
+        if len(given) < len(names):
+            raise ConnectionDeny(401, "URL authentication needs pubkey, sig and nonce")
+        try:
+            pubkey = normalize_pubkey(given["pubkey"])
+            return gateway.http_nonces.redeem_value(given["nonce"], pubkey, given["sig"])
+        except (InvalidKey, AuthenticationFailed) as e:
+            raise ConnectionDeny(401, f"Authentication failed: {e}")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:

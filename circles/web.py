@@ -2,7 +2,7 @@
 
 ``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
 opening handshake whether the circle exists (404 if not), so that check lives in one place.
-Named routes beside it (``/openrpc.json``, and what later parts of the server add) are plain
+Named routes beside it (``/openrpc.json``, ``/auth/...``, and what later parts add) are plain
 children of the root; circle ids are hex, so they never collide with those names.
 """
 
@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import openrpc
+from .http_auth import auth_app
 from .protocol import CircleFactory
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
@@ -35,9 +36,10 @@ class _Document(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource) -> None:
+    def __init__(self, circles: Resource, auth: Resource) -> None:
         super().__init__()
         self._circles = circles
+        self.putChild(b"auth", auth)
         self.putChild(b"", _Document(INDEX, b"text/plain; charset=utf-8"))
         self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
 
@@ -56,6 +58,7 @@ def _log_without_query(timestamp, request) -> str:
 
 
 def build_site(factory: CircleFactory, reactor) -> Site:
-    site = Site(Root(WebSocketResource(factory)), logFormatter=_log_without_query, reactor=reactor)
+    root = Root(WebSocketResource(factory), auth_app(factory.gateway).resource())
+    site = Site(root, logFormatter=_log_without_query, reactor=reactor)
     site.displayTracebacks = False
     return site

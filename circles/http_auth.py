@@ -1,0 +1,52 @@
+"""Authentication outside JSON-RPC, for the ecosystem's earlier clients: ``/auth/...``.
+
+``GET /auth/nonce?public_key=<hex>`` issues a nonce from the process-wide store (there is no
+connection yet to bind it to); the client signs it and opens the WebSocket with
+``?pubkey=<hex>&sig=<hex>&nonce=<nonce>`` (see ``protocol.py``). ``GET /auth/health`` reports
+the store's size. Answers are JSON; errors are ``{"error": reason}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from klein import Klein
+
+from .api import Gateway
+from .auth import TooManyNonces
+from .keys import InvalidKey, normalize_pubkey
+
+
+def _json(request, status: int, body: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+def auth_app(gateway: Gateway) -> Klein:
+    app = Klein()
+
+    @app.route("/nonce", methods=["GET"])
+    def nonce(request):
+        given = request.args.get(b"public_key", [b""])[0].decode("utf-8", "replace")
+        pubkey = None
+        if given:
+            try:
+                pubkey = normalize_pubkey(given)
+            except InvalidKey as e:
+                return _json(request, 400, {"error": f"public_key: {e}"})
+        try:
+            issued = gateway.http_nonces.issue(pubkey)
+        except TooManyNonces:
+            request.setHeader(b"retry-after", str(math.ceil(gateway.config.nonce_ttl)).encode())
+            return _json(request, 429, {"error": "too many outstanding nonces, retry later"})
+        return _json(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
+
+    @app.route("/health", methods=["GET"])
+    def health(request):
+        return _json(request, 200, {"status": "healthy", "active_nonces": len(gateway.http_nonces),
+                                    "timestamp": int(gateway.clock.seconds())})
+
+    return app
