@@ -146,6 +146,10 @@ def _finite_float(text: str) -> float:
 def parse(payload: Union[str, bytes]) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     try:
+        if isinstance(payload, bytes):
+            # json.loads would guess UTF-16/32 from the bytes and let encoded surrogates
+            # through; a message is UTF-8 and nothing else.
+            payload = payload.decode("utf-8")
         return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise RPCError(PARSE_ERROR, "Parse error: nested too deeply") from None
