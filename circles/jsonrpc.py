@@ -241,14 +241,18 @@ class Dispatcher:
 
 
 def encode(reply: Union[dict, list]) -> str:
-    """Serialise a reply; a result that cannot be serialised becomes -32603 for its request."""
+    """Serialise a reply; a result that cannot be serialised becomes -32603 for its request.
+
+    The text is ASCII (non-ASCII escaped as \\uXXXX): a str may hold lone surrogates (an id
+    sent as "\\ud800" is valid JSON), and those cannot be encoded into a UTF-8 text frame.
+    """
     try:
-        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return json.dumps(reply, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         log.failure("JSON-RPC result could not be serialised")
         replies = reply if isinstance(reply, list) else [reply]
         fixed = [_serialisable(r) for r in replies]
-        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"))
 
 
 def _serialisable(reply: dict) -> dict:
