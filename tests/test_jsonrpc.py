@@ -30,7 +30,7 @@ from circles.jsonrpc import (
     bind_params,
 )
 
-from .helpers import captured_log, fired
+from .inmemory import captured_log, fired
 
 TOO_MANY = -32006
 MAX_BATCH = 10
