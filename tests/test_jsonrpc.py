@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from circles.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    MAX_DEPTH,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     Dispatcher,
@@ -422,6 +424,30 @@ def test_deferred_handler_failing_late():
 def test_deeply_nested_json_is_parse_error(payload):
     for message in (payload, payload.encode("ascii")):
         assert_error(call(message), PARSE_ERROR, "Parse error", None)
+
+
+def test_deep_nesting_refused_even_with_a_raised_recursion_limit():
+    # py_ecc (imported by eth-account) raises the limit to 100,000 at import; an embedding
+    # application may too. json's C decoder then overflows the C stack: a segfault, not -32700.
+    saved = sys.getrecursionlimit()
+    sys.setrecursionlimit(200_000)
+    try:
+        for payload in ("[" * 100_000, "[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000):
+            assert_error(call(payload), PARSE_ERROR, "Parse error", None)
+    finally:
+        sys.setrecursionlimit(saved)
+
+
+def test_depth_limit_boundary():
+    # batch array + request object + params array + nested = MAX_DEPTH
+    nested = "[" * (MAX_DEPTH - 3) + "]" * (MAX_DEPTH - 3)
+    reply = call('[{"jsonrpc":"2.0","method":"echo","params":[%s],"id":1}]' % nested)
+    assert reply[0]["result"] == json.loads(nested)
+    assert_error(call("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)), PARSE_ERROR, "Parse error: nested")
+    # brackets inside strings are not nesting
+    text = "[{" * 10_000 + '\\"[\\'
+    reply = call({"jsonrpc": "2.0", "method": "echo", "params": [text], "id": 2})
+    assert reply["result"] == text
 
 
 def test_moderately_nested_params_still_work():
