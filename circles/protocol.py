@@ -85,7 +85,9 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self.sendClose(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported: send JSON-RPC as text")
+            # sendClose() only takes application codes (1000, 3000-4999) and raises on 1003;
+            # sendCloseFrame() sends a protocol code and starts the closing handshake.
+            self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
         self.session.handle(payload).addCallback(self._reply)
 
@@ -112,4 +114,7 @@ class CircleFactory(WebSocketServerFactory):
             maxFramePayloadSize=limit,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
+            # Autobahn's default fails a connection by dropping TCP without a close frame,
+            # so the client would see 1006, never the 1007/1009 documented above.
+            failByDrop=False,
         )
