@@ -60,7 +60,7 @@ class Param:
     def check(self, value: Any) -> Any:
         # bool is an int in Python but not a number in JSON.
         if not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types):
-            names = "/".join(_JSON_TYPE_NAMES[t] for t in self.types)
+            names = " or ".join(dict.fromkeys(_JSON_TYPE_NAMES[t] for t in self.types))  # int, float: one name
             raise RPCError(INVALID_PARAMS, f"Invalid params: '{self.name}' must be {names}")
         return value
 
