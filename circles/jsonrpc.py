@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from itertools import accumulate
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
@@ -58,7 +60,7 @@ class Param:
     def check(self, value: Any) -> Any:
         # bool is an int in Python but not a number in JSON.
         if not isinstance(value, self.types) or (isinstance(value, bool) and bool not in self.types):
-            names = "/".join(_JSON_TYPE_NAMES[t] for t in self.types)
+            names = " or ".join(dict.fromkeys(_JSON_TYPE_NAMES[t] for t in self.types))  # int, float: one name
             raise RPCError(INVALID_PARAMS, f"Invalid params: '{self.name}' must be {names}")
         return value
 
@@ -133,6 +135,12 @@ class Methods:
         return self._methods.get(name)
 
 
+MAX_DEPTH = 256  # arrays/objects inside one another, the batch array included
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*+"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -144,9 +152,27 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
+
+
 def parse(payload: Union[str, bytes]) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     try:
+        if isinstance(payload, bytes):
+            # json.loads would guess UTF-16/32 from the bytes and let encoded surrogates
+            # through; a message is UTF-8 and nothing else.
+            payload = payload.decode("utf-8")
+        # json's C decoder recurses once per level and stops only at the interpreter's
+        # recursion limit, which a library may have raised (py_ecc, imported by
+        # eth-account, sets 100,000): then 100,000 '[' overflow the C stack and kill the
+        # process. So the depth is bounded here, not by sys.getrecursionlimit().
+        if _too_deep(payload):
+            raise RPCError(PARSE_ERROR, "Parse error: nested too deeply")
         return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise RPCError(PARSE_ERROR, "Parse error: nested too deeply") from None
@@ -238,14 +264,18 @@ class Dispatcher:
 
 
 def encode(reply: Union[dict, list]) -> str:
-    """Serialise a reply; a result that cannot be serialised becomes -32603 for its request."""
+    """Serialise a reply; a result that cannot be serialised becomes -32603 for its request.
+
+    The text is ASCII (non-ASCII escaped as \\uXXXX): a str may hold lone surrogates (an id
+    sent as "\\ud800" is valid JSON), and those cannot be encoded into a UTF-8 text frame.
+    """
     try:
-        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return json.dumps(reply, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
         log.failure("JSON-RPC result could not be serialised")
         replies = reply if isinstance(reply, list) else [reply]
         fixed = [_serialisable(r) for r in replies]
-        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"))
 
 
 def _serialisable(reply: dict) -> dict:

@@ -6,10 +6,13 @@ code only ever sees one form: 33-byte compressed, lower-case hex, no ``0x``.
 
 from __future__ import annotations
 
+import re
+
 import coincurve
 
 COMPRESSED_HEX_LEN = 66
 UNCOMPRESSED_HEX_LEN = 130
+_HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 class InvalidKey(ValueError):
@@ -20,10 +23,10 @@ def parse_hex(text: str) -> bytes:
     """Decode hex with an optional ``0x`` prefix, raising ValueError with a short reason."""
     if text[:2] in ("0x", "0X"):
         text = text[2:]
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("not hex") from None
+    # bytes.fromhex skips whitespace anywhere; hex on the wire is digits only.
+    if not _HEX_DIGITS.fullmatch(text):
+        raise ValueError("not hex")
+    return bytes.fromhex(text)
 
 
 def normalize_pubkey(text: str) -> str:

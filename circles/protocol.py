@@ -113,7 +113,8 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            # sendClose() admits only 1000 and 3000-4999; 1003 is RFC 6455's code for this case.
+            # sendClose() only takes application codes (1000, 3000-4999) and raises on 1003;
+            # sendCloseFrame() sends a protocol code and starts the closing handshake.
             self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
         self.session.handle(payload).addCallback(self._reply)
@@ -141,6 +142,7 @@ class CircleFactory(WebSocketServerFactory):
             maxFramePayloadSize=limit,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
-            # Tell a failing peer why (1007, 1009) with a close frame before dropping it.
+            # Autobahn's default fails a connection by dropping TCP without a close frame,
+            # so the client would see 1006, never the 1007/1009 documented above.
             failByDrop=False,
         )
