@@ -117,7 +117,10 @@ class CircleProtocol(WebSocketServerProtocol):
             # sendCloseFrame() sends a protocol code and starts the closing handshake.
             self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
-        self.session.handle(payload).addCallback(self._reply)
+        d = self.session.handle(payload)
+        d.addCallback(self._reply)
+        # The dispatcher answers every failure itself; anything reaching here is our bug.
+        d.addErrback(lambda failure: log.failure("reply to connection {conn} failed", failure, conn=self.connection_id))
 
     def _reply(self, text: Optional[str]) -> None:
         if text is not None and self.state == self.STATE_OPEN:
