@@ -168,3 +168,25 @@ def test_abusive_client_does_not_disturb_others(tmp_path, keys):
                 assert closed.value.rcvd.code == 1003
             assert authenticate(bystander, user)["result"]["pubkey"] == user.pubkey
     assert "Traceback" not in server.output
+
+
+def test_development_certificate_serves_wss(tmp_path, keys):
+    """certs/README.md's recipe: ``python -m circles.devcert DIR``, then a verifying client."""
+    import os
+    import sys
+    made = subprocess.run([sys.executable, "-m", "circles.devcert", str(tmp_path / "certs")],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert os.stat(tmp_path / "certs" / "key.pem").st_mode & 0o777 == 0o600
+    circle = keys[0]
+    args = ["--tls-cert", "certs/cert.pem", "--tls-key", "certs/key.pem", "-k", circle.pubkey,
+            "--port", "0", "--interface", "127.0.0.1"]
+    with twistd(args, tmp_path) as server:
+        port = server.wait_listening()
+        for host in ("localhost", "127.0.0.1"):
+            context = client_tls(str(tmp_path / "certs" / "ca.pem"))
+            with connect(f"wss://{host}:{port}/{circle.pubkey}", ssl=context) as ws:
+                assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
+        # A client that does not trust the development CA refuses the server.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            connect(f"wss://localhost:{port}/{circle.pubkey}", ssl=ssl.create_default_context())
