@@ -257,6 +257,8 @@ class Worker(Service):
                 self._slots.release()
                 return
             try:
+                # Both connections up before taking a task: one taken must be claimable.
+                yield self._interruptibly(self._commands.getConnection(peek=True))
                 connection = yield self._interruptibly(self._blocking.getConnection(peek=True))
                 if not self._connected:
                     self._connected = True
