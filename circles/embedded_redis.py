@@ -87,7 +87,7 @@ class _RedisProcess(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason)
+        self.ended.callback(reason.value)  # a Failure given to callback() would errback
 
 
 class _Ping(Protocol):
@@ -167,10 +167,11 @@ class EmbeddedRedis(Service):
         self._ready = self._wait_until_ready()
         self._ready.addCallbacks(self._notify, self._notify)
 
-    def _ended(self, reason: Failure) -> None:
+    def _ended(self, reason: Exception) -> Exception:
         if not self._stopping:
             log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
-                      why=reason.getErrorMessage(), output=" | ".join(self._process.output))
+                      why=str(reason), output=" | ".join(self._process.output))
+        return reason
 
     @inlineCallbacks
     def _wait_until_ready(self):
