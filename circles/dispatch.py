@@ -20,12 +20,11 @@ import uuid
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, CancelledError, DeferredList, fail, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txredisapi import ConnectionError as RedisConnectionError
-from txredisapi import RedisError
+from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
 from . import tasks
@@ -182,6 +181,9 @@ class RedisDispatcher(Service):
 
     @staticmethod
     def _unavailable(failure: Failure):
+        if failure.check(InvalidData):
+            # A value that cannot be encoded (never log it: it may be a script).
+            raise ValueError("a task field is not valid UTF-8 text")
         if failure.check(RedisError):
             log.warn("Redis command failed: {error}", error=failure.getErrorMessage())
             raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")

@@ -19,7 +19,6 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Protocol, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure

@@ -15,7 +15,6 @@ worker cancels the engine's Deferred when the script timeout passes.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shlex
 import shutil
@@ -320,10 +319,10 @@ class Worker(Service):
         try:
             output = yield self._execute(task.get("script", ""), context, timeout)
         except EngineError as e:
-            status, error = tasks.ERROR, str(e)
+            status, error = tasks.ERROR, str(e).encode("utf-8", "replace").decode("utf-8")
         except Exception as e:
             log.failure("the engine failed on task {task}", task=task_id)
-            status, error = tasks.ERROR, f"{type(e).__name__}: {e}"
+            status, error = tasks.ERROR, f"{type(e).__name__}: {e}".encode("utf-8", "replace").decode("utf-8")
         reply_to = task.get("reply_to", "")
         keys = [key, reply_to] if reply_to else [key]
         outcome = tasks.Outcome(task_id, status, output, error)
@@ -357,6 +356,6 @@ class Worker(Service):
                 return output.decode("utf-8", "replace")
             if not isinstance(output, str):
                 raise EngineError(f"the engine returned {type(output).__name__}, not a string")
-            return output
+            return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
         return d.addBoth(stop_timer).addErrback(timed_out).addCallback(as_text)

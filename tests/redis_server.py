@@ -6,7 +6,6 @@ server on a free TCP port, in its own temporary directory, and may kill and rest
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from twisted.python import usage
 
 from circles import server_tap
 from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from play_client import eventually, new_key, pk
+from play_client import new_key, pk
 from redis_server import REDIS_SERVER
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")

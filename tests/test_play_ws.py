@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -192,3 +191,27 @@ async def test_embedded_redis_by_default(start, tmp_path):
     assert not os.path.exists(state / "redis.sock")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_script_is_invalid_params(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    client = await RPCClient.open(port, CIRCLE)
+    client.protocol.sendMessage(b'{"jsonrpc":"2.0","id":"s","method":"play","params":{"script":"x\\ud800"}}')
+    d = Deferred()
+    client.factory.waiting["s"] = d
+    reply = await d
+    assert reply["error"]["code"] == -32602, reply
+    assert (await client.call("whoami"))["result"]["circle"] == CIRCLE
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_output_with_lone_surrogate_still_answers(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: "a\ud800b",
+                 reactor=reactor))
+    client = await RPCClient.open(port, CIRCLE)
+    reply = await play(client, "x")
+    assert reply["result"]["output"].startswith("a") and reply["result"]["output"].endswith("b")
+    client.close()

@@ -73,7 +73,7 @@ async def test_rediss_checks_certificate_and_hostname(tmp_path, cert_name, works
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import connectProtocol
     from twisted.internet.protocol import Protocol
-    from play_client import eventually, sleep
+    from play_client import sleep
 
     process, port = _tls_redis(tmp_path, cert_name)
     try:
