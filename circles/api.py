@@ -132,6 +132,10 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
     gateway = session.gateway
     if gateway.config.auth_required and not session.authenticated:
         raise RPCError(AUTH_REQUIRED, "Authentication required: call fetch_nonce and authenticate first")
+    try:
+        script.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
+        raise RPCError(INVALID_PARAMS, "Invalid params: 'script' is not valid Unicode (lone surrogate)") from None
     limit = gateway.config.script_timeout
     if timeout is not None:
         if not timeout > 0:

@@ -7,9 +7,11 @@ from typing import Any, Optional
 import attrs
 
 from .keys import InvalidKey, normalize_pubkey
+from .redisconn import parse_redis_url, redact_url
 
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
+DEFAULT_STATE_DIR = "circles-state"  # what the twistd plugins use; a Config built by hand has None
 
 
 def _circle_set(values) -> frozenset:
@@ -40,7 +42,18 @@ class Config:
     max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
-    script_timeout: float = 30.0
+    script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
+    # Where Redis is (redis://, rediss://, unix://); None: start a private redis-server.
+    redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
+    redis_prefix: str = "circles:"  # prepended to every Redis key
+    # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
+    state_dir: Optional[str] = None
+    redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
+
+    @redis_url.validator
+    def _check_redis_url(self, attribute, value) -> None:
+        if value is not None:
+            parse_redis_url(value)  # InvalidRedisURL is a ValueError
 
     def serves(self, circle: str) -> bool:
         """Whether ``circle`` (compressed hex, already validated) is served here."""

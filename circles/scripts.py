@@ -52,6 +52,11 @@ class IScriptRunner(Interface):
         """Run ``request`` on the circle's workers; fire with the output text or fail with
         a :class:`ScriptError`."""
 
+    def enqueue(request: ScriptRequest, data=None) -> Deferred:
+        """Queue ``request`` (with ``data``, any JSON value, for the worker) without waiting
+        for its result; fire with the task id once the task is durably queued, or fail with
+        :class:`BackendUnavailable`."""
+
 
 @implementer(IScriptRunner)
 class NoScriptBackend:
@@ -61,4 +66,7 @@ class NoScriptBackend:
         self.reason = reason or "no script backend is configured"
 
     def run(self, request: ScriptRequest) -> Deferred:
+        return fail(BackendUnavailable(self.reason))
+
+    def enqueue(self, request: ScriptRequest, data=None) -> Deferred:
         return fail(BackendUnavailable(self.reason))

@@ -18,8 +18,11 @@ from twisted.python.failure import Failure
 
 from .api import Gateway
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from .dispatch import RedisDispatcher
+from .embedded_redis import EmbeddedRedis
+from .redisconn import parse_redis_url
 from .protocol import CircleFactory
-from .scripts import IScriptRunner, NoScriptBackend
+from .scripts import IScriptRunner
 from .web import build_site
 
 log = Logger()
@@ -91,7 +94,21 @@ class CirclesService(MultiService):
     def __init__(self, config: Config, *, reactor, scripts: Optional[IScriptRunner] = None) -> None:
         super().__init__()
         self.config = config
-        self.gateway = Gateway(config, reactor, scripts if scripts is not None else NoScriptBackend())
+        self.embedded_redis: Optional[EmbeddedRedis] = None
+        self.dispatcher: Optional[RedisDispatcher] = None
+        if scripts is None:
+            # Children start in order and stop in reverse: Redis first up and last down, so the
+            # dispatcher can answer in-flight plays (and expire their tasks) on shutdown.
+            if config.redis_url is None:
+                self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist)
+                self.embedded_redis.setServiceParent(self)
+                address = self.embedded_redis.address
+            else:
+                address = parse_redis_url(config.redis_url)
+            self.dispatcher = RedisDispatcher(address, reactor=reactor, prefix=config.redis_prefix)
+            self.dispatcher.setServiceParent(self)
+            scripts = self.dispatcher
+        self.gateway = Gateway(config, reactor, scripts)
         self.site = build_site(CircleFactory(self.gateway), reactor)
         self.listeners = [ListeningService(endpoint, self.site) for endpoint in server_endpoints(config, reactor)]
         for listener in self.listeners:

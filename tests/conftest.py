@@ -1,6 +1,8 @@
 import pytest
 import trustme
 
+from .redis_server import redis_client, redis_server  # noqa: F401  (fixtures: a real redis-server)
+
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):

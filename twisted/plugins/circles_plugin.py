@@ -8,3 +8,10 @@ circles = ServiceMaker(
     "Circles WebSocket gateway: JSON-RPC 2.0 sessions with secp256k1 authentication",
     "circles",
 )
+
+circles_worker = ServiceMaker(
+    "circles-worker",
+    "circles.worker_tap",
+    "Circles reference worker: runs the scripts queued in Redis for its circles",
+    "circles-worker",
+)

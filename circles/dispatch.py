@@ -1,0 +1,291 @@
+"""``RedisDispatcher``: hands scripts to circle workers through Redis and relays the result.
+
+One dispatcher per server process. It holds two Redis connections whatever the load: one for
+commands (pipelined by txredisapi) and one that blocks in ``BRPOP`` on this server's reply list
+and routes each reply to the request waiting for it, by task id. ``docs/worker-protocol.md``
+describes what a worker sees.
+
+Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue` fail at once
+with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
+reply connection drops fail the same way, and their tasks are marked ``expired`` once Redis is
+back so they do not run for nobody. Reconnection is automatic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import uuid
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txredisapi import InvalidData, RedisError
+from zope.interface import implementer
+
+from . import tasks
+from .redisconn import RedisAddress, connect, text
+from .scripts import BackendUnavailable, IScriptRunner, ScriptFailed, ScriptRequest, ScriptTimeout
+
+log = Logger()
+
+#: BRPOP's own timeout on the reply list: bounds how long a silently dead connection goes unnoticed.
+REPLY_POLL = 5
+#: Seconds a command may wait for Redis before the connection is considered dead and reset.
+COMMAND_TIMEOUT = 10.0
+
+
+class _Waiting:
+    """A :meth:`RedisDispatcher.run` call waiting for its reply."""
+
+    def __init__(self, request: ScriptRequest, deferred: Deferred, timer) -> None:
+        self.request = request
+        self.deferred = deferred
+        self.timer = timer
+
+
+@implementer(IScriptRunner)
+class RedisDispatcher(Service):
+    """The production :class:`~circles.scripts.IScriptRunner`: a producer of Redis tasks.
+
+    :param address: where Redis is (see :func:`circles.redisconn.parse_redis_url`).
+    :param reactor: provides IReactorTime (deadlines, timestamps) and connects.
+    :param prefix: prepended to every key, default ``circles:``.
+    :param server_id: names this process's reply list; random by default. Two live servers
+        must never share one.
+    """
+
+    def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
+                 server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL) -> None:
+        self.address = address
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.prefix = prefix
+        self.server_id = server_id or secrets.token_hex(8)
+        self.reply_key = tasks.reply_key(prefix, self.server_id)
+        self.task_ttl = task_ttl
+        self._commands = None  # txredisapi factory: pipelined commands
+        self._replies = None  # txredisapi factory: the one blocking BRPOP connection
+        self._listening = False  # a BRPOP on the reply list is in flight on a live connection
+        self._loop: Optional[Deferred] = None
+        self._waiting: "dict[str, _Waiting]" = {}
+        self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
+
+    # -- service --------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("script dispatch through Redis at {redis}, reply list {reply}",
+                 redis=self.address.redacted(), reply=self.reply_key)
+        self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT)
+        self._replies = connect(self.address, self.reactor)
+        self._loop = self._listen()
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        waiting, self._waiting = self._waiting, {}
+        for task_id, entry in waiting.items():
+            entry.timer.cancel()
+            entry.deferred.errback(BackendUnavailable("the server is shutting down"))
+        if self.is_connected():
+            # Best effort, so no worker runs a script nobody waits for any more.
+            yield DeferredList([self._expire(task_id) for task_id in waiting], consumeErrors=True)
+        factories = [f for f in (self._replies, self._commands) if f is not None]
+        self._commands = self._replies = None
+        self._listening = False
+        yield DeferredList([f.disconnect() for f in factories], consumeErrors=True)
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.cancel()  # it may be waiting for a connection that will never come
+            yield loop.addErrback(lambda f: f.trap(CancelledError))
+
+    def is_connected(self) -> bool:
+        """Whether a task can be queued and its reply received right now."""
+        return self._listening and self._commands is not None and self._commands.size > 0
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def run(self, request: ScriptRequest) -> Deferred:
+        """Queue ``request`` for the circle's workers; fire with the output text, or fail with
+        :class:`ScriptTimeout`, :class:`ScriptFailed` or :class:`BackendUnavailable`."""
+        if not self.is_connected():
+            return fail(BackendUnavailable("Redis is unreachable"))
+        task_id = str(uuid.uuid4())
+        result = Deferred()
+        timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
+        self._waiting[task_id] = _Waiting(request, result, timer)
+        queued = self._write(task_id, request, None, self.reply_key)
+
+        def not_queued(failure: Failure) -> None:
+            entry = self._waiting.pop(task_id, None)
+            if entry is not None:
+                entry.timer.cancel()
+                entry.deferred.errback(failure)
+
+        queued.addErrback(not_queued)
+        return result
+
+    def enqueue(self, request: ScriptRequest, data: Any = None) -> Deferred:
+        """Queue ``request`` without waiting for its result (webhooks); fire with the task id
+        once Redis holds the task, or fail with :class:`BackendUnavailable`.
+
+        ``data`` (any JSON value) is stored in the task's ``data`` field as JSON text; the task
+        has no ``reply_to``, and its hash lives ``request.timeout`` + the task TTL seconds.
+        """
+        if not self.is_connected():
+            return fail(BackendUnavailable("Redis is unreachable"))
+        task_id = str(uuid.uuid4())
+        return self._write(task_id, request, data, "").addCallback(lambda _: task_id)
+
+    # -- writing tasks --------------------------------------------------------------------------
+
+    def _write(self, task_id: str, request: ScriptRequest, data: Any, reply_to: str) -> Deferred:
+        now = self.clock.seconds()
+        fields = {
+            "script": request.script,
+            "circle": request.circle,
+            "caller": request.caller,
+            "source": request.source,
+            "reply_to": reply_to,
+            "status": tasks.PENDING,
+            "output": "",
+            "error": "",
+            "created_at": tasks.timestamp(now),
+            "updated_at": tasks.timestamp(now),
+            "deadline": tasks.timestamp(now + request.timeout),
+        }
+        if data is not None:
+            fields["data"] = json.dumps(data, separators=(",", ":"))
+        ttl = math.ceil(request.timeout) + self.task_ttl
+        args = [ttl, task_id] + [item for pair in fields.items() for item in pair]
+        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle)]
+        d = self._command("eval", tasks.ENQUEUE, keys, args)
+        d.addCallback(lambda _: log.debug("queued task {task} for circle {circle} from {source}",
+                                          task=task_id, circle=request.circle, source=request.source))
+        return d
+
+    def _command(self, name: str, *args) -> Deferred:
+        """Run a command on the command connection; Redis trouble becomes BackendUnavailable."""
+        if self._commands is None or self._commands.size == 0:
+            return fail(BackendUnavailable("Redis is unreachable"))
+        try:
+            d = getattr(self._commands.handler, name)(*args)
+        except Exception:
+            d = fail()
+        return d.addErrback(self._unavailable)
+
+    @staticmethod
+    def _unavailable(failure: Failure):
+        if failure.check(InvalidData):
+            # A value that cannot be encoded (never log it: it may be a script).
+            raise ValueError("a task field is not valid UTF-8 text")
+        if failure.check(RedisError):
+            log.warn("Redis command failed: {error}", error=failure.getErrorMessage())
+            raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
+        return failure
+
+    # -- timeouts -------------------------------------------------------------------------------
+
+    def _expire(self, task_id: str) -> Deferred:
+        """Mark the task expired unless it already ended; fire with its :class:`tasks.Outcome`."""
+        now = self.clock.seconds()
+        d = self._command("eval", tasks.EXPIRE, [tasks.task_key(self.prefix, task_id)],
+                          [tasks.timestamp(now), self.task_ttl])
+        d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
+        return d
+
+    def _timed_out(self, task_id: str) -> None:
+        entry = self._waiting.pop(task_id, None)
+        if entry is None:
+            return
+        log.info("task {task} on circle {circle} timed out after {timeout}s",
+                 task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
+
+        def settled(outcome: Any) -> None:
+            if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
+                # A worker finished just before the deadline; its reply is still on the way.
+                self._settle(entry.deferred, outcome)
+            else:
+                entry.deferred.errback(ScriptTimeout())
+
+        self._expire(task_id).addBoth(settled)
+
+    # -- replies --------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _listen(self):
+        """The one loop reading this server's reply list, for as long as the service runs."""
+        while self.running and self._replies is not None:
+            factory = self._replies
+            try:
+                connection = yield factory.getConnection(peek=True)
+            except RedisError:
+                return  # disconnected for good: the service is stopping
+            if not self.running:
+                return
+            if not self._listening:
+                self._listening = True
+                log.info("connected to Redis at {redis}", redis=self.address.redacted())
+                self._expire_abandoned()
+            try:
+                reply = yield connection.brpop([self.reply_key], timeout=REPLY_POLL)
+            except (RedisError, CancelledError) as e:
+                if self._listening:
+                    self._listening = False
+                    if self.running:
+                        log.warn("lost the Redis connection ({error}): plays fail until it is back",
+                                 error=str(e))
+                self._connection_lost()
+                continue
+            except Exception:
+                log.failure("reading replies")
+                continue
+            if reply:
+                self._route(text(reply[1]))
+
+    def _connection_lost(self) -> None:
+        """No reply can arrive now: answer everyone waiting rather than leave them hanging."""
+        waiting, self._waiting = self._waiting, {}
+        for task_id, entry in waiting.items():
+            entry.timer.cancel()
+            self._abandoned.add(task_id)
+            entry.deferred.errback(BackendUnavailable("lost the connection to Redis"))
+
+    def _expire_abandoned(self) -> None:
+        abandoned, self._abandoned = self._abandoned, set()
+        for task_id in abandoned:
+            self._expire(task_id).addErrback(lambda _: None)
+
+    def _route(self, entry: str) -> None:
+        try:
+            task_id, outcome = tasks.decode_reply(entry)
+        except tasks.MalformedReply as e:
+            log.warn("ignored a malformed reply on {key}: {why}", key=self.reply_key, why=str(e))
+            return
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is None:
+            log.debug("reply for task {task} that nobody waits for (timed out?)", task=task_id)
+            return
+        waiting.timer.cancel()
+        if outcome is not None:
+            self._settle(waiting.deferred, outcome)
+            return
+        # A bare task id: the result is in the task hash.
+        d = self._command("hmget", tasks.task_key(self.prefix, task_id), ["status", "output", "error"])
+        d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
+        d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
+
+    @staticmethod
+    def _settle(deferred: Deferred, outcome: tasks.Outcome) -> None:
+        if outcome.status == tasks.COMPLETED:
+            deferred.callback(outcome.output)
+        elif outcome.status == tasks.ERROR:
+            deferred.errback(ScriptFailed(outcome.error))
+        else:
+            log.warn("task {task} replied with status {status!r}", task=outcome.task_id, status=outcome.status)
+            deferred.errback(ScriptFailed(f"the worker replied with status {outcome.status!r}"))

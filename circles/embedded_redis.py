@@ -1,0 +1,239 @@
+"""A private ``redis-server`` for a server started without ``--redis-url``.
+
+So a first run needs nothing else: the service starts the ``redis-server`` found on PATH, bound
+only to a unix socket (``redis.sock``, mode 0700) in the state directory, no TCP port, no disk
+persistence unless asked, and stops it when the service stops. On Linux the child also gets a
+parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Redis behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections import deque
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .redisconn import RedisAddress
+
+log = Logger()
+
+SOCKET_NAME = "redis.sock"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+_MAX_UNIX_PATH = 107
+
+# Runs in the child before exec: ask the kernel to SIGTERM us when the parent dies, then become
+# redis-server (the signal setting survives exec). Exits if the parent is already gone.
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class EmbeddedRedisError(Exception):
+    """The private Redis cannot run; ``str()`` is the operator's one-line message."""
+
+
+def find_redis_server(binary: str = "redis-server") -> str:
+    """The full path of ``binary``, or :class:`EmbeddedRedisError` saying what to do."""
+    path = shutil.which(binary)
+    if path is None:
+        raise EmbeddedRedisError(
+            f"{binary} not found on PATH: install Redis (e.g. apt install redis-server) "
+            "or point the server at one with --redis-url")
+    return path
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` (instant, local)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended = Deferred()
+        self.output: deque = deque(maxlen=20)
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            line = line.decode("utf-8", "replace").rstrip()
+            if line:
+                self.output.append(line)
+                log.debug("redis-server: {line}", line=line)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(reason.value)  # a Failure given to callback() would errback
+
+
+class _Ping(Protocol):
+    def connectionMade(self) -> None:
+        self.answer = Deferred()
+        self.transport.write(b"PING\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answer.called:
+            self.answer.callback(data.startswith(b"+PONG"))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if not self.answer.called:
+            self.answer.callback(False)
+
+
+class EmbeddedRedis(Service):
+    """Runs ``redis-server`` while the service runs; :meth:`when_ready` fires once it answers.
+
+    :param state_dir: where the socket lives; None makes a private temporary directory that is
+        removed on stop. An existing directory is kept (and must not have a live Redis in it).
+    :param persist: keep data across restarts (append-only file in ``state_dir``).
+    """
+
+    def __init__(self, state_dir: Optional[str], *, reactor, binary: str = "redis-server",
+                 persist: bool = False) -> None:
+        self.reactor = reactor
+        self.binary = binary
+        self.persist = persist
+        self._given_dir = state_dir
+        self.state_dir: Optional[str] = None
+        self.socket_path: Optional[str] = None
+        if state_dir is not None:
+            self._set_dir(state_dir)
+        self._process: Optional[_RedisProcess] = None
+        self._transport = None
+        self._ready: Optional[Deferred] = None
+        self._waiters: list = []
+        self._result = None  # the RedisAddress once ready, or the Failure
+        self._stopping = False
+
+    def _set_dir(self, state_dir: str) -> None:
+        self.state_dir = os.path.abspath(state_dir)
+        self.socket_path = os.path.join(self.state_dir, SOCKET_NAME)
+        if len(self.socket_path.encode()) > _MAX_UNIX_PATH:
+            raise EmbeddedRedisError(f"state directory path too long for a unix socket: {self.state_dir}")
+
+    @property
+    def address(self) -> RedisAddress:
+        if self.socket_path is None:
+            self._set_dir(tempfile.mkdtemp(prefix="circles-redis-"))
+        return RedisAddress(path=self.socket_path)
+
+    def startService(self) -> None:
+        binary = find_redis_server(self.binary)
+        address = self.address  # makes the temporary directory if there is none yet
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        if _answers(address.path):
+            raise EmbeddedRedisError(f"a Redis is already running on {address.path}: "
+                                     "another server uses this --state-dir")
+        super().startService()
+        args = [binary, "--port", "0", "--unixsocket", address.path, "--unixsocketperm", "700",
+                "--dir", self.state_dir, "--daemonize", "no", "--logfile", "", "--save", ""]
+        args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
+        argv = args
+        if sys.platform.startswith("linux"):
+            argv = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())] + args
+        self._process = _RedisProcess()
+        self._stopping = False
+        self._result = None
+        self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
+                                                    path=self.state_dir)
+        log.info("started a private redis-server (pid {pid}) on {path}",
+                 pid=self._transport.pid, path=address.path)
+        self._process.ended.addCallback(self._ended)
+        self._ready = self._wait_until_ready()
+        self._ready.addCallbacks(self._notify, self._notify)
+
+    def _ended(self, reason: Exception) -> Exception:
+        if not self._stopping:
+            log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
+                      why=str(reason), output=" | ".join(self._process.output))
+        return reason
+
+    @inlineCallbacks
+    def _wait_until_ready(self):
+        from twisted.internet.task import deferLater
+
+        deadline = self.reactor.seconds() + START_TIMEOUT
+        while True:
+            if self._process.ended.called:
+                raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(self._process.output))
+            try:
+                ping = yield connectProtocol(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1), _Ping())
+                if (yield ping.answer):
+                    return self.address
+            except Exception:
+                pass
+            if self.reactor.seconds() > deadline:
+                raise EmbeddedRedisError(f"redis-server did not answer within {START_TIMEOUT:.0f}s")
+            yield deferLater(self.reactor, 0.05, lambda: None)
+
+    def _notify(self, result):
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        if isinstance(result, Failure):
+            log.error("{error}", error=result.getErrorMessage())
+        return None
+
+    def when_ready(self) -> Deferred:
+        """Fire with the :class:`RedisAddress` once Redis answers (or fail if it cannot start)."""
+        if self._result is not None:
+            return fail(self._result) if isinstance(self._result, Failure) else succeed(self._result)
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        process, transport = self._process, self._transport
+        if process is None:
+            return
+        self._stopping = True
+        if not process.ended.called:
+            try:
+                transport.signalProcess("TERM")
+            except Exception:
+                pass
+            timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, transport)
+            yield process.ended
+            if timer.active():
+                timer.cancel()
+        log.info("stopped the private redis-server")
+        if self._given_dir is None and self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = self.socket_path = None
+
+    @staticmethod
+    def _kill(transport) -> None:
+        try:
+            transport.signalProcess("KILL")
+        except Exception:
+            pass

@@ -1,0 +1,87 @@
+"""The ``circles-worker`` twistd plugin: command-line options in, a :class:`Worker` out.
+
+Without ``--redis-url`` the worker uses the private Redis of a ``circles`` server started in
+the same ``--state-dir`` (default ``circles-state``), so a one-machine first run is::
+
+    twistd -n circles -k <pk>
+    twistd -n circles-worker -k <pk> --exec 'rhai-run {script_file}'
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor as global_reactor
+from twisted.python import usage
+
+from .config import DEFAULT_STATE_DIR, _circle_set
+from .embedded_redis import SOCKET_NAME
+from .redisconn import InvalidRedisURL, RedisAddress, parse_redis_url
+from .server_tap import REDIS_URL_ENV, _positive
+from .worker import DEFAULT_MAX_OUTPUT, ExecEngine, Worker, load_engine
+
+
+class Options(usage.Options):
+    synopsis = "-k <circle_pk> (--exec 'CMD {script_file}' | --engine package.module:callable) [options]"
+    longdesc = (
+        "Run the scripts queued for circles: take tasks from Redis, run each with an engine, "
+        "reply to the server that queued it. --exec runs an external interpreter on the script "
+        "(in a temporary file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and "
+        "CIRCLES_TASK_ID in its environment; stdout is the output). --engine calls a Python "
+        "callable (script, context) returning a string or a Deferred."
+    )
+    optParameters = [
+        ("redis-url", None, None,
+         f"Redis shared with the servers (default: ${REDIS_URL_ENV}, else the private Redis of a "
+         "server started with the same --state-dir)"),
+        ("redis-prefix", None, "circles:", "prefix of every Redis key (servers and workers must agree)"),
+        ("state-dir", None, DEFAULT_STATE_DIR, "state directory of the server whose private Redis to use"),
+        ("concurrency", "c", 4, "scripts run at the same time", _positive(int)),
+        ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", _positive(float)),
+        ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
+        ("engine", None, None, "Python callable running a script, as package.module:callable"),
+        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of an --exec script, in bytes", _positive(int)),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["circles"] = []
+
+    def opt_circle(self, pubkey: str) -> None:
+        """circle whose tasks to run, as its public key in hex (repeatable, at least one)"""
+        self["circles"].append(pubkey)
+
+    opt_k = opt_circle
+
+    def postOptions(self) -> None:
+        try:
+            self["circles"] = sorted(_circle_set(self["circles"]))
+        except ValueError as e:
+            raise usage.UsageError(f"-k/--circle: {e}")
+        if not self["circles"]:
+            raise usage.UsageError("give at least one circle with -k/--circle")
+        if (self["exec"] is None) == (self["engine"] is None):
+            raise usage.UsageError("give exactly one of --exec and --engine")
+        redis_url = self["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
+        try:
+            if redis_url is not None:
+                self.address = parse_redis_url(redis_url)
+            else:
+                self.address = RedisAddress(path=os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
+        except InvalidRedisURL as e:
+            raise usage.UsageError(f"--redis-url: {e}")
+        try:
+            if self["exec"] is not None:
+                self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"])
+            else:
+                self.engine = load_engine(self["engine"])
+        except ValueError as e:
+            raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
+
+
+def makeService(config: Options, reactor=global_reactor) -> Worker:
+    engine = config.engine
+    if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
+        engine.reactor = reactor
+    return Worker(config.address, config["circles"], engine, reactor=reactor, prefix=config["redis-prefix"],
+                  concurrency=config["concurrency"], script_timeout=config["script-timeout"])

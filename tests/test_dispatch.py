@@ -1,0 +1,241 @@
+"""The dispatcher and the reference worker against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+
+from circles import tasks
+from circles.dispatch import RedisDispatcher
+from circles.redisconn import parse_redis_url
+from circles.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.worker import Worker
+from .play_client import eventually, new_key, pk, sleep
+
+CIRCLE = pk(new_key())
+CALLER = pk(new_key())
+
+
+def request(script: str, timeout: float = 20.0, circle: str = CIRCLE, caller: str = CALLER) -> ScriptRequest:
+    return ScriptRequest(circle=circle, script=script, caller=caller, source="ws", timeout=timeout)
+
+
+def echo_engine(script, context):
+    if script.startswith("fail:"):
+        raise ValueError(script[5:])
+    return json.dumps({"script": script, "circle": context.circle, "caller": context.caller,
+                       "source": context.source, "task_id": context.task_id, "data": context.data})
+
+
+@pytest_twisted.async_yield_fixture
+async def start(redis_server):
+    """``start(service)`` starts a service and stops it (if still running) after the test."""
+    started = []
+
+    def _start(service):
+        service.startService()
+        started.append(service)
+        return service
+
+    yield _start
+    for service in reversed(started):
+        if service.running:
+            await maybeDeferred(service.stopService)
+
+
+def make_dispatcher(redis_server, **kw) -> RedisDispatcher:
+    return RedisDispatcher(parse_redis_url(redis_server.url), reactor=reactor, **kw)
+
+
+def make_worker(redis_server, engine=echo_engine, circles=(CIRCLE,), **kw) -> Worker:
+    return Worker(parse_redis_url(redis_server.url), list(circles), engine, reactor=reactor, **kw)
+
+
+async def connected(dispatcher):
+    await eventually(dispatcher.is_connected)
+    return dispatcher
+
+
+@pytest_twisted.ensureDeferred
+async def test_play_through_worker(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    start(make_worker(redis_server))
+    output = json.loads(await dispatcher.run(request("print(1)")))
+    assert output["script"] == "print(1)"
+    assert (output["circle"], output["caller"], output["source"]) == (CIRCLE, CALLER, "ws")
+    task = redis_client.hgetall(f"circles:task:{output['task_id']}")
+    assert task["status"] == "completed" and task["reply_to"] == dispatcher.reply_key
+    assert task["output"] == json.dumps(output, separators=(", ", ": ")) or json.loads(task["output"]) == output
+    assert float(task["created_at"]) <= float(task["updated_at"]) <= float(task["deadline"])
+    assert 0 < redis_client("TTL", f"circles:task:{output['task_id']}") <= tasks.TASK_TTL
+
+
+@pytest_twisted.ensureDeferred
+async def test_script_error_carries_message(redis_server, start):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    start(make_worker(redis_server))
+    with pytest.raises(ScriptFailed) as e:
+        await dispatcher.run(request("fail:undefined variable x"))
+    assert "undefined variable x" in e.value.detail
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_expires_task_and_late_worker_skips_it(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    with pytest.raises(ScriptTimeout):
+        await dispatcher.run(request("never run", timeout=0.5))
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+    ran = []
+    start(make_worker(redis_server, engine=lambda script, ctx: ran.append(script) or "ran"))
+    await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 0)
+    await sleep(0.3)
+    assert ran == [] and redis_client.hgetall(task_key)["status"] == "expired"
+    # and the worker serves the next, live task
+    assert await dispatcher.run(request("live")) == "ran"
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_finishing_after_expiry_does_not_overwrite(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    release = Deferred()
+    start(make_worker(redis_server, engine=lambda script, ctx: release, script_timeout=60))
+    with pytest.raises(ScriptTimeout):
+        await dispatcher.run(request("slow", timeout=0.5))
+    release.callback("too late")
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    await sleep(0.3)
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+    assert redis_client("LLEN", dispatcher.reply_key) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_plays_share_one_blocking_connection(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    gate = Deferred()
+    start(make_worker(redis_server, engine=lambda script, ctx: gate.addCallback(lambda _: script) and gate,
+                      concurrency=50))
+    runs = [dispatcher.run(request(f"script {i}")) for i in range(200)]
+    await eventually(lambda: redis_client("KEYS", "circles:task:*") and
+                     len(redis_client("KEYS", "circles:task:*")) == 200)
+    # dispatcher: 2 connections, worker: 2 connections, plus this inspecting client
+    clients = redis_client.clients()
+    assert len(clients) == 5, clients
+    assert sum(1 for c in clients if c.get("cmd") == "brpop") <= 2
+    gate.callback(None)
+    results = await gatherResults(runs)
+    assert results == [f"script {i}" for i in range(200)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_dispatchers_each_get_their_own_replies(redis_server, start):
+    one = await connected(start(make_dispatcher(redis_server)))
+    two = await connected(start(make_dispatcher(redis_server)))
+    assert one.reply_key != two.reply_key
+    start(make_worker(redis_server, concurrency=8))
+    plays = [(d, i, d.run(request(f"{name}-{i}"))) for i in range(50) for name, d in (("one", one), ("two", two))]
+    for d, i, result in plays:
+        name = "one" if d is one else "two"
+        assert json.loads(await result)["script"] == f"{name}-{i}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_mid_run_then_restarted(redis_server, start):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    in_flight = dispatcher.run(request("waits for a worker that is not there"))
+    redis_server.kill()
+    with pytest.raises(BackendUnavailable):
+        await in_flight
+    with pytest.raises(BackendUnavailable):  # fails at once, while Redis is down
+        await dispatcher.run(request("x"))
+    redis_server.start()
+    await eventually(dispatcher.is_connected)
+    start(make_worker(redis_server))
+    assert json.loads(await dispatcher.run(request("back")))["script"] == "back"
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_at_start(redis_server, start):
+    redis_server.kill()
+    dispatcher = start(make_dispatcher(redis_server))
+    with pytest.raises(BackendUnavailable):
+        await dispatcher.run(request("x"))
+    with pytest.raises(BackendUnavailable):
+        await dispatcher.enqueue(request("x"))
+    redis_server.start()
+    await connected(dispatcher)
+    start(make_worker(redis_server))
+    assert json.loads(await dispatcher.run(request("up")))["script"] == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_without_waiting(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    event = {"id": "evt_1", "type": "payment_intent.succeeded", "amount": 42}
+    task_id = await dispatcher.enqueue(ScriptRequest(CIRCLE, "on_payment()", "", "webhook:stripe", 60), event)
+    task = redis_client.hgetall(f"circles:task:{task_id}")
+    assert task["status"] == "pending" and task["reply_to"] == "" and json.loads(task["data"]) == event
+    assert redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1) == [task_id]
+    start(make_worker(redis_server))
+    await eventually(lambda: redis_client.hgetall(f"circles:task:{task_id}")["status"] == "completed")
+    output = json.loads(redis_client.hgetall(f"circles:task:{task_id}")["output"])
+    assert output["source"] == "webhook:stripe" and json.loads(output["data"]) == event
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_answers_in_flight_and_expires(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    in_flight = dispatcher.run(request("nobody runs this"))
+    await eventually(lambda: redis_client("KEYS", "circles:task:*"))
+    await dispatcher.stopService()
+    with pytest.raises(BackendUnavailable):
+        await in_flight
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_replies_are_ignored(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    for junk in ["", "{not json", '{"task_id": 5}', '{"task_id": "x", "status": "processing"}', "a b"]:
+        redis_client("LPUSH", dispatcher.reply_key, junk)
+    start(make_worker(redis_server))
+    assert json.loads(await dispatcher.run(request("after junk")))["script"] == "after junk"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_task_id_reply(redis_server, start, redis_client):
+    """A worker may reply with the task id alone: the result is read from the task hash."""
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    run = dispatcher.run(request("by hand"))
+    task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
+    key = f"circles:task:{task_id}"
+    redis_client("HSET", key, "status", "completed", "output", "42")
+    redis_client("LPUSH", dispatcher.reply_key, task_id)
+    assert await run == "42"  # text stays text
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_stop_finishes_running_script(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    release = Deferred()
+    worker = start(make_worker(redis_server, engine=lambda s, c: release))
+    run = dispatcher.run(request("x"))
+    await eventually(lambda: any(redis_client.hgetall(k).get("status") == "processing"
+                                 for k in redis_client("KEYS", "circles:task:*")))
+    stopping = worker.stopService()
+    reactor.callLater(0.2, release.callback, "finished")
+    await stopping
+    assert await run == "finished"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefix(redis_server, start, redis_client):
+    dispatcher = await connected(start(make_dispatcher(redis_server, prefix="app1:")))
+    start(make_worker(redis_server, prefix="app1:"))
+    assert json.loads(await dispatcher.run(request("p")))["script"] == "p"
+    assert all(k.startswith("app1:") for k in redis_client("KEYS", "*"))

@@ -1,0 +1,144 @@
+"""The private redis-server started when no --redis-url is given, and the plugins' start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.python import usage
+
+from circles import server_tap
+from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from .play_client import new_key, pk
+from .redis_server import REDIS_SERVER
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_starts_answers_and_stops_without_leftovers(tmp_path):
+    redis = EmbeddedRedis(str(tmp_path / "state"), reactor=reactor)
+    redis.startService()
+    address = await redis.when_ready()
+    assert address.path == str(tmp_path / "state" / "redis.sock")
+    assert oct(os.stat(address.path).st_mode & 0o777) == "0o700"
+    pid = redis._transport.pid
+    assert alive(pid)
+    await redis.stopService()
+    assert not alive(pid)
+    assert not os.path.exists(address.path)
+    assert os.path.isdir(tmp_path / "state")  # a given state directory is kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_temporary_state_dir_is_removed():
+    redis = EmbeddedRedis(None, reactor=reactor)
+    redis.startService()
+    await redis.when_ready()
+    directory = redis.state_dir
+    assert os.path.exists(directory)
+    await redis.stopService()
+    assert not os.path.exists(directory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refuses_a_state_dir_in_use(tmp_path):
+    first = EmbeddedRedis(str(tmp_path), reactor=reactor)
+    first.startService()
+    await first.when_ready()
+    try:
+        with pytest.raises(EmbeddedRedisError, match="already running"):
+            EmbeddedRedis(str(tmp_path), reactor=reactor).startService()
+    finally:
+        await first.stopService()
+
+
+def test_missing_binary_is_one_clear_error(tmp_path):
+    with pytest.raises(EmbeddedRedisError, match="not found on PATH"):
+        EmbeddedRedis(str(tmp_path), reactor=reactor, binary="no-such-redis-server").startService()
+
+
+def test_server_options_without_redis_server_on_path(monkeypatch):
+    monkeypatch.delenv("CIRCLES_REDIS_URL", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SystemExit, match="redis-server not found on PATH"):
+        server_tap.Options().parseOptions([])
+    # with a Redis URL the binary is not needed
+    options = server_tap.Options()
+    options.parseOptions(["--redis-url", "redis://:pw@h:1/2"])
+    assert options.config.redis_url == "redis://:pw@h:1/2"
+
+
+def test_server_options(monkeypatch, tmp_path):
+    monkeypatch.delenv("CIRCLES_REDIS_URL", raising=False)
+    options = server_tap.Options()
+    options.parseOptions(["--script-timeout", "5", "--redis-prefix", "x:", "--state-dir", str(tmp_path),
+                          "--redis-persist"])
+    config = options.config
+    assert (config.script_timeout, config.redis_prefix, config.state_dir, config.redis_url, config.redis_persist) \
+        == (5.0, "x:", str(tmp_path), None, True)
+    monkeypatch.setenv("CIRCLES_REDIS_URL", "redis://h:1/0")
+    options = server_tap.Options()
+    options.parseOptions([])
+    assert options.config.redis_url == "redis://h:1/0"
+    for argv in (["--redis-url", "http://h"], ["--script-timeout", "0"]):
+        with pytest.raises(usage.UsageError):
+            server_tap.Options().parseOptions(argv)
+
+
+def _twistd(*argv, cwd, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "twisted", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_twistd_missing_binary_exits_with_one_line(tmp_path):
+    env = dict(os.environ, PATH="/nonexistent")
+    env.pop("CIRCLES_REDIS_URL", None)
+    process = _twistd("circles", cwd=str(tmp_path), env=env)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode != 0
+    assert "redis-server not found on PATH" in output
+    assert "Traceback" not in output
+
+
+def test_killed_server_leaves_no_redis(tmp_path):
+    """SIGKILL the server: the private Redis goes with it (parent-death signal)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    env = dict(os.environ)
+    env.pop("CIRCLES_REDIS_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "twisted", "circles", "--listen", "tcp:0:interface=127.0.0.1",
+                               "-k", pk(new_key())], cwd=str(tmp_path), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        socket_path = tmp_path / "circles-state" / "redis.sock"
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "the private Redis did not start"
+            time.sleep(0.05)
+        pids = subprocess.run(["pgrep", "-f", f"unixsocket:{socket_path}"], capture_output=True, text=True).stdout.split()
+        assert pids
+    finally:
+        server.kill()
+        server.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(int(pid)) for pid in pids):
+        assert time.monotonic() < deadline, "redis-server outlived the killed server"
+        time.sleep(0.05)

@@ -1,0 +1,217 @@
+"""play end to end: WebSocket client -> CirclesService -> Redis -> reference worker -> back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+
+from circles import CirclesService, Config
+from circles.redisconn import parse_redis_url
+from circles.worker import ExecEngine, Worker
+from .play_client import RPCClient, eventually, new_key, pk
+
+CIRCLE_KEY = new_key()
+CIRCLE = pk(CIRCLE_KEY)
+
+
+@pytest_twisted.async_yield_fixture
+async def start():
+    started = []
+
+    def _start(service):
+        service.startService()
+        started.append(service)
+        return service
+
+    yield _start
+    for service in reversed(started):
+        if service.running:
+            await maybeDeferred(service.stopService)
+
+
+async def serve(start, redis_url=None, **config) -> "tuple[CirclesService, int]":
+    config.setdefault("circles", [CIRCLE])
+    service = start(CirclesService(Config(listen=("tcp:0:interface=127.0.0.1",), redis_url=redis_url, **config),
+                                   reactor=reactor))
+    [port] = await service.when_listening()
+    await eventually(service.dispatcher.is_connected)
+    return service, port.getHost().port
+
+
+def sh_worker(address, **kw) -> Worker:
+    return Worker(address, [CIRCLE], ExecEngine("sh {script_file}", reactor=reactor), reactor=reactor, **kw)
+
+
+def play(client, script, **params):
+    return client.call("play", {"script": script, **params})
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticated_play_through_exec_worker(redis_server, start):
+    service, port = await serve(start, redis_server.url, auth_required=True)
+    start(sh_worker(parse_redis_url(redis_server.url)))
+    client = await RPCClient.open(port, CIRCLE)
+    refused = await play(client, "echo hi")
+    assert refused["error"]["code"] == -32001
+    caller = await client.authenticate(new_key())
+    reply = await play(client, 'echo "$CONTEXT_ID"; echo "$CALLER_ID"; echo "$CIRCLES_SOURCE"')
+    assert reply["result"] == {"output": f"{CIRCLE}\n{caller}\nws\n"}
+    failed = await play(client, "echo 'Variable not found: x (line 1)' >&2; exit 1")
+    assert failed["error"]["code"] == -32005
+    assert "Variable not found: x" in failed["error"]["data"]
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_without_worker(redis_server, start, redis_client):
+    service, port = await serve(start, redis_server.url, script_timeout=60)
+    client = await RPCClient.open(port, CIRCLE)
+    reply = await play(client, "nobody", timeout=0.5)
+    assert reply["error"]["code"] == -32003
+    [task] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(task)["status"] == "expired"
+    assert redis_client.hgetall(task)["caller"] == ""  # anonymous
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_play_timeout_cannot_exceed_server_limit(redis_server, start):
+    service, port = await serve(start, redis_server.url, script_timeout=0.5)
+    client = await RPCClient.open(port, CIRCLE)
+    began = time.monotonic()
+    reply = await play(client, "nobody", timeout=3600)
+    assert reply["error"]["code"] == -32003 and time.monotonic() - began < 3000
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_then_restarted(redis_server, start, redis_client):
+    service, port = await serve(start, redis_server.url)
+    start(sh_worker(parse_redis_url(redis_server.url)))
+    client = await RPCClient.open(port, CIRCLE)
+    assert (await play(client, "echo one"))["result"] == {"output": "one\n"}
+    in_flight = play(client, "sleep 3")
+    await eventually(lambda: any(redis_client.hgetall(k).get("status") == "processing"
+                                 for k in redis_client("KEYS", "circles:task:*")))
+    redis_server.kill()
+    assert (await in_flight)["error"]["code"] == -32004
+    assert (await play(client, "echo down"))["error"]["code"] == -32004
+    assert (await client.call("whoami"))["result"]["circle"] == CIRCLE  # everything else keeps working
+    redis_server.start()
+    await eventually(service.dispatcher.is_connected)
+
+    async def works():
+        reply = await play(client, "echo again")
+        return reply.get("result") == {"output": "again\n"}
+    for _ in range(300):  # the worker reconnects on its own too
+        if await works():
+            break
+    else:
+        raise AssertionError("play never worked again")
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_1000_plays_over_50_connections(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: f"ran {script}",
+                 reactor=reactor, concurrency=50))
+    clients = [await RPCClient.open(port, CIRCLE) for _ in range(50)]
+    calls = [(c, i, play(client, f"{c}/{i}")) for c, client in enumerate(clients) for i in range(20)]
+    replies = await gatherResults([d for _, _, d in calls])
+    for (c, i, _), reply in zip(calls, replies):
+        assert reply["result"] == {"output": f"ran {c}/{i}"}, reply
+    for client in clients:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_servers_share_one_redis(redis_server, start):
+    _, port_one = await serve(start, redis_server.url)
+    _, port_two = await serve(start, redis_server.url)
+    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: script[::-1],
+                 reactor=reactor, concurrency=10))
+    one, two = await RPCClient.open(port_one, CIRCLE), await RPCClient.open(port_two, CIRCLE)
+    calls = [(f"{name}{i}", play(client, f"{name}{i}")) for i in range(50) for name, client in (("a", one), ("b", two))]
+    for script, d in calls:
+        assert (await d)["result"] == {"output": script[::-1]}
+    one.close()
+    two.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_crash_mid_task_times_out(redis_server, start, redis_client, tmp_path):
+    service, port = await serve(start, redis_server.url)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "twisted", "circles-worker", "-k", CIRCLE, "--redis-url", redis_server.url,
+         "--exec", "sh {script_file}"],
+        cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = await RPCClient.open(port, CIRCLE)
+        reply = play(client, "sleep 60", timeout=3)
+        [task] = await eventually(lambda: redis_client("KEYS", "circles:task:*"))
+        await eventually(lambda: redis_client.hgetall(task).get("status") == "processing")
+        worker.kill()
+        assert (await reply)["error"]["code"] == -32003
+        assert redis_client.hgetall(task)["status"] == "expired"
+        client.close()
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_answers_in_flight_play(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    client = await RPCClient.open(port, CIRCLE)
+    in_flight = play(client, "nobody")
+    await eventually(lambda: service.dispatcher._waiting)
+    stopped = service.stopService()
+    assert (await in_flight)["error"]["code"] == -32004
+    await stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_redis_by_default(start, tmp_path):
+    state = tmp_path / "state"
+    service, port = await serve(start, state_dir=str(state))
+    pid = service.embedded_redis._transport.pid
+    start(sh_worker(service.embedded_redis.address))
+    client = await RPCClient.open(port, CIRCLE)
+    assert (await play(client, "echo embedded"))["result"] == {"output": "embedded\n"}
+    client.close()
+    await service.stopService()
+    assert not os.path.exists(state / "redis.sock")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_script_is_invalid_params(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    client = await RPCClient.open(port, CIRCLE)
+    client.protocol.sendMessage(b'{"jsonrpc":"2.0","id":"s","method":"play","params":{"script":"x\\ud800"}}')
+    d = Deferred()
+    client.factory.waiting["s"] = d
+    reply = await d
+    assert reply["error"]["code"] == -32602, reply
+    assert (await client.call("whoami"))["result"]["circle"] == CIRCLE
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_output_with_lone_surrogate_still_answers(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: "a\ud800b",
+                 reactor=reactor))
+    client = await RPCClient.open(port, CIRCLE)
+    reply = await play(client, "x")
+    assert reply["result"]["output"].startswith("a") and reply["result"]["output"].endswith("b")
+    client.close()

@@ -1,0 +1,115 @@
+import pytest
+import pytest_twisted
+
+from circles.config import Config
+from circles.redisconn import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("redis://localhost", RedisAddress(host="localhost")),
+    ("redis://10.0.0.5:6380/3", RedisAddress(host="10.0.0.5", port=6380, db=3)),
+    ("redis://:s3cret@h:1/0", RedisAddress(host="h", port=1, password="s3cret")),
+    ("redis://alice:p%40ss@h/2", RedisAddress(host="h", db=2, username="alice", password="p@ss")),
+    ("redis://[::1]:7000", RedisAddress(host="::1", port=7000)),
+    ("redis://h?db=4", RedisAddress(host="h", db=4)),
+    ("rediss://redis.example.com:6380/1", RedisAddress(host="redis.example.com", port=6380, db=1, tls=True)),
+    ("rediss://h?ssl_ca_certs=/etc/ca.pem", RedisAddress(host="h", tls=True, ca_certs="/etc/ca.pem")),
+    ("unix:///run/redis.sock", RedisAddress(path="/run/redis.sock")),
+    ("unix:///run/redis.sock?db=5&password=pw", RedisAddress(path="/run/redis.sock", db=5, password="pw")),
+    ("unix://bob:pw@/run/redis.sock", RedisAddress(path="/run/redis.sock", username="bob", password="pw")),
+])
+def test_parse(url, expected):
+    assert parse_redis_url(url) == expected
+
+
+@pytest.mark.parametrize("url", [
+    "http://h", "redis://", "redis://h:notaport", "redis://h/x", "redis://h/-1", "unix://relative.sock",
+    "redis://h?color=red", "redis://h?ssl_ca_certs=/ca.pem", "", "localhost:6379",
+])
+def test_invalid(url):
+    with pytest.raises(InvalidRedisURL):
+        parse_redis_url(url)
+
+
+def test_password_never_shown():
+    address = parse_redis_url("rediss://u:hunter2@h:1/2")
+    assert address.redacted() == "rediss://u:***@h:1/2"
+    assert "hunter2" not in repr(address)
+    assert "hunter2" not in repr(Config(redis_url="redis://:hunter2@h/0"))
+    assert redact_url("unix:///s.sock?password=hunter2") == "unix://:***@/s.sock?db=0"
+    assert redact_url("nonsense://hunter2") == "<invalid redis url>"
+
+
+def test_config_rejects_bad_url():
+    with pytest.raises(ValueError):
+        Config(redis_url="http://h")
+
+
+def _tls_redis(tmp_path, hostname):
+    import subprocess
+    import trustme
+    from .redis_server import REDIS_SERVER, free_port
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    ca = trustme.CA()
+    cert = ca.issue_cert(hostname)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    port = free_port()
+    process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                                "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"),
+                                "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "no",
+                                "--save", "", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, port
+
+
+@pytest.mark.parametrize("cert_name, works", [("localhost", True), ("redis.elsewhere.example", False)])
+@pytest_twisted.ensureDeferred
+async def test_rediss_checks_certificate_and_hostname(tmp_path, cert_name, works):
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import connectProtocol
+    from twisted.internet.protocol import Protocol
+    from .play_client import sleep
+
+    process, port = _tls_redis(tmp_path, cert_name)
+    try:
+        address = parse_redis_url(f"rediss://localhost:{port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}")
+
+        class Ping(Protocol):
+            def connectionMade(self):
+                self.answer = Deferred()
+                self.transport.write(b"PING\r\n")
+
+            def dataReceived(self, data):
+                if not self.answer.called:
+                    self.answer.callback(data)
+
+            def connectionLost(self, reason):
+                if not self.answer.called:
+                    self.answer.errback(reason)
+
+        async def ping():
+            protocol = await connectProtocol(address.endpoint(reactor), Ping())
+            return await protocol.answer
+
+        for _ in range(200):  # until redis-server listens
+            try:
+                answer = await ping()
+                break
+            except Exception as e:
+                error = e
+                if "refused" not in str(e).lower():
+                    break
+                await sleep(0.05)
+        if works:
+            assert answer.startswith(b"+PONG")
+        else:
+            from service_identity import VerificationError
+            assert isinstance(error, VerificationError), error  # the hostname check refused it
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,120 @@
+"""The worker's engines: --exec with real processes, --engine with a Python callable, options."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.python import usage
+
+from circles import worker_tap
+from circles.worker import EngineError, ExecEngine, ScriptContext, load_engine
+from .play_client import eventually, new_key, pk
+
+CONTEXT = ScriptContext(task_id="t-1", circle="02" + "ab" * 32, caller="03" + "cd" * 32, source="ws")
+
+
+def engine(**kw) -> ExecEngine:
+    return ExecEngine("sh {script_file}", reactor=reactor, **kw)
+
+
+def sample_engine(script, context):
+    """An --engine target for the tests below."""
+    return f"{context.circle}:{script.upper()}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_output_and_environment():
+    output = await engine()('echo "$CONTEXT_ID $CALLER_ID $CIRCLES_SOURCE $CIRCLES_TASK_ID"; printf "%s" "$CIRCLES_DATA"',
+                            CONTEXT)
+    assert output == f"{CONTEXT.circle} {CONTEXT.caller} ws t-1\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_script_is_a_file_and_removed():
+    path = (await engine()('echo "$0"', CONTEXT)).strip()
+    assert path.endswith(".rhai") and not os.path.exists(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_nonzero_exit_carries_stderr():
+    with pytest.raises(EngineError) as e:
+        await engine()("echo partial; echo 'line 3: x is undefined' >&2; exit 7", CONTEXT)
+    assert str(e.value) == "exit status 7: line 3: x is undefined"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_output_cap():
+    with pytest.raises(EngineError, match="output exceeds 1000 bytes"):
+        await engine(max_output=1000)("head -c 100000 /dev/zero; sleep 30", CONTEXT)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_timeout_kills_the_process(tmp_path):
+    pidfile = tmp_path / "pid"
+    d = engine()(f"echo $$ > {pidfile}; echo started >&2; exec sleep 300", CONTEXT)
+    pid = int(await eventually(lambda: pidfile.exists() and pidfile.read_text().strip()))
+    reactor.callLater(0, d.cancel)  # what the worker's timeout does
+    with pytest.raises(EngineError, match="script timed out"):
+        await d
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie not reaped yet counts as gone
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1].startswith("Z")
+        except OSError:
+            return True
+    await eventually(gone)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_python_interpreter():
+    py = ExecEngine(f"{sys.executable} {{script_file}}", reactor=reactor)
+    assert await py("import os; print(os.environ['CONTEXT_ID'][:2], 6 * 7)", CONTEXT) == "02 42\n"
+
+
+def test_exec_command_checks():
+    with pytest.raises(ValueError, match="script_file"):
+        ExecEngine("cat", reactor=reactor)
+    with pytest.raises(ValueError, match="not found"):
+        ExecEngine("no-such-interpreter-xyz {script_file}", reactor=reactor)
+
+
+def test_load_engine():
+    assert load_engine("tests.test_worker_engines:sample_engine")("x", CONTEXT) == f"{CONTEXT.circle}:X"
+    for bad in ["nomodule", "no_such_module_xyz:f", "tests.test_worker_engines:missing", "tests.test_worker_engines:CONTEXT"]:
+        with pytest.raises(ValueError):
+            load_engine(bad)
+
+
+def parse(*argv) -> worker_tap.Options:
+    options = worker_tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_worker_options(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIRCLES_REDIS_URL", raising=False)
+    circle = pk(new_key())
+    options = parse("-k", circle, "--exec", "sh {script_file}", "--state-dir", str(tmp_path), "-c", "3")
+    assert options.address.path == str(tmp_path / "redis.sock")
+    service = worker_tap.makeService(options)
+    assert service.circles == [circle] and service.concurrency == 3
+    options = parse("-k", circle, "--engine", "tests.test_worker_engines:sample_engine", "--redis-url", "redis://h:1/2")
+    assert options.address.host == "h" and options.address.db == 2
+    for argv in [("--exec", "sh {script_file}"),  # no circle
+                 ("-k", circle),  # no engine
+                 ("-k", circle, "--exec", "sh {script_file}", "--engine", "tests.test_worker_engines:sample_engine"),
+                 ("-k", "nothex", "--exec", "sh {script_file}"),
+                 ("-k", circle, "--engine", "nomodule:f"),
+                 ("-k", circle, "--exec", "sh {script_file}", "--redis-url", "http://x"),
+                 ("-k", circle, "--exec", "sh {script_file}", "-c", "0")]:
+        with pytest.raises(usage.UsageError):
+            parse(*argv)
