@@ -67,7 +67,7 @@ class Twistd:
         self._port_seen = threading.Event()
         self.port: Optional[int] = None
         self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", plugin, *args],
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -81,6 +81,14 @@ class Twistd:
                 self._port_seen.set()
         self._port_seen.set()
 
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        """Wait until ``text`` appears in the log (e.g. "connected to Redis")."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} never logged:\n" + self.output)
+            time.sleep(0.05)
+
     def wait_listening(self, timeout: float = 30) -> int:
         self._port_seen.wait(timeout)
         if self.port is None:
@@ -92,6 +100,7 @@ class Twistd:
         return "".join(self.lines)
 
     def stop(self) -> int:
+        """SIGTERM, as an operator or a service manager stops it; kill if it hangs."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

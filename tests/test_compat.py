@@ -225,3 +225,27 @@ async def test_url_authentication_refusals(server):
     assert (await _in_thread(_url_session, url))["pubkey"] == user.pubkey
     # Without the query, the session is anonymous as usual.
     assert (await _in_thread(_url_session, base))["authenticated"] is False
+
+
+def test_round_trip_http_nonce_url_auth_then_play(tmp_path):
+    """The issue's round trip as an earlier client does it, against the real plugin and worker:
+    GET /auth/nonce, sign with eth-account, open the WebSocket with the proof in the URL, play."""
+    from .support import twistd
+
+    circle, user = Key(), Key()
+    with twistd(["--auth", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--exec", "sh {script_file}"], tmp_path, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        status, body = _fetch(f"http://127.0.0.1:{port}/auth/nonce?public_key={user.pubkey}")
+        assert status == 200
+        signature = user.eth_sign(body["nonce"])
+        url = f"ws://127.0.0.1:{port}/{circle.pubkey}?pubkey={user.pubkey}&sig={signature}&nonce={body['nonce']}"
+        with connect(url) as ws:
+            reply = request(ws, "play", {"script": 'printf "%s" "$CALLER_ID"'})
+            assert reply["result"] == {"output": user.pubkey}
+        assert _refused(url) == 401  # the same URL again: replay
+        status, body = _fetch(f"http://127.0.0.1:{port}/auth/health")
+        assert body["status"] == "healthy" and body["active_nonces"] == 0
+    assert signature.removeprefix("0x") not in server.output

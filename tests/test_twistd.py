@@ -32,22 +32,32 @@ def test_plugin_is_listed_by_twistd(tmp_path):
         assert option in result.stdout
 
 
+# A worker engine any machine has: the script is shell, its stdout the output.
+SHELL_WORKER = ["--exec", "sh {script_file}"]
+
+
 def test_authenticated_session_over_wss(tmp_path, tls_files, keys):
     circle1, circle2, user = keys
     args = ["--auth", "--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"],
             "-k", circle1.pubkey, "-k", circle2.uncompressed, "--port", "0", "--interface", "127.0.0.1"]
-    with twistd(args, tmp_path) as server:
+    with twistd(args, tmp_path) as server, \
+            twistd(["-k", circle1.pubkey, *SHELL_WORKER], tmp_path, plugin="circles-worker") as worker:
         port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
         with connect(f"wss://localhost:{port}/{circle1.pubkey}", ssl=client_tls(tls_files["ca"])) as ws:
             assert request(ws, "whoami")["result"] == {"circle": circle1.pubkey, "authenticated": False, "pubkey": None}
             # --auth: play is refused until the session authenticates
-            assert request(ws, "play", {"script": "40 + 2"})["error"]["code"] == -32001
+            assert request(ws, "play", {"script": "echo hi"})["error"]["code"] == -32001
             reply = request(ws, "fetch_nonce", {"pubkey": user.pubkey})
             nonce = reply["result"]["nonce"]
             assert len(nonce) >= 32 and reply["result"]["expires_at"] > 0
             reply = request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
             assert reply["result"] == {"authenticated": True, "pubkey": user.pubkey}
             assert request(ws, "whoami")["result"] == {"circle": circle1.pubkey, "authenticated": True, "pubkey": user.pubkey}
+            # play runs on the worker, which sees the circle and the caller
+            reply = request(ws, "play", {"script": 'printf "%s %s" "$CONTEXT_ID" "$CALLER_ID"'})
+            assert reply["result"] == {"output": f"{circle1.pubkey} {user.pubkey}"}
             # The document served is exactly the one in the repository.
             with open(ROOT / "openrpc.json") as f:
                 assert request(ws, "rpc.discover")["result"] == json.load(f)
@@ -57,11 +67,13 @@ def test_authenticated_session_over_wss(tmp_path, tls_files, keys):
             nonce = reply["result"]["nonce"]
             reply = request(ws, "authenticate", {"pubkey": user.uncompressed, "signature": user.der_sign(nonce)})
             assert reply["result"] == {"authenticated": True, "pubkey": user.pubkey}
+            # no worker serves circle2: the play times out and says so
+            assert request(ws, "play", {"script": "echo hi", "timeout": 0.5})["error"]["code"] == -32003
         # Any other circle is refused during the opening handshake.
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             connect(f"wss://localhost:{port}/{user.pubkey}", ssl=client_tls(tls_files["ca"]))
         assert refused.value.response.status_code == 404
-    assert "Traceback" not in server.output
+    assert "Traceback" not in server.output + worker.output
 
 
 def _tls_handshake(port: int, ca: str, version, ciphers: str = "DEFAULT:@SECLEVEL=0") -> str:
@@ -98,8 +110,10 @@ def test_without_circles_any_valid_circle_is_served_with_a_warning(tmp_path, key
         port = server.wait_listening()
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
-            # Without --auth, play is open to anonymous sessions; with no backend it is -32004.
-            assert request(ws, "play", ["1"])["error"]["code"] == -32004
+            # Without --auth, play is open to anonymous sessions: it is queued (and, with no
+            # worker for this circle, times out) rather than refused with -32001.
+            server.wait_for("connected to Redis")
+            assert request(ws, "play", ["echo hi", 0.5])["error"]["code"] == -32003
         for path in ("not-a-key", "02" + "00" * 32, circle.pubkey + "/extra"):
             with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
                 connect(f"ws://127.0.0.1:{port}/{path}")
