@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from .logs import Logger
 
 from . import openrpc
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces

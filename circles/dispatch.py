@@ -22,7 +22,7 @@ from typing import Any, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from .logs import Logger
 from twisted.python.failure import Failure
 from txredisapi import InvalidData, RedisError
 from zope.interface import implementer

@@ -20,7 +20,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ProcessProtocol
-from twisted.logger import Logger
+from .logs import Logger
 from twisted.python.failure import Failure
 
 from .redisconn import RedisAddress

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
-from twisted.logger import Logger
+from .logs import Logger
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600

@@ -52,7 +52,7 @@ from typing import Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.logger import Logger
+from .logs import Logger
 
 from .api import Gateway, Session
 from .auth import AuthenticationFailed

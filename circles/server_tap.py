@@ -8,6 +8,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from . import logs
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
 from .embedded_redis import EmbeddedRedisError, find_redis_server
 from .redisconn import InvalidRedisURL, parse_redis_url
@@ -39,6 +40,7 @@ class Options(usage.Options):
         ("redis-persist", None, "the private Redis (no --redis-url) keeps its data in --state-dir"),
     ]
     optParameters = [
+        logs.LOG_LEVEL_OPTION,
         ("port", "p", None,
          f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int),
         ("interface", None, "", "address to bind (default: all)"),
@@ -117,4 +119,5 @@ class Options(usage.Options):
 
 
 def makeService(config: Options, reactor=global_reactor) -> CirclesService:
+    logs.set_level(config["log-level"])
     return CirclesService(config.config, reactor=reactor)

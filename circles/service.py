@@ -13,7 +13,7 @@ from typing import Optional
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
-from twisted.logger import Logger
+from .logs import Logger
 from twisted.python.failure import Failure
 
 from .api import Gateway

@@ -29,7 +29,7 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList, Defe
                                     inlineCallbacks, maybeDeferred)
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from .logs import Logger
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 

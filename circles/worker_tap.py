@@ -14,6 +14,7 @@ import os
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
 
+from . import logs
 from .config import DEFAULT_STATE_DIR, _circle_set
 from .embedded_redis import SOCKET_NAME
 from .redisconn import InvalidRedisURL, RedisAddress, parse_redis_url
@@ -31,6 +32,7 @@ class Options(usage.Options):
         "callable (script, context) returning a string or a Deferred."
     )
     optParameters = [
+        logs.LOG_LEVEL_OPTION,
         ("redis-url", None, None,
          f"Redis shared with the servers (default: ${REDIS_URL_ENV}, else the private Redis of a "
          "server started with the same --state-dir)"),
@@ -80,6 +82,7 @@ class Options(usage.Options):
 
 
 def makeService(config: Options, reactor=global_reactor) -> Worker:
+    logs.set_level(config["log-level"])
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor

@@ -53,3 +53,25 @@ async def test_service_with_tls(tls_files):
         assert authenticated["pubkey"] == user.pubkey
     finally:
         await service.stopService()
+
+
+def test_log_level_drops_events_below_it():
+    from twisted.logger import globalLogPublisher
+
+    from circles import logs
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    log = logs.Logger(namespace="circles.test")
+    try:
+        log.debug("hidden at info")
+        log.info("shown at info")
+        logs.set_level("debug")
+        log.debug("shown at debug")
+        logs.set_level("warn")
+        log.info("hidden at warn")
+    finally:
+        logs.set_level("info")
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["log_format"] for e in events if e.get("log_namespace") == "circles.test"] == \
+        ["shown at info", "shown at debug"]

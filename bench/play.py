@@ -1,0 +1,155 @@
+"""Benchmark ``play`` end to end: server + reference worker + Redis, all on this machine.
+
+    .venv/bin/python -m bench.play [--connections 50] [--seconds 20] [--concurrency 16]
+
+Starts ``twistd -n circles --auth`` (with its embedded Redis) and ``twistd -n circles-worker``
+with a Python engine that echoes the script, opens N connections with the ``websockets`` client,
+authenticates each (eth personal_sign), then has every connection play a trivial script in a
+loop, one request in flight per connection, for a fixed time. Reports plays/s and latency
+percentiles as JSON. Loopback only; every loop is bounded by --seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import coincurve
+import websockets
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def start(args: list, cwd: str, cpus: str = None) -> subprocess.Popen:
+    command = [TWISTD, "-n", "--pidfile=", "--logfile=-", *args]
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        match = re.search(pattern, line)
+        if match:
+            return match
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"never saw {pattern!r}")
+
+
+async def connection(url: str, key: coincurve.PrivateKey, until: float, latencies: list, ready: asyncio.Event,
+                     go: asyncio.Event) -> None:
+    pubkey = key.public_key.format().hex()
+    async with websockets.connect(url, max_size=None, compression=None) as ws:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "fetch_nonce", "params": {"pubkey": pubkey}, "id": 0}))
+        nonce = json.loads(await ws.recv())["result"]["nonce"]
+        signature = Account.from_key(key.secret).sign_message(encode_defunct(text=nonce)).signature.hex()
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "authenticate",
+                                  "params": {"pubkey": pubkey, "signature": signature}, "id": 1}))
+        assert "result" in json.loads(await ws.recv())
+        ready.set()
+        await go.wait()
+        i = 2
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            await ws.send(f'{{"jsonrpc":"2.0","method":"play","params":{{"script":"40 + 2"}},"id":{i}}}')
+            reply = json.loads(await ws.recv())
+            if "result" not in reply:
+                raise RuntimeError(f"play failed: {reply}")
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+
+async def load(url: str, connections: int, seconds: float, warmup: float) -> dict:
+    keys = [coincurve.PrivateKey() for _ in range(connections)]
+    latencies: list = []
+    go = asyncio.Event()
+    readies = [asyncio.Event() for _ in keys]
+    until = time.monotonic() + 3600
+    tasks = [asyncio.create_task(connection(url, k, until, latencies, r, go)) for k, r in zip(keys, readies)]
+    await asyncio.gather(*(r.wait() for r in readies))
+    go.set()
+    await asyncio.sleep(warmup)
+    latencies.clear()
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - started
+    measured = list(latencies)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    measured.sort()
+
+    def pct(p: float) -> float:
+        return round(measured[min(len(measured) - 1, int(p * len(measured)))] * 1000, 2)
+
+    return {"connections": connections, "seconds": round(elapsed, 2), "plays": len(measured),
+            "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
+            "p99_ms": pct(0.99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--concurrency", type=int, default=16, help="worker --concurrency")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    circle = coincurve.PrivateKey().public_key.format().hex()
+    with tempfile.TemporaryDirectory() as state:
+        server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
+                        "--state-dir", state], state)
+        workers = []
+        try:
+            port = int(wait_for(server, r"starting on (\d+)").group(1))
+            wait_for(server, r"connected to Redis")
+            for _ in range(args.workers):
+                worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", "bench.engines:echo",
+                                "--concurrency", str(args.concurrency)], state)
+                workers.append(worker)
+                wait_for(worker, r"waiting for tasks")
+            # Nobody reads the logs from here on: drain them so the processes never block on a full pipe.
+            for proc in [server, *workers]:
+                asyncio.get_event_loop_policy()  # noqa: keep linters quiet about unused loop policy
+                subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+            result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup))
+        finally:
+            for proc in [*workers, server]:
+                proc.send_signal(signal.SIGTERM)
+            for proc in [*workers, server]:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    result.update(workers=args.workers, worker_concurrency=args.concurrency, machine=machine())
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
