@@ -16,6 +16,7 @@ from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
 from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, bind_params
 from .keys import InvalidKey, normalize_pubkey
+from .limits import TokenBucket
 from .scripts import (
     SOURCE_WS,
     BackendUnavailable,
@@ -64,6 +65,8 @@ class Session:
         self.pubkey = pubkey  # compressed hex once authenticated
         config = gateway.config
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
+        self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
+        self.in_flight = 0  # messages received and not yet answered
 
     @property
     def authenticated(self) -> bool:
@@ -71,7 +74,19 @@ class Session:
 
     def handle(self, payload) -> Deferred:
         """Answer one WebSocket message; fires with the reply text or None."""
-        return self.gateway.dispatcher.handle(payload, self)
+        self.in_flight += 1
+        d = self.gateway.dispatcher.handle(payload, self, self._admit)
+        d.addBoth(self._answered)
+        return d
+
+    def _answered(self, result):
+        self.in_flight -= 1
+        return result
+
+    def _admit(self, requests: int) -> Optional[RPCError]:
+        if self.requests.take(requests):
+            return None
+        return RPCError(TOO_MANY_REQUESTS, "Too many requests: slow down", {"rate_limit": self.gateway.config.rate_limit})
 
 
 def _pubkey_param(value: str) -> str:

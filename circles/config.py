@@ -42,6 +42,16 @@ class Config:
     max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
+    rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
+    rate_burst: Optional[float] = None  # requests saved up; default twice the rate
+    max_connections: int = 10_000  # open TCP connections (HTTP and WebSocket); 0: no limit
+    max_connections_per_ip: int = 0  # from one address; 0: no limit (a reverse proxy is one address)
+    handshake_timeout: float = 10.0  # seconds from TCP accept to an open WebSocket
+    idle_timeout: float = 600.0  # seconds without a message before closing; 0: never
+    ping_interval: float = 30.0  # WebSocket pings to detect dead peers; 0: off
+    ping_timeout: float = 10.0
+    allowed_origins: tuple = ("*",)  # browser Origin patterns accepted at the handshake
+    shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
     # Where Redis is (redis://, rediss://, unix://); None: start a private redis-server.
     redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))

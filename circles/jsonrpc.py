@@ -200,8 +200,14 @@ class Dispatcher:
         self._max_batch = max_batch
         self._batch_error = batch_error
 
-    def handle(self, payload: Union[str, bytes], context: Any) -> Deferred:
-        """Return a Deferred firing with the reply text, or None when nothing is to be sent."""
+    def handle(self, payload: Union[str, bytes], context: Any,
+               admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
+        """Return a Deferred firing with the reply text, or None when nothing is to be sent.
+
+        ``admit(n)``, if given, is asked before ``n`` requests (a batch's length) run, and may
+        refuse them all with an error (a rate limit): a batch gets it once with id null, a
+        request with its own id, a notification nothing.
+        """
         try:
             message = parse(payload)
         except RPCError as e:
@@ -211,11 +217,20 @@ class Dispatcher:
                 return succeed(encode(error_response(RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))))
             if len(message) > self._max_batch:
                 return succeed(encode(error_response(self._batch_error)))
+            refused = admit(len(message)) if admit is not None else None
+            if refused is not None:
+                return succeed(encode(error_response(refused)))
             # Calls start in order: a synchronous method (authenticate) has finished before the
             # next one in the batch begins.
             d = gatherResults([self._call(request, context) for request in message], consumeErrors=True)
             d.addCallback(lambda replies: [r for r in replies if r is not None] or None)
         else:
+            refused = admit(1) if admit is not None else None
+            if refused is not None:
+                id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
+                if id_ is _MISSING:
+                    return succeed(None)
+                return succeed(encode(error_response(refused, id_ if _valid_id(id_) else None)))
             d = self._call(message, context)
         d.addCallback(lambda reply: None if reply is None else encode(reply))
         return d

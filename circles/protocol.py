@@ -52,12 +52,16 @@ from typing import Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 from .logs import Logger
 
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 
 _connection_ids = itertools.count(1)
@@ -76,10 +80,33 @@ def circle_from_path(path: str) -> Optional[str]:
         return None
 
 
+@implementer(IPushProducer)
+class _PauseReading:
+    """Backpressure: while the peer does not read our replies, we do not read its requests.
+
+    Registered with the transport as the producer of what we write, so when the transport's
+    send buffer fills, Twisted pauses this, which stops reading from the socket. A client that
+    sends requests and never reads the answers thus stalls itself, not the server's memory.
+    """
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
 
     session: Optional[Session] = None
+    _idle = None
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -91,6 +118,19 @@ class CircleProtocol(WebSocketServerProtocol):
         log.info("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
+
+    def onOpen(self) -> None:
+        factory: CircleFactory = self.factory
+        factory.open_connections.add(self)
+        # The HTTP channel that accepted the upgrade is still the transport's producer; the
+        # WebSocket takes its place (Autobahn unregisters ours when the connection drops).
+        self.transport.unregisterProducer()
+        self.registerProducer(_PauseReading(self.transport), True)
+        idle = self.session.gateway.config.idle_timeout
+        if idle:
+            self._idle = self.session.gateway.clock.callLater(idle, self._idle_timeout)
+        if factory.draining:
+            self.go_away()
 
     @staticmethod
     def _url_identity(gateway: Gateway, params: dict) -> Optional[str]:
@@ -117,6 +157,8 @@ class CircleProtocol(WebSocketServerProtocol):
             # sendCloseFrame() sends a protocol code and starts the closing handshake.
             self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
+        if self._idle is not None:
+            self._idle.reset(self.session.gateway.config.idle_timeout)
         d = self.session.handle(payload)
         d.addCallback(self._reply)
         # The dispatcher answers every failure itself; anything reaching here is our bug.
@@ -125,27 +167,78 @@ class CircleProtocol(WebSocketServerProtocol):
     def _reply(self, text: Optional[str]) -> None:
         if text is not None and self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
+        if self.factory.draining and not self.session.in_flight:
+            self.go_away()
+
+    def _idle_timeout(self) -> None:
+        self._idle = None
+        log.info("connection {conn} idle for {seconds}s: closing", conn=self.connection_id,
+                 seconds=self.session.gateway.config.idle_timeout)
+        self.sendClose(1000, "idle timeout")
+
+    def go_away(self) -> None:
+        """Close with 1001 (going away): the server is shutting down."""
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
         if self.session is not None:
             log.info("connection {conn} closed (code {code})", conn=self.connection_id, code=code)
+        self.factory.closed(self)
 
 
 class CircleFactory(WebSocketServerFactory):
-    """Builds a :class:`CircleProtocol` per client, all sharing one :class:`Gateway`."""
+    """Builds a :class:`CircleProtocol` per client, all sharing one :class:`Gateway`, and
+    knows the open connections so shutdown can let them finish and say goodbye."""
 
     protocol = CircleProtocol
 
     def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
         super().__init__(url, server="circles")
         self.gateway = gateway
-        limit = gateway.config.max_message_size
+        self.open_connections: set = set()
+        self.draining = False
+        self._drained: Optional[Deferred] = None
+        config = gateway.config
         self.setProtocolOptions(
-            maxMessagePayloadSize=limit,
-            maxFramePayloadSize=limit,
-            openHandshakeTimeout=10,
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            openHandshakeTimeout=config.handshake_timeout,
             closeHandshakeTimeout=5,
+            autoPingInterval=config.ping_interval,
+            autoPingTimeout=config.ping_timeout,
+            allowedOrigins=list(config.allowed_origins),
             # Autobahn's default fails a connection by dropping TCP without a close frame,
             # so the client would see 1006, never the 1007/1009 documented above.
             failByDrop=False,
         )
+
+    def closed(self, protocol: CircleProtocol) -> None:
+        self.open_connections.discard(protocol)
+        if self._drained is not None and not self.open_connections:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def drain(self) -> Deferred:
+        """Stop serving: every connection closes with 1001 once its in-flight calls are
+        answered. Fires when all are closed (the caller bounds the wait)."""
+        self.draining = True
+        for protocol in list(self.open_connections):
+            if protocol.session is None or not protocol.session.in_flight:
+                protocol.go_away()
+        if not self.open_connections:
+            return succeed(None)
+        if self._drained is None:
+            self._drained = Deferred()
+        observer = Deferred()
+        self._drained.addBoth(lambda result: (observer.callback(None), result)[1])
+        return observer
+
+    def close_all(self) -> None:
+        """Say goodbye to every connection now, whatever it still has in flight."""
+        self.draining = True
+        for protocol in list(self.open_connections):
+            protocol.go_away()
