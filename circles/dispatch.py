@@ -220,10 +220,12 @@ class RedisDispatcher(Service):
     @inlineCallbacks
     def _listen(self):
         """The one loop reading this server's reply list, for as long as the service runs."""
-        while self.running and self._replies is not None:
-            factory = self._replies
+        while self.running and self._replies is not None and self._commands is not None:
+            factory, commands = self._replies, self._commands
             try:
                 connection = yield factory.getConnection(peek=True)
+                # Ready only when commands can be sent too: is_connected() checks both.
+                yield commands.getConnection(peek=True)
             except RedisError:
                 return  # disconnected for good: the service is stopping
             if not self.running:

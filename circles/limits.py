@@ -12,52 +12,51 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.protocols.policies import WrappingFactory
 
 from .logs import Logger
 
 log = Logger()
 
 
-class ConnectionLimit(WrappingFactory):
-    """At most ``total`` connections, and ``per_peer`` from one address (0: no limit)."""
+class ConnectionCount:
+    """Open WebSocket connections, in all and by peer address, against their limits (0: none).
 
-    def __init__(self, wrapped, total: int = 0, per_peer: int = 0) -> None:
-        super().__init__(wrapped)
+    Counted from the opening handshake to the close, where Autobahn can refuse with an HTTP
+    status. Connections that never finish their HTTP request are bounded by the Site's
+    handshake timeout instead.
+    """
+
+    def __init__(self, total: int = 0, per_peer: int = 0) -> None:
         self.total = total
         self.per_peer = per_peer
+        self.open = 0
         self.by_peer: dict = {}
-        self._refusals = 0
+        self.refused = 0
 
-    @property
-    def open(self) -> int:
-        return len(self.protocols)
-
-    def buildProtocol(self, addr):
-        host = getattr(addr, "host", None)
-        if (self.total and len(self.protocols) >= self.total) or \
-                (self.per_peer and self.by_peer.get(host, 0) >= self.per_peer):
-            self._refusals += 1
-            if self._refusals in (1, 10, 100) or self._refusals % 1000 == 0:
-                log.warn("refused a connection from {peer}: {open} open (limits: {total} total, "
-                         "{per_peer} per address); {n} refused so far",
-                         peer=host, open=len(self.protocols), total=self.total, per_peer=self.per_peer,
-                         n=self._refusals)
-            return None  # Twisted closes the connection at once
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            protocol.peer_host = host
-            self.by_peer[host] = self.by_peer.get(host, 0) + 1
-        return protocol
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        host = getattr(protocol, "peer_host", None)
-        left = self.by_peer.get(host, 0) - 1
-        if left > 0:
-            self.by_peer[host] = left
+    def admit(self, peer: str) -> Optional[str]:
+        """Count a connection from ``peer``; return None, or why it is refused (not counted)."""
+        if self.total and self.open >= self.total:
+            reason = "too many connections"
+        elif self.per_peer and self.by_peer.get(peer, 0) >= self.per_peer:
+            reason = "too many connections from this address"
         else:
-            self.by_peer.pop(host, None)
+            self.open += 1
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            return None
+        self.refused += 1
+        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+            log.warn("refused a connection from {peer}: {reason} ({open} open; limits {total} total, "
+                     "{per_peer} per address); {n} refused so far", peer=peer, reason=reason, open=self.open,
+                     total=self.total, per_peer=self.per_peer, n=self.refused)
+        return reason
+
+    def release(self, peer: str) -> None:
+        self.open -= 1
+        left = self.by_peer.get(peer, 0) - 1
+        if left > 0:
+            self.by_peer[peer] = left
+        else:
+            self.by_peer.pop(peer, None)
 
 
 class TokenBucket:

@@ -60,6 +60,7 @@ from .logs import Logger
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
+from .limits import ConnectionCount
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -107,10 +108,17 @@ class CircleProtocol(WebSocketServerProtocol):
 
     session: Optional[Session] = None
     _idle = None
+    _counted: Optional[str] = None  # the peer address, while counted against the limits
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
         gateway: Gateway = self.factory.gateway
+        peer = self.transport.getPeer()
+        peer_host = getattr(peer, "host", str(peer))
+        refused = self.factory.connections.admit(peer_host)
+        if refused is not None:
+            raise ConnectionDeny(503, refused)
+        self._counted = peer_host
         circle = circle_from_path(request.path)
         if circle is None or not gateway.config.serves(circle):
             raise ConnectionDeny(404, "No such circle")
@@ -181,6 +189,12 @@ class CircleProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if self._counted is not None:
+            self.factory.connections.release(self._counted)
+            self._counted = None
+
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
@@ -199,7 +213,8 @@ class CircleFactory(WebSocketServerFactory):
     def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
         super().__init__(url, server="circles")
         self.gateway = gateway
-        self.open_connections: set = set()
+        self.open_connections: set = set()  # open WebSockets, for shutdown
+        self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.draining = False
         self._drained: Optional[Deferred] = None
         config = gateway.config

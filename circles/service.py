@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed)
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from .logs import Logger
 from twisted.python.failure import Failure
@@ -26,6 +27,8 @@ from .scripts import IScriptRunner
 from .web import build_site
 
 log = Logger()
+#: Seconds to wait, at the end of shutdown, for clients to answer our close frames.
+CLOSE_WAIT = 2.0
 
 
 def server_endpoints(config: Config, reactor) -> list:
@@ -108,9 +111,12 @@ class CirclesService(MultiService):
             self.dispatcher = RedisDispatcher(address, reactor=reactor, prefix=config.redis_prefix)
             self.dispatcher.setServiceParent(self)
             scripts = self.dispatcher
+        self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts)
-        self.site = build_site(CircleFactory(self.gateway), reactor)
-        self.listeners = [ListeningService(endpoint, self.site) for endpoint in server_endpoints(config, reactor)]
+        self.factory = CircleFactory(self.gateway)
+        self.site = build_site(self.factory, reactor)
+        self.listeners = [ListeningService(endpoint, self.site)
+                          for endpoint in server_endpoints(config, reactor)]
         for listener in self.listeners:
             listener.setServiceParent(self)
 
@@ -118,6 +124,32 @@ class CirclesService(MultiService):
         if not self.config.circles:
             log.warn("no circles configured (-k): serving any valid circle id")
         super().startService()
+
+    def stopService(self) -> Deferred:
+        """Shut down gracefully, in this order: stop accepting connections; let in-flight
+        calls finish (up to ``shutdown_grace``) while each connection closes with 1001 once
+        it has nothing in flight; stop the dispatcher, which answers what is left (-32004);
+        say goodbye to the last connections; stop the embedded Redis."""
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
+        await self._bounded(self.factory.drain(), self.config.shutdown_grace)
+        if self.dispatcher is not None:
+            await maybeDeferred(self.dispatcher.stopService)
+        self.factory.close_all()
+        await self._bounded(self.factory.drain(), CLOSE_WAIT)
+        if self.embedded_redis is not None:
+            await maybeDeferred(self.embedded_redis.stopService)
+
+    async def _bounded(self, d: Deferred, seconds: float) -> None:
+        d.addTimeout(seconds, self.reactor)
+        try:
+            await d
+        except TimeoutError:
+            log.info("shutdown: {n} connection(s) still open after {seconds}s",
+                     n=len(self.factory.open_connections), seconds=seconds)
 
     def when_listening(self) -> Deferred:
         """Fire with the list of bound ports, in the order of the endpoints."""

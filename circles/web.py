@@ -59,6 +59,9 @@ def _log_without_query(timestamp, request) -> str:
 
 def build_site(factory: CircleFactory, reactor) -> Site:
     root = Root(WebSocketResource(factory), auth_app(factory.gateway).resource())
-    site = Site(root, logFormatter=_log_without_query, reactor=reactor)
+    # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
+    # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
+    site = Site(root, logFormatter=_log_without_query, reactor=reactor,
+                timeout=factory.gateway.config.handshake_timeout)
     site.displayTracebacks = False
     return site

@@ -40,6 +40,7 @@ class _RPC(WebSocketClientProtocol):
             waiter.callback(message)
 
     def onClose(self, wasClean, code, reason):
+        self.factory.closed_code = code
         if not self.factory.opened.called:
             self.factory.opened.errback(ConnectionError(reason))
         waiting, self.factory.waiting = self.factory.waiting, {}
@@ -56,6 +57,7 @@ class RPCClient:
         self.factory.protocol = _RPC
         self.factory.opened = Deferred()
         self.factory.waiting = {}
+        self.factory.closed_code = None  # the close code the server sent, once closed
         self._ids = itertools.count(1)
         connectWS(self.factory)
 
@@ -64,6 +66,10 @@ class RPCClient:
         client = cls(port, circle)
         client.protocol = await client.factory.opened
         return client
+
+    @property
+    def closed_code(self):
+        return self.factory.closed_code
 
     def call(self, method: str, params=None) -> Deferred:
         request_id = next(self._ids)

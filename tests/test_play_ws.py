@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -169,13 +170,35 @@ async def test_worker_crash_mid_task_times_out(redis_server, start, redis_client
 
 @pytest_twisted.ensureDeferred
 async def test_shutdown_answers_in_flight_play(redis_server, start):
-    service, port = await serve(start, redis_server.url)
+    """Past the grace period, a play nobody runs is answered -32004 before the connection closes."""
+    service, port = await serve(start, redis_server.url, shutdown_grace=0.5)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = play(client, "nobody")
     await eventually(lambda: service.dispatcher._waiting)
     stopped = service.stopService()
     assert (await in_flight)["error"]["code"] == -32004
     await stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_server, start):
+    """Within the grace period, plays in flight get their results; then each client is told
+    1001 (going away), and the listening port is closed from the start of the shutdown."""
+    service, port = await serve(start, redis_server.url, shutdown_grace=30)
+    start(sh_worker(parse_redis_url(redis_server.url), concurrency=8))
+    busy = await RPCClient.open(port, CIRCLE)
+    idle = await RPCClient.open(port, CIRCLE)
+    in_flight = [play(busy, f"sleep 1; echo {i}") for i in range(5)]
+    await eventually(lambda: len(service.dispatcher._waiting) == 5)
+    stopped = service.stopService()
+    await eventually(lambda: idle.closed_code is not None)
+    assert idle.closed_code == 1001  # nothing in flight: told at once
+    with pytest.raises(ConnectionRefusedError):  # no new connections during the drain
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    replies = [await d for d in in_flight]
+    assert [r["result"]["output"] for r in replies] == [f"{i}\n" for i in range(5)]
+    await stopped
+    assert busy.closed_code == 1001
 
 
 @pytest_twisted.ensureDeferred
