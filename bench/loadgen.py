@@ -122,16 +122,35 @@ async def open_ws(base_url: str, circle: str, spread: bool = True, timeout: floa
                          open_timeout=timeout, close_timeout=10, max_queue=None, **kwargs)
 
 
+def cpu_busy_seconds(cpus: set) -> float:
+    """Busy time (all but idle and iowait) of the given CPUs from /proc/stat, in seconds."""
+    busy = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                values = list(map(int, ticks))
+                busy += sum(values[:8]) - values[3] - values[4]
+    return busy / CLK_TCK
+
+
 class Window:
-    """Wall time and CPU time (server and this process) over a measured window."""
+    """Wall time and CPU time (server, this process, the server's CPUs) over a measured window."""
 
     def __init__(self, server_pid: Optional[int]) -> None:
         self.server_pid = server_pid
+        self.server_cpus: set = set()
+        if server_pid:
+            try:
+                self.server_cpus = os.sched_getaffinity(server_pid)
+            except OSError:
+                pass
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.cpu0 = time.process_time()
         self.server0 = cpu_seconds(self.server_pid)
+        self.busy0 = cpu_busy_seconds(self.server_cpus)
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t0
@@ -139,6 +158,10 @@ class Window:
         out = {"wall_s": round(wall, 3), "client_cpu_s": round(time.process_time() - self.cpu0, 3)}
         if server is not None:
             out["server_cpu_s"] = round(server - self.server0, 3)
+            if self.server_cpus:
+                # What else ran on the server's CPU(s): other processes take it from the server.
+                others = cpu_busy_seconds(self.server_cpus) - self.busy0 - (server - self.server0)
+                out["others_on_server_cpu"] = round(max(0.0, others) / (wall * len(self.server_cpus)), 3)
         return out
 
 
@@ -309,6 +332,8 @@ def run_throughput(kind: str, url: str, parallel: int, duration: float, warmup: 
     if "server_cpu_s" in windows[0]:
         server_cpu = windows[0]["server_cpu_s"]
         out["server_cpu_util"] = round(server_cpu / wall, 3)
+        if "others_on_server_cpu" in windows[0]:
+            out["others_on_server_cpu"] = windows[0]["others_on_server_cpu"]
         if latencies:
             out["server_cpu_us_per_op"] = round(server_cpu / len(latencies) * 1e6, 1)
     out["client_cpu_util"] = round(sum(w.get("client_cpu_s", 0.0) for w in windows) / wall, 3)
@@ -455,6 +480,8 @@ def summary(result: dict) -> str:
                 f"p99 {result['p99_ms']} ms, errors {result['errors']}")
         if "server_cpu_util" in result:
             line += f", server CPU {result['server_cpu_util'] * 100:.0f}%"
+        if "others_on_server_cpu" in result:
+            line += f" (others on its CPU {result['others_on_server_cpu'] * 100:.0f}%)"
         return line + f", client CPU {result['client_cpu_util'] * 100:.0f}%"
     if kind == "idle":
         return (f"idle: {result['opened']}/{result['target']} held, {result['alive_after_hold']} alive after hold, "

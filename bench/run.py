@@ -41,8 +41,8 @@ SERVER_CPU = "0"
 CLIENT_CPU = "1"
 
 PLANS = {
-    "full": {"rpc_duration": 8.0, "rpc_warmup": 2.0, "auth_duration": 10.0, "auth_warmup": 2.0,
-             "auth_concurrency": 20, "idle_count": 10000, "idle_batch": 50, "idle_hold": 5.0,
+    "full": {"rpc_duration": 6.0, "rpc_warmup": 2.0, "auth_duration": 8.0, "auth_warmup": 2.0,
+             "auth_concurrency": 20, "idle_count": 10000, "idle_batch": 50, "idle_hold": 3.0,
              "churn_rounds": 10, "churn_per_round": 10000, "churn_concurrency": 50, "settle": 1.0,
              "profile_s": 15},
     "quick": {"rpc_duration": 2.0, "rpc_warmup": 0.5, "auth_duration": 2.0, "auth_warmup": 0.5,
@@ -317,6 +317,8 @@ def markdown(report: dict) -> str:
             cell = f"**{r['ops_per_s']:,.0f}** {unit}<br>{r['p50_ms']} / {r['p99_ms']} ms"
             if r.get("server_cpu_us_per_op"):
                 cell += f"<br>{r['server_cpu_us_per_op']} us CPU, {r['server_cpu_util'] * 100:.0f}% busy"
+            if r.get("others_on_server_cpu") is not None:
+                cell += f", others {r['others_on_server_cpu'] * 100:.0f}%"
             if r.get("errors"):
                 cell += f"<br>{r['errors']} errors"
             cells.append(cell)
