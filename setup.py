@@ -37,6 +37,12 @@ setup(
             "hypothesis>=6",
             "jsonschema>=4.18",
         ],
+        # Only for bench/ (the benchmark against peers): load generator, process stats, profiler.
+        "bench": [
+            "websockets>=12",
+            "psutil>=5.9",
+            "py-spy>=0.3.14",
+        ],
     },
     classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
 )
