@@ -35,6 +35,7 @@ from autobahn.websocket.util import parse_url
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.task import deferLater
 from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -291,6 +292,7 @@ class ReconnectingClient:
                  ca: Optional[str] = None, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
                  retry_policy: Optional[Callable[[int], float]] = None) -> None:
         self.url = url
+        self._reactor = reactor
         self._key = None if key is None else private_key(key)
         self._scheme = scheme
         endpoint = endpoint_for(url, reactor, ca=ca, insecure=insecure, timeout=timeout)
@@ -323,12 +325,16 @@ class ReconnectingClient:
         """Fires with a :class:`CircleClient` on the current live connection."""
         d = self._service.whenConnected()
 
-        def wrap(protocol) -> CircleClient:
+        def wrap(protocol):
+            if protocol.state != protocol.STATE_OPEN:  # lost, and the service has yet to notice
+                return self.client()
             client = CircleClient(protocol)
             client.pubkey = None if self._key is None else public_key(self._key)
             return client
 
-        return d.addCallback(wrap)
+        # Hand over on a later turn: code run from inside ClientService's state machine
+        # (as a callback of whenConnected would be) may not call back into it (e.g. stop()).
+        return d.addCallback(lambda protocol: deferLater(self._reactor, 0, wrap, protocol))
 
     def _via(self, method: str, *args, **kwargs) -> Deferred:
         return self.client().addCallback(lambda client: getattr(client, method)(*args, **kwargs))
