@@ -8,7 +8,8 @@ Why not ``sh`` for the try-out: ``--auth`` proves who a caller is, not that they
 and any key can sign a nonce; WebSockets ignore the same-origin policy, so any web page open in
 the user's browser could reach a try-out on localhost and run shell commands as the user. This
 engine has no I/O at all: it evaluates expressions with Python's ``ast`` restricted to a
-whitelist (numbers, strings, booleans, arithmetic, comparisons, ``let``, ``print``), with caps
+whitelist (numbers, strings, booleans, arithmetic, comparisons, ``&&``/``||``/``!``,
+``let``, ``print``), with caps
 on number size, string length and the number of steps. ``rhai-run`` replaces it in earnest:
 ``circles-worker --exec 'rhai-run {script_file}'``.
 
@@ -41,21 +42,30 @@ class _Unit:
 UNIT = _Unit()
 
 
-def _without_let(script: str) -> str:
-    """Rhai's ``let x = ...`` / ``const x = ...`` become Python assignments (strings untouched).
+def _to_python(script: str) -> str:
+    """Rhai's ``let``/``const`` declarations and ``&&``, ``||``, ``!`` become Python, leaving
+    string literals untouched (the edits are made at token positions).
 
     There are no blocks, so every line may start at column 0: Python's indentation rules,
     which Rhai does not have, never get in the way.
     """
     lines = script.split("\n")
     tokens = list(tokenize.generate_tokens(io.StringIO(script).readline))
-    for i, token in reversed(list(enumerate(tokens))):
-        if (token.type == tokenize.NAME and token.string in ("let", "const")
-                and i + 1 < len(tokens) and tokens[i + 1].type == tokenize.NAME
-                and token.start[0] == tokens[i + 1].start[0]):
-            row, start = token.start
-            line = lines[row - 1]
-            lines[row - 1] = line[:start] + line[tokens[i + 1].start[1]:]
+    edits = []  # (row, start, end, replacement)
+    for i, token in enumerate(tokens):
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        (row, start), (_, end) = token.start, token.end
+        if (token.type == tokenize.NAME and token.string in ("let", "const") and following is not None
+                and following.type == tokenize.NAME and following.start[0] == row):
+            edits.append((row, start, following.start[1], ""))
+        elif (token.string in ("&", "|") and following is not None and following.string == token.string
+                and following.start == token.end):
+            edits.append((row, start, following.end[1], " and " if token.string == "&" else " or "))
+        elif token.string == "!" and not (following is not None and following.string == "=" and following.start == token.end):
+            edits.append((row, start, end, " not "))
+    for row, start, end, replacement in sorted(edits, reverse=True):
+        line = lines[row - 1]
+        lines[row - 1] = line[:start] + replacement + line[end:]
     return "\n".join(line.lstrip() for line in lines)
 
 
@@ -181,7 +191,7 @@ def run(script: str, context: ScriptContext) -> str:
     if len(script) > MAX_SCRIPT:
         raise EngineError(f"script longer than {MAX_SCRIPT} characters")
     try:
-        tree = ast.parse(_without_let(script), mode="exec")
+        tree = ast.parse(_to_python(script), mode="exec")
     except (SyntaxError, tokenize.TokenError, ValueError) as e:
         line = getattr(e, "lineno", None)
         raise EngineError(f"syntax error{f' on line {line}' if line else ''}") from None

@@ -152,3 +152,21 @@ async def test_reconnecting_client_authenticates_each_connection(server, tls_fil
         assert second._protocol is not first._protocol
     finally:
         await helper.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticate_without_pubkey_recovers_it_from_personal_sign(server, tls_files):
+    """What the playground does: wallets give addresses, not keys."""
+    user = generate()
+    client = await connect(url(server), reactor=reactor, ca=tls_files["ca"])
+    nonce = (await client.fetch_nonce())["nonce"]
+    with pytest.raises(RPCError, match="needs the public key") as refused:
+        await client.call("authenticate", {"signature": sign_nonce(user, nonce, "ecdsa")})
+    assert refused.value.code == -32002
+    result = await client.call("authenticate", {"signature": sign_nonce(user, nonce, "eth")})
+    assert result == {"authenticated": True, "pubkey": public_key(user)}
+    # A nonce bound to a key is not redeemed by a signature naming no key.
+    nonce = (await client.fetch_nonce(public_key(user)))["nonce"]
+    with pytest.raises(RPCError):
+        await client.call("authenticate", {"signature": sign_nonce(user, nonce)})
+    await client.close()
