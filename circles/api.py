@@ -117,17 +117,19 @@ def _credentials(params) -> tuple:
     elif isinstance(params, dict) and params.keys() == {"credentials"} and isinstance(params["credentials"], dict):
         params = params["credentials"]
     bound = bind_params(params, _CREDENTIALS)
-    return bound["pubkey"], bound["signature"]
+    return bound.get("pubkey"), bound["signature"]
 
 
-_CREDENTIALS = (Param("pubkey", (str,)), Param("signature", (str,)))
+# pubkey may be left out with a personal_sign signature, which names its key itself: browser
+# wallets expose addresses, not public keys, so the playground cannot send one.
+_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)))
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
 def authenticate(session: Session, params) -> dict:
     pubkey, signature = _credentials(params)
     try:
-        key = normalize_pubkey(pubkey)
+        key = None if pubkey is None else normalize_pubkey(pubkey)
         signer = session.nonces.redeem(key, signature)
     except (InvalidKey, AuthenticationFailed) as e:
         log.info("authentication failed on circle {circle}: {reason}", circle=session.circle, reason=str(e))

@@ -59,6 +59,7 @@ class Config:
     # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
     state_dir: Optional[str] = None
     redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
+    playground: bool = False  # serve the browser playground at /playground/
 
     @redis_url.validator
     def _check_redis_url(self, attribute, value) -> None:

@@ -38,6 +38,7 @@ class Options(usage.Options):
     optFlags = [
         ("auth", None, "require authentication before play"),
         ("redis-persist", None, "the private Redis (no --redis-url) keeps its data in --state-dir"),
+        ("playground", None, "serve the browser playground at /playground/ (a page to play scripts with a wallet)"),
     ]
     optParameters = [
         logs.LOG_LEVEL_OPTION,
@@ -113,6 +114,7 @@ class Options(usage.Options):
                 redis_prefix=self["redis-prefix"],
                 state_dir=self["state-dir"],
                 redis_persist=self["redis-persist"],
+                playground=self["playground"],
             )
         except ValueError as e:
             raise SystemExit(f"circles: -k/--circle: {e}")

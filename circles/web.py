@@ -4,6 +4,7 @@
 opening handshake whether the circle exists (404 if not), so that check lives in one place.
 Named routes beside it (``/openrpc.json``, ``/auth/...``, and what later parts add) are plain
 children of the root; circle ids are hex, so they never collide with those names.
+``/playground/`` (the browser playground) is one of them only when the configuration asks.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class _Document(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource) -> None:
+    def __init__(self, circles: Resource, auth: Resource, playground: bool = False) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
+        if playground:
+            from .playground import Playground
+            self.putChild(b"playground", Playground())
         self.putChild(b"", _Document(INDEX, b"text/plain; charset=utf-8"))
         self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
 
@@ -58,10 +62,10 @@ def _log_without_query(timestamp, request) -> str:
 
 
 def build_site(factory: CircleFactory, reactor) -> Site:
-    root = Root(WebSocketResource(factory), auth_app(factory.gateway).resource())
+    gateway = factory.gateway
+    root = Root(WebSocketResource(factory), auth_app(gateway).resource(), playground=gateway.config.playground)
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
-    site = Site(root, logFormatter=_log_without_query, reactor=reactor,
-                timeout=factory.gateway.config.handshake_timeout)
+    site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout)
     site.displayTracebacks = False
     return site

@@ -222,12 +222,18 @@ def test_switch_identity_needs_a_fresh_nonce(clock):
 
 
 @pytest.mark.parametrize("params", [
-    None, {}, [], {"pubkey": CIRCLE}, {"signature": "00"}, {"pubkey": 1, "signature": "00"},
+    None, {}, [], {"pubkey": CIRCLE}, {"pubkey": 1, "signature": "00"},
     {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": "x"},
 ])
 def test_authenticate_param_shapes_are_invalid_params(clock, params):
     session = make_gateway(clock).new_session(CIRCLE)
     assert error_code(rpc(session, "authenticate", params)) == -32602
+
+
+def test_authenticate_without_pubkey_is_a_well_formed_attempt(clock):
+    """pubkey may be left out (personal_sign names its key); a bad signature is -32002."""
+    session = make_gateway(clock).new_session(CIRCLE)
+    assert error_code(rpc(session, "authenticate", {"signature": "00"})) == -32002
 
 
 @pytest.mark.parametrize("pubkey", ["zz", "02" + "00" * 32, "", 5])

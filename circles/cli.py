@@ -1,0 +1,221 @@
+"""The ``circles`` command: keys, and calls to a circle from the shell.
+
+    circles keygen [--out FILE]
+    circles pubkey [--key-file FILE]
+    circles whoami URL [--key-file FILE]
+    circles play URL [--key-file FILE] [--scheme eth|ecdsa] (SCRIPT | -f FILE | -)
+    circles discover URL
+    circles try                      # the one-command try-out (circles.tryout)
+
+URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
+``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
+``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
+
+Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key,
+3 the server could not be reached (refused, TLS verification, unknown circle, connection lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import react
+
+from . import signing
+from .client import ConnectFailed, ConnectionClosed, RPCError, connect
+
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECTION = 3
+
+
+class _Exit(Exception):
+    def __init__(self, status: int, message: str, error: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error  # the JSON printed with --json
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circles", description="Talk to circles servers; make keys.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON (the result, or {\"error\": ...})")
+
+    key = argparse.ArgumentParser(add_help=False)
+    key.add_argument("--key-file", metavar="FILE",
+                     help=f"private key file (hex; mode 0600). Default: ${signing.KEY_ENV}, else anonymous")
+
+    remote = argparse.ArgumentParser(add_help=False, parents=[output])
+    remote.add_argument("url", metavar="URL", help="the circle's URL, e.g. wss://localhost:8443/<circle_pk>")
+    remote.add_argument("--ca", metavar="FILE", help="trust this CA (PEM) for wss:// instead of the system's")
+    remote.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's certificate (development only)")
+    remote.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give up connecting after this long (default 30)")
+
+    signer = argparse.ArgumentParser(add_help=False, parents=[key])
+    signer.add_argument("--scheme", choices=signing.SCHEMES, default="eth",
+                        help="signature form: eth (personal_sign, default) or ecdsa (SHA-256)")
+
+    keygen = commands.add_parser("keygen", parents=[output], help="make a new secp256k1 key")
+    keygen.add_argument("--out", metavar="FILE", help="write the private key here (mode 0600); print the public key")
+
+    commands.add_parser("pubkey", parents=[output, key], help="print the public key (the circle id form) of a key")
+
+    commands.add_parser("whoami", parents=[remote, signer], help="who the server takes you for (authenticates if a key is given)")
+
+    play = commands.add_parser("play", parents=[remote, signer], help="run a script in the circle and print its output")
+    play.add_argument("script", nargs="?", metavar="SCRIPT", help="the script text, or - to read it from stdin")
+    play.add_argument("-f", "--file", metavar="FILE", help="read the script from FILE")
+    play.add_argument("--timeout", type=float, metavar="SECONDS", help="ask the server to stop the script after this long")
+
+    commands.add_parser("discover", parents=[remote], help="print the server's OpenRPC document")
+
+    commands.add_parser("try", add_help=False,
+                        help="run a server, Redis, a worker and the playground here (circles try --help)")
+    return parser
+
+
+def parse(argv: list) -> argparse.Namespace:
+    """Options and positionals in any order (``play URL --key-file F 'script'``).
+
+    argparse cannot intermix them under subcommands, so the command picks its parser first.
+    """
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in commands.choices:
+        return parser.parse_args(argv)  # help, or the usage error naming the commands
+    if argv[0] == "try":
+        return argparse.Namespace(command="try", args=argv[1:])
+    args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def _key(args) -> Any:
+    try:
+        return signing.load_key(getattr(args, "key_file", None))
+    except signing.KeyFileError as e:
+        raise _Exit(EXIT_USAGE, str(e)) from None
+
+
+def _script(args) -> str:
+    if args.file is not None and args.script is not None:
+        raise _Exit(EXIT_USAGE, "give the script as SCRIPT, -f FILE or -, not two of them")
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _Exit(EXIT_USAGE, f"cannot read script {args.file}: {e}") from None
+    if args.script is None:
+        raise _Exit(EXIT_USAGE, "no script: give SCRIPT, -f FILE, or - to read stdin")
+    if args.script == "-":
+        return sys.stdin.read()
+    return args.script
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _local(args) -> None:
+    """keygen and pubkey: no network."""
+    if args.command == "keygen":
+        key = signing.generate()
+        pubkey = signing.public_key(key)
+        if args.out is not None:
+            try:
+                signing.write_key_file(args.out, key)
+            except signing.KeyFileError as e:
+                raise _Exit(EXIT_USAGE, str(e)) from None
+            result = {"pubkey": pubkey, "key_file": args.out}
+        else:
+            result = {"pubkey": pubkey, "private_key": key.secret.hex()}
+        if args.json:
+            _print_json(result)
+        elif args.out is not None:
+            print(pubkey)
+        else:
+            print(f"private key: {result['private_key']}\npublic key:  {pubkey}")
+        return
+    key = _key(args)
+    if key is None:
+        raise _Exit(EXIT_USAGE, f"no key: give --key-file or set ${signing.KEY_ENV}")
+    pubkey = signing.public_key(key)
+    _print_json({"pubkey": pubkey}) if args.json else print(pubkey)
+
+
+async def _remote(reactor, args) -> None:
+    key = _key(args) if args.command in ("whoami", "play") else None
+    script = _script(args) if args.command == "play" else None
+    try:
+        client = await connect(args.url, reactor=reactor, ca=args.ca, insecure=args.insecure,
+                               timeout=args.connect_timeout)
+    except ConnectFailed as e:
+        raise _Exit(EXIT_CONNECTION, str(e)) from None
+    try:
+        if key is not None:
+            await client.authenticate(key, args.scheme)
+        if args.command == "whoami":
+            result = await client.whoami()
+            if args.json:
+                _print_json(result)
+            else:
+                print(f"circle:        {result['circle']}\nauthenticated: {str(result['authenticated']).lower()}"
+                      f"\npubkey:        {result['pubkey'] or '-'}")
+        elif args.command == "play":
+            output = await client.play(script, args.timeout)
+            if args.json:
+                _print_json({"output": output})
+            else:
+                sys.stdout.write(output if output.endswith("\n") or not output else output + "\n")
+        else:
+            _print_json(await client.discover())
+    except RPCError as e:
+        raise _Exit(EXIT_RPC_ERROR, f"error {e}", {"error": e.to_json()}) from None
+    except ConnectionClosed as e:
+        raise _Exit(EXIT_CONNECTION, str(e)) from None
+    finally:
+        if client.connected:
+            await client.close()
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.command == "try":
+        from . import tryout
+        tryout.main(args.args)
+        return
+    if args.command in ("keygen", "pubkey"):
+        try:
+            _local(args)
+        except _Exit as e:
+            _fail(args, e)
+        return
+
+    async def run(reactor) -> None:
+        try:
+            await _remote(reactor, args)
+        except _Exit as e:
+            _fail(args, e)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def _fail(args, error: _Exit) -> None:
+    if getattr(args, "json", False) and error.error is not None:
+        _print_json(error.error)
+    print(f"circles: {error}", file=sys.stderr)
+    sys.stdout.flush()
+    raise SystemExit(error.status)
+
+
+if __name__ == "__main__":
+    main()

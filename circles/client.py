@@ -1,0 +1,352 @@
+"""A Python client for a circles server, on Autobahn's Twisted WebSocket client.
+
+    from twisted.internet.task import react
+    from circles.client import connect
+
+    async def main(reactor):
+        client = await connect("wss://localhost:8443/02…", reactor=reactor, ca="state/certs/ca.pem")
+        await client.authenticate(open_key)          # fetch_nonce, sign, authenticate
+        print(await client.play("40 + 2"))
+        await client.close()
+
+    react(lambda reactor: ensureDeferred(main(reactor)))
+
+Every call returns a Deferred. Requests carry their own ids, so many calls may be in flight on
+one connection; replies are matched by id. A JSON-RPC error fails the call with
+:class:`RPCError` (``code``, ``message``, ``data``); a connection that closes fails every
+pending call with :class:`ConnectionClosed`, naming the method that got no reply. Nothing is
+retried behind the caller's back: a ``play`` whose reply was lost may or may not have run.
+
+``wss://`` verifies the server's certificate and host name (service-identity) against the
+system's trust store, or against ``ca`` (a PEM file) when given; ``insecure=True`` turns
+verification off and is for development only. :class:`ReconnectingClient` keeps a connection
+up, authenticating each new one with a fresh nonce.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from typing import Any, Callable, Optional
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.task import deferLater
+from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import jsonrpc
+from .signing import PrivateKeyLike, private_key, public_key, sign_nonce
+
+log = Logger()
+
+DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+class RPCError(jsonrpc.RPCError):
+    """The server answered a call with a JSON-RPC error; ``data`` is None when it sent none."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(code, message, data)
+
+    @classmethod
+    def from_json(cls, error: Any) -> "RPCError":
+        if not isinstance(error, dict):
+            return cls(jsonrpc.INTERNAL_ERROR, f"malformed error object: {error!r}")
+        return cls(error.get("code", jsonrpc.INTERNAL_ERROR), str(error.get("message", "")), error.get("data"))
+
+    def to_json(self) -> dict:
+        error = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.message}"
+        if self.data is not None:
+            detail = self.data if isinstance(self.data, str) else json.dumps(self.data)
+            text += f": {detail}"
+        return text
+
+
+class ConnectFailed(ConnectionError):
+    """The connection or its opening handshake did not succeed (refused, TLS, HTTP 404...)."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection closed before a call's reply arrived, or a call was made after that."""
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
+    """Client TLS for ``host``: verified against the system trust store, or ``ca`` (PEM file)."""
+    if insecure:
+        # Development only: any certificate, any host name.
+        return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
+    trust_root = None  # optionsForClientTLS's default: the platform's trust store
+    if ca is not None:
+        with open(ca, "rb") as f:
+            blocks = _PEM_CERTIFICATE.findall(f.read())
+        if not blocks:
+            raise ValueError(f"no PEM certificate in {ca}")
+        trust_root = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    return optionsForClientTLS(host, trustRoot=trust_root,
+                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+
+
+def endpoint_for(url: str, reactor, *, ca: Optional[str] = None, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT):
+    """The Twisted client endpoint reaching ``url`` (TLS-wrapped for ``wss://``)."""
+    is_secure, host, port, _, _, _ = parse_url(url)
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if is_secure:
+        endpoint = wrapClientTLS(tls_options(host, ca, insecure), endpoint)
+    elif ca is not None or insecure:
+        raise ValueError("a CA or insecure option only applies to wss:// URLs")
+    return endpoint
+
+
+# -- the WebSocket protocol --------------------------------------------------------------------
+
+class _ClientProtocol(WebSocketClientProtocol):
+    """One connection: sends requests, matches replies to them by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self._pending: "dict[int, tuple[Deferred, str]]" = {}
+        self._ids = itertools.count(1)
+        self._lost: Optional[Failure] = None
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def request(self, method: str, params: Any = None) -> Deferred:
+        if self.state != self.STATE_OPEN:
+            return fail(ConnectionClosed(f"not connected to {self.factory.url}: cannot call {method}"))
+        request_id = next(self._ids)
+        message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
+        if params is not None:
+            message["params"] = params
+        d = Deferred(lambda _: self._pending.pop(request_id, None))
+        self._pending[request_id] = (d, method)
+        self.sendMessage(json.dumps(message).encode("utf-8"))
+        return d
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            log.warn("ignored a message that is not JSON from {url}", url=self.factory.url)
+            return
+        for reply in message if isinstance(message, list) else [message]:
+            request_id = reply.get("id") if isinstance(reply, dict) else None
+            entry = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if entry is None:
+                # id null: the server could not read a request (-32700/-32600); ours are well formed.
+                log.warn("reply matching no pending call from {url}: {reply!r}", url=self.factory.url, reply=reply)
+                continue
+            d, _ = entry
+            if "error" in reply:
+                d.errback(RPCError.from_json(reply["error"]))
+            else:
+                d.callback(reply.get("result"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = reason  # the TLS or socket error behind an unclean close
+        super().connectionLost(reason)
+
+    def _why(self, code: Optional[int], reason: Optional[str]) -> str:
+        why = f"code {code}" + (f": {reason}" if reason else "")
+        if self._lost is not None and not self.opened.called:
+            why += f" ({self._lost.getErrorMessage()})"
+        return why
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        url = self.factory.url
+        why = self._why(code, reason)
+        if not self.opened.called:
+            self.opened.errback(ConnectFailed(f"cannot open {url}: {why}"))
+        pending, self._pending = self._pending, {}
+        for d, method in pending.values():
+            d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived"))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+
+def _factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
+    factory = WebSocketClientFactory(url, reactor=reactor)
+    factory.protocol = _ClientProtocol
+    factory.setProtocolOptions(openHandshakeTimeout=timeout, closeHandshakeTimeout=5)
+    return factory
+
+
+# -- the client --------------------------------------------------------------------------------
+
+class CircleClient:
+    """The JSON-RPC methods of one open connection to a circle."""
+
+    def __init__(self, protocol: _ClientProtocol) -> None:
+        self._protocol = protocol
+        self.url: str = protocol.factory.url
+        self.pubkey: Optional[str] = None  # the key this connection authenticated as
+
+    def call(self, method: str, params: Any = None) -> Deferred:
+        """Any JSON-RPC method; fires with its ``result`` or fails with :class:`RPCError`."""
+        return self._protocol.request(method, params)
+
+    def fetch_nonce(self, pubkey: Optional[str] = None) -> Deferred:
+        """``{nonce, expires_at}``; the nonce is bound to ``pubkey`` when given."""
+        return self.call("fetch_nonce", None if pubkey is None else {"pubkey": pubkey})
+
+    def authenticate(self, key: PrivateKeyLike, scheme: str = "eth") -> Deferred:
+        """Fetch a fresh nonce, sign it with ``key`` (``eth`` or ``ecdsa``), authenticate.
+
+        Fires with ``{authenticated: true, pubkey}``. The key never leaves this process.
+        """
+        return ensureDeferred(self._authenticate(private_key(key), scheme))
+
+    async def _authenticate(self, key, scheme: str) -> dict:
+        pubkey = public_key(key)
+        nonce = (await self.fetch_nonce(pubkey))["nonce"]
+        result = await self.call("authenticate", {"pubkey": pubkey, "signature": sign_nonce(key, nonce, scheme)})
+        self.pubkey = result.get("pubkey", pubkey)
+        return result
+
+    def whoami(self) -> Deferred:
+        """``{circle, authenticated, pubkey}``."""
+        return self.call("whoami")
+
+    def play(self, script: str, timeout: Optional[float] = None) -> Deferred:
+        """Run ``script`` on the circle's workers; fires with its output (a string)."""
+        params: dict = {"script": script}
+        if timeout is not None:
+            params["timeout"] = timeout
+        return self.call("play", params).addCallback(lambda result: result["output"])
+
+    def discover(self) -> Deferred:
+        """The server's OpenRPC document."""
+        return self.call("rpc.discover")
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol.state == self._protocol.STATE_OPEN
+
+    def when_closed(self) -> Deferred:
+        """Fires with ``(code, reason)`` once the connection has closed, whoever closed it."""
+        d = Deferred()
+        self._protocol.closed.addBoth(lambda result: (d.callback(result), result)[1])
+        return d
+
+    def close(self) -> Deferred:
+        """Close the connection (1000); fires once closed. Pending calls fail."""
+        if self._protocol.closed.called:
+            return succeed(None)
+        d = self.when_closed()
+        self._protocol.sendClose(1000)
+        return d
+
+
+def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = False,
+            timeout: float = DEFAULT_TIMEOUT) -> Deferred:
+    """Open ``url`` (``ws://`` or ``wss://host:port/<circle>``); fires with a :class:`CircleClient`.
+
+    Fails with :class:`ConnectFailed` when the server cannot be reached, the TLS handshake
+    fails (e.g. the certificate is not trusted) or the server refuses the circle (404).
+    """
+    try:
+        endpoint = endpoint_for(url, reactor, ca=ca, insecure=insecure, timeout=timeout)
+        factory = _factory(url, reactor, timeout)
+    except (ValueError, OSError) as e:
+        return fail(ConnectFailed(f"cannot open {url}: {e}"))
+
+    def not_connected(failure: Failure):
+        if failure.check(ConnectFailed):
+            return failure
+        raise ConnectFailed(f"cannot open {url}: {failure.getErrorMessage()}")
+
+    d = endpoint.connect(factory)
+    d.addCallback(lambda protocol: protocol.opened)
+    d.addCallback(CircleClient)
+    d.addErrback(not_connected)
+    return d
+
+
+class ReconnectingClient:
+    """Keeps a connection to ``url`` up, authenticating every new one with a fresh nonce.
+
+    Calls wait for a live (authenticated, if a key is given) connection. A call in flight when
+    the connection drops fails with :class:`ConnectionClosed` and is not repeated; the next
+    call goes over the new connection. :meth:`start` begins connecting, :meth:`stop` ends it.
+    """
+
+    def __init__(self, url: str, *, reactor, key: Optional[PrivateKeyLike] = None, scheme: str = "eth",
+                 ca: Optional[str] = None, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
+                 retry_policy: Optional[Callable[[int], float]] = None) -> None:
+        self.url = url
+        self._reactor = reactor
+        self._key = None if key is None else private_key(key)
+        self._scheme = scheme
+        endpoint = endpoint_for(url, reactor, ca=ca, insecure=insecure, timeout=timeout)
+        self._service = ClientService(endpoint, _factory(url, reactor, timeout),
+                                      retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30),
+                                      clock=reactor, prepareConnection=self._prepare)
+
+    def _prepare(self, protocol) -> Deferred:
+        """Each new connection: wait for the handshake, then authenticate (a fresh nonce)."""
+        d = protocol.opened
+        if self._key is not None:
+            d.addCallback(lambda _: CircleClient(protocol).authenticate(self._key, self._scheme))
+
+        def ready(_):
+            log.info("connected to {url}", url=self.url)
+
+        def failed(failure: Failure):
+            log.warn("connecting to {url} failed: {error}", url=self.url, error=failure.getErrorMessage())
+            return failure
+
+        return d.addCallbacks(ready, failed)
+
+    def start(self) -> None:
+        self._service.startService()
+
+    def stop(self) -> Deferred:
+        return self._service.stopService()
+
+    def client(self) -> Deferred:
+        """Fires with a :class:`CircleClient` on the current live connection."""
+        d = self._service.whenConnected()
+
+        def wrap(protocol):
+            if protocol.state != protocol.STATE_OPEN:  # lost, and the service has yet to notice
+                return self.client()
+            client = CircleClient(protocol)
+            client.pubkey = None if self._key is None else public_key(self._key)
+            return client
+
+        # Hand over on a later turn: code run from inside ClientService's state machine
+        # (as a callback of whenConnected would be) may not call back into it (e.g. stop()).
+        return d.addCallback(lambda protocol: deferLater(self._reactor, 0, wrap, protocol))
+
+    def _via(self, method: str, *args, **kwargs) -> Deferred:
+        return self.client().addCallback(lambda client: getattr(client, method)(*args, **kwargs))
+
+    def call(self, method: str, params: Any = None) -> Deferred:
+        return self._via("call", method, params)
+
+    def whoami(self) -> Deferred:
+        return self._via("whoami")
+
+    def play(self, script: str, timeout: Optional[float] = None) -> Deferred:
+        return self._via("play", script, timeout)
+
+    def discover(self) -> Deferred:
+        return self._via("discover")

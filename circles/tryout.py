@@ -1,0 +1,290 @@
+"""The one-command try-out (``./scripts/try``, ``circles try``, ``python -m circles.tryout``).
+
+Brings up, on this machine and bound to 127.0.0.1 only: the server with ``--auth``, TLS from a
+development CA (:mod:`circles.devcert`) and the playground, its private Redis, one circle, and a
+reference worker; then prints the URLs and a ``circles play`` line to paste. Ctrl-C (or SIGTERM)
+stops the worker, then the server (which stops Redis), and returns once all have exited.
+
+Each child runs in its own session, so the terminal's Ctrl-C reaches only this supervisor,
+which stops them in order; and each asks the kernel for SIGTERM should the supervisor die
+(``PR_SET_PDEATHSIG``), so even a killed supervisor leaves nothing behind.
+
+State lives in ``--state-dir`` (default ``./state``): ``certs/`` (the CA clients trust), the
+circle's key, a user key for the pasted line, logs, and the Redis socket.
+
+The worker's engine is :mod:`circles.tiny_engine` (a small sandboxed expression language;
+why not ``sh`` is said there); ``--exec 'rhai-run {script_file}'`` runs real Rhai instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+from typing import Optional
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import react
+from twisted.python.failure import Failure
+
+from . import devcert, signing
+
+DEFAULT_PORT = 8443
+INTERFACE = "127.0.0.1"
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 30.0
+EXAMPLE_SCRIPT = 'let x = 6 * 7; print("hello, " + CALLER_ID); x'
+
+# Runs in each child before exec: a session of its own (the terminal's Ctrl-C is ours to
+# handle), SIGTERM when we die, and exit if we already have.
+_CHILD_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "os.setsid()\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (the venv's), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"circles try: {name} not found")
+    return found
+
+
+def _shown(path: str) -> str:
+    """``path`` as the user would type it from here: relative when below the current directory."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.path.abspath(path)
+
+
+# -- state: certificate and keys ----------------------------------------------------------------
+
+def _certificate_fresh(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError):
+        return False
+    return cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=1)
+
+
+def prepare(state_dir: str) -> dict:
+    """Make what is missing in ``state_dir``: a development certificate (renewed before it
+    expires), the circle's key and a user key. Returns the paths and the circle id."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    certs = os.path.join(state_dir, "certs")
+    paths = {name: os.path.join(certs, f"{name}.pem") for name in ("ca", "cert", "key")}
+    if not all(os.path.exists(p) for p in paths.values()) or not _certificate_fresh(paths["cert"]):
+        paths = devcert.make(certs)
+    keys = {}
+    for name in ("circle", "user"):
+        key_file = os.path.join(state_dir, f"{name}.key")
+        if not os.path.exists(key_file):
+            signing.write_key_file(key_file, signing.generate())
+        keys[name] = signing.public_key(signing.read_key_file(key_file))
+        paths[f"{name}_key"] = key_file
+    with open(os.path.join(state_dir, "circle.pub"), "w") as f:
+        f.write(keys["circle"] + "\n")
+    paths["circle"] = keys["circle"]
+    paths["user"] = keys["user"]
+    paths["logs"] = os.path.join(state_dir, "logs")
+    paths["run"] = os.path.join(state_dir, "run")
+    os.makedirs(paths["logs"], exist_ok=True)
+    return paths
+
+
+# -- children -------------------------------------------------------------------------------------
+
+class Child(ProcessProtocol):
+    """A twistd process whose log goes to a file and is watched for readiness lines."""
+
+    def __init__(self, name: str, log_path: str) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.ended: Deferred = Deferred()
+        self.tail: list = []
+        self._partial = b""
+        self._watches: list = []  # (pattern, Deferred)
+
+    def outReceived(self, data: bytes) -> None:
+        self.log.write(data)
+        self.log.flush()
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            self.tail = (self.tail + [line])[-30:]
+            for watch in list(self._watches):
+                match = watch[0].search(line)
+                if match:
+                    self._watches.remove(watch)
+                    watch[1].callback(match)
+
+    errReceived = outReceived
+
+    def wait_for(self, pattern: str, reactor, timeout: float = READY_TIMEOUT) -> Deferred:
+        """Fire with the match of the first log line matching ``pattern`` from now on."""
+        d = Deferred()
+        watch = (re.compile(pattern), d)
+        self._watches.append(watch)
+
+        def give_up():
+            if not d.called:
+                self._watches.remove(watch)
+                d.errback(RuntimeError(f"{self.name} did not log {pattern!r} within {timeout:g}s"))
+
+        timer = reactor.callLater(timeout, give_up)
+        self.ended.addBoth(lambda result: (give_up() if not d.called else None, result)[1])
+        return d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+    def processEnded(self, reason: Failure) -> None:
+        self.log.close()
+        last = "".join("\n  " + line for line in self.tail[-15:])
+        for _, d in self._watches:
+            d.errback(RuntimeError(f"the {self.name} exited; its last lines ({_shown(self.log_path)}):{last}"))
+        self._watches = []
+        self.ended.callback(reason.value.exitCode if not reason.check(ProcessDone) else 0)
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.called
+
+    def terminate(self, reactor, timeout: float = STOP_TIMEOUT) -> Deferred:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; fires once exited."""
+        if not self.running:
+            return self.ended_copy()
+        self.transport.signalProcess("TERM")
+        timer = reactor.callLater(timeout, lambda: self.running and self.transport.signalProcess("KILL"))
+        return self.ended_copy().addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+    def ended_copy(self) -> Deferred:
+        d = Deferred()
+        self.ended.addBoth(lambda result: (d.callback(result), result)[1])
+        return d
+
+
+def spawn(reactor, name: str, argv: list, log_path: str) -> Child:
+    child = Child(name, log_path)
+    shim = [sys.executable, "-c", _CHILD_SHIM, str(os.getpid())] + argv
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    reactor.spawnProcess(child, shim[0], shim, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+    return child
+
+
+# -- the try-out ------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circles try",
+        description="Run a circles server (auth, TLS, playground), its Redis and a worker on 127.0.0.1.")
+    parser.add_argument("--state-dir", default="state", help="certificates, keys, logs (default ./state)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)),
+                        help=f"TCP port (default $PORT or {DEFAULT_PORT}; 0 picks a free one)")
+    engine = parser.add_mutually_exclusive_group()
+    engine.add_argument("--exec", metavar="CMD", help="worker engine command instead, e.g. 'rhai-run {script_file}'")
+    engine.add_argument("--engine", default="circles.tiny_engine:run", metavar="MODULE:CALLABLE",
+                        help="worker engine callable (default circles.tiny_engine:run)")
+    parser.add_argument("server_args", nargs="*", metavar="-- TWISTD_ARGS",
+                        help="more options for twistd circles (after --)")
+    return parser
+
+
+async def _run(reactor, args) -> None:
+    paths = prepare(args.state_dir)
+    twistd = _bin("twistd")
+    circle = paths["circle"]
+    logs, run_dir = paths["logs"], paths["run"]
+    children: list = []
+    stopping = []
+
+    async def stop_all() -> None:
+        stopping.append(True)
+        if any(child.running for child in children):
+            _say("circles try: stopping the worker, the server and Redis…")
+        for child in reversed(children):  # the worker first, then the server (and its Redis)
+            await child.terminate(reactor)
+
+    # Stops everything when the reactor stops: Ctrl-C, SIGTERM, or a child failing below.
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(stop_all()))
+
+    server = spawn(reactor, "server", [
+        twistd, "-n", "--pidfile=", "--logfile=-", "circles", "--auth", "--playground",
+        "--tls-cert", paths["cert"], "--tls-key", paths["key"], "--interface", INTERFACE,
+        "--port", str(args.port), "-k", circle, "--state-dir", run_dir, *args.server_args,
+    ], os.path.join(logs, "server.log"))
+    children.append(server)
+    listening = server.wait_for(r"starting on (\d+)", reactor)
+    redis_up = server.wait_for("connected to Redis", reactor)
+    port = int((await listening).group(1))
+    await redis_up
+    engine = ["--exec", args.exec] if args.exec else ["--engine", args.engine]
+    worker = spawn(reactor, "worker", [
+        twistd, "-n", "--pidfile=", "--logfile=-", "circles-worker", "-k", circle, "--state-dir", run_dir, *engine,
+    ], os.path.join(logs, "worker.log"))
+    children.append(worker)
+    await worker.wait_for("waiting for tasks", reactor)
+
+    url = f"wss://localhost:{port}/{circle}"
+    ca = _shown(paths["ca"])
+    play = " ".join(shlex.quote(part) for part in (
+        _shown(_bin("circles")), "play", url, "--ca", ca, "--key-file", _shown(paths["user_key"]), EXAMPLE_SCRIPT))
+    _say(f"circles try-out is running on {INTERFACE}, port {port} (Ctrl-C stops it)")
+    _say(f"  circle      {url}")
+    _say(f"  playground  https://localhost:{port}/playground/?circle={circle}")
+    _say(f"              (the certificate is from a development CA: trust {ca} or accept the warning)")
+    _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log")
+    _say()
+    _say("Paste this in another terminal:")
+    _say()
+    _say(f"  {play}")
+    _say()
+
+    # Runs until Ctrl-C stops the reactor; a child exiting on its own is a failure.
+    exit_code, index = await DeferredList([c.ended_copy() for c in children], fireOnOneCallback=True)
+    if stopping:
+        return
+    failed = children[index]
+    _say(f"circles try: the {failed.name} exited (status {exit_code}); its last lines ({_shown(failed.log_path)}):")
+    for line in failed.tail[-15:]:
+        _say("  " + line)
+    await stop_all()
+    raise SystemExit(1)
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = _parser().parse_args(argv)
+    if not hasattr(signal, "SIGKILL") or not sys.platform.startswith("linux"):
+        raise SystemExit("circles try: needs Linux (children are tied to it with PR_SET_PDEATHSIG)")
+
+    async def run(reactor) -> None:
+        try:
+            await _run(reactor, args)
+        except (RuntimeError, signing.KeyFileError) as e:
+            _say(f"circles try: {e}")
+            raise SystemExit(1)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()

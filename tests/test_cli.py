@@ -1,0 +1,121 @@
+"""The ``circles`` command as a user runs it: a subprocess against twistd server and worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from circles.signing import KEY_ENV, public_key, read_key_file
+
+from .support import ROOT, Key, twistd
+
+CIRCLES = str(Path(sys.executable).with_name("circles"))
+TINY_WORKER = ["--engine", "circles.tiny_engine:run"]
+
+
+def circles(*args, env=None, input=None, cwd=None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    environment.update(env or {})
+    return subprocess.run([CIRCLES, *args], capture_output=True, text=True, timeout=120, env=environment,
+                          input=input, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tls_files):
+    """An --auth server over TLS and a worker running the tiny engine; yields (url, ca)."""
+    directory = tmp_path_factory.mktemp("cli")
+    circle = Key()
+    args = ["--auth", "--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"], "-k", circle.pubkey,
+            "--port", "0", "--interface", "127.0.0.1"]
+    with twistd(args, directory) as server, \
+            twistd(["-k", circle.pubkey, *TINY_WORKER], directory, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        yield f"wss://localhost:{port}/{circle.pubkey}", tls_files["ca"], circle.pubkey
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    result = circles("keygen", "--out", str(tmp_path / "user.key"))
+    assert result.returncode == 0, result.stderr
+    return str(tmp_path / "user.key"), result.stdout.strip()
+
+
+def test_keygen_writes_a_private_key_file_only_the_owner_reads(tmp_path, key_file):
+    path, pubkey = key_file
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert public_key(read_key_file(path)) == pubkey and len(pubkey) == 66
+    # An existing key is never overwritten.
+    again = circles("keygen", "--out", path)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert public_key(read_key_file(path)) == pubkey
+    # --json, and without --out the key is printed (to stdout, not argv)
+    made = json.loads(circles("keygen", "--json").stdout)
+    assert public_key(made["private_key"]) == made["pubkey"]
+
+
+def test_pubkey_from_file_or_environment_never_argv(tmp_path, key_file):
+    path, pubkey = key_file
+    assert circles("pubkey", "--key-file", path).stdout.strip() == pubkey
+    secret = read_key_file(path).secret.hex()
+    assert json.loads(circles("pubkey", "--json", env={KEY_ENV: secret}).stdout) == {"pubkey": pubkey}
+    none = circles("pubkey")
+    assert none.returncode == 2 and KEY_ENV in none.stderr
+    os.chmod(path, 0o644)  # readable by others: refused, as ssh does
+    loose = circles("pubkey", "--key-file", path)
+    assert loose.returncode == 2 and "chmod 600" in loose.stderr
+    help_text = circles("play", "--help").stdout
+    assert "--key-file" in help_text and "--key " not in help_text and "--private-key" not in help_text
+
+
+def test_play_prints_output_and_exit_status(served, key_file, tmp_path):
+    url, ca, circle = served
+    path, pubkey = key_file
+    ok = circles("play", url, "--ca", ca, "--key-file", path, 'print("hi " + CALLER_ID); 6 * 7')
+    assert (ok.returncode, ok.stdout) == (0, f"hi {pubkey}\n42\n"), ok.stderr
+    as_json = circles("play", url, "--ca", ca, "--key-file", path, "--json", "--scheme", "ecdsa", "CONTEXT_ID")
+    assert json.loads(as_json.stdout) == {"output": circle + "\n"}
+    script = tmp_path / "script.rhai"
+    script.write_text("let a = 20;\na + 1\n")
+    assert circles("play", url, "--ca", ca, "--key-file", path, "-f", str(script)).stdout == "21\n"
+    assert circles("play", url, "--ca", ca, "--key-file", path, "-", input="2 ** 5").stdout == "32\n"
+    secret = read_key_file(path).secret.hex()
+    assert circles("play", url, "--ca", ca, "1 + 1", env={KEY_ENV: secret}).stdout == "2\n"
+
+
+def test_errors_exit_non_zero_with_the_json_rpc_error(served, key_file):
+    url, ca, circle = served
+    path, _ = key_file
+    failed = circles("play", url, "--ca", ca, "--key-file", path, "1 / 0")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert "-32005 Script failed: division by zero" in failed.stderr
+    failed = circles("play", url, "--ca", ca, "--key-file", path, "--json", "nope(")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error"]["code"] == -32005
+    anonymous = circles("play", url, "--ca", ca, "--json", "1")
+    assert anonymous.returncode == 1 and json.loads(anonymous.stdout)["error"]["code"] == -32001
+    untrusted = circles("play", url, "--key-file", path, "1")  # the test CA is not in the system store
+    assert untrusted.returncode == 3 and "certificate verify failed" in untrusted.stderr
+    unreachable = circles("whoami", "ws://127.0.0.1:1/" + circle)
+    assert unreachable.returncode == 3
+    both = circles("play", url, "--ca", ca, "-f", "x", "1")
+    assert both.returncode == 2
+    assert circles("nonsense").returncode == 2
+
+
+def test_whoami_and_discover(served, key_file):
+    url, ca, circle = served
+    path, pubkey = key_file
+    anonymous = json.loads(circles("whoami", url, "--ca", ca, "--json").stdout)
+    assert anonymous == {"circle": circle, "authenticated": False, "pubkey": None}
+    signed_in = circles("whoami", url, "--ca", ca, "--key-file", path)
+    assert "authenticated: true" in signed_in.stdout and pubkey in signed_in.stdout
+    with open(ROOT / "openrpc.json") as f:
+        assert json.loads(circles("discover", url, "--ca", ca).stdout) == json.load(f)

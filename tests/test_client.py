@@ -1,0 +1,172 @@
+"""circles.client against the real server: TLS (a trustme CA), both signature forms, play
+through a reference worker and Redis, many calls in flight, errors, connection loss, reconnect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults, maybeDeferred
+
+from circles import CirclesService, Config, tls
+from circles.client import ConnectFailed, ConnectionClosed, ReconnectingClient, RPCError, connect
+from circles.redisconn import parse_redis_url
+from circles.signing import generate, public_key, sign_nonce
+from circles.tiny_engine import run as tiny_engine
+from circles.worker import Worker
+
+from .play_client import eventually
+from .support import ROOT, Key
+
+CIRCLE_KEY = generate()
+CIRCLE = public_key(CIRCLE_KEY)
+IDLE = public_key(generate())  # served, but no worker takes its tasks
+
+
+@pytest_twisted.async_yield_fixture
+async def server(redis_server, tls_files):
+    """A TLS server (auth on) and a worker running the tiny engine; yields the port."""
+    service = CirclesService(Config(circles=[CIRCLE, IDLE], auth_required=True, tls=tls.load(tls_files["cert"], tls_files["key"]),
+                                    listen=(), port=0, interface="127.0.0.1", redis_url=redis_server.url),
+                             reactor=reactor)
+    worker = Worker(parse_redis_url(redis_server.url), [CIRCLE], tiny_engine, reactor=reactor, concurrency=4)
+    service.startService()
+    worker.startService()
+    [port] = await service.when_listening()
+    await eventually(service.dispatcher.is_connected)
+    await eventually(lambda: worker._connected)
+    yield port.getHost().port
+    await maybeDeferred(worker.stopService)
+    await maybeDeferred(service.stopService)
+
+
+def url(port: int, circle: str = CIRCLE, host: str = "localhost") -> str:
+    return f"wss://{host}:{port}/{circle}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticate_both_forms_and_play(server, tls_files):
+    for scheme in ("eth", "ecdsa"):
+        user = generate()
+        client = await connect(url(server), reactor=reactor, ca=tls_files["ca"])
+        try:
+            assert await client.whoami() == {"circle": CIRCLE, "authenticated": False, "pubkey": None}
+            result = await client.authenticate(user, scheme=scheme)
+            assert result == {"authenticated": True, "pubkey": public_key(user)}
+            assert (await client.whoami())["pubkey"] == public_key(user)
+            output = await client.play('print(CONTEXT_ID); CALLER_ID + " " + 6 * 7')
+            assert output == f"{CIRCLE}\n{public_key(user)} 42\n"
+        finally:
+            await client.close()
+    assert not client.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_are_rpc_errors_with_code_message_data(server, tls_files):
+    client = await connect(url(server, host="127.0.0.1"), reactor=reactor, ca=tls_files["ca"])
+    with pytest.raises(RPCError) as refused:
+        await client.play("1")
+    assert refused.value.code == -32001 and "Authentication required" in refused.value.message
+    # A signature for a nonce this connection never asked for
+    with pytest.raises(RPCError) as failed:
+        await client.call("authenticate", {"pubkey": public_key(CIRCLE_KEY), "signature": sign_nonce(CIRCLE_KEY, "x" * 32)})
+    assert failed.value.code == -32002
+    await client.authenticate(generate())
+    with pytest.raises(RPCError) as script:
+        await client.play("1 / 0")
+    assert (script.value.code, script.value.message, script.value.data) == (-32005, "Script failed", "division by zero")
+    assert "division by zero" in str(script.value)
+    with pytest.raises(RPCError) as timed_out:
+        await client.call("nope")
+    assert timed_out.value.code == -32601 and timed_out.value.data is None
+    with open(ROOT / "openrpc.json") as f:
+        assert await client.discover() == json.load(f)
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_calls_in_flight_are_matched_by_id(server, tls_files):
+    client = await connect(url(server), reactor=reactor, ca=tls_files["ca"])
+    await client.authenticate(generate(), scheme="ecdsa")
+    outputs = await gatherResults([client.play(f"{i} * 2") for i in range(40)] + [client.whoami()])
+    assert outputs[:40] == [f"{i * 2}\n" for i in range(40)]
+    assert outputs[40]["authenticated"] is True
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_is_verified_by_default(server, tls_files):
+    # The system's trust store does not know the test CA.
+    with pytest.raises(ConnectFailed, match="certificate verify failed"):
+        await connect(url(server), reactor=reactor)
+    # A name the certificate does not carry is refused even with the right CA.
+    with pytest.raises(ConnectFailed):
+        await connect(url(server, host="127.0.0.2"), reactor=reactor, ca=tls_files["ca"])
+    # --insecure, for development, accepts anything.
+    client = await connect(url(server), reactor=reactor, insecure=True)
+    assert (await client.whoami())["circle"] == CIRCLE
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_or_unknown_circle(server, tls_files):
+    with pytest.raises(ConnectFailed, match="404"):
+        await connect(url(server, public_key(generate())), reactor=reactor, ca=tls_files["ca"])
+    with pytest.raises(ConnectFailed, match="cannot open"):
+        await connect(f"ws://127.0.0.1:1/{CIRCLE}", reactor=reactor)
+    with pytest.raises(ConnectFailed):
+        await connect("http://example.invalid/", reactor=reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_loss_fails_pending_calls(server, tls_files):
+    client = await connect(url(server, IDLE), reactor=reactor, ca=tls_files["ca"])
+    await client.authenticate(generate())
+    pending = [client.play("1", timeout=25), client.play("2", timeout=25)]
+    await client.whoami()  # both plays are queued at the server by now
+    client._protocol.transport.abortConnection()  # the network goes away
+    results = await DeferredList(pending, consumeErrors=True)
+    for ok, failure in results:
+        assert not ok and failure.check(ConnectionClosed)
+        assert "before the reply to play arrived" in failure.getErrorMessage()
+    with pytest.raises(ConnectionClosed):
+        await client.whoami()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_authenticates_each_connection(server, tls_files):
+    user = Key()
+    helper = ReconnectingClient(url(server), reactor=reactor, key=user.private.secret, ca=tls_files["ca"],
+                                retry_policy=lambda attempt: 0.1)
+    helper.start()
+    try:
+        first = await helper.client()
+        assert await helper.whoami() == {"circle": CIRCLE, "authenticated": True, "pubkey": user.pubkey}
+        first._protocol.transport.abortConnection()
+        await first.when_closed()
+        # The next call waits for a new connection, authenticated with a fresh nonce.
+        assert await helper.play("CALLER_ID") == user.pubkey + "\n"
+        second = await helper.client()
+        assert second._protocol is not first._protocol
+    finally:
+        await helper.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticate_without_pubkey_recovers_it_from_personal_sign(server, tls_files):
+    """What the playground does: wallets give addresses, not keys."""
+    user = generate()
+    client = await connect(url(server), reactor=reactor, ca=tls_files["ca"])
+    nonce = (await client.fetch_nonce())["nonce"]
+    with pytest.raises(RPCError, match="needs the public key") as refused:
+        await client.call("authenticate", {"signature": sign_nonce(user, nonce, "ecdsa")})
+    assert refused.value.code == -32002
+    result = await client.call("authenticate", {"signature": sign_nonce(user, nonce, "eth")})
+    assert result == {"authenticated": True, "pubkey": public_key(user)}
+    # A nonce bound to a key is not redeemed by a signature naming no key.
+    nonce = (await client.fetch_nonce(public_key(user)))["nonce"]
+    with pytest.raises(RPCError):
+        await client.call("authenticate", {"signature": sign_nonce(user, nonce)})
+    await client.close()

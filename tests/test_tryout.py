@@ -1,0 +1,84 @@
+"""``./scripts/try``: started by a test, the printed line pasted, Ctrl-C, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+from .support import ROOT
+
+
+def _children() -> dict:
+    """pid -> (parent pid, command name) of every process, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+                name, rest = text.split("(", 1)[1].rsplit(")", 1)
+                parents[int(entry)] = (int(rest.split()[1]), name)
+            except (OSError, IndexError, ValueError):
+                pass
+    return parents
+
+
+def descendants(pid: int) -> set:
+    table = _children()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
+    env = dict(os.environ, CIRCLES_SKIP_SETUP="1")
+    state = tmp_path / "state"
+    proc = subprocess.Popen([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(".rhai" in l or " play " in l for l in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        paste = next(l for l in lines if " play " in l).strip()
+        # The pasted line really answers, from the directory scripts/try runs in.
+        result = subprocess.run(paste, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert os.stat(state / "user.key").st_mode & 0o777 == 0o600
+        assert re.fullmatch(r"hello, 0[23][0-9a-f]{64}\n42\n", result.stdout), result.stdout
+        assert any("https://localhost:" in l and "/playground/" in l for l in lines)
+        started = descendants(proc.pid)
+        table = _children()
+        names = [table[pid][1] for pid in started if pid in table]
+        assert "redis-server" in names and len(names) >= 3, names  # server, worker, their Redis
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(120) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in started if alive(pid)], "".join(lines)
+    assert "Traceback" not in "".join(lines)
+    for log in ("server.log", "worker.log"):
+        assert "Traceback" not in (state / "logs" / log).read_text()
