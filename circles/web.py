@@ -2,8 +2,9 @@
 
 ``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
 opening handshake whether the circle exists (404 if not), so that check lives in one place.
-Named routes beside it (``/openrpc.json``, ``/auth/...``, and what later parts add) are plain
-children of the root; circle ids are hex, so they never collide with those names.
+Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``) are plain
+children of the root; circle ids are hex, so they never collide with those names. Request
+bodies are bounded for every route as they arrive (:mod:`circles.http_limits`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from twisted.web.server import Site
 
 from . import openrpc
 from .http_auth import auth_app
+from .http_limits import bounded_request_factory
 from .protocol import CircleFactory
+from .webhooks import webhook_app
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
 
@@ -36,10 +39,11 @@ class _Document(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource) -> None:
+    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
+        self.putChild(b"webhooks", webhooks)
         self.putChild(b"", _Document(INDEX, b"text/plain; charset=utf-8"))
         self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
 
@@ -58,7 +62,9 @@ def _log_without_query(timestamp, request) -> str:
 
 
 def build_site(factory: CircleFactory, reactor) -> Site:
-    root = Root(WebSocketResource(factory), auth_app(factory.gateway).resource())
-    site = Site(root, logFormatter=_log_without_query, reactor=reactor)
+    gateway = factory.gateway
+    root = Root(WebSocketResource(factory), auth_app(gateway).resource(), webhook_app(gateway).resource())
+    site = Site(root, logFormatter=_log_without_query, reactor=reactor,
+                requestFactory=bounded_request_factory(gateway.config.webhook_max_body))
     site.displayTracebacks = False
     return site
