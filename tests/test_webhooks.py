@@ -132,8 +132,6 @@ async def test_idenfy_callback_is_queued(server):
 
 @pytest_twisted.ensureDeferred
 async def test_uncompressed_circle_key_names_the_same_circle(server):
-    uncompressed = None
-    from circles.keys import normalize_pubkey  # noqa: F401 (documents what the route accepts)
     import coincurve
     uncompressed = coincurve.PublicKey(bytes.fromhex(CIRCLE)).format(compressed=False).hex()
     reply = await server.stripe(encode(stripe_event()), circle=uncompressed)
