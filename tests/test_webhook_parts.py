@@ -139,3 +139,12 @@ def test_event_json_text_is_stored_not_reencoded():
     assert event.object["big"] == 123456789012345678901234567890
     assert json.loads(body) == {**event.extra, "id": "evt_1", "type": "t", "created": 1, "livemode": True,
                                 "data": {"object": event.object}}
+
+
+def test_worker_protocol_doc_has_the_lua_steps_as_run():
+    import re
+    from circles import tasks
+    from .support import ROOT
+    blocks = [b.strip() for b in re.findall(r"```lua\n(.*?)```", (ROOT / "docs/worker-protocol.md").read_text(), re.S)]
+    for name in ("ENQUEUE", "ENQUEUE_ONCE", "CLAIM", "FINISH"):
+        assert getattr(tasks, name).strip() in blocks, name
