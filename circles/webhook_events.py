@@ -19,6 +19,11 @@ from typing import Any, Optional
 
 import attrs
 
+# The same bound as JSON-RPC messages: json's C decoder recurses once per level and stops only at
+# the interpreter's recursion limit, which a library may have raised far past what the C stack
+# holds (see circles.jsonrpc.parse).
+from .jsonrpc import MAX_DEPTH, _too_deep
+
 #: ``status.overall`` values an iDenfy result callback carries (REVIEWING while a human reviews,
 #: with ``final`` false).
 IDENFY_STATUSES = frozenset({"APPROVED", "DENIED", "SUSPECTED", "EXPIRED", "REVIEWING"})
@@ -54,11 +59,17 @@ def parse_json_object(body: bytes) -> dict:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadEvent("body is not UTF-8") from None
+    if _too_deep(text):
+        raise BadEvent(f"body nests deeper than {MAX_DEPTH} levels")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):
         raise BadEvent("body is not JSON") from None
     return _object(value, "body")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @attrs.frozen

@@ -253,7 +253,8 @@ async def test_idenfy_bad_signatures(server):
 # -- 400 ----------------------------------------------------------------------------------------
 
 STRIPE_BAD = [
-    b"", b"not json", b"[1, 2]", b'"event"', b"\xff\xfe{}", b"[" * 100_000,
+    b"", b"not json", b"[1, 2]", b'"event"', b"\xff\xfe{}", b"[" * 100_000, b'{"id": NaN}',
+    encode(stripe_event(data={"object": json.loads('{"a":' * 300 + "1" + "}" * 300)})),
     encode({k: v for k, v in stripe_event().items() if k != "id"}),
     encode(stripe_event(id="")), encode(stripe_event(type=7)), encode(stripe_event(created="today")),
     encode(stripe_event(created=True)), encode(stripe_event(livemode="no")), encode(stripe_event(data=[])),
