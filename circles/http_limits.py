@@ -7,9 +7,9 @@ are already taken. :class:`BoundedRequest` refuses at the channel level instead:
 ``100 Continue``, nothing read); a chunked body is counted as it arrives and refused the moment
 it passes the limit. Nothing beyond the limit is ever stored.
 
-After the 413 the connection stops parsing, half-closes (the client reads the whole answer and
-an end of file, instead of a reset caused by unread data), and is dropped after
-:data:`LINGER` seconds whatever the client does.
+After the 413 the connection stops parsing and discards what still comes; over TCP it
+half-closes at once (the client reads the whole answer and an end of file, instead of a reset
+caused by unread data). It is dropped after :data:`LINGER` seconds whatever the client does.
 
 The limit applies to every route of the Site: the webhooks are the only ones taking a body.
 """
@@ -73,9 +73,11 @@ class BoundedRequest(Request):
         if half_close is not None:
             half_close()
             timer = channel.callLater(LINGER, transport.abortConnection)
-            self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
         else:
-            channel.loseConnection()
+            # TLS has no half-close: keep discarding for a while (the client reads the answer
+            # and closes), then close whatever it does.
+            timer = channel.callLater(LINGER, transport.loseConnection)
+        self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
 
 
 def bounded_request_factory(max_body: int) -> type:
