@@ -36,6 +36,7 @@ setup(
             "eth-account>=0.11",
             "ecdsa>=0.19",
             "hypothesis>=6",
+            "stripe>=7",  # its own signer (WebhookSignature.generate_signature_header) signs test webhooks
             "jsonschema>=4.18",
         ],
         # Only for bench/ (the benchmark against peers): load generator, process stats, profiler.

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from . import tasks
 from .redisconn import RedisAddress, connect, text
-from .scripts import BackendUnavailable, IScriptRunner, ScriptFailed, ScriptRequest, ScriptTimeout
+from .scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
 
 log = Logger()
 
@@ -142,9 +142,32 @@ class RedisDispatcher(Service):
         task_id = str(uuid.uuid4())
         return self._write(task_id, request, data, "").addCallback(lambda _: task_id)
 
+    def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
+        """Queue ``request`` like :meth:`enqueue`, with ``data_json`` stored as given (webhooks
+        pass the provider's body, byte for byte), unless the event ``key`` (a name under the
+        ``seen:`` prefix) was queued in the last ``ttl`` seconds. Fire with a
+        :class:`~circles.scripts.Queued`; on failure nothing was queued and ``key`` is free."""
+        if not self.is_connected():
+            return fail(BackendUnavailable("Redis is unreachable"))
+        task_id = str(uuid.uuid4())
+        fields, task_ttl = self._fields(request, data_json, "")
+        keys = [tasks.seen_key(self.prefix, key), tasks.task_key(self.prefix, task_id),
+                tasks.queue_key(self.prefix, request.circle)]
+        d = self._command("eval", tasks.ENQUEUE_ONCE, keys, [ttl, task_ttl, task_id] + fields)
+
+        def done(result) -> Queued:
+            queued = Queued(text(result[1]), duplicate=not int(result[0]))
+            log.debug("{what} task {task} for circle {circle} from {source}",
+                      what="already queued:" if queued.duplicate else "queued",
+                      task=queued.task_id, circle=request.circle, source=request.source)
+            return queued
+
+        return d.addCallback(done)
+
     # -- writing tasks --------------------------------------------------------------------------
 
-    def _write(self, task_id: str, request: ScriptRequest, data: Any, reply_to: str) -> Deferred:
+    def _fields(self, request: ScriptRequest, data_json: Optional[str], reply_to: str) -> "tuple[list, int]":
+        """The task hash as a flat ``[field, value, ...]`` list, and the hash's TTL."""
         now = self.clock.seconds()
         fields = {
             "script": request.script,
@@ -159,12 +182,15 @@ class RedisDispatcher(Service):
             "updated_at": tasks.timestamp(now),
             "deadline": tasks.timestamp(now + request.timeout),
         }
-        if data is not None:
-            fields["data"] = json.dumps(data, separators=(",", ":"))
-        ttl = math.ceil(request.timeout) + self.task_ttl
-        args = [ttl, task_id] + [item for pair in fields.items() for item in pair]
+        if data_json is not None:
+            fields["data"] = data_json
+        return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
+
+    def _write(self, task_id: str, request: ScriptRequest, data: Any, reply_to: str) -> Deferred:
+        data_json = None if data is None else json.dumps(data, separators=(",", ":"))
+        fields, ttl = self._fields(request, data_json, reply_to)
         keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle)]
-        d = self._command("eval", tasks.ENQUEUE, keys, args)
+        d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id] + fields)
         d.addCallback(lambda _: log.debug("queued task {task} for circle {circle} from {source}",
                                           task=task_id, circle=request.circle, source=request.source))
         return d

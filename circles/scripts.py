@@ -27,6 +27,15 @@ class ScriptRequest:
     timeout: float  # seconds, already capped by the server
 
 
+@attrs.frozen
+class Queued:
+    """What :meth:`IScriptRunner.enqueue_once` did: queued ``task_id`` now, or found the event
+    already queued as ``task_id`` (``duplicate``)."""
+
+    task_id: str
+    duplicate: bool = False
+
+
 class ScriptError(Exception):
     """Base of the failures a caller of :meth:`IScriptRunner.run` must expect."""
 
@@ -57,6 +66,12 @@ class IScriptRunner(Interface):
         for its result; fire with the task id once the task is durably queued, or fail with
         :class:`BackendUnavailable`."""
 
+    def enqueue_once(request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
+        """Queue ``request`` with ``data_json`` (JSON text, stored as given) unless an event
+        named ``key`` was queued in the last ``ttl`` seconds; claiming the name and queuing are
+        one atomic step. Fire with a :class:`Queued`, or fail with :class:`BackendUnavailable`
+        (then nothing was queued or claimed)."""
+
 
 @implementer(IScriptRunner)
 class NoScriptBackend:
@@ -69,4 +84,7 @@ class NoScriptBackend:
         return fail(BackendUnavailable(self.reason))
 
     def enqueue(self, request: ScriptRequest, data=None) -> Deferred:
+        return fail(BackendUnavailable(self.reason))
+
+    def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
         return fail(BackendUnavailable(self.reason))

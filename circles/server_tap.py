@@ -8,14 +8,14 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from . import logs
+from . import logs, tls, webhook_secrets
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
 from .embedded_redis import EmbeddedRedisError, find_redis_server
+from .http_limits import DEFAULT_MAX_BODY
 from .redisconn import InvalidRedisURL, parse_redis_url
 from .service import CirclesService
 
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
-from . import tls
 
 
 def _positive(kind):
@@ -26,6 +26,20 @@ def _positive(kind):
         return value
     convert.__name__ = kind.__name__
     return convert
+
+
+def _read_script(path, option: str):
+    """The text of a script file, or None; a file that cannot be read stops start-up."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"circles: {option}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    if not text.strip():
+        raise SystemExit(f"circles: {option}: {path} is empty")
+    return text
 
 
 class Options(usage.Options):
@@ -57,6 +71,23 @@ class Options(usage.Options):
         ("redis-prefix", None, "circles:", "prefix of every Redis key (servers and workers must agree)"),
         ("state-dir", None, DEFAULT_STATE_DIR,
          "directory of the private Redis (its socket is STATE_DIR/redis.sock, where circles-worker looks too)"),
+        ("stripe-secret-file", None, None,
+         f"file of Stripe webhook signing secrets, one per line, 'SECRET' or 'CIRCLE_PK SECRET' "
+         f"(also ${webhook_secrets.STRIPE_ENV}, comma-separated; neither: /webhooks/stripe is off)"),
+        ("idenfy-secret-file", None, None,
+         f"file of iDenfy webhook signing secrets, same format "
+         f"(also ${webhook_secrets.IDENFY_ENV}; neither: /webhooks/idenfy is off)"),
+        ("stripe-script", None, None, "file with the script queued for each Stripe event (default: a call of "
+         "on_stripe_event(CIRCLES_DATA))"),
+        ("idenfy-script", None, None, "file with the script queued for each iDenfy callback (default: a call of "
+         "on_idenfy_callback(CIRCLES_DATA))"),
+        ("webhook-tolerance", None, 300.0, "seconds a Stripe signature's timestamp may differ from now",
+         _positive(float)),
+        ("webhook-max-body", None, DEFAULT_MAX_BODY, "largest HTTP request body accepted, in bytes", _positive(int)),
+        ("webhook-deadline", None, 86400.0, "seconds a queued webhook event may wait for a worker",
+         _positive(float)),
+        ("webhook-dedupe-ttl", None, 3 * 86400, "seconds a webhook event is remembered, so a redelivery "
+         "is not queued again", _positive(int)),
     ]
 
     def __init__(self) -> None:
@@ -100,6 +131,14 @@ class Options(usage.Options):
         except tls.TLSError as e:
             raise SystemExit(f"circles: {e}")
         try:
+            stripe_secrets = webhook_secrets.load(os.environ.get(webhook_secrets.STRIPE_ENV),
+                                                  self["stripe-secret-file"])
+            idenfy_secrets = webhook_secrets.load(os.environ.get(webhook_secrets.IDENFY_ENV),
+                                                  self["idenfy-secret-file"])
+        except webhook_secrets.SecretsError as e:
+            raise SystemExit(f"circles: webhook secrets: {e}")
+        scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
+        try:
             self.config = Config(
                 circles=self["circles"],
                 auth_required=self["auth"],
@@ -115,6 +154,14 @@ class Options(usage.Options):
                 state_dir=self["state-dir"],
                 redis_persist=self["redis-persist"],
                 playground=self["playground"],
+                stripe_secrets=stripe_secrets,
+                idenfy_secrets=idenfy_secrets,
+                stripe_script=scripts["stripe"],
+                idenfy_script=scripts["idenfy"],
+                webhook_tolerance=self["webhook-tolerance"],
+                webhook_max_body=self["webhook-max-body"],
+                webhook_deadline=self["webhook-deadline"],
+                webhook_dedupe_ttl=self["webhook-dedupe-ttl"],
             )
         except ValueError as e:
             raise SystemExit(f"circles: -k/--circle: {e}")

@@ -5,6 +5,8 @@ reply, TTLs); keep the two in step. Every step that must not be seen half-done b
 side is one Lua script, so it is atomic in Redis:
 
 - ``ENQUEUE`` (server): write the task hash and LPUSH its id on the circle's queue.
+- ``ENQUEUE_ONCE`` (server, webhooks): the same, only if a "seen" key for the event can be
+  claimed (``SET NX``) in the same step; a redelivered event gets the first task's id instead.
 - ``CLAIM`` (worker): ``pending`` -> ``processing``; anything else (``expired``, gone) is skipped.
 - ``FINISH`` (worker): ``processing`` -> ``completed``|``error`` and LPUSH the reply, unless the
   server expired the task meanwhile.
@@ -44,18 +46,41 @@ def reply_key(prefix: str, server_id: str) -> str:
     return f"{prefix}reply:{server_id}"
 
 
+def seen_key(prefix: str, name: str) -> str:
+    """The key that marks an event (``name``, e.g. ``stripe:{circle}:{digest}``) as queued."""
+    return f"{prefix}seen:{name}"
+
+
 def timestamp(seconds: float) -> str:
     """Unix seconds as written in task fields: decimal, millisecond precision."""
     return f"{seconds:.3f}"
 
 
 # KEYS: task, queue. ARGV: ttl, task id, field, value, field, value...
+# The queue's TTL is only ever extended: a short-lived play must not shorten the life of a
+# queue holding a long-lived webhook task.
 ENQUEUE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return 1
+"""
+
+# KEYS: seen, task, queue. ARGV: seen ttl, task ttl, task id, field, value, field, value...
+# Returns {1, task id} when queued, {0, first task id} when the event was seen before. Claiming
+# the seen key and queuing are one step: a crash cannot leave an event marked but not queued,
+# nor queued twice. The seen key is the first write, so a Redis refusing writes (OOM) fails the
+# whole step before anything changed.
+ENQUEUE_ONCE = """
+if not redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[1]) then
+  return {0, redis.call('GET', KEYS[1])}
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[3], ARGV[3])
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
+return {1, ARGV[3]}
 """
 
 # KEYS: task. ARGV: now, worker id. Returns the task's fields (HGETALL), or nil: skip it.

@@ -2,9 +2,10 @@
 
 ``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
 opening handshake whether the circle exists (404 if not), so that check lives in one place.
-Named routes beside it (``/openrpc.json``, ``/auth/...``, and what later parts add) are plain
+Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``) are plain
 children of the root; circle ids are hex, so they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
+Request bodies are bounded for every route as they arrive (:mod:`circles.http_limits`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from twisted.web.server import Site
 
 from . import openrpc
 from .http_auth import auth_app
+from .http_limits import bounded_request_factory
 from .protocol import CircleFactory
+from .webhooks import webhook_app
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
 
@@ -37,10 +40,11 @@ class _Document(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource, playground: bool = False) -> None:
+    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
+        self.putChild(b"webhooks", webhooks)
         if playground:
             from .playground import Playground
             self.putChild(b"playground", Playground())
@@ -63,9 +67,11 @@ def _log_without_query(timestamp, request) -> str:
 
 def build_site(factory: CircleFactory, reactor) -> Site:
     gateway = factory.gateway
-    root = Root(WebSocketResource(factory), auth_app(gateway).resource(), playground=gateway.config.playground)
+    root = Root(WebSocketResource(factory), auth_app(gateway).resource(), webhook_app(gateway).resource(),
+                playground=gateway.config.playground)
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
-    site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout)
+    site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
+                requestFactory=bounded_request_factory(gateway.config.webhook_max_body))
     site.displayTracebacks = False
     return site

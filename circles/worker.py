@@ -42,6 +42,9 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 STDERR_KEPT = 8192
 POLL = 1  # seconds a BRPOP waits, so a stopping worker notices within a second
 SCRIPT_FILE = "{script_file}"
+#: Largest ``data`` passed in the environment as CIRCLES_DATA (Linux refuses to exec with one
+#: environment string over 128 KiB); larger data is only in the CIRCLES_DATA_FILE file.
+MAX_ENV_DATA = 64 * 1024
 
 
 class EngineError(Exception):
@@ -115,7 +118,8 @@ class _Run(ProcessProtocol):
 
 class ExecEngine:
     """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
-    temporary file, the context in the environment, stdout is the output; a non-zero exit is
+    temporary file, the context in the environment (a task's data also in a temporary file
+    named by CIRCLES_DATA_FILE), stdout is the output; a non-zero exit is
     an error carrying stderr; more than ``max_output`` bytes of stdout is an error; cancelling
     (the worker's timeout) kills the process."""
 
@@ -133,12 +137,17 @@ class ExecEngine:
         self.max_output = max_output
 
     def __call__(self, script: str, context: ScriptContext) -> Deferred:
-        fd, path = tempfile.mkstemp(prefix="circles-", suffix=".rhai")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(script)
+        path = _temporary(script, ".rhai")
+        paths = [path]
         argv = [arg.replace(SCRIPT_FILE, path) for arg in self.argv]
         env = dict(os.environ)
         env.update(context.environment())
+        if context.data is not None:
+            # Always in a file too: a webhook event may be larger than an environment allows.
+            paths.append(_temporary(context.data, ".json"))
+            env["CIRCLES_DATA_FILE"] = paths[-1]
+            if len(context.data.encode("utf-8", "surrogatepass")) > MAX_ENV_DATA:
+                del env["CIRCLES_DATA"]
 
         def cancel(d: Deferred) -> None:
             process.kill()
@@ -147,20 +156,29 @@ class ExecEngine:
 
         done = Deferred(cancel)
         process = _Run(done, self.max_output)
+        def cleanup(result):
+            for name in paths:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+            return result
+
         try:
             self.reactor.spawnProcess(process, argv[0], argv, env=env)
         except Exception as e:
-            os.unlink(path)
+            cleanup(None)
             raise EngineError(f"cannot start {argv[0]}: {e}") from None
 
-        def cleanup(result):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return result
-
         return done.addBoth(cleanup)
+
+
+def _temporary(text: str, suffix: str) -> str:
+    """Write ``text`` (UTF-8) to a new private temporary file and return its path."""
+    fd, path = tempfile.mkstemp(prefix="circles-", suffix=suffix)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(text)
+    return path
 
 
 # -- the --engine engine ----------------------------------------------------------------------

@@ -28,7 +28,8 @@ class Options(usage.Options):
         "Run the scripts queued for circles: take tasks from Redis, run each with an engine, "
         "reply to the server that queued it. --exec runs an external interpreter on the script "
         "(in a temporary file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and "
-        "CIRCLES_TASK_ID in its environment; stdout is the output). --engine calls a Python "
+        "CIRCLES_TASK_ID in its environment, and for a webhook event CIRCLES_DATA and CIRCLES_DATA_FILE; "
+        "stdout is the output). --engine calls a Python "
         "callable (script, context) returning a string or a Deferred."
     )
     optParameters = [
