@@ -28,6 +28,24 @@ def _positive(kind):
     return convert
 
 
+def _at_least_zero(kind):
+    """A converter for limits where 0 means "no limit" (or "off")."""
+    def convert(text: str):
+        value = kind(text)
+        if value < 0:
+            raise ValueError(f"{text} is negative")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _origins(text: str) -> tuple:
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    if not origins:
+        raise ValueError("no origin given")
+    return origins
+
+
 def _read_script(path, option: str):
     """The text of a script file, or None; a file that cannot be read stops start-up."""
     if path is None:
@@ -63,6 +81,28 @@ class Options(usage.Options):
         ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
         ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", _positive(float)),
         ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", _positive(int)),
+        ("max-batch", None, 100, "most requests in one JSON-RPC batch", _positive(int)),
+        ("rate-limit", None, 200.0, "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
+         _at_least_zero(float)),
+        ("rate-burst", None, None, "requests a connection may save up (default: twice --rate-limit)",
+         _positive(float)),
+        ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
+        ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
+        ("max-connections-per-ip", None, 0,
+         "open WebSocket connections from one address (0: no limit; behind a proxy all share one)",
+         _at_least_zero(int)),
+        ("handshake-timeout", None, 10.0, "seconds from connecting to an open WebSocket (or a whole HTTP request)",
+         _positive(float)),
+        ("idle-timeout", None, 600.0, "seconds without a message before a connection is closed (0: never)",
+         _at_least_zero(float)),
+        ("ping-interval", None, 30.0, "seconds between WebSocket pings that find dead peers (0: off)",
+         _at_least_zero(float)),
+        ("ping-timeout", None, 10.0, "seconds a pong may take before the peer is dropped", _positive(float)),
+        ("allowed-origins", None, ("*",),
+         "comma-separated browser Origin patterns allowed to connect, e.g. https://app.example.com,"
+         "https://*.example.com (default: any)", _origins),
+        ("shutdown-grace", None, 10.0, "seconds in-flight calls get to finish when the server stops",
+         _at_least_zero(float)),
         ("script-timeout", None, 30.0, "seconds a play may take (a play's timeout may only lower it)",
          _positive(float)),
         ("redis-url", None, None,
@@ -148,6 +188,18 @@ class Options(usage.Options):
                 tls=tls_options,
                 nonce_ttl=self["nonce-ttl"],
                 max_message_size=self["max-message-size"],
+                max_batch=self["max-batch"],
+                rate_limit=self["rate-limit"],
+                rate_burst=self["rate-burst"],
+                max_nonces_per_session=self["max-nonces"],
+                max_connections=self["max-connections"],
+                max_connections_per_ip=self["max-connections-per-ip"],
+                handshake_timeout=self["handshake-timeout"],
+                idle_timeout=self["idle-timeout"],
+                ping_interval=self["ping-interval"],
+                ping_timeout=self["ping-timeout"],
+                allowed_origins=self["allowed-origins"],
+                shutdown_grace=self["shutdown-grace"],
                 script_timeout=self["script-timeout"],
                 redis_url=redis_url,
                 redis_prefix=self["redis-prefix"],
