@@ -52,15 +52,17 @@ class Gateway:
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
         )
 
-    def new_session(self, circle: str, pubkey: Optional[str] = None) -> "Session":
-        return Session(self, circle, pubkey)
+    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None) -> "Session":
+        return Session(self, circle, pubkey, connection_id)
 
 
 class Session:
     """One client's view of a circle: who it has proved to be and the nonces it holds."""
 
-    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None) -> None:
+    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
+                 connection_id: Optional[int] = None) -> None:
         self.gateway = gateway
+        self.connection_id = connection_id  # names the session in logs
         self.circle = circle
         self.pubkey = pubkey  # compressed hex once authenticated
         config = gateway.config
@@ -132,10 +134,13 @@ def authenticate(session: Session, params) -> dict:
         key = None if pubkey is None else normalize_pubkey(pubkey)
         signer = session.nonces.redeem(key, signature)
     except (InvalidKey, AuthenticationFailed) as e:
-        log.info("authentication failed on circle {circle}: {reason}", circle=session.circle, reason=str(e))
+        log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
+                 conn=session.connection_id, circle=session.circle, reason=str(e))
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
     session.pubkey = signer
-    log.info("authenticated {pubkey} on circle {circle}", pubkey=signer, circle=session.circle)
+    # One info line per connection (when it closes, with who it was) is enough at full load.
+    log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
+              conn=session.connection_id, pubkey=signer, circle=session.circle)
     return {"authenticated": True, "pubkey": signer}
 
 

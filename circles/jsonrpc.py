@@ -14,10 +14,11 @@ import json
 import math
 import re
 from itertools import accumulate
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.python.failure import Failure
 from .logs import Logger
 
 PARSE_ERROR = -32700
@@ -160,6 +161,11 @@ def _too_deep(text: str) -> bool:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
 
 
+# Built once: json.loads/dumps with options build a new decoder/encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def parse(payload: Union[str, bytes]) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     try:
@@ -173,7 +179,7 @@ def parse(payload: Union[str, bytes]) -> JSONValue:
         # process. So the depth is bounded here, not by sys.getrecursionlimit().
         if _too_deep(payload):
             raise RPCError(PARSE_ERROR, "Parse error: nested too deeply")
-        return json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+        return _DECODER.decode(payload)
     except RecursionError:
         raise RPCError(PARSE_ERROR, "Parse error: nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
@@ -222,49 +228,44 @@ class Dispatcher:
                 return succeed(encode(error_response(refused)))
             # Calls start in order: a synchronous method (authenticate) has finished before the
             # next one in the batch begins.
-            d = gatherResults([self._call(request, context) for request in message], consumeErrors=True)
-            d.addCallback(lambda replies: [r for r in replies if r is not None] or None)
-        else:
-            refused = admit(1) if admit is not None else None
-            if refused is not None:
-                id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
-                if id_ is _MISSING:
-                    return succeed(None)
-                return succeed(encode(error_response(refused, id_ if _valid_id(id_) else None)))
-            d = self._call(message, context)
-        d.addCallback(lambda reply: None if reply is None else encode(reply))
-        return d
+            replies = [self._call(request, context) for request in message]
+            if any(isinstance(r, Deferred) for r in replies):
+                d = gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies], consumeErrors=True)
+                return d.addCallback(_encode_batch)
+            return succeed(_encode_batch(replies))
+        refused = admit(1) if admit is not None else None
+        if refused is not None:
+            id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
+            if id_ is _MISSING:
+                return succeed(None)
+            return succeed(encode(error_response(refused, id_ if _valid_id(id_) else None)))
+        reply = self._call(message, context)
+        if isinstance(reply, Deferred):
+            return reply.addCallback(_encode_single)
+        return succeed(_encode_single(reply))
 
-    def _call(self, request: Any, context: Any) -> Deferred:
+    def _call(self, request: Any, context: Any) -> Union[dict, None, Deferred]:
+        """The reply object for one request (None for a notification), or a Deferred of it
+        when the method answers later. Synchronous methods cost no Deferred at all."""
         if not isinstance(request, dict):
-            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: expected an object")))
+            return error_response(RPCError(INVALID_REQUEST, "Invalid Request: expected an object"))
         id_ = request.get("id", _MISSING)
         is_notification = id_ is _MISSING
         if not is_notification and not _valid_id(id_):
-            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: id must be a string, number or null")))
+            return error_response(RPCError(INVALID_REQUEST, "Invalid Request: id must be a string, number or null"))
         reply_id = None if is_notification else id_
         if request.get("jsonrpc") != "2.0":
-            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\""), reply_id))
+            return error_response(RPCError(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\""), reply_id)
         name = request.get("method")
         if not isinstance(name, str):
-            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: method must be a string"), reply_id))
+            return error_response(RPCError(INVALID_REQUEST, "Invalid Request: method must be a string"), reply_id)
         params = request.get("params")
         if "params" in request and not isinstance(params, (list, dict)):
-            return succeed(error_response(RPCError(INVALID_REQUEST, "Invalid Request: params must be an array or an object"), reply_id))
+            return error_response(RPCError(INVALID_REQUEST, "Invalid Request: params must be an array or an object"),
+                                  reply_id)
         method = self._methods.get(name)
         if method is None:
-            d = succeed(None)
-            error: Optional[RPCError] = RPCError(METHOD_NOT_FOUND, "Method not found")
-        else:
-            d = maybeDeferred(method.call, context, params)
-            error = None
-
-        def reply(result: Any) -> Optional[dict]:
-            if is_notification:
-                return None
-            if error is not None:
-                return error_response(error, id_)
-            return {"jsonrpc": "2.0", "result": result, "id": id_}
+            return None if is_notification else error_response(RPCError(METHOD_NOT_FOUND, "Method not found"), id_)
 
         def failed(failure) -> Optional[dict]:
             if failure.check(RPCError):
@@ -274,8 +275,23 @@ class Dispatcher:
                 rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
             return None if is_notification else error_response(rpc_error, id_)
 
-        d.addCallbacks(reply, failed)
-        return d
+        try:
+            result = method.call(context, params)
+        except Exception:
+            return failed(Failure())
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                lambda value: None if is_notification else {"jsonrpc": "2.0", "result": value, "id": id_}, failed)
+        return None if is_notification else {"jsonrpc": "2.0", "result": result, "id": id_}
+
+
+def _encode_single(reply: Optional[dict]) -> Optional[str]:
+    return None if reply is None else encode(reply)
+
+
+def _encode_batch(replies: list) -> Optional[str]:
+    answered = [r for r in replies if r is not None]
+    return encode(answered) if answered else None
 
 
 def encode(reply: Union[dict, list]) -> str:
@@ -285,17 +301,17 @@ def encode(reply: Union[dict, list]) -> str:
     sent as "\\ud800" is valid JSON), and those cannot be encoded into a UTF-8 text frame.
     """
     try:
-        return json.dumps(reply, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(reply)
     except (TypeError, ValueError):
         log.failure("JSON-RPC result could not be serialised")
         replies = reply if isinstance(reply, list) else [reply]
         fixed = [_serialisable(r) for r in replies]
-        return json.dumps(fixed if isinstance(reply, list) else fixed[0], separators=(",", ":"))
+        return _ENCODER.encode(fixed if isinstance(reply, list) else fixed[0])
 
 
 def _serialisable(reply: dict) -> dict:
     try:
-        json.dumps(reply, allow_nan=False)
+        _ENCODER.encode(reply)
         return reply
     except (TypeError, ValueError):
         return error_response(RPCError(INTERNAL_ERROR, "Internal error"), reply.get("id"))

@@ -7,6 +7,7 @@ code only ever sees one form: 33-byte compressed, lower-case hex, no ``0x``.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import coincurve
 
@@ -33,6 +34,11 @@ def normalize_pubkey(text: str) -> str:
     """Return the compressed hex form of a 33- or 65-byte public key given as hex."""
     if not isinstance(text, str):
         raise InvalidKey("public key must be a hex string")
+    return _normalize(text)
+
+
+@lru_cache(maxsize=4096)  # the same keys come back on every connect and authenticate
+def _normalize(text: str) -> str:
     try:
         raw = parse_hex(text)
     except ValueError:

@@ -123,8 +123,8 @@ class CircleProtocol(WebSocketServerProtocol):
         circle = circle_from_path(request.path)
         if circle is None or not gateway.config.serves(circle):
             raise ConnectionDeny(404, "No such circle")
-        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params))
-        log.info("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
+        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id)
+        log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
 
@@ -201,7 +201,9 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
-            log.info("connection {conn} closed (code {code})", conn=self.connection_id, code=code)
+            log.info("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
+                     conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,
+                     pubkey=self.session.pubkey)
         self.factory.closed(self)
 
 

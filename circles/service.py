@@ -27,6 +27,9 @@ from .scripts import IScriptRunner
 from .web import build_site
 
 log = Logger()
+#: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
+#: reconnect storm (clients then wait for SYN retransmits); the kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
 #: Seconds to wait, at the end of shutdown, for clients to answer our close frames.
 CLOSE_WAIT = 2.0
 
@@ -37,9 +40,9 @@ def server_endpoints(config: Config, reactor) -> list:
         return [serverFromString(reactor, description) for description in config.listen]
     if config.tls is not None:
         port = DEFAULT_TLS_PORT if config.port is None else config.port
-        return [SSL4ServerEndpoint(reactor, port, config.tls, interface=config.interface)]
+        return [SSL4ServerEndpoint(reactor, port, config.tls, backlog=LISTEN_BACKLOG, interface=config.interface)]
     port = DEFAULT_PLAIN_PORT if config.port is None else config.port
-    return [TCP4ServerEndpoint(reactor, port, interface=config.interface)]
+    return [TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=config.interface)]
 
 
 class ListeningService(Service):
