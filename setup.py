@@ -25,6 +25,7 @@ setup(
         "cryptography>=41",
         "pycryptodome>=3.19",
         "attrs>=23.1",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [

@@ -17,6 +17,7 @@ from .config import Config
 from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, bind_params
 from .keys import InvalidKey, normalize_pubkey
 from .limits import TokenBucket
+from .metrics import Metrics
 from .scripts import (
     SOURCE_WS,
     BackendUnavailable,
@@ -47,9 +48,11 @@ class Gateway:
         self.scripts = scripts
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
         self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces)
+        self.metrics = Metrics(methods)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
+            observe=self.metrics.request,
         )
 
     def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None) -> "Session":
@@ -136,7 +139,9 @@ def authenticate(session: Session, params) -> dict:
     except (InvalidKey, AuthenticationFailed) as e:
         log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
                  conn=session.connection_id, circle=session.circle, reason=str(e))
+        session.gateway.metrics.authentications.labels("failure").inc()
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
+    session.gateway.metrics.authentications.labels("success").inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
@@ -164,10 +169,17 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
             raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
         limit = min(timeout, limit)
     request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
+    started = gateway.clock.seconds()
     d = gateway.scripts.run(request)
+    d.addBoth(_timed, gateway, started)
     d.addCallback(lambda output: {"output": output})
     d.addErrback(_script_error)
     return d
+
+
+def _timed(result, gateway: Gateway, started: float):
+    gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+    return result
 
 
 def _script_error(failure) -> Any:

@@ -53,6 +53,7 @@ class Config:
     ping_interval: float = 30.0  # WebSocket pings to detect dead peers; 0: off
     ping_timeout: float = 10.0
     allowed_origins: tuple = ("*",)  # browser Origin patterns accepted at the handshake
+    metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
     # Where Redis is (redis://, rediss://, unix://); None: start a private redis-server.

@@ -73,6 +73,7 @@ class RedisDispatcher(Service):
         self._listening = False  # a BRPOP on the reply list is in flight on a live connection
         self._loop: Optional[Deferred] = None
         self._waiting: "dict[str, _Waiting]" = {}
+        self.connects = 0  # times both connections came up (for metrics: reconnects)
         self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
 
     # -- service --------------------------------------------------------------------------------
@@ -103,6 +104,11 @@ class RedisDispatcher(Service):
         if loop is not None:
             loop.cancel()  # it may be waiting for a connection that will never come
             yield loop.addErrback(lambda f: f.trap(CancelledError))
+
+    @property
+    def in_flight(self) -> int:
+        """plays waiting for a worker's answer."""
+        return len(self._waiting)
 
     def is_connected(self) -> bool:
         """Whether a task can be queued and its reply received right now."""
@@ -258,6 +264,7 @@ class RedisDispatcher(Service):
                 return
             if not self._listening:
                 self._listening = True
+                self.connects += 1
                 log.info("connected to Redis at {redis}", redis=self.address.redacted())
                 self._expire_abandoned()
             try:

@@ -201,10 +201,14 @@ class Dispatcher:
     ``batch_error`` (the application's "too many requests" error).
     """
 
-    def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError) -> None:
+    def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError,
+                 observe: Callable[[Optional[str], Any], None] = lambda method, outcome: None) -> None:
         self._methods = methods
         self._max_batch = max_batch
         self._batch_error = batch_error
+        # observe(method, outcome) once per request: method None for an invalid one,
+        # outcome "ok" or the error code. For metrics.
+        self._observe = observe
 
     def handle(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
@@ -217,14 +221,18 @@ class Dispatcher:
         try:
             message = parse(payload)
         except RPCError as e:
+            self._observe(None, e.code)
             return succeed(encode(error_response(e)))
         if isinstance(message, list):
             if not message:
+                self._observe(None, INVALID_REQUEST)
                 return succeed(encode(error_response(RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))))
             if len(message) > self._max_batch:
+                self._observe(None, self._batch_error.code)
                 return succeed(encode(error_response(self._batch_error)))
             refused = admit(len(message)) if admit is not None else None
             if refused is not None:
+                self._observe(None, refused.code)
                 return succeed(encode(error_response(refused)))
             # Calls start in order: a synchronous method (authenticate) has finished before the
             # next one in the batch begins.
@@ -235,6 +243,7 @@ class Dispatcher:
             return succeed(_encode_batch(replies))
         refused = admit(1) if admit is not None else None
         if refused is not None:
+            self._observe(None, refused.code)
             id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
             if id_ is _MISSING:
                 return succeed(None)
@@ -248,23 +257,29 @@ class Dispatcher:
         """The reply object for one request (None for a notification), or a Deferred of it
         when the method answers later. Synchronous methods cost no Deferred at all."""
         if not isinstance(request, dict):
+            self._observe(None, INVALID_REQUEST)
             return error_response(RPCError(INVALID_REQUEST, "Invalid Request: expected an object"))
         id_ = request.get("id", _MISSING)
         is_notification = id_ is _MISSING
         if not is_notification and not _valid_id(id_):
+            self._observe(None, INVALID_REQUEST)
             return error_response(RPCError(INVALID_REQUEST, "Invalid Request: id must be a string, number or null"))
         reply_id = None if is_notification else id_
         if request.get("jsonrpc") != "2.0":
+            self._observe(None, INVALID_REQUEST)
             return error_response(RPCError(INVALID_REQUEST, "Invalid Request: jsonrpc must be \"2.0\""), reply_id)
         name = request.get("method")
         if not isinstance(name, str):
+            self._observe(None, INVALID_REQUEST)
             return error_response(RPCError(INVALID_REQUEST, "Invalid Request: method must be a string"), reply_id)
         params = request.get("params")
         if "params" in request and not isinstance(params, (list, dict)):
+            self._observe(None, INVALID_REQUEST)
             return error_response(RPCError(INVALID_REQUEST, "Invalid Request: params must be an array or an object"),
                                   reply_id)
         method = self._methods.get(name)
         if method is None:
+            self._observe(name, METHOD_NOT_FOUND)
             return None if is_notification else error_response(RPCError(METHOD_NOT_FOUND, "Method not found"), id_)
 
         def failed(failure) -> Optional[dict]:
@@ -273,16 +288,20 @@ class Dispatcher:
             else:
                 log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
                 rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
+            self._observe(name, rpc_error.code)
             return None if is_notification else error_response(rpc_error, id_)
+
+        def succeeded(value: Any) -> Optional[dict]:
+            self._observe(name, "ok")
+            return None if is_notification else {"jsonrpc": "2.0", "result": value, "id": id_}
 
         try:
             result = method.call(context, params)
         except Exception:
             return failed(Failure())
         if isinstance(result, Deferred):
-            return result.addCallbacks(
-                lambda value: None if is_notification else {"jsonrpc": "2.0", "result": value, "id": id_}, failed)
-        return None if is_notification else {"jsonrpc": "2.0", "result": result, "id": id_}
+            return result.addCallbacks(succeeded, failed)
+        return succeeded(result)
 
 
 def _encode_single(reply: Optional[dict]) -> Optional[str]:

@@ -37,3 +37,13 @@ def _level_name(text: str) -> str:
 
 #: The ``--log-level`` option, shared by the twistd plugins (``usage.Options.optParameters``).
 LOG_LEVEL_OPTION = ("log-level", None, "info", f"least severe events logged: {', '.join(LEVEL_NAMES)}", _level_name)
+
+
+def json_observer():
+    """A log observer writing one JSON object per event to stdout, for log shippers:
+    ``twistd --logger=circles.logs.json_observer -n circles ...``."""
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")

@@ -131,6 +131,7 @@ class CircleProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory
         factory.open_connections.add(self)
+        self.session.gateway.metrics.connections.inc()
         # The HTTP channel that accepted the upgrade is still the transport's producer; the
         # WebSocket takes its place (Autobahn unregisters ours when the connection drops).
         self.transport.unregisterProducer()
@@ -232,10 +233,13 @@ class CircleFactory(WebSocketServerFactory):
             # Autobahn's default fails a connection by dropping TCP without a close frame,
             # so the client would see 1006, never the 1007/1009 documented above.
             failByDrop=False,
+            webStatus=False,  # a plain GET on a circle is 426 Upgrade Required, not a status page
         )
 
     def closed(self, protocol: CircleProtocol) -> None:
-        self.open_connections.discard(protocol)
+        if protocol in self.open_connections:
+            self.open_connections.discard(protocol)
+            self.gateway.metrics.connections.dec()
         if self._drained is not None and not self.open_connections:
             drained, self._drained = self._drained, None
             drained.callback(None)

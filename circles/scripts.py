@@ -66,6 +66,9 @@ class IScriptRunner(Interface):
         for its result; fire with the task id once the task is durably queued, or fail with
         :class:`BackendUnavailable`."""
 
+    def is_connected() -> bool:
+        """Whether scripts can be queued right now (``GET /ready`` reports it)."""
+
     def enqueue_once(request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
         """Queue ``request`` with ``data_json`` (JSON text, stored as given) unless an event
         named ``key`` was queued in the last ``ttl`` seconds; claiming the name and queuing are
@@ -79,6 +82,9 @@ class NoScriptBackend:
 
     def __init__(self, reason: Optional[str] = None) -> None:
         self.reason = reason or "no script backend is configured"
+
+    def is_connected(self) -> bool:
+        return False
 
     def run(self, request: ScriptRequest) -> Deferred:
         return fail(BackendUnavailable(self.reason))

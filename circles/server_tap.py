@@ -101,6 +101,8 @@ class Options(usage.Options):
         ("allowed-origins", None, ("*",),
          "comma-separated browser Origin patterns allowed to connect, e.g. https://app.example.com,"
          "https://*.example.com (default: any)", _origins),
+        ("metrics-listen", None, None, "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
+         "(default: /metrics on the main port)"),
         ("shutdown-grace", None, 10.0, "seconds in-flight calls get to finish when the server stops",
          _at_least_zero(float)),
         ("script-timeout", None, 30.0, "seconds a play may take (a play's timeout may only lower it)",
@@ -150,11 +152,11 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-key needs --tls-cert")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
         # saying what is wrong (SystemExit), not the help text (UsageError).
-        for description in self["listen"]:
+        for description in self["listen"] + ([self["metrics-listen"]] if self["metrics-listen"] else []):
             try:
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}")
+                raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
         redis_url = self["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
         if redis_url is not None:
             try:
@@ -200,6 +202,7 @@ class Options(usage.Options):
                 ping_timeout=self["ping-timeout"],
                 allowed_origins=self["allowed-origins"],
                 shutdown_grace=self["shutdown-grace"],
+                metrics_listen=self["metrics-listen"],
                 script_timeout=self["script-timeout"],
                 redis_url=redis_url,
                 redis_prefix=self["redis-prefix"],

@@ -16,12 +16,14 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from .logs import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from .api import Gateway
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from .dispatch import RedisDispatcher
 from .embedded_redis import EmbeddedRedis
 from .redisconn import parse_redis_url
+from .metrics import MetricsPage
 from .protocol import CircleFactory
 from .scripts import IScriptRunner
 from .web import build_site
@@ -120,6 +122,14 @@ class CirclesService(MultiService):
         self.site = build_site(self.factory, reactor)
         self.listeners = [ListeningService(endpoint, self.site)
                           for endpoint in server_endpoints(config, reactor)]
+        self.metrics_listener: Optional[ListeningService] = None
+        if config.metrics_listen is not None:
+            metrics_site = Site(MetricsPage(self.gateway.metrics), reactor=reactor)
+            self.metrics_listener = ListeningService(serverFromString(reactor, config.metrics_listen), metrics_site)
+            self.metrics_listener.setServiceParent(self)
+        if self.dispatcher is not None:
+            dispatcher = self.dispatcher
+            self.gateway.metrics.watch_dispatcher(lambda: dispatcher.in_flight, lambda: dispatcher.connects)
         for listener in self.listeners:
             listener.setServiceParent(self)
 
@@ -143,6 +153,8 @@ class CirclesService(MultiService):
             await maybeDeferred(self.dispatcher.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
+        if self.metrics_listener is not None:
+            await maybeDeferred(self.metrics_listener.stopService)
         if self.embedded_redis is not None:
             await maybeDeferred(self.embedded_redis.stopService)
 

@@ -2,7 +2,8 @@
 
 ``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
 opening handshake whether the circle exists (404 if not), so that check lives in one place.
-Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``) are plain
+Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``, ``/health``,
+``/ready``, ``/metrics``) are plain
 children of the root; circle ids are hex, so they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
 Request bodies are bounded for every route as they arrive (:mod:`circles.http_limits`).
@@ -10,12 +11,17 @@ Request bodies are bounded for every route as they arrive (:mod:`circles.http_li
 
 from __future__ import annotations
 
+import json
+
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.http import combinedLogFormatter
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import openrpc
+from .keys import COMPRESSED_HEX_LEN
+from .metrics import MetricsPage
 from .http_auth import auth_app
 from .http_limits import bounded_request_factory
 from .protocol import CircleFactory
@@ -37,6 +43,38 @@ class _Document(Resource):
         return self._body
 
 
+class _Health(Resource):
+    """``GET /health``: 200 while the process serves (liveness)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"status":"ok"}'
+
+
+class _Ready(Resource):
+    """``GET /ready``: 200 when plays can be queued (Redis reachable) and the server is not
+    shutting down, else 503 (readiness: a load balancer sends traffic elsewhere)."""
+
+    isLeaf = True
+
+    def __init__(self, factory: CircleFactory) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        if self._factory.draining:
+            problem = "shutting down"
+        elif not self._factory.gateway.scripts.is_connected():
+            problem = "script backend unavailable"
+        else:
+            return b'{"status":"ready"}'
+        request.setResponseCode(503)
+        return json.dumps({"status": "unavailable", "reason": problem}).encode("utf-8")
+
+
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
@@ -45,6 +83,7 @@ class Root(Resource):
         self._circles = circles
         self.putChild(b"auth", auth)
         self.putChild(b"webhooks", webhooks)
+        self.putChild(b"health", _Health())
         if playground:
             from .playground import Playground
             self.putChild(b"playground", Playground())
@@ -52,7 +91,11 @@ class Root(Resource):
         self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
 
     def getChild(self, path: bytes, request):
-        return self._circles
+        # Only what could be a circle id reaches the WebSocket; the protocol decides whether
+        # it is one this server serves (404 there too).
+        if len(path) == COMPRESSED_HEX_LEN:
+            return self._circles
+        return notFound()
 
 
 def _log_without_query(timestamp, request) -> str:
@@ -69,6 +112,9 @@ def build_site(factory: CircleFactory, reactor) -> Site:
     gateway = factory.gateway
     root = Root(WebSocketResource(factory), auth_app(gateway).resource(), webhook_app(gateway).resource(),
                 playground=gateway.config.playground)
+    root.putChild(b"ready", _Ready(factory))
+    if gateway.config.metrics_listen is None:  # else only on that endpoint
+        root.putChild(b"metrics", MetricsPage(gateway.metrics))
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
     site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,

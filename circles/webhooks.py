@@ -109,6 +109,7 @@ def webhook_app(gateway: Gateway) -> Klein:
     known = providers(config, gateway.clock)
 
     def refuse(request, status: int, error: str, provider: str, circle: str) -> bytes:
+        gateway.metrics.webhooks.labels(provider, str(status)).inc()
         log.info("webhook {provider} for {circle} refused with {status}: {error}",
                  provider=provider, circle=circle, status=status, error=error)
         return _json(request, status, {"error": error})
@@ -119,6 +120,7 @@ def webhook_app(gateway: Gateway) -> Klein:
         if provider is None:
             return _json(request, 404, {"error": "not found"})
         if request.method != b"POST":
+            gateway.metrics.webhooks.labels(name, "405").inc()
             request.setHeader(b"allow", b"POST")
             return _json(request, 405, {"error": "method not allowed, use POST"})
         try:
@@ -150,6 +152,7 @@ def webhook_app(gateway: Gateway) -> Klein:
             log.info("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
                      event=provider.describe(event), circle=circle, task=result.task_id,
                      what="duplicate of" if result.duplicate else "queued as")
+            gateway.metrics.webhooks.labels(name, "200").inc()
             answer = {"received": True, "task_id": result.task_id}
             if result.duplicate:
                 answer["duplicate"] = True

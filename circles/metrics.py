@@ -1,0 +1,82 @@
+"""Prometheus metrics of one server, in a registry of its own (several services may share a
+process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+
+#: Method labels are the API's methods; anything else is counted as one of these two.
+UNKNOWN_METHOD = "unknown"
+INVALID_REQUEST = "invalid"
+
+
+class Metrics:
+    """What operators watch: connections, requests, authentication, plays, webhooks, Redis."""
+
+    def __init__(self, methods) -> None:
+        self.registry = CollectorRegistry()
+        self._methods = frozenset(methods)
+        self.connections = Gauge("circles_connections_open", "Open WebSocket connections", registry=self.registry)
+        self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok or the error code)",
+                                 ["method", "outcome"], registry=self.registry)
+        self._request_children: dict = {}
+        self.authentications = Counter("circles_authentications", "authenticate calls by result", ["result"],
+                                       registry=self.registry)
+        self.play_seconds = Histogram("circles_play_seconds", "Time from play to its answer",
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                      registry=self.registry)
+        self.webhooks = Counter("circles_webhooks", "Webhook deliveries by provider and HTTP status",
+                                ["provider", "status"], registry=self.registry)
+        self.tasks_in_flight = Gauge("circles_tasks_in_flight", "plays waiting for a worker's answer",
+                                     registry=self.registry)
+        self._redis_connects: Callable[[], int] = lambda: 0
+        self.registry.register(_RedisReconnects(lambda: self._redis_connects()))
+
+    def request(self, method, outcome) -> None:
+        """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
+        ``outcome`` "ok" or an error code. (The Dispatcher's ``observe`` hook.)"""
+        key = (method, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
+            child = self._request_children[key] = self._requests.labels(label, str(outcome))
+        child.inc()
+
+    def watch_dispatcher(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
+        """Read the dispatcher's own counts when scraped (it keeps them anyway)."""
+        self.tasks_in_flight.set_function(tasks_in_flight)
+        self._redis_connects = connects
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RedisReconnects:
+    """``circles_redis_reconnects_total``: connections to Redis after the first."""
+
+    def __init__(self, connects: Callable[[], int]) -> None:
+        self._connects = connects
+
+    def collect(self):
+        family = CounterMetricFamily("circles_redis_reconnects", "Times the connection to Redis came back")
+        family.add_metric([], max(0, self._connects() - 1))
+        yield family
+
+
+class MetricsPage(Resource):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._metrics.exposition()
