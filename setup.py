@@ -39,6 +39,7 @@ setup(
             "hypothesis>=6",
             "stripe>=7",  # its own signer (WebhookSignature.generate_signature_header) signs test webhooks
             "jsonschema>=4.18",
+            "psutil>=5.9",  # which server process holds which connection (--processes)
         ],
         # Only for bench/ (the benchmark against peers): load generator, process stats, profiler.
         "bench": [

@@ -38,6 +38,7 @@ class Config:
     listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
     port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
     interface: str = ""
+    reuse_port: bool = False  # SO_REUSEPORT on port/interface: several processes share the port
     tls: Any = None  # an OpenSSL context factory, e.g. from circles.tls.load(); None: plain
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections import deque
 from typing import Optional
@@ -21,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ProcessProtocol
 from .logs import Logger
+from .processes import dies_with_this_process
 from twisted.python.failure import Failure
 
 from .redisconn import RedisAddress
@@ -32,14 +32,6 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _MAX_UNIX_PATH = 107
 
-# Runs in the child before exec: ask the kernel to SIGTERM us when the parent dies, then become
-# redis-server (the signal setting survives exec). Exits if the parent is already gone.
-_PDEATHSIG_SHIM = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
 
 
 class EmbeddedRedisError(Exception):
@@ -152,9 +144,7 @@ class EmbeddedRedis(Service):
         args = [binary, "--port", "0", "--unixsocket", address.path, "--unixsocketperm", "700",
                 "--dir", self.state_dir, "--daemonize", "no", "--logfile", "", "--save", ""]
         args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
-        argv = args
-        if sys.platform.startswith("linux"):
-            argv = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())] + args
+        argv = dies_with_this_process(args)
         self._process = _RedisProcess()
         self._stopping = False
         self._result = None

@@ -6,6 +6,7 @@ import os
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 from . import logs, tls, webhook_secrets
@@ -13,6 +14,7 @@ from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Con
 from .embedded_redis import EmbeddedRedisError, find_redis_server
 from .http_limits import DEFAULT_MAX_BODY
 from .redisconn import InvalidRedisURL, parse_redis_url
+from .processes import ServerProcesses
 from .service import CirclesService
 
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
@@ -69,6 +71,8 @@ class Options(usage.Options):
     )
     optFlags = [
         ("auth", None, "require authentication before play"),
+        ("reuse-port", None, "bind --port with SO_REUSEPORT, sharing it with other server processes "
+         "(what --processes does for its children)"),
         ("redis-persist", None, "the private Redis (no --redis-url) keeps its data in --state-dir"),
         ("playground", None, "serve the browser playground at /playground/ (a page to play scripts with a wallet)"),
     ]
@@ -81,6 +85,8 @@ class Options(usage.Options):
         ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
         ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", _positive(float)),
         ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", _positive(int)),
+        ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
+         "through Redis and stop together", _positive(int)),
         ("max-batch", None, 100, "most requests in one JSON-RPC batch", _positive(int)),
         ("rate-limit", None, 200.0, "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
          _at_least_zero(float)),
@@ -147,7 +153,15 @@ class Options(usage.Options):
         """Twisted endpoint to listen on, e.g. tcp:8080 or ssl:8443:privateKey=k.pem:certKey=c.pem (repeatable; overrides --port)"""
         self["listen"].append(description)
 
+    def parseOptions(self, options=None) -> None:
+        # Kept for --processes, which starts the other processes with the same options.
+        self.argv = list(options) if options is not None else []
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
+        if self["processes"] > 1 and self["listen"]:
+            raise usage.UsageError("--processes shares --port (and --tls-cert) between processes; "
+                                   "it cannot share --listen endpoints")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
@@ -187,6 +201,7 @@ class Options(usage.Options):
                 listen=tuple(self["listen"]),
                 port=self["port"],
                 interface=self["interface"],
+                reuse_port=self["reuse-port"] or self["processes"] > 1,
                 tls=tls_options,
                 nonce_ttl=self["nonce-ttl"],
                 max_message_size=self["max-message-size"],
@@ -222,6 +237,31 @@ class Options(usage.Options):
             raise SystemExit(f"circles: -k/--circle: {e}")
 
 
-def makeService(config: Options, reactor=global_reactor) -> CirclesService:
+def makeService(config: Options, reactor=global_reactor):
     logs.set_level(config["log-level"])
-    return CirclesService(config.config, reactor=reactor)
+    service = CirclesService(config.config, reactor=reactor)
+    if config["processes"] == 1:
+        return service
+    # This process listens first (a port 0 becomes a real one), then starts the others on it;
+    # they stop first, while the private Redis (ours) still runs for them.
+    argv = _without_option(config.argv, "--processes")
+    if service.embedded_redis is not None:
+        argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
+    group = MultiService()
+    service.setServiceParent(group)
+    ServerProcesses(reactor, config["processes"] - 1, argv, service.when_listening,
+                    stop_timeout=config.config.shutdown_grace + 10).setServiceParent(group)
+    return group
+
+
+def _without_option(argv: list, name: str) -> list:
+    """``argv`` less ``name VALUE`` and ``name=VALUE``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept

@@ -24,6 +24,7 @@ from .dispatch import RedisDispatcher
 from .embedded_redis import EmbeddedRedis
 from .redisconn import parse_redis_url
 from .metrics import MetricsPage
+from .processes import ReusePortEndpoint
 from .protocol import CircleFactory
 from .scripts import IScriptRunner
 from .web import build_site
@@ -40,6 +41,9 @@ def server_endpoints(config: Config, reactor) -> list:
     """The endpoints to listen on: ``config.listen`` strings, else the port (TLS if configured)."""
     if config.listen:
         return [serverFromString(reactor, description) for description in config.listen]
+    if config.reuse_port:
+        port = (DEFAULT_TLS_PORT if config.tls is not None else DEFAULT_PLAIN_PORT) if config.port is None else config.port
+        return [ReusePortEndpoint(reactor, port, config.interface, LISTEN_BACKLOG, config.tls)]
     if config.tls is not None:
         port = DEFAULT_TLS_PORT if config.port is None else config.port
         return [SSL4ServerEndpoint(reactor, port, config.tls, backlog=LISTEN_BACKLOG, interface=config.interface)]

@@ -1,0 +1,147 @@
+"""Several server processes on one port, so one host serves with all its cores.
+
+``--processes N`` makes the process twistd started the first of N. Each binds the same port
+with ``SO_REUSEPORT`` and the kernel spreads new connections across them; they share nothing
+but Redis (each has its own dispatcher and reply list, as separate hosts would). The first
+process starts the private Redis, if any, and the N-1 others with the same options pointed at
+it; they die with it (parent-death signal) and stop when it stops.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from .logs import Logger
+
+log = Logger()
+
+# Runs in a child before exec: ask the kernel to SIGTERM it when its parent dies, then become
+# the real program (the setting survives exec). Exits if the parent is already gone.
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dies_with_this_process(argv: list) -> list:
+    """``argv`` wrapped so the child is terminated if this process dies (Linux; elsewhere
+    unchanged). ``argv[0]`` must be a path."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())] + argv
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """TCP (optionally TLS) on a port that other processes bind too (``SO_REUSEPORT``)."""
+
+    def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, tls=None) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._interface = interface
+        self._backlog = backlog
+        self._tls = tls
+
+    def listen(self, factory) -> Deferred:
+        family = socket.AF_INET6 if ":" in self._interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self._interface, self._port))
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+            if self._tls is not None:
+                factory = TLSMemoryBIOFactory(self._tls, False, factory)
+            port = self._reactor.adoptStreamPort(sock.fileno(), family, factory)
+        except OSError as e:
+            from twisted.internet.defer import fail
+            from twisted.internet.error import CannotListenError
+            return fail(CannotListenError(self._interface, self._port, e))
+        finally:
+            sock.close()  # the reactor holds its own descriptor
+        return succeed(port)
+
+
+class _Child(ProcessProtocol):
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.ended = Deferred()
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value.exitCode)
+
+
+class ServerProcesses(Service):
+    """Starts ``count`` more server processes once this one listens, and stops them with it.
+
+    ``argv`` is the plugin's command line for them (``--processes`` removed), completed
+    with ``--port`` (the port this process bound, in case it was 0) and ``--reuse-port``.
+    """
+
+    def __init__(self, reactor, count: int, argv: list, listening, stop_timeout: float) -> None:
+        self._reactor = reactor
+        self._count = count
+        self._argv = argv
+        self._listening = listening  # () -> Deferred[list of IListeningPort]
+        self._stop_timeout = stop_timeout
+        self.children: list = []
+
+    def startService(self) -> None:
+        super().startService()
+        self._listening().addCallback(self._spawn)
+
+    def _spawn(self, ports: list) -> None:
+        if not self.running:
+            return
+        port = ports[0].getHost().port
+        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                   "--nodaemon", "--pidfile=", "--logfile=-", "circles", *self._argv, "--port", str(port), "--reuse-port"]
+        for number in range(1, self._count + 1):
+            child = _Child(number)
+            # The children's logs go where ours go: the same standard output and error.
+            transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
+                                                   env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
+            child.transport = transport
+            child.ended.addCallback(self._ended, child)
+            self.children.append(child)
+            log.info("started server process {n} (pid {pid}) on port {port}", n=number + 1,
+                     pid=transport.pid, port=port)
+
+    def _ended(self, code: Optional[int], child: _Child) -> None:
+        if child in self.children:
+            self.children.remove(child)
+            if self.running:
+                log.error("server process {n} exited (code {code}) while serving", n=child.number + 1, code=code)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        children, self.children = list(self.children), []
+        for child in children:
+            child.transport.signalProcess("TERM")  # each drains its own connections
+        waits = []
+        for child in children:
+            timer = self._reactor.callLater(self._stop_timeout, _kill, child)
+            child.ended.addBoth(lambda result, timer=timer: timer.active() and timer.cancel())
+            waits.append(child.ended)
+        from twisted.internet.defer import DeferredList
+        return DeferredList(waits, consumeErrors=True)
+
+
+def _kill(child: _Child) -> None:
+    try:
+        child.transport.signalProcess("KILL")
+    except Exception:
+        pass
