@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import HTTPChannel
 
 from .logs import Logger
 
@@ -84,3 +85,47 @@ class TokenBucket:
             return False
         self._tokens -= n
         return True
+
+
+class RequestDeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive each whole request within its ``timeOut``.
+
+    Twisted's own timeout is one of silence: every byte restarts it, so a client sending a
+    header byte a second would hold its connection for hours. Here the first request (the
+    WebSocket upgrade, usually) must arrive whole within ``timeOut`` of the connection, and each
+    later one within ``timeOut`` of the previous answer; the idle timeout still applies too.
+    """
+
+    _deadline = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timeOut and self._deadline is None:
+            self._deadline = self.callLater(self.timeOut, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        if self.persistent and self.transport is not None:
+            self._arm()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:  # None: handed over to a WebSocket
+            self.timeoutConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._disarm()
+        super().connectionLost(reason)

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from . import openrpc
 from .http_auth import auth_app
 from .http_limits import bounded_request_factory
+from .limits import RequestDeadlineChannel
 from .protocol import CircleFactory
 from .webhooks import webhook_app
 
@@ -70,8 +71,10 @@ def build_site(factory: CircleFactory, reactor) -> Site:
     root = Root(WebSocketResource(factory), auth_app(gateway).resource(), webhook_app(gateway).resource(),
                 playground=gateway.config.playground)
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
-    # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
+    # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
+    # take over.
     site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
                 requestFactory=bounded_request_factory(gateway.config.webhook_max_body))
+    site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
     return site
