@@ -225,7 +225,10 @@ class CircleFactory(WebSocketServerFactory):
             openHandshakeTimeout=config.handshake_timeout,
             closeHandshakeTimeout=5,
             autoPingInterval=config.ping_interval,
-            autoPingTimeout=config.ping_timeout,
+            # Autobahn's timers (txaio's batched timer) truncate their deadline to the whole
+            # second, so they fire up to 1 s early: a 0.5 s pong timeout could drop a peer
+            # before its pong could arrive. One more second makes it at least the one asked for.
+            autoPingTimeout=config.ping_timeout + 1 if config.ping_timeout else 0,
             allowedOrigins=list(config.allowed_origins),
             # Autobahn's default fails a connection by dropping TCP without a close frame,
             # so the client would see 1006, never the 1007/1009 documented above.
