@@ -1,15 +1,18 @@
 """Limits that keep one client, or a crowd of them, from taking the server down.
 
-:class:`ConnectionLimit` wraps the Site's factory and refuses a TCP connection at accept time
-when the server, or the peer's address, already holds its share. It is the innermost wrapper
-(inside TLS), which is where Autobahn's ``WebSocketResource`` looks when it takes a
-connection over from HTTP, so it keeps counting after the upgrade and releases the slot when
-the WebSocket closes. :class:`TokenBucket` bounds each connection's request rate.
+:class:`ConnectionCount` counts open WebSockets, in all and per peer address, from the opening
+handshake (where a refusal can be HTTP 503) to the close. :class:`TokenBucket` bounds each
+connection's request rate. :class:`OriginPolicy` decides which browser origins may connect
+(403 otherwise). :class:`RequestDeadlineChannel` bounds the time a connection may take to send
+a whole HTTP request, the WebSocket upgrade included.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+from urllib.parse import urlsplit
+
+from autobahn.util import wildcards2patterns
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import HTTPChannel
@@ -58,6 +61,43 @@ class ConnectionCount:
             self.by_peer[peer] = left
         else:
             self.by_peer.pop(peer, None)
+
+
+class OriginPolicy:
+    """Which browser origins may open a WebSocket: ``*`` wildcard patterns, as configured.
+
+    An origin matches as the browser sends it (``https://app.example``) or with its port
+    spelled out (``https://app.example:443``), so a pattern may name the port or leave the
+    default one out. (Autobahn's own check only tries the second form, which refused the very
+    origins configured without a port, and answered 400.) A request without an Origin header
+    does not come from a browser page and is allowed; ``null`` must be allowed by name (or ``*``).
+    """
+
+    _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+    def __init__(self, patterns) -> None:
+        self.any = "*" in patterns
+        self._patterns = wildcards2patterns(list(patterns))
+
+    def allows(self, origin: Optional[str]) -> bool:
+        if not origin or self.any:
+            return True
+        origin = origin.strip()
+        forms = [origin.lower()]
+        if forms[0] != "null":
+            try:
+                url = urlsplit(origin)
+                scheme, host, port = url.scheme.lower(), url.hostname, url.port
+            except ValueError:
+                return False
+            if not host:
+                return False
+            default = self._DEFAULT_PORTS.get(scheme)
+            port = default if port is None else port
+            forms = [f"{scheme}://{host}:{port}"]
+            if port == default:
+                forms.append(f"{scheme}://{host}")
+        return any(pattern.match(form) for pattern in self._patterns for form in forms)
 
 
 class TokenBucket:
