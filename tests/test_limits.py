@@ -477,13 +477,13 @@ def _chatty(ws, seconds: float, every: float) -> int:
 @pytest_twisted.ensureDeferred
 async def test_idle_connection_is_closed_a_chatty_one_is_not(start):
     service, port = await serve(start, idle_timeout=2, ping_interval=0)
+    began = time.monotonic()  # before the server can start the idle connection's timer
     idle, chatty = await in_thread(open_ws, port), await in_thread(open_ws, port)
     try:
-        began = time.monotonic()
         chatter = in_thread(_chatty, chatty, 5, 0.1)
         close = await in_thread(_close_of, idle)
         assert close.code == 1000 and "idle" in close.reason
-        assert time.monotonic() - began >= 1.5  # not closed at once (clocks are coarse; no upper bound)
+        assert time.monotonic() - began >= 1.9  # not closed early (a lower bound only: load delays)
         assert await chatter > 5
         assert (await in_thread(whoami, chatty))["result"]["circle"] == CIRCLE  # still open past 2x idle
     finally:
@@ -714,17 +714,15 @@ def _shutdown_with_a_play_in_flight(tmp_path: Path, grace: float, script: str):
             with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
                 while True:
                     replies.append(json.loads(ws.recv(timeout=grace + 60)))
-        began = time.monotonic()
-        try:
+        try:  # within the grace period and a generous margin
             returncode = server.proc.wait(grace + 30)
         except subprocess.TimeoutExpired:
             returncode = None
-        waited = time.monotonic() - began
-        return replies, closed.value.rcvd, returncode, waited, pids, server
+        return replies, closed.value.rcvd, returncode, pids, server
 
 
 def test_sigterm_lets_the_play_in_flight_finish_then_1001_and_stops_redis(tmp_path):
-    replies, close, returncode, _, pids, server = _shutdown_with_a_play_in_flight(tmp_path, 10, "sleep 2; echo done")
+    replies, close, returncode, pids, server = _shutdown_with_a_play_in_flight(tmp_path, 10, "sleep 2; echo done")
     assert replies == [{"jsonrpc": "2.0", "result": {"output": "done\n"}, "id": "p"}]
     assert close is not None and close.code == 1001, close
     _stopped_cleanly(returncode, server)
@@ -733,7 +731,7 @@ def test_sigterm_lets_the_play_in_flight_finish_then_1001_and_stops_redis(tmp_pa
 
 
 def test_sigterm_past_the_grace_answers_minus_32004_then_1001(tmp_path):
-    replies, close, returncode, _, pids, server = _shutdown_with_a_play_in_flight(tmp_path, 1, "sleep 30; echo late")
+    replies, close, returncode, pids, server = _shutdown_with_a_play_in_flight(tmp_path, 1, "sleep 30; echo late")
     assert len(replies) == 1 and replies[0]["id"] == "p", replies
     assert replies[0]["error"]["code"] == -32004, replies
     assert close is not None and close.code == 1001, close
