@@ -47,7 +47,7 @@ class Config:
     max_batch: int = 100
     rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
     rate_burst: Optional[float] = None  # requests saved up; default twice the rate
-    max_connections: int = 10_000  # open TCP connections (HTTP and WebSocket); 0: no limit
+    max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit
     max_connections_per_ip: int = 0  # from one address; 0: no limit (a reverse proxy is one address)
     handshake_timeout: float = 10.0  # seconds from TCP accept to an open WebSocket
     idle_timeout: float = 600.0  # seconds without a message before closing; 0: never

@@ -1,17 +1,21 @@
 """Limits that keep one client, or a crowd of them, from taking the server down.
 
-:class:`ConnectionLimit` wraps the Site's factory and refuses a TCP connection at accept time
-when the server, or the peer's address, already holds its share. It is the innermost wrapper
-(inside TLS), which is where Autobahn's ``WebSocketResource`` looks when it takes a
-connection over from HTTP, so it keeps counting after the upgrade and releases the slot when
-the WebSocket closes. :class:`TokenBucket` bounds each connection's request rate.
+:class:`ConnectionCount` counts open WebSockets, in all and per peer address, from the opening
+handshake (where a refusal can be HTTP 503) to the close. :class:`TokenBucket` bounds each
+connection's request rate. :class:`OriginPolicy` decides which browser origins may connect
+(403 otherwise). :class:`RequestDeadlineChannel` bounds the time a connection may take to send
+a whole HTTP request, the WebSocket upgrade included.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+from urllib.parse import urlsplit
+
+from autobahn.util import wildcards2patterns
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import HTTPChannel
 
 from .logs import Logger
 
@@ -59,6 +63,43 @@ class ConnectionCount:
             self.by_peer.pop(peer, None)
 
 
+class OriginPolicy:
+    """Which browser origins may open a WebSocket: ``*`` wildcard patterns, as configured.
+
+    An origin matches as the browser sends it (``https://app.example``) or with its port
+    spelled out (``https://app.example:443``), so a pattern may name the port or leave the
+    default one out. (Autobahn's own check only tries the second form, which refused the very
+    origins configured without a port, and answered 400.) A request without an Origin header
+    does not come from a browser page and is allowed; ``null`` must be allowed by name (or ``*``).
+    """
+
+    _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+    def __init__(self, patterns) -> None:
+        self.any = "*" in patterns
+        self._patterns = wildcards2patterns(list(patterns))
+
+    def allows(self, origin: Optional[str]) -> bool:
+        if not origin or self.any:
+            return True
+        origin = origin.strip()
+        forms = [origin.lower()]
+        if forms[0] != "null":
+            try:
+                url = urlsplit(origin)
+                scheme, host, port = url.scheme.lower(), url.hostname, url.port
+            except ValueError:
+                return False
+            if not host:
+                return False
+            default = self._DEFAULT_PORTS.get(scheme)
+            port = default if port is None else port
+            forms = [f"{scheme}://{host}:{port}"]
+            if port == default:
+                forms.append(f"{scheme}://{host}")
+        return any(pattern.match(form) for pattern in self._patterns for form in forms)
+
+
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; :meth:`take` spends them.
 
@@ -84,3 +125,47 @@ class TokenBucket:
             return False
         self._tokens -= n
         return True
+
+
+class RequestDeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive each whole request within its ``timeOut``.
+
+    Twisted's own timeout is one of silence: every byte restarts it, so a client sending a
+    header byte a second would hold its connection for hours. Here the first request (the
+    WebSocket upgrade, usually) must arrive whole within ``timeOut`` of the connection, and each
+    later one within ``timeOut`` of the previous answer; the idle timeout still applies too.
+    """
+
+    _deadline = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timeOut and self._deadline is None:
+            self._deadline = self.callLater(self.timeOut, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        if self.persistent and self.transport is not None:
+            self._arm()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:  # None: handed over to a WebSocket
+            self.timeoutConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._disarm()
+        super().connectionLost(reason)

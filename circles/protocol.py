@@ -61,7 +61,7 @@ from .logs import Logger
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
-from .limits import ConnectionCount
+from .limits import ConnectionCount, OriginPolicy
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -114,6 +114,8 @@ class CircleProtocol(WebSocketServerProtocol):
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
         gateway: Gateway = self.factory.gateway
+        if not self.factory.origins.allows(request.origin):
+            raise ConnectionDeny(403, "Origin not allowed")
         peer = self.transport.getPeer()
         peer_host = getattr(peer, "host", str(peer))
         refused = self.factory.connections.admit(peer_host)
@@ -219,6 +221,7 @@ class CircleFactory(WebSocketServerFactory):
         self.gateway = gateway
         self.open_connections: set = set()  # open WebSockets, for shutdown
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
+        self.origins = OriginPolicy(gateway.config.allowed_origins)
         self.draining = False
         self._drained: Optional[Deferred] = None
         config = gateway.config
@@ -228,8 +231,13 @@ class CircleFactory(WebSocketServerFactory):
             openHandshakeTimeout=config.handshake_timeout,
             closeHandshakeTimeout=5,
             autoPingInterval=config.ping_interval,
-            autoPingTimeout=config.ping_timeout,
-            allowedOrigins=list(config.allowed_origins),
+            # Autobahn's timers (txaio's batched timer) truncate their deadline to the whole
+            # second, so they fire up to 1 s early: a 0.5 s pong timeout could drop a peer
+            # before its pong could arrive. One more second makes it at least the one asked for.
+            autoPingTimeout=config.ping_timeout + 1 if config.ping_timeout else 0,
+            # Origins are checked in onConnect (OriginPolicy), where a refusal can be 403.
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
             # Autobahn's default fails a connection by dropping TCP without a close frame,
             # so the client would see 1006, never the 1007/1009 documented above.
             failByDrop=False,

@@ -24,6 +24,7 @@ from .keys import COMPRESSED_HEX_LEN
 from .metrics import MetricsPage
 from .http_auth import auth_app
 from .http_limits import bounded_request_factory
+from .limits import RequestDeadlineChannel
 from .protocol import CircleFactory
 from .webhooks import webhook_app
 
@@ -116,8 +117,10 @@ def build_site(factory: CircleFactory, reactor) -> Site:
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
-    # timeout; once upgraded, Autobahn's pings and the idle timeout take over.
+    # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
+    # take over.
     site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
                 requestFactory=bounded_request_factory(gateway.config.webhook_max_body))
+    site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
     return site
