@@ -36,7 +36,7 @@ ROOT = HERE.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 NO_CAP = 1_000_000_000  # outstanding nonces per connection during the benchmark (see circles_bench.tac)
-TARGETS = ("ours", "autobahn", "websockets")
+TARGETS = ("ours", "autobahn", "websockets")  # also "ours-2p": --processes 2, unpinned, rpc and auth
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 
@@ -109,9 +109,17 @@ class Server:
         self.target = target
         self.port = free_port()
         env = dict(os.environ)
-        if target == "ours":
-            argv = [str(BIN / "twistd"), "-n", "--pidfile=", "-y", str(HERE / "circles_bench.tac")]
-            env.update(CIRCLES_ARGS=f"-p {self.port}", CIRCLES_BENCH_MAX_NONCES=str(max_nonces))
+        if target in ("ours", "ours-2p"):
+            # Defaults, except: the nonce cap (workload (1) holds every nonce it fetches), the
+            # rate limit (set out of reach, so its check still runs on every request) and the
+            # connection limit (workload (3) holds more than the default 10,000).
+            self.state = tempfile.mkdtemp(prefix="circles-bench-state-")
+            argv = [str(BIN / "twistd"), "-n", "--pidfile=", "circles", "-p", str(self.port),
+                    "--interface", "127.0.0.1", "--max-nonces", str(max_nonces), "--rate-limit", "1e9",
+                    "--max-connections", "0", "--state-dir", self.state]
+            if target == "ours-2p":
+                argv += ["--processes", "2"]
+                pinned = False  # two processes: both cores
         else:
             script = HERE / "peers" / f"{target}_peer.py"
             argv = [PYTHON, str(script), "--port", str(self.port), "--max-nonces", str(max_nonces)]
@@ -148,6 +156,8 @@ class Server:
                 self.process.kill()
                 self.process.wait(5)
         self.logfile.close()
+        if getattr(self, "state", None):
+            shutil.rmtree(self.state, ignore_errors=True)
 
     def __enter__(self) -> "Server":
         return self
@@ -169,6 +179,8 @@ def loadgen(server: Server, workload: str, args: list, pinned: bool, timeout: fl
 
 def run_target(target: str, plan: dict, logdir: Path, pinned: bool, workloads: set) -> dict:
     out: dict = {}
+    if target == "ours-2p":  # throughput over both cores; the load generator shares them
+        workloads, pinned = workloads & {"rpc", "auth"}, False
     if workloads & {"rpc", "auth"}:
         with Server(target, logdir, pinned) as server:
             log(f"{target}: throughput workloads (pid {server.pid}, port {server.port})")
@@ -367,7 +379,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds and small counts, for development")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: ours,autobahn,websockets")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: ours,autobahn,websockets,ours-2p")
     parser.add_argument("--workloads", default="rpc,auth,idle,churn", help="comma-separated: rpc,auth,idle,churn")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of ours")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
