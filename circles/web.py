@@ -31,16 +31,19 @@ from .webhooks import webhook_app
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
 
 
-class _Document(Resource):
+class Document(Resource):
+    """A fixed body for GET, with its content type and any other headers it needs."""
+
     isLeaf = True
 
-    def __init__(self, body: bytes, content_type: bytes) -> None:
+    def __init__(self, body: bytes, content_type: bytes, headers: tuple = ()) -> None:
         super().__init__()
         self._body = body
-        self._content_type = content_type
+        self._headers = ((b"content-type", content_type), *headers)
 
-    def render_GET(self, request):
-        request.setHeader(b"content-type", self._content_type)
+    def render_GET(self, request) -> bytes:
+        for name, value in self._headers:
+            request.setHeader(name, value)
         return self._body
 
 
@@ -88,8 +91,8 @@ class Root(Resource):
         if playground:
             from .playground import Playground
             self.putChild(b"playground", Playground())
-        self.putChild(b"", _Document(INDEX, b"text/plain; charset=utf-8"))
-        self.putChild(b"openrpc.json", _Document(openrpc.document_text().encode("utf-8"), b"application/json"))
+        self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
+        self.putChild(b"openrpc.json", Document(openrpc.document_text().encode("utf-8"), b"application/json"))
 
     def getChild(self, path: bytes, request):
         # Only what could be a circle id reaches the WebSocket; the protocol decides whether

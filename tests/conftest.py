@@ -1,5 +1,7 @@
 import pytest
+import pytest_twisted
 import trustme
+from twisted.internet.defer import maybeDeferred
 
 from .redis_server import redis_client, redis_server  # noqa: F401  (fixtures: a real redis-server)
 
@@ -19,3 +21,20 @@ def tls_files(tmp_path_factory):
     cert.private_key_pem.write_to_path(str(paths["key"]))
     cert.private_key_and_cert_chain_pem.write_to_path(str(paths["combined"]))
     return {name: str(path) for name, path in paths.items()}
+
+
+@pytest_twisted.async_yield_fixture
+async def start():
+    """``start(service)`` starts a Twisted service and stops it, if still running, after the
+    test (in reverse order of starting)."""
+    started = []
+
+    def _start(service):
+        service.startService()
+        started.append(service)
+        return service
+
+    yield _start
+    for service in reversed(started):
+        if service.running:
+            await maybeDeferred(service.stopService)

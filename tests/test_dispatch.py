@@ -31,22 +31,6 @@ def echo_engine(script, context):
                        "source": context.source, "task_id": context.task_id, "data": context.data})
 
 
-@pytest_twisted.async_yield_fixture
-async def start(redis_server):
-    """``start(service)`` starts a service and stops it (if still running) after the test."""
-    started = []
-
-    def _start(service):
-        service.startService()
-        started.append(service)
-        return service
-
-    yield _start
-    for service in reversed(started):
-        if service.running:
-            await maybeDeferred(service.stopService)
-
-
 def make_dispatcher(redis_server, **kw) -> RedisDispatcher:
     return RedisDispatcher(parse_redis_url(redis_server.url), reactor=reactor, **kw)
 

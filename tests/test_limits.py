@@ -68,21 +68,6 @@ def in_memory(clock=None, **config):
     return clock, Gateway(Config(**config), clock, NoScriptBackend()).new_session(CIRCLE)
 
 
-@pytest_twisted.async_yield_fixture
-async def start():
-    started = []
-
-    def _start(service):
-        service.startService()
-        started.append(service)
-        return service
-
-    yield _start
-    for service in reversed(started):
-        if service.running:
-            await maybeDeferred(service.stopService)
-
-
 async def serve(start, **config) -> "tuple[CirclesService, int]":
     """An in-process server on a loopback port, with no script backend (no Redis needed)."""
     config.setdefault("circles", [CIRCLE])

@@ -15,7 +15,7 @@ from circles.worker import Worker
 
 from .play_client import RPCClient, eventually, new_key, pk
 from .support import Key, twistd, request
-from .test_play_ws import CIRCLE, serve, start  # noqa: F401  (start is a fixture)
+from .test_play_ws import CIRCLE, serve
 
 
 def _get(url: str):

@@ -22,21 +22,6 @@ CIRCLE_KEY = new_key()
 CIRCLE = pk(CIRCLE_KEY)
 
 
-@pytest_twisted.async_yield_fixture
-async def start():
-    started = []
-
-    def _start(service):
-        service.startService()
-        started.append(service)
-        return service
-
-    yield _start
-    for service in reversed(started):
-        if service.running:
-            await maybeDeferred(service.stopService)
-
-
 async def serve(start, redis_url=None, **config) -> "tuple[CirclesService, int]":
     config.setdefault("circles", [CIRCLE])
     service = start(CirclesService(Config(listen=("tcp:0:interface=127.0.0.1",), redis_url=redis_url, **config),

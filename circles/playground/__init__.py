@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 from twisted.web.util import redirectTo
+
+from ..web import Document
 
 _FILES = {
     b"": ("index.html", b"text/html; charset=utf-8"),
@@ -27,21 +30,13 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
-class _File(Resource):
-    isLeaf = True
-
-    def __init__(self, body: bytes, content_type: bytes) -> None:
-        super().__init__()
-        self._body = body
-        self._content_type = content_type
-
-    def render_GET(self, request) -> bytes:
-        request.setHeader(b"content-type", self._content_type)
-        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"referrer-policy", b"no-referrer")
-        request.setHeader(b"cache-control", b"no-cache")
-        return self._body
+#: Sent with every file of the page.
+_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+)
 
 
 class Playground(Resource):
@@ -50,11 +45,11 @@ class Playground(Resource):
     def __init__(self) -> None:
         super().__init__()
         here = files(__package__)
-        self._files = {name: _File(here.joinpath(filename).read_bytes(), content_type)
+        self._files = {name: Document(here.joinpath(filename).read_bytes(), content_type, _HEADERS)
                        for name, (filename, content_type) in _FILES.items()}
 
     def getChild(self, path: bytes, request) -> Resource:
-        return self._files.get(path) or NoResource()
+        return self._files.get(path) or notFound()
 
     def render_GET(self, request) -> bytes:
         return redirectTo(b"playground/", request)
