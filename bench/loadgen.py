@@ -41,7 +41,6 @@ import json
 import multiprocessing
 import os
 import resource
-import secrets
 import sys
 import time
 from typing import Any, Optional

@@ -29,7 +29,6 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -12,7 +12,6 @@ from functools import lru_cache
 import coincurve
 
 COMPRESSED_HEX_LEN = 66
-UNCOMPRESSED_HEX_LEN = 130
 _HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
@@ -50,13 +49,3 @@ def _normalize(text: str) -> str:
     except ValueError:
         raise InvalidKey("public key is not a point on secp256k1") from None
     return key.format(compressed=True).hex()
-
-
-def is_circle_id(text: str) -> bool:
-    """True when ``text`` is a circle id as it appears in a URL: compressed, lower-case hex."""
-    if len(text) != COMPRESSED_HEX_LEN or text != text.lower():
-        return False
-    try:
-        return normalize_pubkey(text) == text
-    except InvalidKey:
-        return False

@@ -27,7 +27,7 @@ from circles.auth import (
     eth_personal_digest,
     signature_matches,
 )
-from circles.keys import InvalidKey, is_circle_id, normalize_pubkey
+from circles.keys import InvalidKey, normalize_pubkey
 
 N = SECP256k1.order
 P = 2**256 - 2**32 - 977  # the field prime
@@ -295,12 +295,6 @@ def test_uncompressed_with_wrong_y_refused(key):
         normalize_pubkey(bad.hex())
 
 
-def test_is_circle_id(key):
-    assert is_circle_id(key.compressed)
-    assert not is_circle_id(key.compressed.upper())
-    assert not is_circle_id("0x" + key.compressed)
-    assert not is_circle_id(key.uncompressed)
-    assert not is_circle_id("02" + "00" * 32)
 
 
 # --- refusals ---------------------------------------------------------------------------------

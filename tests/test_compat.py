@@ -182,7 +182,7 @@ def _refused(url: str) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_url_authentication(server):
-    user, other = Key(), Key()
+    user = Key()
     events = []
     globalLogPublisher.addObserver(events.append)
     try:

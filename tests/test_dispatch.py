@@ -7,7 +7,7 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from circles import tasks
 from circles.dispatch import RedisDispatcher

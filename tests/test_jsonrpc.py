@@ -15,7 +15,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from circles.jsonrpc import (
@@ -23,7 +23,6 @@ from circles.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     MAX_DEPTH,
-    METHOD_NOT_FOUND,
     PARSE_ERROR,
     Dispatcher,
     Methods,

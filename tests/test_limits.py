@@ -29,7 +29,6 @@ import pytest
 import pytest_twisted
 import websockets
 from twisted.internet import reactor, threads
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from websockets.sync.client import connect
 

@@ -9,7 +9,6 @@ import urllib.request
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from circles import CirclesService, Config
 from circles.redisconn import parse_redis_url
 from circles.worker import Worker
 

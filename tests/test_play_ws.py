@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from circles import CirclesService, Config
 from circles.redisconn import parse_redis_url

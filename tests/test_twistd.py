@@ -13,7 +13,6 @@ import pytest
 import websockets
 from websockets.sync.client import connect
 
-from circles.keys import normalize_pubkey
 
 from .support import ROOT, TWISTD, Key, authenticate, client_tls, request, run_twistd_to_exit, twistd
 
