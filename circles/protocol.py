@@ -116,18 +116,18 @@ class CircleProtocol(WebSocketServerProtocol):
         gateway: Gateway = self.factory.gateway
         if not self.factory.origins.allows(request.origin):
             raise ConnectionDeny(403, "Origin not allowed")
+        circle = circle_from_path(request.path)
+        if circle is None or not gateway.config.serves(circle):
+            raise ConnectionDeny(404, "No such circle")
         peer = self.transport.getPeer()
         peer_host = getattr(peer, "host", str(peer))
         refused = self.factory.connections.admit(peer_host)
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = peer_host
-        circle = circle_from_path(request.path)
-        if circle is None or not gateway.config.serves(circle):
-            raise ConnectionDeny(404, "No such circle")
         self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
-                 conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
+                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
 
     def onOpen(self) -> None:

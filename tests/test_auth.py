@@ -295,8 +295,6 @@ def test_uncompressed_with_wrong_y_refused(key):
         normalize_pubkey(bad.hex())
 
 
-
-
 # --- refusals ---------------------------------------------------------------------------------
 
 
