@@ -26,6 +26,7 @@ from .redisconn import parse_redis_url
 from .metrics import MetricsPage
 from .processes import ReusePortEndpoint
 from .protocol import CircleFactory
+from .upgrade import UpgradeRouter
 from .scripts import IScriptRunner
 from .web import build_site
 
@@ -124,7 +125,8 @@ class CirclesService(MultiService):
         self.gateway = Gateway(config, reactor, scripts)
         self.factory = CircleFactory(self.gateway)
         self.site = build_site(self.factory, reactor)
-        self.listeners = [ListeningService(endpoint, self.site)
+        self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout)
+        self.listeners = [ListeningService(endpoint, self.router)
                           for endpoint in server_endpoints(config, reactor)]
         self.metrics_listener: Optional[ListeningService] = None
         if config.metrics_listen is not None:

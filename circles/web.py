@@ -1,10 +1,12 @@
-"""The one HTTP Site of a server: WebSocket circles and operational routes on one port.
+"""The one HTTP Site of a server: operational routes, webhooks, and circles reached over HTTP.
 
-``/{circle_pk}`` is handed to Autobahn's ``WebSocketResource``; the protocol decides in its
-opening handshake whether the circle exists (404 if not), so that check lives in one place.
-Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``, ``/health``,
-``/ready``, ``/metrics``) are plain
-children of the root; circle ids are hex, so they never collide with those names.
+WebSocket upgrades of circle paths usually never get here: :mod:`circles.upgrade` hands them
+straight to Autobahn. What does arrive at ``/{circle_pk}`` (a plain GET, an upgrade the router
+did not recognise) goes to Autobahn's ``WebSocketResource``; either way the protocol decides
+in its opening handshake whether the circle exists (404 if not), so that check lives in one
+place. Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``,
+``/health``, ``/ready``, ``/metrics``) are plain children of the root; circle ids are hex, so
+they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
 Request bodies are bounded for every route as they arrive (:mod:`circles.http_limits`).
 """
