@@ -243,6 +243,13 @@ class CircleFactory(WebSocketServerFactory):
             failByDrop=False,
             webStatus=False,  # a plain GET on a circle is 426 Upgrade Required, not a status page
         )
+        # Autobahn copies every option from the factory onto each new protocol and pretty-prints
+        # them all for a debug line, eagerly, whatever the log level: a fifth of a handshake's
+        # CPU. Ours never change after start-up, so they are set once, on a protocol class of
+        # this factory's own, leaving nothing to copy or print per connection.
+        options = {attr: getattr(self, attr) for attr in self.protocol.CONFIG_ATTRS}
+        options = {attr: staticmethod(value) if callable(value) else value for attr, value in options.items()}
+        self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})
 
     def closed(self, protocol: CircleProtocol) -> None:
         if protocol in self.open_connections:
