@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
@@ -79,10 +79,17 @@ class Session:
 
     def handle(self, payload) -> Deferred:
         """Answer one WebSocket message; fires with the reply text or None."""
-        self.in_flight += 1
-        d = self.gateway.dispatcher.handle(payload, self, self._admit)
-        d.addBoth(self._answered)
-        return d
+        reply = self.answer(payload)
+        return reply if isinstance(reply, Deferred) else succeed(reply)
+
+    def answer(self, payload) -> Union[str, None, Deferred]:
+        """The reply text (or None) at once, or a Deferred of it while a method (play) works;
+        ``in_flight`` counts those, so shutdown knows whom to wait for."""
+        reply = self.gateway.dispatcher.answer(payload, self, self._admit)
+        if isinstance(reply, Deferred):
+            self.in_flight += 1
+            reply.addBoth(self._answered)
+        return reply
 
     def _answered(self, result):
         self.in_flight -= 1

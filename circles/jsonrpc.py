@@ -212,7 +212,15 @@ class Dispatcher:
 
     def handle(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
-        """Return a Deferred firing with the reply text, or None when nothing is to be sent.
+        """Return a Deferred firing with the reply text, or None when nothing is to be sent."""
+        reply = self.answer(payload, context, admit)
+        return reply if isinstance(reply, Deferred) else succeed(reply)
+
+    def answer(self, payload: Union[str, bytes], context: Any,
+               admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Union[str, None, Deferred]:
+        """The reply text (None when nothing is to be sent), or a Deferred of it when a method
+        answers later: :meth:`handle` for callers on a hot path, where most replies are ready
+        at once and a Deferred per message would be a fifth of its cost.
 
         ``admit(n)``, if given, is asked before ``n`` requests (a batch's length) run, and may
         refuse them all with an error (a rate limit): a batch gets it once with id null, a
@@ -222,36 +230,36 @@ class Dispatcher:
             message = parse(payload)
         except RPCError as e:
             self._observe(None, e.code)
-            return succeed(encode(error_response(e)))
+            return encode(error_response(e))
         if isinstance(message, list):
             if not message:
                 self._observe(None, INVALID_REQUEST)
-                return succeed(encode(error_response(RPCError(INVALID_REQUEST, "Invalid Request: empty batch"))))
+                return encode(error_response(RPCError(INVALID_REQUEST, "Invalid Request: empty batch")))
             if len(message) > self._max_batch:
                 self._observe(None, self._batch_error.code)
-                return succeed(encode(error_response(self._batch_error)))
+                return encode(error_response(self._batch_error))
             refused = admit(len(message)) if admit is not None else None
             if refused is not None:
                 self._observe(None, refused.code)
-                return succeed(encode(error_response(refused)))
+                return encode(error_response(refused))
             # Calls start in order: a synchronous method (authenticate) has finished before the
             # next one in the batch begins.
             replies = [self._call(request, context) for request in message]
             if any(isinstance(r, Deferred) for r in replies):
                 d = gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies], consumeErrors=True)
                 return d.addCallback(_encode_batch)
-            return succeed(_encode_batch(replies))
+            return _encode_batch(replies)
         refused = admit(1) if admit is not None else None
         if refused is not None:
             self._observe(None, refused.code)
             id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
             if id_ is _MISSING:
-                return succeed(None)
-            return succeed(encode(error_response(refused, id_ if _valid_id(id_) else None)))
+                return None
+            return encode(error_response(refused, id_ if _valid_id(id_) else None))
         reply = self._call(message, context)
         if isinstance(reply, Deferred):
             return reply.addCallback(_encode_single)
-        return succeed(_encode_single(reply))
+        return _encode_single(reply)
 
     def _call(self, request: Any, context: Any) -> Union[dict, None, Deferred]:
         """The reply object for one request (None for a notification), or a Deferred of it
@@ -282,26 +290,30 @@ class Dispatcher:
             self._observe(name, METHOD_NOT_FOUND)
             return None if is_notification else error_response(RPCError(METHOD_NOT_FOUND, "Method not found"), id_)
 
-        def failed(failure) -> Optional[dict]:
-            if failure.check(RPCError):
-                rpc_error = failure.value
-            else:
-                log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
-                rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
-            self._observe(name, rpc_error.code)
-            return None if is_notification else error_response(rpc_error, id_)
-
-        def succeeded(value: Any) -> Optional[dict]:
-            self._observe(name, "ok")
-            return None if is_notification else {"jsonrpc": "2.0", "result": value, "id": id_}
-
         try:
             result = method.call(context, params)
+        except RPCError as e:  # the usual refusals: no Failure (and its traceback) to build
+            self._observe(name, e.code)
+            return None if is_notification else error_response(e, id_)
         except Exception:
-            return failed(Failure())
+            return self._failed(Failure(), name, id_)
         if isinstance(result, Deferred):
-            return result.addCallbacks(succeeded, failed)
-        return succeeded(result)
+            return result.addCallbacks(self._succeeded, self._failed, (name, id_), None, (name, id_))
+        return self._succeeded(result, name, id_)
+
+    def _succeeded(self, value: Any, name: str, id_: Any) -> Optional[dict]:
+        self._observe(name, "ok")
+        return None if id_ is _MISSING else {"jsonrpc": "2.0", "result": value, "id": id_}
+
+    def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
+        """The error reply for a failed method (None for a notification: id_ is _MISSING)."""
+        if failure.check(RPCError):
+            rpc_error = failure.value
+        else:
+            log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
+            rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
+        self._observe(name, rpc_error.code)
+        return None if id_ is _MISSING else error_response(rpc_error, id_)
 
 
 def _encode_single(reply: Optional[dict]) -> Optional[str]:

@@ -24,6 +24,7 @@ from .dispatch import RedisDispatcher
 from .embedded_redis import EmbeddedRedis
 from .redisconn import parse_redis_url
 from .metrics import MetricsPage
+from .eager import send_eagerly
 from .processes import ReusePortEndpoint
 from .protocol import CircleFactory
 from .upgrade import UpgradeRouter
@@ -74,6 +75,7 @@ class ListeningService(Service):
 
     def _bound(self, port) -> None:
         self.port = port
+        send_eagerly(port)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(port)
