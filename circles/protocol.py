@@ -234,7 +234,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
-            log.info("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
+            log.debug("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,
                      pubkey=self.session.pubkey)
         self.factory.closed(self)

@@ -120,12 +120,35 @@ def test_json_logs_with_a_connection_id_and_no_secrets(tmp_path):
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
             signature = user.eth_sign(nonce)
+            wrong = Key().eth_sign(nonce)
+            assert "error" in request(ws, "authenticate", {"pubkey": user.pubkey, "signature": wrong})
             assert "result" in request(ws, "authenticate", {"pubkey": user.pubkey, "signature": signature})
             request(ws, "play", {"script": "let secret_script_body = 1;", "timeout": 0.2})
-        server.wait_for('"log_namespace": "circles.protocol"')
+        server.wait_for("authentication failed")
     events = [json.loads(line) for line in server.lines if line.strip().startswith("{")]
     assert events and len(events) == len([line for line in server.lines if line.strip()])
+    # At the default level a session's lines are its anomalies (here the failed attempt); the
+    # per-connection open/close lines are debug, as they would be one per handshake.
+    failed = [e for e in events if "authentication failed" in e.get("log_format", "")]
+    assert failed and failed[0]["conn"] and failed[0]["circle"] == circle.pubkey
+    assert not [e for e in events if e.get("log_format", "").startswith("connection {conn} closed")]
+    assert wrong.removeprefix("0x") not in server.output
+    assert signature.removeprefix("0x") not in server.output
+    assert "secret_script_body" not in server.output
+
+
+def test_debug_logs_name_each_connection_as_it_closes(tmp_path):
+    circle, user = Key(), Key()
+    args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--log-level", "debug"]
+    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+        port = server.wait_listening()
+        from websockets.sync.client import connect
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
+            signature = user.eth_sign(nonce)
+            assert "result" in request(ws, "authenticate", {"pubkey": user.pubkey, "signature": signature})
+        server.wait_for("closed (code")
+    events = [json.loads(line) for line in server.lines if line.strip().startswith("{")]
     closed = [e for e in events if e.get("log_format", "").startswith("connection {conn} closed")]
     assert closed and closed[0]["conn"] and closed[0]["pubkey"] == user.pubkey
     assert signature.removeprefix("0x") not in server.output
-    assert "secret_script_body" not in server.output

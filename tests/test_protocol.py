@@ -509,6 +509,19 @@ def test_ws_fragmented_oversized_message_closes_1009(txaio_clock):
     assert conn.client.remoteCloseCode == 1009
 
 
+def test_ws_fragmented_request_is_answered_once_whole(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    text = json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": "frag"}).encode()
+    conn.client.beginMessage(isBinary=False)
+    for i in range(0, len(text), 7):
+        conn.client.sendMessageFrame(text[i:i + 7])
+    conn.client.endMessage()
+    conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":"next"}')
+    conn.settle()
+    assert [r["id"] for r in conn.client.received] == ["frag", "next"]
+    assert conn.client.received[0]["result"]["circle"] == CIRCLE
+
+
 def test_ws_invalid_utf8_text_closes_1007(txaio_clock):
     conn = connect(make_gateway(txaio_clock))
     conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":"\xff"}')
