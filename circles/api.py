@@ -146,9 +146,9 @@ def authenticate(session: Session, params) -> dict:
     except (InvalidKey, AuthenticationFailed) as e:
         log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
                  conn=session.connection_id, circle=session.circle, reason=str(e))
-        session.gateway.metrics.authentications.labels("failure").inc()
+        session.gateway.metrics.auth_failures.inc()
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
-    session.gateway.metrics.authentications.labels("success").inc()
+    session.gateway.metrics.auth_successes.inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",

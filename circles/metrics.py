@@ -25,8 +25,10 @@ class Metrics:
         self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok or the error code)",
                                  ["method", "outcome"], registry=self.registry)
         self._request_children: dict = {}
-        self.authentications = Counter("circles_authentications", "authenticate calls by result", ["result"],
-                                       registry=self.registry)
+        authentications = Counter("circles_authentications", "authenticate calls by result", ["result"],
+                                  registry=self.registry)
+        self.auth_successes = authentications.labels("success")
+        self.auth_failures = authentications.labels("failure")
         self.play_seconds = Histogram("circles_play_seconds", "Time from play to its answer",
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
                                       registry=self.registry)
@@ -46,6 +48,10 @@ class Metrics:
             label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
             child = self._request_children[key] = self._requests.labels(label, str(outcome))
         child.inc()
+
+    def watch_connections(self, open_connections: Callable[[], int]) -> None:
+        """Read the number of open connections when scraped (the factory keeps them anyway)."""
+        self.connections.set_function(open_connections)
 
     def watch_dispatcher(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
         """Read the dispatcher's own counts when scraped (it keeps them anyway)."""

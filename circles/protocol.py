@@ -51,10 +51,16 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import _is_tls_error, _maybe_tls_reason
+from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from zope.interface import implementer
 from .logs import Logger
 
@@ -133,7 +139,6 @@ class CircleProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory
         factory.open_connections.add(self)
-        self.session.gateway.metrics.connections.inc()
         # The HTTP channel that accepted the upgrade is still the transport's producer; the
         # WebSocket takes its place (Autobahn unregisters ours when the connection drops).
         self.transport.unregisterProducer()
@@ -188,11 +193,38 @@ class CircleProtocol(WebSocketServerProtocol):
     def _reply_failed(self, failure) -> None:
         log.failure("reply to connection {conn} failed", failure, conn=self.connection_id)
 
-    # Autobahn's per-message path, trimmed. Its versions of these three build debug-log
-    # arguments eagerly (qualified names, peer strings), whatever the log level, and fire a
-    # "message" event through txaio futures for observers this protocol never registers:
-    # together a quarter of the CPU a small message costs. Each override keeps the rest of
-    # Autobahn's behaviour (traffic counters, the send queue, chopping, octet logging).
+    # Autobahn's per-message and per-connection paths, trimmed. Its versions of these build
+    # debug-log arguments eagerly (qualified names, peer strings, a connection-lost reason's
+    # whole traceback), whatever the log level, and fire a "message" event through txaio
+    # futures for observers this protocol never registers: a quarter of the CPU a small
+    # message costs and a tenth of a handshake's. Each override keeps everything else the
+    # original does; tests/test_protocol.py pins the Autobahn source they were copied from.
+
+    def connectionMade(self) -> None:
+        self._transport_details = create_transport_details(self.transport, self.is_server)
+        self._transport_details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+        self.peer = self._transport_details.peer
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:  # not a TCP transport (a unix socket, a test's)
+            pass
+        self._connectionMade()
+
+    def _connectionMade(self) -> None:
+        WebSocketProtocol._connectionMade(self)
+        self.factory.countConnections += 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if _is_tls_error(reason.value):
+            self.log.error(_maybe_tls_reason(reason.value))
+        self._connectionLost(reason)
+        if self._counted is not None:
+            self.factory.connections.release(self._counted)
+            self._counted = None
+
+    def _connectionLost(self, reason) -> None:
+        WebSocketProtocol._connectionLost(self, reason)
+        self.factory.countConnections -= 1
 
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)
@@ -223,12 +255,6 @@ class CircleProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
-    def connectionLost(self, reason) -> None:
-        super().connectionLost(reason)
-        if self._counted is not None:
-            self.factory.connections.release(self._counted)
-            self._counted = None
-
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
@@ -249,7 +275,8 @@ class CircleFactory(WebSocketServerFactory):
     def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
         super().__init__(url, server="circles")
         self.gateway = gateway
-        self.open_connections: set = set()  # open WebSockets, for shutdown
+        self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics
+        gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
         self.draining = False
@@ -282,9 +309,7 @@ class CircleFactory(WebSocketServerFactory):
         self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})
 
     def closed(self, protocol: CircleProtocol) -> None:
-        if protocol in self.open_connections:
-            self.open_connections.discard(protocol)
-            self.gateway.metrics.connections.dec()
+        self.open_connections.discard(protocol)
         if self._drained is not None and not self.open_connections:
             drained, self._drained = self._drained, None
             drained.callback(None)
