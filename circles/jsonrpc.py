@@ -6,6 +6,13 @@ batches (an empty batch is one Invalid Request error; a batch of notifications g
 ``id`` echoed exactly, the reserved error codes. Handlers are plain callables returning a value
 or a Deferred; they raise :class:`RPCError` for errors the client should see. Any other
 exception is logged and becomes -32603 with no detail, so no traceback ever reaches a client.
+
+Messages are decoded and replies encoded with orjson, several times faster than the standard
+library's ``json`` on the small messages this serves; the standard library takes over
+wherever orjson would differ from it: integers beyond 64 bits (orjson reads them as floats
+and refuses to write them), lone surrogates (valid JSON text that orjson refuses) and any
+message orjson rejects, so errors are reported exactly as before. Non-finite floats in a
+result are written as ``null``, as ``JSON.stringify`` does (JSON has no NaN or Infinity).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from itertools import accumulate
 from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
+import orjson
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 from .logs import Logger
@@ -153,8 +161,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _too_deep(text: str) -> bool:
+def _too_deep(text: Union[str, bytes]) -> bool:
     """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot)."""
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+            return False
+        text = text.decode("utf-8", "replace")
     if text.count("[") + text.count("{") <= MAX_DEPTH:
         return False
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
@@ -164,10 +176,19 @@ def _too_deep(text: str) -> bool:
 # Built once: json.loads/dumps with options build a new decoder/encoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+#: 19 digits in a row may be an integer beyond 64 bits, which orjson would turn into a float.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def parse(payload: Union[str, bytes]) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
+    data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if not _too_deep(data) and _LONG_DIGITS.search(data) is None:
+        try:
+            # orjson takes UTF-8 only and refuses NaN, Infinity and numbers that overflow.
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # invalid, or valid but refused by orjson (a lone surrogate): decided below
     try:
         if isinstance(payload, bytes):
             # json.loads would guess UTF-16/32 from the bytes and let encoded surrogates
@@ -328,9 +349,14 @@ def _encode_batch(replies: list) -> Optional[str]:
 def encode(reply: Union[dict, list]) -> str:
     """Serialise a reply; a result that cannot be serialised becomes -32603 for its request.
 
-    The text is ASCII (non-ASCII escaped as \\uXXXX): a str may hold lone surrogates (an id
-    sent as "\\ud800" is valid JSON), and those cannot be encoded into a UTF-8 text frame.
+    What orjson refuses goes through ``json`` with non-ASCII escaped as \\uXXXX: a str may
+    hold lone surrogates (an id sent as "\\ud800" is valid JSON), and those cannot be encoded
+    into a UTF-8 text frame; integers beyond 64 bits keep every digit.
     """
+    try:
+        return orjson.dumps(reply).decode("utf-8")
+    except TypeError:
+        pass
     try:
         return _ENCODER.encode(reply)
     except (TypeError, ValueError):

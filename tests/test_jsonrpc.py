@@ -634,3 +634,50 @@ def test_any_bytes_or_text_never_raise(payload):
         reply_text.encode("utf-8")
         reply = json.loads(reply_text)
         assert isinstance(reply, (dict, list))
+
+
+# --- the orjson fast path agrees with the standard library ------------------------------------
+
+
+@methods.add("not_a_number")
+def not_a_number(ctx):
+    return {"nan": float("nan"), "inf": float("inf"), "ok": 1.5}
+
+
+@pytest.mark.parametrize("number", [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30, -(10**30)])
+def test_integers_around_64_bits_keep_every_digit(number):
+    text = fired(make_dispatcher().handle(
+        '{"jsonrpc":"2.0","method":"echo","params":[%d],"id":%d}' % (number, number), Context()))
+    assert '"result":%d' % number in text and '"id":%d' % number in text
+
+
+def test_many_digit_floats_parse_as_the_standard_library_does():
+    for literal in ("0.12345678901234567890123", "123456789012345678901.5", "1e-400", "2.2250738585072014e-308"):
+        reply = call('{"jsonrpc":"2.0","method":"echo","params":[%s],"id":1}' % literal)
+        assert reply["result"] == json.loads(literal)
+
+
+def test_non_finite_results_are_written_as_null():
+    assert call({"jsonrpc": "2.0", "method": "not_a_number", "id": 1})["result"] == {"nan": None, "inf": None, "ok": 1.5}
+
+
+def test_non_ascii_results_are_utf8_json():
+    reply = fired(make_dispatcher().handle('{"jsonrpc":"2.0","method":"echo","params":["\\u00e9\\ud83d\\ude00"],"id":1}',
+                                           Context()))
+    assert json.loads(reply.encode("utf-8"))["result"] == "\u00e9\U0001F600"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=json_values | st.integers(min_value=-(2**80), max_value=2**80))
+def test_fast_parse_equals_the_standard_library(value):
+    from circles.jsonrpc import parse
+    text = json.dumps(value)
+    expected = json.loads(text)
+    for payload in (text, text.encode("utf-8", "surrogatepass")):
+        try:
+            got = parse(payload)
+        except RPCError:
+            # only text the standard library also refuses as a message (encoded lone surrogates)
+            assert isinstance(payload, bytes)
+            continue
+        assert json.dumps(got) == json.dumps(expected)
