@@ -35,7 +35,12 @@ ROOT = HERE.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 NO_CAP = 1_000_000_000  # outstanding nonces per connection during the benchmark (see circles_bench.tac)
-TARGETS = ("ours", "autobahn", "websockets")  # also "ours-2p": --processes 2, unpinned, rpc and auth
+TARGETS = ("ours", "autobahn", "websockets")
+#: Variants of ours, rpc and auth only, reported against ours: "ours-2p" (--processes 2, unpinned)
+#: and "ours-open" (every limit that can be switched off, off: the cost of the limits).
+VARIANTS = ("ours-2p", "ours-open")
+#: What ours-open switches off (the nonce cap and the connection cap are off for ours too).
+LIMITS_OFF = ["--rate-limit", "0", "--idle-timeout", "0", "--ping-interval", "0"]
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 
@@ -108,7 +113,7 @@ class Server:
         self.target = target
         self.port = free_port()
         env = dict(os.environ)
-        if target in ("ours", "ours-2p"):
+        if target in ("ours", *VARIANTS):
             # Defaults, except: the nonce cap (workload (1) holds every nonce it fetches), the
             # rate limit (set out of reach, so its check still runs on every request) and the
             # connection limit (workload (3) holds more than the default 10,000).
@@ -119,6 +124,8 @@ class Server:
             if target == "ours-2p":
                 argv += ["--processes", "2"]
                 pinned = False  # two processes: both cores
+            if target == "ours-open":
+                argv += LIMITS_OFF
         else:
             script = HERE / "peers" / f"{target}_peer.py"
             argv = [PYTHON, str(script), "--port", str(self.port), "--max-nonces", str(max_nonces)]
@@ -178,8 +185,10 @@ def loadgen(server: Server, workload: str, args: list, pinned: bool, timeout: fl
 
 def run_target(target: str, plan: dict, logdir: Path, pinned: bool, workloads: set) -> dict:
     out: dict = {}
+    if target in VARIANTS:
+        workloads = workloads & {"rpc", "auth"}
     if target == "ours-2p":  # throughput over both cores; the load generator shares them
-        workloads, pinned = workloads & {"rpc", "auth"}, False
+        pinned = False
     if workloads & {"rpc", "auth"}:
         with Server(target, logdir, pinned) as server:
             log(f"{target}: throughput workloads (pid {server.pid}, port {server.port})")
@@ -330,12 +339,37 @@ def markdown(report: dict) -> str:
                 cell += f"<br>{r['server_cpu_us_per_op']} us CPU, {r['server_cpu_util'] * 100:.0f}% busy"
             if r.get("others_on_server_cpu") is not None:
                 cell += f", others {r['others_on_server_cpu'] * 100:.0f}%"
+            if r.get("client_cpu_util") is not None:
+                cell += f"<br>load generator {r['client_cpu_util'] * 100:.0f}% busy"
             if r.get("errors"):
                 cell += f"<br>{r['errors']} errors"
             cells.append(cell)
         ra = rat.get(key, {})
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ra.get('ours/autobahn', 'n/a')} | {ra.get('ours/websockets', 'n/a')} |")
-    lines += ["", "Goal (issue 8): ours/autobahn >= 0.9 and ours/websockets >= 1.0 on fetch_nonce and auth.", ""]
+        ratio_cells = [f"{ra.get(f'ours/{peer}', 'n/a')}<br>(CPU {ra.get(f'cpu {peer}/ours', 'n/a')})"
+                       for peer in ("autobahn", "websockets")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratio_cells) + " |")
+    lines += ["", "Goal (issue 8): ours/autobahn >= 0.9 and ours/websockets >= 1.0 on fetch_nonce and auth.",
+              "Each ratio is throughput, ours over the peer; under it, in brackets, the peer's server CPU per "
+              "call over ours (above 1: ours does the same work with less CPU). When the load generator is "
+              "near 100% busy the throughput ratio measures the generator as much as the servers, and the "
+              "CPU ratio is the one to read.", ""]
+    variants = [v for v in VARIANTS if v in results]
+    if variants and "ours" in results:
+        titles = {"ours-2p": "2 processes (both CPUs)", "ours-open": "limits off (" + " ".join(LIMITS_OFF) + ")"}
+        lines += ["## Variants of ours, same run", "", "| workload | ours | " + " | ".join(titles[v] for v in variants)
+                  + " |", "|" + "---|" * (len(variants) + 2)]
+        for key, label, unit in rows:
+            base = results["ours"].get(key) or {}
+            cells = [f"{base['ops_per_s']:,.0f} {unit}, {base.get('server_cpu_us_per_op')} us CPU" if base.get("ops_per_s") else "n/a"]
+            for v in variants:
+                r = results[v].get(key) or {}
+                if not r.get("ops_per_s") or not base.get("ops_per_s"):
+                    cells.append("n/a")
+                    continue
+                cells.append(f"{r['ops_per_s']:,.0f} {unit} (x{r['ops_per_s'] / base['ops_per_s']:.2f})"
+                             + (f", {r['server_cpu_us_per_op']} us CPU" if v != "ours-2p" else ""))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["## Memory", "", "| | " + " | ".join(targets) + " |", "|" + "---|" * (len(targets) + 1)]
 
     def mem_row(label, fn):
@@ -378,7 +412,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds and small counts, for development")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: ours,autobahn,websockets,ours-2p")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated: ours,autobahn,websockets,ours-2p,ours-open")
     parser.add_argument("--workloads", default="rpc,auth,idle,churn", help="comma-separated: rpc,auth,idle,churn")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of ours")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
