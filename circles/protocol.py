@@ -272,7 +272,10 @@ class CircleFactory(WebSocketServerFactory):
 
     protocol = CircleProtocol
 
-    def __init__(self, gateway: Gateway, url: Optional[str] = None) -> None:
+    def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
+        """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
+        (:class:`~circles.upgrade.UpgradeRouter` bounds the whole request head, and once the
+        head is in, ``onConnect`` answers at once), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
         self.gateway = gateway
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics
@@ -285,7 +288,7 @@ class CircleFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
             maxFramePayloadSize=config.max_message_size,
-            openHandshakeTimeout=config.handshake_timeout,
+            openHandshakeTimeout=config.handshake_timeout if time_handshake else 0,
             closeHandshakeTimeout=5,
             autoPingInterval=config.ping_interval,
             # Autobahn's timers (txaio's batched timer) truncate their deadline to the whole

@@ -125,7 +125,7 @@ class CirclesService(MultiService):
             scripts = self.dispatcher
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts)
-        self.factory = CircleFactory(self.gateway)
+        self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout)
         self.listeners = [ListeningService(endpoint, self.router)
