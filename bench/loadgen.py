@@ -29,13 +29,21 @@ the server, is the limit. ``--procs P`` splits ``rpc``/``auth`` load over P proc
 Clients connect without permessage-deflate, without client-side pings and without proxies,
 and spread their source addresses over 127.0.0.2-127.0.0.63 so that tens of thousands of
 connects do not run out of ephemeral ports on one address pair.
+
+``rpc`` and ``auth`` run on :class:`RawClient` unless ``--client websockets``: a minimal
+RFC 6455 client on an asyncio protocol (masked text frames with an all-zero key, which the
+server unmasks like any other; close handshake; the server closes TCP first). With the
+``websockets`` client the generator spends as much CPU per handshake as the servers it
+measures, so on a two-core machine it, not the server, set the handshake rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import gc
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -53,6 +61,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 64)]
 _source = itertools.cycle(SOURCE_ADDRESSES)
 _ETH_PREFIX = b"\x19Ethereum Signed Message:\n"
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CLIENT = "raw"  # rpc and auth: "raw" (RawClient) or "websockets"; set by --client
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -173,13 +183,120 @@ async def _monitor(t_measure: float, t_end: float, server_pid: Optional[int], ou
     out.update(window.stop())
 
 
+# --- the raw client ----------------------------------------------------------------------------
+
+class RawClient(asyncio.Protocol):
+    """Just enough of a WebSocket client for rpc and auth: ``send(text)``, ``recv()``, ``close()``."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport = None
+        self.lost = asyncio.get_running_loop().create_future()
+        self._waiter: Optional[asyncio.Future] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("connection lost"))
+
+    async def _more(self) -> None:
+        if self.lost.done():
+            raise ConnectionError("connection lost")
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    async def handshake(self, host: str, path: str) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                             "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end + 4]
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
+        if not head.startswith(b"HTTP/1.1 101") or accept.encode() not in head:
+            raise ConnectionError(f"handshake refused: {head[:80]!r}")
+
+    def _frame(self, opcode: int, payload: bytes) -> bytes:
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        return header + b"\0\0\0\0" + payload  # masked with a zero key: the payload as is
+
+    async def _read_frame(self) -> tuple:
+        while True:
+            buf = self.buffer
+            if len(buf) >= 2:
+                n, start = buf[1] & 0x7F, 2
+                if n == 126:
+                    n, start = (int.from_bytes(buf[2:4], "big"), 4) if len(buf) >= 4 else (None, 0)
+                elif n == 127:
+                    n, start = (int.from_bytes(buf[2:10], "big"), 10) if len(buf) >= 10 else (None, 0)
+                if n is not None and len(buf) >= start + n:
+                    opcode, payload = buf[0] & 0x0F, bytes(buf[start:start + n])
+                    del buf[:start + n]
+                    return opcode, payload
+            await self._more()
+
+    async def send(self, text: str) -> None:
+        self.transport.write(self._frame(0x1, text.encode()))
+
+    async def recv(self) -> str:
+        opcode, payload = await self._read_frame()
+        if opcode != 0x1:
+            raise ConnectionError(f"expected a text frame, got opcode {opcode}")
+        return payload.decode()
+
+    async def close(self) -> None:
+        if self.transport.is_closing():
+            return
+        self.transport.write(self._frame(0x8, (1000).to_bytes(2, "big")))
+        try:
+            while (await asyncio.wait_for(self._read_frame(), 10))[0] != 0x8:
+                pass
+            await asyncio.wait_for(self.lost, 10)  # the server closes TCP first
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.transport.close()
+
+
+async def open_raw(base_url: str, circle: str, spread: bool = True, timeout: float = 30.0) -> RawClient:
+    host_port = base_url.split("://", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    kwargs = {"local_addr": (next(_source), 0)} if spread else {}
+    loop = asyncio.get_running_loop()
+    _, client = await asyncio.wait_for(loop.create_connection(RawClient, host, int(port), **kwargs), timeout)
+    await asyncio.wait_for(client.handshake(host_port, f"/{circle}"), timeout)
+    return client
+
+
+def open_client(base_url: str, circle: str, spread: bool = True):
+    """A connection for rpc/auth with the client chosen by ``--client``."""
+    return (open_raw if CLIENT == "raw" else open_ws)(base_url, circle, spread)
+
+
 # --- workload: rpc -----------------------------------------------------------------------------
 
 async def _rpc(url: str, connections: int, duration: float, warmup: float, barrier=None,
                server_pid: Optional[int] = None, method: str = "fetch_nonce") -> dict:
     circle = new_circle()
     pubkey = coincurve.PrivateKey().public_key.format(compressed=True).hex()
-    sockets = [await open_ws(url, circle, spread=False) for _ in range(connections)]
+    sockets = [await open_client(url, circle, spread=False) for _ in range(connections)]
     if barrier is not None:
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
     latencies: list = []
@@ -245,7 +362,7 @@ async def _auth(url: str, concurrency: int, duration: float, warmup: float, barr
             if t0 >= t_end:
                 return
             try:
-                ws = await open_ws(url, circle)
+                ws = await open_client(url, circle)
                 try:
                     await ws.send(fetch)
                     nonce = json.loads(await ws.recv())["result"]["nonce"]
@@ -316,7 +433,7 @@ def run_throughput(kind: str, url: str, parallel: int, duration: float, warmup: 
             child.join(10)
     latencies = [v for p in parts for v in p["latencies"]]
     out: dict[str, Any] = {
-        "workload": kind, **extra, param: parallel, "procs": len(shares), "duration_s": duration, "warmup_s": warmup,
+        "workload": kind, **extra, "client": CLIENT, param: parallel, "procs": len(shares), "duration_s": duration, "warmup_s": warmup,
         "ops": len(latencies), "ops_per_s": round(len(latencies) / duration, 1),
         "errors": sum(p["errors"] for p in parts), **latency_summary(latencies),
     }
@@ -506,7 +623,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=10, help="churn: rounds")
     parser.add_argument("--per-round", type=int, default=10000, help="churn: connections per round")
     parser.add_argument("--settle", type=float, default=1.0, help="idle/churn: seconds before reading RSS")
+    parser.add_argument("--client", choices=["raw", "websockets"], default="raw",
+                        help="rpc/auth: the minimal RawClient or the websockets library's client")
     args = parser.parse_args(argv)
+    global CLIENT
+    CLIENT = args.client
     nofile = raise_nofile()
     url = args.url.rstrip("/")
     overflows = listen_overflows()
