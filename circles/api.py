@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
 from . import openrpc
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
-from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, bind_params
+from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, as_deferred, bind_params
 from .keys import InvalidKey, normalize_pubkey
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -79,8 +79,7 @@ class Session:
 
     def handle(self, payload) -> Deferred:
         """Answer one WebSocket message; fires with the reply text or None."""
-        reply = self.answer(payload)
-        return reply if isinstance(reply, Deferred) else succeed(reply)
+        return as_deferred(self.answer(payload))
 
     def answer(self, payload) -> Union[str, None, Deferred]:
         """The reply text (or None) at once, or a Deferred of it while a method (play) works;

@@ -234,8 +234,7 @@ class Dispatcher:
     def handle(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
         """Return a Deferred firing with the reply text, or None when nothing is to be sent."""
-        reply = self.answer(payload, context, admit)
-        return reply if isinstance(reply, Deferred) else succeed(reply)
+        return as_deferred(self.answer(payload, context, admit))
 
     def answer(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Union[str, None, Deferred]:
@@ -314,8 +313,7 @@ class Dispatcher:
         try:
             result = method.call(context, params)
         except RPCError as e:  # the usual refusals: no Failure (and its traceback) to build
-            self._observe(name, e.code)
-            return None if is_notification else error_response(e, id_)
+            return self._refused(e, name, id_)
         except Exception:
             return self._failed(Failure(), name, id_)
         if isinstance(result, Deferred):
@@ -327,14 +325,20 @@ class Dispatcher:
         return None if id_ is _MISSING else {"jsonrpc": "2.0", "result": value, "id": id_}
 
     def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
-        """The error reply for a failed method (None for a notification: id_ is _MISSING)."""
         if failure.check(RPCError):
-            rpc_error = failure.value
-        else:
-            log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
-            rpc_error = RPCError(INTERNAL_ERROR, "Internal error")
-        self._observe(name, rpc_error.code)
-        return None if id_ is _MISSING else error_response(rpc_error, id_)
+            return self._refused(failure.value, name, id_)
+        log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
+        return self._refused(RPCError(INTERNAL_ERROR, "Internal error"), name, id_)
+
+    def _refused(self, error: RPCError, name: str, id_: Any) -> Optional[dict]:
+        """The error reply for a failed method (None for a notification: id_ is _MISSING)."""
+        self._observe(name, error.code)
+        return None if id_ is _MISSING else error_response(error, id_)
+
+
+def as_deferred(reply: Union[str, None, Deferred]) -> Deferred:
+    """What :meth:`Dispatcher.answer` returned, as a Deferred either way."""
+    return reply if isinstance(reply, Deferred) else succeed(reply)
 
 
 def _encode_single(reply: Optional[dict]) -> Optional[str]:
