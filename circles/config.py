@@ -40,6 +40,7 @@ class Config:
     interface: str = ""
     reuse_port: bool = False  # SO_REUSEPORT on port/interface: several processes share the port
     tls: Any = None  # an OpenSSL context factory, e.g. from circles.tls.load(); None: plain
+    tls_ciphers: Optional[str] = None  # TLS 1.2 cipher string for ``ssl:`` listen strings; None: tls.DEFAULT_CIPHERS
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16
     max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide

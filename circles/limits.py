@@ -137,6 +137,10 @@ class RequestDeadlineChannel(HTTPChannel):
     """
 
     _deadline = None
+    _timed_out = False
+    #: Seconds a timed-out client gets to answer our TLS close_notify before the connection is
+    #: aborted (Twisted's default, 15, let a silent TLS client hold its descriptor that long).
+    abortTimeout = 2
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -165,6 +169,14 @@ class RequestDeadlineChannel(HTTPChannel):
         self._deadline = None
         if self.transport is not None:  # None: handed over to a WebSocket
             self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        # Twisted's silence timeout and this deadline can both fire. Each would log and arm a
+        # forced abort, and the first abort's timer, forgotten, would fire after the connection
+        # was gone: over TLS, an AttributeError from the closed TLS transport.
+        if not self._timed_out:
+            self._timed_out = True
+            super().timeoutConnection()
 
     def connectionLost(self, reason) -> None:
         self._disarm()

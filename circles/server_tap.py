@@ -83,6 +83,8 @@ class Options(usage.Options):
         ("interface", None, "", "address to bind (default: all)"),
         ("tls-cert", None, None, "PEM certificate (chain) file: serve TLS (wss://)"),
         ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
+        ("tls-ciphers", None, None, "OpenSSL cipher string for TLS 1.2 (default: Mozilla's intermediate "
+         "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
         ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", _positive(float)),
         ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", _positive(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
@@ -166,6 +168,11 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-key needs --tls-cert")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
         # saying what is wrong (SystemExit), not the help text (UsageError).
+        if self["tls-ciphers"] is not None:
+            try:
+                tls.tls12_ciphers(self["tls-ciphers"])
+            except tls.TLSError as e:
+                raise SystemExit(f"circles: {e}")
         for description in self["listen"] + ([self["metrics-listen"]] if self["metrics-listen"] else []):
             try:
                 serverFromString(global_reactor, description)
@@ -183,7 +190,8 @@ class Options(usage.Options):
             except EmbeddedRedisError as e:
                 raise SystemExit(f"circles: {e}")
         try:
-            tls_options = tls.load(self["tls-cert"], self["tls-key"]) if self["tls-cert"] else None
+            tls_options = (tls.load(self["tls-cert"], self["tls-key"], self["tls-ciphers"])
+                           if self["tls-cert"] else None)
         except tls.TLSError as e:
             raise SystemExit(f"circles: {e}")
         try:
@@ -203,6 +211,7 @@ class Options(usage.Options):
                 interface=self["interface"],
                 reuse_port=self["reuse-port"] or self["processes"] > 1,
                 tls=tls_options,
+                tls_ciphers=self["tls-ciphers"],
                 nonce_ttl=self["nonce-ttl"],
                 max_message_size=self["max-message-size"],
                 max_batch=self["max-batch"],

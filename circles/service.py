@@ -14,11 +14,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed)
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
-from .logs import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from . import tls
 from .api import Gateway
+from .logs import Logger
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from .dispatch import RedisDispatcher
 from .embedded_redis import EmbeddedRedis
@@ -39,10 +40,20 @@ LISTEN_BACKLOG = 1024
 CLOSE_WAIT = 2.0
 
 
+def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = None):
+    """A Twisted endpoint string's server endpoint; an ``ssl:`` one gets our TLS policy (ALPN,
+    versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC."""
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, SSL4ServerEndpoint):
+        # The parser builds the options from the key and certificate files; no public way in.
+        endpoint._sslContextFactory = tls.with_policy(endpoint._sslContextFactory, ciphers)
+    return endpoint
+
+
 def server_endpoints(config: Config, reactor) -> list:
     """The endpoints to listen on: ``config.listen`` strings, else the port (TLS if configured)."""
     if config.listen:
-        return [serverFromString(reactor, description) for description in config.listen]
+        return [endpoint_from_string(reactor, description, config.tls_ciphers) for description in config.listen]
     if config.reuse_port:
         port = (DEFAULT_TLS_PORT if config.tls is not None else DEFAULT_PLAIN_PORT) if config.port is None else config.port
         return [ReusePortEndpoint(reactor, port, config.interface, LISTEN_BACKLOG, config.tls)]
@@ -133,7 +144,8 @@ class CirclesService(MultiService):
         self.metrics_listener: Optional[ListeningService] = None
         if config.metrics_listen is not None:
             metrics_site = Site(MetricsPage(self.gateway.metrics), reactor=reactor)
-            self.metrics_listener = ListeningService(serverFromString(reactor, config.metrics_listen), metrics_site)
+            self.metrics_listener = ListeningService(
+                endpoint_from_string(reactor, config.metrics_listen, config.tls_ciphers), metrics_site)
             self.metrics_listener.setServiceParent(self)
         if self.dispatcher is not None:
             dispatcher = self.dispatcher

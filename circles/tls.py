@@ -1,9 +1,24 @@
-"""TLS for the listening port: PEM files in, a hardened Twisted context factory out.
+"""TLS for the listening ports: PEM files in, Twisted server options with our policy out.
 
-Twisted's ``CertificateOptions`` already refuses anything below TLS 1.2 and uses a cipher list
-without weak suites; we pin the TLS 1.2 floor explicitly so a future default cannot lower it.
+The policy (docs/tls.md):
+
+- **Versions**: TLS 1.2 and 1.3 only.
+- **Ciphers**: Mozilla's "intermediate" profile. For TLS 1.2 only ECDHE key exchange (forward
+  secrecy) with AES-GCM or ChaCha20-Poly1305; no static RSA, no CBC, no SHA-1 MACs, no RC4,
+  3DES or NULL. (The profile's DHE suites are left out: we ship no DH parameters.) TLS 1.3
+  suites are OpenSSL's, all of them AEAD. ``--tls-ciphers`` sets another OpenSSL cipher
+  string for TLS 1.2, checked at start-up.
+- **ALPN**: ``http/1.1`` is offered. Since Twisted 25 every server context answers ALPN, and
+  with nothing to offer Twisted selects nothing and OpenSSL aborts the handshake ("tlsv1
+  alert internal error"): every browser, curl and most HTTP libraries send ALPN. A WebSocket
+  upgrade is HTTP/1.1 (RFC 6455; RFC 8441's HTTP/2 WebSockets are not served), so a client
+  that offers only other protocols (``h2`` alone) is refused with the ``no_application_protocol``
+  alert, as RFC 7301 says (Twisted's own callback would send ``internal_error``), and a
+  client that offers no ALPN is served as before.
+
 Every way the files can be wrong (missing, unreadable, not PEM, key not matching the
-certificate) is one :class:`TLSError` with a one-line message for the operator.
+certificate) and a cipher string that selects nothing are one :class:`TLSError` with a
+one-line message for the operator.
 """
 
 from __future__ import annotations
@@ -12,12 +27,23 @@ from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from OpenSSL import SSL, crypto
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+
+#: Mozilla's intermediate profile (version 5.7) for TLS 1.2, less the DHE suites.
+DEFAULT_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+
+#: What ALPN offers: a WebSocket upgrade (and every other route here) is HTTP/1.1.
+ALPN_PROTOCOLS = (b"http/1.1",)
 
 
 class TLSError(Exception):
-    """The certificate or key cannot be used; ``str()`` is the operator's one-line message."""
+    """The certificate, key or cipher string cannot be used; ``str()`` is the operator's
+    one-line message."""
 
 
 def _read(path: str, what: str) -> bytes:
@@ -33,11 +59,63 @@ def _public_der(has_public_key) -> bytes:
     return has_public_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def load(cert_path: str, key_path: Optional[str] = None) -> CertificateOptions:
+def tls12_ciphers(cipher_string: str) -> list:
+    """The TLS 1.2 suites an OpenSSL cipher string selects here (TLS 1.3's are not set by it).
+
+    Raises :class:`TLSError` when it selects none, so a typo stops start-up with one line
+    instead of a server that refuses every TLS 1.2 client.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.set_cipher_list(cipher_string.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise TLSError(f"--tls-ciphers {cipher_string!r} selects no cipher OpenSSL knows") from None
+    names = [name for name in SSL.Connection(context, None).get_cipher_list() if not name.startswith("TLS_")]
+    if not names:
+        raise TLSError(f"--tls-ciphers {cipher_string!r} selects no TLS 1.2 cipher")
+    return names
+
+
+def server_options(private_key: crypto.PKey, certificate: crypto.X509, chain: tuple = (),
+                   ciphers: Optional[str] = None, dh_parameters=None) -> CertificateOptions:
+    """Twisted server options for a key and certificate with the policy above.
+
+    ``ciphers`` is an OpenSSL cipher string for TLS 1.2 (default :data:`DEFAULT_CIPHERS`).
+    """
+    names = tls12_ciphers(DEFAULT_CIPHERS if ciphers is None else ciphers)
+    options = CertificateOptions(
+        privateKey=private_key,
+        certificate=certificate,
+        extraCertChain=list(chain),
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(names)),
+        acceptableProtocols=list(ALPN_PROTOCOLS),
+        dhParameters=dh_parameters,
+    )
+    # Twisted builds one context per options object and makes every connection from it; our
+    # selection replaces the callback it installed there (see the module docstring).
+    options.getContext().set_alpn_select_callback(_select_alpn)
+    return options
+
+
+class NoApplicationProtocol(SSL.Error):
+    """The client offered ALPN protocols, none of them ours. Raised from the ALPN callback,
+    which makes OpenSSL end the handshake with the ``no_application_protocol`` alert."""
+
+
+def _select_alpn(connection: SSL.Connection, offered: list) -> bytes:
+    for protocol in ALPN_PROTOCOLS:
+        if protocol in offered:
+            return protocol
+    # Shaped as OpenSSL's error queue, which is what Twisted reads from a handshake failure.
+    raise NoApplicationProtocol([("SSL routines", "tls_handle_alpn", "no application protocol")])
+
+
+def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] = None) -> CertificateOptions:
     """Build server TLS options from a PEM certificate (chain) and a PEM private key.
 
     ``key_path`` may be None when the key is in the certificate file. Certificates after the
-    first in ``cert_path`` are sent as the chain.
+    first in ``cert_path`` are sent as the chain. ``ciphers``: see :func:`server_options`.
     """
     cert_pem = _read(cert_path, "certificate")
     key_pem = cert_pem if key_path is None else _read(key_path, "key")
@@ -52,9 +130,12 @@ def load(cert_path: str, key_path: Optional[str] = None) -> CertificateOptions:
         raise TLSError(f"no unencrypted PEM private key in {where!r}") from None
     if _public_der(key) != _public_der(chain[0]):
         raise TLSError(f"the private key does not match the certificate in {cert_path!r}")
-    return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-    )
+    return server_options(crypto.PKey.from_cryptography_key(key), crypto.X509.from_cryptography(chain[0]),
+                          tuple(crypto.X509.from_cryptography(c) for c in chain[1:]), ciphers)
+
+
+def with_policy(options: CertificateOptions, ciphers: Optional[str] = None) -> CertificateOptions:
+    """The same key, certificate, chain and DH parameters as ``options`` (Twisted's, from an
+    ``ssl:`` endpoint string), with our policy instead of Twisted's defaults."""
+    return server_options(options.privateKey, options.certificate, tuple(options.extraCertChain or ()),
+                          ciphers, options.dhParameters)

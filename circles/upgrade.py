@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
+from zope.interface import implementer
 
 from .keys import COMPRESSED_HEX_LEN
 
@@ -74,11 +76,14 @@ class _FirstBytes(Protocol):
             self._timer.cancel()
 
 
+@implementer(IProtocolNegotiationFactory)
 class UpgradeRouter(ServerFactory):
     """The factory the ports listen with: routes each connection to ``websocket`` or ``site``.
 
     A connection must send its whole request head within ``timeout`` seconds; after that the
     chosen protocol's own deadlines apply (Autobahn's opening handshake timeout, the Site's).
+    Over TLS it offers ``http/1.1`` in ALPN, whatever TLS options an embedding application
+    brings (:mod:`circles.tls` explains why that matters).
     """
 
     def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float) -> None:
@@ -89,6 +94,9 @@ class UpgradeRouter(ServerFactory):
 
     def buildProtocol(self, addr) -> Protocol:
         return _FirstBytes(self, addr)
+
+    def acceptableProtocols(self) -> list:
+        return [b"http/1.1"]  # both ways in are HTTP/1.1
 
     def startFactory(self) -> None:
         self.site.doStart()
