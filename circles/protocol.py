@@ -71,6 +71,8 @@ from .limits import ConnectionCount, OriginPolicy
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+#: Seconds a TLS peer gets to finish an aborting close in order (see ``_closeConnection``).
+TLS_ABORT_GRACE = 2.0
 
 _connection_ids = itertools.count(1)
 # Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
@@ -115,6 +117,7 @@ class CircleProtocol(WebSocketServerProtocol):
 
     session: Optional[Session] = None
     _idle = None
+    _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer address, while counted against the limits
 
     def onConnect(self, request):
@@ -215,6 +218,10 @@ class CircleProtocol(WebSocketServerProtocol):
         self.factory.countConnections += 1
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tls_abort is not None:
+            if self._tls_abort.active():
+                self._tls_abort.cancel()
+            self._tls_abort = None
         if _is_tls_error(reason.value):
             self.log.error(_maybe_tls_reason(reason.value))
         self._connectionLost(reason)
@@ -254,6 +261,18 @@ class CircleProtocol(WebSocketServerProtocol):
         """Close with 1001 (going away): the server is shutting down."""
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn aborts right after queuing its close frame (a protocol error's 1002, a ping
+        # timeout). Over TLS, Twisted holds small writes until the end of the reactor turn and
+        # an abort throws them away, so the peer never learned why. Close in order there (what
+        # is queued, then close_notify), and abort only a peer that has not finished within
+        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.eager): aborting loses nothing.
+        if abort and self._transport_details is not None and self._transport_details.is_secure:
+            self.transport.loseConnection()
+            self._tls_abort = self.factory.gateway.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
+        else:
+            super()._closeConnection(abort)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self._idle is not None and self._idle.active():

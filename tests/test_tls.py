@@ -8,6 +8,7 @@ thing to refuse) needs one.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -231,3 +232,27 @@ def test_tls_request_deadline_times_out_once_without_a_traceback(server, rsa_fil
     log = "".join(server.lines[before:])
     assert log.count("Timing out client") == 1, log
     assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+def test_close_frame_of_a_protocol_error_reaches_a_tls_client(server, rsa_files):
+    """Autobahn answers an invalid close frame with 1002 and aborts; over TLS the abort used to
+    discard the close frame still held in Twisted's write buffer."""
+    context = client_tls(rsa_files["ca"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as ws:
+            key = base64.b64encode(os.urandom(16)).decode()
+            ws.sendall(f"GET /{CIRCLE.pubkey} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += ws.recv(4096)
+            assert received.startswith(b"HTTP/1.1 101")
+            received = received.split(b"\r\n\r\n", 1)[1]
+            ws.sendall(bytes([0x88, 0x81, 0, 0, 0, 0, 0x03]))  # a close frame with a 1-byte body
+            while True:
+                data = ws.recv(4096)
+                if not data:
+                    break
+                received += data
+    assert received[:1] == b"\x88", received  # a close frame...
+    assert int.from_bytes(received[2:4], "big") == 1002, received  # ...saying "protocol error"
