@@ -55,6 +55,34 @@ async def test_service_with_tls(tls_files):
         await service.stopService()
 
 
+def _curl(url: str, ca: str):
+    import subprocess
+    return subprocess.run(["curl", "-sS", "--cacert", ca, url], capture_output=True, text=True, timeout=60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_with_the_applications_own_tls_options_serves_alpn_clients(tls_files):
+    """An application may bring TLS options of its own (Twisted's CertificateOptions, with no
+    ALPN list): the listening factory names http/1.1, so curl and browsers still connect."""
+    from twisted.internet.ssl import CertificateOptions
+    from OpenSSL import crypto
+
+    with open(tls_files["key"], "rb") as f:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
+    with open(tls_files["cert"], "rb") as f:
+        cert = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+    config = Config(circles=[Key().pubkey], port=0, interface="127.0.0.1",
+                    tls=CertificateOptions(privateKey=key, certificate=cert))
+    service = CirclesService(config, reactor=reactor)
+    service.startService()
+    try:
+        [port] = await service.when_listening()
+        result = await threads.deferToThread(_curl, f"https://localhost:{port.getHost().port}/health", tls_files["ca"])
+        assert result.returncode == 0 and result.stdout == '{"status":"ok"}', result.stderr
+    finally:
+        await service.stopService()
+
+
 def test_log_level_drops_events_below_it():
     from twisted.logger import globalLogPublisher
 
