@@ -1,0 +1,48 @@
+"""Issue 12, point 7: what attacking a running server found, each with the bounded quantity
+measured (entries kept, key recoveries done, log lines written), never a duration."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+
+from circles.api import Gateway
+from circles.config import Config
+from circles.scripts import NoScriptBackend
+
+from .inmemory import fired
+from .play_client import new_key, pk
+
+CIRCLE = pk(new_key())
+
+
+def _session(clock=None, **config):
+    clock = clock if clock is not None else Clock()
+    gateway = Gateway(Config(**config), clock, NoScriptBackend())
+    return gateway, gateway.new_session(CIRCLE, connection_id=1)
+
+
+def _send(session, message):
+    text = fired(session.handle(json.dumps(message).encode("utf-8")))
+    return None if text is None else json.loads(text)
+
+
+def _request_series(gateway) -> list:
+    return [line for line in gateway.metrics.exposition().decode().splitlines()
+            if line.startswith("circles_requests_total{")]
+
+
+# --- unknown method names do not stay in memory ----------------------------------------------------
+
+
+def test_distinct_unknown_methods_keep_no_memory():
+    gateway, session = _session(rate_limit=0)
+    for i in range(300):
+        name = f"no-such-method-{i}-" + "x" * 10_000
+        assert _send(session, {"jsonrpc": "2.0", "method": name, "id": i})["error"]["code"] == -32601
+        assert _send(session, {"jsonrpc": "2.0", "method": name + "-notification"}) is None
+    # One series (and one cached child) for all of them: the label "unknown" with -32601.
+    assert len(gateway.metrics._request_children) == 1
+    [series] = _request_series(gateway)
+    assert 'method="unknown"' in series and series.endswith(" 600.0")
