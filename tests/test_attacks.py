@@ -46,3 +46,19 @@ def test_distinct_unknown_methods_keep_no_memory():
     assert len(gateway.metrics._request_children) == 1
     [series] = _request_series(gateway)
     assert 'method="unknown"' in series and series.endswith(" 600.0")
+
+
+def test_key_normalisation_cache_keeps_no_invalid_keys():
+    """The LRU behind normalize_pubkey holds only valid keys (at most 132 characters each),
+    however many huge or malformed ones an attacker sends."""
+    from circles.keys import InvalidKey, _normalize, normalize_pubkey
+
+    before = _normalize.cache_info().currsize
+    for i in range(500):
+        for text in (f"{i:x}" * 50_000, "02" + "00" * 32 + f"{i:x}", "zz" * 33, "02" + "00" * 32):
+            try:
+                normalize_pubkey(text)
+            except InvalidKey:
+                pass
+    assert _normalize.cache_info().currsize == before
+    assert _normalize.cache_info().maxsize == 4096
