@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
 from . import openrpc
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
-from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, as_deferred, bind_params
+from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
 from .keys import InvalidKey, normalize_pubkey
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -27,13 +27,14 @@ from .scripts import (
     ScriptTimeout,
 )
 
-# Application error codes (the design's -32001..-32006).
+# Application error codes (the design's -32001..-32006; -32007 since issue 12).
 AUTH_REQUIRED = -32001
 AUTH_FAILED = -32002
 SCRIPT_TIMEOUT = -32003
 BACKEND_UNAVAILABLE = -32004
 SCRIPT_FAILED = -32005
 TOO_MANY_REQUESTS = -32006
+REPLY_TOO_LARGE = -32007
 
 log = Logger()
 methods = Methods()
@@ -53,7 +54,12 @@ class Gateway:
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
             observe=self.metrics.request,
+            max_reply=config.max_message_size, too_large=self._reply_too_large,
         )
+
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.config.max_message_size})
 
     def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None) -> "Session":
         return Session(self, circle, pubkey, connection_id)
@@ -78,8 +84,12 @@ class Session:
         return self.pubkey is not None
 
     def handle(self, payload) -> Deferred:
-        """Answer one WebSocket message; fires with the reply text or None."""
-        return as_deferred(self.answer(payload))
+        """Answer one WebSocket message; fires with the reply text or None (or fails with
+        :class:`~circles.jsonrpc.ReplyTooLarge` when no reply fits)."""
+        try:
+            return as_deferred(self.answer(payload))
+        except ReplyTooLarge:
+            return fail()
 
     def answer(self, payload) -> Union[str, None, Deferred]:
         """The reply text (or None) at once, or a Deferred of it while a method (play) works;

@@ -40,10 +40,16 @@ Errors are JSON-RPC error objects: -32700 parse error, -32600 invalid request, -
 not found, -32602 invalid params, -32603 internal error, and the application's -32001
 authentication required, -32002 authentication failed, -32003 script timed out, -32004 script
 backend unavailable, -32005 script failed (``data`` carries the worker's error), -32006 too
-many requests.
+many requests, -32007 reply too large.
+
+Replies are bounded by the same size limit as requests, decided before sending: a response
+whose encoded UTF-8 text would exceed it becomes -32007 with the request's id and ``data``
+``{size, limit}`` (the reply's would-be size in bytes); in a batch the largest responses are
+replaced so, largest first, until the batch fits, and the rest are answered as usual.
 
 Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
-not UTF-8, 1009 for a message over the size limit.
+not UTF-8, 1009 for a message over the size limit, and for a reply that cannot fit even as
+-32007 errors (the request's ids alone are too long to echo).
 """
 
 from __future__ import annotations
@@ -66,11 +72,13 @@ from .logs import Logger
 
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
+from .jsonrpc import ReplyTooLarge
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from .limits import ConnectionCount, OriginPolicy
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_MESSAGE_TOO_BIG = 1009
 
 _connection_ids = itertools.count(1)
 # Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
@@ -176,7 +184,11 @@ class CircleProtocol(WebSocketServerProtocol):
             return
         if self._idle is not None:
             self._idle.reset(self.session.gateway.config.idle_timeout)
-        reply = self.session.answer(payload)
+        try:
+            reply = self.session.answer(payload)
+        except ReplyTooLarge as e:
+            self._unsendable(e)
+            return
         if isinstance(reply, Deferred):
             reply.addCallback(self._reply)
             # The dispatcher answers every failure itself; anything reaching here is our bug.
@@ -191,7 +203,17 @@ class CircleProtocol(WebSocketServerProtocol):
             self.go_away()
 
     def _reply_failed(self, failure) -> None:
+        if failure.check(ReplyTooLarge):
+            self._unsendable(failure.value)
+            return
         log.failure("reply to connection {conn} failed", failure, conn=self.connection_id)
+
+    def _unsendable(self, error: ReplyTooLarge) -> None:
+        """No reply fits, not even an error (the request's id is too long to echo): 1009."""
+        log.debug("connection {conn}: reply of {size} bytes over the limit of {limit}, closing with 1009",
+                  conn=self.connection_id, size=error.size, limit=error.limit)
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"reply too large")
 
     # Autobahn's per-message and per-connection paths, trimmed. Its versions of these build
     # debug-log arguments eagerly (qualified names, peer strings, a connection-lost reason's

@@ -509,6 +509,53 @@ def test_ws_fragmented_oversized_message_closes_1009(txaio_clock):
     assert conn.client.remoteCloseCode == 1009
 
 
+def test_ws_play_output_too_large_is_answered_at_once(txaio_clock, runner):
+    """Issue 12, point 4: under the limit as text, over it once JSON-escaped (quotes double)."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    id_ = conn.client.call("play", {"script": "s"})
+    conn.settle()
+    runner.pending[0].callback('"' * 3000)
+    conn.settle()
+    [reply] = conn.client.received
+    assert reply["id"] == id_ and reply["error"]["code"] == -32007
+    as_sent = {"jsonrpc": "2.0", "result": {"output": '"' * 3000}, "id": id_}
+    assert reply["error"]["data"] == {"size": len(json.dumps(as_sent, separators=(",", ":"))), "limit": 4096}
+    assert conn.request("whoami")["result"]["circle"] == CIRCLE  # the connection lives on
+
+
+def test_ws_batch_reply_over_the_limit_is_sent_within_it(txaio_clock):
+    document_size = len(json.dumps(json.loads(OPENRPC.read_text("utf-8")), separators=(",", ":")))
+    limit = document_size * 3
+    conn = connect(make_gateway(txaio_clock, max_message_size=limit))
+    batch = [{"jsonrpc": "2.0", "method": "rpc.discover", "id": f"{i}-" + "i" * 100} for i in range(10)]
+    conn.client.sendMessage(json.dumps(batch).encode())
+    conn.settle()
+    [reply] = conn.client.received
+    assert [r["id"] for r in reply] == [r["id"] for r in batch]
+    assert sum("result" in r for r in reply) == 2
+    assert {r["error"]["code"] for r in reply if "error" in r} == {-32007}
+    assert conn.server.state == conn.server.STATE_OPEN
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_ws_reply_that_cannot_fit_closes_1009(txaio_clock, runner, late):
+    """Even the error would be too large (the id alone is): close 1009, no traceback, no drop."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    huge_id = "i" * (4000 if late else 4040)  # the request fits; its error reply would not
+    with captured_log() as events:
+        if late:
+            conn.client.call("play", {"script": "s"}, id_=huge_id)
+            conn.settle()
+            runner.pending[0].callback("o" * 200)
+        else:
+            conn.client.call("x", id_=huge_id)
+        conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1009
+    assert conn.client.closed[0] is True  # a closing handshake, not a dropped TCP connection
+    assert not [e for e in events if e.get("log_level") and e["log_level"].name in ("error", "critical")]
+
+
 def test_ws_fragmented_request_is_answered_once_whole(txaio_clock):
     conn = connect(make_gateway(txaio_clock))
     text = json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": "frag"}).encode()
