@@ -128,7 +128,7 @@ def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
 
 
 def _credentials(params) -> tuple:
-    """(pubkey, signature) from every form clients send.
+    """(pubkey, signature, nonce) from every form clients send.
 
     Ours is ``{pubkey, signature}``; the ecosystem's earlier clients send
     ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]`` or ``[{pubkey, signature}]``.
@@ -138,20 +138,22 @@ def _credentials(params) -> tuple:
     elif isinstance(params, dict) and params.keys() == {"credentials"} and isinstance(params["credentials"], dict):
         params = params["credentials"]
     bound = bind_params(params, _CREDENTIALS)
-    return bound.get("pubkey"), bound["signature"]
+    return bound.get("pubkey"), bound["signature"], bound.get("nonce")
 
 
 # pubkey may be left out with a personal_sign signature, which names its key itself: browser
-# wallets expose addresses, not public keys, so the playground cannot send one.
-_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)))
+# wallets expose addresses, not public keys, so the playground cannot send one. nonce names the
+# nonce signed; without it, the newest one issued to this connection (for that key or none).
+_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)),
+                Param("nonce", (str,), required=False))
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
 def authenticate(session: Session, params) -> dict:
-    pubkey, signature = _credentials(params)
+    pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
-        signer = session.nonces.redeem(key, signature)
+        signer = session.nonces.redeem(key, signature, nonce)
     except (InvalidKey, AuthenticationFailed) as e:
         log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
                  conn=session.connection_id, circle=session.circle, reason=str(e))

@@ -16,7 +16,7 @@ match them by ``id``.
 Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
 
     fetch_nonce  {pubkey?}                  -> {nonce, expires_at}
-    authenticate {pubkey?, signature}       -> {authenticated: true, pubkey}
+    authenticate {pubkey?, signature, nonce?} -> {authenticated: true, pubkey}
     whoami                                  -> {circle, authenticated, pubkey}
     play         {script, timeout?}         -> {output}
     rpc.discover                            -> the OpenRPC document
@@ -26,7 +26,8 @@ Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that 
 signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65-byte
 ``r||s||v``) or plain ECDSA over SHA-256 (64-byte ``r||s`` or DER), and sends
 ``authenticate`` (``pubkey`` may be left out with a ``personal_sign`` signature, whose key is
-recovered: browser wallets expose addresses, not keys). From then on the session acts as that key; with ``--auth`` on, ``play``
+recovered: browser wallets expose addresses, not keys; ``nonce`` names the nonce signed, else
+the newest one fetched is meant; a ``personal_sign`` signature must be low-S, EIP-2). From then on the session acts as that key; with ``--auth`` on, ``play``
 requires it. Authentication lasts as long as the connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``

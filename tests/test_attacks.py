@@ -62,3 +62,29 @@ def test_key_normalisation_cache_keeps_no_invalid_keys():
                 pass
     assert _normalize.cache_info().currsize == before
     assert _normalize.cache_info().maxsize == 4096
+
+
+# --- a failed authenticate costs one signature check -----------------------------------------------
+
+
+def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypatch):
+    import circles.auth
+
+    from .support import Key
+
+    gateway, session = _session(rate_limit=0)
+    user, stranger = Key(), Key()
+    nonces = [_send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": i})
+              ["result"]["nonce"] for i in range(16)]
+    recoveries = []
+    original = circles.auth.recover_eth_signer
+    monkeypatch.setattr(circles.auth, "recover_eth_signer", lambda *a: recoveries.append(1) or original(*a))
+    bad = {"pubkey": user.pubkey, "signature": stranger.eth_sign(nonces[0])}
+    for _ in range(10):
+        reply = _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": bad, "id": 1})
+        assert reply["error"]["code"] == -32002
+    assert len(recoveries) == 10
+    # Naming the nonce (an older one) works, at the same cost.
+    good = {"pubkey": user.pubkey, "signature": user.eth_sign(nonces[2]), "nonce": nonces[2]}
+    assert _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": good, "id": 2})["result"]["authenticated"]
+    assert len(recoveries) == 11

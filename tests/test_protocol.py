@@ -223,7 +223,8 @@ def test_switch_identity_needs_a_fresh_nonce(clock):
 
 @pytest.mark.parametrize("params", [
     None, {}, [], {"pubkey": CIRCLE}, {"pubkey": 1, "signature": "00"},
-    {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": "x"},
+    {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "n", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": 5},
+    {"pubkey": CIRCLE, "signature": "00", "other": "x"},
 ])
 def test_authenticate_param_shapes_are_invalid_params(clock, params):
     session = make_gateway(clock).new_session(CIRCLE)
