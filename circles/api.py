@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
 from . import openrpc
+from .anomalies import ConnectionAnomalies
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
 from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
@@ -78,6 +79,7 @@ class Session:
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
         self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
         self.in_flight = 0  # messages received and not yet answered
+        self.anomalies = ConnectionAnomalies(connection_id)  # what it got wrong, logged within bounds
 
     @property
     def authenticated(self) -> bool:
@@ -155,8 +157,8 @@ def authenticate(session: Session, params) -> dict:
         key = None if pubkey is None else normalize_pubkey(pubkey)
         signer = session.nonces.redeem(key, signature, nonce)
     except (InvalidKey, AuthenticationFailed) as e:
-        log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
-                 conn=session.connection_id, circle=session.circle, reason=str(e))
+        session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
+                               "{circle}: {reason}", circle=session.circle, reason=str(e))
         session.gateway.metrics.auth_failures.inc()
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
     session.gateway.metrics.auth_successes.inc()

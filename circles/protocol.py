@@ -58,6 +58,8 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+import txaio
+
 from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
@@ -71,6 +73,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from .logs import Logger
 
+from .anomalies import Refusals
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .jsonrpc import ReplyTooLarge
@@ -211,8 +214,9 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def _unsendable(self, error: ReplyTooLarge) -> None:
         """No reply fits, not even an error (the request's id is too long to echo): 1009."""
-        log.debug("connection {conn}: reply of {size} bytes over the limit of {limit}, closing with 1009",
-                  conn=self.connection_id, size=error.size, limit=error.limit)
+        self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
+                                    "of {limit}, even as an error: closing with 1009", size=error.size,
+                                    limit=error.limit)
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"reply too large")
 
@@ -267,6 +271,21 @@ class CircleProtocol(WebSocketServerProtocol):
         if not self.failedByMe:
             self._onMessage(b"".join(payload), self.message_is_binary)
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
+        """Autobahn's, with the refusal logged by the factory's :class:`Refusals` (bounded)
+        instead of two lines each (an info line, then a warning as the connection drops)."""
+        self.wasNotCleanReason = reason
+        peer = self.transport.getPeer()
+        self.factory.refusals.note(getattr(peer, "host", str(peer)), code, reason)
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        # dropConnection(abort=False), without its warning:
+        self.unregisterProducer()
+        if self.state != self.STATE_CLOSED:
+            self.droppedByMe = True
+            self.state = self.STATE_CLOSED
+            txaio.resolve(self.is_closed, self)
+            self._closeConnection(False)
+
     def _idle_timeout(self) -> None:
         self._idle = None
         log.info("connection {conn} idle for {seconds}s: closing", conn=self.connection_id,
@@ -283,6 +302,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
+            self.session.anomalies.closed()
             log.debug("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,
                      pubkey=self.session.pubkey)
@@ -305,6 +325,7 @@ class CircleFactory(WebSocketServerFactory):
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
+        self.refusals = Refusals(gateway.clock)  # stop() it when the service stops
         self.draining = False
         self._drained: Optional[Deferred] = None
         config = gateway.config

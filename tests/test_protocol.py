@@ -664,6 +664,59 @@ def test_refused_handshake_through_a_client(txaio_clock):
     assert "404" in (conn.client.wasNotCleanReason or "")
 
 
+# --- anomalies are logged within bounds (issue 12) ---------------------------------------------------
+
+
+def _info_or_worse(events) -> list:
+    return [e for e in events if e.get("log_level") is not None and e["log_level"].name != "debug"]
+
+
+def test_failed_authentications_log_a_few_lines_then_a_summary_at_close(txaio_clock):
+    conn = connect(make_gateway(txaio_clock, rate_limit=0))
+    key = Key()
+    nonce = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    with captured_log() as events:
+        for _ in range(200):
+            conn.client.call("authenticate", {"pubkey": key.pubkey, "signature": Key().eth(nonce)})
+        conn.settle()
+        assert len(conn.client.received) == 201 and all(r["error"]["code"] == -32002 for r in conn.client.received[1:])
+        assert len(_info_or_worse(events)) == 3
+        conn.client.sendClose(1000)
+        conn.settle()
+    lines = _info_or_worse(events)
+    assert len(lines) == 4
+    assert lines[-1]["unlogged"] == 197 and lines[-1]["kinds"] == {"authentication failed": 197}
+
+
+def test_refused_upgrades_log_a_few_lines_then_a_summary_per_window(txaio_clock):
+    factory = CircleFactory(make_gateway(txaio_clock, circles=[CIRCLE]))
+
+    def refused(path):
+        server = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 8080))
+        transport = Transport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+        server.makeConnection(transport)
+        server.dataReceived(
+            (f"GET {path} HTTP/1.1\r\nHost: localhost:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode("ascii"))
+        return status(transport.value())
+
+    level = txaio.get_global_log_level()
+    txaio.set_global_log_level("info")  # Autobahn's own lines count too
+    try:
+        with captured_log() as events:
+            assert {refused(f"/{OTHER_CIRCLE}") for _ in range(300)} == {404}
+            assert len(_info_or_worse(events)) == 10
+            txaio_clock.advance(60)
+            assert refused("/nope") == 404
+    finally:
+        txaio.set_global_log_level(level)
+    lines = _info_or_worse(events)
+    assert len(lines) == 12  # 10, the window's summary, the next window's first
+    summary = lines[10]
+    assert summary["unlogged"] == 290 and summary["by_status"] == {404: 290}
+    assert summary["busiest"] == {"192.0.2.7": 290}
+
+
 # --- the Autobahn methods CircleProtocol trims ---------------------------------------------------
 
 #: sha256 (first 16 hex digits) of the Autobahn source each override in circles/protocol.py was
@@ -677,7 +730,10 @@ AUTOBAHN_SOURCES = {
     ("WebSocketServerProtocol", "_connectionLost"): "1b616e8fc259d995",
     ("WebSocketProtocol", "sendData"): "5dcca425b048b07e",
     ("WebSocketProtocol", "onMessageEnd"): "efff2a43ca8540d0",
+    ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
 }
+#: Copied into CircleProtocol.failHandshake (less its warning), not overridden.
+COPIED_AUTOBAHN_SOURCES = {("WebSocketProtocol", "dropConnection"): "149c74c9a251a7b1"}
 
 
 @pytest.mark.parametrize("owner, method", sorted(AUTOBAHN_SOURCES))
@@ -692,3 +748,14 @@ def test_trimmed_autobahn_methods_are_the_ones_reviewed(owner, method):
     source = inspect.getsource(getattr(cls, method))
     assert hashlib.sha256(source.encode()).hexdigest()[:16] == AUTOBAHN_SOURCES[owner, method]
     assert method in CircleFactory(make_gateway(Clock())).protocol.__mro__[1].__dict__  # still overridden
+
+
+@pytest.mark.parametrize("owner, method", sorted(COPIED_AUTOBAHN_SOURCES))
+def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
+    import hashlib
+    import inspect
+
+    from autobahn.websocket import protocol as websocket_protocol
+
+    source = inspect.getsource(getattr(getattr(websocket_protocol, owner), method))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == COPIED_AUTOBAHN_SOURCES[owner, method]
