@@ -145,7 +145,7 @@ def _credentials(params) -> tuple:
 
 # pubkey may be left out with a personal_sign signature, which names its key itself: browser
 # wallets expose addresses, not public keys, so the playground cannot send one. nonce names the
-# nonce signed; without it, the newest one issued to this connection (for that key or none).
+# nonce signed; without it, the newest one issued to this connection for that key (else for none).
 _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)),
                 Param("nonce", (str,), required=False))
 

@@ -165,7 +165,7 @@ class NonceStore:
         """Check ``signature`` over one live nonce, consume it and return the signer's key.
 
         The nonce is ``value`` when the client names it, else the newest one issued for
-        ``pubkey`` or for no key. One signature check whatever the number of live nonces:
+        ``pubkey``, else the newest issued for no key. One signature check whatever the number of live nonces:
         trying each of them made a failed attempt cost up to 16 key recoveries, CPU an
         unauthenticated client could spend at will. A failed attempt consumes nothing, so a
         client may retry with a corrected signature until the nonce expires.
@@ -179,7 +179,7 @@ class NonceStore:
                 raise AuthenticationFailed("nonce was issued for another public key")
             claimed = pubkey if pubkey is not None else nonce.pubkey
         else:
-            nonce = next((n for n in reversed(self._live.values()) if n.pubkey is None or n.pubkey == pubkey), None)
+            nonce = self._newest_for(pubkey)
             if nonce is None:
                 raise AuthenticationFailed("no live nonce for this public key: call fetch_nonce first")
             claimed = pubkey
@@ -188,6 +188,17 @@ class NonceStore:
             raise AuthenticationFailed("signature does not match the public key and nonce")
         del self._live[nonce.value]
         return signer
+
+    def _newest_for(self, pubkey: Optional[str]) -> Optional[Nonce]:
+        unbound = None
+        for nonce in reversed(self._live.values()):
+            if nonce.pubkey is None:
+                if pubkey is None:
+                    return nonce
+                unbound = unbound or nonce
+            elif nonce.pubkey == pubkey:
+                return nonce
+        return unbound
 
     def redeem_value(self, value: str, pubkey: str, signature: str) -> str:
         """Consume the nonce ``value`` (as given by the client) and verify its signature.

@@ -27,7 +27,7 @@ signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65
 ``r||s||v``) or plain ECDSA over SHA-256 (64-byte ``r||s`` or DER), and sends
 ``authenticate`` (``pubkey`` may be left out with a ``personal_sign`` signature, whose key is
 recovered: browser wallets expose addresses, not keys; ``nonce`` names the nonce signed, else
-the newest one fetched is meant; a ``personal_sign`` signature must be low-S, EIP-2). From then on the session acts as that key; with ``--auth`` on, ``play``
+the newest one fetched for that key, else without one, is meant; a ``personal_sign`` signature must be low-S, EIP-2). From then on the session acts as that key; with ``--auth`` on, ``play``
 requires it. Authentication lasts as long as the connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``

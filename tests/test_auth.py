@@ -549,3 +549,10 @@ def test_a_named_nonce_of_another_key_is_refused(store, key):
     with pytest.raises(AuthenticationFailed):
         store.redeem(None, hexed(key.eth(nonce)), nonce)
     assert store.redeem(None, hexed(other.eth(nonce)), nonce) == other.compressed
+
+
+def test_unnamed_redeem_prefers_the_newest_nonce_for_the_key_over_unbound_ones(store, key):
+    keyed = store.issue(key.compressed).value
+    unbound = store.issue().value
+    assert store.redeem(key.compressed, hexed(key.eth(keyed))) == key.compressed
+    assert store.redeem(key.compressed, hexed(key.eth(unbound))) == key.compressed  # none for the key left
