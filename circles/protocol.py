@@ -15,20 +15,22 @@ match them by ``id``.
 
 Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
 
-    fetch_nonce  {pubkey?}                  -> {nonce, expires_at}
+    fetch_nonce  {pubkey?}                    -> {nonce, expires_at}
     authenticate {pubkey?, signature, nonce?} -> {authenticated: true, pubkey}
-    whoami                                  -> {circle, authenticated, pubkey}
-    play         {script, timeout?}         -> {output}
-    rpc.discover                            -> the OpenRPC document
+    whoami                                    -> {circle, authenticated, pubkey}
+    play         {script, timeout?}           -> {output}
+    rpc.discover                              -> the OpenRPC document
 
 Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
 ``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
 signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65-byte
 ``r||s||v``) or plain ECDSA over SHA-256 (64-byte ``r||s`` or DER), and sends
 ``authenticate`` (``pubkey`` may be left out with a ``personal_sign`` signature, whose key is
-recovered: browser wallets expose addresses, not keys; ``nonce`` names the nonce signed, else
-the newest one fetched for that key, else without one, is meant; a ``personal_sign`` signature must be low-S, EIP-2). From then on the session acts as that key; with ``--auth`` on, ``play``
-requires it. Authentication lasts as long as the connection.
+recovered: browser wallets expose addresses, not keys). ``nonce`` names the nonce signed;
+without it the newest one fetched for that key (else without a key) is meant, and only that one
+is checked. A ``personal_sign`` signature must be low-S (EIP-2). From then on the session acts
+as that key; with ``--auth`` on, ``play`` requires it. Authentication lasts as long as the
+connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
 and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
@@ -59,7 +61,6 @@ import itertools
 from typing import Optional
 
 import txaio
-
 from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
