@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
 from . import openrpc
-from .anomalies import ConnectionAnomalies
+from .anomalies import ConnectionAnomalies, LogBudget
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
 from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
@@ -51,6 +51,9 @@ class Gateway:
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
         self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces)
         self.metrics = Metrics(methods)
+        # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
+        self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
+        self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
@@ -62,15 +65,21 @@ class Gateway:
         return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
                         {"size": size, "limit": self.config.max_message_size})
 
-    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None) -> "Session":
-        return Session(self, circle, pubkey, connection_id)
+    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
+                    peer: Optional[str] = None) -> "Session":
+        return Session(self, circle, pubkey, connection_id, peer)
+
+    def stop(self) -> None:
+        """Write what the log budgets hold back and cancel their timers."""
+        self.anomaly_log.stop()
+        self.refusal_log.stop()
 
 
 class Session:
     """One client's view of a circle: who it has proved to be and the nonces it holds."""
 
     def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
-                 connection_id: Optional[int] = None) -> None:
+                 connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
         self.gateway = gateway
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
@@ -79,7 +88,7 @@ class Session:
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
         self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
         self.in_flight = 0  # messages received and not yet answered
-        self.anomalies = ConnectionAnomalies(connection_id)  # what it got wrong, logged within bounds
+        self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
 
     @property
     def authenticated(self) -> bool:

@@ -74,7 +74,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from .logs import Logger
 
-from .anomalies import Refusals
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .jsonrpc import ReplyTooLarge
@@ -144,7 +143,8 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = peer_host
-        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id)
+        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id,
+                                           peer_host)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
@@ -273,11 +273,13 @@ class CircleProtocol(WebSocketServerProtocol):
             self._onMessage(b"".join(payload), self.message_is_binary)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
-        """Autobahn's, with the refusal logged by the factory's :class:`Refusals` (bounded)
-        instead of two lines each (an info line, then a warning as the connection drops)."""
+        """Autobahn's, with the refusal logged within the gateway's budget instead of two lines
+        each (an info line, then a warning as the connection drops)."""
         self.wasNotCleanReason = reason
         peer = self.transport.getPeer()
-        self.factory.refusals.note(getattr(peer, "host", str(peer)), code, reason)
+        self.factory.gateway.refusal_log.note(getattr(peer, "host", str(peer)), str(code),
+                                              "refused a WebSocket upgrade from {peer}: {status} {reason}",
+                                              status=code, reason=reason)
         self.sendHttpErrorResponse(code, reason, responseHeaders)
         # dropConnection(abort=False), without its warning:
         self.unregisterProducer()
@@ -326,7 +328,6 @@ class CircleFactory(WebSocketServerFactory):
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
-        self.refusals = Refusals(gateway.clock)  # stop() it when the service stops
         self.draining = False
         self._drained: Optional[Deferred] = None
         config = gateway.config

@@ -88,3 +88,38 @@ def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypa
     good = {"pubkey": user.pubkey, "signature": user.eth_sign(nonces[2]), "nonce": nonces[2]}
     assert _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": good, "id": 2})["result"]["authenticated"]
     assert len(recoveries) == 11
+
+
+# --- anomalies cannot flood the log, however many connections make them ---------------------------
+
+
+def _info_lines(events) -> list:
+    return [e for e in events if e.get("log_level") is not None and e["log_level"].name != "debug"]
+
+
+def test_failed_authentications_on_many_connections_write_a_bounded_log():
+    from .inmemory import captured_log
+    from .support import Key
+
+    clock = Clock()
+    gateway = Gateway(Config(rate_limit=0), clock, NoScriptBackend())
+    user = Key()
+    with captured_log() as events:
+        for conn in range(200):  # connections from two addresses, each failing 5 times
+            session = gateway.new_session(CIRCLE, connection_id=conn, peer=f"198.51.100.{conn % 2}")
+            nonce = _send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": 0})
+            bad = {"pubkey": user.pubkey, "signature": Key().eth_sign(nonce["result"]["nonce"])}
+            for i in range(5):
+                assert _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": bad, "id": i})["error"]
+            session.anomalies.closed()
+        assert len(_info_lines(events)) == 50  # the minute's budget
+        clock.advance(60)
+    lines = _info_lines(events)
+    assert len(lines) == 51
+    summary = lines[-1]
+    # Each connection hands the budget its first 3 failures and, at close, one line for the
+    # other 2: 800 lines asked for, 50 written, 750 summed up.
+    assert summary["unlogged"] == 750
+    assert summary["by_kind"] == {"authentication failed": 562, "connection summary": 188}  # 12 connections logged whole
+    assert summary["busiest"] == {"198.51.100.0": 374, "198.51.100.1": 376}  # the 13th, from .0, half logged
+    assert lines[0]["conn"] == 0 and lines[0]["peer"] == "198.51.100.0"

@@ -688,7 +688,7 @@ def test_failed_authentications_log_a_few_lines_then_a_summary_at_close(txaio_cl
     assert lines[-1]["unlogged"] == 197 and lines[-1]["kinds"] == {"authentication failed": 197}
 
 
-def test_refused_upgrades_log_a_few_lines_then_a_summary_per_window(txaio_clock):
+def test_refused_upgrades_log_a_few_lines_a_minute_then_a_summary(txaio_clock):
     factory = CircleFactory(make_gateway(txaio_clock, circles=[CIRCLE]))
 
     def refused(path):
@@ -713,7 +713,7 @@ def test_refused_upgrades_log_a_few_lines_then_a_summary_per_window(txaio_clock)
     lines = _info_or_worse(events)
     assert len(lines) == 12  # 10, the window's summary, the next window's first
     summary = lines[10]
-    assert summary["unlogged"] == 290 and summary["by_status"] == {404: 290}
+    assert summary["unlogged"] == 290 and summary["by_kind"] == {"404": 290}
     assert summary["busiest"] == {"192.0.2.7": 290}
 
 
