@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from .logs import Logger
 
 from . import openrpc
+from .anomalies import ConnectionAnomalies, LogBudget
 from .auth import AuthenticationFailed, NonceStore, TooManyNonces
 from .config import Config
-from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, RPCError, as_deferred, bind_params
+from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
 from .keys import InvalidKey, normalize_pubkey
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -27,13 +28,14 @@ from .scripts import (
     ScriptTimeout,
 )
 
-# Application error codes (the design's -32001..-32006).
+# Application error codes (the design's -32001..-32006; -32007 since issue 12).
 AUTH_REQUIRED = -32001
 AUTH_FAILED = -32002
 SCRIPT_TIMEOUT = -32003
 BACKEND_UNAVAILABLE = -32004
 SCRIPT_FAILED = -32005
 TOO_MANY_REQUESTS = -32006
+REPLY_TOO_LARGE = -32007
 
 log = Logger()
 methods = Methods()
@@ -49,21 +51,35 @@ class Gateway:
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
         self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces)
         self.metrics = Metrics(methods)
+        # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
+        self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
+        self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
             observe=self.metrics.request,
+            max_reply=config.max_message_size, too_large=self._reply_too_large,
         )
 
-    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None) -> "Session":
-        return Session(self, circle, pubkey, connection_id)
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.config.max_message_size})
+
+    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
+                    peer: Optional[str] = None) -> "Session":
+        return Session(self, circle, pubkey, connection_id, peer)
+
+    def stop(self) -> None:
+        """Write what the log budgets hold back and cancel their timers."""
+        self.anomaly_log.stop()
+        self.refusal_log.stop()
 
 
 class Session:
     """One client's view of a circle: who it has proved to be and the nonces it holds."""
 
     def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
-                 connection_id: Optional[int] = None) -> None:
+                 connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
         self.gateway = gateway
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
@@ -72,14 +88,19 @@ class Session:
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
         self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
         self.in_flight = 0  # messages received and not yet answered
+        self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
 
     @property
     def authenticated(self) -> bool:
         return self.pubkey is not None
 
     def handle(self, payload) -> Deferred:
-        """Answer one WebSocket message; fires with the reply text or None."""
-        return as_deferred(self.answer(payload))
+        """Answer one WebSocket message; fires with the reply text or None (or fails with
+        :class:`~circles.jsonrpc.ReplyTooLarge` when no reply fits)."""
+        try:
+            return as_deferred(self.answer(payload))
+        except ReplyTooLarge:
+            return fail()
 
     def answer(self, payload) -> Union[str, None, Deferred]:
         """The reply text (or None) at once, or a Deferred of it while a method (play) works;
@@ -118,7 +139,7 @@ def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
 
 
 def _credentials(params) -> tuple:
-    """(pubkey, signature) from every form clients send.
+    """(pubkey, signature, nonce) from every form clients send.
 
     Ours is ``{pubkey, signature}``; the ecosystem's earlier clients send
     ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]`` or ``[{pubkey, signature}]``.
@@ -128,23 +149,25 @@ def _credentials(params) -> tuple:
     elif isinstance(params, dict) and params.keys() == {"credentials"} and isinstance(params["credentials"], dict):
         params = params["credentials"]
     bound = bind_params(params, _CREDENTIALS)
-    return bound.get("pubkey"), bound["signature"]
+    return bound.get("pubkey"), bound["signature"], bound.get("nonce")
 
 
 # pubkey may be left out with a personal_sign signature, which names its key itself: browser
-# wallets expose addresses, not public keys, so the playground cannot send one.
-_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)))
+# wallets expose addresses, not public keys, so the playground cannot send one. nonce names the
+# nonce signed; without it, the newest one issued to this connection for that key (else for none).
+_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)),
+                Param("nonce", (str,), required=False))
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
 def authenticate(session: Session, params) -> dict:
-    pubkey, signature = _credentials(params)
+    pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
-        signer = session.nonces.redeem(key, signature)
+        signer = session.nonces.redeem(key, signature, nonce)
     except (InvalidKey, AuthenticationFailed) as e:
-        log.info("connection {conn}: authentication failed on circle {circle}: {reason}",
-                 conn=session.connection_id, circle=session.circle, reason=str(e))
+        session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
+                               "{circle}: {reason}", circle=session.circle, reason=str(e))
         session.gateway.metrics.auth_failures.inc()
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
     session.gateway.metrics.auth_successes.inc()

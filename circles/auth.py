@@ -7,7 +7,9 @@ accepted, told apart by the signature's length:
 * 65 bytes ``r||s||v``: Ethereum ``personal_sign`` (EIP-191). The digest is
   keccak256("\\x19Ethereum Signed Message:\\n" + len(msg) + msg); the key is recovered from the
   signature and must equal ``pubkey``. ``v`` may be 0/1 or 27/28. This is what MetaMask, ethers
-  and eth-account produce.
+  and eth-account produce. ``s`` must be in the lower half of the curve order, Ethereum's rule
+  since Homestead (EIP-2): otherwise ``(r, n-s, v^1)`` would be a second valid signature of the
+  same message by the same key, which every Ethereum signer avoids.
 * 64 bytes compact ``r||s``, or DER: ECDSA over SHA-256(msg), verified against ``pubkey``.
   High-S signatures are normalised first: they are as valid as their low-S twin, and signers
   such as WebCrypto and python-ecdsa do not normalise.
@@ -32,6 +34,8 @@ NONCE_BYTES = 16  # 128 bits, the design's floor
 ETH_SIGNATURE_LEN = 65
 COMPACT_SIGNATURE_LEN = 64
 _ETH_PREFIX = b"\x19Ethereum Signed Message:\n"
+#: Half the order of secp256k1: a low-S signature has s <= this (EIP-2).
+_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
 class AuthenticationFailed(Exception):
@@ -65,6 +69,8 @@ def recover_eth_signer(message: bytes, raw: bytes) -> str:
         v -= 27
     if v not in (0, 1):
         raise AuthenticationFailed("signature recovery id must be 0, 1, 27 or 28")
+    if int.from_bytes(raw[32:64], "big") > _HALF_ORDER:
+        raise AuthenticationFailed("signature s is not low (EIP-2): Ethereum signers never make these")
     try:
         key = coincurve.PublicKey.from_signature_and_message(
             raw[:64] + bytes([v]), eth_personal_digest(message), hasher=None
@@ -155,26 +161,44 @@ class NonceStore:
             return None
         return nonce
 
-    def redeem(self, pubkey: Optional[str], signature: str) -> str:
-        """Find the live nonce ``signature`` signs, consume it and return the signer's key.
+    def redeem(self, pubkey: Optional[str], signature: str, value: Optional[str] = None) -> str:
+        """Check ``signature`` over one live nonce, consume it and return the signer's key.
 
-        Candidates are the nonces issued for ``pubkey`` and those issued for no key, newest
-        first. A failed attempt consumes nothing, so a client may retry with a corrected
-        signature until the nonce expires.
+        The nonce is ``value`` when the client names it, else the newest one issued for
+        ``pubkey``, else the newest issued for no key. One signature check whatever the number of live nonces:
+        trying each of them made a failed attempt cost up to 16 key recoveries, CPU an
+        unauthenticated client could spend at will. A failed attempt consumes nothing, so a
+        client may retry with a corrected signature until the nonce expires.
         """
         self.sweep()
-        found_candidate = False
+        if value is not None:
+            nonce = self._live.get(value)
+            if nonce is None:
+                raise AuthenticationFailed("nonce unknown, used or expired")
+            if nonce.pubkey is not None and pubkey is not None and nonce.pubkey != pubkey:
+                raise AuthenticationFailed("nonce was issued for another public key")
+            claimed = pubkey if pubkey is not None else nonce.pubkey
+        else:
+            nonce = self._newest_for(pubkey)
+            if nonce is None:
+                raise AuthenticationFailed("no live nonce for this public key: call fetch_nonce first")
+            claimed = pubkey
+        signer = signature_matches(nonce.value.encode("utf-8"), signature, claimed)
+        if signer is None:
+            raise AuthenticationFailed("signature does not match the public key and nonce")
+        del self._live[nonce.value]
+        return signer
+
+    def _newest_for(self, pubkey: Optional[str]) -> Optional[Nonce]:
+        unbound = None
         for nonce in reversed(self._live.values()):
-            if nonce.pubkey is not None and nonce.pubkey != pubkey:
-                continue
-            found_candidate = True
-            signer = signature_matches(nonce.value.encode("utf-8"), signature, pubkey)
-            if signer is not None:
-                del self._live[nonce.value]
-                return signer
-        if not found_candidate:
-            raise AuthenticationFailed("no live nonce for this public key: call fetch_nonce first")
-        raise AuthenticationFailed("signature does not match the public key and nonce")
+            if nonce.pubkey is None:
+                if pubkey is None:
+                    return nonce
+                unbound = unbound or nonce
+            elif nonce.pubkey == pubkey:
+                return nonce
+        return unbound
 
     def redeem_value(self, value: str, pubkey: str, signature: str) -> str:
         """Consume the nonce ``value`` (as given by the client) and verify its signature.

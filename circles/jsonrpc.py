@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 from .logs import Logger
 
@@ -40,6 +40,16 @@ log = Logger()
 
 JSONValue = Any
 Params = Union[list, dict, None]
+
+
+class ReplyTooLarge(Exception):
+    """Not even an error reply fits in one message (the request's own id is too long to echo):
+    the transport has to refuse another way (a WebSocket closes with 1009)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"reply of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class RPCError(Exception):
@@ -220,21 +230,36 @@ class Dispatcher:
 
     ``max_batch`` bounds the requests in one batch; a longer batch is refused whole with
     ``batch_error`` (the application's "too many requests" error).
+
+    ``max_reply`` bounds a reply's UTF-8 size (0: no bound), checked on the encoded text so the
+    transport is never handed what it cannot send. A reply over it is replaced by
+    ``too_large(size)`` with the request's id; in a batch, the largest responses are replaced
+    so, largest first, until the batch fits. When not even that fits (ids too long to echo),
+    :class:`ReplyTooLarge` is raised (or the Deferred fails with it).
     """
 
     def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError,
-                 observe: Callable[[Optional[str], Any], None] = lambda method, outcome: None) -> None:
+                 observe: Callable[[Optional[str], Any], None] = lambda method, outcome: None,
+                 max_reply: int = 0, too_large: Optional[Callable[[int], RPCError]] = None) -> None:
         self._methods = methods
         self._max_batch = max_batch
         self._batch_error = batch_error
+        self._max_reply = max_reply
+        # Below this many characters a reply fits whatever they are (4 UTF-8 bytes at most each).
+        self._surely_fits = max_reply // 4
+        self._too_large = too_large or (lambda size: RPCError(INTERNAL_ERROR, "Internal error: reply too large"))
         # observe(method, outcome) once per request: method None for an invalid one,
         # outcome "ok" or the error code. For metrics.
         self._observe = observe
 
     def handle(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
-        """Return a Deferred firing with the reply text, or None when nothing is to be sent."""
-        return as_deferred(self.answer(payload, context, admit))
+        """Return a Deferred firing with the reply text, or None when nothing is to be sent
+        (failing with :class:`ReplyTooLarge` when no reply fits)."""
+        try:
+            return as_deferred(self.answer(payload, context, admit))
+        except ReplyTooLarge:
+            return fail()
 
     def answer(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Union[str, None, Deferred]:
@@ -267,19 +292,19 @@ class Dispatcher:
             replies = [self._call(request, context) for request in message]
             if any(isinstance(r, Deferred) for r in replies):
                 d = gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies], consumeErrors=True)
-                return d.addCallback(_encode_batch)
-            return _encode_batch(replies)
+                return d.addCallback(self._encode_batch)
+            return self._encode_batch(replies)
         refused = admit(1) if admit is not None else None
         if refused is not None:
             self._observe(None, refused.code)
             id_ = message.get("id", _MISSING) if isinstance(message, dict) else None
             if id_ is _MISSING:
                 return None
-            return encode(error_response(refused, id_ if _valid_id(id_) else None))
+            return self._encode_single(error_response(refused, id_ if _valid_id(id_) else None))
         reply = self._call(message, context)
         if isinstance(reply, Deferred):
-            return reply.addCallback(_encode_single)
-        return _encode_single(reply)
+            return reply.addCallback(self._encode_single)
+        return self._encode_single(reply)
 
     def _call(self, request: Any, context: Any) -> Union[dict, None, Deferred]:
         """The reply object for one request (None for a notification), or a Deferred of it
@@ -336,18 +361,54 @@ class Dispatcher:
         return None if id_ is _MISSING else error_response(error, id_)
 
 
+    # --- replies, within the size limit ---
+
+    def _size(self, text: str) -> Optional[int]:
+        """None if ``text`` fits in a reply, else its UTF-8 size. Free for all but huge replies."""
+        if len(text) <= self._surely_fits or not self._max_reply:
+            return None
+        size = len(text.encode("utf-8"))
+        return size if size > self._max_reply else None
+
+    def _encode_single(self, reply: Optional[dict]) -> Optional[str]:
+        if reply is None:
+            return None
+        text = encode(reply)
+        size = self._size(text)
+        if size is None:
+            return text
+        error = encode(error_response(self._too_large(size), reply["id"]))
+        if self._size(error) is not None:
+            raise ReplyTooLarge(size, self._max_reply)
+        return error
+
+    def _encode_batch(self, replies: list) -> Optional[str]:
+        answered = [r for r in replies if r is not None]
+        if not answered:
+            return None
+        text = encode(answered)
+        return text if self._size(text) is None else self._shrink_batch(answered)
+
+    def _shrink_batch(self, answered: list) -> str:
+        """The batch with its largest responses replaced by ``too_large`` errors until it fits."""
+        parts = [encode(reply) for reply in answered]
+        sizes = [len(part.encode("utf-8")) for part in parts]
+        total = sum(sizes) + len(parts) + 1  # the brackets and the commas
+        for i in sorted(range(len(parts)), key=sizes.__getitem__, reverse=True):
+            if total <= self._max_reply:
+                break
+            error = encode(error_response(self._too_large(sizes[i]), answered[i]["id"]))
+            size = len(error.encode("utf-8"))
+            if size < sizes[i]:
+                parts[i], total = error, total - sizes[i] + size
+        if total > self._max_reply:
+            raise ReplyTooLarge(total, self._max_reply)
+        return "[" + ",".join(parts) + "]"
+
+
 def as_deferred(reply: Union[str, None, Deferred]) -> Deferred:
     """What :meth:`Dispatcher.answer` returned, as a Deferred either way."""
     return reply if isinstance(reply, Deferred) else succeed(reply)
-
-
-def _encode_single(reply: Optional[dict]) -> Optional[str]:
-    return None if reply is None else encode(reply)
-
-
-def _encode_batch(replies: list) -> Optional[str]:
-    answered = [r for r in replies if r is not None]
-    return encode(answered) if answered else None
 
 
 def encode(reply: Union[dict, list]) -> str:

@@ -36,7 +36,9 @@ def normalize_pubkey(text: str) -> str:
     return _normalize(text)
 
 
-@lru_cache(maxsize=4096)  # the same keys come back on every connect and authenticate
+# The same keys come back on every connect and authenticate. Bounded in entries and in size:
+# only valid keys are cached (a raise is not), and a valid key is at most 132 characters.
+@lru_cache(maxsize=4096)
 def _normalize(text: str) -> str:
     try:
         raw = parse_hex(text)

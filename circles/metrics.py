@@ -42,10 +42,12 @@ class Metrics:
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
         ``outcome`` "ok" or an error code. (The Dispatcher's ``observe`` hook.)"""
-        key = (method, outcome)
+        # Keyed by the label, never by the method name as sent: an attacker chooses that, and
+        # every distinct name (a megabyte each, if it likes) would stay here for good.
+        label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
+        key = (label, outcome)
         child = self._request_children.get(key)
         if child is None:
-            label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
             child = self._request_children[key] = self._requests.labels(label, str(outcome))
         child.inc()
 

@@ -15,19 +15,22 @@ match them by ``id``.
 
 Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
 
-    fetch_nonce  {pubkey?}                  -> {nonce, expires_at}
-    authenticate {pubkey?, signature}       -> {authenticated: true, pubkey}
-    whoami                                  -> {circle, authenticated, pubkey}
-    play         {script, timeout?}         -> {output}
-    rpc.discover                            -> the OpenRPC document
+    fetch_nonce  {pubkey?}                    -> {nonce, expires_at}
+    authenticate {pubkey?, signature, nonce?} -> {authenticated: true, pubkey}
+    whoami                                    -> {circle, authenticated, pubkey}
+    play         {script, timeout?}           -> {output}
+    rpc.discover                              -> the OpenRPC document
 
 Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
 ``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
 signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65-byte
 ``r||s||v``) or plain ECDSA over SHA-256 (64-byte ``r||s`` or DER), and sends
 ``authenticate`` (``pubkey`` may be left out with a ``personal_sign`` signature, whose key is
-recovered: browser wallets expose addresses, not keys). From then on the session acts as that key; with ``--auth`` on, ``play``
-requires it. Authentication lasts as long as the connection.
+recovered: browser wallets expose addresses, not keys). ``nonce`` names the nonce signed;
+without it the newest one fetched for that key (else without a key) is meant, and only that one
+is checked. A ``personal_sign`` signature must be low-S (EIP-2). From then on the session acts
+as that key; with ``--auth`` on, ``play`` requires it. Authentication lasts as long as the
+connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
 and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
@@ -40,10 +43,16 @@ Errors are JSON-RPC error objects: -32700 parse error, -32600 invalid request, -
 not found, -32602 invalid params, -32603 internal error, and the application's -32001
 authentication required, -32002 authentication failed, -32003 script timed out, -32004 script
 backend unavailable, -32005 script failed (``data`` carries the worker's error), -32006 too
-many requests.
+many requests, -32007 reply too large.
+
+Replies are bounded by the same size limit as requests, decided before sending: a response
+whose encoded UTF-8 text would exceed it becomes -32007 with the request's id and ``data``
+``{size, limit}`` (the reply's would-be size in bytes); in a batch the largest responses are
+replaced so, largest first, until the batch fits, and the rest are answered as usual.
 
 Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
-not UTF-8, 1009 for a message over the size limit.
+not UTF-8, 1009 for a message over the size limit, and for a reply that cannot fit even as
+-32007 errors (the request's ids alone are too long to echo).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+import txaio
 from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
@@ -66,11 +76,13 @@ from .logs import Logger
 
 from .api import Gateway, Session
 from .auth import AuthenticationFailed
+from .jsonrpc import ReplyTooLarge
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from .limits import ConnectionCount, OriginPolicy
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_MESSAGE_TOO_BIG = 1009
 #: Seconds a TLS peer gets to finish an aborting close in order (see ``_closeConnection``).
 TLS_ABORT_GRACE = 2.0
 
@@ -134,7 +146,8 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = peer_host
-        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id)
+        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id,
+                                           peer_host)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
         return None
@@ -179,7 +192,11 @@ class CircleProtocol(WebSocketServerProtocol):
             return
         if self._idle is not None:
             self._idle.reset(self.session.gateway.config.idle_timeout)
-        reply = self.session.answer(payload)
+        try:
+            reply = self.session.answer(payload)
+        except ReplyTooLarge as e:
+            self._unsendable(e)
+            return
         if isinstance(reply, Deferred):
             reply.addCallback(self._reply)
             # The dispatcher answers every failure itself; anything reaching here is our bug.
@@ -194,7 +211,18 @@ class CircleProtocol(WebSocketServerProtocol):
             self.go_away()
 
     def _reply_failed(self, failure) -> None:
+        if failure.check(ReplyTooLarge):
+            self._unsendable(failure.value)
+            return
         log.failure("reply to connection {conn} failed", failure, conn=self.connection_id)
+
+    def _unsendable(self, error: ReplyTooLarge) -> None:
+        """No reply fits, not even an error (the request's id is too long to echo): 1009."""
+        self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
+                                    "of {limit}, even as an error: closing with 1009", size=error.size,
+                                    limit=error.limit)
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"reply too large")
 
     # Autobahn's per-message and per-connection paths, trimmed. Its versions of these build
     # debug-log arguments eagerly (qualified names, peer strings, a connection-lost reason's
@@ -251,6 +279,23 @@ class CircleProtocol(WebSocketServerProtocol):
         if not self.failedByMe:
             self._onMessage(b"".join(payload), self.message_is_binary)
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
+        """Autobahn's, with the refusal logged within the gateway's budget instead of two lines
+        each (an info line, then a warning as the connection drops)."""
+        self.wasNotCleanReason = reason
+        peer = self.transport.getPeer()
+        self.factory.gateway.refusal_log.note(getattr(peer, "host", str(peer)), str(code),
+                                              "refused a WebSocket upgrade from {peer}: {status} {reason}",
+                                              status=code, reason=reason)
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        # dropConnection(abort=False), without its warning:
+        self.unregisterProducer()
+        if self.state != self.STATE_CLOSED:
+            self.droppedByMe = True
+            self.state = self.STATE_CLOSED
+            txaio.resolve(self.is_closed, self)
+            self._closeConnection(False)
+
     def _idle_timeout(self) -> None:
         self._idle = None
         log.info("connection {conn} idle for {seconds}s: closing", conn=self.connection_id,
@@ -279,6 +324,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
+            self.session.anomalies.closed()
             log.debug("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,
                      pubkey=self.session.pubkey)

@@ -173,6 +173,7 @@ class CirclesService(MultiService):
             await maybeDeferred(self.dispatcher.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
+        self.gateway.stop()
         if self.metrics_listener is not None:
             await maybeDeferred(self.metrics_listener.stopService)
         if self.embedded_redis is not None:

@@ -474,3 +474,85 @@ def test_hex_with_whitespace_is_malformed(store, key, where, mangle):
         with pytest.raises(AuthenticationFailed):
             store.redeem(key.compressed, mangle(signature))
         redeem_ok(store, key, signature)
+
+
+# --- issue 12: malleated personal_sign, and one signature check per authenticate ------------------
+
+
+def _malleated(raw: bytes) -> bytes:
+    """The same signature's twin: s replaced by n - s, v flipped; it recovers the same key."""
+    s = int.from_bytes(raw[32:64], "big")
+    return raw[:32] + (N - s).to_bytes(32, "big") + bytes([55 - raw[64]])
+
+
+def test_eth_high_s_twin_is_refused(store, key):
+    """Ethereum's rule since Homestead (EIP-2). The twin recovers the very same key, so without
+    the rule it would be accepted; eth-account and coincurve only ever make low-S signatures."""
+    nonce = store.issue(key.compressed).value
+    raw = key.eth(nonce)
+    twin = _malleated(raw)
+    recovered = coincurve.PublicKey.from_signature_and_message(
+        twin[:64] + bytes([twin[64] - 27]), eth_personal_digest(nonce.encode("utf-8")), hasher=None)
+    assert recovered.format(compressed=True).hex() == key.compressed  # a genuine twin
+    with pytest.raises(AuthenticationFailed, match="EIP-2"):
+        store.redeem(key.compressed, hexed(twin))
+    with pytest.raises(AuthenticationFailed, match="EIP-2"):
+        signature_matches(nonce.encode("utf-8"), hexed(twin), None)
+    redeem_ok(store, key, hexed(raw))
+
+
+class _Counted:
+    def __init__(self, monkeypatch) -> None:
+        import circles.auth
+
+        self.calls = 0
+        for name in ("recover_eth_signer", "verify_ecdsa"):
+            original = getattr(circles.auth, name)
+            monkeypatch.setattr(circles.auth, name, self._counting(original))
+
+    def _counting(self, original):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("signer", ["eth", "der"])
+@pytest.mark.parametrize("named", [False, True])
+def test_a_failed_redeem_checks_one_signature_whatever_the_live_nonces(clock, key, monkeypatch, signer, named):
+    store = NonceStore(clock, TTL, 16)
+    nonces = [store.issue(key.compressed).value for _ in range(8)] + [store.issue().value for _ in range(8)]
+    other = Key()
+    counted = _Counted(monkeypatch)
+    with pytest.raises(AuthenticationFailed):
+        store.redeem(key.compressed, hexed(getattr(other, signer)(nonces[3])), nonces[3] if named else None)
+    assert counted.calls == 1
+    assert len(store) == 16  # consumed nothing
+
+
+def test_redeem_checks_the_newest_nonce_unless_one_is_named(store, key):
+    older, newer = store.issue(key.compressed).value, store.issue(key.compressed).value
+    with pytest.raises(AuthenticationFailed):
+        store.redeem(key.compressed, hexed(key.eth(older)))  # not the newest: name it
+    assert store.redeem(key.compressed, hexed(key.eth(older)), older) == key.compressed
+    assert store.redeem(key.compressed, hexed(key.eth(newer))) == key.compressed
+    with pytest.raises(AuthenticationFailed, match="unknown, used or expired"):
+        store.redeem(key.compressed, hexed(key.eth(older)), older)
+
+
+def test_a_named_nonce_of_another_key_is_refused(store, key):
+    other = Key()
+    nonce = store.issue(other.compressed).value
+    with pytest.raises(AuthenticationFailed, match="another public key"):
+        store.redeem(key.compressed, hexed(key.eth(nonce)), nonce)
+    # with pubkey left out, the named nonce's key is the one the signature must recover to
+    with pytest.raises(AuthenticationFailed):
+        store.redeem(None, hexed(key.eth(nonce)), nonce)
+    assert store.redeem(None, hexed(other.eth(nonce)), nonce) == other.compressed
+
+
+def test_unnamed_redeem_prefers_the_newest_nonce_for_the_key_over_unbound_ones(store, key):
+    keyed = store.issue(key.compressed).value
+    unbound = store.issue().value
+    assert store.redeem(key.compressed, hexed(key.eth(keyed))) == key.compressed
+    assert store.redeem(key.compressed, hexed(key.eth(unbound))) == key.compressed  # none for the key left

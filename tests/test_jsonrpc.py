@@ -681,3 +681,80 @@ def test_fast_parse_equals_the_standard_library(value):
             assert isinstance(payload, bytes)
             continue
         assert json.dumps(got) == json.dumps(expected)
+
+
+# --- replies over the size limit (issue 12, points 4 and 7) -------------------------------------
+
+TOO_LARGE = -32007
+LIMIT = 1000
+
+
+def sized_dispatcher(limit: int = LIMIT) -> Dispatcher:
+    return Dispatcher(methods, 200, RPCError(TOO_MANY, "Too many requests"), max_reply=limit,
+                      too_large=lambda size: RPCError(TOO_LARGE, "Reply too large", {"size": size, "limit": limit}))
+
+
+def _request(method, params=None, id_=None) -> dict:
+    message = {"jsonrpc": "2.0", "method": method, "id": id_}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+def _utf8_size(reply) -> int:
+    return len(json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+@pytest.mark.parametrize("value", ["x" * LIMIT, '"' * 600, "é" * 600, "\U0001f600" * 300, list(range(400))])
+def test_a_reply_over_the_limit_is_an_error_with_its_size(value):
+    """Counted in UTF-8 bytes of the encoded reply: quotes double, 'é' takes two bytes."""
+    reply = call(_request("echo", [value], id_=5), dispatcher=sized_dispatcher())
+    assert reply["id"] == 5
+    assert reply["error"]["code"] == TOO_LARGE
+    size = reply["error"]["data"]["size"]
+    assert size > LIMIT and reply["error"]["data"]["limit"] == LIMIT
+    assert size == len(json.dumps({"jsonrpc": "2.0", "result": value, "id": 5}, separators=(",", ":"),
+                                  ensure_ascii=False).encode("utf-8"))
+
+
+def test_a_reply_at_the_limit_is_sent():
+    overhead = len('{"jsonrpc":"2.0","result":"","id":5}')
+    reply = call(_request("echo", ["x" * (LIMIT - overhead)], id_=5), dispatcher=sized_dispatcher())
+    assert reply["result"] == "x" * (LIMIT - overhead)
+
+
+def test_a_late_reply_over_the_limit_is_an_error():
+    ctx = Context()
+    d = sized_dispatcher().handle(json.dumps(_request("later_fail", id_="l")), ctx)
+    [(_, pending)] = ctx.calls
+    pending.callback("y" * LIMIT)  # a play's output, say
+    reply = json.loads(fired(d))
+    assert reply["id"] == "l" and reply["error"]["code"] == TOO_LARGE
+
+
+def test_a_batch_over_the_limit_has_its_largest_parts_replaced():
+    batch = [_request("echo", ["a" * 300], id_=i) for i in range(5)] + [_request("echo", ["small"], id_="s")]
+    reply = call(batch, dispatcher=sized_dispatcher())
+    assert _utf8_size(reply) <= LIMIT
+    assert [r["id"] for r in reply] == [0, 1, 2, 3, 4, "s"]
+    kept = [r for r in reply if "result" in r]
+    replaced = [r for r in reply if "error" in r]
+    assert reply[-1]["result"] == "small"
+    assert len(kept) == 2 and all(r["error"]["code"] == TOO_LARGE for r in replaced)  # as few replaced as fit
+    assert all(r["error"]["data"]["size"] == len('{"jsonrpc":"2.0","result":"","id":0}') + 300 for r in replaced)
+
+
+def test_a_reply_whose_id_alone_is_too_large_raises_reply_too_large():
+    from circles.jsonrpc import ReplyTooLarge
+
+    d = sized_dispatcher().handle(json.dumps(_request("no_such_method", id_="i" * LIMIT)), Context())
+    failure = []
+    d.addErrback(failure.append)
+    assert failure and failure[0].check(ReplyTooLarge)
+    assert failure[0].value.limit == LIMIT
+    with pytest.raises(ReplyTooLarge):
+        sized_dispatcher().answer(json.dumps([_request("get_data", id_="i" * 300) for _ in range(4)]), Context())
+
+
+def test_no_limit_means_no_check():
+    assert call(_request("echo", ["x" * 100_000], id_=1), dispatcher=sized_dispatcher(0))["result"] == "x" * 100_000

@@ -632,6 +632,61 @@ async def test_a_client_that_does_not_read_is_no_longer_read(start):
     slow.close()
 
 
+# --- 11. replies over the message size limit (issue 12), over real sockets -------------------------
+
+
+class _QuotesRunner:
+    """A script backend whose output is as many '"' as the script says: a play chooses its size."""
+
+    def run(self, request):
+        from twisted.internet.defer import succeed
+
+        return succeed('"' * int(request.script))
+
+
+def _send_and_receive(ws, message) -> "tuple[object, object]":
+    """(the parsed reply, None), or (None, the close frame) when the server closes instead."""
+    ws.send(json.dumps(message))
+    try:
+        return json.loads(ws.recv(timeout=60)), None
+    except websockets.exceptions.ConnectionClosed as closed:
+        return None, closed.rcvd
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_over_the_limit_are_errors_or_1009_never_a_drop(start):
+    from zope.interface import directlyProvides
+
+    from circles.scripts import IScriptRunner
+
+    runner = _QuotesRunner()
+    directlyProvides(runner, IScriptRunner)
+    limit = 64 * 1024
+    config = Config(listen=(LOOPBACK,), circles=[CIRCLE], max_message_size=limit, rate_limit=0)
+    service = start(CirclesService(config, reactor=reactor, scripts=runner))
+    [listening] = await service.when_listening()
+    port = listening.getHost().port
+    ws = await in_thread(open_ws, port, max_size=None)
+    try:
+        # A play whose output fits as text but not once JSON-escaped: answered at once.
+        script = str(limit - 1000)
+        reply, _ = await in_thread(_send_and_receive, ws, _request(1, "play", {"script": script}))
+        assert reply["id"] == 1 and reply["error"]["code"] == -32007
+        assert reply["error"]["data"]["limit"] == limit and reply["error"]["data"]["size"] > limit
+        # The attack of issue 12: a batch of rpc.discover with long ids. Answered within the limit.
+        batch = [_request(f"{i}-" + "i" * 300, "rpc.discover") for i in range(30)]
+        reply, _ = await in_thread(_send_and_receive, ws, batch)
+        assert len(json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()) <= limit
+        assert [r["id"] for r in reply] == [r["id"] for r in batch]
+        assert any("result" in r for r in reply) and any(r.get("error", {}).get("code") == -32007 for r in reply)
+        assert (await in_thread(whoami, ws))["result"]["circle"] == CIRCLE
+        # An id too long to echo even in an error: a proper close, 1009.
+        reply, close = await in_thread(_send_and_receive, ws, _request("i" * (limit - 100), "rpc.discover"))
+        assert reply is None and close is not None and close.code == 1009
+    finally:
+        await in_thread(ws.close)
+
+
 # --- 10. graceful shutdown, as an operator does it --------------------------------------------------
 
 

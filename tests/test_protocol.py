@@ -223,7 +223,8 @@ def test_switch_identity_needs_a_fresh_nonce(clock):
 
 @pytest.mark.parametrize("params", [
     None, {}, [], {"pubkey": CIRCLE}, {"pubkey": 1, "signature": "00"},
-    {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": "x"},
+    {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "n", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": 5},
+    {"pubkey": CIRCLE, "signature": "00", "other": "x"},
 ])
 def test_authenticate_param_shapes_are_invalid_params(clock, params):
     session = make_gateway(clock).new_session(CIRCLE)
@@ -509,6 +510,53 @@ def test_ws_fragmented_oversized_message_closes_1009(txaio_clock):
     assert conn.client.remoteCloseCode == 1009
 
 
+def test_ws_play_output_too_large_is_answered_at_once(txaio_clock, runner):
+    """Issue 12, point 4: under the limit as text, over it once JSON-escaped (quotes double)."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    id_ = conn.client.call("play", {"script": "s"})
+    conn.settle()
+    runner.pending[0].callback('"' * 3000)
+    conn.settle()
+    [reply] = conn.client.received
+    assert reply["id"] == id_ and reply["error"]["code"] == -32007
+    as_sent = {"jsonrpc": "2.0", "result": {"output": '"' * 3000}, "id": id_}
+    assert reply["error"]["data"] == {"size": len(json.dumps(as_sent, separators=(",", ":"))), "limit": 4096}
+    assert conn.request("whoami")["result"]["circle"] == CIRCLE  # the connection lives on
+
+
+def test_ws_batch_reply_over_the_limit_is_sent_within_it(txaio_clock):
+    document_size = len(json.dumps(json.loads(OPENRPC.read_text("utf-8")), separators=(",", ":")))
+    limit = document_size * 3
+    conn = connect(make_gateway(txaio_clock, max_message_size=limit))
+    batch = [{"jsonrpc": "2.0", "method": "rpc.discover", "id": f"{i}-" + "i" * 100} for i in range(10)]
+    conn.client.sendMessage(json.dumps(batch).encode())
+    conn.settle()
+    [reply] = conn.client.received
+    assert [r["id"] for r in reply] == [r["id"] for r in batch]
+    assert sum("result" in r for r in reply) == 2
+    assert {r["error"]["code"] for r in reply if "error" in r} == {-32007}
+    assert conn.server.state == conn.server.STATE_OPEN
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_ws_reply_that_cannot_fit_closes_1009(txaio_clock, runner, late):
+    """Even the error would be too large (the id alone is): close 1009, no traceback, no drop."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    huge_id = "i" * (4000 if late else 4040)  # the request fits; its error reply would not
+    with captured_log() as events:
+        if late:
+            conn.client.call("play", {"script": "s"}, id_=huge_id)
+            conn.settle()
+            runner.pending[0].callback("o" * 200)
+        else:
+            conn.client.call("x", id_=huge_id)
+        conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1009
+    assert conn.client.closed[0] is True  # a closing handshake, not a dropped TCP connection
+    assert not [e for e in events if e.get("log_level") and e["log_level"].name in ("error", "critical")]
+
+
 def test_ws_fragmented_request_is_answered_once_whole(txaio_clock):
     conn = connect(make_gateway(txaio_clock))
     text = json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": "frag"}).encode()
@@ -616,6 +664,59 @@ def test_refused_handshake_through_a_client(txaio_clock):
     assert "404" in (conn.client.wasNotCleanReason or "")
 
 
+# --- anomalies are logged within bounds (issue 12) ---------------------------------------------------
+
+
+def _info_or_worse(events) -> list:
+    return [e for e in events if e.get("log_level") is not None and e["log_level"].name != "debug"]
+
+
+def test_failed_authentications_log_a_few_lines_then_a_summary_at_close(txaio_clock):
+    conn = connect(make_gateway(txaio_clock, rate_limit=0))
+    key = Key()
+    nonce = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    with captured_log() as events:
+        for _ in range(200):
+            conn.client.call("authenticate", {"pubkey": key.pubkey, "signature": Key().eth(nonce)})
+        conn.settle()
+        assert len(conn.client.received) == 201 and all(r["error"]["code"] == -32002 for r in conn.client.received[1:])
+        assert len(_info_or_worse(events)) == 3
+        conn.client.sendClose(1000)
+        conn.settle()
+    lines = _info_or_worse(events)
+    assert len(lines) == 4
+    assert lines[-1]["unlogged"] == 197 and lines[-1]["kinds"] == {"authentication failed": 197}
+
+
+def test_refused_upgrades_log_a_few_lines_a_minute_then_a_summary(txaio_clock):
+    factory = CircleFactory(make_gateway(txaio_clock, circles=[CIRCLE]))
+
+    def refused(path):
+        server = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 8080))
+        transport = Transport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+        server.makeConnection(transport)
+        server.dataReceived(
+            (f"GET {path} HTTP/1.1\r\nHost: localhost:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode("ascii"))
+        return status(transport.value())
+
+    level = txaio.get_global_log_level()
+    txaio.set_global_log_level("info")  # Autobahn's own lines count too
+    try:
+        with captured_log() as events:
+            assert {refused(f"/{OTHER_CIRCLE}") for _ in range(300)} == {404}
+            assert len(_info_or_worse(events)) == 10
+            txaio_clock.advance(60)
+            assert refused("/nope") == 404
+    finally:
+        txaio.set_global_log_level(level)
+    lines = _info_or_worse(events)
+    assert len(lines) == 12  # 10, the window's summary, the next window's first
+    summary = lines[10]
+    assert summary["unlogged"] == 290 and summary["by_kind"] == {"404": 290}
+    assert summary["busiest"] == {"192.0.2.7": 290}
+
+
 # --- the Autobahn methods CircleProtocol trims ---------------------------------------------------
 
 #: sha256 (first 16 hex digits) of the Autobahn source each override in circles/protocol.py was
@@ -629,7 +730,10 @@ AUTOBAHN_SOURCES = {
     ("WebSocketServerProtocol", "_connectionLost"): "1b616e8fc259d995",
     ("WebSocketProtocol", "sendData"): "5dcca425b048b07e",
     ("WebSocketProtocol", "onMessageEnd"): "efff2a43ca8540d0",
+    ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
 }
+#: Copied into CircleProtocol.failHandshake (less its warning), not overridden.
+COPIED_AUTOBAHN_SOURCES = {("WebSocketProtocol", "dropConnection"): "149c74c9a251a7b1"}
 
 
 @pytest.mark.parametrize("owner, method", sorted(AUTOBAHN_SOURCES))
@@ -644,3 +748,14 @@ def test_trimmed_autobahn_methods_are_the_ones_reviewed(owner, method):
     source = inspect.getsource(getattr(cls, method))
     assert hashlib.sha256(source.encode()).hexdigest()[:16] == AUTOBAHN_SOURCES[owner, method]
     assert method in CircleFactory(make_gateway(Clock())).protocol.__mro__[1].__dict__  # still overridden
+
+
+@pytest.mark.parametrize("owner, method", sorted(COPIED_AUTOBAHN_SOURCES))
+def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
+    import hashlib
+    import inspect
+
+    from autobahn.websocket import protocol as websocket_protocol
+
+    source = inspect.getsource(getattr(getattr(websocket_protocol, owner), method))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == COPIED_AUTOBAHN_SOURCES[owner, method]
