@@ -43,7 +43,8 @@ class Options(usage.Options):
         ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", _positive(float)),
         ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
         ("engine", None, None, "Python callable running a script, as package.module:callable"),
-        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of an --exec script, in bytes", _positive(int)),
+        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of a script, in bytes, with either engine "
+         "(a server's smaller limit, given in its tasks, wins); more is an error result", _positive(int)),
     ]
 
     def __init__(self) -> None:
@@ -88,4 +89,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
     return Worker(config.address, config["circles"], engine, reactor=reactor, prefix=config["redis-prefix"],
-                  concurrency=config["concurrency"], script_timeout=config["script-timeout"])
+                  concurrency=config["concurrency"], script_timeout=config["script-timeout"],
+                  max_output=config["max-output"])
