@@ -9,7 +9,10 @@ An *engine* runs a script: any callable ``(script, context) -> str | Deferred[st
 here: :class:`ExecEngine` runs an external interpreter such as ``rhai-run`` on the script in a
 temporary file, and :func:`load_engine` imports a Python callable by name. An engine reports a
 script error by raising (or failing): the exception's text becomes the task's ``error``. The
-worker cancels the engine's Deferred when the script timeout passes.
+worker cancels the engine's Deferred when the script timeout passes, and reports that with the
+task's ``reason`` ``timeout`` (:class:`ScriptTimedOut`), so the server answers -32003. Output is
+capped at ``context.max_output`` bytes (:class:`OutputTooLarge`): checked by the worker after
+the engine, and by an engine while it runs if it can (``--exec`` and the tiny engine do).
 """
 
 from __future__ import annotations
@@ -416,8 +419,9 @@ class Worker(Service):
         status, output, error, reason = tasks.COMPLETED, "", "", ""
         try:
             output = yield self._execute(task.get("script", ""), context, timeout)
-            if output_size(output) > max_output:  # an engine that did not stop at the cap itself
-                size, output = output_size(output), ""
+            size = output_size(output)
+            if size > max_output:  # an engine that did not stop at the cap itself
+                output = ""
                 raise OutputTooLarge(max_output, size)
         except EngineError as e:
             status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
