@@ -154,8 +154,10 @@ def test_worker_options(tmp_path, monkeypatch):
     assert options.address.path == str(tmp_path / "redis.sock")
     service = worker_tap.makeService(options)
     assert service.circles == [circle] and service.concurrency == 3
-    options = parse("-k", circle, "--engine", "tests.test_worker_engines:sample_engine", "--redis-url", "redis://h:1/2")
+    options = parse("-k", circle, "--engine", "tests.test_worker_engines:sample_engine", "--redis-url", "redis://h:1/2",
+                    "--max-output", "5000")
     assert options.address.host == "h" and options.address.db == 2
+    assert worker_tap.makeService(options).max_output == 5000  # --max-output caps --engine output too
     for argv in [("--exec", "sh {script_file}"),  # no circle
                  ("-k", circle),  # no engine
                  ("-k", circle, "--exec", "sh {script_file}", "--engine", "tests.test_worker_engines:sample_engine"),
