@@ -70,6 +70,7 @@ class Options(usage.Options):
         try:
             if redis_url is not None:
                 self.address = parse_redis_url(redis_url)
+                self.address.endpoint(global_reactor)  # reads an ssl_ca_certs file: refuse a bad one now
             else:
                 self.address = RedisAddress(path=os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
         except InvalidRedisURL as e:

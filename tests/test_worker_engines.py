@@ -164,6 +164,8 @@ def test_worker_options(tmp_path, monkeypatch):
                  ("-k", "nothex", "--exec", "sh {script_file}"),
                  ("-k", circle, "--engine", "nomodule:f"),
                  ("-k", circle, "--exec", "sh {script_file}", "--redis-url", "http://x"),
+                 ("-k", circle, "--exec", "sh {script_file}", "--redis-url",
+                  f"rediss://x?ssl_ca_certs={tmp_path / 'missing.pem'}"),
                  ("-k", circle, "--exec", "sh {script_file}", "-c", "0")]:
         with pytest.raises(usage.UsageError):
             parse(*argv)
