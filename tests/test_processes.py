@@ -100,3 +100,11 @@ def test_processes_never_multiply(tmp_path, spelling):
                     process.kill()
                 except psutil.NoSuchProcess:
                     pass
+
+
+def test_child_argv_uses_full_names_and_never_spawns():
+    from circles.server_tap import Options, child_argv
+    argv = ["-kAB", "--proc", "3", "--auth", "--allowed-o", "https://a,https://b", "-p", "0", "--interface=",
+            "--processes=4"]
+    assert child_argv(Options(), argv) == ["--circle=AB", "--auth", "--allowed-origins=https://a,https://b",
+                                           "--port=0", "--interface=", "--processes=1"]
