@@ -191,7 +191,8 @@ class ExecEngine:
     an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
     ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
     timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is
-    killed when it ends in any of these ways: what it started in the background does not survive it (unless it left the group itself)."""
+    killed when it ends in any of these ways: what it started in the background does not
+    survive it (unless it left the group itself)."""
 
     def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT) -> None:
         argv = shlex.split(command)
