@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from typing import Any, Callable, Optional
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -36,17 +35,17 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.task import deferLater
-from twisted.internet.ssl import Certificate, CertificateOptions, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import jsonrpc
+from .ca_file import load_ca_file
 from .signing import PrivateKeyLike, private_key, public_key, sign_nonce
 
 log = Logger()
 
 DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 class RPCError(jsonrpc.RPCError):
@@ -90,13 +89,8 @@ def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
     if insecure:
         # Development only: any certificate, any host name.
         return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
-    trust_root = None  # optionsForClientTLS's default: the platform's trust store
-    if ca is not None:
-        with open(ca, "rb") as f:
-            blocks = _PEM_CERTIFICATE.findall(f.read())
-        if not blocks:
-            raise ValueError(f"no PEM certificate in {ca}")
-        trust_root = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    # None: optionsForClientTLS's default, the platform's trust store.
+    trust_root = None if ca is None else load_ca_file(ca)
     return optionsForClientTLS(host, trustRoot=trust_root,
                                extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
 

@@ -57,10 +57,14 @@ class RedisDispatcher(Service):
     :param prefix: prepended to every key, default ``circles:``.
     :param server_id: names this process's reply list; random by default. Two live servers
         must never share one.
+    :param max_output: the largest output (UTF-8 bytes) this server can send back, written into
+        every task as ``max_output`` so the worker refuses a larger one before it reaches Redis;
+        None: no such field.
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
-                 server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL) -> None:
+                 server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL,
+                 max_output: Optional[int] = None) -> None:
         self.address = address
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -68,6 +72,7 @@ class RedisDispatcher(Service):
         self.server_id = server_id or secrets.token_hex(8)
         self.reply_key = tasks.reply_key(prefix, self.server_id)
         self.task_ttl = task_ttl
+        self.max_output = max_output
         self._commands = None  # txredisapi factory: pipelined commands
         self._replies = None  # txredisapi factory: the one blocking BRPOP connection
         self._listening = False  # a BRPOP on the reply list is in flight on a live connection
@@ -188,6 +193,8 @@ class RedisDispatcher(Service):
             "updated_at": tasks.timestamp(now),
             "deadline": tasks.timestamp(now + request.timeout),
         }
+        if self.max_output is not None:
+            fields["max_output"] = str(self.max_output)
         if data_json is not None:
             fields["data"] = data_json
         return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
@@ -311,7 +318,7 @@ class RedisDispatcher(Service):
             self._settle(waiting.deferred, outcome)
             return
         # A bare task id: the result is in the task hash.
-        d = self._command("hmget", tasks.task_key(self.prefix, task_id), ["status", "output", "error"])
+        d = self._command("hmget", tasks.task_key(self.prefix, task_id), ["status", "output", "error", "reason"])
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
 
@@ -319,6 +326,8 @@ class RedisDispatcher(Service):
     def _settle(deferred: Deferred, outcome: tasks.Outcome) -> None:
         if outcome.status == tasks.COMPLETED:
             deferred.callback(outcome.output)
+        elif outcome.timed_out:
+            deferred.errback(ScriptTimeout())  # the worker's timeout, the same answer as ours (-32003)
         elif outcome.status == tasks.ERROR:
             deferred.errback(ScriptFailed(outcome.error))
         else:

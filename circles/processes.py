@@ -87,7 +87,7 @@ class _Child(ProcessProtocol):
 class ServerProcesses(Service):
     """Starts ``count`` more server processes once this one listens, and stops them with it.
 
-    ``argv`` is the plugin's command line for them (``--processes`` removed), completed
+    ``argv`` is the plugin's command line for them (``--processes=1``: they never spawn), completed
     with ``--port`` (the port this process bound, in case it was 0) and ``--reuse-port``.
     """
 

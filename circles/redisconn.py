@@ -8,7 +8,7 @@ Accepted URLs::
 
 ``rediss://`` verifies the server's certificate and hostname (service-identity, through
 Twisted's ``optionsForClientTLS``) against the platform's trust store, or against the CA file
-given as ``ssl_ca_certs``. The password never appears in ``repr``/``redacted()``: log those.
+given as ``ssl_ca_certs`` (a PEM bundle: every certificate in it is trusted). The password never appears in ``repr``/``redacted()``: log those.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+
+from .ca_file import CAFileError, load_ca_file
 
 DEFAULT_PORT = 6379
 CONNECT_TIMEOUT = 5.0
@@ -52,17 +54,17 @@ class RedisAddress:
         return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
 
     def endpoint(self, reactor):
-        """A Twisted client endpoint reaching this server."""
+        """A Twisted client endpoint reaching this server; :class:`InvalidRedisURL` if the
+        ``ssl_ca_certs`` file cannot be used."""
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         if not self.tls:
             return endpoint
-        if self.ca_certs is not None:
-            with open(self.ca_certs, "rb") as f:
-                trust = Certificate.loadPEM(f.read())
-        else:
-            trust = platformTrust()
+        try:
+            trust = platformTrust() if self.ca_certs is None else load_ca_file(self.ca_certs)
+        except CAFileError as e:
+            raise InvalidRedisURL(f"ssl_ca_certs: {e}") from None
         return wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trust), endpoint)
 
 

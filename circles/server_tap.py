@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getopt
 import os
 
 from twisted.internet import reactor as global_reactor
@@ -253,7 +254,7 @@ def makeService(config: Options, reactor=global_reactor):
         return service
     # This process listens first (a port 0 becomes a real one), then starts the others on it;
     # they stop first, while the private Redis (ours) still runs for them.
-    argv = _without_option(config.argv, "--processes")
+    argv = child_argv(config, config.argv)
     if service.embedded_redis is not None:
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
     group = MultiService()
@@ -263,14 +264,20 @@ def makeService(config: Options, reactor=global_reactor):
     return group
 
 
-def _without_option(argv: list, name: str) -> list:
-    """``argv`` less ``name VALUE`` and ``name=VALUE``."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            kept.append(arg)
-    return kept
+def child_argv(options: usage.Options, argv: list) -> list:
+    """``argv`` as the other server processes get it: every option under its full name, and
+    ``--processes`` replaced by ``--processes=1``, so a child never starts processes of its own.
+
+    Built from getopt's parse (the one ``usage.Options`` does), not by matching the text the user
+    typed: getopt takes any unique prefix (``--proc 2``), ``--processes=2`` and ``--processes 2``
+    alike.
+    """
+    pairs, rest = getopt.getopt(argv, options.shortOpt, options.longOpt)
+    parameters = {name[:-1] for name in options.longOpt if name.endswith("=")}
+    kept = []
+    for opt, value in pairs:
+        name = options.synonyms[opt.lstrip("-")]
+        if name == "processes":
+            continue
+        kept.append(f"--{name}={value}" if name in parameters else f"--{name}")
+    return kept + ["--processes=1", *rest]

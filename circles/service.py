@@ -131,7 +131,9 @@ class CirclesService(MultiService):
                 address = self.embedded_redis.address
             else:
                 address = parse_redis_url(config.redis_url)
-            self.dispatcher = RedisDispatcher(address, reactor=reactor, prefix=config.redis_prefix)
+            # No output the server could not send back (its largest message) is worth storing.
+            self.dispatcher = RedisDispatcher(address, reactor=reactor, prefix=config.redis_prefix,
+                                              max_output=config.max_message_size)
             self.dispatcher.setServiceParent(self)
             scripts = self.dispatcher
         self.reactor = reactor

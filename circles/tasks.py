@@ -29,6 +29,10 @@ COMPLETED = "completed"
 ERROR = "error"
 EXPIRED = "expired"
 
+#: The ``reason`` of an ``error`` result when the worker stopped the script at its own timeout:
+#: the server answers it as a timeout (-32003), like its own deadline, not as a failure.
+TIMED_OUT = "timeout"
+
 #: Seconds a task hash (and a queue or reply list) lives after its last change; a pending
 #: task lives this long past its deadline.
 TASK_TTL = 300
@@ -90,11 +94,12 @@ redis.call('HSET', KEYS[1], 'status', 'processing', 'updated_at', ARGV[1], 'work
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: task [, reply list]. ARGV: status, output, error, now, ttl, reply.
+# KEYS: task [, reply list]. ARGV: status, output, error, now, ttl, reply, reason.
 # Returns 1 if written, 0 if the task was no longer ours (expired or gone).
 FINISH = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'output', ARGV[2], 'error', ARGV[3], 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'output', ARGV[2], 'error', ARGV[3], 'updated_at', ARGV[4],
+           'reason', ARGV[7] or '')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if KEYS[2] then
   redis.call('LPUSH', KEYS[2], ARGV[6])
@@ -103,17 +108,18 @@ end
 return 1
 """
 
-# KEYS: task. ARGV: now, ttl. Returns {status, output, error}: 'expired' if this call expired
-# it, the final status if a worker got there first, 'missing' if the hash is gone.
+# KEYS: task. ARGV: now, ttl. Returns {status, output, error, reason}: 'expired' if this call
+# expired it, the final status if a worker got there first, 'missing' if the hash is gone.
 EXPIRE = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', '', ''} end
+if not status then return {'missing', '', '', ''} end
 if status == 'pending' or status == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'updated_at', ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return {'expired', '', ''}
+  return {'expired', '', '', ''}
 end
-return {status, redis.call('HGET', KEYS[1], 'output') or '', redis.call('HGET', KEYS[1], 'error') or ''}
+local fields = redis.call('HMGET', KEYS[1], 'output', 'error', 'reason')
+return {status, fields[1] or '', fields[2] or '', fields[3] or ''}
 """
 
 
@@ -125,6 +131,12 @@ class Outcome:
     status: str
     output: str = ""
     error: str = ""
+    reason: str = ""  # why an ``error`` ended it, when the protocol names it (TIMED_OUT); else ""
+
+    @property
+    def timed_out(self) -> bool:
+        """The worker stopped the script at its timeout: the same condition as the server's deadline."""
+        return self.status == ERROR and self.reason == TIMED_OUT
 
 
 class MalformedReply(ValueError):
@@ -132,8 +144,10 @@ class MalformedReply(ValueError):
 
 
 def encode_reply(outcome: Outcome) -> str:
-    return json.dumps({"task_id": outcome.task_id, "status": outcome.status,
-                       "output": outcome.output, "error": outcome.error}, separators=(",", ":"))
+    reply = {"task_id": outcome.task_id, "status": outcome.status, "output": outcome.output, "error": outcome.error}
+    if outcome.reason:
+        reply["reason"] = outcome.reason  # only when there is one; servers that predate it ignore it
+    return json.dumps(reply, separators=(",", ":"))
 
 
 def decode_reply(entry: str) -> "tuple[str, Optional[Outcome]]":
@@ -158,4 +172,4 @@ def decode_reply(entry: str) -> "tuple[str, Optional[Outcome]]":
         value = reply.get(name)
         return "" if value is None else value if isinstance(value, str) else json.dumps(value)
 
-    return reply["task_id"], Outcome(reply["task_id"], status, field("output"), field("error"))
+    return reply["task_id"], Outcome(reply["task_id"], status, field("output"), field("error"), field("reason"))

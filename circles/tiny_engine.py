@@ -10,7 +10,8 @@ the user's browser could reach a try-out on localhost and run shell commands as 
 engine has no I/O at all: it evaluates expressions with Python's ``ast`` restricted to a
 whitelist (numbers, strings, booleans, arithmetic, comparisons, ``&&``/``||``/``!``,
 ``let``, ``print``), with caps
-on number size, string length and the number of steps. ``rhai-run`` replaces it in earnest:
+on number size, string length, the number of steps and the output (checked at every
+``print``: a script printing in bulk stops once over the cap, it never builds the whole output). ``rhai-run`` replaces it in earnest:
 ``circles-worker --exec 'rhai-run {script_file}'``.
 
 The output is what ``print`` printed (one line per call) followed by the value of the last
@@ -27,7 +28,7 @@ import operator
 import tokenize
 from typing import Any
 
-from .worker import EngineError, ScriptContext
+from .worker import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext
 
 MAX_SCRIPT = 64 * 1024
 MAX_STEPS = 100_000
@@ -128,7 +129,16 @@ class _Evaluator:
     def __init__(self, context: ScriptContext) -> None:
         self.variables: dict = {"CONTEXT_ID": context.circle, "CALLER_ID": context.caller}
         self.printed: list = []
+        self.size = 0  # UTF-8 bytes of output so far
+        self.max_output = DEFAULT_MAX_OUTPUT if context.max_output is None else context.max_output
         self.steps = 0
+
+    def output(self, line: str) -> None:
+        """Add a line of output, unless that takes the output over the cap."""
+        self.size += len(line.encode("utf-8", "surrogatepass")) + 1
+        if self.size > self.max_output:
+            raise OutputTooLarge(self.max_output)
+        self.printed.append(line)
 
     def statement(self, node: ast.stmt) -> Any:
         if isinstance(node, ast.Expr):
@@ -172,7 +182,7 @@ class _Evaluator:
             return value
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
                 and len(node.args) == 1 and not node.keywords):
-            self.printed.append(_show(self.expression(node.args[0])))
+            self.output(_show(self.expression(node.args[0])))
             return UNIT
         raise EngineError(f"line {getattr(node, 'lineno', '?')}: unsupported expression")
 
@@ -202,9 +212,8 @@ def run(script: str, context: ScriptContext) -> str:
     try:
         for statement in tree.body:
             value = evaluator.statement(statement)
+        if value is not UNIT:
+            evaluator.output(_show(value))
     except RecursionError:
         raise EngineError("script nested too deeply") from None
-    lines = list(evaluator.printed)
-    if value is not UNIT:
-        lines.append(_show(value))
-    return "".join(line + "\n" for line in lines)
+    return "".join(line + "\n" for line in evaluator.printed)

@@ -9,7 +9,10 @@ An *engine* runs a script: any callable ``(script, context) -> str | Deferred[st
 here: :class:`ExecEngine` runs an external interpreter such as ``rhai-run`` on the script in a
 temporary file, and :func:`load_engine` imports a Python callable by name. An engine reports a
 script error by raising (or failing): the exception's text becomes the task's ``error``. The
-worker cancels the engine's Deferred when the script timeout passes.
+worker cancels the engine's Deferred when the script timeout passes, and reports that with the
+task's ``reason`` ``timeout`` (:class:`ScriptTimedOut`), so the server answers -32003. Output is
+capped at ``context.max_output`` bytes (:class:`OutputTooLarge`): checked by the worker after
+the engine, and by an engine while it runs if it can (``--exec`` and the tiny engine do).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import importlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import secrets
+import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,7 +53,34 @@ MAX_ENV_DATA = 64 * 1024
 
 
 class EngineError(Exception):
-    """A script could not run or reported an error; ``str()`` is what the client sees."""
+    """A script could not run or reported an error; ``str()`` is what the client sees.
+
+    ``reason`` is the task's ``reason`` field (docs/worker-protocol.md), "" for a plain failure.
+    """
+
+    reason = ""
+
+
+class ScriptTimedOut(EngineError):
+    """The script ran past the timeout and was stopped; the server answers it -32003."""
+
+    reason = tasks.TIMED_OUT
+
+
+class OutputTooLarge(EngineError):
+    """The output is larger than ``limit`` bytes: ``size`` bytes, or None when the script was
+    stopped once over the limit (so its full size is unknown)."""
+
+    def __init__(self, limit: int, size: Optional[int] = None) -> None:
+        super().__init__(f"output too large: more than {limit} bytes" if size is None
+                         else f"output too large: {size} bytes, the limit is {limit}")
+        self.size = size
+        self.limit = limit
+
+
+def output_size(output: str) -> int:
+    """Bytes ``output`` takes in the task and the reply (UTF-8)."""
+    return len(output.encode("utf-8", "surrogatepass"))
 
 
 @attrs.frozen
@@ -61,6 +93,9 @@ class ScriptContext:
     source: str  # "ws", "webhook:stripe", ...
     deadline: Optional[float] = None  # Unix seconds, as the server wrote it
     data: Optional[str] = None  # JSON text of the task's data (webhook events), if any
+    #: Most UTF-8 bytes of output the worker will pass on; an engine that stops a script once
+    #: over it (rather than building it all first) keeps its memory bounded. None: no cap given.
+    max_output: Optional[int] = None
 
     def environment(self) -> "dict[str, str]":
         env = {"CONTEXT_ID": self.circle, "CALLER_ID": self.caller,
@@ -75,17 +110,39 @@ Engine = Callable[[str, ScriptContext], Any]
 
 # -- the --exec engine ------------------------------------------------------------------------
 
+# Runs before the command: a new session (so a process group) whose id is the command's pid,
+# so that ending the script ends whatever it started too. -I -S: start as fast as Python can.
+_NEW_SESSION_SHIM = (
+    "import os, sys\n"
+    "os.setsid()\n"
+    "try: os.execv(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as e: sys.exit(f'cannot start {sys.argv[1]}: {e.strerror}')\n"
+)
+
+
+def in_own_session(argv: list) -> list:
+    """``argv`` (``argv[0]`` a path) run as the leader of a new session and process group."""
+    return [sys.executable, "-I", "-S", "-c", _NEW_SESSION_SHIM] + argv
+
+
 class _Run(ProcessProtocol):
     def __init__(self, done: Deferred, max_output: int) -> None:
         self.done = done
         self.max_output = max_output
         self.stdout = bytearray()
         self.stderr = bytearray()
+        self.group: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        self.group = self.transport.pid  # the shim makes it the group's id before the script runs
 
     def outReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return  # stopped already (timeout, too much output): nothing more is kept
         self.stdout += data
-        if len(self.stdout) > self.max_output and not self.done.called:
-            self.done.errback(EngineError(f"output exceeds {self.max_output} bytes"))
+        if len(self.stdout) > self.max_output:
+            self.stdout = bytearray()
+            self.done.errback(OutputTooLarge(self.max_output))
             self.kill()
 
     def errReceived(self, data: bytes) -> None:
@@ -93,18 +150,29 @@ class _Run(ProcessProtocol):
         if room > 0:
             self.stderr += data[:room]
 
+    def end_group(self) -> None:
+        """SIGKILL every process left in the script's group (what it started in the background)."""
+        if self.group is not None:
+            try:
+                os.killpg(self.group, signal.SIGKILL)
+            except OSError:
+                pass  # no such group (left already, or not made yet: then kill() kills the child)
+
     def kill(self) -> None:
+        self.end_group()
         try:
             self.transport.signalProcess("KILL")
         except Exception:
             pass  # already gone
-        # Close our ends of the pipes: a grandchild holding them must not keep us waiting.
+        # Close our ends of the pipes: a process that left the group and holds them must not
+        # keep us waiting.
         self.transport.loseConnection()
 
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace").strip()
 
     def processEnded(self, reason: Failure) -> None:
+        self.end_group()  # the script is over: nothing it started outlives it
         if self.done.called:
             return
         if reason.check(ProcessDone):
@@ -120,8 +188,11 @@ class ExecEngine:
     """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
     temporary file, the context in the environment (a task's data also in a temporary file
     named by CIRCLES_DATA_FILE), stdout is the output; a non-zero exit is
-    an error carrying stderr; more than ``max_output`` bytes of stdout is an error; cancelling
-    (the worker's timeout) kills the process."""
+    an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
+    ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
+    timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is
+    killed when it ends in any of these ways: what it started in the background does not
+    survive it (unless it left the group itself)."""
 
     def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT) -> None:
         argv = shlex.split(command)
@@ -152,10 +223,11 @@ class ExecEngine:
         def cancel(d: Deferred) -> None:
             process.kill()
             detail = process.stderr_text()
-            d.errback(EngineError("script timed out" + (f": {detail}" if detail else "")))
+            d.errback(ScriptTimedOut("script timed out" + (f": {detail}" if detail else "")))
 
         done = Deferred(cancel)
-        process = _Run(done, self.max_output)
+        limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
+        process = _Run(done, limit)
         def cleanup(result):
             for name in paths:
                 try:
@@ -165,7 +237,7 @@ class ExecEngine:
             return result
 
         try:
-            self.reactor.spawnProcess(process, argv[0], argv, env=env)
+            self.reactor.spawnProcess(process, sys.executable, in_own_session(argv), env=env)
         except Exception as e:
             cleanup(None)
             raise EngineError(f"cannot start {argv[0]}: {e}") from None
@@ -209,11 +281,15 @@ class Worker(Service):
     One blocking Redis connection waits for tasks (BRPOP over all the circles' queues, only
     while a slot is free, so a task is never held without being run) and one carries the other
     commands. Stopping lets running scripts finish (they are bounded by the script timeout).
+
+    A script's output may be at most ``max_output`` bytes (UTF-8), or the task's ``max_output``
+    (what the server can send back) if smaller; a larger one is an error result, never written.
     """
 
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
                  prefix: str = tasks.DEFAULT_PREFIX, concurrency: int = 1, script_timeout: float = 30.0,
-                 task_ttl: int = tasks.TASK_TTL, worker_id: Optional[str] = None) -> None:
+                 task_ttl: int = tasks.TASK_TTL, worker_id: Optional[str] = None,
+                 max_output: int = DEFAULT_MAX_OUTPUT) -> None:
         if not circles:
             raise ValueError("a worker needs at least one circle")
         self.address = address
@@ -224,6 +300,7 @@ class Worker(Service):
         self.concurrency = concurrency
         self.script_timeout = script_timeout
         self.task_ttl = task_ttl
+        self.max_output = max_output
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._queues = [tasks.queue_key(prefix, circle) for circle in self.circles]
         self._slots = DeferredSemaphore(concurrency)
@@ -326,28 +403,39 @@ class Worker(Service):
             deadline: Optional[float] = float(task.get("deadline", ""))
         except ValueError:
             deadline = None
+        max_output = self.max_output
+        try:
+            if int(task.get("max_output", "")) > 0:
+                max_output = min(max_output, int(task["max_output"]))
+        except ValueError:
+            pass  # no cap from the server (an older one): ours alone
         context = ScriptContext(task_id=task_id, circle=task.get("circle", ""), caller=task.get("caller", ""),
-                                source=task.get("source", ""), deadline=deadline, data=task.get("data"))
+                                source=task.get("source", ""), deadline=deadline, data=task.get("data"),
+                                max_output=max_output)
         timeout = self.script_timeout
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
         log.debug("running task {task} for circle {circle}", task=task_id, circle=context.circle)
-        status, output, error = tasks.COMPLETED, "", ""
+        status, output, error, reason = tasks.COMPLETED, "", "", ""
         try:
             output = yield self._execute(task.get("script", ""), context, timeout)
+            size = output_size(output)
+            if size > max_output:  # an engine that did not stop at the cap itself
+                output = ""
+                raise OutputTooLarge(max_output, size)
         except EngineError as e:
-            status, error = tasks.ERROR, str(e).encode("utf-8", "replace").decode("utf-8")
+            status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
         except Exception as e:
             log.failure("the engine failed on task {task}", task=task_id)
-            status, error = tasks.ERROR, f"{type(e).__name__}: {e}".encode("utf-8", "replace").decode("utf-8")
+            status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
         reply_to = task.get("reply_to", "")
         keys = [key, reply_to] if reply_to else [key]
-        outcome = tasks.Outcome(task_id, status, output, error)
+        outcome = tasks.Outcome(task_id, status, output, error, reason)
         try:
             written = yield self._eval(tasks.FINISH, keys, [
                 status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
-                tasks.encode_reply(outcome)])
+                tasks.encode_reply(outcome), reason])
         except RedisError as e:
             log.warn("could not record the result of task {task}: {error}", task=task_id, error=str(e))
             return
@@ -365,7 +453,7 @@ class Worker(Service):
 
         def timed_out(failure: Failure):
             failure.trap(CancelledError)
-            raise EngineError(f"script timed out after {timeout:g}s")
+            raise ScriptTimedOut(f"script timed out after {timeout:g}s")
 
         def as_text(output: Any) -> str:
             if output is None:
@@ -377,3 +465,12 @@ class Worker(Service):
             return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
         return d.addBoth(stop_timer).addErrback(timed_out).addCallback(as_text)
+
+
+def _capped(message: str, limit: int) -> str:
+    """An error message as valid UTF-8 text of at most ``limit`` bytes: an engine's exception
+    may carry anything, and it is stored and sent like output."""
+    data = message.encode("utf-8", "replace")
+    if len(data) > limit:
+        data = data[:max(limit - 3, 0)] + b"..."
+    return data.decode("utf-8", "ignore")

@@ -43,7 +43,8 @@ class Options(usage.Options):
         ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", _positive(float)),
         ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
         ("engine", None, None, "Python callable running a script, as package.module:callable"),
-        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of an --exec script, in bytes", _positive(int)),
+        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of a script, in bytes, with either engine "
+         "(a server's smaller limit, given in its tasks, wins); more is an error result", _positive(int)),
     ]
 
     def __init__(self) -> None:
@@ -69,6 +70,7 @@ class Options(usage.Options):
         try:
             if redis_url is not None:
                 self.address = parse_redis_url(redis_url)
+                self.address.endpoint(global_reactor)  # reads an ssl_ca_certs file: refuse a bad one now
             else:
                 self.address = RedisAddress(path=os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
         except InvalidRedisURL as e:
@@ -88,4 +90,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
     return Worker(config.address, config["circles"], engine, reactor=reactor, prefix=config["redis-prefix"],
-                  concurrency=config["concurrency"], script_timeout=config["script-timeout"])
+                  concurrency=config["concurrency"], script_timeout=config["script-timeout"],
+                  max_output=config["max-output"])

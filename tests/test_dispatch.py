@@ -223,3 +223,69 @@ async def test_prefix(redis_server, start, redis_client):
     start(make_worker(redis_server, prefix="app1:"))
     assert json.loads(await dispatcher.run(request("p")))["script"] == "p"
     assert all(k.startswith("app1:") for k in redis_client("KEYS", "*"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_timeout_is_a_timeout_not_a_failure(redis_server, start, redis_client):
+    """The worker's own --script-timeout and the server's deadline are one condition: -32003
+    (ScriptTimeout), told by the reply's ``reason``, also in the task hash."""
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    start(make_worker(redis_server, engine=lambda s, c: Deferred(), script_timeout=0.5))
+    with pytest.raises(ScriptTimeout):
+        await dispatcher.run(request("never ends", timeout=30))
+    [key] = redis_client("KEYS", "circles:task:*")
+    task = redis_client.hgetall(key)
+    assert (task["status"], task["reason"], task["error"]) == ("error", "timeout", "script timed out after 0.5s")
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_reason_in_the_hash_of_a_bare_reply(redis_server, start, redis_client):
+    """A worker replying with the bare task id says "timed out" with the hash's ``reason``."""
+    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    run = dispatcher.run(request("by hand"))
+    task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
+    redis_client("HSET", f"circles:task:{task_id}", "status", "error", "error", "stopped", "reason", "timeout")
+    redis_client("LPUSH", dispatcher.reply_key, task_id)
+    with pytest.raises(ScriptTimeout):
+        await run
+
+
+def test_replies_without_a_reason_still_decode():
+    """Workers that predate ``reason`` keep working: their errors stay failures (-32005)."""
+    old = '{"task_id":"t","status":"error","output":"","error":"script timed out"}'
+    assert tasks.decode_reply(old) == ("t", tasks.Outcome("t", "error", "", "script timed out"))
+    assert not tasks.decode_reply(old)[1].timed_out
+    new = tasks.encode_reply(tasks.Outcome("t", "error", "", "script timed out", tasks.TIMED_OUT))
+    assert tasks.decode_reply(new)[1].timed_out
+    assert "reason" not in tasks.encode_reply(tasks.Outcome("t", "completed", "x"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_larger_than_the_server_takes_never_reaches_redis(redis_server, start, redis_client):
+    """The server writes its cap into the task (``max_output``); the worker refuses a larger
+    output, whatever its own --max-output, and reports the size instead."""
+    dispatcher = await connected(start(make_dispatcher(redis_server, max_output=1000)))
+    start(make_worker(redis_server, engine=lambda s, c: "é" * 600))  # 1200 bytes, 600 characters
+    with pytest.raises(ScriptFailed) as e:
+        await dispatcher.run(request("big"))
+    assert e.value.detail == "output too large: 1200 bytes, the limit is 1000"
+    [key] = redis_client("KEYS", "circles:task:*")
+    task = redis_client.hgetall(key)
+    assert (task["max_output"], task["output"], task["status"]) == ("1000", "", "error")
+    assert len(redis_client("DUMP", key)) < 1000  # nothing of the output was stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_server, start):
+    dispatcher = await connected(start(make_dispatcher(redis_server, max_output=1000)))
+    caps = []
+
+    def engine(script, context):
+        caps.append(context.max_output)
+        return "x" * int(script)
+
+    start(make_worker(redis_server, engine=engine, max_output=100))
+    assert await dispatcher.run(request("100")) == "x" * 100
+    with pytest.raises(ScriptFailed, match="^output too large: 101 bytes, the limit is 100$"):
+        await dispatcher.run(request("101"))
+    assert caps == [100, 100]

@@ -223,3 +223,41 @@ async def test_engine_output_with_lone_surrogate_still_answers(redis_server, sta
     reply = await play(client, "x")
     assert reply["result"]["output"].startswith("a") and reply["result"]["output"].endswith("b")
     client.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")  # a zombie not reaped yet counts as gone
+    except OSError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_timeout_is_32003_and_ends_the_scripts_children(redis_server, start, tmp_path):
+    """A script stopped by the worker's own --script-timeout is answered as the server's deadline
+    would be (-32003), and what it started in the background (holding its stdout) is gone too."""
+    service, port = await serve(start, redis_server.url, script_timeout=60)
+    start(sh_worker(parse_redis_url(redis_server.url), script_timeout=1))
+    client = await RPCClient.open(port, CIRCLE)
+    pidfile = tmp_path / "pid"
+    reply = await play(client, f"sleep 100 & echo $! > {pidfile}; echo started")
+    assert reply["error"]["code"] == -32003, reply
+    await eventually(lambda: _gone(int(pidfile.read_text())))
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_over_the_servers_message_size_is_refused_by_the_worker(redis_server, start, redis_client):
+    """The worker caps output at what the server can send (its --max-message-size, in the task):
+    -32005 saying so, and nothing of the output in Redis."""
+    service, port = await serve(start, redis_server.url, max_message_size=10_000)
+    start(sh_worker(parse_redis_url(redis_server.url)))
+    client = await RPCClient.open(port, CIRCLE)
+    reply = await play(client, "yes")  # endless output
+    assert reply["error"]["code"] == -32005
+    assert reply["error"]["data"] == "output too large: more than 10000 bytes"
+    [key] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(key)["output"] == ""
+    assert (await play(client, "head -c 9000 /dev/zero | tr '\\0' x"))["result"] == {"output": "x" * 9000}
+    client.close()

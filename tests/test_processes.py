@@ -6,6 +6,7 @@ import signal
 import time
 
 import psutil
+import pytest
 from websockets.sync.client import connect
 
 from .support import Key, request, twistd
@@ -61,3 +62,49 @@ def test_processes_refuses_listen_strings(tmp_path):
     from .support import run_twistd_to_exit
     result = run_twistd_to_exit(["--processes", "2", "--listen", "tcp:0"], tmp_path)
     assert result.returncode != 0 and "--processes" in result.stdout + result.stderr
+
+
+def _descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("spelling", [["--proc", "2"], ["--processes=2"], ["--processes", "2"]])
+def test_processes_never_multiply(tmp_path, spelling):
+    """The children get ``--processes`` however it was typed (getopt takes any unique prefix),
+    so none of them starts processes of its own: two server processes, not a growing tree."""
+    circle = Key()
+    seen: list = []
+    with twistd(["-k", circle.pubkey, *spelling, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server:
+        try:
+            server.wait_listening()
+            server.wait_for("started server process 2")
+            deadline = time.monotonic() + 60
+            while server.output.count("connected to Redis") < 2:  # the child is up and serving
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            time.sleep(2)  # a child that spawns does so as soon as it listens, before this
+            seen = _descendants(server.proc.pid)
+            servers = [p for p in seen if "redis-server" not in " ".join(p.cmdline())]
+            assert len(servers) == 1, [p.cmdline() for p in servers]
+            assert servers[0].children() == []
+            assert server.output.count("started server process") == 1, server.output
+            assert "--processes=1" in servers[0].cmdline()
+        finally:
+            seen += _descendants(server.proc.pid)
+            server.stop()
+            for process in seen:  # whatever a broken build left behind
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+
+def test_child_argv_uses_full_names_and_never_spawns():
+    from circles.server_tap import Options, child_argv
+    argv = ["-kAB", "--proc", "3", "--auth", "--allowed-o", "https://a,https://b", "-p", "0", "--interface=",
+            "--processes=4"]
+    assert child_argv(Options(), argv) == ["--circle=AB", "--auth", "--allowed-origins=https://a,https://b",
+                                           "--port=0", "--interface=", "--processes=1"]

@@ -113,3 +113,41 @@ async def test_rediss_checks_certificate_and_hostname(tmp_path, cert_name, works
     finally:
         process.kill()
         process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_trusts_every_certificate_of_a_ca_bundle(tmp_path):
+    """``ssl_ca_certs`` is a bundle: the CA that issued Redis's certificate may be the second."""
+    import trustme
+    from twisted.internet import reactor
+    from circles.redisconn import connect
+    from .play_client import eventually
+
+    process, port = _tls_redis(tmp_path, "localhost")
+    factory = None
+    try:
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(trustme.CA().cert_pem.bytes() + (tmp_path / "ca.pem").read_bytes())
+        factory = connect(parse_redis_url(f"rediss://localhost:{port}/0?ssl_ca_certs={bundle}"), reactor)
+        await eventually(lambda: factory.size > 0)
+        assert await factory.handler.ping() == "PONG"
+    finally:
+        if factory is not None:
+            await factory.disconnect()
+        process.kill()
+        process.wait()
+
+
+def test_a_ca_file_that_cannot_be_used_is_a_clear_error(tmp_path):
+    from twisted.internet import reactor
+    from circles.ca_file import CAFileError, load_ca_file
+
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    with pytest.raises(CAFileError, match="^no PEM certificate in '.*not.pem'$"):
+        load_ca_file(str(not_pem))
+    with pytest.raises(CAFileError, match="^cannot read CA file '.*missing.pem': No such file or directory$"):
+        load_ca_file(str(tmp_path / "missing.pem"))
+    address = parse_redis_url(f"rediss://localhost?ssl_ca_certs={tmp_path / 'missing.pem'}")
+    with pytest.raises(InvalidRedisURL, match="^ssl_ca_certs: cannot read CA file"):
+        address.endpoint(reactor)

@@ -40,3 +40,34 @@ def test_scripts(script, output):
 def test_errors(script, error):
     with pytest.raises(EngineError, match=error):
         run(script, CONTEXT)
+
+
+def _big_printer(prints: int) -> str:
+    """A script that prints a 64 KiB string ``prints`` times (doubling 1 character 16 times)."""
+    lines = ['let s0 = "x";'] + [f"let s{i + 1} = s{i} + s{i};" for i in range(16)]
+    return "\n".join(lines + ["print(s16);"] * prints)
+
+
+def test_output_is_capped_while_it_runs():
+    """The cap stops the script at the print that passes it: memory stays near the cap even
+    for a script that would print 32 MiB (the issue's 65 KB script printed 475 MB)."""
+    import tracemalloc
+    script = _big_printer(512)
+    tracemalloc.start()
+    try:
+        with pytest.raises(EngineError, match="^output too large: more than 1048576 bytes$"):
+            run(script, CONTEXT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024
+
+
+def test_output_cap_from_the_context():
+    capped = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws", max_output=6)
+    assert run('print("ab"); 42', capped) == "ab\n42\n"  # 6 bytes: at the cap is fine
+    with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
+        run('print("ab"); 420', capped)
+    with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
+        run('print("ééé")', capped)  # bytes, not characters: 4 characters, 7 bytes
+    assert run(_big_printer(15), CONTEXT) == ("x" * 65536 + "\n") * 15  # under the default 1 MiB

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.python import usage
 
 from circles import worker_tap
-from circles.worker import EngineError, ExecEngine, ScriptContext, load_engine
-from .play_client import eventually, new_key, pk
+from circles.worker import EngineError, ExecEngine, ScriptContext, ScriptTimedOut, load_engine
+from .play_client import eventually, new_key, pk, sleep
 
 CONTEXT = ScriptContext(task_id="t-1", circle="02" + "ab" * 32, caller="03" + "cd" * 32, source="ws")
 
@@ -48,7 +49,7 @@ async def test_exec_nonzero_exit_carries_stderr():
 
 @pytest_twisted.ensureDeferred
 async def test_exec_output_cap():
-    with pytest.raises(EngineError, match="output exceeds 1000 bytes"):
+    with pytest.raises(EngineError, match="^output too large: more than 1000 bytes$"):
         await engine(max_output=1000)("head -c 100000 /dev/zero; sleep 30", CONTEXT)
 
 
@@ -58,20 +59,66 @@ async def test_exec_timeout_kills_the_process(tmp_path):
     d = engine()(f"echo $$ > {pidfile}; echo started >&2; exec sleep 300", CONTEXT)
     pid = int(await eventually(lambda: pidfile.exists() and pidfile.read_text().strip()))
     reactor.callLater(0, d.cancel)  # what the worker's timeout does
-    with pytest.raises(EngineError, match="script timed out"):
+    with pytest.raises(ScriptTimedOut, match="script timed out"):
         await d
+    await eventually(lambda: gone(pid))
 
-    def gone():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie not reaped yet counts as gone
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(") ")[1].startswith("Z")
-        except OSError:
-            return True
-    await eventually(gone)
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie not reaped yet counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_timeout_ends_what_the_script_started(tmp_path):
+    """A background process holding stdout keeps the script running; the timeout ends it too."""
+    pidfile = tmp_path / "pid"
+    d = engine()(f"sleep 100 & echo $! > {pidfile}", CONTEXT)
+    pid = int(await eventually(lambda: pidfile.exists() and pidfile.read_text().strip()))
+    await sleep(0.2)
+    assert not d.called  # the sleeper holds the output pipe
+    d.cancel()
+    with pytest.raises(ScriptTimedOut):
+        await d
+    await eventually(lambda: gone(pid))
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_ending_ends_what_the_script_left_behind(tmp_path):
+    pidfile = tmp_path / "pid"
+    output = await engine()(f"sleep 100 >/dev/null 2>&1 & echo $! > {pidfile}; echo done", CONTEXT)
+    assert output == "done\n"
+    await eventually(lambda: gone(int(pidfile.read_text())))
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_output_cap_kills_the_group_and_stops_reading(tmp_path):
+    """Endless output from a background process: reading stops at the cap, the group dies."""
+    pidfile = tmp_path / "pid"
+    with pytest.raises(EngineError, match="^output too large: more than 5000 bytes$"):
+        await engine(max_output=100_000)(f"yes & echo $! > {pidfile}; wait",
+                                         attrs.evolve(CONTEXT, max_output=5000))
+    await eventually(lambda: gone(int(pidfile.read_text())))
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_command_that_vanished_is_a_clear_error(tmp_path):
+    program = tmp_path / "interp"
+    program.write_text("#!/bin/sh\nexec sh \"$@\"\n")
+    program.chmod(0o755)
+    interp = ExecEngine(f"{program} {{script_file}}", reactor=reactor)
+    assert await interp("echo ok", CONTEXT) == "ok\n"
+    program.unlink()
+    with pytest.raises(EngineError) as e:
+        await interp("echo ok", CONTEXT)
+    assert str(e.value) == f"exit status 1: cannot start {program}: No such file or directory"
 
 
 @pytest_twisted.ensureDeferred
@@ -107,14 +154,18 @@ def test_worker_options(tmp_path, monkeypatch):
     assert options.address.path == str(tmp_path / "redis.sock")
     service = worker_tap.makeService(options)
     assert service.circles == [circle] and service.concurrency == 3
-    options = parse("-k", circle, "--engine", "tests.test_worker_engines:sample_engine", "--redis-url", "redis://h:1/2")
+    options = parse("-k", circle, "--engine", "tests.test_worker_engines:sample_engine", "--redis-url", "redis://h:1/2",
+                    "--max-output", "5000")
     assert options.address.host == "h" and options.address.db == 2
+    assert worker_tap.makeService(options).max_output == 5000  # --max-output caps --engine output too
     for argv in [("--exec", "sh {script_file}"),  # no circle
                  ("-k", circle),  # no engine
                  ("-k", circle, "--exec", "sh {script_file}", "--engine", "tests.test_worker_engines:sample_engine"),
                  ("-k", "nothex", "--exec", "sh {script_file}"),
                  ("-k", circle, "--engine", "nomodule:f"),
                  ("-k", circle, "--exec", "sh {script_file}", "--redis-url", "http://x"),
+                 ("-k", circle, "--exec", "sh {script_file}", "--redis-url",
+                  f"rediss://x?ssl_ca_certs={tmp_path / 'missing.pem'}"),
                  ("-k", circle, "--exec", "sh {script_file}", "-c", "0")]:
         with pytest.raises(usage.UsageError):
             parse(*argv)
