@@ -182,9 +182,13 @@ class Options(usage.Options):
         redis_url = self["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
         if redis_url is not None:
             try:
-                parse_redis_url(redis_url)
+                address = parse_redis_url(redis_url)
             except InvalidRedisURL as e:
                 raise usage.UsageError(f"--redis-url: {e}")
+            try:
+                address.endpoint(global_reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
+            except InvalidRedisURL as e:
+                raise SystemExit(f"circles: --redis-url: {e}")
         else:
             try:
                 find_redis_server()

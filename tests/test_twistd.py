@@ -138,6 +138,8 @@ def test_listen_endpoint_strings(tmp_path, keys):
     (["-k", "02" + "00" * 32], "not a point on secp256k1"),
     (["--listen", "nonsense:1"], "is not a valid endpoint"),
     (["--tls-key", "{key}"], "--tls-key needs --tls-cert"),
+    (["--redis-url", "rediss://localhost:6380/0?ssl_ca_certs=missing.pem"], "cannot read CA file 'missing.pem'"),
+    (["--redis-url", "rediss://localhost:6380/0?ssl_ca_certs={key}"], "no PEM certificate in"),
 ])
 def test_bad_start_up_is_one_clear_line(tmp_path, tls_files, args, message):
     import trustme
