@@ -18,6 +18,7 @@ from .logs import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from .accepts import AcceptGate
 from .api import Gateway
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from .dispatch import RedisDispatcher
@@ -60,9 +61,10 @@ class ListeningService(Service):
     raise: ``twistd`` then exits with the reason instead of running without a socket.
     """
 
-    def __init__(self, endpoint, factory) -> None:
+    def __init__(self, endpoint, factory, gate: Optional[AcceptGate] = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
+        self._gate = gate  # counts and bounds the connections accepted
         self._waiters: list = []
         self._failure: Optional[Failure] = None
         self.port = None  # the IListeningPort once bound
@@ -76,6 +78,8 @@ class ListeningService(Service):
     def _bound(self, port) -> None:
         self.port = port
         send_eagerly(port)
+        if self._gate is not None:
+            self._gate.install(port)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(port)
@@ -127,13 +131,17 @@ class CirclesService(MultiService):
         self.gateway = Gateway(config, reactor, scripts)
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
-        self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout)
-        self.listeners = [ListeningService(endpoint, self.router)
+        self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
+                                    config.max_pending_per_ip)
+        # One count for every port: they share the process's descriptors.
+        self.accepts = AcceptGate.below_descriptor_limit(config.fd_reserve)
+        self.listeners = [ListeningService(endpoint, self.router, self.accepts)
                           for endpoint in server_endpoints(config, reactor)]
         self.metrics_listener: Optional[ListeningService] = None
         if config.metrics_listen is not None:
             metrics_site = Site(MetricsPage(self.gateway.metrics), reactor=reactor)
-            self.metrics_listener = ListeningService(serverFromString(reactor, config.metrics_listen), metrics_site)
+            self.metrics_listener = ListeningService(serverFromString(reactor, config.metrics_listen), metrics_site,
+                                                     self.accepts)
             self.metrics_listener.setServiceParent(self)
         if self.dispatcher is not None:
             dispatcher = self.dispatcher
