@@ -5,6 +5,8 @@ expiry can be driven; clients are urllib (HTTP) and the websockets library (WebS
 """
 
 import json
+import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -249,3 +251,49 @@ def test_round_trip_http_nonce_url_auth_then_play(tmp_path):
         status, body = _fetch(f"http://127.0.0.1:{port}/auth/health")
         assert body["status"] == "healthy" and body["active_nonces"] == 0
     assert signature.removeprefix("0x") not in server.output
+
+
+def _pipelined_nonces(base: str, n: int, source: str = "127.0.0.1") -> list:
+    """``n`` pipelined ``GET /auth/nonce`` on one connection from ``source``: the statuses."""
+    host, port = base.split(":")
+    one = b"GET /auth/nonce HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /auth/nonce HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(one * (n - 1) + last)
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+@pytest_twisted.async_yield_fixture
+async def shared_server():
+    """Like ``server``, with a per-address share of the HTTP nonces."""
+    clock = Clock()
+    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, max_http_nonces_per_ip=10), clock,
+                      NoScriptBackend())
+    port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
+    gateway.base = f"127.0.0.1:{port.getHost().port}"
+    gateway.clock = clock
+    yield gateway
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_cannot_take_every_http_nonce(shared_server):
+    """Issue 12: pipelined GET /auth/nonce from one socket filled the process-wide store, and
+    every client got 429 until the nonces expired."""
+    statuses = await _in_thread(_pipelined_nonces, shared_server.base, 300)
+    assert statuses == [200] * 10 + [429] * 290
+    # Others have their own share...
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+        assert await _in_thread(_pipelined_nonces, shared_server.base, 11, source) == [200] * 10 + [429]
+    # ...within the total, which still holds.
+    assert await _in_thread(_pipelined_nonces, shared_server.base, 1, "127.0.0.6") == [429]
+    status, body = await _get(f"http://{shared_server.base}/auth/health")
+    assert body["active_nonces"] == 50
+    shared_server.clock.advance(301)
+    assert await _in_thread(_pipelined_nonces, shared_server.base, 1) == [200]
