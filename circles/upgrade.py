@@ -26,7 +26,7 @@ from .logs import Logger
 
 log = Logger()
 
-#: A request head larger than this is not an upgrade we serve: the Site answers it (431/400).
+#: A request head larger than this is answered here, 431 (Twisted's Site would not parse it either).
 MAX_HEAD = 16 * 1024
 #: The longest request line the Site parses (Twisted's ``HTTPChannel.MAX_LENGTH``).
 MAX_LINE = 16 * 1024
