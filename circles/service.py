@@ -143,6 +143,9 @@ class CirclesService(MultiService):
             self.metrics_listener = ListeningService(serverFromString(reactor, config.metrics_listen), metrics_site,
                                                      self.accepts)
             self.metrics_listener.setServiceParent(self)
+        accepts, router = self.accepts, self.router
+        self.gateway.metrics.watch_accepts(lambda: accepts.open, {"descriptors": lambda: accepts.refused,
+                                                                  "pending_per_ip": lambda: router.refused})
         if self.dispatcher is not None:
             dispatcher = self.dispatcher
             self.gateway.metrics.watch_dispatcher(lambda: dispatcher.in_flight, lambda: dispatcher.connects)

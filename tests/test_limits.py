@@ -405,6 +405,9 @@ async def test_pending_connections_per_address_are_capped_and_counted_back(start
         assert all(answer.startswith(b"HTTP/1.1 503 ") for answer in refused), refused
         assert b"too many unfinished requests from this address" in refused[0]
         assert service.router.refused == 3
+        exposition = service.gateway.metrics.exposition().decode()
+        assert 'circles_connections_refused_total{reason="pending_per_ip"} 3.0' in exposition
+        assert "circles_tcp_connections_open 5.0" in exposition
         # another address is not held back, nor is a whole request from this one
         ws = await in_thread(open_ws, port, "127.0.0.2")
         assert (await in_thread(whoami, ws))["result"]["circle"] == CIRCLE
