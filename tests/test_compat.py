@@ -14,12 +14,15 @@ import pytest
 import pytest_twisted
 import websockets
 from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher, formatEvent
+from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
 from circles.api import Gateway
 from circles.config import Config
+from circles.http_auth import client_of
 from circles.protocol import CircleFactory
 from circles.scripts import NoScriptBackend
 from circles.web import build_site
@@ -297,3 +300,17 @@ async def test_one_address_cannot_take_every_http_nonce(shared_server):
     assert body["active_nonces"] == 50
     shared_server.clock.advance(301)
     assert await _in_thread(_pipelined_nonces, shared_server.base, 1) == [200]
+
+
+@pytest.mark.parametrize("address, owner", [
+    (IPv4Address("TCP", "203.0.113.7", 1), "203.0.113.7"),
+    (IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1), "2001:db8:1:2::/64"),
+    (IPv6Address("TCP", "2001:db8:1:2:bbbb::9", 1), "2001:db8:1:2::/64"),  # one host holds its /64 whole
+    (IPv6Address("TCP", "fe80::1%eth0", 1), "fe80::/64"),
+    (IPv6Address("TCP", "2001:db8:1:3::1", 1), "2001:db8:1:3::/64"),
+])
+def test_http_nonces_count_against_the_address_or_its_64(address, owner):
+    # Twisted's own request stand-in: loopback gives one IPv6 address, ::1, not two in a /64.
+    request = DummyRequest([b"auth", b"nonce"])
+    request.client = address
+    assert client_of(request) == owner
