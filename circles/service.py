@@ -155,6 +155,11 @@ class CirclesService(MultiService):
     def startService(self) -> None:
         if not self.config.circles:
             log.warn("no circles configured (-k): serving any valid circle id")
+        if self.accepts.limit:
+            log.info("accepting at most {limit} connections at once (the descriptor limit less --fd-reserve "
+                     "{reserve}); at most {pending} from one address before their request (--max-pending-per-ip)",
+                     limit=self.accepts.limit, reserve=self.config.fd_reserve,
+                     pending=self.config.max_pending_per_ip or "any number")
         super().startService()
 
     def stopService(self) -> Deferred:
