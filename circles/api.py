@@ -49,7 +49,7 @@ class Gateway:
         self.clock = clock
         self.scripts = scripts
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
-        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces)
+        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
         self.metrics = Metrics(methods)
         # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)

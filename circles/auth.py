@@ -46,6 +46,10 @@ class TooManyNonces(Exception):
     """The store is full of live nonces; the caller should back off."""
 
 
+class TooManyNoncesForOwner(TooManyNonces):
+    """This owner (a client address) holds its share of live nonces; it should back off."""
+
+
 def eth_personal_digest(message: bytes) -> bytes:
     """keccak256 of the EIP-191 ``personal_sign`` envelope around ``message``."""
     digest = keccak.new(digest_bits=256)
@@ -115,6 +119,7 @@ class Nonce:
     value: str
     pubkey: Optional[str]  # compressed hex, or None when issued without one
     expires_at: int  # whole Unix seconds, as clients are told; refused from then on
+    owner: Optional[str] = None  # who asked (a client address), when the store counts owners
 
 
 class NonceStore:
@@ -124,13 +129,31 @@ class NonceStore:
     over HTTP, before any connection exists). Either way it is capped: when it is full of live
     nonces, :meth:`issue` refuses rather than growing. Insertion order is expiry order (the TTL
     is fixed), so sweeping pops from the front and costs only what it removes.
+
+    A process-wide store is also capped per owner (``per_owner``, 0: no limit): one client
+    filling it would otherwise lock every other client out until its nonces expire.
     """
 
-    def __init__(self, clock: IReactorTime, ttl: float, cap: int) -> None:
+    def __init__(self, clock: IReactorTime, ttl: float, cap: int, per_owner: int = 0) -> None:
         self._clock = clock
         self._ttl = ttl
         self._cap = cap
+        self._per_owner = per_owner
         self._live: OrderedDict[str, Nonce] = OrderedDict()
+        self._owned: "dict[str, int]" = {}  # live nonces by owner
+
+    def owned_by(self, owner: str) -> int:
+        """Live nonces issued to ``owner``."""
+        self.sweep()
+        return self._owned.get(owner, 0)
+
+    def _forget(self, nonce: Nonce) -> None:
+        if nonce.owner is not None:
+            left = self._owned[nonce.owner] - 1
+            if left:
+                self._owned[nonce.owner] = left
+            else:
+                del self._owned[nonce.owner]
 
     def __len__(self) -> int:
         self.sweep()
@@ -143,21 +166,30 @@ class NonceStore:
             oldest = next(iter(live.values()))
             if oldest.expires_at > now:
                 break
-            live.popitem(last=False)
+            self._forget(live.popitem(last=False)[1])
 
-    def issue(self, pubkey: Optional[str] = None) -> Nonce:
+    def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Nonce:
+        """A new live nonce for ``pubkey`` (None: for whichever key signs it), counted against
+        ``owner``'s share if given; :class:`TooManyNonces` when the store or the share is full."""
         self.sweep()
+        if owner is not None and self._per_owner and self._owned.get(owner, 0) >= self._per_owner:
+            raise TooManyNoncesForOwner("too many outstanding nonces from this client")
         if len(self._live) >= self._cap:
             raise TooManyNonces("too many outstanding nonces")
         expires_at = math.ceil(self._clock.seconds() + self._ttl)
-        nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, expires_at)
+        nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, expires_at, owner)
         self._live[nonce.value] = nonce
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
         return nonce
 
     def take(self, value: str) -> Optional[Nonce]:
         """Remove and return the live nonce ``value``; None if unknown, used or expired."""
         nonce = self._live.pop(value, None)
-        if nonce is None or nonce.expires_at <= self._clock.seconds():
+        if nonce is None:
+            return None
+        self._forget(nonce)
+        if nonce.expires_at <= self._clock.seconds():
             return None
         return nonce
 
@@ -187,6 +219,7 @@ class NonceStore:
         if signer is None:
             raise AuthenticationFailed("signature does not match the public key and nonce")
         del self._live[nonce.value]
+        self._forget(nonce)
         return signer
 
     def _newest_for(self, pubkey: Optional[str]) -> Optional[Nonce]:

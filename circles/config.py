@@ -44,12 +44,17 @@ class Config:
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16
     max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
+    max_http_nonces_per_ip: int = 100  # of those, from one address (IPv6: one /64); 0: no limit
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
     rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
     rate_burst: Optional[float] = None  # requests saved up; default twice the rate
     max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit
     max_connections_per_ip: int = 0  # from one address; 0: no limit (a reverse proxy is one address)
+    # Connections from one address still sending their request head (accepted, not yet routed);
+    # 0: no limit. A client (a reverse proxy too) sends its head at once, so few are ever pending.
+    max_pending_per_ip: int = 512
+    fd_reserve: int = 100  # descriptors below RLIMIT_NOFILE never used for client connections
     handshake_timeout: float = 10.0  # seconds from TCP accept to an open WebSocket
     idle_timeout: float = 600.0  # seconds without a message before closing; 0: never
     ping_interval: float = 30.0  # WebSocket pings to detect dead peers; 0: off

@@ -9,6 +9,11 @@ Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue`
 with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
 reply connection drops fail the same way, and their tasks are marked ``expired`` once Redis is
 back so they do not run for nobody. Reconnection is automatic.
+
+A Redis that is connected but does not answer (stopped, swapping, wedged) is not up either: a
+PING goes out every :data:`PING_INTERVAL` seconds on the command connection, one at a time
+(never a second while the first waits), and once one has waited :data:`PING_TIMEOUT` seconds
+the backend counts as unavailable (``/ready`` 503, plays -32004 at once) until one is answered.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from .logs import Logger
 from twisted.python.failure import Failure
 from txredisapi import InvalidData, RedisError
@@ -37,6 +43,9 @@ log = Logger()
 REPLY_POLL = 5
 #: Seconds a command may wait for Redis before the connection is considered dead and reset.
 COMMAND_TIMEOUT = 10.0
+#: Seconds between health PINGs, and how long one may go unanswered before Redis counts as down.
+PING_INTERVAL = 1.0
+PING_TIMEOUT = 2.0
 
 
 class _Waiting:
@@ -80,6 +89,10 @@ class RedisDispatcher(Service):
         self._waiting: "dict[str, _Waiting]" = {}
         self.connects = 0  # times both connections came up (for metrics: reconnects)
         self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
+        self._pinger: Optional[LoopingCall] = None
+        self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
+        self.pings = 0  # PINGs sent
+        self.answering = True  # False once a PING has waited PING_TIMEOUT, until one is answered
 
     # -- service --------------------------------------------------------------------------------
 
@@ -90,10 +103,15 @@ class RedisDispatcher(Service):
         self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT)
         self._replies = connect(self.address, self.reactor)
         self._loop = self._listen()
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = self.clock
+        self._pinger.start(PING_INTERVAL, now=False)
 
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
         waiting, self._waiting = self._waiting, {}
         for task_id, entry in waiting.items():
             entry.timer.cancel()
@@ -117,7 +135,35 @@ class RedisDispatcher(Service):
 
     def is_connected(self) -> bool:
         """Whether a task can be queued and its reply received right now."""
-        return self._listening and self._commands is not None and self._commands.size > 0
+        return self._listening and self.answering and self._commands is not None and self._commands.size > 0
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def _ping(self) -> None:
+        if self._ping_sent is not None:
+            waited = self.clock.seconds() - self._ping_sent
+            if self.answering and waited >= PING_TIMEOUT:
+                self.answering = False
+                log.warn("Redis has not answered a PING for {seconds:.0f}s: plays fail until it does",
+                         seconds=waited)
+            return  # one PING at a time: never pile them up behind a Redis that does not answer
+        if self._commands is None or self._commands.size == 0:
+            return
+        self._ping_sent = self.clock.seconds()
+        self.pings += 1
+        try:
+            d = self._commands.handler.ping()
+        except Exception:
+            d = fail()
+        d.addBoth(self._pong)
+
+    def _pong(self, result) -> None:
+        self._ping_sent = None
+        if isinstance(result, Failure):
+            return  # the connection dropped (or timed out): is_connected() says so meanwhile
+        if not self.answering:
+            self.answering = True
+            log.info("Redis answers again")
 
     # -- API ------------------------------------------------------------------------------------
 

@@ -4,17 +4,22 @@
 connection yet to bind it to); the client signs it and opens the WebSocket with
 ``?pubkey=<hex>&sig=<hex>&nonce=<nonce>`` (see ``protocol.py``). ``GET /auth/health`` reports
 the store's size. Answers are JSON; errors are ``{"error": reason}`` with a 4xx status.
+
+The store is bounded in all and per client address (an IPv6 client by its /64, which one host
+usually holds whole): 429 past either, so one client cannot lock the others out.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+from typing import Optional
 
 from klein import Klein
 
 from .api import Gateway
-from .auth import TooManyNonces
+from .auth import TooManyNonces, TooManyNoncesForOwner
 from .keys import InvalidKey, normalize_pubkey
 
 
@@ -23,6 +28,17 @@ def _json(request, status: int, body: dict) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body).encode("utf-8")
+
+
+def client_of(request) -> Optional[str]:
+    """Whom a request's nonces count against: its peer address, an IPv6 one as its /64."""
+    host = getattr(request.getClientAddress(), "host", None)
+    if host is None or ":" not in host:
+        return host
+    try:
+        return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False))
+    except ValueError:
+        return host
 
 
 def auth_app(gateway: Gateway) -> Klein:
@@ -38,10 +54,11 @@ def auth_app(gateway: Gateway) -> Klein:
             except InvalidKey as e:
                 return _json(request, 400, {"error": f"public_key: {e}"})
         try:
-            issued = gateway.http_nonces.issue(pubkey)
-        except TooManyNonces:
+            issued = gateway.http_nonces.issue(pubkey, client_of(request))
+        except TooManyNonces as e:
             request.setHeader(b"retry-after", str(math.ceil(gateway.config.nonce_ttl)).encode())
-            return _json(request, 429, {"error": "too many outstanding nonces, retry later"})
+            whose = " from this address" if isinstance(e, TooManyNoncesForOwner) else ""
+            return _json(request, 429, {"error": f"too many outstanding nonces{whose}, retry later"})
         return _json(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
 
     @app.route("/health", methods=["GET"])

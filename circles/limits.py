@@ -22,6 +22,12 @@ from .logs import Logger
 log = Logger()
 
 
+def worth_logging(n: int) -> bool:
+    """Whether the ``n``-th refusal of a kind gets a log line: the 1st, 10th, 100th and every
+    1000th, so a flood of refusals is a few lines with a running count, not one line each."""
+    return n in (1, 10, 100) or n % 1000 == 0
+
+
 class ConnectionCount:
     """Open WebSocket connections, in all and by peer address, against their limits (0: none).
 
@@ -48,7 +54,7 @@ class ConnectionCount:
             self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
             return None
         self.refused += 1
-        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+        if worth_logging(self.refused):
             log.warn("refused a connection from {peer}: {reason} ({open} open; limits {total} total, "
                      "{per_peer} per address); {n} refused so far", peer=peer, reason=reason, open=self.open,
                      total=self.total, per_peer=self.per_peer, n=self.refused)

@@ -38,6 +38,11 @@ class Metrics:
                                      registry=self.registry)
         self._redis_connects: Callable[[], int] = lambda: 0
         self.registry.register(_RedisReconnects(lambda: self._redis_connects()))
+        self.tcp_connections = Gauge("circles_tcp_connections_open",
+                                     "Accepted TCP connections not yet closed (WebSockets, HTTP, pending)",
+                                     registry=self.registry)
+        self._refusals: "dict[str, Callable[[], int]]" = {}
+        self.registry.register(_Refusals(self._refusals))
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
@@ -60,6 +65,11 @@ class Metrics:
         self.tasks_in_flight.set_function(tasks_in_flight)
         self._redis_connects = connects
 
+    def watch_accepts(self, tcp_open: Callable[[], int], refused: "dict[str, Callable[[], int]]") -> None:
+        """Read the accepted connections, and the refusals by reason, when scraped."""
+        self.tcp_connections.set_function(tcp_open)
+        self._refusals.update(refused)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -73,6 +83,20 @@ class _RedisReconnects:
     def collect(self):
         family = CounterMetricFamily("circles_redis_reconnects", "Times the connection to Redis came back")
         family.add_metric([], max(0, self._connects() - 1))
+        yield family
+
+
+class _Refusals:
+    """``circles_connections_refused_total{reason}``: connections closed as soon as accepted."""
+
+    def __init__(self, counts: "dict[str, Callable[[], int]]") -> None:
+        self._counts = counts
+
+    def collect(self):
+        family = CounterMetricFamily("circles_connections_refused", "Connections refused as they were accepted",
+                                     labels=["reason"])
+        for reason, count in self._counts.items():
+            family.add_metric([reason], count())
         yield family
 
 

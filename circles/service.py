@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from . import tls
+from .accepts import AcceptGate
 from .api import Gateway
 from .logs import Logger
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -71,9 +72,10 @@ class ListeningService(Service):
     raise: ``twistd`` then exits with the reason instead of running without a socket.
     """
 
-    def __init__(self, endpoint, factory) -> None:
+    def __init__(self, endpoint, factory, gate: Optional[AcceptGate] = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
+        self._gate = gate  # counts and bounds the connections accepted
         self._waiters: list = []
         self._failure: Optional[Failure] = None
         self.port = None  # the IListeningPort once bound
@@ -87,6 +89,8 @@ class ListeningService(Service):
     def _bound(self, port) -> None:
         self.port = port
         send_eagerly(port)
+        if self._gate is not None:
+            self._gate.install(port)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(port)
@@ -140,15 +144,21 @@ class CirclesService(MultiService):
         self.gateway = Gateway(config, reactor, scripts)
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
-        self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout)
-        self.listeners = [ListeningService(endpoint, self.router)
+        self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
+                                    config.max_pending_per_ip)
+        # One count for every port: they share the process's descriptors.
+        self.accepts = AcceptGate.below_descriptor_limit(config.fd_reserve)
+        self.listeners = [ListeningService(endpoint, self.router, self.accepts)
                           for endpoint in server_endpoints(config, reactor)]
         self.metrics_listener: Optional[ListeningService] = None
         if config.metrics_listen is not None:
             metrics_site = Site(MetricsPage(self.gateway.metrics), reactor=reactor)
             self.metrics_listener = ListeningService(
-                endpoint_from_string(reactor, config.metrics_listen, config.tls_ciphers), metrics_site)
+                endpoint_from_string(reactor, config.metrics_listen, config.tls_ciphers), metrics_site, self.accepts)
             self.metrics_listener.setServiceParent(self)
+        accepts, router = self.accepts, self.router
+        self.gateway.metrics.watch_accepts(lambda: accepts.open, {"descriptors": lambda: accepts.refused,
+                                                                  "pending_per_ip": lambda: router.refused})
         if self.dispatcher is not None:
             dispatcher = self.dispatcher
             self.gateway.metrics.watch_dispatcher(lambda: dispatcher.in_flight, lambda: dispatcher.connects)
@@ -158,6 +168,11 @@ class CirclesService(MultiService):
     def startService(self) -> None:
         if not self.config.circles:
             log.warn("no circles configured (-k): serving any valid circle id")
+        if self.accepts.limit:
+            log.info("accepting at most {limit} connections at once (the descriptor limit less --fd-reserve "
+                     "{reserve}); at most {pending} from one address before their request (--max-pending-per-ip)",
+                     limit=self.accepts.limit, reserve=self.config.fd_reserve,
+                     pending=self.config.max_pending_per_ip or "any number")
         super().startService()
 
     def stopService(self) -> Deferred:

@@ -7,6 +7,11 @@ up to the end of the request head: a ``GET`` for a circle path with ``Upgrade: w
 handed to the WebSocket factory, anything else (webhooks, ``/auth``, ``/metrics``, a plain
 GET of a circle) to the Site, which answers it as before. Either way the chosen protocol gets
 the transport and every byte read so far, and this object only forwards from then on.
+
+Until then a connection is *pending*, and counted by peer address: one address may hold at
+most ``max_pending_per_peer`` of them (503 past it), so a crowd of silent connections from one
+client cannot take the descriptors everyone else needs. A head that cannot be parsed because
+it is too large is answered here: 414 for a request line over 16 KiB, 431 for a longer head.
 """
 
 from __future__ import annotations
@@ -18,9 +23,37 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
 from .keys import COMPRESSED_HEX_LEN
+from .limits import worth_logging
+from .logs import Logger
 
-#: A request head larger than this is not an upgrade we serve: the Site answers it (431/400).
+log = Logger()
+
+#: A request head larger than this is answered here, 431 (Twisted's Site would not parse it either).
 MAX_HEAD = 16 * 1024
+#: The longest request line the Site parses (Twisted's ``HTTPChannel.MAX_LENGTH``).
+MAX_LINE = 16 * 1024
+
+
+def _answer(status: bytes, error: bytes) -> bytes:
+    body = b'{"error":"%s"}' % error
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, len(body), body))
+
+
+URI_TOO_LONG = _answer(b"414 URI Too Long", b"request line over 16 KiB")
+HEAD_TOO_LARGE = _answer(b"431 Request Header Fields Too Large", b"request head over 16 KiB")
+TOO_MANY_PENDING = _answer(b"503 Service Unavailable", b"too many unfinished requests from this address")
+
+
+def oversized(head: bytes, end: int) -> Optional[bytes]:
+    """The answer to a request head too large to parse (``end``: where it ends, -1 if it does
+    not yet), or None if it is not."""
+    line_end = head.find(b"\r\n", 0, MAX_LINE + 2)
+    if line_end < 0 or line_end > MAX_LINE:
+        return URI_TOO_LONG
+    if end < 0 or end > MAX_HEAD:
+        return HEAD_TOO_LARGE
+    return None
 
 
 def is_circle_upgrade(head: bytes) -> bool:
@@ -39,10 +72,26 @@ def is_circle_upgrade(head: bytes) -> bool:
     return False
 
 
+class _Refusal(Protocol):
+    """Answers a fixed refusal and closes; reads nothing."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._answer)
+        self.transport.loseConnection()
+
+
+class _Discard(Protocol):
+    """What a refused connection still sends goes here, unread, until it closes."""
+
+
 class _FirstBytes(Protocol):
-    def __init__(self, router: "UpgradeRouter", addr) -> None:
+    def __init__(self, router: "UpgradeRouter", addr, peer: Optional[str]) -> None:
         self._router = router
         self._addr = addr
+        self._peer = peer  # counted as pending under this address until routed or closed
         self._head = b""
         self._inner: Optional[Protocol] = None
         self._timer = None
@@ -58,7 +107,13 @@ class _FirstBytes(Protocol):
         end = self._head.find(b"\r\n\r\n")
         if end < 0 and len(self._head) <= MAX_HEAD:
             return
+        answer = oversized(self._head, end)
+        if answer is not None:
+            self._refuse(answer)
+            return
         self._timer.cancel()
+        self._router.routed(self._peer)
+        self._peer = None
         factory = self._router.websocket if end >= 0 and is_circle_upgrade(self._head[:end]) else self._router.site
         inner = factory.buildProtocol(self._addr)
         if inner is None:
@@ -69,10 +124,23 @@ class _FirstBytes(Protocol):
         inner.makeConnection(self.transport)
         inner.dataReceived(buffered)
 
+    def _refuse(self, answer: bytes) -> None:
+        """Answer and stop reading; the deadline still drops a client that does not close."""
+        self._inner, self._head = _Discard(), b""
+        self.transport.write(answer)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()  # the client reads the answer and an end of file, not a reset
+        else:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason) -> None:
+        if self._peer is not None:
+            self._router.routed(self._peer)
+            self._peer = None
         if self._inner is not None:
             self._inner.connectionLost(reason)
-        elif self._timer is not None and self._timer.active():
+        if self._timer is not None and self._timer.active():
             self._timer.cancel()
 
 
@@ -86,14 +154,39 @@ class UpgradeRouter(ServerFactory):
     brings (:mod:`circles.tls` explains why that matters).
     """
 
-    def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float) -> None:
+    def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float,
+                 max_pending_per_peer: int = 0) -> None:
         self.websocket = websocket
         self.site = site
         self.reactor = reactor
         self.timeout = timeout
+        self.max_pending_per_peer = max_pending_per_peer  # 0: no limit
+        self.pending: "dict[str, int]" = {}  # connections still sending their head, by address
+        self.refused = 0
 
     def buildProtocol(self, addr) -> Protocol:
-        return _FirstBytes(self, addr)
+        peer = getattr(addr, "host", None)
+        if peer is not None:
+            n = self.pending.get(peer, 0)
+            if self.max_pending_per_peer and n >= self.max_pending_per_peer:
+                self.refused += 1
+                if worth_logging(self.refused):
+                    log.warn("refused a connection from {peer}: {n} of its connections have not sent their "
+                             "request yet (--max-pending-per-ip); {refused} refused so far",
+                             peer=peer, n=n, refused=self.refused)
+                return _Refusal(TOO_MANY_PENDING)
+            self.pending[peer] = n + 1
+        return _FirstBytes(self, addr, peer)
+
+    def routed(self, peer: Optional[str]) -> None:
+        """A connection from ``peer`` is pending no more (routed, or closed)."""
+        if peer is None:
+            return
+        left = self.pending[peer] - 1
+        if left:
+            self.pending[peer] = left
+        else:
+            del self.pending[peer]
 
     def acceptableProtocols(self) -> list:
         return [b"http/1.1"]  # both ways in are HTTP/1.1

@@ -61,12 +61,13 @@ def client_tls(ca_pem: str) -> ssl.SSLContext:
 class Twistd:
     """A ``twistd -n circles ...`` process whose log we read to learn its port."""
 
-    def __init__(self, args: list, cwd: Path, plugin: str = "circles", options: tuple = ()) -> None:
+    def __init__(self, args: list, cwd: Path, plugin: str = "circles", options: tuple = (),
+                 prefix: tuple = ()) -> None:
         self.lines: list = []
         self._port_seen = threading.Event()
         self.port: Optional[int] = None
         self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile=-", *options, plugin, *args],
+            [*prefix, TWISTD, "-n", "--pidfile=", "--logfile=-", *options, plugin, *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -111,9 +112,11 @@ class Twistd:
 
 
 @contextmanager
-def twistd(args: list, cwd: Path, plugin: str = "circles", options: tuple = ()) -> Iterator[Twistd]:
-    """``twistd -n [options] plugin args``, stopped (SIGTERM) when the block ends."""
-    process = Twistd(args, cwd, plugin, options)
+def twistd(args: list, cwd: Path, plugin: str = "circles", options: tuple = (),
+           prefix: tuple = ()) -> Iterator[Twistd]:
+    """``[prefix] twistd -n [options] plugin args`` (a prefix such as ``prlimit ...``), stopped
+    (SIGTERM) when the block ends."""
+    process = Twistd(args, cwd, plugin, options, prefix)
     try:
         yield process
     finally:

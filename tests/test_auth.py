@@ -556,3 +556,21 @@ def test_unnamed_redeem_prefers_the_newest_nonce_for_the_key_over_unbound_ones(s
     unbound = store.issue().value
     assert store.redeem(key.compressed, hexed(key.eth(keyed))) == key.compressed
     assert store.redeem(key.compressed, hexed(key.eth(unbound))) == key.compressed  # none for the key left
+
+
+def test_per_owner_share_is_freed_by_use_and_expiry(clock, key):
+    store = NonceStore(clock, TTL, 10, per_owner=2)
+    first = store.issue(key.compressed, owner="a")
+    store.issue(owner="a")
+    with pytest.raises(TooManyNonces, match="from this client"):
+        store.issue(owner="a")
+    store.issue(owner="b")  # another owner has its own share
+    store.issue()  # and nonces without an owner count only in the total
+    assert store.owned_by("a") == 2 and store.owned_by("b") == 1
+    redeem_ok(store, key, hexed(key.eth(first.value)))  # spending one frees a place
+    assert store.owned_by("a") == 1
+    taken = store.issue(owner="a")
+    assert store.take(taken.value) == taken and store.owned_by("a") == 1
+    clock.advance(TTL)  # expiry frees the rest
+    assert store.owned_by("a") == 0 and store.owned_by("b") == 0 and len(store) == 0
+    assert store.issue(owner="a").owner == "a"

@@ -5,6 +5,8 @@ expiry can be driven; clients are urllib (HTTP) and the websockets library (WebS
 """
 
 import json
+import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -12,12 +14,15 @@ import pytest
 import pytest_twisted
 import websockets
 from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher, formatEvent
+from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
 from circles.api import Gateway
 from circles.config import Config
+from circles.http_auth import client_of
 from circles.protocol import CircleFactory
 from circles.scripts import NoScriptBackend
 from circles.web import build_site
@@ -249,3 +254,63 @@ def test_round_trip_http_nonce_url_auth_then_play(tmp_path):
         status, body = _fetch(f"http://127.0.0.1:{port}/auth/health")
         assert body["status"] == "healthy" and body["active_nonces"] == 0
     assert signature.removeprefix("0x") not in server.output
+
+
+def _pipelined_nonces(base: str, n: int, source: str = "127.0.0.1") -> list:
+    """``n`` pipelined ``GET /auth/nonce`` on one connection from ``source``: the statuses."""
+    host, port = base.split(":")
+    one = b"GET /auth/nonce HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /auth/nonce HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(one * (n - 1) + last)
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+@pytest_twisted.async_yield_fixture
+async def shared_server():
+    """Like ``server``, with a per-address share of the HTTP nonces."""
+    clock = Clock()
+    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, max_http_nonces_per_ip=10), clock,
+                      NoScriptBackend())
+    port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
+    gateway.base = f"127.0.0.1:{port.getHost().port}"
+    gateway.clock = clock
+    yield gateway
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_cannot_take_every_http_nonce(shared_server):
+    """Issue 12: pipelined GET /auth/nonce from one socket filled the process-wide store, and
+    every client got 429 until the nonces expired."""
+    statuses = await _in_thread(_pipelined_nonces, shared_server.base, 300)
+    assert statuses == [200] * 10 + [429] * 290
+    # Others have their own share...
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+        assert await _in_thread(_pipelined_nonces, shared_server.base, 11, source) == [200] * 10 + [429]
+    # ...within the total, which still holds.
+    assert await _in_thread(_pipelined_nonces, shared_server.base, 1, "127.0.0.6") == [429]
+    status, body = await _get(f"http://{shared_server.base}/auth/health")
+    assert body["active_nonces"] == 50
+    shared_server.clock.advance(301)
+    assert await _in_thread(_pipelined_nonces, shared_server.base, 1) == [200]
+
+
+@pytest.mark.parametrize("address, owner", [
+    (IPv4Address("TCP", "203.0.113.7", 1), "203.0.113.7"),
+    (IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1), "2001:db8:1:2::/64"),
+    (IPv6Address("TCP", "2001:db8:1:2:bbbb::9", 1), "2001:db8:1:2::/64"),  # one host holds its /64 whole
+    (IPv6Address("TCP", "fe80::1%eth0", 1), "fe80::/64"),
+    (IPv6Address("TCP", "2001:db8:1:3::1", 1), "2001:db8:1:3::/64"),
+])
+def test_http_nonces_count_against_the_address_or_its_64(address, owner):
+    # Twisted's own request stand-in: loopback gives one IPv6 address, ::1, not two in a /64.
+    request = DummyRequest([b"auth", b"nonce"])
+    request.client = address
+    assert client_of(request) == owner

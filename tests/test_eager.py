@@ -200,4 +200,4 @@ async def test_the_service_accepts_with_eager_connections(start):
     service = start(CirclesService(Config(circles=[circle.pubkey], listen=("tcp:0:interface=127.0.0.1",)),
                                    reactor=reactor))
     [port] = await service.when_listening()
-    assert port.transport is EagerServer
+    assert issubclass(port.transport, EagerServer)  # counted by the accept gate, eager all the same

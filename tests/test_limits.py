@@ -379,6 +379,52 @@ async def test_a_thousand_silent_connections_are_cut_off(start):
     await in_thread(ws.close)
 
 
+def _answer_or_close(sock: socket.socket) -> bytes:
+    """What the server sends before closing ``sock`` (b"" for a close without a word)."""
+    sock.settimeout(60)
+    answer = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return answer
+            answer += data
+    except ConnectionResetError:
+        return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_connections_per_address_are_capped_and_counted_back(start):
+    """Issue 12: connections are counted from accept, by address while they have not sent
+    their request head; past the cap an address is refused 503, others are not."""
+    service, port = await serve(start, max_pending_per_ip=5, handshake_timeout=60)
+    silent = await in_thread(_open_silent, port, 8)
+    try:
+        await eventually(lambda: service.router.pending.get("127.0.0.1") == 5)
+        refused = [await in_thread(_answer_or_close, sock) for sock in silent[5:]]
+        assert all(answer.startswith(b"HTTP/1.1 503 ") for answer in refused), refused
+        assert b"too many unfinished requests from this address" in refused[0]
+        assert service.router.refused == 3
+        exposition = service.gateway.metrics.exposition().decode()
+        assert 'circles_connections_refused_total{reason="pending_per_ip"} 3.0' in exposition
+        assert "circles_tcp_connections_open 5.0" in exposition
+        # another address is not held back, nor is a whole request from this one
+        ws = await in_thread(open_ws, port, "127.0.0.2")
+        assert (await in_thread(whoami, ws))["result"]["circle"] == CIRCLE
+        await in_thread(ws.close)
+        silent[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await in_thread(_answer_or_close, silent[0])).startswith(b"HTTP/1.1 200 ")
+        await eventually(lambda: service.router.pending.get("127.0.0.1") == 4)
+        held = await in_thread(_open_silent, port, 1)  # its place is free again
+        silent += held
+        await eventually(lambda: service.router.pending.get("127.0.0.1") == 5)
+    finally:
+        for sock in silent:
+            sock.close()
+    # Every connection, whatever became of it, is counted back out.
+    await eventually(lambda: service.router.pending == {} and service.accepts.open == 0)
+
+
 def _partial_request(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(f"GET /{CIRCLE} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n".encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import urllib.error
 import urllib.request
 
@@ -12,7 +13,7 @@ from twisted.internet import reactor, threads
 from circles.redisconn import parse_redis_url
 from circles.worker import Worker
 
-from .play_client import RPCClient, eventually, new_key, pk
+from .play_client import RPCClient, eventually, new_key, pk, sleep
 from .support import Key, twistd, request
 from .test_play_ws import CIRCLE, serve
 
@@ -55,6 +56,39 @@ async def test_health_and_ready_follow_redis(redis_server, start):
     assert (await _get(base + "/ready"))[0] == 200
     status, _, body = await _get(base + "/metrics")
     assert _sample(body, "circles_redis_reconnects_total") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_follows_a_redis_that_does_not_answer(redis_server, start):
+    """Issue 12: with Redis stopped (SIGSTOP: connected, silent) /ready said 200 throughout."""
+    service, port = await serve(start, redis_server.url)
+    base = f"http://127.0.0.1:{port}"
+    client = await RPCClient.open(port, CIRCLE)
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        status, _, body = await _ready_unavailable(base)
+        assert status == 503 and json.loads(body)["reason"] == "script backend unavailable"
+        assert (await client.call("play", {"script": "x"}))["error"]["code"] == -32004
+        assert (await _get(base + "/health"))[0] == 200
+        # However long Redis stays silent, one PING waits for it, never a pile of them.
+        sent = service.dispatcher.pings
+        await sleep(3)  # three ping intervals
+        assert service.dispatcher.pings == sent
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await eventually(service.dispatcher.is_connected, timeout=60)
+    assert (await _get(base + "/ready"))[0] == 200
+    client.close()
+
+
+async def _ready_unavailable(base: str, polls: int = 600):
+    """The first /ready answer that is not 200 (polled every 0.1 s, at most ``polls`` times)."""
+    for _ in range(polls):
+        answer = await _get(base + "/ready")
+        if answer[0] != 200:
+            return answer
+        await sleep(0.1)
+    raise AssertionError("/ready stayed 200")
 
 
 @pytest_twisted.ensureDeferred

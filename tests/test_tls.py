@@ -20,7 +20,7 @@ import time
 import pytest
 import trustme
 
-from .support import ROOT, Key, client_tls, run_twistd_to_exit, twistd
+from .support import Key, client_tls, run_twistd_to_exit, twistd
 
 OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import time
 
 import pytest
@@ -11,7 +13,7 @@ from twisted.internet import reactor, threads
 
 from circles import CirclesService, Config
 from circles.scripts import NoScriptBackend
-from circles.upgrade import MAX_HEAD, is_circle_upgrade
+from circles.upgrade import MAX_HEAD, MAX_LINE, is_circle_upgrade
 
 from .support import Key
 
@@ -75,7 +77,39 @@ async def test_other_requests_reach_the_site(port):
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversized_head_goes_to_the_site_and_is_refused(port):
+async def test_oversized_head_is_refused_431(port):
     head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * (MAX_HEAD + 10) + b"\r\n\r\n"
     answer = await threads.deferToThread(_exchange, port, [head])
-    assert answer == b"" or answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5"))
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    # sent in pieces, the head never ending: the same answer once it passes the limit
+    answer = await threads.deferToThread(_exchange, port, [head[:1000], head[1000:MAX_HEAD + 100]], 0.05)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+LONG_LINE = b"GET /" + b"a" * (MAX_LINE + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunks", [
+    [LONG_LINE],  # whole, its end in the same read: once routed to the Site, which closed without a word
+    [LONG_LINE[:MAX_LINE // 2], LONG_LINE[MAX_LINE // 2:]],
+    [LONG_LINE[:MAX_LINE + 5]],  # never finished
+], ids=["whole", "in-pieces", "unfinished"])
+@pytest_twisted.ensureDeferred
+async def test_request_line_over_16k_is_refused_414(port, chunks):
+    """Issue 12: a request line over 16 KiB got an empty reply."""
+    answer = await threads.deferToThread(_exchange, port, chunks, 0.05)
+    assert answer.startswith(b"HTTP/1.1 414 ")
+    # and a line just under the limit (with its headers, under the head's) is still served
+    path = b"/health?" + b"a" * (MAX_LINE - 100)
+    answer = await threads.deferToThread(_exchange, port, [b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path])
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest_twisted.ensureDeferred
+async def test_request_line_over_16k_with_curl(port):
+    url = f"http://127.0.0.1:{port}/health?{'a' * (MAX_LINE + 10)}"
+    done = await threads.deferToThread(subprocess.run, ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", url],
+                                       capture_output=True, text=True, timeout=60)
+    body, _, status = done.stdout.rpartition("\n")
+    assert status == "414" and "request line over 16 KiB" in body, (done.stdout, done.stderr)
