@@ -8,7 +8,8 @@ describes what a worker sees.
 Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue` fail at once
 with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
 reply connection drops fail the same way, and their tasks are marked ``expired`` once Redis is
-back so they do not run for nobody. Reconnection is automatic.
+back so they do not run for nobody. Reconnection is automatic. A :meth:`run` whose Deferred is
+cancelled (its client disconnected) is forgotten and its task expired the same way.
 
 A Redis that is connected but does not answer (stopped, swapping, wedged) is not up either: a
 PING goes out every :data:`PING_INTERVAL` seconds on the command connection, one at a time
@@ -173,7 +174,7 @@ class RedisDispatcher(Service):
         if not self.is_connected():
             return fail(BackendUnavailable("Redis is unreachable"))
         task_id = str(uuid.uuid4())
-        result = Deferred()
+        result = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
         self._waiting[task_id] = _Waiting(request, result, timer)
         queued = self._write(task_id, request, None, self.reply_key)
@@ -299,6 +300,18 @@ class RedisDispatcher(Service):
                 entry.deferred.errback(ScriptTimeout())
 
         self._expire(task_id).addBoth(settled)
+
+    def _cancelled(self, task_id: str) -> None:
+        """The caller gave up (its connection closed): stop waiting, and expire the task so no
+        worker runs a script nobody waits for (once Redis is back, if it is away now)."""
+        entry = self._waiting.pop(task_id, None)
+        if entry is None:
+            return
+        entry.timer.cancel()
+        if self.is_connected():
+            self._expire(task_id).addErrback(lambda _: self._abandoned.add(task_id))
+        else:
+            self._abandoned.add(task_id)
 
     # -- replies --------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 from .logs import Logger
 
@@ -34,6 +34,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: The outcome ``observe`` is told for a request whose method's Deferred was cancelled (no reply).
+CANCELLED = "cancelled"
 
 _MISSING = object()
 log = Logger()
@@ -352,6 +354,11 @@ class Dispatcher:
     def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
         if failure.check(RPCError):
             return self._refused(failure.value, name, id_)
+        if failure.check(CancelledError):
+            # The caller cancelled the method's Deferred (its connection closed): nobody is
+            # left to answer, and nothing went wrong.
+            self._observe(name, CANCELLED)
+            return None
         log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
         return self._refused(RPCError(INTERNAL_ERROR, "Internal error"), name, id_)
 

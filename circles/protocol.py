@@ -324,6 +324,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
+            self.session.close()
             self.session.anomalies.closed()
             log.debug("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,

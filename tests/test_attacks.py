@@ -4,6 +4,7 @@ measured (entries kept, key recoveries done, log lines written), never a duratio
 from __future__ import annotations
 
 import json
+import re
 
 from twisted.internet.task import Clock
 
@@ -123,3 +124,119 @@ def test_failed_authentications_on_many_connections_write_a_bounded_log():
     assert summary["by_kind"] == {"authentication failed": 562, "connection summary": 188}  # 12 connections logged whole
     assert summary["busiest"] == {"198.51.100.0": 374, "198.51.100.1": 376}  # the 13th, from .0, half logged
     assert lines[0]["conn"] == 0 and lines[0]["peer"] == "198.51.100.0"
+
+
+# --- plays waiting per connection are bounded, and die with the connection -------------------------
+
+
+def _runner_session(**config):
+    from twisted.internet.defer import Deferred
+    from zope.interface import implementer
+
+    from circles.scripts import IScriptRunner
+
+    @implementer(IScriptRunner)
+    class Runner:
+        def __init__(self):
+            self.pending = []
+            self.cancelled = 0
+
+        def run(self, request):
+            d = Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+            self.pending.append(d)
+            return d
+
+    runner = Runner()
+    gateway = Gateway(Config(**config), Clock(), runner)
+    return gateway, gateway.new_session(CIRCLE, connection_id=1), runner
+
+
+def _play(session, id_=None):
+    message = {"jsonrpc": "2.0", "method": "play", "params": {"script": "x"}}
+    if id_ is not None:
+        message["id"] = id_
+    return session.answer(json.dumps(message).encode("utf-8"))
+
+
+def test_plays_waiting_on_one_connection_are_capped():
+    gateway, session, runner = _runner_session(rate_limit=0, max_plays=3)
+    waiting = [_play(session), _play(session), _play(session, 3)]  # notifications count too
+    assert len(runner.pending) == 3 and len(session.plays) == 3
+    refused = json.loads(_play(session, 4))
+    assert refused["error"] == {"code": -32006, "message": "Too many requests: 3 plays already wait on this connection",
+                                "data": {"max_plays": 3}}
+    assert _play(session) is None  # a notification over the cap is dropped, not queued
+    assert len(runner.pending) == 3
+    runner.pending[2].callback("done")  # one answered: room for one more
+    assert json.loads(fired(waiting[2]))["result"] == {"output": "done"}
+    assert len(session.plays) == 2
+    _play(session, 5)
+    assert len(runner.pending) == 4 and len(session.plays) == 3
+
+
+def test_closing_a_connection_cancels_its_plays_without_a_reply_or_a_traceback():
+    from .inmemory import captured_log
+
+    gateway, session, runner = _runner_session(rate_limit=0)
+    replies = [_play(session, i) for i in range(5)] + [_play(session)]
+    batch = session.answer(json.dumps([{"jsonrpc": "2.0", "method": "play", "params": ["y"], "id": "b"}]))
+    with captured_log() as events:
+        session.close()
+    assert runner.cancelled == 7 and not session.plays
+    assert [fired(reply) for reply in replies] == [None] * 6  # nothing to send: nobody is there
+    assert fired(batch) is None and session.in_flight == 0
+    assert not [e for e in events if e.get("log_failure") is not None]
+    # Counted as cancelled; the play-time histogram only sees plays that were answered.
+    assert 'circles_requests_total{method="play",outcome="cancelled"} 7.0' in _request_series(gateway)
+    assert "circles_play_seconds_count 0.0" in gateway.metrics.exposition().decode()
+
+
+def test_a_closed_connection_leaves_no_play_waiting_nor_a_task_for_a_worker(tmp_path, redis_server):
+    """A real server, Redis and worker: a client queues plays no worker is there to run, hits
+    --max-plays (100 by default) and hangs up; its tasks are expired at once, so the worker that comes later
+    runs none of them."""
+    from urllib.request import urlopen
+
+    from websockets.sync.client import connect
+
+    from .support import Key, request, twistd
+
+    circle = Key()
+    redis = redis_server.client()
+    queue = f"circles:queue:{circle.pubkey}"
+    in_flight = re.compile(r"^circles_tasks_in_flight (\S+)$", re.M)
+
+    def waiting(port) -> float:
+        return float(in_flight.search(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode())[1])
+
+    with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--redis-url", redis_server.url],
+                 tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
+            ws.send(json.dumps([{"jsonrpc": "2.0", "method": "play", "params": {"script": "echo old"}}] * 100))
+            refused = request(ws, "play", {"script": "echo 101st"}, id_=101)
+            assert refused["error"]["code"] == -32006 and refused["error"]["data"] == {"max_plays": 100}
+            _poll(lambda: redis("LLEN", queue) == 100)  # the server's writes may still be on their way
+            assert waiting(port) == 100
+        _poll(lambda: waiting(port) == 0)
+        old = redis("LRANGE", queue, 0, -1)
+        _poll(lambda: all(redis("HGET", f"circles:task:{task}", "status") == "expired" for task in old))
+        with twistd(["-k", circle.pubkey, "--redis-url", redis_server.url, "--exec", "sh {script_file}"], tmp_path,
+                    plugin="circles-worker") as worker:
+            worker.wait_for("waiting for tasks")
+            with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
+                assert request(ws, "play", {"script": "echo new"})["result"] == {"output": "new\n"}
+        # The worker took the queue in order (FIFO): the old tasks before the new one, and ran none.
+        assert [redis.hgetall(f"circles:task:{task}")["status"] for task in old] == ["expired"] * 100
+        assert redis("LLEN", queue) == 0
+    redis.close()
+
+
+def _poll(predicate, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout}s"
+        time.sleep(0.05)
