@@ -157,7 +157,12 @@ class Methods:
 
 
 MAX_DEPTH = 256  # arrays/objects inside one another, the batch array included
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*+"')
+# A string, or an unterminated one to the end of the text (a lone backslash last included), so a
+# match that starts at a quote never fails. Were the closing quote required, a text of one quote
+# and then escaped quotes (\"\"\"...) would be scanned to its end from every quote in turn:
+# quadratic work (a 32 KB message took seconds, a 1 MiB one hours). An unterminated string is
+# invalid JSON anyway, and nothing after it can nest.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 

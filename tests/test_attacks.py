@@ -240,3 +240,40 @@ def _poll(predicate, timeout: float = 60) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"not within {timeout}s"
         time.sleep(0.05)
+
+
+# --- the nesting check is linear, whatever the strings look like -----------------------------------
+
+#: Texts past the cheap bracket count whose strings do not close (invalid JSON, as an attacker
+#: sends it): an unterminated string of escaped quotes, of escaped backslashes and quotes, one
+#: ending in a lone backslash.
+_UNTERMINATED = ['[' * 300 + '"' + '\\"' * 1000, '[' * 300 + ('"' + '\\' * 3) * 1000,
+                 '{' * 300 + '"a\\' * 1000, '[' * 300 + '"' + '\\' * 1001]
+
+
+def test_a_string_match_starting_at_any_quote_never_fails():
+    """The depth check strips strings with one regex pass. A match that could fail after
+    scanning to the end of the text would be tried again from the next quote: quadratic work, a
+    1 MiB message holding the CPU for hours. So from every quote the pattern matches."""
+    from circles.jsonrpc import _STRING
+
+    for text in _UNTERMINATED:
+        quotes = [i for i, c in enumerate(text) if c == '"']
+        assert quotes and all(_STRING.match(text, i) for i in quotes)
+
+
+def test_an_unterminated_string_of_escapes_is_a_parse_error_in_one_pass(tmp_path):
+    """On a real server: a 1 MiB message of escaped quotes is refused (-32700) and the same
+    connection is answered right after (it took the server hours of CPU before)."""
+    from websockets.sync.client import connect
+
+    from .support import Key, request, twistd
+
+    circle = Key()
+    attack = '[' * 300 + '"' + '\\"' * (512 * 1024 - 200)
+    with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1"], tmp_path) as server:
+        port = server.wait_listening()
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30, max_size=None) as ws:
+            ws.send(attack)
+            assert json.loads(ws.recv(timeout=30))["error"]["code"] == -32700
+            assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
