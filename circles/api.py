@@ -219,7 +219,7 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
     d.addCallback(lambda output: {"output": output})
-    d.addErrback(_script_error)
+    d.addErrback(_script_error, session, limit)
     return d
 
 
@@ -234,8 +234,12 @@ def _timed(result, gateway: Gateway, started: float):
     return result
 
 
-def _script_error(failure) -> Any:
+def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(ScriptTimeout):
+        # A client can time out as many plays as its rate allows (a tiny timeout, a circle
+        # without workers): logged within the session's and the gateway's bounds.
+        session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                               "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))

@@ -277,3 +277,27 @@ def test_an_unterminated_string_of_escapes_is_a_parse_error_in_one_pass(tmp_path
             ws.send(attack)
             assert json.loads(ws.recv(timeout=30))["error"]["code"] == -32700
             assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
+
+
+def test_plays_timing_out_write_a_bounded_log(tmp_path, redis_server):
+    """A real server and Redis, no worker: 400 plays with a tiny timeout wrote 400 info lines
+    (one per play). Now the connection's first 3, then one summing up the rest at its close."""
+    from websockets.sync.client import connect
+
+    from .support import Key, twistd
+
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--redis-url", redis_server.url],
+                tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
+            for _ in range(4):
+                ws.send(json.dumps([{"jsonrpc": "2.0", "method": "play", "params": {"script": "x", "timeout": 0.001},
+                                     "id": i} for i in range(100)]))
+                assert {r["error"]["code"] for r in json.loads(ws.recv(timeout=30))} == {-32003}
+        server.wait_for("more anomalies not logged one by one")
+        lines = [line for line in server.lines if " timed out after " in line]
+        assert len(lines) == 3, lines
+        [summary] = [line for line in server.lines if "more anomalies" in line]
+        assert "397 more anomalies" in summary and "'script timed out': 397" in summary
