@@ -298,8 +298,9 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def _idle_timeout(self) -> None:
         self._idle = None
-        log.info("connection {conn} idle for {seconds}s: closing", conn=self.connection_id,
-                 seconds=self.session.gateway.config.idle_timeout)
+        # An anomaly, logged within bounds: a client can leave as many connections idle as it may open.
+        self.session.anomalies.note("idle timeout", "connection {conn} idle for {seconds}s: closing",
+                                    seconds=self.session.gateway.config.idle_timeout)
         self.sendClose(1000, "idle timeout")
 
     def go_away(self) -> None:

@@ -301,3 +301,28 @@ def test_plays_timing_out_write_a_bounded_log(tmp_path, redis_server):
         assert len(lines) == 3, lines
         [summary] = [line for line in server.lines if "more anomalies" in line]
         assert "397 more anomalies" in summary and "'script timed out': 397" in summary
+
+
+def test_idle_timeouts_write_a_bounded_log(tmp_path):
+    """60 connections left idle on a real server: 60 info lines before, now the gateway's 50 a
+    minute, and the other 10 summed up in one line (written when the server stops)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from .support import Key, twistd
+
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--idle-timeout", "0.5",
+                 "--ping-interval", "0"], tmp_path) as server:
+        port = server.wait_listening()
+        clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) for _ in range(60)]
+        for ws in clients:
+            try:
+                ws.recv(timeout=60)
+            except ConnectionClosed:
+                pass
+            assert ws.close_code == 1000
+    idle = [line for line in server.lines if "idle for" in line]
+    assert len(idle) == 50
+    [summary] = [line for line in server.lines if "sessions' anomalies: 10 more" in line]
+    assert "'idle timeout': 10" in summary
