@@ -55,7 +55,8 @@ class Gateway:
         # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
         self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
-        self.webhook_log = LogBudget(clock, "refused webhook deliveries", shown=50)
+        # Refused webhook deliveries and request bodies over the limit (413).
+        self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
@@ -75,7 +76,7 @@ class Gateway:
         """Write what the log budgets hold back and cancel their timers."""
         self.anomaly_log.stop()
         self.refusal_log.stop()
-        self.webhook_log.stop()
+        self.http_log.stop()
 
 
 class Session:

@@ -112,7 +112,7 @@ def webhook_app(gateway: Gateway) -> Klein:
         gateway.metrics.webhooks.labels(provider, str(status)).inc()
         # Anyone may post here, as fast as they like: within the gateway's budget (circles.anomalies).
         address = request.getClientAddress()
-        gateway.webhook_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
+        gateway.http_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
                                  "webhook {provider} for {circle} refused with {status}: {error}",
                                  provider=provider, circle=circle, status=status, error=error)
         return _json(request, status, {"error": error})
