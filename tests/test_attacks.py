@@ -222,6 +222,8 @@ def test_a_closed_connection_leaves_no_play_waiting_nor_a_task_for_a_worker(tmp_
         _poll(lambda: waiting(port) == 0)
         old = redis("LRANGE", queue, 0, -1)
         _poll(lambda: all(redis("HGET", f"circles:task:{task}", "status") == "expired" for task in old))
+        # Nor their scripts: an expired task keeps no script for its remaining TTL (300 s).
+        assert sum(redis("HSTRLEN", f"circles:task:{task}", "script") for task in old) == 0
         with twistd(["-k", circle.pubkey, "--redis-url", redis_server.url, "--exec", "sh {script_file}"], tmp_path,
                     plugin="circles-worker") as worker:
             worker.wait_for("waiting for tasks")
