@@ -256,7 +256,7 @@ class Dispatcher:
         self._surely_fits = max_reply // 4
         self._too_large = too_large or (lambda size: RPCError(INTERNAL_ERROR, "Internal error: reply too large"))
         # observe(method, outcome) once per request: method None for an invalid one,
-        # outcome "ok" or the error code. For metrics.
+        # outcome "ok", the error code, or CANCELLED. For metrics.
         self._observe = observe
 
     def handle(self, payload: Union[str, bytes], context: Any,
