@@ -308,6 +308,8 @@ def test_plays_timing_out_write_a_bounded_log(tmp_path, redis_server):
 def test_idle_timeouts_write_a_bounded_log(tmp_path):
     """60 connections left idle on a real server: 60 info lines before, now the gateway's 50 a
     minute, and the other 10 summed up in one line (written when the server stops)."""
+    from contextlib import ExitStack
+
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
@@ -317,13 +319,15 @@ def test_idle_timeouts_write_a_bounded_log(tmp_path):
     with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--idle-timeout", "0.5",
                  "--ping-interval", "0"], tmp_path) as server:
         port = server.wait_listening()
-        clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) for _ in range(60)]
-        for ws in clients:
-            try:
-                ws.recv(timeout=60)
-            except ConnectionClosed:
-                pass
-            assert ws.close_code == 1000
+        with ExitStack() as stack:
+            clients = [stack.enter_context(connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30))
+                       for _ in range(60)]
+            for ws in clients:
+                try:
+                    ws.recv(timeout=60)
+                except ConnectionClosed:
+                    pass
+                assert ws.close_code == 1000
     idle = [line for line in server.lines if "idle for" in line]
     assert len(idle) == 50
     [summary] = [line for line in server.lines if "sessions' anomalies: 10 more" in line]
