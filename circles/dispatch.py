@@ -35,6 +35,7 @@ from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
 from . import tasks
+from .limits import worth_logging
 from .redisconn import RedisAddress, connect, text
 from .scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
 
@@ -89,6 +90,7 @@ class RedisDispatcher(Service):
         self._loop: Optional[Deferred] = None
         self._waiting: "dict[str, _Waiting]" = {}
         self.connects = 0  # times both connections came up (for metrics: reconnects)
+        self.command_failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
         self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
         self._pinger: Optional[LoopingCall] = None
         self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
@@ -265,13 +267,16 @@ class RedisDispatcher(Service):
             d = fail()
         return d.addErrback(self._unavailable)
 
-    @staticmethod
-    def _unavailable(failure: Failure):
+    def _unavailable(self, failure: Failure):
         if failure.check(InvalidData):
             # A value that cannot be encoded (never log it: it may be a script).
             raise ValueError("a task field is not valid UTF-8 text")
         if failure.check(RedisError):
-            log.warn("Redis command failed: {error}", error=failure.getErrorMessage())
+            # Every play fails so while Redis refuses writes (maxmemory): a few lines, with a count.
+            self.command_failures += 1
+            if worth_logging(self.command_failures):
+                log.warn("Redis command failed: {error} ({n} failed commands so far)",
+                         error=failure.getErrorMessage(), n=self.command_failures)
             raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
         return failure
 

@@ -332,3 +332,29 @@ def test_idle_timeouts_write_a_bounded_log(tmp_path):
     assert len(idle) == 50
     [summary] = [line for line in server.lines if "sessions' anomalies: 10 more" in line]
     assert "'idle timeout': 10" in summary
+
+
+def test_a_redis_refusing_writes_does_not_write_a_line_per_play(tmp_path, redis_server):
+    """Redis at its maxmemory refuses every task: 300 plays answered -32004 wrote 300 warnings.
+    Now the 1st, 10th and 100th (then every 1000th), each with the running count."""
+    from websockets.sync.client import connect
+
+    from .support import Key, twistd
+
+    circle = Key()
+    redis = redis_server.client()
+    with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--redis-url", redis_server.url],
+                tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        redis("CONFIG", "SET", "maxmemory", "1")  # over it already: writes are refused (OOM)
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
+            for _ in range(3):
+                ws.send(json.dumps([{"jsonrpc": "2.0", "method": "play", "params": {"script": "x"}, "id": i}
+                                    for i in range(100)]))
+                assert {r["error"]["code"] for r in json.loads(ws.recv(timeout=30))} == {-32004}
+        redis("CONFIG", "SET", "maxmemory", "0")
+    warnings = [line for line in server.lines if "Redis command failed" in line]
+    assert len(warnings) == 3 and "OOM" in warnings[0]
+    assert [re.search(r"\((\d+) failed commands so far\)", line)[1] for line in warnings] == ["1", "10", "100"]
+    redis.close()
