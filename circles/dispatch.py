@@ -296,7 +296,7 @@ class RedisDispatcher(Service):
             return
         # debug: one line per play a client times out; the session logs it within bounds.
         log.debug("task {task} on circle {circle} timed out after {timeout}s",
-                 task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
+                  task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
 
         def settled(outcome: Any) -> None:
             if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
