@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from .logs import Logger
 
 from . import openrpc
@@ -54,6 +55,8 @@ class Gateway:
         # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
         self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
+        # Refused webhook deliveries and request bodies over the limit (413).
+        self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
         self.dispatcher = Dispatcher(
             methods, config.max_batch,
             RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
@@ -73,6 +76,7 @@ class Gateway:
         """Write what the log budgets hold back and cancel their timers."""
         self.anomaly_log.stop()
         self.refusal_log.stop()
+        self.http_log.stop()
 
 
 class Session:
@@ -88,6 +92,7 @@ class Session:
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
         self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
         self.in_flight = 0  # messages received and not yet answered
+        self.plays: set = set()  # the script backend's Deferreds of this session's plays still waiting
         self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
 
     @property
@@ -114,6 +119,13 @@ class Session:
     def _answered(self, result):
         self.in_flight -= 1
         return result
+
+    def close(self) -> None:
+        """The connection is gone: stop waiting for its plays (their tasks are expired, so no
+        worker runs a script nobody waits for) and answer nothing more."""
+        plays, self.plays = self.plays, set()
+        for d in plays:
+            d.cancel()
 
     def _admit(self, requests: int) -> Optional[RPCError]:
         if self.requests.take(requests):
@@ -197,22 +209,38 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         if not timeout > 0:
             raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
         limit = min(timeout, limit)
+    most = gateway.config.max_plays
+    if most and len(session.plays) >= most:
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: {most} plays already wait on this connection",
+                       {"max_plays": most})
     request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
     started = gateway.clock.seconds()
     d = gateway.scripts.run(request)
+    session.plays.add(d)
+    d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
     d.addCallback(lambda output: {"output": output})
-    d.addErrback(_script_error)
+    d.addErrback(_script_error, session, limit)
     return d
 
 
-def _timed(result, gateway: Gateway, started: float):
-    gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+def _settled(result, session: Session, d: Deferred):
+    session.plays.discard(d)
     return result
 
 
-def _script_error(failure) -> Any:
+def _timed(result, gateway: Gateway, started: float):
+    if not (isinstance(result, Failure) and result.check(CancelledError)):  # cancelled: never answered
+        gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+    return result
+
+
+def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(ScriptTimeout):
+        # A client can time out as many plays as its rate allows (a tiny timeout, a circle
+        # without workers): logged within the session's and the gateway's bounds.
+        session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                               "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))

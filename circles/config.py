@@ -47,6 +47,7 @@ class Config:
     max_http_nonces_per_ip: int = 100  # of those, from one address (IPv6: one /64); 0: no limit
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
+    max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
     rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
     rate_burst: Optional[float] = None  # requests saved up; default twice the rate
     max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit

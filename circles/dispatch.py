@@ -8,7 +8,8 @@ describes what a worker sees.
 Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue` fail at once
 with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
 reply connection drops fail the same way, and their tasks are marked ``expired`` once Redis is
-back so they do not run for nobody. Reconnection is automatic.
+back so they do not run for nobody. Reconnection is automatic. A :meth:`run` whose Deferred is
+cancelled (its client disconnected) is forgotten and its task expired the same way.
 
 A Redis that is connected but does not answer (stopped, swapping, wedged) is not up either: a
 PING goes out every :data:`PING_INTERVAL` seconds on the command connection, one at a time
@@ -34,6 +35,7 @@ from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
 from . import tasks
+from .limits import worth_logging
 from .redisconn import RedisAddress, connect, text
 from .scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
 
@@ -88,6 +90,7 @@ class RedisDispatcher(Service):
         self._loop: Optional[Deferred] = None
         self._waiting: "dict[str, _Waiting]" = {}
         self.connects = 0  # times both connections came up (for metrics: reconnects)
+        self.command_failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
         self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
         self._pinger: Optional[LoopingCall] = None
         self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
@@ -173,7 +176,7 @@ class RedisDispatcher(Service):
         if not self.is_connected():
             return fail(BackendUnavailable("Redis is unreachable"))
         task_id = str(uuid.uuid4())
-        result = Deferred()
+        result = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
         self._waiting[task_id] = _Waiting(request, result, timer)
         queued = self._write(task_id, request, None, self.reply_key)
@@ -264,13 +267,16 @@ class RedisDispatcher(Service):
             d = fail()
         return d.addErrback(self._unavailable)
 
-    @staticmethod
-    def _unavailable(failure: Failure):
+    def _unavailable(self, failure: Failure):
         if failure.check(InvalidData):
             # A value that cannot be encoded (never log it: it may be a script).
             raise ValueError("a task field is not valid UTF-8 text")
         if failure.check(RedisError):
-            log.warn("Redis command failed: {error}", error=failure.getErrorMessage())
+            # Every play fails so while Redis refuses writes (maxmemory): a few lines, with a count.
+            self.command_failures += 1
+            if worth_logging(self.command_failures):
+                log.warn("Redis command failed: {error} ({n} failed commands so far)",
+                         error=failure.getErrorMessage(), n=self.command_failures)
             raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
         return failure
 
@@ -288,8 +294,9 @@ class RedisDispatcher(Service):
         entry = self._waiting.pop(task_id, None)
         if entry is None:
             return
-        log.info("task {task} on circle {circle} timed out after {timeout}s",
-                 task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
+        # debug: one line per play a client times out; the session logs it within bounds.
+        log.debug("task {task} on circle {circle} timed out after {timeout}s",
+                  task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
 
         def settled(outcome: Any) -> None:
             if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
@@ -299,6 +306,18 @@ class RedisDispatcher(Service):
                 entry.deferred.errback(ScriptTimeout())
 
         self._expire(task_id).addBoth(settled)
+
+    def _cancelled(self, task_id: str) -> None:
+        """The caller gave up (its connection closed): stop waiting, and expire the task so no
+        worker runs a script nobody waits for (once Redis is back, if it is away now)."""
+        entry = self._waiting.pop(task_id, None)
+        if entry is None:
+            return
+        entry.timer.cancel()
+        if self.is_connected():
+            self._expire(task_id).addErrback(lambda _: self._abandoned.add(task_id))
+        else:
+            self._abandoned.add(task_id)
 
     # -- replies --------------------------------------------------------------------------------
 

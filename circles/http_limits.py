@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from io import BytesIO
 
-from twisted.logger import Logger
 from twisted.web.server import Request
 
-log = Logger()
+from .anomalies import LogBudget
 
 DEFAULT_MAX_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
@@ -33,6 +32,7 @@ class BoundedRequest(Request):
     """A ``Request`` refusing bodies over ``max_body`` bytes; see :func:`bounded_request_factory`."""
 
     max_body: int = DEFAULT_MAX_BODY
+    log_budget: LogBudget  # where refusals are logged: anyone can make them (bounded_request_factory sets it)
     _refused = False
     _received = 0
 
@@ -63,8 +63,8 @@ class BoundedRequest(Request):
         self._refused = True
         channel = self.channel
         transport = channel.transport
-        log.info("refused a request body over {limit} bytes from {peer}", limit=self.max_body,
-                 peer=getattr(transport.getPeer(), "host", "?"))
+        self.log_budget.note(getattr(transport.getPeer(), "host", "?"), "413",
+                             "refused a request body over {limit} bytes from {peer}", limit=self.max_body)
         # Stop parsing: anything more the client sends is dropped unread.
         channel.rawDataReceived = channel.dataReceived = lambda data: None
         transport.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
@@ -80,6 +80,7 @@ class BoundedRequest(Request):
         self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
 
 
-def bounded_request_factory(max_body: int) -> type:
-    """A :class:`BoundedRequest` class with the given limit, for ``Site.requestFactory``."""
-    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+def bounded_request_factory(max_body: int, log_budget: LogBudget) -> type:
+    """A :class:`BoundedRequest` class with the given limit, its refusals logged within
+    ``log_budget``, for ``Site.requestFactory``."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body, "log_budget": log_budget})

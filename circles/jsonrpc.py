@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 from .logs import Logger
 
@@ -34,6 +34,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: The outcome ``observe`` is told for a request whose method's Deferred was cancelled (no reply).
+CANCELLED = "cancelled"
 
 _MISSING = object()
 log = Logger()
@@ -155,7 +157,12 @@ class Methods:
 
 
 MAX_DEPTH = 256  # arrays/objects inside one another, the batch array included
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*+"')
+# A string, or an unterminated one to the end of the text (a lone backslash last included), so a
+# match that starts at a quote never fails. Were the closing quote required, a text of one quote
+# and then escaped quotes (\"\"\"...) would be scanned to its end from every quote in turn:
+# quadratic work (a 32 KB message took seconds, a 1 MiB one hours). An unterminated string is
+# invalid JSON anyway, and nothing after it can nest.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -249,7 +256,7 @@ class Dispatcher:
         self._surely_fits = max_reply // 4
         self._too_large = too_large or (lambda size: RPCError(INTERNAL_ERROR, "Internal error: reply too large"))
         # observe(method, outcome) once per request: method None for an invalid one,
-        # outcome "ok" or the error code. For metrics.
+        # outcome "ok", the error code, or CANCELLED. For metrics.
         self._observe = observe
 
     def handle(self, payload: Union[str, bytes], context: Any,
@@ -352,6 +359,11 @@ class Dispatcher:
     def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
         if failure.check(RPCError):
             return self._refused(failure.value, name, id_)
+        if failure.check(CancelledError):
+            # The caller cancelled the method's Deferred (its connection closed): nobody is
+            # left to answer, and nothing went wrong.
+            self._observe(name, CANCELLED)
+            return None
         log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
         return self._refused(RPCError(INTERNAL_ERROR, "Internal error"), name, id_)
 

@@ -22,7 +22,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._methods = frozenset(methods)
         self.connections = Gauge("circles_connections_open", "Open WebSocket connections", registry=self.registry)
-        self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok or the error code)",
+        self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok, the error code, "
+                                 "or cancelled: the connection closed first)",
                                  ["method", "outcome"], registry=self.registry)
         self._request_children: dict = {}
         authentications = Counter("circles_authentications", "authenticate calls by result", ["result"],
@@ -46,7 +47,7 @@ class Metrics:
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
-        ``outcome`` "ok" or an error code. (The Dispatcher's ``observe`` hook.)"""
+        ``outcome`` "ok", an error code or "cancelled". (The Dispatcher's ``observe`` hook.)"""
         # Keyed by the label, never by the method name as sent: an attacker chooses that, and
         # every distinct name (a megabyte each, if it likes) would stay here for good.
         label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD

@@ -298,8 +298,9 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def _idle_timeout(self) -> None:
         self._idle = None
-        log.info("connection {conn} idle for {seconds}s: closing", conn=self.connection_id,
-                 seconds=self.session.gateway.config.idle_timeout)
+        # An anomaly, logged within bounds: a client can leave as many connections idle as it may open.
+        self.session.anomalies.note("idle timeout", "connection {conn} idle for {seconds}s: closing",
+                                    seconds=self.session.gateway.config.idle_timeout)
         self.sendClose(1000, "idle timeout")
 
     def go_away(self) -> None:
@@ -324,6 +325,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._idle.cancel()
         self._idle = None
         if self.session is not None:
+            self.session.close()
             self.session.anomalies.closed()
             log.debug("connection {conn} closed (code {code}): circle {circle}, from {peer}, as {pubkey}",
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,

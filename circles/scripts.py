@@ -59,7 +59,8 @@ class ScriptFailed(ScriptError):
 class IScriptRunner(Interface):
     def run(request: ScriptRequest) -> Deferred:
         """Run ``request`` on the circle's workers; fire with the output text or fail with
-        a :class:`ScriptError`."""
+        a :class:`ScriptError`. Cancelling the Deferred (the client is gone) stops waiting and
+        keeps the script from running later if it can."""
 
     def enqueue(request: ScriptRequest, data=None) -> Deferred:
         """Queue ``request`` (with ``data``, any JSON value, for the worker) without waiting

@@ -95,6 +95,8 @@ class Options(usage.Options):
          _at_least_zero(float)),
         ("rate-burst", None, None, "requests a connection may save up (default: twice --rate-limit)",
          _positive(float)),
+        ("max-plays", None, 100, "plays one connection may have waiting for their result, beyond which "
+         "-32006 (0: no limit)", _at_least_zero(int)),
         ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
         ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
         ("max-connections-per-ip", None, 0,
@@ -229,6 +231,7 @@ class Options(usage.Options):
                 max_batch=self["max-batch"],
                 rate_limit=self["rate-limit"],
                 rate_burst=self["rate-burst"],
+                max_plays=self["max-plays"],
                 max_nonces_per_session=self["max-nonces"],
                 max_connections=self["max-connections"],
                 max_connections_per_ip=self["max-connections-per-ip"],

@@ -110,11 +110,14 @@ return 1
 
 # KEYS: task. ARGV: now, ttl. Returns {status, output, error, reason}: 'expired' if this call
 # expired it, the final status if a worker got there first, 'missing' if the hash is gone.
+# An expired task's script is dropped: no worker will run it, and a client that queued large
+# scripts and hung up must not leave them in Redis for another TTL.
 EXPIRE = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', '', '', ''} end
 if status == 'pending' or status == 'processing' then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'updated_at', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'script')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return {'expired', '', '', ''}
 end

@@ -125,7 +125,7 @@ def build_site(factory: CircleFactory, reactor) -> Site:
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.
     site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
-                requestFactory=bounded_request_factory(gateway.config.webhook_max_body))
+                requestFactory=bounded_request_factory(gateway.config.webhook_max_body, gateway.http_log))
     site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
     return site

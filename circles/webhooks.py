@@ -110,8 +110,11 @@ def webhook_app(gateway: Gateway) -> Klein:
 
     def refuse(request, status: int, error: str, provider: str, circle: str) -> bytes:
         gateway.metrics.webhooks.labels(provider, str(status)).inc()
-        log.info("webhook {provider} for {circle} refused with {status}: {error}",
-                 provider=provider, circle=circle, status=status, error=error)
+        # Anyone may post here, as fast as they like: within the gateway's budget (circles.anomalies).
+        address = request.getClientAddress()
+        gateway.http_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
+                                 "webhook {provider} for {circle} refused with {status}: {error}",
+                                 provider=provider, circle=circle, status=status, error=error)
         return _json(request, status, {"error": error})
 
     @app.route("/<string:name>/<string:circle>")  # any method: a wrong one is 405 here, not 404

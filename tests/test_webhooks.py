@@ -415,6 +415,31 @@ async def test_secrets_and_signatures_never_logged(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_refusals_write_a_bounded_log(server):
+    """Anyone may post forged deliveries as fast as they like: 50 refusal lines a minute, then
+    one line summing up the rest (circles.anomalies.LogBudget, on the gateway's clock)."""
+    lines: list = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        for i in range(100):
+            refused(await server.stripe(encode(stripe_event(f"evt_{i}")), secret="whsec_forged"), 401)
+        for i in range(20):
+            refused(await post(server.port, f"/webhooks/idenfy/{UNSERVED}", b"{}"), 404)
+        for i in range(10):  # bodies over the limit, on any route
+            answer, _ = await raw_exchange(server.port, head(f"/webhooks/stripe/{CIRCLE}", 10 * 2**30))
+            assert answer.startswith(b"HTTP/1.1 413 ")
+        refusals = [e for e in lines if "refused" in (e.get("log_format") or "")]
+        assert len(refusals) == 50
+        server.clock.advance(60)
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    [summary] = [e for e in lines if e.get("subject") == "refused HTTP requests"]
+    assert summary["unlogged"] == 80
+    assert summary["by_kind"] == {"stripe 401": 50, "idenfy 404": 20, "413": 10}
+    assert summary["busiest"] == {"127.0.0.1": 80}
+
+
+@pytest_twisted.ensureDeferred
 async def test_413_over_tls(tls_files):
     """TLS has no half-close: the answer still arrives whole before the connection ends."""
     config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET), webhook_max_body=1000)
