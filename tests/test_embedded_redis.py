@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from twisted.python import usage
 
 from circles import server_tap
 from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from .play_client import new_key, pk
+from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -45,6 +47,39 @@ async def test_starts_answers_and_stops_without_leftovers(tmp_path):
     assert not alive(pid)
     assert not os.path.exists(address.path)
     assert os.path.isdir(tmp_path / "state")  # a given state directory is kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
+    """A production day: the private redis-server is killed (OOM killer, an operator). The server
+    runs on, so its Redis comes back where the dispatcher and the workers reconnect."""
+    redis = EmbeddedRedis(str(tmp_path), reactor=reactor)
+    redis.startService()
+    address = await redis.when_ready()
+    try:
+        for _ in range(2):  # and again: each kill is answered by one new redis-server
+            first = redis._transport.pid
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: redis._transport.pid != first and answers(address.path))
+            assert not alive(first)
+        pid = redis._transport.pid
+    finally:
+        await redis.stopService()
+    assert not alive(pid)
+    assert not os.path.exists(address.path)
+
+
+def answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 @pytest_twisted.ensureDeferred
