@@ -63,6 +63,13 @@ def _answers(path: str) -> bool:
         s.close()
 
 
+def refuse_a_state_dir_in_use(socket_path: str) -> None:
+    """:class:`EmbeddedRedisError` if a Redis answers on ``socket_path`` (another server's)."""
+    if _answers(socket_path):
+        raise EmbeddedRedisError(f"a Redis is already running on {socket_path}: "
+                                 "another server uses this --state-dir")
+
+
 class _RedisProcess(ProcessProtocol):
     def __init__(self) -> None:
         self.ended = Deferred()
@@ -142,9 +149,7 @@ class EmbeddedRedis(Service):
         find_redis_server(self.binary)
         address = self.address  # makes the temporary directory if there is none yet
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        if _answers(address.path):
-            raise EmbeddedRedisError(f"a Redis is already running on {address.path}: "
-                                     "another server uses this --state-dir")
+        refuse_a_state_dir_in_use(address.path)
         super().startService()
         self._stopping = False
         self._result = None

@@ -18,6 +18,7 @@ from circles import server_tap
 from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
+from .support import twistd
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -103,6 +104,21 @@ async def test_refuses_a_state_dir_in_use(tmp_path):
             EmbeddedRedis(str(tmp_path), reactor=reactor).startService()
     finally:
         await first.stopService()
+
+
+def test_second_server_on_a_state_dir_in_use_exits_with_one_line(tmp_path):
+    """Started twice on one --state-dir (a second try-out, a second terminal): the second says
+    why in one line and exits; the first serves on."""
+    env = dict(os.environ)
+    env.pop("CIRCLES_REDIS_URL", None)
+    with twistd(["--port", "0", "--interface", "127.0.0.1"], tmp_path) as first:
+        first.wait_for("connected to Redis")
+        second = _twistd("circles", "--port", "0", "--interface", "127.0.0.1", cwd=str(tmp_path), env=env)
+        output = second.communicate(timeout=120)[0].decode()
+        assert second.returncode != 0
+        assert "a Redis is already running on" in output and "another server uses this --state-dir" in output
+        assert "Traceback" not in output
+        assert first.proc.poll() is None
 
 
 def test_missing_binary_is_one_clear_error(tmp_path):
