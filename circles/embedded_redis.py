@@ -187,9 +187,11 @@ class EmbeddedRedis(Service):
 
     def _start_again(self) -> None:
         self._restart = None
-        if _answers(self.socket_path):
+        try:
+            refuse_a_state_dir_in_use(self.socket_path)
+        except EmbeddedRedisError as e:
             # Someone else's Redis took the socket: using it would mix two servers' data.
-            log.error("a Redis is already running on {path}: not starting ours again", path=self.socket_path)
+            log.error("{error}: not starting ours again", error=str(e))
             return
         self._spawn()
         self._wait_until_ready().addCallbacks(
