@@ -49,6 +49,9 @@ class Gateway:
         self.config = config
         self.clock = clock
         self.scripts = scripts
+        #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
+        #: whose client keeps sending is drained once the plays in flight are answered.
+        self.draining = False
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
         self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
         self.metrics = Metrics(methods)
@@ -209,6 +212,8 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         if not timeout > 0:
             raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
         limit = min(timeout, limit)
+    if gateway.draining:
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", "the server is shutting down")
     most = gateway.config.max_plays
     if most and len(session.plays) >= most:
         raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: {most} plays already wait on this connection",

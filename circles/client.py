@@ -16,6 +16,9 @@ one connection; replies are matched by id. A JSON-RPC error fails the call with
 :class:`RPCError` (``code``, ``message``, ``data``); a connection that closes fails every
 pending call with :class:`ConnectionClosed`, naming the method that got no reply. Nothing is
 retried behind the caller's back: a ``play`` whose reply was lost may or may not have run.
+A server that stops answering with the connection still open (stopped, wedged, a network that
+drops packets) is found by WebSocket pings every :data:`PING_INTERVAL` seconds: one unanswered
+for ``timeout`` seconds drops the connection, which fails the pending calls the same way.
 
 ``wss://`` verifies the server's certificate and host name (service-identity) against the
 system's trust store, or against ``ca`` (a PEM file) when given; ``insecure=True`` turns
@@ -45,7 +48,8 @@ from .signing import PrivateKeyLike, private_key, public_key, sign_nonce
 
 log = Logger()
 
-DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake
+DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake, or to answer a ping
+PING_INTERVAL = 10.0  # seconds between the pings that find a server no longer answering
 
 
 class RPCError(jsonrpc.RPCError):
@@ -179,7 +183,8 @@ class _ClientProtocol(WebSocketClientProtocol):
 def _factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
     factory = WebSocketClientFactory(url, reactor=reactor)
     factory.protocol = _ClientProtocol
-    factory.setProtocolOptions(openHandshakeTimeout=timeout, closeHandshakeTimeout=5)
+    factory.setProtocolOptions(openHandshakeTimeout=timeout, closeHandshakeTimeout=5,
+                               autoPingInterval=PING_INTERVAL, autoPingTimeout=timeout)
     return factory
 
 

@@ -4,6 +4,9 @@ So a first run needs nothing else: the service starts the ``redis-server`` found
 only to a unix socket (``redis.sock``, mode 0700) in the state directory, no TCP port, no disk
 persistence unless asked, and stops it when the service stops. On Linux the child also gets a
 parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Redis behind.
+A redis-server that exits on its own once it has answered (killed, out of memory) is started
+again on the same socket (:class:`~circles.processes.RestartDelay`), where the server's dispatcher
+and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ProcessProtocol
 from .logs import Logger
-from .processes import dies_with_this_process
+from .processes import RestartDelay, dies_with_this_process
 from twisted.python.failure import Failure
 
 from .redisconn import RedisAddress
@@ -58,6 +61,13 @@ def _answers(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def refuse_a_state_dir_in_use(socket_path: str) -> None:
+    """:class:`EmbeddedRedisError` if a Redis answers on ``socket_path`` (another server's)."""
+    if _answers(socket_path):
+        raise EmbeddedRedisError(f"a Redis is already running on {socket_path}: "
+                                 "another server uses this --state-dir")
 
 
 class _RedisProcess(ProcessProtocol):
@@ -120,6 +130,8 @@ class EmbeddedRedis(Service):
         self._waiters: list = []
         self._result = None  # the RedisAddress once ready, or the Failure
         self._stopping = False
+        self._delay: Optional[RestartDelay] = None
+        self._restart = None  # the pending callLater starting a redis-server that exited again
 
     def _set_dir(self, state_dir: str) -> None:
         self.state_dir = os.path.abspath(state_dir)
@@ -134,33 +146,57 @@ class EmbeddedRedis(Service):
         return RedisAddress(path=self.socket_path)
 
     def startService(self) -> None:
-        binary = find_redis_server(self.binary)
+        find_redis_server(self.binary)
         address = self.address  # makes the temporary directory if there is none yet
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        if _answers(address.path):
-            raise EmbeddedRedisError(f"a Redis is already running on {address.path}: "
-                                     "another server uses this --state-dir")
+        refuse_a_state_dir_in_use(address.path)
         super().startService()
-        args = [binary, "--port", "0", "--unixsocket", address.path, "--unixsocketperm", "700",
-                "--dir", self.state_dir, "--daemonize", "no", "--logfile", "", "--save", ""]
-        args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
-        argv = dies_with_this_process(args)
-        self._process = _RedisProcess()
         self._stopping = False
         self._result = None
-        self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
-                                                    path=self.state_dir)
-        log.info("started a private redis-server (pid {pid}) on {path}",
-                 pid=self._transport.pid, path=address.path)
-        self._process.ended.addCallback(self._ended)
+        self._delay = RestartDelay(self.reactor)
+        self._spawn()
         self._ready = self._wait_until_ready()
         self._ready.addCallbacks(self._notify, self._notify)
 
+    def _spawn(self) -> None:
+        address = self.address
+        args = [find_redis_server(self.binary), "--port", "0", "--unixsocket", address.path,
+                "--unixsocketperm", "700", "--dir", self.state_dir, "--daemonize", "no", "--logfile", "",
+                "--save", ""]
+        args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
+        argv = dies_with_this_process(args)
+        self._process = _RedisProcess()
+        self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
+                                                    path=self.state_dir)
+        self._delay.started()
+        log.info("started a private redis-server (pid {pid}) on {path}",
+                 pid=self._transport.pid, path=address.path)
+        self._process.ended.addCallback(self._ended)
+
     def _ended(self, reason: Exception) -> Exception:
-        if not self._stopping:
-            log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
-                      why=str(reason), output=" | ".join(self._process.output))
+        if self._stopping:
+            return reason
+        log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
+                  why=str(reason), output=" | ".join(self._process.output))
+        if self.running and self._result is not None and not isinstance(self._result, Failure):
+            # It had answered: the server runs on it. Not at start, where the start fails.
+            delay = self._delay.after_exit()
+            log.info("starting the private redis-server again in {delay:g}s", delay=delay)
+            self._restart = self.reactor.callLater(delay, self._start_again)
         return reason
+
+    def _start_again(self) -> None:
+        self._restart = None
+        try:
+            refuse_a_state_dir_in_use(self.socket_path)
+        except EmbeddedRedisError as e:
+            # Someone else's Redis took the socket: using it would mix two servers' data.
+            log.error("{error}: not starting ours again", error=str(e))
+            return
+        self._spawn()
+        self._wait_until_ready().addCallbacks(
+            lambda _: log.info("the private redis-server answers again"),
+            lambda failure: None)  # it exited again: _ended says so and tries later
 
     @inlineCallbacks
     def _wait_until_ready(self):
@@ -203,10 +239,13 @@ class EmbeddedRedis(Service):
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        self._stopping = True
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
         process, transport = self._process, self._transport
         if process is None:
             return
-        self._stopping = True
         if not process.ended.called:
             try:
                 transport.signalProcess("TERM")

@@ -4,7 +4,8 @@
 with ``SO_REUSEPORT`` and the kernel spreads new connections across them; they share nothing
 but Redis (each has its own dispatcher and reply list, as separate hosts would). The first
 process starts the private Redis, if any, and the N-1 others with the same options pointed at
-it; they die with it (parent-death signal) and stop when it stops.
+it; they die with it (parent-death signal) and stop when it stops. One that exits while
+serving is started again (see :class:`RestartDelay`), so N stay N.
 """
 
 from __future__ import annotations
@@ -43,6 +44,33 @@ def dies_with_this_process(argv: list) -> list:
     return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())] + argv
 
 
+class RestartDelay:
+    """Seconds to wait before starting again a process that exited on its own (a server process,
+    the private redis-server): ``first``, doubled after each exit that came less than ``stable``
+    seconds after its start, at most ``most``; back to ``first`` once one ran ``stable`` seconds.
+    So a process killed once is back at once, and one that cannot run is retried ever more rarely.
+    Time is the given clock's (the reactor's)."""
+
+    def __init__(self, clock, first: float = 1.0, most: float = 60.0, stable: float = 60.0) -> None:
+        self._clock = clock
+        self.first = first
+        self.most = most
+        self.stable = stable
+        self._next = first
+        self._started = clock.seconds()
+
+    def started(self) -> None:
+        """The process was (re)started now."""
+        self._started = self._clock.seconds()
+
+    def after_exit(self) -> float:
+        """It exited now: the seconds to wait before starting it again."""
+        if self._clock.seconds() - self._started >= self.stable:
+            self._next = self.first
+        delay, self._next = self._next, min(self._next * 2, self.most)
+        return delay
+
+
 @implementer(IStreamServerEndpoint)
 class ReusePortEndpoint:
     """TCP (optionally TLS) on a port that other processes bind too (``SO_REUSEPORT``)."""
@@ -77,15 +105,17 @@ class ReusePortEndpoint:
 
 class _Child(ProcessProtocol):
     def __init__(self, number: int) -> None:
-        self.number = number
+        self.number = number  # 1..count: the same for a process started again in its place
         self.ended = Deferred()
 
     def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
+        code, signal = reason.value.exitCode, reason.value.signal
+        self.ended.callback(f"exit status {code}" if code is not None else f"killed by signal {signal}")
 
 
 class ServerProcesses(Service):
-    """Starts ``count`` more server processes once this one listens, and stops them with it.
+    """Starts ``count`` more server processes once this one listens, starts again any that exits
+    while this one serves, and stops them with it.
 
     ``argv`` is the plugin's command line for them (``--processes=1``: they never spawn), completed
     with ``--port`` (the port this process bound, in case it was 0) and ``--reuse-port``.
@@ -98,6 +128,9 @@ class ServerProcesses(Service):
         self._listening = listening  # () -> Deferred[list of IListeningPort]
         self._stop_timeout = stop_timeout
         self.children: list = []
+        self._command: Optional[list] = None
+        self._delays: "dict[int, RestartDelay]" = {}
+        self._restarts: dict = {}  # number -> the pending callLater starting it again
 
     def startService(self) -> None:
         super().startService()
@@ -107,27 +140,42 @@ class ServerProcesses(Service):
         if not self.running:
             return
         port = ports[0].getHost().port
-        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                   "--nodaemon", "--pidfile=", "--logfile=-", "circles", *self._argv, "--port", str(port), "--reuse-port"]
+        self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
+                         "--pidfile=", "--logfile=-", "circles", *self._argv, "--port", str(port), "--reuse-port"]
         for number in range(1, self._count + 1):
-            child = _Child(number)
-            # The children's logs go where ours go: the same standard output and error.
-            transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
-                                                   env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
-            child.transport = transport
-            child.ended.addCallback(self._ended, child)
-            self.children.append(child)
-            log.info("started server process {n} (pid {pid}) on port {port}", n=number + 1,
-                     pid=transport.pid, port=port)
+            self._delays[number] = RestartDelay(self._reactor)
+            self._start(number)
 
-    def _ended(self, code: Optional[int], child: _Child) -> None:
+    def _start(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        if not self.running:
+            return
+        child = _Child(number)
+        command = self._command
+        # The children's logs go where ours go: the same standard output and error.
+        transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
+                                               env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
+        child.transport = transport
+        child.ended.addCallback(self._ended, child)
+        self.children.append(child)
+        self._delays[number].started()
+        log.info("started server process {n} (pid {pid}) on port {port}", n=number + 1,
+                 pid=transport.pid, port=command[-2])
+
+    def _ended(self, how: str, child: _Child) -> None:
         if child in self.children:
             self.children.remove(child)
             if self.running:
-                log.error("server process {n} exited (code {code}) while serving", n=child.number + 1, code=code)
+                delay = self._delays[child.number].after_exit()
+                log.error("server process {n} exited ({how}) while serving; starting it again in {delay:g}s",
+                          n=child.number + 1, how=how, delay=delay)
+                self._restarts[child.number] = self._reactor.callLater(delay, self._start, child.number)
 
     def stopService(self) -> Deferred:
         super().stopService()
+        restarts, self._restarts = self._restarts, {}
+        for call in restarts.values():
+            call.cancel()
         children, self.children = list(self.children), []
         for child in children:
             child.transport.signalProcess("TERM")  # each drains its own connections

@@ -349,7 +349,6 @@ class CircleFactory(WebSocketServerFactory):
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
-        self.draining = False
         self._drained: Optional[Deferred] = None
         config = gateway.config
         self.setProtocolOptions(
@@ -383,6 +382,15 @@ class CircleFactory(WebSocketServerFactory):
         if self._drained is not None and not self.open_connections:
             drained, self._drained = self._drained, None
             drained.callback(None)
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: the gateway's flag, which ``play`` reads too."""
+        return self.gateway.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.gateway.draining = value
 
     def drain(self) -> Deferred:
         """Stop serving: every connection closes with 1001 once its in-flight calls are

@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from . import logs, tls, webhook_secrets
 from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
-from .embedded_redis import EmbeddedRedisError, find_redis_server
+from .embedded_redis import SOCKET_NAME, EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from .http_limits import DEFAULT_MAX_BODY
 from .redisconn import InvalidRedisURL, parse_redis_url
 from .processes import ServerProcesses
@@ -201,6 +201,7 @@ class Options(usage.Options):
         else:
             try:
                 find_redis_server()
+                refuse_a_state_dir_in_use(os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
             except EmbeddedRedisError as e:
                 raise SystemExit(f"circles: {e}")
         try:

@@ -235,7 +235,11 @@ async def _run(reactor, args) -> None:
     children.append(server)
     listening = server.wait_for(r"starting on (\d+)", reactor)
     redis_up = server.wait_for("connected to Redis", reactor)
-    port = int((await listening).group(1))
+    try:
+        port = int((await listening).group(1))
+    except Exception:
+        redis_up.addErrback(lambda _: None)  # the same failure: said once, not again as unhandled
+        raise
     await redis_up
     engine = ["--exec", args.exec] if args.exec else ["--engine", args.engine]
     worker = spawn(reactor, "worker", [

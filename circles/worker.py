@@ -110,19 +110,36 @@ Engine = Callable[[str, ScriptContext], Any]
 
 # -- the --exec engine ------------------------------------------------------------------------
 
-# Runs before the command: a new session (so a process group) whose id is the command's pid,
-# so that ending the script ends whatever it started too. -I -S: start as fast as Python can.
+# Runs the command as the child of a small supervisor that leads a new session (so a process
+# group) whose id is the pid Twisted sees, so that ending the script ends whatever it started
+# too. The supervisor asks the kernel for SIGTERM when the worker dies (PR_SET_PDEATHSIG, Linux)
+# and then kills the whole group: a worker killed with -9 leaves no script behind. It exits as
+# the command did (the same status, or the same signal). -I -S: start as fast as Python can.
 _NEW_SESSION_SHIM = (
-    "import os, sys\n"
+    "import os, signal, sys\n"
     "os.setsid()\n"
-    "try: os.execv(sys.argv[1], sys.argv[1:])\n"
-    "except OSError as e: sys.exit(f'cannot start {sys.argv[1]}: {e.strerror}')\n"
+    "def end(*_): os.killpg(0, signal.SIGKILL)\n"
+    "signal.signal(signal.SIGTERM, end)\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): end()\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+    "    try: os.execv(sys.argv[2], sys.argv[2:])\n"
+    "    except OSError as e: os.write(2, f'cannot start {sys.argv[2]}: {e.strerror}'.encode()); os._exit(1)\n"
+    "status = os.waitpid(pid, 0)[1]\n"
+    "if os.WIFSIGNALED(status):\n"
+    "    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)\n"
+    "    os.kill(os.getpid(), os.WTERMSIG(status))\n"
+    "os._exit(os.waitstatus_to_exitcode(status))\n"
 )
 
 
 def in_own_session(argv: list) -> list:
-    """``argv`` (``argv[0]`` a path) run as the leader of a new session and process group."""
-    return [sys.executable, "-I", "-S", "-c", _NEW_SESSION_SHIM] + argv
+    """``argv`` (``argv[0]`` a path) run under a supervisor leading a new session and process
+    group, which kills the group should this process die."""
+    return [sys.executable, "-I", "-S", "-c", _NEW_SESSION_SHIM, str(os.getpid())] + argv
 
 
 class _Run(ProcessProtocol):
@@ -191,8 +208,8 @@ class ExecEngine:
     an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
     ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
     timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is
-    killed when it ends in any of these ways: what it started in the background does not
-    survive it (unless it left the group itself)."""
+    killed when it ends in any of these ways, or when this process dies: what it started in the
+    background does not survive it (unless it left the group itself)."""
 
     def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT) -> None:
         argv = shlex.split(command)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,39 @@ def test_whoami_and_discover(served, key_file):
     assert "authenticated: true" in signed_in.stdout and pubkey in signed_in.stdout
     with open(ROOT / "openrpc.json") as f:
         assert json.loads(circles("discover", url, "--ca", ca).stdout) == json.load(f)
+
+
+def test_a_server_that_stops_answering_mid_call_is_an_error_not_a_hang(tmp_path):
+    """The server is stopped (SIGSTOP: its connection stays open, nothing answers) while a play
+    waits: the CLI's pings go unanswered and it exits 3, rather than wait forever."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        # No worker: the play waits at the server (its script timeout is 30 s).
+        call = subprocess.Popen([CIRCLES, "play", f"ws://127.0.0.1:{port}/{circle.pubkey}", "--connect-timeout", "2",
+                                 "--json", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until_in_flight(port)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                out, err = call.communicate(timeout=120)
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+        finally:
+            if call.poll() is None:
+                call.kill()
+                call.wait()
+    assert call.returncode == 3, (out, err)
+    assert "before the reply to play arrived" in err
+
+
+def wait_until_in_flight(port: int) -> None:
+    """Until the server's metrics count one play waiting for a worker."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            if "circles_tasks_in_flight 1" in response.read().decode():
+                return
+        assert time.monotonic() < deadline, "the play never reached the server"
+        time.sleep(0.05)

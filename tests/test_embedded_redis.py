@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,9 @@ from twisted.python import usage
 
 from circles import server_tap
 from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from .play_client import new_key, pk
+from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
+from .support import twistd
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -48,6 +51,39 @@ async def test_starts_answers_and_stops_without_leftovers(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
+    """A production day: the private redis-server is killed (OOM killer, an operator). The server
+    runs on, so its Redis comes back where the dispatcher and the workers reconnect."""
+    redis = EmbeddedRedis(str(tmp_path), reactor=reactor)
+    redis.startService()
+    address = await redis.when_ready()
+    try:
+        for _ in range(2):  # and again: each kill is answered by one new redis-server
+            first = redis._transport.pid
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: redis._transport.pid != first and answers(address.path))
+            assert not alive(first)
+        pid = redis._transport.pid
+    finally:
+        await redis.stopService()
+    assert not alive(pid)
+    assert not os.path.exists(address.path)
+
+
+def answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_temporary_state_dir_is_removed():
     redis = EmbeddedRedis(None, reactor=reactor)
     redis.startService()
@@ -68,6 +104,21 @@ async def test_refuses_a_state_dir_in_use(tmp_path):
             EmbeddedRedis(str(tmp_path), reactor=reactor).startService()
     finally:
         await first.stopService()
+
+
+def test_second_server_on_a_state_dir_in_use_exits_with_one_line(tmp_path):
+    """Started twice on one --state-dir (a second try-out, a second terminal): the second says
+    why in one line and exits; the first serves on."""
+    env = dict(os.environ)
+    env.pop("CIRCLES_REDIS_URL", None)
+    with twistd(["--port", "0", "--interface", "127.0.0.1"], tmp_path) as first:
+        first.wait_for("connected to Redis")
+        second = _twistd("circles", "--port", "0", "--interface", "127.0.0.1", cwd=str(tmp_path), env=env)
+        output = second.communicate(timeout=120)[0].decode()
+        assert second.returncode != 0
+        assert "a Redis is already running on" in output and "another server uses this --state-dir" in output
+        assert "Traceback" not in output
+        assert first.proc.poll() is None
 
 
 def test_missing_binary_is_one_clear_error(tmp_path):

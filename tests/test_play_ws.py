@@ -187,6 +187,26 @@ async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_s
 
 
 @pytest_twisted.ensureDeferred
+async def test_shutdown_queues_no_new_play_so_a_busy_connection_drains(redis_server, start, tmp_path):
+    """A client that keeps playing (a steady load) while the server drains: its new plays are
+    answered -32004 at once and never queued, so the connection closes with 1001 once the play
+    in flight at SIGTERM is answered, not at the end of the grace period."""
+    service, port = await serve(start, redis_server.url, shutdown_grace=30)
+    start(sh_worker(parse_redis_url(redis_server.url), concurrency=4))
+    busy = await RPCClient.open(port, CIRCLE)
+    ran = tmp_path / "ran"
+    first = play(busy, f"sleep 1; echo first >> {ran}; echo first")
+    await eventually(lambda: len(service.dispatcher._waiting) == 1)
+    stopped = service.stopService()
+    late = await play(busy, f"echo late >> {ran}; echo late")
+    assert late["error"]["code"] == -32004 and late["error"]["data"] == "the server is shutting down"
+    assert (await first)["result"]["output"] == "first\n"
+    await stopped
+    assert busy.closed_code == 1001
+    assert ran.read_text() == "first\n"  # the late one never reached a worker
+
+
+@pytest_twisted.ensureDeferred
 async def test_embedded_redis_by_default(start, tmp_path):
     state = tmp_path / "state"
     service, port = await serve(start, state_dir=str(state))

@@ -108,3 +108,52 @@ def test_child_argv_uses_full_names_and_never_spawns():
             "--processes=4"]
     assert child_argv(Options(), argv) == ["--circle=AB", "--auth", "--allowed-origins=https://a,https://b",
                                            "--port=0", "--interface=", "--processes=1"]
+
+
+def test_a_killed_server_process_is_started_again(tmp_path):
+    """kill -9 one of the N (the OOM killer's choice): the first process starts another in its
+    place, so N serve again, and stopping still leaves nothing."""
+    circle = Key()
+    seen: list = []
+    with twistd(["-k", circle.pubkey, "--processes", "3", "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        try:
+            port = server.wait_listening()
+            deadline = time.monotonic() + 60
+            while server.output.count("connected to Redis") < 3:
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            before = [p for p in _descendants(server.proc.pid) if "redis-server" not in " ".join(p.cmdline())]
+            assert len(before) == 2
+            before[0].kill()
+            while server.output.count("connected to Redis") < 4:  # the new one serves
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            seen = _descendants(server.proc.pid)
+            after = [p for p in seen if "redis-server" not in " ".join(p.cmdline())]
+            assert len(after) == 2 and before[0] not in after and before[1] in after
+            assert server.output.count("started server process") == 3
+            assert "server process 2 exited (killed by signal 9) while serving" in server.output \
+                or "server process 3 exited (killed by signal 9) while serving" in server.output
+            with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+                assert request(ws, "whoami")["result"] is not None
+        finally:
+            seen += _descendants(server.proc.pid)
+            assert server.stop() in (0, -signal.SIGTERM)
+    for process in seen:
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_restart_delay_backs_off_for_quick_exits_and_resets_after_a_stable_run():
+    from twisted.internet.task import Clock
+    from circles.processes import RestartDelay
+    clock = Clock()
+    delay = RestartDelay(clock, first=1.0, most=8.0, stable=60.0)
+    seen = []
+    for _ in range(5):  # a process that exits as soon as it starts
+        seen.append(delay.after_exit())
+        clock.advance(seen[-1])
+        delay.started()
+    assert seen == [1.0, 2.0, 4.0, 8.0, 8.0]
+    clock.advance(60)  # this one served a minute: killed now, it is back at once
+    assert delay.after_exit() == 1.0

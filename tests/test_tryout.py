@@ -82,3 +82,21 @@ def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
     assert "Traceback" not in "".join(lines)
     for log in ("server.log", "worker.log"):
         assert "Traceback" not in (state / "logs" / log).read_text()
+
+
+def test_try_out_on_a_state_dir_in_use_says_so_once(tmp_path):
+    """A second try-out on the same --state-dir (here a server already on its Redis socket):
+    one line saying why, no traceback, and nothing left running."""
+    from .support import twistd
+    env = dict(os.environ, CIRCLES_SKIP_SETUP="1")
+    env.pop("CIRCLES_REDIS_URL", None)
+    state = tmp_path / "state"
+    with twistd(["--port", "0", "--interface", "127.0.0.1", "--state-dir", str(state / "run")], tmp_path) as first:
+        first.wait_for("connected to Redis")
+        result = subprocess.run([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
+                                capture_output=True, text=True, env=env, timeout=180)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "a Redis is already running on" in output, output
+        assert "Traceback" not in output and "Unhandled error" not in output, output
+        assert first.proc.poll() is None

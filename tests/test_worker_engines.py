@@ -48,6 +48,14 @@ async def test_exec_nonzero_exit_carries_stderr():
 
 
 @pytest_twisted.ensureDeferred
+async def test_exec_script_killed_by_a_signal_says_which():
+    for number in (9, 15):
+        with pytest.raises(EngineError) as e:
+            await engine()(f"echo dying >&2; kill -{number} $$", CONTEXT)
+        assert str(e.value) == f"killed by signal {number}: dying"
+
+
+@pytest_twisted.ensureDeferred
 async def test_exec_output_cap():
     with pytest.raises(EngineError, match="^output too large: more than 1000 bytes$"):
         await engine(max_output=1000)("head -c 100000 /dev/zero; sleep 30", CONTEXT)
@@ -169,3 +177,32 @@ def test_worker_options(tmp_path, monkeypatch):
                  ("-k", circle, "--exec", "sh {script_file}", "-c", "0")]:
         with pytest.raises(usage.UsageError):
             parse(*argv)
+
+
+def test_a_killed_worker_leaves_no_script_behind(tmp_path):
+    """kill -9 the worker while a script runs (with something it started in the background):
+    the script's process group dies with it instead of running on, orphaned."""
+    import json
+    import time
+    from websockets.sync.client import connect
+    from .support import Key, twistd
+    circle = Key()
+    pids = tmp_path / "pids"
+    with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--exec", "sh {script_file}"], tmp_path, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "play",
+                                "params": {"script": f"sleep 300 & echo $$ $! > {pids}.new; mv {pids}.new {pids}; wait"}}))
+            deadline = time.monotonic() + 60
+            while not pids.exists():
+                assert time.monotonic() < deadline, worker.output
+                time.sleep(0.05)
+            script, background = (int(pid) for pid in pids.read_text().split())
+            worker.proc.kill()
+            worker.proc.wait()
+            while not (gone(script) and gone(background)):
+                assert time.monotonic() < deadline, "the script outlived its worker"
+                time.sleep(0.05)
