@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from autobahn.util import wildcards2patterns
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
 from .logs import Logger
@@ -26,6 +27,23 @@ def worth_logging(n: int) -> bool:
     """Whether the ``n``-th refusal of a kind gets a log line: the 1st, 10th, 100th and every
     1000th, so a flood of refusals is a few lines with a running count, not one line each."""
     return n in (1, 10, 100) or n % 1000 == 0
+
+
+def half_close(transport) -> bool:
+    """End our side of ``transport`` after what is written, still reading; False if it cannot.
+
+    Only plain TCP can: the client reads the whole answer and an end of file instead of a reset
+    caused by unread data. TLS has no half-close, and Twisted's TLS transport lends out the TCP
+    one's ``loseWriteConnection`` (it forwards unknown attributes): that ended the stream
+    without close_notify, which strict clients report as a truncation.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return False
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is None:
+        return False
+    lose_write()
+    return True
 
 
 class ConnectionCount:
