@@ -169,9 +169,10 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
-        if self["processes"] > 1 and self["listen"]:
+        if self["processes"] > 1 and (self["listen"] or self["metrics-listen"]):
+            # Every process would bind them: the second fails (address in use) and dies.
             raise usage.UsageError("--processes shares --port (and --tls-cert) between processes; "
-                                   "it cannot share --listen endpoints")
+                                   "it cannot share --listen or --metrics-listen endpoints")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
