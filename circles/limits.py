@@ -9,6 +9,7 @@ a whole HTTP request, the WebSocket upgrade included.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -27,6 +28,22 @@ def worth_logging(n: int) -> bool:
     """Whether the ``n``-th refusal of a kind gets a log line: the 1st, 10th, 100th and every
     1000th, so a flood of refusals is a few lines with a running count, not one line each."""
     return n in (1, 10, 100) or n % 1000 == 0
+
+
+def address_key(host: Optional[str]) -> Optional[str]:
+    """Whom per-address limits count a peer against: an IPv4 address as itself, an IPv6 one as
+    its /64 (which one host usually holds whole), and an IPv4 client of a dual-stack port
+    (``::ffff:203.0.113.7``) as its IPv4 address: taken as IPv6, every IPv4 client was one "/64"
+    (``::/64``) and one of them exhausting a limit exhausted it for all."""
+    if host is None or ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def half_close(transport) -> bool:

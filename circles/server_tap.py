@@ -98,10 +98,10 @@ class Options(usage.Options):
         ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
         ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
         ("max-connections-per-ip", None, 0,
-         "open WebSocket connections from one address (0: no limit; behind a proxy all share one)",
+         "open WebSocket connections from one address, an IPv6 one by its /64 (0: no limit; behind a proxy all share one)",
          _at_least_zero(int)),
         ("max-pending-per-ip", None, 512,
-         "connections from one address that have not sent their whole request head yet (0: no limit)",
+         "connections from one address (an IPv6 /64) that have not sent their whole request head yet (0: no limit)",
          _at_least_zero(int)),
         ("fd-reserve", None, 100, "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
          "past the rest, new connections are closed at once", _at_least_zero(int)),

@@ -8,10 +8,11 @@ handed to the WebSocket factory, anything else (webhooks, ``/auth``, ``/metrics`
 GET of a circle) to the Site, which answers it as before. Either way the chosen protocol gets
 the transport and every byte read so far, and this object only forwards from then on.
 
-Until then a connection is *pending*, and counted by peer address: one address may hold at
-most ``max_pending_per_peer`` of them (503 past it), so a crowd of silent connections from one
-client cannot take the descriptors everyone else needs. A head that cannot be parsed because
-it is too large is answered here: 414 for a request line over 16 KiB, 431 for a longer head.
+Until then a connection is *pending*, and counted by peer address (an IPv6 one by its /64):
+one address may hold at most ``max_pending_per_peer`` of them (503 past it), so a crowd of
+silent connections from one client cannot take the descriptors everyone else needs. A head
+that cannot be parsed because it is too large is answered here: 414 for a request line over
+16 KiB, 431 for a longer head.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
 from .keys import COMPRESSED_HEX_LEN
-from .limits import half_close, worth_logging
+from .limits import address_key, half_close, worth_logging
 from .logs import Logger
 
 log = Logger()
@@ -184,7 +185,7 @@ class UpgradeRouter(ServerFactory):
         return router
 
     def buildProtocol(self, addr) -> Protocol:
-        peer = getattr(addr, "host", None)
+        peer = address_key(getattr(addr, "host", None))
         if peer is not None:
             counts = self._counts
             n = counts.pending.get(peer, 0)

@@ -1,5 +1,6 @@
-"""The TLS edge as attackers meet it: connections that never finish a handshake, refusals over
-TLS, and the ``--metrics-listen`` port, against a real ``twistd -n circles`` over real sockets.
+"""The TLS and HTTP edge as attackers meet it: connections that never finish a handshake,
+refusals over TLS, the ``--metrics-listen`` port, pipelining without reading, per-address limits
+on a dual-stack port, against a real ``twistd -n circles`` over real sockets.
 
 Counts, not durations: each test opens connections and counts how many the server still holds.
 """
@@ -173,3 +174,27 @@ def test_pipelined_requests_wait_while_the_client_reads_nothing(server, tls_file
                 time.sleep(0.1)
                 counts.append(served() - before)
     assert counts[-1] < pipelined // 2, counts[-1]
+
+
+def _nonce_statuses(port: int, source: str, n: int) -> list:
+    """The statuses of ``n`` pipelined ``GET /auth/nonce`` from ``source``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET /auth/nonce?public_key={CIRCLE.pubkey} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * n)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < n:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    return [line.split(b" ")[1].decode() for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="needs IPv6 sockets")
+def test_ipv4_clients_of_a_dual_stack_port_are_counted_apart(tmp_path):
+    """On ``--interface ::`` IPv4 clients arrive as ``::ffff:a.b.c.d``; their HTTP nonces were
+    counted against one "/64", so one client taking its 100 locked every IPv4 client out."""
+    args = ["--port", "0", "--interface", "::", "-k", CIRCLE.pubkey, "--max-http-nonces-per-ip", "10"]
+    with twistd(args, tmp_path) as process:
+        port = process.wait_listening()
+        assert _nonce_statuses(port, "127.0.0.1", 12).count("429") == 2
+        assert _nonce_statuses(port, "127.0.0.2", 3) == ["200"] * 3
