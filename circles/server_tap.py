@@ -98,7 +98,8 @@ class Options(usage.Options):
         ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
         ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
         ("max-connections-per-ip", None, 0,
-         "open WebSocket connections from one address, an IPv6 one by its /64 (0: no limit; behind a proxy all share one)",
+         "open WebSocket connections from one address, an IPv6 one by its /64 "
+         "(0: no limit; behind a proxy all share one)",
          _at_least_zero(int)),
         ("max-pending-per-ip", None, 512,
          "connections from one address (an IPv6 /64) that have not sent their whole request head yet (0: no limit)",
