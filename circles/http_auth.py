@@ -11,7 +11,6 @@ usually holds whole): 429 past either, so one client cannot lock the others out.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 from typing import Optional
@@ -21,6 +20,7 @@ from klein import Klein
 from .api import Gateway
 from .auth import TooManyNonces, TooManyNoncesForOwner
 from .keys import InvalidKey, normalize_pubkey
+from .limits import address_key
 
 
 def _json(request, status: int, body: dict) -> bytes:
@@ -31,14 +31,9 @@ def _json(request, status: int, body: dict) -> bytes:
 
 
 def client_of(request) -> Optional[str]:
-    """Whom a request's nonces count against: its peer address, an IPv6 one as its /64."""
-    host = getattr(request.getClientAddress(), "host", None)
-    if host is None or ":" not in host:
-        return host
-    try:
-        return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False))
-    except ValueError:
-        return host
+    """Whom a request's nonces count against: its peer address, an IPv6 one as its /64
+    (:func:`~circles.limits.address_key`)."""
+    return address_key(getattr(request.getClientAddress(), "host", None))
 
 
 def auth_app(gateway: Gateway) -> Klein:

@@ -9,7 +9,8 @@ it passes the limit. Nothing beyond the limit is ever stored.
 
 After the 413 the connection stops parsing and discards what still comes; over TCP it
 half-closes at once (the client reads the whole answer and an end of file, instead of a reset
-caused by unread data). It is dropped after :data:`LINGER` seconds whatever the client does.
+caused by unread data), over TLS it sends close_notify. It is dropped after :data:`LINGER`
+seconds whatever the client does.
 
 The limit applies to every route of the Site: the webhooks are the only ones taking a body.
 """
@@ -21,6 +22,7 @@ from io import BytesIO
 from twisted.web.server import Request
 
 from .anomalies import LogBudget
+from .limits import half_close
 
 DEFAULT_MAX_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
@@ -69,14 +71,9 @@ class BoundedRequest(Request):
         channel.rawDataReceived = channel.dataReceived = lambda data: None
         transport.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
-        half_close = getattr(transport, "loseWriteConnection", None)
-        if half_close is not None:
-            half_close()
-            timer = channel.callLater(LINGER, transport.abortConnection)
-        else:
-            # TLS has no half-close: keep discarding for a while (the client reads the answer
-            # and closes), then close whatever it does.
-            timer = channel.callLater(LINGER, transport.loseConnection)
+        if not half_close(transport):
+            transport.loseConnection()  # over TLS: the answer, then close_notify
+        timer = channel.callLater(LINGER, transport.abortConnection)
         self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
 
 

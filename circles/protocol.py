@@ -78,7 +78,7 @@ from .api import Gateway, Session
 from .auth import AuthenticationFailed
 from .jsonrpc import ReplyTooLarge
 from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
-from .limits import ConnectionCount, OriginPolicy
+from .limits import ConnectionCount, OriginPolicy, address_key
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -130,7 +130,7 @@ class CircleProtocol(WebSocketServerProtocol):
     session: Optional[Session] = None
     _idle = None
     _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
-    _counted: Optional[str] = None  # the peer address, while counted against the limits
+    _counted: Optional[str] = None  # the peer's address key, while counted against the limits
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -142,10 +142,11 @@ class CircleProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(404, "No such circle")
         peer = self.transport.getPeer()
         peer_host = getattr(peer, "host", str(peer))
-        refused = self.factory.connections.admit(peer_host)
+        counted = address_key(peer_host)  # an IPv6 peer by its /64
+        refused = self.factory.connections.admit(counted)
         if refused is not None:
             raise ConnectionDeny(503, refused)
-        self._counted = peer_host
+        self._counted = counted
         self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id,
                                            peer_host)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",

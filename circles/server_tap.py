@@ -100,10 +100,11 @@ class Options(usage.Options):
         ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
         ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
         ("max-connections-per-ip", None, 0,
-         "open WebSocket connections from one address (0: no limit; behind a proxy all share one)",
+         "open WebSocket connections from one address, an IPv6 one by its /64 "
+         "(0: no limit; behind a proxy all share one)",
          _at_least_zero(int)),
         ("max-pending-per-ip", None, 512,
-         "connections from one address that have not sent their whole request head yet (0: no limit)",
+         "connections from one address (an IPv6 /64) that have not sent their whole request head yet (0: no limit)",
          _at_least_zero(int)),
         ("fd-reserve", None, 100, "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
          "past the rest, new connections are closed at once", _at_least_zero(int)),
@@ -171,9 +172,10 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
-        if self["processes"] > 1 and self["listen"]:
+        if self["processes"] > 1 and (self["listen"] or self["metrics-listen"]):
+            # Every process would bind them: the second fails (address in use) and dies.
             raise usage.UsageError("--processes shares --port (and --tls-cert) between processes; "
-                                   "it cannot share --listen endpoints")
+                                   "it cannot share --listen or --metrics-listen endpoints")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line

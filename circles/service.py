@@ -15,7 +15,6 @@ from twisted.internet.defer import (
     Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed)
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from . import tls
 from .accepts import AcceptGate
@@ -25,13 +24,12 @@ from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from .dispatch import RedisDispatcher
 from .embedded_redis import EmbeddedRedis
 from .redisconn import parse_redis_url
-from .metrics import MetricsPage
 from .eager import send_eagerly
 from .processes import ReusePortEndpoint
 from .protocol import CircleFactory
 from .upgrade import UpgradeRouter
 from .scripts import IScriptRunner
-from .web import build_site
+from .web import build_metrics_site, build_site
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
@@ -152,9 +150,10 @@ class CirclesService(MultiService):
                           for endpoint in server_endpoints(config, reactor)]
         self.metrics_listener: Optional[ListeningService] = None
         if config.metrics_listen is not None:
-            metrics_site = Site(MetricsPage(self.gateway.metrics), reactor=reactor)
+            # The same edge as the main port: request deadline, pending cap, bounded bodies.
+            metrics_router = self.router.serving(build_metrics_site(self.gateway, reactor))
             self.metrics_listener = ListeningService(
-                endpoint_from_string(reactor, config.metrics_listen, config.tls_ciphers), metrics_site, self.accepts)
+                endpoint_from_string(reactor, config.metrics_listen, config.tls_ciphers), metrics_router, self.accepts)
             self.metrics_listener.setServiceParent(self)
         accepts, router = self.accepts, self.router
         self.gateway.metrics.watch_accepts(lambda: accepts.open, {"descriptors": lambda: accepts.refused,

@@ -8,10 +8,11 @@ handed to the WebSocket factory, anything else (webhooks, ``/auth``, ``/metrics`
 GET of a circle) to the Site, which answers it as before. Either way the chosen protocol gets
 the transport and every byte read so far, and this object only forwards from then on.
 
-Until then a connection is *pending*, and counted by peer address: one address may hold at
-most ``max_pending_per_peer`` of them (503 past it), so a crowd of silent connections from one
-client cannot take the descriptors everyone else needs. A head that cannot be parsed because
-it is too large is answered here: 414 for a request line over 16 KiB, 431 for a longer head.
+Until then a connection is *pending*, and counted by peer address (an IPv6 one by its /64):
+one address may hold at most ``max_pending_per_peer`` of them (503 past it), so a crowd of
+silent connections from one client cannot take the descriptors everyone else needs. A head
+that cannot be parsed because it is too large is answered here: 414 for a request line over
+16 KiB, 431 for a longer head.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
 from .keys import COMPRESSED_HEX_LEN
-from .limits import worth_logging
+from .limits import address_key, half_close, worth_logging
 from .logs import Logger
 
 log = Logger()
@@ -72,15 +73,28 @@ def is_circle_upgrade(head: bytes) -> bool:
     return False
 
 
-class _Refusal(Protocol):
-    """Answers a fixed refusal and closes; reads nothing."""
+#: Seconds a refused connection may take to read its answer before it is aborted. Over TLS the
+#: answer waits for the handshake, which a client may start and never finish.
+REFUSAL_GRACE = 2.0
 
-    def __init__(self, answer: bytes) -> None:
+
+class _Refusal(Protocol):
+    """Answers a fixed refusal and closes; reads nothing; aborts after :data:`REFUSAL_GRACE`."""
+
+    _timer = None
+
+    def __init__(self, answer: bytes, reactor) -> None:
         self._answer = answer
+        self._reactor = reactor
 
     def connectionMade(self) -> None:
+        self._timer = self._reactor.callLater(REFUSAL_GRACE, self.transport.abortConnection)
         self.transport.write(self._answer)
         self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
 
 
 class _Discard(Protocol):
@@ -128,11 +142,8 @@ class _FirstBytes(Protocol):
         """Answer and stop reading; the deadline still drops a client that does not close."""
         self._inner, self._head = _Discard(), b""
         self.transport.write(answer)
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is not None:
-            half_close()  # the client reads the answer and an end of file, not a reset
-        else:
-            self.transport.loseConnection()
+        if not half_close(self.transport):
+            self.transport.loseConnection()  # over TLS: the answer, then close_notify
 
     def connectionLost(self, reason) -> None:
         if self._peer is not None:
@@ -163,38 +174,51 @@ class UpgradeRouter(ServerFactory):
         self.max_pending_per_peer = max_pending_per_peer  # 0: no limit
         self.pending: "dict[str, int]" = {}  # connections still sending their head, by address
         self.refused = 0
+        self._counts = self  # the router whose pending and refused counts this one keeps
+
+    def serving(self, site: ServerFactory) -> "UpgradeRouter":
+        """A router for another port (``--metrics-listen``) that hands every request to ``site``,
+        under this one's deadline and counting its pending connections with this one's: a
+        second port is no second allowance per address."""
+        router = UpgradeRouter(site, site, self.reactor, self.timeout, self.max_pending_per_peer)
+        router._counts = self
+        return router
 
     def buildProtocol(self, addr) -> Protocol:
-        peer = getattr(addr, "host", None)
+        peer = address_key(getattr(addr, "host", None))
         if peer is not None:
-            n = self.pending.get(peer, 0)
+            counts = self._counts
+            n = counts.pending.get(peer, 0)
             if self.max_pending_per_peer and n >= self.max_pending_per_peer:
-                self.refused += 1
-                if worth_logging(self.refused):
+                counts.refused += 1
+                if worth_logging(counts.refused):
                     log.warn("refused a connection from {peer}: {n} of its connections have not sent their "
                              "request yet (--max-pending-per-ip); {refused} refused so far",
-                             peer=peer, n=n, refused=self.refused)
-                return _Refusal(TOO_MANY_PENDING)
-            self.pending[peer] = n + 1
+                             peer=peer, n=n, refused=counts.refused)
+                return _Refusal(TOO_MANY_PENDING, self.reactor)
+            counts.pending[peer] = n + 1
         return _FirstBytes(self, addr, peer)
 
     def routed(self, peer: Optional[str]) -> None:
         """A connection from ``peer`` is pending no more (routed, or closed)."""
         if peer is None:
             return
-        left = self.pending[peer] - 1
+        pending = self._counts.pending
+        left = pending[peer] - 1
         if left:
-            self.pending[peer] = left
+            pending[peer] = left
         else:
-            del self.pending[peer]
+            del pending[peer]
 
     def acceptableProtocols(self) -> list:
         return [b"http/1.1"]  # both ways in are HTTP/1.1
 
     def startFactory(self) -> None:
         self.site.doStart()
-        self.websocket.doStart()
+        if self.websocket is not self.site:
+            self.websocket.doStart()
 
     def stopFactory(self) -> None:
         self.site.doStop()
-        self.websocket.doStop()
+        if self.websocket is not self.site:
+            self.websocket.doStop()

@@ -121,6 +121,15 @@ def build_site(factory: CircleFactory, reactor) -> Site:
     root.putChild(b"ready", _Ready(factory))
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))
+    return _bounded_site(root, gateway, reactor)
+
+
+def build_metrics_site(gateway, reactor) -> Site:
+    """The Site of ``--metrics-listen``: ``/metrics`` alone, with the main Site's bounds."""
+    return _bounded_site(MetricsPage(gateway.metrics), gateway, reactor)
+
+
+def _bounded_site(root: Resource, gateway, reactor) -> Site:
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -109,6 +110,33 @@ class Twistd:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def still_open(socks: list) -> int:
+    """How many of ``socks`` (plain or TLS) the server has not closed, each checked without
+    blocking long; a socket that is answered (a refusal) counts as closed."""
+    count = 0
+    for sock in socks:
+        sock.settimeout(0.01)
+        try:
+            if sock.recv(4096):
+                continue
+        except (socket.timeout, ssl.SSLWantReadError):
+            count += 1
+            continue
+        except OSError:
+            continue
+    return count
+
+
+def eventually_true(predicate, timeout: float = 60):
+    """Poll ``predicate`` until it gives a true value or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 @contextmanager

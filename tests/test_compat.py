@@ -308,6 +308,8 @@ async def test_one_address_cannot_take_every_http_nonce(shared_server):
     (IPv6Address("TCP", "2001:db8:1:2:bbbb::9", 1), "2001:db8:1:2::/64"),  # one host holds its /64 whole
     (IPv6Address("TCP", "fe80::1%eth0", 1), "fe80::/64"),
     (IPv6Address("TCP", "2001:db8:1:3::1", 1), "2001:db8:1:3::/64"),
+    # An IPv4 client of a dual-stack port is its IPv4 address, not "::/64" with every other one.
+    (IPv6Address("TCP", "::ffff:203.0.113.7", 1), "203.0.113.7"),
 ])
 def test_http_nonces_count_against_the_address_or_its_64(address, owner):
     # Twisted's own request stand-in: loopback gives one IPv6 address, ::1, not two in a /64.

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 
 import pytest
 
-from .support import Key, twistd
+from .support import Key, eventually_true, still_open, twistd
 
 NOFILE = 256
 CROWD = 400  # silent connections: more than the server has descriptors
@@ -32,22 +31,6 @@ def _open_silent(port: int, n: int) -> list:
     return [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
 
 
-def _still_open(socks: list) -> int:
-    """How many of ``socks`` the server has not closed (each is checked without blocking long)."""
-    count = 0
-    for sock in socks:
-        sock.settimeout(0.01)
-        try:
-            if sock.recv(4096):
-                continue  # answered (a refusal) and so closed
-        except socket.timeout:
-            count += 1
-            continue
-        except OSError:
-            continue
-    return count
-
-
 def _health(port: int, source: str = "127.0.0.2") -> bytes:
     """``GET /health`` from ``source``: the whole answer, or b"" if the connection was closed."""
     with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as sock:
@@ -63,15 +46,6 @@ def _health(port: int, source: str = "127.0.0.2") -> bytes:
             return b""
 
 
-def _eventually(predicate, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.1)
-
-
 def _emfile_lines(server) -> list:
     return [line for line in server.lines if "EMFILE" in line]
 
@@ -82,12 +56,12 @@ def test_a_silent_crowd_from_one_address_leaves_room_for_others(tmp_path):
         crowd = _open_silent(port, CROWD)
         try:
             # The server holds 50 of them and refuses the rest at once; others still get in.
-            assert _eventually(lambda: _still_open(crowd) == 50)
+            assert eventually_true(lambda: still_open(crowd) == 50)
             assert _health(port).startswith(b"HTTP/1.1 200 ")
         finally:
             for sock in crowd:
                 sock.close()
-        assert _eventually(lambda: _health(port, "127.0.0.1").startswith(b"HTTP/1.1 200 "))
+        assert eventually_true(lambda: _health(port, "127.0.0.1").startswith(b"HTTP/1.1 200 "))
     assert _emfile_lines(server) == []
     refusals = [line for line in server.lines if "refused a connection" in line]
     assert 1 <= len(refusals) <= 5, refusals  # a few lines with a running count, not one per connection
@@ -101,13 +75,13 @@ def test_descriptors_run_short_the_server_refuses_instead_of_failing(tmp_path):
         port = server.wait_listening()
         crowd = _open_silent(port, CROWD)
         try:
-            held = _eventually(lambda: _still_open(crowd) <= NOFILE - 100)
+            held = eventually_true(lambda: still_open(crowd) <= NOFILE - 100)
             assert held, "the server held more connections than its descriptors allow"
             assert _health(port) == b""  # refused: closed at once, not left waiting
         finally:
             for sock in crowd:
                 sock.close()
-        assert _eventually(lambda: _health(port).startswith(b"HTTP/1.1 200 "))
+        assert eventually_true(lambda: _health(port).startswith(b"HTTP/1.1 200 "))
     assert _emfile_lines(server) == []
     refusals = [line for line in server.lines if "refused a connection" in line]
     assert 1 <= len(refusals) <= 5, refusals

@@ -58,9 +58,12 @@ def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
     assert "Traceback" not in server.output
 
 
-def test_processes_refuses_listen_strings(tmp_path):
+@pytest.mark.parametrize("option", ["--listen", "--metrics-listen"])
+def test_processes_refuses_listen_strings(tmp_path, option):
+    """Every process would bind the endpoint: with --metrics-listen the second one died of
+    "Address already in use" (a traceback) and the server ran on with one process."""
     from .support import run_twistd_to_exit
-    result = run_twistd_to_exit(["--processes", "2", "--listen", "tcp:0"], tmp_path)
+    result = run_twistd_to_exit(["--processes", "2", option, "tcp:0"], tmp_path)
     assert result.returncode != 0 and "--processes" in result.stdout + result.stderr
 
 

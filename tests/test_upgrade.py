@@ -113,3 +113,19 @@ async def test_request_line_over_16k_with_curl(port):
                                        capture_output=True, text=True, timeout=60)
     body, _, status = done.stdout.rpartition("\n")
     assert status == "414" and "request line over 16 KiB" in body, (done.stdout, done.stderr)
+
+
+def test_pending_connections_count_against_the_address_or_its_64():
+    """Every host with IPv6 holds a /64: counted by address, the pending cap was no cap for it."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.internet.protocol import ServerFactory
+    from twisted.internet.task import Clock
+    from circles.upgrade import UpgradeRouter, _FirstBytes
+
+    router = UpgradeRouter(ServerFactory(), ServerFactory(), Clock(), timeout=10, max_pending_per_peer=1)
+    built = [router.buildProtocol(address) for address in (
+        IPv6Address("TCP", "2001:db8:1:2::1", 1), IPv6Address("TCP", "2001:db8:1:2::2", 1),  # one /64
+        IPv6Address("TCP", "2001:db8:1:3::1", 1),  # another
+        IPv4Address("TCP", "203.0.113.7", 1), IPv6Address("TCP", "::ffff:203.0.113.8", 1),  # two IPv4 clients
+    )]
+    assert [isinstance(p, _FirstBytes) for p in built] == [True, False, True, True, True]
