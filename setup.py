@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["circles", "circles.*"]) + ["twisted.plugins"],
     package_data={"circles": ["openrpc.json", "playground/*.html", "playground/*.js", "playground/*.css"]},
-    entry_points={"console_scripts": ["circles = circles.cli:main"]},
+    entry_points={"console_scripts": ["circles = circles.client.cli:main"]},
     include_package_data=True,
     install_requires=[
         "twisted[tls]>=23.8",

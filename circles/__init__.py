@@ -1,7 +1,19 @@
-"""circles: the WebSocket gateway of the Circles ecosystem."""
+"""circles: the WebSocket gateway of the Circles ecosystem.
 
-from .config import Config
-from .service import CirclesService
+Three processes share this package, each in its own part of it:
+
+- the server (``twistd circles``): :mod:`circles.service` and the modules beside it (JSON-RPC,
+  auth, limits, webhooks), its HTTP edge in :mod:`circles.http`;
+- the worker (``twistd circles-worker``): :mod:`circles.worker`;
+- the client (``circles`` command, :mod:`circles.client`);
+
+and :mod:`circles.backend` is the Redis seam between server and worker. :mod:`circles.tryout`
+runs all three on one machine. Attributes load on first use, so importing ``circles`` costs
+nothing: ``from circles import CirclesService, Config``.
+"""
+
+from circles.lazy import exports
 
 __all__ = ["CirclesService", "Config"]
 __version__ = "0.1.0"
+__getattr__, __dir__ = exports(__name__, {"CirclesService": "circles.service", "Config": "circles.config"})

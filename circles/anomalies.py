@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from .logs import Logger
+from circles.logs import Logger
 
 log = Logger()
 

@@ -10,17 +10,19 @@ from typing import Any, Optional, Union
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from .logs import Logger
+from circles.logs import Logger
 
-from . import openrpc
-from .anomalies import ConnectionAnomalies, LogBudget
-from .auth import AuthenticationFailed, NonceStore, TooManyNonces
-from .config import Config
-from .jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
-from .keys import InvalidKey, normalize_pubkey
-from .limits import TokenBucket
-from .metrics import Metrics
-from .scripts import (
+from circles import openrpc
+from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, SCRIPT_FAILED, SCRIPT_TIMEOUT,
+                             TOO_MANY_REQUESTS)
+from circles.anomalies import ConnectionAnomalies, LogBudget
+from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
+from circles.gateway import Gateway
+from circles.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
+from circles.keys import InvalidKey, normalize_pubkey
+from circles.limits import TokenBucket
+from circles.metrics import Metrics
+from circles.backend.scripts import (
     SOURCE_WS,
     BackendUnavailable,
     IScriptRunner,
@@ -29,57 +31,8 @@ from .scripts import (
     ScriptTimeout,
 )
 
-# Application error codes (the design's -32001..-32006; -32007 since issue 12).
-AUTH_REQUIRED = -32001
-AUTH_FAILED = -32002
-SCRIPT_TIMEOUT = -32003
-BACKEND_UNAVAILABLE = -32004
-SCRIPT_FAILED = -32005
-TOO_MANY_REQUESTS = -32006
-REPLY_TOO_LARGE = -32007
-
 log = Logger()
 methods = Methods()
-
-
-class Gateway:
-    """What every session of one server shares: configuration, clock, script backend."""
-
-    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner) -> None:
-        self.config = config
-        self.clock = clock
-        self.scripts = scripts
-        #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
-        #: whose client keeps sending is drained once the plays in flight are answered.
-        self.draining = False
-        # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
-        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
-        self.metrics = Metrics(methods)
-        # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
-        self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
-        self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
-        # Refused webhook deliveries and request bodies over the limit (413).
-        self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
-        self.dispatcher = Dispatcher(
-            methods, config.max_batch,
-            RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
-            observe=self.metrics.request,
-            max_reply=config.max_message_size, too_large=self._reply_too_large,
-        )
-
-    def _reply_too_large(self, size: int) -> RPCError:
-        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
-                        {"size": size, "limit": self.config.max_message_size})
-
-    def new_session(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
-                    peer: Optional[str] = None) -> "Session":
-        return Session(self, circle, pubkey, connection_id, peer)
-
-    def stop(self) -> None:
-        """Write what the log budgets hold back and cancel their timers."""
-        self.anomaly_log.stop()
-        self.refusal_log.stop()
-        self.http_log.stop()
 
 
 class Session:
@@ -113,7 +66,7 @@ class Session:
     def answer(self, payload) -> Union[str, None, Deferred]:
         """The reply text (or None) at once, or a Deferred of it while a method (play) works;
         ``in_flight`` counts those, so shutdown knows whom to wait for."""
-        reply = self.gateway.dispatcher.answer(payload, self, self._admit)
+        reply = self.gateway.rpc.answer(payload, self, self._admit)
         if isinstance(reply, Deferred):
             self.in_flight += 1
             reply.addBoth(self._answered)

@@ -28,7 +28,7 @@ from coincurve import ecdsa
 from Crypto.Hash import keccak
 from twisted.internet.interfaces import IReactorTime
 
-from .keys import parse_hex
+from circles.keys import parse_hex
 
 NONCE_BYTES = 16  # 128 bits, the design's floor
 ETH_SIGNATURE_LEN = 65

@@ -6,10 +6,10 @@ from typing import Any, Optional
 
 import attrs
 
-from .http_limits import DEFAULT_MAX_BODY
-from .keys import InvalidKey, normalize_pubkey
-from .redisconn import parse_redis_url, redact_url
-from .webhook_secrets import WebhookSecrets
+from circles.http.limits import DEFAULT_MAX_BODY
+from circles.keys import InvalidKey, normalize_pubkey
+from circles.backend.redis import parse_redis_url, redact_url
+from circles.webhook_secrets import WebhookSecrets
 
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443

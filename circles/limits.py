@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
-from .logs import Logger
+from circles.logs import Logger
 
 log = Logger()
 

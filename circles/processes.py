@@ -22,7 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from .logs import Logger
+from circles.logs import Logger
 
 log = Logger()
 

@@ -72,13 +72,14 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from .logs import Logger
+from circles.logs import Logger
 
-from .api import Gateway, Session
-from .auth import AuthenticationFailed
-from .jsonrpc import ReplyTooLarge
-from .keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
-from .limits import ConnectionCount, OriginPolicy, address_key
+from circles.api import Session
+from circles.gateway import Gateway
+from circles.auth import AuthenticationFailed
+from circles.jsonrpc import ReplyTooLarge
+from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
+from circles.limits import ConnectionCount, OriginPolicy, address_key
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -147,7 +148,7 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = counted
-        self.session = gateway.new_session(circle, self._url_identity(gateway, request.params), self.connection_id,
+        self.session = Session(gateway, circle, self._url_identity(gateway, request.params), self.connection_id,
                                            peer_host)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
@@ -314,7 +315,7 @@ class CircleProtocol(WebSocketServerProtocol):
         # timeout). Over TLS, Twisted holds small writes until the end of the reactor turn and
         # an abort throws them away, so the peer never learned why. Close in order there (what
         # is queued, then close_notify), and abort only a peer that has not finished within
-        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.eager): aborting loses nothing.
+        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.http.eager): aborting loses nothing.
         if abort and self._transport_details is not None and self._transport_details.is_secure:
             self.transport.loseConnection()
             self._tls_abort = self.factory.gateway.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
@@ -342,7 +343,7 @@ class CircleFactory(WebSocketServerFactory):
 
     def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
-        (:class:`~circles.upgrade.UpgradeRouter` bounds the whole request head, and once the
+        (:class:`~circles.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
         head is in, ``onConnect`` answers at once), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
         self.gateway = gateway

@@ -10,13 +10,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from . import logs, tls, webhook_secrets
-from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
-from .embedded_redis import SOCKET_NAME, EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from .http_limits import DEFAULT_MAX_BODY
-from .redisconn import InvalidRedisURL, parse_redis_url
-from .processes import ServerProcesses
-from .service import CirclesService
+from circles import logs, tls, webhook_secrets
+from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
+from circles.backend.embedded import SOCKET_NAME, EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
+from circles.http.limits import DEFAULT_MAX_BODY
+from circles.backend.redis import InvalidRedisURL, parse_redis_url
+from circles.processes import ServerProcesses
+from circles.service import CirclesService
 
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
 

@@ -16,20 +16,21 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.python.failure import Failure
 
-from . import tls
-from .accepts import AcceptGate
-from .api import Gateway
-from .logs import Logger
-from .config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from .dispatch import RedisDispatcher
-from .embedded_redis import EmbeddedRedis
-from .redisconn import parse_redis_url
-from .eager import send_eagerly
-from .processes import ReusePortEndpoint
-from .protocol import CircleFactory
-from .upgrade import UpgradeRouter
-from .scripts import IScriptRunner
-from .web import build_metrics_site, build_site
+from circles import tls
+from circles.http.accepts import AcceptGate
+from circles import api
+from circles.gateway import Gateway
+from circles.logs import Logger
+from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.backend.dispatch import RedisDispatcher
+from circles.backend.embedded import EmbeddedRedis
+from circles.backend.redis import parse_redis_url
+from circles.http.eager import send_eagerly
+from circles.processes import ReusePortEndpoint
+from circles.protocol import CircleFactory
+from circles.http.upgrade import UpgradeRouter
+from circles.backend.scripts import IScriptRunner
+from circles.http.site import build_metrics_site, build_site
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
@@ -117,7 +118,7 @@ class ListeningService(Service):
 
 
 class CirclesService(MultiService):
-    """The gateway: every listening endpoint sharing one :class:`~circles.api.Gateway`."""
+    """The gateway: every listening endpoint sharing one :class:`~circles.gateway.Gateway`."""
 
     def __init__(self, config: Config, *, reactor, scripts: Optional[IScriptRunner] = None) -> None:
         super().__init__()
@@ -139,7 +140,7 @@ class CirclesService(MultiService):
             self.dispatcher.setServiceParent(self)
             scripts = self.dispatcher
         self.reactor = reactor
-        self.gateway = Gateway(config, reactor, scripts)
+        self.gateway = Gateway(config, reactor, scripts, api.methods)
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,

@@ -22,7 +22,7 @@ import attrs
 # The same bound as JSON-RPC messages: json's C decoder recurses once per level and stops only at
 # the interpreter's recursion limit, which a library may have raised far past what the C stack
 # holds (see circles.jsonrpc.parse).
-from .jsonrpc import MAX_DEPTH, _too_deep
+from circles.jsonrpc import MAX_DEPTH, _too_deep
 
 #: ``status.overall`` values an iDenfy result callback carries (REVIEWING while a human reviews,
 #: with ``final`` false).

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Optional
 
 import attrs
 
-from .keys import InvalidKey, normalize_pubkey
+from circles.keys import InvalidKey, normalize_pubkey
 
 STRIPE_ENV = "CIRCLES_STRIPE_WEBHOOK_SECRET"
 IDENFY_ENV = "CIRCLES_IDENFY_WEBHOOK_SECRET"

@@ -3,10 +3,10 @@
 Each delivery is checked in this order, and nothing is queued unless every check passes:
 route and method (404, 405), the circle and whether the provider is configured for it (404:
 a provider without a secret is off, never "accept unsigned"), the body size (413, enforced
-while it arrives by :mod:`circles.http_limits`), the signature (401), then the payload's shape
+while it arrives by :mod:`circles.http.limits`), the signature (401), then the payload's shape
 (400: parsed only once it is known to come from the provider). A verified event becomes a task
 on the circle's queue, with the event de-duplicated in the same atomic Redis step
-(:meth:`~circles.scripts.IScriptRunner.enqueue_once`), and is answered
+(:meth:`~circles.backend.scripts.IScriptRunner.enqueue_once`), and is answered
 ``200 {"received": true, "task_id": ...}`` once Redis holds it; the script's result is not
 awaited (providers time out and retry). Redis unreachable: 503, so the provider retries later.
 
@@ -26,13 +26,13 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
 
-from .api import Gateway
-from .config import Config
-from .keys import InvalidKey, normalize_pubkey
-from .scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
-from .webhook_events import BadEvent, IdenfyCallback, StripeEvent
-from .webhook_secrets import WebhookSecrets
-from .webhook_signatures import BadSignature, verify_idenfy, verify_stripe
+from circles.gateway import Gateway
+from circles.config import Config
+from circles.keys import InvalidKey, normalize_pubkey
+from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
+from circles.webhook_events import BadEvent, IdenfyCallback, StripeEvent
+from circles.webhook_secrets import WebhookSecrets
+from circles.webhook_signatures import BadSignature, verify_idenfy, verify_stripe
 
 log = Logger()
 
@@ -96,7 +96,7 @@ def _json(request, status: int, body: dict) -> bytes:
 
 def _read_body(request, limit: int) -> Optional[bytes]:
     """The body, or None if it is over ``limit`` (only possible on a Site without
-    :class:`~circles.http_limits.BoundedRequest`, which refuses such bodies earlier)."""
+    :class:`~circles.http.limits.BoundedRequest`, which refuses such bodies earlier)."""
     request.content.seek(0)
     body = request.content.read(limit + 1)
     return None if len(body) > limit else body

@@ -8,9 +8,10 @@ import re
 
 from twisted.internet.task import Clock
 
-from circles.api import Gateway
+from circles.api import Session, methods
+from circles.gateway import Gateway
 from circles.config import Config
-from circles.scripts import NoScriptBackend
+from circles.backend.scripts import NoScriptBackend
 
 from .inmemory import fired
 from .play_client import new_key, pk
@@ -20,8 +21,8 @@ CIRCLE = pk(new_key())
 
 def _session(clock=None, **config):
     clock = clock if clock is not None else Clock()
-    gateway = Gateway(Config(**config), clock, NoScriptBackend())
-    return gateway, gateway.new_session(CIRCLE, connection_id=1)
+    gateway = Gateway(Config(**config), clock, NoScriptBackend(), methods)
+    return gateway, Session(gateway, CIRCLE, connection_id=1)
 
 
 def _send(session, message):
@@ -103,11 +104,11 @@ def test_failed_authentications_on_many_connections_write_a_bounded_log():
     from .support import Key
 
     clock = Clock()
-    gateway = Gateway(Config(rate_limit=0), clock, NoScriptBackend())
+    gateway = Gateway(Config(rate_limit=0), clock, NoScriptBackend(), methods)
     user = Key()
     with captured_log() as events:
         for conn in range(200):  # connections from two addresses, each failing 5 times
-            session = gateway.new_session(CIRCLE, connection_id=conn, peer=f"198.51.100.{conn % 2}")
+            session = Session(gateway, CIRCLE, connection_id=conn, peer=f"198.51.100.{conn % 2}")
             nonce = _send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": 0})
             bad = {"pubkey": user.pubkey, "signature": Key().eth_sign(nonce["result"]["nonce"])}
             for i in range(5):
@@ -133,7 +134,7 @@ def _runner_session(**config):
     from twisted.internet.defer import Deferred
     from zope.interface import implementer
 
-    from circles.scripts import IScriptRunner
+    from circles.backend.scripts import IScriptRunner
 
     @implementer(IScriptRunner)
     class Runner:
@@ -147,8 +148,8 @@ def _runner_session(**config):
             return d
 
     runner = Runner()
-    gateway = Gateway(Config(**config), Clock(), runner)
-    return gateway, gateway.new_session(CIRCLE, connection_id=1), runner
+    gateway = Gateway(Config(**config), Clock(), runner, methods)
+    return gateway, Session(gateway, CIRCLE, connection_id=1), runner
 
 
 def _play(session, id_=None):

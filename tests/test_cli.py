@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from circles.signing import KEY_ENV, public_key, read_key_file
+from circles.client.signing import KEY_ENV, public_key, read_key_file
 
 from .support import ROOT, Key, twistd
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
-TINY_WORKER = ["--engine", "circles.tiny_engine:run"]
+TINY_WORKER = ["--engine", "circles.worker.tiny_engine:run"]
 
 
 def circles(*args, env=None, input=None, cwd=None) -> subprocess.CompletedProcess:

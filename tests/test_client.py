@@ -12,10 +12,10 @@ from twisted.internet.defer import DeferredList, gatherResults, maybeDeferred
 
 from circles import CirclesService, Config, tls
 from circles.client import ConnectFailed, ConnectionClosed, ReconnectingClient, RPCError, connect
-from circles.redisconn import parse_redis_url
-from circles.signing import generate, public_key, sign_nonce
-from circles.tiny_engine import run as tiny_engine
-from circles.worker import Worker
+from circles.backend.redis import parse_redis_url
+from circles.client.signing import generate, public_key, sign_nonce
+from circles.worker.tiny_engine import run as tiny_engine
+from circles.worker.service import Worker
 
 from .play_client import eventually
 from .support import ROOT, Key

@@ -20,12 +20,13 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
-from circles.api import Gateway
+from circles.api import Session, methods
+from circles.gateway import Gateway
 from circles.config import Config
-from circles.http_auth import client_of
+from circles.http.auth import client_of
 from circles.protocol import CircleFactory
-from circles.scripts import NoScriptBackend
-from circles.web import build_site
+from circles.backend.scripts import NoScriptBackend
+from circles.http.site import build_site
 
 from .support import Key, request
 
@@ -42,8 +43,8 @@ def _rpc(session, method, params=None, id_=1):
 
 @pytest.fixture
 def session():
-    gateway = Gateway(Config(nonce_ttl=300), Clock(), NoScriptBackend())
-    return gateway.new_session(Key().pubkey)
+    gateway = Gateway(Config(nonce_ttl=300), Clock(), NoScriptBackend(), methods)
+    return Session(gateway, Key().pubkey)
 
 
 def _v(signature: str, v: int) -> str:
@@ -110,7 +111,7 @@ async def server():
     """A gateway on 127.0.0.1 whose nonces follow ``server.clock``."""
     clock = Clock()
     clock.advance(1_700_000_000)
-    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, auth_required=True), clock, NoScriptBackend())
+    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, auth_required=True), clock, NoScriptBackend(), methods)
     port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
     gateway.base = f"127.0.0.1:{port.getHost().port}"
     gateway.circle = Key().pubkey
@@ -277,7 +278,7 @@ async def shared_server():
     """Like ``server``, with a per-address share of the HTTP nonces."""
     clock = Clock()
     gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, max_http_nonces_per_ip=10), clock,
-                      NoScriptBackend())
+                      NoScriptBackend(), methods)
     port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
     gateway.base = f"127.0.0.1:{port.getHost().port}"
     gateway.clock = clock

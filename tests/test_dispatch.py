@@ -9,11 +9,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from circles import tasks
-from circles.dispatch import RedisDispatcher
-from circles.redisconn import parse_redis_url
-from circles.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
-from circles.worker import Worker
+from circles.backend import tasks
+from circles.backend.dispatch import RedisDispatcher
+from circles.backend.redis import parse_redis_url
+from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.worker.service import Worker
 from .play_client import eventually, new_key, pk, sleep
 
 CIRCLE = pk(new_key())

@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from circles import CirclesService, Config
-from circles.eager import EagerServer, send_eagerly
+from circles.http.eager import EagerServer, send_eagerly
 
 from .support import Key
 

@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.python import usage
 
 from circles import server_tap
-from circles.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from circles.backend.embedded import EmbeddedRedis, EmbeddedRedisError
 from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
 from .support import twistd

@@ -33,8 +33,9 @@ from twisted.internet.task import Clock
 from websockets.sync.client import connect
 
 from circles import CirclesService, Config
-from circles.api import Gateway
-from circles.scripts import NoScriptBackend
+from circles.api import Session, methods
+from circles.gateway import Gateway
+from circles.backend.scripts import NoScriptBackend
 
 from .inmemory import fired
 from .play_client import eventually, new_key, pk, sleep
@@ -64,7 +65,7 @@ def send(session, message):
 
 def in_memory(clock=None, **config):
     clock = clock if clock is not None else Clock()
-    return clock, Gateway(Config(**config), clock, NoScriptBackend()).new_session(CIRCLE)
+    return clock, Session(Gateway(Config(**config), clock, NoScriptBackend(), methods), CIRCLE)
 
 
 async def serve(start, **config) -> "tuple[CirclesService, int]":
@@ -705,7 +706,7 @@ def _send_and_receive(ws, message) -> "tuple[object, object]":
 async def test_replies_over_the_limit_are_errors_or_1009_never_a_drop(start):
     from zope.interface import directlyProvides
 
-    from circles.scripts import IScriptRunner
+    from circles.backend.scripts import IScriptRunner
 
     runner = _QuotesRunner()
     directlyProvides(runner, IScriptRunner)

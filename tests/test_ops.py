@@ -10,8 +10,8 @@ import urllib.request
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from circles.redisconn import parse_redis_url
-from circles.worker import Worker
+from circles.backend.redis import parse_redis_url
+from circles.worker.service import Worker
 
 from .play_client import RPCClient, eventually, new_key, pk, sleep
 from .support import Key, twistd, request

@@ -14,8 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from circles import CirclesService, Config
-from circles.redisconn import parse_redis_url
-from circles.worker import ExecEngine, Worker
+from circles.backend.redis import parse_redis_url
+from circles.worker.engines import ExecEngine
+from circles.worker.service import Worker
 from .play_client import RPCClient, eventually, new_key, pk
 
 CIRCLE_KEY = new_key()

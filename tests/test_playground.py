@@ -66,7 +66,7 @@ def test_sign_in_with_a_wallet_and_play_in_chromium(tmp_path):
     circle, user = Key(), Key()
     args = ["--auth", "--playground", "--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey]
     with twistd(args, tmp_path) as server, \
-            twistd(["-k", circle.pubkey, "--engine", "circles.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
+            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
         port = server.wait_listening()
         server.wait_for("connected to Redis")
         worker.wait_for("waiting for tasks")

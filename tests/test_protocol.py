@@ -30,10 +30,11 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from zope.interface import implementer
 
-from circles.api import Gateway
+from circles.api import Session, methods
+from circles.gateway import Gateway
 from circles.config import Config
 from circles.protocol import CircleFactory
-from circles.scripts import (
+from circles.backend.scripts import (
     SOURCE_WS,
     BackendUnavailable,
     IScriptRunner,
@@ -101,7 +102,7 @@ def runner() -> FakeRunner:
 def make_gateway(clock, runner=None, **config) -> Gateway:
     config.setdefault("nonce_ttl", TTL)
     config.setdefault("script_timeout", SCRIPT_TIMEOUT)
-    return Gateway(Config(**config), clock, runner if runner is not None else NoScriptBackend())
+    return Gateway(Config(**config), clock, runner if runner is not None else NoScriptBackend(), methods)
 
 
 _ids = itertools.count(1)
@@ -132,7 +133,7 @@ def error_code(reply) -> int:
 
 @pytest.mark.parametrize("signer", ["eth", "der"])
 def test_full_auth_flow(clock, signer):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     key = Key()
     assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": False, "pubkey": None}
     issued = rpc(session, "fetch_nonce", {"pubkey": key.uncompressed})["result"]
@@ -145,7 +146,7 @@ def test_full_auth_flow(clock, signer):
 
 
 def test_authentication_logs_no_signature(clock):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     key = Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     bad = Key().eth(nonce)
@@ -160,7 +161,7 @@ def test_authentication_logs_no_signature(clock):
 
 def test_nonce_from_another_connection_refused(clock):
     gateway = make_gateway(clock)
-    first, second = gateway.new_session(CIRCLE), gateway.new_session(CIRCLE)
+    first, second = Session(gateway, CIRCLE), Session(gateway, CIRCLE)
     key = Key()
     nonce = rpc(first, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     reply = rpc(second, "authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})
@@ -171,7 +172,7 @@ def test_nonce_from_another_connection_refused(clock):
 
 
 def test_expired_nonce_refused_and_session_stays_unauthenticated(clock):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     key = Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     clock.advance(TTL)
@@ -183,7 +184,7 @@ def test_expired_nonce_refused_and_session_stays_unauthenticated(clock):
 @pytest.mark.parametrize("case", ["other-key", "used-nonce", "no-nonce", "bad-hex", "bad-pubkey",
                                   "not-on-curve", "wrong-length", "eip155-v", "other-pubkey-nonce"])
 def test_failed_authenticate_leaves_previous_state(clock, case):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     alice, bob = Key(), Key()
     assert login(session, alice)["result"]["pubkey"] == alice.pubkey
     if case == "used-nonce":
@@ -210,7 +211,7 @@ def test_failed_authenticate_leaves_previous_state(clock, case):
 
 
 def test_switch_identity_needs_a_fresh_nonce(clock):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     alice, bob = Key(), Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": alice.pubkey})["result"]["nonce"]
     rpc(session, "authenticate", {"pubkey": alice.pubkey, "signature": alice.eth(nonce)})
@@ -227,24 +228,24 @@ def test_switch_identity_needs_a_fresh_nonce(clock):
     {"pubkey": CIRCLE, "signature": "00", "other": "x"},
 ])
 def test_authenticate_param_shapes_are_invalid_params(clock, params):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "authenticate", params)) == -32602
 
 
 def test_authenticate_without_pubkey_is_a_well_formed_attempt(clock):
     """pubkey may be left out (personal_sign names its key); a bad signature is -32002."""
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "authenticate", {"signature": "00"})) == -32002
 
 
 @pytest.mark.parametrize("pubkey", ["zz", "02" + "00" * 32, "", 5])
 def test_fetch_nonce_with_bad_pubkey_is_invalid_params(clock, pubkey):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "fetch_nonce", {"pubkey": pubkey})) == -32602
 
 
 def test_fetch_nonce_cap_is_too_many_requests(clock):
-    session = make_gateway(clock, max_nonces_per_session=2).new_session(CIRCLE)
+    session = Session(make_gateway(clock, max_nonces_per_session=2), CIRCLE)
     rpc(session, "fetch_nonce")
     rpc(session, "fetch_nonce", [])
     assert error_code(rpc(session, "fetch_nonce")) == -32006
@@ -253,7 +254,7 @@ def test_fetch_nonce_cap_is_too_many_requests(clock):
 
 
 def test_batch_over_the_limit_is_too_many_requests(clock):
-    session = make_gateway(clock, max_batch=2).new_session(CIRCLE)
+    session = Session(make_gateway(clock, max_batch=2), CIRCLE)
     batch = [{"jsonrpc": "2.0", "method": "whoami", "id": i} for i in range(3)]
     reply = json.loads(fired(session.handle(json.dumps(batch))))
     assert reply["error"]["code"] == -32006 and reply["id"] is None
@@ -261,7 +262,7 @@ def test_batch_over_the_limit_is_too_many_requests(clock):
 
 
 def test_rpc_discover_is_the_openrpc_document(clock):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     document = json.loads(OPENRPC.read_text("utf-8"))
     assert rpc(session, "rpc.discover")["result"] == document
     names = {m["name"] for m in document["methods"]}
@@ -272,7 +273,7 @@ def test_rpc_discover_is_the_openrpc_document(clock):
 
 
 def test_play_requires_auth_when_auth_is_on(clock, runner):
-    session = make_gateway(clock, runner, auth_required=True).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner, auth_required=True), CIRCLE)
     reply = rpc(session, "play", {"script": "40 + 2"})
     assert error_code(reply) == -32001
     assert runner.requests == []
@@ -287,7 +288,7 @@ def test_play_requires_auth_when_auth_is_on(clock, runner):
 
 
 def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
-    session = make_gateway(clock, runner, auth_required=False).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner, auth_required=False), CIRCLE)
     d = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["x"], "id": 1}))
     assert runner.requests[0].caller == ""
     runner.pending[0].callback("")
@@ -295,7 +296,7 @@ def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
 
 
 def test_play_without_backend_is_backend_unavailable(clock):
-    session = make_gateway(clock).new_session(CIRCLE)
+    session = Session(make_gateway(clock), CIRCLE)
     reply = rpc(session, "play", {"script": "1"})
     assert error_code(reply) == -32004
     assert reply["error"]["data"] == "no script backend is configured"
@@ -306,7 +307,7 @@ def test_play_without_backend_is_backend_unavailable(clock):
     (SCRIPT_TIMEOUT + 1, SCRIPT_TIMEOUT), (10**6, SCRIPT_TIMEOUT), (1e300, SCRIPT_TIMEOUT),
 ])
 def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given, used):
-    session = make_gateway(clock, runner).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner), CIRCLE)
     params = {"script": "s"} if given is None else {"script": "s", "timeout": given}
     session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": params, "id": 1}))
     [request] = runner.requests
@@ -315,14 +316,14 @@ def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given,
 
 @pytest.mark.parametrize("timeout", [0, -1, -0.5, "5", True, None, [5]])
 def test_play_bad_timeout_is_invalid_params(clock, runner, timeout):
-    session = make_gateway(clock, runner).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner), CIRCLE)
     assert error_code(rpc(session, "play", {"script": "s", "timeout": timeout})) == -32602
     assert runner.requests == []
 
 
 @pytest.mark.parametrize("params", [None, {}, {"script": 1}, {"script": None}, {"script": "s", "x": 1}, ["s", 1, 2]])
 def test_play_bad_params(clock, runner, params):
-    session = make_gateway(clock, runner).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner), CIRCLE)
     assert error_code(rpc(session, "play", params)) == -32602
 
 
@@ -332,7 +333,7 @@ def test_play_bad_params(clock, runner, params):
     (ScriptFailed("error at line 3: x is undefined"), -32005, "error at line 3: x is undefined"),
 ])
 def test_play_error_mapping(clock, runner, failure, code, data):
-    session = make_gateway(clock, runner).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner), CIRCLE)
     d = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "s"}, "id": "p"}))
     runner.pending[0].errback(failure)
     reply = json.loads(fired(d))
@@ -346,7 +347,7 @@ def test_play_runner_bug_is_internal_error(clock):
         def run(self, request):
             return fail(RuntimeError("secret detail"))
 
-    session = make_gateway(clock, Broken()).new_session(CIRCLE)
+    session = Session(make_gateway(clock, Broken()), CIRCLE)
     with captured_log() as events:
         text = fired(session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1})))
     assert json.loads(text)["error"]["code"] == -32603
@@ -355,7 +356,7 @@ def test_play_runner_bug_is_internal_error(clock):
 
 
 def test_slow_play_does_not_hold_back_other_requests(clock, runner):
-    session = make_gateway(clock, runner).new_session(CIRCLE)
+    session = Session(make_gateway(clock, runner), CIRCLE)
     slow = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1}))
     assert rpc(session, "whoami")["result"]["circle"] == CIRCLE
     assert not slow.called

@@ -2,7 +2,7 @@ import pytest
 import pytest_twisted
 
 from circles.config import Config
-from circles.redisconn import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -120,7 +120,7 @@ async def test_rediss_trusts_every_certificate_of_a_ca_bundle(tmp_path):
     """``ssl_ca_certs`` is a bundle: the CA that issued Redis's certificate may be the second."""
     import trustme
     from twisted.internet import reactor
-    from circles.redisconn import connect
+    from circles.backend.redis import connect
     from .play_client import eventually
 
     process, port = _tls_redis(tmp_path, "localhost")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from circles.tiny_engine import run
-from circles.worker import EngineError, ScriptContext
+from circles.worker.tiny_engine import run
+from circles.worker.engines import EngineError, ScriptContext
 
 CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
 

@@ -186,10 +186,10 @@ def test_abusive_client_does_not_disturb_others(tmp_path, keys):
 
 
 def test_development_certificate_serves_wss(tmp_path, keys):
-    """certs/README.md's recipe: ``python -m circles.devcert DIR``, then a verifying client."""
+    """certs/README.md's recipe: ``python -m circles.tryout.devcert DIR``, then a verifying client."""
     import os
     import sys
-    made = subprocess.run([sys.executable, "-m", "circles.devcert", str(tmp_path / "certs")],
+    made = subprocess.run([sys.executable, "-m", "circles.tryout.devcert", str(tmp_path / "certs")],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert os.stat(tmp_path / "certs" / "key.pem").st_mode & 0o777 == 0o600

@@ -143,7 +143,7 @@ def test_event_json_text_is_stored_not_reencoded():
 
 def test_worker_protocol_doc_has_the_lua_steps_as_run():
     import re
-    from circles import tasks
+    from circles.backend import tasks
     from .support import ROOT
     blocks = [b.strip() for b in re.findall(r"```lua\n(.*?)```", (ROOT / "docs/worker-protocol.md").read_text(), re.S)]
     for name in ("ENQUEUE", "ENQUEUE_ONCE", "CLAIM", "FINISH"):

@@ -23,11 +23,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from circles import webhooks
-from circles.api import Gateway
+from circles.api import Session, methods
+from circles.gateway import Gateway
 from circles.config import Config
 from circles.protocol import CircleFactory
-from circles.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
-from circles.web import build_site
+from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
+from circles.http.site import build_site
 from circles.webhook_secrets import WebhookSecrets
 from .play_client import new_key, pk
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
@@ -75,7 +76,7 @@ class Server:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.scripts = Recorder()
-        site = build_site(CircleFactory(Gateway(self.config, self.clock, self.scripts)), reactor)
+        site = build_site(CircleFactory(Gateway(self.config, self.clock, self.scripts, methods)), reactor)
         self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.port = self.listening.getHost().port
 
@@ -443,7 +444,7 @@ async def test_refusals_write_a_bounded_log(server):
 async def test_413_over_tls(tls_files):
     """TLS has no half-close: the answer still arrives whole before the connection ends."""
     config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET), webhook_max_body=1000)
-    site = build_site(CircleFactory(Gateway(config, reactor, Recorder())), reactor)
+    site = build_site(CircleFactory(Gateway(config, reactor, Recorder(), methods)), reactor)
     with open(tls_files["combined"]) as f:
         certificate = tssl.PrivateCertificate.loadPEM(f.read())
     port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")

@@ -21,10 +21,11 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 
 from circles import CirclesService, Config, webhooks
-from circles.redisconn import parse_redis_url
-from circles.scripts import SOURCE_IDENFY, SOURCE_STRIPE
+from circles.backend.redis import parse_redis_url
+from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE
 from circles.webhook_secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecrets
-from circles.worker import ExecEngine, Worker
+from circles.worker.engines import ExecEngine
+from circles.worker.service import Worker
 from .play_client import eventually, new_key, pk
 from .support import TWISTD, twistd
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, encode, idenfy_callback, idenfy_headers, post,
@@ -133,7 +134,7 @@ async def test_duplicate_is_queued_once_and_remembered_with_a_ttl(stack, redis_c
 
 
 def tasks_request(timeout: float):
-    from circles.scripts import ScriptRequest
+    from circles.backend.scripts import ScriptRequest
     return ScriptRequest(circle=CIRCLE, script="x", caller="", source="ws", timeout=timeout)
 
 

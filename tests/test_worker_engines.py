@@ -11,8 +11,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python import usage
 
-from circles import worker_tap
-from circles.worker import EngineError, ExecEngine, ScriptContext, ScriptTimedOut, load_engine
+from circles.worker import tap as worker_tap
+from circles.worker.engines import EngineError, ExecEngine, ScriptContext, ScriptTimedOut, load_engine
 from .play_client import eventually, new_key, pk, sleep
 
 CONTEXT = ScriptContext(task_id="t-1", circle="02" + "ab" * 32, caller="03" + "cd" * 32, source="ws")

@@ -11,7 +11,7 @@ circles = ServiceMaker(
 
 circles_worker = ServiceMaker(
     "circles-worker",
-    "circles.worker_tap",
+    "circles.worker.tap",
     "Circles reference worker: runs the scripts queued in Redis for its circles",
     "circles-worker",
 )

@@ -22,9 +22,9 @@ import resource
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory
 
-from .eager import EagerServer
-from .limits import worth_logging
-from .logs import Logger
+from circles.http.eager import EagerServer
+from circles.limits import worth_logging
+from circles.logs import Logger
 
 log = Logger()
 
@@ -64,7 +64,7 @@ class AcceptGate:
         """Count (and bound) the connections ``port`` accepts from now on; True if it could.
 
         Works on a ``twisted.internet.tcp.Port`` whose connections are
-        :class:`~circles.eager.EagerServer` (see :func:`~circles.eager.send_eagerly`); other
+        :class:`~circles.http.eager.EagerServer` (see :func:`~circles.http.eager.send_eagerly`); other
         ports are left as they are.
         """
         if not isinstance(port, tcp.Port) or port.transport is not EagerServer:

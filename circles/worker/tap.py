@@ -14,12 +14,13 @@ import os
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
 
-from . import logs
-from .config import DEFAULT_STATE_DIR, _circle_set
-from .embedded_redis import SOCKET_NAME
-from .redisconn import InvalidRedisURL, RedisAddress, parse_redis_url
-from .server_tap import REDIS_URL_ENV, _positive
-from .worker import DEFAULT_MAX_OUTPUT, ExecEngine, Worker, load_engine
+from circles import logs
+from circles.config import DEFAULT_STATE_DIR, _circle_set
+from circles.backend.embedded import SOCKET_NAME
+from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
+from circles.server_tap import REDIS_URL_ENV, _positive
+from circles.worker.engines import DEFAULT_MAX_OUTPUT, ExecEngine, load_engine
+from circles.worker.service import Worker
 
 
 class Options(usage.Options):

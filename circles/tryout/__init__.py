@@ -1,7 +1,7 @@
 """The one-command try-out (``./scripts/try``, ``circles try``, ``python -m circles.tryout``).
 
 Brings up, on this machine and bound to 127.0.0.1 only: the server with ``--auth``, TLS from a
-development CA (:mod:`circles.devcert`) and the playground, its private Redis, one circle, and a
+development CA (:mod:`circles.tryout.devcert`) and the playground, its private Redis, one circle, and a
 reference worker; then prints the URLs and a ``circles play`` line to paste. Ctrl-C (or SIGTERM)
 stops the worker, then the server (which stops Redis), and returns once all have exited.
 
@@ -12,7 +12,7 @@ which stops them in order; and each asks the kernel for SIGTERM should the super
 State lives in ``--state-dir`` (default ``./state``): ``certs/`` (the CA clients trust), the
 circle's key, a user key for the pasted line, logs, and the Redis socket.
 
-The worker's engine is :mod:`circles.tiny_engine` (a small sandboxed expression language;
+The worker's engine is :mod:`circles.worker.tiny_engine` (a small sandboxed expression language;
 why not ``sh`` is said there); ``--exec 'rhai-run {script_file}'`` runs real Rhai instead.
 """
 
@@ -35,7 +35,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from . import devcert, signing
+from circles.client import signing
+from circles.tryout import devcert
 
 DEFAULT_PORT = 8443
 INTERFACE = "127.0.0.1"
@@ -202,8 +203,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"TCP port (default $PORT or {DEFAULT_PORT}; 0 picks a free one)")
     engine = parser.add_mutually_exclusive_group()
     engine.add_argument("--exec", metavar="CMD", help="worker engine command instead, e.g. 'rhai-run {script_file}'")
-    engine.add_argument("--engine", default="circles.tiny_engine:run", metavar="MODULE:CALLABLE",
-                        help="worker engine callable (default circles.tiny_engine:run)")
+    engine.add_argument("--engine", default="circles.worker.tiny_engine:run", metavar="MODULE:CALLABLE",
+                        help="worker engine callable (default circles.worker.tiny_engine:run)")
     parser.add_argument("server_args", nargs="*", metavar="-- TWISTD_ARGS",
                         help="more options for twistd circles (after --)")
     return parser
@@ -289,6 +290,3 @@ def main(argv: Optional[list] = None) -> None:
 
     react(lambda reactor: ensureDeferred(run(reactor)))
 
-
-if __name__ == "__main__":
-    main()

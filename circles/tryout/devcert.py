@@ -1,6 +1,6 @@
 """Make a development CA and a server certificate for localhost, for trying circles over wss.
 
-    python -m circles.devcert DIR [--host NAME ...]
+    python -m circles.tryout.devcert DIR [--host NAME ...]
 
 writes ``DIR/ca.pem`` (the CA certificate clients trust), ``DIR/cert.pem`` (the server's
 certificate followed by the CA) and ``DIR/key.pem`` (the server's key, mode 0600). The CA's own

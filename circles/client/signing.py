@@ -18,8 +18,8 @@ from typing import Optional, Union
 import coincurve
 from coincurve import ecdsa
 
-from .auth import eth_personal_digest
-from .keys import parse_hex
+from circles.auth import eth_personal_digest
+from circles.keys import parse_hex
 
 KEY_ENV = "CIRCLES_PRIVATE_KEY"
 SCHEMES = ("eth", "ecdsa")

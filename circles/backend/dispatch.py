@@ -29,15 +29,15 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from .logs import Logger
+from circles.logs import Logger
 from twisted.python.failure import Failure
 from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
-from . import tasks
-from .limits import worth_logging
-from .redisconn import RedisAddress, connect, text
-from .scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend import tasks
+from circles.limits import worth_logging
+from circles.backend.redis import RedisAddress, connect, text
+from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
 
 log = Logger()
 
@@ -61,9 +61,9 @@ class _Waiting:
 
 @implementer(IScriptRunner)
 class RedisDispatcher(Service):
-    """The production :class:`~circles.scripts.IScriptRunner`: a producer of Redis tasks.
+    """The production :class:`~circles.backend.scripts.IScriptRunner`: a producer of Redis tasks.
 
-    :param address: where Redis is (see :func:`circles.redisconn.parse_redis_url`).
+    :param address: where Redis is (see :func:`circles.backend.redis.parse_redis_url`).
     :param reactor: provides IReactorTime (deadlines, timestamps) and connects.
     :param prefix: prepended to every key, default ``circles:``.
     :param server_id: names this process's reply list; random by default. Two live servers
@@ -206,7 +206,7 @@ class RedisDispatcher(Service):
         """Queue ``request`` like :meth:`enqueue`, with ``data_json`` stored as given (webhooks
         pass the provider's body, byte for byte), unless the event ``key`` (a name under the
         ``seen:`` prefix) was queued in the last ``ttl`` seconds. Fire with a
-        :class:`~circles.scripts.Queued`; on failure nothing was queued and ``key`` is free."""
+        :class:`~circles.backend.scripts.Queued`; on failure nothing was queued and ``key`` is free."""
         if not self.is_connected():
             return fail(BackendUnavailable("Redis is unreachable"))
         task_id = str(uuid.uuid4())

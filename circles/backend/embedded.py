@@ -22,11 +22,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ProcessProtocol
-from .logs import Logger
-from .processes import RestartDelay, dies_with_this_process
+from circles.logs import Logger
+from circles.processes import RestartDelay, dies_with_this_process
 from twisted.python.failure import Failure
 
-from .redisconn import RedisAddress
+from circles.backend.redis import RedisAddress
 
 log = Logger()
 

@@ -25,8 +25,8 @@ from typing import Any, Optional
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from . import signing
-from .client import ConnectFailed, ConnectionClosed, RPCError, connect
+from circles.client import signing
+from circles.client.connection import ConnectFailed, ConnectionClosed, RPCError, connect
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -191,7 +191,7 @@ async def _remote(reactor, args) -> None:
 def main(argv: Optional[list] = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.command == "try":
-        from . import tryout
+        from circles import tryout
         tryout.main(args.args)
         return
     if args.command in ("keygen", "pubkey"):

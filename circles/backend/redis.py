@@ -21,7 +21,7 @@ import txredisapi
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 
-from .ca_file import CAFileError, load_ca_file
+from circles.ca_file import CAFileError, load_ca_file
 
 DEFAULT_PORT = 6379
 CONNECT_TIMEOUT = 5.0

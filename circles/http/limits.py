@@ -21,8 +21,8 @@ from io import BytesIO
 
 from twisted.web.server import Request
 
-from .anomalies import LogBudget
-from .limits import half_close
+from circles.anomalies import LogBudget
+from circles.limits import half_close
 
 DEFAULT_MAX_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped

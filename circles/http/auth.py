@@ -17,10 +17,10 @@ from typing import Optional
 
 from klein import Klein
 
-from .api import Gateway
-from .auth import TooManyNonces, TooManyNoncesForOwner
-from .keys import InvalidKey, normalize_pubkey
-from .limits import address_key
+from circles.gateway import Gateway
+from circles.auth import TooManyNonces, TooManyNoncesForOwner
+from circles.keys import InvalidKey, normalize_pubkey
+from circles.limits import address_key
 
 
 def _json(request, status: int, body: dict) -> bytes:

@@ -28,7 +28,7 @@ import operator
 import tokenize
 from typing import Any
 
-from .worker import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext
+from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext
 
 MAX_SCRIPT = 64 * 1024
 MAX_STEPS = 100_000
@@ -197,7 +197,7 @@ class _Evaluator:
 
 
 def run(script: str, context: ScriptContext) -> str:
-    """The engine callable (``circles-worker --engine circles.tiny_engine:run``)."""
+    """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``)."""
     if len(script) > MAX_SCRIPT:
         raise EngineError(f"script longer than {MAX_SCRIPT} characters")
     try:

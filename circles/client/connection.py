@@ -42,9 +42,9 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClien
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import jsonrpc
-from .ca_file import load_ca_file
-from .signing import PrivateKeyLike, private_key, public_key, sign_nonce
+from circles import jsonrpc
+from circles.ca_file import load_ca_file
+from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
 
 log = Logger()
 

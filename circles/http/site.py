@@ -1,6 +1,6 @@
 """The one HTTP Site of a server: operational routes, webhooks, and circles reached over HTTP.
 
-WebSocket upgrades of circle paths usually never get here: :mod:`circles.upgrade` hands them
+WebSocket upgrades of circle paths usually never get here: :mod:`circles.http.upgrade` hands them
 straight to Autobahn. What does arrive at ``/{circle_pk}`` (a plain GET, an upgrade the router
 did not recognise) goes to Autobahn's ``WebSocketResource``; either way the protocol decides
 in its opening handshake whether the circle exists (404 if not), so that check lives in one
@@ -8,7 +8,7 @@ place. Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...
 ``/health``, ``/ready``, ``/metrics``) are plain children of the root; circle ids are hex, so
 they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
-Request bodies are bounded for every route as they arrive (:mod:`circles.http_limits`).
+Request bodies are bounded for every route as they arrive (:mod:`circles.http.limits`).
 """
 
 from __future__ import annotations
@@ -21,32 +21,18 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from . import openrpc
-from .keys import COMPRESSED_HEX_LEN
-from .metrics import MetricsPage
-from .http_auth import auth_app
-from .http_limits import bounded_request_factory
-from .limits import RequestDeadlineChannel
-from .protocol import CircleFactory
-from .webhooks import webhook_app
+from circles import openrpc
+from circles.keys import COMPRESSED_HEX_LEN
+from circles.metrics import MetricsPage
+from circles.http.auth import auth_app
+from circles.http.document import Document
+from circles.http.limits import bounded_request_factory
+from circles.http.playground import Playground
+from circles.limits import RequestDeadlineChannel
+from circles.protocol import CircleFactory
+from circles.webhooks import webhook_app
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
-
-
-class Document(Resource):
-    """A fixed body for GET, with its content type and any other headers it needs."""
-
-    isLeaf = True
-
-    def __init__(self, body: bytes, content_type: bytes, headers: tuple = ()) -> None:
-        super().__init__()
-        self._body = body
-        self._headers = ((b"content-type", content_type), *headers)
-
-    def render_GET(self, request) -> bytes:
-        for name, value in self._headers:
-            request.setHeader(name, value)
-        return self._body
 
 
 class _Health(Resource):
@@ -91,7 +77,6 @@ class Root(Resource):
         self.putChild(b"webhooks", webhooks)
         self.putChild(b"health", _Health())
         if playground:
-            from .playground import Playground
             self.putChild(b"playground", Playground())
         self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
         self.putChild(b"openrpc.json", Document(openrpc.document_text().encode("utf-8"), b"application/json"))

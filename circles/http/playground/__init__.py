@@ -15,7 +15,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.util import redirectTo
 
-from ..web import Document
+from circles.http.document import Document
 
 _FILES = {
     b"": ("index.html", b"text/html; charset=utf-8"),

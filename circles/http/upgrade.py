@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
-from .keys import COMPRESSED_HEX_LEN
-from .limits import address_key, half_close, worth_logging
-from .logs import Logger
+from circles.keys import COMPRESSED_HEX_LEN
+from circles.limits import address_key, half_close, worth_logging
+from circles.logs import Logger
 
 log = Logger()
 

@@ -1,0 +1,11 @@
+"""The Redis seam: what the server and the worker share, and nothing of either.
+
+- :mod:`circles.backend.tasks`: the task protocol (keys, states, the Lua steps), the code form of
+  ``docs/worker-protocol.md``;
+- :mod:`circles.backend.redis`: Redis URLs and connections (TCP, TLS, Unix sockets);
+- :mod:`circles.backend.embedded`: the private ``redis-server`` a server starts when given no URL;
+- :mod:`circles.backend.scripts`: the gateway's view of a script backend (``IScriptRunner``);
+- :mod:`circles.backend.dispatch`: the server's side of the protocol (``RedisDispatcher``).
+
+The worker's side is :mod:`circles.worker`. Nothing here imports the gateway, Autobahn or Klein.
+"""

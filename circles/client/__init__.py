@@ -1,0 +1,11 @@
+"""The client side: :mod:`circles.client.connection` (the Python client), key files and
+signing (:mod:`circles.client.signing`), and the ``circles`` command (:mod:`circles.client.cli`).
+
+``from circles.client import connect, RPCError`` loads the connection module on first use.
+"""
+
+from circles.lazy import exports
+
+_CONNECTION = "circles.client.connection"
+__all__ = ["CircleClient", "ConnectFailed", "ConnectionClosed", "ReconnectingClient", "RPCError", "connect"]
+__getattr__, __dir__ = exports(__name__, {name: _CONNECTION for name in __all__})

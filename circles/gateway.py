@@ -1,0 +1,55 @@
+"""``Gateway``: the state one server process shares between its sessions, its HTTP routes and
+its webhooks (configuration, clock, script backend, metrics, nonces issued over HTTP, log
+budgets), so that those reach it without importing one another.
+
+The JSON-RPC methods (:mod:`circles.api`) are passed in, not imported: the gateway answers
+with whatever methods it is given.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from circles.anomalies import LogBudget
+from circles.auth import NonceStore
+from circles.backend.scripts import IScriptRunner
+from circles.config import Config
+from circles.jsonrpc import Dispatcher, Methods, RPCError
+from circles.metrics import Metrics
+from circles.openrpc import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
+
+
+class Gateway:
+    """What every session of one server shares: configuration, clock, script backend."""
+
+    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner, methods: Methods) -> None:
+        self.config = config
+        self.clock = clock
+        self.scripts = scripts
+        #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
+        #: whose client keeps sending is drained once the plays in flight are answered.
+        self.draining = False
+        # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
+        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
+        self.metrics = Metrics(methods)
+        # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
+        self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
+        self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
+        # Refused webhook deliveries and request bodies over the limit (413).
+        self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
+        self.rpc = Dispatcher(
+            methods, config.max_batch,
+            RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
+            observe=self.metrics.request,
+            max_reply=config.max_message_size, too_large=self._reply_too_large,
+        )
+
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.config.max_message_size})
+
+    def stop(self) -> None:
+        """Write what the log budgets hold back and cancel their timers."""
+        self.anomaly_log.stop()
+        self.refusal_log.stop()
+        self.http_log.stop()

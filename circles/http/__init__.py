@@ -1,0 +1,12 @@
+"""The server's HTTP edge: everything between an accepted TCP connection and a circle session.
+
+- :mod:`circles.http.accepts`: connections counted from ``accept()``, refused near the
+  descriptor limit;
+- :mod:`circles.http.eager`: TCP connections that send at once when nothing is queued;
+- :mod:`circles.http.upgrade`: the listening factory: circle WebSocket upgrades straight to
+  Autobahn, any other request to the Site;
+- :mod:`circles.http.site`: the one ``Site`` (operational routes, ``/auth``, webhooks);
+- :mod:`circles.http.auth`: ``/auth/...``, nonces and signatures over plain HTTP;
+- :mod:`circles.http.limits`: request bodies bounded as they arrive (413);
+- :mod:`circles.http.playground`: the browser playground.
+"""

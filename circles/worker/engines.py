@@ -1,0 +1,274 @@
+"""Engines: what runs one script for the worker (:mod:`circles.worker.service`).
+
+An *engine* is any callable ``(script, context) -> str | Deferred[str]``. Two ship here:
+:class:`ExecEngine` runs an external interpreter such as ``rhai-run`` on the script in a
+temporary file, and :func:`load_engine` imports a Python callable by name (the try-out's is
+:mod:`circles.worker.tiny_engine`). An engine reports a script error by raising (or failing):
+the exception's text becomes the task's ``error``. Output is capped at ``context.max_output``
+bytes (:class:`OutputTooLarge`): checked by the worker after the engine, and by an engine while
+it runs if it can (``--exec`` and the tiny engine do).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from circles.backend import tasks
+
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+STDERR_KEPT = 8192
+SCRIPT_FILE = "{script_file}"
+#: Largest ``data`` passed in the environment as CIRCLES_DATA (Linux refuses to exec with one
+#: environment string over 128 KiB); larger data is only in the CIRCLES_DATA_FILE file.
+MAX_ENV_DATA = 64 * 1024
+
+
+class EngineError(Exception):
+    """A script could not run or reported an error; ``str()`` is what the client sees.
+
+    ``reason`` is the task's ``reason`` field (docs/worker-protocol.md), "" for a plain failure.
+    """
+
+    reason = ""
+
+
+class ScriptTimedOut(EngineError):
+    """The script ran past the timeout and was stopped; the server answers it -32003."""
+
+    reason = tasks.TIMED_OUT
+
+
+class OutputTooLarge(EngineError):
+    """The output is larger than ``limit`` bytes: ``size`` bytes, or None when the script was
+    stopped once over the limit (so its full size is unknown)."""
+
+    def __init__(self, limit: int, size: Optional[int] = None) -> None:
+        super().__init__(f"output too large: more than {limit} bytes" if size is None
+                         else f"output too large: {size} bytes, the limit is {limit}")
+        self.size = size
+        self.limit = limit
+
+
+def output_size(output: str) -> int:
+    """Bytes ``output`` takes in the task and the reply (UTF-8)."""
+    return len(output.encode("utf-8", "surrogatepass"))
+
+
+@attrs.frozen
+class ScriptContext:
+    """What a script may know about its task; ``--exec`` gets it as environment variables."""
+
+    task_id: str
+    circle: str  # CONTEXT_ID
+    caller: str  # CALLER_ID, "" when anonymous
+    source: str  # "ws", "webhook:stripe", ...
+    deadline: Optional[float] = None  # Unix seconds, as the server wrote it
+    data: Optional[str] = None  # JSON text of the task's data (webhook events), if any
+    #: Most UTF-8 bytes of output the worker will pass on; an engine that stops a script once
+    #: over it (rather than building it all first) keeps its memory bounded. None: no cap given.
+    max_output: Optional[int] = None
+
+    def environment(self) -> "dict[str, str]":
+        env = {"CONTEXT_ID": self.circle, "CALLER_ID": self.caller,
+               "CIRCLES_SOURCE": self.source, "CIRCLES_TASK_ID": self.task_id}
+        if self.data is not None:
+            env["CIRCLES_DATA"] = self.data
+        return env
+
+
+Engine = Callable[[str, ScriptContext], Any]
+
+
+# -- the --exec engine ------------------------------------------------------------------------
+
+# Runs the command as the child of a small supervisor that leads a new session (so a process
+# group) whose id is the pid Twisted sees, so that ending the script ends whatever it started
+# too. The supervisor asks the kernel for SIGTERM when the worker dies (PR_SET_PDEATHSIG, Linux)
+# and then kills the whole group: a worker killed with -9 leaves no script behind. It exits as
+# the command did (the same status, or the same signal). -I -S: start as fast as Python can.
+_NEW_SESSION_SHIM = (
+    "import os, signal, sys\n"
+    "os.setsid()\n"
+    "def end(*_): os.killpg(0, signal.SIGKILL)\n"
+    "signal.signal(signal.SIGTERM, end)\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): end()\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+    "    try: os.execv(sys.argv[2], sys.argv[2:])\n"
+    "    except OSError as e: os.write(2, f'cannot start {sys.argv[2]}: {e.strerror}'.encode()); os._exit(1)\n"
+    "status = os.waitpid(pid, 0)[1]\n"
+    "if os.WIFSIGNALED(status):\n"
+    "    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)\n"
+    "    os.kill(os.getpid(), os.WTERMSIG(status))\n"
+    "os._exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def in_own_session(argv: list) -> list:
+    """``argv`` (``argv[0]`` a path) run under a supervisor leading a new session and process
+    group, which kills the group should this process die."""
+    return [sys.executable, "-I", "-S", "-c", _NEW_SESSION_SHIM, str(os.getpid())] + argv
+
+
+class _Run(ProcessProtocol):
+    def __init__(self, done: Deferred, max_output: int) -> None:
+        self.done = done
+        self.max_output = max_output
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.group: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        self.group = self.transport.pid  # the shim makes it the group's id before the script runs
+
+    def outReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return  # stopped already (timeout, too much output): nothing more is kept
+        self.stdout += data
+        if len(self.stdout) > self.max_output:
+            self.stdout = bytearray()
+            self.done.errback(OutputTooLarge(self.max_output))
+            self.kill()
+
+    def errReceived(self, data: bytes) -> None:
+        room = STDERR_KEPT - len(self.stderr)
+        if room > 0:
+            self.stderr += data[:room]
+
+    def end_group(self) -> None:
+        """SIGKILL every process left in the script's group (what it started in the background)."""
+        if self.group is not None:
+            try:
+                os.killpg(self.group, signal.SIGKILL)
+            except OSError:
+                pass  # no such group (left already, or not made yet: then kill() kills the child)
+
+    def kill(self) -> None:
+        self.end_group()
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:
+            pass  # already gone
+        # Close our ends of the pipes: a process that left the group and holds them must not
+        # keep us waiting.
+        self.transport.loseConnection()
+
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace").strip()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.end_group()  # the script is over: nothing it started outlives it
+        if self.done.called:
+            return
+        if reason.check(ProcessDone):
+            self.done.callback(self.stdout.decode("utf-8", "replace"))
+            return
+        code, signal = reason.value.exitCode, reason.value.signal
+        how = f"exit status {code}" if code is not None else f"killed by signal {signal}"
+        detail = self.stderr_text()
+        self.done.errback(EngineError(f"{how}: {detail}" if detail else how))
+
+
+class ExecEngine:
+    """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
+    temporary file, the context in the environment (a task's data also in a temporary file
+    named by CIRCLES_DATA_FILE), stdout is the output; a non-zero exit is
+    an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
+    ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
+    timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is
+    killed when it ends in any of these ways, or when this process dies: what it started in the
+    background does not survive it (unless it left the group itself)."""
+
+    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT) -> None:
+        argv = shlex.split(command)
+        if not argv:
+            raise ValueError("empty command")
+        if not any(SCRIPT_FILE in arg for arg in argv):
+            raise ValueError(f"the command must name the script as {SCRIPT_FILE}")
+        executable = shutil.which(argv[0])
+        if executable is None:
+            raise ValueError(f"{argv[0]!r} not found (not on PATH or not executable)")
+        self.argv = [executable] + argv[1:]
+        self.reactor = reactor
+        self.max_output = max_output
+
+    def __call__(self, script: str, context: ScriptContext) -> Deferred:
+        path = _temporary(script, ".rhai")
+        paths = [path]
+        argv = [arg.replace(SCRIPT_FILE, path) for arg in self.argv]
+        env = dict(os.environ)
+        env.update(context.environment())
+        if context.data is not None:
+            # Always in a file too: a webhook event may be larger than an environment allows.
+            paths.append(_temporary(context.data, ".json"))
+            env["CIRCLES_DATA_FILE"] = paths[-1]
+            if len(context.data.encode("utf-8", "surrogatepass")) > MAX_ENV_DATA:
+                del env["CIRCLES_DATA"]
+
+        def cancel(d: Deferred) -> None:
+            process.kill()
+            detail = process.stderr_text()
+            d.errback(ScriptTimedOut("script timed out" + (f": {detail}" if detail else "")))
+
+        done = Deferred(cancel)
+        limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
+        process = _Run(done, limit)
+        def cleanup(result):
+            for name in paths:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+            return result
+
+        try:
+            self.reactor.spawnProcess(process, sys.executable, in_own_session(argv), env=env)
+        except Exception as e:
+            cleanup(None)
+            raise EngineError(f"cannot start {argv[0]}: {e}") from None
+
+        return done.addBoth(cleanup)
+
+
+def _temporary(text: str, suffix: str) -> str:
+    """Write ``text`` (UTF-8) to a new private temporary file and return its path."""
+    fd, path = tempfile.mkstemp(prefix="circles-", suffix=suffix)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(text)
+    return path
+
+
+# -- the --engine engine ----------------------------------------------------------------------
+
+def load_engine(spec: str) -> Engine:
+    """Import ``package.module:callable``; ValueError with a one-line reason if that fails."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{spec!r} is not package.module:callable")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name}: {e}") from None
+    except AttributeError:
+        raise ValueError(f"{module_name} has no {attribute}") from None
+    if not callable(target):
+        raise ValueError(f"{spec} is not callable")
+    return target
