@@ -8,28 +8,19 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from circles.logs import Logger
 
 from circles import openrpc
-from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, SCRIPT_FAILED, SCRIPT_TIMEOUT,
-                             TOO_MANY_REQUESTS)
-from circles.anomalies import ConnectionAnomalies, LogBudget
+from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
+from circles.backend.scripts import SOURCE_WS, BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.gateway import Gateway
-from circles.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
+from circles.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
-from circles.metrics import Metrics
-from circles.backend.scripts import (
-    SOURCE_WS,
-    BackendUnavailable,
-    IScriptRunner,
-    ScriptFailed,
-    ScriptRequest,
-    ScriptTimeout,
-)
+from circles.logs import Logger
+from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, SCRIPT_FAILED, SCRIPT_TIMEOUT,
+                             TOO_MANY_REQUESTS)
 
 log = Logger()
 methods = Methods()

@@ -6,9 +6,9 @@ from typing import Any, Optional
 
 import attrs
 
+from circles.backend.redis import parse_redis_url, redact_url
 from circles.http.limits import DEFAULT_MAX_BODY
 from circles.keys import InvalidKey, normalize_pubkey
-from circles.backend.redis import parse_redis_url, redact_url
 from circles.webhook_secrets import WebhookSecrets
 
 DEFAULT_PLAIN_PORT = 8080

@@ -27,6 +27,7 @@ import attrs
 import orjson
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.python.failure import Failure
+
 from circles.logs import Logger
 
 PARSE_ERROR = -32700

@@ -14,7 +14,6 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from autobahn.util import wildcards2patterns
-
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel

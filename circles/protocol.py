@@ -72,14 +72,14 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from circles.logs import Logger
 
 from circles.api import Session
-from circles.gateway import Gateway
 from circles.auth import AuthenticationFailed
+from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
 from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.limits import ConnectionCount, OriginPolicy, address_key
+from circles.logs import Logger
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003

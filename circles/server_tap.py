@@ -5,16 +5,16 @@ from __future__ import annotations
 import getopt
 import os
 
+from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
-from twisted.application.service import MultiService
 from twisted.python import usage
 
 from circles import logs, tls, webhook_secrets
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, DEFAULT_STATE_DIR, Config
 from circles.backend.embedded import SOCKET_NAME, EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from circles.http.limits import DEFAULT_MAX_BODY
 from circles.backend.redis import InvalidRedisURL, parse_redis_url
+from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_STATE_DIR, DEFAULT_TLS_PORT, Config
+from circles.http.limits import DEFAULT_MAX_BODY
 from circles.processes import ServerProcesses
 from circles.service import CirclesService
 

@@ -11,26 +11,24 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import (
-    Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed)
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.python.failure import Failure
 
-from circles import tls
-from circles.http.accepts import AcceptGate
-from circles import api
-from circles.gateway import Gateway
-from circles.logs import Logger
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles import api, tls
 from circles.backend.dispatch import RedisDispatcher
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.redis import parse_redis_url
+from circles.backend.scripts import IScriptRunner
+from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.gateway import Gateway
+from circles.http.accepts import AcceptGate
 from circles.http.eager import send_eagerly
+from circles.http.site import build_metrics_site, build_site
+from circles.http.upgrade import UpgradeRouter
+from circles.logs import Logger
 from circles.processes import ReusePortEndpoint
 from circles.protocol import CircleFactory
-from circles.http.upgrade import UpgradeRouter
-from circles.backend.scripts import IScriptRunner
-from circles.http.site import build_metrics_site, build_site
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a

@@ -26,10 +26,10 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
 
-from circles.gateway import Gateway
-from circles.config import Config
-from circles.keys import InvalidKey, normalize_pubkey
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
+from circles.config import Config
+from circles.gateway import Gateway
+from circles.keys import InvalidKey, normalize_pubkey
 from circles.webhook_events import BadEvent, IdenfyCallback, StripeEvent
 from circles.webhook_secrets import WebhookSecrets
 from circles.webhook_signatures import BadSignature, verify_idenfy, verify_stripe

@@ -29,15 +29,16 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from circles.logs import Logger
 from twisted.python.failure import Failure
 from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
 from circles.backend import tasks
-from circles.limits import worth_logging
 from circles.backend.redis import RedisAddress, connect, text
-from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.scripts import (BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest,
+                                     ScriptTimeout)
+from circles.limits import worth_logging
+from circles.logs import Logger
 
 log = Logger()
 

@@ -21,12 +21,12 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, ProcessProtocol
-from circles.logs import Logger
-from circles.processes import RestartDelay, dies_with_this_process
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 
 from circles.backend.redis import RedisAddress
+from circles.logs import Logger
+from circles.processes import RestartDelay, dies_with_this_process
 
 log = Logger()
 

@@ -37,8 +37,8 @@ from autobahn.websocket.util import parse_url
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.task import deferLater
 from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 

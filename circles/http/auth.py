@@ -17,8 +17,8 @@ from typing import Optional
 
 from klein import Klein
 
-from circles.gateway import Gateway
 from circles.auth import TooManyNonces, TooManyNoncesForOwner
+from circles.gateway import Gateway
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import address_key
 

@@ -22,13 +22,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from circles import openrpc
-from circles.keys import COMPRESSED_HEX_LEN
-from circles.metrics import MetricsPage
 from circles.http.auth import auth_app
 from circles.http.document import Document
 from circles.http.limits import bounded_request_factory
 from circles.http.playground import Playground
+from circles.keys import COMPRESSED_HEX_LEN
 from circles.limits import RequestDeadlineChannel
+from circles.metrics import MetricsPage
 from circles.protocol import CircleFactory
 from circles.webhooks import webhook_app
 

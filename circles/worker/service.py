@@ -12,19 +12,19 @@ when the script timeout passes, and reports that with the task's ``reason`` ``ti
 from __future__ import annotations
 
 import os
-import socket
 import secrets
+import socket
 from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore,
-                                    inlineCallbacks, maybeDeferred)
-from circles.logs import Logger
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore, inlineCallbacks,
+                                    maybeDeferred)
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 
 from circles.backend import tasks
 from circles.backend.redis import RedisAddress, connect, text
+from circles.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_size)
 

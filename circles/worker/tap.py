@@ -15,9 +15,9 @@ from twisted.internet import reactor as global_reactor
 from twisted.python import usage
 
 from circles import logs
-from circles.config import DEFAULT_STATE_DIR, _circle_set
 from circles.backend.embedded import SOCKET_NAME
 from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
+from circles.config import DEFAULT_STATE_DIR, _circle_set
 from circles.server_tap import REDIS_URL_ENV, _positive
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, ExecEngine, load_engine
 from circles.worker.service import Worker
