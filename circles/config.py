@@ -6,24 +6,14 @@ from typing import Any, Optional
 
 import attrs
 
+from circles.backend import tasks
 from circles.backend.redis import parse_redis_url, redact_url
 from circles.http.limits import DEFAULT_MAX_BODY
-from circles.keys import InvalidKey, normalize_pubkey
+from circles.keys import circle_set
 from circles.webhook_secrets import WebhookSecrets
 
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
-DEFAULT_STATE_DIR = "circles-state"  # what the twistd plugins use; a Config built by hand has None
-
-
-def _circle_set(values) -> frozenset:
-    circles = set()
-    for value in values:
-        try:
-            circles.add(normalize_pubkey(value))
-        except InvalidKey as e:
-            raise ValueError(f"invalid circle {value!r}: {e}") from None
-    return frozenset(circles)
 
 
 @attrs.frozen(kw_only=True)
@@ -33,7 +23,7 @@ class Config:
     ``circles`` empty means "serve any valid circle id" (a warning is logged once).
     """
 
-    circles: frozenset = attrs.field(default=frozenset(), converter=_circle_set)
+    circles: frozenset = attrs.field(default=frozenset(), converter=circle_set)
     auth_required: bool = False
     listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
     port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
@@ -66,7 +56,7 @@ class Config:
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
     # Where Redis is (redis://, rediss://, unix://); None: start a private redis-server.
     redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
-    redis_prefix: str = "circles:"  # prepended to every Redis key
+    redis_prefix: str = tasks.DEFAULT_PREFIX  # prepended to every Redis key
     # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
     state_dir: Optional[str] = None
     redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)

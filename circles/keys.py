@@ -51,3 +51,15 @@ def _normalize(text: str) -> str:
     except ValueError:
         raise InvalidKey("public key is not a point on secp256k1") from None
     return key.format(compressed=True).hex()
+
+
+def circle_set(values) -> frozenset:
+    """Circle ids (public keys in any form :func:`normalize_pubkey` takes) as a set of
+    compressed hex; ValueError naming the first that is not a key."""
+    circles = set()
+    for value in values:
+        try:
+            circles.add(normalize_pubkey(value))
+        except InvalidKey as e:
+            raise ValueError(f"invalid circle {value!r}: {e}") from None
+    return frozenset(circles)

@@ -18,15 +18,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
-from circles.logs import Logger
+from circles.logs import Logger, worth_logging
 
 log = Logger()
-
-
-def worth_logging(n: int) -> bool:
-    """Whether the ``n``-th refusal of a kind gets a log line: the 1st, 10th, 100th and every
-    1000th, so a flood of refusals is a few lines with a running count, not one line each."""
-    return n in (1, 10, 100) or n % 1000 == 0
 
 
 def address_key(host: Optional[str]) -> Optional[str]:

@@ -39,6 +39,12 @@ def _level_name(text: str) -> str:
 LOG_LEVEL_OPTION = ("log-level", None, "info", f"least severe events logged: {', '.join(LEVEL_NAMES)}", _level_name)
 
 
+def worth_logging(n: int) -> bool:
+    """Whether the ``n``-th refusal of a kind gets a log line: the 1st, 10th, 100th and every
+    1000th, so a flood of refusals is a few lines with a running count, not one line each."""
+    return n in (1, 10, 100) or n % 1000 == 0
+
+
 def json_observer():
     """A log observer writing one JSON object per event to stdout, for log shippers:
     ``twistd --logger=circles.logs.json_observer -n circles ...``."""

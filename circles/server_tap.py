@@ -11,35 +11,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from circles import logs, tls, webhook_secrets
-from circles.backend.embedded import SOCKET_NAME, EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
+from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL, parse_redis_url
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_STATE_DIR, DEFAULT_TLS_PORT, Config
+from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.http.limits import DEFAULT_MAX_BODY
+from circles.options import at_least_zero, positive, private_redis_address, redis_parameters, redis_url
 from circles.processes import ServerProcesses
 from circles.service import CirclesService
-
-REDIS_URL_ENV = "CIRCLES_REDIS_URL"
-
-
-def _positive(kind):
-    def convert(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise ValueError(f"{text} is not positive")
-        return value
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _at_least_zero(kind):
-    """A converter for limits where 0 means "no limit" (or "off")."""
-    def convert(text: str):
-        value = kind(text)
-        if value < 0:
-            raise ValueError(f"{text} is negative")
-        return value
-    convert.__name__ = kind.__name__
-    return convert
 
 
 def _origins(text: str) -> tuple:
@@ -86,52 +64,50 @@ class Options(usage.Options):
         ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
         ("tls-ciphers", None, None, "OpenSSL cipher string for TLS 1.2 (default: Mozilla's intermediate "
          "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
-        ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", _positive(float)),
-        ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", _positive(int)),
+        ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", positive(float)),
+        ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", positive(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
-         "through Redis and stop together", _positive(int)),
-        ("max-batch", None, 100, "most requests in one JSON-RPC batch", _positive(int)),
+         "through Redis and stop together", positive(int)),
+        ("max-batch", None, 100, "most requests in one JSON-RPC batch", positive(int)),
         ("rate-limit", None, 200.0, "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
-         _at_least_zero(float)),
+         at_least_zero(float)),
         ("rate-burst", None, None, "requests a connection may save up (default: twice --rate-limit)",
-         _positive(float)),
+         positive(float)),
         ("max-plays", None, 100, "plays one connection may have waiting for their result, beyond which "
-         "-32006 (0: no limit)", _at_least_zero(int)),
-        ("max-nonces", None, 16, "live nonces one connection may hold", _positive(int)),
-        ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", _at_least_zero(int)),
+         "-32006 (0: no limit)", at_least_zero(int)),
+        ("max-nonces", None, 16, "live nonces one connection may hold", positive(int)),
+        ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", at_least_zero(int)),
         ("max-connections-per-ip", None, 0,
          "open WebSocket connections from one address, an IPv6 one by its /64 "
          "(0: no limit; behind a proxy all share one)",
-         _at_least_zero(int)),
+         at_least_zero(int)),
         ("max-pending-per-ip", None, 512,
          "connections from one address (an IPv6 /64) that have not sent their whole request head yet (0: no limit)",
-         _at_least_zero(int)),
+         at_least_zero(int)),
         ("fd-reserve", None, 100, "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
-         "past the rest, new connections are closed at once", _at_least_zero(int)),
+         "past the rest, new connections are closed at once", at_least_zero(int)),
         ("max-http-nonces-per-ip", None, 100,
-         "live nonces from GET /auth/nonce held by one address (an IPv6 /64) (0: no limit)", _at_least_zero(int)),
+         "live nonces from GET /auth/nonce held by one address (an IPv6 /64) (0: no limit)", at_least_zero(int)),
         ("handshake-timeout", None, 10.0, "seconds from connecting to an open WebSocket (or a whole HTTP request)",
-         _positive(float)),
+         positive(float)),
         ("idle-timeout", None, 600.0, "seconds without a message before a connection is closed (0: never)",
-         _at_least_zero(float)),
+         at_least_zero(float)),
         ("ping-interval", None, 30.0, "seconds between WebSocket pings that find dead peers (0: off)",
-         _at_least_zero(float)),
-        ("ping-timeout", None, 10.0, "seconds a pong may take before the peer is dropped", _positive(float)),
+         at_least_zero(float)),
+        ("ping-timeout", None, 10.0, "seconds a pong may take before the peer is dropped", positive(float)),
         ("allowed-origins", None, ("*",),
          "comma-separated browser Origin patterns allowed to connect, e.g. https://app.example.com,"
          "https://*.example.com (default: any)", _origins),
         ("metrics-listen", None, None, "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
          "(default: /metrics on the main port)"),
         ("shutdown-grace", None, 10.0, "seconds in-flight calls get to finish when the server stops",
-         _at_least_zero(float)),
+         at_least_zero(float)),
         ("script-timeout", None, 30.0, "seconds a play may take (a play's timeout may only lower it)",
-         _positive(float)),
-        ("redis-url", None, None,
-         "Redis shared with the workers: redis://[user:password@]host:port/db, rediss://..., "
-         f"unix:///path?db=N (default: ${REDIS_URL_ENV}, else a private redis-server in --state-dir)"),
-        ("redis-prefix", None, "circles:", "prefix of every Redis key (servers and workers must agree)"),
-        ("state-dir", None, DEFAULT_STATE_DIR,
-         "directory of the private Redis (its socket is STATE_DIR/redis.sock, where circles-worker looks too)"),
+         positive(float)),
+        *redis_parameters("Redis shared with the workers: redis://[user:password@]host:port/db, rediss://..., "
+                          "unix:///path?db=N", "a private redis-server in --state-dir",
+                          "directory of the private Redis (its socket is STATE_DIR/redis.sock, "
+                          "where circles-worker looks too)"),
         ("stripe-secret-file", None, None,
          f"file of Stripe webhook signing secrets, one per line, 'SECRET' or 'CIRCLE_PK SECRET' "
          f"(also ${webhook_secrets.STRIPE_ENV}, comma-separated; neither: /webhooks/stripe is off)"),
@@ -143,12 +119,12 @@ class Options(usage.Options):
         ("idenfy-script", None, None, "file with the script queued for each iDenfy callback (default: a call of "
          "on_idenfy_callback(CIRCLES_DATA))"),
         ("webhook-tolerance", None, 300.0, "seconds a Stripe signature's timestamp may differ from now",
-         _positive(float)),
-        ("webhook-max-body", None, DEFAULT_MAX_BODY, "largest HTTP request body accepted, in bytes", _positive(int)),
+         positive(float)),
+        ("webhook-max-body", None, DEFAULT_MAX_BODY, "largest HTTP request body accepted, in bytes", positive(int)),
         ("webhook-deadline", None, 86400.0, "seconds a queued webhook event may wait for a worker",
-         _positive(float)),
+         positive(float)),
         ("webhook-dedupe-ttl", None, 3 * 86400, "seconds a webhook event is remembered, so a redelivery "
-         "is not queued again", _positive(int)),
+         "is not queued again", positive(int)),
     ]
 
     def __init__(self) -> None:
@@ -190,10 +166,10 @@ class Options(usage.Options):
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
-        redis_url = self["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
-        if redis_url is not None:
+        url = redis_url(self["redis-url"])
+        if url is not None:
             try:
-                address = parse_redis_url(redis_url)
+                address = parse_redis_url(url)
             except InvalidRedisURL as e:
                 raise usage.UsageError(f"--redis-url: {e}")
             try:
@@ -203,7 +179,7 @@ class Options(usage.Options):
         else:
             try:
                 find_redis_server()
-                refuse_a_state_dir_in_use(os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
+                refuse_a_state_dir_in_use(private_redis_address(self["state-dir"]).path)
             except EmbeddedRedisError as e:
                 raise SystemExit(f"circles: {e}")
         try:
@@ -249,7 +225,7 @@ class Options(usage.Options):
                 shutdown_grace=self["shutdown-grace"],
                 metrics_listen=self["metrics-listen"],
                 script_timeout=self["script-timeout"],
-                redis_url=redis_url,
+                redis_url=url,
                 redis_prefix=self["redis-prefix"],
                 state_dir=self["state-dir"],
                 redis_persist=self["redis-persist"],

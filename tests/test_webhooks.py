@@ -23,7 +23,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from circles import webhooks
-from circles.api import Session, methods
+from circles.api import methods
 from circles.gateway import Gateway
 from circles.config import Config
 from circles.protocol import CircleFactory

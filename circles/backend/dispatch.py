@@ -37,8 +37,7 @@ from circles.backend import tasks
 from circles.backend.redis import RedisAddress, connect, text
 from circles.backend.scripts import (BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest,
                                      ScriptTimeout)
-from circles.limits import worth_logging
-from circles.logs import Logger
+from circles.logs import Logger, worth_logging
 
 log = Logger()
 

@@ -31,10 +31,11 @@ from circles.processes import RestartDelay, dies_with_this_process
 log = Logger()
 
 SOCKET_NAME = "redis.sock"
+#: The state directory the twistd plugins use; a Config built by hand has None (a temporary one).
+DEFAULT_STATE_DIR = "circles-state"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _MAX_UNIX_PATH = 107
-
 
 
 class EmbeddedRedisError(Exception):

@@ -23,8 +23,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Factory
 
 from circles.http.eager import EagerServer
-from circles.limits import worth_logging
-from circles.logs import Logger
+from circles.logs import Logger, worth_logging
 
 log = Logger()
 

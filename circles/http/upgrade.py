@@ -24,8 +24,8 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
 from circles.keys import COMPRESSED_HEX_LEN
-from circles.limits import address_key, half_close, worth_logging
-from circles.logs import Logger
+from circles.limits import address_key, half_close
+from circles.logs import Logger, worth_logging
 
 log = Logger()
 

@@ -9,16 +9,13 @@ the same ``--state-dir`` (default ``circles-state``), so a one-machine first run
 
 from __future__ import annotations
 
-import os
-
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
 
 from circles import logs
-from circles.backend.embedded import SOCKET_NAME
-from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
-from circles.config import DEFAULT_STATE_DIR, _circle_set
-from circles.server_tap import REDIS_URL_ENV, _positive
+from circles.backend.redis import InvalidRedisURL, parse_redis_url
+from circles.keys import circle_set
+from circles.options import positive, private_redis_address, redis_parameters, redis_url
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, ExecEngine, load_engine
 from circles.worker.service import Worker
 
@@ -35,17 +32,15 @@ class Options(usage.Options):
     )
     optParameters = [
         logs.LOG_LEVEL_OPTION,
-        ("redis-url", None, None,
-         f"Redis shared with the servers (default: ${REDIS_URL_ENV}, else the private Redis of a "
-         "server started with the same --state-dir)"),
-        ("redis-prefix", None, "circles:", "prefix of every Redis key (servers and workers must agree)"),
-        ("state-dir", None, DEFAULT_STATE_DIR, "state directory of the server whose private Redis to use"),
-        ("concurrency", "c", 4, "scripts run at the same time", _positive(int)),
-        ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", _positive(float)),
+        *redis_parameters("Redis shared with the servers",
+                          "the private Redis of a server started with the same --state-dir",
+                          "state directory of the server whose private Redis to use"),
+        ("concurrency", "c", 4, "scripts run at the same time", positive(int)),
+        ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", positive(float)),
         ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
         ("engine", None, None, "Python callable running a script, as package.module:callable"),
         ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of a script, in bytes, with either engine "
-         "(a server's smaller limit, given in its tasks, wins); more is an error result", _positive(int)),
+         "(a server's smaller limit, given in its tasks, wins); more is an error result", positive(int)),
     ]
 
     def __init__(self) -> None:
@@ -60,20 +55,20 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["circles"] = sorted(_circle_set(self["circles"]))
+            self["circles"] = sorted(circle_set(self["circles"]))
         except ValueError as e:
             raise usage.UsageError(f"-k/--circle: {e}")
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
-        redis_url = self["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
+        url = redis_url(self["redis-url"])
         try:
-            if redis_url is not None:
-                self.address = parse_redis_url(redis_url)
+            if url is not None:
+                self.address = parse_redis_url(url)
                 self.address.endpoint(global_reactor)  # reads an ssl_ca_certs file: refuse a bad one now
             else:
-                self.address = RedisAddress(path=os.path.join(os.path.abspath(self["state-dir"]), SOCKET_NAME))
+                self.address = private_redis_address(self["state-dir"])
         except InvalidRedisURL as e:
             raise usage.UsageError(f"--redis-url: {e}")
         try:
