@@ -12,7 +12,9 @@ setup(
     entry_points={"console_scripts": ["circles = circles.client.cli:main"]},
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=23.8",
+        # circles/http/eager.py subclasses tcp.Server and reads its buffers and flags (see the tests
+        # pinning the reviewed Twisted source), as circles/protocol.py does with Autobahn.
+        "twisted[tls]>=26.10,<27",
         # circles/protocol.py trims a few of Autobahn's methods (see the tests pinning their source).
         "autobahn>=26.10,<27",
         "coincurve>=20",

@@ -3,8 +3,11 @@ go out at once and a drained connection closes without the writability round tri
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task, tcp
 from twisted.internet.defer import Deferred
@@ -201,3 +204,47 @@ async def test_the_service_accepts_with_eager_connections(start):
                                    reactor=reactor))
     [port] = await service.when_listening()
     assert issubclass(port.transport, EagerServer)  # counted by the accept gate, eager all the same
+
+
+# --- the Twisted code EagerServer was reviewed against ---------------------------------------
+
+#: sha256 (first 16 hex digits) of each Twisted method whose behaviour EagerServer relies on or
+#: mirrors (the buffers and flags it reads, the paths it takes instead), as reviewed for the
+#: Twisted line setup.py pins. When Twisted changes one, this fails: read the new source against
+#: circles/http/eager.py, carry over what matters, and record the new digest.
+TWISTED_SOURCES = {
+    ("FileDescriptor", "write"): "3e46c97fc173bc7e",
+    ("FileDescriptor", "writeSequence"): "1606f230d318191a",
+    ("FileDescriptor", "loseConnection"): "e13b8468f05208ae",
+    ("FileDescriptor", "doWrite"): "a986d7b1b1054e43",
+    ("FileDescriptor", "_postLoseConnection"): "684e97f94f7e5041",
+    ("FileDescriptor", "connectionLost"): "1e0b14c7c3f9d02d",
+    ("Connection", "writeSomeData"): "2dd0d4209260b94e",
+    ("Connection", "connectionLost"): "dd7a9a87035a2084",
+    ("_AbortingMixin", "abortConnection"): "c948f3ef21c1822c",
+    ("ConnectionMixin", "write"): "ea311df0946d3f99",  # the TLS paths EagerServer leaves to Twisted
+    ("ConnectionMixin", "writeSequence"): "a892b82c72b8fe70",
+    ("ConnectionMixin", "loseConnection"): "fc4b216ae210b045",
+    ("Port", "doRead"): "d240fc123090ee23",  # builds each connection from port.transport
+}
+
+
+def _twisted_method(owner: str, method: str):
+    classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port)}
+    return vars(classes[owner])[method]
+
+
+@pytest.mark.parametrize("owner, method", sorted(TWISTED_SOURCES))
+def test_the_twisted_code_eager_server_relies_on_is_the_one_reviewed(owner, method):
+    source = inspect.getsource(_twisted_method(owner, method))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == TWISTED_SOURCES[owner, method]
+
+
+def test_setup_pins_the_twisted_line_that_was_reviewed():
+    # A Twisted outside the pinned line would fail the digests above at best; at worst it
+    # would be installed where these tests never run.
+    from importlib.metadata import requires, version
+
+    pin = next(r for r in requires("circles") if r.startswith("twisted"))
+    assert "<27" in pin and ">=26.10" in pin, pin
+    assert version("twisted").startswith("26."), version("twisted")
