@@ -6,9 +6,10 @@ Accepted URLs::
     rediss://[[username]:password@]host[:port][/db][?ssl_ca_certs=/path/ca.pem]
     unix://[[username]:password@]/path/to/redis.sock[?db=N][&password=...]
 
-``rediss://`` verifies the server's certificate and hostname (service-identity, through
-Twisted's ``optionsForClientTLS``) against the platform's trust store, or against the CA file
-given as ``ssl_ca_certs`` (a PEM bundle: every certificate in it is trusted). The password never appears in ``repr``/``redacted()``: log those.
+``rediss://`` verifies the server as every TLS client here does (:mod:`circles.tls_client`):
+certificate and host name against the platform's trust store, or against the CA file given as
+``ssl_ca_certs`` (a PEM bundle: every certificate in it is trusted), TLS 1.2 at least. The
+password never appears in ``repr``/``redacted()``: log those.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.ssl import optionsForClientTLS, platformTrust
 
-from circles.ca_file import CAFileError, load_ca_file
+from circles.tls_client import CAFileError, client_options
 
 DEFAULT_PORT = 6379
 CONNECT_TIMEOUT = 5.0
@@ -62,10 +62,10 @@ class RedisAddress:
         if not self.tls:
             return endpoint
         try:
-            trust = platformTrust() if self.ca_certs is None else load_ca_file(self.ca_certs)
+            options = client_options(self.host, self.ca_certs)
         except CAFileError as e:
             raise InvalidRedisURL(f"ssl_ca_certs: {e}") from None
-        return wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trust), endpoint)
+        return wrapClientTLS(options, endpoint)
 
 
 def _db(text: str) -> int:

@@ -37,14 +37,14 @@ from autobahn.websocket.util import parse_url
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.ssl import CertificateOptions, TLSVersion, optionsForClientTLS
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from circles import jsonrpc
-from circles.ca_file import load_ca_file
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
+from circles.tls_client import client_options
 
 log = Logger()
 
@@ -93,10 +93,7 @@ def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
     if insecure:
         # Development only: any certificate, any host name.
         return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
-    # None: optionsForClientTLS's default, the platform's trust store.
-    trust_root = None if ca is None else load_ca_file(ca)
-    return optionsForClientTLS(host, trustRoot=trust_root,
-                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+    return client_options(host, ca)
 
 
 def endpoint_for(url: str, reactor, *, ca: Optional[str] = None, insecure: bool = False,
