@@ -8,7 +8,7 @@ import attrs
 
 from circles.backend import tasks
 from circles.backend.redis import parse_redis_url, redact_url
-from circles.http.limits import DEFAULT_MAX_BODY
+from circles.http.limits import DEFAULT_MAX_REQUEST_BODY
 from circles.keys import circle_set
 from circles.webhook_secrets import WebhookSecrets
 
@@ -61,13 +61,13 @@ class Config:
     state_dir: Optional[str] = None
     redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
     playground: bool = False  # serve the browser playground at /playground/
+    max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # largest HTTP request body, bytes, on every route
     # Webhooks (docs/webhooks.md). A provider without secrets is off (its endpoint answers 404).
     stripe_secrets: WebhookSecrets = WebhookSecrets()  # repr shows counts only
     idenfy_secrets: WebhookSecrets = WebhookSecrets()
     stripe_script: Optional[str] = None  # script text queued per Stripe event; None: webhooks.STRIPE_SCRIPT
     idenfy_script: Optional[str] = None  # per iDenfy callback; None: webhooks.IDENFY_SCRIPT
     webhook_tolerance: float = 300.0  # seconds a Stripe signature's timestamp may be from now
-    webhook_max_body: int = DEFAULT_MAX_BODY  # largest HTTP request body, bytes (every route)
     webhook_deadline: float = 86400.0  # seconds a queued event may wait for a worker
     webhook_dedupe_ttl: int = 3 * 86400  # seconds a delivered event is remembered (Stripe retries for 3 days)
 

@@ -179,8 +179,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _too_deep(text: Union[str, bytes]) -> bool:
-    """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot)."""
+def too_deep(text: Union[str, bytes]) -> bool:
+    """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot): what
+    to ask before json's C decoder sees untrusted text (see :func:`parse`; webhook bodies too)."""
     if isinstance(text, bytes):
         if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
             return False
@@ -201,7 +202,7 @@ _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 def parse(payload: Union[str, bytes]) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
-    if not _too_deep(data) and _LONG_DIGITS.search(data) is None:
+    if not too_deep(data) and _LONG_DIGITS.search(data) is None:
         try:
             # orjson takes UTF-8 only and refuses NaN, Infinity and numbers that overflow.
             return orjson.loads(data)
@@ -216,7 +217,7 @@ def parse(payload: Union[str, bytes]) -> JSONValue:
         # recursion limit, which a library may have raised (py_ecc, imported by
         # eth-account, sets 100,000): then 100,000 '[' overflow the C stack and kill the
         # process. So the depth is bounded here, not by sys.getrecursionlimit().
-        if _too_deep(payload):
+        if too_deep(payload):
             raise RPCError(PARSE_ERROR, "Parse error: nested too deeply")
         return _DECODER.decode(payload)
     except RecursionError:

@@ -1,5 +1,6 @@
 """What the two twistd plugins (``circles`` and ``circles-worker``) share: option value
-converters and the options naming the Redis that servers and workers meet in.
+converters and the options naming the Redis that servers and workers meet in, and how those
+options become an address.
 
 Only the backend's modules are imported here, so the worker's options load nothing of the
 gateway.
@@ -8,11 +9,14 @@ gateway.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
+
+import attrs
+from twisted.python import usage
 
 from circles.backend import tasks
 from circles.backend.embedded import DEFAULT_STATE_DIR, SOCKET_NAME
-from circles.backend.redis import RedisAddress
+from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
 #: Where ``--redis-url`` is read from when not given.
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
@@ -50,12 +54,38 @@ def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list
     ]
 
 
-def redis_url(option: Optional[str]) -> Optional[str]:
-    """``--redis-url`` as given, else ``$CIRCLES_REDIS_URL``, else None (the private Redis)."""
-    return option or os.environ.get(REDIS_URL_ENV) or None
-
-
 def private_redis_address(state_dir: str) -> RedisAddress:
     """The socket of the private Redis a server keeps in ``state_dir``."""
     return RedisAddress(path=os.path.join(os.path.abspath(state_dir), SOCKET_NAME))
 
+
+@attrs.frozen
+class RedisChoice:
+    """The Redis the options of :func:`redis_parameters` name."""
+
+    url: Optional[str] = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
+    address: RedisAddress  # the URL's, or the private Redis's socket in the state directory
+
+    @property
+    def private(self) -> bool:
+        return self.url is None
+
+
+def choose_redis(options: Mapping[str, Optional[str]], reactor) -> RedisChoice:
+    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``),
+    else the private one in ``--state-dir``; checked as far as it can be without connecting.
+
+    A URL that is not one is a usage mistake: :class:`usage.UsageError`. A ``rediss://`` URL
+    whose ``ssl_ca_certs`` file cannot be used raises :class:`InvalidRedisURL`, which each plugin
+    answers its own way (the server with one line and no help text, the worker as a usage
+    mistake).
+    """
+    url = options["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
+    if url is None:
+        return RedisChoice(None, private_redis_address(options["state-dir"]))
+    try:
+        address = parse_redis_url(url)
+    except InvalidRedisURL as e:
+        raise usage.UsageError(f"--redis-url: {e}")
+    address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
+    return RedisChoice(url, address)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import getopt
 import os
+from typing import Callable, Optional
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
@@ -12,12 +14,41 @@ from twisted.python import usage
 
 from circles import logs, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from circles.backend.redis import InvalidRedisURL, parse_redis_url
+from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.http.limits import DEFAULT_MAX_BODY
-from circles.options import at_least_zero, positive, private_redis_address, redis_parameters, redis_url
+from circles.options import at_least_zero, choose_redis, positive, redis_parameters
 from circles.processes import ServerProcesses
 from circles.service import CirclesService
+
+log = logs.Logger()
+
+#: The options that set one :class:`Config` field each, as they are, by the field's name. Their
+#: defaults are the fields' (written once, in Config); the other options are read in postOptions.
+CONFIG_FIELDS = {
+    "auth": "auth_required", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
+    "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
+    "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
+    "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
+    "max-connections-per-ip": "max_connections_per_ip", "max-pending-per-ip": "max_pending_per_ip",
+    "fd-reserve": "fd_reserve", "max-http-nonces-per-ip": "max_http_nonces_per_ip",
+    "handshake-timeout": "handshake_timeout", "idle-timeout": "idle_timeout", "ping-interval": "ping_interval",
+    "ping-timeout": "ping_timeout", "allowed-origins": "allowed_origins", "metrics-listen": "metrics_listen",
+    "shutdown-grace": "shutdown_grace", "script-timeout": "script_timeout", "redis-prefix": "redis_prefix",
+    "redis-persist": "redis_persist", "playground": "playground", "webhook-tolerance": "webhook_tolerance",
+    "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
+    "webhook-dedupe-ttl": "webhook_dedupe_ttl",
+}
+
+#: Former names still accepted, and the options they are now.
+DEPRECATED = {"webhook-max-body": "max-request-body"}
+
+
+def _setting(option: str, help: str, coerce: Optional[Callable] = None, short: Optional[str] = None) -> tuple:
+    """The ``optParameters`` row of an option of :data:`CONFIG_FIELDS`: its default is its field's."""
+    return (option, short, attrs.fields_dict(Config)[CONFIG_FIELDS[option]].default, help, coerce)
+
+
+_request_body = positive(int)
 
 
 def _origins(text: str) -> tuple:
@@ -57,53 +88,47 @@ class Options(usage.Options):
     ]
     optParameters = [
         logs.LOG_LEVEL_OPTION,
-        ("port", "p", None,
-         f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int),
-        ("interface", None, "", "address to bind (default: all)"),
+        _setting("port", f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int,
+                 short="p"),
+        _setting("interface", "address to bind (default: all)"),
         ("tls-cert", None, None, "PEM certificate (chain) file: serve TLS (wss://)"),
         ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
-        ("tls-ciphers", None, None, "OpenSSL cipher string for TLS 1.2 (default: Mozilla's intermediate "
-         "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
-        ("nonce-ttl", None, 300.0, "seconds a nonce stays valid", positive(float)),
-        ("max-message-size", None, 1024 * 1024, "largest WebSocket message accepted, in bytes", positive(int)),
+        _setting("tls-ciphers", "OpenSSL cipher string for TLS 1.2 (default: Mozilla's intermediate "
+                 "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
+        _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
+        _setting("max-message-size", "largest WebSocket message accepted, in bytes", positive(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
          "through Redis and stop together", positive(int)),
-        ("max-batch", None, 100, "most requests in one JSON-RPC batch", positive(int)),
-        ("rate-limit", None, 200.0, "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
-         at_least_zero(float)),
-        ("rate-burst", None, None, "requests a connection may save up (default: twice --rate-limit)",
-         positive(float)),
-        ("max-plays", None, 100, "plays one connection may have waiting for their result, beyond which "
-         "-32006 (0: no limit)", at_least_zero(int)),
-        ("max-nonces", None, 16, "live nonces one connection may hold", positive(int)),
-        ("max-connections", None, 10_000, "open WebSocket connections (0: no limit)", at_least_zero(int)),
-        ("max-connections-per-ip", None, 0,
-         "open WebSocket connections from one address, an IPv6 one by its /64 "
-         "(0: no limit; behind a proxy all share one)",
-         at_least_zero(int)),
-        ("max-pending-per-ip", None, 512,
-         "connections from one address (an IPv6 /64) that have not sent their whole request head yet (0: no limit)",
-         at_least_zero(int)),
-        ("fd-reserve", None, 100, "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
-         "past the rest, new connections are closed at once", at_least_zero(int)),
-        ("max-http-nonces-per-ip", None, 100,
-         "live nonces from GET /auth/nonce held by one address (an IPv6 /64) (0: no limit)", at_least_zero(int)),
-        ("handshake-timeout", None, 10.0, "seconds from connecting to an open WebSocket (or a whole HTTP request)",
-         positive(float)),
-        ("idle-timeout", None, 600.0, "seconds without a message before a connection is closed (0: never)",
-         at_least_zero(float)),
-        ("ping-interval", None, 30.0, "seconds between WebSocket pings that find dead peers (0: off)",
-         at_least_zero(float)),
-        ("ping-timeout", None, 10.0, "seconds a pong may take before the peer is dropped", positive(float)),
-        ("allowed-origins", None, ("*",),
-         "comma-separated browser Origin patterns allowed to connect, e.g. https://app.example.com,"
-         "https://*.example.com (default: any)", _origins),
-        ("metrics-listen", None, None, "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
-         "(default: /metrics on the main port)"),
-        ("shutdown-grace", None, 10.0, "seconds in-flight calls get to finish when the server stops",
-         at_least_zero(float)),
-        ("script-timeout", None, 30.0, "seconds a play may take (a play's timeout may only lower it)",
-         positive(float)),
+        _setting("max-batch", "most requests in one JSON-RPC batch", positive(int)),
+        _setting("rate-limit", "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
+                 at_least_zero(float)),
+        _setting("rate-burst", "requests a connection may save up (default: twice --rate-limit)", positive(float)),
+        _setting("max-plays", "plays one connection may have waiting for their result, beyond which "
+                 "-32006 (0: no limit)", at_least_zero(int)),
+        _setting("max-nonces", "live nonces one connection may hold", positive(int)),
+        _setting("max-connections", "open WebSocket connections (0: no limit)", at_least_zero(int)),
+        _setting("max-connections-per-ip", "open WebSocket connections from one address, an IPv6 one by its /64 "
+                 "(0: no limit; behind a proxy all share one)", at_least_zero(int)),
+        _setting("max-pending-per-ip", "connections from one address (an IPv6 /64) that have not sent their "
+                 "whole request head yet (0: no limit)", at_least_zero(int)),
+        _setting("fd-reserve", "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
+                 "past the rest, new connections are closed at once", at_least_zero(int)),
+        _setting("max-http-nonces-per-ip", "live nonces from GET /auth/nonce held by one address (an IPv6 /64) "
+                 "(0: no limit)", at_least_zero(int)),
+        _setting("handshake-timeout", "seconds from connecting to an open WebSocket (or a whole HTTP request)",
+                 positive(float)),
+        _setting("idle-timeout", "seconds without a message before a connection is closed (0: never)",
+                 at_least_zero(float)),
+        _setting("ping-interval", "seconds between WebSocket pings that find dead peers (0: off)",
+                 at_least_zero(float)),
+        _setting("ping-timeout", "seconds a pong may take before the peer is dropped", positive(float)),
+        _setting("allowed-origins", "comma-separated browser Origin patterns allowed to connect, e.g. "
+                 "https://app.example.com,https://*.example.com (default: any)", _origins),
+        _setting("metrics-listen", "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
+                 "(default: /metrics on the main port)"),
+        _setting("shutdown-grace", "seconds in-flight calls get to finish when the server stops",
+                 at_least_zero(float)),
+        _setting("script-timeout", "seconds a play may take (a play's timeout may only lower it)", positive(float)),
         *redis_parameters("Redis shared with the workers: redis://[user:password@]host:port/db, rediss://..., "
                           "unix:///path?db=N", "a private redis-server in --state-dir",
                           "directory of the private Redis (its socket is STATE_DIR/redis.sock, "
@@ -118,19 +143,19 @@ class Options(usage.Options):
          "on_stripe_event(CIRCLES_DATA))"),
         ("idenfy-script", None, None, "file with the script queued for each iDenfy callback (default: a call of "
          "on_idenfy_callback(CIRCLES_DATA))"),
-        ("webhook-tolerance", None, 300.0, "seconds a Stripe signature's timestamp may differ from now",
-         positive(float)),
-        ("webhook-max-body", None, DEFAULT_MAX_BODY, "largest HTTP request body accepted, in bytes", positive(int)),
-        ("webhook-deadline", None, 86400.0, "seconds a queued webhook event may wait for a worker",
-         positive(float)),
-        ("webhook-dedupe-ttl", None, 3 * 86400, "seconds a webhook event is remembered, so a redelivery "
-         "is not queued again", positive(int)),
+        _setting("webhook-tolerance", "seconds a Stripe signature's timestamp may differ from now", positive(float)),
+        _setting("max-request-body", "largest HTTP request body accepted on any route (the webhooks' included), "
+                 "in bytes; larger ones are answered 413 as they arrive", _request_body),
+        _setting("webhook-deadline", "seconds a queued webhook event may wait for a worker", positive(float)),
+        _setting("webhook-dedupe-ttl", "seconds a webhook event is remembered, so a redelivery is not queued again",
+                 positive(int)),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["circles"] = []
         self["listen"] = []
+        self.deprecated: "set[str]" = set()  # former option names given, warned about once logging is up
 
     def opt_circle(self, pubkey: str) -> None:
         """circle to serve, as its public key in hex (repeatable; default: any)"""
@@ -141,6 +166,14 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """Twisted endpoint to listen on, e.g. tcp:8080 or ssl:8443:privateKey=k.pem:certKey=c.pem (repeatable; overrides --port)"""
         self["listen"].append(description)
+
+    def opt_webhook_max_body(self, value: str) -> None:
+        """deprecated synonym of --max-request-body, its former name (the limit bounds every route)"""
+        try:
+            self["max-request-body"] = _request_body(value)
+        except ValueError as e:  # as usage.Options words it for --max-request-body
+            raise usage.UsageError(f"Parameter type enforcement failed: {e}")
+        self.deprecated.add("webhook-max-body")
 
     def parseOptions(self, options=None) -> None:
         # Kept for --processes, which starts the other processes with the same options.
@@ -166,20 +199,14 @@ class Options(usage.Options):
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
-        url = redis_url(self["redis-url"])
-        if url is not None:
-            try:
-                address = parse_redis_url(url)
-            except InvalidRedisURL as e:
-                raise usage.UsageError(f"--redis-url: {e}")
-            try:
-                address.endpoint(global_reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
-            except InvalidRedisURL as e:
-                raise SystemExit(f"circles: --redis-url: {e}")
-        else:
+        try:
+            redis = choose_redis(self, global_reactor)
+        except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
+            raise SystemExit(f"circles: --redis-url: {e}")
+        if redis.private:
             try:
                 find_redis_server()
-                refuse_a_state_dir_in_use(private_redis_address(self["state-dir"]).path)
+                refuse_a_state_dir_in_use(redis.address.path)
             except EmbeddedRedisError as e:
                 raise SystemExit(f"circles: {e}")
         try:
@@ -197,47 +224,17 @@ class Options(usage.Options):
         scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
         try:
             self.config = Config(
+                **{field: self[option] for option, field in CONFIG_FIELDS.items()},
                 circles=self["circles"],
-                auth_required=self["auth"],
                 listen=tuple(self["listen"]),
-                port=self["port"],
-                interface=self["interface"],
                 reuse_port=self["reuse-port"] or self["processes"] > 1,
                 tls=tls_options,
-                tls_ciphers=self["tls-ciphers"],
-                nonce_ttl=self["nonce-ttl"],
-                max_message_size=self["max-message-size"],
-                max_batch=self["max-batch"],
-                rate_limit=self["rate-limit"],
-                rate_burst=self["rate-burst"],
-                max_plays=self["max-plays"],
-                max_nonces_per_session=self["max-nonces"],
-                max_connections=self["max-connections"],
-                max_connections_per_ip=self["max-connections-per-ip"],
-                max_pending_per_ip=self["max-pending-per-ip"],
-                fd_reserve=self["fd-reserve"],
-                max_http_nonces_per_ip=self["max-http-nonces-per-ip"],
-                handshake_timeout=self["handshake-timeout"],
-                idle_timeout=self["idle-timeout"],
-                ping_interval=self["ping-interval"],
-                ping_timeout=self["ping-timeout"],
-                allowed_origins=self["allowed-origins"],
-                shutdown_grace=self["shutdown-grace"],
-                metrics_listen=self["metrics-listen"],
-                script_timeout=self["script-timeout"],
-                redis_url=url,
-                redis_prefix=self["redis-prefix"],
+                redis_url=redis.url,
                 state_dir=self["state-dir"],
-                redis_persist=self["redis-persist"],
-                playground=self["playground"],
                 stripe_secrets=stripe_secrets,
                 idenfy_secrets=idenfy_secrets,
                 stripe_script=scripts["stripe"],
                 idenfy_script=scripts["idenfy"],
-                webhook_tolerance=self["webhook-tolerance"],
-                webhook_max_body=self["webhook-max-body"],
-                webhook_deadline=self["webhook-deadline"],
-                webhook_dedupe_ttl=self["webhook-dedupe-ttl"],
             )
         except ValueError as e:
             raise SystemExit(f"circles: -k/--circle: {e}")
@@ -245,6 +242,8 @@ class Options(usage.Options):
 
 def makeService(config: Options, reactor=global_reactor):
     logs.set_level(config["log-level"])
+    for former in sorted(config.deprecated):
+        log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
     service = CirclesService(config.config, reactor=reactor)
     if config["processes"] == 1:
         return service
@@ -261,8 +260,9 @@ def makeService(config: Options, reactor=global_reactor):
 
 
 def child_argv(options: usage.Options, argv: list) -> list:
-    """``argv`` as the other server processes get it: every option under its full name, and
-    ``--processes`` replaced by ``--processes=1``, so a child never starts processes of its own.
+    """``argv`` as the other server processes get it: every option under its full (and current)
+    name, and ``--processes`` replaced by ``--processes=1``, so a child never starts processes of
+    its own.
 
     Built from getopt's parse (the one ``usage.Options`` does), not by matching the text the user
     typed: getopt takes any unique prefix (``--proc 2``), ``--processes=2`` and ``--processes 2``
@@ -273,6 +273,7 @@ def child_argv(options: usage.Options, argv: list) -> list:
     kept = []
     for opt, value in pairs:
         name = options.synonyms[opt.lstrip("-")]
+        name = DEPRECATED.get(name, name)
         if name == "processes":
             continue
         kept.append(f"--{name}={value}" if name in parameters else f"--{name}")

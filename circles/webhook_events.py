@@ -22,7 +22,7 @@ import attrs
 # The same bound as JSON-RPC messages: json's C decoder recurses once per level and stops only at
 # the interpreter's recursion limit, which a library may have raised far past what the C stack
 # holds (see circles.jsonrpc.parse).
-from circles.jsonrpc import MAX_DEPTH, _too_deep
+from circles.jsonrpc import MAX_DEPTH, too_deep
 
 #: ``status.overall`` values an iDenfy result callback carries (REVIEWING while a human reviews,
 #: with ``final`` false).
@@ -59,7 +59,7 @@ def parse_json_object(body: bytes) -> dict:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadEvent("body is not UTF-8") from None
-    if _too_deep(text):
+    if too_deep(text):
         raise BadEvent(f"body nests deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(text, parse_constant=_not_json)

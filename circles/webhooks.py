@@ -135,7 +135,7 @@ def webhook_app(gateway: Gateway) -> Klein:
         secrets = provider.secrets.for_circle(circle)
         if not secrets:
             return refuse(request, 404, f"{name} webhooks are not configured", name, circle)
-        body = _read_body(request, config.webhook_max_body)
+        body = _read_body(request, config.max_request_body)
         if body is None:
             return refuse(request, 413, "request body too large", name, circle)
         try:

@@ -48,7 +48,7 @@ def server(tmp_path_factory, tls_files):
     metrics_port = _free_port()
     args = ["--tls-cert", tls_files["cert"], "--tls-key", tls_files["key"], "--port", "0",
             "--interface", "127.0.0.1", "--handshake-timeout", "120", "--max-pending-per-ip", str(CAP),
-            "--webhook-max-body", "1000", "-k", CIRCLE.pubkey,
+            "--max-request-body", "1000", "-k", CIRCLE.pubkey,
             "--metrics-listen", f"ssl:{metrics_port}:interface=127.0.0.1:privateKey={tls_files['key']}:"
                                 f"certKey={tls_files['cert']}"]
     with twistd(args, tmp_path_factory.mktemp("server")) as process:

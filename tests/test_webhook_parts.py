@@ -82,12 +82,12 @@ def test_options_read_secrets_from_env_and_files(tmp_path, monkeypatch, redis_se
     options = server_tap.Options()
     options.parseOptions(["--redis-url", redis_server.url, "--idenfy-secret-file", str(tmp_path / "idenfy"),
                           "--stripe-script", str(tmp_path / "script.rhai"), "--webhook-tolerance", "60",
-                          "--webhook-max-body", "5000"])
+                          "--max-request-body", "5000"])
     config = options.config
     assert config.stripe_secrets == WebhookSecrets.of("whsec_a", "whsec_b")
     assert config.idenfy_secrets.for_circle(CIRCLE) == (b"s3cret",) and config.idenfy_secrets.for_circle("x") == ()
     assert config.stripe_script == "handle(CIRCLES_DATA)\n" and config.idenfy_script is None
-    assert (config.webhook_tolerance, config.webhook_max_body) == (60, 5000)
+    assert (config.webhook_tolerance, config.max_request_body) == (60, 5000)
     assert "whsec_a" not in repr(config) and "s3cret" not in repr(config)
 
 

@@ -344,7 +344,7 @@ def head(path: str, length: int, extra: bytes = b"") -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_declared_length_over_limit_is_refused_before_the_body(make_server):
-    server = make_server(webhook_max_body=1000)
+    server = make_server(max_request_body=1000)
     path = f"/webhooks/stripe/{CIRCLE}"
     # 10 GiB announced, none sent: the answer comes at once, nothing is waited for or stored.
     answer, _ = await raw_exchange(server.port, head(path, 10 * 2**30, b"Expect: 100-continue\r\n"))
@@ -358,7 +358,7 @@ async def test_declared_length_over_limit_is_refused_before_the_body(make_server
 
 @pytest_twisted.ensureDeferred
 async def test_chunked_body_over_limit_is_refused_while_it_arrives(make_server):
-    server = make_server(webhook_max_body=1000)
+    server = make_server(max_request_body=1000)
     start = (b"POST /webhooks/stripe/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % CIRCLE.encode())
     answer, sent = await raw_exchange(server.port, start, b"100\r\n" + b"x" * 256 + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 413 "), answer
@@ -369,14 +369,14 @@ async def test_chunked_body_over_limit_is_refused_while_it_arrives(make_server):
 async def test_body_at_the_limit_is_accepted(make_server):
     body = encode(stripe_event())
     body = body[:-1] + b" " * 10 + b"}"
-    server = make_server(webhook_max_body=len(body))
+    server = make_server(max_request_body=len(body))
     assert (await server.stripe(body)).code == 200
     refused(await server.stripe(body[:-1] + b" }"), 413)
 
 
 @pytest_twisted.ensureDeferred
 async def test_other_routes_still_work_after_a_refusal(make_server):
-    server = make_server(webhook_max_body=10)
+    server = make_server(max_request_body=10)
     reply = await post(server.port, "/auth/health", method=b"GET")
     assert reply.code == 200
 
@@ -443,7 +443,7 @@ async def test_refusals_write_a_bounded_log(server):
 @pytest_twisted.ensureDeferred
 async def test_413_over_tls(tls_files):
     """TLS has no half-close: the answer still arrives whole before the connection ends."""
-    config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET), webhook_max_body=1000)
+    config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET), max_request_body=1000)
     site = build_site(CircleFactory(Gateway(config, reactor, Recorder(), methods)), reactor)
     with open(tls_files["combined"]) as f:
         certificate = tssl.PrivateCertificate.loadPEM(f.read())

@@ -283,6 +283,6 @@ def test_help_shows_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv(IDENFY_ENV, IDENFY_SECRET)
     result = subprocess.run([TWISTD, "circles", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     for option in ("--stripe-secret-file", "--idenfy-secret-file", "--stripe-script", "--idenfy-script",
-                   "--webhook-tolerance", "--webhook-max-body"):
+                   "--webhook-tolerance", "--max-request-body", "--webhook-max-body"):
         assert option in result.stdout
     assert STRIPE_SECRET not in result.stdout + result.stderr and IDENFY_SECRET not in result.stdout + result.stderr

@@ -65,7 +65,7 @@ class RedisDispatcher(Service):
 
     :param address: where Redis is (see :func:`circles.backend.redis.parse_redis_url`).
     :param reactor: provides IReactorTime (deadlines, timestamps) and connects.
-    :param prefix: prepended to every key, default ``circles:``.
+    :param prefix: prepended to every key, default :data:`~circles.backend.tasks.DEFAULT_PREFIX`.
     :param server_id: names this process's reply list; random by default. Two live servers
         must never share one.
     :param max_output: the largest output (UTF-8 bytes) this server can send back, written into

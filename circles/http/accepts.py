@@ -27,9 +27,6 @@ from circles.logs import Logger, worth_logging
 
 log = Logger()
 
-#: Descriptors kept free for all but client connections.
-DEFAULT_RESERVE = 100
-
 
 def descriptor_limit() -> int:
     """The process's soft RLIMIT_NOFILE; 0 when there is none."""

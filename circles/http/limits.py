@@ -24,7 +24,7 @@ from twisted.web.server import Request
 from circles.anomalies import LogBudget
 from circles.limits import half_close
 
-DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_REQUEST_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
 
 _TOO_LARGE = b'{"error":"request body too large"}'
@@ -33,7 +33,7 @@ _TOO_LARGE = b'{"error":"request body too large"}'
 class BoundedRequest(Request):
     """A ``Request`` refusing bodies over ``max_body`` bytes; see :func:`bounded_request_factory`."""
 
-    max_body: int = DEFAULT_MAX_BODY
+    max_body: int = DEFAULT_MAX_REQUEST_BODY
     log_budget: LogBudget  # where refusals are logged: anyone can make them (bounded_request_factory sets it)
     _refused = False
     _received = 0

@@ -119,7 +119,7 @@ def _bounded_site(root: Resource, gateway, reactor) -> Site:
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.
     site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
-                requestFactory=bounded_request_factory(gateway.config.webhook_max_body, gateway.http_log))
+                requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
     site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
     return site

@@ -1,7 +1,7 @@
 """The ``circles-worker`` twistd plugin: command-line options in, a :class:`Worker` out.
 
 Without ``--redis-url`` the worker uses the private Redis of a ``circles`` server started in
-the same ``--state-dir`` (default ``circles-state``), so a one-machine first run is::
+the same ``--state-dir`` (both default to the same directory), so a one-machine first run is::
 
     twistd -n circles -k <pk>
     twistd -n circles-worker -k <pk> --exec 'rhai-run {script_file}'
@@ -9,15 +9,31 @@ the same ``--state-dir`` (default ``circles-state``), so a one-machine first run
 
 from __future__ import annotations
 
+import inspect
+
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
 
 from circles import logs
-from circles.backend.redis import InvalidRedisURL, parse_redis_url
+from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
-from circles.options import positive, private_redis_address, redis_parameters, redis_url
-from circles.worker.engines import DEFAULT_MAX_OUTPUT, ExecEngine, load_engine
+from circles.options import choose_redis, positive, redis_parameters
+from circles.worker.engines import ExecEngine, load_engine
 from circles.worker.service import Worker
+
+#: The options handed to :class:`Worker` as they are, by its parameter's name. Their defaults are
+#: Worker's, written there once, but for ``--concurrency``: from the command line a worker runs
+#: several scripts at a time, embedded one at a time unless told.
+WORKER_PARAMETERS = {"redis-prefix": "prefix", "concurrency": "concurrency", "script-timeout": "script_timeout",
+                     "max-output": "max_output"}
+OWN_DEFAULTS = {"concurrency": 4}
+
+
+def _default(option: str):
+    """The default of ``--option``: Worker's, unless the command line has its own."""
+    if option in OWN_DEFAULTS:
+        return OWN_DEFAULTS[option]
+    return inspect.signature(Worker).parameters[WORKER_PARAMETERS[option]].default
 
 
 class Options(usage.Options):
@@ -35,11 +51,12 @@ class Options(usage.Options):
         *redis_parameters("Redis shared with the servers",
                           "the private Redis of a server started with the same --state-dir",
                           "state directory of the server whose private Redis to use"),
-        ("concurrency", "c", 4, "scripts run at the same time", positive(int)),
-        ("script-timeout", None, 30.0, "seconds a script may run before it is stopped", positive(float)),
+        ("concurrency", "c", _default("concurrency"), "scripts run at the same time", positive(int)),
+        ("script-timeout", None, _default("script-timeout"), "seconds a script may run before it is stopped",
+         positive(float)),
         ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
         ("engine", None, None, "Python callable running a script, as package.module:callable"),
-        ("max-output", None, DEFAULT_MAX_OUTPUT, "largest output of a script, in bytes, with either engine "
+        ("max-output", None, _default("max-output"), "largest output of a script, in bytes, with either engine "
          "(a server's smaller limit, given in its tasks, wins); more is an error result", positive(int)),
     ]
 
@@ -62,14 +79,9 @@ class Options(usage.Options):
             raise usage.UsageError("give at least one circle with -k/--circle")
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
-        url = redis_url(self["redis-url"])
         try:
-            if url is not None:
-                self.address = parse_redis_url(url)
-                self.address.endpoint(global_reactor)  # reads an ssl_ca_certs file: refuse a bad one now
-            else:
-                self.address = private_redis_address(self["state-dir"])
-        except InvalidRedisURL as e:
+            self.address = choose_redis(self, global_reactor).address
+        except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise usage.UsageError(f"--redis-url: {e}")
         try:
             if self["exec"] is not None:
@@ -85,6 +97,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
-    return Worker(config.address, config["circles"], engine, reactor=reactor, prefix=config["redis-prefix"],
-                  concurrency=config["concurrency"], script_timeout=config["script-timeout"],
-                  max_output=config["max-output"])
+    return Worker(config.address, config["circles"], engine, reactor=reactor,
+                  **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})
