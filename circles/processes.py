@@ -5,7 +5,7 @@ with ``SO_REUSEPORT`` and the kernel spreads new connections across them; they s
 but Redis (each has its own dispatcher and reply list, as separate hosts would). The first
 process starts the private Redis, if any, and the N-1 others with the same options pointed at
 it; they die with it (parent-death signal) and stop when it stops. One that exits while
-serving is started again (see :class:`RestartDelay`), so N stay N.
+serving is started again (see :class:`~circles.children.RestartDelay`), so N stay N.
 """
 
 from __future__ import annotations
@@ -16,59 +16,18 @@ import sys
 from typing import Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
 from circles.logs import Logger
+from circles.once import Once
 
 log = Logger()
-
-# Runs in a child before exec: ask the kernel to SIGTERM it when its parent dies, then become
-# the real program (the setting survives exec). Exits if the parent is already gone.
-_PDEATHSIG_SHIM = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def dies_with_this_process(argv: list) -> list:
-    """``argv`` wrapped so the child is terminated if this process dies (Linux; elsewhere
-    unchanged). ``argv[0]`` must be a path."""
-    if not sys.platform.startswith("linux"):
-        return argv
-    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())] + argv
-
-
-class RestartDelay:
-    """Seconds to wait before starting again a process that exited on its own (a server process,
-    the private redis-server): ``first``, doubled after each exit that came less than ``stable``
-    seconds after its start, at most ``most``; back to ``first`` once one ran ``stable`` seconds.
-    So a process killed once is back at once, and one that cannot run is retried ever more rarely.
-    Time is the given clock's (the reactor's)."""
-
-    def __init__(self, clock, first: float = 1.0, most: float = 60.0, stable: float = 60.0) -> None:
-        self._clock = clock
-        self.first = first
-        self.most = most
-        self.stable = stable
-        self._next = first
-        self._started = clock.seconds()
-
-    def started(self) -> None:
-        """The process was (re)started now."""
-        self._started = self._clock.seconds()
-
-    def after_exit(self) -> float:
-        """It exited now: the seconds to wait before starting it again."""
-        if self._clock.seconds() - self._started >= self.stable:
-            self._next = self.first
-        delay, self._next = self._next, min(self._next * 2, self.most)
-        return delay
 
 
 @implementer(IStreamServerEndpoint)
@@ -95,8 +54,6 @@ class ReusePortEndpoint:
                 factory = TLSMemoryBIOFactory(self._tls, False, factory)
             port = self._reactor.adoptStreamPort(sock.fileno(), family, factory)
         except OSError as e:
-            from twisted.internet.defer import fail
-            from twisted.internet.error import CannotListenError
             return fail(CannotListenError(self._interface, self._port, e))
         finally:
             sock.close()  # the reactor holds its own descriptor
@@ -106,11 +63,10 @@ class ReusePortEndpoint:
 class _Child(ProcessProtocol):
     def __init__(self, number: int) -> None:
         self.number = number  # 1..count: the same for a process started again in its place
-        self.ended = Deferred()
+        self.ended = Once()  # how it ended, as a log line says it
 
     def processEnded(self, reason) -> None:
-        code, signal = reason.value.exitCode, reason.value.signal
-        self.ended.callback(f"exit status {code}" if code is not None else f"killed by signal {signal}")
+        self.ended.fire(how_it_ended(reason))
 
 
 class ServerProcesses(Service):
@@ -156,7 +112,7 @@ class ServerProcesses(Service):
         transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
                                                env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
         child.transport = transport
-        child.ended.addCallback(self._ended, child)
+        child.ended.when().addCallback(self._ended, child)
         self.children.append(child)
         self._delays[number].started()
         log.info("started server process {n} (pid {pid}) on port {port}", n=number + 1,
@@ -177,19 +133,6 @@ class ServerProcesses(Service):
         for call in restarts.values():
             call.cancel()
         children, self.children = list(self.children), []
-        for child in children:
-            child.transport.signalProcess("TERM")  # each drains its own connections
-        waits = []
-        for child in children:
-            timer = self._reactor.callLater(self._stop_timeout, _kill, child)
-            child.ended.addBoth(lambda result, timer=timer: timer.active() and timer.cancel())
-            waits.append(child.ended)
-        from twisted.internet.defer import DeferredList
-        return DeferredList(waits, consumeErrors=True)
-
-
-def _kill(child: _Child) -> None:
-    try:
-        child.transport.signalProcess("KILL")
-    except Exception:
-        pass
+        # Each drains its own connections on SIGTERM; one still there after the grace is killed.
+        return DeferredList([ensureDeferred(terminate(self._reactor, child.transport, child.ended, self._stop_timeout))
+                             for child in children], consumeErrors=True)

@@ -80,6 +80,7 @@ from circles.jsonrpc import ReplyTooLarge
 from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.limits import ConnectionCount, OriginPolicy, address_key
 from circles.logs import Logger
+from circles.once import Once
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -351,7 +352,7 @@ class CircleFactory(WebSocketServerFactory):
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
-        self._drained: Optional[Deferred] = None
+        self._drained: Optional[Once] = None  # while draining: fires once no connection is left
         config = gateway.config
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,
@@ -383,7 +384,7 @@ class CircleFactory(WebSocketServerFactory):
         self.open_connections.discard(protocol)
         if self._drained is not None and not self.open_connections:
             drained, self._drained = self._drained, None
-            drained.callback(None)
+            drained.fire(None)
 
     @property
     def draining(self) -> bool:
@@ -404,10 +405,8 @@ class CircleFactory(WebSocketServerFactory):
         if not self.open_connections:
             return succeed(None)
         if self._drained is None:
-            self._drained = Deferred()
-        observer = Deferred()
-        self._drained.addBoth(lambda result: (observer.callback(None), result)[1])
-        return observer
+            self._drained = Once()
+        return self._drained.when()
 
     def close_all(self) -> None:
         """Say goodbye to every connection now, whatever it still has in flight."""

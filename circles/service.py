@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.python.failure import Failure
 
@@ -27,6 +27,7 @@ from circles.http.eager import send_eagerly
 from circles.http.site import build_metrics_site, build_site
 from circles.http.upgrade import UpgradeRouter
 from circles.logs import Logger
+from circles.once import Once
 from circles.processes import ReusePortEndpoint
 from circles.protocol import CircleFactory
 
@@ -73,44 +74,33 @@ class ListeningService(Service):
         self._endpoint = endpoint
         self._factory = factory
         self._gate = gate  # counts and bounds the connections accepted
-        self._waiters: list = []
-        self._failure: Optional[Failure] = None
+        self._listening = Once()  # the IListeningPort of this start, or why there is none
         self.port = None  # the IListeningPort once bound
 
     def startService(self) -> None:
         super().startService()
         self._endpoint.listen(self._factory).addCallbacks(self._bound, self._failed)
-        if self._failure is not None:
-            self._failure.raiseException()
+        if isinstance(self._listening.result, Failure):
+            self._listening.result.raiseException()
 
     def _bound(self, port) -> None:
         self.port = port
         send_eagerly(port)
         if self._gate is not None:
             self._gate.install(port)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(port)
+        self._listening.fire(port)
 
     def _failed(self, failure: Failure) -> None:
         log.error("cannot listen: {error}", error=failure.getErrorMessage())
-        self._failure = failure
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(failure)
+        self._listening.fire(failure)
 
     def when_listening(self) -> Deferred:
         """Fire with the ``IListeningPort`` once bound, or fail as binding failed."""
-        if self.port is not None:
-            return succeed(self.port)
-        if self._failure is not None:
-            return fail(self._failure)
-        waiter = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        return self._listening.when()
 
     def stopService(self):
         super().stopService()
+        self._listening = Once()  # asked from now on: the port of the next start
         port, self.port = self.port, None
         return None if port is None else port.stopListening()
 

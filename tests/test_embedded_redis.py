@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from circles import server_tap
 from circles.backend.embedded import EmbeddedRedis, EmbeddedRedisError
+from circles.backend.redis import RedisAddress, connect
 from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
 from .support import twistd
@@ -35,11 +36,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+async def answering(redis: EmbeddedRedis) -> RedisAddress:
+    """Wait as the server's dispatcher and the workers do: a connection that retries until Redis
+    takes it; then it must answer."""
+    factory = connect(redis.address, reactor)
+    try:
+        connection = await factory.getConnection(peek=True)
+        assert await connection.ping() == "PONG"
+    finally:
+        await factory.disconnect()
+    return redis.address
+
+
 @pytest_twisted.ensureDeferred
 async def test_starts_answers_and_stops_without_leftovers(tmp_path):
     redis = EmbeddedRedis(str(tmp_path / "state"), reactor=reactor)
     redis.startService()
-    address = await redis.when_ready()
+    address = await answering(redis)
     assert address.path == str(tmp_path / "state" / "redis.sock")
     assert oct(os.stat(address.path).st_mode & 0o777) == "0o700"
     pid = redis._transport.pid
@@ -56,7 +69,7 @@ async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
     runs on, so its Redis comes back where the dispatcher and the workers reconnect."""
     redis = EmbeddedRedis(str(tmp_path), reactor=reactor)
     redis.startService()
-    address = await redis.when_ready()
+    address = await answering(redis)
     try:
         for _ in range(2):  # and again: each kill is answered by one new redis-server
             first = redis._transport.pid
@@ -86,19 +99,38 @@ def answers(path: str) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_temporary_state_dir_is_removed():
     redis = EmbeddedRedis(None, reactor=reactor)
-    redis.startService()
-    await redis.when_ready()
     directory = redis.state_dir
+    assert redis.address.path == os.path.join(directory, "redis.sock")
+    assert not os.path.exists(directory)  # named, not made: only a start makes it
+    redis.startService()
+    await answering(redis)
     assert os.path.exists(directory)
+    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
     await redis.stopService()
     assert not os.path.exists(directory)
+    redis.startService()  # started again: the same directory, made again, so the same address
+    try:
+        await answering(redis)
+    finally:
+        await redis.stopService()
+    assert not os.path.exists(directory)
+
+
+def test_a_temporary_state_dir_someone_else_made_is_refused(tmp_path):
+    redis = EmbeddedRedis(None, reactor=reactor)
+    os.mkdir(redis.state_dir)
+    try:
+        with pytest.raises(EmbeddedRedisError, match="cannot make the private directory"):
+            redis.startService()
+    finally:
+        os.rmdir(redis.state_dir)
 
 
 @pytest_twisted.ensureDeferred
 async def test_refuses_a_state_dir_in_use(tmp_path):
     first = EmbeddedRedis(str(tmp_path), reactor=reactor)
     first.startService()
-    await first.when_ready()
+    await answering(first)
     try:
         with pytest.raises(EmbeddedRedisError, match="already running"):
             EmbeddedRedis(str(tmp_path), reactor=reactor).startService()

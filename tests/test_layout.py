@@ -13,7 +13,8 @@ import pytest
 
 #: What only the server loads: the gateway's own modules and the libraries of its edge.
 SERVER = ("circles.service", "circles.server_tap", "circles.gateway", "circles.api", "circles.protocol",
-          "circles.config", "circles.webhooks", "circles.http", "autobahn", "klein", "prometheus_client")
+          "circles.config", "circles.webhooks", "circles.http", "circles.processes", "autobahn", "klein",
+          "prometheus_client")
 
 
 def imported(statement: str) -> set:
@@ -40,6 +41,13 @@ def test_the_worker_loads_nothing_of_the_server(module):
 def test_the_backend_loads_neither_server_nor_worker(module):
     names = imported(f"import {module}")
     assert loaded(names, SERVER + ("circles.worker", "circles.client")) == []
+
+
+@pytest.mark.parametrize("module", ["circles.children", "circles.once"])
+def test_the_shared_pieces_load_no_side_of_the_seams(module):
+    # What the server, the worker, the client and the try-out all use.
+    names = imported(f"import {module}")
+    assert loaded(names, SERVER + ("circles.worker", "circles.client", "circles.backend", "circles.tryout")) == []
 
 
 def test_the_circles_command_loads_nothing_of_the_server_nor_the_worker():

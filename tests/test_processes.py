@@ -146,17 +146,3 @@ def test_a_killed_server_process_is_started_again(tmp_path):
     for process in seen:
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
 
-
-def test_restart_delay_backs_off_for_quick_exits_and_resets_after_a_stable_run():
-    from twisted.internet.task import Clock
-    from circles.processes import RestartDelay
-    clock = Clock()
-    delay = RestartDelay(clock, first=1.0, most=8.0, stable=60.0)
-    seen = []
-    for _ in range(5):  # a process that exits as soon as it starts
-        seen.append(delay.after_exit())
-        clock.advance(seen[-1])
-        delay.started()
-    assert seen == [1.0, 2.0, 4.0, 8.0, 8.0]
-    clock.advance(60)  # this one served a minute: killed now, it is back at once
-    assert delay.after_exit() == 1.0

@@ -5,13 +5,14 @@ only to a unix socket (``redis.sock``, mode 0700) in the state directory, no TCP
 persistence unless asked, and stops it when the service stops. On Linux the child also gets a
 parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Redis behind.
 A redis-server that exits on its own once it has answered (killed, out of memory) is started
-again on the same socket (:class:`~circles.processes.RestartDelay`), where the server's dispatcher
+again on the same socket (:class:`~circles.children.RestartDelay`), where the server's dispatcher
 and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -19,14 +20,16 @@ from collections import deque
 from typing import Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from circles.backend.redis import RedisAddress
+from circles.children import RestartDelay, dies_with_this_process, terminate
 from circles.logs import Logger
-from circles.processes import RestartDelay, dies_with_this_process
+from circles.once import Once
 
 log = Logger()
 
@@ -73,7 +76,7 @@ def refuse_a_state_dir_in_use(socket_path: str) -> None:
 
 class _RedisProcess(ProcessProtocol):
     def __init__(self) -> None:
-        self.ended = Deferred()
+        self.ended = Once()  # the exception saying how it ended
         self.output: deque = deque(maxlen=20)
         self._partial = b""
 
@@ -89,7 +92,7 @@ class _RedisProcess(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason.value)  # a Failure given to callback() would errback
+        self.ended.fire(reason.value)  # a Failure given to fire() would fail the waiters
 
 
 class _Ping(Protocol):
@@ -108,10 +111,11 @@ class _Ping(Protocol):
 
 
 class EmbeddedRedis(Service):
-    """Runs ``redis-server`` while the service runs; :meth:`when_ready` fires once it answers.
+    """Runs ``redis-server`` on :attr:`address` (a unix socket) while the service runs.
 
-    :param state_dir: where the socket lives; None makes a private temporary directory that is
-        removed on stop. An existing directory is kept (and must not have a live Redis in it).
+    :param state_dir: where the socket lives; an existing directory is kept (and must not have a
+        live Redis in it). None: a private temporary directory, named now (the address is needed
+        before the start: the dispatcher is given it), made at each start, removed on stop.
     :param persist: keep data across restarts (append-only file in ``state_dir``).
     """
 
@@ -120,48 +124,52 @@ class EmbeddedRedis(Service):
         self.reactor = reactor
         self.binary = binary
         self.persist = persist
-        self._given_dir = state_dir
-        self.state_dir: Optional[str] = None
-        self.socket_path: Optional[str] = None
-        if state_dir is not None:
-            self._set_dir(state_dir)
-        self._process: Optional[_RedisProcess] = None
-        self._transport = None
-        self._ready: Optional[Deferred] = None
-        self._waiters: list = []
-        self._result = None  # the RedisAddress once ready, or the Failure
-        self._stopping = False
-        self._delay: Optional[RestartDelay] = None
-        self._restart = None  # the pending callLater starting a redis-server that exited again
-
-    def _set_dir(self, state_dir: str) -> None:
+        self.temporary = state_dir is None
+        if state_dir is None:
+            # Unpredictable, and made with an exclusive mkdir: a directory someone else made is refused.
+            state_dir = os.path.join(tempfile.gettempdir(), f"circles-redis-{secrets.token_hex(8)}")
         self.state_dir = os.path.abspath(state_dir)
         self.socket_path = os.path.join(self.state_dir, SOCKET_NAME)
         if len(self.socket_path.encode()) > _MAX_UNIX_PATH:
             raise EmbeddedRedisError(f"state directory path too long for a unix socket: {self.state_dir}")
+        self.address = RedisAddress(path=self.socket_path)
+        self._process: Optional[_RedisProcess] = None
+        self._transport = None
+        self._answered = False  # since the start: the server runs on it
+        self._stopping = False
+        self._delay: Optional[RestartDelay] = None
+        self._restart = None  # the pending callLater starting a redis-server that exited again
 
-    @property
-    def address(self) -> RedisAddress:
-        if self.socket_path is None:
-            self._set_dir(tempfile.mkdtemp(prefix="circles-redis-"))
-        return RedisAddress(path=self.socket_path)
+    def _make_state_dir(self) -> None:
+        """Create the state directory, mode 0700: a given one unless it exists, a temporary one
+        anew (:class:`EmbeddedRedisError` if something is there already)."""
+        if not self.temporary:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            return
+        try:
+            os.mkdir(self.state_dir, 0o700)
+        except OSError as e:
+            raise EmbeddedRedisError(f"cannot make the private directory {self.state_dir}: {e.strerror}") from None
 
     def startService(self) -> None:
         find_redis_server(self.binary)
-        address = self.address  # makes the temporary directory if there is none yet
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        refuse_a_state_dir_in_use(address.path)
+        self._make_state_dir()
+        refuse_a_state_dir_in_use(self.socket_path)
         super().startService()
         self._stopping = False
-        self._result = None
+        self._answered = False
         self._delay = RestartDelay(self.reactor)
         self._spawn()
-        self._ready = self._wait_until_ready()
-        self._ready.addCallbacks(self._notify, self._notify)
+        ensureDeferred(self._wait_until_ready()).addCallbacks(self._answers, self._cannot_start)
+
+    def _answers(self, _) -> None:
+        self._answered = True
+
+    def _cannot_start(self, failure: Failure) -> None:
+        log.error("{error}", error=failure.getErrorMessage())
 
     def _spawn(self) -> None:
-        address = self.address
-        args = [find_redis_server(self.binary), "--port", "0", "--unixsocket", address.path,
+        args = [find_redis_server(self.binary), "--port", "0", "--unixsocket", self.socket_path,
                 "--unixsocketperm", "700", "--dir", self.state_dir, "--daemonize", "no", "--logfile", "",
                 "--save", ""]
         args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
@@ -171,20 +179,19 @@ class EmbeddedRedis(Service):
                                                     path=self.state_dir)
         self._delay.started()
         log.info("started a private redis-server (pid {pid}) on {path}",
-                 pid=self._transport.pid, path=address.path)
-        self._process.ended.addCallback(self._ended)
+                 pid=self._transport.pid, path=self.socket_path)
+        self._process.ended.when().addCallback(self._ended)
 
-    def _ended(self, reason: Exception) -> Exception:
+    def _ended(self, reason: Exception) -> None:
         if self._stopping:
-            return reason
+            return
         log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
                   why=str(reason), output=" | ".join(self._process.output))
-        if self.running and self._result is not None and not isinstance(self._result, Failure):
+        if self.running and self._answered:
             # It had answered: the server runs on it. Not at start, where the start fails.
             delay = self._delay.after_exit()
             log.info("starting the private redis-server again in {delay:g}s", delay=delay)
             self._restart = self.reactor.callLater(delay, self._start_again)
-        return reason
 
     def _start_again(self) -> None:
         self._restart = None
@@ -195,51 +202,34 @@ class EmbeddedRedis(Service):
             log.error("{error}: not starting ours again", error=str(e))
             return
         self._spawn()
-        self._wait_until_ready().addCallbacks(
+        ensureDeferred(self._wait_until_ready()).addCallbacks(
             lambda _: log.info("the private redis-server answers again"),
             lambda failure: None)  # it exited again: _ended says so and tries later
 
-    @inlineCallbacks
-    def _wait_until_ready(self):
-        from twisted.internet.task import deferLater
-
+    async def _wait_until_ready(self) -> None:
+        """Return once the redis-server just spawned answers a PING; fail if it exits first or
+        does not answer within START_TIMEOUT."""
+        process = self._process
         deadline = self.reactor.seconds() + START_TIMEOUT
         while True:
-            if self._process.ended.called:
-                raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(self._process.output))
+            if process.ended.fired:
+                raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(process.output))
             try:
-                ping = yield connectProtocol(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1), _Ping())
-                if (yield ping.answer):
-                    return self.address
+                ping = await connectProtocol(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1), _Ping())
+                if await ping.answer:
+                    return
             except Exception:
                 pass
             if self.reactor.seconds() > deadline:
                 raise EmbeddedRedisError(f"redis-server did not answer within {START_TIMEOUT:.0f}s")
-            yield deferLater(self.reactor, 0.05, lambda: None)
+            await deferLater(self.reactor, 0.05, lambda: None)
 
-    def _notify(self, result):
-        self._result = result
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-        if isinstance(result, Failure):
-            log.error("{error}", error=result.getErrorMessage())
-        return None
+    def stopService(self) -> Deferred:
+        """Stop redis-server (SIGTERM, SIGKILL after STOP_TIMEOUT); fires once it exited."""
+        return ensureDeferred(self._stop())
 
-    def when_ready(self) -> Deferred:
-        """Fire with the :class:`RedisAddress` once Redis answers (or fail if it cannot start)."""
-        if self._result is not None:
-            return fail(self._result) if isinstance(self._result, Failure) else succeed(self._result)
-        d = Deferred()
-        self._waiters.append(d)
-        return d
-
-    @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    async def _stop(self) -> None:
+        Service.stopService(self)
         self._stopping = True
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
@@ -247,23 +237,7 @@ class EmbeddedRedis(Service):
         process, transport = self._process, self._transport
         if process is None:
             return
-        if not process.ended.called:
-            try:
-                transport.signalProcess("TERM")
-            except Exception:
-                pass
-            timer = self.reactor.callLater(STOP_TIMEOUT, self._kill, transport)
-            yield process.ended
-            if timer.active():
-                timer.cancel()
+        await terminate(self.reactor, transport, process.ended, STOP_TIMEOUT)
         log.info("stopped the private redis-server")
-        if self._given_dir is None and self.state_dir is not None:
+        if self.temporary:
             shutil.rmtree(self.state_dir, ignore_errors=True)
-            self.state_dir = self.socket_path = None
-
-    @staticmethod
-    def _kill(transport) -> None:
-        try:
-            transport.signalProcess("KILL")
-        except Exception:
-            pass

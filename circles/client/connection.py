@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from circles import jsonrpc
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
+from circles.once import Once
 from circles.tls_client import client_options
 
 log = Logger()
@@ -116,7 +117,7 @@ class _ClientProtocol(WebSocketClientProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred = Deferred()
-        self.closed: Deferred = Deferred()
+        self.closed = Once()  # (code, reason)
         self._pending: "dict[int, tuple[Deferred, str]]" = {}
         self._ids = itertools.count(1)
         self._lost: Optional[Failure] = None
@@ -173,8 +174,8 @@ class _ClientProtocol(WebSocketClientProtocol):
         pending, self._pending = self._pending, {}
         for d, method in pending.values():
             d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived"))
-        if not self.closed.called:
-            self.closed.callback((code, reason))
+        if not self.closed.fired:
+            self.closed.fire((code, reason))
 
 
 def _factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
@@ -238,13 +239,11 @@ class CircleClient:
 
     def when_closed(self) -> Deferred:
         """Fires with ``(code, reason)`` once the connection has closed, whoever closed it."""
-        d = Deferred()
-        self._protocol.closed.addBoth(lambda result: (d.callback(result), result)[1])
-        return d
+        return self._protocol.closed.when()
 
     def close(self) -> Deferred:
         """Close the connection (1000); fires once closed. Pending calls fail."""
-        if self._protocol.closed.called:
+        if self._protocol.closed.fired:
             return succeed(None)
         d = self.when_closed()
         self._protocol.sendClose(1000)

@@ -35,7 +35,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
+from circles.children import dies_with_this_process, terminate
 from circles.client import signing
+from circles.once import Once
 from circles.tryout import devcert
 
 DEFAULT_PORT = 8443
@@ -43,17 +45,6 @@ INTERFACE = "127.0.0.1"
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
 EXAMPLE_SCRIPT = 'let x = 6 * 7; print("hello, " + CALLER_ID); x'
-
-# Runs in each child before exec: a session of its own (the terminal's Ctrl-C is ours to
-# handle), SIGTERM when we die, and exit if we already have.
-_CHILD_SHIM = (
-    "import ctypes, os, signal, sys\n"
-    "os.setsid()\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
@@ -121,7 +112,7 @@ class Child(ProcessProtocol):
         self.name = name
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.ended: Deferred = Deferred()
+        self.ended = Once()  # the exit status
         self.tail: list = []
         self._partial = b""
         self._watches: list = []  # (pattern, Deferred)
@@ -153,9 +144,14 @@ class Child(ProcessProtocol):
                 self._watches.remove(watch)
                 d.errback(RuntimeError(f"{self.name} did not log {pattern!r} within {timeout:g}s"))
 
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
         timer = reactor.callLater(timeout, give_up)
-        self.ended.addBoth(lambda result: (give_up() if not d.called else None, result)[1])
-        return d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        self.ended.when().addCallback(lambda _: give_up())  # ended already: fails at once
+        return d.addBoth(stop_timer)
 
     def processEnded(self, reason: Failure) -> None:
         self.log.close()
@@ -163,32 +159,21 @@ class Child(ProcessProtocol):
         for _, d in self._watches:
             d.errback(RuntimeError(f"the {self.name} exited; its last lines ({_shown(self.log_path)}):{last}"))
         self._watches = []
-        self.ended.callback(reason.value.exitCode if not reason.check(ProcessDone) else 0)
+        self.ended.fire(reason.value.exitCode if not reason.check(ProcessDone) else 0)
 
     @property
     def running(self) -> bool:
-        return not self.ended.called
-
-    def terminate(self, reactor, timeout: float = STOP_TIMEOUT) -> Deferred:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; fires once exited."""
-        if not self.running:
-            return self.ended_copy()
-        self.transport.signalProcess("TERM")
-        timer = reactor.callLater(timeout, lambda: self.running and self.transport.signalProcess("KILL"))
-        return self.ended_copy().addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
-
-    def ended_copy(self) -> Deferred:
-        d = Deferred()
-        self.ended.addBoth(lambda result: (d.callback(result), result)[1])
-        return d
+        return not self.ended.fired
 
 
 def spawn(reactor, name: str, argv: list, log_path: str) -> Child:
+    """Start ``argv`` in a session of its own (the terminal's Ctrl-C is ours to handle), tied to
+    this process with a parent-death signal."""
     child = Child(name, log_path)
-    shim = [sys.executable, "-c", _CHILD_SHIM, str(os.getpid())] + argv
+    argv = dies_with_this_process(argv, own_session=True)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    reactor.spawnProcess(child, shim[0], shim, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+    reactor.spawnProcess(child, argv[0], argv, env=env, childFDs={0: "w", 1: "r", 2: "r"})
     return child
 
 
@@ -223,7 +208,7 @@ async def _run(reactor, args) -> None:
         if any(child.running for child in children):
             _say("circles try: stopping the worker, the server and Redis…")
         for child in reversed(children):  # the worker first, then the server (and its Redis)
-            await child.terminate(reactor)
+            await terminate(reactor, child.transport, child.ended, STOP_TIMEOUT)
 
     # Stops everything when the reactor stops: Ctrl-C, SIGTERM, or a child failing below.
     reactor.addSystemEventTrigger("before", "shutdown", lambda: ensureDeferred(stop_all()))
@@ -265,7 +250,7 @@ async def _run(reactor, args) -> None:
     _say()
 
     # Runs until Ctrl-C stops the reactor; a child exiting on its own is a failure.
-    exit_code, index = await DeferredList([c.ended_copy() for c in children], fireOnOneCallback=True)
+    exit_code, index = await DeferredList([c.ended.when() for c in children], fireOnOneCallback=True)
     if stopping:
         return
     failed = children[index]

@@ -27,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from circles.backend import tasks
+from circles.children import dies_with_this_process, how_it_ended
 
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 STDERR_KEPT = 8192
@@ -94,38 +95,6 @@ Engine = Callable[[str, ScriptContext], Any]
 
 # -- the --exec engine ------------------------------------------------------------------------
 
-# Runs the command as the child of a small supervisor that leads a new session (so a process
-# group) whose id is the pid Twisted sees, so that ending the script ends whatever it started
-# too. The supervisor asks the kernel for SIGTERM when the worker dies (PR_SET_PDEATHSIG, Linux)
-# and then kills the whole group: a worker killed with -9 leaves no script behind. It exits as
-# the command did (the same status, or the same signal). -I -S: start as fast as Python can.
-_NEW_SESSION_SHIM = (
-    "import os, signal, sys\n"
-    "os.setsid()\n"
-    "def end(*_): os.killpg(0, signal.SIGKILL)\n"
-    "signal.signal(signal.SIGTERM, end)\n"
-    "if sys.platform.startswith('linux'):\n"
-    "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): end()\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
-    "    try: os.execv(sys.argv[2], sys.argv[2:])\n"
-    "    except OSError as e: os.write(2, f'cannot start {sys.argv[2]}: {e.strerror}'.encode()); os._exit(1)\n"
-    "status = os.waitpid(pid, 0)[1]\n"
-    "if os.WIFSIGNALED(status):\n"
-    "    if os.WTERMSIG(status) != signal.SIGKILL: signal.signal(os.WTERMSIG(status), signal.SIG_DFL)\n"
-    "    os.kill(os.getpid(), os.WTERMSIG(status))\n"
-    "os._exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
-def in_own_session(argv: list) -> list:
-    """``argv`` (``argv[0]`` a path) run under a supervisor leading a new session and process
-    group, which kills the group should this process die."""
-    return [sys.executable, "-I", "-S", "-c", _NEW_SESSION_SHIM, str(os.getpid())] + argv
-
-
 class _Run(ProcessProtocol):
     def __init__(self, done: Deferred, max_output: int) -> None:
         self.done = done
@@ -135,7 +104,7 @@ class _Run(ProcessProtocol):
         self.group: Optional[int] = None
 
     def connectionMade(self) -> None:
-        self.group = self.transport.pid  # the shim makes it the group's id before the script runs
+        self.group = self.transport.pid  # the supervisor makes it the group's id before the script runs
 
     def outReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -179,8 +148,7 @@ class _Run(ProcessProtocol):
         if reason.check(ProcessDone):
             self.done.callback(self.stdout.decode("utf-8", "replace"))
             return
-        code, signal = reason.value.exitCode, reason.value.signal
-        how = f"exit status {code}" if code is not None else f"killed by signal {signal}"
+        how = how_it_ended(reason)
         detail = self.stderr_text()
         self.done.errback(EngineError(f"{how}: {detail}" if detail else how))
 
@@ -238,7 +206,8 @@ class ExecEngine:
             return result
 
         try:
-            self.reactor.spawnProcess(process, sys.executable, in_own_session(argv), env=env)
+            # Under a supervisor leading the script's process group, which it kills should we die.
+            self.reactor.spawnProcess(process, sys.executable, dies_with_this_process(argv, supervise=True), env=env)
         except Exception as e:
             cleanup(None)
             raise EngineError(f"cannot start {argv[0]}: {e}") from None

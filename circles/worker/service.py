@@ -17,7 +17,7 @@ import socket
 from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore, inlineCallbacks,
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore, ensureDeferred,
                                     maybeDeferred)
 from twisted.python.failure import Failure
 from txredisapi import RedisError
@@ -77,47 +77,48 @@ class Worker(Service):
                  worker=self.worker_id, n=len(self.circles), redis=self.address.redacted())
         self._blocking = connect(self.address, self.reactor)
         self._commands = connect(self.address, self.reactor, reply_timeout=10.0)
-        self._loop = self._take_tasks()
+        self._loop = ensureDeferred(self._take_tasks())
 
-    @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Deferred:
+        """Stop taking tasks; fires once the running scripts finished and Redis is let go."""
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
         if self._interruptible is not None:
             self._interruptible.cancel()
         if self._loop is not None:
             # A BRPOP in flight returns within POLL seconds; a task it brings is still run.
-            yield self._loop.addErrback(lambda f: f.trap(CancelledError))
+            await self._loop.addErrback(lambda f: f.trap(CancelledError))
         if self._running:
             log.info("waiting for {n} running script(s) to finish", n=len(self._running))
-            yield DeferredList(list(self._running), consumeErrors=True)
+            await DeferredList(list(self._running), consumeErrors=True)
         factories = [f for f in (self._blocking, self._commands) if f is not None]
         self._blocking = self._commands = None
-        yield DeferredList([f.disconnect() for f in factories], consumeErrors=True)
+        await DeferredList([f.disconnect() for f in factories], consumeErrors=True)
 
-    @inlineCallbacks
-    def _interruptibly(self, d: Deferred):
+    async def _interruptibly(self, d: Deferred) -> Any:
         self._interruptible = d
         try:
-            return (yield d)
+            return await d
         finally:
             self._interruptible = None
 
-    @inlineCallbacks
-    def _take_tasks(self):
+    async def _take_tasks(self) -> None:
         queues = list(self._queues)
         while self.running:
-            yield self._interruptibly(self._slots.acquire())
+            await self._interruptibly(self._slots.acquire())
             if not self.running:
                 self._slots.release()
                 return
             try:
                 # Both connections up before taking a task: one taken must be claimable.
-                yield self._interruptibly(self._commands.getConnection(peek=True))
-                connection = yield self._interruptibly(self._blocking.getConnection(peek=True))
+                await self._interruptibly(self._commands.getConnection(peek=True))
+                connection = await self._interruptibly(self._blocking.getConnection(peek=True))
                 if not self._connected:
                     self._connected = True
                     log.info("connected to Redis, waiting for tasks")
-                reply = yield connection.brpop(queues, timeout=POLL)
+                reply = await connection.brpop(queues, timeout=POLL)
             except CancelledError:
                 self._slots.release()
                 raise
@@ -131,7 +132,7 @@ class Worker(Service):
             if not reply:
                 self._slots.release()
                 continue
-            d = self._run_task(text(reply[1]))
+            d = ensureDeferred(self._run_task(text(reply[1])))
             self._running.add(d)
             d.addBoth(self._task_done, d)
 
@@ -146,12 +147,11 @@ class Worker(Service):
             raise RedisError("not connected to Redis")
         return self._commands.handler.eval(script, keys, args)
 
-    @inlineCallbacks
-    def _run_task(self, task_id: str):
+    async def _run_task(self, task_id: str) -> None:
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
         try:
-            fields = yield self._eval(tasks.CLAIM, [key], [tasks.timestamp(now), self.worker_id])
+            fields = await self._eval(tasks.CLAIM, [key], [tasks.timestamp(now), self.worker_id])
         except RedisError as e:
             log.warn("could not claim task {task}: {error}", task=task_id, error=str(e))
             return
@@ -179,7 +179,7 @@ class Worker(Service):
         log.debug("running task {task} for circle {circle}", task=task_id, circle=context.circle)
         status, output, error, reason = tasks.COMPLETED, "", "", ""
         try:
-            output = yield self._execute(task.get("script", ""), context, timeout)
+            output = await self._execute(task.get("script", ""), context, timeout)
             size = output_size(output)
             if size > max_output:  # an engine that did not stop at the cap itself
                 output = ""
@@ -193,7 +193,7 @@ class Worker(Service):
         keys = [key, reply_to] if reply_to else [key]
         outcome = tasks.Outcome(task_id, status, output, error, reason)
         try:
-            written = yield self._eval(tasks.FINISH, keys, [
+            written = await self._eval(tasks.FINISH, keys, [
                 status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
                 tasks.encode_reply(outcome), reason])
         except RedisError as e:
