@@ -46,6 +46,8 @@ from circles.ca_file import load_ca_file
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
 from circles.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
 
+# Twisted's own Logger, deliberately: the client runs in an application's process, whose observers
+# decide what is kept (--log-level belongs to the server's and the worker's twistd plugins).
 log = Logger()
 
 DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake, or to answer a ping
