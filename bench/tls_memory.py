@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circles import devcert  # noqa: E402
+from circles.tryout import devcert  # noqa: E402
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 CIRCLE = "02" + "%064x" % 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from circles import openrpc
@@ -15,7 +15,7 @@ from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
 from circles.backend.scripts import SOURCE_WS, BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.gateway import Gateway
-from circles.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyTooLarge, RPCError, as_deferred, bind_params
+from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger
@@ -46,17 +46,11 @@ class Session:
     def authenticated(self) -> bool:
         return self.pubkey is not None
 
-    def handle(self, payload) -> Deferred:
-        """Answer one WebSocket message; fires with the reply text or None (or fails with
-        :class:`~circles.jsonrpc.ReplyTooLarge` when no reply fits)."""
-        try:
-            return as_deferred(self.answer(payload))
-        except ReplyTooLarge:
-            return fail()
-
     def answer(self, payload) -> Union[str, None, Deferred]:
-        """The reply text (or None) at once, or a Deferred of it while a method (play) works;
-        ``in_flight`` counts those, so shutdown knows whom to wait for."""
+        """Answer one WebSocket message: the reply text (or None) at once, or a Deferred of it
+        while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
+        for. Raises (or the Deferred fails with) :class:`~circles.jsonrpc.ReplyTooLarge` when
+        no reply fits."""
         reply = self.gateway.rpc.answer(payload, self, self._admit)
         if isinstance(reply, Deferred):
             self.in_flight += 1

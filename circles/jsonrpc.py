@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 import orjson
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from circles.logs import Logger
@@ -56,19 +56,34 @@ class ReplyTooLarge(Exception):
 
 
 class RPCError(Exception):
-    """An error answered to the client as a JSON-RPC error object."""
+    """A JSON-RPC error object: raised by a method for the client to see, and by the client
+    (:mod:`circles.client`) for an error the server answered. ``data`` is None when there is
+    none: a ``data`` of null is never sent, and reads as none."""
 
-    def __init__(self, code: int, message: str, data: Any = _MISSING) -> None:
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.data = data
 
+    @classmethod
+    def from_json(cls, error: Any) -> "RPCError":
+        """The error of a reply's ``error`` member; anything but an object is -32603."""
+        if not isinstance(error, dict):
+            return cls(INTERNAL_ERROR, f"malformed error object: {error!r}")
+        return cls(error.get("code", INTERNAL_ERROR), str(error.get("message", "")), error.get("data"))
+
     def to_json(self) -> dict:
         error = {"code": self.code, "message": self.message}
-        if self.data is not _MISSING:
+        if self.data is not None:
             error["data"] = self.data
         return error
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.message}"
+        if self.data is not None:
+            text += f": {self.data if isinstance(self.data, str) else json.dumps(self.data)}"
+        return text
 
 
 @attrs.frozen
@@ -261,20 +276,12 @@ class Dispatcher:
         # outcome "ok", the error code, or CANCELLED. For metrics.
         self._observe = observe
 
-    def handle(self, payload: Union[str, bytes], context: Any,
-               admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Deferred:
-        """Return a Deferred firing with the reply text, or None when nothing is to be sent
-        (failing with :class:`ReplyTooLarge` when no reply fits)."""
-        try:
-            return as_deferred(self.answer(payload, context, admit))
-        except ReplyTooLarge:
-            return fail()
-
     def answer(self, payload: Union[str, bytes], context: Any,
                admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Union[str, None, Deferred]:
         """The reply text (None when nothing is to be sent), or a Deferred of it when a method
-        answers later: :meth:`handle` for callers on a hot path, where most replies are ready
-        at once and a Deferred per message would be a fifth of its cost.
+        answers later: most replies are ready at once, and a Deferred per message would be a
+        fifth of its cost. Raises (or the Deferred fails with) :class:`ReplyTooLarge` when no
+        reply fits.
 
         ``admit(n)``, if given, is asked before ``n`` requests (a batch's length) run, and may
         refuse them all with an error (a rate limit): a batch gets it once with id null, a
@@ -418,11 +425,6 @@ class Dispatcher:
         if total > self._max_reply:
             raise ReplyTooLarge(total, self._max_reply)
         return "[" + ",".join(parts) + "]"
-
-
-def as_deferred(reply: Union[str, None, Deferred]) -> Deferred:
-    """What :meth:`Dispatcher.answer` returned, as a Deferred either way."""
-    return reply if isinstance(reply, Deferred) else succeed(reply)
 
 
 def encode(reply: Union[dict, list]) -> str:

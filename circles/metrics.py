@@ -47,7 +47,7 @@ class Metrics:
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
-        ``outcome`` "ok", an error code or "cancelled". (The Dispatcher's ``observe`` hook.)"""
+        ``outcome`` "ok", an error code or "cancelled". (The JSON-RPC Dispatcher's ``observe`` hook.)"""
         # Keyed by the label, never by the method name as sent: an attacker chooses that, and
         # every distinct name (a megabyte each, if it likes) would stay here for good.
         label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
@@ -61,8 +61,8 @@ class Metrics:
         """Read the number of open connections when scraped (the factory keeps them anyway)."""
         self.connections.set_function(open_connections)
 
-    def watch_dispatcher(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
-        """Read the dispatcher's own counts when scraped (it keeps them anyway)."""
+    def watch_script_runner(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
+        """Read the Redis script runner's own counts when scraped (it keeps them anyway)."""
         self.tasks_in_flight.set_function(tasks_in_flight)
         self._redis_connects = connects
 

@@ -2,7 +2,7 @@
 
 ``--processes N`` makes the process twistd started the first of N. Each binds the same port
 with ``SO_REUSEPORT`` and the kernel spreads new connections across them; they share nothing
-but Redis (each has its own dispatcher and reply list, as separate hosts would). The first
+but Redis (each has its own script runner and reply list, as separate hosts would). The first
 process starts the private Redis, if any, and the N-1 others with the same options pointed at
 it; they die with it (parent-death signal) and stop when it stops. One that exits while
 serving is started again (see :class:`~circles.children.RestartDelay`), so N stay N.

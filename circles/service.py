@@ -16,7 +16,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, s
 from twisted.python.failure import Failure
 
 from circles import api, tls
-from circles.backend.dispatch import RedisDispatcher
+from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import IScriptRunner
@@ -112,10 +112,10 @@ class CirclesService(MultiService):
         super().__init__()
         self.config = config
         self.embedded_redis: Optional[EmbeddedRedis] = None
-        self.dispatcher: Optional[RedisDispatcher] = None
+        self.script_runner: Optional[RedisScriptRunner] = None  # None when ``scripts`` is given
         if scripts is None:
             # Children start in order and stop in reverse: Redis first up and last down, so the
-            # dispatcher can answer in-flight plays (and expire their tasks) on shutdown.
+            # script runner can answer in-flight plays (and expire their tasks) on shutdown.
             if config.redis_url is None:
                 self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist)
                 self.embedded_redis.setServiceParent(self)
@@ -123,10 +123,10 @@ class CirclesService(MultiService):
             else:
                 address = parse_redis_url(config.redis_url)
             # No output the server could not send back (its largest message) is worth storing.
-            self.dispatcher = RedisDispatcher(address, reactor=reactor, prefix=config.redis_prefix,
-                                              max_output=config.max_message_size)
-            self.dispatcher.setServiceParent(self)
-            scripts = self.dispatcher
+            self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
+                                                   max_output=config.max_message_size)
+            self.script_runner.setServiceParent(self)
+            scripts = self.script_runner
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts, api.methods)
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
@@ -147,9 +147,9 @@ class CirclesService(MultiService):
         accepts, router = self.accepts, self.router
         self.gateway.metrics.watch_accepts(lambda: accepts.open, {"descriptors": lambda: accepts.refused,
                                                                   "pending_per_ip": lambda: router.refused})
-        if self.dispatcher is not None:
-            dispatcher = self.dispatcher
-            self.gateway.metrics.watch_dispatcher(lambda: dispatcher.in_flight, lambda: dispatcher.connects)
+        if self.script_runner is not None:
+            runner = self.script_runner
+            self.gateway.metrics.watch_script_runner(lambda: runner.in_flight, lambda: runner.connects)
         for listener in self.listeners:
             listener.setServiceParent(self)
 
@@ -166,7 +166,7 @@ class CirclesService(MultiService):
     def stopService(self) -> Deferred:
         """Shut down gracefully, in this order: stop accepting connections; let in-flight
         calls finish (up to ``shutdown_grace``) while each connection closes with 1001 once
-        it has nothing in flight; stop the dispatcher, which answers what is left (-32004);
+        it has nothing in flight; stop the script runner, which answers what is left (-32004);
         say goodbye to the last connections; stop the embedded Redis."""
         return ensureDeferred(self._stop())
 
@@ -174,8 +174,8 @@ class CirclesService(MultiService):
         Service.stopService(self)
         await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
         await self._bounded(self.factory.drain(), self.config.shutdown_grace)
-        if self.dispatcher is not None:
-            await maybeDeferred(self.dispatcher.stopService)
+        if self.script_runner is not None:
+            await maybeDeferred(self.script_runner.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
         self.gateway.stop()

@@ -18,18 +18,18 @@ task's ``data``, the provider's body byte for byte. No event field is ever paste
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Optional
 
 import attrs
 from klein import Klein
-from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
 
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
 from circles.config import Config
 from circles.gateway import Gateway
+from circles.http.responses import json_response
 from circles.keys import InvalidKey, normalize_pubkey
+from circles.logs import Logger
 from circles.webhook_events import BadEvent, IdenfyCallback, StripeEvent
 from circles.webhook_secrets import WebhookSecrets
 from circles.webhook_signatures import BadSignature, verify_idenfy, verify_stripe
@@ -87,13 +87,6 @@ def providers(config: Config, clock) -> "dict[str, Provider]":
     }
 
 
-def _json(request, status: int, body: dict) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-
 def _read_body(request, limit: int) -> Optional[bytes]:
     """The body, or None if it is over ``limit`` (only possible on a Site without
     :class:`~circles.http.limits.BoundedRequest`, which refuses such bodies earlier)."""
@@ -102,84 +95,88 @@ def _read_body(request, limit: int) -> Optional[bytes]:
     return None if len(body) > limit else body
 
 
-def webhook_app(gateway: Gateway) -> Klein:
-    """The Klein app to mount at ``/webhooks``."""
-    app = Klein()
-    config = gateway.config
-    known = providers(config, gateway.clock)
+class WebhookRoutes:
+    """The Klein app to mount at ``/webhooks``: ``WebhookRoutes(gateway).app.resource()``."""
 
-    def refuse(request, status: int, error: str, provider: str, circle: str) -> bytes:
-        gateway.metrics.webhooks.labels(provider, str(status)).inc()
-        # Anyone may post here, as fast as they like: within the gateway's budget (circles.anomalies).
+    app = Klein()
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.providers = providers(gateway.config, gateway.clock)
+
+    def refuse(self, request, status: int, error: str, provider: str, circle: str) -> bytes:
+        """Answer ``status`` with ``error``, counted, and logged within the gateway's budget:
+        anyone may post here, as fast as they like (:mod:`circles.anomalies`)."""
+        self.gateway.metrics.webhooks.labels(provider, str(status)).inc()
         address = request.getClientAddress()
-        gateway.http_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
-                                 "webhook {provider} for {circle} refused with {status}: {error}",
-                                 provider=provider, circle=circle, status=status, error=error)
-        return _json(request, status, {"error": error})
+        self.gateway.http_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
+                                   "webhook {provider} for {circle} refused with {status}: {error}",
+                                   provider=provider, circle=circle, status=status, error=error)
+        return json_response(request, status, {"error": error})
 
     @app.route("/<string:name>/<string:circle>")  # any method: a wrong one is 405 here, not 404
-    def deliver(request, name: str, circle: str):
-        provider = known.get(name)
+    def deliver(self, request, name: str, circle: str):
+        provider = self.providers.get(name)
         if provider is None:
-            return _json(request, 404, {"error": "not found"})
+            return json_response(request, 404, {"error": "not found"})
         if request.method != b"POST":
-            gateway.metrics.webhooks.labels(name, "405").inc()
+            self.gateway.metrics.webhooks.labels(name, "405").inc()
             request.setHeader(b"allow", b"POST")
-            return _json(request, 405, {"error": "method not allowed, use POST"})
+            return json_response(request, 405, {"error": "method not allowed, use POST"})
+        config = self.config
         try:
             circle = normalize_pubkey(circle)
         except InvalidKey:
-            return refuse(request, 404, "unknown circle", name, "?")
+            return self.refuse(request, 404, "unknown circle", name, "?")
         if not config.serves(circle):
-            return refuse(request, 404, "unknown circle", name, circle)
+            return self.refuse(request, 404, "unknown circle", name, circle)
         secrets = provider.secrets.for_circle(circle)
         if not secrets:
-            return refuse(request, 404, f"{name} webhooks are not configured", name, circle)
+            return self.refuse(request, 404, f"{name} webhooks are not configured", name, circle)
         body = _read_body(request, config.max_request_body)
         if body is None:
-            return refuse(request, 413, "request body too large", name, circle)
+            return self.refuse(request, 413, "request body too large", name, circle)
         try:
             provider.verify(request, body, secrets)
         except BadSignature as e:
-            return refuse(request, 401, str(e), name, circle)
+            return self.refuse(request, 401, str(e), name, circle)
         try:
             event = provider.parse(body)
         except BadEvent as e:
-            return refuse(request, 400, str(e), name, circle)
+            return self.refuse(request, 400, str(e), name, circle)
         task = ScriptRequest(circle=circle, script=provider.script, caller="", source=provider.source,
                              timeout=config.webhook_deadline)
-        d = gateway.scripts.enqueue_once(task, body.decode("utf-8"), event.dedupe_name(circle),
-                                         config.webhook_dedupe_ttl)
+        d = self.gateway.scripts.enqueue_once(task, body.decode("utf-8"), event.dedupe_name(circle),
+                                              config.webhook_dedupe_ttl)
 
         def queued(result: Queued) -> bytes:
             log.info("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
                      event=provider.describe(event), circle=circle, task=result.task_id,
                      what="duplicate of" if result.duplicate else "queued as")
-            gateway.metrics.webhooks.labels(name, "200").inc()
+            self.gateway.metrics.webhooks.labels(name, "200").inc()
             answer = {"received": True, "task_id": result.task_id}
             if result.duplicate:
                 answer["duplicate"] = True
-            return _json(request, 200, answer)
+            return json_response(request, 200, answer)
 
         def unavailable(failure):
             failure.trap(BackendUnavailable)
             request.setHeader(b"retry-after", RETRY_AFTER)
-            return refuse(request, 503, "backend unavailable, retry later", name, circle)
+            return self.refuse(request, 503, "backend unavailable, retry later", name, circle)
 
         return d.addCallbacks(queued, unavailable)
 
     @app.route("/", branch=True)
-    def elsewhere(request):
-        return _json(request, 404, {"error": "not found"})
+    def elsewhere(self, request) -> bytes:
+        return json_response(request, 404, {"error": "not found"})
 
     @app.handle_errors(HTTPException)
-    def http_error(request, failure):
+    def http_error(self, request, failure) -> bytes:
         error = failure.value
-        return _json(request, error.code or 500, {"error": (error.name or "error").lower()})
+        return json_response(request, error.code or 500, {"error": (error.name or "error").lower()})
 
     @app.handle_errors(Exception)
-    def internal_error(request, failure):
+    def internal_error(self, request, failure) -> bytes:
         log.failure("webhook request failed", failure)
-        return _json(request, 500, {"error": "internal error"})
-
-    return app
+        return json_response(request, 500, {"error": "internal error"})

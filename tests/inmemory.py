@@ -21,6 +21,12 @@ def fired(d: Deferred):
     return result
 
 
+def replied(reply):
+    """The reply text of an ``answer()`` (the session's or the JSON-RPC dispatcher's), taken as the
+    protocol takes it: given at once, or by a Deferred that has already fired."""
+    return fired(reply) if isinstance(reply, Deferred) else reply
+
+
 @contextmanager
 def captured_log() -> Iterator[List[dict]]:
     """Collect every twisted.logger event emitted inside the block."""

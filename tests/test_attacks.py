@@ -13,7 +13,7 @@ from circles.gateway import Gateway
 from circles.config import Config
 from circles.backend.scripts import NoScriptBackend
 
-from .inmemory import fired
+from .inmemory import fired, replied
 from .play_client import new_key, pk
 
 CIRCLE = pk(new_key())
@@ -26,7 +26,7 @@ def _session(clock=None, **config):
 
 
 def _send(session, message):
-    text = fired(session.handle(json.dumps(message).encode("utf-8")))
+    text = replied(session.answer(json.dumps(message).encode("utf-8")))
     return None if text is None else json.loads(text)
 
 

@@ -35,7 +35,7 @@ async def server(redis_server, tls_files):
     service.startService()
     worker.startService()
     [port] = await service.when_listening()
-    await eventually(service.dispatcher.is_connected)
+    await eventually(service.script_runner.is_connected)
     await eventually(lambda: worker._connected)
     yield port.getHost().port
     await maybeDeferred(worker.stopService)

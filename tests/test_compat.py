@@ -32,13 +32,13 @@ from .support import Key, request
 
 
 def _rpc(session, method, params=None, id_=1):
-    """Call a method whose answer needs no I/O: the Deferred has fired on return."""
+    """Call a method whose answer needs no I/O: the reply comes at once."""
     message = {"jsonrpc": "2.0", "method": method, "id": id_}
     if params is not None:
         message["params"] = params
-    replies = []
-    session.handle(json.dumps(message)).addCallback(replies.append)
-    return json.loads(replies[0])
+    reply = session.answer(json.dumps(message))
+    assert isinstance(reply, str)
+    return json.loads(reply)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The dispatcher and the reference worker against a real redis-server."""
+"""The Redis script runner and the reference worker against a real redis-server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from circles.backend import tasks
-from circles.backend.dispatch import RedisDispatcher
+from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.worker.service import Worker
@@ -31,28 +31,28 @@ def echo_engine(script, context):
                        "source": context.source, "task_id": context.task_id, "data": context.data})
 
 
-def make_dispatcher(redis_server, **kw) -> RedisDispatcher:
-    return RedisDispatcher(parse_redis_url(redis_server.url), reactor=reactor, **kw)
+def make_runner(redis_server, **kw) -> RedisScriptRunner:
+    return RedisScriptRunner(parse_redis_url(redis_server.url), reactor=reactor, **kw)
 
 
 def make_worker(redis_server, engine=echo_engine, circles=(CIRCLE,), **kw) -> Worker:
     return Worker(parse_redis_url(redis_server.url), list(circles), engine, reactor=reactor, **kw)
 
 
-async def connected(dispatcher):
-    await eventually(dispatcher.is_connected)
-    return dispatcher
+async def connected(runner):
+    await eventually(runner.is_connected)
+    return runner
 
 
 @pytest_twisted.ensureDeferred
 async def test_play_through_worker(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     start(make_worker(redis_server))
-    output = json.loads(await dispatcher.run(request("print(1)")))
+    output = json.loads(await runner.run(request("print(1)")))
     assert output["script"] == "print(1)"
     assert (output["circle"], output["caller"], output["source"]) == (CIRCLE, CALLER, "ws")
     task = redis_client.hgetall(f"circles:task:{output['task_id']}")
-    assert task["status"] == "completed" and task["reply_to"] == dispatcher.reply_key
+    assert task["status"] == "completed" and task["reply_to"] == runner.reply_key
     assert task["output"] == json.dumps(output, separators=(", ", ": ")) or json.loads(task["output"]) == output
     assert float(task["created_at"]) <= float(task["updated_at"]) <= float(task["deadline"])
     assert 0 < redis_client("TTL", f"circles:task:{output['task_id']}") <= tasks.TASK_TTL
@@ -60,18 +60,18 @@ async def test_play_through_worker(redis_server, start, redis_client):
 
 @pytest_twisted.ensureDeferred
 async def test_script_error_carries_message(redis_server, start):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     start(make_worker(redis_server))
     with pytest.raises(ScriptFailed) as e:
-        await dispatcher.run(request("fail:undefined variable x"))
+        await runner.run(request("fail:undefined variable x"))
     assert "undefined variable x" in e.value.detail
 
 
 @pytest_twisted.ensureDeferred
 async def test_timeout_expires_task_and_late_worker_skips_it(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     with pytest.raises(ScriptTimeout):
-        await dispatcher.run(request("never run", timeout=0.5))
+        await runner.run(request("never run", timeout=0.5))
     [task_key] = redis_client("KEYS", "circles:task:*")
     assert redis_client.hgetall(task_key)["status"] == "expired"
     ran = []
@@ -80,33 +80,33 @@ async def test_timeout_expires_task_and_late_worker_skips_it(redis_server, start
     await sleep(0.3)
     assert ran == [] and redis_client.hgetall(task_key)["status"] == "expired"
     # and the worker serves the next, live task
-    assert await dispatcher.run(request("live")) == "ran"
+    assert await runner.run(request("live")) == "ran"
 
 
 @pytest_twisted.ensureDeferred
 async def test_worker_finishing_after_expiry_does_not_overwrite(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     release = Deferred()
     start(make_worker(redis_server, engine=lambda script, ctx: release, script_timeout=60))
     with pytest.raises(ScriptTimeout):
-        await dispatcher.run(request("slow", timeout=0.5))
+        await runner.run(request("slow", timeout=0.5))
     release.callback("too late")
     [task_key] = redis_client("KEYS", "circles:task:*")
     await sleep(0.3)
     assert redis_client.hgetall(task_key)["status"] == "expired"
-    assert redis_client("LLEN", dispatcher.reply_key) == 0
+    assert redis_client("LLEN", runner.reply_key) == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_plays_share_one_blocking_connection(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     gate = Deferred()
     start(make_worker(redis_server, engine=lambda script, ctx: gate.addCallback(lambda _: script) and gate,
                       concurrency=50))
-    runs = [dispatcher.run(request(f"script {i}")) for i in range(200)]
+    runs = [runner.run(request(f"script {i}")) for i in range(200)]
     await eventually(lambda: redis_client("KEYS", "circles:task:*") and
                      len(redis_client("KEYS", "circles:task:*")) == 200)
-    # dispatcher: 2 connections, worker: 2 connections, plus this inspecting client
+    # runner: 2 connections, worker: 2 connections, plus this inspecting client
     clients = redis_client.clients()
     assert len(clients) == 5, clients
     assert sum(1 for c in clients if c.get("cmd") == "brpop") <= 2
@@ -116,9 +116,9 @@ async def test_concurrent_plays_share_one_blocking_connection(redis_server, star
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_dispatchers_each_get_their_own_replies(redis_server, start):
-    one = await connected(start(make_dispatcher(redis_server)))
-    two = await connected(start(make_dispatcher(redis_server)))
+async def test_two_runners_each_get_their_own_replies(redis_server, start):
+    one = await connected(start(make_runner(redis_server)))
+    two = await connected(start(make_runner(redis_server)))
     assert one.reply_key != two.reply_key
     start(make_worker(redis_server, concurrency=8))
     plays = [(d, i, d.run(request(f"{name}-{i}"))) for i in range(50) for name, d in (("one", one), ("two", two))]
@@ -129,40 +129,45 @@ async def test_two_dispatchers_each_get_their_own_replies(redis_server, start):
 
 @pytest_twisted.ensureDeferred
 async def test_redis_killed_mid_run_then_restarted(redis_server, start):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
-    in_flight = dispatcher.run(request("waits for a worker that is not there"))
+    runner = await connected(start(make_runner(redis_server)))
+    in_flight = runner.run(request("waits for a worker that is not there"))
     redis_server.kill()
     with pytest.raises(BackendUnavailable):
         await in_flight
     with pytest.raises(BackendUnavailable):  # fails at once, while Redis is down
-        await dispatcher.run(request("x"))
+        await runner.run(request("x"))
     redis_server.start()
-    await eventually(dispatcher.is_connected)
+    await eventually(runner.is_connected)
     start(make_worker(redis_server))
-    assert json.loads(await dispatcher.run(request("back")))["script"] == "back"
+    assert json.loads(await runner.run(request("back")))["script"] == "back"
 
 
 @pytest_twisted.ensureDeferred
 async def test_redis_down_at_start(redis_server, start):
     redis_server.kill()
-    dispatcher = start(make_dispatcher(redis_server))
+    runner = start(make_runner(redis_server))
     with pytest.raises(BackendUnavailable):
-        await dispatcher.run(request("x"))
+        await runner.run(request("x"))
     with pytest.raises(BackendUnavailable):
-        await dispatcher.enqueue(request("x"))
+        await runner.enqueue_once(request("x"), "{}", "event-x", 60)
     redis_server.start()
-    await connected(dispatcher)
+    await connected(runner)
     start(make_worker(redis_server))
-    assert json.loads(await dispatcher.run(request("up")))["script"] == "up"
+    assert json.loads(await runner.run(request("up")))["script"] == "up"
 
 
 @pytest_twisted.ensureDeferred
 async def test_enqueue_without_waiting(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     event = {"id": "evt_1", "type": "payment_intent.succeeded", "amount": 42}
-    task_id = await dispatcher.enqueue(ScriptRequest(CIRCLE, "on_payment()", "", "webhook:stripe", 60), event)
+    body = json.dumps(event)
+    queued = await runner.enqueue_once(ScriptRequest(CIRCLE, "on_payment()", "", "webhook:stripe", 60), body,
+                                       "stripe:evt_1", 60)
+    task_id = queued.task_id
+    assert not queued.duplicate
     task = redis_client.hgetall(f"circles:task:{task_id}")
     assert task["status"] == "pending" and task["reply_to"] == "" and json.loads(task["data"]) == event
+    assert task["data"] == body  # stored as given, byte for byte
     assert redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1) == [task_id]
     start(make_worker(redis_server))
     await eventually(lambda: redis_client.hgetall(f"circles:task:{task_id}")["status"] == "completed")
@@ -172,10 +177,10 @@ async def test_enqueue_without_waiting(redis_server, start, redis_client):
 
 @pytest_twisted.ensureDeferred
 async def test_stopping_answers_in_flight_and_expires(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
-    in_flight = dispatcher.run(request("nobody runs this"))
+    runner = await connected(start(make_runner(redis_server)))
+    in_flight = runner.run(request("nobody runs this"))
     await eventually(lambda: redis_client("KEYS", "circles:task:*"))
-    await dispatcher.stopService()
+    await runner.stopService()
     with pytest.raises(BackendUnavailable):
         await in_flight
     [task_key] = redis_client("KEYS", "circles:task:*")
@@ -184,31 +189,31 @@ async def test_stopping_answers_in_flight_and_expires(redis_server, start, redis
 
 @pytest_twisted.ensureDeferred
 async def test_malformed_replies_are_ignored(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     for junk in ["", "{not json", '{"task_id": 5}', '{"task_id": "x", "status": "processing"}', "a b"]:
-        redis_client("LPUSH", dispatcher.reply_key, junk)
+        redis_client("LPUSH", runner.reply_key, junk)
     start(make_worker(redis_server))
-    assert json.loads(await dispatcher.run(request("after junk")))["script"] == "after junk"
+    assert json.loads(await runner.run(request("after junk")))["script"] == "after junk"
 
 
 @pytest_twisted.ensureDeferred
 async def test_bare_task_id_reply(redis_server, start, redis_client):
     """A worker may reply with the task id alone: the result is read from the task hash."""
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
-    run = dispatcher.run(request("by hand"))
+    runner = await connected(start(make_runner(redis_server)))
+    run = runner.run(request("by hand"))
     task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
     key = f"circles:task:{task_id}"
     redis_client("HSET", key, "status", "completed", "output", "42")
-    redis_client("LPUSH", dispatcher.reply_key, task_id)
+    redis_client("LPUSH", runner.reply_key, task_id)
     assert await run == "42"  # text stays text
 
 
 @pytest_twisted.ensureDeferred
 async def test_worker_stop_finishes_running_script(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     release = Deferred()
     worker = start(make_worker(redis_server, engine=lambda s, c: release))
-    run = dispatcher.run(request("x"))
+    run = runner.run(request("x"))
     await eventually(lambda: any(redis_client.hgetall(k).get("status") == "processing"
                                  for k in redis_client("KEYS", "circles:task:*")))
     stopping = worker.stopService()
@@ -219,9 +224,9 @@ async def test_worker_stop_finishes_running_script(redis_server, start, redis_cl
 
 @pytest_twisted.ensureDeferred
 async def test_prefix(redis_server, start, redis_client):
-    dispatcher = await connected(start(make_dispatcher(redis_server, prefix="app1:")))
+    runner = await connected(start(make_runner(redis_server, prefix="app1:")))
     start(make_worker(redis_server, prefix="app1:"))
-    assert json.loads(await dispatcher.run(request("p")))["script"] == "p"
+    assert json.loads(await runner.run(request("p")))["script"] == "p"
     assert all(k.startswith("app1:") for k in redis_client("KEYS", "*"))
 
 
@@ -229,10 +234,10 @@ async def test_prefix(redis_server, start, redis_client):
 async def test_worker_timeout_is_a_timeout_not_a_failure(redis_server, start, redis_client):
     """The worker's own --script-timeout and the server's deadline are one condition: -32003
     (ScriptTimeout), told by the reply's ``reason``, also in the task hash."""
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
+    runner = await connected(start(make_runner(redis_server)))
     start(make_worker(redis_server, engine=lambda s, c: Deferred(), script_timeout=0.5))
     with pytest.raises(ScriptTimeout):
-        await dispatcher.run(request("never ends", timeout=30))
+        await runner.run(request("never ends", timeout=30))
     [key] = redis_client("KEYS", "circles:task:*")
     task = redis_client.hgetall(key)
     assert (task["status"], task["reason"], task["error"]) == ("error", "timeout", "script timed out after 0.5s")
@@ -241,11 +246,11 @@ async def test_worker_timeout_is_a_timeout_not_a_failure(redis_server, start, re
 @pytest_twisted.ensureDeferred
 async def test_timeout_reason_in_the_hash_of_a_bare_reply(redis_server, start, redis_client):
     """A worker replying with the bare task id says "timed out" with the hash's ``reason``."""
-    dispatcher = await connected(start(make_dispatcher(redis_server)))
-    run = dispatcher.run(request("by hand"))
+    runner = await connected(start(make_runner(redis_server)))
+    run = runner.run(request("by hand"))
     task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
     redis_client("HSET", f"circles:task:{task_id}", "status", "error", "error", "stopped", "reason", "timeout")
-    redis_client("LPUSH", dispatcher.reply_key, task_id)
+    redis_client("LPUSH", runner.reply_key, task_id)
     with pytest.raises(ScriptTimeout):
         await run
 
@@ -264,10 +269,10 @@ def test_replies_without_a_reason_still_decode():
 async def test_output_larger_than_the_server_takes_never_reaches_redis(redis_server, start, redis_client):
     """The server writes its cap into the task (``max_output``); the worker refuses a larger
     output, whatever its own --max-output, and reports the size instead."""
-    dispatcher = await connected(start(make_dispatcher(redis_server, max_output=1000)))
+    runner = await connected(start(make_runner(redis_server, max_output=1000)))
     start(make_worker(redis_server, engine=lambda s, c: "é" * 600))  # 1200 bytes, 600 characters
     with pytest.raises(ScriptFailed) as e:
-        await dispatcher.run(request("big"))
+        await runner.run(request("big"))
     assert e.value.detail == "output too large: 1200 bytes, the limit is 1000"
     [key] = redis_client("KEYS", "circles:task:*")
     task = redis_client.hgetall(key)
@@ -277,7 +282,7 @@ async def test_output_larger_than_the_server_takes_never_reaches_redis(redis_ser
 
 @pytest_twisted.ensureDeferred
 async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_server, start):
-    dispatcher = await connected(start(make_dispatcher(redis_server, max_output=1000)))
+    runner = await connected(start(make_runner(redis_server, max_output=1000)))
     caps = []
 
     def engine(script, context):
@@ -285,7 +290,7 @@ async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_serv
         return "x" * int(script)
 
     start(make_worker(redis_server, engine=engine, max_output=100))
-    assert await dispatcher.run(request("100")) == "x" * 100
+    assert await runner.run(request("100")) == "x" * 100
     with pytest.raises(ScriptFailed, match="^output too large: 101 bytes, the limit is 100$"):
-        await dispatcher.run(request("101"))
+        await runner.run(request("101"))
     assert caps == [100, 100]

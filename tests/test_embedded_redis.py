@@ -66,7 +66,7 @@ async def test_starts_answers_and_stops_without_leftovers(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
     """A production day: the private redis-server is killed (OOM killer, an operator). The server
-    runs on, so its Redis comes back where the dispatcher and the workers reconnect."""
+    runs on, so its Redis comes back where the script runner and the workers reconnect."""
     redis = EmbeddedRedis(str(tmp_path), reactor=reactor)
     redis.startService()
     address = await answering(redis)

@@ -31,7 +31,7 @@ from circles.jsonrpc import (
     bind_params,
 )
 
-from .inmemory import captured_log, fired
+from .inmemory import captured_log, fired, replied
 
 TOO_MANY = -32006
 MAX_BATCH = 10
@@ -130,7 +130,7 @@ def call(message, ctx=None, dispatcher=None):
     ctx = ctx or Context()
     if not isinstance(message, (str, bytes)):
         message = json.dumps(message)
-    text = fired(dispatcher.handle(message, ctx))
+    text = replied(dispatcher.answer(message, ctx))
     if text is None:
         return None
     assert isinstance(text, str)
@@ -271,7 +271,7 @@ def test_spec_batch_all_notifications():
     ("123456789012345678901234567890", 123456789012345678901234567890),
 ])
 def test_id_echoed_exactly(id_text, id_value):
-    text = fired(make_dispatcher().handle(
+    text = replied(make_dispatcher().answer(
         '{"jsonrpc": "2.0", "method": "get_data", "id": %s}' % id_text, Context()))
     reply = json.loads(text)
     assert reply["id"] == id_value and type(reply["id"]) is type(id_value)
@@ -290,7 +290,7 @@ def test_bool_object_array_ids_refused(bad_id):
 
 def test_lone_surrogate_id_is_echoed_as_valid_utf8():
     # "\ud800" is valid JSON text; the reply must still be encodable for a text frame.
-    text = fired(make_dispatcher().handle('{"jsonrpc": "2.0", "method": "get_data", "id": "\\ud800"}', Context()))
+    text = replied(make_dispatcher().answer('{"jsonrpc": "2.0", "method": "get_data", "id": "\\ud800"}', Context()))
     text.encode("utf-8")
     assert json.loads(text)["id"] == "\ud800"
 
@@ -317,9 +317,24 @@ def test_failing_notification_with_exception_gets_no_reply_but_is_logged():
 # --- errors ---------------------------------------------------------------------------------
 
 
+def test_one_error_class_raised_by_methods_and_by_the_client():
+    from circles.client import RPCError as ClientRPCError
+
+    assert ClientRPCError is RPCError
+    error = RPCError.from_json({"code": -32005, "message": "Script failed", "data": "division by zero"})
+    assert (error.code, error.message, error.data) == (-32005, "Script failed", "division by zero")
+    assert error.to_json() == {"code": -32005, "message": "Script failed", "data": "division by zero"}
+    assert str(error) == "-32005 Script failed: division by zero"
+    bare = RPCError.from_json({"code": -32601, "message": "Method not found"})
+    assert bare.data is None and bare.to_json() == {"code": -32601, "message": "Method not found"}
+    assert str(bare) == "-32601 Method not found"
+    assert str(RPCError(-32007, "Reply too large", {"size": 2})) == '-32007 Reply too large: {"size": 2}'
+    assert RPCError.from_json("nonsense").code == INTERNAL_ERROR
+
+
 def test_handler_exception_is_internal_error_without_traceback_and_logged():
     with captured_log() as events:
-        text = fired(make_dispatcher().handle('{"jsonrpc": "2.0", "method": "boom", "id": 1}', Context()))
+        text = replied(make_dispatcher().answer('{"jsonrpc": "2.0", "method": "boom", "id": 1}', Context()))
     reply = json.loads(text)
     assert_error(reply, INTERNAL_ERROR, "Internal error", 1)
     assert "data" not in reply["error"]
@@ -382,7 +397,7 @@ def test_batch_over_the_limit_gets_the_configured_error():
 
 def test_deferred_handlers():
     ctx = Context()
-    d = make_dispatcher().handle('[{"jsonrpc":"2.0","method":"later","params":[21],"id":1},'
+    d = make_dispatcher().answer('[{"jsonrpc":"2.0","method":"later","params":[21],"id":1},'
                                  '{"jsonrpc":"2.0","method":"get_data","id":2}]', ctx)
     assert not d.called  # the batch waits for its slowest member
     [(_, pending)] = ctx.calls
@@ -397,7 +412,7 @@ def test_deferred_handlers():
 def test_deferred_handler_failing_late():
     ctx = Context()
     with captured_log() as events:
-        d = make_dispatcher().handle('{"jsonrpc":"2.0","method":"later_fail","id":"z"}', ctx)
+        d = make_dispatcher().answer('{"jsonrpc":"2.0","method":"later_fail","id":"z"}', ctx)
         [(_, pending)] = ctx.calls
         pending.errback(Failure(ZeroDivisionError("hidden")))
         text = fired(d)
@@ -406,7 +421,7 @@ def test_deferred_handler_failing_late():
     assert any(e.get("log_failure") is not None and e["log_failure"].check(ZeroDivisionError) for e in events)
 
     ctx = Context()
-    d = make_dispatcher().handle('{"jsonrpc":"2.0","method":"later_fail","id":"y"}', ctx)
+    d = make_dispatcher().answer('{"jsonrpc":"2.0","method":"later_fail","id":"y"}', ctx)
     ctx.calls[0][1].errback(Failure(RPCError(-32003, "Script timed out")))
     assert_error(json.loads(fired(d)), -32003, "Script timed out", "y")
 
@@ -598,8 +613,7 @@ def test_any_json_message_gets_none_or_valid_responses(message, as_bytes):
     text = json.dumps(message)
     payload = text.encode("utf-8") if as_bytes else text
     with captured_log():
-        d = make_dispatcher().handle(payload, Context())
-        reply_text = fired(d)
+        reply_text = replied(make_dispatcher().answer(payload, Context()))
     if isinstance(message, list) and message and len(message) <= MAX_BATCH:
         expected = [m for m in message if not _is_notification(m)]
         if not expected:
@@ -629,7 +643,7 @@ def test_any_json_message_gets_none_or_valid_responses(message, as_bytes):
 @given(payload=st.binary(max_size=64) | st.text(max_size=64))
 def test_any_bytes_or_text_never_raise(payload):
     with captured_log():
-        reply_text = fired(make_dispatcher().handle(payload, Context()))
+        reply_text = replied(make_dispatcher().answer(payload, Context()))
     if reply_text is not None:
         reply_text.encode("utf-8")
         reply = json.loads(reply_text)
@@ -646,7 +660,7 @@ def not_a_number(ctx):
 
 @pytest.mark.parametrize("number", [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30, -(10**30)])
 def test_integers_around_64_bits_keep_every_digit(number):
-    text = fired(make_dispatcher().handle(
+    text = replied(make_dispatcher().answer(
         '{"jsonrpc":"2.0","method":"echo","params":[%d],"id":%d}' % (number, number), Context()))
     assert '"result":%d' % number in text and '"id":%d' % number in text
 
@@ -662,7 +676,7 @@ def test_non_finite_results_are_written_as_null():
 
 
 def test_non_ascii_results_are_utf8_json():
-    reply = fired(make_dispatcher().handle('{"jsonrpc":"2.0","method":"echo","params":["\\u00e9\\ud83d\\ude00"],"id":1}',
+    reply = replied(make_dispatcher().answer('{"jsonrpc":"2.0","method":"echo","params":["\\u00e9\\ud83d\\ude00"],"id":1}',
                                            Context()))
     assert json.loads(reply.encode("utf-8"))["result"] == "\u00e9\U0001F600"
 
@@ -725,7 +739,7 @@ def test_a_reply_at_the_limit_is_sent():
 
 def test_a_late_reply_over_the_limit_is_an_error():
     ctx = Context()
-    d = sized_dispatcher().handle(json.dumps(_request("later_fail", id_="l")), ctx)
+    d = sized_dispatcher().answer(json.dumps(_request("later_fail", id_="l")), ctx)
     [(_, pending)] = ctx.calls
     pending.callback("y" * LIMIT)  # a play's output, say
     reply = json.loads(fired(d))
@@ -747,11 +761,9 @@ def test_a_batch_over_the_limit_has_its_largest_parts_replaced():
 def test_a_reply_whose_id_alone_is_too_large_raises_reply_too_large():
     from circles.jsonrpc import ReplyTooLarge
 
-    d = sized_dispatcher().handle(json.dumps(_request("no_such_method", id_="i" * LIMIT)), Context())
-    failure = []
-    d.addErrback(failure.append)
-    assert failure and failure[0].check(ReplyTooLarge)
-    assert failure[0].value.limit == LIMIT
+    with pytest.raises(ReplyTooLarge) as refused:
+        sized_dispatcher().answer(json.dumps(_request("no_such_method", id_="i" * LIMIT)), Context())
+    assert refused.value.limit == LIMIT
     with pytest.raises(ReplyTooLarge):
         sized_dispatcher().answer(json.dumps([_request("get_data", id_="i" * 300) for _ in range(4)]), Context())
 

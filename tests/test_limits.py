@@ -37,7 +37,7 @@ from circles.api import Session, methods
 from circles.gateway import Gateway
 from circles.backend.scripts import NoScriptBackend
 
-from .inmemory import fired
+from .inmemory import replied
 from .play_client import eventually, new_key, pk, sleep
 from .support import Key, request, twistd
 
@@ -58,8 +58,8 @@ def _request(id_, method="whoami", params=None) -> dict:
 
 
 def send(session, message):
-    """One message through ``Session.handle``: the parsed reply, or None when none is sent."""
-    text = fired(session.handle(json.dumps(message).encode("utf-8")))
+    """One message through ``Session.answer``: the parsed reply, or None when none is sent."""
+    text = replied(session.answer(json.dumps(message).encode("utf-8")))
     return None if text is None else json.loads(text)
 
 

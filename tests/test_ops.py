@@ -47,12 +47,12 @@ async def test_health_and_ready_follow_redis(redis_server, start):
     assert (await _get(base + "/health"))[::2] == (200, '{"status":"ok"}')
     assert (await _get(base + "/ready"))[::2] == (200, '{"status":"ready"}')
     redis_server.kill()
-    await eventually(lambda: not service.dispatcher.is_connected())
+    await eventually(lambda: not service.script_runner.is_connected())
     status, _, body = await _get(base + "/ready")
     assert status == 503 and json.loads(body)["reason"] == "script backend unavailable"
     assert (await _get(base + "/health"))[0] == 200  # alive all the same
     redis_server.start()
-    await eventually(service.dispatcher.is_connected)
+    await eventually(service.script_runner.is_connected)
     assert (await _get(base + "/ready"))[0] == 200
     status, _, body = await _get(base + "/metrics")
     assert _sample(body, "circles_redis_reconnects_total") == 1
@@ -71,12 +71,12 @@ async def test_ready_follows_a_redis_that_does_not_answer(redis_server, start):
         assert (await client.call("play", {"script": "x"}))["error"]["code"] == -32004
         assert (await _get(base + "/health"))[0] == 200
         # However long Redis stays silent, one PING waits for it, never a pile of them.
-        sent = service.dispatcher.pings
+        sent = service.script_runner.pings
         await sleep(3)  # three ping intervals
-        assert service.dispatcher.pings == sent
+        assert service.script_runner.pings == sent
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
-    await eventually(service.dispatcher.is_connected, timeout=60)
+    await eventually(service.script_runner.is_connected, timeout=60)
     assert (await _get(base + "/ready"))[0] == 200
     client.close()
 
@@ -96,7 +96,7 @@ async def test_ready_is_503_while_shutting_down(redis_server, start):
     service, port = await serve(start, redis_server.url, shutdown_grace=30)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = client.call("play", {"script": "nobody runs this", "timeout": 2})
-    await eventually(lambda: service.dispatcher.in_flight == 1)
+    await eventually(lambda: service.script_runner.in_flight == 1)
     service.factory.draining = True  # what stopService sets first (it also closes the port)
     status, _, body = await _get(f"http://127.0.0.1:{port}/ready")
     assert status == 503 and json.loads(body)["reason"] == "shutting down"

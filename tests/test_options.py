@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from circles import server_tap, webhook_secrets
 from circles.backend import tasks
-from circles.backend.dispatch import RedisDispatcher
+from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import DEFAULT_STATE_DIR
 from circles.backend.redis import InvalidRedisURL, RedisAddress
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -82,7 +82,7 @@ def test_the_redis_prefix_is_written_once():
     assert tasks.DEFAULT_PREFIX == "circles:"
     defaults = {server_tap.Options()["redis-prefix"], worker_tap.Options()["redis-prefix"], Config().redis_prefix,
                 inspect.signature(Worker).parameters["prefix"].default,
-                inspect.signature(RedisDispatcher).parameters["prefix"].default}
+                inspect.signature(RedisScriptRunner).parameters["prefix"].default}
     assert defaults == {tasks.DEFAULT_PREFIX}
     for options in (server_tap.Options(), worker_tap.Options()):
         assert f"[default: {tasks.DEFAULT_PREFIX}]" in help_text(options)

@@ -28,7 +28,7 @@ async def serve(start, redis_url=None, **config) -> "tuple[CirclesService, int]"
     service = start(CirclesService(Config(listen=("tcp:0:interface=127.0.0.1",), redis_url=redis_url, **config),
                                    reactor=reactor))
     [port] = await service.when_listening()
-    await eventually(service.dispatcher.is_connected)
+    await eventually(service.script_runner.is_connected)
     return service, port.getHost().port
 
 
@@ -92,7 +92,7 @@ async def test_redis_killed_then_restarted(redis_server, start, redis_client):
     assert (await play(client, "echo down"))["error"]["code"] == -32004
     assert (await client.call("whoami"))["result"]["circle"] == CIRCLE  # everything else keeps working
     redis_server.start()
-    await eventually(service.dispatcher.is_connected)
+    await eventually(service.script_runner.is_connected)
 
     async def works():
         reply = await play(client, "echo again")
@@ -160,7 +160,7 @@ async def test_shutdown_answers_in_flight_play(redis_server, start):
     service, port = await serve(start, redis_server.url, shutdown_grace=0.5)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = play(client, "nobody")
-    await eventually(lambda: service.dispatcher._waiting)
+    await eventually(lambda: service.script_runner._waiting)
     stopped = service.stopService()
     assert (await in_flight)["error"]["code"] == -32004
     await stopped
@@ -175,7 +175,7 @@ async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_s
     busy = await RPCClient.open(port, CIRCLE)
     idle = await RPCClient.open(port, CIRCLE)
     in_flight = [play(busy, f"sleep 1; echo {i}") for i in range(5)]
-    await eventually(lambda: len(service.dispatcher._waiting) == 5)
+    await eventually(lambda: len(service.script_runner._waiting) == 5)
     stopped = service.stopService()
     await eventually(lambda: idle.closed_code is not None)
     assert idle.closed_code == 1001  # nothing in flight: told at once
@@ -197,7 +197,7 @@ async def test_shutdown_queues_no_new_play_so_a_busy_connection_drains(redis_ser
     busy = await RPCClient.open(port, CIRCLE)
     ran = tmp_path / "ran"
     first = play(busy, f"sleep 1; echo first >> {ran}; echo first")
-    await eventually(lambda: len(service.dispatcher._waiting) == 1)
+    await eventually(lambda: len(service.script_runner._waiting) == 1)
     stopped = service.stopService()
     late = await play(busy, f"echo late >> {ran}; echo late")
     assert late["error"]["code"] == -32004 and late["error"]["data"] == "the server is shutting down"

@@ -32,7 +32,7 @@ def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
         server.wait_for("started server process 2")
         worker.wait_for("waiting for tasks")
         deadline = time.monotonic() + 60
-        while server.output.count("connected to Redis") < 2:  # each process has its own dispatcher
+        while server.output.count("connected to Redis") < 2:  # each process has its own script runner
             assert time.monotonic() < deadline, server.output
             time.sleep(0.1)
         processes = _server_processes(server.proc.pid)
@@ -42,7 +42,7 @@ def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
             time.sleep(0.5)
             held = [_established(p, port) for p in processes]
             assert sum(held) == 40 and all(held), held  # the kernel spread them over both
-            for i, ws in enumerate(clients[:10]):  # plays through both processes' dispatchers
+            for i, ws in enumerate(clients[:10]):  # plays through both processes' script runners
                 nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
                 request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
                 assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}\n"}

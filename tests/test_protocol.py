@@ -43,7 +43,7 @@ from circles.backend.scripts import (
     ScriptTimeout,
 )
 
-from .inmemory import captured_log, fired
+from .inmemory import captured_log, fired, replied
 
 OPENRPC = Path(__file__).resolve().parent.parent / "openrpc.json"
 NOW = 1_700_000_000.0
@@ -113,7 +113,7 @@ def rpc(session, method, params=None):
     request = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
     if params is not None:
         request["params"] = params
-    reply = json.loads(fired(session.handle(json.dumps(request).encode("utf-8"))))
+    reply = json.loads(replied(session.answer(json.dumps(request).encode("utf-8"))))
     assert reply["id"] == request["id"]
     return reply
 
@@ -256,9 +256,9 @@ def test_fetch_nonce_cap_is_too_many_requests(clock):
 def test_batch_over_the_limit_is_too_many_requests(clock):
     session = Session(make_gateway(clock, max_batch=2), CIRCLE)
     batch = [{"jsonrpc": "2.0", "method": "whoami", "id": i} for i in range(3)]
-    reply = json.loads(fired(session.handle(json.dumps(batch))))
+    reply = json.loads(replied(session.answer(json.dumps(batch))))
     assert reply["error"]["code"] == -32006 and reply["id"] is None
-    assert len(json.loads(fired(session.handle(json.dumps(batch[:2]))))) == 2
+    assert len(json.loads(replied(session.answer(json.dumps(batch[:2]))))) == 2
 
 
 def test_rpc_discover_is_the_openrpc_document(clock):
@@ -279,7 +279,7 @@ def test_play_requires_auth_when_auth_is_on(clock, runner):
     assert runner.requests == []
     key = Key()
     login(session, key)
-    d = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "40 + 2"}, "id": 7}))
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "40 + 2"}, "id": 7}))
     assert not d.called
     [request] = runner.requests
     assert (request.circle, request.script, request.caller, request.source) == (CIRCLE, "40 + 2", key.pubkey, SOURCE_WS)
@@ -289,7 +289,7 @@ def test_play_requires_auth_when_auth_is_on(clock, runner):
 
 def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
     session = Session(make_gateway(clock, runner, auth_required=False), CIRCLE)
-    d = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["x"], "id": 1}))
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["x"], "id": 1}))
     assert runner.requests[0].caller == ""
     runner.pending[0].callback("")
     assert json.loads(fired(d))["result"] == {"output": ""}
@@ -309,7 +309,7 @@ def test_play_without_backend_is_backend_unavailable(clock):
 def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given, used):
     session = Session(make_gateway(clock, runner), CIRCLE)
     params = {"script": "s"} if given is None else {"script": "s", "timeout": given}
-    session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": params, "id": 1}))
+    session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": params, "id": 1}))
     [request] = runner.requests
     assert request.timeout == used
 
@@ -334,7 +334,7 @@ def test_play_bad_params(clock, runner, params):
 ])
 def test_play_error_mapping(clock, runner, failure, code, data):
     session = Session(make_gateway(clock, runner), CIRCLE)
-    d = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "s"}, "id": "p"}))
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "s"}, "id": "p"}))
     runner.pending[0].errback(failure)
     reply = json.loads(fired(d))
     assert reply["id"] == "p" and reply["error"]["code"] == code
@@ -349,7 +349,7 @@ def test_play_runner_bug_is_internal_error(clock):
 
     session = Session(make_gateway(clock, Broken()), CIRCLE)
     with captured_log() as events:
-        text = fired(session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1})))
+        text = replied(session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1})))
     assert json.loads(text)["error"]["code"] == -32603
     assert "secret" not in text
     assert any(e.get("log_failure") is not None for e in events)
@@ -357,7 +357,7 @@ def test_play_runner_bug_is_internal_error(clock):
 
 def test_slow_play_does_not_hold_back_other_requests(clock, runner):
     session = Session(make_gateway(clock, runner), CIRCLE)
-    slow = session.handle(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1}))
+    slow = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1}))
     assert rpc(session, "whoami")["result"]["circle"] == CIRCLE
     assert not slow.called
     runner.pending[0].callback("done")

@@ -52,9 +52,6 @@ class Recorder:
     def run(self, request):
         return fail(BackendUnavailable("not here"))
 
-    def enqueue(self, request, data=None):
-        return fail(BackendUnavailable("not here"))
-
     def enqueue_once(self, request, data_json, key, ttl):
         if self.down:
             return fail(BackendUnavailable("Redis is unreachable"))

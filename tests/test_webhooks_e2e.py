@@ -58,7 +58,7 @@ class Stack:
         self.service.startService()
         [port] = await self.service.when_listening()
         self.port = port.getHost().port
-        await eventually(self.service.dispatcher.is_connected)
+        await eventually(self.service.script_runner.is_connected)
         if worker:
             self.worker.startService()
         return self
@@ -129,7 +129,7 @@ async def test_duplicate_is_queued_once_and_remembered_with_a_ttl(stack, redis_c
     task_ttl = redis_client("TTL", f"circles:task:{first.json()['task_id']}")
     assert task_ttl > Config().webhook_deadline
     # A play queued meanwhile must not shorten the queue's life.
-    await s.service.dispatcher.run(tasks_request(timeout=0.2)).addErrback(lambda f: None)
+    await s.service.script_runner.run(tasks_request(timeout=0.2)).addErrback(lambda f: None)
     assert redis_client("TTL", f"circles:queue:{CIRCLE}") > Config().webhook_deadline
 
 
@@ -153,12 +153,12 @@ async def test_concurrent_duplicates_queue_one_task(stack, redis_client):
 async def test_redis_down_is_503_and_nothing_is_remembered(stack, redis_server, redis_client):
     s = await stack(worker=False)
     redis_server.kill()
-    await eventually(lambda: not s.service.dispatcher.is_connected())
+    await eventually(lambda: not s.service.script_runner.is_connected())
     body = encode(stripe_event("evt_while_down"))
     reply = await s.stripe(body)
     assert reply.code == 503 and reply.json() == {"error": "backend unavailable, retry later"}
     redis_server.start()
-    await eventually(s.service.dispatcher.is_connected)
+    await eventually(s.service.script_runner.is_connected)
     client = redis_server.client()
     try:
         assert client("KEYS", "*") == []

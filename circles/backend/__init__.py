@@ -5,7 +5,7 @@
 - :mod:`circles.backend.redis`: Redis URLs and connections (TCP, TLS, Unix sockets);
 - :mod:`circles.backend.embedded`: the private ``redis-server`` a server starts when given no URL;
 - :mod:`circles.backend.scripts`: the gateway's view of a script backend (``IScriptRunner``);
-- :mod:`circles.backend.dispatch`: the server's side of the protocol (``RedisDispatcher``).
+- :mod:`circles.backend.dispatch`: the server's side of the protocol (``RedisScriptRunner``).
 
 The worker's side is :mod:`circles.worker`. Nothing here imports the gateway, Autobahn or Klein.
 """

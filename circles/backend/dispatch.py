@@ -1,12 +1,12 @@
-"""``RedisDispatcher``: hands scripts to circle workers through Redis and relays the result.
+"""``RedisScriptRunner``: hands scripts to circle workers through Redis and relays the result.
 
-One dispatcher per server process. It holds two Redis connections whatever the load: one for
+One runner per server process. It holds two Redis connections whatever the load: one for
 commands (pipelined by txredisapi) and one that blocks in ``BRPOP`` on this server's reply list
 and routes each reply to the request waiting for it, by task id. ``docs/worker-protocol.md``
 describes what a worker sees.
 
-Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue` fail at once
-with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
+Failure policy: while either connection is down, :meth:`run` and :meth:`enqueue_once` fail at
+once with :class:`BackendUnavailable` (nothing is queued); requests waiting for a reply when the
 reply connection drops fail the same way, and their tasks are marked ``expired`` once Redis is
 back so they do not run for nobody. Reconnection is automatic. A :meth:`run` whose Deferred is
 cancelled (its client disconnected) is forgotten and its task expired the same way.
@@ -19,14 +19,13 @@ the backend counts as unavailable (``/ready`` 503, plays -32004 at once) until o
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import uuid
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -51,7 +50,7 @@ PING_TIMEOUT = 2.0
 
 
 class _Waiting:
-    """A :meth:`RedisDispatcher.run` call waiting for its reply."""
+    """A :meth:`RedisScriptRunner.run` call waiting for its reply."""
 
     def __init__(self, request: ScriptRequest, deferred: Deferred, timer) -> None:
         self.request = request
@@ -60,7 +59,7 @@ class _Waiting:
 
 
 @implementer(IScriptRunner)
-class RedisDispatcher(Service):
+class RedisScriptRunner(Service):
     """The production :class:`~circles.backend.scripts.IScriptRunner`: a producer of Redis tasks.
 
     :param address: where Redis is (see :func:`circles.backend.redis.parse_redis_url`).
@@ -105,13 +104,17 @@ class RedisDispatcher(Service):
                  redis=self.address.redacted(), reply=self.reply_key)
         self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT)
         self._replies = connect(self.address, self.reactor)
-        self._loop = self._listen()
+        self._loop = ensureDeferred(self._listen())
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
         self._pinger.start(PING_INTERVAL, now=False)
 
-    @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Deferred:
+        """Answer the plays still waiting (:class:`BackendUnavailable`), expire their tasks if
+        Redis is there to be told, and close both connections."""
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
         super().stopService()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
@@ -121,15 +124,15 @@ class RedisDispatcher(Service):
             entry.deferred.errback(BackendUnavailable("the server is shutting down"))
         if self.is_connected():
             # Best effort, so no worker runs a script nobody waits for any more.
-            yield DeferredList([self._expire(task_id) for task_id in waiting], consumeErrors=True)
+            await DeferredList([self._expire(task_id) for task_id in waiting], consumeErrors=True)
         factories = [f for f in (self._replies, self._commands) if f is not None]
         self._commands = self._replies = None
         self._listening = False
-        yield DeferredList([f.disconnect() for f in factories], consumeErrors=True)
+        await DeferredList([f.disconnect() for f in factories], consumeErrors=True)
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.cancel()  # it may be waiting for a connection that will never come
-            yield loop.addErrback(lambda f: f.trap(CancelledError))
+            await loop.addErrback(lambda f: f.trap(CancelledError))
 
     @property
     def in_flight(self) -> int:
@@ -179,7 +182,7 @@ class RedisDispatcher(Service):
         result = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
         self._waiting[task_id] = _Waiting(request, result, timer)
-        queued = self._write(task_id, request, None, self.reply_key)
+        queued = self._write(task_id, request)
 
         def not_queued(failure: Failure) -> None:
             entry = self._waiting.pop(task_id, None)
@@ -190,23 +193,13 @@ class RedisDispatcher(Service):
         queued.addErrback(not_queued)
         return result
 
-    def enqueue(self, request: ScriptRequest, data: Any = None) -> Deferred:
-        """Queue ``request`` without waiting for its result (webhooks); fire with the task id
-        once Redis holds the task, or fail with :class:`BackendUnavailable`.
-
-        ``data`` (any JSON value) is stored in the task's ``data`` field as JSON text; the task
-        has no ``reply_to``, and its hash lives ``request.timeout`` + the task TTL seconds.
-        """
-        if not self.is_connected():
-            return fail(BackendUnavailable("Redis is unreachable"))
-        task_id = str(uuid.uuid4())
-        return self._write(task_id, request, data, "").addCallback(lambda _: task_id)
-
     def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
-        """Queue ``request`` like :meth:`enqueue`, with ``data_json`` stored as given (webhooks
-        pass the provider's body, byte for byte), unless the event ``key`` (a name under the
-        ``seen:`` prefix) was queued in the last ``ttl`` seconds. Fire with a
-        :class:`~circles.backend.scripts.Queued`; on failure nothing was queued and ``key`` is free."""
+        """Queue ``request`` without waiting for its result (webhooks), with ``data_json`` stored
+        as given in the task's ``data`` (the provider's body, byte for byte), unless the event
+        ``key`` (a name under the ``seen:`` prefix) was queued in the last ``ttl`` seconds. The
+        task has no ``reply_to``, and its hash lives ``request.timeout`` + the task TTL seconds.
+        Fire with a :class:`~circles.backend.scripts.Queued`; on failure nothing was queued and
+        ``key`` is free."""
         if not self.is_connected():
             return fail(BackendUnavailable("Redis is unreachable"))
         task_id = str(uuid.uuid4())
@@ -248,9 +241,9 @@ class RedisDispatcher(Service):
             fields["data"] = data_json
         return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
 
-    def _write(self, task_id: str, request: ScriptRequest, data: Any, reply_to: str) -> Deferred:
-        data_json = None if data is None else json.dumps(data, separators=(",", ":"))
-        fields, ttl = self._fields(request, data_json, reply_to)
+    def _write(self, task_id: str, request: ScriptRequest) -> Deferred:
+        """Queue a task whose reply comes to this server's reply list."""
+        fields, ttl = self._fields(request, None, self.reply_key)
         keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle)]
         d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id] + fields)
         d.addCallback(lambda _: log.debug("queued task {task} for circle {circle} from {source}",
@@ -321,15 +314,14 @@ class RedisDispatcher(Service):
 
     # -- replies --------------------------------------------------------------------------------
 
-    @inlineCallbacks
-    def _listen(self):
+    async def _listen(self) -> None:
         """The one loop reading this server's reply list, for as long as the service runs."""
         while self.running and self._replies is not None and self._commands is not None:
             factory, commands = self._replies, self._commands
             try:
-                connection = yield factory.getConnection(peek=True)
+                connection = await factory.getConnection(peek=True)
                 # Ready only when commands can be sent too: is_connected() checks both.
-                yield commands.getConnection(peek=True)
+                await commands.getConnection(peek=True)
             except RedisError:
                 return  # disconnected for good: the service is stopping
             if not self.running:
@@ -340,7 +332,7 @@ class RedisDispatcher(Service):
                 log.info("connected to Redis at {redis}", redis=self.address.redacted())
                 self._expire_abandoned()
             try:
-                reply = yield connection.brpop([self.reply_key], timeout=REPLY_POLL)
+                reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
             except (RedisError, CancelledError) as e:
                 if self._listening:
                     self._listening = False

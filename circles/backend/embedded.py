@@ -5,8 +5,8 @@ only to a unix socket (``redis.sock``, mode 0700) in the state directory, no TCP
 persistence unless asked, and stops it when the service stops. On Linux the child also gets a
 parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Redis behind.
 A redis-server that exits on its own once it has answered (killed, out of memory) is started
-again on the same socket (:class:`~circles.children.RestartDelay`), where the server's dispatcher
-and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
+again on the same socket (:class:`~circles.children.RestartDelay`), where the server's script
+runner and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
 """
 
 from __future__ import annotations

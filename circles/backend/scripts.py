@@ -1,8 +1,9 @@
 """What the gateway asks of a script backend, and the ways running a script can fail.
 
 The server never runs scripts. It hands a :class:`ScriptRequest` to an :class:`IScriptRunner`
-(the Redis dispatcher in production) and relays what comes back. Keeping this interface small
-lets the protocol be tested without Redis and lets a deployment plug in another backend.
+(:class:`~circles.backend.dispatch.RedisScriptRunner` in production) and relays what comes back.
+Keeping this interface small lets the protocol be tested without Redis and lets a deployment
+plug in another backend.
 """
 
 from __future__ import annotations
@@ -62,11 +63,6 @@ class IScriptRunner(Interface):
         a :class:`ScriptError`. Cancelling the Deferred (the client is gone) stops waiting and
         keeps the script from running later if it can."""
 
-    def enqueue(request: ScriptRequest, data=None) -> Deferred:
-        """Queue ``request`` (with ``data``, any JSON value, for the worker) without waiting
-        for its result; fire with the task id once the task is durably queued, or fail with
-        :class:`BackendUnavailable`."""
-
     def is_connected() -> bool:
         """Whether scripts can be queued right now (``GET /ready`` reports it)."""
 
@@ -88,9 +84,6 @@ class NoScriptBackend:
         return False
 
     def run(self, request: ScriptRequest) -> Deferred:
-        return fail(BackendUnavailable(self.reason))
-
-    def enqueue(self, request: ScriptRequest, data=None) -> Deferred:
         return fail(BackendUnavailable(self.reason))
 
     def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:

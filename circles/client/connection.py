@@ -42,41 +42,17 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from circles import jsonrpc
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
+from circles.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
 from circles.once import Once
 from circles.tls_client import client_options
 
+# Twisted's own Logger, deliberately: the client runs in an application's process, whose observers
+# decide what is kept (--log-level belongs to the server's and the worker's twistd plugins).
 log = Logger()
 
 DEFAULT_TIMEOUT = 30.0  # seconds to connect and finish the opening handshake, or to answer a ping
 PING_INTERVAL = 10.0  # seconds between the pings that find a server no longer answering
-
-
-class RPCError(jsonrpc.RPCError):
-    """The server answered a call with a JSON-RPC error; ``data`` is None when it sent none."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(code, message, data)
-
-    @classmethod
-    def from_json(cls, error: Any) -> "RPCError":
-        if not isinstance(error, dict):
-            return cls(jsonrpc.INTERNAL_ERROR, f"malformed error object: {error!r}")
-        return cls(error.get("code", jsonrpc.INTERNAL_ERROR), str(error.get("message", "")), error.get("data"))
-
-    def to_json(self) -> dict:
-        error = {"code": self.code, "message": self.message}
-        if self.data is not None:
-            error["data"] = self.data
-        return error
-
-    def __str__(self) -> str:
-        text = f"{self.code} {self.message}"
-        if self.data is not None:
-            detail = self.data if isinstance(self.data, str) else json.dumps(self.data)
-            text += f": {detail}"
-        return text
 
 
 class ConnectFailed(ConnectionError):

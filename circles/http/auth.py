@@ -11,7 +11,6 @@ usually holds whole): 429 past either, so one client cannot lock the others out.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Optional
 
@@ -19,15 +18,9 @@ from klein import Klein
 
 from circles.auth import TooManyNonces, TooManyNoncesForOwner
 from circles.gateway import Gateway
+from circles.http.responses import json_response
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import address_key
-
-
-def _json(request, status: int, body: dict) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8")
 
 
 def client_of(request) -> Optional[str]:
@@ -36,29 +29,37 @@ def client_of(request) -> Optional[str]:
     return address_key(getattr(request.getClientAddress(), "host", None))
 
 
-def auth_app(gateway: Gateway) -> Klein:
+def _answer(request, status: int, body: dict) -> bytes:
+    # Spaced JSON, as these routes have always answered (the README shows it).
+    return json_response(request, status, body, compact=False)
+
+
+class AuthRoutes:
+    """The Klein app to mount at ``/auth``: ``AuthRoutes(gateway).app.resource()``."""
+
     app = Klein()
 
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
     @app.route("/nonce", methods=["GET"])
-    def nonce(request):
+    def nonce(self, request) -> bytes:
         given = request.args.get(b"public_key", [b""])[0].decode("utf-8", "replace")
         pubkey = None
         if given:
             try:
                 pubkey = normalize_pubkey(given)
             except InvalidKey as e:
-                return _json(request, 400, {"error": f"public_key: {e}"})
+                return _answer(request, 400, {"error": f"public_key: {e}"})
         try:
-            issued = gateway.http_nonces.issue(pubkey, client_of(request))
+            issued = self.gateway.http_nonces.issue(pubkey, client_of(request))
         except TooManyNonces as e:
-            request.setHeader(b"retry-after", str(math.ceil(gateway.config.nonce_ttl)).encode())
+            request.setHeader(b"retry-after", str(math.ceil(self.gateway.config.nonce_ttl)).encode())
             whose = " from this address" if isinstance(e, TooManyNoncesForOwner) else ""
-            return _json(request, 429, {"error": f"too many outstanding nonces{whose}, retry later"})
-        return _json(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
+            return _answer(request, 429, {"error": f"too many outstanding nonces{whose}, retry later"})
+        return _answer(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
 
     @app.route("/health", methods=["GET"])
-    def health(request):
-        return _json(request, 200, {"status": "healthy", "active_nonces": len(gateway.http_nonces),
-                                    "timestamp": int(gateway.clock.seconds())})
-
-    return app
+    def health(self, request) -> bytes:
+        return _answer(request, 200, {"status": "healthy", "active_nonces": len(self.gateway.http_nonces),
+                                      "timestamp": int(self.gateway.clock.seconds())})

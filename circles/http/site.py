@@ -13,8 +13,6 @@ Request bodies are bounded for every route as they arrive (:mod:`circles.http.li
 
 from __future__ import annotations
 
-import json
-
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.http import combinedLogFormatter
 from twisted.web.pages import notFound
@@ -22,15 +20,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from circles import openrpc
-from circles.http.auth import auth_app
+from circles.http.auth import AuthRoutes
 from circles.http.document import Document
 from circles.http.limits import bounded_request_factory
 from circles.http.playground import Playground
+from circles.http.responses import json_response
 from circles.keys import COMPRESSED_HEX_LEN
 from circles.limits import RequestDeadlineChannel
 from circles.metrics import MetricsPage
 from circles.protocol import CircleFactory
-from circles.webhooks import webhook_app
+from circles.webhooks import WebhookRoutes
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
 
@@ -41,8 +40,7 @@ class _Health(Resource):
     isLeaf = True
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"status":"ok"}'
+        return json_response(request, 200, {"status": "ok"}, no_store=False)
 
 
 class _Ready(Resource):
@@ -56,15 +54,13 @@ class _Ready(Resource):
         self._factory = factory
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"application/json")
         if self._factory.draining:
             problem = "shutting down"
         elif not self._factory.gateway.scripts.is_connected():
             problem = "script backend unavailable"
         else:
-            return b'{"status":"ready"}'
-        request.setResponseCode(503)
-        return json.dumps({"status": "unavailable", "reason": problem}).encode("utf-8")
+            return json_response(request, 200, {"status": "ready"}, no_store=False)
+        return json_response(request, 503, {"status": "unavailable", "reason": problem}, compact=False, no_store=False)
 
 
 class Root(Resource):
@@ -101,7 +97,7 @@ def _log_without_query(timestamp, request) -> str:
 
 def build_site(factory: CircleFactory, reactor) -> Site:
     gateway = factory.gateway
-    root = Root(WebSocketResource(factory), auth_app(gateway).resource(), webhook_app(gateway).resource(),
+    root = Root(WebSocketResource(factory), AuthRoutes(gateway).app.resource(), WebhookRoutes(gateway).app.resource(),
                 playground=gateway.config.playground)
     root.putChild(b"ready", _Ready(factory))
     if gateway.config.metrics_listen is None:  # else only on that endpoint

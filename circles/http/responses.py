@@ -1,0 +1,26 @@
+"""JSON answers of the HTTP routes (``/auth/...``, ``/webhooks/...``, ``/health``, ``/ready``).
+
+One place sets the status, the content type and the caching policy of a JSON body, so every
+route answers the same way. Each route keeps the exact bytes it has always sent: ``/auth`` and
+``/ready``'s 503 are spaced (``json.dumps``' default), the others compact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+_COMPACT = (",", ":")
+
+
+def json_response(request: IRequest, status: int, body: Any, *, compact: bool = True, no_store: bool = True) -> bytes:
+    """Set ``status`` and ``content-type: application/json`` on ``request`` and return ``body``
+    encoded. ``no_store`` adds ``cache-control: no-store``: the answer is about this moment
+    (a nonce, a delivery's fate), and no cache may hand it to anyone else."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    if no_store:
+        request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, separators=_COMPACT if compact else None).encode("utf-8")
