@@ -3,8 +3,8 @@
 :class:`ConnectionCount` counts open WebSockets, in all and per peer address, from the opening
 handshake (where a refusal can be HTTP 503) to the close. :class:`TokenBucket` bounds each
 connection's request rate. :class:`OriginPolicy` decides which browser origins may connect
-(403 otherwise). :class:`RequestDeadlineChannel` bounds the time a connection may take to send
-a whole HTTP request, the WebSocket upgrade included.
+(403 otherwise). :func:`address_key` says whom a per-address limit counts a peer against. The
+bounds on HTTP requests (time, body) are :mod:`circles.http.limits`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from autobahn.util import wildcards2patterns
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.web.http import HTTPChannel
 
 from circles.logs import Logger, worth_logging
 
@@ -159,83 +158,3 @@ class TokenBucket:
             return False
         self._tokens -= n
         return True
-
-
-class RequestDeadlineChannel(HTTPChannel):
-    """An HTTP channel that must receive each whole request within its ``timeOut``.
-
-    Twisted's own timeout is one of silence: every byte restarts it, so a client sending a
-    header byte a second would hold its connection for hours. Here the first request (the
-    WebSocket upgrade, usually) must arrive whole within ``timeOut`` of the connection, and each
-    later one within ``timeOut`` of the previous answer; the idle timeout still applies too.
-
-    Pipelined requests wait while the client does not read: when the transport's buffer is full
-    (it pauses us), the next request is parsed only once it drains. Twisted's channel went on
-    to answer every request already read, each answer buffered: a client pipelining cheap
-    requests for a large answer and reading nothing grew the server by the answers' size (over
-    TLS, 6 GB of RSS from 20 MB of ``GET /openrpc.json``).
-    """
-
-    _deadline = None
-    _timed_out = False
-    _held: Optional[bytes] = None  # pipelined bytes waiting for the transport to drain
-    #: Seconds a timed-out client gets to answer our TLS close_notify before the connection is
-    #: aborted (Twisted's default, 15, let a silent TLS client hold its descriptor that long).
-    abortTimeout = 2
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._arm()
-
-    def _arm(self) -> None:
-        if self.timeOut and self._deadline is None:
-            self._deadline = self.callLater(self.timeOut, self._too_slow)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def allContentReceived(self) -> None:
-        self._disarm()
-        super().allContentReceived()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held += data  # read before the pause took effect (TLS decrypts in batches)
-            return
-        super().dataReceived(data)
-
-    def requestDone(self, request) -> None:
-        if self.persistent and self._waitingForTransport and self._held is None:
-            # Keep what follows from the parser (Twisted would parse it now) and stop reading.
-            self._held, self._dataBuffer = b"".join(self._dataBuffer), []
-            self._networkProducer.pauseProducing()
-        super().requestDone(request)
-        if self.persistent and self.transport is not None:
-            self._arm()
-
-    def resumeProducing(self) -> None:
-        super().resumeProducing()
-        if self._held is not None and not self._handlingRequest:
-            held, self._held = self._held, None
-            if held:
-                self.dataReceived(held)
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        if self.transport is not None:  # None: handed over to a WebSocket
-            self.timeoutConnection()
-
-    def timeoutConnection(self) -> None:
-        # Twisted's silence timeout and this deadline can both fire. Each would log and arm a
-        # forced abort, and the first abort's timer, forgotten, would fire after the connection
-        # was gone: over TLS, an AttributeError from the closed TLS transport.
-        if not self._timed_out:
-            self._timed_out = True
-            super().timeoutConnection()
-
-    def connectionLost(self, reason) -> None:
-        self._disarm()
-        super().connectionLost(reason)

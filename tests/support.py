@@ -112,6 +112,15 @@ class Twistd:
         return self.proc.returncode
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists and is not a zombie), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def still_open(socks: list) -> int:
     """How many of ``socks`` (plain or TLS) the server has not closed, each checked without
     blocking long; a socket that is answered (a refusal) counts as closed."""

@@ -20,15 +20,9 @@ from twisted.python.failure import Failure
 from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
 from circles.once import Once
 
+from .support import alive
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def running(pid: int, program: str) -> bool:

@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from .support import ROOT
+from .support import ROOT, alive
 
 
 def _children() -> dict:
@@ -34,14 +34,6 @@ def descendants(pid: int) -> set:
         frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
         found |= frontier
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):

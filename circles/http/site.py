@@ -22,11 +22,10 @@ from twisted.web.server import Site
 from circles import openrpc
 from circles.http.auth import AuthRoutes
 from circles.http.document import Document
-from circles.http.limits import bounded_request_factory
+from circles.http.limits import RequestDeadlineChannel, bounded_request_factory
 from circles.http.playground import Playground
 from circles.http.responses import json_response
 from circles.keys import COMPRESSED_HEX_LEN
-from circles.limits import RequestDeadlineChannel
 from circles.metrics import MetricsPage
 from circles.protocol import CircleFactory
 from circles.webhooks import WebhookRoutes
