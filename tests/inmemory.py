@@ -5,9 +5,29 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, List
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from circles.backend.scripts import BackendUnavailable, IScriptRunner, ScriptRequest
+
+
+@implementer(IScriptRunner)
+class NoScriptBackend:
+    """A script backend that refuses every script at once: for tests of everything but play."""
+
+    def __init__(self, reason: str = "no script backend is configured") -> None:
+        self.reason = reason
+
+    def is_connected(self) -> bool:
+        return False
+
+    def run(self, request: ScriptRequest) -> Deferred:
+        return fail(BackendUnavailable(self.reason))
+
+    def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
+        return fail(BackendUnavailable(self.reason))
 
 
 def fired(d: Deferred):

@@ -11,9 +11,8 @@ from twisted.internet.task import Clock
 from circles.api import Session, methods
 from circles.gateway import Gateway
 from circles.config import Config
-from circles.backend.scripts import NoScriptBackend
 
-from .inmemory import fired, replied
+from .inmemory import NoScriptBackend, fired, replied
 from .play_client import new_key, pk
 
 CIRCLE = pk(new_key())

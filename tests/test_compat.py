@@ -25,9 +25,9 @@ from circles.gateway import Gateway
 from circles.config import Config
 from circles.http.auth import client_of
 from circles.protocol import CircleFactory
-from circles.backend.scripts import NoScriptBackend
 from circles.http.site import build_site
 
+from .inmemory import NoScriptBackend
 from .support import Key, request
 
 

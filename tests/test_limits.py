@@ -35,9 +35,8 @@ from websockets.sync.client import connect
 from circles import CirclesService, Config
 from circles.api import Session, methods
 from circles.gateway import Gateway
-from circles.backend.scripts import NoScriptBackend
 
-from .inmemory import replied
+from .inmemory import NoScriptBackend, replied
 from .play_client import eventually, new_key, pk, sleep
 from .support import Key, request, twistd
 

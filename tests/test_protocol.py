@@ -38,12 +38,11 @@ from circles.backend.scripts import (
     SOURCE_WS,
     BackendUnavailable,
     IScriptRunner,
-    NoScriptBackend,
     ScriptFailed,
     ScriptTimeout,
 )
 
-from .inmemory import captured_log, fired, replied
+from .inmemory import NoScriptBackend, captured_log, fired, replied
 
 OPENRPC = Path(__file__).resolve().parent.parent / "openrpc.json"
 NOW = 1_700_000_000.0

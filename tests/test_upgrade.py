@@ -12,9 +12,9 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from circles import CirclesService, Config
-from circles.backend.scripts import NoScriptBackend
 from circles.http.upgrade import MAX_HEAD, MAX_LINE, is_circle_upgrade
 
+from .inmemory import NoScriptBackend
 from .support import Key
 
 CIRCLE = Key().pubkey

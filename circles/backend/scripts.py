@@ -8,11 +8,10 @@ plug in another backend.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import attrs
-from twisted.internet.defer import Deferred, fail
-from zope.interface import Interface, implementer
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
 
 SOURCE_WS = "ws"
 SOURCE_STRIPE = "webhook:stripe"
@@ -71,20 +70,3 @@ class IScriptRunner(Interface):
         named ``key`` was queued in the last ``ttl`` seconds; claiming the name and queuing are
         one atomic step. Fire with a :class:`Queued`, or fail with :class:`BackendUnavailable`
         (then nothing was queued or claimed)."""
-
-
-@implementer(IScriptRunner)
-class NoScriptBackend:
-    """The runner used when no backend is configured: every script is refused at once."""
-
-    def __init__(self, reason: Optional[str] = None) -> None:
-        self.reason = reason or "no script backend is configured"
-
-    def is_connected(self) -> bool:
-        return False
-
-    def run(self, request: ScriptRequest) -> Deferred:
-        return fail(BackendUnavailable(self.reason))
-
-    def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
-        return fail(BackendUnavailable(self.reason))
