@@ -112,6 +112,15 @@ class Twistd:
         return self.proc.returncode
 
 
+def source_digest(function) -> str:
+    """The first 16 hex digits of the sha256 of ``function``'s source: what a test pins for
+    third-party code we subclass or copy, so that a change upstream is read before it runs."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (exists and is not a zombie), from /proc."""
     try:

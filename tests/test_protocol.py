@@ -43,6 +43,7 @@ from circles.backend.scripts import (
 )
 
 from .inmemory import NoScriptBackend, captured_log, fired, replied
+from .support import source_digest
 
 OPENRPC = Path(__file__).resolve().parent.parent / "openrpc.json"
 NOW = 1_700_000_000.0
@@ -738,24 +739,17 @@ COPIED_AUTOBAHN_SOURCES = {("WebSocketProtocol", "dropConnection"): "149c74c9a25
 
 @pytest.mark.parametrize("owner, method", sorted(AUTOBAHN_SOURCES))
 def test_trimmed_autobahn_methods_are_the_ones_reviewed(owner, method):
-    import hashlib
-    import inspect
-
     from autobahn.twisted import websocket as twisted_websocket
     from autobahn.websocket import protocol as websocket_protocol
 
     cls = getattr(twisted_websocket, owner, None) or getattr(websocket_protocol, owner)
-    source = inspect.getsource(getattr(cls, method))
-    assert hashlib.sha256(source.encode()).hexdigest()[:16] == AUTOBAHN_SOURCES[owner, method]
+    assert source_digest(getattr(cls, method)) == AUTOBAHN_SOURCES[owner, method]
     assert method in CircleFactory(make_gateway(Clock())).protocol.__mro__[1].__dict__  # still overridden
 
 
 @pytest.mark.parametrize("owner, method", sorted(COPIED_AUTOBAHN_SOURCES))
 def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
-    import hashlib
-    import inspect
-
     from autobahn.websocket import protocol as websocket_protocol
 
-    source = inspect.getsource(getattr(getattr(websocket_protocol, owner), method))
-    assert hashlib.sha256(source.encode()).hexdigest()[:16] == COPIED_AUTOBAHN_SOURCES[owner, method]
+    source = getattr(getattr(websocket_protocol, owner), method)
+    assert source_digest(source) == COPIED_AUTOBAHN_SOURCES[owner, method]
