@@ -170,3 +170,38 @@ def test_pip_on_an_older_python_says_why_in_one_line(wheel):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "requires a different Python" in errors[0] and ">=3.11" in errors[0], result.stderr
+
+
+def test_the_try_outs_set_up_installs_what_running_needs_once_and_again_when_its_inputs_change(tree, tmp_path):
+    """``scripts/setup --runtime`` (what ``./scripts/try`` runs first) in a fresh clone whose
+    .venv records each pip run: no test extras, no banner, nothing on a second start, again
+    once pyproject.toml changed; ``scripts/setup`` (the tests') then adds the test extras."""
+    clone = _copy_of_the_tree(tmp_path / "clone")
+    python = _venv(clone / ".venv")
+    real = python.with_name("python-real")
+    python.rename(real)
+    runs = tmp_path / "pip-runs"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *"-m pip"*) echo "$*" >> {runs} ;; esac\nexec {real} "$@"\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}  # CI=true would apt-get each time
+
+    def setup(*args) -> list:
+        before = runs.read_text().splitlines() if runs.exists() else []
+        result = subprocess.run([str(clone / "scripts" / "setup"), *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "deprecat" not in output.lower() and "*****" not in output, output
+        return [line for line in (runs.read_text().splitlines() if runs.exists() else [])[len(before):]
+                if " install " in f" {line} "]
+
+    first = setup("--runtime")
+    assert [line for line in first if " -e " in line] == ["-m pip install -q -e ."], first
+    assert _where_circles_is(python, tmp_path) == str(clone / "circles" / "__init__.py")
+    assert setup("--runtime") == []  # the second start: nothing to install
+    with open(clone / "pyproject.toml", "a") as f:
+        f.write("# changed\n")
+    assert [line for line in setup("--runtime") if " -e " in line] == ["-m pip install -q -e ."]
+    assert [line for line in setup() if " -e " in line] == ["-m pip install -q -e .[test]"]
+    assert setup("--runtime") == []  # the test extras hold all that running needs
+    assert setup() == []

@@ -39,6 +39,8 @@ def descendants(pid: int) -> set:
 def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
     env = dict(os.environ, CIRCLES_SKIP_SETUP="1")
     state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "logs" / "server.log").write_text("the previous run\n")
     proc = subprocess.Popen([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list = []
@@ -60,6 +62,16 @@ def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
         table = _children()
         names = [table[pid][1] for pid in started if pid in table]
         assert "redis-server" in names and len(names) >= 3, names  # server, worker, their Redis
+        # A second try-out on the same state directory stops at once, touching nothing.
+        second = subprocess.run([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert second.returncode == 1 and f"another try-out (pid {proc.pid}) is running on" in second.stdout, \
+            second.stdout + second.stderr
+        assert "Traceback" not in second.stdout + second.stderr
+        # The previous run's log was kept, this run's is new.
+        assert (state / "logs" / "server.log.1").read_text() == "the previous run\n"
+        assert "the previous run" not in (state / "logs" / "server.log").read_text()
+        assert "connected to Redis" in (state / "logs" / "server.log").read_text()
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(120) == 0, "".join(lines)
     finally:

@@ -10,7 +10,9 @@ which stops them in order; and each asks the kernel for SIGTERM should the super
 (``PR_SET_PDEATHSIG``), so even a killed supervisor leaves nothing behind.
 
 State lives in ``--state-dir`` (default ``./state``): ``certs/`` (the CA clients trust), the
-circle's key, a user key for the pasted line, logs, and the Redis socket.
+circle's key, a user key for the pasted line, logs, and the Redis socket. One try-out at a time
+holds a state directory (``try.lock``); each start moves the previous run's ``logs/*.log`` to
+``*.log.1``.
 
 The worker's engine is :mod:`circles.worker.tiny_engine` (a small sandboxed expression language;
 why not ``sh`` is said there); ``--exec 'rhai-run {script_file}'`` runs real Rhai instead.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import os
 import re
 import shlex
@@ -101,6 +104,32 @@ def prepare(state_dir: str) -> dict:
     paths["run"] = os.path.join(state_dir, "run")
     os.makedirs(paths["logs"], exist_ok=True)
     return paths
+
+
+def hold(state_dir: str) -> int:
+    """Hold ``state_dir`` for as long as this process lives (a lock on ``try.lock``, which the
+    children do not inherit): a second try-out on it stops before touching anything. Returns
+    the descriptor to keep open."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, "try.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise RuntimeError(f"another try-out (pid {holder or '?'}) is running on {_shown(state_dir)}; "
+                           "stop it, or give this one another --state-dir")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
+
+
+def rotate_logs(logs: str) -> None:
+    """Keep the previous run's logs: each ``*.log`` becomes ``*.log.1`` (replacing the one before)."""
+    for name in os.listdir(logs):
+        if name.endswith(".log"):
+            os.replace(os.path.join(logs, name), os.path.join(logs, name + ".1"))
 
 
 # -- children -------------------------------------------------------------------------------------
@@ -196,7 +225,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(reactor, args) -> None:
+    hold(args.state_dir)  # held until this process exits
     paths = prepare(args.state_dir)
+    rotate_logs(paths["logs"])
     twistd = _bin("twistd")
     circle = paths["circle"]
     logs, run_dir = paths["logs"], paths["run"]
@@ -242,7 +273,7 @@ async def _run(reactor, args) -> None:
     _say(f"  circle      {url}")
     _say(f"  playground  https://localhost:{port}/playground/?circle={circle}")
     _say(f"              (the certificate is from a development CA: trust {ca} or accept the warning)")
-    _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log")
+    _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log (the previous run's: *.log.1)")
     _say()
     _say("Paste this in another terminal:")
     _say()
