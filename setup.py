@@ -1,8 +1,18 @@
+import re
+
 from setuptools import find_packages, setup
+
+
+def version() -> str:
+    """``circles.__version__``, the one place the version is written (read, not imported: the
+    dependencies may not be installed yet)."""
+    with open("circles/__init__.py", encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
 
 setup(
     name="circles",
-    version="0.1.0",
+    version=version(),
     description="WebSocket gateway of the Circles ecosystem: JSON-RPC 2.0, secp256k1 auth, Redis workers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from twisted.copyright import version as twisted_version
 
+import circles as package
 from circles.client.signing import KEY_ENV, public_key, read_key_file
 
-from .support import ROOT, Key, twistd
+from .support import ROOT, TWISTD, Key, twistd
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
 TINY_WORKER = ["--engine", "circles.worker.tiny_engine:run"]
@@ -62,6 +65,25 @@ def test_keygen_writes_a_private_key_file_only_the_owner_reads(tmp_path, key_fil
     # --json, and without --out the key is printed (to stdout, not argv)
     made = json.loads(circles("keygen", "--json").stdout)
     assert public_key(made["private_key"]) == made["pubkey"]
+
+
+def test_version_of_the_command_and_of_both_twistd_plugins():
+    version = package.__version__
+    assert metadata.version("circles") == version  # setup.py reads it from circles/__init__.py: one source
+    assert circles("--version").stdout == f"circles {version}\n"
+    for plugin in ("circles", "circles-worker"):
+        shown = subprocess.run([TWISTD, plugin, "--version"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[:2] == [f"circles {version}", f"Twisted {twisted_version}"]
+
+
+def test_python_dash_m_circles_is_the_circles_command(key_file):
+    path, pubkey = key_file
+    module = subprocess.run([sys.executable, "-m", "circles", "pubkey", "--key-file", path], capture_output=True,
+                            text=True, timeout=60)
+    assert (module.returncode, module.stdout) == (0, pubkey + "\n")
+    usage = subprocess.run([sys.executable, "-m", "circles", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: circles ")
 
 
 def test_pubkey_from_file_or_environment_never_argv(tmp_path, key_file):

@@ -6,6 +6,9 @@
     circles play URL [--key-file FILE] [--scheme eth|ecdsa] (SCRIPT | -f FILE | -)
     circles discover URL
     circles try                      # the one-command try-out (circles.tryout)
+    circles --version
+
+``python -m circles`` is the same command.
 
 URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
@@ -25,6 +28,7 @@ from typing import Any, Optional
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from circles import __version__
 from circles.client import signing
 from circles.client.connection import ConnectFailed, ConnectionClosed, RPCError, connect
 
@@ -42,6 +46,7 @@ class _Exit(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circles", description="Talk to circles servers; make keys.")
+    parser.add_argument("--version", action="version", version=f"circles {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     output = argparse.ArgumentParser(add_help=False)
