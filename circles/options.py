@@ -16,7 +16,7 @@ import attrs
 from twisted import copyright
 from twisted.python import usage
 
-from circles import __version__
+import circles
 from circles.backend import tasks
 from circles.backend.embedded import DEFAULT_STATE_DIR, SOCKET_NAME
 from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
@@ -49,7 +49,7 @@ def at_least_zero(kind: Callable) -> Callable[[str], object]:
 
 def print_version() -> None:
     """``--version`` of both plugins: circles' version first (twistd alone prints Twisted's)."""
-    print(f"circles {__version__}\nTwisted {copyright.version}\nPython {platform.python_version()}")
+    print(f"circles {circles.__version__}\nTwisted {copyright.version}\nPython {platform.python_version()}")
     raise SystemExit(0)
 
 

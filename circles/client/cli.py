@@ -28,7 +28,7 @@ from typing import Any, Optional
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from circles import __version__
+import circles
 from circles.client import signing
 from circles.client.connection import ConnectFailed, ConnectionClosed, RPCError, connect
 
@@ -46,7 +46,7 @@ class _Exit(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circles", description="Talk to circles servers; make keys.")
-    parser.add_argument("--version", action="version", version=f"circles {__version__}")
+    parser.add_argument("--version", action="version", version=f"circles {circles.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     output = argparse.ArgumentParser(add_help=False)
