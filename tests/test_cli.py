@@ -62,9 +62,17 @@ def test_keygen_writes_a_private_key_file_only_the_owner_reads(tmp_path, key_fil
     again = circles("keygen", "--out", path)
     assert again.returncode == 2 and "exists" in again.stderr
     assert public_key(read_key_file(path)) == pubkey
-    # --json, and without --out the key is printed (to stdout, not argv)
-    made = json.loads(circles("keygen", "--json").stdout)
+    # A private key is printed only when asked for with --out -: the key alone on stdout.
+    bare = circles("keygen")
+    assert (bare.returncode, bare.stdout) == (2, "")
+    assert "the following arguments are required: --out" in bare.stderr
+    printed = circles("keygen", "--out", "-")
+    assert printed.returncode == 0 and len(printed.stdout) == 65
+    assert printed.stderr == f"public key: {public_key(printed.stdout.strip())}\n"
+    made = json.loads(circles("keygen", "--out", "-", "--json").stdout)
     assert public_key(made["private_key"]) == made["pubkey"]
+    assert json.loads(circles("keygen", "--out", str(tmp_path / "b.key"), "--json").stdout) == \
+        {"pubkey": public_key(read_key_file(str(tmp_path / "b.key"))), "key_file": str(tmp_path / "b.key")}
 
 
 def test_version_of_the_command_and_of_both_twistd_plugins():

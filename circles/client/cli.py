@@ -1,6 +1,6 @@
 """The ``circles`` command: keys, and calls to a circle from the shell.
 
-    circles keygen [--out FILE]
+    circles keygen --out FILE        # or --out - : the private key to stdout, only when asked
     circles pubkey [--key-file FILE]
     circles whoami URL [--key-file FILE]
     circles play URL [--key-file FILE] [--scheme eth|ecdsa] (SCRIPT | -f FILE | -)
@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="signature form: eth (personal_sign, default) or ecdsa (SHA-256)")
 
     keygen = commands.add_parser("keygen", parents=[output], help="make a new secp256k1 key")
-    keygen.add_argument("--out", metavar="FILE", help="write the private key here (mode 0600); print the public key")
+    keygen.add_argument("--out", metavar="FILE", required=True,
+                        help="write the private key here (mode 0600, never overwritten) and print the public key; "
+                        "- prints the private key to stdout instead")
 
     commands.add_parser("pubkey", parents=[output, key], help="print the public key (the circle id form) of a key")
 
@@ -136,20 +138,18 @@ def _local(args) -> None:
     if args.command == "keygen":
         key = signing.generate()
         pubkey = signing.public_key(key)
-        if args.out is not None:
-            try:
-                signing.write_key_file(args.out, key)
-            except signing.KeyFileError as e:
-                raise _Exit(EXIT_USAGE, str(e)) from None
-            result = {"pubkey": pubkey, "key_file": args.out}
-        else:
-            result = {"pubkey": pubkey, "private_key": key.secret.hex()}
-        if args.json:
-            _print_json(result)
-        elif args.out is not None:
-            print(pubkey)
-        else:
-            print(f"private key: {result['private_key']}\npublic key:  {pubkey}")
+        if args.out == "-":  # asked for: the private key on stdout, the public key on stderr
+            if args.json:
+                _print_json({"pubkey": pubkey, "private_key": key.secret.hex()})
+            else:
+                print(key.secret.hex())
+                print(f"public key: {pubkey}", file=sys.stderr)
+            return
+        try:
+            signing.write_key_file(args.out, key)
+        except signing.KeyFileError as e:
+            raise _Exit(EXIT_USAGE, str(e)) from None
+        _print_json({"pubkey": pubkey, "key_file": args.out}) if args.json else print(pubkey)
         return
     key = _key(args)
     if key is None:
