@@ -154,6 +154,32 @@ def test_whoami_and_discover(served, key_file):
         assert json.loads(circles("discover", url, "--ca", ca).stdout) == json.load(f)
 
 
+def closed_stdout(*args) -> subprocess.CompletedProcess:
+    """``circles ARGS`` writing into a pipe whose reader is already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        environment = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+        return subprocess.run([CIRCLES, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=environment)
+    finally:
+        os.close(write)
+
+
+def test_a_reader_gone_ends_the_command_silently_by_sigpipe(served, key_file, tmp_path):
+    url, ca, circle = served
+    path, _ = key_file
+    for args in (["pubkey", "--key-file", path], ["keygen", "--out", str(tmp_path / "new.key")],
+                 ["whoami", url, "--ca", ca], ["whoami", url, "--ca", ca, "--json"], ["discover", url, "--ca", ca],
+                 ["play", url, "--ca", ca, "--key-file", path, "6 * 7"]):
+        result = closed_stdout(*args)
+        assert (result.returncode, result.stderr) == (-signal.SIGPIPE, ""), args
+    # As a user meets it: the first line, nothing on stderr, and the shell sees the reader's status.
+    shell = subprocess.run(["bash", "-c", f"{CIRCLES} whoami {url} --ca {ca} | head -1"], capture_output=True,
+                           text=True, timeout=120)
+    assert (shell.returncode, shell.stdout, shell.stderr) == (0, f"circle:        {circle}\n", "")
+
+
 def test_a_server_that_stops_answering_mid_call_is_an_error_not_a_hang(tmp_path):
     """The server is stopped (SIGSTOP: its connection stays open, nothing answers) while a play
     waits: the CLI's pings go unanswered and it exits 3, rather than wait forever."""

@@ -16,12 +16,15 @@ URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes f
 
 Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key,
 3 the server could not be reached (refused, TLS verification, unknown circle, connection lost).
+A stdout closed early (``| head -1``) ends the command silently, by SIGPIPE, as it ends other tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -201,18 +204,37 @@ def main(argv: Optional[list] = None) -> None:
         return
     if args.command in ("keygen", "pubkey"):
         try:
-            _local(args)
-        except _Exit as e:
-            _fail(args, e)
+            try:
+                _local(args)
+            except _Exit as e:
+                _fail(args, e)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
         return
 
     async def run(reactor) -> None:
         try:
-            await _remote(reactor, args)
-        except _Exit as e:
-            _fail(args, e)
+            try:
+                await _remote(reactor, args)  # closes its connection however it ends
+            except _Exit as e:
+                _fail(args, e)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
 
     react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def _stdout_closed() -> None:
+    """Whoever read stdout is gone (``circles whoami URL | head -1``): end silently, killed by
+    SIGPIPE as other Unix tools are. Python ignores SIGPIPE, so writing raised BrokenPipeError
+    instead, which would end in a traceback (the Python docs' note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush into the broken pipe, should we live on
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: what a shell reports for a command SIGPIPE ended
 
 
 def _fail(args, error: _Exit) -> None:
