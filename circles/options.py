@@ -13,7 +13,7 @@ import platform
 from typing import Callable, Mapping, Optional
 
 import attrs
-from twisted import copyright
+from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
 import circles
@@ -49,7 +49,7 @@ def at_least_zero(kind: Callable) -> Callable[[str], object]:
 
 def print_version() -> None:
     """``--version`` of both plugins: circles' version first (twistd alone prints Twisted's)."""
-    print(f"circles {circles.__version__}\nTwisted {copyright.version}\nPython {platform.python_version()}")
+    print(f"circles {circles.__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}")
     raise SystemExit(0)
 
 

@@ -14,8 +14,9 @@ URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes f
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
 ``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
 
-Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key,
-3 the server could not be reached (refused, TLS verification, unknown circle, connection lost).
+Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key (a URL
+naming no circle, a --ca file that cannot be read), 3 the server could not be reached (refused,
+TLS verification, unknown circle, connection lost).
 A stdout closed early (``| head -1``) ends the command silently, by SIGPIPE, as it ends other tools.
 """
 
@@ -33,7 +34,9 @@ from twisted.internet.task import react
 
 import circles
 from circles.client import signing
-from circles.client.connection import ConnectFailed, ConnectionClosed, RPCError, connect
+from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
+                                       connect)
+from circles.tls_client import CAFileError, load_ca_file
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -161,12 +164,35 @@ def _local(args) -> None:
     _print_json({"pubkey": pubkey}) if args.json else print(pubkey)
 
 
+def _check_target(args) -> None:
+    """The URL and the TLS options, before connecting: what is wrong with them is a usage error."""
+    try:
+        check_url(args.url)
+    except ValueError as e:
+        raise _Exit(EXIT_USAGE, str(e)) from None
+    if args.ca is None and not args.insecure:
+        return
+    if not args.url.startswith("wss://"):
+        raise _Exit(EXIT_USAGE, "--ca and --insecure are for wss:// URLs only")
+    if args.ca is not None and args.insecure:
+        raise _Exit(EXIT_USAGE, "give --ca FILE or --insecure, not both")
+    if args.ca is not None:
+        try:
+            load_ca_file(args.ca)
+        except CAFileError as e:
+            raise _Exit(EXIT_USAGE, f"--ca: {e}") from None
+
+
 async def _remote(reactor, args) -> None:
+    _check_target(args)
     key = _key(args) if args.command in ("whoami", "play") else None
     script = _script(args) if args.command == "play" else None
     try:
         client = await connect(args.url, reactor=reactor, ca=args.ca, insecure=args.insecure,
                                timeout=args.connect_timeout)
+    except CertificateNotVerified as e:
+        raise _Exit(EXIT_CONNECTION, f"{e}; --ca FILE trusts a private CA, --insecure skips the check "
+                    "(development only)") from None
     except ConnectFailed as e:
         raise _Exit(EXIT_CONNECTION, str(e)) from None
     try:
