@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -204,6 +205,24 @@ def test_a_certificate_that_does_not_verify_is_said_in_one_line_with_the_way_out
         3, f"circles: cannot open {by_address}: certificate verify failed for 127.1:{port}: it is for localhost, "
            f"127.0.0.1, ::1, not 127.1{hint}")
     assert circles("whoami", url, "--insecure").returncode == 0
+
+
+def test_an_expired_certificate_is_said_so(tmp_path):
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = ca.issue_cert("localhost", not_before=now - datetime.timedelta(days=2),
+                            not_after=now - datetime.timedelta(days=1))
+    expired.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "expired.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    circle = Key().pubkey
+    with twistd(["--tls-cert", str(tmp_path / "expired.pem"), "-k", circle, "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        port = server.wait_listening()
+        url = f"wss://localhost:{port}/{circle}"
+        result = circles("whoami", url, "--ca", str(tmp_path / "ca.pem"))
+    assert (result.returncode, result.stderr) == (
+        3, f"circles: cannot open {url}: certificate verify failed for localhost:{port}: certificate has expired; "
+           "--ca FILE trusts a private CA, --insecure skips the check (development only)\n")
 
 
 def test_a_ca_file_that_cannot_be_used_is_a_usage_error(served, tmp_path):
