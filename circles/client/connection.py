@@ -20,9 +20,12 @@ A server that stops answering with the connection still open (stopped, wedged, a
 drops packets) is found by WebSocket pings every :data:`PING_INTERVAL` seconds: one unanswered
 for ``timeout`` seconds drops the connection, which fails the pending calls the same way.
 
-``wss://`` verifies the server's certificate and host name (service-identity) against the
-system's trust store, or against ``ca`` (a PEM file) when given; ``insecure=True`` turns
-verification off and is for development only. :class:`ReconnectingClient` keeps a connection
+The URL is checked before connecting (:func:`check_url`: ``ws://`` or ``wss://`` and a path
+ending in the circle's id). ``wss://`` verifies the server's certificate and host name
+(service-identity) against the system's trust store, or against ``ca`` (a PEM file) when given;
+``insecure=True`` turns verification off and is for development only. A certificate that does
+not verify fails with :class:`CertificateNotVerified`, saying why; a refused upgrade with
+:class:`ConnectFailed` carrying its HTTP ``status`` (404: the server does not serve the circle). :class:`ReconnectingClient` keeps a connection
 up, authenticating each new one with a fresh nonce.
 """
 
