@@ -9,11 +9,14 @@ gateway.
 from __future__ import annotations
 
 import os
+import platform
 from typing import Callable, Mapping, Optional
 
 import attrs
+from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
+import circles
 from circles.backend import tasks
 from circles.backend.embedded import DEFAULT_STATE_DIR, SOCKET_NAME
 from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
@@ -42,6 +45,12 @@ def at_least_zero(kind: Callable) -> Callable[[str], object]:
         return value
     convert.__name__ = kind.__name__
     return convert
+
+
+def print_version() -> None:
+    """``--version`` of both plugins: circles' version first (twistd alone prints Twisted's)."""
+    print(f"circles {circles.__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}")
+    raise SystemExit(0)
 
 
 def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list:

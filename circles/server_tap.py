@@ -16,7 +16,7 @@ from circles import logs, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.options import at_least_zero, choose_redis, positive, redis_parameters
+from circles.options import at_least_zero, choose_redis, positive, print_version, redis_parameters
 from circles.processes import ServerProcesses
 from circles.service import CirclesService
 
@@ -162,6 +162,10 @@ class Options(usage.Options):
         self["circles"].append(pubkey)
 
     opt_k = opt_circle
+
+    def opt_version(self) -> None:
+        """print circles' version (and Twisted's and Python's) and exit"""
+        print_version()
 
     def opt_listen(self, description: str) -> None:
         """Twisted endpoint to listen on, e.g. tcp:8080 or ssl:8443:privateKey=k.pem:certKey=c.pem (repeatable; overrides --port)"""

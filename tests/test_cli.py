@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -10,13 +11,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography import x509
+from twisted.copyright import version as twisted_version
 
+import circles as package
 from circles.client.signing import KEY_ENV, public_key, read_key_file
 
-from .support import ROOT, Key, twistd
+from .support import ROOT, TWISTD, Key, twistd
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
 TINY_WORKER = ["--engine", "circles.worker.tiny_engine:run"]
@@ -59,9 +65,36 @@ def test_keygen_writes_a_private_key_file_only_the_owner_reads(tmp_path, key_fil
     again = circles("keygen", "--out", path)
     assert again.returncode == 2 and "exists" in again.stderr
     assert public_key(read_key_file(path)) == pubkey
-    # --json, and without --out the key is printed (to stdout, not argv)
-    made = json.loads(circles("keygen", "--json").stdout)
+    # A private key is printed only when asked for with --out -: the key alone on stdout.
+    bare = circles("keygen")
+    assert (bare.returncode, bare.stdout) == (2, "")
+    assert "the following arguments are required: --out" in bare.stderr
+    printed = circles("keygen", "--out", "-")
+    assert printed.returncode == 0 and len(printed.stdout) == 65
+    assert printed.stderr == f"public key: {public_key(printed.stdout.strip())}\n"
+    made = json.loads(circles("keygen", "--out", "-", "--json").stdout)
     assert public_key(made["private_key"]) == made["pubkey"]
+    assert json.loads(circles("keygen", "--out", str(tmp_path / "b.key"), "--json").stdout) == \
+        {"pubkey": public_key(read_key_file(str(tmp_path / "b.key"))), "key_file": str(tmp_path / "b.key")}
+
+
+def test_version_of_the_command_and_of_both_twistd_plugins():
+    version = package.__version__
+    assert metadata.version("circles-gateway") == version  # pyproject.toml reads it from circles/__init__.py: one source
+    assert circles("--version").stdout == f"circles {version}\n"
+    for plugin in ("circles", "circles-worker"):
+        shown = subprocess.run([TWISTD, plugin, "--version"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[:2] == [f"circles {version}", f"Twisted {twisted_version}"]
+
+
+def test_python_dash_m_circles_is_the_circles_command(key_file):
+    path, pubkey = key_file
+    module = subprocess.run([sys.executable, "-m", "circles", "pubkey", "--key-file", path], capture_output=True,
+                            text=True, timeout=60)
+    assert (module.returncode, module.stdout) == (0, pubkey + "\n")
+    usage = subprocess.run([sys.executable, "-m", "circles", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: circles ")
 
 
 def test_pubkey_from_file_or_environment_never_argv(tmp_path, key_file):
@@ -104,8 +137,6 @@ def test_errors_exit_non_zero_with_the_json_rpc_error(served, key_file):
     assert json.loads(failed.stdout)["error"]["code"] == -32005
     anonymous = circles("play", url, "--ca", ca, "--json", "1")
     assert anonymous.returncode == 1 and json.loads(anonymous.stdout)["error"]["code"] == -32001
-    untrusted = circles("play", url, "--key-file", path, "1")  # the test CA is not in the system store
-    assert untrusted.returncode == 3 and "certificate verify failed" in untrusted.stderr
     unreachable = circles("whoami", "ws://127.0.0.1:1/" + circle)
     assert unreachable.returncode == 3
     both = circles("play", url, "--ca", ca, "-f", "x", "1")
@@ -122,6 +153,117 @@ def test_whoami_and_discover(served, key_file):
     assert "authenticated: true" in signed_in.stdout and pubkey in signed_in.stdout
     with open(ROOT / "openrpc.json") as f:
         assert json.loads(circles("discover", url, "--ca", ca).stdout) == json.load(f)
+
+
+def test_a_url_naming_no_circle_is_a_usage_error_said_before_connecting(served):
+    url, ca, circle = served
+    root = url.rsplit("/", 1)[0]  # wss://localhost:PORT, a server that would answer "upgrade failed [200]"
+    uncompressed = Key(bytes.fromhex("01" * 32))
+    for given, why in [
+            (root, f"{root} names no circle: the URL needs /{{circle_pk}}, the circle's public key (66 hex digits), "
+                   f"e.g. {root}/02…"),
+            (root + "/", f"{root}/ names no circle: the URL needs /{{circle_pk}}, the circle's public key "
+                         f"(66 hex digits), e.g. {root}/02…"),
+            (root + "/playground", f"{root}/playground: 'playground' is not a circle id (public key is not hex); "
+                                   "the URL needs /{circle_pk}, the circle's public key (66 hex digits)"),
+            (f"{root}/{uncompressed.uncompressed}", f"{root}/{uncompressed.uncompressed}: a circle is named by its "
+                                                    f"compressed public key, lower-case: /{uncompressed.pubkey}"),
+            ("https" + url[3:], f"https{url[3:]} is not a WebSocket URL: give wss://host:port/{{circle_pk}}")]:
+        result = circles("whoami", given, "--ca", ca)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"circles: {why}\n")
+
+
+def test_an_unknown_circle_is_said_in_words(served):
+    url, ca, circle = served
+    other = Key().pubkey
+    unknown = url.replace(circle, other)
+    result = circles("whoami", unknown, "--ca", ca)
+    port = url.split(":")[2].split("/")[0]
+    assert (result.returncode, result.stderr) == (
+        3, f"circles: cannot open {unknown}: the server at localhost:{port} does not serve circle {other} "
+           "(HTTP 404 No such circle)\n")
+
+
+def test_a_certificate_that_does_not_verify_is_said_in_one_line_with_the_way_out(served, key_file, tmp_path):
+    url, ca, circle = served
+    path, _ = key_file
+    port = url.split(":")[2].split("/")[0]
+    with open(ca, "rb") as f:
+        issuer = x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+    hint = "; --ca FILE trusts a private CA, --insecure skips the check (development only)\n"
+    untrusted = circles("play", url, "--key-file", path, "1")  # the test CA is not in the system store
+    assert (untrusted.returncode, untrusted.stdout, untrusted.stderr) == (
+        3, "", f"circles: cannot open {url}: certificate verify failed for localhost:{port}: unable to get local "
+               f"issuer certificate (issued by {issuer}, not in the system trust store){hint}")
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    wrong_ca = circles("whoami", url, "--ca", str(other_ca))
+    assert wrong_ca.returncode == 3 and wrong_ca.stderr.endswith(f"(issued by {issuer}, not in {other_ca}){hint}")
+    by_address = url.replace("localhost", "127.1")  # 127.0.0.1, under a name the certificate does not carry
+    wrong_name = circles("whoami", by_address, "--ca", ca)
+    assert (wrong_name.returncode, wrong_name.stderr) == (
+        3, f"circles: cannot open {by_address}: certificate verify failed for 127.1:{port}: it is for localhost, "
+           f"127.0.0.1, ::1, not 127.1{hint}")
+    assert circles("whoami", url, "--insecure").returncode == 0
+
+
+def test_an_expired_certificate_is_said_so(tmp_path):
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = ca.issue_cert("localhost", not_before=now - datetime.timedelta(days=2),
+                            not_after=now - datetime.timedelta(days=1))
+    expired.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "expired.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    circle = Key().pubkey
+    with twistd(["--tls-cert", str(tmp_path / "expired.pem"), "-k", circle, "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        port = server.wait_listening()
+        url = f"wss://localhost:{port}/{circle}"
+        result = circles("whoami", url, "--ca", str(tmp_path / "ca.pem"))
+    assert (result.returncode, result.stderr) == (
+        3, f"circles: cannot open {url}: certificate verify failed for localhost:{port}: certificate has expired; "
+           "--ca FILE trusts a private CA, --insecure skips the check (development only)\n")
+
+
+def test_a_ca_file_that_cannot_be_used_is_a_usage_error(served, tmp_path):
+    url, ca, circle = served
+    missing = circles("whoami", url, "--ca", str(tmp_path / "none.pem"))
+    assert (missing.returncode, missing.stderr) == (
+        2, f"circles: --ca: cannot read CA file {str(tmp_path / 'none.pem')!r}: No such file or directory\n")
+    (tmp_path / "not.pem").write_text("not a certificate\n")
+    garbage = circles("whoami", url, "--ca", str(tmp_path / "not.pem"))
+    assert (garbage.returncode, garbage.stderr) == (
+        2, f"circles: --ca: no PEM certificate in {str(tmp_path / 'not.pem')!r}\n")
+    both = circles("whoami", url, "--ca", ca, "--insecure")
+    assert (both.returncode, both.stderr) == (2, "circles: give --ca FILE or --insecure, not both\n")
+    plain = circles("whoami", url.replace("wss://", "ws://"), "--ca", ca)
+    assert (plain.returncode, plain.stderr) == (2, "circles: --ca and --insecure are for wss:// URLs only\n")
+
+
+def closed_stdout(*args) -> subprocess.CompletedProcess:
+    """``circles ARGS`` writing into a pipe whose reader is already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        environment = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+        return subprocess.run([CIRCLES, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=environment)
+    finally:
+        os.close(write)
+
+
+def test_a_reader_gone_ends_the_command_silently_by_sigpipe(served, key_file, tmp_path):
+    url, ca, circle = served
+    path, _ = key_file
+    for args in (["pubkey", "--key-file", path], ["keygen", "--out", str(tmp_path / "new.key")],
+                 ["whoami", url, "--ca", ca], ["whoami", url, "--ca", ca, "--json"], ["discover", url, "--ca", ca],
+                 ["play", url, "--ca", ca, "--key-file", path, "6 * 7"]):
+        result = closed_stdout(*args)
+        assert (result.returncode, result.stderr) == (-signal.SIGPIPE, ""), args
+    # As a user meets it: the first line, nothing on stderr, and the shell sees the reader's status.
+    shell = subprocess.run(["bash", "-c", f"{CIRCLES} whoami {url} --ca {ca} | head -1"], capture_output=True,
+                           text=True, timeout=120)
+    assert (shell.returncode, shell.stdout, shell.stderr) == (0, f"circle:        {circle}\n", "")
 
 
 def test_a_server_that_stops_answering_mid_call_is_an_error_not_a_hang(tmp_path):

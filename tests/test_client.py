@@ -11,11 +11,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults, maybeDeferred
 
 from circles import CirclesService, Config, tls
-from circles.client import ConnectFailed, ConnectionClosed, ReconnectingClient, RPCError, connect
 from circles.backend.redis import parse_redis_url
+from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, ReconnectingClient, RPCError,
+                            connect)
 from circles.client.signing import generate, public_key, sign_nonce
-from circles.worker.tiny_engine import run as tiny_engine
 from circles.worker.service import Worker
+from circles.worker.tiny_engine import run as tiny_engine
 
 from .play_client import eventually
 from .support import ROOT, Key
@@ -112,8 +113,13 @@ async def test_tls_is_verified_by_default(server, tls_files):
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_or_unknown_circle(server, tls_files):
-    with pytest.raises(ConnectFailed, match="404"):
+    with pytest.raises(ConnectFailed, match="404") as refused:
         await connect(url(server, public_key(generate())), reactor=reactor, ca=tls_files["ca"])
+    assert refused.value.status == 404 and "does not serve circle" in str(refused.value)
+    with pytest.raises(CertificateNotVerified, match="unable to get local issuer certificate"):
+        await connect(url(server), reactor=reactor)  # the system's trust store does not know the test CA
+    with pytest.raises(ConnectFailed, match="names no circle"):  # said before connecting
+        await connect(url(server, ""), reactor=reactor, ca=tls_files["ca"])
     with pytest.raises(ConnectFailed, match="cannot open"):
         await connect(f"ws://127.0.0.1:1/{CIRCLE}", reactor=reactor)
     with pytest.raises(ConnectFailed):

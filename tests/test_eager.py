@@ -242,6 +242,6 @@ def test_setup_pins_the_twisted_line_that_was_reviewed():
     # would be installed where these tests never run.
     from importlib.metadata import requires, version
 
-    pin = next(r for r in requires("circles") if r.startswith("twisted"))
+    pin = next(r for r in requires("circles-gateway") if r.startswith("twisted"))
     assert "<27" in pin and ">=26.10" in pin, pin
     assert version("twisted").startswith("26."), version("twisted")

@@ -1,32 +1,42 @@
 """The ``circles`` command: keys, and calls to a circle from the shell.
 
-    circles keygen [--out FILE]
+    circles keygen --out FILE        # or --out - : the private key to stdout, only when asked
     circles pubkey [--key-file FILE]
     circles whoami URL [--key-file FILE]
     circles play URL [--key-file FILE] [--scheme eth|ecdsa] (SCRIPT | -f FILE | -)
     circles discover URL
     circles try                      # the one-command try-out (circles.tryout)
+    circles --version
+
+``python -m circles`` is the same command.
 
 URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
 ``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
 
-Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key,
-3 the server could not be reached (refused, TLS verification, unknown circle, connection lost).
+Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key (a URL
+naming no circle, a --ca file that cannot be read), 3 the server could not be reached (refused,
+TLS verification, unknown circle, connection lost).
+A stdout closed early (``| head -1``) ends the command silently, by SIGPIPE, as it ends other tools.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any, Optional
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+import circles
 from circles.client import signing
-from circles.client.connection import ConnectFailed, ConnectionClosed, RPCError, connect
+from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
+                                       connect)
+from circles.tls_client import CAFileError, load_ca_file
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -42,6 +52,7 @@ class _Exit(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circles", description="Talk to circles servers; make keys.")
+    parser.add_argument("--version", action="version", version=f"circles {circles.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     output = argparse.ArgumentParser(add_help=False)
@@ -65,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="signature form: eth (personal_sign, default) or ecdsa (SHA-256)")
 
     keygen = commands.add_parser("keygen", parents=[output], help="make a new secp256k1 key")
-    keygen.add_argument("--out", metavar="FILE", help="write the private key here (mode 0600); print the public key")
+    keygen.add_argument("--out", metavar="FILE", required=True,
+                        help="write the private key here (mode 0600, never overwritten) and print the public key; "
+                        "- prints the private key to stdout instead")
 
     commands.add_parser("pubkey", parents=[output, key], help="print the public key (the circle id form) of a key")
 
@@ -131,20 +144,18 @@ def _local(args) -> None:
     if args.command == "keygen":
         key = signing.generate()
         pubkey = signing.public_key(key)
-        if args.out is not None:
-            try:
-                signing.write_key_file(args.out, key)
-            except signing.KeyFileError as e:
-                raise _Exit(EXIT_USAGE, str(e)) from None
-            result = {"pubkey": pubkey, "key_file": args.out}
-        else:
-            result = {"pubkey": pubkey, "private_key": key.secret.hex()}
-        if args.json:
-            _print_json(result)
-        elif args.out is not None:
-            print(pubkey)
-        else:
-            print(f"private key: {result['private_key']}\npublic key:  {pubkey}")
+        if args.out == "-":  # asked for: the private key on stdout, the public key on stderr
+            if args.json:
+                _print_json({"pubkey": pubkey, "private_key": key.secret.hex()})
+            else:
+                print(key.secret.hex())
+                print(f"public key: {pubkey}", file=sys.stderr)
+            return
+        try:
+            signing.write_key_file(args.out, key)
+        except signing.KeyFileError as e:
+            raise _Exit(EXIT_USAGE, str(e)) from None
+        _print_json({"pubkey": pubkey, "key_file": args.out}) if args.json else print(pubkey)
         return
     key = _key(args)
     if key is None:
@@ -153,12 +164,35 @@ def _local(args) -> None:
     _print_json({"pubkey": pubkey}) if args.json else print(pubkey)
 
 
+def _check_target(args) -> None:
+    """The URL and the TLS options, before connecting: what is wrong with them is a usage error."""
+    try:
+        check_url(args.url)
+    except ValueError as e:
+        raise _Exit(EXIT_USAGE, str(e)) from None
+    if args.ca is None and not args.insecure:
+        return
+    if not args.url.startswith("wss://"):
+        raise _Exit(EXIT_USAGE, "--ca and --insecure are for wss:// URLs only")
+    if args.ca is not None and args.insecure:
+        raise _Exit(EXIT_USAGE, "give --ca FILE or --insecure, not both")
+    if args.ca is not None:
+        try:
+            load_ca_file(args.ca)
+        except CAFileError as e:
+            raise _Exit(EXIT_USAGE, f"--ca: {e}") from None
+
+
 async def _remote(reactor, args) -> None:
+    _check_target(args)
     key = _key(args) if args.command in ("whoami", "play") else None
     script = _script(args) if args.command == "play" else None
     try:
         client = await connect(args.url, reactor=reactor, ca=args.ca, insecure=args.insecure,
                                timeout=args.connect_timeout)
+    except CertificateNotVerified as e:
+        raise _Exit(EXIT_CONNECTION, f"{e}; --ca FILE trusts a private CA, --insecure skips the check "
+                    "(development only)") from None
     except ConnectFailed as e:
         raise _Exit(EXIT_CONNECTION, str(e)) from None
     try:
@@ -196,18 +230,37 @@ def main(argv: Optional[list] = None) -> None:
         return
     if args.command in ("keygen", "pubkey"):
         try:
-            _local(args)
-        except _Exit as e:
-            _fail(args, e)
+            try:
+                _local(args)
+            except _Exit as e:
+                _fail(args, e)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
         return
 
     async def run(reactor) -> None:
         try:
-            await _remote(reactor, args)
-        except _Exit as e:
-            _fail(args, e)
+            try:
+                await _remote(reactor, args)  # closes its connection however it ends
+            except _Exit as e:
+                _fail(args, e)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
 
     react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def _stdout_closed() -> None:
+    """Whoever read stdout is gone (``circles whoami URL | head -1``): end silently, killed by
+    SIGPIPE as other Unix tools are. Python ignores SIGPIPE, so writing raised BrokenPipeError
+    instead, which would end in a traceback (the Python docs' note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush into the broken pipe, should we live on
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: what a shell reports for a command SIGPIPE ended
 
 
 def _fail(args, error: _Exit) -> None:

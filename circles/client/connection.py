@@ -20,9 +20,12 @@ A server that stops answering with the connection still open (stopped, wedged, a
 drops packets) is found by WebSocket pings every :data:`PING_INTERVAL` seconds: one unanswered
 for ``timeout`` seconds drops the connection, which fails the pending calls the same way.
 
-``wss://`` verifies the server's certificate and host name (service-identity) against the
-system's trust store, or against ``ca`` (a PEM file) when given; ``insecure=True`` turns
-verification off and is for development only. :class:`ReconnectingClient` keeps a connection
+The URL is checked before connecting (:func:`check_url`: ``ws://`` or ``wss://`` and a path
+ending in the circle's id). ``wss://`` verifies the server's certificate and host name
+(service-identity) against the system's trust store, or against ``ca`` (a PEM file) when given;
+``insecure=True`` turns verification off and is for development only. A certificate that does
+not verify fails with :class:`CertificateNotVerified`, saying why; a refused upgrade with
+:class:`ConnectFailed` carrying its HTTP ``status`` (404: the server does not serve the circle). :class:`ReconnectingClient` keeps a connection
 up, authenticating each new one with a fresh nonce.
 """
 
@@ -30,20 +33,29 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import ssl
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
 from circles.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
+from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.once import Once
 from circles.tls_client import client_options
 
@@ -56,7 +68,42 @@ PING_INTERVAL = 10.0  # seconds between the pings that find a server no longer a
 
 
 class ConnectFailed(ConnectionError):
-    """The connection or its opening handshake did not succeed (refused, TLS, HTTP 404...)."""
+    """The connection or its opening handshake did not succeed (refused, TLS, HTTP 404...).
+
+    ``status`` is the HTTP status of a refused upgrade (404: the server does not serve the
+    circle), else None.
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CertificateNotVerified(ConnectFailed):
+    """The server's certificate did not verify: an issuer not trusted, expired, another host's."""
+
+
+def check_url(url: str) -> str:
+    """The circle ``url`` names, checked before connecting: ``ws://`` or ``wss://``, a host, and
+    a path ending in the circle's id (its compressed public key). ValueError says what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        secure = "wss" if parts.scheme in ("https", "wss") else "ws"
+        raise ValueError(f"{url} is not a WebSocket URL: give {secure}://host:port/{{circle_pk}}")
+    if not parts.hostname:
+        raise ValueError(f"{url} names no host: give {parts.scheme}://host:port/{{circle_pk}}")
+    circle = parts.path.rsplit("/", 1)[-1]
+    if not circle:
+        raise ValueError(f"{url} names no circle: the URL needs /{{circle_pk}}, the circle's public key "
+                         f"({COMPRESSED_HEX_LEN} hex digits), e.g. {parts.scheme}://{parts.netloc}/02…")
+    try:
+        compressed = normalize_pubkey(circle)
+    except InvalidKey as e:
+        raise ValueError(f"{url}: {circle[:80]!r} is not a circle id ({e}); the URL needs /{{circle_pk}}, "
+                         f"the circle's public key ({COMPRESSED_HEX_LEN} hex digits)") from None
+    if circle != compressed:
+        raise ValueError(f"{url}: a circle is named by its compressed public key, lower-case: /{compressed}")
+    return circle
 
 
 class ConnectionClosed(ConnectionError):
@@ -79,10 +126,70 @@ def endpoint_for(url: str, reactor, *, ca: Optional[str] = None, insecure: bool 
     is_secure, host, port, _, _, _ = parse_url(url)
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if is_secure:
-        endpoint = wrapClientTLS(tls_options(host, ca, insecure), endpoint)
+        endpoint = wrapClientTLS(_Recorded(tls_options(host, ca, insecure), ca), endpoint)
     elif ca is not None or insecure:
         raise ValueError("a CA or insecure option only applies to wss:// URLs")
     return endpoint
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Recorded:
+    """TLS options that hand each connection's OpenSSL object to its WebSocket protocol, which
+    reads the server's certificates from it should they not verify (to say why)."""
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator, ca: Optional[str]) -> None:
+        self._options = options
+        self._ca = ca
+
+    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        protocol = getattr(tls_protocol, "wrappedProtocol", None)
+        if isinstance(protocol, _ClientProtocol):
+            protocol.tls = (connection, self._ca)
+        return connection
+
+
+#: OpenSSL's verify errors for a chain that leads to no trusted root: unable to get issuer
+#: certificate, self-signed certificate, self-signed certificate in chain, unable to get local
+#: issuer certificate, unable to verify the first certificate.
+_UNTRUSTED = {2, 18, 19, 20, 21}
+
+
+def _names(certificate: x509.Certificate) -> list:
+    """The host names and addresses a certificate is for."""
+    try:
+        alternatives = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [a.value for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return [*alternatives.get_values_for_type(x509.DNSName),
+            *(str(a) for a in alternatives.get_values_for_type(x509.IPAddress))]
+
+
+def _not_verified(connection: SSL.Connection, ca: Optional[str], host: str, lost: Failure) -> str:
+    """Why the server's certificate did not verify, in a few words (OpenSSL's reason for a chain
+    that does not lead to a trusted root, or the names a certificate for another host carries)."""
+    chain = connection.get_peer_cert_chain() or []
+    if not chain:
+        return lost.getErrorMessage()
+    leaf = chain[0].to_cryptography()
+    if lost.check(VerificationError):
+        return f"it is for {', '.join(_names(leaf)) or 'no host name'}, not {host}"
+    store = crypto.X509Store()
+    try:
+        if ca is not None:
+            store.load_locations(ca)  # every certificate in it, as client_options trusts them
+        else:
+            paths = ssl.get_default_verify_paths()
+            store.load_locations(paths.cafile, paths.capath)
+        crypto.X509StoreContext(store, chain[0], chain=chain[1:]).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        if e.errors[0] not in _UNTRUSTED:  # expired, not yet valid, revoked...: OpenSSL's words say it
+            return f"{e}"
+        issuer = leaf.issuer.rfc4514_string() or "an unnamed issuer"
+        return f"{e} (issued by {issuer}, {'not in ' + ca if ca else 'not in the system trust store'})"
+    except Exception:  # only the explanation is lost
+        pass
+    return "certificate verify failed"
 
 
 # -- the WebSocket protocol --------------------------------------------------------------------
@@ -97,8 +204,10 @@ class _ClientProtocol(WebSocketClientProtocol):
         self._pending: "dict[int, tuple[Deferred, str]]" = {}
         self._ids = itertools.count(1)
         self._lost: Optional[Failure] = None
+        self.tls: Optional[tuple] = None  # (OpenSSL connection, CA file) over wss://
 
     def onOpen(self) -> None:
+        self.tls = None  # verified: nothing to explain
         self.opened.callback(self)
 
     def request(self, method: str, params: Any = None) -> Deferred:
@@ -142,11 +251,33 @@ class _ClientProtocol(WebSocketClientProtocol):
             why += f" ({self._lost.getErrorMessage()})"
         return why
 
+    def _not_opened(self, why: str) -> ConnectFailed:
+        """Why the connection did not open, as a user would say it."""
+        url, host, port = self.factory.url, self.factory.host, self.factory.port
+        status_line = getattr(self, "http_status_line", None) or ""
+        status = re.match(r"HTTP/\S+ (\d{3})\s*(.*)", status_line)
+        if status and status.group(1) != "101":
+            code, reason = int(status.group(1)), status.group(2).strip()
+            if code == 404:
+                circle = self.factory.resource.split("?", 1)[0].rsplit("/", 1)[-1]
+                return ConnectFailed(f"cannot open {url}: the server at {host}:{port} does not serve circle "
+                                     f"{circle} (HTTP 404 {reason})", status=code)
+            return ConnectFailed(f"cannot open {url}: the server at {host}:{port} refused the WebSocket upgrade "
+                                 f"(HTTP {code} {reason})", status=code)
+        lost = self._lost
+        not_verified = lost is not None and (lost.check(VerificationError) is not None or (
+            lost.check(SSL.Error) is not None and "certificate verify failed" in str(lost.value)))
+        if self.tls is not None and not_verified:
+            connection, ca = self.tls
+            return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
+                                          f"{_not_verified(connection, ca, host, lost)}")
+        return ConnectFailed(f"cannot open {url}: {why}")
+
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         url = self.factory.url
         why = self._why(code, reason)
         if not self.opened.called:
-            self.opened.errback(ConnectFailed(f"cannot open {url}: {why}"))
+            self.opened.errback(self._not_opened(why))
         pending, self._pending = self._pending, {}
         for d, method in pending.values():
             d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived"))
@@ -234,6 +365,7 @@ def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = Fal
     fails (e.g. the certificate is not trusted) or the server refuses the circle (404).
     """
     try:
+        check_url(url)
         endpoint = endpoint_for(url, reactor, ca=ca, insecure=insecure, timeout=timeout)
         factory = _factory(url, reactor, timeout)
     except (ValueError, OSError) as e:
@@ -262,6 +394,7 @@ class ReconnectingClient:
     def __init__(self, url: str, *, reactor, key: Optional[PrivateKeyLike] = None, scheme: str = "eth",
                  ca: Optional[str] = None, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
                  retry_policy: Optional[Callable[[int], float]] = None) -> None:
+        check_url(url)
         self.url = url
         self._reactor = reactor
         self._key = None if key is None else private_key(key)

@@ -17,7 +17,7 @@ from twisted.python import usage
 from circles import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
-from circles.options import choose_redis, positive, redis_parameters
+from circles.options import choose_redis, positive, print_version, redis_parameters
 from circles.worker.engines import ExecEngine, load_engine
 from circles.worker.service import Worker
 
@@ -69,6 +69,10 @@ class Options(usage.Options):
         self["circles"].append(pubkey)
 
     opt_k = opt_circle
+
+    def opt_version(self) -> None:
+        """print circles' version (and Twisted's and Python's) and exit"""
+        print_version()
 
     def postOptions(self) -> None:
         try:
