@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["circles", "circles.*"]) + ["twisted.plugins"],
-    package_data={"circles": ["openrpc.json", "playground/*.html", "playground/*.js", "playground/*.css"]},
+    package_data={"circles": ["openrpc.json", "http/playground/*.*"]},
     entry_points={"console_scripts": ["circles = circles.client.cli:main"]},
     include_package_data=True,
     install_requires=[
