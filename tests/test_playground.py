@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -249,3 +250,24 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
     assert no_wallet["failed"]["status"] == "failed" and not no_wallet["playedAgain"]["errorShown"]
     assert no_wallet["unknownCircle"]["errorMessage"].startswith(f"Cannot connect to wss://localhost:{port}/")
     assert "Traceback" not in (state / "logs" / "server.log").read_text()
+
+
+def test_the_package_ships_every_file_of_the_page(tmp_path):
+    """What setuptools builds from a fresh checkout (as pip does for a wheel) holds every file of
+    circles/http/playground/: the page, its script and style, the vendored signer, its licenses."""
+    checkout, build = tmp_path / "checkout", tmp_path / "build"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():  # not one deleted in the work tree
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    setup = ["setup.py"] if (checkout / "setup.py").exists() else ["-c", "from setuptools import setup; setup()"]
+    result = subprocess.run([sys.executable, *setup, "-q", "build_py", "-d", str(build)], cwd=checkout,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    source = ROOT / "circles" / "http" / "playground"
+    page = {p.name for p in source.iterdir() if p.is_file() and not p.name.endswith(".pyc")}
+    assert {"index.html", "playground.js", "playground.css", "noble-secp256k1.js", "noble-secp256k1.LICENSE"} <= page
+    shipped = {p.name for p in (build / "circles" / "http" / "playground").iterdir() if p.is_file()}
+    assert page <= shipped, page - shipped
