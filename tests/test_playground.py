@@ -1,8 +1,9 @@
-"""The browser playground: served only with --playground; signs in with a wallet and plays.
+"""The browser playground: served only with --playground; signs in with a wallet, or without one
+with a development key, and plays; its errors are in words.
 
-The browser test runs Debian's chromium through playwright-core (npm), with a test wallet
-(ethers, npm) injected as ``window.ethereum``; it takes a screenshot after the play and the
-page's output is checked in the DOM.
+The browser tests run Debian's chromium through playwright-core (npm), with a test wallet
+(ethers, npm) injected as ``window.ethereum``, or with none; they take screenshots and check the
+page's output, status and errors in the DOM.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -36,16 +38,20 @@ def get(url: str):
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
 
 
-def run_browser(page_url: str, screenshot_name: str, user: Key, env: dict = None) -> dict:
-    """Drive the playground at ``page_url`` in Chromium with ``user``'s key in a test wallet;
-    the report of tests/browser/playground.mjs, after checking its screenshot is a PNG."""
+def run_browser(page_url: str, screenshot_name: str, user: Key = None, env: dict = None,
+                driver: str = "playground.mjs") -> dict:
+    """Drive the playground at ``page_url`` in Chromium with tests/browser/``driver``
+    (playground.mjs: ``user``'s key in a test wallet; devkey.mjs: no wallet); its report, after
+    checking its screenshot is a PNG."""
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / screenshot_name
     if screenshot.exists():
         screenshot.unlink()
-    env = dict(os.environ, **(env or {}), WALLET_KEY="0x" + user.private.secret.hex(), CHROMIUM=CHROMIUM,
+    env = dict(os.environ, **(env or {}), CHROMIUM=CHROMIUM,
                SCRIPT='let x = 6 * 7;\nprint("hello, " + CALLER_ID);\nx', BAD_SCRIPT="1 / 0")
-    result = subprocess.run(["node", str(ROOT / "tests" / "browser" / "playground.mjs"), page_url, str(screenshot)],
+    if user is not None:
+        env["WALLET_KEY"] = "0x" + user.private.secret.hex()
+    result = subprocess.run(["node", str(ROOT / "tests" / "browser" / driver), page_url, str(screenshot)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     with open(screenshot, "rb") as f:
@@ -79,10 +85,112 @@ def test_sign_in_with_a_wallet_and_play_in_chromium(tmp_path):
     assert report["pubkey"] == user.pubkey  # recovered by the server from the wallet's signature
     assert report["output"] == f"hello, {user.pubkey}\n42\n"
     assert "-32005" in report["error"] and "division by zero" in report["error"]
+    assert report["errorMessage"] == "The script failed." and report["status"] == "failed"
+    assert report["walletDefault"] is True
     assert report["walletCalls"] == ["eth_requestAccounts", "personal_sign"]
     assert report["keyInPage"] is False
     assert not [line for line in report["console"] if line.startswith(("error", "pageerror"))], report["console"]
     assert "Traceback" not in server.output + worker.output
+
+
+@pytest.mark.skipif(not shutil.which("node") or not os.path.exists(CHROMIUM), reason="needs node and chromium (scripts/setup --with-npm)")
+def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp_path):
+    """With --auth and no browser wallet: the page offers a development key (made in the page by
+    the vendored @noble/curves, kept in localStorage), the server checks its ECDSA signature, the
+    script plays as that key; the key survives a reload and is forgotten on request. Errors are
+    said in words (sign in first, the script failed, cannot connect), the status says "failed",
+    and a later success clears them."""
+    circle, elsewhere = Key(), Key()
+    args = ["--auth", "--playground", "--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey]
+    with twistd(args, tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        base = f"http://127.0.0.1:{port}"
+        status, headers, body = get(f"{base}/playground/noble-secp256k1.js")
+        assert status == 200 and headers["content-type"].startswith("text/javascript")
+        assert headers["content-security-policy"].count("script-src 'self';") == 1
+        assert body.startswith("// @noble/curves 2.4.0 and @noble/hashes 2.4.0 (npm)")
+        assert "MIT" in get(f"{base}/playground/noble-secp256k1.LICENSE")[2]
+        report = run_browser(f"{base}/playground/?circle={circle.pubkey}", "playground-devkey.png", driver="devkey.mjs",
+                             env={"UNKNOWN_CIRCLE_URL": f"ws://127.0.0.1:{port}/{elsewhere.pubkey}"})
+
+    # No wallet: its button is gone, the page says so, the development key is labelled as such.
+    assert report["walletButtonShown"] is False and report["noWalletShown"] is True
+    assert "throw-away, for local development only" in report["devkeyNotice"]
+    assert report["storedBefore"] is None  # no key is made until asked for
+
+    # Playing before signing in (--auth): in words, status failed.
+    before = report["beforeSignIn"]
+    assert before["errorShown"] and before["errorMessage"].startswith("Sign in first")
+    assert "-32001" in before["errorDetail"] and before["status"] == "failed"
+
+    # Signed in with the key the page made and stored; the server checked its signature.
+    dev = Key(bytes.fromhex(report["storedKey"]))
+    signed_in = report["signIn"]
+    assert signed_in["pubkey"] == dev.pubkey == report["devkeyStatusPubkey"]
+    assert signed_in["identity"] == f"signed in as {dev.pubkey} (development key)"
+    assert signed_in["status"] == "signed in" and not signed_in["errorShown"]  # the error cleared
+    assert report["played"]["output"] == f"hello, {dev.pubkey}\n42\n" and report["played"]["status"] == "played"
+    assert report["keyInPage"] is False  # only its public key is shown
+
+    failed = report["failed"]
+    assert failed["status"] == "failed" and failed["errorMessage"] == "The script failed."
+    assert "-32005" in failed["errorDetail"] and "division by zero" in failed["errorDetail"]
+    again = report["playedAgain"]
+    assert again["status"] == "played" and not again["errorShown"] and again["errorMessage"] == ""
+    assert again["output"] == f"hello, {dev.pubkey}\n42\n"
+
+    # The same key after a reload; forgotten on request, which signs out; a new one after.
+    assert report["afterReload"]["pubkey"] == dev.pubkey
+    assert report["storedAfterForget"] is None and report["forgetDisabled"] is True
+    assert report["forgotten"]["identity"] == "not signed in"
+    assert report["forgotten"]["status"] == "development key forgotten, signed out"
+    assert report["afterForget"]["errorMessage"].startswith("Sign in first")
+    assert report["newKey"]["pubkey"] and report["newKey"]["pubkey"] != dev.pubkey
+
+    described = {int(code): words for code, words in report["described"].items()}
+    assert described[-32001]["message"].startswith("Sign in first")
+    assert described[-32002]["message"].startswith("Sign-in failed")
+    assert described[-32003]["message"] == "The script took too long and was stopped."
+    assert described[-32004]["message"].startswith("No worker can run scripts right now")
+    assert described[-32005]["message"] == "The script failed." and "worker says" in described[-32005]["detail"]
+    assert described[-32006]["message"].startswith("Too many requests")
+    assert described[-32007]["message"] == "The result is too large to send back (2000000 bytes; the limit is 1048576)."
+    assert described[-32603]["message"].startswith("The server had an internal error")
+    assert described[-32602]["message"].startswith("The server did not understand the request")
+    for code, words in described.items():
+        assert f"error {code}: technical message" in words["detail"]
+        assert str(code) not in words["message"] and "technical message" not in words["message"]
+
+    # A circle the server does not serve is refused at the handshake: said as a connection failure.
+    unknown = report["unknownCircle"]
+    assert unknown["errorMessage"].startswith(f"Cannot connect to ws://127.0.0.1:{port}/{elsewhere.pubkey}.")
+    assert unknown["status"] == "failed" and "code 1006" in unknown["errorDetail"]
+    assert report["badUrl"]["errorMessage"].startswith("That is not a circle URL") and report["badUrl"]["status"] == "failed"
+    # Chromium logs the refused WebSocket itself; nothing else may be an error.
+    errors = [line for line in report["console"] if line.startswith(("error", "pageerror"))]
+    assert all("WebSocket connection to" in line for line in errors), errors
+    assert "Traceback" not in server.output + worker.output
+
+
+def test_the_vendored_signer_is_what_scripts_vendor_noble_makes(tmp_path):
+    """noble-secp256k1.js and its LICENSE are rebuilt by scripts/vendor-noble from the npm
+    packages pinned in package-lock.json, byte for byte."""
+    if not (ROOT / "node_modules" / ".bin" / "esbuild").exists() or not (ROOT / "node_modules" / "@noble" / "curves").exists():
+        pytest.skip("needs the npm packages (npm ci)")
+    playground = ROOT / "circles" / "http" / "playground"
+    committed = {name: (playground / name).read_bytes() for name in ("noble-secp256k1.js", "noble-secp256k1.LICENSE")}
+    try:
+        subprocess.run([str(ROOT / "scripts" / "vendor-noble")], check=True, timeout=120, capture_output=True)
+        for name, content in committed.items():
+            assert (playground / name).read_bytes() == content, f"{name} differs from what scripts/vendor-noble makes"
+    finally:
+        for name, content in committed.items():
+            (playground / name).write_bytes(content)
+    lock = json.loads((ROOT / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/@noble/curves"]["version"] == "2.4.0"
 
 
 def trusting_home(directory: Path, ca_pem: str) -> str:
@@ -101,7 +209,8 @@ def trusting_home(directory: Path, ca_pem: str) -> str:
                     reason="needs node, chromium and certutil (scripts/setup --with-npm)")
 def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
     """The main demo as a user meets it: ./scripts/try, then its playground URL in a browser
-    that trusts state/certs/ca.pem (Chromium offers ALPN h2 and http/1.1), and curl."""
+    that trusts state/certs/ca.pem (Chromium offers ALPN h2 and http/1.1), and curl; signed in
+    with a wallet, and without one with a development key (the try-out has --auth)."""
     state, user = tmp_path / "state", Key()
     proc = subprocess.Popen([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -121,6 +230,8 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
         assert curl.returncode == 0 and json.loads(curl.stdout) == {"status": "ok"}, curl.stderr
         home = trusting_home(tmp_path / "home", ca)
         report = run_browser(page_url, "playground-wss.png", user, env={"HOME": home})
+        no_wallet = run_browser(page_url, "playground-wss-devkey.png", driver="devkey.mjs",
+                                env={"HOME": home, "UNKNOWN_CIRCLE_URL": f"wss://localhost:{port}/{Key().pubkey}"})
         proc.send_signal(signal.SIGINT)
         assert proc.wait(120) == 0, "".join(lines)
     finally:
@@ -132,4 +243,31 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
     assert report["output"] == f"hello, {user.pubkey}\n42\n"
     assert "-32005" in report["error"] and "division by zero" in report["error"]
     assert not [line for line in report["console"] if line.startswith(("error", "pageerror"))], report["console"]
+    dev = Key(bytes.fromhex(no_wallet["storedKey"]))
+    assert no_wallet["beforeSignIn"]["errorMessage"].startswith("Sign in first")
+    assert no_wallet["signIn"]["pubkey"] == dev.pubkey and no_wallet["afterReload"]["pubkey"] == dev.pubkey
+    assert no_wallet["played"]["output"] == f"hello, {dev.pubkey}\n42\n"
+    assert no_wallet["failed"]["status"] == "failed" and not no_wallet["playedAgain"]["errorShown"]
+    assert no_wallet["unknownCircle"]["errorMessage"].startswith(f"Cannot connect to wss://localhost:{port}/")
     assert "Traceback" not in (state / "logs" / "server.log").read_text()
+
+
+def test_the_package_ships_every_file_of_the_page(tmp_path):
+    """What setuptools builds from a fresh checkout (as pip does for a wheel) holds every file of
+    circles/http/playground/: the page, its script and style, the vendored signer, its licenses."""
+    checkout, build = tmp_path / "checkout", tmp_path / "build"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():  # not one deleted in the work tree
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    setup = ["setup.py"] if (checkout / "setup.py").exists() else ["-c", "from setuptools import setup; setup()"]
+    result = subprocess.run([sys.executable, *setup, "-q", "build_py", "-d", str(build)], cwd=checkout,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    source = ROOT / "circles" / "http" / "playground"
+    page = {p.name for p in source.iterdir() if p.is_file() and not p.name.endswith(".pyc")}
+    assert {"index.html", "playground.js", "playground.css", "noble-secp256k1.js", "noble-secp256k1.LICENSE"} <= page
+    shipped = {p.name for p in (build / "circles" / "http" / "playground").iterdir() if p.is_file()}
+    assert page <= shipped, page - shipped

@@ -1,10 +1,13 @@
 """The browser playground: a static page at ``/playground/``, served only with ``--playground``.
 
-A person enters a script, connects to a circle, signs in with their browser wallet
-(``window.ethereum``, EIP-1193: ``personal_sign`` of the nonce) and plays it. The page holds no
-keys and does no cryptography: the wallet signs, the server recovers the key from the
-signature. Off by default because a gateway in production has no use for it. The files are
-read once at import; a strict Content-Security-Policy allows only them and WebSockets.
+A person enters a script, connects to a circle, signs in and plays it. Signing in is with their
+browser wallet (``window.ethereum``, EIP-1193: ``personal_sign`` of the nonce; the page holds no
+key, the server recovers it from the signature), the default where there is one; or, to try a
+local server without a wallet, with a throw-away development key the page makes and keeps in
+the browser's storage, signing with @noble/curves (``noble-secp256k1.js``, vendored from npm by
+``scripts/vendor-noble``, its licenses in ``noble-secp256k1.LICENSE``). Off by default because a
+gateway in production has no use for it. The files are read once at import; a strict
+Content-Security-Policy allows only them and WebSockets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ _FILES = {
     b"index.html": ("index.html", b"text/html; charset=utf-8"),
     b"playground.js": ("playground.js", b"text/javascript; charset=utf-8"),
     b"playground.css": ("playground.css", b"text/css; charset=utf-8"),
+    b"noble-secp256k1.js": ("noble-secp256k1.js", b"text/javascript; charset=utf-8"),
+    b"noble-secp256k1.LICENSE": ("noble-secp256k1.LICENSE", b"text/plain; charset=utf-8"),
 }
 
 CONTENT_SECURITY_POLICY = (
