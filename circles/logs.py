@@ -7,8 +7,14 @@ level (``info`` unless ``--log-level`` says otherwise) before anything is format
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
+import sys
+import time
+
 import twisted.logger
-from twisted.logger import LogLevel
+from twisted.logger import FileLogObserver, LogLevel
 
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
 LEVEL_NAMES = tuple(level.name for level in _ORDER)
@@ -45,11 +51,81 @@ def worth_logging(n: int) -> bool:
     return n in (1, 10, 100) or n % 1000 == 0
 
 
-def json_observer():
-    """A log observer writing one JSON object per event to stdout, for log shippers:
-    ``twistd --logger=circles.logs.json_observer -n circles ...``."""
-    import sys
+#: What a JSON line names itself; a structured field of the same name is written as ``field_NAME``.
+JSON_KEYS = ("time", "level", "namespace", "message", "failure", "system")
+# Keys of legacy events (``twisted.python.log.msg``/``err``) that say again what the line says.
+_LEGACY_KEYS = frozenset({"message", "time", "system", "isError", "format", "failure", "why"})
 
-    from twisted.logger import jsonFileLogObserver
 
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+def json_line(event: dict) -> str:
+    """One event as one flat JSON object, without a newline: ``time`` (ISO-8601, UTC), ``level``,
+    ``namespace``, ``message`` (rendered), ``failure`` (the traceback, if the event has one),
+    ``system`` (a legacy event's log prefix), then the event's own fields, each made JSON-safe.
+    Twisted's own keys (``log_*``, legacy ones) are left out."""
+    level = event.get("log_level")
+    record = {
+        "time": _iso_time(event.get("log_time")),
+        "level": level.name if level in _ORDER else "info",
+        "namespace": event.get("log_namespace") or "-",
+        "message": _message(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["failure"] = _traceback(failure)
+    system = event.get("log_system")
+    if system not in (None, "-"):
+        record["system"] = str(system)
+    legacy = event.get("log_namespace") == "log_legacy"
+    for key, value in event.items():
+        if key.startswith(("log_", "__")) or (legacy and key in _LEGACY_KEYS):
+            continue
+        record["field_" + key if key in JSON_KEYS else key] = _json_safe(value)
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+def _iso_time(when) -> str:
+    if not isinstance(when, (int, float)):
+        when = time.time()
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="microseconds") \
+        .replace("+00:00", "Z")
+
+
+def _message(event: dict) -> str:
+    try:
+        return twisted.logger.formatEvent(event)
+    except Exception:  # formatEvent reports its own failures in its text; this is only a last resort
+        return repr(event.get("log_format"))
+
+
+def _traceback(failure) -> str:
+    try:
+        return failure.getTraceback().rstrip("\n")
+    except Exception:
+        return repr(failure)
+
+
+def _json_safe(value, depth: int = 0):
+    """``value`` as JSON: numbers (finite), strings, booleans and null as they are; lists, tuples
+    and dicts element by element (keys as text); anything else as its text (its ``str`` if its
+    class defines one, else its ``repr``)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth < 8:
+        if isinstance(value, (list, tuple)):
+            return [_json_safe(item, depth + 1) for item in value]
+        if isinstance(value, dict):
+            return {str(key): _json_safe(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, bytes):
+        return repr(value)
+    try:
+        return str(value) if type(value).__str__ is not object.__str__ else repr(value)
+    except Exception:
+        return object.__repr__(value)
+
+
+def json_observer(out=None) -> FileLogObserver:
+    """A log observer writing one flat JSON object per event per line (:func:`json_line`) to
+    ``out`` (stdout), for log shippers: ``twistd --logger=circles.logs.json_observer -n circles ...``."""
+    return FileLogObserver(out if out is not None else sys.stdout, lambda event: json_line(event) + "\n")
