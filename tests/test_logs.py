@@ -11,13 +11,16 @@ import importlib
 import io
 import json
 import pkgutil
+import re
 
+import pytest
+import pytest_twisted
 import twisted.logger
 
 import circles
 from circles import logs
 
-from .support import Key, twistd
+from .support import Key, request, twistd
 
 
 def _server_and_worker_modules() -> list:
@@ -90,3 +93,138 @@ def test_json_line_for_failures_and_values_json_cannot_hold():
     assert first["raw"] == "b'\\xff'" and first["ratio"] == "inf" and first["nested"] == {"1": [None, 2.5]}
     assert first["field_time"] == 7 and first["time"].endswith("Z")  # a field never hides the line's own keys
     assert second == {"time": second["time"], "level": "warn", "namespace": "circles.test", "message": "multi\nline"}
+
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[([^\]#]+)(?:#(\w+))?\] (.*)$")
+
+#: Every kind of line a server at the default level writes over its life when, besides one play
+#: that times out, nothing goes wrong (README, Operations: what ``info`` shows), as (namespace,
+#: the message as a pattern).
+SERVER_AT_INFO = {
+    ("twisted.scripts._twistd_unix.UnixAppLogger", r"twistd \S+ \(\S+ \S+\) starting up\."),
+    ("twisted.scripts._twistd_unix.UnixAppLogger", r"reactor class: \S+\."),
+    ("circles.service", r"accepting at most \d+ connections at once \(the descriptor limit less --fd-reserve 100\); "
+                        r"at most 512 from one address before their request \(--max-pending-per-ip\)"),
+    ("circles.service", r"webhooks: Stripe on \(2 secrets\), iDenfy on \(own secrets for 1 circle\)"),
+    ("circles.backend.dispatch", r"script dispatch through Redis at redis://127\.0\.0\.1:\d+/0, "
+                                 r"reply list circles:reply:[0-9a-f]+"),
+    ("-", r"UpgradeRouter starting on \d+"),
+    ("circles.backend.dispatch", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
+    # a session's lines at info are its anomalies (here: its play that timed out), nothing else
+    ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out after \S+s"),
+    ("twisted.internet.base", r"Received SIGTERM, shutting down\."),
+    ("-", r"\(TCP Port \d+ Closed\)"),
+    ("twisted.internet.base", r"Main loop terminated\."),
+    ("twisted.scripts._twistd_unix.UnixAppLogger", r"Server Shut Down\."),
+}
+
+
+def kinds(output: str, expected: set) -> list:
+    """The kind of each line of a text log (the ``expected`` one it matches); a line of no
+    expected kind, or a line that is not a log line (a traceback's), fails the test."""
+    found = []
+    for line in output.splitlines():
+        match = TEXT_LINE.match(line)
+        assert match, f"not a log line: {line!r}"
+        namespace, level, message = match.groups()
+        [kind] = [kind for kind in expected if kind[0] == namespace and re.fullmatch(kind[1], message)] or \
+            [f"unexpected line: {line}"]
+        assert level in (None, "info"), line
+        found.append(kind)
+    return found
+
+
+def test_a_server_at_info_says_what_an_operator_reads_and_a_worker_logs_each_task(tmp_path, monkeypatch, redis_server):
+    """A server at the default level, with webhooks on and a session that authenticates and
+    plays, writes start-up and shutdown lines only (no factory lines, no object reprs); its worker
+    at debug writes one line per task with its outcome and duration, and a warning per failed
+    task with the reason, without a traceback."""
+    circle, user = Key(), Key()
+    monkeypatch.setenv("CIRCLES_STRIPE_WEBHOOK_SECRET", "whsec_one,whsec_two")
+    monkeypatch.delenv("CIRCLES_IDENFY_WEBHOOK_SECRET", raising=False)
+    secrets_file = tmp_path / "idenfy.secrets"
+    secrets_file.write_text(f"{circle.pubkey} idenfy-secret\n")
+    secrets_file.chmod(0o600)
+    redis = ["--redis-url", redis_server.url]
+    args = ["--auth", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", *redis,
+            "--idenfy-secret-file", str(secrets_file)]
+    worker_args = ["-k", circle.pubkey, "--exec", "sh {script_file}", "--script-timeout", "1", *redis,
+                   "--log-level", "debug"]
+    with twistd(args, tmp_path) as server, \
+            twistd(worker_args, tmp_path, plugin="circles-worker",
+                   options=("--logger=circles.logs.json_observer",)) as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        from websockets.sync.client import connect
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            assert request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(
+                request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"])})["result"]
+            assert request(ws, "play", {"script": "echo hello"}, 2)["result"] == {"output": "hello\n"}
+            failed = request(ws, "play", {"script": "echo first >&2; echo second >&2; exit 3"}, 3)["error"]
+            assert failed["code"] == -32005
+            assert request(ws, "play", {"script": "sleep 5"}, 4)["error"]["code"] == -32003
+        worker.wait_for("(timeout)")
+    found = kinds(server.output, SERVER_AT_INFO)
+    assert set(found) == SERVER_AT_INFO, server.output
+    assert "Starting factory" not in server.output and "object at 0x" not in server.output
+
+    events = json_events(worker)
+    done = [e for e in events if e["level"] == "debug" and "outcome" in e]
+    assert [e["outcome"] for e in done] == ["completed", "error", "error (timeout)"]
+    assert {e["circle"] for e in done} == {circle.pubkey} and len({e["task"] for e in done}) == 3
+    assert all(e["message"] == f"task {e['task']} for circle {circle.pubkey} ({e['source']}): {e['outcome']} "
+                               f"in {e['duration']:.3f}s" for e in done)
+    assert done[0]["duration"] < 1 <= done[2]["duration"]
+    warnings = [e for e in events if e["level"] == "warn"]
+    assert [(e["task"], e["reason"]) for e in warnings] == [(done[1]["task"], "error"), (done[2]["task"], "timeout")]
+    assert "second" not in warnings[0]["why"] and "first" in warnings[0]["why"], warnings[0]
+    assert warnings[1]["why"].startswith("timeout: script timed out")
+    assert not [e for e in events if e["level"] in ("error", "critical") or "failure" in e]
+    assert "Traceback" not in worker.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_engine_that_raises_is_one_warning_with_the_reason_and_its_traceback_only_at_debug(
+        redis_server, start):
+    """A bug in an ``--engine`` callable fails its task (the caller gets the error) with one
+    warning naming the task and the exception; the traceback is a debug event of its own."""
+    from twisted.internet import reactor
+
+    from circles.backend.dispatch import RedisScriptRunner
+    from circles.backend.redis import parse_redis_url
+    from circles.backend.scripts import ScriptFailed, ScriptRequest
+    from circles.worker.service import Worker
+
+    from .play_client import eventually
+
+    def buggy_engine(script, context):
+        return {}["no such key"]
+
+    circle = Key().pubkey
+    address = parse_redis_url(redis_server.url)
+    runner = start(RedisScriptRunner(address, reactor=reactor))
+    start(Worker(address, [circle], buggy_engine, reactor=reactor))
+    await eventually(runner.is_connected)
+    out = io.StringIO()
+    observer = logs.json_observer(out)
+    twisted.logger.globalLogPublisher.addObserver(observer)
+    try:
+        logs.set_level("debug")
+        with pytest.raises(ScriptFailed) as failed:
+            await runner.run(ScriptRequest(circle=circle, script="x", caller="", source="ws", timeout=20))
+        await eventually(lambda: '"outcome"' in out.getvalue())
+    finally:
+        logs.set_level("info")
+        twisted.logger.globalLogPublisher.removeObserver(observer)
+    assert failed.value.detail == "KeyError: 'no such key'"
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    events = [e for e in events if e["namespace"] == "circles.worker.service"]
+    [warning] = [e for e in events if e["level"] == "warn"]
+    assert warning["why"] == "KeyError: 'no such key'" and warning["reason"] == "error" and "failure" not in warning
+    assert warning["message"].startswith(f"task {warning['task']} for circle {circle} failed after ")
+    [raised] = [e for e in events if "failure" in e]
+    assert raised["level"] == "debug" and raised["task"] == warning["task"]
+    assert "buggy_engine" in raised["failure"] and raised["failure"].rstrip().endswith("KeyError: 'no such key'")
+    [done] = [e for e in events if "outcome" in e]
+    assert (done["task"], done["outcome"], done["source"]) == (warning["task"], "error", "ws")

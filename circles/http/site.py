@@ -117,4 +117,5 @@ def _bounded_site(root: Resource, gateway, reactor) -> Site:
                 requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
     site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
+    site.noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
     return site

@@ -165,6 +165,8 @@ class UpgradeRouter(ServerFactory):
     brings (:mod:`circles.tls` explains why that matters).
     """
 
+    noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
+
     def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float,
                  max_pending_per_peer: int = 0) -> None:
         self.websocket = websocket
