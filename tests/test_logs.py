@@ -108,7 +108,7 @@ SERVER_AT_INFO = {
     ("circles.service", r"webhooks: Stripe on \(2 secrets\), iDenfy on \(own secrets for 1 circle\)"),
     ("circles.backend.dispatch", r"script dispatch through Redis at redis://127\.0\.0\.1:\d+/0, "
                                  r"reply list circles:reply:[0-9a-f]+"),
-    ("-", r"UpgradeRouter starting on \d+"),
+    ("-", r"circles starting on \d+"),
     ("circles.backend.dispatch", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
     # a session's lines at info are its anomalies (here: its play that timed out), nothing else
     ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out after \S+s"),
