@@ -15,6 +15,7 @@ import time
 
 import twisted.logger
 from twisted.logger import FileLogObserver, LogLevel
+from twisted.python.failure import Failure
 
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
 LEVEL_NAMES = tuple(level.name for level in _ORDER)
@@ -69,13 +70,16 @@ def json_line(event: dict) -> str:
         "namespace": event.get("log_namespace") or "-",
         "message": _message(event),
     }
+    legacy = event.get("log_namespace") == "log_legacy"
     failure = event.get("log_failure")
+    if failure is None and legacy and isinstance(event.get("failure"), Failure):  # twisted.python.log.err
+        failure = event["failure"]
+        record["message"] = str(event.get("why") or "Unhandled Error")
     if failure is not None:
         record["failure"] = _traceback(failure)
     system = event.get("log_system")
     if system not in (None, "-"):
         record["system"] = str(system)
-    legacy = event.get("log_namespace") == "log_legacy"
     for key, value in event.items():
         if key.startswith(("log_", "__")) or (legacy and key in _LEGACY_KEYS):
             continue
@@ -128,4 +132,14 @@ def _json_safe(value, depth: int = 0):
 def json_observer(out=None) -> FileLogObserver:
     """A log observer writing one flat JSON object per event per line (:func:`json_line`) to
     ``out`` (stdout), for log shippers: ``twistd --logger=circles.logs.json_observer -n circles ...``."""
-    return FileLogObserver(out if out is not None else sys.stdout, lambda event: json_line(event) + "\n")
+    return FileLogObserver(out if out is not None else sys.stdout, lambda event: _json_line_always(event) + "\n")
+
+
+def _json_line_always(event: dict) -> str:
+    # An observer that raises is dropped by Twisted's publisher: a line is written whatever the event holds.
+    try:
+        return json_line(event)
+    except Exception as e:
+        return json.dumps({"time": _iso_time(None), "level": "error", "namespace": "circles.logs",
+                           "message": f"could not write an event as JSON: {type(e).__name__}: {e}",
+                           "event": repr(event)[:2000]})

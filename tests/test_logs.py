@@ -95,6 +95,30 @@ def test_json_line_for_failures_and_values_json_cannot_hold():
     assert second == {"time": second["time"], "level": "warn", "namespace": "circles.test", "message": "multi\nline"}
 
 
+def test_json_line_for_legacy_events():
+    """``twisted.python.log`` (what parts of Twisted still use): the message, the log prefix as
+    ``system``, and an error's traceback in ``failure``, not in the message."""
+    from twisted.python import log as legacy
+
+    out = io.StringIO()
+    observer = logs.json_observer(out)
+    twisted.logger.globalLogPublisher.addObserver(observer)
+    try:
+        legacy.msg("port {} open", system="SomeFactory,3,127.0.0.1")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            legacy.err(None, "while adding")
+    finally:
+        twisted.logger.globalLogPublisher.removeObserver(observer)
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    message, error = [e for e in events if e["namespace"] == "log_legacy"]
+    assert (message["message"], message["system"], message["level"]) == ("port {} open", "SomeFactory,3,127.0.0.1", "info")
+    assert (error["message"], error["level"]) == ("while adding", "critical")
+    assert error["failure"].startswith("Traceback") and error["failure"].endswith("division by zero")
+    assert set(message) == {"time", "level", "namespace", "message", "system"} and "isError" not in error
+
+
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[([^\]#]+)(?:#(\w+))?\] (.*)$")
 
 #: Every kind of line a server at the default level writes over its life when, besides one play
