@@ -3,6 +3,12 @@
 twistd writes every event it is given, debug included, and formatting costs more than the
 work being logged on per-message paths. So circles' loggers drop events below the configured
 level (``info`` unless ``--log-level`` says otherwise) before anything is formatted.
+
+What ``info`` shows is what an operator reads (the README's Operations section lists it, and
+``tests/test_logs.py`` holds a real server to that list): so the factories circles listens and
+connects with set Twisted's ``noisy`` off, and per-connection and per-task lines are ``debug``.
+
+:func:`json_observer` writes the same events as one flat JSON object per line, for log shippers.
 """
 
 from __future__ import annotations
