@@ -135,7 +135,8 @@ SERVER_AT_INFO = {
     ("-", r"circles starting on \d+"),
     ("circles.backend.dispatch", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
     # a session's lines at info are its anomalies (here: its play that timed out), nothing else
-    ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out after \S+s"),
+    ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out "
+                          r"\(stopped by the worker at its --script-timeout\)"),
     ("twisted.internet.base", r"Received SIGTERM, shutting down\."),
     ("-", r"\(TCP Port \d+ Closed\)"),
     ("twisted.internet.base", r"Main loop terminated\."),
