@@ -141,6 +141,21 @@ def json_observer(out=None) -> FileLogObserver:
     return FileLogObserver(out if out is not None else sys.stdout, lambda event: _json_line_always(event) + "\n")
 
 
+def twistd_logger_options(argv: "list[str] | None" = None, plugins=("circles", "circles-worker")) -> "list[str]":
+    """The ``--logger`` option of the twistd command line this process runs under (``sys.argv``;
+    twistd's own options, before the plugin's name), as a list to pass on to another twistd
+    (``--processes``), so that every process writes the same kind of lines; ``[]`` if none."""
+    args = list(sys.argv if argv is None else argv)[1:]
+    for i, arg in enumerate(args):
+        if arg in plugins:
+            break
+        if arg.startswith("--logger="):
+            return [arg]
+        if arg == "--logger" and i + 1 < len(args):
+            return [f"--logger={args[i + 1]}"]
+    return []
+
+
 def _json_line_always(event: dict) -> str:
     # An observer that raises is dropped by Twisted's publisher: a line is written whatever the event holds.
     try:

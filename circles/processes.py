@@ -24,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
-from circles.logs import Logger
+from circles.logs import Logger, twistd_logger_options
 from circles.once import Once
 
 log = Logger()
@@ -97,7 +97,7 @@ class ServerProcesses(Service):
             return
         port = ports[0].getHost().port
         self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-                         "--pidfile=", "--logfile=-", "circles", *self._argv, "--port", str(port), "--reuse-port"]
+                         "--pidfile=", "--logfile=-", *twistd_logger_options(), "circles", *self._argv, "--port", str(port), "--reuse-port"]
         for number in range(1, self._count + 1):
             self._delays[number] = RestartDelay(self._reactor)
             self._start(number)

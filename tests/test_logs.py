@@ -12,6 +12,7 @@ import io
 import json
 import pkgutil
 import re
+import time
 
 import pytest
 import pytest_twisted
@@ -253,3 +254,25 @@ async def test_an_engine_that_raises_is_one_warning_with_the_reason_and_its_trac
     assert "buggy_engine" in raised["failure"] and raised["failure"].rstrip().endswith("KeyError: 'no such key'")
     [done] = [e for e in events if "outcome" in e]
     assert (done["task"], done["outcome"], done["source"]) == (warning["task"], "error", "ws")
+
+
+def test_the_other_processes_of_processes_write_json_too(tmp_path):
+    """``--processes 2`` with the JSON logger: the second process is started with the same
+    ``--logger``, so a log shipper reads every line of both."""
+    circle = Key()
+    args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--processes", "2",
+            "--state-dir", str(tmp_path / "state")]
+    with twistd(args, tmp_path, options=("--logger", "circles.logs.json_observer")) as server:
+        server.wait_for("started server process 2")
+        deadline = time.monotonic() + 60
+        while server.output.count("connected to Redis") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    events = json_events(server)
+    assert len([e for e in events if re.fullmatch(r"circles starting on \d+", e["message"])]) == 2
+    assert len([e for e in events if e["message"].startswith("connected to Redis")]) == 2
+
+
+def test_twistd_logger_options():
+    assert logs.twistd_logger_options(["twistd", "-n", "--logger=a.b", "circles", "--logger=x"]) == ["--logger=a.b"]
+    assert logs.twistd_logger_options(["twistd", "--logger", "a.b", "circles"]) == ["--logger=a.b"]
+    assert logs.twistd_logger_options(["twistd", "-n", "circles", "--logger=x"]) == []
