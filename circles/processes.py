@@ -108,8 +108,10 @@ class ServerProcesses(Service):
             return
         child = _Child(number)
         command = self._command
-        # The children's logs go where ours go: the same standard output and error.
-        transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
+        # The children's logs go where ours go: the same standard output and error. Each leads a
+        # session of its own: a terminal's Ctrl-C reaches only us, and we stop them with one SIGTERM
+        # (two stop signals make a twistd log ReactorNotRunning with a traceback).
+        transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
                                                env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
         child.transport = transport
         child.ended.when().addCallback(self._ended, child)

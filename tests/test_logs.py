@@ -10,8 +10,12 @@ import datetime
 import importlib
 import io
 import json
+import os
 import pkgutil
 import re
+import signal
+import subprocess
+import threading
 import time
 
 import pytest
@@ -21,7 +25,7 @@ import twisted.logger
 import circles
 from circles import logs
 
-from .support import Key, request, twistd
+from .support import TWISTD, Key, request, twistd
 
 
 def _server_and_worker_modules() -> list:
@@ -276,3 +280,34 @@ def test_twistd_logger_options():
     assert logs.twistd_logger_options(["twistd", "-n", "--logger=a.b", "circles", "--logger=x"]) == ["--logger=a.b"]
     assert logs.twistd_logger_options(["twistd", "--logger", "a.b", "circles"]) == ["--logger=a.b"]
     assert logs.twistd_logger_options(["twistd", "-n", "circles", "--logger=x"]) == []
+
+
+def test_ctrl_c_on_processes_stops_them_all_without_a_traceback(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the other processes of
+    ``--processes`` used to get it as well as the first one's SIGTERM, and logged a critical
+    ReactorNotRunning traceback; now they lead sessions of their own and are stopped once."""
+    circle = Key()
+    command = [TWISTD, "-n", "--pidfile=", "--logfile=-", "circles", "-k", circle.pubkey, "--port", "0",
+               "--interface", "127.0.0.1", "--processes", "2", "--state-dir", str(tmp_path / "state")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True,  # a terminal's process group, with twistd in front
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "".join(lines).count("connected to Redis") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "".join(lines).count("connected to Redis") == 2, "".join(lines)
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    reader.join(10)
+    output = "".join(lines)
+    assert output.count("Server Shut Down.") == 2, output
+    assert "Traceback" not in output and "#critical]" not in output and "#error]" not in output, output
+    assert process.returncode == -signal.SIGINT
