@@ -34,6 +34,11 @@ def set_level(name: str) -> None:
     _threshold = _ORDER[LogLevel.levelWithName(name)]
 
 
+def enabled(level: LogLevel) -> bool:
+    """Whether events at ``level`` are logged now: to skip building what only they would carry."""
+    return _ORDER.get(level, 4) >= _threshold
+
+
 class Logger(twisted.logger.Logger):
     """A ``twisted.logger.Logger`` that skips events below the level set by :func:`set_level`."""
 

@@ -1,4 +1,6 @@
-"""Every logger of the server and the worker obeys ``--log-level`` (circles.logs.Logger).
+"""Logs as an operator and a log shipper meet them: every logger of the server and the worker
+obeys ``--log-level`` (circles.logs.Logger); what a real server writes at ``info`` is a known list;
+the worker's lines per task; ``--logger=circles.logs.json_observer`` writes flat JSON lines.
 
 The client (:mod:`circles.client`) is left out on purpose: it runs in an application's process,
 whose own observers decide what is kept; ``--log-level`` is the twistd plugins' option.
@@ -17,6 +19,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import pytest_twisted
@@ -194,6 +198,9 @@ def test_a_server_at_info_says_what_an_operator_reads_and_a_worker_logs_each_tas
             failed = request(ws, "play", {"script": "echo first >&2; echo second >&2; exit 3"}, 3)["error"]
             assert failed["code"] == -32005
             assert request(ws, "play", {"script": "sleep 5"}, 4)["error"]["code"] == -32003
+        for path in ("/health", "/ready", "/metrics"):  # probes and scrapes: no access log at info
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                assert response.status == 200
         worker.wait_for("(timeout)")
     found = kinds(server.output, SERVER_AT_INFO)
     assert set(found) == SERVER_AT_INFO, server.output
@@ -311,3 +318,24 @@ def test_ctrl_c_on_processes_stops_them_all_without_a_traceback(tmp_path):
     assert output.count("Server Shut Down.") == 2, output
     assert "Traceback" not in output and "#critical]" not in output and "#error]" not in output, output
     assert process.returncode == -signal.SIGINT
+
+
+def test_the_access_log_is_debug_and_never_has_the_query_string(tmp_path):
+    circle = Key()
+    args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--log-level", "debug",
+            "--state-dir", str(tmp_path / "state")]
+    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+        port = server.wait_listening()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/auth/nonce?public_key=0xquerysecret", timeout=30)
+        assert refused.value.code == 400
+        server.wait_for('"path":"/auth/nonce"')
+    events = json_events(server)
+    access = [e for e in events if e["namespace"] == "circles.http.site"]
+    assert [(e["level"], e["method"], e["path"], e["status"]) for e in access] == \
+        [("debug", "GET", "/health", 200), ("debug", "GET", "/auth/nonce", 400)]
+    assert access[0]["message"] == f"GET /health 200 ({access[0]['size']} bytes) from 127.0.0.1"
+    assert access[0]["peer"] == "127.0.0.1" and access[0]["user_agent"].startswith("Python-urllib")
+    assert "querysecret" not in server.output
