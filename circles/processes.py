@@ -97,7 +97,8 @@ class ServerProcesses(Service):
             return
         port = ports[0].getHost().port
         self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-                         "--pidfile=", "--logfile=-", *twistd_logger_options(), "circles", *self._argv, "--port", str(port), "--reuse-port"]
+                         "--pidfile=", "--logfile=-", *twistd_logger_options(),  # JSON lines if ours are
+                         "circles", *self._argv, "--port", str(port), "--reuse-port"]
         for number in range(1, self._count + 1):
             self._delays[number] = RestartDelay(self._reactor)
             self._start(number)

@@ -91,7 +91,8 @@ def providers_line(config: Config) -> "tuple[str, dict]":
     """The start-up line saying which providers are on, and its fields:
     ``("webhooks: Stripe on (2 secrets), iDenfy off", {"stripe_secrets": 2, ...})``."""
     words, fields = [], {}
-    for name, title, secrets in (("stripe", "Stripe", config.stripe_secrets), ("idenfy", "iDenfy", config.idenfy_secrets)):
+    for name, title, secrets in (("stripe", "Stripe", config.stripe_secrets),
+                                 ("idenfy", "iDenfy", config.idenfy_secrets)):
         shared, circles = len(secrets.shared), len(secrets.per_circle)
         fields[f"{name}_secrets"], fields[f"{name}_circles"] = shared, circles
         if not secrets:

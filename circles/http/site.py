@@ -123,7 +123,7 @@ def _bounded_site(root: Resource, gateway, reactor) -> Site:
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.
     site = _Site(root, reactor=reactor, timeout=gateway.config.handshake_timeout,
-                requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
+                 requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
     site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
