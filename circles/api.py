@@ -182,8 +182,12 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(ScriptTimeout):
         # A client can time out as many plays as its rate allows (a tiny timeout, a circle
         # without workers): logged within the session's and the gateway's bounds.
-        session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
-                               "after {timeout}s", circle=session.circle, timeout=timeout)
+        if failure.value.by_worker:
+            session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                                   "(stopped by the worker at its --script-timeout)", circle=session.circle)
+        else:
+            session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                                   "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))

@@ -24,7 +24,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
-from circles.logs import Logger
+from circles.logs import Logger, twistd_logger_options
 from circles.once import Once
 
 log = Logger()
@@ -97,7 +97,8 @@ class ServerProcesses(Service):
             return
         port = ports[0].getHost().port
         self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-                         "--pidfile=", "--logfile=-", "circles", *self._argv, "--port", str(port), "--reuse-port"]
+                         "--pidfile=", "--logfile=-", *twistd_logger_options(),  # JSON lines if ours are
+                         "circles", *self._argv, "--port", str(port), "--reuse-port"]
         for number in range(1, self._count + 1):
             self._delays[number] = RestartDelay(self._reactor)
             self._start(number)
@@ -108,8 +109,10 @@ class ServerProcesses(Service):
             return
         child = _Child(number)
         command = self._command
-        # The children's logs go where ours go: the same standard output and error.
-        transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command),
+        # The children's logs go where ours go: the same standard output and error. Each leads a
+        # session of its own: a terminal's Ctrl-C reaches only us, and we stop them with one SIGTERM
+        # (two stop signals make a twistd log ReactorNotRunning with a traceback).
+        transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
                                                env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
         child.transport = transport
         child.ended.when().addCallback(self._ended, child)

@@ -341,6 +341,7 @@ class CircleFactory(WebSocketServerFactory):
     knows the open connections so shutdown can let them finish and say goodbye."""
 
     protocol = CircleProtocol
+    noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
 
     def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front

@@ -30,6 +30,7 @@ from circles.logs import Logger
 from circles.once import Once
 from circles.processes import ReusePortEndpoint
 from circles.protocol import CircleFactory
+from circles.webhooks import providers_line
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
@@ -161,6 +162,8 @@ class CirclesService(MultiService):
                      "{reserve}); at most {pending} from one address before their request (--max-pending-per-ip)",
                      limit=self.accepts.limit, reserve=self.config.fd_reserve,
                      pending=self.config.max_pending_per_ip or "any number")
+        line, fields = providers_line(self.config)
+        log.info("{webhooks}", webhooks=line, **fields)
         super().startService()
 
     def stopService(self) -> Deferred:

@@ -163,9 +163,9 @@ def test_json_logs_with_a_connection_id_and_no_secrets(tmp_path):
     assert events and len(events) == len([line for line in server.lines if line.strip()])
     # At the default level a session's lines are its anomalies (here the failed attempt); the
     # per-connection open/close lines are debug, as they would be one per handshake.
-    failed = [e for e in events if "authentication failed" in e.get("log_format", "")]
+    failed = [e for e in events if "authentication failed" in e["message"]]
     assert failed and failed[0]["conn"] and failed[0]["circle"] == circle.pubkey
-    assert not [e for e in events if e.get("log_format", "").startswith("connection {conn} closed")]
+    assert not [e for e in events if e["message"].startswith(f"connection {e.get('conn')} closed")]
     assert wrong.removeprefix("0x") not in server.output
     assert signature.removeprefix("0x") not in server.output
     assert "secret_script_body" not in server.output
@@ -183,6 +183,6 @@ def test_debug_logs_name_each_connection_as_it_closes(tmp_path):
             assert "result" in request(ws, "authenticate", {"pubkey": user.pubkey, "signature": signature})
         server.wait_for("closed (code")
     events = [json.loads(line) for line in server.lines if line.strip().startswith("{")]
-    closed = [e for e in events if e.get("log_format", "").startswith("connection {conn} closed")]
+    closed = [e for e in events if e["message"].startswith(f"connection {e.get('conn')} closed")]
     assert closed and closed[0]["conn"] and closed[0]["pubkey"] == user.pubkey
     assert signature.removeprefix("0x") not in server.output

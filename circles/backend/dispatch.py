@@ -384,7 +384,7 @@ class RedisScriptRunner(Service):
         if outcome.status == tasks.COMPLETED:
             deferred.callback(outcome.output)
         elif outcome.timed_out:
-            deferred.errback(ScriptTimeout())  # the worker's timeout, the same answer as ours (-32003)
+            deferred.errback(ScriptTimeout(by_worker=True))  # the worker's timeout: answered as ours (-32003)
         elif outcome.status == tasks.ERROR:
             deferred.errback(ScriptFailed(outcome.error))
         else:

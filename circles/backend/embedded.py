@@ -21,8 +21,8 @@ from typing import Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -108,6 +108,10 @@ class _Ping(Protocol):
     def connectionLost(self, reason) -> None:
         if not self.answer.called:
             self.answer.callback(False)
+
+
+_PING_FACTORY = Factory.forProtocol(_Ping)
+_PING_FACTORY.noisy = False  # a PING every 50 ms at start-up: no "Starting factory <...>" line each
 
 
 class EmbeddedRedis(Service):
@@ -215,7 +219,7 @@ class EmbeddedRedis(Service):
             if process.ended.fired:
                 raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(process.output))
             try:
-                ping = await connectProtocol(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1), _Ping())
+                ping = await UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1).connect(_PING_FACTORY)
                 if await ping.answer:
                     return
             except Exception:

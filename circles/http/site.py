@@ -14,7 +14,7 @@ Request bodies are bounded for every route as they arrive (:mod:`circles.http.li
 from __future__ import annotations
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web.http import combinedLogFormatter
+from twisted.logger import LogLevel
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,9 +26,12 @@ from circles.http.limits import RequestDeadlineChannel, bounded_request_factory
 from circles.http.playground import Playground
 from circles.http.responses import json_response
 from circles.keys import COMPRESSED_HEX_LEN
+from circles.logs import Logger, enabled
 from circles.metrics import MetricsPage
 from circles.protocol import CircleFactory
 from circles.webhooks import WebhookRoutes
+
+access = Logger()  # the access log: debug
 
 INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
 
@@ -84,14 +87,20 @@ class Root(Resource):
         return notFound()
 
 
-def _log_without_query(timestamp, request) -> str:
-    """Twisted's combined log line, minus the query string (it may carry signatures)."""
-    uri = request.uri
-    request.uri = uri.split(b"?", 1)[0]
-    try:
-        return combinedLogFormatter(timestamp, request)
-    finally:
-        request.uri = uri
+class _Site(Site):
+    """A Site whose access log is one ``debug`` event per request (``--log-level debug``), not a
+    line at info for every health probe and metrics scrape; never with the query string (it may
+    carry signatures)."""
+
+    def log(self, request) -> None:
+        if not enabled(LogLevel.debug):
+            return
+        peer = request.getClientAddress()
+        access.debug("{method} {path} {status} ({size} bytes) from {peer}",
+                     method=request.method.decode("ascii", "replace"),
+                     path=request.uri.split(b"?", 1)[0].decode("utf-8", "replace"), status=request.code,
+                     size=request.sentLength, peer=getattr(peer, "host", None) or str(peer),
+                     user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
 
 
 def build_site(factory: CircleFactory, reactor) -> Site:
@@ -113,8 +122,9 @@ def _bounded_site(root: Resource, gateway, reactor) -> Site:
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.
-    site = Site(root, logFormatter=_log_without_query, reactor=reactor, timeout=gateway.config.handshake_timeout,
-                requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
+    site = _Site(root, reactor=reactor, timeout=gateway.config.handshake_timeout,
+                 requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
     site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
     site.displayTracebacks = False
+    site.noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
     return site

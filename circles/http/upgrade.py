@@ -165,6 +165,9 @@ class UpgradeRouter(ServerFactory):
     brings (:mod:`circles.tls` explains why that matters).
     """
 
+    noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
+    name = "circles"  # a port says "circles starting on 8443" (Twisted's line names the factory so)
+
     def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float,
                  max_pending_per_peer: int = 0) -> None:
         self.websocket = websocket
@@ -182,7 +185,11 @@ class UpgradeRouter(ServerFactory):
         second port is no second allowance per address."""
         router = UpgradeRouter(site, site, self.reactor, self.timeout, self.max_pending_per_peer)
         router._counts = self
+        router.name = "circles metrics"
         return router
+
+    def logPrefix(self) -> str:
+        return self.name
 
     def buildProtocol(self, addr) -> Protocol:
         peer = address_key(getattr(addr, "host", None))

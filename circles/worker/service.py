@@ -176,7 +176,6 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
-        log.debug("running task {task} for circle {circle}", task=task_id, circle=context.circle)
         status, output, error, reason = tasks.COMPLETED, "", "", ""
         try:
             output = await self._execute(task.get("script", ""), context, timeout)
@@ -186,9 +185,14 @@ class Worker(Service):
                 raise OutputTooLarge(max_output, size)
         except EngineError as e:
             status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
-        except Exception as e:
-            log.failure("the engine failed on task {task}", task=task_id)
+        except Exception as e:  # a bug in an --engine callable: its traceback is for debugging it
+            log.debug("the engine raised on task {task}", task=task_id, log_failure=Failure())
             status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
+        duration = self.reactor.seconds() - now
+        if status != tasks.COMPLETED:
+            log.warn("task {task} for circle {circle} failed after {duration:.3f}s: {why}", task=task_id,
+                     circle=context.circle, source=context.source, duration=duration, reason=reason or "error",
+                     why=_summary(error, reason))
         reply_to = task.get("reply_to", "")
         keys = [key, reply_to] if reply_to else [key]
         outcome = tasks.Outcome(task_id, status, output, error, reason)
@@ -201,6 +205,9 @@ class Worker(Service):
             return
         if not written:
             log.info("task {task} expired while it ran; result dropped", task=task_id)
+        log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
+                  circle=context.circle, source=context.source or "-", duration=duration,
+                  outcome=(status if written else "expired") + (f" ({reason})" if reason else ""))
 
     def _execute(self, script: str, context: ScriptContext, timeout: float) -> Deferred:
         d = maybeDeferred(self.engine, script, context)
@@ -225,6 +232,18 @@ class Worker(Service):
             return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
         return d.addBoth(stop_timer).addErrback(timed_out).addCallback(as_text)
+
+
+def _summary(error: str, reason: str, limit: int = 200) -> str:
+    """Why a task failed, for one log line: its ``reason`` if it has one, and the first line of
+    its error (which the caller gets whole), at most ``limit`` characters."""
+    lines = error.strip().splitlines()
+    first = lines[0] if lines else "no error text"
+    if len(first) > limit:
+        first = first[:limit - 3] + "..."
+    elif len(lines) > 1:
+        first += f" (+{len(lines) - 1} more line{'' if len(lines) == 2 else 's'})"
+    return f"{reason}: {first}" if reason else first
 
 
 def _capped(message: str, limit: int) -> str:
