@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import getopt
 import os
+import sys
 from typing import Callable, Optional
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from circles import logs, tls, webhook_secrets
@@ -18,7 +20,7 @@ from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.options import at_least_zero, choose_redis, positive, redis_parameters
 from circles.processes import ServerProcesses
-from circles.service import CirclesService
+from circles.service import CirclesService, cannot_listen
 
 log = logs.Logger()
 
@@ -240,10 +242,31 @@ class Options(usage.Options):
             raise SystemExit(f"circles: -k/--circle: {e}")
 
 
+class StartOrExit(MultiService):
+    """The service twistd runs: a port that cannot be bound (in use, not allowed) ends start-up
+    with one line on stderr and exit status 1, where twistd would print a traceback. (The log
+    has the line too: :class:`~circles.service.ListeningService` writes it.)"""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            # twistd has sent sys.stderr to the log by now; the terminal is the process's own.
+            sys.__stderr__.write(f"circles: {cannot_listen(e)}\n")
+            sys.__stderr__.flush()
+            raise SystemExit(1) from None
+
+
 def makeService(config: Options, reactor=global_reactor):
     logs.set_level(config["log-level"])
     for former in sorted(config.deprecated):
         log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
+    root = StartOrExit()
+    _make_service(config, reactor).setServiceParent(root)
+    return root
+
+
+def _make_service(config: Options, reactor):
     service = CirclesService(config.config, reactor=reactor)
     if config["processes"] == 1:
         return service

@@ -10,6 +10,8 @@ the same ``--state-dir`` (both default to the same directory), so a one-machine 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
@@ -34,6 +36,14 @@ def _default(option: str):
     if option in OWN_DEFAULTS:
         return OWN_DEFAULTS[option]
     return inspect.signature(Worker).parameters[WORKER_PARAMETERS[option]].default
+
+
+def importable_here() -> None:
+    """Let ``--engine`` name a module of the current directory, as ``python -m`` and ``twistd -y``
+    users expect (twistd's own ``sys.path`` has its script's directory instead)."""
+    here = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 class Options(usage.Options):
@@ -87,6 +97,7 @@ class Options(usage.Options):
             if self["exec"] is not None:
                 self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"])
             else:
+                importable_here()
                 self.engine = load_engine(self["engine"])
         except ValueError as e:
             raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
