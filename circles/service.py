@@ -140,7 +140,8 @@ class CirclesService(MultiService):
                 address = parse_redis_url(config.redis_url)
             # No output the server could not send back (its largest message) is worth storing.
             self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
-                                                   max_output=config.max_message_size)
+                                                   max_output=config.max_message_size,
+                                                   private_redis=self.embedded_redis is not None)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
         self.reactor = reactor

@@ -21,8 +21,8 @@ from typing import Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -108,6 +108,11 @@ class _Ping(Protocol):
     def connectionLost(self, reason) -> None:
         if not self.answer.called:
             self.answer.callback(False)
+
+
+#: Makes the readiness probes, without a "Starting factory" line at info for each.
+_PING = Factory.forProtocol(_Ping)
+_PING.noisy = False
 
 
 class EmbeddedRedis(Service):
@@ -215,7 +220,7 @@ class EmbeddedRedis(Service):
             if process.ended.fired:
                 raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(process.output))
             try:
-                ping = await connectProtocol(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1), _Ping())
+                ping = await UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1).connect(_PING)
                 if await ping.answer:
                     return
             except Exception:

@@ -90,7 +90,8 @@ class Options(usage.Options):
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         try:
-            self.address = choose_redis(self, global_reactor).address
+            redis = choose_redis(self, global_reactor)
+            self.address, self.private_redis = redis.address, redis.private
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise usage.UsageError(f"--redis-url: {e}")
         try:
@@ -108,5 +109,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
-    return Worker(config.address, config["circles"], engine, reactor=reactor,
+    return Worker(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
                   **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})
