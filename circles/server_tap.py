@@ -242,19 +242,38 @@ class Options(usage.Options):
             raise SystemExit(f"circles: -k/--circle: {e}")
 
 
+class CannotStart(Exception):
+    """Start-up failed for a reason the operator can fix (a port in use): ``str()`` says it."""
+
+
+def _one_line_for_cannot_start(kind, error, tb, _previous=sys.excepthook) -> None:
+    """What the interpreter prints for an exception nobody caught: for :class:`CannotStart`,
+    one line on the process's stderr (twistd has sent ``sys.stderr`` to the log) and no
+    traceback; the exit status is 1 as for any uncaught exception."""
+    if isinstance(error, CannotStart):
+        sys.__stderr__.write(f"circles: {error}\n")
+        sys.__stderr__.flush()
+        return
+    _previous(kind, error, tb)
+
+
 class StartOrExit(MultiService):
     """The service twistd runs: a port that cannot be bound (in use, not allowed) ends start-up
     with one line on stderr and exit status 1, where twistd would print a traceback. (The log
-    has the line too: :class:`~circles.service.ListeningService` writes it.)"""
+    has the line too: :class:`~circles.service.ListeningService` writes it.)
+
+    It raises :class:`CannotStart`, an exception, not ``SystemExit``: twistd catches exceptions
+    from starting the application to remove its PID file and, when it runs as a daemon, to tell
+    the waiting parent ("An error has occurred: ..."). The exception then reaches the
+    interpreter, whose hook prints its one line.
+    """
 
     def startService(self) -> None:
         try:
             super().startService()
         except CannotListenError as e:
-            # twistd has sent sys.stderr to the log by now; the terminal is the process's own.
-            sys.__stderr__.write(f"circles: {cannot_listen(e)}\n")
-            sys.__stderr__.flush()
-            raise SystemExit(1) from None
+            sys.excepthook = _one_line_for_cannot_start
+            raise CannotStart(cannot_listen(e)) from None
 
 
 def makeService(config: Options, reactor=global_reactor):

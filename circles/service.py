@@ -75,7 +75,7 @@ def cannot_listen(error: Exception) -> str:
         where = f"[{error.interface}]:{error.port}" if ":" in (error.interface or "") else \
             f"{error.interface or '*'}:{error.port}"
     else:  # a unix socket: the port is its path
-        where = str(error.port)
+        where = f"unix:{error.port}"
     return f"cannot listen on {where}: {reason}"
 
 
@@ -107,6 +107,11 @@ class ListeningService(Service):
         self._listening.fire(port)
 
     def _failed(self, failure: Failure) -> None:
+        if not failure.check(CannotListenError):
+            # A unix socket in a directory that is not there fails making its lock file (an
+            # OSError): the same mistake, said the same way.
+            where = getattr(self._endpoint, "_address", None) or repr(self._endpoint)
+            failure = Failure(CannotListenError(None, where, failure.value))
         log.error("{reason}", reason=cannot_listen(failure.value))
         self._listening.fire(failure)
 

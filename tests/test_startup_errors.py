@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from .support import TWISTD, Key, request, twistd
+from .support import TWISTD, Key, eventually_true, request, twistd
 
 GENERATOR = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # a valid key
 WORKER = ["-k", GENERATOR, "--exec", "sh {script_file}"]
@@ -84,6 +84,33 @@ def test_a_port_in_use_is_one_line_and_status_1(tmp_path):
     assert one_line(result) == f"circles: cannot listen on 127.0.0.1:{port}: Address already in use"
     # the log (stdout under -n) says it once too, and has no traceback either
     assert result.stdout.count("cannot listen on") == 1
+
+
+def test_a_unix_socket_in_a_missing_directory_is_one_line(tmp_path):
+    result = run_to_exit("circles", ["--listen", f"unix:{tmp_path}/missing/circles.sock"], tmp_path)
+    assert result.returncode == 1
+    assert one_line(result) == f"circles: cannot listen on unix:{tmp_path}/missing/circles.sock: " \
+                               "No such file or directory"
+
+
+def test_a_daemon_that_cannot_listen_tells_its_parent_and_leaves_no_pid_file(tmp_path):
+    """Without -n, twistd's daemon tells the waiting parent, which says so (twistd's two lines)
+    and exits 1; the PID file is removed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([TWISTD, f"--pidfile={tmp_path}/circles.pid", f"--logfile={tmp_path}/circles.log",
+                                 "circles", "--port", str(port), "--interface", "127.0.0.1"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("An error has occurred: ")
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in first
+    assert "Traceback" not in result.stderr
+    # the daemon removes it right after telling the parent
+    assert eventually_true(lambda: not (tmp_path / "circles.pid").exists(), timeout=10)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in (tmp_path / "circles.log").read_text()
 
 
 ENGINES = {
