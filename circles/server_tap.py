@@ -258,9 +258,10 @@ def _one_line_for_cannot_start(kind, error, tb, _previous=sys.excepthook) -> Non
 
 
 class StartOrExit(MultiService):
-    """The service twistd runs: a port that cannot be bound (in use, not allowed) ends start-up
-    with one line on stderr and exit status 1, where twistd would print a traceback. (The log
-    has the line too: :class:`~circles.service.ListeningService` writes it.)
+    """The service twistd runs: a port that cannot be bound (in use, not allowed) or a private
+    Redis that cannot start (its directory) ends start-up with one line on stderr and exit status
+    1, where twistd would print a traceback. (The log has a port's line too:
+    :class:`~circles.service.ListeningService` writes it.)
 
     It raises :class:`CannotStart`, an exception, not ``SystemExit``: twistd catches exceptions
     from starting the application to remove its PID file and, when it runs as a daemon, to tell
@@ -271,9 +272,11 @@ class StartOrExit(MultiService):
     def startService(self) -> None:
         try:
             super().startService()
-        except CannotListenError as e:
+        except (CannotListenError, EmbeddedRedisError) as e:
+            if isinstance(e, EmbeddedRedisError):
+                log.error("{error}", error=str(e))
             sys.excepthook = _one_line_for_cannot_start
-            raise CannotStart(cannot_listen(e)) from None
+            raise CannotStart(cannot_listen(e) if isinstance(e, CannotListenError) else str(e)) from None
 
 
 def makeService(config: Options, reactor=global_reactor):
@@ -281,7 +284,11 @@ def makeService(config: Options, reactor=global_reactor):
     for former in sorted(config.deprecated):
         log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
     root = StartOrExit()
-    _make_service(config, reactor).setServiceParent(root)
+    try:
+        service = _make_service(config, reactor)
+    except EmbeddedRedisError as e:  # before twistd sends stderr to the log: a plain exit says it
+        raise SystemExit(f"circles: {e}")
+    service.setServiceParent(root)
     return root
 
 

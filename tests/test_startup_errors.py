@@ -67,6 +67,9 @@ def test_a_usage_mistake_is_one_line_and_status_2(tmp_path, plugin, args, reason
      "directory"),
     (["--stripe-secret-file", "missing.txt"], "circles: webhook secrets: "),
     (["--tls-ciphers", "NOTACIPHER"], "circles: "),
+    (["--port", "0", "--interface", "127.0.0.1", "--state-dir", "/proc/no/such"],
+     "circles: cannot make the state directory /proc/no/such (--state-dir): No such file or directory"),
+    (["--state-dir", "/tmp/" + "d" * 120], "circles: state directory path too long for a unix socket: /tmp/ddd"),
 ])
 def test_a_bad_file_or_value_is_one_line_and_status_1(tmp_path, args, line):
     result = run_to_exit("circles", args, tmp_path)

@@ -149,7 +149,11 @@ class EmbeddedRedis(Service):
         """Create the state directory, mode 0700: a given one unless it exists, a temporary one
         anew (:class:`EmbeddedRedisError` if something is there already)."""
         if not self.temporary:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise EmbeddedRedisError(f"cannot make the state directory {self.state_dir} (--state-dir): "
+                                         f"{e.strerror}") from None
             return
         try:
             os.mkdir(self.state_dir, 0o700)
