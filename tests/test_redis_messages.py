@@ -15,6 +15,7 @@ from .support import Key, twistd
 #: refusals, the private Redis's readiness probes. (Other factories' "Starting factory" lines are
 #: the logs' business, not this test's.)
 NOISE = re.compile(r"Scheduling retry|ClientEndpoint|HostnameEndpoint|Connection was refused|OneShotFactory"
+                   r"|Discarding dead connection|\] Redis error: could not auth"
                    r"|Traceback|^(?!.*(Starting|Stopping) factory).*object at 0x", re.MULTILINE)
 
 
@@ -115,3 +116,4 @@ def test_a_wrong_password_is_one_error_line(tmp_path):
     assert f"Redis at redis://127.0.0.1:{redis_port}/0 refused the connection (" in errors[0]
     assert "check the credentials and database of --redis-url, then restart (not retrying)" in errors[0]
     assert "wrong" not in server.output.replace("WRONGPASS", "")
+    assert not NOISE.search(server.output), server.output

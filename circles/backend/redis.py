@@ -188,7 +188,8 @@ class Reachability:
             return
         self.told_refused = True
         log.error("Redis at {redis} refused the connection ({error}): check the credentials and database "
-                  "of --redis-url, then restart (not retrying)", redis=self.address.where(), error=failure.getErrorMessage())
+                  "of --redis-url, then restart (not retrying)", redis=self.address.where(),
+                  error=failure.getErrorMessage().replace("Redis error: ", ""))
 
 
 def _reason(failure: Failure) -> str:
@@ -239,9 +240,21 @@ class _QuietClientService(ClientService):
     _log = _QuietLogger()
 
 
-# txredisapi keeps each pooled connection with a ClientService it names at call time: ours is
-# the same but for its log level.
+class _TxredisapiLog:
+    """What txredisapi finds as ``log``: its few messages ("Discarding dead connection.", "Redis
+    error: could not auth: ...", which :class:`Reachability` says better) at debug, not at info
+    as Twisted's legacy ``log.msg`` writes them."""
+
+    _log = Logger(namespace="txredisapi")
+
+    def msg(self, *message, **kwargs) -> None:
+        self._log.debug("{message}", message=" ".join(str(part) for part in message))
+
+
+# txredisapi names these at call time: each pooled connection's ClientService (ours is the same
+# but for its log level), and its log.
 txredisapi.ClientService = _QuietClientService
+txredisapi.log = _TxredisapiLog()
 
 
 def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: Optional[float] = None,
