@@ -44,6 +44,8 @@ class Worker(Service):
 
     A script's output may be at most ``max_output`` bytes (UTF-8), or the task's ``max_output``
     (what the server can send back) if smaller; a larger one is an error result, never written.
+    ``private_redis`` says that ``address`` is a server's private Redis (its ``--state-dir``), not
+    a URL given, which is what a worker that cannot reach it is told to check.
     """
 
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
