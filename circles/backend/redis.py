@@ -142,8 +142,9 @@ class Reachability:
     Until the first connection is made, the first failed attempt is one line at warn, with the
     address (no credentials) and what to check; the attempts after it, one every couple of
     seconds, say nothing (``GET /ready`` tells meanwhile). Once connected, a lost connection is
-    for the connection's user to tell (the dispatcher's and the worker's "lost the Redis
-    connection" lines), and reconnecting is quiet too.
+    for the connection's user to tell (the dispatcher's and the worker's "lost the connection to
+    Redis at ..." lines), and reconnecting is quiet too. A Redis that refuses the credentials is
+    one line at error (txredisapi does not retry then).
 
     :param private: the address is the private Redis of a ``--state-dir`` (its socket), not
         a ``--redis-url``: the hint names the directory.
@@ -245,10 +246,11 @@ class _TxredisapiLog:
     error: could not auth: ...", which :class:`Reachability` says better) at debug, not at info
     as Twisted's legacy ``log.msg`` writes them."""
 
-    _log = Logger(namespace="txredisapi")
-
     def msg(self, *message, **kwargs) -> None:
-        self._log.debug("{message}", message=" ".join(str(part) for part in message))
+        _txredisapi_log.debug("{message}", message=" ".join(str(part) for part in message))
+
+
+_txredisapi_log = Logger(namespace="txredisapi")
 
 
 # txredisapi names these at call time: each pooled connection's ClientService (ours is the same
