@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Callable, Mapping, Optional
 
 import attrs
@@ -51,6 +52,47 @@ def print_version() -> None:
     """``--version`` of both plugins: circles' version first (twistd alone prints Twisted's)."""
     print(f"circles {circles.__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}")
     raise SystemExit(0)
+
+
+def _naming_the_option(name: str, dispatch: Callable) -> Callable:
+    def named(parameter, value) -> None:
+        try:
+            dispatch(parameter, value)
+        except usage.UsageError as e:
+            raise usage.UsageError(f"--{name}: {str(e).replace(_TYPE_ENFORCEMENT, '')}") from None
+    return named
+
+
+_TYPE_ENFORCEMENT = "Parameter type enforcement failed: "
+
+
+def one_line_mistakes(options: type, command: str) -> type:
+    """``options`` (a plugin's ``usage.Options``) as twistd is given it: a usage mistake is one
+    line on stderr, ``COMMAND: REASON (twistd COMMAND --help lists the options)``, and exit status
+    2, where twistd would print the whole usage text with the reason last (and exit 1).
+
+    The plugins' other start-up mistakes (a file that cannot be read, a bad key) are already one
+    line (``SystemExit``), exit status 1. ``options`` itself still raises ``UsageError``, for code
+    that parses options.
+    """
+    class OneLine(options):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, handler in self._dispatch.items():
+                if isinstance(handler, usage.CoerceParameter):  # its message does not name the option
+                    handler.dispatch = _naming_the_option(name, handler.dispatch)
+
+        def parseOptions(self, argv=None) -> None:
+            try:
+                super().parseOptions(argv)
+            except usage.UsageError as e:
+                sys.stderr.write(f"{command}: {e} (twistd {command} --help lists the options)\n")
+                sys.stderr.flush()
+                raise SystemExit(2) from None
+
+    OneLine.__name__ = OneLine.__qualname__ = options.__name__
+    OneLine.__module__ = options.__module__
+    return OneLine
 
 
 def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import getopt
 import os
+import sys
 from typing import Callable, Optional
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from circles import logs, tls, webhook_secrets
@@ -18,7 +20,7 @@ from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.options import at_least_zero, choose_redis, positive, print_version, redis_parameters
 from circles.processes import ServerProcesses
-from circles.service import CirclesService
+from circles.service import CirclesService, cannot_listen
 
 log = logs.Logger()
 
@@ -244,10 +246,57 @@ class Options(usage.Options):
             raise SystemExit(f"circles: -k/--circle: {e}")
 
 
+class CannotStart(Exception):
+    """Start-up failed for a reason the operator can fix (a port in use): ``str()`` says it."""
+
+
+def _one_line_for_cannot_start(kind, error, tb, _previous=sys.excepthook) -> None:
+    """What the interpreter prints for an exception nobody caught: for :class:`CannotStart`,
+    one line on the process's stderr (twistd has sent ``sys.stderr`` to the log) and no
+    traceback; the exit status is 1 as for any uncaught exception."""
+    if isinstance(error, CannotStart):
+        sys.__stderr__.write(f"circles: {error}\n")
+        sys.__stderr__.flush()
+        return
+    _previous(kind, error, tb)
+
+
+class StartOrExit(MultiService):
+    """The service twistd runs: a port that cannot be bound (in use, not allowed) or a private
+    Redis that cannot start (its directory) ends start-up with one line on stderr and exit status
+    1, where twistd would print a traceback. (The log has a port's line too:
+    :class:`~circles.service.ListeningService` writes it.)
+
+    It raises :class:`CannotStart`, an exception, not ``SystemExit``: twistd catches exceptions
+    from starting the application to remove its PID file and, when it runs as a daemon, to tell
+    the waiting parent ("An error has occurred: ..."). The exception then reaches the
+    interpreter, whose hook prints its one line.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except (CannotListenError, EmbeddedRedisError) as e:
+            if isinstance(e, EmbeddedRedisError):
+                log.error("{error}", error=str(e))
+            sys.excepthook = _one_line_for_cannot_start
+            raise CannotStart(cannot_listen(e) if isinstance(e, CannotListenError) else str(e)) from None
+
+
 def makeService(config: Options, reactor=global_reactor):
     logs.set_level(config["log-level"])
     for former in sorted(config.deprecated):
         log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
+    root = StartOrExit()
+    try:
+        service = _make_service(config, reactor)
+    except EmbeddedRedisError as e:  # before twistd sends stderr to the log: a plain exit says it
+        raise SystemExit(f"circles: {e}")
+    service.setServiceParent(root)
+    return root
+
+
+def _make_service(config: Options, reactor):
     service = CirclesService(config.config, reactor=reactor)
     if config["processes"] == 1:
         return service

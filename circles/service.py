@@ -13,6 +13,7 @@ from typing import Optional
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
 from circles import api, tls
@@ -64,6 +65,21 @@ def server_endpoints(config: Config, reactor) -> list:
     return [TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=config.interface)]
 
 
+def cannot_listen(error: Exception) -> str:
+    """Why an endpoint could not listen, in words: ``cannot listen on 127.0.0.1:8080: Address
+    already in use``."""
+    if not isinstance(error, CannotListenError):
+        return f"cannot listen: {error}"
+    reason = error.socketError
+    reason = getattr(reason, "strerror", None) or str(reason)
+    if isinstance(error.port, int):
+        where = f"[{error.interface}]:{error.port}" if ":" in (error.interface or "") else \
+            f"{error.interface or '*'}:{error.port}"
+    else:  # a unix socket: the port is its path
+        where = f"unix:{error.port}"
+    return f"cannot listen on {where}: {reason}"
+
+
 class ListeningService(Service):
     """Listens on one endpoint while running; :meth:`when_listening` gives the bound port.
 
@@ -92,7 +108,12 @@ class ListeningService(Service):
         self._listening.fire(port)
 
     def _failed(self, failure: Failure) -> None:
-        log.error("cannot listen: {error}", error=failure.getErrorMessage())
+        if not failure.check(CannotListenError):
+            # A unix socket in a directory that is not there fails making its lock file (an
+            # OSError): the same mistake, said the same way.
+            where = getattr(self._endpoint, "_address", None) or repr(self._endpoint)
+            failure = Failure(CannotListenError(None, where, failure.value))
+        log.error("{reason}", reason=cannot_listen(failure.value))
         self._listening.fire(failure)
 
     def when_listening(self) -> Deferred:
@@ -125,7 +146,8 @@ class CirclesService(MultiService):
                 address = parse_redis_url(config.redis_url)
             # No output the server could not send back (its largest message) is worth storing.
             self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
-                                                   max_output=config.max_message_size)
+                                                   max_output=config.max_message_size,
+                                                   private_redis=self.embedded_redis is not None)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
         self.reactor = reactor

@@ -151,3 +151,10 @@ def test_a_ca_file_that_cannot_be_used_is_a_clear_error(tmp_path):
     address = parse_redis_url(f"rediss://localhost?ssl_ca_certs={tmp_path / 'missing.pem'}")
     with pytest.raises(InvalidRedisURL, match="^ssl_ca_certs: cannot read CA file"):
         address.endpoint(reactor)
+
+
+def test_where_names_the_server_without_credentials():
+    assert parse_redis_url("redis://u:pw@h:1/2").where() == "redis://h:1/2"
+    assert parse_redis_url("rediss://:pw@[::1]").where() == "rediss://[::1]:6379/0"
+    assert parse_redis_url("unix:///run/redis.sock?password=pw").where() == "unix:///run/redis.sock"
+    assert parse_redis_url("unix:///run/redis.sock?db=3").where() == "unix:///run/redis.sock?db=3"

@@ -33,7 +33,8 @@ from txredisapi import InvalidData, RedisError
 from zope.interface import implementer
 
 from circles.backend import tasks
-from circles.backend.redis import RedisAddress, connect, text
+from circles.backend.embedded import START_TIMEOUT
+from circles.backend.redis import Reachability, RedisAddress, connect, text
 from circles.backend.scripts import (BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest,
                                      ScriptTimeout)
 from circles.logs import Logger, worth_logging
@@ -70,12 +71,15 @@ class RedisScriptRunner(Service):
     :param max_output: the largest output (UTF-8 bytes) this server can send back, written into
         every task as ``max_output`` so the worker refuses a larger one before it reaches Redis;
         None: no such field.
+    :param private_redis: ``address`` is the server's own private Redis, which it starts (so it
+        may take a while to answer, and what to check is its ``--state-dir``), not a URL given.
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
                  server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL,
-                 max_output: Optional[int] = None) -> None:
+                 max_output: Optional[int] = None, private_redis: bool = False) -> None:
         self.address = address
+        self.private_redis = private_redis
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.prefix = prefix
@@ -101,9 +105,11 @@ class RedisScriptRunner(Service):
     def startService(self) -> None:
         super().startService()
         log.info("script dispatch through Redis at {redis}, reply list {reply}",
-                 redis=self.address.redacted(), reply=self.reply_key)
-        self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT)
-        self._replies = connect(self.address, self.reactor)
+                 redis=self.address.where(), reply=self.reply_key)
+        watch = Reachability(self.address, self.reactor, private=self.private_redis,
+                             starting=START_TIMEOUT if self.private_redis else 0.0)
+        self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT, watch=watch)
+        self._replies = connect(self.address, self.reactor, watch=watch)
         self._loop = ensureDeferred(self._listen())
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
@@ -329,7 +335,7 @@ class RedisScriptRunner(Service):
             if not self._listening:
                 self._listening = True
                 self.connects += 1
-                log.info("connected to Redis at {redis}", redis=self.address.redacted())
+                log.info("connected to Redis at {redis}", redis=self.address.where())
                 self._expire_abandoned()
             try:
                 reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
@@ -337,8 +343,8 @@ class RedisScriptRunner(Service):
                 if self._listening:
                     self._listening = False
                     if self.running:
-                        log.warn("lost the Redis connection ({error}): plays fail until it is back",
-                                 error=str(e))
+                        log.warn("lost the connection to Redis at {redis} ({error}): plays fail until it is "
+                                 "back", redis=self.address.where(), error=str(e))
                 self._connection_lost()
                 continue
             except Exception:

@@ -110,8 +110,9 @@ class _Ping(Protocol):
             self.answer.callback(False)
 
 
-_PING_FACTORY = Factory.forProtocol(_Ping)
-_PING_FACTORY.noisy = False  # a PING every 50 ms at start-up: no "Starting factory <...>" line each
+#: Makes the readiness probes, without a "Starting factory" line at info for each.
+_PING = Factory.forProtocol(_Ping)
+_PING.noisy = False
 
 
 class EmbeddedRedis(Service):
@@ -148,7 +149,11 @@ class EmbeddedRedis(Service):
         """Create the state directory, mode 0700: a given one unless it exists, a temporary one
         anew (:class:`EmbeddedRedisError` if something is there already)."""
         if not self.temporary:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise EmbeddedRedisError(f"cannot make the state directory {self.state_dir} (--state-dir): "
+                                         f"{e.strerror}") from None
             return
         try:
             os.mkdir(self.state_dir, 0o700)
@@ -219,7 +224,7 @@ class EmbeddedRedis(Service):
             if process.ended.fired:
                 raise EmbeddedRedisError("redis-server exited at start: " + " | ".join(process.output))
             try:
-                ping = await UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1).connect(_PING_FACTORY)
+                ping = await UNIXClientEndpoint(self.reactor, self.socket_path, timeout=1).connect(_PING)
                 if await ping.answer:
                     return
             except Exception:

@@ -14,14 +14,24 @@ password never appears in ``repr``/``redacted()``: log those.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from circles.logs import Logger
 from circles.tls_client import CAFileError, client_options
+
+log = Logger()
 
 DEFAULT_PORT = 6379
 CONNECT_TIMEOUT = 5.0
@@ -52,6 +62,14 @@ class RedisAddress:
             return f"unix://{auth}{self.path}?db={self.db}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+
+    def where(self) -> str:
+        """The URL without its credentials, for messages: ``unix:///path/redis.sock``,
+        ``redis://host:6379/0``."""
+        if self.path is not None:
+            return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
 
     def endpoint(self, reactor):
         """A Twisted client endpoint reaching this server; :class:`InvalidRedisURL` if the
@@ -118,13 +136,138 @@ def redact_url(url: Optional[str]) -> Optional[str]:
         return "<invalid redis url>"
 
 
-def connect(address: RedisAddress, reactor, *, poolsize: int = 1,
-            reply_timeout: Optional[float] = None) -> txredisapi.RedisFactory:
+class Reachability:
+    """What a process tells its operator about reaching its Redis, shared by its connections.
+
+    Until the first connection is made, the first failed attempt is one line at warn, with the
+    address (no credentials) and what to check; the attempts after it, one every couple of
+    seconds, say nothing (``GET /ready`` tells meanwhile). Once connected, a lost connection is
+    for the connection's user to tell (the dispatcher's and the worker's "lost the connection to
+    Redis at ..." lines), and reconnecting is quiet too. A Redis that refuses the credentials is
+    one line at error (txredisapi does not retry then).
+
+    :param private: the address is the private Redis of a ``--state-dir`` (its socket), not
+        a ``--redis-url``: the hint names the directory.
+    :param starting: seconds during which failures are not told, the time the process's own
+        private Redis may take to start (:data:`circles.backend.embedded.START_TIMEOUT`); 0 for
+        a Redis that should be there already.
+    """
+
+    def __init__(self, address: RedisAddress, reactor, *, private: bool = False, starting: float = 0.0) -> None:
+        self.address = address
+        self.clock = reactor
+        self.private = private
+        self.starting = starting
+        self._since = reactor.seconds()
+        self.reached = False  # a connection was made
+        self.told = False  # the failure to reach it was logged
+        self.told_refused = False
+
+    def hint(self) -> str:
+        if not self.private:
+            return "check that it runs and that --redis-url (or $CIRCLES_REDIS_URL) names it"
+        state_dir = os.path.dirname(self.address.path)
+        if self.starting:
+            return f"the private redis-server of --state-dir {state_dir} does not answer there (see above)"
+        return f"is a circles server running with --state-dir {state_dir}? (else give --redis-url)"
+
+    def failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return  # stopped trying: not Redis's doing
+        if self.reached or self.told or self.clock.seconds() - self._since < self.starting:
+            return
+        self.told = True
+        log.warn("cannot reach Redis at {redis}: {error}; {hint}. Retrying quietly until it answers",
+                 redis=self.address.where(), error=_reason(failure), hint=self.hint())
+
+    def connected(self) -> None:
+        self.reached = True
+
+    def refused(self, failure: Failure) -> None:
+        """Redis answered but would not let us in (password, database): txredisapi gives up."""
+        if self.told_refused:
+            return
+        self.told_refused = True
+        log.error("Redis at {redis} refused the connection ({error}): check the credentials and database "
+                  "of --redis-url, then restart (not retrying)", redis=self.address.where(),
+                  error=failure.getErrorMessage().replace("Redis error: ", ""))
+
+
+def _reason(failure: Failure) -> str:
+    error = failure.value
+    socket_error = getattr(error, "osError", None)  # ConnectError.osError: an errno
+    if isinstance(socket_error, int):
+        return os.strerror(socket_error)
+    return getattr(error, "strerror", None) or str(error).strip().rstrip(".") or type(error).__name__
+
+
+@implementer(IStreamClientEndpoint)
+class _Watched:
+    """An endpoint that reports each attempt to a :class:`Reachability` and reads as its URL
+    (Twisted's retry messages name the endpoint)."""
+
+    def __init__(self, endpoint, address: RedisAddress, watch: Optional[Reachability]) -> None:
+        self._endpoint = endpoint
+        self._where = address.where()
+        self._watch = watch
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+        if self._watch is not None:
+            d.addCallbacks(self._connected, self._failed)
+        return d
+
+    def _connected(self, protocol):
+        self._watch.connected()
+        return protocol
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._watch.failed(failure)
+        return failure
+
+    def __repr__(self) -> str:
+        return self._where
+
+
+class _QuietLogger(Logger):
+    """Twisted's reconnection messages ("Scheduling retry 5 to connect ... in 2.1 seconds"),
+    one per attempt per connection, at debug instead of info."""
+
+    def emit(self, level: LogLevel, format=None, **kwargs) -> None:
+        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
+
+
+class _QuietClientService(ClientService):
+    _log = _QuietLogger()
+
+
+class _TxredisapiLog:
+    """What txredisapi finds as ``log``: its few messages ("Discarding dead connection.", "Redis
+    error: could not auth: ...", which :class:`Reachability` says better) at debug, not at info
+    as Twisted's legacy ``log.msg`` writes them."""
+
+    def msg(self, *message, **kwargs) -> None:
+        _txredisapi_log.debug("{message}", message=" ".join(str(part) for part in message))
+
+
+_txredisapi_log = Logger(namespace="txredisapi")
+
+
+# txredisapi names these at call time: each pooled connection's ClientService (ours is the same
+# but for its log level), and its log.
+txredisapi.ClientService = _QuietClientService
+txredisapi.log = _TxredisapiLog()
+
+
+def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: Optional[float] = None,
+            watch: Optional[Reachability] = None) -> txredisapi.RedisFactory:
     """Start a txredisapi pool of ``poolsize`` connections that reconnects on its own.
 
     The factory is returned at once (it is "lazy"): ``factory.size`` says how many connections
     are up, ``factory.handler`` issues commands, ``factory.disconnect()`` stops it. Values come
-    back as text (never converted to numbers: a script's output "42" stays a string).
+    back as text (never converted to numbers: a script's output "42" stays a string). ``watch``
+    hears of every attempt, and tells the operator what matters (:class:`Reachability`);
+    retrying is logged at debug only.
     """
     factory = txredisapi.RedisFactory(
         address.redacted(), address.db or None, poolsize, isLazy=True, charset="utf-8",
@@ -134,7 +277,10 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1,
     # Reconnect quickly: a restarted Redis should be used again within a couple of seconds.
     factory.initialDelay = 0.1
     factory.maxDelay = 2.0
-    factory.startConnecting(address.endpoint(reactor))
+    if watch is not None:
+        # Fails only when Redis refuses us (password, database): txredisapi stops trying then.
+        factory.deferred.addErrback(watch.refused)
+    factory.startConnecting(_Watched(address.endpoint(reactor), address, watch))
     return factory
 
 

@@ -8,7 +8,6 @@ plug in another backend.
 
 from __future__ import annotations
 
-
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface

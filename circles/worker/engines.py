@@ -232,10 +232,16 @@ def load_engine(spec: str) -> Engine:
         raise ValueError(f"{spec!r} is not package.module:callable")
     try:
         target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ValueError(f"no module named {e.name!r} (looked in the current directory and on the "
+                             f"Python path)") from None
+        raise ValueError(f"importing {module_name} failed: {e}") from None
+    except Exception as e:  # anything the module raises as it runs, a SyntaxError included
+        raise ValueError(f"importing {module_name} failed: {type(e).__name__}: {e}") from None
+    try:
         for name in attribute.split("."):
             target = getattr(target, name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {module_name}: {e}") from None
     except AttributeError:
         raise ValueError(f"{module_name} has no {attribute}") from None
     if not callable(target):

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from txredisapi import RedisError
 
 from circles.backend import tasks
-from circles.backend.redis import RedisAddress, connect, text
+from circles.backend.redis import Reachability, RedisAddress, connect, text
 from circles.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_size)
@@ -44,15 +44,18 @@ class Worker(Service):
 
     A script's output may be at most ``max_output`` bytes (UTF-8), or the task's ``max_output``
     (what the server can send back) if smaller; a larger one is an error result, never written.
+    ``private_redis`` says that ``address`` is a server's private Redis (its ``--state-dir``), not
+    a URL given, which is what a worker that cannot reach it is told to check.
     """
 
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
                  prefix: str = tasks.DEFAULT_PREFIX, concurrency: int = 1, script_timeout: float = 30.0,
                  task_ttl: int = tasks.TASK_TTL, worker_id: Optional[str] = None,
-                 max_output: int = DEFAULT_MAX_OUTPUT) -> None:
+                 max_output: int = DEFAULT_MAX_OUTPUT, private_redis: bool = False) -> None:
         if not circles:
             raise ValueError("a worker needs at least one circle")
         self.address = address
+        self.private_redis = private_redis  # address is a server's private Redis (--state-dir), not a URL
         self.circles = list(circles)
         self.engine = engine
         self.reactor = reactor
@@ -74,9 +77,10 @@ class Worker(Service):
     def startService(self) -> None:
         super().startService()
         log.info("worker {worker} serving {n} circle(s) through Redis at {redis}",
-                 worker=self.worker_id, n=len(self.circles), redis=self.address.redacted())
-        self._blocking = connect(self.address, self.reactor)
-        self._commands = connect(self.address, self.reactor, reply_timeout=10.0)
+                 worker=self.worker_id, n=len(self.circles), redis=self.address.where())
+        watch = Reachability(self.address, self.reactor, private=self.private_redis)
+        self._blocking = connect(self.address, self.reactor, watch=watch)
+        self._commands = connect(self.address, self.reactor, reply_timeout=10.0, watch=watch)
         self._loop = ensureDeferred(self._take_tasks())
 
     def stopService(self) -> Deferred:
@@ -117,7 +121,7 @@ class Worker(Service):
                 connection = await self._interruptibly(self._blocking.getConnection(peek=True))
                 if not self._connected:
                     self._connected = True
-                    log.info("connected to Redis, waiting for tasks")
+                    log.info("connected to Redis at {redis}, waiting for tasks", redis=self.address.where())
                 reply = await connection.brpop(queues, timeout=POLL)
             except CancelledError:
                 self._slots.release()
@@ -126,7 +130,8 @@ class Worker(Service):
                 self._slots.release()
                 if self._connected:
                     self._connected = False
-                    log.warn("lost the Redis connection ({error}); reconnecting", error=str(e))
+                    log.warn("lost the connection to Redis at {redis} ({error}); reconnecting quietly",
+                             redis=self.address.where(), error=str(e))
                 continue
             queues.append(queues.pop(0))  # take turns between circles
             if not reply:

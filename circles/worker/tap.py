@@ -10,6 +10,8 @@ the same ``--state-dir`` (both default to the same directory), so a one-machine 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 
 from twisted.internet import reactor as global_reactor
 from twisted.python import usage
@@ -34,6 +36,14 @@ def _default(option: str):
     if option in OWN_DEFAULTS:
         return OWN_DEFAULTS[option]
     return inspect.signature(Worker).parameters[WORKER_PARAMETERS[option]].default
+
+
+def importable_here() -> None:
+    """Let ``--engine`` name a module of the current directory, as ``python -m`` and ``twistd -y``
+    users expect (twistd's own ``sys.path`` has its script's directory instead)."""
+    here = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 class Options(usage.Options):
@@ -84,13 +94,15 @@ class Options(usage.Options):
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         try:
-            self.address = choose_redis(self, global_reactor).address
+            redis = choose_redis(self, global_reactor)
+            self.address, self.private_redis = redis.address, redis.private
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise usage.UsageError(f"--redis-url: {e}")
         try:
             if self["exec"] is not None:
                 self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"])
             else:
+                importable_here()
                 self.engine = load_engine(self["engine"])
         except ValueError as e:
             raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
@@ -101,5 +113,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
-    return Worker(config.address, config["circles"], engine, reactor=reactor,
+    return Worker(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
                   **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})
