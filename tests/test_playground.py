@@ -15,11 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,19 @@ def run_browser(page_url: str, screenshot_name: str, user: Key = None, env: dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@contextmanager
+def playing(tmp_path, circle: Key):
+    """A server with --auth and the playground, and a worker with the tiny engine, both ready:
+    (server, worker, port)."""
+    args = ["--auth", "--playground", "--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey]
+    with twistd(args, tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        yield server, worker, port
+
+
 def test_playground_is_off_by_default(tmp_path):
     circle = Key()
     with twistd(["--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey], tmp_path) as server:
@@ -71,12 +85,7 @@ def test_playground_is_off_by_default(tmp_path):
 @pytest.mark.skipif(not shutil.which("node") or not os.path.exists(CHROMIUM), reason="needs node and chromium (scripts/setup --with-npm)")
 def test_sign_in_with_a_wallet_and_play_in_chromium(tmp_path):
     circle, user = Key(), Key()
-    args = ["--auth", "--playground", "--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey]
-    with twistd(args, tmp_path) as server, \
-            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
-        port = server.wait_listening()
-        server.wait_for("connected to Redis")
-        worker.wait_for("waiting for tasks")
+    with playing(tmp_path, circle) as (server, worker, port):
         base = f"http://127.0.0.1:{port}"
         status, headers, body = get(f"{base}/playground")  # redirected to /playground/
         assert status == 200 and "playground.js" in body
@@ -102,12 +111,7 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     said in words (sign in first, the script failed, cannot connect), the status says "failed",
     and a later success clears them."""
     circle, elsewhere = Key(), Key()
-    args = ["--auth", "--playground", "--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey]
-    with twistd(args, tmp_path) as server, \
-            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path, plugin="circles-worker") as worker:
-        port = server.wait_listening()
-        server.wait_for("connected to Redis")
-        worker.wait_for("waiting for tasks")
+    with playing(tmp_path, circle) as (server, worker, port):
         base = f"http://127.0.0.1:{port}"
         status, headers, body = get(f"{base}/playground/noble-secp256k1.js")
         assert status == 200 and headers["content-type"].startswith("text/javascript")
