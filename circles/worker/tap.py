@@ -40,10 +40,12 @@ def _default(option: str):
 
 def importable_here() -> None:
     """Let ``--engine`` name a module of the current directory, as ``python -m`` and ``twistd -y``
-    users expect (twistd's own ``sys.path`` has its script's directory instead)."""
+    users expect (twistd's own ``sys.path`` has its script's directory instead). Last on the
+    path, not first: a file of the working directory never shadows a module the worker itself
+    imports later (a stray ``json.py`` or ``random.py``)."""
     here = os.getcwd()
     if not any(os.path.abspath(entry or os.curdir) == here for entry in sys.path):
-        sys.path.insert(0, here)
+        sys.path.append(here)
 
 
 class Options(usage.Options):
