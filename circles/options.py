@@ -24,6 +24,7 @@ from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
 
 #: Where ``--redis-url`` is read from when not given.
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
+ORIGINAL_REDIS_URL_ENV = "REDIS_URL"  # the Rust circles server's name; ours wins when both are set
 
 
 def positive(kind: Callable) -> Callable[[str], object]:
@@ -105,6 +106,25 @@ def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list
     ]
 
 
+def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, str]] = None
+                     ) -> "tuple[Optional[str], Optional[str], tuple[str, ...]]":
+    """``(value, name, ignored)``: the value of the first of ``names`` set (non-empty) in the
+    environment, the variable it came from, and the later ones also set that it overrides."""
+    environ = os.environ if environ is None else environ
+    found = [name for name in names if environ.get(name)]
+    if not found:
+        return None, None, ()
+    return environ[found[0]], found[0], tuple(found[1:])
+
+
+def describe_source(what: str, name: Optional[str], ignored: "tuple[str, ...]" = ()) -> str:
+    """A start-up log line naming where ``what`` came from (a variable, never its value)."""
+    line = f"{what} from {name}"
+    if ignored:
+        line += f" ({', '.join(f'${i}' for i in ignored)} also set: ignored)"
+    return line
+
+
 def private_redis_address(state_dir: str) -> RedisAddress:
     """The socket of the private Redis a server keeps in ``state_dir``."""
     return RedisAddress(path=os.path.join(os.path.abspath(state_dir), SOCKET_NAME))
@@ -116,6 +136,14 @@ class RedisChoice:
 
     url: Optional[str] = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
     address: RedisAddress  # the URL's, or the private Redis's socket in the state directory
+    source: str = "--state-dir"  # where the URL came from: --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL
+    ignored: "tuple[str, ...]" = ()  # variables also set that the source overrides
+
+    def log_line(self) -> str:
+        """Which source named the Redis (never the URL: it may carry a password)."""
+        if self.private:
+            return "Redis: the private redis-server in --state-dir (no --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL)"
+        return describe_source("Redis URL", self.source, self.ignored)
 
     @property
     def private(self) -> bool:
@@ -123,20 +151,28 @@ class RedisChoice:
 
 
 def choose_redis(options: Mapping[str, Optional[str]], reactor) -> RedisChoice:
-    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``),
-    else the private one in ``--state-dir``; checked as far as it can be without connecting.
+    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``, else
+    ``$REDIS_URL``, the Rust server's name), else the private one in ``--state-dir``; checked as
+    far as it can be without connecting.
 
     A URL that is not one is a usage mistake: :class:`usage.UsageError`. A ``rediss://`` URL
     whose ``ssl_ca_certs`` file cannot be used raises :class:`InvalidRedisURL`, which each plugin
     answers its own way (the server with one line and no help text, the worker as a usage
     mistake).
     """
-    url = options["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
-    if url is None:
+    url, ignored = options["redis-url"], ()
+    if url:
+        source = "--redis-url"
+        _, first, rest = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV))
+        ignored = ((first,) + rest) if first else ()
+    else:
+        url, name, ignored = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV))
+        source = f"${name}"
+    if not url:
         return RedisChoice(None, private_redis_address(options["state-dir"]))
     try:
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
-        raise usage.UsageError(f"--redis-url: {e}")
+        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}")
     address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
-    return RedisChoice(url, address)
+    return RedisChoice(url, address, source, ignored)

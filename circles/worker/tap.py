@@ -23,6 +23,8 @@ from circles.options import choose_redis, positive, print_version, redis_paramet
 from circles.worker.engines import ExecEngine, load_engine
 from circles.worker.service import Worker
 
+log = logs.Logger()
+
 #: The options handed to :class:`Worker` as they are, by its parameter's name. Their defaults are
 #: Worker's, written there once, but for ``--concurrency``: from the command line a worker runs
 #: several scripts at a time, embedded one at a time unless told.
@@ -96,6 +98,7 @@ class Options(usage.Options):
         try:
             redis = choose_redis(self, global_reactor)
             self.address, self.private_redis = redis.address, redis.private
+            self.redis_source = redis.log_line()  # makeService logs it
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise usage.UsageError(f"--redis-url: {e}")
         try:
@@ -110,6 +113,7 @@ class Options(usage.Options):
 
 def makeService(config: Options, reactor=global_reactor) -> Worker:
     logs.set_level(config["log-level"])
+    log.info("configuration: {source}", source=config.redis_source)
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
