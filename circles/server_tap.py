@@ -18,7 +18,7 @@ from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refu
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
-                             redis_parameters)
+                             read_dotenv, redis_parameters)
 from circles.processes import ServerProcesses
 from circles.service import CirclesService, cannot_listen
 
@@ -207,8 +207,9 @@ class Options(usage.Options):
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
+        dotenv = read_dotenv()  # the working directory's .env: below the environment, never over it
         try:
-            redis = choose_redis(self, global_reactor)
+            redis = choose_redis(self, global_reactor, dotenv)
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise SystemExit(f"circles: --redis-url: {e}")
         if redis.private:
@@ -227,11 +228,11 @@ class Options(usage.Options):
         try:
             secrets = {}
             for provider, names in (("Stripe", webhook_secrets.STRIPE_ENVS), ("iDenfy", webhook_secrets.IDENFY_ENVS)):
-                value, name, ignored = from_environment(names)
+                value, source, ignored = from_environment(names, dotenv=dotenv)
                 path = self[f"{provider.lower()}-secret-file"]
                 secrets[provider] = webhook_secrets.load(value, path)
-                if name is not None:
-                    self.sources.append(describe_source(f"{provider} webhook secrets", f"${name}", ignored))
+                if source is not None:
+                    self.sources.append(describe_source(f"{provider} webhook secrets", source, ignored))
                 if path is not None:
                     self.sources.append(describe_source(f"{provider} webhook secrets", f"--{provider.lower()}-secret-file"))
             stripe_secrets, idenfy_secrets = secrets["Stripe"], secrets["iDenfy"]

@@ -20,10 +20,11 @@ from websockets.sync.client import connect
 
 from circles import webhooks
 from circles.http.upgrade import is_circle_upgrade
-from circles.options import ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, choose_redis, from_environment
+from circles.options import (ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, DotenvError, choose_redis, from_environment,
+                             parse_dotenv, read_dotenv)
 from circles.protocol import circle_from_path
 from circles.webhook_secrets import IDENFY_ENV, IDENFY_ENVS, STRIPE_ENV, STRIPE_ENVS
-from .support import Key, request, twistd
+from .support import Key, request, run_twistd_to_exit, twistd
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
                               idenfy_headers, stripe_event, stripe_headers)
 
@@ -147,12 +148,17 @@ def test_our_names_win_and_the_log_says_the_others_were_ignored(tmp_path, redis_
 def test_from_environment_order_and_empty_values():
     names = (STRIPE_ENV, "STRIPE_WEBHOOK_SECRET")
     assert from_environment(names, {}) == (None, None, ())
-    assert from_environment(names, {"STRIPE_WEBHOOK_SECRET": "b"}) == ("b", "STRIPE_WEBHOOK_SECRET", ())
+    assert from_environment(names, {"STRIPE_WEBHOOK_SECRET": "b"}) == ("b", "$STRIPE_WEBHOOK_SECRET", ())
     assert from_environment(names, {STRIPE_ENV: "a", "STRIPE_WEBHOOK_SECRET": "b"}) == \
-        ("a", STRIPE_ENV, ("STRIPE_WEBHOOK_SECRET",))
+        ("a", f"${STRIPE_ENV}", ("$STRIPE_WEBHOOK_SECRET",))
     # An empty value is not set: it neither wins nor is reported as ignored.
-    assert from_environment(names, {STRIPE_ENV: "", "STRIPE_WEBHOOK_SECRET": "b"}) == ("b", "STRIPE_WEBHOOK_SECRET", ())
+    assert from_environment(names, {STRIPE_ENV: "", "STRIPE_WEBHOOK_SECRET": "b"}) == ("b", "$STRIPE_WEBHOOK_SECRET", ())
     assert IDENFY_ENVS == (IDENFY_ENV, "IDENFY_WEBHOOK_SECRET")
+    # A .env is looked at only when the environment has none of the names, whichever they are.
+    dotenv = ("/srv/{x}/.env", {STRIPE_ENV: "ours-in-file", "STRIPE_WEBHOOK_SECRET": "theirs-in-file"})
+    assert from_environment(names, {"STRIPE_WEBHOOK_SECRET": "b"}, dotenv) == ("b", "$STRIPE_WEBHOOK_SECRET", ())
+    assert from_environment(names, {}, dotenv) == \
+        ("ours-in-file", f"{STRIPE_ENV} in /srv/{{x}}/.env", ("STRIPE_WEBHOOK_SECRET in /srv/{x}/.env",))
 
 
 def test_redis_url_sources(tmp_path, monkeypatch):
@@ -163,7 +169,7 @@ def test_redis_url_sources(tmp_path, monkeypatch):
     assert (choice.url, choice.source, choice.ignored) == ("redis://theirs:6379/0", "$REDIS_URL", ())
     monkeypatch.setenv(REDIS_URL_ENV, "redis://ours:6379/0")
     choice = choose_redis(options, reactor)
-    assert (choice.url, choice.source, choice.ignored) == ("redis://ours:6379/0", "$CIRCLES_REDIS_URL", ("REDIS_URL",))
+    assert (choice.url, choice.source, choice.ignored) == ("redis://ours:6379/0", "$CIRCLES_REDIS_URL", ("$REDIS_URL",))
     choice = choose_redis({**options, "redis-url": "redis://argv:6379/0"}, reactor)
     assert (choice.url, choice.source) == ("redis://argv:6379/0", "--redis-url")
     assert choice.log_line() == "Redis URL from --redis-url ($CIRCLES_REDIS_URL, $REDIS_URL also set: ignored)"
@@ -171,6 +177,61 @@ def test_redis_url_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("REDIS_URL", "nonsense://x")
     with pytest.raises(usage.UsageError, match=r"\(from \$REDIS_URL\)"):
         choose_redis(options, reactor)
+    monkeypatch.delenv("REDIS_URL")
+    choice = choose_redis(options, reactor, ("/d/.env", {"REDIS_URL": "redis://file:6379/0"}))
+    assert (choice.url, choice.source) == ("redis://file:6379/0", "REDIS_URL in /d/.env")
+
+
+def test_dotenv_parser_is_strict_and_never_quotes_a_value():
+    text = ("# deployment\n\nexport REDIS_URL=redis://:pw@host:6379/0\nSTRIPE_WEBHOOK_SECRET='whsec_$x y\"z'\n"
+            'IDENFY_WEBHOOK_SECRET="plain words"\n  EMPTY=\n')
+    assert parse_dotenv(text) == {"REDIS_URL": "redis://:pw@host:6379/0", "STRIPE_WEBHOOK_SECRET": 'whsec_$x y"z',
+                                  "IDENFY_WEBHOOK_SECRET": "plain words", "EMPTY": ""}
+    for line in ("REDIS_URL = Zq9", "NOT A LINE Zq9", "1X=Zq9", "X=a Zq9", "X=$Zq9", 'X="${Zq9}"', 'X="a\\"Zq9"',
+                 "X=a#Zq9", "X='Zq9", "X=`Zq9`", "X='a'Zq9'", "X=Zq9\\"):
+        with pytest.raises(DotenvError, match=r"\.env, line 2:") as refused:
+            parse_dotenv(f"OK=1\n{line}\n")
+        assert "Zq9" not in str(refused.value)
+
+
+def test_dotenv_only_in_the_working_directory(tmp_path):
+    (tmp_path / ".env").write_text("REDIS_URL=redis://parent:6379/0\n")
+    (tmp_path / "sub").mkdir()
+    assert read_dotenv(str(tmp_path / "sub")) == (str(tmp_path / "sub" / ".env"), {})
+    assert read_dotenv(str(tmp_path)) == (str(tmp_path / ".env"), {"REDIS_URL": "redis://parent:6379/0"})
+
+
+def test_a_dotenv_file_fills_in_below_the_environment(tmp_path, redis_server, monkeypatch):
+    circle = Key()
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"# as the Rust server read it\nREDIS_URL={redis_server.url}\n"
+                      f"STRIPE_WEBHOOK_SECRET={STRIPE_SECRET_OLD}\nexport IDENFY_WEBHOOK_SECRET='{IDENFY_SECRET}'\n")
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", STRIPE_SECRET)  # the environment wins over the file
+    with twistd(["--listen", "tcp:0:interface=127.0.0.1", "-k", circle.pubkey], tmp_path) as server, \
+            twistd(["-k", circle.pubkey, *SHELL_WORKER], tmp_path, plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        body = encode(stripe_event("evt_env"))
+        assert _http(port, f"/webhooks/stripe/{circle.pubkey}", body, stripe_headers(body, STRIPE_SECRET))[0] == 200
+        body = encode(stripe_event("evt_file"))
+        assert _http(port, f"/webhooks/stripe/{circle.pubkey}", body, stripe_headers(body, STRIPE_SECRET_OLD))[0] == 401
+        body = encode(idenfy_callback("scan-file"))
+        assert _http(port, f"/webhooks/idenfy/{circle.pubkey}", body, idenfy_headers(body))[0] == 200
+    log = server.output + worker.output
+    assert f"configuration: Redis URL from REDIS_URL in {dotenv}" in server.output
+    assert f"configuration: Redis URL from REDIS_URL in {dotenv}" in worker.output
+    assert "configuration: Stripe webhook secrets from $STRIPE_WEBHOOK_SECRET\n" in server.output
+    assert f"configuration: iDenfy webhook secrets from IDENFY_WEBHOOK_SECRET in {dotenv}" in server.output
+    assert STRIPE_SECRET not in log and STRIPE_SECRET_OLD not in log and IDENFY_SECRET not in log
+
+
+def test_a_malformed_dotenv_stops_start_up_with_one_line(tmp_path):
+    (tmp_path / ".env").write_text("REDIS_URL=redis://localhost:6379/0\nSTRIPE_WEBHOOK_SECRET=whsec_a b\n")
+    result = run_twistd_to_exit(["-k", Key().pubkey], tmp_path)
+    assert result.returncode != 0
+    assert f"circles: {tmp_path / '.env'}, line 2: the value of STRIPE_WEBHOOK_SECRET" in result.stderr
+    assert "whsec_a" not in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("length, circle", [(66, True), (130, True), (64, False), (65, False), (67, False),

@@ -19,7 +19,7 @@ from twisted.python import usage
 from circles import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
-from circles.options import choose_redis, positive, print_version, redis_parameters
+from circles.options import choose_redis, positive, print_version, read_dotenv, redis_parameters
 from circles.worker.engines import ExecEngine, load_engine
 from circles.worker.service import Worker
 
@@ -96,7 +96,7 @@ class Options(usage.Options):
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         try:
-            redis = choose_redis(self, global_reactor)
+            redis = choose_redis(self, global_reactor, read_dotenv())
             self.address, self.private_redis = redis.address, redis.private
             self.redis_source = redis.log_line()  # makeService logs it
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
