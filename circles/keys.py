@@ -12,6 +12,10 @@ from functools import lru_cache
 import coincurve
 
 COMPRESSED_HEX_LEN = 66
+UNCOMPRESSED_HEX_LEN = 130
+#: The lengths a circle's key may have in a path: compressed, or uncompressed as the Rust circles
+#: server's clients often write it (both name the same circle once normalized).
+PATH_KEY_LENGTHS = frozenset((COMPRESSED_HEX_LEN, UNCOMPRESSED_HEX_LEN))
 _HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 from typing import Callable, Mapping, Optional
 
@@ -24,6 +25,8 @@ from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
 
 #: Where ``--redis-url`` is read from when not given.
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
+ORIGINAL_REDIS_URL_ENV = "REDIS_URL"  # the Rust circles server's name; ours wins when both are set
+DOTENV = ".env"  # read from the working directory, below the environment (as the Rust server's dotenv)
 
 
 def positive(kind: Callable) -> Callable[[str], object]:
@@ -99,10 +102,90 @@ def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list
     """``--redis-url``, ``--redis-prefix`` and ``--state-dir``, the same for both plugins but
     for what they say of where the Redis is (``otherwise``: without a URL)."""
     return [
-        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else {otherwise})"),
+        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else ${ORIGINAL_REDIS_URL_ENV}, "
+                                  f"from the environment or ./{DOTENV}; else {otherwise})"),
         ("redis-prefix", None, tasks.DEFAULT_PREFIX, "prefix of every Redis key (servers and workers must agree)"),
         ("state-dir", None, DEFAULT_STATE_DIR, state_dir_help),
     ]
+
+
+_DOTENV_LINE = re.compile(r"(?:export )?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+_BARE_VALUE = re.compile(r"[^\s'\"\\$`#]*")
+
+
+class DotenvError(ValueError):
+    """A ``.env`` file is unreadable or malformed; the message names the line, never a value."""
+
+
+def parse_dotenv(text: str, name: str = DOTENV) -> "dict[str, str]":
+    """The variables of a ``.env`` file, strictly: ``NAME=value`` lines (``export`` allowed),
+    blank lines and ``#`` comment lines. A value is bare (no spaces, quotes, ``#``, ``$``, `````
+    or backslash), or single-quoted and taken literally, or double-quoted without any of those
+    (no escapes, no ``${VAR}`` substitution: what differs between dotenv dialects is refused,
+    not guessed)."""
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _DOTENV_LINE.fullmatch(line)
+        if match is None:
+            raise DotenvError(f"{name}, line {number}: expected NAME=value (no spaces around '=')")
+        variable, raw = match.groups()
+        if len(raw) >= 2 and raw[0] == raw[-1] == "'" and "'" not in raw[1:-1]:
+            value = raw[1:-1]
+        elif len(raw) >= 2 and raw[0] == raw[-1] == '"' and _BARE_VALUE.fullmatch(raw[1:-1].replace(" ", "")):
+            value = raw[1:-1]
+        elif _BARE_VALUE.fullmatch(raw):
+            value = raw
+        else:
+            raise DotenvError(f"{name}, line {number}: the value of {variable} has spaces, quotes, '#', '$', '`' or "
+                              f"'\\' that this parser does not guess at: put it in single quotes")
+        values[variable] = value
+    return values
+
+
+def read_dotenv(directory: str = ".") -> "tuple[str, dict[str, str]]":
+    """``(path, variables)`` of the ``.env`` file in ``directory`` (the working directory: never
+    a parent's), empty without one. One that cannot be read or parsed ends start-up."""
+    path = os.path.join(os.path.abspath(directory), DOTENV)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return path, {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"circles: cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}")
+    try:
+        return path, parse_dotenv(text, path)
+    except DotenvError as e:
+        raise SystemExit(f"circles: {e}")
+
+
+def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, str]] = None,
+                     dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None
+                     ) -> "tuple[Optional[str], Optional[str], tuple[str, ...]]":
+    """``(value, source, ignored)``: the value of the first of ``names`` set (non-empty) in the
+    environment, else in the ``.env`` file (``dotenv``: :func:`read_dotenv`'s answer; it never
+    overrides the environment), where it came from (``$NAME`` or ``NAME in /path/.env``), and
+    the later names also set there that it overrides."""
+    environ = os.environ if environ is None else environ
+    sources = [(environ, "${}")]
+    if dotenv is not None:
+        sources.append((dotenv[1], "{} in " + dotenv[0].replace("{", "{{").replace("}", "}}")))
+    for mapping, label in sources:
+        found = [name for name in names if mapping.get(name)]
+        if found:
+            return mapping[found[0]], label.format(found[0]), tuple(label.format(name) for name in found[1:])
+    return None, None, ()
+
+
+def describe_source(what: str, source: str, ignored: "tuple[str, ...]" = ()) -> str:
+    """A start-up log line naming where ``what`` came from (a variable, never its value)."""
+    line = f"{what} from {source}"
+    if ignored:
+        line += f" ({', '.join(ignored)} also set: ignored)"
+    return line
 
 
 def private_redis_address(state_dir: str) -> RedisAddress:
@@ -116,27 +199,43 @@ class RedisChoice:
 
     url: Optional[str] = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
     address: RedisAddress  # the URL's, or the private Redis's socket in the state directory
+    source: str = "--state-dir"  # where the URL came from: --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL
+    ignored: "tuple[str, ...]" = ()  # variables also set that the source overrides
+
+    def log_line(self) -> str:
+        """Which source named the Redis (never the URL: it may carry a password)."""
+        if self.private:
+            return "Redis: the private redis-server in --state-dir (no --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL)"
+        return describe_source("Redis URL", self.source, self.ignored)
 
     @property
     def private(self) -> bool:
         return self.url is None
 
 
-def choose_redis(options: Mapping[str, Optional[str]], reactor) -> RedisChoice:
-    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``),
-    else the private one in ``--state-dir``; checked as far as it can be without connecting.
+def choose_redis(options: Mapping[str, Optional[str]], reactor,
+                 dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None) -> RedisChoice:
+    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``, else
+    ``$REDIS_URL``, the Rust server's name; then the same two in ``dotenv``), else the private
+    one in ``--state-dir``; checked as far as it can be without connecting.
 
     A URL that is not one is a usage mistake: :class:`usage.UsageError`. A ``rediss://`` URL
     whose ``ssl_ca_certs`` file cannot be used raises :class:`InvalidRedisURL`, which each plugin
     answers its own way (the server with one line and no help text, the worker as a usage
     mistake).
     """
-    url = options["redis-url"] or os.environ.get(REDIS_URL_ENV) or None
-    if url is None:
+    url, ignored = options["redis-url"], ()
+    if url:
+        source = "--redis-url"
+        _, first, rest = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV), dotenv=dotenv)
+        ignored = ((first,) + rest) if first else ()
+    else:
+        url, source, ignored = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV), dotenv=dotenv)
+    if not url:
         return RedisChoice(None, private_redis_address(options["state-dir"]))
     try:
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
-        raise usage.UsageError(f"--redis-url: {e}")
+        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}")
     address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
-    return RedisChoice(url, address)
+    return RedisChoice(url, address, source, ignored)

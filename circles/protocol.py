@@ -4,7 +4,8 @@ Wire protocol
 =============
 
 A client opens a WebSocket to ``/{circle_pk}``, where ``circle_pk`` is the circle's secp256k1
-public key in compressed hex (66 characters). A path that is not such a key, or names a circle
+public key in compressed hex (66 characters) or uncompressed (130, as the Rust circles server's
+clients often write it: the same circle). A path that is not such a key, or names a circle
 this server does not serve, is refused during the opening handshake with HTTP 404.
 
 Every message after that is one UTF-8 **text** frame holding one JSON-RPC 2.0 request,
@@ -77,7 +78,7 @@ from circles.api import Session
 from circles.auth import AuthenticationFailed
 from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
-from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
+from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.limits import ConnectionCount, OriginPolicy, address_key
 from circles.logs import Logger
 from circles.once import Once
@@ -96,7 +97,7 @@ log = Logger()
 def circle_from_path(path: str) -> Optional[str]:
     """The circle id a request path names, or None if it names none."""
     name = path[1:] if path.startswith("/") else path
-    if len(name) != COMPRESSED_HEX_LEN:
+    if len(name) not in PATH_KEY_LENGTHS:
         return None
     try:
         return normalize_pubkey(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getopt
-import os
 import sys
 from typing import Callable, Optional
 
@@ -18,7 +17,8 @@ from circles import logs, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.options import at_least_zero, choose_redis, positive, print_version, redis_parameters
+from circles.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
+                             read_dotenv, redis_parameters)
 from circles.processes import ServerProcesses
 from circles.service import CirclesService, cannot_listen
 
@@ -137,10 +137,12 @@ class Options(usage.Options):
                           "where circles-worker looks too)"),
         ("stripe-secret-file", None, None,
          f"file of Stripe webhook signing secrets, one per line, 'SECRET' or 'CIRCLE_PK SECRET' "
-         f"(also ${webhook_secrets.STRIPE_ENV}, comma-separated; neither: /webhooks/stripe is off)"),
+         f"(also ${webhook_secrets.STRIPE_ENV}, comma-separated, else ${webhook_secrets.STRIPE_ENVS[1]}; "
+         f"neither: /webhooks/stripe is off)"),
         ("idenfy-secret-file", None, None,
          f"file of iDenfy webhook signing secrets, same format "
-         f"(also ${webhook_secrets.IDENFY_ENV}; neither: /webhooks/idenfy is off)"),
+         f"(also ${webhook_secrets.IDENFY_ENV}, else ${webhook_secrets.IDENFY_ENVS[1]}; "
+         f"neither: /webhooks/idenfy is off)"),
         ("stripe-script", None, None, "file with the script queued for each Stripe event (default: a call of "
          "on_stripe_event(CIRCLES_DATA))"),
         ("idenfy-script", None, None, "file with the script queued for each iDenfy callback (default: a call of "
@@ -205,8 +207,9 @@ class Options(usage.Options):
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
+        dotenv = read_dotenv()  # the working directory's .env: below the environment, never over it
         try:
-            redis = choose_redis(self, global_reactor)
+            redis = choose_redis(self, global_reactor, dotenv)
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise SystemExit(f"circles: --redis-url: {e}")
         if redis.private:
@@ -220,11 +223,19 @@ class Options(usage.Options):
                            if self["tls-cert"] else None)
         except tls.TLSError as e:
             raise SystemExit(f"circles: {e}")
+        # Where the Redis URL and the secrets came from, for makeService to log (never a value).
+        self.sources = [redis.log_line()]
         try:
-            stripe_secrets = webhook_secrets.load(os.environ.get(webhook_secrets.STRIPE_ENV),
-                                                  self["stripe-secret-file"])
-            idenfy_secrets = webhook_secrets.load(os.environ.get(webhook_secrets.IDENFY_ENV),
-                                                  self["idenfy-secret-file"])
+            secrets = {}
+            for provider, names in (("Stripe", webhook_secrets.STRIPE_ENVS), ("iDenfy", webhook_secrets.IDENFY_ENVS)):
+                value, source, ignored = from_environment(names, dotenv=dotenv)
+                path = self[f"{provider.lower()}-secret-file"]
+                secrets[provider] = webhook_secrets.load(value, path)
+                if source is not None:
+                    self.sources.append(describe_source(f"{provider} webhook secrets", source, ignored))
+                if path is not None:
+                    self.sources.append(describe_source(f"{provider} webhook secrets", f"--{provider.lower()}-secret-file"))
+            stripe_secrets, idenfy_secrets = secrets["Stripe"], secrets["iDenfy"]
         except webhook_secrets.SecretsError as e:
             raise SystemExit(f"circles: webhook secrets: {e}")
         scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
@@ -287,6 +298,8 @@ def makeService(config: Options, reactor=global_reactor):
     logs.set_level(config["log-level"])
     for former in sorted(config.deprecated):
         log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
+    for line in getattr(config, "sources", ()):
+        log.info("configuration: {source}", source=line)
     root = StartOrExit()
     try:
         service = _make_service(config, reactor)

@@ -1,7 +1,8 @@
 """Webhook signing secrets: where they come from and which apply to a circle.
 
 Secrets come from the environment (``CIRCLES_STRIPE_WEBHOOK_SECRET``,
-``CIRCLES_IDENFY_WEBHOOK_SECRET``: comma-separated) or from a file, never from the command line
+``CIRCLES_IDENFY_WEBHOOK_SECRET``: comma-separated; else the Rust circles server's names,
+``STRIPE_WEBHOOK_SECRET`` and ``IDENFY_WEBHOOK_SECRET``) or from a file, never from the command line
 (argv is visible to every user of the machine). Several secrets may be live at once, so a
 provider's secret can be rotated without refusing deliveries signed with the old one.
 
@@ -28,6 +29,9 @@ from circles.keys import InvalidKey, normalize_pubkey
 
 STRIPE_ENV = "CIRCLES_STRIPE_WEBHOOK_SECRET"
 IDENFY_ENV = "CIRCLES_IDENFY_WEBHOOK_SECRET"
+# Where each provider's secrets are looked for, first set wins: ours, then the original server's.
+STRIPE_ENVS = (STRIPE_ENV, "STRIPE_WEBHOOK_SECRET")
+IDENFY_ENVS = (IDENFY_ENV, "IDENFY_WEBHOOK_SECRET")
 
 
 class SecretsError(ValueError):

@@ -140,6 +140,10 @@ SERVER_AT_INFO = {
     ("circles.service", r"accepting at most \d+ connections at once \(the descriptor limit less --fd-reserve 100\); "
                         r"at most 512 from one address before their request \(--max-pending-per-ip\)"),
     ("circles.service", r"webhooks: Stripe on \(2 secrets\), iDenfy on \(own secrets for 1 circle\)"),
+    # where the Redis URL and the secrets came from: names, never values
+    ("circles.server_tap", r"configuration: Redis URL from --redis-url"),
+    ("circles.server_tap", r"configuration: Stripe webhook secrets from \$CIRCLES_STRIPE_WEBHOOK_SECRET"),
+    ("circles.server_tap", r"configuration: iDenfy webhook secrets from --idenfy-secret-file"),
     ("circles.backend.dispatch", r"script dispatch through Redis at redis://127\.0\.0\.1:\d+/0, "
                                  r"reply list circles:reply:[0-9a-f]+"),
     ("-", r"circles starting on \d+"),

@@ -651,11 +651,14 @@ def test_handshake_refuses_paths_that_are_not_circle_keys_404(txaio_clock, path)
     assert status(handshake(make_gateway(txaio_clock), path)) == 404
 
 
-def test_handshake_refuses_uncompressed_key_path_404(txaio_clock):
-    key = Key()
+def test_handshake_accepts_the_uncompressed_key_of_a_circle(txaio_clock):
+    """Clients of the Rust server often write the key uncompressed: the same circle (issue 15)."""
+    key, other = Key(), Key()
     gateway = make_gateway(txaio_clock, circles=[key.pubkey])
-    assert status(handshake(gateway, f"/{key.uncompressed}")) == 404
+    assert status(handshake(gateway, f"/{key.uncompressed}")) == 101
     assert status(handshake(gateway, f"/{key.pubkey}")) == 101
+    assert status(handshake(gateway, f"/{other.uncompressed}")) == 404
+    assert status(handshake(gateway, f"/{key.uncompressed[:-2]}")) == 404
 
 
 def test_refused_handshake_through_a_client(txaio_clock):

@@ -25,7 +25,7 @@ from circles.http.document import Document
 from circles.http.limits import RequestDeadlineChannel, bounded_request_factory
 from circles.http.playground import Playground
 from circles.http.responses import json_response
-from circles.keys import COMPRESSED_HEX_LEN
+from circles.keys import PATH_KEY_LENGTHS
 from circles.logs import Logger, enabled
 from circles.metrics import MetricsPage
 from circles.protocol import CircleFactory
@@ -82,7 +82,7 @@ class Root(Resource):
     def getChild(self, path: bytes, request):
         # Only what could be a circle id reaches the WebSocket; the protocol decides whether
         # it is one this server serves (404 there too).
-        if len(path) == COMPRESSED_HEX_LEN:
+        if len(path) in PATH_KEY_LENGTHS:
             return self._circles
         return notFound()
 

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
-from circles.keys import COMPRESSED_HEX_LEN
+from circles.keys import PATH_KEY_LENGTHS
 from circles.limits import address_key, half_close
 from circles.logs import Logger, worth_logging
 
@@ -64,7 +64,7 @@ def is_circle_upgrade(head: bytes) -> bool:
     if len(parts) != 3 or parts[0] != b"GET":
         return False
     path = parts[1].split(b"?", 1)[0]
-    if len(path) != COMPRESSED_HEX_LEN + 1 or not path.startswith(b"/"):
+    if len(path) - 1 not in PATH_KEY_LENGTHS or not path.startswith(b"/"):
         return False
     for line in headers.split(b"\r\n"):
         name, _, value = line.partition(b":")

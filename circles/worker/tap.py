@@ -19,9 +19,11 @@ from twisted.python import usage
 from circles import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
-from circles.options import choose_redis, positive, print_version, redis_parameters
+from circles.options import choose_redis, positive, print_version, read_dotenv, redis_parameters
 from circles.worker.engines import ExecEngine, load_engine
 from circles.worker.service import Worker
+
+log = logs.Logger()
 
 #: The options handed to :class:`Worker` as they are, by its parameter's name. Their defaults are
 #: Worker's, written there once, but for ``--concurrency``: from the command line a worker runs
@@ -96,8 +98,9 @@ class Options(usage.Options):
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         try:
-            redis = choose_redis(self, global_reactor)
+            redis = choose_redis(self, global_reactor, read_dotenv())
             self.address, self.private_redis = redis.address, redis.private
+            self.redis_source = redis.log_line()  # makeService logs it
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
             raise usage.UsageError(f"--redis-url: {e}")
         try:
@@ -112,6 +115,7 @@ class Options(usage.Options):
 
 def makeService(config: Options, reactor=global_reactor) -> Worker:
     logs.set_level(config["log-level"])
+    log.info("configuration: {source}", source=config.redis_source)
     engine = config.engine
     if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
         engine.reactor = reactor
