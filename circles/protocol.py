@@ -81,6 +81,7 @@ from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.limits import ConnectionCount, OriginPolicy, address_key
 from circles.logs import Logger
 from circles.once import Once
+from circles.openrpc import negotiate
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -149,11 +150,12 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = counted
+        api, subprotocol = negotiate(request.protocols, gateway.config.api)
         self.session = Session(gateway, circle, self._url_identity(gateway, request.params), self.connection_id,
-                                           peer_host)
+                               peer_host, api)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
-        return None
+        return subprotocol
 
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory
