@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -21,6 +22,7 @@ from circles import openrpc
 from circles.config import Config
 
 from .support import ROOT, Key, request, run_twistd_to_exit, twistd
+from .test_playground import CHROMIUM, run_browser
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
 OURS, ERA = openrpc.SUBPROTOCOLS[openrpc.GATEWAY], openrpc.SUBPROTOCOLS[openrpc.CIRCLES]
@@ -29,7 +31,7 @@ OURS, ERA = openrpc.SUBPROTOCOLS[openrpc.GATEWAY], openrpc.SUBPROTOCOLS[openrpc.
 def _serve(tmp_path_factory, api: str):
     directory = tmp_path_factory.mktemp(f"api-{api}")
     circle = Key()
-    args = ["--auth", "--api", api, "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"]
+    args = ["--auth", "--api", api, "--playground", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"]
     with twistd(args, directory) as server, \
             twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], directory,
                    plugin="circles-worker") as worker:
@@ -172,6 +174,21 @@ def test_our_command_against_a_circles_era_server(era_server, tmp_path):
     assert json.loads(anonymous.stdout)["error"]["message"].startswith("Authentication required: ")
     discovered = _circles_command("discover", url)
     assert json.loads(discovered.stdout) == openrpc.document(openrpc.GATEWAY)
+
+
+@pytest.mark.skipif(not shutil.which("node") or not os.path.exists(CHROMIUM), reason="needs node and chromium")
+def test_the_playground_on_a_circles_era_server(era_server):
+    """The page offers our subprotocol, so it reads {output} and -32005 where the server's
+    default would answer a string and -32000."""
+    url, port, server = era_server
+    user = Key()
+    circle = url.rsplit("/", 1)[1]
+    report = run_browser(f"http://127.0.0.1:{port}/playground/?circle={circle}", "playground-circles-era.png", user)
+    assert report["pubkey"] == user.pubkey
+    assert report["output"].split() == ["hello,", user.pubkey, "42"]
+    assert "-32005" in report["error"] and "division by zero" in report["error"]
+    assert report["errorMessage"] == "The script failed."
+    assert not [line for line in report["console"] if line.startswith(("error", "pageerror"))], report["console"]
 
 
 def test_the_circles_era_document_is_valid_openrpc():

@@ -4,9 +4,9 @@ WebSocket upgrades of circle paths usually never get here: :mod:`circles.http.up
 straight to Autobahn. What does arrive at ``/{circle_pk}`` (a plain GET, an upgrade the router
 did not recognise) goes to Autobahn's ``WebSocketResource``; either way the protocol decides
 in its opening handshake whether the circle exists (404 if not), so that check lives in one
-place. Named routes beside it (``/openrpc.json``: the contract of the server's ``--api``, ``/auth/...``, ``/webhooks/...``,
-``/health``, ``/ready``, ``/metrics``) are plain children of the root; circle ids are hex, so
-they never collide with those names.
+place. Named routes beside it (``/openrpc.json``, the contract of the server's ``--api``;
+``/auth/...``, ``/webhooks/...``, ``/health``, ``/ready``, ``/metrics``) are plain children of
+the root; circle ids are hex, so they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
 Request bodies are bounded for every route as they arrive (:mod:`circles.http.limits`).
 """
