@@ -20,7 +20,7 @@ from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger
 from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
-                             EXECUTION_ERROR, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
+                             EXECUTION_ERROR, HERO, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
 
 log = Logger()
 methods = Methods()
@@ -84,12 +84,14 @@ def _pubkey_param(value: str) -> str:
 
 
 @methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
-def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
         nonce = session.nonces.issue(key)
     except TooManyNonces:
         raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
+    if session.api == HERO:  # the hero generation answers the nonce itself
+        return nonce.value
     return {"nonce": nonce.value, "expires_at": nonce.expires_at}
 
 
@@ -115,7 +117,7 @@ _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
-def authenticate(session: Session, params) -> dict:
+def authenticate(session: Session, params) -> Union[dict, bool]:
     pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
@@ -134,6 +136,8 @@ def authenticate(session: Session, params) -> dict:
               conn=session.connection_id, pubkey=signer, circle=session.circle)
     if session.api == CIRCLES:
         return {"authenticated": True}
+    if session.api == HERO:
+        return True
     return {"authenticated": True, "pubkey": signer}
 
 

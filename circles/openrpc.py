@@ -34,10 +34,11 @@ EXECUTION_ERROR = -32000
 # The contracts, by the name --api takes.
 GATEWAY = "gateway"  # ours: {output}, {authenticated, pubkey}, -32005 for a failed script
 CIRCLES = "circles"  # the original circles server's: a string from play, {authenticated}, -32000
-APIS = (GATEWAY, CIRCLES)
+HERO = "hero"  # its later generation's (hero): a string from fetch_nonce, true from authenticate
+APIS = (GATEWAY, CIRCLES, HERO)
 DEFAULT_API = GATEWAY
 # The WebSocket subprotocol that asks for each contract, whatever the server's default.
-SUBPROTOCOLS = {GATEWAY: "circles-gateway.v1", CIRCLES: "circles-era.v1"}
+SUBPROTOCOLS = {GATEWAY: "circles-gateway.v1", CIRCLES: "circles-era.v1", HERO: "circles-hero.v1"}
 _API_OF_SUBPROTOCOL = {name: api for api, name in SUBPROTOCOLS.items()}
 
 # The circles-era messages of the three codes that contract names.
@@ -61,8 +62,9 @@ def document_text(api: str = GATEWAY) -> str:
     text = resources.files(__package__).joinpath("openrpc.json").read_text("utf-8")
     if api == GATEWAY:
         return text
-    if api == CIRCLES:
-        return json.dumps(_circles_era(json.loads(text)), indent=2, ensure_ascii=False) + "\n"
+    if api in (CIRCLES, HERO):
+        made = (_circles_era if api == CIRCLES else _hero)(json.loads(text))
+        return json.dumps(made, indent=2, ensure_ascii=False) + "\n"
     raise ValueError(f"unknown API {api!r} (one of {', '.join(APIS)})")
 
 
@@ -112,4 +114,26 @@ def _circles_era(ours: dict) -> dict:
         for ref in method.get("errors", []):
             if ref.get("$ref") == "#/components/errors/ScriptFailed":
                 ref["$ref"] = "#/components/errors/ExecutionError"
+    return doc
+
+
+def _hero(ours: dict) -> dict:
+    """Our document, changed where the hero generation's contract differs: fetch_nonce answers
+    the nonce itself and authenticate answers true. Its play answers {output}, as ours does; its
+    documents name no error codes, so ours are kept."""
+    doc = copy.deepcopy(ours)
+    doc["info"]["title"] = "circles (hero-generation contract)"
+    doc["info"]["description"] = (
+        "The JSON-RPC 2.0 API as this gateway serves it to clients of the hero generation of the circles "
+        "server: what a connection gets on a server run with --api hero when it offers no WebSocket subprotocol, "
+        f"or on any server when it offers {SUBPROTOCOLS[HERO]!r}. It differs from the gateway's own contract "
+        f"(subprotocol {SUBPROTOCOLS[GATEWAY]!r}, openrpc.json) in two results: fetch_nonce answers the nonce "
+        "string (it expires after the server's --nonce-ttl) and authenticate answers true. play answers "
+        "{output}, and the error codes are the gateway's.")
+    doc["info"]["x-api"] = HERO
+    doc["info"]["x-subprotocol"] = SUBPROTOCOLS[HERO]
+    _method(doc, "fetch_nonce")["result"] = {"name": "nonce", "schema": {
+        "type": "string", "description": "128-bit random value, hex. Sign exactly this string (UTF-8)."}}
+    _method(doc, "authenticate")["result"] = {"name": "authenticated", "schema": {
+        "const": True, "description": "true: a failure is the error -32002."}}
     return doc

@@ -96,9 +96,9 @@ class Options(usage.Options):
     ]
     optParameters = [
         logs.LOG_LEVEL_OPTION,
-        _setting("api", "the contract of clients that ask for none (a WebSocket subprotocol): 'gateway' (ours) "
-                 "or 'circles' (the original circles server's: play answers a string, errors -32000..-32002)",
-                 _api),
+        _setting("api", "the contract of clients that ask for none (a WebSocket subprotocol): 'gateway' (ours), "
+                 "'circles' (the original circles server's: play answers a string, errors -32000..-32002) or 'hero' "
+                 "(its later generation's: fetch_nonce answers a string, authenticate true)", _api),
         _setting("port", f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int,
                  short="p"),
         _setting("interface", "address to bind (default: all)"),

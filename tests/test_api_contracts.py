@@ -25,7 +25,7 @@ from .support import ROOT, Key, request, run_twistd_to_exit, twistd
 from .test_playground import CHROMIUM, run_browser
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
-OURS, ERA = openrpc.SUBPROTOCOLS[openrpc.GATEWAY], openrpc.SUBPROTOCOLS[openrpc.CIRCLES]
+OURS, ERA, HERO = (openrpc.SUBPROTOCOLS[api] for api in (openrpc.GATEWAY, openrpc.CIRCLES, openrpc.HERO))
 
 
 def _serve(tmp_path_factory, api: str):
@@ -45,6 +45,12 @@ def _serve(tmp_path_factory, api: str):
 def era_server(tmp_path_factory):
     """A server run as a circles deployment replacing the Rust server: --api circles."""
     yield from _serve(tmp_path_factory, "circles")
+
+
+@pytest.fixture(scope="module")
+def hero_server(tmp_path_factory):
+    """A server for clients of the hero generation: --api hero."""
+    yield from _serve(tmp_path_factory, "hero")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +110,24 @@ def test_a_circles_era_client_session_replayed(era_server):
     assert errors[-32000] == "Execution Error" and errors[-32001] == "Authentication Required"
     assert errors[-32002] == "Invalid Credentials" and -32005 not in errors
     assert "Traceback" not in server.output
+
+
+def test_a_hero_client_session_replayed(hero_server, gateway_server):
+    """The hero generation's documented shapes: fetch_nonce -> the nonce string, authenticate
+    {pubkey, signature} -> true, play -> {output} ("20" for `let x = 10; x * 2`); on a server
+    run with --api hero, and on a default one for a client offering its subprotocol."""
+    for url, subprotocols in ((hero_server[0], None), (gateway_server[0], [HERO])):
+        user = Key()
+        with connect(url, subprotocols=subprotocols) as ws:
+            nonce = request(ws, "fetch_nonce", {"pubkey": user.uncompressed}, 1)["result"]
+            assert isinstance(nonce, str) and len(nonce) == 32
+            assert request(ws, "authenticate", {"pubkey": user.uncompressed, "signature": user.eth_sign(nonce)}, 2) \
+                == {"jsonrpc": "2.0", "id": 2, "result": True}
+            assert _play(ws, "let x = 10; x * 2", 3)["result"]["output"].strip() == "20"
+            assert _play(ws, "1 / 0", 4)["error"]["code"] == -32005
+            described = request(ws, "rpc.discover", None, 5)["result"]
+        assert described == openrpc.document(openrpc.HERO) and described["info"]["x-api"] == "hero"
+    assert _get_json(hero_server[1], "/openrpc.json")["info"]["x-api"] == "hero"
 
 
 def _our_session(url: str, subprotocols=None):
@@ -195,13 +219,14 @@ def test_the_circles_era_document_is_valid_openrpc():
     from .test_openrpc import official_validator
 
     validator = official_validator()
-    document = openrpc.document(openrpc.CIRCLES)
-    validator.validate(document)
-    validator.validate(openrpc.document(openrpc.GATEWAY))
-    # every error a method names is defined
-    defined = {f"#/components/errors/{name}" for name in document["components"]["errors"]}
-    for method in document["methods"]:
-        assert {ref["$ref"] for ref in method["errors"]} <= defined, method["name"]
+    for api in openrpc.APIS:
+        document = openrpc.document(api)
+        validator.validate(document)
+        assert document["info"]["x-api"] == api and document["info"]["x-subprotocol"] == openrpc.SUBPROTOCOLS[api]
+        # every error a method names is defined
+        defined = {f"#/components/errors/{name}" for name in document["components"]["errors"]}
+        for method in document["methods"]:
+            assert {ref["$ref"] for ref in method["errors"]} <= defined, (api, method["name"])
 
 
 def test_subprotocol_choice():
@@ -219,6 +244,6 @@ def test_the_playground_offers_our_subprotocol():
 def test_an_unknown_api_is_refused(tmp_path):
     refused = run_twistd_to_exit(["--api", "rust", "--port", "0"], tmp_path)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "'rust' is not one of gateway, circles" in refused.stderr
+    assert "'rust' is not one of gateway, circles, hero" in refused.stderr
     with pytest.raises(ValueError):
         Config(api="rust")
