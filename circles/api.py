@@ -1,6 +1,8 @@
 """The JSON-RPC methods of a circle session, and the state each session keeps.
 
-``openrpc.json`` is the contract for everything here; a test holds the two in step.
+``openrpc.json`` is the contract for everything here; a test holds the two in step. A session's
+``api`` picks the result shapes and error messages of the earlier servers' contracts
+(:mod:`circles.openrpc`) where they differ from ours.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
     play         {script, timeout?}           -> {output}
     rpc.discover                              -> the OpenRPC document
 
-Two contracts: the above is ours. A client that offers the WebSocket subprotocol
+Contracts: the above is ours. A client that offers the WebSocket subprotocol
 ``circles-gateway.v1`` gets it on any server; one that offers ``circles-era.v1`` gets the
 original circles server's (``play`` answers the output as a string, ``authenticate``
 ``{authenticated: true}``, a failed script -32000 "Execution Error", -32001 "Authentication
-Required", -32002 "Invalid Credentials"); one that offers neither gets the server's ``--api``
-(``gateway`` by default, ``circles`` for a deployment replacing a Rust circles server). The
+Required", -32002 "Invalid Credentials"), ``circles-hero.v1`` its hero generation's
+(``fetch_nonce`` answers the nonce string, ``authenticate`` true); one that offers none of them
+gets the server's ``--api`` (``gateway`` by default, ``circles`` for a deployment replacing a
+Rust circles server). The
 server answers with the subprotocol it chose, or none. ``rpc.discover`` describes what the
 connection gets (``circles.openrpc``).
 

@@ -16,9 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from websockets.sync.client import connect
 
 from circles import openrpc
+from circles.client import RPCError
+from circles.client import connect as connect_client
 from circles.config import Config
 
 from .support import ROOT, Key, request, run_twistd_to_exit, twistd
@@ -198,6 +202,22 @@ def test_our_command_against_a_circles_era_server(era_server, tmp_path):
     assert json.loads(anonymous.stdout)["error"]["message"].startswith("Authentication required: ")
     discovered = _circles_command("discover", url)
     assert json.loads(discovered.stdout) == openrpc.document(openrpc.GATEWAY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_python_client_against_a_circles_era_server(era_server):
+    url, _, _ = era_server
+    client = await connect_client(url, reactor=reactor)
+    try:
+        user = Key()
+        await client.authenticate(user.private.secret, scheme="eth")
+        assert (await client.play("let x = 10; x * 2")).strip() == "20"
+        with pytest.raises(RPCError) as failed:
+            await client.play("1 / 0")
+        assert failed.value.code == -32005
+        assert (await client.discover())["info"]["x-api"] == "gateway"
+    finally:
+        await client.close()
 
 
 @pytest.mark.skipif(not shutil.which("node") or not os.path.exists(CHROMIUM), reason="needs node and chromium")
