@@ -34,7 +34,7 @@ class Session:
     def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
                  connection_id: Optional[int] = None, peer: Optional[str] = None, api: Optional[str] = None) -> None:
         self.gateway = gateway
-        # The contract this connection gets (circles.openrpc: GATEWAY or CIRCLES); None: the server's.
+        # The contract this connection gets (one of circles.openrpc.APIS); None: the server's.
         self.api = gateway.config.api if api is None else api
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
