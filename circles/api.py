@@ -1,6 +1,8 @@
 """The JSON-RPC methods of a circle session, and the state each session keeps.
 
-``openrpc.json`` is the contract for everything here; a test holds the two in step.
+``openrpc.json`` is the contract for everything here; a test holds the two in step. A session's
+``api`` picks the result shapes and error messages of the earlier servers' contracts
+(:mod:`circles.openrpc`) where they differ from ours.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_param
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger
-from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, SCRIPT_FAILED, SCRIPT_TIMEOUT,
-                             TOO_MANY_REQUESTS)
+from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
+                             EXECUTION_ERROR, HERO, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
 
 log = Logger()
 methods = Methods()
@@ -30,8 +32,10 @@ class Session:
     """One client's view of a circle: who it has proved to be and the nonces it holds."""
 
     def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
-                 connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
+                 connection_id: Optional[int] = None, peer: Optional[str] = None, api: Optional[str] = None) -> None:
         self.gateway = gateway
+        # The contract this connection gets (one of circles.openrpc.APIS); None: the server's.
+        self.api = gateway.config.api if api is None else api
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
         self.pubkey = pubkey  # compressed hex once authenticated
@@ -82,12 +86,14 @@ def _pubkey_param(value: str) -> str:
 
 
 @methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
-def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> dict:
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
         nonce = session.nonces.issue(key)
     except TooManyNonces:
         raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
+    if session.api == HERO:  # the hero generation answers the nonce itself
+        return nonce.value
     return {"nonce": nonce.value, "expires_at": nonce.expires_at}
 
 
@@ -113,7 +119,7 @@ _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
-def authenticate(session: Session, params) -> dict:
+def authenticate(session: Session, params) -> Union[dict, bool]:
     pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
@@ -122,12 +128,18 @@ def authenticate(session: Session, params) -> dict:
         session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
                                "{circle}: {reason}", circle=session.circle, reason=str(e))
         session.gateway.metrics.auth_failures.inc()
+        if session.api == CIRCLES:
+            raise RPCError(AUTH_FAILED, CIRCLES_MESSAGES[AUTH_FAILED], str(e)) from None
         raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
     session.gateway.metrics.auth_successes.inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
               conn=session.connection_id, pubkey=signer, circle=session.circle)
+    if session.api == CIRCLES:
+        return {"authenticated": True}
+    if session.api == HERO:
+        return True
     return {"authenticated": True, "pubkey": signer}
 
 
@@ -139,8 +151,10 @@ def whoami(session: Session) -> dict:
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
 def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
     gateway = session.gateway
+    circles_era = session.api == CIRCLES
     if gateway.config.auth_required and not session.authenticated:
-        raise RPCError(AUTH_REQUIRED, "Authentication required: call fetch_nonce and authenticate first")
+        raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
+                       "Authentication required: call fetch_nonce and authenticate first")
     try:
         script.encode("utf-8")
     except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
@@ -162,7 +176,8 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
     session.plays.add(d)
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
-    d.addCallback(lambda output: {"output": output})
+    if not circles_era:  # the circles-era contract answers the output itself
+        d.addCallback(lambda output: {"output": output})
     d.addErrback(_script_error, session, limit)
     return d
 
@@ -192,10 +207,12 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):
+        if session.api == CIRCLES:
+            raise RPCError(EXECUTION_ERROR, CIRCLES_MESSAGES[EXECUTION_ERROR], failure.value.detail)
         raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
     return failure
 
 
 @methods.add("rpc.discover")
 def discover(session: Session) -> dict:
-    return openrpc.document()
+    return openrpc.document(session.api)

@@ -10,6 +10,7 @@ from circles.backend import tasks
 from circles.backend.redis import parse_redis_url, redact_url
 from circles.http.limits import DEFAULT_MAX_REQUEST_BODY
 from circles.keys import circle_set
+from circles.openrpc import APIS, DEFAULT_API
 from circles.webhook_secrets import WebhookSecrets
 
 DEFAULT_PLAIN_PORT = 8080
@@ -25,6 +26,9 @@ class Config:
 
     circles: frozenset = attrs.field(default=frozenset(), converter=circle_set)
     auth_required: bool = False
+    # The contract a connection gets when it offers no subprotocol of ours (circles.openrpc:
+    # "gateway" ours, "circles" the original circles server's result shapes and error codes).
+    api: str = attrs.field(default=DEFAULT_API, validator=attrs.validators.in_(APIS))
     listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
     port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
     interface: str = ""

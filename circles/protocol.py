@@ -22,6 +22,17 @@ Methods (``openrpc.json`` is the full contract, ``rpc.discover`` returns it)::
     play         {script, timeout?}           -> {output}
     rpc.discover                              -> the OpenRPC document
 
+Contracts: the above is ours. A client that offers the WebSocket subprotocol
+``circles-gateway.v1`` gets it on any server; one that offers ``circles-era.v1`` gets the
+original circles server's (``play`` answers the output as a string, ``authenticate``
+``{authenticated: true}``, a failed script -32000 "Execution Error", -32001 "Authentication
+Required", -32002 "Invalid Credentials"), ``circles-hero.v1`` its hero generation's
+(``fetch_nonce`` answers the nonce string, ``authenticate`` true); one that offers none of them
+gets the server's ``--api`` (``gateway`` by default, ``circles`` for a deployment replacing a
+Rust circles server). The
+server answers with the subprotocol it chose, or none. ``rpc.discover`` describes what the
+connection gets (``circles.openrpc``).
+
 Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
 ``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
 signs the nonce string's UTF-8 bytes, either with Ethereum ``personal_sign`` (65-byte
@@ -82,6 +93,7 @@ from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.limits import ConnectionCount, OriginPolicy, address_key
 from circles.logs import Logger
 from circles.once import Once
+from circles.openrpc import negotiate
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -150,11 +162,12 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = counted
+        api, subprotocol = negotiate(request.protocols, gateway.config.api)
         self.session = Session(gateway, circle, self._url_identity(gateway, request.params), self.connection_id,
-                                           peer_host)
+                               peer_host, api)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
-        return None
+        return subprotocol
 
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory

@@ -13,7 +13,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from circles import logs, tls, webhook_secrets
+from circles import logs, openrpc, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -27,7 +27,7 @@ log = logs.Logger()
 #: The options that set one :class:`Config` field each, as they are, by the field's name. Their
 #: defaults are the fields' (written once, in Config); the other options are read in postOptions.
 CONFIG_FIELDS = {
-    "auth": "auth_required", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
+    "auth": "auth_required", "api": "api", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
     "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
     "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
     "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
@@ -60,6 +60,12 @@ def _origins(text: str) -> tuple:
     return origins
 
 
+def _api(text: str) -> str:
+    if text not in openrpc.APIS:
+        raise ValueError(f"{text!r} is not one of {', '.join(openrpc.APIS)}")
+    return text
+
+
 def _read_script(path, option: str):
     """The text of a script file, or None; a file that cannot be read stops start-up."""
     if path is None:
@@ -90,6 +96,9 @@ class Options(usage.Options):
     ]
     optParameters = [
         logs.LOG_LEVEL_OPTION,
+        _setting("api", "the contract of clients that ask for none (a WebSocket subprotocol): 'gateway' (ours), "
+                 "'circles' (the original circles server's: play answers a string, errors -32000..-32002) or 'hero' "
+                 "(its later generation's: fetch_nonce answers a string, authenticate true)", _api),
         _setting("port", f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int,
                  short="p"),
         _setting("interface", "address to bind (default: all)"),

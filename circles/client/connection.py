@@ -57,6 +57,7 @@ from circles.client.signing import PrivateKeyLike, private_key, public_key, sign
 from circles.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
 from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.once import Once
+from circles.openrpc import GATEWAY, SUBPROTOCOLS
 from circles.tls_client import client_options
 
 # Twisted's own Logger, deliberately: the client runs in an application's process, whose observers
@@ -286,7 +287,8 @@ class _ClientProtocol(WebSocketClientProtocol):
 
 
 def _factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
-    factory = WebSocketClientFactory(url, reactor=reactor)
+    # Our contract ({output}, -32005...) on every server, one defaulting to the circles-era one too.
+    factory = WebSocketClientFactory(url, reactor=reactor, protocols=[SUBPROTOCOLS[GATEWAY]])
     factory.protocol = _ClientProtocol
     factory.setProtocolOptions(openHandshakeTimeout=timeout, closeHandshakeTimeout=5,
                                autoPingInterval=PING_INTERVAL, autoPingTimeout=timeout)

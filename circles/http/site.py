@@ -4,9 +4,9 @@ WebSocket upgrades of circle paths usually never get here: :mod:`circles.http.up
 straight to Autobahn. What does arrive at ``/{circle_pk}`` (a plain GET, an upgrade the router
 did not recognise) goes to Autobahn's ``WebSocketResource``; either way the protocol decides
 in its opening handshake whether the circle exists (404 if not), so that check lives in one
-place. Named routes beside it (``/openrpc.json``, ``/auth/...``, ``/webhooks/...``,
-``/health``, ``/ready``, ``/metrics``) are plain children of the root; circle ids are hex, so
-they never collide with those names.
+place. Named routes beside it (``/openrpc.json``, the contract of the server's ``--api``;
+``/auth/...``, ``/webhooks/...``, ``/health``, ``/ready``, ``/metrics``) are plain children of
+the root; circle ids are hex, so they never collide with those names.
 ``/playground/`` (the browser playground) is one of them only when the configuration asks.
 Request bodies are bounded for every route as they arrive (:mod:`circles.http.limits`).
 """
@@ -68,7 +68,8 @@ class _Ready(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False) -> None:
+    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False,
+                 api: str = openrpc.DEFAULT_API) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
@@ -77,7 +78,7 @@ class Root(Resource):
         if playground:
             self.putChild(b"playground", Playground())
         self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
-        self.putChild(b"openrpc.json", Document(openrpc.document_text().encode("utf-8"), b"application/json"))
+        self.putChild(b"openrpc.json", Document(openrpc.document_text(api).encode("utf-8"), b"application/json"))
 
     def getChild(self, path: bytes, request):
         # Only what could be a circle id reaches the WebSocket; the protocol decides whether
@@ -106,7 +107,7 @@ class _Site(Site):
 def build_site(factory: CircleFactory, reactor) -> Site:
     gateway = factory.gateway
     root = Root(WebSocketResource(factory), AuthRoutes(gateway).app.resource(), WebhookRoutes(gateway).app.resource(),
-                playground=gateway.config.playground)
+                playground=gateway.config.playground, api=gateway.config.api)
     root.putChild(b"ready", _Ready(factory))
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))

@@ -9,6 +9,8 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const DEV_KEY_STORAGE = 'circles-playground-development-key';
+  // The WebSocket subprotocol of our contract (circles/openrpc.py SUBPROTOCOLS; a test holds them equal).
+  const SUBPROTOCOL = 'circles-gateway.v1';
 
   class RPCError extends Error {
     constructor(error) {
@@ -43,7 +45,8 @@
     try {
       // Browsers resolve a relative URL against the page; a circle URL is always absolute.
       if (!/^wss?:\/\/[^/]/i.test(url)) throw new Error(`${JSON.stringify(url)} does not start with ws:// or wss://`);
-      ws = new WebSocket(url);
+      // Our contract ({output}, -32005, ...) even on a server run with --api circles.
+      ws = new WebSocket(url, [SUBPROTOCOL]);
     } catch (error) {
       return Promise.reject(new ConnectionError('url', url, String(error.message || error)));
     }
