@@ -206,3 +206,122 @@ def test_a_killed_worker_leaves_no_script_behind(tmp_path):
             while not (gone(script) and gone(background)):
                 assert time.monotonic() < deadline, "the script outlived its worker"
                 time.sleep(0.05)
+
+
+# -- --prelude rhai: CONTEXT_ID and CALLER_ID as Rhai constants --------------------------------
+
+#: An "interpreter" for --exec that saves the script text it was given, then reports an error on
+#: the line holding ``boom`` as a Rhai interpreter would (``line N``), or prints ``ran``.
+SAVING_INTERPRETER = """\
+import sys
+text = open(sys.argv[2], encoding="utf-8").read()
+open(sys.argv[1], "w", encoding="utf-8").write(text)
+for number, line in enumerate(text.split("\\n"), 1):
+    if "boom" in line:
+        sys.exit(f"line {number}: boom")
+sys.stdout.write("ran")
+"""
+
+
+def saving_interpreter(tmp_path) -> "tuple[str, object]":
+    """The --exec command running SAVING_INTERPRETER, and the file it saves the script in."""
+    program, saved = tmp_path / "interp.py", tmp_path / "received.rhai"
+    program.write_text(SAVING_INTERPRETER)
+    return f"{sys.executable} {program} {saved} {{script_file}}", saved
+
+
+def expected_prelude(circle: str, caller: str, source: str, task_id: str) -> str:
+    return (f'const CONTEXT_ID = "{circle}"; const CALLER_ID = "{caller}"; '
+            f'const CIRCLES_SOURCE = "{source}"; const CIRCLES_TASK_ID = "{task_id}"; ')
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_rhai_prelude_exact_text(tmp_path):
+    command, saved = saving_interpreter(tmp_path)
+    rhai = ExecEngine(command, reactor=reactor, prelude="rhai")
+    prelude = expected_prelude(CONTEXT.circle, CONTEXT.caller, "ws", "t-1")
+    script = 'let x = 10;\nprint(`${CALLER_ID} in ${CONTEXT_ID}`);\nx * 2\n'
+    assert await rhai(script, CONTEXT) == "ran"
+    assert saved.read_text() == prelude + script
+    # A #! line stays first; the prelude starts the next line.
+    assert await rhai("#!/usr/bin/env rhai-run\nCALLER_ID", CONTEXT) == "ran"
+    assert saved.read_text() == "#!/usr/bin/env rhai-run\n" + prelude + "CALLER_ID"
+    assert await rhai("", attrs.evolve(CONTEXT, caller="")) == "ran"  # anonymous: an empty string
+    assert saved.read_text() == expected_prelude(CONTEXT.circle, "", "ws", "t-1")
+    # Without --prelude the script is as sent.
+    assert await ExecEngine(command, reactor=reactor)(script, CONTEXT) == "ran"
+    assert saved.read_text() == script
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_rhai_prelude_keeps_line_numbers(tmp_path):
+    command, saved = saving_interpreter(tmp_path)
+    script = "let a = 1;\nlet b = 2;\nboom(a, b);\n"
+    for prelude in ("none", "rhai"):
+        with pytest.raises(EngineError) as e:
+            await ExecEngine(command, reactor=reactor, prelude=prelude)(script, CONTEXT)
+        assert str(e.value) == "exit status 1: line 3: boom"
+    with pytest.raises(EngineError) as e:  # after a #! line too
+        await ExecEngine(command, reactor=reactor, prelude="rhai")("#!rhai-run\nboom()", CONTEXT)
+    assert str(e.value) == "exit status 1: line 2: boom"
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_rhai_prelude_escapes_every_value(tmp_path):
+    """Hex keys in practice, but whatever the task holds is one Rhai string literal on line 1:
+    no quote, backslash, newline or backtick of a value reaches the script as code."""
+    from circles.worker.engines import rhai_string
+    command, saved = saving_interpreter(tmp_path)
+    nasty = attrs.evolve(CONTEXT, caller='x"; print("owned"); let y = "', source="a\nb\\`${z}`\u2028é")
+    with pytest.raises(EngineError) as e:
+        await ExecEngine(command, reactor=reactor, prelude="rhai")("1;\nboom", nasty)
+    assert str(e.value) == "exit status 1: line 2: boom"  # the values added no line
+    text = saved.read_text()
+    assert text == (f'const CONTEXT_ID = "{CONTEXT.circle}"; '
+                    'const CALLER_ID = "x\\U00000022\\U0000003B print\\U00000028\\U00000022owned\\U00000022'
+                    '\\U00000029\\U0000003B let y = \\U00000022"; '
+                    'const CIRCLES_SOURCE = "a\\U0000000Ab\\U0000005C\\U00000060\\U00000024\\U0000007Bz\\U0000007D'
+                    '\\U00000060\\U00002028\\U000000E9"; const CIRCLES_TASK_ID = "t-1"; 1;\nboom')
+    assert rhai_string("02ab") == '"02ab"'
+    with pytest.raises(EngineError):
+        rhai_string("\ud800")
+
+
+def test_prelude_option(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIRCLES_REDIS_URL", raising=False)
+    circle = pk(new_key())
+    base = ("-k", circle, "--state-dir", str(tmp_path))
+    assert parse(*base, "--exec", "sh {script_file}").engine.prelude == "none"
+    assert parse(*base, "--exec", "sh {script_file}", "--prelude", "rhai").engine.prelude == "rhai"
+    for argv in [("--exec", "sh {script_file}", "--prelude", "lua"),
+                 ("--engine", "tests.test_worker_engines:sample_engine", "--prelude", "rhai")]:
+        with pytest.raises(usage.UsageError, match="--prelude"):
+            parse(*base, *argv)
+
+
+def test_rhai_constants_through_a_real_worker(tmp_path):
+    """A real server (--auth) and `twistd circles-worker --exec ... --prelude rhai`: the script
+    the interpreter receives declares the circle, the authenticated caller, the source and the
+    task id as constants, before the client's script, on its first line."""
+    import json
+    import re
+    from websockets.sync.client import connect
+    from .support import Key, authenticate, request, twistd
+    circle, user = Key(), Key()
+    command, saved = saving_interpreter(tmp_path)
+    with twistd(["--auth", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--exec", command, "--prelude", "rhai"], tmp_path,
+                   plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        worker.wait_for("waiting for tasks")
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            assert "error" not in authenticate(ws, user)
+            reply = request(ws, "play", {"script": "let x = 10;\nx * 2"}, id_=2)
+            assert "error" not in reply, reply
+            text = saved.read_text()
+            match = re.fullmatch(f'const CONTEXT_ID = "{circle.pubkey}"; const CALLER_ID = "{user.pubkey}"; '
+                                 'const CIRCLES_SOURCE = "ws"; const CIRCLES_TASK_ID = "([0-9a-f-]{36})"; '
+                                 'let x = 10;\nx \\* 2', text)
+            assert match, text
+            failed = request(ws, "play", {"script": "let x = 10;\nboom(x)"}, id_=3)
+            assert json.dumps(failed["error"]).count("line 2: boom") == 1, failed
