@@ -31,7 +31,7 @@ def sample_engine(script, context):
 async def test_exec_output_and_environment():
     output = await engine()('echo "$CONTEXT_ID $CALLER_ID $CIRCLES_SOURCE $CIRCLES_TASK_ID"; printf "%s" "$CIRCLES_DATA"',
                             CONTEXT)
-    assert output == f"{CONTEXT.circle} {CONTEXT.caller} ws t-1\n"
+    assert output == f"{CONTEXT.circle} {CONTEXT.caller} ws t-1"
 
 
 @pytest_twisted.ensureDeferred
@@ -59,6 +59,26 @@ async def test_exec_script_killed_by_a_signal_says_which():
 async def test_exec_output_cap():
     with pytest.raises(EngineError, match="^output too large: more than 1000 bytes$"):
         await engine(max_output=1000)("head -c 100000 /dev/zero; sleep 30", CONTEXT)
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_output_is_stdout_less_one_final_newline():
+    """docs/worker-protocol.md, "A play's output": an interpreter ends every printed line with a
+    newline; the output has newlines between lines, none after the last (as the tiny engine)."""
+    for script, output in [("echo 20", "20"), ("printf 20", "20"), ("echo a; echo b", "a\nb"),
+                           ("printf 'a\\n\\n'", "a\n"), ("echo; echo", "\n"), ("true", ""),
+                           ("printf 'a\\r\\n'", "a\r")]:
+        assert await engine()(script, CONTEXT) == output, script
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_output_cap_counts_the_output_not_the_final_newline():
+    capped = attrs.evolve(CONTEXT, max_output=5)
+    assert await engine()("echo 12345", capped) == "12345"  # 6 bytes of stdout, 5 of output
+    with pytest.raises(EngineError, match="^output too large: 6 bytes, the limit is 5$"):
+        await engine()("printf 123456", capped)
+    with pytest.raises(EngineError, match="^output too large: more than 5 bytes$"):
+        await engine()("echo 123456", capped)
 
 
 @pytest_twisted.ensureDeferred
@@ -102,16 +122,17 @@ async def test_exec_timeout_ends_what_the_script_started(tmp_path):
 async def test_exec_ending_ends_what_the_script_left_behind(tmp_path):
     pidfile = tmp_path / "pid"
     output = await engine()(f"sleep 100 >/dev/null 2>&1 & echo $! > {pidfile}; echo done", CONTEXT)
-    assert output == "done\n"
+    assert output == "done"
     await eventually(lambda: gone(int(pidfile.read_text())))
 
 
 @pytest_twisted.ensureDeferred
 async def test_exec_output_cap_kills_the_group_and_stops_reading(tmp_path):
-    """Endless output from a background process: reading stops at the cap, the group dies."""
+    """Endless output from a background process: reading stops at the cap, the group dies. (The
+    output starts once the pid is written: a cap reached first would leave the pidfile empty.)"""
     pidfile = tmp_path / "pid"
     with pytest.raises(EngineError, match="^output too large: more than 5000 bytes$"):
-        await engine(max_output=100_000)(f"yes & echo $! > {pidfile}; wait",
+        await engine(max_output=100_000)(f"(sleep 0.2; exec yes) & echo $! > {pidfile}; wait",
                                          attrs.evolve(CONTEXT, max_output=5000))
     await eventually(lambda: gone(int(pidfile.read_text())))
 
@@ -122,7 +143,7 @@ async def test_exec_command_that_vanished_is_a_clear_error(tmp_path):
     program.write_text("#!/bin/sh\nexec sh \"$@\"\n")
     program.chmod(0o755)
     interp = ExecEngine(f"{program} {{script_file}}", reactor=reactor)
-    assert await interp("echo ok", CONTEXT) == "ok\n"
+    assert await interp("echo ok", CONTEXT) == "ok"
     program.unlink()
     with pytest.raises(EngineError) as e:
         await interp("echo ok", CONTEXT)
@@ -132,7 +153,7 @@ async def test_exec_command_that_vanished_is_a_clear_error(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_exec_python_interpreter():
     py = ExecEngine(f"{sys.executable} {{script_file}}", reactor=reactor)
-    assert await py("import os; print(os.environ['CONTEXT_ID'][:2], 6 * 7)", CONTEXT) == "02 42\n"
+    assert await py("import os; print(os.environ['CONTEXT_ID'][:2], 6 * 7)", CONTEXT) == "02 42"
 
 
 def test_exec_command_checks():
@@ -313,6 +334,7 @@ def test_rhai_constants_through_a_real_worker(tmp_path):
             twistd(["-k", circle.pubkey, "--exec", command, "--prelude", "rhai"], tmp_path,
                    plugin="circles-worker") as worker:
         port = server.wait_listening()
+        server.wait_for("connected to Redis")
         worker.wait_for("waiting for tasks")
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             assert "error" not in authenticate(ws, user)
@@ -325,3 +347,28 @@ def test_rhai_constants_through_a_real_worker(tmp_path):
             assert match, text
             failed = request(ws, "play", {"script": "let x = 10;\nboom(x)"}, id_=3)
             assert json.dumps(failed["error"]).count("line 2: boom") == 1, failed
+
+
+def test_both_engines_answer_the_output_as_defined(tmp_path):
+    """docs/worker-protocol.md, "A play's output", through a real server and real workers: the
+    tiny engine (--engine) answers `let x = 10; x * 2` with "20", and an --exec interpreter
+    printing lines answers them without the final newline."""
+    from websockets.sync.client import connect
+    from .support import Key, request, twistd
+    tiny, shell = Key(), Key()
+    with twistd(["-k", tiny.pubkey, "-k", shell.pubkey, "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server, \
+            twistd(["-k", tiny.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path,
+                   plugin="circles-worker") as tiny_worker, \
+            twistd(["-k", shell.pubkey, "--exec", "sh {script_file}"], tmp_path, plugin="circles-worker") as sh_worker:
+        port = server.wait_listening()
+        server.wait_for("connected to Redis")
+        tiny_worker.wait_for("waiting for tasks")
+        sh_worker.wait_for("waiting for tasks")
+        with connect(f"ws://127.0.0.1:{port}/{tiny.pubkey}") as ws:
+            for script, output in [("let x = 10; x * 2", "20"), ('print("hello"); 42', "hello\n42"),
+                                   ('print("a"); print("b")', "a\nb"), ("let y = 1;", "")]:
+                assert request(ws, "play", {"script": script})["result"] == {"output": output}, script
+        with connect(f"ws://127.0.0.1:{port}/{shell.pubkey}") as ws:
+            for script, output in [("echo 20", "20"), ("echo hello; echo 42", "hello\n42"), ("printf 20", "20")]:
+                assert request(ws, "play", {"script": script})["result"] == {"output": output}, script

@@ -69,6 +69,21 @@ class OutputTooLarge(EngineError):
         self.limit = limit
 
 
+def output_of_lines(lines: "list[str]") -> str:
+    """A play's output from its lines (docs/worker-protocol.md, "A play's output"): what each
+    ``print`` printed, then the text of the script's final value when it has one, joined by
+    newlines, with none after the last: ``let x = 10; x * 2`` is ``"20"``, ``print("a"); 1`` is
+    ``"a\\n1"``, a script with neither is ``""``."""
+    return "\n".join(lines)
+
+
+def output_of_stdout(stdout: str) -> str:
+    """``--exec``: a command's stdout is its lines, each ended by a newline as interpreters
+    print them, so the output is stdout less one final newline (``echo 20`` is ``"20"``, as
+    ``print(20)`` in the tiny engine); a last line without one is kept as it is."""
+    return stdout[:-1] if stdout.endswith("\n") else stdout
+
+
 def output_size(output: str) -> int:
     """Bytes ``output`` takes in the task and the reply (UTF-8)."""
     return len(output.encode("utf-8", "surrogatepass"))
@@ -153,7 +168,7 @@ class _Run(ProcessProtocol):
         if self.done.called:
             return  # stopped already (timeout, too much output): nothing more is kept
         self.stdout += data
-        if len(self.stdout) > self.max_output:
+        if len(self.stdout) > self.max_output + 1:  # one more: the final newline is not output
             self.stdout = bytearray()
             self.done.errback(OutputTooLarge(self.max_output))
             self.kill()
@@ -189,7 +204,12 @@ class _Run(ProcessProtocol):
         if self.done.called:
             return
         if reason.check(ProcessDone):
-            self.done.callback(self.stdout.decode("utf-8", "replace"))
+            output = output_of_stdout(self.stdout.decode("utf-8", "replace"))
+            size = output_size(output)
+            if size > self.max_output:
+                self.done.errback(OutputTooLarge(self.max_output, size))
+            else:
+                self.done.callback(output)
             return
         how = how_it_ended(reason)
         detail = self.stderr_text()
@@ -199,7 +219,8 @@ class _Run(ProcessProtocol):
 class ExecEngine:
     """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
     temporary file, the context in the environment (a task's data also in a temporary file
-    named by CIRCLES_DATA_FILE), stdout is the output; a non-zero exit is
+    named by CIRCLES_DATA_FILE), stdout less one final newline is the output
+    (:func:`output_of_stdout`); a non-zero exit is
     an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
     ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
     timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is

@@ -53,7 +53,7 @@ class Options(usage.Options):
         "reply to the server that queued it. --exec runs an external interpreter on the script "
         "(in a temporary file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and "
         "CIRCLES_TASK_ID in its environment, and for a webhook event CIRCLES_DATA and CIRCLES_DATA_FILE; "
-        "stdout is the output). --engine calls a Python "
+        "stdout less one final newline is the output). --engine calls a Python "
         "callable (script, context) returning a string or a Deferred."
     )
     optParameters = [
