@@ -228,7 +228,7 @@ def test_a_closed_connection_leaves_no_play_waiting_nor_a_task_for_a_worker(tmp_
                     plugin="circles-worker") as worker:
             worker.wait_for("waiting for tasks")
             with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
-                assert request(ws, "play", {"script": "echo new"})["result"] == {"output": "new\n"}
+                assert request(ws, "play", {"script": "echo new"})["result"] == {"output": "new"}
         # The worker took the queue in order (FIFO): the old tasks before the new one, and ran none.
         assert [redis.hgetall(f"circles:task:{task}")["status"] for task in old] == ["expired"] * 100
         assert redis("LLEN", queue) == 0

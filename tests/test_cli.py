@@ -117,7 +117,7 @@ def test_play_prints_output_and_exit_status(served, key_file, tmp_path):
     ok = circles("play", url, "--ca", ca, "--key-file", path, 'print("hi " + CALLER_ID); 6 * 7')
     assert (ok.returncode, ok.stdout) == (0, f"hi {pubkey}\n42\n"), ok.stderr
     as_json = circles("play", url, "--ca", ca, "--key-file", path, "--json", "--scheme", "ecdsa", "CONTEXT_ID")
-    assert json.loads(as_json.stdout) == {"output": circle + "\n"}
+    assert json.loads(as_json.stdout) == {"output": circle}
     script = tmp_path / "script.rhai"
     script.write_text("let a = 20;\na + 1\n")
     assert circles("play", url, "--ca", ca, "--key-file", path, "-f", str(script)).stdout == "21\n"

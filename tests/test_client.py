@@ -58,7 +58,7 @@ async def test_authenticate_both_forms_and_play(server, tls_files):
             assert result == {"authenticated": True, "pubkey": public_key(user)}
             assert (await client.whoami())["pubkey"] == public_key(user)
             output = await client.play('print(CONTEXT_ID); CALLER_ID + " " + 6 * 7')
-            assert output == f"{CIRCLE}\n{public_key(user)} 42\n"
+            assert output == f"{CIRCLE}\n{public_key(user)} 42"
         finally:
             await client.close()
     assert not client.connected
@@ -92,7 +92,7 @@ async def test_many_calls_in_flight_are_matched_by_id(server, tls_files):
     client = await connect(url(server), reactor=reactor, ca=tls_files["ca"])
     await client.authenticate(generate(), scheme="ecdsa")
     outputs = await gatherResults([client.play(f"{i} * 2") for i in range(40)] + [client.whoami()])
-    assert outputs[:40] == [f"{i * 2}\n" for i in range(40)]
+    assert outputs[:40] == [f"{i * 2}" for i in range(40)]
     assert outputs[40]["authenticated"] is True
     await client.close()
 
@@ -153,7 +153,7 @@ async def test_reconnecting_client_authenticates_each_connection(server, tls_fil
         first._protocol.transport.abortConnection()
         await first.when_closed()
         # The next call waits for a new connection, authenticated with a fresh nonce.
-        assert await helper.play("CALLER_ID") == user.pubkey + "\n"
+        assert await helper.play("CALLER_ID") == user.pubkey
         second = await helper.client()
         assert second._protocol is not first._protocol
     finally:

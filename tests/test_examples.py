@@ -42,7 +42,7 @@ def test_the_embedding_example_serves_a_circle_under_twistd(tmp_path, redis_serv
             # authentication is required, as the example says
             assert request(ws, "play", {"script": "1"})["error"]["code"] == -32001
             assert authenticate(ws, user)["result"] == {"authenticated": True, "pubkey": user.pubkey}
-            assert request(ws, "play", {"script": "6 * 7"}, id_=2)["result"] == {"output": "42\n"}
+            assert request(ws, "play", {"script": "6 * 7"}, id_=2)["result"] == {"output": "42"}
         with pytest.raises(InvalidStatus) as refused:  # only the circle it names
             connect(f"ws://127.0.0.1:{port}/{Key().pubkey}")
         assert refused.value.response.status_code == 404

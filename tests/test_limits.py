@@ -810,7 +810,7 @@ def _shutdown_with_a_play_in_flight(tmp_path: Path, grace: float, script: str):
 
 def test_sigterm_lets_the_play_in_flight_finish_then_1001_and_stops_redis(tmp_path):
     replies, close, returncode, pids, server = _shutdown_with_a_play_in_flight(tmp_path, 10, "sleep 2; echo done")
-    assert replies == [{"jsonrpc": "2.0", "result": {"output": "done\n"}, "id": "p"}]
+    assert replies == [{"jsonrpc": "2.0", "result": {"output": "done"}, "id": "p"}]
     assert close is not None and close.code == 1001, close
     _stopped_cleanly(returncode, server)
     _wait(lambda: not any(_alive(pid) for pid in pids), 30)

@@ -199,7 +199,7 @@ def test_a_server_at_info_says_what_an_operator_reads_and_a_worker_logs_each_tas
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             assert request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(
                 request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"])})["result"]
-            assert request(ws, "play", {"script": "echo hello"}, 2)["result"] == {"output": "hello\n"}
+            assert request(ws, "play", {"script": "echo hello"}, 2)["result"] == {"output": "hello"}
             failed = request(ws, "play", {"script": "echo first >&2; echo second >&2; exit 3"}, 3)["error"]
             assert failed["code"] == -32005
             assert request(ws, "play", {"script": "sleep 5"}, 4)["error"]["code"] == -32003

@@ -49,7 +49,7 @@ async def test_authenticated_play_through_exec_worker(redis_server, start):
     assert refused["error"]["code"] == -32001
     caller = await client.authenticate(new_key())
     reply = await play(client, 'echo "$CONTEXT_ID"; echo "$CALLER_ID"; echo "$CIRCLES_SOURCE"')
-    assert reply["result"] == {"output": f"{CIRCLE}\n{caller}\nws\n"}
+    assert reply["result"] == {"output": f"{CIRCLE}\n{caller}\nws"}
     failed = await play(client, "echo 'Variable not found: x (line 1)' >&2; exit 1")
     assert failed["error"]["code"] == -32005
     assert "Variable not found: x" in failed["error"]["data"]
@@ -83,7 +83,7 @@ async def test_redis_killed_then_restarted(redis_server, start, redis_client):
     service, port = await serve(start, redis_server.url)
     start(sh_worker(parse_redis_url(redis_server.url)))
     client = await RPCClient.open(port, CIRCLE)
-    assert (await play(client, "echo one"))["result"] == {"output": "one\n"}
+    assert (await play(client, "echo one"))["result"] == {"output": "one"}
     in_flight = play(client, "sleep 3")
     await eventually(lambda: any(redis_client.hgetall(k).get("status") == "processing"
                                  for k in redis_client("KEYS", "circles:task:*")))
@@ -96,7 +96,7 @@ async def test_redis_killed_then_restarted(redis_server, start, redis_client):
 
     async def works():
         reply = await play(client, "echo again")
-        return reply.get("result") == {"output": "again\n"}
+        return reply.get("result") == {"output": "again"}
     for _ in range(300):  # the worker reconnects on its own too
         if await works():
             break
@@ -182,7 +182,7 @@ async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_s
     with pytest.raises(ConnectionRefusedError):  # no new connections during the drain
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     replies = [await d for d in in_flight]
-    assert [r["result"]["output"] for r in replies] == [f"{i}\n" for i in range(5)]
+    assert [r["result"]["output"] for r in replies] == [f"{i}" for i in range(5)]
     await stopped
     assert busy.closed_code == 1001
 
@@ -201,7 +201,7 @@ async def test_shutdown_queues_no_new_play_so_a_busy_connection_drains(redis_ser
     stopped = service.stopService()
     late = await play(busy, f"echo late >> {ran}; echo late")
     assert late["error"]["code"] == -32004 and late["error"]["data"] == "the server is shutting down"
-    assert (await first)["result"]["output"] == "first\n"
+    assert (await first)["result"]["output"] == "first"
     await stopped
     assert busy.closed_code == 1001
     assert ran.read_text() == "first\n"  # the late one never reached a worker
@@ -214,7 +214,7 @@ async def test_embedded_redis_by_default(start, tmp_path):
     pid = service.embedded_redis._transport.pid
     start(sh_worker(service.embedded_redis.address))
     client = await RPCClient.open(port, CIRCLE)
-    assert (await play(client, "echo embedded"))["result"] == {"output": "embedded\n"}
+    assert (await play(client, "echo embedded"))["result"] == {"output": "embedded"}
     client.close()
     await service.stopService()
     assert not os.path.exists(state / "redis.sock")

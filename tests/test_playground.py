@@ -93,7 +93,7 @@ def test_sign_in_with_a_wallet_and_play_in_chromium(tmp_path):
         report = run_browser(f"{base}/playground/?circle={circle.pubkey}", "playground.png", user)
     assert report["url"] == f"ws://127.0.0.1:{port}/{circle.pubkey}"
     assert report["pubkey"] == user.pubkey  # recovered by the server from the wallet's signature
-    assert report["output"] == f"hello, {user.pubkey}\n42\n"
+    assert report["output"] == f"hello, {user.pubkey}\n42"
     assert "-32005" in report["error"] and "division by zero" in report["error"]
     assert report["errorMessage"] == "The script failed." and report["status"] == "failed"
     assert report["walletDefault"] is True
@@ -137,7 +137,7 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     assert signed_in["pubkey"] == dev.pubkey == report["devkeyStatusPubkey"]
     assert signed_in["identity"] == f"signed in as {dev.pubkey} (development key)"
     assert signed_in["status"] == "signed in" and not signed_in["errorShown"]  # the error cleared
-    assert report["played"]["output"] == f"hello, {dev.pubkey}\n42\n" and report["played"]["status"] == "played"
+    assert report["played"]["output"] == f"hello, {dev.pubkey}\n42" and report["played"]["status"] == "played"
     assert report["keyInPage"] is False  # only its public key is shown
 
     failed = report["failed"]
@@ -145,7 +145,7 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     assert "-32005" in failed["errorDetail"] and "division by zero" in failed["errorDetail"]
     again = report["playedAgain"]
     assert again["status"] == "played" and not again["errorShown"] and again["errorMessage"] == ""
-    assert again["output"] == f"hello, {dev.pubkey}\n42\n"
+    assert again["output"] == f"hello, {dev.pubkey}\n42"
 
     # The same key after a reload; forgotten on request, which signs out; a new one after.
     assert report["afterReload"]["pubkey"] == dev.pubkey
@@ -245,13 +245,13 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
             proc.wait()
     assert report["url"] == f"wss://localhost:{port}/{circle}"
     assert report["pubkey"] == user.pubkey
-    assert report["output"] == f"hello, {user.pubkey}\n42\n"
+    assert report["output"] == f"hello, {user.pubkey}\n42"
     assert "-32005" in report["error"] and "division by zero" in report["error"]
     assert not [line for line in report["console"] if line.startswith(("error", "pageerror"))], report["console"]
     dev = Key(bytes.fromhex(no_wallet["storedKey"]))
     assert no_wallet["beforeSignIn"]["errorMessage"].startswith("Sign in first")
     assert no_wallet["signIn"]["pubkey"] == dev.pubkey and no_wallet["afterReload"]["pubkey"] == dev.pubkey
-    assert no_wallet["played"]["output"] == f"hello, {dev.pubkey}\n42\n"
+    assert no_wallet["played"]["output"] == f"hello, {dev.pubkey}\n42"
     assert no_wallet["failed"]["status"] == "failed" and not no_wallet["playedAgain"]["errorShown"]
     assert no_wallet["unknownCircle"]["errorMessage"].startswith(f"Cannot connect to wss://localhost:{port}/")
     assert "Traceback" not in (state / "logs" / "server.log").read_text()

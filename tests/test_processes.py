@@ -45,7 +45,7 @@ def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
             for i, ws in enumerate(clients[:10]):  # plays through both processes' script runners
                 nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
                 request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
-                assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}\n"}
+                assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}"}
         finally:
             for ws in clients:
                 ws.close()

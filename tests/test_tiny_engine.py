@@ -9,18 +9,35 @@ CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
 
 
 @pytest.mark.parametrize("script, output", [
-    ("40 + 2", "42\n"),
-    ('let x = 6 * 7;\nprint("hello, " + CALLER_ID);\nx', "hello, 03bb\n42\n"),
-    ("  let a = 1;\n    const b = (a +\n  2);\nprint(b)", "3\n"),
-    ("7 / 2; -7 / 2", "-3\n"),
-    ("7.0 / 2", "3.5\n"),
-    ('"n=" + 1 + " " + (1 < 2)', "n=1 true\n"),
-    ('let s = "let x"; s', "let x\n"),
-    ("CONTEXT_ID == \"02aa\" && 2 ** 8", "256\n"),
+    ("40 + 2", "42"),
+    ('let x = 6 * 7;\nprint("hello, " + CALLER_ID);\nx', "hello, 03bb\n42"),
+    ("  let a = 1;\n    const b = (a +\n  2);\nprint(b)", "3"),
+    ("7 / 2; -7 / 2", "-3"),
+    ("7.0 / 2", "3.5"),
+    ('"n=" + 1 + " " + (1 < 2)', "n=1 true"),
+    ('let s = "let x"; s', "let x"),
+    ("CONTEXT_ID == \"02aa\" && 2 ** 8", "256"),
     ("let y = 1", ""),
-    ('!true || (false && "!" != "&&") || !false', "true\n"),
+    ('!true || (false && "!" != "&&") || !false', "true"),
 ])
 def test_scripts(script, output):
+    assert run(script, CONTEXT) == output
+
+
+@pytest.mark.parametrize("script, output", [
+    ("let x = 10; x * 2", "20"),  # the example of the original's documents, answered "20"
+    ('print("a")', "a"),
+    ('print("a"); print("b")', "a\nb"),
+    ('print("a"); 1', "a\n1"),
+    ('print(""); print("")', "\n"),  # two empty lines: one newline between them
+    (r'print("two\nlines")', "two\nlines"),
+    (r'print("ends with one\n")', "ends with one\n"),  # what a script prints is kept as it is
+    ("", ""),
+    ('let x = 1; print("x")', "x"),  # a final statement without a value adds no line
+])
+def test_output_is_lines_joined_by_newlines(script, output):
+    """docs/worker-protocol.md, "A play's output": the printed lines, then the final value's
+    text, joined by newlines, no newline after the last."""
     assert run(script, CONTEXT) == output
 
 
@@ -65,9 +82,12 @@ def test_output_is_capped_while_it_runs():
 
 def test_output_cap_from_the_context():
     capped = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws", max_output=6)
-    assert run('print("ab"); 42', capped) == "ab\n42\n"  # 6 bytes: at the cap is fine
+    assert run('print("ab"); 420', capped) == "ab\n420"  # 6 bytes: at the cap is fine
     with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
-        run('print("ab"); 420', capped)
+        run('print("ab"); 4200', capped)
+    assert run('print("abcdef")', capped) == "abcdef"  # no newline after the last line, none counted
     with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
-        run('print("ééé")', capped)  # bytes, not characters: 4 characters, 7 bytes
-    assert run(_big_printer(15), CONTEXT) == ("x" * 65536 + "\n") * 15  # under the default 1 MiB
+        run('print("abc"); print("abc")', capped)  # 7 bytes with the newline between them
+    with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
+        run('print("abcdeé")', capped)  # bytes, not characters: 6 characters, 7 bytes
+    assert run(_big_printer(15), CONTEXT) == "\n".join(["x" * 65536] * 15)  # under the default 1 MiB

@@ -35,6 +35,12 @@ SCRIPT_FILE = "{script_file}"
 #: Largest ``data`` passed in the environment as CIRCLES_DATA (Linux refuses to exec with one
 #: environment string over 128 KiB); larger data is only in the CIRCLES_DATA_FILE file.
 MAX_ENV_DATA = 64 * 1024
+#: ``--prelude`` values: what :class:`ExecEngine` puts before each script (see :func:`rhai_prelude`).
+PRELUDES = ("none", "rhai")
+#: The constants a Rhai prelude declares, by their context attribute (CIRCLES_DATA is not one of
+#: them: a webhook event may be large, and stays a value in the environment and a file).
+RHAI_CONSTANTS = {"CONTEXT_ID": "circle", "CALLER_ID": "caller", "CIRCLES_SOURCE": "source",
+                  "CIRCLES_TASK_ID": "task_id"}
 
 
 class EngineError(Exception):
@@ -61,6 +67,21 @@ class OutputTooLarge(EngineError):
                          else f"output too large: {size} bytes, the limit is {limit}")
         self.size = size
         self.limit = limit
+
+
+def output_of_lines(lines: "list[str]") -> str:
+    """A play's output from its lines (docs/worker-protocol.md, "A play's output"): what each
+    ``print`` printed, then the text of the script's final value when it has one, joined by
+    newlines, with none after the last: ``let x = 10; x * 2`` is ``"20"``, ``print("a"); 1`` is
+    ``"a\\n1"``, a script with neither is ``""``."""
+    return "\n".join(lines)
+
+
+def output_of_stdout(stdout: str) -> str:
+    """``--exec``: a command's stdout is its lines, each ended by a newline as interpreters
+    print them, so the output is stdout less one final newline (``echo 20`` is ``"20"``, as
+    ``print(20)`` in the tiny engine); a last line without one is kept as it is."""
+    return stdout[:-1] if stdout.endswith("\n") else stdout
 
 
 def output_size(output: str) -> int:
@@ -93,6 +114,43 @@ class ScriptContext:
 Engine = Callable[[str, ScriptContext], Any]
 
 
+# -- the Rhai prelude -------------------------------------------------------------------------
+
+def rhai_string(value: str) -> str:
+    """``value`` as a Rhai string literal in double quotes, on one line: letters, digits and a few
+    safe ASCII marks as they are, every other character as a ``\\UXXXXXXXX`` escape (no quote,
+    backslash, newline or backtick ever reaches the script text). EngineError for a lone
+    surrogate, which no Rhai string can hold."""
+    out = []
+    for char in value:
+        if char.isascii() and (char.isalnum() or char in " _-.:/+=@,"):
+            out.append(char)
+        elif 0xD800 <= ord(char) <= 0xDFFF:
+            raise EngineError("the task's context holds a lone surrogate: cannot write it as a Rhai string")
+        else:
+            out.append(f"\\U{ord(char):08X}")
+    return '"' + "".join(out) + '"'
+
+
+def rhai_prelude(context: ScriptContext) -> str:
+    """``const CONTEXT_ID = "..."; const CALLER_ID = "..."; ...`` for ``context``: one line, no
+    newline, to be put at the start of the script's first line (after a ``#!`` line, if any)."""
+    return "".join(f"const {name} = {rhai_string(getattr(context, field))}; "
+                   for name, field in RHAI_CONSTANTS.items())
+
+
+def with_prelude(prelude: str, script: str) -> str:
+    """``script`` with ``prelude`` (one line, no newline) at the start of its first line, or of its
+    second when the first is a ``#!`` line: no line moves, so line numbers in an interpreter's
+    errors are the script's own (only columns on that one line are shifted, by ``len(prelude)``)."""
+    if script.startswith("#!"):
+        first, newline, rest = script.partition("\n")
+        if not newline:
+            return script + "\n" + prelude
+        return first + newline + prelude + rest
+    return prelude + script
+
+
 # -- the --exec engine ------------------------------------------------------------------------
 
 class _Run(ProcessProtocol):
@@ -110,7 +168,7 @@ class _Run(ProcessProtocol):
         if self.done.called:
             return  # stopped already (timeout, too much output): nothing more is kept
         self.stdout += data
-        if len(self.stdout) > self.max_output:
+        if len(self.stdout) > self.max_output + 1:  # one more: the final newline is not output
             self.stdout = bytearray()
             self.done.errback(OutputTooLarge(self.max_output))
             self.kill()
@@ -146,7 +204,12 @@ class _Run(ProcessProtocol):
         if self.done.called:
             return
         if reason.check(ProcessDone):
-            self.done.callback(self.stdout.decode("utf-8", "replace"))
+            output = output_of_stdout(self.stdout.decode("utf-8", "replace"))
+            size = output_size(output)
+            if size > self.max_output:
+                self.done.errback(OutputTooLarge(self.max_output, size))
+            else:
+                self.done.callback(output)
             return
         how = how_it_ended(reason)
         detail = self.stderr_text()
@@ -156,14 +219,19 @@ class _Run(ProcessProtocol):
 class ExecEngine:
     """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
     temporary file, the context in the environment (a task's data also in a temporary file
-    named by CIRCLES_DATA_FILE), stdout is the output; a non-zero exit is
+    named by CIRCLES_DATA_FILE), stdout less one final newline is the output
+    (:func:`output_of_stdout`); a non-zero exit is
     an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
     ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
     timeout) is :class:`ScriptTimedOut`. Each command runs in its own process group, which is
     killed when it ends in any of these ways, or when this process dies: what it started in the
-    background does not survive it (unless it left the group itself)."""
+    background does not survive it (unless it left the group itself).
 
-    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT) -> None:
+    ``prelude="rhai"`` (``--prelude rhai``) starts each script with :func:`rhai_prelude`, so a Rhai
+    interpreter sees CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and CIRCLES_TASK_ID as constants (as
+    under the ecosystem's Rust worker), not only as environment variables."""
+
+    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none") -> None:
         argv = shlex.split(command)
         if not argv:
             raise ValueError("empty command")
@@ -172,11 +240,16 @@ class ExecEngine:
         executable = shutil.which(argv[0])
         if executable is None:
             raise ValueError(f"{argv[0]!r} not found (not on PATH or not executable)")
+        if prelude not in PRELUDES:
+            raise ValueError(f"unknown prelude {prelude!r}: one of {', '.join(PRELUDES)}")
         self.argv = [executable] + argv[1:]
+        self.prelude = prelude
         self.reactor = reactor
         self.max_output = max_output
 
     def __call__(self, script: str, context: ScriptContext) -> Deferred:
+        if self.prelude == "rhai":
+            script = with_prelude(rhai_prelude(context), script)
         path = _temporary(script, ".rhai")
         paths = [path]
         argv = [arg.replace(SCRIPT_FILE, path) for arg in self.argv]

@@ -20,7 +20,7 @@ from circles import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
 from circles.options import choose_redis, positive, print_version, read_dotenv, redis_parameters
-from circles.worker.engines import ExecEngine, load_engine
+from circles.worker.engines import PRELUDES, ExecEngine, load_engine
 from circles.worker.service import Worker
 
 log = logs.Logger()
@@ -57,7 +57,7 @@ class Options(usage.Options):
         "reply to the server that queued it. --exec runs an external interpreter on the script "
         "(in a temporary file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and "
         "CIRCLES_TASK_ID in its environment, and for a webhook event CIRCLES_DATA and CIRCLES_DATA_FILE; "
-        "stdout is the output). --engine calls a Python "
+        "stdout less one final newline is the output). --engine calls a Python "
         "callable (script, context) returning a string or a Deferred."
     )
     optParameters = [
@@ -70,6 +70,9 @@ class Options(usage.Options):
          positive(float)),
         ("exec", None, None, "command running a script, e.g. 'rhai-run {script_file}'"),
         ("engine", None, None, "Python callable running a script, as package.module:callable"),
+        ("prelude", None, None, "with --exec, what goes before each script: none (the default) or rhai; "
+         "rhai: const declarations of CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and CIRCLES_TASK_ID, as Rhai string "
+         "literals, at the start of the script's first line (line numbers unchanged)"),
         ("max-output", None, _default("max-output"), "largest output of a script, in bytes, with either engine "
          "(a server's smaller limit, given in its tasks, wins); more is an error result", positive(int)),
     ]
@@ -97,6 +100,10 @@ class Options(usage.Options):
             raise usage.UsageError("give at least one circle with -k/--circle")
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
+        if self["prelude"] is not None and self["exec"] is None:
+            raise usage.UsageError("--prelude is for --exec only (an --engine callable gets the context itself)")
+        if self["prelude"] is not None and self["prelude"] not in PRELUDES:
+            raise usage.UsageError(f"--prelude: {self['prelude']!r} is not one of {', '.join(PRELUDES)}")
         try:
             redis = choose_redis(self, global_reactor, read_dotenv())
             self.address, self.private_redis = redis.address, redis.private
@@ -105,7 +112,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--redis-url: {e}")
         try:
             if self["exec"] is not None:
-                self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"])
+                self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"],
+                                         prelude=self["prelude"] or PRELUDES[0])
             else:
                 importable_here()
                 self.engine = load_engine(self["engine"])

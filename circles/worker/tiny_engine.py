@@ -28,7 +28,7 @@ import operator
 import tokenize
 from typing import Any
 
-from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext
+from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 
 MAX_SCRIPT = 64 * 1024
 MAX_STEPS = 100_000
@@ -135,7 +135,7 @@ class _Evaluator:
 
     def output(self, line: str) -> None:
         """Add a line of output, unless that takes the output over the cap."""
-        self.size += len(line.encode("utf-8", "surrogatepass")) + 1
+        self.size += len(line.encode("utf-8", "surrogatepass")) + (1 if self.printed else 0)  # newlines between
         if self.size > self.max_output:
             raise OutputTooLarge(self.max_output)
         self.printed.append(line)
@@ -216,4 +216,4 @@ def run(script: str, context: ScriptContext) -> str:
             evaluator.output(_show(value))
     except RecursionError:
         raise EngineError("script nested too deeply") from None
-    return "".join(line + "\n" for line in evaluator.printed)
+    return output_of_lines(evaluator.printed)
