@@ -131,7 +131,7 @@ def test_errors_exit_non_zero_with_the_json_rpc_error(served, key_file):
     path, _ = key_file
     failed = circles("play", url, "--ca", ca, "--key-file", path, "1 / 0")
     assert failed.returncode == 1 and failed.stdout == ""
-    assert "-32005 Script failed: division by zero" in failed.stderr
+    assert "-32005 Script failed: line 1, column 3: division by zero" in failed.stderr
     failed = circles("play", url, "--ca", ca, "--key-file", path, "--json", "nope(")
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["error"]["code"] == -32005

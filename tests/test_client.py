@@ -77,7 +77,7 @@ async def test_errors_are_rpc_errors_with_code_message_data(server, tls_files):
     await client.authenticate(generate())
     with pytest.raises(RPCError) as script:
         await client.play("1 / 0")
-    assert (script.value.code, script.value.message, script.value.data) == (-32005, "Script failed", "division by zero")
+    assert (script.value.code, script.value.message, script.value.data) == (-32005, "Script failed", "line 1, column 3: division by zero")
     assert "division by zero" in str(script.value)
     with pytest.raises(RPCError) as timed_out:
         await client.call("nope")

@@ -14,7 +14,7 @@ circle's key, a user key for the pasted line, logs, and the Redis socket. One tr
 holds a state directory (``try.lock``); each start moves the previous run's ``logs/*.log`` to
 ``*.log.1``.
 
-The worker's engine is :mod:`circles.worker.tiny_engine` (a small sandboxed expression language;
+The worker's engine is :mod:`circles.worker.tiny_engine` (a sandboxed subset of Rhai;
 why not ``sh`` is said there); ``--exec 'rhai-run {script_file}'`` runs real Rhai instead.
 """
 

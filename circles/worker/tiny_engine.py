@@ -1,133 +1,706 @@
-"""A tiny Rhai-flavoured expression language, run in the worker's process: the try-out's engine.
+"""A tiny subset of Rhai, run in the worker's process: the try-out's engine.
 
-    let x = 6 * 7;
-    print("hello " + CALLER_ID);
+    let x = 6 * 7;              // comments, as in Rhai
+    print(`hello ${CALLER_ID}`);
     x
 
 Why not ``sh`` for the try-out: ``--auth`` proves who a caller is, not that they may run code,
 and any key can sign a nonce; WebSockets ignore the same-origin policy, so any web page open in
 the user's browser could reach a try-out on localhost and run shell commands as the user. This
-engine has no I/O at all: it evaluates expressions with Python's ``ast`` restricted to a
-whitelist (numbers, strings, booleans, arithmetic, comparisons, ``&&``/``||``/``!``,
-``let``, ``print``), with caps
-on number size, string length, the number of steps and the output (checked at every
-``print``: a script printing in bulk stops once over the cap, it never builds the whole output). ``rhai-run`` replaces it in earnest:
+engine has no I/O at all. ``rhai-run`` replaces it in earnest:
 ``circles-worker --exec 'rhai-run {script_file}'``.
 
+It is its own tokenizer, recursive-descent parser and evaluator of a Rhai subset; what it
+accepts means what it means in Rhai, anything else is refused with ``line L, column C: ...``:
+
+- comments ``//`` and ``/* */`` (nested, as in Rhai); statements separated by ``;``;
+- ``let`` / ``const`` (constants cannot be changed), ``=`` and ``+=``-style assignment to a
+  variable, an array element or a map field;
+- ``if``/``else`` (statement and expression), ``while``, ``loop``, ``break``, ``continue``,
+  ``for x in ...`` over ``range(a, b[, step])``, ``a..b``, ``a..=b``, arrays, strings and maps
+  (``for (x, i) in ...`` gives the index too), ``{ }`` blocks (with their own scope);
+- ``fn name(a, b) { ... }`` at the top level, ``return``; as in Rhai a function sees only its
+  parameters (no outer variables, not even ``CONTEXT_ID``);
+- integers (Rhai's ``i64``: overflow is an error, ``/`` truncates, ``%`` has the sign of the
+  dividend), floats, strings (``"..."`` with escapes, and backtick strings with ``${expr}``
+  interpolation), ``true``/``false``, arrays ``[1, 2]`` and object maps ``#{a: 1, "b": 2}``
+  (indexing ``a[0]``, ``a[-1]``, ``m["a"]``, ``m.a``; a missing field is ``()``);
+- the operators of Rhai with its precedence (``5 > 3 == true`` is ``true``: no chained
+  comparisons); values of different types compare unequal (``==`` false, ``!=`` true, ``<``
+  false); ``&&``/``||`` take booleans only; ``in``; ``??``;
+- functions (also as methods, ``a.len()``): ``print``, ``debug``, ``len``, ``is_empty``,
+  ``push``, ``pop``, ``contains``, ``keys``, ``values``, ``to_string``, ``to_int``,
+  ``to_float``, ``type_of``, ``abs``, ``to_upper``, ``to_lower``, ``range``;
+- ``CONTEXT_ID`` (the circle) and ``CALLER_ID`` (the caller) are constants, as under the
+  ecosystem's Rhai workers.
+
+Not there (refused): characters (``'a'``), closures, ``switch``, ``do``, ``try``/``throw``,
+modules, string indexing, and the rest of Rhai's standard library.
+
 The output is what ``print`` printed (one line per call) followed by the value of the last
-statement when it is an expression. ``CONTEXT_ID`` (the circle) and ``CALLER_ID`` (the caller)
-are predefined, as in the ecosystem's Rhai workers. As in Rhai, ``/`` between integers
-truncates, and ``+`` with a string on either side concatenates.
+statement when it has one. Limits keep a script inside the worker's budget: a number of steps
+(every statement, expression and loop turn; building big strings or arrays costs more),
+strings of at most ``MAX_STRING`` characters, nesting and call depth, and the output (checked at
+every ``print``: a script printing in bulk stops once over the cap, it never builds the whole
+output). Values are Python ``int``/``float``/``str``/``bool``/``list``/``dict`` held by the
+evaluator; a script can name nothing else.
 """
 
 from __future__ import annotations
 
-import ast
-import io
-import operator
-import tokenize
+import math
+from decimal import Decimal
 from typing import Any
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 
 MAX_SCRIPT = 64 * 1024
 MAX_STEPS = 100_000
-MAX_INT_BITS = 4096
 MAX_STRING = 64 * 1024
+MAX_DEPTH = 64  # nesting of expressions and blocks (Rhai's max_expr_depth)
+MAX_CALL_DEPTH = 32
+INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1
+CHARS_PER_STEP = 64  # building a string of n characters costs n // 64 more steps
+ITEMS_PER_STEP = 16  # building or copying n array or map items costs n // 16 more steps
 
 
 class _Unit:
-    """The value of a statement that has none (``let``, ``print``), shown as nothing."""
+    """Rhai's ``()``: the value of a statement that has none (``let``, ``print``), shown as nothing."""
+
+    def __repr__(self) -> str:
+        return "()"
 
 
 UNIT = _Unit()
 
-
-def _to_python(script: str) -> str:
-    """Rhai's ``let``/``const`` declarations and ``&&``, ``||``, ``!`` become Python, leaving
-    string literals untouched (the edits are made at token positions).
-
-    There are no blocks, so every line may start at column 0: Python's indentation rules,
-    which Rhai does not have, never get in the way.
-    """
-    lines = script.split("\n")
-    tokens = list(tokenize.generate_tokens(io.StringIO(script).readline))
-    edits = []  # (row, start, end, replacement)
-    for i, token in enumerate(tokens):
-        following = tokens[i + 1] if i + 1 < len(tokens) else None
-        (row, start), (_, end) = token.start, token.end
-        if (token.type == tokenize.NAME and token.string in ("let", "const") and following is not None
-                and following.type == tokenize.NAME and following.start[0] == row):
-            edits.append((row, start, following.start[1], ""))
-        elif (token.string in ("&", "|") and following is not None and following.string == token.string
-                and following.start == token.end):
-            edits.append((row, start, following.end[1], " and " if token.string == "&" else " or "))
-        elif token.string == "!" and not (following is not None and following.string == "=" and following.start == token.end):
-            edits.append((row, start, end, " not "))
-    for row, start, end, replacement in sorted(edits, reverse=True):
-        line = lines[row - 1]
-        lines[row - 1] = line[:start] + replacement + line[end:]
-    return "\n".join(line.lstrip() for line in lines)
+KEYWORDS = {"let", "const", "if", "else", "while", "loop", "for", "in", "break", "continue", "return",
+            "fn", "true", "false"}
+#: Rhai keywords (and reserved words) this engine does not implement: refused by name.
+UNSUPPORTED = {"switch", "do", "until", "throw", "try", "catch", "import", "export", "as", "private",
+               "global", "this", "Fn", "call", "curry", "eval", "is_def_var", "is_def_fn", "static",
+               "shared", "sync", "async", "await", "yield", "var", "goto", "exit", "new", "use",
+               "with", "module", "package", "super", "match", "case", "public", "protected", "spawn",
+               "thread", "go", "default", "void", "null", "nil"}
+SYMBOLS = sorted(["+", "-", "*", "/", "%", "**", "==", "!=", "<", "<=", ">", ">=", "&&", "||", "!", "&",
+                  "|", "^", "<<", ">>", "=", "+=", "-=", "*=", "/=", "%=", "**=", "<<=", ">>=", "&=",
+                  "|=", "^=", "(", ")", "{", "}", "[", "]", "#{", ",", ";", ":", ".", "..", "..=",
+                  "??"], key=len, reverse=True)
+#: Binary operators: precedence (higher binds tighter), as in Rhai's table; ``**`` is right-associative.
+BINARY = {"||": 30, "|": 30, "^": 30, "&&": 60, "&": 60, "==": 90, "!=": 90, "in": 110, "<": 130,
+          "<=": 130, ">": 130, ">=": 130, "??": 135, "..": 140, "..=": 140, "+": 150, "-": 150,
+          "*": 180, "/": 180, "%": 180, "**": 190, "<<": 210, ">>": 210}
+ASSIGNMENTS = {"=", "+=", "-=", "*=", "/=", "%=", "**=", "<<=", ">>=", "&=", "|=", "^="}
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 
 
-def _check_number(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
-        raise EngineError(f"integer larger than {MAX_INT_BITS} bits")
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        raise EngineError(f"string longer than {MAX_STRING} characters")
+def _error(pos: tuple, message: str) -> EngineError:
+    return EngineError(f"line {pos[0]}, column {pos[1]}: {message}")
+
+
+# --- tokens: (kind, value, (line, column)); kinds: int float str tmpl name kw op eof ---
+
+class _Tokenizer:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.i = 0
+        self.line = 1
+        self.line_start = 0
+
+    def pos(self) -> tuple:
+        return (self.line, self.i - self.line_start + 1)
+
+    def advance(self, n: int = 1) -> None:
+        for _ in range(n):
+            if self.text[self.i] == "\n":
+                self.line += 1
+                self.line_start = self.i + 1
+            self.i += 1
+
+    def tokens(self, until_brace: bool = False) -> list:
+        """All tokens to the end, or (``until_brace``) to the ``}`` closing a ``${``."""
+        out: list = []
+        depth = 0
+        text = self.text
+        while True:
+            self.skip_space()
+            pos = self.pos()
+            if self.i >= len(text):
+                if until_brace:
+                    raise _error(pos, "unterminated ${ in a string")
+                out.append(("eof", None, pos))
+                return out
+            c = text[self.i]
+            if until_brace and c == "}" and depth == 0:
+                self.advance()
+                out.append(("eof", None, pos))
+                return out
+            if c.isdigit():
+                out.append(self.number(pos))
+            elif c.isalpha() or c == "_":
+                j = self.i
+                while j < len(text) and (text[j].isalnum() or text[j] == "_") and text[j].isascii():
+                    j += 1
+                word = text[self.i:j]
+                if not word.isascii() or not word.isidentifier():
+                    raise _error(pos, f"unexpected character {text[self.i]!r}")
+                self.advance(j - self.i)
+                if word in UNSUPPORTED:
+                    raise _error(pos, f"'{word}' is not supported by this engine")
+                out.append(("kw" if word in KEYWORDS else "name", word, pos))
+            elif c == '"':
+                out.append(("str", self.string(pos), pos))
+            elif c == "`":
+                out.append(("tmpl", self.template(pos), pos))
+            elif c == "'":
+                raise _error(pos, "character literals are not supported by this engine (use a string)")
+            else:
+                for symbol in SYMBOLS:
+                    if text.startswith(symbol, self.i):
+                        break
+                else:
+                    raise _error(pos, f"unexpected character {c!r}")
+                if symbol in ("{", "#{"):
+                    depth += 1
+                elif symbol == "}":
+                    depth -= 1
+                self.advance(len(symbol))
+                out.append(("op", symbol, pos))
+
+    def skip_space(self) -> None:
+        text = self.text
+        while self.i < len(text):
+            c = text[self.i]
+            if c.isspace():
+                self.advance()
+            elif text.startswith("//", self.i):
+                while self.i < len(text) and text[self.i] != "\n":
+                    self.advance()
+            elif text.startswith("/*", self.i):
+                pos, nesting = self.pos(), 0
+                while True:
+                    if self.i >= len(text):
+                        raise _error(pos, "unterminated comment")
+                    if text.startswith("/*", self.i):
+                        nesting += 1
+                        self.advance(2)
+                    elif text.startswith("*/", self.i):
+                        nesting -= 1
+                        self.advance(2)
+                        if nesting == 0:
+                            break
+                    else:
+                        self.advance()
+            else:
+                return
+
+    def number(self, pos: tuple) -> tuple:
+        text = self.text
+        j = self.i
+        if text.startswith(("0x", "0o", "0b"), j):
+            base = {"x": 16, "o": 8, "b": 2}[text[j + 1]]
+            j += 2
+            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            digits = text[self.i + 2:j].replace("_", "")
+            try:
+                value = int(digits, base)
+            except ValueError:
+                raise _error(pos, f"invalid number {text[self.i:j]!r}") from None
+            kind = "int"
+        else:
+            while j < len(text) and (text[j].isdigit() or text[j] == "_"):
+                j += 1
+            kind = "int"
+            if j + 1 < len(text) and text[j] == "." and text[j + 1].isdigit():
+                kind = "float"
+                j += 1
+                while j < len(text) and (text[j].isdigit() or text[j] == "_"):
+                    j += 1
+            if j < len(text) and text[j] in "eE":
+                k = j + 1
+                if k < len(text) and text[k] in "+-":
+                    k += 1
+                if k < len(text) and text[k].isdigit():
+                    kind = "float"
+                    j = k
+                    while j < len(text) and text[j].isdigit():
+                        j += 1
+            if j < len(text) and (text[j].isalpha() or text[j] == "_"):
+                raise _error(pos, f"invalid number {text[self.i:j + 1]!r}")
+            digits = text[self.i:j].replace("_", "")
+            try:
+                value = int(digits) if kind == "int" else float(digits)
+            except ValueError:
+                raise _error(pos, f"invalid number {text[self.i:j]!r}") from None
+            if kind == "float" and not math.isfinite(value):
+                raise _error(pos, f"number out of range: {text[self.i:j]}")
+        if kind == "int" and value > INT_MAX:
+            raise _error(pos, f"integer out of range: {text[self.i:j]}")
+        self.advance(j - self.i)
+        return (kind, value, pos)
+
+    def string(self, pos: tuple) -> str:
+        text = self.text
+        self.advance()  # the opening quote
+        parts = []
+        while True:
+            if self.i >= len(text) or text[self.i] == "\n":
+                raise _error(pos, "unterminated string")
+            c = text[self.i]
+            if c == '"':
+                self.advance()
+                return _check_string("".join(parts), pos)
+            if c == "\\":
+                escape_pos = self.pos()
+                nxt = text[self.i + 1:self.i + 2]
+                if nxt in ESCAPES:
+                    parts.append(ESCAPES[nxt])
+                    self.advance(2)
+                elif nxt == "\n":  # a backslash at the end of a line continues the string
+                    self.advance(2)
+                    while self.i < len(text) and text[self.i] in " \t":
+                        self.advance()
+                elif nxt in ("x", "u", "U"):
+                    size = {"x": 2, "u": 4, "U": 8}[nxt]
+                    digits = text[self.i + 2:self.i + 2 + size]
+                    try:
+                        if len(digits) != size:
+                            raise ValueError
+                        parts.append(chr(int(digits, 16)))
+                    except ValueError:
+                        raise _error(escape_pos, f"invalid escape \\{nxt}{digits}") from None
+                    self.advance(2 + size)
+                else:
+                    raise _error(escape_pos, f"invalid escape \\{nxt}")
+            else:
+                parts.append(c)
+                self.advance()
+
+    def template(self, pos: tuple) -> list:
+        """A backtick string: a list of text pieces and token lists (the ``${...}`` parts)."""
+        text = self.text
+        self.advance()
+        parts: list = []
+        piece: list = []
+        while True:
+            if self.i >= len(text):
+                raise _error(pos, "unterminated string")
+            c = text[self.i]
+            if c == "`":
+                if text.startswith("``", self.i):  # a doubled backtick is one backtick
+                    piece.append("`")
+                    self.advance(2)
+                    continue
+                self.advance()
+                parts.append(_check_string("".join(piece), pos))
+                return parts
+            if text.startswith("${", self.i):
+                parts.append(_check_string("".join(piece), pos))
+                piece = []
+                self.advance(2)
+                parts.append(self.tokens(until_brace=True))
+            else:
+                piece.append(c)
+                self.advance()
+
+
+# --- the parser: nodes are tuples (kind, pos, ...) ---
+
+class _Parser:
+    def __init__(self, tokens: list, functions: dict, depth: int = 0) -> None:
+        self.tokens = tokens
+        self.k = 0
+        self.functions = functions
+        self.depth = depth
+
+    @property
+    def token(self) -> tuple:
+        return self.tokens[self.k]
+
+    def take(self) -> tuple:
+        token = self.tokens[self.k]
+        if token[0] != "eof":
+            self.k += 1
+        return token
+
+    def at(self, value: str) -> bool:
+        kind, v, _ = self.token
+        return kind in ("op", "kw") and v == value
+
+    def expect(self, value: str) -> tuple:
+        if not self.at(value):
+            raise self.unexpected(f"expected '{value}'")
+        return self.take()
+
+    def unexpected(self, hint: str = "") -> EngineError:
+        kind, value, pos = self.token
+        what = "end of script" if kind == "eof" else repr(value) if kind != "tmpl" else "a string"
+        return _error(pos, f"unexpected {what}" + (f" ({hint})" if hint else ""))
+
+    def nest(self, pos: tuple) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _error(pos, "expression nested too deeply")
+
+    def script(self, top_level: bool = True) -> tuple:
+        statements = self.statements(top_level)
+        if self.token[0] != "eof":
+            raise self.unexpected()
+        return ("block", (1, 1), statements)
+
+    def statements(self, top_level: bool = False) -> list:
+        out = []
+        while self.token[0] != "eof" and not self.at("}"):
+            if self.at(";"):
+                self.take()
+                continue
+            if self.at("fn"):
+                if not top_level:
+                    raise _error(self.token[2], "functions can only be defined at the top level")
+                self.function()
+                continue
+            statement, needs_semicolon = self.statement()
+            out.append(statement)
+            if self.at(";"):
+                self.take()
+            elif needs_semicolon and self.token[0] != "eof" and not self.at("}"):
+                raise self.unexpected("expected ';'")
+        return out
+
+    def function(self) -> None:
+        pos = self.take()[2]
+        kind, name, name_pos = self.take()
+        if kind != "name":
+            raise _error(name_pos, "expected a function name")
+        self.expect("(")
+        params: list = []
+        while not self.at(")"):
+            kind, param, param_pos = self.take()
+            if kind != "name":
+                raise _error(param_pos, "expected a parameter name")
+            if param in params:
+                raise _error(param_pos, f"duplicate parameter: {param}")
+            params.append(param)
+            if not self.at(")"):
+                self.expect(",")
+        self.take()
+        if (name, len(params)) in self.functions:
+            raise _error(name_pos, f"function {name} with {len(params)} parameters is defined twice")
+        self.functions[(name, len(params))] = ("fn", pos, name, params, self.block())
+
+    def block(self) -> tuple:
+        pos = self.expect("{")[2]
+        self.nest(pos)
+        statements = self.statements()
+        self.expect("}")
+        self.depth -= 1
+        return ("block", pos, statements)
+
+    def statement(self) -> tuple:
+        """One statement, and whether a ``;`` must follow it."""
+        kind, value, pos = self.token
+        if kind == "kw" and value in ("let", "const"):
+            self.take()
+            name_kind, name, name_pos = self.take()
+            if name_kind != "name":
+                raise _error(name_pos, f"expected a variable name after '{value}'")
+            init = None
+            if self.at("="):
+                self.take()
+                init = self.expression()
+            elif value == "const":
+                raise self.unexpected("a constant needs a value")
+            return ("let", pos, name, init, value == "const"), True
+        if kind == "kw" and value == "while":
+            self.take()
+            condition = self.expression()
+            return ("while", pos, condition, self.block()), False
+        if kind == "kw" and value == "loop":
+            self.take()
+            return ("while", pos, None, self.block()), False
+        if kind == "kw" and value == "for":
+            self.take()
+            index = None
+            if self.at("("):
+                self.take()
+                name = self.name()
+                self.expect(",")
+                index = self.name()
+                self.expect(")")
+            else:
+                name = self.name()
+            self.expect("in")
+            iterable = self.expression()
+            return ("for", pos, name, index, iterable, self.block()), False
+        if kind == "kw" and value in ("break", "continue"):
+            self.take()
+            return (value, pos), True
+        if kind == "kw" and value == "return":
+            self.take()
+            result = None if self.at(";") or self.at("}") or self.token[0] == "eof" else self.expression()
+            return ("return", pos, result), True
+        if kind == "op" and value == "{":
+            return self.block(), False
+        if kind == "kw" and value == "if":
+            node = self.if_()
+            return node, False
+        target = self.expression()
+        if self.token[0] == "op" and self.token[1] in ASSIGNMENTS:
+            op_kind, op, op_pos = self.take()
+            if target[0] not in ("var", "index", "field"):
+                raise _error(op_pos, "cannot assign to this expression")
+            return ("assign", op_pos, target, op, self.expression()), True
+        return target, True
+
+    def name(self) -> str:
+        kind, value, pos = self.take()
+        if kind != "name":
+            raise _error(pos, "expected a variable name")
+        return value
+
+    def if_(self) -> tuple:
+        pos = self.expect("if")[2]
+        condition = self.expression()
+        then = self.block()
+        otherwise = None
+        if self.at("else"):
+            self.take()
+            otherwise = self.if_() if self.at("if") else self.block()
+        return ("if", pos, condition, then, otherwise)
+
+    def expression(self, min_precedence: int = 0) -> tuple:
+        pos = self.token[2]
+        self.nest(pos)
+        left = self.unary()
+        while True:
+            kind, op, op_pos = self.token
+            if kind not in ("op", "kw") or op not in BINARY or BINARY[op] <= min_precedence:
+                break
+            self.take()
+            precedence = BINARY[op]
+            right = self.expression(precedence - 1 if op == "**" else precedence)
+            if op in ("&&", "||", "??"):
+                left = (op, op_pos, left, right)
+            else:
+                left = ("binary", op_pos, op, left, right)
+        self.depth -= 1
+        return left
+
+    def unary(self) -> tuple:
+        kind, value, pos = self.token
+        if kind == "op" and value in ("-", "+", "!"):
+            self.take()
+            self.nest(pos)
+            operand = self.unary()
+            self.depth -= 1
+            if value == "-" and operand[0] == "lit" and type(operand[2]) in (int, float):
+                return ("lit", pos, _check_int(-operand[2], pos))
+            return ("unary", pos, value, operand)
+        return self.postfix(self.primary())
+
+    def postfix(self, node: tuple) -> tuple:
+        while True:
+            kind, value, pos = self.token
+            if kind != "op":
+                return node
+            if value == "[":
+                self.take()
+                index = self.expression()
+                self.expect("]")
+                node = ("index", pos, node, index)
+            elif value == ".":
+                self.take()
+                name_kind, name, name_pos = self.take()
+                if name_kind != "name":
+                    raise _error(name_pos, "expected a property or method name after '.'")
+                if self.at("("):
+                    node = ("call", name_pos, name, [node] + self.arguments(), True)
+                else:
+                    node = ("field", name_pos, node, name)
+            else:
+                return node
+
+    def arguments(self) -> list:
+        self.expect("(")
+        args = []
+        while not self.at(")"):
+            args.append(self.expression())
+            if not self.at(")"):
+                self.expect(",")
+        self.take()
+        return args
+
+    def primary(self) -> tuple:
+        kind, value, pos = self.token
+        if kind in ("int", "float", "str"):
+            self.take()
+            return ("lit", pos, value)
+        if kind == "tmpl":
+            self.take()
+            parts = []
+            for part in value:
+                if isinstance(part, str):
+                    parts.append(part)
+                else:
+                    parser = _Parser(part, self.functions, self.depth + 1)
+                    inner = parser.statements()
+                    if parser.token[0] != "eof":
+                        raise parser.unexpected()
+                    parts.append(("block", part[0][2], inner))
+            return ("tmpl", pos, parts)
+        if kind == "kw" and value in ("true", "false"):
+            self.take()
+            return ("lit", pos, value == "true")
+        if kind == "kw" and value == "if":
+            return self.if_()
+        if kind == "name":
+            self.take()
+            if self.at("("):
+                return ("call", pos, value, self.arguments(), False)
+            return ("var", pos, value)
+        if kind == "op" and value == "(":
+            self.take()
+            if self.at(")"):
+                self.take()
+                return ("lit", pos, UNIT)
+            node = self.expression()
+            self.expect(")")
+            return node
+        if kind == "op" and value == "[":
+            self.take()
+            items = []
+            while not self.at("]"):
+                items.append(self.expression())
+                if not self.at("]"):
+                    self.expect(",")
+            self.take()
+            return ("array", pos, items)
+        if kind == "op" and value == "#{":
+            self.take()
+            entries = []
+            while not self.at("}"):
+                key_kind, key, key_pos = self.take()
+                if key_kind not in ("name", "str", "kw"):
+                    raise _error(key_pos, "expected a property name")
+                self.expect(":")
+                entries.append((key, self.expression()))
+                if not self.at("}"):
+                    self.expect(",")
+            self.take()
+            return ("map", pos, entries)
+        if kind == "op" and value == "{":
+            return self.block()
+        raise self.unexpected()
+
+
+# --- values ---
+
+def _check_int(value: int, pos: tuple) -> int:
+    if not INT_MIN <= value <= INT_MAX:
+        raise _error(pos, "integer overflow (Rhai integers are 64-bit)")
     return value
 
 
+def _check_string(value: str, pos: tuple) -> str:
+    if len(value) > MAX_STRING:
+        raise _error(pos, f"string longer than {MAX_STRING} characters")
+    return value
+
+
+def type_name(value: Any) -> str:
+    """Rhai's ``type_of``."""
+    if value is UNIT:
+        return "()"
+    return {bool: "bool", int: "i64", float: "f64", str: "string", list: "array", dict: "map",
+            range: "range"}[type(value)]
+
+
+def _float_text(value: float) -> str:
+    """A float as Rhai shows it: ``3.0``, ``0.5``; exponent form outside 1e-13..1e13."""
+    if value == 0:
+        return "0.0" if math.copysign(1, value) > 0 else "-0.0"
+    decimal = Decimal(repr(value))
+    if abs(value) >= 1e13 or abs(value) < 1e-13:
+        sign, digits, exponent = decimal.as_tuple()
+        mantissa = "".join(map(str, digits)).rstrip("0") or "0"
+        exponent += len(digits) - 1
+        text = mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
+        return ("-" if sign else "") + f"{text}e{exponent}"
+    text = format(decimal, "f")
+    return text if "." in text else text + ".0"
+
+
 def _show(value: Any) -> str:
+    """``to_string``: what ``print`` shows."""
+    if isinstance(value, str):
+        return value
+    if value is UNIT:
+        return ""
+    return _debug(value)
+
+
+def _debug(value: Any) -> str:
+    """``to_debug``: strings quoted (inside arrays and maps too)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        return _float_text(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
+            "\t", "\\t").replace("\r", "\\r") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_debug(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "#{" + ", ".join(f"{_debug(key)}: {_debug(item)}" for key, item in sorted(value.items())) + "}"
+    if isinstance(value, range):
+        if value.step != 1:
+            return f"range({value.start}, {value.stop}, {value.step})"
+        return f"{value.start}..{value.stop}"
+    if value is UNIT:
+        return "()"
     return str(value)
 
 
-def _divide(a, b):
-    if b == 0:
-        raise EngineError("division by zero")
-    if isinstance(a, int) and isinstance(b, int):
-        quotient = abs(a) // abs(b)
-        return quotient if (a >= 0) == (b >= 0) else -quotient  # truncates, as Rhai does
-    return a / b
+def _equal(a: Any, b: Any) -> bool:
+    """Rhai's ``==``: numbers compare across int and float, other types only with their own."""
+    if type(a) in (int, float) and type(b) in (int, float):
+        return a == b
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
+    return a == b
 
 
-def _modulo(a, b):
-    if b == 0:
-        raise EngineError("division by zero")
-    return a % b
+class _Break(Exception):
+    pass
 
 
-def _power(a, b):
-    if isinstance(b, int) and isinstance(a, int) and (b < 0 or b * max(a.bit_length(), 1) > MAX_INT_BITS):
-        raise EngineError("exponent out of range")
-    return a ** b
+class _Continue(Exception):
+    pass
 
 
-def _add(a, b):
-    if isinstance(a, str) or isinstance(b, str):
-        return _show(a) + _show(b)
-    return a + b
+class _Return(Exception):
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
-def _multiply(a, b):
-    if isinstance(a, str) or isinstance(b, str):
-        raise EngineError("cannot multiply strings")
-    return a * b
+class _Variable:
+    __slots__ = ("value", "constant")
 
-
-_BINARY = {ast.Add: _add, ast.Sub: operator.sub, ast.Mult: _multiply, ast.Div: _divide,
-           ast.Mod: _modulo, ast.Pow: _power}
-_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge}
-_NAMES = {"true": True, "false": False}
+    def __init__(self, value: Any, constant: bool) -> None:
+        self.value = value
+        self.constant = constant
 
 
 class _Evaluator:
-    def __init__(self, context: ScriptContext) -> None:
-        self.variables: dict = {"CONTEXT_ID": context.circle, "CALLER_ID": context.caller}
+    def __init__(self, context: ScriptContext, functions: dict) -> None:
+        self.functions = functions
+        self.scopes: list = [{"CONTEXT_ID": _Variable(context.circle, True),
+                              "CALLER_ID": _Variable(context.caller, True)}]
+        self.calls = 0
         self.printed: list = []
         self.size = 0  # UTF-8 bytes of output so far
         self.max_output = DEFAULT_MAX_OUTPUT if context.max_output is None else context.max_output
@@ -140,78 +713,496 @@ class _Evaluator:
             raise OutputTooLarge(self.max_output)
         self.printed.append(line)
 
-    def statement(self, node: ast.stmt) -> Any:
-        if isinstance(node, ast.Expr):
-            return self.expression(node.value)
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            self.variables[node.targets[0].id] = self.expression(node.value)
-            return UNIT
-        raise EngineError(f"line {node.lineno}: unsupported statement")
-
-    def expression(self, node: ast.expr) -> Any:
-        self.steps += 1
+    def step(self, pos: tuple, cost: int = 1) -> None:
+        self.steps += cost
         if self.steps > MAX_STEPS:
-            raise EngineError("script too long")
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
-            return _check_number(node.value)
-        if isinstance(node, ast.Name):
-            if node.id in self.variables:
-                return self.variables[node.id]
-            if node.id in _NAMES:
-                return _NAMES[node.id]
-            raise EngineError(f"line {node.lineno}: variable not found: {node.id}")
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = self.expression(node.left), self.expression(node.right)
-            return _check_number(self._apply(_BINARY[type(node.op)], node, left, right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return self._apply(_UNARY[type(node.op)], node, self.expression(node.operand))
-        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
-            left = self.expression(node.left)
-            for op, right_node in zip(node.ops, node.comparators):
-                right = self.expression(right_node)
-                if not self._apply(_COMPARE[type(op)], node, left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.BoolOp):  # and / or
-            value = None
-            for operand in node.values:
-                value = self.expression(operand)
-                if isinstance(node.op, ast.And) != bool(value):
-                    return value
+            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+
+    def copy(self, value: Any, pos: tuple) -> Any:
+        """Rhai values are values: an array or map stored somewhere new is a copy."""
+        if isinstance(value, list):
+            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
+            return [self.copy(item, pos) for item in value]
+        if isinstance(value, dict):
+            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
+            return {key: self.copy(item, pos) for key, item in value.items()}
+        return value
+
+    def string(self, value: str, pos: tuple) -> str:
+        self.step(pos, len(value) // CHARS_PER_STEP)
+        return _check_string(value, pos)
+
+    # -- variables --
+
+    def lookup(self, name: str, pos: tuple) -> _Variable:
+        for scope in reversed(self.scopes):
+            if name in scope:
+                return scope[name]
+        raise _error(pos, f"variable not found: {name}")
+
+    # -- statements --
+
+    def block(self, node: tuple, new_scope: bool = True) -> Any:
+        if new_scope:
+            self.scopes.append({})
+        try:
+            value = UNIT
+            for statement in node[2]:
+                value = self.statement(statement)
             return value
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
-                and len(node.args) == 1 and not node.keywords):
-            self.output(_show(self.expression(node.args[0])))
+        finally:
+            if new_scope:
+                self.scopes.pop()
+
+    def statement(self, node: tuple) -> Any:
+        kind, pos = node[0], node[1]
+        self.step(pos)
+        if kind == "let":
+            _, _, name, init, constant = node
+            value = UNIT if init is None else self.copy(self.expression(init), pos)
+            self.scopes[-1][name] = _Variable(value, constant)
             return UNIT
-        raise EngineError(f"line {getattr(node, 'lineno', '?')}: unsupported expression")
+        if kind == "assign":
+            self.assign(node)
+            return UNIT
+        if kind == "while":
+            _, _, condition, body = node
+            while condition is None or self.condition(condition):
+                self.step(pos)
+                try:
+                    self.block(body)
+                except _Break:
+                    break
+                except _Continue:
+                    continue
+            return UNIT
+        if kind == "for":
+            self.for_(node)
+            return UNIT
+        if kind == "break":
+            raise _Break()
+        if kind == "continue":
+            raise _Continue()
+        if kind == "return":
+            raise _Return(UNIT if node[2] is None else self.expression(node[2]))
+        return self.expression(node)
+
+    def condition(self, node: tuple) -> bool:
+        value = self.expression(node)
+        if not isinstance(value, bool):
+            raise _error(node[1], f"a condition must be a bool, not {type_name(value)}")
+        return value
+
+    def for_(self, node: tuple) -> None:
+        _, pos, name, index_name, iterable_node, body = node
+        iterable = self.expression(iterable_node)
+        if isinstance(iterable, range):
+            items = iterable
+        elif isinstance(iterable, list):
+            self.step(pos, len(iterable) // ITEMS_PER_STEP)
+            items = list(iterable)  # as in Rhai, changing the array in the loop does not change the loop
+        elif isinstance(iterable, str):
+            raise _error(iterable_node[1], "iterating over a string's characters is not supported by this engine")
+        elif isinstance(iterable, dict):
+            raise _error(iterable_node[1], "a map cannot be iterated (use keys() or values())")
+        else:
+            raise _error(iterable_node[1], f"cannot iterate over {type_name(iterable)}")
+        for i, item in enumerate(items):
+            self.step(pos)
+            scope = {name: _Variable(self.copy(item, pos), False)}
+            if index_name is not None:
+                scope[index_name] = _Variable(i, False)
+            self.scopes.append(scope)
+            try:
+                self.block(body)
+            except _Break:
+                break
+            except _Continue:
+                continue
+            finally:
+                self.scopes.pop()
+
+    def assign(self, node: tuple) -> None:
+        _, pos, target, op, value_node = node
+        value = self.copy(self.expression(value_node), pos)
+        if op != "=":
+            value = self.binary(op[:-1], self.expression(target), value, pos)
+        kind = target[0]
+        if kind == "var":
+            variable = self.lookup(target[2], target[1])
+            if variable.constant:
+                raise _error(target[1], f"cannot assign to the constant {target[2]}")
+            variable.value = value
+            return
+        container = self.place(target[2])
+        if kind == "field":
+            if not isinstance(container, dict):
+                raise _error(target[1], f"cannot set a property of {type_name(container)}")
+            self.step(pos)
+            container[target[3]] = value
+            return
+        index = self.expression(target[3])
+        if isinstance(container, dict):
+            if not isinstance(index, str):
+                raise _error(target[1], "a map's key must be a string")
+            self.step(pos)
+            container[index] = value
+        elif isinstance(container, list):
+            container[self.position(container, index, target[1])] = value
+        else:
+            raise _error(target[1], f"cannot index into {type_name(container)} to assign")
+
+    def place(self, node: tuple) -> Any:
+        """The array or map an assignment or a mutating method changes; refuses constants."""
+        root = node
+        while root[0] in ("index", "field"):
+            root = root[2]
+        if root[0] == "var" and self.lookup(root[2], root[1]).constant:
+            raise _error(root[1], f"cannot change the constant {root[2]}")
+        return self.expression(node)
 
     @staticmethod
-    def _apply(function, node: ast.expr, *args) -> Any:
+    def position(array: list, index: Any, pos: tuple) -> int:
+        if type(index) is not int:
+            raise _error(pos, f"an array index must be an integer, not {type_name(index)}")
+        i = index + len(array) if index < 0 else index
+        if not 0 <= i < len(array):
+            raise _error(pos, f"array index {index} out of bounds (length {len(array)})")
+        return i
+
+    # -- expressions --
+
+    def expression(self, node: tuple) -> Any:
+        kind, pos = node[0], node[1]
+        self.step(pos)
+        if kind == "lit":
+            return node[2]
+        if kind == "var":
+            return self.lookup(node[2], pos).value
+        if kind == "binary":
+            return self.binary(node[2], self.expression(node[3]), self.expression(node[4]), pos)
+        if kind == "unary":
+            return self.unary(node[2], self.expression(node[3]), pos)
+        if kind in ("&&", "||"):
+            left = self.expression(node[2])
+            if not isinstance(left, bool):
+                raise _error(pos, f"'{kind}' needs bools, not {type_name(left)}")
+            if left == (kind == "||"):
+                return left
+            right = self.expression(node[3])
+            if not isinstance(right, bool):
+                raise _error(pos, f"'{kind}' needs bools, not {type_name(right)}")
+            return right
+        if kind == "??":
+            left = self.expression(node[2])
+            return self.expression(node[3]) if left is UNIT else left
+        if kind == "call":
+            return self.call(node)
+        if kind == "index":
+            container = self.expression(node[2])
+            index = self.expression(node[3])
+            if isinstance(container, list):
+                return container[self.position(container, index, pos)]
+            if isinstance(container, dict):
+                if not isinstance(index, str):
+                    raise _error(pos, "a map's key must be a string")
+                return container.get(index, UNIT)
+            if isinstance(container, str):
+                raise _error(pos, "indexing a string is not supported by this engine")
+            raise _error(pos, f"cannot index into {type_name(container)}")
+        if kind == "field":
+            container = self.expression(node[2])
+            if not isinstance(container, dict):
+                raise _error(pos, f"{type_name(container)} has no property {node[3]}")
+            return container.get(node[3], UNIT)
+        if kind == "array":
+            self.step(pos, len(node[2]) // ITEMS_PER_STEP)
+            return [self.copy(self.expression(item), pos) for item in node[2]]
+        if kind == "map":
+            return {key: self.copy(self.expression(item), pos) for key, item in node[2]}
+        if kind == "tmpl":
+            pieces = [part if isinstance(part, str) else _show(self.block(part)) for part in node[2]]
+            return self.string("".join(pieces), pos)
+        if kind == "if":
+            _, _, condition, then, otherwise = node
+            if self.condition(condition):
+                return self.block(then)
+            if otherwise is None:
+                return UNIT
+            return self.expression(otherwise) if otherwise[0] == "if" else self.block(otherwise)
+        if kind == "block":
+            return self.block(node)
+        raise _error(pos, f"unsupported: {kind}")  # pragma: no cover - the parser makes no other node
+
+    def unary(self, op: str, value: Any, pos: tuple) -> Any:
+        if op == "!":
+            if not isinstance(value, bool):
+                raise _error(pos, f"'!' needs a bool, not {type_name(value)}")
+            return not value
+        if type(value) is int:
+            return _check_int(-value if op == "-" else value, pos)
+        if type(value) is float:
+            return -value if op == "-" else value
+        raise _error(pos, f"'{op}' needs a number, not {type_name(value)}")
+
+    def binary(self, op: str, a: Any, b: Any, pos: tuple) -> Any:
+        ta, tb = type(a), type(b)
+        if op == "==":
+            return _equal(a, b)
+        if op == "!=":
+            return not _equal(a, b)
+        if op == "in":
+            return self.contains(b, a, pos)
+        numbers = ta in (int, float) and tb in (int, float)
+        if op in ("<", "<=", ">", ">="):
+            if not (numbers or (ta is tb and ta is str)):
+                if ta is not tb and not numbers:
+                    return False  # as in Rhai: values of different types are not ordered
+                raise _error(pos, f"cannot compare {type_name(a)} {op} {type_name(b)}")
+            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+        if op == "+":
+            if ta is str or tb is str:
+                if a is UNIT or b is UNIT:
+                    return a if b is UNIT else b
+                return self.string(_show(a) + _show(b), pos)
+            if ta is list and tb is list:
+                self.step(pos, (len(a) + len(b)) // ITEMS_PER_STEP)
+                return a + self.copy(b, pos)
+        if op in ("..", "..="):
+            if ta is not int or tb is not int:
+                raise _error(pos, f"a range needs integers, not {type_name(a)} and {type_name(b)}")
+            return range(a, b + 1 if op == "..=" else b)
+        if ta is bool and tb is bool and op in ("&", "|", "^"):
+            return {"&": a and b, "|": a or b, "^": a != b}[op]
+        if not numbers:
+            raise _error(pos, f"function not found: {type_name(a)} {op} {type_name(b)}")
+        if ta is int and tb is int:
+            return self.integer(op, a, b, pos)
+        if op in ("&", "|", "^", "<<", ">>"):
+            raise _error(pos, f"function not found: {type_name(a)} {op} {type_name(b)}")
+        a, b = float(a), float(b)
+        if op in ("/", "%") and b == 0:
+            raise _error(pos, "division by zero")
         try:
-            return function(*args)
-        except EngineError:
-            raise
-        except (TypeError, ValueError, OverflowError, ArithmeticError) as e:
-            raise EngineError(f"line {node.lineno}: {e}") from None
+            result = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+                      "%": lambda: math.fmod(a, b), "**": lambda: math.pow(a, b)}[op]()
+        except (OverflowError, ValueError):
+            result = math.nan
+        if not math.isfinite(result):
+            raise _error(pos, f"the result of {_show(a)} {op} {_show(b)} is not a finite number")
+        return result
+
+    @staticmethod
+    def integer(op: str, a: int, b: int, pos: tuple) -> int:
+        if op in ("/", "%"):
+            if b == 0:
+                raise _error(pos, "division by zero")
+            quotient = abs(a) // abs(b)
+            quotient = quotient if (a >= 0) == (b >= 0) else -quotient  # truncates, as Rhai does
+            return _check_int(quotient, pos) if op == "/" else a - b * quotient
+        if op == "**":
+            if b < 0:
+                raise _error(pos, f"integer raised to a negative power: {a} ** {b}")
+            if abs(a) > 1 and b > 63:
+                raise _error(pos, "integer overflow (Rhai integers are 64-bit)")
+            return _check_int(a ** b, pos)
+        if op in ("<<", ">>"):
+            if op == ">>":
+                b = -b
+            if abs(b) > 63:
+                raise _error(pos, f"shift by too many bits: {b}")
+            result = (a << b) & (2 ** 64 - 1) if b >= 0 else a >> -b
+            return result - 2 ** 64 if result > INT_MAX else result
+        result = {"+": a + b, "-": a - b, "*": a * b, "&": a & b, "|": a | b, "^": a ^ b}[op]
+        return _check_int(result, pos)
+
+    def contains(self, container: Any, item: Any, pos: tuple) -> bool:
+        if isinstance(container, list):
+            self.step(pos, len(container) // ITEMS_PER_STEP)
+            return any(_equal(element, item) for element in container)
+        if isinstance(container, str) and isinstance(item, str):
+            return item in container
+        if isinstance(container, dict) and isinstance(item, str):
+            return item in container
+        if isinstance(container, range) and type(item) is int:
+            return item in container
+        raise _error(pos, f"function not found: {type_name(item)} in {type_name(container)}")
+
+    # -- calls --
+
+    def call(self, node: tuple) -> Any:
+        _, pos, name, arg_nodes, method = node
+        if method and name in MUTATING and arg_nodes[0][0] in ("var", "index", "field"):
+            args = [self.place(arg_nodes[0])] + [self.expression(arg) for arg in arg_nodes[1:]]
+        else:
+            args = [self.expression(arg) for arg in arg_nodes]
+        function = self.functions.get((name, len(args)))
+        if function is not None:
+            if method:
+                raise _error(pos, f"calling the script function {name} as a method (with 'this') is not supported")
+            return self.call_script(function, args, pos)
+        builtin = BUILTINS.get(name)
+        if builtin is None:
+            raise _error(pos, f"function not found: {name}({', '.join(type_name(arg) for arg in args)})")
+        return builtin(self, pos, *args) if _accepts(builtin, len(args)) else self.no_function(name, args, pos)
+
+    @staticmethod
+    def no_function(name: str, args: list, pos: tuple):
+        raise _error(pos, f"function not found: {name}({', '.join(type_name(arg) for arg in args)})")
+
+    def call_script(self, function: tuple, args: list, pos: tuple) -> Any:
+        _, _, name, params, body = function
+        if self.calls >= MAX_CALL_DEPTH:
+            raise _error(pos, f"too many nested function calls (more than {MAX_CALL_DEPTH})")
+        scopes = self.scopes
+        self.scopes = [{param: _Variable(self.copy(arg, pos), False) for param, arg in zip(params, args)}]
+        self.calls += 1
+        try:
+            return self.block(body, new_scope=False)
+        except _Return as r:
+            return r.value
+        except (_Break, _Continue):
+            raise _error(pos, f"break or continue outside a loop in {name}") from None
+        finally:
+            self.calls -= 1
+            self.scopes = scopes
+
+
+def _accepts(function, count: int) -> bool:
+    code = function.__code__
+    required = code.co_argcount - 2 - len(function.__defaults__ or ())
+    return required <= count <= code.co_argcount - 2
+
+
+def _wrong(name: str, pos: tuple, *args):
+    raise _error(pos, f"function not found: {name}({', '.join(type_name(arg) for arg in args)})")
+
+
+def _print(ev: _Evaluator, pos, value):
+    ev.output(_show(value))
+    return UNIT
+
+
+def _debug_print(ev: _Evaluator, pos, value):
+    ev.output(_debug(value))
+    return UNIT
+
+
+def _len(ev, pos, value):
+    if isinstance(value, (str, list, dict)):
+        return len(value)
+    return _wrong("len", pos, value)
+
+
+def _is_empty(ev, pos, value):
+    return _len(ev, pos, value) == 0
+
+
+def _push(ev, pos, array, item):
+    if not isinstance(array, list):
+        return _wrong("push", pos, array, item)
+    array.append(ev.copy(item, pos))
+    return UNIT
+
+
+def _pop(ev, pos, array):
+    if not isinstance(array, list):
+        return _wrong("pop", pos, array)
+    return array.pop() if array else UNIT
+
+
+def _contains(ev, pos, container, item):
+    return ev.contains(container, item, pos)
+
+
+def _keys(ev, pos, value):
+    if not isinstance(value, dict):
+        return _wrong("keys", pos, value)
+    ev.step(pos, len(value) // ITEMS_PER_STEP)
+    return sorted(value)
+
+
+def _values(ev, pos, value):
+    if not isinstance(value, dict):
+        return _wrong("values", pos, value)
+    return [ev.copy(value[key], pos) for key in sorted(value)]
+
+
+def _to_string(ev, pos, value):
+    return ev.string(_show(value), pos)
+
+
+def _to_int(ev, pos, value):
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return _check_int(int(value), pos)
+    return _wrong("to_int", pos, value)
+
+
+def _to_float(ev, pos, value):
+    if type(value) in (int, float):
+        return float(value)
+    return _wrong("to_float", pos, value)
+
+
+def _abs(ev, pos, value):
+    if type(value) is int:
+        return _check_int(abs(value), pos)
+    if type(value) is float:
+        return abs(value)
+    return _wrong("abs", pos, value)
+
+
+def _to_upper(ev, pos, value):
+    if not isinstance(value, str):
+        return _wrong("to_upper", pos, value)
+    return ev.string(value.upper(), pos)
+
+
+def _to_lower(ev, pos, value):
+    if not isinstance(value, str):
+        return _wrong("to_lower", pos, value)
+    return ev.string(value.lower(), pos)
+
+
+def _type_of(ev, pos, value):
+    return type_name(value)
+
+
+def _range(ev, pos, start, end, step=1):
+    if type(start) is not int or type(end) is not int or type(step) is not int:
+        return _wrong("range", pos, start, end, step)
+    if step == 0:
+        raise _error(pos, "range step cannot be zero")
+    return range(start, end, step)
+
+
+BUILTINS = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is_empty, "push": _push,
+            "pop": _pop, "contains": _contains, "keys": _keys, "values": _values, "to_string": _to_string,
+            "to_int": _to_int, "to_float": _to_float, "abs": _abs, "to_upper": _to_upper,
+            "to_lower": _to_lower, "type_of": _type_of, "range": _range}
+MUTATING = {"push", "pop"}
 
 
 def run(script: str, context: ScriptContext) -> str:
     """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``)."""
     if len(script) > MAX_SCRIPT:
         raise EngineError(f"script longer than {MAX_SCRIPT} characters")
+    functions: dict = {}
     try:
-        tree = ast.parse(_to_python(script), mode="exec")
-    except (SyntaxError, tokenize.TokenError, ValueError) as e:
-        line = getattr(e, "lineno", None)
-        raise EngineError(f"syntax error{f' on line {line}' if line else ''}") from None
-    except (RecursionError, MemoryError):
+        tree = _Parser(_Tokenizer(script).tokens(), functions).script()
+    except RecursionError:
         raise EngineError("script nested too deeply") from None
-    evaluator = _Evaluator(context)
+    evaluator = _Evaluator(context, functions)
     value: Any = UNIT
     try:
-        for statement in tree.body:
-            value = evaluator.statement(statement)
+        try:
+            value = evaluator.block(tree, new_scope=False)
+        except _Return as r:
+            value = r.value
+        except (_Break, _Continue):
+            raise EngineError("break or continue outside a loop") from None
         if value is not UNIT:
             evaluator.output(_show(value))
     except RecursionError:
