@@ -522,13 +522,17 @@ class _Parser:
 
     def arguments(self) -> list:
         self.expect("(")
-        args = []
-        while not self.at(")"):
-            args.append(self.expression())
-            if not self.at(")"):
+        return self.expressions_until(")")
+
+    def expressions_until(self, closing: str) -> list:
+        """Comma-separated expressions up to ``closing`` (taken), a trailing comma allowed."""
+        items = []
+        while not self.at(closing):
+            items.append(self.expression())
+            if not self.at(closing):
                 self.expect(",")
         self.take()
-        return args
+        return items
 
     def primary(self) -> tuple:
         kind, value, pos = self.token
@@ -568,13 +572,7 @@ class _Parser:
             return node
         if kind == "op" and value == "[":
             self.take()
-            items = []
-            while not self.at("]"):
-                items.append(self.expression())
-                if not self.at("]"):
-                    self.expect(",")
-            self.take()
-            return ("array", pos, items)
+            return ("array", pos, self.expressions_until("]"))
         if kind == "op" and value == "#{":
             self.take()
             entries = []
