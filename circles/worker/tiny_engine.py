@@ -767,12 +767,8 @@ class _Evaluator:
             _, _, condition, body = node
             while condition is None or self.condition(condition):
                 self.step(pos)
-                try:
-                    self.block(body)
-                except _Break:
+                if not self.iteration(body):
                     break
-                except _Continue:
-                    continue
             return UNIT
         if kind == "for":
             self.for_(node)
@@ -790,6 +786,16 @@ class _Evaluator:
         if not isinstance(value, bool):
             raise _error(node[1], f"a condition must be a bool, not {type_name(value)}")
         return value
+
+    def iteration(self, body) -> bool:
+        """One pass of a loop's body; False when it broke out of the loop."""
+        try:
+            self.block(body)
+        except _Break:
+            return False
+        except _Continue:
+            pass
+        return True
 
     def for_(self, node: tuple) -> None:
         _, pos, name, index_name, iterable_node, body = node
@@ -812,13 +818,11 @@ class _Evaluator:
                 scope[index_name] = _Variable(i, False)
             self.scopes.append(scope)
             try:
-                self.block(body)
-            except _Break:
-                break
-            except _Continue:
-                continue
+                going = self.iteration(body)
             finally:
                 self.scopes.pop()
+            if not going:
+                break
 
     def assign(self, node: tuple) -> None:
         _, pos, target, op, value_node = node
