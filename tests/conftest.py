@@ -3,7 +3,7 @@ import pytest_twisted
 import trustme
 from twisted.internet.defer import maybeDeferred
 
-from .redis_server import redis_client, redis_server  # noqa: F401  (fixtures: a real redis-server)
+from .redis_server import redis_client, redis_server, replicated_redis  # noqa: F401  (fixtures: real redis-servers)
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,12 @@ server on a free TCP port, in its own temporary directory, and may kill and rest
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 
@@ -89,19 +90,22 @@ class SyncRedis:
 
 
 class RedisProcess:
-    """A redis-server on ``port``; :meth:`kill` and :meth:`start` it at will."""
+    """A redis-server on ``port``; :meth:`kill` and :meth:`start` it at will. ``args`` are
+    more of its options (``["--replicaof", "127.0.0.1", "6379"]``)."""
 
-    def __init__(self, directory: str, port: Optional[int] = None) -> None:
+    def __init__(self, directory: str, port: Optional[int] = None, args: Sequence[str] = ()) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = list(args)
         self.process: Optional[subprocess.Popen] = None
 
+    def command(self) -> "list[str]":
+        return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self.directory, *self.args]
+
     def start(self, timeout: float = 30.0) -> None:
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.directory],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -141,3 +145,129 @@ def redis_client(redis_server):
     client = redis_server.client()
     yield client
     client.close()
+
+
+class SentinelProcess(RedisProcess):
+    """A Redis Sentinel (``redis-server --sentinel``) watching ``master`` at ``primary_port``
+    with ``quorum``; its config file is its own to rewrite, as Sentinel does."""
+
+    def __init__(self, directory: str, master: str, primary_port: int, *, quorum: int = 2,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+        super().__init__(directory)
+        self.config = os.path.join(directory, f"sentinel-{self.port}.conf")
+        with open(self.config, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"sentinel monitor {master} 127.0.0.1 {primary_port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {master} {down_after_ms}\n"
+                    f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {master} 1\n")
+
+    def command(self) -> "list[str]":
+        return [REDIS_SERVER, self.config, "--sentinel"]
+
+
+class ReplicatedRedis:
+    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels on loopback, as real
+    processes, the set-up of docs/deployment.md on one machine. :attr:`url` is the
+    ``redis+sentinel://`` URL naming it; :meth:`primary` asks the Sentinels which node is the
+    primary now; :meth:`start` returns once every Sentinel knows the replicas and the others."""
+
+    def __init__(self, directory: str, *, master: str = "circles", replicas: int = 1, sentinels: int = 3,
+                 down_after_ms: int = 1000) -> None:
+        self.master = master
+        self.nodes = [RedisProcess(self._dir(directory, "node0"))]
+        primary = self.nodes[0].port
+        self.nodes += [RedisProcess(self._dir(directory, f"node{i + 1}"), args=["--replicaof", "127.0.0.1", str(primary)])
+                       for i in range(replicas)]
+        self.sentinels = [SentinelProcess(self._dir(directory, f"sentinel{i}"), master, primary,
+                                          quorum=sentinels // 2 + 1, down_after_ms=down_after_ms)
+                          for i in range(sentinels)]
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        self.url = f"redis+sentinel://{hosts}/{master}/0"
+
+    @staticmethod
+    def _dir(parent: str, name: str) -> str:
+        path = os.path.join(parent, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def start(self, timeout: float = 30.0) -> None:
+        for process in self.nodes + self.sentinels:
+            process.start(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.settled():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinels did not find the replicas and each other in time")
+            time.sleep(0.1)
+
+    def settled(self) -> bool:
+        """Every Sentinel sees the primary up, every replica linked, and every other Sentinel:
+        a failover can happen now."""
+        for sentinel in self.sentinels:
+            try:
+                with_client = sentinel.client()
+                try:
+                    master = _pairs(with_client("SENTINEL", "MASTER", self.master))
+                    replicas = [_pairs(r) for r in with_client("SENTINEL", "REPLICAS", self.master)]
+                finally:
+                    with_client.close()
+            except (OSError, RuntimeError, ConnectionError):
+                return False
+            if "s_down" in master["flags"] or int(master["num-other-sentinels"]) != len(self.sentinels) - 1:
+                return False
+            linked = [r for r in replicas if r.get("master-link-status") == "ok" and "s_down" not in r["flags"]]
+            if len(linked) < len(self.nodes) - 1:
+                return False
+        return True
+
+    def primary(self) -> Optional[RedisProcess]:
+        """The node the Sentinels name as primary now (the first that answers), if it is ours."""
+        for sentinel in self.sentinels:
+            try:
+                client = sentinel.client()
+                try:
+                    host, port = client("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+                finally:
+                    client.close()
+            except (OSError, RuntimeError, ConnectionError, TypeError, ValueError):
+                continue
+            return next((node for node in self.nodes if node.port == int(port)), None)
+        return None
+
+    def wait_for_new_primary(self, old: RedisProcess, timeout: float = 30.0) -> RedisProcess:
+        """Wait until a node other than ``old`` is the primary and says so itself."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            node = self.primary()
+            if node is not None and node is not old:
+                try:
+                    client = node.client()
+                    try:
+                        if client("ROLE")[0] == "master":
+                            return node
+                    finally:
+                        client.close()
+                except (OSError, RuntimeError, ConnectionError):
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError("no failover within the time allowed")
+
+    def stop(self) -> None:
+        for process in self.sentinels + self.nodes:
+            process.kill()
+
+
+def _pairs(flat: list) -> dict:
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+@pytest.fixture
+def replicated_redis(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    redis = ReplicatedRedis(str(tmp_path))
+    try:
+        redis.start()
+        yield redis
+    finally:
+        redis.stop()
