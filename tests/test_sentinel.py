@@ -180,3 +180,37 @@ def test_how_many_replicas_webhooks_wait_for():
     assert Config(redis_url=sentinel).webhook_acks() == 1
     assert Config(redis_url=sentinel, webhook_replicas=0).webhook_acks() == 0
     assert Config(redis_url="redis://127.0.0.1:6379/0", webhook_replicas=2).webhook_acks() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_finished_during_a_failover_is_recorded_on_the_new_primary(replicated_redis, start):
+    """A webhook event's script that was running when the primary died: nobody waits for its
+    result, so the worker records it once the new primary answers instead of dropping it."""
+    held: "list[Deferred]" = []
+
+    def engine(script, context):
+        held.append(Deferred())
+        return held[-1]
+
+    runner = start(runner_for(replicated_redis, ack_replicas=1))
+    start(worker_for(replicated_redis, engine))
+    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    queued = await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_r", 600)
+    await eventually(lambda: held)
+    old = replicated_redis.primary()
+    [replica] = [node for node in replicated_redis.nodes if node is not old]
+    copy = replica.client()
+    try:  # the claim reached the replica
+        await eventually(lambda: copy.hgetall(f"circles:task:{queued.task_id}").get("status") == "processing")
+    finally:
+        copy.close()
+    old.kill()
+    held[0].callback("ran through the failover")
+    new = replicated_redis.wait_for_new_primary(old)
+    client = new.client()
+    try:
+        task = await eventually(lambda: (lambda t: t if t.get("status") == "completed" else None)(
+            client.hgetall(f"circles:task:{queued.task_id}")))
+    finally:
+        client.close()
+    assert task["output"] == "ran through the failover"
