@@ -119,6 +119,9 @@ class RedisProcess:
                         client("AUTH", password)
                     if client("PING") == "PONG":
                         return
+                except RuntimeError as e:  # a replica loading its data answers -LOADING: not ready yet
+                    if not str(e).startswith("LOADING"):
+                        raise
                 finally:
                     client.close()
             except OSError:

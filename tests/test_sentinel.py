@@ -254,3 +254,33 @@ async def test_passwords_of_the_nodes_and_of_the_sentinels(tmp_path, start):
     finally:
         sentinel.kill()
         node.kill()
+
+
+def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
+    """Before this was so, such a connection joined the pool as if up, and every command sent
+    to it waited for its reply timeout (seen as a server and a worker that stopped answering
+    after a failover)."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from circles.backend.redis import _PrimaryProtocol
+
+    ready = []
+    protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol.whenConnected().addCallback(ready.append)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert transport.value() == b"*1\r\n$4\r\nROLE\r\n"
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert not ready and not protocol.connected
+
+    # The same check answered "master" makes it ready; "slave" closes it.
+    for role, expected in ((b"master", True), (b"slave", False)):
+        ready.clear()
+        protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+        protocol.whenConnected().addCallback(ready.append)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"*3\r\n$%d\r\n%s\r\n:0\r\n*0\r\n" % (len(role), role))
+        assert bool(ready) is expected and transport.disconnecting is not expected

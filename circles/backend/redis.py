@@ -428,25 +428,39 @@ class Sentinels:
 
 class _PrimaryProtocol(txredisapi.RedisProtocol):
     """A connection that asks ``ROLE`` before it is used, and is closed unless the node says it
-    is the primary: nothing is ever sent to a replica. (txredisapi's SentinelRedisProtocol does
-    the same but leaves a refused password as an unhandled error and a connection that never
-    becomes ready.)"""
+    is the primary: nothing is ever sent to a replica.
+
+    Only then does RedisProtocol's own start make it ready (and the pool take it), and only if
+    it is still connected: a connection lost meanwhile must not join the pool, where it would
+    count as up and swallow commands until each timed out. (txredisapi's SentinelRedisProtocol
+    makes it ready whatever happened, and leaves a refused password as an unhandled error.)"""
 
     def connectionMade(self) -> Deferred:
         return ensureDeferred(self._check_role())
 
     async def _check_role(self) -> None:
+        password = self.password
+        if password is not None:
+            try:
+                await self.auth(password, self.username)
+            except txredisapi.ResponseError:
+                # Refused credentials: RedisProtocol's own start says so (and stops trying).
+                return await super().connectionMade()
+            except Exception:
+                self.transport.loseConnection()  # lost, or timed out: the next attempt will tell
+                return None
         try:
-            if self.password is not None:
-                await self.auth(self.password, self.username)
             role = await self.role()
         except Exception:
-            # Refused credentials, most likely: RedisProtocol's own start says so (and stops).
-            return await super().connectionMade()
-        if not role or text(role[0]) != "master":
+            role = None  # lost, timed out, or not ready (LOADING): not usable now
+        if not self.connected or not role or text(role[0]) != "master":
             self.transport.loseConnection()
             return None
-        return await super().connectionMade()
+        self.password = None  # authenticated already: RedisProtocol's start need not do it again
+        try:
+            return await super().connectionMade()
+        finally:
+            self.password = password
 
 
 class _PrimaryFactory(txredisapi.RedisFactory):

@@ -32,7 +32,7 @@ from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, Out
 log = Logger()
 
 POLL = 1  # seconds a BRPOP waits, so a stopping worker notices within a second
-#: Seconds a finished task's result may wait for Redis to be back before it is given up.
+#: Seconds a task taken, or a result, may wait for Redis to be back before it is given up.
 RECORD_PATIENCE = 30.0
 
 
@@ -159,10 +159,9 @@ class Worker(Service):
     async def _run_task(self, task_id: str) -> None:
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
-        try:
-            fields = await self._eval(tasks.CLAIM, [key], [tasks.timestamp(now), self.worker_id])
-        except RedisError as e:
-            log.warn("could not claim task {task}: {error}", task=task_id, error=str(e))
+        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, [key],
+                                                     [tasks.timestamp(now), self.worker_id])
+        if not claimed:
             return
         if not fields:
             log.info("skipped task {task}: expired or gone", task=task_id)
@@ -205,10 +204,10 @@ class Worker(Service):
         reply_to = task.get("reply_to", "")
         keys = [key, reply_to] if reply_to else [key]
         outcome = tasks.Outcome(task_id, status, output, error, reason)
-        written = await self._record(task_id, keys, [
+        recorded, written = await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, [
             status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
             tasks.encode_reply(outcome), reason])
-        if written is None:
+        if not recorded:
             return
         if not written:
             log.info("task {task} expired while it ran; result dropped", task=task_id)
@@ -216,20 +215,22 @@ class Worker(Service):
                   circle=context.circle, source=context.source or "-", duration=duration,
                   outcome=(status if written else "expired") + (f" ({reason})" if reason else ""))
 
-    async def _record(self, task_id: str, keys: list, args: list) -> Optional[int]:
-        """FINISH the task; if Redis is away (a failover, a restart), again every half second
-        for up to :data:`RECORD_PATIENCE` seconds while the worker runs, so that the result of a
-        script that ran (a webhook event's, which nobody else waits for) is not dropped. FINISH
-        writes only over ``processing``, so trying again never overwrites anything. None:
-        not recorded."""
+    async def _eval_patiently(self, what: str, task_id: str, script: str, keys: list,
+                              args: list) -> "tuple[bool, Any]":
+        """``(True, result)`` of a Lua step on the task; if Redis is away (a failover, a
+        restart), the step is tried again every half second for up to :data:`RECORD_PATIENCE`
+        seconds while the worker runs: a task taken from its queue is claimed and run, and the
+        result of a script that ran (a webhook event's, which nobody else waits for) is not
+        dropped. CLAIM writes only over ``pending`` and FINISH only over ``processing``, so
+        trying again never does a step twice. ``(False, None)``: given up, and logged."""
         give_up = self.reactor.seconds() + RECORD_PATIENCE
         while True:
             try:
-                return await self._eval(tasks.FINISH, keys, args)
+                return True, await self._eval(script, keys, args)
             except RedisError as e:
                 if not self.running or self.reactor.seconds() >= give_up:
-                    log.warn("could not record the result of task {task}: {error}", task=task_id, error=str(e))
-                    return None
+                    log.warn("could not {what} task {task}: {error}", what=what, task=task_id, error=str(e))
+                    return False, None
             await deferLater(self.reactor, 0.5, lambda: None)
 
     def _execute(self, script: str, context: ScriptContext, timeout: float) -> Deferred:
