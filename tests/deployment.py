@@ -1,0 +1,489 @@
+"""A circles deployment on one machine, under load, losing its Redis primary and then a server
+(issue 16): the harness behind tests/test_deployment.py and bench/failover.py.
+
+Real processes: :class:`~tests.redis_server.ReplicatedRedis` (a primary, a replica, three
+Sentinels), two ``twistd -n circles`` servers on different ports (standing for two hosts) and two
+``twistd -n circles-worker``, all given the ``redis+sentinel://`` URL. The load runs in this
+process, on its reactor: N clients, each a :class:`~circles.client.ReconnectingClient` over both
+servers' URLs (half starting on each), playing a small script in a loop, and a Stripe sender
+posting signed events with unique ids, alternately to each live server. The schedule: warm up;
+SIGKILL the primary; wait for the Sentinels' new one; restart the old node as its replica (as an
+operator replacing a node would: a killed primary restarted as-is takes Sentinel ~20 s to demote);
+later SIGKILL one server (its clients move to the other); run on; stop the load and wait, bounded,
+for every outstanding play. :func:`run` returns the report (plain JSON-able data): plays by
+outcome, plays never answered, how long after each kill plays succeeded again, webhook events
+acknowledged vs their tasks found on the final primary.
+
+Blocking steps (starting Redis, waiting for a failover) run in threads so the load goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+
+from circles.client import ConnectionClosed, ReconnectingClient, RPCError
+from circles.client.signing import generate, public_key
+from circles.webhook_events import StripeEvent
+
+from .redis_server import ReplicatedRedis, RedisProcess
+from .support import Twistd
+from .webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
+
+TINY_WORKER = ["--engine", "circles.worker.tiny_engine:run"]
+SCRIPT, OUTPUT = "let x = 6; x * 7", "42"
+
+
+@dataclass
+class Schedule:
+    """How long each phase lasts (seconds) and how much load; the defaults are the CI test's."""
+
+    clients: int = 8
+    warmup: float = 4.0
+    primary_kills: int = 1
+    after_failover: float = 5.0  # load after each failover (old node back as a replica)
+    after_server_kill: float = 5.0
+    play_timeout: float = 5.0  # each play's own timeout, sent to the server
+    think: float = 0.05  # pause between a client's plays (after a failure: retry_pause)
+    retry_pause: float = 0.2
+    webhooks_per_second: float = 4.0
+    webhook_replica_timeout: Optional[float] = None  # the servers' --webhook-replica-timeout; None: theirs
+    drain: float = 15.0  # bound on waiting for outstanding plays and webhooks once the load stops
+    direct: bool = False  # servers and workers on the first primary's redis:// URL, no Sentinel
+
+    @classmethod
+    def lasting(cls, seconds: float, **overrides) -> "Schedule":
+        """A soak of about ``seconds`` of load: a primary failover every ~30 s, then a server kill."""
+        schedule = cls(**overrides)
+        schedule.warmup = max(schedule.warmup, 5.0)
+        schedule.after_server_kill = max(schedule.after_server_kill, min(30.0, seconds / 4))
+        middle = max(seconds - schedule.warmup - schedule.after_server_kill, 10.0)
+        schedule.primary_kills = max(1, round(middle / 30))
+        schedule.after_failover = max(middle / schedule.primary_kills - 3.0, 5.0)  # a failover takes ~3 s
+        return schedule
+
+
+@dataclass
+class _Play:
+    client: int
+    issued: float
+    url: Optional[str] = None  # the server it went to
+    answered: Optional[float] = None
+    outcome: Any = None  # "ok", "wrong", a JSON-RPC code, "ConnectionClosed", another exception's name
+    deferred: Optional[Deferred] = field(default=None, repr=False)
+
+
+@dataclass
+class _Hook:
+    event_id: str
+    port: int
+    sent: float
+    body: bytes = field(repr=False)
+    answered: Optional[float] = None
+    status: Any = None  # HTTP status, or an exception's name
+    task_id: Optional[str] = None
+
+
+class Deployment:
+    """The processes: Redis with Sentinels, two servers, two workers."""
+
+    def __init__(self, directory: str, schedule: Schedule) -> None:
+        self.directory = directory
+        self.schedule = schedule
+        self.circle = public_key(generate())
+        self.redis = ReplicatedRedis(os.path.join(directory, "redis"))
+        self.redis_url = self.redis.nodes[0].url if schedule.direct else self.redis.url
+        self.servers: "list[Twistd]" = []
+        self.workers: "list[Twistd]" = []
+        self.ports: "list[int]" = []
+        self.killed_servers: "set[int]" = set()  # indexes in servers
+
+    def _process(self, plugin: str, args: list, name: str) -> Twistd:
+        cwd = os.path.join(self.directory, name)
+        os.makedirs(cwd, exist_ok=True)
+        return Twistd(args, cwd, plugin=plugin)
+
+    async def start(self, reactor) -> None:
+        """Redis first (its nodes answer at once; Sentinels settle in seconds), the twistd
+        processes meanwhile; returns once both servers are ready and both workers wait for tasks."""
+        await _in_thread(reactor, lambda: [p.start() for p in self.redis.nodes + self.redis.sentinels])
+        secrets = os.path.join(self.directory, "stripe.secrets")
+        with open(secrets, "w") as f:
+            f.write(STRIPE_SECRET + "\n")
+        os.chmod(secrets, 0o600)
+        server_args = ["--listen", "tcp:0:interface=127.0.0.1", "-k", self.circle, "--auth", "--redis-url",
+                       self.redis_url, "--stripe-secret-file", secrets, "--shutdown-grace", "2",
+                       "--script-timeout", str(self.schedule.play_timeout)]
+        if self.schedule.webhook_replica_timeout is not None:
+            server_args += ["--webhook-replica-timeout", str(self.schedule.webhook_replica_timeout)]
+        self.servers = [self._process("circles", server_args, f"server{i}") for i in range(2)]
+        self.workers = [self._process("circles-worker", ["-k", self.circle, "--redis-url", self.redis_url,
+                                                         *TINY_WORKER], f"worker{i}") for i in range(2)]
+        await _eventually(reactor, self.redis.settled, 30, "the Sentinels did not settle")
+        self.ports = [await _in_thread(reactor, server.wait_listening, 60) for server in self.servers]
+        for port, server in zip(self.ports, self.servers):
+            await _eventually(reactor, lambda: _ready(port, server), 60, f"server on {port} never ready")
+        for worker in self.workers:
+            await _eventually(reactor, lambda: _waiting(worker), 60, "a worker never waited for tasks")
+
+    def url(self, index: int) -> str:
+        return f"ws://127.0.0.1:{self.ports[index]}/{self.circle}"
+
+    def live_ports(self) -> "list[int]":
+        return [port for i, port in enumerate(self.ports) if i not in self.killed_servers]
+
+    def kill_server(self, index: int) -> None:
+        self.killed_servers.add(index)
+        self.servers[index].proc.kill()
+
+    async def fail_over(self, reactor) -> dict:
+        """SIGKILL the primary, wait for the Sentinels to promote the replica, restart the old
+        node as the new primary's replica. Times in seconds from the kill."""
+        old = await _in_thread(reactor, self.redis.primary)
+        if old is None:
+            raise RuntimeError("the Sentinels name no primary of ours")
+        killed = reactor.seconds()
+        old.kill()
+        new = await _in_thread(reactor, self.redis.wait_for_new_primary, old, 30.0)
+        promoted = reactor.seconds()
+        await _in_thread(reactor, _restart_as_replica, old, new)
+        return {"killed_port": old.port, "new_primary_port": new.port, "at": killed,
+                "new_primary_s": round(promoted - killed, 3), "old_node_back_s": round(reactor.seconds() - killed, 3)}
+
+    async def stop(self, reactor) -> None:
+        processes = self.workers + self.servers
+        await DeferredList([_in_thread(reactor, p.stop) for p in processes], consumeErrors=True)
+        await _in_thread(reactor, self.redis.stop)
+
+    def tracebacks(self) -> dict:
+        names = [f"server{i}" for i in range(len(self.servers))] + [f"worker{i}" for i in range(len(self.workers))]
+        return {name: p.output.count("Traceback") for name, p in zip(names, self.servers + self.workers)}
+
+
+def _restart_as_replica(old: RedisProcess, new: RedisProcess) -> None:
+    old.args = ["--replicaof", "127.0.0.1", str(new.port)]
+    old.start()
+
+
+def _ready(port: int, server: Twistd) -> bool:
+    if server.proc.poll() is not None:
+        raise AssertionError(f"server on {port} exited:\n{server.output}")
+    return _http_status(port, "/ready") == 200
+
+
+def _waiting(worker: Twistd) -> bool:
+    if worker.proc.poll() is not None:
+        raise AssertionError(f"worker exited:\n{worker.output}")
+    return "waiting for tasks" in worker.output
+
+
+def _http_status(port: int, path: str) -> Optional[int]:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+def _in_thread(reactor, f, *args) -> Deferred:
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+async def _sleep(reactor, seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def _eventually(reactor, predicate, timeout: float, message: str) -> None:
+    """Poll ``predicate`` (blocking, so in a thread) until true, or fail with ``message``."""
+    deadline = time.monotonic() + timeout
+    while not await _in_thread(reactor, predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        await _sleep(reactor, 0.1)
+
+
+class Load:
+    """The clients' play loops, the webhook sender and a /ready watcher, until :meth:`stop`."""
+
+    def __init__(self, reactor, deployment: Deployment, schedule: Schedule) -> None:
+        self.reactor = reactor
+        self.deployment = deployment
+        self.schedule = schedule
+        self.plays: "list[_Play]" = []
+        self.hooks: "list[_Hook]" = []
+        self.ready: "dict[int, list]" = {port: [] for port in deployment.ports}  # port: [(time, status)]
+        self.running = True
+        self.clients: "list[ReconnectingClient]" = []
+        self.first_server: "list[int]" = []  # client: index of the server it started on
+        self.loops: "list[Deferred]" = []
+
+    def start(self) -> None:
+        d = self.deployment
+        for i in range(self.schedule.clients):
+            first = i % 2
+            client = ReconnectingClient([d.url(first), d.url(1 - first)], reactor=self.reactor, key=generate())
+            client.start()
+            self.clients.append(client)
+            self.first_server.append(first)
+        self.loops = [ensureDeferred(self._client_loop(i, c)) for i, c in enumerate(self.clients)]
+        self.loops += [ensureDeferred(self._webhook_loop()), ensureDeferred(self._ready_loop())]
+
+    async def _client_loop(self, index: int, client: ReconnectingClient) -> None:
+        while self.running:
+            play = _Play(index, self.reactor.seconds())
+            self.plays.append(play)
+
+            def go(connection, play=play):
+                play.url = connection.url
+                return connection.play(SCRIPT, timeout=self.schedule.play_timeout)
+
+            play.deferred = client.client().addCallback(go)
+            play.deferred.addBoth(self._answered, play)
+            try:
+                await play.deferred
+            except CancelledError:
+                return
+            await _sleep(self.reactor, self.schedule.think if play.outcome == "ok" else self.schedule.retry_pause)
+
+    def _answered(self, result, play: _Play):
+        if play.outcome is not None:  # cancelled at the end, already counted as unanswered
+            return result
+        play.answered = self.reactor.seconds()
+        if not isinstance(result, Failure):
+            play.outcome = "ok" if result == OUTPUT else "wrong"
+            return result
+        if result.check(RPCError):
+            play.outcome = result.value.code
+        elif result.check(ConnectionClosed):
+            play.outcome = "ConnectionClosed"
+        else:
+            play.outcome = result.type.__name__
+        return None  # counted; the loop goes on
+
+    async def _webhook_loop(self) -> None:
+        n = 0
+        while self.running:
+            ports = self.deployment.live_ports()
+            port = ports[n % len(ports)]
+            n += 1
+            event_id = f"evt_deploy_{n}_{uuid.uuid4().hex[:12]}"
+            hook = _Hook(event_id, port, self.reactor.seconds(), encode(stripe_event(event_id)))
+            self.hooks.append(hook)
+            self._deliver(hook)
+            await _sleep(self.reactor, 1 / self.schedule.webhooks_per_second)
+
+    def _deliver(self, hook: _Hook, port: Optional[int] = None) -> Deferred:
+        d = ensureDeferred(post(port or hook.port, f"/webhooks/stripe/{self.deployment.circle}", hook.body,
+                                stripe_headers(hook.body)))
+        d.addTimeout(self.schedule.drain, self.reactor)
+
+        def answered(reply):
+            hook.answered, hook.status = self.reactor.seconds(), reply.code
+            if reply.code == 200:
+                hook.task_id = reply.json()["task_id"]
+
+        def failed(failure):
+            hook.answered, hook.status = self.reactor.seconds(), failure.type.__name__
+
+        return d.addCallbacks(answered, failed)
+
+    async def _ready_loop(self) -> None:
+        while self.running:
+            for port in self.deployment.live_ports():
+                d = ensureDeferred(post(port, "/ready", method=b"GET")).addTimeout(2, self.reactor)
+                d.addCallbacks(lambda reply, port=port: self.ready[port].append((self.reactor.seconds(), reply.code)),
+                               lambda failure: None)
+            await _sleep(self.reactor, 0.25)
+
+    async def stop(self) -> None:
+        """Stop issuing; wait (bounded by ``drain``) for every outstanding play and webhook."""
+        self.running = False
+        deadline = self.reactor.seconds() + self.schedule.drain
+        while self.reactor.seconds() < deadline and (self._outstanding() or any(h.status is None for h in self.hooks)):
+            await _sleep(self.reactor, 0.05)
+        for play in self._outstanding():
+            play.outcome = "unanswered"
+            play.deferred.cancel()
+        await DeferredList(self.loops, consumeErrors=True)
+        await DeferredList([c.stop() for c in self.clients], consumeErrors=True)
+
+    def _outstanding(self) -> "list[_Play]":
+        return [p for p in self.plays if p.outcome is None]
+
+    async def redeliver(self, hooks: "list[_Hook]") -> "list[tuple[_Hook, Optional[str]]]":
+        """Deliver acknowledged events again (to the live server): (event, task id answered)."""
+        results = []
+        for hook in hooks:
+            again = _Hook(hook.event_id, self.deployment.live_ports()[0], self.reactor.seconds(), hook.body)
+            await self._deliver(again)
+            results.append((hook, again.task_id))
+        return results
+
+
+def _phase_counts(plays: "list[_Play]") -> dict:
+    counts = Counter(str(p.outcome) for p in plays)
+    return dict(sorted(counts.items()))
+
+
+def _recovery(plays: "list[_Play]", clients: int, at: float, only: Optional[set] = None) -> dict:
+    """After a kill at ``at``: how long until a play issued after it succeeded on any client, and
+    until every client (of ``only``, if given) had one."""
+    firsts: "dict[int, float]" = {}
+    for p in plays:
+        if p.outcome == "ok" and p.issued >= at and (only is None or p.client in only):
+            firsts[p.client] = min(firsts.get(p.client, p.answered), p.answered)
+    wanted = set(range(clients)) if only is None else only
+    return {"first_ok_s": round(min(firsts.values()) - at, 3) if firsts else None,
+            "all_clients_ok_s": round(max(firsts.values()) - at, 3) if set(firsts) >= wanted else None,
+            "clients_without_ok": len(wanted - set(firsts))}
+
+
+def _tasks_found(deployment: Deployment, hooks: "list[_Hook]") -> dict:
+    """Which acknowledged events' tasks the final primary holds (the task hash, else the event's
+    seen key: the task may have run and expired, but the event was kept)."""
+    primary = deployment.redis.nodes[0] if deployment.schedule.direct else deployment.redis.primary()
+    client = primary.client()
+    try:
+        missing, seen_only = [], []
+        for hook in hooks:
+            if client("EXISTS", f"circles:task:{hook.task_id}"):
+                continue
+            seen = "circles:seen:" + StripeEvent.parse(hook.body).dedupe_name(deployment.circle)
+            (seen_only if client("EXISTS", seen) else missing).append(hook.event_id)
+        return {"primary_port": primary.port, "found": len(hooks) - len(missing) - len(seen_only),
+                "seen_key_only": seen_only, "missing": missing}
+    finally:
+        client.close()
+
+
+async def run(reactor, directory: str, schedule: Optional[Schedule] = None) -> dict:
+    """Start the deployment, run the schedule under load, stop it all; the report."""
+    schedule = schedule or Schedule()
+    began = reactor.seconds()
+    deployment = Deployment(directory, schedule)
+    report: dict = {"schedule": asdict(schedule)}
+    try:
+        await deployment.start(reactor)
+        report["startup_s"] = round(reactor.seconds() - began, 2)
+        load = Load(reactor, deployment, schedule)
+        load.start()
+        load_began = reactor.seconds()
+        await _sleep(reactor, schedule.warmup)
+        kills = []
+        for k in range(schedule.primary_kills):
+            if k:  # the restarted node must be a linked replica before the next failover
+                await _eventually(reactor, deployment.redis.settled, 30, "the Sentinels did not settle again")
+            kill = await deployment.fail_over(reactor)
+            kill["what"] = "primary"
+            kills.append(kill)
+            await _sleep(reactor, max(0.0, kill["at"] + kill["new_primary_s"] + schedule.after_failover
+                                      - reactor.seconds()))
+        killed_at = reactor.seconds()
+        deployment.kill_server(0)
+        kills.append({"what": "server0", "at": killed_at})
+        await _sleep(reactor, schedule.after_server_kill)
+        load_ended = reactor.seconds()
+        await load.stop()
+        report["tracebacks"] = deployment.tracebacks()
+        # Redelivered events (acknowledged before the first failover) must be recognised as such.
+        early = [h for h in load.hooks if h.task_id and h.answered < kills[0]["at"]][:5]
+        redelivered = await load.redeliver(early)
+        acked = [h for h in load.hooks if h.status == 200]
+        found = await _in_thread(reactor, _tasks_found, deployment, acked)
+    except BaseException:
+        for name, process in zip(["server0", "server1", "worker0", "worker1"], deployment.servers + deployment.workers):
+            print(f"---- {name} (last lines)\n" + "".join(process.lines[-40:]))
+        raise
+    finally:
+        await deployment.stop(reactor)
+    report.update(_summary(load, deployment, kills, load_began, load_ended, acked, found, redelivered))
+    report["total_s"] = round(reactor.seconds() - began, 2)
+    return report
+
+
+def _summary(load: Load, deployment: Deployment, kills: list, began: float, ended: float, acked: list,
+             found: dict, redelivered: list) -> dict:
+    plays = load.plays
+    failed = Counter(p.outcome for p in plays if isinstance(p.outcome, int))
+    answered = [p for p in plays if p.answered is not None]
+    phases, bounds = {}, [began] + [k["at"] for k in kills] + [ended + 3600]
+    names = ["warmup"] + [f"after {k['what']} kill" if k["what"] != "primary" else f"after primary kill {i + 1}"
+                          for i, k in enumerate(kills)]
+    for name, start, end in zip(names, bounds, bounds[1:]):
+        phases[name] = _phase_counts([p for p in plays if start <= p.issued < end])
+    server_kill = kills[-1]["at"]
+    on_killed = {i for i, first in enumerate(load.first_server) if first == 0}
+    for kill in kills:
+        only = on_killed if kill["what"] != "primary" else None
+        kill.update(_recovery(plays, len(load.clients), kill["at"], only))
+        kill["at_s"] = round(kill.pop("at") - began, 3)
+    last_ok = {p.client for p in plays if p.outcome == "ok" and p.issued >= server_kill}
+    first_failover = began + kills[0]["at_s"]
+    webhooks = Counter(str(h.status) for h in load.hooks)
+    ready = {}
+    for index, port in enumerate(deployment.ports):
+        samples = load.ready[port]
+        not_ready = [t for t, code in samples if code != 200]
+        ready[f"server{index}"] = {"samples": len(samples), "not_ready": len(not_ready),
+                                   "not_ready_from_s": round(min(not_ready) - began, 2) if not_ready else None,
+                                   "not_ready_until_s": round(max(not_ready) - began, 2) if not_ready else None}
+    return {
+        "load_s": round(ended - began, 2),
+        "plays": {
+            "issued": len(plays),
+            "ok": sum(p.outcome == "ok" for p in plays),
+            "wrong_output": sum(p.outcome == "wrong" for p in plays),
+            "failed_by_code": {str(code): n for code, n in sorted(failed.items())},
+            "connection_closed": sum(p.outcome == "ConnectionClosed" for p in plays),
+            "other_errors": dict(Counter(p.outcome for p in plays if isinstance(p.outcome, str) and p.outcome
+                                         not in ("ok", "wrong", "ConnectionClosed", "unanswered"))),
+            "unanswered": sum(p.outcome == "unanswered" for p in plays),
+            "slowest_answer_s": round(max((p.answered - p.issued for p in answered), default=0), 3),
+            "by_phase": phases,
+        },
+        "kills": kills,
+        "clients": {
+            "count": len(load.clients),
+            "started_on_killed_server": len(on_killed),
+            "ok_after_server_kill": {"started_on_killed": len(last_ok & on_killed),
+                                     "started_on_other": len(last_ok - on_killed)},
+            "ok_plays_by_server": dict(Counter(f"server{deployment.ports.index(_port(p.url))}"
+                                               for p in plays if p.outcome == "ok" and p.url)),
+        },
+        "webhooks": {
+            "sent": len(load.hooks),
+            "by_status": dict(sorted(webhooks.items())),
+            "acked": len(acked),
+            "acked_after_failover": sum(h.sent >= first_failover for h in acked),
+            "tasks_found": found["found"],
+            "seen_key_only": found["seen_key_only"],
+            "missing": found["missing"],
+            "unanswered": sum(h.status is None for h in load.hooks),
+            "redelivered": len(redelivered),
+            "redelivered_same_task": sum(h.task_id == task for h, task in redelivered),
+        },
+        "ready": ready,
+    }
+
+
+def _port(url: str) -> int:
+    return int(url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+def print_report(report: dict) -> None:
+    print(json.dumps(report, indent=2))
