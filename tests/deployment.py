@@ -19,6 +19,7 @@ Blocking steps (starting Redis, waiting for a failover) run in threads so the lo
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -36,7 +37,7 @@ from circles.client import ConnectionClosed, ReconnectingClient, RPCError
 from circles.client.signing import generate, public_key
 from circles.webhook_events import StripeEvent
 
-from .redis_server import ReplicatedRedis, RedisProcess
+from .redis_server import RedisProcess, ReplicatedRedis
 from .support import Twistd
 from .webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
 
@@ -188,8 +189,6 @@ def _waiting(worker: Twistd) -> bool:
 
 
 def _http_status(port: int, path: str) -> Optional[int]:
-    import http.client
-
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         connection.request("GET", path)
