@@ -428,8 +428,9 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
     server_kill = kills[-1]["at"]
     on_killed = {i for i, first in enumerate(load.first_server) if first == 0}
     for kill in kills:
-        only = on_killed if kill["what"] != "primary" else None
-        kill.update(_recovery(plays, len(load.clients), kill["at"], only))
+        kill.update(_recovery(plays, len(load.clients), kill["at"]))
+        if kill["what"] != "primary":  # the clients that had to move to the other server
+            kill["moved_clients"] = _recovery(plays, len(load.clients), kill["at"], on_killed)
         kill["at_s"] = round(kill.pop("at") - began, 3)
     last_ok = {p.client for p in plays if p.outcome == "ok" and p.issued >= server_kill}
     first_failover = began + kills[0]["at_s"]
@@ -446,6 +447,7 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
         "plays": {
             "issued": len(plays),
             "ok": sum(p.outcome == "ok" for p in plays),
+            "ok_per_s": round(sum(p.outcome == "ok" for p in plays) / max(ended - began, 1e-9), 1),
             "wrong_output": sum(p.outcome == "wrong" for p in plays),
             "failed_by_code": {str(code): n for code, n in sorted(failed.items())},
             "connection_closed": sum(p.outcome == "ConnectionClosed" for p in plays),
