@@ -58,7 +58,7 @@ class Config:
     metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
-    # Where Redis is (redis://, rediss://, unix://); None: start a private redis-server.
+    # Where Redis is (redis://, rediss://, unix://, redis+sentinel://); None: start a private redis-server.
     redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
     redis_prefix: str = tasks.DEFAULT_PREFIX  # prepended to every Redis key
     # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
@@ -74,11 +74,21 @@ class Config:
     webhook_tolerance: float = 300.0  # seconds a Stripe signature's timestamp may be from now
     webhook_deadline: float = 86400.0  # seconds a queued event may wait for a worker
     webhook_dedupe_ttl: int = 3 * 86400  # seconds a delivered event is remembered (Stripe retries for 3 days)
+    # Replicas that must hold an event's task before it is answered 200 (Redis WAIT); None: 1
+    # with a redis+sentinel:// URL (a failover must not lose it), else 0 (as one Redis always did).
+    webhook_replicas: Optional[int] = None
+    webhook_replica_timeout: float = 1.0  # seconds to wait for them, past which 503 (the provider retries)
 
     @redis_url.validator
     def _check_redis_url(self, attribute, value) -> None:
         if value is not None:
             parse_redis_url(value)  # InvalidRedisURL is a ValueError
+
+    def webhook_acks(self) -> int:
+        """How many replicas must acknowledge a webhook's task (:attr:`webhook_replicas`, resolved)."""
+        if self.webhook_replicas is not None:
+            return self.webhook_replicas
+        return 1 if self.redis_url is not None and parse_redis_url(self.redis_url).sentinels else 0
 
     def serves(self, circle: str) -> bool:
         """Whether ``circle`` (compressed hex, already validated) is served here."""

@@ -38,7 +38,8 @@ CONFIG_FIELDS = {
     "shutdown-grace": "shutdown_grace", "script-timeout": "script_timeout", "redis-prefix": "redis_prefix",
     "redis-persist": "redis_persist", "playground": "playground", "webhook-tolerance": "webhook_tolerance",
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
-    "webhook-dedupe-ttl": "webhook_dedupe_ttl",
+    "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
+    "webhook-replica-timeout": "webhook_replica_timeout",
 }
 
 #: Former names still accepted, and the options they are now.
@@ -141,7 +142,7 @@ class Options(usage.Options):
                  at_least_zero(float)),
         _setting("script-timeout", "seconds a play may take (a play's timeout may only lower it)", positive(float)),
         *redis_parameters("Redis shared with the workers: redis://[user:password@]host:port/db, rediss://..., "
-                          "unix:///path?db=N", "a private redis-server in --state-dir",
+                          "unix:///path?db=N, redis+sentinel://host:26379,host:26380,.../MASTER_NAME/db", "a private redis-server in --state-dir",
                           "directory of the private Redis (its socket is STATE_DIR/redis.sock, "
                           "where circles-worker looks too)"),
         ("stripe-secret-file", None, None,
@@ -162,6 +163,11 @@ class Options(usage.Options):
         _setting("webhook-deadline", "seconds a queued webhook event may wait for a worker", positive(float)),
         _setting("webhook-dedupe-ttl", "seconds a webhook event is remembered, so a redelivery is not queued again",
                  positive(int)),
+        _setting("webhook-replicas", "Redis replicas that must hold a webhook event's task before it is answered "
+                 "200 (Redis WAIT; else 503 and the provider retries) (default: 1 with a redis+sentinel:// URL, "
+                 "else 0)", at_least_zero(int)),
+        _setting("webhook-replica-timeout", "seconds to wait for --webhook-replicas to acknowledge a webhook "
+                 "event", positive(float)),
     ]
 
     def __init__(self) -> None:

@@ -147,7 +147,9 @@ class CirclesService(MultiService):
             # No output the server could not send back (its largest message) is worth storing.
             self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
                                                    max_output=config.max_message_size,
-                                                   private_redis=self.embedded_redis is not None)
+                                                   private_redis=self.embedded_redis is not None,
+                                                   ack_replicas=config.webhook_acks(),
+                                                   ack_timeout=config.webhook_replica_timeout)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
         self.reactor = reactor

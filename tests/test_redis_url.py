@@ -17,6 +17,13 @@ from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url
     ("unix:///run/redis.sock", RedisAddress(path="/run/redis.sock")),
     ("unix:///run/redis.sock?db=5&password=pw", RedisAddress(path="/run/redis.sock", db=5, password="pw")),
     ("unix://bob:pw@/run/redis.sock", RedisAddress(path="/run/redis.sock", username="bob", password="pw")),
+    ("redis+sentinel://s1:26379,s2:26380,s3/mymaster/2",
+     RedisAddress(sentinels=(("s1", 26379), ("s2", 26380), ("s3", 26379)), master="mymaster", db=2)),
+    ("redis+sentinel://s1/mymaster", RedisAddress(sentinels=(("s1", 26379),), master="mymaster")),
+    ("redis+sentinel://alice:p%40ss@[::1]:7000,10.0.0.2/m/0?sentinel_password=sp",
+     RedisAddress(sentinels=(("::1", 7000), ("10.0.0.2", 26379)), master="m", username="alice", password="p@ss",
+                  sentinel_password="sp")),
+    ("REDIS+SENTINEL://:pw@s1/m", RedisAddress(sentinels=(("s1", 26379),), master="m", password="pw")),
 ])
 def test_parse(url, expected):
     assert parse_redis_url(url) == expected
@@ -25,6 +32,9 @@ def test_parse(url, expected):
 @pytest.mark.parametrize("url", [
     "http://h", "redis://", "redis://h:notaport", "redis://h/x", "redis://h/-1", "unix://relative.sock",
     "redis://h?color=red", "redis://h?ssl_ca_certs=/ca.pem", "", "localhost:6379",
+    "redis+sentinel://s1", "redis+sentinel://s1/", "redis+sentinel:///m", "redis+sentinel://s1,,s2/m",
+    "redis+sentinel://s1:x/m", "redis+sentinel://s1:99999/m", "redis+sentinel://s1/m/x", "redis+sentinel://s1/m/0/1",
+    "redis+sentinel://s1/m?db=1",
 ])
 def test_invalid(url):
     with pytest.raises(InvalidRedisURL):
@@ -38,6 +48,10 @@ def test_password_never_shown():
     assert "hunter2" not in repr(Config(redis_url="redis://:hunter2@h/0"))
     assert redact_url("unix:///s.sock?password=hunter2") == "unix://:***@/s.sock?db=0"
     assert redact_url("nonsense://hunter2") == "<invalid redis url>"
+    sentinel = parse_redis_url("redis+sentinel://u:hunter2@s1,s2:26380/m/1?sentinel_password=hunter3")
+    assert sentinel.redacted() == "redis+sentinel://u:***@s1:26379,s2:26380/m/1?sentinel_password=***"
+    assert sentinel.where() == "redis+sentinel://s1:26379,s2:26380/m/1"
+    assert "hunter" not in repr(sentinel)
 
 
 def test_config_rejects_bad_url():

@@ -15,6 +15,15 @@ A Redis that is connected but does not answer (stopped, swapping, wedged) is not
 PING goes out every :data:`PING_INTERVAL` seconds on the command connection, one at a time
 (never a second while the first waits), and once one has waited :data:`PING_TIMEOUT` seconds
 the backend counts as unavailable (``/ready`` 503, plays -32004 at once) until one is answered.
+
+Replicated Redis (``redis+sentinel://``, or ``ack_replicas``): the health check is ``ROLE``
+instead of PING. A node that is no longer the primary has its connections dropped, so they
+reconnect to the one the Sentinels name; a failover is thus the same as a lost connection
+(plays waiting fail -32004 at once, their tasks are expired on the new primary), and replies
+are read from the new primary's reply list. ``ROLE`` also counts the primary's replicas:
+:meth:`enqueue_once` answers only once ``ack_replicas`` of them hold the task (``WAIT``, on
+connections of their own, since WAIT blocks the connection it is sent on), and fails at once
+while fewer are connected: an event only the primary holds could vanish with it.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from zope.interface import implementer
 
 from circles.backend import tasks
 from circles.backend.embedded import START_TIMEOUT
-from circles.backend.redis import Reachability, RedisAddress, connect, text
+from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.backend.scripts import (BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest,
                                      ScriptTimeout)
 from circles.logs import Logger, worth_logging
@@ -48,6 +57,10 @@ COMMAND_TIMEOUT = 10.0
 #: Seconds between health PINGs, and how long one may go unanswered before Redis counts as down.
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 2.0
+#: Connections that write webhook tasks and WAIT for replicas, each one event at a time.
+ACK_CONNECTIONS = 2
+#: Webhook events waiting for such a connection, beyond which they are refused at once.
+MAX_ACK_WAITING = 64
 
 
 class _Waiting:
@@ -73,11 +86,14 @@ class RedisScriptRunner(Service):
         None: no such field.
     :param private_redis: ``address`` is the server's own private Redis, which it starts (so it
         may take a while to answer, and what to check is its ``--state-dir``), not a URL given.
+    :param ack_replicas: replicas that must hold a task of :meth:`enqueue_once` before it
+        succeeds (Redis ``WAIT``), within ``ack_timeout`` seconds; 0: the primary is enough.
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
                  server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL,
-                 max_output: Optional[int] = None, private_redis: bool = False) -> None:
+                 max_output: Optional[int] = None, private_redis: bool = False,
+                 ack_replicas: int = 0, ack_timeout: float = 1.0) -> None:
         self.address = address
         self.private_redis = private_redis
         self.reactor = reactor
@@ -99,6 +115,12 @@ class RedisScriptRunner(Service):
         self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
         self.pings = 0  # PINGs sent
         self.answering = True  # False once a PING has waited PING_TIMEOUT, until one is answered
+        self.ack_replicas = ack_replicas
+        self.ack_timeout = ack_timeout
+        self._acks = None  # txredisapi factory: the connections that write and WAIT (ack_replicas > 0)
+        self._ack_waiting = 0  # enqueue_once calls waiting for one of them
+        self.replicated = bool(address.sentinels) or ack_replicas > 0  # health by ROLE, not PING
+        self.replicas: Optional[int] = None  # replicas the primary has, as ROLE last said; None: unknown
 
     # -- service --------------------------------------------------------------------------------
 
@@ -110,6 +132,11 @@ class RedisScriptRunner(Service):
                              starting=START_TIMEOUT if self.private_redis else 0.0)
         self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT, watch=watch)
         self._replies = connect(self.address, self.reactor, watch=watch)
+        if self.ack_replicas:
+            log.info("webhook events are answered once {n} Redis replica(s) hold them (within {timeout}s)",
+                     n=self.ack_replicas, timeout=self.ack_timeout)
+            self._acks = connect(self.address, self.reactor, poolsize=ACK_CONNECTIONS,
+                                 reply_timeout=COMMAND_TIMEOUT + self.ack_timeout, watch=watch)
         self._loop = ensureDeferred(self._listen())
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
@@ -131,8 +158,8 @@ class RedisScriptRunner(Service):
         if self.is_connected():
             # Best effort, so no worker runs a script nobody waits for any more.
             await DeferredList([self._expire(task_id) for task_id in waiting], consumeErrors=True)
-        factories = [f for f in (self._replies, self._commands) if f is not None]
-        self._commands = self._replies = None
+        factories = [f for f in (self._replies, self._commands, self._acks) if f is not None]
+        self._commands = self._replies = self._acks = None
         self._listening = False
         await DeferredList([f.disconnect() for f in factories], consumeErrors=True)
         loop, self._loop = self._loop, None
@@ -164,7 +191,7 @@ class RedisScriptRunner(Service):
         self._ping_sent = self.clock.seconds()
         self.pings += 1
         try:
-            d = self._commands.handler.ping()
+            d = self._commands.handler.role() if self.replicated else self._commands.handler.ping()
         except Exception:
             d = fail()
         d.addBoth(self._pong)
@@ -173,9 +200,29 @@ class RedisScriptRunner(Service):
         self._ping_sent = None
         if isinstance(result, Failure):
             return  # the connection dropped (or timed out): is_connected() says so meanwhile
+        if self.replicated and not self._primary_says(result):
+            return
         if not self.answering:
             self.answering = True
             log.info("Redis answers again")
+
+    def _primary_says(self, role: list) -> bool:
+        """Whether ``ROLE`` came from a primary; if so, note its replicas. A node that is no
+        longer the primary (demoted by a failover) has every connection dropped: they
+        reconnect to where the Sentinels say the primary is now."""
+        if role and text(role[0]) == "master":
+            self.replicas = len(role[2]) if len(role) > 2 and isinstance(role[2], list) else 0
+            return True
+        self.replicas = None
+        log.warn("Redis at {redis} is no longer the primary (its role is {role}): reconnecting",
+                 redis=reached(self.address, self._commands), role=text(role[0]) if role else "unknown")
+        if not self.address.sentinels:
+            self.answering = False  # a redis:// URL cannot name another node: fail until it is primary again
+            return False
+        for factory in (self._commands, self._replies, self._acks):
+            for connection in list(factory.pool) if factory is not None else ():
+                connection.transport.loseConnection()
+        return False
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -212,7 +259,11 @@ class RedisScriptRunner(Service):
         fields, task_ttl = self._fields(request, data_json, "")
         keys = [tasks.seen_key(self.prefix, key), tasks.task_key(self.prefix, task_id),
                 tasks.queue_key(self.prefix, request.circle)]
-        d = self._command("eval", tasks.ENQUEUE_ONCE, keys, [ttl, task_ttl, task_id] + fields)
+        args = [ttl, task_ttl, task_id] + fields
+        if self.ack_replicas:
+            d = ensureDeferred(self._enqueue_acknowledged(keys, args))
+        else:
+            d = self._command("eval", tasks.ENQUEUE_ONCE, keys, args)
 
         def done(result) -> Queued:
             queued = Queued(text(result[1]), duplicate=not int(result[0]))
@@ -222,6 +273,40 @@ class RedisScriptRunner(Service):
             return queued
 
         return d.addCallback(done)
+
+    async def _enqueue_acknowledged(self, keys: list, args: list) -> list:
+        """ENQUEUE_ONCE, then ``WAIT`` until :attr:`ack_replicas` replicas hold it, on one
+        connection taken for the purpose (WAIT counts the writes of its own connection, and
+        blocks it). A duplicate rewrites its seen key as it is, so that the WAIT covers the
+        first delivery too: its 503 may have come from a replica that had not caught up."""
+        if self.replicas is not None and self.replicas < self.ack_replicas:
+            raise BackendUnavailable(f"the Redis primary has {self.replicas} replica(s) connected, "
+                                     f"{self.ack_replicas} must hold each webhook event")
+        if self._acks is None or self._acks.size == 0 or self._ack_waiting >= MAX_ACK_WAITING:
+            raise BackendUnavailable("Redis is unreachable" if self._ack_waiting < MAX_ACK_WAITING
+                                     else "too many webhook events waiting for Redis replicas")
+        acks = self._acks
+        self._ack_waiting += 1
+        try:
+            connection = await acks.getConnection()  # this one is ours until put back
+        finally:
+            self._ack_waiting -= 1
+        try:
+            result = await connection.eval(tasks.ENQUEUE_ONCE, keys, args)
+            if not int(result[0]):
+                await connection.execute_command("SET", keys[0], text(result[1]), "XX", "KEEPTTL")
+            acknowledged = int(await connection.execute_command(
+                "WAIT", self.ack_replicas, max(1, round(self.ack_timeout * 1000))))
+        except InvalidData:
+            raise ValueError("a task field is not valid UTF-8 text") from None
+        except RedisError as e:
+            raise BackendUnavailable(f"Redis error: {e}") from None
+        finally:
+            acks.connectionQueue.put(connection)
+        if acknowledged < self.ack_replicas:
+            raise BackendUnavailable(f"{acknowledged} of {self.ack_replicas} Redis replica(s) acknowledged the "
+                                     f"webhook event within {self.ack_timeout}s")
+        return result
 
     # -- writing tasks --------------------------------------------------------------------------
 
@@ -335,7 +420,7 @@ class RedisScriptRunner(Service):
             if not self._listening:
                 self._listening = True
                 self.connects += 1
-                log.info("connected to Redis at {redis}", redis=self.address.where())
+                log.info("connected to Redis at {redis}", redis=reached(self.address, commands))
                 self._expire_abandoned()
             try:
                 reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
@@ -344,7 +429,7 @@ class RedisScriptRunner(Service):
                     self._listening = False
                     if self.running:
                         log.warn("lost the connection to Redis at {redis} ({error}): plays fail until it is "
-                                 "back", redis=self.address.where(), error=str(e))
+                                 "back", redis=reached(self.address, factory), error=str(e))
                 self._connection_lost()
                 continue
             except Exception:
@@ -355,6 +440,7 @@ class RedisScriptRunner(Service):
 
     def _connection_lost(self) -> None:
         """No reply can arrive now: answer everyone waiting rather than leave them hanging."""
+        self.replicas = None  # a new connection may reach another primary
         waiting, self._waiting = self._waiting, {}
         for task_id, entry in waiting.items():
             entry.timer.cancel()

@@ -5,7 +5,12 @@ Accepted URLs::
     redis://[[username]:password@]host[:port][/db]
     rediss://[[username]:password@]host[:port][/db][?ssl_ca_certs=/path/ca.pem]
     unix://[[username]:password@]/path/to/redis.sock[?db=N][&password=...]
+    redis+sentinel://[[username]:password@]host[:port],host[:port],.../MASTER_NAME[/db][?sentinel_password=...]
 
+``redis+sentinel://`` names a replicated Redis through its Sentinels (port 26379 unless given):
+the primary of ``MASTER_NAME`` is asked of them before every connection, and a connection is
+used only once the node it reaches says it is that primary (:mod:`circles.backend.sentinel`).
+The credentials are the data nodes'; ``sentinel_password`` is for Sentinels that have one.
 ``rediss://`` verifies the server as every TLS client here does (:mod:`circles.tls_client`):
 certificate and host name against the platform's trust store, or against the CA file given as
 ``ssl_ca_certs`` (a PEM bundle: every certificate in it is trusted), TLS 1.2 at least. The
@@ -21,9 +26,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,6 +40,8 @@ from circles.tls_client import CAFileError, client_options
 log = Logger()
 
 DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+SENTINEL_SCHEME = "redis+sentinel"
 CONNECT_TIMEOUT = 5.0
 
 
@@ -43,7 +51,8 @@ class InvalidRedisURL(ValueError):
 
 @attrs.frozen
 class RedisAddress:
-    """A parsed Redis URL: a TCP host/port (optionally TLS) or a unix socket path."""
+    """A parsed Redis URL: a TCP host/port (optionally TLS), a unix socket path, or the
+    Sentinels that know the primary of ``master``."""
 
     host: Optional[str] = None
     port: int = DEFAULT_PORT
@@ -53,6 +62,9 @@ class RedisAddress:
     password: Optional[str] = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
     tls: bool = False
     ca_certs: Optional[str] = None  # PEM CA bundle for rediss://; None: the platform's trust
+    sentinels: "tuple[tuple[str, int], ...]" = ()  # (host, port) of each Sentinel, for redis+sentinel://
+    master: Optional[str] = None  # the name the Sentinels know the primary by
+    sentinel_password: Optional[str] = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
 
     def redacted(self) -> str:
         """The URL with any password replaced by ``***``: safe to log."""
@@ -60,20 +72,29 @@ class RedisAddress:
         auth = f"{user}:***@" if self.password is not None else (f"{user}@" if user else "")
         if self.path is not None:
             return f"unix://{auth}{self.path}?db={self.db}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+        if self.sentinels:
+            return f"{SENTINEL_SCHEME}://{auth}{self._sentinel_hosts()}/{self.master}/{self.db}" + \
+                ("?sentinel_password=***" if self.sentinel_password is not None else "")
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{_host_port(self.host, self.port)}/{self.db}"
 
     def where(self) -> str:
         """The URL without its credentials, for messages: ``unix:///path/redis.sock``,
-        ``redis://host:6379/0``."""
+        ``redis://host:6379/0``, ``redis+sentinel://h1:26379,h2:26379/mymaster/0``."""
         if self.path is not None:
             return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
+        if self.sentinels:
+            return f"{SENTINEL_SCHEME}://{self._sentinel_hosts()}/{self.master}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{_host_port(self.host, self.port)}/{self.db}"
+
+    def _sentinel_hosts(self) -> str:
+        return ",".join(_host_port(host, port) for host, port in self.sentinels)
 
     def endpoint(self, reactor):
         """A Twisted client endpoint reaching this server; :class:`InvalidRedisURL` if the
-        ``ssl_ca_certs`` file cannot be used."""
+        ``ssl_ca_certs`` file cannot be used. Not for a ``redis+sentinel://`` address, whose
+        server changes (:func:`connect` asks the Sentinels)."""
+        if self.sentinels:
+            raise ValueError("a redis+sentinel:// address names no one server")
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
@@ -84,6 +105,10 @@ class RedisAddress:
         except CAFileError as e:
             raise InvalidRedisURL(f"ssl_ca_certs: {e}") from None
         return wrapClientTLS(options, endpoint)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _db(text: str) -> int:
@@ -98,6 +123,8 @@ def _db(text: str) -> int:
 
 def parse_redis_url(url: str) -> RedisAddress:
     """Parse ``url`` (see the module docstring); :class:`InvalidRedisURL` if it is not one."""
+    if url.partition("://")[0].lower() == SENTINEL_SCHEME:
+        return _parse_sentinel_url(url)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -115,7 +142,8 @@ def parse_redis_url(url: str) -> RedisAddress:
             raise InvalidRedisURL("unix:// URLs need an absolute socket path: unix:///path/to/redis.sock")
         return RedisAddress(path=path, db=_db(query.get("db", "0")), username=username, password=password)
     if parts.scheme not in ("redis", "rediss"):
-        raise InvalidRedisURL(f"unsupported scheme {parts.scheme!r}: use redis://, rediss:// or unix://")
+        raise InvalidRedisURL(f"unsupported scheme {parts.scheme!r}: use redis://, rediss://, unix:// or "
+                              f"{SENTINEL_SCHEME}://")
     if not parts.hostname:
         raise InvalidRedisURL("no host in the URL")
     db_text = parts.path.lstrip("/") or query.get("db", "0")
@@ -124,6 +152,44 @@ def parse_redis_url(url: str) -> RedisAddress:
         raise InvalidRedisURL("ssl_ca_certs needs a rediss:// URL")
     return RedisAddress(host=parts.hostname, port=port or DEFAULT_PORT, db=_db(db_text), username=username,
                         password=password, tls=tls, ca_certs=query.get("ssl_ca_certs"))
+
+
+def _parse_sentinel_url(url: str) -> RedisAddress:
+    """``redis+sentinel://[[user]:password@]host[:port],.../MASTER[/db][?sentinel_password=...]``:
+    several hosts in one authority, which ``urlsplit`` does not take apart."""
+    rest = url.split("://", 1)[1]
+    rest, _, query_text = rest.partition("?")
+    authority, _, path = rest.partition("/")
+    query = {k: v[-1] for k, v in parse_qs(query_text).items()}
+    unknown = query.keys() - {"password", "sentinel_password"}
+    if unknown:
+        raise InvalidRedisURL(f"unknown URL parameter(s): {', '.join(sorted(unknown))}")
+    credentials, at, hosts = authority.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    password = password if password is not None else query.get("password")
+    sentinels = []
+    for item in hosts.split(","):
+        try:
+            parts = urlsplit(f"//{item}")
+            host, port = parts.hostname, parts.port
+        except ValueError as e:
+            raise InvalidRedisURL(f"not a Sentinel address {item!r}: {e}") from None
+        if not host:
+            raise InvalidRedisURL(f"{SENTINEL_SCHEME}:// URLs need host[:port] of each Sentinel, "
+                                  f"separated by commas: {item!r} is not one")
+        sentinels.append((host, port or DEFAULT_SENTINEL_PORT))
+    segments = [unquote(segment) for segment in path.split("/")] if path else []
+    if not segments or not segments[0]:
+        raise InvalidRedisURL(f"no master name: {SENTINEL_SCHEME}://host:port,.../MASTER_NAME/DB")
+    if len(segments) > 2:
+        raise InvalidRedisURL(f"too many path segments: {SENTINEL_SCHEME}://host:port,.../MASTER_NAME/DB")
+    db = _db(segments[1]) if len(segments) == 2 and segments[1] else 0
+    return RedisAddress(sentinels=tuple(sentinels), master=segments[0], db=db, username=username,
+                        password=password, sentinel_password=query.get("sentinel_password"))
 
 
 def redact_url(url: Optional[str]) -> Optional[str]:
@@ -267,21 +333,137 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
     are up, ``factory.handler`` issues commands, ``factory.disconnect()`` stops it. Values come
     back as text (never converted to numbers: a script's output "42" stays a string). ``watch``
     hears of every attempt, and tells the operator what matters (:class:`Reachability`);
-    retrying is logged at debug only.
+    retrying is logged at debug only. For a ``redis+sentinel://`` address every attempt asks
+    the Sentinels where the primary is, and a node that does not say it is the primary is
+    dropped before any command is sent to it: a failover is followed without a restart.
     """
-    factory = txredisapi.RedisFactory(
-        address.redacted(), address.db or None, poolsize, isLazy=True, charset="utf-8",
-        password=address.password, replyTimeout=reply_timeout, convertNumbers=False,
-        username=address.username,
-    )
+    if address.sentinels:
+        factory = _PrimaryFactory(Sentinels(address, reactor), address.where(), address.db or None, poolsize,
+                                  isLazy=True, charset="utf-8", password=address.password,
+                                  replyTimeout=reply_timeout, convertNumbers=False, username=address.username)
+        endpoint = _PrimaryEndpoint(factory, reactor)
+        # Asking the Sentinels is cheap, and a failover takes seconds: every half second at least.
+        factory.maxDelay = 0.5
+    else:
+        factory = txredisapi.RedisFactory(
+            address.redacted(), address.db or None, poolsize, isLazy=True, charset="utf-8",
+            password=address.password, replyTimeout=reply_timeout, convertNumbers=False,
+            username=address.username,
+        )
+        endpoint = address.endpoint(reactor)
+        factory.maxDelay = 2.0
     # Reconnect quickly: a restarted Redis should be used again within a couple of seconds.
     factory.initialDelay = 0.1
-    factory.maxDelay = 2.0
     if watch is not None:
         # Fails only when Redis refuses us (password, database): txredisapi stops trying then.
         factory.deferred.addErrback(watch.refused)
-    factory.startConnecting(_Watched(address.endpoint(reactor), address, watch))
+    factory.startConnecting(_Watched(endpoint, address, watch))
     return factory
+
+
+def reached(address: RedisAddress, factory) -> str:
+    """Where ``factory`` (from :func:`connect`) is connected, for messages:
+    ``redis://host:6379/0``, or ``redis+sentinel://.../mymaster/0 (primary 10.0.0.7:6379)``."""
+    primary = getattr(factory, "primary", None)
+    return address.where() if primary is None else f"{address.where()} (primary {_host_port(*primary)})"
+
+
+# -- Sentinel ---------------------------------------------------------------------------------
+
+#: Seconds a Sentinel may take to answer where the primary is.
+SENTINEL_TIMEOUT = 1.0
+
+
+class NoPrimary(txredisapi.ConnectionError):
+    """No Sentinel could name a primary that is up (during a failover, or none reachable)."""
+
+
+class Sentinels:
+    """Connections to the Sentinels of a ``redis+sentinel://`` address, kept up, to ask them
+    where the primary is. Only connected Sentinels are asked, so a dead one costs nothing."""
+
+    def __init__(self, address: RedisAddress, reactor) -> None:
+        self.master = address.master
+        self.clock = reactor
+        self.connections = [connect(RedisAddress(host=host, port=port, password=address.sentinel_password),
+                                    reactor, reply_timeout=SENTINEL_TIMEOUT)
+                            for host, port in address.sentinels]
+
+    async def primary(self) -> "tuple[str, int]":
+        """``(host, port)`` of the primary, as the first Sentinel to answer names it, provided
+        it believes that primary up (not ``s_down``/``o_down``): the client side of Redis's
+        Sentinel client guidelines, with the role checked once connected."""
+        waited = 0.0
+        while not any(c.size for c in self.connections):
+            if waited >= CONNECT_TIMEOUT:
+                raise NoPrimary(f"no Sentinel of {self.master} answers")
+            await deferLater(self.clock, 0.05, lambda: None)  # just started: give them a moment
+            waited += 0.05
+        answers = [c.handler.execute_command("SENTINEL", "MASTER", self.master)
+                   for c in self.connections if c.size]
+        found: Deferred = Deferred()
+        left = [len(answers)]
+
+        def answered(reply) -> None:
+            state = dict(zip(reply[0::2], reply[1::2])) if isinstance(reply, list) else {}
+            flags = set(text(state.get("flags")).split(","))
+            if not found.called and "master" in flags and not flags & {"s_down", "o_down", "disconnected"}:
+                found.callback((text(state["ip"]), int(text(state["port"]))))
+
+        def one_done(_) -> None:
+            left[0] -= 1
+            if not left[0] and not found.called:
+                found.errback(NoPrimary(f"no Sentinel knows a primary of {self.master} that is up"))
+
+        for answer in answers:
+            answer.addCallback(answered).addErrback(lambda _: None).addBoth(one_done)
+        return await found
+
+    def disconnect(self) -> Deferred:
+        return DeferredList([c.disconnect() for c in self.connections], consumeErrors=True)
+
+
+class _PrimaryFactory(txredisapi.RedisFactory):
+    """A pool whose every new connection checks ``ROLE`` before it is used, and is dropped
+    unless the node is a primary (txredisapi's :class:`~txredisapi.SentinelRedisProtocol`)."""
+
+    protocol = txredisapi.SentinelRedisProtocol
+    is_master = True  # what SentinelRedisProtocol checks
+
+    def __init__(self, sentinels: Sentinels, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sentinels = sentinels
+        self.primary: "Optional[tuple[str, int]]" = None  # where the last attempt went
+
+    def retryDelay(self, attempt: int) -> float:
+        # The first retry at once: the primary is asked anew, and a new one is the likely
+        # reason the connection was lost.
+        return 0.0 if attempt <= 1 else super().retryDelay(attempt)
+
+    def disconnect(self) -> Deferred:
+        d = super().disconnect()
+        return DeferredList([d, self.sentinels.disconnect()], consumeErrors=True)
+
+
+@implementer(IStreamClientEndpoint)
+class _PrimaryEndpoint:
+    """Connects to wherever the Sentinels say the primary is now."""
+
+    def __init__(self, factory: _PrimaryFactory, reactor) -> None:
+        self._factory = factory
+        self._reactor = reactor
+
+    def connect(self, protocol_factory) -> Deferred:
+        return ensureDeferred(self._connect(protocol_factory))
+
+    async def _connect(self, protocol_factory):
+        primary = await self._factory.sentinels.primary()
+        if self._factory.primary not in (None, primary):
+            # A failover: what is still connected reaches the old primary.
+            for connection in list(self._factory.pool):
+                connection.transport.loseConnection()
+        self._factory.primary = primary
+        return await HostnameEndpoint(self._reactor, *primary, timeout=CONNECT_TIMEOUT).connect(protocol_factory)
 
 
 def text(value) -> str:

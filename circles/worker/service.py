@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from txredisapi import RedisError
 
 from circles.backend import tasks
-from circles.backend.redis import Reachability, RedisAddress, connect, text
+from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_size)
@@ -121,7 +121,8 @@ class Worker(Service):
                 connection = await self._interruptibly(self._blocking.getConnection(peek=True))
                 if not self._connected:
                     self._connected = True
-                    log.info("connected to Redis at {redis}, waiting for tasks", redis=self.address.where())
+                    log.info("connected to Redis at {redis}, waiting for tasks",
+                             redis=reached(self.address, self._blocking))
                 reply = await connection.brpop(queues, timeout=POLL)
             except CancelledError:
                 self._slots.release()
@@ -131,7 +132,7 @@ class Worker(Service):
                 if self._connected:
                     self._connected = False
                     log.warn("lost the connection to Redis at {redis} ({error}); reconnecting quietly",
-                             redis=self.address.where(), error=str(e))
+                             redis=reached(self.address, self._blocking), error=str(e))
                 continue
             queues.append(queues.pop(0))  # take turns between circles
             if not reply:
