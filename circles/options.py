@@ -237,5 +237,6 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
         raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}")
-    address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
+    if not address.sentinels:
+        address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
     return RedisChoice(url, address, source, ignored)

@@ -7,8 +7,10 @@ while it arrives by :mod:`circles.http.limits`), the signature (401), then the p
 (400: parsed only once it is known to come from the provider). A verified event becomes a task
 on the circle's queue, with the event de-duplicated in the same atomic Redis step
 (:meth:`~circles.backend.scripts.IScriptRunner.enqueue_once`), and is answered
-``200 {"received": true, "task_id": ...}`` once Redis holds it; the script's result is not
-awaited (providers time out and retry). Redis unreachable: 503, so the provider retries later.
+``200 {"received": true, "task_id": ...}`` once Redis holds it (with replicated Redis, once
+``--webhook-replicas`` replicas hold it too: a failover cannot lose it); the script's result is
+not awaited (providers time out and retry). Redis unreachable, or the replicas not there or not
+acknowledging in time: 503, so the provider retries later.
 
 The task's script is fixed text per provider (:data:`STRIPE_SCRIPT`, :data:`IDENFY_SCRIPT`, or
 the operator's ``--stripe-script`` / ``--idenfy-script``); the event travels separately as the
@@ -123,14 +125,16 @@ class WebhookRoutes:
         self.config = gateway.config
         self.providers = providers(gateway.config, gateway.clock)
 
-    def refuse(self, request, status: int, error: str, provider: str, circle: str) -> bytes:
+    def refuse(self, request, status: int, error: str, provider: str, circle: str, why: str = "") -> bytes:
         """Answer ``status`` with ``error``, counted, and logged within the gateway's budget:
-        anyone may post here, as fast as they like (:mod:`circles.anomalies`)."""
+        anyone may post here, as fast as they like (:mod:`circles.anomalies`). ``why`` is for
+        the log only: what the operator needs and the caller does not."""
         self.gateway.metrics.webhooks.labels(provider, str(status)).inc()
         address = request.getClientAddress()
         self.gateway.http_log.note(getattr(address, "host", str(address)), f"{provider} {status}",
                                    "webhook {provider} for {circle} refused with {status}: {error}",
-                                   provider=provider, circle=circle, status=status, error=error)
+                                   provider=provider, circle=circle, status=status,
+                                   error=f"{error} ({why})" if why else error)
         return json_response(request, status, {"error": error})
 
     @app.route("/<string:name>/<string:circle>")  # any method: a wrong one is 405 here, not 404
@@ -181,7 +185,8 @@ class WebhookRoutes:
         def unavailable(failure):
             failure.trap(BackendUnavailable)
             request.setHeader(b"retry-after", RETRY_AFTER)
-            return self.refuse(request, 503, "backend unavailable, retry later", name, circle)
+            return self.refuse(request, 503, "backend unavailable, retry later", name, circle,
+                               why=str(failure.value))
 
         return d.addCallbacks(queued, unavailable)
 

@@ -33,7 +33,7 @@ HINT = " (twistd {plugin} --help lists the options)"
 
 
 @pytest.mark.parametrize("plugin, args, reason", [
-    ("circles", ["--redis-url", "redis//x"], "--redis-url: unsupported scheme '': use redis://, rediss:// or unix://"),
+    ("circles", ["--redis-url", "redis//x"], "--redis-url: unsupported scheme '': use redis://, rediss://, unix:// or redis+sentinel://"),
     ("circles", ["--bogus"], "option --bogus not recognized"),
     ("circles", ["--port", "abc"], "--port: invalid literal for int() with base 10: 'abc'"),
     ("circles", ["--max-plays", "-1"], "--max-plays: -1 is negative"),
@@ -47,6 +47,9 @@ HINT = " (twistd {plugin} --help lists the options)"
     ("circles-worker", ["-k", "02abcd", "--exec", "sh {script_file}"], "-k/--circle: invalid circle '02abcd'"),
     ("circles-worker", [*WORKER, "-c", "0"], "--concurrency: 0 is not positive"),
     ("circles-worker", [*WORKER, "--redis-url", "http://h"], "--redis-url: unsupported scheme 'http'"),
+    ("circles-worker", [*WORKER, "--redis-url", "redis+sentinel://s1:26379"],
+     "--redis-url: no master name: redis+sentinel://host:port,.../MASTER_NAME/DB"),
+    ("circles", ["--redis-url", "redis+sentinel://s1:26379,s2:x/m"], "--redis-url: not a Sentinel address 's2:x'"),
     ("circles-worker", ["-k", GENERATOR, "--engine", "run"], "--engine: 'run' is not package.module:callable"),
     ("circles-worker", ["-k", GENERATOR, "--engine", "no_such_module_xyz:run"],
      "--engine: no module named 'no_such_module_xyz' (looked in the current directory and on the Python path)"),
