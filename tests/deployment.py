@@ -423,8 +423,11 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
     phases, bounds = {}, [began] + [k["at"] for k in kills] + [ended + 3600]
     names = ["warmup"] + [f"after {k['what']} kill" if k["what"] != "primary" else f"after primary kill {i + 1}"
                           for i, k in enumerate(kills)]
+    hook_phases = {}
     for name, start, end in zip(names, bounds, bounds[1:]):
         phases[name] = _phase_counts([p for p in plays if start <= p.issued < end])
+        hook_phases[name] = dict(sorted(Counter(str(h.status) for h in load.hooks if start <= h.sent < end).items()))
+    refused = [h.sent for h in load.hooks if h.status == 503]
     server_kill = kills[-1]["at"]
     on_killed = {i for i, first in enumerate(load.first_server) if first == 0}
     for kill in kills:
@@ -469,6 +472,9 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
         "webhooks": {
             "sent": len(load.hooks),
             "by_status": dict(sorted(webhooks.items())),
+            "by_phase": hook_phases,
+            "503_sent_from_s": round(min(refused) - began, 2) if refused else None,
+            "503_sent_until_s": round(max(refused) - began, 2) if refused else None,
             "acked": len(acked),
             "acked_after_failover": sum(h.sent >= first_failover for h in acked),
             "tasks_found": found["found"],
