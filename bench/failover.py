@@ -36,10 +36,12 @@ def main() -> None:
     parser.add_argument("--play-timeout", type=float, default=5.0)
     parser.add_argument("--direct", action="store_true",
                         help="point servers and workers at the first primary (redis://), not the Sentinels")
+    parser.add_argument("--sync-delay", type=int, default=None,
+                        help="Redis repl-diskless-sync-delay on every node (default: Redis' own, 5 s)")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args()
     schedule = Schedule.lasting(args.seconds, clients=args.clients, webhooks_per_second=args.webhooks_per_second,
-                                play_timeout=args.play_timeout, direct=args.direct)
+                                play_timeout=args.play_timeout, direct=args.direct, sync_delay=args.sync_delay)
 
     async def soak(reactor) -> None:
         with tempfile.TemporaryDirectory() as directory:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -61,6 +62,9 @@ class Schedule:
     webhook_replica_timeout: Optional[float] = None  # the servers' --webhook-replica-timeout; None: theirs
     drain: float = 15.0  # bound on waiting for outstanding plays and webhooks once the load stops
     direct: bool = False  # servers and workers on the first primary's redis:// URL, no Sentinel
+    # Redis' repl-diskless-sync-delay on every node (None: Redis' default, 5 s): how long a primary
+    # waits before syncing a (re)joining replica, so how long webhooks are 503 after a failover.
+    sync_delay: Optional[int] = None
 
     @classmethod
     def lasting(cls, seconds: float, **overrides) -> "Schedule":
@@ -115,9 +119,14 @@ class Deployment:
         return Twistd(args, cwd, plugin=plugin)
 
     async def start(self, reactor) -> None:
-        """Redis first (its nodes answer at once; Sentinels settle in seconds), the twistd
-        processes meanwhile; returns once both servers are ready and both workers wait for tasks."""
-        await _in_thread(reactor, lambda: [p.start() for p in self.redis.nodes + self.redis.sentinels])
+        """Redis first, settled (the replica in sync, as in a running deployment: a server that
+        met the primary still without its replica would turn webhooks away until its next
+        ``ROLE``), then the twistd processes; returns once both servers are ready and both workers
+        wait for tasks."""
+        if self.schedule.sync_delay is not None:
+            for node in self.redis.nodes:
+                node.args += ["--repl-diskless-sync-delay", str(self.schedule.sync_delay)]
+        await _in_thread(reactor, self.redis.start)
         secrets = os.path.join(self.directory, "stripe.secrets")
         with open(secrets, "w") as f:
             f.write(STRIPE_SECRET + "\n")
@@ -130,7 +139,6 @@ class Deployment:
         self.servers = [self._process("circles", server_args, f"server{i}") for i in range(2)]
         self.workers = [self._process("circles-worker", ["-k", self.circle, "--redis-url", self.redis_url,
                                                          *TINY_WORKER], f"worker{i}") for i in range(2)]
-        await _eventually(reactor, self.redis.settled, 30, "the Sentinels did not settle")
         self.ports = [await _in_thread(reactor, server.wait_listening, 60) for server in self.servers]
         for port, server in zip(self.ports, self.servers):
             await _eventually(reactor, lambda: _ready(port, server), 60, f"server on {port} never ready")
@@ -166,13 +174,25 @@ class Deployment:
         await DeferredList([_in_thread(reactor, p.stop) for p in processes], consumeErrors=True)
         await _in_thread(reactor, self.redis.stop)
 
+    def refusals(self) -> dict:
+        """Why the servers answered webhooks 503, as they logged it, counted."""
+        reasons: Counter = Counter()
+        for server in self.servers:
+            for match in re.finditer(r"refused with 503: [^(\n]*\((.*)\)\s*$", server.output, re.M):
+                reasons[re.sub(r"\d+(\.\d+)?", "N", match.group(1))] += 1
+        return dict(reasons.most_common())
+
     def tracebacks(self) -> dict:
         names = [f"server{i}" for i in range(len(self.servers))] + [f"worker{i}" for i in range(len(self.workers))]
         return {name: p.output.count("Traceback") for name, p in zip(names, self.servers + self.workers)}
 
 
 def _restart_as_replica(old: RedisProcess, new: RedisProcess) -> None:
-    old.args = ["--replicaof", "127.0.0.1", str(new.port)]
+    args = list(old.args)
+    if "--replicaof" in args:  # --replicaof HOST PORT: whom it followed before
+        at = args.index("--replicaof")
+        del args[at:at + 3]
+    old.args = args + ["--replicaof", "127.0.0.1", str(new.port)]
     old.start()
 
 
@@ -399,6 +419,7 @@ async def run(reactor, directory: str, schedule: Optional[Schedule] = None) -> d
         load_ended = reactor.seconds()
         await load.stop()
         report["tracebacks"] = deployment.tracebacks()
+        report["webhook_503_reasons"] = deployment.refusals()
         # Redelivered events (acknowledged before the first failover) must be recognised as such.
         early = [h for h in load.hooks if h.task_id and h.answered < kills[0]["at"]][:5]
         redelivered = await load.redeliver(early)
