@@ -38,6 +38,7 @@ def main() -> None:
                         help="point servers and workers at the first primary (redis://), not the Sentinels")
     parser.add_argument("--sync-delay", type=int, default=None,
                         help="Redis repl-diskless-sync-delay on every node (default: Redis' own, 5 s)")
+    parser.add_argument("--logs", default=None, help="directory to keep the servers' and workers' logs in")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args()
     schedule = Schedule.lasting(args.seconds, clients=args.clients, webhooks_per_second=args.webhooks_per_second,
@@ -45,7 +46,7 @@ def main() -> None:
 
     async def soak(reactor) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            report = await run(reactor, directory, schedule)
+            report = await run(reactor, directory, schedule, logs=args.logs)
         report["machine"] = machine()
         text = json.dumps(report, indent=2)
         print(text)

@@ -174,6 +174,17 @@ class Deployment:
         await DeferredList([_in_thread(reactor, p.stop) for p in processes], consumeErrors=True)
         await _in_thread(reactor, self.redis.stop)
 
+    def save_logs(self, directory: str) -> None:
+        """Each process's log (the twistd ones) as ``directory/<name>.log``."""
+        os.makedirs(directory, exist_ok=True)
+        for name, process in self.named():
+            with open(os.path.join(directory, f"{name}.log"), "w") as f:
+                f.write(process.output)
+
+    def named(self) -> "list[tuple[str, Twistd]]":
+        return [(f"server{i}", p) for i, p in enumerate(self.servers)] + \
+            [(f"worker{i}", p) for i, p in enumerate(self.workers)]
+
     def refusals(self) -> dict:
         """Why the servers answered webhooks 503, as they logged it, counted."""
         reasons: Counter = Counter()
@@ -183,8 +194,7 @@ class Deployment:
         return dict(reasons.most_common())
 
     def tracebacks(self) -> dict:
-        names = [f"server{i}" for i in range(len(self.servers))] + [f"worker{i}" for i in range(len(self.workers))]
-        return {name: p.output.count("Traceback") for name, p in zip(names, self.servers + self.workers)}
+        return {name: p.output.count("Traceback") for name, p in self.named()}
 
 
 def _restart_as_replica(old: RedisProcess, new: RedisProcess) -> None:
@@ -329,10 +339,11 @@ class Load:
                                lambda failure: None)
             await _sleep(self.reactor, 0.25)
 
-    async def stop(self) -> None:
-        """Stop issuing; wait (bounded by ``drain``) for every outstanding play and webhook."""
+    async def stop(self, drain: Optional[float] = None) -> None:
+        """Stop issuing; wait (bounded by ``drain``, the schedule's by default) for every
+        outstanding play and webhook; the plays still outstanding are counted unanswered."""
         self.running = False
-        deadline = self.reactor.seconds() + self.schedule.drain
+        deadline = self.reactor.seconds() + (self.schedule.drain if drain is None else drain)
         while self.reactor.seconds() < deadline and (self._outstanding() or any(h.status is None for h in self.hooks)):
             await _sleep(self.reactor, 0.05)
         for play in self._outstanding():
@@ -390,12 +401,14 @@ def _tasks_found(deployment: Deployment, hooks: "list[_Hook]") -> dict:
         client.close()
 
 
-async def run(reactor, directory: str, schedule: Optional[Schedule] = None) -> dict:
-    """Start the deployment, run the schedule under load, stop it all; the report."""
+async def run(reactor, directory: str, schedule: Optional[Schedule] = None, logs: Optional[str] = None) -> dict:
+    """Start the deployment, run the schedule under load, stop it all; the report. ``logs``: a
+    directory to keep the servers' and workers' logs in."""
     schedule = schedule or Schedule()
     began = reactor.seconds()
     deployment = Deployment(directory, schedule)
     report: dict = {"schedule": asdict(schedule)}
+    load: Optional[Load] = None
     try:
         await deployment.start(reactor)
         report["startup_s"] = round(reactor.seconds() - began, 2)
@@ -426,11 +439,15 @@ async def run(reactor, directory: str, schedule: Optional[Schedule] = None) -> d
         acked = [h for h in load.hooks if h.status == 200]
         found = await _in_thread(reactor, _tasks_found, deployment, acked)
     except BaseException:
-        for name, process in zip(["server0", "server1", "worker0", "worker1"], deployment.servers + deployment.workers):
+        for name, process in deployment.named():
             print(f"---- {name} (last lines)\n" + "".join(process.lines[-40:]))
+        if load is not None and load.running:
+            await load.stop(drain=0)  # no client left connecting once the processes are gone
         raise
     finally:
         await deployment.stop(reactor)
+        if logs is not None:
+            deployment.save_logs(logs)
     report.update(_summary(load, deployment, kills, load_began, load_ended, acked, found, redelivered))
     report["total_s"] = round(reactor.seconds() - began, 2)
     return report
@@ -479,6 +496,8 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
                                          not in ("ok", "wrong", "ConnectionClosed", "unanswered"))),
             "unanswered": sum(p.outcome == "unanswered" for p in plays),
             "slowest_answer_s": round(max((p.answered - p.issued for p in answered), default=0), 3),
+            "timed_out": [{"client": p.client, "server": _server(deployment, p.url), "issued_s": round(p.issued - began, 3),
+                           "answered_s": round(p.answered - began, 3)} for p in plays if p.outcome == -32003][:20],
             "by_phase": phases,
         },
         "kills": kills,
@@ -487,8 +506,7 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
             "started_on_killed_server": len(on_killed),
             "ok_after_server_kill": {"started_on_killed": len(last_ok & on_killed),
                                      "started_on_other": len(last_ok - on_killed)},
-            "ok_plays_by_server": dict(Counter(f"server{deployment.ports.index(_port(p.url))}"
-                                               for p in plays if p.outcome == "ok" and p.url)),
+            "ok_plays_by_server": dict(Counter(_server(deployment, p.url) for p in plays if p.outcome == "ok" and p.url)),
         },
         "webhooks": {
             "sent": len(load.hooks),
@@ -509,8 +527,12 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
     }
 
 
-def _port(url: str) -> int:
-    return int(url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+def _server(deployment: Deployment, url: Optional[str]) -> Optional[str]:
+    """``server0`` or ``server1``: the one ``url`` names."""
+    if url is None:
+        return None
+    port = int(url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    return f"server{deployment.ports.index(port)}"
 
 
 def print_report(report: dict) -> None:
