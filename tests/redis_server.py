@@ -105,12 +105,18 @@ class RedisProcess:
                 "--appendonly", "no", "--dir", self.directory, *self.args]
 
     def start(self, timeout: float = 30.0) -> None:
+        self.start_with_password(None, timeout)
+
+    def start_with_password(self, password: Optional[str], timeout: float = 30.0) -> None:
+        """Start it, and wait until it answers a PING (after AUTH with ``password``, if given)."""
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 client = SyncRedis(self.port)
                 try:
+                    if password is not None:
+                        client("AUTH", password)
                     if client("PING") == "PONG":
                         return
                 finally:
@@ -192,8 +198,14 @@ class ReplicatedRedis:
         return path
 
     def start(self, timeout: float = 30.0) -> None:
-        for process in self.nodes + self.sentinels:
-            process.start(timeout)
+        self.start_with_password(None, timeout)
+
+    def start_with_password(self, password: Optional[str], timeout: float = 30.0) -> None:
+        """Start it all; ``password`` is the nodes' (``--requirepass``, in their ``args``)."""
+        for node in self.nodes:
+            node.start_with_password(password, timeout)
+        for sentinel in self.sentinels:
+            sentinel.start(timeout)
         deadline = time.monotonic() + timeout
         while not self.settled():
             if time.monotonic() > deadline:

@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .redis_server import REDIS_SERVER, free_port
+from .redis_server import REDIS_SERVER, ReplicatedRedis, free_port
 from .support import Key, twistd
 
 #: What an operator should not read at info about Redis: Twisted's retries, endpoints' reprs,
@@ -117,3 +117,33 @@ def test_a_wrong_password_is_one_error_line(tmp_path):
     assert "check the credentials and database of --redis-url, then restart (not retrying)" in errors[0]
     assert "wrong" not in server.output.replace("WRONGPASS", "")
     assert not NOISE.search(server.output), server.output
+
+
+def test_a_server_whose_sentinels_are_not_there_yet_says_so_once_then_follows_them(tmp_path):
+    redis = ReplicatedRedis(str(tmp_path / "redis"))  # its ports are chosen, nothing runs yet
+    url = redis.url.replace("redis+sentinel://", "redis+sentinel://:hunter2@")
+    where = redis.url.replace("redis+sentinel://", "")
+    try:
+        with twistd(["--port", "0", "--interface", "127.0.0.1", "--redis-url", url], tmp_path) as server:
+            port = server.wait_listening()
+            server.wait_for("cannot reach Redis")
+            assert ready_status(port) == 503
+            [warning] = [line for line in server.lines if "cannot reach Redis" in line]
+            assert f"cannot reach Redis at redis+sentinel://{where}: no Sentinel of circles answers; check that " \
+                   f"its Sentinels run and know a primary named 'circles'" in warning
+            for node in redis.nodes:
+                node.args += ["--requirepass", "hunter2", "--masterauth", "hunter2"]
+            for sentinel in redis.sentinels:
+                with open(sentinel.config, "a") as f:
+                    f.write("sentinel auth-pass circles hunter2\n")
+            redis.start_with_password("hunter2")
+            primary = redis.nodes[0].port
+            server.wait_for(f"connected to Redis at redis+sentinel://{where} (primary 127.0.0.1:{primary})")
+            deadline = time.monotonic() + 30
+            while ready_status(port) != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ready_status(port) == 200
+    finally:
+        redis.stop()
+    assert not NOISE.search(server.output), server.output
+    assert "hunter2" not in server.output

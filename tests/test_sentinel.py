@@ -14,12 +14,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from circles.backend.dispatch import RedisScriptRunner
-from circles.backend.redis import parse_redis_url, reached
+from circles.backend.redis import Reachability, connect, parse_redis_url, reached
 from circles.backend.scripts import BackendUnavailable
 from circles.config import Config
 from circles.worker.service import Worker
 
 from .play_client import eventually, sleep
+from .redis_server import RedisProcess, SentinelProcess
 from .test_dispatch import CIRCLE, echo_engine, request
 from .test_ops import _get
 from .test_play_ws import serve
@@ -180,3 +181,76 @@ def test_how_many_replicas_webhooks_wait_for():
     assert Config(redis_url=sentinel).webhook_acks() == 1
     assert Config(redis_url=sentinel, webhook_replicas=0).webhook_acks() == 0
     assert Config(redis_url="redis://127.0.0.1:6379/0", webhook_replicas=2).webhook_acks() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_finished_during_a_failover_is_recorded_on_the_new_primary(replicated_redis, start):
+    """A webhook event's script that was running when the primary died: nobody waits for its
+    result, so the worker records it once the new primary answers instead of dropping it."""
+    held: "list[Deferred]" = []
+
+    def engine(script, context):
+        held.append(Deferred())
+        return held[-1]
+
+    runner = start(runner_for(replicated_redis, ack_replicas=1))
+    start(worker_for(replicated_redis, engine))
+    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    queued = await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_r", 600)
+    await eventually(lambda: held)
+    old = replicated_redis.primary()
+    [replica] = [node for node in replicated_redis.nodes if node is not old]
+    copy = replica.client()
+    try:  # the claim reached the replica
+        await eventually(lambda: copy.hgetall(f"circles:task:{queued.task_id}").get("status") == "processing")
+    finally:
+        copy.close()
+    old.kill()
+    held[0].callback("ran through the failover")
+    new = replicated_redis.wait_for_new_primary(old)
+    client = new.client()
+    try:
+        task = await eventually(lambda: (lambda t: t if t.get("status") == "completed" else None)(
+            client.hgetall(f"circles:task:{queued.task_id}")))
+    finally:
+        client.close()
+    assert task["output"] == "ran through the failover"
+
+
+@pytest_twisted.ensureDeferred
+async def test_passwords_of_the_nodes_and_of_the_sentinels(tmp_path, start):
+    node = RedisProcess(str(tmp_path))
+    node.start()
+    sentinel = SentinelProcess(str(tmp_path), "m", node.port, quorum=1)
+    with open(sentinel.config, "a") as f:
+        f.write("sentinel auth-pass m node-pw\nrequirepass sentinel-pw\n")
+    try:
+        client = node.client()
+        client("CONFIG", "SET", "requirepass", "node-pw")
+        client.close()
+        sentinel.start_with_password("sentinel-pw")
+        refusals = []
+
+        class Told(Reachability):
+            def refused(self, failure):
+                refusals.append(failure.getErrorMessage())
+
+        base = f"redis+sentinel://:{{}}@127.0.0.1:{sentinel.port}/m/0?sentinel_password=sentinel-pw"
+        wrong = parse_redis_url(base.format("wrong"))
+        factory = connect(wrong, reactor, watch=Told(wrong, reactor))
+        try:
+            await eventually(lambda: refusals)
+            assert "WRONGPASS" in refusals[0] and factory.size == 0
+        finally:
+            await factory.disconnect()
+
+        right = parse_redis_url(base.format("node-pw"))
+        factory = connect(right, reactor)
+        try:
+            await eventually(lambda: factory.size)
+            assert (await factory.handler.role())[0] == "master"
+        finally:
+            await factory.disconnect()
+    finally:
+        sentinel.kill()
+        node.kill()

@@ -230,6 +230,9 @@ class Reachability:
         self.told_refused = False
 
     def hint(self) -> str:
+        if self.address.sentinels:
+            return (f"check that its Sentinels run and know a primary named {self.address.master!r}, and that "
+                    f"--redis-url (or $CIRCLES_REDIS_URL) names them")
         if not self.private:
             return "check that it runs and that --redis-url (or $CIRCLES_REDIS_URL) names it"
         state_dir = os.path.dirname(self.address.path)
@@ -423,12 +426,33 @@ class Sentinels:
         return DeferredList([c.disconnect() for c in self.connections], consumeErrors=True)
 
 
-class _PrimaryFactory(txredisapi.RedisFactory):
-    """A pool whose every new connection checks ``ROLE`` before it is used, and is dropped
-    unless the node is a primary (txredisapi's :class:`~txredisapi.SentinelRedisProtocol`)."""
+class _PrimaryProtocol(txredisapi.RedisProtocol):
+    """A connection that asks ``ROLE`` before it is used, and is closed unless the node says it
+    is the primary: nothing is ever sent to a replica. (txredisapi's SentinelRedisProtocol does
+    the same but leaves a refused password as an unhandled error and a connection that never
+    becomes ready.)"""
 
-    protocol = txredisapi.SentinelRedisProtocol
-    is_master = True  # what SentinelRedisProtocol checks
+    def connectionMade(self) -> Deferred:
+        return ensureDeferred(self._check_role())
+
+    async def _check_role(self) -> None:
+        try:
+            if self.password is not None:
+                await self.auth(self.password, self.username)
+            role = await self.role()
+        except Exception:
+            # Refused credentials, most likely: RedisProtocol's own start says so (and stops).
+            return await super().connectionMade()
+        if not role or text(role[0]) != "master":
+            self.transport.loseConnection()
+            return None
+        return await super().connectionMade()
+
+
+class _PrimaryFactory(txredisapi.RedisFactory):
+    """A pool whose every new connection checks ``ROLE`` before it is used (:class:`_PrimaryProtocol`)."""
+
+    protocol = _PrimaryProtocol
 
     def __init__(self, sentinels: Sentinels, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from twisted.application.service import Service
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore, ensureDeferred,
                                     maybeDeferred)
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 
@@ -31,6 +32,8 @@ from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, Out
 log = Logger()
 
 POLL = 1  # seconds a BRPOP waits, so a stopping worker notices within a second
+#: Seconds a finished task's result may wait for Redis to be back before it is given up.
+RECORD_PATIENCE = 30.0
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -202,18 +205,32 @@ class Worker(Service):
         reply_to = task.get("reply_to", "")
         keys = [key, reply_to] if reply_to else [key]
         outcome = tasks.Outcome(task_id, status, output, error, reason)
-        try:
-            written = await self._eval(tasks.FINISH, keys, [
-                status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
-                tasks.encode_reply(outcome), reason])
-        except RedisError as e:
-            log.warn("could not record the result of task {task}: {error}", task=task_id, error=str(e))
+        written = await self._record(task_id, keys, [
+            status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
+            tasks.encode_reply(outcome), reason])
+        if written is None:
             return
         if not written:
             log.info("task {task} expired while it ran; result dropped", task=task_id)
         log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
                   circle=context.circle, source=context.source or "-", duration=duration,
                   outcome=(status if written else "expired") + (f" ({reason})" if reason else ""))
+
+    async def _record(self, task_id: str, keys: list, args: list) -> Optional[int]:
+        """FINISH the task; if Redis is away (a failover, a restart), again every half second
+        for up to :data:`RECORD_PATIENCE` seconds while the worker runs, so that the result of a
+        script that ran (a webhook event's, which nobody else waits for) is not dropped. FINISH
+        writes only over ``processing``, so trying again never overwrites anything. None:
+        not recorded."""
+        give_up = self.reactor.seconds() + RECORD_PATIENCE
+        while True:
+            try:
+                return await self._eval(tasks.FINISH, keys, args)
+            except RedisError as e:
+                if not self.running or self.reactor.seconds() >= give_up:
+                    log.warn("could not record the result of task {task}: {error}", task=task_id, error=str(e))
+                    return None
+            await deferLater(self.reactor, 0.5, lambda: None)
 
     def _execute(self, script: str, context: ScriptContext, timeout: float) -> Deferred:
         d = maybeDeferred(self.engine, script, context)
