@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -126,6 +127,11 @@ class Deployment:
         if self.schedule.sync_delay is not None:
             for node in self.redis.nodes:
                 node.args += ["--repl-diskless-sync-delay", str(self.schedule.sync_delay)]
+        for i, node in enumerate(self.redis.nodes):  # Redis' own logs, for save_logs
+            node.args += ["--logfile", self._redis_log(f"node{i}")]
+        for i, sentinel in enumerate(self.redis.sentinels):
+            with open(sentinel.config, "a") as f:
+                f.write(f"logfile {self._redis_log(f'sentinel{i}')}\n")
         await _in_thread(reactor, self.redis.start)
         secrets = os.path.join(self.directory, "stripe.secrets")
         with open(secrets, "w") as f:
@@ -144,6 +150,9 @@ class Deployment:
             await _eventually(reactor, lambda: _ready(port, server), 60, f"server on {port} never ready")
         for worker in self.workers:
             await _eventually(reactor, lambda: _waiting(worker), 60, "a worker never waited for tasks")
+
+    def _redis_log(self, name: str) -> str:
+        return os.path.join(self.directory, "redis", f"{name}.log")
 
     def url(self, index: int) -> str:
         return f"ws://127.0.0.1:{self.ports[index]}/{self.circle}"
@@ -175,11 +184,15 @@ class Deployment:
         await _in_thread(reactor, self.redis.stop)
 
     def save_logs(self, directory: str) -> None:
-        """Each process's log (the twistd ones) as ``directory/<name>.log``."""
+        """Each process's log as ``directory/<name>.log`` (Redis nodes and Sentinels included)."""
         os.makedirs(directory, exist_ok=True)
         for name, process in self.named():
             with open(os.path.join(directory, f"{name}.log"), "w") as f:
                 f.write(process.output)
+        for name in [f"node{i}" for i in range(len(self.redis.nodes))] + \
+                [f"sentinel{i}" for i in range(len(self.redis.sentinels))]:
+            if os.path.exists(self._redis_log(name)):
+                shutil.copy(self._redis_log(name), os.path.join(directory, f"{name}.log"))
 
     def named(self) -> "list[tuple[str, Twistd]]":
         return [(f"server{i}", p) for i, p in enumerate(self.servers)] + \
