@@ -269,6 +269,7 @@ class Load:
         self.plays: "list[_Play]" = []
         self.hooks: "list[_Hook]" = []
         self.ready: "dict[int, list]" = {port: [] for port in deployment.ports}  # port: [(time, status)]
+        self.primaries: "list[tuple[float, Optional[int]]]" = []  # (time, port): each change the Sentinels name
         self.running = True
         self.clients: "list[ReconnectingClient]" = []
         self.first_server: "list[int]" = []  # client: index of the server it started on
@@ -283,7 +284,8 @@ class Load:
             self.clients.append(client)
             self.first_server.append(first)
         self.loops = [ensureDeferred(self._client_loop(i, c)) for i, c in enumerate(self.clients)]
-        self.loops += [ensureDeferred(self._webhook_loop()), ensureDeferred(self._ready_loop())]
+        self.loops += [ensureDeferred(self._webhook_loop()), ensureDeferred(self._ready_loop()),
+                       ensureDeferred(self._primary_loop())]
 
     async def _client_loop(self, index: int, client: ReconnectingClient) -> None:
         while self.running:
@@ -350,6 +352,18 @@ class Load:
                 d = ensureDeferred(post(port, "/ready", method=b"GET")).addTimeout(2, self.reactor)
                 d.addCallbacks(lambda reply, port=port: self.ready[port].append((self.reactor.seconds(), reply.code)),
                                lambda failure: None)
+            await _sleep(self.reactor, 0.25)
+
+    async def _primary_loop(self) -> None:
+        """Which node the Sentinels name primary, noted at each change: a change no kill caused
+        (a node promoted behind the schedule's back) shows in the report."""
+        if self.schedule.direct:
+            return
+        while self.running:
+            node = await _in_thread(self.reactor, self.deployment.redis.primary)
+            port = None if node is None else node.port
+            if not self.primaries or self.primaries[-1][1] != port:
+                self.primaries.append((self.reactor.seconds(), port))
             await _sleep(self.reactor, 0.25)
 
     async def stop(self, drain: Optional[float] = None) -> None:
@@ -537,7 +551,17 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
             "redelivered_same_task": sum(h.task_id == task for h, task in redelivered),
         },
         "ready": ready,
+        "primary_changes": _changes(load.primaries, kills, began),
     }
+
+
+def _changes(primaries: list, kills: list, began: float) -> dict:
+    """The Sentinels' primary over time, and the changes that followed no primary kill within 10 s."""
+    kill_times = [began + k["at_s"] for k in kills if k["what"] == "primary"]
+    unexpected = [(t, port) for t, port in primaries[1:]
+                  if port is not None and not any(0 <= t - at <= 10 for at in kill_times)]
+    return {"timeline": [[round(t - began, 2), port] for t, port in primaries],
+            "unexplained": [[round(t - began, 2), port] for t, port in unexpected]}
 
 
 def _server(deployment: Deployment, url: Optional[str]) -> Optional[str]:
