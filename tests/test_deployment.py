@@ -16,7 +16,10 @@ from twisted.internet import reactor
 from .deployment import Schedule, print_report, run
 from .redis_server import REDIS_SERVER
 
-PRIMARY_RECOVERY_BOUND = 10.0  # seconds from the primary's SIGKILL to plays succeeding on every client
+# Seconds from the primary's SIGKILL to plays succeeding on every client: the failover (~2.3 s
+# here), the servers finding the new primary (~1.5 s), and one play that may still run into its
+# deadline (5 s: a task lost in the switch is answered -32003, as issue 16 allows), with a margin.
+PRIMARY_RECOVERY_BOUND = 12.0
 SERVER_RECOVERY_BOUND = 5.0  # seconds from a server's SIGKILL to its clients playing on the other one
 
 
