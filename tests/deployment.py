@@ -261,16 +261,41 @@ def _restart_as_replica(old: RedisProcess, new: RedisProcess) -> None:
         at = args.index("--replicaof")
         del args[at:at + 3]
     old.args = args + ["--replicaof", "127.0.0.1", str(new.port), "--replica-priority", "0"]
-    old.start()
+    try:
+        old.start()
+    except RuntimeError as e:  # a replica answers PING with LOADING while it loads the primary's data
+        if "LOADING" not in str(e):
+            raise
+        _wait_for_pong(old)
     old.args = old.args[:-2]  # its priority is set back once in sync; a later restart sets it anew
 
 
+def _wait_for_pong(node: RedisProcess, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = node.client()
+            try:
+                if client("PING") == "PONG":
+                    return
+            finally:
+                client.close()
+        except (OSError, RuntimeError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server on {node.port} did not answer PING")
+        time.sleep(0.05)
+
+
 def _in_sync(node: RedisProcess) -> bool:
-    client = node.client()
     try:
-        info = client("INFO", "replication")
-    finally:
-        client.close()
+        client = node.client()
+        try:
+            info = client("INFO", "replication")
+        finally:
+            client.close()
+    except (OSError, RuntimeError, ConnectionError):  # LOADING, or not up yet
+        return False
     return "master_link_status:up" in info and "master_sync_in_progress:0" in info
 
 
