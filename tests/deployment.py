@@ -9,7 +9,7 @@ servers' URLs (half starting on each), playing a small script in a loop, and a S
 posting signed events with unique ids, alternately to each live server. The schedule: warm up;
 SIGKILL the primary; wait for the Sentinels' new one; restart the old node as its replica, not
 electable until in sync (as an operator replacing a node would: a killed primary restarted as-is
-takes Sentinel ~20 s to demote, and an empty node Sentinel may promote loses everything); later
+takes Sentinel ~20 s to demote, and a node Sentinel promotes before it is in sync loses data); later
 SIGKILL one server (its clients move to the other); run on; stop the load and wait, bounded,
 for every outstanding play. :func:`run` returns the report (plain JSON-able data): plays by
 outcome, plays never answered, how long after each kill plays succeeded again, webhook events
@@ -177,10 +177,11 @@ class Deployment:
         new = await _in_thread(reactor, self.redis.wait_for_new_primary, old, 30.0)
         promoted = reactor.seconds()
         # As an operator replacing the node would: once every Sentinel names the new primary, the
-        # old node comes back (empty: no persistence here) as its replica, with replica-priority 0
-        # until it holds the data. Restarted at once and electable, it was seen promoted, empty,
-        # when the Sentinels briefly took the new primary for down (down-after 1 s, two busy
-        # cores): the acknowledged events were lost with the new primary's data.
+        # old node comes back (no persistence here: empty, or with the stale dump.rdb its last full
+        # sync left) as its replica, with replica-priority 0 until it holds the data. Restarted at
+        # once and electable, it was seen promoted when the Sentinels briefly took the new primary
+        # for down (down-after 1 s, two busy cores): acknowledged events were lost with the new
+        # primary's data.
         await _eventually(reactor, lambda: self._all_name(new), 30, "the Sentinels did not agree on the new primary")
         agreed = reactor.seconds()
         await _in_thread(reactor, _restart_as_replica, old, new)
