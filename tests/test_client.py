@@ -18,7 +18,8 @@ from circles.client.signing import generate, public_key, sign_nonce
 from circles.worker.service import Worker
 from circles.worker.tiny_engine import run as tiny_engine
 
-from .play_client import eventually
+from .play_client import eventually, sleep
+from .redis_server import free_port
 from .support import ROOT, Key
 
 CIRCLE_KEY = generate()
@@ -41,6 +42,21 @@ async def server(redis_server, tls_files):
     yield port.getHost().port
     await maybeDeferred(worker.stopService)
     await maybeDeferred(service.stopService)
+
+
+@pytest_twisted.async_yield_fixture
+async def second_server(server, redis_server, tls_files):
+    """Another server process of the same deployment (same Redis, same circles): stands for a
+    second host; yields ``(port, service)`` so a test may stop it."""
+    service = CirclesService(Config(circles=[CIRCLE, IDLE], auth_required=True, tls=tls.load(tls_files["cert"], tls_files["key"]),
+                                    listen=(), port=0, interface="127.0.0.1", redis_url=redis_server.url),
+                             reactor=reactor)
+    service.startService()
+    [port] = await service.when_listening()
+    await eventually(service.script_runner.is_connected)
+    yield port.getHost().port, service
+    if service.running:
+        await maybeDeferred(service.stopService)
 
 
 def url(port: int, circle: str = CIRCLE, host: str = "localhost") -> str:
@@ -176,3 +192,78 @@ async def test_authenticate_without_pubkey_recovers_it_from_personal_sign(server
     with pytest.raises(RPCError):
         await client.call("authenticate", {"signature": sign_nonce(user, nonce)})
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_moves_on_to_the_next_server(server, second_server, tls_files):
+    """A deployment without a load balancer: when the client's server stops, it goes on over the other."""
+    other, other_service = second_server
+    user = Key()
+    helper = ReconnectingClient([url(other), url(server)], reactor=reactor, key=user.private.secret,
+                                ca=tls_files["ca"], retry_policy=lambda attempt: 0.05)
+    assert helper.urls == [url(other), url(server)]
+    helper.start()
+    try:
+        first = await helper.client()
+        assert helper.url == first.url == url(other)
+        assert await helper.play("CALLER_ID") == user.pubkey
+        await maybeDeferred(other_service.stopService)  # the server "dies" (closes with 1001)
+        await first.when_closed()
+        assert await helper.play("CALLER_ID") == user.pubkey  # over the other server, authenticated anew
+        second = await helper.client()
+        assert helper.url == second.url == url(server)
+        assert await helper.whoami() == {"circle": CIRCLE, "authenticated": True, "pubkey": user.pubkey}
+    finally:
+        await helper.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_in_flight_call_fails_once(server, second_server, tls_files):
+    other, _ = second_server
+    helper = ReconnectingClient([url(other, IDLE), url(server, IDLE)], reactor=reactor, key=generate(),
+                                ca=tls_files["ca"], retry_policy=lambda attempt: 0.05)
+    helper.start()
+    try:
+        first = await helper.client()
+        pending = helper.play("1", timeout=25)  # nobody serves IDLE: it waits
+        await helper.whoami()  # the play is queued at the server by now
+        first._protocol.transport.abortConnection()
+        with pytest.raises(ConnectionClosed, match="before the reply to play arrived"):
+            await pending
+        assert (await helper.whoami())["circle"] == IDLE
+        assert helper.url == url(server, IDLE)
+    finally:
+        await helper.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_rotates_round_robin(server, second_server, tls_files):
+    other, _ = second_server
+    dead = f"wss://localhost:{free_port()}/{CIRCLE}"  # nothing listens: a failed attempt moves on too
+    urls = [url(server), dead, url(other)]
+    helper = ReconnectingClient(urls, reactor=reactor, ca=tls_files["ca"], retry_policy=lambda attempt: 0.01)
+    assert helper.url == url(server)  # before the first attempt: the first URL
+    helper.start()
+    seen = []
+    try:
+        for _ in range(4):
+            client = await helper.client()
+            seen.append(client.url)
+            assert helper.url == client.url
+            assert (await client.whoami())["circle"] == CIRCLE
+            client._protocol.transport.abortConnection()
+            await client.when_closed()
+            await sleep(0)
+    finally:
+        await helper.stop()
+    assert seen == [url(server), url(other), url(server), url(other)]
+
+
+def test_reconnecting_client_urls_must_name_one_circle():
+    with pytest.raises(ValueError, match="must all name the same circle"):
+        ReconnectingClient([url(1000), url(1001, IDLE)], reactor=reactor)
+    with pytest.raises(ValueError, match="no URL given"):
+        ReconnectingClient([], reactor=reactor)
+    with pytest.raises(ValueError, match="names no circle"):
+        ReconnectingClient([url(1000), url(1001, "")], reactor=reactor)
+    assert ReconnectingClient(url(1000), reactor=reactor).urls == [url(1000)]  # one URL, as before

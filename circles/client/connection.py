@@ -26,7 +26,8 @@ ending in the circle's id). ``wss://`` verifies the server's certificate and hos
 ``insecure=True`` turns verification off and is for development only. A certificate that does
 not verify fails with :class:`CertificateNotVerified`, saying why; a refused upgrade with
 :class:`ConnectFailed` carrying its HTTP ``status`` (404: the server does not serve the circle). :class:`ReconnectingClient` keeps a connection
-up, authenticating each new one with a fresh nonce.
+up, authenticating each new one with a fresh nonce; given several servers' URLs for one circle (a
+deployment without a load balancer), it moves on to the next, round robin, when one fails.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import itertools
 import json
 import re
 import ssl
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -46,7 +47,7 @@ from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -206,6 +207,12 @@ class _ClientProtocol(WebSocketClientProtocol):
         self._ids = itertools.count(1)
         self._lost: Optional[Failure] = None
         self.tls: Optional[tuple] = None  # (OpenSSL connection, CA file) over wss://
+        self.url: Optional[str] = None
+
+    def connectionMade(self) -> None:
+        # The URL this connection was made for: a ReconnectingClient's factory moves on to the next.
+        self.url = self.factory.url
+        super().connectionMade()
 
     def onOpen(self) -> None:
         self.tls = None  # verified: nothing to explain
@@ -213,7 +220,7 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def request(self, method: str, params: Any = None) -> Deferred:
         if self.state != self.STATE_OPEN:
-            return fail(ConnectionClosed(f"not connected to {self.factory.url}: cannot call {method}"))
+            return fail(ConnectionClosed(f"not connected to {self.url}: cannot call {method}"))
         request_id = next(self._ids)
         message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
         if params is not None:
@@ -227,14 +234,14 @@ class _ClientProtocol(WebSocketClientProtocol):
         try:
             message = json.loads(payload)
         except ValueError:
-            log.warn("ignored a message that is not JSON from {url}", url=self.factory.url)
+            log.warn("ignored a message that is not JSON from {url}", url=self.url)
             return
         for reply in message if isinstance(message, list) else [message]:
             request_id = reply.get("id") if isinstance(reply, dict) else None
             entry = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if entry is None:
                 # id null: the server could not read a request (-32700/-32600); ours are well formed.
-                log.warn("reply matching no pending call from {url}: {reply!r}", url=self.factory.url, reply=reply)
+                log.warn("reply matching no pending call from {url}: {reply!r}", url=self.url, reply=reply)
                 continue
             d, _ = entry
             if "error" in reply:
@@ -254,13 +261,14 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def _not_opened(self, why: str) -> ConnectFailed:
         """Why the connection did not open, as a user would say it."""
-        url, host, port = self.factory.url, self.factory.host, self.factory.port
+        url = self.url
+        _, host, port, resource, _, _ = parse_url(url)
         status_line = getattr(self, "http_status_line", None) or ""
         status = re.match(r"HTTP/\S+ (\d{3})\s*(.*)", status_line)
         if status and status.group(1) != "101":
             code, reason = int(status.group(1)), status.group(2).strip()
             if code == 404:
-                circle = self.factory.resource.split("?", 1)[0].rsplit("/", 1)[-1]
+                circle = resource.split("?", 1)[0].rsplit("/", 1)[-1]
                 return ConnectFailed(f"cannot open {url}: the server at {host}:{port} does not serve circle "
                                      f"{circle} (HTTP 404 {reason})", status=code)
             return ConnectFailed(f"cannot open {url}: the server at {host}:{port} refused the WebSocket upgrade "
@@ -275,7 +283,7 @@ class _ClientProtocol(WebSocketClientProtocol):
         return ConnectFailed(f"cannot open {url}: {why}")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        url = self.factory.url
+        url = self.url
         why = self._why(code, reason)
         if not self.opened.called:
             self.opened.errback(self._not_opened(why))
@@ -302,7 +310,7 @@ class CircleClient:
 
     def __init__(self, protocol: _ClientProtocol) -> None:
         self._protocol = protocol
-        self.url: str = protocol.factory.url
+        self.url: str = protocol.url
         self.pubkey: Optional[str] = None  # the key this connection authenticated as
 
     def call(self, method: str, params: Any = None) -> Deferred:
@@ -385,26 +393,71 @@ def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = Fal
     return d
 
 
+@implementer(IStreamClientEndpoint)
+class _Rotating:
+    """Each connection attempt to the next of several servers, round robin: the WebSocket
+    factory's session parameters (URL, Host header, resource) are switched to that server's
+    before connecting. ClientService makes one attempt at a time, so no attempt sees another's."""
+
+    def __init__(self, targets: "list[tuple[str, Any]]", factory: WebSocketClientFactory) -> None:
+        self._targets = targets  # (url, endpoint)
+        self._factory = factory
+        self._next = 0
+        self.url: str = targets[0][0]  # the URL of the current or last attempt
+
+    def connect(self, protocol_factory) -> Deferred:
+        self.url, endpoint = self._targets[self._next]
+        self._next = (self._next + 1) % len(self._targets)
+        f = self._factory
+        f.setSessionParameters(url=self.url, origin=f.origin, protocols=f.protocols, useragent=f.useragent,
+                               headers=f.headers, proxy=f.proxy)
+        return endpoint.connect(protocol_factory)
+
+
+def check_urls(urls: Union[str, Sequence[str]]) -> "list[str]":
+    """``urls`` (one URL or several servers' URLs) as a list, each checked by :func:`check_url`;
+    ValueError if there is none or they do not all name the same circle."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("no URL given: give at least one ws:// or wss://host:port/{circle_pk}")
+    circles = {url: check_url(url) for url in urls}
+    if len(set(circles.values())) > 1:
+        raise ValueError("the URLs must all name the same circle (they are servers of one deployment): "
+                         + ", ".join(f"{url} names {circle[:10]}…" for url, circle in circles.items()))
+    return urls
+
+
 class ReconnectingClient:
     """Keeps a connection to ``url`` up, authenticating every new one with a fresh nonce.
+
+    ``url`` may be a sequence of URLs of the same circle on several servers (a deployment with no
+    load balancer in front): the first attempt goes to the first, and after a failed attempt or a
+    lost connection the next attempt goes to the next, round robin, so a client moves on when its
+    server dies. :attr:`url` is the URL of the current (or last attempted) connection,
+    :attr:`urls` all of them.
 
     Calls wait for a live (authenticated, if a key is given) connection. A call in flight when
     the connection drops fails with :class:`ConnectionClosed` and is not repeated; the next
     call goes over the new connection. :meth:`start` begins connecting, :meth:`stop` ends it.
     """
 
-    def __init__(self, url: str, *, reactor, key: Optional[PrivateKeyLike] = None, scheme: str = "eth",
-                 ca: Optional[str] = None, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
-                 retry_policy: Optional[Callable[[int], float]] = None) -> None:
-        check_url(url)
-        self.url = url
+    def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
+                 scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT, retry_policy: Optional[Callable[[int], float]] = None) -> None:
+        self.urls: "list[str]" = check_urls(url)
         self._reactor = reactor
         self._key = None if key is None else private_key(key)
         self._scheme = scheme
-        endpoint = endpoint_for(url, reactor, ca=ca, insecure=insecure, timeout=timeout)
-        self._service = ClientService(endpoint, _factory(url, reactor, timeout),
+        factory = _factory(self.urls[0], reactor, timeout)
+        self._endpoint = _Rotating([(u, endpoint_for(u, reactor, ca=ca, insecure=insecure, timeout=timeout))
+                                    for u in self.urls], factory)
+        self._service = ClientService(self._endpoint, factory,
                                       retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30),
                                       clock=reactor, prepareConnection=self._prepare)
+
+    @property
+    def url(self) -> str:
+        return self._endpoint.url
 
     def _prepare(self, protocol) -> Deferred:
         """Each new connection: wait for the handshake, then authenticate (a fresh nonce)."""
@@ -413,10 +466,10 @@ class ReconnectingClient:
             d.addCallback(lambda _: CircleClient(protocol).authenticate(self._key, self._scheme))
 
         def ready(_):
-            log.info("connected to {url}", url=self.url)
+            log.info("connected to {url}", url=protocol.url)
 
         def failed(failure: Failure):
-            log.warn("connecting to {url} failed: {error}", url=self.url, error=failure.getErrorMessage())
+            log.warn("connecting to {url} failed: {error}", url=protocol.url, error=failure.getErrorMessage())
             return failure
 
         return d.addCallbacks(ready, failed)
