@@ -51,7 +51,8 @@ async def test_a_deployment_loses_nothing_across_a_primary_failover_and_a_server
     # Every acknowledged webhook event is on the final primary, events were acknowledged after the
     # failover too (so this is not vacuous), and a redelivery is recognised across the failover.
     assert webhooks["unanswered"] == 0
-    assert webhooks["missing"] == [] and webhooks["tasks_found"] + len(webhooks["seen_key_only"]) == webhooks["acked"]
+    assert webhooks["missing"] == [] and webhooks["seen_key_only"] == []
+    assert webhooks["tasks_found"] == webhooks["acked"]
     assert webhooks["acked_after_failover"] > 0
     assert webhooks["redelivered"] > 0 and webhooks["redelivered_same_task"] == webhooks["redelivered"]
     assert set(webhooks["by_status"]) <= {"200", "503", "ConnectionRefusedError", "ResponseNeverReceived"}
