@@ -46,6 +46,9 @@ from .webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_h
 
 TINY_WORKER = ["--engine", "circles.worker.tiny_engine:run"]
 SCRIPT, OUTPUT = "let x = 6; x * 7", "42"
+#: What each Stripe event runs (--stripe-script): the tiny engine has no on_stripe_event handler.
+STRIPE_SCRIPT = '`stripe event for ${CONTEXT_ID}`'
+
 
 
 @dataclass
@@ -139,8 +142,12 @@ class Deployment:
         with open(secrets, "w") as f:
             f.write(STRIPE_SECRET + "\n")
         os.chmod(secrets, 0o600)
+        stripe_script = os.path.join(self.directory, "stripe.rhai")
+        with open(stripe_script, "w") as f:
+            f.write(STRIPE_SCRIPT)
         server_args = ["--listen", "tcp:0:interface=127.0.0.1", "-k", self.circle, "--auth", "--redis-url",
-                       self.redis_url, "--stripe-secret-file", secrets, "--shutdown-grace", "2",
+                       self.redis_url, "--stripe-secret-file", secrets, "--stripe-script", stripe_script,
+                       "--shutdown-grace", "2",
                        "--script-timeout", str(self.schedule.play_timeout)]
         if self.schedule.webhook_replica_timeout is not None:
             server_args += ["--webhook-replica-timeout", str(self.schedule.webhook_replica_timeout)]
@@ -505,14 +512,16 @@ def _tasks_found(deployment: Deployment, hooks: "list[_Hook]") -> dict:
     primary = deployment.redis.nodes[0] if deployment.schedule.direct else deployment.redis.primary()
     client = primary.client()
     try:
-        missing, seen_only = [], []
+        missing, seen_only, statuses = [], [], Counter()
         for hook in hooks:
-            if client("EXISTS", f"circles:task:{hook.task_id}"):
+            status = client("HGET", f"circles:task:{hook.task_id}", "status")
+            if status is not None:
+                statuses[status] += 1
                 continue
             seen = "circles:seen:" + StripeEvent.parse(hook.body).dedupe_name(deployment.circle)
             (seen_only if client("EXISTS", seen) else missing).append(hook.event_id)
         return {"primary_port": primary.port, "found": len(hooks) - len(missing) - len(seen_only),
-                "seen_key_only": seen_only, "missing": missing}
+                "seen_key_only": seen_only, "missing": missing, "statuses": dict(sorted(statuses.items()))}
     finally:
         client.close()
 
@@ -632,6 +641,7 @@ def _summary(load: Load, deployment: Deployment, kills: list, began: float, ende
             "acked": len(acked),
             "acked_after_failover": sum(h.sent >= first_failover for h in acked),
             "tasks_found": found["found"],
+            "task_statuses": found["statuses"],  # the workers ran them: completed, unless still to come
             "seen_key_only": found["seen_key_only"],
             "missing": found["missing"],
             "unanswered": sum(h.status is None for h in load.hooks),

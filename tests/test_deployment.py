@@ -53,6 +53,7 @@ async def test_a_deployment_loses_nothing_across_a_primary_failover_and_a_server
     assert webhooks["unanswered"] == 0
     assert webhooks["missing"] == [] and webhooks["seen_key_only"] == []
     assert webhooks["tasks_found"] == webhooks["acked"]
+    assert set(webhooks["task_statuses"]) <= {"pending", "processing", "completed"}  # the events' script ran
     assert webhooks["acked_after_failover"] > 0
     assert webhooks["redelivered"] > 0 and webhooks["redelivered_same_task"] == webhooks["redelivered"]
     assert set(webhooks["by_status"]) <= {"200", "503", "ConnectionRefusedError", "ResponseNeverReceived"}
