@@ -27,6 +27,14 @@ def ready_status(port: int) -> int:
         return e.code
 
 
+def ready_within(port: int, seconds: float) -> int:
+    """``/ready``'s status once it is 200, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while ready_status(port) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ready_status(port)
+
+
 def wait_a_few_retries() -> None:
     time.sleep(5)  # retries back off to one every 2 s: several have failed by then
 
@@ -58,10 +66,7 @@ def test_a_server_that_cannot_reach_its_redis_says_so_once(tmp_path):
         redis = start_redis(tmp_path, redis_port, "hunter2")
         try:
             server.wait_for(f"connected to Redis at redis://127.0.0.1:{redis_port}/0")
-            deadline = time.monotonic() + 30
-            while ready_status(port) != 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert ready_status(port) == 200
+            assert ready_within(port, 30) == 200
         finally:
             stop(redis)
     assert not NOISE.search(server.output), server.output
@@ -139,10 +144,7 @@ def test_a_server_whose_sentinels_are_not_there_yet_says_so_once_then_follows_th
             redis.start_with_password("hunter2")
             primary = redis.nodes[0].port
             server.wait_for(f"connected to Redis at redis+sentinel://{where} (primary 127.0.0.1:{primary})")
-            deadline = time.monotonic() + 30
-            while ready_status(port) != 200 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert ready_status(port) == 200
+            assert ready_within(port, 30) == 200
     finally:
         redis.stop()
     assert not NOISE.search(server.output), server.output
