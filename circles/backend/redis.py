@@ -9,7 +9,7 @@ Accepted URLs::
 
 ``redis+sentinel://`` names a replicated Redis through its Sentinels (port 26379 unless given):
 the primary of ``MASTER_NAME`` is asked of them before every connection, and a connection is
-used only once the node it reaches says it is that primary (:mod:`circles.backend.sentinel`).
+used only once the node it reaches says it is that primary (:func:`connect`).
 The credentials are the data nodes'; ``sentinel_password`` is for Sentinels that have one.
 ``rediss://`` verifies the server as every TLS client here does (:mod:`circles.tls_client`):
 certificate and host name against the platform's trust store, or against the CA file given as
