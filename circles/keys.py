@@ -50,6 +50,10 @@ def _normalize(text: str) -> str:
         raise InvalidKey("public key is not hex") from None
     if len(raw) not in (33, 65):
         raise InvalidKey("public key must be 33 bytes (compressed) or 65 bytes (uncompressed)")
+    # libsecp256k1 also parses the "hybrid" forms 06/07 (SEC 1's uncompressed key with the y
+    # parity in the prefix); no wallet makes them and they would name one circle three ways.
+    if raw[0] not in ((2, 3) if len(raw) == 33 else (4,)):
+        raise InvalidKey("public key must start with 02 or 03 (compressed) or 04 (uncompressed)")
     try:
         key = coincurve.PublicKey(raw)
     except ValueError:

@@ -287,6 +287,16 @@ def test_pubkey_must_be_a_string(value):
         normalize_pubkey(value)
 
 
+def test_hybrid_pubkeys_refused(key):
+    # 06/07 + x + y: libsecp256k1 parses SEC 1's hybrid form; one key must name one circle.
+    raw = bytes.fromhex(key.uncompressed)
+    hybrid = bytes([6 | (raw[-1] & 1)]) + raw[1:]
+    with pytest.raises(InvalidKey, match="must start with 02 or 03"):
+        normalize_pubkey(hybrid.hex())
+    with pytest.raises(InvalidKey, match="must start with 02 or 03"):
+        normalize_pubkey("04" + key.compressed[2:])  # a compressed key's length with 04
+
+
 def test_uncompressed_with_wrong_y_refused(key):
     raw = bytes.fromhex(key.uncompressed)
     y = int.from_bytes(raw[33:], "big")

@@ -102,10 +102,17 @@ class ScriptContext:
     #: Most UTF-8 bytes of output the worker will pass on; an engine that stops a script once
     #: over it (rather than building it all first) keeps its memory bounded. None: no cap given.
     max_output: Optional[int] = None
+    #: Which run of the task this is: 1, or more when a webhook task is run again because the
+    #: worker running it died (at-least-once delivery); the script sees it as CIRCLES_ATTEMPT.
+    attempt: int = 1
+    #: Most bytes of memory the script's values may take (``--max-script-memory``); an engine
+    #: that accounts for what it builds refuses a script past it. None: no bound given.
+    max_memory: Optional[int] = None
 
     def environment(self) -> "dict[str, str]":
         env = {"CONTEXT_ID": self.circle, "CALLER_ID": self.caller,
-               "CIRCLES_SOURCE": self.source, "CIRCLES_TASK_ID": self.task_id}
+               "CIRCLES_SOURCE": self.source, "CIRCLES_TASK_ID": self.task_id,
+               "CIRCLES_ATTEMPT": str(self.attempt)}
         if self.data is not None:
             env["CIRCLES_DATA"] = self.data
         return env
