@@ -38,19 +38,56 @@ Not there (refused): characters (``'a'``), closures, ``switch``, ``do``, ``try``
 modules, string indexing, and the rest of Rhai's standard library.
 
 The output is what ``print`` printed (one line per call) followed by the value of the last
-statement when it has one. Limits keep a script inside the worker's budget: a number of steps
-(every statement, expression and loop turn; building big strings or arrays costs more),
-strings of at most ``MAX_STRING`` characters, nesting and call depth, and the output (checked at
-every ``print``: a script printing in bulk stops once over the cap, it never builds the whole
-output). Values are Python ``int``/``float``/``str``/``bool``/``list``/``dict`` held by the
-evaluator; a script can name nothing else.
+statement when it has one. Values are Python ``int``/``float``/``str``/``bool``/``list``/
+``dict``/``range`` held by the evaluator; a script can name nothing else.
+
+Limits. The engine runs in the worker's reactor, so a script's cost must be bounded by what it
+does, not by how many statements it has: every piece of work is paid for *before* it is done,
+and every value is paid for *as* it is built, never after.
+
+- Work is counted in steps (``MAX_STEPS``): one per statement, expression and loop turn, plus
+  one per ``CHARS_PER_STEP`` characters and one per ``ITEMS_PER_STEP`` items any operation
+  touches: built, copied, compared, searched, sorted or converted to text (internally in
+  ticks, ``TICKS_PER_STEP`` to a step, so small pieces of work add up rather than round to 0).
+  A step costs at most a few microseconds, so a script stops within a second or so.
+- Memory is a running total of what the script allocates (``max_memory`` bytes: the context's,
+  or ``DEFAULT_MAX_MEMORY``): each string, array, map, copy, sort and text conversion adds its
+  size when it is made and nothing is ever taken off, so the total is an upper bound on what the
+  script holds at any time. Sizes are CPython's, rounded up: a string ``STRING_BYTES`` plus 1
+  byte a character if ASCII, 4 otherwise; an array ``ARRAY_BYTES`` plus ``ITEM_BYTES`` an item;
+  a map ``MAP_BYTES`` plus ``MAP_ITEM_BYTES`` an item; and ``STEP_BYTES`` every step (the
+  number, range or scope a step may make). A value held many times is paid for once: an array of
+  2^13 references to one 64 KiB string costs 2^13 items, not 512 MiB.
+- Text is built piece by piece (``to_string``, ``print``, ``debug``, ``${...}``, a string plus
+  anything): each piece is paid for and checked against the result's limit (``MAX_STRING``
+  characters, or the output cap for ``print``) before it is added, so the text of that array
+  stops at the first piece over the limit without ever being built.
+- Equality, ``in`` and ``contains`` walk values with an explicit stack (no recursion), paying
+  per item visited and per character compared; values themselves can nest to any depth.
+
+So no script allocates more than its budget plus a constant (the parse tree of at most
+``MAX_SCRIPT`` characters, a piece of at most ``3 * MAX_STRING`` characters being checked),
+and none works longer than ``MAX_STEPS`` steps. ``run(..., stats=Stats())`` records the steps
+and bytes used.
+
+Audit (what in this file does more than constant work, and what pays for it): tokenizing and
+parsing are linear in the script (at most ``MAX_SCRIPT``); ``==``/``!=``/``in``/``contains``:
+items visited, characters compared; ``<``..``>=`` on strings: characters compared; string
+``+``, ``${}``, ``to_string``, ``print``, ``debug``, the final value: characters built, items
+visited; array ``+``, array and map literals, every copy (``let``, assignment, ``push``,
+arguments, loop variables): items; ``keys``, ``values`` and a map's text: the sort
+(n log n items, key characters); ``to_upper``/``to_lower``: characters; ``for`` over an array:
+its items (a shallow copy), and a step per turn (ranges are never materialised); ``len``,
+``is_empty``, ``pop``, ``type_of``, ``to_int``, ``to_float``, ``abs``, ``range``, indexing and
+numbers: constant (integers are 64-bit, ``**`` and shifts are checked before they are done).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 
@@ -60,8 +97,27 @@ MAX_STRING = 64 * 1024
 MAX_DEPTH = 64  # nesting of expressions and blocks (Rhai's max_expr_depth)
 MAX_CALL_DEPTH = 32
 INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1
-CHARS_PER_STEP = 64  # building a string of n characters costs n // 64 more steps
-ITEMS_PER_STEP = 16  # building or copying n array or map items costs n // 16 more steps
+CHARS_PER_STEP = 64  # n characters built, copied, compared or converted cost n / 64 steps
+ITEMS_PER_STEP = 16  # n array or map items built, copied, visited or sorted cost n / 16 steps
+TICKS_PER_STEP = 64  # the unit of the count: a character is 1 tick, an item 4, a step 64
+CHAR_TICKS = TICKS_PER_STEP // CHARS_PER_STEP
+ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
+#: The memory budget when the context gives none. 64 MiB: well under what a small machine gives
+#: its worker (which runs one tiny-engine script at a time, in its own process), and over what
+#: the try-out's scripts need: the step limit alone lets a script allocate about 10 to 80 MiB
+#: depending on what it builds, so this bites only on the allocation-heavy ones (copying a
+#: 2^15-item array in a loop, building maps by the thousand) and never lets one take the
+#: worker down. ``--max-script-memory`` (``ScriptContext.max_memory``) sets another.
+DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
+# Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the module's docstring).
+STRING_BYTES = 80  # a str's header (49 for ASCII, 74 to 80 otherwise)
+ARRAY_BYTES = 72  # a list's header and GC head
+ITEM_BYTES = 16  # a list's slot (8), with room for the over-allocation of a growing list
+MAP_BYTES = 240  # a dict's header and first table
+MAP_ITEM_BYTES = 96  # a dict entry and its share of the hash table, after growth
+STEP_BYTES = 48  # what one step may make and leave behind: an int (up to 36), a float, a range
+LEVEL_BYTES = 256  # one level of a walk over a nested value (a generator or iterator)
+SORT_ITEM_BYTES = 80  # a sort of a map's items: a 2-tuple (56) and its slot
 
 
 class _Unit:
@@ -628,28 +684,23 @@ def _float_text(value: float) -> str:
     return text if "." in text else text + ".0"
 
 
-def _show(value: Any) -> str:
-    """``to_string``: what ``print`` shows."""
-    if isinstance(value, str):
-        return value
-    if value is UNIT:
-        return ""
-    return _debug(value)
+def _string_bytes(length: int, ascii: bool) -> int:
+    """What a string of ``length`` characters is charged: CPython keeps 1 byte a character for
+    ASCII, up to 4 otherwise."""
+    return STRING_BYTES + length * (1 if ascii else 4)
 
 
-def _debug(value: Any) -> str:
-    """``to_debug``: strings quoted (inside arrays and maps too)."""
+def _utf8_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` (as the output cap counts them)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _scalar_text(value: Any) -> str:
+    """The text of a value that is not a string, array or map (the same for print and debug)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return _float_text(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
-            "\t", "\\t").replace("\r", "\\r") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_debug(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "#{" + ", ".join(f"{_debug(key)}: {_debug(item)}" for key, item in sorted(value.items())) + "}"
     if isinstance(value, range):
         if value.step != 1:
             return f"range({value.start}, {value.stop}, {value.step})"
@@ -659,17 +710,135 @@ def _debug(value: Any) -> str:
     return str(value)
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Rhai's ``==``: numbers compare across int and float, other types only with their own."""
-    if type(a) in (int, float) and type(b) in (int, float):
-        return a == b
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
-    return a == b
+def _quoted(value: str) -> str:
+    """A string as ``debug`` shows it, quoted and escaped: at most ``2 * len(value) + 2`` characters."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
+        "\t", "\\t").replace("\r", "\\r") + '"'
+
+
+def _array_parts(value: list) -> Iterator:
+    """The text of an array as pieces (strings) and items to show (1-tuples)."""
+    yield "["
+    for i, item in enumerate(value):
+        if i:
+            yield ", "
+        yield (item,)
+    yield "]"
+
+
+def _map_parts(ev: "_Evaluator", pos: tuple, value: dict) -> Iterator:
+    """The text of a map (keys in order, quoted) as pieces and items to show."""
+    yield "#{"
+    for i, key in enumerate(ev.sorted_keys(value, pos)):
+        if i:
+            yield ", "
+        yield (key,)
+        yield ": "
+        yield (value[key],)
+    yield "}"
+
+
+class _Text:
+    """A string built from pieces, each one paid for (steps, memory) and checked against the
+    limit before it is added: text that would pass the limit stops at the first piece over it
+    and is never built. (An array holding 2^13 references to one 64 KiB string is cheap to hold,
+    but its text is 512 MiB.) The limit is ``max_chars`` characters, or, for a line of output,
+    ``max_bytes`` UTF-8 bytes (the room left under the output cap)."""
+
+    __slots__ = ("ev", "pos", "pieces", "chars", "bytes", "width", "max_chars", "max_bytes")
+
+    def __init__(self, ev: "_Evaluator", pos: tuple, max_chars: Optional[int] = MAX_STRING,
+                 max_bytes: Optional[int] = None) -> None:
+        self.ev = ev
+        self.pos = pos
+        self.pieces: list = []
+        self.chars = 0
+        self.bytes = 0
+        self.width = 1  # bytes a character of the result takes: 1 while it is ASCII, then 4
+        self.max_chars = max_chars
+        self.max_bytes = max_bytes
+
+    def refuse_past(self, chars: int) -> None:
+        """Refuse now if adding ``chars`` more characters (at least as many bytes) passes the limit."""
+        if self.max_chars is not None and self.chars + chars > self.max_chars:
+            raise _error(self.pos, f"string longer than {MAX_STRING} characters")
+        if self.max_bytes is not None and self.bytes + chars > self.max_bytes:
+            raise OutputTooLarge(self.ev.max_output)
+
+    def add(self, piece: str, new: bool = False) -> None:
+        """Add ``piece``; ``new`` when it was made for this text (not a value the script holds)."""
+        n = len(piece)
+        self.ev.work(self.pos, chars=n)
+        self.refuse_past(n)
+        ascii = piece.isascii()
+        if self.max_bytes is not None:
+            size = n if ascii else _utf8_size(piece)
+            if self.bytes + size > self.max_bytes:
+                raise OutputTooLarge(self.ev.max_output)
+            self.bytes += size
+        width = 1 if ascii else 4
+        cost = ITEM_BYTES + n * max(width, self.width)  # its slot, its characters in the result
+        if width > self.width:  # the result is not ASCII after all: all of it is wider
+            cost += self.chars * (width - self.width)
+            self.width = width
+        if new:
+            cost += _string_bytes(n, ascii)
+        self.ev.allocate(self.pos, cost)
+        self.chars += n
+        self.pieces.append(piece)
+
+    def add_quoted(self, value: str) -> None:
+        self.refuse_past(len(value) + 2)  # escaping only makes it longer
+        self.ev.work(self.pos, chars=len(value))
+        self.add(_quoted(value), new=True)
+
+    def add_value(self, value: Any, debug: bool = False) -> None:
+        """Add ``value``'s text: ``to_string``'s (a string as it is, ``()`` as nothing) or, with
+        ``debug``, ``to_debug``'s. Arrays and maps are walked with a stack of their parts, not
+        by recursion, paying an item for each value visited."""
+        if not debug:
+            if type(value) is str:
+                self.add(value)
+                return
+            if value is UNIT:
+                return
+        ev, pos = self.ev, self.pos
+        levels: list = []
+        part: Any = (value,)
+        while True:
+            if type(part) is str:
+                self.add(part)
+            else:
+                item = part[0]
+                ev.work(pos, items=1)
+                kind = type(item)
+                if kind is list:
+                    ev.allocate(pos, LEVEL_BYTES)
+                    levels.append(_array_parts(item))
+                elif kind is dict:
+                    ev.allocate(pos, LEVEL_BYTES)
+                    levels.append(_map_parts(ev, pos, item))
+                elif kind is str:
+                    self.add_quoted(item)
+                else:
+                    self.add(_scalar_text(item), new=True)
+            while levels:
+                part = next(levels[-1], None)
+                if part is not None:
+                    break
+                levels.pop()
+            else:
+                return
+
+    def text(self) -> str:
+        return "".join(self.pieces)  # paid for piece by piece
+
+
+class _Absent:
+    """The value of a key one map has and the other has not: equal to nothing."""
+
+
+_ABSENT = _Absent()
 
 
 class _Break(Exception):
@@ -693,6 +862,17 @@ class _Variable:
         self.constant = constant
 
 
+@dataclass
+class Stats:
+    """What a run used, for tests and measurements: ``run(script, context, stats=Stats())``
+    fills it in, also when the script is refused."""
+
+    steps: int = 0  # steps charged (rounded up from ticks)
+    memory: int = 0  # bytes accounted: a running total, so also the peak
+    max_steps: int = MAX_STEPS
+    max_memory: int = DEFAULT_MAX_MEMORY
+
+
 class _Evaluator:
     def __init__(self, context: ScriptContext, functions: dict) -> None:
         self.functions = functions
@@ -702,33 +882,188 @@ class _Evaluator:
         self.printed: list = []
         self.size = 0  # UTF-8 bytes of output so far
         self.max_output = DEFAULT_MAX_OUTPUT if context.max_output is None else context.max_output
-        self.steps = 0
+        self.ticks = 0
+        self.max_ticks = MAX_STEPS * TICKS_PER_STEP
+        self.memory = 0
+        self.max_memory = DEFAULT_MAX_MEMORY if context.max_memory is None else context.max_memory
 
-    def output(self, line: str) -> None:
-        """Add a line of output, unless that takes the output over the cap."""
-        self.size += len(line.encode("utf-8", "surrogatepass")) + (1 if self.printed else 0)  # newlines between
-        if self.size > self.max_output:
-            raise OutputTooLarge(self.max_output)
-        self.printed.append(line)
+    # -- what a script pays: call these before the work or the allocation, never after --
 
-    def step(self, pos: tuple, cost: int = 1) -> None:
-        self.steps += cost
-        if self.steps > MAX_STEPS:
+    def step(self, pos: tuple) -> None:
+        """One step: a statement, an expression, a loop turn."""
+        self.ticks += TICKS_PER_STEP
+        self.memory += STEP_BYTES
+        if self.ticks > self.max_ticks:
+            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+        if self.memory > self.max_memory:
+            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
+
+    def work(self, pos: tuple, items: int = 0, chars: int = 0) -> None:
+        """Work in proportion to a size: ``items`` items and ``chars`` characters touched."""
+        self.ticks += items * ITEM_TICKS + chars * CHAR_TICKS
+        if self.ticks > self.max_ticks:
             raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
 
-    def copy(self, value: Any, pos: tuple) -> Any:
-        """Rhai values are values: an array or map stored somewhere new is a copy."""
-        if isinstance(value, list):
-            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
-            return [self.copy(item, pos) for item in value]
-        if isinstance(value, dict):
-            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
-            return {key: self.copy(item, pos) for key, item in value.items()}
-        return value
+    def allocate(self, pos: tuple, size: int) -> None:
+        """``size`` bytes about to be allocated (see the module's docstring for the sizes)."""
+        self.memory += size
+        if self.memory > self.max_memory:
+            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
 
-    def string(self, value: str, pos: tuple) -> str:
-        self.step(pos, len(value) // CHARS_PER_STEP)
-        return _check_string(value, pos)
+    def stats(self, stats: Stats) -> None:
+        stats.steps = -(-self.ticks // TICKS_PER_STEP)
+        stats.memory = self.memory
+        stats.max_steps = MAX_STEPS
+        stats.max_memory = self.max_memory
+
+    # -- output and text --
+
+    def output(self, line: str, pos: tuple, size: Optional[int] = None) -> None:
+        """Add a line of output (``size`` UTF-8 bytes when known), unless that takes the output
+        over the cap: checked before the line is kept."""
+        if size is None:
+            self.work(pos, chars=len(line))
+            size = _utf8_size(line)
+        size += 1 if self.printed else 0  # newlines between lines
+        if self.size + size > self.max_output:
+            raise OutputTooLarge(self.max_output)
+        self.allocate(pos, ITEM_BYTES + len(line) * (1 if line.isascii() else 4))  # the output's join
+        self.size += size
+        self.printed.append(line)
+
+    def show(self, value: Any, pos: tuple, debug: bool = False) -> None:
+        """Output ``value``'s text as a line (``print``, ``debug``, the final value), built no
+        further than the room left under the output cap."""
+        if not debug and type(value) is str:
+            self.output(value, pos)
+            return
+        text = _Text(self, pos, max_chars=None, max_bytes=self.max_output - self.size - (1 if self.printed else 0))
+        text.add_value(value, debug)
+        self.output(text.text(), pos, text.bytes)
+
+    def text_of(self, value: Any, pos: tuple) -> str:
+        """``to_string``: at most ``MAX_STRING`` characters."""
+        if type(value) is str:
+            return value
+        text = _Text(self, pos)
+        text.add_value(value)
+        return text.text()
+
+    def concat(self, a: str, b: str, pos: tuple) -> str:
+        """Two strings joined, refused before it is built if too long."""
+        length = len(a) + len(b)
+        if length > MAX_STRING:
+            raise _error(pos, f"string longer than {MAX_STRING} characters")
+        self.work(pos, chars=length)
+        self.allocate(pos, _string_bytes(length, a.isascii() and b.isascii()))
+        return a + b
+
+    def converted(self, value: str, how, pos: tuple) -> str:
+        """``how(value)`` for a string function whose result may be longer (``to_upper`` of
+        ``"ß"`` is ``"SS"``; at most 3 times): paid for at the length of ``value`` before, the
+        rest after (a transient of at most ``3 * MAX_STRING`` characters)."""
+        self.work(pos, chars=len(value))
+        self.allocate(pos, _string_bytes(len(value), value.isascii()))
+        result = how(value)
+        if len(result) > MAX_STRING:
+            raise _error(pos, f"string longer than {MAX_STRING} characters")
+        extra = _string_bytes(len(result), result.isascii()) - _string_bytes(len(value), value.isascii())
+        if extra > 0:
+            self.allocate(pos, extra)
+        return result
+
+    # -- walking values --
+
+    def copy(self, value: Any, pos: tuple) -> Any:
+        """Rhai values are values: an array or map stored somewhere new is a copy (strings and
+        numbers are immutable, so shared). Copied with a stack, not recursion, a step per array
+        or map and an item per item."""
+        kind = type(value)
+        if kind is not list and kind is not dict:
+            return value
+        result: Any = [] if kind is list else {}
+        pending = [(value, result)]
+        while pending:
+            source, target = pending.pop()
+            self.step(pos)
+            self.work(pos, items=len(source))
+            if type(source) is list:
+                self.allocate(pos, ARRAY_BYTES + len(source) * ITEM_BYTES)
+                append = target.append
+                for item in source:
+                    kind = type(item)
+                    if kind is list or kind is dict:
+                        item_copy = [] if kind is list else {}
+                        pending.append((item, item_copy))
+                        item = item_copy
+                    append(item)
+            else:
+                self.allocate(pos, MAP_BYTES + len(source) * MAP_ITEM_BYTES)
+                for key, item in source.items():
+                    kind = type(item)
+                    if kind is list or kind is dict:
+                        item_copy = [] if kind is list else {}
+                        pending.append((item, item_copy))
+                        item = item_copy
+                    target[key] = item
+        return result
+
+    def equal(self, a: Any, b: Any, pos: tuple) -> bool:
+        """Rhai's ``==``: numbers compare across int and float, other types only with their
+        own, arrays and maps item by item. Walked with a stack (values may nest deeper than any
+        recursion limit), paying an item per pair visited and a character per character
+        compared."""
+        levels: list = []
+        while True:
+            self.work(pos, items=1)
+            ta, tb = type(a), type(b)
+            if ta is not tb:
+                if ta not in (int, float) or tb not in (int, float) or a != b:
+                    return False
+            elif a is b:
+                pass  # one value: equal to itself (no operation makes a NaN)
+            elif ta is str:
+                if len(a) != len(b):
+                    return False
+                self.work(pos, chars=len(a))
+                if a != b:
+                    return False
+            elif ta is list:
+                if len(a) != len(b):
+                    return False
+                self.allocate(pos, LEVEL_BYTES)
+                levels.append(zip(a, b))
+            elif ta is dict:
+                if len(a) != len(b):
+                    return False
+                self.allocate(pos, LEVEL_BYTES)
+                levels.append(self.map_pairs(a, b, pos))
+            elif a != b:  # numbers, bools, ranges (compared in constant time), ()
+                return False
+            while levels:
+                pair = next(levels[-1], None)
+                if pair is not None:
+                    a, b = pair
+                    break
+                levels.pop()
+            else:
+                return True
+
+    def map_pairs(self, a: dict, b: dict, pos: tuple) -> Iterator:
+        """The items of two maps of one size, paired by key (``_ABSENT`` when ``b`` lacks one)."""
+        for key, item in a.items():
+            self.work(pos, chars=len(key))  # finding the key in b compares it
+            yield item, b.get(key, _ABSENT)
+
+    def sorted_keys(self, value: dict, pos: tuple) -> list:
+        """A map's keys in order (``keys``, ``values`` and a map's text give them so), the sort
+        paid for: n log n items, and the keys' characters."""
+        count = len(value)
+        self.work(pos, items=count * max(1, count.bit_length()))
+        self.work(pos, chars=sum(map(len, value)))
+        self.allocate(pos, ARRAY_BYTES + count * ITEM_BYTES)
+        return sorted(value)
+
 
     # -- variables --
 
@@ -803,7 +1138,8 @@ class _Evaluator:
         if isinstance(iterable, range):
             items = iterable
         elif isinstance(iterable, list):
-            self.step(pos, len(iterable) // ITEMS_PER_STEP)
+            self.work(pos, items=len(iterable))
+            self.allocate(pos, ARRAY_BYTES + len(iterable) * ITEM_BYTES)
             items = list(iterable)  # as in Rhai, changing the array in the loop does not change the loop
         elif isinstance(iterable, str):
             raise _error(iterable_node[1], "iterating over a string's characters is not supported by this engine")
@@ -841,6 +1177,8 @@ class _Evaluator:
             if not isinstance(container, dict):
                 raise _error(target[1], f"cannot set a property of {type_name(container)}")
             self.step(pos)
+            if target[3] not in container:
+                self.allocate(pos, MAP_ITEM_BYTES)
             container[target[3]] = value
             return
         index = self.expression(target[3])
@@ -848,6 +1186,9 @@ class _Evaluator:
             if not isinstance(index, str):
                 raise _error(target[1], "a map's key must be a string")
             self.step(pos)
+            self.work(pos, chars=len(index))  # hashing the key, comparing it
+            if index not in container:
+                self.allocate(pos, MAP_ITEM_BYTES)
             container[index] = value
         elif isinstance(container, list):
             container[self.position(container, index, target[1])] = value
@@ -908,6 +1249,7 @@ class _Evaluator:
             if isinstance(container, dict):
                 if not isinstance(index, str):
                     raise _error(pos, "a map's key must be a string")
+                self.work(pos, chars=len(index))  # hashing the key, comparing it
                 return container.get(index, UNIT)
             if isinstance(container, str):
                 raise _error(pos, "indexing a string is not supported by this engine")
@@ -918,13 +1260,21 @@ class _Evaluator:
                 raise _error(pos, f"{type_name(container)} has no property {node[3]}")
             return container.get(node[3], UNIT)
         if kind == "array":
-            self.step(pos, len(node[2]) // ITEMS_PER_STEP)
+            self.work(pos, items=len(node[2]))
+            self.allocate(pos, ARRAY_BYTES + len(node[2]) * ITEM_BYTES)
             return [self.copy(self.expression(item), pos) for item in node[2]]
         if kind == "map":
+            self.work(pos, items=len(node[2]))
+            self.allocate(pos, MAP_BYTES + len(node[2]) * MAP_ITEM_BYTES)
             return {key: self.copy(self.expression(item), pos) for key, item in node[2]}
         if kind == "tmpl":
-            pieces = [part if isinstance(part, str) else _show(self.block(part)) for part in node[2]]
-            return self.string("".join(pieces), pos)
+            text = _Text(self, pos)
+            for part in node[2]:
+                if isinstance(part, str):
+                    text.add(part)
+                else:
+                    text.add_value(self.block(part))
+            return text.text()
         if kind == "if":
             _, _, condition, then, otherwise = node
             if self.condition(condition):
@@ -950,9 +1300,9 @@ class _Evaluator:
     def binary(self, op: str, a: Any, b: Any, pos: tuple) -> Any:
         ta, tb = type(a), type(b)
         if op == "==":
-            return _equal(a, b)
+            return self.equal(a, b, pos)
         if op == "!=":
-            return not _equal(a, b)
+            return not self.equal(a, b, pos)
         if op == "in":
             return self.contains(b, a, pos)
         numbers = ta in (int, float) and tb in (int, float)
@@ -961,14 +1311,22 @@ class _Evaluator:
                 if ta is not tb and not numbers:
                     return False  # as in Rhai: values of different types are not ordered
                 raise _error(pos, f"cannot compare {type_name(a)} {op} {type_name(b)}")
+            if ta is str:
+                self.work(pos, chars=min(len(a), len(b)))
             return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
         if op == "+":
             if ta is str or tb is str:
                 if a is UNIT or b is UNIT:
                     return a if b is UNIT else b
-                return self.string(_show(a) + _show(b), pos)
+                if ta is str and tb is str:
+                    return self.concat(a, b, pos)
+                text = _Text(self, pos)
+                text.add_value(a)
+                text.add_value(b)
+                return text.text()
             if ta is list and tb is list:
-                self.step(pos, (len(a) + len(b)) // ITEMS_PER_STEP)
+                self.work(pos, items=len(a) + len(b))
+                self.allocate(pos, ARRAY_BYTES + (len(a) + len(b)) * ITEM_BYTES)
                 return a + self.copy(b, pos)
         if op in ("..", "..="):
             if ta is not int or tb is not int:
@@ -991,7 +1349,7 @@ class _Evaluator:
         except (OverflowError, ValueError):
             result = math.nan
         if not math.isfinite(result):
-            raise _error(pos, f"the result of {_show(a)} {op} {_show(b)} is not a finite number")
+            raise _error(pos, f"the result of {_float_text(a)} {op} {_float_text(b)} is not a finite number")
         return result
 
     @staticmethod
@@ -1020,11 +1378,12 @@ class _Evaluator:
 
     def contains(self, container: Any, item: Any, pos: tuple) -> bool:
         if isinstance(container, list):
-            self.step(pos, len(container) // ITEMS_PER_STEP)
-            return any(_equal(element, item) for element in container)
+            return any(self.equal(element, item, pos) for element in container)
         if isinstance(container, str) and isinstance(item, str):
+            self.work(pos, chars=len(container) + len(item))  # CPython's search is linear
             return item in container
         if isinstance(container, dict) and isinstance(item, str):
+            self.work(pos, chars=len(item))  # hashing it, comparing it
             return item in container
         if isinstance(container, range) and type(item) is int:
             return item in container
@@ -1081,12 +1440,12 @@ def _wrong(name: str, pos: tuple, *args):
 
 
 def _print(ev: _Evaluator, pos, value):
-    ev.output(_show(value))
+    ev.show(value, pos)
     return UNIT
 
 
 def _debug_print(ev: _Evaluator, pos, value):
-    ev.output(_debug(value))
+    ev.show(value, pos, debug=True)
     return UNIT
 
 
@@ -1103,6 +1462,7 @@ def _is_empty(ev, pos, value):
 def _push(ev, pos, array, item):
     if not isinstance(array, list):
         return _wrong("push", pos, array, item)
+    ev.allocate(pos, ITEM_BYTES)
     array.append(ev.copy(item, pos))
     return UNIT
 
@@ -1120,18 +1480,19 @@ def _contains(ev, pos, container, item):
 def _keys(ev, pos, value):
     if not isinstance(value, dict):
         return _wrong("keys", pos, value)
-    ev.step(pos, len(value) // ITEMS_PER_STEP)
-    return sorted(value)
+    return ev.sorted_keys(value, pos)
 
 
 def _values(ev, pos, value):
     if not isinstance(value, dict):
         return _wrong("values", pos, value)
-    return [ev.copy(value[key], pos) for key in sorted(value)]
+    keys = ev.sorted_keys(value, pos)
+    ev.allocate(pos, ARRAY_BYTES + len(keys) * ITEM_BYTES)
+    return [ev.copy(value[key], pos) for key in keys]
 
 
 def _to_string(ev, pos, value):
-    return ev.string(_show(value), pos)
+    return ev.text_of(value, pos)
 
 
 def _to_int(ev, pos, value):
@@ -1159,13 +1520,13 @@ def _abs(ev, pos, value):
 def _to_upper(ev, pos, value):
     if not isinstance(value, str):
         return _wrong("to_upper", pos, value)
-    return ev.string(value.upper(), pos)
+    return ev.converted(value, str.upper, pos)
 
 
 def _to_lower(ev, pos, value):
     if not isinstance(value, str):
         return _wrong("to_lower", pos, value)
-    return ev.string(value.lower(), pos)
+    return ev.converted(value, str.lower, pos)
 
 
 def _type_of(ev, pos, value):
@@ -1187,8 +1548,9 @@ BUILTINS = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is
 MUTATING = {"push", "pop"}
 
 
-def run(script: str, context: ScriptContext) -> str:
-    """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``)."""
+def run(script: str, context: ScriptContext, stats: Optional[Stats] = None) -> str:
+    """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``);
+    ``stats``, if given, is filled in with what the run used (also when it is refused)."""
     if len(script) > MAX_SCRIPT:
         raise EngineError(f"script longer than {MAX_SCRIPT} characters")
     functions: dict = {}
@@ -1206,7 +1568,10 @@ def run(script: str, context: ScriptContext) -> str:
         except (_Break, _Continue):
             raise EngineError("break or continue outside a loop") from None
         if value is not UNIT:
-            evaluator.output(_show(value))
+            evaluator.show(value, tree[2][-1][1] if tree[2] else tree[1])
     except RecursionError:
         raise EngineError("script nested too deeply") from None
+    finally:
+        if stats is not None:
+            evaluator.stats(stats)
     return output_of_lines(evaluator.printed)
