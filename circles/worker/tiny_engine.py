@@ -87,6 +87,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import chain, repeat
 from typing import Any, Iterator, Optional
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
@@ -102,6 +103,7 @@ ITEMS_PER_STEP = 16  # n array or map items built, copied, visited or sorted cos
 TICKS_PER_STEP = 64  # the unit of the count: a character is 1 tick, an item 4, a step 64
 CHAR_TICKS = TICKS_PER_STEP // CHARS_PER_STEP
 ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
+TEXT_ITEMS = 3  # a value put into text costs 3 items: it takes about 3 times as long as comparing it
 #: The memory budget when the context gives none. 64 MiB: well under what a small machine gives
 #: its worker (which runs one tiny-engine script at a time, in its own process), and over what
 #: the try-out's scripts need: the step limit alone lets a script allocate about 10 to 80 MiB
@@ -110,7 +112,8 @@ ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
 #: worker down. ``--max-script-memory`` (``ScriptContext.max_memory``) sets another.
 DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
 # Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the module's docstring).
-STRING_BYTES = 80  # a str's header (49 for ASCII, 74 to 80 otherwise)
+ASCII_BYTES = 56  # an ASCII str's header (49), rounded up as the allocator does
+STRING_BYTES = 80  # any other str's header (74 to 80)
 ARRAY_BYTES = 72  # a list's header and GC head
 ITEM_BYTES = 16  # a list's slot (8), with room for the over-allocation of a growing list
 MAP_BYTES = 240  # a dict's header and first table
@@ -555,26 +558,32 @@ class _Parser:
         return self.postfix(self.primary())
 
     def postfix(self, node: tuple) -> tuple:
-        while True:
-            kind, value, pos = self.token
-            if kind != "op":
-                return node
-            if value == "[":
-                self.take()
-                index = self.expression()
-                self.expect("]")
-                node = ("index", pos, node, index)
-            elif value == ".":
-                self.take()
-                name_kind, name, name_pos = self.take()
-                if name_kind != "name":
-                    raise _error(name_pos, "expected a property or method name after '.'")
-                if self.at("("):
-                    node = ("call", name_pos, name, [node] + self.arguments(), True)
+        """Indexing, properties and method calls after ``node``: each one a level of nesting
+        (``a[0][0]...`` is evaluated by recursion, as deep as it is long)."""
+        levels = 0
+        try:
+            while True:
+                kind, value, pos = self.token
+                if kind != "op" or value not in ("[", "."):
+                    return node
+                self.nest(pos)
+                levels += 1
+                if value == "[":
+                    self.take()
+                    index = self.expression()
+                    self.expect("]")
+                    node = ("index", pos, node, index)
                 else:
-                    node = ("field", name_pos, node, name)
-            else:
-                return node
+                    self.take()
+                    name_kind, name, name_pos = self.take()
+                    if name_kind != "name":
+                        raise _error(name_pos, "expected a property or method name after '.'")
+                    if self.at("("):
+                        node = ("call", name_pos, name, [node] + self.arguments(), True)
+                    else:
+                        node = ("field", name_pos, node, name)
+        finally:
+            self.depth -= levels
 
     def arguments(self) -> list:
         self.expect("(")
@@ -687,7 +696,7 @@ def _float_text(value: float) -> str:
 def _string_bytes(length: int, ascii: bool) -> int:
     """What a string of ``length`` characters is charged: CPython keeps 1 byte a character for
     ASCII, up to 4 otherwise."""
-    return STRING_BYTES + length * (1 if ascii else 4)
+    return ASCII_BYTES + length if ascii else STRING_BYTES + 4 * length
 
 
 def _utf8_size(text: str) -> int:
@@ -697,6 +706,8 @@ def _utf8_size(text: str) -> int:
 
 def _scalar_text(value: Any) -> str:
     """The text of a value that is not a string, array or map (the same for print and debug)."""
+    if type(value) is int:
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -714,28 +725,6 @@ def _quoted(value: str) -> str:
     """A string as ``debug`` shows it, quoted and escaped: at most ``2 * len(value) + 2`` characters."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
         "\t", "\\t").replace("\r", "\\r") + '"'
-
-
-def _array_parts(value: list) -> Iterator:
-    """The text of an array as pieces (strings) and items to show (1-tuples)."""
-    yield "["
-    for i, item in enumerate(value):
-        if i:
-            yield ", "
-        yield (item,)
-    yield "]"
-
-
-def _map_parts(ev: "_Evaluator", pos: tuple, value: dict) -> Iterator:
-    """The text of a map (keys in order, quoted) as pieces and items to show."""
-    yield "#{"
-    for i, key in enumerate(ev.sorted_keys(value, pos)):
-        if i:
-            yield ", "
-        yield (key,)
-        yield ": "
-        yield (value[key],)
-    yield "}"
 
 
 class _Text:
@@ -768,13 +757,15 @@ class _Text:
     def add(self, piece: str, new: bool = False) -> None:
         """Add ``piece``; ``new`` when it was made for this text (not a value the script holds)."""
         n = len(piece)
-        self.ev.work(self.pos, chars=n)
-        self.refuse_past(n)
+        ev = self.ev
+        ev.work(self.pos, chars=n)
+        if self.max_chars is not None and self.chars + n > self.max_chars:
+            raise _error(self.pos, f"string longer than {MAX_STRING} characters")
         ascii = piece.isascii()
         if self.max_bytes is not None:
             size = n if ascii else _utf8_size(piece)
             if self.bytes + size > self.max_bytes:
-                raise OutputTooLarge(self.ev.max_output)
+                raise OutputTooLarge(ev.max_output)
             self.bytes += size
         width = 1 if ascii else 4
         cost = ITEM_BYTES + n * max(width, self.width)  # its slot, its characters in the result
@@ -783,19 +774,21 @@ class _Text:
             self.width = width
         if new:
             cost += _string_bytes(n, ascii)
-        self.ev.allocate(self.pos, cost)
+        ev.allocate(self.pos, cost)
         self.chars += n
         self.pieces.append(piece)
 
-    def add_quoted(self, value: str) -> None:
-        self.refuse_past(len(value) + 2)  # escaping only makes it longer
+    def add_quoted(self, value: str, before: str = "", after: str = "") -> None:
+        """Add ``before``, ``value`` quoted and escaped as ``debug`` shows it, and ``after``."""
+        self.refuse_past(len(before) + len(value) + 2 + len(after))  # escaping only makes it longer
         self.ev.work(self.pos, chars=len(value))
-        self.add(_quoted(value), new=True)
+        self.add(before + _quoted(value) + after, new=True)
 
     def add_value(self, value: Any, debug: bool = False) -> None:
         """Add ``value``'s text: ``to_string``'s (a string as it is, ``()`` as nothing) or, with
-        ``debug``, ``to_debug``'s. Arrays and maps are walked with a stack of their parts, not
-        by recursion, paying an item for each value visited."""
+        ``debug``, ``to_debug``'s. Arrays and maps are walked with a stack of iterators, not by
+        recursion; each value put into text costs ``TEXT_ITEMS`` items (it takes about that much
+        longer than comparing it), and its characters."""
         if not debug:
             if type(value) is str:
                 self.add(value)
@@ -803,32 +796,41 @@ class _Text:
             if value is UNIT:
                 return
         ev, pos = self.ev, self.pos
-        levels: list = []
-        part: Any = (value,)
+        levels: list = []  # (iterator of (text before, value), text after) for each open level
+        deepest = 0  # levels paid for: the walk holds at most that many at once
+        before, item = "", value
         while True:
-            if type(part) is str:
-                self.add(part)
-            else:
-                item = part[0]
-                ev.work(pos, items=1)
-                kind = type(item)
+            ev.work(pos, items=TEXT_ITEMS)
+            kind = type(item)
+            if kind is list or kind is dict:
+                if len(levels) == deepest:
+                    ev.allocate(pos, LEVEL_BYTES)
+                    deepest += 1
                 if kind is list:
-                    ev.allocate(pos, LEVEL_BYTES)
-                    levels.append(_array_parts(item))
-                elif kind is dict:
-                    ev.allocate(pos, LEVEL_BYTES)
-                    levels.append(_map_parts(ev, pos, item))
-                elif kind is str:
-                    self.add_quoted(item)
+                    self.add(before + "[", new=True)
+                    levels.append((zip(chain(("",), repeat(", ")), item), "]"))
                 else:
-                    self.add(_scalar_text(item), new=True)
+                    self.add(before + "#{", new=True)
+                    levels.append((self.map_items(item), "}"))
+            elif kind is str:
+                self.add_quoted(item, before)
+            else:
+                self.add(before + _scalar_text(item), new=True)
             while levels:
-                part = next(levels[-1], None)
-                if part is not None:
+                pair = next(levels[-1][0], None)
+                if pair is not None:
+                    before, item = pair
                     break
-                levels.pop()
+                self.add(levels.pop()[1])
             else:
                 return
+
+    def map_items(self, value: dict) -> Iterator:
+        """A map's items in key order, each with the text before it: ``, "key": ``."""
+        for i, key in enumerate(self.ev.sorted_keys(value, self.pos)):
+            self.refuse_past(len(key) + 6)
+            self.ev.work(self.pos, chars=len(key))
+            yield (", " if i else "") + _quoted(key) + ": ", value[key]
 
     def text(self) -> str:
         return "".join(self.pieces)  # paid for piece by piece
@@ -1014,6 +1016,7 @@ class _Evaluator:
         recursion limit), paying an item per pair visited and a character per character
         compared."""
         levels: list = []
+        deepest = 0  # levels paid for: the walk holds at most that many at once
         while True:
             self.work(pos, items=1)
             ta, tb = type(a), type(b)
@@ -1031,15 +1034,16 @@ class _Evaluator:
             elif ta is list:
                 if len(a) != len(b):
                     return False
-                self.allocate(pos, LEVEL_BYTES)
                 levels.append(zip(a, b))
             elif ta is dict:
                 if len(a) != len(b):
                     return False
-                self.allocate(pos, LEVEL_BYTES)
                 levels.append(self.map_pairs(a, b, pos))
             elif a != b:  # numbers, bools, ranges (compared in constant time), ()
                 return False
+            if len(levels) > deepest:
+                self.allocate(pos, LEVEL_BYTES)
+                deepest += 1
             while levels:
                 pair = next(levels[-1], None)
                 if pair is not None:
@@ -1196,11 +1200,15 @@ class _Evaluator:
             raise _error(target[1], f"cannot index into {type_name(container)} to assign")
 
     def place(self, node: tuple) -> Any:
-        """The array or map an assignment or a mutating method changes; refuses constants."""
+        """The array or map an assignment or a mutating method changes; refuses constants. Not
+        in a variable (``(a + b)[0]``, ``if c { a } else { b }[0]``), it is a temporary: a copy,
+        so that changing it changes no variable (as in Rhai)."""
         root = node
         while root[0] in ("index", "field"):
             root = root[2]
-        if root[0] == "var" and self.lookup(root[2], root[1]).constant:
+        if root[0] != "var":
+            return self.copy(self.expression(node), node[1])
+        if self.lookup(root[2], root[1]).constant:
             raise _error(root[1], f"cannot change the constant {root[2]}")
         return self.expression(node)
 
