@@ -42,44 +42,50 @@ statement when it has one. Values are Python ``int``/``float``/``str``/``bool``/
 ``dict``/``range`` held by the evaluator; a script can name nothing else.
 
 Limits. The engine runs in the worker's reactor, so a script's cost must be bounded by what it
-does, not by how many statements it has: every piece of work is paid for *before* it is done,
-and every value is paid for *as* it is built, never after.
+does, not by how many statements it has: all work is paid for *before* it is done, and every
+value *as* it is built, never after.
 
 - Work is counted in steps (``MAX_STEPS``): one per statement, expression and loop turn, plus
-  one per ``CHARS_PER_STEP`` characters and one per ``ITEMS_PER_STEP`` items any operation
-  touches: built, copied, compared, searched, sorted or converted to text (internally in
-  ticks, ``TICKS_PER_STEP`` to a step, so small pieces of work add up rather than round to 0).
-  A step costs at most a few microseconds, so a script stops within a second or so.
-- Memory is a running total of what the script allocates (``max_memory`` bytes: the context's,
-  or ``DEFAULT_MAX_MEMORY``): each string, array, map, copy, sort and text conversion adds its
-  size when it is made and nothing is ever taken off, so the total is an upper bound on what the
-  script holds at any time. Sizes are CPython's, rounded up: a string ``STRING_BYTES`` plus 1
-  byte a character if ASCII, 4 otherwise; an array ``ARRAY_BYTES`` plus ``ITEM_BYTES`` an item;
-  a map ``MAP_BYTES`` plus ``MAP_ITEM_BYTES`` an item; and ``STEP_BYTES`` every step (the
-  number, range or scope a step may make). A value held many times is paid for once: an array of
-  2^13 references to one 64 KiB string costs 2^13 items, not 512 MiB.
-- Text is built piece by piece (``to_string``, ``print``, ``debug``, ``${...}``, a string plus
-  anything): each piece is paid for and checked against the result's limit (``MAX_STRING``
-  characters, or the output cap for ``print``) before it is added, so the text of that array
-  stops at the first piece over the limit without ever being built.
-- Equality, ``in`` and ``contains`` walk values with an explicit stack (no recursion), paying
-  per item visited and per character compared; values themselves can nest to any depth.
+  one per ``CHARS_PER_STEP`` characters and one per ``ITEMS_PER_STEP`` items an operation
+  builds, copies, compares, searches, sorts or turns into text (a value turned into text counts
+  as ``TEXT_ITEMS`` items: it takes that much longer). Counted in ticks, ``TICKS_PER_STEP`` to a
+  step, so that small pieces of work add up instead of rounding to nothing. The most expensive
+  step measured takes about 6 microseconds, so no script runs much longer than half a second.
+- Memory is a running total of what the script allocates, against ``max_memory`` bytes (the
+  context's, or ``DEFAULT_MAX_MEMORY``): every string, array, map, copy, sort and piece of text
+  adds its size as it is made, and nothing is taken off when it is dropped, so the total bounds
+  what the script holds at any time (it overstates it: sound and simple). Sizes are CPython's,
+  rounded up: a string ``ASCII_BYTES`` plus a byte a character if ASCII, else ``STRING_BYTES``
+  plus 4 bytes a character; an array ``ARRAY_BYTES`` plus ``ITEM_BYTES`` an item; a map
+  ``MAP_BYTES`` plus ``MAP_ITEM_BYTES`` an item; ``STEP_BYTES`` a step (the number, range or
+  scope it may make); ``LEVEL_BYTES`` a level of a walk. A value held many times is paid for
+  once: an array of 2^13 references to one 64 KiB string costs 2^13 items, not 512 MiB.
+- Text (``to_string``, ``print``, ``debug``, ``${...}``, a string plus another value, the final
+  value) is built piece by piece, each piece paid for and checked against the result's limit
+  (``MAX_STRING`` characters, or the room left under the output cap) *before* it is added: the
+  text of that array is refused at its first piece over the limit, never built.
+- Equality, ``in``, copies and text walk values with a stack, not recursion (values may nest
+  deeper than Python's recursion limit); the script's own nesting (expressions, blocks, index
+  and method chains: ``MAX_DEPTH``) and calls (``MAX_CALL_DEPTH``) are bounded.
 
-So no script allocates more than its budget plus a constant (the parse tree of at most
-``MAX_SCRIPT`` characters, a piece of at most ``3 * MAX_STRING`` characters being checked),
-and none works longer than ``MAX_STEPS`` steps. ``run(..., stats=Stats())`` records the steps
-and bytes used.
+A refusal is an EngineError: ``line L, column C: script too long: more than 100000 steps``,
+``line L, column C: script memory limit exceeded (67108864 bytes)``, ``line L, column C: string
+longer than 65536 characters``, or OutputTooLarge. Python allocates no more than the budget plus
+a constant (the parse tree of at most ``MAX_SCRIPT`` characters, a piece of at most
+``3 * MAX_STRING`` characters being checked). ``run(..., stats=Stats())`` records what was used.
 
-Audit (what in this file does more than constant work, and what pays for it): tokenizing and
-parsing are linear in the script (at most ``MAX_SCRIPT``); ``==``/``!=``/``in``/``contains``:
-items visited, characters compared; ``<``..``>=`` on strings: characters compared; string
-``+``, ``${}``, ``to_string``, ``print``, ``debug``, the final value: characters built, items
-visited; array ``+``, array and map literals, every copy (``let``, assignment, ``push``,
-arguments, loop variables): items; ``keys``, ``values`` and a map's text: the sort
-(n log n items, key characters); ``to_upper``/``to_lower``: characters; ``for`` over an array:
-its items (a shallow copy), and a step per turn (ranges are never materialised); ``len``,
-``is_empty``, ``pop``, ``type_of``, ``to_int``, ``to_float``, ``abs``, ``range``, indexing and
-numbers: constant (integers are 64-bit, ``**`` and shifts are checked before they are done).
+Audit of every operator and builtin for work that grows with its operands (and what pays for
+it): ``==``, ``!=``, ``in``, ``contains``: items visited, characters compared (keys too);
+``<``, ``<=``, ``>``, ``>=`` on strings: characters; string ``+``, ``${}``, ``to_string``,
+``print``, ``debug``: characters built, values visited; array ``+``, array and map literals,
+every copy (``let``, assignment, ``push``, arguments, loop variables, a changed temporary):
+items; ``keys``, ``values``, a map's text: the sort, n log n items and the keys' characters;
+``to_upper``, ``to_lower``: characters; a string key (``m[k]``, ``k in m``): its characters (the
+hash); ``for`` over an array: a shallow copy, then a step a turn (ranges are never
+materialised, whatever their length). Constant: ``len``, ``is_empty``, ``pop``, ``type_of``,
+``to_int``, ``to_float``, ``abs``, ``range``, ``..``, indexing, properties, and arithmetic
+(integers are 64-bit: ``**`` and shifts are refused before they could grow). Tokenizing and
+parsing are linear in the script, at most ``MAX_SCRIPT`` characters.
 """
 
 from __future__ import annotations
@@ -104,12 +110,12 @@ TICKS_PER_STEP = 64  # the unit of the count: a character is 1 tick, an item 4, 
 CHAR_TICKS = TICKS_PER_STEP // CHARS_PER_STEP
 ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
 TEXT_ITEMS = 3  # a value put into text costs 3 items: it takes about 3 times as long as comparing it
-#: The memory budget when the context gives none. 64 MiB: well under what a small machine gives
-#: its worker (which runs one tiny-engine script at a time, in its own process), and over what
-#: the try-out's scripts need: the step limit alone lets a script allocate about 10 to 80 MiB
-#: depending on what it builds, so this bites only on the allocation-heavy ones (copying a
-#: 2^15-item array in a loop, building maps by the thousand) and never lets one take the
-#: worker down. ``--max-script-memory`` (``ScriptContext.max_memory``) sets another.
+#: The memory budget when the context gives none (``--max-script-memory`` sets another). 64 MiB:
+#: a worker runs one tiny-engine script at a time, so this is about all a play can add to the
+#: worker's own 30 to 60 MB, which a small machine affords; and it is more than the try-out's
+#: scripts need: the step limit alone lets a script account about 5 MiB for its steps, 25 MiB
+#: copying arrays, 150 MiB copying maps, so the budget bites only on scripts that copy big
+#: values over and over, which are refused here rather than by the machine.
 DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
 # Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the module's docstring).
 ASCII_BYTES = 56  # an ASCII str's header (49), rounded up as the allocator does
@@ -893,24 +899,27 @@ class _Evaluator:
 
     def step(self, pos: tuple) -> None:
         """One step: a statement, an expression, a loop turn."""
+        if self.ticks + TICKS_PER_STEP > self.max_ticks:
+            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+        if self.memory + STEP_BYTES > self.max_memory:
+            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
         self.ticks += TICKS_PER_STEP
         self.memory += STEP_BYTES
-        if self.ticks > self.max_ticks:
-            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
-        if self.memory > self.max_memory:
-            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
 
     def work(self, pos: tuple, items: int = 0, chars: int = 0) -> None:
-        """Work in proportion to a size: ``items`` items and ``chars`` characters touched."""
-        self.ticks += items * ITEM_TICKS + chars * CHAR_TICKS
-        if self.ticks > self.max_ticks:
+        """Work in proportion to a size: ``items`` items and ``chars`` characters touched.
+        Refused (and not counted) if it would take the script past its steps."""
+        ticks = self.ticks + items * ITEM_TICKS + chars * CHAR_TICKS
+        if ticks > self.max_ticks:
             raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+        self.ticks = ticks
 
     def allocate(self, pos: tuple, size: int) -> None:
-        """``size`` bytes about to be allocated (see the module's docstring for the sizes)."""
-        self.memory += size
-        if self.memory > self.max_memory:
+        """``size`` bytes about to be allocated (see the module's docstring for the sizes).
+        Refused (and not counted) if they would take the script past its budget."""
+        if self.memory + size > self.max_memory:
             raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
+        self.memory += size
 
     def stats(self, stats: Stats) -> None:
         stats.steps = -(-self.ticks // TICKS_PER_STEP)
