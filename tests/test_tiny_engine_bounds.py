@@ -111,6 +111,7 @@ def test_text_of_shared_references_is_refused_before_it_is_built(times, use, err
     result, stats, peak = measured(shared_refs(times) + use)
     assert isinstance(result, EngineError), result
     assert re.search(error, str(result)), str(result)
+    assert isinstance(result, OutputTooLarge) == (error == OUTPUT_ERROR)
     assert_within_budget(stats, peak)
     assert peak < 8 * 1024 * 1024  # the output cap (1 MiB) and the array, not 512 MiB
 
