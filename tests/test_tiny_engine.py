@@ -80,6 +80,7 @@ I64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
     ("fn first(a) { for x in a { return x; } () }\nfirst([7, 8])", "7"),
     ("fn f(a) { a.push(9); a }\nlet a = [1]; print(f(a)); a", "[1, 9]\n[1]"),
     ("fn f() { 1 } fn f(x) { x } f() + f(2)", "3"),
+    ("let a = [[1]]; let b = [[2]]; (a + b)[0].push(5); a", "[[1]]"),  # a temporary changes no variable
     ("40 + 2; fn later() { 1 }", "42"),
     # Arrays and maps are values.
     ("let a = [1, 2, 3]; a.push(4); a", "[1, 2, 3, 4]"),
@@ -224,6 +225,8 @@ def test_errors_carry_line_and_column_first():
     ("{" * 5000, "nested too deeply"),
     ("#{a: " * 5000, "nested too deeply"),
     ("`${" * 3000 + "1" + "}`" * 3000, "nested too deeply"),
+    ("let a = [1]; a" + "[0]" * 5000, "nested too deeply"),
+    ("CALLER_ID" + ".len().to_string()" * 2000, "nested too deeply"),
     ("fn f() { f() } f()", "too many nested function calls"),
     ("fn f(n) { [f(n + 1)] } f(0)", "too many nested function calls|nested too deeply"),
     ("loop { }", f"script too long: more than {MAX_STEPS} steps"),

@@ -71,8 +71,8 @@ value *as* it is built, never after.
 A refusal is an EngineError: ``line L, column C: script too long: more than 100000 steps``,
 ``line L, column C: script memory limit exceeded (67108864 bytes)``, ``line L, column C: string
 longer than 65536 characters``, or OutputTooLarge. Python allocates no more than the budget plus
-a constant (the parse tree of at most ``MAX_SCRIPT`` characters, a piece of at most
-``3 * MAX_STRING`` characters being checked). ``run(..., stats=Stats())`` records what was used.
+a constant: the tokens and parse tree of the script (about 15 MiB at most, for ``MAX_SCRIPT``
+characters), and a piece of at most ``3 * MAX_STRING`` characters being checked. ``run(..., stats=Stats())`` records what was used.
 
 Audit of every operator and builtin for work that grows with its operands (and what pays for
 it): ``==``, ``!=``, ``in``, ``contains``: items visited, characters compared (keys too);
