@@ -420,3 +420,29 @@ def test_output_cap_from_the_context():
     with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
         run('print("abcdeé")', capped)  # bytes, not characters: 6 characters, 7 bytes
     assert run(_big_printer(15), CONTEXT) == "\n".join(["x" * 65536] * 15)  # under the default 1 MiB
+
+
+def _rhai_float(value: float) -> str:
+    """How Rhai shows an f64, written independently with Decimal: positional from 1e-13 to
+    1e13, exponent form outside, always with the shortest digits that read back the same."""
+    from decimal import Decimal
+    if value == 0:
+        return "-0.0" if str(value).startswith("-") else "0.0"
+    decimal = Decimal(repr(value))
+    if abs(value) >= 1e13 or abs(value) < 1e-13:
+        sign, digits, exponent = decimal.as_tuple()
+        mantissa = "".join(map(str, digits)).rstrip("0") or "0"
+        text = mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
+        return ("-" if sign else "") + f"{text}e{exponent + len(digits) - 1}"
+    text = format(decimal, "f")
+    return text if "." in text else text + ".0"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                 st.floats(min_value=1e-15, max_value=1e17), st.floats(min_value=-1e-3, max_value=1e-3)))
+def test_floats_are_shown_as_rhai_shows_them(value):
+    literal = repr(abs(value))
+    script = f"-{literal}" if str(value).startswith("-") else literal
+    assert run(script, CONTEXT) == _rhai_float(value)
+    assert run(f"[{script}]", CONTEXT) == f"[{_rhai_float(value)}]"

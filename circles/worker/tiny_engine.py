@@ -48,7 +48,8 @@ value *as* it is built, never after.
 - Work is counted in steps (``MAX_STEPS``): one per statement, expression and loop turn, plus
   one per ``CHARS_PER_STEP`` characters and one per ``ITEMS_PER_STEP`` items an operation
   builds, copies, compares, searches, sorts or turns into text (a value turned into text counts
-  as ``TEXT_ITEMS`` items: it takes that much longer). Counted in ticks, ``TICKS_PER_STEP`` to a
+  as ``TEXT_ITEMS`` items, an array or map entered by a walk ``LEVEL_ITEMS`` more: they take
+  that much longer). Counted in ticks, ``TICKS_PER_STEP`` to a
   step, so that small pieces of work add up instead of rounding to nothing. The most expensive
   step measured takes about 6 microseconds, so no script runs much longer than half a second.
 - Memory is a running total of what the script allocates, against ``max_memory`` bytes (the
@@ -92,7 +93,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from decimal import Decimal
 from itertools import chain, repeat
 from typing import Any, Iterator, Optional
 
@@ -110,6 +110,7 @@ TICKS_PER_STEP = 64  # the unit of the count: a character is 1 tick, an item 4, 
 CHAR_TICKS = TICKS_PER_STEP // CHARS_PER_STEP
 ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
 TEXT_ITEMS = 3  # a value put into text costs 3 items: it takes about 3 times as long as comparing it
+LEVEL_ITEMS = 4  # entering an array or map in a walk (equality, text) costs 4 items more
 #: The memory budget when the context gives none (``--max-script-memory`` sets another). 64 MiB:
 #: a worker runs one tiny-engine script at a time, so this is about all a play can add to the
 #: worker's own 30 to 60 MB, which a small machine affords; and it is more than the try-out's
@@ -160,6 +161,14 @@ ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'"
 
 def _error(pos: tuple, message: str) -> EngineError:
     return EngineError(f"line {pos[0]}, column {pos[1]}: {message}")
+
+
+def _too_long(pos: tuple) -> EngineError:
+    return _error(pos, f"script too long: more than {MAX_STEPS} steps")
+
+
+def _out_of_memory(pos: tuple, budget: int) -> EngineError:
+    return _error(pos, f"script memory limit exceeded ({budget} bytes)")
 
 
 # --- tokens: (kind, value, (line, column)); kinds: int float str tmpl name kw op eof ---
@@ -558,8 +567,10 @@ class _Parser:
             self.nest(pos)
             operand = self.unary()
             self.depth -= 1
-            if value == "-" and operand[0] == "lit" and type(operand[2]) in (int, float):
+            if value == "-" and operand[0] == "lit" and type(operand[2]) is int:
                 return ("lit", pos, _check_int(-operand[2], pos))
+            if value == "-" and operand[0] == "lit" and type(operand[2]) is float:
+                return ("lit", pos, -operand[2])  # -1e300 is a float, not an integer overflow
             return ("unary", pos, value, operand)
         return self.postfix(self.primary())
 
@@ -685,18 +696,22 @@ def type_name(value: Any) -> str:
 
 
 def _float_text(value: float) -> str:
-    """A float as Rhai shows it: ``3.0``, ``0.5``; exponent form outside 1e-13..1e13."""
+    """A float as Rhai shows it: ``3.0``, ``0.5``; exponent form outside 1e-13..1e13. From the
+    digits of ``repr`` (the shortest that read back the same, as Rhai prints), rearranged."""
     if value == 0:
         return "0.0" if math.copysign(1, value) > 0 else "-0.0"
-    decimal = Decimal(repr(value))
-    if abs(value) >= 1e13 or abs(value) < 1e-13:
-        sign, digits, exponent = decimal.as_tuple()
-        mantissa = "".join(map(str, digits)).rstrip("0") or "0"
-        exponent += len(digits) - 1
-        text = mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
-        return ("-" if sign else "") + f"{text}e{exponent}"
-    text = format(decimal, "f")
-    return text if "." in text else text + ".0"
+    text = repr(value)
+    size = abs(value)
+    if 1e-4 <= size < 1e13:
+        return text  # repr is positional here, as Rhai is
+    sign = "-" if value < 0 else ""
+    mantissa, _, exponent = text.lstrip("-").partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    power = int(exponent or 0) + len(whole) - 1
+    digits = (whole + fraction).rstrip("0")
+    if size >= 1e13 or size < 1e-13:
+        return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{power}"
+    return f"{sign}0.{'0' * (-power - 1)}{digits}"
 
 
 def _string_bytes(length: int, ascii: bool) -> int:
@@ -761,10 +776,14 @@ class _Text:
             raise OutputTooLarge(self.ev.max_output)
 
     def add(self, piece: str, new: bool = False) -> None:
-        """Add ``piece``; ``new`` when it was made for this text (not a value the script holds)."""
+        """Add ``piece``; ``new`` when it was made for this text (not a value the script holds).
+        (The evaluator's ``work`` and ``allocate``, inlined: this is the walk's inner loop.)"""
         n = len(piece)
         ev = self.ev
-        ev.work(self.pos, chars=n)
+        ticks = ev.ticks + n * CHAR_TICKS
+        if ticks > ev.max_ticks:
+            raise _too_long(self.pos)
+        ev.ticks = ticks
         if self.max_chars is not None and self.chars + n > self.max_chars:
             raise _error(self.pos, f"string longer than {MAX_STRING} characters")
         ascii = piece.isascii()
@@ -773,14 +792,19 @@ class _Text:
             if self.bytes + size > self.max_bytes:
                 raise OutputTooLarge(ev.max_output)
             self.bytes += size
-        width = 1 if ascii else 4
-        cost = ITEM_BYTES + n * max(width, self.width)  # its slot, its characters in the result
-        if width > self.width:  # the result is not ASCII after all: all of it is wider
-            cost += self.chars * (width - self.width)
-            self.width = width
-        if new:
-            cost += _string_bytes(n, ascii)
-        ev.allocate(self.pos, cost)
+        if ascii:
+            cost = ITEM_BYTES + n * self.width  # its slot, its characters in the result
+            if new:
+                cost += ASCII_BYTES + n
+        else:
+            cost = ITEM_BYTES + 4 * n + self.chars * (4 - self.width)  # all of the result is wider now
+            self.width = 4
+            if new:
+                cost += STRING_BYTES + 4 * n
+        memory = ev.memory + cost
+        if memory > ev.max_memory:
+            raise _out_of_memory(self.pos, ev.max_memory)
+        ev.memory = memory
         self.chars += n
         self.pieces.append(piece)
 
@@ -809,6 +833,7 @@ class _Text:
             ev.work(pos, items=TEXT_ITEMS)
             kind = type(item)
             if kind is list or kind is dict:
+                ev.work(pos, items=LEVEL_ITEMS)
                 if len(levels) == deepest:
                     ev.allocate(pos, LEVEL_BYTES)
                     deepest += 1
@@ -900,9 +925,9 @@ class _Evaluator:
     def step(self, pos: tuple) -> None:
         """One step: a statement, an expression, a loop turn."""
         if self.ticks + TICKS_PER_STEP > self.max_ticks:
-            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+            raise _too_long(pos)
         if self.memory + STEP_BYTES > self.max_memory:
-            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
+            raise _out_of_memory(pos, self.max_memory)
         self.ticks += TICKS_PER_STEP
         self.memory += STEP_BYTES
 
@@ -911,14 +936,14 @@ class _Evaluator:
         Refused (and not counted) if it would take the script past its steps."""
         ticks = self.ticks + items * ITEM_TICKS + chars * CHAR_TICKS
         if ticks > self.max_ticks:
-            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+            raise _too_long(pos)
         self.ticks = ticks
 
     def allocate(self, pos: tuple, size: int) -> None:
         """``size`` bytes about to be allocated (see the module's docstring for the sizes).
         Refused (and not counted) if they would take the script past its budget."""
         if self.memory + size > self.max_memory:
-            raise _error(pos, f"script memory limit exceeded ({self.max_memory} bytes)")
+            raise _out_of_memory(pos, self.max_memory)
         self.memory += size
 
     def stats(self, stats: Stats) -> None:
@@ -1043,10 +1068,12 @@ class _Evaluator:
             elif ta is list:
                 if len(a) != len(b):
                     return False
+                self.work(pos, items=LEVEL_ITEMS)
                 levels.append(zip(a, b))
             elif ta is dict:
                 if len(a) != len(b):
                     return False
+                self.work(pos, items=LEVEL_ITEMS)
                 levels.append(self.map_pairs(a, b, pos))
             elif a != b:  # numbers, bools, ranges (compared in constant time), ()
                 return False
