@@ -127,7 +127,6 @@ MAP_BYTES = 240  # a dict's header and first table
 MAP_ITEM_BYTES = 96  # a dict entry and its share of the hash table, after growth
 STEP_BYTES = 48  # what one step may make and leave behind: an int (up to 36), a float, a range
 LEVEL_BYTES = 256  # one level of a walk over a nested value (a generator or iterator)
-SORT_ITEM_BYTES = 80  # a sort of a map's items: a 2-tuple (56) and its slot
 
 
 class _Unit:
@@ -808,11 +807,11 @@ class _Text:
         self.chars += n
         self.pieces.append(piece)
 
-    def add_quoted(self, value: str, before: str = "", after: str = "") -> None:
-        """Add ``before``, ``value`` quoted and escaped as ``debug`` shows it, and ``after``."""
-        self.refuse_past(len(before) + len(value) + 2 + len(after))  # escaping only makes it longer
+    def add_quoted(self, value: str, before: str = "") -> None:
+        """Add ``before`` and ``value`` quoted and escaped, as ``debug`` shows it."""
+        self.refuse_past(len(before) + len(value) + 2)  # escaping only makes it longer
         self.ev.work(self.pos, chars=len(value))
-        self.add(before + _quoted(value) + after, new=True)
+        self.add(before + _quoted(value), new=True)
 
     def add_value(self, value: Any, debug: bool = False) -> None:
         """Add ``value``'s text: ``to_string``'s (a string as it is, ``()`` as nothing) or, with
