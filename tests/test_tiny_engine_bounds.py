@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -155,7 +156,7 @@ def test_the_attacks_in_a_child_process_stay_under_the_budget():
         print(json.dumps({"baseline": baseline, "peak": vm("VmHWM"), "results": results}))
     """)
     done = subprocess.run([sys.executable, "-c", child], input=json.dumps(attacks), capture_output=True,
-                          text=True, timeout=120, check=True)
+                          text=True, timeout=120, check=True, cwd=Path(tiny_engine.__file__).parents[2])
     report = json.loads(done.stdout)
     for message, steps, memory in report["results"]:
         assert message != "ok" and re.search(REFUSALS, message), message
