@@ -80,6 +80,7 @@ I64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
     ("fn first(a) { for x in a { return x; } () }\nfirst([7, 8])", "7"),
     ("fn f(a) { a.push(9); a }\nlet a = [1]; print(f(a)); a", "[1, 9]\n[1]"),
     ("fn f() { 1 } fn f(x) { x } f() + f(2)", "3"),
+    ("let a = [[1]]; let b = [[2]]; (a + b)[0].push(5); a", "[[1]]"),  # a temporary changes no variable
     ("40 + 2; fn later() { 1 }", "42"),
     # Arrays and maps are values.
     ("let a = [1, 2, 3]; a.push(4); a", "[1, 2, 3, 4]"),
@@ -224,6 +225,8 @@ def test_errors_carry_line_and_column_first():
     ("{" * 5000, "nested too deeply"),
     ("#{a: " * 5000, "nested too deeply"),
     ("`${" * 3000 + "1" + "}`" * 3000, "nested too deeply"),
+    ("let a = [1]; a" + "[0]" * 5000, "nested too deeply"),
+    ("CALLER_ID" + ".len().to_string()" * 2000, "nested too deeply"),
     ("fn f() { f() } f()", "too many nested function calls"),
     ("fn f(n) { [f(n + 1)] } f(0)", "too many nested function calls|nested too deeply"),
     ("loop { }", f"script too long: more than {MAX_STEPS} steps"),
@@ -417,3 +420,29 @@ def test_output_cap_from_the_context():
     with pytest.raises(EngineError, match="^output too large: more than 6 bytes$"):
         run('print("abcdeé")', capped)  # bytes, not characters: 6 characters, 7 bytes
     assert run(_big_printer(15), CONTEXT) == "\n".join(["x" * 65536] * 15)  # under the default 1 MiB
+
+
+def _rhai_float(value: float) -> str:
+    """How Rhai shows an f64, written independently with Decimal: positional from 1e-13 to
+    1e13, exponent form outside, always with the shortest digits that read back the same."""
+    from decimal import Decimal
+    if value == 0:
+        return "-0.0" if str(value).startswith("-") else "0.0"
+    decimal = Decimal(repr(value))
+    if abs(value) >= 1e13 or abs(value) < 1e-13:
+        sign, digits, exponent = decimal.as_tuple()
+        mantissa = "".join(map(str, digits)).rstrip("0") or "0"
+        text = mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
+        return ("-" if sign else "") + f"{text}e{exponent + len(digits) - 1}"
+    text = format(decimal, "f")
+    return text if "." in text else text + ".0"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                 st.floats(min_value=1e-15, max_value=1e17), st.floats(min_value=-1e-3, max_value=1e-3)))
+def test_floats_are_shown_as_rhai_shows_them(value):
+    literal = repr(abs(value))
+    script = f"-{literal}" if str(value).startswith("-") else literal
+    assert run(script, CONTEXT) == _rhai_float(value)
+    assert run(f"[{script}]", CONTEXT) == f"[{_rhai_float(value)}]"

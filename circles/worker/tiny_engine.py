@@ -38,19 +38,63 @@ Not there (refused): characters (``'a'``), closures, ``switch``, ``do``, ``try``
 modules, string indexing, and the rest of Rhai's standard library.
 
 The output is what ``print`` printed (one line per call) followed by the value of the last
-statement when it has one. Limits keep a script inside the worker's budget: a number of steps
-(every statement, expression and loop turn; building big strings or arrays costs more),
-strings of at most ``MAX_STRING`` characters, nesting and call depth, and the output (checked at
-every ``print``: a script printing in bulk stops once over the cap, it never builds the whole
-output). Values are Python ``int``/``float``/``str``/``bool``/``list``/``dict`` held by the
-evaluator; a script can name nothing else.
+statement when it has one. Values are Python ``int``/``float``/``str``/``bool``/``list``/
+``dict``/``range`` held by the evaluator; a script can name nothing else.
+
+Limits. The engine runs in the worker's reactor, so a script's cost must be bounded by what it
+does, not by how many statements it has: all work is paid for *before* it is done, and every
+value *as* it is built, never after.
+
+- Work is counted in steps (``MAX_STEPS``): one per statement, expression and loop turn, plus
+  one per ``CHARS_PER_STEP`` characters and one per ``ITEMS_PER_STEP`` items an operation
+  builds, copies, compares, searches, sorts or turns into text (a value turned into text counts
+  as ``TEXT_ITEMS`` items, an array or map entered by a walk ``LEVEL_ITEMS`` more: they take
+  that much longer). Counted in ticks, ``TICKS_PER_STEP`` to a
+  step, so that small pieces of work add up instead of rounding to nothing. The most expensive
+  step measured takes about 6 microseconds, so no script runs much longer than half a second.
+- Memory is a running total of what the script allocates, against ``max_memory`` bytes (the
+  context's, or ``DEFAULT_MAX_MEMORY``): every string, array, map, copy, sort and piece of text
+  adds its size as it is made, and nothing is taken off when it is dropped, so the total bounds
+  what the script holds at any time (it overstates it: sound and simple). Sizes are CPython's,
+  rounded up: a string ``ASCII_BYTES`` plus a byte a character if ASCII, else ``STRING_BYTES``
+  plus 4 bytes a character; an array ``ARRAY_BYTES`` plus ``ITEM_BYTES`` an item; a map
+  ``MAP_BYTES`` plus ``MAP_ITEM_BYTES`` an item; ``STEP_BYTES`` a step (the number, range or
+  scope it may make); ``LEVEL_BYTES`` a level of a walk. A value held many times is paid for
+  once: an array of 2^13 references to one 64 KiB string costs 2^13 items, not 512 MiB.
+- Text (``to_string``, ``print``, ``debug``, ``${...}``, a string plus another value, the final
+  value) is built piece by piece, each piece paid for and checked against the result's limit
+  (``MAX_STRING`` characters, or the room left under the output cap) *before* it is added: the
+  text of that array is refused at its first piece over the limit, never built.
+- Equality, ``in``, copies and text walk values with a stack, not recursion (values may nest
+  deeper than Python's recursion limit); the script's own nesting (expressions, blocks, index
+  and method chains: ``MAX_DEPTH``) and calls (``MAX_CALL_DEPTH``) are bounded.
+
+A refusal is an EngineError: ``line L, column C: script too long: more than 100000 steps``,
+``line L, column C: script memory limit exceeded (67108864 bytes)``, ``line L, column C: string
+longer than 65536 characters``, or OutputTooLarge. Python allocates no more than the budget plus
+a constant: the tokens and parse tree of the script (about 15 MiB at most, for ``MAX_SCRIPT``
+characters), and a piece of at most ``3 * MAX_STRING`` characters being checked. ``run(..., stats=Stats())`` records what was used.
+
+Audit of every operator and builtin for work that grows with its operands (and what pays for
+it): ``==``, ``!=``, ``in``, ``contains``: items visited, characters compared (keys too);
+``<``, ``<=``, ``>``, ``>=`` on strings: characters; string ``+``, ``${}``, ``to_string``,
+``print``, ``debug``: characters built, values visited; array ``+``, array and map literals,
+every copy (``let``, assignment, ``push``, arguments, loop variables, a changed temporary):
+items; ``keys``, ``values``, a map's text: the sort, n log n items and the keys' characters;
+``to_upper``, ``to_lower``: characters; a string key (``m[k]``, ``k in m``): its characters (the
+hash); ``for`` over an array: a shallow copy, then a step a turn (ranges are never
+materialised, whatever their length). Constant: ``len``, ``is_empty``, ``pop``, ``type_of``,
+``to_int``, ``to_float``, ``abs``, ``range``, ``..``, indexing, properties, and arithmetic
+(integers are 64-bit: ``**`` and shifts are refused before they could grow). Tokenizing and
+parsing are linear in the script, at most ``MAX_SCRIPT`` characters.
 """
 
 from __future__ import annotations
 
 import math
-from decimal import Decimal
-from typing import Any
+from dataclasses import dataclass
+from itertools import chain, repeat
+from typing import Any, Iterator, Optional
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 
@@ -60,8 +104,29 @@ MAX_STRING = 64 * 1024
 MAX_DEPTH = 64  # nesting of expressions and blocks (Rhai's max_expr_depth)
 MAX_CALL_DEPTH = 32
 INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1
-CHARS_PER_STEP = 64  # building a string of n characters costs n // 64 more steps
-ITEMS_PER_STEP = 16  # building or copying n array or map items costs n // 16 more steps
+CHARS_PER_STEP = 64  # n characters built, copied, compared or converted cost n / 64 steps
+ITEMS_PER_STEP = 16  # n array or map items built, copied, visited or sorted cost n / 16 steps
+TICKS_PER_STEP = 64  # the unit of the count: a character is 1 tick, an item 4, a step 64
+CHAR_TICKS = TICKS_PER_STEP // CHARS_PER_STEP
+ITEM_TICKS = TICKS_PER_STEP // ITEMS_PER_STEP
+TEXT_ITEMS = 3  # a value put into text costs 3 items: it takes about 3 times as long as comparing it
+LEVEL_ITEMS = 4  # entering an array or map in a walk (equality, text) costs 4 items more
+#: The memory budget when the context gives none (``--max-script-memory`` sets another). 64 MiB:
+#: a worker runs one tiny-engine script at a time, so this is about all a play can add to the
+#: worker's own 30 to 60 MB, which a small machine affords; and it is more than the try-out's
+#: scripts need: the step limit alone lets a script account about 5 MiB for its steps, 25 MiB
+#: copying arrays, 150 MiB copying maps, so the budget bites only on scripts that copy big
+#: values over and over, which are refused here rather than by the machine.
+DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
+# Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the module's docstring).
+ASCII_BYTES = 56  # an ASCII str's header (49), rounded up as the allocator does
+STRING_BYTES = 80  # any other str's header (74 to 80)
+ARRAY_BYTES = 72  # a list's header and GC head
+ITEM_BYTES = 16  # a list's slot (8), with room for the over-allocation of a growing list
+MAP_BYTES = 240  # a dict's header and first table
+MAP_ITEM_BYTES = 96  # a dict entry and its share of the hash table, after growth
+STEP_BYTES = 48  # what one step may make and leave behind: an int (up to 36), a float, a range
+LEVEL_BYTES = 256  # one level of a walk over a nested value (a generator or iterator)
 
 
 class _Unit:
@@ -95,6 +160,14 @@ ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'"
 
 def _error(pos: tuple, message: str) -> EngineError:
     return EngineError(f"line {pos[0]}, column {pos[1]}: {message}")
+
+
+def _too_long(pos: tuple) -> EngineError:
+    return _error(pos, f"script too long: more than {MAX_STEPS} steps")
+
+
+def _out_of_memory(pos: tuple, budget: int) -> EngineError:
+    return _error(pos, f"script memory limit exceeded ({budget} bytes)")
 
 
 # --- tokens: (kind, value, (line, column)); kinds: int float str tmpl name kw op eof ---
@@ -493,32 +566,40 @@ class _Parser:
             self.nest(pos)
             operand = self.unary()
             self.depth -= 1
-            if value == "-" and operand[0] == "lit" and type(operand[2]) in (int, float):
+            if value == "-" and operand[0] == "lit" and type(operand[2]) is int:
                 return ("lit", pos, _check_int(-operand[2], pos))
+            if value == "-" and operand[0] == "lit" and type(operand[2]) is float:
+                return ("lit", pos, -operand[2])  # -1e300 is a float, not an integer overflow
             return ("unary", pos, value, operand)
         return self.postfix(self.primary())
 
     def postfix(self, node: tuple) -> tuple:
-        while True:
-            kind, value, pos = self.token
-            if kind != "op":
-                return node
-            if value == "[":
-                self.take()
-                index = self.expression()
-                self.expect("]")
-                node = ("index", pos, node, index)
-            elif value == ".":
-                self.take()
-                name_kind, name, name_pos = self.take()
-                if name_kind != "name":
-                    raise _error(name_pos, "expected a property or method name after '.'")
-                if self.at("("):
-                    node = ("call", name_pos, name, [node] + self.arguments(), True)
+        """Indexing, properties and method calls after ``node``: each one a level of nesting
+        (``a[0][0]...`` is evaluated by recursion, as deep as it is long)."""
+        levels = 0
+        try:
+            while True:
+                kind, value, pos = self.token
+                if kind != "op" or value not in ("[", "."):
+                    return node
+                self.nest(pos)
+                levels += 1
+                if value == "[":
+                    self.take()
+                    index = self.expression()
+                    self.expect("]")
+                    node = ("index", pos, node, index)
                 else:
-                    node = ("field", name_pos, node, name)
-            else:
-                return node
+                    self.take()
+                    name_kind, name, name_pos = self.take()
+                    if name_kind != "name":
+                        raise _error(name_pos, "expected a property or method name after '.'")
+                    if self.at("("):
+                        node = ("call", name_pos, name, [node] + self.arguments(), True)
+                    else:
+                        node = ("field", name_pos, node, name)
+        finally:
+            self.depth -= levels
 
     def arguments(self) -> list:
         self.expect("(")
@@ -614,42 +695,43 @@ def type_name(value: Any) -> str:
 
 
 def _float_text(value: float) -> str:
-    """A float as Rhai shows it: ``3.0``, ``0.5``; exponent form outside 1e-13..1e13."""
+    """A float as Rhai shows it: ``3.0``, ``0.5``; exponent form outside 1e-13..1e13. From the
+    digits of ``repr`` (the shortest that read back the same, as Rhai prints), rearranged."""
     if value == 0:
         return "0.0" if math.copysign(1, value) > 0 else "-0.0"
-    decimal = Decimal(repr(value))
-    if abs(value) >= 1e13 or abs(value) < 1e-13:
-        sign, digits, exponent = decimal.as_tuple()
-        mantissa = "".join(map(str, digits)).rstrip("0") or "0"
-        exponent += len(digits) - 1
-        text = mantissa[0] + ("." + mantissa[1:] if len(mantissa) > 1 else "")
-        return ("-" if sign else "") + f"{text}e{exponent}"
-    text = format(decimal, "f")
-    return text if "." in text else text + ".0"
+    text = repr(value)
+    size = abs(value)
+    if 1e-4 <= size < 1e13:
+        return text  # repr is positional here, as Rhai is
+    sign = "-" if value < 0 else ""
+    mantissa, _, exponent = text.lstrip("-").partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    power = int(exponent or 0) + len(whole) - 1
+    digits = (whole + fraction).rstrip("0")
+    if size >= 1e13 or size < 1e-13:
+        return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{power}"
+    return f"{sign}0.{'0' * (-power - 1)}{digits}"
 
 
-def _show(value: Any) -> str:
-    """``to_string``: what ``print`` shows."""
-    if isinstance(value, str):
-        return value
-    if value is UNIT:
-        return ""
-    return _debug(value)
+def _string_bytes(length: int, ascii: bool) -> int:
+    """What a string of ``length`` characters is charged: CPython keeps 1 byte a character for
+    ASCII, up to 4 otherwise."""
+    return ASCII_BYTES + length if ascii else STRING_BYTES + 4 * length
 
 
-def _debug(value: Any) -> str:
-    """``to_debug``: strings quoted (inside arrays and maps too)."""
+def _utf8_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` (as the output cap counts them)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _scalar_text(value: Any) -> str:
+    """The text of a value that is not a string, array or map (the same for print and debug)."""
+    if type(value) is int:
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return _float_text(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
-            "\t", "\\t").replace("\r", "\\r") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_debug(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "#{" + ", ".join(f"{_debug(key)}: {_debug(item)}" for key, item in sorted(value.items())) + "}"
     if isinstance(value, range):
         if value.step != 1:
             return f"range({value.start}, {value.stop}, {value.step})"
@@ -659,17 +741,136 @@ def _debug(value: Any) -> str:
     return str(value)
 
 
-def _equal(a: Any, b: Any) -> bool:
-    """Rhai's ``==``: numbers compare across int and float, other types only with their own."""
-    if type(a) in (int, float) and type(b) in (int, float):
-        return a == b
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
-    return a == b
+def _quoted(value: str) -> str:
+    """A string as ``debug`` shows it, quoted and escaped: at most ``2 * len(value) + 2`` characters."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
+        "\t", "\\t").replace("\r", "\\r") + '"'
+
+
+class _Text:
+    """A string built from pieces, each one paid for (steps, memory) and checked against the
+    limit before it is added: text that would pass the limit stops at the first piece over it
+    and is never built. (An array holding 2^13 references to one 64 KiB string is cheap to hold,
+    but its text is 512 MiB.) The limit is ``max_chars`` characters, or, for a line of output,
+    ``max_bytes`` UTF-8 bytes (the room left under the output cap)."""
+
+    __slots__ = ("ev", "pos", "pieces", "chars", "bytes", "width", "max_chars", "max_bytes")
+
+    def __init__(self, ev: "_Evaluator", pos: tuple, max_chars: Optional[int] = MAX_STRING,
+                 max_bytes: Optional[int] = None) -> None:
+        self.ev = ev
+        self.pos = pos
+        self.pieces: list = []
+        self.chars = 0
+        self.bytes = 0
+        self.width = 1  # bytes a character of the result takes: 1 while it is ASCII, then 4
+        self.max_chars = max_chars
+        self.max_bytes = max_bytes
+
+    def refuse_past(self, chars: int) -> None:
+        """Refuse now if adding ``chars`` more characters (at least as many bytes) passes the limit."""
+        if self.max_chars is not None and self.chars + chars > self.max_chars:
+            raise _error(self.pos, f"string longer than {MAX_STRING} characters")
+        if self.max_bytes is not None and self.bytes + chars > self.max_bytes:
+            raise OutputTooLarge(self.ev.max_output)
+
+    def add(self, piece: str, new: bool = False) -> None:
+        """Add ``piece``; ``new`` when it was made for this text (not a value the script holds).
+        (The evaluator's ``work`` and ``allocate``, inlined: this is the walk's inner loop.)"""
+        n = len(piece)
+        ev = self.ev
+        ticks = ev.ticks + n * CHAR_TICKS
+        if ticks > ev.max_ticks:
+            raise _too_long(self.pos)
+        ev.ticks = ticks
+        if self.max_chars is not None and self.chars + n > self.max_chars:
+            raise _error(self.pos, f"string longer than {MAX_STRING} characters")
+        ascii = piece.isascii()
+        if self.max_bytes is not None:
+            size = n if ascii else _utf8_size(piece)
+            if self.bytes + size > self.max_bytes:
+                raise OutputTooLarge(ev.max_output)
+            self.bytes += size
+        if ascii:
+            cost = ITEM_BYTES + n * self.width  # its slot, its characters in the result
+            if new:
+                cost += ASCII_BYTES + n
+        else:
+            cost = ITEM_BYTES + 4 * n + self.chars * (4 - self.width)  # all of the result is wider now
+            self.width = 4
+            if new:
+                cost += STRING_BYTES + 4 * n
+        memory = ev.memory + cost
+        if memory > ev.max_memory:
+            raise _out_of_memory(self.pos, ev.max_memory)
+        ev.memory = memory
+        self.chars += n
+        self.pieces.append(piece)
+
+    def add_quoted(self, value: str, before: str = "") -> None:
+        """Add ``before`` and ``value`` quoted and escaped, as ``debug`` shows it."""
+        self.refuse_past(len(before) + len(value) + 2)  # escaping only makes it longer
+        self.ev.work(self.pos, chars=len(value))
+        self.add(before + _quoted(value), new=True)
+
+    def add_value(self, value: Any, debug: bool = False) -> None:
+        """Add ``value``'s text: ``to_string``'s (a string as it is, ``()`` as nothing) or, with
+        ``debug``, ``to_debug``'s. Arrays and maps are walked with a stack of iterators, not by
+        recursion; each value put into text costs ``TEXT_ITEMS`` items (it takes about that much
+        longer than comparing it), and its characters."""
+        if not debug:
+            if type(value) is str:
+                self.add(value)
+                return
+            if value is UNIT:
+                return
+        ev, pos = self.ev, self.pos
+        levels: list = []  # (iterator of (text before, value), text after) for each open level
+        deepest = 0  # levels paid for: the walk holds at most that many at once
+        before, item = "", value
+        while True:
+            ev.work(pos, items=TEXT_ITEMS)
+            kind = type(item)
+            if kind is list or kind is dict:
+                ev.work(pos, items=LEVEL_ITEMS)
+                if len(levels) == deepest:
+                    ev.allocate(pos, LEVEL_BYTES)
+                    deepest += 1
+                if kind is list:
+                    self.add(before + "[", new=True)
+                    levels.append((zip(chain(("",), repeat(", ")), item), "]"))
+                else:
+                    self.add(before + "#{", new=True)
+                    levels.append((self.map_items(item), "}"))
+            elif kind is str:
+                self.add_quoted(item, before)
+            else:
+                self.add(before + _scalar_text(item), new=True)
+            while levels:
+                pair = next(levels[-1][0], None)
+                if pair is not None:
+                    before, item = pair
+                    break
+                self.add(levels.pop()[1])
+            else:
+                return
+
+    def map_items(self, value: dict) -> Iterator:
+        """A map's items in key order, each with the text before it: ``, "key": ``."""
+        for i, key in enumerate(self.ev.sorted_keys(value, self.pos)):
+            self.refuse_past(len(key) + 6)
+            self.ev.work(self.pos, chars=len(key))
+            yield (", " if i else "") + _quoted(key) + ": ", value[key]
+
+    def text(self) -> str:
+        return "".join(self.pieces)  # paid for piece by piece
+
+
+class _Absent:
+    """The value of a key one map has and the other has not: equal to nothing."""
+
+
+_ABSENT = _Absent()
 
 
 class _Break(Exception):
@@ -693,6 +894,17 @@ class _Variable:
         self.constant = constant
 
 
+@dataclass
+class Stats:
+    """What a run used, for tests and measurements: ``run(script, context, stats=Stats())``
+    fills it in, also when the script is refused."""
+
+    steps: int = 0  # steps charged (rounded up from ticks)
+    memory: int = 0  # bytes accounted: a running total, so also the peak
+    max_steps: int = MAX_STEPS
+    max_memory: int = DEFAULT_MAX_MEMORY
+
+
 class _Evaluator:
     def __init__(self, context: ScriptContext, functions: dict) -> None:
         self.functions = functions
@@ -702,33 +914,195 @@ class _Evaluator:
         self.printed: list = []
         self.size = 0  # UTF-8 bytes of output so far
         self.max_output = DEFAULT_MAX_OUTPUT if context.max_output is None else context.max_output
-        self.steps = 0
+        self.ticks = 0
+        self.max_ticks = MAX_STEPS * TICKS_PER_STEP
+        self.memory = 0
+        self.max_memory = DEFAULT_MAX_MEMORY if context.max_memory is None else context.max_memory
 
-    def output(self, line: str) -> None:
-        """Add a line of output, unless that takes the output over the cap."""
-        self.size += len(line.encode("utf-8", "surrogatepass")) + (1 if self.printed else 0)  # newlines between
-        if self.size > self.max_output:
+    # -- what a script pays: call these before the work or the allocation, never after --
+
+    def step(self, pos: tuple) -> None:
+        """One step: a statement, an expression, a loop turn."""
+        if self.ticks + TICKS_PER_STEP > self.max_ticks:
+            raise _too_long(pos)
+        if self.memory + STEP_BYTES > self.max_memory:
+            raise _out_of_memory(pos, self.max_memory)
+        self.ticks += TICKS_PER_STEP
+        self.memory += STEP_BYTES
+
+    def work(self, pos: tuple, items: int = 0, chars: int = 0) -> None:
+        """Work in proportion to a size: ``items`` items and ``chars`` characters touched.
+        Refused (and not counted) if it would take the script past its steps."""
+        ticks = self.ticks + items * ITEM_TICKS + chars * CHAR_TICKS
+        if ticks > self.max_ticks:
+            raise _too_long(pos)
+        self.ticks = ticks
+
+    def allocate(self, pos: tuple, size: int) -> None:
+        """``size`` bytes about to be allocated (see the module's docstring for the sizes).
+        Refused (and not counted) if they would take the script past its budget."""
+        if self.memory + size > self.max_memory:
+            raise _out_of_memory(pos, self.max_memory)
+        self.memory += size
+
+    def stats(self, stats: Stats) -> None:
+        stats.steps = -(-self.ticks // TICKS_PER_STEP)
+        stats.memory = self.memory
+        stats.max_steps = MAX_STEPS
+        stats.max_memory = self.max_memory
+
+    # -- output and text --
+
+    def output(self, line: str, pos: tuple, size: Optional[int] = None) -> None:
+        """Add a line of output (``size`` UTF-8 bytes when known), unless that takes the output
+        over the cap: checked before the line is kept."""
+        if size is None:
+            self.work(pos, chars=len(line))
+            size = _utf8_size(line)
+        size += 1 if self.printed else 0  # newlines between lines
+        if self.size + size > self.max_output:
             raise OutputTooLarge(self.max_output)
+        self.allocate(pos, ITEM_BYTES + len(line) * (1 if line.isascii() else 4))  # the output's join
+        self.size += size
         self.printed.append(line)
 
-    def step(self, pos: tuple, cost: int = 1) -> None:
-        self.steps += cost
-        if self.steps > MAX_STEPS:
-            raise _error(pos, f"script too long: more than {MAX_STEPS} steps")
+    def show(self, value: Any, pos: tuple, debug: bool = False) -> None:
+        """Output ``value``'s text as a line (``print``, ``debug``, the final value), built no
+        further than the room left under the output cap."""
+        if not debug and type(value) is str:
+            self.output(value, pos)
+            return
+        text = _Text(self, pos, max_chars=None, max_bytes=self.max_output - self.size - (1 if self.printed else 0))
+        text.add_value(value, debug)
+        self.output(text.text(), pos, text.bytes)
+
+    def text_of(self, value: Any, pos: tuple) -> str:
+        """``to_string``: at most ``MAX_STRING`` characters."""
+        if type(value) is str:
+            return value
+        text = _Text(self, pos)
+        text.add_value(value)
+        return text.text()
+
+    def concat(self, a: str, b: str, pos: tuple) -> str:
+        """Two strings joined, refused before it is built if too long."""
+        length = len(a) + len(b)
+        if length > MAX_STRING:
+            raise _error(pos, f"string longer than {MAX_STRING} characters")
+        self.work(pos, chars=length)
+        self.allocate(pos, _string_bytes(length, a.isascii() and b.isascii()))
+        return a + b
+
+    def converted(self, value: str, how, pos: tuple) -> str:
+        """``how(value)`` for a string function whose result may be longer (``to_upper`` of
+        ``"ß"`` is ``"SS"``; at most 3 times): paid for at the length of ``value`` before, the
+        rest after (a transient of at most ``3 * MAX_STRING`` characters)."""
+        self.work(pos, chars=len(value))
+        self.allocate(pos, _string_bytes(len(value), value.isascii()))
+        result = how(value)
+        if len(result) > MAX_STRING:
+            raise _error(pos, f"string longer than {MAX_STRING} characters")
+        extra = _string_bytes(len(result), result.isascii()) - _string_bytes(len(value), value.isascii())
+        if extra > 0:
+            self.allocate(pos, extra)
+        return result
+
+    # -- walking values --
 
     def copy(self, value: Any, pos: tuple) -> Any:
-        """Rhai values are values: an array or map stored somewhere new is a copy."""
-        if isinstance(value, list):
-            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
-            return [self.copy(item, pos) for item in value]
-        if isinstance(value, dict):
-            self.step(pos, 1 + len(value) // ITEMS_PER_STEP)
-            return {key: self.copy(item, pos) for key, item in value.items()}
-        return value
+        """Rhai values are values: an array or map stored somewhere new is a copy (strings and
+        numbers are immutable, so shared). Copied with a stack, not recursion, a step per array
+        or map and an item per item."""
+        kind = type(value)
+        if kind is not list and kind is not dict:
+            return value
+        result: Any = [] if kind is list else {}
+        pending = [(value, result)]
+        while pending:
+            source, target = pending.pop()
+            self.step(pos)
+            self.work(pos, items=len(source))
+            if type(source) is list:
+                self.allocate(pos, ARRAY_BYTES + len(source) * ITEM_BYTES)
+                append = target.append
+                for item in source:
+                    kind = type(item)
+                    if kind is list or kind is dict:
+                        item_copy = [] if kind is list else {}
+                        pending.append((item, item_copy))
+                        item = item_copy
+                    append(item)
+            else:
+                self.allocate(pos, MAP_BYTES + len(source) * MAP_ITEM_BYTES)
+                for key, item in source.items():
+                    kind = type(item)
+                    if kind is list or kind is dict:
+                        item_copy = [] if kind is list else {}
+                        pending.append((item, item_copy))
+                        item = item_copy
+                    target[key] = item
+        return result
 
-    def string(self, value: str, pos: tuple) -> str:
-        self.step(pos, len(value) // CHARS_PER_STEP)
-        return _check_string(value, pos)
+    def equal(self, a: Any, b: Any, pos: tuple) -> bool:
+        """Rhai's ``==``: numbers compare across int and float, other types only with their
+        own, arrays and maps item by item. Walked with a stack (values may nest deeper than any
+        recursion limit), paying an item per pair visited and a character per character
+        compared."""
+        levels: list = []
+        deepest = 0  # levels paid for: the walk holds at most that many at once
+        while True:
+            self.work(pos, items=1)
+            ta, tb = type(a), type(b)
+            if ta is not tb:
+                if ta not in (int, float) or tb not in (int, float) or a != b:
+                    return False
+            elif a is b:
+                pass  # one value: equal to itself (no operation makes a NaN)
+            elif ta is str:
+                if len(a) != len(b):
+                    return False
+                self.work(pos, chars=len(a))
+                if a != b:
+                    return False
+            elif ta is list:
+                if len(a) != len(b):
+                    return False
+                self.work(pos, items=LEVEL_ITEMS)
+                levels.append(zip(a, b))
+            elif ta is dict:
+                if len(a) != len(b):
+                    return False
+                self.work(pos, items=LEVEL_ITEMS)
+                levels.append(self.map_pairs(a, b, pos))
+            elif a != b:  # numbers, bools, ranges (compared in constant time), ()
+                return False
+            if len(levels) > deepest:
+                self.allocate(pos, LEVEL_BYTES)
+                deepest += 1
+            while levels:
+                pair = next(levels[-1], None)
+                if pair is not None:
+                    a, b = pair
+                    break
+                levels.pop()
+            else:
+                return True
+
+    def map_pairs(self, a: dict, b: dict, pos: tuple) -> Iterator:
+        """The items of two maps of one size, paired by key (``_ABSENT`` when ``b`` lacks one)."""
+        for key, item in a.items():
+            self.work(pos, chars=len(key))  # finding the key in b compares it
+            yield item, b.get(key, _ABSENT)
+
+    def sorted_keys(self, value: dict, pos: tuple) -> list:
+        """A map's keys in order (``keys``, ``values`` and a map's text give them so), the sort
+        paid for: n log n items, and the keys' characters."""
+        count = len(value)
+        self.work(pos, items=count * max(1, count.bit_length()))
+        self.work(pos, chars=sum(map(len, value)))
+        self.allocate(pos, ARRAY_BYTES + count * ITEM_BYTES)
+        return sorted(value)
+
 
     # -- variables --
 
@@ -803,7 +1177,8 @@ class _Evaluator:
         if isinstance(iterable, range):
             items = iterable
         elif isinstance(iterable, list):
-            self.step(pos, len(iterable) // ITEMS_PER_STEP)
+            self.work(pos, items=len(iterable))
+            self.allocate(pos, ARRAY_BYTES + len(iterable) * ITEM_BYTES)
             items = list(iterable)  # as in Rhai, changing the array in the loop does not change the loop
         elif isinstance(iterable, str):
             raise _error(iterable_node[1], "iterating over a string's characters is not supported by this engine")
@@ -841,6 +1216,8 @@ class _Evaluator:
             if not isinstance(container, dict):
                 raise _error(target[1], f"cannot set a property of {type_name(container)}")
             self.step(pos)
+            if target[3] not in container:
+                self.allocate(pos, MAP_ITEM_BYTES)
             container[target[3]] = value
             return
         index = self.expression(target[3])
@@ -848,6 +1225,9 @@ class _Evaluator:
             if not isinstance(index, str):
                 raise _error(target[1], "a map's key must be a string")
             self.step(pos)
+            self.work(pos, chars=len(index))  # hashing the key, comparing it
+            if index not in container:
+                self.allocate(pos, MAP_ITEM_BYTES)
             container[index] = value
         elif isinstance(container, list):
             container[self.position(container, index, target[1])] = value
@@ -855,11 +1235,15 @@ class _Evaluator:
             raise _error(target[1], f"cannot index into {type_name(container)} to assign")
 
     def place(self, node: tuple) -> Any:
-        """The array or map an assignment or a mutating method changes; refuses constants."""
+        """The array or map an assignment or a mutating method changes; refuses constants. Not
+        in a variable (``(a + b)[0]``, ``if c { a } else { b }[0]``), it is a temporary: a copy,
+        so that changing it changes no variable (as in Rhai)."""
         root = node
         while root[0] in ("index", "field"):
             root = root[2]
-        if root[0] == "var" and self.lookup(root[2], root[1]).constant:
+        if root[0] != "var":
+            return self.copy(self.expression(node), node[1])
+        if self.lookup(root[2], root[1]).constant:
             raise _error(root[1], f"cannot change the constant {root[2]}")
         return self.expression(node)
 
@@ -908,6 +1292,7 @@ class _Evaluator:
             if isinstance(container, dict):
                 if not isinstance(index, str):
                     raise _error(pos, "a map's key must be a string")
+                self.work(pos, chars=len(index))  # hashing the key, comparing it
                 return container.get(index, UNIT)
             if isinstance(container, str):
                 raise _error(pos, "indexing a string is not supported by this engine")
@@ -918,13 +1303,21 @@ class _Evaluator:
                 raise _error(pos, f"{type_name(container)} has no property {node[3]}")
             return container.get(node[3], UNIT)
         if kind == "array":
-            self.step(pos, len(node[2]) // ITEMS_PER_STEP)
+            self.work(pos, items=len(node[2]))
+            self.allocate(pos, ARRAY_BYTES + len(node[2]) * ITEM_BYTES)
             return [self.copy(self.expression(item), pos) for item in node[2]]
         if kind == "map":
+            self.work(pos, items=len(node[2]))
+            self.allocate(pos, MAP_BYTES + len(node[2]) * MAP_ITEM_BYTES)
             return {key: self.copy(self.expression(item), pos) for key, item in node[2]}
         if kind == "tmpl":
-            pieces = [part if isinstance(part, str) else _show(self.block(part)) for part in node[2]]
-            return self.string("".join(pieces), pos)
+            text = _Text(self, pos)
+            for part in node[2]:
+                if isinstance(part, str):
+                    text.add(part)
+                else:
+                    text.add_value(self.block(part))
+            return text.text()
         if kind == "if":
             _, _, condition, then, otherwise = node
             if self.condition(condition):
@@ -950,9 +1343,9 @@ class _Evaluator:
     def binary(self, op: str, a: Any, b: Any, pos: tuple) -> Any:
         ta, tb = type(a), type(b)
         if op == "==":
-            return _equal(a, b)
+            return self.equal(a, b, pos)
         if op == "!=":
-            return not _equal(a, b)
+            return not self.equal(a, b, pos)
         if op == "in":
             return self.contains(b, a, pos)
         numbers = ta in (int, float) and tb in (int, float)
@@ -961,14 +1354,22 @@ class _Evaluator:
                 if ta is not tb and not numbers:
                     return False  # as in Rhai: values of different types are not ordered
                 raise _error(pos, f"cannot compare {type_name(a)} {op} {type_name(b)}")
+            if ta is str:
+                self.work(pos, chars=min(len(a), len(b)))
             return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
         if op == "+":
             if ta is str or tb is str:
                 if a is UNIT or b is UNIT:
                     return a if b is UNIT else b
-                return self.string(_show(a) + _show(b), pos)
+                if ta is str and tb is str:
+                    return self.concat(a, b, pos)
+                text = _Text(self, pos)
+                text.add_value(a)
+                text.add_value(b)
+                return text.text()
             if ta is list and tb is list:
-                self.step(pos, (len(a) + len(b)) // ITEMS_PER_STEP)
+                self.work(pos, items=len(a) + len(b))
+                self.allocate(pos, ARRAY_BYTES + (len(a) + len(b)) * ITEM_BYTES)
                 return a + self.copy(b, pos)
         if op in ("..", "..="):
             if ta is not int or tb is not int:
@@ -991,7 +1392,7 @@ class _Evaluator:
         except (OverflowError, ValueError):
             result = math.nan
         if not math.isfinite(result):
-            raise _error(pos, f"the result of {_show(a)} {op} {_show(b)} is not a finite number")
+            raise _error(pos, f"the result of {_float_text(a)} {op} {_float_text(b)} is not a finite number")
         return result
 
     @staticmethod
@@ -1020,11 +1421,12 @@ class _Evaluator:
 
     def contains(self, container: Any, item: Any, pos: tuple) -> bool:
         if isinstance(container, list):
-            self.step(pos, len(container) // ITEMS_PER_STEP)
-            return any(_equal(element, item) for element in container)
+            return any(self.equal(element, item, pos) for element in container)
         if isinstance(container, str) and isinstance(item, str):
+            self.work(pos, chars=len(container) + len(item))  # CPython's search is linear
             return item in container
         if isinstance(container, dict) and isinstance(item, str):
+            self.work(pos, chars=len(item))  # hashing it, comparing it
             return item in container
         if isinstance(container, range) and type(item) is int:
             return item in container
@@ -1081,12 +1483,12 @@ def _wrong(name: str, pos: tuple, *args):
 
 
 def _print(ev: _Evaluator, pos, value):
-    ev.output(_show(value))
+    ev.show(value, pos)
     return UNIT
 
 
 def _debug_print(ev: _Evaluator, pos, value):
-    ev.output(_debug(value))
+    ev.show(value, pos, debug=True)
     return UNIT
 
 
@@ -1103,6 +1505,7 @@ def _is_empty(ev, pos, value):
 def _push(ev, pos, array, item):
     if not isinstance(array, list):
         return _wrong("push", pos, array, item)
+    ev.allocate(pos, ITEM_BYTES)
     array.append(ev.copy(item, pos))
     return UNIT
 
@@ -1120,18 +1523,19 @@ def _contains(ev, pos, container, item):
 def _keys(ev, pos, value):
     if not isinstance(value, dict):
         return _wrong("keys", pos, value)
-    ev.step(pos, len(value) // ITEMS_PER_STEP)
-    return sorted(value)
+    return ev.sorted_keys(value, pos)
 
 
 def _values(ev, pos, value):
     if not isinstance(value, dict):
         return _wrong("values", pos, value)
-    return [ev.copy(value[key], pos) for key in sorted(value)]
+    keys = ev.sorted_keys(value, pos)
+    ev.allocate(pos, ARRAY_BYTES + len(keys) * ITEM_BYTES)
+    return [ev.copy(value[key], pos) for key in keys]
 
 
 def _to_string(ev, pos, value):
-    return ev.string(_show(value), pos)
+    return ev.text_of(value, pos)
 
 
 def _to_int(ev, pos, value):
@@ -1159,13 +1563,13 @@ def _abs(ev, pos, value):
 def _to_upper(ev, pos, value):
     if not isinstance(value, str):
         return _wrong("to_upper", pos, value)
-    return ev.string(value.upper(), pos)
+    return ev.converted(value, str.upper, pos)
 
 
 def _to_lower(ev, pos, value):
     if not isinstance(value, str):
         return _wrong("to_lower", pos, value)
-    return ev.string(value.lower(), pos)
+    return ev.converted(value, str.lower, pos)
 
 
 def _type_of(ev, pos, value):
@@ -1187,8 +1591,9 @@ BUILTINS = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is
 MUTATING = {"push", "pop"}
 
 
-def run(script: str, context: ScriptContext) -> str:
-    """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``)."""
+def run(script: str, context: ScriptContext, stats: Optional[Stats] = None) -> str:
+    """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``);
+    ``stats``, if given, is filled in with what the run used (also when it is refused)."""
     if len(script) > MAX_SCRIPT:
         raise EngineError(f"script longer than {MAX_SCRIPT} characters")
     functions: dict = {}
@@ -1206,7 +1611,10 @@ def run(script: str, context: ScriptContext) -> str:
         except (_Break, _Continue):
             raise EngineError("break or continue outside a loop") from None
         if value is not UNIT:
-            evaluator.output(_show(value))
+            evaluator.show(value, tree[2][-1][1] if tree[2] else tree[1])
     except RecursionError:
         raise EngineError("script nested too deeply") from None
+    finally:
+        if stats is not None:
+            evaluator.stats(stats)
     return output_of_lines(evaluator.printed)
