@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from circles import openrpc
 from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
-from circles.backend.scripts import SOURCE_WS, BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, ScriptFailed, ScriptRequest,
+                                    ScriptTimeout)
 from circles.gateway import Gateway
 from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
@@ -156,9 +157,13 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
                        "Authentication required: call fetch_nonce and authenticate first")
     try:
-        script.encode("utf-8")
+        size = len(script.encode("utf-8"))
     except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
         raise RPCError(INVALID_PARAMS, "Invalid params: 'script' is not valid Unicode (lone surrogate)") from None
+    most = gateway.config.max_script_size
+    if size > most:  # what the worker would refuse is never written to Redis
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: the script is {size} bytes, over the server's "
+                       f"limit of {most} (--max-script-size)", {"size": size, "limit": most})
     limit = gateway.config.script_timeout
     if timeout is not None:
         if not timeout > 0:
@@ -204,6 +209,8 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
             session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
                                    "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(BackendFull):
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable: Redis is full (maxmemory)", str(failure.value))
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):

@@ -139,7 +139,8 @@ class CirclesService(MultiService):
             # Children start in order and stop in reverse: Redis first up and last down, so the
             # script runner can answer in-flight plays (and expire their tasks) on shutdown.
             if config.redis_url is None:
-                self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist)
+                self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist,
+                                                    maxmemory=config.private_redis_maxmemory())
                 self.embedded_redis.setServiceParent(self)
                 address = self.embedded_redis.address
             else:
