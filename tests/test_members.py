@@ -283,3 +283,33 @@ async def test_authenticate_answers_as_before_and_the_debug_log_says_who_may_pla
     assert any(f"{pk(other_key)} may not play on circle {CIRCLE} (policy members)" in line for line in lines)
     for client in clients:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_check_waits_for_its_connection_within_its_timeout(redis_server):
+    """The membership connection may come up a moment after the script runner's: a check then
+    waits for it (one wait for all), and gives up at CHECK_TIMEOUT on the reactor's clock."""
+    clock = Clock()
+    membership = members.Membership(parse_redis_url(redis_server.url), reactor=reactor, prefix="circles:")
+    membership.startService()
+    try:
+        circle = pk(new_key())
+        first, second = membership.check(circle, ""), membership.check(circle, "")  # before it is connected
+        assert membership._redis.size == 0
+        assert await first == await second == members.Verdict(True, "open")
+    finally:
+        await membership.stopService()
+    # A Redis that never answers: refused once the check's time is up, by the clock it was given.
+    port = free_port()
+    membership = members.Membership(parse_redis_url(f"redis://127.0.0.1:{port}/0"), reactor=reactor,
+                                     prefix="circles:")
+    membership.startService()
+    membership.reactor = clock  # timers from here on: advanced by hand
+    try:
+        checked = membership.check(pk(new_key()), "")
+        assert not checked.called
+        clock.advance(members.CHECK_TIMEOUT)
+        with pytest.raises(BackendUnavailable, match="did not answer within 5s"):
+            await checked
+    finally:
+        await membership.stopService()

@@ -30,6 +30,7 @@ from txredisapi import RedisError
 from circles.backend.redis import RedisAddress, connect, text
 from circles.backend.scripts import BackendUnavailable
 from circles.logs import Logger, worth_logging
+from circles.once import Once
 
 log = Logger()
 
@@ -113,6 +114,7 @@ class Membership(Service):
     (the script runner's are busy with tasks and replies), reconnecting by itself.
 
     :param address: the Redis the script runner uses.
+    :param reactor: connects, and times each check out (its IReactorTime).
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str) -> None:
@@ -120,13 +122,15 @@ class Membership(Service):
         self.reactor = reactor
         self.prefix = prefix
         self._redis = None  # txredisapi factory, while running
+        self._connecting: Optional[Once] = None  # fires once the connection is up, while checks wait for it
         self.failures = 0  # checks Redis answered with an error (logged: the 1st, 10th, 100th...)
         self.unknown = 0  # checks that found a policy neither open nor members (logged likewise)
 
     def startService(self) -> None:
         super().startService()
-        # Reaching Redis is the script runner's to tell; this connection follows it quietly.
         self._redis = connect(self.address, self.reactor, reply_timeout=CHECK_TIMEOUT)
+        # Reaching Redis, and Redis refusing the credentials, are the script runner's to tell.
+        self._redis.deferred.addErrback(lambda _: None)
 
     def stopService(self):
         super().stopService()
@@ -135,18 +139,43 @@ class Membership(Service):
 
     def check(self, circle: str, caller: str) -> Deferred:
         """Fire with the :class:`Verdict` for ``caller`` in ``circle``, or fail with
-        :class:`~circles.backend.scripts.BackendUnavailable` when Redis cannot say.
+        :class:`~circles.backend.scripts.BackendUnavailable` when Redis cannot say within
+        :data:`CHECK_TIMEOUT` seconds (waiting for this connection included: it may come up
+        a moment after the script runner's, at start or after Redis came back).
 
         The Deferred is the caller's to cancel: the Redis command's own is never cancelled
         (a txredisapi connection matches replies to commands in order)."""
         redis = self._redis
-        if redis is None or redis.size == 0:
+        if redis is None:
             return fail(BackendUnavailable("Redis is unreachable"))
         verdict = Deferred()
-        d = ensureDeferred(may_play(redis.handler, self.prefix, circle, caller))
+        timer = self.reactor.callLater(CHECK_TIMEOUT, _too_slow, verdict)
+        d = ensureDeferred(self._ask(redis, circle, caller))
         d.addCallbacks(lambda v: self._verdict(v, circle), self._unavailable)
         d.addBoth(_pass_on, verdict)
+        verdict.addBoth(_cancel_timer, timer)
         return verdict
+
+    async def _ask(self, redis, circle: str, caller: str) -> Verdict:
+        if redis.size == 0:
+            await self._connected(redis)
+        return await may_play(redis.handler, self.prefix, circle, caller)
+
+    def _connected(self, redis) -> Deferred:
+        """Fires once ``redis`` has a connection: one wait shared by every check meanwhile."""
+        if self._connecting is None:
+            connecting = self._connecting = Once()
+
+            def up(result) -> None:
+                self._connecting = None
+                connecting.fire(result)
+
+            try:
+                d = redis.getConnection(peek=True)
+            except RedisError:
+                d = fail()
+            d.addBoth(up)
+        return self._connecting.when()
 
     def _verdict(self, verdict: Verdict, circle: str) -> Verdict:
         if verdict.policy not in POLICIES:
@@ -165,6 +194,17 @@ class Membership(Service):
                          error=failure.getErrorMessage(), n=self.failures)
             raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
         return failure
+
+
+def _too_slow(verdict: Deferred) -> None:
+    if not verdict.called:
+        verdict.errback(BackendUnavailable(f"Redis did not answer within {CHECK_TIMEOUT:g}s"))
+
+
+def _cancel_timer(result, timer):
+    if timer.active():
+        timer.cancel()
+    return result
 
 
 def _pass_on(result, to: Deferred) -> None:
