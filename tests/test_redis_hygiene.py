@@ -138,7 +138,12 @@ def test_the_redis_maxmemory_option(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     options = Options()
     options.parseOptions(["--state-dir", str(tmp_path / "s"), "--redis-maxmemory", "256mb"])
-    assert options.config.redis_maxmemory == 256 * 1024 * 1024
+    assert options.config.redis_maxmemory == 256 * 1024 * 1024 and not options.maxmemory_ignored
+    assert "maxmemory of the private Redis" in " ".join(str(options).split())
+    # A Redis of its own is its operator's to size: said at start, not applied.
+    with_url = Options()
+    with_url.parseOptions(["--redis-url", "redis://h:1/0", "--redis-maxmemory", "1gb"])
+    assert with_url.maxmemory_ignored
     assert memory_size("1gb") == 1 << 30 and memory_size("1000") == 1000 and memory_size("2k") == 2000
     for bad in ("1.5gb", "-1", "lots", "1tb"):
         with pytest.raises(ValueError):
