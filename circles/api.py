@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from circles import openrpc
 from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
+from circles.backend.members import MEMBERS
 from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, ScriptFailed, ScriptRequest,
                                     ScriptTimeout)
 from circles.gateway import Gateway
@@ -203,7 +204,7 @@ def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
     session.anomalies.note("not a member", "connection {conn}: a play on circle {circle} refused: {who} is not a "
                            "member (policy {policy})", circle=session.circle, who=request.caller or "an anonymous caller",
                            policy=verdict.policy[:100])
-    if verdict.policy != "members":
+    if verdict.policy != MEMBERS:
         why = "this circle's policy is neither open nor members: every play is refused"
     elif request.caller:
         why = "this circle admits its members only, and the authenticated key is not one"
