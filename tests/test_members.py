@@ -313,3 +313,22 @@ async def test_a_check_waits_for_its_connection_within_its_timeout(redis_server)
             await checked
     finally:
         await membership.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cli_says_when_redis_refuses_its_password(tmp_path):
+    from .redis_server import RedisProcess
+
+    redis = RedisProcess(str(tmp_path), args=["--requirepass", "right"])
+    redis.start_with_password("right")
+    try:
+        circle, key = pk(new_key()), pk(new_key())
+        wrong = await run_cli("add", circle, key, "--redis-url", f"redis://:wrong@127.0.0.1:{redis.port}/0",
+                              "--connect-timeout", "5", cwd=str(tmp_path))
+        assert wrong.returncode == 3 and "refused the connection" in wrong.stderr, wrong.stderr
+        assert "wrong" not in wrong.stderr  # never the password
+        right = await run_cli("add", circle, key, "--redis-url", f"redis://:right@127.0.0.1:{redis.port}/0",
+                              cwd=str(tmp_path))
+        assert right.returncode == 0, right.stderr
+    finally:
+        redis.kill()

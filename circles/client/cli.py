@@ -114,9 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     members.add_argument("--redis-url", metavar="URL",
                          help="the Redis the servers use (default: $CIRCLES_REDIS_URL, else $REDIS_URL, from the "
                          "environment or ./.env; else the private Redis of --state-dir)")
-    members.add_argument("--redis-prefix", metavar="PREFIX", default="circles:",
+    # Their defaults are the plugins' (circles.options), read once the command runs: this module
+    # loads nothing of the backend before then.
+    members.add_argument("--redis-prefix", metavar="PREFIX",
                          help="prefix of every Redis key, as the servers' (default circles:)")
-    members.add_argument("--state-dir", metavar="DIR", default="circles-state",
+    members.add_argument("--state-dir", metavar="DIR",
                          help="a server's directory, whose private Redis to use (default circles-state)")
     members.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                          help="give up reaching Redis after this long (default 10)")
@@ -329,22 +331,37 @@ async def _members(reactor, args) -> None:
     from twisted.python import usage
     from txredisapi import RedisError
 
-    from circles.backend import members
+    from circles.backend import members, tasks
+    from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import InvalidRedisURL, Reachability, connect
     from circles.options import choose_redis, read_dotenv
 
     circle, value = _members_args(args)
+    if args.redis_prefix is None:
+        args.redis_prefix = tasks.DEFAULT_PREFIX
     try:
-        redis = choose_redis({"redis-url": args.redis_url, "state-dir": args.state_dir}, reactor, read_dotenv())
+        redis = choose_redis({"redis-url": args.redis_url, "state-dir": args.state_dir or DEFAULT_STATE_DIR},
+                             reactor, read_dotenv())
     except (usage.UsageError, InvalidRedisURL) as e:
         raise _Exit(EXIT_USAGE, str(e) if str(e).startswith("--redis-url") else f"--redis-url: {e}") from None
     factory = connect(redis.address, reactor, reply_timeout=args.connect_timeout)
+    refused = []  # why Redis would not let us in (password, database): txredisapi stops trying then
+
+    def stop_waiting(failure) -> None:
+        refused.append(failure.getErrorMessage())
+        waiting.cancel()
+
     try:
         waiting = factory.getConnection(peek=True)
         waiting.addTimeout(args.connect_timeout, reactor)
+        factory.deferred.addErrback(stop_waiting)
         try:
             connection = await waiting
         except Exception:
+            if refused:
+                raise _Exit(EXIT_CONNECTION, f"Redis at {redis.address.where()} refused the connection "
+                            f"({refused[0].replace('Redis error: ', '')}): check the credentials and database "
+                            "of --redis-url") from None
             hint = Reachability(redis.address, reactor, private=redis.private).hint()
             raise _Exit(EXIT_CONNECTION, f"cannot reach Redis at {redis.address.where()} within "
                         f"{args.connect_timeout:g}s; {hint}") from None
