@@ -51,7 +51,7 @@ _MAX_UNIX_PATH = 107
 # Redis's maxmemory"):
 #
 #   maxmemory = clamp(BASE + plays in flight x (script + output + TASK_OVERHEAD) + webhook allowance,
-#                     FLOOR, min(CEILING, a quarter of physical memory))
+#                     FLOOR, min(CEILING, a quarter of the memory: the machine's, or its container's limit))
 #
 #   plays in flight   = server processes x --max-connections x --max-plays (either 0: no bound)
 #   script            = --max-script-size (at most --max-message-size: no larger script arrives)
@@ -72,12 +72,28 @@ TASK_OVERHEAD = 1024
 WEBHOOK_EVENTS = 256
 
 
+#: Where a container's memory limit is read (cgroup v2, then v1): the machine's memory is not
+#: what a container may use.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def physical_memory() -> Optional[int]:
-    """Bytes of memory of this machine, or None where the platform does not say."""
+    """Bytes of memory this process may use: the machine's, or its container's limit if lower;
+    None where the platform does not say."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
-        return None
+        memory = None
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                limit = int(f.read().strip())  # "max" (none) is not a number
+        except (OSError, ValueError):
+            continue
+        if memory is None or 0 < limit < memory:  # v1 says "none" with a huge number
+            memory = limit
+        break
+    return memory
 
 
 def derived_maxmemory(*, max_connections: int, max_plays: int, max_script: int, max_output: int,
