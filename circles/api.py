@@ -202,8 +202,8 @@ def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
     if verdict.allowed:
         return session.gateway.scripts.run(request)
     session.anomalies.note("not a member", "connection {conn}: a play on circle {circle} refused: {who} is not a "
-                           "member (policy {policy})", circle=session.circle, who=request.caller or "an anonymous caller",
-                           policy=verdict.policy[:100])
+                           "member (policy {policy})", circle=session.circle,
+                           who=request.caller or "an anonymous caller", policy=verdict.policy[:100])
     if verdict.policy != MEMBERS:
         why = "this circle's policy is neither open nor members: every play is refused"
     elif request.caller:

@@ -29,7 +29,8 @@ log = logs.Logger()
 CONFIG_FIELDS = {
     "auth": "auth_required", "api": "api", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
     "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
-    "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays", "max-script-size": "max_script_size",
+    "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
+    "max-script-size": "max_script_size",
     "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
     "max-connections-per-ip": "max_connections_per_ip", "max-pending-per-ip": "max_pending_per_ip",
     "fd-reserve": "fd_reserve", "max-http-nonces-per-ip": "max_http_nonces_per_ip",
