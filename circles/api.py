@@ -10,19 +10,23 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from circles import openrpc
 from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
-from circles.backend.scripts import SOURCE_WS, BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.members import MEMBERS
+from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, ScriptFailed, ScriptRequest,
+                                    ScriptTimeout)
 from circles.gateway import Gateway
 from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
-from circles.logs import Logger
+from circles.logs import Logger, enabled as log_enabled
 from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
-                             EXECUTION_ERROR, HERO, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
+                             EXECUTION_ERROR, HERO, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT,
+                             TOO_MANY_REQUESTS)
 
 log = Logger()
 methods = Methods()
@@ -136,6 +140,7 @@ def authenticate(session: Session, params) -> Union[dict, bool]:
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
               conn=session.connection_id, pubkey=signer, circle=session.circle)
+    _note_membership(session, signer)
     if session.api == CIRCLES:
         return {"authenticated": True}
     if session.api == HERO:
@@ -156,9 +161,13 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
                        "Authentication required: call fetch_nonce and authenticate first")
     try:
-        script.encode("utf-8")
+        size = len(script.encode("utf-8"))
     except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
         raise RPCError(INVALID_PARAMS, "Invalid params: 'script' is not valid Unicode (lone surrogate)") from None
+    most = gateway.config.max_script_size
+    if size > most:  # what the worker would refuse is never written to Redis
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: the script is {size} bytes, over the server's "
+                       f"limit of {most} (--max-script-size)", {"size": size, "limit": most})
     limit = gateway.config.script_timeout
     if timeout is not None:
         if not timeout > 0:
@@ -172,7 +181,13 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
                        {"max_plays": most})
     request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
     started = gateway.clock.seconds()
-    d = gateway.scripts.run(request)
+    if gateway.members is None or not gateway.scripts.is_connected():
+        # No Redis keeps policies (anyone plays), or none takes tasks now: run() says why at once.
+        d = gateway.scripts.run(request)
+    else:
+        # Asked at each play: a member removed, or a circle closed, is refused from the next one.
+        d = gateway.members.check(session.circle, request.caller)
+        d.addCallback(_admitted, session, request)
     session.plays.add(d)
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
@@ -180,6 +195,38 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         d.addCallback(lambda output: {"output": output})
     d.addErrback(_script_error, session, limit)
     return d
+
+
+def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
+    """Run ``request`` if the circle's policy lets its caller play, else -32009."""
+    if verdict.allowed:
+        return session.gateway.scripts.run(request)
+    session.anomalies.note("not a member", "connection {conn}: a play on circle {circle} refused: {who} is not a "
+                           "member (policy {policy})", circle=session.circle,
+                           who=request.caller or "an anonymous caller", policy=verdict.policy[:100])
+    if verdict.policy != MEMBERS:
+        why = "this circle's policy is neither open nor members: every play is refused"
+    elif request.caller:
+        why = "this circle admits its members only, and the authenticated key is not one"
+    else:
+        why = "this circle admits its members only: authenticate with a member's key"
+    raise RPCError(NOT_A_MEMBER, "Not a member of this circle", why)
+
+
+def _note_membership(session: Session, key: str) -> None:
+    """Authentication proves who the caller is; whether that key may play is the circle's policy,
+    checked at each play. Read now too, so that the log says at once (debug) when a key that
+    authenticated may not play here. The answer is not delayed, nor changed, by it."""
+    members = session.gateway.members
+    if members is None or not log_enabled(LogLevel.debug):
+        return
+
+    def noted(verdict) -> None:
+        log.debug("connection {conn}: {pubkey} {may} play on circle {circle} (policy {policy})",
+                  conn=session.connection_id, pubkey=key, circle=session.circle, policy=verdict.policy[:100],
+                  may="may" if verdict.allowed else "may not")
+
+    members.check(session.circle, key).addCallbacks(noted, lambda failure: None)
 
 
 def _settled(result, session: Session, d: Deferred):
@@ -204,6 +251,8 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
             session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
                                    "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(BackendFull):
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable: Redis is full (maxmemory)", str(failure.value))
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):

@@ -7,11 +7,16 @@ from typing import Any, Optional
 import attrs
 
 from circles.backend import tasks
+from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.redis import parse_redis_url, redact_url
 from circles.http.limits import DEFAULT_MAX_REQUEST_BODY
 from circles.keys import circle_set
 from circles.openrpc import APIS, DEFAULT_API
 from circles.webhook_secrets import WebhookSecrets
+
+#: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
+#: (circles/worker/tiny_engine.py), so that the server refuses what the worker would.
+DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
 
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
@@ -42,6 +47,9 @@ class Config:
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
     max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
+    # The largest script a play may carry, UTF-8 bytes; a larger one is refused (-32006) before
+    # anything is written to Redis.
+    max_script_size: int = DEFAULT_MAX_SCRIPT_SIZE
     rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
     rate_burst: Optional[float] = None  # requests saved up; default twice the rate
     max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit
@@ -64,6 +72,9 @@ class Config:
     # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
     state_dir: Optional[str] = None
     redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
+    # The private Redis's maxmemory in bytes (0: none); None: derived from the limits here
+    # (private_redis_maxmemory). A --redis-url's Redis is sized by its operator.
+    redis_maxmemory: Optional[int] = None
     playground: bool = False  # serve the browser playground at /playground/
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # largest HTTP request body, bytes, on every route
     # Webhooks (docs/webhooks.md). A provider without secrets is off (its endpoint answers 404).
@@ -89,6 +100,19 @@ class Config:
         if self.webhook_replicas is not None:
             return self.webhook_replicas
         return 1 if self.redis_url is not None and parse_redis_url(self.redis_url).sentinels else 0
+
+    def private_redis_maxmemory(self, processes: int = 1, physical: Optional[int] = None) -> int:
+        """The private Redis's ``maxmemory``: :attr:`redis_maxmemory`, else derived from this
+        configuration's limits for ``processes`` server processes sharing it
+        (:func:`circles.backend.embedded.derived_maxmemory`; ``physical``: the machine's memory,
+        by default as the system says)."""
+        if self.redis_maxmemory is not None:
+            return self.redis_maxmemory
+        webhooks = bool(self.stripe_secrets) or bool(self.idenfy_secrets)
+        return derived_maxmemory(max_connections=self.max_connections, max_plays=self.max_plays,
+                                 max_script=self.max_script_size, max_output=self.max_message_size,
+                                 webhook_body=self.max_request_body if webhooks else 0, processes=processes,
+                                 physical=physical_memory() if physical is None else physical)
 
     def serves(self, circle: str) -> bool:
         """Whether ``circle`` (compressed hex, already validated) is served here."""

@@ -26,6 +26,8 @@ class Gateway:
         self.config = config
         self.clock = clock
         self.scripts = scripts
+        #: Who may play in each circle (circles.backend.members.Membership); None: anyone (no Redis).
+        self.members = None
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False

@@ -30,6 +30,7 @@ CONFIG_FIELDS = {
     "auth": "auth_required", "api": "api", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
     "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
     "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
+    "max-script-size": "max_script_size",
     "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
     "max-connections-per-ip": "max_connections_per_ip", "max-pending-per-ip": "max_pending_per_ip",
     "fd-reserve": "fd_reserve", "max-http-nonces-per-ip": "max_http_nonces_per_ip",
@@ -59,6 +60,23 @@ def _origins(text: str) -> tuple:
     if not origins:
         raise ValueError("no origin given")
     return origins
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2, "g": 1000 ** 3,
+                 "gb": 1024 ** 3}
+
+
+def memory_size(text: str) -> int:
+    """Bytes, as Redis's own configuration writes them: ``268435456``, ``256mb``, ``1gb``
+    (``k``/``m``/``g`` are powers of 1000, ``kb``/``mb``/``gb`` of 1024); 0 is allowed."""
+    number = text.strip().lower().rstrip("bgkm")
+    unit = text.strip().lower()[len(number):]
+    if not number.isdigit() or unit not in _MEMORY_UNITS:
+        raise ValueError(f"{text!r} is not a size in bytes (e.g. 268435456, 256mb, 1gb)")
+    return int(number) * _MEMORY_UNITS[unit]
+
+
+memory_size.__name__ = "size"  # usage.Options names the type in its error message
 
 
 def _api(text: str) -> str:
@@ -117,6 +135,8 @@ class Options(usage.Options):
         _setting("rate-burst", "requests a connection may save up (default: twice --rate-limit)", positive(float)),
         _setting("max-plays", "plays one connection may have waiting for their result, beyond which "
                  "-32006 (0: no limit)", at_least_zero(int)),
+        _setting("max-script-size", "largest script a play may carry, in bytes (UTF-8), beyond which -32006 and "
+                 "nothing is queued (the default is the tiny engine's own limit)", positive(int)),
         _setting("max-nonces", "live nonces one connection may hold", positive(int)),
         _setting("max-connections", "open WebSocket connections (0: no limit)", at_least_zero(int)),
         _setting("max-connections-per-ip", "open WebSocket connections from one address, an IPv6 one by its /64 "
@@ -145,6 +165,10 @@ class Options(usage.Options):
                           "unix:///path?db=N, redis+sentinel://host:26379,host:26380,.../MASTER_NAME/db", "a private redis-server in --state-dir",
                           "directory of the private Redis (its socket is STATE_DIR/redis.sock, "
                           "where circles-worker looks too)"),
+        ("redis-maxmemory", None, None, "maxmemory of the private Redis (no --redis-url), in bytes or as Redis "
+         "writes it (256mb, 1gb; 0: none), with maxmemory-policy noeviction: a full Redis refuses plays (-32004) and "
+         "webhooks (503) rather than grow (default: derived from the limits, at least 64 MiB, at most 1 GiB and a "
+         "quarter of the machine's memory; docs/deployment.md)", memory_size),
         ("stripe-secret-file", None, None,
          f"file of Stripe webhook signing secrets, one per line, 'SECRET' or 'CIRCLE_PK SECRET' "
          f"(also ${webhook_secrets.STRIPE_ENV}, comma-separated, else ${webhook_secrets.STRIPE_ENVS[1]}; "
@@ -240,6 +264,8 @@ class Options(usage.Options):
             raise SystemExit(f"circles: {e}")
         # Where the Redis URL and the secrets came from, for makeService to log (never a value).
         self.sources = [redis.log_line()]
+        # Warned about once logging is up.
+        self.maxmemory_ignored = self["redis-maxmemory"] is not None and not redis.private
         try:
             secrets = {}
             for provider, names in (("Stripe", webhook_secrets.STRIPE_ENVS), ("iDenfy", webhook_secrets.IDENFY_ENVS)):
@@ -263,6 +289,7 @@ class Options(usage.Options):
                 tls=tls_options,
                 redis_url=redis.url,
                 state_dir=self["state-dir"],
+                redis_maxmemory=self["redis-maxmemory"],
                 stripe_secrets=stripe_secrets,
                 idenfy_secrets=idenfy_secrets,
                 stripe_script=scripts["stripe"],
@@ -315,6 +342,9 @@ def makeService(config: Options, reactor=global_reactor):
         log.warn("--{former} is deprecated: use --{option}", former=former, option=DEPRECATED[former])
     for line in getattr(config, "sources", ()):
         log.info("configuration: {source}", source=line)
+    if getattr(config, "maxmemory_ignored", False):
+        log.warn("--redis-maxmemory is for the private Redis only: ignored with a Redis URL "
+                 "(set maxmemory on that Redis; docs/deployment.md says how to size it)")
     root = StartOrExit()
     try:
         service = _make_service(config, reactor)
@@ -332,6 +362,8 @@ def _make_service(config: Options, reactor):
     # they stop first, while the private Redis (ours) still runs for them.
     argv = child_argv(config, config.argv)
     if service.embedded_redis is not None:
+        # The children queue their plays in it too: room for all the processes' plays in flight.
+        service.embedded_redis.maxmemory = config.config.private_redis_maxmemory(config["processes"])
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
     group = MultiService()
     service.setServiceParent(group)

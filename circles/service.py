@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from circles import api, tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
+from circles.backend.members import Membership
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import IScriptRunner
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -135,11 +136,13 @@ class CirclesService(MultiService):
         self.config = config
         self.embedded_redis: Optional[EmbeddedRedis] = None
         self.script_runner: Optional[RedisScriptRunner] = None  # None when ``scripts`` is given
+        self.membership: Optional[Membership] = None  # who may play: with the script runner's Redis
         if scripts is None:
             # Children start in order and stop in reverse: Redis first up and last down, so the
             # script runner can answer in-flight plays (and expire their tasks) on shutdown.
             if config.redis_url is None:
-                self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist)
+                self.embedded_redis = EmbeddedRedis(config.state_dir, reactor=reactor, persist=config.redis_persist,
+                                                    maxmemory=config.private_redis_maxmemory())
                 self.embedded_redis.setServiceParent(self)
                 address = self.embedded_redis.address
             else:
@@ -152,8 +155,11 @@ class CirclesService(MultiService):
                                                    ack_timeout=config.webhook_replica_timeout)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
+            self.membership = Membership(address, reactor=reactor, prefix=config.redis_prefix)
+            self.membership.setServiceParent(self)
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts, api.methods)
+        self.gateway.members = self.membership
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
@@ -203,6 +209,8 @@ class CirclesService(MultiService):
         await self._bounded(self.factory.drain(), self.config.shutdown_grace)
         if self.script_runner is not None:
             await maybeDeferred(self.script_runner.stopService)
+        if self.membership is not None:
+            await maybeDeferred(self.membership.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
         self.gateway.stop()

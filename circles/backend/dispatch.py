@@ -24,6 +24,12 @@ are read from the new primary's reply list. ``ROLE`` also counts the primary's r
 :meth:`enqueue_once` answers only once ``ack_replicas`` of them hold the task (``WAIT``, on
 connections of their own, since WAIT blocks the connection it is sent on), and fails at once
 while fewer are connected: an event only the primary holds could vanish with it.
+
+A Redis at its ``maxmemory`` (``noeviction``) refuses writes with ``OOM command not allowed``:
+the runner is then *full* (:class:`BackendFull`: plays -32004 saying so, webhooks 503, ``/ready``
+503 with the reason) and queues nothing more, without asking Redis, until the health loop finds
+room again: while full it sends a small write (``SET`` of a key of its own, expiring at once)
+instead of its PING, and the first one Redis takes ends it.
 """
 
 from __future__ import annotations
@@ -38,14 +44,14 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensur
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from txredisapi import InvalidData, RedisError
+from txredisapi import InvalidData, RedisError, ResponseError
 from zope.interface import implementer
 
 from circles.backend import tasks
 from circles.backend.embedded import START_TIMEOUT
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
-from circles.backend.scripts import (BackendUnavailable, IScriptRunner, Queued, ScriptFailed, ScriptRequest,
-                                     ScriptTimeout)
+from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, Queued, ScriptFailed,
+                                     ScriptRequest, ScriptTimeout)
 from circles.logs import Logger, worth_logging
 
 log = Logger()
@@ -61,6 +67,15 @@ PING_TIMEOUT = 2.0
 ACK_CONNECTIONS = 2
 #: Webhook events waiting for such a connection, beyond which they are refused at once.
 MAX_ACK_WAITING = 64
+#: What a play or webhook event refused by a full Redis is told.
+FULL = "Redis is full (maxmemory): nothing was queued; retry later"
+#: Milliseconds the health loop's write, sent while Redis is full, lives.
+PROBE_TTL_MS = 2000
+
+
+def is_oom(message: str) -> bool:
+    """Whether a Redis error reply says it is at its maxmemory (a write refused, noeviction)."""
+    return message.startswith("OOM") or "OOM command not allowed" in message
 
 
 class _Waiting:
@@ -115,6 +130,8 @@ class RedisScriptRunner(Service):
         self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
         self.pings = 0  # PINGs sent
         self.answering = True  # False once a PING has waited PING_TIMEOUT, until one is answered
+        self.full = False  # Redis refused a write at its maxmemory; until the health loop's write is taken
+        self.probe_key = f"{prefix}probe:{self.server_id}"  # what that write sets
         self.ack_replicas = ack_replicas
         self.ack_timeout = ack_timeout
         self._acks = None  # txredisapi factory: the connections that write and WAIT (ack_replicas > 0)
@@ -174,7 +191,20 @@ class RedisScriptRunner(Service):
 
     def is_connected(self) -> bool:
         """Whether a task can be queued and its reply received right now."""
-        return self._listening and self.answering and self._commands is not None and self._commands.size > 0
+        return (self._listening and self.answering and not self.full and self._commands is not None
+                and self._commands.size > 0)
+
+    def _refusal(self) -> BackendUnavailable:
+        """Why nothing can be queued now (``is_connected()`` is false)."""
+        if self.full and self._listening and self.answering:
+            return BackendFull(FULL)
+        return BackendUnavailable("Redis is unreachable")
+
+    def _filled(self) -> None:
+        """Redis refused a write at its maxmemory: nothing is queued until it has room again."""
+        if not self.full:
+            self.full = True
+            log.warn("Redis is full (at its maxmemory): plays get -32004 and webhook events 503 until it has room")
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -190,14 +220,21 @@ class RedisScriptRunner(Service):
             return
         self._ping_sent = self.clock.seconds()
         self.pings += 1
+        probe = self.full  # full: only a write tells whether Redis takes writes again
         try:
-            d = self._commands.handler.role() if self.replicated else self._commands.handler.ping()
+            if probe:
+                d = self._commands.handler.execute_command("SET", self.probe_key, "1", "PX", PROBE_TTL_MS)
+            else:
+                d = self._commands.handler.role() if self.replicated else self._commands.handler.ping()
         except Exception:
             d = fail()
-        d.addBoth(self._pong)
+        d.addBoth(self._pong, probe)
 
-    def _pong(self, result) -> None:
+    def _pong(self, result, probe: bool = False) -> None:
         self._ping_sent = None
+        if probe:
+            self._probed(result)
+            return
         if isinstance(result, Failure):
             return  # the connection dropped (or timed out): is_connected() says so meanwhile
         if self.replicated and not self._primary_says(result):
@@ -205,6 +242,20 @@ class RedisScriptRunner(Service):
         if not self.answering:
             self.answering = True
             log.info("Redis answers again")
+
+    def _probed(self, result) -> None:
+        """The health loop's write, sent while full, was answered (or not)."""
+        if isinstance(result, Failure) and not result.check(ResponseError):
+            return  # the connection dropped (or timed out): is_connected() says so meanwhile
+        if not self.answering:
+            self.answering = True
+            log.info("Redis answers again")
+        if isinstance(result, Failure) and is_oom(result.getErrorMessage()):
+            return  # still full
+        # Room again (or a write refused for another reason, which the next task's error says).
+        self.full = False
+        log.info("Redis has room again: plays and webhook events are queued again")
+        self._expire_abandoned()
 
     def _primary_says(self, role: list) -> bool:
         """Whether ``ROLE`` came from a primary; if so, note its replicas. A node that is no
@@ -230,7 +281,7 @@ class RedisScriptRunner(Service):
         """Queue ``request`` for the circle's workers; fire with the output text, or fail with
         :class:`ScriptTimeout`, :class:`ScriptFailed` or :class:`BackendUnavailable`."""
         if not self.is_connected():
-            return fail(BackendUnavailable("Redis is unreachable"))
+            return fail(self._refusal())
         task_id = str(uuid.uuid4())
         result = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
@@ -254,7 +305,7 @@ class RedisScriptRunner(Service):
         Fire with a :class:`~circles.backend.scripts.Queued`; on failure nothing was queued and
         ``key`` is free."""
         if not self.is_connected():
-            return fail(BackendUnavailable("Redis is unreachable"))
+            return fail(self._refusal())
         task_id = str(uuid.uuid4())
         fields, task_ttl = self._fields(request, data_json, "")
         keys = [tasks.seen_key(self.prefix, key), tasks.task_key(self.prefix, task_id),
@@ -300,6 +351,9 @@ class RedisScriptRunner(Service):
         except InvalidData:
             raise ValueError("a task field is not valid UTF-8 text") from None
         except RedisError as e:
+            if is_oom(str(e)):
+                self._filled()
+                raise BackendFull(FULL) from None
             raise BackendUnavailable(f"Redis error: {e}") from None
         finally:
             acks.connectionQueue.put(connection)
@@ -361,6 +415,9 @@ class RedisScriptRunner(Service):
             if worth_logging(self.command_failures):
                 log.warn("Redis command failed: {error} ({n} failed commands so far)",
                          error=failure.getErrorMessage(), n=self.command_failures)
+            if failure.check(ResponseError) and is_oom(failure.getErrorMessage()):
+                self._filled()
+                raise BackendFull(FULL)
             raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
         return failure
 

@@ -7,6 +7,11 @@ parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Re
 A redis-server that exits on its own once it has answered (killed, out of memory) is started
 again on the same socket (:class:`~circles.children.RestartDelay`), where the server's script
 runner and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
+
+It runs with a ``maxmemory`` (:func:`derived_maxmemory` from the server's limits, or
+``--redis-maxmemory``) and ``maxmemory-policy noeviction``: a full Redis refuses writes, which
+the server answers clearly (plays -32004, webhooks 503, ``/ready`` 503), rather than growing
+until the machine swaps or the OOM killer picks a process, or evicting tasks and nonces.
 """
 
 from __future__ import annotations
@@ -39,6 +44,79 @@ DEFAULT_STATE_DIR = "circles-state"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _MAX_UNIX_PATH = 107
+
+
+# -- maxmemory ----------------------------------------------------------------------------------
+# What the private Redis may hold, derived from the server's limits (docs/deployment.md, "Sizing
+# Redis's maxmemory"):
+#
+#   maxmemory = clamp(BASE + plays in flight x (script + output + TASK_OVERHEAD) + webhook allowance,
+#                     FLOOR, min(CEILING, a quarter of the memory: the machine's, or its container's limit))
+#
+#   plays in flight   = server processes x --max-connections x --max-plays (either 0: no bound)
+#   script            = --max-script-size (at most --max-message-size: no larger script arrives)
+#   output            = --max-message-size (the worker refuses a larger output before writing it)
+#   webhook allowance = WEBHOOK_EVENTS x (--max-request-body + TASK_OVERHEAD), when a webhook
+#                       provider is configured, else 0
+#
+#: Redis itself, nonces, de-duplication keys of webhook events, members sets, queues.
+MAXMEMORY_BASE = 32 * 1024 * 1024
+#: The bounds of a derived maxmemory: never less than FLOOR, never more than CEILING nor a
+#: quarter of the machine's memory. The default limits (10,000 connections x 100 plays) allow
+#: more than any machine has, so the ceiling is what they get.
+MAXMEMORY_FLOOR = 64 * 1024 * 1024
+MAXMEMORY_CEILING = 1024 * 1024 * 1024
+#: Bytes of a task besides its script and output: its other fields, key, queue entry, reply.
+TASK_OVERHEAD = 1024
+#: Webhook events the allowance holds waiting for a worker (each at most --max-request-body).
+WEBHOOK_EVENTS = 256
+
+
+#: Where a container's memory limit is read (cgroup v2, then v1): the machine's memory is not
+#: what a container may use.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def physical_memory() -> Optional[int]:
+    """Bytes of memory this process may use: the machine's, or its container's limit if lower;
+    None where the platform does not say."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        memory = None
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                limit = int(f.read().strip())  # "max" (none) is not a number
+        except (OSError, ValueError):
+            continue
+        if memory is None or 0 < limit < memory:  # v1 says "none" with a huge number
+            memory = limit
+        break
+    return memory
+
+
+def derived_maxmemory(*, max_connections: int, max_plays: int, max_script: int, max_output: int,
+                      webhook_body: int = 0, processes: int = 1, physical: Optional[int] = None) -> int:
+    """The private Redis's ``maxmemory`` in bytes for a server with these limits (the formula
+    above). ``webhook_body``: the largest webhook body, 0 when no webhook provider is on;
+    ``physical``: the machine's memory (None: not known, only CEILING bounds)."""
+    ceiling = MAXMEMORY_CEILING if not physical else min(MAXMEMORY_CEILING, physical // 4)
+    ceiling = max(ceiling, MAXMEMORY_FLOOR)
+    if not (max_connections and max_plays):
+        return ceiling  # no bound on plays in flight
+    in_flight = max(1, processes) * max_connections * max_plays
+    per_play = min(max_script, max_output) + max_output + TASK_OVERHEAD
+    webhooks = WEBHOOK_EVENTS * (webhook_body + TASK_OVERHEAD) if webhook_body else 0
+    return max(MAXMEMORY_FLOOR, min(ceiling, MAXMEMORY_BASE + in_flight * per_play + webhooks))
+
+
+def describe_bytes(n: int) -> str:
+    """``n`` bytes for a log line: ``1 GiB``, ``96.5 MiB``, ``900 bytes``."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{round(n / size, 1):g} {unit}"
+    return f"{n} bytes"
 
 
 class EmbeddedRedisError(Exception):
@@ -122,13 +200,16 @@ class EmbeddedRedis(Service):
         live Redis in it). None: a private temporary directory, named now (the address is needed
         before the start: the dispatcher is given it), made at each start, removed on stop.
     :param persist: keep data across restarts (append-only file in ``state_dir``).
+    :param maxmemory: Redis's ``maxmemory`` in bytes (0: none), always with ``maxmemory-policy
+        noeviction``; None: :data:`MAXMEMORY_FLOOR`. A server gives :func:`derived_maxmemory`.
     """
 
     def __init__(self, state_dir: Optional[str], *, reactor, binary: str = "redis-server",
-                 persist: bool = False) -> None:
+                 persist: bool = False, maxmemory: Optional[int] = None) -> None:
         self.reactor = reactor
         self.binary = binary
         self.persist = persist
+        self.maxmemory = MAXMEMORY_FLOOR if maxmemory is None else maxmemory
         self.temporary = state_dir is None
         if state_dir is None:
             # Unpredictable, and made with an exclusive mkdir: a directory someone else made is refused.
@@ -182,13 +263,17 @@ class EmbeddedRedis(Service):
                 "--unixsocketperm", "700", "--dir", self.state_dir, "--daemonize", "no", "--logfile", "",
                 "--save", ""]
         args += ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
+        # Full is refused (OOM), never evicted: a task, nonce or webhook event dropped silently
+        # would be a lost play or event.
+        args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
         argv = dies_with_this_process(args)
         self._process = _RedisProcess()
         self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
                                                     path=self.state_dir)
         self._delay.started()
-        log.info("started a private redis-server (pid {pid}) on {path}",
-                 pid=self._transport.pid, path=self.socket_path)
+        log.info("started a private redis-server (pid {pid}) on {path}, maxmemory {maxmemory} (noeviction)",
+                 pid=self._transport.pid, path=self.socket_path,
+                 maxmemory=describe_bytes(self.maxmemory) if self.maxmemory else "none")
         self._process.ended.when().addCallback(self._ended)
 
     def _ended(self, reason: Exception) -> None:

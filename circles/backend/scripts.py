@@ -52,6 +52,11 @@ class BackendUnavailable(ScriptError):
     """The backend (Redis) cannot take the task now; nothing was queued."""
 
 
+class BackendFull(BackendUnavailable):
+    """Redis refuses writes because it is at its ``maxmemory`` (``noeviction``): nothing was
+    queued. Its ``str()`` says so, for the caller."""
+
+
 class ScriptFailed(ScriptError):
     """A worker ran the script and reported an error, carried in ``detail``."""
 

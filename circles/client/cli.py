@@ -5,6 +5,9 @@
     circles whoami URL [--key-file FILE]
     circles play URL [--key-file FILE] [--scheme eth|ecdsa] (SCRIPT | -f FILE | -)
     circles discover URL
+    circles members add|remove CIRCLE KEY    # who may play in a circle (kept in Redis)
+    circles members list CIRCLE
+    circles members policy CIRCLE [open|members]
     circles try                      # the one-command try-out (circles.tryout)
     circles --version
 
@@ -14,9 +17,13 @@ URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes f
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
 ``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
 
+``members`` talks to Redis, not to a server, and finds it as the worker does: ``--redis-url``, else
+``$CIRCLES_REDIS_URL``, else ``$REDIS_URL`` (the environment, then ``./.env``), else the private
+Redis of a server's ``--state-dir`` (default ``circles-state``).
+
 Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key (a URL
-naming no circle, a --ca file that cannot be read), 3 the server could not be reached (refused,
-TLS verification, unknown circle, connection lost).
+naming no circle, a --ca file that cannot be read), 3 the server (for ``members``: Redis) could
+not be reached (refused, TLS verification, unknown circle, connection lost).
 A stdout closed early (``| head -1``) ends the command silently, by SIGPIPE, as it ends other tools.
 """
 
@@ -41,6 +48,8 @@ from circles.tls_client import CAFileError, load_ca_file
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECTION = 3
+
+MEMBERS_ACTIONS = ("add", "remove", "list", "policy")
 
 
 class _Exit(Exception):
@@ -90,6 +99,29 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--timeout", type=float, metavar="SECONDS", help="ask the server to stop the script after this long")
 
     commands.add_parser("discover", parents=[remote], help="print the server's OpenRPC document")
+
+    # One parser, not one per action: parse_intermixed_args (options anywhere) takes no subparsers.
+    members = commands.add_parser(
+        "members", parents=[output], help="who may play in a circle: its policy and members, kept in Redis",
+        description="Who may play in a circle, for every server sharing the Redis, from the next play on (no "
+        "restart): 'policy CIRCLE members' admits the circle's members only, 'policy CIRCLE open' (the default) "
+        "any key. add, remove and list change and show the members.")
+    members.add_argument("action", choices=MEMBERS_ACTIONS, metavar="ACTION",
+                         help="add CIRCLE KEY | remove CIRCLE KEY | list CIRCLE | policy CIRCLE [open|members]")
+    members.add_argument("circle", metavar="CIRCLE", help="the circle's public key (hex)")
+    members.add_argument("value", nargs="?", metavar="KEY|POLICY",
+                         help="the member's public key (hex), or the policy to set: open or members")
+    members.add_argument("--redis-url", metavar="URL",
+                         help="the Redis the servers use (default: $CIRCLES_REDIS_URL, else $REDIS_URL, from the "
+                         "environment or ./.env; else the private Redis of --state-dir)")
+    # Their defaults are the plugins' (circles.options), read once the command runs: this module
+    # loads nothing of the backend before then.
+    members.add_argument("--redis-prefix", metavar="PREFIX",
+                         help="prefix of every Redis key, as the servers' (default circles:)")
+    members.add_argument("--state-dir", metavar="DIR",
+                         help="a server's directory, whose private Redis to use (default circles-state)")
+    members.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="give up reaching Redis after this long (default 10)")
 
     commands.add_parser("try", add_help=False,
                         help="run a server, Redis, a worker and the playground here (circles try --help)")
@@ -228,6 +260,9 @@ def main(argv: Optional[list] = None) -> None:
         from circles import tryout
         tryout.main(args.args)
         return
+    if args.command == "members":
+        _members_main(args)
+        return
     if args.command in ("keygen", "pubkey"):
         try:
             try:
@@ -250,6 +285,125 @@ def main(argv: Optional[list] = None) -> None:
             _stdout_closed()
 
     react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+# -- members: who may play in a circle ---------------------------------------------------------
+
+def _members_main(args) -> None:
+    async def run(reactor) -> None:
+        try:
+            try:
+                await _members(reactor, args)
+            except _Exit as e:
+                _fail(args, e)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def _members_args(args) -> "tuple[str, Optional[str]]":
+    """(circle, key or policy), normalised and checked: mistakes are usage errors."""
+    from circles.backend import members
+    from circles.keys import InvalidKey, normalize_pubkey
+
+    try:
+        circle = normalize_pubkey(args.circle)
+    except InvalidKey as e:
+        raise _Exit(EXIT_USAGE, f"CIRCLE: {e}") from None
+    value = args.value
+    if args.action in ("add", "remove"):
+        if value is None:
+            raise _Exit(EXIT_USAGE, f"members {args.action} needs the member's KEY: members {args.action} CIRCLE KEY")
+        try:
+            value = normalize_pubkey(value)
+        except InvalidKey as e:
+            raise _Exit(EXIT_USAGE, f"KEY: {e}") from None
+    elif args.action == "list" and value is not None:
+        raise _Exit(EXIT_USAGE, "members list takes the CIRCLE only")
+    elif args.action == "policy" and value is not None and value not in members.POLICIES:
+        raise _Exit(EXIT_USAGE, f"unknown policy {value!r}: {' or '.join(members.POLICIES)}")
+    return circle, value
+
+
+async def _members(reactor, args) -> None:
+    from twisted.python import usage
+    from txredisapi import RedisError
+
+    from circles.backend import members, tasks
+    from circles.backend.embedded import DEFAULT_STATE_DIR
+    from circles.backend.redis import InvalidRedisURL, Reachability, connect
+    from circles.options import choose_redis, read_dotenv
+
+    circle, value = _members_args(args)
+    if args.redis_prefix is None:
+        args.redis_prefix = tasks.DEFAULT_PREFIX
+    try:
+        redis = choose_redis({"redis-url": args.redis_url, "state-dir": args.state_dir or DEFAULT_STATE_DIR},
+                             reactor, read_dotenv())
+    except (usage.UsageError, InvalidRedisURL) as e:
+        raise _Exit(EXIT_USAGE, str(e) if str(e).startswith("--redis-url") else f"--redis-url: {e}") from None
+    factory = connect(redis.address, reactor, reply_timeout=args.connect_timeout)
+    refused = []  # why Redis would not let us in (password, database): txredisapi stops trying then
+
+    def stop_waiting(failure) -> None:
+        refused.append(failure.getErrorMessage())
+        waiting.cancel()
+
+    try:
+        waiting = factory.getConnection(peek=True)
+        waiting.addTimeout(args.connect_timeout, reactor)
+        factory.deferred.addErrback(stop_waiting)
+        try:
+            connection = await waiting
+        except Exception:
+            if refused:
+                raise _Exit(EXIT_CONNECTION, f"Redis at {redis.address.where()} refused the connection "
+                            f"({refused[0].replace('Redis error: ', '')}): check the credentials and database "
+                            "of --redis-url") from None
+            hint = Reachability(redis.address, reactor, private=redis.private).hint()
+            raise _Exit(EXIT_CONNECTION, f"cannot reach Redis at {redis.address.where()} within "
+                        f"{args.connect_timeout:g}s; {hint}") from None
+        try:
+            await _members_action(connection, members, args, circle, value)
+        except RedisError as e:
+            raise _Exit(EXIT_CONNECTION, f"Redis error: {e}") from None
+    finally:
+        await factory.disconnect()
+
+
+async def _members_action(redis, members, args, circle: str, value: Optional[str]) -> None:
+    prefix = args.redis_prefix
+    if args.action == "policy":
+        if value is not None:
+            await members.set_policy(redis, prefix, circle, value)
+        policy = await members.get_policy(redis, prefix, circle)
+        count = len(await members.members(redis, prefix, circle)) if policy == members.MEMBERS else None
+        if args.json:
+            _print_json({"circle": circle, "policy": policy})
+        else:
+            print(f"{circle}: {members.describe(policy, count)}")
+        return
+    if args.action == "list":
+        keys = await members.members(redis, prefix, circle)
+        if args.json:
+            _print_json({"circle": circle, "policy": await members.get_policy(redis, prefix, circle), "members": keys})
+        else:
+            for key in keys:
+                print(key)
+        return
+    changed = await (members.add if args.action == "add" else members.remove)(redis, prefix, circle, value)
+    policy = await members.get_policy(redis, prefix, circle)
+    if args.json:
+        _print_json({"circle": circle, "key": value, "changed": changed, "policy": policy})
+    elif args.action == "add":
+        print(f"{value}: {'added to' if changed else 'already one of'} the members of {circle}")
+    else:
+        print(f"{value}: {'removed from' if changed else 'not one of'} the members of {circle}")
+    if policy == members.OPEN and not args.json:
+        print(f"note: {circle} is open (any key may play); `circles members policy {circle} members` admits its "
+              "members only", file=sys.stderr)
 
 
 def _stdout_closed() -> None:

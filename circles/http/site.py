@@ -46,8 +46,9 @@ class _Health(Resource):
 
 
 class _Ready(Resource):
-    """``GET /ready``: 200 when plays can be queued (Redis reachable) and the server is not
-    shutting down, else 503 (readiness: a load balancer sends traffic elsewhere)."""
+    """``GET /ready``: 200 when plays can be queued (Redis reachable, and with room) and the
+    server is not shutting down, else 503 with the reason (readiness: a load balancer sends
+    traffic elsewhere)."""
 
     isLeaf = True
 
@@ -59,7 +60,9 @@ class _Ready(Resource):
         if self._factory.draining:
             problem = "shutting down"
         elif not self._factory.gateway.scripts.is_connected():
-            problem = "script backend unavailable"
+            # A runner that knows it: Redis answers but refuses writes at its maxmemory.
+            full = getattr(self._factory.gateway.scripts, "full", False)
+            problem = "script backend unavailable" + (": Redis is full (maxmemory)" if full else "")
         else:
             return json_response(request, 200, {"status": "ready"}, no_store=False)
         return json_response(request, 503, {"status": "unavailable", "reason": problem}, compact=False, no_store=False)

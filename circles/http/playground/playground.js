@@ -215,11 +215,14 @@
       case -32003: return 'The script took too long and was stopped.';
       case -32004: return 'No worker can run scripts right now (the script backend is unavailable). Try again in a moment.';
       case -32005: return 'The script failed.';
-      case -32006: return 'Too many requests at once: wait a moment and try again.';
+      case -32006:
+        if (data && data.size && data.limit) return `The script is too large to play (${data.size} bytes; the limit is ${data.limit}).`;
+        return 'Too many requests at once: wait a moment and try again.';
       case -32007: {
         const sizes = data && data.size && data.limit ? ` (${data.size} bytes; the limit is ${data.limit})` : '';
         return `The result is too large to send back${sizes}.`;
       }
+      case -32009: return 'This circle plays scripts for its members only, and the signed-in key is not one of them.';
       case -32603: return 'The server had an internal error; its log says more.';
       case -32700: case -32600: case -32601: case -32602:
         return 'The server did not understand the request: this page and the server may be of different versions.';
