@@ -1,0 +1,55 @@
+"""Engines for tests/test_isolation.py, in a module of their own: each isolated child imports it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def echo(script, context):
+    """The script back, with the child's pid: which process ran it."""
+    return f"{os.getpid()}:{script}"
+
+
+def spin(script, context):
+    """Busy for 60 s unless the script is "quick": what no cooperative check can stop."""
+    if script == "quick":
+        return "quick"
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        pass
+    return "spun for 60 s"
+
+
+def allocate(script, context):
+    """Reserve memory, 10 MB a step, up to 1 GiB (untouched pages: it costs no RAM), unless "quick"."""
+    if script == "quick":
+        return "quick"
+    held = []
+    while len(held) < 100:
+        held.append(bytes(10_000_000))
+    return f"held {len(held) * 10_000_000} bytes"
+
+
+def environment(script, context):
+    """What the script could read: its environment, working directory and context."""
+    return json.dumps({"environ": dict(os.environ), "cwd": os.getcwd(), "max_memory": context.max_memory,
+                       "max_output": context.max_output})
+
+
+def raises(script, context):
+    raise ValueError(f"bad script {script!r}")
+
+
+def dies(script, context):
+    os._exit(3)
+
+
+def big(script, context):
+    return "x" * int(script)
+
+
+def prints(script, context):
+    print("noise on stdout " * 1000)
+    return "fine"
