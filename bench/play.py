@@ -1,12 +1,18 @@
 """Benchmark ``play`` end to end: server + reference worker + Redis, all on this machine.
 
     .venv/bin/python -m bench.play [--connections 50] [--seconds 20] [--concurrency 16]
+    .venv/bin/python -m bench.play --engine circles.worker.tiny_engine:run --isolation none,process --rounds 3
 
 Starts ``twistd -n circles --auth`` (with its embedded Redis) and ``twistd -n circles-worker``
-with a Python engine that echoes the script, opens N connections with the ``websockets`` client,
-authenticates each (eth personal_sign), then has every connection play a trivial script in a
-loop, one request in flight per connection, for a fixed time. Reports plays/s and latency
-percentiles as JSON. Loopback only; every loop is bounded by --seconds.
+with a Python engine that echoes the script (``--engine``: another), opens N connections with
+the ``websockets`` client, authenticates each (eth personal_sign), then has every connection
+play a trivial script (``40 + 2``) in a loop, one request in flight per connection, for a fixed
+time. Reports plays/s and latency percentiles as JSON. Loopback only; every loop is bounded by
+--seconds.
+
+``--isolation none,process`` compares the worker's ``--isolation`` modes in one run: the same
+server, a fresh worker per measurement, the modes taken in turn ``--rounds`` times (interleaved,
+so a change in the machine's load falls on both alike).
 """
 
 from __future__ import annotations
@@ -113,6 +119,41 @@ async def load(url: str, connections: int, seconds: float, warmup: float) -> dic
             "p99_ms": pct(0.99)}
 
 
+def drain(proc: subprocess.Popen) -> None:
+    """Nobody reads the log from here on: drain it so the process never blocks on a full pipe."""
+    subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+
+
+def stop(procs: list) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def measure(args, circle: str, state: str, port: int, isolation: str = None) -> dict:
+    """Start the workers (with ``--isolation``, if given), put the load on, stop them."""
+    workers = []
+    try:
+        for _ in range(args.workers):
+            worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", args.engine,
+                            "--concurrency", str(args.concurrency),
+                            *(["--isolation", isolation] if isolation else [])], state)
+            workers.append(worker)
+            wait_for(worker, r"waiting for tasks")
+        for worker in workers:
+            drain(worker)
+        result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup))
+    finally:
+        stop(workers)
+    if isolation:
+        result["isolation"] = isolation
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=50)
@@ -120,34 +161,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=16, help="worker --concurrency")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--engine", default="bench.engines:echo", help="worker --engine")
+    parser.add_argument("--isolation", default=None,
+                        help="worker --isolation modes to compare, comma-separated (e.g. none,process)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --isolation: measurements of each mode, in turn")
     args = parser.parse_args()
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
                         "--state-dir", state], state)
-        workers = []
         try:
             port = int(wait_for(server, r"starting on (\d+)").group(1))
             wait_for(server, r"connected to Redis")
-            for _ in range(args.workers):
-                worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", "bench.engines:echo",
-                                "--concurrency", str(args.concurrency)], state)
-                workers.append(worker)
-                wait_for(worker, r"waiting for tasks")
-            # Nobody reads the logs from here on: drain them so the processes never block on a full pipe.
-            for proc in [server, *workers]:
-                asyncio.get_event_loop_policy()  # noqa: keep linters quiet about unused loop policy
-                subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-            result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup))
+            drain(server)
+            if args.isolation is None:
+                result = measure(args, circle, state, port)
+            else:
+                modes = args.isolation.split(",")
+                runs = [measure(args, circle, state, port, mode) for _ in range(args.rounds) for mode in modes]
+                result = {"runs": runs, "median_plays_per_s": {
+                    mode: sorted(r["plays_per_s"] for r in runs if r["isolation"] == mode)[args.rounds // 2]
+                    for mode in modes}}
         finally:
-            for proc in [*workers, server]:
-                proc.send_signal(signal.SIGTERM)
-            for proc in [*workers, server]:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    result.update(workers=args.workers, worker_concurrency=args.concurrency, machine=machine())
+            stop([server])
+    result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine())
     print(json.dumps(result, indent=2))
 
 
