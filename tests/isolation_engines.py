@@ -33,9 +33,15 @@ def allocate(script, context):
 
 
 def environment(script, context):
-    """What the script could read: its environment, working directory and context."""
-    return json.dumps({"environ": dict(os.environ), "cwd": os.getcwd(), "max_memory": context.max_memory,
-                       "max_output": context.max_output})
+    """What the script could read: its environment, working directory (and what is in it) and
+    context; the script "litter" leaves a file there."""
+    seen = {"environ": dict(os.environ), "cwd": os.getcwd(), "files": os.listdir("."),
+            "mode": os.stat(".").st_mode & 0o777, "max_memory": context.max_memory,
+            "max_output": context.max_output}
+    if script == "litter":
+        with open("left-behind", "w") as f:
+            f.write("for the next script?")
+    return json.dumps(seen)
 
 
 def raises(script, context):

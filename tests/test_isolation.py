@@ -348,7 +348,7 @@ async def test_isolated_engines_see_an_allow_list_and_a_private_directory(tmp_pa
     for argv, foo in [((), False), (("--exec-env", "FOO"), True)]:
         engine = parse(*base, *argv).engine
         assert isinstance(engine, IsolatedEngine)
-        seen = json.loads(await engine("x", attrs.evolve(CONTEXT, attempt=3)))
+        seen = json.loads(await engine("litter", attrs.evolve(CONTEXT, attempt=3)))
         environ = seen["environ"]
         for name in ("STRIPE_WEBHOOK_SECRET", "REDIS_URL", "AWS_SECRET_ACCESS_KEY"):
             assert name not in environ
@@ -356,11 +356,15 @@ async def test_isolated_engines_see_an_allow_list_and_a_private_directory(tmp_pa
         assert ("FOO" in environ) == foo
         assert environ["CIRCLES_ATTEMPT"] == "3" and environ["CONTEXT_ID"] == CIRCLE
         assert environ["HOME"] == environ["TMPDIR"] == seen["cwd"]
-        assert stat.S_IMODE(os.stat(os.path.dirname(seen["cwd"])).st_mode) == 0o700
-        assert not os.path.exists(seen["cwd"])  # the script's directory went with the script
+        assert seen["files"] == [] and seen["mode"] == 0o700
+        child_home = os.path.dirname(seen["cwd"])
+        assert stat.S_IMODE(os.stat(child_home).st_mode) == 0o700
+        assert not os.path.exists(seen["cwd"])  # the script left a file: its directory went with it
         second = json.loads(await engine("x", CONTEXT))
-        assert second["cwd"] != seen["cwd"]
+        assert second["cwd"] != seen["cwd"] and second["files"] == []  # nothing of the script before
+        assert second["environ"]["CIRCLES_ATTEMPT"] == "1"
         await engine.stop()
+        assert not os.path.exists(child_home)  # the child's own directory goes with the child
 
 
 # -- options -------------------------------------------------------------------------------------
