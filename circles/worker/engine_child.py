@@ -42,27 +42,33 @@ FRAME = struct.Struct(">II")
 MAX_TRACEBACK = 16 * 1024  # characters of an engine's traceback sent for the worker's debug log
 
 
-def read_exactly(fd: int, n: int) -> Optional[bytes]:
-    """``n`` bytes from ``fd``; None at end of file (the worker closed our stdin)."""
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
+class Reader:
+    """Frames from ``fd``, read in large pieces (most frames take one read)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def _fill(self, size: int) -> bool:
+        while len(self.buffer) < size:
+            chunk = os.read(self.fd, max(size - len(self.buffer), 65536))
+            if not chunk:
+                return False  # the worker closed our stdin
+            self.buffer += chunk
+        return True
+
+    def frame(self) -> Optional["tuple[dict, bytes]"]:
+        """The next frame, None at end of file."""
+        if not self._fill(FRAME.size):
             return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(fd: int) -> Optional["tuple[dict, bytes]"]:
-    lengths = read_exactly(fd, FRAME.size)
-    if lengths is None:
-        return None
-    header_size, body_size = FRAME.unpack(lengths)
-    data = read_exactly(fd, header_size + body_size)
-    if data is None:
-        return None
-    return json.loads(data[:header_size]), data[header_size:]
+        header_size, body_size = FRAME.unpack_from(self.buffer)
+        end = FRAME.size + header_size + body_size
+        if not self._fill(end):
+            return None
+        header = json.loads(self.buffer[FRAME.size:FRAME.size + header_size])
+        body = bytes(self.buffer[FRAME.size + header_size:end])
+        del self.buffer[:end]
+        return header, body
 
 
 def encode_frame(header: dict, body: bytes = b"") -> bytes:
@@ -214,7 +220,8 @@ def main() -> int:
     os.dup2(null, 0)
     os.dup2(2, 1)  # print() in an engine goes to stderr, never into a frame
     os.close(null)
-    frame = read_frame(protocol_in)
+    reader = Reader(protocol_in)
+    frame = reader.frame()
     if frame is None:
         return 0
     init = frame[0]
@@ -240,7 +247,7 @@ def main() -> int:
     write_all(protocol_out, encode_frame({"kind": "ready", "pid": os.getpid(), "baseline": baseline, "limit": limit}))
     while True:
         try:
-            frame = read_frame(protocol_in)
+            frame = reader.frame()
             if frame is None:
                 return 0
             reply = child.run(*frame)

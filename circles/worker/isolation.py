@@ -63,6 +63,9 @@ def memory_error(limit: Optional[int]) -> EngineError:
                        else "script exceeded its memory limit")
 
 
+_CONTEXT_FIELDS = tuple(field.name for field in attrs.fields(ScriptContext))
+
+
 @attrs.define(eq=False)
 class _Job:
     frame: bytes
@@ -191,8 +194,9 @@ class IsolatedEngine:
         if self._stopping:
             raise EngineError("the worker is stopping")
         limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
-        fields = attrs.asdict(attrs.evolve(context, max_output=limit,
-                                           max_memory=context.max_memory or self.max_memory))
+        fields = {name: getattr(context, name) for name in _CONTEXT_FIELDS}
+        fields["max_output"] = limit
+        fields["max_memory"] = context.max_memory or self.max_memory
         frame = encode_frame({"kind": "task", "context": fields, "cpu": self.cpu_seconds},
                              script.encode("utf-8", "surrogatepass"))
 
@@ -235,9 +239,12 @@ class IsolatedEngine:
         """Kill every child (a script running fails); fires once all have ended."""
         self._stopping = True
         self._warm = False
-        if self._shutdown_trigger is not None:
-            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # it is firing now: this is that trigger's call
         queued, self._queue = self._queue, deque()
         for job in queued:
             job.done.errback(EngineError("the worker is stopping"))
@@ -281,7 +288,7 @@ class IsolatedEngine:
     def _dispatch(self) -> None:
         while self._queue and not self._stopping:
             if self._free:
-                child = self._free.popleft()
+                child = self._take_free()
             elif len(self._children) < self.size:
                 try:
                     child = self._spawn()
@@ -295,6 +302,16 @@ class IsolatedEngine:
             job = self._queue.popleft()
             job.child, child.job = child, job
             child.transport.write(job.frame)
+
+    def _take_free(self) -> _Child:
+        """The ready child that ran a script last (its memory is warm in the caches), else the
+        first one still starting."""
+        for index in range(len(self._free) - 1, -1, -1):
+            if self._free[index].ready:
+                child = self._free[index]
+                del self._free[index]
+                return child
+        return self._free.popleft()
 
     def _kill(self, child: _Child) -> None:
         """Kill ``child`` and start another in its place (when warm)."""
