@@ -403,3 +403,38 @@ async def test_exec_commands_get_the_rlimits(tmp_path, monkeypatch):
     with pytest.raises(EngineError, match="^exit status"):
         # 200 MiB in one string: more address space than the command may have.
         await engine(f"exec {__import__('sys').executable} -c 'x = bytearray(200 * 2**20)'", CONTEXT)
+
+
+def test_a_killed_worker_leaves_no_engine_process_behind(tmp_path):
+    """kill -9 of `twistd circles-worker --engine ...`: its engine children end with it."""
+    import time
+
+    from .support import Key, twistd
+
+    circle = Key()
+
+    def children_of(pid: int) -> "list[int]":
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(child) for child in f.read().split()]
+        except OSError:
+            return []
+
+    with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run", "-c", "2"], tmp_path,
+                   plugin="circles-worker") as worker:
+        server.wait_for("connected to Redis")
+        worker.wait_for("waiting for tasks")
+        deadline = time.monotonic() + 60
+        while True:  # two supervisors, each with its engine process
+            supervisors = children_of(worker.proc.pid)
+            engines = [pid for supervisor in supervisors for pid in children_of(supervisor)]
+            if len(supervisors) == 2 and len(engines) == 2:
+                break
+            assert time.monotonic() < deadline, worker.output
+            time.sleep(0.05)
+        worker.proc.kill()
+        worker.proc.wait()
+        while any(alive(pid) for pid in supervisors + engines):
+            assert time.monotonic() < deadline, "an engine process outlived its worker"
+            time.sleep(0.05)

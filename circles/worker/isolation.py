@@ -58,6 +58,14 @@ STDERR_KEPT = 8192
 OUT_OF_MEMORY_SIGNS = ("MemoryError", "Cannot allocate memory", "out of memory", "bad_alloc")
 
 
+def _text(body: bytes) -> str:
+    """A frame's text: UTF-8 with lone surrogates, as the child writes it (anything else replaced)."""
+    try:
+        return body.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "replace")
+
+
 def memory_error(limit: Optional[int]) -> EngineError:
     return EngineError(f"script exceeded its memory limit ({limit} bytes)" if limit
                        else "script exceeded its memory limit")
@@ -254,9 +262,7 @@ class IsolatedEngine:
             if job is not None:
                 job.child = None
                 job.done.errback(EngineError("the worker stopped while the script ran"))
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.errback(EngineError("the worker is stopping"))
+        self._fail_ready(EngineError("the worker is stopping"))
         return DeferredList([child.ended.when() for child in self._dying]).addCallback(lambda _: None)
 
     # -- children -------------------------------------------------------------------------------
@@ -320,9 +326,16 @@ class IsolatedEngine:
             self._free.remove(child)
         self._dying.add(child)
         child.kill()
-        if self._warm and not self._stopping:
-            self._spawn()
+        self._replace()
         self._dispatch()
+
+    def _replace(self) -> None:
+        """Start a child in place of one gone, when children are kept started (after start())."""
+        if self._warm and not self._stopping and len(self._children) < self.size:
+            try:
+                self._spawn()
+            except Exception as e:  # (no fork, no fd): the next script tries again
+                log.error("cannot start an engine process: {error}", error=str(e))
 
     def _finish(self, child: _Child, result: Any, retire: bool = False) -> None:
         """``child``'s script ended with ``result`` (a string or an exception)."""
@@ -355,18 +368,20 @@ class IsolatedEngine:
             reason = body.decode("utf-8", "replace")
             log.error("the engine's process cannot load {spec}: {reason}", spec=self.spec, reason=reason)
             self._warm = False  # no use starting it again and again: on demand only
-            self._finish(child, EngineError(f"the engine cannot be loaded: {reason}"), retire=True)
+            error = EngineError(f"the engine cannot be loaded: {reason}")
+            self._fail_ready(error)
+            self._finish(child, error, retire=True)
             return
         if child.job is None or not child.ready:
             self._misbehaved(child, f"an unexpected {kind!r} reply")
             return
         if kind == "done":
-            self._finish(child, body.decode("utf-8", "surrogatepass"))
+            self._finish(child, _text(body))
             return
         if kind != "error":
             self._misbehaved(child, f"an unknown {kind!r} reply")
             return
-        message = body.decode("utf-8", "surrogatepass")
+        message = _text(body)
         kind = header.get("type")
         if kind == "memory":
             self._finish(child, memory_error(self.max_memory), retire=True)
@@ -408,6 +423,7 @@ class IsolatedEngine:
             self._free.remove(child)
         if job is None and not child.ready:
             self._warm = False  # it cannot even start: on demand only, so no loop of restarts
+            self._fail_ready(EngineError(f"the engine's process could not start ({how})"))
         error: Exception
         if reason.value.signal == signal.SIGXCPU:
             error = ScriptTimedOut(f"script used more than {math.ceil(self.cpu_seconds or 0)}s of CPU")
@@ -420,8 +436,7 @@ class IsolatedEngine:
             error = EngineError(f"the engine's process died running the script ({how})")
         child.killed = True
         child.job = None
-        if self._warm and not self._stopping:
-            self._spawn()
+        self._replace()
         self._dispatch()
         if job is not None:
             job.child = None
@@ -430,6 +445,11 @@ class IsolatedEngine:
             # Scripts waiting for a child that will never come: they fail the same way.
             while self._queue and not self._children:
                 self._queue.popleft().done.errback(error)
+
+    def _fail_ready(self, error: Exception) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(error)
 
     def _all_ready(self) -> bool:
         return len(self._children) >= self.size and all(child.ready for child in self._children)

@@ -15,6 +15,7 @@ import os
 import sys
 
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import maybeDeferred
 from twisted.python import usage
 
 from circles import logs
@@ -173,7 +174,8 @@ class IsolatingWorker(Worker):
 
     def startService(self) -> None:
         super().startService()
-        self.engine.start().addErrback(lambda f: log.failure("starting the engine's processes", f))
+        maybeDeferred(self.engine.start).addErrback(
+            lambda f: log.error("the engine's processes did not start: {error}", error=str(f.value)))
 
     def stopService(self):
         stopped = super().stopService()
