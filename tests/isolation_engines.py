@@ -59,3 +59,12 @@ def big(script, context):
 def prints(script, context):
     print("noise on stdout " * 1000)
     return "fine"
+
+
+def vandal(script, context):
+    """Removes the directory its child keeps its scripts' directories in."""
+    import shutil
+
+    home = os.path.dirname(os.getcwd())
+    shutil.rmtree(home)
+    return "removed"

@@ -438,3 +438,13 @@ def test_a_killed_worker_leaves_no_engine_process_behind(tmp_path):
         while any(alive(pid) for pid in supervisors + engines):
             assert time.monotonic() < deadline, "an engine process outlived its worker"
             time.sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_that_removes_its_childs_directory_harms_no_other():
+    engine = isolated("vandal", size=1)
+    await engine.start()
+    pids = engine.pids()
+    assert [await engine("x", CONTEXT) for _ in range(3)] == ["removed"] * 3
+    assert engine.pids() == pids  # the same child, each script in a new directory
+    await engine.stop()

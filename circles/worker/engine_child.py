@@ -107,7 +107,6 @@ class Child:
         self.engine = engine
         self.home = home
         self.base_environment = dict(os.environ)  # the worker's allow-list (passed_environment)
-        self.scripts = 0
         self.work: Optional[str] = None  # the next script's directory, when the last one left it empty
 
     def run(self, header: dict, body: bytes) -> bytes:
@@ -126,9 +125,8 @@ class Child:
             if hard == resource.RLIM_INFINITY or soft <= hard:
                 resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         if self.work is None:
-            self.scripts += 1
-            self.work = os.path.join(self.home, str(self.scripts))
-            os.mkdir(self.work, 0o700)
+            os.makedirs(self.home, 0o700, exist_ok=True)  # a script may have removed it
+            self.work = tempfile.mkdtemp(prefix="script-", dir=self.home)
         work = self.work
         os.chdir(work)
         environment = dict(self.base_environment, HOME=work, TMPDIR=work, **context.environment())
@@ -140,8 +138,8 @@ class Child:
         except MemoryError:
             out_of_memory = True  # out of the except clause: the script's values are freed
             reply = b""
-        os.chdir(self.home)
-        tempfile.tempdir = self.home
+        os.chdir("/")  # its home may be gone: nothing to stand in
+        tempfile.tempdir = None
         if not self._untouched(work):
             shutil.rmtree(work, ignore_errors=True)
             self.work = None  # the next script gets a new one

@@ -214,7 +214,7 @@ class IsolatedEngine:
                 self._queue.remove(job)
             else:
                 child, job.child, child.job = job.child, None, None
-                log.info("script stopped at its deadline: child {pid} killed", pid=child.pid)
+                log.debug("script stopped at its deadline: child {pid} killed", pid=child.pid)
                 self._kill(child)
 
         job = _Job(frame, Deferred(cancel), limit)
