@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,7 +92,69 @@ async def connection(url: str, key: coincurve.PrivateKey, until: float, latencie
             i += 1
 
 
-async def load(url: str, connections: int, seconds: float, warmup: float) -> dict:
+class TreeCPU:
+    """CPU time (utime+stime) of a process and all its descendants over a window, sampled every
+    quarter second from /proc so that a descendant that ends within the window (an engine child
+    replaced) still counts up to its last sample."""
+
+    def __init__(self, pids: list) -> None:
+        self.roots = list(pids)
+        self.first: dict = {}
+        self.last: dict = {}
+        self._opened = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree(pid: int) -> list:
+        found, todo = [], [pid]
+        while todo:
+            current = todo.pop()
+            found.append(current)
+            try:
+                with open(f"/proc/{current}/task/{current}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+            except OSError:
+                pass
+        return found
+
+    @staticmethod
+    def _cpu(pid: int):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        for root in self.roots:
+            for pid in self._tree(root):
+                cpu = self._cpu(pid)
+                if cpu is not None:
+                    # What ran before the window counts from the first sample; what started
+                    # within it, from nothing.
+                    self.first.setdefault(pid, 0.0 if self._opened else cpu)
+                    self.last[pid] = cpu
+        self._opened = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> float:
+        """Seconds of CPU used in the window."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+
+async def load(url: str, connections: int, seconds: float, warmup: float, cpu: TreeCPU = None) -> dict:
     keys = [coincurve.PrivateKey() for _ in range(connections)]
     latencies: list = []
     go = asyncio.Event()
@@ -102,10 +165,13 @@ async def load(url: str, connections: int, seconds: float, warmup: float) -> dic
     go.set()
     await asyncio.sleep(warmup)
     latencies.clear()
+    if cpu is not None:
+        cpu.start()
     started = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - started
     measured = list(latencies)
+    used = cpu.stop() if cpu is not None else None
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -114,9 +180,14 @@ async def load(url: str, connections: int, seconds: float, warmup: float) -> dic
     def pct(p: float) -> float:
         return round(measured[min(len(measured) - 1, int(p * len(measured)))] * 1000, 2)
 
-    return {"connections": connections, "seconds": round(elapsed, 2), "plays": len(measured),
-            "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
-            "p99_ms": pct(0.99)}
+    result = {"connections": connections, "seconds": round(elapsed, 2), "plays": len(measured),
+              "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
+              "p99_ms": pct(0.99)}
+    if used is not None:
+        # The workers' own CPU (their engine children included) per play: steadier than plays/s
+        # on a shared machine.
+        result["worker_cpu_us_per_play"] = round(used / max(len(measured), 1) * 1e6, 1)
+    return result
 
 
 def drain(proc: subprocess.Popen) -> None:
@@ -146,7 +217,8 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
             wait_for(worker, r"waiting for tasks")
         for worker in workers:
             drain(worker)
-        result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup))
+        result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup,
+                                  TreeCPU([worker.pid for worker in workers])))
     finally:
         stop(workers)
     if isolation:
@@ -179,9 +251,11 @@ def main() -> None:
             else:
                 modes = args.isolation.split(",")
                 runs = [measure(args, circle, state, port, mode) for _ in range(args.rounds) for mode in modes]
-                result = {"runs": runs, "median_plays_per_s": {
-                    mode: sorted(r["plays_per_s"] for r in runs if r["isolation"] == mode)[args.rounds // 2]
-                    for mode in modes}}
+                result = {"runs": runs}
+                for figure in ("plays_per_s", "worker_cpu_us_per_play"):
+                    result[f"median_{figure}"] = {
+                        mode: sorted(r[figure] for r in runs if r["isolation"] == mode)[args.rounds // 2]
+                        for mode in modes}
         finally:
             stop([server])
     result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine())
