@@ -405,26 +405,32 @@ async def test_exec_commands_get_the_rlimits(tmp_path, monkeypatch):
         await engine(f"exec {__import__('sys').executable} -c 'x = bytearray(200 * 2**20)'", CONTEXT)
 
 
-def test_a_killed_worker_leaves_no_engine_process_behind(tmp_path):
-    """kill -9 of `twistd circles-worker --engine ...`: its engine children end with it."""
+def children_of(pid: int) -> "list[int]":
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_or_killed_worker_leaves_no_engine_process_behind(tmp_path, how):
+    """`twistd circles-worker --engine ...` stopped (SIGTERM) or killed (kill -9): its engine
+    children end with it; stopped, it says nothing went wrong."""
     import time
 
-    from .support import Key, twistd
+    from .support import Key, request, twistd
+    from websockets.sync.client import connect
 
     circle = Key()
-
-    def children_of(pid: int) -> "list[int]":
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                return [int(child) for child in f.read().split()]
-        except OSError:
-            return []
-
     with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \
             twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run", "-c", "2"], tmp_path,
                    plugin="circles-worker") as worker:
+        port = server.wait_listening()
         server.wait_for("connected to Redis")
         worker.wait_for("waiting for tasks")
+        with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            assert request(ws, "play", {"script": "6 * 7"})["result"] == {"output": "42"}
         deadline = time.monotonic() + 60
         while True:  # two supervisors, each with its engine process
             supervisors = children_of(worker.proc.pid)
@@ -433,8 +439,12 @@ def test_a_killed_worker_leaves_no_engine_process_behind(tmp_path):
                 break
             assert time.monotonic() < deadline, worker.output
             time.sleep(0.05)
-        worker.proc.kill()
-        worker.proc.wait()
+        if how == "SIGKILL":
+            worker.proc.kill()
+            worker.proc.wait()
+        else:
+            assert worker.stop() in (0, -15), worker.output  # twistd ends by the signal it was stopped with
+            assert "Traceback" not in worker.output, worker.output
         while any(alive(pid) for pid in supervisors + engines):
             assert time.monotonic() < deadline, "an engine process outlived its worker"
             time.sleep(0.05)
