@@ -148,7 +148,7 @@ class Child:
     @staticmethod
     def _untouched(work: str) -> bool:
         """Whether a script left its directory as it found it (empty, private): then the next one
-        may have it, and a script's start costs no mkdir and rmdir (a tenth of a round trip)."""
+        may have it, and a script's start costs no mkdir and rmdir (0.15 ms on a journalled disk)."""
         try:
             info = os.lstat(work)
             return stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and not os.listdir(work)

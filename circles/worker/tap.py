@@ -15,7 +15,7 @@ import os
 import sys
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from circles import logs
@@ -177,7 +177,7 @@ class IsolatingWorker(Worker):
         maybeDeferred(self.engine.start).addErrback(
             lambda f: log.error("the engine's processes did not start: {error}", error=str(f.value)))
 
-    def stopService(self):
+    def stopService(self) -> Deferred:
         stopped = super().stopService()
 
         def stop_engine(result):
