@@ -90,7 +90,8 @@ class Options(usage.Options):
         ("max-script-memory", None, DEFAULT_MAX_MEMORY, "most memory a script may take, in bytes (0: no limit): "
          "with --engine under --isolation process, the address space of the child beyond its size once the "
          "engine is loaded (RLIMIT_AS; more is the error 'script exceeded its memory limit'); with --exec, the "
-         "address space of each process of the command, interpreter included (RLIMIT_AS); and given to the "
+         "address space of each process of the command, interpreter included (RLIMIT_AS: Node.js or a JVM, "
+         "which reserve gigabytes, need more or 0); and given to the "
          "engine as context.max_memory (the tiny engine accounts for its values against it)", at_least_zero(int)),
     ]
 
