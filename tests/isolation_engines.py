@@ -68,3 +68,17 @@ def vandal(script, context):
     home = os.path.dirname(os.getcwd())
     shutil.rmtree(home)
     return "removed"
+
+
+def fired(script, context):
+    """A Deferred that has fired: what an engine written for the reactor may return."""
+    from twisted.internet.defer import succeed
+
+    return succeed(f"fired {script}")
+
+
+def waits(script, context):
+    """A Deferred nobody will fire in a child (no reactor runs there)."""
+    from twisted.internet.defer import Deferred
+
+    return Deferred()

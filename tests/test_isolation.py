@@ -458,3 +458,39 @@ async def test_a_script_that_removes_its_childs_directory_harms_no_other():
     assert [await engine("x", CONTEXT) for _ in range(3)] == ["removed"] * 3
     assert engine.pids() == pids  # the same child, each script in a new directory
     await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferreds_that_fired_are_answers_and_others_are_said_so():
+    assert await isolated("fired")("x", CONTEXT) == "fired x"
+    engine = isolated("waits")
+    with pytest.raises(EngineError, match="had not fired when it returned.*--isolation none"):
+        await engine("x", CONTEXT)
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_waiting_for_a_child_can_time_out_too():
+    engine = isolated("spin", size=1)
+    await engine.start()
+    running = engine("spin", CONTEXT)
+    waiting = engine("quick", CONTEXT)
+    await eventually(lambda: engine._queue)
+    waiting.cancel()
+    with pytest.raises(CancelledError):
+        await waiting
+    assert len(engine._queue) == 0 and not running.called
+    running.cancel()
+    with pytest.raises(CancelledError):
+        await running
+    assert await engine("quick", CONTEXT) == "quick"
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_scripts_and_outputs_cross_the_pipes_whole():
+    engine = isolated("echo", max_output=4_000_000)
+    script = "é" * 600_000 + "\ud800"  # 1.2 MB of UTF-8, more than a pipe holds, and a lone surrogate
+    output = await engine(script, attrs.evolve(CONTEXT, max_output=2_000_000))
+    assert output.split(":", 1)[1] == script
+    await engine.stop()
