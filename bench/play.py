@@ -1,12 +1,18 @@
 """Benchmark ``play`` end to end: server + reference worker + Redis, all on this machine.
 
     .venv/bin/python -m bench.play [--connections 50] [--seconds 20] [--concurrency 16]
+    .venv/bin/python -m bench.play --engine circles.worker.tiny_engine:run --isolation none,process --rounds 3
 
 Starts ``twistd -n circles --auth`` (with its embedded Redis) and ``twistd -n circles-worker``
-with a Python engine that echoes the script, opens N connections with the ``websockets`` client,
-authenticates each (eth personal_sign), then has every connection play a trivial script in a
-loop, one request in flight per connection, for a fixed time. Reports plays/s and latency
-percentiles as JSON. Loopback only; every loop is bounded by --seconds.
+with a Python engine that echoes the script (``--engine``: another), opens N connections with
+the ``websockets`` client, authenticates each (eth personal_sign), then has every connection
+play a trivial script (``40 + 2``) in a loop, one request in flight per connection, for a fixed
+time. Reports plays/s and latency percentiles as JSON. Loopback only; every loop is bounded by
+--seconds.
+
+``--isolation none,process`` compares the worker's ``--isolation`` modes in one run: the same
+server, a fresh worker per measurement, the modes taken in turn ``--rounds`` times (interleaved,
+so a change in the machine's load falls on both alike).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +92,69 @@ async def connection(url: str, key: coincurve.PrivateKey, until: float, latencie
             i += 1
 
 
-async def load(url: str, connections: int, seconds: float, warmup: float) -> dict:
+class TreeCPU:
+    """CPU time (utime+stime) of a process and all its descendants over a window, sampled every
+    quarter second from /proc so that a descendant that ends within the window (an engine child
+    replaced) still counts up to its last sample."""
+
+    def __init__(self, pids: list) -> None:
+        self.roots = list(pids)
+        self.first: dict = {}
+        self.last: dict = {}
+        self._opened = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree(pid: int) -> list:
+        found, todo = [], [pid]
+        while todo:
+            current = todo.pop()
+            found.append(current)
+            try:
+                with open(f"/proc/{current}/task/{current}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+            except OSError:
+                pass
+        return found
+
+    @staticmethod
+    def _cpu(pid: int):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _sample(self) -> None:
+        for root in self.roots:
+            for pid in self._tree(root):
+                cpu = self._cpu(pid)
+                if cpu is not None:
+                    # What ran before the window counts from the first sample; what started
+                    # within it, from nothing.
+                    self.first.setdefault(pid, 0.0 if self._opened else cpu)
+                    self.last[pid] = cpu
+        self._opened = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> float:
+        """Seconds of CPU used in the window."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+
+async def load(url: str, connections: int, seconds: float, warmup: float, cpu: TreeCPU = None) -> dict:
     keys = [coincurve.PrivateKey() for _ in range(connections)]
     latencies: list = []
     go = asyncio.Event()
@@ -96,10 +165,13 @@ async def load(url: str, connections: int, seconds: float, warmup: float) -> dic
     go.set()
     await asyncio.sleep(warmup)
     latencies.clear()
+    if cpu is not None:
+        cpu.start()
     started = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - started
     measured = list(latencies)
+    used = cpu.stop() if cpu is not None else None
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -108,9 +180,50 @@ async def load(url: str, connections: int, seconds: float, warmup: float) -> dic
     def pct(p: float) -> float:
         return round(measured[min(len(measured) - 1, int(p * len(measured)))] * 1000, 2)
 
-    return {"connections": connections, "seconds": round(elapsed, 2), "plays": len(measured),
-            "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
-            "p99_ms": pct(0.99)}
+    result = {"connections": connections, "seconds": round(elapsed, 2), "plays": len(measured),
+              "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
+              "p99_ms": pct(0.99)}
+    if used is not None:
+        # The workers' own CPU (their engine children included) per play: steadier than plays/s
+        # on a shared machine.
+        result["worker_cpu_us_per_play"] = round(used / max(len(measured), 1) * 1e6, 1)
+    return result
+
+
+def drain(proc: subprocess.Popen) -> None:
+    """Nobody reads the log from here on: drain it so the process never blocks on a full pipe."""
+    subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+
+
+def stop(procs: list) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def measure(args, circle: str, state: str, port: int, isolation: str = None) -> dict:
+    """Start the workers (with ``--isolation``, if given), put the load on, stop them."""
+    workers = []
+    try:
+        for _ in range(args.workers):
+            worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", args.engine,
+                            "--concurrency", str(args.concurrency),
+                            *(["--isolation", isolation] if isolation else [])], state)
+            workers.append(worker)
+            wait_for(worker, r"waiting for tasks")
+        for worker in workers:
+            drain(worker)
+        result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup,
+                                  TreeCPU([worker.pid for worker in workers])))
+    finally:
+        stop(workers)
+    if isolation:
+        result["isolation"] = isolation
+    return result
 
 
 def main() -> None:
@@ -120,34 +233,32 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--concurrency", type=int, default=16, help="worker --concurrency")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--engine", default="bench.engines:echo", help="worker --engine")
+    parser.add_argument("--isolation", default=None,
+                        help="worker --isolation modes to compare, comma-separated (e.g. none,process)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --isolation: measurements of each mode, in turn")
     args = parser.parse_args()
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
                         "--state-dir", state], state)
-        workers = []
         try:
             port = int(wait_for(server, r"starting on (\d+)").group(1))
             wait_for(server, r"connected to Redis")
-            for _ in range(args.workers):
-                worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", "bench.engines:echo",
-                                "--concurrency", str(args.concurrency)], state)
-                workers.append(worker)
-                wait_for(worker, r"waiting for tasks")
-            # Nobody reads the logs from here on: drain them so the processes never block on a full pipe.
-            for proc in [server, *workers]:
-                asyncio.get_event_loop_policy()  # noqa: keep linters quiet about unused loop policy
-                subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-            result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup))
+            drain(server)
+            if args.isolation is None:
+                result = measure(args, circle, state, port)
+            else:
+                modes = args.isolation.split(",")
+                runs = [measure(args, circle, state, port, mode) for _ in range(args.rounds) for mode in modes]
+                result = {"runs": runs}
+                for figure in ("plays_per_s", "worker_cpu_us_per_play"):
+                    result[f"median_{figure}"] = {
+                        mode: sorted(r[figure] for r in runs if r["isolation"] == mode)[args.rounds // 2]
+                        for mode in modes}
         finally:
-            for proc in [*workers, server]:
-                proc.send_signal(signal.SIGTERM)
-            for proc in [*workers, server]:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    result.update(workers=args.workers, worker_concurrency=args.concurrency, machine=machine())
+            stop([server])
+    result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine())
     print(json.dumps(result, indent=2))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from twisted.python.failure import Failure
 
@@ -27,14 +27,26 @@ from circles.once import Once
 #   pdeathsig  ask the kernel for SIGTERM when we die (Linux; it survives exec)
 #   supervise  stay as the program's parent: on SIGTERM (ours, or the kernel's when we die),
 #              SIGKILL the whole group, what the program started too; exit as the program did
+#   as=N       the program's RLIMIT_AS (soft and hard): at most N bytes of address space
+#   cpu=N      the program's RLIMIT_CPU: SIGXCPU after N seconds of CPU, SIGKILL one later
 # If we died before the request was made, the child goes at once. A program that cannot be
 # started is one line on stderr and exit status 1.
 _SHIM = """\
 import os, signal, sys
 parent, options, argv = int(sys.argv[1]), sys.argv[2].split(','), sys.argv[3:]
 supervise = 'supervise' in options
+limits = [option.split('=') for option in options if '=' in option]
 def end_group(*_): os.killpg(0, signal.SIGKILL)
+def limit():
+    import resource
+    for name, value in limits:
+        which, soft = {'as': resource.RLIMIT_AS, 'cpu': resource.RLIMIT_CPU}[name], int(value)
+        hard = soft + 1 if name == 'cpu' else soft
+        old = resource.getrlimit(which)[1]
+        if old != resource.RLIM_INFINITY: soft, hard = min(soft, old), min(hard, old)
+        resource.setrlimit(which, (soft, hard))
 def start():
+    if limits: limit()
     try: os.execv(argv[0], argv)
     except OSError as e: os.write(2, f'cannot start {argv[0]}: {e.strerror}'.encode()); os._exit(1)
 if 'session' in options: os.setsid()
@@ -56,7 +68,8 @@ os._exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: bool = False) -> list:
+def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: bool = False,
+                           limits: Optional[dict] = None) -> list:
     """``argv`` (``argv[0]`` a path) wrapped so the child is terminated if this process dies
     (Linux; elsewhere only the other options apply, and with none ``argv`` is unchanged).
 
@@ -65,6 +78,10 @@ def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: 
         kills the whole group on SIGTERM or our death, so nothing the program started in the
         background survives it. It exits with the program's status (or signal); the group's
         id is the pid the caller sees.
+    :param limits: resource limits of the program (not of its supervisor), inherited by what it
+        starts: ``{"as": bytes}`` (RLIMIT_AS, its address space) and ``{"cpu": seconds}``
+        (RLIMIT_CPU: SIGXCPU then, SIGKILL a second later); None or 0 for no limit. Only
+        lowered: a limit the worker has already that is lower stays.
     """
     options = []
     if own_session or supervise:
@@ -73,6 +90,11 @@ def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: 
         options.append("pdeathsig")
     if supervise:
         options.append("supervise")
+    for name, value in sorted((limits or {}).items()):
+        if name not in ("as", "cpu"):
+            raise ValueError(f"unknown limit {name!r}")
+        if value:
+            options.append(f"{name}={int(value)}")
     if not options:
         return argv
     return [sys.executable, "-I", "-S", "-c", _SHIM, str(os.getpid()), ",".join(options)] + list(argv)

@@ -38,6 +38,21 @@ async def test_exec_output_and_environment():
 async def test_exec_script_is_a_file_and_removed():
     path = (await engine()('echo "$0"', CONTEXT)).strip()
     assert path.endswith(".rhai") and not os.path.exists(path)
+    assert not os.path.exists(os.path.dirname(path))  # its directory too
+
+
+@pytest_twisted.ensureDeferred
+async def test_exec_environment_is_an_allow_list(monkeypatch):
+    """The worker's own variables stay its own; PATH, LANG, LC_*, TZ and the names given pass."""
+    for name, value in {"STRIPE_WEBHOOK_SECRET": "whsec_x", "CIRCLES_REDIS_URL": "redis://:pw@h/0",
+                        "LC_TIME": "C", "TZ": "UTC", "EXTRA": "given", "HOME": "/root"}.items():
+        monkeypatch.setenv(name, value)
+    script = "env | cut -d= -f1 | sort"
+    shells_own = {"PWD", "OLDPWD", "SHLVL", "_"}  # what sh sets itself
+    names = set((await engine(env_names=["EXTRA"])(script, CONTEXT)).split()) - shells_own
+    assert names == {"PATH", "LANG", "LC_TIME", "TZ", "EXTRA", "HOME", "TMPDIR", "CONTEXT_ID", "CALLER_ID",
+                     "CIRCLES_SOURCE", "CIRCLES_TASK_ID", "CIRCLES_ATTEMPT"} - ({"LANG"} - set(os.environ))
+    assert "EXTRA" not in set((await engine()(script, CONTEXT)).split())
 
 
 @pytest_twisted.ensureDeferred

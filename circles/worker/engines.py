@@ -6,12 +6,17 @@ temporary file, and :func:`load_engine` imports a Python callable by name (the t
 :mod:`circles.worker.tiny_engine`). An engine reports a script error by raising (or failing):
 the exception's text becomes the task's ``error``. Output is capped at ``context.max_output``
 bytes (:class:`OutputTooLarge`): checked by the worker after the engine, and by an engine while
-it runs if it can (``--exec`` and the tiny engine do).
+it runs if it can (``--exec`` and the tiny engine do). :mod:`circles.worker.isolation` runs an
+``--engine`` callable in child processes, so that no script can stop the worker.
+
+A script sees none of the worker's own environment but an allow-list
+(:func:`script_environment`): the worker's may hold its Redis password and webhook secrets.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shlex
 import shutil
@@ -37,6 +42,11 @@ SCRIPT_FILE = "{script_file}"
 MAX_ENV_DATA = 64 * 1024
 #: ``--prelude`` values: what :class:`ExecEngine` puts before each script (see :func:`rhai_prelude`).
 PRELUDES = ("none", "rhai")
+#: Most bytes of memory a script may take, by default (``--max-script-memory``): see
+#: docs/worker-protocol.md, "Isolation: why child processes".
+DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
+#: What a script's environment keeps of the worker's own (and ``LC_*``); ``--exec-env`` adds names.
+PASSED_ENVIRONMENT = ("PATH", "LANG", "TZ")
 #: The constants a Rhai prelude declares, by their context attribute (CIRCLES_DATA is not one of
 #: them: a webhook event may be large, and stays a value in the environment and a file).
 RHAI_CONSTANTS = {"CONTEXT_ID": "circle", "CALLER_ID": "caller", "CIRCLES_SOURCE": "source",
@@ -121,6 +131,44 @@ class ScriptContext:
 Engine = Callable[[str, ScriptContext], Any]
 
 
+def passed_environment(names: "tuple[str, ...] | list[str]" = ()) -> "dict[str, str]":
+    """What a script may see of the worker's environment: ``PATH`` (the system's default when the
+    worker has none), ``LANG``, ``LC_*``, ``TZ`` and the variables ``names`` (``--exec-env``);
+    nothing else, since the worker's own may hold its Redis password, webhook secrets or cloud
+    credentials."""
+    env = {name: value for name, value in os.environ.items()
+           if name in PASSED_ENVIRONMENT or name.startswith("LC_") or name in names}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
+def script_environment(context: ScriptContext, home: str,
+                       names: "tuple[str, ...] | list[str]" = ()) -> "dict[str, str]":
+    """The whole environment of one script: :func:`passed_environment`, ``HOME`` and ``TMPDIR``
+    set to ``home`` (the script's own fresh directory), then the context's variables
+    (:meth:`ScriptContext.environment`), which no worker variable can replace."""
+    env = passed_environment(names)
+    env["HOME"] = env["TMPDIR"] = home
+    env.update(context.environment())
+    return env
+
+
+def with_max_memory(engine: Engine, max_memory: Optional[int]) -> Engine:
+    """``engine`` called with ``context.max_memory`` set to ``max_memory`` when the worker gave
+    none: how ``--max-script-memory`` reaches an in-process engine that accounts for what its
+    scripts build (``--isolation none``)."""
+    if not max_memory:
+        return engine
+
+    def bounded(script: str, context: ScriptContext) -> Any:
+        if context.max_memory is None:
+            context = attrs.evolve(context, max_memory=max_memory)
+        return engine(script, context)
+
+    bounded.__wrapped__ = engine  # type: ignore[attr-defined]
+    return bounded
+
+
 # -- the Rhai prelude -------------------------------------------------------------------------
 
 def rhai_string(value: str) -> str:
@@ -161,9 +209,10 @@ def with_prelude(prelude: str, script: str) -> str:
 # -- the --exec engine ------------------------------------------------------------------------
 
 class _Run(ProcessProtocol):
-    def __init__(self, done: Deferred, max_output: int) -> None:
+    def __init__(self, done: Deferred, max_output: int, cleanup: Callable[[], None]) -> None:
         self.done = done
         self.max_output = max_output
+        self.cleanup = cleanup  # removes the script's directory, once nothing of it runs
         self.stdout = bytearray()
         self.stderr = bytearray()
         self.group: Optional[int] = None
@@ -208,6 +257,7 @@ class _Run(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.end_group()  # the script is over: nothing it started outlives it
+        self.cleanup()
         if self.done.called:
             return
         if reason.check(ProcessDone):
@@ -219,14 +269,19 @@ class _Run(ProcessProtocol):
                 self.done.callback(output)
             return
         how = how_it_ended(reason)
+        if reason.value.signal == signal.SIGXCPU:
+            how = "script used all the CPU time it may (RLIMIT_CPU)"
         detail = self.stderr_text()
         self.done.errback(EngineError(f"{how}: {detail}" if detail else how))
 
 
 class ExecEngine:
-    """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script: the script is in a
-    temporary file, the context in the environment (a task's data also in a temporary file
-    named by CIRCLES_DATA_FILE), stdout less one final newline is the output
+    """Runs ``command`` (e.g. ``rhai-run {script_file}``) per script, in a fresh private
+    directory (mode 0700) that is its working directory, ``HOME`` and ``TMPDIR``, and is removed
+    once it ended: the script is a file there, the context in the environment (a task's data
+    also in a file there named by CIRCLES_DATA_FILE), and nothing else of the worker's
+    environment but :func:`passed_environment` (``env_names`` adds to it); stdout less one final
+    newline is the output
     (:func:`output_of_stdout`); a non-zero exit is
     an error carrying stderr; more than ``max_output`` bytes of stdout (or the context's
     ``max_output``, if smaller) is an error, and reading stops there; cancelling (the worker's
@@ -236,9 +291,14 @@ class ExecEngine:
 
     ``prelude="rhai"`` (``--prelude rhai``) starts each script with :func:`rhai_prelude`, so a Rhai
     interpreter sees CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and CIRCLES_TASK_ID as constants (as
-    under the ecosystem's Rust worker), not only as environment variables."""
+    under the ecosystem's Rust worker), not only as environment variables.
 
-    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none") -> None:
+    ``max_memory`` bytes (RLIMIT_AS) and ``cpu_seconds`` (RLIMIT_CPU) bound each process the
+    command runs, separately (limits are per process, inherited); None: no limit."""
+
+    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
+                 env_names: "tuple[str, ...] | list[str]" = (), max_memory: Optional[int] = None,
+                 cpu_seconds: Optional[float] = None) -> None:
         argv = shlex.split(command)
         if not argv:
             raise ValueError("empty command")
@@ -253,21 +313,29 @@ class ExecEngine:
         self.prelude = prelude
         self.reactor = reactor
         self.max_output = max_output
+        self.env_names = tuple(env_names)
+        self.limits = {"as": max_memory or 0, "cpu": math.ceil(cpu_seconds) if cpu_seconds else 0}
 
     def __call__(self, script: str, context: ScriptContext) -> Deferred:
         if self.prelude == "rhai":
             script = with_prelude(rhai_prelude(context), script)
-        path = _temporary(script, ".rhai")
-        paths = [path]
+        home = tempfile.mkdtemp(prefix="circles-script-")  # mode 0700
+
+        def cleanup() -> None:
+            shutil.rmtree(home, ignore_errors=True)
+
+        try:
+            path = _write(home, "script.rhai", script)
+            env = script_environment(context, home, self.env_names)
+            if context.data is not None:
+                # Always in a file too: a webhook event may be larger than an environment allows.
+                env["CIRCLES_DATA_FILE"] = _write(home, "data.json", context.data)
+                if len(context.data.encode("utf-8", "surrogatepass")) > MAX_ENV_DATA:
+                    del env["CIRCLES_DATA"]
+        except Exception:
+            cleanup()
+            raise
         argv = [arg.replace(SCRIPT_FILE, path) for arg in self.argv]
-        env = dict(os.environ)
-        env.update(context.environment())
-        if context.data is not None:
-            # Always in a file too: a webhook event may be larger than an environment allows.
-            paths.append(_temporary(context.data, ".json"))
-            env["CIRCLES_DATA_FILE"] = paths[-1]
-            if len(context.data.encode("utf-8", "surrogatepass")) > MAX_ENV_DATA:
-                del env["CIRCLES_DATA"]
 
         def cancel(d: Deferred) -> None:
             process.kill()
@@ -276,28 +344,22 @@ class ExecEngine:
 
         done = Deferred(cancel)
         limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
-        process = _Run(done, limit)
-        def cleanup(result):
-            for name in paths:
-                try:
-                    os.unlink(name)
-                except OSError:
-                    pass
-            return result
-
+        process = _Run(done, limit, cleanup)
         try:
             # Under a supervisor leading the script's process group, which it kills should we die.
-            self.reactor.spawnProcess(process, sys.executable, dies_with_this_process(argv, supervise=True), env=env)
+            self.reactor.spawnProcess(process, sys.executable,
+                                      dies_with_this_process(argv, supervise=True, limits=self.limits),
+                                      env=env, path=home)
         except Exception as e:
-            cleanup(None)
+            cleanup()
             raise EngineError(f"cannot start {argv[0]}: {e}") from None
+        return done
 
-        return done.addBoth(cleanup)
 
-
-def _temporary(text: str, suffix: str) -> str:
-    """Write ``text`` (UTF-8) to a new private temporary file and return its path."""
-    fd, path = tempfile.mkstemp(prefix="circles-", suffix=suffix)
+def _write(directory: str, name: str, text: str) -> str:
+    """Write ``text`` (UTF-8) to a new private file ``name`` in ``directory``; its path."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
         f.write(text)
     return path

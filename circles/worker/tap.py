@@ -10,17 +10,20 @@ the same ``--state-dir`` (both default to the same directory), so a one-machine 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from circles import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.keys import circle_set
-from circles.options import choose_redis, positive, print_version, read_dotenv, redis_parameters
-from circles.worker.engines import PRELUDES, ExecEngine, load_engine
+from circles.options import at_least_zero, choose_redis, positive, print_version, read_dotenv, redis_parameters
+from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, ExecEngine, load_engine, with_max_memory
+from circles.worker.isolation import IsolatedEngine
 from circles.worker.service import Worker
 
 log = logs.Logger()
@@ -31,6 +34,8 @@ log = logs.Logger()
 WORKER_PARAMETERS = {"redis-prefix": "prefix", "concurrency": "concurrency", "script-timeout": "script_timeout",
                      "max-output": "max_output"}
 OWN_DEFAULTS = {"concurrency": 4}
+#: ``--isolation``: how an ``--engine`` callable runs (docs/worker-protocol.md, "Isolation: why child processes").
+ISOLATIONS = ("process", "none")
 
 
 def _default(option: str):
@@ -55,10 +60,13 @@ class Options(usage.Options):
     longdesc = (
         "Run the scripts queued for circles: take tasks from Redis, run each with an engine, "
         "reply to the server that queued it. --exec runs an external interpreter on the script "
-        "(in a temporary file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE and "
-        "CIRCLES_TASK_ID in its environment, and for a webhook event CIRCLES_DATA and CIRCLES_DATA_FILE; "
+        "(in a file named by {script_file}; CONTEXT_ID, CALLER_ID, CIRCLES_SOURCE, CIRCLES_TASK_ID and "
+        "CIRCLES_ATTEMPT in its environment, and for a webhook event CIRCLES_DATA and CIRCLES_DATA_FILE; "
         "stdout less one final newline is the output). --engine calls a Python "
-        "callable (script, context) returning a string or a Deferred."
+        "callable (script, context) returning a string (or a Deferred, fired already under --isolation "
+        "process), in child processes of the worker (--isolation process) so a script cannot stop it. Scripts see none of the worker's environment "
+        "but PATH, LANG, LC_*, TZ and what --exec-env names; each runs in a fresh private directory, "
+        "its HOME and TMPDIR, removed afterwards."
     )
     optParameters = [
         logs.LOG_LEVEL_OPTION,
@@ -75,11 +83,29 @@ class Options(usage.Options):
          "literals, at the start of the script's first line (line numbers unchanged)"),
         ("max-output", None, _default("max-output"), "largest output of a script, in bytes, with either engine "
          "(a server's smaller limit, given in its tasks, wins); more is an error result", positive(int)),
+        ("isolation", None, None, "with --engine, where the callable runs: process (the default: in child "
+         "processes, as many as --concurrency, killed and replaced at a script's timeout, memory bounded by "
+         "--max-script-memory) or none (in the worker's own process: a script that computes holds the worker, "
+         "its timeout included)"),
+        ("max-script-memory", None, DEFAULT_MAX_MEMORY, "most memory a script may take, in bytes (0: no limit): "
+         "with --engine under --isolation process, the address space of the child beyond its size once the "
+         "engine is loaded (RLIMIT_AS; more is the error 'script exceeded its memory limit'); with --exec, the "
+         "address space of each process of the command, interpreter included (RLIMIT_AS: Node.js or a JVM, "
+         "which reserve gigabytes, need more or 0); and given to the "
+         "engine as context.max_memory (the tiny engine accounts for its values against it)", at_least_zero(int)),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["circles"] = []
+        self["exec-env"] = []
+
+    def opt_exec_env(self, name: str) -> None:
+        """a variable of the worker's environment that scripts see too (repeatable), with --exec and
+        --engine under --isolation process; scripts see no other but PATH, LANG, LC_* and TZ"""
+        if not name or "=" in name:
+            raise usage.UsageError(f"--exec-env: {name!r} is not a variable's name")
+        self["exec-env"].append(name)
 
     def opt_circle(self, pubkey: str) -> None:
         """circle whose tasks to run, as its public key in hex (repeatable, at least one)"""
@@ -104,6 +130,13 @@ class Options(usage.Options):
             raise usage.UsageError("--prelude is for --exec only (an --engine callable gets the context itself)")
         if self["prelude"] is not None and self["prelude"] not in PRELUDES:
             raise usage.UsageError(f"--prelude: {self['prelude']!r} is not one of {', '.join(PRELUDES)}")
+        if self["isolation"] is not None and self["exec"] is not None:
+            raise usage.UsageError("--isolation is for --engine only (--exec runs each script in a process group "
+                                   "of its own already)")
+        if self["isolation"] is None:
+            self["isolation"] = ISOLATIONS[0]
+        if self["isolation"] not in ISOLATIONS:
+            raise usage.UsageError(f"--isolation: {self['isolation']!r} is not one of {', '.join(ISOLATIONS)}")
         try:
             redis = choose_redis(self, global_reactor, read_dotenv())
             self.address, self.private_redis = redis.address, redis.private
@@ -113,19 +146,53 @@ class Options(usage.Options):
         try:
             if self["exec"] is not None:
                 self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"],
-                                         prelude=self["prelude"] or PRELUDES[0])
+                                         prelude=self["prelude"] or PRELUDES[0], env_names=self["exec-env"],
+                                         max_memory=self["max-script-memory"],
+                                         cpu_seconds=cpu_backstop(self["script-timeout"]))
             else:
                 importable_here()
-                self.engine = load_engine(self["engine"])
+                engine = load_engine(self["engine"])  # here too: a mistake is said before any process starts
+                if self["isolation"] == "process":
+                    self.engine = IsolatedEngine(self["engine"], reactor=global_reactor, size=self["concurrency"],
+                                                 max_memory=self["max-script-memory"],
+                                                 cpu_seconds=cpu_backstop(self["script-timeout"]),
+                                                 max_output=self["max-output"], env_names=self["exec-env"])
+                else:
+                    self.engine = with_max_memory(engine, self["max-script-memory"])
         except ValueError as e:
             raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
+
+
+def cpu_backstop(script_timeout: float) -> int:
+    """RLIMIT_CPU seconds of a script: its timeout and a second, so only a script that the kill at
+    the deadline somehow missed ever meets it."""
+    return math.ceil(script_timeout) + 1
+
+
+class IsolatingWorker(Worker):
+    """A :class:`Worker` whose engine has processes of its own (:class:`IsolatedEngine`): they
+    start with it and are stopped once its last script has ended."""
+
+    def startService(self) -> None:
+        super().startService()
+        maybeDeferred(self.engine.start).addErrback(
+            lambda f: log.error("the engine's processes did not start: {error}", error=str(f.value)))
+
+    def stopService(self) -> Deferred:
+        stopped = super().stopService()
+
+        def stop_engine(result):
+            return self.engine.stop().addBoth(lambda _: result)
+
+        return stopped.addBoth(stop_engine)
 
 
 def makeService(config: Options, reactor=global_reactor) -> Worker:
     logs.set_level(config["log-level"])
     log.info("configuration: {source}", source=config.redis_source)
     engine = config.engine
-    if isinstance(engine, ExecEngine) and engine.reactor is not reactor:
+    if isinstance(engine, (ExecEngine, IsolatedEngine)) and engine.reactor is not reactor:
         engine.reactor = reactor
-    return Worker(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
-                  **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})
+    kind = IsolatingWorker if isinstance(engine, IsolatedEngine) else Worker
+    return kind(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
+                **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})

@@ -1,0 +1,456 @@
+"""Isolated engines: an ``--engine`` callable run in a pool of child processes.
+
+An engine called in the worker's own process runs on its reactor: a script that computes for a
+minute holds the worker for that minute. It answers no other task, its ``--script-timeout``
+cannot fire (the timer needs the reactor) and it cannot shut down; a script that allocates
+takes the worker's memory. No check inside an interpreter covers every engine, nor every bug
+of one, so :class:`IsolatedEngine` (``--isolation process``, the default) runs the callable in
+child processes (:mod:`circles.worker.engine_child`) and keeps the worker's reactor free:
+
+- at the deadline the worker cancels the Deferred; the child is SIGKILLed, with its process
+  group, and replaced: the timeout holds whatever the engine does;
+- each child's address space is bounded (RLIMIT_AS: its size once the engine is loaded, plus
+  ``max_memory``), and each script's CPU time too (RLIMIT_CPU, a backstop to the kill);
+- children are started ahead (``start``, as many as the worker runs scripts at a time), so a
+  task costs a round trip over a pipe, not a process start; a child is replaced after a script
+  that failed other than by an :class:`EngineError` (an engine bug, memory, a crash, the
+  deadline) and after ``tasks_per_child`` scripts;
+- children get an allow-list of the worker's environment, not its secrets
+  (:func:`~circles.worker.engines.passed_environment`), and each script a fresh directory;
+- children die with the worker (``PR_SET_PDEATHSIG``, :func:`circles.children.dies_with_this_process`).
+
+The cost, measured: docs/benchmarks.md ("Isolation").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections import deque
+from typing import Any, Optional
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+import circles
+from circles.children import dies_with_this_process, how_it_ended
+from circles.logs import Logger
+from circles.once import Once
+from circles.worker.engine_child import FRAME, encode_frame
+from circles.worker.engines import (DEFAULT_MAX_MEMORY, DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge,
+                                    ScriptContext, ScriptTimedOut, passed_environment)
+
+log = Logger()
+
+#: Scripts a child runs before it is replaced (what an engine leaks, or a heap fragments, goes);
+#: a start costs about 0.13 s of CPU, so 1,000 would have been 0.13 ms on each script.
+TASKS_PER_CHILD = 10_000
+#: Bytes a reply frame may have beyond the output cap (its header): a child sending more is killed.
+HEADER_ROOM = 64 * 1024
+STDERR_KEPT = 8192
+#: Words in a dead child's stderr that say it ran out of memory (a C allocation failing hard).
+OUT_OF_MEMORY_SIGNS = ("MemoryError", "Cannot allocate memory", "out of memory", "bad_alloc")
+
+
+def _text(body: bytes) -> str:
+    """A frame's text: UTF-8 with lone surrogates, as the child writes it (anything else replaced)."""
+    try:
+        return body.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return body.decode("utf-8", "replace")
+
+
+def memory_error(limit: Optional[int]) -> EngineError:
+    return EngineError(f"script exceeded its memory limit ({limit} bytes)" if limit
+                       else "script exceeded its memory limit")
+
+
+_CONTEXT_FIELDS = tuple(field.name for field in attrs.fields(ScriptContext))
+
+
+@attrs.define(eq=False)
+class _Job:
+    frame: bytes
+    done: Deferred
+    limit: int  # the output cap of this script
+    child: Optional["_Child"] = None
+
+
+class _Child(ProcessProtocol):
+    """One child process, from the pool's side: frames in and out, and how it ended."""
+
+    def __init__(self, pool: "IsolatedEngine", home: str) -> None:
+        self.pool = pool
+        self.home = home  # private directory: its working directory, HOME, TMPDIR
+        self.pid: Optional[int] = None
+        self.ready = False
+        self.killed = False  # by us: the deadline, a retirement, a stop
+        self.job: Optional[_Job] = None
+        self.tasks = 0
+        self.ended = Once()
+        self._buffer = bytearray()
+        self._stderr = bytearray()
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # the supervisor's: the process group's id
+        self.transport.write(encode_frame({"kind": "init", "spec": self.pool.spec, "path": self.pool.path,
+                                           "max_memory": self.pool.max_memory}))
+
+    def outReceived(self, data: bytes) -> None:
+        if self.killed:
+            return
+        self._buffer += data
+        while len(self._buffer) >= FRAME.size:
+            header_size, body_size = FRAME.unpack_from(self._buffer)
+            cap = (self.job.limit if self.job is not None else 0) + HEADER_ROOM
+            if header_size + body_size > cap:
+                self.pool._misbehaved(self, f"a reply of {header_size + body_size} bytes, more than {cap}")
+                return
+            end = FRAME.size + header_size + body_size
+            if len(self._buffer) < end:
+                return
+            try:
+                header = json.loads(bytes(self._buffer[FRAME.size:FRAME.size + header_size]))
+            except ValueError:
+                self.pool._misbehaved(self, "a reply that is not a frame")
+                return
+            body = bytes(self._buffer[FRAME.size + header_size:end])
+            del self._buffer[:end]
+            self.pool._received(self, header, body)
+            if self.killed:
+                return
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr += data
+        del self._stderr[:-STDERR_KEPT]
+
+    def stderr_text(self) -> str:
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    def kill(self) -> None:
+        """SIGKILL the child and all its group (what an engine started too), and let go of it."""
+        self.killed = True
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass  # not a group yet: the signal below ends the supervisor before it forked
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:
+            pass  # gone already
+        self.transport.loseConnection()
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # nothing an engine started outlives its child
+            except OSError:
+                pass
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.pool._ended(self, reason)
+        self.ended.fire(None)
+
+
+class IsolatedEngine:
+    """The engine ``spec`` (``package.module:callable``) run in up to ``size`` child processes:
+    itself an engine, ``(script, context) -> Deferred[str]``.
+
+    ``max_memory``: bytes a script may take, beyond the child's size once the engine is loaded
+    (RLIMIT_AS), also given to the engine as ``context.max_memory`` when the worker gave none;
+    None or 0: no limit. ``cpu_seconds``: CPU time a script may use (RLIMIT_CPU), a backstop to
+    the kill at the deadline; None: none. ``env_names``: variables of the worker's environment
+    the children see beyond :func:`~circles.worker.engines.passed_environment`'s.
+
+    Cancelling a call (the worker's timeout) kills its child: the Deferred fails with
+    CancelledError, which the worker reports as the script's timeout. :meth:`start` starts the
+    children ahead (else they start on first use); :meth:`stop` kills them all.
+    """
+
+    def __init__(self, spec: str, *, reactor, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+                 cpu_seconds: Optional[float] = None, max_output: int = DEFAULT_MAX_OUTPUT,
+                 env_names: "tuple[str, ...] | list[str]" = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
+        if size < 1:
+            raise ValueError("an isolated engine needs at least one process")
+        self.spec = spec
+        self.reactor = reactor
+        self.size = size
+        self.max_memory = max_memory or None
+        self.cpu_seconds = cpu_seconds
+        self.max_output = max_output
+        self.env_names = tuple(env_names)
+        self.tasks_per_child = tasks_per_child
+        self.path = [os.path.abspath(entry or os.curdir) for entry in sys.path]
+        self._children: "set[_Child]" = set()  # alive and ours to use (not killed)
+        self._free: "deque[_Child]" = deque()  # of those, the ones with no script (starting or ready)
+        self._dying: "set[_Child]" = set()  # killed, not reaped yet
+        self._queue: "deque[_Job]" = deque()
+        self._warm = False  # keep `size` children started (after start())
+        self._stopping = False
+        self._shutdown_trigger: Any = None
+        self._ready_waiters: "list[Deferred]" = []
+
+    # -- the engine ---------------------------------------------------------------------------
+
+    def __call__(self, script: str, context: ScriptContext) -> Deferred:
+        if self._stopping:
+            raise EngineError("the worker is stopping")
+        limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
+        fields = {name: getattr(context, name) for name in _CONTEXT_FIELDS}
+        fields["max_output"] = limit
+        fields["max_memory"] = context.max_memory or self.max_memory
+        frame = encode_frame({"kind": "task", "context": fields, "cpu": self.cpu_seconds},
+                             script.encode("utf-8", "surrogatepass"))
+
+        def cancel(d: Deferred) -> None:
+            # Not answered: the Deferred fails with CancelledError, the worker's timeout.
+            if job.child is None:
+                self._queue.remove(job)
+            else:
+                child, job.child, child.job = job.child, None, None
+                log.debug("script stopped at its deadline: child {pid} killed", pid=child.pid)
+                self._kill(child)
+
+        job = _Job(frame, Deferred(cancel), limit)
+        self._queue.append(job)
+        self._dispatch()
+        return job.done
+
+    def pids(self) -> "list[int]":
+        """The process ids of the children in use (each the leader of its process group)."""
+        return sorted(child.pid for child in self._children if child.pid is not None)
+
+    def start(self) -> Deferred:
+        """Start ``size`` children now, and replace each that goes; fires once all are ready."""
+        self._stopping = False
+        self._warm = True
+        self._watch_shutdown()
+        while len(self._children) < self.size:
+            self._spawn()
+        return self.ready()
+
+    def ready(self) -> Deferred:
+        """Fires once ``size`` children are started and ready (after :meth:`start`)."""
+        if self._all_ready():
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def stop(self) -> Deferred:
+        """Kill every child (a script running fails); fires once all have ended."""
+        self._stopping = True
+        self._warm = False
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # it is firing now: this is that trigger's call
+        queued, self._queue = self._queue, deque()
+        for job in queued:
+            job.done.errback(EngineError("the worker is stopping"))
+        for child in list(self._children):
+            job, child.job = child.job, None
+            self._kill(child)
+            if job is not None:
+                job.child = None
+                job.done.errback(EngineError("the worker stopped while the script ran"))
+        self._fail_ready(EngineError("the worker is stopping"))
+        return DeferredList([child.ended.when() for child in self._dying]).addCallback(lambda _: None)
+
+    # -- children -------------------------------------------------------------------------------
+
+    def _watch_shutdown(self) -> None:
+        if self._shutdown_trigger is None:
+            # After the worker stopped (its "before" trigger), should nobody have stopped us.
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def _spawn(self) -> _Child:
+        home = tempfile.mkdtemp(prefix="circles-engine-")  # mode 0700
+        child = _Child(self, home)
+        env = passed_environment(self.env_names)
+        env["HOME"] = env["TMPDIR"] = home
+        # Where this package is, so `-m` finds it whatever the worker's own path was.
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(circles.__file__)))
+        argv = dies_with_this_process([sys.executable, "-m", "circles.worker.engine_child"], supervise=True)
+        try:
+            self.reactor.spawnProcess(child, argv[0], argv, env=env, path=home,
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except Exception:
+            shutil.rmtree(home, ignore_errors=True)
+            raise
+        self._children.add(child)
+        self._free.append(child)
+        self._watch_shutdown()
+        return child
+
+    def _dispatch(self) -> None:
+        while self._queue and not self._stopping:
+            if self._free:
+                child = self._take_free()
+            elif len(self._children) < self.size:
+                try:
+                    child = self._spawn()
+                except Exception as e:
+                    job = self._queue.popleft()
+                    job.done.errback(EngineError(f"cannot start the engine's process: {e}"))
+                    continue
+                self._free.remove(child)
+            else:
+                return
+            job = self._queue.popleft()
+            job.child, child.job = child, job
+            child.transport.write(job.frame)
+
+    def _take_free(self) -> _Child:
+        """The ready child that ran a script last (its memory is warm in the caches), else the
+        first one still starting."""
+        for index in range(len(self._free) - 1, -1, -1):
+            if self._free[index].ready:
+                child = self._free[index]
+                del self._free[index]
+                return child
+        return self._free.popleft()
+
+    def _kill(self, child: _Child) -> None:
+        """Kill ``child`` and start another in its place (when warm)."""
+        self._children.discard(child)
+        if child in self._free:
+            self._free.remove(child)
+        self._dying.add(child)
+        child.kill()
+        self._replace()
+        self._dispatch()
+
+    def _replace(self) -> None:
+        """Start a child in place of one gone, when children are kept started (after start())."""
+        if self._warm and not self._stopping and len(self._children) < self.size:
+            try:
+                self._spawn()
+            except Exception as e:  # (no fork, no fd): the next script tries again
+                log.error("cannot start an engine process: {error}", error=str(e))
+
+    def _finish(self, child: _Child, result: Any, retire: bool = False) -> None:
+        """``child``'s script ended with ``result`` (a string or an exception)."""
+        job, child.job = child.job, None
+        child.tasks += 1
+        if retire or child.tasks >= self.tasks_per_child:
+            self._kill(child)
+        else:
+            self._free.append(child)
+            self._dispatch()
+        if job is not None:
+            job.child = None
+            if isinstance(result, BaseException):
+                job.done.errback(result)
+            else:
+                job.done.callback(result)
+
+    def _received(self, child: _Child, header: dict, body: bytes) -> None:
+        kind = header.get("kind")
+        if kind == "ready" and not child.ready:
+            child.ready = True
+            log.debug("engine child {pid} ready: {baseline} bytes, limit {limit}", pid=child.pid,
+                      baseline=header.get("baseline"), limit=header.get("limit"))
+            if self._all_ready():
+                waiters, self._ready_waiters = self._ready_waiters, []
+                for d in waiters:
+                    d.callback(None)
+            return
+        if kind == "failed":
+            reason = body.decode("utf-8", "replace")
+            log.error("the engine's process cannot load {spec}: {reason}", spec=self.spec, reason=reason)
+            self._warm = False  # no use starting it again and again: on demand only
+            error = EngineError(f"the engine cannot be loaded: {reason}")
+            self._fail_ready(error)
+            self._finish(child, error, retire=True)
+            return
+        if child.job is None or not child.ready:
+            self._misbehaved(child, f"an unexpected {kind!r} reply")
+            return
+        if kind == "done":
+            self._finish(child, _text(body))
+            return
+        if kind != "error":
+            self._misbehaved(child, f"an unknown {kind!r} reply")
+            return
+        message = _text(body)
+        kind = header.get("type")
+        if kind == "memory":
+            self._finish(child, memory_error(self.max_memory), retire=True)
+        elif kind == "exception":
+            log.debug("the engine raised in child {pid}: {traceback}", pid=child.pid,
+                      traceback=header.get("traceback", ""))
+            self._finish(child, EngineError(f"{header.get('name', 'Exception')}: {message}"), retire=True)
+        elif header.get("limit") is not None:
+            self._finish(child, OutputTooLarge(header["limit"], header.get("size")))
+        elif header.get("reason") == ScriptTimedOut.reason:
+            self._finish(child, ScriptTimedOut(message))
+        else:
+            error = EngineError(message)
+            if header.get("reason"):
+                error.reason = header["reason"]
+            self._finish(child, error)
+
+    def _misbehaved(self, child: _Child, what: str) -> None:
+        log.warn("engine child {pid} sent {what}: killed", pid=child.pid, what=what)
+        job = child.job
+        if job is not None and what.startswith("a reply of"):
+            self._finish(child, OutputTooLarge(job.limit), retire=True)
+        else:
+            self._finish(child, EngineError(f"the engine's process failed: it sent {what}"), retire=True)
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        self._dying.discard(child)
+        if child.killed:
+            return
+        # It ended by itself: a crash, RLIMIT_CPU, the kernel's OOM killer, an engine's exit.
+        how = how_it_ended(reason)
+        detail = child.stderr_text()
+        job = child.job
+        log.warn("engine child {pid} ended by itself ({how}){during}{detail}", pid=child.pid, how=how,
+                 during=" running a script" if job is not None else "",
+                 detail=(": " + detail.splitlines()[-1]) if detail else "")
+        self._children.discard(child)
+        if child in self._free:
+            self._free.remove(child)
+        if job is None and not child.ready:
+            self._warm = False  # it cannot even start: on demand only, so no loop of restarts
+            self._fail_ready(EngineError(f"the engine's process could not start ({how})"))
+        error: Exception
+        if reason.value.signal == signal.SIGXCPU:
+            error = ScriptTimedOut(f"script used more than {math.ceil(self.cpu_seconds or 0)}s of CPU")
+        elif any(sign in detail for sign in OUT_OF_MEMORY_SIGNS):
+            error = memory_error(self.max_memory)
+        elif not child.ready:
+            error = EngineError(f"the engine's process could not start ({how})"
+                                + (f": {detail.splitlines()[-1]}" if detail else ""))
+        else:
+            error = EngineError(f"the engine's process died running the script ({how})")
+        child.killed = True
+        child.job = None
+        self._replace()
+        self._dispatch()
+        if job is not None:
+            job.child = None
+            job.done.errback(error)
+        elif not child.ready:
+            # Scripts waiting for a child that will never come: they fail the same way.
+            while self._queue and not self._children:
+                self._queue.popleft().done.errback(error)
+
+    def _fail_ready(self, error: Exception) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.errback(error)
+
+    def _all_ready(self) -> bool:
+        return len(self._children) >= self.size and all(child.ready for child in self._children)

@@ -1,0 +1,84 @@
+"""Engines for tests/test_isolation.py, in a module of their own: each isolated child imports it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def echo(script, context):
+    """The script back, with the child's pid: which process ran it."""
+    return f"{os.getpid()}:{script}"
+
+
+def spin(script, context):
+    """Busy for 60 s unless the script is "quick": what no cooperative check can stop."""
+    if script == "quick":
+        return "quick"
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        pass
+    return "spun for 60 s"
+
+
+def allocate(script, context):
+    """Reserve memory, 10 MB a step, up to 1 GiB (untouched pages: it costs no RAM), unless "quick"."""
+    if script == "quick":
+        return "quick"
+    held = []
+    while len(held) < 100:
+        held.append(bytes(10_000_000))
+    return f"held {len(held) * 10_000_000} bytes"
+
+
+def environment(script, context):
+    """What the script could read: its environment, working directory (and what is in it) and
+    context; the script "litter" leaves a file there."""
+    seen = {"environ": dict(os.environ), "cwd": os.getcwd(), "files": os.listdir("."),
+            "mode": os.stat(".").st_mode & 0o777, "max_memory": context.max_memory,
+            "max_output": context.max_output}
+    if script == "litter":
+        with open("left-behind", "w") as f:
+            f.write("for the next script?")
+    return json.dumps(seen)
+
+
+def raises(script, context):
+    raise ValueError(f"bad script {script!r}")
+
+
+def dies(script, context):
+    os._exit(3)
+
+
+def big(script, context):
+    return "x" * int(script)
+
+
+def prints(script, context):
+    print("noise on stdout " * 1000)
+    return "fine"
+
+
+def vandal(script, context):
+    """Removes the directory its child keeps its scripts' directories in."""
+    import shutil
+
+    home = os.path.dirname(os.getcwd())
+    shutil.rmtree(home)
+    return "removed"
+
+
+def fired(script, context):
+    """A Deferred that has fired: what an engine written for the reactor may return."""
+    from twisted.internet.defer import succeed
+
+    return succeed(f"fired {script}")
+
+
+def waits(script, context):
+    """A Deferred nobody will fire in a child (no reactor runs there)."""
+    from twisted.internet.defer import Deferred
+
+    return Deferred()
