@@ -15,14 +15,14 @@ from twisted.python.failure import Failure
 from circles import openrpc
 from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
-from circles.backend.scripts import SOURCE_WS, BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.scripts import SOURCE_WS, BackendUnavailable, NoWorker, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.gateway import Gateway
 from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger
 from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
-                             EXECUTION_ERROR, HERO, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
+                             EXECUTION_ERROR, HERO, NO_WORKER, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS)
 
 log = Logger()
 methods = Methods()
@@ -204,6 +204,8 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
             session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
                                    "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(NoWorker):  # answered at once, nothing queued: no live worker serves the circle
+        raise RPCError(NO_WORKER, "No worker is serving this circle")
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):

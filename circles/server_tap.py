@@ -39,7 +39,7 @@ CONFIG_FIELDS = {
     "redis-persist": "redis_persist", "playground": "playground", "webhook-tolerance": "webhook_tolerance",
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
     "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
-    "webhook-replica-timeout": "webhook_replica_timeout",
+    "webhook-replica-timeout": "webhook_replica_timeout", "webhook-attempts": "webhook_attempts",
 }
 
 #: Former names still accepted, and the options they are now.

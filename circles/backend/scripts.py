@@ -52,6 +52,10 @@ class BackendUnavailable(ScriptError):
     """The backend (Redis) cannot take the task now; nothing was queued."""
 
 
+class NoWorker(ScriptError):
+    """No live worker serves the circle (none has heartbeated within its TTL); nothing was queued."""
+
+
 class ScriptFailed(ScriptError):
     """A worker ran the script and reported an error, carried in ``detail``."""
 

@@ -29,7 +29,7 @@ log = logs.Logger()
 #: Worker's, written there once, but for ``--concurrency``: from the command line a worker runs
 #: several scripts at a time, embedded one at a time unless told.
 WORKER_PARAMETERS = {"redis-prefix": "prefix", "concurrency": "concurrency", "script-timeout": "script_timeout",
-                     "max-output": "max_output"}
+                     "max-output": "max_output", "heartbeat": "heartbeat", "worker-ttl": "worker_ttl"}
 OWN_DEFAULTS = {"concurrency": 4}
 
 
@@ -75,6 +75,9 @@ class Options(usage.Options):
          "literals, at the start of the script's first line (line numbers unchanged)"),
         ("max-output", None, _default("max-output"), "largest output of a script, in bytes, with either engine "
          "(a server's smaller limit, given in its tasks, wins); more is an error result", positive(int)),
+        ("heartbeat", None, _default("heartbeat"), "seconds between the worker's heartbeats in Redis", positive(float)),
+        ("worker-ttl", None, _default("worker-ttl"), "seconds without a heartbeat after which the worker counts as "
+         "lost: its webhook tasks run again elsewhere, its plays are answered with an error", positive(float)),
     ]
 
     def __init__(self) -> None:
@@ -98,6 +101,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"-k/--circle: {e}")
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
+        if not self["worker-ttl"] > self["heartbeat"]:
+            raise usage.UsageError("--worker-ttl must be longer than --heartbeat")
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         if self["prelude"] is not None and self["exec"] is None:
