@@ -81,6 +81,11 @@ class SyncRedis:
         flat = self("HGETALL", key)
         return dict(zip(flat[0::2], flat[1::2]))
 
+    def pretend_worker(self, circle: str, prefix: str = "circles:", worker_id: str = "pretend") -> None:
+        """Count a live worker for ``circle`` that takes no task (heartbeat far in the future): a
+        play is queued and waits, as for a worker that is busy."""
+        self("ZADD", f"{prefix}workers:{circle}", 10 ** 11, worker_id)
+
     def clients(self) -> "list[dict]":
         """CLIENT LIST, one dict per connection (this one included)."""
         rows = []
