@@ -168,6 +168,8 @@ class Options(usage.Options):
                  "else 0)", at_least_zero(int)),
         _setting("webhook-replica-timeout", "seconds to wait for --webhook-replicas to acknowledge a webhook "
                  "event", positive(float)),
+        _setting("webhook-attempts", "runs a webhook event's task gets when the workers running it are lost "
+                 "(then it waits in the dead-letter list: circles tasks dead-letter)", positive(int)),
     ]
 
     def __init__(self) -> None:

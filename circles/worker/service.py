@@ -167,7 +167,13 @@ class Worker(Service):
         d.addBoth(done)
 
     async def _heartbeat(self) -> None:
-        if self._commands is None or self._commands.size == 0:
+        if self._commands is None:
+            return
+        if not self.registered:
+            # The first heartbeat goes out as soon as Redis is reached: until then, plays to the
+            # circle are refused (no live worker).
+            await self._commands.getConnection(peek=True)
+        elif self._commands.size == 0:
             return
         new = int(await self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl]))
         if new and self.registered:
