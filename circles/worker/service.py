@@ -177,8 +177,8 @@ class Worker(Service):
             return
         new = int(await self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl]))
         if new and self.registered:
-            log.warn("worker {worker} had been given up for lost (no heartbeat for {ttl}s): its unfinished "
-                     "tasks were re-queued or failed; serving again", worker=self.worker_id, ttl=self.worker_ttl)
+            log.warn("worker {worker} was no longer registered in Redis (given up for lost after {ttl}s without a "
+                     "heartbeat, or Redis lost its data): registered again", worker=self.worker_id, ttl=self.worker_ttl)
         self.registered = True
         waiters, self._registered_waiters = self._registered_waiters, []
         for d in waiters:
