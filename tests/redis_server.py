@@ -34,6 +34,12 @@ class SyncRedis:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> "SyncRedis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _line(self) -> bytes:
         while b"\r\n" not in self.buffer:
             chunk = self.sock.recv(65536)

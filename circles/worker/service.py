@@ -100,7 +100,8 @@ class Worker(Service):
         self.registered = False  # the last heartbeat was answered
         self._registered_waiters: "list[Deferred]" = []
         self.reaped = 0  # dead workers reaped by this one
-        self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers")
+        self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
+                                  logger=log)
 
     def startService(self) -> None:
         super().startService()
