@@ -220,6 +220,7 @@
         const sizes = data && data.size && data.limit ? ` (${data.size} bytes; the limit is ${data.limit})` : '';
         return `The result is too large to send back${sizes}.`;
       }
+      case -32008: return 'No worker is running scripts for this circle right now. Try again once one is started.';
       case -32603: return 'The server had an internal error; its log says more.';
       case -32700: case -32600: case -32601: case -32602:
         return 'The server did not understand the request: this page and the server may be of different versions.';
