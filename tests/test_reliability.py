@@ -102,6 +102,8 @@ async def test_a_play_to_a_circle_without_a_live_worker_is_refused_at_once_and_n
     assert await runner.run(play_request("print(1)")) == "ok"
     assert queued.task_id in ran
     await worker.stopService()  # deregistered: refused at once again
+    assert redis_client("ZCARD", "circles:workers") == 0 and redis_client("ZCARD", f"circles:workers:{CIRCLE}") == 0
+    assert redis_client("KEYS", "circles:processing:*") == []
     with pytest.raises(NoWorker):
         await runner.run(play_request("print(1)"))
 

@@ -339,7 +339,7 @@ redis.call('HSET', key, 'status', 'pending', 'updated_at', string.format('%.3f',
 local ttl = math.ceil(span) + tonumber(ARGV[3])
 redis.call('EXPIRE', key, ttl)
 redis.call('LREM', KEYS[1], 0, ARGV[2])
-local queue = ARGV[1] .. 'queue:' .. f[1]
+local queue = ARGV[1] .. 'queue:' .. (f[1] or '')
 redis.call('RPUSH', queue, ARGV[2])
 if redis.call('TTL', queue) < ttl then redis.call('EXPIRE', queue, ttl) end
 return 1
