@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensur
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from txredisapi import RedisError
+from txredisapi import RedisError, ResponseError
 
 from circles.anomalies import LogBudget
 from circles.backend import tasks
@@ -97,7 +97,8 @@ class Worker(Service):
         self._connected = False
         self._beats: Optional[LoopingCall] = None
         self._beating = False  # a heartbeat (and its reaping) is in flight
-        self.registered = False  # the last heartbeat was answered
+        self.registered = False  # a heartbeat was answered (and the worker not found reaped since)
+        self._beat_failed = False  # the last heartbeat failed: the next goes out as soon as Redis is back
         self._registered_waiters: "list[Deferred]" = []
         self.reaped = 0  # dead workers reaped by this one
         self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
@@ -160,27 +161,37 @@ class Worker(Service):
             return  # one at a time: never pile heartbeats up behind a slow Redis
         self._beating = True  # (and on while stopping: running scripts must not be reaped)
         d = ensureDeferred(self._heartbeat())
-        d.addErrback(lambda f: f.trap(RedisError, CancelledError))
+        d.addErrback(self._heartbeat_failed)
         d.addErrback(lambda f: log.failure("heartbeat", f))
 
         def done(_):
             self._beating = False
         d.addBoth(done)
 
+    def _heartbeat_failed(self, failure: Failure) -> None:
+        failure.trap(RedisError, CancelledError)
+        self._beat_failed = True
+        if failure.check(ResponseError) and str(failure.value).startswith("READONLY") and self.address.sentinels:
+            # A primary demoted by a failover whose connections were not closed: reconnect, to
+            # the primary the Sentinels name now (the server does the same on ROLE).
+            log.warn("Redis at {redis} is no longer the primary: reconnecting", redis=reached(self.address, self._commands))
+            for factory in [self._commands, *self._blocking.values()]:
+                for connection in list(factory.pool) if factory is not None else ():
+                    connection.transport.loseConnection()
+
     async def _heartbeat(self) -> None:
         if self._commands is None:
             return
-        if not self.registered:
-            # The first heartbeat goes out as soon as Redis is reached: until then, plays to the
-            # circle are refused (no live worker).
+        if not self.registered or self._beat_failed:
+            # The first heartbeat, and the first after a failed one, go out as soon as Redis is
+            # reached: until then, plays to the circle are refused (no live worker), and after
+            # the worker's TTL it is reaped.
             await self._commands.getConnection(peek=True)
-        elif self._commands.size == 0:
-            return
         new = int(await self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl]))
         if new and self.registered:
             log.warn("worker {worker} was no longer registered in Redis (given up for lost after {ttl}s without a "
                      "heartbeat, or Redis lost its data): registered again", worker=self.worker_id, ttl=self.worker_ttl)
-        self.registered = True
+        self.registered, self._beat_failed = True, False
         waiters, self._registered_waiters = self._registered_waiters, []
         for d in waiters:
             d.callback(None)
