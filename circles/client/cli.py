@@ -105,8 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     redis.add_argument("--redis-url", metavar="URL", help="the Redis servers and workers share (default: "
                        "$CIRCLES_REDIS_URL, else $REDIS_URL, from the environment or ./.env; else the private Redis "
                        "of the server started with --state-dir)")
-    redis.add_argument("--redis-prefix", metavar="PREFIX", default="circles:",
-                       help="prefix of every Redis key (default circles:)")
+    redis.add_argument("--redis-prefix", metavar="PREFIX",
+                       help="prefix of every Redis key (default: the one servers and workers default to)")
     redis.add_argument("--state-dir", metavar="DIR", help="state directory of the server whose private Redis to use")
     redis.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="give up reaching Redis after this long (default 10)")
@@ -289,7 +289,9 @@ async def _tasks(reactor, args) -> None:
 
 
 async def _tasks_command(redis, args, admin) -> None:
-    prefix = args.redis_prefix
+    from circles.backend.tasks import DEFAULT_PREFIX
+
+    prefix = DEFAULT_PREFIX if args.redis_prefix is None else args.redis_prefix
     if args.tasks_command == "stats":
         stats = await admin.circle_stats(redis, prefix)
         dead = sum(s.dead for s in stats)
