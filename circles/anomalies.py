@@ -62,8 +62,9 @@ class LogBudget:
         if self._by_kind:
             busiest = sorted(self._by_peer.items(), key=lambda item: -item[1])[:self._top]
             self._log.info("{subject}: {unlogged} more in {window}s not logged one by one: by kind {by_kind}; "
-                     "busiest {peers} {busiest}", subject=self._subject, peers=self._peers, unlogged=sum(self._by_kind.values()),
-                     window=self._window, by_kind=dict(self._by_kind), busiest=dict(busiest))
+                           "busiest {peers} {busiest}", subject=self._subject, peers=self._peers,
+                           unlogged=sum(self._by_kind.values()), window=self._window, by_kind=dict(self._by_kind),
+                           busiest=dict(busiest))
         self._logged = 0
         self._by_kind.clear()
         self._by_peer.clear()

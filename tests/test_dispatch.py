@@ -113,8 +113,8 @@ async def test_worker_finishing_after_expiry_does_not_overwrite(redis_server, st
 async def test_concurrent_plays_share_one_blocking_connection(redis_server, start, redis_client):
     runner = await connected(start(make_runner(redis_server)))
     gate = Deferred()
-    await serving(start(make_worker(redis_server, engine=lambda script, ctx: gate.addCallback(lambda _: script) and gate,
-                      concurrency=50)))
+    await serving(start(make_worker(redis_server, concurrency=50,
+                                    engine=lambda script, ctx: gate.addCallback(lambda _: script) and gate)))
     runs = [runner.run(request(f"script {i}")) for i in range(200)]
     await eventually(lambda: redis_client("KEYS", "circles:task:*") and
                      len(redis_client("KEYS", "circles:task:*")) == 200)
@@ -183,7 +183,8 @@ async def test_enqueue_without_waiting(redis_server, start, redis_client):
     assert task["data"] == body  # stored as given, byte for byte
     assert redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1) == [task_id]
     seen = []
-    await serving(start(make_worker(redis_server, engine=lambda script, ctx: seen.append(ctx) or echo_engine(script, ctx))))
+    await serving(start(make_worker(redis_server,
+                                    engine=lambda script, ctx: seen.append(ctx) or echo_engine(script, ctx))))
     await eventually(lambda: redis_client.hgetall(f"circles:task:{task_id}")["status"] == "completed")
     [context] = seen
     assert context.source == "webhook:stripe" and json.loads(context.data) == event and context.attempt == 1

@@ -408,3 +408,17 @@ def _post(port: int, path: str, body: bytes, headers: dict):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_the_worker_ttl_must_exceed_the_heartbeat():
+    from twisted.python import usage
+
+    from circles.worker.tap import Options
+
+    options = Options()
+    with pytest.raises(usage.UsageError, match="--worker-ttl must be longer than --heartbeat"):
+        options.parseOptions(["-k", CIRCLE, "--exec", "sh {script_file}", "--redis-url", "redis://127.0.0.1:1/0",
+                              "--heartbeat", "5", "--worker-ttl", "5"])
+    with pytest.raises(ValueError):
+        Worker(parse_redis_url("redis://127.0.0.1:1/0"), [CIRCLE], lambda s, c: "", reactor=reactor,
+               heartbeat=2, worker_ttl=1)

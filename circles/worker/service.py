@@ -174,7 +174,8 @@ class Worker(Service):
         if failure.check(ResponseError) and str(failure.value).startswith("READONLY") and self.address.sentinels:
             # A primary demoted by a failover whose connections were not closed: reconnect, to
             # the primary the Sentinels name now (the server does the same on ROLE).
-            log.warn("Redis at {redis} is no longer the primary: reconnecting", redis=reached(self.address, self._commands))
+            log.warn("Redis at {redis} is no longer the primary: reconnecting",
+                     redis=reached(self.address, self._commands))
             for factory in [self._commands, *self._blocking.values()]:
                 for connection in list(factory.pool) if factory is not None else ():
                     connection.transport.loseConnection()
@@ -282,9 +283,9 @@ class Worker(Service):
     async def _run_task(self, task_id: str, circle: str) -> None:
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
-        claimed, fields = await self._eval_patiently(
-            "claim", task_id, tasks.CLAIM, [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)],
-            [tasks.timestamp(now), self.worker_id, task_id])
+        keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
+        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
+                                                     [tasks.timestamp(now), self.worker_id, task_id])
         if not claimed:
             return
         if not fields:
@@ -330,8 +331,8 @@ class Worker(Service):
             # what comes from the script escaped (no control character reaches the log).
             self.failures.note(printable(context.caller or context.source), reason or "error",
                                "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
-                               task=printable(task_id), circle=printable(context.circle), source=printable(context.source),
-                               duration=duration, reason=reason or "error", why=printable(_summary(error, reason)))
+                               task=printable(task_id), circle=printable(context.circle),
+                               source=printable(context.source), duration=duration, reason=reason or "error", why=printable(_summary(error, reason)))
         reply_to = task.get("reply_to", "")
         keys = [key, self._processing] + ([reply_to] if reply_to else [])
         outcome = tasks.Outcome(task_id, status, output, error, reason)
