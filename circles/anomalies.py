@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import LogLevel
 
 from circles.logs import Logger
 
@@ -24,11 +25,17 @@ class LogBudget:
 
     Past that, events are counted by kind and by peer address (the ``top`` busiest are named;
     addresses are the client's choice, so only so many are kept) and summed up in one line
-    when the window ends. Kinds come from the code, never from the client.
+    when the window ends. Kinds come from the code, never from the client. ``level`` is the
+    level of the lines shown (the summary is info); ``peers`` names what ``peer`` is in it;
+    ``logger`` is the caller's (its namespace names who logs), by default this module's.
     """
 
-    def __init__(self, clock: IReactorTime, subject: str, shown: int, window: float = 60.0, top: int = 5) -> None:
+    def __init__(self, clock: IReactorTime, subject: str, shown: int, window: float = 60.0, top: int = 5, *,
+                 level: LogLevel = LogLevel.info, peers: str = "addresses", logger: Optional[Logger] = None) -> None:
         self._clock = clock
+        self._log = log if logger is None else logger
+        self._level = level
+        self._peers = peers
         self._subject = subject
         self._shown = shown
         self._window = window
@@ -44,7 +51,7 @@ class LogBudget:
             self._timer = self._clock.callLater(self._window, self._flush)
         if self._logged < self._shown:
             self._logged += 1
-            log.info(format, peer=peer, anomaly=kind, **fields)
+            self._log.emit(self._level, format, peer=peer, anomaly=kind, **fields)
             return
         self._by_kind[kind] = self._by_kind.get(kind, 0) + 1
         if peer in self._by_peer or len(self._by_peer) < 4 * self._top:
@@ -54,9 +61,10 @@ class LogBudget:
         self._timer = None
         if self._by_kind:
             busiest = sorted(self._by_peer.items(), key=lambda item: -item[1])[:self._top]
-            log.info("{subject}: {unlogged} more in {window}s not logged one by one: by kind {by_kind}; "
-                     "busiest addresses {busiest}", subject=self._subject, unlogged=sum(self._by_kind.values()),
-                     window=self._window, by_kind=dict(self._by_kind), busiest=dict(busiest))
+            self._log.info("{subject}: {unlogged} more in {window}s not logged one by one: by kind {by_kind}; "
+                           "busiest {peers} {busiest}", subject=self._subject, peers=self._peers,
+                           unlogged=sum(self._by_kind.values()), window=self._window, by_kind=dict(self._by_kind),
+                           busiest=dict(busiest))
         self._logged = 0
         self._by_kind.clear()
         self._by_peer.clear()

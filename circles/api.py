@@ -17,15 +17,15 @@ from circles import openrpc
 from circles.anomalies import ConnectionAnomalies
 from circles.auth import AuthenticationFailed, NonceStore, TooManyNonces
 from circles.backend.members import MEMBERS
-from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, ScriptFailed, ScriptRequest,
-                                    ScriptTimeout)
+from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
+                                    ScriptRequest, ScriptTimeout)
 from circles.gateway import Gateway
 from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger, enabled as log_enabled
 from circles.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
-                             EXECUTION_ERROR, HERO, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT,
+                             EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT,
                              TOO_MANY_REQUESTS)
 
 log = Logger()
@@ -251,6 +251,8 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
             session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
                                    "after {timeout}s", circle=session.circle, timeout=timeout)
         raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(NoWorker):  # answered at once, nothing queued: no live worker serves the circle
+        raise RPCError(NO_WORKER, "No worker is serving this circle")
     if failure.check(BackendFull):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable: Redis is full (maxmemory)", str(failure.value))
     if failure.check(BackendUnavailable):

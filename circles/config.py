@@ -89,6 +89,9 @@ class Config:
     # with a redis+sentinel:// URL (a failover must not lose it), else 0 (as one Redis always did).
     webhook_replicas: Optional[int] = None
     webhook_replica_timeout: float = 1.0  # seconds to wait for them, past which 503 (the provider retries)
+    # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
+    # dead-lettered after: docs/worker-protocol.md).
+    webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
 
     @redis_url.validator
     def _check_redis_url(self, attribute, value) -> None:

@@ -3,10 +3,10 @@ process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 
@@ -44,6 +44,8 @@ class Metrics:
                                      registry=self.registry)
         self._refusals: "dict[str, Callable[[], int]]" = {}
         self.registry.register(_Refusals(self._refusals))
+        self._workers = _Workers()
+        self.registry.register(self._workers)
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
@@ -66,6 +68,11 @@ class Metrics:
         self.tasks_in_flight.set_function(tasks_in_flight)
         self._redis_connects = connects
 
+    def watch_workers(self, circle_stats: "Callable[[], dict]", dead_letters: "Callable[[], Optional[int]]") -> None:
+        """Report the served circles' live workers and queue lengths (``{circle: (workers,
+        queue)}``, as the script runner last read them from Redis) and the dead letters."""
+        self._workers.circle_stats, self._workers.dead_letters = circle_stats, dead_letters
+
     def watch_accepts(self, tcp_open: Callable[[], int], refused: "dict[str, Callable[[], int]]") -> None:
         """Read the accepted connections, and the refusals by reason, when scraped."""
         self.tcp_connections.set_function(tcp_open)
@@ -85,6 +92,31 @@ class _RedisReconnects:
         family = CounterMetricFamily("circles_redis_reconnects", "Times the connection to Redis came back")
         family.add_metric([], max(0, self._connects() - 1))
         yield family
+
+
+class _Workers:
+    """``circles_workers{circle}``, ``circles_queue_length{circle}``: for the circles the server
+    serves only (a bounded label set), as read from Redis in its health loop (every 2 s); and
+    ``circles_dead_letters``. Nothing until the first read."""
+
+    def __init__(self) -> None:
+        self.circle_stats: "Callable[[], dict]" = dict
+        self.dead_letters: "Callable[[], Optional[int]]" = lambda: None
+
+    def collect(self):
+        stats = self.circle_stats()
+        workers = GaugeMetricFamily("circles_workers", "Live workers of a circle (heartbeat within its TTL)",
+                                    labels=["circle"])
+        queue = GaugeMetricFamily("circles_queue_length", "Tasks waiting in a circle's queue", labels=["circle"])
+        for circle, (live, waiting) in sorted(stats.items()):
+            workers.add_metric([circle], live)
+            queue.add_metric([circle], waiting)
+        yield workers
+        yield queue
+        dead = self.dead_letters()
+        if dead is not None:
+            yield GaugeMetricFamily("circles_dead_letters", "Webhook tasks in the dead-letter list "
+                                    "(circles tasks dead-letter)", value=dead)
 
 
 class _Refusals:

@@ -20,7 +20,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Optional, Sequence
 
-# The application's error codes (openrpc.json's errors; the design's -32001..-32006, and -32007).
+# The application's error codes (openrpc.json's errors; the design's -32001..-32006, -32007, -32008).
 AUTH_REQUIRED = -32001
 AUTH_FAILED = -32002
 SCRIPT_TIMEOUT = -32003
@@ -28,6 +28,7 @@ BACKEND_UNAVAILABLE = -32004
 SCRIPT_FAILED = -32005
 TOO_MANY_REQUESTS = -32006
 REPLY_TOO_LARGE = -32007
+NO_WORKER = -32008
 NOT_A_MEMBER = -32009  # the circle admits its members only (circles.backend.members), and the caller is not one
 # The circles-era contract's code for a script that failed (ours: SCRIPT_FAILED).
 EXECUTION_ERROR = -32000
@@ -92,7 +93,8 @@ def _circles_era(ours: dict) -> dict:
         "string, authenticate answers {authenticated: true}, and a script that fails is -32000 \"Execution "
         "Error\"; -32001 is \"Authentication Required\" and -32002 \"Invalid Credentials\". The other codes "
         "(-32003 script timed out, -32004 backend unavailable, -32006 too many requests, -32007 reply too large, "
-        "-32009 not a member of this circle), which the original does not name, keep the gateway's meaning. Connect a WebSocket to /{circle_pk} and "
+        "-32008 no worker serving the circle, -32009 not a member of this circle), "
+        "which the original does not name, keep the gateway's meaning. Connect a WebSocket to /{circle_pk} and "
         "send one request, notification or batch per text frame; params by name or by position.")
     doc["info"]["x-api"] = CIRCLES
     doc["info"]["x-subprotocol"] = SUBPROTOCOLS[CIRCLES]

@@ -40,7 +40,7 @@ CONFIG_FIELDS = {
     "redis-persist": "redis_persist", "playground": "playground", "webhook-tolerance": "webhook_tolerance",
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
     "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
-    "webhook-replica-timeout": "webhook_replica_timeout",
+    "webhook-replica-timeout": "webhook_replica_timeout", "webhook-attempts": "webhook_attempts",
 }
 
 #: Former names still accepted, and the options they are now.
@@ -192,6 +192,8 @@ class Options(usage.Options):
                  "else 0)", at_least_zero(int)),
         _setting("webhook-replica-timeout", "seconds to wait for --webhook-replicas to acknowledge a webhook "
                  "event", positive(float)),
+        _setting("webhook-attempts", "runs a webhook event's task gets when the workers running it are lost "
+                 "(then it waits in the dead-letter list: circles tasks dead-letter)", positive(int)),
     ]
 
     def __init__(self) -> None:

@@ -152,7 +152,8 @@ class CirclesService(MultiService):
                                                    max_output=config.max_message_size,
                                                    private_redis=self.embedded_redis is not None,
                                                    ack_replicas=config.webhook_acks(),
-                                                   ack_timeout=config.webhook_replica_timeout)
+                                                   ack_timeout=config.webhook_replica_timeout,
+                                                   circles=config.circles, webhook_attempts=config.webhook_attempts)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
             self.membership = Membership(address, reactor=reactor, prefix=config.redis_prefix)
@@ -181,6 +182,7 @@ class CirclesService(MultiService):
         if self.script_runner is not None:
             runner = self.script_runner
             self.gateway.metrics.watch_script_runner(lambda: runner.in_flight, lambda: runner.connects)
+            self.gateway.metrics.watch_workers(lambda: runner.circle_stats, lambda: runner.dead_letters)
         for listener in self.listeners:
             listener.setServiceParent(self)
 

@@ -34,6 +34,12 @@ class SyncRedis:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> "SyncRedis":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _line(self) -> bytes:
         while b"\r\n" not in self.buffer:
             chunk = self.sock.recv(65536)
@@ -80,6 +86,11 @@ class SyncRedis:
     def hgetall(self, key: str) -> dict:
         flat = self("HGETALL", key)
         return dict(zip(flat[0::2], flat[1::2]))
+
+    def pretend_worker(self, circle: str, prefix: str = "circles:", worker_id: str = "pretend") -> None:
+        """Count a live worker for ``circle`` that takes no task (heartbeat far in the future): a
+        play is queued and waits, as for a worker that is busy."""
+        self("ZADD", f"{prefix}workers:{circle}", 10 ** 11, worker_id)
 
     def clients(self) -> "list[dict]":
         """CLIENT LIST, one dict per connection (this one included)."""

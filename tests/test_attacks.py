@@ -203,6 +203,7 @@ def test_a_closed_connection_leaves_no_play_waiting_nor_a_task_for_a_worker(tmp_
 
     circle = Key()
     redis = redis_server.client()
+    redis.pretend_worker(circle.pubkey)  # live (so plays are queued), but it takes no task
     queue = f"circles:queue:{circle.pubkey}"
     in_flight = re.compile(r"^circles_tasks_in_flight (\S+)$", re.M)
 
@@ -282,13 +283,15 @@ def test_an_unterminated_string_of_escapes_is_a_parse_error_in_one_pass(tmp_path
 
 
 def test_plays_timing_out_write_a_bounded_log(tmp_path, redis_server):
-    """A real server and Redis, no worker: 400 plays with a tiny timeout wrote 400 info lines
+    """A real server and Redis, no worker taking tasks: 400 plays with a tiny timeout wrote 400 info lines
     (one per play). Now the connection's first 3, then one summing up the rest at its close."""
     from websockets.sync.client import connect
 
     from .support import Key, twistd
 
     circle = Key()
+    with redis_server.client() as redis:
+        redis.pretend_worker(circle.pubkey)  # live, so the plays are queued and time out
     with twistd(["-k", circle.pubkey, "--listen", "tcp:0:interface=127.0.0.1", "--redis-url", redis_server.url],
                 tmp_path) as server:
         port = server.wait_listening()
@@ -347,6 +350,7 @@ def test_a_redis_refusing_writes_does_not_write_a_line_per_play(tmp_path, redis_
                 tmp_path) as server:
         port = server.wait_listening()
         server.wait_for("connected to Redis")
+        redis.pretend_worker(circle.pubkey)  # so the plays get as far as writing their tasks
         redis("CONFIG", "SET", "maxmemory", "1")  # over it already: writes are refused (OOM)
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}", open_timeout=30) as ws:
             for _ in range(3):

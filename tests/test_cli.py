@@ -273,7 +273,10 @@ def test_a_server_that_stops_answering_mid_call_is_an_error_not_a_hang(tmp_path)
     with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server:
         port = server.wait_listening()
         server.wait_for("connected to Redis")
-        # No worker: the play waits at the server (its script timeout is 30 s).
+        # A live worker that takes no task: the play waits at the server (its script timeout is 30 s).
+        socket_path = tmp_path / "circles-state" / "redis.sock"
+        subprocess.run(["redis-cli", "-s", str(socket_path), "ZADD", f"circles:workers:{circle.pubkey}", str(10 ** 11),
+                        "pretend"], check=True, capture_output=True, timeout=30)
         call = subprocess.Popen([CIRCLES, "play", f"ws://127.0.0.1:{port}/{circle.pubkey}", "--connect-timeout", "2",
                                  "--json", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

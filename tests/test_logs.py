@@ -246,8 +246,9 @@ async def test_an_engine_that_raises_is_one_warning_with_the_reason_and_its_trac
     circle = Key().pubkey
     address = parse_redis_url(redis_server.url)
     runner = start(RedisScriptRunner(address, reactor=reactor))
-    start(Worker(address, [circle], buggy_engine, reactor=reactor))
+    worker = start(Worker(address, [circle], buggy_engine, reactor=reactor))
     await eventually(runner.is_connected)
+    await eventually(lambda: worker.registered)
     out = io.StringIO()
     observer = logs.json_observer(out)
     twisted.logger.globalLogPublisher.addObserver(observer)

@@ -92,8 +92,9 @@ async def _ready_unavailable(base: str, polls: int = 600):
 
 
 @pytest_twisted.ensureDeferred
-async def test_ready_is_503_while_shutting_down(redis_server, start):
+async def test_ready_is_503_while_shutting_down(redis_server, start, redis_client):
     service, port = await serve(start, redis_server.url, shutdown_grace=30)
+    redis_client.pretend_worker(CIRCLE)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = client.call("play", {"script": "nobody runs this", "timeout": 2})
     await eventually(lambda: service.script_runner.in_flight == 1)
@@ -107,7 +108,8 @@ async def test_ready_is_503_while_shutting_down(redis_server, start):
 @pytest_twisted.ensureDeferred
 async def test_metrics(redis_server, start):
     service, port = await serve(start, redis_server.url, auth_required=True)
-    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: script, reactor=reactor))
+    worker = start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: script, reactor=reactor))
+    await eventually(lambda: worker.registered)
     base = f"http://127.0.0.1:{port}"
     client = await RPCClient.open(port, CIRCLE)
     await client.authenticate(new_key())

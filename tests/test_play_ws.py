@@ -17,7 +17,7 @@ from circles import CirclesService, Config
 from circles.backend.redis import parse_redis_url
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
-from .play_client import RPCClient, eventually, new_key, pk
+from .play_client import RPCClient, eventually, new_key, pk, sleep
 
 CIRCLE_KEY = new_key()
 CIRCLE = pk(CIRCLE_KEY)
@@ -36,6 +36,12 @@ def sh_worker(address, **kw) -> Worker:
     return Worker(address, [CIRCLE], ExecEngine("sh {script_file}", reactor=reactor), reactor=reactor, **kw)
 
 
+async def serving(worker: Worker) -> Worker:
+    """``worker`` once it has heartbeated: plays to its circle are queued from then on."""
+    await eventually(lambda: worker.registered)
+    return worker
+
+
 def play(client, script, **params):
     return client.call("play", {"script": script, **params})
 
@@ -43,7 +49,7 @@ def play(client, script, **params):
 @pytest_twisted.ensureDeferred
 async def test_authenticated_play_through_exec_worker(redis_server, start):
     service, port = await serve(start, redis_server.url, auth_required=True)
-    start(sh_worker(parse_redis_url(redis_server.url)))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url))))
     client = await RPCClient.open(port, CIRCLE)
     refused = await play(client, "echo hi")
     assert refused["error"]["code"] == -32001
@@ -57,8 +63,9 @@ async def test_authenticated_play_through_exec_worker(redis_server, start):
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_without_worker(redis_server, start, redis_client):
+async def test_timeout_with_a_busy_worker(redis_server, start, redis_client):
     service, port = await serve(start, redis_server.url, script_timeout=60)
+    redis_client.pretend_worker(CIRCLE)  # live, but it takes no task
     client = await RPCClient.open(port, CIRCLE)
     reply = await play(client, "nobody", timeout=0.5)
     assert reply["error"]["code"] == -32003
@@ -69,8 +76,9 @@ async def test_timeout_without_worker(redis_server, start, redis_client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_play_timeout_cannot_exceed_server_limit(redis_server, start):
+async def test_play_timeout_cannot_exceed_server_limit(redis_server, start, redis_client):
     service, port = await serve(start, redis_server.url, script_timeout=0.5)
+    redis_client.pretend_worker(CIRCLE)
     client = await RPCClient.open(port, CIRCLE)
     began = time.monotonic()
     reply = await play(client, "nobody", timeout=3600)
@@ -81,7 +89,7 @@ async def test_play_timeout_cannot_exceed_server_limit(redis_server, start):
 @pytest_twisted.ensureDeferred
 async def test_redis_killed_then_restarted(redis_server, start, redis_client):
     service, port = await serve(start, redis_server.url)
-    start(sh_worker(parse_redis_url(redis_server.url)))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url))))
     client = await RPCClient.open(port, CIRCLE)
     assert (await play(client, "echo one"))["result"] == {"output": "one"}
     in_flight = play(client, "sleep 3")
@@ -97,9 +105,10 @@ async def test_redis_killed_then_restarted(redis_server, start, redis_client):
     async def works():
         reply = await play(client, "echo again")
         return reply.get("result") == {"output": "again"}
-    for _ in range(300):  # the worker reconnects on its own too
+    for _ in range(300):  # the worker reconnects on its own too, and heartbeats again (-32008 until then)
         if await works():
             break
+        await sleep(0.1)
     else:
         raise AssertionError("play never worked again")
     client.close()
@@ -108,8 +117,8 @@ async def test_redis_killed_then_restarted(redis_server, start, redis_client):
 @pytest_twisted.ensureDeferred
 async def test_1000_plays_over_50_connections(redis_server, start):
     service, port = await serve(start, redis_server.url)
-    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: f"ran {script}",
-                 reactor=reactor, concurrency=50))
+    await serving(start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: f"ran {script}",
+                 reactor=reactor, concurrency=50)))
     clients = [await RPCClient.open(port, CIRCLE) for _ in range(50)]
     calls = [(c, i, play(client, f"{c}/{i}")) for c, client in enumerate(clients) for i in range(20)]
     replies = await gatherResults([d for _, _, d in calls])
@@ -123,8 +132,8 @@ async def test_1000_plays_over_50_connections(redis_server, start):
 async def test_two_servers_share_one_redis(redis_server, start):
     _, port_one = await serve(start, redis_server.url)
     _, port_two = await serve(start, redis_server.url)
-    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: script[::-1],
-                 reactor=reactor, concurrency=10))
+    await serving(start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: script[::-1],
+                 reactor=reactor, concurrency=10)))
     one, two = await RPCClient.open(port_one, CIRCLE), await RPCClient.open(port_two, CIRCLE)
     calls = [(f"{name}{i}", play(client, f"{name}{i}")) for i in range(50) for name, client in (("a", one), ("b", two))]
     for script, d in calls:
@@ -141,7 +150,9 @@ async def test_worker_crash_mid_task_times_out(redis_server, start, redis_client
          "--exec", "sh {script_file}"],
         cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        await eventually(lambda: redis_client("ZCARD", f"circles:workers:{CIRCLE}"))  # it heartbeats
         client = await RPCClient.open(port, CIRCLE)
+        # The play's deadline (3 s) passes before the worker's TTL (10 s) would have it reaped.
         reply = play(client, "sleep 60", timeout=3)
         [task] = await eventually(lambda: redis_client("KEYS", "circles:task:*"))
         await eventually(lambda: redis_client.hgetall(task).get("status") == "processing")
@@ -155,9 +166,10 @@ async def test_worker_crash_mid_task_times_out(redis_server, start, redis_client
 
 
 @pytest_twisted.ensureDeferred
-async def test_shutdown_answers_in_flight_play(redis_server, start):
+async def test_shutdown_answers_in_flight_play(redis_server, start, redis_client):
     """Past the grace period, a play nobody runs is answered -32004 before the connection closes."""
     service, port = await serve(start, redis_server.url, shutdown_grace=0.5)
+    redis_client.pretend_worker(CIRCLE)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = play(client, "nobody")
     await eventually(lambda: service.script_runner._waiting)
@@ -171,7 +183,7 @@ async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_s
     """Within the grace period, plays in flight get their results; then each client is told
     1001 (going away), and the listening port is closed from the start of the shutdown."""
     service, port = await serve(start, redis_server.url, shutdown_grace=30)
-    start(sh_worker(parse_redis_url(redis_server.url), concurrency=8))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url), concurrency=8)))
     busy = await RPCClient.open(port, CIRCLE)
     idle = await RPCClient.open(port, CIRCLE)
     in_flight = [play(busy, f"sleep 1; echo {i}") for i in range(5)]
@@ -193,7 +205,7 @@ async def test_shutdown_queues_no_new_play_so_a_busy_connection_drains(redis_ser
     answered -32004 at once and never queued, so the connection closes with 1001 once the play
     in flight at SIGTERM is answered, not at the end of the grace period."""
     service, port = await serve(start, redis_server.url, shutdown_grace=30)
-    start(sh_worker(parse_redis_url(redis_server.url), concurrency=4))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url), concurrency=4)))
     busy = await RPCClient.open(port, CIRCLE)
     ran = tmp_path / "ran"
     first = play(busy, f"sleep 1; echo first >> {ran}; echo first")
@@ -212,7 +224,7 @@ async def test_embedded_redis_by_default(start, tmp_path):
     state = tmp_path / "state"
     service, port = await serve(start, state_dir=str(state))
     pid = service.embedded_redis._transport.pid
-    start(sh_worker(service.embedded_redis.address))
+    await serving(start(sh_worker(service.embedded_redis.address)))
     client = await RPCClient.open(port, CIRCLE)
     assert (await play(client, "echo embedded"))["result"] == {"output": "embedded"}
     client.close()
@@ -238,8 +250,8 @@ async def test_unencodable_script_is_invalid_params(redis_server, start):
 @pytest_twisted.ensureDeferred
 async def test_engine_output_with_lone_surrogate_still_answers(redis_server, start):
     service, port = await serve(start, redis_server.url)
-    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: "a\ud800b",
-                 reactor=reactor))
+    await serving(start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: "a\ud800b",
+                 reactor=reactor)))
     client = await RPCClient.open(port, CIRCLE)
     reply = await play(client, "x")
     assert reply["result"]["output"].startswith("a") and reply["result"]["output"].endswith("b")
@@ -259,7 +271,7 @@ async def test_worker_timeout_is_32003_and_ends_the_scripts_children(redis_serve
     """A script stopped by the worker's own --script-timeout is answered as the server's deadline
     would be (-32003), and what it started in the background (holding its stdout) is gone too."""
     service, port = await serve(start, redis_server.url, script_timeout=60)
-    start(sh_worker(parse_redis_url(redis_server.url), script_timeout=1))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url), script_timeout=1)))
     client = await RPCClient.open(port, CIRCLE)
     pidfile = tmp_path / "pid"
     reply = await play(client, f"sleep 100 & echo $! > {pidfile}; echo started")
@@ -273,12 +285,12 @@ async def test_output_over_the_servers_message_size_is_refused_by_the_worker(red
     """The worker caps output at what the server can send (its --max-message-size, in the task):
     -32005 saying so, and nothing of the output in Redis."""
     service, port = await serve(start, redis_server.url, max_message_size=10_000)
-    start(sh_worker(parse_redis_url(redis_server.url)))
+    await serving(start(sh_worker(parse_redis_url(redis_server.url))))
     client = await RPCClient.open(port, CIRCLE)
     reply = await play(client, "yes")  # endless output
     assert reply["error"]["code"] == -32005
     assert reply["error"]["data"] == "output too large: more than 10000 bytes"
     [key] = redis_client("KEYS", "circles:task:*")
-    assert redis_client.hgetall(key)["output"] == ""
+    assert "output" not in redis_client.hgetall(key)
     assert (await play(client, "head -c 9000 /dev/zero | tr '\\0' x"))["result"] == {"output": "x" * 9000}
     client.close()

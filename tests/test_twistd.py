@@ -66,8 +66,8 @@ def test_authenticated_session_over_wss(tmp_path, tls_files, keys):
             nonce = reply["result"]["nonce"]
             reply = request(ws, "authenticate", {"pubkey": user.uncompressed, "signature": user.der_sign(nonce)})
             assert reply["result"] == {"authenticated": True, "pubkey": user.pubkey}
-            # no worker serves circle2: the play times out and says so
-            assert request(ws, "play", {"script": "echo hi", "timeout": 0.5})["error"]["code"] == -32003
+            # no worker serves circle2: the play is refused at once and says so
+            assert request(ws, "play", {"script": "echo hi", "timeout": 0.5})["error"]["code"] == -32008
         # Any other circle is refused during the opening handshake.
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             connect(f"wss://localhost:{port}/{user.pubkey}", ssl=client_tls(tls_files["ca"]))
@@ -109,10 +109,10 @@ def test_without_circles_any_valid_circle_is_served_with_a_warning(tmp_path, key
         port = server.wait_listening()
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
-            # Without --auth, play is open to anonymous sessions: it is queued (and, with no
-            # worker for this circle, times out) rather than refused with -32001.
+            # Without --auth, play is open to anonymous sessions: it is not refused with -32001
+            # but, with no live worker for this circle, with -32008 at once.
             server.wait_for("connected to Redis")
-            assert request(ws, "play", ["echo hi", 0.5])["error"]["code"] == -32003
+            assert request(ws, "play", ["echo hi", 0.5])["error"]["code"] == -32008
         for path in ("not-a-key", "02" + "00" * 32, circle.pubkey + "/extra"):
             with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
                 connect(f"ws://127.0.0.1:{port}/{path}")

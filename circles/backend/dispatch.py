@@ -48,10 +48,11 @@ from txredisapi import InvalidData, RedisError, ResponseError
 from zope.interface import implementer
 
 from circles.backend import tasks
+from circles.backend.admin import reap
 from circles.backend.embedded import START_TIMEOUT
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
-from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, Queued, ScriptFailed,
-                                     ScriptRequest, ScriptTimeout)
+from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued,
+                                     ScriptFailed, ScriptRequest, ScriptTimeout)
 from circles.logs import Logger, worth_logging
 
 log = Logger()
@@ -63,6 +64,9 @@ COMMAND_TIMEOUT = 10.0
 #: Seconds between health PINGs, and how long one may go unanswered before Redis counts as down.
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 2.0
+#: Seconds a play whose task a worker finished just as its deadline passed waits for the reply
+#: already on its way (the finished task's hash no longer holds the result).
+REPLY_GRACE = 5.0
 #: Connections that write webhook tasks and WAIT for replicas, each one event at a time.
 ACK_CONNECTIONS = 2
 #: Webhook events waiting for such a connection, beyond which they are refused at once.
@@ -86,6 +90,10 @@ class _Waiting:
         self.deferred = deferred
         self.timer = timer
 
+    def stop_timer(self) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+
 
 @implementer(IScriptRunner)
 class RedisScriptRunner(Service):
@@ -103,12 +111,22 @@ class RedisScriptRunner(Service):
         may take a while to answer, and what to check is its ``--state-dir``), not a URL given.
     :param ack_replicas: replicas that must hold a task of :meth:`enqueue_once` before it
         succeeds (Redis ``WAIT``), within ``ack_timeout`` seconds; 0: the primary is enough.
+    :param circles: the circles this server serves, whose live workers and queue lengths it
+        reads every :data:`~circles.backend.tasks.HEARTBEAT_INTERVAL` seconds (:attr:`circle_stats`,
+        for ``/metrics``); empty: none (a server of any circle has no bounded set to report).
+    :param webhook_attempts: the runs a webhook task gets (its ``max_attempts``) when workers
+        running it are lost; past them it is dead-lettered.
+
+    Every :data:`~circles.backend.tasks.HEARTBEAT_INTERVAL` seconds the runner also reaps the
+    workers whose heartbeat lapsed (as workers do): a server alone still answers the plays of
+    a dead worker and re-queues its webhook tasks.
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
                  server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL,
                  max_output: Optional[int] = None, private_redis: bool = False,
-                 ack_replicas: int = 0, ack_timeout: float = 1.0) -> None:
+                 ack_replicas: int = 0, ack_timeout: float = 1.0, circles=frozenset(),
+                 webhook_attempts: int = tasks.DEFAULT_ATTEMPTS) -> None:
         self.address = address
         self.private_redis = private_redis
         self.reactor = reactor
@@ -138,6 +156,13 @@ class RedisScriptRunner(Service):
         self._ack_waiting = 0  # enqueue_once calls waiting for one of them
         self.replicated = bool(address.sentinels) or ack_replicas > 0  # health by ROLE, not PING
         self.replicas: Optional[int] = None  # replicas the primary has, as ROLE last said; None: unknown
+        self.circles = sorted(circles)
+        self.webhook_attempts = webhook_attempts
+        self.circle_stats: "dict[str, tuple[int, int]]" = {}  # circle -> (live workers, queue length)
+        self.dead_letters: Optional[int] = None  # the dead-letter list's length, as last read
+        self.reaped = 0  # dead workers reaped by this server
+        self._housekeeper: Optional[LoopingCall] = None
+        self._housekeeping = False  # a round is in flight
 
     # -- service --------------------------------------------------------------------------------
 
@@ -158,6 +183,9 @@ class RedisScriptRunner(Service):
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
         self._pinger.start(PING_INTERVAL, now=False)
+        self._housekeeper = LoopingCall(self._housekeep)
+        self._housekeeper.clock = self.clock
+        self._housekeeper.start(tasks.HEARTBEAT_INTERVAL, now=False)
 
     def stopService(self) -> Deferred:
         """Answer the plays still waiting (:class:`BackendUnavailable`), expire their tasks if
@@ -166,11 +194,12 @@ class RedisScriptRunner(Service):
 
     async def _stop(self) -> None:
         super().stopService()
-        if self._pinger is not None and self._pinger.running:
-            self._pinger.stop()
+        for looping in (self._pinger, self._housekeeper):
+            if looping is not None and looping.running:
+                looping.stop()
         waiting, self._waiting = self._waiting, {}
         for task_id, entry in waiting.items():
-            entry.timer.cancel()
+            entry.stop_timer()
             entry.deferred.errback(BackendUnavailable("the server is shutting down"))
         if self.is_connected():
             # Best effort, so no worker runs a script nobody waits for any more.
@@ -275,6 +304,37 @@ class RedisScriptRunner(Service):
                 connection.transport.loseConnection()
         return False
 
+    # -- workers --------------------------------------------------------------------------------
+
+    def _housekeep(self) -> None:
+        """Reap the workers whose heartbeat lapsed, and read the served circles' live workers and
+        queue lengths (for ``/metrics``). One round at a time; Redis trouble waits for the next."""
+        if self._housekeeping or not self.is_connected():
+            return
+        self._housekeeping = True
+        d = ensureDeferred(self._housekeeping_round())
+        d.addErrback(lambda f: f.trap(RedisError, BackendUnavailable, CancelledError))
+        d.addErrback(lambda f: log.failure("reaping workers", f))
+
+        def done(_) -> None:
+            self._housekeeping = False
+        d.addBoth(done)
+
+    async def _housekeeping_round(self) -> None:
+        await reap(self._commands.handler, self.prefix, counter=self)
+        if self._commands is None:
+            return
+        counts = await self.stats(self.circles)
+        self.dead_letters, self.circle_stats = counts
+
+    async def stats(self, circles) -> "tuple[int, dict[str, tuple[int, int]]]":
+        """``(dead letters, {circle: (live workers, queue length)})`` for ``circles``, in one step."""
+        keys = [tasks.dead_key(self.prefix)]
+        for circle in circles:
+            keys += [tasks.circle_workers_key(self.prefix, circle), tasks.queue_key(self.prefix, circle)]
+        counts = [int(n) for n in await self._command("eval", tasks.STATS, keys, [])]
+        return counts[0], {circle: (counts[1 + 2 * i], counts[2 + 2 * i]) for i, circle in enumerate(circles)}
+
     # -- API ------------------------------------------------------------------------------------
 
     def run(self, request: ScriptRequest) -> Deferred:
@@ -291,7 +351,7 @@ class RedisScriptRunner(Service):
         def not_queued(failure: Failure) -> None:
             entry = self._waiting.pop(task_id, None)
             if entry is not None:
-                entry.timer.cancel()
+                entry.stop_timer()
                 entry.deferred.errback(failure)
 
         queued.addErrback(not_queued)
@@ -384,16 +444,22 @@ class RedisScriptRunner(Service):
             fields["max_output"] = str(self.max_output)
         if data_json is not None:
             fields["data"] = data_json
+            fields["max_attempts"] = str(self.webhook_attempts)  # runs allowed when workers are lost
         return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
 
     def _write(self, task_id: str, request: ScriptRequest) -> Deferred:
         """Queue a task whose reply comes to this server's reply list."""
         fields, ttl = self._fields(request, None, self.reply_key)
-        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle)]
+        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle),
+                tasks.circle_workers_key(self.prefix, request.circle)]
         d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id] + fields)
-        d.addCallback(lambda _: log.debug("queued task {task} for circle {circle} from {source}",
-                                          task=task_id, circle=request.circle, source=request.source))
-        return d
+
+        def queued(result) -> None:
+            if not int(result):
+                raise NoWorker("no worker is serving this circle")
+            log.debug("queued task {task} for circle {circle} from {source}",
+                      task=task_id, circle=request.circle, source=request.source)
+        return d.addCallback(queued)
 
     def _command(self, name: str, *args) -> Deferred:
         """Run a command on the command connection; Redis trouble becomes BackendUnavailable."""
@@ -427,12 +493,12 @@ class RedisScriptRunner(Service):
         """Mark the task expired unless it already ended; fire with its :class:`tasks.Outcome`."""
         now = self.clock.seconds()
         d = self._command("eval", tasks.EXPIRE, [tasks.task_key(self.prefix, task_id)],
-                          [tasks.timestamp(now), self.task_ttl])
+                          [tasks.timestamp(now), tasks.STATUS_TTL])
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         return d
 
     def _timed_out(self, task_id: str) -> None:
-        entry = self._waiting.pop(task_id, None)
+        entry = self._waiting.get(task_id)
         if entry is None:
             return
         # debug: one line per play a client times out; the session logs it within bounds.
@@ -440,13 +506,22 @@ class RedisScriptRunner(Service):
                   task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
 
         def settled(outcome: Any) -> None:
+            if self._waiting.get(task_id) is not entry:
+                return  # its reply came meanwhile, or the client left
             if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
-                # A worker finished just before the deadline; its reply is still on the way.
-                self._settle(entry.deferred, outcome)
-            else:
-                entry.deferred.errback(ScriptTimeout())
+                # A worker finished just before the deadline: its reply is already on the reply
+                # list (FINISH pushed it in the same step), and routes to this entry.
+                entry.timer = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
+                return
+            del self._waiting[task_id]
+            entry.deferred.errback(ScriptTimeout())
 
         self._expire(task_id).addBoth(settled)
+
+    def _gave_up(self, task_id: str) -> None:
+        entry = self._waiting.pop(task_id, None)
+        if entry is not None:
+            entry.deferred.errback(ScriptTimeout())
 
     def _cancelled(self, task_id: str) -> None:
         """The caller gave up (its connection closed): stop waiting, and expire the task so no
@@ -454,7 +529,7 @@ class RedisScriptRunner(Service):
         entry = self._waiting.pop(task_id, None)
         if entry is None:
             return
-        entry.timer.cancel()
+        entry.stop_timer()
         if self.is_connected():
             self._expire(task_id).addErrback(lambda _: self._abandoned.add(task_id))
         else:
@@ -500,7 +575,7 @@ class RedisScriptRunner(Service):
         self.replicas = None  # a new connection may reach another primary
         waiting, self._waiting = self._waiting, {}
         for task_id, entry in waiting.items():
-            entry.timer.cancel()
+            entry.stop_timer()
             self._abandoned.add(task_id)
             entry.deferred.errback(BackendUnavailable("lost the connection to Redis"))
 
@@ -519,12 +594,12 @@ class RedisScriptRunner(Service):
         if waiting is None:
             log.debug("reply for task {task} that nobody waits for (timed out?)", task=task_id)
             return
-        waiting.timer.cancel()
+        waiting.stop_timer()
         if outcome is not None:
             self._settle(waiting.deferred, outcome)
             return
-        # A bare task id: the result is in the task hash.
-        d = self._command("hmget", tasks.task_key(self.prefix, task_id), ["status", "output", "error", "reason"])
+        # A bare task id: the result is in the task hash, read and deleted in one step.
+        d = self._command("eval", tasks.TAKE_RESULT, [tasks.task_key(self.prefix, task_id)], [])
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
 

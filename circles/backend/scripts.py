@@ -57,6 +57,10 @@ class BackendFull(BackendUnavailable):
     queued. Its ``str()`` says so, for the caller."""
 
 
+class NoWorker(ScriptError):
+    """No live worker serves the circle (none has heartbeated within its TTL); nothing was queued."""
+
+
 class ScriptFailed(ScriptError):
     """A worker ran the script and reported an error, carried in ``detail``."""
 

@@ -9,21 +9,29 @@
     circles members list CIRCLE
     circles members policy CIRCLE [open|members]
     circles try                      # the one-command try-out (circles.tryout)
+    circles tasks stats              # per circle: live workers, queue length, dead letters
+    circles tasks dead-letter        # webhook tasks given up on: id, circle, source, attempts, last error
+    circles tasks requeue (ID... | --all)
     circles --version
 
 ``python -m circles`` is the same command.
+
+``circles tasks`` talks to the Redis that servers and workers share, found as a worker finds it:
+``--redis-url``, else ``$CIRCLES_REDIS_URL`` / ``$REDIS_URL`` (or ./.env), else the private Redis
+of a server started with ``--state-dir`` (the same default directory).
 
 URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
 ``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
 
-``members`` talks to Redis, not to a server, and finds it as the worker does: ``--redis-url``, else
-``$CIRCLES_REDIS_URL``, else ``$REDIS_URL`` (the environment, then ``./.env``), else the private
+``members`` and ``tasks`` talk to Redis, not to a server, and find it as the worker does: ``--redis-url``,
+else ``$CIRCLES_REDIS_URL``, else ``$REDIS_URL`` (the environment, then ``./.env``), else the private
 Redis of a server's ``--state-dir`` (default ``circles-state``).
 
-Exit status: 0 success, 1 the server answered with a JSON-RPC error, 2 bad usage or key (a URL
-naming no circle, a --ca file that cannot be read), 3 the server (for ``members``: Redis) could
-not be reached (refused, TLS verification, unknown circle, connection lost).
+Exit status: 0 success, 1 the server answered with a JSON-RPC error (``tasks requeue``: a task
+was not in the dead-letter list), 2 bad usage or key (a URL naming no circle, a --ca file that
+cannot be read, a Redis URL that is not one), 3 the server (for ``members`` and ``tasks``: Redis)
+could not be reached (refused, TLS verification, unknown circle, connection lost).
 A stdout closed early (``| head -1``) ends the command silently, by SIGPIPE, as it ends other tools.
 """
 
@@ -123,6 +131,25 @@ def _parser() -> argparse.ArgumentParser:
     members.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                          help="give up reaching Redis after this long (default 10)")
 
+    tasks = commands.add_parser("tasks", help="the task queues in Redis: live workers, queues, dead letters")
+    what = tasks.add_subparsers(dest="tasks_command", required=True, metavar="WHAT")
+    redis = argparse.ArgumentParser(add_help=False, parents=[output])
+    redis.add_argument("--redis-url", metavar="URL", help="the Redis servers and workers share (default: "
+                       "$CIRCLES_REDIS_URL, else $REDIS_URL, from the environment or ./.env; else the private Redis "
+                       "of the server started with --state-dir)")
+    redis.add_argument("--redis-prefix", metavar="PREFIX",
+                       help="prefix of every Redis key (default: the one servers and workers default to)")
+    redis.add_argument("--state-dir", metavar="DIR", help="state directory of the server whose private Redis to use")
+    redis.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="give up reaching Redis after this long (default 10)")
+    what.add_parser("stats", parents=[redis], help="per circle: live workers, queue length, dead letters")
+    what.add_parser("dead-letter", parents=[redis],
+                    help="webhook tasks given up on after their workers were lost: id, circle, source, attempts, "
+                    "last error")
+    requeue = what.add_parser("requeue", parents=[redis], help="put dead-lettered tasks back on their queues")
+    requeue.add_argument("task_ids", nargs="*", metavar="ID", help="a task id from circles tasks dead-letter")
+    requeue.add_argument("--all", action="store_true", help="every task in the dead-letter list")
+
     commands.add_parser("try", add_help=False,
                         help="run a server, Redis, a worker and the playground here (circles try --help)")
     return parser
@@ -139,6 +166,10 @@ def parse(argv: list) -> argparse.Namespace:
         return parser.parse_args(argv)  # help, or the usage error naming the commands
     if argv[0] == "try":
         return argparse.Namespace(command="try", args=argv[1:])
+    if argv[0] == "tasks":
+        args = commands.choices["tasks"].parse_args(argv[1:])
+        args.command = "tasks"
+        return args
     args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
@@ -254,6 +285,80 @@ async def _remote(reactor, args) -> None:
             await client.close()
 
 
+async def _tasks(reactor, args) -> None:
+    """``circles tasks ...``: the backend's modules are loaded here only (``circles keygen`` and
+    the rest of the command load none of them)."""
+    from twisted.python import usage
+    from txredisapi import RedisError
+
+    from circles.backend import admin
+    from circles.backend.embedded import DEFAULT_STATE_DIR
+    from circles.backend.redis import InvalidRedisURL, connect
+    from circles.options import choose_redis, read_dotenv
+
+    if args.tasks_command == "requeue" and bool(args.task_ids) == bool(args.all):
+        raise _Exit(EXIT_USAGE, "give the task ids to requeue, or --all, not both")
+    try:
+        choice = choose_redis({"redis-url": args.redis_url, "state-dir": args.state_dir or DEFAULT_STATE_DIR},
+                              reactor, read_dotenv())
+    except (usage.UsageError, InvalidRedisURL) as e:
+        raise _Exit(EXIT_USAGE, str(e)) from None
+    factory = connect(choice.address, reactor, reply_timeout=args.connect_timeout)
+    try:
+        ready = factory.getConnection(peek=True)
+        ready.addTimeout(args.connect_timeout, reactor)
+        try:
+            await ready
+        except Exception:
+            hint = " (is the server running with this --state-dir?)" if choice.private else ""
+            raise _Exit(EXIT_CONNECTION, f"cannot reach Redis at {choice.address.where()}{hint}") from None
+        try:
+            await _tasks_command(factory.handler, args, admin)
+        except RedisError as e:
+            raise _Exit(EXIT_CONNECTION, f"Redis: {e}") from None
+    finally:
+        await factory.disconnect()
+
+
+async def _tasks_command(redis, args, admin) -> None:
+    from circles.backend.tasks import DEFAULT_PREFIX
+
+    prefix = DEFAULT_PREFIX if args.redis_prefix is None else args.redis_prefix
+    if args.tasks_command == "stats":
+        stats = await admin.circle_stats(redis, prefix)
+        dead = sum(s.dead for s in stats)
+        if args.json:
+            _print_json({"circles": [{"circle": s.circle, "workers": s.workers, "queue": s.queue, "dead": s.dead}
+                                     for s in stats], "dead_letters": dead})
+            return
+        print(f"{'circle':<66}  {'workers':>7}  {'queue':>7}  {'dead':>5}")
+        for s in stats:
+            print(f"{s.circle:<66}  {s.workers:>7}  {s.queue:>7}  {s.dead:>5}")
+        if not stats:
+            print("(no circle has a queue, a live worker or a dead letter)")
+        return
+    if args.tasks_command == "dead-letter":
+        letters = await admin.dead_letters(redis, prefix)
+        if args.json:
+            _print_json([{"task_id": d.task_id, "circle": d.circle, "source": d.source, "attempts": d.attempts,
+                          "error": d.error, "updated_at": d.updated_at} for d in letters])
+            return
+        for d in letters:
+            error = d.error.replace("\n", " ")
+            print(f"{d.task_id}  {d.circle}  {d.source}  attempts {d.attempts}  {error}")
+        if not letters:
+            print("(the dead-letter list is empty)", file=sys.stderr)
+        return
+    done, missing = await admin.requeue(redis, prefix, None if args.all else args.task_ids)
+    if args.json:
+        _print_json({"requeued": done, "not_dead": missing})
+    else:
+        for task_id in done:
+            print(f"requeued {task_id}")
+    if missing:
+        raise _Exit(EXIT_RPC_ERROR, f"not in the dead-letter list: {', '.join(missing)}")
+
+
 def main(argv: Optional[list] = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.command == "try":
@@ -277,7 +382,10 @@ def main(argv: Optional[list] = None) -> None:
     async def run(reactor) -> None:
         try:
             try:
-                await _remote(reactor, args)  # closes its connection however it ends
+                if args.command == "tasks":
+                    await _tasks(reactor, args)
+                else:
+                    await _remote(reactor, args)  # closes its connection however it ends
             except _Exit as e:
                 _fail(args, e)
             sys.stdout.flush()

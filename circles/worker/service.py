@@ -1,12 +1,14 @@
 """The reference worker: takes a circle's tasks from Redis and runs them with an engine.
 
 It speaks the protocol of ``docs/worker-protocol.md`` (the Lua steps live in
-:mod:`circles.backend.tasks`): BRPOP a task id from the circles' queues, CLAIM it (``pending`` ->
-``processing``; expired or vanished tasks are skipped), run the script with an engine
-(:mod:`circles.worker.engines`), FINISH it (``completed``/``error`` plus the reply on
-``reply_to``, unless the server expired it meanwhile). The worker cancels the engine's Deferred
-when the script timeout passes, and reports that with the task's ``reason`` ``timeout``
-(:class:`~circles.worker.engines.ScriptTimedOut`), so the server answers -32003.
+:mod:`circles.backend.tasks`): register and HEARTBEAT, BLMOVE a task id from a circle's queue
+into this worker's processing list, CLAIM it (``pending`` -> ``processing``; expired or
+vanished tasks are skipped), run the script with an engine (:mod:`circles.worker.engines`),
+FINISH it (``completed``/``error`` plus the reply on ``reply_to``, unless it is no longer this
+worker's). The worker cancels the engine's Deferred when the script timeout passes, and reports
+that with the task's ``reason`` ``timeout`` (:class:`~circles.worker.engines.ScriptTimedOut`), so
+the server answers -32003. Each heartbeat also reaps the workers whose heartbeat lapsed
+(``REAP``): their webhook tasks run again here or elsewhere, their plays are answered.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import unicodedata
 from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore, ensureDeferred,
-                                    maybeDeferred)
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from txredisapi import RedisError
+from txredisapi import RedisError, ResponseError
 
+from circles.anomalies import LogBudget
 from circles.backend import tasks
+from circles.backend.admin import reap
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
@@ -31,9 +36,11 @@ from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, Out
 
 log = Logger()
 
-POLL = 1  # seconds a BRPOP waits, so a stopping worker notices within a second
+POLL = 1  # seconds a BLMOVE waits, so a stopping worker notices within a second
 #: Seconds a task taken, or a result, may wait for Redis to be back before it is given up.
 RECORD_PATIENCE = 30.0
+#: Failed scripts logged one by one per minute; the rest are counted, by caller, in one line.
+FAILURES_SHOWN = 20
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -41,9 +48,13 @@ RECORD_PATIENCE = 30.0
 class Worker(Service):
     """Serves the queues of ``circles``, at most ``concurrency`` scripts at a time.
 
-    One blocking Redis connection waits for tasks (BRPOP over all the circles' queues, only
-    while a slot is free, so a task is never held without being run) and one carries the other
-    commands. Stopping lets running scripts finish (they are bounded by the script timeout).
+    One blocking Redis connection per circle waits for tasks (BLMOVE from the circle's queue into
+    this worker's processing list, only while a slot is free, so a task is never held without
+    being run: one taken when the last slot went to another circle meanwhile is handed back) and
+    one carries the other commands, the heartbeat among them: every ``heartbeat`` seconds the
+    worker says it is live for ``worker_ttl`` seconds more, and reaps the workers that stopped
+    saying so. Stopping lets running scripts finish (they are bounded by the script timeout),
+    then deregisters.
 
     A script's output may be at most ``max_output`` bytes (UTF-8), or the task's ``max_output``
     (what the server can send back) if smaller; a larger one is an error result, never written.
@@ -54,9 +65,12 @@ class Worker(Service):
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
                  prefix: str = tasks.DEFAULT_PREFIX, concurrency: int = 1, script_timeout: float = 30.0,
                  task_ttl: int = tasks.TASK_TTL, worker_id: Optional[str] = None,
-                 max_output: int = DEFAULT_MAX_OUTPUT, private_redis: bool = False) -> None:
+                 max_output: int = DEFAULT_MAX_OUTPUT, private_redis: bool = False,
+                 heartbeat: float = tasks.HEARTBEAT_INTERVAL, worker_ttl: float = tasks.WORKER_TTL) -> None:
         if not circles:
             raise ValueError("a worker needs at least one circle")
+        if not worker_ttl > heartbeat > 0:
+            raise ValueError("the worker TTL must be longer than the heartbeat interval")
         self.address = address
         self.private_redis = private_redis  # address is a server's private Redis (--state-dir), not a URL
         self.circles = list(circles)
@@ -67,87 +81,197 @@ class Worker(Service):
         self.script_timeout = script_timeout
         self.task_ttl = task_ttl
         self.max_output = max_output
+        self.heartbeat = heartbeat
+        self.worker_ttl = worker_ttl
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._queues = [tasks.queue_key(prefix, circle) for circle in self.circles]
-        self._slots = DeferredSemaphore(concurrency)
+        self._processing = tasks.processing_key(prefix, self.worker_id)
+        self._registry = tasks.workers_key(prefix)
+        self._presence = [self._registry] + [tasks.circle_workers_key(prefix, c) for c in self.circles]
+        self._free = concurrency  # slots free
+        self._slot_waiters: "list[Deferred]" = []
         self._running: "set[Deferred]" = set()
-        self._blocking = None
+        self._blocking: "dict[str, Any]" = {}  # circle -> its txredisapi factory (one BLMOVE connection)
         self._commands = None
-        self._loop: Optional[Deferred] = None
-        self._interruptible: Optional[Deferred] = None  # what the loop waits on that stopping may cancel
+        self._loops: "list[Deferred]" = []
+        self._interruptible: "set[Deferred]" = set()  # what the loops wait on that stopping may cancel
         self._connected = False
+        self._beats: Optional[LoopingCall] = None
+        self._beating = False  # a heartbeat (and its reaping) is in flight
+        self.registered = False  # a heartbeat was answered (and the worker not found reaped since)
+        self._beat_failed = False  # the last heartbeat failed: the next goes out as soon as Redis is back
+        self._registered_waiters: "list[Deferred]" = []
+        self.reaped = 0  # dead workers reaped by this one
+        self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
+                                  logger=log)
 
     def startService(self) -> None:
         super().startService()
         log.info("worker {worker} serving {n} circle(s) through Redis at {redis}",
                  worker=self.worker_id, n=len(self.circles), redis=self.address.where())
         watch = Reachability(self.address, self.reactor, private=self.private_redis)
-        self._blocking = connect(self.address, self.reactor, watch=watch)
         self._commands = connect(self.address, self.reactor, reply_timeout=10.0, watch=watch)
-        self._loop = ensureDeferred(self._take_tasks())
+        self._blocking = {circle: connect(self.address, self.reactor, watch=watch) for circle in self.circles}
+        self._beats = LoopingCall(self._beat)
+        self._beats.clock = self.reactor
+        self._beats.start(self.heartbeat, now=True)
+        self._loops = [ensureDeferred(self._take_tasks(circle)) for circle in self.circles]
 
     def stopService(self) -> Deferred:
-        """Stop taking tasks; fires once the running scripts finished and Redis is let go."""
+        """Stop taking tasks; fires once the running scripts finished, the worker deregistered
+        and Redis is let go."""
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
         Service.stopService(self)
-        if self._interruptible is not None:
-            self._interruptible.cancel()
-        if self._loop is not None:
-            # A BRPOP in flight returns within POLL seconds; a task it brings is still run.
-            await self._loop.addErrback(lambda f: f.trap(CancelledError))
+        for d in list(self._interruptible):
+            d.cancel()
+        for d in self._registered_waiters + self._slot_waiters:
+            if not d.called:
+                d.cancel()
+        # A BLMOVE in flight returns within POLL seconds; a task it brings is still run.
+        await DeferredList([loop.addErrback(lambda f: f.trap(CancelledError)) for loop in self._loops],
+                           consumeErrors=True)
         if self._running:
             log.info("waiting for {n} running script(s) to finish", n=len(self._running))
             await DeferredList(list(self._running), consumeErrors=True)
-        factories = [f for f in (self._blocking, self._commands) if f is not None]
-        self._blocking = self._commands = None
+        if self._beats is not None and self._beats.running:
+            self._beats.stop()  # heartbeats went on while scripts finished: none was reaped
+        await self._deregister()
+        self.failures.stop()
+        factories = [f for f in [self._commands, *self._blocking.values()] if f is not None]
+        self._blocking, self._commands = {}, None
         await DeferredList([f.disconnect() for f in factories], consumeErrors=True)
 
+    async def _deregister(self) -> None:
+        """Leave the circles' live workers and the registry; whatever the processing list still
+        holds (a task taken as the worker stopped) goes back to its queue (REAP, forced)."""
+        try:
+            await self._eval(tasks.DEREGISTER, self._presence, [self.worker_id])
+            await self._eval(tasks.REAP, [self._registry, self._processing, tasks.dead_key(self.prefix)],
+                             [self.prefix, self.worker_id, "1", tasks.STATUS_TTL, self.task_ttl])
+            log.info("worker {worker} deregistered", worker=self.worker_id)
+        except RedisError as e:
+            log.warn("could not deregister worker {worker} ({error}): other workers reap it once its heartbeat "
+                     "lapses", worker=self.worker_id, error=str(e))
+
+    # -- heartbeat and reaping --------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        if self._beating:
+            return  # one at a time: never pile heartbeats up behind a slow Redis
+        self._beating = True  # (and on while stopping: running scripts must not be reaped)
+        d = ensureDeferred(self._heartbeat())
+        d.addErrback(self._heartbeat_failed)
+        d.addErrback(lambda f: log.failure("heartbeat", f))
+
+        def done(_):
+            self._beating = False
+        d.addBoth(done)
+
+    def _heartbeat_failed(self, failure: Failure) -> None:
+        failure.trap(RedisError, CancelledError)
+        self._beat_failed = True
+        if failure.check(ResponseError) and str(failure.value).startswith("READONLY") and self.address.sentinels:
+            # A primary demoted by a failover whose connections were not closed: reconnect, to
+            # the primary the Sentinels name now (the server does the same on ROLE).
+            log.warn("Redis at {redis} is no longer the primary: reconnecting",
+                     redis=reached(self.address, self._commands))
+            for factory in [self._commands, *self._blocking.values()]:
+                for connection in list(factory.pool) if factory is not None else ():
+                    connection.transport.loseConnection()
+
+    async def _heartbeat(self) -> None:
+        if self._commands is None:
+            return
+        if not self.registered or self._beat_failed:
+            # The first heartbeat, and the first after a failed one, go out as soon as Redis is
+            # reached: until then, plays to the circle are refused (no live worker), and after
+            # the worker's TTL it is reaped.
+            await self._commands.getConnection(peek=True)
+        new = int(await self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl]))
+        if new and self.registered:
+            log.warn("worker {worker} was no longer registered in Redis (given up for lost after {ttl}s without a "
+                     "heartbeat, or Redis lost its data): registered again", worker=self.worker_id, ttl=self.worker_ttl)
+        self.registered, self._beat_failed = True, False
+        waiters, self._registered_waiters = self._registered_waiters, []
+        for d in waiters:
+            d.callback(None)
+        await reap(self._commands.handler, self.prefix, skip=self.worker_id, counter=self)
+
+    def _when_registered(self) -> Deferred:
+        if self.registered:
+            return succeed(None)
+        d = Deferred()
+        self._registered_waiters.append(d)
+        return d
+
+    # -- slots --------------------------------------------------------------------------------------
+
+    def _when_free(self) -> Deferred:
+        """Fires once a slot is free (without taking it)."""
+        if self._free > 0:
+            return succeed(None)
+        d = Deferred()
+        self._slot_waiters.append(d)
+        return d
+
+    def _release(self) -> None:
+        self._free += 1
+        waiters, self._slot_waiters = self._slot_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    # -- taking tasks -------------------------------------------------------------------------------
+
     async def _interruptibly(self, d: Deferred) -> Any:
-        self._interruptible = d
+        self._interruptible.add(d)
         try:
             return await d
         finally:
-            self._interruptible = None
+            self._interruptible.discard(d)
 
-    async def _take_tasks(self) -> None:
-        queues = list(self._queues)
+    async def _take_tasks(self, circle: str) -> None:
+        queue = tasks.queue_key(self.prefix, circle)
+        factory = self._blocking[circle]
         while self.running:
-            await self._interruptibly(self._slots.acquire())
+            await self._interruptibly(self._when_free())
+            await self._interruptibly(self._when_registered())  # never hold a task unregistered
             if not self.running:
-                self._slots.release()
                 return
             try:
                 # Both connections up before taking a task: one taken must be claimable.
                 await self._interruptibly(self._commands.getConnection(peek=True))
-                connection = await self._interruptibly(self._blocking.getConnection(peek=True))
+                connection = await self._interruptibly(factory.getConnection(peek=True))
                 if not self._connected:
                     self._connected = True
-                    log.info("connected to Redis at {redis}, waiting for tasks",
-                             redis=reached(self.address, self._blocking))
-                reply = await connection.brpop(queues, timeout=POLL)
-            except CancelledError:
-                self._slots.release()
-                raise
+                    log.info("connected to Redis at {redis}, waiting for tasks", redis=reached(self.address, factory))
+                if self._free <= 0:
+                    continue  # another circle's loop took the last slot meanwhile
+                reply = await connection.execute_command("BLMOVE", queue, self._processing, "RIGHT", "LEFT", POLL,
+                                                         apply_timeout=False)
             except RedisError as e:
-                self._slots.release()
                 if self._connected:
                     self._connected = False
                     log.warn("lost the connection to Redis at {redis} ({error}); reconnecting quietly",
-                             redis=reached(self.address, self._blocking), error=str(e))
+                             redis=reached(self.address, factory), error=str(e))
                 continue
-            queues.append(queues.pop(0))  # take turns between circles
             if not reply:
-                self._slots.release()
                 continue
-            d = ensureDeferred(self._run_task(text(reply[1])))
+            task_id = text(reply)
+            if self._free <= 0:
+                # No slot after all: first on its queue again, for this worker or another.
+                await self._eval_patiently("hand back", task_id, tasks.GIVE_BACK, [self._processing, queue],
+                                           [task_id])
+                continue
+            self._free -= 1
+            d = ensureDeferred(self._run_task(task_id, circle))
             self._running.add(d)
             d.addBoth(self._task_done, d)
 
     def _task_done(self, result, d: Deferred) -> None:
         self._running.discard(d)
-        self._slots.release()
+        self._release()
         if isinstance(result, Failure):
             log.failure("running a task", result)
 
@@ -156,15 +280,16 @@ class Worker(Service):
             raise RedisError("not connected to Redis")
         return self._commands.handler.eval(script, keys, args)
 
-    async def _run_task(self, task_id: str) -> None:
+    async def _run_task(self, task_id: str, circle: str) -> None:
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
-        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, [key],
-                                                     [tasks.timestamp(now), self.worker_id])
+        keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
+        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
+                                                     [tasks.timestamp(now), self.worker_id, task_id])
         if not claimed:
             return
         if not fields:
-            log.info("skipped task {task}: expired or gone", task=task_id)
+            log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
             return
         task = {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}
         try:
@@ -177,9 +302,13 @@ class Worker(Service):
                 max_output = min(max_output, int(task["max_output"]))
         except ValueError:
             pass  # no cap from the server (an older one): ours alone
+        try:
+            attempt = max(int(task.get("attempts", "")), 1)
+        except ValueError:
+            attempt = 1
         context = ScriptContext(task_id=task_id, circle=task.get("circle", ""), caller=task.get("caller", ""),
                                 source=task.get("source", ""), deadline=deadline, data=task.get("data"),
-                                max_output=max_output)
+                                max_output=max_output, attempt=attempt)
         timeout = self.script_timeout
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
@@ -198,22 +327,26 @@ class Worker(Service):
             status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
         duration = self.reactor.seconds() - now
         if status != tasks.COMPLETED:
-            log.warn("task {task} for circle {circle} failed after {duration:.3f}s: {why}", task=task_id,
-                     circle=context.circle, source=context.source, duration=duration, reason=reason or "error",
-                     why=_summary(error, reason))
+            # A client can fail scripts as fast as it sends them: logged within a budget, and
+            # what comes from the script escaped (no control character reaches the log).
+            self.failures.note(printable(context.caller or context.source), reason or "error",
+                               "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
+                               task=printable(task_id), circle=printable(context.circle),
+                               source=printable(context.source), duration=duration, reason=reason or "error", why=printable(_summary(error, reason)))
         reply_to = task.get("reply_to", "")
-        keys = [key, reply_to] if reply_to else [key]
+        keys = [key, self._processing] + ([reply_to] if reply_to else [])
         outcome = tasks.Outcome(task_id, status, output, error, reason)
         recorded, written = await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, [
-            status, output, error, tasks.timestamp(self.reactor.seconds()), self.task_ttl,
-            tasks.encode_reply(outcome), reason])
+            status, output, error, tasks.timestamp(self.reactor.seconds()), tasks.STATUS_TTL,
+            tasks.encode_reply(outcome), reason, task_id, self.worker_id, self.task_ttl])
         if not recorded:
             return
-        if not written:
-            log.info("task {task} expired while it ran; result dropped", task=task_id)
+        if not int(written):
+            log.info("task {task} expired, or was given to another worker, while it ran; result dropped",
+                     task=printable(task_id))
         log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
                   circle=context.circle, source=context.source or "-", duration=duration,
-                  outcome=(status if written else "expired") + (f" ({reason})" if reason else ""))
+                  outcome=(status if int(written) else "expired") + (f" ({reason})" if reason else ""))
 
     async def _eval_patiently(self, what: str, task_id: str, script: str, keys: list,
                               args: list) -> "tuple[bool, Any]":
@@ -256,6 +389,30 @@ class Worker(Service):
             return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
         return d.addBoth(stop_timer).addErrback(timed_out).addCallback(as_text)
+
+
+_ESCAPED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(value: str) -> str:
+    """``value`` for a log line: control and format characters (C0, DEL, C1, bidi overrides,
+    line and paragraph separators) escaped as ``\\xNN``/``\\uNNNN`` (and ``\\n``, ``\\t``,
+    ``\\r``, ``\\\\``), as Python's ``repr`` writes them: what a script wrote can neither add a
+    line to the log nor send a terminal escape sequence."""
+    if value.isprintable() and "\\" not in value:
+        return value
+    out = []
+    for ch in value:
+        if ch in _ESCAPED:
+            out.append(_ESCAPED[ch])
+        elif ch.isprintable() or (ch == " "):
+            out.append(ch)
+        elif unicodedata.category(ch) == "Zs":
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 def _summary(error: str, reason: str, limit: int = 200) -> str:

@@ -32,7 +32,7 @@ log = logs.Logger()
 #: Worker's, written there once, but for ``--concurrency``: from the command line a worker runs
 #: several scripts at a time, embedded one at a time unless told.
 WORKER_PARAMETERS = {"redis-prefix": "prefix", "concurrency": "concurrency", "script-timeout": "script_timeout",
-                     "max-output": "max_output"}
+                     "max-output": "max_output", "heartbeat": "heartbeat", "worker-ttl": "worker_ttl"}
 OWN_DEFAULTS = {"concurrency": 4}
 #: ``--isolation``: how an ``--engine`` callable runs (docs/worker-protocol.md, "Isolation: why child processes").
 ISOLATIONS = ("process", "none")
@@ -93,6 +93,9 @@ class Options(usage.Options):
          "address space of each process of the command, interpreter included (RLIMIT_AS: Node.js or a JVM, "
          "which reserve gigabytes, need more or 0); and given to the "
          "engine as context.max_memory (the tiny engine accounts for its values against it)", at_least_zero(int)),
+        ("heartbeat", None, _default("heartbeat"), "seconds between the worker's heartbeats in Redis", positive(float)),
+        ("worker-ttl", None, _default("worker-ttl"), "seconds without a heartbeat after which the worker counts as "
+         "lost: its webhook tasks run again elsewhere, its plays are answered with an error", positive(float)),
     ]
 
     def __init__(self) -> None:
@@ -124,6 +127,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"-k/--circle: {e}")
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
+        if not self["worker-ttl"] > self["heartbeat"]:
+            raise usage.UsageError("--worker-ttl must be longer than --heartbeat")
         if (self["exec"] is None) == (self["engine"] is None):
             raise usage.UsageError("give exactly one of --exec and --engine")
         if self["prelude"] is not None and self["exec"] is None:

@@ -222,6 +222,7 @@
         const sizes = data && data.size && data.limit ? ` (${data.size} bytes; the limit is ${data.limit})` : '';
         return `The result is too large to send back${sizes}.`;
       }
+      case -32008: return 'No worker is running scripts for this circle right now. Try again once one is started.';
       case -32009: return 'This circle plays scripts for its members only, and the signed-in key is not one of them.';
       case -32603: return 'The server had an internal error; its log says more.';
       case -32700: case -32600: case -32601: case -32602:
