@@ -68,6 +68,12 @@ def worker(start, redis_url: str, *argv):
     return start(worker_tap.makeService(options, reactor))
 
 
+async def ready(service) -> None:
+    """Its engine's children started and the worker heartbeated: plays to its circle are queued."""
+    await service.engine.ready()
+    await eventually(lambda: service.registered)
+
+
 async def processing(redis_client) -> str:
     """The key of the task a worker is running (the first one seen)."""
     return await eventually(lambda: next((key for key in redis_client("KEYS", "circles:task:*")
@@ -86,7 +92,7 @@ async def test_a_spinning_script_times_out_while_the_worker_serves_another(redis
     a task of the same circle queued after it is answered first; its child is replaced."""
     port = await serve(start, redis_server.url)
     service = worker(start, redis_server.url, "--engine", f"{ENGINES}:spin", "--script-timeout", "2", "-c", "2")
-    await service.engine.ready()
+    await ready(service)
     before = service.engine.pids()
     client = await RPCClient.open(port, CIRCLE)
     replies: list = []
@@ -111,7 +117,7 @@ async def test_a_script_allocating_without_end_is_refused_and_the_worker_serves_
     port = await serve(start, redis_server.url)
     service = worker(start, redis_server.url, "--engine", f"{ENGINES}:allocate", "--script-timeout", "20",
                      "--max-script-memory", str(64 * MiB), "-c", "2")
-    await service.engine.ready()
+    await ready(service)
     before = service.engine.pids()
     client = await RPCClient.open(port, CIRCLE)
     replies = [await client.call("play", {"script": script}) for script in ("allocate", "quick")]
@@ -129,7 +135,7 @@ async def test_the_worker_stops_while_a_script_spins(redis_server, start, redis_
     the stop completes, and no child of the engine is left."""
     port = await serve(start, redis_server.url)
     service = worker(start, redis_server.url, "--engine", f"{ENGINES}:spin", "--script-timeout", "3", "-c", "3")
-    await service.engine.ready()
+    await ready(service)
     children = service.engine.pids()
     client = await RPCClient.open(port, CIRCLE)
     spinning = client.call("play", {"script": "spin"})
@@ -149,7 +155,7 @@ async def test_the_tiny_engine_attack_is_refused_and_the_pool_stays_whole(redis_
     port = await serve(start, redis_server.url)
     service = worker(start, redis_server.url, "--engine", "circles.worker.tiny_engine:run",
                      "--max-script-memory", str(32 * MiB), "-c", "1")
-    await service.engine.ready()
+    await ready(service)
     client = await RPCClient.open(port, CIRCLE)
     refused = await client.call("play", {"script": TINY_ATTACK})
     assert refused["error"]["code"] == -32005, refused
