@@ -54,8 +54,9 @@ def play(client, script):
 @pytest_twisted.ensureDeferred
 async def test_a_members_circle_admits_its_members_from_the_next_play(redis_server, start, tmp_path):
     service, port = await serve(start, redis_server.url, stripe_secrets=WebhookSecrets.of(STRIPE_SECRET))
-    start(Worker(parse_redis_url(redis_server.url), [CIRCLE], lambda script, ctx: f"{ctx.caller[:6]} ran {script}",
-                 reactor=reactor))
+    worker = start(Worker(parse_redis_url(redis_server.url), [CIRCLE],
+                          lambda script, ctx: f"{ctx.caller[:6]} ran {script}", reactor=reactor))
+    await eventually(lambda: worker.registered)  # heartbeated: plays to the circle are queued
     member_key, other_key = new_key(), new_key()
     member_client, other_client = await RPCClient.open(port, CIRCLE), await RPCClient.open(port, CIRCLE)
     anonymous = await RPCClient.open(port, CIRCLE)
