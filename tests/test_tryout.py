@@ -58,6 +58,11 @@ def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
         assert os.stat(state / "user.key").st_mode & 0o777 == 0o600
         assert re.fullmatch(r"hello, 0[23][0-9a-f]{64}\n42\n", result.stdout), result.stdout
         assert any("https://localhost:" in l and "/playground/" in l for l in lines)
+        # So does the operator's line: the circle, its one live worker, an empty queue, no dead letters.
+        operate = next(l for l in lines if " tasks stats " in l).split("operate", 1)[1].strip()
+        result = subprocess.run(operate, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and re.search(r"\b[0-9a-f]{66} +1 +0 +0\n", result.stdout), \
+            result.stdout + result.stderr
         started = descendants(proc.pid)
         table = _children()
         names = [table[pid][1] for pid in started if pid in table]

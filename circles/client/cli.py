@@ -500,6 +500,9 @@ async def _members_action(redis, members, args, circle: str, value: Optional[str
         else:
             for key in keys:
                 print(key)
+            if not keys:
+                policy = await members.get_policy(redis, prefix, circle)
+                print(f"(no members; {members.describe(policy, 0)})", file=sys.stderr)
         return
     changed = await (members.add if args.action == "add" else members.remove)(redis, prefix, circle, value)
     policy = await members.get_policy(redis, prefix, circle)

@@ -274,6 +274,8 @@ async def _run(reactor, args) -> None:
     _say(f"  playground  https://localhost:{port}/playground/?circle={circle}")
     _say(f"              (the certificate is from a development CA: trust {ca} or accept the warning)")
     _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log (the previous run's: *.log.1)")
+    _say(f"  operate     {_shown(_bin('circles'))} tasks stats --state-dir {_shown(run_dir)}")
+    _say(f"              (workers and queues; `circles tasks` and `circles members` reach this Redis with that --state-dir)")
     _say()
     _say("Paste this in another terminal:")
     _say()
