@@ -365,9 +365,6 @@ def main(argv: Optional[list] = None) -> None:
         from circles import tryout
         tryout.main(args.args)
         return
-    if args.command == "members":
-        _members_main(args)
-        return
     if args.command in ("keygen", "pubkey"):
         try:
             try:
@@ -384,6 +381,8 @@ def main(argv: Optional[list] = None) -> None:
             try:
                 if args.command == "tasks":
                     await _tasks(reactor, args)
+                elif args.command == "members":
+                    await _members(reactor, args)
                 else:
                     await _remote(reactor, args)  # closes its connection however it ends
             except _Exit as e:
@@ -396,20 +395,6 @@ def main(argv: Optional[list] = None) -> None:
 
 
 # -- members: who may play in a circle ---------------------------------------------------------
-
-def _members_main(args) -> None:
-    async def run(reactor) -> None:
-        try:
-            try:
-                await _members(reactor, args)
-            except _Exit as e:
-                _fail(args, e)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _stdout_closed()
-
-    react(lambda reactor: ensureDeferred(run(reactor)))
-
 
 def _members_args(args) -> "tuple[str, Optional[str]]":
     """(circle, key or policy), normalised and checked: mistakes are usage errors."""
