@@ -210,6 +210,16 @@ async def test_a_play_whose_worker_is_lost_is_answered_at_once_and_never_run_aga
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_new_worker_is_live_at_once_not_after_its_first_interval(redis_server, start, redis_client):
+    """The first heartbeat goes out as soon as Redis answers: with an interval of an hour, the
+    worker still counts as live (plays to its circle were -32008 for an interval after every
+    start while the first heartbeat found txredisapi's pool not yet filled)."""
+    worker = start(make_worker(redis_server, lambda script, context: "ok", heartbeat=3600.0, worker_ttl=7200.0))
+    await eventually(lambda: worker.registered)
+    assert redis_client("ZCARD", f"circles:workers:{CIRCLE}") == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_reapers_racing_requeue_once(redis_server, start, redis_client):
     """The REAP step is its own lock: however many reapers run, a dead worker is reaped once."""
     runner = start(make_runner(redis_server))

@@ -187,8 +187,13 @@ class Worker(Service):
             # The first heartbeat, and the first after a failed one, go out as soon as Redis is
             # reached: until then, plays to the circle are refused (no live worker), and after
             # the worker's TTL it is reaped.
-            await self._commands.getConnection(peek=True)
-        new = int(await self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl]))
+            # On that connection itself: txredisapi wakes this waiter before it adds the
+            # connection to the pool, so the pool is still empty at this point.
+            connection = await self._commands.getConnection(peek=True)
+            beat = connection.eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl])
+        else:
+            beat = self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl])
+        new = int(await beat)
         if new and self.registered:
             log.warn("worker {worker} was no longer registered in Redis (given up for lost after {ttl}s without a "
                      "heartbeat, or Redis lost its data): registered again", worker=self.worker_id, ttl=self.worker_ttl)
