@@ -31,7 +31,7 @@ from circles.worker.engines import EngineError
 from circles.worker.service import FAILURES_SHOWN, Worker, printable
 from .play_client import RPCClient, eventually, new_key, pk
 from .support import request, twistd
-from .webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers
+from .webhook_support import STRIPE_SECRET, encode, post_sync, stripe_event, stripe_headers
 
 CIRCLE = pk(new_key())
 FAST = {"heartbeat": 0.2, "worker_ttl": 1.0}  # in-process workers: lost one second after their last heartbeat
@@ -363,7 +363,7 @@ def test_a_webhook_task_whose_worker_is_killed_runs_again_exactly_once(tmp_path,
         with twistd(worker_args, tmp_path, plugin="circles-worker") as doomed:
             doomed.wait_for("waiting for tasks")
             body = encode(stripe_event("evt_killed"))
-            status, answer = _post(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))
+            status, answer = post_sync(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))
             assert status == 200, answer
             key = f"circles:task:{answer['task_id']}"
             _wait(lambda: _lines(runs) == ["1"], "the first run never started")
@@ -407,17 +407,6 @@ def test_a_play_whose_worker_is_killed_is_answered_with_an_error_and_not_run_aga
         assert _lines(runs) == ["once"]
         assert redis_client("KEYS", "circles:processing:*") == []
     assert "Traceback" not in server.output + worker.output
-
-
-def _post(port: int, path: str, body: bytes, headers: dict):
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_the_worker_ttl_must_exceed_the_heartbeat():

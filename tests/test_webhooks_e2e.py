@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest_twisted
@@ -29,7 +27,7 @@ from circles.worker.service import Worker
 from .play_client import eventually, new_key, pk
 from .support import TWISTD, twistd
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, encode, idenfy_callback, idenfy_headers, post,
-                              stripe_event, stripe_headers)
+                              post_sync, stripe_event, stripe_headers)
 
 CIRCLE = pk(new_key())
 NASTY = ['"', "'", "\\", "\\\\\"", "${CIRCLES_DATA}", "${x}", "`id`", "$(id)", "\n", "\r\n", "\u2028", "\x00",
@@ -263,15 +261,6 @@ async def test_arbitrary_strings_reach_the_worker_byte_identical(stack):
 
 # -- the real processes -------------------------------------------------------------------------
 
-def _post_sync(port: int, path: str, body: bytes, headers: dict) -> "tuple[int, dict]":
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_through_twistd_server_and_worker(tmp_path, redis_server, redis_client, monkeypatch):
     monkeypatch.setenv(STRIPE_ENV, f"whsec_rotated_out, {STRIPE_SECRET}")
     idenfy_file = tmp_path / "idenfy.secrets"
@@ -286,7 +275,7 @@ def test_through_twistd_server_and_worker(tmp_path, redis_server, redis_client, 
         server.wait_for("connected to Redis")
         worker.wait_for("waiting for tasks")
         body = encode(stripe_event("evt_twistd", note="ünïcödé \"and\" ${quotes}"))
-        status, answer = _post_sync(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))
+        status, answer = post_sync(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))
         assert status == 200, answer
         key = f"circles:task:{answer['task_id']}"
         deadline = time.monotonic() + 60
@@ -296,10 +285,10 @@ def test_through_twistd_server_and_worker(tmp_path, redis_server, redis_client, 
         assert (tmp_path / "event.out").read_bytes() == body
         # iDenfy with the per-circle secret file; the default script is queued.
         body = encode(idenfy_callback("scan-twistd"))
-        status, answer = _post_sync(port, f"/webhooks/idenfy/{CIRCLE}", body, idenfy_headers(body))
+        status, answer = post_sync(port, f"/webhooks/idenfy/{CIRCLE}", body, idenfy_headers(body))
         assert status == 200
         assert redis_client.hgetall(f"circles:task:{answer['task_id']}")["script"] == webhooks.IDENFY_SCRIPT
-        status, answer = _post_sync(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body, "whsec_x"))
+        status, answer = post_sync(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body, "whsec_x"))
         assert status == 401 and answer == {"error": "no valid signature"}
     output = server.output + worker.output
     assert "Traceback" not in output

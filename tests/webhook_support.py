@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import urllib.error
+import urllib.request
 import uuid
 from io import BytesIO
 from typing import Optional
@@ -153,3 +155,13 @@ async def raw_exchange(port: int, to_send: bytes, keep_sending: bytes = b"") -> 
     factory = ClientFactory.forProtocol(lambda: _Raw(to_send, keep_sending, done))
     reactor.connectTCP("127.0.0.1", port, factory)
     return await done
+
+
+def post_sync(port: int, path: str, body: bytes, headers: dict) -> "tuple[int, dict]":
+    """POST from a plain blocking client (urllib), as a provider would: (status, JSON answer)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
