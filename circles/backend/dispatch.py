@@ -21,9 +21,15 @@ instead of PING. A node that is no longer the primary has its connections droppe
 reconnect to the one the Sentinels name; a failover is thus the same as a lost connection
 (plays waiting fail -32004 at once, their tasks are expired on the new primary), and replies
 are read from the new primary's reply list. ``ROLE`` also counts the primary's replicas:
-:meth:`enqueue_once` answers only once ``ack_replicas`` of them hold the task (``WAIT``, on
-connections of their own, since WAIT blocks the connection it is sent on), and fails at once
-while fewer are connected: an event only the primary holds could vanish with it.
+:meth:`enqueue_once` answers only once ``ack_replicas`` of them hold the task (``WAIT``), and
+fails at once while fewer are connected: an event only the primary holds could vanish with it.
+Concurrent events share their waits (group commit, :mod:`circles.backend.group_wait`): their
+writes go, pipelined, on one connection of their own (WAIT blocks the connection it is sent on,
+so never the command connection), and one WAIT at a time is in flight there, covering every
+write sent before it; the events written while it blocks are covered by the next one. A WAIT
+that says fewer replicas than asked, or a write connection lost before its WAIT is answered,
+fails every event it covers (503: the provider retries, and its retry is a duplicate if the
+first delivery reached the primary).
 
 A Redis at its ``maxmemory`` (``noeviction``) refuses writes with ``OOM command not allowed``:
 the runner is then *full* (:class:`BackendFull`: plays -32004 saying so, webhooks 503, ``/ready``
@@ -50,6 +56,7 @@ from zope.interface import implementer
 from circles.backend import tasks
 from circles.backend.admin import reap
 from circles.backend.embedded import START_TIMEOUT
+from circles.backend.group_wait import GroupWait
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued,
                                      ScriptFailed, ScriptRequest, ScriptTimeout)
@@ -67,9 +74,8 @@ PING_TIMEOUT = 2.0
 #: Seconds a play whose task a worker finished just as its deadline passed waits for the reply
 #: already on its way (the finished task's hash no longer holds the result).
 REPLY_GRACE = 5.0
-#: Connections that write webhook tasks and WAIT for replicas, each one event at a time.
-ACK_CONNECTIONS = 2
-#: Webhook events waiting for such a connection, beyond which they are refused at once.
+#: Webhook events written and waiting for replicas to acknowledge them (their WAIT), beyond
+#: which they are refused at once: what the write connection holds is bounded by this many bodies.
 MAX_ACK_WAITING = 64
 #: What a play or webhook event refused by a full Redis is told.
 FULL = "Redis is full (maxmemory): nothing was queued; retry later"
@@ -152,8 +158,9 @@ class RedisScriptRunner(Service):
         self.probe_key = f"{prefix}probe:{self.server_id}"  # what that write sets
         self.ack_replicas = ack_replicas
         self.ack_timeout = ack_timeout
-        self._acks = None  # txredisapi factory: the connections that write and WAIT (ack_replicas > 0)
-        self._ack_waiting = 0  # enqueue_once calls waiting for one of them
+        self._acks = None  # txredisapi factory: the one connection that writes and WAITs (ack_replicas > 0)
+        self._ack_waiting = 0  # enqueue_once calls written there, or being written, not yet acknowledged
+        self._group_wait = GroupWait(ack_replicas, ack_timeout)  # one WAIT in flight covers them all
         self.replicated = bool(address.sentinels) or ack_replicas > 0  # health by ROLE, not PING
         self.replicas: Optional[int] = None  # replicas the primary has, as ROLE last said; None: unknown
         self.circles = sorted(circles)
@@ -177,8 +184,9 @@ class RedisScriptRunner(Service):
         if self.ack_replicas:
             log.info("webhook events are answered once {n} Redis replica(s) hold them (within {timeout}s)",
                      n=self.ack_replicas, timeout=self.ack_timeout)
-            self._acks = connect(self.address, self.reactor, poolsize=ACK_CONNECTIONS,
-                                 reply_timeout=COMMAND_TIMEOUT + self.ack_timeout, watch=watch)
+            # A write sent while a WAIT blocks the connection is answered after it.
+            self._acks = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT + self.ack_timeout,
+                                 watch=watch)
         self._loop = ensureDeferred(self._listen())
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = self.clock
@@ -385,29 +393,39 @@ class RedisScriptRunner(Service):
 
         return d.addCallback(done)
 
+    @property
+    def awaiting_replicas(self) -> int:
+        """webhook events written (or being written) and waiting for replicas to acknowledge them."""
+        return self._ack_waiting
+
     async def _enqueue_acknowledged(self, keys: list, args: list) -> list:
-        """ENQUEUE_ONCE, then ``WAIT`` until :attr:`ack_replicas` replicas hold it, on one
-        connection taken for the purpose (WAIT counts the writes of its own connection, and
-        blocks it). A duplicate rewrites its seen key as it is, so that the WAIT covers the
-        first delivery too: its 503 may have come from a replica that had not caught up."""
+        """ENQUEUE_ONCE on the write connection, then wait for the ``WAIT`` that covers it to say
+        :attr:`ack_replicas` replicas hold it (:class:`~circles.backend.group_wait.GroupWait`:
+        one WAIT covers every event written before it). A duplicate rewrites its seen key as it
+        is, so that the WAIT covers the first delivery too: its 503 may have come from a replica
+        that had not caught up.
+
+        Every command here is sent at once, as one command (``EVAL``, never txredisapi's
+        EVALSHA-then-EVAL, whose second try would go out after a WAIT that the event counts on)."""
         if self.replicas is not None and self.replicas < self.ack_replicas:
             raise BackendUnavailable(f"the Redis primary has {self.replicas} replica(s) connected, "
                                      f"{self.ack_replicas} must hold each webhook event")
-        if self._acks is None or self._acks.size == 0 or self._ack_waiting >= MAX_ACK_WAITING:
-            raise BackendUnavailable("Redis is unreachable" if self._ack_waiting < MAX_ACK_WAITING
-                                     else "too many webhook events waiting for Redis replicas")
-        acks = self._acks
+        connection = next((c for c in self._acks.pool if c.connected), None) if self._acks is not None else None
+        if connection is None:
+            raise BackendUnavailable("Redis is unreachable")
+        if self._ack_waiting >= MAX_ACK_WAITING:
+            raise BackendUnavailable("too many webhook events waiting for Redis replicas")
         self._ack_waiting += 1
+        covering: "list[Deferred]" = []  # the WAITs asked for; only the last one's answer counts
         try:
-            connection = await acks.getConnection()  # this one is ours until put back
-        finally:
-            self._ack_waiting -= 1
-        try:
-            result = await connection.eval(tasks.ENQUEUE_ONCE, keys, args)
+            written = connection.execute_command("EVAL", tasks.ENQUEUE_ONCE, len(keys), *keys, *args)
+            covering.append(self._group_wait.after_writes(connection))
+            result = await written
             if not int(result[0]):
-                await connection.execute_command("SET", keys[0], text(result[1]), "XX", "KEEPTTL")
-            acknowledged = int(await connection.execute_command(
-                "WAIT", self.ack_replicas, max(1, round(self.ack_timeout * 1000))))
+                rewritten = connection.execute_command("SET", keys[0], text(result[1]), "XX", "KEEPTTL")
+                covering.append(self._group_wait.after_writes(connection))
+                await rewritten
+            acknowledged = int(await covering[-1])
         except InvalidData:
             raise ValueError("a task field is not valid UTF-8 text") from None
         except RedisError as e:
@@ -416,7 +434,9 @@ class RedisScriptRunner(Service):
                 raise BackendFull(FULL) from None
             raise BackendUnavailable(f"Redis error: {e}") from None
         finally:
-            acks.connectionQueue.put(connection)
+            self._ack_waiting -= 1
+            for wait in covering:
+                wait.addErrback(lambda _: None)  # an answer no longer awaited (a failed write's)
         if acknowledged < self.ack_replicas:
             raise BackendUnavailable(f"{acknowledged} of {self.ack_replicas} Redis replica(s) acknowledged the "
                                      f"webhook event within {self.ack_timeout}s")
