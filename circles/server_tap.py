@@ -190,8 +190,9 @@ class Options(usage.Options):
         _setting("webhook-replicas", "Redis replicas that must hold a webhook event's task before it is answered "
                  "200 (Redis WAIT; else 503 and the provider retries) (default: 1 with a redis+sentinel:// URL, "
                  "else 0)", at_least_zero(int)),
-        _setting("webhook-replica-timeout", "seconds to wait for --webhook-replicas to acknowledge a webhook "
-                 "event", positive(float)),
+        _setting("webhook-replica-timeout", "seconds one Redis WAIT waits for --webhook-replicas to acknowledge "
+                 "the webhook events written before it (concurrent events share WAITs: one may wait for the "
+                 "rest of the WAIT in flight, then its own)", positive(float)),
         _setting("webhook-attempts", "runs a webhook event's task gets when the workers running it are lost "
                  "(then it waits in the dead-letter list: circles tasks dead-letter)", positive(int)),
     ]

@@ -13,7 +13,9 @@ at once, never waiting for each other). After its last write is sent, an event a
 connection, one is sent at once; otherwise the event joins the group that the next WAIT will
 cover, sent as soon as the one in flight is answered. So whatever the load there is at most one
 WAIT in flight, each answers every event whose writes went out before it, and an event waits at
-most for the rest of the WAIT in flight and then its own: twice the timeout at the very worst.
+most for the rest of the WAIT in flight and then its own: twice the timeout at the very worst
+(a write that depends on an earlier one's answer, as a redelivery's rewrite of its seen key,
+joins a WAIT after that answer: one more).
 (Redis runs a connection's commands in order, so writes sent while a WAIT blocks the connection
 wait in Redis's buffer for it, then run, then the next WAIT covers them.)
 
@@ -56,7 +58,6 @@ class GroupWait:
     def __init__(self, replicas: int, timeout: float) -> None:
         self.replicas = replicas
         self.timeout_ms = max(1, round(timeout * 1000))
-        self.waits = 0  # WAITs sent
         self._current: Optional[_Connection] = None
 
     def after_writes(self, connection: Any) -> Deferred:
@@ -74,15 +75,8 @@ class GroupWait:
             self._send(current)
         return event
 
-    @property
-    def waiting(self) -> int:
-        """Events on the current connection waiting for a WAIT (the one in flight or the next)."""
-        current = self._current
-        return 0 if current is None else len(current.covered or ()) + len(current.next)
-
     def _send(self, group: _Connection) -> None:
         group.covered, group.next = group.next, []
-        self.waits += 1
         try:
             d = group.connection.execute_command("WAIT", self.replicas, self.timeout_ms)
         except Exception:  # not connected any more (txredisapi raises): fails the group at once
