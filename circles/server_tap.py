@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getopt
 import sys
+import tempfile
 from typing import Callable, Optional
 
 import attrs
@@ -13,7 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from circles import logs, openrpc, tls, webhook_secrets
+from circles import logs, openrpc, processes, siblings, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -358,8 +359,17 @@ def makeService(config: Options, reactor=global_reactor):
 
 def _make_service(config: Options, reactor):
     service = CirclesService(config.config, reactor=reactor)
-    if config["processes"] == 1:
+    member = processes.member_from_environment()
+    if config["processes"] == 1 and member is None:
         return service
+    group = MultiService()
+    service.setServiceParent(group)
+    if member is not None:  # one of the others of a first process's --processes
+        siblings.join(service, *member, reactor).setServiceParent(group)
+        return group
+    # Every event of this process carries its pid and number too (circles.logs.ProcessTags): from
+    # before twistd begins logging to its last line ("Server Shut Down."), so for good.
+    logs.ProcessTags(1).start()
     # This process listens first (a port 0 becomes a real one), then starts the others on it;
     # they stop first, while the private Redis (ours) still runs for them.
     argv = child_argv(config, config.argv)
@@ -367,10 +377,10 @@ def _make_service(config: Options, reactor):
         # The children queue their plays in it too: room for all the processes' plays in flight.
         service.embedded_redis.maxmemory = config.config.private_redis_maxmemory(config["processes"])
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
-    group = MultiService()
-    service.setServiceParent(group)
+    directory = tempfile.mkdtemp(prefix="circles-")  # 0700: the processes' sockets (circles.siblings)
+    siblings.join(service, 1, config["processes"], directory, reactor, remove=True).setServiceParent(group)
     ServerProcesses(reactor, config["processes"] - 1, argv, service.when_listening,
-                    stop_timeout=config.config.shutdown_grace + 10).setServiceParent(group)
+                    stop_timeout=config.config.shutdown_grace + 10, directory=directory).setServiceParent(group)
     return group
 
 

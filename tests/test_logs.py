@@ -289,12 +289,6 @@ def test_the_other_processes_of_processes_write_json_too(tmp_path):
     assert len([e for e in events if e["message"].startswith("connected to Redis")]) == 2
 
 
-def test_twistd_logger_options():
-    assert logs.twistd_logger_options(["twistd", "-n", "--logger=a.b", "circles", "--logger=x"]) == ["--logger=a.b"]
-    assert logs.twistd_logger_options(["twistd", "--logger", "a.b", "circles"]) == ["--logger=a.b"]
-    assert logs.twistd_logger_options(["twistd", "-n", "circles", "--logger=x"]) == []
-
-
 def test_ctrl_c_on_processes_stops_them_all_without_a_traceback(tmp_path):
     """Ctrl-C in a terminal signals the whole foreground process group: the other processes of
     ``--processes`` used to get it as well as the first one's SIGTERM, and logged a critical
