@@ -186,12 +186,12 @@ def relay_line(event: dict) -> str:
     (``log_traceback``), its own fields made JSON-safe as :func:`json_line` writes them."""
     try:
         line = eventAsJSON(_relayable(event))
-        if len(line) > RELAY_LINE_LIMIT // 4 and len(line.encode("utf-8")) > RELAY_LINE_LIMIT:
+        if len(line) > RELAY_LINE_LIMIT:  # ASCII: escaped as JSON (and the text twice, in log_flattened)
             message = _message(event)
             line = eventAsJSON({
                 "log_format": "{text}", "log_level": event.get("log_level"),
                 "log_namespace": event.get("log_namespace") or "-", "log_time": event.get("log_time"),
-                "text": message[:RELAY_LINE_LIMIT // 16] + f"... (event of {len(line)} characters cut short)"})
+                "text": message[:RELAY_LINE_LIMIT // 32] + f"... (event of {len(line)} characters cut short)"})
         return line
     except Exception as e:  # an observer that raises is dropped by Twisted's publisher
         return eventAsJSON({"log_format": "could not relay an event: {error}", "log_level": LogLevel.error,

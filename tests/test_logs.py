@@ -81,7 +81,7 @@ def test_json_observer_writes_one_flat_object_per_line_from_a_real_twistd(tmp_pa
     assert f"--fd-reserve {accepting['reserve']}" in accepting["message"]
     started = [e for e in events if e["message"].startswith("started a private redis-server")]
     assert started and started[0]["path"] == str(tmp_path / "state" / "redis.sock")
-    assert f"on {started[0]['path']}" in started[0]["message"] and isinstance(started[0]["pid"], int)
+    assert f"on {started[0]['path']}" in started[0]["message"] and isinstance(started[0]["redis_pid"], int)
     assert [e for e in events if e["message"] == "Server Shut Down."]
 
 
