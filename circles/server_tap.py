@@ -129,7 +129,8 @@ class Options(usage.Options):
         _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
         _setting("max-message-size", "largest WebSocket message accepted, in bytes", positive(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
-         "through Redis and stop together", positive(int)),
+         "through Redis, stop together, and are one server to watch: one log (each line with its process "
+         "and pid), one /metrics for all, /ready 503 while one is down", positive(int)),
         _setting("max-batch", "most requests in one JSON-RPC batch", positive(int)),
         _setting("rate-limit", "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
                  at_least_zero(float)),
