@@ -8,6 +8,8 @@ with whatever methods it is given.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.internet.interfaces import IReactorTime
 
 from circles.anomalies import LogBudget
@@ -31,6 +33,8 @@ class Gateway:
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False
+        #: The other processes of ``--processes`` (circles.siblings.Siblings); None: there are none.
+        self.siblings = None
         # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
         self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
         self.metrics = Metrics(methods)
@@ -49,6 +53,17 @@ class Gateway:
     def _reply_too_large(self, size: int) -> RPCError:
         return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
                         {"size": size, "limit": self.config.max_message_size})
+
+    def unready_reason(self) -> Optional[str]:
+        """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or
+        the script backend unavailable (Redis unreachable, or refusing writes at its maxmemory)."""
+        if self.draining:
+            return "shutting down"
+        if not self.scripts.is_connected():
+            # A runner that knows it: Redis answers but refuses writes at its maxmemory.
+            full = getattr(self.scripts, "full", False)
+            return "script backend unavailable" + (": Redis is full (maxmemory)" if full else "")
+        return None
 
     def stop(self) -> None:
         """Write what the log budgets hold back and cancel their timers."""

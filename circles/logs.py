@@ -9,6 +9,14 @@ What ``info`` shows is what an operator reads (the README's Operations section l
 connects with set Twisted's ``noisy`` off, and per-connection and per-task lines are ``debug``.
 
 :func:`json_observer` writes the same events as one flat JSON object per line, for log shippers.
+
+Under ``--processes N`` the processes have one log: each other process writes its events to its
+standard output with :func:`relay_observer`, one line of Twisted's own JSON form each (every
+value already rendered, so nothing is lost on the way), and the first process reads those lines
+(:class:`circles.processes.ServerProcesses`) and publishes them as its own events, which go
+to whatever ``--logfile`` or ``--logger`` twistd was given. :class:`ProcessTags` gives every
+event the ``pid`` and ``process`` (1 to N, as the log lines name them) of the process it came from,
+as fields (JSON lines) and in the text line's ``[system]`` column.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sys
 import time
+from typing import Optional
 
 import twisted.logger
-from twisted.logger import FileLogObserver, LogLevel
+from twisted.logger import FileLogObserver, LogLevel, eventAsJSON, eventFromJSON
 from twisted.python.failure import Failure
 
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
@@ -88,7 +98,7 @@ def json_line(event: dict) -> str:
         record["message"] = str(event.get("why") or "Unhandled Error")
     if failure is not None:
         record["failure"] = _traceback(failure)
-    system = event.get("log_system")
+    system = event["log_circles_system"] if "log_circles_system" in event else event.get("log_system")
     if system not in (None, "-"):
         record["system"] = str(system)
     for key, value in event.items():
@@ -146,21 +156,6 @@ def json_observer(out=None) -> FileLogObserver:
     return FileLogObserver(out if out is not None else sys.stdout, lambda event: _json_line_always(event) + "\n")
 
 
-def twistd_logger_options(argv: "list[str] | None" = None, plugins=("circles", "circles-worker")) -> "list[str]":
-    """The ``--logger`` option of the twistd command line this process runs under (``sys.argv``;
-    twistd's own options, before the plugin's name), as a list to pass on to another twistd
-    (``--processes``), so that every process writes the same kind of lines; ``[]`` if none."""
-    args = list(sys.argv if argv is None else argv)[1:]
-    for i, arg in enumerate(args):
-        if arg in plugins:
-            break
-        if arg.startswith("--logger="):
-            return [arg]
-        if arg == "--logger" and i + 1 < len(args):
-            return [f"--logger={args[i + 1]}"]
-    return []
-
-
 def _json_line_always(event: dict) -> str:
     # An observer that raises is dropped by Twisted's publisher: a line is written whatever the event holds.
     try:
@@ -169,3 +164,108 @@ def _json_line_always(event: dict) -> str:
         return json.dumps({"time": _iso_time(None), "level": "error", "namespace": "circles.logs",
                            "message": f"could not write an event as JSON: {type(e).__name__}: {e}",
                            "event": repr(event)[:2000]})
+
+
+#: The longest line a process of ``--processes`` relays (bytes of UTF-8); a longer event goes as
+#: its first part, saying so.
+RELAY_LINE_LIMIT = 64 * 1024
+# What a relayed event keeps of Twisted's own keys (the rest are objects of the sending process).
+_RELAYED_KEYS = frozenset({"log_level", "log_namespace", "log_time", "log_system"})
+
+
+def relay_observer(out=None) -> FileLogObserver:
+    """A log observer writing each event as one line for the first process of ``--processes`` to
+    read (:func:`relayed_event`): ``twistd --logger=circles.logs.relay_observer``, as it starts the
+    others."""
+    return FileLogObserver(out if out is not None else sys.stdout, lambda event: relay_line(event) + "\n")
+
+
+def relay_line(event: dict) -> str:
+    """``event`` as one line of Twisted's JSON form (``eventAsJSON``), at most
+    :data:`RELAY_LINE_LIMIT` bytes: its message already rendered, a traceback as text
+    (``log_traceback``), its own fields made JSON-safe as :func:`json_line` writes them."""
+    try:
+        line = eventAsJSON(_relayable(event))
+        if len(line) > RELAY_LINE_LIMIT:  # ASCII: escaped as JSON (and the text twice, in log_flattened)
+            message = _message(event)
+            line = eventAsJSON({
+                "log_format": "{text}", "log_level": event.get("log_level"),
+                "log_namespace": event.get("log_namespace") or "-", "log_time": event.get("log_time"),
+                "text": message[:RELAY_LINE_LIMIT // 32] + f"... (event of {len(line)} characters cut short)"})
+        return line
+    except Exception as e:  # an observer that raises is dropped by Twisted's publisher
+        return eventAsJSON({"log_format": "could not relay an event: {error}", "log_level": LogLevel.error,
+                            "log_namespace": "circles.logs", "error": f"{type(e).__name__}: {e}"[:2000]})
+
+
+def _relayable(event: dict) -> dict:
+    out: dict = {key: value for key, value in event.items() if key in _RELAYED_KEYS}
+    # The message as this process renders it, as a format that renders to it: what it says
+    # depends on objects only this process has.
+    out["log_format"] = _message(event).replace("{", "{{").replace("}", "}}")
+    failure = event.get("log_failure")
+    if failure is not None:
+        out["log_traceback"] = _traceback(failure)
+    for key, value in event.items():
+        if not key.startswith(("log_", "__")):
+            out[key] = _json_safe(value)
+    return out
+
+
+class _Traceback:
+    """A relayed event's ``log_failure``: the traceback text the other process wrote (what
+    Twisted's observers and :func:`json_line` ask a failure for)."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def getTraceback(self, *args, **kwargs) -> str:
+        return self._text
+
+
+def relayed_event(line: str) -> Optional[dict]:
+    """The event a line of :func:`relay_line` carries, or None if it is not one (anything else
+    a process wrote to its standard output)."""
+    try:
+        event = eventFromJSON(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("log_level") not in _ORDER \
+            or not isinstance(event.get("log_format"), str):
+        return None
+    traceback = event.pop("log_traceback", None)
+    if isinstance(traceback, str):
+        event["log_failure"] = _Traceback(traceback)
+    return event
+
+
+def tag(event: dict, pid: int, process: int) -> dict:
+    """Mark ``event`` as one of process number ``process`` (pid ``pid``): the fields ``pid`` and
+    ``process``, and both in the ``[system]`` column of a text log line. Fields of those names the
+    event has already are kept (they fill its message)."""
+    event.setdefault("pid", pid)
+    event.setdefault("process", process)
+    system = event.get("log_system")
+    event["log_circles_system"] = system  # json_line's ``system``: as it was
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace') or '-'}#{level.name if level in _ORDER else '-'}"
+    event["log_system"] = f"{system} process={process} pid={pid}"
+    return event
+
+
+class ProcessTags:
+    """A log observer that tags every event this process logs (:func:`tag`) before the observers
+    added after it write it; events relayed from other processes come tagged already. twistd
+    adds its own observers once the plugin's service is made, so one added while making it comes
+    first."""
+
+    def __init__(self, process: int) -> None:
+        self.process = process
+
+    def __call__(self, event: dict) -> None:
+        if "log_circles_system" not in event:
+            tag(event, os.getpid(), self.process)
+
+    def start(self) -> None:
+        twisted.logger.globalLogPublisher.addObserver(self)

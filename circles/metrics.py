@@ -1,18 +1,38 @@
 """Prometheus metrics of one server, in a registry of its own (several services may share a
-process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen``."""
+process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen``.
+
+Under ``--processes N`` a scrape reaches any one of the processes, and reports the whole server:
+that process asks the others for theirs (:mod:`circles.siblings`) and :func:`merge` adds them
+up, counters, histograms and gauges alike, except the series that describe one process
+(:data:`PER_PROCESS`, labelled ``process``) and the gauges each process reads from the same Redis
+(:data:`SHARED`, whose sum would count each worker N times); ``circles_process_up{process}``
+says which processes answered.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
+
+from circles.http.responses import answer_later
 
 #: Method labels are the API's methods; anything else is counted as one of these two.
 UNKNOWN_METHOD = "unknown"
 INVALID_REQUEST = "invalid"
+
+#: Families of one process each: labelled ``process`` in the whole server's view, not summed.
+PER_PROCESS = frozenset({"circles_process_connections_open", "circles_process_resident_memory_bytes"})
+#: Gauges every process reads from the same Redis: one process's value (the lowest-numbered
+#: that has it) in the whole server's view, not the sum.
+SHARED = frozenset({"circles_workers", "circles_queue_length", "circles_dead_letters"})
 
 
 class Metrics:
@@ -46,6 +66,10 @@ class Metrics:
         self.registry.register(_Refusals(self._refusals))
         self._workers = _Workers()
         self.registry.register(self._workers)
+        self._open_connections: Callable[[], int] = lambda: 0
+        #: The whole server's exposition (bytes) when this process is one of ``--processes``
+        #: (set by :func:`circles.siblings.join`); None: this process's is the server's.
+        self.whole: Optional[Callable[[], Deferred]] = None
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
@@ -61,7 +85,12 @@ class Metrics:
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         """Read the number of open connections when scraped (the factory keeps them anyway)."""
+        self._open_connections = open_connections
         self.connections.set_function(open_connections)
+
+    def watch_process(self) -> None:
+        """This process is one of several: report its own :data:`PER_PROCESS` series too."""
+        self.registry.register(_ProcessSeries(lambda: self._open_connections()))
 
     def watch_script_runner(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
         """Read the Redis script runner's own counts when scraped (it keeps them anyway)."""
@@ -80,6 +109,74 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge(expositions: "dict[int, Optional[bytes]]") -> bytes:
+    """The whole server's exposition from each process's (by process number; None: it did not
+    answer): every sample summed over the processes, except :data:`PER_PROCESS` (labelled
+    ``process``), :data:`SHARED` (one process's) and the ``_created`` times (the earliest); with
+    ``circles_process_up{process}``, 1 for each that answered, 0 for the others."""
+    families: "dict[str, tuple[Metric, dict]]" = {}
+    for number in sorted(expositions):
+        text = expositions[number]
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            if family.name not in families:
+                families[family.name] = (Metric(family.name, family.documentation, family.type), {})
+            values = families[family.name][1]
+            for sample in family.samples:
+                labels = dict(sample.labels, process=str(number)) if family.name in PER_PROCESS else sample.labels
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                elif family.name.endswith("_created"):
+                    values[key] = min(values[key], sample.value)
+                elif family.name not in SHARED:
+                    values[key] += sample.value
+    up = Metric("circles_process_up", "Whether each server process of --processes answered this scrape", "gauge")
+    for number in sorted(expositions):
+        up.add_sample("circles_process_up", {"process": str(number)}, 0 if expositions[number] is None else 1)
+    merged = [up]
+    for family, values in families.values():
+        for (name, labels), value in values.items():
+            family.add_sample(name, dict(labels), value)
+        merged.append(family)
+    registry = CollectorRegistry()
+    registry.register(_Fixed(merged))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list) -> None:
+        self._families = families
+
+    def collect(self):
+        return iter(self._families)
+
+
+class _ProcessSeries:
+    """:data:`PER_PROCESS`: this process's open WebSocket connections and resident memory (Linux;
+    elsewhere none)."""
+
+    def __init__(self, open_connections: Callable[[], int]) -> None:
+        self._open_connections = open_connections
+
+    def collect(self):
+        yield GaugeMetricFamily("circles_process_connections_open", "Open WebSocket connections of each process",
+                                value=self._open_connections())
+        resident = _resident_bytes()
+        if resident is not None:
+            yield GaugeMetricFamily("circles_process_resident_memory_bytes", "Resident memory of each process",
+                                    value=resident)
+
+
+def _resident_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _RedisReconnects:
@@ -142,6 +239,8 @@ class MetricsPage(Resource):
         super().__init__()
         self._metrics = metrics
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self._metrics.exposition()
+        if self._metrics.whole is None:
+            return self._metrics.exposition()
+        return answer_later(request, self._metrics.whole())

@@ -6,6 +6,21 @@ but Redis (each has its own script runner and reply list, as separate hosts woul
 process starts the private Redis, if any, and the N-1 others with the same options pointed at
 it; they die with it (parent-death signal) and stop when it stops. One that exits while
 serving is started again (see :class:`~circles.children.RestartDelay`), so N stay N.
+
+They are numbered 1 (the first) to N, as the log lines name them; a process started again in
+another's place takes its number.
+
+One log. The others do not write a log of their own (under ``twistd`` without ``-n`` theirs
+would go nowhere): each writes every event to its standard output as one line
+(:func:`circles.logs.relay_observer`), a pipe the first process reads here, whole lines only,
+and publishes each event as its own, tagged with the sender's ``pid`` and ``process``
+(:func:`circles.logs.tag`), so that they go where twistd sends this process's events
+(``--logfile``, ``--logger``) and no two lines interleave. What else a process writes (its
+standard error, a line that is no event) is logged as a line of text of that process. A line
+longer than :data:`MAX_LINE` is dropped with a note: the relay never holds more than that.
+
+One ``/metrics``, one ``/ready``: :mod:`circles.siblings`, through a private directory given to
+the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`).
 """
 
 from __future__ import annotations
@@ -20,14 +35,21 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail,
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
-from circles.logs import Logger, twistd_logger_options
+from circles.logs import RELAY_LINE_LIMIT, Logger, relayed_event, tag
 from circles.once import Once
 
 log = Logger()
+
+#: The environment of the other processes: their number (2..N), N, and the private directory of
+#: :mod:`circles.siblings`.
+ENV_PROCESS, ENV_PROCESSES, ENV_DIRECTORY = "CIRCLES_PROCESS", "CIRCLES_PROCESSES", "CIRCLES_PROCESS_DIR"
+#: The longest line read from another process (its events are cut at RELAY_LINE_LIMIT already).
+MAX_LINE = 2 * RELAY_LINE_LIMIT
 
 
 @implementer(IStreamServerEndpoint)
@@ -60,10 +82,84 @@ class ReusePortEndpoint:
         return succeed(port)
 
 
+def member_from_environment() -> "Optional[tuple[int, int, str]]":
+    """(number, N, directory) if this process is one of the others of a first process's
+    ``--processes``, else None."""
+    try:
+        number, count = int(os.environ[ENV_PROCESS]), int(os.environ[ENV_PROCESSES])
+        directory = os.environ[ENV_DIRECTORY]
+    except (KeyError, ValueError):
+        return None
+    return number, count, directory
+
+
+class _Lines:
+    """Whole lines from a stream of bytes, each at most ``limit`` bytes: a longer one is dropped
+    (its first bytes kept for a note), never accumulated."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffer = b""
+        self._dropping = 0  # bytes of a line too long, so far
+
+    def feed(self, data: bytes) -> "list[tuple[bytes, int]]":
+        """The lines ``data`` completes, each as (line, 0) or, for one too long, (its first
+        bytes, its length)."""
+        out = []
+        while data:
+            end = data.find(b"\n")
+            piece, data = (data, b"") if end < 0 else (data[:end], data[end + 1:])
+            if self._dropping:
+                self._dropping += len(piece)
+            elif len(self._buffer) + len(piece) > self._limit:
+                self._dropping = len(self._buffer) + len(piece)
+                self._buffer = (self._buffer + piece[:200])[:200]
+            else:
+                self._buffer += piece
+            if end >= 0:
+                out.append((self._buffer, self._dropping))
+                self._buffer, self._dropping = b"", 0
+        return out
+
+    def rest(self) -> "list[tuple[bytes, int]]":
+        """What is left without a newline, once the stream ended."""
+        rest = [(self._buffer, self._dropping)] if self._buffer or self._dropping else []
+        self._buffer, self._dropping = b"", 0
+        return rest
+
+
 class _Child(ProcessProtocol):
-    def __init__(self, number: int) -> None:
-        self.number = number  # 1..count: the same for a process started again in its place
+    """One other server process: relays its log lines (stdout: events; stderr: text) and tells
+    when it ended."""
+
+    def __init__(self, number: int, clock) -> None:
+        self.number = number  # 2..N: the same for a process started again in its place
+        self._clock = clock
         self.ended = Once()  # how it ended, as a log line says it
+        self._lines = {1: _Lines(MAX_LINE), 2: _Lines(MAX_LINE)}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        for line, length in self._lines[fd].feed(data):
+            self._relay(fd, line, length)
+
+    def childConnectionLost(self, fd: int) -> None:
+        if fd in self._lines:
+            for line, length in self._lines[fd].rest():
+                self._relay(fd, line, length)
+
+    def _relay(self, fd: int, line: bytes, length: int) -> None:
+        text = line.decode("utf-8", "replace")
+        event = relayed_event(text) if fd == 1 and not length else None
+        if event is None:
+            if not text.strip() and not length:
+                return
+            event = {"log_namespace": "circles.processes", "log_time": self._clock.seconds(), "text": text}
+            if length:
+                event.update(log_format="a line of {length} bytes dropped (at most {limit}); it began {text!r}",
+                             log_level=LogLevel.warn, length=length, limit=MAX_LINE)
+            else:
+                event.update(log_format="{text}", log_level=LogLevel.warn if fd == 2 else LogLevel.info)
+        globalLogPublisher(tag(event, self.transport.pid, self.number))
 
     def processEnded(self, reason) -> None:
         self.ended.fire(how_it_ended(reason))
@@ -74,15 +170,17 @@ class ServerProcesses(Service):
     while this one serves, and stops them with it.
 
     ``argv`` is the plugin's command line for them (``--processes=1``: they never spawn), completed
-    with ``--port`` (the port this process bound, in case it was 0) and ``--reuse-port``.
+    with ``--port`` (the port this process bound, in case it was 0) and ``--reuse-port``;
+    ``directory`` is the private directory of :mod:`circles.siblings`.
     """
 
-    def __init__(self, reactor, count: int, argv: list, listening, stop_timeout: float) -> None:
+    def __init__(self, reactor, count: int, argv: list, listening, stop_timeout: float, directory: str) -> None:
         self._reactor = reactor
         self._count = count
         self._argv = argv
         self._listening = listening  # () -> Deferred[list of IListeningPort]
         self._stop_timeout = stop_timeout
+        self._directory = directory
         self.children: list = []
         self._command: Optional[list] = None
         self._delays: "dict[int, RestartDelay]" = {}
@@ -97,29 +195,30 @@ class ServerProcesses(Service):
             return
         port = ports[0].getHost().port
         self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-                         "--pidfile=", "--logfile=-", *twistd_logger_options(),  # JSON lines if ours are
+                         "--pidfile=", "--logger=circles.logs.relay_observer",  # to us: see the module's docstring
                          "circles", *self._argv, "--port", str(port), "--reuse-port"]
-        for number in range(1, self._count + 1):
+        for number in range(2, self._count + 2):
             self._delays[number] = RestartDelay(self._reactor)
             self._start(number)
 
     def _start(self, number: int) -> None:
-        self._restarts.pop(number, None)
+        again = self._restarts.pop(number, None) is not None
         if not self.running:
             return
-        child = _Child(number)
+        child = _Child(number, self._reactor)
         command = self._command
-        # The children's logs go where ours go: the same standard output and error. Each leads a
-        # session of its own: a terminal's Ctrl-C reaches only us, and we stop them with one SIGTERM
-        # (two stop signals make a twistd log ReactorNotRunning with a traceback).
+        env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
+                                  ENV_DIRECTORY: self._directory})
+        # Its standard output and error are pipes to us (its log). It leads a session of its own:
+        # a terminal's Ctrl-C reaches only us, and we stop it with one SIGTERM (two stop signals
+        # make a twistd log ReactorNotRunning with a traceback).
         transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
-                                               env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2})
-        child.transport = transport
+                                               env=env, childFDs={0: "w", 1: "r", 2: "r"})
         child.ended.when().addCallback(self._ended, child)
         self.children.append(child)
         self._delays[number].started()
-        log.info("started server process {n} (pid {pid}) on port {port}", n=number + 1,
-                 pid=transport.pid, port=command[-2])
+        log.info("started server process {n}{again} (pid {child_pid}) on port {port}", n=number,
+                 again=" again" if again else "", child_pid=transport.pid, port=command[-2])
 
     def _ended(self, how: str, child: _Child) -> None:
         if child in self.children:
@@ -127,7 +226,7 @@ class ServerProcesses(Service):
             if self.running:
                 delay = self._delays[child.number].after_exit()
                 log.error("server process {n} exited ({how}) while serving; starting it again in {delay:g}s",
-                          n=child.number + 1, how=how, delay=delay)
+                          n=child.number, how=how, delay=delay)
                 self._restarts[child.number] = self._reactor.callLater(delay, self._start, child.number)
 
     def stopService(self) -> Deferred:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getopt
 import sys
+import tempfile
 from typing import Callable, Optional
 
 import attrs
@@ -13,7 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from circles import logs, openrpc, tls, webhook_secrets
+from circles import logs, openrpc, processes, siblings, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
@@ -128,7 +129,8 @@ class Options(usage.Options):
         _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
         _setting("max-message-size", "largest WebSocket message accepted, in bytes", positive(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
-         "through Redis and stop together", positive(int)),
+         "through Redis, stop together, and are one server to watch: one log (each line with its process "
+         "and pid), one /metrics for all, /ready 503 while one is down", positive(int)),
         _setting("max-batch", "most requests in one JSON-RPC batch", positive(int)),
         _setting("rate-limit", "JSON-RPC requests per second per connection, beyond which -32006 (0: no limit)",
                  at_least_zero(float)),
@@ -359,8 +361,17 @@ def makeService(config: Options, reactor=global_reactor):
 
 def _make_service(config: Options, reactor):
     service = CirclesService(config.config, reactor=reactor)
-    if config["processes"] == 1:
+    member = processes.member_from_environment()
+    if config["processes"] == 1 and member is None:
         return service
+    group = MultiService()
+    service.setServiceParent(group)
+    if member is not None:  # one of the others of a first process's --processes
+        siblings.join(service, *member, reactor).setServiceParent(group)
+        return group
+    # Every event of this process carries its pid and number too (circles.logs.ProcessTags): from
+    # before twistd begins logging to its last line ("Server Shut Down."), so for good.
+    logs.ProcessTags(1).start()
     # This process listens first (a port 0 becomes a real one), then starts the others on it;
     # they stop first, while the private Redis (ours) still runs for them.
     argv = child_argv(config, config.argv)
@@ -368,10 +379,10 @@ def _make_service(config: Options, reactor):
         # The children queue their plays in it too: room for all the processes' plays in flight.
         service.embedded_redis.maxmemory = config.config.private_redis_maxmemory(config["processes"])
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
-    group = MultiService()
-    service.setServiceParent(group)
+    directory = tempfile.mkdtemp(prefix="circles-")  # 0700: the processes' sockets (circles.siblings)
+    siblings.join(service, 1, config["processes"], directory, reactor, remove=True).setServiceParent(group)
     ServerProcesses(reactor, config["processes"] - 1, argv, service.when_listening,
-                    stop_timeout=config.config.shutdown_grace + 10).setServiceParent(group)
+                    stop_timeout=config.config.shutdown_grace + 10, directory=directory).setServiceParent(group)
     return group
 
 

@@ -81,7 +81,7 @@ def test_json_observer_writes_one_flat_object_per_line_from_a_real_twistd(tmp_pa
     assert f"--fd-reserve {accepting['reserve']}" in accepting["message"]
     started = [e for e in events if e["message"].startswith("started a private redis-server")]
     assert started and started[0]["path"] == str(tmp_path / "state" / "redis.sock")
-    assert f"on {started[0]['path']}" in started[0]["message"] and isinstance(started[0]["pid"], int)
+    assert f"on {started[0]['path']}" in started[0]["message"] and isinstance(started[0]["redis_pid"], int)
     assert [e for e in events if e["message"] == "Server Shut Down."]
 
 
@@ -287,12 +287,6 @@ def test_the_other_processes_of_processes_write_json_too(tmp_path):
     events = json_events(server)
     assert len([e for e in events if re.fullmatch(r"circles starting on \d+", e["message"])]) == 2
     assert len([e for e in events if e["message"].startswith("connected to Redis")]) == 2
-
-
-def test_twistd_logger_options():
-    assert logs.twistd_logger_options(["twistd", "-n", "--logger=a.b", "circles", "--logger=x"]) == ["--logger=a.b"]
-    assert logs.twistd_logger_options(["twistd", "--logger", "a.b", "circles"]) == ["--logger=a.b"]
-    assert logs.twistd_logger_options(["twistd", "-n", "circles", "--logger=x"]) == []
 
 
 def test_ctrl_c_on_processes_stops_them_all_without_a_traceback(tmp_path):

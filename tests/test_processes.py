@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from .support import Key, request, twistd
+from .support import Key, eventually_true, request, twistd
 
 
 def _server_processes(parent_pid: int) -> list:
@@ -146,3 +151,148 @@ def test_a_killed_server_process_is_started_again(tmp_path):
     for process in seen:
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
 
+
+
+def _wait_serving(server, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while server.output.count("connected to Redis") < count:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.output
+        time.sleep(0.1)
+
+
+def _get(port: int, path: str, timeout: float = 10) -> "tuple[int, bytes]":
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _sample(exposition: bytes, name: str, labels: "dict | None" = None) -> "float | None":
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return sample.value
+    return None
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_every_process_logs_to_the_one_log_with_pid_and_process(tmp_path, form):
+    """The others used to write to the first one's standard output, whatever --logfile said
+    (under twistd without -n: lost). Now the first writes their events to its own log: every
+    line names its process and pid, and no line is cut into another."""
+    circle = Key()
+    logfile = tmp_path / "server.log"
+    options = ("--logger", "circles.logs.json_observer") if form == "json" else (f"--logfile={logfile}",)
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path, options=options) as server:
+        text = (lambda: logfile.read_text() if logfile.exists() else "") if form == "text" else (lambda: server.output)
+        assert eventually_true(lambda: text().count("connected to Redis") >= 2), text()
+        pids = {p.pid for p in _server_processes(server.proc.pid)}
+        assert server.stop() in (0, -signal.SIGTERM)
+    lines = text().splitlines()
+    seen = set()
+    if form == "text":
+        lines = [line for line in lines if not line.startswith("\t")]  # a traceback's continuation
+        for line in lines:
+            match = re.match(r"\S+ \[[^\]]* process=(\d) pid=(\d+)\] ", line)
+            assert match, line
+            seen.add((int(match.group(1)), int(match.group(2))))
+    else:
+        for line in lines:
+            event = json.loads(line)
+            seen.add((event["process"], event["pid"]))
+    assert {process for process, _ in seen} == {1, 2}, seen
+    assert {pid for _, pid in seen} == pids  # the pid of each process, not of the first
+    assert text().count("circles starting on") == 2 and text().count("Server Shut Down.") == 2
+    assert "Traceback" not in text()
+
+
+def test_one_scrape_counts_every_process(tmp_path):
+    """Each process answered /metrics with its own share; one scrape now reports them all."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        processes = _server_processes(server.proc.pid)
+        clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}").__enter__() for _ in range(40)]
+        try:
+            for ws in clients:
+                assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
+            held = [_established(p, port) for p in processes]
+            assert sum(held) == 40 and all(held), held  # both processes hold some
+            time.sleep(1.1)  # views older than circles.siblings.FRESH are asked again
+            for _ in range(6):  # whichever process each scrape reaches
+                status, body = _get(port, "/metrics")
+                assert status == 200
+                assert _sample(body, "circles_connections_open") == 40, body.decode()
+                assert _sample(body, "circles_requests_total", {"method": "whoami", "outcome": "ok"}) == 40
+                shares = [_sample(body, "circles_process_connections_open", {"process": str(n)}) for n in (1, 2)]
+                assert sorted(shares) == sorted(held), (shares, held)
+                assert [_sample(body, "circles_process_up", {"process": str(n)}) for n in (1, 2)] == [1, 1]
+                assert all(_sample(body, "circles_process_resident_memory_bytes", {"process": str(n)}) > 10 ** 6
+                           for n in (1, 2))
+        finally:
+            for ws in clients:
+                ws.close()
+
+
+def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        assert eventually_true(lambda: _get(port, "/ready")[0] == 200)
+        status, body = _get(port, "/ready")
+        assert json.loads(body) == {"status": "ready", "processes": {"1": "ready", "2": "ready"}}
+        child = _server_processes(server.proc.pid)[1]
+        child.kill()
+        # The first process says so, reports it until the new one serves, then is ready again.
+        answers = []
+        deadline = time.monotonic() + 60
+        while not (answers and answers[-1][0] == 200 and any(code == 503 for code, _ in answers)):
+            assert time.monotonic() < deadline, (answers, server.output)
+            try:
+                status, body = _get(port, "/ready")
+            except (ConnectionError, urllib.error.URLError):
+                # Reset: queued on the killed one's socket (SO_REUSEPORT: the kernel drops its queue).
+                continue
+            answers.append((status, json.loads(body)))
+            time.sleep(0.1)
+        unready = [body for code, body in answers if code == 503]
+        assert unready[0]["reason"] in ("server process 2: not running", "server process 2: not answering",
+                                        "server process 2: script backend unavailable")
+        assert unready[0]["processes"]["1"] == "ready" and unready[0]["processes"]["2"] != "ready"
+        assert answers[-1][1] == {"status": "ready", "processes": {"1": "ready", "2": "ready"}}
+        assert "server process 2 exited (killed by signal 9) while serving; starting it again in 1s" in server.output
+        assert "started server process 2 again" in server.output
+
+
+def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
+    """SIGSTOP one of them: a scrape the other one takes answers after circles.siblings.ASK_TIMEOUT
+    with the stopped one reported down (one the stopped one takes waits, as it would alone)."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        child = _server_processes(server.proc.pid)[1]
+        child.suspend()
+        try:
+            answered = []
+            for _ in range(12):
+                started = time.monotonic()
+                try:
+                    answered.append((_get(port, "/metrics", timeout=6), time.monotonic() - started))
+                except OSError:  # the stopped one took it
+                    continue
+                if len(answered) == 2:
+                    break
+            assert answered, "every scrape reached the stopped process"
+            for (status, body), seconds in answered:
+                assert status == 200 and seconds < 5, seconds
+                assert _sample(body, "circles_process_up", {"process": "2"}) == 0
+        finally:
+            child.resume()

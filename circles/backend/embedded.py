@@ -271,8 +271,9 @@ class EmbeddedRedis(Service):
         self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
                                                     path=self.state_dir)
         self._delay.started()
-        log.info("started a private redis-server (pid {pid}) on {path}, maxmemory {maxmemory} (noeviction)",
-                 pid=self._transport.pid, path=self.socket_path,
+        # Its pid is not the event's ``pid``: that is this process's (circles.logs.tag).
+        log.info("started a private redis-server (pid {redis_pid}) on {path}, maxmemory {maxmemory} (noeviction)",
+                 redis_pid=self._transport.pid, path=self.socket_path,
                  maxmemory=describe_bytes(self.maxmemory) if self.maxmemory else "none")
         self._process.ended.when().addCallback(self._ended)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 _COMPACT = (",", ":")
 
@@ -24,3 +26,19 @@ def json_response(request: IRequest, status: int, body: Any, *, compact: bool = 
     if no_store:
         request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body, separators=_COMPACT if compact else None).encode("utf-8")
+
+
+def answer_later(request: IRequest, answer: Deferred) -> object:
+    """For a ``render_*`` method whose body comes later: write what ``answer`` fires with (the
+    body, bytes, once the status and headers are set) and finish, unless the client went away
+    first; return what the method returns meanwhile (``NOT_DONE_YET``). ``answer`` must not fail."""
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def write(body: bytes) -> None:
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    answer.addCallback(write)
+    return NOT_DONE_YET

@@ -24,7 +24,7 @@ from circles.http.auth import AuthRoutes
 from circles.http.document import Document
 from circles.http.limits import RequestDeadlineChannel, bounded_request_factory
 from circles.http.playground import Playground
-from circles.http.responses import json_response
+from circles.http.responses import answer_later, json_response
 from circles.keys import PATH_KEY_LENGTHS
 from circles.logs import Logger, enabled
 from circles.metrics import MetricsPage
@@ -48,7 +48,9 @@ class _Health(Resource):
 class _Ready(Resource):
     """``GET /ready``: 200 when plays can be queued (Redis reachable, and with room) and the
     server is not shutting down, else 503 with the reason (readiness: a load balancer sends
-    traffic elsewhere)."""
+    traffic elsewhere). Under ``--processes`` it answers for every process, with a
+    ``processes`` field (each process's state) and 503 while any is not ready or not running
+    (:mod:`circles.siblings`)."""
 
     isLeaf = True
 
@@ -57,15 +59,21 @@ class _Ready(Resource):
         self._factory = factory
 
     def render_GET(self, request):
-        if self._factory.draining:
-            problem = "shutting down"
-        elif not self._factory.gateway.scripts.is_connected():
-            # A runner that knows it: Redis answers but refuses writes at its maxmemory.
-            full = getattr(self._factory.gateway.scripts, "full", False)
-            problem = "script backend unavailable" + (": Redis is full (maxmemory)" if full else "")
-        else:
+        gateway = self._factory.gateway
+        problem = gateway.unready_reason()
+        if problem is None and gateway.siblings is not None:
+            return answer_later(request, gateway.siblings.ready().addCallback(self._whole, request))
+        if problem is None:
             return json_response(request, 200, {"status": "ready"}, no_store=False)
         return json_response(request, 503, {"status": "unavailable", "reason": problem}, compact=False, no_store=False)
+
+    def _whole(self, readiness: tuple, request) -> bytes:
+        problem, states = readiness
+        processes = {str(number): state for number, state in states.items()}
+        if problem is None:
+            return json_response(request, 200, {"status": "ready", "processes": processes}, no_store=False)
+        return json_response(request, 503, {"status": "unavailable", "reason": problem, "processes": processes},
+                             compact=False, no_store=False)
 
 
 class Root(Resource):
