@@ -87,6 +87,7 @@ from zope.interface import implementer
 
 from circles.api import Session
 from circles.auth import AuthenticationFailed
+from circles.backend.scripts import BackendUnavailable
 from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
 from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
@@ -139,6 +140,18 @@ class _PauseReading:
         pass
 
 
+def _url_refused(failure: Failure):
+    """Why the nonce store refused a URL proof, as the upgrade's refusal: 401 for a bad proof,
+    503 when the store cannot say (Redis unreachable, or not answering in time), never a
+    traceback."""
+    if failure.check(AuthenticationFailed):
+        raise ConnectionDeny(401, f"Authentication failed: {failure.value}")
+    if failure.check(BackendUnavailable):
+        raise ConnectionDeny(503, "Nonce store unavailable, retry later")
+    log.failure("checking a URL proof failed", failure)
+    raise ConnectionDeny(500, "Internal server error")
+
+
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
 
@@ -163,11 +176,41 @@ class CircleProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(503, refused)
         self._counted = counted
         api, subprotocol = negotiate(request.protocols, gateway.config.api)
-        self.session = Session(gateway, circle, self._url_identity(gateway, request.params), self.connection_id,
-                               peer_host, api)
+        proof = self._url_proof(request.params)
+        if proof is None:
+            self._open_session(None, circle, api, peer_host)
+            return subprotocol
+        proved = gateway.http_nonces.redeem_value(*proof)
+        proved.addCallbacks(self._open_session, _url_refused, callbackArgs=(circle, api, peer_host))
+        proved.addCallback(lambda _: subprotocol)
+        if proved.called:  # a store in memory answers at once
+            return proved
+        # Redis answers later (within the store's timeout, at most the handshake's). Meanwhile
+        # nothing more is read: what a client sends before the answer stays in the kernel, not
+        # here, and cannot start a second handshake on this connection.
+        self.transport.pauseProducing()
+        answer: Deferred = Deferred()
+        proved.addBoth(self._proof_checked, answer)
+        return answer
+
+    def _open_session(self, pubkey: Optional[str], circle: str, api: str, peer_host: str) -> None:
+        self.session = Session(self.factory.gateway, circle, pubkey, self.connection_id, peer_host, api)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
-                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
-        return subprotocol
+                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=pubkey)
+
+    def _proof_checked(self, result, answer: Deferred) -> None:
+        """The nonce store answered a handshake waiting for it: go on with it, unless the client
+        left meanwhile (then nobody is answered, and no session is left open)."""
+        if self.state != self.STATE_CONNECTING:
+            if self.session is not None:
+                self.session.close()
+            return None
+        self.transport.resumeProducing()
+        if isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+        return None
 
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory
@@ -183,11 +226,13 @@ class CircleProtocol(WebSocketServerProtocol):
             self.go_away()
 
     @staticmethod
-    def _url_identity(gateway: Gateway, params: dict) -> Optional[str]:
-        """The key proved by ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce), if given.
+    def _url_proof(params: dict) -> Optional[tuple]:
+        """``(nonce, pubkey, sig)`` from ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce),
+        if given, for the gateway's HTTP nonce store to check.
 
-        A bad or replayed proof refuses the upgrade rather than opening an anonymous session
-        the client would mistake for an authenticated one.
+        A partial proof, or a malformed key, refuses the upgrade at once; so does a bad or
+        replayed proof once the store has said so, rather than opening an anonymous session the
+        client would mistake for an authenticated one.
         """
         names = ("pubkey", "sig", "nonce")
         given = {name: params[name][0] for name in names if params.get(name)}
@@ -197,9 +242,9 @@ class CircleProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(401, "URL authentication needs pubkey, sig and nonce")
         try:
             pubkey = normalize_pubkey(given["pubkey"])
-            return gateway.http_nonces.redeem_value(given["nonce"], pubkey, given["sig"])
-        except (InvalidKey, AuthenticationFailed) as e:
+        except InvalidKey as e:
             raise ConnectionDeny(401, f"Authentication failed: {e}")
+        return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
