@@ -101,6 +101,10 @@ class RedisNonceStore(Service):
     def live(self) -> int:
         return len(self.ledger)
 
+    def is_connected(self) -> bool:
+        """Whether the store's connection to Redis is up now."""
+        return self._redis is not None and self._redis.size > 0
+
     def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
         try:
             nonce = self.ledger.issue_now(pubkey, owner)
