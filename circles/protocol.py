@@ -46,7 +46,10 @@ connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
 and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
-authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. They may
+authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. Such a
+nonce is kept in Redis (:mod:`circles.shared_nonces`), so the WebSocket may land on any process
+or server sharing it; the handshake waits for Redis to take it (reading nothing more from the
+client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say. They may
 also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
 or ``[{pubkey, signature}]``, and ``fetch_nonce`` with no key (the nonce is then bound to this
 connection only, and to whichever key signs it).
@@ -405,7 +408,9 @@ class CircleFactory(WebSocketServerFactory):
     def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
         (:class:`~circles.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
-        head is in, ``onConnect`` answers at once), saving Autobahn a timer per connection."""
+        head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
+        store answers, which it does within its own timeout: the service makes that at most the
+        handshake's), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
         self.gateway = gateway
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics

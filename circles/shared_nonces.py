@@ -203,8 +203,9 @@ class RedisNonceStore(Service):
             message = failure.getErrorMessage()
             self.failures += 1
             if worth_logging(self.failures):
-                log.warn("Redis could not issue or take a nonce: {error} ({n} failed so far)", error=message,
-                         n=self.failures)
+                hint = " (taking a nonce needs GETDEL: Redis 6.2 or later)" if "unknown command" in message else ""
+                log.warn("Redis could not issue or take a nonce: {error}{hint} ({n} failed so far)", error=message,
+                         hint=hint, n=self.failures)
             if is_oom(message):
                 raise BackendFull("Redis is full (maxmemory)")
             raise BackendUnavailable(f"Redis error: {message}")
