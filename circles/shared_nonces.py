@@ -40,6 +40,7 @@ from typing import Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from txredisapi import RedisError, ResponseError
 from zope.interface import implementer
@@ -68,7 +69,9 @@ class RedisNonceStore(Service):
     replies; a handshake should not wait behind a megabyte of output), reconnecting by itself.
 
     :param address: the Redis the script runner uses.
-    :param reactor: connects, times commands out, and is the clock of ``expires_at``.
+    :param reactor: connects, and times commands out.
+    :param clock: the time of ``expires_at`` and of the ledger's expiry (IReactorTime); default
+        the reactor.
     :param ttl: seconds a nonce lives (``--nonce-ttl``).
     :param cap: live nonces this process may have issued (``--max-http-nonces``).
     :param per_owner: of those, to one owner (``--max-http-nonces-per-ip``; 0: no limit).
@@ -76,12 +79,13 @@ class RedisNonceStore(Service):
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str, ttl: float, cap: int, per_owner: int = 0,
-                 timeout: float = TIMEOUT) -> None:
+                 timeout: float = TIMEOUT, clock: Optional[IReactorTime] = None) -> None:
         self.address = address
         self.reactor = reactor
+        self.clock: IReactorTime = reactor if clock is None else clock
         self.prefix = prefix
         self.timeout = timeout
-        self.ledger = NonceStore(reactor, ttl, cap, per_owner)  # what this process issued, still live
+        self.ledger = NonceStore(self.clock, ttl, cap, per_owner)  # what this process issued, still live
         self._redis = None  # txredisapi factory, while running
         self._connecting: Optional[Once] = None  # fires once the connection is up, while commands wait for it
         self._unreachable = False  # a wait for the connection ran out: fail at once until it is up
@@ -110,7 +114,7 @@ class RedisNonceStore(Service):
             nonce = self.ledger.issue_now(pubkey, owner)
         except TooManyNonces:
             return fail()
-        milliseconds = max(1, math.ceil((nonce.expires_at - self.reactor.seconds()) * 1000))
+        milliseconds = max(1, math.ceil((nonce.expires_at - self.clock.seconds()) * 1000))
         return self._command(lambda reply: self._stored(reply, nonce), "SET", nonce_key(self.prefix, nonce.value),
                              f"{pubkey or ''}|{owner or ''}", "NX", "PX", milliseconds)
 
