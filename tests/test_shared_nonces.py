@@ -18,6 +18,7 @@ import websockets
 from twisted.internet import reactor, threads
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from websockets.sync.client import connect
 
 from circles.auth import NONCE_BYTES, AuthenticationFailed, TooManyNonces, TooManyNoncesForOwner
@@ -244,6 +245,16 @@ async def _nonce_url(port: int, user: Key) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_redis_down_or_full_is_503_never_a_traceback(redis_server, redis_client, start):
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await _down_or_full(redis_server, redis_client, start)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "log_failure" in e] == []
+
+
+async def _down_or_full(redis_server, redis_client, start):
     service, port = await serve(start, redis_server.url)
     user = Key()
     path, _ = await _nonce_url(port, user)
