@@ -88,6 +88,8 @@ class RedisNonceStore(Service):
         self.ledger = NonceStore(self.clock, ttl, cap, per_owner)  # what this process issued, still live
         self._redis = None  # txredisapi factory, while running
         self._connecting: Optional[Once] = None  # fires once the connection is up, while commands wait for it
+        self._give_up = None  # ends that wait, failing it: at its timer (_gives_up), or on stopping
+        self._gives_up = None
         self._unreachable = False  # a wait for the connection ran out: fail at once until it is up
         self.failures = 0  # commands that failed (logged: the 1st, 10th, 100th...)
 
@@ -99,6 +101,8 @@ class RedisNonceStore(Service):
 
     def stopService(self):
         super().stopService()
+        if self._connecting is not None:  # commands waiting for a connection: there will be none
+            self._give_up()
         redis, self._redis = self._redis, None
         return None if redis is None else redis.disconnect()
 
@@ -189,15 +193,16 @@ class RedisNonceStore(Service):
                     self._connecting = None
                     if isinstance(result, Failure):
                         self._unreachable = True
+                    if self._gives_up.active():
+                        self._gives_up.cancel()
                     connecting.fire(result)
-                if timer.active():
-                    timer.cancel()
 
-            timer = self.reactor.callLater(self.timeout, settled, Failure(BackendUnavailable("Redis is unreachable")))
+            self._give_up = lambda: settled(Failure(BackendUnavailable("Redis is unreachable")))
+            self._gives_up = self.reactor.callLater(self.timeout, self._give_up)
             try:
                 redis.getConnection(peek=True).addBoth(settled)
             except RedisError:
-                settled(Failure(BackendUnavailable("Redis is unreachable")))
+                self._give_up()
         return self._connecting.when()
 
     def _unavailable(self, failure: Failure):
