@@ -93,7 +93,7 @@ def _pubkey_param(value: str) -> str:
 def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
-        nonce = session.nonces.issue(key)
+        nonce = session.nonces.issue_now(key)  # in memory, synchronous: a hot path
     except TooManyNonces:
         raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
     if session.api == HERO:  # the hero generation answers the nonce itself

@@ -13,6 +13,27 @@ accepted, told apart by the signature's length:
 * 64 bytes compact ``r||s``, or DER: ECDSA over SHA-256(msg), verified against ``pubkey``.
   High-S signatures are normalised first: they are as valid as their low-S twin, and signers
   such as WebCrypto and python-ecdsa do not normalise.
+
+Where nonces live
+-----------------
+
+One interface, :class:`INonceStore`, and two stores; issuing and redeeming return Deferreds in
+both, so a caller has one path whichever it holds:
+
+* :class:`NonceStore`, here: in this process's memory, expiring by the injected clock, capped in
+  all and per owner. Nonces issued over HTTP live here only on a server without Redis.
+* :class:`~circles.shared_nonces.RedisNonceStore`: in Redis, where every process of a
+  ``--processes`` server and every server behind a load balancer sees them, so a nonce from
+  ``GET /auth/nonce`` authenticates a WebSocket wherever it lands. Single use by an atomic take
+  (``GETDEL``), expiring by Redis's clock.
+
+A nonce from ``fetch_nonce`` stays in its session's own :class:`NonceStore`: it is bound to the
+session that asked for it (a connection, which lives in one process), so no other process
+could redeem it anyway, and ``fetch_nonce`` is a hot path that a Redis round trip would slow
+for nothing. It is still the same kind of nonce: the same 128-bit format, TTL and single use,
+checked by the same code (:func:`proved_by`), and the session's store implements the same
+interface (its synchronous :meth:`NonceStore.issue_now` and :meth:`NonceStore.redeem` are what
+the hot path calls).
 """
 
 from __future__ import annotations
@@ -26,7 +47,9 @@ import attrs
 import coincurve
 from coincurve import ecdsa
 from Crypto.Hash import keccak
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import Interface, implementer
 
 from circles.keys import parse_hex
 
@@ -114,6 +137,46 @@ def signature_matches(message: bytes, signature: str, pubkey: Optional[str]) -> 
     return pubkey if verify_ecdsa(message, raw, pubkey) else None
 
 
+def is_nonce_value(value: str) -> bool:
+    """Whether ``value`` has the form of a nonce this server issues (lowercase hex of
+    :data:`NONCE_BYTES`): anything else is unknown without a look-up."""
+    return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in value)
+
+
+def proved_by(value: str, bound: Optional[str], pubkey: Optional[str], signature: str) -> str:
+    """The key that proved itself with ``signature`` over the nonce ``value``, or
+    :class:`AuthenticationFailed`: the one check of a nonce, whatever the store that held it.
+
+    ``bound``: the key the nonce was issued for, None if for any; ``pubkey``: the key the client
+    claims, None to take the bound one or, with neither, the key a ``personal_sign`` signature
+    recovers to."""
+    if bound is not None and pubkey is not None and bound != pubkey:
+        raise AuthenticationFailed("nonce was issued for another public key")
+    signer = signature_matches(value.encode("utf-8"), signature, pubkey if pubkey is not None else bound)
+    if signer is None:
+        raise AuthenticationFailed("signature does not match the public key and nonce")
+    return signer
+
+
+class INonceStore(Interface):
+    """Where nonces are issued and redeemed; both return Deferreds whatever the store."""
+
+    def issue(pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
+        """Fire with a new live :class:`Nonce` for ``pubkey`` (None: for whichever key signs it),
+        counted against ``owner``'s share if given; fail with :class:`TooManyNonces` when the
+        store or the share is full, or :class:`~circles.backend.scripts.BackendUnavailable` when
+        the store cannot be reached (its ``BackendFull`` when Redis is at its maxmemory)."""
+
+    def redeem_value(value: str, pubkey: str, signature: str) -> Deferred:
+        """Take the nonce ``value`` (used up whatever the outcome: a captured proof cannot be
+        replayed) and fire with the key ``signature`` proves, or fail with
+        :class:`AuthenticationFailed` (unknown, used or expired nonce, wrong key or signature),
+        or ``BackendUnavailable`` as :meth:`issue` does."""
+
+    def live() -> int:
+        """The live nonces this process issued (each process counts its own)."""
+
+
 @attrs.frozen
 class Nonce:
     value: str
@@ -122,12 +185,15 @@ class Nonce:
     owner: Optional[str] = None  # who asked (a client address), when the store counts owners
 
 
+@implementer(INonceStore)
 class NonceStore:
     """Live nonces, single use, each with an expiry taken from an injected clock.
 
     One store serves a session (its own nonces die with it) or a whole process (nonces issued
-    over HTTP, before any connection exists). Either way it is capped: when it is full of live
-    nonces, :meth:`issue` refuses rather than growing. Insertion order is expiry order (the TTL
+    over HTTP, before any connection exists, on a server without Redis; with Redis, the
+    :class:`~circles.shared_nonces.RedisNonceStore` keeps one as its count of what this process
+    issued). Either way it is capped: when it is full of live nonces, :meth:`issue` refuses
+    rather than growing. Insertion order is expiry order (the TTL
     is fixed), so sweeping pops from the front and costs only what it removes.
 
     A process-wide store is also capped per owner (``per_owner``, 0: no limit): one client
@@ -159,6 +225,9 @@ class NonceStore:
         self.sweep()
         return len(self._live)
 
+    def live(self) -> int:
+        return len(self)
+
     def sweep(self) -> None:
         now = self._clock.seconds()
         live = self._live
@@ -168,7 +237,14 @@ class NonceStore:
                 break
             self._forget(live.popitem(last=False)[1])
 
-    def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Nonce:
+    def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
+        """:meth:`issue_now`, as a Deferred (:class:`INonceStore`)."""
+        try:
+            return succeed(self.issue_now(pubkey, owner))
+        except TooManyNonces:
+            return fail()
+
+    def issue_now(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Nonce:
         """A new live nonce for ``pubkey`` (None: for whichever key signs it), counted against
         ``owner``'s share if given; :class:`TooManyNonces` when the store or the share is full."""
         self.sweep()
@@ -207,17 +283,11 @@ class NonceStore:
             nonce = self._live.get(value)
             if nonce is None:
                 raise AuthenticationFailed("nonce unknown, used or expired")
-            if nonce.pubkey is not None and pubkey is not None and nonce.pubkey != pubkey:
-                raise AuthenticationFailed("nonce was issued for another public key")
-            claimed = pubkey if pubkey is not None else nonce.pubkey
         else:
             nonce = self._newest_for(pubkey)
             if nonce is None:
                 raise AuthenticationFailed("no live nonce for this public key: call fetch_nonce first")
-            claimed = pubkey
-        signer = signature_matches(nonce.value.encode("utf-8"), signature, claimed)
-        if signer is None:
-            raise AuthenticationFailed("signature does not match the public key and nonce")
+        signer = proved_by(nonce.value, nonce.pubkey, pubkey, signature)
         del self._live[nonce.value]
         self._forget(nonce)
         return signer
@@ -233,18 +303,17 @@ class NonceStore:
                 return nonce
         return unbound
 
-    def redeem_value(self, value: str, pubkey: str, signature: str) -> str:
-        """Consume the nonce ``value`` (as given by the client) and verify its signature.
+    def redeem_value(self, value: str, pubkey: str, signature: str) -> Deferred:
+        """Consume the nonce ``value`` (as given by the client) and verify its signature
+        (:class:`INonceStore`), already fired.
 
         Used where the client names the nonce itself (URL authentication). The nonce is used
         up whatever the outcome, so a captured URL cannot be replayed.
         """
         nonce = self.take(value)
         if nonce is None:
-            raise AuthenticationFailed("nonce unknown, used or expired")
-        if nonce.pubkey is not None and nonce.pubkey != pubkey:
-            raise AuthenticationFailed("nonce was issued for another public key")
-        signer = signature_matches(nonce.value.encode("utf-8"), signature, pubkey)
-        if signer is None:
-            raise AuthenticationFailed("signature does not match the public key and nonce")
-        return signer
+            return fail(AuthenticationFailed("nonce unknown, used or expired"))
+        try:
+            return succeed(proved_by(nonce.value, nonce.pubkey, pubkey, signature))
+        except AuthenticationFailed:
+            return fail()

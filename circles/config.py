@@ -42,8 +42,11 @@ class Config:
     tls_ciphers: Optional[str] = None  # TLS 1.2 cipher string for ``ssl:`` listen strings; None: tls.DEFAULT_CIPHERS
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16
-    max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
-    max_http_nonces_per_ip: int = 100  # of those, from one address (IPv6: one /64); 0: no limit
+    # Live nonces from GET /auth/nonce that this server process issued (they are kept in Redis,
+    # where every process sees them, when there is one; circles.shared_nonces), and of those, to
+    # one address (IPv6: one /64; 0: no limit).
+    max_http_nonces: int = 10_000
+    max_http_nonces_per_ip: int = 100
     max_message_size: int = 1024 * 1024
     max_batch: int = 100
     max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit

@@ -2,6 +2,10 @@
 its webhooks (configuration, clock, script backend, metrics, nonces issued over HTTP, log
 budgets), so that those reach it without importing one another.
 
+The nonces issued over HTTP are in this process's memory until the service gives the gateway
+a store every process sees (:class:`~circles.shared_nonces.RedisNonceStore`), as it does
+whenever it has Redis.
+
 The JSON-RPC methods (:mod:`circles.api`) are passed in, not imported: the gateway answers
 with whatever methods it is given.
 """
@@ -13,7 +17,7 @@ from typing import Optional
 from twisted.internet.interfaces import IReactorTime
 
 from circles.anomalies import LogBudget
-from circles.auth import NonceStore
+from circles.auth import INonceStore, NonceStore
 from circles.backend.scripts import IScriptRunner
 from circles.config import Config
 from circles.jsonrpc import Dispatcher, Methods, RPCError
@@ -35,8 +39,10 @@ class Gateway:
         self.draining = False
         #: The other processes of ``--processes`` (circles.siblings.Siblings); None: there are none.
         self.siblings = None
-        # Nonces issued over HTTP (GET /auth/nonce), before any connection exists.
-        self.http_nonces = NonceStore(clock, config.nonce_ttl, config.max_http_nonces, config.max_http_nonces_per_ip)
+        #: Nonces issued over HTTP (GET /auth/nonce), before any connection exists, and redeemed
+        #: by URL authentication: in memory here; in Redis once the service has one.
+        self.http_nonces: INonceStore = NonceStore(clock, config.nonce_ttl, config.max_http_nonces,
+                                                   config.max_http_nonces_per_ip)
         self.metrics = Metrics(methods)
         # Info lines about what clients get wrong, per minute, process-wide (circles.anomalies).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)

@@ -46,7 +46,10 @@ connection.
 
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
 and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
-authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. They may
+authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. Such a
+nonce is kept in Redis (:mod:`circles.shared_nonces`), so the WebSocket may land on any process
+or server sharing it; the handshake waits for Redis to take it (reading nothing more from the
+client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say. They may
 also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
 or ``[{pubkey, signature}]``, and ``fetch_nonce`` with no key (the nonce is then bound to this
 connection only, and to whichever key signs it).
@@ -87,6 +90,7 @@ from zope.interface import implementer
 
 from circles.api import Session
 from circles.auth import AuthenticationFailed
+from circles.backend.scripts import BackendUnavailable
 from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
 from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
@@ -139,6 +143,18 @@ class _PauseReading:
         pass
 
 
+def _url_refused(failure: Failure):
+    """Why the nonce store refused a URL proof, as the upgrade's refusal: 401 for a bad proof,
+    503 when the store cannot say (Redis unreachable, or not answering in time), never a
+    traceback."""
+    if failure.check(AuthenticationFailed):
+        raise ConnectionDeny(401, f"Authentication failed: {failure.value}")
+    if failure.check(BackendUnavailable):
+        raise ConnectionDeny(503, "Nonce store unavailable, retry later")
+    log.failure("checking a URL proof failed", failure)
+    raise ConnectionDeny(500, "Internal server error")
+
+
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
 
@@ -163,11 +179,41 @@ class CircleProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(503, refused)
         self._counted = counted
         api, subprotocol = negotiate(request.protocols, gateway.config.api)
-        self.session = Session(gateway, circle, self._url_identity(gateway, request.params), self.connection_id,
-                               peer_host, api)
+        proof = self._url_proof(request.params)
+        if proof is None:
+            self._open_session(None, circle, api, peer_host)
+            return subprotocol
+        proved = gateway.http_nonces.redeem_value(*proof)
+        proved.addCallbacks(self._open_session, _url_refused, callbackArgs=(circle, api, peer_host))
+        proved.addCallback(lambda _: subprotocol)
+        if proved.called:  # a store in memory answers at once
+            return proved
+        # Redis answers later (within the store's timeout, at most the handshake's). Meanwhile
+        # nothing more is read: what a client sends before the answer stays in the kernel, not
+        # here, and cannot start a second handshake on this connection.
+        self.transport.pauseProducing()
+        answer: Deferred = Deferred()
+        proved.addBoth(self._proof_checked, answer)
+        return answer
+
+    def _open_session(self, pubkey: Optional[str], circle: str, api: str, peer_host: str) -> None:
+        self.session = Session(self.factory.gateway, circle, pubkey, self.connection_id, peer_host, api)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
-                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=self.session.pubkey)
-        return subprotocol
+                  conn=self.connection_id, circle=circle, peer=self.peer, pubkey=pubkey)
+
+    def _proof_checked(self, result, answer: Deferred) -> None:
+        """The nonce store answered a handshake waiting for it: go on with it, unless the client
+        left meanwhile (then nobody is answered, and no session is left open)."""
+        if self.state != self.STATE_CONNECTING:
+            if self.session is not None:
+                self.session.close()
+            return None
+        self.transport.resumeProducing()
+        if isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+        return None
 
     def onOpen(self) -> None:
         factory: CircleFactory = self.factory
@@ -183,11 +229,13 @@ class CircleProtocol(WebSocketServerProtocol):
             self.go_away()
 
     @staticmethod
-    def _url_identity(gateway: Gateway, params: dict) -> Optional[str]:
-        """The key proved by ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce), if given.
+    def _url_proof(params: dict) -> Optional[tuple]:
+        """``(nonce, pubkey, sig)`` from ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce),
+        if given, for the gateway's HTTP nonce store to check.
 
-        A bad or replayed proof refuses the upgrade rather than opening an anonymous session
-        the client would mistake for an authenticated one.
+        A partial proof, or a malformed key, refuses the upgrade at once; so does a bad or
+        replayed proof once the store has said so, rather than opening an anonymous session the
+        client would mistake for an authenticated one.
         """
         names = ("pubkey", "sig", "nonce")
         given = {name: params[name][0] for name in names if params.get(name)}
@@ -197,9 +245,9 @@ class CircleProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(401, "URL authentication needs pubkey, sig and nonce")
         try:
             pubkey = normalize_pubkey(given["pubkey"])
-            return gateway.http_nonces.redeem_value(given["nonce"], pubkey, given["sig"])
-        except (InvalidKey, AuthenticationFailed) as e:
+        except InvalidKey as e:
             raise ConnectionDeny(401, f"Authentication failed: {e}")
+        return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -360,7 +408,9 @@ class CircleFactory(WebSocketServerFactory):
     def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
         (:class:`~circles.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
-        head is in, ``onConnect`` answers at once), saving Autobahn a timer per connection."""
+        head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
+        store answers, which it does within its own timeout: the service makes that at most the
+        handshake's), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
         self.gateway = gateway
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics

@@ -147,7 +147,8 @@ class Options(usage.Options):
                  "whole request head yet (0: no limit)", at_least_zero(int)),
         _setting("fd-reserve", "file descriptors below the process's limit (RLIMIT_NOFILE) kept free: "
                  "past the rest, new connections are closed at once", at_least_zero(int)),
-        _setting("max-http-nonces-per-ip", "live nonces from GET /auth/nonce held by one address (an IPv6 /64) "
+        _setting("max-http-nonces-per-ip", "live nonces from GET /auth/nonce held by one address (an IPv6 /64), "
+                 "counted by each server process for those it issued (they are kept in Redis, for all) "
                  "(0: no limit)", at_least_zero(int)),
         _setting("handshake-timeout", "seconds from connecting to an open WebSocket (or a whole HTTP request)",
                  positive(float)),

@@ -32,6 +32,7 @@ from circles.logs import Logger
 from circles.once import Once
 from circles.processes import ReusePortEndpoint
 from circles.protocol import CircleFactory
+from circles.shared_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
 from circles.webhooks import providers_line
 
 log = Logger()
@@ -137,6 +138,9 @@ class CirclesService(MultiService):
         self.embedded_redis: Optional[EmbeddedRedis] = None
         self.script_runner: Optional[RedisScriptRunner] = None  # None when ``scripts`` is given
         self.membership: Optional[Membership] = None  # who may play: with the script runner's Redis
+        # Nonces from GET /auth/nonce, where every process and server sees them: with the script
+        # runner's Redis; None (in the gateway's memory) when ``scripts`` is given.
+        self.nonces: Optional[RedisNonceStore] = None
         if scripts is None:
             # Children start in order and stop in reverse: Redis first up and last down, so the
             # script runner can answer in-flight plays (and expire their tasks) on shutdown.
@@ -158,9 +162,16 @@ class CirclesService(MultiService):
             scripts = self.script_runner
             self.membership = Membership(address, reactor=reactor, prefix=config.redis_prefix)
             self.membership.setServiceParent(self)
+            # A handshake with URL authentication waits for it: no longer than the handshake may take.
+            self.nonces = RedisNonceStore(address, reactor=reactor, prefix=config.redis_prefix, ttl=config.nonce_ttl,
+                                          cap=config.max_http_nonces, per_owner=config.max_http_nonces_per_ip,
+                                          timeout=min(NONCE_TIMEOUT, config.handshake_timeout))
+            self.nonces.setServiceParent(self)
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts, api.methods)
         self.gateway.members = self.membership
+        if self.nonces is not None:
+            self.gateway.http_nonces = self.nonces
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
@@ -213,6 +224,8 @@ class CirclesService(MultiService):
             await maybeDeferred(self.script_runner.stopService)
         if self.membership is not None:
             await maybeDeferred(self.membership.stopService)
+        if self.nonces is not None:
+            await maybeDeferred(self.nonces.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
         self.gateway.stop()

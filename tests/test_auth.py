@@ -18,6 +18,7 @@ from ecdsa.util import sigdecode_string, sigencode_der, sigencode_string
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from circles.auth import (
     NONCE_BYTES,
@@ -95,6 +96,16 @@ def store(clock) -> NonceStore:
     return NonceStore(clock, TTL, 16)
 
 
+def settled(d):
+    """The result of a Deferred that has fired (the memory store's), its failure raised."""
+    results = []
+    d.addBoth(results.append)
+    [result] = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
 def redeem_ok(store: NonceStore, key: Key, signature: str, claimed: str = None) -> None:
     assert store.redeem(normalize_pubkey(claimed or key.compressed), signature) == key.compressed
 
@@ -103,21 +114,21 @@ def redeem_ok(store: NonceStore, key: Key, signature: str, claimed: str = None) 
 
 
 def test_eth_account_signature_v27_28(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.eth(nonce)
     assert len(raw) == 65 and raw[64] in (27, 28)
     redeem_ok(store, key, hexed(raw))
 
 
 def test_eth_account_signature_rewritten_to_v0_1(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.eth(nonce)
     raw = raw[:64] + bytes([raw[64] - 27])
     redeem_ok(store, key, hexed(raw, ""))
 
 
 def test_eth_account_signature_flipped_v_is_refused(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.eth(nonce)
     flipped = raw[:64] + bytes([55 - raw[64]])  # 27 <-> 28: recovers some other key
     with pytest.raises(AuthenticationFailed):
@@ -140,7 +151,7 @@ def test_eth_signature_recovers_without_claimed_key(key):
 
 @pytest.mark.parametrize("v", [2, 3, 26, 29, 35, 36, 37, 38, 255])
 def test_eip155_and_other_recovery_ids_refused_not_crash(store, key, v):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.eth(nonce)[:64] + bytes([v])
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(raw))
@@ -148,7 +159,7 @@ def test_eip155_and_other_recovery_ids_refused_not_crash(store, key, v):
 
 @pytest.mark.parametrize("rs", [bytes(64), b"\xff" * 64, N.to_bytes(32, "big") * 2])
 def test_eth_signature_that_recovers_nothing_refused(store, key, rs):
-    store.issue(key.compressed)
+    store.issue_now(key.compressed)
     for v in (0, 1, 27, 28):
         with pytest.raises(AuthenticationFailed):
             store.redeem(key.compressed, hexed(rs + bytes([v])))
@@ -158,12 +169,12 @@ def test_eth_signature_that_recovers_nothing_refused(store, key, rs):
 
 
 def test_coincurve_der(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     redeem_ok(store, key, hexed(key.der(nonce)))
 
 
 def test_coincurve_compact_from_der(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     compact = key.compact(nonce)
     assert len(compact) == 64
     redeem_ok(store, key, hexed(compact, ""))
@@ -172,7 +183,7 @@ def test_coincurve_compact_from_der(store, key):
 def test_coincurve_recoverable_is_not_our_form(store, key):
     # sign_recoverable is r||s||recid over SHA-256: 65 bytes, so it is read as personal_sign
     # (keccak/EIP-191) and recovers some other key. It must be refused, not mistaken.
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.private.sign_recoverable(nonce.encode("utf-8"))
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(raw))
@@ -186,7 +197,7 @@ def test_python_ecdsa_generated_key_compact_and_der(clock):
     sk = SigningKey.generate(curve=SECP256k1, hashfunc=hashlib.sha256)
     pubkey = sk.get_verifying_key().to_string("compressed").hex()
     for encode in (sigencode_string, sigencode_der):
-        nonce = store.issue(pubkey).value
+        nonce = store.issue_now(pubkey).value
         signature = sk.sign_deterministic(nonce.encode("utf-8"), sigencode=encode)
         assert store.redeem(pubkey, signature.hex()) == pubkey
 
@@ -194,7 +205,7 @@ def test_python_ecdsa_generated_key_compact_and_der(clock):
 def test_python_ecdsa_high_and_low_s(store, key):
     sk = key.ecdsa_key()
     for _ in range(4):
-        nonce = store.issue(key.compressed).value
+        nonce = store.issue_now(key.compressed).value
         compact = sk.sign_deterministic(nonce.encode("utf-8"), sigencode=sigencode_string)
         high = high_s_compact(compact)
         low = high[:32] + (N - int.from_bytes(high[32:], "big")).to_bytes(32, "big")
@@ -212,7 +223,7 @@ def test_python_ecdsa_raw_high_s_output(store):
     pubkey = sk.get_verifying_key().to_string("uncompressed").hex()
     compressed = normalize_pubkey(pubkey)
     for _ in range(64):
-        nonce = store.issue(compressed).value
+        nonce = store.issue_now(compressed).value
         sig = sk.sign_deterministic(nonce.encode("utf-8"), sigencode=sigencode_string)
         if int.from_bytes(sig[32:], "big") > N // 2:
             break
@@ -224,7 +235,7 @@ def test_python_ecdsa_raw_high_s_output(store):
 
 def test_ecdsa_over_keccak_is_refused(store, key):
     # A 64-byte signature over the Ethereum digest is not the SHA-256 form.
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     digest = eth_personal_digest(nonce.encode("utf-8"))
     der = key.private.sign(digest, hasher=None)
     with pytest.raises(AuthenticationFailed):
@@ -245,9 +256,9 @@ def test_pubkey_forms_accepted(store, key, form):
     if form.startswith("0X"):
         text = "0X" + text
     assert normalize_pubkey(text) == key.compressed
-    nonce = store.issue(normalize_pubkey(text)).value
+    nonce = store.issue_now(normalize_pubkey(text)).value
     redeem_ok(store, key, hexed(key.eth(nonce)), claimed=text)
-    nonce = store.issue(normalize_pubkey(text)).value
+    nonce = store.issue_now(normalize_pubkey(text)).value
     redeem_ok(store, key, hexed(key.der(nonce)), claimed=text)
 
 
@@ -313,20 +324,20 @@ def test_uncompressed_with_wrong_y_refused(key):
     "00" * 63, "00" * 66, "00" * 64, "00" * 8, "30" + "00" * 70, "ff" * 72,
 ])
 def test_malformed_or_wrong_length_signatures_refused(store, key, signature):
-    store.issue(key.compressed)
+    store.issue_now(key.compressed)
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, signature)
 
 
 @pytest.mark.parametrize("signature", [None, 5, b"00" * 65, ["00"]])
 def test_signature_must_be_a_string(store, key, signature):
-    store.issue(key.compressed)
+    store.issue_now(key.compressed)
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, signature)
 
 
 def test_der_with_trailing_garbage_refused(store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(key.der(nonce) + b"\x00"))
     redeem_ok(store, key, hexed(key.der(nonce)))
@@ -335,7 +346,7 @@ def test_der_with_trailing_garbage_refused(store, key):
 @pytest.mark.parametrize("signer", ["eth", "der", "compact"])
 def test_signature_by_another_key_refused(store, key, signer):
     other = Key()
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(getattr(other, signer)(nonce)))
     # and the other key claiming itself has no nonce here
@@ -348,16 +359,16 @@ def test_nonce_never_issued_refused(store, key, signer):
     made_up = secrets.token_hex(NONCE_BYTES)
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(getattr(key, signer)(made_up)))
-    store.issue(key.compressed)  # a live nonce exists, but not the one signed
+    store.issue_now(key.compressed)  # a live nonce exists, but not the one signed
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(getattr(key, signer)(made_up)))
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(made_up, key.compressed, hexed(getattr(key, signer)(made_up)))
+        settled(store.redeem_value(made_up, key.compressed, hexed(getattr(key, signer)(made_up))))
 
 
 @pytest.mark.parametrize("signer", ["eth", "der", "compact"])
 def test_nonce_used_twice_refused(store, key, signer):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     signature = hexed(getattr(key, signer)(nonce))
     redeem_ok(store, key, signature)
     with pytest.raises(AuthenticationFailed):
@@ -366,25 +377,25 @@ def test_nonce_used_twice_refused(store, key, signer):
 
 def test_nonce_issued_for_another_pubkey_refused(store, key):
     other = Key()
-    nonce = store.issue(other.compressed).value
+    nonce = store.issue_now(other.compressed).value
     for signer in ("eth", "der"):
         with pytest.raises(AuthenticationFailed):
             store.redeem(key.compressed, hexed(getattr(key, signer)(nonce)))
     # redeem_value names the nonce: refused, and the nonce is gone
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(nonce, key.compressed, hexed(key.eth(nonce)))
+        settled(store.redeem_value(nonce, key.compressed, hexed(key.eth(nonce))))
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(nonce, other.compressed, hexed(other.eth(nonce)))
+        settled(store.redeem_value(nonce, other.compressed, hexed(other.eth(nonce))))
 
 
 def test_nonce_issued_without_pubkey_serves_any_key(store, key):
-    nonce = store.issue(None).value
+    nonce = store.issue_now(None).value
     redeem_ok(store, key, hexed(key.compact(nonce)))
 
 
 @pytest.mark.parametrize("signer", ["eth", "der"])
 def test_expired_nonce_refused(clock, store, key, signer):
-    nonce = store.issue(key.compressed)
+    nonce = store.issue_now(key.compressed)
     assert nonce.expires_at == clock.seconds() + TTL
     signature = hexed(getattr(key, signer)(nonce.value))
     clock.advance(TTL)
@@ -393,23 +404,23 @@ def test_expired_nonce_refused(clock, store, key, signer):
 
 
 def test_nonce_valid_until_just_before_expiry(clock, store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     clock.advance(TTL - 0.001)
     redeem_ok(store, key, hexed(key.eth(nonce)))
 
 
 def test_redeem_value_consumes_whatever_the_outcome(clock, store, key):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(nonce, key.compressed, hexed(Key().eth(nonce)))
+        settled(store.redeem_value(nonce, key.compressed, hexed(Key().eth(nonce))))
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(nonce, key.compressed, hexed(key.eth(nonce)))
-    nonce = store.issue(key.compressed).value
-    assert store.redeem_value(nonce, key.compressed, hexed(key.der(nonce))) == key.compressed
-    nonce = store.issue(key.compressed).value
+        settled(store.redeem_value(nonce, key.compressed, hexed(key.eth(nonce))))
+    nonce = store.issue_now(key.compressed).value
+    assert settled(store.redeem_value(nonce, key.compressed, hexed(key.der(nonce)))) == key.compressed
+    nonce = store.issue_now(key.compressed).value
     clock.advance(TTL)
     with pytest.raises(AuthenticationFailed):
-        store.redeem_value(nonce, key.compressed, hexed(key.der(nonce)))
+        settled(store.redeem_value(nonce, key.compressed, hexed(key.der(nonce))))
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -417,25 +428,25 @@ def test_redeem_value_consumes_whatever_the_outcome(clock, store, key):
 
 def test_cap_refuses_when_full_of_live_nonces(clock):
     store = NonceStore(clock, TTL, 3)
-    issued = [store.issue() for _ in range(3)]
+    issued = [store.issue_now() for _ in range(3)]
     with pytest.raises(TooManyNonces):
-        store.issue()
+        store.issue_now()
     assert len(store) == 3
     clock.advance(TTL / 2)
     with pytest.raises(TooManyNonces):
-        store.issue()
+        store.issue_now()
     clock.advance(TTL / 2)
     assert len(store) == 0  # all expired and swept
-    store.issue()
+    store.issue_now()
     assert len(store) == 1
     assert all(store.take(n.value) is None for n in issued)
 
 
 def test_sweep_drops_only_expired(clock, key):
     store = NonceStore(clock, TTL, 10)
-    first = store.issue(key.compressed)
+    first = store.issue_now(key.compressed)
     clock.advance(100)
-    second = store.issue(key.compressed)
+    second = store.issue_now(key.compressed)
     assert len(store) == 2
     clock.advance(TTL - 100)
     assert len(store) == 1
@@ -447,16 +458,16 @@ def test_sweep_drops_only_expired(clock, key):
 
 def test_redeeming_frees_a_slot(clock, key):
     store = NonceStore(clock, TTL, 1)
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     with pytest.raises(TooManyNonces):
-        store.issue(key.compressed)
+        store.issue_now(key.compressed)
     redeem_ok(store, key, hexed(key.eth(nonce)))
-    store.issue(key.compressed)
+    store.issue_now(key.compressed)
 
 
 def test_nonces_are_at_least_128_bits_and_unique(clock):
     store = NonceStore(clock, TTL, 5000)
-    values = [store.issue().value for _ in range(5000)]
+    values = [store.issue_now().value for _ in range(5000)]
     assert len(set(values)) == len(values)
     for v in values[:50]:
         assert len(v) * 4 >= 128
@@ -475,7 +486,7 @@ def test_nonces_are_at_least_128_bits_and_unique(clock):
     lambda h: h[:2] + "\t" + h[2:],
 ], ids=["leading-space", "trailing-newline", "inner-space", "space-after-0x", "tab"])
 def test_hex_with_whitespace_is_malformed(store, key, where, mangle):
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     signature = key.eth(nonce).hex()
     if where == "pubkey":
         with pytest.raises(InvalidKey):
@@ -498,7 +509,7 @@ def _malleated(raw: bytes) -> bytes:
 def test_eth_high_s_twin_is_refused(store, key):
     """Ethereum's rule since Homestead (EIP-2). The twin recovers the very same key, so without
     the rule it would be accepted; eth-account and coincurve only ever make low-S signatures."""
-    nonce = store.issue(key.compressed).value
+    nonce = store.issue_now(key.compressed).value
     raw = key.eth(nonce)
     twin = _malleated(raw)
     recovered = coincurve.PublicKey.from_signature_and_message(
@@ -531,7 +542,7 @@ class _Counted:
 @pytest.mark.parametrize("named", [False, True])
 def test_a_failed_redeem_checks_one_signature_whatever_the_live_nonces(clock, key, monkeypatch, signer, named):
     store = NonceStore(clock, TTL, 16)
-    nonces = [store.issue(key.compressed).value for _ in range(8)] + [store.issue().value for _ in range(8)]
+    nonces = [store.issue_now(key.compressed).value for _ in range(8)] + [store.issue_now().value for _ in range(8)]
     other = Key()
     counted = _Counted(monkeypatch)
     with pytest.raises(AuthenticationFailed):
@@ -541,7 +552,7 @@ def test_a_failed_redeem_checks_one_signature_whatever_the_live_nonces(clock, ke
 
 
 def test_redeem_checks_the_newest_nonce_unless_one_is_named(store, key):
-    older, newer = store.issue(key.compressed).value, store.issue(key.compressed).value
+    older, newer = store.issue_now(key.compressed).value, store.issue_now(key.compressed).value
     with pytest.raises(AuthenticationFailed):
         store.redeem(key.compressed, hexed(key.eth(older)))  # not the newest: name it
     assert store.redeem(key.compressed, hexed(key.eth(older)), older) == key.compressed
@@ -552,7 +563,7 @@ def test_redeem_checks_the_newest_nonce_unless_one_is_named(store, key):
 
 def test_a_named_nonce_of_another_key_is_refused(store, key):
     other = Key()
-    nonce = store.issue(other.compressed).value
+    nonce = store.issue_now(other.compressed).value
     with pytest.raises(AuthenticationFailed, match="another public key"):
         store.redeem(key.compressed, hexed(key.eth(nonce)), nonce)
     # with pubkey left out, the named nonce's key is the one the signature must recover to
@@ -562,25 +573,25 @@ def test_a_named_nonce_of_another_key_is_refused(store, key):
 
 
 def test_unnamed_redeem_prefers_the_newest_nonce_for_the_key_over_unbound_ones(store, key):
-    keyed = store.issue(key.compressed).value
-    unbound = store.issue().value
+    keyed = store.issue_now(key.compressed).value
+    unbound = store.issue_now().value
     assert store.redeem(key.compressed, hexed(key.eth(keyed))) == key.compressed
     assert store.redeem(key.compressed, hexed(key.eth(unbound))) == key.compressed  # none for the key left
 
 
 def test_per_owner_share_is_freed_by_use_and_expiry(clock, key):
     store = NonceStore(clock, TTL, 10, per_owner=2)
-    first = store.issue(key.compressed, owner="a")
-    store.issue(owner="a")
+    first = store.issue_now(key.compressed, owner="a")
+    store.issue_now(owner="a")
     with pytest.raises(TooManyNonces, match="from this client"):
-        store.issue(owner="a")
-    store.issue(owner="b")  # another owner has its own share
-    store.issue()  # and nonces without an owner count only in the total
+        store.issue_now(owner="a")
+    store.issue_now(owner="b")  # another owner has its own share
+    store.issue_now()  # and nonces without an owner count only in the total
     assert store.owned_by("a") == 2 and store.owned_by("b") == 1
     redeem_ok(store, key, hexed(key.eth(first.value)))  # spending one frees a place
     assert store.owned_by("a") == 1
-    taken = store.issue(owner="a")
+    taken = store.issue_now(owner="a")
     assert store.take(taken.value) == taken and store.owned_by("a") == 1
     clock.advance(TTL)  # expiry frees the rest
     assert store.owned_by("a") == 0 and store.owned_by("b") == 0 and len(store) == 0
-    assert store.issue(owner="a").owner == "a"
+    assert store.issue_now(owner="a").owner == "a"

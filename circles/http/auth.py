@@ -1,12 +1,16 @@
 """Authentication outside JSON-RPC, for the ecosystem's earlier clients: ``/auth/...``.
 
-``GET /auth/nonce?public_key=<hex>`` issues a nonce from the process-wide store (there is no
-connection yet to bind it to); the client signs it and opens the WebSocket with
+``GET /auth/nonce?public_key=<hex>`` issues a nonce from the gateway's HTTP store (there is no
+connection yet to bind it to): Redis on a server that has one, so that the WebSocket may land on
+any process of the server, or on any server sharing the Redis (:mod:`circles.shared_nonces`);
+else this process's memory. The client signs it and opens the WebSocket with
 ``?pubkey=<hex>&sig=<hex>&nonce=<nonce>`` (see ``protocol.py``). ``GET /auth/health`` reports
-the store's size. Answers are JSON; errors are ``{"error": reason}`` with a 4xx status.
+``active_nonces``, the live nonces this process issued (each process counts its own). Answers
+are JSON; errors are ``{"error": reason}`` with a 4xx status, or 503 with ``Retry-After`` when
+Redis cannot store the nonce (unreachable, not answering, or full).
 
-The store is bounded in all and per client address (an IPv6 client by its /64, which one host
-usually holds whole): 429 past either, so one client cannot lock the others out.
+What one process issues is bounded in all and per client address (an IPv6 client by its /64,
+which one host usually holds whole): 429 past either, so one client cannot lock the others out.
 """
 
 from __future__ import annotations
@@ -15,12 +19,20 @@ import math
 from typing import Optional
 
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 
-from circles.auth import TooManyNonces, TooManyNoncesForOwner
+from circles.auth import Nonce, TooManyNonces, TooManyNoncesForOwner
+from circles.backend.scripts import BackendFull, BackendUnavailable
 from circles.gateway import Gateway
 from circles.http.responses import json_response
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import address_key
+from circles.logs import Logger
+
+log = Logger()
+#: Seconds a client refused a nonce because Redis cannot store it (503) is told to wait.
+RETRY_UNAVAILABLE = 5
 
 
 def client_of(request) -> Optional[str]:
@@ -43,7 +55,7 @@ class AuthRoutes:
         self.gateway = gateway
 
     @app.route("/nonce", methods=["GET"])
-    def nonce(self, request) -> bytes:
+    def nonce(self, request) -> Deferred:
         given = request.args.get(b"public_key", [b""])[0].decode("utf-8", "replace")
         pubkey = None
         if given:
@@ -51,15 +63,29 @@ class AuthRoutes:
                 pubkey = normalize_pubkey(given)
             except InvalidKey as e:
                 return _answer(request, 400, {"error": f"public_key: {e}"})
-        try:
-            issued = self.gateway.http_nonces.issue(pubkey, client_of(request))
-        except TooManyNonces as e:
-            request.setHeader(b"retry-after", str(math.ceil(self.gateway.config.nonce_ttl)).encode())
-            whose = " from this address" if isinstance(e, TooManyNoncesForOwner) else ""
-            return _answer(request, 429, {"error": f"too many outstanding nonces{whose}, retry later"})
+        d = self.gateway.http_nonces.issue(pubkey, client_of(request))
+        d.addCallbacks(self._issued, self._refused, callbackArgs=(request,), errbackArgs=(request,))
+        return d
+
+    def _issued(self, issued: Nonce, request) -> bytes:
         return _answer(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
+
+    def _refused(self, failure: Failure, request) -> Optional[bytes]:
+        if failure.check(TooManyNonces):
+            request.setHeader(b"retry-after", str(math.ceil(self.gateway.config.nonce_ttl)).encode())
+            whose = " from this address" if failure.check(TooManyNoncesForOwner) else ""
+            return _answer(request, 429, {"error": f"too many outstanding nonces{whose}, retry later"})
+        if failure.check(CancelledError):  # the client left: nobody to answer
+            return None
+        if failure.check(BackendUnavailable):
+            request.setHeader(b"retry-after", str(RETRY_UNAVAILABLE).encode())
+            why = "the nonce store is full" if failure.check(BackendFull) else "the nonce store is unavailable"
+            return _answer(request, 503, {"error": f"{why}, retry later"})
+        log.failure("GET /auth/nonce failed", failure)
+        return _answer(request, 500, {"error": "internal error"})
 
     @app.route("/health", methods=["GET"])
     def health(self, request) -> bytes:
-        return _answer(request, 200, {"status": "healthy", "active_nonces": len(self.gateway.http_nonces),
+        # active_nonces: what this process issued and is live (each process of a server counts its own).
+        return _answer(request, 200, {"status": "healthy", "active_nonces": self.gateway.http_nonces.live(),
                                       "timestamp": int(self.gateway.clock.seconds())})
