@@ -45,6 +45,10 @@ class Config:
     max_http_nonces: int = 10_000  # live nonces from GET /auth/nonce, process-wide
     max_http_nonces_per_ip: int = 100  # of those, from one address (IPv6: one /64); 0: no limit
     max_message_size: int = 1024 * 1024
+    # Frames one WebSocket message may come in (a first frame and its continuations); 0: no limit.
+    # Fragments are gathered into one buffer as they arrive, so they cost no memory of their own;
+    # the cap bounds the work one message may cost (about 5 us a frame, however small).
+    max_fragments: int = 4096
     max_batch: int = 100
     max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
     # The largest script a play may carry, UTF-8 bytes; a larger one is refused (-32006) before

@@ -146,6 +146,8 @@ class CircleProtocol(WebSocketServerProtocol):
     _idle = None
     _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer's address key, while counted against the limits
+    max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
+    _fragments = 0  # frames of the message arriving so far
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -270,6 +272,12 @@ class CircleProtocol(WebSocketServerProtocol):
         if _is_tls_error(reason.value):
             self.log.error(_maybe_tls_reason(reason.value))
         self._connectionLost(reason)
+        # What the connection read and has not used yet goes now, not when the protocol does:
+        # Autobahn resolves ``is_closed`` with the protocol itself, a reference cycle that keeps
+        # it until the garbage collector's next full pass, which bytes (not tracked by it) do not
+        # hasten. A half-sent message held that way outlived its connection by minutes.
+        self.message_data = self.frame_data = None
+        self.data = b""
         if self._counted is not None:
             self.factory.connections.release(self._counted)
             self._counted = None
@@ -291,10 +299,50 @@ class CircleProtocol(WebSocketServerProtocol):
         elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
+    # A message's fragments, gathered as they arrive. Autobahn keeps a list per frame and a list
+    # of their payloads per message: some 40 bytes a fragment whatever its size, so a 1 MiB
+    # message sent as 1-byte continuation frames held 53 MB (and a stream of empty ones grew
+    # without end, never reaching the size limit). Here a message is one buffer: its first
+    # fragment as it came (no copy for the usual single-frame message), a bytearray from the
+    # second on, so what a connection holds for a message is within its size limit; and a
+    # message may come in at most ``max_fragments`` frames (1009 past it).
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self.message_is_binary = isBinary
+        self.message_data = b""
+        self.message_data_total_length = 0
+        self._fragments = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)  # Autobahn's size limits (payload and frame)
+        self.frame_data = None  # which it starts a list for: nothing is kept per frame here
+        self._fragments += 1
+        if self.max_fragments and self._fragments > self.max_fragments and not self.failedByMe:
+            self.session.anomalies.note("too many fragments", "connection {conn}: a message in more than {limit} "
+                                        "fragments: closing with 1009", limit=self.max_fragments)
+            self.failedByMe = True  # what arrives of the message from now on is dropped
+            self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe:
+            return
+        held = self.message_data
+        if not held:
+            self.message_data = payload
+        elif type(held) is bytes:
+            gathered = bytearray(held)
+            gathered += payload
+            self.message_data = gathered
+        else:
+            held += payload
+
+    def onMessageFrameEnd(self) -> None:
+        pass  # the frame's data is in the message already
+
     def onMessageEnd(self) -> None:
         payload, self.message_data = self.message_data, None
         if not self.failedByMe:
-            self._onMessage(b"".join(payload), self.message_is_binary)
+            self._onMessage(payload if type(payload) is bytes else bytes(payload), self.message_is_binary)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
         """Autobahn's, with the refusal logged within the gateway's budget instead of two lines
@@ -393,6 +441,7 @@ class CircleFactory(WebSocketServerFactory):
         # this factory's own, leaving nothing to copy or print per connection.
         options = {attr: getattr(self, attr) for attr in self.protocol.CONFIG_ATTRS}
         options = {attr: staticmethod(value) if callable(value) else value for attr, value in options.items()}
+        options["max_fragments"] = config.max_fragments
         self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})
 
     def closed(self, protocol: CircleProtocol) -> None:

@@ -28,7 +28,8 @@ log = logs.Logger()
 #: defaults are the fields' (written once, in Config); the other options are read in postOptions.
 CONFIG_FIELDS = {
     "auth": "auth_required", "api": "api", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
-    "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
+    "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-fragments": "max_fragments",
+    "max-batch": "max_batch",
     "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
     "max-script-size": "max_script_size",
     "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
@@ -127,6 +128,8 @@ class Options(usage.Options):
                  "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
         _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
         _setting("max-message-size", "largest WebSocket message accepted, in bytes", positive(int)),
+        _setting("max-fragments", "frames one WebSocket message may come in (a first frame and its continuation "
+                 "frames), beyond which the connection is closed with 1009 (0: no limit)", at_least_zero(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
          "through Redis and stop together", positive(int)),
         _setting("max-batch", "most requests in one JSON-RPC batch", positive(int)),
