@@ -51,6 +51,9 @@ class Config:
     max_fragments: int = 4096
     max_batch: int = 100
     max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
+    # Seconds a connection may stay over its bound of unread replies (twice max_message_size)
+    # before it is closed; 0: never (its replies past the bound are still refused, -32007).
+    slow_reader_timeout: float = 30.0
     # The largest script a play may carry, UTF-8 bytes; a larger one is refused (-32006) before
     # anything is written to Redis.
     max_script_size: int = DEFAULT_MAX_SCRIPT_SIZE

@@ -80,13 +80,12 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from circles.api import Session
 from circles.auth import AuthenticationFailed
+from circles.backlog import Backlog
 from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
 from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
@@ -117,28 +116,6 @@ def circle_from_path(path: str) -> Optional[str]:
         return None
 
 
-@implementer(IPushProducer)
-class _PauseReading:
-    """Backpressure: while the peer does not read our replies, we do not read its requests.
-
-    Registered with the transport as the producer of what we write, so when the transport's
-    send buffer fills, Twisted pauses this, which stops reading from the socket. A client that
-    sends requests and never reads the answers thus stalls itself, not the server's memory.
-    """
-
-    def __init__(self, transport) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
 
@@ -146,6 +123,7 @@ class CircleProtocol(WebSocketServerProtocol):
     _idle = None
     _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer's address key, while counted against the limits
+    _backlog: Optional[Backlog] = None  # what the peer has not read, once open
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
     _fragments = 0  # frames of the message arriving so far
 
@@ -175,9 +153,15 @@ class CircleProtocol(WebSocketServerProtocol):
         factory: CircleFactory = self.factory
         factory.open_connections.add(self)
         # The HTTP channel that accepted the upgrade is still the transport's producer; the
-        # WebSocket takes its place (Autobahn unregisters ours when the connection drops).
+        # WebSocket takes its place (Autobahn unregisters ours when the connection drops):
+        # while the peer does not read our replies, we do not read its requests, and what it
+        # leaves unread is bounded (circles.backlog).
         self.transport.unregisterProducer()
-        self.registerProducer(_PauseReading(self.transport), True)
+        config = self.session.gateway.config
+        self._backlog = Backlog(self.transport, self.session.gateway.clock, 2 * config.max_message_size,
+                                config.slow_reader_timeout, self._drained, self._slow_reader)
+        self.registerProducer(self._backlog, True)
+        self.session.reply_room = self._backlog
         idle = self.session.gateway.config.idle_timeout
         if idle:
             self._idle = self.session.gateway.clock.callLater(idle, self._idle_timeout)
@@ -236,7 +220,12 @@ class CircleProtocol(WebSocketServerProtocol):
         log.failure("reply to connection {conn} failed", failure, conn=self.connection_id)
 
     def _unsendable(self, error: ReplyTooLarge) -> None:
-        """No reply fits, not even an error (the request's id is too long to echo): 1009."""
+        """No reply fits, not even an error (the request's id is too long to echo): 1009. Or, on a
+        connection whose peer has left its bound of replies unread, not even the error that says
+        so: that peer is not reading, and is given up at once."""
+        if self._backlog is not None and error.limit < self.session.gateway.config.max_message_size:  # held to its room
+            self._slow_reader(self._backlog.unread)
+            return
         self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
                                     "of {limit}, even as an error: closing with 1009", size=error.size,
                                     limit=error.limit)
@@ -278,6 +267,8 @@ class CircleProtocol(WebSocketServerProtocol):
         # hasten. A half-sent message held that way outlived its connection by minutes.
         self.message_data = self.frame_data = None
         self.data = b""
+        if self._backlog is not None:
+            self._backlog.stop()
         if self._counted is not None:
             self.factory.connections.release(self._counted)
             self._counted = None
@@ -291,9 +282,11 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
-            super().sendData(data, sync, chopsize)
+            super().sendData(data, sync, chopsize)  # never asked for here: Autobahn's send queue
             return
         self.transport.write(data)
+        if self._backlog is not None:
+            self._backlog.wrote(len(data))  # after the write: one that fills the buffer pauses us, and counts
         if self.state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
@@ -339,6 +332,35 @@ class CircleProtocol(WebSocketServerProtocol):
     def onMessageFrameEnd(self) -> None:
         pass  # the frame's data is in the message already
 
+    def consumeData(self) -> None:
+        """Autobahn's, except that while the transport is paused (the peer does not read what we
+        send) the frames a read already brought wait too: 64 KiB of small requests, each answered
+        at once, could otherwise make megabytes of replies nobody reads. They are processed once
+        the transport has sent everything (:meth:`_drained`)."""
+        if self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING:
+            backlog = self._backlog
+            while (backlog is None or not backlog.paused) and self.processData() and self.state != self.STATE_CLOSED:
+                pass
+        else:
+            super().consumeData()
+
+    def _drained(self) -> None:
+        """The peer has read everything sent: the frames held back meanwhile go on."""
+        if self.data and (self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING):
+            self.consumeData()
+
+    def _slow_reader(self, unread: int) -> None:
+        """Over its bound of unread replies for ``slow_reader_timeout`` seconds, or so far over it
+        that not even an error fits: given up. Aborted, since a client that does not read would
+        not read a close frame either."""
+        gateway: Gateway = self.factory.gateway
+        self.session.anomalies.note("slow reader", "connection {conn}: does not read its replies ({unread} bytes "
+                                    "unread, over the limit of {limit}): closing", unread=unread,
+                                    limit=self._backlog.limit)
+        gateway.metrics.slow_reader_closes.inc()
+        self.wasNotCleanReason = "the peer did not read its replies"
+        self._drop(abort=True)
+
     def onMessageEnd(self) -> None:
         payload, self.message_data = self.message_data, None
         if not self.failedByMe:
@@ -353,13 +375,16 @@ class CircleProtocol(WebSocketServerProtocol):
                                               "refused a WebSocket upgrade from {peer}: {status} {reason}",
                                               status=code, reason=reason)
         self.sendHttpErrorResponse(code, reason, responseHeaders)
-        # dropConnection(abort=False), without its warning:
+        self._drop(abort=False)
+
+    def _drop(self, abort: bool) -> None:
+        """Autobahn's ``dropConnection``, without its warning (a line per connection, at a client's will)."""
         self.unregisterProducer()
         if self.state != self.STATE_CLOSED:
             self.droppedByMe = True
             self.state = self.STATE_CLOSED
             txaio.resolve(self.is_closed, self)
-            self._closeConnection(False)
+            self._closeConnection(abort)
 
     def _idle_timeout(self) -> None:
         self._idle = None

@@ -738,6 +738,7 @@ AUTOBAHN_SOURCES = {
     ("WebSocketProtocol", "onMessageFrameBegin"): "68c4eae4de95e1fb",
     ("WebSocketProtocol", "onMessageFrameData"): "23e4805e8f059816",
     ("WebSocketProtocol", "onMessageFrameEnd"): "00c94dd299eb55fc",
+    ("WebSocketProtocol", "consumeData"): "aaa88196e762438f",
     ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
 }
 #: Copied into CircleProtocol.failHandshake (less its warning), not overridden.
