@@ -2,24 +2,31 @@
 bounded quantity itself (bytes held, fragments kept, bytes unsent), never as a duration.
 
 In memory first: a server protocol fed raw frames (what a hostile client sends need not be
-what any client library would), its memory counted by ``tracemalloc``.
+what any client library would), its memory counted by ``tracemalloc``, its unsent bytes by a
+transport with Twisted's own write buffer; then a real server, Redis, worker and client socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import socket
 import tracemalloc
 from contextlib import contextmanager
 
-from twisted.internet import error
+import pytest_twisted
+from twisted.internet import error, reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from circles.backend.redis import parse_redis_url
 from circles.protocol import CircleFactory
+from circles.worker.service import Worker
 
+from .play_client import eventually, sleep
 from .test_protocol import (CIRCLE, Transport, clock, connect, make_gateway, runner,  # noqa: F401 (fixtures)
                             txaio_clock)
 
@@ -283,3 +290,51 @@ def test_requests_already_read_wait_while_the_client_does_not_read(txaio_clock):
     assert peer.unsent <= 64 * 1024 + 2 * 15_000, peer.unsent  # was 4.3 MB: all 400
     peer.read()  # once it reads, the rest are answered, in order
     assert [r["id"] for r in messages(peer.received)] == list(range(400))
+
+
+# --- end to end: a real server, Redis and worker, and a client socket that stops reading ------------
+
+
+def _unsent(protocol) -> int:
+    """What the server's TCP transport holds for its peer (Twisted's write buffer)."""
+    transport = protocol.transport
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_client_that_stops_reading_is_held_to_the_bound(redis_server, start):
+    """40 plays of 250 kB each, on a socket the client never reads again (its receive buffer
+    4 kB): the kernel's send buffer takes a few megabytes, the server held the rest (6 MB and
+    more); now at most twice --max-message-size (plus Twisted's own 64 KiB buffer), and the
+    connection is given up and counted."""
+    from .test_play_ws import CIRCLE as SERVED, serve, serving
+
+    limit = 256 * 1024
+    service, port = await serve(start, redis_server.url, max_message_size=limit, rate_limit=0,
+                                slow_reader_timeout=1)
+    await serving(start(Worker(parse_redis_url(redis_server.url), [SERVED], lambda script, ctx: "x" * 250_000,
+                               reactor=reactor, concurrency=4)))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port))  # the kernel completes it: the listening socket's backlog
+    client.setblocking(False)
+    client.send((f"GET /{SERVED} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        await sleep(0.02)
+        with contextlib.suppress(BlockingIOError):
+            head += client.recv(4096)
+    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    [protocol] = service.factory.open_connections
+    client.send(requests(*[("play", {"script": "s"})] * 40))  # and never reads again
+    most = 0
+    while protocol in service.factory.open_connections:
+        most = max(most, _unsent(protocol))
+        await sleep(0.01)
+    client.close()
+    assert most <= 2 * limit + 64 * 1024 + 40 * 300, most
+    assert most > limit  # the kernel's buffers were full: the bound was what held it
+    [line] = [line for line in service.gateway.metrics.exposition().decode().splitlines()
+              if line.startswith("circles_slow_reader_closes_total ")]
+    assert float(line.split()[1]) == 1
