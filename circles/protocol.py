@@ -62,9 +62,16 @@ whose encoded UTF-8 text would exceed it becomes -32007 with the request's id an
 ``{size, limit}`` (the reply's would-be size in bytes); in a batch the largest responses are
 replaced so, largest first, until the batch fits, and the rest are answered as usual.
 
+A client that does not read its replies is not read from either, and what it may leave unread
+is bounded (:mod:`circles.backlog`): a ``play`` reply that would take it past twice the size
+limit is answered -32007 with ``data`` ``{size, unread, limit}`` instead, and a client that stays
+over that bound for ``--slow-reader-timeout`` seconds (or is so far over it that not even the
+error fits) is disconnected without a close frame (it would not read one).
+
 Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
-not UTF-8, 1009 for a message over the size limit, and for a reply that cannot fit even as
--32007 errors (the request's ids alone are too long to echo).
+not UTF-8, 1009 for a message over the size limit or in more than ``--max-fragments`` frames,
+and for a reply that cannot fit even as -32007 errors (the request's ids alone are too long to
+echo).
 """
 
 from __future__ import annotations
