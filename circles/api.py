@@ -20,7 +20,7 @@ from circles.backend.members import MEMBERS
 from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
                                     ScriptRequest, ScriptTimeout)
 from circles.gateway import Gateway
-from circles.jsonrpc import INVALID_PARAMS, Methods, Param, RPCError, bind_params
+from circles.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyRoom, RPCError, bind_params
 from circles.keys import InvalidKey, normalize_pubkey
 from circles.limits import TokenBucket
 from circles.logs import Logger, enabled as log_enabled
@@ -49,6 +49,9 @@ class Session:
         self.in_flight = 0  # messages received and not yet answered
         self.plays: set = set()  # the script backend's Deferreds of this session's plays still waiting
         self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
+        # What a reply that comes later (a play's) may take when it is ready: the connection's
+        # circles.backlog.Backlog, which holds it to what the client has left unread. None: no bound.
+        self.reply_room: Optional[ReplyRoom] = None
 
     @property
     def authenticated(self) -> bool:
@@ -59,7 +62,7 @@ class Session:
         while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
         for. Raises (or the Deferred fails with) :class:`~circles.jsonrpc.ReplyTooLarge` when
         no reply fits."""
-        reply = self.gateway.rpc.answer(payload, self, self._admit)
+        reply = self.gateway.rpc.answer(payload, self, self._admit, self.reply_room)
         if isinstance(reply, Deferred):
             self.in_flight += 1
             reply.addBoth(self._answered)

@@ -48,8 +48,15 @@ class Config:
     max_http_nonces: int = 10_000
     max_http_nonces_per_ip: int = 100
     max_message_size: int = 1024 * 1024
+    # Frames one WebSocket message may come in (a first frame and its continuations); 0: no limit.
+    # Fragments are gathered into one buffer as they arrive, so they cost no memory of their own;
+    # the cap bounds the work one message may cost (about 5 us a frame, however small).
+    max_fragments: int = 4096
     max_batch: int = 100
     max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
+    # Seconds a connection may stay over its bound of unread replies (twice max_message_size)
+    # before it is closed; 0: never (its replies past the bound are still refused, -32007).
+    slow_reader_timeout: float = 30.0
     # The largest script a play may carry, UTF-8 bytes; a larger one is refused (-32006) before
     # anything is written to Redis.
     max_script_size: int = DEFAULT_MAX_SCRIPT_SIZE

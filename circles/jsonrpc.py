@@ -21,7 +21,7 @@ import json
 import math
 import re
 from itertools import accumulate
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import attrs
 import orjson
@@ -249,6 +249,17 @@ def error_response(error: RPCError, id_: Any = None) -> dict:
     return {"jsonrpc": "2.0", "error": error.to_json(), "id": id_}
 
 
+class ReplyRoom(Protocol):
+    """How much a late reply (one a method gives later) may take when it is ready, for a
+    connection that holds back what its peer has not read (:class:`circles.backlog.Backlog`)."""
+
+    def left(self) -> Optional[int]:
+        """Bytes the reply may take now; None: no bound but ``max_reply``."""
+
+    def refuse(self, size: int) -> "RPCError":
+        """The error answering, instead, a reply of ``size`` bytes that does not fit."""
+
+
 class Dispatcher:
     """Turns one incoming message into at most one reply, calling methods from ``methods``.
 
@@ -259,7 +270,8 @@ class Dispatcher:
     transport is never handed what it cannot send. A reply over it is replaced by
     ``too_large(size)`` with the request's id; in a batch, the largest responses are replaced
     so, largest first, until the batch fits. When not even that fits (ids too long to echo),
-    :class:`ReplyTooLarge` is raised (or the Deferred fails with it).
+    :class:`ReplyTooLarge` is raised (or the Deferred fails with it). A late reply is held, the
+    same way, to what the ``room`` given to :meth:`answer` has left when it is ready, if less.
     """
 
     def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError,
@@ -268,16 +280,15 @@ class Dispatcher:
         self._methods = methods
         self._max_batch = max_batch
         self._batch_error = batch_error
-        self._max_reply = max_reply
-        # Below this many characters a reply fits whatever they are (4 UTF-8 bytes at most each).
-        self._surely_fits = max_reply // 4
+        self._max_reply: Optional[int] = max_reply or None
         self._too_large = too_large or (lambda size: RPCError(INTERNAL_ERROR, "Internal error: reply too large"))
         # observe(method, outcome) once per request: method None for an invalid one,
         # outcome "ok", the error code, or CANCELLED. For metrics.
         self._observe = observe
 
     def answer(self, payload: Union[str, bytes], context: Any,
-               admit: Optional[Callable[[int], Optional[RPCError]]] = None) -> Union[str, None, Deferred]:
+               admit: Optional[Callable[[int], Optional[RPCError]]] = None,
+               room: Optional[ReplyRoom] = None) -> Union[str, None, Deferred]:
         """The reply text (None when nothing is to be sent), or a Deferred of it when a method
         answers later: most replies are ready at once, and a Deferred per message would be a
         fifth of its cost. Raises (or the Deferred fails with) :class:`ReplyTooLarge` when no
@@ -286,6 +297,8 @@ class Dispatcher:
         ``admit(n)``, if given, is asked before ``n`` requests (a batch's length) run, and may
         refuse them all with an error (a rate limit): a batch gets it once with id null, a
         request with its own id, a notification nothing.
+
+        ``room``, if given, is asked how much a reply that comes later may take (see :class:`ReplyRoom`).
         """
         try:
             message = parse(payload)
@@ -308,7 +321,7 @@ class Dispatcher:
             replies = [self._call(request, context) for request in message]
             if any(isinstance(r, Deferred) for r in replies):
                 d = gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies], consumeErrors=True)
-                return d.addCallback(self._encode_batch)
+                return d.addCallback(self._encode_batch, room)
             return self._encode_batch(replies)
         refused = admit(1) if admit is not None else None
         if refused is not None:
@@ -319,7 +332,7 @@ class Dispatcher:
             return self._encode_single(error_response(refused, id_ if _valid_id(id_) else None))
         reply = self._call(message, context)
         if isinstance(reply, Deferred):
-            return reply.addCallback(self._encode_single)
+            return reply.addCallback(self._encode_single, room)
         return self._encode_single(reply)
 
     def _call(self, request: Any, context: Any) -> Union[dict, None, Deferred]:
@@ -384,46 +397,58 @@ class Dispatcher:
 
     # --- replies, within the size limit ---
 
-    def _size(self, text: str) -> Optional[int]:
-        """None if ``text`` fits in a reply, else its UTF-8 size. Free for all but huge replies."""
-        if len(text) <= self._surely_fits or not self._max_reply:
+    def _bound(self, room: Optional[ReplyRoom]) -> "tuple[Optional[int], Callable[[int], RPCError]]":
+        """The size a reply must fit in (None: any), and the error that replaces one that does not."""
+        left = None if room is None else room.left()
+        if left is None or (self._max_reply is not None and left >= self._max_reply):
+            return self._max_reply, self._too_large
+        return max(left, 0), room.refuse
+
+    @staticmethod
+    def _size(text: str, limit: Optional[int]) -> Optional[int]:
+        """None if ``text`` fits in ``limit`` bytes, else its UTF-8 size. Free for all but huge replies."""
+        # Up to a quarter of the limit in characters, a reply fits whatever they are (4 UTF-8 bytes at most each).
+        if limit is None or len(text) <= limit // 4:
             return None
         size = len(text.encode("utf-8"))
-        return size if size > self._max_reply else None
+        return size if size > limit else None
 
-    def _encode_single(self, reply: Optional[dict]) -> Optional[str]:
+    def _encode_single(self, reply: Optional[dict], room: Optional[ReplyRoom] = None) -> Optional[str]:
         if reply is None:
             return None
         text = encode(reply)
-        size = self._size(text)
+        limit, too_large = (self._max_reply, self._too_large) if room is None else self._bound(room)
+        size = self._size(text, limit)
         if size is None:
             return text
-        error = encode(error_response(self._too_large(size), reply["id"]))
-        if self._size(error) is not None:
-            raise ReplyTooLarge(size, self._max_reply)
+        error = encode(error_response(too_large(size), reply["id"]))
+        if self._size(error, limit) is not None:
+            raise ReplyTooLarge(size, limit)
         return error
 
-    def _encode_batch(self, replies: list) -> Optional[str]:
+    def _encode_batch(self, replies: list, room: Optional[ReplyRoom] = None) -> Optional[str]:
         answered = [r for r in replies if r is not None]
         if not answered:
             return None
         text = encode(answered)
-        return text if self._size(text) is None else self._shrink_batch(answered)
+        limit, too_large = (self._max_reply, self._too_large) if room is None else self._bound(room)
+        return text if self._size(text, limit) is None else self._shrink_batch(answered, limit, too_large)
 
-    def _shrink_batch(self, answered: list) -> str:
+    @staticmethod
+    def _shrink_batch(answered: list, limit: int, too_large: Callable[[int], RPCError]) -> str:
         """The batch with its largest responses replaced by ``too_large`` errors until it fits."""
         parts = [encode(reply) for reply in answered]
         sizes = [len(part.encode("utf-8")) for part in parts]
         total = sum(sizes) + len(parts) + 1  # the brackets and the commas
         for i in sorted(range(len(parts)), key=sizes.__getitem__, reverse=True):
-            if total <= self._max_reply:
+            if total <= limit:
                 break
-            error = encode(error_response(self._too_large(sizes[i]), answered[i]["id"]))
+            error = encode(error_response(too_large(sizes[i]), answered[i]["id"]))
             size = len(error.encode("utf-8"))
             if size < sizes[i]:
                 parts[i], total = error, total - sizes[i] + size
-        if total > self._max_reply:
-            raise ReplyTooLarge(total, self._max_reply)
+        if total > limit:
+            raise ReplyTooLarge(total, limit)
         return "[" + ",".join(parts) + "]"
 
 

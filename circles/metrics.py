@@ -59,6 +59,9 @@ class Metrics:
                                      registry=self.registry)
         self._redis_connects: Callable[[], int] = lambda: 0
         self.registry.register(_RedisReconnects(lambda: self._redis_connects()))
+        self.slow_reader_closes = Counter("circles_slow_reader_closes", "WebSocket connections closed for leaving "
+                                          "more than twice --max-message-size of replies unread past "
+                                          "--slow-reader-timeout", registry=self.registry)
         self.tcp_connections = Gauge("circles_tcp_connections_open",
                                      "Accepted TCP connections not yet closed (WebSockets, HTTP, pending)",
                                      registry=self.registry)

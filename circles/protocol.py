@@ -65,9 +65,16 @@ whose encoded UTF-8 text would exceed it becomes -32007 with the request's id an
 ``{size, limit}`` (the reply's would-be size in bytes); in a batch the largest responses are
 replaced so, largest first, until the batch fits, and the rest are answered as usual.
 
+A client that does not read its replies is not read from either, and what it may leave unread
+is bounded (:mod:`circles.backlog`): a ``play`` reply that would take it past twice the size
+limit is answered -32007 with ``data`` ``{size, unread, limit}`` instead, and a client that stays
+over that bound for ``--slow-reader-timeout`` seconds (or is so far over it that not even the
+error fits) is disconnected without a close frame (it would not read one).
+
 Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
-not UTF-8, 1009 for a message over the size limit, and for a reply that cannot fit even as
--32007 errors (the request's ids alone are too long to echo).
+not UTF-8, 1009 for a message over the size limit or in more than ``--max-fragments`` frames,
+and for a reply that cannot fit even as -32007 errors (the request's ids alone are too long to
+echo).
 """
 
 from __future__ import annotations
@@ -83,14 +90,13 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from circles.api import Session
 from circles.auth import AuthenticationFailed
 from circles.backend.scripts import BackendUnavailable
+from circles.backlog import Backlog
 from circles.gateway import Gateway
 from circles.jsonrpc import ReplyTooLarge
 from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
@@ -121,28 +127,6 @@ def circle_from_path(path: str) -> Optional[str]:
         return None
 
 
-@implementer(IPushProducer)
-class _PauseReading:
-    """Backpressure: while the peer does not read our replies, we do not read its requests.
-
-    Registered with the transport as the producer of what we write, so when the transport's
-    send buffer fills, Twisted pauses this, which stops reading from the socket. A client that
-    sends requests and never reads the answers thus stalls itself, not the server's memory.
-    """
-
-    def __init__(self, transport) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def _url_refused(failure: Failure):
     """Why the nonce store refused a URL proof, as the upgrade's refusal: 401 for a bad proof,
     503 when the store cannot say (Redis unreachable, or not answering in time), never a
@@ -162,6 +146,9 @@ class CircleProtocol(WebSocketServerProtocol):
     _idle = None
     _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer's address key, while counted against the limits
+    _backlog: Optional[Backlog] = None  # what the peer has not read, once open
+    max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
+    _fragments = 0  # frames of the message arriving so far
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -219,9 +206,15 @@ class CircleProtocol(WebSocketServerProtocol):
         factory: CircleFactory = self.factory
         factory.open_connections.add(self)
         # The HTTP channel that accepted the upgrade is still the transport's producer; the
-        # WebSocket takes its place (Autobahn unregisters ours when the connection drops).
+        # WebSocket takes its place (Autobahn unregisters ours when the connection drops):
+        # while the peer does not read our replies, we do not read its requests, and what it
+        # leaves unread is bounded (circles.backlog).
         self.transport.unregisterProducer()
-        self.registerProducer(_PauseReading(self.transport), True)
+        config = self.session.gateway.config
+        self._backlog = Backlog(self.transport, self.session.gateway.clock, 2 * config.max_message_size,
+                                config.slow_reader_timeout, self._drained, self._slow_reader)
+        self.registerProducer(self._backlog, True)
+        self.session.reply_room = self._backlog
         idle = self.session.gateway.config.idle_timeout
         if idle:
             self._idle = self.session.gateway.clock.callLater(idle, self._idle_timeout)
@@ -282,7 +275,12 @@ class CircleProtocol(WebSocketServerProtocol):
         log.failure("reply to connection {conn} failed", failure, conn=self.connection_id)
 
     def _unsendable(self, error: ReplyTooLarge) -> None:
-        """No reply fits, not even an error (the request's id is too long to echo): 1009."""
+        """No reply fits, not even an error (the request's id is too long to echo): 1009. Or, on a
+        connection whose peer has left its bound of replies unread, not even the error that says
+        so: that peer is not reading, and is given up at once."""
+        if self._backlog is not None and error.limit < self.session.gateway.config.max_message_size:  # held to its room
+            self._slow_reader(self._backlog.unread)
+            return
         self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
                                     "of {limit}, even as an error: closing with 1009", size=error.size,
                                     limit=error.limit)
@@ -318,6 +316,14 @@ class CircleProtocol(WebSocketServerProtocol):
         if _is_tls_error(reason.value):
             self.log.error(_maybe_tls_reason(reason.value))
         self._connectionLost(reason)
+        # What the connection read and has not used yet goes now, not when the protocol does:
+        # Autobahn resolves ``is_closed`` with the protocol itself, a reference cycle that keeps
+        # it until the garbage collector's next full pass, which bytes (not tracked by it) do not
+        # hasten. A half-sent message held that way outlived its connection by minutes.
+        self.message_data = self.frame_data = None
+        self.data = b""
+        if self._backlog is not None:
+            self._backlog.stop()
         if self._counted is not None:
             self.factory.connections.release(self._counted)
             self._counted = None
@@ -331,18 +337,89 @@ class CircleProtocol(WebSocketServerProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
-            super().sendData(data, sync, chopsize)
+            super().sendData(data, sync, chopsize)  # never asked for here: Autobahn's send queue
             return
         self.transport.write(data)
+        if self._backlog is not None:
+            self._backlog.wrote(len(data))  # after the write: one that fills the buffer pauses us, and counts
         if self.state == self.STATE_OPEN:
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
 
+    # A message's fragments, gathered as they arrive. Autobahn keeps a list per frame and a list
+    # of their payloads per message: some 40 bytes a fragment whatever its size, so a 1 MiB
+    # message sent as 1-byte continuation frames held 53 MB (and a stream of empty ones grew
+    # without end, never reaching the size limit). Here a message is one buffer: its first
+    # fragment as it came (no copy for the usual single-frame message), a bytearray from the
+    # second on, so what a connection holds for a message is within its size limit; and a
+    # message may come in at most ``max_fragments`` frames (1009 past it).
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self.message_is_binary = isBinary
+        self.message_data = b""
+        self.message_data_total_length = 0
+        self._fragments = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)  # Autobahn's size limits (payload and frame)
+        self.frame_data = None  # which it starts a list for: nothing is kept per frame here
+        self._fragments += 1
+        if self.max_fragments and self._fragments > self.max_fragments and not self.failedByMe:
+            self.session.anomalies.note("too many fragments", "connection {conn}: a message in more than {limit} "
+                                        "fragments: closing with 1009", limit=self.max_fragments)
+            self.failedByMe = True  # what arrives of the message from now on is dropped
+            self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe:
+            return
+        held = self.message_data
+        if not held:
+            self.message_data = payload
+        elif type(held) is bytes:
+            gathered = bytearray(held)
+            gathered += payload
+            self.message_data = gathered
+        else:
+            held += payload
+
+    def onMessageFrameEnd(self) -> None:
+        pass  # the frame's data is in the message already
+
+    def consumeData(self) -> None:
+        """Autobahn's, except that while the transport is paused (the peer does not read what we
+        send) the frames a read already brought wait too: 64 KiB of small requests, each answered
+        at once, could otherwise make megabytes of replies nobody reads. They are processed once
+        the transport has sent everything (:meth:`_drained`)."""
+        if self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING:
+            backlog = self._backlog
+            while (backlog is None or not backlog.paused) and self.processData() and self.state != self.STATE_CLOSED:
+                pass
+        else:
+            super().consumeData()
+
+    def _drained(self) -> None:
+        """The peer has read everything sent: the frames held back meanwhile go on."""
+        if self.data and (self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING):
+            self.consumeData()
+
+    def _slow_reader(self, unread: int) -> None:
+        """Over its bound of unread replies for ``slow_reader_timeout`` seconds, or so far over it
+        that not even an error fits: given up. Aborted, since a client that does not read would
+        not read a close frame either."""
+        gateway: Gateway = self.factory.gateway
+        self.session.anomalies.note("slow reader", "connection {conn}: does not read its replies ({unread} bytes "
+                                    "unread, over the limit of {limit}): closing", unread=unread,
+                                    limit=self._backlog.limit)
+        gateway.metrics.slow_reader_closes.inc()
+        self.wasNotCleanReason = "the peer did not read its replies"
+        self._drop(abort=True)
+
     def onMessageEnd(self) -> None:
         payload, self.message_data = self.message_data, None
         if not self.failedByMe:
-            self._onMessage(b"".join(payload), self.message_is_binary)
+            self._onMessage(payload if type(payload) is bytes else bytes(payload), self.message_is_binary)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
         """Autobahn's, with the refusal logged within the gateway's budget instead of two lines
@@ -353,13 +430,16 @@ class CircleProtocol(WebSocketServerProtocol):
                                               "refused a WebSocket upgrade from {peer}: {status} {reason}",
                                               status=code, reason=reason)
         self.sendHttpErrorResponse(code, reason, responseHeaders)
-        # dropConnection(abort=False), without its warning:
+        self._drop(abort=False)
+
+    def _drop(self, abort: bool) -> None:
+        """Autobahn's ``dropConnection``, without its warning (a line per connection, at a client's will)."""
         self.unregisterProducer()
         if self.state != self.STATE_CLOSED:
             self.droppedByMe = True
             self.state = self.STATE_CLOSED
             txaio.resolve(self.is_closed, self)
-            self._closeConnection(False)
+            self._closeConnection(abort)
 
     def _idle_timeout(self) -> None:
         self._idle = None
@@ -443,6 +523,7 @@ class CircleFactory(WebSocketServerFactory):
         # this factory's own, leaving nothing to copy or print per connection.
         options = {attr: getattr(self, attr) for attr in self.protocol.CONFIG_ATTRS}
         options = {attr: staticmethod(value) if callable(value) else value for attr, value in options.items()}
+        options["max_fragments"] = config.max_fragments
         self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})
 
     def closed(self, protocol: CircleProtocol) -> None:

@@ -29,8 +29,10 @@ log = logs.Logger()
 #: defaults are the fields' (written once, in Config); the other options are read in postOptions.
 CONFIG_FIELDS = {
     "auth": "auth_required", "api": "api", "port": "port", "interface": "interface", "tls-ciphers": "tls_ciphers",
-    "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-batch": "max_batch",
+    "nonce-ttl": "nonce_ttl", "max-message-size": "max_message_size", "max-fragments": "max_fragments",
+    "max-batch": "max_batch",
     "rate-limit": "rate_limit", "rate-burst": "rate_burst", "max-plays": "max_plays",
+    "slow-reader-timeout": "slow_reader_timeout",
     "max-script-size": "max_script_size",
     "max-nonces": "max_nonces_per_session", "max-connections": "max_connections",
     "max-connections-per-ip": "max_connections_per_ip", "max-pending-per-ip": "max_pending_per_ip",
@@ -128,6 +130,8 @@ class Options(usage.Options):
                  "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
         _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
         _setting("max-message-size", "largest WebSocket message accepted, in bytes", positive(int)),
+        _setting("max-fragments", "frames one WebSocket message may come in (a first frame and its continuation "
+                 "frames), beyond which the connection is closed with 1009 (0: no limit)", at_least_zero(int)),
         ("processes", None, 1, "server processes sharing the port (use one per core); they share state only "
          "through Redis, stop together, and are one server to watch: one log (each line with its process "
          "and pid), one /metrics for all, /ready 503 while one is down", positive(int)),
@@ -137,6 +141,9 @@ class Options(usage.Options):
         _setting("rate-burst", "requests a connection may save up (default: twice --rate-limit)", positive(float)),
         _setting("max-plays", "plays one connection may have waiting for their result, beyond which "
                  "-32006 (0: no limit)", at_least_zero(int)),
+        _setting("slow-reader-timeout", "seconds a connection may leave more than twice --max-message-size of "
+                 "replies unread (its later play replies past that are answered -32007) before it is closed "
+                 "(0: never)", at_least_zero(float)),
         _setting("max-script-size", "largest script a play may carry, in bytes (UTF-8), beyond which -32006 and "
                  "nothing is queued (the default is the tiny engine's own limit)", positive(int)),
         _setting("max-nonces", "live nonces one connection may hold", positive(int)),

@@ -734,6 +734,11 @@ AUTOBAHN_SOURCES = {
     ("WebSocketServerProtocol", "_connectionLost"): "1b616e8fc259d995",
     ("WebSocketProtocol", "sendData"): "5dcca425b048b07e",
     ("WebSocketProtocol", "onMessageEnd"): "efff2a43ca8540d0",
+    ("WebSocketProtocol", "onMessageBegin"): "1c5cb3b3e3eb227b",
+    ("WebSocketProtocol", "onMessageFrameBegin"): "68c4eae4de95e1fb",
+    ("WebSocketProtocol", "onMessageFrameData"): "23e4805e8f059816",
+    ("WebSocketProtocol", "onMessageFrameEnd"): "00c94dd299eb55fc",
+    ("WebSocketProtocol", "consumeData"): "aaa88196e762438f",
     ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
 }
 #: Copied into CircleProtocol.failHandshake (less its warning), not overridden.
