@@ -27,7 +27,9 @@ ending in the circle's id). ``wss://`` verifies the server's certificate and hos
 not verify fails with :class:`CertificateNotVerified`, saying why; a refused upgrade with
 :class:`ConnectFailed` carrying its HTTP ``status`` (404: the server does not serve the circle). :class:`ReconnectingClient` keeps a connection
 up, authenticating each new one with a fresh nonce; given several servers' URLs for one circle (a
-deployment without a load balancer), it moves on to the next, round robin, when one fails.
+deployment without a load balancer), it moves on to the next, round robin, when one fails; its
+``play(timeout=...)`` bounds the whole call, waiting for a connection included
+(:class:`NoServerReachable` when none comes in time).
 """
 
 from __future__ import annotations
