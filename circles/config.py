@@ -11,6 +11,7 @@ from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.redis import parse_redis_url, redact_url
 from circles.http.limits import DEFAULT_MAX_REQUEST_BODY
 from circles.keys import circle_set
+from circles.limits import check_origin_pattern
 from circles.openrpc import APIS, DEFAULT_API
 from circles.webhook_secrets import WebhookSecrets
 
@@ -72,7 +73,8 @@ class Config:
     idle_timeout: float = 600.0  # seconds without a message before closing; 0: never
     ping_interval: float = 30.0  # WebSocket pings to detect dead peers; 0: off
     ping_timeout: float = 10.0
-    allowed_origins: tuple = ("*",)  # browser Origin patterns accepted at the handshake
+    # browser Origin patterns accepted at the handshake (circles.limits.ORIGIN_RULE says how they match)
+    allowed_origins: tuple = attrs.field(default=("*",))
     metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
@@ -102,6 +104,13 @@ class Config:
     # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
     # dead-lettered after: docs/worker-protocol.md).
     webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
+
+    @allowed_origins.validator
+    def _check_allowed_origins(self, attribute, value) -> None:
+        if isinstance(value, str):
+            raise ValueError(f"allowed_origins is a sequence of patterns, not one string: ({value!r},)")
+        for pattern in value:
+            check_origin_pattern(pattern)  # a ValueError saying what is wrong with it
 
     @redis_url.validator
     def _check_redis_url(self, attribute, value) -> None:

@@ -10,10 +10,9 @@ bounds on HTTP requests (time, body) are :mod:`circles.http.limits`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Optional
-from urllib.parse import urlsplit
 
-from autobahn.util import wildcards2patterns
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
@@ -96,41 +95,112 @@ class ConnectionCount:
             self.by_peer.pop(peer, None)
 
 
-class OriginPolicy:
-    """Which browser origins may open a WebSocket: ``*`` wildcard patterns, as configured.
+#: The port of an origin that names none: its scheme's default (RFC 6454); other schemes have none.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ANY_PORT = -1
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_HOST = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_PORT = re.compile(r"[0-9]{1,5}")
 
-    An origin matches as the browser sends it (``https://app.example``) or with its port
-    spelled out (``https://app.example:443``), so a pattern may name the port or leave the
-    default one out. (Autobahn's own check only tries the second form, which refused the very
-    origins configured without a port, and answered 400.) A request without an Origin header
-    does not come from a browser page and is allowed; ``null`` must be allowed by name (or ``*``).
+#: The rule, once: ``--allowed-origins --help``, the README and the docstring below say it so.
+ORIGIN_RULE = (
+    "a pattern is * (any origin), null (the origin 'null' of sandboxed and file: pages), or "
+    "scheme://host[:port] with no path; scheme and host are compared without case and exactly, "
+    "a port left out is the scheme's default (80 for http, 443 for https) and :* is any port; "
+    "a host *.example.com matches every name under example.com at any depth (a.example.com, "
+    "a.b.example.com) but not example.com itself; * is allowed nowhere else")
+
+
+def _split_origin(text: str, pattern: bool) -> "tuple[str, str, Optional[int]]":
+    """``scheme://host[:port]`` as (scheme, host, port); raises ValueError saying what is wrong.
+
+    ``port`` is the scheme's default when the text names none (None if it has no default), or
+    ``_ANY_PORT`` for a pattern's ``:*``. A host ``*.domain`` is kept so only in a pattern.
+    """
+    scheme, sep, authority = text.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        raise ValueError("not scheme://host[:port] (a pattern names its scheme: https://app.example)")
+    if any(c in authority for c in "/?#@\\"):
+        raise ValueError("an origin is scheme://host[:port] alone: no path, query, fragment or user")
+    if authority.startswith("["):  # an IPv6 literal
+        close = authority.find("]")
+        host, rest = authority[:close + 1], authority[close + 1:]
+        if close < 0 or not host[1:-1] or any(c not in "0123456789abcdef:." for c in host[1:-1]):
+            raise ValueError(f"bad IPv6 address {host!r}")
+    else:
+        host, colon, port_text = authority.partition(":")
+        rest = colon + port_text
+    wildcard = pattern and host.startswith("*.")
+    if not _HOST.fullmatch(host[2:] if wildcard else host) and not host.startswith("["):
+        if "*" in host:
+            raise ValueError("* may only be a host's first label (https://*.example.com) or the port (:*)")
+        if not host.isascii():
+            raise ValueError(f"host {host!r}: write a name as browsers send it, in punycode (xn--...)")
+        raise ValueError(f"bad host {host!r}")
+    if not rest:
+        return scheme, host, _DEFAULT_PORTS.get(scheme)
+    port_text = rest[1:]
+    if pattern and port_text == "*":
+        return scheme, host, _ANY_PORT
+    if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r}")
+    return scheme, host, int(port_text)
+
+
+def check_origin_pattern(text: str) -> str:
+    """``text`` as a valid ``--allowed-origins`` pattern (lower case), or a ValueError saying why not."""
+    pattern = text.strip().lower()
+    if pattern not in ("*", "null"):
+        try:
+            _split_origin(pattern, pattern=True)
+        except ValueError as e:
+            raise ValueError(f"origin pattern {text!r}: {e}") from None
+    return pattern
+
+
+class OriginPolicy:
+    """Which browser origins may open a WebSocket, by the patterns of ``--allowed-origins``.
+
+    The rule (:data:`ORIGIN_RULE`): a pattern is ``*``, ``null``, or ``scheme://host[:port]``.
+    The scheme must be the origin's; the host must be the origin's, or, written ``*.domain``,
+    end in ``.domain`` (any depth below it, never ``domain`` itself); the port must be the
+    origin's, a missing one on either side being the scheme's default (``https://app.example``
+    and ``https://app.example:443`` are one origin), or ``*`` (any). Case does not count. Wildcards
+    anywhere else are refused when the policy is made (a glob's ``*`` also matched dots and
+    ports: ``https://app*.example`` let ``https://app.evil.example`` in). An origin that is not
+    ``scheme://host[:port]`` (a path, a wildcard, garbage) matches nothing. A request without
+    an Origin header does not come from a browser page and is allowed; ``null`` must be allowed
+    by name (or ``*``).
     """
 
-    _DEFAULT_PORTS = {"http": 80, "https": 443}
-
     def __init__(self, patterns) -> None:
+        patterns = [check_origin_pattern(p) for p in patterns]
         self.any = "*" in patterns
-        self._patterns = wildcards2patterns(list(patterns))
+        self.null = "null" in patterns
+        self._exact: set = set()
+        self._under: list = []  # (scheme, ".domain", port) of the *.domain patterns
+        for pattern in patterns:
+            if pattern in ("*", "null"):
+                continue
+            scheme, host, port = _split_origin(pattern, pattern=True)
+            if host.startswith("*."):
+                self._under.append((scheme, host[1:], port))
+            else:
+                self._exact.add((scheme, host, port))
 
     def allows(self, origin: Optional[str]) -> bool:
         if not origin or self.any:
             return True
-        origin = origin.strip()
-        forms = [origin.lower()]
-        if forms[0] != "null":
-            try:
-                url = urlsplit(origin)
-                scheme, host, port = url.scheme.lower(), url.hostname, url.port
-            except ValueError:
-                return False
-            if not host:
-                return False
-            default = self._DEFAULT_PORTS.get(scheme)
-            port = default if port is None else port
-            forms = [f"{scheme}://{host}:{port}"]
-            if port == default:
-                forms.append(f"{scheme}://{host}")
-        return any(pattern.match(form) for pattern in self._patterns for form in forms)
+        origin = origin.strip().lower()
+        if origin == "null":
+            return self.null
+        try:
+            scheme, host, port = _split_origin(origin, pattern=False)
+        except ValueError:
+            return False
+        if (scheme, host, port) in self._exact or (scheme, host, _ANY_PORT) in self._exact:
+            return True
+        return any(scheme == s and host.endswith(domain) and p in (port, _ANY_PORT) for s, domain, p in self._under)
 
 
 class TokenBucket:

@@ -18,6 +18,7 @@ from circles import logs, openrpc, processes, siblings, tls, webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
 from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.limits import ORIGIN_RULE, check_origin_pattern
 from circles.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
                              read_dotenv, redis_parameters)
 from circles.processes import ServerProcesses
@@ -59,7 +60,7 @@ _request_body = positive(int)
 
 
 def _origins(text: str) -> tuple:
-    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    origins = tuple(check_origin_pattern(o) for o in text.split(",") if o.strip())
     if not origins:
         raise ValueError("no origin given")
     return origins
@@ -165,7 +166,8 @@ class Options(usage.Options):
                  at_least_zero(float)),
         _setting("ping-timeout", "seconds a pong may take before the peer is dropped", positive(float)),
         _setting("allowed-origins", "comma-separated browser Origin patterns allowed to connect, e.g. "
-                 "https://app.example.com,https://*.example.com (default: any)", _origins),
+                 f"https://app.example.com,https://*.example.com,http://localhost:* (default: any). The rule: "
+                 f"{ORIGIN_RULE}. A client sending no Origin is no browser page and is let in", _origins),
         _setting("metrics-listen", "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
                  "(default: /metrics on the main port)"),
         _setting("shutdown-grace", "seconds in-flight calls get to finish when the server stops",

@@ -8,16 +8,20 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import CancelledError, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 
 from circles import CirclesService, Config, tls
 from circles.backend.redis import parse_redis_url
-from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, ReconnectingClient, RPCError,
-                            connect)
+from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, NoServerReachable,
+                            ReconnectingClient, RPCError, connect)
 from circles.client.signing import generate, public_key, sign_nonce
 from circles.worker.service import Worker
 from circles.worker.tiny_engine import run as tiny_engine
 
+from .inmemory import captured_log
 from .play_client import eventually, sleep
 from .redis_server import free_port
 from .support import ROOT, Key
@@ -267,3 +271,123 @@ def test_reconnecting_client_urls_must_name_one_circle():
     with pytest.raises(ValueError, match="names no circle"):
         ReconnectingClient([url(1000), url(1001, "")], reactor=reactor)
     assert ReconnectingClient(url(1000), reactor=reactor).urls == [url(1000)]  # one URL, as before
+
+
+# -- issue 23: servers that close before the WebSocket opens, or cannot be reached --------------
+
+class _Slammer(Protocol):
+    """A load balancer with no backend (or a draining server): accepts, then closes at once."""
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1
+        self.transport.loseConnection()
+
+
+@pytest_twisted.async_yield_fixture
+async def slammer():
+    """A real listening TCP socket that accepts each connection and closes it; yields the factory
+    (``accepted`` counts connections, ``port`` is the port)."""
+    factory = Factory.forProtocol(_Slammer)
+    factory.accepted = 0
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    factory.port = listening.getHost().port
+    yield factory
+    await maybeDeferred(listening.stopListening)
+
+
+def _unhandled(events: list) -> list:
+    """The events of ``events`` that carry a failure: an error nobody handled, logged by Twisted
+    (``log_failure``; ``failure`` as the reactor's legacy ``log.err`` logs it)."""
+    failures = [(e, e.get("log_failure") or e.get("failure")) for e in events]
+    return [formatEvent(e) + "\n" + f.getTraceback() for e, f in failures if f is not None]
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_survives_servers_that_close_before_the_websocket_opens(slammer, tls_files, scheme):
+    """Twisted's ClientService logged ``Unhandled Error ... NoTransition ... _clientDisconnected
+    in Waiting`` each time: the connection's loss failed the preparation (Connecting -> Waiting),
+    then reported itself again to a state with no way out."""
+    target = f"{scheme}://127.0.0.1:{slammer.port}/{CIRCLE}"
+    helper = ReconnectingClient(target, reactor=reactor, key=generate(), retry_policy=lambda attempt: 0.01,
+                                **({"insecure": True} if scheme == "wss" else {}))
+    with captured_log() as events:
+        helper.start()
+        try:
+            await eventually(lambda: slammer.accepted >= 5)
+        finally:
+            await helper.stop()
+    assert _unhandled(events) == []
+    assert any("closed before the WebSocket opened" in formatEvent(e) or "connecting to" in formatEvent(e)
+               for e in events), [formatEvent(e) for e in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_keeps_backing_off_from_a_server_that_closes_at_once(slammer):
+    """A connection that never becomes a WebSocket is a failed attempt: the retry policy sees the
+    attempts add up, rather than a server closing at once being retried at the first delay forever."""
+    attempts = []
+    helper = ReconnectingClient(f"ws://127.0.0.1:{slammer.port}/{CIRCLE}", reactor=reactor,
+                                retry_policy=lambda attempt: attempts.append(attempt) or 0.01)
+    helper.start()
+    try:
+        await eventually(lambda: len(attempts) >= 4)
+    finally:
+        await helper.stop()
+    assert attempts[:4] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["refused", "closes-at-once", "both"])
+@pytest_twisted.ensureDeferred
+async def test_play_timeout_covers_waiting_for_a_server(slammer, kind):
+    """``play(timeout=...)`` on a client that reaches no server waited for ever; it fails within
+    its timeout (driven on a Clock), saying that no server was reachable and why."""
+    refused = f"ws://127.0.0.1:{free_port()}/{CIRCLE}"  # nothing listens there
+    closes = f"ws://127.0.0.1:{slammer.port}/{CIRCLE}"
+    urls = {"refused": [refused], "closes-at-once": [closes], "both": [refused, closes]}[kind]
+    helper = ReconnectingClient(urls, reactor=reactor, key=generate(), retry_policy=lambda attempt: 0.01)
+    with captured_log() as events:
+        helper.start()
+        try:
+            pending = helper.play("1", timeout=2)
+            with pytest.raises(NoServerReachable) as failed:
+                await pending.addTimeout(60, reactor)  # a guard for this test only: it waited for ever
+        finally:
+            await helper.stop()
+    message = str(failed.value)
+    assert "no server was reachable" in message and "2" in message, message
+    if kind in ("refused", "both"):
+        assert refused in message and "refused" in message.lower(), message
+    if kind in ("closes-at-once", "both"):
+        assert closes in message and "closed before the WebSocket opened" in message, message
+    assert isinstance(failed.value, ConnectFailed)  # what callers already catch for a failed connection
+    assert _unhandled(events) == []
+
+
+def test_play_timeout_on_a_clock_and_no_waiter_kept():
+    """The same on a Clock: a connection attempt that never finishes (a black-holed SYN; the
+    endpoint's own timeout is 30 s) fails the play at its timeout, not a moment before, and
+    every call that timed out is forgotten (nothing held per call while no server answers)."""
+    clock = MemoryReactorClock()
+    helper = ReconnectingClient(f"ws://127.0.0.1:9/{CIRCLE}", reactor=clock)
+    helper.start()
+    results: list = []
+    helper.play("1", timeout=5).addBoth(results.append)
+    clock.advance(4.999)
+    assert results == [] and len(clock.tcpClients) == 1
+    clock.advance(0.001)
+    [failure] = results
+    assert failure.check(NoServerReachable)
+    assert str(failure.value) == (f"no server was reachable within 5 s (ws://127.0.0.1:9/{CIRCLE}: "
+                                  "no attempt has finished yet)")
+    # a program that keeps calling meanwhile: each call's wait ends with its timeout
+    calls = [helper.play("1", timeout=1) for _ in range(1000)]
+    for d in calls:
+        d.addErrback(lambda f: f.trap(NoServerReachable))
+    assert len(helper._waiters) == 1000
+    clock.advance(1)
+    assert helper._waiters == []
+    helper.stop()
+    stopped = helper.client()
+    assert stopped.called  # stopped: fails at once (CancelledError) rather than wait
+    stopped.addErrback(lambda f: f.trap(CancelledError))

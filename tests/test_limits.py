@@ -30,9 +30,10 @@ import pytest_twisted
 import websockets
 from twisted.internet import reactor, threads
 from twisted.internet.task import Clock
+from twisted.python import usage
 from websockets.sync.client import connect
 
-from circles import CirclesService, Config
+from circles import CirclesService, Config, server_tap
 from circles.api import Session, methods
 from circles.gateway import Gateway
 
@@ -591,6 +592,72 @@ def test_origin_policy(origin, allowed):
     assert policy.allows(origin) is allowed
     assert OriginPolicy(("*",)).allows(origin)
     assert OriginPolicy(("null",)).allows("null")
+
+
+#: Issue 23: the rule of --allowed-origins (circles.limits.ORIGIN_RULE), at its edges.
+EDGE_PATTERNS = ("https://app.example", "https://*.example.com", "http://localhost:*", "http://[::1]:3000",
+                 "chrome-extension://abcdef")
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    # scheme: must be the pattern's
+    ("https://app.example", True), ("http://app.example", False), ("wss://app.example", False),
+    # port: one left out is the scheme's default, on either side; :* is any port, the default included
+    ("https://app.example:443", True), ("https://app.example:8443", False), ("https://app.example:80", False),
+    ("http://localhost", True), ("http://localhost:1", True), ("http://localhost:65535", True),
+    ("https://localhost:3000", False), ("http://localhost.evil.example:3000", False),
+    ("chrome-extension://abcdef", True), ("chrome-extension://abcdef:443", False),  # no default port
+    # subdomain depth: any below the domain, never the domain itself, nothing that only ends like it
+    ("https://a.example.com", True), ("https://a.b.c.example.com", True), ("https://a.example.com:443", True),
+    ("https://example.com", False), ("https://aexample.com", False), ("https://a.example.com.evil", False),
+    ("https://a.example.com:8443", False), ("http://a.example.com", False),
+    # null: only when listed by name
+    ("null", False), ("NULL", False),
+    # IPv6 literals, as browsers send them
+    ("http://[::1]:3000", True), ("http://[::1]:3001", False), ("http://[::2]:3000", False),
+    # not an origin (a browser sends none of these; a glob matched some): nothing matches
+    ("https://app.example/", False), ("https://app.example/x", False), ("https://user@app.example", False),
+    ("https://*.example.com", False), ("https://app.example:*", False), ("https://app.example:99999", False),
+    ("https://app.example:", False), ("app.example", False), ("https://app.example.", False),
+])
+def test_origin_rule_at_its_edges(origin, allowed):
+    from circles.limits import OriginPolicy
+    assert OriginPolicy(EDGE_PATTERNS).allows(origin) is allowed
+
+
+def test_null_is_allowed_by_name_and_by_star_only():
+    from circles.limits import OriginPolicy
+    assert OriginPolicy(("null",)).allows("null") and OriginPolicy(("*",)).allows("null")
+    assert not OriginPolicy(("null",)).allows("https://app.example")
+    assert not OriginPolicy(("https://*.example.com", "http://localhost:*")).allows("null")
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("https://app*.example", "first label"),  # a glob let https://app.evil.example in
+    ("https://*example.com", "first label"),  # ... and https://evilexample.com
+    ("https://*.*.example.com", "first label"), ("http://*", "first label"),
+    ("*.example.com", "names its scheme"), ("*://app.example", "names its scheme"),  # any scheme, as a glob
+    ("app.example", "names its scheme"),
+    ("https://app.example/", "no path"), ("https://app.example/app", "no path"),
+    ("https://user@app.example", "no path"),
+    ("https://app.example:0", "bad port"), ("https://app.example:70000", "bad port"),
+    ("https://app.example:8x", "bad port"), ("https://exämple.com", "punycode"), ("https://", "bad host"),
+])
+def test_origin_patterns_outside_the_rule_are_refused(pattern, why):
+    from circles.limits import OriginPolicy
+    with pytest.raises(ValueError, match=why):
+        OriginPolicy((pattern,))
+    with pytest.raises(ValueError, match=why):
+        Config(allowed_origins=(pattern,))
+    with pytest.raises(usage.UsageError, match=f"origin pattern .*{why}"):
+        server_tap.Options().parseOptions(["--allowed-origins", f"https://ok.example,{pattern}"])
+
+
+def test_allowed_origins_help_states_the_rule():
+    text = str(server_tap.Options())
+    for clause in ("80 for http, 443 for https", ":* is any port", "a.b.example.com", "not example.com itself",
+                   "null", "no path"):
+        assert clause in " ".join(text.split()), clause
 
 
 # --- 7. a reader that stalls: backpressure ----------------------------------------------------------

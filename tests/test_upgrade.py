@@ -129,3 +129,72 @@ def test_pending_connections_count_against_the_address_or_its_64():
         IPv4Address("TCP", "203.0.113.7", 1), IPv6Address("TCP", "::ffff:203.0.113.8", 1),  # two IPv4 clients
     )]
     assert [isinstance(p, _FirstBytes) for p in built] == [True, False, True, True, True]
+
+
+def _answer_to(port: int, data: bytes) -> bytes:
+    """What the server answers ``data`` with, read until it closes (b"" if it never answers and
+    drops the connection; a generous timeout, not a timing assertion)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        answer = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+BARE_LF_HEADS = {
+    "plain": b"GET / HTTP/1.1\nHost: x\n\n",
+    "health": b"GET /health HTTP/1.1\nHost: x\n\n",
+    "upgrade": UPGRADE.replace(b"\r\n", b"\n"),
+    # every line but one ends in CRLF: the head ends, but one of its lines hides another header
+    "mixed": b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: 1\nTransfer-Encoding: chunked\r\n\r\n",
+    "mixed-upgrade": UPGRADE.replace(b"Connection: Upgrade\r\n", b"Connection: Upgrade\n"),
+    "bare-lf-then-crlf-end": b"GET /health HTTP/1.1\nHost: x\n\r\n",
+}
+
+
+@pytest.mark.parametrize("head", BARE_LF_HEADS.values(), ids=BARE_LF_HEADS.keys())
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_head_is_answered_400_at_once(port, head):
+    """Issue 23: a head whose lines end in a bare LF got no answer until the header timeout.
+    It is refused at once (RFC 9112 2.2 lets a server refuse it; accepting it where a proxy in
+    front does not is how requests are smuggled), for a plain request and an upgrade alike."""
+    answer = await threads.deferToThread(_answer_to, port, head)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"bare LF" in answer and b"content-length: " in answer.lower(), answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_in_a_later_request_of_the_connection_is_answered_400(port):
+    """The Site's own parser (keep-alive: the router has handed the connection over) too."""
+    answer = await threads.deferToThread(
+        _answer_to, port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\nHost: x\n\n")
+    first, _, second = answer.partition(b"HTTP/1.1 400 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"bare LF" in second, answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_in_a_body_is_data(port):
+    """Only the head's lines are held to CRLF: a body is bytes."""
+    body = b"a\nb\n\nc"
+    answer = await threads.deferToThread(
+        _exchange, port, [b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)])
+    assert answer.startswith(b"HTTP/1.1 405 "), answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_with_crlf_are_all_answered(port):
+    """The parser replays pipelined requests into itself: whole CRLF lines are no bare LF."""
+    body = b"x\ny"
+    requests = (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 3
+                + b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n" + body
+                + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await threads.deferToThread(_answer_to, port, requests)
+    statuses = [part[:3] for part in answer.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [b"200", b"200", b"200", b"405", b"200"], answer

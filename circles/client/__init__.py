@@ -7,6 +7,6 @@ signing (:mod:`circles.client.signing`), and the ``circles`` command (:mod:`circ
 from circles.lazy import exports
 
 _CONNECTION = "circles.client.connection"
-__all__ = ["CertificateNotVerified", "CircleClient", "ConnectFailed", "ConnectionClosed", "ReconnectingClient",
-           "RPCError", "check_url", "connect"]
+__all__ = ["CertificateNotVerified", "CircleClient", "ConnectFailed", "ConnectionClosed", "NoServerReachable",
+           "ReconnectingClient", "RPCError", "check_url", "connect"]
 __getattr__, __dir__ = exports(__name__, {name: _CONNECTION for name in __all__})

@@ -27,7 +27,9 @@ ending in the circle's id). ``wss://`` verifies the server's certificate and hos
 not verify fails with :class:`CertificateNotVerified`, saying why; a refused upgrade with
 :class:`ConnectFailed` carrying its HTTP ``status`` (404: the server does not serve the circle). :class:`ReconnectingClient` keeps a connection
 up, authenticating each new one with a fresh nonce; given several servers' URLs for one circle (a
-deployment without a load balancer), it moves on to the next, round robin, when one fails.
+deployment without a load balancer), it moves on to the next, round robin, when one fails; its
+``play(timeout=...)`` bounds the whole call, waiting for a connection included
+(:class:`NoServerReachable` when none comes in time).
 """
 
 from __future__ import annotations
@@ -45,11 +47,10 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -83,6 +84,12 @@ class ConnectFailed(ConnectionError):
 
 class CertificateNotVerified(ConnectFailed):
     """The server's certificate did not verify: an issuer not trusted, expired, another host's."""
+
+
+class NoServerReachable(ConnectFailed):
+    """A :class:`ReconnectingClient` got no live connection within a call's ``timeout``: none of
+    its servers could be reached, or none let a WebSocket open (and authenticate). The message
+    names each URL and why its last attempt failed."""
 
 
 def check_url(url: str) -> str:
@@ -280,7 +287,7 @@ class _ClientProtocol(WebSocketClientProtocol):
             connection, ca = self.tls
             return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
                                           f"{_not_verified(connection, ca, host, lost)}")
-        return ConnectFailed(f"cannot open {url}: {why}")
+        return ConnectFailed(f"cannot open {url}: the connection closed before the WebSocket opened ({why})")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         url = self.url
@@ -399,9 +406,11 @@ class _Rotating:
     factory's session parameters (URL, Host header, resource) are switched to that server's
     before connecting. ClientService makes one attempt at a time, so no attempt sees another's."""
 
-    def __init__(self, targets: "list[tuple[str, Any]]", factory: WebSocketClientFactory) -> None:
+    def __init__(self, targets: "list[tuple[str, Any]]", factory: WebSocketClientFactory,
+                 failed: Callable[[str, Failure], None]) -> None:
         self._targets = targets  # (url, endpoint)
         self._factory = factory
+        self._failed = failed  # told of each attempt that made no connection, before ClientService
         self._next = 0
         self.url: str = targets[0][0]  # the URL of the current or last attempt
 
@@ -411,7 +420,12 @@ class _Rotating:
         f = self._factory
         f.setSessionParameters(url=self.url, origin=f.origin, protocols=f.protocols, useragent=f.useragent,
                                headers=f.headers, proxy=f.proxy)
-        return endpoint.connect(protocol_factory)
+        return endpoint.connect(protocol_factory).addErrback(self._attempt_failed, self.url)
+
+    def _attempt_failed(self, failure: Failure, url: str) -> Failure:
+        if not failure.check(CancelledError):  # cancelled: stopped, not a failure of the server's
+            self._failed(url, failure)
+        return failure
 
 
 def check_urls(urls: Union[str, Sequence[str]]) -> "list[str]":
@@ -436,9 +450,21 @@ class ReconnectingClient:
     server dies. :attr:`url` is the URL of the current (or last attempted) connection,
     :attr:`urls` all of them.
 
-    Calls wait for a live (authenticated, if a key is given) connection. A call in flight when
-    the connection drops fails with :class:`ConnectionClosed` and is not repeated; the next
-    call goes over the new connection. :meth:`start` begins connecting, :meth:`stop` ends it.
+    Calls wait for a live (open and, if a key is given, authenticated) connection: for ever, or
+    for ``timeout`` seconds where a call takes one (:meth:`client`, :meth:`play`), after which
+    it fails with :class:`NoServerReachable`, saying why each server's last attempt failed. A
+    call in flight when the connection drops fails with :class:`ConnectionClosed` and is not
+    repeated; the next call goes over the new connection. :meth:`start` begins connecting,
+    :meth:`stop` ends it.
+
+    Twisted's ``ClientService`` keeps the connection; this class makes it live. The service
+    counts a connection as made once TCP (and TLS) is up, and the opening handshake and the
+    authentication follow here: a ``prepareConnection`` that fails because the connection was
+    lost leaves the service in a state (``Waiting``) where that same loss, reported next, is an
+    error (``automat`` ``NoTransition``, logged as an unhandled error each time a load balancer
+    with no backend or a draining server closed a connection before the WebSocket opened). An
+    attempt that gives no live connection still counts as a failed one for ``retry_policy``,
+    whose delays grow while no server lets a WebSocket open.
     """
 
     def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
@@ -448,52 +474,107 @@ class ReconnectingClient:
         self._reactor = reactor
         self._key = None if key is None else private_key(key)
         self._scheme = scheme
+        self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
+        self._unready = 0  # attempts in a row that gave no live connection
+        self._why: "dict[str, str]" = {}  # each URL's last failed attempt, since the last live connection
+        self._live: Optional[_ClientProtocol] = None
+        self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
+        self._stopped = False
         factory = _factory(self.urls[0], reactor, timeout)
         self._endpoint = _Rotating([(u, endpoint_for(u, reactor, ca=ca, insecure=insecure, timeout=timeout))
-                                    for u in self.urls], factory)
+                                    for u in self.urls], factory, self._attempt_failed)
+        # The service's own count of failed attempts restarts with every TCP connection; ours
+        # restarts with every live one (1 after a live connection was lost, as the service's would).
         self._service = ClientService(self._endpoint, factory,
-                                      retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30),
+                                      retryPolicy=lambda _: self._policy(max(1, self._unready)),
                                       clock=reactor, prepareConnection=self._prepare)
 
     @property
     def url(self) -> str:
         return self._endpoint.url
 
-    def _prepare(self, protocol) -> Deferred:
-        """Each new connection: wait for the handshake, then authenticate (a fresh nonce)."""
-        d = protocol.opened
-        if self._key is not None:
-            d.addCallback(lambda _: CircleClient(protocol).authenticate(self._key, self._scheme))
+    def _prepare(self, protocol) -> None:
+        """Each new connection, as soon as TCP (and TLS) is up: its handshake and authentication
+        go on in the background; the service takes the connection as made (see the class)."""
+        ensureDeferred(self._make_live(protocol.opened, protocol.url))
 
-        def ready(_):
-            log.info("connected to {url}", url=protocol.url)
+    async def _make_live(self, opened: Deferred, url: str) -> None:
+        protocol: Optional[_ClientProtocol] = None
+        try:
+            protocol = await opened
+            if self._key is not None:
+                await CircleClient(protocol).authenticate(self._key, self._scheme)
+        except Exception:
+            failure = Failure()
+            log.warn("connecting to {url} failed: {error}", url=url, error=failure.getErrorMessage())
+            self._attempt_failed(url, failure)
+            if protocol is not None and protocol.state == protocol.STATE_OPEN:
+                protocol.sendClose(1000)  # not used; the service tries again once it has closed
+            return
+        self._unready, self._why = 0, {}
+        self._live = protocol
+        protocol.closed.when().addCallback(lambda _: self._lost(protocol))
+        log.info("connected to {url}", url=protocol.url)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self._wrap(protocol))
 
-        def failed(failure: Failure):
-            log.warn("connecting to {url} failed: {error}", url=protocol.url, error=failure.getErrorMessage())
-            return failure
+    def _attempt_failed(self, url: str, failure: Failure) -> None:
+        self._unready += 1
+        self._why[url] = failure.getErrorMessage().removeprefix(f"cannot open {url}: ")
 
-        return d.addCallbacks(ready, failed)
+    def _lost(self, protocol: _ClientProtocol) -> None:
+        if self._live is protocol:
+            self._live = None
+
+    def _wrap(self, protocol: _ClientProtocol) -> CircleClient:
+        client = CircleClient(protocol)
+        client.pubkey = None if self._key is None else public_key(self._key)
+        return client
+
+    def _unreachable(self, timeout: float) -> NoServerReachable:
+        tried = "; ".join(f"{url}: {self._why.get(url, 'no attempt has finished yet')}" for url in self.urls)
+        return NoServerReachable(f"no server was reachable within {timeout:g} s ({tried})")
 
     def start(self) -> None:
+        self._stopped = False
         self._service.startService()
 
     def stop(self) -> Deferred:
+        """Stop connecting and close the connection; calls still waiting for one fail with
+        ``CancelledError``."""
+        self._stopped = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.cancel()
         return self._service.stopService()
 
-    def client(self) -> Deferred:
-        """Fires with a :class:`CircleClient` on the current live connection."""
-        d = self._service.whenConnected()
+    def client(self, timeout: Optional[float] = None) -> Deferred:
+        """Fires with a :class:`CircleClient` on the current live connection, or the next one.
 
-        def wrap(protocol):
-            if protocol.state != protocol.STATE_OPEN:  # lost, and the service has yet to notice
-                return self.client()
-            client = CircleClient(protocol)
-            client.pubkey = None if self._key is None else public_key(self._key)
-            return client
+        ``timeout``: seconds to wait for one, after which it fails with :class:`NoServerReachable`
+        (None: wait for as long as it takes). Fails with ``CancelledError`` once stopped.
+        """
+        if self._stopped:
+            return fail(CancelledError(f"the client of {self.url} was stopped"))
+        live = self._live
+        if live is not None and live.state == live.STATE_OPEN:
+            return succeed(self._wrap(live))
+        waiter: Deferred = Deferred(self._forget)
+        self._waiters.append(waiter)
+        if timeout is not None:
+            def unreachable(result, timeout):
+                if isinstance(result, Failure) and result.check(CancelledError):
+                    raise self._unreachable(timeout)
+                return result
 
-        # Hand over on a later turn: code run from inside ClientService's state machine
-        # (as a callback of whenConnected would be) may not call back into it (e.g. stop()).
-        return d.addCallback(lambda protocol: deferLater(self._reactor, 0, wrap, protocol))
+            waiter.addTimeout(timeout, self._reactor, onTimeoutCancel=unreachable)
+        return waiter
+
+    def _forget(self, waiter: Deferred) -> None:
+        """A waiter cancelled (its timeout, its caller): nothing keeps it any more."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
     def _via(self, method: str, *args, **kwargs) -> Deferred:
         return self.client().addCallback(lambda client: getattr(client, method)(*args, **kwargs))
@@ -505,7 +586,22 @@ class ReconnectingClient:
         return self._via("whoami")
 
     def play(self, script: str, timeout: Optional[float] = None) -> Deferred:
-        return self._via("play", script, timeout)
+        """Run ``script``; fires with its output.
+
+        ``timeout`` (seconds) bounds the whole call: waiting for a live connection (past it,
+        :class:`NoServerReachable`), then the play itself, sent with the time left as its own
+        timeout, so the server answers -32003 when that runs out. None: the server's limit, and
+        as long as it takes to connect.
+        """
+        if timeout is None:
+            return self._via("play", script)
+        return ensureDeferred(self._play_within(script, timeout))
+
+    async def _play_within(self, script: str, timeout: float) -> str:
+        deadline = self._reactor.seconds() + timeout
+        client = await self.client(timeout=timeout)
+        # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
+        return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))
 
     def discover(self) -> Deferred:
         return self._via("discover")

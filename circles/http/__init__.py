@@ -8,6 +8,7 @@
 - :mod:`circles.http.site`: the one ``Site`` (operational routes, ``/auth``, webhooks);
 - :mod:`circles.http.auth`: ``/auth/...``, nonces and signatures over plain HTTP;
 - :mod:`circles.http.responses`: the JSON answers of every route (status, type, caching);
-- :mod:`circles.http.limits`: request bodies bounded as they arrive (413);
+- :mod:`circles.http.limits`: requests bounded as they arrive: whole-request deadline, bodies
+  (413), heads with a bare-LF line (400);
 - :mod:`circles.http.playground`: the browser playground.
 """

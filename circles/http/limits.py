@@ -1,5 +1,6 @@
-"""Bounds on HTTP requests, enforced while they arrive: the time a whole request may take
-(:class:`RequestDeadlineChannel`) and the size of its body (:class:`BoundedRequest`).
+"""Bounds on HTTP requests, enforced while they arrive: the time a whole request may take and
+the form of its head (:class:`RequestDeadlineChannel`), and the size of its body
+(:class:`BoundedRequest`).
 
 Twisted's ``Request`` stores the whole body (in memory, or a temporary file past 100 kB)
 before any resource sees the request, so a limit checked in a handler comes too late: the bytes
@@ -31,6 +32,9 @@ DEFAULT_MAX_REQUEST_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
 
 _TOO_LARGE = b'{"error":"request body too large"}'
+_BARE_LF = b'{"error":"a line of the request head ends in a bare LF: HTTP/1.1 lines end in CRLF"}'
+BARE_LF_ANSWER = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                  b"connection: close\r\n\r\n%s" % (len(_BARE_LF), _BARE_LF))
 
 
 class BoundedRequest(Request):
@@ -99,6 +103,12 @@ class RequestDeadlineChannel(HTTPChannel):
     to answer every request already read, each answer buffered: a client pipelining cheap
     requests for a large answer and reading nothing grew the server by the answers' size (over
     TLS, 6 GB of RSS from 20 MB of ``GET /openrpc.json``).
+
+    A request head whose lines end in a bare LF is answered 400 as soon as the LF arrives.
+    Twisted splits the head on CRLF only, so such a head (``GET / HTTP/1.1\\nHost: x\\n\\n``)
+    was one unfinished line, unanswered until the deadline. RFC 9112 (2.2) lets a server accept
+    a bare LF as a line end or refuse it; refused, a proxy in front that reads the lines
+    otherwise cannot be made to see other requests, or other headers, than we do.
     """
 
     _deadline = None
@@ -131,6 +141,24 @@ class RequestDeadlineChannel(HTTPChannel):
             self._held += data  # read before the pause took effect (TLS decrypts in batches)
             return
         super().dataReceived(data)
+        # Still reading a head, and an LF in it that ended no line (the parser waits for CRLF).
+        # Not while the parser is busy (a request answered at once replays pipelined bytes into
+        # it from inside its own loop): its buffer holds whole lines then, checked as they go.
+        if self.line_mode and not self._busyReceiving and b"\n" in self._buffer:
+            self._refuse_bare_lf()
+
+    def lineReceived(self, line: bytes) -> None:
+        if b"\n" in line:  # a line of the head with a bare LF inside
+            self._refuse_bare_lf()
+            return
+        super().lineReceived(line)
+
+    def _refuse_bare_lf(self) -> None:
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self._buffer = b""
+        self.transport.write(BARE_LF_ANSWER)
+        self.loseConnection()
 
     def requestDone(self, request) -> None:
         if self.persistent and self._waitingForTransport and self._held is None:

@@ -12,7 +12,10 @@ Until then a connection is *pending*, and counted by peer address (an IPv6 one b
 one address may hold at most ``max_pending_per_peer`` of them (503 past it), so a crowd of
 silent connections from one client cannot take the descriptors everyone else needs. A head
 that cannot be parsed because it is too large is answered here: 414 for a request line over
-16 KiB, 431 for a longer head.
+16 KiB, 431 for a longer head. A head with a line ending in a bare LF (no CR before it) goes to
+the Site as soon as that LF arrives, whatever else it says: Autobahn, like the Site, splits the
+head on CRLF only, so such a head would otherwise wait for an end that never comes; the Site's
+channel (:class:`~circles.http.limits.RequestDeadlineChannel`) answers it 400.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def oversized(head: bytes, end: int) -> Optional[bytes]:
     if end < 0 or end > MAX_HEAD:
         return HEAD_TOO_LARGE
     return None
+
+
+def has_bare_lf(head: bytes) -> bool:
+    """Whether a line of an HTTP request head ends in a bare LF, not CRLF."""
+    return head.count(b"\n") != head.count(b"\r\n")
 
 
 def is_circle_upgrade(head: bytes) -> bool:
@@ -119,16 +127,20 @@ class _FirstBytes(Protocol):
             return
         self._head += data
         end = self._head.find(b"\r\n\r\n")
-        if end < 0 and len(self._head) <= MAX_HEAD:
-            return
-        answer = oversized(self._head, end)
-        if answer is not None:
-            self._refuse(answer)
-            return
+        # Checked as each LF arrives (the byte before it has too): no bare LF goes unseen.
+        malformed = b"\n" in data and has_bare_lf(self._head if end < 0 else self._head[:end])
+        if not malformed:
+            if end < 0 and len(self._head) <= MAX_HEAD:
+                return
+            answer = oversized(self._head, end)
+            if answer is not None:
+                self._refuse(answer)
+                return
         self._timer.cancel()
         self._router.routed(self._peer)
         self._peer = None
-        factory = self._router.websocket if end >= 0 and is_circle_upgrade(self._head[:end]) else self._router.site
+        upgrade = not malformed and end >= 0 and is_circle_upgrade(self._head[:end])
+        factory = self._router.websocket if upgrade else self._router.site
         inner = factory.buildProtocol(self._addr)
         if inner is None:
             self.transport.loseConnection()
