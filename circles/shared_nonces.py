@@ -38,25 +38,20 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from txredisapi import RedisError, ResponseError
+from txredisapi import ResponseError
 from zope.interface import implementer
 
 from circles.auth import (AuthenticationFailed, INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value,
                           proved_by)
-from circles.backend.dispatch import is_oom
-from circles.backend.redis import RedisAddress, connect, text
-from circles.backend.scripts import BackendFull, BackendUnavailable
-from circles.logs import Logger, worth_logging
-from circles.once import Once
+from circles.backend.commands import TIMEOUT, CommandConnection
+from circles.backend.redis import RedisAddress, text
+from circles.backend.scripts import BackendUnavailable
 
-log = Logger()
-
-#: Seconds a nonce command may wait for Redis (its connection included) before it fails.
-TIMEOUT = 5.0
+#: Said in the log when Redis does not know GETDEL.
+_NEEDS = " (taking a nonce needs GETDEL: Redis 6.2 or later)"
 
 
 def nonce_key(prefix: str, value: str) -> str:
@@ -64,9 +59,8 @@ def nonce_key(prefix: str, value: str) -> str:
 
 
 @implementer(INonceStore)
-class RedisNonceStore(Service):
-    """Nonces in Redis, on a connection of its own (the script runner's are busy with tasks and
-    replies; a handshake should not wait behind a megabyte of output), reconnecting by itself.
+class RedisNonceStore(CommandConnection):
+    """Nonces in Redis, on a connection of its own (:class:`~circles.backend.commands.CommandConnection`).
 
     :param address: the Redis the script runner uses.
     :param reactor: connects, and times commands out.
@@ -80,38 +74,13 @@ class RedisNonceStore(Service):
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str, ttl: float, cap: int, per_owner: int = 0,
                  timeout: float = TIMEOUT, clock: Optional[IReactorTime] = None) -> None:
-        self.address = address
-        self.reactor = reactor
+        super().__init__(address, reactor=reactor, timeout=timeout, doing="issue or take a nonce")
         self.clock: IReactorTime = reactor if clock is None else clock
         self.prefix = prefix
-        self.timeout = timeout
         self.ledger = NonceStore(self.clock, ttl, cap, per_owner)  # what this process issued, still live
-        self._redis = None  # txredisapi factory, while running
-        self._connecting: Optional[Once] = None  # fires once the connection is up, while commands wait for it
-        self._give_up = None  # ends that wait, failing it: at its timer (_gives_up), or on stopping
-        self._gives_up = None
-        self._unreachable = False  # a wait for the connection ran out: fail at once until it is up
-        self.failures = 0  # commands that failed (logged: the 1st, 10th, 100th...)
-
-    def startService(self) -> None:
-        super().startService()
-        self._redis = connect(self.address, self.reactor, reply_timeout=self.timeout)
-        # Reaching Redis, and Redis refusing the credentials, are the script runner's to tell.
-        self._redis.deferred.addErrback(lambda _: None)
-
-    def stopService(self):
-        super().stopService()
-        if self._connecting is not None:  # commands waiting for a connection: there will be none
-            self._give_up()
-        redis, self._redis = self._redis, None
-        return None if redis is None else redis.disconnect()
 
     def live(self) -> int:
         return len(self.ledger)
-
-    def is_connected(self) -> bool:
-        """Whether the store's connection to Redis is up now."""
-        return self._redis is not None and self._redis.size > 0
 
     def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
         try:
@@ -153,90 +122,5 @@ class RedisNonceStore(Service):
         self.ledger.take(value)  # frees this process's count of it, if it issued it
         return text(stored).partition("|")[0] or None
 
-    # -- commands ---------------------------------------------------------------------------------
-
     def _command(self, settle, *args) -> Deferred:
-        """What ``settle`` makes of Redis's reply to ``args`` (or of its failure), or
-        :class:`BackendUnavailable` (``BackendFull``) within :attr:`timeout` seconds. ``settle``
-        runs whenever the reply comes, waited for or not; the Deferred is the caller's to cancel
-        (a client gone), the command itself is not (a txredisapi connection matches replies to
-        commands in order)."""
-        redis = self._redis
-        if redis is not None and redis.size:
-            self._unreachable = False
-        elif redis is None or self._unreachable:
-            refused = fail(BackendUnavailable("Redis is unreachable" if redis else "the server is stopping"))
-            return refused.addBoth(settle)
-        answer: Deferred = Deferred()
-        timer = self.reactor.callLater(self.timeout, _too_slow, answer, self.timeout)
-        d = ensureDeferred(self._run(redis, args))
-        d.addBoth(settle)
-        d.addErrback(self._unavailable)
-        d.addBoth(_pass_on, answer)
-        answer.addBoth(_cancel_timer, timer)
-        return answer
-
-    async def _run(self, redis, args: tuple):
-        if redis.size == 0:
-            await self._connected(redis)
-        return await redis.handler.execute_command(*args)
-
-    def _connected(self, redis) -> Deferred:
-        """Fires once ``redis`` has a connection, or fails after :attr:`timeout` seconds: one wait
-        shared by every command meanwhile, and after it runs out, commands fail at once (no
-        waiter piles up) until the connection is back."""
-        if self._connecting is None:
-            connecting = self._connecting = Once()
-
-            def settled(result) -> None:
-                if self._connecting is connecting:
-                    self._connecting = None
-                    if isinstance(result, Failure):
-                        self._unreachable = True
-                    if self._gives_up.active():
-                        self._gives_up.cancel()
-                    connecting.fire(result)
-
-            self._give_up = lambda: settled(Failure(BackendUnavailable("Redis is unreachable")))
-            self._gives_up = self.reactor.callLater(self.timeout, self._give_up)
-            try:
-                redis.getConnection(peek=True).addBoth(settled)
-            except RedisError:
-                self._give_up()
-        return self._connecting.when()
-
-    def _unavailable(self, failure: Failure):
-        if failure.check(BackendUnavailable):
-            return failure
-        if failure.check(RedisError):
-            message = failure.getErrorMessage()
-            self.failures += 1
-            if worth_logging(self.failures):
-                hint = " (taking a nonce needs GETDEL: Redis 6.2 or later)" if "unknown command" in message else ""
-                log.warn("Redis could not issue or take a nonce: {error}{hint} ({n} failed so far)", error=message,
-                         hint=hint, n=self.failures)
-            if is_oom(message):
-                raise BackendFull("Redis is full (maxmemory)")
-            raise BackendUnavailable(f"Redis error: {message}")
-        return failure
-
-
-def _too_slow(answer: Deferred, seconds: float) -> None:
-    if not answer.called:
-        answer.errback(BackendUnavailable(f"Redis did not answer within {seconds:g}s"))
-
-
-def _cancel_timer(result, timer):
-    if timer.active():
-        timer.cancel()
-    return result
-
-
-def _pass_on(result, to: Deferred) -> None:
-    if to.called:  # timed out or cancelled: nobody waits
-        return None
-    if isinstance(result, Failure):
-        to.errback(result)
-    else:
-        to.callback(result)
-    return None
+        return self.command(lambda redis: redis.execute_command(*args), settle, hint=_NEEDS)

@@ -22,15 +22,11 @@ from __future__ import annotations
 from typing import Optional
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.python.failure import Failure
-from txredisapi import RedisError
+from twisted.internet.defer import Deferred
 
-from circles.backend.redis import RedisAddress, connect, text
-from circles.backend.scripts import BackendUnavailable
+from circles.backend.commands import CommandConnection
+from circles.backend.redis import RedisAddress, text
 from circles.logs import Logger, worth_logging
-from circles.once import Once
 
 log = Logger()
 
@@ -109,33 +105,18 @@ async def members(redis, prefix: str, circle: str) -> "list[str]":
     return sorted(text(k) for k in await redis.execute_command("SMEMBERS", members_key(prefix, circle)))
 
 
-class Membership(Service):
+class Membership(CommandConnection):
     """A server's view of the policies: :meth:`check` at each play, on a connection of its own
-    (the script runner's are busy with tasks and replies), reconnecting by itself.
+    (:class:`~circles.backend.commands.CommandConnection`).
 
     :param address: the Redis the script runner uses.
     :param reactor: connects, and times each check out (its IReactorTime).
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str) -> None:
-        self.address = address
-        self.reactor = reactor
+        super().__init__(address, reactor=reactor, timeout=CHECK_TIMEOUT, doing="say who may play")
         self.prefix = prefix
-        self._redis = None  # txredisapi factory, while running
-        self._connecting: Optional[Once] = None  # fires once the connection is up, while checks wait for it
-        self.failures = 0  # checks Redis answered with an error (logged: the 1st, 10th, 100th...)
-        self.unknown = 0  # checks that found a policy neither open nor members (logged likewise)
-
-    def startService(self) -> None:
-        super().startService()
-        self._redis = connect(self.address, self.reactor, reply_timeout=CHECK_TIMEOUT)
-        # Reaching Redis, and Redis refusing the credentials, are the script runner's to tell.
-        self._redis.deferred.addErrback(lambda _: None)
-
-    def stopService(self):
-        super().stopService()
-        redis, self._redis = self._redis, None
-        return None if redis is None else redis.disconnect()
+        self.unknown = 0  # checks that found a policy neither open nor members (logged: the 1st, 10th...)
 
     def check(self, circle: str, caller: str) -> Deferred:
         """Fire with the :class:`Verdict` for ``caller`` in ``circle``, or fail with
@@ -145,37 +126,8 @@ class Membership(Service):
 
         The Deferred is the caller's to cancel: the Redis command's own is never cancelled
         (a txredisapi connection matches replies to commands in order)."""
-        redis = self._redis
-        if redis is None:
-            return fail(BackendUnavailable("Redis is unreachable"))
-        verdict = Deferred()
-        timer = self.reactor.callLater(CHECK_TIMEOUT, _too_slow, verdict)
-        d = ensureDeferred(self._ask(redis, circle, caller))
-        d.addCallbacks(lambda v: self._verdict(v, circle), self._unavailable)
-        d.addBoth(_pass_on, verdict)
-        verdict.addBoth(_cancel_timer, timer)
-        return verdict
-
-    async def _ask(self, redis, circle: str, caller: str) -> Verdict:
-        if redis.size == 0:
-            await self._connected(redis)
-        return await may_play(redis.handler, self.prefix, circle, caller)
-
-    def _connected(self, redis) -> Deferred:
-        """Fires once ``redis`` has a connection: one wait shared by every check meanwhile."""
-        if self._connecting is None:
-            connecting = self._connecting = Once()
-
-            def up(result) -> None:
-                self._connecting = None
-                connecting.fire(result)
-
-            try:
-                d = redis.getConnection(peek=True)
-            except RedisError:
-                d = fail()
-            d.addBoth(up)
-        return self._connecting.when()
+        verdict = self.command(lambda redis: may_play(redis, self.prefix, circle, caller))
+        return verdict.addCallback(self._verdict, circle)
 
     def _verdict(self, verdict: Verdict, circle: str) -> Verdict:
         if verdict.policy not in POLICIES:
@@ -185,35 +137,6 @@ class Membership(Service):
                          "are refused ({n} so far); set it with `circles members policy {circle} open|members`",
                          circle=circle, policy=verdict.policy[:100], n=self.unknown)
         return verdict
-
-    def _unavailable(self, failure):
-        if failure.check(RedisError):
-            self.failures += 1
-            if worth_logging(self.failures):
-                log.warn("Redis could not say who may play: {error} ({n} failed checks so far)",
-                         error=failure.getErrorMessage(), n=self.failures)
-            raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
-        return failure
-
-
-def _too_slow(verdict: Deferred) -> None:
-    if not verdict.called:
-        verdict.errback(BackendUnavailable(f"Redis did not answer within {CHECK_TIMEOUT:g}s"))
-
-
-def _cancel_timer(result, timer):
-    if timer.active():
-        timer.cancel()
-    return result
-
-
-def _pass_on(result, to: Deferred) -> None:
-    if to.called:  # cancelled: nobody waits
-        return
-    if isinstance(result, Failure):
-        to.errback(result)
-    else:
-        to.callback(result)
 
 
 def describe(policy: str, count: Optional[int] = None) -> str:
