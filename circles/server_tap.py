@@ -52,8 +52,24 @@ DEPRECATED = {"webhook-max-body": "max-request-body"}
 
 
 def _setting(option: str, help: str, coerce: Optional[Callable] = None, short: Optional[str] = None) -> tuple:
-    """The ``optParameters`` row of an option of :data:`CONFIG_FIELDS`: its default is its field's."""
-    return (option, short, attrs.fields_dict(Config)[CONFIG_FIELDS[option]].default, help, coerce)
+    """The ``optParameters`` row of an option of :data:`CONFIG_FIELDS`: its default is its field's.
+
+    A tuple default (``--allowed-origins``) is written as it is given, comma-separated: the help
+    shows ``[default: *]``, not a Python tuple; :func:`_config_value` turns it back."""
+    default = attrs.fields_dict(Config)[CONFIG_FIELDS[option]].default
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    return (option, short, default, help, coerce)
+
+
+def _config_value(options: usage.Options, option: str):
+    """An option of :data:`CONFIG_FIELDS` as its Config field takes it: the default of a tuple
+    field, left as the text :func:`_setting` showed, is the field's own default again."""
+    value = options[option]
+    default = attrs.fields_dict(Config)[CONFIG_FIELDS[option]].default
+    if isinstance(default, tuple) and isinstance(value, str):
+        return default
+    return value
 
 
 _request_body = positive(int)
@@ -297,7 +313,7 @@ class Options(usage.Options):
         scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
         try:
             self.config = Config(
-                **{field: self[option] for option, field in CONFIG_FIELDS.items()},
+                **{field: _config_value(self, option) for option, field in CONFIG_FIELDS.items()},
                 circles=self["circles"],
                 listen=tuple(self["listen"]),
                 reuse_port=self["reuse-port"] or self["processes"] > 1,

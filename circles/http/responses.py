@@ -1,8 +1,11 @@
 """JSON answers of the HTTP routes (``/auth/...``, ``/webhooks/...``, ``/health``, ``/ready``).
 
 One place sets the status, the content type and the caching policy of a JSON body, so every
-route answers the same way. Each route keeps the exact bytes it has always sent: ``/auth`` and
-``/ready``'s 503 are spaced (``json.dumps``' default), the others compact.
+route answers the same way. Bodies are compact, save ``/auth``'s, which are spaced
+(``json.dumps``' default): those routes serve the ecosystem's earlier clients and answer as they
+always have, as the README shows them. ``/ready``'s 503 was spaced too, by no one's choice (its
+first version used ``json.dumps``' default and the bytes were kept since); it is compact like
+``/health`` and ``/ready``'s 200 since issue 24.
 """
 
 from __future__ import annotations

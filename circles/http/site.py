@@ -65,7 +65,7 @@ class _Ready(Resource):
             return answer_later(request, gateway.siblings.ready().addCallback(self._whole, request))
         if problem is None:
             return json_response(request, 200, {"status": "ready"}, no_store=False)
-        return json_response(request, 503, {"status": "unavailable", "reason": problem}, compact=False, no_store=False)
+        return json_response(request, 503, {"status": "unavailable", "reason": problem}, no_store=False)
 
     def _whole(self, readiness: tuple, request) -> bytes:
         problem, states = readiness
@@ -73,7 +73,7 @@ class _Ready(Resource):
         if problem is None:
             return json_response(request, 200, {"status": "ready", "processes": processes}, no_store=False)
         return json_response(request, 503, {"status": "unavailable", "reason": problem, "processes": processes},
-                             compact=False, no_store=False)
+                             no_store=False)
 
 
 class Root(Resource):
