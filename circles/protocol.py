@@ -80,6 +80,7 @@ echo).
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Optional
 
 import txaio
@@ -429,8 +430,22 @@ class CircleProtocol(WebSocketServerProtocol):
         self.factory.gateway.refusal_log.note(getattr(peer, "host", str(peer)), str(code),
                                               "refused a WebSocket upgrade from {peer}: {status} {reason}",
                                               status=code, reason=reason)
-        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        detail = None
+        if code == 426:  # a plain GET on a circle (a browser's address bar, curl): RFC 9110 wants Upgrade
+            responseHeaders = [*(responseHeaders or ()), ("Upgrade", "websocket")]
+            reason, detail = "Upgrade Required", NOT_A_WEBSOCKET
+        self.sendHttpErrorResponse(code, reason, responseHeaders, detail)
         self._drop(abort=False)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None,
+                              detail: Optional[str] = None) -> None:
+        """Autobahn's, with a body: ``{"error": detail or reason}``, as the HTTP routes' errors
+        answer (Autobahn sends the status line and headers alone: a browser or curl showed nothing)."""
+        body = json.dumps({"error": detail or reason}, separators=(",", ":")).encode("utf-8")
+        headers = [*(responseHeaders or ()), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body))), ("Connection", "close")]
+        super().sendHttpErrorResponse(code, reason, headers)
+        self.sendData(body)
 
     def _drop(self, abort: bool) -> None:
         """Autobahn's ``dropConnection``, without its warning (a line per connection, at a client's will)."""
@@ -476,6 +491,11 @@ class CircleProtocol(WebSocketServerProtocol):
                      conn=self.connection_id, code=code, circle=self.session.circle, peer=self.peer,
                      pubkey=self.session.pubkey)
         self.factory.closed(self)
+
+
+#: The 426 answer to a plain HTTP request on a circle's path.
+NOT_A_WEBSOCKET = ("this is a circle's WebSocket: connect with a WebSocket client (ws:// or wss://), "
+                   "not a plain HTTP request")
 
 
 class CircleFactory(WebSocketServerFactory):

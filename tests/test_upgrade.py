@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import json
 import socket
 import subprocess
 import time
@@ -198,3 +199,36 @@ async def test_pipelined_requests_with_crlf_are_all_answered(port):
     answer = await threads.deferToThread(_answer_to, port, requests)
     statuses = [part[:3] for part in answer.split(b"HTTP/1.1 ")[1:]]
     assert statuses == [b"200", b"200", b"200", b"405", b"200"], answer
+
+
+def _whole_answer(port: int, request: bytes) -> "tuple[bytes, dict, bytes]":
+    """Send ``request``, read until the server closes: (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        answer = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+    return status, headers, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_upgrade_says_why_in_a_json_body(port):
+    """Issue 24: a 426 (a plain GET on a circle) had an empty body, as had every refused upgrade."""
+    status, headers, body = await threads.deferToThread(
+        _whole_answer, port, f"GET /{CIRCLE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == b"HTTP/1.1 426 Upgrade Required"
+    assert (headers[b"upgrade"], headers[b"content-type"]) == (b"websocket", b"application/json")
+    assert int(headers[b"content-length"]) == len(body)
+    assert json.loads(body) == {"error": "this is a circle's WebSocket: connect with a WebSocket client "
+                                         "(ws:// or wss://), not a plain HTTP request"}
+    unserved = Key().pubkey
+    status, headers, body = await threads.deferToThread(_whole_answer, port, UPGRADE.replace(CIRCLE.encode(),
+                                                                                            unserved.encode()))
+    assert (status, json.loads(body)) == (b"HTTP/1.1 404 No such circle", {"error": "No such circle"})
+    assert int(headers[b"content-length"]) == len(body)
