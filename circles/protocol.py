@@ -6,7 +6,9 @@ Wire protocol
 A client opens a WebSocket to ``/{circle_pk}``, where ``circle_pk`` is the circle's secp256k1
 public key in compressed hex (66 characters) or uncompressed (130, as the Rust circles server's
 clients often write it: the same circle). A path that is not such a key, or names a circle
-this server does not serve, is refused during the opening handshake with HTTP 404.
+this server does not serve, is refused during the opening handshake with HTTP 404. Every refused
+upgrade (404, 403, 401, 503) answers a JSON body ``{"error": reason}``; a plain HTTP request on a
+circle's path (no ``Upgrade: websocket``) is 426 with one saying to use a WebSocket client.
 
 Every message after that is one UTF-8 **text** frame holding one JSON-RPC 2.0 request,
 notification or batch; the server answers each request with one text frame holding the

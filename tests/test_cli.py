@@ -144,6 +144,58 @@ def test_errors_exit_non_zero_with_the_json_rpc_error(served, key_file):
     assert circles("nonsense").returncode == 2
 
 
+def one_json_object(result: subprocess.CompletedProcess) -> dict:
+    """stdout holds exactly one JSON object (json.loads refuses two, or text around one)."""
+    value = json.loads(result.stdout)
+    assert isinstance(value, dict), result.stdout
+    return value
+
+
+def test_with_json_every_outcome_is_one_json_object(served, key_file, tmp_path):
+    """Issue 24: connection errors (and usage errors) printed no JSON at all."""
+    url, ca, circle = served
+    path, _ = key_file
+    ok = circles("play", url, "--ca", ca, "--key-file", path, "--json", "6 * 7")
+    assert (ok.returncode, one_json_object(ok)) == (0, {"output": "42"})
+    failed = circles("play", url, "--ca", ca, "--key-file", path, "--json", "1 / 0")
+    assert failed.returncode == 1
+    assert one_json_object(failed) == {"error": {"code": -32005, "message": "Script failed",
+                                                 "data": "line 1, column 3: division by zero"},
+                                       "kind": "rpc", "exit": 1}
+    refused = circles("whoami", f"ws://127.0.0.1:1/{circle}", "--json")
+    assert refused.returncode == 3
+    assert one_json_object(refused) == {
+        "error": {"message": f"cannot open ws://127.0.0.1:1/{circle}: Connection was refused by other side: 111: "
+                             "Connection refused."}, "kind": "connection", "exit": 3}
+    untrusted = circles("whoami", url, "--json")  # the test CA is not in the system store
+    answer = one_json_object(untrusted)
+    assert (untrusted.returncode, answer["kind"], answer["exit"]) == (3, "connection", 3)
+    assert "certificate verify failed" in answer["error"]["message"] and "--ca FILE" in answer["error"]["message"]
+    ours = circles("whoami", url.rsplit("/", 1)[0], "--json")  # a usage error the command finds
+    assert ours.returncode == 2 and one_json_object(ours)["kind"] == "usage"
+    assert "names no circle" in one_json_object(ours)["error"]["message"]
+    for args in (["whoami", "--json"], ["nonsense", "--json"], ["play", url, "--json", "--timeout", "soon", "1"],
+                 ["tasks", "requeue", "--json", "--nope"]):  # argparse's own: usage text on stderr, JSON on stdout
+        usage = circles(*args)
+        answer = one_json_object(usage)
+        assert (usage.returncode, answer["kind"], answer["exit"]) == (2, "usage", 2), args
+        assert usage.stderr.startswith("usage: circles") and answer["error"]["message"].startswith("circles"), args
+    without = circles("whoami")  # without --json: argparse's usage error as ever, nothing on stdout
+    assert (without.returncode, without.stdout) == (2, "") and without.stderr.startswith("usage: circles whoami")
+
+
+def test_authentication_required_says_how_to_authenticate(served):
+    """Issue 24: -32001 said authentication was required, not how to give it."""
+    url, ca, circle = served
+    anonymous = circles("play", url, "--ca", ca, "1")
+    assert (anonymous.returncode, anonymous.stdout) == (1, "")
+    assert anonymous.stderr == (f"circles: error -32001 Authentication required; give --key-file FILE (or set "
+                                f"${KEY_ENV}) to authenticate: this server lets only a key play\n")
+    as_json = one_json_object(circles("play", url, "--ca", ca, "--json", "1"))
+    assert as_json["error"]["code"] == -32001 and as_json["kind"] == "rpc"
+    assert as_json["hint"] == f"give --key-file FILE (or set ${KEY_ENV}) to authenticate: this server lets only a key play"
+
+
 def test_whoami_and_discover(served, key_file):
     url, ca, circle = served
     path, pubkey = key_file

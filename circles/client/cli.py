@@ -22,7 +22,14 @@ of a server started with ``--state-dir`` (the same default directory).
 
 URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
-``--json`` prints the JSON-RPC result (or ``{"error": {...}}``) instead of text.
+``--json`` prints the JSON-RPC result instead of text, and makes every outcome one JSON object on
+stdout: a failure is ``{"error": {...}, "kind": ..., "exit": N}``, where ``error`` is the JSON-RPC
+error object (``code``, ``message``, ``data``) for ``kind`` ``rpc``, else ``{"message": ...}`` for
+``usage`` (the command line, a key, a URL, a --ca file: argparse's own mistakes included, whose
+usage text stays on stderr), ``connection`` (refused, TLS, unknown circle, lost) and ``not_dead``
+(``tasks requeue``); ``hint`` says what to do when there is something to say (-32001: give
+--key-file). ``--help`` and ``--version`` print text: they are not calls. The stderr line is
+printed either way.
 
 ``members`` and ``tasks`` talk to Redis, not to a server, and find it as the worker does: ``--redis-url``,
 else ``$CIRCLES_REDIS_URL``, else ``$REDIS_URL`` (the environment, then ``./.env``), else the private
@@ -51,6 +58,7 @@ import circles
 from circles.client import signing
 from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
                                        connect)
+from circles.openrpc import AUTH_REQUIRED
 from circles.tls_client import CAFileError, load_ca_file
 
 EXIT_RPC_ERROR = 1
@@ -60,15 +68,48 @@ EXIT_CONNECTION = 3
 MEMBERS_ACTIONS = ("add", "remove", "list", "policy")
 
 
+#: Said with -32001 (authentication required) when the call had no key.
+AUTH_HINT = f"give --key-file FILE (or set ${signing.KEY_ENV}) to authenticate: this server lets only a key play"
+
+#: What a failure was, in its --json object, by exit status (unless said otherwise).
+KINDS = {EXIT_RPC_ERROR: "rpc", EXIT_USAGE: "usage", EXIT_CONNECTION: "connection"}
+
+
 class _Exit(Exception):
-    def __init__(self, status: int, message: str, error: Optional[dict] = None) -> None:
-        super().__init__(message)
+    def __init__(self, status: int, message: str, error: Optional[dict] = None, *, kind: Optional[str] = None,
+                 hint: Optional[str] = None, printed: bool = False) -> None:
+        super().__init__(message if hint is None else f"{message}; {hint}")
         self.status = status
-        self.error = error  # the JSON printed with --json
+        self.error = error if error is not None else {"message": message}  # the JSON-RPC error, else a message
+        self.kind = kind or KINDS[status]
+        self.hint = hint
+        self.printed = printed  # its --json object is out already
+
+    def to_json(self) -> dict:
+        """What --json prints: ``{"error": {...}, "kind": ..., "exit": ...}`` (and ``hint``)."""
+        value = {"error": self.error, "kind": self.kind, "exit": self.status}
+        if self.hint is not None:
+            value["hint"] = self.hint
+        return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but with ``--json`` a usage mistake is a JSON object on stdout too (the usage
+    text still goes to stderr)."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if self.json_errors:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            _print_json(_Exit(EXIT_USAGE, f"{self.prog}: {message}").to_json())
+            raise SystemExit(EXIT_USAGE)
+        super().error(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circles", description="Talk to circles servers; make keys.")
+    parser = _Parser(prog="circles", description="Talk to circles servers; make keys.")
     parser.add_argument("--version", action="version", version=f"circles {circles.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -161,6 +202,8 @@ def parse(argv: list) -> argparse.Namespace:
     argparse cannot intermix them under subcommands, so the command picks its parser first.
     """
     parser = _parser()
+    if "--json" in argv:
+        _answer_usage_errors_in_json(parser)
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if not argv or argv[0] not in commands.choices:
         return parser.parse_args(argv)  # help, or the usage error naming the commands
@@ -173,6 +216,14 @@ def parse(argv: list) -> argparse.Namespace:
     args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
+
+
+def _answer_usage_errors_in_json(parser: argparse.ArgumentParser) -> None:
+    parser.json_errors = True
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _answer_usage_errors_in_json(sub)
 
 
 def _key(args) -> Any:
@@ -277,7 +328,12 @@ async def _remote(reactor, args) -> None:
         else:
             _print_json(await client.discover())
     except RPCError as e:
-        raise _Exit(EXIT_RPC_ERROR, f"error {e}", {"error": e.to_json()}) from None
+        if e.code == AUTH_REQUIRED and key is None:
+            # The server's message ("...: call fetch_nonce and authenticate first") is for protocol
+            # implementers; this command does both once it has a key.
+            raise _Exit(EXIT_RPC_ERROR, f"error {e.code} {e.message.split(':')[0]}", e.to_json(),
+                        hint=AUTH_HINT) from None
+        raise _Exit(EXIT_RPC_ERROR, f"error {e}", e.to_json()) from None
     except ConnectionClosed as e:
         raise _Exit(EXIT_CONNECTION, str(e)) from None
     finally:
@@ -356,7 +412,8 @@ async def _tasks_command(redis, args, admin) -> None:
         for task_id in done:
             print(f"requeued {task_id}")
     if missing:
-        raise _Exit(EXIT_RPC_ERROR, f"not in the dead-letter list: {', '.join(missing)}")
+        raise _Exit(EXIT_RPC_ERROR, f"not in the dead-letter list: {', '.join(missing)}", kind="not_dead",
+                    printed=args.json)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -514,8 +571,8 @@ def _stdout_closed() -> None:
 
 
 def _fail(args, error: _Exit) -> None:
-    if getattr(args, "json", False) and error.error is not None:
-        _print_json(error.error)
+    if getattr(args, "json", False) and not error.printed:
+        _print_json(error.to_json())
     print(f"circles: {error}", file=sys.stderr)
     sys.stdout.flush()
     raise SystemExit(error.status)
