@@ -25,12 +25,12 @@ from circles.worker.tiny_engine import (CHARS_PER_STEP, DEFAULT_MAX_MEMORY, ITEM
                                         run)
 
 CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
-STEPS_ERROR = rf"^line \d+, column \d+: script too long: more than {MAX_STEPS} steps$"
+STEPS_ERROR = rf"^line \d+, column \d+: step limit reached: more than {MAX_STEPS} steps \(a loop that never ends\?\)$"
 MEMORY_ERROR = r"^line \d+, column \d+: script memory limit exceeded \(\d+ bytes\)$"
 STRING_ERROR = rf"^line \d+, column \d+: string longer than {MAX_STRING} characters$"
 OUTPUT_ERROR = r"^output too large: more than \d+ bytes$"
 #: Every way a script may be stopped for what it costs.
-REFUSALS = "|".join([r"script too long: more than \d+ steps$", MEMORY_ERROR, STRING_ERROR, OUTPUT_ERROR,
+REFUSALS = "|".join([r"step limit reached: more than \d+ steps \(a loop that never ends\?\)$", MEMORY_ERROR, STRING_ERROR, OUTPUT_ERROR,
                      r"nested too deeply", r"too many nested function calls"])
 #: What Python may allocate besides what the engine accounts for: the parse tree, and the
 #: bounded transients of the docstring (a piece being checked, an escaped or upper-cased string).
@@ -89,7 +89,7 @@ def test_the_comparison_loop_stops_at_the_step_limit():
     (about 48 comparisons), with at most MAX_STEPS charged."""
     result, stats, peak = measured(EQ_LOOP)
     assert isinstance(result, EngineError) and str(result).startswith("line 34, column ")
-    assert "script too long" in str(result)
+    assert "step limit reached" in str(result)
     assert stats.steps == MAX_STEPS
     assert_within_budget(stats, peak)
 

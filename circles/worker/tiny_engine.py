@@ -69,7 +69,8 @@ value *as* it is built, never after.
   deeper than Python's recursion limit); the script's own nesting (expressions, blocks, index
   and method chains: ``MAX_DEPTH``) and calls (``MAX_CALL_DEPTH``) are bounded.
 
-A refusal is an EngineError: ``line L, column C: script too long: more than 100000 steps``,
+A refusal is an EngineError: ``line L, column C: step limit reached: more than 100000 steps (a
+loop that never ends?)``,
 ``line L, column C: script memory limit exceeded (67108864 bytes)``, ``line L, column C: string
 longer than 65536 characters``, or OutputTooLarge. Python allocates no more than the budget plus
 a constant: the tokens and parse tree of the script (about 15 MiB at most, for ``MAX_SCRIPT``
@@ -163,7 +164,8 @@ def _error(pos: tuple, message: str) -> EngineError:
 
 
 def _too_long(pos: tuple) -> EngineError:
-    return _error(pos, f"script too long: more than {MAX_STEPS} steps")
+    # The script's length is not the matter (a one-line ``loop {}`` meets it): the work it did.
+    return _error(pos, f"step limit reached: more than {MAX_STEPS} steps (a loop that never ends?)")
 
 
 def _out_of_memory(pos: tuple, budget: int) -> EngineError:
