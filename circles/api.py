@@ -261,8 +261,11 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):
-        if session.api == CIRCLES:
+        if session.api == CIRCLES:  # the circles-era contract: its data is the error text, always
             raise RPCError(EXECUTION_ERROR, CIRCLES_MESSAGES[EXECUTION_ERROR], failure.value.detail)
+        if failure.value.output:  # what the script printed before failing goes with the error
+            raise RPCError(SCRIPT_FAILED, "Script failed", {"error": failure.value.detail,
+                                                             "output": failure.value.output})
         raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
     return failure
 

@@ -196,6 +196,22 @@ def test_authentication_required_says_how_to_authenticate(served):
     assert as_json["hint"] == f"give --key-file FILE (or set ${KEY_ENV}) to authenticate: this server lets only a key play"
 
 
+def test_output_printed_before_a_script_error_comes_with_it(served, key_file):
+    """Issue 24: what a script printed before failing was dropped. Through a real worker (the tiny
+    engine, in its child process) and Redis: the error's data carries it, the command prints it."""
+    url, ca, circle = served
+    path, _ = key_file
+    script = 'print("before"); print("again");\n1 / 0'
+    failed = circles("play", url, "--ca", ca, "--key-file", path, script)
+    assert (failed.returncode, failed.stdout) == (1, "before\nagain\n")
+    assert failed.stderr == "circles: error -32005 Script failed: line 2, column 3: division by zero\n"
+    as_json = one_json_object(circles("play", url, "--ca", ca, "--key-file", path, "--json", script))
+    assert as_json["error"] == {"code": -32005, "message": "Script failed",
+                                "data": {"error": "line 2, column 3: division by zero", "output": "before\nagain"}}
+    silent = one_json_object(circles("play", url, "--ca", ca, "--key-file", path, "--json", "1 / 0"))
+    assert silent["error"]["data"] == "line 1, column 3: division by zero"  # nothing printed: the text alone
+
+
 def test_whoami_and_discover(served, key_file):
     url, ca, circle = served
     path, pubkey = key_file

@@ -60,6 +60,15 @@ async def test_exec_nonzero_exit_carries_stderr():
     with pytest.raises(EngineError) as e:
         await engine()("echo partial; echo 'line 3: x is undefined' >&2; exit 7", CONTEXT)
     assert str(e.value) == "exit status 7: line 3: x is undefined"
+    assert e.value.output == "partial"  # issue 24: what it printed before failing goes with the error
+
+
+def test_output_before_an_error_fits_with_the_error_in_the_cap():
+    from circles.worker.engines import output_before_error, output_size
+    assert output_before_error("a\nb", "boom", 100) == "a\nb"
+    kept = output_before_error("x" * 50 + "é" * 50 + "end", "e" * 40, 100)
+    assert kept.startswith("...") and kept.endswith("end") and output_size(kept) + 40 <= 100
+    assert output_before_error("anything", "e" * 100, 100) == ""
 
 
 @pytest_twisted.ensureDeferred

@@ -630,7 +630,7 @@ class RedisScriptRunner(Service):
         elif outcome.timed_out:
             deferred.errback(ScriptTimeout(by_worker=True))  # the worker's timeout: answered as ours (-32003)
         elif outcome.status == tasks.ERROR:
-            deferred.errback(ScriptFailed(outcome.error))
+            deferred.errback(ScriptFailed(outcome.error, outcome.output))
         else:
             log.warn("task {task} replied with status {status!r}", task=outcome.task_id, status=outcome.status)
             deferred.errback(ScriptFailed(f"the worker replied with status {outcome.status!r}"))

@@ -62,11 +62,13 @@ class NoWorker(ScriptError):
 
 
 class ScriptFailed(ScriptError):
-    """A worker ran the script and reported an error, carried in ``detail``."""
+    """A worker ran the script and reported an error, carried in ``detail``; ``output`` is what
+    the script printed before it ("" if nothing)."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, output: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.output = output
 
 
 class IScriptRunner(Interface):

@@ -249,6 +249,11 @@ def _script(args) -> str:
     return args.script
 
 
+def _write_output(output: str) -> None:
+    """A play's output on stdout, ending with a newline (docs/worker-protocol.md, "A play's output")."""
+    sys.stdout.write(output if output.endswith("\n") or not output else output + "\n")
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -324,7 +329,7 @@ async def _remote(reactor, args) -> None:
             if args.json:
                 _print_json({"output": output})
             else:
-                sys.stdout.write(output if output.endswith("\n") or not output else output + "\n")
+                _write_output(output)
         else:
             _print_json(await client.discover())
     except RPCError as e:
@@ -333,6 +338,11 @@ async def _remote(reactor, args) -> None:
             # implementers; this command does both once it has a key.
             raise _Exit(EXIT_RPC_ERROR, f"error {e.code} {e.message.split(':')[0]}", e.to_json(),
                         hint=AUTH_HINT) from None
+        if isinstance(e.data, dict) and isinstance(e.data.get("output"), str) and isinstance(e.data.get("error"), str):
+            # -32005 of a script that printed before failing: its output, as a success's, then the error
+            if not args.json:
+                _write_output(e.data["output"])
+            raise _Exit(EXIT_RPC_ERROR, f"error {e.code} {e.message}: {e.data['error']}", e.to_json()) from None
         raise _Exit(EXIT_RPC_ERROR, f"error {e}", e.to_json()) from None
     except ConnectionClosed as e:
         raise _Exit(EXIT_CONNECTION, str(e)) from None

@@ -179,7 +179,13 @@ class Child:
             return encode_frame({"kind": "error", "type": "engine", "reason": e.reason, "limit": e.limit,
                                  "size": e.size}, _text(str(e), limit))
         except engines.EngineError as e:
-            return encode_frame({"kind": "error", "type": "engine", "reason": e.reason}, _text(str(e), limit))
+            # The body is the error, then what the script printed before it (its "output" bytes),
+            # the two within the output cap together.
+            error = _text(str(e), limit)
+            printed = engines.output_before_error(e.output, error.decode("utf-8", "ignore"), limit)
+            printed_bytes = printed.encode("utf-8", "surrogatepass")
+            return encode_frame({"kind": "error", "type": "engine", "reason": e.reason,
+                                 "output": len(printed_bytes)}, error + printed_bytes)
         except BaseException as e:  # an engine's bug (or exit): the worker says it as it does in-process
             trace = "".join(traceback.format_exception(e))[-MAX_TRACEBACK:]
             return encode_frame({"kind": "error", "type": "exception", "name": type(e).__name__,

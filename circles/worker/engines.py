@@ -57,9 +57,13 @@ class EngineError(Exception):
     """A script could not run or reported an error; ``str()`` is what the client sees.
 
     ``reason`` is the task's ``reason`` field (docs/worker-protocol.md), "" for a plain failure.
+    ``output`` is what the script printed before the error (Rhai's ``print`` is a side effect the
+    caller wants to see), as the output of a script that ends well is made; "" when there is none
+    or it cannot be known. The worker writes it into the task's ``output`` beside ``error``.
     """
 
     reason = ""
+    output = ""
 
 
 class ScriptTimedOut(EngineError):
@@ -92,6 +96,19 @@ def output_of_stdout(stdout: str) -> str:
     print them, so the output is stdout less one final newline (``echo 20`` is ``"20"``, as
     ``print(20)`` in the tiny engine); a last line without one is kept as it is."""
     return stdout[:-1] if stdout.endswith("\n") else stdout
+
+
+def output_before_error(output: str, error: str, limit: int) -> str:
+    """The output printed before an error, cut so that it and ``error`` take at most ``limit``
+    UTF-8 bytes together (a failed task's reply carries both, and is bounded as a result is): the
+    end is kept, what was printed last before the error, with "..." where the rest was cut."""
+    room = limit - output_size(error)
+    data = output.encode("utf-8", "surrogatepass")
+    if len(data) <= room:
+        return output
+    if room <= 3:
+        return ""
+    return "..." + data[len(data) - (room - 3):].decode("utf-8", "ignore")
 
 
 def output_size(output: str) -> int:
@@ -272,7 +289,9 @@ class _Run(ProcessProtocol):
         if reason.value.signal == signal.SIGXCPU:
             how = "script used all the CPU time it may (RLIMIT_CPU)"
         detail = self.stderr_text()
-        self.done.errback(EngineError(f"{how}: {detail}" if detail else how))
+        error = EngineError(f"{how}: {detail}" if detail else how)
+        error.output = output_of_stdout(self.stdout.decode("utf-8", "replace"))  # what it printed first
+        self.done.errback(error)
 
 
 class ExecEngine:

@@ -395,7 +395,13 @@ class IsolatedEngine:
         elif header.get("reason") == ScriptTimedOut.reason:
             self._finish(child, ScriptTimedOut(message))
         else:
+            printed = header.get("output")
+            if isinstance(printed, int) and 0 < printed <= len(body):  # the body ends with the output printed first
+                message, output = _text(body[:-printed]), _text(body[-printed:])
+            else:
+                output = ""
             error = EngineError(message)
+            error.output = output
             if header.get("reason"):
                 error.reason = header["reason"]
             self._finish(child, error)

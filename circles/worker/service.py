@@ -32,7 +32,7 @@ from circles.backend.admin import reap
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
-                                    ScriptTimedOut, output_size)
+                                    ScriptTimedOut, output_before_error, output_size)
 
 log = Logger()
 
@@ -327,6 +327,8 @@ class Worker(Service):
                 raise OutputTooLarge(max_output, size)
         except EngineError as e:
             status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
+            # What it printed before the error goes with it (docs/worker-protocol.md, "output").
+            output = output_before_error(e.output, error, max_output)
         except Exception as e:  # a bug in an --engine callable: its traceback is for debugging it
             log.debug("the engine raised on task {task}", task=task_id, log_failure=Failure())
             status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)

@@ -1616,6 +1616,11 @@ def run(script: str, context: ScriptContext, stats: Optional[Stats] = None) -> s
             evaluator.show(value, tree[2][-1][1] if tree[2] else tree[1])
     except RecursionError:
         raise EngineError("script nested too deeply") from None
+    except OutputTooLarge:
+        raise  # its output is the matter: none of it is passed on
+    except EngineError as e:
+        e.output = output_of_lines(evaluator.printed)  # what it printed before the error, for the caller
+        raise
     finally:
         if stats is not None:
             evaluator.stats(stats)
