@@ -93,6 +93,7 @@ from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
@@ -495,6 +496,33 @@ class CircleProtocol(WebSocketServerProtocol):
         self.factory.closed(self)
 
 
+class _Timer:
+    """One of :class:`_Timers`' calls: cancelling one that has fired, or was cancelled, is a no-op
+    (as Autobahn expects of txaio's)."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class _Timers:
+    """Autobahn's timers of a connection (ping, pong, opening and closing handshakes) on the
+    gateway's clock, each at its own deadline. Autobahn's own (txaio's batched timer) truncates
+    every deadline to the whole second, so a pong timeout fired up to a second early (``--ping-timeout
+    0.5`` could drop a peer at once), and it runs on txaio's global loop, not the injected clock."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, func, *args, **kwargs) -> _Timer:
+        return _Timer(self._clock.callLater(delay, func, *args, **kwargs))
+
+
 #: The 426 answer to a plain HTTP request on a circle's path.
 NOT_A_WEBSOCKET = ("this is a circle's WebSocket: connect with a WebSocket client (ws:// or wss://), "
                    "not a plain HTTP request")
@@ -515,6 +543,7 @@ class CircleFactory(WebSocketServerFactory):
         handshake's), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
         self.gateway = gateway
+        self._batched_timer = _Timers(gateway.clock)  # Autobahn's timers, exact and on the injected clock
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
@@ -527,10 +556,8 @@ class CircleFactory(WebSocketServerFactory):
             openHandshakeTimeout=config.handshake_timeout if time_handshake else 0,
             closeHandshakeTimeout=5,
             autoPingInterval=config.ping_interval,
-            # Autobahn's timers (txaio's batched timer) truncate their deadline to the whole
-            # second, so they fire up to 1 s early: a 0.5 s pong timeout could drop a peer
-            # before its pong could arrive. One more second makes it at least the one asked for.
-            autoPingTimeout=config.ping_timeout + 1 if config.ping_timeout else 0,
+            # Exactly --ping-timeout after the ping (_Timers); 0 never happens (the option is positive).
+            autoPingTimeout=config.ping_timeout,
             # Origins are checked in onConnect (OriginPolicy), where a refusal can be 403.
             allowedOrigins=["*"],
             allowNullOrigin=True,

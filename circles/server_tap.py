@@ -180,7 +180,8 @@ class Options(usage.Options):
                  at_least_zero(float)),
         _setting("ping-interval", "seconds between WebSocket pings that find dead peers (0: off)",
                  at_least_zero(float)),
-        _setting("ping-timeout", "seconds a pong may take before the peer is dropped", positive(float)),
+        _setting("ping-timeout", "seconds after a ping within which its pong must come, else the peer is dropped "
+                 "(a peer gone silent is found within --ping-interval plus this)", positive(float)),
         _setting("allowed-origins", "comma-separated browser Origin patterns allowed to connect, e.g. "
                  f"https://app.example.com,https://*.example.com,http://localhost:* (default: any). The rule: "
                  f"{ORIGIN_RULE}. A client sending no Origin is no browser page and is let in", _origins),

@@ -761,3 +761,26 @@ def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
 
     source = getattr(getattr(websocket_protocol, owner), method)
     assert source_digest(source) == COPIED_AUTOBAHN_SOURCES[owner, method]
+
+
+def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_ping(txaio_clock):
+    """Issue 24: --ping-timeout is what it says. Autobahn's timers truncate deadlines to the whole
+    second; with one more second added to make up for that, the drop came between 3 and 4 s after
+    the ping for a --ping-timeout of 3. Driven by the clock: a ping at --ping-interval, the drop
+    exactly --ping-timeout after it."""
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE], ping_interval=10, ping_timeout=3, idle_timeout=0)
+    factory = CircleFactory(gateway)
+    conn = Connection(factory, f"/{CIRCLE}", txaio_clock)
+    assert conn.client.opened and len(factory.open_connections) == 1
+    pings: list = []
+    conn.client.onPing = pings.append  # this client never answers (Autobahn's onPing would pong)
+    txaio_clock.advance(10)
+    conn.pump.flush()
+    assert len(pings) == 1
+    txaio_clock.advance(2.99)
+    conn.pump.flush()
+    assert conn.client.closed is None and len(factory.open_connections) == 1
+    txaio_clock.advance(0.02)
+    conn.pump.flush()
+    assert len(factory.open_connections) == 0 and conn.client.closed is not None
+    assert conn.server.wasNotCleanReason == "WebSocket ping timeout (peer did not respond with pong in time)"

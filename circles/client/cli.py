@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     remote.add_argument("--insecure", action="store_true",
                         help="do not verify the server's certificate (development only)")
     remote.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="give up connecting after this long, or on a server that has not "
-                        "answered a ping for this long (default 30)")
+                        help="give up connecting after this long, or once a ping (one every 10 s) has had no "
+                        "answer for this long: a server gone silent is found within 10 s plus this (default 30)")
 
     signer = argparse.ArgumentParser(add_help=False, parents=[key])
     signer.add_argument("--scheme", choices=signing.SCHEMES, default="eth",
