@@ -82,6 +82,18 @@ def test_playground_is_off_by_default(tmp_path):
         assert "playground.js" not in body  # the path is just another (invalid) circle
 
 
+@pytest.mark.parametrize("auth_required, mode", [(True, b"required"), (False, b"open")])
+def test_the_page_says_whether_plays_need_a_sign_in(auth_required, mode):
+    """Issue 24: the page learns from the server that serves it whether --auth is on (Play waits
+    for a sign-in then: the browser tests below)."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from circles.http.playground import Playground
+    for name in (b"", b"index.html"):
+        page = Playground(auth_required).getChild(name, None).render(DummyRequest([name]))
+        assert page.count(b"<body") == 1 and b'<body data-auth="' + mode + b'">' in page
+
+
 @pytest.mark.skipif(not shutil.which("node") or not os.path.exists(CHROMIUM), reason="needs node and chromium (scripts/setup --with-npm)")
 def test_sign_in_with_a_wallet_and_play_in_chromium(tmp_path):
     circle, user = Key(), Key()
@@ -126,17 +138,20 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     assert "throw-away, for local development only" in report["devkeyNotice"]
     assert report["storedBefore"] is None  # no key is made until asked for
 
-    # Playing before signing in (--auth): in words, status failed.
+    # Before signing in (--auth), Play waits for it, and the page says why (issue 24: Play was
+    # enabled and answered -32001).
     before = report["beforeSignIn"]
-    assert before["errorShown"] and before["errorMessage"].startswith("Sign in first")
-    assert "-32001" in before["errorDetail"] and before["status"] == "failed"
+    sign_in_first = "Sign in first: this server plays scripts for signed-in users only."
+    assert before["playDisabled"] is True and before["playTitle"] == sign_in_first
+    assert before["identity"] == f"not signed in. {sign_in_first}" and not before["errorShown"]
 
     # Signed in with the key the page made and stored; the server checked its signature.
     dev = Key(bytes.fromhex(report["storedKey"]))
     signed_in = report["signIn"]
     assert signed_in["pubkey"] == dev.pubkey == report["devkeyStatusPubkey"]
     assert signed_in["identity"] == f"signed in as {dev.pubkey} (development key)"
-    assert signed_in["status"] == "signed in" and not signed_in["errorShown"]  # the error cleared
+    assert signed_in["status"] == "signed in" and not signed_in["errorShown"]
+    assert signed_in["playDisabled"] is False and signed_in["playTitle"] == ""
     assert report["played"]["output"] == f"hello, {dev.pubkey}\n42" and report["played"]["status"] == "played"
     assert report["keyInPage"] is False  # only its public key is shown
 
@@ -150,9 +165,9 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     # The same key after a reload; forgotten on request, which signs out; a new one after.
     assert report["afterReload"]["pubkey"] == dev.pubkey
     assert report["storedAfterForget"] is None and report["forgetDisabled"] is True
-    assert report["forgotten"]["identity"] == "not signed in"
+    assert report["forgotten"]["identity"] == f"not signed in. {sign_in_first}"
     assert report["forgotten"]["status"] == "development key forgotten, signed out"
-    assert report["afterForget"]["errorMessage"].startswith("Sign in first")
+    assert report["afterForget"]["playDisabled"] is True  # signed out: Play waits for a sign-in again
     assert report["newKey"]["pubkey"] and report["newKey"]["pubkey"] != dev.pubkey
 
     described = {int(code): words for code, words in report["described"].items()}
@@ -173,7 +188,9 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     unknown = report["unknownCircle"]
     assert unknown["errorMessage"].startswith(f"Cannot connect to ws://127.0.0.1:{port}/{elsewhere.pubkey}.")
     assert unknown["status"] == "failed" and "code 1006" in unknown["errorDetail"]
-    assert report["badUrl"]["errorMessage"].startswith("That is not a circle URL") and report["badUrl"]["status"] == "failed"
+    assert report["afterUnknownCircle"]["playDisabled"] is True
+    assert report["badUrl"]["errorMessage"].startswith("That is not a circle URL")
+    assert report["badUrl"]["status"] == "sign-in failed"
     # Chromium logs the refused WebSocket itself; nothing else may be an error.
     errors = [line for line in report["console"] if line.startswith(("error", "pageerror"))]
     assert all("WebSocket connection to" in line for line in errors), errors
@@ -249,7 +266,7 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
     assert "-32005" in report["error"] and "division by zero" in report["error"]
     assert not [line for line in report["console"] if line.startswith(("error", "pageerror"))], report["console"]
     dev = Key(bytes.fromhex(no_wallet["storedKey"]))
-    assert no_wallet["beforeSignIn"]["errorMessage"].startswith("Sign in first")
+    assert no_wallet["beforeSignIn"]["playDisabled"] is True  # the try-out has --auth
     assert no_wallet["signIn"]["pubkey"] == dev.pubkey and no_wallet["afterReload"]["pubkey"] == dev.pubkey
     assert no_wallet["played"]["output"] == f"hello, {dev.pubkey}\n42"
     assert no_wallet["failed"]["status"] == "failed" and not no_wallet["playedAgain"]["errorShown"]

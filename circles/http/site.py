@@ -80,14 +80,14 @@ class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
     def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False,
-                 api: str = openrpc.DEFAULT_API) -> None:
+                 api: str = openrpc.DEFAULT_API, auth_required: bool = False) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
         self.putChild(b"webhooks", webhooks)
         self.putChild(b"health", _Health())
         if playground:
-            self.putChild(b"playground", Playground())
+            self.putChild(b"playground", Playground(auth_required))
         self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
         self.putChild(b"openrpc.json", Document(openrpc.document_text(api).encode("utf-8"), b"application/json"))
 
@@ -118,7 +118,8 @@ class _Site(Site):
 def build_site(factory: CircleFactory, reactor) -> Site:
     gateway = factory.gateway
     root = Root(WebSocketResource(factory), AuthRoutes(gateway).app.resource(), WebhookRoutes(gateway).app.resource(),
-                playground=gateway.config.playground, api=gateway.config.api)
+                playground=gateway.config.playground, api=gateway.config.api,
+                auth_required=gateway.config.auth_required)
     root.putChild(b"ready", _Ready(factory))
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))

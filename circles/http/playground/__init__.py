@@ -6,8 +6,13 @@ key, the server recovers it from the signature), the default where there is one;
 local server without a wallet, with a throw-away development key the page makes and keeps in
 the browser's storage, signing with @noble/curves (``noble-secp256k1.js``, vendored from npm by
 ``scripts/vendor-noble``, its licenses in ``noble-secp256k1.LICENSE``). Off by default because a
-gateway in production has no use for it. The files are read once at import; a strict
+gateway in production has no use for it. The files are read once when the server starts; a strict
 Content-Security-Policy allows only them and WebSockets.
+
+The page learns from the server that serves it whether plays need a sign-in (``--auth``): its
+``<body>`` says ``data-auth="required"`` (else ``"open"``), and Play waits for a sign-in then,
+rather than answer -32001 after the click. The server's mode is set at start-up, so the page's
+bytes are made once, like the others'.
 """
 
 from __future__ import annotations
@@ -47,10 +52,16 @@ _HEADERS = (
 class Playground(Resource):
     """``/playground`` redirects to ``/playground/`` (the page uses relative URLs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth_required: bool = False) -> None:
         super().__init__()
         here = files(__package__)
-        self._files = {name: Document(here.joinpath(filename).read_bytes(), content_type, _HEADERS)
+        mode = b'<body data-auth="required">' if auth_required else b'<body data-auth="open">'
+
+        def content(filename: str) -> bytes:
+            data = here.joinpath(filename).read_bytes()
+            return data.replace(b"<body>", mode, 1) if filename == "index.html" else data
+
+        self._files = {name: Document(content(filename), content_type, _HEADERS)
                        for name, (filename, content_type) in _FILES.items()}
 
     def getChild(self, path: bytes, request) -> Resource:

@@ -237,10 +237,23 @@
     $('status').dataset.state = text === 'failed' || text === 'sign-in failed' ? 'failed' : '';
   }
 
+  // Whether the server that served this page plays scripts for signed-in users only (--auth): it
+  // says so in the page (<body data-auth="required">). Play then waits for a sign-in.
+  const authRequired = document.body.dataset.auth === 'required';
+  const SIGN_IN_FIRST = 'Sign in first: this server plays scripts for signed-in users only.';
+
   function setIdentity(pubkey, via) {
-    $('identity').textContent = pubkey ? `signed in as ${pubkey} (${via})` : 'not signed in';
+    $('identity').textContent = pubkey ? `signed in as ${pubkey} (${via})`
+      : authRequired ? `not signed in. ${SIGN_IN_FIRST}` : 'not signed in';
     $('identity').dataset.pubkey = pubkey || '';
     $('identity').dataset.via = pubkey ? via : '';
+    updatePlay();
+  }
+
+  function updatePlay() {
+    const waiting = authRequired && !$('identity').dataset.pubkey;
+    if (waiting || $('run').dataset.busy !== 'true') $('run').disabled = waiting;
+    $('run').title = waiting ? SIGN_IN_FIRST : '';
   }
 
   function signedIn() {
@@ -273,7 +286,12 @@
   function busy(button, action, failedStatus) {
     return async () => {
       button.disabled = true;
-      try { await action(); } catch (error) { showError(error, failedStatus); } finally { button.disabled = false; }
+      button.dataset.busy = 'true';
+      try { await action(); } catch (error) { showError(error, failedStatus); } finally {
+        button.disabled = false;
+        button.dataset.busy = '';
+        updatePlay();
+      }
     };
   }
 
@@ -293,6 +311,7 @@
   $('signin-dev').addEventListener('click', busy($('signin-dev'), signInWithDevKey, 'sign-in failed'));
   $('forget-dev').addEventListener('click', forgetDevKey);
   $('run').addEventListener('click', busy($('run'), play, 'failed'));
+  setIdentity(null);
   showDevKey();
   // For the tests and the curious: the words the page uses for each error (no keys here).
   window.circlesPlayground = Object.freeze({ describeError: (code, message, data) => describeError(new RPCError({ code, message, data })) });
