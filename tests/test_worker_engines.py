@@ -69,6 +69,7 @@ def test_output_before_an_error_fits_with_the_error_in_the_cap():
     kept = output_before_error("x" * 50 + "é" * 50 + "end", "e" * 40, 100)
     assert kept.startswith("...") and kept.endswith("end") and output_size(kept) + 40 <= 100
     assert output_before_error("anything", "e" * 100, 100) == ""
+    assert output_before_error(None, "boom", 100) == output_before_error(b"bytes", "boom", 100) == ""
 
 
 @pytest_twisted.ensureDeferred

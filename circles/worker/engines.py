@@ -101,7 +101,10 @@ def output_of_stdout(stdout: str) -> str:
 def output_before_error(output: str, error: str, limit: int) -> str:
     """The output printed before an error, cut so that it and ``error`` take at most ``limit``
     UTF-8 bytes together (a failed task's reply carries both, and is bounded as a result is): the
-    end is kept, what was printed last before the error, with "..." where the rest was cut."""
+    end is kept, what was printed last before the error, with "..." where the rest was cut. An
+    ``output`` that is not text (an engine's own error class may set anything) is none."""
+    if not isinstance(output, str):
+        return ""
     room = limit - output_size(error)
     data = output.encode("utf-8", "surrogatepass")
     if len(data) <= room:
