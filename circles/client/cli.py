@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("--json", action="store_true", help="print JSON (the result, or {\"error\": ...})")
+    output.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout, whatever the outcome: the result, or "
+                        "{\"error\": {...}, \"kind\": rpc|usage|connection|not_dead, \"exit\": N}")
 
     key = argparse.ArgumentParser(add_help=False)
     key.add_argument("--key-file", metavar="FILE",
