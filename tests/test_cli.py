@@ -331,9 +331,9 @@ def test_ws_to_a_tls_port_and_another_development_ca_are_said_with_their_likely_
             port = server.wait_listening()
             plain = circles("whoami", f"ws://localhost:{port}/{circle}")
             assert (plain.returncode, plain.stderr) == (
-                3, f"circles: cannot open ws://localhost:{port}/{circle}: the server at localhost:{port} closed the "
-                   "connection without answering the WebSocket handshake; if that port serves TLS, use wss:// "
-                   "(ws:// is plain TCP)\n")
+                3, f"circles: cannot open ws://localhost:{port}/{circle}: the connection closed before the WebSocket "
+                   f"opened, with no answer: if localhost:{port} serves TLS, use wss:// (a TLS port closes a ws:// "
+                   "request so; so does a load balancer with no server behind it)\n")
             server.wait_for("a plain HTTP request (ws:// or http://) from 127.0.0.1 on this TLS port: the client "
                             "must use wss:// (https://)")
             url = f"wss://localhost:{port}/{circle}"

@@ -314,10 +314,11 @@ class _ClientProtocol(WebSocketClientProtocol):
             return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
                                           f"{_not_verified(connection, ca, host, lost)}")
         if not url.startswith("wss:") and not status_line and lost is not None and lost.check(ConnectionDone):
-            # A TLS port that read "GET ..." as a handshake closes without a word.
-            return ConnectFailed(f"cannot open {url}: the server at {host}:{port} closed the connection without "
-                                 "answering the WebSocket handshake; if that port serves TLS, use wss:// "
-                                 "(ws:// is plain TCP)")
+            # A TLS port that read "GET ..." as a handshake closes without a word; so does a load
+            # balancer with no server up behind it. The first is the one a user can fix here.
+            return ConnectFailed(f"cannot open {url}: the connection closed before the WebSocket opened, with no "
+                                 f"answer: if {host}:{port} serves TLS, use wss:// (a TLS port closes a ws:// "
+                                 "request so; so does a load balancer with no server behind it)")
         return ConnectFailed(f"cannot open {url}: the connection closed before the WebSocket opened ({why})")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
