@@ -175,7 +175,7 @@ class CirclesService(MultiService):
         self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
-                                    config.max_pending_per_ip)
+                                    config.max_pending_per_ip, self.gateway.http_log)
         # One count for every port: they share the process's descriptors.
         self.accepts = AcceptGate.below_descriptor_limit(config.fd_reserve)
         self.listeners = [ListeningService(endpoint, self.router, self.accepts)

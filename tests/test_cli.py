@@ -266,7 +266,10 @@ def test_a_certificate_that_does_not_verify_is_said_in_one_line_with_the_way_out
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     wrong_ca = circles("whoami", url, "--ca", str(other_ca))
-    assert wrong_ca.returncode == 3 and wrong_ca.stderr.endswith(f"(issued by {issuer}, not in {other_ca}){hint}")
+    other_name = x509.load_pem_x509_certificate(other_ca.read_bytes()).subject.rfc4514_string()
+    assert wrong_ca.returncode == 3 and wrong_ca.stderr.endswith(
+        f"(issued by {issuer}, but {other_ca} holds {other_name}: the server's certificate was signed by another CA "
+        f"than that file's (made by another run or for another server?): give the CA file that signed it){hint}")
     by_address = url.replace("localhost", "127.1")  # 127.0.0.1, under a name the certificate does not carry
     wrong_name = circles("whoami", by_address, "--ca", ca)
     assert (wrong_name.returncode, wrong_name.stderr) == (
@@ -371,3 +374,49 @@ def wait_until_in_flight(port: int) -> None:
                 return
         assert time.monotonic() < deadline, "the play never reached the server"
         time.sleep(0.05)
+
+
+def test_ws_to_a_tls_port_and_another_development_ca_are_said_with_their_likely_cause(tmp_path, monkeypatch):
+    """``ws://`` to a ``wss://`` port: the client says to use wss://, the server's log says what
+    came. A ``--ca`` of another development CA: its name differs (each is named apart), and one
+    of the same name (as every one was before) is said to be a CA of that name with another key."""
+    from circles.tryout import devcert
+    served_by = devcert.make(str(tmp_path / "served"))
+    other = devcert.make(str(tmp_path / "other"))
+    monkeypatch.setattr(devcert, "ca_common_name", lambda now: "circles development CA")
+    same_a, same_b = devcert.make(str(tmp_path / "same-a")), devcert.make(str(tmp_path / "same-b"))
+    hint = "; --ca FILE trusts a private CA, --insecure skips the check (development only)\n"
+    circle = Key().pubkey
+    for cert, ca, wrong_ca, why in [
+            (served_by, served_by["ca"], other["ca"], None),
+            (same_a, same_a["ca"], same_b["ca"], "and {ca} holds a CA of that name but with another key: the "
+             "server's certificate was signed by another CA of the same name (one made again, e.g. by another "
+             "try-out run or state directory): give the CA file that signed it")]:
+        issuer = x509.load_pem_x509_certificate(open(ca, "rb").read()).subject.rfc4514_string()
+        held = x509.load_pem_x509_certificate(open(wrong_ca, "rb").read()).subject.rfc4514_string()
+        with twistd(["--tls-cert", cert["cert"], "--tls-key", cert["key"], "-k", circle, "--port", "0",
+                     "--interface", "127.0.0.1"], tmp_path) as server:
+            port = server.wait_listening()
+            plain = circles("whoami", f"ws://localhost:{port}/{circle}")
+            assert (plain.returncode, plain.stderr) == (
+                3, f"circles: cannot open ws://localhost:{port}/{circle}: the connection closed before the WebSocket "
+                   f"opened, with no answer: if localhost:{port} serves TLS, use wss:// (a TLS port closes a ws:// "
+                   "request so; so does a load balancer with no server behind it)\n")
+            server.wait_for("a plain HTTP request (ws:// or http://) from 127.0.0.1 on this TLS port: the client "
+                            "must use wss:// (https://)")
+            url = f"wss://localhost:{port}/{circle}"
+            result = circles("whoami", url, "--ca", wrong_ca)
+            assert circles("whoami", url, "--ca", ca).returncode == 0
+        if why is None:
+            assert issuer != held
+            assert result.stderr.endswith(
+                f"(issued by {issuer}, but {wrong_ca} holds {held}: the server's certificate was signed by another "
+                f"CA than that file's (made by another run or for another server?): give the CA file that signed "
+                f"it){hint}"), result.stderr
+        else:
+            assert issuer == held == "CN=circles development CA"
+            assert result.stderr == (f"circles: cannot open {url}: certificate verify failed for localhost:{port}: "
+                                     f"certificate signature failure (issued by {issuer}, {why.format(ca=wrong_ca)})"
+                                     f"{hint}"), result.stderr
+        assert result.returncode == 3
+        assert "Traceback" not in server.output

@@ -49,3 +49,24 @@ def test_the_embedding_example_serves_a_circle_under_twistd(tmp_path, redis_serv
     # SIGTERM stopped it as a service manager would: twistd exits by that signal once stopped
     assert app.proc.returncode == -signal.SIGTERM, app.output
     assert app.output.rstrip().endswith("Server Shut Down.") and "Traceback" not in app.output, app.output
+
+
+def test_the_worker_the_example_names_plays_with_its_private_redis(tmp_path, monkeypatch):
+    """No $CIRCLES_REDIS_URL: the example's private Redis, and a worker started as its comment
+    says (in the same directory, no Redis named) serves its circle."""
+    circle, user = Key(), Key()
+    [hint] = re.findall(r"^#\s+twistd -n (circles-worker .*)$", TAC.read_text(encoding="utf-8"), re.M)
+    plugin, *args = hint.replace("<circle>", circle.pubkey).split()
+    for name in ("CIRCLES_REDIS_URL", "REDIS_URL", "CIRCLES_TLS_CERT", "CIRCLES_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CIRCLES_PORT", "0")
+    monkeypatch.setenv("CIRCLES_CIRCLES", circle.pubkey)
+    with twistd([], tmp_path, plugin=str(TAC), options=("-y",)) as app:
+        port = app.wait_listening(60)
+        app.wait_for("connected to Redis", 60)
+        with twistd(args, tmp_path, plugin=plugin) as worker:
+            worker.wait_for("waiting for tasks", 60)
+            with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+                assert authenticate(ws, user)["result"] == {"authenticated": True, "pubkey": user.pubkey}
+                reply = request(ws, "play", {"script": "6 * 7"}, id_=2)
+                assert reply.get("result") == {"output": "42"}, (reply, worker.output)

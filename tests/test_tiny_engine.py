@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext
-from circles.worker.tiny_engine import MAX_STEPS, MAX_STRING, run
+from circles.worker.tiny_engine import MAX_STEPS, MAX_STRING, Stats, run
 
 CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
 I64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
@@ -447,3 +447,27 @@ def test_floats_are_shown_as_rhai_shows_them(value):
     script = f"-{literal}" if str(value).startswith("-") else literal
     assert run(script, CONTEXT) == _rhai_float(value)
     assert run(f"[{script}]", CONTEXT) == f"[{_rhai_float(value)}]"
+
+
+def test_a_webhook_event_is_CIRCLES_DATA_as_docs_webhooks_says():
+    """docs/webhooks.md's default script, with a handler: the event's JSON text is a constant,
+    next to CIRCLES_SOURCE and CIRCLES_TASK_ID; a play has no CIRCLES_DATA."""
+    event = '{"id": "evt_1", "type": "payment_intent.succeeded"}'
+    context = ScriptContext(task_id="t1", circle="02aa", caller="", source="webhook:stripe", data=event)
+    script = "fn on_stripe_event(event) { print(event); event.len() }\non_stripe_event(CIRCLES_DATA)"
+    assert run(script, context) == f"{event}\n{len(event)}"
+    assert run("CIRCLES_SOURCE + \" \" + CIRCLES_TASK_ID", context) == "webhook:stripe t1"
+    with pytest.raises(EngineError, match="constant"):
+        run("CIRCLES_DATA = 1", context)
+    with pytest.raises(EngineError, match="CIRCLES_DATA"):
+        run("CIRCLES_DATA", CONTEXT)
+
+
+def test_CIRCLES_DATA_is_charged_against_the_memory_budget():
+    data = "x" * 10_000
+    stats = Stats()
+    run("1", ScriptContext(task_id="t", circle="02aa", caller="", source="webhook:stripe", data=data), stats=stats)
+    assert stats.memory >= len(data)
+    with pytest.raises(EngineError, match=r"CIRCLES_DATA \(10000 characters\) is over the script memory limit"):
+        run("1", ScriptContext(task_id="t", circle="02aa", caller="", source="webhook:stripe", data=data,
+                               max_memory=5_000))

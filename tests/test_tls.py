@@ -256,3 +256,32 @@ def test_close_frame_of_a_protocol_error_reaches_a_tls_client(server, rsa_files)
                 received += data
     assert received[:1] == b"\x88", received  # a close frame...
     assert int.from_bytes(received[2:4], "big") == 1002, received  # ...saying "protocol error"
+
+
+@pytest.mark.skipif(shutil.which("certutil") is None, reason="needs certutil (Debian's libnss3-tools)")
+def test_the_documented_certutil_step_works_on_a_fresh_home_and_again_for_a_new_ca(tmp_path):
+    """docs/tls.md's step, as written, in a HOME with no ~/.pki at all (a fresh machine), then
+    again after the development CA is made anew: both CAs are trusted, side by side."""
+    import re
+
+    from circles.tryout import devcert
+
+    from .support import ROOT
+    docs = (ROOT / "docs" / "tls.md").read_text(encoding="utf-8")
+    [step] = re.findall(r"```sh\n(.*?)```", docs[docs.index("To have a browser trust"):], re.S)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home))
+    names = []
+    for _ in range(2):
+        devcert.make(str(tmp_path / "state" / "certs"))
+        ca = subprocess.run(["openssl", "x509", "-in", "state/certs/ca.pem", "-noout", "-subject", "-nameopt",
+                             "RFC2253"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        names.append(ca.strip().removeprefix("subject=CN="))
+        # stdin closed: a step that asks for a password fails here instead of waiting
+        done = subprocess.run(["sh", "-euc", step], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    listed = subprocess.run(["certutil", "-d", f"sql:{home}/.pki/nssdb", "-L"], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=60).stdout
+    assert names[0] != names[1] and all(re.search(re.escape(name) + r"\s+C,,", listed) for name in names), listed

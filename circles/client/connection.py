@@ -49,6 +49,7 @@ from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
@@ -162,6 +163,8 @@ class _Recorded:
 #: certificate, self-signed certificate, self-signed certificate in chain, unable to get local
 #: issuer certificate, unable to verify the first certificate.
 _UNTRUSTED = {2, 18, 19, 20, 21}
+#: OpenSSL's verify error for a certificate whose signature its issuer's key does not verify.
+_BAD_SIGNATURE = 7
 
 
 def _names(certificate: x509.Certificate) -> list:
@@ -192,13 +195,36 @@ def _not_verified(connection: SSL.Connection, ca: Optional[str], host: str, lost
             store.load_locations(paths.cafile, paths.capath)
         crypto.X509StoreContext(store, chain[0], chain=chain[1:]).verify_certificate()
     except crypto.X509StoreContextError as e:
-        if e.errors[0] not in _UNTRUSTED:  # expired, not yet valid, revoked...: OpenSSL's words say it
+        # Expired, not yet valid, revoked...: OpenSSL's words say it. But a signature that fails
+        # against the --ca file's CA is a CA of the issuer's name with another key: said below.
+        if e.errors[0] not in _UNTRUSTED and not (ca is not None and e.errors[0] == _BAD_SIGNATURE):
             return f"{e}"
         issuer = leaf.issuer.rfc4514_string() or "an unnamed issuer"
-        return f"{e} (issued by {issuer}, {'not in ' + ca if ca else 'not in the system trust store'})"
+        if ca is None:
+            return f"{e} (issued by {issuer}, not in the system trust store)"
+        return f"{e} (issued by {issuer}, {_other_ca(ca, leaf)})"
     except Exception:  # only the explanation is lost
         pass
     return "certificate verify failed"
+
+
+def _other_ca(ca: str, leaf: x509.Certificate) -> str:
+    """What the ``--ca`` file holds instead of the server's issuer, and the likely cause: another
+    CA, or one of the same name and another key (a CA made again: a development CA's name is the
+    same for every one it makes in older versions, and alike in newer ones)."""
+    try:
+        with open(ca, "rb") as f:
+            held = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError):
+        return f"not in {ca}"
+    if any(cert.subject == leaf.issuer for cert in held):
+        return (f"and {ca} holds a CA of that name but with another key: the server's certificate was signed "
+                "by another CA of the same name (one made again, e.g. by another try-out run or state "
+                "directory): give the CA file that signed it")
+    names = "; ".join(cert.subject.rfc4514_string() or "an unnamed CA" for cert in held[:3])
+    more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+    return (f"but {ca} holds {names}{more}: the server's certificate was signed by another CA than that "
+            "file's (made by another run or for another server?): give the CA file that signed it")
 
 
 # -- the WebSocket protocol --------------------------------------------------------------------
@@ -287,6 +313,12 @@ class _ClientProtocol(WebSocketClientProtocol):
             connection, ca = self.tls
             return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
                                           f"{_not_verified(connection, ca, host, lost)}")
+        if not url.startswith("wss:") and not status_line and lost is not None and lost.check(ConnectionDone):
+            # A TLS port that read "GET ..." as a handshake closes without a word; so does a load
+            # balancer with no server up behind it. The first is the one a user can fix here.
+            return ConnectFailed(f"cannot open {url}: the connection closed before the WebSocket opened, with no "
+                                 f"answer: if {host}:{port} serves TLS, use wss:// (a TLS port closes a ws:// "
+                                 "request so; so does a load balancer with no server behind it)")
         return ConnectFailed(f"cannot open {url}: the connection closed before the WebSocket opened ({why})")
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:

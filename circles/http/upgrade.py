@@ -16,16 +16,25 @@ that cannot be parsed because it is too large is answered here: 414 for a reques
 the Site as soon as that LF arrives, whatever else it says: Autobahn, like the Site, splits the
 head on CRLF only, so such a head would otherwise wait for an end that never comes; the Site's
 channel (:class:`~circles.http.limits.RequestDeadlineChannel`) answers it 400.
+
+On a TLS port, a client that speaks plain HTTP (``ws://`` or ``http://`` to a ``wss://`` port)
+fails the TLS handshake with its first bytes, ``GET ``: OpenSSL reports that as "http request",
+and the connection closes with nothing routed. That is said in the log in those words (through
+the gateway's budget of refused-request lines: anyone can send it), since a bare handshake
+failure does not name the likely cause; the client, which gets no answer at all, says it too
+(:mod:`circles.client.connection`).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
+from circles.anomalies import LogBudget
 from circles.keys import PATH_KEY_LENGTHS
 from circles.limits import address_key, half_close
 from circles.logs import Logger, worth_logging
@@ -47,6 +56,18 @@ def _answer(status: bytes, error: bytes) -> bytes:
 URI_TOO_LONG = _answer(b"414 URI Too Long", b"request line over 16 KiB")
 HEAD_TOO_LARGE = _answer(b"431 Request Header Fields Too Large", b"request head over 16 KiB")
 TOO_MANY_PENDING = _answer(b"503 Service Unavailable", b"too many unfinished requests from this address")
+
+
+#: OpenSSL's reasons for a TLS handshake that began with a plain HTTP request instead.
+PLAIN_HTTP_REASONS = ("http request", "https proxy request")
+
+
+def plain_http_on_tls(reason) -> bool:
+    """Whether a connection was lost because its client spoke plain HTTP to a TLS port."""
+    if reason is None or not reason.check(TLSError):
+        return False
+    errors = reason.value.args[0] if reason.value.args else []
+    return any(isinstance(e, tuple) and len(e) == 3 and e[2] in PLAIN_HTTP_REASONS for e in errors)
 
 
 def oversized(head: bytes, end: int) -> Optional[bytes]:
@@ -161,6 +182,10 @@ class _FirstBytes(Protocol):
         if self._peer is not None:
             self._router.routed(self._peer)
             self._peer = None
+        if self._inner is None and self._router.refusals is not None and plain_http_on_tls(reason):
+            self._router.refusals.note(getattr(self._addr, "host", str(self._addr)), "plain HTTP on TLS",
+                                       "a plain HTTP request (ws:// or http://) from {peer} on this TLS port: "
+                                       "the client must use wss:// (https://)")
         if self._inner is not None:
             self._inner.connectionLost(reason)
         if self._timer is not None and self._timer.active():
@@ -181,8 +206,9 @@ class UpgradeRouter(ServerFactory):
     name = "circles"  # a port says "circles starting on 8443" (Twisted's line names the factory so)
 
     def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float,
-                 max_pending_per_peer: int = 0) -> None:
+                 max_pending_per_peer: int = 0, refusals: Optional[LogBudget] = None) -> None:
         self.websocket = websocket
+        self.refusals = refusals  # where connections refused before routing are logged (None: not logged)
         self.site = site
         self.reactor = reactor
         self.timeout = timeout
@@ -195,7 +221,7 @@ class UpgradeRouter(ServerFactory):
         """A router for another port (``--metrics-listen``) that hands every request to ``site``,
         under this one's deadline and counting its pending connections with this one's: a
         second port is no second allowance per address."""
-        router = UpgradeRouter(site, site, self.reactor, self.timeout, self.max_pending_per_peer)
+        router = UpgradeRouter(site, site, self.reactor, self.timeout, self.max_pending_per_peer, self.refusals)
         router._counts = self
         router.name = "circles metrics"
         return router

@@ -10,7 +10,8 @@ which stops them in order; and each asks the kernel for SIGTERM should the super
 (``PR_SET_PDEATHSIG``), so even a killed supervisor leaves nothing behind.
 
 State lives in ``--state-dir`` (default ``./state``): ``certs/`` (the CA clients trust), the
-circle's key, a user key for the pasted line, logs, and the Redis socket. One try-out at a time
+circle's key, a user key for the pasted line, ``webhooks/`` (a signing secret and a handler script
+per provider, so docs/webhooks.md's example runs here), logs, and the Redis socket. One try-out at a time
 holds a state directory (``try.lock``); each start moves the previous run's ``logs/*.log`` to
 ``*.log.1``.
 
@@ -25,6 +26,7 @@ import datetime
 import fcntl
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -41,13 +43,29 @@ from twisted.python.failure import Failure
 from circles.children import dies_with_this_process, terminate
 from circles.client import signing
 from circles.once import Once
-from circles.tryout import devcert
 
 DEFAULT_PORT = 8443
 INTERFACE = "127.0.0.1"
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
 EXAMPLE_SCRIPT = 'let x = 6 * 7; print("hello, " + CALLER_ID); x'
+#: The script queued for each webhook event (``--stripe-script``, ``--idenfy-script``): the
+#: server's default call, after a handler the user may edit (the tiny engine defines none).
+WEBHOOK_HANDLERS = {
+    "stripe": ("on_stripe_event", "a Stripe event", "whsec_"),
+    "idenfy": ("on_idenfy_callback", "an iDenfy verification callback", ""),
+}
+WEBHOOK_SCRIPT = """// The try-out's handler of {what} (docs/webhooks.md, "On the try-out").
+// The server queues this text for each one; its JSON text is CIRCLES_DATA. Edit the handler and
+// restart the try-out. Nobody waits for a webhook's output: its task's status (completed, or
+// error with a line in the worker's log) is what is kept.
+fn {handler}(event) {{
+    print(event);
+}}
+
+{handler}(CIRCLES_DATA)
+"""
+
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
@@ -65,9 +83,9 @@ def _bin(name: str) -> str:
 
 
 def _shown(path: str) -> str:
-    """``path`` as the user would type it from here: relative when below the current directory."""
-    relative = os.path.relpath(path)
-    return relative if not relative.startswith("..") else os.path.abspath(path)
+    """``path`` as printed: absolute, since what is printed is pasted into another terminal,
+    often in another directory."""
+    return os.path.abspath(path)
 
 
 # -- state: certificate and keys ----------------------------------------------------------------
@@ -81,6 +99,17 @@ def _certificate_fresh(path: str) -> bool:
     return cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=1)
 
 
+def _kept(path: str, text) -> str:
+    """``path``, written (mode 0600) with ``text()`` unless it exists: the user's edits stay."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text())
+    return path
+
+
 def prepare(state_dir: str) -> dict:
     """Make what is missing in ``state_dir``: a development certificate (renewed before it
     expires), the circle's key and a user key. Returns the paths and the circle id."""
@@ -88,6 +117,9 @@ def prepare(state_dir: str) -> dict:
     certs = os.path.join(state_dir, "certs")
     paths = {name: os.path.join(certs, f"{name}.pem") for name in ("ca", "cert", "key")}
     if not all(os.path.exists(p) for p in paths.values()) or not _certificate_fresh(paths["cert"]):
+        # Imported here, not at the top: `python -m circles.tryout.devcert` imports this package
+        # first, and a devcert already imported by it would run twice (runpy's RuntimeWarning).
+        from circles.tryout import devcert
         paths = devcert.make(certs)
     keys = {}
     for name in ("circle", "user"):
@@ -100,6 +132,13 @@ def prepare(state_dir: str) -> dict:
         f.write(keys["circle"] + "\n")
     paths["circle"] = keys["circle"]
     paths["user"] = keys["user"]
+    webhooks = os.path.join(state_dir, "webhooks")
+    os.makedirs(webhooks, mode=0o700, exist_ok=True)
+    for provider, (handler, what, prefix) in WEBHOOK_HANDLERS.items():
+        paths[f"{provider}_secret"] = _kept(os.path.join(webhooks, f"{provider}.secret"),
+                                            lambda: prefix + secrets.token_hex(24) + "\n")
+        paths[f"{provider}_script"] = _kept(os.path.join(webhooks, f"{provider}.rhai"),
+                                            lambda: WEBHOOK_SCRIPT.format(handler=handler, what=what))
     paths["logs"] = os.path.join(state_dir, "logs")
     paths["run"] = os.path.join(state_dir, "run")
     os.makedirs(paths["logs"], exist_ok=True)
@@ -247,7 +286,10 @@ async def _run(reactor, args) -> None:
     server = spawn(reactor, "server", [
         twistd, "-n", "--pidfile=", "--logfile=-", "circles", "--auth", "--playground",
         "--tls-cert", paths["cert"], "--tls-key", paths["key"], "--interface", INTERFACE,
-        "--port", str(args.port), "-k", circle, "--state-dir", run_dir, *args.server_args,
+        "--port", str(args.port), "-k", circle, "--state-dir", run_dir,
+        *(f"--{provider}-{what}={paths[f'{provider}_{kind}']}" for provider in WEBHOOK_HANDLERS
+          for what, kind in (("secret-file", "secret"), ("script", "script"))),
+        *args.server_args,
     ], os.path.join(logs, "server.log"))
     children.append(server)
     listening = server.wait_for(r"starting on (\d+)", reactor)
@@ -273,6 +315,8 @@ async def _run(reactor, args) -> None:
     _say(f"  circle      {url}")
     _say(f"  playground  https://localhost:{port}/playground/?circle={circle}")
     _say(f"              (the certificate is from a development CA: trust {ca} or accept the warning)")
+    _say(f"  webhooks    https://localhost:{port}/webhooks/stripe/{circle} (and .../idenfy/...)")
+    _say(f"              (secrets and handlers in {_shown(os.path.dirname(paths['stripe_script']))}: docs/webhooks.md, \"On the try-out\")")
     _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log (the previous run's: *.log.1)")
     _say(f"  operate     {_shown(_bin('circles'))} tasks stats --state-dir {_shown(run_dir)}")
     _say(f"              (workers and queues; `circles tasks` and `circles members` reach this Redis with that --state-dir)")

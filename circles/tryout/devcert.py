@@ -6,6 +6,10 @@ writes ``DIR/ca.pem`` (the CA certificate clients trust), ``DIR/cert.pem`` (the 
 certificate followed by the CA) and ``DIR/key.pem`` (the server's key, mode 0600). The CA's own
 key is thrown away, so the CA can vouch for this one certificate and nothing else. Not for
 production: use certificates from your own CA or ACME there.
+
+Each CA is named apart (:func:`ca_common_name`: the machine, the day and a random suffix): a
+client given another run's ``ca.pem`` (or a browser trusting an older one) is told which CA the
+server's certificate names, and that it is not the one trusted, instead of two CAs of one name.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import datetime
 import ipaddress
 import os
+import secrets
+import socket
 from typing import Iterable
 
 from cryptography import x509
@@ -23,6 +29,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 VALIDITY = datetime.timedelta(days=30)
+CA_NAME = "circles development CA"
+
+
+def ca_common_name(now: datetime.datetime) -> str:
+    """A development CA's CN, unique per generation: ``circles development CA <host> <date> <hex>``."""
+    host = socket.gethostname().split(".")[0] or "localhost"
+    return f"{CA_NAME} {host} {now:%Y-%m-%d} {secrets.token_hex(3)}"
 
 
 def _subject_names(hosts: Iterable[str]) -> list:
@@ -40,7 +53,7 @@ def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: datetime.dat
     hosts = list(hosts)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "circles development CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_common_name(now))])
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name).issuer_name(ca_name)

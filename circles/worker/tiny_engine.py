@@ -32,7 +32,9 @@ accepts means what it means in Rhai, anything else is refused with ``line L, col
   ``push``, ``pop``, ``contains``, ``keys``, ``values``, ``to_string``, ``to_int``,
   ``to_float``, ``type_of``, ``abs``, ``to_upper``, ``to_lower``, ``range``;
 - ``CONTEXT_ID`` (the circle) and ``CALLER_ID`` (the caller) are constants, as under the
-  ecosystem's Rhai workers.
+  ecosystem's Rhai workers; so are ``CIRCLES_SOURCE`` and ``CIRCLES_TASK_ID``, and for a
+  webhook event ``CIRCLES_DATA``, its JSON text (docs/webhooks.md: the default scripts call
+  ``on_stripe_event(CIRCLES_DATA)``), charged against the memory budget like any string.
 
 Not there (refused): characters (``'a'``), closures, ``switch``, ``do``, ``try``/``throw``,
 modules, string indexing, and the rest of Rhai's standard library.
@@ -911,7 +913,9 @@ class _Evaluator:
     def __init__(self, context: ScriptContext, functions: dict) -> None:
         self.functions = functions
         self.scopes: list = [{"CONTEXT_ID": _Variable(context.circle, True),
-                              "CALLER_ID": _Variable(context.caller, True)}]
+                              "CALLER_ID": _Variable(context.caller, True),
+                              "CIRCLES_SOURCE": _Variable(context.source, True),
+                              "CIRCLES_TASK_ID": _Variable(context.task_id, True)}]
         self.calls = 0
         self.printed: list = []
         self.size = 0  # UTF-8 bytes of output so far
@@ -1606,6 +1610,13 @@ def run(script: str, context: ScriptContext, stats: Optional[Stats] = None) -> s
     evaluator = _Evaluator(context, functions)
     value: Any = UNIT
     try:
+        if context.data is not None:  # a webhook event's JSON text: a string the script holds
+            size = _string_bytes(len(context.data), context.data.isascii())
+            if size > evaluator.max_memory:
+                raise EngineError(f"CIRCLES_DATA ({len(context.data)} characters) is over the script memory limit "
+                                  f"({evaluator.max_memory} bytes)")
+            evaluator.allocate((1, 1), size)
+            evaluator.scopes[0]["CIRCLES_DATA"] = _Variable(context.data, True)
         try:
             value = evaluator.block(tree, new_scope=False)
         except _Return as r:
