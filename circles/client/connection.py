@@ -115,8 +115,21 @@ def check_url(url: str) -> str:
     return circle
 
 
+#: The close code of a server shutting down (or restarting): it sent it only once every call it
+#: took was answered.
+GOING_AWAY = 1001
+
+
 class ConnectionClosed(ConnectionError):
-    """The connection closed before a call's reply arrived, or a call was made after that."""
+    """The connection closed before a call's reply arrived, or a call was made after that.
+
+    ``sent``: whether the request went out at all (False: the connection was closing already, so
+    the server never saw it); ``code``: the WebSocket close code, when one was received."""
+
+    def __init__(self, message: str, *, sent: bool = True, code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.code = code
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -227,7 +240,7 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def request(self, method: str, params: Any = None) -> Deferred:
         if self.state != self.STATE_OPEN:
-            return fail(ConnectionClosed(f"not connected to {self.url}: cannot call {method}"))
+            return fail(ConnectionClosed(f"not connected to {self.url}: cannot call {method}", sent=False))
         request_id = next(self._ids)
         message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
         if params is not None:
@@ -296,7 +309,8 @@ class _ClientProtocol(WebSocketClientProtocol):
             self.opened.errback(self._not_opened(why))
         pending, self._pending = self._pending, {}
         for d, method in pending.values():
-            d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived"))
+            d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived",
+                                       code=code))
         if not self.closed.fired:
             self.closed.fire((code, reason))
 
@@ -454,8 +468,13 @@ class ReconnectingClient:
     for ``timeout`` seconds where a call takes one (:meth:`client`, :meth:`play`), after which
     it fails with :class:`NoServerReachable`, saying why each server's last attempt failed. A
     call in flight when the connection drops fails with :class:`ConnectionClosed` and is not
-    repeated; the next call goes over the new connection. :meth:`start` begins connecting,
-    :meth:`stop` ends it.
+    repeated; the next call goes over the new connection. Two exceptions, where repeating is
+    safe: a call that never left (the connection was closing when it was made) waits for the
+    next connection, ``play`` included (the server never saw it); and a call that only reads
+    (:data:`RETRIED`: ``fetch_nonce``, ``whoami``, ``rpc.discover``) caught by a server going
+    away (close code 1001: it is stopping, and sends that once what it took is answered) is made
+    again on the next connection, without an error. A ``play`` caught in flight is never
+    repeated: it may have run. :meth:`start` begins connecting, :meth:`stop` ends it.
 
     Twisted's ``ClientService`` keeps the connection; this class makes it live. The service
     counts a connection as made once TCP (and TLS) is up, and the opening handshake and the
@@ -466,6 +485,11 @@ class ReconnectingClient:
     attempt that gives no live connection still counts as a failed one for ``retry_policy``,
     whose delays grow while no server lets a WebSocket open.
     """
+
+    #: Calls that read only: made again when a server going away (1001) left them unanswered.
+    RETRIED = frozenset({"fetch_nonce", "whoami", "rpc.discover"})
+    #: How many connections a call follows before its failure is the caller's.
+    MOST_ATTEMPTS = 3
 
     def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
                  scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
@@ -480,6 +504,8 @@ class ReconnectingClient:
         self._live: Optional[_ClientProtocol] = None
         self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
         self._stopped = False
+        #: Live connections made so far (open, and authenticated if a key is given).
+        self.connections = 0
         factory = _factory(self.urls[0], reactor, timeout)
         self._endpoint = _Rotating([(u, endpoint_for(u, reactor, ca=ca, insecure=insecure, timeout=timeout))
                                     for u in self.urls], factory, self._attempt_failed)
@@ -513,6 +539,7 @@ class ReconnectingClient:
             return
         self._unready, self._why = 0, {}
         self._live = protocol
+        self.connections += 1
         protocol.closed.when().addCallback(lambda _: self._lost(protocol))
         log.info("connected to {url}", url=protocol.url)
         waiters, self._waiters = self._waiters, []
@@ -576,11 +603,30 @@ class ReconnectingClient:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-    def _via(self, method: str, *args, **kwargs) -> Deferred:
-        return self.client().addCallback(lambda client: getattr(client, method)(*args, **kwargs))
+    def _via(self, method: str, *args, rpc: Optional[str] = None, **kwargs) -> Deferred:
+        """``method`` of the live connection's :class:`CircleClient`, made again on the next
+        connection where that is safe (see the class); ``rpc``: the JSON-RPC method it calls."""
+        return ensureDeferred(self._calling(method, rpc or method, args, kwargs))
+
+    async def _calling(self, method: str, rpc: str, args: tuple, kwargs: dict) -> Any:
+        for attempt in range(1, self.MOST_ATTEMPTS + 1):
+            client = await self.client()
+            try:
+                return await getattr(client, method)(*args, **kwargs)
+            except ConnectionClosed as e:
+                again = not e.sent or (e.code == GOING_AWAY and rpc in self.RETRIED)
+                if not again or attempt == self.MOST_ATTEMPTS:
+                    raise
+                log.info("{method} to {url} again on the next connection ({why})", method=rpc, url=client.url,
+                         why="the server is going away" if e.sent else "it was not sent")
 
     def call(self, method: str, params: Any = None) -> Deferred:
-        return self._via("call", method, params)
+        return self._via("call", method, params, rpc=method)
+
+    def fetch_nonce(self, pubkey: Optional[str] = None) -> Deferred:
+        """``{nonce, expires_at}``; the nonce is bound to ``pubkey`` when given, and to the
+        connection it was fetched on (another after a reconnection)."""
+        return self._via("fetch_nonce", pubkey)
 
     def whoami(self) -> Deferred:
         return self._via("whoami")
@@ -599,9 +645,14 @@ class ReconnectingClient:
 
     async def _play_within(self, script: str, timeout: float) -> str:
         deadline = self._reactor.seconds() + timeout
-        client = await self.client(timeout=timeout)
-        # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
-        return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))
+        for attempt in range(1, self.MOST_ATTEMPTS + 1):
+            client = await self.client(timeout=max(deadline - self._reactor.seconds(), 0.001))
+            try:
+                # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
+                return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))
+            except ConnectionClosed as e:
+                if e.sent or attempt == self.MOST_ATTEMPTS:
+                    raise  # it may have run: never repeated
 
     def discover(self) -> Deferred:
-        return self._via("discover")
+        return self._via("discover", rpc="rpc.discover")
