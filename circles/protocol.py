@@ -459,7 +459,11 @@ class CircleProtocol(WebSocketServerProtocol):
         # an abort throws them away, so the peer never learned why. Close in order there (what
         # is queued, then close_notify), and abort only a peer that has not finished within
         # TLS_ABORT_GRACE. Plain TCP sends at once (circles.http.eager): aborting loses nothing.
-        if abort and self._transport_details is not None and self._transport_details.is_secure:
+        # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
+        # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
+        # connection a drain closes. The peer has read all: close in order, bounded the same way.
+        secure = self._transport_details is not None and self._transport_details.is_secure
+        if abort and (secure or self.wasClean):
             self.transport.loseConnection()
             self._tls_abort = self.factory.gateway.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
         else:

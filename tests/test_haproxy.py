@@ -62,20 +62,27 @@ def _config(text: str, front: int, stats: int, servers: "list[int]") -> str:
     return text
 
 
-def _states(stats_port: int) -> dict:
-    """Each server's state as HAProxy sees it (``UP``, ``DOWN``, ``UP 1/2``...), from its CSV."""
+def _rows(stats_port: int) -> dict:
+    """HAProxy's statistics of the ``circles`` backend, by row (``a``, ``b``, ``BACKEND``)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5) as response:
-            rows = response.read().decode().lstrip("# ").splitlines()
+            lines = response.read().decode().lstrip("# ").splitlines()
     except OSError:  # not started yet
         return {}
-    header = rows[0].split(",")
-    states = {}
-    for row in rows[1:]:
-        fields = dict(zip(header, row.split(",")))
-        if fields.get("pxname") == "circles" and fields.get("svname") in ("a", "b"):
-            states[fields["svname"]] = fields["status"]
-    return states
+    header = lines[0].split(",")
+    rows = (dict(zip(header, line.split(","))) for line in lines[1:])
+    return {row["svname"]: row for row in rows if row.get("pxname") == "circles"}
+
+
+def _states(stats_port: int) -> dict:
+    """Each server's state as HAProxy sees it (``UP``, ``DOWN``, ``UP 1/2``...)."""
+    return {name: row["status"] for name, row in _rows(stats_port).items() if name in ("a", "b")}
+
+
+#: What HAProxy counts when it meets a server that cannot take a request: connection errors,
+#: response errors (a reset, an empty answer), retries and redispatches. Its retries hide these
+#: from clients; a server that drains never causes them.
+TROUBLE = ("econ", "eresp", "wretr", "wredis")
 
 
 async def _sleep(seconds: float) -> None:
@@ -200,6 +207,7 @@ async def test_rolling_upgrade_behind_haproxy(redis_server, tmp_path):
                              "back up after": round(exited + up, 1)}
         await _sleep(2)  # the load on both again
         connections_before_end = [c.connections for c in load.clients]
+        trouble = {name: int(_rows(stats)["BACKEND"][name] or 0) for name in TROUBLE}
         await load.stop()
         load_ = load
         load = None
@@ -207,9 +215,11 @@ async def test_rolling_upgrade_behind_haproxy(redis_server, tmp_path):
             "plays": dict(load_.plays), "slowest play (s)": round(max(load_.play_seconds), 2),
             "webhooks": {str(k): v for k, v in load_.hooks.items()},
             "slowest webhook (s)": round(max(load_.hook_seconds), 2),
-            "connections per client": connections_before_end, "restarts": figures}, indent=1))
+            "connections per client": connections_before_end, "HAProxy's errors and retries": trouble,
+            "restarts": figures}, indent=1))
         assert set(load_.plays) == {"ok"}, load_.plays
         assert set(load_.hooks) == {200}, load_.hooks
+        assert trouble == dict.fromkeys(TROUBLE, 0), trouble
         # Each client reconnected at least once (its first server stopped) and was live at the end.
         assert all(n >= 2 for n in connections_before_end), connections_before_end
 
