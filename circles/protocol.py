@@ -71,7 +71,9 @@ limit is answered -32007 with ``data`` ``{size, unread, limit}`` instead, and a 
 over that bound for ``--slow-reader-timeout`` seconds (or is so far over it that not even the
 error fits) is disconnected without a close frame (it would not read one).
 
-Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
+Close codes: 1001 (going away) when the server stops: sent once every request the connection
+had in flight is answered; a request that crosses it is not taken (never run), so a client may
+send it again elsewhere. 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
 not UTF-8, 1009 for a message over the size limit or in more than ``--max-fragments`` frames,
 and for a reply that cannot fit even as -32007 errors (the request's ids alone are too long to
 echo).
@@ -243,6 +245,11 @@ class CircleProtocol(WebSocketServerProtocol):
         return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            # Our close frame is on its way (1001 going away, or any close we started) and this
+            # request crossed it: it is not taken. So a client told 1001 knows that every call
+            # it had no answer to was never run (the server answers all it took first).
+            return
         if isBinary:
             # sendClose() only takes application codes (1000, 3000-4999) and raises on 1003;
             # sendCloseFrame() sends a protocol code and starts the closing handshake.

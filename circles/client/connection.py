@@ -474,7 +474,10 @@ class ReconnectingClient:
     (:data:`RETRIED`: ``fetch_nonce``, ``whoami``, ``rpc.discover``) caught by a server going
     away (close code 1001: it is stopping, and sends that once what it took is answered) is made
     again on the next connection, without an error. A ``play`` caught in flight is never
-    repeated: it may have run. :meth:`start` begins connecting, :meth:`stop` ends it.
+    repeated for the caller: it fails with :class:`ConnectionClosed`. (From a circles server, one
+    whose ``code`` is 1001 was not run: the server answers every call it took before it goes
+    away, and takes none that crosses its close; the caller may send it again. Any other close
+    leaves it unknown.) :meth:`start` begins connecting, :meth:`stop` ends it.
 
     Twisted's ``ClientService`` keeps the connection; this class makes it live. The service
     counts a connection as made once TCP (and TLS) is up, and the opening handshake and the
@@ -500,6 +503,7 @@ class ReconnectingClient:
         self._scheme = scheme
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
         self._unready = 0  # attempts in a row that gave no live connection
+        self._went_away = False  # the last live connection was closed by its server going away (1001)
         self._why: "dict[str, str]" = {}  # each URL's last failed attempt, since the last live connection
         self._live: Optional[_ClientProtocol] = None
         self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
@@ -512,7 +516,7 @@ class ReconnectingClient:
         # The service's own count of failed attempts restarts with every TCP connection; ours
         # restarts with every live one (1 after a live connection was lost, as the service's would).
         self._service = ClientService(self._endpoint, factory,
-                                      retryPolicy=lambda _: self._policy(max(1, self._unready)),
+                                      retryPolicy=self._delay,
                                       clock=reactor, prepareConnection=self._prepare)
 
     @property
@@ -540,7 +544,7 @@ class ReconnectingClient:
         self._unready, self._why = 0, {}
         self._live = protocol
         self.connections += 1
-        protocol.closed.when().addCallback(lambda _: self._lost(protocol))
+        protocol.closed.when().addCallback(lambda closed: self._lost(protocol, closed[0]))
         log.info("connected to {url}", url=protocol.url)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -550,9 +554,18 @@ class ReconnectingClient:
         self._unready += 1
         self._why[url] = failure.getErrorMessage().removeprefix(f"cannot open {url}: ")
 
-    def _lost(self, protocol: _ClientProtocol) -> None:
+    def _lost(self, protocol: _ClientProtocol, code: Optional[int]) -> None:
         if self._live is protocol:
             self._live = None
+            self._went_away = code == GOING_AWAY
+
+    def _delay(self, _attempts: int) -> float:
+        """Seconds before the next attempt: none after a server went away (it stopped on purpose,
+        having answered all it took; another is up), else ``retry_policy``'s for the attempts in
+        a row that gave no live connection."""
+        if self._went_away and not self._unready:
+            return 0.0
+        return self._policy(max(1, self._unready))
 
     def _wrap(self, protocol: _ClientProtocol) -> CircleClient:
         client = CircleClient(protocol)
