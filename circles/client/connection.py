@@ -493,6 +493,10 @@ class ReconnectingClient:
     RETRIED = frozenset({"fetch_nonce", "whoami", "rpc.discover"})
     #: How many connections a call follows before its failure is the caller's.
     MOST_ATTEMPTS = 3
+    #: Seconds a connection must have lived for its server's 1001 to bring an immediate reconnection
+    #: (one sent away sooner waits as after a failed attempt: no loop against a server that lets
+    #: clients in only to send them away).
+    SETTLED = 1.0
 
     def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
                  scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
@@ -503,7 +507,8 @@ class ReconnectingClient:
         self._scheme = scheme
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
         self._unready = 0  # attempts in a row that gave no live connection
-        self._went_away = False  # the last live connection was closed by its server going away (1001)
+        self._went_away = False  # the last live connection, settled, was closed by its server going away (1001)
+        self._live_since = 0.0
         self._why: "dict[str, str]" = {}  # each URL's last failed attempt, since the last live connection
         self._live: Optional[_ClientProtocol] = None
         self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
@@ -543,6 +548,7 @@ class ReconnectingClient:
             return
         self._unready, self._why = 0, {}
         self._live = protocol
+        self._live_since = self._reactor.seconds()
         self.connections += 1
         protocol.closed.when().addCallback(lambda closed: self._lost(protocol, closed[0]))
         log.info("connected to {url}", url=protocol.url)
@@ -557,7 +563,7 @@ class ReconnectingClient:
     def _lost(self, protocol: _ClientProtocol, code: Optional[int]) -> None:
         if self._live is protocol:
             self._live = None
-            self._went_away = code == GOING_AWAY
+            self._went_away = code == GOING_AWAY and self._reactor.seconds() - self._live_since >= self.SETTLED
 
     def _delay(self, _attempts: int) -> float:
         """Seconds before the next attempt: none after a server went away (it stopped on purpose,
