@@ -14,10 +14,10 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles.backend.redis import parse_redis_url
-from circles.client import ConnectionClosed, ReconnectingClient
+from circles.client import ConnectionClosed, NoServerReachable, ReconnectingClient
 from circles.client.signing import generate
 
-from .play_client import RPCClient, eventually
+from .play_client import RPCClient, eventually, sleep
 from .test_ops import _get
 from .test_play_ws import CIRCLE, play, serve, serving, sh_worker
 
@@ -91,5 +91,33 @@ async def test_reconnecting_client_repeats_reads_but_never_a_play_on_going_away(
         # Not run: the next play, on the next connection, runs after any it could have queued.
         assert await client.play("echo next", timeout=5) == "next"
         assert not ran.exists()
+    finally:
+        await client.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_comes_back_at_once_after_going_away_but_never_loops(redis_server, start):
+    """A settled connection told 1001 is replaced at once (not after the retry policy's delay);
+    one told 1001 before it settled waits that delay, so a server that lets clients in only to
+    send them away is not hammered."""
+    service, port = await serve(start, redis_server.url)
+    client = ReconnectingClient(f"ws://127.0.0.1:{port}/{CIRCLE}", reactor=reactor,
+                                retry_policy=lambda attempt: 30.0)  # a delay no test waits for
+    client.SETTLED = 0.2
+    client.start()
+    try:
+        await client.client()
+        await sleep(0.3)  # settled
+        service.factory.drain()
+        service.factory.draining = False
+        await eventually(lambda: client.connections == 2, timeout=5)
+
+        second = await client.client()
+        service.factory.drain()  # at once: not settled
+        service.factory.draining = False
+        await second.when_closed()
+        with pytest.raises(NoServerReachable):
+            await client.client(timeout=2)  # the next attempt is 30 s away
+        assert client.connections == 2
     finally:
         await client.stop()
