@@ -121,3 +121,31 @@ async def test_reconnecting_client_comes_back_at_once_after_going_away_but_never
         assert client.connections == 2
     finally:
         await client.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_webhook_the_stopping_server_cannot_take_is_503_with_retry_after(redis_server, start):
+    """Late in a stop the script runner is stopped while HTTP connections may still deliver:
+    such a webhook gets 503 with Retry-After (the provider retries, elsewhere), and the log says
+    why (the server is shutting down, not that Redis is unreachable)."""
+    from twisted.logger import globalLogPublisher
+
+    from circles.webhook_secrets import WebhookSecrets
+
+    from .webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
+
+    service, port = await serve(start, redis_server.url, stripe_secrets=WebhookSecrets.of(STRIPE_SECRET))
+    body = encode(stripe_event("evt_drain_ok"))
+    assert (await post(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))).code == 200
+    service.factory.draining = True  # as stopService has it by then
+    await service.script_runner.stopService()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        body = encode(stripe_event("evt_drain_late"))
+        reply = await post(port, f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert (reply.code, reply.header("retry-after")) == (503, "30")
+    assert reply.json() == {"error": "backend unavailable, retry later"}
+    assert any("the server is shutting down" in str(e.get("error", "")) for e in events), events
