@@ -76,6 +76,11 @@ class Config:
     # browser Origin patterns accepted at the handshake (circles.limits.ORIGIN_RULE says how they match)
     allowed_origins: tuple = attrs.field(default=("*",))
     metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
+    # Seconds the port keeps accepting after a stop (SIGTERM) while /ready answers 503, so that a
+    # load balancer polling /ready stops sending traffic here before the port closes: 5 covers one
+    # checking every 2 s that marks a server down after 2 failed checks (HAProxy's "inter 2s fall 2"),
+    # with 1 s to spare. Not waited when nothing has asked /ready since the server started.
+    drain_grace: float = 5.0
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
     # Where Redis is (redis://, rediss://, unix://, redis+sentinel://); None: start a private redis-server.

@@ -37,6 +37,12 @@ class Gateway:
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False
+        #: Stopping (SIGTERM), in its first step: ``/ready`` answers 503 while everything else
+        #: serves as usual for ``--drain-grace`` seconds, until ``draining`` (circles.service).
+        self.leaving = False
+        #: Whether anything (a load balancer) has asked ``/ready`` since start: only then is there
+        #: someone to notice its 503, and a stop waits ``--drain-grace`` for them.
+        self.readiness_watched = False
         #: The other processes of ``--processes`` (circles.siblings.Siblings); None: there are none.
         self.siblings = None
         #: Nonces issued over HTTP (GET /auth/nonce), before any connection exists, and redeemed
@@ -62,8 +68,12 @@ class Gateway:
 
     def unready_reason(self) -> Optional[str]:
         """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or
-        the script backend unavailable (Redis unreachable, or refusing writes at its maxmemory)."""
-        if self.draining:
+        the script backend unavailable (Redis unreachable, or refusing writes at its maxmemory).
+
+        Asking marks readiness as watched (:attr:`readiness_watched`): every ``/ready``, this
+        process's or, under ``--processes``, any process's (circles.siblings), asks here."""
+        self.readiness_watched = True
+        if self.draining or self.leaving:
             return "shutting down"
         if not self.scripts.is_connected():
             # A runner that knows it: Redis answers but refuses writes at its maxmemory.

@@ -73,7 +73,9 @@ limit is answered -32007 with ``data`` ``{size, unread, limit}`` instead, and a 
 over that bound for ``--slow-reader-timeout`` seconds (or is so far over it that not even the
 error fits) is disconnected without a close frame (it would not read one).
 
-Close codes: 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
+Close codes: 1001 (going away) when the server stops: sent once every request the connection
+had in flight is answered; a request that crosses it is not taken (never run), so a client may
+send it again elsewhere. 1003 for a binary frame (only text is spoken here), 1007 for a text frame that is
 not UTF-8, 1009 for a message over the size limit or in more than ``--max-fragments`` frames,
 and for a reply that cannot fit even as -32007 errors (the request's ids alone are too long to
 echo).
@@ -247,6 +249,11 @@ class CircleProtocol(WebSocketServerProtocol):
         return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            # Our close frame is on its way (1001 going away, or any close we started) and this
+            # request crossed it: it is not taken. So a client told 1001 knows that every call
+            # it had no answer to was never run (the server answers all it took first).
+            return
         if isBinary:
             # sendClose() only takes application codes (1000, 3000-4999) and raises on 1003;
             # sendCloseFrame() sends a protocol code and starts the closing handshake.
@@ -477,7 +484,11 @@ class CircleProtocol(WebSocketServerProtocol):
         # an abort throws them away, so the peer never learned why. Close in order there (what
         # is queued, then close_notify), and abort only a peer that has not finished within
         # TLS_ABORT_GRACE. Plain TCP sends at once (circles.http.eager): aborting loses nothing.
-        if abort and self._transport_details is not None and self._transport_details.is_secure:
+        # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
+        # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
+        # connection a drain closes. The peer has read all: close in order, bounded the same way.
+        secure = self._transport_details is not None and self._transport_details.is_secure
+        if abort and (secure or self.wasClean):
             self.transport.loseConnection()
             self._tls_abort = self.factory.gateway.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
         else:

@@ -40,7 +40,7 @@ CONFIG_FIELDS = {
     "fd-reserve": "fd_reserve", "max-http-nonces-per-ip": "max_http_nonces_per_ip",
     "handshake-timeout": "handshake_timeout", "idle-timeout": "idle_timeout", "ping-interval": "ping_interval",
     "ping-timeout": "ping_timeout", "allowed-origins": "allowed_origins", "metrics-listen": "metrics_listen",
-    "shutdown-grace": "shutdown_grace", "script-timeout": "script_timeout", "redis-prefix": "redis_prefix",
+    "drain-grace": "drain_grace", "shutdown-grace": "shutdown_grace", "script-timeout": "script_timeout", "redis-prefix": "redis_prefix",
     "redis-persist": "redis_persist", "playground": "playground", "webhook-tolerance": "webhook_tolerance",
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
     "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
@@ -187,8 +187,11 @@ class Options(usage.Options):
                  f"{ORIGIN_RULE}. A client sending no Origin is no browser page and is let in", _origins),
         _setting("metrics-listen", "Twisted endpoint serving /metrics alone, e.g. tcp:9100:interface=127.0.0.1 "
                  "(default: /metrics on the main port)"),
-        _setting("shutdown-grace", "seconds in-flight calls get to finish when the server stops",
+        _setting("drain-grace", "seconds the port keeps accepting after SIGTERM while /ready answers 503, so a "
+                 "load balancer checking /ready moves traffic away first (skipped if nothing asked /ready)",
                  at_least_zero(float)),
+        _setting("shutdown-grace", "seconds in-flight calls get to finish when the server stops (after "
+                 "--drain-grace)", at_least_zero(float)),
         _setting("script-timeout", "seconds a play may take (a play's timeout may only lower it)", positive(float)),
         *redis_parameters("Redis shared with the workers: redis://[user:password@]host:port/db, rediss://..., "
                           "unix:///path?db=N, redis+sentinel://host:26379,host:26380,.../MASTER_NAME/db", "a private redis-server in --state-dir",
@@ -409,7 +412,7 @@ def _make_service(config: Options, reactor):
     directory = tempfile.mkdtemp(prefix="circles-")  # 0700: the processes' sockets (circles.siblings)
     siblings.join(service, 1, config["processes"], directory, reactor, remove=True).setServiceParent(group)
     ServerProcesses(reactor, config["processes"] - 1, argv, service.when_listening,
-                    stop_timeout=config.config.shutdown_grace + 10, directory=directory).setServiceParent(group)
+                    stop_timeout=config.config.drain_grace + config.config.shutdown_grace + 10, directory=directory).setServiceParent(group)
     return group
 
 

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from circles import api, tls
@@ -210,7 +211,10 @@ class CirclesService(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred:
-        """Shut down gracefully, in this order: stop accepting connections; let in-flight
+        """Shut down gracefully, in this order: ``/ready`` answers 503 while the port keeps
+        accepting and serving as usual for ``drain_grace`` seconds (if anything has asked
+        ``/ready``: a load balancer then takes this server out before its port closes, instead
+        of meeting refused connections); stop accepting connections; let in-flight
         calls finish (up to ``shutdown_grace``) while each connection closes with 1001 once
         it has nothing in flight; stop the script runner, which answers what is left (-32004);
         say goodbye to the last connections; stop the embedded Redis."""
@@ -218,6 +222,7 @@ class CirclesService(MultiService):
 
     async def _stop(self) -> None:
         Service.stopService(self)
+        await self._leave()
         await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
         await self._bounded(self.factory.drain(), self.config.shutdown_grace)
         if self.script_runner is not None:
@@ -233,6 +238,18 @@ class CirclesService(MultiService):
             await maybeDeferred(self.metrics_listener.stopService)
         if self.embedded_redis is not None:
             await maybeDeferred(self.embedded_redis.stopService)
+
+    async def _leave(self) -> None:
+        """The first step of a stop: unready at once, still serving for the drain grace."""
+        gateway, grace = self.gateway, self.config.drain_grace
+        gateway.leaving = True
+        if not grace or not gateway.readiness_watched:
+            return
+        log.info("shutting down: /ready answers 503; still accepting for {grace:g}s (--drain-grace) so that load "
+                 "balancers send traffic elsewhere first", grace=grace)
+        await deferLater(self.reactor, grace)
+        log.info("shutting down: no longer accepting; {n} connection(s) close with 1001 once their calls are answered",
+                 n=len(self.factory.open_connections))
 
     async def _bounded(self, d: Deferred, seconds: float) -> None:
         d.addTimeout(seconds, self.reactor)

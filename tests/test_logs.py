@@ -152,6 +152,11 @@ SERVER_AT_INFO = {
     ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out "
                           r"\(stopped by the worker at its --script-timeout\)"),
     ("twisted.internet.base", r"Received SIGTERM, shutting down\."),
+    # /ready was asked: the drain grace, and its end
+    ("circles.service", r"shutting down: /ready answers 503; still accepting for 5s \(--drain-grace\) so that "
+                        r"load balancers send traffic elsewhere first"),
+    ("circles.service", r"shutting down: no longer accepting; 0 connection\(s\) close with 1001 once their calls "
+                        r"are answered"),
     ("-", r"\(TCP Port \d+ Closed\)"),
     ("twisted.internet.base", r"Main loop terminated\."),
     ("twisted.scripts._twistd_unix.UnixAppLogger", r"Server Shut Down\."),

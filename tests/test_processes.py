@@ -296,3 +296,29 @@ def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
                 assert _sample(body, "circles_process_up", {"process": "2"}) == 0
         finally:
             child.resume()
+
+
+def test_sigterm_drains_every_process_together(tmp_path):
+    """SIGTERM to the first process reaches the others: each answers /ready 503 at once and keeps
+    accepting for --drain-grace, all in the same seconds (not one grace after another), then all
+    exit."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state"), "--drain-grace", "2"], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        assert eventually_true(lambda: _get(port, "/ready")[0] == 200)  # a balancer watches: every process
+        stopping = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert eventually_true(lambda: server.output.count("still accepting for 2s (--drain-grace)") == 2, 10), \
+            server.output
+        answers = set()
+        while time.monotonic() - stopping < 1.5:  # within the grace: whichever process takes it, it serves
+            answers.add(_get(port, "/ready")[0])
+            assert _get(port, "/health")[0] == 200
+            time.sleep(0.05)
+        assert answers == {503}
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)
+        # One grace, shared: both began it before either ended it.
+        lines = [line for line in server.output.splitlines() if "--drain-grace" in line or "no longer accepting" in line]
+        assert ["no longer accepting" in line for line in lines] == [False, False, True, True], lines

@@ -235,6 +235,8 @@ class RedisScriptRunner(Service):
         """Why nothing can be queued now (``is_connected()`` is false)."""
         if self.full and self._listening and self.answering:
             return BackendFull(FULL)
+        if not self.running:  # stopped: the server is shutting down, whatever Redis does
+            return BackendUnavailable("the server is shutting down")
         return BackendUnavailable("Redis is unreachable")
 
     def _filled(self) -> None:

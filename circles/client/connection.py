@@ -116,8 +116,21 @@ def check_url(url: str) -> str:
     return circle
 
 
+#: The close code of a server shutting down (or restarting): it sent it only once every call it
+#: took was answered.
+GOING_AWAY = 1001
+
+
 class ConnectionClosed(ConnectionError):
-    """The connection closed before a call's reply arrived, or a call was made after that."""
+    """The connection closed before a call's reply arrived, or a call was made after that.
+
+    ``sent``: whether the request went out at all (False: the connection was closing already, so
+    the server never saw it); ``code``: the WebSocket close code, when one was received."""
+
+    def __init__(self, message: str, *, sent: bool = True, code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.code = code
 
 
 # -- TLS ---------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def request(self, method: str, params: Any = None) -> Deferred:
         if self.state != self.STATE_OPEN:
-            return fail(ConnectionClosed(f"not connected to {self.url}: cannot call {method}"))
+            return fail(ConnectionClosed(f"not connected to {self.url}: cannot call {method}", sent=False))
         request_id = next(self._ids)
         message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
         if params is not None:
@@ -328,7 +341,8 @@ class _ClientProtocol(WebSocketClientProtocol):
             self.opened.errback(self._not_opened(why))
         pending, self._pending = self._pending, {}
         for d, method in pending.values():
-            d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived"))
+            d.errback(ConnectionClosed(f"connection to {url} closed ({why}) before the reply to {method} arrived",
+                                       code=code))
         if not self.closed.fired:
             self.closed.fire((code, reason))
 
@@ -486,8 +500,16 @@ class ReconnectingClient:
     for ``timeout`` seconds where a call takes one (:meth:`client`, :meth:`play`), after which
     it fails with :class:`NoServerReachable`, saying why each server's last attempt failed. A
     call in flight when the connection drops fails with :class:`ConnectionClosed` and is not
-    repeated; the next call goes over the new connection. :meth:`start` begins connecting,
-    :meth:`stop` ends it.
+    repeated; the next call goes over the new connection. Two exceptions, where repeating is
+    safe: a call that never left (the connection was closing when it was made) waits for the
+    next connection, ``play`` included (the server never saw it); and a call that only reads
+    (:data:`RETRIED`: ``fetch_nonce``, ``whoami``, ``rpc.discover``) caught by a server going
+    away (close code 1001: it is stopping, and sends that once what it took is answered) is made
+    again on the next connection, without an error. A ``play`` caught in flight is never
+    repeated for the caller: it fails with :class:`ConnectionClosed`. (From a circles server, one
+    whose ``code`` is 1001 was not run: the server answers every call it took before it goes
+    away, and takes none that crosses its close; the caller may send it again. Any other close
+    leaves it unknown.) :meth:`start` begins connecting, :meth:`stop` ends it.
 
     Twisted's ``ClientService`` keeps the connection; this class makes it live. The service
     counts a connection as made once TCP (and TLS) is up, and the opening handshake and the
@@ -499,6 +521,15 @@ class ReconnectingClient:
     whose delays grow while no server lets a WebSocket open.
     """
 
+    #: Calls that read only: made again when a server going away (1001) left them unanswered.
+    RETRIED = frozenset({"fetch_nonce", "whoami", "rpc.discover"})
+    #: How many connections a call follows before its failure is the caller's.
+    MOST_ATTEMPTS = 3
+    #: Seconds a connection must have lived for its server's 1001 to bring an immediate reconnection
+    #: (one sent away sooner waits as after a failed attempt: no loop against a server that lets
+    #: clients in only to send them away).
+    SETTLED = 1.0
+
     def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
                  scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, retry_policy: Optional[Callable[[int], float]] = None) -> None:
@@ -508,17 +539,21 @@ class ReconnectingClient:
         self._scheme = scheme
         self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=30)
         self._unready = 0  # attempts in a row that gave no live connection
+        self._went_away = False  # the last live connection, settled, was closed by its server going away (1001)
+        self._live_since = 0.0
         self._why: "dict[str, str]" = {}  # each URL's last failed attempt, since the last live connection
         self._live: Optional[_ClientProtocol] = None
         self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
         self._stopped = False
+        #: Live connections made so far (open, and authenticated if a key is given).
+        self.connections = 0
         factory = _factory(self.urls[0], reactor, timeout)
         self._endpoint = _Rotating([(u, endpoint_for(u, reactor, ca=ca, insecure=insecure, timeout=timeout))
                                     for u in self.urls], factory, self._attempt_failed)
         # The service's own count of failed attempts restarts with every TCP connection; ours
         # restarts with every live one (1 after a live connection was lost, as the service's would).
         self._service = ClientService(self._endpoint, factory,
-                                      retryPolicy=lambda _: self._policy(max(1, self._unready)),
+                                      retryPolicy=self._delay,
                                       clock=reactor, prepareConnection=self._prepare)
 
     @property
@@ -545,7 +580,9 @@ class ReconnectingClient:
             return
         self._unready, self._why = 0, {}
         self._live = protocol
-        protocol.closed.when().addCallback(lambda _: self._lost(protocol))
+        self._live_since = self._reactor.seconds()
+        self.connections += 1
+        protocol.closed.when().addCallback(lambda closed: self._lost(protocol, closed[0]))
         log.info("connected to {url}", url=protocol.url)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -555,9 +592,18 @@ class ReconnectingClient:
         self._unready += 1
         self._why[url] = failure.getErrorMessage().removeprefix(f"cannot open {url}: ")
 
-    def _lost(self, protocol: _ClientProtocol) -> None:
+    def _lost(self, protocol: _ClientProtocol, code: Optional[int]) -> None:
         if self._live is protocol:
             self._live = None
+            self._went_away = code == GOING_AWAY and self._reactor.seconds() - self._live_since >= self.SETTLED
+
+    def _delay(self, _attempts: int) -> float:
+        """Seconds before the next attempt: none after a server went away (it stopped on purpose,
+        having answered all it took; another is up), else ``retry_policy``'s for the attempts in
+        a row that gave no live connection."""
+        if self._went_away and not self._unready:
+            return 0.0
+        return self._policy(max(1, self._unready))
 
     def _wrap(self, protocol: _ClientProtocol) -> CircleClient:
         client = CircleClient(protocol)
@@ -608,11 +654,30 @@ class ReconnectingClient:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-    def _via(self, method: str, *args, **kwargs) -> Deferred:
-        return self.client().addCallback(lambda client: getattr(client, method)(*args, **kwargs))
+    def _via(self, method: str, *args, rpc: Optional[str] = None, **kwargs) -> Deferred:
+        """``method`` of the live connection's :class:`CircleClient`, made again on the next
+        connection where that is safe (see the class); ``rpc``: the JSON-RPC method it calls."""
+        return ensureDeferred(self._calling(method, rpc or method, args, kwargs))
+
+    async def _calling(self, method: str, rpc: str, args: tuple, kwargs: dict) -> Any:
+        for attempt in range(1, self.MOST_ATTEMPTS + 1):
+            client = await self.client()
+            try:
+                return await getattr(client, method)(*args, **kwargs)
+            except ConnectionClosed as e:
+                again = not e.sent or (e.code == GOING_AWAY and rpc in self.RETRIED)
+                if not again or attempt == self.MOST_ATTEMPTS:
+                    raise
+                log.info("{method} to {url} again on the next connection ({why})", method=rpc, url=client.url,
+                         why="the server is going away" if e.sent else "it was not sent")
 
     def call(self, method: str, params: Any = None) -> Deferred:
-        return self._via("call", method, params)
+        return self._via("call", method, params, rpc=method)
+
+    def fetch_nonce(self, pubkey: Optional[str] = None) -> Deferred:
+        """``{nonce, expires_at}``; the nonce is bound to ``pubkey`` when given, and to the
+        connection it was fetched on (another after a reconnection)."""
+        return self._via("fetch_nonce", pubkey)
 
     def whoami(self) -> Deferred:
         return self._via("whoami")
@@ -631,9 +696,14 @@ class ReconnectingClient:
 
     async def _play_within(self, script: str, timeout: float) -> str:
         deadline = self._reactor.seconds() + timeout
-        client = await self.client(timeout=timeout)
-        # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
-        return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))
+        for attempt in range(1, self.MOST_ATTEMPTS + 1):
+            client = await self.client(timeout=max(deadline - self._reactor.seconds(), 0.001))
+            try:
+                # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
+                return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))
+            except ConnectionClosed as e:
+                if e.sent or attempt == self.MOST_ATTEMPTS:
+                    raise  # it may have run: never repeated
 
     def discover(self) -> Deferred:
-        return self._via("discover")
+        return self._via("discover", rpc="rpc.discover")
