@@ -84,7 +84,10 @@ def reuse_port_socket(port: int, interface: str = "", backlog: int = 50) -> sock
 
 
 def inherited_listen_fd() -> Optional[int]:
-    """The descriptor of the listening socket the first process gave this one, if any."""
+    """The descriptor of the listening socket the first process gave this one, if any (only in
+    one of the others of a ``--processes``: a stray variable elsewhere names nothing)."""
+    if member_from_environment() is None:
+        return None
     try:
         return int(os.environ[ENV_LISTEN_FD])
     except (KeyError, ValueError):
