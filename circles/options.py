@@ -125,12 +125,14 @@ def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list
     """``--redis-url``, ``--redis-url-file``, ``--redis-prefix`` and ``--state-dir``, the same for
     both plugins but for what they say of where the Redis is (``otherwise``: without a URL)."""
     return [
-        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else --redis-url-file, else "
-                                  f"${ORIGINAL_REDIS_URL_ENV}, from the environment or ./{DOTENV}; else {otherwise}). "
+        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else the file ${REDIS_URL_FILE_ENV} "
+                                  f"names, else ${ORIGINAL_REDIS_URL_ENV}, from the environment or ./{DOTENV}; "
+                                  f"else {otherwise}). "
                                   f"A URL with a password belongs in the environment or a file, not here: the "
                                   f"command line is visible to every user of the machine"),
-        ("redis-url-file", None, None, f"file holding the Redis URL (one line; with its password), readable by "
-                                       f"the service alone (default: ${REDIS_URL_FILE_ENV})"),
+        ("redis-url-file", None, None, f"file holding the Redis URL (one line, with its password; readable by "
+                                       f"the service alone), instead of --redis-url (in the environment: "
+                                       f"${REDIS_URL_FILE_ENV})"),
         ("redis-prefix", None, tasks.DEFAULT_PREFIX, "prefix of every Redis key (servers and workers must agree)"),
         ("state-dir", None, DEFAULT_STATE_DIR, state_dir_help),
     ]
