@@ -24,9 +24,11 @@ its port) in :meth:`ServerProcesses.privilegedStartService`, before ``twistd`` d
 (``--uid``), and hands each process its socket as descriptor 3 (:data:`ENV_LISTEN_FD`): the
 others never bind, so a port under 1024 works for them too, and every socket sharing the port has
 the same owner (the kernel lets only sockets of one user share a port). A socket outlives the
-process using it, for the one started again in its place; meanwhile it does not listen (shut
-down, which resets the connections queued on it, as the kernel does when a process's own socket
-closes, and gives new ones to the others), and listens again, unprivileged, as that one starts.
+process using it, for the one started again in its place. A process makes its socket listen
+itself, as it starts to serve (bound is all a socket is until then: the kernel gives its
+connections to the others); once it exits, the first process shuts its socket down, which resets
+the connections queued on it (as the kernel does when a process's own socket closes) and makes the
+kernel give new ones to the others, until the next process listens on it again, unprivileged.
 
 One ``/metrics``, one ``/ready``: :mod:`circles.siblings`, through a private directory given to
 the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`).
@@ -68,15 +70,17 @@ def _family(interface: str) -> int:
     return socket.AF_INET6 if ":" in interface else socket.AF_INET
 
 
-def reuse_port_socket(port: int, interface: str = "", backlog: int = 50) -> socket.socket:
-    """A listening TCP socket on ``interface:port`` that other sockets of this user may share
-    (``SO_REUSEPORT``); :class:`OSError` if it cannot be bound."""
+def reuse_port_socket(port: int, interface: str = "", backlog: int = 50, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``interface:port`` that other sockets of this user may share
+    (``SO_REUSEPORT``), listening unless ``listen`` is false; :class:`OSError` if it cannot be
+    bound."""
     sock = socket.socket(_family(interface), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
     except OSError:
         sock.close()
         raise
@@ -116,6 +120,12 @@ class ReusePortEndpoint:
                 fd, family = sock.fileno(), sock.family
             else:
                 fd, family = self._fd, _family(self._interface)
+                # Bound by the first process; listening from now on, as this process serves.
+                inherited = socket.socket(fileno=os.dup(fd))
+                try:
+                    inherited.listen(self._backlog)
+                finally:
+                    inherited.close()
             os.set_blocking(fd, False)
             if self._tls is not None:
                 factory = TLSMemoryBIOFactory(self._tls, False, factory)
@@ -250,7 +260,7 @@ class ServerProcesses(Service):
         host = ports[0].getHost()
         interface = "" if host.host in ("0.0.0.0", "::") else host.host
         try:
-            self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog)
+            self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog, listen=False)
                              for number in range(2, self._count + 2)}
         except OSError as e:
             raise CannotListenError(interface, host.port, e)
@@ -277,10 +287,6 @@ class ServerProcesses(Service):
             return
         child = _Child(number, self._reactor)
         command = self._command
-        try:
-            self._sockets[number].listen(self._backlog)  # again, if the one before it exited
-        except OSError as e:
-            log.error("cannot listen again for server process {n}: {why}", n=number, why=e.strerror)
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
                                   ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD)})
         # Its standard output and error are pipes to us (its log). It leads a session of its own:
