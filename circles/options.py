@@ -23,8 +23,12 @@ from circles.backend import tasks
 from circles.backend.embedded import DEFAULT_STATE_DIR, SOCKET_NAME
 from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
-#: Where ``--redis-url`` is read from when not given.
+#: Where ``--redis-url`` is read from when not given: the URL, or the path of a file holding it.
 REDIS_URL_ENV = "CIRCLES_REDIS_URL"
+REDIS_URL_FILE_ENV = "CIRCLES_REDIS_URL_FILE"
+#: The largest secret file read (a secret, a URL, a few dozen webhook secrets): a path given by
+#: mistake (a log, a device) is refused, not read whole.
+MAX_SECRET_FILE = 64 * 1024
 ORIGINAL_REDIS_URL_ENV = "REDIS_URL"  # the Rust circles server's name; ours wins when both are set
 DOTENV = ".env"  # read from the working directory, below the environment (as the Rust server's dotenv)
 
@@ -98,12 +102,37 @@ def one_line_mistakes(options: type, command: str) -> type:
     return OneLine
 
 
+class SecretFileError(ValueError):
+    """A secret file cannot be read; the message names the file, never what it holds."""
+
+
+def read_secret_file(path: str) -> str:
+    """The text of a file holding secrets (a Redis URL with its password, webhook signing
+    secrets): what ``--redis-url-file`` and ``--stripe-secret-file`` name, a file only the
+    service's user may read (systemd's ``LoadCredential=``, a Kubernetes secret volume), so that
+    no secret is on the command line, which every user of the machine can read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_SECRET_FILE + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecretFileError(f"cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
+    if len(text) > MAX_SECRET_FILE:
+        raise SecretFileError(f"{path} is larger than {MAX_SECRET_FILE // 1024} KiB: not a secret file")
+    return text
+
+
 def redis_parameters(url_help: str, otherwise: str, state_dir_help: str) -> list:
-    """``--redis-url``, ``--redis-prefix`` and ``--state-dir``, the same for both plugins but
-    for what they say of where the Redis is (``otherwise``: without a URL)."""
+    """``--redis-url``, ``--redis-url-file``, ``--redis-prefix`` and ``--state-dir``, the same for
+    both plugins but for what they say of where the Redis is (``otherwise``: without a URL)."""
     return [
-        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else ${ORIGINAL_REDIS_URL_ENV}, "
-                                  f"from the environment or ./{DOTENV}; else {otherwise})"),
+        ("redis-url", None, None, f"{url_help} (default: ${REDIS_URL_ENV}, else the file ${REDIS_URL_FILE_ENV} "
+                                  f"names, else ${ORIGINAL_REDIS_URL_ENV}, from the environment or ./{DOTENV}; "
+                                  f"else {otherwise}). "
+                                  f"A URL with a password belongs in the environment or a file, not here: the "
+                                  f"command line is visible to every user of the machine"),
+        ("redis-url-file", None, None, f"file holding the Redis URL (one line, with its password; readable by "
+                                       f"the service alone), instead of --redis-url (in the environment: "
+                                       f"${REDIS_URL_FILE_ENV})"),
         ("redis-prefix", None, tasks.DEFAULT_PREFIX, "prefix of every Redis key (servers and workers must agree)"),
         ("state-dir", None, DEFAULT_STATE_DIR, state_dir_help),
     ]
@@ -199,13 +228,13 @@ class RedisChoice:
 
     url: Optional[str] = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
     address: RedisAddress  # the URL's, or the private Redis's socket in the state directory
-    source: str = "--state-dir"  # where the URL came from: --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL
+    source: str = "--state-dir"  # where the URL came from: --redis-url(-file), $CIRCLES_REDIS_URL(_FILE), $REDIS_URL
     ignored: "tuple[str, ...]" = ()  # variables also set that the source overrides
 
     def log_line(self) -> str:
         """Which source named the Redis (never the URL: it may carry a password)."""
         if self.private:
-            return "Redis: the private redis-server in --state-dir (no --redis-url, $CIRCLES_REDIS_URL, $REDIS_URL)"
+            return "Redis: the private redis-server in --state-dir (no --redis-url, --redis-url-file, $CIRCLES_REDIS_URL, $CIRCLES_REDIS_URL_FILE, $REDIS_URL)"
         return describe_source("Redis URL", self.source, self.ignored)
 
     @property
@@ -215,8 +244,9 @@ class RedisChoice:
 
 def choose_redis(options: Mapping[str, Optional[str]], reactor,
                  dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None) -> RedisChoice:
-    """The Redis that parsed ``options`` name: ``--redis-url`` (else ``$CIRCLES_REDIS_URL``, else
-    ``$REDIS_URL``, the Rust server's name; then the same two in ``dotenv``), else the private
+    """The Redis that parsed ``options`` name: ``--redis-url`` or the file ``--redis-url-file``
+    names (else ``$CIRCLES_REDIS_URL``, else the file ``$CIRCLES_REDIS_URL_FILE`` names, else
+    ``$REDIS_URL``, the Rust server's name; then the same three in ``dotenv``), else the private
     one in ``--state-dir``; checked as far as it can be without connecting.
 
     A URL that is not one is a usage mistake: :class:`usage.UsageError`. A ``rediss://`` URL
@@ -224,13 +254,28 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
     answers its own way (the server with one line and no help text, the worker as a usage
     mistake).
     """
-    url, ignored = options["redis-url"], ()
-    if url:
-        source = "--redis-url"
-        _, first, rest = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV), dotenv=dotenv)
+    names = (REDIS_URL_ENV, REDIS_URL_FILE_ENV, ORIGINAL_REDIS_URL_ENV)
+    given = [option for option in ("redis-url", "redis-url-file") if options.get(option)]
+    if len(given) == 2:
+        raise usage.UsageError("give --redis-url or --redis-url-file, not both")
+    path = None
+    if given:
+        source = f"--{given[0]}"
+        url = options["redis-url"]
+        path = options.get("redis-url-file")
+        _, first, rest = from_environment(names, dotenv=dotenv)
         ignored = ((first,) + rest) if first else ()
     else:
-        url, source, ignored = from_environment((REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV), dotenv=dotenv)
+        url, source, ignored = from_environment(names, dotenv=dotenv)
+        if source is not None and REDIS_URL_FILE_ENV in source:
+            path, url = url, None
+    if path is not None:
+        try:
+            url = read_secret_file(path).strip()
+        except SecretFileError as e:
+            raise SystemExit(f"circles: {source}: {e}")
+        if not url or "\n" in url:
+            raise SystemExit(f"circles: {source}: {path} must hold one line, the Redis URL")
     if not url:
         return RedisChoice(None, private_redis_address(options["state-dir"]))
     try:

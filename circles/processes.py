@@ -19,6 +19,17 @@ and publishes each event as its own, tagged with the sender's ``pid`` and ``proc
 standard error, a line that is no event) is logged as a line of text of that process. A line
 longer than :data:`MAX_LINE` is dropped with a note: the relay never holds more than that.
 
+Privileges. The first process binds the others' sockets too (each its own, ``SO_REUSEPORT``, on
+its port) in :meth:`ServerProcesses.privilegedStartService`, before ``twistd`` drops privileges
+(``--uid``), and hands each process its socket as descriptor 3 (:data:`ENV_LISTEN_FD`): the
+others never bind, so a port under 1024 works for them too, and every socket sharing the port has
+the same owner (the kernel lets only sockets of one user share a port). A socket outlives the
+process using it, for the one started again in its place. A process makes its socket listen
+itself, as it starts to serve (bound is all a socket is until then: the kernel gives its
+connections to the others); once it exits, the first process shuts its socket down, which resets
+the connections queued on it (as the kernel does when a process's own socket closes) and makes the
+kernel give new ones to the others, until the next process listens on it again, unprivileged.
+
 One ``/metrics``, one ``/ready``: :mod:`circles.siblings`, through a private directory given to
 the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`).
 """
@@ -48,37 +59,85 @@ log = Logger()
 #: The environment of the other processes: their number (2..N), N, and the private directory of
 #: :mod:`circles.siblings`.
 ENV_PROCESS, ENV_PROCESSES, ENV_DIRECTORY = "CIRCLES_PROCESS", "CIRCLES_PROCESSES", "CIRCLES_PROCESS_DIR"
+#: The descriptor of the listening socket the first process made for one of the others.
+ENV_LISTEN_FD = "CIRCLES_LISTEN_FD"
+LISTEN_FD = 3
 #: The longest line read from another process (its events are cut at RELAY_LINE_LIMIT already).
 MAX_LINE = 2 * RELAY_LINE_LIMIT
 
 
+def _family(interface: str) -> int:
+    return socket.AF_INET6 if ":" in interface else socket.AF_INET
+
+
+def reuse_port_socket(port: int, interface: str = "", backlog: int = 50, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``interface:port`` that other sockets of this user may share
+    (``SO_REUSEPORT``), listening unless ``listen`` is false; :class:`OSError` if it cannot be
+    bound."""
+    sock = socket.socket(_family(interface), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+        if listen:
+            sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def inherited_listen_fd() -> Optional[int]:
+    """The descriptor of the listening socket the first process gave this one, if any (only in
+    one of the others of a ``--processes``: a stray variable elsewhere names nothing)."""
+    if member_from_environment() is None:
+        return None
+    try:
+        return int(os.environ[ENV_LISTEN_FD])
+    except (KeyError, ValueError):
+        return None
+
+
 @implementer(IStreamServerEndpoint)
 class ReusePortEndpoint:
-    """TCP (optionally TLS) on a port that other processes bind too (``SO_REUSEPORT``)."""
+    """TCP (optionally TLS) on a port that other processes bind too (``SO_REUSEPORT``), or, with
+    ``fd``, on the listening socket the first process of ``--processes`` made for this one."""
 
-    def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, tls=None) -> None:
+    def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, tls=None,
+                 fd: Optional[int] = None) -> None:
         self._reactor = reactor
         self._port = port
         self._interface = interface
         self._backlog = backlog
         self._tls = tls
+        self._fd = fd
 
     def listen(self, factory) -> Deferred:
-        family = socket.AF_INET6 if ":" in self._interface else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = None
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self._interface, self._port))
-            sock.listen(self._backlog)
-            sock.setblocking(False)
+            if self._fd is None:
+                sock = reuse_port_socket(self._port, self._interface, self._backlog)
+                fd, family = sock.fileno(), sock.family
+            else:
+                fd, family = self._fd, _family(self._interface)
+                # Bound by the first process; listening from now on, as this process serves.
+                inherited = socket.socket(fileno=os.dup(fd))
+                try:
+                    inherited.listen(self._backlog)
+                finally:
+                    inherited.close()
+            os.set_blocking(fd, False)
             if self._tls is not None:
                 factory = TLSMemoryBIOFactory(self._tls, False, factory)
-            port = self._reactor.adoptStreamPort(sock.fileno(), family, factory)
+            port = self._reactor.adoptStreamPort(fd, family, factory)
         except OSError as e:
             return fail(CannotListenError(self._interface, self._port, e))
         finally:
-            sock.close()  # the reactor holds its own descriptor
+            if sock is not None:
+                sock.close()  # the reactor holds its own descriptor
+        if self._fd is not None:
+            os.close(self._fd)  # likewise
+            self._fd = None
         return succeed(port)
 
 
@@ -174,7 +233,8 @@ class ServerProcesses(Service):
     ``directory`` is the private directory of :mod:`circles.siblings`.
     """
 
-    def __init__(self, reactor, count: int, argv: list, listening, stop_timeout: float, directory: str) -> None:
+    def __init__(self, reactor, count: int, argv: list, listening, stop_timeout: float, directory: str,
+                 backlog: int = 50) -> None:
         self._reactor = reactor
         self._count = count
         self._argv = argv
@@ -185,6 +245,25 @@ class ServerProcesses(Service):
         self._command: Optional[list] = None
         self._delays: "dict[int, RestartDelay]" = {}
         self._restarts: dict = {}  # number -> the pending callLater starting it again
+        self._backlog = backlog
+        self._sockets: "dict[int, socket.socket]" = {}  # number -> its listening socket, kept for its restarts
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # This process has bound its port already (it is first in the service tree): bind the
+        # others' now, while this process may (a port under 1024, before twistd's --uid).
+        self._listening().addCallback(self._bind_theirs)
+
+    def _bind_theirs(self, ports: list) -> None:
+        if self._sockets:
+            return
+        host = ports[0].getHost()
+        interface = "" if host.host in ("0.0.0.0", "::") else host.host
+        try:
+            self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog, listen=False)
+                             for number in range(2, self._count + 2)}
+        except OSError as e:
+            raise CannotListenError(interface, host.port, e)
 
     def startService(self) -> None:
         super().startService()
@@ -193,6 +272,7 @@ class ServerProcesses(Service):
     def _spawn(self, ports: list) -> None:
         if not self.running:
             return
+        self._bind_theirs(ports)  # embedded: startService alone
         port = ports[0].getHost().port
         self._command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
                          "--pidfile=", "--logger=circles.logs.relay_observer",  # to us: see the module's docstring
@@ -208,12 +288,13 @@ class ServerProcesses(Service):
         child = _Child(number, self._reactor)
         command = self._command
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
-                                  ENV_DIRECTORY: self._directory})
+                                  ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD)})
         # Its standard output and error are pipes to us (its log). It leads a session of its own:
         # a terminal's Ctrl-C reaches only us, and we stop it with one SIGTERM (two stop signals
         # make a twistd log ReactorNotRunning with a traceback).
         transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
-                                               env=env, childFDs={0: "w", 1: "r", 2: "r"})
+                                               env=env, childFDs={0: "w", 1: "r", 2: "r",
+                                                                  LISTEN_FD: self._sockets[number].fileno()})
         child.ended.when().addCallback(self._ended, child)
         self.children.append(child)
         self._delays[number].started()
@@ -224,6 +305,11 @@ class ServerProcesses(Service):
         if child in self.children:
             self.children.remove(child)
             if self.running:
+                try:
+                    # Not to hold connections for nobody: the kernel gives them to the others.
+                    self._sockets[child.number].shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 delay = self._delays[child.number].after_exit()
                 log.error("server process {n} exited ({how}) while serving; starting it again in {delay:g}s",
                           n=child.number, how=how, delay=delay)
@@ -235,6 +321,9 @@ class ServerProcesses(Service):
         for call in restarts.values():
             call.cancel()
         children, self.children = list(self.children), []
+        sockets, self._sockets = self._sockets, {}
+        for sock in sockets.values():
+            sock.close()  # the children hold their own descriptors
         # Each drains its own connections on SIGTERM; one still there after the grace is killed.
         return DeferredList([ensureDeferred(terminate(self._reactor, child.transport, child.ended, self._stop_timeout))
                              for child in children], consumeErrors=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import getopt
+import os
+import secrets
 import sys
 import tempfile
 from typing import Callable, Optional
@@ -22,7 +24,7 @@ from circles.limits import ORIGIN_RULE, check_origin_pattern
 from circles.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
                              read_dotenv, redis_parameters)
 from circles.processes import ServerProcesses
-from circles.service import CirclesService, cannot_listen
+from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
 
 log = logs.Logger()
 
@@ -361,9 +363,16 @@ class StartOrExit(MultiService):
     interpreter, whose hook prints its one line.
     """
 
+    def privilegedStartService(self) -> None:
+        # The ports are bound here, before twistd drops privileges (--uid): ListeningService.
+        self._or_exit(super().privilegedStartService)
+
     def startService(self) -> None:
+        self._or_exit(super().startService)
+
+    def _or_exit(self, start: Callable[[], None]) -> None:
         try:
-            super().startService()
+            start()
         except (CannotListenError, EmbeddedRedisError) as e:
             if isinstance(e, EmbeddedRedisError):
                 log.error("{error}", error=str(e))
@@ -409,10 +418,13 @@ def _make_service(config: Options, reactor):
         # The children queue their plays in it too: room for all the processes' plays in flight.
         service.embedded_redis.maxmemory = config.config.private_redis_maxmemory(config["processes"])
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
-    directory = tempfile.mkdtemp(prefix="circles-")  # 0700: the processes' sockets (circles.siblings)
+    # The processes' sockets (circles.siblings), in a directory named now and made (0700) as the
+    # service starts: after twistd's --uid, so that the user the processes run as owns it.
+    directory = os.path.join(tempfile.gettempdir(), f"circles-{secrets.token_hex(8)}")
     siblings.join(service, 1, config["processes"], directory, reactor, remove=True).setServiceParent(group)
     ServerProcesses(reactor, config["processes"] - 1, argv, service.when_listening,
-                    stop_timeout=config.config.drain_grace + config.config.shutdown_grace + 10, directory=directory).setServiceParent(group)
+                    stop_timeout=config.config.drain_grace + config.config.shutdown_grace + 10, directory=directory,
+                    backlog=LISTEN_BACKLOG).setServiceParent(group)
     return group
 
 

@@ -31,7 +31,7 @@ from circles.http.site import build_metrics_site, build_site
 from circles.http.upgrade import UpgradeRouter
 from circles.logs import Logger
 from circles.once import Once
-from circles.processes import ReusePortEndpoint
+from circles.processes import ReusePortEndpoint, inherited_listen_fd
 from circles.protocol import CircleFactory
 from circles.shared_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
 from circles.webhooks import providers_line
@@ -60,7 +60,9 @@ def server_endpoints(config: Config, reactor) -> list:
         return [endpoint_from_string(reactor, description, config.tls_ciphers) for description in config.listen]
     if config.reuse_port:
         port = (DEFAULT_TLS_PORT if config.tls is not None else DEFAULT_PLAIN_PORT) if config.port is None else config.port
-        return [ReusePortEndpoint(reactor, port, config.interface, LISTEN_BACKLOG, config.tls)]
+        # One of --processes: on the socket the first process bound for it (circles.processes).
+        return [ReusePortEndpoint(reactor, port, config.interface, LISTEN_BACKLOG, config.tls,
+                                  fd=inherited_listen_fd())]
     if config.tls is not None:
         port = DEFAULT_TLS_PORT if config.port is None else config.port
         return [SSL4ServerEndpoint(reactor, port, config.tls, backlog=LISTEN_BACKLOG, interface=config.interface)]
@@ -86,8 +88,11 @@ def cannot_listen(error: Exception) -> str:
 class ListeningService(Service):
     """Listens on one endpoint while running; :meth:`when_listening` gives the bound port.
 
-    TCP and TLS endpoints bind synchronously, so a port in use makes :meth:`startService`
-    raise: ``twistd`` then exits with the reason instead of running without a socket.
+    The port is bound in :meth:`privilegedStartService`, which ``twistd`` calls before it drops
+    privileges (``--uid``/``--gid``), so a server started as root serves port 443 as its own
+    user; embedded, :meth:`startService` binds it (when nothing did before). TCP and TLS
+    endpoints bind synchronously, so a port in use makes either raise: ``twistd`` then exits
+    with the reason instead of running without a socket.
     """
 
     def __init__(self, endpoint, factory, gate: Optional[AcceptGate] = None) -> None:
@@ -97,8 +102,16 @@ class ListeningService(Service):
         self._listening = Once()  # the IListeningPort of this start, or why there is none
         self.port = None  # the IListeningPort once bound
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None:  # not bound by privilegedStartService (embedded, or after a stop)
+            self._listen()
+
+    def _listen(self) -> None:
         self._endpoint.listen(self._factory).addCallbacks(self._bound, self._failed)
         if isinstance(self._listening.result, Failure):
             self._listening.result.raiseException()

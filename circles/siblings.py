@@ -221,7 +221,8 @@ class _AnsweringFactory(Factory):
 
 class ProcessSocket(Service):
     """Listens on this process's socket once ``listening()`` fired (the process serves); stops
-    listening with the service, and removes ``remove`` (the first process: the directory) then."""
+    listening with the service; ``remove`` (the first process's): the directory, made as it starts
+    and removed as it stops."""
 
     def __init__(self, reactor, siblings: Siblings, listening: Callable[[], Deferred],
                  remove: Optional[str] = None) -> None:
@@ -232,6 +233,10 @@ class ProcessSocket(Service):
         self._port = None
 
     def startService(self) -> None:
+        if self._remove is not None:
+            # Made here, not when the service was built: after twistd's --uid, by the user the
+            # processes run as. Exclusively: a directory someone else made is refused.
+            os.mkdir(self._remove, 0o700)
         super().startService()
         self._listening().addCallbacks(self._listen, lambda failure: None)  # the listener logs why not
 
@@ -270,7 +275,7 @@ def join(service, number: int, count: int, directory: str, reactor, remove: bool
     """Make ``service`` (a :class:`~circles.service.CirclesService`) process ``number`` of
     ``count``: its ``/metrics`` and ``/ready`` answer for the whole server, and the returned
     service (to start with it) answers the others; ``remove``: the directory is removed when it
-    stops (the first process made it)."""
+    stops (the first process: it makes it as it starts)."""
     gateway = service.gateway
     gateway.metrics.watch_process()
     siblings = Siblings(reactor, number, count, directory, gateway.metrics.exposition, gateway.unready_reason)

@@ -26,6 +26,7 @@ from typing import Iterable, Mapping, Optional
 import attrs
 
 from circles.keys import InvalidKey, normalize_pubkey
+from circles.options import SecretFileError, read_secret_file
 
 STRIPE_ENV = "CIRCLES_STRIPE_WEBHOOK_SECRET"
 IDENFY_ENV = "CIRCLES_IDENFY_WEBHOOK_SECRET"
@@ -104,10 +105,9 @@ def load(env_value: Optional[str], path: Optional[str]) -> WebhookSecrets:
     per_circle: dict = {}
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SecretsError(f"cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
+            text = read_secret_file(path)
+        except SecretFileError as e:
+            raise SecretsError(str(e)) from None
         file_shared, per_circle = parse_file_text(text, path)
         shared.extend(file_shared)
     return WebhookSecrets(tuple(shared), per_circle)

@@ -173,7 +173,8 @@ class WebhookRoutes:
                                               config.webhook_dedupe_ttl)
 
         def queued(result: Queued) -> bytes:
-            log.info("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
+            # At debug: one line per event would be the busiest line of the log; /metrics counts them.
+            log.debug("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
                      event=provider.describe(event), circle=circle, task=result.task_id,
                      what="duplicate of" if result.duplicate else "queued as")
             self.gateway.metrics.webhooks.labels(name, "200").inc()

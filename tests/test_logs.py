@@ -208,15 +208,26 @@ def test_a_server_at_info_says_what_an_operator_reads_and_a_worker_logs_each_tas
             failed = request(ws, "play", {"script": "echo first >&2; echo second >&2; exit 3"}, 3)["error"]
             assert failed["code"] == -32005
             assert request(ws, "play", {"script": "sleep 5"}, 4)["error"]["code"] == -32003
+        # Webhook deliveries, one new and one redelivered: counted in /metrics, a line each at debug
+        # only (README: at info, nothing per event).
+        from .webhook_support import encode, post_sync, stripe_event, stripe_headers
+        body = encode(stripe_event("evt_logs"))
+        for _ in range(2):
+            status, _answer = post_sync(port, f"/webhooks/stripe/{circle.pubkey}", body,
+                                        stripe_headers(body, secret="whsec_two"))
+            assert status == 200
         for path in ("/health", "/ready", "/metrics"):  # probes and scrapes: no access log at info
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
                 assert response.status == 200
+                if path == "/metrics":
+                    assert 'circles_webhooks_total{provider="stripe",status="200"} 2.0' in response.read().decode()
         worker.wait_for("(timeout)")
     found = kinds(server.output, SERVER_AT_INFO)
     assert set(found) == SERVER_AT_INFO, server.output
     assert "Starting factory" not in server.output and "object at 0x" not in server.output
 
     events = json_events(worker)
+    events = [e for e in events if e.get("source") != "webhook:stripe"]  # the event's task (sh fails it)
     done = [e for e in events if e["level"] == "debug" and "outcome" in e]
     assert [e["outcome"] for e in done] == ["completed", "error", "error (timeout)"]
     assert {e["circle"] for e in done} == {circle.pubkey} and len({e["task"] for e in done}) == 3

@@ -267,7 +267,8 @@ def test_through_twistd_server_and_worker(tmp_path, redis_server, redis_client, 
     idenfy_file.write_text(f"# iDenfy, this circle only\n{CIRCLE} {IDENFY_SECRET}\n")
     (tmp_path / "stripe.rhai").write_text(f'printf "%s" "$CIRCLES_DATA" > {tmp_path / "event.out"}\n')
     args = ["--listen", "tcp:0:interface=127.0.0.1", "-k", CIRCLE, "--redis-url", redis_server.url,
-            "--stripe-script", str(tmp_path / "stripe.rhai"), "--idenfy-secret-file", str(idenfy_file)]
+            "--stripe-script", str(tmp_path / "stripe.rhai"), "--idenfy-secret-file", str(idenfy_file),
+            "--log-level", "debug"]  # a line per event (at debug: README, Operations)
     with twistd(args, tmp_path) as server, \
             twistd(["-k", CIRCLE, "--redis-url", redis_server.url, "--exec", "sh {script_file}"], tmp_path,
                    plugin="circles-worker") as worker:

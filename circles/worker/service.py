@@ -53,8 +53,10 @@ class Worker(Service):
     being run: one taken when the last slot went to another circle meanwhile is handed back) and
     one carries the other commands, the heartbeat among them: every ``heartbeat`` seconds the
     worker says it is live for ``worker_ttl`` seconds more, and reaps the workers that stopped
-    saying so. Stopping lets running scripts finish (they are bounded by the script timeout),
-    then deregisters.
+    saying so. Stopping (SIGTERM) drains: no task is taken from then on (one a waiting BLMOVE
+    brings goes back first on its queue), the running scripts finish (bounded by the script
+    timeout) and their results are recorded and delivered, heartbeats go on meanwhile (so none is
+    reaped), then the worker deregisters.
 
     A script's output may be at most ``max_output`` bytes (UTF-8), or the task's ``max_output``
     (what the server can send back) if smaller; a larger one is an error result, never written.
@@ -128,7 +130,7 @@ class Worker(Service):
         for d in self._registered_waiters + self._slot_waiters:
             if not d.called:
                 d.cancel()
-        # A BLMOVE in flight returns within POLL seconds; a task it brings is still run.
+        # A BLMOVE in flight returns within POLL seconds; a task it brings is handed back.
         await DeferredList([loop.addErrback(lambda f: f.trap(CancelledError)) for loop in self._loops],
                            consumeErrors=True)
         if self._running:
@@ -264,6 +266,13 @@ class Worker(Service):
             if not reply:
                 continue
             task_id = text(reply)
+            if not self.running:
+                # Taken by a BLMOVE that was waiting as the worker began to stop: a stopping worker
+                # takes no new task. First on its queue again, for another worker (or this one's
+                # next start); if Redis is away, deregistering requeues it.
+                await self._eval_patiently("hand back", task_id, tasks.GIVE_BACK, [self._processing, queue],
+                                           [task_id])
+                return
             if self._free <= 0:
                 # No slot after all: first on its queue again, for this worker or another.
                 await self._eval_patiently("hand back", task_id, tasks.GIVE_BACK, [self._processing, queue],
