@@ -3,7 +3,8 @@ twistd drops privileges, then serves as the user it switched to; what it starts 
 private Redis, the other ``--processes``) runs as that user and works.
 
 These tests need root (binding under 1024, switching user): CI and the development machine run
-as root; elsewhere they are skipped, saying so.
+as root; elsewhere they are skipped, saying so. Where Python lives under /root, twistd runs in a
+mount namespace that lets the user switched to reach it (:data:`ROOT_VIEW`).
 """
 
 from __future__ import annotations
@@ -37,14 +38,35 @@ def _free_port_under_1024() -> int:
     pytest.skip("no free port between 601 and 1000")
 
 
-def _interpreter_runs_as_nobody() -> bool:
-    """Whether the user switched to may run this Python: the server starts its children (the
-    private Redis's wrapper, the other --processes) with it. Not so when the interpreter lives
-    under a home only root may enter (pyenv in /root, as on the development machine)."""
+#: Runs a command in a mount namespace of its own in which /root may be entered: a tmpfs (0755)
+#: over /root with each of /root's entries bound into it. Where Python lives under /root (pyenv,
+#: as on the development and CI machines), the user switched to could not run it otherwise; the
+#: server needs to (it imports modules as it needs them, and starts its children with it). The
+#: host's /root is untouched, and the command keeps its pid (unshare and sh exec it).
+_ROOT_VIEW = r"""
+set -e
+view=/mnt  # hidden only in this namespace
+[ -d "$view" ] || view=$(mktemp -d)
+mount --bind /root "$view"
+mount -t tmpfs -o mode=755 tmpfs /root
+for entry in "$view"/.[!.]* "$view"/*; do
+  [ -e "$entry" ] || continue
+  name=/root/$(basename "$entry")
+  if [ -d "$entry" ]; then mkdir "$name"; else touch "$name"; fi
+  mount --bind "$entry" "$name"
+done
+exec "$@"
+"""
+ROOT_VIEW = ("unshare", "--mount", "--propagation", "private", "sh", "-c", _ROOT_VIEW, "sh")
+
+
+def _nobody_runs_python(prefix: tuple) -> bool:
+    """Whether the user switched to may run this Python (and import the server) under ``prefix``."""
+    command = [*prefix, "runuser", "-u", NOBODY, "-g", NOGROUP, "--",
+               sys.executable, "-c", "import twisted, circles"]
     try:
-        return subprocess.run([sys.executable, "-c", "import twisted, circles"], user=NOBODY, group=NOGROUP,
-                              capture_output=True, timeout=60).returncode == 0
-    except (PermissionError, subprocess.TimeoutExpired):
+        return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
         return False
 
 
@@ -63,23 +85,25 @@ def _uids(pid: int) -> "set[int]":
     return set(psutil.Process(pid).uids())
 
 
-@pytest.fixture(autouse=True)
-def root_and_a_python_for_nobody():
+@pytest.fixture(scope="module")
+def prefix() -> tuple:
+    """What to run twistd under so that the user it switches to can run its Python: nothing, or
+    :data:`ROOT_VIEW` where Python lives under /root."""
     if os.geteuid() != 0:
         pytest.skip("binding a port under 1024 and twistd --uid need root")
-    if not _interpreter_runs_as_nobody():
-        # After switching, the server still imports modules as it needs them (the Redis client's
-        # among them) and starts children with this interpreter: it must be nobody's to run.
-        pytest.skip(f"{NOBODY} cannot run {sys.executable} (it lives where only root may go: pyenv under "
-                    f"/root); a Python installed for every user runs these tests")
+    for prefix in ((), ROOT_VIEW):
+        if _nobody_runs_python(prefix):
+            return prefix
+    pytest.skip(f"{NOBODY} cannot run {sys.executable} (it lives where only root may go), and this machine "
+                f"does not let root make a mount namespace (unshare --mount) to show it")
 
 
-def test_a_port_under_1024_is_bound_before_twistd_drops_privileges(nobody_dir, redis_server):
+def test_a_port_under_1024_is_bound_before_twistd_drops_privileges(nobody_dir, redis_server, prefix):
     circle = Key()
     port = _free_port_under_1024()
     with twistd(["-k", circle.pubkey, "--port", str(port), "--interface", "127.0.0.1",
                  "--redis-url", redis_server.url], nobody_dir,
-                options=("--uid", NOBODY, "--gid", NOGROUP)) as server:
+                options=("--uid", NOBODY, "--gid", NOGROUP), prefix=prefix) as server:
         assert server.wait_listening() == port, server.output
         server.wait_for("connected to Redis")
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
@@ -89,14 +113,15 @@ def test_a_port_under_1024_is_bound_before_twistd_drops_privileges(nobody_dir, r
     assert "Permission denied" not in server.output
 
 
-def test_processes_and_the_private_redis_run_as_the_user_switched_to(nobody_dir):
+def test_processes_and_the_private_redis_run_as_the_user_switched_to(nobody_dir, prefix):
     circle, user = Key(), Key()
     port = _free_port_under_1024()
     with twistd(["--auth", "-k", circle.pubkey, "--processes", "2", "--port", str(port), "--interface", "127.0.0.1",
                  "--state-dir", os.path.join(nobody_dir, "state")], nobody_dir,
-                options=("--uid", NOBODY, "--gid", NOGROUP)) as server, \
+                options=("--uid", NOBODY, "--gid", NOGROUP), prefix=prefix) as server, \
             twistd(["-k", circle.pubkey, "--exec", "sh {script_file}", "--state-dir", os.path.join(nobody_dir, "state")],
-                   nobody_dir, plugin="circles-worker", options=("--uid", NOBODY, "--gid", NOGROUP)) as worker:
+                   nobody_dir, plugin="circles-worker", options=("--uid", NOBODY, "--gid", NOGROUP),
+                   prefix=prefix) as worker:
         assert server.wait_listening() == port, server.output
         server.wait_for("started server process 2")
         worker.wait_for("waiting for tasks")
