@@ -147,7 +147,7 @@ class Deployment:
             f.write(STRIPE_SCRIPT)
         server_args = ["--listen", "tcp:0:interface=127.0.0.1", "-k", self.circle, "--auth", "--redis-url",
                        self.redis_url, "--stripe-secret-file", secrets, "--stripe-script", stripe_script,
-                       "--shutdown-grace", "2",
+                       "--shutdown-grace", "2", "--drain-grace", "0",  # no balancer to wait for
                        "--script-timeout", str(self.schedule.play_timeout)]
         if self.schedule.webhook_replica_timeout is not None:
             server_args += ["--webhook-replica-timeout", str(self.schedule.webhook_replica_timeout)]

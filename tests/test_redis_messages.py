@@ -11,6 +11,9 @@ import urllib.request
 from .redis_server import REDIS_SERVER, ReplicatedRedis, free_port
 from .support import Key, twistd
 
+#: A server on a free port, stopping at once (no load balancer watches its /ready to wait for).
+LISTEN = ["--port", "0", "--interface", "127.0.0.1", "--drain-grace", "0"]
+
 #: What an operator should not read at info about Redis: Twisted's retries, endpoints' reprs,
 #: refusals, the private Redis's readiness probes. (Other factories' "Starting factory" lines are
 #: the logs' business, not this test's.)
@@ -53,7 +56,7 @@ def stop(process: subprocess.Popen) -> None:
 def test_a_server_that_cannot_reach_its_redis_says_so_once(tmp_path):
     redis_port = free_port()  # nothing there yet
     url = f"redis://:hunter2@127.0.0.1:{redis_port}/0"
-    with twistd(["--port", "0", "--interface", "127.0.0.1", "--redis-url", url], tmp_path) as server:
+    with twistd([*LISTEN, "--redis-url", url], tmp_path) as server:
         port = server.wait_listening()
         server.wait_for("cannot reach Redis")
         wait_a_few_retries()
@@ -86,7 +89,7 @@ def test_a_worker_before_its_server_says_which_state_dir_then_connects(tmp_path)
         assert f"cannot reach Redis at unix://{socket}: No such file or directory; " \
                f"is a circles server running with --state-dir {state}?" in warnings[0]
         # The server comes: its private Redis starts (quietly) and the worker connects.
-        with twistd(["--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey, "--state-dir", str(state)],
+        with twistd([*LISTEN, "-k", circle.pubkey, "--state-dir", str(state)],
                     tmp_path) as server:
             server.wait_for(f"connected to Redis at unix://{socket}")
             worker.wait_for(f"connected to Redis at unix://{socket}, waiting for tasks")
@@ -98,7 +101,7 @@ def test_a_worker_before_its_server_says_which_state_dir_then_connects(tmp_path)
 def test_retries_are_there_at_debug(tmp_path):
     """Quiet at info, not gone: --log-level debug shows each retry, naming the address."""
     port = free_port()
-    with twistd(["--port", "0", "--interface", "127.0.0.1", "--redis-url", f"redis://127.0.0.1:{port}/0",
+    with twistd([*LISTEN, "--redis-url", f"redis://127.0.0.1:{port}/0",
                  "--log-level", "debug"], tmp_path) as server:
         server.wait_for(f"to connect redis://127.0.0.1:{port}/0 in")
     assert "object at 0x" not in "".join(line for line in server.lines if "Scheduling retry" in line)
@@ -108,7 +111,7 @@ def test_a_wrong_password_is_one_error_line(tmp_path):
     redis_port = free_port()
     redis = start_redis(tmp_path, redis_port, "right")
     try:
-        with twistd(["--port", "0", "--interface", "127.0.0.1", "--redis-url",
+        with twistd([*LISTEN, "--redis-url",
                      f"redis://:wrong@127.0.0.1:{redis_port}/0"], tmp_path) as server:
             port = server.wait_listening()
             server.wait_for("refused the connection")
@@ -129,7 +132,7 @@ def test_a_server_whose_sentinels_are_not_there_yet_says_so_once_then_follows_th
     url = redis.url.replace("redis+sentinel://", "redis+sentinel://:hunter2@")
     where = redis.url.replace("redis+sentinel://", "")
     try:
-        with twistd(["--port", "0", "--interface", "127.0.0.1", "--redis-url", url], tmp_path) as server:
+        with twistd([*LISTEN, "--redis-url", url], tmp_path) as server:
             port = server.wait_listening()
             server.wait_for("cannot reach Redis")
             assert ready_status(port) == 503

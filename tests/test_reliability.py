@@ -252,8 +252,8 @@ async def test_metrics_show_live_workers_and_queues_and_plays_without_one_are_32
 
     other = pk(new_key())
     service = start(CirclesService(Config(listen=("tcp:0:interface=127.0.0.1",), redis_url=redis_server.url,
-                                          circles=[CIRCLE, other], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET)),
-                                   reactor=reactor))
+                                          circles=[CIRCLE, other], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET),
+                                          drain_grace=0), reactor=reactor))
     [port] = await service.when_listening()
     port = port.getHost().port
     await eventually(service.script_runner.is_connected)
