@@ -148,6 +148,7 @@ def test_engine_from_the_current_directory(tmp_path):
     with twistd(["--port", "0", "--interface", "127.0.0.1", "-k", circle.pubkey], tmp_path) as server, \
             twistd(["-k", circle.pubkey, "--engine", "shouting:run"], tmp_path, plugin="circles-worker") as worker:
         port = server.wait_listening()
+        server.wait_for("connected to Redis")  # until then a play is answered -32004 at once
         worker.wait_for("waiting for tasks")
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
             assert request(ws, "play", {"script": "hello", "timeout": 10})["result"] == \
