@@ -33,7 +33,7 @@ Required", -32002 "Invalid Credentials"), ``circles-hero.v1`` its hero generatio
 gets the server's ``--api`` (``gateway`` by default, ``circles`` for a deployment replacing a
 Rust circles server). The
 server answers with the subprotocol it chose, or none. ``rpc.discover`` describes what the
-connection gets (``circles.openrpc``).
+connection gets (``circles.server.session.openrpc``).
 
 Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
 ``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
@@ -49,7 +49,7 @@ connection.
 Earlier clients of the ecosystem may instead get a nonce from ``GET /auth/nonce?public_key=``
 and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then starts
 authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. Such a
-nonce is kept in Redis (:mod:`circles.shared_nonces`), so the WebSocket may land on any process
+nonce is kept in Redis (:mod:`circles.server.access.redis_nonces`), so the WebSocket may land on any process
 or server sharing it; the handshake waits for Redis to take it (reading nothing more from the
 client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say. They may
 also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
@@ -68,7 +68,7 @@ whose encoded UTF-8 text would exceed it becomes -32007 with the request's id an
 replaced so, largest first, until the batch fits, and the rest are answered as usual.
 
 A client that does not read its replies is not read from either, and what it may leave unread
-is bounded (:mod:`circles.backlog`): a ``play`` reply that would take it past twice the size
+is bounded (:mod:`circles.server.session.backlog`): a ``play`` reply that would take it past twice the size
 limit is answered -32007 with ``data`` ``{size, unread, limit}`` instead, and a client that stays
 over that bound for ``--slow-reader-timeout`` seconds (or is so far over it that not even the
 error fits) is disconnected without a close frame (it would not read one).
@@ -99,17 +99,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from circles.api import Session
-from circles.auth import AuthenticationFailed
+from circles.server.session.methods import Session
+from circles.server.access.nonces import AuthenticationFailed
 from circles.backend.scripts import BackendUnavailable
-from circles.backlog import Backlog
-from circles.gateway import Gateway
-from circles.jsonrpc import ReplyTooLarge
-from circles.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
-from circles.limits import ConnectionCount, OriginPolicy, address_key
-from circles.logs import Logger
-from circles.once import Once
-from circles.openrpc import negotiate
+from circles.server.session.backlog import Backlog
+from circles.server.gateway import Gateway
+from circles.common.jsonrpc import ReplyTooLarge
+from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
+from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
+from circles.common.logs import Logger
+from circles.common.once import Once
+from circles.server.session.openrpc import negotiate
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -214,7 +214,7 @@ class CircleProtocol(WebSocketServerProtocol):
         # The HTTP channel that accepted the upgrade is still the transport's producer; the
         # WebSocket takes its place (Autobahn unregisters ours when the connection drops):
         # while the peer does not read our replies, we do not read its requests, and what it
-        # leaves unread is bounded (circles.backlog).
+        # leaves unread is bounded (circles.server.session.backlog).
         self.transport.unregisterProducer()
         config = self.session.gateway.config
         self._backlog = Backlog(self.transport, self.session.gateway.clock, 2 * config.max_message_size,
@@ -483,7 +483,7 @@ class CircleProtocol(WebSocketServerProtocol):
         # timeout). Over TLS, Twisted holds small writes until the end of the reactor turn and
         # an abort throws them away, so the peer never learned why. Close in order there (what
         # is queued, then close_notify), and abort only a peer that has not finished within
-        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.http.eager): aborting loses nothing.
+        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.server.http.eager): aborting loses nothing.
         # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
         # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
         # connection a drain closes. The peer has read all: close in order, bounded the same way.
@@ -544,11 +544,11 @@ class CircleFactory(WebSocketServerFactory):
     knows the open connections so shutdown can let them finish and say goodbye."""
 
     protocol = CircleProtocol
-    noisy = False  # no "Starting factory <...>" lines (circles.logs: what info shows)
+    noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
 
     def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
-        (:class:`~circles.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
+        (:class:`~circles.server.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
         head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
         store answers, which it does within its own timeout: the service makes that at most the
         handshake's), saving Autobahn a timer per connection."""

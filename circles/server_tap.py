@@ -16,14 +16,22 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from circles import logs, openrpc, processes, siblings, tls, webhook_secrets
+from circles.common import logs
+
+from circles.server.session import openrpc
+
+from circles.server.processes import group as processes, siblings
+
+from circles.server import tls
+
+from circles.server.providers import secrets as webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis import InvalidRedisURL
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.limits import ORIGIN_RULE, check_origin_pattern
-from circles.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
+from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
+from circles.common.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
                              read_dotenv, redis_parameters)
-from circles.processes import ServerProcesses
+from circles.server.processes.group import ServerProcesses
 from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
 
 log = logs.Logger()
@@ -408,7 +416,7 @@ def _make_service(config: Options, reactor):
     if member is not None:  # one of the others of a first process's --processes
         siblings.join(service, *member, reactor).setServiceParent(group)
         return group
-    # Every event of this process carries its pid and number too (circles.logs.ProcessTags): from
+    # Every event of this process carries its pid and number too (circles.common.logs.ProcessTags): from
     # before twistd begins logging to its last line ("Server Shut Down."), so for good.
     logs.ProcessTags(1).start()
     # This process listens first (a port 0 becomes a real one), then starts the others on it;
@@ -418,7 +426,7 @@ def _make_service(config: Options, reactor):
         # The children queue their plays in it too: room for all the processes' plays in flight.
         service.embedded_redis.maxmemory = config.config.private_redis_maxmemory(config["processes"])
         argv += ["--redis-url", f"unix://{service.embedded_redis.address.path}"]
-    # The processes' sockets (circles.siblings), in a directory named now and made (0700) as the
+    # The processes' sockets (circles.server.processes.siblings), in a directory named now and made (0700) as the
     # service starts: after twistd's --uid, so that the user the processes run as owns it.
     directory = os.path.join(tempfile.gettempdir(), f"circles-{secrets.token_hex(8)}")
     siblings.join(service, 1, config["processes"], directory, reactor, remove=True).setServiceParent(group)

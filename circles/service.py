@@ -17,23 +17,25 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from circles import api, tls
+from circles.server.session import methods as api
+
+from circles.server import tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.members import Membership
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import IScriptRunner
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.gateway import Gateway
-from circles.http.accepts import AcceptGate
-from circles.http.eager import send_eagerly
-from circles.http.site import build_metrics_site, build_site
-from circles.http.upgrade import UpgradeRouter
-from circles.logs import Logger
-from circles.once import Once
-from circles.processes import ReusePortEndpoint, inherited_listen_fd
+from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.server.gateway import Gateway
+from circles.server.http.accepts import AcceptGate
+from circles.server.http.eager import send_eagerly
+from circles.server.http.site import build_metrics_site, build_site
+from circles.server.http.upgrade import UpgradeRouter
+from circles.common.logs import Logger
+from circles.common.once import Once
+from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
 from circles.protocol import CircleFactory
-from circles.shared_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
+from circles.server.access.redis_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
 from circles.webhooks import providers_line
 
 log = Logger()
@@ -60,7 +62,7 @@ def server_endpoints(config: Config, reactor) -> list:
         return [endpoint_from_string(reactor, description, config.tls_ciphers) for description in config.listen]
     if config.reuse_port:
         port = (DEFAULT_TLS_PORT if config.tls is not None else DEFAULT_PLAIN_PORT) if config.port is None else config.port
-        # One of --processes: on the socket the first process bound for it (circles.processes).
+        # One of --processes: on the socket the first process bound for it (circles.server.processes.group).
         return [ReusePortEndpoint(reactor, port, config.interface, LISTEN_BACKLOG, config.tls,
                                   fd=inherited_listen_fd())]
     if config.tls is not None:
@@ -144,7 +146,7 @@ class ListeningService(Service):
 
 
 class CirclesService(MultiService):
-    """The gateway: every listening endpoint sharing one :class:`~circles.gateway.Gateway`."""
+    """The gateway: every listening endpoint sharing one :class:`~circles.server.gateway.Gateway`."""
 
     def __init__(self, config: Config, *, reactor, scripts: Optional[IScriptRunner] = None) -> None:
         super().__init__()

@@ -3,7 +3,7 @@
 Each delivery is checked in this order, and nothing is queued unless every check passes:
 route and method (404, 405), the circle and whether the provider is configured for it (404:
 a provider without a secret is off, never "accept unsigned"), the body size (413, enforced
-while it arrives by :mod:`circles.http.limits`), the signature (401), then the payload's shape
+while it arrives by :mod:`circles.server.http.request_limits`), the signature (401), then the payload's shape
 (400: parsed only once it is known to come from the provider). A verified event becomes a task
 on the circle's queue, with the event de-duplicated in the same atomic Redis step
 (:meth:`~circles.backend.scripts.IScriptRunner.enqueue_once`), and is answered
@@ -27,14 +27,14 @@ from klein import Klein
 from werkzeug.exceptions import HTTPException
 
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
-from circles.config import Config
-from circles.gateway import Gateway
-from circles.http.responses import json_response
-from circles.keys import InvalidKey, normalize_pubkey
-from circles.logs import Logger
-from circles.webhook_events import BadEvent, IdenfyCallback, StripeEvent
-from circles.webhook_secrets import WebhookSecrets
-from circles.webhook_signatures import BadSignature, verify_idenfy, verify_stripe
+from circles.server.config import Config
+from circles.server.gateway import Gateway
+from circles.server.http.responses import json_response
+from circles.common.keys import InvalidKey, normalize_pubkey
+from circles.common.logs import Logger
+from circles.server.providers.events import BadEvent, IdenfyCallback, StripeEvent
+from circles.server.providers.secrets import WebhookSecrets
+from circles.server.providers.signatures import BadSignature, verify_idenfy, verify_stripe
 
 log = Logger()
 
@@ -109,7 +109,7 @@ def providers_line(config: Config) -> "tuple[str, dict]":
 
 def _read_body(request, limit: int) -> Optional[bytes]:
     """The body, or None if it is over ``limit`` (only possible on a Site without
-    :class:`~circles.http.limits.BoundedRequest`, which refuses such bodies earlier)."""
+    :class:`~circles.server.http.request_limits.BoundedRequest`, which refuses such bodies earlier)."""
     request.content.seek(0)
     body = request.content.read(limit + 1)
     return None if len(body) > limit else body
@@ -127,7 +127,7 @@ class WebhookRoutes:
 
     def refuse(self, request, status: int, error: str, provider: str, circle: str, why: str = "") -> bytes:
         """Answer ``status`` with ``error``, counted, and logged within the gateway's budget:
-        anyone may post here, as fast as they like (:mod:`circles.anomalies`). ``why`` is for
+        anyone may post here, as fast as they like (:mod:`circles.common.log_budget`). ``why`` is for
         the log only: what the operator needs and the caller does not."""
         self.gateway.metrics.webhooks.labels(provider, str(status)).inc()
         address = request.getClientAddress()

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from circles.client import ConnectionClosed, ReconnectingClient, RPCError
 from circles.client.signing import generate, public_key
-from circles.webhook_events import StripeEvent
+from circles.server.providers.events import StripeEvent
 
 from .redis_server import RedisProcess, ReplicatedRedis
 from .support import Twistd

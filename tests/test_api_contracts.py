@@ -20,10 +20,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from websockets.sync.client import connect
 
-from circles import openrpc
+from circles.server.session import openrpc
 from circles.client import RPCError
 from circles.client import connect as connect_client
-from circles.config import Config
+from circles.server.config import Config
 
 from .support import ROOT, Key, request, run_twistd_to_exit, twistd
 from .test_playground import CHROMIUM, run_browser
@@ -257,7 +257,7 @@ def test_subprotocol_choice():
 
 
 def test_the_playground_offers_our_subprotocol():
-    page = (ROOT / "circles/http/playground/playground.js").read_text()
+    page = (ROOT / "circles/server/http/playground/playground.js").read_text()
     assert f"const SUBPROTOCOL = '{OURS}';" in page and "new WebSocket(url, [SUBPROTOCOL])" in page
 
 

@@ -8,9 +8,9 @@ import re
 
 from twisted.internet.task import Clock
 
-from circles.api import Session, methods
-from circles.gateway import Gateway
-from circles.config import Config
+from circles.server.session.methods import Session, methods
+from circles.server.gateway import Gateway
+from circles.server.config import Config
 
 from .inmemory import NoScriptBackend, fired, replied
 from .play_client import new_key, pk
@@ -52,7 +52,7 @@ def test_distinct_unknown_methods_keep_no_memory():
 def test_key_normalisation_cache_keeps_no_invalid_keys():
     """The LRU behind normalize_pubkey holds only valid keys (at most 132 characters each),
     however many huge or malformed ones an attacker sends."""
-    from circles.keys import InvalidKey, _normalize, normalize_pubkey
+    from circles.common.keys import InvalidKey, _normalize, normalize_pubkey
 
     before = _normalize.cache_info().currsize
     for i in range(500):
@@ -69,7 +69,7 @@ def test_key_normalisation_cache_keeps_no_invalid_keys():
 
 
 def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypatch):
-    import circles.auth
+    import circles.server.access.nonces
 
     from .support import Key
 
@@ -78,8 +78,8 @@ def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypa
     nonces = [_send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": i})
               ["result"]["nonce"] for i in range(16)]
     recoveries = []
-    original = circles.auth.recover_eth_signer
-    monkeypatch.setattr(circles.auth, "recover_eth_signer", lambda *a: recoveries.append(1) or original(*a))
+    original = circles.server.access.nonces.recover_eth_signer
+    monkeypatch.setattr(circles.server.access.nonces, "recover_eth_signer", lambda *a: recoveries.append(1) or original(*a))
     bad = {"pubkey": user.pubkey, "signature": stranger.eth_sign(nonces[0])}
     for _ in range(10):
         reply = _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": bad, "id": 1})
@@ -258,7 +258,7 @@ def test_a_string_match_starting_at_any_quote_never_fails():
     """The depth check strips strings with one regex pass. A match that could fail after
     scanning to the end of the text would be tried again from the next quote: quadratic work, a
     1 MiB message holding the CPU for hours. So from every quote the pattern matches."""
-    from circles.jsonrpc import _STRING
+    from circles.common.jsonrpc import _STRING
 
     for text in _UNTERMINATED:
         quotes = [i for i, c in enumerate(text) if c == '"']

@@ -20,7 +20,7 @@ from eth_account.messages import encode_defunct
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from circles.auth import (
+from circles.server.access.nonces import (
     NONCE_BYTES,
     AuthenticationFailed,
     NonceStore,
@@ -28,7 +28,7 @@ from circles.auth import (
     eth_personal_digest,
     signature_matches,
 )
-from circles.keys import InvalidKey, normalize_pubkey
+from circles.common.keys import InvalidKey, normalize_pubkey
 
 N = SECP256k1.order
 P = 2**256 - 2**32 - 977  # the field prime
@@ -524,12 +524,12 @@ def test_eth_high_s_twin_is_refused(store, key):
 
 class _Counted:
     def __init__(self, monkeypatch) -> None:
-        import circles.auth
+        import circles.server.access.nonces
 
         self.calls = 0
         for name in ("recover_eth_signer", "verify_ecdsa"):
-            original = getattr(circles.auth, name)
-            monkeypatch.setattr(circles.auth, name, self._counting(original))
+            original = getattr(circles.server.access.nonces, name)
+            monkeypatch.setattr(circles.server.access.nonces, name, self._counting(original))
 
     def _counting(self, original):
         def counted(*args, **kwargs):

@@ -17,8 +17,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from circles.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
-from circles.once import Once
+from circles.common.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
+from circles.common.once import Once
 
 from .support import alive
 
@@ -43,7 +43,7 @@ def wait_gone(pid: int, timeout: float = 30) -> None:
 #: child's pid and waits; the test then kills it with SIGKILL.
 PARENT = """
 import json, subprocess, sys
-from circles.children import dies_with_this_process
+from circles.common.children import dies_with_this_process
 child = subprocess.Popen(dies_with_this_process(json.loads(sys.argv[1]), **json.loads(sys.argv[2])))
 print(child.pid, flush=True)
 child.wait()

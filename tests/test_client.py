@@ -13,7 +13,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent
 
-from circles import CirclesService, Config, tls
+from circles import CirclesService, Config
+
+from circles.server import tls
 from circles.backend.redis import parse_redis_url
 from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, NoServerReachable,
                             ReconnectingClient, RPCError, connect)

@@ -20,12 +20,12 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
-from circles.api import Session, methods
-from circles.gateway import Gateway
-from circles.config import Config
-from circles.http.auth import client_of
+from circles.server.session.methods import Session, methods
+from circles.server.gateway import Gateway
+from circles.server.config import Config
+from circles.server.http.nonce_route import client_of
 from circles.protocol import CircleFactory
-from circles.http.site import build_site
+from circles.server.http.site import build_site
 
 from .inmemory import NoScriptBackend
 from .support import Key, request

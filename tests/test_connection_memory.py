@@ -22,7 +22,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from circles import CirclesService, Config, tls
+from circles import CirclesService, Config
+
+from circles.server import tls
 from circles.backend.redis import parse_redis_url
 from circles.protocol import CircleFactory
 from circles.worker.service import Worker

@@ -130,7 +130,7 @@ async def test_a_webhook_the_stopping_server_cannot_take_is_503_with_retry_after
     why (the server is shutting down, not that Redis is unreachable)."""
     from twisted.logger import globalLogPublisher
 
-    from circles.webhook_secrets import WebhookSecrets
+    from circles.server.providers.secrets import WebhookSecrets
 
     from .webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
 

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from circles import CirclesService, Config
-from circles.http.eager import EagerServer, send_eagerly
+from circles.server.http.eager import EagerServer, send_eagerly
 
 from .support import Key, source_digest
 
@@ -209,7 +209,7 @@ async def test_the_service_accepts_with_eager_connections(start):
 #: sha256 (first 16 hex digits) of each Twisted method whose behaviour EagerServer relies on or
 #: mirrors (the buffers and flags it reads, the paths it takes instead), as reviewed for the
 #: Twisted line pyproject.toml pins. When Twisted changes one, this fails: read the new source against
-#: circles/http/eager.py, carry over what matters, and record the new digest.
+#: circles/server/http/eager.py, carry over what matters, and record the new digest.
 TWISTED_SOURCES = {
     ("FileDescriptor", "write"): "3e46c97fc173bc7e",
     ("FileDescriptor", "writeSequence"): "1606f230d318191a",

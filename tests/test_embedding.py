@@ -7,7 +7,7 @@ from twisted.internet import reactor, threads
 from websockets.sync.client import connect
 
 from circles import CirclesService, Config
-from circles import tls as circles_tls
+from circles.server import tls as circles_tls
 
 from .support import Key, authenticate, client_tls, request
 
@@ -86,7 +86,7 @@ async def test_service_with_the_applications_own_tls_options_serves_alpn_clients
 def test_log_level_drops_events_below_it():
     from twisted.logger import globalLogPublisher
 
-    from circles import logs
+    from circles.common import logs
 
     events = []
     globalLogPublisher.addObserver(events.append)

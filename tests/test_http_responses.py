@@ -1,4 +1,4 @@
-"""The JSON answers of the HTTP routes, byte for byte: one helper (circles.http.responses) makes
+"""The JSON answers of the HTTP routes, byte for byte: one helper (circles.server.http.responses) makes
 them all, and each route still sends what it always sent (status, the headers that matter, body).
 
 Over an in-memory transport, through the Site a server builds.
@@ -16,14 +16,14 @@ from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from circles.api import methods
+from circles.server.session.methods import methods
 from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
-from circles.config import Config
-from circles.gateway import Gateway
-from circles.http.responses import json_response
-from circles.http.site import build_site
+from circles.server.config import Config
+from circles.server.gateway import Gateway
+from circles.server.http.responses import json_response
+from circles.server.http.site import build_site
 from circles.protocol import CircleFactory
-from circles.webhook_secrets import WebhookSecrets
+from circles.server.providers.secrets import WebhookSecrets
 
 from .support import Key
 from .webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers

@@ -1,4 +1,4 @@
-"""circles.jsonrpc against the JSON-RPC 2.0 specification, transport-agnostic, no reactor.
+"""circles.common.jsonrpc against the JSON-RPC 2.0 specification, transport-agnostic, no reactor.
 
 The first group reproduces the examples of section 7 of https://www.jsonrpc.org/specification
 with a test-local method table (subtract, sum, update, notify_hello, get_data) and checks each
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from circles.jsonrpc import (
+from circles.common.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -684,7 +684,7 @@ def test_non_ascii_results_are_utf8_json():
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=json_values | st.integers(min_value=-(2**80), max_value=2**80))
 def test_fast_parse_equals_the_standard_library(value):
-    from circles.jsonrpc import parse
+    from circles.common.jsonrpc import parse
     text = json.dumps(value)
     expected = json.loads(text)
     for payload in (text, text.encode("utf-8", "surrogatepass")):
@@ -759,7 +759,7 @@ def test_a_batch_over_the_limit_has_its_largest_parts_replaced():
 
 
 def test_a_reply_whose_id_alone_is_too_large_raises_reply_too_large():
-    from circles.jsonrpc import ReplyTooLarge
+    from circles.common.jsonrpc import ReplyTooLarge
 
     with pytest.raises(ReplyTooLarge) as refused:
         sized_dispatcher().answer(json.dumps(_request("no_such_method", id_="i" * LIMIT)), Context())

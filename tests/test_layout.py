@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 #: What only the server loads: the gateway's own modules and the libraries of its edge.
-SERVER = ("circles.service", "circles.server_tap", "circles.gateway", "circles.api", "circles.protocol",
-          "circles.config", "circles.webhooks", "circles.http", "circles.processes", "autobahn", "klein",
+SERVER = ("circles.service", "circles.server_tap", "circles.server.gateway", "circles.server.session.methods", "circles.protocol",
+          "circles.server.config", "circles.webhooks", "circles.server.http", "circles.server.processes.group", "autobahn", "klein",
           "prometheus_client")
 
 
@@ -47,7 +47,7 @@ def test_the_backend_loads_neither_server_nor_worker(module):
     assert loaded(names, SERVER + ("circles.worker", "circles.client")) == []
 
 
-@pytest.mark.parametrize("module", ["circles.children", "circles.once"])
+@pytest.mark.parametrize("module", ["circles.common.children", "circles.common.once"])
 def test_the_shared_pieces_load_no_side_of_the_seams(module):
     # What the server, the worker, the client and the try-out all use.
     names = imported(f"import {module}")
@@ -63,10 +63,10 @@ def test_the_circles_command_loads_nothing_of_the_server_nor_the_worker():
 
 def test_importing_circles_loads_only_its_front_door():
     names = imported("import circles")
-    assert loaded(names, ("circles",)) == ["circles", "circles.lazy"]
+    assert loaded(names, ("circles",)) == ["circles", "circles.common", "circles.common.lazy"]
     # and the names it promises are there on first use
     names = imported("from circles import CirclesService, Config")
-    assert {"circles.service", "circles.config"} <= names
+    assert {"circles.service", "circles.server.config"} <= names
 
 
 def test_the_client_package_exports_load_on_first_use():
@@ -93,8 +93,8 @@ def test_the_readme_layout_names_every_module():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     layout = readme[readme.index("## Layout"):]
     def named(module: str) -> bool:
-        if module.startswith("circles/http/playground/"):
-            return "`circles/http/playground/`" in layout  # a page with its files, named whole
+        if module.startswith("circles/server/http/playground/"):
+            return "`circles/server/http/playground/`" in layout  # a page with its files, named whole
         if module.endswith("/__init__.py") and module.count("/") > 1:
             return f"`{module}`" in layout or f"`{module[:-len('__init__.py')]}`" in layout  # its package
         return f"`{module}`" in layout

@@ -34,8 +34,8 @@ from twisted.python import usage
 from websockets.sync.client import connect
 
 from circles import CirclesService, Config, server_tap
-from circles.api import Session, methods
-from circles.gateway import Gateway
+from circles.server.session.methods import Session, methods
+from circles.server.gateway import Gateway
 
 from .inmemory import NoScriptBackend, replied
 from .play_client import eventually, new_key, pk, sleep
@@ -587,14 +587,14 @@ async def test_allowed_origins(start):
     ("null", False), ("not a url", False), ("https://", False), ("", True), (None, True),
 ])
 def test_origin_policy(origin, allowed):
-    from circles.limits import OriginPolicy
+    from circles.server.access.limits import OriginPolicy
     policy = OriginPolicy(("https://app.example", "https://*.example.com", "http://localhost:3000"))
     assert policy.allows(origin) is allowed
     assert OriginPolicy(("*",)).allows(origin)
     assert OriginPolicy(("null",)).allows("null")
 
 
-#: Issue 23: the rule of --allowed-origins (circles.limits.ORIGIN_RULE), at its edges.
+#: Issue 23: the rule of --allowed-origins (circles.server.access.limits.ORIGIN_RULE), at its edges.
 EDGE_PATTERNS = ("https://app.example", "https://*.example.com", "http://localhost:*", "http://[::1]:3000",
                  "chrome-extension://abcdef")
 
@@ -621,12 +621,12 @@ EDGE_PATTERNS = ("https://app.example", "https://*.example.com", "http://localho
     ("https://app.example:", False), ("app.example", False), ("https://app.example.", False),
 ])
 def test_origin_rule_at_its_edges(origin, allowed):
-    from circles.limits import OriginPolicy
+    from circles.server.access.limits import OriginPolicy
     assert OriginPolicy(EDGE_PATTERNS).allows(origin) is allowed
 
 
 def test_null_is_allowed_by_name_and_by_star_only():
-    from circles.limits import OriginPolicy
+    from circles.server.access.limits import OriginPolicy
     assert OriginPolicy(("null",)).allows("null") and OriginPolicy(("*",)).allows("null")
     assert not OriginPolicy(("null",)).allows("https://app.example")
     assert not OriginPolicy(("https://*.example.com", "http://localhost:*")).allows("null")
@@ -644,7 +644,7 @@ def test_null_is_allowed_by_name_and_by_star_only():
     ("https://app.example:8x", "bad port"), ("https://exämple.com", "punycode"), ("https://", "bad host"),
 ])
 def test_origin_patterns_outside_the_rule_are_refused(pattern, why):
-    from circles.limits import OriginPolicy
+    from circles.server.access.limits import OriginPolicy
     with pytest.raises(ValueError, match=why):
         OriginPolicy((pattern,))
     with pytest.raises(ValueError, match=why):

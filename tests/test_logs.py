@@ -1,6 +1,6 @@
 """Logs as an operator and a log shipper meet them: every logger of the server and the worker
-obeys ``--log-level`` (circles.logs.Logger); what a real server writes at ``info`` is a known list;
-the worker's lines per task; ``--logger=circles.logs.json_observer`` writes flat JSON lines.
+obeys ``--log-level`` (circles.common.logs.Logger); what a real server writes at ``info`` is a known list;
+the worker's lines per task; ``--logger=circles.common.logs.json_observer`` writes flat JSON lines.
 
 The client (:mod:`circles.client`) is left out on purpose: it runs in an application's process,
 whose own observers decide what is kept; ``--log-level`` is the twistd plugins' option.
@@ -27,7 +27,7 @@ import pytest_twisted
 import twisted.logger
 
 import circles
-from circles import logs
+from circles.common import logs
 
 from .support import TWISTD, Key, request, twistd
 
@@ -53,7 +53,7 @@ REQUIRED = {"time", "level", "namespace", "message"}
 
 
 def json_events(server) -> list:
-    """Each line of a twistd run with ``--logger=circles.logs.json_observer``, read as a log
+    """Each line of a twistd run with ``--logger=circles.common.logs.json_observer``, read as a log
     shipper reads it: one JSON object per line, every line."""
     lines = [line for line in server.lines if line.strip()]
     events = [json.loads(line) for line in lines]
@@ -70,7 +70,7 @@ def json_events(server) -> list:
 def test_json_observer_writes_one_flat_object_per_line_from_a_real_twistd(tmp_path):
     circle = Key()
     args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--state-dir", str(tmp_path / "state")]
-    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+    with twistd(args, tmp_path, options=("--logger=circles.common.logs.json_observer",)) as server:
         server.wait_listening()
         server.wait_for("connected to Redis")
     events = json_events(server)
@@ -149,7 +149,7 @@ SERVER_AT_INFO = {
     ("-", r"circles starting on \d+"),
     ("circles.backend.dispatch", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
     # a session's lines at info are its anomalies (here: its play that timed out), nothing else
-    ("circles.anomalies", r"connection \d+: a play on circle [0-9a-f]{66} timed out "
+    ("circles.common.log_budget", r"connection \d+: a play on circle [0-9a-f]{66} timed out "
                           r"\(stopped by the worker at its --script-timeout\)"),
     ("twisted.internet.base", r"Received SIGTERM, shutting down\."),
     # /ready was asked: the drain grace, and its end
@@ -196,7 +196,7 @@ def test_a_server_at_info_says_what_an_operator_reads_and_a_worker_logs_each_tas
                    "--log-level", "debug"]
     with twistd(args, tmp_path) as server, \
             twistd(worker_args, tmp_path, plugin="circles-worker",
-                   options=("--logger=circles.logs.json_observer",)) as worker:
+                   options=("--logger=circles.common.logs.json_observer",)) as worker:
         port = server.wait_listening()
         server.wait_for("connected to Redis")
         worker.wait_for("waiting for tasks")
@@ -295,7 +295,7 @@ def test_the_other_processes_of_processes_write_json_too(tmp_path):
     circle = Key()
     args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--processes", "2",
             "--state-dir", str(tmp_path / "state")]
-    with twistd(args, tmp_path, options=("--logger", "circles.logs.json_observer")) as server:
+    with twistd(args, tmp_path, options=("--logger", "circles.common.logs.json_observer")) as server:
         server.wait_for("started server process 2")
         deadline = time.monotonic() + 60
         while server.output.count("connected to Redis") < 2 and time.monotonic() < deadline:
@@ -340,7 +340,7 @@ def test_the_access_log_is_debug_and_never_has_the_query_string(tmp_path):
     circle = Key()
     args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--log-level", "debug",
             "--state-dir", str(tmp_path / "state")]
-    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+    with twistd(args, tmp_path, options=("--logger=circles.common.logs.json_observer",)) as server:
         port = server.wait_listening()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
             assert response.status == 200
@@ -349,7 +349,7 @@ def test_the_access_log_is_debug_and_never_has_the_query_string(tmp_path):
         assert refused.value.code == 400
         server.wait_for('"path":"/auth/nonce"')
     events = json_events(server)
-    access = [e for e in events if e["namespace"] == "circles.http.site"]
+    access = [e for e in events if e["namespace"] == "circles.server.http.site"]
     assert [(e["level"], e["method"], e["path"], e["status"]) for e in access] == \
         [("debug", "GET", "/health", 200), ("debug", "GET", "/auth/nonce", 400)]
     assert access[0]["message"] == f"GET /health 200 ({access[0]['size']} bytes) from 127.0.0.1"

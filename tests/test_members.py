@@ -15,13 +15,13 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import Clock
 
 from circles import Config
-from circles.api import Session, methods
+from circles.server.session.methods import Session, methods
 from circles.backend import members
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.redis import connect, parse_redis_url
 from circles.backend.scripts import BackendUnavailable
-from circles.gateway import Gateway
-from circles.webhook_secrets import WebhookSecrets
+from circles.server.gateway import Gateway
+from circles.server.providers.secrets import WebhookSecrets
 from circles.worker.service import Worker
 from .inmemory import fired
 from .play_client import RPCClient, eventually, new_key, pk
@@ -258,7 +258,7 @@ async def test_the_earlier_contracts_answer_32009_too(redis_server, start, redis
 
 @pytest_twisted.ensureDeferred
 async def test_authenticate_answers_as_before_and_the_debug_log_says_who_may_play(redis_server, start, redis_client):
-    from circles import logs
+    from circles.common import logs
     from twisted.logger import formatEvent
 
     from .inmemory import captured_log

@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.defer import AlreadyCalledError
 from twisted.python.failure import Failure
 
-from circles.once import Once
+from circles.common.once import Once
 
 
 def results(d) -> list:

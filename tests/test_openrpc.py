@@ -8,8 +8,8 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-from circles import openrpc
-from circles.api import methods
+from circles.server.session import openrpc
+from circles.server.session.methods import methods
 
 from .support import ROOT
 

@@ -150,7 +150,7 @@ async def test_metrics_on_their_own_port(redis_server, start, tmp_path):
 def test_json_logs_with_a_connection_id_and_no_secrets(tmp_path):
     circle, user = Key(), Key()
     args = ["--auth", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"]
-    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+    with twistd(args, tmp_path, options=("--logger=circles.common.logs.json_observer",)) as server:
         port = server.wait_listening()
         from websockets.sync.client import connect
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
@@ -176,7 +176,7 @@ def test_json_logs_with_a_connection_id_and_no_secrets(tmp_path):
 def test_debug_logs_name_each_connection_as_it_closes(tmp_path):
     circle, user = Key(), Key()
     args = ["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--log-level", "debug"]
-    with twistd(args, tmp_path, options=("--logger=circles.logs.json_observer",)) as server:
+    with twistd(args, tmp_path, options=("--logger=circles.common.logs.json_observer",)) as server:
         port = server.wait_listening()
         from websockets.sync.client import connect
         with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:

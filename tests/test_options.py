@@ -10,13 +10,15 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from circles import server_tap, webhook_secrets
+from circles import server_tap
+
+from circles.server.providers import secrets as webhook_secrets
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import DEFAULT_STATE_DIR
 from circles.backend.redis import InvalidRedisURL, RedisAddress
-from circles.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.options import REDIS_URL_ENV, choose_redis
+from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.common.options import REDIS_URL_ENV, choose_redis
 from circles.worker import tap as worker_tap
 from circles.worker.service import Worker
 

@@ -19,11 +19,11 @@ from twisted.python import usage
 from websockets.sync.client import connect
 
 from circles import webhooks
-from circles.http.upgrade import is_circle_upgrade
-from circles.options import (ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, DotenvError, choose_redis, from_environment,
+from circles.server.http.upgrade import is_circle_upgrade
+from circles.common.options import (ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, DotenvError, choose_redis, from_environment,
                              parse_dotenv, read_dotenv)
 from circles.protocol import circle_from_path
-from circles.webhook_secrets import IDENFY_ENV, IDENFY_ENVS, STRIPE_ENV, STRIPE_ENVS
+from circles.server.providers.secrets import IDENFY_ENV, IDENFY_ENVS, STRIPE_ENV, STRIPE_ENVS
 from .support import Key, request, run_twistd_to_exit, twistd
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
                               idenfy_headers, stripe_event, stripe_headers)

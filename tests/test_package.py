@@ -61,7 +61,7 @@ def _copy_of_the_tree(dest: Path) -> Path:
 def tree(tmp_path_factory) -> Path:
     tree = _copy_of_the_tree(tmp_path_factory.mktemp("clone") / "circles")
     for name, text in VENDORED.items():
-        (tree / "circles" / "http" / "playground" / name).write_text(text)
+        (tree / "circles" / "server" / "http" / "playground" / name).write_text(text)
     return tree
 
 
@@ -108,10 +108,10 @@ def test_the_wheel_holds_the_package_its_data_and_metadata(wheel):
         entry_points = z.read("circles_gateway-0.1.0.dist-info/entry_points.txt").decode()
     package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "circles").rglob("*.py")}
     assert package <= names, package - names
-    assert {"circles/py.typed", "twisted/plugins/circles_plugin.py", "circles/http/playground/index.html",
-            "circles/http/playground/playground.js", "circles/http/playground/playground.css",
+    assert {"circles/py.typed", "twisted/plugins/circles_plugin.py", "circles/server/http/playground/index.html",
+            "circles/server/http/playground/playground.js", "circles/server/http/playground/playground.css",
             "circles_gateway-0.1.0.dist-info/licenses/LICENSE"} <= names
-    assert {f"circles/http/playground/{name}" for name in VENDORED} <= names
+    assert {f"circles/server/http/playground/{name}" for name in VENDORED} <= names
     assert "twisted/plugins/__init__.py" not in names  # Twisted's own: a plugin directory must not have one
     assert not [n for n in names if n.startswith(("tests/", "bench/")) or "__pycache__" in n]
     assert metadata["Name"] == "circles-gateway"

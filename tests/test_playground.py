@@ -88,7 +88,7 @@ def test_the_page_says_whether_plays_need_a_sign_in(auth_required, mode):
     for a sign-in then: the browser tests below)."""
     from twisted.web.test.requesthelper import DummyRequest
 
-    from circles.http.playground import Playground
+    from circles.server.http.playground import Playground
     for name in (b"", b"index.html"):
         page = Playground(auth_required).getChild(name, None).render(DummyRequest([name]))
         assert page.count(b"<body") == 1 and b'<body data-auth="' + mode + b'">' in page
@@ -202,7 +202,7 @@ def test_the_vendored_signer_is_what_scripts_vendor_noble_makes(tmp_path):
     packages pinned in package-lock.json, byte for byte."""
     if not (ROOT / "node_modules" / ".bin" / "esbuild").exists() or not (ROOT / "node_modules" / "@noble" / "curves").exists():
         pytest.skip("needs the npm packages (npm ci)")
-    playground = ROOT / "circles" / "http" / "playground"
+    playground = ROOT / "circles" / "server" / "http" / "playground"
     committed = {name: (playground / name).read_bytes() for name in ("noble-secp256k1.js", "noble-secp256k1.LICENSE")}
     try:
         subprocess.run([str(ROOT / "scripts" / "vendor-noble")], check=True, timeout=120, capture_output=True)
@@ -276,7 +276,7 @@ def test_try_out_playground_over_wss_with_the_development_ca_trusted(tmp_path):
 
 def test_the_package_ships_every_file_of_the_page(tmp_path):
     """The wheel pip builds from a fresh checkout holds every file of
-    circles/http/playground/: the page, its script and style, the vendored signer, its licenses."""
+    circles/server/http/playground/: the page, its script and style, the vendored signer, its licenses."""
     checkout, build = tmp_path / "checkout", tmp_path / "build"
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
@@ -288,10 +288,10 @@ def test_the_package_ships_every_file_of_the_page(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(build), str(checkout)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    source = ROOT / "circles" / "http" / "playground"
+    source = ROOT / "circles" / "server" / "http" / "playground"
     page = {p.name for p in source.iterdir() if p.is_file() and not p.name.endswith(".pyc")}
     assert {"index.html", "playground.js", "playground.css", "noble-secp256k1.js", "noble-secp256k1.LICENSE"} <= page
     (wheel,) = build.glob("*.whl")
-    prefix = "circles/http/playground/"
+    prefix = "circles/server/http/playground/"
     shipped = {n[len(prefix):] for n in zipfile.ZipFile(wheel).namelist() if n.startswith(prefix) and "/" not in n[len(prefix):]}
     assert page <= shipped, page - shipped

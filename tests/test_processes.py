@@ -183,7 +183,7 @@ def test_every_process_logs_to_the_one_log_with_pid_and_process(tmp_path, form):
     line names its process and pid, and no line is cut into another."""
     circle = Key()
     logfile = tmp_path / "server.log"
-    options = ("--logger", "circles.logs.json_observer") if form == "json" else (f"--logfile={logfile}",)
+    options = ("--logger", "circles.common.logs.json_observer") if form == "json" else (f"--logfile={logfile}",)
     with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
                  "--state-dir", str(tmp_path / "state")], tmp_path, options=options) as server:
         text = (lambda: logfile.read_text() if logfile.exists() else "") if form == "text" else (lambda: server.output)
@@ -222,7 +222,7 @@ def test_one_scrape_counts_every_process(tmp_path):
                 assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
             held = [_established(p, port) for p in processes]
             assert sum(held) == 40 and all(held), held  # both processes hold some
-            time.sleep(1.1)  # views older than circles.siblings.FRESH are asked again
+            time.sleep(1.1)  # views older than circles.server.processes.siblings.FRESH are asked again
             for _ in range(6):  # whichever process each scrape reaches
                 status, body = _get(port, "/metrics")
                 assert status == 200
@@ -271,7 +271,7 @@ def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
 
 
 def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
-    """SIGSTOP one of them: a scrape the other one takes answers after circles.siblings.ASK_TIMEOUT
+    """SIGSTOP one of them: a scrape the other one takes answers after circles.server.processes.siblings.ASK_TIMEOUT
     with the stopped one reported down (one the stopped one takes waits, as it would alone)."""
     circle = Key()
     with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",

@@ -30,9 +30,9 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from zope.interface import implementer
 
-from circles.api import Session, methods
-from circles.gateway import Gateway
-from circles.config import Config
+from circles.server.session.methods import Session, methods
+from circles.server.gateway import Gateway
+from circles.server.config import Config
 from circles.protocol import CircleFactory
 from circles.backend.scripts import (
     SOURCE_WS,

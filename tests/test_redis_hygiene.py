@@ -14,9 +14,9 @@ from circles import CirclesService, Config
 from circles.backend.embedded import (MAXMEMORY_BASE, MAXMEMORY_CEILING, MAXMEMORY_FLOOR, TASK_OVERHEAD,
                                       WEBHOOK_EVENTS, EmbeddedRedis, derived_maxmemory)
 from circles.backend.redis import connect, parse_redis_url
-from circles.config import DEFAULT_MAX_SCRIPT_SIZE
+from circles.server.config import DEFAULT_MAX_SCRIPT_SIZE
 from circles.server_tap import Options, memory_size
-from circles.webhook_secrets import WebhookSecrets
+from circles.server.providers.secrets import WebhookSecrets
 from circles.worker.service import Worker
 from circles.worker.tiny_engine import MAX_SCRIPT
 from .play_client import RPCClient, eventually

@@ -1,7 +1,7 @@
 import pytest
 import pytest_twisted
 
-from circles.config import Config
+from circles.server.config import Config
 from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
 
@@ -154,7 +154,7 @@ async def test_rediss_trusts_every_certificate_of_a_ca_bundle(tmp_path):
 
 def test_a_ca_file_that_cannot_be_used_is_a_clear_error(tmp_path):
     from twisted.internet import reactor
-    from circles.tls_client import CAFileError, load_ca_file
+    from circles.common.tls_client import CAFileError, load_ca_file
 
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")

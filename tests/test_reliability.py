@@ -26,7 +26,7 @@ from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import NoWorker, ScriptFailed, ScriptRequest
-from circles.webhook_secrets import STRIPE_ENV, WebhookSecrets
+from circles.server.providers.secrets import STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import EngineError
 from circles.worker.service import FAILURES_SHOWN, Worker, printable
 from .play_client import RPCClient, eventually, new_key, pk
@@ -285,7 +285,7 @@ async def test_metrics_show_live_workers_and_queues_and_plays_without_one_are_32
 
 @pytest.mark.parametrize("api, code", [("circles", -32008), ("hero", -32008)])
 def test_the_earlier_contracts_answer_the_same_code(api, code):
-    from circles import openrpc
+    from circles.server.session import openrpc
     errors = {e["code"]: e for e in openrpc.document(api)["components"]["errors"].values()}
     assert errors[code]["message"] == "No worker is serving this circle"
 

@@ -1,6 +1,6 @@
 """The Redis URL (with its password) from a file: ``--redis-url-file`` or
 ``$CIRCLES_REDIS_URL_FILE``, for both plugins, read the way the webhook secrets' files are
-(:func:`circles.options.read_secret_file`), so that no password is on a command line."""
+(:func:`circles.common.options.read_secret_file`), so that no password is on a command line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from websockets.sync.client import connect
 
-from circles.options import REDIS_URL_ENV, REDIS_URL_FILE_ENV, choose_redis
+from circles.common.options import REDIS_URL_ENV, REDIS_URL_FILE_ENV, choose_redis
 
 from .redis_server import RedisProcess
 from .support import TWISTD, Key, request, twistd

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis import Reachability, connect, parse_redis_url, reached
 from circles.backend.scripts import BackendUnavailable
-from circles.config import Config
+from circles.server.config import Config
 from circles.worker.service import Worker
 
 from .play_client import eventually, sleep

@@ -21,10 +21,10 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from websockets.sync.client import connect
 
-from circles.auth import NONCE_BYTES, AuthenticationFailed, TooManyNonces, TooManyNoncesForOwner
+from circles.server.access.nonces import NONCE_BYTES, AuthenticationFailed, TooManyNonces, TooManyNoncesForOwner
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import BackendFull, BackendUnavailable
-from circles.shared_nonces import RedisNonceStore, nonce_key
+from circles.server.access.redis_nonces import RedisNonceStore, nonce_key
 from .play_client import eventually
 from .redis_server import REDIS_SERVER
 from .support import Key, request, twistd

@@ -13,9 +13,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 
-from circles import logs, siblings
-from circles.processes import MAX_LINE, _Lines
-from circles.siblings import ProcessSocket, Siblings, socket_path
+from circles.common import logs
+
+from circles.server.processes import siblings
+from circles.server.processes.group import MAX_LINE, _Lines
+from circles.server.processes.siblings import ProcessSocket, Siblings, socket_path
 
 
 def _process(directory: str, number: int, count: int, problem=None, exposition=b"") -> "tuple[Siblings, dict]":

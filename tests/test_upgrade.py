@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from circles import CirclesService, Config
-from circles.http.upgrade import MAX_HEAD, MAX_LINE, is_circle_upgrade
+from circles.server.http.upgrade import MAX_HEAD, MAX_LINE, is_circle_upgrade
 
 from .inmemory import NoScriptBackend
 from .support import Key
@@ -121,7 +121,7 @@ def test_pending_connections_count_against_the_address_or_its_64():
     from twisted.internet.address import IPv4Address, IPv6Address
     from twisted.internet.protocol import ServerFactory
     from twisted.internet.task import Clock
-    from circles.http.upgrade import UpgradeRouter, _FirstBytes
+    from circles.server.http.upgrade import UpgradeRouter, _FirstBytes
 
     router = UpgradeRouter(ServerFactory(), ServerFactory(), Clock(), timeout=10, max_pending_per_peer=1)
     built = [router.buildProtocol(address) for address in (

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circles import server_tap
-from circles.webhook_events import BadEvent, IdenfyCallback, StripeEvent
-from circles.webhook_secrets import IDENFY_ENV, STRIPE_ENV, SecretsError, WebhookSecrets, load, parse_file_text
-from circles.webhook_signatures import BadSignature, verify_idenfy, verify_stripe
+from circles.server.providers.events import BadEvent, IdenfyCallback, StripeEvent
+from circles.server.providers.secrets import IDENFY_ENV, STRIPE_ENV, SecretsError, WebhookSecrets, load, parse_file_text
+from circles.server.providers.signatures import BadSignature, verify_idenfy, verify_stripe
 from .play_client import new_key, pk
 from .webhook_support import STRIPE_SECRET, encode, idenfy_callback, stripe_event
 

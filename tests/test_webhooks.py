@@ -23,13 +23,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from circles import webhooks
-from circles.api import methods
-from circles.gateway import Gateway
-from circles.config import Config
+from circles.server.session.methods import methods
+from circles.server.gateway import Gateway
+from circles.server.config import Config
 from circles.protocol import CircleFactory
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
-from circles.http.site import build_site
-from circles.webhook_secrets import WebhookSecrets
+from circles.server.http.site import build_site
+from circles.server.providers.secrets import WebhookSecrets
 from .play_client import new_key, pk
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
                               idenfy_headers, post, raw_exchange, stripe_event, stripe_headers)
@@ -394,7 +394,7 @@ async def test_backend_unavailable_is_503(server):
 
 @pytest_twisted.ensureDeferred
 async def test_secrets_and_signatures_never_logged(server):
-    from circles import logs
+    from circles.common import logs
     lines: list = []
     globalLogPublisher.addObserver(lines.append)
     logs.set_level("debug")  # every line a delivery writes (queued: at debug), secrets in none
@@ -418,7 +418,7 @@ async def test_secrets_and_signatures_never_logged(server):
 @pytest_twisted.ensureDeferred
 async def test_refusals_write_a_bounded_log(server):
     """Anyone may post forged deliveries as fast as they like: 50 refusal lines a minute, then
-    one line summing up the rest (circles.anomalies.LogBudget, on the gateway's clock)."""
+    one line summing up the rest (circles.common.log_budget.LogBudget, on the gateway's clock)."""
     lines: list = []
     globalLogPublisher.addObserver(lines.append)
     try:

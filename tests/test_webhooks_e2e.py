@@ -21,7 +21,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 from circles import CirclesService, Config, webhooks
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE
-from circles.webhook_secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecrets
+from circles.server.providers.secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
 from .play_client import eventually, new_key, pk

@@ -17,7 +17,7 @@ import attrs
 
 from circles.backend import tasks
 from circles.backend.redis import text
-from circles.logs import Logger
+from circles.common.logs import Logger
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """``CommandConnection``: a Redis connection of its own for the short commands a client waits on.
 
 A play's membership check (:mod:`circles.backend.members`) and a URL authentication's nonce
-(:mod:`circles.shared_nonces`) each ask Redis one short question while a client waits. They do
+(:mod:`circles.server.access.redis_nonces`) each ask Redis one short question while a client waits. They do
 not use the script runner's connections, busy with tasks and replies (a handshake should not
 wait behind a megabyte of output); each service has a connection of its own, reconnecting by
 itself, and this class is what they share:
@@ -33,8 +33,8 @@ from txredisapi import RedisError
 from circles.backend.dispatch import is_oom
 from circles.backend.redis import RedisAddress, connect
 from circles.backend.scripts import BackendFull, BackendUnavailable
-from circles.logs import Logger, worth_logging
-from circles.once import Once
+from circles.common.logs import Logger, worth_logging
+from circles.common.once import Once
 
 log = Logger()
 

@@ -60,7 +60,7 @@ from circles.backend.group_wait import GroupWait
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
 from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued,
                                      ScriptFailed, ScriptRequest, ScriptTimeout)
-from circles.logs import Logger, worth_logging
+from circles.common.logs import Logger, worth_logging
 
 log = Logger()
 

@@ -5,7 +5,7 @@ only to a unix socket (``redis.sock``, mode 0700) in the state directory, no TCP
 persistence unless asked, and stops it when the service stops. On Linux the child also gets a
 parent-death signal (``PR_SET_PDEATHSIG``), so even a killed server leaves no Redis behind.
 A redis-server that exits on its own once it has answered (killed, out of memory) is started
-again on the same socket (:class:`~circles.children.RestartDelay`), where the server's script
+again on the same socket (:class:`~circles.common.children.RestartDelay`), where the server's script
 runner and the workers reconnect by themselves; without ``--redis-persist`` its data is gone.
 
 It runs with a ``maxmemory`` (:func:`derived_maxmemory` from the server's limits, or
@@ -32,9 +32,9 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from circles.backend.redis import RedisAddress
-from circles.children import RestartDelay, dies_with_this_process, terminate
-from circles.logs import Logger
-from circles.once import Once
+from circles.common.children import RestartDelay, dies_with_this_process, terminate
+from circles.common.logs import Logger
+from circles.common.once import Once
 
 log = Logger()
 
@@ -271,7 +271,7 @@ class EmbeddedRedis(Service):
         self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
                                                     path=self.state_dir)
         self._delay.started()
-        # Its pid is not the event's ``pid``: that is this process's (circles.logs.tag).
+        # Its pid is not the event's ``pid``: that is this process's (circles.common.logs.tag).
         log.info("started a private redis-server (pid {redis_pid}) on {path}, maxmemory {maxmemory} (noeviction)",
                  redis_pid=self._transport.pid, path=self.socket_path,
                  maxmemory=describe_bytes(self.maxmemory) if self.maxmemory else "none")

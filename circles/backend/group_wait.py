@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from txredisapi import ConnectionError as RedisConnectionError
 
-from circles.logs import Logger
+from circles.common.logs import Logger
 
 log = Logger()
 

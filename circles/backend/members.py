@@ -5,7 +5,7 @@ circle, with no TTL (an operator's decision lasts until it is changed)::
 
     {prefix}policy:{circle}    string: "members" (only the circle's members play); absent or
                                "open": any key plays (the default, and the original server's way)
-    {prefix}members:{circle}   set of members' keys, compressed hex (circles.keys.normalize_pubkey)
+    {prefix}members:{circle}   set of members' keys, compressed hex (circles.common.keys.normalize_pubkey)
 
 Servers read both at each play, in one round trip (:data:`MAY_PLAY`, a read-only script, so a
 Redis at its maxmemory still answers it), so a change applies to the next play of every
@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred
 
 from circles.backend.commands import CommandConnection
 from circles.backend.redis import RedisAddress, text
-from circles.logs import Logger, worth_logging
+from circles.common.logs import Logger, worth_logging
 
 log = Logger()
 

@@ -11,7 +11,7 @@ Accepted URLs::
 the primary of ``MASTER_NAME`` is asked of them before every connection, and a connection is
 used only once the node it reaches says it is that primary (:func:`connect`).
 The credentials are the data nodes'; ``sentinel_password`` is for Sentinels that have one.
-``rediss://`` verifies the server as every TLS client here does (:mod:`circles.tls_client`):
+``rediss://`` verifies the server as every TLS client here does (:mod:`circles.common.tls_client`):
 certificate and host name against the platform's trust store, or against the CA file given as
 ``ssl_ca_certs`` (a PEM bundle: every certificate in it is trusted), TLS 1.2 at least. The
 password never appears in ``repr``/``redacted()``: log those.
@@ -34,8 +34,8 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from circles.logs import Logger
-from circles.tls_client import CAFileError, client_options
+from circles.common.logs import Logger
+from circles.common.tls_client import CAFileError, client_options
 
 log = Logger()
 

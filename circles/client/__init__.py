@@ -4,7 +4,7 @@ signing (:mod:`circles.client.signing`), and the ``circles`` command (:mod:`circ
 ``from circles.client import connect, RPCError`` loads the connection module on first use.
 """
 
-from circles.lazy import exports
+from circles.common.lazy import exports
 
 _CONNECTION = "circles.client.connection"
 __all__ = ["CertificateNotVerified", "CircleClient", "ConnectFailed", "ConnectionClosed", "NoServerReachable",

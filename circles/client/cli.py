@@ -58,8 +58,8 @@ import circles
 from circles.client import signing
 from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
                                        connect)
-from circles.openrpc import AUTH_REQUIRED
-from circles.tls_client import CAFileError, load_ca_file
+from circles.server.session.openrpc import AUTH_REQUIRED
+from circles.common.tls_client import CAFileError, load_ca_file
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     members.add_argument("--redis-url", metavar="URL",
                          help="the Redis the servers use (default: $CIRCLES_REDIS_URL, else $REDIS_URL, from the "
                          "environment or ./.env; else the private Redis of --state-dir)")
-    # Their defaults are the plugins' (circles.options), read once the command runs: this module
+    # Their defaults are the plugins' (circles.common.options), read once the command runs: this module
     # loads nothing of the backend before then.
     members.add_argument("--redis-prefix", metavar="PREFIX",
                          help="prefix of every Redis key, as the servers' (default circles:)")
@@ -362,7 +362,7 @@ async def _tasks(reactor, args) -> None:
     from circles.backend import admin
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import InvalidRedisURL, connect
-    from circles.options import choose_redis, read_dotenv
+    from circles.common.options import choose_redis, read_dotenv
 
     if args.tasks_command == "requeue" and bool(args.task_ids) == bool(args.all):
         raise _Exit(EXIT_USAGE, "give the task ids to requeue, or --all, not both")
@@ -468,7 +468,7 @@ def main(argv: Optional[list] = None) -> None:
 def _members_args(args) -> "tuple[str, Optional[str]]":
     """(circle, key or policy), normalised and checked: mistakes are usage errors."""
     from circles.backend import members
-    from circles.keys import InvalidKey, normalize_pubkey
+    from circles.common.keys import InvalidKey, normalize_pubkey
 
     try:
         circle = normalize_pubkey(args.circle)
@@ -496,7 +496,7 @@ async def _members(reactor, args) -> None:
     from circles.backend import members, tasks
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import InvalidRedisURL, Reachability, connect
-    from circles.options import choose_redis, read_dotenv
+    from circles.common.options import choose_redis, read_dotenv
 
     circle, value = _members_args(args)
     if args.redis_prefix is None:

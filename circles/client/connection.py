@@ -57,11 +57,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from circles.client.signing import PrivateKeyLike, private_key, public_key, sign_nonce
-from circles.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
-from circles.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
-from circles.once import Once
-from circles.openrpc import GATEWAY, SUBPROTOCOLS
-from circles.tls_client import client_options
+from circles.common.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
+from circles.common.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
+from circles.common.once import Once
+from circles.server.session.openrpc import GATEWAY, SUBPROTOCOLS
+from circles.common.tls_client import client_options
 
 # Twisted's own Logger, deliberately: the client runs in an application's process, whose observers
 # decide what is kept (--log-level belongs to the server's and the worker's twistd plugins).

@@ -40,9 +40,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from circles.children import dies_with_this_process, terminate
+from circles.common.children import dies_with_this_process, terminate
 from circles.client import signing
-from circles.once import Once
+from circles.common.once import Once
 
 DEFAULT_PORT = 8443
 INTERFACE = "127.0.0.1"

@@ -32,7 +32,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from circles.backend import tasks
-from circles.children import dies_with_this_process, how_it_ended
+from circles.common.children import dies_with_this_process, how_it_ended
 
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 STDERR_KEPT = 8192

@@ -17,7 +17,7 @@ child processes (:mod:`circles.worker.engine_child`) and keeps the worker's reac
   deadline) and after ``tasks_per_child`` scripts;
 - children get an allow-list of the worker's environment, not its secrets
   (:func:`~circles.worker.engines.passed_environment`), and each script a fresh directory;
-- children die with the worker (``PR_SET_PDEATHSIG``, :func:`circles.children.dies_with_this_process`).
+- children die with the worker (``PR_SET_PDEATHSIG``, :func:`circles.common.children.dies_with_this_process`).
 
 The cost, measured: docs/benchmarks.md ("Isolation").
 """
@@ -40,9 +40,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 import circles
-from circles.children import dies_with_this_process, how_it_ended
-from circles.logs import Logger
-from circles.once import Once
+from circles.common.children import dies_with_this_process, how_it_ended
+from circles.common.logs import Logger
+from circles.common.once import Once
 from circles.worker.engine_child import FRAME, encode_frame
 from circles.worker.engines import (DEFAULT_MAX_MEMORY, DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge,
                                     ScriptContext, ScriptTimedOut, passed_environment)

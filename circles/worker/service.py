@@ -26,11 +26,11 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from txredisapi import RedisError, ResponseError
 
-from circles.anomalies import LogBudget
+from circles.common.log_budget import LogBudget
 from circles.backend import tasks
 from circles.backend.admin import reap
 from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
-from circles.logs import Logger
+from circles.common.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_before_error, output_size)
 

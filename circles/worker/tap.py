@@ -18,10 +18,10 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
-from circles import logs
+from circles.common import logs
 from circles.backend.redis import InvalidRedisURL
-from circles.keys import circle_set
-from circles.options import at_least_zero, choose_redis, positive, print_version, read_dotenv, redis_parameters
+from circles.common.keys import circle_set
+from circles.common.options import at_least_zero, choose_redis, positive, print_version, read_dotenv, redis_parameters
 from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
 from circles.worker.service import Worker

@@ -5,11 +5,11 @@ from twisted.application.service import ServiceMaker
 
 class _Plugin(ServiceMaker):
     """A plugin whose usage mistakes are one line, not twistd's page of usage text
-    (:func:`circles.options.one_line_mistakes`)."""
+    (:func:`circles.common.options.one_line_mistakes`)."""
 
     @property
     def options(self):
-        from circles.options import one_line_mistakes
+        from circles.common.options import one_line_mistakes
         return one_line_mistakes(super().options, self.tapname)
 
 

@@ -1,0 +1,146 @@
+"""The gateway's configuration: one frozen value, built by the twistd plugin or by hand."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from circles.backend import tasks
+from circles.backend.embedded import derived_maxmemory, physical_memory
+from circles.backend.redis import parse_redis_url, redact_url
+from circles.server.http.request_limits import DEFAULT_MAX_REQUEST_BODY
+from circles.common.keys import circle_set
+from circles.server.access.limits import check_origin_pattern
+from circles.server.session.openrpc import APIS, DEFAULT_API
+from circles.server.providers.secrets import WebhookSecrets
+
+#: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
+#: (circles/worker/tiny_engine.py), so that the server refuses what the worker would.
+DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
+
+DEFAULT_PLAIN_PORT = 8080
+DEFAULT_TLS_PORT = 8443
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything the gateway needs to know; immutable once the service is built.
+
+    ``circles`` empty means "serve any valid circle id" (a warning is logged once).
+    """
+
+    circles: frozenset = attrs.field(default=frozenset(), converter=circle_set)
+    auth_required: bool = False
+    # The contract a connection gets when it offers no subprotocol of ours (circles.server.session.openrpc:
+    # "gateway" ours, "circles" the original circles server's result shapes and error codes).
+    api: str = attrs.field(default=DEFAULT_API, validator=attrs.validators.in_(APIS))
+    listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
+    port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
+    interface: str = ""
+    reuse_port: bool = False  # SO_REUSEPORT on port/interface: several processes share the port
+    tls: Any = None  # an OpenSSL context factory, e.g. from circles.server.tls.load(); None: plain
+    tls_ciphers: Optional[str] = None  # TLS 1.2 cipher string for ``ssl:`` listen strings; None: tls.DEFAULT_CIPHERS
+    nonce_ttl: float = 300.0
+    max_nonces_per_session: int = 16
+    # Live nonces from GET /auth/nonce that this server process issued (they are kept in Redis,
+    # where every process sees them, when there is one; circles.server.access.redis_nonces), and of those, to
+    # one address (IPv6: one /64; 0: no limit).
+    max_http_nonces: int = 10_000
+    max_http_nonces_per_ip: int = 100
+    max_message_size: int = 1024 * 1024
+    # Frames one WebSocket message may come in (a first frame and its continuations); 0: no limit.
+    # Fragments are gathered into one buffer as they arrive, so they cost no memory of their own;
+    # the cap bounds the work one message may cost (about 5 us a frame, however small).
+    max_fragments: int = 4096
+    max_batch: int = 100
+    max_plays: int = 100  # plays one connection may have waiting for their result; 0: no limit
+    # Seconds a connection may stay over its bound of unread replies (twice max_message_size)
+    # before it is closed; 0: never (its replies past the bound are still refused, -32007).
+    slow_reader_timeout: float = 30.0
+    # The largest script a play may carry, UTF-8 bytes; a larger one is refused (-32006) before
+    # anything is written to Redis.
+    max_script_size: int = DEFAULT_MAX_SCRIPT_SIZE
+    rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
+    rate_burst: Optional[float] = None  # requests saved up; default twice the rate
+    max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit
+    max_connections_per_ip: int = 0  # from one address; 0: no limit (a reverse proxy is one address)
+    # Connections from one address still sending their request head (accepted, not yet routed);
+    # 0: no limit. A client (a reverse proxy too) sends its head at once, so few are ever pending.
+    max_pending_per_ip: int = 512
+    fd_reserve: int = 100  # descriptors below RLIMIT_NOFILE never used for client connections
+    handshake_timeout: float = 10.0  # seconds from TCP accept to an open WebSocket
+    idle_timeout: float = 600.0  # seconds without a message before closing; 0: never
+    ping_interval: float = 30.0  # WebSocket pings to detect dead peers; 0: off
+    ping_timeout: float = 10.0
+    # browser Origin patterns accepted at the handshake (circles.server.access.limits.ORIGIN_RULE says how they match)
+    allowed_origins: tuple = attrs.field(default=("*",))
+    metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
+    # Seconds the port keeps accepting after a stop (SIGTERM) while /ready answers 503, so that a
+    # load balancer polling /ready stops sending traffic here before the port closes: 5 covers one
+    # checking every 2 s that marks a server down after 2 failed checks (HAProxy's "inter 2s fall 2"),
+    # with 1 s to spare. Not waited when nothing has asked /ready since the server started.
+    drain_grace: float = 5.0
+    shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
+    script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
+    # Where Redis is (redis://, rediss://, unix://, redis+sentinel://); None: start a private redis-server.
+    redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
+    redis_prefix: str = tasks.DEFAULT_PREFIX  # prepended to every Redis key
+    # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
+    state_dir: Optional[str] = None
+    redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
+    # The private Redis's maxmemory in bytes (0: none); None: derived from the limits here
+    # (private_redis_maxmemory). A --redis-url's Redis is sized by its operator.
+    redis_maxmemory: Optional[int] = None
+    playground: bool = False  # serve the browser playground at /playground/
+    max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # largest HTTP request body, bytes, on every route
+    # Webhooks (docs/webhooks.md). A provider without secrets is off (its endpoint answers 404).
+    stripe_secrets: WebhookSecrets = WebhookSecrets()  # repr shows counts only
+    idenfy_secrets: WebhookSecrets = WebhookSecrets()
+    stripe_script: Optional[str] = None  # script text queued per Stripe event; None: webhooks.STRIPE_SCRIPT
+    idenfy_script: Optional[str] = None  # per iDenfy callback; None: webhooks.IDENFY_SCRIPT
+    webhook_tolerance: float = 300.0  # seconds a Stripe signature's timestamp may be from now
+    webhook_deadline: float = 86400.0  # seconds a queued event may wait for a worker
+    webhook_dedupe_ttl: int = 3 * 86400  # seconds a delivered event is remembered (Stripe retries for 3 days)
+    # Replicas that must hold an event's task before it is answered 200 (Redis WAIT); None: 1
+    # with a redis+sentinel:// URL (a failover must not lose it), else 0 (as one Redis always did).
+    webhook_replicas: Optional[int] = None
+    webhook_replica_timeout: float = 1.0  # seconds to wait for them, past which 503 (the provider retries)
+    # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
+    # dead-lettered after: docs/worker-protocol.md).
+    webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
+
+    @allowed_origins.validator
+    def _check_allowed_origins(self, attribute, value) -> None:
+        if isinstance(value, str):
+            raise ValueError(f"allowed_origins is a sequence of patterns, not one string: ({value!r},)")
+        for pattern in value:
+            check_origin_pattern(pattern)  # a ValueError saying what is wrong with it
+
+    @redis_url.validator
+    def _check_redis_url(self, attribute, value) -> None:
+        if value is not None:
+            parse_redis_url(value)  # InvalidRedisURL is a ValueError
+
+    def webhook_acks(self) -> int:
+        """How many replicas must acknowledge a webhook's task (:attr:`webhook_replicas`, resolved)."""
+        if self.webhook_replicas is not None:
+            return self.webhook_replicas
+        return 1 if self.redis_url is not None and parse_redis_url(self.redis_url).sentinels else 0
+
+    def private_redis_maxmemory(self, processes: int = 1, physical: Optional[int] = None) -> int:
+        """The private Redis's ``maxmemory``: :attr:`redis_maxmemory`, else derived from this
+        configuration's limits for ``processes`` server processes sharing it
+        (:func:`circles.backend.embedded.derived_maxmemory`; ``physical``: the machine's memory,
+        by default as the system says)."""
+        if self.redis_maxmemory is not None:
+            return self.redis_maxmemory
+        webhooks = bool(self.stripe_secrets) or bool(self.idenfy_secrets)
+        return derived_maxmemory(max_connections=self.max_connections, max_plays=self.max_plays,
+                                 max_script=self.max_script_size, max_output=self.max_message_size,
+                                 webhook_body=self.max_request_body if webhooks else 0, processes=processes,
+                                 physical=physical_memory() if physical is None else physical)
+
+    def serves(self, circle: str) -> bool:
+        """Whether ``circle`` (compressed hex, already validated) is served here."""
+        return not self.circles or circle in self.circles

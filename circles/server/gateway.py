@@ -1,0 +1,88 @@
+"""``Gateway``: the state one server process shares between its sessions, its HTTP routes and
+its webhooks (configuration, clock, script backend, metrics, nonces issued over HTTP, log
+budgets), so that those reach it without importing one another.
+
+The nonces issued over HTTP are in this process's memory until the service gives the gateway
+a store every process sees (:class:`~circles.server.access.redis_nonces.RedisNonceStore`), as it does
+whenever it has Redis.
+
+The JSON-RPC methods (:mod:`circles.server.session.methods`) are passed in, not imported: the gateway answers
+with whatever methods it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IReactorTime
+
+from circles.common.log_budget import LogBudget
+from circles.server.access.nonces import INonceStore, NonceStore
+from circles.backend.scripts import IScriptRunner
+from circles.server.config import Config
+from circles.common.jsonrpc import Dispatcher, Methods, RPCError
+from circles.server.metrics import Metrics
+from circles.server.session.openrpc import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
+
+
+class Gateway:
+    """What every session of one server shares: configuration, clock, script backend."""
+
+    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner, methods: Methods) -> None:
+        self.config = config
+        self.clock = clock
+        self.scripts = scripts
+        #: Who may play in each circle (circles.backend.members.Membership); None: anyone (no Redis).
+        self.members = None
+        #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
+        #: whose client keeps sending is drained once the plays in flight are answered.
+        self.draining = False
+        #: Stopping (SIGTERM), in its first step: ``/ready`` answers 503 while everything else
+        #: serves as usual for ``--drain-grace`` seconds, until ``draining`` (circles.service).
+        self.leaving = False
+        #: Whether anything (a load balancer) has asked ``/ready`` since start: only then is there
+        #: someone to notice its 503, and a stop waits ``--drain-grace`` for them.
+        self.readiness_watched = False
+        #: The other processes of ``--processes`` (circles.server.processes.siblings.Siblings); None: there are none.
+        self.siblings = None
+        #: Nonces issued over HTTP (GET /auth/nonce), before any connection exists, and redeemed
+        #: by URL authentication: in memory here; in Redis once the service has one.
+        self.http_nonces: INonceStore = NonceStore(clock, config.nonce_ttl, config.max_http_nonces,
+                                                   config.max_http_nonces_per_ip)
+        self.metrics = Metrics(methods)
+        # Info lines about what clients get wrong, per minute, process-wide (circles.common.log_budget).
+        self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
+        self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
+        # Refused webhook deliveries and request bodies over the limit (413).
+        self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
+        self.rpc = Dispatcher(
+            methods, config.max_batch,
+            RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
+            observe=self.metrics.request,
+            max_reply=config.max_message_size, too_large=self._reply_too_large,
+        )
+
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.config.max_message_size})
+
+    def unready_reason(self) -> Optional[str]:
+        """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or
+        the script backend unavailable (Redis unreachable, or refusing writes at its maxmemory).
+
+        Asking marks readiness as watched (:attr:`readiness_watched`): every ``/ready``, this
+        process's or, under ``--processes``, any process's (circles.server.processes.siblings), asks here."""
+        self.readiness_watched = True
+        if self.draining or self.leaving:
+            return "shutting down"
+        if not self.scripts.is_connected():
+            # A runner that knows it: Redis answers but refuses writes at its maxmemory.
+            full = getattr(self.scripts, "full", False)
+            return "script backend unavailable" + (": Redis is full (maxmemory)" if full else "")
+        return None
+
+    def stop(self) -> None:
+        """Write what the log budgets hold back and cancel their timers."""
+        self.anomaly_log.stop()
+        self.refusal_log.stop()
+        self.http_log.stop()

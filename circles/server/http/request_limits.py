@@ -1,0 +1,194 @@
+"""Bounds on HTTP requests, enforced while they arrive: the time a whole request may take and
+the form of its head (:class:`RequestDeadlineChannel`), and the size of its body
+(:class:`BoundedRequest`).
+
+Twisted's ``Request`` stores the whole body (in memory, or a temporary file past 100 kB)
+before any resource sees the request, so a limit checked in a handler comes too late: the bytes
+are already taken. :class:`BoundedRequest` refuses at the channel level instead: a declared
+``Content-Length`` over the limit is answered 413 as soon as the headers are in (no
+``100 Continue``, nothing read); a chunked body is counted as it arrives and refused the moment
+it passes the limit. Nothing beyond the limit is ever stored.
+
+After the 413 the connection stops parsing and discards what still comes; over TCP it
+half-closes at once (the client reads the whole answer and an end of file, instead of a reset
+caused by unread data), over TLS it sends close_notify. It is dropped after :data:`LINGER`
+seconds whatever the client does.
+
+The limit applies to every route of the Site: the webhooks are the only ones taking a body.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Optional
+
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+
+from circles.common.log_budget import LogBudget
+from circles.server.access.limits import half_close
+
+DEFAULT_MAX_REQUEST_BODY = 1024 * 1024
+LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
+
+_TOO_LARGE = b'{"error":"request body too large"}'
+_BARE_LF = b'{"error":"a line of the request head ends in a bare LF: HTTP/1.1 lines end in CRLF"}'
+BARE_LF_ANSWER = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                  b"connection: close\r\n\r\n%s" % (len(_BARE_LF), _BARE_LF))
+
+
+class BoundedRequest(Request):
+    """A ``Request`` refusing bodies over ``max_body`` bytes; see :func:`bounded_request_factory`."""
+
+    max_body: int = DEFAULT_MAX_REQUEST_BODY
+    log_budget: LogBudget  # where refusals are logged: anyone can make them (bounded_request_factory sets it)
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length) -> None:
+        if length is not None and length > self.max_body:
+            self.content = BytesIO()
+            # Never invite the body we are about to refuse (the channel checks after this call).
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version) -> None:
+        if self._refused:
+            return  # answered already; the rest of the body arrived in the same read
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        channel = self.channel
+        transport = channel.transport
+        self.log_budget.note(getattr(transport.getPeer(), "host", "?"), "413",
+                             "refused a request body over {limit} bytes from {peer}", limit=self.max_body)
+        # Stop parsing: anything more the client sends is dropped unread.
+        channel.rawDataReceived = channel.dataReceived = lambda data: None
+        transport.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
+        if not half_close(transport):
+            transport.loseConnection()  # over TLS: the answer, then close_notify
+        timer = channel.callLater(LINGER, transport.abortConnection)
+        self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
+
+
+def bounded_request_factory(max_body: int, log_budget: LogBudget) -> type:
+    """A :class:`BoundedRequest` class with the given limit, its refusals logged within
+    ``log_budget``, for ``Site.requestFactory``."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body, "log_budget": log_budget})
+
+
+class RequestDeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive each whole request within its ``timeOut``.
+
+    Twisted's own timeout is one of silence: every byte restarts it, so a client sending a
+    header byte a second would hold its connection for hours. Here the first request (the
+    WebSocket upgrade, usually) must arrive whole within ``timeOut`` of the connection, and each
+    later one within ``timeOut`` of the previous answer; the idle timeout still applies too.
+
+    Pipelined requests wait while the client does not read: when the transport's buffer is full
+    (it pauses us), the next request is parsed only once it drains. Twisted's channel went on
+    to answer every request already read, each answer buffered: a client pipelining cheap
+    requests for a large answer and reading nothing grew the server by the answers' size (over
+    TLS, 6 GB of RSS from 20 MB of ``GET /openrpc.json``).
+
+    A request head whose lines end in a bare LF is answered 400 as soon as the LF arrives.
+    Twisted splits the head on CRLF only, so such a head (``GET / HTTP/1.1\\nHost: x\\n\\n``)
+    was one unfinished line, unanswered until the deadline. RFC 9112 (2.2) lets a server accept
+    a bare LF as a line end or refuse it; refused, a proxy in front that reads the lines
+    otherwise cannot be made to see other requests, or other headers, than we do.
+    """
+
+    _deadline = None
+    _timed_out = False
+    _held: Optional[bytes] = None  # pipelined bytes waiting for the transport to drain
+    #: Seconds a timed-out client gets to answer our TLS close_notify before the connection is
+    #: aborted (Twisted's default, 15, let a silent TLS client hold its descriptor that long).
+    abortTimeout = 2
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timeOut and self._deadline is None:
+            self._deadline = self.callLater(self.timeOut, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held += data  # read before the pause took effect (TLS decrypts in batches)
+            return
+        super().dataReceived(data)
+        # Still reading a head, and an LF in it that ended no line (the parser waits for CRLF).
+        # Not while the parser is busy (a request answered at once replays pipelined bytes into
+        # it from inside its own loop): its buffer holds whole lines then, checked as they go.
+        if self.line_mode and not self._busyReceiving and b"\n" in self._buffer:
+            self._refuse_bare_lf()
+
+    def lineReceived(self, line: bytes) -> None:
+        if b"\n" in line:  # a line of the head with a bare LF inside
+            self._refuse_bare_lf()
+            return
+        super().lineReceived(line)
+
+    def _refuse_bare_lf(self) -> None:
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self._buffer = b""
+        self.transport.write(BARE_LF_ANSWER)
+        self.loseConnection()
+
+    def requestDone(self, request) -> None:
+        if self.persistent and self._waitingForTransport and self._held is None:
+            # Keep what follows from the parser (Twisted would parse it now) and stop reading.
+            self._held, self._dataBuffer = b"".join(self._dataBuffer), []
+            self._networkProducer.pauseProducing()
+        super().requestDone(request)
+        if self.persistent and self.transport is not None:
+            self._arm()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self._held is not None and not self._handlingRequest:
+            held, self._held = self._held, None
+            if held:
+                self.dataReceived(held)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport is not None:  # None: handed over to a WebSocket
+            self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        # Twisted's silence timeout and this deadline can both fire. Each would log and arm a
+        # forced abort, and the first abort's timer, forgotten, would fire after the connection
+        # was gone: over TLS, an AttributeError from the closed TLS transport.
+        if not self._timed_out:
+            self._timed_out = True
+            super().timeoutConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._disarm()
+        super().connectionLost(reason)

@@ -1,0 +1,143 @@
+"""The one HTTP Site of a server: operational routes, webhooks, and circles reached over HTTP.
+
+WebSocket upgrades of circle paths usually never get here: :mod:`circles.server.http.upgrade` hands them
+straight to Autobahn. What does arrive at ``/{circle_pk}`` (a plain GET, an upgrade the router
+did not recognise) goes to Autobahn's ``WebSocketResource``; either way the protocol decides
+in its opening handshake whether the circle exists (404 if not), so that check lives in one
+place. Named routes beside it (``/openrpc.json``, the contract of the server's ``--api``;
+``/auth/...``, ``/webhooks/...``, ``/health``, ``/ready``, ``/metrics``) are plain children of
+the root; circle ids are hex, so they never collide with those names.
+``/playground/`` (the browser playground) is one of them only when the configuration asks.
+Request bodies are bounded for every route as they arrive (:mod:`circles.server.http.request_limits`).
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import LogLevel
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from circles.server.session import openrpc
+from circles.server.http.nonce_route import AuthRoutes
+from circles.server.http.document import Document
+from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
+from circles.server.http.playground import Playground
+from circles.server.http.responses import answer_later, json_response
+from circles.common.keys import PATH_KEY_LENGTHS
+from circles.common.logs import Logger, enabled
+from circles.server.metrics import MetricsPage
+from circles.protocol import CircleFactory
+from circles.webhooks import WebhookRoutes
+
+access = Logger()  # the access log: debug
+
+INDEX = b"circles WebSocket gateway: connect a WebSocket to /{circle_pk} and speak JSON-RPC 2.0.\n"
+
+
+class _Health(Resource):
+    """``GET /health``: 200 while the process serves (liveness)."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return json_response(request, 200, {"status": "ok"}, no_store=False)
+
+
+class _Ready(Resource):
+    """``GET /ready``: 200 when plays can be queued (Redis reachable, and with room) and the
+    server is not shutting down, else 503 with the reason (readiness: a load balancer sends
+    traffic elsewhere). Under ``--processes`` it answers for every process, with a
+    ``processes`` field (each process's state) and 503 while any is not ready or not running
+    (:mod:`circles.server.processes.siblings`)."""
+
+    isLeaf = True
+
+    def __init__(self, factory: CircleFactory) -> None:
+        super().__init__()
+        self._factory = factory
+
+    def render_GET(self, request):
+        gateway = self._factory.gateway
+        problem = gateway.unready_reason()
+        if problem is None and gateway.siblings is not None:
+            return answer_later(request, gateway.siblings.ready().addCallback(self._whole, request))
+        if problem is None:
+            return json_response(request, 200, {"status": "ready"}, no_store=False)
+        return json_response(request, 503, {"status": "unavailable", "reason": problem}, no_store=False)
+
+    def _whole(self, readiness: tuple, request) -> bytes:
+        problem, states = readiness
+        processes = {str(number): state for number, state in states.items()}
+        if problem is None:
+            return json_response(request, 200, {"status": "ready", "processes": processes}, no_store=False)
+        return json_response(request, 503, {"status": "unavailable", "reason": problem, "processes": processes},
+                             no_store=False)
+
+
+class Root(Resource):
+    """``/`` and the named routes are children; any other single segment is a circle."""
+
+    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False,
+                 api: str = openrpc.DEFAULT_API, auth_required: bool = False) -> None:
+        super().__init__()
+        self._circles = circles
+        self.putChild(b"auth", auth)
+        self.putChild(b"webhooks", webhooks)
+        self.putChild(b"health", _Health())
+        if playground:
+            self.putChild(b"playground", Playground(auth_required))
+        self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
+        self.putChild(b"openrpc.json", Document(openrpc.document_text(api).encode("utf-8"), b"application/json"))
+
+    def getChild(self, path: bytes, request):
+        # Only what could be a circle id reaches the WebSocket; the protocol decides whether
+        # it is one this server serves (404 there too).
+        if len(path) in PATH_KEY_LENGTHS:
+            return self._circles
+        return notFound()
+
+
+class _Site(Site):
+    """A Site whose access log is one ``debug`` event per request (``--log-level debug``), not a
+    line at info for every health probe and metrics scrape; never with the query string (it may
+    carry signatures)."""
+
+    def log(self, request) -> None:
+        if not enabled(LogLevel.debug):
+            return
+        peer = request.getClientAddress()
+        access.debug("{method} {path} {status} ({size} bytes) from {peer}",
+                     method=request.method.decode("ascii", "replace"),
+                     path=request.uri.split(b"?", 1)[0].decode("utf-8", "replace"), status=request.code,
+                     size=request.sentLength, peer=getattr(peer, "host", None) or str(peer),
+                     user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
+
+
+def build_site(factory: CircleFactory, reactor) -> Site:
+    gateway = factory.gateway
+    root = Root(WebSocketResource(factory), AuthRoutes(gateway).app.resource(), WebhookRoutes(gateway).app.resource(),
+                playground=gateway.config.playground, api=gateway.config.api,
+                auth_required=gateway.config.auth_required)
+    root.putChild(b"ready", _Ready(factory))
+    if gateway.config.metrics_listen is None:  # else only on that endpoint
+        root.putChild(b"metrics", MetricsPage(gateway.metrics))
+    return _bounded_site(root, gateway, reactor)
+
+
+def build_metrics_site(gateway, reactor) -> Site:
+    """The Site of ``--metrics-listen``: ``/metrics`` alone, with the main Site's bounds."""
+    return _bounded_site(MetricsPage(gateway.metrics), gateway, reactor)
+
+
+def _bounded_site(root: Resource, gateway, reactor) -> Site:
+    # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
+    # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
+    # take over.
+    site = _Site(root, reactor=reactor, timeout=gateway.config.handshake_timeout,
+                 requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
+    site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
+    site.displayTracebacks = False
+    site.noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
+    return site

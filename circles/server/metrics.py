@@ -1,0 +1,249 @@
+"""Prometheus metrics of one server, in a registry of its own (several services may share a
+process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen``.
+
+Under ``--processes N`` a scrape reaches any one of the processes, and reports the whole server:
+that process asks the others for theirs (:mod:`circles.server.processes.siblings`) and :func:`merge` adds them
+up, counters, histograms and gauges alike, except the series that describe one process
+(:data:`PER_PROCESS`, labelled ``process``) and the gauges each process reads from the same Redis
+(:data:`SHARED`, whose sum would count each worker N times); ``circles_process_up{process}``
+says which processes answered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+
+from circles.server.http.responses import answer_later
+
+#: Method labels are the API's methods; anything else is counted as one of these two.
+UNKNOWN_METHOD = "unknown"
+INVALID_REQUEST = "invalid"
+
+#: Families of one process each: labelled ``process`` in the whole server's view, not summed.
+PER_PROCESS = frozenset({"circles_process_connections_open", "circles_process_resident_memory_bytes"})
+#: Gauges every process reads from the same Redis: one process's value (the lowest-numbered
+#: that has it) in the whole server's view, not the sum.
+SHARED = frozenset({"circles_workers", "circles_queue_length", "circles_dead_letters"})
+
+
+class Metrics:
+    """What operators watch: connections, requests, authentication, plays, webhooks, Redis."""
+
+    def __init__(self, methods) -> None:
+        self.registry = CollectorRegistry()
+        self._methods = frozenset(methods)
+        self.connections = Gauge("circles_connections_open", "Open WebSocket connections", registry=self.registry)
+        self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok, the error code, "
+                                 "or cancelled: the connection closed first)",
+                                 ["method", "outcome"], registry=self.registry)
+        self._request_children: dict = {}
+        authentications = Counter("circles_authentications", "authenticate calls by result", ["result"],
+                                  registry=self.registry)
+        self.auth_successes = authentications.labels("success")
+        self.auth_failures = authentications.labels("failure")
+        self.play_seconds = Histogram("circles_play_seconds", "Time from play to its answer",
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                      registry=self.registry)
+        self.webhooks = Counter("circles_webhooks", "Webhook deliveries by provider and HTTP status",
+                                ["provider", "status"], registry=self.registry)
+        self.tasks_in_flight = Gauge("circles_tasks_in_flight", "plays waiting for a worker's answer",
+                                     registry=self.registry)
+        self._redis_connects: Callable[[], int] = lambda: 0
+        self.registry.register(_RedisReconnects(lambda: self._redis_connects()))
+        self.slow_reader_closes = Counter("circles_slow_reader_closes", "WebSocket connections closed for leaving "
+                                          "more than twice --max-message-size of replies unread past "
+                                          "--slow-reader-timeout", registry=self.registry)
+        self.tcp_connections = Gauge("circles_tcp_connections_open",
+                                     "Accepted TCP connections not yet closed (WebSockets, HTTP, pending)",
+                                     registry=self.registry)
+        self._refusals: "dict[str, Callable[[], int]]" = {}
+        self.registry.register(_Refusals(self._refusals))
+        self._workers = _Workers()
+        self.registry.register(self._workers)
+        self._open_connections: Callable[[], int] = lambda: 0
+        #: The whole server's exposition (bytes) when this process is one of ``--processes``
+        #: (set by :func:`circles.server.processes.siblings.join`); None: this process's is the server's.
+        self.whole: Optional[Callable[[], Deferred]] = None
+
+    def request(self, method, outcome) -> None:
+        """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
+        ``outcome`` "ok", an error code or "cancelled". (The JSON-RPC Dispatcher's ``observe`` hook.)"""
+        # Keyed by the label, never by the method name as sent: an attacker chooses that, and
+        # every distinct name (a megabyte each, if it likes) would stay here for good.
+        label = INVALID_REQUEST if method is None else method if method in self._methods else UNKNOWN_METHOD
+        key = (label, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._requests.labels(label, str(outcome))
+        child.inc()
+
+    def watch_connections(self, open_connections: Callable[[], int]) -> None:
+        """Read the number of open connections when scraped (the factory keeps them anyway)."""
+        self._open_connections = open_connections
+        self.connections.set_function(open_connections)
+
+    def watch_process(self) -> None:
+        """This process is one of several: report its own :data:`PER_PROCESS` series too."""
+        self.registry.register(_ProcessSeries(lambda: self._open_connections()))
+
+    def watch_script_runner(self, tasks_in_flight: Callable[[], int], connects: Callable[[], int]) -> None:
+        """Read the Redis script runner's own counts when scraped (it keeps them anyway)."""
+        self.tasks_in_flight.set_function(tasks_in_flight)
+        self._redis_connects = connects
+
+    def watch_workers(self, circle_stats: "Callable[[], dict]", dead_letters: "Callable[[], Optional[int]]") -> None:
+        """Report the served circles' live workers and queue lengths (``{circle: (workers,
+        queue)}``, as the script runner last read them from Redis) and the dead letters."""
+        self._workers.circle_stats, self._workers.dead_letters = circle_stats, dead_letters
+
+    def watch_accepts(self, tcp_open: Callable[[], int], refused: "dict[str, Callable[[], int]]") -> None:
+        """Read the accepted connections, and the refusals by reason, when scraped."""
+        self.tcp_connections.set_function(tcp_open)
+        self._refusals.update(refused)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def merge(expositions: "dict[int, Optional[bytes]]") -> bytes:
+    """The whole server's exposition from each process's (by process number; None: it did not
+    answer): every sample summed over the processes, except :data:`PER_PROCESS` (labelled
+    ``process``), :data:`SHARED` (one process's) and the ``_created`` times (the earliest); with
+    ``circles_process_up{process}``, 1 for each that answered, 0 for the others."""
+    families: "dict[str, tuple[Metric, dict]]" = {}
+    for number in sorted(expositions):
+        text = expositions[number]
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            if family.name not in families:
+                families[family.name] = (Metric(family.name, family.documentation, family.type), {})
+            values = families[family.name][1]
+            for sample in family.samples:
+                labels = dict(sample.labels, process=str(number)) if family.name in PER_PROCESS else sample.labels
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                elif family.name.endswith("_created"):
+                    values[key] = min(values[key], sample.value)
+                elif family.name not in SHARED:
+                    values[key] += sample.value
+    up = Metric("circles_process_up", "Whether each server process of --processes answered this scrape", "gauge")
+    for number in sorted(expositions):
+        up.add_sample("circles_process_up", {"process": str(number)}, 0 if expositions[number] is None else 1)
+    merged = [up]
+    for family, values in families.values():
+        for (name, labels), value in values.items():
+            family.add_sample(name, dict(labels), value)
+        merged.append(family)
+    registry = CollectorRegistry()
+    registry.register(_Fixed(merged))
+    return generate_latest(registry)
+
+
+class _Fixed:
+    def __init__(self, families: list) -> None:
+        self._families = families
+
+    def collect(self):
+        return iter(self._families)
+
+
+class _ProcessSeries:
+    """:data:`PER_PROCESS`: this process's open WebSocket connections and resident memory (Linux;
+    elsewhere none)."""
+
+    def __init__(self, open_connections: Callable[[], int]) -> None:
+        self._open_connections = open_connections
+
+    def collect(self):
+        yield GaugeMetricFamily("circles_process_connections_open", "Open WebSocket connections of each process",
+                                value=self._open_connections())
+        resident = _resident_bytes()
+        if resident is not None:
+            yield GaugeMetricFamily("circles_process_resident_memory_bytes", "Resident memory of each process",
+                                    value=resident)
+
+
+def _resident_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RedisReconnects:
+    """``circles_redis_reconnects_total``: connections to Redis after the first."""
+
+    def __init__(self, connects: Callable[[], int]) -> None:
+        self._connects = connects
+
+    def collect(self):
+        family = CounterMetricFamily("circles_redis_reconnects", "Times the connection to Redis came back")
+        family.add_metric([], max(0, self._connects() - 1))
+        yield family
+
+
+class _Workers:
+    """``circles_workers{circle}``, ``circles_queue_length{circle}``: for the circles the server
+    serves only (a bounded label set), as read from Redis in its health loop (every 2 s); and
+    ``circles_dead_letters``. Nothing until the first read."""
+
+    def __init__(self) -> None:
+        self.circle_stats: "Callable[[], dict]" = dict
+        self.dead_letters: "Callable[[], Optional[int]]" = lambda: None
+
+    def collect(self):
+        stats = self.circle_stats()
+        workers = GaugeMetricFamily("circles_workers", "Live workers of a circle (heartbeat within its TTL)",
+                                    labels=["circle"])
+        queue = GaugeMetricFamily("circles_queue_length", "Tasks waiting in a circle's queue", labels=["circle"])
+        for circle, (live, waiting) in sorted(stats.items()):
+            workers.add_metric([circle], live)
+            queue.add_metric([circle], waiting)
+        yield workers
+        yield queue
+        dead = self.dead_letters()
+        if dead is not None:
+            yield GaugeMetricFamily("circles_dead_letters", "Webhook tasks in the dead-letter list "
+                                    "(circles tasks dead-letter)", value=dead)
+
+
+class _Refusals:
+    """``circles_connections_refused_total{reason}``: connections closed as soon as accepted."""
+
+    def __init__(self, counts: "dict[str, Callable[[], int]]") -> None:
+        self._counts = counts
+
+    def collect(self):
+        family = CounterMetricFamily("circles_connections_refused", "Connections refused as they were accepted",
+                                     labels=["reason"])
+        for reason, count in self._counts.items():
+            family.add_metric([reason], count())
+        yield family
+
+
+class MetricsPage(Resource):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self._metrics.whole is None:
+            return self._metrics.exposition()
+        return answer_later(request, self._metrics.whole())

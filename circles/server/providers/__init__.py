@@ -1,0 +1,1 @@
+"""Webhook providers (Stripe, iDenfy): signatures, secrets, events to scripts."""

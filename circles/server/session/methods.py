@@ -1,0 +1,275 @@
+"""The JSON-RPC methods of a circle session, and the state each session keeps.
+
+``openrpc.json`` is the contract for everything here; a test holds the two in step. A session's
+``api`` picks the result shapes and error messages of the earlier servers' contracts
+(:mod:`circles.server.session.openrpc`) where they differ from ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+
+from circles.server.session import openrpc
+from circles.common.log_budget import ConnectionAnomalies
+from circles.server.access.nonces import AuthenticationFailed, NonceStore, TooManyNonces
+from circles.backend.members import MEMBERS
+from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
+                                    ScriptRequest, ScriptTimeout)
+from circles.server.gateway import Gateway
+from circles.common.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyRoom, RPCError, bind_params
+from circles.common.keys import InvalidKey, normalize_pubkey
+from circles.server.access.limits import TokenBucket
+from circles.common.logs import Logger, enabled as log_enabled
+from circles.server.session.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
+                             EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT,
+                             TOO_MANY_REQUESTS)
+
+log = Logger()
+methods = Methods()
+
+
+class Session:
+    """One client's view of a circle: who it has proved to be and the nonces it holds."""
+
+    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
+                 connection_id: Optional[int] = None, peer: Optional[str] = None, api: Optional[str] = None) -> None:
+        self.gateway = gateway
+        # The contract this connection gets (one of circles.server.session.openrpc.APIS); None: the server's.
+        self.api = gateway.config.api if api is None else api
+        self.connection_id = connection_id  # names the session in logs
+        self.circle = circle
+        self.pubkey = pubkey  # compressed hex once authenticated
+        config = gateway.config
+        self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
+        self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
+        self.in_flight = 0  # messages received and not yet answered
+        self.plays: set = set()  # the script backend's Deferreds of this session's plays still waiting
+        self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
+        # What a reply that comes later (a play's) may take when it is ready: the connection's
+        # circles.server.session.backlog.Backlog, which holds it to what the client has left unread. None: no bound.
+        self.reply_room: Optional[ReplyRoom] = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.pubkey is not None
+
+    def answer(self, payload) -> Union[str, None, Deferred]:
+        """Answer one WebSocket message: the reply text (or None) at once, or a Deferred of it
+        while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
+        for. Raises (or the Deferred fails with) :class:`~circles.common.jsonrpc.ReplyTooLarge` when
+        no reply fits."""
+        reply = self.gateway.rpc.answer(payload, self, self._admit, self.reply_room)
+        if isinstance(reply, Deferred):
+            self.in_flight += 1
+            reply.addBoth(self._answered)
+        return reply
+
+    def _answered(self, result):
+        self.in_flight -= 1
+        return result
+
+    def close(self) -> None:
+        """The connection is gone: stop waiting for its plays (their tasks are expired, so no
+        worker runs a script nobody waits for) and answer nothing more."""
+        plays, self.plays = self.plays, set()
+        for d in plays:
+            d.cancel()
+
+    def _admit(self, requests: int) -> Optional[RPCError]:
+        if self.requests.take(requests):
+            return None
+        return RPCError(TOO_MANY_REQUESTS, "Too many requests: slow down", {"rate_limit": self.gateway.config.rate_limit})
+
+
+def _pubkey_param(value: str) -> str:
+    try:
+        return normalize_pubkey(value)
+    except InvalidKey as e:
+        raise RPCError(INVALID_PARAMS, f"Invalid params: {e}") from None
+
+
+@methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
+    key = None if pubkey is None else _pubkey_param(pubkey)
+    try:
+        nonce = session.nonces.issue_now(key)  # in memory, synchronous: a hot path
+    except TooManyNonces:
+        raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
+    if session.api == HERO:  # the hero generation answers the nonce itself
+        return nonce.value
+    return {"nonce": nonce.value, "expires_at": nonce.expires_at}
+
+
+def _credentials(params) -> tuple:
+    """(pubkey, signature, nonce) from every form clients send.
+
+    Ours is ``{pubkey, signature}``; the ecosystem's earlier clients send
+    ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]`` or ``[{pubkey, signature}]``.
+    """
+    if isinstance(params, list) and len(params) == 1 and isinstance(params[0], dict):
+        params = params[0]
+    elif isinstance(params, dict) and params.keys() == {"credentials"} and isinstance(params["credentials"], dict):
+        params = params["credentials"]
+    bound = bind_params(params, _CREDENTIALS)
+    return bound.get("pubkey"), bound["signature"], bound.get("nonce")
+
+
+# pubkey may be left out with a personal_sign signature, which names its key itself: browser
+# wallets expose addresses, not public keys, so the playground cannot send one. nonce names the
+# nonce signed; without it, the newest one issued to this connection for that key (else for none).
+_CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str,)),
+                Param("nonce", (str,), required=False))
+
+
+@methods.add("authenticate", *_CREDENTIALS, raw_params=True)
+def authenticate(session: Session, params) -> Union[dict, bool]:
+    pubkey, signature, nonce = _credentials(params)
+    try:
+        key = None if pubkey is None else normalize_pubkey(pubkey)
+        signer = session.nonces.redeem(key, signature, nonce)
+    except (InvalidKey, AuthenticationFailed) as e:
+        session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
+                               "{circle}: {reason}", circle=session.circle, reason=str(e))
+        session.gateway.metrics.auth_failures.inc()
+        if session.api == CIRCLES:
+            raise RPCError(AUTH_FAILED, CIRCLES_MESSAGES[AUTH_FAILED], str(e)) from None
+        raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
+    session.gateway.metrics.auth_successes.inc()
+    session.pubkey = signer
+    # One info line per connection (when it closes, with who it was) is enough at full load.
+    log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
+              conn=session.connection_id, pubkey=signer, circle=session.circle)
+    _note_membership(session, signer)
+    if session.api == CIRCLES:
+        return {"authenticated": True}
+    if session.api == HERO:
+        return True
+    return {"authenticated": True, "pubkey": signer}
+
+
+@methods.add("whoami")
+def whoami(session: Session) -> dict:
+    return {"circle": session.circle, "authenticated": session.authenticated, "pubkey": session.pubkey}
+
+
+@methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
+def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
+    gateway = session.gateway
+    circles_era = session.api == CIRCLES
+    if gateway.config.auth_required and not session.authenticated:
+        raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
+                       "Authentication required: call fetch_nonce and authenticate first")
+    try:
+        size = len(script.encode("utf-8"))
+    except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
+        raise RPCError(INVALID_PARAMS, "Invalid params: 'script' is not valid Unicode (lone surrogate)") from None
+    most = gateway.config.max_script_size
+    if size > most:  # what the worker would refuse is never written to Redis
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: the script is {size} bytes, over the server's "
+                       f"limit of {most} (--max-script-size)", {"size": size, "limit": most})
+    limit = gateway.config.script_timeout
+    if timeout is not None:
+        if not timeout > 0:
+            raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
+        limit = min(timeout, limit)
+    if gateway.draining:
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", "the server is shutting down")
+    most = gateway.config.max_plays
+    if most and len(session.plays) >= most:
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: {most} plays already wait on this connection",
+                       {"max_plays": most})
+    request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
+    started = gateway.clock.seconds()
+    if gateway.members is None or not gateway.scripts.is_connected():
+        # No Redis keeps policies (anyone plays), or none takes tasks now: run() says why at once.
+        d = gateway.scripts.run(request)
+    else:
+        # Asked at each play: a member removed, or a circle closed, is refused from the next one.
+        d = gateway.members.check(session.circle, request.caller)
+        d.addCallback(_admitted, session, request)
+    session.plays.add(d)
+    d.addBoth(_settled, session, d)
+    d.addBoth(_timed, gateway, started)
+    if not circles_era:  # the circles-era contract answers the output itself
+        d.addCallback(lambda output: {"output": output})
+    d.addErrback(_script_error, session, limit)
+    return d
+
+
+def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
+    """Run ``request`` if the circle's policy lets its caller play, else -32009."""
+    if verdict.allowed:
+        return session.gateway.scripts.run(request)
+    session.anomalies.note("not a member", "connection {conn}: a play on circle {circle} refused: {who} is not a "
+                           "member (policy {policy})", circle=session.circle,
+                           who=request.caller or "an anonymous caller", policy=verdict.policy[:100])
+    if verdict.policy != MEMBERS:
+        why = "this circle's policy is neither open nor members: every play is refused"
+    elif request.caller:
+        why = "this circle admits its members only, and the authenticated key is not one"
+    else:
+        why = "this circle admits its members only: authenticate with a member's key"
+    raise RPCError(NOT_A_MEMBER, "Not a member of this circle", why)
+
+
+def _note_membership(session: Session, key: str) -> None:
+    """Authentication proves who the caller is; whether that key may play is the circle's policy,
+    checked at each play. Read now too, so that the log says at once (debug) when a key that
+    authenticated may not play here. The answer is not delayed, nor changed, by it."""
+    members = session.gateway.members
+    if members is None or not log_enabled(LogLevel.debug):
+        return
+
+    def noted(verdict) -> None:
+        log.debug("connection {conn}: {pubkey} {may} play on circle {circle} (policy {policy})",
+                  conn=session.connection_id, pubkey=key, circle=session.circle, policy=verdict.policy[:100],
+                  may="may" if verdict.allowed else "may not")
+
+    members.check(session.circle, key).addCallbacks(noted, lambda failure: None)
+
+
+def _settled(result, session: Session, d: Deferred):
+    session.plays.discard(d)
+    return result
+
+
+def _timed(result, gateway: Gateway, started: float):
+    if not (isinstance(result, Failure) and result.check(CancelledError)):  # cancelled: never answered
+        gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+    return result
+
+
+def _script_error(failure, session: Session, timeout: float) -> Any:
+    if failure.check(ScriptTimeout):
+        # A client can time out as many plays as its rate allows (a tiny timeout, a circle
+        # without workers): logged within the session's and the gateway's bounds.
+        if failure.value.by_worker:
+            session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                                   "(stopped by the worker at its --script-timeout)", circle=session.circle)
+        else:
+            session.anomalies.note("script timed out", "connection {conn}: a play on circle {circle} timed out "
+                                   "after {timeout}s", circle=session.circle, timeout=timeout)
+        raise RPCError(SCRIPT_TIMEOUT, "Script timed out")
+    if failure.check(NoWorker):  # answered at once, nothing queued: no live worker serves the circle
+        raise RPCError(NO_WORKER, "No worker is serving this circle")
+    if failure.check(BackendFull):
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable: Redis is full (maxmemory)", str(failure.value))
+    if failure.check(BackendUnavailable):
+        raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
+    if failure.check(ScriptFailed):
+        if session.api == CIRCLES:  # the circles-era contract: its data is the error text, always
+            raise RPCError(EXECUTION_ERROR, CIRCLES_MESSAGES[EXECUTION_ERROR], failure.value.detail)
+        if failure.value.output:  # what the script printed before failing goes with the error
+            raise RPCError(SCRIPT_FAILED, "Script failed", {"error": failure.value.detail,
+                                                             "output": failure.value.output})
+        raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
+    return failure
+
+
+@methods.add("rpc.discover")
+def discover(session: Session) -> dict:
+    return openrpc.document(session.api)
