@@ -100,7 +100,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from circles.server.session.methods import Session
-from circles.server.access.nonces import AuthenticationFailed
+from circles.common.signatures import AuthenticationFailed
 from circles.backend.scripts import BackendUnavailable
 from circles.server.session.backlog import Backlog
 from circles.server.gateway import Gateway

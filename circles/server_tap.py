@@ -29,8 +29,8 @@ from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refu
 from circles.backend.redis import InvalidRedisURL
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
-from circles.common.options import (at_least_zero, choose_redis, describe_source, from_environment, positive, print_version,
-                             read_dotenv, redis_parameters)
+from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv
+from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.server.processes.group import ServerProcesses
 from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
 

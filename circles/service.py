@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from circles.server.session import methods as api
 
@@ -29,14 +31,14 @@ from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.gateway import Gateway
 from circles.server.http.accepts import AcceptGate
 from circles.server.http.eager import send_eagerly
-from circles.server.http.site import build_metrics_site, build_site
+from circles.server.http.site import build_metrics_site, edge_site
 from circles.server.http.upgrade import UpgradeRouter
 from circles.common.logs import Logger
 from circles.common.once import Once
 from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
 from circles.protocol import CircleFactory
 from circles.server.access.redis_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
-from circles.webhooks import providers_line
+from circles.webhooks import WebhookRoutes, providers_line
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
@@ -44,6 +46,12 @@ log = Logger()
 LISTEN_BACKLOG = 1024
 #: Seconds to wait, at the end of shutdown, for clients to answer our close frames.
 CLOSE_WAIT = 2.0
+
+
+def build_site(factory: CircleFactory, reactor) -> Site:
+    """The one Site of a server: the HTTP edge's routes with the server's two faces on them, the
+    WebSocket of every circle (``factory``) and the webhook routes of its gateway."""
+    return edge_site(factory.gateway, WebSocketResource(factory), WebhookRoutes(factory.gateway).app.resource(), reactor)
 
 
 def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = None):

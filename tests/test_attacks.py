@@ -69,7 +69,7 @@ def test_key_normalisation_cache_keeps_no_invalid_keys():
 
 
 def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypatch):
-    import circles.server.access.nonces
+    import circles.common.signatures
 
     from .support import Key
 
@@ -78,8 +78,8 @@ def test_failed_authenticate_costs_one_key_recovery_with_16_live_nonces(monkeypa
     nonces = [_send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": i})
               ["result"]["nonce"] for i in range(16)]
     recoveries = []
-    original = circles.server.access.nonces.recover_eth_signer
-    monkeypatch.setattr(circles.server.access.nonces, "recover_eth_signer", lambda *a: recoveries.append(1) or original(*a))
+    original = circles.common.signatures.recover_eth_signer
+    monkeypatch.setattr(circles.common.signatures, "recover_eth_signer", lambda *a: recoveries.append(1) or original(*a))
     bad = {"pubkey": user.pubkey, "signature": stranger.eth_sign(nonces[0])}
     for _ in range(10):
         reply = _send(session, {"jsonrpc": "2.0", "method": "authenticate", "params": bad, "id": 1})

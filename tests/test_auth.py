@@ -20,14 +20,8 @@ from eth_account.messages import encode_defunct
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from circles.server.access.nonces import (
-    NONCE_BYTES,
-    AuthenticationFailed,
-    NonceStore,
-    TooManyNonces,
-    eth_personal_digest,
-    signature_matches,
-)
+from circles.common.signatures import AuthenticationFailed, eth_personal_digest, signature_matches
+from circles.server.access.nonces import NONCE_BYTES, NonceStore, TooManyNonces
 from circles.common.keys import InvalidKey, normalize_pubkey
 
 N = SECP256k1.order
@@ -524,12 +518,12 @@ def test_eth_high_s_twin_is_refused(store, key):
 
 class _Counted:
     def __init__(self, monkeypatch) -> None:
-        import circles.server.access.nonces
+        import circles.common.signatures
 
         self.calls = 0
         for name in ("recover_eth_signer", "verify_ecdsa"):
-            original = getattr(circles.server.access.nonces, name)
-            monkeypatch.setattr(circles.server.access.nonces, name, self._counting(original))
+            original = getattr(circles.common.signatures, name)
+            monkeypatch.setattr(circles.common.signatures, name, self._counting(original))
 
     def _counting(self, original):
         def counted(*args, **kwargs):

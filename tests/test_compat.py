@@ -25,7 +25,7 @@ from circles.server.gateway import Gateway
 from circles.server.config import Config
 from circles.server.http.nonce_route import client_of
 from circles.protocol import CircleFactory
-from circles.server.http.site import build_site
+from circles.service import build_site
 
 from .inmemory import NoScriptBackend
 from .support import Key, request

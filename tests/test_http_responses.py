@@ -21,7 +21,7 @@ from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
 from circles.server.config import Config
 from circles.server.gateway import Gateway
 from circles.server.http.responses import json_response
-from circles.server.http.site import build_site
+from circles.service import build_site
 from circles.protocol import CircleFactory
 from circles.server.providers.secrets import WebhookSecrets
 

@@ -117,3 +117,98 @@ def test_no_module_imports_another_modules_private_names():
                 crossings += [f"{module}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_") and a.name != "__future__"]
     assert crossings == []
+
+
+# --- which way imports go -------------------------------------------------------------------
+
+#: The package's rooms, lowest first. A module may import from its own room and from rooms
+#: below it, never from a room above it nor from another room of its own layer: lower layers
+#: never know what is built on them. ``circles`` itself (the front door: ``__version__`` and
+#: names that load on first use) may be imported from anywhere.
+LAYERS = (
+    ("circles.common",),  # every process: JSON-RPC, keys, signatures, logs, children, options
+    ("circles.backend", "circles.client"),  # the Redis seam; the client library
+    ("circles.worker", "circles.server.providers", "circles.server.access", "circles.server.metrics",
+     "circles.server.tls"),
+    ("circles.server.config", "circles.server.processes"),
+    ("circles.server.gateway",),
+    ("circles.server.session",),
+    ("circles.server.http",),
+    ("circles.protocol", "circles.webhooks"),  # the server's two faces
+    ("circles.service",),  # the composition root: builds the parts once and wires them
+    ("circles.server_tap",),  # twistd's options, in to a service out
+    ("circles.tryout",),  # all three processes on one machine
+    ("circles.client.cli",),  # the `circles` command, `circles try` included
+    ("circles.__main__",),  # python -m circles: the same command
+)
+
+
+def _room(module: str) -> "tuple[int, str]":
+    """(layer, room) of a dotted module name: the longest room that holds it."""
+    best = None
+    for layer, rooms in enumerate(LAYERS):
+        for room in rooms:
+            if (module == room or module.startswith(room + ".")) and (best is None or len(room) > len(best[1])):
+                best = (layer, room)
+    assert best is not None, f"{module} is in no room of LAYERS: give it one"
+    return best
+
+
+def _dotted(path: str) -> str:
+    name = path[:-len(".py")].replace("/", ".")
+    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+
+
+def _imports(path: str, text: "str | None" = None) -> "list[tuple[str, int]]":
+    """The circles modules ``path`` imports (at any depth of its code, lazy imports too), with
+    their line numbers; ``from package import module`` counts as the module."""
+    found = []
+    text = (ROOT / path).read_text(encoding="utf-8") if text is None else text
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("circles")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("circles"):
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                is_module = (ROOT / (candidate.replace(".", "/") + ".py")).exists() or \
+                    (ROOT / candidate.replace(".", "/") / "__init__.py").exists()
+                found.append((candidate if is_module else node.module, node.lineno))
+    return found
+
+
+def test_every_module_has_a_room():
+    for module in _modules():
+        name = _dotted(module)
+        if name in ("circles", "circles.server"):
+            continue  # the front door; a docstring naming the server's rooms
+        _room(name)
+
+
+def _upward(module: str, text: "str | None" = None) -> list:
+    name = _dotted(module)
+    if name in ("circles", "circles.server"):
+        return []
+    layer, room = _room(name)
+    upward = []
+    for imported, line in _imports(module, text):
+        if imported in ("circles", "circles.server"):
+            continue  # the front door (__version__, lazy names); a package of rooms
+        their_layer, their_room = _room(imported)
+        if their_room != room and their_layer >= layer:
+            upward.append(f"{module}:{line} ({room}) imports {imported} ({their_room})")
+    return upward
+
+
+def test_imports_go_down_never_up():
+    assert [line for module in _modules() for line in _upward(module)] == []
+
+
+def test_the_layer_rule_finds_an_upward_import():
+    # What the rule would say of a shared module reaching into the server, even lazily, and of
+    # the backend reaching into the worker; a downward import passes.
+    keys = "def f():\n    from circles.server.gateway import Gateway\n"
+    assert _upward("circles/common/keys.py", keys) == [
+        "circles/common/keys.py:2 (circles.common) imports circles.server.gateway (circles.server.gateway)"]
+    assert _upward("circles/backend/tasks.py", "from circles.worker import engines\n") == [
+        "circles/backend/tasks.py:1 (circles.backend) imports circles.worker.engines (circles.worker)"]
+    assert _upward("circles/service.py", "from circles.common import keys\n") == []

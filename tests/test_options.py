@@ -18,7 +18,7 @@ from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import DEFAULT_STATE_DIR
 from circles.backend.redis import InvalidRedisURL, RedisAddress
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.common.options import REDIS_URL_ENV, choose_redis
+from circles.backend.redis_options import REDIS_URL_ENV, choose_redis
 from circles.worker import tap as worker_tap
 from circles.worker.service import Worker
 

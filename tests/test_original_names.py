@@ -20,8 +20,8 @@ from websockets.sync.client import connect
 
 from circles import webhooks
 from circles.server.http.upgrade import is_circle_upgrade
-from circles.common.options import (ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, DotenvError, choose_redis, from_environment,
-                             parse_dotenv, read_dotenv)
+from circles.common.options import DotenvError, from_environment, parse_dotenv, read_dotenv
+from circles.backend.redis_options import ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, choose_redis
 from circles.protocol import circle_from_path
 from circles.server.providers.secrets import IDENFY_ENV, IDENFY_ENVS, STRIPE_ENV, STRIPE_ENVS
 from .support import Key, request, run_twistd_to_exit, twistd

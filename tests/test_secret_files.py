@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from websockets.sync.client import connect
 
-from circles.common.options import REDIS_URL_ENV, REDIS_URL_FILE_ENV, choose_redis
+from circles.backend.redis_options import REDIS_URL_ENV, REDIS_URL_FILE_ENV, choose_redis
 
 from .redis_server import RedisProcess
 from .support import TWISTD, Key, request, twistd

@@ -21,7 +21,9 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from websockets.sync.client import connect
 
-from circles.server.access.nonces import NONCE_BYTES, AuthenticationFailed, TooManyNonces, TooManyNoncesForOwner
+from circles.server.access.nonces import NONCE_BYTES, TooManyNonces, TooManyNoncesForOwner
+
+from circles.common.signatures import AuthenticationFailed
 from circles.backend.redis import parse_redis_url
 from circles.backend.scripts import BackendFull, BackendUnavailable
 from circles.server.access.redis_nonces import RedisNonceStore, nonce_key

@@ -28,7 +28,7 @@ from circles.server.gateway import Gateway
 from circles.server.config import Config
 from circles.protocol import CircleFactory
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
-from circles.server.http.site import build_site
+from circles.service import build_site
 from circles.server.providers.secrets import WebhookSecrets
 from .play_client import new_key, pk
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,

@@ -58,7 +58,7 @@ import circles
 from circles.client import signing
 from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
                                        connect)
-from circles.server.session.openrpc import AUTH_REQUIRED
+from circles.common.wire import AUTH_REQUIRED
 from circles.common.tls_client import CAFileError, load_ca_file
 
 EXIT_RPC_ERROR = 1
@@ -362,7 +362,8 @@ async def _tasks(reactor, args) -> None:
     from circles.backend import admin
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import InvalidRedisURL, connect
-    from circles.common.options import choose_redis, read_dotenv
+    from circles.common.options import read_dotenv
+    from circles.backend.redis_options import choose_redis
 
     if args.tasks_command == "requeue" and bool(args.task_ids) == bool(args.all):
         raise _Exit(EXIT_USAGE, "give the task ids to requeue, or --all, not both")
@@ -496,7 +497,8 @@ async def _members(reactor, args) -> None:
     from circles.backend import members, tasks
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import InvalidRedisURL, Reachability, connect
-    from circles.common.options import choose_redis, read_dotenv
+    from circles.common.options import read_dotenv
+    from circles.backend.redis_options import choose_redis
 
     circle, value = _members_args(args)
     if args.redis_prefix is None:

@@ -60,7 +60,7 @@ from circles.client.signing import PrivateKeyLike, private_key, public_key, sign
 from circles.common.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
 from circles.common.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.common.once import Once
-from circles.server.session.openrpc import GATEWAY, SUBPROTOCOLS
+from circles.common.wire import GATEWAY, SUBPROTOCOLS
 from circles.common.tls_client import client_options
 
 # Twisted's own Logger, deliberately: the client runs in an application's process, whose observers

@@ -1,7 +1,7 @@
 """A client's side of authentication: private keys, key files, and signing a nonce.
 
 The server's checks live in :mod:`circles.server.access.nonces`; this module produces exactly what they accept,
-through the same helpers (:func:`circles.server.access.nonces.eth_personal_digest`), so the two cannot drift.
+through the same helpers (:func:`circles.common.signatures.eth_personal_digest`), so the two cannot drift.
 
 Key files hold the 32-byte secret as hex on one line. They are created with mode 0600 and,
 like ssh's, refused when other users could read them: a key readable by others is not private.
@@ -18,7 +18,7 @@ from typing import Optional, Union
 import coincurve
 from coincurve import ecdsa
 
-from circles.server.access.nonces import eth_personal_digest
+from circles.common.signatures import eth_personal_digest
 from circles.common.keys import parse_hex
 
 KEY_ENV = "CIRCLES_PRIVATE_KEY"

@@ -9,16 +9,16 @@ import attrs
 from circles.backend import tasks
 from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.redis import parse_redis_url, redact_url
-from circles.server.http.request_limits import DEFAULT_MAX_REQUEST_BODY
 from circles.common.keys import circle_set
 from circles.server.access.limits import check_origin_pattern
-from circles.server.session.openrpc import APIS, DEFAULT_API
+from circles.common.wire import APIS, DEFAULT_API
 from circles.server.providers.secrets import WebhookSecrets
 
 #: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
 #: (circles/worker/tiny_engine.py), so that the server refuses what the worker would.
 DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
 
+DEFAULT_MAX_REQUEST_BODY = 1024 * 1024  # bytes, on every HTTP route
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
 

@@ -22,7 +22,7 @@ from circles.backend.scripts import IScriptRunner
 from circles.server.config import Config
 from circles.common.jsonrpc import Dispatcher, Methods, RPCError
 from circles.server.metrics import Metrics
-from circles.server.session.openrpc import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
+from circles.common.wire import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
 
 
 class Gateway:

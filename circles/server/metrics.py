@@ -16,13 +16,10 @@ from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
-from twisted.web.resource import Resource
 
-from circles.server.http.responses import answer_later
 
 #: Method labels are the API's methods; anything else is counted as one of these two.
 UNKNOWN_METHOD = "unknown"
@@ -231,19 +228,3 @@ class _Refusals:
         for reason, count in self._counts.items():
             family.add_metric([reason], count())
         yield family
-
-
-class MetricsPage(Resource):
-    """``GET /metrics`` in the Prometheus text format."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        if self._metrics.whole is None:
-            return self._metrics.exposition()
-        return answer_later(request, self._metrics.whole())

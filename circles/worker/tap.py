@@ -21,7 +21,8 @@ from twisted.python import usage
 from circles.common import logs
 from circles.backend.redis import InvalidRedisURL
 from circles.common.keys import circle_set
-from circles.common.options import at_least_zero, choose_redis, positive, print_version, read_dotenv, redis_parameters
+from circles.common.options import at_least_zero, positive, print_version, read_dotenv
+from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
 from circles.worker.service import Worker

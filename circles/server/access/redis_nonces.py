@@ -44,8 +44,8 @@ from twisted.python.failure import Failure
 from txredisapi import ResponseError
 from zope.interface import implementer
 
-from circles.server.access.nonces import (AuthenticationFailed, INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value,
-                          proved_by)
+from circles.common.signatures import AuthenticationFailed
+from circles.server.access.nonces import INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value, proved_by
 from circles.backend.commands import TIMEOUT, CommandConnection
 from circles.backend.redis import RedisAddress, text
 from circles.backend.scripts import BackendUnavailable

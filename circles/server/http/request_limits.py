@@ -27,8 +27,8 @@ from twisted.web.server import Request
 
 from circles.common.log_budget import LogBudget
 from circles.server.access.limits import half_close
+from circles.server.config import DEFAULT_MAX_REQUEST_BODY
 
-DEFAULT_MAX_REQUEST_BODY = 1024 * 1024
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
 
 _TOO_LARGE = b'{"error":"request body too large"}'

@@ -13,7 +13,7 @@ Request bodies are bounded for every route as they arrive (:mod:`circles.server.
 
 from __future__ import annotations
 
-from autobahn.twisted.resource import WebSocketResource
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
@@ -27,9 +27,8 @@ from circles.server.http.playground import Playground
 from circles.server.http.responses import answer_later, json_response
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
-from circles.server.metrics import MetricsPage
-from circles.protocol import CircleFactory
-from circles.webhooks import WebhookRoutes
+from circles.server.gateway import Gateway
+from circles.server.metrics import Metrics
 
 access = Logger()  # the access log: debug
 
@@ -54,12 +53,12 @@ class _Ready(Resource):
 
     isLeaf = True
 
-    def __init__(self, factory: CircleFactory) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         super().__init__()
-        self._factory = factory
+        self._gateway = gateway
 
     def render_GET(self, request):
-        gateway = self._factory.gateway
+        gateway = self._gateway
         problem = gateway.unready_reason()
         if problem is None and gateway.siblings is not None:
             return answer_later(request, gateway.siblings.ready().addCallback(self._whole, request))
@@ -74,6 +73,22 @@ class _Ready(Resource):
             return json_response(request, 200, {"status": "ready", "processes": processes}, no_store=False)
         return json_response(request, 503, {"status": "unavailable", "reason": problem, "processes": processes},
                              no_store=False)
+
+
+class MetricsPage(Resource):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self._metrics.whole is None:
+            return self._metrics.exposition()
+        return answer_later(request, self._metrics.whole())
 
 
 class Root(Resource):
@@ -115,23 +130,24 @@ class _Site(Site):
                      user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
 
 
-def build_site(factory: CircleFactory, reactor) -> Site:
-    gateway = factory.gateway
-    root = Root(WebSocketResource(factory), AuthRoutes(gateway).app.resource(), WebhookRoutes(gateway).app.resource(),
+def edge_site(gateway: Gateway, circles: Resource, webhooks: Resource, reactor) -> Site:
+    """The one Site: the operational routes, ``/auth``, and the server's two faces as given
+    (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes)."""
+    root = Root(circles, AuthRoutes(gateway).app.resource(), webhooks,
                 playground=gateway.config.playground, api=gateway.config.api,
                 auth_required=gateway.config.auth_required)
-    root.putChild(b"ready", _Ready(factory))
+    root.putChild(b"ready", _Ready(gateway))
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))
     return _bounded_site(root, gateway, reactor)
 
 
-def build_metrics_site(gateway, reactor) -> Site:
+def build_metrics_site(gateway: Gateway, reactor) -> Site:
     """The Site of ``--metrics-listen``: ``/metrics`` alone, with the main Site's bounds."""
     return _bounded_site(MetricsPage(gateway.metrics), gateway, reactor)
 
 
-def _bounded_site(root: Resource, gateway, reactor) -> Site:
+def _bounded_site(root: Resource, gateway: Gateway, reactor) -> Site:
     # A connection must finish its HTTP request (the WebSocket upgrade) within the handshake
     # timeout, however slowly it trickles; once upgraded, Autobahn's pings and the idle timeout
     # take over.

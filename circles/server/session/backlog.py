@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from zope.interface import implementer
 
 from circles.common.jsonrpc import RPCError
-from circles.server.session.openrpc import REPLY_TOO_LARGE
+from circles.common.wire import REPLY_TOO_LARGE
 
 
 @implementer(IPushProducer)

@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 
 from circles.server.session import openrpc
 from circles.common.log_budget import ConnectionAnomalies
-from circles.server.access.nonces import AuthenticationFailed, NonceStore, TooManyNonces
+from circles.server.access.nonces import NonceStore, TooManyNonces
+from circles.common.signatures import AuthenticationFailed
 from circles.backend.members import MEMBERS
 from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
                                     ScriptRequest, ScriptTimeout)
@@ -24,9 +25,8 @@ from circles.common.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyRoom, RP
 from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.server.access.limits import TokenBucket
 from circles.common.logs import Logger, enabled as log_enabled
-from circles.server.session.openrpc import (AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, CIRCLES_MESSAGES,
-                             EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT,
-                             TOO_MANY_REQUESTS)
+from circles.server.session.openrpc import CIRCLES_MESSAGES
+from circles.common.wire import AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
 
 log = Logger()
 methods = Methods()

@@ -20,27 +20,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Optional, Sequence
 
-# The application's error codes (openrpc.json's errors; the design's -32001..-32006, -32007, -32008).
-AUTH_REQUIRED = -32001
-AUTH_FAILED = -32002
-SCRIPT_TIMEOUT = -32003
-BACKEND_UNAVAILABLE = -32004
-SCRIPT_FAILED = -32005
-TOO_MANY_REQUESTS = -32006
-REPLY_TOO_LARGE = -32007
-NO_WORKER = -32008
-NOT_A_MEMBER = -32009  # the circle admits its members only (circles.backend.members), and the caller is not one
-# The circles-era contract's code for a script that failed (ours: SCRIPT_FAILED).
-EXECUTION_ERROR = -32000
+from circles.common.wire import (AUTH_REQUIRED, AUTH_FAILED, SCRIPT_TIMEOUT, BACKEND_UNAVAILABLE, SCRIPT_FAILED, TOO_MANY_REQUESTS, REPLY_TOO_LARGE, NO_WORKER, NOT_A_MEMBER, EXECUTION_ERROR, GATEWAY, CIRCLES, HERO, APIS, DEFAULT_API, SUBPROTOCOLS)
 
-# The contracts, by the name --api takes.
-GATEWAY = "gateway"  # ours: {output}, {authenticated, pubkey}, -32005 for a failed script
-CIRCLES = "circles"  # the original circles server's: a string from play, {authenticated}, -32000
-HERO = "hero"  # its later generation's (hero): a string from fetch_nonce, true from authenticate
-APIS = (GATEWAY, CIRCLES, HERO)
-DEFAULT_API = GATEWAY
-# The WebSocket subprotocol that asks for each contract, whatever the server's default.
-SUBPROTOCOLS = {GATEWAY: "circles-gateway.v1", CIRCLES: "circles-era.v1", HERO: "circles-hero.v1"}
 _API_OF_SUBPROTOCOL = {name: api for api, name in SUBPROTOCOLS.items()}
 
 # The circles-era messages of the three codes that contract names.

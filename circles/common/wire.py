@@ -1,0 +1,27 @@
+"""What the server and its clients agree on over the wire, beyond JSON-RPC itself: the
+application error codes, and the contracts a connection may ask for by WebSocket subprotocol.
+The contracts themselves (methods, result shapes, OpenRPC documents) are the server's
+(:mod:`circles.server.session.openrpc`).
+"""
+
+# The application's error codes (openrpc.json's errors; the design's -32001..-32006, -32007, -32008).
+AUTH_REQUIRED = -32001
+AUTH_FAILED = -32002
+SCRIPT_TIMEOUT = -32003
+BACKEND_UNAVAILABLE = -32004
+SCRIPT_FAILED = -32005
+TOO_MANY_REQUESTS = -32006
+REPLY_TOO_LARGE = -32007
+NO_WORKER = -32008
+NOT_A_MEMBER = -32009  # the circle admits its members only (circles.backend.members), and the caller is not one
+# The circles-era contract's code for a script that failed (ours: SCRIPT_FAILED).
+EXECUTION_ERROR = -32000
+
+# The contracts, by the name --api takes.
+GATEWAY = "gateway"  # ours: {output}, {authenticated, pubkey}, -32005 for a failed script
+CIRCLES = "circles"  # the original circles server's: a string from play, {authenticated}, -32000
+HERO = "hero"  # its later generation's (hero): a string from fetch_nonce, true from authenticate
+APIS = (GATEWAY, CIRCLES, HERO)
+DEFAULT_API = GATEWAY
+# The WebSocket subprotocol that asks for each contract, whatever the server's default.
+SUBPROTOCOLS = {GATEWAY: "circles-gateway.v1", CIRCLES: "circles-era.v1", HERO: "circles-hero.v1"}
