@@ -57,7 +57,8 @@ class Evaluator:
         self.size = 0  # UTF-8 bytes of output so far
         self.max_output = DEFAULT_MAX_OUTPUT if context.max_output is None else context.max_output
         self.ticks = 0
-        self.max_ticks = MAX_STEPS * TICKS_PER_STEP
+        self.max_steps = MAX_STEPS
+        self.max_ticks = self.max_steps * TICKS_PER_STEP
         self.memory = 0
         self.max_memory = DEFAULT_MAX_MEMORY if context.max_memory is None else context.max_memory
 
@@ -66,7 +67,7 @@ class Evaluator:
     def step(self, pos: tuple) -> None:
         """One step: a statement, an expression, a loop turn."""
         if self.ticks + TICKS_PER_STEP > self.max_ticks:
-            raise too_long(pos)
+            raise too_long(pos, self.max_steps)
         if self.memory + STEP_BYTES > self.max_memory:
             raise out_of_memory(pos, self.max_memory)
         self.ticks += TICKS_PER_STEP
@@ -77,11 +78,11 @@ class Evaluator:
         Refused (and not counted) if it would take the script past its steps."""
         ticks = self.ticks + items * ITEM_TICKS + chars * CHAR_TICKS
         if ticks > self.max_ticks:
-            raise too_long(pos)
+            raise too_long(pos, self.max_steps)
         self.ticks = ticks
 
     def allocate(self, pos: tuple, size: int) -> None:
-        """``size`` bytes about to be allocated (see the module's docstring for the sizes).
+        """``size`` bytes about to be allocated (see the package's docstring for the sizes).
         Refused (and not counted) if they would take the script past its budget."""
         if self.memory + size > self.max_memory:
             raise out_of_memory(pos, self.max_memory)
@@ -90,7 +91,7 @@ class Evaluator:
     def stats(self, stats: Stats) -> None:
         stats.steps = -(-self.ticks // TICKS_PER_STEP)
         stats.memory = self.memory
-        stats.max_steps = MAX_STEPS
+        stats.max_steps = self.max_steps
         stats.max_memory = self.max_memory
 
     # -- output and text --
@@ -244,7 +245,6 @@ class Evaluator:
         self.work(pos, chars=sum(map(len, value)))
         self.allocate(pos, ARRAY_BYTES + count * ITEM_BYTES)
         return sorted(value)
-
 
     # -- variables --
 

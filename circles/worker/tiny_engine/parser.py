@@ -1,4 +1,5 @@
-"""The tiny engine's parser: tokens to a tree of nodes (recursive descent)."""
+"""The tiny engine's parser: tokens to a tree (recursive descent) of nodes, each a tuple
+``(kind, pos, ...)``."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ BINARY = {"||": 30, "|": 30, "^": 30, "&&": 60, "&": 60, "==": 90, "!=": 90, "in
           "*": 180, "/": 180, "%": 180, "**": 190, "<<": 210, ">>": 210}
 ASSIGNMENTS = {"=", "+=", "-=", "*=", "/=", "%=", "**=", "<<=", ">>=", "&=", "|=", "^="}
 
-
-# --- the parser: nodes are tuples (kind, pos, ...) ---
 
 class Parser:
     def __init__(self, tokens: list, functions: dict, depth: int = 0) -> None:

@@ -1,4 +1,5 @@
-"""The tiny engine's tokenizer: a script's text to tokens."""
+"""The tiny engine's tokenizer: a script's text to tokens, each a tuple ``(kind, value, (line,
+column))``; the kinds are int float str tmpl name kw op eof."""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ SYMBOLS = sorted(["+", "-", "*", "/", "%", "**", "==", "!=", "<", "<=", ">", ">=
                   "??"], key=len, reverse=True)
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 
-
-# --- tokens: (kind, value, (line, column)); kinds: int float str tmpl name kw op eof ---
 
 class Tokenizer:
     def __init__(self, text: str) -> None:

@@ -30,7 +30,7 @@ LEVEL_ITEMS = 4  # entering an array or map in a walk (equality, text) costs 4 i
 #: copying arrays, 150 MiB copying maps, so the budget bites only on scripts that copy big
 #: values over and over, which are refused here rather than by the machine.
 DEFAULT_MAX_MEMORY = 64 * 1024 * 1024
-# Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the module's docstring).
+# Bytes charged (CPython 3.11's sizes on 64 bits, rounded up; see the package's docstring).
 ASCII_BYTES = 56  # an ASCII str's header (49), rounded up as the allocator does
 STRING_BYTES = 80  # any other str's header (74 to 80)
 ARRAY_BYTES = 72  # a list's header and GC head
@@ -55,9 +55,9 @@ def error(pos: tuple, message: str) -> EngineError:
     return EngineError(f"line {pos[0]}, column {pos[1]}: {message}")
 
 
-def too_long(pos: tuple) -> EngineError:
+def too_long(pos: tuple, max_steps: int) -> EngineError:
     # The script's length is not the matter (a one-line ``loop {}`` meets it): the work it did.
-    return error(pos, f"step limit reached: more than {MAX_STEPS} steps (a loop that never ends?)")
+    return error(pos, f"step limit reached: more than {max_steps} steps (a loop that never ends?)")
 
 
 def out_of_memory(pos: tuple, budget: int) -> EngineError:
@@ -172,7 +172,7 @@ class Text:
         ev = self.ev
         ticks = ev.ticks + n * CHAR_TICKS
         if ticks > ev.max_ticks:
-            raise too_long(self.pos)
+            raise too_long(self.pos, ev.max_steps)
         ev.ticks = ticks
         if self.max_chars is not None and self.chars + n > self.max_chars:
             raise error(self.pos, f"string longer than {MAX_STRING} characters")
