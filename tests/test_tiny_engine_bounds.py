@@ -21,8 +21,8 @@ import pytest
 
 from circles.worker import tiny_engine
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext
-from circles.worker.tiny_engine import (CHARS_PER_STEP, DEFAULT_MAX_MEMORY, ITEMS_PER_STEP, MAX_STEPS, MAX_STRING, Stats,
-                                        run)
+from circles.worker.tiny_engine import (CHARS_PER_STEP, DEFAULT_MAX_MEMORY, ITEMS_PER_STEP, MAX_STEPS, MAX_STRING,
+                                        Stats, evaluator, run)
 
 CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
 STEPS_ERROR = rf"^line \d+, column \d+: step limit reached: more than {MAX_STEPS} steps \(a loop that never ends\?\)$"
@@ -156,7 +156,7 @@ def test_the_attacks_in_a_child_process_stay_under_the_budget():
         print(json.dumps({"baseline": baseline, "peak": vm("VmHWM"), "results": results}))
     """)
     done = subprocess.run([sys.executable, "-c", child], input=json.dumps(attacks), capture_output=True,
-                          text=True, timeout=120, check=True, cwd=Path(tiny_engine.__file__).parents[2])
+                          text=True, timeout=120, check=True, cwd=Path(tiny_engine.__file__).parents[3])
     report = json.loads(done.stdout)
     for message, steps, memory in report["results"]:
         assert message != "ok" and re.search(REFUSALS, message), message
@@ -303,7 +303,7 @@ def test_generated_scripts_finish_or_are_refused_within_budget(seed, monkeypatch
     """A tenth of the steps (so that the file stays fast under tracemalloc) and a 4 MiB budget:
     each script finishes or is refused for its cost, charged no more than its limits, and Python
     allocated no more than was accounted (plus the slack)."""
-    monkeypatch.setattr(tiny_engine, "MAX_STEPS", MAX_STEPS // 10)
+    monkeypatch.setattr(evaluator, "MAX_STEPS", MAX_STEPS // 10)
     context = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws", max_memory=4 * 1024 * 1024)
     script = _generated(random.Random(seed))
     result, stats, peak = measured(script, context)

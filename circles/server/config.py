@@ -15,7 +15,7 @@ from circles.common.wire import APIS, DEFAULT_API
 from circles.server.providers.secrets import WebhookSecrets
 
 #: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
-#: (circles/worker/tiny_engine.py), so that the server refuses what the worker would.
+#: (circles/worker/tiny_engine/values.py), so that the server refuses what the worker would.
 DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
 
 DEFAULT_MAX_REQUEST_BODY = 1024 * 1024  # bytes, on every HTTP route
