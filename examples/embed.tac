@@ -19,7 +19,8 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 from twisted.logger import Logger
 
-from circles import CirclesService, Config, tls
+from circles import CirclesService, Config
+from circles.server import tls
 
 log = Logger(namespace="embed")
 cert, key = os.environ.get("CIRCLES_TLS_CERT"), os.environ.get("CIRCLES_TLS_KEY")
