@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -23,7 +24,10 @@ from websockets.sync.client import connect
 from circles.server.session import openrpc
 from circles.client import RPCError
 from circles.client import connect as connect_client
+from circles.common.wire import APIS, GATEWAY, SUBPROTOCOLS
 from circles.server.config import Config
+from circles.server.session.contracts import CONTRACTS
+from circles.server.session.contracts.base import Registry
 
 from .support import ROOT, Key, request, run_twistd_to_exit, twistd
 from .test_playground import CHROMIUM, run_browser
@@ -267,3 +271,33 @@ def test_an_unknown_api_is_refused(tmp_path):
     assert "'rust' is not one of gateway, circles, hero" in refused.stderr
     with pytest.raises(ValueError):
         Config(api="rust")
+
+
+# --- each contract, one object: its method table, its document, the registry ---------------------------
+
+
+def test_the_registry_holds_every_contract_the_wire_names():
+    # Config(api=...) takes wire.APIS; each has its contract here, asked for by its subprotocol.
+    assert CONTRACTS.names == APIS
+    assert {contract.name: contract.subprotocol for contract in CONTRACTS} == SUBPROTOCOLS
+    assert [CONTRACTS[name].name for name in APIS] == list(APIS)
+    with pytest.raises(KeyError):
+        CONTRACTS["rust"]
+
+
+@pytest.mark.parametrize("contract", list(CONTRACTS), ids=lambda contract: contract.name)
+def test_each_document_lists_exactly_its_method_table(contract):
+    document = contract.document()
+    assert document["info"]["x-api"] == contract.name and document["info"]["x-subprotocol"] == contract.subprotocol
+    assert sorted(m["name"] for m in document["methods"]) == sorted(contract.methods)
+    for described in document["methods"]:
+        documented = [(p["name"], p.get("required", False)) for p in described["params"]]
+        assert documented == [(p.name, p.required) for p in contract.methods.get(described["name"]).params]
+
+
+def test_two_contracts_may_not_share_a_name_or_a_subprotocol():
+    gateway = CONTRACTS[GATEWAY]
+    with pytest.raises(ValueError):
+        Registry(gateway, attrs.evolve(gateway, name="other"))
+    with pytest.raises(ValueError):
+        Registry(gateway, attrs.evolve(gateway, subprotocol="other.v1"))
