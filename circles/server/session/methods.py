@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel
@@ -21,25 +21,72 @@ from circles.backend.members import MEMBERS
 from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
                                     ScriptRequest, ScriptTimeout)
 from circles.server.gateway import Gateway
-from circles.common.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyRoom, RPCError, bind_params
+from circles.common.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyRoom, RPCError, bind_params
 from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.server.access.limits import TokenBucket
 from circles.common.logs import Logger, enabled as log_enabled
 from circles.server.session.openrpc import CIRCLES_MESSAGES
-from circles.common.wire import AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+from circles.common.wire import AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, REPLY_TOO_LARGE, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+
+if TYPE_CHECKING:  # the contracts' method tables are this module's: it imports none of them
+    from circles.server.session.contracts.base import Contract, Registry
 
 log = Logger()
 methods = Methods()
 
 
-class Session:
-    """One client's view of a circle: who it has proved to be and the nonces it holds."""
+class Sessions:
+    """The session layer of one server, built once by the composition root on its gateway: the
+    contracts it speaks, each with one JSON-RPC dispatcher (over the contract's method table,
+    with the server's limits and metrics) that all its sessions share; the contract of a
+    connection that asks for none (the server's ``--api``); the sessions it opens.
 
-    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
-                 connection_id: Optional[int] = None, peer: Optional[str] = None, api: Optional[str] = None) -> None:
+    A request flows down from here: the transport (circles.protocol) hands it to its session,
+    which answers with its contract's dispatcher and methods, which ask the script backend."""
+
+    def __init__(self, gateway: Gateway, contracts: "Registry") -> None:
+        config = gateway.config
         self.gateway = gateway
-        # The contract this connection gets (one of circles.server.session.openrpc.APIS); None: the server's.
-        self.api = gateway.config.api if api is None else api
+        self.contracts = contracts
+        #: What a connection that offers no subprotocol of ours gets: the server's ``--api``.
+        self.default: "Contract" = contracts[config.api]
+        gateway.metrics.label_methods(contracts.method_names())
+        too_many = RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}")
+        self._dispatchers = {
+            contract: Dispatcher(contract.methods, config.max_batch, too_many, observe=gateway.metrics.request,
+                                 max_reply=config.max_message_size, too_large=self._reply_too_large)
+            for contract in contracts
+        }
+
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.gateway.config.max_message_size})
+
+    def negotiate(self, offered: Sequence[str]) -> "tuple[Contract, Optional[str]]":
+        """(the contract a connection gets, the subprotocol to answer with) for the WebSocket
+        subprotocols its client offered (:meth:`~circles.server.session.contracts.base.Registry.negotiate`)."""
+        return self.contracts.negotiate(offered, self.default)
+
+    def open(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
+             peer: Optional[str] = None, contract: "Optional[Contract]" = None) -> "Session":
+        """A session on ``circle`` under ``contract`` (one of this server's; None: its default),
+        authenticated as ``pubkey`` if given (a URL proof)."""
+        contract = self.default if contract is None else contract
+        return Session(self.gateway, contract, self._dispatchers[contract], circle, pubkey, connection_id, peer)
+
+
+class Session:
+    """One client's view of a circle: who it has proved to be and the nonces it holds.
+
+    Opened by :meth:`Sessions.open`, with its contract and that contract's dispatcher."""
+
+    def __init__(self, gateway: Gateway, contract: "Contract", rpc: Dispatcher, circle: str,
+                 pubkey: Optional[str] = None, connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
+        self.gateway = gateway
+        #: The contract this connection gets (circles.server.session.contracts), chosen once as it opened.
+        self.contract = contract
+        self.api = contract.name
+        self._rpc = rpc  # the contract's JSON-RPC dispatcher
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
         self.pubkey = pubkey  # compressed hex once authenticated
@@ -62,7 +109,7 @@ class Session:
         while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
         for. Raises (or the Deferred fails with) :class:`~circles.common.jsonrpc.ReplyTooLarge` when
         no reply fits."""
-        reply = self.gateway.rpc.answer(payload, self, self._admit, self.reply_room)
+        reply = self._rpc.answer(payload, self, self._admit, self.reply_room)
         if isinstance(reply, Deferred):
             self.in_flight += 1
             reply.addBoth(self._answered)
