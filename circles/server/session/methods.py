@@ -1,8 +1,9 @@
-"""The JSON-RPC methods of a circle session, and the state each session keeps.
+"""The JSON-RPC methods of a circle session, the state each session keeps, and the session layer
+that opens sessions (:class:`Sessions`).
 
-``openrpc.json`` is the contract for everything here; a test holds the two in step. A session's
-``api`` picks the result shapes and error messages of the earlier servers' contracts
-(:mod:`circles.server.session.openrpc`) where they differ from ours.
+The methods are written once, for every contract: the session's contract
+(:mod:`circles.server.session.contracts`) says how their results look and which codes and
+messages their errors carry. Each contract's OpenRPC document describes them; tests hold the two in step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from circles.server.session import openrpc
 from circles.common.log_budget import ConnectionAnomalies
 from circles.server.access.nonces import NonceStore, TooManyNonces
 from circles.common.signatures import AuthenticationFailed
@@ -25,8 +25,7 @@ from circles.common.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, R
 from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.server.access.limits import TokenBucket
 from circles.common.logs import Logger, enabled as log_enabled
-from circles.server.session.openrpc import CIRCLES_MESSAGES
-from circles.common.wire import AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, REPLY_TOO_LARGE, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+from circles.common.wire import BACKEND_UNAVAILABLE, NO_WORKER, NOT_A_MEMBER, REPLY_TOO_LARGE, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
 
 if TYPE_CHECKING:  # the contracts' method tables are this module's: it imports none of them
     from circles.server.session.contracts.base import Contract, Registry
@@ -85,7 +84,6 @@ class Session:
         self.gateway = gateway
         #: The contract this connection gets (circles.server.session.contracts), chosen once as it opened.
         self.contract = contract
-        self.api = contract.name
         self._rpc = rpc  # the contract's JSON-RPC dispatcher
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
@@ -140,15 +138,13 @@ def _pubkey_param(value: str) -> str:
 
 
 @methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
-def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Any:  # as its contract shapes it
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
         nonce = session.nonces.issue_now(key)  # in memory, synchronous: a hot path
     except TooManyNonces:
         raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
-    if session.api == HERO:  # the hero generation answers the nonce itself
-        return nonce.value
-    return {"nonce": nonce.value, "expires_at": nonce.expires_at}
+    return session.contract.nonce_result(nonce)
 
 
 def _credentials(params) -> tuple:
@@ -173,7 +169,7 @@ _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
-def authenticate(session: Session, params) -> Union[dict, bool]:
+def authenticate(session: Session, params) -> Any:  # as its contract shapes it
     pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
@@ -182,20 +178,14 @@ def authenticate(session: Session, params) -> Union[dict, bool]:
         session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
                                "{circle}: {reason}", circle=session.circle, reason=str(e))
         session.gateway.metrics.auth_failures.inc()
-        if session.api == CIRCLES:
-            raise RPCError(AUTH_FAILED, CIRCLES_MESSAGES[AUTH_FAILED], str(e)) from None
-        raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
+        raise session.contract.auth_failed(str(e)) from None
     session.gateway.metrics.auth_successes.inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
               conn=session.connection_id, pubkey=signer, circle=session.circle)
     _note_membership(session, signer)
-    if session.api == CIRCLES:
-        return {"authenticated": True}
-    if session.api == HERO:
-        return True
-    return {"authenticated": True, "pubkey": signer}
+    return session.contract.authenticated(signer)
 
 
 @methods.add("whoami")
@@ -206,10 +196,8 @@ def whoami(session: Session) -> dict:
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
 def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
     gateway = session.gateway
-    circles_era = session.api == CIRCLES
     if gateway.config.auth_required and not session.authenticated:
-        raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
-                       "Authentication required: call fetch_nonce and authenticate first")
+        raise session.contract.auth_required()
     try:
         size = len(script.encode("utf-8"))
     except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
@@ -241,8 +229,9 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
     session.plays.add(d)
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
-    if not circles_era:  # the circles-era contract answers the output itself
-        d.addCallback(lambda output: {"output": output})
+    shape = session.contract.play_result
+    if shape is not None:  # None: the contract answers the output itself
+        d.addCallback(shape)
     d.addErrback(_script_error, session, limit)
     return d
 
@@ -308,15 +297,10 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):
-        if session.api == CIRCLES:  # the circles-era contract: its data is the error text, always
-            raise RPCError(EXECUTION_ERROR, CIRCLES_MESSAGES[EXECUTION_ERROR], failure.value.detail)
-        if failure.value.output:  # what the script printed before failing goes with the error
-            raise RPCError(SCRIPT_FAILED, "Script failed", {"error": failure.value.detail,
-                                                             "output": failure.value.output})
-        raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
+        raise session.contract.script_failed(failure.value)
     return failure
 
 
 @methods.add("rpc.discover")
 def discover(session: Session) -> dict:
-    return openrpc.document(session.api)
+    return session.contract.document()
