@@ -33,7 +33,7 @@ Required", -32002 "Invalid Credentials"), ``circles-hero.v1`` its hero generatio
 gets the server's ``--api`` (``gateway`` by default, ``circles`` for a deployment replacing a
 Rust circles server). The
 server answers with the subprotocol it chose, or none. ``rpc.discover`` describes what the
-connection gets (``circles.server.session.openrpc``).
+connection gets (each contract is one object: ``circles.server.session.contracts``).
 
 Authentication: ``fetch_nonce`` returns a single-use nonce (128 bits, hex) that expires at
 ``expires_at`` (Unix seconds) and is bound to this connection and to ``pubkey``. The client
@@ -99,7 +99,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from circles.server.session.methods import Session
+from circles.server.session.contracts.base import Contract
+from circles.server.session.methods import Session, Sessions
 from circles.common.signatures import AuthenticationFailed
 from circles.backend.scripts import BackendUnavailable
 from circles.server.session.backlog import Backlog
@@ -109,7 +110,6 @@ from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
 from circles.common.logs import Logger
 from circles.common.once import Once
-from circles.server.session.openrpc import negotiate
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -171,13 +171,13 @@ class CircleProtocol(WebSocketServerProtocol):
         if refused is not None:
             raise ConnectionDeny(503, refused)
         self._counted = counted
-        api, subprotocol = negotiate(request.protocols, gateway.config.api)
+        contract, subprotocol = self.factory.sessions.negotiate(request.protocols)
         proof = self._url_proof(request.params)
         if proof is None:
-            self._open_session(None, circle, api, peer_host)
+            self._open_session(None, circle, contract, peer_host)
             return subprotocol
         proved = gateway.http_nonces.redeem_value(*proof)
-        proved.addCallbacks(self._open_session, _url_refused, callbackArgs=(circle, api, peer_host))
+        proved.addCallbacks(self._open_session, _url_refused, callbackArgs=(circle, contract, peer_host))
         proved.addCallback(lambda _: subprotocol)
         if proved.called:  # a store in memory answers at once
             return proved
@@ -189,8 +189,8 @@ class CircleProtocol(WebSocketServerProtocol):
         proved.addBoth(self._proof_checked, answer)
         return answer
 
-    def _open_session(self, pubkey: Optional[str], circle: str, api: str, peer_host: str) -> None:
-        self.session = Session(self.factory.gateway, circle, pubkey, self.connection_id, peer_host, api)
+    def _open_session(self, pubkey: Optional[str], circle: str, contract: Contract, peer_host: str) -> None:
+        self.session = self.factory.sessions.open(circle, pubkey, self.connection_id, peer_host, contract)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=pubkey)
 
@@ -540,20 +540,22 @@ NOT_A_WEBSOCKET = ("this is a circle's WebSocket: connect with a WebSocket clien
 
 
 class CircleFactory(WebSocketServerFactory):
-    """Builds a :class:`CircleProtocol` per client, all sharing one :class:`Gateway`, and
-    knows the open connections so shutdown can let them finish and say goodbye."""
+    """Builds a :class:`CircleProtocol` per client, each opening its session with ``sessions``
+    (the server's session layer, on its :class:`Gateway`), and knows the open connections so
+    shutdown can let them finish and say goodbye."""
 
     protocol = CircleProtocol
     noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
 
-    def __init__(self, gateway: Gateway, url: Optional[str] = None, time_handshake: bool = True) -> None:
+    def __init__(self, sessions: Sessions, url: Optional[str] = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
         (:class:`~circles.server.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
         head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
         store answers, which it does within its own timeout: the service makes that at most the
         handshake's), saving Autobahn a timer per connection."""
         super().__init__(url, server="circles")
-        self.gateway = gateway
+        self.sessions = sessions
+        self.gateway = gateway = sessions.gateway
         self._batched_timer = _Timers(gateway.clock)  # Autobahn's timers, exact and on the injected clock
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics
         gateway.metrics.watch_connections(lambda: len(self.open_connections))

@@ -18,8 +18,6 @@ from twisted.python import usage
 
 from circles.common import logs
 
-from circles.server.session import openrpc
-
 from circles.server.processes import group as processes, siblings
 
 from circles.server import tls
@@ -32,6 +30,7 @@ from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
 from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.server.processes.group import ServerProcesses
+from circles.server.session.contracts import CONTRACTS
 from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
 
 log = logs.Logger()
@@ -110,8 +109,8 @@ memory_size.__name__ = "size"  # usage.Options names the type in its error messa
 
 
 def _api(text: str) -> str:
-    if text not in openrpc.APIS:
-        raise ValueError(f"{text!r} is not one of {', '.join(openrpc.APIS)}")
+    if text not in CONTRACTS.names:
+        raise ValueError(f"{text!r} is not one of {', '.join(CONTRACTS.names)}")
     return text
 
 

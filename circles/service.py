@@ -19,8 +19,6 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from circles.server.session import methods as api
-
 from circles.server import tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
@@ -36,6 +34,8 @@ from circles.server.http.upgrade import UpgradeRouter
 from circles.common.logs import Logger
 from circles.common.once import Once
 from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
+from circles.server.session.contracts import CONTRACTS
+from circles.server.session.methods import Sessions
 from circles.protocol import CircleFactory
 from circles.server.access.redis_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
 from circles.webhooks import WebhookRoutes, providers_line
@@ -50,8 +50,10 @@ CLOSE_WAIT = 2.0
 
 def build_site(factory: CircleFactory, reactor) -> Site:
     """The one Site of a server: the HTTP edge's routes with the server's two faces on them, the
-    WebSocket of every circle (``factory``) and the webhook routes of its gateway."""
-    return edge_site(factory.gateway, WebSocketResource(factory), WebhookRoutes(factory.gateway).app.resource(), reactor)
+    WebSocket of every circle (``factory``) and the webhook routes of its gateway; ``/openrpc.json``
+    is the document of the contract of a connection that asks for none (the server's ``--api``)."""
+    return edge_site(factory.gateway, WebSocketResource(factory), WebhookRoutes(factory.gateway).app.resource(),
+                     factory.sessions.default.document_text(), reactor)
 
 
 def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = None):
@@ -192,11 +194,13 @@ class CirclesService(MultiService):
                                           timeout=min(NONCE_TIMEOUT, config.handshake_timeout))
             self.nonces.setServiceParent(self)
         self.reactor = reactor
-        self.gateway = Gateway(config, reactor, scripts, api.methods)
+        self.gateway = Gateway(config, reactor, scripts)
         self.gateway.members = self.membership
         if self.nonces is not None:
             self.gateway.http_nonces = self.nonces
-        self.factory = CircleFactory(self.gateway, time_handshake=False)  # the router times it
+        # The session layer on the gateway's state: every contract the server speaks, with its dispatcher.
+        self.sessions = Sessions(self.gateway, CONTRACTS)
+        self.factory = CircleFactory(self.sessions, time_handshake=False)  # the router times it
         self.site = build_site(self.factory, reactor)
         self.router = UpgradeRouter(self.factory, self.site, reactor, config.handshake_timeout,
                                     config.max_pending_per_ip, self.gateway.http_log)

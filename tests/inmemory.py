@@ -11,6 +11,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from circles.backend.scripts import BackendUnavailable, IScriptRunner, ScriptRequest
+from circles.server.gateway import Gateway
+from circles.server.session.contracts import CONTRACTS
+from circles.server.session.methods import Session, Sessions
 
 
 @implementer(IScriptRunner)
@@ -28,6 +31,17 @@ class NoScriptBackend:
 
     def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
         return fail(BackendUnavailable(self.reason))
+
+
+def session_layer(gateway: Gateway) -> Sessions:
+    """The session layer on ``gateway``, speaking every contract, as the composition root builds it."""
+    return Sessions(gateway, CONTRACTS)
+
+
+def open_session(gateway: Gateway, circle: str, **kwargs) -> Session:
+    """A session on ``circle`` opened as a connection opens one (the server's default contract
+    unless ``contract=`` says otherwise)."""
+    return session_layer(gateway).open(circle, **kwargs)
 
 
 def fired(d: Deferred):

@@ -8,11 +8,10 @@ import re
 
 from twisted.internet.task import Clock
 
-from circles.server.session.methods import Session, methods
 from circles.server.gateway import Gateway
 from circles.server.config import Config
 
-from .inmemory import NoScriptBackend, fired, replied
+from .inmemory import NoScriptBackend, fired, open_session, replied
 from .play_client import new_key, pk
 
 CIRCLE = pk(new_key())
@@ -20,8 +19,8 @@ CIRCLE = pk(new_key())
 
 def _session(clock=None, **config):
     clock = clock if clock is not None else Clock()
-    gateway = Gateway(Config(**config), clock, NoScriptBackend(), methods)
-    return gateway, Session(gateway, CIRCLE, connection_id=1)
+    gateway = Gateway(Config(**config), clock, NoScriptBackend())
+    return gateway, open_session(gateway, CIRCLE, connection_id=1)
 
 
 def _send(session, message):
@@ -103,11 +102,11 @@ def test_failed_authentications_on_many_connections_write_a_bounded_log():
     from .support import Key
 
     clock = Clock()
-    gateway = Gateway(Config(rate_limit=0), clock, NoScriptBackend(), methods)
+    gateway = Gateway(Config(rate_limit=0), clock, NoScriptBackend())
     user = Key()
     with captured_log() as events:
         for conn in range(200):  # connections from two addresses, each failing 5 times
-            session = Session(gateway, CIRCLE, connection_id=conn, peer=f"198.51.100.{conn % 2}")
+            session = open_session(gateway, CIRCLE, connection_id=conn, peer=f"198.51.100.{conn % 2}")
             nonce = _send(session, {"jsonrpc": "2.0", "method": "fetch_nonce", "params": [user.pubkey], "id": 0})
             bad = {"pubkey": user.pubkey, "signature": Key().eth_sign(nonce["result"]["nonce"])}
             for i in range(5):
@@ -147,8 +146,8 @@ def _runner_session(**config):
             return d
 
     runner = Runner()
-    gateway = Gateway(Config(**config), Clock(), runner, methods)
-    return gateway, Session(gateway, CIRCLE, connection_id=1), runner
+    gateway = Gateway(Config(**config), Clock(), runner)
+    return gateway, open_session(gateway, CIRCLE, connection_id=1), runner
 
 
 def _play(session, id_=None):

@@ -20,14 +20,13 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
-from circles.server.session.methods import Session, methods
 from circles.server.gateway import Gateway
 from circles.server.config import Config
 from circles.server.http.nonce_route import client_of
 from circles.protocol import CircleFactory
 from circles.service import build_site
 
-from .inmemory import NoScriptBackend
+from .inmemory import NoScriptBackend, open_session, session_layer
 from .support import Key, request
 
 
@@ -43,8 +42,8 @@ def _rpc(session, method, params=None, id_=1):
 
 @pytest.fixture
 def session():
-    gateway = Gateway(Config(nonce_ttl=300), Clock(), NoScriptBackend(), methods)
-    return Session(gateway, Key().pubkey)
+    gateway = Gateway(Config(nonce_ttl=300), Clock(), NoScriptBackend())
+    return open_session(gateway, Key().pubkey)
 
 
 def _v(signature: str, v: int) -> str:
@@ -111,8 +110,8 @@ async def server():
     """A gateway on 127.0.0.1 whose nonces follow ``server.clock``."""
     clock = Clock()
     clock.advance(1_700_000_000)
-    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, auth_required=True), clock, NoScriptBackend(), methods)
-    port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
+    gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, auth_required=True), clock, NoScriptBackend())
+    port = reactor.listenTCP(0, build_site(CircleFactory(session_layer(gateway)), reactor), interface="127.0.0.1")
     gateway.base = f"127.0.0.1:{port.getHost().port}"
     gateway.circle = Key().pubkey
     yield gateway
@@ -278,8 +277,8 @@ async def shared_server():
     """Like ``server``, with a per-address share of the HTTP nonces."""
     clock = Clock()
     gateway = Gateway(Config(nonce_ttl=300, max_http_nonces=50, max_http_nonces_per_ip=10), clock,
-                      NoScriptBackend(), methods)
-    port = reactor.listenTCP(0, build_site(CircleFactory(gateway), reactor), interface="127.0.0.1")
+                      NoScriptBackend())
+    port = reactor.listenTCP(0, build_site(CircleFactory(session_layer(gateway)), reactor), interface="127.0.0.1")
     gateway.base = f"127.0.0.1:{port.getHost().port}"
     gateway.clock = clock
     yield gateway

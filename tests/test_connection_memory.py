@@ -29,6 +29,7 @@ from circles.backend.redis import parse_redis_url
 from circles.protocol import CircleFactory
 from circles.worker.service import Worker
 
+from .inmemory import session_layer
 from .play_client import sleep
 from .support import client_tls
 from .test_protocol import (CIRCLE, Transport, clock, connect, make_gateway, runner,  # noqa: F401 (fixtures)
@@ -51,7 +52,7 @@ def frame(opcode: int, payload: bytes, fin: bool) -> bytes:
 
 def open_raw(gateway):
     """A server protocol past its opening handshake, on a transport that keeps what it writes."""
-    server = CircleFactory(gateway).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    server = CircleFactory(session_layer(gateway)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
     transport = Transport()
     server.makeConnection(transport)
     server.dataReceived(
@@ -179,7 +180,7 @@ class SlowPeer(FileDescriptor):
 
 
 def open_slow(gateway):
-    server = CircleFactory(gateway).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    server = CircleFactory(session_layer(gateway)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
     peer = SlowPeer(MemoryReactorClock())
     peer.protocol = server
     server.makeConnection(peer)

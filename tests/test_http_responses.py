@@ -16,7 +16,6 @@ from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from circles.server.session.methods import methods
 from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
 from circles.server.config import Config
 from circles.server.gateway import Gateway
@@ -25,6 +24,7 @@ from circles.service import build_site
 from circles.protocol import CircleFactory
 from circles.server.providers.secrets import WebhookSecrets
 
+from .inmemory import session_layer
 from .support import Key
 from .webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers
 
@@ -61,7 +61,7 @@ def exchange(raw: bytes, runner: Runner) -> "tuple[bytes, dict, bytes]":
     clock = Clock()
     clock.advance(NOW)
     config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET))
-    site = build_site(CircleFactory(Gateway(config, clock, runner, methods)), clock)
+    site = build_site(CircleFactory(session_layer(Gateway(config, clock, runner))), clock)
     channel = site.buildProtocol(PEER)
     transport = StringTransport(peerAddress=PEER)
     channel.makeConnection(transport)

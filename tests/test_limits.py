@@ -34,10 +34,9 @@ from twisted.python import usage
 from websockets.sync.client import connect
 
 from circles import CirclesService, Config, server_tap
-from circles.server.session.methods import Session, methods
 from circles.server.gateway import Gateway
 
-from .inmemory import NoScriptBackend, replied
+from .inmemory import NoScriptBackend, open_session, replied
 from .play_client import eventually, new_key, pk, sleep
 from .support import Key, request, twistd
 
@@ -65,7 +64,7 @@ def send(session, message):
 
 def in_memory(clock=None, **config):
     clock = clock if clock is not None else Clock()
-    return clock, Session(Gateway(Config(**config), clock, NoScriptBackend(), methods), CIRCLE)
+    return clock, open_session(Gateway(Config(**config), clock, NoScriptBackend()), CIRCLE)
 
 
 async def serve(start, **config) -> "tuple[CirclesService, int]":

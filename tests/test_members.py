@@ -15,7 +15,6 @@ from twisted.internet import reactor, threads
 from twisted.internet.task import Clock
 
 from circles import Config
-from circles.server.session.methods import Session, methods
 from circles.backend import members
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.redis import connect, parse_redis_url
@@ -23,7 +22,7 @@ from circles.backend.scripts import BackendUnavailable
 from circles.server.gateway import Gateway
 from circles.server.providers.secrets import WebhookSecrets
 from circles.worker.service import Worker
-from .inmemory import fired
+from .inmemory import fired, open_session
 from .play_client import RPCClient, eventually, new_key, pk
 from .redis_server import REDIS_SERVER, free_port
 from .test_play_ws import CIRCLE, serve
@@ -234,9 +233,9 @@ def test_without_redis_every_circle_is_open():
         def is_connected(self):
             return True
 
-    gateway = Gateway(Config(rate_limit=0), Clock(), Runner(), methods)
+    gateway = Gateway(Config(rate_limit=0), Clock(), Runner())
     assert gateway.members is None
-    session = Session(gateway, CIRCLE, connection_id=1)
+    session = open_session(gateway, CIRCLE, connection_id=1)
     reply = session.answer(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "play", "params": {"script": "x"}}))
     assert json.loads(fired(reply))["result"] == {"output": "ran x"}
 

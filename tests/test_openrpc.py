@@ -8,7 +8,8 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-from circles.server.session import openrpc
+from circles.common.wire import GATEWAY
+from circles.server.session.contracts import CONTRACTS
 from circles.server.session.methods import methods
 
 from .support import ROOT
@@ -65,4 +66,4 @@ def test_documented_error_codes(document):
 
 
 def test_package_serves_the_repository_document(document):
-    assert openrpc.document() == document
+    assert CONTRACTS[GATEWAY].document() == document

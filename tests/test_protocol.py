@@ -30,7 +30,6 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from zope.interface import implementer
 
-from circles.server.session.methods import Session, methods
 from circles.server.gateway import Gateway
 from circles.server.config import Config
 from circles.protocol import CircleFactory
@@ -42,7 +41,7 @@ from circles.backend.scripts import (
     ScriptTimeout,
 )
 
-from .inmemory import NoScriptBackend, captured_log, fired, replied
+from .inmemory import NoScriptBackend, captured_log, fired, open_session, replied, session_layer
 from .support import source_digest
 
 OPENRPC = Path(__file__).resolve().parent.parent / "openrpc.json"
@@ -102,7 +101,7 @@ def runner() -> FakeRunner:
 def make_gateway(clock, runner=None, **config) -> Gateway:
     config.setdefault("nonce_ttl", TTL)
     config.setdefault("script_timeout", SCRIPT_TIMEOUT)
-    return Gateway(Config(**config), clock, runner if runner is not None else NoScriptBackend(), methods)
+    return Gateway(Config(**config), clock, runner if runner is not None else NoScriptBackend())
 
 
 _ids = itertools.count(1)
@@ -133,7 +132,7 @@ def error_code(reply) -> int:
 
 @pytest.mark.parametrize("signer", ["eth", "der"])
 def test_full_auth_flow(clock, signer):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     key = Key()
     assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": False, "pubkey": None}
     issued = rpc(session, "fetch_nonce", {"pubkey": key.uncompressed})["result"]
@@ -146,7 +145,7 @@ def test_full_auth_flow(clock, signer):
 
 
 def test_authentication_logs_no_signature(clock):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     key = Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     bad = Key().eth(nonce)
@@ -161,7 +160,7 @@ def test_authentication_logs_no_signature(clock):
 
 def test_nonce_from_another_connection_refused(clock):
     gateway = make_gateway(clock)
-    first, second = Session(gateway, CIRCLE), Session(gateway, CIRCLE)
+    first, second = open_session(gateway, CIRCLE), open_session(gateway, CIRCLE)
     key = Key()
     nonce = rpc(first, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     reply = rpc(second, "authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})
@@ -172,7 +171,7 @@ def test_nonce_from_another_connection_refused(clock):
 
 
 def test_expired_nonce_refused_and_session_stays_unauthenticated(clock):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     key = Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
     clock.advance(TTL)
@@ -184,7 +183,7 @@ def test_expired_nonce_refused_and_session_stays_unauthenticated(clock):
 @pytest.mark.parametrize("case", ["other-key", "used-nonce", "no-nonce", "bad-hex", "bad-pubkey",
                                   "not-on-curve", "wrong-length", "eip155-v", "other-pubkey-nonce"])
 def test_failed_authenticate_leaves_previous_state(clock, case):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     alice, bob = Key(), Key()
     assert login(session, alice)["result"]["pubkey"] == alice.pubkey
     if case == "used-nonce":
@@ -211,7 +210,7 @@ def test_failed_authenticate_leaves_previous_state(clock, case):
 
 
 def test_switch_identity_needs_a_fresh_nonce(clock):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     alice, bob = Key(), Key()
     nonce = rpc(session, "fetch_nonce", {"pubkey": alice.pubkey})["result"]["nonce"]
     rpc(session, "authenticate", {"pubkey": alice.pubkey, "signature": alice.eth(nonce)})
@@ -228,24 +227,24 @@ def test_switch_identity_needs_a_fresh_nonce(clock):
     {"pubkey": CIRCLE, "signature": "00", "other": "x"},
 ])
 def test_authenticate_param_shapes_are_invalid_params(clock, params):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "authenticate", params)) == -32602
 
 
 def test_authenticate_without_pubkey_is_a_well_formed_attempt(clock):
     """pubkey may be left out (personal_sign names its key); a bad signature is -32002."""
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "authenticate", {"signature": "00"})) == -32002
 
 
 @pytest.mark.parametrize("pubkey", ["zz", "02" + "00" * 32, "", 5])
 def test_fetch_nonce_with_bad_pubkey_is_invalid_params(clock, pubkey):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     assert error_code(rpc(session, "fetch_nonce", {"pubkey": pubkey})) == -32602
 
 
 def test_fetch_nonce_cap_is_too_many_requests(clock):
-    session = Session(make_gateway(clock, max_nonces_per_session=2), CIRCLE)
+    session = open_session(make_gateway(clock, max_nonces_per_session=2), CIRCLE)
     rpc(session, "fetch_nonce")
     rpc(session, "fetch_nonce", [])
     assert error_code(rpc(session, "fetch_nonce")) == -32006
@@ -254,7 +253,7 @@ def test_fetch_nonce_cap_is_too_many_requests(clock):
 
 
 def test_batch_over_the_limit_is_too_many_requests(clock):
-    session = Session(make_gateway(clock, max_batch=2), CIRCLE)
+    session = open_session(make_gateway(clock, max_batch=2), CIRCLE)
     batch = [{"jsonrpc": "2.0", "method": "whoami", "id": i} for i in range(3)]
     reply = json.loads(replied(session.answer(json.dumps(batch))))
     assert reply["error"]["code"] == -32006 and reply["id"] is None
@@ -262,7 +261,7 @@ def test_batch_over_the_limit_is_too_many_requests(clock):
 
 
 def test_rpc_discover_is_the_openrpc_document(clock):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     document = json.loads(OPENRPC.read_text("utf-8"))
     assert rpc(session, "rpc.discover")["result"] == document
     names = {m["name"] for m in document["methods"]}
@@ -273,7 +272,7 @@ def test_rpc_discover_is_the_openrpc_document(clock):
 
 
 def test_play_requires_auth_when_auth_is_on(clock, runner):
-    session = Session(make_gateway(clock, runner, auth_required=True), CIRCLE)
+    session = open_session(make_gateway(clock, runner, auth_required=True), CIRCLE)
     reply = rpc(session, "play", {"script": "40 + 2"})
     assert error_code(reply) == -32001
     assert runner.requests == []
@@ -288,7 +287,7 @@ def test_play_requires_auth_when_auth_is_on(clock, runner):
 
 
 def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
-    session = Session(make_gateway(clock, runner, auth_required=False), CIRCLE)
+    session = open_session(make_gateway(clock, runner, auth_required=False), CIRCLE)
     d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["x"], "id": 1}))
     assert runner.requests[0].caller == ""
     runner.pending[0].callback("")
@@ -296,7 +295,7 @@ def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
 
 
 def test_play_without_backend_is_backend_unavailable(clock):
-    session = Session(make_gateway(clock), CIRCLE)
+    session = open_session(make_gateway(clock), CIRCLE)
     reply = rpc(session, "play", {"script": "1"})
     assert error_code(reply) == -32004
     assert reply["error"]["data"] == "no script backend is configured"
@@ -307,7 +306,7 @@ def test_play_without_backend_is_backend_unavailable(clock):
     (SCRIPT_TIMEOUT + 1, SCRIPT_TIMEOUT), (10**6, SCRIPT_TIMEOUT), (1e300, SCRIPT_TIMEOUT),
 ])
 def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given, used):
-    session = Session(make_gateway(clock, runner), CIRCLE)
+    session = open_session(make_gateway(clock, runner), CIRCLE)
     params = {"script": "s"} if given is None else {"script": "s", "timeout": given}
     session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": params, "id": 1}))
     [request] = runner.requests
@@ -316,14 +315,14 @@ def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given,
 
 @pytest.mark.parametrize("timeout", [0, -1, -0.5, "5", True, None, [5]])
 def test_play_bad_timeout_is_invalid_params(clock, runner, timeout):
-    session = Session(make_gateway(clock, runner), CIRCLE)
+    session = open_session(make_gateway(clock, runner), CIRCLE)
     assert error_code(rpc(session, "play", {"script": "s", "timeout": timeout})) == -32602
     assert runner.requests == []
 
 
 @pytest.mark.parametrize("params", [None, {}, {"script": 1}, {"script": None}, {"script": "s", "x": 1}, ["s", 1, 2]])
 def test_play_bad_params(clock, runner, params):
-    session = Session(make_gateway(clock, runner), CIRCLE)
+    session = open_session(make_gateway(clock, runner), CIRCLE)
     assert error_code(rpc(session, "play", params)) == -32602
 
 
@@ -333,7 +332,7 @@ def test_play_bad_params(clock, runner, params):
     (ScriptFailed("error at line 3: x is undefined"), -32005, "error at line 3: x is undefined"),
 ])
 def test_play_error_mapping(clock, runner, failure, code, data):
-    session = Session(make_gateway(clock, runner), CIRCLE)
+    session = open_session(make_gateway(clock, runner), CIRCLE)
     d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "s"}, "id": "p"}))
     runner.pending[0].errback(failure)
     reply = json.loads(fired(d))
@@ -347,7 +346,7 @@ def test_play_runner_bug_is_internal_error(clock):
         def run(self, request):
             return fail(RuntimeError("secret detail"))
 
-    session = Session(make_gateway(clock, Broken()), CIRCLE)
+    session = open_session(make_gateway(clock, Broken()), CIRCLE)
     with captured_log() as events:
         text = replied(session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1})))
     assert json.loads(text)["error"]["code"] == -32603
@@ -356,7 +355,7 @@ def test_play_runner_bug_is_internal_error(clock):
 
 
 def test_slow_play_does_not_hold_back_other_requests(clock, runner):
-    session = Session(make_gateway(clock, runner), CIRCLE)
+    session = open_session(make_gateway(clock, runner), CIRCLE)
     slow = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1}))
     assert rpc(session, "whoami")["result"]["circle"] == CIRCLE
     assert not slow.called
@@ -426,7 +425,7 @@ def txaio_clock(clock, monkeypatch):
 
 
 def connect(gateway, path=f"/{CIRCLE}") -> Connection:
-    return Connection(CircleFactory(gateway), path, gateway.clock)
+    return Connection(CircleFactory(session_layer(gateway)), path, gateway.clock)
 
 
 def test_ws_full_auth_flow(txaio_clock, runner):
@@ -614,7 +613,7 @@ class Transport(StringTransport):
 
 
 def handshake(gateway, path: str) -> bytes:
-    server = CircleFactory(gateway).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    server = CircleFactory(session_layer(gateway)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
     transport = Transport()
     server.makeConnection(transport)
     server.dataReceived(
@@ -693,7 +692,7 @@ def test_failed_authentications_log_a_few_lines_then_a_summary_at_close(txaio_cl
 
 
 def test_refused_upgrades_log_a_few_lines_a_minute_then_a_summary(txaio_clock):
-    factory = CircleFactory(make_gateway(txaio_clock, circles=[CIRCLE]))
+    factory = CircleFactory(session_layer(make_gateway(txaio_clock, circles=[CIRCLE])))
 
     def refused(path):
         server = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 8080))
@@ -752,7 +751,7 @@ def test_trimmed_autobahn_methods_are_the_ones_reviewed(owner, method):
 
     cls = getattr(twisted_websocket, owner, None) or getattr(websocket_protocol, owner)
     assert source_digest(getattr(cls, method)) == AUTOBAHN_SOURCES[owner, method]
-    assert method in CircleFactory(make_gateway(Clock())).protocol.__mro__[1].__dict__  # still overridden
+    assert method in CircleFactory(session_layer(make_gateway(Clock()))).protocol.__mro__[1].__dict__  # still overridden
 
 
 @pytest.mark.parametrize("owner, method", sorted(COPIED_AUTOBAHN_SOURCES))
@@ -769,7 +768,7 @@ def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_p
     the ping for a --ping-timeout of 3. Driven by the clock: a ping at --ping-interval, the drop
     exactly --ping-timeout after it."""
     gateway = make_gateway(txaio_clock, circles=[CIRCLE], ping_interval=10, ping_timeout=3, idle_timeout=0)
-    factory = CircleFactory(gateway)
+    factory = CircleFactory(session_layer(gateway))
     conn = Connection(factory, f"/{CIRCLE}", txaio_clock)
     assert conn.client.opened and len(factory.open_connections) == 1
     pings: list = []

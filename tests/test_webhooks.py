@@ -23,13 +23,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from circles import webhooks
-from circles.server.session.methods import methods
 from circles.server.gateway import Gateway
 from circles.server.config import Config
 from circles.protocol import CircleFactory
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
 from circles.service import build_site
 from circles.server.providers.secrets import WebhookSecrets
+from .inmemory import session_layer
 from .play_client import new_key, pk
 from .webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
                               idenfy_headers, post, raw_exchange, stripe_event, stripe_headers)
@@ -73,7 +73,7 @@ class Server:
         self.clock = Clock()
         self.clock.advance(NOW)
         self.scripts = Recorder()
-        site = build_site(CircleFactory(Gateway(self.config, self.clock, self.scripts, methods)), reactor)
+        site = build_site(CircleFactory(session_layer(Gateway(self.config, self.clock, self.scripts))), reactor)
         self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.port = self.listening.getHost().port
 
@@ -444,7 +444,7 @@ async def test_refusals_write_a_bounded_log(server):
 async def test_413_over_tls(tls_files):
     """TLS has no half-close: the answer still arrives whole before the connection ends."""
     config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET), max_request_body=1000)
-    site = build_site(CircleFactory(Gateway(config, reactor, Recorder(), methods)), reactor)
+    site = build_site(CircleFactory(session_layer(Gateway(config, reactor, Recorder()))), reactor)
     with open(tls_files["combined"]) as f:
         certificate = tssl.PrivateCertificate.loadPEM(f.read())
     port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")

@@ -1,7 +1,8 @@
 """What the server and its clients agree on over the wire, beyond JSON-RPC itself: the
-application error codes, and the contracts a connection may ask for by WebSocket subprotocol.
-The contracts themselves (methods, result shapes, OpenRPC documents) are the server's
-(:mod:`circles.server.session.openrpc`).
+application error codes, and the names of the contracts a connection may ask for by WebSocket
+subprotocol. The contracts themselves (method tables, result shapes, error mapping, OpenRPC
+documents) are the server's, one object each (:mod:`circles.server.session.contracts`, whose
+registry a test holds to these names).
 """
 
 # The application's error codes (openrpc.json's errors; the design's -32001..-32006, -32007, -32008).

@@ -32,8 +32,9 @@ class Config:
 
     circles: frozenset = attrs.field(default=frozenset(), converter=circle_set)
     auth_required: bool = False
-    # The contract a connection gets when it offers no subprotocol of ours (circles.server.session.openrpc:
-    # "gateway" ours, "circles" the original circles server's result shapes and error codes).
+    # The contract a connection gets when it offers no subprotocol of ours, by name (circles.common.wire.APIS;
+    # each is an object of circles.server.session.contracts): "gateway" ours, "circles" the original circles
+    # server's result shapes and error codes, "hero" its later generation's.
     api: str = attrs.field(default=DEFAULT_API, validator=attrs.validators.in_(APIS))
     listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
     port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT

@@ -6,8 +6,9 @@ The nonces issued over HTTP are in this process's memory until the service gives
 a store every process sees (:class:`~circles.server.access.redis_nonces.RedisNonceStore`), as it does
 whenever it has Redis.
 
-The JSON-RPC methods (:mod:`circles.server.session.methods`) are passed in, not imported: the gateway answers
-with whatever methods it is given.
+The gateway knows nothing of sessions, their contracts and their JSON-RPC methods: the session
+layer (:class:`circles.server.session.methods.Sessions`), built on it by the composition root,
+reads what it needs from here; nothing here calls up into it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from circles.common.log_budget import LogBudget
 from circles.server.access.nonces import INonceStore, NonceStore
 from circles.backend.scripts import IScriptRunner
 from circles.server.config import Config
-from circles.common.jsonrpc import Dispatcher, Methods, RPCError
 from circles.server.metrics import Metrics
-from circles.common.wire import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
 
 
 class Gateway:
     """What every session of one server shares: configuration, clock, script backend."""
 
-    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner, methods: Methods) -> None:
+    def __init__(self, config: Config, clock: IReactorTime, scripts: IScriptRunner) -> None:
         self.config = config
         self.clock = clock
         self.scripts = scripts
@@ -49,22 +48,12 @@ class Gateway:
         #: by URL authentication: in memory here; in Redis once the service has one.
         self.http_nonces: INonceStore = NonceStore(clock, config.nonce_ttl, config.max_http_nonces,
                                                    config.max_http_nonces_per_ip)
-        self.metrics = Metrics(methods)
+        self.metrics = Metrics()
         # Info lines about what clients get wrong, per minute, process-wide (circles.common.log_budget).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
         self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
         # Refused webhook deliveries and request bodies over the limit (413).
         self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
-        self.rpc = Dispatcher(
-            methods, config.max_batch,
-            RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}"),
-            observe=self.metrics.request,
-            max_reply=config.max_message_size, too_large=self._reply_too_large,
-        )
-
-    def _reply_too_large(self, size: int) -> RPCError:
-        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
-                        {"size": size, "limit": self.config.max_message_size})
 
     def unready_reason(self) -> Optional[str]:
         """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or

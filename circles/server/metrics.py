@@ -35,9 +35,9 @@ SHARED = frozenset({"circles_workers", "circles_queue_length", "circles_dead_let
 class Metrics:
     """What operators watch: connections, requests, authentication, plays, webhooks, Redis."""
 
-    def __init__(self, methods) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._methods = frozenset(methods)
+        self._methods: frozenset = frozenset()  # the method labels (label_methods)
         self.connections = Gauge("circles_connections_open", "Open WebSocket connections", registry=self.registry)
         self._requests = Counter("circles_requests", "JSON-RPC requests by method and outcome (ok, the error code, "
                                  "or cancelled: the connection closed first)",
@@ -82,6 +82,11 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self._requests.labels(label, str(outcome))
         child.inc()
+
+    def label_methods(self, names) -> None:
+        """Count requests to the methods ``names`` under their own names (the session layer's
+        method tables, given once wired); any other name is counted as ``unknown``."""
+        self._methods = self._methods | frozenset(names)
 
     def watch_connections(self, open_connections: Callable[[], int]) -> None:
         """Read the number of open connections when scraped (the factory keeps them anyway)."""

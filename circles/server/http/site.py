@@ -19,7 +19,6 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from circles.server.session import openrpc
 from circles.server.http.nonce_route import AuthRoutes
 from circles.server.http.document import Document
 from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
@@ -94,8 +93,8 @@ class MetricsPage(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False,
-                 api: str = openrpc.DEFAULT_API, auth_required: bool = False) -> None:
+    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, openrpc: str, playground: bool = False,
+                 auth_required: bool = False) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
@@ -104,7 +103,7 @@ class Root(Resource):
         if playground:
             self.putChild(b"playground", Playground(auth_required))
         self.putChild(b"", Document(INDEX, b"text/plain; charset=utf-8"))
-        self.putChild(b"openrpc.json", Document(openrpc.document_text(api).encode("utf-8"), b"application/json"))
+        self.putChild(b"openrpc.json", Document(openrpc.encode("utf-8"), b"application/json"))
 
     def getChild(self, path: bytes, request):
         # Only what could be a circle id reaches the WebSocket; the protocol decides whether
@@ -130,12 +129,12 @@ class _Site(Site):
                      user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
 
 
-def edge_site(gateway: Gateway, circles: Resource, webhooks: Resource, reactor) -> Site:
+def edge_site(gateway: Gateway, circles: Resource, webhooks: Resource, openrpc: str, reactor) -> Site:
     """The one Site: the operational routes, ``/auth``, and the server's two faces as given
-    (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes)."""
-    root = Root(circles, AuthRoutes(gateway).app.resource(), webhooks,
-                playground=gateway.config.playground, api=gateway.config.api,
-                auth_required=gateway.config.auth_required)
+    (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes);
+    ``openrpc``: the text of ``/openrpc.json``, the document of the server's ``--api``."""
+    root = Root(circles, AuthRoutes(gateway).app.resource(), webhooks, openrpc,
+                playground=gateway.config.playground, auth_required=gateway.config.auth_required)
     root.putChild(b"ready", _Ready(gateway))
     if gateway.config.metrics_listen is None:  # else only on that endpoint
         root.putChild(b"metrics", MetricsPage(gateway.metrics))

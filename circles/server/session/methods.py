@@ -1,19 +1,19 @@
-"""The JSON-RPC methods of a circle session, and the state each session keeps.
+"""The JSON-RPC methods of a circle session, the state each session keeps, and the session layer
+that opens sessions (:class:`Sessions`).
 
-``openrpc.json`` is the contract for everything here; a test holds the two in step. A session's
-``api`` picks the result shapes and error messages of the earlier servers' contracts
-(:mod:`circles.server.session.openrpc`) where they differ from ours.
+The methods are written once, for every contract: the session's contract
+(:mod:`circles.server.session.contracts`) says how their results look and which codes and
+messages their errors carry. Each contract's OpenRPC document describes them; tests hold the two in step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from circles.server.session import openrpc
 from circles.common.log_budget import ConnectionAnomalies
 from circles.server.access.nonces import NonceStore, TooManyNonces
 from circles.common.signatures import AuthenticationFailed
@@ -21,25 +21,70 @@ from circles.backend.members import MEMBERS
 from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
                                     ScriptRequest, ScriptTimeout)
 from circles.server.gateway import Gateway
-from circles.common.jsonrpc import INVALID_PARAMS, Methods, Param, ReplyRoom, RPCError, bind_params
+from circles.common.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyRoom, RPCError, bind_params
 from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.server.access.limits import TokenBucket
 from circles.common.logs import Logger, enabled as log_enabled
-from circles.server.session.openrpc import CIRCLES_MESSAGES
-from circles.common.wire import AUTH_FAILED, AUTH_REQUIRED, BACKEND_UNAVAILABLE, CIRCLES, EXECUTION_ERROR, HERO, NO_WORKER, NOT_A_MEMBER, SCRIPT_FAILED, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+from circles.common.wire import BACKEND_UNAVAILABLE, NO_WORKER, NOT_A_MEMBER, REPLY_TOO_LARGE, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+
+if TYPE_CHECKING:  # the contracts' method tables are this module's: it imports none of them
+    from circles.server.session.contracts.base import Contract, Registry
 
 log = Logger()
 methods = Methods()
 
 
-class Session:
-    """One client's view of a circle: who it has proved to be and the nonces it holds."""
+class Sessions:
+    """The session layer of one server, built once by the composition root on its gateway: the
+    contracts it speaks, each with one JSON-RPC dispatcher (over the contract's method table,
+    with the server's limits and metrics) that all its sessions share; the contract of a
+    connection that asks for none (the server's ``--api``); the sessions it opens.
 
-    def __init__(self, gateway: Gateway, circle: str, pubkey: Optional[str] = None,
-                 connection_id: Optional[int] = None, peer: Optional[str] = None, api: Optional[str] = None) -> None:
+    A request flows down from here: the transport (circles.protocol) hands it to its session,
+    which answers with its contract's dispatcher and methods, which ask the script backend."""
+
+    def __init__(self, gateway: Gateway, contracts: "Registry") -> None:
+        config = gateway.config
         self.gateway = gateway
-        # The contract this connection gets (one of circles.server.session.openrpc.APIS); None: the server's.
-        self.api = gateway.config.api if api is None else api
+        self.contracts = contracts
+        #: What a connection that offers no subprotocol of ours gets: the server's ``--api``.
+        self.default: "Contract" = contracts[config.api]
+        gateway.metrics.label_methods(contracts.method_names())
+        too_many = RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}")
+        self._dispatchers = {
+            contract: Dispatcher(contract.methods, config.max_batch, too_many, observe=gateway.metrics.request,
+                                 max_reply=config.max_message_size, too_large=self._reply_too_large)
+            for contract in contracts
+        }
+
+    def _reply_too_large(self, size: int) -> RPCError:
+        return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
+                        {"size": size, "limit": self.gateway.config.max_message_size})
+
+    def negotiate(self, offered: Sequence[str]) -> "tuple[Contract, Optional[str]]":
+        """(the contract a connection gets, the subprotocol to answer with) for the WebSocket
+        subprotocols its client offered (:meth:`~circles.server.session.contracts.base.Registry.negotiate`)."""
+        return self.contracts.negotiate(offered, self.default)
+
+    def open(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
+             peer: Optional[str] = None, contract: "Optional[Contract]" = None) -> "Session":
+        """A session on ``circle`` under ``contract`` (one of this server's; None: its default),
+        authenticated as ``pubkey`` if given (a URL proof)."""
+        contract = self.default if contract is None else contract
+        return Session(self.gateway, contract, self._dispatchers[contract], circle, pubkey, connection_id, peer)
+
+
+class Session:
+    """One client's view of a circle: who it has proved to be and the nonces it holds.
+
+    Opened by :meth:`Sessions.open`, with its contract and that contract's dispatcher."""
+
+    def __init__(self, gateway: Gateway, contract: "Contract", rpc: Dispatcher, circle: str,
+                 pubkey: Optional[str] = None, connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
+        self.gateway = gateway
+        #: The contract this connection gets (circles.server.session.contracts), chosen once as it opened.
+        self.contract = contract
+        self._rpc = rpc  # the contract's JSON-RPC dispatcher
         self.connection_id = connection_id  # names the session in logs
         self.circle = circle
         self.pubkey = pubkey  # compressed hex once authenticated
@@ -62,7 +107,7 @@ class Session:
         while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
         for. Raises (or the Deferred fails with) :class:`~circles.common.jsonrpc.ReplyTooLarge` when
         no reply fits."""
-        reply = self.gateway.rpc.answer(payload, self, self._admit, self.reply_room)
+        reply = self._rpc.answer(payload, self, self._admit, self.reply_room)
         if isinstance(reply, Deferred):
             self.in_flight += 1
             reply.addBoth(self._answered)
@@ -93,15 +138,13 @@ def _pubkey_param(value: str) -> str:
 
 
 @methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
-def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Union[dict, str]:
+def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Any:  # as its contract shapes it
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
         nonce = session.nonces.issue_now(key)  # in memory, synchronous: a hot path
     except TooManyNonces:
         raise RPCError(TOO_MANY_REQUESTS, "Too many requests: too many outstanding nonces on this connection") from None
-    if session.api == HERO:  # the hero generation answers the nonce itself
-        return nonce.value
-    return {"nonce": nonce.value, "expires_at": nonce.expires_at}
+    return session.contract.nonce_result(nonce)
 
 
 def _credentials(params) -> tuple:
@@ -126,7 +169,7 @@ _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str
 
 
 @methods.add("authenticate", *_CREDENTIALS, raw_params=True)
-def authenticate(session: Session, params) -> Union[dict, bool]:
+def authenticate(session: Session, params) -> Any:  # as its contract shapes it
     pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
@@ -135,20 +178,14 @@ def authenticate(session: Session, params) -> Union[dict, bool]:
         session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
                                "{circle}: {reason}", circle=session.circle, reason=str(e))
         session.gateway.metrics.auth_failures.inc()
-        if session.api == CIRCLES:
-            raise RPCError(AUTH_FAILED, CIRCLES_MESSAGES[AUTH_FAILED], str(e)) from None
-        raise RPCError(AUTH_FAILED, f"Authentication failed: {e}") from None
+        raise session.contract.auth_failed(str(e)) from None
     session.gateway.metrics.auth_successes.inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
     log.debug("connection {conn} authenticated as {pubkey} on circle {circle}",
               conn=session.connection_id, pubkey=signer, circle=session.circle)
     _note_membership(session, signer)
-    if session.api == CIRCLES:
-        return {"authenticated": True}
-    if session.api == HERO:
-        return True
-    return {"authenticated": True, "pubkey": signer}
+    return session.contract.authenticated(signer)
 
 
 @methods.add("whoami")
@@ -159,10 +196,8 @@ def whoami(session: Session) -> dict:
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
 def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
     gateway = session.gateway
-    circles_era = session.api == CIRCLES
     if gateway.config.auth_required and not session.authenticated:
-        raise RPCError(AUTH_REQUIRED, CIRCLES_MESSAGES[AUTH_REQUIRED] if circles_era else
-                       "Authentication required: call fetch_nonce and authenticate first")
+        raise session.contract.auth_required()
     try:
         size = len(script.encode("utf-8"))
     except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
@@ -194,8 +229,9 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
     session.plays.add(d)
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
-    if not circles_era:  # the circles-era contract answers the output itself
-        d.addCallback(lambda output: {"output": output})
+    shape = session.contract.play_result
+    if shape is not None:  # None: the contract answers the output itself
+        d.addCallback(shape)
     d.addErrback(_script_error, session, limit)
     return d
 
@@ -261,15 +297,10 @@ def _script_error(failure, session: Session, timeout: float) -> Any:
     if failure.check(BackendUnavailable):
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", str(failure.value))
     if failure.check(ScriptFailed):
-        if session.api == CIRCLES:  # the circles-era contract: its data is the error text, always
-            raise RPCError(EXECUTION_ERROR, CIRCLES_MESSAGES[EXECUTION_ERROR], failure.value.detail)
-        if failure.value.output:  # what the script printed before failing goes with the error
-            raise RPCError(SCRIPT_FAILED, "Script failed", {"error": failure.value.detail,
-                                                             "output": failure.value.output})
-        raise RPCError(SCRIPT_FAILED, "Script failed", failure.value.detail)
+        raise session.contract.script_failed(failure.value)
     return failure
 
 
 @methods.add("rpc.discover")
 def discover(session: Session) -> dict:
-    return openrpc.document(session.api)
+    return session.contract.document()

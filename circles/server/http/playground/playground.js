@@ -9,7 +9,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const DEV_KEY_STORAGE = 'circles-playground-development-key';
-  // The WebSocket subprotocol of our contract (circles/server/session/openrpc.py SUBPROTOCOLS; a test holds them equal).
+  // The WebSocket subprotocol of our contract (circles/common/wire.py SUBPROTOCOLS; a test holds them equal).
   const SUBPROTOCOL = 'circles-gateway.v1';
 
   class RPCError extends Error {
