@@ -310,14 +310,16 @@ def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = Fal
         factory = websocket_factory(url, reactor, timeout)
     except (ValueError, OSError) as e:
         return fail(ConnectFailed(f"cannot open {url}: {e}"))
+    return ensureDeferred(_connected(url, endpoint, factory))
 
-    def not_connected(failure: Failure):
-        if failure.check(ConnectFailed):
-            return failure
-        raise ConnectFailed(f"cannot open {url}: {failure.getErrorMessage()}")
 
-    d = endpoint.connect(factory)
-    d.addCallback(lambda protocol: protocol.opened)
-    d.addCallback(CircleClient)
-    d.addErrback(not_connected)
-    return d
+async def _connected(url: str, endpoint, factory: WebSocketClientFactory) -> CircleClient:
+    """A :class:`CircleClient` once ``endpoint`` is connected and the WebSocket open; any other
+    failure (cancelled included) as :class:`ConnectFailed`."""
+    try:
+        protocol = await endpoint.connect(factory)
+        return CircleClient(await protocol.opened)
+    except ConnectFailed:
+        raise
+    except Exception:
+        raise ConnectFailed(f"cannot open {url}: {Failure().getErrorMessage()}") from None
