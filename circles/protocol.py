@@ -177,6 +177,7 @@ class CircleProtocol(WebSocketServerProtocol):
             self._open_session(None, circle, contract, peer_host)
             return subprotocol
         proved = gateway.http_nonces.redeem_value(*proof)
+        # Callbacks, not a coroutine: per handshake, and answered at once by a store in memory.
         proved.addCallbacks(self._open_session, _url_refused, callbackArgs=(circle, contract, peer_host))
         proved.addCallback(lambda _: subprotocol)
         if proved.called:  # a store in memory answers at once
@@ -266,7 +267,7 @@ class CircleProtocol(WebSocketServerProtocol):
         except ReplyTooLarge as e:
             self._unsendable(e)
             return
-        if isinstance(reply, Deferred):
+        if isinstance(reply, Deferred):  # callbacks, not a coroutine: per message (the hot path)
             reply.addCallback(self._reply)
             # The dispatcher answers every failure itself; anything reaching here is our bug.
             reply.addErrback(self._reply_failed)

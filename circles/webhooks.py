@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
 from werkzeug.exceptions import HTTPException
 
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
@@ -169,27 +170,29 @@ class WebhookRoutes:
             return self.refuse(request, 400, str(e), name, circle)
         task = ScriptRequest(circle=circle, script=provider.script, caller="", source=provider.source,
                              timeout=config.webhook_deadline)
-        d = self.gateway.scripts.enqueue_once(task, body.decode("utf-8"), event.dedupe_name(circle),
-                                              config.webhook_dedupe_ttl)
+        queued = self.gateway.scripts.enqueue_once(task, body.decode("utf-8"), event.dedupe_name(circle),
+                                                   config.webhook_dedupe_ttl)
+        return ensureDeferred(self._answer(request, queued, provider, name, circle, event))
 
-        def queued(result: Queued) -> bytes:
-            # At debug: one line per event would be the busiest line of the log; /metrics counts them.
-            log.debug("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
-                     event=provider.describe(event), circle=circle, task=result.task_id,
-                     what="duplicate of" if result.duplicate else "queued as")
-            self.gateway.metrics.webhooks.labels(name, "200").inc()
-            answer = {"received": True, "task_id": result.task_id}
-            if result.duplicate:
-                answer["duplicate"] = True
-            return json_response(request, 200, answer)
-
-        def unavailable(failure):
-            failure.trap(BackendUnavailable)
+    async def _answer(self, request, queued: Deferred, provider: Provider, name: str, circle: str,
+                      event: Any) -> bytes:
+        """200 once the event is queued (Redis, and the replicas asked for, hold it); 503 if the
+        backend is unavailable. Klein cancels the answer when the provider hangs up: that cancels
+        the wait."""
+        try:
+            result: Queued = await queued
+        except BackendUnavailable as e:
             request.setHeader(b"retry-after", RETRY_AFTER)
-            return self.refuse(request, 503, "backend unavailable, retry later", name, circle,
-                               why=str(failure.value))
-
-        return d.addCallbacks(queued, unavailable)
+            return self.refuse(request, 503, "backend unavailable, retry later", name, circle, why=str(e))
+        # At debug: one line per event would be the busiest line of the log; /metrics counts them.
+        log.debug("webhook {provider} {event} for {circle}: {what} task {task}", provider=name,
+                  event=provider.describe(event), circle=circle, task=result.task_id,
+                  what="duplicate of" if result.duplicate else "queued as")
+        self.gateway.metrics.webhooks.labels(name, "200").inc()
+        answer = {"received": True, "task_id": result.task_id}
+        if result.duplicate:
+            answer["duplicate"] = True
+        return json_response(request, 200, answer)
 
     @app.route("/", branch=True)
     def elsewhere(self, request) -> bytes:

@@ -70,6 +70,9 @@ async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
     redis = EmbeddedRedis(str(tmp_path), reactor=reactor)
     redis.startService()
     address = await answering(redis)
+    # Killed once the service itself saw it answer (its own PING, every 50 ms): one killed before
+    # that failed at start, and is not started again.
+    await eventually(lambda: redis._answered)
     try:
         for _ in range(2):  # and again: each kill is answered by one new redis-server
             first = redis._transport.pid

@@ -108,6 +108,97 @@ def test_no_inline_callbacks():
     assert users == []
 
 
+#: Where one Deferred may carry several callbacks in one function: the hot paths, run for every
+#: handshake, message, play or reply, where a coroutine each time would cost (README, "How the code
+#: is written"); each says so in a comment. Everywhere else a sequence is an ``async def``.
+CALLBACK_CHAINS = {
+    ("circles/protocol.py", "onConnect"),
+    ("circles/protocol.py", "onMessage"),
+    ("circles/server/session/methods.py", "play"),
+    ("circles/backend/commands.py", "command"),
+    ("circles/backend/dispatch.py", "_route"),
+}
+_ADD = {"addCallback", "addCallbacks", "addErrback", "addBoth"}
+_SEES_RESULTS = {"addCallback", "addCallbacks", "addBoth"}  # an errback alone only consumes failures
+
+
+def _own_nodes(function: ast.AST):
+    """The nodes of ``function``'s own body: not those of the functions, lambdas and classes in it."""
+    stack = list(ast.iter_child_nodes(function))
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield node
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _adding(node: ast.AST, names=_ADD) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names
+
+
+def _callback_chains(text: str) -> "list[tuple[str, int]]":
+    """(function, line) of each function that adds more than one callback to the same Deferred
+    (``d.addCallback(f).addErrback(g)``, or ``d.addCallback(f)`` then ``d.addErrback(g)``)."""
+    chains = []
+    for function in ast.walk(ast.parse(text)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        added: "dict[str, int]" = {}
+        for node in _own_nodes(function):
+            if _adding(node):
+                deferred = node.func.value
+                while _adding(deferred):  # a chained call adds to the Deferred it was called on
+                    deferred = deferred.func.value
+                added[ast.dump(deferred)] = added.get(ast.dump(deferred), 0) + 1
+        if any(n > 1 for n in added.values()):
+            chains.append((function.name, function.lineno))
+    return chains
+
+
+def _combinators_by_hand(text: str) -> "list[int]":
+    """Lines where a loop (``for``, a comprehension) adds callbacks that see results to each of
+    several Deferreds: the first of N, or all of N, by hand."""
+    loops = (ast.For, ast.AsyncFor, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    return sorted({node.lineno for loop in ast.walk(ast.parse(text)) if isinstance(loop, loops)
+                   for node in ast.walk(loop) if _adding(node, _SEES_RESULTS)})
+
+
+def test_sequences_are_coroutines_not_callback_chains():
+    # README, "How the code is written": async def + ensureDeferred, chains only on the hot paths.
+    chains = [f"{module}:{line} {name}" for module in _modules()
+              for name, line in _callback_chains((ROOT / module).read_text(encoding="utf-8"))
+              if (module, name) not in CALLBACK_CHAINS]
+    assert chains == []
+
+
+def test_every_allowed_callback_chain_is_still_one():
+    # An entry whose function no longer chains is taken off the list, not left to allow a new one.
+    chaining = {(module, name) for module in _modules()
+                for name, _ in _callback_chains((ROOT / module).read_text(encoding="utf-8"))}
+    assert CALLBACK_CHAINS - chaining == set()
+
+
+def test_no_deferred_combinators_by_hand():
+    # Twisted's own: DeferredList, gatherResults, race.
+    by_hand = [f"{module}:{line}" for module in _modules()
+               for line in _combinators_by_hand((ROOT / module).read_text(encoding="utf-8"))]
+    assert by_hand == []
+
+
+def test_the_async_rules_find_what_they_forbid():
+    assert _callback_chains("def f(d):\n    return d.addCallback(g).addErrback(h)\n") == [("f", 1)]
+    assert _callback_chains("def f(self):\n    d = go()\n    d.addCallback(g)\n    d.addBoth(done)\n") == [("f", 1)]
+    # one callback on each of two Deferreds, or one in a nested function, is no chain
+    assert _callback_chains("def f(d, e):\n    d.addCallback(g)\n    e.addErrback(h)\n") == []
+    assert _callback_chains("def f(d):\n    def g(r):\n        return r.addBoth(h)\n    d.addCallback(g)\n") == []
+    first_of_n = ("async def first(answers):\n    found = Deferred()\n    for answer in answers:\n"
+                  "        answer.addCallback(found.callback).addErrback(lambda _: None)\n    return await found\n")
+    assert _combinators_by_hand(first_of_n) == [4]
+    assert _combinators_by_hand("def f(ds):\n    return [d.addBoth(seen) for d in ds]\n") == [2]
+    # consuming the failures of several Deferreds is no combinator
+    assert _combinators_by_hand("def f(ds):\n    for d in ds:\n        d.addErrback(lambda _: None)\n") == []
+
+
 def test_no_module_imports_another_modules_private_names():
     crossings = []
     for module in _modules():

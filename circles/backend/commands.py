@@ -95,6 +95,7 @@ class CommandConnection(Service):
         answer: Deferred = Deferred()
         timer = self.reactor.callLater(self.timeout, _too_slow, answer, self.timeout)
         d = ensureDeferred(self._run(redis, ask))
+        # Callbacks, not a second coroutine: per command, and a membership check is one per play (the hot path).
         if settle is not None:
             d.addBoth(settle)
         d.addErrback(self._unavailable, hint)

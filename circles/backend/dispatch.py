@@ -322,20 +322,21 @@ class RedisScriptRunner(Service):
         if self._housekeeping or not self.is_connected():
             return
         self._housekeeping = True
-        d = ensureDeferred(self._housekeeping_round())
-        d.addErrback(lambda f: f.trap(RedisError, BackendUnavailable, CancelledError))
-        d.addErrback(lambda f: log.failure("reaping workers", f))
-
-        def done(_) -> None:
-            self._housekeeping = False
-        d.addBoth(done)
+        ensureDeferred(self._housekeeping_round())
 
     async def _housekeeping_round(self) -> None:
-        await reap(self._commands.handler, self.prefix, counter=self)
-        if self._commands is None:
-            return
-        counts = await self.stats(self.circles)
-        self.dead_letters, self.circle_stats = counts
+        try:
+            await reap(self._commands.handler, self.prefix, counter=self)
+            if self._commands is None:
+                return
+            counts = await self.stats(self.circles)
+            self.dead_letters, self.circle_stats = counts
+        except (RedisError, BackendUnavailable, CancelledError):
+            pass  # Redis trouble: the next round tries again
+        except Exception:
+            log.failure("reaping workers")
+        finally:
+            self._housekeeping = False
 
     async def stats(self, circles) -> "tuple[int, dict[str, tuple[int, int]]]":
         """``(dead letters, {circle: (live workers, queue length)})`` for ``circles``, in one step."""
@@ -622,6 +623,7 @@ class RedisScriptRunner(Service):
             return
         # A bare task id: the result is in the task hash, read and deleted in one step.
         d = self._command("eval", tasks.TAKE_RESULT, [tasks.task_key(self.prefix, task_id)], [])
+        # Callbacks, not a coroutine: per play's reply (the script runner's reply path, a hot path).
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
 

@@ -250,13 +250,15 @@ class EmbeddedRedis(Service):
         self._answered = False
         self._delay = RestartDelay(self.reactor)
         self._spawn()
-        ensureDeferred(self._wait_until_ready()).addCallbacks(self._answers, self._cannot_start)
+        ensureDeferred(self._first_answer())
 
-    def _answers(self, _) -> None:
+    async def _first_answer(self) -> None:
+        try:
+            await self._wait_until_ready()
+        except Exception:
+            log.error("{error}", error=Failure().getErrorMessage())
+            return
         self._answered = True
-
-    def _cannot_start(self, failure: Failure) -> None:
-        log.error("{error}", error=failure.getErrorMessage())
 
     def _spawn(self) -> None:
         args = [find_redis_server(self.binary), "--port", "0", "--unixsocket", self.socket_path,
@@ -297,9 +299,14 @@ class EmbeddedRedis(Service):
             log.error("{error}: not starting ours again", error=str(e))
             return
         self._spawn()
-        ensureDeferred(self._wait_until_ready()).addCallbacks(
-            lambda _: log.info("the private redis-server answers again"),
-            lambda failure: None)  # it exited again: _ended says so and tries later
+        ensureDeferred(self._answers_again())
+
+    async def _answers_again(self) -> None:
+        try:
+            await self._wait_until_ready()
+        except Exception:
+            return  # it exited again: _ended says so and tries later
+        log.info("the private redis-server answers again")
 
     async def _wait_until_ready(self) -> None:
         """Return once the redis-server just spawned answers a PING; fail if it exits first or

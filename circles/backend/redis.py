@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, FailureGroup, ensureDeferred, race
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
@@ -402,28 +402,38 @@ class Sentinels:
                 raise NoPrimary(f"no Sentinel of {self.master} answers")
             await deferLater(self.clock, 0.05, lambda: None)  # just started: give them a moment
             waited += 0.05
-        answers = [c.handler.execute_command("SENTINEL", "MASTER", self.master)
-                   for c in self.connections if c.size]
-        found: Deferred = Deferred()
-        left = [len(answers)]
+        named = [ensureDeferred(self._named(c.handler.execute_command("SENTINEL", "MASTER", self.master)))
+                 for c in self.connections if c.size]
+        try:
+            _, primary = await race(named)
+        except FailureGroup as e:
+            if any(f.check(CancelledError) for f in e.failures):
+                raise CancelledError() from None  # this call was cancelled: race cancelled every answer
+            raise NoPrimary(f"no Sentinel knows a primary of {self.master} that is up") from None
+        return primary
 
-        def answered(reply) -> None:
-            state = dict(zip(reply[0::2], reply[1::2])) if isinstance(reply, list) else {}
-            flags = set(text(state.get("flags")).split(","))
-            if not found.called and "master" in flags and not flags & {"s_down", "o_down", "disconnected"}:
-                found.callback((text(state["ip"]), int(text(state["port"]))))
-
-        def one_done(_) -> None:
-            left[0] -= 1
-            if not left[0] and not found.called:
-                found.errback(NoPrimary(f"no Sentinel knows a primary of {self.master} that is up"))
-
-        for answer in answers:
-            answer.addCallback(answered).addErrback(lambda _: None).addBoth(one_done)
-        return await found
+    @staticmethod
+    async def _named(command: Deferred) -> "tuple[str, int]":
+        """The primary a Sentinel's answer (``SENTINEL MASTER``) names, if it believes it up; else
+        :class:`NoPrimary`. Cancelled once another Sentinel answered first; the command itself never
+        is (txredisapi matches replies to commands in order)."""
+        reply = await _reply_or_none(command)
+        state = dict(zip(reply[0::2], reply[1::2])) if isinstance(reply, list) else {}
+        flags = set(text(state.get("flags")).split(","))
+        if "master" in flags and not flags & {"s_down", "o_down", "disconnected"}:
+            return text(state["ip"]), int(text(state["port"]))
+        raise NoPrimary("this Sentinel names no primary that is up")
 
     def disconnect(self) -> Deferred:
         return DeferredList([c.disconnect() for c in self.connections], consumeErrors=True)
+
+
+def _reply_or_none(command: Deferred) -> Deferred:
+    """``command``'s reply, or None if it failed, through a Deferred of its own: cancelling that
+    one leaves the command be (its reply, when it comes, is dropped)."""
+    reply: Deferred = Deferred()
+    command.addCallbacks(reply.callback, lambda _: reply.callback(None))
+    return reply
 
 
 class _PrimaryProtocol(txredisapi.RedisProtocol):

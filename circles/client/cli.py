@@ -56,8 +56,8 @@ from twisted.internet.task import react
 
 import circles
 from circles.client import signing
-from circles.client.connection import (CertificateNotVerified, ConnectFailed, ConnectionClosed, RPCError, check_url,
-                                       connect)
+from circles.client.connection import ConnectionClosed, RPCError, check_url, connect
+from circles.client.diagnostics import CertificateNotVerified, ConnectFailed
 from circles.common.wire import AUTH_REQUIRED
 from circles.common.tls_client import CAFileError, load_ca_file
 

@@ -162,18 +162,22 @@ class Worker(Service):
         if self._beating:
             return  # one at a time: never pile heartbeats up behind a slow Redis
         self._beating = True  # (and on while stopping: running scripts must not be reaped)
-        d = ensureDeferred(self._heartbeat())
-        d.addErrback(self._heartbeat_failed)
-        d.addErrback(lambda f: log.failure("heartbeat", f))
+        ensureDeferred(self._beat_once())
 
-        def done(_):
+    async def _beat_once(self) -> None:
+        try:
+            try:
+                await self._heartbeat()
+            except (RedisError, CancelledError) as e:
+                self._heartbeat_failed(e)
+        except Exception:
+            log.failure("heartbeat")
+        finally:
             self._beating = False
-        d.addBoth(done)
 
-    def _heartbeat_failed(self, failure: Failure) -> None:
-        failure.trap(RedisError, CancelledError)
+    def _heartbeat_failed(self, error: Exception) -> None:
         self._beat_failed = True
-        if failure.check(ResponseError) and str(failure.value).startswith("READONLY") and self.address.sentinels:
+        if isinstance(error, ResponseError) and str(error).startswith("READONLY") and self.address.sentinels:
             # A primary demoted by a failover whose connections were not closed: reconnect, to
             # the primary the Sentinels name now (the server does the same on ROLE).
             log.warn("Redis at {redis} is no longer the primary: reconnecting",
@@ -382,29 +386,26 @@ class Worker(Service):
                     return False, None
             await deferLater(self.reactor, 0.5, lambda: None)
 
-    def _execute(self, script: str, context: ScriptContext, timeout: float) -> Deferred:
+    async def _execute(self, script: str, context: ScriptContext, timeout: float) -> str:
+        """The engine's output as text; the engine's Deferred is cancelled once ``timeout``
+        seconds passed (:class:`ScriptTimedOut`)."""
         d = maybeDeferred(self.engine, script, context)
         timer = self.reactor.callLater(timeout, d.cancel)
-
-        def stop_timer(result):
-            if timer.active():
-                timer.cancel()
-            return result
-
-        def timed_out(failure: Failure):
-            failure.trap(CancelledError)
-            raise ScriptTimedOut(f"script timed out after {timeout:g}s")
-
-        def as_text(output: Any) -> str:
-            if output is None:
-                return ""
-            if isinstance(output, bytes):
-                return output.decode("utf-8", "replace")
-            if not isinstance(output, str):
-                raise EngineError(f"the engine returned {type(output).__name__}, not a string")
-            return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
-
-        return d.addBoth(stop_timer).addErrback(timed_out).addCallback(as_text)
+        try:
+            try:
+                output = await d
+            finally:
+                if timer.active():
+                    timer.cancel()
+        except CancelledError:
+            raise ScriptTimedOut(f"script timed out after {timeout:g}s") from None
+        if output is None:
+            return ""
+        if isinstance(output, bytes):
+            return output.decode("utf-8", "replace")
+        if not isinstance(output, str):
+            raise EngineError(f"the engine returned {type(output).__name__}, not a string")
+        return output.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
 
 
 _ESCAPED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}

@@ -15,7 +15,7 @@ import os
 import sys
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.python import usage
 
 from circles.common import logs
@@ -185,12 +185,18 @@ class IsolatingWorker(Worker):
             lambda f: log.error("the engine's processes did not start: {error}", error=str(f.value)))
 
     def stopService(self) -> Deferred:
-        stopped = super().stopService()
+        return ensureDeferred(self._stop_engine_after(super().stopService()))
 
-        def stop_engine(result):
-            return self.engine.stop().addBoth(lambda _: result)
-
-        return stopped.addBoth(stop_engine)
+    async def _stop_engine_after(self, worker_stopped: Deferred) -> None:
+        """The worker's stop, then the engine's (whose failure does not change the stop's result)."""
+        try:
+            await worker_stopped
+        finally:
+            engine_stopped = self.engine.stop()
+            try:
+                await engine_stopped
+            except Exception:
+                pass
 
 
 def makeService(config: Options, reactor=global_reactor) -> Worker:

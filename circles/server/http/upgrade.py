@@ -22,7 +22,7 @@ fails the TLS handshake with its first bytes, ``GET ``: OpenSSL reports that as 
 and the connection closes with nothing routed. That is said in the log in those words (through
 the gateway's budget of refused-request lines: anyone can send it), since a bare handshake
 failure does not name the likely cause; the client, which gets no answer at all, says it too
-(:mod:`circles.client.connection`).
+(:mod:`circles.client.diagnostics`).
 """
 
 from __future__ import annotations

@@ -227,6 +227,7 @@ def play(session: Session, script: str, timeout: Optional[float] = None) -> Defe
         d = gateway.members.check(session.circle, request.caller)
         d.addCallback(_admitted, session, request)
     session.plays.add(d)
+    # Callbacks, not a coroutine: per play (the hot path).
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
     shape = session.contract.play_result
