@@ -245,7 +245,7 @@ class CircleProtocol(WebSocketServerProtocol):
         try:
             pubkey = normalize_pubkey(given["pubkey"])
         except InvalidKey as e:
-            raise ConnectionDeny(401, f"Authentication failed: {e}")
+            raise ConnectionDeny(401, f"Authentication failed: {e}") from None
         return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

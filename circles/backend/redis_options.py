@@ -95,7 +95,7 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         try:
             url = read_secret_file(path).strip()
         except SecretFileError as e:
-            raise SystemExit(f"circles: {source}: {e}")
+            raise SystemExit(f"circles: {source}: {e}") from None
         if not url or "\n" in url:
             raise SystemExit(f"circles: {source}: {path} must hold one line, the Redis URL")
     if not url:
@@ -103,7 +103,7 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
     try:
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
-        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}")
+        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}") from None
     if not address.sentinels:
         address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
     return RedisChoice(url, address, source, ignored)

@@ -157,11 +157,11 @@ def read_dotenv(directory: str = ".") -> "tuple[str, dict[str, str]]":
     except FileNotFoundError:
         return path, {}
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"circles: cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}")
+        raise SystemExit(f"circles: cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
     try:
         return path, parse_dotenv(text, path)
     except DotenvError as e:
-        raise SystemExit(f"circles: {e}")
+        raise SystemExit(f"circles: {e}") from None
 
 
 def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, str]] = None,

@@ -158,7 +158,7 @@ def hold(state_dir: str) -> int:
         holder = os.read(fd, 32).decode("ascii", "replace").strip()
         os.close(fd)
         raise RuntimeError(f"another try-out (pid {holder or '?'}) is running on {_shown(state_dir)}; "
-                           "stop it, or give this one another --state-dir")
+                           "stop it, or give this one another --state-dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     return fd
@@ -348,7 +348,7 @@ def main(argv: Optional[list] = None) -> None:
             await _run(reactor, args)
         except (RuntimeError, signing.KeyFileError) as e:
             _say(f"circles try: {e}")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
     react(lambda reactor: ensureDeferred(run(reactor)))
 

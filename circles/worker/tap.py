@@ -125,7 +125,7 @@ class Options(usage.Options):
         try:
             self["circles"] = sorted(circle_set(self["circles"]))
         except ValueError as e:
-            raise usage.UsageError(f"-k/--circle: {e}")
+            raise usage.UsageError(f"-k/--circle: {e}") from None
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
         if not self["worker-ttl"] > self["heartbeat"]:
@@ -148,7 +148,7 @@ class Options(usage.Options):
             self.address, self.private_redis = redis.address, redis.private
             self.redis_source = redis.log_line()  # makeService logs it
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
-            raise usage.UsageError(f"--redis-url: {e}")
+            raise usage.UsageError(f"--redis-url: {e}") from None
         try:
             if self["exec"] is not None:
                 self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"],
@@ -166,7 +166,7 @@ class Options(usage.Options):
                 else:
                     self.engine = with_max_memory(engine, self["max-script-memory"])
         except ValueError as e:
-            raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
+            raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}") from None
 
 
 def cpu_backstop(script_timeout: float) -> int:

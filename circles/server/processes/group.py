@@ -263,7 +263,7 @@ class ServerProcesses(Service):
             self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog, listen=False)
                              for number in range(2, self._count + 2)}
         except OSError as e:
-            raise CannotListenError(interface, host.port, e)
+            raise CannotListenError(interface, host.port, e) from e
 
     def startService(self) -> None:
         super().startService()
