@@ -93,7 +93,7 @@ async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> "l
     """Live workers, queue length and dead letters of ``circles``, and of every circle that has
     a queue, a worker or a dead letter in Redis now."""
     found = set(circles)
-    for pattern, kind in ((tasks.queue_key(prefix, "*"), "queue"), (tasks.circle_workers_key(prefix, "*"), "workers")):
+    for pattern, _kind in ((tasks.queue_key(prefix, "*"), "queue"), (tasks.circle_workers_key(prefix, "*"), "workers")):
         start = len(pattern) - 1
         found.update(key[start:] for key in await _scan(commands, pattern))
     dead_by_circle: "dict[str, int]" = {}

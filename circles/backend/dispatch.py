@@ -206,7 +206,7 @@ class RedisScriptRunner(Service):
             if looping is not None and looping.running:
                 looping.stop()
         waiting, self._waiting = self._waiting, {}
-        for task_id, entry in waiting.items():
+        for entry in waiting.values():
             entry.stop_timer()
             entry.deferred.errback(BackendUnavailable("the server is shutting down"))
         if self.is_connected():

@@ -31,7 +31,6 @@ import shlex
 import shutil
 import signal
 import sys
-from typing import Optional
 
 from cryptography import x509
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -136,9 +135,9 @@ def prepare(state_dir: str) -> dict:
     os.makedirs(webhooks, mode=0o700, exist_ok=True)
     for provider, (handler, what, prefix) in WEBHOOK_HANDLERS.items():
         paths[f"{provider}_secret"] = _kept(os.path.join(webhooks, f"{provider}.secret"),
-                                            lambda: prefix + secrets.token_hex(24) + "\n")
+                                            lambda: prefix + secrets.token_hex(24) + "\n")  # noqa: B023  (called at once)
         paths[f"{provider}_script"] = _kept(os.path.join(webhooks, f"{provider}.rhai"),
-                                            lambda: WEBHOOK_SCRIPT.format(handler=handler, what=what))
+                                            lambda: WEBHOOK_SCRIPT.format(handler=handler, what=what))  # noqa: B023
     paths["logs"] = os.path.join(state_dir, "logs")
     paths["run"] = os.path.join(state_dir, "run")
     os.makedirs(paths["logs"], exist_ok=True)
@@ -338,7 +337,7 @@ async def _run(reactor, args) -> None:
     raise SystemExit(1)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     args = _parser().parse_args(argv)
     if not hasattr(signal, "SIGKILL") or not sys.platform.startswith("linux"):
         raise SystemExit("circles try: needs Linux (children are tied to it with PR_SET_PDEATHSIG)")
