@@ -56,7 +56,8 @@ class RedisChoice:
     def log_line(self) -> str:
         """Which source named the Redis (never the URL: it may carry a password)."""
         if self.private:
-            return "Redis: the private redis-server in --state-dir (no --redis-url, --redis-url-file, $CIRCLES_REDIS_URL, $CIRCLES_REDIS_URL_FILE, $REDIS_URL)"
+            return ("Redis: the private redis-server in --state-dir (no --redis-url, --redis-url-file, "
+                    "$CIRCLES_REDIS_URL, $CIRCLES_REDIS_URL_FILE, $REDIS_URL)")
         return describe_source("Redis URL", self.source, self.ignored)
 
     @property

@@ -42,7 +42,7 @@ _MISSING = object()
 log = Logger()
 
 JSONValue = Any
-Params = Union[list, dict, None]
+Params = list | dict | None
 
 
 class ReplyTooLarge(Exception):
