@@ -50,7 +50,8 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -135,7 +136,7 @@ class ConnectionClosed(ConnectionError):
 
 # -- TLS ---------------------------------------------------------------------------------------
 
-def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
+def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False) -> IOpenSSLClientConnectionCreator:
     """Client TLS for ``host``: verified against the system trust store, or ``ca`` (PEM file)."""
     if insecure:
         # Development only: any certificate, any host name.
@@ -143,11 +144,11 @@ def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
     return client_options(host, ca)
 
 
-def endpoint_for(url: str, reactor, *, ca: Optional[str] = None, insecure: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT):
+def endpoint_for(url: str, reactor: Any, *, ca: Optional[str] = None, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> IStreamClientEndpoint:
     """The Twisted client endpoint reaching ``url`` (TLS-wrapped for ``wss://``)."""
     is_secure, host, port, _, _, _ = parse_url(url)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if is_secure:
         endpoint = wrapClientTLS(_Recorded(tls_options(host, ca, insecure), ca), endpoint)
     elif ca is not None or insecure:
@@ -164,7 +165,7 @@ class _Recorded:
         self._options = options
         self._ca = ca
 
-    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tls_protocol)
         protocol = getattr(tls_protocol, "wrappedProtocol", None)
         if isinstance(protocol, _ClientProtocol):
@@ -271,7 +272,10 @@ class _ClientProtocol(WebSocketClientProtocol):
         message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
         if params is not None:
             message["params"] = params
-        d = Deferred(lambda _: self._pending.pop(request_id, None))
+        def forget(_: Deferred) -> None:  # cancelled: no reply is awaited
+            self._pending.pop(request_id, None)
+
+        d: Deferred = Deferred(forget)
         self._pending[request_id] = (d, method)
         self.sendMessage(json.dumps(message).encode("utf-8"))
         return d
@@ -295,7 +299,7 @@ class _ClientProtocol(WebSocketClientProtocol):
             else:
                 d.callback(reply.get("result"))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = reason  # the TLS or socket error behind an unclean close
         super().connectionLost(reason)
 
@@ -308,6 +312,7 @@ class _ClientProtocol(WebSocketClientProtocol):
     def _not_opened(self, why: str) -> ConnectFailed:
         """Why the connection did not open, as a user would say it."""
         url = self.url
+        assert url is not None  # set as the connection was made
         _, host, port, resource, _, _ = parse_url(url)
         status_line = getattr(self, "http_status_line", None) or ""
         status = re.match(r"HTTP/\S+ (\d{3})\s*(.*)", status_line)
@@ -322,7 +327,7 @@ class _ClientProtocol(WebSocketClientProtocol):
         lost = self._lost
         not_verified = lost is not None and (lost.check(VerificationError) is not None or (
             lost.check(SSL.Error) is not None and "certificate verify failed" in str(lost.value)))
-        if self.tls is not None and not_verified:
+        if self.tls is not None and lost is not None and not_verified:
             connection, ca = self.tls
             return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
                                           f"{_not_verified(connection, ca, host, lost)}")
@@ -347,7 +352,7 @@ class _ClientProtocol(WebSocketClientProtocol):
             self.closed.fire((code, reason))
 
 
-def _factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
+def _factory(url: str, reactor: Any, timeout: float) -> WebSocketClientFactory:
     # Our contract ({output}, -32005...) on every server, one defaulting to the circles-era one too.
     factory = WebSocketClientFactory(url, reactor=reactor, protocols=[SUBPROTOCOLS[GATEWAY]])
     factory.protocol = _ClientProtocol
@@ -363,6 +368,7 @@ class CircleClient:
 
     def __init__(self, protocol: _ClientProtocol) -> None:
         self._protocol = protocol
+        assert protocol.url is not None  # an open connection's
         self.url: str = protocol.url
         self.pubkey: Optional[str] = None  # the key this connection authenticated as
 
@@ -381,7 +387,7 @@ class CircleClient:
         """
         return ensureDeferred(self._authenticate(private_key(key), scheme))
 
-    async def _authenticate(self, key, scheme: str) -> dict:
+    async def _authenticate(self, key: PrivateKeyLike, scheme: str) -> dict:
         pubkey = public_key(key)
         nonce = (await self.fetch_nonce(pubkey))["nonce"]
         result = await self.call("authenticate", {"pubkey": pubkey, "signature": sign_nonce(key, nonce, scheme)})
@@ -420,7 +426,7 @@ class CircleClient:
         return d
 
 
-def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = False,
+def connect(url: str, *, reactor: Any, ca: Optional[str] = None, insecure: bool = False,
             timeout: float = DEFAULT_TIMEOUT) -> Deferred:
     """Open ``url`` (``ws://`` or ``wss://host:port/<circle>``); fires with a :class:`CircleClient`.
 
@@ -434,12 +440,12 @@ def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = Fal
     except (ValueError, OSError) as e:
         return fail(ConnectFailed(f"cannot open {url}: {e}"))
 
-    def not_connected(failure: Failure):
+    def not_connected(failure: Failure) -> Failure:
         if failure.check(ConnectFailed):
             return failure
         raise ConnectFailed(f"cannot open {url}: {failure.getErrorMessage()}")
 
-    d = endpoint.connect(factory)
+    d: Deferred = endpoint.connect(factory)
     d.addCallback(lambda protocol: protocol.opened)
     d.addCallback(CircleClient)
     d.addErrback(not_connected)
@@ -460,7 +466,7 @@ class _Rotating:
         self._next = 0
         self.url: str = targets[0][0]  # the URL of the current or last attempt
 
-    def connect(self, protocol_factory) -> Deferred:
+    def connect(self, protocol_factory: IProtocolFactory) -> Deferred:
         self.url, endpoint = self._targets[self._next]
         self._next = (self._next + 1) % len(self._targets)
         f = self._factory
@@ -530,7 +536,7 @@ class ReconnectingClient:
     #: clients in only to send them away).
     SETTLED = 1.0
 
-    def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
+    def __init__(self, url: Union[str, Sequence[str]], *, reactor: Any, key: Optional[PrivateKeyLike] = None,
                  scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, retry_policy: Optional[Callable[[int], float]] = None) -> None:
         self.urls: "list[str]" = check_urls(url)
@@ -560,7 +566,7 @@ class ReconnectingClient:
     def url(self) -> str:
         return self._endpoint.url
 
-    def _prepare(self, protocol) -> None:
+    def _prepare(self, protocol: Any) -> None:  # a _ClientProtocol
         """Each new connection, as soon as TCP (and TLS) is up: its handshake and authentication
         go on in the background; the service takes the connection as made (see the class)."""
         ensureDeferred(self._make_live(protocol.opened, protocol.url))
@@ -641,7 +647,7 @@ class ReconnectingClient:
         waiter: Deferred = Deferred(self._forget)
         self._waiters.append(waiter)
         if timeout is not None:
-            def unreachable(result, timeout):
+            def unreachable(result: Any, timeout: float) -> Any:
                 if isinstance(result, Failure) and result.check(CancelledError):
                     raise self._unreachable(timeout)
                 return result
@@ -654,7 +660,7 @@ class ReconnectingClient:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-    def _via(self, method: str, *args, rpc: Optional[str] = None, **kwargs) -> Deferred:
+    def _via(self, method: str, *args: Any, rpc: Optional[str] = None, **kwargs: Any) -> Deferred:
         """``method`` of the live connection's :class:`CircleClient`, made again on the next
         connection where that is safe (see the class); ``rpc``: the JSON-RPC method it calls."""
         return ensureDeferred(self._calling(method, rpc or method, args, kwargs))
@@ -704,6 +710,7 @@ class ReconnectingClient:
             except ConnectionClosed as e:
                 if e.sent or attempt == self.MOST_ATTEMPTS:
                     raise  # it may have run: never repeated
+        raise AssertionError("the last attempt returns or raises")
 
     def discover(self) -> Deferred:
         return self._via("discover", rpc="rpc.discover")
