@@ -12,7 +12,7 @@ with whatever methods it is given.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -24,6 +24,9 @@ from circles.common.jsonrpc import Dispatcher, Methods, RPCError
 from circles.server.metrics import Metrics
 from circles.common.wire import REPLY_TOO_LARGE, TOO_MANY_REQUESTS
 
+if TYPE_CHECKING:
+    from circles.backend.members import Membership
+
 
 class Gateway:
     """What every session of one server shares: configuration, clock, script backend."""
@@ -33,7 +36,7 @@ class Gateway:
         self.clock = clock
         self.scripts = scripts
         #: Who may play in each circle (circles.backend.members.Membership); None: anyone (no Redis).
-        self.members = None
+        self.members: Optional[Membership] = None
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False

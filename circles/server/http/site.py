@@ -16,7 +16,7 @@ from __future__ import annotations
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from circles.server.session import openrpc
@@ -94,7 +94,7 @@ class MetricsPage(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, playground: bool = False,
+    def __init__(self, circles: IResource, auth: IResource, webhooks: IResource, playground: bool = False,
                  api: str = openrpc.DEFAULT_API, auth_required: bool = False) -> None:
         super().__init__()
         self._circles = circles
@@ -130,7 +130,7 @@ class _Site(Site):
                      user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
 
 
-def edge_site(gateway: Gateway, circles: Resource, webhooks: Resource, reactor) -> Site:
+def edge_site(gateway: Gateway, circles: IResource, webhooks: IResource, reactor) -> Site:
     """The one Site: the operational routes, ``/auth``, and the server's two faces as given
     (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes)."""
     root = Root(circles, AuthRoutes(gateway).app.resource(), webhooks,
@@ -153,7 +153,8 @@ def _bounded_site(root: Resource, gateway: Gateway, reactor) -> Site:
     # take over.
     site = _Site(root, reactor=reactor, timeout=gateway.config.handshake_timeout,
                  requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
-    site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
+    # The timeout bounds a whole request, not one silence.
+    site.protocol = RequestDeadlineChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
     return site
