@@ -114,7 +114,8 @@ async def requeue(commands, prefix: str, task_ids: Optional[Iterable[str]] = Non
     ``task_ids`` None: every one. Returns ``(requeued, not dead)``."""
     if task_ids is None:
         task_ids = [text(t) for t in await commands.execute_command("LRANGE", tasks.dead_key(prefix), 0, -1)]
-    done, missing = [], []
+    done: list[str] = []
+    missing: list[str] = []
     for task_id in task_ids:
         result = await commands.eval(tasks.REQUEUE, [tasks.dead_key(prefix)], [prefix, task_id, tasks.TASK_TTL])
         (done if int(result) else missing).append(task_id)

@@ -83,7 +83,7 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         raise usage.UsageError("give --redis-url or --redis-url-file, not both")
     path = None
     if given:
-        source = f"--{given[0]}"
+        source: Optional[str] = f"--{given[0]}"
         url = options["redis-url"]
         path = options.get("redis-url-file")
         _, first, rest = from_environment(names, dotenv=dotenv)
@@ -100,11 +100,11 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         if not url or "\n" in url:
             raise SystemExit(f"circles: {source}: {path} must hold one line, the Redis URL")
     if not url:
-        return RedisChoice(None, private_redis_address(options["state-dir"]))
+        return RedisChoice(None, private_redis_address(options["state-dir"]))  # type: ignore[arg-type]  # a default
     try:
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
         raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}") from None
     if not address.sentinels:
         address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
-    return RedisChoice(url, address, source, ignored)
+    return RedisChoice(url, address, source, ignored)  # type: ignore[arg-type]  # a URL comes with its source
