@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.application.service import MultiService
@@ -299,7 +299,7 @@ class Options(usage.Options):
         if redis.private:
             try:
                 find_redis_server()
-                refuse_a_state_dir_in_use(redis.address.path)
+                refuse_a_state_dir_in_use(redis.address.path)  # type: ignore[arg-type]  # a private Redis's socket
             except EmbeddedRedisError as e:
                 raise SystemExit(f"circles: {e}") from None
         try:
@@ -353,8 +353,9 @@ def _one_line_for_cannot_start(kind, error, tb, _previous=sys.excepthook) -> Non
     one line on the process's stderr (twistd has sent ``sys.stderr`` to the log) and no
     traceback; the exit status is 1 as for any uncaught exception."""
     if isinstance(error, CannotStart):
-        sys.__stderr__.write(f"circles: {error}\n")
-        sys.__stderr__.flush()
+        stderr: Any = sys.__stderr__  # None only in an interpreter with no stderr at start
+        stderr.write(f"circles: {error}\n")
+        stderr.flush()
         return
     _previous(kind, error, tb)
 

@@ -202,7 +202,7 @@ class Child(ProcessProtocol):
 
     def wait_for(self, pattern: str, reactor, timeout: float = READY_TIMEOUT) -> Deferred:
         """Fire with the match of the first log line matching ``pattern`` from now on."""
-        d = Deferred()
+        d: Deferred = Deferred()
         watch = (re.compile(pattern), d)
         self._watches.append(watch)
 
@@ -226,7 +226,7 @@ class Child(ProcessProtocol):
         for _, d in self._watches:
             d.errback(RuntimeError(f"the {self.name} exited; its last lines ({_shown(self.log_path)}):{last}"))
         self._watches = []
-        self.ended.fire(reason.value.exitCode if not reason.check(ProcessDone) else 0)
+        self.ended.fire(reason.value.exitCode if not reason.check(ProcessDone) else 0)  # type: ignore[union-attr]
 
     @property
     def running(self) -> bool:

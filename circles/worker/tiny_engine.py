@@ -97,7 +97,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 
@@ -279,6 +279,7 @@ class _Tokenizer:
             while j < len(text) and (text[j].isalnum() or text[j] == "_"):
                 j += 1
             digits = text[self.i + 2:j].replace("_", "")
+            value: float  # int or float
             try:
                 value = int(digits, base)
             except ValueError:
@@ -319,7 +320,7 @@ class _Tokenizer:
     def string(self, pos: tuple) -> str:
         text = self.text
         self.advance()  # the opening quote
-        parts = []
+        parts: list[str] = []
         while True:
             if self.i >= len(text) or text[self.i] == "\n":
                 raise _error(pos, "unterminated string")
@@ -626,7 +627,7 @@ class _Parser:
             return ("lit", pos, value)
         if kind == "tmpl":
             self.take()
-            parts = []
+            parts: list = []  # text, and ("block", pos, statements)
             for part in value:
                 if isinstance(part, str):
                     parts.append(part)
@@ -1034,7 +1035,7 @@ class _Evaluator:
                 for item in source:
                     kind = type(item)
                     if kind is list or kind is dict:
-                        item_copy = [] if kind is list else {}
+                        item_copy: Any = [] if kind is list else {}
                         pending.append((item, item_copy))
                         item = item_copy
                     append(item)
@@ -1180,6 +1181,7 @@ class _Evaluator:
     def for_(self, node: tuple) -> None:
         _, pos, name, index_name, iterable_node, body = node
         iterable = self.expression(iterable_node)
+        items: range | list
         if isinstance(iterable, range):
             items = iterable
         elif isinstance(iterable, list):
@@ -1590,6 +1592,7 @@ def _range(ev, pos, start, end, step=1):
     return range(start, end, step)
 
 
+BUILTINS: dict[str, Callable[..., Any]]
 BUILTINS = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is_empty, "push": _push,
             "pop": _pop, "contains": _contains, "keys": _keys, "values": _values, "to_string": _to_string,
             "to_int": _to_int, "to_float": _to_float, "abs": _abs, "to_upper": _to_upper,
