@@ -6,7 +6,7 @@ both twistd plugins and the ``circles`` command, and how they become an address.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.python import usage
@@ -65,7 +65,7 @@ class RedisChoice:
         return self.url is None
 
 
-def choose_redis(options: Mapping[str, Optional[str]], reactor,
+def choose_redis(options: Mapping[str, Optional[str]], reactor: Any,
                  dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None) -> RedisChoice:
     """The Redis that parsed ``options`` name: ``--redis-url`` or the file ``--redis-url-file``
     names (else ``$CIRCLES_REDIS_URL``, else the file ``$CIRCLES_REDIS_URL_FILE`` names, else

@@ -90,7 +90,7 @@ def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: Optional[dat
     return paths
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Make a development TLS certificate for circles.")
     parser.add_argument("directory", help="where to write ca.pem, cert.pem and key.pem")
     parser.add_argument("--host", action="append", help="DNS name or IP the certificate names (repeatable)")

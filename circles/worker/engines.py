@@ -321,7 +321,7 @@ class ExecEngine:
     ``max_memory`` bytes (RLIMIT_AS) and ``cpu_seconds`` (RLIMIT_CPU) bound each process the
     command runs, separately (limits are per process, inherited); None: no limit."""
 
-    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
+    def __init__(self, command: str, *, reactor: Any, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
                  env_names: "tuple[str, ...] | list[str]" = (), max_memory: Optional[int] = None,
                  cpu_seconds: Optional[float] = None) -> None:
         argv = shlex.split(command)

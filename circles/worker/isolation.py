@@ -176,7 +176,7 @@ class IsolatedEngine:
     children ahead (else they start on first use); :meth:`stop` kills them all.
     """
 
-    def __init__(self, spec: str, *, reactor, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+    def __init__(self, spec: str, *, reactor: Any, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
                  cpu_seconds: Optional[float] = None, max_output: int = DEFAULT_MAX_OUTPUT,
                  env_names: "tuple[str, ...] | list[str]" = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
         if size < 1:
