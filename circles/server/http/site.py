@@ -27,6 +27,7 @@ from circles.server.http.playground import Playground
 from circles.server.http.responses import answer_later, json_response
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
+from circles.common.wire import DEFAULT_API
 from circles.server.gateway import Gateway
 from circles.server.metrics import Metrics
 
@@ -95,7 +96,7 @@ class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
     def __init__(self, circles: IResource, auth: IResource, webhooks: IResource, playground: bool = False,
-                 api: str = openrpc.DEFAULT_API, auth_required: bool = False) -> None:
+                 api: str = DEFAULT_API, auth_required: bool = False) -> None:
         super().__init__()
         self._circles = circles
         self.putChild(b"auth", auth)
