@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Optional
+from typing import Any, Optional
 
 import txaio
 from autobahn.twisted.util import create_transport_details
@@ -147,8 +147,16 @@ def _url_refused(failure: Failure):
 
 class CircleProtocol(WebSocketServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
+    transport: Any  # set before any callback: TCP, TLS or unix, a producer and consumer too
+    # Autobahn's options, set on the factory's protocol class (CircleFactory.__init__).
+    tcpNoDelay: bool
+    logOctets: bool
+    # One buffer per message (see onMessageFrameData), where Autobahn keeps lists.
+    message_data: Any
+    frame_data: Any
 
-    session: Optional[Session] = None
+    # Opened by onConnect; every callback after it has one (only onClose may come without).
+    session: Session = None  # type: ignore[assignment]
     _idle = None
     _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer's address key, while counted against the limits
@@ -246,7 +254,7 @@ class CircleProtocol(WebSocketServerProtocol):
         try:
             pubkey = normalize_pubkey(given["pubkey"])
         except InvalidKey as e:
-            raise ConnectionDeny(401, f"Authentication failed: {e}")
+            raise ConnectionDeny(401, f"Authentication failed: {e}") from None
         return given["nonce"], pubkey, given["sig"]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -421,6 +429,7 @@ class CircleProtocol(WebSocketServerProtocol):
         that not even an error fits: given up. Aborted, since a client that does not read would
         not read a close frame either."""
         gateway: Gateway = self.factory.gateway
+        assert self._backlog is not None  # what calls this
         self.session.anomalies.note("slow reader", "connection {conn}: does not read its replies ({unread} bytes "
                                     "unread, over the limit of {limit}): closing", unread=unread,
                                     limit=self._backlog.limit)
@@ -464,7 +473,7 @@ class CircleProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_CLOSED:
             self.droppedByMe = True
             self.state = self.STATE_CLOSED
-            txaio.resolve(self.is_closed, self)
+            txaio.resolve(self.is_closed, self)  # type: ignore[attr-defined]  # txaio sets its API at run time
             self._closeConnection(abort)
 
     def _idle_timeout(self) -> None:
@@ -587,7 +596,7 @@ class CircleFactory(WebSocketServerFactory):
         options = {attr: getattr(self, attr) for attr in self.protocol.CONFIG_ATTRS}
         options = {attr: staticmethod(value) if callable(value) else value for attr, value in options.items()}
         options["max_fragments"] = config.max_fragments
-        self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})
+        self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})  # type: ignore[assignment]
 
     def closed(self, protocol: CircleProtocol) -> None:
         self.open_connections.discard(protocol)

@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.application.service import MultiService
@@ -122,7 +122,7 @@ def _read_script(path, option: str):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"circles: {option}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+        raise SystemExit(f"circles: {option}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not text.strip():
         raise SystemExit(f"circles: {option}: {path} is empty")
     return text
@@ -263,7 +263,7 @@ class Options(usage.Options):
         try:
             self["max-request-body"] = _request_body(value)
         except ValueError as e:  # as usage.Options words it for --max-request-body
-            raise usage.UsageError(f"Parameter type enforcement failed: {e}")
+            raise usage.UsageError(f"Parameter type enforcement failed: {e}") from None
         self.deprecated.add("webhook-max-body")
 
     def parseOptions(self, options=None) -> None:
@@ -284,28 +284,28 @@ class Options(usage.Options):
             try:
                 tls.tls12_ciphers(self["tls-ciphers"])
             except tls.TLSError as e:
-                raise SystemExit(f"circles: {e}")
+                raise SystemExit(f"circles: {e}") from None
         for description in self["listen"] + ([self["metrics-listen"]] if self["metrics-listen"] else []):
             try:
                 serverFromString(global_reactor, description)
             except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
+                raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}") from None
         dotenv = read_dotenv()  # the working directory's .env: below the environment, never over it
         try:
             redis = choose_redis(self, global_reactor, dotenv)
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
-            raise SystemExit(f"circles: --redis-url: {e}")
+            raise SystemExit(f"circles: --redis-url: {e}") from None
         if redis.private:
             try:
                 find_redis_server()
-                refuse_a_state_dir_in_use(redis.address.path)
+                refuse_a_state_dir_in_use(redis.address.path)  # type: ignore[arg-type]  # a private Redis's socket
             except EmbeddedRedisError as e:
-                raise SystemExit(f"circles: {e}")
+                raise SystemExit(f"circles: {e}") from None
         try:
             tls_options = (tls.load(self["tls-cert"], self["tls-key"], self["tls-ciphers"])
                            if self["tls-cert"] else None)
         except tls.TLSError as e:
-            raise SystemExit(f"circles: {e}")
+            raise SystemExit(f"circles: {e}") from None
         # Where the Redis URL and the secrets came from, for makeService to log (never a value).
         self.sources = [redis.log_line()]
         # Warned about once logging is up.
@@ -322,7 +322,7 @@ class Options(usage.Options):
                     self.sources.append(describe_source(f"{provider} webhook secrets", f"--{provider.lower()}-secret-file"))
             stripe_secrets, idenfy_secrets = secrets["Stripe"], secrets["iDenfy"]
         except webhook_secrets.SecretsError as e:
-            raise SystemExit(f"circles: webhook secrets: {e}")
+            raise SystemExit(f"circles: webhook secrets: {e}") from None
         scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
         try:
             self.config = Config(
@@ -340,7 +340,7 @@ class Options(usage.Options):
                 idenfy_script=scripts["idenfy"],
             )
         except ValueError as e:
-            raise SystemExit(f"circles: -k/--circle: {e}")
+            raise SystemExit(f"circles: -k/--circle: {e}") from None
 
 
 class CannotStart(Exception):
@@ -352,8 +352,9 @@ def _one_line_for_cannot_start(kind, error, tb, _previous=sys.excepthook) -> Non
     one line on the process's stderr (twistd has sent ``sys.stderr`` to the log) and no
     traceback; the exit status is 1 as for any uncaught exception."""
     if isinstance(error, CannotStart):
-        sys.__stderr__.write(f"circles: {error}\n")
-        sys.__stderr__.flush()
+        stderr: Any = sys.__stderr__  # None only in an interpreter with no stderr at start
+        stderr.write(f"circles: {error}\n")
+        stderr.flush()
         return
     _previous(kind, error, tb)
 
@@ -400,7 +401,7 @@ def makeService(config: Options, reactor=global_reactor):
     try:
         service = _make_service(config, reactor)
     except EmbeddedRedisError as e:  # before twistd sends stderr to the log: a plain exit says it
-        raise SystemExit(f"circles: {e}")
+        raise SystemExit(f"circles: {e}") from None
     service.setServiceParent(root)
     return root
 

@@ -8,13 +8,14 @@ A larger application attaches it to its own service tree::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -48,7 +49,7 @@ LISTEN_BACKLOG = 1024
 CLOSE_WAIT = 2.0
 
 
-def build_site(factory: CircleFactory, reactor) -> Site:
+def build_site(factory: CircleFactory, reactor: Any) -> Site:
     """The one Site of a server: the HTTP edge's routes with the server's two faces on them, the
     WebSocket of every circle (``factory``) and the webhook routes of its gateway; ``/openrpc.json``
     is the document of the contract of a connection that asks for none (the server's ``--api``)."""
@@ -56,7 +57,7 @@ def build_site(factory: CircleFactory, reactor) -> Site:
                      factory.sessions.default.document_text(), reactor)
 
 
-def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = None):
+def endpoint_from_string(reactor: Any, description: str, ciphers: Optional[str] = None) -> IStreamServerEndpoint:
     """A Twisted endpoint string's server endpoint; an ``ssl:`` one gets our TLS policy (ALPN,
     versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC."""
     endpoint = serverFromString(reactor, description)
@@ -66,7 +67,7 @@ def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = Non
     return endpoint
 
 
-def server_endpoints(config: Config, reactor) -> list:
+def server_endpoints(config: Config, reactor: Any) -> list:
     """The endpoints to listen on: ``config.listen`` strings, else the port (TLS if configured)."""
     if config.listen:
         return [endpoint_from_string(reactor, description, config.tls_ciphers) for description in config.listen]
@@ -107,12 +108,13 @@ class ListeningService(Service):
     with the reason instead of running without a socket.
     """
 
-    def __init__(self, endpoint, factory, gate: Optional[AcceptGate] = None) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
+                 gate: Optional[AcceptGate] = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._gate = gate  # counts and bounds the connections accepted
         self._listening = Once()  # the IListeningPort of this start, or why there is none
-        self.port = None  # the IListeningPort once bound
+        self.port: Optional[IListeningPort] = None  # once bound
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -128,7 +130,7 @@ class ListeningService(Service):
         if isinstance(self._listening.result, Failure):
             self._listening.result.raiseException()
 
-    def _bound(self, port) -> None:
+    def _bound(self, port: IListeningPort) -> None:
         self.port = port
         send_eagerly(port)
         if self._gate is not None:
@@ -141,14 +143,14 @@ class ListeningService(Service):
             # OSError): the same mistake, said the same way.
             where = getattr(self._endpoint, "_address", None) or repr(self._endpoint)
             failure = Failure(CannotListenError(None, where, failure.value))
-        log.error("{reason}", reason=cannot_listen(failure.value))
+        log.error("{reason}", reason=cannot_listen(failure.value))  # type: ignore[arg-type]  # an Exception
         self._listening.fire(failure)
 
     def when_listening(self) -> Deferred:
         """Fire with the ``IListeningPort`` once bound, or fail as binding failed."""
         return self._listening.when()
 
-    def stopService(self):
+    def stopService(self) -> Optional[Deferred]:
         super().stopService()
         self._listening = Once()  # asked from now on: the port of the next start
         port, self.port = self.port, None
@@ -158,7 +160,7 @@ class ListeningService(Service):
 class CirclesService(MultiService):
     """The gateway: every listening endpoint sharing one :class:`~circles.server.gateway.Gateway`."""
 
-    def __init__(self, config: Config, *, reactor, scripts: Optional[IScriptRunner] = None) -> None:
+    def __init__(self, config: Config, *, reactor: Any, scripts: Optional[IScriptRunner] = None) -> None:
         super().__init__()
         self.config = config
         self.embedded_redis: Optional[EmbeddedRedis] = None

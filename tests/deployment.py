@@ -156,9 +156,9 @@ class Deployment:
                                                          *TINY_WORKER], f"worker{i}") for i in range(2)]
         self.ports = [await _in_thread(reactor, server.wait_listening, 60) for server in self.servers]
         for port, server in zip(self.ports, self.servers):
-            await _eventually(reactor, lambda: _ready(port, server), 60, f"server on {port} never ready")
+            await _eventually(reactor, lambda: _ready(port, server), 60, f"server on {port} never ready")  # noqa: B023
         for worker in self.workers:
-            await _eventually(reactor, lambda: _waiting(worker), 60, "a worker never waited for tasks")
+            await _eventually(reactor, lambda: _waiting(worker), 60, "a worker never waited for tasks")  # noqa: B023
 
     def _redis_log(self, name: str) -> str:
         return os.path.join(self.directory, "redis", f"{name}.log")

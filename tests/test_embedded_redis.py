@@ -77,7 +77,7 @@ async def test_killed_redis_is_started_again_on_the_same_socket(tmp_path):
         for _ in range(2):  # and again: each kill is answered by one new redis-server
             first = redis._transport.pid
             os.kill(first, signal.SIGKILL)
-            await eventually(lambda: redis._transport.pid != first and answers(address.path))
+            await eventually(lambda: redis._transport.pid != first and answers(address.path))  # noqa: B023
             assert not alive(first)
         pid = redis._transport.pid
     finally:

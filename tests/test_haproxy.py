@@ -205,14 +205,14 @@ async def test_rolling_upgrade_behind_haproxy(redis_server, tmp_path):
         for i, name in enumerate("ab"):
             sigterm = time.monotonic()
             servers[i].proc.terminate()
-            down = await _until(lambda: _states(stats).get(name, "").startswith("DOWN"), 20, f"HAProxy never took {name} out")
+            down = await _until(lambda: _states(stats).get(name, "").startswith("DOWN"), 20, f"HAProxy never took {name} out")  # noqa: B023
             await deferToThread(servers[i].proc.wait, 30)
             exited = time.monotonic() - sigterm
             # Twisted ends by re-raising the signal that stopped it: -15 is a clean exit.
             assert servers[i].proc.returncode in (0, -15), servers[i].output[-3000:]
             assert "still accepting for 5s (--drain-grace)" in servers[i].output, servers[i].output[-3000:]
             servers[i] = server(i)
-            up = await _until(lambda: _states(stats).get(name, "") == "UP", 60, f"HAProxy never took {name} back")
+            up = await _until(lambda: _states(stats).get(name, "") == "UP", 60, f"HAProxy never took {name} back")  # noqa: B023
             figures[name] = {"marked down after": round(down, 1), "exited after": round(exited, 1),
                              "back up after": round(exited + up, 1)}
         await _sleep(2)  # the load on both again

@@ -273,9 +273,12 @@ def _generated(rng: random.Random) -> str:
     loop = rng.choice(["loop", "for i in 0..9223372036854775807", "while true", f"for i in range(0, {rng.randint(1, 64)})"])
     shapes = [
         lambda: doubling("a", "[0]", k) + doubling("b", "[0]", k) + f"{loop} {{ a == b; a != b; a.contains(1); 1 in b }}",
-        lambda: doubling("s", '"ab"', min(k, 15)) + doubling("a", "[s]", k) + f"{loop} {{ {rng.choice(['print(a)', 'debug(a)', 'let t = a.to_string();', 'let t = `${a}`;', 'let t = s + a;'])} }}",
-        lambda: doubling("s", rng.choice(['"x"', '"é"', '"\\"q\\""']), min(k, 16)) + f"{loop} {{ let t = s.to_upper(); s == t; t < s; \"xy\" in s; debug(s) }}",
-        lambda: doubling("m", "#{a: 1}", 0) + f"for i in 0..{k} {{ m = #{{left: m, right: m}}; }} {loop} {{ let n = m; n == m; print(m.keys()); m.values() }}",
+        lambda: doubling("s", '"ab"', min(k, 15)) + doubling("a", "[s]", k)
+        + f"{loop} {{ {rng.choice(['print(a)', 'debug(a)', 'let t = a.to_string();', 'let t = `${a}`;', 'let t = s + a;'])} }}",
+        lambda: doubling("s", rng.choice(['"x"', '"é"', '"\\"q\\""']), min(k, 16))
+        + f"{loop} {{ let t = s.to_upper(); s == t; t < s; \"xy\" in s; debug(s) }}",
+        lambda: doubling("m", "#{a: 1}", 0)
+        + f"for i in 0..{k} {{ m = #{{left: m, right: m}}; }} {loop} {{ let n = m; n == m; print(m.keys()); m.values() }}",
         lambda: f"let a = []; for i in 0..{rng.randint(10, 3000)} {{ a = [a]; }} {loop} {{ a == a; let b = a; print(b) }}",
         lambda: _index_chains(rng, k) + "let b = a; a == b; print(a)",
         lambda: f"fn f(n) {{ if n < 2 {{ [n] }} else {{ f(n - 1) + f(n - 2) }} }} {loop} {{ print(f({k + 5})) }}",

@@ -49,18 +49,18 @@ def test_try_out_starts_answers_the_pasted_line_and_stops_cleanly(tmp_path):
     reader.start()
     try:
         deadline = time.monotonic() + 180
-        while not any(".rhai" in l or " play " in l for l in lines):
+        while not any(".rhai" in line or " play " in line for line in lines):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
-        paste = next(l for l in lines if " play " in l).strip()
+        paste = next(line for line in lines if " play " in line).strip()
         # The pasted line really answers, from the directory scripts/try runs in.
         result = subprocess.run(paste, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert os.stat(state / "user.key").st_mode & 0o777 == 0o600
         assert re.fullmatch(r"hello, 0[23][0-9a-f]{64}\n42\n", result.stdout), result.stdout
-        assert any("https://localhost:" in l and "/playground/" in l for l in lines)
+        assert any("https://localhost:" in line and "/playground/" in line for line in lines)
         # So does the operator's line: the circle, its one live worker, an empty queue, no dead letters.
-        operate = next(l for l in lines if " tasks stats " in l).split("operate", 1)[1].strip()
+        operate = next(line for line in lines if " tasks stats " in line).split("operate", 1)[1].strip()
         result = subprocess.run(operate, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and re.search(r"\b[0-9a-f]{66} +1 +0 +0\n", result.stdout), \
             result.stdout + result.stderr

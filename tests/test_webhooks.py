@@ -424,9 +424,9 @@ async def test_refusals_write_a_bounded_log(server):
     try:
         for i in range(100):
             refused(await server.stripe(encode(stripe_event(f"evt_{i}")), secret="whsec_forged"), 401)
-        for i in range(20):
+        for _ in range(20):
             refused(await post(server.port, f"/webhooks/idenfy/{UNSERVED}", b"{}"), 404)
-        for i in range(10):  # bodies over the limit, on any route
+        for _ in range(10):  # bodies over the limit, on any route
             answer, _ = await raw_exchange(server.port, head(f"/webhooks/stripe/{CIRCLE}", 10 * 2**30))
             assert answer.startswith(b"HTTP/1.1 413 ")
         refusals = [e for e in lines if "refused" in (e.get("log_format") or "")]

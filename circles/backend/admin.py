@@ -93,7 +93,7 @@ async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> "l
     """Live workers, queue length and dead letters of ``circles``, and of every circle that has
     a queue, a worker or a dead letter in Redis now."""
     found = set(circles)
-    for pattern, kind in ((tasks.queue_key(prefix, "*"), "queue"), (tasks.circle_workers_key(prefix, "*"), "workers")):
+    for pattern, _kind in ((tasks.queue_key(prefix, "*"), "queue"), (tasks.circle_workers_key(prefix, "*"), "workers")):
         start = len(pattern) - 1
         found.update(key[start:] for key in await _scan(commands, pattern))
     dead_by_circle: "dict[str, int]" = {}
@@ -114,7 +114,8 @@ async def requeue(commands, prefix: str, task_ids: Optional[Iterable[str]] = Non
     ``task_ids`` None: every one. Returns ``(requeued, not dead)``."""
     if task_ids is None:
         task_ids = [text(t) for t in await commands.execute_command("LRANGE", tasks.dead_key(prefix), 0, -1)]
-    done, missing = [], []
+    done: list[str] = []
+    missing: list[str] = []
     for task_id in task_ids:
         result = await commands.eval(tasks.REQUEUE, [tasks.dead_key(prefix)], [prefix, task_id, tasks.TASK_TTL])
         (done if int(result) else missing).append(task_id)

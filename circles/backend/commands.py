@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 
@@ -56,10 +57,10 @@ class CommandConnection(Service):
         self.reactor = reactor
         self.timeout = timeout
         self.doing = doing
-        self._redis = None  # txredisapi factory, while running
+        self._redis: Any = None  # txredisapi factory, while running
         self._connecting: Optional[Once] = None  # fires once the connection is up, while commands wait for it
         self._give_up: Optional[Callable[[], None]] = None  # ends that wait, failing it (its timer, or stopping)
-        self._gives_up = None
+        self._gives_up: Optional[IDelayedCall] = None  # the timer of _give_up
         self._unreachable = False  # a wait for the connection ran out: fail at once until it is up
         self.failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
 
@@ -71,7 +72,8 @@ class CommandConnection(Service):
 
     def stopService(self):
         super().stopService()
-        if self._connecting is not None:  # commands waiting for a connection: there will be none
+        # Commands waiting for a connection: there will be none.
+        if self._connecting is not None and self._give_up is not None:
             self._give_up()
         redis, self._redis = self._redis, None
         return None if redis is None else redis.disconnect()
@@ -119,7 +121,7 @@ class CommandConnection(Service):
                     self._connecting = None
                     if isinstance(result, Failure):
                         self._unreachable = True
-                    if self._gives_up.active():
+                    if self._gives_up is not None and self._gives_up.active():
                         self._gives_up.cancel()
                     connecting.fire(result)
 

@@ -142,7 +142,7 @@ class RedisScriptRunner(Service):
         self.reply_key = tasks.reply_key(prefix, self.server_id)
         self.task_ttl = task_ttl
         self.max_output = max_output
-        self._commands = None  # txredisapi factory: pipelined commands
+        self._commands: Any = None  # txredisapi factory: pipelined commands
         self._replies = None  # txredisapi factory: the one blocking BRPOP connection
         self._listening = False  # a BRPOP on the reply list is in flight on a live connection
         self._loop: Optional[Deferred] = None
@@ -206,7 +206,7 @@ class RedisScriptRunner(Service):
             if looping is not None and looping.running:
                 looping.stop()
         waiting, self._waiting = self._waiting, {}
-        for task_id, entry in waiting.items():
+        for entry in waiting.values():
             entry.stop_timer()
             entry.deferred.errback(BackendUnavailable("the server is shutting down"))
         if self.is_connected():
@@ -354,7 +354,7 @@ class RedisScriptRunner(Service):
         if not self.is_connected():
             return fail(self._refusal())
         task_id = str(uuid.uuid4())
-        result = Deferred(lambda _: self._cancelled(task_id))
+        result: Deferred = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
         self._waiting[task_id] = _Waiting(request, result, timer)
         queued = self._write(task_id, request)

@@ -27,7 +27,8 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.interfaces import IProcessTransport, ITransport
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -161,8 +162,8 @@ class _RedisProcess(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        for line in lines:
-            line = line.decode("utf-8", "replace").rstrip()
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.output.append(line)
                 log.debug("redis-server: {line}", line=line)
@@ -174,8 +175,10 @@ class _RedisProcess(ProcessProtocol):
 
 
 class _Ping(Protocol):
+    transport: ITransport  # set before any callback
+
     def connectionMade(self) -> None:
-        self.answer = Deferred()
+        self.answer: Deferred = Deferred()
         self.transport.write(b"PING\r\n")
 
     def dataReceived(self, data: bytes) -> None:
@@ -183,7 +186,7 @@ class _Ping(Protocol):
             self.answer.callback(data.startswith(b"+PONG"))
         self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.answer.called:
             self.answer.callback(False)
 
@@ -220,7 +223,7 @@ class EmbeddedRedis(Service):
             raise EmbeddedRedisError(f"state directory path too long for a unix socket: {self.state_dir}")
         self.address = RedisAddress(path=self.socket_path)
         self._process: Optional[_RedisProcess] = None
-        self._transport = None
+        self._transport: Optional[IProcessTransport] = None
         self._answered = False  # since the start: the server runs on it
         self._stopping = False
         self._delay: Optional[RestartDelay] = None
@@ -269,19 +272,21 @@ class EmbeddedRedis(Service):
         # would be a lost play or event.
         args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "noeviction"]
         argv = dies_with_this_process(args)
-        self._process = _RedisProcess()
-        self._transport = self.reactor.spawnProcess(self._process, argv[0], argv, env=dict(os.environ),
-                                                    path=self.state_dir)
+        process = self._process = _RedisProcess()
+        transport = self._transport = self.reactor.spawnProcess(process, argv[0], argv, env=dict(os.environ),
+                                                                path=self.state_dir)
+        assert self._delay is not None  # made by startService
         self._delay.started()
         # Its pid is not the event's ``pid``: that is this process's (circles.common.logs.tag).
         log.info("started a private redis-server (pid {redis_pid}) on {path}, maxmemory {maxmemory} (noeviction)",
-                 redis_pid=self._transport.pid, path=self.socket_path,
+                 redis_pid=transport.pid, path=self.socket_path,
                  maxmemory=describe_bytes(self.maxmemory) if self.maxmemory else "none")
-        self._process.ended.when().addCallback(self._ended)
+        process.ended.when().addCallback(self._ended)
 
     def _ended(self, reason: Exception) -> None:
         if self._stopping:
             return
+        assert self._process is not None and self._delay is not None  # it was started
         log.error("the private redis-server exited unexpectedly ({why}); last output: {output}",
                   why=str(reason), output=" | ".join(self._process.output))
         if self.running and self._answered:
@@ -312,6 +317,7 @@ class EmbeddedRedis(Service):
         """Return once the redis-server just spawned answers a PING; fail if it exits first or
         does not answer within START_TIMEOUT."""
         process = self._process
+        assert process is not None  # just spawned
         deadline = self.reactor.seconds() + START_TIMEOUT
         while True:
             if process.ended.fired:
@@ -337,7 +343,7 @@ class EmbeddedRedis(Service):
             self._restart.cancel()
         self._restart = None
         process, transport = self._process, self._transport
-        if process is None:
+        if process is None or transport is None:
             return
         await terminate(self.reactor, transport, process.ended, STOP_TIMEOUT)
         log.info("stopped the private redis-server")

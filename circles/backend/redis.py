@@ -75,7 +75,7 @@ class RedisAddress:
         if self.sentinels:
             return f"{SENTINEL_SCHEME}://{auth}{self._sentinel_hosts()}/{self.master}/{self.db}" + \
                 ("?sentinel_password=***" if self.sentinel_password is not None else "")
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{_host_port(self.host, self.port)}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{_host_port(self.host, self.port)}/{self.db}"  # type: ignore[arg-type]
 
     def where(self) -> str:
         """The URL without its credentials, for messages: ``unix:///path/redis.sock``,
@@ -84,7 +84,7 @@ class RedisAddress:
             return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
         if self.sentinels:
             return f"{SENTINEL_SCHEME}://{self._sentinel_hosts()}/{self.master}/{self.db}"
-        return f"{'rediss' if self.tls else 'redis'}://{_host_port(self.host, self.port)}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{_host_port(self.host, self.port)}/{self.db}"  # type: ignore[arg-type]
 
     def _sentinel_hosts(self) -> str:
         return ",".join(_host_port(host, port) for host, port in self.sentinels)
@@ -97,6 +97,7 @@ class RedisAddress:
             raise ValueError("a redis+sentinel:// address names no one server")
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
+        assert self.host is not None  # neither a socket nor Sentinels: a host
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         if not self.tls:
             return endpoint
@@ -235,7 +236,7 @@ class Reachability:
                     f"--redis-url (or $CIRCLES_REDIS_URL) names them")
         if not self.private:
             return "check that it runs and that --redis-url (or $CIRCLES_REDIS_URL) names it"
-        state_dir = os.path.dirname(self.address.path)
+        state_dir = os.path.dirname(self.address.path)  # type: ignore[type-var]  # a private Redis's socket
         if self.starting:
             return f"the private redis-server of --state-dir {state_dir} does not answer there (see above)"
         return f"is a circles server running with --state-dir {state_dir}? (else give --redis-url)"
@@ -287,10 +288,12 @@ class _Watched:
         return d
 
     def _connected(self, protocol):
+        assert self._watch is not None  # only then is this called
         self._watch.connected()
         return protocol
 
     def _failed(self, failure: Failure) -> Failure:
+        assert self._watch is not None  # only then is this called
         self._watch.failed(failure)
         return failure
 
@@ -444,6 +447,8 @@ class _PrimaryProtocol(txredisapi.RedisProtocol):
     it is still connected: a connection lost meanwhile must not join the pool, where it would
     count as up and swallow commands until each timed out. (txredisapi's SentinelRedisProtocol
     makes it ready whatever happened, and leaves a refused password as an unhandled error.)"""
+    password: Optional[str]  # RedisProtocol's
+
 
     def connectionMade(self) -> Deferred:
         return ensureDeferred(self._check_role())

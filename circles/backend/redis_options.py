@@ -6,7 +6,7 @@ both twistd plugins and the ``circles`` command, and how they become an address.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 from twisted.python import usage
@@ -56,7 +56,8 @@ class RedisChoice:
     def log_line(self) -> str:
         """Which source named the Redis (never the URL: it may carry a password)."""
         if self.private:
-            return "Redis: the private redis-server in --state-dir (no --redis-url, --redis-url-file, $CIRCLES_REDIS_URL, $CIRCLES_REDIS_URL_FILE, $REDIS_URL)"
+            return ("Redis: the private redis-server in --state-dir (no --redis-url, --redis-url-file, "
+                    "$CIRCLES_REDIS_URL, $CIRCLES_REDIS_URL_FILE, $REDIS_URL)")
         return describe_source("Redis URL", self.source, self.ignored)
 
     @property
@@ -64,7 +65,7 @@ class RedisChoice:
         return self.url is None
 
 
-def choose_redis(options: Mapping[str, Optional[str]], reactor,
+def choose_redis(options: Mapping[str, Optional[str]], reactor: Any,
                  dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None) -> RedisChoice:
     """The Redis that parsed ``options`` name: ``--redis-url`` or the file ``--redis-url-file``
     names (else ``$CIRCLES_REDIS_URL``, else the file ``$CIRCLES_REDIS_URL_FILE`` names, else
@@ -82,7 +83,7 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         raise usage.UsageError("give --redis-url or --redis-url-file, not both")
     path = None
     if given:
-        source = f"--{given[0]}"
+        source: Optional[str] = f"--{given[0]}"
         url = options["redis-url"]
         path = options.get("redis-url-file")
         _, first, rest = from_environment(names, dotenv=dotenv)
@@ -95,15 +96,15 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor,
         try:
             url = read_secret_file(path).strip()
         except SecretFileError as e:
-            raise SystemExit(f"circles: {source}: {e}")
+            raise SystemExit(f"circles: {source}: {e}") from None
         if not url or "\n" in url:
             raise SystemExit(f"circles: {source}: {path} must hold one line, the Redis URL")
     if not url:
-        return RedisChoice(None, private_redis_address(options["state-dir"]))
+        return RedisChoice(None, private_redis_address(options["state-dir"]))  # type: ignore[arg-type]  # a default
     try:
         address = parse_redis_url(url)
     except InvalidRedisURL as e:
-        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}")
+        raise usage.UsageError(f"--redis-url: {e}" if source == "--redis-url" else f"--redis-url (from {source}): {e}") from None
     if not address.sentinels:
         address.endpoint(reactor)  # reads an ssl_ca_certs file: a bad one stops start-up
-    return RedisChoice(url, address, source, ignored)
+    return RedisChoice(url, address, source, ignored)  # type: ignore[arg-type]  # a URL comes with its source

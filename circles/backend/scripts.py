@@ -43,7 +43,7 @@ class ScriptTimeout(ScriptError):
     """No worker answered before the deadline; the task was marked expired. ``by_worker``: a
     worker ran the script and stopped it at its own script timeout instead."""
 
-    def __init__(self, *args, by_worker: bool = False) -> None:
+    def __init__(self, *args: object, by_worker: bool = False) -> None:
         super().__init__(*args)
         self.by_worker = by_worker
 

@@ -49,10 +49,12 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from types import ModuleType
+from typing import Any, NoReturn, Optional
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
+from twisted.python.failure import Failure
 
 import circles
 from circles.client import signing
@@ -99,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
 
     json_errors = False
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         if self.json_errors:
             self.print_usage(sys.stderr)
             print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -108,21 +110,21 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     parser = _Parser(prog="circles", description="Talk to circles servers; make keys.")
     parser.add_argument("--version", action="version", version=f"circles {circles.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    output = argparse.ArgumentParser(add_help=False)
+    output = _Parser(add_help=False)
     output.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout, whatever the outcome: the result, or "
                         "{\"error\": {...}, \"kind\": rpc|usage|connection|not_dead, \"exit\": N}")
 
-    key = argparse.ArgumentParser(add_help=False)
+    key = _Parser(add_help=False)
     key.add_argument("--key-file", metavar="FILE",
                      help=f"private key file (hex; mode 0600). Default: ${signing.KEY_ENV}, else anonymous")
 
-    remote = argparse.ArgumentParser(add_help=False, parents=[output])
+    remote = _Parser(add_help=False, parents=[output])
     remote.add_argument("url", metavar="URL", help="the circle's URL, e.g. wss://localhost:8443/<circle_pk>")
     remote.add_argument("--ca", metavar="FILE", help="trust this CA (PEM) for wss:// instead of the system's")
     remote.add_argument("--insecure", action="store_true",
@@ -131,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="give up connecting after this long, or once a ping (one every 10 s) has had no "
                         "answer for this long: a server gone silent is found within 10 s plus this (default 30)")
 
-    signer = argparse.ArgumentParser(add_help=False, parents=[key])
+    signer = _Parser(add_help=False, parents=[key])
     signer.add_argument("--scheme", choices=signing.SCHEMES, default="eth",
                         help="signature form: eth (personal_sign, default) or ecdsa (SHA-256)")
 
@@ -176,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="the task queues in Redis: live workers, queues, dead letters")
     what = tasks.add_subparsers(dest="tasks_command", required=True, metavar="WHAT")
-    redis = argparse.ArgumentParser(add_help=False, parents=[output])
+    redis = _Parser(add_help=False, parents=[output])
     redis.add_argument("--redis-url", metavar="URL", help="the Redis servers and workers share (default: "
                        "$CIRCLES_REDIS_URL, else $REDIS_URL, from the environment or ./.env; else the private Redis "
                        "of the server started with --state-dir)")
@@ -220,7 +222,7 @@ def parse(argv: list) -> argparse.Namespace:
     return args
 
 
-def _answer_usage_errors_in_json(parser: argparse.ArgumentParser) -> None:
+def _answer_usage_errors_in_json(parser: _Parser) -> None:
     parser.json_errors = True
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -228,14 +230,14 @@ def _answer_usage_errors_in_json(parser: argparse.ArgumentParser) -> None:
                 _answer_usage_errors_in_json(sub)
 
 
-def _key(args) -> Any:
+def _key(args: argparse.Namespace) -> Any:
     try:
         return signing.load_key(getattr(args, "key_file", None))
     except signing.KeyFileError as e:
         raise _Exit(EXIT_USAGE, str(e)) from None
 
 
-def _script(args) -> str:
+def _script(args: argparse.Namespace) -> str:
     if args.file is not None and args.script is not None:
         raise _Exit(EXIT_USAGE, "give the script as SCRIPT, -f FILE or -, not two of them")
     if args.file is not None:
@@ -260,7 +262,7 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def _local(args) -> None:
+def _local(args: argparse.Namespace) -> None:
     """keygen and pubkey: no network."""
     if args.command == "keygen":
         key = signing.generate()
@@ -285,7 +287,7 @@ def _local(args) -> None:
     _print_json({"pubkey": pubkey}) if args.json else print(pubkey)
 
 
-def _check_target(args) -> None:
+def _check_target(args: argparse.Namespace) -> None:
     """The URL and the TLS options, before connecting: what is wrong with them is a usage error."""
     try:
         check_url(args.url)
@@ -304,7 +306,7 @@ def _check_target(args) -> None:
             raise _Exit(EXIT_USAGE, f"--ca: {e}") from None
 
 
-async def _remote(reactor, args) -> None:
+async def _remote(reactor: Any, args: argparse.Namespace) -> None:
     _check_target(args)
     key = _key(args) if args.command in ("whoami", "play") else None
     script = _script(args) if args.command == "play" else None
@@ -353,7 +355,7 @@ async def _remote(reactor, args) -> None:
             await client.close()
 
 
-async def _tasks(reactor, args) -> None:
+async def _tasks(reactor: Any, args: argparse.Namespace) -> None:
     """``circles tasks ...``: the backend's modules are loaded here only (``circles keygen`` and
     the rest of the command load none of them)."""
     from twisted.python import usage
@@ -389,7 +391,7 @@ async def _tasks(reactor, args) -> None:
         await factory.disconnect()
 
 
-async def _tasks_command(redis, args, admin) -> None:
+async def _tasks_command(redis: Any, args: argparse.Namespace, admin: ModuleType) -> None:
     from circles.backend.tasks import DEFAULT_PREFIX
 
     prefix = DEFAULT_PREFIX if args.redis_prefix is None else args.redis_prefix
@@ -446,7 +448,7 @@ def main(argv: Optional[list] = None) -> None:
             _stdout_closed()
         return
 
-    async def run(reactor) -> None:
+    async def run(reactor: Any) -> None:
         try:
             try:
                 if args.command == "tasks":
@@ -466,7 +468,7 @@ def main(argv: Optional[list] = None) -> None:
 
 # -- members: who may play in a circle ---------------------------------------------------------
 
-def _members_args(args) -> "tuple[str, Optional[str]]":
+def _members_args(args: argparse.Namespace) -> "tuple[str, Optional[str]]":
     """(circle, key or policy), normalised and checked: mistakes are usage errors."""
     from circles.backend import members
     from circles.common.keys import InvalidKey, normalize_pubkey
@@ -490,7 +492,7 @@ def _members_args(args) -> "tuple[str, Optional[str]]":
     return circle, value
 
 
-async def _members(reactor, args) -> None:
+async def _members(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.python import usage
     from txredisapi import RedisError
 
@@ -511,7 +513,7 @@ async def _members(reactor, args) -> None:
     factory = connect(redis.address, reactor, reply_timeout=args.connect_timeout)
     refused = []  # why Redis would not let us in (password, database): txredisapi stops trying then
 
-    def stop_waiting(failure) -> None:
+    def stop_waiting(failure: Failure) -> None:
         refused.append(failure.getErrorMessage())
         waiting.cancel()
 
@@ -537,7 +539,8 @@ async def _members(reactor, args) -> None:
         await factory.disconnect()
 
 
-async def _members_action(redis, members, args, circle: str, value: Optional[str]) -> None:
+async def _members_action(redis: Any, members: ModuleType, args: argparse.Namespace, circle: str,
+                          value: Optional[str]) -> None:
     prefix = args.redis_prefix
     if args.action == "policy":
         if value is not None:
@@ -584,7 +587,7 @@ def _stdout_closed() -> None:
     os._exit(128 + signal.SIGPIPE)  # not reached: what a shell reports for a command SIGPIPE ended
 
 
-def _fail(args, error: _Exit) -> None:
+def _fail(args: argparse.Namespace, error: _Exit) -> None:
     if getattr(args, "json", False) and not error.printed:
         _print_json(error.to_json())
     print(f"circles: {error}", file=sys.stderr)

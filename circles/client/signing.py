@@ -24,7 +24,7 @@ from circles.common.keys import parse_hex
 KEY_ENV = "CIRCLES_PRIVATE_KEY"
 SCHEMES = ("eth", "ecdsa")
 
-PrivateKeyLike = Union[coincurve.PrivateKey, bytes, str]
+PrivateKeyLike = coincurve.PrivateKey | bytes | str
 
 
 class KeyFileError(ValueError):

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.python.failure import Failure
 
 from circles.common.once import Once
@@ -100,7 +101,7 @@ def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: 
     return [sys.executable, "-I", "-S", "-c", _SHIM, str(os.getpid()), ",".join(options)] + list(argv)
 
 
-async def terminate(reactor, transport, ended: Once, grace: float) -> Any:
+async def terminate(reactor: IReactorTime, transport: IProcessTransport, ended: Once, grace: float) -> Any:
     """SIGTERM the process behind ``transport``, and SIGKILL it if it has not ended ``grace``
     seconds later; return ``ended``'s result once it has ended (at once if it had already)."""
     if not ended.fired:
@@ -114,7 +115,7 @@ async def terminate(reactor, transport, ended: Once, grace: float) -> Any:
     return await ended.when()
 
 
-def _signal(transport, name: str) -> None:
+def _signal(transport: IProcessTransport, name: str) -> None:
     try:
         transport.signalProcess(name)
     except Exception:
@@ -123,7 +124,8 @@ def _signal(transport, name: str) -> None:
 
 def how_it_ended(reason: Failure) -> str:
     """A ``processEnded`` reason as a log or error line says it."""
-    code, signal = reason.value.exitCode, reason.value.signal
+    value: Any = reason.value  # ProcessDone or ProcessTerminated
+    code, signal = value.exitCode, value.signal
     return f"exit status {code}" if code is not None else f"killed by signal {signal}"
 
 
@@ -134,7 +136,7 @@ class RestartDelay:
     So a process killed once is back at once, and one that cannot run is retried ever more rarely.
     Time is the given clock's (the reactor's)."""
 
-    def __init__(self, clock, first: float = 1.0, most: float = 60.0, stable: float = 60.0) -> None:
+    def __init__(self, clock: IReactorTime, first: float = 1.0, most: float = 60.0, stable: float = 60.0) -> None:
         self._clock = clock
         self.first = first
         self.most = most

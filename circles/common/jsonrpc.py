@@ -21,7 +21,7 @@ import json
 import math
 import re
 from itertools import accumulate
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import attrs
 import orjson
@@ -42,7 +42,7 @@ _MISSING = object()
 log = Logger()
 
 JSONValue = Any
-Params = Union[list, dict, None]
+Params = list | dict | None
 
 
 class ReplyTooLarge(Exception):
@@ -159,7 +159,7 @@ class Methods:
     def __contains__(self, name: str) -> bool:
         return name in self._methods
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._methods)
 
     def add(self, name: str, *params: Param, raw_params: bool = False) -> Callable[[Handler], Handler]:
@@ -371,7 +371,7 @@ class Dispatcher:
         except Exception:
             return self._failed(Failure(), name, id_)
         if isinstance(result, Deferred):
-            return result.addCallbacks(self._succeeded, self._failed, (name, id_), None, (name, id_))
+            return result.addCallbacks(self._succeeded, self._failed, callbackArgs=(name, id_), errbackArgs=(name, id_))
         return self._succeeded(result, name, id_)
 
     def _succeeded(self, value: Any, name: str, id_: Any) -> Optional[dict]:
@@ -379,7 +379,7 @@ class Dispatcher:
         return None if id_ is _MISSING else {"jsonrpc": "2.0", "result": value, "id": id_}
 
     def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
-        if failure.check(RPCError):
+        if isinstance(failure.value, RPCError):
             return self._refused(failure.value, name, id_)
         if failure.check(CancelledError):
             # The caller cancelled the method's Deferred (its connection closed): nobody is
@@ -402,6 +402,7 @@ class Dispatcher:
         left = None if room is None else room.left()
         if left is None or (self._max_reply is not None and left >= self._max_reply):
             return self._max_reply, self._too_large
+        assert room is not None  # left is None without a room
         return max(left, 0), room.refuse
 
     @staticmethod
@@ -423,6 +424,7 @@ class Dispatcher:
             return text
         error = encode(error_response(too_large(size), reply["id"]))
         if self._size(error, limit) is not None:
+            assert limit is not None  # too large for no limit: never
             raise ReplyTooLarge(size, limit)
         return error
 
@@ -432,7 +434,7 @@ class Dispatcher:
             return None
         text = encode(answered)
         limit, too_large = (self._max_reply, self._too_large) if room is None else self._bound(room)
-        return text if self._size(text, limit) is None else self._shrink_batch(answered, limit, too_large)
+        return text if limit is None or self._size(text, limit) is None else self._shrink_batch(answered, limit, too_large)
 
     @staticmethod
     def _shrink_batch(answered: list, limit: int, too_large: Callable[[int], RPCError]) -> str:

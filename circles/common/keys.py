@@ -7,6 +7,7 @@ code only ever sees one form: 33-byte compressed, lower-case hex, no ``0x``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 
 import coincurve
@@ -61,7 +62,7 @@ def _normalize(text: str) -> str:
     return key.format(compressed=True).hex()
 
 
-def circle_set(values) -> frozenset:
+def circle_set(values: Iterable[str]) -> frozenset:
     """Circle ids (public keys in any form :func:`normalize_pubkey` takes) as a set of
     compressed hex; ValueError naming the first that is not a key."""
     circles = set()

@@ -27,11 +27,12 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import IO, Any, Optional
 
 import twisted.logger
-from twisted.logger import FileLogObserver, LogLevel, eventAsJSON, eventFromJSON
+from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsJSON, eventFromJSON
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 _ORDER = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 4}
 LEVEL_NAMES = tuple(level.name for level in _ORDER)
@@ -52,7 +53,7 @@ def enabled(level: LogLevel) -> bool:
 class Logger(twisted.logger.Logger):
     """A ``twisted.logger.Logger`` that skips events below the level set by :func:`set_level`."""
 
-    def emit(self, level: LogLevel, format=None, **kwargs) -> None:
+    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
         if _ORDER.get(level, 4) >= _threshold:
             super().emit(level, format, **kwargs)
 
@@ -84,7 +85,7 @@ def json_line(event: dict) -> str:
     ``namespace``, ``message`` (rendered), ``failure`` (the traceback, if the event has one),
     ``system`` (a legacy event's log prefix), then the event's own fields, each made JSON-safe.
     Twisted's own keys (``log_*``, legacy ones) are left out."""
-    level = event.get("log_level")
+    level: Any = event.get("log_level")
     record = {
         "time": _iso_time(event.get("log_time")),
         "level": level.name if level in _ORDER else "info",
@@ -108,7 +109,7 @@ def json_line(event: dict) -> str:
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
-def _iso_time(when) -> str:
+def _iso_time(when: Any) -> str:
     if not isinstance(when, (int, float)):
         when = time.time()
     return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="microseconds") \
@@ -122,14 +123,14 @@ def _message(event: dict) -> str:
         return repr(event.get("log_format"))
 
 
-def _traceback(failure) -> str:
+def _traceback(failure: Any) -> str:
     try:
         return failure.getTraceback().rstrip("\n")
     except Exception:
         return repr(failure)
 
 
-def _json_safe(value, depth: int = 0):
+def _json_safe(value: Any, depth: int = 0) -> Any:
     """``value`` as JSON: numbers (finite), strings, booleans and null as they are; lists, tuples
     and dicts element by element (keys as text); anything else as its text (its ``str`` if its
     class defines one, else its ``repr``)."""
@@ -150,7 +151,7 @@ def _json_safe(value, depth: int = 0):
         return object.__repr__(value)
 
 
-def json_observer(out=None) -> FileLogObserver:
+def json_observer(out: Optional[IO[str]] = None) -> FileLogObserver:
     """A log observer writing one flat JSON object per event per line (:func:`json_line`) to
     ``out`` (stdout), for log shippers: ``twistd --logger=circles.common.logs.json_observer -n circles ...``."""
     return FileLogObserver(out if out is not None else sys.stdout, lambda event: _json_line_always(event) + "\n")
@@ -173,7 +174,7 @@ RELAY_LINE_LIMIT = 64 * 1024
 _RELAYED_KEYS = frozenset({"log_level", "log_namespace", "log_time", "log_system"})
 
 
-def relay_observer(out=None) -> FileLogObserver:
+def relay_observer(out: Optional[IO[str]] = None) -> FileLogObserver:
     """A log observer writing each event as one line for the first process of ``--processes`` to
     read (:func:`relayed_event`): ``twistd --logger=circles.common.logs.relay_observer``, as it starts the
     others."""
@@ -219,7 +220,7 @@ class _Traceback:
     def __init__(self, text: str) -> None:
         self._text = text
 
-    def getTraceback(self, *args, **kwargs) -> str:
+    def getTraceback(self, *args: Any, **kwargs: Any) -> str:
         return self._text
 
 
@@ -248,12 +249,13 @@ def tag(event: dict, pid: int, process: int) -> dict:
     system = event.get("log_system")
     event["log_circles_system"] = system  # json_line's ``system``: as it was
     if system is None:
-        level = event.get("log_level")
+        level: Any = event.get("log_level")
         system = f"{event.get('log_namespace') or '-'}#{level.name if level in _ORDER else '-'}"
     event["log_system"] = f"{system} process={process} pid={pid}"
     return event
 
 
+@implementer(ILogObserver)
 class ProcessTags:
     """A log observer that tags every event this process logs (:func:`tag`) before the observers
     added after it write it; events relayed from other processes come tagged already. twistd

@@ -25,7 +25,7 @@ DOTENV = ".env"  # read from the working directory, below the environment (as th
 
 def positive(kind: Callable) -> Callable[[str], object]:
     """A converter of ``kind`` (int, float) refusing zero and below."""
-    def convert(text: str):
+    def convert(text: str) -> object:
         value = kind(text)
         if not value > 0:
             raise ValueError(f"{text} is not positive")
@@ -36,7 +36,7 @@ def positive(kind: Callable) -> Callable[[str], object]:
 
 def at_least_zero(kind: Callable) -> Callable[[str], object]:
     """A converter for limits where 0 means "no limit" (or "off")."""
-    def convert(text: str):
+    def convert(text: str) -> object:
         value = kind(text)
         if value < 0:
             raise ValueError(f"{text} is negative")
@@ -52,7 +52,7 @@ def print_version() -> None:
 
 
 def _naming_the_option(name: str, dispatch: Callable) -> Callable:
-    def named(parameter, value) -> None:
+    def named(parameter: str, value: str) -> None:
         try:
             dispatch(parameter, value)
         except usage.UsageError as e:
@@ -77,9 +77,9 @@ def one_line_mistakes(options: type, command: str) -> type:
             super().__init__()
             for name, handler in self._dispatch.items():
                 if isinstance(handler, usage.CoerceParameter):  # its message does not name the option
-                    handler.dispatch = _naming_the_option(name, handler.dispatch)
+                    handler.dispatch = _naming_the_option(name, handler.dispatch)  # type: ignore[method-assign]
 
-        def parseOptions(self, argv=None) -> None:
+        def parseOptions(self, argv: Optional[list[str]] = None) -> None:
             try:
                 super().parseOptions(argv)
             except usage.UsageError as e:
@@ -157,11 +157,11 @@ def read_dotenv(directory: str = ".") -> "tuple[str, dict[str, str]]":
     except FileNotFoundError:
         return path, {}
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"circles: cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}")
+        raise SystemExit(f"circles: cannot read {path}: {getattr(e, 'strerror', None) or e.__class__.__name__}") from None
     try:
         return path, parse_dotenv(text, path)
     except DotenvError as e:
-        raise SystemExit(f"circles: {e}")
+        raise SystemExit(f"circles: {e}") from None
 
 
 def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, str]] = None,

@@ -30,7 +30,7 @@ class Config:
     ``circles`` empty means "serve any valid circle id" (a warning is logged once).
     """
 
-    circles: frozenset = attrs.field(default=frozenset(), converter=circle_set)
+    circles: frozenset[str] = attrs.field(default=frozenset(), converter=circle_set)
     auth_required: bool = False
     # The contract a connection gets when it offers no subprotocol of ours, by name (circles.common.wire.APIS;
     # each is an object of circles.server.session.contracts): "gateway" ours, "circles" the original circles
@@ -112,14 +112,14 @@ class Config:
     webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
 
     @allowed_origins.validator
-    def _check_allowed_origins(self, attribute, value) -> None:
+    def _check_allowed_origins(self, attribute: attrs.Attribute, value: Any) -> None:
         if isinstance(value, str):
             raise ValueError(f"allowed_origins is a sequence of patterns, not one string: ({value!r},)")
         for pattern in value:
             check_origin_pattern(pattern)  # a ValueError saying what is wrong with it
 
     @redis_url.validator
-    def _check_redis_url(self, attribute, value) -> None:
+    def _check_redis_url(self, attribute: attrs.Attribute, value: Optional[str]) -> None:
         if value is not None:
             parse_redis_url(value)  # InvalidRedisURL is a ValueError
 

@@ -13,7 +13,7 @@ reads what it needs from here; nothing here calls up into it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -22,6 +22,9 @@ from circles.server.access.nonces import INonceStore, NonceStore
 from circles.backend.scripts import IScriptRunner
 from circles.server.config import Config
 from circles.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from circles.backend.members import Membership
 
 
 class Gateway:
@@ -32,7 +35,7 @@ class Gateway:
         self.clock = clock
         self.scripts = scripts
         #: Who may play in each circle (circles.backend.members.Membership); None: anyone (no Redis).
-        self.members = None
+        self.members: Optional[Membership] = None
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False

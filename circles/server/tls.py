@@ -130,12 +130,14 @@ def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] 
         raise TLSError(f"no unencrypted PEM private key in {where!r}") from None
     if _public_der(key) != _public_der(chain[0]):
         raise TLSError(f"the private key does not match the certificate in {cert_path!r}")
-    return server_options(crypto.PKey.from_cryptography_key(key), crypto.X509.from_cryptography(chain[0]),
+    # The key matches the certificate's, so it is of a kind a certificate holds (RSA, EC, Ed25519...).
+    return server_options(crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+                          crypto.X509.from_cryptography(chain[0]),
                           tuple(crypto.X509.from_cryptography(c) for c in chain[1:]), ciphers)
 
 
 def with_policy(options: CertificateOptions, ciphers: Optional[str] = None) -> CertificateOptions:
     """The same key, certificate, chain and DH parameters as ``options`` (Twisted's, from an
     ``ssl:`` endpoint string), with our policy instead of Twisted's defaults."""
-    return server_options(options.privateKey, options.certificate, tuple(options.extraCertChain or ()),
-                          ciphers, options.dhParameters)
+    return server_options(options.privateKey, options.certificate,  # type: ignore[arg-type]  # an ssl: endpoint's
+                          tuple(options.extraCertChain or ()), ciphers, options.dhParameters)

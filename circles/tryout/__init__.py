@@ -31,7 +31,6 @@ import shlex
 import shutil
 import signal
 import sys
-from typing import Optional
 
 from cryptography import x509
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -136,9 +135,9 @@ def prepare(state_dir: str) -> dict:
     os.makedirs(webhooks, mode=0o700, exist_ok=True)
     for provider, (handler, what, prefix) in WEBHOOK_HANDLERS.items():
         paths[f"{provider}_secret"] = _kept(os.path.join(webhooks, f"{provider}.secret"),
-                                            lambda: prefix + secrets.token_hex(24) + "\n")
+                                            lambda: prefix + secrets.token_hex(24) + "\n")  # noqa: B023  (called at once)
         paths[f"{provider}_script"] = _kept(os.path.join(webhooks, f"{provider}.rhai"),
-                                            lambda: WEBHOOK_SCRIPT.format(handler=handler, what=what))
+                                            lambda: WEBHOOK_SCRIPT.format(handler=handler, what=what))  # noqa: B023
     paths["logs"] = os.path.join(state_dir, "logs")
     paths["run"] = os.path.join(state_dir, "run")
     os.makedirs(paths["logs"], exist_ok=True)
@@ -158,7 +157,7 @@ def hold(state_dir: str) -> int:
         holder = os.read(fd, 32).decode("ascii", "replace").strip()
         os.close(fd)
         raise RuntimeError(f"another try-out (pid {holder or '?'}) is running on {_shown(state_dir)}; "
-                           "stop it, or give this one another --state-dir")
+                           "stop it, or give this one another --state-dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     return fd
@@ -203,7 +202,7 @@ class Child(ProcessProtocol):
 
     def wait_for(self, pattern: str, reactor, timeout: float = READY_TIMEOUT) -> Deferred:
         """Fire with the match of the first log line matching ``pattern`` from now on."""
-        d = Deferred()
+        d: Deferred = Deferred()
         watch = (re.compile(pattern), d)
         self._watches.append(watch)
 
@@ -227,7 +226,7 @@ class Child(ProcessProtocol):
         for _, d in self._watches:
             d.errback(RuntimeError(f"the {self.name} exited; its last lines ({_shown(self.log_path)}):{last}"))
         self._watches = []
-        self.ended.fire(reason.value.exitCode if not reason.check(ProcessDone) else 0)
+        self.ended.fire(reason.value.exitCode if not reason.check(ProcessDone) else 0)  # type: ignore[union-attr]
 
     @property
     def running(self) -> bool:
@@ -338,7 +337,7 @@ async def _run(reactor, args) -> None:
     raise SystemExit(1)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     args = _parser().parse_args(argv)
     if not hasattr(signal, "SIGKILL") or not sys.platform.startswith("linux"):
         raise SystemExit("circles try: needs Linux (children are tied to it with PR_SET_PDEATHSIG)")
@@ -348,7 +347,7 @@ def main(argv: Optional[list] = None) -> None:
             await _run(reactor, args)
         except (RuntimeError, signing.KeyFileError) as e:
             _say(f"circles try: {e}")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
     react(lambda reactor: ensureDeferred(run(reactor)))
 

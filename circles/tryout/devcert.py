@@ -20,7 +20,7 @@ import ipaddress
 import os
 import secrets
 import socket
-from typing import Iterable
+from typing import Iterable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,7 +39,7 @@ def ca_common_name(now: datetime.datetime) -> str:
 
 
 def _subject_names(hosts: Iterable[str]) -> list:
-    names = []
+    names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -48,7 +48,7 @@ def _subject_names(hosts: Iterable[str]) -> list:
     return names
 
 
-def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: datetime.datetime = None) -> dict:
+def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: Optional[datetime.datetime] = None) -> dict:
     """Write ca.pem, cert.pem and key.pem into ``directory``; return their paths by name."""
     hosts = list(hosts)
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -90,7 +90,7 @@ def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: datetime.dat
     return paths
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Make a development TLS certificate for circles.")
     parser.add_argument("directory", help="where to write ca.pem, cert.pem and key.pem")
     parser.add_argument("--host", action="append", help="DNS name or IP the certificate names (repeatable)")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -229,6 +230,8 @@ def with_prelude(prelude: str, script: str) -> str:
 # -- the --exec engine ------------------------------------------------------------------------
 
 class _Run(ProcessProtocol):
+    transport: IProcessTransport  # set before any callback
+
     def __init__(self, done: Deferred, max_output: int, cleanup: Callable[[], None]) -> None:
         self.done = done
         self.max_output = max_output
@@ -289,7 +292,7 @@ class _Run(ProcessProtocol):
                 self.done.callback(output)
             return
         how = how_it_ended(reason)
-        if reason.value.signal == signal.SIGXCPU:
+        if reason.value.signal == signal.SIGXCPU:  # type: ignore[union-attr]  # ProcessDone or ProcessTerminated
             how = "script used all the CPU time it may (RLIMIT_CPU)"
         detail = self.stderr_text()
         error = EngineError(f"{how}: {detail}" if detail else how)
@@ -318,7 +321,7 @@ class ExecEngine:
     ``max_memory`` bytes (RLIMIT_AS) and ``cpu_seconds`` (RLIMIT_CPU) bound each process the
     command runs, separately (limits are per process, inherited); None: no limit."""
 
-    def __init__(self, command: str, *, reactor, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
+    def __init__(self, command: str, *, reactor: Any, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
                  env_names: "tuple[str, ...] | list[str]" = (), max_memory: Optional[int] = None,
                  cpu_seconds: Optional[float] = None) -> None:
         argv = shlex.split(command)
@@ -364,7 +367,7 @@ class ExecEngine:
             detail = process.stderr_text()
             d.errback(ScriptTimedOut("script timed out" + (f": {detail}" if detail else "")))
 
-        done = Deferred(cancel)
+        done: Deferred = Deferred(cancel)
         limit = self.max_output if context.max_output is None else min(self.max_output, context.max_output)
         process = _Run(done, limit, cleanup)
         try:

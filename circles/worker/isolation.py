@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -85,6 +86,7 @@ class _Job:
 
 class _Child(ProcessProtocol):
     """One child process, from the pool's side: frames in and out, and how it ended."""
+    transport: IProcessTransport  # set before any callback
 
     def __init__(self, pool: "IsolatedEngine", home: str) -> None:
         self.pool = pool
@@ -174,7 +176,7 @@ class IsolatedEngine:
     children ahead (else they start on first use); :meth:`stop` kills them all.
     """
 
-    def __init__(self, spec: str, *, reactor, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+    def __init__(self, spec: str, *, reactor: Any, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
                  cpu_seconds: Optional[float] = None, max_output: int = DEFAULT_MAX_OUTPUT,
                  env_names: "tuple[str, ...] | list[str]" = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
         if size < 1:
@@ -258,11 +260,11 @@ class IsolatedEngine:
         for job in queued:
             job.done.errback(EngineError("the worker is stopping"))
         for child in list(self._children):
-            job, child.job = child.job, None
+            running, child.job = child.job, None
             self._kill(child)
-            if job is not None:
-                job.child = None
-                job.done.errback(EngineError("the worker stopped while the script ran"))
+            if running is not None:
+                running.child = None
+                running.done.errback(EngineError("the worker stopped while the script ran"))
         self._fail_ready(EngineError("the worker is stopping"))
         return DeferredList([child.ended.when() for child in self._dying]).addCallback(lambda _: None)
 
@@ -432,7 +434,7 @@ class IsolatedEngine:
             self._warm = False  # it cannot even start: on demand only, so no loop of restarts
             self._fail_ready(EngineError(f"the engine's process could not start ({how})"))
         error: Exception
-        if reason.value.signal == signal.SIGXCPU:
+        if reason.value.signal == signal.SIGXCPU:  # type: ignore[union-attr]  # ProcessDone or ProcessTerminated
             error = ScriptTimedOut(f"script used more than {math.ceil(self.cpu_seconds or 0)}s of CPU")
         elif any(sign in detail for sign in OUT_OF_MEMORY_SIGNS):
             error = memory_error(self.max_memory)

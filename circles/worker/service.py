@@ -93,7 +93,7 @@ class Worker(Service):
         self._slot_waiters: "list[Deferred]" = []
         self._running: "set[Deferred]" = set()
         self._blocking: "dict[str, Any]" = {}  # circle -> its txredisapi factory (one BLMOVE connection)
-        self._commands = None
+        self._commands: Any = None
         self._loops: "list[Deferred]" = []
         self._interruptible: "set[Deferred]" = set()  # what the loops wait on that stopping may cancel
         self._connected = False
@@ -212,7 +212,7 @@ class Worker(Service):
     def _when_registered(self) -> Deferred:
         if self.registered:
             return succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._registered_waiters.append(d)
         return d
 
@@ -222,7 +222,7 @@ class Worker(Service):
         """Fires once a slot is free (without taking it)."""
         if self._free > 0:
             return succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._slot_waiters.append(d)
         return d
 

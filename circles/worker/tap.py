@@ -23,7 +23,7 @@ from circles.backend.redis import InvalidRedisURL
 from circles.common.keys import circle_set
 from circles.common.options import at_least_zero, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters
-from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, ExecEngine, load_engine, with_max_memory
+from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, Engine, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
 from circles.worker.service import Worker
 
@@ -125,7 +125,7 @@ class Options(usage.Options):
         try:
             self["circles"] = sorted(circle_set(self["circles"]))
         except ValueError as e:
-            raise usage.UsageError(f"-k/--circle: {e}")
+            raise usage.UsageError(f"-k/--circle: {e}") from None
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
         if not self["worker-ttl"] > self["heartbeat"]:
@@ -148,10 +148,10 @@ class Options(usage.Options):
             self.address, self.private_redis = redis.address, redis.private
             self.redis_source = redis.log_line()  # makeService logs it
         except InvalidRedisURL as e:  # an ssl_ca_certs file that cannot be used
-            raise usage.UsageError(f"--redis-url: {e}")
+            raise usage.UsageError(f"--redis-url: {e}") from None
         try:
             if self["exec"] is not None:
-                self.engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"],
+                self.engine: Engine = ExecEngine(self["exec"], reactor=global_reactor, max_output=self["max-output"],
                                          prelude=self["prelude"] or PRELUDES[0], env_names=self["exec-env"],
                                          max_memory=self["max-script-memory"],
                                          cpu_seconds=cpu_backstop(self["script-timeout"]))
@@ -166,7 +166,7 @@ class Options(usage.Options):
                 else:
                     self.engine = with_max_memory(engine, self["max-script-memory"])
         except ValueError as e:
-            raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}")
+            raise usage.UsageError(f"--{'exec' if self['exec'] is not None else 'engine'}: {e}") from None
 
 
 def cpu_backstop(script_timeout: float) -> int:
@@ -178,6 +178,8 @@ def cpu_backstop(script_timeout: float) -> int:
 class IsolatingWorker(Worker):
     """A :class:`Worker` whose engine has processes of its own (:class:`IsolatedEngine`): they
     start with it and are stopped once its last script has ended."""
+    engine: IsolatedEngine
+
 
     def startService(self) -> None:
         super().startService()

@@ -91,7 +91,7 @@ class RedisNonceStore(CommandConnection):
         return self._command(lambda reply: self._stored(reply, nonce), "SET", nonce_key(self.prefix, nonce.value),
                              f"{pubkey or ''}|{owner or ''}", "NX", "PX", milliseconds)
 
-    def _stored(self, reply, nonce: Nonce) -> Nonce:
+    def _stored(self, reply, nonce: Nonce) -> Nonce | Failure:
         """Redis's reply to the SET: the nonce, or why not. The ledger counts it unless it is
         surely not in Redis (refused, or never sent); a SET whose reply was lost may have been
         applied, so it stays counted until it would expire: the ledger never counts fewer keys
@@ -113,7 +113,7 @@ class RedisNonceStore(CommandConnection):
         d.addCallback(lambda bound: proved_by(value, bound, pubkey, signature))
         return d
 
-    def _taken(self, stored, value: str) -> Optional[str]:
+    def _taken(self, stored, value: str) -> Optional[str] | Failure:
         """Redis's reply to the GETDEL: the key the nonce was issued for (None: any), or why not."""
         if isinstance(stored, Failure):
             return stored

@@ -20,7 +20,8 @@ from __future__ import annotations
 import resource
 
 from twisted.internet import tcp
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.python.failure import Failure
 
 from circles.server.http.eager import EagerServer
 from circles.common.logs import Logger, worth_logging
@@ -107,7 +108,7 @@ class _GatedFactory(Factory):
 class CountedServer(EagerServer):
     """An :class:`EagerServer` that gives its place back to the gate when it closes."""
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.disconnected:
-            self.server.factory.gate.open -= 1
+            self.server.factory.gate.open -= 1  # type: ignore[union-attr]  # the port's: a _GatedFactory
         super().connectionLost(reason)

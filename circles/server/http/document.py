@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 
@@ -15,7 +16,7 @@ class Document(Resource):
         self._body = body
         self._headers = ((b"content-type", content_type), *headers)
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         for name, value in self._headers:
             request.setHeader(name, value)
         return self._body

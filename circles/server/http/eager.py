@@ -55,7 +55,7 @@ class EagerServer(tcp.Server):
                 and (self.producer is None or (self.streamingProducer and not self.producerPaused))):
             self.stopReading()
             self.disconnecting = 1
-            self.reactor.callLater(0, self._close_now)
+            self.reactor.callLater(0, self._close_now)  # type: ignore[attr-defined]  # every reactor is IReactorTime
             return
         super().loseConnection()
 

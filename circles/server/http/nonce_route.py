@@ -55,7 +55,7 @@ class AuthRoutes:
         self.gateway = gateway
 
     @app.route("/nonce", methods=["GET"])
-    def nonce(self, request) -> Deferred:
+    def nonce(self, request) -> Deferred | bytes:
         given = request.args.get(b"public_key", [b""])[0].decode("utf-8", "replace")
         pubkey = None
         if given:

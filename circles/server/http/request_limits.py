@@ -20,8 +20,10 @@ The limit applies to every route of the Site: the webhooks are the only ones tak
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Optional
+from typing import Any, Optional
 
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
@@ -71,11 +73,11 @@ class BoundedRequest(Request):
     def _refuse(self) -> None:
         self._refused = True
         channel = self.channel
-        transport = channel.transport
+        transport: Any = channel.transport  # the request is being read from it: connected
         self.log_budget.note(getattr(transport.getPeer(), "host", "?"), "413",
                              "refused a request body over {limit} bytes from {peer}", limit=self.max_body)
         # Stop parsing: anything more the client sends is dropped unread.
-        channel.rawDataReceived = channel.dataReceived = lambda data: None
+        channel.rawDataReceived = channel.dataReceived = lambda data: None  # type: ignore[method-assign]
         transport.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE))
         if not half_close(transport):
@@ -154,7 +156,7 @@ class RequestDeadlineChannel(HTTPChannel):
         super().lineReceived(line)
 
     def _refuse_bare_lf(self) -> None:
-        if self.transport is None or self.transport.disconnecting:
+        if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]  # a FileDescriptor's
             return
         self._buffer = b""
         self.transport.write(BARE_LF_ANSWER)
@@ -189,6 +191,6 @@ class RequestDeadlineChannel(HTTPChannel):
             self._timed_out = True
             super().timeoutConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)

@@ -36,7 +36,7 @@ def answer_later(request: IRequest, answer: Deferred) -> object:
     body, bytes, once the status and headers are set) and finish, unless the client went away
     first; return what the method returns meanwhile (``NOT_DONE_YET``). ``answer`` must not fail."""
     gone: list = []
-    request.notifyFinish().addErrback(gone.append)
+    request.notifyFinish().addErrback(gone.append)  # type: ignore[attr-defined]  # twisted.web's Request has it
 
     def write(body: bytes) -> None:
         if not gone:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from circles.server.http.nonce_route import AuthRoutes
@@ -26,6 +26,7 @@ from circles.server.http.playground import Playground
 from circles.server.http.responses import answer_later, json_response
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
+from circles.common.wire import DEFAULT_API
 from circles.server.gateway import Gateway
 from circles.server.metrics import Metrics
 
@@ -93,7 +94,7 @@ class MetricsPage(Resource):
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
-    def __init__(self, circles: Resource, auth: Resource, webhooks: Resource, openrpc: str, playground: bool = False,
+    def __init__(self, circles: IResource, auth: IResource, webhooks: IResource, openrpc: str, playground: bool = False,
                  auth_required: bool = False) -> None:
         super().__init__()
         self._circles = circles
@@ -129,7 +130,7 @@ class _Site(Site):
                      user_agent=(request.getHeader(b"user-agent") or b"").decode("utf-8", "replace")[:200])
 
 
-def edge_site(gateway: Gateway, circles: Resource, webhooks: Resource, openrpc: str, reactor) -> Site:
+def edge_site(gateway: Gateway, circles: IResource, webhooks: IResource, openrpc: str, reactor) -> Site:
     """The one Site: the operational routes, ``/auth``, and the server's two faces as given
     (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes);
     ``openrpc``: the text of ``/openrpc.json``, the document of the server's ``--api``."""
@@ -152,7 +153,8 @@ def _bounded_site(root: Resource, gateway: Gateway, reactor) -> Site:
     # take over.
     site = _Site(root, reactor=reactor, timeout=gateway.config.handshake_timeout,
                  requestFactory=bounded_request_factory(gateway.config.max_request_body, gateway.http_log))
-    site.protocol = RequestDeadlineChannel  # the timeout bounds a whole request, not one silence
+    # The timeout bounds a whole request, not one silence.
+    site.protocol = RequestDeadlineChannel  # type: ignore[method-assign, assignment]
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
     return site

@@ -27,11 +27,12 @@ failure does not name the likely cause; the client, which gets no answer at all,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from OpenSSL.SSL import Error as TLSError
-from twisted.internet.interfaces import IProtocolNegotiationFactory
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IProtocolNegotiationFactory, ITCPTransport
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from circles.common.log_budget import LogBudget
@@ -109,6 +110,7 @@ REFUSAL_GRACE = 2.0
 
 class _Refusal(Protocol):
     """Answers a fixed refusal and closes; reads nothing; aborts after :data:`REFUSAL_GRACE`."""
+    transport: ITCPTransport  # set before any callback (TCP, TLS or unix: each can abort)
 
     _timer = None
 
@@ -121,7 +123,7 @@ class _Refusal(Protocol):
         self.transport.write(self._answer)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
 
@@ -131,13 +133,15 @@ class _Discard(Protocol):
 
 
 class _FirstBytes(Protocol):
+    transport: ITCPTransport  # set before any callback (TCP, TLS or unix: each can abort)
+
     def __init__(self, router: "UpgradeRouter", addr, peer: Optional[str]) -> None:
         self._router = router
         self._addr = addr
         self._peer = peer  # counted as pending under this address until routed or closed
         self._head = b""
-        self._inner: Optional[Protocol] = None
-        self._timer = None
+        self._inner: Optional[IProtocol] = None
+        self._timer: Any = None  # the head's deadline, from connectionMade on
 
     def connectionMade(self) -> None:
         self._timer = self._router.reactor.callLater(self._router.timeout, self.transport.abortConnection)
@@ -178,7 +182,7 @@ class _FirstBytes(Protocol):
         if not half_close(self.transport):
             self.transport.loseConnection()  # over TLS: the answer, then close_notify
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._peer is not None:
             self._router.routed(self._peer)
             self._peer = None
@@ -205,7 +209,7 @@ class UpgradeRouter(ServerFactory):
     noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
     name = "circles"  # a port says "circles starting on 8443" (Twisted's line names the factory so)
 
-    def __init__(self, websocket: ServerFactory, site: ServerFactory, reactor, timeout: float,
+    def __init__(self, websocket: IProtocolFactory, site: IProtocolFactory, reactor, timeout: float,
                  max_pending_per_peer: int = 0, refusals: Optional[LogBudget] = None) -> None:
         self.websocket = websocket
         self.refusals = refusals  # where connections refused before routing are logged (None: not logged)
@@ -217,7 +221,7 @@ class UpgradeRouter(ServerFactory):
         self.refused = 0
         self._counts = self  # the router whose pending and refused counts this one keeps
 
-    def serving(self, site: ServerFactory) -> "UpgradeRouter":
+    def serving(self, site: IProtocolFactory) -> "UpgradeRouter":
         """A router for another port (``--metrics-listen``) that hands every request to ``site``,
         under this one's deadline and counting its pending connections with this one's: a
         second port is no second allowance per address."""

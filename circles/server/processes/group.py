@@ -44,7 +44,7 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IProcessTransport, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -66,7 +66,7 @@ LISTEN_FD = 3
 MAX_LINE = 2 * RELAY_LINE_LIMIT
 
 
-def _family(interface: str) -> int:
+def _family(interface: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in interface else socket.AF_INET
 
 
@@ -190,6 +190,7 @@ class _Lines:
 class _Child(ProcessProtocol):
     """One other server process: relays its log lines (stdout: events; stderr: text) and tells
     when it ended."""
+    transport: IProcessTransport  # set before any callback
 
     def __init__(self, number: int, clock) -> None:
         self.number = number  # 2..N: the same for a process started again in its place
@@ -263,7 +264,7 @@ class ServerProcesses(Service):
             self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog, listen=False)
                              for number in range(2, self._count + 2)}
         except OSError as e:
-            raise CannotListenError(interface, host.port, e)
+            raise CannotListenError(interface, host.port, e) from e
 
     def startService(self) -> None:
         super().startService()
@@ -287,6 +288,7 @@ class ServerProcesses(Service):
             return
         child = _Child(number, self._reactor)
         command = self._command
+        assert command is not None  # made by startService
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
                                   ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD)})
         # Its standard output and error are pipes to us (its log). It leads a session of its own:

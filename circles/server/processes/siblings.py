@@ -35,14 +35,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
 from circles.server.metrics import merge
@@ -65,6 +67,7 @@ def socket_path(directory: str, number: int) -> str:
 
 class _Answering(LineOnlyReceiver, TimeoutMixin):
     """One question, one answer, closed."""
+    transport: ITCPTransport  # a unix socket's, set before any callback
 
     delimiter = b"\n"
     MAX_LENGTH = 64
@@ -88,6 +91,7 @@ class _Answering(LineOnlyReceiver, TimeoutMixin):
 
 class _Asking(Protocol):
     """Sends one question; ``done`` fires with the answer, or None (too long, cut off)."""
+    transport: ITCPTransport  # a unix socket's, set before any callback
 
     def __init__(self, question: bytes) -> None:
         self._question = question
@@ -112,7 +116,7 @@ class _Asking(Protocol):
         self._chunks = None
         self.transport.abortConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done.callback(None if self._chunks is None else b"".join(self._chunks))
 
 
@@ -161,7 +165,7 @@ class Siblings:
     async def _ask_all(self, question: bytes, combine: Callable):
         others = [n for n in range(1, self.count + 1) if n != self.number]
         results = await DeferredList([ensureDeferred(self._ask(n, question)) for n in others], consumeErrors=True)
-        answers = {self.number: self._local[question]()}
+        answers: dict[int, Any] = {self.number: self._local[question]()}
         for number, (ok, answer) in zip(others, results):
             answers[number] = answer if ok else "not answering"
         try:

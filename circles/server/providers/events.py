@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import attrs
 
@@ -39,6 +39,10 @@ def _object(value: Any, what: str) -> dict:
     return value
 
 
+@overload
+def _string(obj: dict, name: str, what: str) -> str: ...
+@overload
+def _string(obj: dict, name: str, what: str, *, required: bool) -> Optional[str]: ...
 def _string(obj: dict, name: str, what: str, *, required: bool = True) -> Optional[str]:
     value = obj.get(name)
     if value is None and not required:

@@ -39,6 +39,10 @@ class SecretsError(ValueError):
     """A secret source is unreadable or malformed; the message never contains a secret."""
 
 
+def _bytes_tuple(values: Iterable[bytes]) -> "tuple[bytes, ...]":
+    return tuple(values)
+
+
 def _freeze_map(mapping: Mapping[str, Iterable[bytes]]) -> "tuple[tuple[str, tuple[bytes, ...]], ...]":
     return tuple(sorted((circle, tuple(secrets)) for circle, secrets in dict(mapping).items()))
 
@@ -47,7 +51,7 @@ def _freeze_map(mapping: Mapping[str, Iterable[bytes]]) -> "tuple[tuple[str, tup
 class WebhookSecrets:
     """The secrets of one provider: ``shared`` for every circle, ``per_circle`` overriding them."""
 
-    shared: "tuple[bytes, ...]" = attrs.field(default=(), converter=tuple)
+    shared: "tuple[bytes, ...]" = attrs.field(default=(), converter=_bytes_tuple)
     per_circle: "tuple[tuple[str, tuple[bytes, ...]], ...]" = attrs.field(default=(), converter=_freeze_map)
 
     def for_circle(self, circle: str) -> "tuple[bytes, ...]":

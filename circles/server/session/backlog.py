@@ -23,7 +23,7 @@ not subtracted until the buffer is empty).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
@@ -42,7 +42,7 @@ class Backlog:
     of going over ``limit``.
     """
 
-    def __init__(self, transport, clock: IReactorTime, limit: int, timeout: float,
+    def __init__(self, transport: Any, clock: IReactorTime, limit: int, timeout: float,
                  drained: Callable[[], None], stuck: Callable[[int], None]) -> None:
         self._transport = transport
         self._clock = clock

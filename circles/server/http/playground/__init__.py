@@ -20,7 +20,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 from twisted.web.pages import notFound
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.util import redirectTo
 
 from circles.server.http.document import Document
@@ -64,7 +64,7 @@ class Playground(Resource):
         self._files = {name: Document(content(filename), content_type, _HEADERS)
                        for name, (filename, content_type) in _FILES.items()}
 
-    def getChild(self, path: bytes, request) -> Resource:
+    def getChild(self, path: bytes, request) -> IResource:
         return self._files.get(path) or notFound()
 
     def render_GET(self, request) -> bytes:
