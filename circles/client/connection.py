@@ -42,7 +42,8 @@ from autobahn.websocket.util import parse_url
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,7 +107,7 @@ class ConnectionClosed(ConnectionError):
 
 # -- TLS ---------------------------------------------------------------------------------------
 
-def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
+def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False) -> IOpenSSLClientConnectionCreator:
     """Client TLS for ``host``: verified against the system trust store, or ``ca`` (PEM file)."""
     if insecure:
         # Development only: any certificate, any host name.
@@ -114,11 +115,11 @@ def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False):
     return client_options(host, ca)
 
 
-def endpoint_for(url: str, reactor, *, ca: Optional[str] = None, insecure: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT):
+def endpoint_for(url: str, reactor: Any, *, ca: Optional[str] = None, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> IStreamClientEndpoint:
     """The Twisted client endpoint reaching ``url`` (TLS-wrapped for ``wss://``)."""
     is_secure, host, port, _, _, _ = parse_url(url)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if is_secure:
         endpoint = wrapClientTLS(_Recorded(tls_options(host, ca, insecure), ca), endpoint)
     elif ca is not None or insecure:
@@ -135,7 +136,7 @@ class _Recorded:
         self._options = options
         self._ca = ca
 
-    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tls_protocol)
         protocol = getattr(tls_protocol, "wrappedProtocol", None)
         if isinstance(protocol, ClientProtocol):
@@ -174,7 +175,10 @@ class ClientProtocol(WebSocketClientProtocol):
         message: dict = {"jsonrpc": "2.0", "method": method, "id": request_id}
         if params is not None:
             message["params"] = params
-        d = Deferred(lambda _: self._pending.pop(request_id, None))
+        def forget(_: Deferred) -> None:  # cancelled: no reply is awaited
+            self._pending.pop(request_id, None)
+
+        d: Deferred = Deferred(forget)
         self._pending[request_id] = (d, method)
         self.sendMessage(json.dumps(message).encode("utf-8"))
         return d
@@ -198,7 +202,7 @@ class ClientProtocol(WebSocketClientProtocol):
             else:
                 d.callback(reply.get("result"))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = reason  # the TLS or socket error behind an unclean close
         super().connectionLost(reason)
 
@@ -209,6 +213,7 @@ class ClientProtocol(WebSocketClientProtocol):
         return why
 
     def _not_opened(self, why: str) -> ConnectFailed:
+        assert self.url is not None  # set as the connection was made
         return not_opened(self.url, getattr(self, "http_status_line", None) or "", self._lost, self.tls, why)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
@@ -224,7 +229,7 @@ class ClientProtocol(WebSocketClientProtocol):
             self.closed.fire((code, reason))
 
 
-def websocket_factory(url: str, reactor, timeout: float) -> WebSocketClientFactory:
+def websocket_factory(url: str, reactor: Any, timeout: float) -> WebSocketClientFactory:
     # Our contract ({output}, -32005...) on every server, one defaulting to the circles-era one too.
     factory = WebSocketClientFactory(url, reactor=reactor, protocols=[SUBPROTOCOLS[GATEWAY]])
     factory.protocol = ClientProtocol
@@ -240,6 +245,7 @@ class CircleClient:
 
     def __init__(self, protocol: ClientProtocol) -> None:
         self._protocol = protocol
+        assert protocol.url is not None  # an open connection's
         self.url: str = protocol.url
         self.pubkey: Optional[str] = None  # the key this connection authenticated as
 
@@ -258,7 +264,7 @@ class CircleClient:
         """
         return ensureDeferred(self._authenticate(private_key(key), scheme))
 
-    async def _authenticate(self, key, scheme: str) -> dict:
+    async def _authenticate(self, key: PrivateKeyLike, scheme: str) -> dict:
         pubkey = public_key(key)
         nonce = (await self.fetch_nonce(pubkey))["nonce"]
         result = await self.call("authenticate", {"pubkey": pubkey, "signature": sign_nonce(key, nonce, scheme)})
@@ -297,7 +303,7 @@ class CircleClient:
         return d
 
 
-def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = False,
+def connect(url: str, *, reactor: Any, ca: Optional[str] = None, insecure: bool = False,
             timeout: float = DEFAULT_TIMEOUT) -> Deferred:
     """Open ``url`` (``ws://`` or ``wss://host:port/<circle>``); fires with a :class:`CircleClient`.
 
@@ -313,11 +319,11 @@ def connect(url: str, *, reactor, ca: Optional[str] = None, insecure: bool = Fal
     return ensureDeferred(_connected(url, endpoint, factory))
 
 
-async def _connected(url: str, endpoint, factory: WebSocketClientFactory) -> CircleClient:
+async def _connected(url: str, endpoint: IStreamClientEndpoint, factory: WebSocketClientFactory) -> CircleClient:
     """A :class:`CircleClient` once ``endpoint`` is connected and the WebSocket open; any other
     failure (cancelled included) as :class:`ConnectFailed`."""
     try:
-        protocol = await endpoint.connect(factory)
+        protocol: ClientProtocol = await endpoint.connect(factory)  # type: ignore[assignment]  # the factory's
         return CircleClient(await protocol.opened)
     except ConnectFailed:
         raise

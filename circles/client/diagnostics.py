@@ -121,7 +121,7 @@ def not_opened(url: str, status_line: str, lost: Optional[Failure], tls: Optiona
                              f"(HTTP {code} {reason})", status=code)
     unverified = lost is not None and (lost.check(VerificationError) is not None or (
         lost.check(SSL.Error) is not None and "certificate verify failed" in str(lost.value)))
-    if tls is not None and unverified:
+    if tls is not None and lost is not None and unverified:
         connection, ca = tls
         return CertificateNotVerified(f"cannot open {url}: certificate verify failed for {host}:{port}: "
                                       f"{not_verified(connection, ca, host, lost)}")

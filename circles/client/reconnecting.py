@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -48,7 +48,7 @@ class _Rotating:
         self._next = 0
         self.url: str = targets[0][0]  # the URL of the current or last attempt
 
-    def connect(self, protocol_factory) -> Deferred:
+    def connect(self, protocol_factory: IProtocolFactory) -> Deferred:
         self.url, endpoint = self._targets[self._next]
         self._next = (self._next + 1) % len(self._targets)
         f = self._factory
@@ -118,7 +118,7 @@ class ReconnectingClient:
     #: clients in only to send them away).
     SETTLED = 1.0
 
-    def __init__(self, url: Union[str, Sequence[str]], *, reactor, key: Optional[PrivateKeyLike] = None,
+    def __init__(self, url: Union[str, Sequence[str]], *, reactor: Any, key: Optional[PrivateKeyLike] = None,
                  scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT, retry_policy: Optional[Callable[[int], float]] = None) -> None:
         self.urls: "list[str]" = check_urls(url)
@@ -148,7 +148,7 @@ class ReconnectingClient:
     def url(self) -> str:
         return self._endpoint.url
 
-    def _prepare(self, protocol) -> None:
+    def _prepare(self, protocol: Any) -> None:  # a ClientProtocol
         """Each new connection, as soon as TCP (and TLS) is up: its handshake and authentication
         go on in the background; the service takes the connection as made (see the class)."""
         ensureDeferred(self._make_live(protocol.opened, protocol.url))
@@ -229,7 +229,7 @@ class ReconnectingClient:
         waiter: Deferred = Deferred(self._forget)
         self._waiters.append(waiter)
         if timeout is not None:
-            def unreachable(result, timeout):
+            def unreachable(result: Any, timeout: float) -> Any:
                 if isinstance(result, Failure) and result.check(CancelledError):
                     raise self._unreachable(timeout)
                 return result
@@ -242,7 +242,7 @@ class ReconnectingClient:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-    def _via(self, method: str, *args, rpc: Optional[str] = None, **kwargs) -> Deferred:
+    def _via(self, method: str, *args: Any, rpc: Optional[str] = None, **kwargs: Any) -> Deferred:
         """``method`` of the live connection's :class:`CircleClient`, made again on the next
         connection where that is safe (see the class); ``rpc``: the JSON-RPC method it calls."""
         return ensureDeferred(self._calling(method, rpc or method, args, kwargs))
@@ -292,6 +292,7 @@ class ReconnectingClient:
             except ConnectionClosed as e:
                 if e.sent or attempt == self.MOST_ATTEMPTS:
                     raise  # it may have run: never repeated
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def discover(self) -> Deferred:
         return self._via("discover", rpc="rpc.discover")

@@ -3,6 +3,8 @@ and the position of the call."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from circles.worker.tiny_engine.values import ARRAY_BYTES, ITEM_BYTES, UNIT, check_int, error, type_name
 
 
@@ -118,7 +120,7 @@ def _range(ev, pos, start, end, step=1):
     return range(start, end, step)
 
 
-BUILTINS = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is_empty, "push": _push,
+BUILTINS: dict[str, Callable[..., Any]] = {"print": _print, "debug": _debug_print, "len": _len, "is_empty": _is_empty, "push": _push,
             "pop": _pop, "contains": _contains, "keys": _keys, "values": _values, "to_string": _to_string,
             "to_int": _to_int, "to_float": _to_float, "abs": _abs, "to_upper": _to_upper,
             "to_lower": _to_lower, "type_of": _type_of, "range": _range}

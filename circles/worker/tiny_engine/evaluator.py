@@ -171,7 +171,7 @@ class Evaluator:
                 for item in source:
                     kind = type(item)
                     if kind is list or kind is dict:
-                        item_copy = [] if kind is list else {}
+                        item_copy: Any = [] if kind is list else {}
                         pending.append((item, item_copy))
                         item = item_copy
                     append(item)
@@ -316,6 +316,7 @@ class Evaluator:
     def for_(self, node: tuple) -> None:
         _, pos, name, index_name, iterable_node, body = node
         iterable = self.expression(iterable_node)
+        items: range | list
         if isinstance(iterable, range):
             items = iterable
         elif isinstance(iterable, list):

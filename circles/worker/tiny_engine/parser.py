@@ -256,7 +256,7 @@ class Parser:
             return ("lit", pos, value)
         if kind == "tmpl":
             self.take()
-            parts = []
+            parts: list = []  # text, and ("block", pos, statements)
             for part in value:
                 if isinstance(part, str):
                     parts.append(part)

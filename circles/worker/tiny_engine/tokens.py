@@ -125,6 +125,7 @@ class Tokenizer:
             while j < len(text) and (text[j].isalnum() or text[j] == "_"):
                 j += 1
             digits = text[self.i + 2:j].replace("_", "")
+            value: float  # int or float
             try:
                 value = int(digits, base)
             except ValueError:
@@ -165,7 +166,7 @@ class Tokenizer:
     def string(self, pos: tuple) -> str:
         text = self.text
         self.advance()  # the opening quote
-        parts = []
+        parts: list[str] = []
         while True:
             if self.i >= len(text) or text[self.i] == "\n":
                 raise error(pos, "unterminated string")
