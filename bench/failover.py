@@ -2,10 +2,11 @@
 
     .venv/bin/python -m bench.failover [--seconds 120] [--clients 8] [--webhooks-per-second 4]
 
-The harness of tests/test_deployment.py (tests/deployment.py: a primary, a replica and three
-Sentinels, two ``twistd circles`` servers, two workers, ReconnectingClients over both servers, a
-Stripe sender) with a longer schedule: a primary SIGKILLed about every 30 s (the old node back as
-the new primary's replica each time), then one server SIGKILLed, for about ``--seconds`` of load.
+The harness of tests/integration/test_deployment.py (devtools/deployment.py: a primary, a replica
+and three Sentinels, two ``twistd circles`` servers, two workers, ReconnectingClients over both
+servers, a Stripe sender) with a longer schedule: a primary SIGKILLed about every 30 s (the old
+node back as the new primary's replica each time), then one server SIGKILLed, for about
+``--seconds`` of load.
 Prints the report and writes it, with the machine's description, to
 ``bench/results/<date>-failover.json``.
 """
@@ -23,7 +24,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from bench.play import machine
-from tests.deployment import Schedule, run
+from devtools.deployment import Schedule, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -15,5 +15,5 @@ nothing: ``from circles import CirclesService, Config``.
 from circles.common.lazy import exports
 
 __all__ = ["CirclesService", "Config"]
-__version__ = "0.1.0"  # the one place; setup.py reads it, --version prints it
+__version__ = "0.1.0"  # the one place; pyproject.toml reads it, --version prints it
 __getattr__, __dir__ = exports(__name__, {"CirclesService": "circles.service", "Config": "circles.server.config"})

@@ -1,9 +1,25 @@
+from pathlib import Path
+
 import pytest
 import pytest_twisted
 import trustme
 from twisted.internet.defer import maybeDeferred
 
-from .redis_server import redis_client, redis_server, replicated_redis  # noqa: F401  (fixtures: real redis-servers)
+from devtools.redis_server import REDIS_SERVER, RedisProcess, ReplicatedRedis
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by its directory: tests/unit is ``unit``, tests/integration ``integration``
+    (the markers are registered in pytest.ini), so ``-m unit`` selects the same tests as the path."""
+    for item in items:
+        try:
+            kind = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if kind in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +54,34 @@ async def start():
     for service in reversed(started):
         if service.running:
             await maybeDeferred(service.stopService)
+
+
+# --- real redis-servers (devtools/redis_server.py) --------------------------------------------
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisProcess(str(tmp_path))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def replicated_redis(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    redis = ReplicatedRedis(str(tmp_path))
+    try:
+        redis.start()
+        yield redis
+    finally:
+        redis.stop()

@@ -1,4 +1,4 @@
-"""Engines for tests/test_isolation.py, in a module of their own: each isolated child imports it."""
+"""Engines for tests/integration/test_isolation.py, in a module of their own: each isolated child imports it."""
 
 from __future__ import annotations
 

@@ -1,15 +1,12 @@
-"""Helpers shared by the end-to-end tests: keys, signing with eth-account, twistd processes."""
+"""Helpers shared by the end-to-end tests: keys, signing with eth-account, twistd processes
+(the process itself, devtools.twistd.Twistd, is shared with bench/)."""
 
 from __future__ import annotations
 
 import json
-import re
-import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +16,9 @@ import coincurve
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
+from devtools.twistd import TWISTD, Twistd
+
 ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 class Key:
@@ -57,59 +55,6 @@ def authenticate(ws, key: Key) -> dict:
 def client_tls(ca_pem: str) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_pem)
     return context
-
-
-class Twistd:
-    """A ``twistd -n circles ...`` process whose log we read to learn its port."""
-
-    def __init__(self, args: list, cwd: Path, plugin: str = "circles", options: tuple = (),
-                 prefix: tuple = ()) -> None:
-        self.lines: list = []
-        self._port_seen = threading.Event()
-        self.port: Optional[int] = None
-        self.proc = subprocess.Popen(
-            [*prefix, TWISTD, "-n", "--pidfile=", "--logfile=-", *options, plugin, *args],
-            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = re.search(r"starting on (\d+)", line)
-            if match and self.port is None:
-                self.port = int(match.group(1))
-                self._port_seen.set()
-        self._port_seen.set()
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        """Wait until ``text`` appears in the log (e.g. "connected to Redis")."""
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"{text!r} never logged:\n" + self.output)
-            time.sleep(0.05)
-
-    def wait_listening(self, timeout: float = 30) -> int:
-        self._port_seen.wait(timeout)
-        if self.port is None:
-            raise AssertionError("twistd did not start listening:\n" + self.output)
-        return self.port
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        """SIGTERM, as an operator or a service manager stops it; kill if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def source_digest(function) -> str:

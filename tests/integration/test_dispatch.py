@@ -1,0 +1,320 @@
+"""The Redis script runner and the reference worker against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+
+from circles.backend import tasks
+from circles.backend.dispatch import RedisScriptRunner
+from circles.backend.redis import parse_redis_url
+from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.worker.service import Worker
+from ..play_client import eventually, new_key, pk, sleep
+
+CIRCLE = pk(new_key())
+CALLER = pk(new_key())
+
+
+def request(script: str, timeout: float = 20.0, circle: str = CIRCLE, caller: str = CALLER) -> ScriptRequest:
+    return ScriptRequest(circle=circle, script=script, caller=caller, source="ws", timeout=timeout)
+
+
+def echo_engine(script, context):
+    if script.startswith("fail:"):
+        raise ValueError(script[5:])
+    return json.dumps({"script": script, "circle": context.circle, "caller": context.caller,
+                       "source": context.source, "task_id": context.task_id, "data": context.data})
+
+
+def make_runner(redis_server, **kw) -> RedisScriptRunner:
+    return RedisScriptRunner(parse_redis_url(redis_server.url), reactor=reactor, **kw)
+
+
+def make_worker(redis_server, engine=echo_engine, circles=(CIRCLE,), **kw) -> Worker:
+    return Worker(parse_redis_url(redis_server.url), list(circles), engine, reactor=reactor, **kw)
+
+
+async def serving(worker):
+    """``worker`` once it has heartbeated: a play to its circle is queued from then on."""
+    await eventually(lambda: worker.registered)
+    return worker
+
+
+async def connected(runner):
+    await eventually(runner.is_connected)
+    return runner
+
+
+@pytest_twisted.ensureDeferred
+async def test_play_through_worker(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    worker = await serving(start(make_worker(redis_server)))
+    output = json.loads(await runner.run(request("print(1)")))
+    assert output["script"] == "print(1)"
+    assert (output["circle"], output["caller"], output["source"]) == (CIRCLE, CALLER, "ws")
+    task = redis_client.hgetall(f"circles:task:{output['task_id']}")
+    assert task["status"] == "completed" and task["reply_to"] == runner.reply_key
+    assert float(task["created_at"]) <= float(task["updated_at"]) <= float(task["deadline"])
+    # The reply delivered the result: the hash keeps its status fields only, for seconds.
+    assert not {"script", "output", "error", "data"} & set(task), task
+    assert (task["attempts"], task["worker"]) == ("1", worker.worker_id)
+    assert 0 < redis_client("TTL", f"circles:task:{output['task_id']}") <= tasks.STATUS_TTL
+    assert redis_client("LLEN", f"circles:processing:{worker.worker_id}") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_script_error_carries_message(redis_server, start):
+    runner = await connected(start(make_runner(redis_server)))
+    await serving(start(make_worker(redis_server)))
+    with pytest.raises(ScriptFailed) as e:
+        await runner.run(request("fail:undefined variable x"))
+    assert "undefined variable x" in e.value.detail
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_expires_task_and_late_worker_skips_it(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    with pytest.raises(ScriptTimeout):
+        await runner.run(request("never run", timeout=0.5))
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+    assert "script" not in redis_client.hgetall(task_key)  # status fields only, for seconds
+    assert 0 < redis_client("TTL", task_key) <= tasks.STATUS_TTL
+    ran = []
+    await serving(start(make_worker(redis_server, engine=lambda script, ctx: ran.append(script) or "ran")))
+    await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 0)
+    await sleep(0.3)
+    assert ran == [] and redis_client.hgetall(task_key)["status"] == "expired"
+    # and the worker serves the next, live task
+    assert await runner.run(request("live")) == "ran"
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_finishing_after_expiry_does_not_overwrite(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    release = Deferred()
+    await serving(start(make_worker(redis_server, engine=lambda script, ctx: release, script_timeout=60)))
+    with pytest.raises(ScriptTimeout):
+        await runner.run(request("slow", timeout=0.5))
+    release.callback("too late")
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    await sleep(0.3)
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+    assert redis_client("LLEN", runner.reply_key) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_plays_share_one_blocking_connection(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    gate = Deferred()
+    await serving(start(make_worker(redis_server, concurrency=50,
+                                    engine=lambda script, ctx: gate.addCallback(lambda _: script) and gate)))
+    runs = [runner.run(request(f"script {i}")) for i in range(200)]
+    await eventually(lambda: redis_client("KEYS", "circles:task:*") and
+                     len(redis_client("KEYS", "circles:task:*")) == 200)
+    # runner: 2 connections, worker: 2 connections, plus this inspecting client
+    clients = redis_client.clients()
+    assert len(clients) == 5, clients
+    assert sum(1 for c in clients if c.get("cmd") in ("brpop", "blmove")) <= 2
+    gate.callback(None)
+    results = await gatherResults(runs)
+    assert results == [f"script {i}" for i in range(200)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_runners_each_get_their_own_replies(redis_server, start):
+    one = await connected(start(make_runner(redis_server)))
+    two = await connected(start(make_runner(redis_server)))
+    assert one.reply_key != two.reply_key
+    await serving(start(make_worker(redis_server, concurrency=8)))
+    plays = [(d, i, d.run(request(f"{name}-{i}"))) for i in range(50) for name, d in (("one", one), ("two", two))]
+    for d, i, result in plays:
+        name = "one" if d is one else "two"
+        assert json.loads(await result)["script"] == f"{name}-{i}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_mid_run_then_restarted(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    in_flight = runner.run(request("waits for a worker that is not there"))
+    redis_server.kill()
+    with pytest.raises(BackendUnavailable):
+        await in_flight
+    with pytest.raises(BackendUnavailable):  # fails at once, while Redis is down
+        await runner.run(request("x"))
+    redis_server.start()
+    await eventually(runner.is_connected)
+    await serving(start(make_worker(redis_server)))
+    assert json.loads(await runner.run(request("back")))["script"] == "back"
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_at_start(redis_server, start):
+    redis_server.kill()
+    runner = start(make_runner(redis_server))
+    with pytest.raises(BackendUnavailable):
+        await runner.run(request("x"))
+    with pytest.raises(BackendUnavailable):
+        await runner.enqueue_once(request("x"), "{}", "event-x", 60)
+    redis_server.start()
+    await connected(runner)
+    await serving(start(make_worker(redis_server)))
+    assert json.loads(await runner.run(request("up")))["script"] == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueue_without_waiting(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    event = {"id": "evt_1", "type": "payment_intent.succeeded", "amount": 42}
+    body = json.dumps(event)
+    queued = await runner.enqueue_once(ScriptRequest(CIRCLE, "on_payment()", "", "webhook:stripe", 60), body,
+                                       "stripe:evt_1", 60)
+    task_id = queued.task_id
+    assert not queued.duplicate
+    task = redis_client.hgetall(f"circles:task:{task_id}")
+    assert task["status"] == "pending" and task["reply_to"] == "" and json.loads(task["data"]) == event
+    assert task["data"] == body  # stored as given, byte for byte
+    assert redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1) == [task_id]
+    seen = []
+    await serving(start(make_worker(redis_server,
+                                    engine=lambda script, ctx: seen.append(ctx) or echo_engine(script, ctx))))
+    await eventually(lambda: redis_client.hgetall(f"circles:task:{task_id}")["status"] == "completed")
+    [context] = seen
+    assert context.source == "webhook:stripe" and json.loads(context.data) == event and context.attempt == 1
+    # Nobody waits for a webhook's result: the hash keeps its status fields only, for seconds.
+    task = redis_client.hgetall(f"circles:task:{task_id}")
+    assert not {"script", "output", "error", "data"} & set(task), task
+    assert task["max_attempts"] == str(tasks.DEFAULT_ATTEMPTS) and task["attempts"] == "1"
+    assert 0 < redis_client("TTL", f"circles:task:{task_id}") <= tasks.STATUS_TTL
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_answers_in_flight_and_expires(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    in_flight = runner.run(request("nobody runs this"))
+    await eventually(lambda: redis_client("KEYS", "circles:task:*"))
+    await runner.stopService()
+    with pytest.raises(BackendUnavailable):
+        await in_flight
+    [task_key] = redis_client("KEYS", "circles:task:*")
+    assert redis_client.hgetall(task_key)["status"] == "expired"
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_replies_are_ignored(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    for junk in ["", "{not json", '{"task_id": 5}', '{"task_id": "x", "status": "processing"}', "a b"]:
+        redis_client("LPUSH", runner.reply_key, junk)
+    await serving(start(make_worker(redis_server)))
+    assert json.loads(await runner.run(request("after junk")))["script"] == "after junk"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_task_id_reply(redis_server, start, redis_client):
+    """A worker may reply with the task id alone: the result is read from the task hash."""
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    run = runner.run(request("by hand"))
+    task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
+    key = f"circles:task:{task_id}"
+    redis_client("HSET", key, "status", "completed", "output", "42")
+    redis_client("LPUSH", runner.reply_key, task_id)
+    assert await run == "42"  # text stays text
+    assert redis_client("EXISTS", key) == 0  # read, then deleted: the reply delivered it
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_stop_finishes_running_script(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    release = Deferred()
+    worker = await serving(start(make_worker(redis_server, engine=lambda s, c: release)))
+    run = runner.run(request("x"))
+    await eventually(lambda: any(redis_client.hgetall(k).get("status") == "processing"
+                                 for k in redis_client("KEYS", "circles:task:*")))
+    stopping = worker.stopService()
+    reactor.callLater(0.2, release.callback, "finished")
+    await stopping
+    assert await run == "finished"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefix(redis_server, start, redis_client):
+    runner = await connected(start(make_runner(redis_server, prefix="app1:")))
+    await serving(start(make_worker(redis_server, prefix="app1:")))
+    assert json.loads(await runner.run(request("p")))["script"] == "p"
+    assert all(k.startswith("app1:") for k in redis_client("KEYS", "*"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_timeout_is_a_timeout_not_a_failure(redis_server, start, redis_client):
+    """The worker's own --script-timeout and the server's deadline are one condition: -32003
+    (ScriptTimeout), told by the reply's ``reason``, also in the task hash."""
+    runner = await connected(start(make_runner(redis_server)))
+    await serving(start(make_worker(redis_server, engine=lambda s, c: Deferred(), script_timeout=0.5)))
+    with pytest.raises(ScriptTimeout):
+        await runner.run(request("never ends", timeout=30))
+    [key] = redis_client("KEYS", "circles:task:*")
+    task = redis_client.hgetall(key)
+    assert (task["status"], task["reason"]) == ("error", "timeout") and "error" not in task
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_reason_in_the_hash_of_a_bare_reply(redis_server, start, redis_client):
+    """A worker replying with the bare task id says "timed out" with the hash's ``reason``."""
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    run = runner.run(request("by hand"))
+    task_id = await eventually(lambda: redis_client("RPOP", f"circles:queue:{CIRCLE}"))
+    redis_client("HSET", f"circles:task:{task_id}", "status", "error", "error", "stopped", "reason", "timeout")
+    redis_client("LPUSH", runner.reply_key, task_id)
+    with pytest.raises(ScriptTimeout):
+        await run
+
+
+def test_replies_without_a_reason_still_decode():
+    """Workers that predate ``reason`` keep working: their errors stay failures (-32005)."""
+    old = '{"task_id":"t","status":"error","output":"","error":"script timed out"}'
+    assert tasks.decode_reply(old) == ("t", tasks.Outcome("t", "error", "", "script timed out"))
+    assert not tasks.decode_reply(old)[1].timed_out
+    new = tasks.encode_reply(tasks.Outcome("t", "error", "", "script timed out", tasks.TIMED_OUT))
+    assert tasks.decode_reply(new)[1].timed_out
+    assert "reason" not in tasks.encode_reply(tasks.Outcome("t", "completed", "x"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_larger_than_the_server_takes_never_reaches_redis(redis_server, start, redis_client):
+    """The server writes its cap into the task (``max_output``); the worker refuses a larger
+    output, whatever its own --max-output, and reports the size instead."""
+    runner = await connected(start(make_runner(redis_server, max_output=1000)))
+    await serving(start(make_worker(redis_server, engine=lambda s, c: "é" * 600)))  # 1200 bytes, 600 characters
+    with pytest.raises(ScriptFailed) as e:
+        await runner.run(request("big"))
+    assert e.value.detail == "output too large: 1200 bytes, the limit is 1000"
+    [key] = redis_client("KEYS", "circles:task:*")
+    task = redis_client.hgetall(key)
+    assert (task["max_output"], task.get("output"), task["status"]) == ("1000", None, "error")
+    assert len(redis_client("DUMP", key)) < 1000  # nothing of the output was stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_server, start):
+    runner = await connected(start(make_runner(redis_server, max_output=1000)))
+    caps = []
+
+    def engine(script, context):
+        caps.append(context.max_output)
+        return "x" * int(script)
+
+    await serving(start(make_worker(redis_server, engine=engine, max_output=100)))
+    assert await runner.run(request("100")) == "x" * 100
+    with pytest.raises(ScriptFailed, match="^output too large: 101 bytes, the limit is 100$"):
+        await runner.run(request("101"))
+    assert caps == [100, 100]

@@ -1,0 +1,324 @@
+"""``--processes N``: N server processes share one port and one Redis, and stop together."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
+
+from ..support import Key, eventually_true, request, twistd
+
+
+def _server_processes(parent_pid: int) -> list:
+    parent = psutil.Process(parent_pid)
+    children = [c for c in parent.children() if "redis-server" not in " ".join(c.cmdline())]
+    return [parent, *children]
+
+
+def _established(process: psutil.Process, port: int) -> int:
+    return sum(1 for c in process.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
+    circle, user = Key(), Key()
+    with twistd(["--auth", "-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--exec", "sh {script_file}", "-c", "8"], tmp_path,
+                   plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        server.wait_for("started server process 2")
+        worker.wait_for("waiting for tasks")
+        deadline = time.monotonic() + 60
+        while server.output.count("connected to Redis") < 2:  # each process has its own script runner
+            assert time.monotonic() < deadline, server.output
+            time.sleep(0.1)
+        processes = _server_processes(server.proc.pid)
+        assert len(processes) == 2
+        clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}").__enter__() for _ in range(40)]
+        try:
+            time.sleep(0.5)
+            held = [_established(p, port) for p in processes]
+            assert sum(held) == 40 and all(held), held  # the kernel spread them over both
+            for i, ws in enumerate(clients[:10]):  # plays through both processes' script runners
+                nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
+                request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
+                assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}"}
+        finally:
+            for ws in clients:
+                ws.close()
+        redis = [c for c in psutil.Process(server.proc.pid).children() if "redis-server" in " ".join(c.cmdline())]
+        assert len(redis) == 1  # one private Redis, started by the first process
+        # SIGTERM to the first process stops them all; twistd exits by re-raising the signal.
+        assert server.stop() in (0, -signal.SIGTERM)
+    for process in [*processes, *redis]:
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    assert "Traceback" not in server.output
+
+
+@pytest.mark.parametrize("option", ["--listen", "--metrics-listen"])
+def test_processes_refuses_listen_strings(tmp_path, option):
+    """Every process would bind the endpoint: with --metrics-listen the second one died of
+    "Address already in use" (a traceback) and the server ran on with one process."""
+    from ..support import run_twistd_to_exit
+    result = run_twistd_to_exit(["--processes", "2", option, "tcp:0"], tmp_path)
+    assert result.returncode != 0 and "--processes" in result.stdout + result.stderr
+
+
+def _descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("spelling", [["--proc", "2"], ["--processes=2"], ["--processes", "2"]])
+def test_processes_never_multiply(tmp_path, spelling):
+    """The children get ``--processes`` however it was typed (getopt takes any unique prefix),
+    so none of them starts processes of its own: two server processes, not a growing tree."""
+    circle = Key()
+    seen: list = []
+    with twistd(["-k", circle.pubkey, *spelling, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server:
+        try:
+            server.wait_listening()
+            server.wait_for("started server process 2")
+            deadline = time.monotonic() + 60
+            while server.output.count("connected to Redis") < 2:  # the child is up and serving
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            time.sleep(2)  # a child that spawns does so as soon as it listens, before this
+            seen = _descendants(server.proc.pid)
+            servers = [p for p in seen if "redis-server" not in " ".join(p.cmdline())]
+            assert len(servers) == 1, [p.cmdline() for p in servers]
+            assert servers[0].children() == []
+            assert server.output.count("started server process") == 1, server.output
+            assert "--processes=1" in servers[0].cmdline()
+        finally:
+            seen += _descendants(server.proc.pid)
+            server.stop()
+            for process in seen:  # whatever a broken build left behind
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+
+def test_child_argv_uses_full_names_and_never_spawns():
+    from circles.server_tap import Options, child_argv
+    argv = ["-kAB", "--proc", "3", "--auth", "--allowed-o", "https://a,https://b", "-p", "0", "--interface=",
+            "--processes=4"]
+    assert child_argv(Options(), argv) == ["--circle=AB", "--auth", "--allowed-origins=https://a,https://b",
+                                           "--port=0", "--interface=", "--processes=1"]
+
+
+def test_a_killed_server_process_is_started_again(tmp_path):
+    """kill -9 one of the N (the OOM killer's choice): the first process starts another in its
+    place, so N serve again, and stopping still leaves nothing."""
+    circle = Key()
+    seen: list = []
+    with twistd(["-k", circle.pubkey, "--processes", "3", "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        try:
+            port = server.wait_listening()
+            deadline = time.monotonic() + 60
+            while server.output.count("connected to Redis") < 3:
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            before = [p for p in _descendants(server.proc.pid) if "redis-server" not in " ".join(p.cmdline())]
+            assert len(before) == 2
+            before[0].kill()
+            while server.output.count("connected to Redis") < 4:  # the new one serves
+                assert time.monotonic() < deadline, server.output
+                time.sleep(0.1)
+            seen = _descendants(server.proc.pid)
+            after = [p for p in seen if "redis-server" not in " ".join(p.cmdline())]
+            assert len(after) == 2 and before[0] not in after and before[1] in after
+            assert server.output.count("started server process") == 3
+            assert "server process 2 exited (killed by signal 9) while serving" in server.output \
+                or "server process 3 exited (killed by signal 9) while serving" in server.output
+            with connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+                assert request(ws, "whoami")["result"] is not None
+        finally:
+            seen += _descendants(server.proc.pid)
+            assert server.stop() in (0, -signal.SIGTERM)
+    for process in seen:
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+
+def _wait_serving(server, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while server.output.count("connected to Redis") < count:
+        assert time.monotonic() < deadline and server.proc.poll() is None, server.output
+        time.sleep(0.1)
+
+
+def _get(port: int, path: str, timeout: float = 10) -> "tuple[int, bytes]":
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _sample(exposition: bytes, name: str, labels: "dict | None" = None) -> "float | None":
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return sample.value
+    return None
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_every_process_logs_to_the_one_log_with_pid_and_process(tmp_path, form):
+    """The others used to write to the first one's standard output, whatever --logfile said
+    (under twistd without -n: lost). Now the first writes their events to its own log: every
+    line names its process and pid, and no line is cut into another."""
+    circle = Key()
+    logfile = tmp_path / "server.log"
+    options = ("--logger", "circles.common.logs.json_observer") if form == "json" else (f"--logfile={logfile}",)
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path, options=options) as server:
+        text = (lambda: logfile.read_text() if logfile.exists() else "") if form == "text" else (lambda: server.output)
+        assert eventually_true(lambda: text().count("connected to Redis") >= 2), text()
+        pids = {p.pid for p in _server_processes(server.proc.pid)}
+        assert server.stop() in (0, -signal.SIGTERM)
+    lines = text().splitlines()
+    seen = set()
+    if form == "text":
+        lines = [line for line in lines if not line.startswith("\t")]  # a traceback's continuation
+        for line in lines:
+            match = re.match(r"\S+ \[[^\]]* process=(\d) pid=(\d+)\] ", line)
+            assert match, line
+            seen.add((int(match.group(1)), int(match.group(2))))
+    else:
+        for line in lines:
+            event = json.loads(line)
+            seen.add((event["process"], event["pid"]))
+    assert {process for process, _ in seen} == {1, 2}, seen
+    assert {pid for _, pid in seen} == pids  # the pid of each process, not of the first
+    assert text().count("circles starting on") == 2 and text().count("Server Shut Down.") == 2
+    assert "Traceback" not in text()
+
+
+def test_one_scrape_counts_every_process(tmp_path):
+    """Each process answered /metrics with its own share; one scrape now reports them all."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        processes = _server_processes(server.proc.pid)
+        clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}").__enter__() for _ in range(40)]
+        try:
+            for ws in clients:
+                assert request(ws, "whoami")["result"]["circle"] == circle.pubkey
+            held = [_established(p, port) for p in processes]
+            assert sum(held) == 40 and all(held), held  # both processes hold some
+            time.sleep(1.1)  # views older than circles.server.processes.siblings.FRESH are asked again
+            for _ in range(6):  # whichever process each scrape reaches
+                status, body = _get(port, "/metrics")
+                assert status == 200
+                assert _sample(body, "circles_connections_open") == 40, body.decode()
+                assert _sample(body, "circles_requests_total", {"method": "whoami", "outcome": "ok"}) == 40
+                shares = [_sample(body, "circles_process_connections_open", {"process": str(n)}) for n in (1, 2)]
+                assert sorted(shares) == sorted(held), (shares, held)
+                assert [_sample(body, "circles_process_up", {"process": str(n)}) for n in (1, 2)] == [1, 1]
+                assert all(_sample(body, "circles_process_resident_memory_bytes", {"process": str(n)}) > 10 ** 6
+                           for n in (1, 2))
+        finally:
+            for ws in clients:
+                ws.close()
+
+
+def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        assert eventually_true(lambda: _get(port, "/ready")[0] == 200)
+        status, body = _get(port, "/ready")
+        assert json.loads(body) == {"status": "ready", "processes": {"1": "ready", "2": "ready"}}
+        child = _server_processes(server.proc.pid)[1]
+        child.kill()
+        # The first process says so, reports it until the new one serves, then is ready again.
+        answers = []
+        deadline = time.monotonic() + 60
+        while not (answers and answers[-1][0] == 200 and any(code == 503 for code, _ in answers)):
+            assert time.monotonic() < deadline, (answers, server.output)
+            try:
+                status, body = _get(port, "/ready")
+            except (ConnectionError, urllib.error.URLError):
+                # Reset: queued on the killed one's socket (SO_REUSEPORT: the kernel drops its queue).
+                continue
+            answers.append((status, json.loads(body)))
+            time.sleep(0.1)
+        unready = [body for code, body in answers if code == 503]
+        assert unready[0]["reason"] in ("server process 2: not running", "server process 2: not answering",
+                                        "server process 2: script backend unavailable")
+        assert unready[0]["processes"]["1"] == "ready" and unready[0]["processes"]["2"] != "ready"
+        assert answers[-1][1] == {"status": "ready", "processes": {"1": "ready", "2": "ready"}}
+        assert "server process 2 exited (killed by signal 9) while serving; starting it again in 1s" in server.output
+        assert "started server process 2 again" in server.output
+
+
+def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
+    """SIGSTOP one of them: a scrape the other one takes answers after circles.server.processes.siblings.ASK_TIMEOUT
+    with the stopped one reported down (one the stopped one takes waits, as it would alone)."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        child = _server_processes(server.proc.pid)[1]
+        child.suspend()
+        try:
+            answered = []
+            for _ in range(12):
+                started = time.monotonic()
+                try:
+                    answered.append((_get(port, "/metrics", timeout=6), time.monotonic() - started))
+                except OSError:  # the stopped one took it
+                    continue
+                if len(answered) == 2:
+                    break
+            assert answered, "every scrape reached the stopped process"
+            for (status, body), seconds in answered:
+                assert status == 200 and seconds < 5, seconds
+                assert _sample(body, "circles_process_up", {"process": "2"}) == 0
+        finally:
+            child.resume()
+
+
+def test_sigterm_drains_every_process_together(tmp_path):
+    """SIGTERM to the first process reaches the others: each answers /ready 503 at once and keeps
+    accepting for --drain-grace, all in the same seconds (not one grace after another), then all
+    exit."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state"), "--drain-grace", "2"], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        assert eventually_true(lambda: _get(port, "/ready")[0] == 200)  # a balancer watches: every process
+        stopping = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert eventually_true(lambda: server.output.count("still accepting for 2s (--drain-grace)") == 2, 10), \
+            server.output
+        answers = set()
+        while time.monotonic() - stopping < 1.5:  # within the grace: whichever process takes it, it serves
+            answers.add(_get(port, "/ready")[0])
+            assert _get(port, "/health")[0] == 200
+            time.sleep(0.05)
+        assert answers == {503}
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)
+        # One grace, shared: both began it before either ended it.
+        lines = [line for line in server.output.splitlines() if "--drain-grace" in line or "no longer accepting" in line]
+        assert ["no longer accepting" in line for line in lines] == [False, False, True, True], lines

@@ -1,0 +1,348 @@
+"""Nonces every process sees (issue 23): ``GET /auth/nonce`` on one server process, the WebSocket
+with ``?pubkey&sig&nonce`` on any other, single use across all of them; Redis down or full is a
+clear 503. Against real redis-servers and a real ``--processes 2`` server."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+import pytest_twisted
+import websockets
+from twisted.internet import reactor, threads
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from websockets.sync.client import connect
+
+from circles.server.access.nonces import NONCE_BYTES, TooManyNonces, TooManyNoncesForOwner
+
+from circles.common.signatures import AuthenticationFailed
+from circles.backend.redis import parse_redis_url
+from circles.backend.scripts import BackendFull, BackendUnavailable
+from circles.server.access.redis_nonces import RedisNonceStore, nonce_key
+from devtools.redis_server import REDIS_SERVER
+from ..play_client import eventually
+from ..support import Key, request, twistd
+from .test_play_ws import CIRCLE, serve
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+
+def _fetch(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.load(e)
+
+
+def _whoami(url: str) -> dict:
+    with connect(url, open_timeout=30) as ws:
+        return request(ws, "whoami")["result"]
+
+
+def _refused(url: str) -> "tuple[int, str]":
+    try:
+        with connect(url, open_timeout=30):
+            return 101, ""
+    except websockets.exceptions.InvalidStatus as e:
+        return e.response.status_code, e.response.reason_phrase
+
+
+# --- the issue's test: a real --processes 2 server ------------------------------------------
+
+
+def _served_by(processes: list, port: int) -> list:
+    """How many established connections on ``port`` each process holds."""
+    return [sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+            for p in processes]
+
+
+def test_an_http_nonce_authenticates_a_websocket_on_any_process(tmp_path):
+    """Before: 14 of 20 URL authentications failed with 2 processes (the nonce was in the memory
+    of whichever process answered GET /auth/nonce, the WebSocket often landed on the other)."""
+    circle, user = Key(), Key()
+    with twistd(["--auth", "-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("started server process 2")
+        deadline = time.monotonic() + 60
+        while server.output.count("connected to Redis") < 2:
+            assert time.monotonic() < deadline, server.output
+            time.sleep(0.1)
+        parent = psutil.Process(server.proc.pid)
+        processes = [parent, *(c for c in parent.children() if "redis-server" not in " ".join(c.cmdline()))]
+        assert len(processes) == 2
+        base = f"127.0.0.1:{port}"
+        results, held, urls = [], [], []
+        for _ in range(20):
+            status, _, body = _fetch(f"http://{base}/auth/nonce?public_key={user.pubkey}")
+            assert status == 200, body
+            url = (f"ws://{base}/{circle.pubkey}?pubkey={user.pubkey}&sig={user.eth_sign(body['nonce'])}"
+                   f"&nonce={body['nonce']}")
+            urls.append(url)
+            with connect(url, open_timeout=30) as ws:
+                held.append(_served_by(processes, port))
+                results.append(request(ws, "whoami")["result"])
+        assert results == [{"circle": circle.pubkey, "authenticated": True, "pubkey": user.pubkey}] * 20
+        # The kernel spread the WebSockets over both processes (each held one at some point).
+        assert all(any(h[i] for h in held) for i in range(2)), held
+        # Single use across the processes: no URL opens a second time, wherever it lands.
+        assert [_refused(url)[0] for url in urls[:6]] == [401] * 6
+    assert "Traceback" not in server.output
+
+
+# --- the Redis store, two of them on one real Redis (two processes) --------------------------
+
+TTL = 300.0
+
+
+def _store(redis_server, start, **kw) -> RedisNonceStore:
+    kw.setdefault("cap", 100)
+    return start(RedisNonceStore(parse_redis_url(redis_server.url), reactor=reactor, prefix="circles:", ttl=TTL,
+                                 **kw))
+
+
+async def _outcome(d):
+    """The result of ``d``, or the exception it failed with."""
+    try:
+        return await d
+    except Exception as e:  # any exception: what the test compares
+        return e
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_nonce_from_one_store_is_taken_once_by_any(redis_server, redis_client, start):
+    one, two = _store(redis_server, start), _store(redis_server, start)
+    user = Key()
+    before = reactor.seconds()
+    nonce = await one.issue(user.pubkey, "203.0.113.7")
+    assert len(nonce.value) == 2 * NONCE_BYTES
+    assert math.ceil(before + TTL) <= nonce.expires_at <= math.ceil(reactor.seconds() + TTL)
+    key = nonce_key("circles:", nonce.value)
+    assert redis_client("GET", key) == f"{user.pubkey}|203.0.113.7"
+    # Redis expires it when the client was told (its own clock), to the millisecond.
+    assert (TTL - 2) * 1000 < redis_client("PTTL", key) <= (TTL + 1) * 1000
+    assert await two.redeem_value(nonce.value, user.pubkey, user.eth_sign(nonce.value)) == user.pubkey
+    assert redis_client("EXISTS", key) == 0
+    for store in (one, two):  # used: neither takes it again
+        refused = await _outcome(store.redeem_value(nonce.value, user.pubkey, user.eth_sign(nonce.value)))
+        assert isinstance(refused, AuthenticationFailed) and "unknown, used or expired" in str(refused)
+    # Each process counts what it issued; one redeemed elsewhere until it would expire.
+    assert (one.live(), two.live()) == (1, 0)
+    mine = await one.issue(None, "203.0.113.7")
+    assert await one.redeem_value(mine.value, user.pubkey, user.der_sign(mine.value)) == user.pubkey
+    assert one.live() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_racing_for_one_nonce_let_one_win(redis_server, start):
+    one, two = _store(redis_server, start), _store(redis_server, start)
+    user = Key()
+    for _ in range(20):
+        nonce = await one.issue(user.pubkey)
+        signature = user.eth_sign(nonce.value)
+        results = await DeferredList([one.redeem_value(nonce.value, user.pubkey, signature),
+                                      two.redeem_value(nonce.value, user.pubkey, signature)], consumeErrors=True)
+        assert sorted(ok for ok, _ in results) == [False, True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_proof_uses_the_nonce_up_and_made_up_nonces_cost_redis_nothing(redis_server, redis_client,
+                                                                                  start):
+    store = _store(redis_server, start)
+    user, other = Key(), Key()
+    nonce = await store.issue(user.pubkey)
+    refused = await _outcome(store.redeem_value(nonce.value, user.pubkey, other.eth_sign(nonce.value)))
+    assert isinstance(refused, AuthenticationFailed)
+    refused = await _outcome(store.redeem_value(nonce.value, user.pubkey, user.eth_sign(nonce.value)))
+    assert "unknown, used or expired" in str(refused)  # the bad attempt used it up: a URL cannot be replayed
+    bound = await store.issue(other.pubkey)
+    refused = await _outcome(store.redeem_value(bound.value, user.pubkey, user.eth_sign(bound.value)))
+    assert "issued for another public key" in str(refused)
+    redis_client("CONFIG", "RESETSTAT")
+    for made_up in ("0" * 32, "f" * 32):  # of the form: asked, found nowhere, nothing made
+        assert isinstance(await _outcome(store.redeem_value(made_up, user.pubkey, "00")), AuthenticationFailed)
+    for made_up in ("x" * 10_000, "A" * 32, "0" * 31, "0" * 33, "0" * 31 + "\n", ""):  # not of the form: not asked
+        assert isinstance(await _outcome(store.redeem_value(made_up, user.pubkey, "00")), AuthenticationFailed)
+    stats = redis_client("INFO", "commandstats")
+    assert "cmdstat_getdel:calls=2," in stats and "cmdstat_set:" not in stats
+    assert redis_client("DBSIZE") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_process_puts_in_redis_is_bounded_by_its_caps(redis_server, redis_client, start):
+    store = _store(redis_server, start, cap=5, per_owner=2)
+    for _ in range(2):
+        await store.issue(None, "a")
+    assert isinstance(await _outcome(store.issue(None, "a")), TooManyNoncesForOwner)
+    for owner in ("b", "b", "c"):
+        await store.issue(None, owner)
+    refused = await _outcome(store.issue(None, "d"))
+    assert isinstance(refused, TooManyNonces) and not isinstance(refused, TooManyNoncesForOwner)
+    assert redis_client("DBSIZE") == 5 == store.live()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_counts_its_nonces_until_they_expire_by_its_clock(redis_server, redis_client, start):
+    clock = Clock()
+    clock.advance(reactor.seconds())
+    store = _store(redis_server, start, cap=10, per_owner=2, clock=clock)
+    first = await store.issue(None, "a")
+    assert first.expires_at == math.ceil(clock.seconds() + TTL)  # what the client is told: the injected clock's
+    clock.advance(100)
+    await store.issue(None, "a")
+    assert isinstance(await _outcome(store.issue(None, "a")), TooManyNoncesForOwner)
+    clock.advance(TTL - 100 + 1)  # the first expired (Redis expires its key by its own clock)
+    assert store.live() == 1
+    await store.issue(None, "a")
+    clock.advance(TTL + 1)
+    assert store.live() == 0
+    assert redis_client("DBSIZE") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_or_full_is_backend_unavailable_and_holds_no_place(redis_server, redis_client, start):
+    store = _store(redis_server, start, cap=3, timeout=1.0)
+    user = Key()
+    kept = await store.issue(user.pubkey)
+    redis_client("CONFIG", "SET", "maxmemory", "1")  # noeviction, the default: full
+    for _ in range(5):
+        assert isinstance(await _outcome(store.issue(user.pubkey)), BackendFull)
+    assert store.live() == 1  # a refused nonce holds no place
+    # Taking needs no memory: a full Redis still redeems.
+    assert await store.redeem_value(kept.value, user.pubkey, user.eth_sign(kept.value)) == user.pubkey
+    redis_client("CONFIG", "SET", "maxmemory", "0")
+    redis_server.kill()
+    await eventually(lambda: not store.is_connected())  # (a command sent as it died may have been applied: counted)
+    for _ in range(5):
+        refused = await _outcome(store.issue(user.pubkey))
+        assert isinstance(refused, BackendUnavailable) and not isinstance(refused, BackendFull)
+    assert store.live() == 0
+    redis_server.start()
+    await eventually(store.is_connected)
+    assert (await store.issue(user.pubkey)).value
+
+
+# --- the server: GET /auth/nonce and the handshake on a real Redis ---------------------------
+
+
+def _in_thread(function, *args):
+    return threads.deferToThread(function, *args)
+
+
+async def _nonce_url(port: int, user: Key) -> str:
+    status, _, body = await _in_thread(_fetch, f"http://127.0.0.1:{port}/auth/nonce?public_key={user.pubkey}")
+    assert status == 200, body
+    return (f"/{CIRCLE}?pubkey={user.pubkey}&sig={user.eth_sign(body['nonce'])}&nonce={body['nonce']}",
+            body["nonce"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_or_full_is_503_never_a_traceback(redis_server, redis_client, start):
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await _down_or_full(redis_server, redis_client, start)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if "log_failure" in e] == []
+
+
+async def _down_or_full(redis_server, redis_client, start):
+    service, port = await serve(start, redis_server.url)
+    user = Key()
+    path, _ = await _nonce_url(port, user)
+    assert await _in_thread(_whoami, f"ws://127.0.0.1:{port}{path}") == {
+        "circle": CIRCLE, "authenticated": True, "pubkey": user.pubkey}
+    path, _ = await _nonce_url(port, user)  # issued while Redis is there, used once it is not
+    redis_client("CONFIG", "SET", "maxmemory", "1")
+    status, headers, body = await _in_thread(_fetch, f"http://127.0.0.1:{port}/auth/nonce")
+    assert (status, headers.get("retry-after"), body) == (503, "5", {"error": "the nonce store is full, retry later"})
+    redis_client("CONFIG", "SET", "maxmemory", "0")
+    redis_server.kill()
+    await eventually(lambda: not service.nonces.is_connected())
+    status, headers, body = await _in_thread(_fetch, f"http://127.0.0.1:{port}/auth/nonce")
+    assert (status, headers.get("retry-after"), body) == (503, "5", {
+        "error": "the nonce store is unavailable, retry later"})
+    assert await _in_thread(_refused, f"ws://127.0.0.1:{port}{path}") == (503, "Nonce store unavailable, retry later")
+    assert service.nonces.live() == 1  # the one not redeemed; the refused ones hold no place
+    redis_server.start()
+    await eventually(service.nonces.is_connected)
+    path, _ = await _nonce_url(port, user)
+    assert (await _in_thread(_whoami, f"ws://127.0.0.1:{port}{path}"))["authenticated"] is True
+
+
+def _upgrade(port: int, path: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    return sock
+
+
+def _flood(sock: socket.socket, most: int) -> int:
+    """Send up to ``most`` bytes without blocking; how many the kernel took."""
+    sock.setblocking(False)
+    sent, chunk = 0, b"\x81" * 65536
+    while sent < most:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.05)
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                break
+    return sent
+
+
+def _waiting_handshakes(service) -> list:
+    import gc
+    return [p for p in gc.get_objects() if type(p).__name__ == "CircleProtocol" and getattr(p, "factory", None)
+            is service.factory and p.state == p.STATE_CONNECTING and getattr(p, "_wskey", None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_waiting_for_redis_holds_no_more_bytes_and_nothing_once_the_client_left(
+        redis_server, redis_client, start):
+    service, port = await serve(start, redis_server.url)
+    path, nonce = await _nonce_url(port, Key())
+    redis = psutil.Process(redis_server.process.pid)
+    redis.suspend()  # Redis does not answer: the handshake waits for its GETDEL
+    try:
+        sock = await _in_thread(_upgrade, port, path)
+        [waiting] = await eventually(lambda: _waiting_handshakes(service))
+        sent = await _in_thread(_flood, sock, 8 * 1024 * 1024)
+        await _in_thread(time.sleep, 0.5)  # the reactor's chance to read more, were it reading
+        held = len(waiting.data)
+        assert held < 64 * 1024 and sent > 4 * held + 64 * 1024, (held, sent)
+        sock.close()
+        await eventually(lambda: waiting.state == waiting.STATE_CLOSED)
+    finally:
+        redis.resume()
+    await eventually(lambda: redis_client("EXISTS", nonce_key("circles:", nonce)) == 0)  # taken at last
+    await eventually(lambda: service.nonces._connecting is None)
+    assert service.factory.open_connections == set() and service.factory.connections.open == 0
+    assert waiting.session is None or not waiting.session.plays
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_handshake_deadline_holds_while_redis_does_not_answer(redis_server, start):
+    service, port = await serve(start, redis_server.url, handshake_timeout=1.0)
+    path, _ = await _nonce_url(port, Key())
+    redis = psutil.Process(redis_server.process.pid)
+    redis.suspend()
+    try:
+        # A valid proof, refused 503 rather than waiting for Redis (which would have let it in).
+        assert await _in_thread(_refused, f"ws://127.0.0.1:{port}{path}") == (
+            503, "Nonce store unavailable, retry later")
+    finally:
+        redis.resume()
+    assert service.factory.open_connections == set() and service.factory.connections.open == 0

@@ -1,0 +1,181 @@
+"""The JSON answers of the HTTP routes, byte for byte: one helper (circles.server.http.responses) makes
+them all, and each route still sends what it always sent (status, the headers that matter, body).
+
+Over an in-memory transport, through the Site a server builds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
+
+from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
+from circles.server.config import Config
+from circles.server.gateway import Gateway
+from circles.server.http.responses import json_response
+from circles.service import build_site
+from circles.protocol import CircleFactory
+from circles.server.providers.secrets import WebhookSecrets
+
+from devtools.webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers
+from ..inmemory import session_layer
+from ..support import Key
+
+CIRCLE = Key().pubkey
+UNSERVED = Key().pubkey
+NOW = 1_700_000_000
+PEER = IPv4Address("TCP", "192.0.2.1", 40000)
+
+
+@implementer(IScriptRunner)
+class Runner:
+    """Connected or not; queues a webhook's task, fails to, or breaks (a bug of ours)."""
+
+    def __init__(self, connected: bool = True, outcome: str = "queued") -> None:
+        self.connected = connected
+        self.outcome = outcome
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+    def run(self, request):
+        return fail(BackendUnavailable("not here"))
+
+    def enqueue_once(self, request, data_json, key, ttl):
+        if self.outcome == "broken":
+            raise RuntimeError("a bug")
+        if self.outcome == "down":
+            return fail(BackendUnavailable("Redis is unreachable"))
+        return succeed(Queued("task-1", duplicate=self.outcome == "duplicate"))
+
+
+def exchange(raw: bytes, runner: Runner) -> "tuple[bytes, dict, bytes]":
+    """Send one raw HTTP request to a fresh server's Site: (status line, headers, body)."""
+    clock = Clock()
+    clock.advance(NOW)
+    config = Config(circles=[CIRCLE], stripe_secrets=WebhookSecrets.of(STRIPE_SECRET))
+    site = build_site(CircleFactory(session_layer(Gateway(config, clock, runner))), clock)
+    channel = site.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    channel.makeConnection(transport)
+    channel.dataReceived(raw)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines)}
+    if headers.get(b"transfer-encoding") == b"chunked":  # Klein's routes write their answer
+        body = _unchunked(body)
+    return status, headers, body
+
+
+def _unchunked(data: bytes) -> bytes:
+    body = b""
+    while True:
+        size, _, data = data.partition(b"\r\n")
+        if int(size, 16) == 0:
+            return body
+        body, data = body + data[:int(size, 16)], data[int(size, 16) + 2:]
+
+
+def get(path: str, runner: Runner = None) -> "tuple[bytes, dict, bytes]":
+    return exchange(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), runner or Runner())
+
+
+def post(path: str, body: bytes, headers: dict, runner: Runner = None) -> "tuple[bytes, dict, bytes]":
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    raw = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
+    return exchange(raw.encode() + body, runner or Runner())
+
+
+def stripe_delivery(runner: Runner) -> "tuple[bytes, dict, bytes]":
+    body = encode(stripe_event("evt_1"))
+    return post(f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body, timestamp=NOW), runner)
+
+
+# --- the helper ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, body, no_store", [
+    ({}, b'{"a":1,"b":[1,2]}', True),
+    ({"compact": False}, b'{"a": 1, "b": [1, 2]}', True),
+    ({"no_store": False}, b'{"a":1,"b":[1,2]}', False),
+])
+def test_json_response_sets_status_type_and_caching(options, body, no_store):
+    request = DummyRequest([b""])
+    assert json_response(request, 418, {"a": 1, "b": [1, 2]}, **options) == body
+    assert request.responseCode == 418
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
+    assert request.responseHeaders.getRawHeaders(b"cache-control") == ([b"no-store"] if no_store else None)
+
+
+# --- every route, as it always answered -----------------------------------------------------------
+
+
+def test_health_and_ready():
+    status, headers, body = get("/health")
+    assert (status, headers[b"content-type"], body) == (b"HTTP/1.1 200 OK", b"application/json", b'{"status":"ok"}')
+    assert b"cache-control" not in headers
+    status, headers, body = get("/ready")
+    assert (status, headers[b"content-type"], body) == (b"HTTP/1.1 200 OK", b"application/json", b'{"status":"ready"}')
+    assert b"cache-control" not in headers
+    status, headers, body = get("/ready", Runner(connected=False))
+    assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"content-type"] == b"application/json"
+    # Compact like /health and /ready's 200 (issue 24: it was spaced, for no reason but history).
+    assert body == b'{"status":"unavailable","reason":"script backend unavailable"}'
+    assert b"cache-control" not in headers
+
+
+def test_auth_routes():
+    status, headers, body = get("/auth/health")
+    assert status == b"HTTP/1.1 200 OK"
+    assert (headers[b"content-type"], headers[b"cache-control"]) == (b"application/json", b"no-store")
+    assert body == b'{"status": "healthy", "active_nonces": 0, "timestamp": %d}' % NOW
+    status, headers, body = get(f"/auth/nonce?public_key={CIRCLE}")
+    assert status == b"HTTP/1.1 200 OK" and headers[b"cache-control"] == b"no-store"
+    assert body.startswith(b'{"nonce": "') and body.endswith(b'", "expires_at": %d}' % (NOW + 300))
+    status, headers, body = get("/auth/nonce?public_key=02zz")
+    assert status == b"HTTP/1.1 400 Bad Request" and headers[b"cache-control"] == b"no-store"
+    assert body.startswith(b'{"error": "public_key: ') and json.loads(body).keys() == {"error"}
+
+
+@pytest.mark.parametrize("runner, status, body, extra", [
+    (Runner(), b"200 OK", b'{"received":true,"task_id":"task-1"}', {}),
+    (Runner(outcome="duplicate"), b"200 OK", b'{"received":true,"task_id":"task-1","duplicate":true}', {}),
+    (Runner(outcome="down"), b"503 Service Unavailable", b'{"error":"backend unavailable, retry later"}',
+     {b"retry-after": b"30"}),
+    (Runner(outcome="broken"), b"500 Internal Server Error", b'{"error":"internal error"}', {}),
+])
+def test_webhook_deliveries(runner, status, body, extra):
+    got_status, headers, got_body = stripe_delivery(runner)
+    assert (got_status, got_body) == (b"HTTP/1.1 " + status, body)
+    assert (headers[b"content-type"], headers[b"cache-control"]) == (b"application/json", b"no-store")
+    assert {name: headers.get(name) for name in extra} == extra
+
+
+@pytest.mark.parametrize("method, path, status, body, extra", [
+    ("POST", "/webhooks/nope/x", b"404 Not Found", b'{"error":"not found"}', {}),
+    ("GET", f"/webhooks/stripe/{CIRCLE}", b"405 Method Not Allowed", b'{"error":"method not allowed, use POST"}',
+     {b"allow": b"POST"}),
+    ("POST", f"/webhooks/stripe/{UNSERVED}", b"404 Not Found", b'{"error":"unknown circle"}', {}),
+    ("POST", f"/webhooks/idenfy/{CIRCLE}", b"404 Not Found", b'{"error":"idenfy webhooks are not configured"}', {}),
+    ("POST", f"/webhooks/stripe/{CIRCLE}", b"401 Unauthorized", None, {}),
+    ("GET", "/webhooks/", b"404 Not Found", b'{"error":"not found"}', {}),
+])
+def test_webhook_refusals(method, path, status, body, extra):
+    if method == "GET":
+        got_status, headers, got_body = get(path)
+    else:
+        got_status, headers, got_body = post(path, b"{}", {"Content-Type": "application/json"})
+    assert got_status == b"HTTP/1.1 " + status
+    if body is None:
+        assert got_body.startswith(b'{"error":"') and json.loads(got_body).keys() == {"error"}
+    else:
+        assert got_body == body
+    assert (headers[b"content-type"], headers[b"cache-control"]) == (b"application/json", b"no-store")
+    assert {name: headers.get(name) for name in extra} == extra

@@ -1,0 +1,785 @@
+"""The session API and the WebSocket protocol, in memory, no sockets, no real time.
+
+Two levels:
+* ``Session.handle``: JSON text in, JSON text out, with a ``twisted.internet.task.Clock``.
+* ``CircleProtocol`` for real: an Autobahn client protocol and our server protocol joined by
+  ``twisted.test.iosim`` transports, pumped by hand; every Autobahn/txaio timer goes to a
+  ``Clock`` (``txaio.config.loop``), so nothing touches the global reactor.
+
+Scripts run on a fake ``IScriptRunner`` defined here. The Redis backend is a separate issue;
+what is checked here is the contract between ``play`` and any runner: the request it gets
+(timeout capping included) and how runner failures map to -32003/-32004/-32005.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import coincurve
+import pytest
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test import iosim
+from zope.interface import implementer
+
+from circles.server.gateway import Gateway
+from circles.server.config import Config
+from circles.protocol import CircleFactory
+from circles.backend.scripts import (
+    SOURCE_WS,
+    BackendUnavailable,
+    IScriptRunner,
+    ScriptFailed,
+    ScriptTimeout,
+)
+
+from ..inmemory import NoScriptBackend, captured_log, fired, open_session, replied, session_layer
+from ..support import source_digest
+
+OPENRPC = Path(__file__).resolve().parents[2] / "openrpc.json"
+NOW = 1_700_000_000.0
+TTL = 300.0
+SCRIPT_TIMEOUT = 30.0
+
+
+# --- fixtures and helpers -----------------------------------------------------------------------
+
+
+@implementer(IScriptRunner)
+class FakeRunner:
+    """Records each request and hands back a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.pending: list = []
+
+    def run(self, request) -> Deferred:
+        d = Deferred()
+        self.requests.append(request)
+        self.pending.append(d)
+        return d
+
+
+class Key:
+    def __init__(self) -> None:
+        self.private = coincurve.PrivateKey()
+        self.pubkey = self.private.public_key.format(compressed=True).hex()
+        self.uncompressed = self.private.public_key.format(compressed=False).hex()
+
+    def eth(self, nonce: str) -> str:
+        signed = Account.sign_message(encode_defunct(text=nonce), private_key=self.private.secret)
+        return "0x" + bytes(signed.signature).hex()
+
+    def der(self, nonce: str) -> str:
+        return self.private.sign(nonce.encode("utf-8")).hex()
+
+
+CIRCLE = Key().pubkey
+OTHER_CIRCLE = Key().pubkey
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(NOW)
+    return c
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+def make_gateway(clock, runner=None, **config) -> Gateway:
+    config.setdefault("nonce_ttl", TTL)
+    config.setdefault("script_timeout", SCRIPT_TIMEOUT)
+    return Gateway(Config(**config), clock, runner if runner is not None else NoScriptBackend())
+
+
+_ids = itertools.count(1)
+
+
+def rpc(session, method, params=None):
+    """Call ``method`` on ``session``; return the parsed reply (which must come at once)."""
+    request = {"jsonrpc": "2.0", "method": method, "id": next(_ids)}
+    if params is not None:
+        request["params"] = params
+    reply = json.loads(replied(session.answer(json.dumps(request).encode("utf-8"))))
+    assert reply["id"] == request["id"]
+    return reply
+
+
+def login(session, key: Key, signer: str = "eth") -> dict:
+    nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    return rpc(session, "authenticate", {"pubkey": key.pubkey, "signature": getattr(key, signer)(nonce)})
+
+
+def error_code(reply) -> int:
+    assert "result" not in reply, reply
+    return reply["error"]["code"]
+
+
+# --- authentication through Session.handle ------------------------------------------------------
+
+
+@pytest.mark.parametrize("signer", ["eth", "der"])
+def test_full_auth_flow(clock, signer):
+    session = open_session(make_gateway(clock), CIRCLE)
+    key = Key()
+    assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": False, "pubkey": None}
+    issued = rpc(session, "fetch_nonce", {"pubkey": key.uncompressed})["result"]
+    assert set(issued) == {"nonce", "expires_at"}
+    assert issued["expires_at"] == NOW + TTL
+    signature = getattr(key, signer)(issued["nonce"])
+    reply = rpc(session, "authenticate", [key.uncompressed, signature])
+    assert reply["result"] == {"authenticated": True, "pubkey": key.pubkey}
+    assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": True, "pubkey": key.pubkey}
+
+
+def test_authentication_logs_no_signature(clock):
+    session = open_session(make_gateway(clock), CIRCLE)
+    key = Key()
+    nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    bad = Key().eth(nonce)
+    good = key.eth(nonce)
+    with captured_log() as events:
+        assert error_code(rpc(session, "authenticate", {"pubkey": key.pubkey, "signature": bad})) == -32002
+        rpc(session, "authenticate", {"pubkey": key.pubkey, "signature": good})
+    assert events
+    logged = repr(events)
+    assert bad[2:] not in logged and good[2:] not in logged
+
+
+def test_nonce_from_another_connection_refused(clock):
+    gateway = make_gateway(clock)
+    first, second = open_session(gateway, CIRCLE), open_session(gateway, CIRCLE)
+    key = Key()
+    nonce = rpc(first, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    reply = rpc(second, "authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})
+    assert error_code(reply) == -32002
+    assert rpc(second, "whoami")["result"]["authenticated"] is False
+    # the nonce is still good where it was issued
+    assert rpc(first, "authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})["result"]["authenticated"]
+
+
+def test_expired_nonce_refused_and_session_stays_unauthenticated(clock):
+    session = open_session(make_gateway(clock), CIRCLE)
+    key = Key()
+    nonce = rpc(session, "fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    clock.advance(TTL)
+    reply = rpc(session, "authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})
+    assert error_code(reply) == -32002
+    assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": False, "pubkey": None}
+
+
+@pytest.mark.parametrize("case", ["other-key", "used-nonce", "no-nonce", "bad-hex", "bad-pubkey",
+                                  "not-on-curve", "wrong-length", "eip155-v", "other-pubkey-nonce"])
+def test_failed_authenticate_leaves_previous_state(clock, case):
+    session = open_session(make_gateway(clock), CIRCLE)
+    alice, bob = Key(), Key()
+    assert login(session, alice)["result"]["pubkey"] == alice.pubkey
+    if case == "used-nonce":
+        nonce = rpc(session, "fetch_nonce", {"pubkey": bob.pubkey})["result"]["nonce"]
+        params = {"pubkey": bob.pubkey, "signature": bob.eth(nonce)}
+        assert rpc(session, "authenticate", params)["result"]["pubkey"] == bob.pubkey
+        assert login(session, alice)["result"]["pubkey"] == alice.pubkey
+    else:
+        nonce = rpc(session, "fetch_nonce", {"pubkey": bob.pubkey})["result"]["nonce"]
+        params = {
+            "other-key": {"pubkey": bob.pubkey, "signature": Key().eth(nonce)},
+            "no-nonce": {"pubkey": Key().pubkey, "signature": bob.eth(nonce)},
+            "bad-hex": {"pubkey": bob.pubkey, "signature": "0xnothex"},
+            "bad-pubkey": {"pubkey": "zz", "signature": bob.eth(nonce)},
+            "not-on-curve": {"pubkey": "02" + "00" * 32, "signature": bob.eth(nonce)},
+            "wrong-length": {"pubkey": bob.pubkey, "signature": bob.eth(nonce)[:-2]},
+            "eip155-v": {"pubkey": bob.pubkey, "signature": bob.eth(nonce)[:-2] + "25"},
+            "other-pubkey-nonce": {"pubkey": alice.pubkey, "signature": alice.eth(nonce)},
+        }[case]
+    reply = rpc(session, "authenticate", params)
+    assert error_code(reply) == -32002
+    assert reply["error"]["message"].startswith("Authentication failed")
+    assert rpc(session, "whoami")["result"] == {"circle": CIRCLE, "authenticated": True, "pubkey": alice.pubkey}
+
+
+def test_switch_identity_needs_a_fresh_nonce(clock):
+    session = open_session(make_gateway(clock), CIRCLE)
+    alice, bob = Key(), Key()
+    nonce = rpc(session, "fetch_nonce", {"pubkey": alice.pubkey})["result"]["nonce"]
+    rpc(session, "authenticate", {"pubkey": alice.pubkey, "signature": alice.eth(nonce)})
+    # replaying the same proof fails, and so does bob signing alice's spent nonce
+    assert error_code(rpc(session, "authenticate", {"pubkey": alice.pubkey, "signature": alice.eth(nonce)})) == -32002
+    assert error_code(rpc(session, "authenticate", {"pubkey": bob.pubkey, "signature": bob.eth(nonce)})) == -32002
+    assert login(session, bob, "der")["result"]["pubkey"] == bob.pubkey
+    assert rpc(session, "whoami")["result"]["pubkey"] == bob.pubkey
+
+
+@pytest.mark.parametrize("params", [
+    None, {}, [], {"pubkey": CIRCLE}, {"pubkey": 1, "signature": "00"},
+    {"pubkey": CIRCLE, "signature": None}, [CIRCLE, "00", "n", "extra"], {"pubkey": CIRCLE, "signature": "00", "nonce": 5},
+    {"pubkey": CIRCLE, "signature": "00", "other": "x"},
+])
+def test_authenticate_param_shapes_are_invalid_params(clock, params):
+    session = open_session(make_gateway(clock), CIRCLE)
+    assert error_code(rpc(session, "authenticate", params)) == -32602
+
+
+def test_authenticate_without_pubkey_is_a_well_formed_attempt(clock):
+    """pubkey may be left out (personal_sign names its key); a bad signature is -32002."""
+    session = open_session(make_gateway(clock), CIRCLE)
+    assert error_code(rpc(session, "authenticate", {"signature": "00"})) == -32002
+
+
+@pytest.mark.parametrize("pubkey", ["zz", "02" + "00" * 32, "", 5])
+def test_fetch_nonce_with_bad_pubkey_is_invalid_params(clock, pubkey):
+    session = open_session(make_gateway(clock), CIRCLE)
+    assert error_code(rpc(session, "fetch_nonce", {"pubkey": pubkey})) == -32602
+
+
+def test_fetch_nonce_cap_is_too_many_requests(clock):
+    session = open_session(make_gateway(clock, max_nonces_per_session=2), CIRCLE)
+    rpc(session, "fetch_nonce")
+    rpc(session, "fetch_nonce", [])
+    assert error_code(rpc(session, "fetch_nonce")) == -32006
+    clock.advance(TTL)
+    assert "nonce" in rpc(session, "fetch_nonce")["result"]
+
+
+def test_batch_over_the_limit_is_too_many_requests(clock):
+    session = open_session(make_gateway(clock, max_batch=2), CIRCLE)
+    batch = [{"jsonrpc": "2.0", "method": "whoami", "id": i} for i in range(3)]
+    reply = json.loads(replied(session.answer(json.dumps(batch))))
+    assert reply["error"]["code"] == -32006 and reply["id"] is None
+    assert len(json.loads(replied(session.answer(json.dumps(batch[:2]))))) == 2
+
+
+def test_rpc_discover_is_the_openrpc_document(clock):
+    session = open_session(make_gateway(clock), CIRCLE)
+    document = json.loads(OPENRPC.read_text("utf-8"))
+    assert rpc(session, "rpc.discover")["result"] == document
+    names = {m["name"] for m in document["methods"]}
+    assert {"fetch_nonce", "authenticate", "whoami", "play"} <= names
+
+
+# --- play ------------------------------------------------------------------------------------------
+
+
+def test_play_requires_auth_when_auth_is_on(clock, runner):
+    session = open_session(make_gateway(clock, runner, auth_required=True), CIRCLE)
+    reply = rpc(session, "play", {"script": "40 + 2"})
+    assert error_code(reply) == -32001
+    assert runner.requests == []
+    key = Key()
+    login(session, key)
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "40 + 2"}, "id": 7}))
+    assert not d.called
+    [request] = runner.requests
+    assert (request.circle, request.script, request.caller, request.source) == (CIRCLE, "40 + 2", key.pubkey, SOURCE_WS)
+    runner.pending[0].callback("42")
+    assert json.loads(fired(d)) == {"jsonrpc": "2.0", "result": {"output": "42"}, "id": 7}
+
+
+def test_play_is_open_to_anonymous_sessions_without_auth(clock, runner):
+    session = open_session(make_gateway(clock, runner, auth_required=False), CIRCLE)
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["x"], "id": 1}))
+    assert runner.requests[0].caller == ""
+    runner.pending[0].callback("")
+    assert json.loads(fired(d))["result"] == {"output": ""}
+
+
+def test_play_without_backend_is_backend_unavailable(clock):
+    session = open_session(make_gateway(clock), CIRCLE)
+    reply = rpc(session, "play", {"script": "1"})
+    assert error_code(reply) == -32004
+    assert reply["error"]["data"] == "no script backend is configured"
+
+
+@pytest.mark.parametrize("given, used", [
+    (None, SCRIPT_TIMEOUT), (5, 5), (0.5, 0.5), (SCRIPT_TIMEOUT, SCRIPT_TIMEOUT),
+    (SCRIPT_TIMEOUT + 1, SCRIPT_TIMEOUT), (10**6, SCRIPT_TIMEOUT), (1e300, SCRIPT_TIMEOUT),
+])
+def test_play_timeout_lowers_never_raises_the_server_limit(clock, runner, given, used):
+    session = open_session(make_gateway(clock, runner), CIRCLE)
+    params = {"script": "s"} if given is None else {"script": "s", "timeout": given}
+    session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": params, "id": 1}))
+    [request] = runner.requests
+    assert request.timeout == used
+
+
+@pytest.mark.parametrize("timeout", [0, -1, -0.5, "5", True, None, [5]])
+def test_play_bad_timeout_is_invalid_params(clock, runner, timeout):
+    session = open_session(make_gateway(clock, runner), CIRCLE)
+    assert error_code(rpc(session, "play", {"script": "s", "timeout": timeout})) == -32602
+    assert runner.requests == []
+
+
+@pytest.mark.parametrize("params", [None, {}, {"script": 1}, {"script": None}, {"script": "s", "x": 1}, ["s", 1, 2]])
+def test_play_bad_params(clock, runner, params):
+    session = open_session(make_gateway(clock, runner), CIRCLE)
+    assert error_code(rpc(session, "play", params)) == -32602
+
+
+@pytest.mark.parametrize("failure, code, data", [
+    (ScriptTimeout("late"), -32003, None),
+    (BackendUnavailable("redis is down"), -32004, "redis is down"),
+    (ScriptFailed("error at line 3: x is undefined"), -32005, "error at line 3: x is undefined"),
+])
+def test_play_error_mapping(clock, runner, failure, code, data):
+    session = open_session(make_gateway(clock, runner), CIRCLE)
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": {"script": "s"}, "id": "p"}))
+    runner.pending[0].errback(failure)
+    reply = json.loads(fired(d))
+    assert reply["id"] == "p" and reply["error"]["code"] == code
+    assert reply["error"].get("data") == data
+
+
+def test_play_runner_bug_is_internal_error(clock):
+    @implementer(IScriptRunner)
+    class Broken:
+        def run(self, request):
+            return fail(RuntimeError("secret detail"))
+
+    session = open_session(make_gateway(clock, Broken()), CIRCLE)
+    with captured_log() as events:
+        text = replied(session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1})))
+    assert json.loads(text)["error"]["code"] == -32603
+    assert "secret" not in text
+    assert any(e.get("log_failure") is not None for e in events)
+
+
+def test_slow_play_does_not_hold_back_other_requests(clock, runner):
+    session = open_session(make_gateway(clock, runner), CIRCLE)
+    slow = session.answer(json.dumps({"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 1}))
+    assert rpc(session, "whoami")["result"]["circle"] == CIRCLE
+    assert not slow.called
+    runner.pending[0].callback("done")
+    assert json.loads(fired(slow))["result"] == {"output": "done"}
+
+
+# --- the WebSocket protocol over memory transports -------------------------------------------------
+
+
+class Client(WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = False
+        self.received: list = []
+        self.closed = None
+
+    def onOpen(self):
+        self.opened = True
+
+    def onMessage(self, payload, isBinary):
+        assert not isBinary
+        self.received.append(json.loads(payload.decode("utf-8")))
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = (wasClean, code, reason)
+
+    def call(self, method, params=None, id_=None):
+        request = {"jsonrpc": "2.0", "method": method, "id": next(_ids) if id_ is None else id_}
+        if params is not None:
+            request["params"] = params
+        self.sendMessage(json.dumps(request).encode("utf-8"))
+        return request["id"]
+
+
+class Connection:
+    def __init__(self, factory: CircleFactory, path: str, clock: Clock) -> None:
+        self.clock = clock
+        self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        client_factory = WebSocketClientFactory(f"ws://localhost:8080{path}")
+        client_factory.protocol = Client
+        self.client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.pump = iosim.connect(
+            self.server, iosim.FakeTransport(self.server, isServer=True),
+            self.client, iosim.FakeTransport(self.client, isServer=False),
+        )
+        self.settle()
+
+    def settle(self) -> None:
+        for _ in range(20):
+            self.pump.flush()
+            self.clock.advance(0.001)
+        self.pump.flush()
+
+    def request(self, method, params=None):
+        id_ = self.client.call(method, params)
+        self.settle()
+        reply = next(r for r in self.client.received if r.get("id") == id_)
+        return reply
+
+
+@pytest.fixture
+def txaio_clock(clock, monkeypatch):
+    """Autobahn's timers (handshake, close, ping) run on the test clock, not the reactor."""
+    monkeypatch.setattr(txaio.config, "loop", clock)
+    return clock
+
+
+def connect(gateway, path=f"/{CIRCLE}") -> Connection:
+    return Connection(CircleFactory(session_layer(gateway)), path, gateway.clock)
+
+
+def test_ws_full_auth_flow(txaio_clock, runner):
+    gateway = make_gateway(txaio_clock, runner, auth_required=True, circles=[CIRCLE])
+    conn = connect(gateway)
+    assert conn.client.opened
+    key = Key()
+    assert error_code(conn.request("play", {"script": "s"})) == -32001
+    nonce = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    reply = conn.request("authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})
+    assert reply["result"] == {"authenticated": True, "pubkey": key.pubkey}
+    assert conn.request("whoami")["result"] == {"circle": CIRCLE, "authenticated": True, "pubkey": key.pubkey}
+    # play goes to the runner, and the reply comes when the runner answers
+    id_ = conn.client.call("play", {"script": "s", "timeout": 999})
+    conn.settle()
+    assert runner.requests[0].caller == key.pubkey and runner.requests[0].timeout == SCRIPT_TIMEOUT
+    runner.pending[0].callback("out")
+    conn.settle()
+    assert next(r for r in conn.client.received if r["id"] == id_)["result"] == {"output": "out"}
+
+
+def test_ws_auth_state_is_per_connection(txaio_clock):
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE])
+    first, second = connect(gateway), connect(gateway)
+    key = Key()
+    nonce = first.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    assert error_code(second.request("authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})) == -32002
+    assert first.request("authenticate", {"pubkey": key.pubkey, "signature": key.eth(nonce)})["result"]["authenticated"]
+    assert second.request("whoami")["result"]["authenticated"] is False
+
+
+def test_ws_notifications_and_batches(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami"}')
+    conn.client.sendMessage(b'[]')
+    conn.client.sendMessage(b'[{"jsonrpc":"2.0","method":"whoami","id":"a"},{"jsonrpc":"2.0","method":"whoami"},1]')
+    conn.client.sendMessage(b'{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]')
+    conn.settle()
+    empty, batch, parse_error = conn.client.received  # nothing for the notification
+    assert empty["error"]["code"] == -32600 and empty["id"] is None
+    assert [r.get("id") for r in batch] == ["a", None]
+    assert batch[0]["result"]["circle"] == CIRCLE and batch[1]["error"]["code"] == -32600
+    assert parse_error["error"]["code"] == -32700 and parse_error["id"] is None
+
+
+def test_ws_rpc_discover(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    assert conn.request("rpc.discover")["result"] == json.loads(OPENRPC.read_text("utf-8"))
+
+
+def test_ws_binary_frame_closes_1003(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":1}', isBinary=True)
+    conn.settle()
+    assert conn.client.received == []
+    assert conn.client.closed is not None
+    assert conn.client.remoteCloseCode == 1003
+    assert conn.server.state == conn.server.STATE_CLOSED
+
+
+def test_ws_oversized_message_closes_1009(txaio_clock):
+    gateway = make_gateway(txaio_clock, max_message_size=1024)
+    conn = connect(gateway)
+    padding = "x" * 2000
+    conn.client.sendMessage(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": 1, "pad": padding}).encode())
+    conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1009
+    # a message under the limit on a fresh connection is fine
+    other = connect(gateway)
+    assert other.request("whoami")["result"]["circle"] == CIRCLE
+
+
+def test_ws_fragmented_oversized_message_closes_1009(txaio_clock):
+    conn = connect(make_gateway(txaio_clock, max_message_size=1024))
+    conn.client.beginMessage(isBinary=False)
+    for _ in range(4):
+        conn.client.sendMessageFrame(b"[" * 400)
+    conn.client.endMessage()
+    conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1009
+
+
+def test_ws_play_output_too_large_is_answered_at_once(txaio_clock, runner):
+    """Issue 12, point 4: under the limit as text, over it once JSON-escaped (quotes double)."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    id_ = conn.client.call("play", {"script": "s"})
+    conn.settle()
+    runner.pending[0].callback('"' * 3000)
+    conn.settle()
+    [reply] = conn.client.received
+    assert reply["id"] == id_ and reply["error"]["code"] == -32007
+    as_sent = {"jsonrpc": "2.0", "result": {"output": '"' * 3000}, "id": id_}
+    assert reply["error"]["data"] == {"size": len(json.dumps(as_sent, separators=(",", ":"))), "limit": 4096}
+    assert conn.request("whoami")["result"]["circle"] == CIRCLE  # the connection lives on
+
+
+def test_ws_batch_reply_over_the_limit_is_sent_within_it(txaio_clock):
+    document_size = len(json.dumps(json.loads(OPENRPC.read_text("utf-8")), separators=(",", ":")))
+    limit = document_size * 3
+    conn = connect(make_gateway(txaio_clock, max_message_size=limit))
+    batch = [{"jsonrpc": "2.0", "method": "rpc.discover", "id": f"{i}-" + "i" * 100} for i in range(10)]
+    conn.client.sendMessage(json.dumps(batch).encode())
+    conn.settle()
+    [reply] = conn.client.received
+    assert [r["id"] for r in reply] == [r["id"] for r in batch]
+    assert sum("result" in r for r in reply) == 2
+    assert {r["error"]["code"] for r in reply if "error" in r} == {-32007}
+    assert conn.server.state == conn.server.STATE_OPEN
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_ws_reply_that_cannot_fit_closes_1009(txaio_clock, runner, late):
+    """Even the error would be too large (the id alone is): close 1009, no traceback, no drop."""
+    conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
+    huge_id = "i" * (4000 if late else 4040)  # the request fits; its error reply would not
+    with captured_log() as events:
+        if late:
+            conn.client.call("play", {"script": "s"}, id_=huge_id)
+            conn.settle()
+            runner.pending[0].callback("o" * 200)
+        else:
+            conn.client.call("x", id_=huge_id)
+        conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1009
+    assert conn.client.closed[0] is True  # a closing handshake, not a dropped TCP connection
+    assert not [e for e in events if e.get("log_level") and e["log_level"].name in ("error", "critical")]
+
+
+def test_ws_fragmented_request_is_answered_once_whole(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    text = json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": "frag"}).encode()
+    conn.client.beginMessage(isBinary=False)
+    for i in range(0, len(text), 7):
+        conn.client.sendMessageFrame(text[i:i + 7])
+    conn.client.endMessage()
+    conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":"next"}')
+    conn.settle()
+    assert [r["id"] for r in conn.client.received] == ["frag", "next"]
+    assert conn.client.received[0]["result"]["circle"] == CIRCLE
+
+
+def test_ws_invalid_utf8_text_closes_1007(txaio_clock):
+    conn = connect(make_gateway(txaio_clock))
+    conn.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":"\xff"}')
+    conn.settle()
+    assert conn.client.received == []
+    assert conn.client.remoteCloseCode == 1007
+
+
+def test_ws_hostile_messages_do_not_affect_other_clients(txaio_clock):
+    gateway = make_gateway(txaio_clock)
+    victim, attacker = connect(gateway), connect(gateway)
+    attacker.client.sendMessage(b"[" * 100_000)
+    attacker.client.sendMessage(b'{"jsonrpc":"2.0","method":"whoami","id":"\\ud800"}')
+    attacker.settle()
+    deep, surrogate = attacker.client.received
+    assert deep["error"]["code"] == -32700
+    assert surrogate["id"] == "\ud800" and surrogate["result"]["circle"] == CIRCLE
+    assert attacker.request("whoami")["result"]["circle"] == CIRCLE  # still open
+    assert victim.request("whoami")["result"]["circle"] == CIRCLE
+
+
+def test_ws_reply_after_close_is_dropped(txaio_clock, runner):
+    conn = connect(make_gateway(txaio_clock, runner))
+    conn.client.call("play", ["s"])
+    conn.settle()
+    conn.client.sendClose(1000)
+    conn.settle()
+    assert conn.server.state == conn.server.STATE_CLOSED
+    with captured_log() as events:
+        runner.pending[0].callback("late")  # must not write to a closed transport or raise
+    assert not [e for e in events if e.get("log_failure") is not None]
+
+
+# --- the opening handshake ---------------------------------------------------------------------------
+
+
+class Transport(StringTransport):
+    def unregisterProducer(self):
+        # Autobahn unregisters on every drop; a real TCP transport tolerates that.
+        self.producer = None
+
+
+def handshake(gateway, path: str) -> bytes:
+    server = CircleFactory(session_layer(gateway)).buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    transport = Transport()
+    server.makeConnection(transport)
+    server.dataReceived(
+        (f"GET {path} HTTP/1.1\r\nHost: localhost:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode("ascii"))
+    return transport.value()
+
+
+def status(response: bytes) -> int:
+    return int(response.split(b"\r\n", 1)[0].split(b" ")[1])
+
+
+def test_handshake_accepts_a_served_circle(txaio_clock):
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE])
+    assert status(handshake(gateway, f"/{CIRCLE}")) == 101
+    assert status(handshake(gateway, f"/{CIRCLE}?x=1")) == 101
+
+
+def test_handshake_refuses_an_unknown_circle_404(txaio_clock):
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE])
+    assert status(handshake(gateway, f"/{OTHER_CIRCLE}")) == 404
+
+
+def test_handshake_without_circle_list_accepts_any_valid_circle(txaio_clock):
+    gateway = make_gateway(txaio_clock)
+    assert status(handshake(gateway, f"/{OTHER_CIRCLE}")) == 101
+
+
+@pytest.mark.parametrize("path", [
+    "/", "/hello", "/openrpc.json", "/02" + "00" * 32, "/02" + "zz" * 32, "/0x" + "ab" * 32,
+    "/" + CIRCLE[:-2], "/" + CIRCLE + "00", "/" + CIRCLE + "/x", "//" + CIRCLE,
+])
+def test_handshake_refuses_paths_that_are_not_circle_keys_404(txaio_clock, path):
+    assert status(handshake(make_gateway(txaio_clock), path)) == 404
+
+
+def test_handshake_accepts_the_uncompressed_key_of_a_circle(txaio_clock):
+    """Clients of the Rust server often write the key uncompressed: the same circle (issue 15)."""
+    key, other = Key(), Key()
+    gateway = make_gateway(txaio_clock, circles=[key.pubkey])
+    assert status(handshake(gateway, f"/{key.uncompressed}")) == 101
+    assert status(handshake(gateway, f"/{key.pubkey}")) == 101
+    assert status(handshake(gateway, f"/{other.uncompressed}")) == 404
+    assert status(handshake(gateway, f"/{key.uncompressed[:-2]}")) == 404
+
+
+def test_refused_handshake_through_a_client(txaio_clock):
+    conn = connect(make_gateway(txaio_clock, circles=[CIRCLE]), f"/{OTHER_CIRCLE}")
+    assert not conn.client.opened
+    assert conn.client.closed is not None and conn.client.closed[0] is False
+    assert "404" in (conn.client.wasNotCleanReason or "")
+
+
+# --- anomalies are logged within bounds (issue 12) ---------------------------------------------------
+
+
+def _info_or_worse(events) -> list:
+    return [e for e in events if e.get("log_level") is not None and e["log_level"].name != "debug"]
+
+
+def test_failed_authentications_log_a_few_lines_then_a_summary_at_close(txaio_clock):
+    conn = connect(make_gateway(txaio_clock, rate_limit=0))
+    key = Key()
+    nonce = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    with captured_log() as events:
+        for _ in range(200):
+            conn.client.call("authenticate", {"pubkey": key.pubkey, "signature": Key().eth(nonce)})
+        conn.settle()
+        assert len(conn.client.received) == 201 and all(r["error"]["code"] == -32002 for r in conn.client.received[1:])
+        assert len(_info_or_worse(events)) == 3
+        conn.client.sendClose(1000)
+        conn.settle()
+    lines = _info_or_worse(events)
+    assert len(lines) == 4
+    assert lines[-1]["unlogged"] == 197 and lines[-1]["kinds"] == {"authentication failed": 197}
+
+
+def test_refused_upgrades_log_a_few_lines_a_minute_then_a_summary(txaio_clock):
+    factory = CircleFactory(session_layer(make_gateway(txaio_clock, circles=[CIRCLE])))
+
+    def refused(path):
+        server = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 8080))
+        transport = Transport(peerAddress=IPv4Address("TCP", "192.0.2.7", 50000))
+        server.makeConnection(transport)
+        server.dataReceived(
+            (f"GET {path} HTTP/1.1\r\nHost: localhost:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode("ascii"))
+        return status(transport.value())
+
+    level = txaio.get_global_log_level()
+    txaio.set_global_log_level("info")  # Autobahn's own lines count too
+    try:
+        with captured_log() as events:
+            assert {refused(f"/{OTHER_CIRCLE}") for _ in range(300)} == {404}
+            assert len(_info_or_worse(events)) == 10
+            txaio_clock.advance(60)
+            assert refused("/nope") == 404
+    finally:
+        txaio.set_global_log_level(level)
+    lines = _info_or_worse(events)
+    assert len(lines) == 12  # 10, the window's summary, the next window's first
+    summary = lines[10]
+    assert summary["unlogged"] == 290 and summary["by_kind"] == {"404": 290}
+    assert summary["busiest"] == {"192.0.2.7": 290}
+
+
+# --- the Autobahn methods CircleProtocol trims ---------------------------------------------------
+
+#: sha256 (first 16 hex digits) of the Autobahn source each override in circles/protocol.py was
+#: written against. When Autobahn changes one, this fails: compare the new source with the
+#: override, carry over what matters, and record the new digest.
+AUTOBAHN_SOURCES = {
+    ("WebSocketAdapterProtocol", "connectionMade"): "63ceb64088e44552",
+    ("WebSocketAdapterProtocol", "connectionLost"): "cf4d8aab057cd161",
+    ("WebSocketAdapterProtocol", "dataReceived"): "7997f762de218433",
+    ("WebSocketServerProtocol", "_connectionMade"): "213dadb6d12d3d48",
+    ("WebSocketServerProtocol", "_connectionLost"): "1b616e8fc259d995",
+    ("WebSocketProtocol", "sendData"): "5dcca425b048b07e",
+    ("WebSocketProtocol", "onMessageEnd"): "efff2a43ca8540d0",
+    ("WebSocketProtocol", "onMessageBegin"): "1c5cb3b3e3eb227b",
+    ("WebSocketProtocol", "onMessageFrameBegin"): "68c4eae4de95e1fb",
+    ("WebSocketProtocol", "onMessageFrameData"): "23e4805e8f059816",
+    ("WebSocketProtocol", "onMessageFrameEnd"): "00c94dd299eb55fc",
+    ("WebSocketProtocol", "consumeData"): "aaa88196e762438f",
+    ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
+}
+#: Copied into CircleProtocol.failHandshake (less its warning), not overridden.
+COPIED_AUTOBAHN_SOURCES = {("WebSocketProtocol", "dropConnection"): "149c74c9a251a7b1"}
+
+
+@pytest.mark.parametrize("owner, method", sorted(AUTOBAHN_SOURCES))
+def test_trimmed_autobahn_methods_are_the_ones_reviewed(owner, method):
+    from autobahn.twisted import websocket as twisted_websocket
+    from autobahn.websocket import protocol as websocket_protocol
+
+    cls = getattr(twisted_websocket, owner, None) or getattr(websocket_protocol, owner)
+    assert source_digest(getattr(cls, method)) == AUTOBAHN_SOURCES[owner, method]
+    assert method in CircleFactory(session_layer(make_gateway(Clock()))).protocol.__mro__[1].__dict__  # still overridden
+
+
+@pytest.mark.parametrize("owner, method", sorted(COPIED_AUTOBAHN_SOURCES))
+def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
+    from autobahn.websocket import protocol as websocket_protocol
+
+    source = getattr(getattr(websocket_protocol, owner), method)
+    assert source_digest(source) == COPIED_AUTOBAHN_SOURCES[owner, method]
+
+
+def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_ping(txaio_clock):
+    """Issue 24: --ping-timeout is what it says. Autobahn's timers truncate deadlines to the whole
+    second; with one more second added to make up for that, the drop came between 3 and 4 s after
+    the ping for a --ping-timeout of 3. Driven by the clock: a ping at --ping-interval, the drop
+    exactly --ping-timeout after it."""
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE], ping_interval=10, ping_timeout=3, idle_timeout=0)
+    factory = CircleFactory(session_layer(gateway))
+    conn = Connection(factory, f"/{CIRCLE}", txaio_clock)
+    assert conn.client.opened and len(factory.open_connections) == 1
+    pings: list = []
+    conn.client.onPing = pings.append  # this client never answers (Autobahn's onPing would pong)
+    txaio_clock.advance(10)
+    conn.pump.flush()
+    assert len(pings) == 1
+    txaio_clock.advance(2.99)
+    conn.pump.flush()
+    assert conn.client.closed is None and len(factory.open_connections) == 1
+    txaio_clock.advance(0.02)
+    conn.pump.flush()
+    assert len(factory.open_connections) == 0 and conn.client.closed is not None
+    assert conn.server.wasNotCleanReason == "WebSocket ping timeout (peer did not respond with pong in time)"
