@@ -26,7 +26,7 @@ from circles.server import tls
 
 from circles.server.providers import secrets as webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from circles.backend.redis import InvalidRedisURL
+from circles.backend.redis_url import InvalidRedisURL
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
 from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv

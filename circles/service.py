@@ -25,7 +25,7 @@ from circles.server import tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.members import Membership
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import IScriptRunner
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.gateway import Gateway

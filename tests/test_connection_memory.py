@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from circles import CirclesService, Config
 
 from circles.server import tls
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.protocol import CircleFactory
 from circles.worker.service import Worker
 

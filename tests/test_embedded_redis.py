@@ -16,7 +16,8 @@ from twisted.python import usage
 
 from circles import server_tap
 from circles.backend.embedded import EmbeddedRedis, EmbeddedRedisError
-from circles.backend.redis import RedisAddress, connect
+from circles.backend.redis import connect
+from circles.backend.redis_url import RedisAddress
 from .play_client import eventually, new_key, pk
 from .redis_server import REDIS_SERVER
 from .support import twistd

@@ -38,7 +38,8 @@ def test_the_worker_loads_nothing_of_the_server(module):
     assert loaded(names, SERVER) == []
 
 
-@pytest.mark.parametrize("module", ["circles.backend.tasks", "circles.backend.redis", "circles.backend.embedded",
+@pytest.mark.parametrize("module", ["circles.backend.tasks", "circles.backend.redis", "circles.backend.redis_url",
+                                    "circles.backend.sentinel", "circles.backend.reachability", "circles.backend.embedded",
                                     "circles.backend.dispatch", "circles.backend.scripts",
                                     "circles.backend.members", "circles.backend.group_wait",
                                     "circles.backend.commands"])

@@ -18,7 +18,8 @@ from circles import Config
 from circles.server.session.methods import Session, methods
 from circles.backend import members
 from circles.backend.embedded import EmbeddedRedis
-from circles.backend.redis import connect, parse_redis_url
+from circles.backend.redis import connect
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.gateway import Gateway
 from circles.server.providers.secrets import WebhookSecrets

@@ -10,7 +10,7 @@ import urllib.request
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker
 
 from .play_client import RPCClient, eventually, new_key, pk, sleep

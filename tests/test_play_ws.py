@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from circles import CirclesService, Config
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
 from .play_client import RPCClient, eventually, new_key, pk, sleep

@@ -13,7 +13,8 @@ from twisted.internet import reactor
 from circles import CirclesService, Config
 from circles.backend.embedded import (MAXMEMORY_BASE, MAXMEMORY_CEILING, MAXMEMORY_FLOOR, TASK_OVERHEAD,
                                       WEBHOOK_EVENTS, EmbeddedRedis, derived_maxmemory)
-from circles.backend.redis import connect, parse_redis_url
+from circles.backend.redis import connect
+from circles.backend.redis_url import parse_redis_url
 from circles.server.config import DEFAULT_MAX_SCRIPT_SIZE
 from circles.server_tap import Options, memory_size
 from circles.server.providers.secrets import WebhookSecrets

@@ -2,7 +2,7 @@ import pytest
 import pytest_twisted
 
 from circles.server.config import Config
-from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+from circles.backend.redis_url import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
 
 @pytest.mark.parametrize("url, expected", [

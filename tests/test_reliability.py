@@ -24,7 +24,7 @@ from twisted.logger import globalLogPublisher
 from circles import CirclesService, Config
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import NoWorker, ScriptFailed, ScriptRequest
 from circles.server.providers.secrets import STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import EngineError

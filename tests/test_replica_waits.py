@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
 
 from circles.backend.dispatch import MAX_ACK_WAITING, RedisScriptRunner
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 
 from .play_client import eventually, sleep

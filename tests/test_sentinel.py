@@ -14,7 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from circles.backend.dispatch import RedisScriptRunner
-from circles.backend.redis import Reachability, connect, parse_redis_url, reached
+from circles.backend.reachability import Reachability
+from circles.backend.redis import connect, reached
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.config import Config
 from circles.worker.service import Worker
@@ -281,10 +283,10 @@ def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
     from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
-    from circles.backend.redis import _PrimaryProtocol
+    from circles.backend.sentinel import PrimaryProtocol
 
     ready = []
-    protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
     protocol.whenConnected().addCallback(ready.append)
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -295,7 +297,7 @@ def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
     # The same check answered "master" makes it ready; "slave" closes it.
     for role, expected in ((b"master", True), (b"slave", False)):
         ready.clear()
-        protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+        protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
         protocol.whenConnected().addCallback(ready.append)
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -57,7 +57,10 @@ from circles.backend import tasks
 from circles.backend.admin import reap
 from circles.backend.embedded import START_TIMEOUT
 from circles.backend.group_wait import GroupWait
-from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
+from circles.backend.reachability import Reachability
+from circles.backend.redis import connect, reached
+from circles.backend.redis_url import RedisAddress
+from circles.backend.values import text
 from circles.backend.scripts import (BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued,
                                      ScriptFailed, ScriptRequest, ScriptTimeout)
 from circles.common.logs import Logger, worth_logging
@@ -105,7 +108,7 @@ class _Waiting:
 class RedisScriptRunner(Service):
     """The production :class:`~circles.backend.scripts.IScriptRunner`: a producer of Redis tasks.
 
-    :param address: where Redis is (see :func:`circles.backend.redis.parse_redis_url`).
+    :param address: where Redis is (see :func:`circles.backend.redis_url.parse_redis_url`).
     :param reactor: provides IReactorTime (deadlines, timestamps) and connects.
     :param prefix: prepended to every key, default :data:`~circles.backend.tasks.DEFAULT_PREFIX`.
     :param server_id: names this process's reply list; random by default. Two live servers

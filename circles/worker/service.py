@@ -29,7 +29,10 @@ from txredisapi import RedisError, ResponseError
 from circles.common.log_budget import LogBudget
 from circles.backend import tasks
 from circles.backend.admin import reap
-from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
+from circles.backend.reachability import Reachability
+from circles.backend.redis import connect, reached
+from circles.backend.redis_url import RedisAddress
+from circles.backend.values import text
 from circles.common.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_before_error, output_size)

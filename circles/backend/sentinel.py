@@ -1,0 +1,148 @@
+"""A replicated Redis named through its Sentinels (``redis+sentinel://``): where the primary is
+now (:class:`Sentinels`), and a pool that connects there and uses a connection only once the
+node it reaches says it is the primary (:class:`PrimaryFactory`, :class:`PrimaryEndpoint`).
+:func:`circles.backend.redis.connect` puts them together."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import txredisapi
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from circles.backend.redis_url import CONNECT_TIMEOUT
+from circles.backend.values import text
+
+#: Seconds a Sentinel may take to answer where the primary is.
+SENTINEL_TIMEOUT = 1.0
+
+
+class NoPrimary(txredisapi.ConnectionError):
+    """No Sentinel could name a primary that is up (during a failover, or none reachable)."""
+
+
+class Sentinels:
+    """Connections to the Sentinels of a ``redis+sentinel://`` address, kept up, to ask them
+    where the primary is. Only connected Sentinels are asked, so a dead one costs nothing."""
+
+    def __init__(self, master: str, connections: list, reactor) -> None:
+        """``connections``: a txredisapi pool to each Sentinel
+        (:func:`circles.backend.redis.connect`, with a ``reply_timeout`` of :data:`SENTINEL_TIMEOUT`)."""
+        self.master = master
+        self.clock = reactor
+        self.connections = connections
+
+    async def primary(self) -> "tuple[str, int]":
+        """``(host, port)`` of the primary, as the first Sentinel to answer names it, provided
+        it believes that primary up (not ``s_down``/``o_down``): the client side of Redis's
+        Sentinel client guidelines, with the role checked once connected."""
+        waited = 0.0
+        while not any(c.size for c in self.connections):
+            if waited >= CONNECT_TIMEOUT:
+                raise NoPrimary(f"no Sentinel of {self.master} answers")
+            await deferLater(self.clock, 0.05, lambda: None)  # just started: give them a moment
+            waited += 0.05
+        answers = [c.handler.execute_command("SENTINEL", "MASTER", self.master)
+                   for c in self.connections if c.size]
+        found: Deferred = Deferred()
+        left = [len(answers)]
+
+        def answered(reply) -> None:
+            state = dict(zip(reply[0::2], reply[1::2])) if isinstance(reply, list) else {}
+            flags = set(text(state.get("flags")).split(","))
+            if not found.called and "master" in flags and not flags & {"s_down", "o_down", "disconnected"}:
+                found.callback((text(state["ip"]), int(text(state["port"]))))
+
+        def one_done(_) -> None:
+            left[0] -= 1
+            if not left[0] and not found.called:
+                found.errback(NoPrimary(f"no Sentinel knows a primary of {self.master} that is up"))
+
+        for answer in answers:
+            answer.addCallback(answered).addErrback(lambda _: None).addBoth(one_done)
+        return await found
+
+    def disconnect(self) -> Deferred:
+        return DeferredList([c.disconnect() for c in self.connections], consumeErrors=True)
+
+
+class PrimaryProtocol(txredisapi.RedisProtocol):
+    """A connection that asks ``ROLE`` before it is used, and is closed unless the node says it
+    is the primary: nothing is ever sent to a replica.
+
+    Only then does RedisProtocol's own start make it ready (and the pool take it), and only if
+    it is still connected: a connection lost meanwhile must not join the pool, where it would
+    count as up and swallow commands until each timed out. (txredisapi's SentinelRedisProtocol
+    makes it ready whatever happened, and leaves a refused password as an unhandled error.)"""
+
+    def connectionMade(self) -> Deferred:
+        return ensureDeferred(self._check_role())
+
+    async def _check_role(self) -> None:
+        password = self.password
+        if password is not None:
+            try:
+                await self.auth(password, self.username)
+            except txredisapi.ResponseError:
+                # Refused credentials: RedisProtocol's own start says so (and stops trying).
+                return await super().connectionMade()
+            except Exception:
+                self.transport.loseConnection()  # lost, or timed out: the next attempt will tell
+                return None
+        try:
+            role = await self.role()
+        except Exception:
+            role = None  # lost, timed out, or not ready (LOADING): not usable now
+        if not self.connected or not role or text(role[0]) != "master":
+            self.transport.loseConnection()
+            return None
+        self.password = None  # authenticated already: RedisProtocol's start need not do it again
+        try:
+            return await super().connectionMade()
+        finally:
+            self.password = password
+
+
+class PrimaryFactory(txredisapi.RedisFactory):
+    """A pool whose every new connection checks ``ROLE`` before it is used (:class:`PrimaryProtocol`)."""
+
+    protocol = PrimaryProtocol
+
+    def __init__(self, sentinels: Sentinels, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sentinels = sentinels
+        self.primary: "Optional[tuple[str, int]]" = None  # where the last attempt went
+
+    def retryDelay(self, attempt: int) -> float:
+        # The first retry at once: the primary is asked anew, and a new one is the likely
+        # reason the connection was lost.
+        return 0.0 if attempt <= 1 else super().retryDelay(attempt)
+
+    def disconnect(self) -> Deferred:
+        d = super().disconnect()
+        return DeferredList([d, self.sentinels.disconnect()], consumeErrors=True)
+
+
+@implementer(IStreamClientEndpoint)
+class PrimaryEndpoint:
+    """Connects to wherever the Sentinels say the primary is now."""
+
+    def __init__(self, factory: PrimaryFactory, reactor) -> None:
+        self._factory = factory
+        self._reactor = reactor
+
+    def connect(self, protocol_factory) -> Deferred:
+        return ensureDeferred(self._connect(protocol_factory))
+
+    async def _connect(self, protocol_factory):
+        primary = await self._factory.sentinels.primary()
+        if self._factory.primary not in (None, primary):
+            # A failover: what is still connected reaches the old primary.
+            for connection in list(self._factory.pool):
+                connection.transport.loseConnection()
+        self._factory.primary = primary
+        return await HostnameEndpoint(self._reactor, *primary, timeout=CONNECT_TIMEOUT).connect(protocol_factory)
