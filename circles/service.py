@@ -217,7 +217,8 @@ class CirclesService(MultiService):
         if self.script_runner is not None:
             runner = self.script_runner
             self.gateway.metrics.watch_script_runner(lambda: runner.in_flight, lambda: runner.connects)
-            self.gateway.metrics.watch_workers(lambda: runner.circle_stats, lambda: runner.dead_letters)
+            self.gateway.metrics.watch_workers(lambda: runner.housekeeping.circle_stats,
+                                               lambda: runner.housekeeping.dead_letters)
         for listener in self.listeners:
             listener.setServiceParent(self)
 

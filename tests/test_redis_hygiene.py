@@ -202,7 +202,7 @@ async def test_a_full_redis_is_said_so_and_recovers_by_itself(tmp_path, start):
         assert await ready(port) == (503, {"status": "unavailable",
                                            "reason": "script backend unavailable: Redis is full (maxmemory)"})
         # Still full on the health loop's next writes: still refused, without a task written.
-        await eventually(lambda: service.script_runner.pings >= 3)
+        await eventually(lambda: service.script_runner.health.pings >= 3)
         assert (await play(client, "still full"))["error"]["message"].endswith("Redis is full (maxmemory)")
         assert set(sync("KEYS", "circles:task:*")) == tasks  # nothing was queued
         assert (await client.call("whoami"))["result"]["circle"] == CIRCLE  # the rest is served

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 
-from circles.backend.dispatch import is_oom
+from circles.backend.health import is_oom
 from circles.backend.redis import connect
 from circles.backend.redis_url import RedisAddress
 from circles.backend.scripts import BackendFull, BackendUnavailable
