@@ -54,6 +54,7 @@ from circles.backend.redis_url import RedisAddress
 from circles.backend.replica_acks import ReplicaAcks
 from circles.backend.replies import Replies
 from circles.backend.scripts import BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued, ScriptRequest
+from circles.backend.txredisapi_patches import drop_connections
 from circles.backend.values import text
 from circles.common.logs import Logger, worth_logging
 
@@ -198,8 +199,7 @@ class RedisScriptRunner(Service):
     def _drop_connections(self) -> None:
         """Close every connection: they reconnect to where the Sentinels say the primary is now."""
         for factory in (self._commands, self._replies, self._acks):
-            for connection in list(factory.pool) if factory is not None else ():
-                connection.transport.loseConnection()
+            drop_connections(factory)
 
     # -- API ------------------------------------------------------------------------------------
 

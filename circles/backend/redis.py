@@ -12,7 +12,7 @@ import txredisapi
 from circles.backend.reachability import Reachability, Watched
 from circles.backend.redis_url import RedisAddress, host_port
 from circles.backend.sentinel import SENTINEL_TIMEOUT, PrimaryEndpoint, PrimaryFactory, Sentinels
-from circles.backend import txredisapi_patches  # noqa: F401  (applied on import: quiet reconnection logs)
+from circles.backend import txredisapi_patches  # noqa: F401  (replaces txredisapi's logging on import)
 
 
 def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: Optional[float] = None,

@@ -22,6 +22,7 @@ from circles.backend import tasks
 from circles.backend.group_wait import GroupWait
 from circles.backend.health import FULL, is_oom
 from circles.backend.scripts import BackendFull, BackendUnavailable
+from circles.backend.txredisapi_patches import live_connection
 from circles.backend.values import text
 
 #: Webhook events written and waiting for replicas to acknowledge them (their WAIT), beyond
@@ -61,7 +62,7 @@ class ReplicaAcks:
             raise BackendUnavailable(f"the Redis primary has {connected} replica(s) connected, "
                                      f"{self.replicas} must hold each webhook event")
         factory = self._connection()
-        connection = next((c for c in factory.pool if c.connected), None) if factory is not None else None
+        connection = live_connection(factory) if factory is not None else None
         if connection is None:
             raise BackendUnavailable("Redis is unreachable")
         if self.waiting >= MAX_ACK_WAITING:

@@ -15,6 +15,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from circles.backend.redis_url import CONNECT_TIMEOUT
+from circles.backend.txredisapi_patches import CheckedProtocol, drop_connections
 from circles.backend.values import text
 
 #: Seconds a Sentinel may take to answer where the primary is.
@@ -70,41 +71,16 @@ class Sentinels:
         return DeferredList([c.disconnect() for c in self.connections], consumeErrors=True)
 
 
-class PrimaryProtocol(txredisapi.RedisProtocol):
+class PrimaryProtocol(CheckedProtocol):
     """A connection that asks ``ROLE`` before it is used, and is closed unless the node says it
-    is the primary: nothing is ever sent to a replica.
+    is the primary: nothing is ever sent to a replica (a connection lost meanwhile never joins
+    the pool either: :class:`~circles.backend.txredisapi_patches.CheckedProtocol`).
+    (txredisapi's SentinelRedisProtocol makes it ready whatever happened, and leaves a refused
+    password as an unhandled error.)"""
 
-    Only then does RedisProtocol's own start make it ready (and the pool take it), and only if
-    it is still connected: a connection lost meanwhile must not join the pool, where it would
-    count as up and swallow commands until each timed out. (txredisapi's SentinelRedisProtocol
-    makes it ready whatever happened, and leaves a refused password as an unhandled error.)"""
-
-    def connectionMade(self) -> Deferred:
-        return ensureDeferred(self._check_role())
-
-    async def _check_role(self) -> None:
-        password = self.password
-        if password is not None:
-            try:
-                await self.auth(password, self.username)
-            except txredisapi.ResponseError:
-                # Refused credentials: RedisProtocol's own start says so (and stops trying).
-                return await super().connectionMade()
-            except Exception:
-                self.transport.loseConnection()  # lost, or timed out: the next attempt will tell
-                return None
-        try:
-            role = await self.role()
-        except Exception:
-            role = None  # lost, timed out, or not ready (LOADING): not usable now
-        if not self.connected or not role or text(role[0]) != "master":
-            self.transport.loseConnection()
-            return None
-        self.password = None  # authenticated already: RedisProtocol's start need not do it again
-        try:
-            return await super().connectionMade()
-        finally:
-            self.password = password
+    async def usable(self) -> bool:
+        role = await self.role()
+        return bool(role) and text(role[0]) == "master"
 
 
 class PrimaryFactory(txredisapi.RedisFactory):
@@ -142,7 +118,6 @@ class PrimaryEndpoint:
         primary = await self._factory.sentinels.primary()
         if self._factory.primary not in (None, primary):
             # A failover: what is still connected reaches the old primary.
-            for connection in list(self._factory.pool):
-                connection.transport.loseConnection()
+            drop_connections(self._factory)
         self._factory.primary = primary
         return await HostnameEndpoint(self._reactor, *primary, timeout=CONNECT_TIMEOUT).connect(protocol_factory)

@@ -32,6 +32,7 @@ from circles.backend.admin import reap
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
+from circles.backend.txredisapi_patches import drop_connections
 from circles.backend.values import text
 from circles.common.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
@@ -182,8 +183,7 @@ class Worker(Service):
             log.warn("Redis at {redis} is no longer the primary: reconnecting",
                      redis=reached(self.address, self._commands))
             for factory in [self._commands, *self._blocking.values()]:
-                for connection in list(factory.pool) if factory is not None else ():
-                    connection.transport.loseConnection()
+                drop_connections(factory)
 
     async def _heartbeat(self) -> None:
         if self._commands is None:
