@@ -12,7 +12,6 @@ from typing import Callable, Optional
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
@@ -32,7 +31,7 @@ from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
 from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.server.processes.group import ServerProcesses
-from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
+from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen, endpoint_from_string
 
 log = logs.Logger()
 
@@ -288,9 +287,11 @@ class Options(usage.Options):
                 raise SystemExit(f"circles: {e}")
         for description in self["listen"] + ([self["metrics-listen"]] if self["metrics-listen"] else []):
             try:
-                serverFromString(global_reactor, description)
+                endpoint_from_string(global_reactor, description, self["tls-ciphers"])
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}")
+            except tls.TLSError as e:
+                raise SystemExit(f"circles: {description}: {e}")
         dotenv = read_dotenv()  # the working directory's .env: below the environment, never over it
         try:
             redis = choose_redis(self, global_reactor, dotenv)

@@ -56,12 +56,10 @@ def build_site(factory: CircleFactory, reactor) -> Site:
 
 def endpoint_from_string(reactor, description: str, ciphers: Optional[str] = None):
     """A Twisted endpoint string's server endpoint; an ``ssl:`` one gets our TLS policy (ALPN,
-    versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC."""
-    endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, SSL4ServerEndpoint):
-        # The parser builds the options from the key and certificate files; no public way in.
-        endpoint._sslContextFactory = tls.with_policy(endpoint._sslContextFactory, ciphers)
-    return endpoint
+    versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC
+    (:func:`circles.server.tls.ssl_endpoint`: :class:`~circles.server.tls.TLSError` if its files
+    cannot be used)."""
+    return tls.ssl_endpoint(reactor, description, ciphers) or serverFromString(reactor, description)
 
 
 def server_endpoints(config: Config, reactor) -> list:
