@@ -84,18 +84,10 @@ echo).
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any, Optional
 
-import txaio
-from autobahn.twisted.util import create_transport_details
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.util import _is_tls_error, _maybe_tls_reason
-from autobahn.wamp.types import TransportDetails
-from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
@@ -110,12 +102,11 @@ from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
 from circles.common.logs import Logger
 from circles.common.once import Once
+from circles.server.websocket import TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
-#: Seconds a TLS peer gets to finish an aborting close in order (see ``_closeConnection``).
-TLS_ABORT_GRACE = 2.0
 
 _connection_ids = itertools.count(1)
 # Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
@@ -145,7 +136,7 @@ def _url_refused(failure: Failure):
     raise ConnectionDeny(500, "Internal server error")
 
 
-class CircleProtocol(WebSocketServerProtocol):
+class CircleProtocol(TrimmedServerProtocol):
     """Speaks JSON-RPC for one client; the :class:`Session` holds its state."""
     transport: Any  # set before any callback: TCP, TLS or unix, a producer and consumer too
     # Autobahn's options, set on the factory's protocol class (CircleFactory.__init__).
@@ -158,7 +149,6 @@ class CircleProtocol(WebSocketServerProtocol):
     # Opened by onConnect; every callback after it has one (only onClose may come without).
     session: Session = None  # type: ignore[assignment]
     _idle = None
-    _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
     _counted: Optional[str] = None  # the peer's address key, while counted against the limits
     _backlog: Optional[Backlog] = None  # what the peer has not read, once open
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
@@ -307,117 +297,42 @@ class CircleProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"reply too large")
 
-    # Autobahn's per-message and per-connection paths, trimmed. Its versions of these build
-    # debug-log arguments eagerly (qualified names, peer strings, a connection-lost reason's
-    # whole traceback), whatever the log level, and fire a "message" event through txaio
-    # futures for observers this protocol never registers: a quarter of the CPU a small
-    # message costs and a tenth of a handshake's. Each override keeps everything else the
-    # original does; tests/test_protocol.py pins the Autobahn source they were copied from.
-
-    def connectionMade(self) -> None:
-        self._transport_details = create_transport_details(self.transport, self.is_server)
-        self._transport_details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self.peer = self._transport_details.peer
-        try:
-            self.transport.setTcpNoDelay(self.tcpNoDelay)
-        except Exception:  # not a TCP transport (a unix socket, a test's)
-            pass
-        self._connectionMade()
-
-    def _connectionMade(self) -> None:
-        WebSocketProtocol._connectionMade(self)
-        self.factory.countConnections += 1
+    # Autobahn's paths, trimmed (circles.server.websocket), with this protocol's own parts.
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._tls_abort is not None:
-            if self._tls_abort.active():
-                self._tls_abort.cancel()
-            self._tls_abort = None
-        if _is_tls_error(reason.value):
-            self.log.error(_maybe_tls_reason(reason.value))
-        self._connectionLost(reason)
-        # What the connection read and has not used yet goes now, not when the protocol does:
-        # Autobahn resolves ``is_closed`` with the protocol itself, a reference cycle that keeps
-        # it until the garbage collector's next full pass, which bytes (not tracked by it) do not
-        # hasten. A half-sent message held that way outlived its connection by minutes.
-        self.message_data = self.frame_data = None
-        self.data = b""
+        super().connectionLost(reason)
         if self._backlog is not None:
             self._backlog.stop()
         if self._counted is not None:
             self.factory.connections.release(self._counted)
             self._counted = None
 
-    def _connectionLost(self, reason) -> None:
-        WebSocketProtocol._connectionLost(self, reason)
-        self.factory.countConnections -= 1
-
-    def dataReceived(self, data: bytes) -> None:
-        self._dataReceived(data)
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        if sync or chopsize or self.send_queue or self.logOctets:
-            super().sendData(data, sync, chopsize)  # never asked for here: Autobahn's send queue
-            return
-        self.transport.write(data)
+    def wrote(self, size: int) -> None:
         if self._backlog is not None:
-            self._backlog.wrote(len(data))  # after the write: one that fills the buffer pauses us, and counts
-        if self.state == self.STATE_OPEN:
-            self.trafficStats.outgoingOctetsWireLevel += len(data)
-        elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
-            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+            self._backlog.wrote(size)
 
-    # A message's fragments, gathered as they arrive. Autobahn keeps a list per frame and a list
-    # of their payloads per message: some 40 bytes a fragment whatever its size, so a 1 MiB
-    # message sent as 1-byte continuation frames held 53 MB (and a stream of empty ones grew
-    # without end, never reaching the size limit). Here a message is one buffer: its first
-    # fragment as it came (no copy for the usual single-frame message), a bytearray from the
-    # second on, so what a connection holds for a message is within its size limit; and a
-    # message may come in at most ``max_fragments`` frames (1009 past it).
+    def holding(self) -> bool:
+        """While the transport is paused (the peer does not read what we send) the frames a read
+        already brought wait too: 64 KiB of small requests, each answered at once, could otherwise
+        make megabytes of replies nobody reads. They are processed once the transport has sent
+        everything (:meth:`_drained`)."""
+        backlog = self._backlog
+        return backlog is not None and backlog.paused
+
+    # A message may come in at most ``max_fragments`` frames (1009 past it).
 
     def onMessageBegin(self, isBinary: bool) -> None:
-        self.message_is_binary = isBinary
-        self.message_data = b""
-        self.message_data_total_length = 0
+        super().onMessageBegin(isBinary)
         self._fragments = 0
 
     def onMessageFrameBegin(self, length: int) -> None:
-        super().onMessageFrameBegin(length)  # Autobahn's size limits (payload and frame)
-        self.frame_data = None  # which it starts a list for: nothing is kept per frame here
+        super().onMessageFrameBegin(length)
         self._fragments += 1
         if self.max_fragments and self._fragments > self.max_fragments and not self.failedByMe:
             self.session.anomalies.note("too many fragments", "connection {conn}: a message in more than {limit} "
                                         "fragments: closing with 1009", limit=self.max_fragments)
             self.failedByMe = True  # what arrives of the message from now on is dropped
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
-
-    def onMessageFrameData(self, payload: bytes) -> None:
-        if self.failedByMe:
-            return
-        held = self.message_data
-        if not held:
-            self.message_data = payload
-        elif type(held) is bytes:
-            gathered = bytearray(held)
-            gathered += payload
-            self.message_data = gathered
-        else:
-            held += payload
-
-    def onMessageFrameEnd(self) -> None:
-        pass  # the frame's data is in the message already
-
-    def consumeData(self) -> None:
-        """Autobahn's, except that while the transport is paused (the peer does not read what we
-        send) the frames a read already brought wait too: 64 KiB of small requests, each answered
-        at once, could otherwise make megabytes of replies nobody reads. They are processed once
-        the transport has sent everything (:meth:`_drained`)."""
-        if self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING:
-            backlog = self._backlog
-            while (backlog is None or not backlog.paused) and self.processData() and self.state != self.STATE_CLOSED:
-                pass
-        else:
-            super().consumeData()
 
     def _drained(self) -> None:
         """The peer has read everything sent: the frames held back meanwhile go on."""
@@ -435,46 +350,18 @@ class CircleProtocol(WebSocketServerProtocol):
                                     limit=self._backlog.limit)
         gateway.metrics.slow_reader_closes.inc()
         self.wasNotCleanReason = "the peer did not read its replies"
-        self._drop(abort=True)
+        self.drop(abort=True)
 
-    def onMessageEnd(self) -> None:
-        payload, self.message_data = self.message_data, None
-        if not self.failedByMe:
-            self._onMessage(payload if type(payload) is bytes else bytes(payload), self.message_is_binary)
-
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders=None) -> None:
-        """Autobahn's, with the refusal logged within the gateway's budget instead of two lines
-        each (an info line, then a warning as the connection drops)."""
-        self.wasNotCleanReason = reason
+    def refusing(self, reason: str, code: int, responseHeaders) -> tuple:
+        """The refusal logged within the gateway's budget; a plain GET on a circle answered 426
+        with ``Upgrade: websocket`` (a browser's address bar, curl: RFC 9110 wants Upgrade)."""
         peer = self.transport.getPeer()
         self.factory.gateway.refusal_log.note(getattr(peer, "host", str(peer)), str(code),
                                               "refused a WebSocket upgrade from {peer}: {status} {reason}",
                                               status=code, reason=reason)
-        detail = None
-        if code == 426:  # a plain GET on a circle (a browser's address bar, curl): RFC 9110 wants Upgrade
-            responseHeaders = [*(responseHeaders or ()), ("Upgrade", "websocket")]
-            reason, detail = "Upgrade Required", NOT_A_WEBSOCKET
-        self.sendHttpErrorResponse(code, reason, responseHeaders, detail)
-        self._drop(abort=False)
-
-    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None,
-                              detail: Optional[str] = None) -> None:
-        """Autobahn's, with a body: ``{"error": detail or reason}``, as the HTTP routes' errors
-        answer (Autobahn sends the status line and headers alone: a browser or curl showed nothing)."""
-        body = json.dumps({"error": detail or reason}, separators=(",", ":")).encode("utf-8")
-        headers = [*(responseHeaders or ()), ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(body))), ("Connection", "close")]
-        super().sendHttpErrorResponse(code, reason, headers)
-        self.sendData(body)
-
-    def _drop(self, abort: bool) -> None:
-        """Autobahn's ``dropConnection``, without its warning (a line per connection, at a client's will)."""
-        self.unregisterProducer()
-        if self.state != self.STATE_CLOSED:
-            self.droppedByMe = True
-            self.state = self.STATE_CLOSED
-            txaio.resolve(self.is_closed, self)  # type: ignore[attr-defined]  # txaio sets its API at run time
-            self._closeConnection(abort)
+        if code == 426:
+            return "Upgrade Required", [*(responseHeaders or ()), ("Upgrade", "websocket")], NOT_A_WEBSOCKET
+        return reason, responseHeaders, None
 
     def _idle_timeout(self) -> None:
         self._idle = None
@@ -487,22 +374,6 @@ class CircleProtocol(WebSocketServerProtocol):
         """Close with 1001 (going away): the server is shutting down."""
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
-
-    def _closeConnection(self, abort: bool = False) -> None:
-        # Autobahn aborts right after queuing its close frame (a protocol error's 1002, a ping
-        # timeout). Over TLS, Twisted holds small writes until the end of the reactor turn and
-        # an abort throws them away, so the peer never learned why. Close in order there (what
-        # is queued, then close_notify), and abort only a peer that has not finished within
-        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.server.http.eager): aborting loses nothing.
-        # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
-        # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
-        # connection a drain closes. The peer has read all: close in order, bounded the same way.
-        secure = self._transport_details is not None and self._transport_details.is_secure
-        if abort and (secure or self.wasClean):
-            self.transport.loseConnection()
-            self._tls_abort = self.factory.gateway.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
-        else:
-            super()._closeConnection(abort)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if self._idle is not None and self._idle.active():
@@ -517,39 +388,12 @@ class CircleProtocol(WebSocketServerProtocol):
         self.factory.closed(self)
 
 
-class _Timer:
-    """One of :class:`_Timers`' calls: cancelling one that has fired, or was cancelled, is a no-op
-    (as Autobahn expects of txaio's)."""
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call: IDelayedCall) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class _Timers:
-    """Autobahn's timers of a connection (ping, pong, opening and closing handshakes) on the
-    gateway's clock, each at its own deadline. Autobahn's own (txaio's batched timer) truncates
-    every deadline to the whole second, so a pong timeout fired up to a second early (``--ping-timeout
-    0.5`` could drop a peer at once), and it runs on txaio's global loop, not the injected clock."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-
-    def call_later(self, delay: float, func, *args, **kwargs) -> _Timer:
-        return _Timer(self._clock.callLater(delay, func, *args, **kwargs))
-
-
 #: The 426 answer to a plain HTTP request on a circle's path.
 NOT_A_WEBSOCKET = ("this is a circle's WebSocket: connect with a WebSocket client (ws:// or wss://), "
                    "not a plain HTTP request")
 
 
-class CircleFactory(WebSocketServerFactory):
+class CircleFactory(TrimmedServerFactory):
     """Builds a :class:`CircleProtocol` per client, each opening its session with ``sessions``
     (the server's session layer, on its :class:`Gateway`), and knows the open connections so
     shutdown can let them finish and say goodbye."""
@@ -563,10 +407,9 @@ class CircleFactory(WebSocketServerFactory):
         head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
         store answers, which it does within its own timeout: the service makes that at most the
         handshake's), saving Autobahn a timer per connection."""
-        super().__init__(url, server="circles")
         self.sessions = sessions
         self.gateway = gateway = sessions.gateway
-        self._batched_timer = _Timers(gateway.clock)  # Autobahn's timers, exact and on the injected clock
+        super().__init__(gateway.clock, url, server="circles")  # Autobahn's timers exact, on the gateway's clock
         self.open_connections: set = set()  # open WebSockets, for shutdown and the metrics
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
@@ -579,7 +422,7 @@ class CircleFactory(WebSocketServerFactory):
             openHandshakeTimeout=config.handshake_timeout if time_handshake else 0,
             closeHandshakeTimeout=5,
             autoPingInterval=config.ping_interval,
-            # Exactly --ping-timeout after the ping (_Timers); 0 never happens (the option is positive).
+            # Exactly --ping-timeout after the ping (TrimmedServerFactory); 0 never happens (the option is positive).
             autoPingTimeout=config.ping_timeout,
             # Origins are checked in onConnect (OriginPolicy), where a refusal can be 403.
             allowedOrigins=["*"],
@@ -589,14 +432,8 @@ class CircleFactory(WebSocketServerFactory):
             failByDrop=False,
             webStatus=False,  # a plain GET on a circle is 426 Upgrade Required, not a status page
         )
-        # Autobahn copies every option from the factory onto each new protocol and pretty-prints
-        # them all for a debug line, eagerly, whatever the log level: a fifth of a handshake's
-        # CPU. Ours never change after start-up, so they are set once, on a protocol class of
-        # this factory's own, leaving nothing to copy or print per connection.
-        options = {attr: getattr(self, attr) for attr in self.protocol.CONFIG_ATTRS}
-        options = {attr: staticmethod(value) if callable(value) else value for attr, value in options.items()}
-        options["max_fragments"] = config.max_fragments
-        self.protocol = type("CircleProtocol", (self.protocol,), {**options, "CONFIG_ATTRS": ()})  # type: ignore[assignment]
+        # Set once (TrimmedServerFactory): nothing is copied or printed per connection.
+        self.fix_protocol_options(max_fragments=config.max_fragments)
 
     def closed(self, protocol: CircleProtocol) -> None:
         self.open_connections.discard(protocol)

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
@@ -24,14 +23,14 @@ from circles.server import tls
 
 from circles.server.providers import secrets as webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from circles.backend.redis import InvalidRedisURL
+from circles.backend.redis_url import InvalidRedisURL
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
 from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.server.processes.group import ServerProcesses
 from circles.server.session.contracts import CONTRACTS
-from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen
+from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen, endpoint_from_string
 
 log = logs.Logger()
 
@@ -287,9 +286,11 @@ class Options(usage.Options):
                 raise SystemExit(f"circles: {e}") from None
         for description in self["listen"] + ([self["metrics-listen"]] if self["metrics-listen"] else []):
             try:
-                serverFromString(global_reactor, description)
+                endpoint_from_string(global_reactor, description, self["tls-ciphers"])
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"{description!r} is not a valid endpoint: {e}") from None
+            except tls.TLSError as e:
+                raise SystemExit(f"circles: {description}: {e}") from None
         dotenv = read_dotenv()  # the working directory's .env: below the environment, never over it
         try:
             redis = choose_redis(self, global_reactor, dotenv)

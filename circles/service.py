@@ -24,7 +24,7 @@ from circles.server import tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.members import Membership
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import IScriptRunner
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.gateway import Gateway
@@ -59,12 +59,10 @@ def build_site(factory: CircleFactory, reactor: Any) -> Site:
 
 def endpoint_from_string(reactor: Any, description: str, ciphers: Optional[str] = None) -> IStreamServerEndpoint:
     """A Twisted endpoint string's server endpoint; an ``ssl:`` one gets our TLS policy (ALPN,
-    versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC."""
-    endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, SSL4ServerEndpoint):
-        # The parser builds the options from the key and certificate files; no public way in.
-        endpoint._sslContextFactory = tls.with_policy(endpoint._sslContextFactory, ciphers)
-    return endpoint
+    versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC
+    (:func:`circles.server.tls.ssl_endpoint`: :class:`~circles.server.tls.TLSError` if its files
+    cannot be used)."""
+    return tls.ssl_endpoint(reactor, description, ciphers) or serverFromString(reactor, description)
 
 
 def server_endpoints(config: Config, reactor: Any) -> list:
@@ -223,7 +221,8 @@ class CirclesService(MultiService):
         if self.script_runner is not None:
             runner = self.script_runner
             self.gateway.metrics.watch_script_runner(lambda: runner.in_flight, lambda: runner.connects)
-            self.gateway.metrics.watch_workers(lambda: runner.circle_stats, lambda: runner.dead_letters)
+            self.gateway.metrics.watch_workers(lambda: runner.housekeeping.circle_stats,
+                                               lambda: runner.housekeeping.dead_letters)
         for listener in self.listeners:
             listener.setServiceParent(self)
 

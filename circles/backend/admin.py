@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import attrs
 
 from circles.backend import tasks
-from circles.backend.redis import text
+from circles.backend.values import text
 from circles.common.logs import Logger
 
 log = Logger()

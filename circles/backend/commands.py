@@ -31,8 +31,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from txredisapi import RedisError
 
-from circles.backend.dispatch import is_oom
-from circles.backend.redis import RedisAddress, connect
+from circles.backend.health import is_oom
+from circles.backend.redis import connect
+from circles.backend.redis_url import RedisAddress
 from circles.backend.scripts import BackendFull, BackendUnavailable
 from circles.common.logs import Logger, worth_logging
 from circles.common.once import Once

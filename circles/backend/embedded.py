@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connec
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from circles.backend.redis import RedisAddress
+from circles.backend.redis_url import RedisAddress
 from circles.common.children import RestartDelay, dies_with_this_process, terminate
 from circles.common.logs import Logger
 from circles.common.once import Once

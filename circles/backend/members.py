@@ -25,7 +25,8 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from circles.backend.commands import CommandConnection
-from circles.backend.redis import RedisAddress, text
+from circles.backend.redis_url import RedisAddress
+from circles.backend.values import text
 from circles.common.logs import Logger, worth_logging
 
 log = Logger()

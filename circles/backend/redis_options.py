@@ -13,7 +13,7 @@ from twisted.python import usage
 
 from circles.backend import tasks
 from circles.backend.embedded import DEFAULT_STATE_DIR, SOCKET_NAME
-from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+from circles.backend.redis_url import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 from circles.common.options import DOTENV, SecretFileError, describe_source, from_environment, read_secret_file
 
 #: Where ``--redis-url`` is read from when not given: the URL, or the path of a file holding it.

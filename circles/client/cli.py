@@ -363,7 +363,8 @@ async def _tasks(reactor: Any, args: argparse.Namespace) -> None:
 
     from circles.backend import admin
     from circles.backend.embedded import DEFAULT_STATE_DIR
-    from circles.backend.redis import InvalidRedisURL, connect
+    from circles.backend.redis import connect
+    from circles.backend.redis_url import InvalidRedisURL
     from circles.common.options import read_dotenv
     from circles.backend.redis_options import choose_redis
 
@@ -498,7 +499,9 @@ async def _members(reactor: Any, args: argparse.Namespace) -> None:
 
     from circles.backend import members, tasks
     from circles.backend.embedded import DEFAULT_STATE_DIR
-    from circles.backend.redis import InvalidRedisURL, Reachability, connect
+    from circles.backend.reachability import Reachability
+    from circles.backend.redis import connect
+    from circles.backend.redis_url import InvalidRedisURL
     from circles.common.options import read_dotenv
     from circles.backend.redis_options import choose_redis
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Optional, Union
+from typing import Optional
 
 import coincurve
 from coincurve import ecdsa

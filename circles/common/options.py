@@ -11,7 +11,6 @@ import re
 import sys
 from typing import Callable, Mapping, Optional
 
-import attrs
 from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
@@ -71,6 +70,10 @@ def one_line_mistakes(options: type, command: str) -> type:
     The plugins' other start-up mistakes (a file that cannot be read, a bad key) are already one
     line (``SystemExit``), exit status 1. ``options`` itself still raises ``UsageError``, for code
     that parses options.
+
+    To name the option in a type mistake it wraps each ``CoerceParameter``'s ``dispatch``, found
+    in ``usage.Options._dispatch`` (private to Twisted, which has no public way to it; the
+    Twisted code relied on is pinned by ``tests/test_dependencies.py``).
     """
     class OneLine(options):
         def __init__(self) -> None:

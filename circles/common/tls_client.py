@@ -1,5 +1,5 @@
 """The one way every TLS client here (``wss://`` from :mod:`circles.client`, ``rediss://`` from
-:mod:`circles.backend.redis`) verifies its server: the certificate and host name
+:mod:`circles.backend.redis_url`) verifies its server: the certificate and host name
 (service-identity) against the platform's trust store or a private CA file, TLS 1.2 at least.
 
 A CA file is read as a bundle, every certificate in it a root: a CA file is commonly several

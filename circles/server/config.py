@@ -8,7 +8,7 @@ import attrs
 
 from circles.backend import tasks
 from circles.backend.embedded import derived_maxmemory, physical_memory
-from circles.backend.redis import parse_redis_url, redact_url
+from circles.backend.redis_url import parse_redis_url, redact_url
 from circles.common.keys import circle_set
 from circles.server.access.limits import check_origin_pattern
 from circles.common.wire import APIS, DEFAULT_API

@@ -28,7 +28,9 @@ from typing import Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
-from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, DiffieHellmanParameters, TLSVersion
+from twisted.python.filepath import FilePath
 
 #: Mozilla's intermediate profile (version 5.7) for TLS 1.2, less the DHE suites.
 DEFAULT_CIPHERS = ":".join([
@@ -111,11 +113,14 @@ def _select_alpn(connection: SSL.Connection, offered: list) -> bytes:
     raise NoApplicationProtocol([("SSL routines", "tls_handle_alpn", "no application protocol")])
 
 
-def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] = None) -> CertificateOptions:
+def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] = None, *,
+         extra_chain: Optional[str] = None, dh_parameters: Optional[str] = None) -> CertificateOptions:
     """Build server TLS options from a PEM certificate (chain) and a PEM private key.
 
     ``key_path`` may be None when the key is in the certificate file. Certificates after the
-    first in ``cert_path`` are sent as the chain. ``ciphers``: see :func:`server_options`.
+    first in ``cert_path`` are sent as the chain, then those of ``extra_chain`` (a PEM file) if
+    given. ``dh_parameters``: a PEM file of Diffie-Hellman parameters. ``ciphers``: see
+    :func:`server_options`.
     """
     cert_pem = _read(cert_path, "certificate")
     key_pem = cert_pem if key_path is None else _read(key_path, "key")
@@ -130,14 +135,61 @@ def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] 
         raise TLSError(f"no unencrypted PEM private key in {where!r}") from None
     if _public_der(key) != _public_der(chain[0]):
         raise TLSError(f"the private key does not match the certificate in {cert_path!r}")
+    if extra_chain is not None:
+        try:
+            chain += x509.load_pem_x509_certificates(_read(extra_chain, "certificate chain"))
+        except ValueError:
+            raise TLSError(f"no PEM certificate in {extra_chain!r}") from None
+    dh = None
+    if dh_parameters is not None:
+        _read(dh_parameters, "DH parameters")  # there and readable: OpenSSL reads it as the context is made
+        dh = DiffieHellmanParameters.fromFile(FilePath(dh_parameters))
     # The key matches the certificate's, so it is of a kind a certificate holds (RSA, EC, Ed25519...).
     return server_options(crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
                           crypto.X509.from_cryptography(chain[0]),
-                          tuple(crypto.X509.from_cryptography(c) for c in chain[1:]), ciphers)
+                          tuple(crypto.X509.from_cryptography(c) for c in chain[1:]), ciphers, dh)
 
 
-def with_policy(options: CertificateOptions, ciphers: Optional[str] = None) -> CertificateOptions:
-    """The same key, certificate, chain and DH parameters as ``options`` (Twisted's, from an
-    ``ssl:`` endpoint string), with our policy instead of Twisted's defaults."""
-    return server_options(options.privateKey, options.certificate,  # type: ignore[arg-type]  # an ssl: endpoint's
-                          tuple(options.extraCertChain or ()), ciphers, options.dhParameters)
+def endpoint_parameters(description: str) -> "tuple[list[str], dict[str, str]]":
+    """The positional and named parameters of a Twisted endpoint string, read as
+    ``serverFromString`` reads them: separated by ``:``, the first ``=`` of one making it
+    ``name=value``, a backslash quoting the next character."""
+    params = [[""]]
+    chars = iter(description)
+    for char in chars:
+        if char == ":":
+            params.append([""])
+        elif char == "=" and len(params[-1]) == 1:
+            params[-1].append("")
+        elif char == "\\":
+            quoted = next(chars, None)
+            if quoted is None:
+                raise ValueError("it ends in a backslash, which quotes nothing")
+            params[-1][-1] += quoted
+        else:
+            params[-1][-1] += char
+    args = [param[0] for param in params if len(param) == 1]
+    kwargs = {param[0]: param[1] for param in params if len(param) == 2}
+    return args, kwargs
+
+
+def ssl_endpoint(reactor, description: str, ciphers: Optional[str] = None) -> Optional[SSL4ServerEndpoint]:
+    """The endpoint of an ``ssl:`` endpoint string with our policy (ALPN, versions, ``ciphers``)
+    instead of Twisted's defaults, which accept static RSA and CBC; None for another kind of
+    endpoint. Its parameters are Twisted's (``ssl:PORT:privateKey=KEY:certKey=CERT``, with
+    ``interface``, ``backlog``, ``extraCertChain``, ``dhParameters``); its files are read as
+    ``--tls-cert``/``--tls-key`` are (:func:`load`: :class:`TLSError` if they cannot be used).
+    A ``TypeError`` or ``ValueError`` says that the string is not a valid ``ssl:`` endpoint."""
+    args, kwargs = endpoint_parameters(description)
+    if args[0] != "ssl":
+        return None
+    return _ssl_endpoint(reactor, ciphers, *args[1:], **kwargs)
+
+
+def _ssl_endpoint(reactor, ciphers, port, privateKey="server.pem", certKey=None, sslmethod=None, interface="",
+                  backlog=50, extraCertChain=None, dhParameters=None) -> SSL4ServerEndpoint:
+    # Twisted's ssl: parameters, named and ordered as its parser takes them. ``sslmethod`` is
+    # accepted and not used: the versions are the policy's (TLS 1.2 and 1.3).
+    options = load(privateKey if certKey is None else certKey, privateKey, ciphers,
+                   extra_chain=extraCertChain, dh_parameters=dhParameters)
+    return SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)

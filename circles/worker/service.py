@@ -29,7 +29,11 @@ from txredisapi import RedisError, ResponseError
 from circles.common.log_budget import LogBudget
 from circles.backend import tasks
 from circles.backend.admin import reap
-from circles.backend.redis import Reachability, RedisAddress, connect, reached, text
+from circles.backend.reachability import Reachability
+from circles.backend.redis import connect, reached
+from circles.backend.redis_url import RedisAddress
+from circles.backend.txredisapi_patches import drop_connections
+from circles.backend.values import text
 from circles.common.logs import Logger
 from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
                                     ScriptTimedOut, output_before_error, output_size)
@@ -183,8 +187,7 @@ class Worker(Service):
             log.warn("Redis at {redis} is no longer the primary: reconnecting",
                      redis=reached(self.address, self._commands))
             for factory in [self._commands, *self._blocking.values()]:
-                for connection in list(factory.pool) if factory is not None else ():
-                    connection.transport.loseConnection()
+                drop_connections(factory)
 
     async def _heartbeat(self) -> None:
         if self._commands is None:

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.python import usage
 
 from circles.common import logs
-from circles.backend.redis import InvalidRedisURL
+from circles.backend.redis_url import InvalidRedisURL
 from circles.common.keys import circle_set
 from circles.common.options import at_least_zero, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters

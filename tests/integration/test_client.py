@@ -15,7 +15,7 @@ from twisted.logger import formatEvent
 from circles import CirclesService, Config
 
 from circles.server import tls
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, NoServerReachable,
                             ReconnectingClient, RPCError, connect)
 from circles.client.signing import generate, public_key, sign_nonce

@@ -16,7 +16,7 @@ from twisted.internet import reactor, threads
 from circles import CirclesService, Config
 
 from circles.server import tls
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker
 
 from ..play_client import sleep

@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.client import ConnectionClosed, NoServerReachable, ReconnectingClient
 from circles.client.signing import generate
 

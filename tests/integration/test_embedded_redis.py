@@ -16,7 +16,8 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles.backend.embedded import EmbeddedRedis, EmbeddedRedisError
-from circles.backend.redis import RedisAddress, connect
+from circles.backend.redis import connect
+from circles.backend.redis_url import RedisAddress
 from devtools.redis_server import REDIS_SERVER
 from ..play_client import eventually, new_key, pk
 from ..support import twistd

@@ -37,10 +37,12 @@ def test_the_worker_loads_nothing_of_the_server(module):
     assert loaded(names, SERVER) == []
 
 
-@pytest.mark.parametrize("module", ["circles.backend.tasks", "circles.backend.redis", "circles.backend.embedded",
-                                    "circles.backend.dispatch", "circles.backend.scripts",
+@pytest.mark.parametrize("module", ["circles.backend.tasks", "circles.backend.redis", "circles.backend.redis_url",
+                                    "circles.backend.sentinel", "circles.backend.reachability", "circles.backend.embedded",
+                                    "circles.backend.dispatch", "circles.backend.health", "circles.backend.replies",
+                                    "circles.backend.replica_acks", "circles.backend.housekeeping", "circles.backend.scripts",
                                     "circles.backend.members", "circles.backend.group_wait",
-                                    "circles.backend.commands"])
+                                    "circles.backend.commands", "circles.backend.redis_options"])
 def test_the_backend_loads_neither_server_nor_worker(module):
     names = imported(f"import {module}")
     assert loaded(names, SERVER + ("circles.worker", "circles.client")) == []

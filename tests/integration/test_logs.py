@@ -189,7 +189,7 @@ async def test_an_engine_that_raises_is_one_warning_with_the_reason_and_its_trac
     from twisted.internet import reactor
 
     from circles.backend.dispatch import RedisScriptRunner
-    from circles.backend.redis import parse_redis_url
+    from circles.backend.redis_url import parse_redis_url
     from circles.backend.scripts import ScriptFailed, ScriptRequest
     from circles.worker.service import Worker
 

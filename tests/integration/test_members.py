@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from circles import Config
 from circles.backend import members
 from circles.backend.embedded import EmbeddedRedis
-from circles.backend.redis import connect, parse_redis_url
+from circles.backend.redis import connect
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.gateway import Gateway
 from circles.server.providers.secrets import WebhookSecrets

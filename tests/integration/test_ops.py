@@ -10,7 +10,7 @@ import urllib.request
 import pytest_twisted
 from twisted.internet import reactor, threads
 
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker
 
 from ..play_client import RPCClient, eventually, new_key, pk, sleep
@@ -71,9 +71,9 @@ async def test_ready_follows_a_redis_that_does_not_answer(redis_server, start):
         assert (await client.call("play", {"script": "x"}))["error"]["code"] == -32004
         assert (await _get(base + "/health"))[0] == 200
         # However long Redis stays silent, one PING waits for it, never a pile of them.
-        sent = service.script_runner.pings
+        sent = service.script_runner.health.pings
         await sleep(3)  # three ping intervals
-        assert service.script_runner.pings == sent
+        assert service.script_runner.health.pings == sent
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
     await eventually(service.script_runner.is_connected, timeout=60)

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
 from circles import CirclesService, Config
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
 from ..play_client import RPCClient, eventually, new_key, pk, sleep
@@ -174,7 +174,7 @@ async def test_shutdown_answers_in_flight_play(redis_server, start, redis_client
     redis_client.pretend_worker(CIRCLE)
     client = await RPCClient.open(port, CIRCLE)
     in_flight = play(client, "nobody")
-    await eventually(lambda: service.script_runner._waiting)
+    await eventually(lambda: service.script_runner.in_flight)
     stopped = service.stopService()
     assert (await in_flight)["error"]["code"] == -32004
     await stopped
@@ -189,7 +189,7 @@ async def test_shutdown_lets_in_flight_plays_finish_then_says_going_away(redis_s
     busy = await RPCClient.open(port, CIRCLE)
     idle = await RPCClient.open(port, CIRCLE)
     in_flight = [play(busy, f"sleep 1; echo {i}") for i in range(5)]
-    await eventually(lambda: len(service.script_runner._waiting) == 5)
+    await eventually(lambda: service.script_runner.in_flight == 5)
     stopped = service.stopService()
     await eventually(lambda: idle.closed_code is not None)
     assert idle.closed_code == 1001  # nothing in flight: told at once
@@ -211,7 +211,7 @@ async def test_shutdown_queues_no_new_play_so_a_busy_connection_drains(redis_ser
     busy = await RPCClient.open(port, CIRCLE)
     ran = tmp_path / "ran"
     first = play(busy, f"sleep 1; echo first >> {ran}; echo first")
-    await eventually(lambda: len(service.script_runner._waiting) == 1)
+    await eventually(lambda: service.script_runner.in_flight == 1)
     stopped = service.stopService()
     late = await play(busy, f"echo late >> {ran}; echo late")
     assert late["error"]["code"] == -32004 and late["error"]["data"] == "the server is shutting down"

@@ -11,8 +11,9 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles import CirclesService, Config
-from circles.backend.embedded import EmbeddedRedis
-from circles.backend.redis import connect, parse_redis_url
+from circles.backend.embedded import (EmbeddedRedis)
+from circles.backend.redis import connect
+from circles.backend.redis_url import parse_redis_url
 from circles.server_tap import memory_size
 from circles.server.providers.secrets import WebhookSecrets
 from circles.worker.service import Worker
@@ -146,7 +147,7 @@ async def test_a_full_redis_is_said_so_and_recovers_by_itself(tmp_path, start):
         assert await ready(port) == (503, {"status": "unavailable",
                                            "reason": "script backend unavailable: Redis is full (maxmemory)"})
         # Still full on the health loop's next writes: still refused, without a task written.
-        await eventually(lambda: service.script_runner.pings >= 3)
+        await eventually(lambda: service.script_runner.health.pings >= 3)
         assert (await play(client, "still full"))["error"]["message"].endswith("Redis is full (maxmemory)")
         assert set(sync("KEYS", "circles:task:*")) == tasks  # nothing was queued
         assert (await client.call("whoami"))["result"]["circle"] == CIRCLE  # the rest is served

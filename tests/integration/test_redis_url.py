@@ -4,7 +4,7 @@ parsed: tests/unit/test_redis_url.py)."""
 import pytest
 import pytest_twisted
 
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 
 
 def _tls_redis(tmp_path, hostname):

@@ -25,7 +25,7 @@ from twisted.logger import globalLogPublisher
 from circles import CirclesService, Config
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import NoWorker, ScriptFailed, ScriptRequest
 from circles.server.providers.secrets import STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import EngineError
@@ -134,7 +134,7 @@ async def test_a_paused_worker_s_webhook_task_runs_again_elsewhere_and_its_late_
     task = redis_client.hgetall(key)
     assert (task["status"], task["worker"], task["attempts"]) == ("completed", "other", "2")
     assert redis_client("KEYS", "circles:processing:*") == []
-    assert other.reaped + runner.reaped == 1
+    assert other.reaped + runner.housekeeping.reaped == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -270,16 +270,16 @@ async def test_metrics_show_live_workers_and_queues_and_plays_without_one_are_32
     async def sample(name, circle):
         return _sample((await _get(base))[2], name, circle=circle)
 
-    await eventually(lambda: service.script_runner.circle_stats.get(CIRCLE) == (0, 1))
+    await eventually(lambda: service.script_runner.housekeeping.circle_stats.get(CIRCLE) == (0, 1))
     assert await sample("circles_queue_length", CIRCLE) == 1 and await sample("circles_workers", CIRCLE) == 0
     assert f'circles_workers{{circle="{other}"}} 0.0' in (await _get(base))[2]
     worker = await serving(start(make_worker(redis_server, lambda s, c: "ok")))
-    await eventually(lambda: service.script_runner.circle_stats.get(CIRCLE) == (1, 0))
+    await eventually(lambda: service.script_runner.housekeeping.circle_stats.get(CIRCLE) == (1, 0))
     assert await sample("circles_workers", CIRCLE) == 1 and await sample("circles_queue_length", CIRCLE) == 0
     assert (await client.call("play", {"script": "print(1)"}))["result"] == {"output": "ok"}
     assert _sample((await _get(base))[2], "circles_dead_letters") == 0
     await worker.stopService()
-    await eventually(lambda: service.script_runner.circle_stats.get(CIRCLE) == (0, 0))
+    await eventually(lambda: service.script_runner.housekeeping.circle_stats.get(CIRCLE) == (0, 0))
     client.close()
 
 

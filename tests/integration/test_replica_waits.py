@@ -17,8 +17,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
 
-from circles.backend.dispatch import MAX_ACK_WAITING, RedisScriptRunner
-from circles.backend.redis import parse_redis_url
+from circles.backend.dispatch import RedisScriptRunner
+from circles.backend.redis_url import parse_redis_url
+from circles.backend.replica_acks import MAX_ACK_WAITING
 from circles.backend.scripts import BackendUnavailable
 
 from devtools.redis_server import REDIS_SERVER, RedisProcess
@@ -96,7 +97,7 @@ def pair(tmp_path):
 async def linked_runner(pair: Pair, start, **kw) -> RedisScriptRunner:
     await eventually(pair.linked)
     runner = start(RedisScriptRunner(parse_redis_url(pair.primary.url), reactor=reactor, ack_replicas=1, **kw))
-    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    await eventually(lambda: runner.is_connected() and runner.health.replicas == 1)
     return runner
 
 
@@ -140,7 +141,7 @@ async def test_sixteen_concurrent_webhooks_are_answered_200_with_a_slow_replica(
     stack = await Stack(pair.primary, webhook_replicas=1, webhook_replica_timeout=10.0).start(worker=False)
     try:
         runner = stack.service.script_runner
-        await eventually(lambda: runner.replicas == 1)
+        await eventually(lambda: runner.health.replicas == 1)
         before = waits(pair.primary)
         pair.pause()
         bodies = [encode(stripe_event(f"evt_http_{i}")) for i in range(EVENTS)]

@@ -14,7 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from circles.backend.dispatch import RedisScriptRunner
-from circles.backend.redis import Reachability, connect, parse_redis_url, reached
+from circles.backend.reachability import Reachability
+from circles.backend.redis import connect, reached
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.config import Config
 from circles.worker.service import Worker
@@ -135,7 +137,7 @@ async def test_ready_is_503_while_no_primary_is_known(replicated_redis, start):
 @pytest_twisted.ensureDeferred
 async def test_webhook_events_are_acknowledged_by_a_replica(replicated_redis, start):
     runner = start(runner_for(replicated_redis, ack_replicas=1, ack_timeout=0.5))
-    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    await eventually(lambda: runner.is_connected() and runner.health.replicas == 1)
     primary = replicated_redis.primary()
     [replica] = [node for node in replicated_redis.nodes if node is not primary]
 
@@ -165,7 +167,7 @@ async def test_webhook_events_are_acknowledged_by_a_replica(replicated_redis, st
 
     # No replica at all: refused at once, without waiting.
     replica.kill()
-    await eventually(lambda: runner.replicas == 0)
+    await eventually(lambda: runner.health.replicas == 0)
     with pytest.raises(BackendUnavailable, match="0 replica"):
         await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_3", 600)
     assert runner.is_connected()  # plays are not affected
@@ -174,18 +176,18 @@ async def test_webhook_events_are_acknowledged_by_a_replica(replicated_redis, st
 @pytest_twisted.ensureDeferred
 async def test_deduplication_holds_across_a_failover(replicated_redis, start):
     runner = start(runner_for(replicated_redis, ack_replicas=1))
-    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    await eventually(lambda: runner.is_connected() and runner.health.replicas == 1)
     first = await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_f", 600)
     old = replicated_redis.primary()
     old.kill()
     new = replicated_redis.wait_for_new_primary(old)
     await eventually(lambda: runner.is_connected() and port_of(runner._commands) == new.port)
-    await eventually(lambda: runner.replicas == 0)
+    await eventually(lambda: runner.health.replicas == 0)
     with pytest.raises(BackendUnavailable):  # the new primary has no replica yet
         await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_f", 600)
     old.args = ["--replicaof", "127.0.0.1", str(new.port)]  # the old node comes back as a replica
     old.start()
-    await eventually(lambda: runner.replicas == 1)
+    await eventually(lambda: runner.health.replicas == 1)
     again = await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_f", 600)
     assert again.duplicate and again.task_id == first.task_id
 
@@ -211,7 +213,7 @@ async def test_a_result_finished_during_a_failover_is_recorded_on_the_new_primar
 
     runner = start(runner_for(replicated_redis, ack_replicas=1))
     worker = start(worker_for(replicated_redis, engine))
-    await eventually(lambda: runner.is_connected() and runner.replicas == 1)
+    await eventually(lambda: runner.is_connected() and runner.health.replicas == 1)
     queued = await runner.enqueue_once(request("event"), "{}", "stripe:c:evt_r", 600)
     await eventually(lambda: held)
     old = replicated_redis.primary()
@@ -281,10 +283,10 @@ def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
     from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
-    from circles.backend.redis import _PrimaryProtocol
+    from circles.backend.sentinel import PrimaryProtocol
 
     ready = []
-    protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+    protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
     protocol.whenConnected().addCallback(ready.append)
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -295,7 +297,7 @@ def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
     # The same check answered "master" makes it ready; "slave" closes it.
     for role, expected in ((b"master", True), (b"slave", False)):
         ready.clear()
-        protocol = _PrimaryProtocol(charset="utf-8", convertNumbers=False)
+        protocol = PrimaryProtocol(charset="utf-8", convertNumbers=False)
         protocol.whenConnected().addCallback(ready.append)
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 from circles.server.access.nonces import NONCE_BYTES, TooManyNonces, TooManyNoncesForOwner
 
 from circles.common.signatures import AuthenticationFailed
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendFull, BackendUnavailable
 from circles.server.access.redis_nonces import RedisNonceStore, nonce_key
 from devtools.redis_server import REDIS_SERVER

@@ -208,6 +208,20 @@ def test_listen_ssl_endpoint_strings_get_the_same_policy(tmp_path, rsa_files):
             "ECDHE-RSA-AES128-GCM-SHA256"
 
 
+
+@pytest.mark.parametrize("listen, message", [
+    ("ssl:0:privateKey={missing}", "cannot read TLS certificate"),
+    ("ssl:0:privateKey={key}:certKey={key}", "no PEM certificate in"),
+    ("ssl:0:privateKey={key}:certKey={cert}:extraCertChain={key}", "no PEM certificate in"),
+])
+def test_an_ssl_listen_string_whose_files_cannot_be_used_stops_start_up_with_one_line(tmp_path, rsa_files, listen,
+                                                                                       message):
+    listen = listen.format(missing=tmp_path / "nope.pem", **rsa_files)
+    result = run_twistd_to_exit(["--listen", listen, "-k", CIRCLE.pubkey], tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
 # -- deadlines over TLS -------------------------------------------------------------------------
 
 def test_tls_request_deadline_times_out_once_without_a_traceback(server, rsa_files):

@@ -19,7 +19,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 
 from circles import CirclesService, Config, webhooks
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE
 from circles.server.providers.secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import ExecEngine

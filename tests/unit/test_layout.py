@@ -149,7 +149,7 @@ LAYERS = (
     ("circles.common",),  # every process: JSON-RPC, keys, signatures, logs, children, options
     ("circles.backend", "circles.client"),  # the Redis seam; the client library
     ("circles.worker", "circles.server.providers", "circles.server.access", "circles.server.metrics",
-     "circles.server.tls"),
+     "circles.server.tls", "circles.server.websocket"),
     ("circles.server.config", "circles.server.processes"),
     ("circles.server.gateway",),
     ("circles.server.session",),

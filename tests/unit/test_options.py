@@ -16,7 +16,7 @@ from circles.server.providers import secrets as webhook_secrets
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import DEFAULT_STATE_DIR
-from circles.backend.redis import InvalidRedisURL, RedisAddress
+from circles.backend.redis_url import InvalidRedisURL, RedisAddress
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.backend.redis_options import REDIS_URL_ENV, choose_redis
 from circles.worker import tap as worker_tap

@@ -4,7 +4,7 @@ tests/integration/test_redis_url.py)."""
 import pytest
 
 from circles.server.config import Config
-from circles.backend.redis import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+from circles.backend.redis_url import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
 
 
 @pytest.mark.parametrize("url, expected", [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import reactor
 
-from circles.backend.redis import parse_redis_url
+from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker, printable
 from ..play_client import new_key, pk
 

@@ -47,7 +47,8 @@ from zope.interface import implementer
 from circles.common.signatures import AuthenticationFailed
 from circles.server.access.nonces import INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value, proved_by
 from circles.backend.commands import TIMEOUT, CommandConnection
-from circles.backend.redis import RedisAddress, text
+from circles.backend.redis_url import RedisAddress
+from circles.backend.values import text
 from circles.backend.scripts import BackendUnavailable
 
 #: Said in the log when Redis does not know GETDEL.

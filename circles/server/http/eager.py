@@ -15,8 +15,9 @@ flush closes on the next reactor turn instead of first waiting for writability (
 never from inside ``loseConnection``. :func:`send_eagerly` switches a listening
 ``twisted.internet.tcp.Port`` to it; other ports (a custom reactor's) are left as they are.
 
-It reads ``tcp.Server``'s private buffers and flags, so ``pyproject.toml`` pins Twisted's line (as
-it pins Autobahn's) and ``tests/unit/test_eager.py`` holds digests of the Twisted code reviewed: a new
+It reads ``tcp.Server``'s private buffers and flags (``_tempDataBuffer``, ``_writeDisconnecting``,
+``_writeDisconnected``, ``_aborting``), here only, so ``pyproject.toml`` pins Twisted's line (as it
+pins Autobahn's) and ``tests/unit/test_eager.py`` holds digests of the Twisted code reviewed: a new
 Twisted that changes any of it fails there first.
 """
 

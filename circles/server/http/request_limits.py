@@ -15,6 +15,19 @@ caused by unread data), over TLS it sends close_notify. It is dropped after :dat
 seconds whatever the client does.
 
 The limit applies to every route of the Site: the webhooks are the only ones taking a body.
+
+Twisted internals relied on, here only (pyproject.toml pins Twisted's line, and
+``tests/test_dependencies.py`` holds digests of the Twisted code reviewed: a Twisted that changes
+any of it fails there first). Twisted offers no public way to do any of this:
+
+- :class:`RequestDeadlineChannel` reads ``HTTPChannel``'s ``_handlingRequest`` (a request is being
+  answered), ``_waitingForTransport`` (the transport paused us), ``_dataBuffer`` (pipelined bytes
+  read meanwhile, which it takes over) and ``_networkProducer`` (what it pauses), and
+  ``LineReceiver``'s ``_buffer``, ``_busyReceiving`` and ``line_mode`` (a head still being read).
+- :class:`BoundedRequest` stops the parsing of its channel by replacing the channel's
+  ``dataReceived`` and ``rawDataReceived`` on the instance: ``LineReceiver`` calls both through
+  ``self``; and it relies on ``HTTPChannel`` asking ``gotLength`` before it looks at
+  ``Expect: 100-continue``.
 """
 
 from __future__ import annotations

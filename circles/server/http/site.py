@@ -26,7 +26,6 @@ from circles.server.http.playground import Playground
 from circles.server.http.responses import answer_later, json_response
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
-from circles.common.wire import DEFAULT_API
 from circles.server.gateway import Gateway
 from circles.server.metrics import Metrics
 

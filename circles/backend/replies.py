@@ -1,0 +1,180 @@
+"""The plays of a :class:`~circles.backend.dispatch.RedisScriptRunner` waiting for their reply, and
+each reply routed to the play waiting for it, by task id (:class:`Replies`).
+
+A play waits until its reply comes, its deadline passes (:class:`ScriptTimeout`), its caller
+gives up (its Deferred cancelled), or the reply connection is lost (:class:`BackendUnavailable`).
+The tasks of plays given up on while Redis was away are marked ``expired`` once it is back
+(:meth:`Replies.expire_abandoned`), so that no worker runs a script nobody waits for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from circles.backend import tasks
+from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.values import text
+from circles.common.logs import Logger
+
+log = Logger()
+
+#: Seconds a play whose task a worker finished just as its deadline passed waits for the reply
+#: already on its way (the finished task's hash no longer holds the result).
+REPLY_GRACE = 5.0
+
+
+class _Waiting:
+    """A play waiting for its reply."""
+
+    def __init__(self, request: ScriptRequest, deferred: Deferred, timer) -> None:
+        self.request = request
+        self.deferred = deferred
+        self.timer = timer
+
+    def stop_timer(self) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+
+
+class Replies:
+    """The plays waiting for a reply on one reply list.
+
+    :param command: runs a Redis command on the runner's command connection (a Deferred; Redis
+        trouble fails it with :class:`BackendUnavailable`).
+    :param connected: whether a task can be queued and its reply received now.
+    """
+
+    def __init__(self, clock: IReactorTime, prefix: str, reply_key: str, command: "Callable[..., Deferred]",
+                 connected: Callable[[], bool]) -> None:
+        self.clock = clock
+        self.prefix = prefix
+        self.reply_key = reply_key
+        self._command = command
+        self._connected = connected
+        self._waiting: "dict[str, _Waiting]" = {}
+        self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def wait(self, task_id: str, request: ScriptRequest) -> Deferred:
+        """A Deferred for the reply of ``task_id``, failed with :class:`ScriptTimeout` once
+        ``request.timeout`` passes."""
+        result = Deferred(lambda _: self._cancelled(task_id))
+        timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
+        self._waiting[task_id] = _Waiting(request, result, timer)
+        return result
+
+    def not_queued(self, task_id: str, failure: Failure) -> None:
+        """The task of a play could not be queued: the play fails with ``failure``."""
+        entry = self._waiting.pop(task_id, None)
+        if entry is not None:
+            entry.stop_timer()
+            entry.deferred.errback(failure)
+
+    def stop(self, reason: str = "the server is shutting down", abandon: bool = False) -> "list[str]":
+        """Fail every play waiting with :class:`BackendUnavailable`; their task ids. ``abandon``:
+        expire their tasks once Redis is back (:meth:`expire_abandoned`)."""
+        waiting, self._waiting = self._waiting, {}
+        for task_id, entry in waiting.items():
+            entry.stop_timer()
+            if abandon:
+                self._abandoned.add(task_id)
+            entry.deferred.errback(BackendUnavailable(reason))
+        return list(waiting)
+
+    def lost(self) -> None:
+        """No reply can arrive now: answer everyone waiting rather than leave them hanging, and
+        expire their tasks once Redis is back."""
+        self.stop("lost the connection to Redis", abandon=True)
+
+    def expire(self, task_id: str) -> Deferred:
+        """Mark the task expired unless it already ended; fire with its :class:`tasks.Outcome`."""
+        now = self.clock.seconds()
+        d = self._command("eval", tasks.EXPIRE, [tasks.task_key(self.prefix, task_id)],
+                          [tasks.timestamp(now), tasks.STATUS_TTL])
+        d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
+        return d
+
+    def expire_abandoned(self) -> None:
+        abandoned, self._abandoned = self._abandoned, set()
+        for task_id in abandoned:
+            self.expire(task_id).addErrback(lambda _: None)
+
+    # -- timeouts -------------------------------------------------------------------------------
+
+    def _timed_out(self, task_id: str) -> None:
+        entry = self._waiting.get(task_id)
+        if entry is None:
+            return
+        # debug: one line per play a client times out; the session logs it within bounds.
+        log.debug("task {task} on circle {circle} timed out after {timeout}s",
+                  task=task_id, circle=entry.request.circle, timeout=entry.request.timeout)
+
+        def settled(outcome: Any) -> None:
+            if self._waiting.get(task_id) is not entry:
+                return  # its reply came meanwhile, or the client left
+            if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
+                # A worker finished just before the deadline: its reply is already on the reply
+                # list (FINISH pushed it in the same step), and routes to this entry.
+                entry.timer = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
+                return
+            del self._waiting[task_id]
+            entry.deferred.errback(ScriptTimeout())
+
+        self.expire(task_id).addBoth(settled)
+
+    def _gave_up(self, task_id: str) -> None:
+        entry = self._waiting.pop(task_id, None)
+        if entry is not None:
+            entry.deferred.errback(ScriptTimeout())
+
+    def _cancelled(self, task_id: str) -> None:
+        """The caller gave up (its connection closed): stop waiting, and expire the task so no
+        worker runs a script nobody waits for (once Redis is back, if it is away now)."""
+        entry = self._waiting.pop(task_id, None)
+        if entry is None:
+            return
+        entry.stop_timer()
+        if self._connected():
+            self.expire(task_id).addErrback(lambda _: self._abandoned.add(task_id))
+        else:
+            self._abandoned.add(task_id)
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def route(self, entry: str) -> None:
+        """A reply read from the reply list: to the play waiting for it, if one still does."""
+        try:
+            task_id, outcome = tasks.decode_reply(entry)
+        except tasks.MalformedReply as e:
+            log.warn("ignored a malformed reply on {key}: {why}", key=self.reply_key, why=str(e))
+            return
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is None:
+            log.debug("reply for task {task} that nobody waits for (timed out?)", task=task_id)
+            return
+        waiting.stop_timer()
+        if outcome is not None:
+            self._settle(waiting.deferred, outcome)
+            return
+        # A bare task id: the result is in the task hash, read and deleted in one step.
+        d = self._command("eval", tasks.TAKE_RESULT, [tasks.task_key(self.prefix, task_id)], [])
+        d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
+        d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
+
+    @staticmethod
+    def _settle(deferred: Deferred, outcome: tasks.Outcome) -> None:
+        if outcome.status == tasks.COMPLETED:
+            deferred.callback(outcome.output)
+        elif outcome.timed_out:
+            deferred.errback(ScriptTimeout(by_worker=True))  # the worker's timeout: answered as ours (-32003)
+        elif outcome.status == tasks.ERROR:
+            deferred.errback(ScriptFailed(outcome.error, outcome.output))
+        else:
+            log.warn("task {task} replied with status {status!r}", task=outcome.task_id, status=outcome.status)
+            deferred.errback(ScriptFailed(f"the worker replied with status {outcome.status!r}"))

@@ -1,0 +1,114 @@
+"""Where circles changes txredisapi or leans on its internals: in this module only.
+
+pyproject.toml pins the txredisapi line this was written against (1.6), and
+``tests/test_dependencies.py`` checks each assumption below, with the source digests of the
+txredisapi code relied on: a txredisapi that changes any of it fails there, not in production.
+
+What is replaced, when this module is imported (:mod:`circles.backend.redis` imports it before
+any connection is made). txredisapi names both at call time:
+
+- ``txredisapi.ClientService``: each pooled connection's reconnecting service (``_PoolSlot``
+  builds one per connection). Ours is Twisted's own with its reconnection messages ("Scheduling
+  retry 5 to connect ... in 2.1 seconds", one per attempt per connection) at debug, through the
+  class attribute ``ClientService._log``, private to Twisted: there is no public way to quiet it.
+- ``txredisapi.log``: the module's legacy ``log.msg`` lines ("Discarding dead connection.",
+  "Redis error: could not auth: ...", which :class:`~circles.backend.reachability.Reachability`
+  says better), at debug in our own namespace rather than at info.
+
+What is relied on:
+
+- ``RedisProtocol.connectionMade`` authenticates with ``self.password`` unless it is None, then
+  selects the database, then makes the connection ready (the pool takes it then):
+  :class:`CheckedProtocol` authenticates first itself, checks the connection, and lets it run
+  with the password set aside.
+- ``RedisFactory.pool``: the connections up now, each with ``connected`` (0 once lost) and its
+  ``transport`` (:func:`live_connection`, :func:`drop_connections`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import LogLevel
+
+from circles.common.logs import Logger
+
+
+class QuietLogger(Logger):
+    """Twisted's reconnection messages, one per attempt per connection, at debug instead of info."""
+
+    def emit(self, level: LogLevel, format=None, **kwargs) -> None:
+        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
+
+
+class QuietClientService(ClientService):
+    """Twisted's ``ClientService``, its messages through :class:`QuietLogger`."""
+
+    _log = QuietLogger()
+
+
+class _TxredisapiLog:
+    """What txredisapi finds as ``log``: its few messages at debug, not at info as Twisted's
+    legacy ``log.msg`` writes them."""
+
+    def msg(self, *message, **kwargs) -> None:
+        _txredisapi_log.debug("{message}", message=" ".join(str(part) for part in message))
+
+
+_txredisapi_log = Logger(namespace="txredisapi")
+
+txredisapi.ClientService = QuietClientService
+txredisapi.log = _TxredisapiLog()
+
+
+class CheckedProtocol(txredisapi.RedisProtocol):
+    """A connection checked (:meth:`usable`) before it is used, and closed unless it passes.
+
+    Only then does RedisProtocol's own start make it ready (and the pool take it), and only if
+    it is still connected: a connection lost meanwhile must not join the pool, where it would
+    count as up and swallow commands until each timed out."""
+
+    async def usable(self) -> bool:
+        """Whether this connection may be used (it is authenticated already)."""
+        raise NotImplementedError
+
+    def connectionMade(self) -> Deferred:
+        return ensureDeferred(self._check())
+
+    async def _check(self) -> None:
+        password = self.password
+        if password is not None:
+            try:
+                await self.auth(password, self.username)
+            except txredisapi.ResponseError:
+                # Refused credentials: RedisProtocol's own start says so (and stops trying).
+                return await super().connectionMade()
+            except Exception:
+                self.transport.loseConnection()  # lost, or timed out: the next attempt will tell
+                return None
+        try:
+            usable = await self.usable()
+        except Exception:
+            usable = False  # lost, timed out, or not ready (LOADING): not usable now
+        if not self.connected or not usable:
+            self.transport.loseConnection()
+            return None
+        self.password = None  # authenticated already: RedisProtocol's start need not do it again
+        try:
+            return await super().connectionMade()
+        finally:
+            self.password = password
+
+
+def live_connection(factory: txredisapi.RedisFactory) -> Optional[txredisapi.RedisProtocol]:
+    """A connection of ``factory``'s pool that is up, to send on directly; None if none is."""
+    return next((connection for connection in factory.pool if connection.connected), None)
+
+
+def drop_connections(factory: Optional[txredisapi.RedisFactory]) -> None:
+    """Close every connection of ``factory``'s pool (None: no factory): each reconnects."""
+    for connection in list(factory.pool) if factory is not None else ():
+        connection.transport.loseConnection()

@@ -1,0 +1,245 @@
+"""The dependencies circles leans on, checked where it leans: each assumption it makes about a
+library's internals (a private attribute, a name replaced at run time, the source of a method
+overridden or relied on) against the installed version, and the pins in pyproject.toml that
+keep that version in the line reviewed. An upgrade that changes any of it fails here first.
+
+Elsewhere: Twisted's ``tcp.Server`` internals (``tests/test_eager.py``) and Autobahn's
+(``tests/test_protocol.py``).
+
+When a digest here fails: read the library's new source against the module named beside it,
+carry over what matters, and record the new digest.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from importlib.metadata import requires, version
+
+import pytest
+import pytest_twisted
+from hypothesis import given, strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+
+from circles.backend import txredisapi_patches
+from circles.common import logs
+from circles.backend.redis import connect
+from circles.backend.redis_url import parse_redis_url
+from circles.server.tls import endpoint_parameters
+
+from ..inmemory import captured_log
+from ..play_client import eventually
+from ..support import source_digest
+
+
+@contextmanager
+def debug_log():
+    """Every event logged at debug and above, collected (the level is info again after)."""
+    logs.set_level("debug")
+    try:
+        with captured_log() as events:
+            yield events
+    finally:
+        logs.set_level("info")
+
+
+def _pin(name: str) -> str:
+    return next(r for r in requires("circles-gateway") if r.split("[")[0].split("<")[0].split(">")[0] == name)
+
+
+# --- txredisapi: circles/backend/txredisapi_patches.py ------------------------------------------
+
+#: The txredisapi code circles/backend/txredisapi_patches.py relies on, as reviewed for 1.6.
+TXREDISAPI_SOURCES = {
+    # authenticates with self.password unless None, selects the database, then makes it ready:
+    # CheckedProtocol authenticates first and sets the password aside for it.
+    ("BaseRedisProtocol", "connectionMade"): "6c94381d54a9a2f9",
+    # builds each pooled connection's ClientService from the module's name, at call time.
+    ("_PoolSlot", "__init__"): "f740a4689050c1ce",
+    # the pool: what live_connection and drop_connections read.
+    ("RedisFactory", "addConnection"): "1086e8b55a354741",
+    ("RedisFactory", "delConnection"): "2e94b188bc80b254",
+    # peek: wait for a connection without taking it (the dispatcher's and the commands' readiness).
+    ("RedisFactory", "getConnection"): "a0dd1ab1777b1b79",
+}
+
+
+@pytest.mark.parametrize("owner, method", sorted(TXREDISAPI_SOURCES))
+def test_the_txredisapi_code_relied_on_is_the_one_reviewed(owner, method):
+    import txredisapi
+
+    assert source_digest(vars(getattr(txredisapi, owner))[method]) == TXREDISAPI_SOURCES[owner, method]
+
+
+def test_pyproject_pins_the_txredisapi_line_that_was_reviewed():
+    pin = _pin("txredisapi")
+    assert ">=1.6" in pin and "<1.7" in pin, pin
+    assert version("txredisapi").startswith("1.6."), version("txredisapi")
+
+
+def test_txredisapi_finds_our_client_service_and_log_by_name():
+    import txredisapi
+
+    assert txredisapi.ClientService is txredisapi_patches.QuietClientService
+    with debug_log() as events:
+        txredisapi.log.msg("Discarding dead connection.")
+    [event] = [e for e in events if e.get("message") == "Discarding dead connection."]
+    assert event["log_level"] == LogLevel.debug and event["log_namespace"] == "txredisapi"
+
+
+def test_each_pooled_connection_reconnects_through_our_client_service():
+    import txredisapi
+    from twisted.internet.interfaces import IStreamClientEndpoint
+    from zope.interface import implementer
+
+    @implementer(IStreamClientEndpoint)
+    class Never:
+        def connect(self, factory):
+            return Deferred()  # an attempt under way for as long as the test
+
+    factory = txredisapi.RedisFactory(None, None, 2, isLazy=True)
+    factory.startConnecting(Never())
+    try:
+        assert len(factory.slots) == 2
+        assert all(type(slot.service) is txredisapi_patches.QuietClientService for slot in factory.slots)
+    finally:
+        factory.disconnect()
+
+
+def test_twisted_client_service_logs_its_retries_through_its_log_attribute():
+    """``ClientService._log`` (private to Twisted) is what its reconnection messages go through:
+    ours says them at debug."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.defer import fail
+    from twisted.internet.interfaces import IStreamClientEndpoint
+    from twisted.internet.protocol import Factory
+    from zope.interface import implementer
+
+    from twisted.logger import Logger
+
+    assert isinstance(vars(ClientService)["_log"], Logger)
+
+    @implementer(IStreamClientEndpoint)
+    class Refusing:
+        def connect(self, factory):
+            return fail(ConnectionRefusedError())
+
+    clock = Clock()
+    service = txredisapi_patches.QuietClientService(Refusing(), Factory(), retryPolicy=lambda attempt: 1.0,
+                                                    clock=clock)
+    with debug_log() as events:
+        service.startService()
+        clock.advance(1.0)
+        service.stopService()
+    retries = [e for e in events if "Scheduling retry" in (e.get("log_format") or "")]
+    assert len(retries) == 2 and {e["log_level"] for e in retries} == {LogLevel.debug}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_holds_its_live_connections_and_each_dropped_one_comes_back(redis_server):
+    """What live_connection and drop_connections rely on: ``RedisFactory.pool`` holds the
+    connections up, each with ``connected`` and its ``transport``; one closed reconnects."""
+    factory = connect(parse_redis_url(redis_server.url), reactor, poolsize=2)
+    try:
+        await eventually(lambda: factory.size == 2)
+        connection = txredisapi_patches.live_connection(factory)
+        assert connection in factory.pool and connection.connected
+        assert await connection.execute_command("PING") == "PONG"
+        before = list(factory.pool)
+        txredisapi_patches.drop_connections(factory)
+        await eventually(lambda: factory.size == 2 and not set(factory.pool) & set(before))
+        assert all(not c.connected for c in before)
+        txredisapi_patches.drop_connections(None)  # no factory: nothing to do
+    finally:
+        await factory.disconnect()
+    assert txredisapi_patches.live_connection(factory) is None
+
+
+# --- Twisted ------------------------------------------------------------------------------------
+
+#: Twisted's ClientService passes its _log to the machine that logs its retries
+#: (circles/backend/txredisapi_patches.py).
+def test_the_twisted_client_service_code_relied_on_is_the_one_reviewed():
+    from twisted.application.internet import ClientService
+
+    assert source_digest(ClientService.__init__) == "44a81454f23af819"
+
+
+#: The HTTPChannel and LineReceiver code whose private state RequestDeadlineChannel reads or
+#: replaces, and the Request methods BoundedRequest overrides
+#: (circles/server/http/request_limits.py).
+TWISTED_WEB_SOURCES = {
+    ("HTTPChannel", "__init__"): "3c799fc1cbf9818b",  # _handlingRequest, _dataBuffer
+    ("HTTPChannel", "connectionMade"): "95b71a1bc3abb905",  # _networkProducer
+    ("HTTPChannel", "lineReceived"): "b77ec6f21116e827",
+    ("HTTPChannel", "allHeadersReceived"): "979a9a8410f41ad9",  # gotLength, then Expect: 100-continue
+    ("HTTPChannel", "allContentReceived"): "9f7c990696871a92",
+    ("HTTPChannel", "dataReceived"): "152316e9ce502109",  # pipelined bytes into _dataBuffer
+    ("HTTPChannel", "requestDone"): "a75a186c66f7d38d",  # _waitingForTransport, the replay of _dataBuffer
+    ("HTTPChannel", "pauseProducing"): "8fe306cf284ba8e7",
+    ("HTTPChannel", "resumeProducing"): "561ac237d3468e84",
+    ("HTTPChannel", "timeoutConnection"): "f08552855cd242e0",
+    ("LineReceiver", "dataReceived"): "6f773dd6b423a279",  # _buffer, _busyReceiving, line_mode, rawDataReceived
+}
+
+
+@pytest.mark.parametrize("owner, method", sorted(TWISTED_WEB_SOURCES))
+def test_the_twisted_web_code_request_limits_relies_on_is_the_one_reviewed(owner, method):
+    from twisted.protocols.basic import LineReceiver
+    from twisted.web.http import HTTPChannel
+
+    owners = {"HTTPChannel": HTTPChannel, "LineReceiver": LineReceiver}
+    assert source_digest(vars(owners[owner])[method]) == TWISTED_WEB_SOURCES[owner, method]
+
+
+#: twisted.python.usage: the option parsers map each option to its handler in Options._dispatch,
+#: and a typed option's handler is a CoerceParameter whose dispatch parseOptions calls
+#: (circles/common/options.py names the option in its message).
+TWISTED_USAGE_SOURCES = {
+    ("Options", "__init__"): "e6f34f954c58e801",
+    ("Options", "parseOptions"): "2b4f644ef29453d8",
+    ("CoerceParameter", "dispatch"): "d2f2f503a85e67be",
+}
+
+
+@pytest.mark.parametrize("owner, method", sorted(TWISTED_USAGE_SOURCES))
+def test_the_twisted_usage_code_options_relies_on_is_the_one_reviewed(owner, method):
+    from twisted.python import usage
+
+    assert source_digest(vars(getattr(usage, owner))[method]) == TWISTED_USAGE_SOURCES[owner, method]
+
+
+# An ssl: endpoint string is read here (circles/server/tls.py) as serverFromString reads it, so
+# that the endpoint is built from options made here. Twisted's own reader is private: compared.
+_ENDPOINT_TEXT = st.text(alphabet=st.sampled_from("ab=:\\/.1 "), max_size=20)  # ASCII, as names must be
+
+
+@given(_ENDPOINT_TEXT)
+def test_endpoint_strings_are_read_as_twisted_reads_them(description):
+    from twisted.internet.endpoints import _parse
+
+    try:
+        expected = _parse(description)
+    except RuntimeError:  # a trailing backslash: Twisted's reader runs out
+        with pytest.raises(ValueError):
+            endpoint_parameters(description)
+        return
+    assert endpoint_parameters(description) == (list(expected[0]), dict(expected[1]))
+
+
+def test_an_endpoint_string_ending_in_a_lone_backslash_is_a_value_error():
+    with pytest.raises(ValueError, match="backslash"):
+        endpoint_parameters("ssl:8443:privateKey=key.pem\\")
+
+
+# --- what is imported is declared ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name, module", [("werkzeug", "werkzeug.exceptions"), ("txaio", "txaio"),
+                                          ("zope.interface", "zope.interface")])
+def test_a_library_imported_directly_is_declared(name, module):
+    """Imported by circles itself, not only through another dependency (circles/webhooks.py
+    handles werkzeug's HTTPException; circles/protocol.py uses txaio; zope.interface throughout)."""
+    __import__(module)
+    assert _pin(name)
