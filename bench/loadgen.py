@@ -51,7 +51,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import coincurve
 from Crypto.Hash import keccak
@@ -74,7 +74,7 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def rss_bytes(pid: Optional[int]) -> Optional[int]:
+def rss_bytes(pid: int | None) -> int | None:
     if not pid:
         return None
     with open(f"/proc/{pid}/status") as f:
@@ -84,7 +84,7 @@ def rss_bytes(pid: Optional[int]) -> Optional[int]:
     return None
 
 
-def cpu_seconds(pid: Optional[int]) -> Optional[float]:
+def cpu_seconds(pid: int | None) -> float | None:
     """utime + stime of ``pid`` (all its threads), in seconds."""
     if not pid:
         return None
@@ -93,7 +93,7 @@ def cpu_seconds(pid: Optional[int]) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def listen_overflows() -> Optional[int]:
+def listen_overflows() -> int | None:
     """The kernel's TcpExt ListenOverflows counter (machine-wide): connects dropped at a full backlog."""
     try:
         with open("/proc/net/netstat") as f:
@@ -107,7 +107,7 @@ def listen_overflows() -> Optional[int]:
     return None
 
 
-def percentile(sorted_values: list, q: float) -> Optional[float]:
+def percentile(sorted_values: list, q: float) -> float | None:
     if not sorted_values:
         return None
     index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
@@ -146,7 +146,7 @@ def cpu_busy_seconds(cpus: set) -> float:
 class Window:
     """Wall time and CPU time (server, this process, the server's CPUs) over a measured window."""
 
-    def __init__(self, server_pid: Optional[int]) -> None:
+    def __init__(self, server_pid: int | None) -> None:
         self.server_pid = server_pid
         self.server_cpus: set = set()
         if server_pid:
@@ -174,7 +174,7 @@ class Window:
         return out
 
 
-async def _monitor(t_measure: float, t_end: float, server_pid: Optional[int], out: dict) -> None:
+async def _monitor(t_measure: float, t_end: float, server_pid: int | None, out: dict) -> None:
     """Take CPU times of this process and of the server over [t_measure, t_end]."""
     await asyncio.sleep(max(0.0, t_measure - time.perf_counter()))
     window = Window(server_pid)
@@ -192,7 +192,7 @@ class RawClient(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport = None
         self.lost = asyncio.get_running_loop().create_future()
-        self._waiter: Optional[asyncio.Future] = None
+        self._waiter: asyncio.Future | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -269,7 +269,7 @@ class RawClient(asyncio.Protocol):
             while (await asyncio.wait_for(self._read_frame(), 10))[0] != 0x8:
                 pass
             await asyncio.wait_for(self.lost, 10)  # the server closes TCP first
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             self.transport.close()
@@ -293,7 +293,7 @@ def open_client(base_url: str, circle: str, spread: bool = True):
 # --- workload: rpc -----------------------------------------------------------------------------
 
 async def _rpc(url: str, connections: int, duration: float, warmup: float, barrier=None,
-               server_pid: Optional[int] = None, method: str = "fetch_nonce") -> dict:
+               server_pid: int | None = None, method: str = "fetch_nonce") -> dict:
     circle = new_circle()
     pubkey = coincurve.PrivateKey().public_key.format(compressed=True).hex()
     sockets = [await open_client(url, circle, spread=False) for _ in range(connections)]
@@ -343,7 +343,7 @@ def sign_personal(key: coincurve.PrivateKey, message: bytes) -> str:
 
 
 async def _auth(url: str, concurrency: int, duration: float, warmup: float, barrier=None,
-                server_pid: Optional[int] = None) -> dict:
+                server_pid: int | None = None) -> dict:
     circle = new_circle()
     keys = [coincurve.PrivateKey() for _ in range(concurrency)]
     if barrier is not None:
@@ -405,7 +405,7 @@ def _child(kind: str, kwargs: dict, barrier, queue) -> None:  # one load generat
 
 
 def run_throughput(kind: str, url: str, parallel: int, duration: float, warmup: float,
-                   procs: int, server_pid: Optional[int], method: str = "fetch_nonce") -> dict:
+                   procs: int, server_pid: int | None, method: str = "fetch_nonce") -> dict:
     """rpc or auth with ``parallel`` connections/clients split over ``procs`` processes.
 
     Rates, latencies and CPU times all cover the same measured window (after the warm-up).
@@ -494,7 +494,7 @@ async def _close_all(sockets: list, batch: int) -> None:
         await asyncio.gather(*(ws.close() for ws in sockets[start:start + batch]), return_exceptions=True)
 
 
-async def _idle(url: str, count: int, batch: int, hold: float, server_pid: Optional[int], settle: float) -> dict:
+async def _idle(url: str, count: int, batch: int, hold: float, server_pid: int | None, settle: float) -> dict:
     circle = new_circle()
     warm, _, _ = await _open_many(url, circle, min(batch, 100), batch)  # warm the server's code paths
     await _ask_all(warm)
@@ -534,7 +534,7 @@ async def _idle(url: str, count: int, batch: int, hold: float, server_pid: Optio
 
 # --- workload: churn ---------------------------------------------------------------------------
 
-async def _churn(url: str, rounds: int, per_round: int, concurrency: int, server_pid: Optional[int],
+async def _churn(url: str, rounds: int, per_round: int, concurrency: int, server_pid: int | None,
                  settle: float) -> dict:
     circle = new_circle()
     pubkey = new_circle()

@@ -165,7 +165,7 @@ class Server:
         if getattr(self, "state", None):
             shutil.rmtree(self.state, ignore_errors=True)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:

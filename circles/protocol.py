@@ -84,24 +84,24 @@ echo).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from circles.server.session.contracts.base import Contract
-from circles.server.session.methods import Session, Sessions
-from circles.common.signatures import AuthenticationFailed
 from circles.backend.scripts import BackendUnavailable
-from circles.server.session.backlog import Backlog
-from circles.server.gateway import Gateway
 from circles.common.jsonrpc import ReplyTooLarge
 from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
-from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
 from circles.common.logs import Logger
 from circles.common.once import Once
+from circles.common.signatures import AuthenticationFailed
+from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
+from circles.server.gateway import Gateway
+from circles.server.session.backlog import Backlog
+from circles.server.session.contracts.base import Contract
+from circles.server.session.methods import Session, Sessions
 from circles.server.websocket import TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
@@ -113,7 +113,7 @@ _connection_ids = itertools.count(1)
 log = Logger()
 
 
-def circle_from_path(path: str) -> Optional[str]:
+def circle_from_path(path: str) -> str | None:
     """The circle id a request path names, or None if it names none."""
     name = path[1:] if path.startswith("/") else path
     if len(name) not in PATH_KEY_LENGTHS:
@@ -149,8 +149,8 @@ class CircleProtocol(TrimmedServerProtocol):
     # Opened by onConnect; every callback after it has one (only onClose may come without).
     session: Session = None  # type: ignore[assignment]
     _idle = None
-    _counted: Optional[str] = None  # the peer's address key, while counted against the limits
-    _backlog: Optional[Backlog] = None  # what the peer has not read, once open
+    _counted: str | None = None  # the peer's address key, while counted against the limits
+    _backlog: Backlog | None = None  # what the peer has not read, once open
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
     _fragments = 0  # frames of the message arriving so far
 
@@ -188,7 +188,7 @@ class CircleProtocol(TrimmedServerProtocol):
         proved.addBoth(self._proof_checked, answer)
         return answer
 
-    def _open_session(self, pubkey: Optional[str], circle: str, contract: Contract, peer_host: str) -> None:
+    def _open_session(self, pubkey: str | None, circle: str, contract: Contract, peer_host: str) -> None:
         self.session = self.factory.sessions.open(circle, pubkey, self.connection_id, peer_host, contract)
         log.debug("connection {conn} opened on circle {circle} from {peer} as {pubkey}",
                   conn=self.connection_id, circle=circle, peer=self.peer, pubkey=pubkey)
@@ -227,7 +227,7 @@ class CircleProtocol(TrimmedServerProtocol):
             self.go_away()
 
     @staticmethod
-    def _url_proof(params: dict) -> Optional[tuple]:
+    def _url_proof(params: dict) -> tuple | None:
         """``(nonce, pubkey, sig)`` from ``?pubkey=&sig=&nonce=`` (a nonce from GET /auth/nonce),
         if given, for the gateway's HTTP nonce store to check.
 
@@ -272,7 +272,7 @@ class CircleProtocol(TrimmedServerProtocol):
         else:
             self._reply(reply)
 
-    def _reply(self, text: Optional[str]) -> None:
+    def _reply(self, text: str | None) -> None:
         if text is not None and self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
         if self.factory.draining and not self.session.in_flight:
@@ -375,7 +375,7 @@ class CircleProtocol(TrimmedServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
@@ -401,7 +401,7 @@ class CircleFactory(TrimmedServerFactory):
     protocol = CircleProtocol
     noisy = False  # no "Starting factory <...>" lines (circles.common.logs: what info shows)
 
-    def __init__(self, sessions: Sessions, url: Optional[str] = None, time_handshake: bool = True) -> None:
+    def __init__(self, sessions: Sessions, url: str | None = None, time_handshake: bool = True) -> None:
         """``time_handshake=False`` leaves the opening-handshake deadline to what is in front
         (:class:`~circles.server.http.upgrade.UpgradeRouter` bounds the whole request head, and once the
         head is in, ``onConnect`` answers at once, or, with URL authentication, once the nonce
@@ -414,7 +414,7 @@ class CircleFactory(TrimmedServerFactory):
         gateway.metrics.watch_connections(lambda: len(self.open_connections))
         self.connections = ConnectionCount(gateway.config.max_connections, gateway.config.max_connections_per_ip)
         self.origins = OriginPolicy(gateway.config.allowed_origins)
-        self._drained: Optional[Once] = None  # while draining: fires once no connection is left
+        self._drained: Once | None = None  # while draining: fires once no connection is left
         config = gateway.config
         self.setProtocolOptions(
             maxMessagePayloadSize=config.max_message_size,

@@ -7,7 +7,8 @@ import os
 import secrets
 import sys
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
@@ -15,20 +16,25 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from circles.common import logs
-
-from circles.server.processes import group as processes, siblings
-
-from circles.server import tls
-
-from circles.server.providers import secrets as webhook_secrets
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
-from circles.backend.redis_url import InvalidRedisURL
-from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
-from circles.common.options import at_least_zero, describe_source, from_environment, positive, print_version, read_dotenv
 from circles.backend.redis_options import choose_redis, redis_parameters
+from circles.backend.redis_url import InvalidRedisURL
+from circles.common import logs
+from circles.common.options import (
+    at_least_zero,
+    describe_source,
+    from_environment,
+    positive,
+    print_version,
+    read_dotenv,
+)
+from circles.server import tls
+from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
+from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
+from circles.server.processes import group as processes
+from circles.server.processes import siblings
 from circles.server.processes.group import ServerProcesses
+from circles.server.providers import secrets as webhook_secrets
 from circles.server.session.contracts import CONTRACTS
 from circles.service import LISTEN_BACKLOG, CirclesService, cannot_listen, endpoint_from_string
 
@@ -59,7 +65,7 @@ CONFIG_FIELDS = {
 DEPRECATED = {"webhook-max-body": "max-request-body"}
 
 
-def _setting(option: str, help: str, coerce: Optional[Callable] = None, short: Optional[str] = None) -> tuple:
+def _setting(option: str, help: str, coerce: Callable | None = None, short: str | None = None) -> tuple:
     """The ``optParameters`` row of an option of :data:`CONFIG_FIELDS`: its default is its field's.
 
     A tuple default (``--allowed-origins``) is written as it is given, comma-separated: the help
@@ -241,7 +247,7 @@ class Options(usage.Options):
         super().__init__()
         self["circles"] = []
         self["listen"] = []
-        self.deprecated: "set[str]" = set()  # former option names given, warned about once logging is up
+        self.deprecated: set[str] = set()  # former option names given, warned about once logging is up
 
     def opt_circle(self, pubkey: str) -> None:
         """circle to serve, as its public key in hex (repeatable; default: any)"""

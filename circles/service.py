@@ -8,7 +8,7 @@ A larger application attaches it to its own service tree::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService, Service
@@ -20,25 +20,26 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from circles.server import tls
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.members import Membership
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import IScriptRunner
+from circles.common.logs import Logger
+from circles.common.once import Once
+from circles.protocol import CircleFactory
+from circles.server import tls
+from circles.server.access.redis_nonces import TIMEOUT as NONCE_TIMEOUT
+from circles.server.access.redis_nonces import RedisNonceStore
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.gateway import Gateway
 from circles.server.http.accepts import AcceptGate
 from circles.server.http.eager import send_eagerly
 from circles.server.http.site import build_metrics_site, edge_site
 from circles.server.http.upgrade import UpgradeRouter
-from circles.common.logs import Logger
-from circles.common.once import Once
 from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
 from circles.server.session.contracts import CONTRACTS
 from circles.server.session.methods import Sessions
-from circles.protocol import CircleFactory
-from circles.server.access.redis_nonces import TIMEOUT as NONCE_TIMEOUT, RedisNonceStore
 from circles.webhooks import WebhookRoutes, providers_line
 
 log = Logger()
@@ -57,7 +58,7 @@ def build_site(factory: CircleFactory, reactor: Any) -> Site:
                      factory.sessions.default.document_text(), reactor)
 
 
-def endpoint_from_string(reactor: Any, description: str, ciphers: Optional[str] = None) -> IStreamServerEndpoint:
+def endpoint_from_string(reactor: Any, description: str, ciphers: str | None = None) -> IStreamServerEndpoint:
     """A Twisted endpoint string's server endpoint; an ``ssl:`` one gets our TLS policy (ALPN,
     versions, ``ciphers``) instead of Twisted's defaults, which accept static RSA and CBC
     (:func:`circles.server.tls.ssl_endpoint`: :class:`~circles.server.tls.TLSError` if its files
@@ -107,12 +108,12 @@ class ListeningService(Service):
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory,
-                 gate: Optional[AcceptGate] = None) -> None:
+                 gate: AcceptGate | None = None) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self._gate = gate  # counts and bounds the connections accepted
         self._listening = Once()  # the IListeningPort of this start, or why there is none
-        self.port: Optional[IListeningPort] = None  # once bound
+        self.port: IListeningPort | None = None  # once bound
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -148,7 +149,7 @@ class ListeningService(Service):
         """Fire with the ``IListeningPort`` once bound, or fail as binding failed."""
         return self._listening.when()
 
-    def stopService(self) -> Optional[Deferred]:
+    def stopService(self) -> Deferred | None:
         super().stopService()
         self._listening = Once()  # asked from now on: the port of the next start
         port, self.port = self.port, None
@@ -158,15 +159,15 @@ class ListeningService(Service):
 class CirclesService(MultiService):
     """The gateway: every listening endpoint sharing one :class:`~circles.server.gateway.Gateway`."""
 
-    def __init__(self, config: Config, *, reactor: Any, scripts: Optional[IScriptRunner] = None) -> None:
+    def __init__(self, config: Config, *, reactor: Any, scripts: IScriptRunner | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embedded_redis: Optional[EmbeddedRedis] = None
-        self.script_runner: Optional[RedisScriptRunner] = None  # None when ``scripts`` is given
-        self.membership: Optional[Membership] = None  # who may play: with the script runner's Redis
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.script_runner: RedisScriptRunner | None = None  # None when ``scripts`` is given
+        self.membership: Membership | None = None  # who may play: with the script runner's Redis
         # Nonces from GET /auth/nonce, where every process and server sees them: with the script
         # runner's Redis; None (in the gateway's memory) when ``scripts`` is given.
-        self.nonces: Optional[RedisNonceStore] = None
+        self.nonces: RedisNonceStore | None = None
         if scripts is None:
             # Children start in order and stop in reverse: Redis first up and last down, so the
             # script runner can answer in-flight plays (and expire their tasks) on shutdown.
@@ -208,7 +209,7 @@ class CirclesService(MultiService):
         self.accepts = AcceptGate.below_descriptor_limit(config.fd_reserve)
         self.listeners = [ListeningService(endpoint, self.router, self.accepts)
                           for endpoint in server_endpoints(config, reactor)]
-        self.metrics_listener: Optional[ListeningService] = None
+        self.metrics_listener: ListeningService | None = None
         if config.metrics_listen is not None:
             # The same edge as the main port: request deadline, pending cap, bounded bodies.
             metrics_router = self.router.serving(build_metrics_site(self.gateway, reactor))

@@ -20,7 +20,8 @@ task's ``data``, the provider's body byte for byte. No event field is ever paste
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from klein import Klein
@@ -28,11 +29,11 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from werkzeug.exceptions import HTTPException
 
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, Queued, ScriptRequest
+from circles.common.keys import InvalidKey, normalize_pubkey
+from circles.common.logs import Logger
 from circles.server.config import Config
 from circles.server.gateway import Gateway
 from circles.server.http.responses import json_response
-from circles.common.keys import InvalidKey, normalize_pubkey
-from circles.common.logs import Logger
 from circles.server.providers.events import BadEvent, IdenfyCallback, StripeEvent
 from circles.server.providers.secrets import WebhookSecrets
 from circles.server.providers.signatures import BadSignature, verify_idenfy, verify_stripe
@@ -66,12 +67,12 @@ class Provider:
     source: str
     secrets: WebhookSecrets
     script: str
-    verify: Callable[[Any, bytes, "tuple[bytes, ...]"], None]  # (request, body, secrets); raises BadSignature
+    verify: Callable[[Any, bytes, tuple[bytes, ...]], None]  # (request, body, secrets); raises BadSignature
     parse: Callable[[bytes], Any]  # raises BadEvent; the result has dedupe_name(circle)
     describe: Callable[[Any], str]  # for the log: identifiers only, no personal data
 
 
-def providers(config: Config, clock) -> "dict[str, Provider]":
+def providers(config: Config, clock) -> dict[str, Provider]:
     def stripe_verify(request, body: bytes, secrets) -> None:
         verify_stripe(request.getHeader(b"stripe-signature"), body, secrets,
                       now=clock.seconds(), tolerance=config.webhook_tolerance)
@@ -90,7 +91,7 @@ def providers(config: Config, clock) -> "dict[str, Provider]":
     }
 
 
-def providers_line(config: Config) -> "tuple[str, dict]":
+def providers_line(config: Config) -> tuple[str, dict]:
     """The start-up line saying which providers are on, and its fields:
     ``("webhooks: Stripe on (2 secrets), iDenfy off", {"stripe_secrets": 2, ...})``."""
     words, fields = [], {}
@@ -108,7 +109,7 @@ def providers_line(config: Config) -> "tuple[str, dict]":
     return "webhooks: " + ", ".join(words), fields
 
 
-def _read_body(request, limit: int) -> Optional[bytes]:
+def _read_body(request, limit: int) -> bytes | None:
     """The body, or None if it is over ``limit`` (only possible on a Site without
     :class:`~circles.server.http.request_limits.BoundedRequest`, which refuses such bodies earlier)."""
     request.content.seek(0)

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
@@ -64,15 +64,15 @@ class Schedule:
     think: float = 0.05  # pause between a client's plays (after a failure: retry_pause)
     retry_pause: float = 0.2
     webhooks_per_second: float = 4.0
-    webhook_replica_timeout: Optional[float] = None  # the servers' --webhook-replica-timeout; None: theirs
+    webhook_replica_timeout: float | None = None  # the servers' --webhook-replica-timeout; None: theirs
     drain: float = 15.0  # bound on waiting for outstanding plays and webhooks once the load stops
     direct: bool = False  # servers and workers on the first primary's redis:// URL, no Sentinel
     # Redis' repl-diskless-sync-delay on every node (None: Redis' default, 5 s): how long a primary
     # waits before syncing a (re)joining replica, so how long webhooks are 503 after a failover.
-    sync_delay: Optional[int] = None
+    sync_delay: int | None = None
 
     @classmethod
-    def lasting(cls, seconds: float, **overrides) -> "Schedule":
+    def lasting(cls, seconds: float, **overrides) -> Schedule:
         """A soak of about ``seconds`` of load: a primary failover every ~30 s, then a server kill."""
         schedule = cls(**overrides)
         schedule.warmup = max(schedule.warmup, 5.0)
@@ -88,10 +88,10 @@ class Schedule:
 class _Play:
     client: int
     issued: float
-    url: Optional[str] = None  # the server it went to
-    answered: Optional[float] = None
+    url: str | None = None  # the server it went to
+    answered: float | None = None
     outcome: Any = None  # "ok", "wrong", a JSON-RPC code, "ConnectionClosed", another exception's name
-    deferred: Optional[Deferred] = field(default=None, repr=False)
+    deferred: Deferred | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -100,9 +100,9 @@ class _Hook:
     port: int
     sent: float
     body: bytes = field(repr=False)
-    answered: Optional[float] = None
+    answered: float | None = None
     status: Any = None  # HTTP status, or an exception's name
-    task_id: Optional[str] = None
+    task_id: str | None = None
 
 
 class Deployment:
@@ -114,10 +114,10 @@ class Deployment:
         self.circle = public_key(generate())
         self.redis = ReplicatedRedis(os.path.join(directory, "redis"))
         self.redis_url = self.redis.nodes[0].url if schedule.direct else self.redis.url
-        self.servers: "list[Twistd]" = []
-        self.workers: "list[Twistd]" = []
-        self.ports: "list[int]" = []
-        self.killed_servers: "set[int]" = set()  # indexes in servers
+        self.servers: list[Twistd] = []
+        self.workers: list[Twistd] = []
+        self.ports: list[int] = []
+        self.killed_servers: set[int] = set()  # indexes in servers
 
     def _process(self, plugin: str, args: list, name: str) -> Twistd:
         cwd = os.path.join(self.directory, name)
@@ -166,7 +166,7 @@ class Deployment:
     def url(self, index: int) -> str:
         return f"ws://127.0.0.1:{self.ports[index]}/{self.circle}"
 
-    def live_ports(self) -> "list[int]":
+    def live_ports(self) -> list[int]:
         return [port for i, port in enumerate(self.ports) if i not in self.killed_servers]
 
     def kill_server(self, index: int) -> None:
@@ -247,7 +247,7 @@ class Deployment:
             if os.path.exists(self._redis_log(name)):
                 shutil.copy(self._redis_log(name), os.path.join(directory, f"{name}.log"))
 
-    def named(self) -> "list[tuple[str, Twistd]]":
+    def named(self) -> list[tuple[str, Twistd]]:
         return [(f"server{i}", p) for i, p in enumerate(self.servers)] + \
             [(f"worker{i}", p) for i, p in enumerate(self.workers)]
 
@@ -327,7 +327,7 @@ def _waiting(worker: Twistd) -> bool:
     return "waiting for tasks" in worker.output
 
 
-def _http_status(port: int, path: str) -> Optional[int]:
+def _http_status(port: int, path: str) -> int | None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         connection.request("GET", path)
@@ -362,14 +362,14 @@ class Load:
         self.reactor = reactor
         self.deployment = deployment
         self.schedule = schedule
-        self.plays: "list[_Play]" = []
-        self.hooks: "list[_Hook]" = []
-        self.ready: "dict[int, list]" = {port: [] for port in deployment.ports}  # port: [(time, status)]
-        self.primaries: "list[tuple[float, Optional[int]]]" = []  # (time, port): each change the Sentinels name
+        self.plays: list[_Play] = []
+        self.hooks: list[_Hook] = []
+        self.ready: dict[int, list] = {port: [] for port in deployment.ports}  # port: [(time, status)]
+        self.primaries: list[tuple[float, int | None]] = []  # (time, port): each change the Sentinels name
         self.running = True
-        self.clients: "list[ReconnectingClient]" = []
-        self.first_server: "list[int]" = []  # client: index of the server it started on
-        self.loops: "list[Deferred]" = []
+        self.clients: list[ReconnectingClient] = []
+        self.first_server: list[int] = []  # client: index of the server it started on
+        self.loops: list[Deferred] = []
 
     def start(self) -> None:
         d = self.deployment
@@ -427,7 +427,7 @@ class Load:
             self._deliver(hook)
             await _sleep(self.reactor, 1 / self.schedule.webhooks_per_second)
 
-    def _deliver(self, hook: _Hook, port: Optional[int] = None) -> Deferred:
+    def _deliver(self, hook: _Hook, port: int | None = None) -> Deferred:
         d = ensureDeferred(post(port or hook.port, f"/webhooks/stripe/{self.deployment.circle}", hook.body,
                                 stripe_headers(hook.body)))
         d.addTimeout(self.schedule.drain, self.reactor)
@@ -462,7 +462,7 @@ class Load:
                 self.primaries.append((self.reactor.seconds(), port))
             await _sleep(self.reactor, 0.25)
 
-    async def stop(self, drain: Optional[float] = None) -> None:
+    async def stop(self, drain: float | None = None) -> None:
         """Stop issuing; wait (bounded by ``drain``, the schedule's by default) for every
         outstanding play and webhook; the plays still outstanding are counted unanswered."""
         self.running = False
@@ -475,10 +475,10 @@ class Load:
         await DeferredList(self.loops, consumeErrors=True)
         await DeferredList([c.stop() for c in self.clients], consumeErrors=True)
 
-    def _outstanding(self) -> "list[_Play]":
+    def _outstanding(self) -> list[_Play]:
         return [p for p in self.plays if p.outcome is None]
 
-    async def redeliver(self, hooks: "list[_Hook]") -> "list[tuple[_Hook, Optional[str]]]":
+    async def redeliver(self, hooks: list[_Hook]) -> list[tuple[_Hook, str | None]]:
         """Deliver acknowledged events again (to the live server): (event, task id answered)."""
         results = []
         for hook in hooks:
@@ -488,15 +488,15 @@ class Load:
         return results
 
 
-def _phase_counts(plays: "list[_Play]") -> dict:
+def _phase_counts(plays: list[_Play]) -> dict:
     counts = Counter(str(p.outcome) for p in plays)
     return dict(sorted(counts.items()))
 
 
-def _recovery(plays: "list[_Play]", clients: int, at: float, only: Optional[set] = None) -> dict:
+def _recovery(plays: list[_Play], clients: int, at: float, only: set | None = None) -> dict:
     """After a kill at ``at``: how long until a play issued after it succeeded on any client, and
     until every client (of ``only``, if given) had one."""
-    firsts: "dict[int, float]" = {}
+    firsts: dict[int, float] = {}
     for p in plays:
         if p.outcome == "ok" and p.issued >= at and (only is None or p.client in only):
             firsts[p.client] = min(firsts.get(p.client, p.answered), p.answered)
@@ -506,7 +506,7 @@ def _recovery(plays: "list[_Play]", clients: int, at: float, only: Optional[set]
             "clients_without_ok": len(wanted - set(firsts))}
 
 
-def _tasks_found(deployment: Deployment, hooks: "list[_Hook]") -> dict:
+def _tasks_found(deployment: Deployment, hooks: list[_Hook]) -> dict:
     """Which acknowledged events' tasks the final primary holds (the task hash, else the event's
     seen key: the task may have run and expired, but the event was kept)."""
     primary = deployment.redis.nodes[0] if deployment.schedule.direct else deployment.redis.primary()
@@ -526,14 +526,14 @@ def _tasks_found(deployment: Deployment, hooks: "list[_Hook]") -> dict:
         client.close()
 
 
-async def run(reactor, directory: str, schedule: Optional[Schedule] = None, logs: Optional[str] = None) -> dict:
+async def run(reactor, directory: str, schedule: Schedule | None = None, logs: str | None = None) -> dict:
     """Start the deployment, run the schedule under load, stop it all; the report. ``logs``: a
     directory to keep the servers' and workers' logs in."""
     schedule = schedule or Schedule()
     began = reactor.seconds()
     deployment = Deployment(directory, schedule)
     report: dict = {"schedule": asdict(schedule)}
-    load: Optional[Load] = None
+    load: Load | None = None
     try:
         await deployment.start(reactor)
         report["startup_s"] = round(reactor.seconds() - began, 2)
@@ -668,7 +668,7 @@ def _changes(primaries: list, kills: list, began: float) -> dict:
             "unexplained": [[round(t - began, 2), port] for t, port in unexpected]}
 
 
-def _server(deployment: Deployment, url: Optional[str]) -> Optional[str]:
+def _server(deployment: Deployment, url: str | None) -> str | None:
     """``server0`` or ``server1``: the one ``url`` names."""
     if url is None:
         return None

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -34,7 +34,7 @@ class SyncRedis:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "SyncRedis":
+    def __enter__(self) -> SyncRedis:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,7 +92,7 @@ class SyncRedis:
         play is queued and waits, as for a worker that is busy."""
         self("ZADD", f"{prefix}workers:{circle}", 10 ** 11, worker_id)
 
-    def clients(self) -> "list[dict]":
+    def clients(self) -> list[dict]:
         """CLIENT LIST, one dict per connection (this one included)."""
         rows = []
         for line in self("CLIENT", "LIST").splitlines():
@@ -104,21 +104,21 @@ class RedisProcess:
     """A redis-server on ``port``; :meth:`kill` and :meth:`start` it at will. ``args`` are
     more of its options (``["--replicaof", "127.0.0.1", "6379"]``)."""
 
-    def __init__(self, directory: str, port: Optional[int] = None, args: Sequence[str] = ()) -> None:
+    def __init__(self, directory: str, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.args = list(args)
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
-    def command(self) -> "list[str]":
+    def command(self) -> list[str]:
         return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", self.directory, *self.args]
 
     def start(self, timeout: float = 30.0) -> None:
         self.start_with_password(None, timeout)
 
-    def start_with_password(self, password: Optional[str], timeout: float = 30.0) -> None:
+    def start_with_password(self, password: str | None, timeout: float = 30.0) -> None:
         """Start it, and wait until it answers a PING (after AUTH with ``password``, if given)."""
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -165,7 +165,7 @@ class SentinelProcess(RedisProcess):
                     f"sentinel failover-timeout {master} {failover_timeout_ms}\n"
                     f"sentinel parallel-syncs {master} 1\n")
 
-    def command(self) -> "list[str]":
+    def command(self) -> list[str]:
         return [REDIS_SERVER, self.config, "--sentinel"]
 
 
@@ -197,7 +197,7 @@ class ReplicatedRedis:
     def start(self, timeout: float = 30.0) -> None:
         self.start_with_password(None, timeout)
 
-    def start_with_password(self, password: Optional[str], timeout: float = 30.0) -> None:
+    def start_with_password(self, password: str | None, timeout: float = 30.0) -> None:
         """Start it all; ``password`` is the nodes' (``--requirepass``, in their ``args``)."""
         for node in self.nodes:
             node.start_with_password(password, timeout)
@@ -229,7 +229,7 @@ class ReplicatedRedis:
                 return False
         return True
 
-    def primary(self) -> Optional[RedisProcess]:
+    def primary(self) -> RedisProcess | None:
         """The node the Sentinels name as primary now (the first that answers), if it is ours."""
         for sentinel in self.sentinels:
             try:

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 #: The twistd of this interpreter's environment.
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -23,7 +22,7 @@ class Twistd:
                  prefix: tuple = ()) -> None:
         self.lines: list = []
         self._port_seen = threading.Event()
-        self.port: Optional[int] = None
+        self.port: int | None = None
         self.proc = subprocess.Popen(
             [*prefix, TWISTD, "-n", "--pidfile=", "--logfile=-", *options, plugin, *args],
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

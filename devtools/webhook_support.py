@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 import uuid
 from io import BytesIO
-from typing import Optional
 
 import stripe
 from twisted.internet import reactor
@@ -23,7 +22,7 @@ STRIPE_SECRET_OLD = "whsec_test_" + "b2" * 16
 IDENFY_SECRET = "idenfy-test-secret-" + "c3" * 8
 
 
-def stripe_event(event_id: Optional[str] = None, **extra) -> dict:
+def stripe_event(event_id: str | None = None, **extra) -> dict:
     event = {
         "id": event_id or f"evt_{uuid.uuid4().hex}",
         "object": "event",
@@ -40,7 +39,7 @@ def stripe_event(event_id: Optional[str] = None, **extra) -> dict:
     return event
 
 
-def idenfy_callback(scan_ref: Optional[str] = None, overall: str = "APPROVED", final: bool = True, **extra) -> dict:
+def idenfy_callback(scan_ref: str | None = None, overall: str = "APPROVED", final: bool = True, **extra) -> dict:
     callback = {
         "final": final,
         "platform": "PC",
@@ -63,7 +62,7 @@ def encode(payload) -> bytes:
     return json.dumps(payload).encode("utf-8")
 
 
-def stripe_headers(body: bytes, secret: str = STRIPE_SECRET, timestamp: Optional[int] = None) -> dict:
+def stripe_headers(body: bytes, secret: str = STRIPE_SECRET, timestamp: int | None = None) -> dict:
     """``Stripe-Signature`` computed by stripe-python's own helper (its payload is text)."""
     header = stripe.WebhookSignature.generate_signature_header(body.decode("utf-8"), secret, timestamp=timestamp)
     return {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}
@@ -84,7 +83,7 @@ class Reply:
     def json(self):
         return json.loads(self.body)
 
-    def header(self, name: str) -> Optional[str]:
+    def header(self, name: str) -> str | None:
         values = self.headers.getRawHeaders(name)
         return values[0] if values else None
 
@@ -92,7 +91,7 @@ class Reply:
         return f"<Reply {self.code} {self.body[:200]!r}>"
 
 
-async def post(port: int, path: str, body: bytes = b"", headers: Optional[dict] = None,
+async def post(port: int, path: str, body: bytes = b"", headers: dict | None = None,
                method: bytes = b"POST") -> Reply:
     """One HTTP request to the server on 127.0.0.1:``port``."""
     agent = Agent(reactor)
@@ -148,7 +147,7 @@ class _Raw(Protocol):
             self.done.callback((self.received, self.sent))
 
 
-async def raw_exchange(port: int, to_send: bytes, keep_sending: bytes = b"") -> "tuple[bytes, int]":
+async def raw_exchange(port: int, to_send: bytes, keep_sending: bytes = b"") -> tuple[bytes, int]:
     """Send raw bytes (then ``keep_sending`` again and again until the server closes); return
     everything the server answered before closing and how many bytes were sent."""
     done: Deferred = Deferred()
@@ -157,7 +156,7 @@ async def raw_exchange(port: int, to_send: bytes, keep_sending: bytes = b"") -> 
     return await done
 
 
-def post_sync(port: int, path: str, body: bytes, headers: dict) -> "tuple[int, dict]":
+def post_sync(port: int, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
     """POST from a plain blocking client (urllib), as a provider would: (status, JSON answer)."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST")
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, List
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import globalLogPublisher
@@ -62,9 +62,9 @@ def replied(reply):
 
 
 @contextmanager
-def captured_log() -> Iterator[List[dict]]:
+def captured_log() -> Iterator[list[dict]]:
     """Collect every twisted.logger event emitted inside the block."""
-    events: List[dict] = []
+    events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
         yield events

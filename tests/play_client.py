@@ -62,7 +62,7 @@ class RPCClient:
         connectWS(self.factory)
 
     @classmethod
-    async def open(cls, port: int, circle: str) -> "RPCClient":
+    async def open(cls, port: int, circle: str) -> RPCClient:
         client = cls(port, circle)
         client.protocol = await client.factory.opened
         return client

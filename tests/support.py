@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import coincurve
 from eth_account import Account
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Key:
     """A secp256k1 key pair as a test client holds it."""
 
-    def __init__(self, secret: Optional[bytes] = None) -> None:
+    def __init__(self, secret: bytes | None = None) -> None:
         self.private = coincurve.PrivateKey(secret)
         self.pubkey = self.private.public_key.format(compressed=True).hex()
         self.uncompressed = self.private.public_key.format(compressed=False).hex()
@@ -84,7 +84,7 @@ def still_open(socks: list) -> int:
         try:
             if sock.recv(4096):
                 continue
-        except (socket.timeout, ssl.SSLWantReadError):
+        except (TimeoutError, ssl.SSLWantReadError):
             count += 1
             continue
         except OSError:

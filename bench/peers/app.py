@@ -20,7 +20,7 @@ import math
 import re
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any
 
 import coincurve
 from Crypto.Hash import keccak
@@ -58,7 +58,7 @@ def normalize_pubkey(text: Any) -> str:
     return coincurve.PublicKey(raw).format(compressed=True).hex()
 
 
-def circle_from_path(path: str) -> Optional[str]:
+def circle_from_path(path: str) -> str | None:
     """The circle a request path ``/{circle_pk}`` names (compressed hex), or None."""
     name = path.split("?", 1)[0].lstrip("/")
     if len(name) != 66:
@@ -88,8 +88,8 @@ class Connection:
 
     def __init__(self, circle: str) -> None:
         self.circle = circle
-        self.pubkey: Optional[str] = None
-        self.nonces: dict[str, tuple[Optional[str], float]] = {}  # value -> (pubkey, expires_at)
+        self.pubkey: str | None = None
+        self.nonces: dict[str, tuple[str | None, float]] = {}  # value -> (pubkey, expires_at)
 
     def _sweep(self, now: float) -> None:
         # Insertion order is expiry order (one TTL for all), so expired nonces are at the front.
@@ -143,7 +143,7 @@ class Connection:
 
     METHODS = {"fetch_nonce": fetch_nonce, "authenticate": authenticate, "whoami": whoami}
 
-    def _call(self, request: Any) -> Optional[dict]:
+    def _call(self, request: Any) -> dict | None:
         if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
             return {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}
         id_ = request.get("id")
@@ -160,7 +160,7 @@ class Connection:
             return None if notification else {"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id_}
         return None if notification else {"jsonrpc": "2.0", "result": result, "id": id_}
 
-    def handle(self, text: str) -> Optional[str]:
+    def handle(self, text: str) -> str | None:
         """One JSON-RPC message (request, notification or batch) in; reply text or None out."""
         try:
             message = json.loads(text)

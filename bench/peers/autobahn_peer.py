@@ -15,12 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol  # noqa: E402
-from autobahn.websocket.types import ConnectionDeny  # noqa: E402
-from twisted.internet import reactor  # noqa: E402
-
-import app  # noqa: E402
-from app import MAX_MESSAGE_SIZE, Connection, circle_from_path  # noqa: E402
+import app
+from app import MAX_MESSAGE_SIZE, Connection, circle_from_path
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import reactor
 
 
 class PeerProtocol(WebSocketServerProtocol):

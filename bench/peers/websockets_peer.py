@@ -16,11 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from websockets.asyncio.server import serve  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
-
-import app  # noqa: E402
-from app import MAX_MESSAGE_SIZE, Connection, circle_from_path  # noqa: E402
+import app
+from app import MAX_MESSAGE_SIZE, Connection, circle_from_path
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 
 
 def process_request(connection, request):

@@ -11,7 +11,8 @@ steps are :mod:`circles.backend.tasks`'.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -26,7 +27,7 @@ SCAN_COUNT = 1000
 MAX_LISTED = 10_000
 
 
-async def reap(commands, prefix: str, skip: Optional[str] = None, counter: Any = None) -> int:
+async def reap(commands, prefix: str, skip: str | None = None, counter: Any = None) -> int:
     """Reap every worker whose heartbeat lapsed, one REAP step each (the step is the lock: any
     number of reapers may run at once, each worker is reaped once). ``skip``: a worker's own id.
     Returns how many this call reaped, each logged; ``counter.reaped`` counts them too."""
@@ -67,7 +68,7 @@ class DeadLetter:
     updated_at: str
 
 
-async def _scan(commands, pattern: str) -> "list[str]":
+async def _scan(commands, pattern: str) -> list[str]:
     keys, cursor = [], "0"
     while True:
         cursor, batch = await commands.execute_command("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT)
@@ -76,7 +77,7 @@ async def _scan(commands, pattern: str) -> "list[str]":
             return keys
 
 
-async def dead_letters(commands, prefix: str, limit: int = MAX_LISTED) -> "list[DeadLetter]":
+async def dead_letters(commands, prefix: str, limit: int = MAX_LISTED) -> list[DeadLetter]:
     """The dead-letter list, newest first (at most ``limit``)."""
     letters = []
     for task_id in [text(t) for t in await commands.execute_command("LRANGE", tasks.dead_key(prefix), 0, limit - 1)]:
@@ -89,14 +90,14 @@ async def dead_letters(commands, prefix: str, limit: int = MAX_LISTED) -> "list[
     return letters
 
 
-async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> "list[CircleStats]":
+async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> list[CircleStats]:
     """Live workers, queue length and dead letters of ``circles``, and of every circle that has
     a queue, a worker or a dead letter in Redis now."""
     found = set(circles)
     for pattern, _kind in ((tasks.queue_key(prefix, "*"), "queue"), (tasks.circle_workers_key(prefix, "*"), "workers")):
         start = len(pattern) - 1
         found.update(key[start:] for key in await _scan(commands, pattern))
-    dead_by_circle: "dict[str, int]" = {}
+    dead_by_circle: dict[str, int] = {}
     for letter in await dead_letters(commands, prefix):
         dead_by_circle[letter.circle] = dead_by_circle.get(letter.circle, 0) + 1
     found.update(dead_by_circle)
@@ -109,7 +110,7 @@ async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> "l
             for i, circle in enumerate(ordered)]
 
 
-async def requeue(commands, prefix: str, task_ids: Optional[Iterable[str]] = None) -> "tuple[list[str], list[str]]":
+async def requeue(commands, prefix: str, task_ids: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
     """Put dead-lettered tasks back on their queues, first in line (each gets one more run);
     ``task_ids`` None: every one. Returns ``(requeued, not dead)``."""
     if task_ids is None:

@@ -23,7 +23,8 @@ Time is the ``reactor`` attribute's (an ``IReactorTime``), so tests can drive it
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail
@@ -59,9 +60,9 @@ class CommandConnection(Service):
         self.timeout = timeout
         self.doing = doing
         self._redis: Any = None  # txredisapi factory, while running
-        self._connecting: Optional[Once] = None  # fires once the connection is up, while commands wait for it
-        self._give_up: Optional[Callable[[], None]] = None  # ends that wait, failing it (its timer, or stopping)
-        self._gives_up: Optional[IDelayedCall] = None  # the timer of _give_up
+        self._connecting: Once | None = None  # fires once the connection is up, while commands wait for it
+        self._give_up: Callable[[], None] | None = None  # ends that wait, failing it (its timer, or stopping)
+        self._gives_up: IDelayedCall | None = None  # the timer of _give_up
         self._unreachable = False  # a wait for the connection ran out: fail at once until it is up
         self.failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
 
@@ -83,7 +84,7 @@ class CommandConnection(Service):
         """Whether the connection to Redis is up now."""
         return self._redis is not None and self._redis.size > 0
 
-    def command(self, ask: Callable[[Any], Any], settle: Optional[Callable[[Any], Any]] = None,
+    def command(self, ask: Callable[[Any], Any], settle: Callable[[Any], Any] | None = None,
                 hint: str = "") -> Deferred:
         """What ``settle`` makes of the reply of ``ask(connection)`` (a Deferred or coroutine of
         a Redis reply), or of its failure; or :class:`BackendUnavailable` (``BackendFull``) within

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, fail
@@ -84,7 +84,8 @@ class RedisScriptRunner(Service):
         succeeds (Redis ``WAIT``), within ``ack_timeout`` seconds; 0: the primary is enough.
     :param circles: the circles this server serves, whose live workers and queue lengths it
         reads every :data:`~circles.backend.tasks.HEARTBEAT_INTERVAL` seconds
-        (:attr:`Housekeeping.circle_stats <circles.backend.housekeeping.Housekeeping.circle_stats>`, for ``/metrics``); empty: none (a server of any circle has no bounded set to report).
+        (:attr:`Housekeeping.circle_stats <circles.backend.housekeeping.Housekeeping.circle_stats>`,
+        for ``/metrics``); empty: none (a server of any circle has no bounded set to report).
     :param webhook_attempts: the runs a webhook task gets (its ``max_attempts``) when workers
         running it are lost; past them it is dead-lettered.
 
@@ -94,8 +95,8 @@ class RedisScriptRunner(Service):
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
-                 server_id: Optional[str] = None, task_ttl: int = tasks.TASK_TTL,
-                 max_output: Optional[int] = None, private_redis: bool = False,
+                 server_id: str | None = None, task_ttl: int = tasks.TASK_TTL,
+                 max_output: int | None = None, private_redis: bool = False,
                  ack_replicas: int = 0, ack_timeout: float = 1.0, circles=frozenset(),
                  webhook_attempts: int = tasks.DEFAULT_ATTEMPTS) -> None:
         self.address = address
@@ -112,7 +113,7 @@ class RedisScriptRunner(Service):
         self._replies = None  # txredisapi factory: the one blocking BRPOP connection
         self._acks = None  # txredisapi factory: the one connection that writes and WAITs (ack_replicas > 0)
         self._listening = False  # a BRPOP on the reply list is in flight on a live connection
-        self._loop: Optional[Deferred] = None
+        self._loop: Deferred | None = None
         self.connects = 0  # times both connections came up (for metrics: reconnects)
         self.command_failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
@@ -243,7 +244,7 @@ class RedisScriptRunner(Service):
 
     # -- writing tasks --------------------------------------------------------------------------
 
-    def _fields(self, request: ScriptRequest, data_json: Optional[str], reply_to: str) -> "tuple[list, int]":
+    def _fields(self, request: ScriptRequest, data_json: str | None, reply_to: str) -> tuple[list, int]:
         """The task hash as a flat ``[field, value, ...]`` list, and the hash's TTL."""
         now = self.clock.seconds()
         fields = {

@@ -22,7 +22,6 @@ import shutil
 import socket
 import tempfile
 from collections import deque
-from typing import Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -78,7 +77,7 @@ WEBHOOK_EVENTS = 256
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def physical_memory() -> Optional[int]:
+def physical_memory() -> int | None:
     """Bytes of memory this process may use: the machine's, or its container's limit if lower;
     None where the platform does not say."""
     try:
@@ -98,7 +97,7 @@ def physical_memory() -> Optional[int]:
 
 
 def derived_maxmemory(*, max_connections: int, max_plays: int, max_script: int, max_output: int,
-                      webhook_body: int = 0, processes: int = 1, physical: Optional[int] = None) -> int:
+                      webhook_body: int = 0, processes: int = 1, physical: int | None = None) -> int:
     """The private Redis's ``maxmemory`` in bytes for a server with these limits (the formula
     above). ``webhook_body``: the largest webhook body, 0 when no webhook provider is on;
     ``physical``: the machine's memory (None: not known, only CEILING bounds)."""
@@ -207,8 +206,8 @@ class EmbeddedRedis(Service):
         noeviction``; None: :data:`MAXMEMORY_FLOOR`. A server gives :func:`derived_maxmemory`.
     """
 
-    def __init__(self, state_dir: Optional[str], *, reactor, binary: str = "redis-server",
-                 persist: bool = False, maxmemory: Optional[int] = None) -> None:
+    def __init__(self, state_dir: str | None, *, reactor, binary: str = "redis-server",
+                 persist: bool = False, maxmemory: int | None = None) -> None:
         self.reactor = reactor
         self.binary = binary
         self.persist = persist
@@ -222,11 +221,11 @@ class EmbeddedRedis(Service):
         if len(self.socket_path.encode()) > _MAX_UNIX_PATH:
             raise EmbeddedRedisError(f"state directory path too long for a unix socket: {self.state_dir}")
         self.address = RedisAddress(path=self.socket_path)
-        self._process: Optional[_RedisProcess] = None
-        self._transport: Optional[IProcessTransport] = None
+        self._process: _RedisProcess | None = None
+        self._transport: IProcessTransport | None = None
         self._answered = False  # since the start: the server runs on it
         self._stopping = False
-        self._delay: Optional[RestartDelay] = None
+        self._delay: RestartDelay | None = None
         self._restart = None  # the pending callLater starting a redis-server that exited again
 
     def _make_state_dir(self) -> None:

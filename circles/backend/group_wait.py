@@ -27,7 +27,7 @@ A new connection starts a group of its own.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
@@ -44,8 +44,8 @@ class _Connection:
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
-        self.covered: Optional["list[Deferred]"] = None  # the WAIT in flight covers these; None: no WAIT in flight
-        self.next: "list[Deferred]" = []  # their writes went out after it: the next WAIT's
+        self.covered: list[Deferred] | None = None  # the WAIT in flight covers these; None: no WAIT in flight
+        self.next: list[Deferred] = []  # their writes went out after it: the next WAIT's
 
 
 class GroupWait:
@@ -58,7 +58,7 @@ class GroupWait:
     def __init__(self, replicas: int, timeout: float) -> None:
         self.replicas = replicas
         self.timeout_ms = max(1, round(timeout * 1000))
-        self._current: Optional[_Connection] = None
+        self._current: _Connection | None = None
 
     def after_writes(self, connection: Any) -> Deferred:
         """A Deferred firing with how many replicas acknowledged every write sent so far on

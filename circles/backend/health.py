@@ -19,7 +19,8 @@ and the first one Redis takes ends it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import fail
 from twisted.internet.interfaces import IReactorTime
@@ -59,7 +60,7 @@ class Health:
     :param room_again: called when a full Redis takes a write again.
     """
 
-    def __init__(self, address: RedisAddress, clock: IReactorTime, commands: "Callable[[], Optional[object]]", *,
+    def __init__(self, address: RedisAddress, clock: IReactorTime, commands: Callable[[], Any | None], *,
                  replicated: bool, probe_key: str, drop_connections: Callable[[], None],
                  room_again: Callable[[], None]) -> None:
         self.address = address
@@ -69,12 +70,12 @@ class Health:
         self.probe_key = probe_key
         self._drop_connections = drop_connections
         self._room_again = room_again
-        self._pinger: Optional[LoopingCall] = None
-        self._ping_sent: Optional[float] = None  # when the outstanding PING went out; None: none is
+        self._pinger: LoopingCall | None = None
+        self._ping_sent: float | None = None  # when the outstanding PING went out; None: none is
         self.pings = 0  # PINGs sent
         self.answering = True  # False once a PING has waited PING_TIMEOUT, until one is answered
         self.full = False  # Redis refused a write at its maxmemory; until the health loop's write is taken
-        self.replicas: Optional[int] = None  # replicas the primary has, as ROLE last said; None: unknown
+        self.replicas: int | None = None  # replicas the primary has, as ROLE last said; None: unknown
 
     def start(self) -> None:
         self._pinger = LoopingCall(self._ping)

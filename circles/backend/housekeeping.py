@@ -6,7 +6,8 @@ circles it serves and the dead-letter list's length (for ``/metrics``)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -31,18 +32,18 @@ class Housekeeping:
     :param circles: the circles whose live workers and queue lengths are read; empty: none.
     """
 
-    def __init__(self, clock: IReactorTime, prefix: str, commands: "Callable[[], Optional[object]]",
-                 command: "Callable[..., Deferred]", connected: Callable[[], bool], circles=frozenset()) -> None:
+    def __init__(self, clock: IReactorTime, prefix: str, commands: Callable[[], Any | None],
+                 command: Callable[..., Deferred], connected: Callable[[], bool], circles=frozenset()) -> None:
         self.clock = clock
         self.prefix = prefix
         self._commands = commands
         self._command = command
         self._connected = connected
         self.circles = sorted(circles)
-        self.circle_stats: "dict[str, tuple[int, int]]" = {}  # circle -> (live workers, queue length)
-        self.dead_letters: Optional[int] = None  # the dead-letter list's length, as last read
+        self.circle_stats: dict[str, tuple[int, int]] = {}  # circle -> (live workers, queue length)
+        self.dead_letters: int | None = None  # the dead-letter list's length, as last read
         self.reaped = 0  # dead workers reaped by this server
-        self._looping: Optional[LoopingCall] = None
+        self._looping: LoopingCall | None = None
         self._running = False  # a round is in flight
 
     def start(self) -> None:
@@ -64,7 +65,10 @@ class Housekeeping:
 
     async def _one_round(self) -> None:
         try:
-            await reap(self._commands().handler, self.prefix, counter=self)
+            commands = self._commands()
+            if commands is None:
+                return
+            await reap(commands.handler, self.prefix, counter=self)
             if self._commands() is None:
                 return
             counts = await self.stats(self.circles)
@@ -76,7 +80,7 @@ class Housekeeping:
         finally:
             self._running = False
 
-    async def stats(self, circles) -> "tuple[int, dict[str, tuple[int, int]]]":
+    async def stats(self, circles) -> tuple[int, dict[str, tuple[int, int]]]:
         """``(dead letters, {circle: (live workers, queue length)})`` for ``circles``, in one step."""
         keys = [tasks.dead_key(self.prefix)]
         for circle in circles:

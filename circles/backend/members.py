@@ -19,8 +19,6 @@ factory's ``handler``), so that tests and tools can use them on a connection of 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import attrs
 from twisted.internet.defer import Deferred
 
@@ -101,7 +99,7 @@ async def remove(redis, prefix: str, circle: str, key: str) -> bool:
     return bool(int(await redis.execute_command("SREM", members_key(prefix, circle), key)))
 
 
-async def members(redis, prefix: str, circle: str) -> "list[str]":
+async def members(redis, prefix: str, circle: str) -> list[str]:
     """The members of ``circle``, sorted."""
     return sorted(text(k) for k in await redis.execute_command("SMEMBERS", members_key(prefix, circle)))
 
@@ -140,7 +138,7 @@ class Membership(CommandConnection):
         return verdict
 
 
-def describe(policy: str, count: Optional[int] = None) -> str:
+def describe(policy: str, count: int | None = None) -> str:
     """A policy in words, for the command line."""
     if policy == OPEN:
         return "open: any key may play"

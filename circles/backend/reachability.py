@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -51,7 +50,7 @@ class Reachability:
                     f"--redis-url (or $CIRCLES_REDIS_URL) names them")
         if not self.private:
             return "check that it runs and that --redis-url (or $CIRCLES_REDIS_URL) names it"
-        state_dir = os.path.dirname(self.address.path)
+        state_dir = os.path.dirname(self.address.path)  # type: ignore[type-var]  # a private Redis's socket
         if self.starting:
             return f"the private redis-server of --state-dir {state_dir} does not answer there (see above)"
         return f"is a circles server running with --state-dir {state_dir}? (else give --redis-url)"
@@ -91,7 +90,7 @@ class Watched:
     """An endpoint that reports each attempt to a :class:`Reachability` and reads as its URL
     (Twisted's retry messages name the endpoint)."""
 
-    def __init__(self, endpoint, address: RedisAddress, watch: Optional[Reachability]) -> None:
+    def __init__(self, endpoint, address: RedisAddress, watch: Reachability | None) -> None:
         self._endpoint = endpoint
         self._where = address.where()
         self._watch = watch
@@ -103,10 +102,12 @@ class Watched:
         return d
 
     def _connected(self, protocol):
+        assert self._watch is not None  # only then is this called
         self._watch.connected()
         return protocol
 
     def _failed(self, failure: Failure) -> Failure:
+        assert self._watch is not None  # only then is this called
         self._watch.failed(failure)
         return failure
 

@@ -5,18 +5,16 @@ name (:mod:`circles.backend.sentinel`), watched for what the operator should hea
 
 from __future__ import annotations
 
-from typing import Optional
-
 import txredisapi
 
+from circles.backend import txredisapi_patches  # noqa: F401  (replaces txredisapi's logging on import)
 from circles.backend.reachability import Reachability, Watched
 from circles.backend.redis_url import RedisAddress, host_port
 from circles.backend.sentinel import SENTINEL_TIMEOUT, PrimaryEndpoint, PrimaryFactory, Sentinels
-from circles.backend import txredisapi_patches  # noqa: F401  (replaces txredisapi's logging on import)
 
 
-def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: Optional[float] = None,
-            watch: Optional[Reachability] = None) -> txredisapi.RedisFactory:
+def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: float | None = None,
+            watch: Reachability | None = None) -> txredisapi.RedisFactory:
     """Start a txredisapi pool of ``poolsize`` connections that reconnects on its own.
 
     The factory is returned at once (it is "lazy"): ``factory.size`` says how many connections
@@ -28,6 +26,7 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
     dropped before any command is sent to it: a failover is followed without a restart.
     """
     if address.sentinels:
+        assert address.master is not None  # a redis+sentinel:// URL names its primary
         sentinels = Sentinels(address.master, [
             connect(RedisAddress(host=host, port=port, password=address.sentinel_password), reactor,
                     reply_timeout=SENTINEL_TIMEOUT)

@@ -6,7 +6,8 @@ both twistd plugins and the ``circles`` command, and how they become an address.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 from twisted.python import usage
@@ -48,10 +49,10 @@ def private_redis_address(state_dir: str) -> RedisAddress:
 class RedisChoice:
     """The Redis the options of :func:`redis_parameters` name."""
 
-    url: Optional[str] = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
+    url: str | None = attrs.field(repr=lambda url: repr(redact_url(url)))  # None: the private Redis
     address: RedisAddress  # the URL's, or the private Redis's socket in the state directory
     source: str = "--state-dir"  # where the URL came from: --redis-url(-file), $CIRCLES_REDIS_URL(_FILE), $REDIS_URL
-    ignored: "tuple[str, ...]" = ()  # variables also set that the source overrides
+    ignored: tuple[str, ...] = ()  # variables also set that the source overrides
 
     def log_line(self) -> str:
         """Which source named the Redis (never the URL: it may carry a password)."""
@@ -65,8 +66,8 @@ class RedisChoice:
         return self.url is None
 
 
-def choose_redis(options: Mapping[str, Optional[str]], reactor: Any,
-                 dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None) -> RedisChoice:
+def choose_redis(options: Mapping[str, str | None], reactor: Any,
+                 dotenv: tuple[str, Mapping[str, str]] | None = None) -> RedisChoice:
     """The Redis that parsed ``options`` name: ``--redis-url`` or the file ``--redis-url-file``
     names (else ``$CIRCLES_REDIS_URL``, else the file ``$CIRCLES_REDIS_URL_FILE`` names, else
     ``$REDIS_URL``, the Rust server's name; then the same three in ``dotenv``), else the private
@@ -83,7 +84,7 @@ def choose_redis(options: Mapping[str, Optional[str]], reactor: Any,
         raise usage.UsageError("give --redis-url or --redis-url-file, not both")
     path = None
     if given:
-        source: Optional[str] = f"--{given[0]}"
+        source: str | None = f"--{given[0]}"
         url = options["redis-url"]
         path = options.get("redis-url-file")
         _, first, rest = from_environment(names, dotenv=dotenv)

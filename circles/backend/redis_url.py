@@ -19,7 +19,6 @@ password never appears in ``repr``/``redacted()``: log those.
 
 from __future__ import annotations
 
-from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -43,17 +42,17 @@ class RedisAddress:
     """A parsed Redis URL: a TCP host/port (optionally TLS), a unix socket path, or the
     Sentinels that know the primary of ``master``."""
 
-    host: Optional[str] = None
+    host: str | None = None
     port: int = DEFAULT_PORT
-    path: Optional[str] = None  # unix socket
+    path: str | None = None  # unix socket
     db: int = 0
-    username: Optional[str] = None
-    password: Optional[str] = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
     tls: bool = False
-    ca_certs: Optional[str] = None  # PEM CA bundle for rediss://; None: the platform's trust
-    sentinels: "tuple[tuple[str, int], ...]" = ()  # (host, port) of each Sentinel, for redis+sentinel://
-    master: Optional[str] = None  # the name the Sentinels know the primary by
-    sentinel_password: Optional[str] = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
+    ca_certs: str | None = None  # PEM CA bundle for rediss://; None: the platform's trust
+    sentinels: tuple[tuple[str, int], ...] = ()  # (host, port) of each Sentinel, for redis+sentinel://
+    master: str | None = None  # the name the Sentinels know the primary by
+    sentinel_password: str | None = attrs.field(default=None, repr=lambda p: "None" if p is None else "'***'")
 
     def redacted(self) -> str:
         """The URL with any password replaced by ``***``: safe to log."""
@@ -64,7 +63,7 @@ class RedisAddress:
         if self.sentinels:
             return f"{SENTINEL_SCHEME}://{auth}{self._sentinel_hosts()}/{self.master}/{self.db}" + \
                 ("?sentinel_password=***" if self.sentinel_password is not None else "")
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{host_port(self.host, self.port)}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{host_port(self.host, self.port)}/{self.db}"  # type: ignore[arg-type]  # neither a socket nor Sentinels: a host
 
     def where(self) -> str:
         """The URL without its credentials, for messages: ``unix:///path/redis.sock``,
@@ -73,7 +72,7 @@ class RedisAddress:
             return f"unix://{self.path}" + (f"?db={self.db}" if self.db else "")
         if self.sentinels:
             return f"{SENTINEL_SCHEME}://{self._sentinel_hosts()}/{self.master}/{self.db}"
-        return f"{'rediss' if self.tls else 'redis'}://{host_port(self.host, self.port)}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{host_port(self.host, self.port)}/{self.db}"  # type: ignore[arg-type]  # a host
 
     def _sentinel_hosts(self) -> str:
         return ",".join(host_port(host, port) for host, port in self.sentinels)
@@ -86,6 +85,7 @@ class RedisAddress:
             raise ValueError("a redis+sentinel:// address names no one server")
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
+        assert self.host is not None  # neither a socket nor Sentinels: a host
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         if not self.tls:
             return endpoint
@@ -182,7 +182,7 @@ def _parse_sentinel_url(url: str) -> RedisAddress:
                         password=password, sentinel_password=query.get("sentinel_password"))
 
 
-def redact_url(url: Optional[str]) -> Optional[str]:
+def redact_url(url: str | None) -> str | None:
     """``url`` safe to log: parsed and redacted, or a placeholder if it does not parse."""
     if url is None:
         return None

@@ -13,7 +13,7 @@ events fail at once: an event only the primary holds could vanish with it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from txredisapi import InvalidData, RedisError
@@ -38,8 +38,8 @@ class ReplicaAcks:
     :param filled: called when Redis refuses a write at its maxmemory.
     """
 
-    def __init__(self, replicas: int, timeout: float, connection: "Callable[[], Optional[object]]",
-                 replicas_connected: "Callable[[], Optional[int]]", filled: Callable[[], None]) -> None:
+    def __init__(self, replicas: int, timeout: float, connection: Callable[[], object | None],
+                 replicas_connected: Callable[[], int | None], filled: Callable[[], None]) -> None:
         self.replicas = replicas
         self.timeout = timeout
         self._connection = connection
@@ -68,7 +68,7 @@ class ReplicaAcks:
         if self.waiting >= MAX_ACK_WAITING:
             raise BackendUnavailable("too many webhook events waiting for Redis replicas")
         self.waiting += 1
-        covering: "list[Deferred]" = []  # the WAITs asked for; only the last one's answer counts
+        covering: list[Deferred] = []  # the WAITs asked for; only the last one's answer counts
         try:
             written = connection.execute_command("EVAL", tasks.ENQUEUE_ONCE, len(keys), *keys, *args)
             covering.append(self._group_wait.after_writes(connection))

@@ -9,7 +9,8 @@ The tasks of plays given up on while Redis was away are marked ``expired`` once 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -48,15 +49,15 @@ class Replies:
     :param connected: whether a task can be queued and its reply received now.
     """
 
-    def __init__(self, clock: IReactorTime, prefix: str, reply_key: str, command: "Callable[..., Deferred]",
+    def __init__(self, clock: IReactorTime, prefix: str, reply_key: str, command: Callable[..., Deferred],
                  connected: Callable[[], bool]) -> None:
         self.clock = clock
         self.prefix = prefix
         self.reply_key = reply_key
         self._command = command
         self._connected = connected
-        self._waiting: "dict[str, _Waiting]" = {}
-        self._abandoned: "set[str]" = set()  # tasks given up on while Redis was unreachable
+        self._waiting: dict[str, _Waiting] = {}
+        self._abandoned: set[str] = set()  # tasks given up on while Redis was unreachable
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -64,7 +65,7 @@ class Replies:
     def wait(self, task_id: str, request: ScriptRequest) -> Deferred:
         """A Deferred for the reply of ``task_id``, failed with :class:`ScriptTimeout` once
         ``request.timeout`` passes."""
-        result = Deferred(lambda _: self._cancelled(task_id))
+        result: Deferred = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
         self._waiting[task_id] = _Waiting(request, result, timer)
         return result
@@ -76,7 +77,7 @@ class Replies:
             entry.stop_timer()
             entry.deferred.errback(failure)
 
-    def stop(self, reason: str = "the server is shutting down", abandon: bool = False) -> "list[str]":
+    def stop(self, reason: str = "the server is shutting down", abandon: bool = False) -> list[str]:
         """Fail every play waiting with :class:`BackendUnavailable`; their task ids. ``abandon``:
         expire their tasks once Redis is back (:meth:`expire_abandoned`)."""
         waiting, self._waiting = self._waiting, {}
@@ -162,7 +163,8 @@ class Replies:
         if outcome is not None:
             self._settle(waiting.deferred, outcome)
             return
-        # A bare task id: the result is in the task hash, read and deleted in one step.
+        # A bare task id: the result is in the task hash, read and deleted in one step. Callbacks,
+        # not a coroutine: this runs for every reply.
         d = self._command("eval", tasks.TAKE_RESULT, [tasks.task_key(self.prefix, task_id)], [])
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)

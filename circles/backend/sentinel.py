@@ -5,8 +5,6 @@ node it reaches says it is the primary (:class:`PrimaryFactory`, :class:`Primary
 
 from __future__ import annotations
 
-from typing import Optional
-
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, FailureGroup, ensureDeferred, race
 from twisted.internet.endpoints import HostnameEndpoint
@@ -37,7 +35,7 @@ class Sentinels:
         self.clock = reactor
         self.connections = connections
 
-    async def primary(self) -> "tuple[str, int]":
+    async def primary(self) -> tuple[str, int]:
         """``(host, port)`` of the primary, as the first Sentinel to answer names it, provided
         it believes that primary up (not ``s_down``/``o_down``): the client side of Redis's
         Sentinel client guidelines, with the role checked once connected."""
@@ -58,7 +56,7 @@ class Sentinels:
         return primary
 
     @staticmethod
-    async def _named(command: Deferred) -> "tuple[str, int]":
+    async def _named(command: Deferred) -> tuple[str, int]:
         """The primary a Sentinel's answer (``SENTINEL MASTER``) names, if it believes it up; else
         :class:`NoPrimary`. Cancelled once another Sentinel answered first; the command itself never
         is (txredisapi matches replies to commands in order)."""
@@ -93,7 +91,7 @@ class PrimaryFactory(txredisapi.RedisFactory):
     def __init__(self, sentinels: Sentinels, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sentinels = sentinels
-        self.primary: "Optional[tuple[str, int]]" = None  # where the last attempt went
+        self.primary: tuple[str, int] | None = None  # where the last attempt went
 
     def retryDelay(self, attempt: int) -> float:
         # The first retry at once: the primary is asked anew, and a new one is the likely

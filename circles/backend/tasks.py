@@ -28,7 +28,7 @@ the clocks of the hosts do not matter for it.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
@@ -384,7 +384,7 @@ def encode_reply(outcome: Outcome) -> str:
     return json.dumps(reply, separators=(",", ":"))
 
 
-def decode_reply(entry: str) -> "tuple[str, Optional[Outcome]]":
+def decode_reply(entry: str) -> tuple[str, Outcome | None]:
     """``(task_id, outcome)`` from a reply list entry; ``outcome`` is None for a bare task id
     (the reader then takes the result from the task hash)."""
     entry = entry.strip()

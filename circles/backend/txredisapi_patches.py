@@ -27,8 +27,6 @@ What is relied on:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -71,6 +69,8 @@ class CheckedProtocol(txredisapi.RedisProtocol):
     it is still connected: a connection lost meanwhile must not join the pool, where it would
     count as up and swallow commands until each timed out."""
 
+    password: str | None  # RedisProtocol's
+
     async def usable(self) -> bool:
         """Whether this connection may be used (it is authenticated already)."""
         raise NotImplementedError
@@ -103,12 +103,12 @@ class CheckedProtocol(txredisapi.RedisProtocol):
             self.password = password
 
 
-def live_connection(factory: txredisapi.RedisFactory) -> Optional[txredisapi.RedisProtocol]:
+def live_connection(factory: txredisapi.RedisFactory) -> txredisapi.RedisProtocol | None:
     """A connection of ``factory``'s pool that is up, to send on directly; None if none is."""
     return next((connection for connection in factory.pool if connection.connected), None)
 
 
-def drop_connections(factory: Optional[txredisapi.RedisFactory]) -> None:
+def drop_connections(factory: txredisapi.RedisFactory | None) -> None:
     """Close every connection of ``factory``'s pool (None: no factory): each reconnects."""
     for connection in list(factory.pool) if factory is not None else ():
         connection.transport.loseConnection()

@@ -50,7 +50,7 @@ import os
 import signal
 import sys
 from types import ModuleType
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
@@ -60,8 +60,8 @@ import circles
 from circles.client import signing
 from circles.client.connection import ConnectionClosed, RPCError, check_url, connect
 from circles.client.diagnostics import CertificateNotVerified, ConnectFailed
-from circles.common.wire import AUTH_REQUIRED
 from circles.common.tls_client import CAFileError, load_ca_file
+from circles.common.wire import AUTH_REQUIRED
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -78,8 +78,8 @@ KINDS = {EXIT_RPC_ERROR: "rpc", EXIT_USAGE: "usage", EXIT_CONNECTION: "connectio
 
 
 class _Exit(Exception):
-    def __init__(self, status: int, message: str, error: Optional[dict] = None, *, kind: Optional[str] = None,
-                 hint: Optional[str] = None, printed: bool = False) -> None:
+    def __init__(self, status: int, message: str, error: dict | None = None, *, kind: str | None = None,
+                 hint: str | None = None, printed: bool = False) -> None:
         super().__init__(message if hint is None else f"{message}; {hint}")
         self.status = status
         self.error = error if error is not None else {"message": message}  # the JSON-RPC error, else a message
@@ -364,9 +364,9 @@ async def _tasks(reactor: Any, args: argparse.Namespace) -> None:
     from circles.backend import admin
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.redis import connect
+    from circles.backend.redis_options import choose_redis
     from circles.backend.redis_url import InvalidRedisURL
     from circles.common.options import read_dotenv
-    from circles.backend.redis_options import choose_redis
 
     if args.tasks_command == "requeue" and bool(args.task_ids) == bool(args.all):
         raise _Exit(EXIT_USAGE, "give the task ids to requeue, or --all, not both")
@@ -432,7 +432,7 @@ async def _tasks_command(redis: Any, args: argparse.Namespace, admin: ModuleType
                     printed=args.json)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.command == "try":
         from circles import tryout
@@ -469,7 +469,7 @@ def main(argv: Optional[list] = None) -> None:
 
 # -- members: who may play in a circle ---------------------------------------------------------
 
-def _members_args(args: argparse.Namespace) -> "tuple[str, Optional[str]]":
+def _members_args(args: argparse.Namespace) -> tuple[str, str | None]:
     """(circle, key or policy), normalised and checked: mistakes are usage errors."""
     from circles.backend import members
     from circles.common.keys import InvalidKey, normalize_pubkey
@@ -501,9 +501,9 @@ async def _members(reactor: Any, args: argparse.Namespace) -> None:
     from circles.backend.embedded import DEFAULT_STATE_DIR
     from circles.backend.reachability import Reachability
     from circles.backend.redis import connect
+    from circles.backend.redis_options import choose_redis
     from circles.backend.redis_url import InvalidRedisURL
     from circles.common.options import read_dotenv
-    from circles.backend.redis_options import choose_redis
 
     circle, value = _members_args(args)
     if args.redis_prefix is None:
@@ -543,7 +543,7 @@ async def _members(reactor: Any, args: argparse.Namespace) -> None:
 
 
 async def _members_action(redis: Any, members: ModuleType, args: argparse.Namespace, circle: str,
-                          value: Optional[str]) -> None:
+                          value: str | None) -> None:
     prefix = args.redis_prefix
     if args.action == "policy":
         if value is not None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -54,8 +54,8 @@ from circles.client.signing import PrivateKeyLike, private_key, public_key, sign
 from circles.common.jsonrpc import RPCError  # also circles.client.RPCError: the one JSON-RPC error class
 from circles.common.keys import COMPRESSED_HEX_LEN, InvalidKey, normalize_pubkey
 from circles.common.once import Once
-from circles.common.wire import GATEWAY, SUBPROTOCOLS
 from circles.common.tls_client import client_options
+from circles.common.wire import GATEWAY, SUBPROTOCOLS
 
 # Twisted's own Logger, deliberately: the client runs in an application's process, whose observers
 # decide what is kept (--log-level belongs to the server's and the worker's twistd plugins).
@@ -99,7 +99,7 @@ class ConnectionClosed(ConnectionError):
     ``sent``: whether the request went out at all (False: the connection was closing already, so
     the server never saw it); ``code``: the WebSocket close code, when one was received."""
 
-    def __init__(self, message: str, *, sent: bool = True, code: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, sent: bool = True, code: int | None = None) -> None:
         super().__init__(message)
         self.sent = sent
         self.code = code
@@ -107,7 +107,7 @@ class ConnectionClosed(ConnectionError):
 
 # -- TLS ---------------------------------------------------------------------------------------
 
-def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False) -> IOpenSSLClientConnectionCreator:
+def tls_options(host: str, ca: str | None = None, insecure: bool = False) -> IOpenSSLClientConnectionCreator:
     """Client TLS for ``host``: verified against the system trust store, or ``ca`` (PEM file)."""
     if insecure:
         # Development only: any certificate, any host name.
@@ -115,7 +115,7 @@ def tls_options(host: str, ca: Optional[str] = None, insecure: bool = False) -> 
     return client_options(host, ca)
 
 
-def endpoint_for(url: str, reactor: Any, *, ca: Optional[str] = None, insecure: bool = False,
+def endpoint_for(url: str, reactor: Any, *, ca: str | None = None, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> IStreamClientEndpoint:
     """The Twisted client endpoint reaching ``url`` (TLS-wrapped for ``wss://``)."""
     is_secure, host, port, _, _, _ = parse_url(url)
@@ -132,7 +132,7 @@ class _Recorded:
     """TLS options that hand each connection's OpenSSL object to its WebSocket protocol, which
     reads the server's certificates from it should they not verify (to say why)."""
 
-    def __init__(self, options: IOpenSSLClientConnectionCreator, ca: Optional[str]) -> None:
+    def __init__(self, options: IOpenSSLClientConnectionCreator, ca: str | None) -> None:
         self._options = options
         self._ca = ca
 
@@ -153,11 +153,11 @@ class ClientProtocol(WebSocketClientProtocol):
         super().__init__()
         self.opened: Deferred = Deferred()
         self.closed = Once()  # (code, reason)
-        self._pending: "dict[int, tuple[Deferred, str]]" = {}
+        self._pending: dict[int, tuple[Deferred, str]] = {}
         self._ids = itertools.count(1)
-        self._lost: Optional[Failure] = None
-        self.tls: Optional[tuple] = None  # (OpenSSL connection, CA file) over wss://
-        self.url: Optional[str] = None
+        self._lost: Failure | None = None
+        self.tls: tuple | None = None  # (OpenSSL connection, CA file) over wss://
+        self.url: str | None = None
 
     def connectionMade(self) -> None:
         # The URL this connection was made for: a ReconnectingClient's factory moves on to the next.
@@ -206,7 +206,7 @@ class ClientProtocol(WebSocketClientProtocol):
         self._lost = reason  # the TLS or socket error behind an unclean close
         super().connectionLost(reason)
 
-    def _why(self, code: Optional[int], reason: Optional[str]) -> str:
+    def _why(self, code: int | None, reason: str | None) -> str:
         why = f"code {code}" + (f": {reason}" if reason else "")
         if self._lost is not None and not self.opened.called:
             why += f" ({self._lost.getErrorMessage()})"
@@ -216,7 +216,7 @@ class ClientProtocol(WebSocketClientProtocol):
         assert self.url is not None  # set as the connection was made
         return not_opened(self.url, getattr(self, "http_status_line", None) or "", self._lost, self.tls, why)
 
-    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         url = self.url
         why = self._why(code, reason)
         if not self.opened.called:
@@ -247,13 +247,13 @@ class CircleClient:
         self._protocol = protocol
         assert protocol.url is not None  # an open connection's
         self.url: str = protocol.url
-        self.pubkey: Optional[str] = None  # the key this connection authenticated as
+        self.pubkey: str | None = None  # the key this connection authenticated as
 
     def call(self, method: str, params: Any = None) -> Deferred:
         """Any JSON-RPC method; fires with its ``result`` or fails with :class:`RPCError`."""
         return self._protocol.request(method, params)
 
-    def fetch_nonce(self, pubkey: Optional[str] = None) -> Deferred:
+    def fetch_nonce(self, pubkey: str | None = None) -> Deferred:
         """``{nonce, expires_at}``; the nonce is bound to ``pubkey`` when given."""
         return self.call("fetch_nonce", None if pubkey is None else {"pubkey": pubkey})
 
@@ -275,7 +275,7 @@ class CircleClient:
         """``{circle, authenticated, pubkey}``."""
         return self.call("whoami")
 
-    def play(self, script: str, timeout: Optional[float] = None) -> Deferred:
+    def play(self, script: str, timeout: float | None = None) -> Deferred:
         """Run ``script`` on the circle's workers; fires with its output (a string)."""
         params: dict = {"script": script}
         if timeout is not None:
@@ -303,7 +303,7 @@ class CircleClient:
         return d
 
 
-def connect(url: str, *, reactor: Any, ca: Optional[str] = None, insecure: bool = False,
+def connect(url: str, *, reactor: Any, ca: str | None = None, insecure: bool = False,
             timeout: float = DEFAULT_TIMEOUT) -> Deferred:
     """Open ``url`` (``ws://`` or ``wss://host:port/<circle>``); fires with a :class:`CircleClient`.
 

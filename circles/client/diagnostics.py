@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import ssl
-from typing import Optional
 
 from autobahn.websocket.util import parse_url
 from cryptography import x509
@@ -27,7 +26,7 @@ class ConnectFailed(ConnectionError):
     circle), else None.
     """
 
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
@@ -54,7 +53,7 @@ def _names(certificate: x509.Certificate) -> list:
             *(str(a) for a in alternatives.get_values_for_type(x509.IPAddress))]
 
 
-def not_verified(connection: SSL.Connection, ca: Optional[str], host: str, lost: Failure) -> str:
+def not_verified(connection: SSL.Connection, ca: str | None, host: str, lost: Failure) -> str:
     """Why the server's certificate did not verify, in a few words (OpenSSL's reason for a chain
     that does not lead to a trusted root, or the names a certificate for another host carries)."""
     chain = connection.get_peer_cert_chain() or []
@@ -104,7 +103,7 @@ def _other_ca(ca: str, leaf: x509.Certificate) -> str:
             "file's (made by another run or for another server?): give the CA file that signed it")
 
 
-def not_opened(url: str, status_line: str, lost: Optional[Failure], tls: Optional[tuple], why: str) -> ConnectFailed:
+def not_opened(url: str, status_line: str, lost: Failure | None, tls: tuple | None, why: str) -> ConnectFailed:
     """Why the connection to ``url`` did not open, as a user would say it, from what it saw: the
     HTTP ``status_line`` of a refused upgrade, the failure it was ``lost`` with, the ``tls``
     (OpenSSL connection, CA file) it was made with over ``wss://``; else ``why`` (its close code

@@ -9,7 +9,8 @@ fails; its ``play(timeout=...)`` bounds the whole call, waiting for a connection
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.application.internet import ClientService, backoffPolicy
@@ -19,8 +20,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from circles.client.connection import (DEFAULT_TIMEOUT, GOING_AWAY, CircleClient, ClientProtocol, ConnectionClosed,
-                                       check_url, endpoint_for, websocket_factory)
+from circles.client.connection import (
+    DEFAULT_TIMEOUT,
+    GOING_AWAY,
+    CircleClient,
+    ClientProtocol,
+    ConnectionClosed,
+    check_url,
+    endpoint_for,
+    websocket_factory,
+)
 from circles.client.diagnostics import ConnectFailed
 from circles.client.signing import PrivateKeyLike, private_key, public_key
 
@@ -40,7 +49,7 @@ class _Rotating:
     factory's session parameters (URL, Host header, resource) are switched to that server's
     before connecting. ClientService makes one attempt at a time, so no attempt sees another's."""
 
-    def __init__(self, targets: "list[tuple[str, Any]]", factory: WebSocketClientFactory,
+    def __init__(self, targets: list[tuple[str, Any]], factory: WebSocketClientFactory,
                  failed: Callable[[str, Failure], None]) -> None:
         self._targets = targets  # (url, endpoint)
         self._factory = factory
@@ -62,7 +71,7 @@ class _Rotating:
         return failure
 
 
-def check_urls(urls: Union[str, Sequence[str]]) -> "list[str]":
+def check_urls(urls: str | Sequence[str]) -> list[str]:
     """``urls`` (one URL or several servers' URLs) as a list, each checked by :func:`check_url`;
     ValueError if there is none or they do not all name the same circle."""
     urls = [urls] if isinstance(urls, str) else list(urls)
@@ -118,10 +127,10 @@ class ReconnectingClient:
     #: clients in only to send them away).
     SETTLED = 1.0
 
-    def __init__(self, url: Union[str, Sequence[str]], *, reactor: Any, key: Optional[PrivateKeyLike] = None,
-                 scheme: str = "eth", ca: Optional[str] = None, insecure: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT, retry_policy: Optional[Callable[[int], float]] = None) -> None:
-        self.urls: "list[str]" = check_urls(url)
+    def __init__(self, url: str | Sequence[str], *, reactor: Any, key: PrivateKeyLike | None = None,
+                 scheme: str = "eth", ca: str | None = None, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT, retry_policy: Callable[[int], float] | None = None) -> None:
+        self.urls: list[str] = check_urls(url)
         self._reactor = reactor
         self._key = None if key is None else private_key(key)
         self._scheme = scheme
@@ -129,9 +138,9 @@ class ReconnectingClient:
         self._unready = 0  # attempts in a row that gave no live connection
         self._went_away = False  # the last live connection, settled, was closed by its server going away (1001)
         self._live_since = 0.0
-        self._why: "dict[str, str]" = {}  # each URL's last failed attempt, since the last live connection
-        self._live: Optional[ClientProtocol] = None
-        self._waiters: "list[Deferred]" = []  # calls waiting for a live connection
+        self._why: dict[str, str] = {}  # each URL's last failed attempt, since the last live connection
+        self._live: ClientProtocol | None = None
+        self._waiters: list[Deferred] = []  # calls waiting for a live connection
         self._stopped = False
         #: Live connections made so far (open, and authenticated if a key is given).
         self.connections = 0
@@ -154,7 +163,7 @@ class ReconnectingClient:
         ensureDeferred(self._make_live(protocol.opened, protocol.url))
 
     async def _make_live(self, opened: Deferred, url: str) -> None:
-        protocol: Optional[ClientProtocol] = None
+        protocol: ClientProtocol | None = None
         try:
             protocol = await opened
             if self._key is not None:
@@ -180,7 +189,7 @@ class ReconnectingClient:
         self._unready += 1
         self._why[url] = failure.getErrorMessage().removeprefix(f"cannot open {url}: ")
 
-    def _lost(self, protocol: ClientProtocol, code: Optional[int]) -> None:
+    def _lost(self, protocol: ClientProtocol, code: int | None) -> None:
         if self._live is protocol:
             self._live = None
             self._went_away = code == GOING_AWAY and self._reactor.seconds() - self._live_since >= self.SETTLED
@@ -215,7 +224,7 @@ class ReconnectingClient:
             waiter.cancel()
         return self._service.stopService()
 
-    def client(self, timeout: Optional[float] = None) -> Deferred:
+    def client(self, timeout: float | None = None) -> Deferred:
         """Fires with a :class:`CircleClient` on the current live connection, or the next one.
 
         ``timeout``: seconds to wait for one, after which it fails with :class:`NoServerReachable`
@@ -242,7 +251,7 @@ class ReconnectingClient:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
 
-    def _via(self, method: str, *args: Any, rpc: Optional[str] = None, **kwargs: Any) -> Deferred:
+    def _via(self, method: str, *args: Any, rpc: str | None = None, **kwargs: Any) -> Deferred:
         """``method`` of the live connection's :class:`CircleClient`, made again on the next
         connection where that is safe (see the class); ``rpc``: the JSON-RPC method it calls."""
         return ensureDeferred(self._calling(method, rpc or method, args, kwargs))
@@ -262,7 +271,7 @@ class ReconnectingClient:
     def call(self, method: str, params: Any = None) -> Deferred:
         return self._via("call", method, params, rpc=method)
 
-    def fetch_nonce(self, pubkey: Optional[str] = None) -> Deferred:
+    def fetch_nonce(self, pubkey: str | None = None) -> Deferred:
         """``{nonce, expires_at}``; the nonce is bound to ``pubkey`` when given, and to the
         connection it was fetched on (another after a reconnection)."""
         return self._via("fetch_nonce", pubkey)
@@ -270,7 +279,7 @@ class ReconnectingClient:
     def whoami(self) -> Deferred:
         return self._via("whoami")
 
-    def play(self, script: str, timeout: Optional[float] = None) -> Deferred:
+    def play(self, script: str, timeout: float | None = None) -> Deferred:
         """Run ``script``; fires with its output.
 
         ``timeout`` (seconds) bounds the whole call: waiting for a live connection (past it,

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Optional
 
 import coincurve
 from coincurve import ecdsa
 
-from circles.common.signatures import eth_personal_digest
 from circles.common.keys import parse_hex
+from circles.common.signatures import eth_personal_digest
 
 KEY_ENV = "CIRCLES_PRIVATE_KEY"
 SCHEMES = ("eth", "ecdsa")
@@ -110,7 +109,7 @@ def read_key_file(path: str) -> coincurve.PrivateKey:
         raise KeyFileError(f"key file {path}: {e}") from None
 
 
-def load_key(path: Optional[str] = None, environ: Optional[dict] = None) -> Optional[coincurve.PrivateKey]:
+def load_key(path: str | None = None, environ: dict | None = None) -> coincurve.PrivateKey | None:
     """The key from ``path`` if given, else from ``$CIRCLES_PRIVATE_KEY``, else None."""
     if path is not None:
         return read_key_file(path)

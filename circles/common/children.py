@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.interfaces import IProcessTransport, IReactorTime
 from twisted.python.failure import Failure
@@ -70,7 +70,7 @@ os._exit(os.waitstatus_to_exitcode(status))
 
 
 def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: bool = False,
-                           limits: Optional[dict] = None) -> list:
+                           limits: dict | None = None) -> list:
     """``argv`` (``argv[0]`` a path) wrapped so the child is terminated if this process dies
     (Linux; elsewhere only the other options apply, and with none ``argv`` is unchanged).
 

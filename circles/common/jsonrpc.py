@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import attrs
 import orjson
@@ -67,7 +68,7 @@ class RPCError(Exception):
         self.data = data
 
     @classmethod
-    def from_json(cls, error: Any) -> "RPCError":
+    def from_json(cls, error: Any) -> RPCError:
         """The error of a reply's ``error`` member; anything but an object is -32603."""
         if not isinstance(error, dict):
             return cls(INTERNAL_ERROR, f"malformed error object: {error!r}")
@@ -168,7 +169,7 @@ class Methods:
             return handler
         return register
 
-    def get(self, name: str) -> Optional[Method]:
+    def get(self, name: str) -> Method | None:
         return self._methods.get(name)
 
 
@@ -194,7 +195,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def too_deep(text: Union[str, bytes]) -> bool:
+def too_deep(text: str | bytes) -> bool:
     """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot): what
     to ask before json's C decoder sees untrusted text (see :func:`parse`; webhook bodies too)."""
     if isinstance(text, bytes):
@@ -214,7 +215,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
-def parse(payload: Union[str, bytes]) -> JSONValue:
+def parse(payload: str | bytes) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
     if not too_deep(data) and _LONG_DIGITS.search(data) is None:
@@ -253,10 +254,10 @@ class ReplyRoom(Protocol):
     """How much a late reply (one a method gives later) may take when it is ready, for a
     connection that holds back what its peer has not read (:class:`circles.server.session.backlog.Backlog`)."""
 
-    def left(self) -> Optional[int]:
+    def left(self) -> int | None:
         """Bytes the reply may take now; None: no bound but ``max_reply``."""
 
-    def refuse(self, size: int) -> "RPCError":
+    def refuse(self, size: int) -> RPCError:
         """The error answering, instead, a reply of ``size`` bytes that does not fit."""
 
 
@@ -275,20 +276,20 @@ class Dispatcher:
     """
 
     def __init__(self, methods: Methods, max_batch: int, batch_error: RPCError,
-                 observe: Callable[[Optional[str], Any], None] = lambda method, outcome: None,
-                 max_reply: int = 0, too_large: Optional[Callable[[int], RPCError]] = None) -> None:
+                 observe: Callable[[str | None, Any], None] = lambda method, outcome: None,
+                 max_reply: int = 0, too_large: Callable[[int], RPCError] | None = None) -> None:
         self._methods = methods
         self._max_batch = max_batch
         self._batch_error = batch_error
-        self._max_reply: Optional[int] = max_reply or None
+        self._max_reply: int | None = max_reply or None
         self._too_large = too_large or (lambda size: RPCError(INTERNAL_ERROR, "Internal error: reply too large"))
         # observe(method, outcome) once per request: method None for an invalid one,
         # outcome "ok", the error code, or CANCELLED. For metrics.
         self._observe = observe
 
-    def answer(self, payload: Union[str, bytes], context: Any,
-               admit: Optional[Callable[[int], Optional[RPCError]]] = None,
-               room: Optional[ReplyRoom] = None) -> Union[str, None, Deferred]:
+    def answer(self, payload: str | bytes, context: Any,
+               admit: Callable[[int], RPCError | None] | None = None,
+               room: ReplyRoom | None = None) -> str | None | Deferred:
         """The reply text (None when nothing is to be sent), or a Deferred of it when a method
         answers later: most replies are ready at once, and a Deferred per message would be a
         fifth of its cost. Raises (or the Deferred fails with) :class:`ReplyTooLarge` when no
@@ -335,7 +336,7 @@ class Dispatcher:
             return reply.addCallback(self._encode_single, room)
         return self._encode_single(reply)
 
-    def _call(self, request: Any, context: Any) -> Union[dict, None, Deferred]:
+    def _call(self, request: Any, context: Any) -> dict | None | Deferred:
         """The reply object for one request (None for a notification), or a Deferred of it
         when the method answers later. Synchronous methods cost no Deferred at all."""
         if not isinstance(request, dict):
@@ -374,11 +375,11 @@ class Dispatcher:
             return result.addCallbacks(self._succeeded, self._failed, callbackArgs=(name, id_), errbackArgs=(name, id_))
         return self._succeeded(result, name, id_)
 
-    def _succeeded(self, value: Any, name: str, id_: Any) -> Optional[dict]:
+    def _succeeded(self, value: Any, name: str, id_: Any) -> dict | None:
         self._observe(name, "ok")
         return None if id_ is _MISSING else {"jsonrpc": "2.0", "result": value, "id": id_}
 
-    def _failed(self, failure: Failure, name: str, id_: Any) -> Optional[dict]:
+    def _failed(self, failure: Failure, name: str, id_: Any) -> dict | None:
         if isinstance(failure.value, RPCError):
             return self._refused(failure.value, name, id_)
         if failure.check(CancelledError):
@@ -389,7 +390,7 @@ class Dispatcher:
         log.failure("unhandled error in JSON-RPC method {method}", failure, method=name)
         return self._refused(RPCError(INTERNAL_ERROR, "Internal error"), name, id_)
 
-    def _refused(self, error: RPCError, name: str, id_: Any) -> Optional[dict]:
+    def _refused(self, error: RPCError, name: str, id_: Any) -> dict | None:
         """The error reply for a failed method (None for a notification: id_ is _MISSING)."""
         self._observe(name, error.code)
         return None if id_ is _MISSING else error_response(error, id_)
@@ -397,7 +398,7 @@ class Dispatcher:
 
     # --- replies, within the size limit ---
 
-    def _bound(self, room: Optional[ReplyRoom]) -> "tuple[Optional[int], Callable[[int], RPCError]]":
+    def _bound(self, room: ReplyRoom | None) -> tuple[int | None, Callable[[int], RPCError]]:
         """The size a reply must fit in (None: any), and the error that replaces one that does not."""
         left = None if room is None else room.left()
         if left is None or (self._max_reply is not None and left >= self._max_reply):
@@ -406,7 +407,7 @@ class Dispatcher:
         return max(left, 0), room.refuse
 
     @staticmethod
-    def _size(text: str, limit: Optional[int]) -> Optional[int]:
+    def _size(text: str, limit: int | None) -> int | None:
         """None if ``text`` fits in ``limit`` bytes, else its UTF-8 size. Free for all but huge replies."""
         # Up to a quarter of the limit in characters, a reply fits whatever they are (4 UTF-8 bytes at most each).
         if limit is None or len(text) <= limit // 4:
@@ -414,7 +415,7 @@ class Dispatcher:
         size = len(text.encode("utf-8"))
         return size if size > limit else None
 
-    def _encode_single(self, reply: Optional[dict], room: Optional[ReplyRoom] = None) -> Optional[str]:
+    def _encode_single(self, reply: dict | None, room: ReplyRoom | None = None) -> str | None:
         if reply is None:
             return None
         text = encode(reply)
@@ -428,7 +429,7 @@ class Dispatcher:
             raise ReplyTooLarge(size, limit)
         return error
 
-    def _encode_batch(self, replies: list, room: Optional[ReplyRoom] = None) -> Optional[str]:
+    def _encode_batch(self, replies: list, room: ReplyRoom | None = None) -> str | None:
         answered = [r for r in replies if r is not None]
         if not answered:
             return None
@@ -454,7 +455,7 @@ class Dispatcher:
         return "[" + ",".join(parts) + "]"
 
 
-def encode(reply: Union[dict, list]) -> str:
+def encode(reply: dict | list) -> str:
     """Serialise a reply; a result that cannot be serialised becomes -32603 for its request.
 
     What orjson refuses goes through ``json`` with non-ASCII escaped as \\uXXXX: a str may

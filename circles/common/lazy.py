@@ -7,10 +7,10 @@ nothing of the server (Autobahn, Klein, prometheus) until someone asks for it.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 
-def exports(package: str, where: "dict[str, str]") -> "tuple[Callable[[str], object], Callable[[], list]]":
+def exports(package: str, where: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list]]:
     """A package's ``__getattr__`` and ``__dir__`` for ``where``: public name -> module holding it."""
 
     def __getattr__(name: str) -> object:

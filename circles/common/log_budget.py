@@ -10,7 +10,7 @@ summary line at the minute's end, timed by the injected reactor.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import LogLevel
@@ -31,7 +31,7 @@ class LogBudget:
     """
 
     def __init__(self, clock: IReactorTime, subject: str, shown: int, window: float = 60.0, top: int = 5, *,
-                 level: LogLevel = LogLevel.info, peers: str = "addresses", logger: Optional[Logger] = None) -> None:
+                 level: LogLevel = LogLevel.info, peers: str = "addresses", logger: Logger | None = None) -> None:
         self._clock = clock
         self._log = log if logger is None else logger
         self._level = level
@@ -43,9 +43,9 @@ class LogBudget:
         self._logged = 0
         self._by_kind: dict = {}
         self._by_peer: dict = {}
-        self._timer: Optional[IDelayedCall] = None
+        self._timer: IDelayedCall | None = None
 
-    def note(self, peer: Optional[str], kind: str, format: str, **fields: Any) -> None:
+    def note(self, peer: str | None, kind: str, format: str, **fields: Any) -> None:
         """Log ``format`` with ``fields`` while the window's budget lasts, else count it."""
         if self._timer is None:
             self._timer = self._clock.callLater(self._window, self._flush)
@@ -80,7 +80,7 @@ class ConnectionAnomalies:
     """One connection's anomalies: the first ``shown`` logged (through the process-wide
     ``budget``), the rest counted and summed up by :meth:`closed` in one line."""
 
-    def __init__(self, connection_id: Optional[int], peer: Optional[str], budget: LogBudget, shown: int = 3) -> None:
+    def __init__(self, connection_id: int | None, peer: str | None, budget: LogBudget, shown: int = 3) -> None:
         self._conn = connection_id
         self._peer = peer
         self._budget = budget

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 import twisted.logger
 from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsJSON, eventFromJSON
@@ -53,7 +53,7 @@ def enabled(level: LogLevel) -> bool:
 class Logger(twisted.logger.Logger):
     """A ``twisted.logger.Logger`` that skips events below the level set by :func:`set_level`."""
 
-    def emit(self, level: LogLevel, format: Optional[str] = None, **kwargs: Any) -> None:
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
         if _ORDER.get(level, 4) >= _threshold:
             super().emit(level, format, **kwargs)
 
@@ -112,7 +112,7 @@ def json_line(event: dict) -> str:
 def _iso_time(when: Any) -> str:
     if not isinstance(when, (int, float)):
         when = time.time()
-    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="microseconds") \
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat(timespec="microseconds") \
         .replace("+00:00", "Z")
 
 
@@ -151,7 +151,7 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
         return object.__repr__(value)
 
 
-def json_observer(out: Optional[IO[str]] = None) -> FileLogObserver:
+def json_observer(out: IO[str] | None = None) -> FileLogObserver:
     """A log observer writing one flat JSON object per event per line (:func:`json_line`) to
     ``out`` (stdout), for log shippers: ``twistd --logger=circles.common.logs.json_observer -n circles ...``."""
     return FileLogObserver(out if out is not None else sys.stdout, lambda event: _json_line_always(event) + "\n")
@@ -174,7 +174,7 @@ RELAY_LINE_LIMIT = 64 * 1024
 _RELAYED_KEYS = frozenset({"log_level", "log_namespace", "log_time", "log_system"})
 
 
-def relay_observer(out: Optional[IO[str]] = None) -> FileLogObserver:
+def relay_observer(out: IO[str] | None = None) -> FileLogObserver:
     """A log observer writing each event as one line for the first process of ``--processes`` to
     read (:func:`relayed_event`): ``twistd --logger=circles.common.logs.relay_observer``, as it starts the
     others."""
@@ -224,7 +224,7 @@ class _Traceback:
         return self._text
 
 
-def relayed_event(line: str) -> Optional[dict]:
+def relayed_event(line: str) -> dict | None:
     """The event a line of :func:`relay_line` carries, or None if it is not one (anything else
     a process wrote to its standard output)."""
     try:

@@ -8,7 +8,7 @@ connections drained) had to copy the result into a Deferred of its own, each pla
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 from twisted.internet.defer import AlreadyCalledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
@@ -25,7 +25,7 @@ class Once:
 
     def __init__(self) -> None:
         self._result: Any = _PENDING
-        self._waiters: List[Deferred] = []
+        self._waiters: list[Deferred] = []
 
     @property
     def fired(self) -> bool:

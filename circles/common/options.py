@@ -9,7 +9,7 @@ import os
 import platform
 import re
 import sys
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 from twisted.copyright import version as twisted_version
 from twisted.python import usage
@@ -82,7 +82,7 @@ def one_line_mistakes(options: type, command: str) -> type:
                 if isinstance(handler, usage.CoerceParameter):  # its message does not name the option
                     handler.dispatch = _naming_the_option(name, handler.dispatch)  # type: ignore[method-assign]
 
-        def parseOptions(self, argv: Optional[list[str]] = None) -> None:
+        def parseOptions(self, argv: list[str] | None = None) -> None:
             try:
                 super().parseOptions(argv)
             except usage.UsageError as e:
@@ -122,7 +122,7 @@ class DotenvError(ValueError):
     """A ``.env`` file is unreadable or malformed; the message names the line, never a value."""
 
 
-def parse_dotenv(text: str, name: str = DOTENV) -> "dict[str, str]":
+def parse_dotenv(text: str, name: str = DOTENV) -> dict[str, str]:
     """The variables of a ``.env`` file, strictly: ``NAME=value`` lines (``export`` allowed),
     blank lines and ``#`` comment lines. A value is bare (no spaces, quotes, ``#``, ``$``, `````
     or backslash), or single-quoted and taken literally, or double-quoted without any of those
@@ -150,7 +150,7 @@ def parse_dotenv(text: str, name: str = DOTENV) -> "dict[str, str]":
     return values
 
 
-def read_dotenv(directory: str = ".") -> "tuple[str, dict[str, str]]":
+def read_dotenv(directory: str = ".") -> tuple[str, dict[str, str]]:
     """``(path, variables)`` of the ``.env`` file in ``directory`` (the working directory: never
     a parent's), empty without one. One that cannot be read or parsed ends start-up."""
     path = os.path.join(os.path.abspath(directory), DOTENV)
@@ -167,9 +167,9 @@ def read_dotenv(directory: str = ".") -> "tuple[str, dict[str, str]]":
         raise SystemExit(f"circles: {e}") from None
 
 
-def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, str]] = None,
-                     dotenv: "Optional[tuple[str, Mapping[str, str]]]" = None
-                     ) -> "tuple[Optional[str], Optional[str], tuple[str, ...]]":
+def from_environment(names: tuple[str, ...], environ: Mapping[str, str] | None = None,
+                     dotenv: tuple[str, Mapping[str, str]] | None = None
+                     ) -> tuple[str | None, str | None, tuple[str, ...]]:
     """``(value, source, ignored)``: the value of the first of ``names`` set (non-empty) in the
     environment, else in the ``.env`` file (``dotenv``: :func:`read_dotenv`'s answer; it never
     overrides the environment), where it came from (``$NAME`` or ``NAME in /path/.env``), and
@@ -185,7 +185,7 @@ def from_environment(names: "tuple[str, ...]", environ: Optional[Mapping[str, st
     return None, None, ()
 
 
-def describe_source(what: str, source: str, ignored: "tuple[str, ...]" = ()) -> str:
+def describe_source(what: str, source: str, ignored: tuple[str, ...] = ()) -> str:
     """A start-up log line naming where ``what`` came from (a variable, never its value)."""
     line = f"{what} from {source}"
     if ignored:

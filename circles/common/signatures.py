@@ -18,8 +18,6 @@ accepted, told apart by the signature's length:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import coincurve
 from coincurve import ecdsa
 from Crypto.Hash import keccak
@@ -85,7 +83,7 @@ def verify_ecdsa(message: bytes, raw: bytes, pubkey: str) -> bool:
     return key.verify(ecdsa.cdata_to_der(low_s), message)
 
 
-def signature_matches(message: bytes, signature: str, pubkey: Optional[str]) -> Optional[str]:
+def signature_matches(message: bytes, signature: str, pubkey: str | None) -> str | None:
     """Return the key that signed ``message`` if the signature is valid for it, else None.
 
     ``pubkey`` is the compressed hex key the client claims. It may be None only for the

@@ -9,7 +9,7 @@ is not necessarily the first.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from OpenSSL import crypto
@@ -38,7 +38,7 @@ def load_ca_file(path: str) -> IOpenSSLTrustRoot:
     return trustRootFromCertificates([Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
 
 
-def client_options(host: str, ca: Optional[str] = None) -> IOpenSSLClientConnectionCreator:
+def client_options(host: str, ca: str | None = None) -> IOpenSSLClientConnectionCreator:
     """TLS options for a connection to ``host``: verified against the CA file ``ca`` when given
     (:class:`CAFileError` if it cannot be used), else the platform's trust store."""
     trust_root = None if ca is None else load_ca_file(ca)  # None: optionsForClientTLS's platform trust

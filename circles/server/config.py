@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
@@ -10,8 +10,8 @@ from circles.backend import tasks
 from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.redis_url import parse_redis_url, redact_url
 from circles.common.keys import circle_set
-from circles.server.access.limits import check_origin_pattern
 from circles.common.wire import APIS, DEFAULT_API
+from circles.server.access.limits import check_origin_pattern
 from circles.server.providers.secrets import WebhookSecrets
 
 #: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
@@ -37,11 +37,11 @@ class Config:
     # server's result shapes and error codes, "hero" its later generation's.
     api: str = attrs.field(default=DEFAULT_API, validator=attrs.validators.in_(APIS))
     listen: tuple = ()  # Twisted endpoint strings; when given, port/interface/tls are unused
-    port: Optional[int] = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
+    port: int | None = None  # None: DEFAULT_TLS_PORT with TLS, else DEFAULT_PLAIN_PORT
     interface: str = ""
     reuse_port: bool = False  # SO_REUSEPORT on port/interface: several processes share the port
     tls: Any = None  # an OpenSSL context factory, e.g. from circles.server.tls.load(); None: plain
-    tls_ciphers: Optional[str] = None  # TLS 1.2 cipher string for ``ssl:`` listen strings; None: tls.DEFAULT_CIPHERS
+    tls_ciphers: str | None = None  # TLS 1.2 cipher string for ``ssl:`` listen strings; None: tls.DEFAULT_CIPHERS
     nonce_ttl: float = 300.0
     max_nonces_per_session: int = 16
     # Live nonces from GET /auth/nonce that this server process issued (they are kept in Redis,
@@ -63,7 +63,7 @@ class Config:
     # anything is written to Redis.
     max_script_size: int = DEFAULT_MAX_SCRIPT_SIZE
     rate_limit: float = 200.0  # JSON-RPC requests per second per connection; 0: no limit
-    rate_burst: Optional[float] = None  # requests saved up; default twice the rate
+    rate_burst: float | None = None  # requests saved up; default twice the rate
     max_connections: int = 10_000  # open WebSocket connections (counted from the handshake); 0: no limit
     max_connections_per_ip: int = 0  # from one address; 0: no limit (a reverse proxy is one address)
     # Connections from one address still sending their request head (accepted, not yet routed);
@@ -76,7 +76,7 @@ class Config:
     ping_timeout: float = 10.0
     # browser Origin patterns accepted at the handshake (circles.server.access.limits.ORIGIN_RULE says how they match)
     allowed_origins: tuple = attrs.field(default=("*",))
-    metrics_listen: Optional[str] = None  # endpoint for /metrics alone; None: on the main port
+    metrics_listen: str | None = None  # endpoint for /metrics alone; None: on the main port
     # Seconds the port keeps accepting after a stop (SIGTERM) while /ready answers 503, so that a
     # load balancer polling /ready stops sending traffic here before the port closes: 5 covers one
     # checking every 2 s that marks a server down after 2 failed checks (HAProxy's "inter 2s fall 2"),
@@ -85,27 +85,27 @@ class Config:
     shutdown_grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     script_timeout: float = 30.0  # seconds; a play's ``timeout`` may lower it, never raise it
     # Where Redis is (redis://, rediss://, unix://, redis+sentinel://); None: start a private redis-server.
-    redis_url: Optional[str] = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
+    redis_url: str | None = attrs.field(default=None, repr=lambda url: repr(redact_url(url)))
     redis_prefix: str = tasks.DEFAULT_PREFIX  # prepended to every Redis key
     # The private Redis's directory (its socket is state_dir/redis.sock); None: a temporary one.
-    state_dir: Optional[str] = None
+    state_dir: str | None = None
     redis_persist: bool = False  # the private Redis keeps its data (append-only file in state_dir)
     # The private Redis's maxmemory in bytes (0: none); None: derived from the limits here
     # (private_redis_maxmemory). A --redis-url's Redis is sized by its operator.
-    redis_maxmemory: Optional[int] = None
+    redis_maxmemory: int | None = None
     playground: bool = False  # serve the browser playground at /playground/
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # largest HTTP request body, bytes, on every route
     # Webhooks (docs/webhooks.md). A provider without secrets is off (its endpoint answers 404).
     stripe_secrets: WebhookSecrets = WebhookSecrets()  # repr shows counts only
     idenfy_secrets: WebhookSecrets = WebhookSecrets()
-    stripe_script: Optional[str] = None  # script text queued per Stripe event; None: webhooks.STRIPE_SCRIPT
-    idenfy_script: Optional[str] = None  # per iDenfy callback; None: webhooks.IDENFY_SCRIPT
+    stripe_script: str | None = None  # script text queued per Stripe event; None: webhooks.STRIPE_SCRIPT
+    idenfy_script: str | None = None  # per iDenfy callback; None: webhooks.IDENFY_SCRIPT
     webhook_tolerance: float = 300.0  # seconds a Stripe signature's timestamp may be from now
     webhook_deadline: float = 86400.0  # seconds a queued event may wait for a worker
     webhook_dedupe_ttl: int = 3 * 86400  # seconds a delivered event is remembered (Stripe retries for 3 days)
     # Replicas that must hold an event's task before it is answered 200 (Redis WAIT); None: 1
     # with a redis+sentinel:// URL (a failover must not lose it), else 0 (as one Redis always did).
-    webhook_replicas: Optional[int] = None
+    webhook_replicas: int | None = None
     webhook_replica_timeout: float = 1.0  # seconds to wait for them, past which 503 (the provider retries)
     # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
     # dead-lettered after: docs/worker-protocol.md).
@@ -119,7 +119,7 @@ class Config:
             check_origin_pattern(pattern)  # a ValueError saying what is wrong with it
 
     @redis_url.validator
-    def _check_redis_url(self, attribute: attrs.Attribute, value: Optional[str]) -> None:
+    def _check_redis_url(self, attribute: attrs.Attribute, value: str | None) -> None:
         if value is not None:
             parse_redis_url(value)  # InvalidRedisURL is a ValueError
 
@@ -129,7 +129,7 @@ class Config:
             return self.webhook_replicas
         return 1 if self.redis_url is not None and parse_redis_url(self.redis_url).sentinels else 0
 
-    def private_redis_maxmemory(self, processes: int = 1, physical: Optional[int] = None) -> int:
+    def private_redis_maxmemory(self, processes: int = 1, physical: int | None = None) -> int:
         """The private Redis's ``maxmemory``: :attr:`redis_maxmemory`, else derived from this
         configuration's limits for ``processes`` server processes sharing it
         (:func:`circles.backend.embedded.derived_maxmemory`; ``physical``: the machine's memory,

@@ -13,13 +13,13 @@ reads what it needs from here; nothing here calls up into it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 
+from circles.backend.scripts import IScriptRunner
 from circles.common.log_budget import LogBudget
 from circles.server.access.nonces import INonceStore, NonceStore
-from circles.backend.scripts import IScriptRunner
 from circles.server.config import Config
 from circles.server.metrics import Metrics
 
@@ -35,7 +35,7 @@ class Gateway:
         self.clock = clock
         self.scripts = scripts
         #: Who may play in each circle (circles.backend.members.Membership); None: anyone (no Redis).
-        self.members: Optional[Membership] = None
+        self.members: Membership | None = None
         #: Shutting down: no new play is queued (answered -32004 at once), so that a connection
         #: whose client keeps sending is drained once the plays in flight are answered.
         self.draining = False
@@ -58,7 +58,7 @@ class Gateway:
         # Refused webhook deliveries and request bodies over the limit (413).
         self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
 
-    def unready_reason(self) -> Optional[str]:
+    def unready_reason(self) -> str | None:
         """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or
         the script backend unavailable (Redis unreachable, or refusing writes at its maxmemory).
 

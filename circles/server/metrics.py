@@ -12,14 +12,13 @@ says which processes answered.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
-
 
 #: Method labels are the API's methods; anything else is counted as one of these two.
 UNKNOWN_METHOD = "unknown"
@@ -62,14 +61,14 @@ class Metrics:
         self.tcp_connections = Gauge("circles_tcp_connections_open",
                                      "Accepted TCP connections not yet closed (WebSockets, HTTP, pending)",
                                      registry=self.registry)
-        self._refusals: "dict[str, Callable[[], int]]" = {}
+        self._refusals: dict[str, Callable[[], int]] = {}
         self.registry.register(_Refusals(self._refusals))
         self._workers = _Workers()
         self.registry.register(self._workers)
         self._open_connections: Callable[[], int] = lambda: 0
         #: The whole server's exposition (bytes) when this process is one of ``--processes``
         #: (set by :func:`circles.server.processes.siblings.join`); None: this process's is the server's.
-        self.whole: Optional[Callable[[], Deferred]] = None
+        self.whole: Callable[[], Deferred] | None = None
 
     def request(self, method, outcome) -> None:
         """Count one JSON-RPC request; ``method`` is None for one that was not a valid request,
@@ -102,12 +101,12 @@ class Metrics:
         self.tasks_in_flight.set_function(tasks_in_flight)
         self._redis_connects = connects
 
-    def watch_workers(self, circle_stats: "Callable[[], dict]", dead_letters: "Callable[[], Optional[int]]") -> None:
+    def watch_workers(self, circle_stats: Callable[[], dict], dead_letters: Callable[[], int | None]) -> None:
         """Report the served circles' live workers and queue lengths (``{circle: (workers,
         queue)}``, as the script runner last read them from Redis) and the dead letters."""
         self._workers.circle_stats, self._workers.dead_letters = circle_stats, dead_letters
 
-    def watch_accepts(self, tcp_open: Callable[[], int], refused: "dict[str, Callable[[], int]]") -> None:
+    def watch_accepts(self, tcp_open: Callable[[], int], refused: dict[str, Callable[[], int]]) -> None:
         """Read the accepted connections, and the refusals by reason, when scraped."""
         self.tcp_connections.set_function(tcp_open)
         self._refusals.update(refused)
@@ -116,12 +115,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def merge(expositions: "dict[int, Optional[bytes]]") -> bytes:
+def merge(expositions: dict[int, bytes | None]) -> bytes:
     """The whole server's exposition from each process's (by process number; None: it did not
     answer): every sample summed over the processes, except :data:`PER_PROCESS` (labelled
     ``process``), :data:`SHARED` (one process's) and the ``_created`` times (the earliest); with
     ``circles_process_up{process}``, 1 for each that answered, 0 for the others."""
-    families: "dict[str, tuple[Metric, dict]]" = {}
+    families: dict[str, tuple[Metric, dict]] = {}
     for number in sorted(expositions):
         text = expositions[number]
         if text is None:
@@ -176,7 +175,7 @@ class _ProcessSeries:
                                     value=resident)
 
 
-def _resident_bytes() -> Optional[int]:
+def _resident_bytes() -> int | None:
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -202,8 +201,8 @@ class _Workers:
     ``circles_dead_letters``. Nothing until the first read."""
 
     def __init__(self) -> None:
-        self.circle_stats: "Callable[[], dict]" = dict
-        self.dead_letters: "Callable[[], Optional[int]]" = lambda: None
+        self.circle_stats: Callable[[], dict] = dict
+        self.dead_letters: Callable[[], int | None] = lambda: None
 
     def collect(self):
         stats = self.circle_stats()
@@ -224,7 +223,7 @@ class _Workers:
 class _Refusals:
     """``circles_connections_refused_total{reason}``: connections closed as soon as accepted."""
 
-    def __init__(self, counts: "dict[str, Callable[[], int]]") -> None:
+    def __init__(self, counts: dict[str, Callable[[], int]]) -> None:
         self._counts = counts
 
     def collect(self):

@@ -23,8 +23,6 @@ one-line message for the operator.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -79,7 +77,7 @@ def tls12_ciphers(cipher_string: str) -> list:
 
 
 def server_options(private_key: crypto.PKey, certificate: crypto.X509, chain: tuple = (),
-                   ciphers: Optional[str] = None, dh_parameters=None) -> CertificateOptions:
+                   ciphers: str | None = None, dh_parameters=None) -> CertificateOptions:
     """Twisted server options for a key and certificate with the policy above.
 
     ``ciphers`` is an OpenSSL cipher string for TLS 1.2 (default :data:`DEFAULT_CIPHERS`).
@@ -113,8 +111,8 @@ def _select_alpn(connection: SSL.Connection, offered: list) -> bytes:
     raise NoApplicationProtocol([("SSL routines", "tls_handle_alpn", "no application protocol")])
 
 
-def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] = None, *,
-         extra_chain: Optional[str] = None, dh_parameters: Optional[str] = None) -> CertificateOptions:
+def load(cert_path: str, key_path: str | None = None, ciphers: str | None = None, *,
+         extra_chain: str | None = None, dh_parameters: str | None = None) -> CertificateOptions:
     """Build server TLS options from a PEM certificate (chain) and a PEM private key.
 
     ``key_path`` may be None when the key is in the certificate file. Certificates after the
@@ -150,7 +148,7 @@ def load(cert_path: str, key_path: Optional[str] = None, ciphers: Optional[str] 
                           tuple(crypto.X509.from_cryptography(c) for c in chain[1:]), ciphers, dh)
 
 
-def endpoint_parameters(description: str) -> "tuple[list[str], dict[str, str]]":
+def endpoint_parameters(description: str) -> tuple[list[str], dict[str, str]]:
     """The positional and named parameters of a Twisted endpoint string, read as
     ``serverFromString`` reads them: separated by ``:``, the first ``=`` of one making it
     ``name=value``, a backslash quoting the next character."""
@@ -173,7 +171,7 @@ def endpoint_parameters(description: str) -> "tuple[list[str], dict[str, str]]":
     return args, kwargs
 
 
-def ssl_endpoint(reactor, description: str, ciphers: Optional[str] = None) -> Optional[SSL4ServerEndpoint]:
+def ssl_endpoint(reactor, description: str, ciphers: str | None = None) -> SSL4ServerEndpoint | None:
     """The endpoint of an ``ssl:`` endpoint string with our policy (ALPN, versions, ``ciphers``)
     instead of Twisted's defaults, which accept static RSA and CBC; None for another kind of
     endpoint. Its parameters are Twisted's (``ssl:PORT:privateKey=KEY:certKey=CERT``, with

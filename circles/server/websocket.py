@@ -26,7 +26,6 @@ changes any of it fails there first):
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import txaio
 from autobahn.twisted.util import create_transport_details
@@ -103,7 +102,7 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         self._dataReceived(data)
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
             super().sendData(data, sync, chopsize)  # never asked for here: Autobahn's send queue
             return
@@ -167,7 +166,7 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         self.drop(abort=False)
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders=None,
-                              detail: Optional[str] = None) -> None:
+                              detail: str | None = None) -> None:
         """Autobahn's, with a body: ``{"error": detail or reason}``, as the HTTP routes' errors
         answer (Autobahn sends the status line and headers alone: a browser or curl showed nothing)."""
         body = json.dumps({"error": detail or reason}, separators=(",", ":")).encode("utf-8")

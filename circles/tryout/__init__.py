@@ -39,8 +39,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from circles.common.children import dies_with_this_process, terminate
 from circles.client import signing
+from circles.common.children import dies_with_this_process, terminate
 from circles.common.once import Once
 
 DEFAULT_PORT = 8443
@@ -95,7 +95,7 @@ def _certificate_fresh(path: str) -> bool:
             cert = x509.load_pem_x509_certificate(f.read())
     except (OSError, ValueError):
         return False
-    return cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=1)
+    return cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=1)
 
 
 def _kept(path: str, text) -> str:
@@ -318,7 +318,7 @@ async def _run(reactor, args) -> None:
     _say(f"              (secrets and handlers in {_shown(os.path.dirname(paths['stripe_script']))}: docs/webhooks.md, \"On the try-out\")")
     _say(f"  logs        {_shown(logs)}/server.log, {_shown(logs)}/worker.log (the previous run's: *.log.1)")
     _say(f"  operate     {_shown(_bin('circles'))} tasks stats --state-dir {_shown(run_dir)}")
-    _say(f"              (workers and queues; `circles tasks` and `circles members` reach this Redis with that --state-dir)")
+    _say("              (workers and queues; `circles tasks` and `circles members` reach this Redis with that --state-dir)")
     _say()
     _say("Paste this in another terminal:")
     _say()

@@ -20,7 +20,7 @@ import ipaddress
 import os
 import secrets
 import socket
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,10 +48,10 @@ def _subject_names(hosts: Iterable[str]) -> list:
     return names
 
 
-def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: Optional[datetime.datetime] = None) -> dict:
+def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: datetime.datetime | None = None) -> dict:
     """Write ca.pem, cert.pem and key.pem into ``directory``; return their paths by name."""
     hosts = list(hosts)
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_common_name(now))])
     ca_cert = (
@@ -90,7 +90,7 @@ def make(directory: str, hosts: Iterable[str] = DEFAULT_HOSTS, now: Optional[dat
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Make a development TLS certificate for circles.")
     parser.add_argument("directory", help="where to write ca.pem, cert.pem and key.pem")
     parser.add_argument("--host", action="append", help="DNS name or IP the certificate names (repeatable)")

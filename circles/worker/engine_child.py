@@ -36,7 +36,7 @@ import struct
 import sys
 import tempfile
 import traceback
-from typing import Any, Optional
+from typing import Any
 
 FRAME = struct.Struct(">II")
 MAX_TRACEBACK = 16 * 1024  # characters of an engine's traceback sent for the worker's debug log
@@ -57,7 +57,7 @@ class Reader:
             self.buffer += chunk
         return True
 
-    def frame(self) -> Optional["tuple[dict, bytes]"]:
+    def frame(self) -> tuple[dict, bytes] | None:
         """The next frame, None at end of file."""
         if not self._fill(FRAME.size):
             return None
@@ -82,7 +82,7 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def address_space() -> Optional[int]:
+def address_space() -> int | None:
     """This process's virtual size in bytes (Linux), None where it cannot be read."""
     try:
         with open("/proc/self/statm") as f:
@@ -107,7 +107,7 @@ class Child:
         self.engine = engine
         self.home = home
         self.base_environment = dict(os.environ)  # the worker's allow-list (passed_environment)
-        self.work: Optional[str] = None  # the next script's directory, when the last one left it empty
+        self.work: str | None = None  # the next script's directory, when the last one left it empty
 
     def run(self, header: dict, body: bytes) -> bytes:
         """One script: the reply frame, or :data:`MEMORY` when the address space ran out."""
@@ -156,7 +156,7 @@ class Child:
             return False
 
     @staticmethod
-    def _set_environment(wanted: "dict[str, str]") -> None:
+    def _set_environment(wanted: dict[str, str]) -> None:
         """``os.environ`` made ``wanted``, changing only what differs (what the previous script's
         context set, or an engine changed)."""
         for name in [name for name in os.environ if name not in wanted]:

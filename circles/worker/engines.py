@@ -23,7 +23,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -77,14 +78,14 @@ class OutputTooLarge(EngineError):
     """The output is larger than ``limit`` bytes: ``size`` bytes, or None when the script was
     stopped once over the limit (so its full size is unknown)."""
 
-    def __init__(self, limit: int, size: Optional[int] = None) -> None:
+    def __init__(self, limit: int, size: int | None = None) -> None:
         super().__init__(f"output too large: more than {limit} bytes" if size is None
                          else f"output too large: {size} bytes, the limit is {limit}")
         self.size = size
         self.limit = limit
 
 
-def output_of_lines(lines: "list[str]") -> str:
+def output_of_lines(lines: list[str]) -> str:
     """A play's output from its lines (docs/worker-protocol.md, "A play's output"): what each
     ``print`` printed, then the text of the script's final value when it has one, joined by
     newlines, with none after the last: ``let x = 10; x * 2`` is ``"20"``, ``print("a"); 1`` is
@@ -128,19 +129,19 @@ class ScriptContext:
     circle: str  # CONTEXT_ID
     caller: str  # CALLER_ID, "" when anonymous
     source: str  # "ws", "webhook:stripe", ...
-    deadline: Optional[float] = None  # Unix seconds, as the server wrote it
-    data: Optional[str] = None  # JSON text of the task's data (webhook events), if any
+    deadline: float | None = None  # Unix seconds, as the server wrote it
+    data: str | None = None  # JSON text of the task's data (webhook events), if any
     #: Most UTF-8 bytes of output the worker will pass on; an engine that stops a script once
     #: over it (rather than building it all first) keeps its memory bounded. None: no cap given.
-    max_output: Optional[int] = None
+    max_output: int | None = None
     #: Which run of the task this is: 1, or more when a webhook task is run again because the
     #: worker running it died (at-least-once delivery); the script sees it as CIRCLES_ATTEMPT.
     attempt: int = 1
     #: Most bytes of memory the script's values may take (``--max-script-memory``); an engine
     #: that accounts for what it builds refuses a script past it. None: no bound given.
-    max_memory: Optional[int] = None
+    max_memory: int | None = None
 
-    def environment(self) -> "dict[str, str]":
+    def environment(self) -> dict[str, str]:
         env = {"CONTEXT_ID": self.circle, "CALLER_ID": self.caller,
                "CIRCLES_SOURCE": self.source, "CIRCLES_TASK_ID": self.task_id,
                "CIRCLES_ATTEMPT": str(self.attempt)}
@@ -152,7 +153,7 @@ class ScriptContext:
 Engine = Callable[[str, ScriptContext], Any]
 
 
-def passed_environment(names: "tuple[str, ...] | list[str]" = ()) -> "dict[str, str]":
+def passed_environment(names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
     """What a script may see of the worker's environment: ``PATH`` (the system's default when the
     worker has none), ``LANG``, ``LC_*``, ``TZ`` and the variables ``names`` (``--exec-env``);
     nothing else, since the worker's own may hold its Redis password, webhook secrets or cloud
@@ -164,7 +165,7 @@ def passed_environment(names: "tuple[str, ...] | list[str]" = ()) -> "dict[str, 
 
 
 def script_environment(context: ScriptContext, home: str,
-                       names: "tuple[str, ...] | list[str]" = ()) -> "dict[str, str]":
+                       names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
     """The whole environment of one script: :func:`passed_environment`, ``HOME`` and ``TMPDIR``
     set to ``home`` (the script's own fresh directory), then the context's variables
     (:meth:`ScriptContext.environment`), which no worker variable can replace."""
@@ -174,7 +175,7 @@ def script_environment(context: ScriptContext, home: str,
     return env
 
 
-def with_max_memory(engine: Engine, max_memory: Optional[int]) -> Engine:
+def with_max_memory(engine: Engine, max_memory: int | None) -> Engine:
     """``engine`` called with ``context.max_memory`` set to ``max_memory`` when the worker gave
     none: how ``--max-script-memory`` reaches an in-process engine that accounts for what its
     scripts build (``--isolation none``)."""
@@ -238,7 +239,7 @@ class _Run(ProcessProtocol):
         self.cleanup = cleanup  # removes the script's directory, once nothing of it runs
         self.stdout = bytearray()
         self.stderr = bytearray()
-        self.group: Optional[int] = None
+        self.group: int | None = None
 
     def connectionMade(self) -> None:
         self.group = self.transport.pid  # the supervisor makes it the group's id before the script runs
@@ -322,8 +323,8 @@ class ExecEngine:
     command runs, separately (limits are per process, inherited); None: no limit."""
 
     def __init__(self, command: str, *, reactor: Any, max_output: int = DEFAULT_MAX_OUTPUT, prelude: str = "none",
-                 env_names: "tuple[str, ...] | list[str]" = (), max_memory: Optional[int] = None,
-                 cpu_seconds: Optional[float] = None) -> None:
+                 env_names: tuple[str, ...] | list[str] = (), max_memory: int | None = None,
+                 cpu_seconds: float | None = None) -> None:
         argv = shlex.split(command)
         if not argv:
             raise ValueError("empty command")

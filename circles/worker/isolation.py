@@ -32,7 +32,7 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -45,8 +45,15 @@ from circles.common.children import dies_with_this_process, how_it_ended
 from circles.common.logs import Logger
 from circles.common.once import Once
 from circles.worker.engine_child import FRAME, encode_frame
-from circles.worker.engines import (DEFAULT_MAX_MEMORY, DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge,
-                                    ScriptContext, ScriptTimedOut, passed_environment)
+from circles.worker.engines import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_OUTPUT,
+    EngineError,
+    OutputTooLarge,
+    ScriptContext,
+    ScriptTimedOut,
+    passed_environment,
+)
 
 log = Logger()
 
@@ -68,7 +75,7 @@ def _text(body: bytes) -> str:
         return body.decode("utf-8", "replace")
 
 
-def memory_error(limit: Optional[int]) -> EngineError:
+def memory_error(limit: int | None) -> EngineError:
     return EngineError(f"script exceeded its memory limit ({limit} bytes)" if limit
                        else "script exceeded its memory limit")
 
@@ -81,20 +88,20 @@ class _Job:
     frame: bytes
     done: Deferred
     limit: int  # the output cap of this script
-    child: Optional["_Child"] = None
+    child: _Child | None = None
 
 
 class _Child(ProcessProtocol):
     """One child process, from the pool's side: frames in and out, and how it ended."""
     transport: IProcessTransport  # set before any callback
 
-    def __init__(self, pool: "IsolatedEngine", home: str) -> None:
+    def __init__(self, pool: IsolatedEngine, home: str) -> None:
         self.pool = pool
         self.home = home  # private directory: its working directory, HOME, TMPDIR
-        self.pid: Optional[int] = None
+        self.pid: int | None = None
         self.ready = False
         self.killed = False  # by us: the deadline, a retirement, a stop
-        self.job: Optional[_Job] = None
+        self.job: _Job | None = None
         self.tasks = 0
         self.ended = Once()
         self._buffer = bytearray()
@@ -176,9 +183,9 @@ class IsolatedEngine:
     children ahead (else they start on first use); :meth:`stop` kills them all.
     """
 
-    def __init__(self, spec: str, *, reactor: Any, size: int = 1, max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
-                 cpu_seconds: Optional[float] = None, max_output: int = DEFAULT_MAX_OUTPUT,
-                 env_names: "tuple[str, ...] | list[str]" = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
+    def __init__(self, spec: str, *, reactor: Any, size: int = 1, max_memory: int | None = DEFAULT_MAX_MEMORY,
+                 cpu_seconds: float | None = None, max_output: int = DEFAULT_MAX_OUTPUT,
+                 env_names: tuple[str, ...] | list[str] = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
         if size < 1:
             raise ValueError("an isolated engine needs at least one process")
         self.spec = spec
@@ -190,14 +197,14 @@ class IsolatedEngine:
         self.env_names = tuple(env_names)
         self.tasks_per_child = tasks_per_child
         self.path = [os.path.abspath(entry or os.curdir) for entry in sys.path]
-        self._children: "set[_Child]" = set()  # alive and ours to use (not killed)
-        self._free: "deque[_Child]" = deque()  # of those, the ones with no script (starting or ready)
-        self._dying: "set[_Child]" = set()  # killed, not reaped yet
-        self._queue: "deque[_Job]" = deque()
+        self._children: set[_Child] = set()  # alive and ours to use (not killed)
+        self._free: deque[_Child] = deque()  # of those, the ones with no script (starting or ready)
+        self._dying: set[_Child] = set()  # killed, not reaped yet
+        self._queue: deque[_Job] = deque()
         self._warm = False  # keep `size` children started (after start())
         self._stopping = False
         self._shutdown_trigger: Any = None
-        self._ready_waiters: "list[Deferred]" = []
+        self._ready_waiters: list[Deferred] = []
 
     # -- the engine ---------------------------------------------------------------------------
 
@@ -225,7 +232,7 @@ class IsolatedEngine:
         self._dispatch()
         return job.done
 
-    def pids(self) -> "list[int]":
+    def pids(self) -> list[int]:
         """The process ids of the children in use (each the leader of its process group)."""
         return sorted(child.pid for child in self._children if child.pid is not None)
 

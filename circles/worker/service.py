@@ -17,7 +17,8 @@ import os
 import secrets
 import socket
 import unicodedata
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
@@ -26,7 +27,6 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from txredisapi import RedisError, ResponseError
 
-from circles.common.log_budget import LogBudget
 from circles.backend import tasks
 from circles.backend.admin import reap
 from circles.backend.reachability import Reachability
@@ -34,9 +34,18 @@ from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
 from circles.backend.txredisapi_patches import drop_connections
 from circles.backend.values import text
+from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger
-from circles.worker.engines import (DEFAULT_MAX_OUTPUT, Engine, EngineError, OutputTooLarge, ScriptContext,
-                                    ScriptTimedOut, output_before_error, output_size)
+from circles.worker.engines import (
+    DEFAULT_MAX_OUTPUT,
+    Engine,
+    EngineError,
+    OutputTooLarge,
+    ScriptContext,
+    ScriptTimedOut,
+    output_before_error,
+    output_size,
+)
 
 log = Logger()
 
@@ -70,7 +79,7 @@ class Worker(Service):
 
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
                  prefix: str = tasks.DEFAULT_PREFIX, concurrency: int = 1, script_timeout: float = 30.0,
-                 task_ttl: int = tasks.TASK_TTL, worker_id: Optional[str] = None,
+                 task_ttl: int = tasks.TASK_TTL, worker_id: str | None = None,
                  max_output: int = DEFAULT_MAX_OUTPUT, private_redis: bool = False,
                  heartbeat: float = tasks.HEARTBEAT_INTERVAL, worker_ttl: float = tasks.WORKER_TTL) -> None:
         if not circles:
@@ -94,18 +103,18 @@ class Worker(Service):
         self._registry = tasks.workers_key(prefix)
         self._presence = [self._registry] + [tasks.circle_workers_key(prefix, c) for c in self.circles]
         self._free = concurrency  # slots free
-        self._slot_waiters: "list[Deferred]" = []
-        self._running: "set[Deferred]" = set()
-        self._blocking: "dict[str, Any]" = {}  # circle -> its txredisapi factory (one BLMOVE connection)
+        self._slot_waiters: list[Deferred] = []
+        self._running: set[Deferred] = set()
+        self._blocking: dict[str, Any] = {}  # circle -> its txredisapi factory (one BLMOVE connection)
         self._commands: Any = None
-        self._loops: "list[Deferred]" = []
-        self._interruptible: "set[Deferred]" = set()  # what the loops wait on that stopping may cancel
+        self._loops: list[Deferred] = []
+        self._interruptible: set[Deferred] = set()  # what the loops wait on that stopping may cancel
         self._connected = False
-        self._beats: Optional[LoopingCall] = None
+        self._beats: LoopingCall | None = None
         self._beating = False  # a heartbeat (and its reaping) is in flight
         self.registered = False  # a heartbeat was answered (and the worker not found reaped since)
         self._beat_failed = False  # the last heartbeat failed: the next goes out as soon as Redis is back
-        self._registered_waiters: "list[Deferred]" = []
+        self._registered_waiters: list[Deferred] = []
         self.reaped = 0  # dead workers reaped by this one
         self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
                                   logger=log)
@@ -314,7 +323,7 @@ class Worker(Service):
             return
         task = {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}
         try:
-            deadline: Optional[float] = float(task.get("deadline", ""))
+            deadline: float | None = float(task.get("deadline", ""))
         except ValueError:
             deadline = None
         max_output = self.max_output
@@ -372,7 +381,7 @@ class Worker(Service):
                   outcome=(status if int(written) else "expired") + (f" ({reason})" if reason else ""))
 
     async def _eval_patiently(self, what: str, task_id: str, script: str, keys: list,
-                              args: list) -> "tuple[bool, Any]":
+                              args: list) -> tuple[bool, Any]:
         """``(True, result)`` of a Lua step on the task; if Redis is away (a failover, a
         restart), the step is tried again every half second for up to :data:`RECORD_PATIENCE`
         seconds while the worker runs: a task taken from its queue is claimed and run, and the

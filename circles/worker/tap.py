@@ -18,11 +18,11 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.python import usage
 
-from circles.common import logs
+from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.backend.redis_url import InvalidRedisURL
+from circles.common import logs
 from circles.common.keys import circle_set
 from circles.common.options import at_least_zero, positive, print_version, read_dotenv
-from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, Engine, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
 from circles.worker.service import Worker

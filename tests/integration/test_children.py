@@ -48,7 +48,7 @@ child.wait()
 """
 
 
-def start_parent(argv: list, **options) -> "tuple[subprocess.Popen, int]":
+def start_parent(argv: list, **options) -> tuple[subprocess.Popen, int]:
     import json
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(argv), json.dumps(options)],
                               stdout=subprocess.PIPE, text=True)

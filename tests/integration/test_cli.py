@@ -21,8 +21,8 @@ from twisted.copyright import version as twisted_version
 
 import circles as package
 from circles.client.signing import KEY_ENV, public_key, read_key_file
-
 from devtools.twistd import TWISTD
+
 from ..support import ROOT, Key, twistd
 
 CIRCLES = str(Path(sys.executable).with_name("circles"))
@@ -281,7 +281,7 @@ def test_a_certificate_that_does_not_verify_is_said_in_one_line_with_the_way_out
 
 def test_an_expired_certificate_is_said_so(tmp_path):
     ca = trustme.CA()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     expired = ca.issue_cert("localhost", not_before=now - datetime.timedelta(days=2),
                             not_after=now - datetime.timedelta(days=1))
     expired.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "expired.pem"))

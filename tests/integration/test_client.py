@@ -13,16 +13,22 @@ from twisted.internet.defer import DeferredList, gatherResults, maybeDeferred
 from twisted.logger import formatEvent
 
 from circles import CirclesService, Config
-
-from circles.server import tls
 from circles.backend.redis_url import parse_redis_url
-from circles.client import (CertificateNotVerified, ConnectFailed, ConnectionClosed, NoServerReachable,
-                            ReconnectingClient, RPCError, connect)
+from circles.client import (
+    CertificateNotVerified,
+    ConnectFailed,
+    ConnectionClosed,
+    NoServerReachable,
+    ReconnectingClient,
+    RPCError,
+    connect,
+)
 from circles.client.signing import generate, public_key, sign_nonce
+from circles.server import tls
 from circles.worker.service import Worker
 from circles.worker.tiny_engine import run as tiny_engine
-
 from devtools.redis_server import free_port
+
 from ..inmemory import captured_log
 from ..play_client import eventually, sleep
 from ..support import ROOT, Key

@@ -14,15 +14,13 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from circles import CirclesService, Config
-
-from circles.server import tls
 from circles.backend.redis_url import parse_redis_url
+from circles.server import tls
 from circles.worker.service import Worker
 
 from ..play_client import sleep
 from ..support import client_tls
 from ..unit.test_connection_memory import requests
-
 
 # --- end to end: a real server, Redis and worker, and a client socket that stops reading ------------
 
@@ -62,7 +60,8 @@ async def test_a_real_client_that_stops_reading_is_held_to_the_bound(redis_serve
     4 kB): the kernel's send buffer takes a few megabytes, the server held the rest (7.2 MB
     here); now at most twice --max-message-size (plus Twisted's own 64 KiB buffer), and the
     connection is given up and counted."""
-    from .test_play_ws import CIRCLE as SERVED, serving
+    from .test_play_ws import CIRCLE as SERVED
+    from .test_play_ws import serving
 
     limit = 256 * 1024
     service = start(CirclesService(Config(

@@ -17,16 +17,17 @@ from importlib.metadata import requires, version
 
 import pytest
 import pytest_twisted
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
 from circles.backend import txredisapi_patches
-from circles.common import logs
 from circles.backend.redis import connect
 from circles.backend.redis_url import parse_redis_url
+from circles.common import logs
 from circles.server.tls import endpoint_parameters
 
 from ..inmemory import captured_log
@@ -115,9 +116,8 @@ def test_twisted_client_service_logs_its_retries_through_its_log_attribute():
     from twisted.internet.defer import fail
     from twisted.internet.interfaces import IStreamClientEndpoint
     from twisted.internet.protocol import Factory
-    from zope.interface import implementer
-
     from twisted.logger import Logger
+    from zope.interface import implementer
 
     assert isinstance(vars(ClientService)["_log"], Logger)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+
 from devtools.deployment import Schedule, print_report, run
 from devtools.redis_server import REDIS_SERVER
-
 
 # Seconds from the primary's SIGKILL to plays succeeding on every client: the failover (~2.3 s
 # here), the servers finding the new primary (~1.5 s), and one play that may still run into its

@@ -14,6 +14,7 @@ from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.worker.service import Worker
+
 from ..play_client import eventually, new_key, pk, sleep
 
 CIRCLE = pk(new_key())

@@ -131,7 +131,6 @@ async def test_a_webhook_the_stopping_server_cannot_take_is_503_with_retry_after
     from twisted.logger import globalLogPublisher
 
     from circles.server.providers.secrets import WebhookSecrets
-
     from devtools.webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
 
     service, port = await serve(start, redis_server.url, stripe_secrets=WebhookSecrets.of(STRIPE_SECRET))

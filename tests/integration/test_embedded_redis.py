@@ -19,6 +19,7 @@ from circles.backend.embedded import EmbeddedRedis, EmbeddedRedisError
 from circles.backend.redis import connect
 from circles.backend.redis_url import RedisAddress
 from devtools.redis_server import REDIS_SERVER
+
 from ..play_client import eventually, new_key, pk
 from ..support import twistd
 

@@ -64,8 +64,8 @@ def _curl(url: str, ca: str):
 async def test_service_with_the_applications_own_tls_options_serves_alpn_clients(tls_files):
     """An application may bring TLS options of its own (Twisted's CertificateOptions, with no
     ALPN list): the listening factory names http/1.1, so curl and browsers still connect."""
-    from twisted.internet.ssl import CertificateOptions
     from OpenSSL import crypto
+    from twisted.internet.ssl import CertificateOptions
 
     with open(tls_files["key"], "rb") as f:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())

@@ -33,7 +33,6 @@ from devtools.deployment import OUTPUT, SCRIPT, STRIPE_SCRIPT, TINY_WORKER
 from devtools.twistd import Twistd
 from devtools.webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
 
-
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "haproxy.cfg"
 CLIENTS = 6
@@ -49,7 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(text: str, front: int, stats: int, servers: "list[int]") -> str:
+def _config(text: str, front: int, stats: int, servers: list[int]) -> str:
     """The example with this machine's addresses: nothing else is changed."""
     replaced = [("    bind :8080\n", f"    bind 127.0.0.1:{front}\n"),
                 ("    bind 127.0.0.1:8404\n", f"    bind 127.0.0.1:{stats}\n"),
@@ -107,9 +106,9 @@ class _Load:
         self.running = True
         self.plays: Counter = Counter()  # outcome: count
         self.resent = 0  # plays that crossed a 1001 close, sent again
-        self.play_seconds: "list[float]" = []
+        self.play_seconds: list[float] = []
         self.hooks: Counter = Counter()  # status: count
-        self.hook_seconds: "list[float]" = []
+        self.hook_seconds: list[float] = []
         self.clients = [ReconnectingClient(f"ws://127.0.0.1:{front}/{circle}", reactor=reactor, key=generate(),
                                            timeout=10) for _ in range(CLIENTS)]
         self.loops: list = []

@@ -22,6 +22,7 @@ from circles.worker import tap as worker_tap
 from circles.worker.engine_child import FRAME
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext, ScriptTimedOut
 from circles.worker.isolation import IsolatedEngine
+
 from ..play_client import RPCClient, eventually, new_key, pk
 from ..support import alive
 
@@ -410,7 +411,7 @@ async def test_exec_commands_get_the_rlimits(tmp_path, monkeypatch):
         await engine(f"exec {__import__('sys').executable} -c 'x = bytearray(200 * 2**20)'", CONTEXT)
 
 
-def children_of(pid: int) -> "list[int]":
+def children_of(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(child) for child in f.read().split()]
@@ -424,8 +425,9 @@ def test_a_stopped_or_killed_worker_leaves_no_engine_process_behind(tmp_path, ho
     children end with it; stopped, it says nothing went wrong."""
     import time
 
-    from ..support import Key, request, twistd
     from websockets.sync.client import connect
+
+    from ..support import Key, request, twistd
 
     circle = Key()
     with twistd(["-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1"], tmp_path) as server, \

@@ -73,7 +73,8 @@ def test_importing_circles_loads_only_its_front_door():
 def test_the_client_package_exports_load_on_first_use():
     assert "circles.client.connection" not in imported("import circles.client")
     from circles.client import RPCError, connect
-    from circles.client.connection import RPCError as DefinedRPCError, connect as defined_connect
+    from circles.client.connection import RPCError as DefinedRPCError
+    from circles.client.connection import connect as defined_connect
     assert (RPCError, connect) == (DefinedRPCError, defined_connect)
     with pytest.raises(AttributeError):
         import circles.client

@@ -34,7 +34,13 @@ from websockets.sync.client import connect
 from ..play_client import eventually, sleep
 from ..support import Key, request, twistd
 from ..unit.test_limits import (
-    CIRCLE, _open_silent, _request, in_thread, open_ws, serve, whoami,
+    CIRCLE,
+    _open_silent,
+    _request,
+    in_thread,
+    open_ws,
+    serve,
+    whoami,
 )
 
 
@@ -111,7 +117,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 60) -> bool:
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
     return False
 
@@ -184,7 +190,7 @@ def _trickle(port: int, seconds: float) -> bool:
             try:
                 if not sock.recv(4096):
                     return True
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except ConnectionResetError:
                 return True
@@ -226,7 +232,7 @@ async def test_an_open_websocket_outlives_the_handshake_timeout(start):
 # --- 4. idle timeout --------------------------------------------------------------------------------
 
 
-def _close_of(ws) -> "websockets.frames.Close":
+def _close_of(ws) -> websockets.frames.Close:
     with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
         ws.recv(timeout=60)
     return closed.value.rcvd
@@ -275,7 +281,7 @@ def _ignore_pings(sock: socket.socket, timeout: float) -> list:
             opcodes += [opcode for opcode, _ in frames.feed(data)]
     except ConnectionResetError:
         return opcodes + ["eof"]
-    except socket.timeout:
+    except TimeoutError:
         pass
     return opcodes
 

@@ -27,10 +27,9 @@ import pytest_twisted
 import twisted.logger
 
 from circles.common import logs
-
 from devtools.twistd import TWISTD
-from ..support import Key, request, twistd
 
+from ..support import Key, request, twistd
 
 REQUIRED = {"time", "level", "namespace", "message"}
 

@@ -25,6 +25,7 @@ from circles.server.providers.secrets import WebhookSecrets
 from circles.worker.service import Worker
 from devtools.redis_server import REDIS_SERVER, free_port
 from devtools.webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
+
 from ..inmemory import fired, open_session
 from ..play_client import RPCClient, eventually, new_key, pk
 from .test_play_ws import CIRCLE, serve
@@ -221,8 +222,8 @@ async def test_the_check_is_one_read_only_script(redis_server, redis_client):
 
 def test_without_redis_every_circle_is_open():
     """An in-memory script runner (tests, embedding): no policies, anyone plays."""
-    from zope.interface import implementer
     from twisted.internet.defer import succeed
+    from zope.interface import implementer
 
     from circles.backend.scripts import IScriptRunner
 
@@ -258,8 +259,9 @@ async def test_the_earlier_contracts_answer_32009_too(redis_server, start, redis
 
 @pytest_twisted.ensureDeferred
 async def test_authenticate_answers_as_before_and_the_debug_log_says_who_may_play(redis_server, start, redis_client):
-    from circles.common import logs
     from twisted.logger import formatEvent
+
+    from circles.common import logs
 
     from ..inmemory import captured_log
 

@@ -14,7 +14,7 @@ from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker
 
 from ..play_client import RPCClient, eventually, new_key, pk, sleep
-from ..support import Key, twistd, request
+from ..support import Key, request, twistd
 from .test_play_ws import CIRCLE, serve
 
 

@@ -19,13 +19,23 @@ from websockets.sync.client import connect
 from circles import webhooks
 from circles.backend.redis_options import REDIS_URL_ENV
 from circles.server.providers.secrets import STRIPE_ENV
-from devtools.webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
-                                      idenfy_headers, stripe_event, stripe_headers)
+from devtools.webhook_support import (
+    IDENFY_SECRET,
+    STRIPE_SECRET,
+    STRIPE_SECRET_OLD,
+    encode,
+    idenfy_callback,
+    idenfy_headers,
+    stripe_event,
+    stripe_headers,
+)
+
 from ..support import Key, request, run_twistd_to_exit, twistd
+
 SHELL_WORKER = ["--exec", "sh {script_file}"]
 
 
-def _http(port: int, path: str, body: bytes = None, headers: dict = None) -> "tuple[int, bytes]":
+def _http(port: int, path: str, body: bytes = None, headers: dict = None) -> tuple[int, bytes]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers or {},
                                  method="POST" if body is not None else "GET")
     try:

@@ -17,13 +17,14 @@ from circles import CirclesService, Config
 from circles.backend.redis_url import parse_redis_url
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
+
 from ..play_client import RPCClient, eventually, new_key, pk, sleep
 
 CIRCLE_KEY = new_key()
 CIRCLE = pk(CIRCLE_KEY)
 
 
-async def serve(start, redis_url=None, **config) -> "tuple[CirclesService, int]":
+async def serve(start, redis_url=None, **config) -> tuple[CirclesService, int]:
     config.setdefault("circles", [CIRCLE])
     # No load balancer here: a test asking /ready need not wait a drain grace when it stops.
     config.setdefault("drain_grace", 0.0)

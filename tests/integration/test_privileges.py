@@ -81,7 +81,7 @@ def nobody_dir():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _uids(pid: int) -> "set[int]":
+def _uids(pid: int) -> set[int]:
     return set(psutil.Process(pid).uids())
 
 

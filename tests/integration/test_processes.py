@@ -160,7 +160,7 @@ def _wait_serving(server, count: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def _get(port: int, path: str, timeout: float = 10) -> "tuple[int, bytes]":
+def _get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
             return response.status, response.read()
@@ -168,7 +168,7 @@ def _get(port: int, path: str, timeout: float = 10) -> "tuple[int, bytes]":
         return e.code, e.read()
 
 
-def _sample(exposition: bytes, name: str, labels: "dict | None" = None) -> "float | None":
+def _sample(exposition: bytes, name: str, labels: dict | None = None) -> float | None:
     for family in text_string_to_metric_families(exposition.decode()):
         for sample in family.samples:
             if sample.name == name and sample.labels == (labels or {}):

@@ -11,15 +11,16 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles import CirclesService, Config
-from circles.backend.embedded import (EmbeddedRedis)
+from circles.backend.embedded import EmbeddedRedis
 from circles.backend.redis import connect
 from circles.backend.redis_url import parse_redis_url
-from circles.server_tap import memory_size
 from circles.server.providers.secrets import WebhookSecrets
+from circles.server_tap import memory_size
 from circles.worker.service import Worker
 from circles.worker.tiny_engine import MAX_SCRIPT
 from devtools.redis_server import REDIS_SERVER, RedisProcess
 from devtools.webhook_support import STRIPE_SECRET, encode, post, stripe_event, stripe_headers
+
 from ..play_client import RPCClient, eventually
 from .test_play_ws import CIRCLE, serve
 

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 from devtools.redis_server import REDIS_SERVER, ReplicatedRedis, free_port
+
 from ..support import Key, twistd
 
 #: A server on a free port, stopping at once (no load balancer watches its /ready to wait for).

@@ -9,7 +9,9 @@ from circles.backend.redis_url import parse_redis_url
 
 def _tls_redis(tmp_path, hostname):
     import subprocess
+
     import trustme
+
     from devtools.redis_server import REDIS_SERVER, free_port
 
     if REDIS_SERVER is None:
@@ -35,6 +37,7 @@ async def test_rediss_checks_certificate_and_hostname(tmp_path, cert_name, works
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import connectProtocol
     from twisted.internet.protocol import Protocol
+
     from ..play_client import sleep
 
     process, port = _tls_redis(tmp_path, cert_name)
@@ -82,7 +85,9 @@ async def test_rediss_trusts_every_certificate_of_a_ca_bundle(tmp_path):
     """``ssl_ca_certs`` is a bundle: the CA that issued Redis's certificate may be the second."""
     import trustme
     from twisted.internet import reactor
+
     from circles.backend.redis import connect
+
     from ..play_client import eventually
 
     process, port = _tls_redis(tmp_path, "localhost")

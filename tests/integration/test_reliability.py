@@ -31,9 +31,11 @@ from circles.server.providers.secrets import STRIPE_ENV, WebhookSecrets
 from circles.worker.engines import EngineError
 from circles.worker.service import FAILURES_SHOWN, Worker
 from devtools.webhook_support import STRIPE_SECRET, encode, post_sync, stripe_event, stripe_headers
+
 from ..play_client import RPCClient, eventually, new_key, pk
 from ..support import request, twistd
 from ..unit.test_reliability import CIRCLE
+
 FAST = {"heartbeat": 0.2, "worker_ttl": 1.0}  # in-process workers: lost one second after their last heartbeat
 
 
@@ -64,7 +66,7 @@ def pause(worker: Worker) -> None:
     worker._beats.stop()
 
 
-def statuses(redis_client) -> "list[str]":
+def statuses(redis_client) -> list[str]:
     return [redis_client.hgetall(key).get("status") for key in redis_client("KEYS", "circles:task:*")]
 
 
@@ -322,7 +324,7 @@ async def test_failed_scripts_are_logged_within_a_budget_and_escaped(redis_serve
 WORKER_OPTIONS = ["--exec", "sh {script_file}", "--heartbeat", "0.5", "--worker-ttl", "2"]
 
 
-def _lines(path: Path) -> "list[str]":
+def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 

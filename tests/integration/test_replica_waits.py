@@ -21,9 +21,9 @@ from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.replica_acks import MAX_ACK_WAITING
 from circles.backend.scripts import BackendUnavailable
-
 from devtools.redis_server import REDIS_SERVER, RedisProcess
 from devtools.webhook_support import encode, stripe_event
+
 from ..play_client import eventually, sleep
 from .test_dispatch import request
 from .test_webhooks_e2e import Stack
@@ -31,7 +31,7 @@ from .test_webhooks_e2e import Stack
 EVENTS = 16
 
 
-def info(node: RedisProcess, section: str) -> "dict[str, str]":
+def info(node: RedisProcess, section: str) -> dict[str, str]:
     client = node.client()
     try:
         lines = client("INFO", section).splitlines()

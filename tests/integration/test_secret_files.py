@@ -13,9 +13,9 @@ from twisted.python import usage
 from websockets.sync.client import connect
 
 from circles.backend.redis_options import REDIS_URL_ENV, REDIS_URL_FILE_ENV, choose_redis
-
 from devtools.redis_server import RedisProcess
 from devtools.twistd import TWISTD
+
 from ..support import Key, request, twistd
 
 PASSWORD = "s3cret-redis-pw"

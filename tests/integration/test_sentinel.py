@@ -20,8 +20,8 @@ from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.config import Config
 from circles.worker.service import Worker
-
 from devtools.redis_server import RedisProcess, SentinelProcess
+
 from ..play_client import eventually, sleep
 from .test_dispatch import CIRCLE, echo_engine, request
 from .test_ops import _get
@@ -54,7 +54,7 @@ def port_of(factory) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_plays_follow_a_failover_and_none_is_left_waiting(replicated_redis, start):
-    held: "list[Deferred]" = []
+    held: list[Deferred] = []
 
     def engine(script, context):
         if script == "hold":
@@ -205,7 +205,7 @@ def test_how_many_replicas_webhooks_wait_for():
 async def test_a_result_finished_during_a_failover_is_recorded_on_the_new_primary(replicated_redis, start):
     """A webhook event's script that was running when the primary died: nobody waits for its
     result, so the worker records it once the new primary answers instead of dropping it."""
-    held: "list[Deferred]" = []
+    held: list[Deferred] = []
 
     def engine(script, context):
         held.append(Deferred())

@@ -21,13 +21,13 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from websockets.sync.client import connect
 
-from circles.server.access.nonces import NONCE_BYTES, TooManyNonces, TooManyNoncesForOwner
-
-from circles.common.signatures import AuthenticationFailed
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendFull, BackendUnavailable
+from circles.common.signatures import AuthenticationFailed
+from circles.server.access.nonces import NONCE_BYTES, TooManyNonces, TooManyNoncesForOwner
 from circles.server.access.redis_nonces import RedisNonceStore, nonce_key
 from devtools.redis_server import REDIS_SERVER
+
 from ..play_client import eventually
 from ..support import Key, request, twistd
 from .test_play_ws import CIRCLE, serve
@@ -48,7 +48,7 @@ def _whoami(url: str) -> dict:
         return request(ws, "whoami")["result"]
 
 
-def _refused(url: str) -> "tuple[int, str]":
+def _refused(url: str) -> tuple[int, str]:
     try:
         with connect(url, open_timeout=30):
             return 101, ""

@@ -10,6 +10,7 @@ import pytest
 from websockets.sync.client import connect
 
 from devtools.twistd import TWISTD
+
 from ..support import Key, eventually_true, request, twistd
 
 GENERATOR = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"  # a valid key

@@ -19,8 +19,8 @@ from twisted.scripts._twistd_unix import ServerOptions
 
 from circles import server_tap
 from circles.worker import tap as worker_tap
-
 from devtools.twistd import TWISTD
+
 from ..support import ROOT
 
 UNITS = ROOT / "examples" / "systemd"
@@ -32,7 +32,7 @@ def _unit(name: str) -> str:
     return (UNITS / name).read_text()
 
 
-def _exec_start(text: str) -> "list[str]":
+def _exec_start(text: str) -> list[str]:
     line = re.search(r"^ExecStart=(.*?)(?<!\\)$", text.replace("\\\n", " "), re.M).group(1)
     return shlex.split(line)
 

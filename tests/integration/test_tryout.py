@@ -112,7 +112,7 @@ def test_try_out_on_a_state_dir_in_use_says_so_once(tmp_path):
         assert first.proc.poll() is None
 
 
-def _start_try_out(state, env) -> "tuple[subprocess.Popen, list]":
+def _start_try_out(state, env) -> tuple[subprocess.Popen, list]:
     proc = subprocess.Popen([str(ROOT / "scripts" / "try"), "--state-dir", str(state), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list = []

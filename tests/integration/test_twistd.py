@@ -14,6 +14,7 @@ import websockets
 from websockets.sync.client import connect
 
 from devtools.twistd import TWISTD
+
 from ..support import ROOT, Key, authenticate, client_tls, request, run_twistd_to_exit, twistd
 
 

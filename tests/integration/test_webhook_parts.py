@@ -9,6 +9,7 @@ import pytest
 
 from circles import server_tap
 from circles.server.providers.secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecrets
+
 from ..unit.test_webhook_parts import CIRCLE
 
 

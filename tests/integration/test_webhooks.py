@@ -14,12 +14,13 @@ from twisted.internet import reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.threads import deferToThread
 
-from circles.server.gateway import Gateway
-from circles.server.config import Config
 from circles.protocol import CircleFactory
-from circles.service import build_site
+from circles.server.config import Config
+from circles.server.gateway import Gateway
 from circles.server.providers.secrets import WebhookSecrets
+from circles.service import build_site
 from devtools.webhook_support import STRIPE_SECRET
+
 from ..inmemory import session_layer
 from ..unit.test_webhooks import CIRCLE, Recorder, head
 

@@ -25,8 +25,18 @@ from circles.server.providers.secrets import IDENFY_ENV, STRIPE_ENV, WebhookSecr
 from circles.worker.engines import ExecEngine
 from circles.worker.service import Worker
 from devtools.twistd import TWISTD
-from devtools.webhook_support import (IDENFY_SECRET, STRIPE_SECRET, encode, idenfy_callback, idenfy_headers, post,
-                                      post_sync, stripe_event, stripe_headers)
+from devtools.webhook_support import (
+    IDENFY_SECRET,
+    STRIPE_SECRET,
+    encode,
+    idenfy_callback,
+    idenfy_headers,
+    post,
+    post_sync,
+    stripe_event,
+    stripe_headers,
+)
+
 from ..play_client import eventually, new_key, pk
 from ..support import twistd
 
@@ -53,7 +63,7 @@ class Stack:
         self.worker = Worker(parse_redis_url(redis_server.url), [CIRCLE], engine, reactor=reactor, concurrency=8)
         self.port = 0
 
-    async def start(self, worker: bool = True) -> "Stack":
+    async def start(self, worker: bool = True) -> Stack:
         self.service.startService()
         [port] = await self.service.when_listening()
         self.port = port.getHost().port

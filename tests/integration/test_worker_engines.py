@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles.worker.engines import EngineError, ExecEngine, ScriptTimedOut
+
 from ..play_client import eventually, sleep
 from ..unit.test_worker_engines import CONTEXT
 
@@ -170,7 +171,9 @@ def test_a_killed_worker_leaves_no_script_behind(tmp_path):
     the script's process group dies with it instead of running on, orphaned."""
     import json
     import time
+
     from websockets.sync.client import connect
+
     from ..support import Key, twistd
     circle = Key()
     pids = tmp_path / "pids"
@@ -209,7 +212,7 @@ sys.stdout.write("ran")
 """
 
 
-def saving_interpreter(tmp_path) -> "tuple[str, object]":
+def saving_interpreter(tmp_path) -> tuple[str, object]:
     """The --exec command running SAVING_INTERPRETER, and the file it saves the script in."""
     program, saved = tmp_path / "interp.py", tmp_path / "received.rhai"
     program.write_text(SAVING_INTERPRETER)
@@ -279,7 +282,9 @@ def test_rhai_constants_through_a_real_worker(tmp_path):
     task id as constants, before the client's script, on its first line."""
     import json
     import re
+
     from websockets.sync.client import connect
+
     from ..support import Key, authenticate, request, twistd
     circle, user = Key(), Key()
     command, saved = saving_interpreter(tmp_path)
@@ -307,6 +312,7 @@ def test_both_engines_answer_the_output_as_defined(tmp_path):
     tiny engine (--engine) answers `let x = 10; x * 2` with "20", and an --exec interpreter
     printing lines answers them without the final newline."""
     from websockets.sync.client import connect
+
     from ..support import Key, request, twistd
     tiny, shell = Key(), Key()
     with twistd(["-k", tiny.pubkey, "-k", shell.pubkey, "--port", "0", "--interface", "127.0.0.1"],

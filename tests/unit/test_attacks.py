@@ -9,8 +9,8 @@ import json
 
 from twisted.internet.task import Clock
 
-from circles.server.gateway import Gateway
 from circles.server.config import Config
+from circles.server.gateway import Gateway
 
 from ..inmemory import NoScriptBackend, fired, open_session, replied
 from ..play_client import new_key, pk

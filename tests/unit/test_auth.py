@@ -20,9 +20,9 @@ from eth_account.messages import encode_defunct
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.common.signatures import AuthenticationFailed, eth_personal_digest, signature_matches
 from circles.server.access.nonces import NONCE_BYTES, NonceStore, TooManyNonces
-from circles.common.keys import InvalidKey, normalize_pubkey
 
 N = SECP256k1.order
 P = 2**256 - 2**32 - 977  # the field prime

@@ -16,14 +16,14 @@ import websockets
 from twisted.internet import reactor, threads
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher, formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 from websockets.sync.client import connect
 
-from circles.server.gateway import Gateway
-from circles.server.config import Config
-from circles.server.http.nonce_route import client_of
 from circles.protocol import CircleFactory
+from circles.server.config import Config
+from circles.server.gateway import Gateway
+from circles.server.http.nonce_route import client_of
 from circles.service import build_site
 
 from ..inmemory import NoScriptBackend, open_session, session_layer

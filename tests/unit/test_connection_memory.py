@@ -23,8 +23,7 @@ from twisted.python.failure import Failure
 from circles.protocol import CircleFactory
 
 from ..inmemory import session_layer
-from .test_protocol import (CIRCLE, Transport, clock, connect, make_gateway, runner,  # noqa: F401 (fixtures)
-                            txaio_clock)
+from .test_protocol import CIRCLE, Transport, clock, connect, make_gateway, runner, txaio_clock  # noqa: F401 (fixtures)
 
 TEXT, CONTINUATION = 0x1, 0x0
 

@@ -17,14 +17,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
+from circles.protocol import CircleFactory
 from circles.server.config import Config
 from circles.server.gateway import Gateway
 from circles.server.http.responses import json_response
-from circles.service import build_site
-from circles.protocol import CircleFactory
 from circles.server.providers.secrets import WebhookSecrets
-
+from circles.service import build_site
 from devtools.webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers
+
 from ..inmemory import session_layer
 from ..support import Key
 
@@ -56,7 +56,7 @@ class Runner:
         return succeed(Queued("task-1", duplicate=self.outcome == "duplicate"))
 
 
-def exchange(raw: bytes, runner: Runner) -> "tuple[bytes, dict, bytes]":
+def exchange(raw: bytes, runner: Runner) -> tuple[bytes, dict, bytes]:
     """Send one raw HTTP request to a fresh server's Site: (status line, headers, body)."""
     clock = Clock()
     clock.advance(NOW)
@@ -83,17 +83,17 @@ def _unchunked(data: bytes) -> bytes:
         body, data = body + data[:int(size, 16)], data[int(size, 16) + 2:]
 
 
-def get(path: str, runner: Runner = None) -> "tuple[bytes, dict, bytes]":
+def get(path: str, runner: Runner = None) -> tuple[bytes, dict, bytes]:
     return exchange(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(), runner or Runner())
 
 
-def post(path: str, body: bytes, headers: dict, runner: Runner = None) -> "tuple[bytes, dict, bytes]":
+def post(path: str, body: bytes, headers: dict, runner: Runner = None) -> tuple[bytes, dict, bytes]:
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     raw = f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
     return exchange(raw.encode() + body, runner or Runner())
 
 
-def stripe_delivery(runner: Runner) -> "tuple[bytes, dict, bytes]":
+def stripe_delivery(runner: Runner) -> tuple[bytes, dict, bytes]:
     body = encode(stripe_event("evt_1"))
     return post(f"/webhooks/stripe/{CIRCLE}", body, stripe_headers(body, timestamp=NOW), runner)
 

@@ -7,7 +7,6 @@ tests/integration/test_layout.py.
 import ast
 from pathlib import Path
 
-
 # --- the layout as written down, and the rules of the code ---------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +44,7 @@ CALLBACK_CHAINS = {
     ("circles/protocol.py", "onMessage"),
     ("circles/server/session/methods.py", "play"),
     ("circles/backend/commands.py", "command"),
-    ("circles/backend/dispatch.py", "_route"),
+    ("circles/backend/replies.py", "route"),
 }
 _ADD = {"addCallback", "addCallbacks", "addErrback", "addBoth"}
 _SEES_RESULTS = {"addCallback", "addCallbacks", "addBoth"}  # an errback alone only consumes failures
@@ -72,7 +71,7 @@ def _callback_chains(text: str) -> "list[tuple[str, int]]":
     for function in ast.walk(ast.parse(text)):
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        added: "dict[str, int]" = {}
+        added: dict[str, int] = {}
         for node in _own_nodes(function):
             if _adding(node):
                 deferred = node.func.value

@@ -58,7 +58,7 @@ def in_memory(clock=None, **config):
     return clock, open_session(Gateway(Config(**config), clock, NoScriptBackend()), CIRCLE)
 
 
-async def serve(start, **config) -> "tuple[CirclesService, int]":
+async def serve(start, **config) -> tuple[CirclesService, int]:
     """An in-process server on a loopback port, with no script backend (no Redis needed)."""
     config.setdefault("circles", [CIRCLE])
     service = start(CirclesService(Config(listen=(LOOPBACK,), **config), reactor=reactor, scripts=NoScriptBackend()))
@@ -402,7 +402,7 @@ class _QuotesRunner:
         return succeed('"' * int(request.script))
 
 
-def _send_and_receive(ws, message) -> "tuple[object, object]":
+def _send_and_receive(ws, message) -> tuple[object, object]:
     """(the parsed reply, None), or (None, the close frame) when the server closes instead."""
     ws.send(json.dumps(message))
     try:

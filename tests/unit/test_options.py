@@ -11,14 +11,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from circles import server_tap
-
-from circles.server.providers import secrets as webhook_secrets
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import DEFAULT_STATE_DIR
+from circles.backend.redis_options import REDIS_URL_ENV, choose_redis
 from circles.backend.redis_url import InvalidRedisURL, RedisAddress
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
-from circles.backend.redis_options import REDIS_URL_ENV, choose_redis
+from circles.server.providers import secrets as webhook_secrets
 from circles.worker import tap as worker_tap
 from circles.worker.service import Worker
 

@@ -12,11 +12,12 @@ import pytest
 from twisted.internet import reactor
 from twisted.python import usage
 
-from circles.server.http.upgrade import is_circle_upgrade
 from circles.backend.redis_options import ORIGINAL_REDIS_URL_ENV, REDIS_URL_ENV, choose_redis
 from circles.common.options import DotenvError, from_environment, parse_dotenv, read_dotenv
 from circles.protocol import circle_from_path
+from circles.server.http.upgrade import is_circle_upgrade
 from circles.server.providers.secrets import IDENFY_ENV, IDENFY_ENVS, STRIPE_ENV, STRIPE_ENVS
+
 from ..support import Key
 
 ALL_NAMES = (*STRIPE_ENVS, *IDENFY_ENVS, REDIS_URL_ENV, ORIGINAL_REDIS_URL_ENV)

@@ -30,9 +30,6 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from zope.interface import implementer
 
-from circles.server.gateway import Gateway
-from circles.server.config import Config
-from circles.protocol import CircleFactory
 from circles.backend.scripts import (
     SOURCE_WS,
     BackendUnavailable,
@@ -40,6 +37,9 @@ from circles.backend.scripts import (
     ScriptFailed,
     ScriptTimeout,
 )
+from circles.protocol import CircleFactory
+from circles.server.config import Config
+from circles.server.gateway import Gateway
 
 from ..inmemory import NoScriptBackend, captured_log, fired, open_session, replied, session_layer
 from ..support import source_digest

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 
 from circles import Config
-from circles.backend.embedded import MAXMEMORY_BASE, MAXMEMORY_CEILING, MAXMEMORY_FLOOR, TASK_OVERHEAD, WEBHOOK_EVENTS, derived_maxmemory
+from circles.backend.embedded import (
+    MAXMEMORY_BASE,
+    MAXMEMORY_CEILING,
+    MAXMEMORY_FLOOR,
+    TASK_OVERHEAD,
+    WEBHOOK_EVENTS,
+    derived_maxmemory,
+)
 from circles.server.config import DEFAULT_MAX_SCRIPT_SIZE
 from circles.server_tap import Options, memory_size
 from circles.worker.tiny_engine import MAX_SCRIPT

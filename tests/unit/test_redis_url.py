@@ -3,8 +3,8 @@ tests/integration/test_redis_url.py)."""
 
 import pytest
 
-from circles.server.config import Config
 from circles.backend.redis_url import InvalidRedisURL, RedisAddress, parse_redis_url, redact_url
+from circles.server.config import Config
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -63,6 +63,7 @@ def test_config_rejects_bad_url():
 
 def test_a_ca_file_that_cannot_be_used_is_a_clear_error(tmp_path):
     from twisted.internet import reactor
+
     from circles.common.tls_client import CAFileError, load_ca_file
 
     not_pem = tmp_path / "not.pem"

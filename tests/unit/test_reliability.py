@@ -14,6 +14,7 @@ from twisted.internet import reactor
 
 from circles.backend.redis_url import parse_redis_url
 from circles.worker.service import Worker, printable
+
 from ..play_client import new_key, pk
 
 CIRCLE = pk(new_key())

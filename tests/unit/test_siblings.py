@@ -12,13 +12,12 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from circles.common import logs
-
 from circles.server.processes import siblings
 from circles.server.processes.group import MAX_LINE, _Lines
 from circles.server.processes.siblings import ProcessSocket, Siblings, socket_path
 
 
-def _process(directory: str, number: int, count: int, problem=None, exposition=b"") -> "tuple[Siblings, dict]":
+def _process(directory: str, number: int, count: int, problem=None, exposition=b"") -> tuple[Siblings, dict]:
     calls = {"metrics": 0, "ready": 0}
 
     def metrics():

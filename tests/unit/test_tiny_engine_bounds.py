@@ -16,8 +16,16 @@ import tracemalloc
 import pytest
 
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext
-from circles.worker.tiny_engine import (CHARS_PER_STEP, DEFAULT_MAX_MEMORY, ITEMS_PER_STEP, MAX_STEPS, MAX_STRING,
-                                        Stats, evaluator, run)
+from circles.worker.tiny_engine import (
+    CHARS_PER_STEP,
+    DEFAULT_MAX_MEMORY,
+    ITEMS_PER_STEP,
+    MAX_STEPS,
+    MAX_STRING,
+    Stats,
+    evaluator,
+    run,
+)
 
 CONTEXT = ScriptContext(task_id="t", circle="02aa", caller="03bb", source="ws")
 STEPS_ERROR = rf"^line \d+, column \d+: step limit reached: more than {MAX_STEPS} steps \(a loop that never ends\?\)$"

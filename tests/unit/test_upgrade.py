@@ -109,6 +109,7 @@ def test_pending_connections_count_against_the_address_or_its_64():
     from twisted.internet.address import IPv4Address, IPv6Address
     from twisted.internet.protocol import ServerFactory
     from twisted.internet.task import Clock
+
     from circles.server.http.upgrade import UpgradeRouter, _FirstBytes
 
     router = UpgradeRouter(ServerFactory(), ServerFactory(), Clock(), timeout=10, max_pending_per_peer=1)
@@ -129,7 +130,7 @@ def _answer_to(port: int, data: bytes) -> bytes:
         while True:
             try:
                 chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -189,7 +190,7 @@ async def test_pipelined_requests_with_crlf_are_all_answered(port):
     assert statuses == [b"200", b"200", b"200", b"405", b"200"], answer
 
 
-def _whole_answer(port: int, request: bytes) -> "tuple[bytes, dict, bytes]":
+def _whole_answer(port: int, request: bytes) -> tuple[bytes, dict, bytes]:
     """Send ``request``, read until the server closes: (status line, headers, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(request)

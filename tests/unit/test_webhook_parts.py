@@ -16,6 +16,7 @@ from circles.server.providers.events import BadEvent, IdenfyCallback, StripeEven
 from circles.server.providers.secrets import SecretsError, load, parse_file_text
 from circles.server.providers.signatures import BadSignature, verify_idenfy, verify_stripe
 from devtools.webhook_support import STRIPE_SECRET, encode, idenfy_callback, stripe_event
+
 from ..play_client import new_key, pk
 
 CIRCLE = pk(new_key())
@@ -117,7 +118,9 @@ def test_event_json_text_is_stored_not_reencoded():
 
 def test_worker_protocol_doc_has_the_lua_steps_as_run():
     import re
+
     from circles.backend import tasks
+
     from ..support import ROOT
     blocks = [b.strip() for b in re.findall(r"```lua\n(.*?)```", (ROOT / "docs/worker-protocol.md").read_text(), re.S)]
     for name in ("ENQUEUE", "ENQUEUE_ONCE", "HEARTBEAT", "DEREGISTER", "CLAIM", "GIVE_BACK", "FINISH", "EXPIRE",

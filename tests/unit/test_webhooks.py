@@ -20,14 +20,25 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from circles import webhooks
-from circles.server.gateway import Gateway
-from circles.server.config import Config
-from circles.protocol import CircleFactory
 from circles.backend.scripts import SOURCE_IDENFY, SOURCE_STRIPE, BackendUnavailable, IScriptRunner, Queued
-from circles.service import build_site
+from circles.protocol import CircleFactory
+from circles.server.config import Config
+from circles.server.gateway import Gateway
 from circles.server.providers.secrets import WebhookSecrets
-from devtools.webhook_support import (IDENFY_SECRET, STRIPE_SECRET, STRIPE_SECRET_OLD, encode, idenfy_callback,
-                                      idenfy_headers, post, raw_exchange, stripe_event, stripe_headers)
+from circles.service import build_site
+from devtools.webhook_support import (
+    IDENFY_SECRET,
+    STRIPE_SECRET,
+    STRIPE_SECRET_OLD,
+    encode,
+    idenfy_callback,
+    idenfy_headers,
+    post,
+    raw_exchange,
+    stripe_event,
+    stripe_headers,
+)
+
 from ..inmemory import session_layer
 from ..play_client import new_key, pk
 

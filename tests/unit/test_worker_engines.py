@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from circles.worker import tap as worker_tap
 from circles.worker.engines import ExecEngine, ScriptContext, load_engine
+
 from ..play_client import new_key, pk
 
 CONTEXT = ScriptContext(task_id="t-1", circle="02" + "ab" * 32, caller="03" + "cd" * 32, source="ws")

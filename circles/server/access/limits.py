@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -21,7 +20,7 @@ from circles.common.logs import Logger, worth_logging
 log = Logger()
 
 
-def address_key(host: Optional[str]) -> Optional[str]:
+def address_key(host: str | None) -> str | None:
     """Whom per-address limits count a peer against: an IPv4 address as itself, an IPv6 one as
     its /64 (which one host usually holds whole), and an IPv4 client of a dual-stack port
     (``::ffff:203.0.113.7``) as its IPv4 address: taken as IPv6, every IPv4 client was one "/64"
@@ -69,7 +68,7 @@ class ConnectionCount:
         self.by_peer: dict = {}
         self.refused = 0
 
-    def admit(self, peer: str) -> Optional[str]:
+    def admit(self, peer: str) -> str | None:
         """Count a connection from ``peer``; return None, or why it is refused (not counted)."""
         if self.total and self.open >= self.total:
             reason = "too many connections"
@@ -111,7 +110,7 @@ ORIGIN_RULE = (
     "a.b.example.com) but not example.com itself; * is allowed nowhere else")
 
 
-def _split_origin(text: str, pattern: bool) -> "tuple[str, str, Optional[int]]":
+def _split_origin(text: str, pattern: bool) -> tuple[str, str, int | None]:
     """``scheme://host[:port]`` as (scheme, host, port); raises ValueError saying what is wrong.
 
     ``port`` is the scheme's default when the text names none (None if it has no default), or
@@ -188,7 +187,7 @@ class OriginPolicy:
             else:
                 self._exact.add((scheme, host, port))
 
-    def allows(self, origin: Optional[str]) -> bool:
+    def allows(self, origin: str | None) -> bool:
         if not origin or self.any:
             return True
         origin = origin.strip().lower()
@@ -211,7 +210,7 @@ class TokenBucket:
 
     __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")
 
-    def __init__(self, clock: IReactorTime, rate: float, burst: Optional[float] = None) -> None:
+    def __init__(self, clock: IReactorTime, rate: float, burst: float | None = None) -> None:
         self._clock = clock
         self._rate = rate
         self._burst = burst if burst is not None else 2 * rate

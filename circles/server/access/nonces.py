@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import secrets
 from collections import OrderedDict
-from typing import Optional
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -52,7 +51,7 @@ def is_nonce_value(value: str) -> bool:
     return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in value)
 
 
-def proved_by(value: str, bound: Optional[str], pubkey: Optional[str], signature: str) -> str:
+def proved_by(value: str, bound: str | None, pubkey: str | None, signature: str) -> str:
     """The key that proved itself with ``signature`` over the nonce ``value``, or
     :class:`AuthenticationFailed`: the one check of a nonce, whatever the store that held it.
 
@@ -70,7 +69,7 @@ def proved_by(value: str, bound: Optional[str], pubkey: Optional[str], signature
 class INonceStore(Interface):
     """Where nonces are issued and redeemed; both return Deferreds whatever the store."""
 
-    def issue(pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
+    def issue(pubkey: str | None = None, owner: str | None = None) -> Deferred:
         """Fire with a new live :class:`Nonce` for ``pubkey`` (None: for whichever key signs it),
         counted against ``owner``'s share if given; fail with :class:`TooManyNonces` when the
         store or the share is full, or :class:`~circles.backend.scripts.BackendUnavailable` when
@@ -89,9 +88,9 @@ class INonceStore(Interface):
 @attrs.frozen
 class Nonce:
     value: str
-    pubkey: Optional[str]  # compressed hex, or None when issued without one
+    pubkey: str | None  # compressed hex, or None when issued without one
     expires_at: int  # whole Unix seconds, as clients are told; refused from then on
-    owner: Optional[str] = None  # who asked (a client address), when the store counts owners
+    owner: str | None = None  # who asked (a client address), when the store counts owners
 
 
 @implementer(INonceStore)
@@ -115,7 +114,7 @@ class NonceStore:
         self._cap = cap
         self._per_owner = per_owner
         self._live: OrderedDict[str, Nonce] = OrderedDict()
-        self._owned: "dict[str, int]" = {}  # live nonces by owner
+        self._owned: dict[str, int] = {}  # live nonces by owner
 
     def owned_by(self, owner: str) -> int:
         """Live nonces issued to ``owner``."""
@@ -146,14 +145,14 @@ class NonceStore:
                 break
             self._forget(live.popitem(last=False)[1])
 
-    def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
+    def issue(self, pubkey: str | None = None, owner: str | None = None) -> Deferred:
         """:meth:`issue_now`, as a Deferred (:class:`INonceStore`)."""
         try:
             return succeed(self.issue_now(pubkey, owner))
         except TooManyNonces:
             return fail()
 
-    def issue_now(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Nonce:
+    def issue_now(self, pubkey: str | None = None, owner: str | None = None) -> Nonce:
         """A new live nonce for ``pubkey`` (None: for whichever key signs it), counted against
         ``owner``'s share if given; :class:`TooManyNonces` when the store or the share is full."""
         self.sweep()
@@ -168,7 +167,7 @@ class NonceStore:
             self._owned[owner] = self._owned.get(owner, 0) + 1
         return nonce
 
-    def take(self, value: str) -> Optional[Nonce]:
+    def take(self, value: str) -> Nonce | None:
         """Remove and return the live nonce ``value``; None if unknown, used or expired."""
         nonce = self._live.pop(value, None)
         if nonce is None:
@@ -178,7 +177,7 @@ class NonceStore:
             return None
         return nonce
 
-    def redeem(self, pubkey: Optional[str], signature: str, value: Optional[str] = None) -> str:
+    def redeem(self, pubkey: str | None, signature: str, value: str | None = None) -> str:
         """Check ``signature`` over one live nonce, consume it and return the signer's key.
 
         The nonce is ``value`` when the client names it, else the newest one issued for
@@ -201,7 +200,7 @@ class NonceStore:
         self._forget(nonce)
         return signer
 
-    def _newest_for(self, pubkey: Optional[str]) -> Optional[Nonce]:
+    def _newest_for(self, pubkey: str | None) -> Nonce | None:
         unbound = None
         for nonce in reversed(self._live.values()):
             if nonce.pubkey is None:

@@ -36,7 +36,6 @@ A server without Redis (embedded with a script backend of its own) keeps them in
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -44,12 +43,12 @@ from twisted.python.failure import Failure
 from txredisapi import ResponseError
 from zope.interface import implementer
 
-from circles.common.signatures import AuthenticationFailed
-from circles.server.access.nonces import INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value, proved_by
 from circles.backend.commands import TIMEOUT, CommandConnection
 from circles.backend.redis_url import RedisAddress
-from circles.backend.values import text
 from circles.backend.scripts import BackendUnavailable
+from circles.backend.values import text
+from circles.common.signatures import AuthenticationFailed
+from circles.server.access.nonces import INonceStore, Nonce, NonceStore, TooManyNonces, is_nonce_value, proved_by
 
 #: Said in the log when Redis does not know GETDEL.
 _NEEDS = " (taking a nonce needs GETDEL: Redis 6.2 or later)"
@@ -74,7 +73,7 @@ class RedisNonceStore(CommandConnection):
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str, ttl: float, cap: int, per_owner: int = 0,
-                 timeout: float = TIMEOUT, clock: Optional[IReactorTime] = None) -> None:
+                 timeout: float = TIMEOUT, clock: IReactorTime | None = None) -> None:
         super().__init__(address, reactor=reactor, timeout=timeout, doing="issue or take a nonce")
         self.clock: IReactorTime = reactor if clock is None else clock
         self.prefix = prefix
@@ -83,7 +82,7 @@ class RedisNonceStore(CommandConnection):
     def live(self) -> int:
         return len(self.ledger)
 
-    def issue(self, pubkey: Optional[str] = None, owner: Optional[str] = None) -> Deferred:
+    def issue(self, pubkey: str | None = None, owner: str | None = None) -> Deferred:
         try:
             nonce = self.ledger.issue_now(pubkey, owner)
         except TooManyNonces:
@@ -114,7 +113,7 @@ class RedisNonceStore(CommandConnection):
         d.addCallback(lambda bound: proved_by(value, bound, pubkey, signature))
         return d
 
-    def _taken(self, stored, value: str) -> Optional[str] | Failure:
+    def _taken(self, stored, value: str) -> str | None | Failure:
         """Redis's reply to the GETDEL: the key the nonce was issued for (None: any), or why not."""
         if isinstance(stored, Failure):
             return stored

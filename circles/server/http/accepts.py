@@ -23,8 +23,8 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 
-from circles.server.http.eager import EagerServer
 from circles.common.logs import Logger, worth_logging
+from circles.server.http.eager import EagerServer
 
 log = Logger()
 
@@ -45,7 +45,7 @@ class AcceptGate:
         self.refused = 0
 
     @classmethod
-    def below_descriptor_limit(cls, reserve: int) -> "AcceptGate":
+    def below_descriptor_limit(cls, reserve: int) -> AcceptGate:
         """A gate leaving ``reserve`` descriptors of the soft RLIMIT_NOFILE to the rest."""
         nofile = descriptor_limit()
         if not nofile:

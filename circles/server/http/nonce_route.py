@@ -16,26 +16,25 @@ which one host usually holds whole): 429 past either, so one client cannot lock 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from circles.server.access.nonces import Nonce, TooManyNonces, TooManyNoncesForOwner
 from circles.backend.scripts import BackendFull, BackendUnavailable
+from circles.common.keys import InvalidKey, normalize_pubkey
+from circles.common.logs import Logger
+from circles.server.access.limits import address_key
+from circles.server.access.nonces import Nonce, TooManyNonces, TooManyNoncesForOwner
 from circles.server.gateway import Gateway
 from circles.server.http.responses import json_response
-from circles.common.keys import InvalidKey, normalize_pubkey
-from circles.server.access.limits import address_key
-from circles.common.logs import Logger
 
 log = Logger()
 #: Seconds a client refused a nonce because Redis cannot store it (503) is told to wait.
 RETRY_UNAVAILABLE = 5
 
 
-def client_of(request) -> Optional[str]:
+def client_of(request) -> str | None:
     """Whom a request's nonces count against: its peer address, an IPv6 one as its /64
     (:func:`~circles.server.access.limits.address_key`)."""
     return address_key(getattr(request.getClientAddress(), "host", None))
@@ -70,7 +69,7 @@ class AuthRoutes:
     def _issued(self, issued: Nonce, request) -> bytes:
         return _answer(request, 200, {"nonce": issued.value, "expires_at": issued.expires_at})
 
-    def _refused(self, failure: Failure, request) -> Optional[bytes]:
+    def _refused(self, failure: Failure, request) -> bytes | None:
         if failure.check(TooManyNonces):
             request.setHeader(b"retry-after", str(math.ceil(self.gateway.config.nonce_ttl)).encode())
             whose = " from this address" if failure.check(TooManyNoncesForOwner) else ""

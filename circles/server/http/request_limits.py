@@ -33,7 +33,7 @@ any of it fails there first). Twisted offers no public way to do any of this:
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -128,7 +128,7 @@ class RequestDeadlineChannel(HTTPChannel):
 
     _deadline = None
     _timed_out = False
-    _held: Optional[bytes] = None  # pipelined bytes waiting for the transport to drain
+    _held: bytes | None = None  # pipelined bytes waiting for the transport to drain
     #: Seconds a timed-out client gets to answer our TLS close_notify before the connection is
     #: aborted (Twisted's default, 15, let a silent TLS client hold its descriptor that long).
     abortTimeout = 2

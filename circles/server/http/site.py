@@ -19,14 +19,14 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from circles.server.http.nonce_route import AuthRoutes
-from circles.server.http.document import Document
-from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
-from circles.server.http.playground import Playground
-from circles.server.http.responses import answer_later, json_response
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
 from circles.server.gateway import Gateway
+from circles.server.http.document import Document
+from circles.server.http.nonce_route import AuthRoutes
+from circles.server.http.playground import Playground
+from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
+from circles.server.http.responses import answer_later, json_response
 from circles.server.metrics import Metrics
 
 access = Logger()  # the access log: debug

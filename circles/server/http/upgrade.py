@@ -27,7 +27,7 @@ failure does not name the likely cause; the client, which gets no answer at all,
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IProtocolNegotiationFactory, ITCPTransport
@@ -35,10 +35,10 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from circles.common.log_budget import LogBudget
 from circles.common.keys import PATH_KEY_LENGTHS
-from circles.server.access.limits import address_key, half_close
+from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger, worth_logging
+from circles.server.access.limits import address_key, half_close
 
 log = Logger()
 
@@ -71,7 +71,7 @@ def plain_http_on_tls(reason) -> bool:
     return any(isinstance(e, tuple) and len(e) == 3 and e[2] in PLAIN_HTTP_REASONS for e in errors)
 
 
-def oversized(head: bytes, end: int) -> Optional[bytes]:
+def oversized(head: bytes, end: int) -> bytes | None:
     """The answer to a request head too large to parse (``end``: where it ends, -1 if it does
     not yet), or None if it is not."""
     line_end = head.find(b"\r\n", 0, MAX_LINE + 2)
@@ -135,12 +135,12 @@ class _Discard(Protocol):
 class _FirstBytes(Protocol):
     transport: ITCPTransport  # set before any callback (TCP, TLS or unix: each can abort)
 
-    def __init__(self, router: "UpgradeRouter", addr, peer: Optional[str]) -> None:
+    def __init__(self, router: UpgradeRouter, addr, peer: str | None) -> None:
         self._router = router
         self._addr = addr
         self._peer = peer  # counted as pending under this address until routed or closed
         self._head = b""
-        self._inner: Optional[IProtocol] = None
+        self._inner: IProtocol | None = None
         self._timer: Any = None  # the head's deadline, from connectionMade on
 
     def connectionMade(self) -> None:
@@ -210,18 +210,18 @@ class UpgradeRouter(ServerFactory):
     name = "circles"  # a port says "circles starting on 8443" (Twisted's line names the factory so)
 
     def __init__(self, websocket: IProtocolFactory, site: IProtocolFactory, reactor, timeout: float,
-                 max_pending_per_peer: int = 0, refusals: Optional[LogBudget] = None) -> None:
+                 max_pending_per_peer: int = 0, refusals: LogBudget | None = None) -> None:
         self.websocket = websocket
         self.refusals = refusals  # where connections refused before routing are logged (None: not logged)
         self.site = site
         self.reactor = reactor
         self.timeout = timeout
         self.max_pending_per_peer = max_pending_per_peer  # 0: no limit
-        self.pending: "dict[str, int]" = {}  # connections still sending their head, by address
+        self.pending: dict[str, int] = {}  # connections still sending their head, by address
         self.refused = 0
         self._counts = self  # the router whose pending and refused counts this one keeps
 
-    def serving(self, site: IProtocolFactory) -> "UpgradeRouter":
+    def serving(self, site: IProtocolFactory) -> UpgradeRouter:
         """A router for another port (``--metrics-listen``) that hands every request to ``site``,
         under this one's deadline and counting its pending connections with this one's: a
         second port is no second allowance per address."""
@@ -248,7 +248,7 @@ class UpgradeRouter(ServerFactory):
             counts.pending[peer] = n + 1
         return _FirstBytes(self, addr, peer)
 
-    def routed(self, peer: Optional[str]) -> None:
+    def routed(self, peer: str | None) -> None:
         """A connection from ``peer`` is pending no more (routed, or closed)."""
         if peer is None:
             return

@@ -39,7 +39,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, fail, succeed
@@ -87,7 +86,7 @@ def reuse_port_socket(port: int, interface: str = "", backlog: int = 50, listen:
     return sock
 
 
-def inherited_listen_fd() -> Optional[int]:
+def inherited_listen_fd() -> int | None:
     """The descriptor of the listening socket the first process gave this one, if any (only in
     one of the others of a ``--processes``: a stray variable elsewhere names nothing)."""
     if member_from_environment() is None:
@@ -104,7 +103,7 @@ class ReusePortEndpoint:
     ``fd``, on the listening socket the first process of ``--processes`` made for this one."""
 
     def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, tls=None,
-                 fd: Optional[int] = None) -> None:
+                 fd: int | None = None) -> None:
         self._reactor = reactor
         self._port = port
         self._interface = interface
@@ -141,7 +140,7 @@ class ReusePortEndpoint:
         return succeed(port)
 
 
-def member_from_environment() -> "Optional[tuple[int, int, str]]":
+def member_from_environment() -> tuple[int, int, str] | None:
     """(number, N, directory) if this process is one of the others of a first process's
     ``--processes``, else None."""
     try:
@@ -161,7 +160,7 @@ class _Lines:
         self._buffer = b""
         self._dropping = 0  # bytes of a line too long, so far
 
-    def feed(self, data: bytes) -> "list[tuple[bytes, int]]":
+    def feed(self, data: bytes) -> list[tuple[bytes, int]]:
         """The lines ``data`` completes, each as (line, 0) or, for one too long, (its first
         bytes, its length)."""
         out = []
@@ -180,7 +179,7 @@ class _Lines:
                 self._buffer, self._dropping = b"", 0
         return out
 
-    def rest(self) -> "list[tuple[bytes, int]]":
+    def rest(self) -> list[tuple[bytes, int]]:
         """What is left without a newline, once the stream ended."""
         rest = [(self._buffer, self._dropping)] if self._buffer or self._dropping else []
         self._buffer, self._dropping = b"", 0
@@ -243,11 +242,11 @@ class ServerProcesses(Service):
         self._stop_timeout = stop_timeout
         self._directory = directory
         self.children: list = []
-        self._command: Optional[list] = None
-        self._delays: "dict[int, RestartDelay]" = {}
+        self._command: list | None = None
+        self._delays: dict[int, RestartDelay] = {}
         self._restarts: dict = {}  # number -> the pending callLater starting it again
         self._backlog = backlog
-        self._sockets: "dict[int, socket.socket]" = {}  # number -> its listening socket, kept for its restarts
+        self._sockets: dict[int, socket.socket] = {}  # number -> its listening socket, kept for its restarts
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

@@ -35,7 +35,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -47,8 +48,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
-from circles.server.metrics import merge
 from circles.common.once import Once
+from circles.server.metrics import merge
 
 log = Logger()
 
@@ -95,7 +96,7 @@ class _Asking(Protocol):
 
     def __init__(self, question: bytes) -> None:
         self._question = question
-        self._chunks: Optional[list] = []
+        self._chunks: list | None = []
         self._size = 0
         self.done: Deferred = Deferred()
 
@@ -132,13 +133,13 @@ class Siblings:
     exposition; why it is not ready, or None)."""
 
     def __init__(self, reactor, number: int, count: int, directory: str, local_metrics: Callable[[], bytes],
-                 local_problem: Callable[[], Optional[str]]) -> None:
+                 local_problem: Callable[[], str | None]) -> None:
         self._reactor = reactor
         self.number = number
         self.count = count
         self.directory = directory
         self._local = {b"metrics": local_metrics, b"ready": lambda: _ready_answer(local_problem())}
-        self._rounds: "dict[bytes, _Round]" = {}
+        self._rounds: dict[bytes, _Round] = {}
 
     def answers(self) -> dict:
         """The questions this process answers on its socket: ``{question: () -> bytes}``."""
@@ -174,7 +175,7 @@ class Siblings:
             log.failure("could not combine the server processes' answers to {question}", question=question.decode())
             return combine({self.number: answers[self.number]})  # what it knows for sure
 
-    async def _ask(self, number: int, question: bytes) -> "bytes | str":
+    async def _ask(self, number: int, question: bytes) -> bytes | str:
         """Process ``number``'s answer, or why there is none: "not running" (nothing listens on
         its socket) or "not answering" (no whole answer within :data:`ASK_TIMEOUT`)."""
         deadline = self._reactor.seconds() + ASK_TIMEOUT
@@ -195,11 +196,11 @@ class Siblings:
                 timer.cancel()
 
 
-def _ready_answer(problem: Optional[str]) -> bytes:
+def _ready_answer(problem: str | None) -> bytes:
     return json.dumps({"problem": problem}).encode("utf-8")
 
 
-def _whole_readiness(answers: "dict[int, bytes | str]") -> tuple:
+def _whole_readiness(answers: dict[int, bytes | str]) -> tuple:
     states = {}
     for number in sorted(answers):
         answer = answers[number]
@@ -229,7 +230,7 @@ class ProcessSocket(Service):
     and removed as it stops."""
 
     def __init__(self, reactor, siblings: Siblings, listening: Callable[[], Deferred],
-                 remove: Optional[str] = None) -> None:
+                 remove: str | None = None) -> None:
         self._reactor = reactor
         self._siblings = siblings
         self._listening = listening

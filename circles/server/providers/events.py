@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional, overload
+from typing import Any, overload
 
 import attrs
 
@@ -42,8 +42,8 @@ def _object(value: Any, what: str) -> dict:
 @overload
 def _string(obj: dict, name: str, what: str) -> str: ...
 @overload
-def _string(obj: dict, name: str, what: str, *, required: bool) -> Optional[str]: ...
-def _string(obj: dict, name: str, what: str, *, required: bool = True) -> Optional[str]:
+def _string(obj: dict, name: str, what: str, *, required: bool) -> str | None: ...
+def _string(obj: dict, name: str, what: str, *, required: bool = True) -> str | None:
     value = obj.get(name)
     if value is None and not required:
         return None
@@ -84,14 +84,14 @@ class StripeEvent:
     type: str
     created: int
     livemode: bool
-    api_version: Optional[str]
+    api_version: str | None
     object: dict  # data.object: the resource the event is about
     extra: dict = attrs.field(factory=dict)  # every other top-level field, as sent
 
     KNOWN = ("id", "type", "created", "livemode", "api_version", "data")
 
     @classmethod
-    def parse(cls, body: bytes) -> "StripeEvent":
+    def parse(cls, body: bytes) -> StripeEvent:
         event = parse_json_object(body)
         data = _object(event.get("data"), "data")
         created = event.get("created")
@@ -117,17 +117,17 @@ class StripeEvent:
 @attrs.frozen
 class IdenfyStatus:
     overall: str
-    auto_document: Optional[str] = None
-    auto_face: Optional[str] = None
-    manual_document: Optional[str] = None
-    manual_face: Optional[str] = None
+    auto_document: str | None = None
+    auto_face: str | None = None
+    manual_document: str | None = None
+    manual_face: str | None = None
     extra: dict = attrs.field(factory=dict)  # fraudTags, mismatchTags, denyReasons, ...
 
     KNOWN = {"overall": "overall", "autoDocument": "auto_document", "autoFace": "auto_face",
              "manualDocument": "manual_document", "manualFace": "manual_face"}
 
     @classmethod
-    def parse(cls, value: Any) -> "IdenfyStatus":
+    def parse(cls, value: Any) -> IdenfyStatus:
         status = _object(value, "status")
         overall = _string(status, "overall", "status.")
         if overall not in IDENFY_STATUSES:
@@ -152,7 +152,7 @@ class IdenfyCallback:
     KNOWN = ("clientId", "scanRef", "final", "status", "data")
 
     @classmethod
-    def parse(cls, body: bytes) -> "IdenfyCallback":
+    def parse(cls, body: bytes) -> IdenfyCallback:
         callback = parse_json_object(body)
         final = callback.get("final")
         if not isinstance(final, bool):

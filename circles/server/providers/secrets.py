@@ -21,7 +21,7 @@ they cannot end up in a log line or an error by accident.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -39,11 +39,11 @@ class SecretsError(ValueError):
     """A secret source is unreadable or malformed; the message never contains a secret."""
 
 
-def _bytes_tuple(values: Iterable[bytes]) -> "tuple[bytes, ...]":
+def _bytes_tuple(values: Iterable[bytes]) -> tuple[bytes, ...]:
     return tuple(values)
 
 
-def _freeze_map(mapping: Mapping[str, Iterable[bytes]]) -> "tuple[tuple[str, tuple[bytes, ...]], ...]":
+def _freeze_map(mapping: Mapping[str, Iterable[bytes]]) -> tuple[tuple[str, tuple[bytes, ...]], ...]:
     return tuple(sorted((circle, tuple(secrets)) for circle, secrets in dict(mapping).items()))
 
 
@@ -51,10 +51,10 @@ def _freeze_map(mapping: Mapping[str, Iterable[bytes]]) -> "tuple[tuple[str, tup
 class WebhookSecrets:
     """The secrets of one provider: ``shared`` for every circle, ``per_circle`` overriding them."""
 
-    shared: "tuple[bytes, ...]" = attrs.field(default=(), converter=_bytes_tuple)
-    per_circle: "tuple[tuple[str, tuple[bytes, ...]], ...]" = attrs.field(default=(), converter=_freeze_map)
+    shared: tuple[bytes, ...] = attrs.field(default=(), converter=_bytes_tuple)
+    per_circle: tuple[tuple[str, tuple[bytes, ...]], ...] = attrs.field(default=(), converter=_freeze_map)
 
-    def for_circle(self, circle: str) -> "tuple[bytes, ...]":
+    def for_circle(self, circle: str) -> tuple[bytes, ...]:
         """The secrets a delivery for ``circle`` (compressed hex) may be signed with; empty: off."""
         for name, secrets in self.per_circle:
             if name == circle:
@@ -68,23 +68,23 @@ class WebhookSecrets:
         return f"<WebhookSecrets: {len(self.shared)} shared, {len(self.per_circle)} circle(s) with their own>"
 
     @classmethod
-    def of(cls, *secrets: str, **per_circle: "Iterable[str]") -> "WebhookSecrets":
+    def of(cls, *secrets: str, **per_circle: Iterable[str]) -> WebhookSecrets:
         """Build by hand (embedding, tests): ``WebhookSecrets.of("whsec_a", "whsec_b")``."""
         return cls(tuple(s.encode("utf-8") for s in secrets),
                    {normalize_pubkey(c): [s.encode("utf-8") for s in v] for c, v in per_circle.items()})
 
 
-def parse_list(value: Optional[str]) -> "tuple[bytes, ...]":
+def parse_list(value: str | None) -> tuple[bytes, ...]:
     """Secrets from a comma-separated environment value (whitespace around each is dropped)."""
     if not value:
         return ()
     return tuple(item.strip().encode("utf-8") for item in value.split(",") if item.strip())
 
 
-def parse_file_text(text: str, name: str = "secret file") -> "tuple[tuple[bytes, ...], dict]":
+def parse_file_text(text: str, name: str = "secret file") -> tuple[tuple[bytes, ...], dict]:
     """``(shared, per_circle)`` from the text of a secret file (format in the module doc)."""
-    shared: "list[bytes]" = []
-    per_circle: "dict[str, list[bytes]]" = {}
+    shared: list[bytes] = []
+    per_circle: dict[str, list[bytes]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -103,7 +103,7 @@ def parse_file_text(text: str, name: str = "secret file") -> "tuple[tuple[bytes,
     return tuple(shared), per_circle
 
 
-def load(env_value: Optional[str], path: Optional[str]) -> WebhookSecrets:
+def load(env_value: str | None, path: str | None) -> WebhookSecrets:
     """A provider's secrets: the environment value's and the file's, together."""
     shared = list(parse_list(env_value))
     per_circle: dict = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 #: Most ``v1`` entries looked at in one Stripe header (bounds the work per request).
 MAX_SIGNATURES = 16
@@ -35,7 +35,7 @@ def _hmac_hex(secret: bytes, message: bytes) -> bytes:
     return hmac.new(secret, message, hashlib.sha256).hexdigest().encode("ascii")
 
 
-def _any_match(secrets: Iterable[bytes], message: bytes, signatures: "list[bytes]") -> bool:
+def _any_match(secrets: Iterable[bytes], message: bytes, signatures: list[bytes]) -> bool:
     matched = False
     for secret in secrets:
         expected = _hmac_hex(secret, message)
@@ -45,10 +45,10 @@ def _any_match(secrets: Iterable[bytes], message: bytes, signatures: "list[bytes
     return matched
 
 
-def parse_stripe_header(header: bytes) -> "tuple[int, list[bytes]]":
+def parse_stripe_header(header: bytes) -> tuple[int, list[bytes]]:
     """``(t, [v1, ...])`` from a ``Stripe-Signature`` value; other schemes (``v0``) are ignored."""
-    timestamp: Optional[int] = None
-    signatures: "list[bytes]" = []
+    timestamp: int | None = None
+    signatures: list[bytes] = []
     for item in header.split(b","):
         name, sep, value = item.strip().partition(b"=")
         if not sep:
@@ -70,7 +70,7 @@ def parse_stripe_header(header: bytes) -> "tuple[int, list[bytes]]":
     return timestamp, signatures
 
 
-def verify_stripe(header: Optional[bytes], body: bytes, secrets: Iterable[bytes], *, now: float,
+def verify_stripe(header: bytes | None, body: bytes, secrets: Iterable[bytes], *, now: float,
                   tolerance: float) -> int:
     """Check a Stripe delivery; return its timestamp ``t`` or raise :class:`BadSignature`."""
     if not header:
@@ -84,7 +84,7 @@ def verify_stripe(header: Optional[bytes], body: bytes, secrets: Iterable[bytes]
     return timestamp
 
 
-def verify_idenfy(header: Optional[bytes], body: bytes, secrets: Iterable[bytes]) -> None:
+def verify_idenfy(header: bytes | None, body: bytes, secrets: Iterable[bytes]) -> None:
     """Check an iDenfy delivery; raise :class:`BadSignature` unless it is signed."""
     if not header:
         raise BadSignature("missing Idenfy-Signature header")

@@ -23,7 +23,8 @@ not subtracted until the buffer is empty).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
@@ -48,11 +49,11 @@ class Backlog:
         self._clock = clock
         self.limit = limit
         self._timeout = timeout
-        self._drained: Optional[Callable[[], None]] = drained
-        self._stuck: Optional[Callable[[int], None]] = stuck
+        self._drained: Callable[[], None] | None = drained
+        self._stuck: Callable[[int], None] | None = stuck
         self.paused = False  # the transport's send buffer is full
         self.unread = 0  # bytes written since it filled (the one that filled it included)
-        self._deadline: Optional[IDelayedCall] = None
+        self._deadline: IDelayedCall | None = None
 
     def wrote(self, size: int) -> None:
         """``size`` bytes were just handed to the transport."""
@@ -61,7 +62,7 @@ class Backlog:
             if self.unread > self.limit:
                 self._start_deadline()
 
-    def left(self) -> Optional[int]:
+    def left(self) -> int | None:
         """Bytes a late reply may take now; None while the peer keeps up (any reply may go)."""
         return self.limit - self.unread if self.paused else None
 

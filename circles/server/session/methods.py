@@ -8,24 +8,40 @@ messages their errors carry. Each contract's OpenRPC document describes them; te
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from circles.common.log_budget import ConnectionAnomalies
-from circles.server.access.nonces import NonceStore, TooManyNonces
-from circles.common.signatures import AuthenticationFailed
 from circles.backend.members import MEMBERS
-from circles.backend.scripts import (SOURCE_WS, BackendFull, BackendUnavailable, NoWorker, ScriptFailed,
-                                    ScriptRequest, ScriptTimeout)
-from circles.server.gateway import Gateway
+from circles.backend.scripts import (
+    SOURCE_WS,
+    BackendFull,
+    BackendUnavailable,
+    NoWorker,
+    ScriptFailed,
+    ScriptRequest,
+    ScriptTimeout,
+)
 from circles.common.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyRoom, RPCError, bind_params
 from circles.common.keys import InvalidKey, normalize_pubkey
+from circles.common.log_budget import ConnectionAnomalies
+from circles.common.logs import Logger
+from circles.common.logs import enabled as log_enabled
+from circles.common.signatures import AuthenticationFailed
+from circles.common.wire import (
+    BACKEND_UNAVAILABLE,
+    NO_WORKER,
+    NOT_A_MEMBER,
+    REPLY_TOO_LARGE,
+    SCRIPT_TIMEOUT,
+    TOO_MANY_REQUESTS,
+)
 from circles.server.access.limits import TokenBucket
-from circles.common.logs import Logger, enabled as log_enabled
-from circles.common.wire import BACKEND_UNAVAILABLE, NO_WORKER, NOT_A_MEMBER, REPLY_TOO_LARGE, SCRIPT_TIMEOUT, TOO_MANY_REQUESTS
+from circles.server.access.nonces import NonceStore, TooManyNonces
+from circles.server.gateway import Gateway
 
 if TYPE_CHECKING:  # the contracts' method tables are this module's: it imports none of them
     from circles.server.session.contracts.base import Contract, Registry
@@ -43,12 +59,12 @@ class Sessions:
     A request flows down from here: the transport (circles.protocol) hands it to its session,
     which answers with its contract's dispatcher and methods, which ask the script backend."""
 
-    def __init__(self, gateway: Gateway, contracts: "Registry") -> None:
+    def __init__(self, gateway: Gateway, contracts: Registry) -> None:
         config = gateway.config
         self.gateway = gateway
         self.contracts = contracts
         #: What a connection that offers no subprotocol of ours gets: the server's ``--api``.
-        self.default: "Contract" = contracts[config.api]
+        self.default: Contract = contracts[config.api]
         gateway.metrics.label_methods(contracts.method_names())
         too_many = RPCError(TOO_MANY_REQUESTS, f"Too many requests: a batch holds at most {config.max_batch}")
         self._dispatchers = {
@@ -61,13 +77,13 @@ class Sessions:
         return RPCError(REPLY_TOO_LARGE, "Reply too large: it exceeds the connection's message size limit",
                         {"size": size, "limit": self.gateway.config.max_message_size})
 
-    def negotiate(self, offered: Sequence[str]) -> "tuple[Contract, Optional[str]]":
+    def negotiate(self, offered: Sequence[str]) -> tuple[Contract, str | None]:
         """(the contract a connection gets, the subprotocol to answer with) for the WebSocket
         subprotocols its client offered (:meth:`~circles.server.session.contracts.base.Registry.negotiate`)."""
         return self.contracts.negotiate(offered, self.default)
 
-    def open(self, circle: str, pubkey: Optional[str] = None, connection_id: Optional[int] = None,
-             peer: Optional[str] = None, contract: "Optional[Contract]" = None) -> "Session":
+    def open(self, circle: str, pubkey: str | None = None, connection_id: int | None = None,
+             peer: str | None = None, contract: Contract | None = None) -> Session:
         """A session on ``circle`` under ``contract`` (one of this server's; None: its default),
         authenticated as ``pubkey`` if given (a URL proof)."""
         contract = self.default if contract is None else contract
@@ -79,8 +95,8 @@ class Session:
 
     Opened by :meth:`Sessions.open`, with its contract and that contract's dispatcher."""
 
-    def __init__(self, gateway: Gateway, contract: "Contract", rpc: Dispatcher, circle: str,
-                 pubkey: Optional[str] = None, connection_id: Optional[int] = None, peer: Optional[str] = None) -> None:
+    def __init__(self, gateway: Gateway, contract: Contract, rpc: Dispatcher, circle: str,
+                 pubkey: str | None = None, connection_id: int | None = None, peer: str | None = None) -> None:
         self.gateway = gateway
         #: The contract this connection gets (circles.server.session.contracts), chosen once as it opened.
         self.contract = contract
@@ -96,13 +112,13 @@ class Session:
         self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
         # What a reply that comes later (a play's) may take when it is ready: the connection's
         # circles.server.session.backlog.Backlog, which holds it to what the client has left unread. None: no bound.
-        self.reply_room: Optional[ReplyRoom] = None
+        self.reply_room: ReplyRoom | None = None
 
     @property
     def authenticated(self) -> bool:
         return self.pubkey is not None
 
-    def answer(self, payload) -> Union[str, None, Deferred]:
+    def answer(self, payload) -> str | None | Deferred:
         """Answer one WebSocket message: the reply text (or None) at once, or a Deferred of it
         while a method (play) works; ``in_flight`` counts those, so shutdown knows whom to wait
         for. Raises (or the Deferred fails with) :class:`~circles.common.jsonrpc.ReplyTooLarge` when
@@ -124,7 +140,7 @@ class Session:
         for d in plays:
             d.cancel()
 
-    def _admit(self, requests: int) -> Optional[RPCError]:
+    def _admit(self, requests: int) -> RPCError | None:
         if self.requests.take(requests):
             return None
         return RPCError(TOO_MANY_REQUESTS, "Too many requests: slow down", {"rate_limit": self.gateway.config.rate_limit})
@@ -138,7 +154,7 @@ def _pubkey_param(value: str) -> str:
 
 
 @methods.add("fetch_nonce", Param("pubkey", (str,), required=False))
-def fetch_nonce(session: Session, pubkey: Optional[str] = None) -> Any:  # as its contract shapes it
+def fetch_nonce(session: Session, pubkey: str | None = None) -> Any:  # as its contract shapes it
     key = None if pubkey is None else _pubkey_param(pubkey)
     try:
         nonce = session.nonces.issue_now(key)  # in memory, synchronous: a hot path
@@ -194,7 +210,7 @@ def whoami(session: Session) -> dict:
 
 
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
-def play(session: Session, script: str, timeout: Optional[float] = None) -> Deferred:
+def play(session: Session, script: str, timeout: float | None = None) -> Deferred:
     gateway = session.gateway
     if gateway.config.auth_required and not session.authenticated:
         raise session.contract.auth_required()

@@ -93,8 +93,15 @@ parsing are linear in the script, at most ``MAX_SCRIPT`` characters.
 """
 
 from circles.worker.tiny_engine.evaluator import run
-from circles.worker.tiny_engine.values import (CHARS_PER_STEP, DEFAULT_MAX_MEMORY, ITEMS_PER_STEP, MAX_SCRIPT,
-                                               MAX_STEPS, MAX_STRING, Stats)
+from circles.worker.tiny_engine.values import (
+                                               CHARS_PER_STEP,
+                                               DEFAULT_MAX_MEMORY,
+                                               ITEMS_PER_STEP,
+                                               MAX_SCRIPT,
+                                               MAX_STEPS,
+                                               MAX_STRING,
+                                               Stats,
+)
 
 __all__ = ["CHARS_PER_STEP", "DEFAULT_MAX_MEMORY", "ITEMS_PER_STEP", "MAX_SCRIPT", "MAX_STEPS", "MAX_STRING",
            "Stats", "run"]

@@ -3,7 +3,8 @@ and the position of the call."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from circles.worker.tiny_engine.values import ARRAY_BYTES, ITEM_BYTES, UNIT, check_int, error, type_name
 

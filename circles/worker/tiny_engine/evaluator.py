@@ -4,17 +4,42 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 from circles.worker.tiny_engine.builtins import BUILTINS, MUTATING, accepts
 from circles.worker.tiny_engine.parser import Parser
 from circles.worker.tiny_engine.tokens import Tokenizer
-from circles.worker.tiny_engine.values import (ARRAY_BYTES, CHAR_TICKS, DEFAULT_MAX_MEMORY, INT_MAX, ITEM_BYTES,
-                                               ITEM_TICKS, LEVEL_BYTES, LEVEL_ITEMS, MAP_BYTES, MAP_ITEM_BYTES,
-                                               MAX_CALL_DEPTH, MAX_SCRIPT, MAX_STEPS, MAX_STRING, STEP_BYTES,
-                                               TICKS_PER_STEP, UNIT, Stats, Text, check_int, error, float_text,
-                                               out_of_memory, string_bytes, too_long, type_name, utf8_size)
+from circles.worker.tiny_engine.values import (
+    ARRAY_BYTES,
+    CHAR_TICKS,
+    DEFAULT_MAX_MEMORY,
+    INT_MAX,
+    ITEM_BYTES,
+    ITEM_TICKS,
+    LEVEL_BYTES,
+    LEVEL_ITEMS,
+    MAP_BYTES,
+    MAP_ITEM_BYTES,
+    MAX_CALL_DEPTH,
+    MAX_SCRIPT,
+    MAX_STEPS,
+    MAX_STRING,
+    STEP_BYTES,
+    TICKS_PER_STEP,
+    UNIT,
+    Stats,
+    Text,
+    check_int,
+    error,
+    float_text,
+    out_of_memory,
+    string_bytes,
+    too_long,
+    type_name,
+    utf8_size,
+)
 
 
 class _Absent:
@@ -96,7 +121,7 @@ class Evaluator:
 
     # -- output and text --
 
-    def output(self, line: str, pos: tuple, size: Optional[int] = None) -> None:
+    def output(self, line: str, pos: tuple, size: int | None = None) -> None:
         """Add a line of output (``size`` UTF-8 bytes when known), unless that takes the output
         over the cap: checked before the line is kept."""
         if size is None:
@@ -615,7 +640,7 @@ class Evaluator:
             self.scopes = scopes
 
 
-def run(script: str, context: ScriptContext, stats: Optional[Stats] = None) -> str:
+def run(script: str, context: ScriptContext, stats: Stats | None = None) -> str:
     """The engine callable (``circles-worker --engine circles.worker.tiny_engine:run``);
     ``stats``, if given, is filled in with what the run used (also when it is refused)."""
     if len(script) > MAX_SCRIPT:

@@ -4,9 +4,10 @@ is charged, and a value's text (see :mod:`circles.worker.tiny_engine` for what t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from circles.worker.engines import EngineError, OutputTooLarge
 
@@ -147,8 +148,8 @@ class Text:
 
     __slots__ = ("ev", "pos", "pieces", "chars", "bytes", "width", "max_chars", "max_bytes")
 
-    def __init__(self, ev: Any, pos: tuple, max_chars: Optional[int] = MAX_STRING,
-                 max_bytes: Optional[int] = None) -> None:
+    def __init__(self, ev: Any, pos: tuple, max_chars: int | None = MAX_STRING,
+                 max_bytes: int | None = None) -> None:
         self.ev = ev
         self.pos = pos
         self.pieces: list = []

@@ -14,9 +14,10 @@ on what they share.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
 from importlib import resources
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import attrs
 
@@ -44,7 +45,7 @@ class Contract:
     #: ``authenticate``'s result, from the key that signed.
     authenticated: Callable[[str], Any]
     #: ``play``'s result, from the script's output; None: the output itself (no callback added).
-    play_result: Optional[Callable[[str], Any]]
+    play_result: Callable[[str], Any] | None
     # --- error mapping
     #: The error of a ``play`` before authenticating, on a server with ``--auth``.
     auth_required: Callable[[], RPCError]
@@ -55,7 +56,7 @@ class Contract:
     # --- its document
     #: What it changes in ``openrpc.json``'s document (in place; ``info.x-api`` and
     #: ``info.x-subprotocol`` are set from the fields above first); None: ``openrpc.json`` as shipped.
-    document_changes: Optional[Callable[[dict], None]] = None
+    document_changes: Callable[[dict], None] | None = None
 
     def document_text(self) -> str:
         """Its OpenRPC document, as ``GET /openrpc.json`` serves it (made once)."""
@@ -71,7 +72,7 @@ def shipped_document_text() -> str:
     return resources.files("circles").joinpath("openrpc.json").read_text("utf-8")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _document_text(contract: Contract) -> str:
     text = shipped_document_text()
     if contract.document_changes is None:
@@ -109,14 +110,14 @@ class Registry:
         return self._by_name[name]
 
     @property
-    def names(self) -> "tuple[str, ...]":
+    def names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
 
     def method_names(self) -> frozenset:
         """Every method name some contract here has."""
         return frozenset(name for contract in self._contracts for name in contract.methods)
 
-    def negotiate(self, offered: Sequence[str], default: Contract) -> "tuple[Contract, Optional[str]]":
+    def negotiate(self, offered: Sequence[str], default: Contract) -> tuple[Contract, str | None]:
         """(the contract a connection gets, the subprotocol to answer with) for the subprotocols a
         client offered: the first one here, in the client's order of preference; else ``default``
         (the server's ``--api``) and no subprotocol (a client that offers none, or only unknown ones)."""
