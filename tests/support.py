@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +55,97 @@ def authenticate(ws, key: Key) -> dict:
     return request(ws, "authenticate", {"pubkey": key.pubkey, "signature": key.eth_sign(nonce)})
 
 
+class OneThreadAtATime(ssl.SSLSocket):
+    """An ``ssl.SSLSocket`` whose OpenSSL object is used by one thread at a time.
+
+    The ``websockets`` sync client reads in a thread of its own, blocked in ``recv()`` (inside
+    OpenSSL's ``SSL_read``), while the caller's thread writes with ``sendall()`` (``SSL_write``) on
+    the same socket; CPython's ``ssl`` does not serialise the two, and OpenSSL does not allow two
+    threads in one ``SSL`` object. Over TLS 1.3 the server's NewSessionTicket messages arrive
+    just after the handshake, when the client writes its upgrade request: the reading thread
+    processes them while the writing thread sends, and now and then the request is lost (the
+    client's ``sendall`` returns, nothing reaches the wire, the server waits for a request head,
+    the client for its answer: "timed out while waiting for handshake response") or the write
+    fails (``[SSL] internal error``, ``LENGTH_MISMATCH``).
+
+    Here every call into OpenSSL (``recv``, ``recv_into``, ``send``, hence ``sendall``) holds a
+    lock and does not block: it runs with the socket non-blocking, and the wait for the socket
+    (with the caller's timeout, if any) is outside the lock, so a reader waiting for data never
+    holds up a writer.
+    """
+
+    def _lock(self) -> threading.Lock:
+        return self.__dict__.setdefault("_openssl_lock", threading.Lock())
+
+    def _one_at_a_time(self, call, reading: bool, *args):
+        lock, deadline = self._lock(), None
+        while True:
+            with lock:
+                timeout = socket.socket.gettimeout(self)
+                if timeout == 0.0:  # the caller's non-blocking call: as it is
+                    return call(*args)
+                socket.socket.settimeout(self, 0.0)
+                try:
+                    return call(*args)
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                except BlockingIOError:  # a plain socket call (no TLS left on the socket)
+                    events = select.POLLIN if reading else select.POLLOUT
+                finally:
+                    socket.socket.settimeout(self, timeout)
+            wait = None
+            if timeout is not None:
+                deadline = deadline or time.monotonic() + timeout
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError(f"The {'read' if reading else 'write'} operation timed out")
+            fd = self.fileno()
+            if fd >= 0:  # else closed meanwhile: the next call says so
+                poll = select.poll()
+                poll.register(fd, events)
+                poll.poll(None if wait is None else max(1, int(wait * 1000)))
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        return self._one_at_a_time(super().recv, True, buflen, flags)
+
+    def recv_into(self, buffer, nbytes=None, flags: int = 0) -> int:
+        return self._one_at_a_time(super().recv_into, True, buffer, nbytes, flags)
+
+    def send(self, data, flags: int = 0) -> int:
+        return self._one_at_a_time(super().send, False, data, flags)
+
+    # What changes the socket's timeout, or drops its OpenSSL object, waits for a call in progress.
+
+    def settimeout(self, value) -> None:
+        with self._lock():
+            super().settimeout(value)
+
+    def gettimeout(self):
+        with self._lock():
+            return super().gettimeout()
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self.gettimeout() != 0.0
+
+    def shutdown(self, how: int) -> None:
+        with self._lock():
+            super().shutdown(how)
+
+    def close(self) -> None:
+        with self._lock():
+            super().close()
+
+
 def client_tls(ca_pem: str) -> ssl.SSLContext:
+    """A client context trusting ``ca_pem``, whose sockets are :class:`OneThreadAtATime` (the
+    ``websockets`` sync client reads and writes one socket from two threads)."""
     context = ssl.create_default_context(cafile=ca_pem)
+    context.sslsocket_class = OneThreadAtATime
     return context
 
 
