@@ -28,8 +28,8 @@ from devtools.webhook_support import STRIPE_SECRET, encode, stripe_event, stripe
 from ..inmemory import session_layer
 from ..support import Key
 
-CIRCLE = Key().pubkey
-UNSERVED = Key().pubkey
+CIRCLE = Key(bytes([1]) * 32).pubkey  # fixed: named in test ids, which every xdist worker must collect alike
+UNSERVED = Key(bytes([2]) * 32).pubkey  # fixed: named in test ids, which every xdist worker must collect alike
 NOW = 1_700_000_000
 PEER = IPv4Address("TCP", "192.0.2.1", 40000)
 

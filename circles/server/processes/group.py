@@ -196,6 +196,11 @@ class _Child(ProcessProtocol):
         self._clock = clock
         self.ended = Once()  # how it ended, as a log line says it
         self._lines = {1: _Lines(MAX_LINE), 2: _Lines(MAX_LINE)}
+        self.pid = 0  # its pid (set as it starts), kept: Twisted clears transport.pid once it ended
+
+    def makeConnection(self, transport) -> None:
+        self.pid = transport.pid
+        super().makeConnection(transport)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         for line, length in self._lines[fd].feed(data):
@@ -218,7 +223,8 @@ class _Child(ProcessProtocol):
                              log_level=LogLevel.warn, length=length, limit=MAX_LINE)
             else:
                 event.update(log_format="{text}", log_level=LogLevel.warn if fd == 2 else LogLevel.info)
-        globalLogPublisher(tag(event, self.transport.pid, self.number))
+        # Its last lines may be read after it ended (Twisted has cleared transport.pid by then).
+        globalLogPublisher(tag(event, self.pid, self.number))
 
     def processEnded(self, reason) -> None:
         self.ended.fire(how_it_ended(reason))
