@@ -21,7 +21,7 @@ import psutil
 import pytest
 from websockets.sync.client import connect
 
-from ..support import Key, eventually_true, request, twistd
+from ..support import Key, authenticate, eventually_true, request, twistd
 
 NOBODY, NOGROUP = "nobody", "nogroup"
 
@@ -140,8 +140,7 @@ def test_processes_and_the_private_redis_run_as_the_user_switched_to(nobody_dir,
                         and c.laddr.port == port) for p in (parent, *others)]
             assert sum(held) == 20 and all(held), held  # both processes serve the port
             for i, ws in enumerate(clients[:4]):
-                nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
-                request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
+                assert authenticate(ws, user)["result"]["authenticated"]
                 assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}"}
         finally:
             for ws in clients:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from ..support import Key, eventually_true, request, twistd
+from ..support import Key, authenticate, eventually_true, request, twistd
 
 
 def _server_processes(parent_pid: int) -> list:
@@ -48,8 +48,7 @@ def test_two_processes_share_the_port_and_redis_and_stop_together(tmp_path):
             held = [_established(p, port) for p in processes]
             assert sum(held) == 40 and all(held), held  # the kernel spread them over both
             for i, ws in enumerate(clients[:10]):  # plays through both processes' script runners
-                nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
-                request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})
+                assert authenticate(ws, user)["result"]["authenticated"]
                 assert request(ws, "play", {"script": f"echo {i}"})["result"] == {"output": f"{i}"}
         finally:
             for ws in clients:
