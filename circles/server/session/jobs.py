@@ -136,7 +136,8 @@ async def _change(session: Session, operation: Callable[[Table], Any]) -> tuple[
 async def _owned(session: Session, job_id: str) -> tuple[Job, Table]:
     """The caller's job ``job_id`` in this circle, and its table (a look: what follows from the
     table is applied, as by any change)."""
-    return await _change(session, lambda table: table.owned(session.circle, job_id))
+    job, table = await _change(session, lambda table: table.owned(session.circle, job_id))
+    return table.jobs[job.id], table  # as the change left it
 
 
 # --- a job's description -------------------------------------------------------------------
