@@ -285,6 +285,12 @@ def _status(jobs: Jobs, job_id: str, caller: str = ALICE.pubkey) -> model.Job:
     return job
 
 
+def _version(jobs: Jobs, caller: str = ALICE.pubkey) -> int:
+    """The version of ``caller``'s table now."""
+    _, table = fired(jobs.change(caller, lambda table: None))
+    return table.version
+
+
 def test_a_job_runs_as_a_play_of_its_caller_and_its_outcome_is_kept():
     clock, store, [jobs] = _processes(1)
     job = _new(jobs, "print(1)")
@@ -345,7 +351,7 @@ def test_waiting_for_a_job_that_ends_in_another_process():
     first = _new(one, "first")
     waited = _new(two, "waited", prerequisites=[first.id])
     ended: list = []
-    two.wait(ALICE.pubkey, waited.id).addBoth(ended.append)
+    two.wait(waited, _version(two)).addBoth(ended.append)
     one.scripts.end("first", "ok")  # process one starts the dependent, and runs it
     one.scripts.end("waited", "42")
     assert ended == []
@@ -354,15 +360,59 @@ def test_waiting_for_a_job_that_ends_in_another_process():
 
     deleted = _new(one, "deleted")
     lost: list = []
-    two.wait(ALICE.pubkey, deleted.id).addBoth(lost.append)
+    two.wait(deleted, _version(two)).addBoth(lost.append)
     fired(one.change(ALICE.pubkey, lambda table: model.delete(table, CIRCLE, deleted.id)))
     clock.advance(WATCH_INTERVAL)
     assert lost[0].check(JobNotFound)
 
-    cancelled = two.wait(ALICE.pubkey, _new(one, "long").id)
+    cancelled = two.wait(_new(one, "long"), _version(two))
     cancelled.addErrback(lambda f: f.trap(CancelledError))
     cancelled.cancel()  # the waiter is gone; the job is not
     assert two.waiting == 0 and one.running == 1
+
+
+class Held:
+    """A store whose next load, once armed, answers only when the test says, with the table as it
+    was when asked: a look that read the table before later changes."""
+
+    def __init__(self, store: MemoryJobStore) -> None:
+        self.store = store
+        self.armed = False
+        self.held: list = []
+
+    def load(self, caller):
+        if not self.armed:
+            return self.store.load(caller)
+        self.armed = False
+        later: Deferred = Deferred()
+        self.held.append((later, fired(self.store.load(caller))))
+        return later
+
+    def release(self) -> None:
+        for later, table in self.held:
+            later.callback(table)
+
+    def save(self, *args):
+        return self.store.save(*args)
+
+    def read(self, job_id, field):
+        return self.store.read(job_id, field)
+
+
+def test_a_look_that_read_the_table_before_a_job_started_neither_stops_it_nor_answers_for_it():
+    clock = Clock()
+    held = Held(MemoryJobStore(clock))
+    jobs = Jobs(clock, Workers(), held, LIMITS)
+    _new(jobs, "running")  # something to look at
+    held.armed = True
+    clock.advance(WATCH_INTERVAL)  # the look reads the table: held
+    late = _new(jobs, "late")  # made and started after the look read the table
+    ended: list = []
+    jobs.wait(late, _version(jobs)).addBoth(ended.append)
+    held.release()  # the look sees a table without it
+    assert jobs.scripts.cancelled == [] and jobs.running == 2 and ended == []
+    jobs.scripts.end("late", "ok")
+    assert [job.status for job in ended] == [FINISHED]
 
 
 def test_a_run_lost_with_its_process_ends_in_error_and_frees_its_slot():

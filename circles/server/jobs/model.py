@@ -180,12 +180,15 @@ class Change:
 
 
 class Table:
-    """One caller's jobs at ``now``, and what a change does to them (for its store to write).
+    """One caller's jobs at ``now``, as read at ``version``, and what a change does to them (for
+    its store to write).
 
     The jobs passed that have expired are left out, and removed by the change."""
 
-    def __init__(self, jobs: dict[str, Job], now: float) -> None:
+    def __init__(self, jobs: dict[str, Job], now: float, version: int = 0) -> None:
         self.now = now
+        #: The version of the table read; once the change is written, the version it wrote.
+        self.version = version
         self.jobs = {job_id: job for job_id, job in jobs.items() if job.expires_at > now}
         self._new: set[str] = set()
         self._put: dict[str, Job] = {}

@@ -46,7 +46,6 @@ from circles.server.jobs.model import (
     LOST,
     NO_WORKER,
     NOT_A_MEMBER,
-    STARTED,
     STOPPED,
     TIMED_OUT,
     UNAVAILABLE,
@@ -100,10 +99,10 @@ class Jobs:
         self.limits = limits
         self._members = members
         self.stopping = False  # the server stops: no job is started any more
-        self._running: dict[str, tuple[str, Deferred]] = {}  # job id -> (caller, its run's play)
+        self._running: dict[str, _Watched] = {}  # job id -> its run's play here
         self._runs: set[Deferred] = set()  # the runs in progress, their outcome's recording included
-        self._waiters: dict[str, tuple[str, list[Deferred]]] = {}  # job id -> (caller, who waits for its end)
-        self._to_launch: list[Job] = []
+        self._waiters: dict[str, _Watched] = {}  # job id -> who waits for its end here
+        self._to_launch: list[tuple[Job, int]] = []
         self._launching = False
         self._tick: IDelayedCall | None = None
         self.failures = 0  # outcomes that could not be recorded, looks that failed (logged: the 1st, 10th...)
@@ -126,7 +125,7 @@ class Jobs:
     async def _change(self, caller: str, operation: Callable[[Table], Any]) -> tuple[Any, Table]:
         for _ in range(ATTEMPTS):
             version, jobs = await self.store.load(caller)
-            table = Table(jobs, self.clock.seconds())
+            table = Table(jobs, self.clock.seconds(), version)
             result = operation(table)
             advance(table, self.limits.running_per_caller, claiming=not self.stopping)
             if table.changed:
@@ -134,6 +133,7 @@ class Jobs:
                                               self.limits.total)
                 if not saved:
                     continue  # another change came first: compute this one again on what it made
+                table.version = version + 1
                 self._after(table)
             return result, table
         raise BackendUnavailable("the caller's jobs changed too often at once; try again")
@@ -143,36 +143,40 @@ class Jobs:
         answer who waits for them, run the jobs it started."""
         for job in table.ended + table.dropped:
             running = self._running.get(job.id)
-            if running is not None and job.status != STARTED:
-                running[1].cancel()
+            if running is not None:
+                running.cancel()
         for job in table.ended:
             self._answer(job.id, job)
         for job in table.dropped:
             self._answer(job.id, Failure(JobNotFound(job.id)))
-        self._launch(table.claimed)
+        self._launch(table.claimed, table.version)
 
     # --- waiting for a job's end -------------------------------------------------------------
 
-    def wait(self, caller: str, job_id: str) -> Deferred:
-        """Fire with ``caller``'s job ``job_id`` once it has ended (at once if it has), or fail with
+    def wait(self, job: Job, version: int) -> Deferred:
+        """Fire with ``job`` as it is once it has ended (at once if it has), or fail with
         :class:`~circles.server.jobs.model.JobNotFound` if it is deleted or expires first.
+        ``version``: a version of its caller's table that holds it (what its creation wrote).
         Cancelling it stops waiting, not the job."""
-        waiting: Deferred = Deferred(lambda d: self._forget(job_id, d))
-        self._waiters.setdefault(job_id, (caller, []))[1].append(waiting)
+        watched = self._waiters.get(job.id)
+        if watched is None:
+            watched = self._waiters[job.id] = _Watched(job.caller, version, job.expires_at)
+        waiting: Deferred = Deferred(lambda d: self._forget(job.id, d))
+        watched.waiting.append(waiting)
         self._watch_soon()
-        ensureDeferred(self._look(caller))  # it may have ended before anyone waited
+        ensureDeferred(self._look(job.caller))  # it may have ended before anyone waited
         return waiting
 
     def _forget(self, job_id: str, waiting: Deferred) -> None:
-        entry = self._waiters.get(job_id)
-        if entry is not None and waiting in entry[1]:
-            entry[1].remove(waiting)
-            if not entry[1]:
+        watched = self._waiters.get(job_id)
+        if watched is not None and waiting in watched.waiting:
+            watched.waiting.remove(waiting)
+            if not watched.waiting:
                 del self._waiters[job_id]
 
     def _answer(self, job_id: str, result: Job | Failure) -> None:
-        entry = self._waiters.pop(job_id, None)
-        for waiting in entry[1] if entry is not None else ():
+        watched = self._waiters.pop(job_id, None)
+        for waiting in watched.waiting if watched is not None else ():
             if isinstance(result, Failure):
                 waiting.errback(result)
             else:
@@ -186,7 +190,8 @@ class Jobs:
 
     def _watch(self) -> None:
         self._tick = None
-        callers = {caller for caller, _ in self._running.values()} | {caller for caller, _ in self._waiters.values()}
+        callers = {watched.caller for watched in self._running.values()} | \
+            {watched.caller for watched in self._waiters.values()}
         d = gatherResults([ensureDeferred(self._look(caller)) for caller in sorted(callers)])
         d.addBoth(lambda _: self._watch_soon())
 
@@ -199,18 +204,13 @@ class Jobs:
         except Exception as e:  # BackendUnavailable, mostly: the next look tries again
             self._failed("look at the jobs of {caller}: {error}", caller=caller, error=str(e))
             return
-        for job_id, (owner, play) in list(self._running.items()):
-            job = table.jobs.get(job_id)
-            if owner == caller and (job is None or job.status != STARTED):
-                play.cancel()
-        for job_id, (owner, _) in list(self._waiters.items()):
-            if owner != caller:
-                continue
-            job = table.jobs.get(job_id)
-            if job is None:
-                self._answer(job_id, Failure(JobNotFound(job_id)))
-            elif job.status in ENDED:
-                self._answer(job_id, job)
+        for job_id, running in list(self._running.items()):
+            if running.caller == caller and running.over(table, job_id):
+                running.cancel()
+        for job_id, waited in list(self._waiters.items()):
+            if waited.caller == caller and waited.over(table, job_id):
+                job = table.jobs.get(job_id)
+                self._answer(job_id, job if job is not None else Failure(JobNotFound(job_id)))
 
     def _failed(self, what: str, **fields: Any) -> None:
         self.failures += 1
@@ -219,17 +219,18 @@ class Jobs:
 
     # --- runs ----------------------------------------------------------------------------------
 
-    def _launch(self, jobs: list[Job]) -> None:
-        """Run ``jobs``. Runs that end at once (a script runner that answers at once) record their
-        end, which may start more: those are queued here rather than started deeper in the stack."""
-        self._to_launch.extend(jobs)
+    def _launch(self, jobs: list[Job], version: int) -> None:
+        """Run ``jobs``, started by the change that wrote ``version``. Runs that end at once (a
+        script runner that answers at once) record their end, which may start more: those are
+        queued here rather than started deeper in the stack."""
+        self._to_launch.extend((job, version) for job in jobs)
         if self._launching:
             return
         self._launching = True
         try:
             while self._to_launch:
-                job = self._to_launch.pop(0)
-                run = ensureDeferred(self._run(job))
+                job, version = self._to_launch.pop(0)
+                run = ensureDeferred(self._run(job, version))
                 self._runs.add(run)
                 run.addBoth(self._ran, run)
         finally:
@@ -240,10 +241,10 @@ class Jobs:
         if isinstance(result, Failure):
             log.failure("a job's run failed", result)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, version: int) -> None:
         log.debug("job {job} of {caller} started in circle {circle}", job=job.id, caller=job.caller, circle=job.circle)
         play = ensureDeferred(self._play(job))
-        self._running[job.id] = (job.caller, play)
+        self._running[job.id] = _Watched(job.caller, version, job.expires_at, play)
         self._watch_soon()
         try:
             outcome = await play
@@ -314,8 +315,8 @@ class Jobs:
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         self._tick = None
-        for _, play in list(self._running.values()):
-            play.cancel()
+        for running in list(self._running.values()):
+            running.cancel()
         await DeferredList(list(self._runs))
 
 
@@ -327,3 +328,28 @@ def _pass_on(result, to: Deferred) -> None:
     else:
         to.callback(result)
     return None
+
+
+@attrs.define
+class _Watched:
+    """A job this process runs (``play``) or waits for (``waiting``), as its looks see it: known
+    to be in its caller's table at ``version``, until ``expires_at``."""
+
+    caller: str
+    version: int
+    expires_at: float
+    play: Deferred | None = None
+    waiting: list[Deferred] = attrs.Factory(list)
+
+    def over(self, table: Table, job_id: str) -> bool:
+        """Whether ``table`` says the job is over: ended, or gone. A look may have read the table
+        before the change that made or started the job (that change's version is later): it shows
+        the job not yet started, or not yet there, which says nothing."""
+        job = table.jobs.get(job_id)
+        if job is not None:
+            return job.status in ENDED
+        return table.version >= self.version or table.now >= self.expires_at
+
+    def cancel(self) -> None:
+        if self.play is not None:
+            self.play.cancel()

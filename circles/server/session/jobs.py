@@ -228,7 +228,7 @@ def _spec(session: Session, caller: str, script: Any, script_type: Any, timeout:
     return {"script": script, "script_type": script_type.lower(), "timeout": limit, "prerequisites": prerequisites}
 
 
-async def _create(session: Session, caller: str, spec: dict, start: bool) -> Job:
+async def _create(session: Session, caller: str, spec: dict, start: bool) -> tuple[Job, Table]:
     gateway = session.gateway
     if gateway.members is not None:
         # The circle's policy is asked before anything is kept: a key that may not play here makes no job.
@@ -239,10 +239,9 @@ async def _create(session: Session, caller: str, spec: dict, start: bool) -> Job
                            if verdict.policy == MEMBERS else
                            "this circle's policy is neither open nor members: every play is refused")
     limits = gateway.jobs.limits
-    job, _ = await _change(session, functools.partial(
+    return await _change(session, functools.partial(
         model.create, job_id=new_job_id(), caller=caller, circle=session.circle, ttl=limits.ttl,
         most=limits.per_caller, start=start, **spec))
-    return job
 
 
 @job_methods.add("create_job", Param("job", (dict,)))
@@ -261,7 +260,8 @@ def create_job(session: Session, job: dict) -> Deferred:
 
 
 async def _create_job(session: Session, caller: str, spec: dict) -> str:
-    return (await _create(session, caller, spec, start=False)).id
+    job, _ = await _create(session, caller, spec, start=False)
+    return job.id
 
 
 @job_methods.add("run_job", Param("script", (str,)), Param("script_type", (str,)),
@@ -288,9 +288,9 @@ def _settled(result, session: Session, d: Deferred):
 
 
 async def _run_job(session: Session, caller: str, spec: dict) -> str:
-    job = await _create(session, caller, spec, start=True)
+    job, table = await _create(session, caller, spec, start=True)
     jobs = session.gateway.jobs
-    ended = await jobs.wait(caller, job.id)
+    ended = await jobs.wait(job, table.version)
     try:
         return await _output(session, ended)
     finally:
