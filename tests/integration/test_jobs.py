@@ -7,6 +7,8 @@ The rules themselves, on a Clock, are tests/unit/test_jobs.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -330,3 +332,46 @@ async def test_a_job_in_redis_that_is_not_ours_is_left_out(redis_server, start, 
     redis_client("HSET", "circles:jobs:someone", "_v", "3", new_job_id(), "{not json")
     assert await store.load("someone") == (3, {})
     assert store.unreadable == 1
+
+
+# --- twistd, as an operator runs it ---------------------------------------------------------------
+
+
+def test_twistd_with_api_hero_serves_jobs_within_its_job_options(tmp_path):
+    """``twistd circles --api hero`` with the job options, a ``twistd circles-worker``, and a hero
+    client written with the websockets library (no subprotocol: the server's --api)."""
+    from websockets.sync.client import connect as ws_connect
+
+    from ..support import Key, request, twistd
+
+    circle, user = Key(), Key()
+    args = ["--api", "hero", "-k", circle.pubkey, "--port", "0", "--interface", "127.0.0.1", "--job-ttl", "600",
+            "--max-jobs-per-caller", "2", "--max-running-jobs-per-caller", "1", "--max-jobs", "10"]
+    with twistd(args, tmp_path) as server, \
+            twistd(["-k", circle.pubkey, "--engine", "circles.worker.tiny_engine:run"], tmp_path,
+                   plugin="circles-worker") as worker:
+        port = server.wait_listening()
+        worker.wait_for("waiting for tasks")
+        with ws_connect(f"ws://127.0.0.1:{port}/{circle.pubkey}") as ws:
+            assert request(ws, "create_job", {"job": {"script": "1", "script_type": "rhai"}})["error"]["code"] == \
+                -32001
+            nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]
+            assert request(ws, "authenticate", {"pubkey": user.pubkey, "signature": user.eth_sign(nonce)})["result"]
+            job_id = request(ws, "create_job", {"job": {"script": "let x = 10; x * 2", "script_type": "rhai"}})["result"]
+            assert request(ws, "start_job", [job_id])["result"] == {"success": True}
+            status = None
+            for _ in range(300):
+                status = request(ws, "get_job_status", [job_id])["result"]
+                if status["status"] == "finished":
+                    break
+                time.sleep(0.1)
+            assert status["status"] == "finished"
+            assert status["expires_at"] > status["created_at"]
+            assert request(ws, "get_job_output", [job_id])["result"].strip() == "20"
+            assert request(ws, "run_job", {"script": "6 * 7", "script_type": "rhai"})["result"].strip() == "42"
+            request(ws, "create_job", {"job": {"script": "1", "script_type": "rhai"}})
+            refused = request(ws, "create_job", {"job": {"script": "1", "script_type": "rhai"}})["error"]
+            assert refused["code"] == -32006 and refused["data"] == {"max_jobs_per_caller": 2}
+            described = request(ws, "rpc.discover")["result"]
+            assert {"create_job", "run_job", "clear_all_jobs"} <= {m["name"] for m in described["methods"]}
+    assert "Traceback" not in server.output
