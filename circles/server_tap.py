@@ -59,6 +59,8 @@ CONFIG_FIELDS = {
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
     "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
     "webhook-replica-timeout": "webhook_replica_timeout", "webhook-attempts": "webhook_attempts",
+    "job-ttl": "job_ttl", "max-jobs-per-caller": "max_jobs_per_caller",
+    "max-running-jobs-per-caller": "max_running_jobs_per_caller", "max-jobs": "max_jobs",
 }
 
 #: Former names still accepted, and the options they are now.
@@ -241,6 +243,14 @@ class Options(usage.Options):
                  "rest of the WAIT in flight, then its own)", positive(float)),
         _setting("webhook-attempts", "runs a webhook event's task gets when the workers running it are lost "
                  "(then it waits in the dead-letter list: circles tasks dead-letter)", positive(int)),
+        _setting("job-ttl", "seconds a job (the hero contract's create_job, run_job) lives from its creation, "
+                 "whatever its status: then it is gone, its output with it", positive(float)),
+        _setting("max-jobs-per-caller", "live jobs one key may have, beyond which create_job and run_job answer "
+                 "-32006 (0: no limit)", at_least_zero(int)),
+        _setting("max-running-jobs-per-caller", "jobs of one key running at once; the others started wait "
+                 "their turn (0: no limit)", at_least_zero(int)),
+        _setting("max-jobs", "live jobs of every key together (each keeps its script and output in Redis), beyond "
+                 "which create_job and run_job answer -32006 (0: no limit)", at_least_zero(int)),
     ]
 
     def __init__(self) -> None:

@@ -37,6 +37,7 @@ from circles.server.http.accepts import AcceptGate
 from circles.server.http.eager import send_eagerly
 from circles.server.http.site import build_metrics_site, edge_site
 from circles.server.http.upgrade import UpgradeRouter
+from circles.server.jobs.redis_store import RedisJobStore
 from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
 from circles.server.session.contracts import CONTRACTS
 from circles.server.session.methods import Sessions
@@ -168,6 +169,9 @@ class CirclesService(MultiService):
         # Nonces from GET /auth/nonce, where every process and server sees them: with the script
         # runner's Redis; None (in the gateway's memory) when ``scripts`` is given.
         self.nonces: RedisNonceStore | None = None
+        # Jobs (the hero contract's jobs methods), where every process and server sees them: with
+        # the script runner's Redis; None (in the gateway's memory) when ``scripts`` is given.
+        self.job_store: RedisJobStore | None = None
         if scripts is None:
             # Children start in order and stop in reverse: Redis first up and last down, so the
             # script runner can answer in-flight plays (and expire their tasks) on shutdown.
@@ -194,11 +198,15 @@ class CirclesService(MultiService):
                                           cap=config.max_http_nonces, per_owner=config.max_http_nonces_per_ip,
                                           timeout=min(NONCE_TIMEOUT, config.handshake_timeout))
             self.nonces.setServiceParent(self)
+            self.job_store = RedisJobStore(address, reactor=reactor, prefix=config.redis_prefix)
+            self.job_store.setServiceParent(self)
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts)
         self.gateway.members = self.membership
         if self.nonces is not None:
             self.gateway.http_nonces = self.nonces
+        if self.job_store is not None:
+            self.gateway.use_job_store(self.job_store)
         # The session layer on the gateway's state: every contract the server speaks, with its dispatcher.
         self.sessions = Sessions(self.gateway, CONTRACTS)
         self.factory = CircleFactory(self.sessions, time_handshake=False)  # the router times it
@@ -245,7 +253,8 @@ class CirclesService(MultiService):
         ``/ready``: a load balancer then takes this server out before its port closes, instead
         of meeting refused connections); stop accepting connections; let in-flight
         calls finish (up to ``shutdown_grace``) while each connection closes with 1001 once
-        it has nothing in flight; stop the script runner, which answers what is left (-32004);
+        it has nothing in flight; stop the jobs still running in this process (each ends in error,
+        saying so); stop the script runner, which answers what is left (-32004);
         say goodbye to the last connections; stop the embedded Redis."""
         return ensureDeferred(self._stop())
 
@@ -254,12 +263,16 @@ class CirclesService(MultiService):
         await self._leave()
         await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
         await self._bounded(self.factory.drain(), self.config.shutdown_grace)
+        # The jobs still running here end (in error, saying so) while Redis can still record it.
+        await self.gateway.jobs.stop()
         if self.script_runner is not None:
             await maybeDeferred(self.script_runner.stopService)
         if self.membership is not None:
             await maybeDeferred(self.membership.stopService)
         if self.nonces is not None:
             await maybeDeferred(self.nonces.stopService)
+        if self.job_store is not None:
+            await maybeDeferred(self.job_store.stopService)
         self.factory.close_all()
         await self._bounded(self.factory.drain(), CLOSE_WAIT)
         self.gateway.stop()

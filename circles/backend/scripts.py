@@ -15,6 +15,7 @@ from zope.interface import Interface
 SOURCE_WS = "ws"
 SOURCE_STRIPE = "webhook:stripe"
 SOURCE_IDENFY = "webhook:idenfy"
+SOURCE_JOB = "job"  # a job of the hero contract's jobs methods (circles.server.jobs)
 
 
 @attrs.frozen

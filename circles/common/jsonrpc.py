@@ -152,10 +152,15 @@ class Method:
 
 
 class Methods:
-    """A registry of methods, built once at import time and shared by every session."""
+    """A registry of methods, built once at import time and shared by every session.
 
-    def __init__(self) -> None:
+    ``Methods(a, b)`` starts with the methods of ``a`` and ``b`` as they are then (a name in
+    both is ``b``'s): a table that is another's with more methods."""
+
+    def __init__(self, *tables: Methods) -> None:
         self._methods: dict[str, Method] = {}
+        for table in tables:
+            self._methods.update(table._methods)
 
     def __contains__(self, name: str) -> bool:
         return name in self._methods

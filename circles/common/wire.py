@@ -15,6 +15,9 @@ TOO_MANY_REQUESTS = -32006
 REPLY_TOO_LARGE = -32007
 NO_WORKER = -32008
 NOT_A_MEMBER = -32009  # the circle admits its members only (circles.backend.members), and the caller is not one
+# The jobs methods of the hero contract (circles.server.session.jobs).
+JOB_NOT_FOUND = -32010  # no such job of the caller's in this circle (never created, another key's, deleted, expired)
+JOB_STATE = -32011  # the job's status does not allow what was asked (start a started job, the output of a running one)
 # The circles-era contract's code for a script that failed (ours: SCRIPT_FAILED).
 EXECUTION_ERROR = -32000
 

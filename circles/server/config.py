@@ -110,6 +110,15 @@ class Config:
     # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
     # dead-lettered after: docs/worker-protocol.md).
     webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
+    # Jobs (the hero contract's jobs methods; circles.server.jobs), kept in Redis (in memory without
+    # one): seconds a job lives from its creation, whatever its status; live jobs of one caller (a
+    # key); of those, running at once (more wait their turn); live jobs of every caller. 0: no bound.
+    # Each job keeps its script and output: --max-jobs bounds their memory, at most
+    # max_jobs * (max_script_size + max_message_size).
+    job_ttl: float = 86400.0
+    max_jobs_per_caller: int = 100
+    max_running_jobs_per_caller: int = 4
+    max_jobs: int = 1000
 
     @allowed_origins.validator
     def _check_allowed_origins(self, attribute: attrs.Attribute, value: Any) -> None:

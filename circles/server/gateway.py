@@ -2,9 +2,10 @@
 its webhooks (configuration, clock, script backend, metrics, nonces issued over HTTP, log
 budgets), so that those reach it without importing one another.
 
-The nonces issued over HTTP are in this process's memory until the service gives the gateway
-a store every process sees (:class:`~circles.server.access.redis_nonces.RedisNonceStore`), as it does
-whenever it has Redis.
+The nonces issued over HTTP, and the jobs (:mod:`circles.server.jobs`), are in this process's
+memory until the service gives the gateway stores every process sees
+(:class:`~circles.server.access.redis_nonces.RedisNonceStore`,
+:class:`~circles.server.jobs.redis_store.RedisJobStore`), as it does whenever it has Redis.
 
 The gateway knows nothing of sessions, their contracts and their JSON-RPC methods: the session
 layer (:class:`circles.server.session.methods.Sessions`), built on it by the composition root,
@@ -21,6 +22,8 @@ from circles.backend.scripts import IScriptRunner
 from circles.common.log_budget import LogBudget
 from circles.server.access.nonces import INonceStore, NonceStore
 from circles.server.config import Config
+from circles.server.jobs.runner import JobLimits, Jobs
+from circles.server.jobs.store import IJobStore, MemoryJobStore
 from circles.server.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -51,12 +54,25 @@ class Gateway:
         #: by URL authentication: in memory here; in Redis once the service has one.
         self.http_nonces: INonceStore = NonceStore(clock, config.nonce_ttl, config.max_http_nonces,
                                                    config.max_http_nonces_per_ip)
+        #: The jobs of the hero contract's jobs methods: in memory here; in Redis once the service
+        #: has one (:meth:`use_job_store`).
+        self.jobs = self._jobs(MemoryJobStore(clock))
         self.metrics = Metrics()
         # Info lines about what clients get wrong, per minute, process-wide (circles.common.log_budget).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
         self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)
         # Refused webhook deliveries and request bodies over the limit (413).
         self.http_log = LogBudget(clock, "refused HTTP requests", shown=50)
+
+    def _jobs(self, store: IJobStore) -> Jobs:
+        config = self.config
+        limits = JobLimits(ttl=config.job_ttl, per_caller=config.max_jobs_per_caller,
+                           running_per_caller=config.max_running_jobs_per_caller, total=config.max_jobs)
+        return Jobs(self.clock, self.scripts, store, limits, members=lambda: self.members)
+
+    def use_job_store(self, store: IJobStore) -> None:
+        """Keep jobs in ``store`` (Redis, where every process sees them) from now on."""
+        self.jobs = self._jobs(store)
 
     def unready_reason(self) -> str | None:
         """Why this process cannot take plays now (``/ready``'s 503), or None: shutting down, or

@@ -148,7 +148,7 @@ LAYERS = (
     ("circles.common",),  # every process: JSON-RPC, keys, signatures, logs, children, options
     ("circles.backend", "circles.client"),  # the Redis seam; the client library
     ("circles.worker", "circles.server.providers", "circles.server.access", "circles.server.metrics",
-     "circles.server.tls", "circles.server.websocket"),
+     "circles.server.tls", "circles.server.websocket", "circles.server.jobs"),
     ("circles.server.config", "circles.server.processes"),
     ("circles.server.gateway",),
     ("circles.server.session",),

@@ -209,24 +209,37 @@ def whoami(session: Session) -> dict:
     return {"circle": session.circle, "authenticated": session.authenticated, "pubkey": session.pubkey}
 
 
+def check_script(gateway: Gateway, script: str, name: str = "script") -> None:
+    """Refuse a script the workers would not take: one that is not valid Unicode (-32602), one over
+    ``--max-script-size`` (-32006). What the worker would refuse is never written to Redis."""
+    try:
+        size = len(script.encode("utf-8"))
+    except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
+        raise RPCError(INVALID_PARAMS, f"Invalid params: '{name}' is not valid Unicode (lone surrogate)") from None
+    most = gateway.config.max_script_size
+    if size > most:
+        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: the script is {size} bytes, over the server's "
+                       f"limit of {most} (--max-script-size)", {"size": size, "limit": most})
+
+
+def capped_timeout(gateway: Gateway, timeout: float | None, name: str = "timeout") -> float:
+    """The seconds a script may take: ``timeout`` (a positive number, else -32602) if given, never
+    more than ``--script-timeout``."""
+    limit = gateway.config.script_timeout
+    if timeout is not None:
+        if not timeout > 0:
+            raise RPCError(INVALID_PARAMS, f"Invalid params: '{name}' must be a positive number of seconds")
+        limit = min(timeout, limit)
+    return limit
+
+
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
 def play(session: Session, script: str, timeout: float | None = None) -> Deferred:
     gateway = session.gateway
     if gateway.config.auth_required and not session.authenticated:
         raise session.contract.auth_required()
-    try:
-        size = len(script.encode("utf-8"))
-    except UnicodeEncodeError:  # JSON allows lone surrogates; Redis and workers take UTF-8 only
-        raise RPCError(INVALID_PARAMS, "Invalid params: 'script' is not valid Unicode (lone surrogate)") from None
-    most = gateway.config.max_script_size
-    if size > most:  # what the worker would refuse is never written to Redis
-        raise RPCError(TOO_MANY_REQUESTS, f"Too many requests: the script is {size} bytes, over the server's "
-                       f"limit of {most} (--max-script-size)", {"size": size, "limit": most})
-    limit = gateway.config.script_timeout
-    if timeout is not None:
-        if not timeout > 0:
-            raise RPCError(INVALID_PARAMS, "Invalid params: 'timeout' must be a positive number of seconds")
-        limit = min(timeout, limit)
+    check_script(gateway, script)
+    limit = capped_timeout(gateway, timeout)
     if gateway.draining:
         raise RPCError(BACKEND_UNAVAILABLE, "Script backend unavailable", "the server is shutting down")
     most = gateway.config.max_plays
