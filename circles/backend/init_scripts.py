@@ -34,7 +34,6 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 from txredisapi import RedisError
 
 from circles.backend.scripts import (
@@ -116,15 +115,16 @@ def split_circle(value: str) -> tuple[str, str | None]:
     return key, path if colon else None
 
 
-def read_init_script(path: str, max_size: int) -> str:
-    """The text of an init script file: UTF-8, not empty, at most ``max_size`` bytes."""
+def read_init_script(path: str, max_size: int, limit: str = "--max-script-size") -> str:
+    """The text of an init script file: UTF-8, not empty, at most ``max_size`` bytes (``limit``
+    names that bound in the error)."""
     try:
         with open(path, "rb") as f:
             data = f.read(max_size + 1)
     except OSError as e:
         raise InitScriptError(f"cannot read init script {path}: {e.strerror or e.__class__.__name__}") from None
     if len(data) > max_size:
-        raise InitScriptError(f"init script {path} is larger than {max_size} bytes (--max-script-size)")
+        raise InitScriptError(f"init script {path} is larger than {max_size} bytes ({limit})")
     try:
         script = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -134,7 +134,8 @@ def read_init_script(path: str, max_size: int) -> str:
     return script
 
 
-def parse_circles(values: Iterable[str], max_size: int) -> tuple[list[str], tuple[InitScript, ...]]:
+def parse_circles(values: Iterable[str], max_size: int,
+                  limit: str = "--max-script-size") -> tuple[list[str], tuple[InitScript, ...]]:
     """``-k`` values (``PK`` or ``PK:FILE``) as ``(circles, init scripts)``: each circle in
     compressed hex, each file read (:func:`read_init_script`). One circle may have one init
     script (the same file, or the same text, given twice is one)."""
@@ -149,7 +150,7 @@ def parse_circles(values: Iterable[str], max_size: int) -> tuple[list[str], tupl
         circles.append(circle)
         if path is None:
             continue
-        init = InitScript(circle, read_init_script(path, max_size), path)
+        init = InitScript(circle, read_init_script(path, max_size, limit), path)
         other = inits.setdefault(circle, init)
         if other.script != init.script:
             raise InitScriptError(f"circle {circle} has two init scripts ({other.path}, {path}): give one")
@@ -224,15 +225,18 @@ class InitScripts(Service):
         for circle, (workers, _) in stats.items():
             if workers and circle in self.waiting and circle not in self._in_flight:
                 d = ensureDeferred(self._claim_and_run(self.waiting[circle]))
-                self._in_flight[circle] = d
-                d.addBoth(self._ended, circle)
-
-    def _ended(self, result, circle: str) -> None:
-        self._in_flight.pop(circle, None)
-        if isinstance(result, Failure) and not result.check(CancelledError):
-            log.failure("running the init script of circle {circle}", result, circle=circle)
+                if not d.called:
+                    self._in_flight[circle] = d  # until it ends (it takes itself off)
 
     async def _claim_and_run(self, init: InitScript) -> None:
+        try:
+            await self._claim_and_run_once(init)
+        except Exception:
+            log.failure("running the init script of circle {circle}", circle=init.circle)
+        finally:
+            self._in_flight.pop(init.circle, None)
+
+    async def _claim_and_run_once(self, init: InitScript) -> None:
         key = once_key(self.prefix, init)
         if not self._token:
             self._token = f"running: {self.who} since {stamp(self.clock)}"

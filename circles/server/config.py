@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -21,6 +22,10 @@ DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
 
 
+def _as_tuple(values: Iterable[InitScript]) -> tuple[InitScript, ...]:
+    return tuple(values)
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything the gateway needs to know; immutable once the service is built.
@@ -31,7 +36,7 @@ class Config:
     circles: frozenset[str] = attrs.field(default=frozenset(), converter=circle_set)
     # Scripts run once in their circle when its first worker comes up (circles.backend.init_scripts),
     # at most one per circle, each circle among ``circles``.
-    init_scripts: tuple[InitScript, ...] = attrs.field(default=(), converter=tuple)
+    init_scripts: tuple[InitScript, ...] = attrs.field(default=(), converter=_as_tuple)
     auth_required: bool = False
     # The contract a connection gets when it offers no subprotocol of ours, by name (circles.common.wire.APIS;
     # each is an object of circles.server.session.contracts): "gateway" ours, "circles" the original circles
