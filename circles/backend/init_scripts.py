@@ -278,8 +278,8 @@ class InitScripts(Service):
         except ScriptError as e:
             del self.waiting[init.circle]
             await self._release(key)
-            why = "timed out" if isinstance(e, ScriptTimeout) else "failed"
-            log.error("init script FAILED: {path} of circle {circle} {why}: {error}; its output: {output}. It runs "
+            why = "timeout" if isinstance(e, ScriptTimeout) else "error"
+            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
                       "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
                       why=why, error=quoted(getattr(e, "detail", None) or str(e) or why),
                       output=quoted(getattr(e, "output", "")))

@@ -320,9 +320,10 @@ class Worker(Service):
         except Exception as e:
             detail = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
             await self._give_init_back(key)
-            log.error("init script FAILED: {path} of circle {circle}: {error}; its output: {output}. It runs again "
-                      "at the next start of a server or worker given it", path=init.path, circle=init.circle,
-                      error=quoted(detail), output=quoted(getattr(e, "output", "") or ""))
+            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
+                      "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
+                      why=getattr(e, "reason", "") or "error", error=quoted(detail),
+                      output=quoted(getattr(e, "output", "") or ""))
             return
         done = f"completed: worker {self.worker_id} at {stamp(self.reactor)}"
         try:
