@@ -312,7 +312,7 @@ class Options(usage.Options):
                                    "--key FILE unless the key is in it (python -m circles.tryout.devcert DIR makes "
                                    "a development one)")
         if self["tls-key"] and not self["tls-cert"]:
-            raise usage.UsageError("--tls-key (--key) needs --tls-cert (--cert)")
+            raise usage.UsageError("--tls-key needs --tls-cert (--key needs --cert)")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
         # saying what is wrong (SystemExit), not the help text (UsageError).
         if self["tls-ciphers"] is not None:

@@ -223,7 +223,7 @@ def test_the_new_names_take_no_other_options_prefix(tls_files):
 @pytest.mark.parametrize("argv, message", [
     (["--tls"], "--tls needs the certificate to serve: --cert FILE (or --tls-cert FILE)"),
     (["--tls", "--key", "k.pem"], "--tls needs the certificate to serve"),
-    (["--key", "k.pem"], "--tls-key (--key) needs --tls-cert (--cert)"),
+    (["--key", "k.pem"], "--tls-key needs --tls-cert (--key needs --cert)"),
     (["--cert", "a.pem", "--tls-cert", "b.pem"], "two certificates given (a.pem, b.pem): give one, with --tls-cert "
                                                  "or --cert"),
     (["--tls-key", "a.pem", "--key", "b.pem"], "two keys given (a.pem, b.pem): give one, with --tls-key or --key"),
