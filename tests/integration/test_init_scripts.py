@@ -262,6 +262,20 @@ def test_twistd_runs_the_init_script_once(tmp_path, redis_server):
     assert "Traceback" not in first.output
 
 
+def test_of_several_server_processes_the_first_alone_handles_init_scripts(tmp_path, redis_server):
+    trace = tmp_path / "trace"
+    (tmp_path / "init.sh").write_text(TRACE_SCRIPT.format(trace=trace))
+    common = ["--redis-url", redis_server.url]
+    with twistd([*common, "--port", "0", "--interface", "127.0.0.1", "--processes", "2", "-k", f"{CIRCLE}:init.sh"],
+                tmp_path) as server:
+        server.wait_for("started server process 2")
+        with twistd([*common, "-k", CIRCLE, *SHELL], tmp_path, plugin="circles-worker"):
+            server.wait_for("ran; its output: 'initialized'")
+            assert trace.read_text() == f"init {CIRCLE} {CIRCLE}\n"
+    assert server.output.count("waiting for the circle's first worker") == 1
+    assert "not run by this server" not in server.output  # the other process was not given it
+
+
 def test_twistd_logs_a_failing_init_script_loudly_and_serves(tmp_path, redis_server):
     (tmp_path / "init.sh").write_text("echo half done\necho no database here >&2\nexit 3\n")
     common = ["--redis-url", redis_server.url]
