@@ -259,8 +259,8 @@ class Worker(Service):
         if not self._init_token:
             self._init_token = f"running: worker {self.worker_id} since {stamp(self.reactor)}"
         for init in inits:
-            claim = connection.eval(init_scripts.CLAIM, [once_key(self.prefix, init)],
-                                    [self._init_token, claim_ttl(self.script_timeout)])
+            claim = maybeDeferred(connection.eval, init_scripts.CLAIM, [once_key(self.prefix, init)],
+                                  [self._init_token, claim_ttl(self.script_timeout)])
             self._start_init(init, claim)
 
     def _start_init(self, init: InitScript, claim: Deferred) -> None:
