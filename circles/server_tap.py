@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
+from circles.backend.init_scripts import InitScriptError, parse_circles, split_circle
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.backend.redis_url import InvalidRedisURL
 from circles.common import logs
@@ -140,10 +141,13 @@ class Options(usage.Options):
     longdesc = (
         "Serve circles over WebSocket: JSON-RPC 2.0 on /{circle_pk}, secp256k1 authentication, "
         "scripts handed to the circle's workers. Example: "
-        "twistd -n circles --auth --tls-cert cert.pem --tls-key key.pem -k <circle_pk>"
+        "twistd -n circles --auth --tls-cert cert.pem --tls-key key.pem -k <circle_pk>, or as the Rust server "
+        "was started: twistd -n circles --auth --tls --cert cert.pem --key key.pem"
     )
     optFlags = [
         ("auth", None, "require authentication before play"),
+        ("tls", None, "serve TLS (wss://), as the Rust server's --tls: the certificate is --cert (or --tls-cert), "
+         "required with it"),
         ("reuse-port", None, "bind --port with SO_REUSEPORT, sharing it with other server processes "
          "(what --processes does for its children)"),
         ("redis-persist", None, "the private Redis (no --redis-url) keeps its data in --state-dir"),
@@ -157,8 +161,6 @@ class Options(usage.Options):
         _setting("port", f"TCP port to listen on (default {DEFAULT_PLAIN_PORT}, or {DEFAULT_TLS_PORT} with TLS)", int,
                  short="p"),
         _setting("interface", "address to bind (default: all)"),
-        ("tls-cert", None, None, "PEM certificate (chain) file: serve TLS (wss://)"),
-        ("tls-key", None, None, "PEM private key file (default: the key is in --tls-cert)"),
         _setting("tls-ciphers", "OpenSSL cipher string for TLS 1.2 (default: Mozilla's intermediate "
                  "profile, ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are OpenSSL's)"),
         _setting("nonce-ttl", "seconds a nonce stays valid", positive(float)),
@@ -257,13 +259,37 @@ class Options(usage.Options):
         super().__init__()
         self["circles"] = []
         self["listen"] = []
+        self["tls-cert"] = self["tls-key"] = None
         self.deprecated: set[str] = set()  # former option names given, warned about once logging is up
 
     def opt_circle(self, pubkey: str) -> None:
-        """circle to serve, as its public key in hex (repeatable; default: any)"""
+        """circle to serve, as its public key in hex (repeatable; default: any); PK:FILE also names an init script, run once in the circle when its first worker comes up (README, "Init scripts"); -c is -k too, as the original launcher spelled it"""  # noqa: E501
         self["circles"].append(pubkey)
 
-    opt_k = opt_circle
+    # Both letters; the help shows the one named last.
+    opt_c = opt_k = opt_circle
+
+    def _tls_file(self, name: str, path: str) -> None:
+        if self[name] is not None and self[name] != path:
+            what, rust = ("certificates", "cert") if name == "tls-cert" else ("keys", "key")
+            raise usage.UsageError(f"two {what} given ({self[name]}, {path}): give one, with --{name} or --{rust}")
+        self[name] = path
+
+    def opt_tls_cert(self, path: str) -> None:
+        """PEM certificate (chain) file: serve TLS (wss://) (also --cert)"""
+        self._tls_file("tls-cert", path)
+
+    def opt_tls_key(self, path: str) -> None:
+        """PEM private key file (default: the key is in --tls-cert) (also --key)"""
+        self._tls_file("tls-key", path)
+
+    def opt_cert(self, path: str) -> None:
+        """--tls-cert, by the Rust server's name"""
+        self._tls_file("tls-cert", path)
+
+    def opt_key(self, path: str) -> None:
+        """--tls-key, by the Rust server's name"""
+        self._tls_file("tls-key", path)
 
     def opt_version(self) -> None:
         """print circles' version (and Twisted's and Python's) and exit"""
@@ -291,8 +317,12 @@ class Options(usage.Options):
             # Every process would bind them: the second fails (address in use) and dies.
             raise usage.UsageError("--processes shares --port (and --tls-cert) between processes; "
                                    "it cannot share --listen or --metrics-listen endpoints")
+        if self["tls"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls needs the certificate to serve: --cert FILE (or --tls-cert FILE), and "
+                                   "--key FILE unless the key is in it (python -m circles.tryout.devcert DIR makes "
+                                   "a development one)")
         if self["tls-key"] and not self["tls-cert"]:
-            raise usage.UsageError("--tls-key needs --tls-cert")
+            raise usage.UsageError("--tls-key needs --tls-cert (--key needs --cert)")
         # Bad files, keys and a missing redis-server are not usage mistakes: they get one line
         # saying what is wrong (SystemExit), not the help text (UsageError).
         if self["tls-ciphers"] is not None:
@@ -342,9 +372,14 @@ class Options(usage.Options):
             raise SystemExit(f"circles: webhook secrets: {e}") from None
         scripts = {name: _read_script(self[f"{name}-script"], f"--{name}-script") for name in ("stripe", "idenfy")}
         try:
+            circles, init_scripts = parse_circles(self["circles"], self["max-script-size"])
+        except InitScriptError as e:
+            raise SystemExit(f"circles: -k/--circle: {e}") from None
+        try:
             self.config = Config(
                 **{field: _config_value(self, option) for option, field in CONFIG_FIELDS.items()},
-                circles=self["circles"],
+                circles=circles,
+                init_scripts=init_scripts,
                 listen=tuple(self["listen"]),
                 reuse_port=self["reuse-port"] or self["processes"] > 1,
                 tls=tls_options,
@@ -460,7 +495,8 @@ def child_argv(options: usage.Options, argv: list) -> list:
 
     Built from getopt's parse (the one ``usage.Options`` does), not by matching the text the user
     typed: getopt takes any unique prefix (``--proc 2``), ``--processes=2`` and ``--processes 2``
-    alike.
+    alike. A circle's init script (``-k PK:FILE``) is the first process's alone: the others get
+    ``--circle=PK``.
     """
     pairs, rest = getopt.getopt(argv, options.shortOpt, options.longOpt)
     parameters = {name[:-1] for name in options.longOpt if name.endswith("=")}
@@ -470,5 +506,7 @@ def child_argv(options: usage.Options, argv: list) -> list:
         name = DEPRECATED.get(name, name)
         if name == "processes":
             continue
+        if name == "circle":
+            value = split_circle(value)[0]
         kept.append(f"--{name}={value}" if name in parameters else f"--{name}")
     return kept + ["--processes=1", *rest]

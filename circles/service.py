@@ -22,6 +22,7 @@ from twisted.web.server import Site
 
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
+from circles.backend.init_scripts import InitScripts
 from circles.backend.members import Membership
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import IScriptRunner
@@ -200,6 +201,18 @@ class CirclesService(MultiService):
             self.nonces.setServiceParent(self)
             self.job_store = RedisJobStore(address, reactor=reactor, prefix=config.redis_prefix)
             self.job_store.setServiceParent(self)
+        # The init scripts (-k PK:FILE), queued once their circle's first worker is seen: housekeeping
+        # reads the circles' live workers every heartbeat interval already.
+        self.init_scripts: InitScripts | None = None
+        if config.init_scripts:
+            if self.script_runner is None:
+                raise ValueError("init scripts need the server's own script runner (Redis), not scripts=")
+            runner = self.script_runner
+            self.init_scripts = InitScripts(config.init_scripts, runner.run, runner.command, clock=reactor,
+                                            prefix=config.redis_prefix, who=f"server {runner.server_id}",
+                                            timeout=config.script_timeout)
+            runner.housekeeping.watchers.append(self.init_scripts.workers_seen)
+            self.init_scripts.setServiceParent(self)
         self.reactor = reactor
         self.gateway = Gateway(config, reactor, scripts)
         self.gateway.members = self.membership
@@ -265,6 +278,8 @@ class CirclesService(MultiService):
         await self._bounded(self.factory.drain(), self.config.shutdown_grace)
         # The jobs still running here end (in error, saying so) while Redis can still record it.
         await self.gateway.jobs.stop()
+        if self.init_scripts is not None:  # while Redis is there to take their claims back
+            await maybeDeferred(self.init_scripts.stopService)
         if self.script_runner is not None:
             await maybeDeferred(self.script_runner.stopService)
         if self.membership is not None:

@@ -281,6 +281,12 @@ class RedisScriptRunner(Service):
                       task=task_id, circle=request.circle, source=request.source)
         return d.addCallback(queued)
 
+    def command(self, name: str, *args) -> Deferred:
+        """Run a Redis command on the runner's command connection, for the parts composed with
+        it (a server's init scripts: :mod:`circles.backend.init_scripts`); Redis trouble fails
+        it with :class:`BackendUnavailable`."""
+        return self._command(name, *args)
+
     def _command(self, name: str, *args) -> Deferred:
         """Run a command on the command connection; Redis trouble becomes BackendUnavailable."""
         if self._commands is None or self._commands.size == 0:

@@ -2,7 +2,8 @@
 :data:`~circles.backend.tasks.HEARTBEAT_INTERVAL` seconds (:class:`Housekeeping`): it reaps the
 workers whose heartbeat lapsed (as workers do: a server alone still answers the plays of a dead
 worker and re-queues its webhook tasks), and reads the live workers and queue length of the
-circles it serves and the dead-letter list's length (for ``/metrics``)."""
+circles it serves and the dead-letter list's length (for ``/metrics``, and for its watchers: a
+server's init scripts wait there for their circle's first worker)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Housekeeping:
         :class:`BackendUnavailable`).
     :param connected: whether the runner's Redis is usable now.
     :param circles: the circles whose live workers and queue lengths are read; empty: none.
+
+    :attr:`watchers` are called with :attr:`circle_stats` after each round that read them.
     """
 
     def __init__(self, clock: IReactorTime, prefix: str, commands: Callable[[], Any | None],
@@ -43,6 +46,7 @@ class Housekeeping:
         self.circle_stats: dict[str, tuple[int, int]] = {}  # circle -> (live workers, queue length)
         self.dead_letters: int | None = None  # the dead-letter list's length, as last read
         self.reaped = 0  # dead workers reaped by this server
+        self.watchers: list[Callable[[dict[str, tuple[int, int]]], None]] = []
         self._looping: LoopingCall | None = None
         self._running = False  # a round is in flight
 
@@ -73,6 +77,8 @@ class Housekeeping:
                 return
             counts = await self.stats(self.circles)
             self.dead_letters, self.circle_stats = counts
+            for watcher in self.watchers:
+                watcher(self.circle_stats)
         except (RedisError, BackendUnavailable, CancelledError):
             pass  # Redis trouble: the next round tries again
         except Exception:

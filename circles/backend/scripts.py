@@ -12,10 +12,16 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
+#: The largest script a play may carry (UTF-8 bytes), the server's default ``--max-script-size``:
+#: the tiny engine's own MAX_SCRIPT (circles/worker/tiny_engine/values.py), so that the server
+#: refuses what the worker would. A worker's init script is read within it too.
+DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
+
 SOURCE_WS = "ws"
 SOURCE_STRIPE = "webhook:stripe"
 SOURCE_IDENFY = "webhook:idenfy"
 SOURCE_JOB = "job"  # a job of the hero contract's jobs methods (circles.server.jobs)
+SOURCE_INIT = "init"  # an init script (circles.backend.init_scripts): its caller is the circle itself
 
 
 @attrs.frozen

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
 from circles.backend import tasks
 from circles.backend.embedded import derived_maxmemory, physical_memory
+from circles.backend.init_scripts import InitScript
 from circles.backend.redis_url import parse_redis_url, redact_url
+from circles.backend.scripts import DEFAULT_MAX_SCRIPT_SIZE
 from circles.common.keys import circle_set
 from circles.common.wire import APIS, DEFAULT_API
 from circles.server.access.limits import check_origin_pattern
 from circles.server.providers.secrets import WebhookSecrets
 
-#: The largest script a play may carry (UTF-8 bytes): the tiny engine's own MAX_SCRIPT
-#: (circles/worker/tiny_engine/values.py), so that the server refuses what the worker would.
-DEFAULT_MAX_SCRIPT_SIZE = 64 * 1024
-
 DEFAULT_MAX_REQUEST_BODY = 1024 * 1024  # bytes, on every HTTP route
 DEFAULT_PLAIN_PORT = 8080
 DEFAULT_TLS_PORT = 8443
+
+
+def _as_tuple(values: Iterable[InitScript]) -> tuple[InitScript, ...]:
+    return tuple(values)
 
 
 @attrs.frozen(kw_only=True)
@@ -31,6 +34,9 @@ class Config:
     """
 
     circles: frozenset[str] = attrs.field(default=frozenset(), converter=circle_set)
+    # Scripts run once in their circle when its first worker comes up (circles.backend.init_scripts),
+    # at most one per circle, each circle among ``circles``.
+    init_scripts: tuple[InitScript, ...] = attrs.field(default=(), converter=_as_tuple)
     auth_required: bool = False
     # The contract a connection gets when it offers no subprotocol of ours, by name (circles.common.wire.APIS;
     # each is an object of circles.server.session.contracts): "gateway" ours, "circles" the original circles
@@ -126,6 +132,15 @@ class Config:
             raise ValueError(f"allowed_origins is a sequence of patterns, not one string: ({value!r},)")
         for pattern in value:
             check_origin_pattern(pattern)  # a ValueError saying what is wrong with it
+
+    @init_scripts.validator
+    def _check_init_scripts(self, attribute: attrs.Attribute, value: tuple) -> None:
+        circles = [init.circle for init in value]
+        for circle in circles:
+            if circle not in self.circles:
+                raise ValueError(f"the init script of circle {circle} is for a circle not served (give it with -k)")
+        if len(set(circles)) < len(circles):
+            raise ValueError("a circle may have one init script")
 
     @redis_url.validator
     def _check_redis_url(self, attribute: attrs.Attribute, value: str | None) -> None:

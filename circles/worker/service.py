@@ -9,6 +9,9 @@ worker's). The worker cancels the engine's Deferred when the script timeout pass
 that with the task's ``reason`` ``timeout`` (:class:`~circles.worker.engines.ScriptTimedOut`), so
 the server answers -32003. Each heartbeat also reaps the workers whose heartbeat lapsed
 (``REAP``): their webhook tasks run again here or elsewhere, their plays are answered.
+
+A circle's init script (``-k PK:FILE``, :mod:`circles.backend.init_scripts`) is claimed before
+the worker's first heartbeat and, if this worker got it, run here before the circle's tasks.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from txredisapi import RedisError, ResponseError
 
-from circles.backend import tasks
+from circles.backend import init_scripts, tasks
 from circles.backend.admin import reap
+from circles.backend.init_scripts import InitScript, claim_ttl, once_key, quoted, stamp
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
+from circles.backend.scripts import SOURCE_INIT
 from circles.backend.txredisapi_patches import drop_connections
 from circles.backend.values import text
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger
+from circles.common.once import Once
 from circles.worker.engines import (
     DEFAULT_MAX_OUTPUT,
     Engine,
@@ -75,15 +81,27 @@ class Worker(Service):
     (what the server can send back) if smaller; a larger one is an error result, never written.
     ``private_redis`` says that ``address`` is a server's private Redis (its ``--state-dir``), not
     a URL given, which is what a worker that cannot reach it is told to check.
+
+    ``init_scripts`` (at most one per circle, of ``circles``): each is claimed in Redis
+    (:data:`~circles.backend.init_scripts.CLAIM`) on the connection of the first heartbeat,
+    before it, so that no server sees this worker live and queues the script first. If this
+    worker got the claim, it runs the script itself (caller: the circle; source ``init``; in a
+    slot, as a task) and takes that circle's tasks once it ended; if the script ran (or runs)
+    elsewhere already, it takes them at once.
     """
 
     def __init__(self, address: RedisAddress, circles: Sequence[str], engine: Engine, *, reactor,
                  prefix: str = tasks.DEFAULT_PREFIX, concurrency: int = 1, script_timeout: float = 30.0,
                  task_ttl: int = tasks.TASK_TTL, worker_id: str | None = None,
                  max_output: int = DEFAULT_MAX_OUTPUT, private_redis: bool = False,
-                 heartbeat: float = tasks.HEARTBEAT_INTERVAL, worker_ttl: float = tasks.WORKER_TTL) -> None:
+                 heartbeat: float = tasks.HEARTBEAT_INTERVAL, worker_ttl: float = tasks.WORKER_TTL,
+                 init_scripts: Sequence[InitScript] = ()) -> None:
         if not circles:
             raise ValueError("a worker needs at least one circle")
+        if any(init.circle not in circles for init in init_scripts):
+            raise ValueError("an init script is for a circle the worker does not serve")
+        if len({init.circle for init in init_scripts}) < len(init_scripts):
+            raise ValueError("a circle may have one init script")
         if not worker_ttl > heartbeat > 0:
             raise ValueError("the worker TTL must be longer than the heartbeat interval")
         self.address = address
@@ -116,6 +134,10 @@ class Worker(Service):
         self._beat_failed = False  # the last heartbeat failed: the next goes out as soon as Redis is back
         self._registered_waiters: list[Deferred] = []
         self.reaped = 0  # dead workers reaped by this one
+        self.init_scripts = {init.circle: init for init in init_scripts}
+        self._unclaimed = list(init_scripts)  # init scripts to claim with the next heartbeat
+        self._inits_ended = {init.circle: Once() for init in init_scripts}  # the circle's tasks wait for it
+        self._init_token = ""  # what a claim of this worker says (fixed at its first)
         self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
                                   logger=log)
 
@@ -208,8 +230,13 @@ class Worker(Service):
             # On that connection itself: txredisapi wakes this waiter before it adds the
             # connection to the pool, so the pool is still empty at this point.
             connection = await self._commands.getConnection(peek=True)
+            # The init scripts' claims go first, on the same connection: Redis has them before any
+            # server can see this worker live (and queue an init script itself).
+            self._claim_init_scripts(connection)
             beat = connection.eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl])
         else:
+            if self._unclaimed:
+                self._claim_init_scripts(self._commands.handler)
             beat = self._eval(tasks.HEARTBEAT, self._presence, [self.worker_id, self.worker_ttl])
         new = int(await beat)
         if new and self.registered:
@@ -220,6 +247,101 @@ class Worker(Service):
         for d in waiters:
             d.callback(None)
         await reap(self._commands.handler, self.prefix, skip=self.worker_id, counter=self)
+
+    # -- init scripts -------------------------------------------------------------------------------
+
+    def _claim_init_scripts(self, connection: Any) -> None:
+        """Send the claims of the init scripts not claimed yet on ``connection``, now; each is
+        run (or not) as its answer comes."""
+        inits, self._unclaimed = self._unclaimed, []
+        if not inits:
+            return
+        if not self._init_token:
+            self._init_token = f"running: worker {self.worker_id} since {stamp(self.reactor)}"
+        for init in inits:
+            claim = maybeDeferred(connection.eval, init_scripts.CLAIM, [once_key(self.prefix, init)],
+                                  [self._init_token, claim_ttl(self.script_timeout)])
+            self._start_init(init, claim)
+
+    def _start_init(self, init: InitScript, claim: Deferred) -> None:
+        """Run ``init`` as ``claim`` says, as one of the worker's running scripts (a stop waits for it)."""
+        d = ensureDeferred(self._init(init, claim))
+        self._running.add(d)
+        d.addBoth(self._init_done, d, init)
+
+    def _init_done(self, result, d: Deferred, init: InitScript) -> None:
+        self._running.discard(d)
+        if isinstance(result, Failure):
+            log.failure("running the init script of circle {circle}", result, circle=init.circle)
+            if not self._inits_ended[init.circle].fired:
+                self._inits_ended[init.circle].fire(None)  # never hold the circle's tasks for a bug
+
+    async def _init(self, init: InitScript, claim: Deferred) -> None:
+        key = once_key(self.prefix, init)
+        ended = self._inits_ended[init.circle]
+        try:
+            claimed, held = await claim
+        except RedisError as e:
+            self._unclaimed.append(init)  # with the next heartbeat that reaches Redis
+            log.warn("init script {path} of circle {circle}: could not claim it ({error}); tried again once Redis "
+                     "is back", path=init.path, circle=init.circle, error=str(e))
+            return
+        if not int(claimed):
+            log.info("init script {path} of circle {circle}: not run by this worker ({key}: {held})",
+                     path=init.path, circle=init.circle, key=key, held=text(held))
+            ended.fire(None)
+            return
+        try:
+            while self._free <= 0:  # a slot, as a task takes one
+                await self._interruptibly(self._when_free())
+        except CancelledError:
+            pass
+        if not self.running:
+            await self._give_init_back(key)
+            log.info("init script {path} of circle {circle}: not run, the worker is stopping; it runs at the next "
+                     "start", path=init.path, circle=init.circle)
+            ended.fire(None)
+            return
+        self._free -= 1
+        try:
+            await self._run_init(init, key)
+        finally:
+            self._release()
+            ended.fire(None)
+
+    async def _run_init(self, init: InitScript, key: str) -> None:
+        context = ScriptContext(task_id=f"init-{init.digest[:16]}", circle=init.circle, caller=init.circle,
+                                source=SOURCE_INIT, max_output=self.max_output)
+        log.info("init script {path} of circle {circle}: running it", path=init.path, circle=init.circle)
+        try:
+            output = await self._execute(init.script, context, self.script_timeout)
+            if output_size(output) > self.max_output:
+                raise OutputTooLarge(self.max_output, output_size(output))
+        except Exception as e:
+            detail = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
+            await self._give_init_back(key)
+            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
+                      "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
+                      why=getattr(e, "reason", "") or "error", error=quoted(detail),
+                      output=quoted(getattr(e, "output", "") or ""))
+            return
+        done = f"completed: worker {self.worker_id} at {stamp(self.reactor)}"
+        try:
+            kept = int(await self._eval(init_scripts.COMPLETE, [key], [self._init_token, done]))
+        except RedisError as e:
+            kept = 0
+            log.warn("init script {path} of circle {circle}: could not record that it ran ({error})",
+                     path=init.path, circle=init.circle, error=str(e))
+        log.info("init script {path} of circle {circle} ran{note}; its output: {output}", path=init.path,
+                 circle=init.circle, output=quoted(output),
+                 note="" if kept else " (its claim had lapsed: it may run again)")
+
+    async def _give_init_back(self, key: str) -> None:
+        """Give an init script's claim up, so the next start runs it; Redis trouble leaves it to lapse."""
+        try:
+            await self._eval(init_scripts.RELEASE, [key], [self._init_token])
+        except RedisError:
+            pass
 
     def _when_registered(self) -> Deferred:
         if self.registered:
@@ -260,6 +382,8 @@ class Worker(Service):
         while self.running:
             await self._interruptibly(self._when_free())
             await self._interruptibly(self._when_registered())  # never hold a task unregistered
+            if circle in self._inits_ended:  # the circle's init script first
+                await self._interruptibly(self._inits_ended[circle].when())
             if not self.running:
                 return
             try:

@@ -18,10 +18,11 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.python import usage
 
+from circles.backend.init_scripts import InitScriptError, parse_circles
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.backend.redis_url import InvalidRedisURL
+from circles.backend.scripts import DEFAULT_MAX_SCRIPT_SIZE
 from circles.common import logs
-from circles.common.keys import circle_set
 from circles.common.options import at_least_zero, positive, print_version, read_dotenv
 from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, Engine, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
@@ -103,6 +104,7 @@ class Options(usage.Options):
         super().__init__()
         self["circles"] = []
         self["exec-env"] = []
+        self.init_scripts: tuple = ()  # from -k PK:FILE
 
     def opt_exec_env(self, name: str) -> None:
         """a variable of the worker's environment that scripts see too (repeatable), with --exec and
@@ -112,7 +114,7 @@ class Options(usage.Options):
         self["exec-env"].append(name)
 
     def opt_circle(self, pubkey: str) -> None:
-        """circle whose tasks to run, as its public key in hex (repeatable, at least one)"""
+        """circle whose tasks to run, as its public key in hex (repeatable, at least one); PK:FILE also names an init script, run once in the circle, here unless it ran already (README, "Init scripts"); -c is --concurrency here, not --circle as on the server"""  # noqa: E501
         self["circles"].append(pubkey)
 
     opt_k = opt_circle
@@ -123,9 +125,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["circles"] = sorted(circle_set(self["circles"]))
-        except ValueError as e:
+            circles, self.init_scripts = parse_circles(self["circles"], DEFAULT_MAX_SCRIPT_SIZE,
+                                                        "the server's default --max-script-size")
+        except InitScriptError as e:
             raise usage.UsageError(f"-k/--circle: {e}") from None
+        self["circles"] = sorted(set(circles))
         if not self["circles"]:
             raise usage.UsageError("give at least one circle with -k/--circle")
         if not self["worker-ttl"] > self["heartbeat"]:
@@ -209,4 +213,5 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
         engine.reactor = reactor
     kind = IsolatingWorker if isinstance(engine, IsolatedEngine) else Worker
     return kind(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
+                init_scripts=config.init_scripts,
                 **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})

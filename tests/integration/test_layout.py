@@ -42,7 +42,8 @@ def test_the_worker_loads_nothing_of_the_server(module):
                                     "circles.backend.dispatch", "circles.backend.health", "circles.backend.replies",
                                     "circles.backend.replica_acks", "circles.backend.housekeeping", "circles.backend.scripts",
                                     "circles.backend.members", "circles.backend.group_wait",
-                                    "circles.backend.commands", "circles.backend.redis_options"])
+                                    "circles.backend.commands", "circles.backend.redis_options",
+                                    "circles.backend.init_scripts"])
 def test_the_backend_loads_neither_server_nor_worker(module):
     names = imported(f"import {module}")
     assert loaded(names, SERVER + ("circles.worker", "circles.client")) == []
