@@ -6,7 +6,8 @@ What must hold: no play fails (one in flight on a stopping server is answered th
 webhook is answered 200, every client reconnects; and with both servers gone, HAProxy answers a
 webhook 503 with ``Retry-After``. The figures printed (``-s``) are those of docs/deployment.md.
 Then the two TLS set-ups of the example's comments (TLS at HAProxy, TLS passed through), each made
-as the comments say: a play and a webhook through it, and what a client meets with no server up.
+as the comments say: a play and a webhook through it, and what a provider meets when Redis is down
+for every server (each alive but unready: HAProxy has no server up).
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ def _https_post(front: int, path: str, body: bytes, headers: dict, ca: str) -> t
 async def test_tls_at_haproxy_or_passed_through(redis_server, tmp_path, tls_files, tls):
     """Either TLS set-up the example's comments describe, made as they say: HAProxy checks /ready
     (over TLS when passed through), a wss:// client plays and an https webhook is answered 200
-    through it. With no server up, TLS at HAProxy answers 503 with Retry-After; passed through,
+    through it. Then Redis stops: the server is alive (/health) but not ready (/ready), so HAProxy
+    has no server up; TLS at HAProxy then answers 503 with Retry-After, and passed through,
     HAProxy sees no HTTP and closes the connection, as the comment says."""
     circle = public_key(generate())
     secrets = tmp_path / "stripe.secrets"
@@ -335,8 +337,19 @@ async def test_tls_at_haproxy_or_passed_through(redis_server, tmp_path, tls_file
         status, _, answer = await deferToThread(_https_post, front, hook, body, stripe_headers(body), tls_files["ca"])
         assert (status, answer["received"]) == (200, True), answer
 
-        server.proc.kill()
+        # Redis down for every server (here the one): each /ready 503, so HAProxy has no backend,
+        # while /health (liveness) still says the process lives: nothing to restart.
+        redis_server.kill()
         await _until(lambda: _states(stats) == {"a": "DOWN", "b": "DOWN"}, 20, "HAProxy never saw the server down")
+        scheme = "https" if own_tls else "http"
+        context = ssl.create_default_context(cafile=tls_files["ca"]) if own_tls else None
+        for path, expected in (("/health", 200), ("/ready", 503)):
+            try:
+                with urllib.request.urlopen(f"{scheme}://localhost:{port}{path}", timeout=10, context=context) as got:
+                    status = got.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            assert status == expected, path
         body = encode(stripe_event(f"evt_tls_nobody_{tls.replace(' ', '_')}"))
         if tls == "at haproxy":
             answer = await deferToThread(_https_post, front, hook, body, stripe_headers(body), tls_files["ca"])
