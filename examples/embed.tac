@@ -6,9 +6,10 @@
 # whatever else the application runs. Scripts go to the circles' workers through Redis:
 # $CIRCLES_REDIS_URL (the one `twistd circles-worker` reads too), else a private redis-server
 # that the service starts and stops, on a socket in ./circles-state (where a worker looks when
-# given no Redis). So a worker, started in the same directory, in another terminal:
+# given no Redis). So a worker, started in the same directory, in another terminal, with no pid
+# file (twistd keeps one, ./twistd.pid, per directory: a second twistd there would not start):
 #
-#     twistd -n circles-worker -k <circle> --engine circles.worker.tiny_engine:run
+#     twistd -n --pidfile= circles-worker -k <circle> --engine circles.worker.tiny_engine:run
 #
 # Also read here: $CIRCLES_PORT (0: any free port), $CIRCLES_CIRCLES (circle keys,
 # comma-separated; none: any circle), $CIRCLES_TLS_CERT and $CIRCLES_TLS_KEY (PEM files: wss://

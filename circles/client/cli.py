@@ -22,9 +22,10 @@ of a server started with ``--state-dir`` (the same default directory).
 
 URL is the full circle URL (``wss://host:8443/<circle>``). A private key comes from
 ``--key-file`` or ``$CIRCLES_PRIVATE_KEY``, never from argv; without one, calls are anonymous.
-``--json`` prints the JSON-RPC result instead of text, and makes every outcome one JSON object on
-stdout: a failure is ``{"error": {...}, "kind": ..., "exit": N}``, where ``error`` is the JSON-RPC
-error object (``code``, ``message``, ``data``) for ``kind`` ``rpc``, else ``{"message": ...}`` for
+``--json`` (after the command or before it) prints the JSON-RPC result instead of text, and makes
+every outcome one JSON object on stdout: a failure is ``{"error": {...}, "kind": ..., "exit": N}``,
+where ``error`` is the JSON-RPC error object (``code``, ``message``, ``data``) for ``kind``
+``rpc``, else ``{"message": ...}`` for
 ``usage`` (the command line, a key, a URL, a --ca file: argparse's own mistakes included, whose
 usage text stays on stderr), ``connection`` (refused, TLS, unknown circle, lost) and ``not_dead``
 (``tasks requeue``); ``hint`` says what to do when there is something to say (-32001: give
@@ -113,6 +114,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     parser = _Parser(prog="circles", description="Talk to circles servers; make keys.")
     parser.add_argument("--version", action="version", version=f"circles {circles.__version__}")
+    parser.add_argument("--json", action="store_true",
+                        help="each command's --json, given before the command (circles --json whoami URL)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     output = _Parser(add_help=False)
@@ -201,7 +204,8 @@ def _parser() -> _Parser:
 
 
 def parse(argv: list) -> argparse.Namespace:
-    """Options and positionals in any order (``play URL --key-file F 'script'``).
+    """Options and positionals in any order (``play URL --key-file F 'script'``), ``--json`` before
+    the command too (``circles --json whoami URL``).
 
     argparse cannot intermix them under subcommands, so the command picks its parser first.
     """
@@ -209,16 +213,22 @@ def parse(argv: list) -> argparse.Namespace:
     if "--json" in argv:
         _answer_usage_errors_in_json(parser)
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    json_first = argv[:1] == ["--json"]
+    if json_first:
+        argv = argv[1:]
     if not argv or argv[0] not in commands.choices:
         return parser.parse_args(argv)  # help, or the usage error naming the commands
     if argv[0] == "try":
+        if json_first:
+            parser.error("--json: try prints text, not JSON")
         return argparse.Namespace(command="try", args=argv[1:])
     if argv[0] == "tasks":
         args = commands.choices["tasks"].parse_args(argv[1:])
         args.command = "tasks"
-        return args
-    args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
-    args.command = argv[0]
+    else:
+        args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    args.json = args.json or json_first
     return args
 
 

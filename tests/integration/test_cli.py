@@ -181,6 +181,13 @@ def test_with_json_every_outcome_is_one_json_object(served, key_file, tmp_path):
         answer = one_json_object(usage)
         assert (usage.returncode, answer["kind"], answer["exit"]) == (2, "usage", 2), args
         assert usage.stderr.startswith("usage: circles") and answer["error"]["message"].startswith("circles"), args
+    # --json before the command, as in `circles --json whoami URL`: the same outcomes
+    first = circles("--json", "whoami", f"ws://127.0.0.1:1/{circle}")
+    assert (first.returncode, one_json_object(first)) == (3, one_json_object(refused))
+    first = circles("--json", "play", url, "--ca", ca, "--key-file", path, "6 * 7")
+    assert (first.returncode, one_json_object(first)) == (0, {"output": "42"})
+    first = circles("--json", "tasks", "requeue", "--nope")
+    assert (first.returncode, one_json_object(first)["kind"]) == (2, "usage")
     without = circles("whoami")  # without --json: argparse's usage error as ever, nothing on stdout
     assert (without.returncode, without.stdout) == (2, "") and without.stderr.startswith("usage: circles whoami")
 

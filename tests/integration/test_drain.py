@@ -1,7 +1,7 @@
 """Stopping without dropping anyone (issue 24, section 1): the drain grace of ``stopService`` (what
 SIGTERM runs), and :class:`~circles.client.ReconnectingClient` meeting a server going away (1001).
 
-A whole rolling upgrade behind a real load balancer is tests/test_haproxy.py.
+A whole rolling upgrade behind a real load balancer is tests/integration/test_haproxy.py.
 """
 
 from __future__ import annotations

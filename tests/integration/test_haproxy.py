@@ -5,16 +5,22 @@ each server in turn is stopped (SIGTERM: drain, exit) and started again: a rolli
 What must hold: no play fails (one in flight on a stopping server is answered there), every
 webhook is answered 200, every client reconnects; and with both servers gone, HAProxy answers a
 webhook 503 with ``Retry-After``. The figures printed (``-s``) are those of docs/deployment.md.
+Then the two TLS set-ups of the example's comments (TLS at HAProxy, TLS passed through), each made
+as the comments say: a play and a webhook through it, and what a provider meets when Redis is down
+for every server (each alive but unready: HAProxy has no server up).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -58,6 +64,31 @@ def _config(text: str, front: int, stats: int, servers: list[int]) -> str:
         assert text.count(old) == 1, f"examples/haproxy.cfg no longer has {old!r}"
         text = text.replace(old, new)
     return text
+
+
+def _once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"examples/haproxy.cfg no longer has {old!r} once"
+    return text.replace(old, new)
+
+
+def _tls_at_haproxy(text: str, front: int, pem: str) -> str:
+    """The example's "TLS at HAProxy" change, as its comment writes it (this machine's address
+    and PEM file)."""
+    [bind] = re.findall(r"^    #   (bind :443 ssl crt /etc/haproxy/circles.pem alpn http/1.1)$", text, re.M)
+    bind = bind.replace(":443", f"127.0.0.1:{front}").replace("/etc/haproxy/circles.pem", pem)
+    return _once(text, f"    bind 127.0.0.1:{front}\n", f"    {bind}\n")
+
+
+def _tls_passed_through(text: str, front: int, ca: str) -> str:
+    """The example's "TLS passed through" changes, as its comment lists them."""
+    [server] = re.findall(r"^    #   (server a 10.0.0.11:8443 check check-ssl .*)$", text, re.M)
+    checks = server.split(" ", 3)[3].replace("/etc/haproxy/circles-ca.pem", ca)
+    text = _once(text, f"    bind 127.0.0.1:{front}\n", f"    bind 127.0.0.1:{front}\n    mode tcp\n    option tcplog\n")
+    text = _once(text, "    option forwardfor\n", "")
+    text = _once(text, "    acl no_server nbsrv(circles) eq 0\n", "")
+    text = re.sub(r"^    http-request return .* if no_server\n", "", text, count=1, flags=re.M)
+    text = _once(text, "\nbackend circles\n", "\nbackend circles\n    mode tcp\n")
+    return re.sub(r"^(    server [ab] \S+) check$", rf"\1 {checks}", text, flags=re.M)
 
 
 def _rows(stats_port: int) -> dict:
@@ -249,3 +280,88 @@ async def test_rolling_upgrade_behind_haproxy(redis_server, tmp_path):
             process.stop()
     for process in servers:
         assert "Traceback" not in process.output, process.output[-3000:]
+
+
+def _https_post(front: int, path: str, body: bytes, headers: dict, ca: str) -> tuple:
+    """A provider's POST over https to HAProxy: (status, Retry-After, JSON answer)."""
+    context = ssl.create_default_context(cafile=ca)
+    request = urllib.request.Request(f"https://localhost:{front}{path}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, response.headers.get("Retry-After"), json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Retry-After"), json.loads(e.read())
+
+
+@pytest.mark.parametrize("tls", ["at haproxy", "passed through"])
+@pytest_twisted.ensureDeferred
+async def test_tls_at_haproxy_or_passed_through(redis_server, tmp_path, tls_files, tls):
+    """Either TLS set-up the example's comments describe, made as they say: HAProxy checks /ready
+    (over TLS when passed through), a wss:// client plays and an https webhook is answered 200
+    through it. Then Redis stops: the server is alive (/health) but not ready (/ready), so HAProxy
+    has no server up; TLS at HAProxy then answers 503 with Retry-After, and passed through,
+    HAProxy sees no HTTP and closes the connection, as the comment says."""
+    circle = public_key(generate())
+    secrets = tmp_path / "stripe.secrets"
+    secrets.write_text(STRIPE_SECRET + "\n")
+    secrets.chmod(0o600)
+    port, front, stats = _free_port(), _free_port(), _free_port()
+    text = _config(EXAMPLE.read_text(), front, stats, [port, port])  # both lines: the one server
+    if tls == "at haproxy":
+        text, own_tls = _tls_at_haproxy(text, front, tls_files["combined"]), []
+    else:
+        text, own_tls = _tls_passed_through(text, front, tls_files["ca"]), ["--tls-cert", tls_files["cert"],
+                                                                           "--tls-key", tls_files["key"]]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(text)
+    checked = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "WARNING" not in checked.stderr + checked.stdout, checked.stderr
+    (tmp_path / "server").mkdir()
+    (tmp_path / "worker").mkdir()
+    server = Twistd(["--port", str(port), "--interface", "127.0.0.1", "-k", circle, "--auth", "--redis-url",
+                     redis_server.url, "--stripe-secret-file", str(secrets), *own_tls], tmp_path / "server")
+    worker = Twistd(["-k", circle, "--redis-url", redis_server.url, *TINY_WORKER], tmp_path / "worker",
+                    plugin="circles-worker")
+    haproxy_log = open(tmp_path / "haproxy.log", "w")
+    haproxy = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=haproxy_log, stderr=subprocess.STDOUT)
+    client = ReconnectingClient(f"wss://localhost:{front}/{circle}", reactor=reactor, key=generate(),
+                                ca=tls_files["ca"], timeout=10)
+    try:
+        await _until(lambda: "waiting for tasks" in worker.output, 60, "the worker never waited for tasks")
+        await _until(lambda: _states(stats) == {"a": "UP", "b": "UP"}, 60, "HAProxy never saw the server up")
+        client.start()
+        assert await client.play(SCRIPT, timeout=20) == OUTPUT
+        await client.stop()
+        body = encode(stripe_event(f"evt_tls_{tls.replace(' ', '_')}"))
+        hook = f"/webhooks/stripe/{circle}"
+        status, _, answer = await deferToThread(_https_post, front, hook, body, stripe_headers(body), tls_files["ca"])
+        assert (status, answer["received"]) == (200, True), answer
+
+        # Redis down for every server (here the one): each /ready 503, so HAProxy has no backend,
+        # while /health (liveness) still says the process lives: nothing to restart.
+        redis_server.kill()
+        await _until(lambda: _states(stats) == {"a": "DOWN", "b": "DOWN"}, 20, "HAProxy never saw the server down")
+        scheme = "https" if own_tls else "http"
+        context = ssl.create_default_context(cafile=tls_files["ca"]) if own_tls else None
+        for path, expected in (("/health", 200), ("/ready", 503)):
+            try:
+                with urllib.request.urlopen(f"{scheme}://localhost:{port}{path}", timeout=10, context=context) as got:
+                    status = got.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            assert status == expected, path
+        body = encode(stripe_event(f"evt_tls_nobody_{tls.replace(' ', '_')}"))
+        if tls == "at haproxy":
+            answer = await deferToThread(_https_post, front, hook, body, stripe_headers(body), tls_files["ca"])
+            assert answer == (503, "30", {"error": "no server available, retry later"}), answer
+        else:
+            with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+                await deferToThread(_https_post, front, hook, body, stripe_headers(body), tls_files["ca"])
+    finally:
+        await client.stop()
+        haproxy.terminate()
+        haproxy.wait(10)
+        haproxy_log.close()
+        for process in (server, worker):
+            process.stop()
+    assert "Traceback" not in server.output, server.output[-3000:]

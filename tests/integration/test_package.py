@@ -208,3 +208,14 @@ def test_the_try_outs_set_up_installs_what_running_needs_once_and_again_when_its
     assert [line for line in setup() if " -e " in line] == ["-m pip install -q -e .[test]"]
     assert setup("--runtime") == []  # the test extras hold all that running needs
     assert setup() == []
+
+
+def test_no_pid_file_or_redis_dump_is_in_the_tree_and_git_ignores_both():
+    """What running by hand leaves in the checkout (twistd's pid files, a private Redis's
+    directory, a redis-server's dump.rdb) is never committed: none is tracked, and git ignores them."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    assert [name for name in tracked.split("\0") if name.endswith((".pid", ".rdb"))] == []
+    left_behind = ["twistd.pid", "v6.pid", "dump.rdb", "bench/dump.rdb", "circles-state/redis.sock", "state/user.key"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *left_behind], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert ignored.stdout.split() == left_behind, ignored.stderr

@@ -20,7 +20,7 @@ from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import BackendUnavailable
 from circles.server.config import Config
 from circles.worker.service import Worker
-from devtools.redis_server import RedisProcess, SentinelProcess
+from devtools.redis_server import REDIS_SERVER, RedisProcess, ReplicatedRedis, SentinelProcess
 
 from ..play_client import eventually, sleep
 from .test_dispatch import CIRCLE, echo_engine, request
@@ -303,3 +303,109 @@ def test_a_connection_lost_while_its_role_is_asked_never_becomes_ready():
         protocol.makeConnection(transport)
         protocol.dataReceived(b"*3\r\n$%d\r\n%s\r\n:0\r\n*0\r\n" % (len(role), role))
         assert bool(ready) is expected and transport.disconnecting is not expected
+
+
+class ConfiguredRedis(RedisProcess):
+    """A node started from a configuration file of its own, as in production (``CONFIG REWRITE``
+    needs one), with ``lines`` added."""
+
+    def __init__(self, directory: str, lines: list[str]) -> None:
+        super().__init__(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.config = os.path.join(directory, f"redis-{self.port}.conf")
+        with open(self.config, "w") as f:
+            f.write("\n".join([f"port {self.port}", "bind 127.0.0.1", f"dir {directory}", 'save ""',
+                               "appendonly no", *lines]) + "\n")
+
+    def command(self) -> list[str]:
+        return [REDIS_SERVER, self.config]
+
+
+def _ask(process, *command):
+    client = process.client()
+    try:
+        return client(*command)
+    finally:
+        client.close()
+
+
+def _fields(text: str) -> dict:
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _pairs(flat: list) -> dict:
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def _in_sync(node) -> bool:
+    """deployment.md's step 2: ``INFO replication`` shows the link up and no sync in progress."""
+    info = _fields(_ask(node, "INFO", "replication"))
+    return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+
+
+def _knows_again(redis, sentinel, replicas: list) -> bool:
+    """A Sentinel after SENTINEL RESET: it knows the other Sentinels and the replicas again."""
+    master = _pairs(_ask(sentinel, "SENTINEL", "MASTER", redis.master))
+    listed = {int(_pairs(r)["port"]): _pairs(r) for r in _ask(sentinel, "SENTINEL", "REPLICAS", redis.master)}
+    return (int(master["num-other-sentinels"]) == len(redis.sentinels) - 1
+            and sorted(listed) == sorted(node.port for node in replicas)
+            and all(r["master-link-status"] == "ok" for r in listed.values()))
+
+
+async def _replace_replica(redis, tmp_path, name: str, old, primary) -> RedisProcess:
+    """docs/deployment.md, "To replace or upgrade a replica", step by step."""
+    new = ConfiguredRedis(str(tmp_path / name), [f"replicaof 127.0.0.1 {primary.port}", "replica-priority 0"])
+    new.start()  # 1. a replica that cannot be elected yet
+    redis.nodes.append(new)
+    await eventually(lambda: _in_sync(new))  # 2.
+    assert _ask(new, "CONFIG", "SET", "replica-priority", "100") == "OK"  # 3.
+    assert _ask(new, "CONFIG", "REWRITE") == "OK"
+    with open(new.config) as f:
+        assert "replica-priority 0" not in f.read()  # it stays electable after a restart
+    try:
+        _ask(old, "SHUTDOWN")  # 4.
+    except ConnectionError:  # it closes the connection as it stops
+        pass
+    old.process.wait(30)
+    for sentinel in redis.sentinels:  # 5. in turn, each knowing everything again before the next
+        assert _ask(sentinel, "SENTINEL", "RESET", redis.master) == 1
+        await eventually(lambda: _knows_again(redis, sentinel, [new]), timeout=60)  # noqa: B023
+    assert _ask(redis.sentinels[0], "SENTINEL", "CKQUORUM", redis.master).startswith("OK")
+    return new
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_primary_is_replaced_as_deployment_md_says_and_plays_go_on(tmp_path, start):
+    """docs/deployment.md, "Upgrading without dropping anyone", Redis nodes: the primary made a
+    replica by SENTINEL FAILOVER, then replaced as a replica is (every command of both
+    procedures), with a server and a worker following the Sentinels throughout: each step's check
+    holds, the Sentinels end knowing only the nodes there are, and plays run on the new primary."""
+    redis = ReplicatedRedis(str(tmp_path / "redis"))
+    redis.start()
+    try:
+        runner = start(runner_for(redis))
+        worker = start(worker_for(redis))
+        await eventually(runner.is_connected)
+        await eventually(lambda: worker.registered)
+        old, replica = redis.nodes
+        for node in redis.nodes:  # the sync delay lowered, as deployment.md suggests when replicas come back one at a time
+            assert _ask(node, "CONFIG", "SET", "repl-diskless-sync-delay", "0") == "OK"
+        assert json.loads(await runner.run(request("before")))["script"] == "before"
+
+        await eventually(lambda: _in_sync(replica))  # 1.
+        assert _ask(redis.sentinels[0], "SENTINEL", "FAILOVER", redis.master) == "OK"  # 2.
+        await eventually(lambda: _ask(redis.sentinels[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", redis.master)
+                         == ["127.0.0.1", str(replica.port)], timeout=30)  # 3.
+        await eventually(lambda: _fields(_ask(old, "INFO", "replication")).get("role") == "slave"
+                         and _in_sync(old), timeout=30)
+        new = await _replace_replica(redis, tmp_path, "new", old, primary=replica)  # 4. now a replica
+
+        await eventually(lambda: runner.is_connected() and port_of(runner._commands) == replica.port)
+        await eventually(lambda: live_on(replica, worker))
+        output = json.loads(await runner.run(request("after")))
+        assert output["script"] == "after"
+        assert _ask(replica, "HGET", f"circles:task:{output['task_id']}", "status") == "completed"
+        for sentinel in redis.sentinels:
+            assert _knows_again(redis, sentinel, [new])
+    finally:
+        redis.stop()
