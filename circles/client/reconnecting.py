@@ -294,7 +294,10 @@ class ReconnectingClient:
     async def _play_within(self, script: str, timeout: float) -> str:
         deadline = self._reactor.seconds() + timeout
         for attempt in range(1, self.MOST_ATTEMPTS + 1):
-            client = await self.client(timeout=max(deadline - self._reactor.seconds(), 0.001))
+            try:
+                client = await self.client(timeout=max(deadline - self._reactor.seconds(), 0.001))
+            except NoServerReachable:
+                raise self._unreachable(timeout) from None  # the play's timeout, not what was left of it
             try:
                 # What is left of it, and never 0 (the server refuses that): the connection came at the deadline.
                 return await client.play(script, timeout=max(deadline - self._reactor.seconds(), 0.001))

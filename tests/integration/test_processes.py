@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from ..support import Key, authenticate, eventually_true, request, twistd
+from devtools.twistd import TWISTD
+
+from ..support import Key, alive, authenticate, eventually_true, request, twistd
 
 
 def _server_processes(parent_pid: int) -> list:
@@ -203,6 +207,43 @@ def test_every_process_logs_to_the_one_log_with_pid_and_process(tmp_path, form):
             seen.add((event["process"], event["pid"]))
     assert {process for process, _ in seen} == {1, 2}, seen
     assert {pid for _, pid in seen} == pids  # the pid of each process, not of the first
+    assert text().count("circles starting on") == 2 and text().count("Server Shut Down.") == 2
+    assert "Traceback" not in text()
+
+
+def test_a_daemon_logs_every_process_to_its_logfile(tmp_path):
+    """Under twistd without -n, the daemon's standard output is /dev/null: the others' events
+    reach its --logfile through it all the same, each line naming its process and pid, and
+    SIGTERM to the daemon stops every process."""
+    circle = Key()
+    logfile, pidfile = tmp_path / "circles.log", tmp_path / "circles.pid"
+    started = subprocess.run([TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "circles", "-k", circle.pubkey,
+                              "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                              "--state-dir", str(tmp_path / "state")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started
+    daemon = int(pidfile.read_text())
+    seen = _descendants(daemon)
+
+    def text() -> str:
+        return logfile.read_text() if logfile.exists() else ""
+
+    try:
+        assert eventually_true(lambda: text().count("connected to Redis") >= 2), text()
+        seen += _descendants(daemon)
+        servers = {daemon, *(p.pid for p in _server_processes(daemon)[1:])}
+        assert len(servers) == 2
+    finally:
+        os.kill(daemon, signal.SIGTERM)
+    assert eventually_true(lambda: not alive(daemon) and not any(alive(p.pid) for p in seen)), text()
+    seen_in_log = set()
+    for line in text().splitlines():
+        if line.startswith("\t"):  # a traceback's continuation
+            continue
+        match = re.match(r"\S+ \[[^\]]* process=(\d) pid=(\d+)\] ", line)
+        assert match, line
+        seen_in_log.add((int(match.group(1)), int(match.group(2))))
+    assert {(2, pid) for pid in servers - {daemon}} <= seen_in_log and (1, daemon) in seen_in_log, seen_in_log
     assert text().count("circles starting on") == 2 and text().count("Server Shut Down.") == 2
     assert "Traceback" not in text()
 

@@ -36,7 +36,7 @@ def test_reconnecting_client_urls_must_name_one_circle():
     assert ReconnectingClient(url(1000), reactor=reactor).urls == [url(1000)]  # one URL, as before
 
 
-# -- issue 23: servers that close before the WebSocket opens, or cannot be reached --------------
+# -- servers that close before the WebSocket opens, or cannot be reached -------------------------
 # (over TLS too: tests/integration/test_client.py)
 
 class _Slammer(Protocol):
@@ -101,3 +101,26 @@ def test_play_timeout_on_a_clock_and_no_waiter_kept():
     stopped = helper.client()
     assert stopped.called  # stopped: fails at once (CancelledError) rather than wait
     stopped.addErrback(lambda f: f.trap(CancelledError))
+
+
+class _Ticking(MemoryReactorClock):
+    """A clock whose time moves on a little each time it is read, as a real reactor's does."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-5
+        return self.rightNow
+
+
+def test_play_timeout_names_the_timeout_given():
+    """The error names the play's timeout, not what was left of it when the wait began (a real
+    reactor's time moves on meanwhile: "within 4.99999 s" for a play given 5)."""
+    clock = _Ticking()
+    helper = ReconnectingClient(f"ws://127.0.0.1:9/{CIRCLE}", reactor=clock)
+    helper.start()
+    results: list = []
+    helper.play("1", timeout=5).addBoth(results.append)
+    clock.advance(5)
+    [failure] = results
+    assert failure.check(NoServerReachable)
+    assert str(failure.value).startswith("no server was reachable within 5 s ("), str(failure.value)
+    helper.stop()
