@@ -102,7 +102,7 @@ from circles.server.gateway import Gateway
 from circles.server.session.backlog import Backlog
 from circles.server.session.contracts.base import Contract
 from circles.server.session.methods import Session, Sessions
-from circles.server.websocket import TrimmedServerFactory, TrimmedServerProtocol
+from circles.server.websocket import TimerLane, TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -146,13 +146,18 @@ class CircleProtocol(TrimmedServerProtocol):
     message_data: Any
     frame_data: Any
 
-    # Opened by onConnect; every callback after it has one (only onClose may come without).
-    session: Session = None  # type: ignore[assignment]
-    _idle = None
-    _counted: str | None = None  # the peer's address key, while counted against the limits
-    _backlog: Backlog | None = None  # what the peer has not read, once open
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
-    _fragments = 0  # frames of the message arriving so far
+
+    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_fragments")
+
+    def __init__(self) -> None:
+        # Opened by onConnect; every callback after it has one (only onClose may come without).
+        self.session: Session = None  # type: ignore[assignment]
+        self._idle: TimerLane | None = None  # the factory's idle timers, while this connection is in them
+        self._counted: str | None = None  # the peer's address key, while counted against the limits
+        self._backlog: Backlog | None = None  # what the peer has not read, once open
+        self._fragments = 0  # frames of the message arriving so far
+        super().__init__()
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -216,13 +221,14 @@ class CircleProtocol(TrimmedServerProtocol):
         # leaves unread is bounded (circles.server.session.backlog).
         self.transport.unregisterProducer()
         config = self.session.gateway.config
-        self._backlog = Backlog(self.transport, self.session.gateway.clock, 2 * config.max_message_size,
-                                config.slow_reader_timeout, self._drained, self._slow_reader)
+        self._backlog = Backlog(self, self.transport, self.session.gateway.clock, 2 * config.max_message_size,
+                                config.slow_reader_timeout)
         self.registerProducer(self._backlog, True)
         self.session.reply_room = self._backlog
-        idle = self.session.gateway.config.idle_timeout
-        if idle:
-            self._idle = self.session.gateway.clock.callLater(idle, self._idle_timeout)
+        idle = factory.idle_timers
+        if idle is not None:
+            idle.set(self)
+            self._idle = idle
         if factory.draining:
             self.go_away()
 
@@ -259,7 +265,7 @@ class CircleProtocol(TrimmedServerProtocol):
             self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
         if self._idle is not None:
-            self._idle.reset(self.session.gateway.config.idle_timeout)
+            self._idle.reset(self)
         try:
             reply = self.session.answer(payload)
         except ReplyTooLarge as e:
@@ -289,7 +295,7 @@ class CircleProtocol(TrimmedServerProtocol):
         connection whose peer has left its bound of replies unread, not even the error that says
         so: that peer is not reading, and is given up at once."""
         if self._backlog is not None and error.limit < self.session.gateway.config.max_message_size:  # held to its room
-            self._slow_reader(self._backlog.unread)
+            self.backlog_stuck(self._backlog.unread)
             return
         self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
                                     "of {limit}, even as an error: closing with 1009", size=error.size,
@@ -315,7 +321,7 @@ class CircleProtocol(TrimmedServerProtocol):
         """While the transport is paused (the peer does not read what we send) the frames a read
         already brought wait too: 64 KiB of small requests, each answered at once, could otherwise
         make megabytes of replies nobody reads. They are processed once the transport has sent
-        everything (:meth:`_drained`)."""
+        everything (:meth:`backlog_drained`)."""
         backlog = self._backlog
         return backlog is not None and backlog.paused
 
@@ -334,12 +340,12 @@ class CircleProtocol(TrimmedServerProtocol):
             self.failedByMe = True  # what arrives of the message from now on is dropped
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
 
-    def _drained(self) -> None:
+    def backlog_drained(self) -> None:
         """The peer has read everything sent: the frames held back meanwhile go on."""
         if self.data and (self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING):
             self.consumeData()
 
-    def _slow_reader(self, unread: int) -> None:
+    def backlog_stuck(self, unread: int) -> None:
         """Over its bound of unread replies for ``slow_reader_timeout`` seconds, or so far over it
         that not even an error fits: given up. Aborted, since a client that does not read would
         not read a close frame either."""
@@ -363,6 +369,10 @@ class CircleProtocol(TrimmedServerProtocol):
             return "Upgrade Required", [*(responseHeaders or ()), ("Upgrade", "websocket")], NOT_A_WEBSOCKET
         return reason, responseHeaders, None
 
+    @staticmethod
+    def _idle_expired(protocol: CircleProtocol) -> None:
+        protocol._idle_timeout()
+
     def _idle_timeout(self) -> None:
         self._idle = None
         # An anomaly, logged within bounds: a client can leave as many connections idle as it may open.
@@ -376,9 +386,9 @@ class CircleProtocol(TrimmedServerProtocol):
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        if self._idle is not None:
+            self._idle.cancel(self)
+            self._idle = None
         if self.session is not None:
             self.session.close()
             self.session.anomalies.closed()
@@ -434,6 +444,9 @@ class CircleFactory(TrimmedServerFactory):
         )
         # Set once (TrimmedServerFactory): nothing is copied or printed per connection.
         self.fix_protocol_options(max_fragments=config.max_fragments)
+        #: Every open connection's idle timeout, in one lane of timers (None: no idle timeout).
+        self.idle_timers: TimerLane | None = (
+            self.timers.lane(config.idle_timeout, CircleProtocol._idle_expired) if config.idle_timeout else None)
 
     def closed(self, protocol: CircleProtocol) -> None:
         self.open_connections.discard(protocol)
