@@ -36,7 +36,9 @@ from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -56,9 +58,9 @@ TLS_ABORT_GRACE = 2.0
 #: attributes of the factory's protocol class (``fix_protocol_options``).
 AUTOBAHN_STATE = (
     # the life of a connection (__init__, connectionMade, _connectionMade, the closing handshake)
-    "factory", "transport", "connected", "is_closed", "is_open", "_valid_events", "_results",
-    "_transport_details", "peer", "_perMessageCompress", "trackedTimings", "trafficStats", "state",
-    "send_state", "data", "send_queue", "triggered", "utf8validator", "wasMaxFramePayloadSizeExceeded",
+    "factory", "transport", "connected", "_valid_events", "_results", "_transport_details", "peer",
+    "_perMessageCompress", "trackedTimings", "trafficStats", "state", "send_state", "data", "send_queue",
+    "triggered", "wasMaxFramePayloadSizeExceeded",
     "wasMaxMessagePayloadSizeExceeded", "closedByMe", "failedByMe", "droppedByMe", "wasClean",
     "wasNotCleanReason", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
     "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "localCloseCode", "localCloseReason",
@@ -99,16 +101,75 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
     without Autobahn's warning.
     """
 
-    __slots__ = (*AUTOBAHN_STATE, "_tls_abort")
+    __slots__ = (*AUTOBAHN_STATE, "_is_closed", "_is_open", "_utf8validator", "_tls_abort")
     #: (name, value) of each slot a base class has a class attribute for: the slot starts with it,
     #: as the attribute read before it is set would have been (``transport``, ``peer``...).
     _slot_defaults: tuple = ()
 
     def __init__(self) -> None:
+        """Autobahn's (``WebSocketProtocol.__init__``), less what each idle connection held and
+        none uses: its futures are made when first asked for (:attr:`is_open`, :attr:`is_closed`),
+        its list of events is shared and the dict of their results made at the first listener
+        (:meth:`on`), its transport details are made as the connection is (``connectionMade``)."""
         for name, value in self._slot_defaults:
             setattr(self, name, value)
+        self._is_closed: Deferred | None = None
+        self._is_open: Any = None  # a Deferred once asked for, or where the opening is (_OPENING, _OPENED)
+        self._valid_events = _EVENTS
+        self._results = None
+        self._transport_details: TransportDetails | None = None
+        self._utf8validator: Utf8Validator | None = None  # made at the first text message (utf8validator)
         self._tls_abort: IDelayedCall | None = None  # aborts a TLS peer which does not finish closing
-        super().__init__()
+
+    @property
+    def is_closed(self) -> Deferred:
+        """Fires (with the protocol) once the connection is closed, as Autobahn's; made when
+        first asked for (Autobahn asks as the connection closes)."""
+        if self._is_closed is None:
+            self._is_closed = Deferred()
+        return self._is_closed
+
+    @is_closed.setter
+    def is_closed(self, value: Deferred) -> None:
+        self._is_closed = value
+
+    @property
+    def is_open(self) -> Deferred:
+        """Fires once the connection is open, as Autobahn's; made when first asked for. Asked
+        for after that, it is a Deferred that has fired already (each its own). Autobahn fires
+        it just after :meth:`onOpen`: then (:data:`_OPENING`) it is given a Deferred of its own
+        to fire, and nothing is kept."""
+        opened = self._is_open
+        if opened is None:
+            opened = self._is_open = Deferred()
+        elif opened is _OPENING:
+            self._is_open = _OPENED
+            return Deferred()
+        elif opened is _OPENED:
+            return succeed(None)
+        return opened
+
+    @is_open.setter
+    def is_open(self, value: Deferred) -> None:
+        self._is_open = value
+
+    @property
+    def utf8validator(self) -> Utf8Validator:
+        """Autobahn's incremental UTF-8 validator of text messages: made at the first one (it
+        is 200 bytes, and a C object, that an idle connection does not need)."""
+        if self._utf8validator is None:
+            self._utf8validator = Utf8Validator()
+        return self._utf8validator
+
+    @utf8validator.setter
+    def utf8validator(self, value: Utf8Validator) -> None:
+        pass  # Autobahn makes one as each connection is made: the first text message does instead
+
+    def on(self, event: str, handler: Callable[..., object]) -> None:
+        """Autobahn's, the dict of the events' results made with the first listener."""
+        if self._results is None:
+            self._results = dict.fromkeys(self._valid_events)
+        super().on(event, handler)
 
     def holding(self) -> bool:
         """Whether the frames a read already brought must wait (processed once it is False and
@@ -136,6 +197,8 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
     def _connectionMade(self) -> None:
         WebSocketProtocol._connectionMade(self)
         self.send_queue = ()  # Autobahn's queue for chopped and synchronous sends: made once one is asked for
+        # Autobahn's traffic counters, which it only adds to (circles reads none): the factory's.
+        self.trafficStats = self.factory.traffic
         self.factory.countConnections += 1
 
     def _onOpen(self) -> None:
@@ -145,6 +208,8 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         try:
             self.onOpen()
         finally:
+            if self._is_open is None:
+                self._is_open = _OPENING  # Autobahn fires it next: see is_open
             for name in _HANDSHAKE_STATE:
                 setattr(self, name, None)
             if not self.websocket_extensions_in_use:  # none (permessage-deflate is never accepted here)
@@ -347,6 +412,14 @@ class TimerLane:
 _EXPIRING: Any = object()
 
 
+#: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.
+_EVENTS = ("message",)
+#: Where a connection that nobody asked ``is_open`` of is: opening (Autobahn is about to fire
+#: it), and opened.
+_OPENING: Any = object()
+_OPENED: Any = object()
+
+
 def _class_defaults(cls: type, names: tuple) -> tuple:
     """(name, value) of each of ``names`` that a class above ``cls`` has a plain attribute for."""
     found = []
@@ -419,6 +492,8 @@ class TrimmedServerFactory(WebSocketServerFactory):
         self.clock = clock
         #: The connections' timers, exact and on ``clock``: Autobahn's (its ``_batched_timer``), and lanes of others.
         self.timers = self._batched_timer = _Timers(clock)
+        #: Autobahn's traffic counters of every connection, together (circles reads none).
+        self.traffic = TrafficStats()
 
     def fix_protocol_options(self, **extra) -> None:
         """Set the protocol options (those of ``setProtocolOptions``, and ``extra``) once, on a
