@@ -73,7 +73,7 @@ AUTOBAHN_STATE = (
     "websocket_origin", "websocket_extensions", "_wskey", "websocket_protocol_in_use",
     "websocket_extensions_in_use", "http_response_data",
     # frames and messages
-    "inside_message", "current_frame", "current_frame_masker", "control_frame_data", "frame_data",
+    "inside_message", "current_frame", "current_frame_masker", "control_frame_data", "frame_data", "frame_length",
     "message_is_binary", "message_data", "message_data_total_length", "utf8validateIncomingCurrentMessage",
     "utf8validateLast", "_isMessageCompressed", "send_compressed", "send_message_opcode",
     "send_message_frame_length", "send_message_frame_mask", "send_message_frame_masker",
