@@ -9,12 +9,26 @@ overrides those paths, each keeping everything else the original does;
 sets the protocol options once per factory instead of once per connection.
 :class:`circles.protocol.CircleProtocol` builds on them.
 
+An idle connection costs memory, not CPU, and a server holds tens of thousands: Autobahn gave
+each an instance dict of some 70 attributes (1.6 kB), kept its opening handshake (2 kB), made a
+send queue, two futures, a UTF-8 validator, traffic counters and event lists for it whether used
+or not, and a timer of the clock for each of its deadlines. Here its state is in slots
+(:data:`AUTOBAHN_STATE`), the handshake is let go once open, what only some connections use is
+made when first used, and the timers of one delay share one call of the clock
+(:class:`TimerLane`): 4 kB of resident memory per idle connection where it was 10.7 kB
+(docs/benchmarks.md).
+
 Autobahn internals relied on (pyproject.toml pins Autobahn's line, and ``tests/test_protocol.py``
 holds the digests of the Autobahn source each override was written against: an Autobahn that
 changes any of it fails there first):
 
 - the private steps of a connection's life that the overrides call: ``_connectionMade``,
-  ``_connectionLost``, ``_dataReceived``, ``_onMessage``, and ``_closeConnection``, overridden;
+  ``_connectionLost``, ``_dataReceived``, ``_onMessage``, ``_onOpen`` and ``_closeConnection``,
+  overridden; ``WebSocketProtocol.__init__``, copied; ``succeedHandshake``, which fires
+  ``is_open`` just after ``_onOpen`` and reads nothing of the handshake after it;
+- the attributes Autobahn keeps per connection (:data:`AUTOBAHN_STATE`, in slots; one it adds
+  goes to the instance dict, costing memory, not correctness), ``utf8validator``,
+  ``trafficStats``, ``send_queue`` and the event lists of ``ObservableMixin``;
 - ``_transport_details``, the transport's details that ``connectionMade`` sets;
 - ``autobahn.util._is_tls_error`` and ``_maybe_tls_reason``, as Autobahn's ``connectionLost`` uses them;
 - the factory's ``_batched_timer``, whose ``call_later`` makes every timer of a connection
