@@ -102,11 +102,18 @@ from circles.server.gateway import Gateway
 from circles.server.session.backlog import Backlog
 from circles.server.session.contracts.base import Contract
 from circles.server.session.methods import Session, Sessions
+from circles.server.tls import release_buffers
 from circles.server.websocket import TimerLane, TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
+
+#: A TLS connection's memory BIOs keep the largest buffer they ever needed (circles.server.tls.release_buffers):
+#: let go of what its opening handshake left, and of any read or write of more than TLS_BUFFER_SLACK
+#: bytes, TLS_BUFFERS_IDLE seconds later (once nothing is on its way).
+TLS_BUFFER_SLACK = 2048
+TLS_BUFFERS_IDLE = 1.0
 
 _connection_ids = itertools.count(1)
 # Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
@@ -148,7 +155,7 @@ class CircleProtocol(TrimmedServerProtocol):
 
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
 
-    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_fragments")
+    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_fragments", "_tls_buffers")
 
     def __init__(self) -> None:
         # Opened by onConnect; every callback after it has one (only onClose may come without).
@@ -157,6 +164,7 @@ class CircleProtocol(TrimmedServerProtocol):
         self._counted: str | None = None  # the peer's address key, while counted against the limits
         self._backlog: Backlog | None = None  # what the peer has not read, once open
         self._fragments = 0  # frames of the message arriving so far
+        self._tls_buffers: TimerLane | None = None  # over TLS, once open: when to let go of its buffers
         super().__init__()
 
     def onConnect(self, request):
@@ -229,6 +237,9 @@ class CircleProtocol(TrimmedServerProtocol):
         if idle is not None:
             idle.set(self)
             self._idle = idle
+        if self._transport_details is not None and self._transport_details.is_secure:
+            self._tls_buffers = factory.tls_buffer_timers
+            self._tls_buffers.set(self)  # what the opening handshake left in its buffers
         if factory.draining:
             self.go_away()
 
@@ -316,6 +327,25 @@ class CircleProtocol(TrimmedServerProtocol):
     def wrote(self, size: int) -> None:
         if self._backlog is not None:
             self._backlog.wrote(size)
+        if size > TLS_BUFFER_SLACK and self._tls_buffers is not None:
+            self._tls_buffers.set(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(data) > TLS_BUFFER_SLACK and self._tls_buffers is not None:
+            self._tls_buffers.set(self)
+        self._dataReceived(data)
+
+    @staticmethod
+    def _tls_buffers_idle(protocol: CircleProtocol) -> None:
+        protocol._release_tls_buffers()
+
+    def _release_tls_buffers(self) -> None:
+        """:data:`TLS_BUFFERS_IDLE` seconds after it opened, or read or wrote more than
+        :data:`TLS_BUFFER_SLACK` bytes at once: let go of what its TLS buffers kept of it
+        (:func:`circles.server.tls.release_buffers`); while ciphertext is on its way, again later."""
+        if self.state == self.STATE_OPEN and self._tls_buffers is not None:
+            if not release_buffers(self.transport.getHandle()):
+                self._tls_buffers.set(self)
 
     def holding(self) -> bool:
         """While the transport is paused (the peer does not read what we send) the frames a read
@@ -389,6 +419,9 @@ class CircleProtocol(TrimmedServerProtocol):
         if self._idle is not None:
             self._idle.cancel(self)
             self._idle = None
+        if self._tls_buffers is not None:
+            self._tls_buffers.cancel(self)
+            self._tls_buffers = None
         if self.session is not None:
             self.session.close()
             self.session.anomalies.closed()
@@ -447,6 +480,8 @@ class CircleFactory(TrimmedServerFactory):
         #: Every open connection's idle timeout, in one lane of timers (None: no idle timeout).
         self.idle_timers: TimerLane | None = (
             self.timers.lane(config.idle_timeout, CircleProtocol._idle_expired) if config.idle_timeout else None)
+        #: When TLS connections let go of what their buffers kept (CircleProtocol._release_tls_buffers).
+        self.tls_buffer_timers = self.timers.lane(TLS_BUFFERS_IDLE, CircleProtocol._tls_buffers_idle)
 
     def closed(self, protocol: CircleProtocol) -> None:
         self.open_connections.discard(protocol)
