@@ -5,10 +5,13 @@
 Runs the whole server in this process (``CirclesService``, as ``twistd circles`` builds it, with
 a script backend that refuses every play: no Redis, which idle connections never use), on a real
 reactor and a real loopback port (TLS with a development certificate if ``--tls``), and opens N
-WebSockets to it from a child process (raw sockets: its memory is not the server's). Once all
-are open it compares ``tracemalloc`` snapshots taken before and after, and prints the heap bytes
-per connection with the lines that allocated them, largest first, and the process's RSS per
-connection. The defaults (idle timeout, pings, rate limit...) are the server's.
+WebSockets to it from a child process (raw sockets: its memory is not the server's), twice: the
+first time it reads the process's resident memory before and with all of them open; the second,
+it compares ``tracemalloc`` snapshots taken before and after, and prints the heap bytes per
+connection with the lines that allocated them, largest first (``--frames`` for more of each
+stack, ``--types`` for the objects by type). The defaults (idle timeout, pings, rate limit...)
+are the server's. What C code allocates (OpenSSL's share of a TLS connection) is in the resident
+memory only: ``heaptrack`` shows it by function.
 """
 
 from __future__ import annotations
@@ -111,6 +114,25 @@ async def open_clients(reactor, port: int, n: int, ca: str | None) -> subprocess
     return proc
 
 
+async def open_idle(reactor, factory, port: int, n: int, ca: str | None) -> subprocess.Popen:
+    """``n`` WebSockets opened from a child process, all open on the server, settled."""
+    clients = await open_clients(reactor, port, n, ca)
+    while len(factory.open_connections) < n:
+        await task.deferLater(reactor, 0.05)
+    await task.deferLater(reactor, 2.0)  # past what a connection lets go of a second after it opens
+    gc.collect()
+    return clients
+
+
+async def close_all(reactor, factory, clients: subprocess.Popen) -> None:
+    clients.stdin.close()
+    clients.wait()
+    while factory.open_connections:
+        await task.deferLater(reactor, 0.05)
+    await task.deferLater(reactor, 0.5)
+    gc.collect()
+
+
 async def measure(reactor, n: int, tls: bool, top: int, frames: int, show_types: bool, tmp: str) -> None:
     kwargs = {}
     ca = None
@@ -126,28 +148,24 @@ async def measure(reactor, n: int, tls: bool, top: int, frames: int, show_types:
     [port] = await service.when_listening()
     number = port.getHost().port
     factory = service.factory
-    warm = await open_clients(reactor, number, 50, ca)  # allocator pools, caches, first-use imports
-    warm.stdin.close()
-    warm.wait()
-    while factory.open_connections:
-        await task.deferLater(reactor, 0.05)
-    await task.deferLater(reactor, 0.5)
-    gc.collect()
+    await close_all(reactor, factory, await open_idle(reactor, factory, number, 50, ca))  # pools, caches, imports
+    # Resident memory, untraced (tracemalloc's own bookkeeping would count).
+    rss_before = rss()
+    clients = await open_idle(reactor, factory, number, n, ca)
+    rss_open = rss()
+    await close_all(reactor, factory, clients)
+    # The heap, traced, line by line.
     types_before = _types()
     tracemalloc.start(frames)
-    before, rss_before = tracemalloc.take_snapshot(), rss()
-    clients = await open_clients(reactor, number, n, ca)
-    while len(factory.open_connections) < n:
-        await task.deferLater(reactor, 0.05)
-    await task.deferLater(reactor, 1.0)
-    gc.collect()
-    after, rss_open = tracemalloc.take_snapshot(), rss()
+    before = tracemalloc.take_snapshot()
+    clients = await open_idle(reactor, factory, number, n, ca)
+    after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     types_after = _types()
     stats = after.compare_to(before, "lineno" if frames == 1 else "traceback")
     total = sum(s.size_diff for s in stats)
-    print(f"{'TLS' if tls else 'plain'}: {n} idle WebSockets; Python heap {total / n:.0f} B per connection, "
-          f"RSS {(rss_open - rss_before) / n:.0f} B per connection")
+    print(f"{'TLS' if tls else 'plain'}: {n} idle WebSockets; Python heap {total / n:.0f} B per connection "
+          f"(tracemalloc), resident memory {(rss_open - rss_before) / n:.0f} B per connection (VmRSS)")
     print(f"{'B/conn':>8} {'blocks/conn':>11}  line")
     for stat in stats[:top]:
         print(f"{stat.size_diff / n:8.1f} {stat.count_diff / n:11.2f}  {_where(stat.traceback[0])}")
@@ -163,8 +181,7 @@ async def measure(reactor, n: int, tls: bool, top: int, frames: int, show_types:
                   types_after[t][1] - types_before.get(t, (0, 0))[1]) for t in types_after]
         for t, count, size in sorted(grown, key=lambda g: -g[2])[:top]:
             print(f"{count / n:12.2f} {size / n:8.1f}  {t}")
-    clients.stdin.close()
-    clients.wait()
+    await close_all(reactor, factory, clients)
     await service.stopService()
 
 
