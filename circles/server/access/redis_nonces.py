@@ -106,7 +106,7 @@ class RedisNonceStore(CommandConnection):
             raise BackendUnavailable("the nonce could not be stored")
         return nonce
 
-    def redeem_value(self, value: str, pubkey: str, signature: str) -> Deferred:
+    def redeem_value(self, value: str, pubkey: str | None, signature: str) -> Deferred:
         if not is_nonce_value(value):  # never issued: no need to ask, nor to send its bytes to Redis
             return fail(AuthenticationFailed("nonce unknown, used or expired"))
         d = self._command(lambda stored: self._taken(stored, value), "GETDEL", nonce_key(self.prefix, value))
