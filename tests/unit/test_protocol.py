@@ -38,8 +38,8 @@ from circles.backend.scripts import (
     ScriptTimeout,
 )
 from circles.protocol import CircleFactory
-from circles.server.config import Config
 from circles.server.access.nonces import INonceStore
+from circles.server.config import Config
 from circles.server.gateway import Gateway
 
 from ..inmemory import NoScriptBackend, captured_log, fired, open_session, replied, session_layer
