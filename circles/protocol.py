@@ -51,7 +51,12 @@ and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then
 authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. Such a
 nonce is kept in Redis (:mod:`circles.server.access.redis_nonces`), so the WebSocket may land on any process
 or server sharing it; the handshake waits for Redis to take it (reading nothing more from the
-client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say. They may
+client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say.
+Such a nonce is bound to no connection: ``authenticate`` takes it too, named by ``nonce``, on
+any connection, once (any attempt uses it up); the requests sent after that ``authenticate``
+wait for Redis's answer (nothing more is read meanwhile, :meth:`CircleProtocol._hold`), which is
+-32004 when Redis cannot say. A nonce from ``fetch_nonce`` is bound to its connection: a URL, or
+another connection's ``authenticate``, refuses it (401, -32002). They may
 also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
 or ``[{pubkey, signature}]``, and ``fetch_nonce`` with no key (the nonce is then bound to this
 connection only, and to whichever key signs it).
