@@ -112,7 +112,7 @@ class Session:
         #: An ``authenticate`` waiting for the shared nonce store (Redis), while one does: its
         #: Deferred, which the connection waits for before it takes another request.
         self.proving: Deferred | None = None
-        self.closed = False
+        self.closed = False  # its connection is gone (close): what is still called starts no play
         self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
         # What a reply that comes later (a play's) may take when it is ready: the connection's
         # circles.server.session.backlog.Backlog, which holds it to what the client has left unread. None: no bound.
