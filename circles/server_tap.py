@@ -16,6 +16,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from circles.backend import worker_protocols
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.backend.redis_url import InvalidRedisURL
@@ -59,6 +60,7 @@ CONFIG_FIELDS = {
     "max-request-body": "max_request_body", "webhook-deadline": "webhook_deadline",
     "webhook-dedupe-ttl": "webhook_dedupe_ttl", "webhook-replicas": "webhook_replicas",
     "webhook-replica-timeout": "webhook_replica_timeout", "webhook-attempts": "webhook_attempts",
+    "worker-protocol": "worker_protocol",
 }
 
 #: Former names still accepted, and the options they are now.
@@ -241,6 +243,11 @@ class Options(usage.Options):
                  "rest of the WAIT in flight, then its own)", positive(float)),
         _setting("webhook-attempts", "runs a webhook event's task gets when the workers running it are lost "
                  "(then it waits in the dead-letter list: circles tasks dead-letter)", positive(int)),
+        _setting("worker-protocol", "how plays and webhook events reach the workers: 'circles' (ours, "
+                 "docs/worker-protocol.md) or 'hero' (the hero dispatcher's: hero:job:{id} hashes on "
+                 "hero:work_queue:{circle}, which the ecosystem's Rust workers and circles-worker --worker-protocol "
+                 "hero run; no live-worker check: a play with no worker waits for its timeout)",
+                 worker_protocols.check),
     ]
 
     def __init__(self) -> None:

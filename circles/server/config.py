@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from circles.backend import tasks
+from circles.backend import tasks, worker_protocols
 from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.redis_url import parse_redis_url, redact_url
 from circles.common.keys import circle_set
@@ -110,6 +110,10 @@ class Config:
     # Runs a webhook task gets when the workers running it are lost (it is re-run until then,
     # dead-lettered after: docs/worker-protocol.md).
     webhook_attempts: int = tasks.DEFAULT_ATTEMPTS
+    # How plays and webhook events reach the workers (circles.backend.worker_protocols): "circles", ours
+    # (docs/worker-protocol.md), or an ecosystem dispatcher's job schema ("hero": its Rust workers run them).
+    worker_protocol: str = attrs.field(default=worker_protocols.CIRCLES, validator=attrs.validators.in_(
+        worker_protocols.NAMES))
 
     @allowed_origins.validator
     def _check_allowed_origins(self, attribute: attrs.Attribute, value: Any) -> None:
