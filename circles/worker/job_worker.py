@@ -73,6 +73,11 @@ class JobWorker(Worker):
         self._checking = False
         self.stopped_jobs = 0  # jobs killed here because they were stopped
 
+    @property
+    def running_jobs(self) -> int:
+        """jobs whose script runs here now."""
+        return len(self._executions)
+
     def startService(self) -> None:
         Service.startService(self)
         log.info("worker {worker} serving {n} circle(s) in the {protocol} dispatcher protocol through Redis at "
