@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import redis
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from websockets.sync.client import connect as ws_connect
 
 from circles import CirclesService, Config
@@ -289,6 +289,18 @@ async def test_a_webhook_event_is_a_job_with_its_data(redis_server, start, hero_
     assert hero_redis.lrange(f"hero:work_queue:{CIRCLE}", 0, -1) == [queued.task_id]
     assert hero_redis.ttl(f"hero:work_queue:{CIRCLE}") == -1  # the workers' list: no TTL of ours
     assert 86400 < hero_redis.ttl(f"hero:job:{queued.task_id}") <= 86400 + tasks.TASK_TTL
+    # What an operator sees: the hero queue, workers and dead letters unknown (none registers).
+    stats = await threads.deferToThread(
+        subprocess.run, [sys.executable, "-m", "circles", "tasks", "stats", "--worker-protocol", "hero", "--json",
+                         "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout) == {"circles": [{"circle": CIRCLE, "workers": None, "queue": 1, "dead": None}],
+                                        "dead_letters": None}
+    text = await threads.deferToThread(
+        subprocess.run, [sys.executable, "-m", "circles", "tasks", "stats", "--worker-protocol", "hero",
+                         "--redis-url", redis_server.url], capture_output=True, text=True, timeout=60)
+    assert text.stdout.split("\n")[1].split() == [CIRCLE, "-", "1", "-"]
+    assert "workers: not known in the hero protocol" in text.stdout
 
 
 @pytest_twisted.ensureDeferred
