@@ -402,6 +402,24 @@ def test_our_worker_runs_a_hero_dispatchers_job(redis_server, tmp_path, hero_red
     assert "Traceback" not in worker.output
 
 
+def test_our_worker_runs_hero_jobs_with_an_isolated_engine(redis_server, tmp_path, hero_redis):
+    # --engine under --isolation process (the default): the same engine path as our protocol's.
+    worker = Twistd(["--worker-protocol", "hero", "--redis-url", redis_server.url, "-k", CIRCLE,
+                     "--engine", "circles.worker.tiny_engine:run", "--script-timeout", "2"], tmp_path,
+                    plugin="circles-worker")
+    try:
+        worker.wait_for("waiting for jobs")
+        ran = dispatch(hero_redis, "let x = 6; print(CALLER_ID); x * 7")
+        endless = dispatch(hero_redis, 'let s = ""; loop { s = s + "x"; }', timeout=60)
+        assert eventually_true(lambda: hero_redis.hget(f"hero:job:{ran}", "status") == "finished", timeout=30)
+        assert hero_redis.hget(f"hero:job:{ran}", "output") == f"{'02' + 'ab' * 32}\n42"
+        assert eventually_true(lambda: hero_redis.hget(f"hero:job:{endless}", "status") == "error", timeout=30)
+        failed = hero_redis.hgetall(f"hero:job:{endless}")
+        assert failed["error"] and failed.get("reason", "") in ("", "timeout")  # the engine's own limit, or ours
+    finally:
+        assert worker.stop() == -signal.SIGTERM, worker.output
+
+
 def test_a_stop_request_stops_a_running_job(redis_server, tmp_path, hero_redis):
     worker = our_worker(redis_server, tmp_path, "--script-timeout", "120")
     try:
