@@ -208,10 +208,8 @@ class JobScriptRunner(RedisRunner):
         self.notifications = False  # keyspace notifications are on (else sweeps are all there is)
         self._refusals_told = False  # the operator was told notifications could not be turned on
         self._last_sweep = 0.0
-        db = address.db or 0
-        self._channels = {f"__keyspace@{db}__:{schema.job_key('')}": len(f"__keyspace@{db}__:{schema.job_key('')}"),
-                          f"__keyspace@{db}__:{schema.reply_key('')}":
-                              len(f"__keyspace@{db}__:{schema.reply_key('')}")}
+        # The channels of the job hashes' and the reply lists' notifications, less the job id.
+        self._channels = [f"__keyspace@{address.db or 0}__:{key}" for key in (schema.job_key(""), schema.reply_key(""))]
         self.notified = 0  # notifications about jobs that plays wait for
         self.sweeps = 0  # sweep steps sent
 
@@ -266,9 +264,9 @@ class JobScriptRunner(RedisRunner):
 
     def _message(self, pattern: str | None, channel: str, message: str) -> None:
         """A keyspace notification: a job hash or a reply list changed."""
-        for prefix, length in self._channels.items():
+        for prefix in self._channels:
             if channel.startswith(prefix):
-                job_id = channel[length:]
+                job_id = channel[len(prefix):]
                 if self.replies.waits_for(job_id):
                     self.notified += 1
                     self.replies.wake(job_id)

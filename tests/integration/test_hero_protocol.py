@@ -131,7 +131,7 @@ async def test_a_play_is_run_by_a_worker_of_the_documented_protocol(redis_server
     caller = await client.authenticate(new_key())
     reply = await play(client, "40 + 2", timeout=7.5)
     assert reply["result"] == {"output": "42"}
-    [line] = worker.said("job")
+    [line] = await eventually(lambda: worker.said("job"))  # its stdout, read in a thread
     job_id = line.split()[1]
     job = worker.job(job_id)
     # Every field the dispatcher writes, as the worker read it.
@@ -147,6 +147,7 @@ async def test_a_play_is_run_by_a_worker_of_the_documented_protocol(redis_server
     left = hero_redis.hgetall(f"hero:job:{job_id}")
     assert left["status"] == "finished" and not {"script", "output", "error", "env_vars"} & set(left)
     assert 0 < hero_redis.ttl(f"hero:job:{job_id}") <= tasks.STATUS_TTL
+    await eventually(lambda: hero_redis.ttl(f"hero:reply:{job_id}") != -1)  # its LPUSH, then its EXPIRE
     assert hero_redis.ttl(f"hero:reply:{job_id}") in (-2, *range(1, 301))
     assert hero_redis.llen(f"hero:work_queue:{CIRCLE}") == 0
     # A waiting play learns its result from a notification, not from a sweep.
@@ -175,7 +176,7 @@ async def test_a_failed_job_is_a_script_error(redis_server, start, reference_wor
     reply = await play(client, "fail(no such function: frobnicate)")
     assert reply["error"]["code"] == -32005
     assert reply["error"]["data"] == "no such function: frobnicate"
-    assert worker.said("failed")
+    await eventually(lambda: worker.said("failed"))
     client.close()
 
 
@@ -186,7 +187,7 @@ async def test_a_timeout_is_32003_and_sends_a_stop_request(redis_server, start, 
     client = await RPCClient.open(port, CIRCLE)
     reply = await play(client, "sleep(20)", timeout=1)
     assert reply["error"]["code"] == -32003
-    [line] = worker.said("job")
+    [line] = await eventually(lambda: worker.said("job"))  # its stdout, read in a thread
     job_id = line.split()[1]
     # The worker read the stop request, the job id, and stopped its job.
     await eventually(lambda: worker.said("stopped", job_id))
@@ -205,7 +206,7 @@ async def test_the_stop_request_is_the_job_id_on_the_circles_stop_queue(redis_se
     client = await RPCClient.open(port, CIRCLE)
     reply = await play(client, "sleep(3)", timeout=1)
     assert reply["error"]["code"] == -32003
-    [line] = worker.said("job")
+    [line] = await eventually(lambda: worker.said("job"))  # its stdout, read in a thread
     job_id = line.split()[1]
     assert hero_redis.lrange(f"hero:stop_queue:{CIRCLE}", 0, -1) == [job_id]
     assert 0 < hero_redis.ttl(f"hero:stop_queue:{CIRCLE}") <= tasks.TASK_TTL
@@ -453,3 +454,31 @@ async def test_a_job_stopped_elsewhere_is_killed_here(redis_server, start, hero_
                                                    "reason": "stopped"})
     await eventually(lambda: worker.stopped_jobs == 1 and worker.running_jobs == 0)
     assert hero_redis.hget(f"hero:job:{job_id}", "error") == "stopped by another worker"  # not overwritten
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_sentinels_the_subscription_follows_a_failover(replicated_redis, start, tmp_path):
+    # The subscribed connection is one of the Sentinel-aware connections: it reaches the primary,
+    # and the new one after a failover, where the runner turns notifications on again.
+    runner = start(JobScriptRunner(parse_redis_url(replicated_redis.url), schema=HERO, reactor=reactor))
+    await eventually(runner.is_connected)
+    assert runner.notifications
+    old = replicated_redis.primary()
+    worker = ReferenceWorker(old, CIRCLE)
+    try:
+        await eventually(lambda: worker.said("ready"))
+        assert await runner.run(ScriptRequest(circle=CIRCLE, script="6 * 7", caller="", source="ws", timeout=10)) \
+            == "42"
+        worker.stop()
+        old.kill()
+        new = await threads.deferToThread(replicated_redis.wait_for_new_primary, old)
+        await eventually(lambda: runner.is_connected() and runner._replies.primary[1] == new.port, timeout=60)
+        worker = ReferenceWorker(new, CIRCLE)
+        await eventually(lambda: worker.said("ready"))
+        notified = runner.notified
+        assert await runner.run(ScriptRequest(circle=CIRCLE, script="6 * 8", caller="", source="ws", timeout=10)) \
+            == "48"
+        assert runner.notified > notified  # learnt from the new primary's notifications
+        assert runner.notifications
+    finally:
+        worker.stop()
