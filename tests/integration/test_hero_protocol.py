@@ -482,3 +482,40 @@ async def test_through_sentinels_the_subscription_follows_a_failover(replicated_
         assert runner.notifications
     finally:
         worker.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_worker_writes_is_answered_never_a_traceback(redis_server, start, hero_redis):
+    runner = start(JobScriptRunner(parse_redis_url(redis_server.url), schema=HERO, reactor=reactor))
+    await eventually(runner.is_connected)
+    raw = redis.Redis(port=redis_server.port)  # bytes as they are
+
+    async def played(write: dict, timeout: float = 10) -> object:
+        answer = runner.run(ScriptRequest(circle=CIRCLE, script="x", caller="", source="ws", timeout=timeout))
+        taken = await threads.deferToThread(raw.brpop, [f"hero:work_queue:{CIRCLE}"], 10)
+        raw.hset(f"hero:job:{taken[1].decode()}", mapping=write)
+        try:
+            return await answer
+        except Exception as e:
+            return e
+
+    assert await played({"status": "finished", "output": b"\xff\xfeok"}) == "\ufffd\ufffdok"
+    assert await played({"status": "finished"}) == ""  # no output written: none
+    failed = await played({"status": "error", "error": b"bad \xc3"})
+    assert type(failed).__name__ == "ScriptFailed" and failed.detail == "bad \ufffd"
+    # A status of no meaning is not an end: the play waits for its timeout.
+    assert type(await played({"status": "weird"}, timeout=1)).__name__ == "ScriptTimeout"
+    raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_redis_is_32004_and_nothing_is_written(redis_server, start, hero_redis):
+    service, port = await serve(start, redis_server)
+    hero_redis.config_set("maxmemory-policy", "noeviction")
+    hero_redis.config_set("maxmemory", 1)
+    client = await RPCClient.open(port, CIRCLE)
+    reply = await play(client, "40 + 2")
+    assert reply["error"]["code"] == -32004 and "full" in reply["error"]["message"]
+    assert hero_keys(hero_redis) == []
+    hero_redis.config_set("maxmemory", 0)
+    client.close()
