@@ -103,7 +103,8 @@ class Metrics:
 
     def watch_workers(self, circle_stats: Callable[[], dict], dead_letters: Callable[[], int | None]) -> None:
         """Report the served circles' live workers and queue lengths (``{circle: (workers,
-        queue)}``, as the script runner last read them from Redis) and the dead letters."""
+        queue)}``, as the script runner last read them from Redis; workers None: not known, not
+        reported) and the dead letters (None: none reported)."""
         self._workers.circle_stats, self._workers.dead_letters = circle_stats, dead_letters
 
     def watch_accepts(self, tcp_open: Callable[[], int], refused: dict[str, Callable[[], int]]) -> None:
@@ -210,7 +211,8 @@ class _Workers:
                                     labels=["circle"])
         queue = GaugeMetricFamily("circles_queue_length", "Tasks waiting in a circle's queue", labels=["circle"])
         for circle, (live, waiting) in sorted(stats.items()):
-            workers.add_metric([circle], live)
+            if live is not None:  # None: not known (a dispatcher's workers do not register)
+                workers.add_metric([circle], live)
             queue.add_metric([circle], waiting)
         yield workers
         yield queue
