@@ -227,7 +227,7 @@ def makeService(config: Options, reactor=global_reactor) -> Worker:
     if schema is not None:  # an ecosystem dispatcher's protocol (circles.worker.job_worker)
         return (IsolatingJobWorker if isolated else JobWorker)(
             config.address, config["circles"], engine, schema=schema, reactor=reactor,
-            private_redis=config.private_redis, **options)
+            private_redis=config.private_redis, init_scripts=config.init_scripts, **options)
     kind = IsolatingWorker if isolated else Worker
     return kind(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
                 init_scripts=config.init_scripts, **options)

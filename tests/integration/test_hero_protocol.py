@@ -27,6 +27,7 @@ from websockets.sync.client import connect as ws_connect
 from circles import CirclesService, Config
 from circles.backend import tasks
 from circles.backend.hero import HERO
+from circles.backend.init_scripts import InitScript, once_key
 from circles.backend.job_dispatch import SWEEP_FALLBACK, JobScriptRunner
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import ScriptRequest
@@ -519,3 +520,52 @@ async def test_a_full_redis_is_32004_and_nothing_is_written(redis_server, start,
     assert hero_keys(hero_redis) == []
     hero_redis.config_set("maxmemory", 0)
     client.close()
+
+
+# -- init scripts (-k PK:FILE) under the hero protocol -----------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_servers_init_script_is_a_job_the_first_worker_takes(redis_server, start, reference_worker,
+                                                                      hero_redis):
+    # Hero's workers do not register: the server queues the init script at once, and the job
+    # waits on the work queue until the first worker comes up and takes it.
+    init = InitScript(CIRCLE, "echo(initialised)", "init.rhai")
+    service, port = await serve(start, redis_server, init_scripts=[init], script_timeout=30.0)
+    await eventually(lambda: hero_redis.llen(f"hero:work_queue:{CIRCLE}") == 1)
+    worker = reference_worker()
+    [line] = await eventually(lambda: worker.said("job"))
+    job = worker.job(line.split()[1])
+    assert (job["script"], job["caller_id"], job["context_id"]) == ("echo(initialised)", CIRCLE, CIRCLE)
+    assert json.loads(job["env_vars"]) == {"CIRCLES_SOURCE": "init"}
+    key = once_key(service.config.redis_prefix, init)
+    await eventually(lambda: (hero_redis.get(key) or "").startswith("completed:"))
+    # Once: the next rounds queue nothing more.
+    await sleep(2 * tasks.HEARTBEAT_INTERVAL + 0.5)
+    assert len(worker.said("job")) == 1
+
+
+def test_our_worker_runs_its_init_script_before_the_circles_jobs(redis_server, tmp_path, hero_redis):
+    trace = tmp_path / "trace"
+    init = tmp_path / "init.sh"
+    init.write_text(f"echo init >> {trace}\n")
+    worker = Twistd(["--worker-protocol", "hero", "--redis-url", redis_server.url, "-k", f"{CIRCLE}:{init}",
+                     "--exec", "sh {script_file}"], tmp_path, plugin="circles-worker")
+    try:
+        worker.wait_for("waiting for jobs")
+        job_id = dispatch(hero_redis, f"echo job >> {trace}; echo ran")
+        assert eventually_true(lambda: hero_redis.hget(f"hero:job:{job_id}", "status") == "finished", timeout=30)
+        assert trace.read_text().split() == ["init", "job"], worker.output
+        [key] = hero_redis.keys(f"circles:init:{CIRCLE}:*")
+        assert hero_redis.get(key).startswith("completed:")
+    finally:
+        assert worker.stop() == -signal.SIGTERM, worker.output
+    # A second start with the same script does not run it again.
+    again = Twistd(["--worker-protocol", "hero", "--redis-url", redis_server.url, "-k", f"{CIRCLE}:{init}",
+                    "--exec", "sh {script_file}"], tmp_path, plugin="circles-worker")
+    try:
+        again.wait_for("waiting for jobs")
+        job_id = dispatch(hero_redis, f"echo job >> {trace}")
+        assert eventually_true(lambda: hero_redis.hget(f"hero:job:{job_id}", "status") == "finished", timeout=30)
+        assert trace.read_text().split() == ["init", "job", "job"]
+    finally:
+        assert again.stop() == -signal.SIGTERM, again.output
