@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
 from circles.common.once import Once
-from circles.server.metrics import merge
+from circles.server.metrics import Tally, merge
 
 log = Logger()
 
@@ -57,8 +57,13 @@ log = Logger()
 ASK_TIMEOUT = 2.0
 #: Seconds the answer of one round of questions serves every request of its kind.
 FRESH = 1.0
+#: Seconds a process gives the first process to answer ``whole``: a round of its own questions
+#: (:data:`ASK_TIMEOUT`) and the merge.
+WHOLE_TIMEOUT = 2 * ASK_TIMEOUT
 #: The largest answer read from another process, in bytes.
 MAX_ANSWER = 8 * 1024 * 1024
+#: The process that merges the scrapes and keeps the server's counts (it lives as long as the server).
+FIRST = 1
 
 
 def socket_path(directory: str, number: int) -> str:
@@ -79,9 +84,19 @@ class _Answering(LineOnlyReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         self.setTimeout(None)
         answer = self.factory.answers.get(line.strip())
-        if answer is not None:
-            self.transport.write(answer())
-        self.transport.loseConnection()
+        if answer is None:
+            self.transport.loseConnection()
+            return
+        result = answer()
+        if isinstance(result, Deferred):  # the first process's "whole": after its round
+            result.addBoth(self._answer)
+        else:
+            self._answer(result)
+
+    def _answer(self, answer) -> None:
+        if isinstance(answer, bytes):
+            self.transport.write(answer)
+        self.transport.loseConnection()  # otherwise: no answer (the asker says so)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.abortConnection()
@@ -130,38 +145,60 @@ class _Round:
 class Siblings:
     """What process ``number`` of ``count`` says for the whole server: :meth:`metrics`,
     :meth:`ready`. ``local_metrics`` and ``local_problem`` are what it says for itself (its
-    exposition; why it is not ready, or None)."""
+    exposition; why it is not ready, or None); ``generation``: the how-manyth process in its
+    number's place it is (the first process says how many times it started one there)."""
 
     def __init__(self, reactor, number: int, count: int, directory: str, local_metrics: Callable[[], bytes],
-                 local_problem: Callable[[], str | None]) -> None:
+                 local_problem: Callable[[], str | None], generation: int = 1) -> None:
         self._reactor = reactor
         self.number = number
         self.count = count
         self.directory = directory
-        self._local = {b"metrics": local_metrics, b"ready": lambda: _ready_answer(local_problem())}
+        self._local = {b"metrics": lambda: b"%d\n%b" % (generation, local_metrics()),
+                       b"ready": lambda: _ready_answer(local_problem())}
         self._rounds: dict[bytes, _Round] = {}
+        #: The whole server's counts (:class:`circles.server.metrics.Tally`): the first process's alone.
+        self.tally = Tally() if number == FIRST else None
 
     def answers(self) -> dict:
-        """The questions this process answers on its socket: ``{question: () -> bytes}``."""
-        return dict(self._local)
+        """The questions this process answers on its socket: ``{question: () -> bytes, or a
+        Deferred of bytes}``; the first process answers ``whole`` too (:meth:`metrics`)."""
+        answers: dict[bytes, Callable] = dict(self._local)
+        if self.tally is not None:
+            answers[b"whole"] = self.metrics
+        return answers
 
     def metrics(self) -> Deferred:
-        """The whole server's exposition (bytes); never fails."""
-        return self._shared(b"metrics", lambda answers: merge({n: a if isinstance(a, bytes) else None
-                                                               for n, a in answers.items()}))
+        """The whole server's exposition (bytes), or None if it cannot be told (the first process
+        did not answer); never fails. The first process merges the answers of all; the others
+        ask it, every time (sharing only a question in flight: an answer they kept could be
+        older than one it gave since)."""
+        if self.tally is None:
+            return self._shared(b"whole", self._from_first, fresh=0.0)
+        return self._shared(b"metrics", self._merge)
 
     def ready(self) -> Deferred:
         """``(problem, processes)``: the first reason a process gives (or that it did not answer),
         None if every one is ready; and ``{number: "ready" or its problem}``; never fails."""
-        return self._shared(b"ready", _whole_readiness)
+        return self._shared(b"ready", lambda: self._ask_all(b"ready", _whole_readiness))
 
-    def _shared(self, question: bytes, combine: Callable) -> Deferred:
+    def _shared(self, question: bytes, ask: Callable, fresh: float = FRESH) -> Deferred:
         now = self._reactor.seconds()
         current = self._rounds.get(question)
-        if current is None or (current.answer.fired and now - current.started >= FRESH):
+        if current is None or (current.answer.fired and now - current.started >= fresh):
             current = self._rounds[question] = _Round(now)
-            ensureDeferred(self._ask_all(question, combine)).addBoth(current.answer.fire)
+            ensureDeferred(ask()).addBoth(current.answer.fire)
         return current.answer.when()
+
+    async def _merge(self) -> bytes:
+        assert self.tally is not None
+        tally = self.tally
+        return await self._ask_all(b"metrics", lambda answers: merge({n: _generation_and_exposition(a)
+                                                                      for n, a in answers.items()}, tally))
+
+    async def _from_first(self) -> bytes | None:
+        answer = await self._ask(FIRST, b"whole", WHOLE_TIMEOUT)
+        return answer if isinstance(answer, bytes) else None
 
     async def _ask_all(self, question: bytes, combine: Callable):
         others = [n for n in range(1, self.count + 1) if n != self.number]
@@ -175,14 +212,14 @@ class Siblings:
             log.failure("could not combine the server processes' answers to {question}", question=question.decode())
             return combine({self.number: answers[self.number]})  # what it knows for sure
 
-    async def _ask(self, number: int, question: bytes) -> bytes | str:
+    async def _ask(self, number: int, question: bytes, timeout: float = ASK_TIMEOUT) -> bytes | str:
         """Process ``number``'s answer, or why there is none: "not running" (nothing listens on
-        its socket) or "not answering" (no whole answer within :data:`ASK_TIMEOUT`)."""
-        deadline = self._reactor.seconds() + ASK_TIMEOUT
+        its socket) or "not answering" (no whole answer within ``timeout``)."""
+        deadline = self._reactor.seconds() + timeout
         asking = _Asking(question)
         connecting = connectProtocol(UNIXClientEndpoint(self._reactor, socket_path(self.directory, number),
-                                                        timeout=ASK_TIMEOUT), asking)
-        connecting.addTimeout(ASK_TIMEOUT, self._reactor)
+                                                        timeout=timeout), asking)
+        connecting.addTimeout(timeout, self._reactor)
         try:
             await connecting
         except Exception:  # no socket, refused (dead), or no accept in time
@@ -194,6 +231,18 @@ class Siblings:
         finally:
             if timer.active():
                 timer.cancel()
+
+
+def _generation_and_exposition(answer: bytes | str) -> tuple[int, bytes] | None:
+    """A process's answer to ``metrics``: its generation, a line, then its exposition; None for
+    no answer, or one not of that form."""
+    if not isinstance(answer, bytes):
+        return None
+    generation, _, exposition = answer.partition(b"\n")
+    try:
+        return int(generation), exposition
+    except ValueError:
+        return None
 
 
 def _ready_answer(problem: str | None) -> bytes:
@@ -276,14 +325,16 @@ class ProcessSocket(Service):
         return d
 
 
-def join(service, number: int, count: int, directory: str, reactor, remove: bool = False) -> ProcessSocket:
+def join(service, number: int, count: int, directory: str, reactor, remove: bool = False,
+         generation: int = 1) -> ProcessSocket:
     """Make ``service`` (a :class:`~circles.service.CirclesService`) process ``number`` of
-    ``count``: its ``/metrics`` and ``/ready`` answer for the whole server, and the returned
-    service (to start with it) answers the others; ``remove``: the directory is removed when it
-    stops (the first process: it makes it as it starts)."""
+    ``count`` (the ``generation``-th in that place): its ``/metrics`` and ``/ready`` answer for the
+    whole server, and the returned service (to start with it) answers the others; ``remove``: the
+    directory is removed when it stops (the first process: it makes it as it starts)."""
     gateway = service.gateway
     gateway.metrics.watch_process()
-    siblings = Siblings(reactor, number, count, directory, gateway.metrics.exposition, gateway.unready_reason)
+    siblings = Siblings(reactor, number, count, directory, gateway.metrics.exposition, gateway.unready_reason,
+                        generation)
     gateway.metrics.whole = siblings.metrics
     gateway.siblings = siblings
     return ProcessSocket(reactor, siblings, service.when_listening, directory if remove else None)
