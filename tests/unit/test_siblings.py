@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
 from circles.common import logs
+from circles.server.metrics import Metrics, Tally, merge
 from circles.server.processes import siblings
 from circles.server.processes.group import MAX_LINE, _Lines
-from circles.server.metrics import Metrics, Tally, merge
 from circles.server.processes.siblings import ProcessSocket, Siblings, socket_path
 
 
