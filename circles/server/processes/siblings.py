@@ -2,31 +2,53 @@
 
 The N processes share one port (``SO_REUSEPORT``), so a scrape or a probe reaches any one of
 them, and each knew only itself: counters went up and down between scrapes, and ``/ready`` said
-200 with a process dead. Now the process that gets the request asks the others and answers for
-the whole server.
+200 with a process dead. Now the process that gets the request answers for the whole server.
 
 How: a mesh of Unix sockets. Each process listens on one of its own, ``<number>.sock`` in a
 private directory (mode 0700: only this user) that the first process makes and gives the others
-in their environment (:mod:`circles.server.processes.group`). A question is one line, ``metrics`` or
-``ready``; the answer is what that process alone would say (its exposition; ``{"problem": ...}``
-as JSON), then the connection closes. The process asked by a client asks all the others at once,
-each within :data:`ASK_TIMEOUT`, and merges (:func:`circles.server.metrics.merge`) or names the first
-problem. So no process relays for another and none is special: a process that died (its socket
-refuses, or is gone) or hangs (no answer in time) is simply reported, ``circles_process_up`` 0
-and ``/ready`` 503 naming it, until it answers again (the first process restarts it).
+in their environment (:mod:`circles.server.processes.group`). A question is one line; the answer
+is what that process alone would say, then the connection closes: to ``ready``, ``{"problem":
+...}`` as JSON; to ``metrics``, its generation (which start in its number's place it is) on a
+line, then its exposition.
 
-Why not prometheus-client's multiprocess mode: it sums files of mmapped values that outlive
-their processes (a dead process's counters stay in the sum, its gauges need a mode each), must
-be set up before prometheus-client is imported, and says nothing of readiness; the sockets answer
-with what is true now, and a dead process shows as dead. Why not the log pipe
-(:mod:`circles.server.processes.group`): it goes one way, to the first process, and the others must answer
-scrapes too.
+``/ready``: the process asked by a client asks all the others at once, each within
+:data:`ASK_TIMEOUT`, and names the first problem. So none relays for another: a process that died
+(its socket refuses, or is gone) or hangs (no answer in time) is simply reported, ``/ready`` 503
+naming it, until it answers again (the first process restarts it).
+
+``/metrics``: the first process (:data:`FIRST`) answers for the whole server, and the others ask
+it (the question ``whole``). It asks every process for its ``metrics`` as above and merges them
+(:func:`circles.server.metrics.merge`) with its :class:`~circles.server.metrics.Tally`, the
+memory of the counts of every process that ever answered: a process that dies, is started again
+(counting from 0) or hangs keeps its share of the counters, so no counter ever goes down while
+the server runs, whichever process a scrape reaches (the Tally's docstring says why); it shows as
+``circles_process_up`` 0 meanwhile. The memory must be in one place that lives as long as the
+server, for the answer not to depend on which process gives it: the first process is that place
+(the others die with it). The others keep no answer of their own: each scrape they take asks the
+first (only a question in flight is shared), since an answer they kept could be older than one
+the first gave since, and lower. If the first process does not answer within
+:data:`WHOLE_TIMEOUT` (it hangs: then nothing restarts a process either), ``/metrics`` answers 503:
+a failed scrape, not one with lower counts.
+
+Why not prometheus-client's multiprocess mode: it sums files of mmapped values that outlive their
+processes, and so does keep a dead process's counts (what the Tally does), but only of the values
+prometheus-client itself writes: the series we read when scraped (open connections, refused
+connections, Redis reconnects, workers, memory) have no file and would be the answering process's
+alone, so the sockets would be needed anyway. Besides, a process started again writes files of
+its own (named by pid) beside its predecessors', a directory growing with every restart, to
+empty when the server starts and at no other time; its gauges need a mode each; it is set for the
+whole interpreter before prometheus-client is imported (a server's registry is its own: tests run
+several in one process); and it says nothing of readiness. The sockets answer with what is true
+now, the Tally adds what was true of the dead, and a dead process shows as dead. Why not the log pipe
+(:mod:`circles.server.processes.group`): it goes one way, to the first process, and the others
+must answer scrapes too.
 
 Costs: nothing with ``--processes 1`` (:func:`join` is never called). A client cannot multiply
 the work: one round of questions per kind of request is shared by all the requests that come
-while it runs and for :data:`FRESH` seconds after it started, so a flood of ``/ready`` costs at
-most one round a second per process. An answer is read up to :data:`MAX_ANSWER` bytes; a question
-is a line of at most 64 bytes, and a connection that sends none is closed after
+while it runs and for :data:`FRESH` seconds after it started, so a flood of ``/ready`` or
+``/metrics`` costs at most one round a second per process (a scrape another process takes costs
+the first one an answer it has already made). An answer is read up to :data:`MAX_ANSWER` bytes; a
+question is a line of at most 64 bytes, and a connection that sends none is closed after
 :data:`ASK_TIMEOUT`. Time is the reactor's.
 """
 
