@@ -220,7 +220,7 @@ class Siblings:
 
     async def _from_first(self) -> bytes | None:
         answer = await self._ask(FIRST, b"whole", WHOLE_TIMEOUT)
-        return answer if isinstance(answer, bytes) else None
+        return answer if isinstance(answer, bytes) and answer else None  # closed unanswered: none
 
     async def _ask_all(self, question: bytes, combine: Callable):
         others = [n for n in range(1, self.count + 1) if n != self.number]
