@@ -473,7 +473,8 @@ def _make_service(config: Options, reactor):
     group = MultiService()
     service.setServiceParent(group)
     if member is not None:  # one of the others of a first process's --processes
-        siblings.join(service, *member, reactor).setServiceParent(group)
+        number, count, directory, generation = member
+        siblings.join(service, number, count, directory, reactor, generation=generation).setServiceParent(group)
         return group
     # Every event of this process carries its pid and number too (circles.common.logs.ProcessTags): from
     # before twistd begins logging to its last line ("Server Shut Down."), so for good.
