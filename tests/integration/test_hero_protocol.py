@@ -31,6 +31,7 @@ from circles.backend.init_scripts import InitScript, once_key
 from circles.backend.job_dispatch import SWEEP_FALLBACK, JobScriptRunner
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import ScriptRequest
+from circles.common.wire import SUBPROTOCOLS
 from circles.worker.engines import ExecEngine
 from circles.worker.job_worker import JobWorker
 from devtools.twistd import Twistd
@@ -569,3 +570,32 @@ def test_our_worker_runs_its_init_script_before_the_circles_jobs(redis_server, t
         assert trace.read_text().split() == ["init", "job", "job"]
     finally:
         assert again.stop() == -signal.SIGTERM, again.output
+
+
+# -- the jobs methods of the hero contract, run in the hero protocol -----------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_the_jobs_methods_run_through_the_hero_protocol(redis_server, start, reference_worker, hero_redis):
+    # A hero client's jobs reach a worker of the hero dispatcher protocol: both halves of the ecosystem.
+    _, port = await serve(start, redis_server, api="hero")
+    worker = reference_worker()
+    client = await RPCClient.open(port, CIRCLE, [SUBPROTOCOLS["hero"]])
+    caller = await client.authenticate(new_key())
+    ran = await client.call("run_job", {"script": "6 * 7", "script_type": "rhai"})
+    assert ran["result"] == "42", ran
+    created = await client.call("create_job", {"job": {"script": "caller()", "script_type": "rhai", "timeout": 10}})
+    job_id = created["result"]
+    assert (await client.call("start_job", [job_id]))["result"] == {"success": True}
+
+    async def finished() -> bool:
+        return (await client.call("get_job_status", [job_id]))["result"]["status"] == "finished"
+
+    for _ in range(100):
+        if await finished():
+            break
+        await sleep(0.1)
+    assert (await client.call("get_job_output", [job_id]))["result"] == caller
+    taken = [worker.job(line.split()[1]) for line in worker.said("job")]
+    assert [(job["script"], job["caller_id"]) for job in taken] == [("6 * 7", caller), ("caller()", caller)]
+    assert {json.loads(job["env_vars"])["CIRCLES_SOURCE"] for job in taken} == {"job"}
+    client.close()
