@@ -1,4 +1,4 @@
-"""Soak a one-machine deployment through Redis failovers and a server kill (issue 16).
+"""Soak a one-machine deployment through Redis failovers and a server kill.
 
     .venv/bin/python -m bench.failover [--seconds 120] [--clients 8] [--webhooks-per-second 4]
 

@@ -348,7 +348,7 @@ def markdown(report: dict) -> str:
         ratio_cells = [f"{ra.get(f'ours/{peer}', 'n/a')}<br>(CPU {ra.get(f'cpu {peer}/ours', 'n/a')})"
                        for peer in ("autobahn", "websockets")]
         lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratio_cells) + " |")
-    lines += ["", "Goal (issue 8): ours/autobahn >= 0.9 and ours/websockets >= 1.0 on fetch_nonce and auth.",
+    lines += ["", "Goal: ours/autobahn >= 0.9 and ours/websockets >= 1.0 on fetch_nonce and auth.",
               "Each ratio is throughput, ours over the peer; under it, in brackets, the peer's server CPU per "
               "call over ours (above 1: ours does the same work with less CPU). When the load generator is "
               "near 100% busy the throughput ratio measures the generator as much as the servers, and the "

@@ -1,5 +1,5 @@
-"""A circles deployment on one machine, under load, losing its Redis primary and then a server
-(issue 16): the harness behind tests/integration/test_deployment.py and bench/failover.py.
+"""A circles deployment on one machine, under load, losing its Redis primary and then a server:
+the harness behind tests/integration/test_deployment.py and bench/failover.py.
 
 Real processes: :class:`~devtools.redis_server.ReplicatedRedis` (a primary, a replica, three
 Sentinels), two ``twistd -n circles`` servers on different ports (standing for two hosts) and two

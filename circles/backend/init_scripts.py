@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from twisted.application.service import Service
@@ -217,13 +217,15 @@ class InitScripts(Service):
             d.cancel()
         return DeferredList(running, consumeErrors=True)
 
-    def workers_seen(self, stats: dict[str, tuple[int, int]]) -> None:
+    def workers_seen(self, stats: Mapping[str, tuple[int | None, int]]) -> None:
         """Housekeeping read the live workers of the circles: start the init script of each
-        circle that has one now."""
+        circle that has one now. A count of None (a dispatcher protocol whose workers do not
+        register, ``--worker-protocol hero``) starts it at once: the job waits on the circle's
+        work queue for the first worker to take it, up to the script's timeout."""
         if not self.running:
             return
         for circle, (workers, _) in stats.items():
-            if workers and circle in self.waiting and circle not in self._in_flight:
+            if (workers is None or workers) and circle in self.waiting and circle not in self._in_flight:
                 d = ensureDeferred(self._claim_and_run(self.waiting[circle]))
                 if not d.called:
                     self._in_flight[circle] = d  # until it ends (it takes itself off)

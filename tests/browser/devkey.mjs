@@ -49,7 +49,7 @@ await withPage(async (page, report) => {
   report.devkeyNotice = await page.textContent('#devkey');
   report.storedBefore = await page.evaluate((k) => localStorage.getItem(k), STORAGE);
 
-  // Under --auth, Play waits for a sign-in (issue 24: it was enabled, and answered -32001).
+  // Under --auth, Play waits for a sign-in (it was enabled, and answered -32001).
   report.beforeSignIn = await state(page);
   report.signIn = await signIn(page);
   report.storedKey = await page.evaluate((k) => localStorage.getItem(k), STORAGE);

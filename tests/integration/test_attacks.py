@@ -1,4 +1,4 @@
-"""Issue 12, point 7: what attacking a running server found, each with the bounded quantity
+"""What attacking a running server found, each with the bounded quantity
 measured (entries kept, key recoveries done, log lines written), never a duration.
 
 Here real servers, Redis and workers; a gateway in memory in tests/unit/test_attacks.py."""

@@ -153,7 +153,7 @@ def one_json_object(result: subprocess.CompletedProcess) -> dict:
 
 
 def test_with_json_every_outcome_is_one_json_object(served, key_file, tmp_path):
-    """Issue 24: connection errors (and usage errors) printed no JSON at all."""
+    """Connection errors (and usage errors) printed no JSON at all."""
     url, ca, circle = served
     path, _ = key_file
     ok = circles("play", url, "--ca", ca, "--key-file", path, "--json", "6 * 7")
@@ -193,7 +193,7 @@ def test_with_json_every_outcome_is_one_json_object(served, key_file, tmp_path):
 
 
 def test_authentication_required_says_how_to_authenticate(served):
-    """Issue 24: -32001 said authentication was required, not how to give it."""
+    """-32001 said authentication was required, not how to give it."""
     url, ca, circle = served
     anonymous = circles("play", url, "--ca", ca, "1")
     assert (anonymous.returncode, anonymous.stdout) == (1, "")
@@ -205,7 +205,7 @@ def test_authentication_required_says_how_to_authenticate(served):
 
 
 def test_output_printed_before_a_script_error_comes_with_it(served, key_file):
-    """Issue 24: what a script printed before failing was dropped. Through a real worker (the tiny
+    """What a script printed before failing was dropped. Through a real worker (the tiny
     engine, in its child process) and Redis: the error's data carries it, the command prints it."""
     url, ca, circle = served
     path, _ = key_file

@@ -1,4 +1,4 @@
-"""Issue 23: what one client can make the server hold for its connection, measured as the
+"""What one client can make the server hold for its connection, measured as the
 bounded quantity itself (bytes held, fragments kept, bytes unsent), never as a duration.
 
 Here a real server, Redis, worker and client socket; the server protocol fed raw frames in

@@ -1,4 +1,4 @@
-"""The deployment test of issue 16: real Redis + Sentinels, two servers, two workers, clients over
+"""The deployment test: real Redis + Sentinels, two servers, two workers, clients over
 both; SIGKILL the primary, then a server, under load (devtools/deployment.py). Nothing may be left
 unanswered and no acknowledged webhook event may be lost.
 
@@ -18,7 +18,7 @@ from devtools.redis_server import REDIS_SERVER
 
 # Seconds from the primary's SIGKILL to plays succeeding on every client: the failover (~2.3 s
 # here), the servers finding the new primary (~1.5 s), and one play that may still run into its
-# deadline (5 s: a task lost in the switch is answered -32003, as issue 16 allows), with a margin.
+# deadline (5 s: a task lost in the switch is answered -32003, as allowed), with a margin.
 PRIMARY_RECOVERY_BOUND = 12.0
 SERVER_RECOVERY_BOUND = 5.0  # seconds from a server's SIGKILL to its clients playing on the other one
 

@@ -1,4 +1,4 @@
-"""File descriptors held by connections that never finish their request (issue 12).
+"""File descriptors held by connections that never finish their request.
 
 The server runs as an operator runs it (``twistd -n circles``), under a low descriptor limit
 (``prlimit --nofile=256``), and this test opens more silent connections than that. Whatever the

@@ -1,4 +1,4 @@
-"""Stopping without dropping anyone (issue 24, section 1): the drain grace of ``stopService`` (what
+"""Stopping without dropping anyone: the drain grace of ``stopService`` (what
 SIGTERM runs), and :class:`~circles.client.ReconnectingClient` meeting a server going away (1001).
 
 A whole rolling upgrade behind a real load balancer is tests/integration/test_haproxy.py.

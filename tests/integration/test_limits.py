@@ -1,4 +1,4 @@
-"""Every limit of issue 8 with a test that fails when the limit does not hold.
+"""Every limit with a test that fails when the limit does not hold.
 
 Over real loopback sockets against an in-process ``CirclesService`` for what waits out a real
 timeout: silent connections, handshake and idle timeouts, pings, backpressure. As an operator

@@ -60,7 +60,7 @@ async def test_health_and_ready_follow_redis(redis_server, start):
 
 @pytest_twisted.ensureDeferred
 async def test_ready_follows_a_redis_that_does_not_answer(redis_server, start):
-    """Issue 12: with Redis stopped (SIGSTOP: connected, silent) /ready said 200 throughout."""
+    """With Redis stopped (SIGSTOP: connected, silent) /ready said 200 throughout."""
     service, port = await serve(start, redis_server.url)
     base = f"http://127.0.0.1:{port}"
     client = await RPCClient.open(port, CIRCLE)

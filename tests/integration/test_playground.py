@@ -84,7 +84,7 @@ def test_playground_is_off_by_default(tmp_path):
 
 @pytest.mark.parametrize("auth_required, mode", [(True, b"required"), (False, b"open")])
 def test_the_page_says_whether_plays_need_a_sign_in(auth_required, mode):
-    """Issue 24: the page learns from the server that serves it whether --auth is on (Play waits
+    """The page learns from the server that serves it whether --auth is on (Play waits
     for a sign-in then: the browser tests below)."""
     from twisted.web.test.requesthelper import DummyRequest
 
@@ -138,7 +138,7 @@ def test_without_a_wallet_a_development_key_signs_in_and_errors_are_in_words(tmp
     assert "throw-away, for local development only" in report["devkeyNotice"]
     assert report["storedBefore"] is None  # no key is made until asked for
 
-    # Before signing in (--auth), Play waits for it, and the page says why (issue 24: Play was
+    # Before signing in (--auth), Play waits for it, and the page says why (Play was
     # enabled and answered -32001).
     before = report["beforeSignIn"]
     sign_in_first = "Sign in first: this server plays scripts for signed-in users only."

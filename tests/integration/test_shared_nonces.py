@@ -1,4 +1,4 @@
-"""Nonces every process sees (issue 23): ``GET /auth/nonce`` on one server process, the WebSocket
+"""Nonces every process sees: ``GET /auth/nonce`` on one server process, the WebSocket
 with ``?pubkey&sig&nonce`` on any other, single use across all of them; Redis down or full is a
 clear 503. Against real redis-servers and a real ``--processes 2`` server."""
 

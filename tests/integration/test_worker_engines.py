@@ -54,7 +54,7 @@ async def test_exec_nonzero_exit_carries_stderr():
     with pytest.raises(EngineError) as e:
         await engine()("echo partial; echo 'line 3: x is undefined' >&2; exit 7", CONTEXT)
     assert str(e.value) == "exit status 7: line 3: x is undefined"
-    assert e.value.output == "partial"  # issue 24: what it printed before failing goes with the error
+    assert e.value.output == "partial"  # what it printed before failing goes with the error
 
 
 @pytest_twisted.ensureDeferred

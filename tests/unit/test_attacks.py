@@ -1,4 +1,4 @@
-"""Issue 12, point 7: what attacking a running server found, each with the bounded quantity
+"""What attacking a running server found, each with the bounded quantity
 measured (entries kept, key recoveries done, log lines written), never a duration.
 
 Here a gateway in memory; a real server, Redis and worker in tests/integration/test_attacks.py."""

@@ -491,7 +491,7 @@ def test_hex_with_whitespace_is_malformed(store, key, where, mangle):
         redeem_ok(store, key, signature)
 
 
-# --- issue 12: malleated personal_sign, and one signature check per authenticate ------------------
+# --- malleated personal_sign, and one signature check per authenticate ------------------
 
 
 def _malleated(raw: bytes) -> bytes:

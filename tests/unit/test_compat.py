@@ -263,7 +263,7 @@ async def shared_server():
 
 @pytest_twisted.ensureDeferred
 async def test_one_address_cannot_take_every_http_nonce(shared_server):
-    """Issue 12: pipelined GET /auth/nonce from one socket filled the process-wide store, and
+    """Pipelined GET /auth/nonce from one socket filled the process-wide store, and
     every client got 429 until the nonces expired."""
     statuses = await _in_thread(_pipelined_nonces, shared_server.base, 300)
     assert statuses == [200] * 10 + [429] * 290

@@ -1,4 +1,4 @@
-"""Issue 23: what one client can make the server hold for its connection, measured as the
+"""What one client can make the server hold for its connection, measured as the
 bounded quantity itself (bytes held, fragments kept, bytes unsent), never as a duration.
 
 In memory: a server protocol fed raw frames (what a hostile client sends need not be what any
@@ -209,7 +209,7 @@ OUTPUT = 60_000  # a play's output: its reply is just under LIMIT
 
 
 def test_play_replies_a_client_does_not_read_stay_within_the_bound(txaio_clock, runner):
-    """Issue 23: plays whose replies come back from Redis whatever the client reads. The server
+    """Plays whose replies come back from Redis whatever the client reads. The server
     held them all; now what it holds is twice the message size (and the transport's 64 KiB), the
     rest answered -32007, and the connection lives on."""
     server, peer = open_slow(make_gateway(txaio_clock, runner, max_message_size=LIMIT, rate_limit=0))

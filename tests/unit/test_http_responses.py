@@ -126,7 +126,7 @@ def test_health_and_ready():
     assert b"cache-control" not in headers
     status, headers, body = get("/ready", Runner(connected=False))
     assert status == b"HTTP/1.1 503 Service Unavailable" and headers[b"content-type"] == b"application/json"
-    # Compact like /health and /ready's 200 (issue 24: it was spaced, for no reason but history).
+    # Compact like /health and /ready's 200 (it was spaced, for no reason but history).
     assert body == b'{"status":"unavailable","reason":"script backend unavailable"}'
     assert b"cache-control" not in headers
 

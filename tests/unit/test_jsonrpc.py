@@ -707,7 +707,7 @@ def test_fast_parse_equals_the_standard_library(value):
         assert json.dumps(got) == json.dumps(expected)
 
 
-# --- replies over the size limit (issue 12, points 4 and 7) -------------------------------------
+# --- replies over the size limit -------------------------------------
 
 TOO_LARGE = -32007
 LIMIT = 1000

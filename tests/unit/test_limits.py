@@ -1,4 +1,4 @@
-"""Every limit of issue 8 with a test that fails when the limit does not hold.
+"""Every limit with a test that fails when the limit does not hold.
 
 In memory (a ``Clock``) where only arithmetic is at stake: the request rate, the nonce cap, the
 origin rule. Over real loopback sockets against an in-process ``CirclesService`` for the limits
@@ -263,7 +263,7 @@ def _answer_or_close(sock: socket.socket) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_pending_connections_per_address_are_capped_and_counted_back(start):
-    """Issue 12: connections are counted from accept, by address while they have not sent
+    """Connections are counted from accept, by address while they have not sent
     their request head; past the cap an address is refused 503, others are not."""
     service, port = await serve(start, max_pending_per_ip=5, handshake_timeout=60)
     silent = await in_thread(_open_silent, port, 8)
@@ -324,7 +324,7 @@ def test_origin_policy(origin, allowed):
     assert OriginPolicy(("null",)).allows("null")
 
 
-#: Issue 23: the rule of --allowed-origins (circles.server.access.limits.ORIGIN_RULE), at its edges.
+#: The rule of --allowed-origins (circles.server.access.limits.ORIGIN_RULE), at its edges.
 EDGE_PATTERNS = ("https://app.example", "https://*.example.com", "http://localhost:*", "http://[::1]:3000",
                  "chrome-extension://abcdef")
 
@@ -390,7 +390,7 @@ def test_allowed_origins_help_states_the_rule():
         assert clause in " ".join(text.split()), clause
 
 
-# --- 11. replies over the message size limit (issue 12), over real sockets -------------------------
+# --- 11. replies over the message size limit, over real sockets -------------------------
 
 
 class _QuotesRunner:
@@ -431,7 +431,7 @@ async def test_replies_over_the_limit_are_errors_or_1009_never_a_drop(start):
         reply, _ = await in_thread(_send_and_receive, ws, _request(1, "play", {"script": script}))
         assert reply["id"] == 1 and reply["error"]["code"] == -32007
         assert reply["error"]["data"]["limit"] == limit and reply["error"]["data"]["size"] > limit
-        # The attack of issue 12: a batch of rpc.discover with long ids. Answered within the limit.
+        # An attack that once worked: a batch of rpc.discover with long ids. Answered within the limit.
         batch = [_request(f"{i}-" + "i" * 300, "rpc.discover") for i in range(30)]
         reply, _ = await in_thread(_send_and_receive, ws, batch)
         assert len(json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()) <= limit

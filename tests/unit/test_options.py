@@ -67,7 +67,7 @@ def test_help_quotes_the_defaults_in_use():
         else:
             shown = ",".join(default) if isinstance(default, tuple) else str(default)
             assert quoted is not None and quoted.group(1) == shown, option
-    # Issue 24: a tuple default is shown as it is given, not as Python writes a tuple.
+    # A tuple default is shown as it is given, not as Python writes a tuple.
     assert "[default: *]" in text and "('" not in text
 
 

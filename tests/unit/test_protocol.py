@@ -512,7 +512,7 @@ def test_ws_fragmented_oversized_message_closes_1009(txaio_clock):
 
 
 def test_ws_play_output_too_large_is_answered_at_once(txaio_clock, runner):
-    """Issue 12, point 4: under the limit as text, over it once JSON-escaped (quotes double)."""
+    """Under the limit as text, over it once JSON-escaped (quotes double)."""
     conn = connect(make_gateway(txaio_clock, runner, max_message_size=4096))
     id_ = conn.client.call("play", {"script": "s"})
     conn.settle()
@@ -652,7 +652,7 @@ def test_handshake_refuses_paths_that_are_not_circle_keys_404(txaio_clock, path)
 
 
 def test_handshake_accepts_the_uncompressed_key_of_a_circle(txaio_clock):
-    """Clients of the Rust server often write the key uncompressed: the same circle (issue 15)."""
+    """Clients of the Rust server often write the key uncompressed: the same circle."""
     key, other = Key(), Key()
     gateway = make_gateway(txaio_clock, circles=[key.pubkey])
     assert status(handshake(gateway, f"/{key.uncompressed}")) == 101
@@ -668,7 +668,7 @@ def test_refused_handshake_through_a_client(txaio_clock):
     assert "404" in (conn.client.wasNotCleanReason or "")
 
 
-# --- anomalies are logged within bounds (issue 12) ---------------------------------------------------
+# --- anomalies are logged within bounds ---------------------------------------------------
 
 
 def _info_or_worse(events) -> list:
@@ -768,7 +768,7 @@ def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
 
 
 def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_ping(txaio_clock):
-    """Issue 24: --ping-timeout is what it says. Autobahn's timers truncate deadlines to the whole
+    """--ping-timeout is what it says. Autobahn's timers truncate deadlines to the whole
     second; with one more second added to make up for that, the drop came between 3 and 4 s after
     the ping for a --ping-timeout of 3. Driven by the clock: a ping at --ping-interval, the drop
     exactly --ping-timeout after it."""

@@ -229,7 +229,7 @@ def test_errors_carry_line_and_column_first():
     ("CALLER_ID" + ".len().to_string()" * 2000, "nested too deeply"),
     ("fn f() { f() } f()", "too many nested function calls"),
     ("fn f(n) { [f(n + 1)] } f(0)", "too many nested function calls|nested too deeply"),
-    # Issue 24: it said "script too long", of a script one line long.
+    # It said "script too long", of a script one line long.
     ("loop { }", rf"^line 1, column \d+: step limit reached: more than {MAX_STEPS} steps \(a loop that never ends\?\)$"),
     ("let i = 0; while true { i += 1 }", "step limit reached"),
     ('let s = "x"; loop { s += s }', f"string longer than {MAX_STRING} characters"),

@@ -95,7 +95,7 @@ LONG_LINE = b"GET /" + b"a" * (MAX_LINE + 10) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
 ], ids=["whole", "in-pieces", "unfinished"])
 @pytest_twisted.ensureDeferred
 async def test_request_line_over_16k_is_refused_414(port, chunks):
-    """Issue 12: a request line over 16 KiB got an empty reply."""
+    """A request line over 16 KiB got an empty reply."""
     answer = await threads.deferToThread(_exchange, port, chunks, 0.05)
     assert answer.startswith(b"HTTP/1.1 414 ")
     # and a line just under the limit (with its headers, under the head's) is still served
@@ -152,7 +152,7 @@ BARE_LF_HEADS = {
 @pytest.mark.parametrize("head", BARE_LF_HEADS.values(), ids=BARE_LF_HEADS.keys())
 @pytest_twisted.ensureDeferred
 async def test_bare_lf_head_is_answered_400_at_once(port, head):
-    """Issue 23: a head whose lines end in a bare LF got no answer until the header timeout.
+    """A head whose lines end in a bare LF got no answer until the header timeout.
     It is refused at once (RFC 9112 2.2 lets a server refuse it; accepting it where a proxy in
     front does not is how requests are smuggled), for a plain request and an upgrade alike."""
     answer = await threads.deferToThread(_answer_to, port, head)
@@ -208,7 +208,7 @@ def _whole_answer(port: int, request: bytes) -> tuple[bytes, dict, bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_refused_upgrade_says_why_in_a_json_body(port):
-    """Issue 24: a 426 (a plain GET on a circle) had an empty body, as had every refused upgrade."""
+    """A 426 (a plain GET on a circle) had an empty body, as had every refused upgrade."""
     status, headers, body = await threads.deferToThread(
         _whole_answer, port, f"GET /{CIRCLE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status == b"HTTP/1.1 426 Upgrade Required"

@@ -5,7 +5,7 @@ route answers the same way. Bodies are compact, save ``/auth``'s, which are spac
 (``json.dumps``' default): those routes serve the ecosystem's earlier clients and answer as they
 always have, as the README shows them. ``/ready``'s 503 was spaced too, by no one's choice (its
 first version used ``json.dumps``' default and the bytes were kept since); it is compact like
-``/health`` and ``/ready``'s 200 since issue 24.
+``/health`` and ``/ready``'s 200 now.
 """
 
 from __future__ import annotations
