@@ -844,6 +844,9 @@ def test_an_http_nonce_authenticates_any_session_once(clock):
         reply = rpc(session, "authenticate", proof(key, nonce))
         assert error_code(reply) == -32002 and "nonce unknown, used or expired" in reply["error"]["message"]
     assert rpc(second, "whoami")["result"]["authenticated"] is False
+    counted = gateway.metrics.registry.get_sample_value
+    assert [counted("circles_authentications_total", {"result": result}) for result in ("success", "failure")] == [
+        1, 2]
     # nor does a URL take it now
     url = f"/{CIRCLE}?pubkey={key.pubkey}&sig={key.eth(nonce)}&nonce={nonce}"
     assert status(handshake(gateway, url)) == 401
