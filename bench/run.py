@@ -625,7 +625,7 @@ def markdown(report: dict) -> str:
             if not r or "ops_per_s" not in r:
                 cells.append("n/a")
                 continue
-            cell = f"**{r['ops_per_s']:,.0f}** {unit}<br>{r['p50_ms']} / {r['p99_ms']} ms"
+            cell = f"**{r['ops_per_s']:,.0f}** {unit}<br>{r.get('p50_ms')} / {r.get('p99_ms')} ms"
             if r.get("server_cpu_us_per_op"):
                 cell += f"<br>{r['server_cpu_us_per_op']} us CPU, {r['server_cpu_util'] * 100:.0f}% busy"
             if r.get("others_on_server_cpu") is not None:

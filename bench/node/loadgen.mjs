@@ -781,7 +781,7 @@ if (!isMainThread) {
       process.stdout.write(JSON.stringify(result) + '\n', () => process.exit(0));
     },
     (e) => {
-      process.stderr.write((e instanceof UsageError ? e.message : (e?.stack ?? String(e))) + '\n');
+      process.stderr.write((e instanceof UsageError ? e.message : `loadgen.mjs: ${describe(e)}`) + '\n');
       process.exit(e instanceof UsageError ? 2 : 1);
     },
   );
