@@ -653,10 +653,13 @@ async function play({ url, circle, connections, duration, warmup }) {
   stop = true;
   await withTimeout(loops, 60, 'play');
   await Promise.all(sockets.map((ws) => ws.close()));
-  const summary = latencySummary(measured);
+  const sorted = Float64Array.from(measured).sort();
+  // bench/play.py's percentiles: the value at index floor(p * n), in ms to two decimals.
+  const pct = (p) => (sorted.length ? round(sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))] * 1000, 2)
+    : null);
   const out = { workload: 'play', generator: 'node', connections, seconds: round(elapsed, 2),
                 plays: measured.length, plays_per_s: round(measured.length / elapsed, 1),
-                p50_ms: summary.p50_ms, p90_ms: summary.p90_ms, p99_ms: summary.p99_ms, errors };
+                p50_ms: pct(0.5), p90_ms: pct(0.9), p99_ms: pct(0.99), errors };
   if (lastError) out.last_error = lastError;
   return out;
 }

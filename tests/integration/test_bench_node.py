@@ -106,3 +106,18 @@ def test_one_command_interleaves_the_servers_and_prints_the_ratios(tmp_path):
     assert len(row["ours/websockets by round"]) == 2
     assert row["meets ours/websockets"] == (row["ours/websockets"] >= 1.0)
     assert f"| auth handshakes, 20 concurrent | {run.ratio_mark(row, 'websockets')} |" in done.stdout
+
+
+def test_play_through_a_worker_from_node(tmp_path):
+    """bench/play.py with the Node generator: a server with --auth, its Redis, a worker; every
+    connection authenticates, then plays."""
+    done = subprocess.run([sys.executable, "-m", "bench.play", "--connections", "3", "--seconds", "1", "--warmup", "0.5",
+                           "--concurrency", "2", "--generator", "node"],
+                          capture_output=True, text=True, timeout=300, cwd=str(run.ROOT))
+    assert done.returncode == 0, done.stderr
+    assert "load generator: node" in done.stderr
+    result = json.loads(done.stdout)
+    assert result["generator"]["name"] == "node" and result["connections"] == 3
+    assert result["plays"] > 0 and result["plays_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["worker_cpu_us_per_play"] > 0  # the window was signalled and the worker's CPU taken over it
