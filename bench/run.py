@@ -1,6 +1,6 @@
 """Benchmark circles against its two peers on one machine, in one go.
 
-    .venv/bin/python bench/run.py            # full run, interleaved rounds, about 25 minutes
+    .venv/bin/python bench/run.py            # full run, 3 interleaved rounds, about 20 minutes
     .venv/bin/python bench/run.py --quick    # a few minutes, small counts: for working on the harness
 
 Each server (ours under ``twistd -n``, the ``websockets`` peer, the bare Autobahn peer) runs
