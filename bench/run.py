@@ -367,7 +367,10 @@ def combine(runs: list, primary: str) -> dict:
             out[field] = sum(values)
         else:
             middle = statistics.median(values)
-            out[field] = middle if isinstance(middle, int) else round(middle, 3)
+            if all(isinstance(v, int) for v in values) and float(middle).is_integer():
+                out[field] = int(middle)  # counts stay counts
+            else:
+                out[field] = round(middle, 3)
     failed = [r.get("failed") for r in runs if not _number(r.get(primary)) and r.get("failed")]
     if failed:
         out["failed_rounds"] = failed

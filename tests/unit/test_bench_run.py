@@ -53,7 +53,7 @@ def test_combine_takes_the_median_of_every_figure_and_adds_up_the_errors():
     assert out["ops_per_s"] == 1000.0
     assert out["p99_ms"] == 2.5
     assert out["server_cpu_us_per_op"] == 45.0
-    assert out["connections"] == 50
+    assert out["connections"] == 50 and isinstance(out["connections"], int)
     assert out["errors"] == 3
     assert out["last_error"] == "third"  # the other fields are the median round's
     assert out["by_round"] == [900.0, 1200.0, 1000.0]
@@ -66,6 +66,10 @@ def test_combine_with_an_even_count_averages_the_middle_two_and_skips_failed_rou
     out = run.combine(rounds, "ops_per_s")
     assert out["ops_per_s"] == 200.0
     assert out["p50_ms"] == 1.5
+    counts = run.combine([{"ops_per_s": 1.0, "opened": 1000}, {"ops_per_s": 2.0, "opened": 1000}], "ops_per_s")
+    assert counts["opened"] == 1000 and isinstance(counts["opened"], int)  # not 1000.0
+    halves = run.combine([{"ops_per_s": 1.0, "opened": 999}, {"ops_per_s": 2.0, "opened": 1000}], "ops_per_s")
+    assert halves["opened"] == 999.5
     assert out["by_round"] == [100.0, None, 300.0]
     assert out["failed_rounds"] == ["load generator exited 1"]
     assert (out["rounds_total"], out["rounds_ok"]) == (3, 2)
