@@ -32,7 +32,7 @@ from txredisapi import RedisError, ResponseError
 
 from circles.backend import init_scripts, tasks
 from circles.backend.admin import reap
-from circles.backend.init_scripts import InitScript, claim_ttl, once_key, quoted, stamp
+from circles.backend.init_scripts import InitScript, claim_ttl, once_key, stamp
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
@@ -320,28 +320,13 @@ class Worker(Service):
         except Exception as e:
             detail = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
             await self._give_init_back(key)
-            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
-                      "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
-                      why=getattr(e, "reason", "") or "error", error=quoted(detail),
-                      output=quoted(getattr(e, "output", "") or ""))
+            init_scripts.failed(init, getattr(e, "reason", "") or "error", detail, getattr(e, "output", "") or "")
             return
-        done = f"completed: worker {self.worker_id} at {stamp(self.reactor)}"
-        try:
-            kept = int(await self._eval(init_scripts.COMPLETE, [key], [self._init_token, done]))
-        except RedisError as e:
-            kept = 0
-            log.warn("init script {path} of circle {circle}: could not record that it ran ({error})",
-                     path=init.path, circle=init.circle, error=str(e))
-        log.info("init script {path} of circle {circle} ran{note}; its output: {output}", path=init.path,
-                 circle=init.circle, output=quoted(output),
-                 note="" if kept else " (its claim had lapsed: it may run again)")
+        await init_scripts.ran(self._eval, init, key, self._init_token,
+                               f"completed: worker {self.worker_id} at {stamp(self.reactor)}", output)
 
     async def _give_init_back(self, key: str) -> None:
-        """Give an init script's claim up, so the next start runs it; Redis trouble leaves it to lapse."""
-        try:
-            await self._eval(init_scripts.RELEASE, [key], [self._init_token])
-        except RedisError:
-            pass
+        await init_scripts.give_back(self._eval, key, self._init_token)
 
     def _when_registered(self) -> Deferred:
         if self.registered:
