@@ -102,14 +102,6 @@ class RedisScriptRunner(RedisRunner):
     def _describe(self) -> str:
         return f"reply list {self.reply_key}"
 
-    def startService(self) -> None:
-        super().startService()
-        self.housekeeping.start()
-
-    async def _stop(self) -> None:
-        self.housekeeping.stop()
-        await super()._stop()
-
     # -- API ------------------------------------------------------------------------------------
 
     def run(self, request: ScriptRequest) -> Deferred:

@@ -222,14 +222,6 @@ class JobScriptRunner(RedisRunner):
     def _describe(self) -> str:
         return f"the {self.schema.name} dispatcher protocol ({self.schema.queue_key('{circle}')})"
 
-    def startService(self) -> None:
-        super().startService()
-        self.housekeeping.start()
-
-    async def _stop(self) -> None:
-        self.housekeeping.stop()
-        await super()._stop()
-
     # -- API ------------------------------------------------------------------------------------
 
     def _job(self, job_id: str, request: ScriptRequest, data: str | None) -> tuple[list, int]:

@@ -58,10 +58,12 @@ class RedisRunner(Service):
         (Redis ``WAIT``), within ``ack_timeout`` seconds; 0: the primary is enough.
 
     A subclass sets :attr:`replies` (the plays waiting) before calling ``__init__``, and
+    :attr:`housekeeping` (its served circles' numbers, read in rounds while it runs), and
     implements :meth:`_read`.
     """
 
     replies: Replies
+    housekeeping: Any  # started and stopped with the runner: .start(), .stop()
     #: The blocking connection is a subscriber (txredisapi's pub/sub protocol), calling
     #: :meth:`_message` for each message.
     subscriber = False
@@ -110,6 +112,7 @@ class RedisRunner(Service):
                                  watch=watch)
         self._loop = ensureDeferred(self._listen())
         self.health.start()
+        self.housekeeping.start()
 
     def stopService(self) -> Deferred:
         """Answer the plays still waiting (:class:`BackendUnavailable`), expire their tasks if
@@ -118,6 +121,7 @@ class RedisRunner(Service):
 
     async def _stop(self) -> None:
         super().stopService()
+        self.housekeeping.stop()
         self.health.stop()
         waiting = self.replies.stop("the server is shutting down")
         if self.is_connected():
