@@ -2,13 +2,16 @@
 
     .venv/bin/python -m bench.play [--connections 50] [--seconds 20] [--concurrency 16]
     .venv/bin/python -m bench.play --engine circles.worker.tiny_engine:run --isolation none,process --rounds 3
+    .venv/bin/python -m bench.play --generator python    # the asyncio + websockets load generator
 
 Starts ``twistd -n circles --auth`` (with its embedded Redis) and ``twistd -n circles-worker``
-with a Python engine that echoes the script (``--engine``: another), opens N connections with
-the ``websockets`` client, authenticates each (eth personal_sign), then has every connection
+with a Python engine that echoes the script (``--engine``: another), opens N connections,
+authenticates each (eth personal_sign), then has every connection
 play a trivial script (``40 + 2``) in a loop, one request in flight per connection, for a fixed
 time. Reports plays/s and latency percentiles as JSON. Loopback only; every loop is bounded by
---seconds.
+--seconds. The connections are made by bench/node/loadgen.mjs (Node: ``ws``, ``@noble/secp256k1``)
+when node and its npm packages are there, else here with the ``websockets`` client
+(``--generator`` chooses, as for bench/run.py).
 
 ``--isolation none,process`` compares the worker's ``--isolation`` modes in one run: the same
 server, a fresh worker per measurement, the modes taken in turn ``--rounds`` times (interleaved,
@@ -35,6 +38,8 @@ import coincurve
 import websockets
 from eth_account import Account
 from eth_account.messages import encode_defunct
+
+from bench.run import choose_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -190,6 +195,41 @@ async def load(url: str, connections: int, seconds: float, warmup: float, cpu: T
     return result
 
 
+def load_node(command: tuple, base_url: str, circle: str, connections: int, seconds: float, warmup: float,
+              cpu: TreeCPU = None) -> dict:
+    """The same load from bench/node/loadgen.mjs: it says on stderr when its measured window starts
+    and ends, and the workers' CPU is taken over that window."""
+    proc = subprocess.Popen([*command, "play", "--url", base_url, "--circle", circle, "--connections", str(connections),
+                             "--duration", str(seconds), "--warmup", str(warmup)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    used = None
+    tail: list = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("window start") and cpu is not None:
+                cpu.start()
+            elif line.startswith("window end") and cpu is not None:
+                used = cpu.stop()
+            else:
+                tail = (tail + [line])[-20:]
+        stdout = proc.stdout.read()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Node load generator exited {proc.returncode}: {''.join(tail)[-1000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    if result.get("errors"):
+        raise RuntimeError(f"{result['errors']} plays failed: {result.get('last_error')}")
+    for field in ("workload", "errors", "generator"):
+        result.pop(field, None)
+    if used is not None:
+        result["worker_cpu_us_per_play"] = round(used / max(result["plays"], 1) * 1e6, 1)
+    return result
+
+
 def drain(proc: subprocess.Popen) -> None:
     """Nobody reads the log from here on: drain it so the process never blocks on a full pipe."""
     subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
@@ -217,8 +257,13 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
             wait_for(worker, r"waiting for tasks")
         for worker in workers:
             drain(worker)
-        result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds, args.warmup,
-                                  TreeCPU([worker.pid for worker in workers])))
+        cpu = TreeCPU([worker.pid for worker in workers])
+        if args.generator.name == "node":
+            result = load_node(args.generator.command, f"ws://127.0.0.1:{port}", circle, args.connections,
+                               args.seconds, args.warmup, cpu)
+        else:
+            result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds,
+                                      args.warmup, cpu))
     finally:
         stop(workers)
     if isolation:
@@ -237,7 +282,11 @@ def main() -> None:
     parser.add_argument("--isolation", default=None,
                         help="worker --isolation modes to compare, comma-separated (e.g. none,process)")
     parser.add_argument("--rounds", type=int, default=1, help="with --isolation: measurements of each mode, in turn")
+    parser.add_argument("--generator", choices=["auto", "node", "python"], default="auto",
+                        help="load generator: bench/node/loadgen.mjs or this module's (auto: node when it can run)")
     args = parser.parse_args()
+    args.generator = choose_generator(args.generator)
+    print(f"load generator: {args.generator.name} ({args.generator.why})", file=sys.stderr)
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
@@ -258,7 +307,8 @@ def main() -> None:
                         for mode in modes}
         finally:
             stop([server])
-    result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine())
+    result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine(),
+                  generator={"name": args.generator.name, "versions": args.generator.versions})
     print(json.dumps(result, indent=2))
 
 

@@ -51,7 +51,12 @@ and open ``/{circle_pk}?pubkey=<hex>&sig=<hex>&nonce=<nonce>``: the session then
 authenticated, and a bad, partial or replayed proof refuses the upgrade with HTTP 401. Such a
 nonce is kept in Redis (:mod:`circles.server.access.redis_nonces`), so the WebSocket may land on any process
 or server sharing it; the handshake waits for Redis to take it (reading nothing more from the
-client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say. They may
+client meanwhile), at most the store's timeout, and is refused with 503 when Redis cannot say.
+Such a nonce is bound to no connection: ``authenticate`` takes it too, named by ``nonce``, on
+any connection, once (any attempt uses it up); the requests sent after that ``authenticate``
+wait for Redis's answer (nothing more is read meanwhile, :meth:`CircleProtocol._hold`), which is
+-32004 when Redis cannot say. A nonce from ``fetch_nonce`` is bound to its connection: a URL, or
+another connection's ``authenticate``, refuses it (401, -32002). They may
 also send ``authenticate`` as ``{credentials: {pubkey, signature}}``, ``[pubkey, signature]``
 or ``[{pubkey, signature}]``, and ``fetch_nonce`` with no key (the nonce is then bound to this
 connection only, and to whichever key signs it).
@@ -155,7 +160,7 @@ class CircleProtocol(TrimmedServerProtocol):
 
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
 
-    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_fragments", "_tls_buffers")
+    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_proof", "_fragments", "_tls_buffers")
 
     def __init__(self) -> None:
         # Opened by onConnect; every callback after it has one (only onClose may come without).
@@ -163,6 +168,7 @@ class CircleProtocol(TrimmedServerProtocol):
         self._idle: TimerLane | None = None  # the factory's idle timers, while this connection is in them
         self._counted: str | None = None  # the peer's address key, while counted against the limits
         self._backlog: Backlog | None = None  # what the peer has not read, once open
+        self._proof: Deferred | None = None  # an authenticate waiting for the shared nonce store (see _hold)
         self._fragments = 0  # frames of the message arriving so far
         self._tls_buffers: TimerLane | None = None  # over TLS, once open: when to let go of its buffers
         super().__init__()
@@ -286,8 +292,34 @@ class CircleProtocol(TrimmedServerProtocol):
             reply.addCallback(self._reply)
             # The dispatcher answers every failure itself; anything reaching here is our bug.
             reply.addErrback(self._reply_failed)
+            if self.session.proving is not None:
+                self._hold(self.session.proving)
         else:
             self._reply(reply)
+
+    def _hold(self, proof: Deferred) -> None:
+        """An ``authenticate`` waits for the shared nonce store (Redis): the requests after it wait
+        for its answer, so that one sent after it (a play) runs as the key it proves. Meanwhile
+        nothing more is read (what the client sends stays in the kernel, not here), nor are the
+        frames a read already brought processed (:meth:`holding`); at most the store's timeout."""
+        if self._proof is None:
+            self.transport.pauseProducing()
+        self._proof = proof
+        proof.addBoth(self._proved, proof)
+
+    def _proved(self, result, proof: Deferred):
+        """The store answered ``proof`` (and the calls after it in its batch have started): go on
+        reading, unless another ``authenticate`` of that batch waits now."""
+        if self._proof is proof:
+            self._proof = None
+            following = self.session.proving
+            if following is not None:
+                self._hold(following)
+            elif self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING:
+                if self._backlog is None or not self._backlog.paused:  # else it resumes once drained
+                    self.transport.resumeProducing()
+                self.consumeData()
+        return result
 
     def _reply(self, text: str | None) -> None:
         if text is not None and self.state == self.STATE_OPEN:
@@ -351,9 +383,10 @@ class CircleProtocol(TrimmedServerProtocol):
         """While the transport is paused (the peer does not read what we send) the frames a read
         already brought wait too: 64 KiB of small requests, each answered at once, could otherwise
         make megabytes of replies nobody reads. They are processed once the transport has sent
-        everything (:meth:`backlog_drained`)."""
+        everything (:meth:`backlog_drained`). So do they while an ``authenticate`` waits for the shared
+        nonce store (:meth:`_hold`)."""
         backlog = self._backlog
-        return backlog is not None and backlog.paused
+        return (backlog is not None and backlog.paused) or self._proof is not None
 
     # A message may come in at most ``max_fragments`` frames (1009 past it).
 
@@ -371,7 +404,11 @@ class CircleProtocol(TrimmedServerProtocol):
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
 
     def backlog_drained(self) -> None:
-        """The peer has read everything sent: the frames held back meanwhile go on."""
+        """The peer has read everything sent: the frames held back meanwhile go on (once no
+        ``authenticate`` waits: until then nothing is read)."""
+        if self._proof is not None:
+            self.transport.pauseProducing()  # the backlog resumed it
+            return
         if self.data and (self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING):
             self.consumeData()
 

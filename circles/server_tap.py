@@ -16,6 +16,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from circles.backend import worker_protocols
 from circles.backend.embedded import EmbeddedRedisError, find_redis_server, refuse_a_state_dir_in_use
 from circles.backend.init_scripts import InitScriptError, parse_circles, split_circle
 from circles.backend.redis_options import choose_redis, redis_parameters
@@ -62,6 +63,7 @@ CONFIG_FIELDS = {
     "webhook-replica-timeout": "webhook_replica_timeout", "webhook-attempts": "webhook_attempts",
     "job-ttl": "job_ttl", "max-jobs-per-caller": "max_jobs_per_caller",
     "max-running-jobs-per-caller": "max_running_jobs_per_caller", "max-jobs": "max_jobs",
+    "worker-protocol": "worker_protocol",
 }
 
 #: Former names still accepted, and the options they are now.
@@ -253,6 +255,11 @@ class Options(usage.Options):
                  "their turn (0: no limit)", at_least_zero(int)),
         _setting("max-jobs", "live jobs of every key together (each keeps its script and output in Redis), beyond "
                  "which create_job and run_job answer -32006 (0: no limit)", at_least_zero(int)),
+        _setting("worker-protocol", "how plays and webhook events reach the workers: 'circles' (ours, "
+                 "docs/worker-protocol.md) or 'hero' (the hero dispatcher's: hero:job:{id} hashes on "
+                 "hero:work_queue:{circle}, which the ecosystem's Rust workers and circles-worker --worker-protocol "
+                 "hero run; no live-worker check: a play with no worker waits for its timeout)",
+                 worker_protocols.check),
     ]
 
     def __init__(self) -> None:
@@ -466,7 +473,8 @@ def _make_service(config: Options, reactor):
     group = MultiService()
     service.setServiceParent(group)
     if member is not None:  # one of the others of a first process's --processes
-        siblings.join(service, *member, reactor).setServiceParent(group)
+        number, count, directory, generation = member
+        siblings.join(service, number, count, directory, reactor, generation=generation).setServiceParent(group)
         return group
     # Every event of this process carries its pid and number too (circles.common.logs.ProcessTags): from
     # before twistd begins logging to its last line ("Server Shut Down."), so for good.

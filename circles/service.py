@@ -20,9 +20,11 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from circles.backend import worker_protocols
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.embedded import EmbeddedRedis
 from circles.backend.init_scripts import InitScripts
+from circles.backend.job_dispatch import JobScriptRunner
 from circles.backend.members import Membership
 from circles.backend.redis_url import parse_redis_url
 from circles.backend.scripts import IScriptRunner
@@ -165,7 +167,7 @@ class CirclesService(MultiService):
         super().__init__()
         self.config = config
         self.embedded_redis: EmbeddedRedis | None = None
-        self.script_runner: RedisScriptRunner | None = None  # None when ``scripts`` is given
+        self.script_runner: RedisScriptRunner | JobScriptRunner | None = None  # None when ``scripts`` is given
         self.membership: Membership | None = None  # who may play: with the script runner's Redis
         # Nonces from GET /auth/nonce, where every process and server sees them: with the script
         # runner's Redis; None (in the gateway's memory) when ``scripts`` is given.
@@ -183,13 +185,23 @@ class CirclesService(MultiService):
                 address = self.embedded_redis.address
             else:
                 address = parse_redis_url(config.redis_url)
-            # No output the server could not send back (its largest message) is worth storing.
-            self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
-                                                   max_output=config.max_message_size,
-                                                   private_redis=self.embedded_redis is not None,
-                                                   ack_replicas=config.webhook_acks(),
-                                                   ack_timeout=config.webhook_replica_timeout,
-                                                   circles=config.circles, webhook_attempts=config.webhook_attempts)
+            schema = worker_protocols.schema(config.worker_protocol)
+            if schema is None:
+                # No output the server could not send back (its largest message) is worth storing.
+                self.script_runner = RedisScriptRunner(address, reactor=reactor, prefix=config.redis_prefix,
+                                                       max_output=config.max_message_size,
+                                                       private_redis=self.embedded_redis is not None,
+                                                       ack_replicas=config.webhook_acks(),
+                                                       ack_timeout=config.webhook_replica_timeout,
+                                                       circles=config.circles,
+                                                       webhook_attempts=config.webhook_attempts)
+            else:  # an ecosystem dispatcher's protocol: its workers do not heartbeat, nothing is reaped
+                self.script_runner = JobScriptRunner(address, schema=schema, reactor=reactor,
+                                                     prefix=config.redis_prefix,
+                                                     private_redis=self.embedded_redis is not None,
+                                                     ack_replicas=config.webhook_acks(),
+                                                     ack_timeout=config.webhook_replica_timeout,
+                                                     circles=config.circles)
             self.script_runner.setServiceParent(self)
             scripts = self.script_runner
             self.membership = Membership(address, reactor=reactor, prefix=config.redis_prefix)

@@ -3,7 +3,8 @@
 - :func:`reap`: give up on the workers whose heartbeat lapsed (``DEAD_WORKERS``, then one
   ``REAP`` step each); servers run it in their health loop, workers with each heartbeat.
 - :func:`circle_stats`, :func:`dead_letters`, :func:`requeue`: what ``circles tasks`` shows and
-  does (``stats``, ``dead-letter``, ``requeue``).
+  does (``stats``, ``dead-letter``, ``requeue``); :func:`job_queue_stats`: ``stats`` of a
+  dispatcher's protocol (``--worker-protocol hero``).
 
 Each function takes a txredisapi connection or handler (``eval``, ``execute_command``); the Lua
 steps are :mod:`circles.backend.tasks`'.
@@ -17,6 +18,7 @@ from typing import Any
 import attrs
 
 from circles.backend import tasks
+from circles.backend.job_schema import JobSchema
 from circles.backend.values import text
 from circles.common.logs import Logger
 
@@ -53,9 +55,9 @@ async def reap(commands, prefix: str, skip: str | None = None, counter: Any = No
 @attrs.frozen
 class CircleStats:
     circle: str
-    workers: int  # live workers (heartbeat within its TTL)
+    workers: int | None  # live workers (heartbeat within its TTL); None: not known (a dispatcher's workers)
     queue: int  # task ids waiting in the circle's queue
-    dead: int  # dead letters of the circle
+    dead: int | None  # dead letters of the circle; None: the protocol has no dead-letter list
 
 
 @attrs.frozen
@@ -108,6 +110,17 @@ async def circle_stats(commands, prefix: str, circles: Iterable[str] = ()) -> li
     counts = [int(n) for n in await commands.eval(tasks.STATS, keys, [])]
     return [CircleStats(circle, counts[1 + 2 * i], counts[2 + 2 * i], dead_by_circle.get(circle, 0))
             for i, circle in enumerate(ordered)]
+
+
+async def job_queue_stats(commands, schema: JobSchema, circles: Iterable[str] = ()) -> list[CircleStats]:
+    """The work queue lengths of ``circles`` and of every circle with a work queue in Redis now, in
+    a dispatcher's protocol (``schema``): its workers do not register (their number is not known)
+    and it has no dead-letter list."""
+    pattern = schema.queue_key("*")
+    found = set(circles) | {key[len(pattern) - 1:] for key in await _scan(commands, pattern)}
+    ordered = sorted(found)
+    lengths = [int(await commands.execute_command("LLEN", schema.queue_key(circle))) for circle in ordered]
+    return [CircleStats(circle, None, length, None) for circle, length in zip(ordered, lengths)]
 
 
 async def requeue(commands, prefix: str, task_ids: Iterable[str] | None = None) -> tuple[list[str], list[str]]:

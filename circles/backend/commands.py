@@ -37,7 +37,7 @@ from circles.backend.redis import connect
 from circles.backend.redis_url import RedisAddress
 from circles.backend.scripts import BackendFull, BackendUnavailable
 from circles.common.logs import Logger, worth_logging
-from circles.common.once import Once
+from circles.common.once import Once, pass_on
 
 log = Logger()
 
@@ -103,7 +103,7 @@ class CommandConnection(Service):
         if settle is not None:
             d.addBoth(settle)
         d.addErrback(self._unavailable, hint)
-        d.addBoth(_pass_on, answer)
+        d.addBoth(pass_on, answer)
         answer.addBoth(_cancel_timer, timer)
         return answer
 
@@ -160,12 +160,3 @@ def _cancel_timer(result, timer):
         timer.cancel()
     return result
 
-
-def _pass_on(result, to: Deferred) -> None:
-    if to.called:  # timed out or cancelled: nobody waits
-        return None
-    if isinstance(result, Failure):
-        to.errback(result)
-    else:
-        to.callback(result)
-    return None

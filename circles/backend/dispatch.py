@@ -1,8 +1,9 @@
 """``RedisScriptRunner``: hands scripts to circle workers through Redis and relays the result.
 
-One runner per server process. It holds two Redis connections whatever the load: one for
-commands (pipelined by txredisapi) and one that blocks in ``BRPOP`` on this server's reply list
-and routes each reply to the request waiting for it, by task id (:mod:`circles.backend.replies`).
+One runner per server process (a :class:`~circles.backend.runner.RedisRunner`). It holds two Redis
+connections whatever the load: one for commands (pipelined by txredisapi) and one that blocks in
+``BRPOP`` on this server's reply list and routes each reply to the request waiting for it, by task
+id (:mod:`circles.backend.replies`).
 ``docs/worker-protocol.md`` describes what a worker sees.
 
 Failure policy: while either connection is down, :meth:`~RedisScriptRunner.run` and
@@ -33,41 +34,29 @@ The parts it composes:
 from __future__ import annotations
 
 import math
-import secrets
 import uuid
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, fail
-from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
-from txredisapi import InvalidData, RedisError, ResponseError
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from zope.interface import implementer
 
 from circles.backend import tasks
-from circles.backend.embedded import START_TIMEOUT
-from circles.backend.health import FULL, Health, is_oom
 from circles.backend.housekeeping import Housekeeping
-from circles.backend.reachability import Reachability
-from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
-from circles.backend.replica_acks import ReplicaAcks
 from circles.backend.replies import Replies
-from circles.backend.scripts import BackendFull, BackendUnavailable, IScriptRunner, NoWorker, Queued, ScriptRequest
-from circles.backend.txredisapi_patches import drop_connections
+from circles.backend.runner import RedisRunner
+from circles.backend.scripts import IScriptRunner, NoWorker, Queued, ScriptRequest
 from circles.backend.values import text
-from circles.common.logs import Logger, worth_logging
+from circles.common.logs import Logger
 
 log = Logger()
 
 #: BRPOP's own timeout on the reply list: bounds how long a silently dead connection goes unnoticed.
 REPLY_POLL = 5
-#: Seconds a command may wait for Redis before the connection is considered dead and reset.
-COMMAND_TIMEOUT = 10.0
 
 
 @implementer(IScriptRunner)
-class RedisScriptRunner(Service):
+class RedisScriptRunner(RedisRunner):
     """The production :class:`~circles.backend.scripts.IScriptRunner`: a producer of Redis tasks.
 
     :param address: where Redis is (see :func:`circles.backend.redis_url.parse_redis_url`).
@@ -91,7 +80,8 @@ class RedisScriptRunner(Service):
 
     Every :data:`~circles.backend.tasks.HEARTBEAT_INTERVAL` seconds the runner also reaps the
     workers whose heartbeat lapsed (as workers do, :mod:`circles.backend.housekeeping`): a server
-    alone still answers the plays of a dead worker and re-queues its webhook tasks.
+    alone still answers the plays of a dead worker and re-queues its webhook tasks. Its
+    connections, health and replica acknowledgements are :class:`~circles.backend.runner.RedisRunner`'s.
     """
 
     def __init__(self, address: RedisAddress, *, reactor, prefix: str = tasks.DEFAULT_PREFIX,
@@ -99,108 +89,18 @@ class RedisScriptRunner(Service):
                  max_output: int | None = None, private_redis: bool = False,
                  ack_replicas: int = 0, ack_timeout: float = 1.0, circles=frozenset(),
                  webhook_attempts: int = tasks.DEFAULT_ATTEMPTS) -> None:
-        self.address = address
-        self.private_redis = private_redis
-        self.reactor = reactor
-        self.clock: IReactorTime = reactor
-        self.prefix = prefix
-        self.server_id = server_id or secrets.token_hex(8)
+        super().__init__(address, reactor=reactor, prefix=prefix, server_id=server_id, private_redis=private_redis,
+                         ack_replicas=ack_replicas, ack_timeout=ack_timeout)
         self.reply_key = tasks.reply_key(prefix, self.server_id)
         self.task_ttl = task_ttl
         self.max_output = max_output
         self.webhook_attempts = webhook_attempts
-        self._commands: Any = None  # txredisapi factory: pipelined commands
-        self._replies = None  # txredisapi factory: the one blocking BRPOP connection
-        self._acks = None  # txredisapi factory: the one connection that writes and WAITs (ack_replicas > 0)
-        self._listening = False  # a BRPOP on the reply list is in flight on a live connection
-        self._loop: Deferred | None = None
-        self.connects = 0  # times both connections came up (for metrics: reconnects)
-        self.command_failures = 0  # commands Redis answered with an error (logged: the 1st, 10th, 100th...)
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
-        self.health = Health(address, reactor, lambda: self._commands,
-                             replicated=bool(address.sentinels) or ack_replicas > 0,  # health by ROLE, not PING
-                             probe_key=f"{prefix}probe:{self.server_id}", drop_connections=self._drop_connections,
-                             room_again=self.replies.expire_abandoned)
-        self.acks = ReplicaAcks(ack_replicas, ack_timeout, lambda: self._acks, lambda: self.health.replicas,
-                                self.health.filled)
         self.housekeeping = Housekeeping(reactor, prefix, lambda: self._commands, self._command, self.is_connected,
                                          circles)
 
-    # -- service --------------------------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        log.info("script dispatch through Redis at {redis}, reply list {reply}",
-                 redis=self.address.where(), reply=self.reply_key)
-        watch = Reachability(self.address, self.reactor, private=self.private_redis,
-                             starting=START_TIMEOUT if self.private_redis else 0.0)
-        self._commands = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT, watch=watch)
-        self._replies = connect(self.address, self.reactor, watch=watch)
-        if self.acks.replicas:
-            log.info("webhook events are answered once {n} Redis replica(s) hold them (within {timeout}s)",
-                     n=self.acks.replicas, timeout=self.acks.timeout)
-            # A write sent while a WAIT blocks the connection is answered after it.
-            self._acks = connect(self.address, self.reactor, reply_timeout=COMMAND_TIMEOUT + self.acks.timeout,
-                                 watch=watch)
-        self._loop = ensureDeferred(self._listen())
-        self.health.start()
-        self.housekeeping.start()
-
-    def stopService(self) -> Deferred:
-        """Answer the plays still waiting (:class:`BackendUnavailable`), expire their tasks if
-        Redis is there to be told, and close both connections."""
-        return ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
-        super().stopService()
-        self.health.stop()
-        self.housekeeping.stop()
-        waiting = self.replies.stop("the server is shutting down")
-        if self.is_connected():
-            # Best effort, so no worker runs a script nobody waits for any more.
-            await DeferredList([self.replies.expire(task_id) for task_id in waiting], consumeErrors=True)
-        factories = [f for f in (self._replies, self._commands, self._acks) if f is not None]
-        self._commands = self._replies = self._acks = None
-        self._listening = False
-        await DeferredList([f.disconnect() for f in factories], consumeErrors=True)
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.cancel()  # it may be waiting for a connection that will never come
-            await loop.addErrback(lambda f: f.trap(CancelledError))
-
-    @property
-    def in_flight(self) -> int:
-        """plays waiting for a worker's answer."""
-        return len(self.replies)
-
-    @property
-    def full(self) -> bool:
-        """Redis refused a write at its maxmemory, and has not taken the health loop's since
-        (``/ready`` says so: :meth:`circles.server.gateway.Gateway.unready_reason`)."""
-        return self.health.full
-
-    @property
-    def awaiting_replicas(self) -> int:
-        """webhook events written (or being written) and waiting for replicas to acknowledge them."""
-        return self.acks.waiting
-
-    def is_connected(self) -> bool:
-        """Whether a task can be queued and its reply received right now."""
-        return (self._listening and self.health.answering and not self.health.full and self._commands is not None
-                and self._commands.size > 0)
-
-    def _refusal(self) -> BackendUnavailable:
-        """Why nothing can be queued now (``is_connected()`` is false)."""
-        if self.health.full and self._listening and self.health.answering:
-            return BackendFull(FULL)
-        if not self.running:  # stopped: the server is shutting down, whatever Redis does
-            return BackendUnavailable("the server is shutting down")
-        return BackendUnavailable("Redis is unreachable")
-
-    def _drop_connections(self) -> None:
-        """Close every connection: they reconnect to where the Sentinels say the primary is now."""
-        for factory in (self._commands, self._replies, self._acks):
-            drop_connections(factory)
+    def _describe(self) -> str:
+        return f"reply list {self.reply_key}"
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -281,74 +181,10 @@ class RedisScriptRunner(Service):
                       task=task_id, circle=request.circle, source=request.source)
         return d.addCallback(queued)
 
-    def command(self, name: str, *args) -> Deferred:
-        """Run a Redis command on the runner's command connection, for the parts composed with
-        it (a server's init scripts: :mod:`circles.backend.init_scripts`); Redis trouble fails
-        it with :class:`BackendUnavailable`."""
-        return self._command(name, *args)
-
-    def _command(self, name: str, *args) -> Deferred:
-        """Run a command on the command connection; Redis trouble becomes BackendUnavailable."""
-        if self._commands is None or self._commands.size == 0:
-            return fail(BackendUnavailable("Redis is unreachable"))
-        try:
-            d = getattr(self._commands.handler, name)(*args)
-        except Exception:
-            d = fail()
-        return d.addErrback(self._unavailable)
-
-    def _unavailable(self, failure: Failure):
-        if failure.check(InvalidData):
-            # A value that cannot be encoded (never log it: it may be a script).
-            raise ValueError("a task field is not valid UTF-8 text")
-        if failure.check(RedisError):
-            # Every play fails so while Redis refuses writes (maxmemory): a few lines, with a count.
-            self.command_failures += 1
-            if worth_logging(self.command_failures):
-                log.warn("Redis command failed: {error} ({n} failed commands so far)",
-                         error=failure.getErrorMessage(), n=self.command_failures)
-            if failure.check(ResponseError) and is_oom(failure.getErrorMessage()):
-                self.health.filled()
-                raise BackendFull(FULL)
-            raise BackendUnavailable(f"Redis error: {failure.getErrorMessage()}")
-        return failure
-
     # -- the reply list -------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        """The one loop reading this server's reply list, for as long as the service runs."""
-        while self.running and self._replies is not None and self._commands is not None:
-            factory, commands = self._replies, self._commands
-            try:
-                connection = await factory.getConnection(peek=True)
-                # Ready only when commands can be sent too: is_connected() checks both.
-                await commands.getConnection(peek=True)
-            except RedisError:
-                return  # disconnected for good: the service is stopping
-            if not self.running:
-                return
-            if not self._listening:
-                self._listening = True
-                self.connects += 1
-                log.info("connected to Redis at {redis}", redis=reached(self.address, commands))
-                self.replies.expire_abandoned()
-            try:
-                reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
-            except (RedisError, CancelledError) as e:
-                if self._listening:
-                    self._listening = False
-                    if self.running:
-                        log.warn("lost the connection to Redis at {redis} ({error}): plays fail until it is "
-                                 "back", redis=reached(self.address, factory), error=str(e))
-                self._connection_lost()
-                continue
-            except Exception:
-                log.failure("reading replies")
-                continue
-            if reply:
-                self.replies.route(text(reply[1]))
-
-    def _connection_lost(self) -> None:
-        """No reply can arrive now: answer everyone waiting rather than leave them hanging."""
-        self.health.replicas = None  # a new connection may reach another primary
-        self.replies.lost()
+    async def _read(self, connection: Any) -> None:
+        """One BRPOP on this server's reply list; a reply goes to the play waiting for it."""
+        reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
+        if reply:
+            self.replies.route(text(reply[1]))

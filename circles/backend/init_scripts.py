@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from twisted.application.service import Service
@@ -174,6 +174,37 @@ def quoted(value: str) -> str:
     return repr(value)
 
 
+#: Runs a Lua step: ``(script, keys, args)`` -> Deferred (Redis trouble fails it).
+Evaluate = Callable[[str, list, list], Deferred]
+
+
+def failed(init: InitScript, why: str, error: str, output: str) -> None:
+    """Say loudly that ``init`` failed (``why``: error or timeout): not fatal, it runs at the next start."""
+    log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
+              "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
+              why=why, error=quoted(error or why), output=quoted(output))
+
+
+async def ran(evaluate: Evaluate, init: InitScript, key: str, token: str, done: str, output: str) -> None:
+    """Record that ``init`` ran (its once key says ``done`` for good) and say so, with its output."""
+    try:
+        kept = int(await evaluate(COMPLETE, [key], [token, done]))
+    except (BackendUnavailable, RedisError) as e:
+        kept = 0
+        log.warn("init script {path} of circle {circle}: could not record that it ran ({error})",
+                 path=init.path, circle=init.circle, error=str(e))
+    log.info("init script {path} of circle {circle} ran{note}; its output: {output}", path=init.path,
+             circle=init.circle, output=quoted(output), note="" if kept else " (its claim had lapsed: it may run again)")
+
+
+async def give_back(evaluate: Evaluate, key: str, token: str) -> None:
+    """Give the claim up, so a later start runs the script; Redis trouble leaves it to lapse."""
+    try:
+        await evaluate(RELEASE, [key], [token])
+    except (BackendUnavailable, RedisError):
+        pass
+
+
 class InitScripts(Service):
     """A server's init scripts: each one is queued once its circle's first live worker is seen.
 
@@ -217,13 +248,15 @@ class InitScripts(Service):
             d.cancel()
         return DeferredList(running, consumeErrors=True)
 
-    def workers_seen(self, stats: dict[str, tuple[int, int]]) -> None:
+    def workers_seen(self, stats: Mapping[str, tuple[int | None, int]]) -> None:
         """Housekeeping read the live workers of the circles: start the init script of each
-        circle that has one now."""
+        circle that has one now. A count of None (a dispatcher protocol whose workers do not
+        register, ``--worker-protocol hero``) starts it at once: the job waits on the circle's
+        work queue for the first worker to take it, up to the script's timeout."""
         if not self.running:
             return
         for circle, (workers, _) in stats.items():
-            if workers and circle in self.waiting and circle not in self._in_flight:
+            if (workers is None or workers) and circle in self.waiting and circle not in self._in_flight:
                 d = ensureDeferred(self._claim_and_run(self.waiting[circle]))
                 if not d.called:
                     self._in_flight[circle] = d  # until it ends (it takes itself off)
@@ -278,27 +311,14 @@ class InitScripts(Service):
         except ScriptError as e:
             del self.waiting[init.circle]
             await self._release(key)
-            why = "timeout" if isinstance(e, ScriptTimeout) else "error"
-            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
-                      "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
-                      why=why, error=quoted(getattr(e, "detail", None) or str(e) or why),
-                      output=quoted(getattr(e, "output", "")))
+            failed(init, "timeout" if isinstance(e, ScriptTimeout) else "error",
+                   getattr(e, "detail", None) or str(e), getattr(e, "output", ""))
             return
         del self.waiting[init.circle]
-        done = f"completed: {self.who} at {stamp(self.clock)}"
-        try:
-            kept = int(await self._command("eval", COMPLETE, [key], [self._token, done]))
-        except (BackendUnavailable, RedisError) as e:
-            kept = 0
-            log.warn("init script {path} of circle {circle}: could not record that it ran ({error})",
-                     path=init.path, circle=init.circle, error=str(e))
-        log.info("init script {path} of circle {circle} ran{note}; its output: {output}", path=init.path,
-                 circle=init.circle, output=quoted(output),
-                 note="" if kept else " (its claim had lapsed: it may run again)")
+        await ran(self._evaluate, init, key, self._token, f"completed: {self.who} at {stamp(self.clock)}", output)
+
+    def _evaluate(self, script: str, keys: list, args: list) -> Deferred:
+        return self._command("eval", script, keys, args)
 
     async def _release(self, key: str) -> None:
-        """Give the claim up, so a later start runs the script; Redis trouble leaves it to lapse."""
-        try:
-            await self._command("eval", RELEASE, [key], [self._token])
-        except (BackendUnavailable, RedisError):
-            pass
+        await give_back(self._evaluate, key, self._token)

@@ -5,16 +5,20 @@ name (:mod:`circles.backend.sentinel`), watched for what the operator should hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import txredisapi
 
 from circles.backend import txredisapi_patches  # noqa: F401  (replaces txredisapi's logging on import)
 from circles.backend.reachability import Reachability, Watched
 from circles.backend.redis_url import RedisAddress, host_port
-from circles.backend.sentinel import SENTINEL_TIMEOUT, PrimaryEndpoint, PrimaryFactory, Sentinels
+from circles.backend.sentinel import SENTINEL_TIMEOUT, PrimaryEndpoint, PrimaryFactory, PrimarySubscriber, Sentinels
+from circles.backend.txredisapi_patches import Subscriber
 
 
 def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: float | None = None,
-            watch: Reachability | None = None) -> txredisapi.RedisFactory:
+            watch: Reachability | None = None,
+            on_message: Callable[[str | None, str, str], None] | None = None) -> txredisapi.RedisFactory:
     """Start a txredisapi pool of ``poolsize`` connections that reconnects on its own.
 
     The factory is returned at once (it is "lazy"): ``factory.size`` says how many connections
@@ -24,6 +28,8 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
     retrying is logged at debug only. For a ``redis+sentinel://`` address every attempt asks
     the Sentinels where the primary is, and a node that does not say it is the primary is
     dropped before any command is sent to it: a failover is followed without a restart.
+    ``on_message``: the connections subscribe (``PSUBSCRIBE``), and each message is handed to it
+    as ``(pattern, channel, message)``.
     """
     if address.sentinels:
         assert address.master is not None  # a redis+sentinel:// URL names its primary
@@ -45,6 +51,9 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
         )
         endpoint = address.endpoint(reactor)
         factory.maxDelay = 2.0
+    if on_message is not None:
+        factory.protocol = PrimarySubscriber if address.sentinels else Subscriber
+        factory.on_message = on_message
     # Reconnect quickly: a restarted Redis should be used again within a couple of seconds.
     factory.initialDelay = 0.1
     if watch is not None:

@@ -48,8 +48,8 @@ class ReplicaAcks:
         self.waiting = 0  # events written there, or being written, not yet acknowledged
         self._group_wait = GroupWait(replicas, timeout)  # one WAIT in flight covers them all
 
-    async def enqueue_once(self, keys: list, args: list) -> list:
-        """ENQUEUE_ONCE on the write connection, then wait for the ``WAIT`` that covers it to say
+    async def enqueue_once(self, keys: list, args: list, script: str = tasks.ENQUEUE_ONCE) -> list:
+        """ENQUEUE_ONCE (or ``script``, a step of its keys and answers) on the write connection, then wait for the ``WAIT`` that covers it to say
         :attr:`replicas` replicas hold it (:class:`~circles.backend.group_wait.GroupWait`:
         one WAIT covers every event written before it). A duplicate rewrites its seen key as it
         is, so that the WAIT covers the first delivery too: its 503 may have come from a replica
@@ -70,7 +70,7 @@ class ReplicaAcks:
         self.waiting += 1
         covering: list[Deferred] = []  # the WAITs asked for; only the last one's answer counts
         try:
-            written = connection.execute_command("EVAL", tasks.ENQUEUE_ONCE, len(keys), *keys, *args)
+            written = connection.execute_command("EVAL", script, len(keys), *keys, *args)
             covering.append(self._group_wait.after_writes(connection))
             result = await written
             if not int(result[0]):

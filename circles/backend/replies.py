@@ -28,7 +28,7 @@ log = Logger()
 REPLY_GRACE = 5.0
 
 
-class _Waiting:
+class Waiting:
     """A play waiting for its reply."""
 
     def __init__(self, request: ScriptRequest, deferred: Deferred, timer) -> None:
@@ -56,7 +56,7 @@ class Replies:
         self.reply_key = reply_key
         self._command = command
         self._connected = connected
-        self._waiting: dict[str, _Waiting] = {}
+        self._waiting: dict[str, Waiting] = {}
         self._abandoned: set[str] = set()  # tasks given up on while Redis was unreachable
 
     def __len__(self) -> int:
@@ -67,7 +67,7 @@ class Replies:
         ``request.timeout`` passes."""
         result: Deferred = Deferred(lambda _: self._cancelled(task_id))
         timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
-        self._waiting[task_id] = _Waiting(request, result, timer)
+        self._waiting[task_id] = Waiting(request, result, timer)
         return result
 
     def not_queued(self, task_id: str, failure: Failure) -> None:
@@ -93,8 +93,9 @@ class Replies:
         expire their tasks once Redis is back."""
         self.stop("lost the connection to Redis", abandon=True)
 
-    def expire(self, task_id: str) -> Deferred:
-        """Mark the task expired unless it already ended; fire with its :class:`tasks.Outcome`."""
+    def expire(self, task_id: str, why: str = "") -> Deferred:
+        """Mark the task expired unless it already ended; fire with its :class:`tasks.Outcome`.
+        ``why`` says why nobody waits for it any more (our protocol's EXPIRE does not keep it)."""
         now = self.clock.seconds()
         d = self._command("eval", tasks.EXPIRE, [tasks.task_key(self.prefix, task_id)],
                           [tasks.timestamp(now), tasks.STATUS_TTL])
@@ -104,7 +105,8 @@ class Replies:
     def expire_abandoned(self) -> None:
         abandoned, self._abandoned = self._abandoned, set()
         for task_id in abandoned:
-            self.expire(task_id).addErrback(lambda _: None)
+            self.expire(task_id, "nobody waits for it any more (the server lost Redis meanwhile)").addErrback(
+                lambda _: None)
 
     # -- timeouts -------------------------------------------------------------------------------
 
@@ -120,14 +122,17 @@ class Replies:
             if self._waiting.get(task_id) is not entry:
                 return  # its reply came meanwhile, or the client left
             if isinstance(outcome, tasks.Outcome) and outcome.status in (tasks.COMPLETED, tasks.ERROR):
-                # A worker finished just before the deadline: its reply is already on the reply
-                # list (FINISH pushed it in the same step), and routes to this entry.
-                entry.timer = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
+                self._finished_at_deadline(task_id, entry, outcome)
                 return
             del self._waiting[task_id]
             entry.deferred.errback(ScriptTimeout())
 
-        self.expire(task_id).addBoth(settled)
+        self.expire(task_id, f"timed out after {entry.request.timeout:g}s").addBoth(settled)
+
+    def _finished_at_deadline(self, task_id: str, entry: Waiting, outcome: tasks.Outcome) -> None:
+        """A worker finished just before the deadline: its reply is already on the reply list
+        (FINISH pushed it in the same step), and routes to this entry."""
+        entry.timer = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
 
     def _gave_up(self, task_id: str) -> None:
         entry = self._waiting.pop(task_id, None)
@@ -142,7 +147,8 @@ class Replies:
             return
         entry.stop_timer()
         if self._connected():
-            self.expire(task_id).addErrback(lambda _: self._abandoned.add(task_id))
+            self.expire(task_id, "its caller is gone (the connection closed)").addErrback(
+                lambda _: self._abandoned.add(task_id))
         else:
             self._abandoned.add(task_id)
 
@@ -168,6 +174,20 @@ class Replies:
         d = self._command("eval", tasks.TAKE_RESULT, [tasks.task_key(self.prefix, task_id)], [])
         d.addCallback(lambda r: tasks.Outcome(task_id, *[text(v) for v in r]))
         d.addCallbacks(lambda o: self._settle(waiting.deferred, o), waiting.deferred.errback)
+
+    def settle(self, task_id: str, outcome: tasks.Outcome) -> None:
+        """The outcome of ``task_id``, read otherwise than from a reply: to the play waiting for it."""
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is not None:
+            waiting.stop_timer()
+            self._settle(waiting.deferred, outcome)
+
+    def waiting_for(self) -> list[str]:
+        """The task ids of the plays waiting now."""
+        return list(self._waiting)
+
+    def waits_for(self, task_id: str) -> bool:
+        return task_id in self._waiting
 
     @staticmethod
     def _settle(deferred: Deferred, outcome: tasks.Outcome) -> None:

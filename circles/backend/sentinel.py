@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from circles.backend.redis_url import CONNECT_TIMEOUT
-from circles.backend.txredisapi_patches import CheckedProtocol, drop_connections
+from circles.backend.txredisapi_patches import CheckedProtocol, Subscriber, drop_connections
 from circles.backend.values import text
 
 #: Seconds a Sentinel may take to answer where the primary is.
@@ -81,6 +81,11 @@ class PrimaryProtocol(CheckedProtocol):
     async def usable(self) -> bool:
         role = await self.role()
         return bool(role) and text(role[0]) == "master"
+
+
+class PrimarySubscriber(PrimaryProtocol, Subscriber):
+    """A :class:`~circles.backend.txredisapi_patches.Subscriber` that is used only once its node
+    says it is the primary (:class:`PrimaryProtocol`): notifications come from the primary."""
 
 
 class PrimaryFactory(txredisapi.RedisFactory):

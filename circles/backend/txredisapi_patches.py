@@ -21,11 +21,16 @@ What is relied on:
   selects the database, then makes the connection ready (the pool takes it then):
   :class:`CheckedProtocol` authenticates first itself, checks the connection, and lets it run
   with the password set aside.
+- ``RedisFactory.buildProtocol`` sets each protocol's ``factory`` (:class:`Subscriber` reaches
+  its factory's ``on_message`` through it), and ``SubscriberProtocol.replyReceived`` hands
+  ``pmessage`` replies to ``messageReceived`` and others (PING's) to the command waiting.
 - ``RedisFactory.pool``: the connections up now, each with ``connected`` (0 once lost) and its
   ``transport`` (:func:`live_connection`, :func:`drop_connections`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import txredisapi
 from twisted.application.internet import ClientService
@@ -101,6 +106,17 @@ class CheckedProtocol(txredisapi.RedisProtocol):
             return await super().connectionMade()
         finally:
             self.password = password
+
+
+class Subscriber(txredisapi.SubscriberProtocol):
+    """A connection that subscribes (txredisapi's pub/sub protocol): each message goes to its
+    factory's ``on_message(pattern, channel, message)`` (``pattern`` None for a plain
+    subscription). Commands other than (P)SUBSCRIBE and PING are not for it."""
+
+    factory: Any  # set by RedisFactory.buildProtocol
+
+    def messageReceived(self, pattern, channel, message) -> None:
+        self.factory.on_message(pattern, channel, message)
 
 
 def live_connection(factory: txredisapi.RedisFactory) -> txredisapi.RedisProtocol | None:

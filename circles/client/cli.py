@@ -10,6 +10,7 @@
     circles members policy CIRCLE [open|members]
     circles try                      # the one-command try-out (circles.tryout)
     circles tasks stats              # per circle: live workers, queue length, dead letters
+    circles tasks stats --worker-protocol hero   # the hero work queues (their workers are not known)
     circles tasks dead-letter        # webhook tasks given up on: id, circle, source, attempts, last error
     circles tasks requeue (ID... | --all)
     circles --version
@@ -190,7 +191,10 @@ def _parser() -> _Parser:
     redis.add_argument("--state-dir", metavar="DIR", help="state directory of the server whose private Redis to use")
     redis.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="give up reaching Redis after this long (default 10)")
-    what.add_parser("stats", parents=[redis], help="per circle: live workers, queue length, dead letters")
+    stats = what.add_parser("stats", parents=[redis], help="per circle: live workers, queue length, dead letters")
+    stats.add_argument("--worker-protocol", default="circles", metavar="PROTOCOL",
+                       help="the servers' --worker-protocol: circles (default) or hero (the hero work queues; "
+                       "hero's workers do not register, so their number is not known)")
     what.add_parser("dead-letter", parents=[redis],
                     help="webhook tasks given up on after their workers were lost: id, circle, source, attempts, "
                     "last error")
@@ -407,17 +411,32 @@ async def _tasks_command(redis: Any, args: argparse.Namespace, admin: ModuleType
 
     prefix = DEFAULT_PREFIX if args.redis_prefix is None else args.redis_prefix
     if args.tasks_command == "stats":
-        stats = await admin.circle_stats(redis, prefix)
-        dead = sum(s.dead for s in stats)
+        from circles.backend import worker_protocols
+
+        try:
+            schema = worker_protocols.schema(worker_protocols.check(args.worker_protocol))
+        except ValueError as e:
+            raise _Exit(EXIT_USAGE, f"--worker-protocol: {e}") from None
+        if schema is None:
+            stats = await admin.circle_stats(redis, prefix)
+        else:  # its workers do not register, and it has no dead-letter list: neither is known
+            stats = await admin.job_queue_stats(redis, schema)
+        dead = None if schema is not None else sum(s.dead or 0 for s in stats)
         if args.json:
             _print_json({"circles": [{"circle": s.circle, "workers": s.workers, "queue": s.queue, "dead": s.dead}
                                      for s in stats], "dead_letters": dead})
             return
+
+        def shown(n: int | None) -> str:
+            return "-" if n is None else str(n)
+
         print(f"{'circle':<66}  {'workers':>7}  {'queue':>7}  {'dead':>5}")
         for s in stats:
-            print(f"{s.circle:<66}  {s.workers:>7}  {s.queue:>7}  {s.dead:>5}")
+            print(f"{s.circle:<66}  {shown(s.workers):>7}  {s.queue:>7}  {shown(s.dead):>5}")
         if not stats:
             print("(no circle has a queue, a live worker or a dead letter)")
+        elif schema is not None:
+            print(f"(workers: not known in the {schema.name} protocol, whose workers do not register)")
         return
     if args.tasks_command == "dead-letter":
         letters = await admin.dead_letters(redis, prefix)

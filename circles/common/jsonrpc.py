@@ -138,12 +138,17 @@ class Method:
     ``params`` is the canonical parameter list (what the documentation shows). A method that
     accepts other shapes as well sets ``raw_params`` and gets ``handler(context, params)`` with
     the params as sent (already checked to be an array, an object or absent).
+
+    An ``ordered`` method is one whose effect the calls after it depend on (authenticate: a play
+    after it runs as the key it proved): when it answers later, the calls after it in a batch
+    start once it has answered. (Other methods' calls start at once, each answered when ready.)
     """
 
     name: str
     handler: Handler
     params: tuple = ()
     raw_params: bool = False
+    ordered: bool = False
 
     def call(self, context: Any, params: Params) -> Any:
         if self.raw_params:
@@ -168,9 +173,10 @@ class Methods:
     def __iter__(self) -> Iterator[str]:
         return iter(self._methods)
 
-    def add(self, name: str, *params: Param, raw_params: bool = False) -> Callable[[Handler], Handler]:
+    def add(self, name: str, *params: Param, raw_params: bool = False,
+            ordered: bool = False) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
-            self._methods[name] = Method(name, handler, tuple(params), raw_params)
+            self._methods[name] = Method(name, handler, tuple(params), raw_params, ordered)
             return handler
         return register
 
@@ -322,9 +328,11 @@ class Dispatcher:
             if refused is not None:
                 self._observe(None, refused.code)
                 return encode(error_response(refused))
-            # Calls start in order: a synchronous method (authenticate) has finished before the
-            # next one in the batch begins.
-            replies = [self._call(request, context) for request in message]
+            # Calls start in order: a synchronous method has finished before the next one in the
+            # batch begins, and so has an ordered one that answers later (_call_all).
+            replies = self._call_all(message, context)
+            if isinstance(replies, Deferred):  # an ordered method answers later: the rest waited for it
+                return replies.addCallback(self._encode_batch, room)
             if any(isinstance(r, Deferred) for r in replies):
                 d = gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies], consumeErrors=True)
                 return d.addCallback(self._encode_batch, room)
@@ -340,6 +348,32 @@ class Dispatcher:
         if isinstance(reply, Deferred):
             return reply.addCallback(self._encode_single, room)
         return self._encode_single(reply)
+
+    def _call_all(self, requests: list, context: Any) -> list | Deferred:
+        """The replies of a batch's ``requests``, called in order: each reply object, or a
+        Deferred of it. Once an ordered method's call answers later, the calls after it wait for
+        its answer: then a Deferred of all the replies, every one of them there."""
+        replies: list = []
+        for index, request in enumerate(requests):
+            reply = self._call(request, context)
+            replies.append(reply)
+            if isinstance(reply, Deferred) and not reply.called and self._ordered(request):
+                return Deferred.fromCoroutine(self._after(replies, requests[index + 1:], context))
+        return replies
+
+    def _ordered(self, request: dict) -> bool:
+        method = self._methods.get(request["method"])
+        return method is not None and method.ordered
+
+    async def _after(self, replies: list, rest: list, context: Any) -> list:
+        """``replies`` with those of ``rest``, whose calls start once the last of ``replies`` (an
+        ordered method's) has answered."""
+        replies[-1] = await replies[-1]  # never fails: _call answers failures itself
+        later = self._call_all(rest, context)
+        if isinstance(later, Deferred):
+            later = await later
+        return await gatherResults([r if isinstance(r, Deferred) else succeed(r) for r in replies + later],
+                                   consumeErrors=True)
 
     def _call(self, request: Any, context: Any) -> dict | None | Deferred:
         """The reply object for one request (None for a notification), or a Deferred of it

@@ -56,3 +56,16 @@ class Once:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+
+
+def pass_on(result: Any, to: Deferred) -> None:
+    """Fire ``to`` with ``result`` (a value or a Failure), unless it fired already: a Deferred
+    handed to a caller who may cancel it (or time it out) while the work behind it goes on. Used
+    as ``work.addBoth(pass_on, answer)``; returns None, so ``work`` ends handled."""
+    if to.called:
+        return None
+    if isinstance(result, Failure):
+        to.errback(result)
+    else:
+        to.callback(result)
+    return None

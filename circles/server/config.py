@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from circles.backend import tasks
+from circles.backend import tasks, worker_protocols
 from circles.backend.embedded import derived_maxmemory, physical_memory
 from circles.backend.init_scripts import InitScript
 from circles.backend.redis_url import parse_redis_url, redact_url
@@ -125,6 +125,10 @@ class Config:
     max_jobs_per_caller: int = 100
     max_running_jobs_per_caller: int = 4
     max_jobs: int = 1000
+    # How plays and webhook events reach the workers (circles.backend.worker_protocols): "circles", ours
+    # (docs/worker-protocol.md), or an ecosystem dispatcher's job schema ("hero": its Rust workers run them).
+    worker_protocol: str = attrs.field(default=worker_protocols.CIRCLES, validator=attrs.validators.in_(
+        worker_protocols.NAMES))
 
     @allowed_origins.validator
     def _check_allowed_origins(self, attribute: attrs.Attribute, value: Any) -> None:

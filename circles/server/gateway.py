@@ -50,8 +50,9 @@ class Gateway:
         self.readiness_watched = False
         #: The other processes of ``--processes`` (circles.server.processes.siblings.Siblings); None: there are none.
         self.siblings = None
-        #: Nonces issued over HTTP (GET /auth/nonce), before any connection exists, and redeemed
-        #: by URL authentication: in memory here; in Redis once the service has one.
+        #: The shared nonce store: nonces issued over HTTP (GET /auth/nonce), before any
+        #: connection exists, bound to none, and redeemed by URL authentication or by the
+        #: authenticate method of any session: in memory here; in Redis once the service has one.
         self.http_nonces: INonceStore = NonceStore(clock, config.nonce_ttl, config.max_http_nonces,
                                                    config.max_http_nonces_per_ip)
         #: The jobs of the hero contract's jobs methods: in memory here; in Redis once the service

@@ -2,11 +2,14 @@
 process, tests among them). Served at ``GET /metrics`` or on ``--metrics-listen``.
 
 Under ``--processes N`` a scrape reaches any one of the processes, and reports the whole server:
-that process asks the others for theirs (:mod:`circles.server.processes.siblings`) and :func:`merge` adds them
-up, counters, histograms and gauges alike, except the series that describe one process
-(:data:`PER_PROCESS`, labelled ``process``) and the gauges each process reads from the same Redis
-(:data:`SHARED`, whose sum would count each worker N times); ``circles_process_up{process}``
-says which processes answered.
+the first process asks the others for theirs (:mod:`circles.server.processes.siblings`) and
+:func:`merge` adds them up. Counters and histograms (:data:`COUNTING`) are the whole server's
+since it started, kept by a :class:`Tally` in the first process, so they never go down while it
+runs: not when a process dies and is started again (counting from 0), nor while one hangs.
+Gauges are the sum over the processes that answered, except the series that describe one
+process (:data:`PER_PROCESS`, labelled ``process``) and the gauges each process reads from the
+same Redis (:data:`SHARED`, whose sum would count each worker N times);
+``circles_process_up{process}`` says which processes answered.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 
+from circles.common.logs import Logger
+
+log = Logger()
+
 #: Method labels are the API's methods; anything else is counted as one of these two.
 UNKNOWN_METHOD = "unknown"
 INVALID_REQUEST = "invalid"
@@ -29,6 +36,9 @@ PER_PROCESS = frozenset({"circles_process_connections_open", "circles_process_re
 #: Gauges every process reads from the same Redis: one process's value (the lowest-numbered
 #: that has it) in the whole server's view, not the sum.
 SHARED = frozenset({"circles_workers", "circles_queue_length", "circles_dead_letters"})
+#: The types of the families whose samples only count up (a counter's ``_total``, a histogram's
+#: buckets, ``_count`` and ``_sum``): the whole server's, kept by a :class:`Tally`.
+COUNTING = frozenset({"counter", "histogram", "summary"})
 
 
 class Metrics:
@@ -66,8 +76,9 @@ class Metrics:
         self._workers = _Workers()
         self.registry.register(self._workers)
         self._open_connections: Callable[[], int] = lambda: 0
-        #: The whole server's exposition (bytes) when this process is one of ``--processes``
-        #: (set by :func:`circles.server.processes.siblings.join`); None: this process's is the server's.
+        #: The whole server's exposition (bytes, or None when it cannot be told: ``/metrics``
+        #: answers 503) when this process is one of ``--processes`` (set by
+        #: :func:`circles.server.processes.siblings.join`); None: this process's is the server's.
         self.whole: Callable[[], Deferred] | None = None
 
     def request(self, method, outcome) -> None:
@@ -103,7 +114,8 @@ class Metrics:
 
     def watch_workers(self, circle_stats: Callable[[], dict], dead_letters: Callable[[], int | None]) -> None:
         """Report the served circles' live workers and queue lengths (``{circle: (workers,
-        queue)}``, as the script runner last read them from Redis) and the dead letters."""
+        queue)}``, as the script runner last read them from Redis; workers None: not known, not
+        reported) and the dead letters (None: none reported)."""
         self._workers.circle_stats, self._workers.dead_letters = circle_stats, dead_letters
 
     def watch_accepts(self, tcp_open: Callable[[], int], refused: dict[str, Callable[[], int]]) -> None:
@@ -115,32 +127,121 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def merge(expositions: dict[int, bytes | None]) -> bytes:
-    """The whole server's exposition from each process's (by process number; None: it did not
-    answer): every sample summed over the processes, except :data:`PER_PROCESS` (labelled
-    ``process``), :data:`SHARED` (one process's) and the ``_created`` times (the earliest); with
-    ``circles_process_up{process}``, 1 for each that answered, 0 for the others."""
+class Tally:
+    """The counts of the whole server since it started, across its processes' lives: what
+    :func:`merge` reports for each counting sample (:data:`COUNTING`) and each ``_created`` time.
+    One lives in the first process, which merges every scrape (the others ask it): a process
+    started again takes a number's place but not its memory, and the first one lives as long
+    as the server.
+
+    For each process number it keeps the generation it last heard from (a process started again
+    in a number's place is the next generation, counting from 0) and that generation's highest
+    value of each sample; and ``retired``, the sums of the highest values of the generations
+    that ended. The whole server's count is retired plus every number's part (:meth:`totals`).
+
+    Why no count ever goes down: retired and each number's part only grow, taking an answer
+    (:meth:`heard`) as follows, a sample that is absent being 0 (counts are never negative).
+
+    - The same generation: each value is the larger of the kept one and the new one. A process
+      that hung and answers again has only counted on; a missed scrape changes nothing.
+    - A newer generation (the number's process was started again): the kept part is added to
+      retired, and the new answer becomes the part: retired plus part goes from R + P to
+      R + P + new, never less. The old generation's counts move to retired exactly once (it is
+      no longer the number's generation, so no later answer moves them again), and they are
+      never in both places: nothing is counted twice.
+    - An older generation (read after its successor's, as an answer sent before it died can
+      be): ignored; its counts stay as kept.
+    - No answer (dead, not yet started again, hung): its part stays as kept.
+
+    What a process counted after the last scrape that reached it is lost if it dies: nobody saw
+    it. The memory is bounded by the label sets the processes report (the same as one
+    process's registry), once for retired and once per number.
+    """
+
+    def __init__(self) -> None:
+        self._families: dict[str, tuple[str, str]] = {}  # family -> (documentation, type), in order
+        self.retired: dict[tuple, float] = {}  # (family, sample, labels) -> sum over ended generations
+        self._parts: dict[int, tuple[int, dict[tuple, float]]] = {}  # number -> (generation, highest values)
+        self._created: dict[tuple, float] = {}  # (family, sample, labels) -> the earliest time reported
+
+    def describe(self, name: str, documentation: str, kind: str) -> None:
+        """A family :meth:`heard` reports samples of (kept to describe them when no process does)."""
+        self._families.setdefault(name, (documentation, kind))
+
+    def heard(self, number: int, generation: int, counts: dict[tuple, float], created: dict[tuple, float]) -> None:
+        """Process ``number`` (of ``generation``) answered ``counts`` (its counting samples, by
+        (family, sample, labels)) and ``created`` (its ``_created`` times, alike)."""
+        for key, value in created.items():
+            self._created[key] = min(value, self._created.get(key, value))
+        kept = self._parts.get(number)
+        if kept is None or generation > kept[0]:
+            if kept is not None:
+                for key, value in kept[1].items():
+                    self.retired[key] = self.retired.get(key, 0.0) + value
+            self._parts[number] = (generation, dict(counts))
+        elif generation == kept[0]:
+            part = kept[1]
+            for key, value in counts.items():
+                part[key] = max(value, part.get(key, value))
+
+    def totals(self) -> dict[tuple, float]:
+        """Each counting sample of the whole server and each ``_created`` time, by (family,
+        sample, labels)."""
+        totals = dict(self.retired)
+        for _, part in self._parts.values():
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + value
+        totals.update(self._created)
+        return totals
+
+    def families(self) -> dict[str, tuple[str, str]]:
+        """The families of :meth:`totals`: ``{name: (documentation, type)}``."""
+        return dict(self._families)
+
+
+def merge(answers: dict[int, tuple[int, bytes] | None], tally: Tally) -> bytes:
+    """The whole server's exposition from each process's answer (by process number: its
+    generation and exposition; None: it did not answer): the counting samples and ``_created``
+    times as ``tally`` keeps them (having heard these answers), every other sample summed over
+    the processes that answered, except :data:`PER_PROCESS` (labelled ``process``) and
+    :data:`SHARED` (one process's); with ``circles_process_up{process}``, 1 for each that
+    answered, 0 for the others (or for an answer that is no exposition)."""
+    parsed: dict[int, list] = {}
+    for number in sorted(answers):
+        answer = answers[number]
+        if answer is not None:
+            try:
+                parsed[number] = list(text_string_to_metric_families(answer[1].decode("utf-8")))
+            except (ValueError, UnicodeDecodeError):
+                log.warn("server process {n} answered metrics that are no exposition", n=number)
     families: dict[str, tuple[Metric, dict]] = {}
-    for number in sorted(expositions):
-        text = expositions[number]
-        if text is None:
-            continue
-        for family in text_string_to_metric_families(text.decode("utf-8")):
-            if family.name not in families:
-                families[family.name] = (Metric(family.name, family.documentation, family.type), {})
-            values = families[family.name][1]
+    for number, parts in parsed.items():
+        counts: dict[tuple, float] = {}
+        created: dict[tuple, float] = {}
+        for family in parts:
+            kept = family.type in COUNTING or family.name.endswith("_created")
+            if kept:
+                tally.describe(family.name, family.documentation, family.type)
+            families.setdefault(family.name, (Metric(family.name, family.documentation, family.type), {}))
             for sample in family.samples:
                 labels = dict(sample.labels, process=str(number)) if family.name in PER_PROCESS else sample.labels
                 key = (sample.name, tuple(sorted(labels.items())))
+                if kept:
+                    (counts if family.type in COUNTING else created)[(family.name, *key)] = sample.value
+                    continue
+                values = families[family.name][1]
                 if key not in values:
                     values[key] = sample.value
-                elif family.name.endswith("_created"):
-                    values[key] = min(values[key], sample.value)
                 elif family.name not in SHARED:
                     values[key] += sample.value
+        tally.heard(number, answers[number][0], counts, created)  # type: ignore[index]  # parsed: answered
+    for name, (documentation, kind) in tally.families().items():
+        families.setdefault(name, (Metric(name, documentation, kind), {}))
+    for (name, sample, labels), value in tally.totals().items():
+        families[name][1][(sample, labels)] = value
     up = Metric("circles_process_up", "Whether each server process of --processes answered this scrape", "gauge")
-    for number in sorted(expositions):
-        up.add_sample("circles_process_up", {"process": str(number)}, 0 if expositions[number] is None else 1)
+    for number in sorted(answers):
+        up.add_sample("circles_process_up", {"process": str(number)}, 1 if number in parsed else 0)
     merged = [up]
     for family, values in families.values():
         for (name, labels), value in values.items():
@@ -210,7 +311,8 @@ class _Workers:
                                     labels=["circle"])
         queue = GaugeMetricFamily("circles_queue_length", "Tasks waiting in a circle's queue", labels=["circle"])
         for circle, (live, waiting) in sorted(stats.items()):
-            workers.add_metric([circle], live)
+            if live is not None:  # None: not known (a dispatcher's workers do not register)
+                workers.add_metric([circle], live)
             queue.add_metric([circle], waiting)
         yield workers
         yield queue

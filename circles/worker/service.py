@@ -32,7 +32,7 @@ from txredisapi import RedisError, ResponseError
 
 from circles.backend import init_scripts, tasks
 from circles.backend.admin import reap
-from circles.backend.init_scripts import InitScript, claim_ttl, once_key, quoted, stamp
+from circles.backend.init_scripts import InitScript, claim_ttl, once_key, stamp
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
@@ -320,28 +320,13 @@ class Worker(Service):
         except Exception as e:
             detail = str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"
             await self._give_init_back(key)
-            log.error("init script {path} of circle {circle} FAILED ({why}): {error}; its output: {output}. It runs "
-                      "again at the next start of a server or worker given it", path=init.path, circle=init.circle,
-                      why=getattr(e, "reason", "") or "error", error=quoted(detail),
-                      output=quoted(getattr(e, "output", "") or ""))
+            init_scripts.failed(init, getattr(e, "reason", "") or "error", detail, getattr(e, "output", "") or "")
             return
-        done = f"completed: worker {self.worker_id} at {stamp(self.reactor)}"
-        try:
-            kept = int(await self._eval(init_scripts.COMPLETE, [key], [self._init_token, done]))
-        except RedisError as e:
-            kept = 0
-            log.warn("init script {path} of circle {circle}: could not record that it ran ({error})",
-                     path=init.path, circle=init.circle, error=str(e))
-        log.info("init script {path} of circle {circle} ran{note}; its output: {output}", path=init.path,
-                 circle=init.circle, output=quoted(output),
-                 note="" if kept else " (its claim had lapsed: it may run again)")
+        await init_scripts.ran(self._eval, init, key, self._init_token,
+                               f"completed: worker {self.worker_id} at {stamp(self.reactor)}", output)
 
     async def _give_init_back(self, key: str) -> None:
-        """Give an init script's claim up, so the next start runs it; Redis trouble leaves it to lapse."""
-        try:
-            await self._eval(init_scripts.RELEASE, [key], [self._init_token])
-        except RedisError:
-            pass
+        await init_scripts.give_back(self._eval, key, self._init_token)
 
     def _when_registered(self) -> Deferred:
         if self.registered:
@@ -467,31 +452,11 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
-        status, output, error, reason = tasks.COMPLETED, "", "", ""
-        try:
-            output = await self._execute(task.get("script", ""), context, timeout)
-            size = output_size(output)
-            if size > max_output:  # an engine that did not stop at the cap itself
-                output = ""
-                raise OutputTooLarge(max_output, size)
-        except EngineError as e:
-            status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
-            # What it printed before the error goes with it (docs/worker-protocol.md, "output").
-            output = output_before_error(e.output, error, max_output)
-        except Exception as e:  # a bug in an --engine callable: its traceback is for debugging it
-            log.debug("the engine raised on task {task}", task=task_id, log_failure=Failure())
-            status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
+        outcome = await self._outcome(task_id, task.get("script", ""), context, timeout, now)
+        status, output, error, reason = outcome.status, outcome.output, outcome.error, outcome.reason
         duration = self.reactor.seconds() - now
-        if status != tasks.COMPLETED:
-            # A client can fail scripts as fast as it sends them: logged within a budget, and
-            # what comes from the script escaped (no control character reaches the log).
-            self.failures.note(printable(context.caller or context.source), reason or "error",
-                               "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
-                               task=printable(task_id), circle=printable(context.circle),
-                               source=printable(context.source), duration=duration, reason=reason or "error", why=printable(_summary(error, reason)))
         reply_to = task.get("reply_to", "")
         keys = [key, self._processing] + ([reply_to] if reply_to else [])
-        outcome = tasks.Outcome(task_id, status, output, error, reason)
         recorded, written = await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, [
             status, output, error, tasks.timestamp(self.reactor.seconds()), tasks.STATUS_TTL,
             tasks.encode_reply(outcome), reason, task_id, self.worker_id, self.task_ttl])
@@ -503,6 +468,37 @@ class Worker(Service):
         log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
                   circle=context.circle, source=context.source or "-", duration=duration,
                   outcome=(status if int(written) else "expired") + (f" ({reason})" if reason else ""))
+
+    async def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
+                       started: float) -> tasks.Outcome:
+        """Run ``script`` with the engine, bounded by ``timeout`` seconds and the context's
+        ``max_output``: its :class:`~circles.backend.tasks.Outcome` (``completed``, or ``error``
+        with its reason), a failure logged within the worker's budget. Cancelling it stops the
+        script as its timeout would."""
+        max_output = context.max_output or self.max_output
+        status, output, error, reason = tasks.COMPLETED, "", "", ""
+        try:
+            output = await self._execute(script, context, timeout)
+            size = output_size(output)
+            if size > max_output:  # an engine that did not stop at the cap itself
+                output = ""
+                raise OutputTooLarge(max_output, size)
+        except EngineError as e:
+            status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
+            # What it printed before the error goes with it (docs/worker-protocol.md, "output").
+            output = output_before_error(e.output, error, max_output)
+        except Exception as e:  # a bug in an --engine callable: its traceback is for debugging it
+            log.debug("the engine raised on task {task}", task=task_id, log_failure=Failure())
+            status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
+        if status != tasks.COMPLETED:
+            # A client can fail scripts as fast as it sends them: logged within a budget, and
+            # what comes from the script escaped (no control character reaches the log).
+            self.failures.note(printable(context.caller or context.source), reason or "error",
+                               "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
+                               task=printable(task_id), circle=printable(context.circle),
+                               source=printable(context.source), duration=self.reactor.seconds() - started,
+                               reason=reason or "error", why=printable(_summary(error, reason)))
+        return tasks.Outcome(task_id, status, output, error, reason)
 
     async def _eval_patiently(self, what: str, task_id: str, script: str, keys: list,
                               args: list) -> tuple[bool, Any]:

@@ -18,6 +18,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.python import usage
 
+from circles.backend import worker_protocols
 from circles.backend.init_scripts import InitScriptError, parse_circles
 from circles.backend.redis_options import choose_redis, redis_parameters
 from circles.backend.redis_url import InvalidRedisURL
@@ -26,6 +27,7 @@ from circles.common import logs
 from circles.common.options import at_least_zero, positive, print_version, read_dotenv
 from circles.worker.engines import DEFAULT_MAX_MEMORY, PRELUDES, Engine, ExecEngine, load_engine, with_max_memory
 from circles.worker.isolation import IsolatedEngine
+from circles.worker.job_worker import JobWorker
 from circles.worker.service import Worker
 
 log = logs.Logger()
@@ -98,6 +100,10 @@ class Options(usage.Options):
         ("heartbeat", None, _default("heartbeat"), "seconds between the worker's heartbeats in Redis", positive(float)),
         ("worker-ttl", None, _default("worker-ttl"), "seconds without a heartbeat after which the worker counts as "
          "lost: its webhook tasks run again elsewhere, its plays are answered with an error", positive(float)),
+        ("worker-protocol", None, worker_protocols.CIRCLES, "the protocol of the server or dispatcher whose jobs "
+         "to run: 'circles' (ours) or 'hero' (the hero dispatcher's: job ids from hero:work_queue:{circle}, stop "
+         "requests from hero:stop_queue:{circle}; no heartbeat, so --heartbeat and --worker-ttl are unused)",
+         worker_protocols.check),
     ]
 
     def __init__(self) -> None:
@@ -205,13 +211,23 @@ class IsolatingWorker(Worker):
                 pass
 
 
+class IsolatingJobWorker(IsolatingWorker, JobWorker):
+    """A :class:`JobWorker` whose engine has processes of its own, as :class:`IsolatingWorker`'s."""
+
+
 def makeService(config: Options, reactor=global_reactor) -> Worker:
     logs.set_level(config["log-level"])
     log.info("configuration: {source}", source=config.redis_source)
     engine = config.engine
     if isinstance(engine, (ExecEngine, IsolatedEngine)) and engine.reactor is not reactor:
         engine.reactor = reactor
-    kind = IsolatingWorker if isinstance(engine, IsolatedEngine) else Worker
+    isolated = isinstance(engine, IsolatedEngine)
+    schema = worker_protocols.schema(config["worker-protocol"])
+    options = {parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()}
+    if schema is not None:  # an ecosystem dispatcher's protocol (circles.worker.job_worker)
+        return (IsolatingJobWorker if isolated else JobWorker)(
+            config.address, config["circles"], engine, schema=schema, reactor=reactor,
+            private_redis=config.private_redis, init_scripts=config.init_scripts, **options)
+    kind = IsolatingWorker if isolated else Worker
     return kind(config.address, config["circles"], engine, reactor=reactor, private_redis=config.private_redis,
-                init_scripts=config.init_scripts,
-                **{parameter: config[option] for option, parameter in WORKER_PARAMETERS.items()})
+                init_scripts=config.init_scripts, **options)

@@ -64,6 +64,10 @@ TXREDISAPI_SOURCES = {
     ("RedisFactory", "delConnection"): "2e94b188bc80b254",
     # peek: wait for a connection without taking it (the dispatcher's and the commands' readiness).
     ("RedisFactory", "getConnection"): "a0dd1ab1777b1b79",
+    # sets each protocol's factory: Subscriber reaches its factory's on_message through it.
+    ("RedisFactory", "buildProtocol"): "0b0068a2927ac69f",
+    # pmessage replies to messageReceived, others (a PING's while subscribed) to the command waiting.
+    ("SubscriberProtocol", "replyReceived"): "c5c770fea9980a47",
 }
 
 

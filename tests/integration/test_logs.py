@@ -82,10 +82,10 @@ SERVER_AT_INFO = {
     ("circles.server_tap", r"configuration: Redis URL from --redis-url"),
     ("circles.server_tap", r"configuration: Stripe webhook secrets from \$CIRCLES_STRIPE_WEBHOOK_SECRET"),
     ("circles.server_tap", r"configuration: iDenfy webhook secrets from --idenfy-secret-file"),
-    ("circles.backend.dispatch", r"script dispatch through Redis at redis://127\.0\.0\.1:\d+/0, "
+    ("circles.backend.runner", r"script dispatch through Redis at redis://127\.0\.0\.1:\d+/0, "
                                  r"reply list circles:reply:[0-9a-f]+"),
     ("-", r"circles starting on \d+"),
-    ("circles.backend.dispatch", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
+    ("circles.backend.runner", r"connected to Redis at redis://127\.0\.0\.1:\d+/0"),
     # a session's lines at info are its anomalies (here: its play that timed out), nothing else
     ("circles.common.log_budget", r"connection \d+: a play on circle [0-9a-f]{66} timed out "
                           r"\(stopped by the worker at its --script-timeout\)"),

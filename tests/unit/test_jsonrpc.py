@@ -41,6 +41,7 @@ NUMBER = (int, float)
 class Context:
     def __init__(self) -> None:
         self.calls: list = []
+        self.pending: list = []  # later_in_order's Deferreds
 
 
 methods = Methods()
@@ -102,6 +103,15 @@ def later(ctx, value):
 def later_fail(ctx):
     d = Deferred()
     ctx.calls.append(("later_fail", d))
+    return d
+
+
+@methods.add("later_in_order", Param("value", (int,)), ordered=True)
+def later_in_order(ctx, value):
+    ctx.calls.append(("later_in_order", value))
+    d = Deferred()
+    ctx.pending.append(d)
+    d.addCallback(lambda _: value)
     return d
 
 
@@ -770,3 +780,37 @@ def test_a_reply_whose_id_alone_is_too_large_raises_reply_too_large():
 
 def test_no_limit_means_no_check():
     assert call(_request("echo", ["x" * 100_000], id_=1), dispatcher=sized_dispatcher(0))["result"] == "x" * 100_000
+
+
+# --- ordered methods in a batch -------------------------------------------------------------------
+
+
+def _named(method, id_, **params):
+    return {"jsonrpc": "2.0", "method": method, "params": params, "id": id_}
+
+
+def test_the_calls_after_an_ordered_method_that_answers_later_wait_for_it():
+    ctx = Context()
+    batch = [_named("subtract", 0, minuend=1, subtrahend=1), _named("later", 1, value=1),
+             _named("later_in_order", 2, value=2), _named("subtract", 3, minuend=3, subtrahend=1),
+             _named("later_in_order", 4, value=4), _named("subtract", 5, minuend=5, subtrahend=1)]
+    d = make_dispatcher().answer(json.dumps(batch), ctx)
+    # Before it: called. After it: not yet (a method that is not ordered holds nothing back).
+    assert [c[0] for c in ctx.calls] == ["subtract", "later", "later_in_order"]
+    ctx.pending[0].callback(None)
+    assert [c[0] for c in ctx.calls] == ["subtract", "later", "later_in_order", "subtract", "later_in_order"]
+    ctx.pending[1].callback(None)
+    assert [c[0] for c in ctx.calls][-1] == "subtract" and len(ctx.calls) == 6
+    assert not d.called  # "later" has not answered
+    ctx.calls[1][1].callback(None)
+    assert [r.get("result") for r in json.loads(fired(d))] == [0, 2, 2, 2, 4, 4]
+
+
+def test_the_calls_after_an_ordered_method_that_fails_run_once_it_has_answered():
+    ctx = Context()
+    batch = [_named("later_in_order", 1, value=1), _named("subtract", 2, minuend=2, subtrahend=1)]
+    d = make_dispatcher().answer(json.dumps(batch), ctx)
+    assert len(ctx.calls) == 1
+    ctx.pending[0].errback(RPCError(-32002, "Authentication failed"))
+    first, second = json.loads(fired(d))
+    assert first["error"]["code"] == -32002 and second["result"] == 1

@@ -25,7 +25,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from zope.interface import implementer
@@ -38,6 +38,7 @@ from circles.backend.scripts import (
     ScriptTimeout,
 )
 from circles.protocol import CircleFactory
+from circles.server.access.nonces import INonceStore
 from circles.server.config import Config
 from circles.server.gateway import Gateway
 
@@ -810,6 +811,243 @@ def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_p
     conn.pump.flush()
     assert len(factory.open_connections) == 0 and conn.client.closed is not None
     assert conn.server.wasNotCleanReason == "WebSocket ping timeout (peer did not respond with pong in time)"
+
+
+# --- nonces of the shared store (GET /auth/nonce's) in authenticate ---------------------------------
+#
+# The gateway's shared store here is the one a server without Redis has: its process's memory.
+# A nonce is a nonce wherever it was fetched: one from GET /auth/nonce (bound to no session)
+# authenticates at the URL or by authenticate on any session; one from fetch_nonce, in its session.
+
+
+def http_nonce(gateway, key: Key | None = None) -> str:
+    """A nonce as GET /auth/nonce issues it (for ``key``, or for any)."""
+    return fired(gateway.http_nonces.issue(None if key is None else key.pubkey, "192.0.2.7")).value
+
+
+def proof(key: Key, nonce: str, **more) -> dict:
+    return {"pubkey": key.pubkey, "signature": key.eth(nonce), "nonce": nonce, **more}
+
+
+DELAY = 1.0
+
+
+@implementer(INonceStore)
+class SlowStore:
+    """The shared store as Redis is to a session: it answers ``DELAY`` seconds later (by the test's
+    clock), or fails with ``failure``. A stand-in: a unit test runs no redis-server (the
+    integration tests, tests/integration/test_shared_nonces.py, use a real one)."""
+
+    def __init__(self, gateway, failure: Exception | None = None) -> None:
+        self.clock = gateway.clock
+        self.store = gateway.http_nonces
+        self.failure = failure
+        self.asked = 0
+
+    def issue(self, pubkey=None, owner=None):
+        return self.store.issue(pubkey, owner)
+
+    def redeem_value(self, value, pubkey, signature):
+        self.asked += 1
+        answer = self.store.redeem_value(value, pubkey, signature) if self.failure is None else fail(self.failure)
+        return deferLater(self.clock, DELAY, lambda: answer)
+
+    def live(self):
+        return self.store.live()
+
+
+def test_an_http_nonce_authenticates_any_session_once(clock):
+    gateway = make_gateway(clock)
+    first, second = open_session(gateway, CIRCLE), open_session(gateway, CIRCLE)
+    key = Key()
+    nonce = http_nonce(gateway, key)
+    assert rpc(first, "authenticate", proof(key, nonce))["result"] == {"authenticated": True, "pubkey": key.pubkey}
+    assert rpc(first, "whoami")["result"] == {"circle": CIRCLE, "authenticated": True, "pubkey": key.pubkey}
+    for session in (first, second):  # single use, on whichever session
+        reply = rpc(session, "authenticate", proof(key, nonce))
+        assert error_code(reply) == -32002 and "nonce unknown, used or expired" in reply["error"]["message"]
+    assert rpc(second, "whoami")["result"]["authenticated"] is False
+    counted = gateway.metrics.registry.get_sample_value
+    assert [counted("circles_authentications_total", {"result": result}) for result in ("success", "failure")] == [
+        1, 2]
+    # nor does a URL take it now
+    url = f"/{CIRCLE}?pubkey={key.pubkey}&sig={key.eth(nonce)}&nonce={nonce}"
+    assert status(handshake(gateway, url)) == 401
+
+
+def test_an_http_nonce_bound_to_another_key_is_refused_and_used_up(clock):
+    gateway = make_gateway(clock)
+    session = open_session(gateway, CIRCLE)
+    alice, bob = Key(), Key()
+    nonce = http_nonce(gateway, alice)
+    reply = rpc(session, "authenticate", proof(bob, nonce))
+    assert error_code(reply) == -32002 and "issued for another public key" in reply["error"]["message"]
+    # Any attempt uses a shared nonce up (unlike a session's own): a captured proof is no use later.
+    assert error_code(rpc(session, "authenticate", proof(alice, nonce))) == -32002
+    assert rpc(session, "whoami")["result"]["authenticated"] is False
+    # Without a pubkey, the key it was issued for is the one the signature must prove.
+    nonce = http_nonce(gateway, alice)
+    assert error_code(rpc(session, "authenticate", {"signature": bob.eth(nonce), "nonce": nonce})) == -32002
+    nonce = http_nonce(gateway, alice)
+    assert rpc(session, "authenticate", {"signature": alice.der(nonce), "nonce": nonce})["result"]["pubkey"] == \
+        alice.pubkey
+
+
+def test_an_unbound_http_nonce_serves_the_key_a_personal_sign_recovers(clock):
+    gateway = make_gateway(clock)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    nonce = http_nonce(gateway)
+    assert rpc(session, "authenticate", {"signature": key.eth(nonce), "nonce": nonce})["result"] == {
+        "authenticated": True, "pubkey": key.pubkey}
+
+
+def test_an_expired_http_nonce_is_refused(clock):
+    gateway = make_gateway(clock)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    nonce = http_nonce(gateway, key)
+    clock.advance(TTL - 1)
+    live = http_nonce(gateway, key)
+    clock.advance(1)
+    reply = rpc(session, "authenticate", proof(key, nonce))
+    assert error_code(reply) == -32002 and "nonce unknown, used or expired" in reply["error"]["message"]
+    assert rpc(session, "authenticate", proof(key, live))["result"]["authenticated"] is True
+
+
+def test_a_session_nonce_is_redeemed_in_the_session_without_asking_the_shared_store(clock):
+    """The hot path: fetch_nonce and authenticate with the session's own nonce answer at once."""
+    gateway = make_gateway(clock)
+    gateway.http_nonces = slow = SlowStore(gateway)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    for named in (True, False):
+        text = session.answer(json.dumps({"jsonrpc": "2.0", "method": "fetch_nonce", "params": [key.pubkey], "id": 1}))
+        nonce = json.loads(text)["result"]["nonce"]
+        params = proof(key, nonce) if named else {"pubkey": key.pubkey, "signature": key.eth(nonce)}
+        text = session.answer(json.dumps({"jsonrpc": "2.0", "method": "authenticate", "params": params, "id": 2}))
+        assert isinstance(text, str) and json.loads(text)["result"]["pubkey"] == key.pubkey
+    assert slow.asked == 0
+
+
+@pytest.mark.parametrize("value", ["x" * 32, "A" * 32, "0" * 31, "0" * 33, "", "0" * 31 + "\n", "n" * 10_000])
+def test_a_value_not_of_the_nonce_form_is_refused_without_asking_the_shared_store(clock, value):
+    gateway = make_gateway(clock)
+    gateway.http_nonces = slow = SlowStore(gateway)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    text = session.answer(json.dumps({"jsonrpc": "2.0", "method": "authenticate", "id": 1,
+                                      "params": {"pubkey": key.pubkey, "signature": key.eth(value), "nonce": value}}))
+    assert isinstance(text, str)  # answered at once
+    reply = json.loads(text)
+    assert error_code(reply) == -32002 and "nonce unknown, used or expired" in reply["error"]["message"]
+    assert slow.asked == 0
+
+
+def test_the_rate_limit_counts_authenticate_with_an_http_nonce(clock):
+    gateway = make_gateway(clock, rate_limit=1, rate_burst=1)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    first, second = http_nonce(gateway, key), http_nonce(gateway, key)
+    assert rpc(session, "authenticate", proof(key, first))["result"]["authenticated"] is True
+    assert error_code(rpc(session, "authenticate", proof(key, second))) == -32006
+    assert gateway.http_nonces.holds(second)  # refused before the store was asked: still there
+    clock.advance(1)
+    assert rpc(session, "authenticate", proof(key, second))["result"]["authenticated"] is True
+
+
+def test_a_shared_store_that_cannot_answer_is_backend_unavailable(clock):
+    gateway = make_gateway(clock)
+    nonce = http_nonce(gateway, Key())
+    gateway.http_nonces = SlowStore(gateway, BackendUnavailable("Redis did not answer within 5s"))
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    d = session.answer(json.dumps({"jsonrpc": "2.0", "method": "authenticate", "params": proof(key, nonce), "id": 1}))
+    assert not d.called
+    clock.advance(DELAY)
+    reply = json.loads(fired(d))
+    assert reply["error"] == {"code": -32004, "message": "Nonce store unavailable, retry later",
+                              "data": "Redis did not answer within 5s"}
+    assert rpc(session, "whoami")["result"]["authenticated"] is False
+    assert session.in_flight == 0
+
+
+def test_a_batch_waits_for_an_authenticate_that_waits_for_the_shared_store(clock, runner):
+    """The calls after it in the batch start once it has answered: the play runs as its key."""
+    gateway = make_gateway(clock, runner, auth_required=True)
+    gateway.http_nonces = SlowStore(gateway)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    nonce = http_nonce(gateway, key)
+    batch = [{"jsonrpc": "2.0", "method": "whoami", "id": 0},
+             {"jsonrpc": "2.0", "method": "authenticate", "params": proof(key, nonce), "id": 1},
+             {"jsonrpc": "2.0", "method": "whoami", "id": 2},
+             {"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 3}]
+    d = session.answer(json.dumps(batch))
+    assert session.proving is not None and runner.requests == []
+    clock.advance(DELAY)
+    assert session.proving is None
+    assert [r.caller for r in runner.requests] == [key.pubkey]
+    runner.pending[0].callback("out")
+    replies = json.loads(fired(d))
+    assert [r["id"] for r in replies] == [0, 1, 2, 3]
+    assert replies[0]["result"]["authenticated"] is False
+    assert replies[1]["result"] == {"authenticated": True, "pubkey": key.pubkey}
+    assert replies[2]["result"]["authenticated"] is True
+    assert replies[3]["result"] == {"output": "out"}
+
+
+def test_a_closed_session_stops_waiting_for_the_shared_store_and_starts_nothing_after(clock, runner):
+    gateway = make_gateway(clock, runner)
+    gateway.http_nonces = SlowStore(gateway)
+    session = open_session(gateway, CIRCLE)
+    key = Key()
+    batch = [{"jsonrpc": "2.0", "method": "authenticate", "params": proof(key, http_nonce(gateway, key)), "id": 1},
+             {"jsonrpc": "2.0", "method": "play", "params": ["s"], "id": 2}]
+    d = session.answer(json.dumps(batch))
+    session.close()
+    assert fired(d) is None  # nobody is left to answer
+    clock.advance(DELAY)
+    assert runner.requests == [] and session.in_flight == 0 and session.pubkey is None
+
+
+def test_ws_requests_after_an_authenticate_wait_for_the_shared_store(txaio_clock, runner):
+    """Sent back to back: the whoami and the play after the authenticate are taken once it is
+    answered, in order, as the key it proved."""
+    gateway = make_gateway(txaio_clock, runner, auth_required=True, circles=[CIRCLE])
+    gateway.http_nonces = SlowStore(gateway)
+    conn = connect(gateway)
+    key = Key()
+    nonce = http_nonce(gateway, key)
+    ids = [conn.client.call("authenticate", proof(key, nonce)), conn.client.call("whoami"),
+           conn.client.call("play", ["s"])]
+    conn.settle()
+    assert conn.client.received == [] and runner.requests == []
+    assert conn.server.holding()
+    txaio_clock.advance(DELAY)
+    conn.settle()
+    assert not conn.server.holding()
+    assert [r["id"] for r in conn.client.received] == ids[:2]
+    assert conn.client.received[0]["result"] == {"authenticated": True, "pubkey": key.pubkey}
+    assert conn.client.received[1]["result"]["authenticated"] is True
+    assert [r.caller for r in runner.requests] == [key.pubkey]
+    # A session nonce on the same connection answers at once, as ever.
+    fetched = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    assert conn.request("authenticate", proof(key, fetched))["result"]["authenticated"] is True
+
+
+def test_a_session_nonce_is_bound_to_its_session_a_url_refuses_it(txaio_clock):
+    """The other direction: fetch_nonce's nonce is bound to the connection that asked for it, so
+    neither a URL (401) nor another connection's authenticate (-32002) takes it; its own does."""
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE])
+    conn, other = connect(gateway), connect(gateway)
+    key = Key()
+    nonce = conn.request("fetch_nonce", {"pubkey": key.pubkey})["result"]["nonce"]
+    url = f"/{CIRCLE}?pubkey={key.pubkey}&sig={key.eth(nonce)}&nonce={nonce}"
+    response = handshake(gateway, url)
+    assert status(response) == 401 and b"nonce unknown, used or expired" in response
+    assert error_code(other.request("authenticate", proof(key, nonce))) == -32002
+    assert conn.request("authenticate", proof(key, nonce))["result"]["authenticated"] is True
 
 
 # --- what an idle connection keeps, and its timers ---------------------------------------------------

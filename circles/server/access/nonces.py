@@ -8,19 +8,32 @@ One interface, :class:`INonceStore`, and two stores; issuing and redeeming retur
 both, so a caller has one path whichever it holds:
 
 * :class:`NonceStore`, here: in this process's memory, expiring by the injected clock, capped in
-  all and per owner. Nonces issued over HTTP live here only on a server without Redis.
+  all and per owner.
 * :class:`~circles.server.access.redis_nonces.RedisNonceStore`: in Redis, where every process of a
-  ``--processes`` server and every server behind a load balancer sees them, so a nonce from
-  ``GET /auth/nonce`` authenticates a WebSocket wherever it lands. Single use by an atomic take
-  (``GETDEL``), expiring by Redis's clock.
+  ``--processes`` server and every server behind a load balancer sees them. Single use by an
+  atomic take (``GETDEL``), expiring by Redis's clock.
 
-A nonce from ``fetch_nonce`` stays in its session's own :class:`NonceStore`: it is bound to the
-session that asked for it (a connection, which lives in one process), so no other process
-could redeem it anyway, and ``fetch_nonce`` is a hot path that a Redis round trip would slow
-for nothing. It is still the same kind of nonce: the same 128-bit format, TTL and single use,
-checked by the same code (:func:`proved_by`), and the session's store implements the same
-interface (its synchronous :meth:`NonceStore.issue_now` and :meth:`NonceStore.redeem` are what
-the hot path calls).
+Each server has one **shared store**, the gateway's ``http_nonces``: Redis when it has one, else
+a :class:`NonceStore` of the whole process. It holds the nonces of ``GET /auth/nonce``, which are
+bound to no session: such a nonce is redeemed at the WebSocket upgrade (``?pubkey&sig&nonce``)
+or by the ``authenticate`` method of any session, on any process, once.
+
+Each session has a :class:`NonceStore` of its own for the nonces of its ``fetch_nonce``: such a
+nonce is bound to the session that asked for it (the design's rule), so it is redeemed by that
+session's ``authenticate`` only, and refused anywhere else (another connection's
+``authenticate``, or a URL: 401), as a nonce of another key is. The session lives in one
+process, so no other process could take it anyway, and ``fetch_nonce`` and ``authenticate``
+with it are a hot path that a Redis round trip would slow for nothing: the session's store is
+called synchronously (:meth:`NonceStore.issue_now`, :meth:`NonceStore.redeem`).
+
+So a nonce is a nonce wherever it was fetched: one format (128 random bits, hex: anything else
+is refused without asking a store, :func:`is_nonce_value`), one TTL (``--nonce-ttl``), single
+use, one signature check (:func:`proved_by`); what differs is what it is bound to. An
+``authenticate`` naming a nonce that is not one of its session's live ones asks the shared
+store (asynchronously with Redis: the connection then takes nothing more until it is answered,
+:mod:`circles.protocol`). One difference follows from the two stores: a failed attempt with a
+session's nonce consumes nothing (the client may retry with a corrected signature), while a
+shared nonce is used up by any attempt (a captured proof cannot be replayed anywhere).
 """
 
 from __future__ import annotations
@@ -77,9 +90,10 @@ class INonceStore(Interface):
         store or the share is full, or :class:`~circles.backend.scripts.BackendUnavailable` when
         the store cannot be reached (its ``BackendFull`` when Redis is at its maxmemory)."""
 
-    def redeem_value(value: str, pubkey: str, signature: str) -> Deferred:
+    def redeem_value(value: str, pubkey: str | None, signature: str) -> Deferred:
         """Take the nonce ``value`` (used up whatever the outcome: a captured proof cannot be
-        replayed) and fire with the key ``signature`` proves, or fail with
+        replayed) and fire with the key ``signature`` proves (``pubkey`` as :func:`proved_by`
+        takes it), or fail with
         :class:`AuthenticationFailed` (unknown, used or expired nonce, wrong key or signature),
         or ``BackendUnavailable`` as :meth:`issue` does."""
 
@@ -181,6 +195,11 @@ class NonceStore:
             self._owned[owner] = self._owned.get(owner, 0) + 1
         return nonce
 
+    def holds(self, value: str) -> bool:
+        """Whether ``value`` is one of the live nonces here."""
+        self.sweep()
+        return value in self._live
+
     def take(self, value: str) -> Nonce | None:
         """Remove and return the live nonce ``value``; None if unknown, used or expired."""
         live = self._live
@@ -226,12 +245,13 @@ class NonceStore:
                 return nonce
         return unbound
 
-    def redeem_value(self, value: str, pubkey: str, signature: str) -> Deferred:
+    def redeem_value(self, value: str, pubkey: str | None, signature: str) -> Deferred:
         """Consume the nonce ``value`` (as given by the client) and verify its signature
         (:class:`INonceStore`), already fired.
 
-        Used where the client names the nonce itself (URL authentication). The nonce is used
-        up whatever the outcome, so a captured URL cannot be replayed.
+        Used where the client names a nonce of the shared store (URL authentication, or
+        ``authenticate`` with a nonce from ``GET /auth/nonce``). The nonce is used up whatever
+        the outcome, so a captured proof cannot be replayed.
         """
         nonce = self.take(value)
         if nonce is None:

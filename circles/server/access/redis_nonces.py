@@ -2,8 +2,8 @@
 
 A nonce issued by one process of a ``--processes`` server, or by one server behind a load
 balancer, must authenticate a WebSocket that lands on any other (the processes share one port,
-so no affinity at a balancer can help). So a server with Redis keeps these nonces there, one
-key each::
+so no affinity at a balancer can help), at its upgrade (``?pubkey&sig&nonce``) or by the
+``authenticate`` method. So a server with Redis keeps these nonces there, one key each::
 
     {prefix}nonce:{value}   string "{pubkey}|{owner}" (pubkey: the key it was issued for, empty
                             for any; owner: the asking address), set with SET NX PX, expiring
@@ -26,8 +26,8 @@ reactor's.
 Redis unreachable, not answering within :data:`TIMEOUT` seconds, or full (at its maxmemory):
 :meth:`~RedisNonceStore.issue` and :meth:`~RedisNonceStore.redeem_value` fail with
 :class:`~circles.backend.scripts.BackendUnavailable` (its ``BackendFull`` when full), which
-``/auth/nonce`` answers 503 and the WebSocket upgrade 503. Redeeming needs no memory, so it
-works while Redis is full.
+``/auth/nonce`` answers 503, the WebSocket upgrade 503 and ``authenticate`` -32004. Redeeming
+needs no memory, so it works while Redis is full.
 
 A server without Redis (embedded with a script backend of its own) keeps them in memory:
 :class:`~circles.server.access.nonces.NonceStore`, the same interface.
@@ -106,7 +106,7 @@ class RedisNonceStore(CommandConnection):
             raise BackendUnavailable("the nonce could not be stored")
         return nonce
 
-    def redeem_value(self, value: str, pubkey: str, signature: str) -> Deferred:
+    def redeem_value(self, value: str, pubkey: str | None, signature: str) -> Deferred:
         if not is_nonce_value(value):  # never issued: no need to ask, nor to send its bytes to Redis
             return fail(AuthenticationFailed("nonce unknown, used or expired"))
         d = self._command(lambda stored: self._taken(stored, value), "GETDEL", nonce_key(self.prefix, value))

@@ -4,7 +4,8 @@
 connection yet to bind it to): Redis on a server that has one, so that the WebSocket may land on
 any process of the server, or on any server sharing the Redis (:mod:`circles.server.access.redis_nonces`);
 else this process's memory. The client signs it and opens the WebSocket with
-``?pubkey=<hex>&sig=<hex>&nonce=<nonce>`` (see ``protocol.py``). ``GET /auth/health`` reports
+``?pubkey=<hex>&sig=<hex>&nonce=<nonce>`` (see ``protocol.py``), or names it in the
+``authenticate`` method on any connection. ``GET /auth/health`` reports
 ``active_nonces``, the live nonces this process issued (each process counts its own). Answers
 are JSON; errors are ``{"error": reason}`` with a 4xx status, or 503 with ``Retry-After`` when
 Redis cannot store the nonce (unreachable, not answering, or full).

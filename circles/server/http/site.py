@@ -87,7 +87,15 @@ class MetricsPage(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         if self._metrics.whole is None:
             return self._metrics.exposition()
-        return answer_later(request, self._metrics.whole())
+        return answer_later(request, self._metrics.whole().addCallback(self._whole, request))
+
+    def _whole(self, exposition: bytes | None, request) -> bytes:
+        if exposition is not None:
+            return exposition
+        # A scrape that fails, not one that lacks counts (Prometheus would read a reset).
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"server process 1, which keeps the server's counts, did not answer\n"
 
 
 class Root(Resource):

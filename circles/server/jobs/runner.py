@@ -37,6 +37,7 @@ from circles.backend.scripts import (
     ScriptTimeout,
 )
 from circles.common.logs import Logger, worth_logging
+from circles.common.once import pass_on
 from circles.server.jobs.model import (
     BY_CALLER,
     ENDED,
@@ -119,7 +120,7 @@ class Jobs:
         Cancelling the Deferred stops waiting for it, not the change: one whose write may have
         reached the store is carried through (the jobs it starts are run)."""
         answer: Deferred = Deferred()
-        ensureDeferred(self._change(caller, operation)).addBoth(_pass_on, answer)
+        ensureDeferred(self._change(caller, operation)).addBoth(pass_on, answer)
         return answer
 
     async def _change(self, caller: str, operation: Callable[[Table], Any]) -> tuple[Any, Table]:
@@ -319,15 +320,6 @@ class Jobs:
             running.cancel()
         await DeferredList(list(self._runs))
 
-
-def _pass_on(result, to: Deferred) -> None:
-    if to.called:  # cancelled: nobody waits (the change is done, or could not be)
-        return None
-    if isinstance(result, Failure):
-        to.errback(result)
-    else:
-        to.callback(result)
-    return None
 
 
 @attrs.define

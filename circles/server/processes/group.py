@@ -31,7 +31,8 @@ the connections queued on it (as the kernel does when a process's own socket clo
 kernel give new ones to the others, until the next process listens on it again, unprivileged.
 
 One ``/metrics``, one ``/ready``: :mod:`circles.server.processes.siblings`, through a private directory given to
-the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`).
+the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`,
+:data:`ENV_GENERATION`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ log = Logger()
 #: The environment of the other processes: their number (2..N), N, and the private directory of
 #: :mod:`circles.server.processes.siblings`.
 ENV_PROCESS, ENV_PROCESSES, ENV_DIRECTORY = "CIRCLES_PROCESS", "CIRCLES_PROCESSES", "CIRCLES_PROCESS_DIR"
+#: Which start in its number's place a process is: 1, then 2 for the one started again in its
+#: place, and so on (the first process's count of the server's counts tells them apart).
+ENV_GENERATION = "CIRCLES_PROCESS_GENERATION"
 #: The descriptor of the listening socket the first process made for one of the others.
 ENV_LISTEN_FD = "CIRCLES_LISTEN_FD"
 LISTEN_FD = 3
@@ -140,15 +144,16 @@ class ReusePortEndpoint:
         return succeed(port)
 
 
-def member_from_environment() -> tuple[int, int, str] | None:
-    """(number, N, directory) if this process is one of the others of a first process's
-    ``--processes``, else None."""
+def member_from_environment() -> tuple[int, int, str, int] | None:
+    """(number, N, directory, generation) if this process is one of the others of a first
+    process's ``--processes``, else None."""
     try:
         number, count = int(os.environ[ENV_PROCESS]), int(os.environ[ENV_PROCESSES])
         directory = os.environ[ENV_DIRECTORY]
+        generation = int(os.environ.get(ENV_GENERATION, "1"))
     except (KeyError, ValueError):
         return None
-    return number, count, directory
+    return number, count, directory, generation
 
 
 class _Lines:
@@ -250,6 +255,7 @@ class ServerProcesses(Service):
         self.children: list = []
         self._command: list | None = None
         self._delays: dict[int, RestartDelay] = {}
+        self._generations: dict[int, int] = {}  # number -> how many processes were started in its place
         self._restarts: dict = {}  # number -> the pending callLater starting it again
         self._backlog = backlog
         self._sockets: dict[int, socket.socket] = {}  # number -> its listening socket, kept for its restarts
@@ -294,8 +300,10 @@ class ServerProcesses(Service):
         child = _Child(number, self._reactor)
         command = self._command
         assert command is not None  # made by startService
+        generation = self._generations[number] = self._generations.get(number, 0) + 1
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
-                                  ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD)})
+                                  ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD),
+                                  ENV_GENERATION: str(generation)})
         # Its standard output and error are pipes to us (its log). It leads a session of its own:
         # a terminal's Ctrl-C reaches only us, and we stop it with one SIGTERM (two stop signals
         # make a twistd log ReactorNotRunning with a traceback).

@@ -2,31 +2,53 @@
 
 The N processes share one port (``SO_REUSEPORT``), so a scrape or a probe reaches any one of
 them, and each knew only itself: counters went up and down between scrapes, and ``/ready`` said
-200 with a process dead. Now the process that gets the request asks the others and answers for
-the whole server.
+200 with a process dead. Now the process that gets the request answers for the whole server.
 
 How: a mesh of Unix sockets. Each process listens on one of its own, ``<number>.sock`` in a
 private directory (mode 0700: only this user) that the first process makes and gives the others
-in their environment (:mod:`circles.server.processes.group`). A question is one line, ``metrics`` or
-``ready``; the answer is what that process alone would say (its exposition; ``{"problem": ...}``
-as JSON), then the connection closes. The process asked by a client asks all the others at once,
-each within :data:`ASK_TIMEOUT`, and merges (:func:`circles.server.metrics.merge`) or names the first
-problem. So no process relays for another and none is special: a process that died (its socket
-refuses, or is gone) or hangs (no answer in time) is simply reported, ``circles_process_up`` 0
-and ``/ready`` 503 naming it, until it answers again (the first process restarts it).
+in their environment (:mod:`circles.server.processes.group`). A question is one line; the answer
+is what that process alone would say, then the connection closes: to ``ready``, ``{"problem":
+...}`` as JSON; to ``metrics``, its generation (which start in its number's place it is) on a
+line, then its exposition.
 
-Why not prometheus-client's multiprocess mode: it sums files of mmapped values that outlive
-their processes (a dead process's counters stay in the sum, its gauges need a mode each), must
-be set up before prometheus-client is imported, and says nothing of readiness; the sockets answer
-with what is true now, and a dead process shows as dead. Why not the log pipe
-(:mod:`circles.server.processes.group`): it goes one way, to the first process, and the others must answer
-scrapes too.
+``/ready``: the process asked by a client asks all the others at once, each within
+:data:`ASK_TIMEOUT`, and names the first problem. So none relays for another: a process that died
+(its socket refuses, or is gone) or hangs (no answer in time) is simply reported, ``/ready`` 503
+naming it, until it answers again (the first process restarts it).
+
+``/metrics``: the first process (:data:`FIRST`) answers for the whole server, and the others ask
+it (the question ``whole``). It asks every process for its ``metrics`` as above and merges them
+(:func:`circles.server.metrics.merge`) with its :class:`~circles.server.metrics.Tally`, the
+memory of the counts of every process that ever answered: a process that dies, is started again
+(counting from 0) or hangs keeps its share of the counters, so no counter ever goes down while
+the server runs, whichever process a scrape reaches (the Tally's docstring says why); it shows as
+``circles_process_up`` 0 meanwhile. The memory must be in one place that lives as long as the
+server, for the answer not to depend on which process gives it: the first process is that place
+(the others die with it). The others keep no answer of their own: each scrape they take asks the
+first (only a question in flight is shared), since an answer they kept could be older than one
+the first gave since, and lower. If the first process does not answer within
+:data:`WHOLE_TIMEOUT` (it hangs: then nothing restarts a process either), ``/metrics`` answers 503:
+a failed scrape, not one with lower counts.
+
+Why not prometheus-client's multiprocess mode: it sums files of mmapped values that outlive their
+processes, and so does keep a dead process's counts (what the Tally does), but only of the values
+prometheus-client itself writes: the series we read when scraped (open connections, refused
+connections, Redis reconnects, workers, memory) have no file and would be the answering process's
+alone, so the sockets would be needed anyway. Besides, a process started again writes files of
+its own (named by pid) beside its predecessors', a directory growing with every restart, to
+empty when the server starts and at no other time; its gauges need a mode each; it is set for the
+whole interpreter before prometheus-client is imported (a server's registry is its own: tests run
+several in one process); and it says nothing of readiness. The sockets answer with what is true
+now, the Tally adds what was true of the dead, and a dead process shows as dead. Why not the log pipe
+(:mod:`circles.server.processes.group`): it goes one way, to the first process, and the others
+must answer scrapes too.
 
 Costs: nothing with ``--processes 1`` (:func:`join` is never called). A client cannot multiply
 the work: one round of questions per kind of request is shared by all the requests that come
-while it runs and for :data:`FRESH` seconds after it started, so a flood of ``/ready`` costs at
-most one round a second per process. An answer is read up to :data:`MAX_ANSWER` bytes; a question
-is a line of at most 64 bytes, and a connection that sends none is closed after
+while it runs and for :data:`FRESH` seconds after it started, so a flood of ``/ready`` or
+``/metrics`` costs at most one round a second per process (a scrape another process takes costs
+the first one an answer it has already made). An answer is read up to :data:`MAX_ANSWER` bytes; a
+question is a line of at most 64 bytes, and a connection that sends none is closed after
 :data:`ASK_TIMEOUT`. Time is the reactor's.
 """
 
@@ -49,7 +71,7 @@ from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
 from circles.common.once import Once
-from circles.server.metrics import merge
+from circles.server.metrics import Tally, merge
 
 log = Logger()
 
@@ -57,8 +79,13 @@ log = Logger()
 ASK_TIMEOUT = 2.0
 #: Seconds the answer of one round of questions serves every request of its kind.
 FRESH = 1.0
+#: Seconds a process gives the first process to answer ``whole``: a round of its own questions
+#: (:data:`ASK_TIMEOUT`) and the merge.
+WHOLE_TIMEOUT = 2 * ASK_TIMEOUT
 #: The largest answer read from another process, in bytes.
 MAX_ANSWER = 8 * 1024 * 1024
+#: The process that merges the scrapes and keeps the server's counts (it lives as long as the server).
+FIRST = 1
 
 
 def socket_path(directory: str, number: int) -> str:
@@ -79,9 +106,19 @@ class _Answering(LineOnlyReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         self.setTimeout(None)
         answer = self.factory.answers.get(line.strip())
-        if answer is not None:
-            self.transport.write(answer())
-        self.transport.loseConnection()
+        if answer is None:
+            self.transport.loseConnection()
+            return
+        result = answer()
+        if isinstance(result, Deferred):  # the first process's "whole": after its round
+            result.addBoth(self._answer)
+        else:
+            self._answer(result)
+
+    def _answer(self, answer) -> None:
+        if isinstance(answer, bytes):
+            self.transport.write(answer)
+        self.transport.loseConnection()  # otherwise: no answer (the asker says so)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.abortConnection()
@@ -130,38 +167,60 @@ class _Round:
 class Siblings:
     """What process ``number`` of ``count`` says for the whole server: :meth:`metrics`,
     :meth:`ready`. ``local_metrics`` and ``local_problem`` are what it says for itself (its
-    exposition; why it is not ready, or None)."""
+    exposition; why it is not ready, or None); ``generation``: the how-manyth process in its
+    number's place it is (the first process says how many times it started one there)."""
 
     def __init__(self, reactor, number: int, count: int, directory: str, local_metrics: Callable[[], bytes],
-                 local_problem: Callable[[], str | None]) -> None:
+                 local_problem: Callable[[], str | None], generation: int = 1) -> None:
         self._reactor = reactor
         self.number = number
         self.count = count
         self.directory = directory
-        self._local = {b"metrics": local_metrics, b"ready": lambda: _ready_answer(local_problem())}
+        self._local = {b"metrics": lambda: b"%d\n%b" % (generation, local_metrics()),
+                       b"ready": lambda: _ready_answer(local_problem())}
         self._rounds: dict[bytes, _Round] = {}
+        #: The whole server's counts (:class:`circles.server.metrics.Tally`): the first process's alone.
+        self.tally = Tally() if number == FIRST else None
 
     def answers(self) -> dict:
-        """The questions this process answers on its socket: ``{question: () -> bytes}``."""
-        return dict(self._local)
+        """The questions this process answers on its socket: ``{question: () -> bytes, or a
+        Deferred of bytes}``; the first process answers ``whole`` too (:meth:`metrics`)."""
+        answers: dict[bytes, Callable] = dict(self._local)
+        if self.tally is not None:
+            answers[b"whole"] = self.metrics
+        return answers
 
     def metrics(self) -> Deferred:
-        """The whole server's exposition (bytes); never fails."""
-        return self._shared(b"metrics", lambda answers: merge({n: a if isinstance(a, bytes) else None
-                                                               for n, a in answers.items()}))
+        """The whole server's exposition (bytes), or None if it cannot be told (the first process
+        did not answer); never fails. The first process merges the answers of all; the others
+        ask it, every time (sharing only a question in flight: an answer they kept could be
+        older than one it gave since)."""
+        if self.tally is None:
+            return self._shared(b"whole", self._from_first, fresh=0.0)
+        return self._shared(b"metrics", self._merge)
 
     def ready(self) -> Deferred:
         """``(problem, processes)``: the first reason a process gives (or that it did not answer),
         None if every one is ready; and ``{number: "ready" or its problem}``; never fails."""
-        return self._shared(b"ready", _whole_readiness)
+        return self._shared(b"ready", lambda: self._ask_all(b"ready", _whole_readiness))
 
-    def _shared(self, question: bytes, combine: Callable) -> Deferred:
+    def _shared(self, question: bytes, ask: Callable, fresh: float = FRESH) -> Deferred:
         now = self._reactor.seconds()
         current = self._rounds.get(question)
-        if current is None or (current.answer.fired and now - current.started >= FRESH):
+        if current is None or (current.answer.fired and now - current.started >= fresh):
             current = self._rounds[question] = _Round(now)
-            ensureDeferred(self._ask_all(question, combine)).addBoth(current.answer.fire)
+            ensureDeferred(ask()).addBoth(current.answer.fire)
         return current.answer.when()
+
+    async def _merge(self) -> bytes:
+        assert self.tally is not None
+        tally = self.tally
+        return await self._ask_all(b"metrics", lambda answers: merge({n: _generation_and_exposition(a)
+                                                                      for n, a in answers.items()}, tally))
+
+    async def _from_first(self) -> bytes | None:
+        answer = await self._ask(FIRST, b"whole", WHOLE_TIMEOUT)
+        return answer if isinstance(answer, bytes) and answer else None  # closed unanswered: none
 
     async def _ask_all(self, question: bytes, combine: Callable):
         others = [n for n in range(1, self.count + 1) if n != self.number]
@@ -175,14 +234,14 @@ class Siblings:
             log.failure("could not combine the server processes' answers to {question}", question=question.decode())
             return combine({self.number: answers[self.number]})  # what it knows for sure
 
-    async def _ask(self, number: int, question: bytes) -> bytes | str:
+    async def _ask(self, number: int, question: bytes, timeout: float = ASK_TIMEOUT) -> bytes | str:
         """Process ``number``'s answer, or why there is none: "not running" (nothing listens on
-        its socket) or "not answering" (no whole answer within :data:`ASK_TIMEOUT`)."""
-        deadline = self._reactor.seconds() + ASK_TIMEOUT
+        its socket) or "not answering" (no whole answer within ``timeout``)."""
+        deadline = self._reactor.seconds() + timeout
         asking = _Asking(question)
         connecting = connectProtocol(UNIXClientEndpoint(self._reactor, socket_path(self.directory, number),
-                                                        timeout=ASK_TIMEOUT), asking)
-        connecting.addTimeout(ASK_TIMEOUT, self._reactor)
+                                                        timeout=timeout), asking)
+        connecting.addTimeout(timeout, self._reactor)
         try:
             await connecting
         except Exception:  # no socket, refused (dead), or no accept in time
@@ -194,6 +253,18 @@ class Siblings:
         finally:
             if timer.active():
                 timer.cancel()
+
+
+def _generation_and_exposition(answer: bytes | str) -> tuple[int, bytes] | None:
+    """A process's answer to ``metrics``: its generation, a line, then its exposition; None for
+    no answer, or one not of that form."""
+    if not isinstance(answer, bytes):
+        return None
+    generation, _, exposition = answer.partition(b"\n")
+    try:
+        return int(generation), exposition
+    except ValueError:
+        return None
 
 
 def _ready_answer(problem: str | None) -> bytes:
@@ -276,14 +347,16 @@ class ProcessSocket(Service):
         return d
 
 
-def join(service, number: int, count: int, directory: str, reactor, remove: bool = False) -> ProcessSocket:
+def join(service, number: int, count: int, directory: str, reactor, remove: bool = False,
+         generation: int = 1) -> ProcessSocket:
     """Make ``service`` (a :class:`~circles.service.CirclesService`) process ``number`` of
-    ``count``: its ``/metrics`` and ``/ready`` answer for the whole server, and the returned
-    service (to start with it) answers the others; ``remove``: the directory is removed when it
-    stops (the first process: it makes it as it starts)."""
+    ``count`` (the ``generation``-th in that place): its ``/metrics`` and ``/ready`` answer for the
+    whole server, and the returned service (to start with it) answers the others; ``remove``: the
+    directory is removed when it stops (the first process: it makes it as it starts)."""
     gateway = service.gateway
     gateway.metrics.watch_process()
-    siblings = Siblings(reactor, number, count, directory, gateway.metrics.exposition, gateway.unready_reason)
+    siblings = Siblings(reactor, number, count, directory, gateway.metrics.exposition, gateway.unready_reason,
+                        generation)
     gateway.metrics.whole = siblings.metrics
     gateway.siblings = siblings
     return ProcessSocket(reactor, siblings, service.when_listening, directory if remove else None)

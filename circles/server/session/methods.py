@@ -42,7 +42,7 @@ from circles.common.wire import (
     TOO_MANY_REQUESTS,
 )
 from circles.server.access.limits import TokenBucket
-from circles.server.access.nonces import NonceStore, TooManyNonces
+from circles.server.access.nonces import NonceStore, TooManyNonces, is_nonce_value
 from circles.server.gateway import Gateway
 
 if TYPE_CHECKING:  # the contracts' method tables are this module's: it imports none of them
@@ -105,7 +105,7 @@ class Session:
     set of plays, nonces) is made when first used."""
 
     __slots__ = ("gateway", "contract", "_rpc", "connection_id", "circle", "pubkey", "nonces", "requests",
-                 "in_flight", "plays", "anomalies", "reply_room")
+                 "in_flight", "plays", "proving", "closed", "anomalies", "reply_room")
 
     def __init__(self, gateway: Gateway, contract: Contract, rpc: Dispatcher, circle: str,
                  pubkey: str | None = None, connection_id: int | None = None, peer: str | None = None) -> None:
@@ -122,6 +122,10 @@ class Session:
         self.in_flight = 0  # messages received and not yet answered
         # The script backend's Deferreds of this session's plays still waiting (hold, release).
         self.plays: AbstractSet[Deferred] = _NO_PLAYS
+        #: An ``authenticate`` waiting for the shared nonce store (Redis), while one does: its
+        #: Deferred, which the connection waits for before it takes another request.
+        self.proving: Deferred | None = None
+        self.closed = False  # its connection is gone (close): what is still called starts no play
         self.anomalies = ConnectionAnomalies(connection_id, peer, gateway.anomaly_log)  # logged within bounds
         # What a reply that comes later (a play's) may take when it is ready: the connection's
         # circles.server.session.backlog.Backlog, which holds it to what the client has left unread. None: no bound.
@@ -164,9 +168,12 @@ class Session:
     def close(self) -> None:
         """The connection is gone: stop waiting for its plays (their tasks are expired, so no
         worker runs a script nobody waits for) and answer nothing more."""
+        self.closed = True
         plays, self.plays = self.plays, _NO_PLAYS
         for d in plays:
             d.cancel()
+        if self.proving is not None:  # the store's answer is its own to come; nobody waits for it
+            self.proving.cancel()
 
     def _admit(self, requests: int) -> RPCError | None:
         if self.requests.take(requests):
@@ -212,17 +219,58 @@ _CREDENTIALS = (Param("pubkey", (str,), required=False), Param("signature", (str
                 Param("nonce", (str,), required=False))
 
 
-@methods.add("authenticate", *_CREDENTIALS, raw_params=True)
+@methods.add("authenticate", *_CREDENTIALS, raw_params=True, ordered=True)
 def authenticate(session: Session, params) -> Any:  # as its contract shapes it
     pubkey, signature, nonce = _credentials(params)
     try:
         key = None if pubkey is None else normalize_pubkey(pubkey)
-        signer = session.nonces.redeem(key, signature, nonce)
+        if nonce is not None and not session.nonces.holds(nonce):
+            return _prove_shared(session, key, signature, nonce)
+        signer = session.nonces.redeem(key, signature, nonce)  # in memory, synchronous: a hot path
     except (InvalidKey, AuthenticationFailed) as e:
-        session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
-                               "{circle}: {reason}", circle=session.circle, reason=str(e))
-        session.gateway.metrics.auth_failures.inc()
-        raise session.contract.auth_failed(str(e)) from None
+        raise _auth_failed(session, e) from None
+    return _authenticated(session, signer)
+
+
+def _prove_shared(session: Session, key: str | None, signature: str, nonce: str) -> Any:
+    """``authenticate`` with a nonce that is not one of the session's: one of the shared store
+    (``GET /auth/nonce``'s: Redis, or this process's memory without it), taken there once
+    whatever the outcome. A value not of the server's nonce form is refused without asking.
+
+    With Redis the answer comes later: the session's ``proving`` is the Deferred meanwhile, and
+    its connection takes no other request until it fires (circles.protocol); in a batch, the
+    calls after it wait for it too (the method is ``ordered``)."""
+    if not is_nonce_value(nonce):
+        raise AuthenticationFailed("nonce unknown, used or expired")
+    d = Deferred.fromCoroutine(_redeem_shared(session, key, signature, nonce))
+    if not d.called:
+        session.proving = d
+    return d
+
+
+async def _redeem_shared(session: Session, key: str | None, signature: str, nonce: str) -> Any:
+    try:
+        try:
+            signer = await session.gateway.http_nonces.redeem_value(nonce, key, signature)
+        except AuthenticationFailed as e:
+            raise _auth_failed(session, e) from None
+        except BackendUnavailable as e:
+            # Not a verdict on the proof: the store could not be asked (nor can it say whether
+            # the nonce was taken). The design's code for Redis down: -32004, as a play gets.
+            raise RPCError(BACKEND_UNAVAILABLE, "Nonce store unavailable, retry later", str(e)) from None
+        return _authenticated(session, signer)
+    finally:
+        session.proving = None
+
+
+def _auth_failed(session: Session, e: Exception) -> RPCError:
+    session.anomalies.note("authentication failed", "connection {conn}: authentication failed on circle "
+                           "{circle}: {reason}", circle=session.circle, reason=str(e))
+    session.gateway.metrics.auth_failures.inc()
+    return session.contract.auth_failed(str(e))
+
+
+def _authenticated(session: Session, signer: str) -> Any:
     session.gateway.metrics.auth_successes.inc()
     session.pubkey = signer
     # One info line per connection (when it closes, with who it was) is enough at full load.
@@ -263,6 +311,8 @@ def capped_timeout(gateway: Gateway, timeout: float | None, name: str = "timeout
 
 @methods.add("play", Param("script", (str,)), Param("timeout", (int, float), required=False))
 def play(session: Session, script: str, timeout: float | None = None) -> Deferred:
+    if session.closed:  # the rest of a batch that waited for an authenticate: nobody is left to answer
+        raise CancelledError()
     gateway = session.gateway
     if gateway.config.auth_required and not session.authenticated:
         raise session.contract.auth_required()

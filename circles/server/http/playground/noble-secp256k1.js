@@ -27,7 +27,7 @@ var nobleSecp256k1 = (() => {
     version: () => version
   });
 
-  // node_modules/@noble/curves/node_modules/@noble/hashes/_u64.js
+  // node_modules/@noble/hashes/_u64.js
   var fromNumH = (n) => n / 2 ** 32 | 0;
   var fromNumL = (n) => n >>> 0;
   function setU64FromNum(view, byteOffset, n, isLE) {
@@ -37,7 +37,7 @@ var nobleSecp256k1 = (() => {
     view.setUint32(byteOffset + 4, isLE ? h : l, isLE);
   }
 
-  // node_modules/@noble/curves/node_modules/@noble/hashes/utils.js
+  // node_modules/@noble/hashes/utils.js
   function isBytes(a) {
     return a instanceof Uint8Array || ArrayBuffer.isView(a) && a.constructor.name === "Uint8Array" && "BYTES_PER_ELEMENT" in a && a.BYTES_PER_ELEMENT === 1;
   }
@@ -202,7 +202,7 @@ var nobleSecp256k1 = (() => {
     oid: Uint8Array.from([6, 9, 96, 134, 72, 1, 101, 3, 4, 2, suffix])
   });
 
-  // node_modules/@noble/curves/node_modules/@noble/hashes/_md.js
+  // node_modules/@noble/hashes/_md.js
   function Chi(a, b, c) {
     return a & b ^ ~a & c;
   }
@@ -315,7 +315,7 @@ var nobleSecp256k1 = (() => {
     1541459225
   ]);
 
-  // node_modules/@noble/curves/node_modules/@noble/hashes/sha2.js
+  // node_modules/@noble/hashes/sha2.js
   var SHA256_K = /* @__PURE__ */ Uint32Array.from([
     1116352408,
     1899447441,
@@ -1514,7 +1514,7 @@ var nobleSecp256k1 = (() => {
     };
   }
 
-  // node_modules/@noble/curves/node_modules/@noble/hashes/hmac.js
+  // node_modules/@noble/hashes/hmac.js
   var _HMAC = class {
     constructor(hash, key) {
       __publicField(this, "oHash");
