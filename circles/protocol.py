@@ -107,11 +107,18 @@ from circles.server.gateway import Gateway
 from circles.server.session.backlog import Backlog
 from circles.server.session.contracts.base import Contract
 from circles.server.session.methods import Session, Sessions
-from circles.server.websocket import TrimmedServerFactory, TrimmedServerProtocol
+from circles.server.tls import release_buffers
+from circles.server.websocket import TimerLane, TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
+
+#: A TLS connection's memory BIOs keep the largest buffer they ever needed (circles.server.tls.release_buffers):
+#: let go of what its opening handshake left, and of any read or write of more than TLS_BUFFER_SLACK
+#: bytes, TLS_BUFFERS_IDLE seconds later (once nothing is on its way).
+TLS_BUFFER_SLACK = 2048
+TLS_BUFFERS_IDLE = 1.0
 
 _connection_ids = itertools.count(1)
 # Our own logger: the protocol's ``self.log`` belongs to Autobahn, whose debug chatter txaio filters.
@@ -151,14 +158,20 @@ class CircleProtocol(TrimmedServerProtocol):
     message_data: Any
     frame_data: Any
 
-    # Opened by onConnect; every callback after it has one (only onClose may come without).
-    session: Session = None  # type: ignore[assignment]
-    _idle = None
-    _counted: str | None = None  # the peer's address key, while counted against the limits
-    _backlog: Backlog | None = None  # what the peer has not read, once open
-    _proof: Deferred | None = None  # an authenticate waiting for the shared nonce store (see _hold)
     max_fragments = 0  # frames a message may come in (0: any number); the factory sets Config.max_fragments
-    _fragments = 0  # frames of the message arriving so far
+
+    __slots__ = ("connection_id", "session", "_idle", "_counted", "_backlog", "_proof", "_fragments", "_tls_buffers")
+
+    def __init__(self) -> None:
+        # Opened by onConnect; every callback after it has one (only onClose may come without).
+        self.session: Session = None  # type: ignore[assignment]
+        self._idle: TimerLane | None = None  # the factory's idle timers, while this connection is in them
+        self._counted: str | None = None  # the peer's address key, while counted against the limits
+        self._backlog: Backlog | None = None  # what the peer has not read, once open
+        self._proof: Deferred | None = None  # an authenticate waiting for the shared nonce store (see _hold)
+        self._fragments = 0  # frames of the message arriving so far
+        self._tls_buffers: TimerLane | None = None  # over TLS, once open: when to let go of its buffers
+        super().__init__()
 
     def onConnect(self, request):
         self.connection_id = next(_connection_ids)
@@ -222,13 +235,17 @@ class CircleProtocol(TrimmedServerProtocol):
         # leaves unread is bounded (circles.server.session.backlog).
         self.transport.unregisterProducer()
         config = self.session.gateway.config
-        self._backlog = Backlog(self.transport, self.session.gateway.clock, 2 * config.max_message_size,
-                                config.slow_reader_timeout, self._drained, self._slow_reader)
+        self._backlog = Backlog(self, self.transport, self.session.gateway.clock, 2 * config.max_message_size,
+                                config.slow_reader_timeout)
         self.registerProducer(self._backlog, True)
         self.session.reply_room = self._backlog
-        idle = self.session.gateway.config.idle_timeout
-        if idle:
-            self._idle = self.session.gateway.clock.callLater(idle, self._idle_timeout)
+        idle = factory.idle_timers
+        if idle is not None:
+            idle.set(self)
+            self._idle = idle
+        if self._transport_details is not None and self._transport_details.is_secure:
+            self._tls_buffers = factory.tls_buffer_timers
+            self._tls_buffers.set(self)  # what the opening handshake left in its buffers
         if factory.draining:
             self.go_away()
 
@@ -265,7 +282,7 @@ class CircleProtocol(TrimmedServerProtocol):
             self.sendCloseFrame(CLOSE_UNSUPPORTED_DATA, b"binary frames are not supported: send JSON-RPC as text")
             return
         if self._idle is not None:
-            self._idle.reset(self.session.gateway.config.idle_timeout)
+            self._idle.reset(self)
         try:
             reply = self.session.answer(payload)
         except ReplyTooLarge as e:
@@ -321,7 +338,7 @@ class CircleProtocol(TrimmedServerProtocol):
         connection whose peer has left its bound of replies unread, not even the error that says
         so: that peer is not reading, and is given up at once."""
         if self._backlog is not None and error.limit < self.session.gateway.config.max_message_size:  # held to its room
-            self._slow_reader(self._backlog.unread)
+            self.backlog_stuck(self._backlog.unread)
             return
         self.session.anomalies.note("reply too large", "connection {conn}: reply of {size} bytes over the limit "
                                     "of {limit}, even as an error: closing with 1009", size=error.size,
@@ -342,12 +359,31 @@ class CircleProtocol(TrimmedServerProtocol):
     def wrote(self, size: int) -> None:
         if self._backlog is not None:
             self._backlog.wrote(size)
+        if size > TLS_BUFFER_SLACK and self._tls_buffers is not None:
+            self._tls_buffers.set(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(data) > TLS_BUFFER_SLACK and self._tls_buffers is not None:
+            self._tls_buffers.set(self)
+        self._dataReceived(data)
+
+    @staticmethod
+    def _tls_buffers_idle(protocol: CircleProtocol) -> None:
+        protocol._release_tls_buffers()
+
+    def _release_tls_buffers(self) -> None:
+        """:data:`TLS_BUFFERS_IDLE` seconds after it opened, or read or wrote more than
+        :data:`TLS_BUFFER_SLACK` bytes at once: let go of what its TLS buffers kept of it
+        (:func:`circles.server.tls.release_buffers`); while ciphertext is on its way, again later."""
+        if self.state == self.STATE_OPEN and self._tls_buffers is not None:
+            if not release_buffers(self.transport.getHandle()):
+                self._tls_buffers.set(self)
 
     def holding(self) -> bool:
         """While the transport is paused (the peer does not read what we send) the frames a read
         already brought wait too: 64 KiB of small requests, each answered at once, could otherwise
         make megabytes of replies nobody reads. They are processed once the transport has sent
-        everything (:meth:`_drained`). So do they while an ``authenticate`` waits for the shared
+        everything (:meth:`backlog_drained`). So do they while an ``authenticate`` waits for the shared
         nonce store (:meth:`_hold`)."""
         backlog = self._backlog
         return (backlog is not None and backlog.paused) or self._proof is not None
@@ -367,7 +403,7 @@ class CircleProtocol(TrimmedServerProtocol):
             self.failedByMe = True  # what arrives of the message from now on is dropped
             self.sendCloseFrame(CLOSE_MESSAGE_TOO_BIG, b"message in too many fragments")
 
-    def _drained(self) -> None:
+    def backlog_drained(self) -> None:
         """The peer has read everything sent: the frames held back meanwhile go on (once no
         ``authenticate`` waits: until then nothing is read)."""
         if self._proof is not None:
@@ -376,7 +412,7 @@ class CircleProtocol(TrimmedServerProtocol):
         if self.data and (self.state == self.STATE_OPEN or self.state == self.STATE_CLOSING):
             self.consumeData()
 
-    def _slow_reader(self, unread: int) -> None:
+    def backlog_stuck(self, unread: int) -> None:
         """Over its bound of unread replies for ``slow_reader_timeout`` seconds, or so far over it
         that not even an error fits: given up. Aborted, since a client that does not read would
         not read a close frame either."""
@@ -400,6 +436,10 @@ class CircleProtocol(TrimmedServerProtocol):
             return "Upgrade Required", [*(responseHeaders or ()), ("Upgrade", "websocket")], NOT_A_WEBSOCKET
         return reason, responseHeaders, None
 
+    @staticmethod
+    def _idle_expired(protocol: CircleProtocol) -> None:
+        protocol._idle_timeout()
+
     def _idle_timeout(self) -> None:
         self._idle = None
         # An anomaly, logged within bounds: a client can leave as many connections idle as it may open.
@@ -413,9 +453,12 @@ class CircleProtocol(TrimmedServerProtocol):
             self.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        if self._idle is not None:
+            self._idle.cancel(self)
+            self._idle = None
+        if self._tls_buffers is not None:
+            self._tls_buffers.cancel(self)
+            self._tls_buffers = None
         if self.session is not None:
             self.session.close()
             self.session.anomalies.closed()
@@ -471,6 +514,11 @@ class CircleFactory(TrimmedServerFactory):
         )
         # Set once (TrimmedServerFactory): nothing is copied or printed per connection.
         self.fix_protocol_options(max_fragments=config.max_fragments)
+        #: Every open connection's idle timeout, in one lane of timers (None: no idle timeout).
+        self.idle_timers: TimerLane | None = (
+            self.timers.lane(config.idle_timeout, CircleProtocol._idle_expired) if config.idle_timeout else None)
+        #: When TLS connections let go of what their buffers kept (CircleProtocol._release_tls_buffers).
+        self.tls_buffer_timers = self.timers.lane(TLS_BUFFERS_IDLE, CircleProtocol._tls_buffers_idle)
 
     def closed(self, protocol: CircleProtocol) -> None:
         self.open_connections.discard(protocol)

@@ -80,12 +80,14 @@ class ConnectionAnomalies:
     """One connection's anomalies: the first ``shown`` logged (through the process-wide
     ``budget``), the rest counted and summed up by :meth:`closed` in one line."""
 
+    __slots__ = ("_conn", "_peer", "_budget", "_shown", "_unlogged", "count")
+
     def __init__(self, connection_id: int | None, peer: str | None, budget: LogBudget, shown: int = 3) -> None:
         self._conn = connection_id
         self._peer = peer
         self._budget = budget
         self._shown = shown
-        self._unlogged: dict = {}  # kind -> count, past the first ``shown``
+        self._unlogged: dict | None = None  # kind -> count, past the first ``shown`` (made at the first)
         self.count = 0
 
     def note(self, kind: str, format: str, **fields: Any) -> None:
@@ -94,6 +96,8 @@ class ConnectionAnomalies:
         if self.count <= self._shown:
             self._budget.note(self._peer, kind, format, conn=self._conn, **fields)
         else:
+            if self._unlogged is None:
+                self._unlogged = {}
             self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
 
     def closed(self) -> None:

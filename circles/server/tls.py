@@ -191,3 +191,36 @@ def _ssl_endpoint(reactor, ciphers, port, privateKey="server.pem", certKey=None,
     options = load(privateKey if certKey is None else certKey, privateKey, ciphers,
                    extra_chain=extraCertChain, dh_parameters=dhParameters)
     return SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)
+
+
+def release_buffers(connection: object) -> bool:
+    """Let go of what the memory BIOs of ``connection`` keep between records; whether it could.
+
+    Twisted's TLS speaks to OpenSSL through two memory BIOs (a pyOpenSSL ``Connection`` made
+    without a socket): ciphertext read goes into one, ciphertext to send comes out of the other.
+    A memory BIO keeps the largest buffer it ever needed, so an idle TLS connection held its
+    opening handshake's flights (2.3 kB with TLS 1.3) and one that ever read 64 KiB at once
+    (a large message) held 85 kB, for as long as it lived. ``SSL_MODE_RELEASE_BUFFERS`` frees
+    OpenSSL's record buffers, not these.
+
+    When both BIOs are empty, they are replaced by new, empty ones (``SSL_set_bio`` frees the
+    old); otherwise (ciphertext on its way, or not a memory-BIO connection) nothing is done.
+    Relies on pyOpenSSL's ``Connection._ssl``, ``_into_ssl`` and ``_from_ssl`` (pinned in
+    tests/integration/test_dependencies.py).
+    """
+    from OpenSSL._util import ffi, lib  # the OpenSSL bindings pyOpenSSL itself calls
+
+    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
+    if not isinstance(connection, SSL.Connection) or into is None or out is None:
+        return False
+    if lib.BIO_get_mem_data(into, ffi.NULL) or lib.BIO_get_mem_data(out, ffi.NULL):
+        return False  # ciphertext on its way in or out
+    new_into, new_out = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+    if new_into == ffi.NULL or new_out == ffi.NULL:
+        for bio in (new_into, new_out):
+            if bio != ffi.NULL:
+                lib.BIO_free(bio)
+        return False
+    lib.SSL_set_bio(connection._ssl, new_into, new_out)  # owns the new two, frees the old two
+    connection._into_ssl, connection._from_ssl = new_into, new_out
+    return True

@@ -9,12 +9,26 @@ overrides those paths, each keeping everything else the original does;
 sets the protocol options once per factory instead of once per connection.
 :class:`circles.protocol.CircleProtocol` builds on them.
 
+An idle connection costs memory, not CPU, and a server holds tens of thousands: Autobahn gave
+each an instance dict of some 70 attributes (1.6 kB), kept its opening handshake (2 kB), made a
+send queue, two futures, a UTF-8 validator, traffic counters and event lists for it whether used
+or not, and a timer of the clock for each of its deadlines. Here its state is in slots
+(:data:`AUTOBAHN_STATE`), the handshake is let go once open, what only some connections use is
+made when first used, and the timers of one delay share one call of the clock
+(:class:`TimerLane`): 4 kB of resident memory per idle connection where it was 10.7 kB
+(docs/benchmarks.md).
+
 Autobahn internals relied on (pyproject.toml pins Autobahn's line, and ``tests/test_protocol.py``
 holds the digests of the Autobahn source each override was written against: an Autobahn that
 changes any of it fails there first):
 
 - the private steps of a connection's life that the overrides call: ``_connectionMade``,
-  ``_connectionLost``, ``_dataReceived``, ``_onMessage``, and ``_closeConnection``, overridden;
+  ``_connectionLost``, ``_dataReceived``, ``_onMessage``, ``_onOpen`` and ``_closeConnection``,
+  overridden; ``WebSocketProtocol.__init__``, copied; ``succeedHandshake``, which fires
+  ``is_open`` just after ``_onOpen`` and reads nothing of the handshake after it;
+- the attributes Autobahn keeps per connection (:data:`AUTOBAHN_STATE`, in slots; one it adds
+  goes to the instance dict, costing memory, not correctness), ``utf8validator``,
+  ``trafficStats``, ``send_queue`` and the event lists of ``ObservableMixin``;
 - ``_transport_details``, the transport's details that ``connectionMade`` sets;
 - ``autobahn.util._is_tls_error`` and ``_maybe_tls_reason``, as Autobahn's ``connectionLost`` uses them;
 - the factory's ``_batched_timer``, whose ``call_later`` makes every timer of a connection
@@ -26,19 +40,64 @@ changes any of it fails there first):
 from __future__ import annotations
 
 import json
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import txaio
-from autobahn.twisted.util import create_transport_details
+from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import _is_tls_error, _maybe_tls_reason
 from autobahn.wamp.types import TransportDetails
-from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from circles.common.logs import Logger
+
+log = Logger()
+
 #: Seconds a TLS peer gets to finish an aborting close in order (see ``_closeConnection``).
 TLS_ABORT_GRACE = 2.0
+
+
+#: What Autobahn keeps of each connection, in slots of :class:`TrimmedServerProtocol` rather than
+#: an instance dict: some 70 attributes made a dict of 1.6 kB per connection, where a slot costs 8
+#: bytes. An attribute Autobahn adds that is not named here goes to the instance dict as before
+#: (it costs memory, not correctness). Autobahn's options (``CONFIG_ATTRS``) are not here: they are
+#: attributes of the factory's protocol class (``fix_protocol_options``).
+AUTOBAHN_STATE = (
+    # the life of a connection (__init__, connectionMade, _connectionMade, the closing handshake)
+    "factory", "transport", "connected", "_valid_events", "_results", "_transport_details", "peer",
+    "_perMessageCompress", "trackedTimings", "trafficStats", "state", "send_state", "data", "send_queue",
+    "triggered", "wasMaxFramePayloadSizeExceeded",
+    "wasMaxMessagePayloadSizeExceeded", "closedByMe", "failedByMe", "droppedByMe", "wasClean",
+    "wasNotCleanReason", "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout",
+    "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile", "localCloseCode", "localCloseReason",
+    "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall", "closeHandshakeTimeoutCall",
+    "autoPingTimeoutCall", "autoPingPending", "autoPingPendingCall", "autoPingPendingSeq",
+    "autoPingPendingSent",
+    # the opening handshake (let go once open: :meth:`TrimmedServerProtocol._onOpen`)
+    "http_request_data", "http_status_line", "http_headers", "http_request_uri", "http_request_path",
+    "http_request_params", "http_request_host", "websocket_version", "websocket_protocols",
+    "websocket_origin", "websocket_extensions", "_wskey", "websocket_protocol_in_use",
+    "websocket_extensions_in_use", "http_response_data",
+    # frames and messages
+    "inside_message", "current_frame", "current_frame_masker", "control_frame_data", "frame_data", "frame_length",
+    "message_is_binary", "message_data", "message_data_total_length", "utf8validateIncomingCurrentMessage",
+    "utf8validateLast", "_isMessageCompressed", "send_compressed", "send_message_opcode",
+    "send_message_frame_length", "send_message_frame_mask", "send_message_frame_masker",
+)
+
+#: What an open connection no longer needs of its opening handshake (the request's head, parsed
+#: and raw, and the response): some 2 kB a connection, let go once it is open.
+_HANDSHAKE_STATE = ("http_request_data", "http_status_line", "http_headers", "http_request_uri",
+                    "http_request_path", "http_request_params", "http_request_host", "websocket_protocols",
+                    "websocket_origin", "websocket_extensions", "_wskey", "http_response_data")
 
 
 class TrimmedServerProtocol(WebSocketServerProtocol):
@@ -56,7 +115,75 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
     without Autobahn's warning.
     """
 
-    _tls_abort = None  # the timer that aborts a TLS peer which does not finish closing
+    __slots__ = (*AUTOBAHN_STATE, "_is_closed", "_is_open", "_utf8validator", "_tls_abort")
+    #: (name, value) of each slot a base class has a class attribute for: the slot starts with it,
+    #: as the attribute read before it is set would have been (``transport``, ``peer``...).
+    _slot_defaults: tuple = ()
+
+    def __init__(self) -> None:
+        """Autobahn's (``WebSocketProtocol.__init__``), less what each idle connection held and
+        none uses: its futures are made when first asked for (:attr:`is_open`, :attr:`is_closed`),
+        its list of events is shared and the dict of their results made at the first listener
+        (:meth:`on`), its transport details are made as the connection is (``connectionMade``)."""
+        for name, value in self._slot_defaults:
+            setattr(self, name, value)
+        self._is_closed: Deferred | None = None
+        self._is_open: Any = None  # a Deferred once asked for, or where the opening is (_OPENING, _OPENED)
+        self._valid_events = _EVENTS
+        self._results = None
+        self._transport_details: TransportDetails | None = None
+        self._utf8validator: Utf8Validator | None = None  # made at the first text message (utf8validator)
+        self._tls_abort: IDelayedCall | None = None  # aborts a TLS peer which does not finish closing
+
+    @property
+    def is_closed(self) -> Deferred:
+        """Fires (with the protocol) once the connection is closed, as Autobahn's; made when
+        first asked for (Autobahn asks as the connection closes)."""
+        if self._is_closed is None:
+            self._is_closed = Deferred()
+        return self._is_closed
+
+    @is_closed.setter
+    def is_closed(self, value: Deferred) -> None:
+        self._is_closed = value
+
+    @property
+    def is_open(self) -> Deferred:
+        """Fires once the connection is open, as Autobahn's; made when first asked for. Asked
+        for after that, it is a Deferred that has fired already (each its own). Autobahn fires
+        it just after :meth:`onOpen`: then (:data:`_OPENING`) it is given a Deferred of its own
+        to fire, and nothing is kept."""
+        opened = self._is_open
+        if opened is None:
+            opened = self._is_open = Deferred()
+        elif opened is _OPENING:
+            self._is_open = _OPENED
+            return Deferred()
+        elif opened is _OPENED:
+            return succeed(None)
+        return opened
+
+    @is_open.setter
+    def is_open(self, value: Deferred) -> None:
+        self._is_open = value
+
+    @property
+    def utf8validator(self) -> Utf8Validator:
+        """Autobahn's incremental UTF-8 validator of text messages: made at the first one (it
+        is 200 bytes, and a C object, that an idle connection does not need)."""
+        if self._utf8validator is None:
+            self._utf8validator = Utf8Validator()
+        return self._utf8validator
+
+    @utf8validator.setter
+    def utf8validator(self, value: Utf8Validator) -> None:
+        pass  # Autobahn makes one as each connection is made: the first text message does instead
+
+    def on(self, event: str, handler: Callable[..., object]) -> None:
+        """Autobahn's, the dict of the events' results made with the first listener."""
+        if self._results is None:
+            self._results = dict.fromkeys(self._valid_events)
+        super().on(event, handler)
 
     def holding(self) -> bool:
         """Whether the frames a read already brought must wait (processed once it is False and
@@ -67,9 +194,14 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         """``size`` bytes were written to the transport (after the write)."""
 
     def connectionMade(self) -> None:
-        self._transport_details = create_transport_details(self.transport, self.is_server)
-        self._transport_details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
-        self.peer = self._transport_details.peer
+        # Autobahn's create_transport_details, less what circles never reads and each connection
+        # held: the process and thread ids, an empty channel-id dict, a TLS peer certificate.
+        secure = ISSLTransport.providedBy(self.transport)
+        self.peer = peer2str(self.transport)
+        self._transport_details = TransportDetails(
+            channel_type=TransportDetails.CHANNEL_TYPE_TLS if secure else TransportDetails.CHANNEL_TYPE_TCP,
+            channel_framing=TransportDetails.CHANNEL_FRAMING_WEBSOCKET, peer=self.peer, is_server=self.is_server,
+            is_secure=secure)
         try:
             self.transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # not a TCP transport (a unix socket, a test's)
@@ -78,7 +210,24 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
 
     def _connectionMade(self) -> None:
         WebSocketProtocol._connectionMade(self)
+        self.send_queue = ()  # Autobahn's queue for chopped and synchronous sends: made once one is asked for
+        # Autobahn's traffic counters, which it only adds to (circles reads none): the factory's.
+        self.trafficStats = self.factory.traffic
         self.factory.countConnections += 1
+
+    def _onOpen(self) -> None:
+        """Autobahn's, without the TLS channel binding (``tls-unique``) and peer certificate it
+        reads into the transport details for WAMP: circles reads neither. Once the subclass's
+        :meth:`onOpen` has run, what the opening handshake left is let go."""
+        try:
+            self.onOpen()
+        finally:
+            if self._is_open is None:
+                self._is_open = _OPENING  # Autobahn fires it next: see is_open
+            for name in _HANDSHAKE_STATE:
+                setattr(self, name, None)
+            if not self.websocket_extensions_in_use:  # none (permessage-deflate is never accepted here)
+                self.websocket_extensions_in_use = ()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._tls_abort is not None:
@@ -104,6 +253,8 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         if sync or chopsize or self.send_queue or self.logOctets:
+            if not self.send_queue:
+                self.send_queue = deque()
             super().sendData(data, sync, chopsize)  # never asked for here: Autobahn's send queue
             return
         self.transport.write(data)
@@ -201,31 +352,147 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
             super()._closeConnection(abort)
 
 
+class TimerLane:
+    """Timers of one delay on one clock, all behind a single call of the clock.
+
+    A timer is a key (any hashable object: a connection, a :class:`_Timer`) and its deadline,
+    ``delay`` seconds after it was set. The clock only moves forward, so a lane's timers come
+    due in the order they were set (or last :meth:`reset`): an insertion-ordered dict holds them,
+    and one call of the clock, at the first one's deadline, fires each as it comes due, with
+    ``fire(key)``. Each deadline is exact, as a call of its own would be; a timer costs an entry
+    of that dict (about 75 bytes) where a ``DelayedCall`` of its own costs some 400.
+
+    (Should the wall clock step back, the timers set afterwards wait behind those set before,
+    which are late by the step as a ``DelayedCall`` would be: none is later than that.)
+    """
+
+    __slots__ = ("_clock", "delay", "_fire", "_due", "_call")
+
+    def __init__(self, clock: IReactorTime, delay: float, fire: Callable[[Any], object]) -> None:
+        self._clock = clock
+        self.delay = delay
+        self._fire = fire
+        self._due: OrderedDict = OrderedDict()  # key -> deadline, the first due first
+        self._call: IDelayedCall | None = None  # at the first deadline, while there is one
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def set(self, key: object) -> None:
+        """Fire ``key`` ``delay`` seconds from now (or, if it is set already, then instead)."""
+        due = self._due
+        when = self._clock.seconds() + self.delay
+        if key in due:
+            due.move_to_end(key)
+        due[key] = when
+        if self._call is None:
+            self._call = self._clock.callLater(self.delay, self._expire)
+
+    def reset(self, key: object) -> None:
+        """Fire ``key``, which is set, ``delay`` seconds from now instead (a ``KeyError`` if it is not)."""
+        due = self._due
+        due.move_to_end(key)
+        due[key] = self._clock.seconds() + self.delay
+
+    def cancel(self, key: object) -> None:
+        """Never fire ``key`` (if it is set)."""
+        due = self._due
+        if due.pop(key, None) is not None and not due and self._call is not None and self._call is not _EXPIRING:
+            self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = _EXPIRING  # what the timers fired set is armed once they are done
+        due = self._due
+        now = self._clock.seconds()
+        while due:
+            key = next(iter(due))
+            if due[key] > now:
+                break
+            del due[key]
+            try:
+                self._fire(key)
+            except Exception:  # as the reactor does with a call that raises: the others still fire
+                log.failure("a timer failed", Failure())
+        self._call = None
+        if due:
+            self._call = self._clock.callLater(max(0.0, due[next(iter(due))] - self._clock.seconds()), self._expire)
+
+
+#: A lane's call while it fires its timers (those they set wait for the lane to re-arm).
+_EXPIRING: Any = object()
+
+
+#: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.
+_EVENTS = ("message",)
+#: Where a connection that nobody asked ``is_open`` of is: opening (Autobahn is about to fire
+#: it), and opened.
+_OPENING: Any = object()
+_OPENED: Any = object()
+
+
+def _class_defaults(cls: type, names: tuple) -> tuple:
+    """(name, value) of each of ``names`` that a class above ``cls`` has a plain attribute for."""
+    found = []
+    for name in names:
+        for base in cls.__mro__[1:]:
+            if name in vars(base):
+                value = vars(base)[name]
+                assert not hasattr(value, "__get__"), f"{base.__name__}.{name} is a descriptor, not a default"
+                found.append((name, value))
+                break
+    return tuple(found)
+
+
+TrimmedServerProtocol._slot_defaults = _class_defaults(TrimmedServerProtocol, TrimmedServerProtocol.__slots__)
+
+
 class _Timer:
-    """One of :class:`_Timers`' calls: cancelling one that has fired, or was cancelled, is a no-op
-    (as Autobahn expects of txaio's)."""
+    """One of Autobahn's timers, in its lane of :class:`_Timers`: cancelling one that has fired,
+    or was cancelled, is a no-op (as Autobahn expects of txaio's)."""
 
-    __slots__ = ("_call",)
+    __slots__ = ("_lane", "_func", "_args")
 
-    def __init__(self, call: IDelayedCall) -> None:
-        self._call = call
+    def __init__(self, lane: TimerLane, func: Callable[..., object], args: tuple) -> None:
+        self._lane = lane
+        self._func = func
+        self._args = args
 
     def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
+        self._lane.cancel(self)
+
+    def _run(self) -> None:
+        self._func(*self._args)
 
 
 class _Timers:
-    """Autobahn's timers of a connection (ping, pong, opening and closing handshakes) on the
-    factory's clock, each at its own deadline. Autobahn's own (txaio's batched timer) truncates
-    every deadline to the whole second, so a pong timeout fired up to a second early (``--ping-timeout
-    0.5`` could drop a peer at once), and it runs on txaio's global loop, not the injected clock."""
+    """The timers of a factory's connections (Autobahn's: ping, pong, opening and closing
+    handshakes; and any other of a constant delay), on the factory's clock, each at its own
+    deadline: a :class:`TimerLane` per delay, so an idle connection's timers cost an entry each
+    in their lane rather than a call of the clock each.
+
+    Autobahn's own (txaio's batched timer) truncates every deadline to the whole second, so a
+    pong timeout fired up to a second early (``--ping-timeout 0.5`` could drop a peer at once),
+    and it runs on txaio's global loop, not the injected clock."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
+        self._lanes: dict[float, TimerLane] = {}
 
-    def call_later(self, delay: float, func, *args, **kwargs) -> _Timer:
-        return _Timer(self._clock.callLater(delay, func, *args, **kwargs))
+    def call_later(self, delay: float, func: Callable[..., object], *args, **kwargs) -> _Timer:
+        lane = self._lanes.get(delay)
+        if lane is None:
+            lane = self._lanes[delay] = TimerLane(self._clock, delay, _Timer._run)
+        timer = _Timer(lane, partial(func, **kwargs) if kwargs else func, args)
+        lane.set(timer)
+        return timer
+
+    def lane(self, delay: float, fire: Callable[[Any], object]) -> TimerLane:
+        """A lane of its own for timers of ``delay`` seconds, each key fired with ``fire(key)``."""
+        return TimerLane(self._clock, delay, fire)
 
 
 class TrimmedServerFactory(WebSocketServerFactory):
@@ -237,7 +504,10 @@ class TrimmedServerFactory(WebSocketServerFactory):
     def __init__(self, clock: IReactorTime, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.clock = clock
-        self._batched_timer = _Timers(clock)  # Autobahn's timers, exact and on the injected clock
+        #: The connections' timers, exact and on ``clock``: Autobahn's (its ``_batched_timer``), and lanes of others.
+        self.timers = self._batched_timer = _Timers(clock)
+        #: Autobahn's traffic counters of every connection, together (circles reads none).
+        self.traffic = TrafficStats()
 
     def fix_protocol_options(self, **extra) -> None:
         """Set the protocol options (those of ``setProtocolOptions``, and ``extra``) once, on a

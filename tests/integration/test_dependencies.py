@@ -215,6 +215,39 @@ def test_the_twisted_usage_code_options_relies_on_is_the_one_reviewed(owner, met
     assert source_digest(vars(getattr(usage, owner))[method]) == TWISTED_USAGE_SOURCES[owner, method]
 
 
+# --- pyOpenSSL: circles/server/tls.py release_buffers ------------------------------------------
+
+#: The pyOpenSSL code release_buffers relies on, as reviewed for 26.4: a Connection made without
+#: a socket speaks through two memory BIOs set on its SSL (``_into_ssl``, ``_from_ssl``, ``_ssl``),
+#: which its BIO methods read each time (nothing else keeps them); and Twisted's TLS hands out that
+#: Connection (``getHandle``).
+PYOPENSSL_SOURCES = {
+    ("Connection", "__init__"): "3161e88318ab2413",
+    ("Connection", "bio_read"): "bc83763ed40fc664",
+    ("Connection", "bio_write"): "2198d63b78ada6dc",
+    ("Connection", "bio_shutdown"): "5989bd920a4dd852",
+}
+
+
+@pytest.mark.parametrize("owner, method", sorted(PYOPENSSL_SOURCES))
+def test_the_pyopenssl_code_relied_on_is_the_one_reviewed(owner, method):
+    from OpenSSL import SSL
+
+    assert source_digest(vars(getattr(SSL, owner))[method]) == PYOPENSSL_SOURCES[owner, method]
+
+
+def test_twisted_tls_hands_out_its_pyopenssl_connection():
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    assert source_digest(vars(TLSMemoryBIOProtocol)["getHandle"]) == "5c7a1b12501164b3"
+
+
+def test_pyproject_pins_the_pyopenssl_line_that_was_reviewed():
+    pin = _pin("pyopenssl")
+    assert ">=26.4" in pin and "<27" in pin, pin
+    assert version("pyopenssl").startswith("26."), version("pyopenssl")
+
+
 # An ssl: endpoint string is read here (circles/server/tls.py) as serverFromString reads it, so
 # that the endpoint is built from options made here. Twisted's own reader is private: compared.
 _ENDPOINT_TEXT = st.text(alphabet=st.sampled_from("ab=:\\/.1 "), max_size=20)  # ASCII, as names must be

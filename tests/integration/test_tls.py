@@ -129,6 +129,26 @@ def test_python_wss_client_without_alpn_still_connects(server, rsa_files):
         assert json.loads(ws.recv(timeout=30))["result"]["circle"] == CIRCLE.pubkey
 
 
+def test_a_wss_connection_carries_on_as_its_tls_buffers_are_let_go(server, rsa_files):
+    """A second after it opens, and after every read or write over 2 KiB, a TLS connection's
+    memory BIOs are replaced by empty ones (circles.server.tls.release_buffers): large messages
+    both ways, small ones, with the swaps in between, all arrive whole and in order."""
+    from websockets.sync.client import connect
+    padding = "p" * 100_000
+    with connect(f"wss://localhost:{server.port}/{CIRCLE.pubkey}", ssl=client_tls(rsa_files["ca"]),
+                 max_size=2 ** 21) as ws:
+        for round_ in range(3):
+            time.sleep(1.5)  # past the second after which the buffers go
+            ws.send(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": round_, "padding": padding}))
+            assert json.loads(ws.recv(timeout=30))["result"]["circle"] == CIRCLE.pubkey  # a 100 kB read
+            ws.send(json.dumps({"jsonrpc": "2.0", "method": "rpc.discover", "id": 10 + round_}))
+            reply = json.loads(ws.recv(timeout=30))
+            assert reply["id"] == 10 + round_ and reply["result"]["openrpc"]  # a 10 kB write
+            time.sleep(1.5)
+            ws.send(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": 20 + round_}))
+            assert json.loads(ws.recv(timeout=30))["id"] == 20 + round_
+
+
 # -- the cipher policy ------------------------------------------------------------------------
 
 REFUSED_TLS12 = [

@@ -743,9 +743,24 @@ AUTOBAHN_SOURCES = {
     ("WebSocketServerProtocol", "failHandshake"): "354c2c03cca517fb",
     ("WebSocketAdapterProtocol", "_closeConnection"): "17833f32dde140f0",  # closes in order over TLS
     ("WebSocketServerProtocol", "sendHttpErrorResponse"): "cea44d9c8accd7df",  # with a body
+    # without the TLS channel binding; the opening handshake let go once open
+    ("WebSocketAdapterProtocol", "_onOpen"): "6cfc286602a22405",
+    ("ObservableMixin", "on"): "e9c238a6f0f5ecce",  # the dict of results made at the first listener
 }
-#: Copied into TrimmedServerProtocol.drop (less its warning), not overridden.
-COPIED_AUTOBAHN_SOURCES = {("WebSocketProtocol", "dropConnection"): "149c74c9a251a7b1"}
+#: Copied, not overridden: into TrimmedServerProtocol.drop (less its warning), and into
+#: TrimmedServerProtocol.__init__ (less what each idle connection held: futures, event lists).
+COPIED_AUTOBAHN_SOURCES = {
+    ("WebSocketProtocol", "dropConnection"): "149c74c9a251a7b1",
+    ("WebSocketProtocol", "__init__"): "29655ac3c50223a3",
+}
+#: Neither overridden nor copied, but relied on as they are: ``_connectionMade`` sets the
+#: attributes TrimmedServerProtocol keeps in slots (AUTOBAHN_STATE), its send queue and traffic
+#: counters replaced just after; ``succeedHandshake`` fires ``is_open`` just after ``_onOpen``
+#: (see TrimmedServerProtocol.is_open) and reads nothing of the handshake after it.
+RELIED_ON_AUTOBAHN_SOURCES = {
+    ("WebSocketProtocol", "_connectionMade"): "7ac58d8bb6c3c752",
+    ("WebSocketServerProtocol", "succeedHandshake"): "fb43d387929cf206",
+}
 
 
 @pytest.mark.parametrize("owner, method", sorted(AUTOBAHN_SOURCES))
@@ -765,6 +780,14 @@ def test_copied_autobahn_methods_are_the_ones_reviewed(owner, method):
 
     source = getattr(getattr(websocket_protocol, owner), method)
     assert source_digest(source) == COPIED_AUTOBAHN_SOURCES[owner, method]
+
+
+@pytest.mark.parametrize("owner, method", sorted(RELIED_ON_AUTOBAHN_SOURCES))
+def test_autobahn_methods_relied_on_are_the_ones_reviewed(owner, method):
+    from autobahn.websocket import protocol as websocket_protocol
+
+    source = getattr(getattr(websocket_protocol, owner), method)
+    assert source_digest(source) == RELIED_ON_AUTOBAHN_SOURCES[owner, method]
 
 
 def test_a_client_that_stops_answering_pings_is_dropped_ping_timeout_after_the_ping(txaio_clock):
@@ -1025,3 +1048,66 @@ def test_a_session_nonce_is_bound_to_its_session_a_url_refuses_it(txaio_clock):
     assert status(response) == 401 and b"nonce unknown, used or expired" in response
     assert error_code(other.request("authenticate", proof(key, nonce))) == -32002
     assert conn.request("authenticate", proof(key, nonce))["result"]["authenticated"] is True
+
+
+# --- what an idle connection keeps, and its timers ---------------------------------------------------
+
+STEP = 1 / 64  # a binary fraction: the clock's sums stay exact to well under it
+
+
+def test_an_idle_connection_is_closed_idle_timeout_after_its_last_message(txaio_clock):
+    """The idle timeout is one lane of timers for every connection (one call of the clock), and
+    still exact for each: the close comes --idle-timeout after the last message, not before."""
+    gateway = make_gateway(txaio_clock, circles=[CIRCLE], idle_timeout=60, ping_interval=0)
+    factory = CircleFactory(session_layer(gateway))
+    conn, other = Connection(factory, f"/{CIRCLE}", txaio_clock), Connection(factory, f"/{CIRCLE}", txaio_clock)
+    assert len(factory.open_connections) == 2
+    assert len(txaio_clock.getDelayedCalls()) == 1  # both idle timeouts behind one call
+    conn.client.call("whoami")
+    conn.pump.flush()
+    txaio_clock.advance(30)
+    conn.client.call("whoami")  # the last message: idle from here
+    conn.pump.flush()
+    assert len(conn.client.received) == 2
+    txaio_clock.advance(60 - STEP)
+    conn.pump.flush()
+    other.pump.flush()
+    assert other.client.closed is not None and other.client.closed[1] == 1000  # idle since it opened
+    assert conn.client.closed is None and conn.server.state == conn.server.STATE_OPEN
+    txaio_clock.advance(2 * STEP)
+    conn.pump.flush()
+    assert conn.client.closed == (True, 1000, "idle timeout")
+    assert factory.open_connections == set()
+
+
+def test_an_open_connection_keeps_no_instance_dict_and_not_its_handshake(txaio_clock):
+    """Autobahn's state is in slots (an instance dict was 1.6 kB a connection), and what the
+    opening handshake left (the request's head, raw and parsed, the response) is let go once open."""
+    conn = connect(make_gateway(txaio_clock))
+    assert conn.request("whoami")["result"]["circle"] == CIRCLE
+    server = conn.server
+    assert vars(server) == {}
+    assert server.http_headers is None and server.http_request_data is None and server.http_response_data is None
+    assert server.websocket_protocol_in_use is None  # the subprotocol chosen stays
+    assert server.send_queue == () and server.trafficStats is server.factory.traffic
+
+
+def test_is_open_and_is_closed_fire_as_autobahns_do(txaio_clock):
+    gateway = make_gateway(txaio_clock)
+    factory = CircleFactory(session_layer(gateway))
+    early = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    waited = early.is_open  # asked before the connection opens: fires as it opens
+    transport = Transport()
+    early.makeConnection(transport)
+    assert not waited.called
+    early.dataReceived(
+        (f"GET /{CIRCLE} HTTP/1.1\r\nHost: localhost:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode("ascii"))
+    assert waited.called and early.is_open is waited
+    conn = connect(gateway)  # nobody asked before it opened: asked now, it has fired
+    assert fired(conn.server.is_open) is None and fired(conn.server.is_open) is None
+    closed = conn.server.is_closed
+    assert not closed.called
+    conn.client.sendClose(1000)
+    conn.settle()
+    assert fired(closed) is conn.server

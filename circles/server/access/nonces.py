@@ -41,6 +41,8 @@ from __future__ import annotations
 import math
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -107,6 +109,11 @@ class Nonce:
     owner: str | None = None  # who asked (a client address), when the store counts owners
 
 
+#: A store's nonces, and their count by owner, until it issues one: empty, and read-only.
+_NONE_LIVE: Mapping[str, Nonce] = MappingProxyType(OrderedDict())
+_NONE_OWNED: Mapping[str, int] = MappingProxyType({})
+
+
 @implementer(INonceStore)
 class NonceStore:
     """Live nonces, single use, each with an expiry taken from an injected clock.
@@ -122,13 +129,16 @@ class NonceStore:
     filling it would otherwise lock every other client out until its nonces expire.
     """
 
+    __slots__ = ("_clock", "_ttl", "_cap", "_per_owner", "_live", "_owned")
+
     def __init__(self, clock: IReactorTime, ttl: float, cap: int, per_owner: int = 0) -> None:
         self._clock = clock
         self._ttl = ttl
         self._cap = cap
         self._per_owner = per_owner
-        self._live: OrderedDict[str, Nonce] = OrderedDict()
-        self._owned: dict[str, int] = {}  # live nonces by owner
+        # Made at the first nonce (a session's store, one per connection, mostly never issues one).
+        self._live: OrderedDict[str, Nonce] = _NONE_LIVE  # type: ignore[assignment]  # read-only until then
+        self._owned: dict[str, int] = _NONE_OWNED  # type: ignore[assignment]  # live nonces by owner
 
     def owned_by(self, owner: str) -> int:
         """Live nonces issued to ``owner``."""
@@ -176,8 +186,12 @@ class NonceStore:
             raise TooManyNonces("too many outstanding nonces")
         expires_at = math.ceil(self._clock.seconds() + self._ttl)
         nonce = Nonce(secrets.token_hex(NONCE_BYTES), pubkey, expires_at, owner)
+        if self._live is _NONE_LIVE:
+            self._live = OrderedDict()
         self._live[nonce.value] = nonce
         if owner is not None:
+            if self._owned is _NONE_OWNED:
+                self._owned = {}
             self._owned[owner] = self._owned.get(owner, 0) + 1
         return nonce
 
@@ -188,7 +202,8 @@ class NonceStore:
 
     def take(self, value: str) -> Nonce | None:
         """Remove and return the live nonce ``value``; None if unknown, used or expired."""
-        nonce = self._live.pop(value, None)
+        live = self._live
+        nonce = live.pop(value, None) if live else None
         if nonce is None:
             return None
         self._forget(nonce)

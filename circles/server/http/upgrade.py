@@ -133,15 +133,20 @@ class _Discard(Protocol):
 
 
 class _FirstBytes(Protocol):
+    """Reads a connection's request head, then hands the connection on and forwards to what
+    took it; it lives as long as the connection, so it keeps nothing else from then on."""
+
     transport: ITCPTransport  # set before any callback (TCP, TLS or unix: each can abort)
+
+    __slots__ = ("_router", "_addr", "_peer", "_head", "_inner", "_timer")
 
     def __init__(self, router: UpgradeRouter, addr, peer: str | None) -> None:
         self._router = router
-        self._addr = addr
+        self._addr = addr  # until routed
         self._peer = peer  # counted as pending under this address until routed or closed
         self._head = b""
         self._inner: IProtocol | None = None
-        self._timer: Any = None  # the head's deadline, from connectionMade on
+        self._timer: Any = None  # the head's deadline, from connectionMade until routed
 
     def connectionMade(self) -> None:
         self._timer = self._router.reactor.callLater(self._router.timeout, self.transport.abortConnection)
@@ -162,6 +167,7 @@ class _FirstBytes(Protocol):
                 self._refuse(answer)
                 return
         self._timer.cancel()
+        self._timer = None
         self._router.routed(self._peer)
         self._peer = None
         upgrade = not malformed and end >= 0 and is_circle_upgrade(self._head[:end])
@@ -170,7 +176,7 @@ class _FirstBytes(Protocol):
         if inner is None:
             self.transport.loseConnection()
             return
-        self._inner = inner
+        self._inner, self._addr = inner, None
         buffered, self._head = self._head, b""
         inner.makeConnection(self.transport)
         inner.dataReceived(buffered)

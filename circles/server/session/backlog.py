@@ -23,8 +23,7 @@ not subtracted until the buffer is empty).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
@@ -33,24 +32,35 @@ from circles.common.jsonrpc import RPCError
 from circles.common.wire import REPLY_TOO_LARGE
 
 
+class BacklogOwner(Protocol):
+    """What a :class:`Backlog` tells: its connection."""
+
+    def backlog_drained(self) -> None:
+        """The transport has sent everything (the connection processes the frames it held back)."""
+
+    def backlog_stuck(self, unread: int) -> None:
+        """The transport has not sent everything within the backlog's timeout of going over its limit."""
+
+
 @implementer(IPushProducer)
 class Backlog:
     """The producer of what a connection writes, registered with its transport: paused while the
     peer does not read (its requests are not read either), counting what is written meanwhile.
 
-    ``drained()`` is called when the transport has sent everything (the connection processes the
-    frames it held back); ``stuck(unread)`` when it has not within ``timeout`` seconds (0: never)
-    of going over ``limit``.
+    ``owner.backlog_drained()`` is called when the transport has sent everything (the connection
+    processes the frames it held back); ``owner.backlog_stuck(unread)`` when it has not within
+    ``timeout`` seconds (0: never) of going over ``limit``. (One per connection, idle ones
+    included: its state is in slots.)
     """
 
-    def __init__(self, transport: Any, clock: IReactorTime, limit: int, timeout: float,
-                 drained: Callable[[], None], stuck: Callable[[int], None]) -> None:
+    __slots__ = ("_transport", "_clock", "limit", "_timeout", "_owner", "paused", "unread", "_deadline")
+
+    def __init__(self, owner: BacklogOwner, transport: Any, clock: IReactorTime, limit: int, timeout: float) -> None:
+        self._owner: BacklogOwner | None = owner
         self._transport = transport
         self._clock = clock
         self.limit = limit
         self._timeout = timeout
-        self._drained: Callable[[], None] | None = drained
-        self._stuck: Callable[[int], None] | None = stuck
         self.paused = False  # the transport's send buffer is full
         self.unread = 0  # bytes written since it filled (the one that filled it included)
         self._deadline: IDelayedCall | None = None
@@ -74,19 +84,19 @@ class Backlog:
                         f"are still unread", {"size": size, "unread": self.unread, "limit": self.limit})
 
     def stop(self) -> None:
-        """The connection is gone: forget the timer and the callbacks (and the cycle through them)."""
+        """The connection is gone: forget the timer and the owner (and the cycle through them)."""
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self._deadline = self._drained = self._stuck = None
+        self._deadline = self._owner = None
 
     def _start_deadline(self) -> None:
-        if self._deadline is None and self._timeout and self._stuck is not None:
+        if self._deadline is None and self._timeout and self._owner is not None:
             self._deadline = self._clock.callLater(self._timeout, self._expired)
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.paused and self._stuck is not None:
-            self._stuck(self.unread)
+        if self.paused and self._owner is not None:
+            self._owner.backlog_stuck(self.unread)
 
     # IPushProducer: what the transport calls.
 
@@ -104,8 +114,8 @@ class Backlog:
                 self._deadline.cancel()
             self._deadline = None
         self._transport.resumeProducing()
-        if self._drained is not None:
-            self._drained()
+        if self._owner is not None:
+            self._owner.backlog_drained()
 
     def stopProducing(self) -> None:
         self.stop()

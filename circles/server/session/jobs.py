@@ -277,13 +277,13 @@ def run_job(session: Session, script: str, script_type: str, prerequisites: list
                        {"max_plays": most})
     d = _answer(_run_job(session, caller, spec))
     # Counted with the connection's plays, and no longer waited for when it closes: the job runs on.
-    session.plays.add(d)
+    session.hold(d)
     d.addBoth(_settled, session, d)
     return d
 
 
 def _settled(result, session: Session, d: Deferred):
-    session.plays.discard(d)
+    session.release(d)
     return result
 
 

@@ -8,7 +8,9 @@ messages their errors carry. Each contract's OpenRPC document describes them; te
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -87,13 +89,23 @@ class Sessions:
         """A session on ``circle`` under ``contract`` (one of this server's; None: its default),
         authenticated as ``pubkey`` if given (a URL proof)."""
         contract = self.default if contract is None else contract
+        circle = sys.intern(circle)  # one string a circle, not one a connection
         return Session(self.gateway, contract, self._dispatchers[contract], circle, pubkey, connection_id, peer)
+
+
+#: A session's plays while none waits (the set is made at the first, and let go with the last).
+_NO_PLAYS: frozenset = frozenset()
 
 
 class Session:
     """One client's view of a circle: who it has proved to be and the nonces it holds.
 
-    Opened by :meth:`Sessions.open`, with its contract and that contract's dispatcher."""
+    Opened by :meth:`Sessions.open`, with its contract and that contract's dispatcher. One per
+    connection, idle ones included: its state is in slots, and what only some sessions use (a
+    set of plays, nonces) is made when first used."""
+
+    __slots__ = ("gateway", "contract", "_rpc", "connection_id", "circle", "pubkey", "nonces", "requests",
+                 "in_flight", "plays", "proving", "closed", "anomalies", "reply_room")
 
     def __init__(self, gateway: Gateway, contract: Contract, rpc: Dispatcher, circle: str,
                  pubkey: str | None = None, connection_id: int | None = None, peer: str | None = None) -> None:
@@ -108,7 +120,8 @@ class Session:
         self.nonces = NonceStore(gateway.clock, config.nonce_ttl, config.max_nonces_per_session)
         self.requests = TokenBucket(gateway.clock, config.rate_limit, config.rate_burst)
         self.in_flight = 0  # messages received and not yet answered
-        self.plays: set = set()  # the script backend's Deferreds of this session's plays still waiting
+        # The script backend's Deferreds of this session's plays still waiting (hold, release).
+        self.plays: AbstractSet[Deferred] = _NO_PLAYS
         #: An ``authenticate`` waiting for the shared nonce store (Redis), while one does: its
         #: Deferred, which the connection waits for before it takes another request.
         self.proving: Deferred | None = None
@@ -137,11 +150,26 @@ class Session:
         self.in_flight -= 1
         return result
 
+    def hold(self, d: Deferred) -> None:
+        """Count ``d``, a play's Deferred, among the :attr:`plays` waiting (until :meth:`release`)."""
+        plays = self.plays
+        if plays is _NO_PLAYS:
+            plays = self.plays = set()
+        plays.add(d)  # type: ignore[attr-defined]  # a set once made
+
+    def release(self, d: Deferred) -> None:
+        """``d`` no longer waits."""
+        plays = self.plays
+        if d in plays:
+            plays.discard(d)  # type: ignore[attr-defined]  # a set once made
+            if not plays:
+                self.plays = _NO_PLAYS
+
     def close(self) -> None:
         """The connection is gone: stop waiting for its plays (their tasks are expired, so no
         worker runs a script nobody waits for) and answer nothing more."""
         self.closed = True
-        plays, self.plays = self.plays, set()
+        plays, self.plays = self.plays, _NO_PLAYS
         for d in plays:
             d.cancel()
         if self.proving is not None:  # the store's answer is its own to come; nobody waits for it
@@ -305,7 +333,7 @@ def play(session: Session, script: str, timeout: float | None = None) -> Deferre
         # Asked at each play: a member removed, or a circle closed, is refused from the next one.
         d = gateway.members.check(session.circle, request.caller)
         d.addCallback(_admitted, session, request)
-    session.plays.add(d)
+    session.hold(d)
     # Callbacks, not a coroutine: per play (the hot path).
     d.addBoth(_settled, session, d)
     d.addBoth(_timed, gateway, started)
@@ -349,7 +377,7 @@ def _note_membership(session: Session, key: str) -> None:
 
 
 def _settled(result, session: Session, d: Deferred):
-    session.plays.discard(d)
+    session.release(d)
     return result
 
 

@@ -1,0 +1,154 @@
+"""Timer lanes (circles.server.websocket.TimerLane): the timers of one delay behind one call of
+the clock, each still firing at its own deadline. Driven by a ``Clock``: deadlines and counts of
+calls, never durations."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from circles.server.websocket import TimerLane, _Timers
+
+from ..inmemory import captured_log
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def lane_of(clock: Clock, delay: float = 10.0) -> tuple[TimerLane, list]:
+    fired: list = []
+    return TimerLane(clock, delay, fired.append), fired
+
+
+def test_timers_of_one_delay_share_one_call_of_the_clock(clock):
+    lane, _ = lane_of(clock)
+    for key in range(100):
+        lane.set(key)
+        clock.advance(0.01)
+    assert len(lane) == 100
+    assert len(clock.getDelayedCalls()) == 1
+
+
+def test_each_timer_fires_at_its_own_deadline(clock):
+    # Binary fractions throughout: the clock's sums are exact.
+    lane, fired = lane_of(clock)
+    lane.set("a")
+    clock.advance(0.25)
+    lane.set("b")
+    clock.advance(0.5)
+    lane.set("c")  # deadlines: a 10, b 10.25, c 10.75
+    clock.advance(9.25 - 0.0078125)
+    assert fired == []
+    clock.advance(0.0078125)
+    assert fired == ["a"]
+    clock.advance(0.25 - 0.0078125)
+    assert fired == ["a"]
+    clock.advance(0.0078125)
+    assert fired == ["a", "b"]
+    clock.advance(0.5)
+    assert fired == ["a", "b", "c"]
+    assert len(lane) == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_reset_timer_fires_delay_after_the_reset(clock):
+    lane, fired = lane_of(clock)
+    lane.set("a")
+    lane.set("b")
+    clock.advance(5)
+    lane.reset("a")  # now due at 15, after b
+    clock.advance(5)
+    assert fired == ["b"]
+    clock.advance(4.9921875)
+    assert fired == ["b"]
+    clock.advance(0.0078125)
+    assert fired == ["b", "a"]
+
+
+def test_setting_a_timer_again_is_a_reset(clock):
+    lane, fired = lane_of(clock)
+    lane.set("a")
+    clock.advance(6)
+    lane.set("a")
+    clock.advance(9.9921875)
+    assert fired == []
+    clock.advance(0.0078125)
+    assert fired == ["a"]
+
+
+def test_reset_of_a_timer_not_set_is_a_key_error(clock):
+    lane, _ = lane_of(clock)
+    with pytest.raises(KeyError):
+        lane.reset("a")
+
+
+def test_a_cancelled_timer_never_fires_and_the_last_leaves_no_call_behind(clock):
+    lane, fired = lane_of(clock)
+    lane.set("a")
+    lane.set("b")
+    lane.cancel("a")
+    lane.cancel("a")  # again: nothing
+    assert "a" not in lane and "b" in lane
+    clock.advance(10)
+    assert fired == ["b"]
+    lane.set("c")
+    lane.cancel("c")
+    assert clock.getDelayedCalls() == []
+    clock.advance(20)
+    assert fired == ["b"]
+
+
+def test_a_timer_that_raises_does_not_stop_the_others(clock):
+    fired: list = []
+
+    def fire(key):
+        fired.append(key)
+        if key == "a":
+            raise RuntimeError("boom")
+
+    lane = TimerLane(clock, 10, fire)
+    lane.set("a")
+    lane.set("b")
+    clock.advance(1)
+    lane.set("c")
+    with captured_log() as events:
+        clock.advance(9)
+    assert fired == ["a", "b"]
+    assert [e for e in events if e.get("log_failure") is not None]
+    clock.advance(1)
+    assert fired == ["a", "b", "c"]
+
+
+def test_a_timer_set_as_another_fires_waits_its_whole_delay(clock):
+    fired: list = []
+    lane = TimerLane(clock, 10, lambda key: (fired.append((key, clock.seconds())), key == "a" and lane.set("again")))
+    lane.set("a")
+    clock.advance(2)
+    lane.set("b")
+    clock.advance(8)
+    assert fired == [("a", 10)]
+    clock.advance(2)
+    assert fired == [("a", 10), ("b", 12)]
+    clock.advance(8)
+    assert fired == [("a", 10), ("b", 12), ("again", 20)]
+
+
+def test_autobahns_timers_each_at_its_deadline_cancelling_twice_is_nothing(clock):
+    timers = _Timers(clock)
+    calls: list = []
+    ping = timers.call_later(30, calls.append, "ping")
+    pong = timers.call_later(3.5, lambda who, what: calls.append((who, what)), "pong", what="timeout")
+    other = timers.call_later(30, calls.append, "other")
+    assert len(clock.getDelayedCalls()) == 2  # a lane per delay
+    other.cancel()
+    clock.advance(3.4921875)
+    assert calls == []
+    clock.advance(0.0078125)
+    assert calls == [("pong", "timeout")]
+    pong.cancel()  # fired already: nothing
+    clock.advance(26.5)
+    assert calls == [("pong", "timeout"), "ping"]
+    ping.cancel()
+    other.cancel()
+    assert clock.getDelayedCalls() == []
