@@ -52,18 +52,18 @@ import os
 import signal
 import sys
 from types import ModuleType
-from typing import Any, NoReturn
-
-from twisted.internet.defer import ensureDeferred
-from twisted.internet.task import react
-from twisted.python.failure import Failure
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import circles
 from circles.client import signing
-from circles.client.connection import ConnectionClosed, RPCError, check_url, connect
-from circles.client.diagnostics import CertificateNotVerified, ConnectFailed
-from circles.common.tls_client import CAFileError, load_ca_file
 from circles.common.wire import AUTH_REQUIRED
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+# Start-up: ``circles --version`` and ``circles keygen`` load argparse, coincurve and this module, and
+# nothing else: Twisted, Autobahn and pyOpenSSL are imported by the commands that talk to a server
+# (tests/integration/test_layout.py holds it).
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -303,6 +303,9 @@ def _local(args: argparse.Namespace) -> None:
 
 def _check_target(args: argparse.Namespace) -> None:
     """The URL and the TLS options, before connecting: what is wrong with them is a usage error."""
+    from circles.client.connection import check_url
+    from circles.common.tls_client import CAFileError, load_ca_file
+
     try:
         check_url(args.url)
     except ValueError as e:
@@ -321,6 +324,9 @@ def _check_target(args: argparse.Namespace) -> None:
 
 
 async def _remote(reactor: Any, args: argparse.Namespace) -> None:
+    from circles.client.connection import ConnectionClosed, RPCError, connect
+    from circles.client.diagnostics import CertificateNotVerified, ConnectFailed
+
     _check_target(args)
     key = _key(args) if args.command in ("whoami", "play") else None
     script = _script(args) if args.command == "play" else None
@@ -477,6 +483,9 @@ def main(argv: list | None = None) -> None:
         except BrokenPipeError:
             _stdout_closed()
         return
+
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import react
 
     async def run(reactor: Any) -> None:
         try:

@@ -18,7 +18,6 @@ import coincurve
 from coincurve import ecdsa
 
 from circles.common.keys import parse_hex
-from circles.common.signatures import eth_personal_digest
 
 KEY_ENV = "CIRCLES_PRIVATE_KEY"
 SCHEMES = ("eth", "ecdsa")
@@ -58,6 +57,8 @@ def sign_nonce(key: PrivateKeyLike, nonce: str, scheme: str = "eth") -> str:
     ``eth``: Ethereum ``personal_sign`` (EIP-191), 65 bytes ``r||s||v`` with v 27/28, as
     wallets produce. ``ecdsa``: ECDSA over SHA-256, 64-byte compact ``r||s`` (low S).
     """
+    from circles.common.signatures import eth_personal_digest  # keccak (pycryptodome): not for keygen
+
     key = private_key(key)
     message = nonce.encode("utf-8")
     if scheme == "eth":

@@ -63,6 +63,65 @@ def test_the_circles_command_loads_nothing_of_the_server_nor_the_worker():
     assert loaded(names, SERVER[:-3] + ("klein", "prometheus_client", "circles.worker", "circles.backend")) == []
 
 
+def ran(argv: list, modules_file) -> set:
+    """The modules loaded in a fresh interpreter once ``circles ARGV`` ran to its end (its exit too)."""
+    statement = ("import atexit, json, sys\n"
+                 f"atexit.register(lambda: open({str(modules_file)!r}, 'w').write(json.dumps(sorted(sys.modules))))\n"
+                 f"sys.argv = ['circles', *{argv!r}]\n"
+                 "from circles.client.cli import main\n"
+                 "main()")
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(modules_file.read_text()))
+
+
+#: What the commands that stay on this machine have no use for: the reactor, the WebSocket client,
+#: Redis, TLS, keccak (only signing a nonce needs it), and the server's and worker's sides.
+NOT_FOR_LOCAL_COMMANDS = ("twisted", "autobahn", "txredisapi", "OpenSSL", "cryptography", "Crypto", "klein",
+                          "prometheus_client", "circles.client.connection", "circles.client.diagnostics",
+                          "circles.common.tls_client", "circles.common.signatures", "circles.backend",
+                          "circles.server", "circles.worker", "circles.service")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["keygen", "--out", "-"], ["keygen", "--out", "KEY_FILE"],
+                                  ["pubkey"]], ids=["version", "keygen-stdout", "keygen-file", "pubkey"])
+def test_the_local_commands_load_no_reactor_websocket_nor_redis(argv, tmp_path):
+    # `circles --version` and `circles keygen` start in tens of milliseconds: the libraries they load
+    # are argparse's and coincurve's, nothing of Twisted (docs/benchmarks.md, "Start-up").
+    key_file = tmp_path / "key"
+    if argv == ["pubkey"]:
+        key_file.write_text("11" * 32 + "\n")
+        key_file.chmod(0o600)
+        argv = ["pubkey", "--key-file", str(key_file)]
+    argv = [str(key_file) if a == "KEY_FILE" else a for a in argv]
+    names = ran(argv, tmp_path / "modules.json")
+    assert "circles.client.cli" in names
+    if argv[0] != "--version":
+        assert "coincurve" in names  # the key was made or read: the command did run
+    assert loaded(names, NOT_FOR_LOCAL_COMMANDS) == []
+    if argv[-1] == str(key_file):
+        assert len(key_file.read_text().strip()) == 64
+
+
+#: secp256k1's generator point, compressed: a public key, so a circle id.
+GENERATOR = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+
+
+def test_a_remote_command_still_loads_what_it_needs():
+    # The other side of the test above: the imports moved into the commands are still made there
+    # (a connection refused at once, exit 3, after Twisted and Autobahn were loaded).
+    statement = ("import json, sys\n"
+                 f"GENERATOR = {GENERATOR!r}\n"
+                 "sys.argv = ['circles', 'whoami', 'ws://127.0.0.1:1/' + GENERATOR, '--connect-timeout', '5']\n"
+                 "from circles.client.cli import main\n"
+                 "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+                 "print(json.dumps([code, sorted(sys.modules)]))")
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
+    code, names = json.loads(result.stdout.splitlines()[-1])
+    assert code == 3
+    assert {"twisted.internet.reactor", "autobahn.twisted.websocket", "circles.client.connection"} <= set(names)
+
+
 def test_importing_circles_loads_only_its_front_door():
     names = imported("import circles")
     assert loaded(names, ("circles",)) == ["circles", "circles.common", "circles.common.lazy"]
