@@ -35,6 +35,11 @@ changes any of it fails there first):
   (ping, pong, opening and closing handshakes);
 - ``CONFIG_ATTRS``, the options Autobahn copies from the factory onto each new protocol;
 - the attributes a message is gathered in (``message_data``, ``frame_data``, ``data``).
+- ``processData`` and ``sendMessage``, overridden with a short way for the usual frame (a whole
+  masked text message in one frame; an unfragmented text reply): what they check and count
+  (the size limits, UTF-8, the traffic counters, the ping timeout restarted by traffic), and
+  ``_cancelAutoPingTimeoutCall``, ``utf8validateIncoming``, ``applyMask``, ``autoFragmentSize``,
+  ``maskServerFrames``, ``logFrames`` and ``trackedTimings``, read to decide when the short way applies.
 """
 
 from __future__ import annotations
