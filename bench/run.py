@@ -448,6 +448,7 @@ def _category(frame: str) -> str:
 
 PROFILES = {
     "fetch_nonce_x50": ["rpc", "--connections", "50"],
+    "whoami_x50": ["rpc", "--connections", "50", "--method", "whoami"],
     "auth_x20": ["auth", "--concurrency", "20"],
 }
 

@@ -97,7 +97,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from circles.backend.scripts import BackendUnavailable
-from circles.common.jsonrpc import ReplyTooLarge
+from circles.common.jsonrpc import ReplyTooLarge, is_deferred
 from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.common.logs import Logger
 from circles.common.once import Once
@@ -288,7 +288,7 @@ class CircleProtocol(TrimmedServerProtocol):
         except ReplyTooLarge as e:
             self._unsendable(e)
             return
-        if isinstance(reply, Deferred):  # callbacks, not a coroutine: per message (the hot path)
+        if is_deferred(reply):  # callbacks, not a coroutine: per message (the hot path)
             reply.addCallback(self._reply)
             # The dispatcher answers every failure itself; anything reaching here is our bug.
             reply.addErrback(self._reply_failed)

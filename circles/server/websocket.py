@@ -35,6 +35,11 @@ changes any of it fails there first):
   (ping, pong, opening and closing handshakes);
 - ``CONFIG_ATTRS``, the options Autobahn copies from the factory onto each new protocol;
 - the attributes a message is gathered in (``message_data``, ``frame_data``, ``data``).
+- ``processData`` and ``sendMessage``, overridden with a short way for the usual frame (a whole
+  masked text message in one frame; an unfragmented text reply): what they check and count
+  (the size limits, UTF-8, the traffic counters, the ping timeout restarted by traffic), and
+  ``_cancelAutoPingTimeoutCall``, ``utf8validateIncoming``, ``applyMask``, ``autoFragmentSize``,
+  ``maskServerFrames``, ``logFrames`` and ``trackedTimings``, read to decide when the short way applies.
 """
 
 from __future__ import annotations
@@ -98,6 +103,14 @@ AUTOBAHN_STATE = (
 _HANDSHAKE_STATE = ("http_request_data", "http_status_line", "http_headers", "http_request_uri",
                     "http_request_path", "http_request_params", "http_request_host", "websocket_protocols",
                     "websocket_origin", "websocket_extensions", "_wskey", "http_response_data")
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """``payload`` XORed with the 4-byte ``mask`` repeated (RFC 6455 5.3): one integer XOR, where
+    Autobahn makes a masker object per frame."""
+    n = len(payload)
+    key = mask * ((n >> 2) + 1)
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key[:n], "little")).to_bytes(n, "little")
 
 
 class TrimmedServerProtocol(WebSocketServerProtocol):
@@ -263,6 +276,86 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
             self.trafficStats.outgoingOctetsWireLevel += len(data)
         elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+
+    def processData(self) -> bool:
+        """Autobahn's, with a short way for the usual frame: a whole masked text message in one
+        frame of under 64 KiB, all in the buffer, on an open connection. Autobahn parses every
+        frame's header with a dozen checks, makes a masker object and a frame header object for
+        it, validates its UTF-8 incrementally and calls six methods of its own on the way to
+        :meth:`onMessage`: half the CPU a small request costs the server (docs/benchmarks.md, "The
+        RPC path"). Here such a frame is unmasked with one integer XOR, its UTF-8 checked by
+        Python's strict decoder (which refuses what RFC 6455 refuses: overlong forms,
+        surrogates, code points past U+10FFFF), and the size limits and the subclass's hooks
+        (:meth:`onMessageBegin`, :meth:`onMessageFrameBegin`) are asked as before. Any other
+        frame (control frames, fragments, a reserved bit, a frame not all there yet, invalid
+        UTF-8, one over a limit, an unmasked one) goes Autobahn's way, which refuses and closes
+        as it always did."""
+        data = self.data
+        if (self.current_frame is None and len(data) >= 6 and data[0] == 0x81 and data[1] & 0x80
+                and not self.inside_message and self.state == self.STATE_OPEN
+                and not self.logFrames and not self.trackedTimings):
+            length = data[1] & 0x7F
+            head = 6
+            if length == 126:
+                length = int.from_bytes(data[2:4], "big")
+                head = 8
+                if length < 126:  # not the minimal encoding: Autobahn's protocol violation
+                    return super().processData()
+            elif length == 127:
+                return super().processData()
+            end = head + length
+            if len(data) >= end and not (0 < self.maxFramePayloadSize < length) \
+                    and not (0 < self.maxMessagePayloadSize < length):
+                payload = data[head:end]
+                if length and self.applyMask:
+                    payload = unmask(payload, data[head - 4:head])
+                if self.utf8validateIncoming:
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError:  # Autobahn's validator says where, and fails with 1007
+                        return super().processData()
+                self.data = data[end:]
+                stats = self.trafficStats
+                stats.incomingOctetsWebSocketLevel += length
+                stats.incomingOctetsAppLevel += length
+                stats.incomingWebSocketFrames += 1
+                stats.incomingWebSocketMessages += 1
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()
+                self.inside_message = True
+                self.onMessageBegin(False)
+                self.onMessageFrameBegin(length)  # the size limits, the subclass's count of fragments
+                self.inside_message = False
+                if not self.failedByMe:
+                    self.message_data = None
+                    self._onMessage(payload, False)
+                return len(self.data) > 0
+        return super().processData()
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, fragmentSize: int | None = None,
+                    sync: bool = False, doNotCompress: bool = False) -> None:
+        """Autobahn's, with a short way for the usual reply: an unfragmented text message, no
+        compression, no masking (a server's frames are not masked), on an open connection: its
+        header made at once rather than by ``sendFrame``'s general case. The traffic counters and
+        the size limit are kept; anything else goes Autobahn's way."""
+        length = len(payload)
+        if (isBinary or fragmentSize is not None or sync or self.state != self.STATE_OPEN
+                or self._perMessageCompress is not None or self.trackedTimings or self.logFrames
+                or self.autoFragmentSize or self.maskServerFrames or 0 < self.maxMessagePayloadSize < length):
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+            return
+        stats = self.trafficStats
+        stats.outgoingWebSocketMessages += 1
+        stats.outgoingOctetsAppLevel += length
+        stats.outgoingOctetsWebSocketLevel += length
+        stats.outgoingWebSocketFrames += 1
+        if length < 126:
+            frame = bytes((0x81, length)) + payload
+        elif length < 0x10000:
+            frame = b"\x81\x7e" + length.to_bytes(2, "big") + payload
+        else:
+            frame = b"\x81\x7f" + length.to_bytes(8, "big") + payload
+        self.sendData(frame)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         self.message_is_binary = isBinary

@@ -814,3 +814,14 @@ def test_the_calls_after_an_ordered_method_that_fails_run_once_it_has_answered()
     ctx.pending[0].errback(RPCError(-32002, "Authentication failed"))
     first, second = json.loads(fired(d))
     assert first["error"]["code"] == -32002 and second["result"] == 1
+
+
+def test_is_deferred_is_isinstance_of_deferred():
+    from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+
+    from circles.common.jsonrpc import is_deferred
+
+    deferreds = [Deferred(), succeed(1), DeferredList([]), gatherResults([succeed(1)])]
+    plain = [None, "text", {"jsonrpc": "2.0"}, [1], 3, object()]
+    assert [is_deferred(v) for v in deferreds + plain] == [isinstance(v, Deferred) for v in deferreds + plain]
+    assert all(is_deferred(d) for d in deferreds) and not any(is_deferred(v) for v in plain)

@@ -746,6 +746,9 @@ AUTOBAHN_SOURCES = {
     # without the TLS channel binding; the opening handshake let go once open
     ("WebSocketAdapterProtocol", "_onOpen"): "6cfc286602a22405",
     ("ObservableMixin", "on"): "e9c238a6f0f5ecce",  # the dict of results made at the first listener
+    # a short way for a whole text message in one frame, and for an unfragmented text reply
+    ("WebSocketProtocol", "processData"): "25b9c1387a46ab25",
+    ("WebSocketProtocol", "sendMessage"): "048d6bcf0d712309",
 }
 #: Copied, not overridden: into TrimmedServerProtocol.drop (less its warning), and into
 #: TrimmedServerProtocol.__init__ (less what each idle connection held: futures, event lists).

@@ -27,7 +27,16 @@ from circles.backend.scripts import (
     ScriptRequest,
     ScriptTimeout,
 )
-from circles.common.jsonrpc import INVALID_PARAMS, Dispatcher, Methods, Param, ReplyRoom, RPCError, bind_params
+from circles.common.jsonrpc import (
+    INVALID_PARAMS,
+    Dispatcher,
+    Methods,
+    Param,
+    ReplyRoom,
+    RPCError,
+    bind_params,
+    is_deferred,
+)
 from circles.common.keys import InvalidKey, normalize_pubkey
 from circles.common.log_budget import ConnectionAnomalies
 from circles.common.logs import Logger
@@ -141,7 +150,7 @@ class Session:
         for. Raises (or the Deferred fails with) :class:`~circles.common.jsonrpc.ReplyTooLarge` when
         no reply fits."""
         reply = self._rpc.answer(payload, self, self._admit, self.reply_room)
-        if isinstance(reply, Deferred):
+        if is_deferred(reply):
             self.in_flight += 1
             reply.addBoth(self._answered)
         return reply
