@@ -146,3 +146,61 @@ def test_a_ping_between_requests_is_answered_in_turn():
     got = frames(transport.value())
     assert [o for o, _ in got] == [1, 10, 1]
     assert got[1][1] == b"hi" and [json.loads(p)["id"] for o, p in got if o == 1] == [1, 2]
+
+
+# -- the short way and Autobahn's way answer alike -------------------------------------------------
+
+def _autobahn_only(monkeypatch) -> None:
+    """Every frame Autobahn's way: the short way's overrides taken out (for the other side)."""
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    from circles.server.websocket import TrimmedServerProtocol
+    monkeypatch.setattr(TrimmedServerProtocol, "processData", WebSocketProtocol.processData)
+    monkeypatch.setattr(TrimmedServerProtocol, "sendMessage", WebSocketProtocol.sendMessage)
+
+
+def _random_stream(rng) -> bytes:
+    """Frames a client might send, good and bad: requests with deterministic answers, invalid
+    UTF-8, reserved bits, other opcodes, fragments, unmasked frames, long lengths."""
+    out = b""
+    for _ in range(rng.randrange(1, 8)):
+        kind = rng.randrange(10)
+        mask = bytes(rng.randrange(256) for _ in range(4))
+        body = request(rng.choice(["whoami", "nope", "play"]), rng.randrange(1000),
+                       **({"params": {"x": "é" * rng.randrange(0, 300)}} if rng.random() < 0.5 else {}))
+        if kind == 0:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))  # often not UTF-8
+        frame = masked(body, mask, length_bytes=rng.choice([None, None, None, 2]))
+        if kind == 1:
+            frame = bytes([frame[0] | rng.choice([0x40, 0x20, 0x10])]) + frame[1:]  # a reserved bit
+        elif kind == 2:
+            frame = masked(body, mask, opcode=rng.choice([0, 2, 3, 9, 10]))
+        elif kind == 3:
+            half = len(body) // 2
+            frame = masked(body[:half], mask, fin=False) + masked(body[half:], mask, opcode=0)
+        elif kind == 4:
+            frame = bytes([frame[0], frame[1] & 0x7F]) + frame[6:]  # unmasked (the mask bytes gone)
+        elif kind == 5:
+            frame = masked(body, mask, length_bytes=8)  # a 64-bit length for a short payload
+        out += frame
+    return out
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_short_way_answers_as_autobahns_way(seed, monkeypatch):
+    import random
+
+    def run(stream: bytes, cuts: list[int]) -> tuple[bytes, bool]:
+        protocol, transport = open_connection(max_message_size=2000)
+        last = 0
+        for cut in [*cuts, len(stream)]:
+            protocol.dataReceived(stream[last:cut])
+            last = cut
+        return transport.value(), transport.disconnecting
+
+    rng = random.Random(seed)
+    stream = _random_stream(rng)
+    cuts = sorted(rng.sample(range(1, len(stream)), min(3, len(stream) - 1)))
+    short = run(stream, cuts)
+    _autobahn_only(monkeypatch)
+    assert run(stream, cuts) == short
