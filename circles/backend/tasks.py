@@ -69,6 +69,16 @@ DEFAULT_ATTEMPTS = 5
 REAP_BATCH = 100
 
 
+#: Worker. KEYS: the tasks it runs. Returns their statuses ('' for a hash gone): one read for
+#: all of them, once a second, so a task the server expired (its client left, its deadline
+#: passed) is stopped here rather than run to its timeout for nobody.
+STATUSES = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'status') or '' end
+return out
+"""
+
+
 def task_key(prefix: str, task_id: str) -> str:
     return f"{prefix}task:{task_id}"
 

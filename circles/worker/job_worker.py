@@ -27,33 +27,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.task import deferLater
 from txredisapi import RedisError
 
 from circles.backend import tasks
-from circles.backend.job_schema import STOPPED, JobSchema, iso_time
+from circles.backend.job_schema import JobSchema, iso_time
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
 from circles.backend.values import text
 from circles.common.logs import Logger
-from circles.worker.engines import Engine, EngineError, ScriptContext, ScriptTimedOut
+from circles.worker.engines import Engine, ScriptContext
 from circles.worker.service import POLL, Worker, printable
 
 log = Logger()
 
-#: Seconds between the reads of the statuses of the jobs running here.
-STATUS_CHECK = 1.0
 #: A job taken when it cannot be run (the worker is stopping, or no slot is free after all):
 #: back first on its queue (the end BRPOP takes from).
 PUSH_BACK = "return redis.call('RPUSH', KEYS[1], ARGV[1])"
-
-
-class JobStopped(EngineError):
-    """The job was stopped (a stop request, or its status changed) while its script ran."""
-
-    reason = STOPPED
 
 
 class JobWorker(Worker):
@@ -67,16 +59,23 @@ class JobWorker(Worker):
         self.schema = schema
         self.registered = True  # nothing to register: jobs are taken from the start
         self._stops: Any = None  # txredisapi factory: the one connection waiting on the stop queues
-        self._executions: dict[str, Deferred] = {}  # job id -> its script running here
-        self._stopping: set[str] = set()  # jobs being stopped here (their timeout is a stop)
-        self._checks: LoopingCall | None = None
-        self._checking = False
-        self.stopped_jobs = 0  # jobs killed here because they were stopped
 
     @property
     def running_jobs(self) -> int:
         """jobs whose script runs here now."""
         return len(self._executions)
+
+    # What Worker's status check reads: the jobs' hashes; a job not ``started`` any more is stopped.
+    @property
+    def _statuses_step(self) -> str:  # type: ignore[override]
+        return self.schema.steps.statuses
+
+    @property
+    def _running_status(self) -> str:  # type: ignore[override]
+        return self.schema.running
+
+    def _status_key(self, task_id: str) -> str:
+        return self.schema.job_key(task_id)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -92,14 +91,10 @@ class JobWorker(Worker):
         if self.schema.has_stop_queue:
             self._stops = connect(self.address, self.reactor, watch=watch)
             self._loops.append(ensureDeferred(self._take_stops()))
-        self._checks = LoopingCall(self._check)
-        self._checks.clock = self.reactor
-        self._checks.start(STATUS_CHECK, now=False)
+        self._start_checks()
 
     async def _stop(self) -> None:
         await super()._stop()  # takes no more jobs, lets the running ones finish, closes its connections
-        if self._checks is not None and self._checks.running:
-            self._checks.stop()
         stops, self._stops = self._stops, None
         if stops is not None:
             await stops.disconnect()
@@ -175,13 +170,7 @@ class JobWorker(Worker):
         context = ScriptContext(task_id=task_id, circle=job.circle or circle, caller=job.caller, source=job.source,
                                 data=job.data, max_output=self.max_output)
         timeout = min(self.script_timeout, job.timeout) if job.timeout else self.script_timeout
-        execution = ensureDeferred(self._outcome(task_id, job.script, context, timeout, now))
-        self._executions[task_id] = execution
-        try:
-            outcome = await execution
-        finally:
-            self._executions.pop(task_id, None)
-            self._stopping.discard(task_id)
+        outcome = await self._run_here(task_id, self._outcome(task_id, job.script, context, timeout, now))
         status = schema.finished if outcome.status == tasks.COMPLETED else schema.failed
         recorded, written = await self._eval_patiently(
             "record the result of", task_id, steps.finish, [key, schema.reply_key(task_id)],
@@ -194,25 +183,7 @@ class JobWorker(Worker):
                   outcome=(status if recorded and int(written) else "stopped")
                   + (f" ({outcome.reason})" if outcome.reason else ""))
 
-    async def _execute(self, script: str, context: ScriptContext, timeout: float) -> str:
-        try:
-            return await super()._execute(script, context, timeout)
-        except ScriptTimedOut:
-            if context.task_id in self._stopping:
-                raise JobStopped("the job was stopped while it ran") from None
-            raise
-
     # -- stopping jobs ----------------------------------------------------------------------------
-
-    def _stop_here(self, job_id: str) -> bool:
-        """Kill the job's script if it runs here (as its timeout would); whether it did."""
-        execution = self._executions.get(job_id)
-        if execution is None or job_id in self._stopping:
-            return False
-        self._stopping.add(job_id)
-        self.stopped_jobs += 1
-        execution.cancel()
-        return True
 
     async def _take_stops(self) -> None:
         keys = [self.schema.stop_key(circle) for circle in self.circles]
@@ -242,24 +213,3 @@ class JobWorker(Worker):
         log.info("stop request for job {job}: {what}", job=printable(job_id),
                  what="stopped here" if here else "stopped (not running here)" if stopped else "it had ended")
 
-    def _check(self) -> None:
-        if self._checking or not self._executions or self._commands is None:
-            return
-        self._checking = True
-        ensureDeferred(self._check_once())
-
-    async def _check_once(self) -> None:
-        """Kill the jobs running here whose status is no longer running (stopped elsewhere)."""
-        try:
-            running = list(self._executions)
-            statuses = await self._eval(self.schema.steps.statuses, [self.schema.job_key(j) for j in running], [])
-            for job_id, status in zip(running, statuses):
-                if text(status) != self.schema.running and self._stop_here(job_id):
-                    log.info("job {job} was stopped ({status}): killed", job=printable(job_id),
-                             status=text(status) or "its hash is gone")
-        except RedisError:
-            pass  # the next check tries again
-        except Exception:
-            log.failure("checking the jobs running")
-        finally:
-            self._checking = False

@@ -20,7 +20,7 @@ import os
 import secrets
 import socket
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -33,6 +33,7 @@ from txredisapi import RedisError, ResponseError
 from circles.backend import init_scripts, tasks
 from circles.backend.admin import reap
 from circles.backend.init_scripts import InitScript, claim_ttl, once_key, stamp
+from circles.backend.job_schema import STOPPED
 from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
@@ -56,6 +57,8 @@ from circles.worker.engines import (
 log = Logger()
 
 POLL = 1  # seconds a BLMOVE waits, so a stopping worker notices within a second
+#: Seconds between the reads of the statuses of the tasks running here.
+STATUS_CHECK = 1.0
 #: Seconds a task taken, or a result, may wait for Redis to be back before it is given up.
 RECORD_PATIENCE = 30.0
 #: Failed scripts logged one by one per minute; the rest are counted, by caller, in one line.
@@ -63,6 +66,13 @@ FAILURES_SHOWN = 20
 
 
 # -- the worker -------------------------------------------------------------------------------
+
+class TaskStopped(EngineError):
+    """The task was no longer this worker's to run (expired by the server, stopped, reaped)
+    while its script ran: the script was killed, as its timeout would have."""
+
+    reason = STOPPED
+
 
 class Worker(Service):
     """Serves the queues of ``circles``, at most ``concurrency`` scripts at a time.
@@ -140,6 +150,11 @@ class Worker(Service):
         self._init_token = ""  # what a claim of this worker says (fixed at its first)
         self.failures = LogBudget(reactor, "failed scripts", FAILURES_SHOWN, level=LogLevel.warn, peers="callers",
                                   logger=log)
+        self._executions: dict[str, Deferred] = {}  # task id -> its script running here
+        self._stopping: set[str] = set()  # tasks being stopped here (their timeout is a stop)
+        self._checks: LoopingCall | None = None
+        self._checking = False
+        self.stopped_tasks = 0  # scripts killed here because their task was no longer this worker's to run
 
     def startService(self) -> None:
         super().startService()
@@ -152,6 +167,12 @@ class Worker(Service):
         self._beats.clock = self.reactor
         self._beats.start(self.heartbeat, now=True)
         self._loops = [ensureDeferred(self._take_tasks(circle)) for circle in self.circles]
+        self._start_checks()
+
+    def _start_checks(self) -> None:
+        self._checks = LoopingCall(self._check)
+        self._checks.clock = self.reactor
+        self._checks.start(STATUS_CHECK, now=False)
 
     def stopService(self) -> Deferred:
         """Stop taking tasks; fires once the running scripts finished, the worker deregistered
@@ -173,6 +194,8 @@ class Worker(Service):
             await DeferredList(list(self._running), consumeErrors=True)
         if self._beats is not None and self._beats.running:
             self._beats.stop()  # heartbeats went on while scripts finished: none was reaped
+        if self._checks is not None and self._checks.running:
+            self._checks.stop()
         await self._deregister()
         self.failures.stop()
         factories = [f for f in [self._commands, *self._blocking.values()] if f is not None]
@@ -452,7 +475,7 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
-        outcome = await self._outcome(task_id, task.get("script", ""), context, timeout, now)
+        outcome = await self._run_here(task_id, self._outcome(task_id, task.get("script", ""), context, timeout, now))
         status, output, error, reason = outcome.status, outcome.output, outcome.error, outcome.reason
         duration = self.reactor.seconds() - now
         reply_to = task.get("reply_to", "")
@@ -518,9 +541,64 @@ class Worker(Service):
                     return False, None
             await deferLater(self.reactor, 0.5, lambda: None)
 
+    async def _run_here(self, task_id: str, outcome: Coroutine[Any, Any, tasks.Outcome]) -> tasks.Outcome:
+        """``outcome`` (:meth:`_outcome`), known as the script running here for ``task_id``
+        meanwhile, so that :meth:`_stop_here` can stop it."""
+        execution = ensureDeferred(outcome)
+        self._executions[task_id] = execution
+        try:
+            return await execution
+        finally:
+            self._executions.pop(task_id, None)
+            self._stopping.discard(task_id)
+
+    # -- stopping what nobody waits for -----------------------------------------------------------
+
+    #: The Lua step reading the statuses of the tasks running here (KEYS: their keys), the key of
+    #: a task, and its status while it runs here: a task in any other status is stopped.
+    _statuses_step = tasks.STATUSES
+    _running_status = tasks.PROCESSING
+
+    def _status_key(self, task_id: str) -> str:
+        return tasks.task_key(self.prefix, task_id)
+
+    def _stop_here(self, task_id: str) -> bool:
+        """Kill the task's script if it runs here (as its timeout would); whether it did."""
+        execution = self._executions.get(task_id)
+        if execution is None or task_id in self._stopping:
+            return False
+        self._stopping.add(task_id)
+        self.stopped_tasks += 1
+        execution.cancel()
+        return True
+
+    def _check(self) -> None:
+        if self._checking or not self._executions or self._commands is None:
+            return
+        self._checking = True
+        ensureDeferred(self._check_once())
+
+    async def _check_once(self) -> None:
+        """Kill the scripts running here whose task is no longer running here: expired by the
+        server (its client left, its deadline passed, a job stopped), reaped, or stopped elsewhere."""
+        try:
+            running = list(self._executions)
+            statuses = await self._eval(self._statuses_step, [self._status_key(t) for t in running], [])
+            for task_id, status in zip(running, statuses):
+                if text(status) != self._running_status and self._stop_here(task_id):
+                    log.info("task {task} is {status} now: its script was stopped", task=printable(task_id),
+                             status=text(status) or "gone from Redis")
+        except RedisError:
+            pass  # the next check tries again
+        except Exception:
+            log.failure("checking the scripts running")
+        finally:
+            self._checking = False
+
     async def _execute(self, script: str, context: ScriptContext, timeout: float) -> str:
         """The engine's output as text; the engine's Deferred is cancelled once ``timeout``
-        seconds passed (:class:`ScriptTimedOut`)."""
+        seconds passed (:class:`ScriptTimedOut`), or once its task is no longer this worker's to
+        run (:class:`TaskStopped`)."""
         d = maybeDeferred(self.engine, script, context)
         timer = self.reactor.callLater(timeout, d.cancel)
         try:
@@ -530,6 +608,8 @@ class Worker(Service):
                 if timer.active():
                     timer.cancel()
         except CancelledError:
+            if context.task_id in self._stopping:
+                raise TaskStopped("stopped: its task was no longer this worker's to run") from None
             raise ScriptTimedOut(f"script timed out after {timeout:g}s") from None
         if output is None:
             return ""

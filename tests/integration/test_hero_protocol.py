@@ -465,7 +465,7 @@ async def test_a_job_stopped_elsewhere_is_killed_here(redis_server, start, hero_
     await eventually(lambda: hero_redis.hget(f"hero:job:{job_id}", "status") == "started")
     hero_redis.hset(f"hero:job:{job_id}", mapping={"status": "error", "error": "stopped by another worker",
                                                    "reason": "stopped"})
-    await eventually(lambda: worker.stopped_jobs == 1 and worker.running_jobs == 0)
+    await eventually(lambda: worker.stopped_tasks == 1 and worker.running_jobs == 0)
     assert hero_redis.hget(f"hero:job:{job_id}", "error") == "stopped by another worker"  # not overwritten
 
 

@@ -297,3 +297,23 @@ async def test_output_over_the_servers_message_size_is_refused_by_the_worker(red
     assert "output" not in redis_client.hgetall(key)
     assert (await play(client, "head -c 9000 /dev/zero | tr '\\0' x"))["result"] == {"output": "x" * 9000}
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_nobody_waits_for_is_stopped_not_run_to_its_timeout(redis_server, start, tmp_path):
+    # A client that leaves (or a play past the server's deadline) has its task expired; the
+    # worker running it reads that within a second and kills the script, which would otherwise
+    # hold a slot of the worker (and a process) until the worker's own timeout: here 120 s.
+    _, port = await serve(start, redis_server.url, script_timeout=120)
+    worker = await serving(start(sh_worker(parse_redis_url(redis_server.url), script_timeout=120)))
+    trace = tmp_path / "trace"
+    client = await RPCClient.open(port, CIRCLE)
+    client.call("play", {"script": f"echo started > {trace}; sleep 100; echo finished >> {trace}"})
+    await eventually(lambda: trace.exists() and len(worker._executions) == 1)
+    client.close()  # nobody waits for it now
+    await eventually(lambda: worker.stopped_tasks == 1 and not worker._executions)
+    assert trace.read_text() == "started\n"
+    # The worker's slot is free again: the next play runs at once.
+    client = await RPCClient.open(port, CIRCLE)
+    assert (await play(client, "echo next"))["result"] == {"output": "next"}
+    client.close()
