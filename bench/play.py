@@ -102,8 +102,9 @@ class TreeCPU:
     quarter second from /proc so that a descendant that ends within the window (an engine child
     replaced) still counts up to its last sample."""
 
-    def __init__(self, pids: list) -> None:
+    def __init__(self, pids: list, descendants: bool = True) -> None:
         self.roots = list(pids)
+        self.descendants = descendants
         self.first: dict = {}
         self.last: dict = {}
         self._opened = False
@@ -134,7 +135,7 @@ class TreeCPU:
 
     def _sample(self) -> None:
         for root in self.roots:
-            for pid in self._tree(root):
+            for pid in self._tree(root) if self.descendants else [root]:
                 cpu = self._cpu(pid)
                 if cpu is not None:
                     # What ran before the window counts from the first sample; what started
@@ -159,7 +160,48 @@ class TreeCPU:
         return sum(self.last[pid] - self.first[pid] for pid in self.last)
 
 
-async def load(url: str, connections: int, seconds: float, warmup: float, cpu: TreeCPU = None) -> dict:
+class Meters:
+    """CPU of each part over the same window (server, its private Redis, workers, generator), and
+    with ``profile_dir`` a py-spy profile of the server and the workers over it."""
+
+    def __init__(self, server_pid: int, worker_pids: list, profile_dir: str = None, seconds: float = 0) -> None:
+        redis = TreeCPU._tree(server_pid)[1:]
+        self.parts = {"server": TreeCPU([server_pid], descendants=False), "redis": TreeCPU(redis),
+                      "workers": TreeCPU(worker_pids)}
+        self.profiles = []
+        self._profile = [(name, pid) for name, pid in [("server", server_pid)] + [
+            (f"worker{i}", pid) for i, pid in enumerate(worker_pids)]] if profile_dir else []
+        self.profile_dir = profile_dir
+        self.seconds = seconds
+
+    def add(self, name: str, meter: TreeCPU) -> None:
+        self.parts[name] = meter
+
+    def start(self) -> None:
+        for meter in self.parts.values():
+            meter.start()
+        for name, pid in self._profile:
+            out = os.path.join(self.profile_dir, f"{name}.txt")
+            self.profiles.append(subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--nonblocking",
+                 "--subprocesses", "--duration", str(max(1, int(self.seconds) - 1)), "--pid", str(pid), "-o", out],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop(self) -> dict:
+        used = {name: meter.stop() for name, meter in self.parts.items()}
+        for proc in self.profiles:
+            proc.wait(60)
+        return used
+
+    def per_play(self, used: dict, plays: int) -> dict:
+        """Microseconds of CPU per play, each part and in all; the workers' own CPU (engine
+        children included) is the steadier figure on a shared machine."""
+        per = {name: round(seconds / max(plays, 1) * 1e6, 1) for name, seconds in used.items()}
+        per["total"] = round(sum(used.values()) / max(plays, 1) * 1e6, 1)
+        return {"worker_cpu_us_per_play": per["workers"], "cpu_us_per_play": per}
+
+
+async def load(url: str, connections: int, seconds: float, warmup: float, cpu: Meters = None) -> dict:
     keys = [coincurve.PrivateKey() for _ in range(connections)]
     latencies: list = []
     go = asyncio.Event()
@@ -171,6 +213,7 @@ async def load(url: str, connections: int, seconds: float, warmup: float, cpu: T
     await asyncio.sleep(warmup)
     latencies.clear()
     if cpu is not None:
+        cpu.add("generator", TreeCPU([os.getpid()], descendants=False))
         cpu.start()
     started = time.monotonic()
     await asyncio.sleep(seconds)
@@ -189,19 +232,19 @@ async def load(url: str, connections: int, seconds: float, warmup: float, cpu: T
               "plays_per_s": round(len(measured) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
               "p99_ms": pct(0.99)}
     if used is not None:
-        # The workers' own CPU (their engine children included) per play: steadier than plays/s
-        # on a shared machine.
-        result["worker_cpu_us_per_play"] = round(used / max(len(measured), 1) * 1e6, 1)
+        result.update(cpu.per_play(used, len(measured)))
     return result
 
 
 def load_node(command: tuple, base_url: str, circle: str, connections: int, seconds: float, warmup: float,
-              cpu: TreeCPU = None) -> dict:
+              cpu: Meters = None) -> dict:
     """The same load from bench/node/loadgen.mjs: it says on stderr when its measured window starts
     and ends, and the workers' CPU is taken over that window."""
     proc = subprocess.Popen([*command, "play", "--url", base_url, "--circle", circle, "--connections", str(connections),
                              "--duration", str(seconds), "--warmup", str(warmup)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if cpu is not None:
+        cpu.add("generator", TreeCPU([proc.pid]))
     used = None
     tail: list = []
     try:
@@ -226,7 +269,7 @@ def load_node(command: tuple, base_url: str, circle: str, connections: int, seco
     for field in ("workload", "errors", "generator"):
         result.pop(field, None)
     if used is not None:
-        result["worker_cpu_us_per_play"] = round(used / max(result["plays"], 1) * 1e6, 1)
+        result.update(cpu.per_play(used, result["plays"]))
     return result
 
 
@@ -257,7 +300,7 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
             wait_for(worker, r"waiting for tasks")
         for worker in workers:
             drain(worker)
-        cpu = TreeCPU([worker.pid for worker in workers])
+        cpu = Meters(args.server_pid, [worker.pid for worker in workers], args.profile, args.seconds)
         if args.generator.name == "node":
             result = load_node(args.generator.command, f"ws://127.0.0.1:{port}", circle, args.connections,
                                args.seconds, args.warmup, cpu)
@@ -284,7 +327,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="with --isolation: measurements of each mode, in turn")
     parser.add_argument("--generator", choices=["auto", "node", "python"], default="auto",
                         help="load generator: bench/node/loadgen.mjs or this module's (auto: node when it can run)")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="py-spy profiles (collapsed stacks) of the server and workers over the window, into DIR")
     args = parser.parse_args()
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     args.generator = choose_generator(args.generator)
     print(f"load generator: {args.generator.name} ({args.generator.why})", file=sys.stderr)
     circle = coincurve.PrivateKey().public_key.format().hex()
@@ -292,6 +339,7 @@ def main() -> None:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
                         "--state-dir", state], state)
         try:
+            args.server_pid = server.pid
             port = int(wait_for(server, r"starting on (\d+)").group(1))
             wait_for(server, r"connected to Redis")
             drain(server)
