@@ -2,8 +2,9 @@
 
 One runner per server process (a :class:`~circles.backend.runner.RedisRunner`). It holds two Redis
 connections whatever the load: one for commands (pipelined by txredisapi) and one that blocks in
-``BRPOP`` on this server's reply list and routes each reply to the request waiting for it, by task
-id (:mod:`circles.backend.replies`).
+``BLMPOP`` on this server's reply list, taking up to :data:`REPLY_BATCH` replies at a time (as many
+as are there: under load one round trip brings many), and routes each reply to the request waiting
+for it, by task id (:mod:`circles.backend.replies`).
 ``docs/worker-protocol.md`` describes what a worker sees.
 
 Failure policy: while either connection is down, :meth:`~RedisScriptRunner.run` and
@@ -51,8 +52,10 @@ from circles.common.logs import Logger
 
 log = Logger()
 
-#: BRPOP's own timeout on the reply list: bounds how long a silently dead connection goes unnoticed.
+#: BLMPOP's own timeout on the reply list: bounds how long a silently dead connection goes unnoticed.
 REPLY_POLL = 5
+#: The most replies one BLMPOP takes (the oldest first).
+REPLY_BATCH = 128
 
 
 @implementer(IScriptRunner)
@@ -184,7 +187,9 @@ class RedisScriptRunner(RedisRunner):
     # -- the reply list -------------------------------------------------------------------------
 
     async def _read(self, connection: Any) -> None:
-        """One BRPOP on this server's reply list; a reply goes to the play waiting for it."""
-        reply = await connection.brpop([self.reply_key], timeout=REPLY_POLL)
+        """One BLMPOP on this server's reply list; each reply goes to the play waiting for it."""
+        reply = await connection.execute_command("BLMPOP", REPLY_POLL, 1, self.reply_key, "RIGHT", "COUNT",
+                                                 REPLY_BATCH, apply_timeout=False)
         if reply:
-            self.replies.route(text(reply[1]))
+            for entry in reply[1]:
+                self.replies.route(text(entry))

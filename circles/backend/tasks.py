@@ -12,6 +12,8 @@ side is one Lua script, so it is atomic in Redis:
 - ``HEARTBEAT`` (worker): register the worker as live, for its circles, until Redis time + TTL.
 - ``CLAIM`` (worker): a task taken (``BLMOVE``) into the worker's processing list: ``pending`` ->
   ``processing``, counting the attempt; anything else (``expired``, gone) is skipped.
+- ``TAKE`` (worker): while its queue is not empty, up to N tasks moved into the processing list and
+  claimed in one step (what ``BLMOVE`` and ``CLAIM`` do for one, without blocking).
 - ``FINISH`` (worker): ``processing`` -> ``completed``|``error`` and LPUSH the reply, unless the
   task is no longer this worker's (expired by the server, re-run elsewhere); drops the id from
   the processing list either way.
@@ -202,6 +204,32 @@ end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'processing', 'updated_at', ARGV[1], 'worker', ARGV[2])
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: processing list, registry, queue. ARGV: now, worker id, prefix, most.
+# Returns {id, fields, id, fields, ...}: up to ``most`` tasks moved from the queue's end (as BLMOVE
+# does) into the processing list and claimed as CLAIM claims one ({} when the queue is empty), or
+# nil when this worker is not live (nothing is moved). Under load a worker takes what it has room
+# for in one round trip instead of a BLMOVE and a CLAIM for each; a task that is no longer pending
+# (expired while it waited) is dropped from the processing list, as CLAIM drops it.
+TAKE = _NOW + """
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not expiry or tonumber(expiry) < now then return false end
+local out = {}
+for _ = 1, tonumber(ARGV[4]) do
+  local id = redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
+  if not id then break end
+  local key = ARGV[3] .. 'task:' .. id
+  if redis.call('HGET', key, 'status') == 'pending' then
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('HSET', key, 'status', 'processing', 'updated_at', ARGV[1], 'worker', ARGV[2])
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGETALL', key)
+  else
+    redis.call('LREM', KEYS[1], 0, id)
+  end
+end
+return out
 """
 
 # KEYS: task, processing list [, reply list]. ARGV: status, output, error, now, status ttl,

@@ -151,11 +151,9 @@ class JobWorker(Worker):
                     return
                 continue
             self._free -= 1
-            d = ensureDeferred(self._run_task(job_id, circle))
-            self._running.add(d)
-            d.addBoth(self._task_done, d)
+            self._start_task(job_id, circle)
 
-    async def _run_task(self, task_id: str, circle: str) -> None:
+    async def _run_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
         schema, steps = self.schema, self.schema.steps
         key = schema.job_key(task_id)
         now = self.reactor.seconds()

@@ -133,6 +133,11 @@ class Worker(Service):
         self._free = concurrency  # slots free
         self._slot_waiters: list[Deferred] = []
         self._running: set[Deferred] = set()
+        self._held: set[str] = set()  # the tasks this worker runs (or claims), by id
+        # What this worker's processing list holds and nothing here runs is adopted at the start (a
+        # worker of the same id before it) and after a lost connection (a reply lost with it).
+        self._adopt_needed = True
+        self._backlog = set(self.circles)  # circles whose queue may hold tasks: TAKE before BLMOVE
         self._blocking: dict[str, Any] = {}  # circle -> its txredisapi factory (one BLMOVE connection)
         self._commands: Any = None
         self._loops: list[Deferred] = []
@@ -368,8 +373,8 @@ class Worker(Service):
         self._slot_waiters.append(d)
         return d
 
-    def _release(self) -> None:
-        self._free += 1
+    def _release(self, slots: int = 1) -> None:
+        self._free += slots
         waiters, self._slot_waiters = self._slot_waiters, []
         for d in waiters:
             if not d.called:
@@ -388,7 +393,11 @@ class Worker(Service):
         queue = tasks.queue_key(self.prefix, circle)
         factory = self._blocking[circle]
         while self.running:
-            await self._interruptibly(self._when_free())
+            if self._free <= 0:
+                await self._interruptibly(self._when_free())
+                # The slots that free up in the same turn of the reactor (the replies of several
+                # scripts read at once) are taken together, in one TAKE.
+                await self._interruptibly(deferLater(self.reactor, 0, lambda: None))
             await self._interruptibly(self._when_registered())  # never hold a task unregistered
             if circle in self._inits_ended:  # the circle's init script first
                 await self._interruptibly(self._inits_ended[circle].when())
@@ -401,11 +410,20 @@ class Worker(Service):
                 if not self._connected:
                     self._connected = True
                     log.info("connected to Redis at {redis}, waiting for tasks", redis=reached(self.address, factory))
-                if self._free <= 0:
-                    continue  # another circle's loop took the last slot meanwhile
+                if self._adopt_needed:
+                    await self._adopt()
+                if self._free <= 0 or not self.running:
+                    continue  # another circle's loop took the last slot meanwhile, or stopping
+                if circle in self._backlog and await self._take_waiting(circle, queue):
+                    continue
+                if self._free <= 0 or not self.running:
+                    continue
                 reply = await connection.execute_command("BLMOVE", queue, self._processing, "RIGHT", "LEFT", POLL,
                                                          apply_timeout=False)
             except RedisError as e:
+                # A reply lost with the connection may have moved tasks into the processing list
+                # that nothing here runs: adopted once Redis is back.
+                self._adopt_needed = True
                 if self._connected:
                     self._connected = False
                     log.warn("lost the connection to Redis at {redis} ({error}); reconnecting quietly",
@@ -427,29 +445,77 @@ class Worker(Service):
                                            [task_id])
                 continue
             self._free -= 1
-            d = ensureDeferred(self._run_task(task_id, circle))
-            self._running.add(d)
-            d.addBoth(self._task_done, d)
+            self._backlog.add(circle)  # more may wait behind it
+            self._start_task(task_id, circle)
 
-    def _task_done(self, result, d: Deferred) -> None:
+    async def _take_waiting(self, circle: str, queue: str) -> int:
+        """Take and start, in one round trip (:data:`~circles.backend.tasks.TAKE`), as many of the
+        tasks waiting on ``queue`` as there are free slots; how many were taken (0: none waits, or
+        this worker is not live, and the blocking BLMOVE decides)."""
+        most = self._free
+        self._free -= most  # held for the step, so that no other loop counts on them meanwhile
+        taken = 0
+        try:
+            reply = await self._eval(tasks.TAKE, [self._processing, self._registry, queue],
+                                     [tasks.timestamp(self.reactor.seconds()), self.worker_id, self.prefix, most])
+            for task_id, fields in zip(reply[0::2], reply[1::2]) if reply else ():
+                self._start_task(text(task_id), circle, fields)
+                taken += 1
+        finally:
+            self._free += most - taken
+            if taken < most:
+                self._backlog.discard(circle)  # none waits now: the blocking BLMOVE until one comes
+                self._release(0)
+        return taken
+
+    def _start_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
+        """Run a task in a slot already taken; ``fields``: it is claimed already, these are its fields."""
+        self._held.add(task_id)
+        d = ensureDeferred(self._run_task(task_id, circle, fields))
+        self._running.add(d)
+        d.addBoth(self._task_done, d, task_id)
+
+    def _task_done(self, result, d: Deferred, task_id: str) -> None:
         self._running.discard(d)
+        self._held.discard(task_id)
         self._release()
         if isinstance(result, Failure):
             log.failure("running a task", result)
+
+    async def _adopt(self) -> None:
+        """Run what this worker's processing list holds that nothing here runs: the tasks of a
+        BLMOVE or TAKE whose reply was lost with the connection (CLAIM claims one still pending,
+        and answers again for one already claimed by this worker)."""
+        ids = [text(i) for i in await self._commands.handler.lrange(self._processing, 0, -1)]
+        self._adopt_needed = False
+        for task_id in ids:
+            if task_id in self._held:
+                continue
+            circle = text(await self._commands.handler.hget(tasks.task_key(self.prefix, task_id), "circle") or "")
+            if circle not in self._blocking:
+                continue  # gone, or not a circle served here: CLAIM or the reaper deals with it
+            await self._interruptibly(self._when_free())
+            if not self.running or task_id in self._held:
+                return
+            log.info("adopting task {task}: taken before the connection to Redis was lost", task=printable(task_id))
+            self._free -= 1
+            self._start_task(task_id, circle)
 
     def _eval(self, script: str, keys: list, args: list) -> Deferred:
         if self._commands is None or self._commands.size == 0:
             raise RedisError("not connected to Redis")
         return self._commands.handler.eval(script, keys, args)
 
-    async def _run_task(self, task_id: str, circle: str) -> None:
+    async def _run_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
+        """Claim the task (unless ``fields`` are those of its claim already), run it, record its result."""
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
-        keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
-        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
-                                                     [tasks.timestamp(now), self.worker_id, task_id])
-        if not claimed:
-            return
+        if fields is None:
+            keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
+            claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
+                                                         [tasks.timestamp(now), self.worker_id, task_id])
+            if not claimed:
+                return
         if not fields:
             log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
             return

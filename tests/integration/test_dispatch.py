@@ -122,7 +122,7 @@ async def test_concurrent_plays_share_one_blocking_connection(redis_server, star
     # runner: 2 connections, worker: 2 connections, plus this inspecting client
     clients = redis_client.clients()
     assert len(clients) == 5, clients
-    assert sum(1 for c in clients if c.get("cmd") in ("brpop", "blmove")) <= 2
+    assert sum(1 for c in clients if c.get("cmd") in ("blmpop", "blmove")) <= 2
     gate.callback(None)
     results = await gatherResults(runs)
     assert results == [f"script {i}" for i in range(200)]
@@ -319,3 +319,70 @@ async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_serv
     with pytest.raises(ScriptFailed, match="^output too large: 101 bytes, the limit is 100$"):
         await runner.run(request("101"))
     assert caps == [100, 100]
+
+
+def command_calls(redis_client, command: str) -> int:
+    """How many times Redis ran ``command`` since the last CONFIG RESETSTAT."""
+    for line in redis_client("INFO", "commandstats").splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backlog_is_taken_as_many_as_slots_free_per_step_not_one_blmove_each(redis_server, start,
+                                                                                      redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    queued = [await runner.enqueue_once(request(f"backlog {i}"), "{}", f"backlog:{i}", 60) for i in range(40)]
+    redis_client("CONFIG", "RESETSTAT")
+    gate = Deferred()
+    started = []
+
+    def engine(script, context):
+        started.append(script)
+        return gate.addCallback(lambda _: script) if len(started) <= 8 else script
+
+    worker = await serving(start(make_worker(redis_server, engine=engine, concurrency=8)))
+    processing = tasks.processing_key("circles:", worker.worker_id)
+    # Eight taken and claimed at once, and no more while the eight run.
+    await eventually(lambda: len(started) == 8)
+    assert redis_client("LLEN", processing) == 8
+    assert sorted(redis_client("HGET", f"circles:task:{t}", "status") for t in
+                  redis_client("LRANGE", processing, 0, -1)) == ["processing"] * 8
+    assert redis_client("LLEN", f"circles:queue:{CIRCLE}") == 32
+    gate.callback(None)
+    await eventually(lambda: all(redis_client("HGET", f"circles:task:{q.task_id}", "status") == "completed"
+                                 for q in queued))
+    assert sorted(started) == sorted(f"backlog {i}" for i in range(40))
+    # One BLMOVE and a CLAIM each would be 40 of both.
+    assert command_calls(redis_client, "blmove") <= 3
+    assert redis_client("LLEN", processing) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_in_its_processing_list_that_nothing_runs_are_adopted_at_start_and_after_a_lost_connection(
+        redis_server, start, redis_client):
+    """A BLMOVE or TAKE whose reply was lost with the connection leaves tasks in the processing list
+    that the worker does not know of: it runs them once it is connected again."""
+    runner = await connected(start(make_runner(redis_server)))
+    queue = f"circles:queue:{CIRCLE}"
+    first, second = [(await runner.enqueue_once(request(f"orphan {i}"), "{}", f"orphan:{i}", 60)).task_id
+                     for i in range(2)]
+    worker = make_worker(redis_server)
+    processing = tasks.processing_key("circles:", worker.worker_id)
+    redis_client("LMOVE", queue, processing, "RIGHT", "LEFT")  # as if taken before the worker (re)started
+    redis_client("LMOVE", queue, processing, "RIGHT", "LEFT")
+    redis_client("HSET", f"circles:task:{second}", "status", "processing", "worker", worker.worker_id,
+                 "attempts", 1)  # and this one claimed too, its answer lost
+    start(worker)
+    await eventually(lambda: [redis_client("HGET", f"circles:task:{t}", "status") for t in (first, second)]
+                     == ["completed", "completed"])
+    assert redis_client("LLEN", processing) == 0
+    # Lost again, with the connection.
+    third = "orphan-3"  # written here, not queued: the worker's waiting BLMOVE must not take it first
+    redis_client("HSET", f"circles:task:{third}", "script", "orphan 3", "circle", CIRCLE, "caller", CALLER,
+                 "source", "webhook:test", "reply_to", "", "status", "pending", "data", "{}")
+    redis_client("LPUSH", processing, third)
+    redis_client("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await eventually(lambda: redis_client("HGET", f"circles:task:{third}", "status") == "completed")
+    assert redis_client("LLEN", processing) == 0
