@@ -43,10 +43,11 @@ from zope.interface import implementer
 
 from circles.backend import tasks
 from circles.backend.housekeeping import Housekeeping
+from circles.backend.members import members_key, policy_key
 from circles.backend.redis_url import RedisAddress
 from circles.backend.replies import Replies
 from circles.backend.runner import RedisRunner
-from circles.backend.scripts import IScriptRunner, NoWorker, Queued, ScriptRequest
+from circles.backend.scripts import IAdmittingScriptRunner, NotAMember, NoWorker, Queued, ScriptRequest
 from circles.backend.values import text
 from circles.common.logs import Logger
 
@@ -58,7 +59,7 @@ REPLY_POLL = 5
 REPLY_BATCH = 128
 
 
-@implementer(IScriptRunner)
+@implementer(IAdmittingScriptRunner)
 class RedisScriptRunner(RedisRunner):
     """The production :class:`~circles.backend.scripts.IScriptRunner`: a producer of Redis tasks.
 
@@ -110,11 +111,19 @@ class RedisScriptRunner(RedisRunner):
     def run(self, request: ScriptRequest) -> Deferred:
         """Queue ``request`` for the circle's workers; fire with the output text, or fail with
         :class:`ScriptTimeout`, :class:`ScriptFailed` or :class:`BackendUnavailable`."""
+        return self._run(request, admit=False)
+
+    def run_admitted(self, request: ScriptRequest) -> Deferred:
+        """:meth:`run`, queued only if the circle's policy lets the caller play (else
+        :class:`~circles.backend.scripts.NotAMember`): read in the queuing step itself."""
+        return self._run(request, admit=True)
+
+    def _run(self, request: ScriptRequest, admit: bool) -> Deferred:
         if not self.is_connected():
             return fail(self._refusal())
         task_id = str(uuid.uuid4())
         result = self.replies.wait(task_id, request)
-        self._write(task_id, request).addErrback(lambda failure: self.replies.not_queued(task_id, failure))
+        self._write(task_id, request, admit).addErrback(lambda failure: self.replies.not_queued(task_id, failure))
         return result
 
     def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
@@ -170,15 +179,20 @@ class RedisScriptRunner(RedisRunner):
             fields["max_attempts"] = str(self.webhook_attempts)  # runs allowed when workers are lost
         return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
 
-    def _write(self, task_id: str, request: ScriptRequest) -> Deferred:
-        """Queue a task whose reply comes to this server's reply list."""
+    def _write(self, task_id: str, request: ScriptRequest, admit: bool) -> Deferred:
+        """Queue a task whose reply comes to this server's reply list (``admit``: if the circle's
+        policy lets its caller play)."""
         fields, ttl = self._fields(request, None, self.reply_key)
-        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, request.circle),
-                tasks.circle_workers_key(self.prefix, request.circle)]
-        d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id] + fields)
+        circle = request.circle
+        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, circle),
+                tasks.circle_workers_key(self.prefix, circle), policy_key(self.prefix, circle),
+                members_key(self.prefix, circle)]
+        d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id, "1" if admit else "", request.caller] + fields)
 
         def queued(result) -> None:
-            if not int(result):
+            if int(result[0]) < 0:
+                raise NotAMember(text(result[1]))
+            if not int(result[0]):
                 raise NoWorker("no worker is serving this circle")
             log.debug("queued task {task} for circle {circle} from {source}",
                       task=task_id, circle=request.circle, source=request.source)

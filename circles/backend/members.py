@@ -7,9 +7,10 @@ circle, with no TTL (an operator's decision lasts until it is changed)::
                                "open": any key plays (the default, and the original server's way)
     {prefix}members:{circle}   set of members' keys, compressed hex (circles.common.keys.normalize_pubkey)
 
-Servers read both at each play, in one round trip (:data:`MAY_PLAY`, a read-only script, so a
-Redis at its maxmemory still answers it), so a change applies to the next play of every
-connection, with no restart. Operators change them with ``circles members ...``, which uses the
+Servers read both at each play, in the step that queues it (:data:`ADMITS` in
+:data:`circles.backend.tasks.ENQUEUE`: a play refused writes nothing), so a change applies to the
+next play of every connection, with no restart; :data:`MAY_PLAY` asks alone (a read-only script,
+so a Redis at its maxmemory still answers it). Operators change them with ``circles members ...``, which uses the
 functions here; any Redis client may too (``SADD``, ``SET``). Webhook events are not subject to
 the policy (their signature is the provider's, not a member's).
 
@@ -45,17 +46,28 @@ def members_key(prefix: str, circle: str) -> str:
     return f"{prefix}members:{circle}"
 
 
+#: The rule, as a Lua function of the policy key, the members key and the caller's key ("":
+#: anonymous), answering whether the caller may play and the policy. A policy that is neither
+#: open nor members refuses: an operator's typo must not open a closed circle. Read-only. The one
+#: place it is written: :data:`MAY_PLAY` and the script runner's queuing step
+#: (:data:`circles.backend.tasks.ENQUEUE`, which reads it in the step that queues a play) call it.
+ADMITS = """
+local function admits(policy_key, members_key, caller)
+  local policy = redis.call('GET', policy_key)
+  if not policy or policy == 'open' then return true, 'open' end
+  if policy == 'members' and caller ~= '' and redis.call('SISMEMBER', members_key, caller) == 1 then
+    return true, policy
+  end
+  return false, policy
+end
+"""
+
 # KEYS: policy, members. ARGV: the caller's key ("" anonymous). Returns {1 allowed | 0 refused,
 # the policy}. Read-only (no shebang, so Redis 6 runs it too, and at maxmemory: a script is
-# refused there only when it writes). A policy that is neither open nor members refuses: an
-# operator's typo must not open a closed circle.
-MAY_PLAY = """
-local policy = redis.call('GET', KEYS[1])
-if not policy or policy == 'open' then return {1, 'open'} end
-if policy == 'members' and ARGV[1] ~= '' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
-  return {1, policy}
-end
-return {0, policy}
+# refused there only when it writes).
+MAY_PLAY = ADMITS + """
+local allowed, policy = admits(KEYS[1], KEYS[2], ARGV[1])
+return {allowed and 1 or 0, policy}
 """
 
 
@@ -126,9 +138,11 @@ class Membership(CommandConnection):
         The Deferred is the caller's to cancel: the Redis command's own is never cancelled
         (a txredisapi connection matches replies to commands in order)."""
         verdict = self.command(lambda redis: may_play(redis, self.prefix, circle, caller))
-        return verdict.addCallback(self._verdict, circle)
+        return verdict.addCallback(self.noted, circle)
 
-    def _verdict(self, verdict: Verdict, circle: str) -> Verdict:
+    def noted(self, verdict: Verdict, circle: str) -> Verdict:
+        """``verdict`` as it is, the policy noted (and logged, within bounds) when it is unknown;
+        also for the verdicts of the script runner's queuing step."""
         if verdict.policy not in POLICIES:
             self.unknown += 1
             if worth_logging(self.unknown):

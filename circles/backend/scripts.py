@@ -68,6 +68,15 @@ class NoWorker(ScriptError):
     """No live worker serves the circle (none has heartbeated within its TTL); nothing was queued."""
 
 
+class NotAMember(ScriptError):
+    """The circle's policy does not let the caller play (:mod:`circles.backend.members`); nothing
+    was queued. ``policy``: the circle's policy as stored."""
+
+    def __init__(self, policy: str) -> None:
+        super().__init__(f"the circle's policy ({policy}) does not let the caller play")
+        self.policy = policy
+
+
 class ScriptFailed(ScriptError):
     """A worker ran the script and reported an error, carried in ``detail``; ``output`` is what
     the script printed before it ("" if nothing)."""
@@ -92,3 +101,12 @@ class IScriptRunner(Interface):
         named ``key`` was queued in the last ``ttl`` seconds; claiming the name and queuing are
         one atomic step. Fire with a :class:`Queued`, or fail with :class:`BackendUnavailable`
         (then nothing was queued or claimed)."""
+
+
+class IAdmittingScriptRunner(IScriptRunner):
+    """A runner that reads the circle's policy in the step that queues a play."""
+
+    def run_admitted(request: ScriptRequest) -> Deferred:
+        """:meth:`IScriptRunner.run` if the circle's policy (:mod:`circles.backend.members`) lets
+        ``request.caller`` play, read in the same step as queuing it (one round trip); else fail
+        with :class:`NotAMember`, nothing queued."""

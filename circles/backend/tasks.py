@@ -5,7 +5,8 @@ reply, TTLs); keep the two in step. Every step that must not be seen half-done b
 side is one Lua script, so it is atomic in Redis:
 
 - ``ENQUEUE`` (server, plays): write the task hash and LPUSH its id on the circle's queue, only
-  if a live worker serves the circle (else nothing is written: the play is refused at once).
+  if a live worker serves the circle and, for a client's play, the circle's policy lets the caller
+  play (else nothing is written: the play is refused at once).
 - ``ENQUEUE_ONCE`` (server, webhooks): the same without the worker check, only if a "seen" key
   for the event can be claimed (``SET NX``) in the same step; a redelivered event gets the first
   task's id instead.
@@ -33,6 +34,8 @@ import json
 from typing import Any
 
 import attrs
+
+from circles.backend.members import ADMITS
 
 DEFAULT_PREFIX = "circles:"
 
@@ -129,17 +132,24 @@ _NOW = """local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: task, queue, the circle's live workers. ARGV: ttl, task id, field, value, field, value...
-# Returns 1 when queued, 0 (and nothing is written) when no live worker serves the circle.
-# The queue's TTL is only ever extended: a short-lived play must not shorten the life of a
-# queue holding a long-lived webhook task.
-ENQUEUE = _NOW + """
-if redis.call('ZCOUNT', KEYS[3], now, '+inf') == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+# KEYS: task, queue, the circle's live workers, its policy, its members. ARGV: ttl, task id, '1'
+# to queue only if the circle's policy lets the caller play (a play from a client: one round trip
+# for both) or '', the caller, field, value, field, value...
+# Returns {1} when queued; {0} when no live worker serves the circle, {-1, policy} when the policy
+# refuses the caller (circles.backend.members.ADMITS): nothing is written then. The queue's TTL is
+# only ever extended: a short-lived play must not shorten the life of a queue holding a
+# long-lived webhook task.
+ENQUEUE = ADMITS + _NOW + """
+if ARGV[3] == '1' then
+  local allowed, policy = admits(KEYS[4], KEYS[5], ARGV[4])
+  if not allowed then return {-1, policy} end
+end
+if redis.call('ZCOUNT', KEYS[3], now, '+inf') == 0 then return {0} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 if redis.call('TTL', KEYS[2]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return 1
+return {1}
 """
 
 # KEYS: seen, task, queue. ARGV: seen ttl, task ttl, task id, field, value, field, value...

@@ -7,12 +7,12 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis_url import parse_redis_url
-from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.scripts import BackendUnavailable, NotAMember, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.worker.service import Worker
 
 from ..play_client import eventually, new_key, pk, sleep
@@ -386,3 +386,32 @@ async def test_tasks_in_its_processing_list_that_nothing_runs_are_adopted_at_sta
     redis_client("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     await eventually(lambda: redis_client("HGET", f"circles:task:{third}", "status") == "completed")
     assert redis_client("LLEN", processing) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_play_is_admitted_by_the_circle_s_policy_in_the_step_that_queues_it(redis_server, start,
+                                                                                    redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    member, stranger = pk(new_key()), pk(new_key())
+    redis_client("SET", f"circles:policy:{CIRCLE}", "members")
+    redis_client("SADD", f"circles:members:{CIRCLE}", member)
+    for caller in (stranger, ""):
+        with pytest.raises(NotAMember) as refused:
+            await runner.run_admitted(request("refused", caller=caller))
+        assert refused.value.policy == "members"
+    assert redis_client("KEYS", "circles:task:*") == [] and redis_client("LLEN", f"circles:queue:{CIRCLE}") == 0
+    redis_client("SET", f"circles:policy:{CIRCLE}", "member")  # not a policy: refuses everyone
+    with pytest.raises(NotAMember, match=r"\(member\)"):
+        await runner.run_admitted(request("refused", caller=member))
+    redis_client("SET", f"circles:policy:{CIRCLE}", "members")
+    admitted = runner.run_admitted(request("admitted", caller=member))
+    # run() is not subject to the policy (an init script's caller is the circle itself).
+    unchecked = runner.run(request("unchecked", caller=stranger))
+    await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 2)
+    assert sorted(redis_client("HGET", f"circles:task:{t}", "script")
+                  for t in redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1)) == ["admitted", "unchecked"]
+    for waiting in (admitted, unchecked):
+        waiting.cancel()
+        with pytest.raises(CancelledError):
+            await waiting

@@ -17,11 +17,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from circles.backend.members import MEMBERS
+from circles.backend.members import MEMBERS, Verdict
 from circles.backend.scripts import (
     SOURCE_WS,
     BackendFull,
     BackendUnavailable,
+    IAdmittingScriptRunner,
+    NotAMember,
     NoWorker,
     ScriptFailed,
     ScriptRequest,
@@ -335,11 +337,16 @@ def play(session: Session, script: str, timeout: float | None = None) -> Deferre
                        {"max_plays": most})
     request = ScriptRequest(session.circle, script, session.pubkey or "", SOURCE_WS, limit)
     started = gateway.clock.seconds()
-    if gateway.members is None or not gateway.scripts.is_connected():
+    runner = gateway.scripts
+    if gateway.members is None or not runner.is_connected():
         # No Redis keeps policies (anyone plays), or none takes tasks now: run() says why at once.
-        d = gateway.scripts.run(request)
+        d = runner.run(request)
+    elif IAdmittingScriptRunner.providedBy(runner):
+        # Asked at each play, in the step that queues it: a member removed, or a circle closed,
+        # is refused from the next one.
+        d = runner.run_admitted(request)
+        d.addErrback(_not_admitted, session, request)
     else:
-        # Asked at each play: a member removed, or a circle closed, is refused from the next one.
         d = gateway.members.check(session.circle, request.caller)
         d.addCallback(_admitted, session, request)
     session.hold(d)
@@ -357,6 +364,19 @@ def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
     """Run ``request`` if the circle's policy lets its caller play, else -32009."""
     if verdict.allowed:
         return session.gateway.scripts.run(request)
+    raise _refusal(session, request, verdict)
+
+
+def _not_admitted(failure: Failure, session: Session, request: ScriptRequest) -> Failure:
+    """A play the runner's queuing step refused for the circle's policy: -32009."""
+    failure.trap(NotAMember)
+    refused, members = failure.value, session.gateway.members
+    assert isinstance(refused, NotAMember) and members is not None  # only asked with a policy to read
+    raise _refusal(session, request, members.noted(Verdict(False, refused.policy), session.circle))
+
+
+def _refusal(session: Session, request: ScriptRequest, verdict) -> RPCError:
+    """-32009 for a caller the circle's policy refuses, noted within the session's bounds."""
     session.anomalies.note("not a member", "connection {conn}: a play on circle {circle} refused: {who} is not a "
                            "member (policy {policy})", circle=session.circle,
                            who=request.caller or "an anonymous caller", policy=verdict.policy[:100])
@@ -366,7 +386,7 @@ def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
         why = "this circle admits its members only, and the authenticated key is not one"
     else:
         why = "this circle admits its members only: authenticate with a member's key"
-    raise RPCError(NOT_A_MEMBER, "Not a member of this circle", why)
+    return RPCError(NOT_A_MEMBER, "Not a member of this circle", why)
 
 
 def _note_membership(session: Session, key: str) -> None:
