@@ -235,3 +235,21 @@ def test_setup_pins_the_twisted_line_that_was_reviewed():
     pin = next(r for r in requires("circles-gateway") if r.startswith("twisted"))
     assert "<27" in pin and ">=26.10" in pin, pin
     assert version("twisted").startswith("26."), version("twisted")
+
+
+#: The same for the pipe writer of a child process, which the isolated engine writes around when
+#: nothing is queued (``_Child.send`` in circles/worker/isolation.py: it reads ``pipes[0]``, its
+#: ``fd`` and the buffers and flags of FileDescriptor above).
+PROCESS_WRITER_SOURCES = {
+    "__init__": "680686970708190e",  # makes the fd non-blocking, watches it for its far end's close
+    "write": "bf0e8e07b455ced9",
+    "writeSomeData": "8498ffe6cdfcb850",
+    "doRead": "97532be52ab34a87",
+}
+
+
+@pytest.mark.parametrize("method", sorted(PROCESS_WRITER_SOURCES))
+def test_the_twisted_pipe_writer_the_isolated_engine_writes_around_is_the_one_reviewed(method):
+    from twisted.internet import process
+
+    assert source_digest(vars(process.ProcessWriter)[method]) == PROCESS_WRITER_SOURCES[method]
