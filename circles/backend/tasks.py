@@ -17,7 +17,7 @@ side is one Lua script, so it is atomic in Redis:
   claimed in one step (what ``BLMOVE`` and ``CLAIM`` do for one, without blocking).
 - ``FINISH`` (worker): ``processing`` -> ``completed``|``error`` and LPUSH the reply, unless the
   task is no longer this worker's (expired by the server, re-run elsewhere); drops the id from
-  the processing list either way.
+  the processing list either way. ``FINISH_MANY``: the same for several tasks in one step.
 - ``EXPIRE`` (server, on timeout): ``pending``|``processing`` -> ``expired``; if the worker
   finished first, its status is returned instead.
 - ``DEAD_WORKERS`` / ``REAP`` (servers and workers): the workers whose heartbeat lapsed, and for
@@ -242,32 +242,57 @@ end
 return out
 """
 
+# The step FINISH takes for one task, as a Lua function of its keys and arguments (FINISH_MANY
+# takes it for several): task key, processing list, reply list (nil: none), then status, output,
+# error, now, status ttl, reply, reason, task id, worker id, result ttl (a table, from index ``at``).
+_FINISH_ONE = """
+local function finish(task, processing, reply_list, A, at)
+  local status, output, failure, stamp = A[at], A[at + 1], A[at + 2], A[at + 3]
+  local status_ttl, reply, reason, id, worker, result_ttl = A[at + 4], A[at + 5], A[at + 6], A[at + 7],
+    A[at + 8], A[at + 9]
+  redis.call('LREM', processing, 0, id)
+  if redis.call('HGET', task, 'status') ~= 'processing' or redis.call('HGET', task, 'worker') ~= worker then
+    return 0
+  end
+  if reply_list and string.sub(reply, 1, 1) ~= '{' then
+    redis.call('HSET', task, 'status', status, 'output', output, 'error', failure, 'updated_at', stamp,
+               'reason', reason)
+    redis.call('HDEL', task, 'script', 'data')
+    redis.call('EXPIRE', task, result_ttl)
+  else
+    redis.call('HSET', task, 'status', status, 'updated_at', stamp, 'reason', reason)
+    redis.call('HDEL', task, 'script', 'data', 'output', 'error')
+    redis.call('EXPIRE', task, status_ttl)
+  end
+  if reply_list then
+    redis.call('LPUSH', reply_list, reply)
+    redis.call('EXPIRE', reply_list, result_ttl)
+  end
+  return 1
+end
+"""
+
 # KEYS: task, processing list [, reply list]. ARGV: status, output, error, now, status ttl,
 # reply, reason, task id, worker id, result ttl.
 # Returns 1 if written, 0 if the task was no longer this worker's (expired, gone, re-run by
 # another worker after this one was reaped). A reply object carries the result: the hash keeps
 # only its status fields, for ``status ttl`` seconds. A bare task id as the reply: the result
 # stays in the hash (``result ttl`` seconds) for the server to read, which then deletes it.
-FINISH = """
-redis.call('LREM', KEYS[2], 0, ARGV[8])
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[9] then
-  return 0
+FINISH = _FINISH_ONE + """
+return finish(KEYS[1], KEYS[2], KEYS[3], ARGV, 1)
+"""
+
+# FINISH for several tasks at once (the results a worker has in one turn of its event loop).
+# KEYS: for each task, its task key, processing list and reply list ('' for none). ARGV: for
+# each, FINISH's ten arguments. Returns FINISH's answer for each, in order.
+FINISH_MANY = _FINISH_ONE + """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local reply_list = KEYS[3 * i]
+  if reply_list == '' then reply_list = nil end
+  out[i] = finish(KEYS[3 * i - 2], KEYS[3 * i - 1], reply_list, ARGV, 10 * (i - 1) + 1)
 end
-if KEYS[3] and string.sub(ARGV[6], 1, 1) ~= '{' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'output', ARGV[2], 'error', ARGV[3], 'updated_at', ARGV[4],
-             'reason', ARGV[7])
-  redis.call('HDEL', KEYS[1], 'script', 'data')
-  redis.call('EXPIRE', KEYS[1], ARGV[10])
-else
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[4], 'reason', ARGV[7])
-  redis.call('HDEL', KEYS[1], 'script', 'data', 'output', 'error')
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-end
-if KEYS[3] then
-  redis.call('LPUSH', KEYS[3], ARGV[6])
-  redis.call('EXPIRE', KEYS[3], ARGV[10])
-end
-return 1
+return out
 """
 
 # KEYS: processing list, queue. ARGV: task id. A task taken when no slot was free after all

@@ -134,6 +134,7 @@ class Worker(Service):
         self._slot_waiters: list[Deferred] = []
         self._running: set[Deferred] = set()
         self._held: set[str] = set()  # the tasks this worker runs (or claims), by id
+        self._results: list[tuple[str, list, list, Deferred]] = []  # FINISHes for the end of this turn
         # What this worker's processing list holds and nothing here runs is adopted at the start (a
         # worker of the same id before it) and after a lost connection (a reply lost with it).
         self._adopt_needed = True
@@ -546,7 +547,7 @@ class Worker(Service):
         duration = self.reactor.seconds() - now
         reply_to = task.get("reply_to", "")
         keys = [key, self._processing] + ([reply_to] if reply_to else [])
-        recorded, written = await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, [
+        recorded, written = await self._record(task_id, keys, [
             status, output, error, tasks.timestamp(self.reactor.seconds()), tasks.STATUS_TTL,
             tasks.encode_reply(outcome), reason, task_id, self.worker_id, self.task_ttl])
         if not recorded:
@@ -557,6 +558,35 @@ class Worker(Service):
         log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
                   circle=context.circle, source=context.source or "-", duration=duration,
                   outcome=(status if int(written) else "expired") + (f" ({reason})" if reason else ""))
+
+    def _record(self, task_id: str, keys: list, args: list) -> Deferred:
+        """FINISH for ``task_id`` (``(recorded, written)`` as :meth:`_eval_patiently` answers it),
+        sent with the other results of this turn of the reactor: one FINISH_MANY for all of them."""
+        d: Deferred = Deferred()
+        self._results.append((task_id, keys, args, d))
+        if len(self._results) == 1:
+            self.reactor.callLater(0, lambda: ensureDeferred(self._record_results()))
+        return d
+
+    async def _record_results(self) -> None:
+        batch, self._results = self._results, []
+        try:
+            if len(batch) == 1:
+                task_id, keys, args, d = batch[0]
+                d.callback(await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, args))
+                return
+            all_keys = [key for _, keys, _, _ in batch for key in (keys + [""])[:3]]
+            all_args = [arg for _, _, args, _ in batch for arg in args]
+            what = f"{batch[0][0]} and {len(batch) - 1} more"
+            recorded, written = await self._eval_patiently("record the results of", what, tasks.FINISH_MANY,
+                                                           all_keys, all_args)
+        except Exception:
+            for *_, d in batch:
+                if not d.called:
+                    d.errback()
+            return
+        for i, (*_, d) in enumerate(batch):
+            d.callback((recorded, written[i] if recorded else None))
 
     async def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
                        started: float) -> tasks.Outcome:
