@@ -35,7 +35,7 @@ from circles.backend.redis_url import RedisAddress
 from circles.backend.replica_acks import ReplicaAcks
 from circles.backend.replies import Replies
 from circles.backend.scripts import BackendFull, BackendUnavailable
-from circles.backend.txredisapi_patches import drop_connections
+from circles.backend.txredisapi_patches import drop_connections, live_connection
 from circles.common.logs import Logger, worth_logging
 
 log = Logger()
@@ -181,10 +181,12 @@ class RedisRunner(Service):
 
     def _command(self, name: str, *args) -> Deferred:
         """Run a command on the command connection; Redis trouble becomes BackendUnavailable."""
-        if self._commands is None or self._commands.size == 0:
+        # On the connection itself, not through the factory's handler (two Deferreds more a command).
+        connection = live_connection(self._commands) if self._commands is not None else None
+        if connection is None:
             return fail(BackendUnavailable("Redis is unreachable"))
         try:
-            d = getattr(self._commands.handler, name)(*args)
+            d = getattr(connection, name)(*args)
         except Exception:
             d = fail()
         return d.addErrback(self._unavailable)

@@ -14,6 +14,10 @@ any connection is made). txredisapi names both at call time:
 - ``txredisapi.log``: the module's legacy ``log.msg`` lines ("Discarding dead connection.",
   "Redis error: could not auth: ...", which :class:`~circles.backend.reachability.Reachability`
   says better), at debug in our own namespace rather than at info.
+- ``BaseRedisProtocol._build_command``: every command's bytes, built by :func:`build_command`,
+  byte for byte what txredisapi's builds, in one pass. Its own calls a method three times per
+  argument and copies the command twice: on a play's ENQUEUE (some thirty arguments) it was a
+  fifth of the server's CPU.
 
 What is relied on:
 
@@ -65,6 +69,35 @@ _txredisapi_log = Logger(namespace="txredisapi")
 
 txredisapi.ClientService = QuietClientService
 txredisapi.log = _TxredisapiLog()
+
+
+def build_command(self: txredisapi.BaseRedisProtocol, *args: Any, **kwargs: Any) -> bytes:
+    """A command in Redis's protocol (an array of bulk strings), as txredisapi's
+    ``_build_command`` makes it: text in the connection's charset, other values through its
+    ``_encode_value`` (which also raises its errors)."""
+    parts = [b"*%d\r\n" % len(args)]
+    charset, errors = self.charset, self.errors
+    for arg in args:
+        if type(arg) is bytes:
+            data = arg
+        elif type(arg) is str and charset is not None:
+            try:
+                data = arg.encode(charset, errors)
+            except UnicodeEncodeError:
+                data = self._encode_value(arg)
+        elif type(arg) is int:
+            data = b"%d" % arg
+        else:
+            data = self._encode_value(arg)
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+#: txredisapi's own, kept for the tests that hold the two to the same bytes.
+txredisapis_build_command = txredisapi.BaseRedisProtocol._build_command
+txredisapi.BaseRedisProtocol._build_command = build_command
 
 
 class CheckedProtocol(txredisapi.RedisProtocol):

@@ -38,7 +38,7 @@ from circles.backend.reachability import Reachability
 from circles.backend.redis import connect, reached
 from circles.backend.redis_url import RedisAddress
 from circles.backend.scripts import SOURCE_INIT
-from circles.backend.txredisapi_patches import drop_connections
+from circles.backend.txredisapi_patches import drop_connections, live_connection
 from circles.backend.values import text
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger
@@ -503,9 +503,11 @@ class Worker(Service):
             self._start_task(task_id, circle)
 
     def _eval(self, script: str, keys: list, args: list) -> Deferred:
-        if self._commands is None or self._commands.size == 0:
+        # On the connection itself, not through the factory's handler (two Deferreds more a step).
+        connection = live_connection(self._commands) if self._commands is not None else None
+        if connection is None:
             raise RedisError("not connected to Redis")
-        return self._commands.handler.eval(script, keys, args)
+        return connection.eval(script, keys, args)
 
     async def _run_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
         """Claim the task (unless ``fields`` are those of its claim already), run it, record its result."""

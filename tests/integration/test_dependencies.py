@@ -17,7 +17,7 @@ from importlib.metadata import requires, version
 
 import pytest
 import pytest_twisted
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -76,6 +76,39 @@ def test_the_txredisapi_code_relied_on_is_the_one_reviewed(owner, method):
     import txredisapi
 
     assert source_digest(vars(getattr(txredisapi, owner))[method]) == TXREDISAPI_SOURCES[owner, method]
+
+
+def test_the_command_builder_replaced_is_the_one_reviewed():
+    import txredisapi
+
+    from circles.backend import txredisapi_patches
+
+    # txredisapi's own _build_command and the _encode_value ours falls back to, as reviewed.
+    assert source_digest(txredisapi_patches.txredisapis_build_command) == "d2f6abc184c6abb9"
+    assert source_digest(vars(txredisapi.BaseRedisProtocol)["_encode_value"]) == "8ed2e1648fce8ff2"
+    assert txredisapi.BaseRedisProtocol._build_command is txredisapi_patches.build_command
+
+
+ARGUMENT = st.one_of(st.text(), st.binary(), st.integers(), st.booleans(), st.floats(), st.none(),
+                     st.binary().map(bytearray))
+
+
+@settings(max_examples=500, deadline=None)
+@given(args=st.lists(ARGUMENT, max_size=40), charset=st.sampled_from(["utf-8", "latin-1", None]))
+def test_commands_are_built_byte_for_byte_as_txredisapi_builds_them(args, charset):
+    import txredisapi
+
+    from circles.backend.txredisapi_patches import build_command, txredisapis_build_command
+
+    protocol = txredisapi.RedisProtocol(charset=charset)
+
+    def built(builder):
+        try:
+            return builder(protocol, *args)
+        except txredisapi.InvalidData as e:  # text the charset cannot encode: the same error
+            return ("InvalidData", str(e))
+
+    assert built(build_command) == built(txredisapis_build_command)
 
 
 def test_pyproject_pins_the_txredisapi_line_that_was_reviewed():
