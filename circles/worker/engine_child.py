@@ -108,6 +108,10 @@ class Child:
         self.home = home
         self.base_environment = dict(os.environ)  # the worker's allow-list (passed_environment)
         self.work: str | None = None  # the next script's directory, when the last one left it empty
+        import resource
+
+        self.hard_cpu = resource.getrlimit(resource.RLIMIT_CPU)[1]  # only this process could lower it
+        self.cpu_limit: int | None = None  # the soft RLIMIT_CPU set last
 
     def run(self, header: dict, body: bytes) -> bytes:
         """One script: the reply frame, or :data:`MEMORY` when the address space ran out."""
@@ -118,12 +122,13 @@ class Child:
         limit = context.max_output if context.max_output is not None else engines.DEFAULT_MAX_OUTPUT
         if header.get("cpu"):
             # A backstop to the worker's SIGKILL at the deadline: SIGXCPU once this script has
-            # used as much CPU as it had time (the limit counts the process's whole life).
+            # used as much CPU as it had time (the limit counts the process's whole life). In
+            # whole seconds, so that it changes (a system call) once a second of CPU at most.
             usage = resource.getrusage(resource.RUSAGE_SELF)
             soft = math.ceil(usage.ru_utime + usage.ru_stime) + math.ceil(header["cpu"]) + 1
-            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-            if hard == resource.RLIM_INFINITY or soft <= hard:
-                resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+            if soft != self.cpu_limit and (self.hard_cpu == resource.RLIM_INFINITY or soft <= self.hard_cpu):
+                resource.setrlimit(resource.RLIMIT_CPU, (soft, self.hard_cpu))
+                self.cpu_limit = soft
         if self.work is None:
             os.makedirs(self.home, 0o700, exist_ok=True)  # a script may have removed it
             self.work = tempfile.mkdtemp(prefix="script-", dir=self.home)
@@ -138,9 +143,9 @@ class Child:
         except MemoryError:
             out_of_memory = True  # out of the except clause: the script's values are freed
             reply = b""
-        os.chdir("/")  # its home may be gone: nothing to stand in
         tempfile.tempdir = None
         if not self._untouched(work):
+            os.chdir("/")  # not in what goes (its home may be gone already)
             shutil.rmtree(work, ignore_errors=True)
             self.work = None  # the next script gets a new one
         return MEMORY if out_of_memory else reply
