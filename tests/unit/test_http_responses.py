@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
@@ -123,7 +124,8 @@ def test_a_route_is_built_at_its_first_request_and_only_then():
     built = []
 
     def build():
-        built.append(Document(b"the route", b"text/plain"))
+        built.append(Resource())  # not a leaf: the rest of the path is routed into it
+        built[-1].putChild(b"x", Document(b"the route", b"text/plain"))
         return built[-1]
 
     route = OnFirstRequest(build)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
 from twisted.web.pages import notFound
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Site
 
 from circles.common.keys import PATH_KEY_LENGTHS
@@ -100,9 +100,10 @@ class MetricsPage(Resource):
 
 
 class OnFirstRequest(Resource):
-    """A leaf route built at its first request: the routes behind it, and the libraries they load
+    """A route built at its first request: the routes behind it, and the libraries they load
     (Klein and Werkzeug for ``/auth`` and ``/webhooks``), cost nothing before the port listens.
-    ``build`` makes the resource, a leaf itself (a Klein app's is), that answers every request."""
+    ``build`` makes the resource once; every request is then routed into it as if it stood here
+    (a leaf itself, this one leaves the rest of the path to it)."""
 
     isLeaf = True
 
@@ -114,7 +115,7 @@ class OnFirstRequest(Resource):
     def render(self, request):
         if self._resource is None:
             self._resource = self._build()
-        return self._resource.render(request)
+        return getChildForRequest(self._resource, request).render(request)
 
 
 def _auth_routes(gateway: Gateway) -> IResource:
