@@ -34,6 +34,7 @@ from circles.server import tls
 from circles.server.access.limits import ORIGIN_RULE, check_origin_pattern
 from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.processes import group as processes
+from circles.server.processes import siblings
 from circles.server.processes.group import ServerProcesses
 from circles.server.providers import secrets as webhook_secrets
 from circles.server.session.contracts import CONTRACTS
@@ -469,9 +470,6 @@ def _make_service(config: Options, reactor):
     member = processes.member_from_environment()
     if config["processes"] == 1 and member is None:
         return service
-    # The processes' sockets to each other: loaded only for --processes.
-    from circles.server.processes import siblings
-
     group = MultiService()
     service.setServiceParent(group)
     if member is not None:  # one of the others of a first process's --processes

@@ -143,10 +143,9 @@ def test_the_client_package_exports_load_on_first_use():
 
 #: What the server needs only once it serves, not to listen: the /auth and /webhooks routes with
 #: Klein and Werkzeug and the providers' parsers (built at their first request), pycryptodome's
-#: keccak (at the first Ethereum signature), the sockets between --processes (with --processes only).
+#: keccak (at the first Ethereum signature).
 NOT_BEFORE_LISTENING = ("klein", "werkzeug", "Crypto", "circles.webhooks", "circles.server.http.nonce_route",
-                        "circles.server.providers.events", "circles.server.providers.signatures",
-                        "circles.server.processes.siblings")
+                        "circles.server.providers.events", "circles.server.providers.signatures")
 
 
 def test_the_server_listens_before_it_loads_what_only_serving_needs(redis_server):
