@@ -37,8 +37,8 @@ class AuthenticationFailed(Exception):
 def eth_personal_digest(message: bytes) -> bytes:
     """keccak256 of the EIP-191 ``personal_sign`` envelope around ``message``."""
     # Imported at the first signature, not with this module: pycryptodome's keccak has cffi parse
-    # its C declarations (pycparser) as it loads, a large share of the server's start before its
-    # port listens (docs/benchmarks.md, "Start-up").
+    # its C declarations as it loads, which the server need not do before its port listens
+    # (docs/benchmarks.md, "Start-up").
     from Crypto.Hash import keccak
 
     digest = keccak.new(digest_bits=256)
