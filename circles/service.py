@@ -18,6 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from circles.backend import worker_protocols
@@ -38,13 +39,13 @@ from circles.server.config import DEFAULT_PLAIN_PORT, DEFAULT_TLS_PORT, Config
 from circles.server.gateway import Gateway
 from circles.server.http.accepts import AcceptGate
 from circles.server.http.eager import send_eagerly
-from circles.server.http.site import build_metrics_site, edge_site
+from circles.server.http.site import OnFirstRequest, build_metrics_site, edge_site
 from circles.server.http.upgrade import UpgradeRouter
 from circles.server.jobs.redis_store import RedisJobStore
 from circles.server.processes.group import ReusePortEndpoint, inherited_listen_fd
+from circles.server.providers.secrets import providers_line
 from circles.server.session.contracts import CONTRACTS
 from circles.server.session.methods import Sessions
-from circles.webhooks import WebhookRoutes, providers_line
 
 log = Logger()
 #: Pending TCP connections the kernel queues for us. Twisted's default, 50, overflows in a
@@ -56,10 +57,19 @@ CLOSE_WAIT = 2.0
 
 def build_site(factory: CircleFactory, reactor: Any) -> Site:
     """The one Site of a server: the HTTP edge's routes with the server's two faces on them, the
-    WebSocket of every circle (``factory``) and the webhook routes of its gateway; ``/openrpc.json``
-    is the document of the contract of a connection that asks for none (the server's ``--api``)."""
-    return edge_site(factory.gateway, WebSocketResource(factory), WebhookRoutes(factory.gateway).app.resource(),
+    WebSocket of every circle (``factory``) and the webhook routes of its gateway (built at the
+    first webhook); ``/openrpc.json`` is the document of the contract of a connection that asks
+    for none (the server's ``--api``)."""
+    gateway = factory.gateway
+    return edge_site(gateway, WebSocketResource(factory), OnFirstRequest(lambda: _webhook_routes(gateway)),
                      factory.sessions.default.document_text(), reactor)
+
+
+def _webhook_routes(gateway: Gateway) -> IResource:
+    """``/webhooks``'s Klein app (:mod:`circles.webhooks`), imported when it is built."""
+    from circles.webhooks import WebhookRoutes
+
+    return WebhookRoutes(gateway).app.resource()
 
 
 def endpoint_from_string(reactor: Any, description: str, ciphers: str | None = None) -> IStreamServerEndpoint:
@@ -268,7 +278,7 @@ class CirclesService(MultiService):
                      "{reserve}); at most {pending} from one address before their request (--max-pending-per-ip)",
                      limit=self.accepts.limit, reserve=self.config.fd_reserve,
                      pending=self.config.max_pending_per_ip or "any number")
-        line, fields = providers_line(self.config)
+        line, fields = providers_line(self.config.stripe_secrets, self.config.idenfy_secrets)
         log.info("{webhooks}", webhooks=line, **fields)
         super().startService()
 

@@ -91,24 +91,6 @@ def providers(config: Config, clock) -> dict[str, Provider]:
     }
 
 
-def providers_line(config: Config) -> tuple[str, dict]:
-    """The start-up line saying which providers are on, and its fields:
-    ``("webhooks: Stripe on (2 secrets), iDenfy off", {"stripe_secrets": 2, ...})``."""
-    words, fields = [], {}
-    for name, title, secrets in (("stripe", "Stripe", config.stripe_secrets),
-                                 ("idenfy", "iDenfy", config.idenfy_secrets)):
-        shared, circles = len(secrets.shared), len(secrets.per_circle)
-        fields[f"{name}_secrets"], fields[f"{name}_circles"] = shared, circles
-        if not secrets:
-            words.append(f"{title} off")
-            continue
-        parts = [f"{shared} secret{'' if shared == 1 else 's'}"] if shared else []
-        if circles:
-            parts.append(f"own secrets for {circles} circle{'' if circles == 1 else 's'}")
-        words.append(f"{title} on ({', '.join(parts)})")
-    return "webhooks: " + ", ".join(words), fields
-
-
 def _read_body(request, limit: int) -> bytes | None:
     """The body, or None if it is over ``limit`` (only possible on a Site without
     :class:`~circles.server.http.request_limits.BoundedRequest`, which refuses such bodies earlier)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import coincurve
 from coincurve import ecdsa
-from Crypto.Hash import keccak
 
 from circles.common.keys import parse_hex
 
@@ -37,6 +36,11 @@ class AuthenticationFailed(Exception):
 
 def eth_personal_digest(message: bytes) -> bytes:
     """keccak256 of the EIP-191 ``personal_sign`` envelope around ``message``."""
+    # Imported at the first signature, not with this module: pycryptodome's keccak has cffi parse
+    # its C declarations as it loads, which the server need not do before its port listens
+    # (docs/benchmarks.md, "Start-up").
+    from Crypto.Hash import keccak
+
     digest = keccak.new(digest_bits=256)
     digest.update(_ETH_PREFIX + str(len(message)).encode("ascii") + message)
     return digest.digest()

@@ -139,3 +139,30 @@ def test_the_client_package_exports_load_on_first_use():
     with pytest.raises(AttributeError):
         import circles.client
         circles.client.no_such_name
+
+
+#: What the server needs only once it serves, not to listen: the /auth and /webhooks routes with
+#: Klein and Werkzeug and the providers' parsers (built at their first request), pycryptodome's
+#: keccak (at the first Ethereum signature).
+NOT_BEFORE_LISTENING = ("klein", "werkzeug", "Crypto", "circles.webhooks", "circles.server.http.nonce_route",
+                        "circles.server.providers.events", "circles.server.providers.signatures")
+
+
+def test_the_server_listens_before_it_loads_what_only_serving_needs(redis_server):
+    # What `twistd -n circles --redis-url URL` does up to its port listening: the plugin's options, its
+    # makeService, the service started (docs/benchmarks.md, "Start-up"). A bound port takes
+    # connections before the reactor runs, so the reactor is not run here.
+    statement = ("import json, sys\n"
+                 "from twisted.plugins.circles_plugin import circles as plugin\n"
+                 "options = plugin.options()\n"
+                 f"options.parseOptions(['--redis-url', {redis_server.url!r}, '--port', '0', '--interface', '127.0.0.1'])\n"
+                 "root = plugin.makeService(options)\n"
+                 "root.privilegedStartService()\n"
+                 "root.startService()\n"
+                 "[service] = root\n"
+                 "print(json.dumps([service.listeners[0].port.getHost().port, sorted(sys.modules)]))")
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
+    port, names = json.loads(result.stdout.splitlines()[-1])
+    assert port > 0
+    assert {"circles.service", "autobahn.twisted.resource", "txredisapi", "prometheus_client"} <= set(names)
+    assert loaded(set(names), NOT_BEFORE_LISTENING) == []

@@ -201,6 +201,9 @@ def test_the_try_outs_set_up_installs_what_running_needs_once_and_again_when_its
     first = setup("--runtime")
     assert [line for line in first if " -e " in line] == ["-m pip install -q -e ."], first
     assert _where_circles_is(python, tmp_path) == str(clone / "circles" / "__init__.py")
+    # What no start then redoes: compiling the package, finding the plugins.
+    assert list((clone / "circles" / "__pycache__").glob("service.*.pyc"))
+    assert (clone / "twisted" / "plugins" / "dropin.cache").exists()
     assert setup("--runtime") == []  # the second start: nothing to install
     with open(clone / "pyproject.toml", "a") as f:
         f.write("# changed\n")

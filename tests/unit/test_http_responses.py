@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
@@ -20,7 +21,9 @@ from circles.backend.scripts import BackendUnavailable, IScriptRunner, Queued
 from circles.protocol import CircleFactory
 from circles.server.config import Config
 from circles.server.gateway import Gateway
+from circles.server.http.document import Document
 from circles.server.http.responses import json_response
+from circles.server.http.site import OnFirstRequest
 from circles.server.providers.secrets import WebhookSecrets
 from circles.service import build_site
 from devtools.webhook_support import STRIPE_SECRET, encode, stripe_event, stripe_headers
@@ -112,6 +115,24 @@ def test_json_response_sets_status_type_and_caching(options, body, no_store):
     assert request.responseCode == 418
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
     assert request.responseHeaders.getRawHeaders(b"cache-control") == ([b"no-store"] if no_store else None)
+
+
+# --- routes built at their first request (/auth, /webhooks: Klein loads then, not at start-up) -----
+
+
+def test_a_route_is_built_at_its_first_request_and_only_then():
+    built = []
+
+    def build():
+        built.append(Resource())  # not a leaf: the rest of the path is routed into it
+        built[-1].putChild(b"x", Document(b"the route", b"text/plain"))
+        return built[-1]
+
+    route = OnFirstRequest(build)
+    assert built == []
+    answers = [route.render(DummyRequest([b"x"])) for _ in range(3)]
+    assert answers == [b"the route"] * 3
+    assert len(built) == 1
 
 
 # --- every route, as it always answered -----------------------------------------------------------

@@ -13,17 +13,18 @@ Request bodies are bounded for every route as they arrive (:mod:`circles.server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
 from twisted.web.pages import notFound
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Site
 
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.logs import Logger, enabled
 from circles.server.gateway import Gateway
 from circles.server.http.document import Document
-from circles.server.http.nonce_route import AuthRoutes
 from circles.server.http.playground import Playground
 from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
 from circles.server.http.responses import answer_later, json_response
@@ -98,6 +99,32 @@ class MetricsPage(Resource):
         return b"server process 1, which keeps the server's counts, did not answer\n"
 
 
+class OnFirstRequest(Resource):
+    """A route built at its first request: the routes behind it, and the libraries they load
+    (Klein and Werkzeug for ``/auth`` and ``/webhooks``), cost nothing before the port listens.
+    ``build`` makes the resource once; every request is then routed into it as if it stood here
+    (a leaf itself, this one leaves the rest of the path to it)."""
+
+    isLeaf = True
+
+    def __init__(self, build: Callable[[], IResource]) -> None:
+        super().__init__()
+        self._build = build
+        self._resource: IResource | None = None
+
+    def render(self, request):
+        if self._resource is None:
+            self._resource = self._build()
+        return getChildForRequest(self._resource, request).render(request)
+
+
+def _auth_routes(gateway: Gateway) -> IResource:
+    """``/auth``'s Klein app (:mod:`circles.server.http.nonce_route`), imported when it is built."""
+    from circles.server.http.nonce_route import AuthRoutes
+
+    return AuthRoutes(gateway).app.resource()
+
+
 class Root(Resource):
     """``/`` and the named routes are children; any other single segment is a circle."""
 
@@ -141,7 +168,7 @@ def edge_site(gateway: Gateway, circles: IResource, webhooks: IResource, openrpc
     """The one Site: the operational routes, ``/auth``, and the server's two faces as given
     (``circles``: the WebSocket resource of every circle; ``webhooks``: the webhook routes);
     ``openrpc``: the text of ``/openrpc.json``, the document of the server's ``--api``."""
-    root = Root(circles, AuthRoutes(gateway).app.resource(), webhooks, openrpc,
+    root = Root(circles, OnFirstRequest(lambda: _auth_routes(gateway)), webhooks, openrpc,
                 playground=gateway.config.playground, auth_required=gateway.config.auth_required)
     root.putChild(b"ready", _Ready(gateway))
     if gateway.config.metrics_listen is None:  # else only on that endpoint

@@ -115,3 +115,20 @@ def load(env_value: str | None, path: str | None) -> WebhookSecrets:
         file_shared, per_circle = parse_file_text(text, path)
         shared.extend(file_shared)
     return WebhookSecrets(tuple(shared), per_circle)
+
+
+def providers_line(stripe: WebhookSecrets, idenfy: WebhookSecrets) -> tuple[str, dict]:
+    """The start-up line saying which providers are on, and its fields:
+    ``("webhooks: Stripe on (2 secrets), iDenfy off", {"stripe_secrets": 2, ...})``."""
+    words, fields = [], {}
+    for name, title, secrets in (("stripe", "Stripe", stripe), ("idenfy", "iDenfy", idenfy)):
+        shared, circles = len(secrets.shared), len(secrets.per_circle)
+        fields[f"{name}_secrets"], fields[f"{name}_circles"] = shared, circles
+        if not secrets:
+            words.append(f"{title} off")
+            continue
+        parts = [f"{shared} secret{'' if shared == 1 else 's'}"] if shared else []
+        if circles:
+            parts.append(f"own secrets for {circles} circle{'' if circles == 1 else 's'}")
+        words.append(f"{title} on ({', '.join(parts)})")
+    return "webhooks: " + ", ".join(words), fields
