@@ -7,39 +7,46 @@ spare (a busy process is not waiting in ``epoll``), but connections made while t
 idle (a client opening its pool at start) fall to whichever wakes first, and measured 0/50, 49/1,
 5/45 over runs of 50: worse than ``SO_REUSEPORT``'s hash of the 4-tuple (17/33 to 26/24), which
 is blind to load, both ways (docs/benchmarks.md, "--processes: CPU per request and the spread of
-connections"). So each process also says how many connections it holds, in :class:`Holdings`
-(shared memory: one number per process), and takes from the queue at once only while it holds
-no more than the fewest any other accepting process holds, and then no more than one past them;
-a process holding more waits :data:`WAIT` before taking what is still queued, which the others
-had the time to take. A process that is busy, stopped (``SIGSTOP``) or dead delays a connection
-by :data:`WAIT` at most; none is idle while another holds more connections than it does.
+connections").
+
+So each process also says in :class:`Holdings` (shared memory, two numbers per process) how many
+connections it holds and a turn (a random number it draws again each time it accepts), and takes
+from the queue at once only while it comes first by (connections held, turn) among the
+processes that accept: it holds the fewest, or as few as the fewest and drew the lowest turn
+(a draw, not an order: a strict alternation would give every other connection to the same
+process, as every WebSocket of a client that fetches a nonce over HTTP before each one). Then it
+takes no more than brings it level with the next (one, on a tie). A process that does
+not come first waits :data:`WAIT`, then takes what is still queued, which the others had the
+time to take: one that is busy, stopped (``SIGSTOP``) or dead delays a connection by
+:data:`WAIT` at most. 50 connections opened one after another, or all at once, split 25/25.
 
 ``epoll`` wakes every process waiting on the socket for each connection (the herd; no
-``EPOLLEXCLUSIVE``, which would wake only the first, one that may hold the most and wait): with a
-few processes, a few wake-ups per connection, one of which accepts.
+``EPOLLEXCLUSIVE``, which would wake only the first, one that may not come first and waits):
+with a few processes, a few wake-ups per connection, one of which accepts.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import random
 import struct
 
 from twisted.internet import tcp
 
-#: Seconds a process that holds more connections than another waits before accepting.
+#: Seconds a process that does not come first waits before accepting.
 WAIT = 0.01
-#: What a process's slot holds while it does not accept (not started, stopped listening, dead).
+#: The connections held by a process that does not accept (not started, stopped listening, dead).
 ABSENT = -1
 #: The most connections a process that waited takes at once (Twisted's first accept loop).
 AFTER_WAIT = 100
-_SLOT = struct.Struct("q")  # one aligned 64-bit word per process: written whole
+_SLOT = struct.Struct("qq")  # per process: connections held, turn; aligned 64-bit words
 
 
 class Holdings:
-    """How many connections each of ``count`` processes holds (numbered 1 to ``count``), in
-    memory shared through the descriptor ``fd``; :meth:`create` makes it (the first process),
-    the others open it by its descriptor."""
+    """How many connections each of ``count`` processes holds (numbered 1 to ``count``) and
+    when each last accepted, in memory shared through the descriptor ``fd``; :meth:`create`
+    makes it (the first process), the others open it by its descriptor."""
 
     def __init__(self, fd: int, count: int) -> None:
         self.fd = fd
@@ -55,31 +62,31 @@ class Holdings:
             holdings.set(number, ABSENT)
         return holdings
 
-    def set(self, number: int, held: int) -> None:
-        _SLOT.pack_into(self._map, _SLOT.size * (number - 1), held)
+    def _get(self, number: int) -> tuple[int, int]:
+        return _SLOT.unpack_from(self._map, _SLOT.size * (number - 1))
+
+    def set(self, number: int, held: int, took: bool = False) -> None:
+        """Process ``number`` holds ``held`` connections (ABSENT: it does not accept); with
+        ``took``, it has just accepted (it draws its turn again)."""
+        turn = random.getrandbits(62) if took else self._get(number)[1]
+        _SLOT.pack_into(self._map, _SLOT.size * (number - 1), held, turn)
 
     def get(self, number: int) -> int:
-        return _SLOT.unpack_from(self._map, _SLOT.size * (number - 1))[0]
+        """The connections process ``number`` holds (ABSENT: it does not accept)."""
+        return self._get(number)[0]
 
-    def fewest_but(self, number: int) -> int | None:
-        """The fewest connections another accepting process holds; None if none accepts."""
-        others = [self.get(n) for n in range(1, self.count + 1) if n != number]
-        return min((held for held in others if held >= 0), default=None)
+    def first_but(self, number: int) -> tuple[int, int] | None:
+        """(connections held, turn) of the accepting process other than ``number`` that comes
+        first; None if no other accepts."""
+        others = [self._get(n) for n in range(1, self.count + 1) if n != number]
+        return min((score for score in others if score[0] >= 0), default=None)
 
-    def close(self) -> None:
-        self._map.close()
-        os.close(self.fd)
+    def score(self, number: int) -> tuple[int, int]:
+        return self._get(number)
 
 
 class _Held(tcp.Server):
     """A connection that tells its port when it closes."""
-
-    def loseConnection(self, *args, **kwargs):
-        done = super().loseConnection(*args, **kwargs)
-        self._publish()  # ABSENT from now on: the others no longer leave connections to this one
-        return done
-
-    stopListening = loseConnection
 
     def connectionLost(self, reason) -> None:
         try:
@@ -105,24 +112,26 @@ class SharedPort(tcp.Port):
         self.holdings, self.number = holdings, number
         self._publish()
 
-    def _publish(self) -> None:
+    def _publish(self, took: bool = False) -> None:
         if self.holdings is not None:
-            self.holdings.set(self.number, self.held if self.connected and not self.disconnecting else ABSENT)
+            accepting = self.connected and not self.disconnecting
+            self.holdings.set(self.number, self.held if accepting else ABSENT, took)
 
     def startListening(self) -> None:
         super().startListening()
         self._publish()
 
     def doRead(self) -> None:
-        fewest = None if self.holdings is None else self.holdings.fewest_but(self.number)
-        if fewest is None:
+        holdings = self.holdings
+        first = None if holdings is None else holdings.first_but(self.number)
+        if holdings is None or first is None:
             self._accept()
-        elif self.held <= fewest:
-            self._accept(fewest + 1 - self.held)
         elif self._waited:
             self._accept(AFTER_WAIT)
+        elif holdings.score(self.number) <= first:
+            self._accept(max(1, first[0] - self.held))
         else:
-            # Another holds fewer: its turn, for WAIT (it wakes for this connection too).
+            # Another comes first: its turn, for WAIT (it wakes for this connection too).
             self.stopReading()
             self._later = self.reactor.callLater(WAIT, self._after_wait)
 
@@ -144,7 +153,7 @@ class SharedPort(tcp.Port):
         super().doRead()
         if self.sessionno != before:
             self.held += self.sessionno - before
-            self._publish()
+            self._publish(took=True)
 
     def released(self) -> None:
         self.held -= 1
