@@ -41,7 +41,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import BIN, NO_CAP, PYTHON, ROOT, choose_generator, free_port, log, machine_info  # noqa: E402
+from bench.run import BIN, NO_CAP, PYTHON, ROOT, choose_generator, free_port, log, machine_info
 
 HERE = Path(__file__).resolve().parent
 
@@ -162,7 +162,7 @@ def play_round(processes: int, args) -> dict:
         raise RuntimeError(f"bench/play.py exited {done.returncode}")
     result = json.loads(done.stdout)
     return {"processes": processes, "plays_per_s": result["plays_per_s"], "p99_ms": result["p99_ms"],
-            "cpu_us_per_play": result.get("cpu_us_per_play"), "held": result.get("held")}
+            "cpu_us_per_play": result.get("cpu_us_per_play")}
 
 
 def median(rows: list, field: str) -> float | None:
@@ -252,7 +252,7 @@ def main(argv: list | None = None) -> None:
                 row = play_round(n, args)
                 report["play"].append(row)
                 log(f"round {r + 1}/{args.rounds} play, {n} process(es): {row['cpu_us_per_play']}, "
-                    f"{row['plays_per_s']:,.0f}/s, held {row.get('held')}")
+                    f"{row['plays_per_s']:,.0f}/s")
     report["loadavg_end"] = os.getloadavg()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

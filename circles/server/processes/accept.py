@@ -31,8 +31,10 @@ import mmap
 import os
 import random
 import struct
+from typing import cast
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTime
 
 #: Seconds a process that does not come first waits before accepting.
 WAIT = 0.01
@@ -92,7 +94,7 @@ class _Held(tcp.Server):
         try:
             super().connectionLost(reason)
         finally:
-            self.server.released()
+            cast("SharedPort", self.server).released()
 
 
 class SharedPort(tcp.Port):
@@ -133,7 +135,7 @@ class SharedPort(tcp.Port):
         else:
             # Another comes first: its turn, for WAIT (it wakes for this connection too).
             self.stopReading()
-            self._later = self.reactor.callLater(WAIT, self._after_wait)
+            self._later = cast(IReactorTime, self.reactor).callLater(WAIT, self._after_wait)
 
     def _after_wait(self) -> None:
         self._later = None

@@ -319,8 +319,8 @@ class ServerProcesses(Service):
         if not self.running:
             return
         child = _Child(number, self._reactor)
-        command = self._command
-        assert command is not None  # made by startService
+        command, shared, holdings = self._command, self._socket, self.holdings
+        assert command is not None and shared is not None and holdings is not None  # made by startService
         generation = self._generations[number] = self._generations.get(number, 0) + 1
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
                                   ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD),
@@ -329,8 +329,8 @@ class ServerProcesses(Service):
         # a terminal's Ctrl-C reaches only us, and we stop it with one SIGTERM (two stop signals
         # make a twistd log ReactorNotRunning with a traceback).
         transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
-                                               env=env, childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self._socket.fileno(),
-                                                                  HOLDINGS_FD: self.holdings.fd})
+                                               env=env, childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: shared.fileno(),
+                                                                  HOLDINGS_FD: holdings.fd})
         child.ended.when().addCallback(self._ended, child)
         self.children.append(child)
         self._delays[number].started()
