@@ -18,7 +18,7 @@ process, as every WebSocket of a client that fetches a nonce over HTTP before ea
 takes no more than brings it level with the next (one, on a tie). A process that does
 not come first waits :data:`WAIT`, then takes what is still queued, which the others had the
 time to take: one that is busy, stopped (``SIGSTOP``) or dead delays a connection by
-:data:`WAIT` at most. 50 connections opened one after another, or all at once, split 25/25.
+:data:`WAIT` at most. 50 connections opened one after another split 25/25, 1,000 split 500/500.
 
 ``epoll`` wakes every process waiting on the socket for each connection (the herd; no
 ``EPOLLEXCLUSIVE``, which would wake only the first, one that may not come first and waits):

@@ -33,7 +33,7 @@ in its place accepts, unprivileged.
 
 Why one socket rather than one per process (``SO_REUSEPORT``, each its own queue, as before): the
 kernel hashed each connection's addresses to a process, blind to load, so 50 connections split
-17/33 as often as 25/25 and a process whose queue was full or that hung (``SIGSTOP``) held its
+anywhere from 17/33 to 25/25 and a process whose queue was full or that hung (``SIGSTOP``) held its
 connections waiting while the others idled; and a steering program (``SO_ATTACH_REUSEPORT_CBPF``)
 has no state to count with, only the packet, the CPU and a random number (docs/benchmarks.md,
 "--processes: CPU per request and the spread of connections").
