@@ -59,13 +59,15 @@ def cpu_seconds(pid: int) -> float | None:
 class Server:
     """``twistd -n circles --processes N`` with its private Redis, as bench/run.py runs ``ours``."""
 
-    def __init__(self, processes: int, logdir: Path) -> None:
+    def __init__(self, processes: int, logdir: Path, cpus: str | None = None) -> None:
         self.processes = processes
         self.port = free_port()
         self.state = tempfile.mkdtemp(prefix="circles-bench-state-")
         argv = [str(BIN / "twistd"), "-n", "--pidfile=", "circles", "-p", str(self.port), "--interface", "127.0.0.1",
                 "--max-nonces", str(NO_CAP), "--rate-limit", "1e9", "--max-connections", "0",
                 "--state-dir", self.state, "--processes", str(processes)]
+        if cpus:  # every process of the group (and its Redis) inherits the affinity
+            argv = ["taskset", "-c", cpus, *argv]
         self.logpath = logdir / f"processes-{processes}-{self.port}.log"
         self.logfile = open(self.logpath, "wb")
         self.process = subprocess.Popen(argv, stdout=self.logfile, stderr=subprocess.STDOUT, cwd=str(ROOT))
@@ -111,11 +113,15 @@ class Server:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
+#: The generator's CPU affinity (``--pin``).
+PIN_GENERATOR: list = []
+
+
 def whoami_round(server: Server, generator, connections: int, seconds: float, warmup: float) -> dict:
     """One measurement: ``connections`` fresh connections calling whoami; CPU of the server
     processes and of Redis over the generator's window, and the connections each process held."""
     servers, redis = server.servers(), server.redis()
-    argv = [*generator.command, "rpc", "--url", f"ws://127.0.0.1:{server.port}", "--method", "whoami",
+    argv = [*PIN_GENERATOR, *generator.command, "rpc", "--url", f"ws://127.0.0.1:{server.port}", "--method", "whoami",
             "--connections", str(connections), "--duration", str(seconds), "--warmup", str(warmup), "--mark-window"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first: dict = {}
@@ -179,7 +185,8 @@ def markdown(report: dict) -> str:
     lines = [f"# --processes, {report['date']}", "",
              f"Command: `{report['command']}` at circles {m['git_commit']}" + (" (dirty)" if m["git_dirty"] else ""),
              f"Machine: {m['cpu_model']}, {m['logical_cpus']} CPUs, Linux {m['kernel']}; load average at start "
-             f"{m['loadavg_start'][0]:.2f}, at end {report['loadavg_end'][0]:.2f}. Nothing pinned.", "",
+             f"{m['loadavg_start'][0]:.2f}, at end {report['loadavg_end'][0]:.2f}. "
+             f"{'Server on CPU 1, generator on CPU 0.' if report.get('pinned') else 'Nothing pinned.'}", "",
              "| workload | processes | server CPU s per 100k calls (median) | x one process | Redis CPU s per 100k | "
              "calls/s (median) | connections held per process, each round | busy per process, each round |",
              "|---|---|---|---|---|---|---|---|"]
@@ -216,7 +223,12 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--play-seconds", type=float, default=10)
     parser.add_argument("--generator", choices=["node"], default="node", help="the load generator (Node only)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
+    parser.add_argument("--pin", action="store_true",
+                        help="whoami: every server process (and its Redis) on CPU 1, the generator on CPU 0, for every "
+                             "configuration alike: CPU per call without the generator's core shared")
     args = parser.parse_args(argv)
+    global PIN_GENERATOR
+    PIN_GENERATOR = ["taskset", "-c", "0"] if args.pin else []
     configurations = [int(n) for n in args.processes.split(",")]
     counts = [int(n) for n in args.connections.split(",")]
     generator = choose_generator(args.generator)
@@ -228,11 +240,11 @@ def main(argv: list | None = None) -> None:
     report: dict = {"date": stamp, "command": shlex.join(["bench/processes.py", *(sys.argv[1:] if argv is None else argv)]),
                     "configurations": configurations, "machine": machine_info(),
                     "generator": {"name": generator.name, "versions": generator.versions},
-                    "whoami": {}, "play": [], "server_logs": str(logdir)}
+                    "whoami": {}, "play": [], "server_logs": str(logdir), "pinned": args.pin}
     servers = {}
     try:
         for n in configurations:
-            servers[n] = Server(n, logdir)
+            servers[n] = Server(n, logdir, "1" if args.pin else None)
             log(f"{n} process(es): port {servers[n].port}, pids {[p.pid for p in servers[n].servers()]}")
         for count in counts:
             rows = report["whoami"].setdefault(f"whoami x{count}", [])
