@@ -160,13 +160,24 @@ class TreeCPU:
         return sum(self.last[pid] - self.first[pid] for pid in self.last)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class Meters:
     """CPU of each part over the same window (server, its private Redis, workers, generator), and
     with ``profile_dir`` a py-spy profile of the server and the workers over it."""
 
     def __init__(self, server_pid: int, worker_pids: list, profile_dir: str = None, seconds: float = 0) -> None:
-        redis = TreeCPU._tree(server_pid)[1:]
-        self.parts = {"server": TreeCPU([server_pid], descendants=False), "redis": TreeCPU(redis),
+        # Under the first server process: its private Redis and the other server processes (--processes).
+        below = TreeCPU._tree(server_pid)[1:]
+        redis = [pid for pid in below if "redis-server" in _cmdline(pid)]
+        servers = [server_pid] + [pid for pid in below if pid not in redis]
+        self.parts = {"server": TreeCPU(servers, descendants=False), "redis": TreeCPU(redis),
                       "workers": TreeCPU(worker_pids)}
         self.profiles = []
         self._profile = [(name, pid) for name, pid in [("server", server_pid)] + [
@@ -327,6 +338,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="with --isolation: measurements of each mode, in turn")
     parser.add_argument("--generator", choices=["auto", "node", "python"], default="auto",
                         help="load generator: bench/node/loadgen.mjs or this module's (auto: node when it can run)")
+    parser.add_argument("--processes", type=int, default=1, help="server --processes (its CPU: all of them)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="py-spy profiles (collapsed stacks) of the server and workers over the window, into DIR")
     args = parser.parse_args()
@@ -337,11 +349,12 @@ def main() -> None:
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
-                        "--state-dir", state], state)
+                        "--state-dir", state, "--processes", str(args.processes)], state)
         try:
             args.server_pid = server.pid
             port = int(wait_for(server, r"starting on (\d+)").group(1))
-            wait_for(server, r"connected to Redis")
+            for _ in range(args.processes):  # each server process connects
+                wait_for(server, r"connected to Redis")
             drain(server)
             if args.isolation is None:
                 result = measure(args, circle, state, port)
@@ -355,7 +368,7 @@ def main() -> None:
                         for mode in modes}
         finally:
             stop([server])
-    result.update(workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine(),
+    result.update(processes=args.processes, workers=args.workers, worker_concurrency=args.concurrency, engine=args.engine, machine=machine(),
                   generator={"name": args.generator.name, "versions": args.generator.versions})
     print(json.dumps(result, indent=2))
 

@@ -30,7 +30,9 @@
 //
 // With `--server-pid` rpc and auth also report the server's CPU time over the measured window
 // (utime+stime from /proc/<pid>/stat) and the share of the server's CPUs that other processes
-// used. `--procs P` splits rpc/auth over P worker threads (one event loop each).
+// used. `--procs P` splits rpc/auth over P worker threads (one event loop each). With
+// `--mark-window` rpc prints "window start" and "window end" on stderr as play does (so that
+// bench/processes.py takes the CPU of every server process over the same window).
 //
 // Clients send no permessage-deflate offer and no pings, mask frames with an all-zero key (the
 // server unmasks every frame as usual; ws then copies no payload), and spread their source
@@ -209,12 +211,14 @@ class Window {
   }
 }
 
-async function monitor(tMeasure, tEnd, serverPid, out) {
+async function monitor(tMeasure, tEnd, serverPid, out, mark = false) {
   await sleep(tMeasure - now());
   const window = new Window(serverPid);
+  if (mark) process.stderr.write('window start\n');
   window.start();
   await sleep(tEnd - now());
   Object.assign(out, window.stop());
+  if (mark) process.stderr.write('window end\n');
 }
 
 function withTimeout(promise, seconds, what) {
@@ -324,7 +328,7 @@ const describe = (e) => `${e?.name ?? 'Error'}: ${e?.message ?? e}`.slice(0, 300
 
 // --- workload: rpc ---------------------------------------------------------------------------
 
-async function rpc({ url, connections, duration, warmup, serverPid, method, circle, barrier }) {
+async function rpc({ url, connections, duration, warmup, serverPid, method, circle, barrier, markWindow }) {
   circle ??= newKey().pubkey;
   const pubkey = newKey().pubkey;
   const sockets = [];
@@ -357,7 +361,7 @@ async function rpc({ url, connections, duration, warmup, serverPid, method, circ
   }
 
   const window = {};
-  await withTimeout(Promise.all([monitor(tMeasure, tEnd, serverPid, window), ...sockets.map(worker)]),
+  await withTimeout(Promise.all([monitor(tMeasure, tEnd, serverPid, window, markWindow), ...sockets.map(worker)]),
                     warmup + duration + 30, 'rpc');
   await Promise.all(sockets.map((ws) => ws.close()));
   return { latencies, errors: state.errors, last_error: state.lastError, window };
@@ -438,7 +442,8 @@ async function runThroughput(kind, options, parallel, procs) {
     parts = await Promise.all(shares.map((n, i) => new Promise((resolve) => {
       const worker = new Worker(new URL(import.meta.url), { workerData: {
         kind, buffer, parties: shares.length,
-        options: { ...options, circle, [param]: n, serverPid: i === 0 ? options.serverPid : null } } });
+        options: { ...options, circle, [param]: n, serverPid: i === 0 ? options.serverPid : null,
+                   markWindow: i === 0 && options.markWindow } } });
       worker.once('message', resolve);
       worker.once('error', (e) => resolve({ latencies: [], errors: 1, last_error: describe(e), window: {} }));
     })));
@@ -719,7 +724,7 @@ async function main(argv) {
         count: { type: 'string', default: '10000' }, batch: { type: 'string', default: '50' },
         hold: { type: 'string', default: '5' }, rounds: { type: 'string', default: '10' },
         'per-round': { type: 'string', default: '10000' }, settle: { type: 'string', default: '1' },
-        check: { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h', default: false },
+        check: { type: 'boolean', default: false }, 'mark-window': { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h', default: false },
       },
     });
   } catch (e) {
@@ -746,6 +751,7 @@ async function main(argv) {
     url: values.url.replace(/\/+$/, ''), serverPid: values['server-pid'] ? number('server-pid') : null,
     circle: values.circle ?? null, method: values.method, duration: number('duration', false),
     warmup: number('warmup', false), settle: number('settle', false), hold: number('hold', false),
+    markWindow: values['mark-window'],
   };
   const overflows = listenOverflows();
   let result;

@@ -253,3 +253,28 @@ def test_the_twisted_pipe_writer_the_isolated_engine_writes_around_is_the_one_re
     from twisted.internet import process
 
     assert source_digest(vars(process.ProcessWriter)[method]) == PROCESS_WRITER_SOURCES[method]
+
+
+def test_a_port_with_a_connection_class_of_its_own_gets_it_with_the_eager_ways_mixed_in():
+    from twisted.internet import tcp
+
+    from circles.server.processes.accept import SharedPort
+
+    closed: list = []
+
+    class Counted(tcp.Server):
+        def connectionLost(self, reason) -> None:
+            closed.append(reason)
+            super().connectionLost(reason)
+
+    port = reactor.listenTCP(0, _Factory(lambda addr: None), interface="127.0.0.1")
+    try:
+        port.transport = Counted
+        assert send_eagerly(port)
+        assert issubclass(port.transport, Counted) and issubclass(port.transport, EagerServer)
+        assert port.transport.write is EagerServer.write and port.transport.connectionLost is Counted.connectionLost
+        assert send_eagerly(port) and port.transport.__mro__[1] is Counted  # not mixed twice
+    finally:
+        port.stopListening()
+    # --processes's shared port: its connections count themselves, and are eager too.
+    assert issubclass(SharedPort.transport, tcp.Server) and SharedPort.transport is not tcp.Server

@@ -71,8 +71,13 @@ class EagerServer(tcp.Server):
 
 
 def send_eagerly(port) -> bool:
-    """Make connections accepted by ``port`` from now on :class:`EagerServer`; True if it could."""
-    if isinstance(port, tcp.Port) and port.transport is tcp.Server:
+    """Make connections accepted by ``port`` from now on :class:`EagerServer`s (a port whose
+    connections are a ``tcp.Server`` of its own, as ``--processes``'s shared port's, gets that
+    class with EagerServer's ways mixed in); True if it could."""
+    if not isinstance(port, tcp.Port) or not isinstance(port.transport, type):
+        return False
+    if port.transport is tcp.Server:
         port.transport = EagerServer
-        return True
-    return False
+    elif issubclass(port.transport, tcp.Server) and not issubclass(port.transport, EagerServer):
+        port.transport = type(f"Eager{port.transport.__name__}", (port.transport, EagerServer), {})
+    return issubclass(port.transport, EagerServer)

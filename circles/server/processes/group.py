@@ -1,8 +1,9 @@
 """Several server processes on one port, so one host serves with all its cores.
 
-``--processes N`` makes the process twistd started the first of N. Each binds the same port
-with ``SO_REUSEPORT`` and the kernel spreads new connections across them; they share nothing
-but Redis (each has its own script runner and reply list, as separate hosts would). The first
+``--processes N`` makes the process twistd started the first of N. All accept from one listening
+socket, the first process's, which the others inherit; which of them takes a connection is
+:mod:`circles.server.processes.accept`'s (the one holding the fewest, or whoever has time). They
+share nothing else but Redis (each has its own script runner and reply list, as separate hosts would). The first
 process starts the private Redis, if any, and the N-1 others with the same options pointed at
 it; they die with it (parent-death signal) and stop when it stops. One that exits while
 serving is started again (see :class:`~circles.common.children.RestartDelay`), so N stay N.
@@ -19,16 +20,23 @@ and publishes each event as its own, tagged with the sender's ``pid`` and ``proc
 standard error, a line that is no event) is logged as a line of text of that process. A line
 longer than :data:`MAX_LINE` is dropped with a note: the relay never holds more than that.
 
-Privileges. The first process binds the others' sockets too (each its own, ``SO_REUSEPORT``, on
-its port) in :meth:`ServerProcesses.privilegedStartService`, before ``twistd`` drops privileges
-(``--uid``), and hands each process its socket as descriptor 3 (:data:`ENV_LISTEN_FD`): the
-others never bind, so a port under 1024 works for them too, and every socket sharing the port has
-the same owner (the kernel lets only sockets of one user share a port). A socket outlives the
-process using it, for the one started again in its place. A process makes its socket listen
-itself, as it starts to serve (bound is all a socket is until then: the kernel gives its
-connections to the others); once it exits, the first process shuts its socket down, which resets
-the connections queued on it (as the kernel does when a process's own socket closes) and makes the
-kernel give new ones to the others, until the next process listens on it again, unprivileged.
+Privileges. The first process binds the port (``SO_REUSEPORT``, as ``--reuse-port`` does, so that
+a new server can take over the port from an old one) before ``twistd`` drops privileges
+(``--uid``), and hands its listening socket to each of the others as descriptor 3
+(:data:`ENV_LISTEN_FD`), with the :class:`~circles.server.processes.accept.Holdings` as
+descriptor 4 (:data:`ENV_HOLDINGS_FD`): the others never bind, so a port under 1024 works for them
+too. The socket outlives any process using it, for the one started again in its place. One that
+exits leaves nothing queued behind it (the queue is everyone's: the others accept what it would
+have; the connections it held are reset by the kernel as it exits), and its place in the
+Holdings is marked absent, so that nobody leaves connections to it, until the one started again
+in its place accepts, unprivileged.
+
+Why one socket rather than one per process (``SO_REUSEPORT``, each its own queue, as before): the
+kernel hashed each connection's addresses to a process, blind to load, so 50 connections split
+anywhere from 17/33 to 25/25 and a process whose queue was full or that hung (``SIGSTOP``) held its
+connections waiting while the others idled; and a steering program (``SO_ATTACH_REUSEPORT_CBPF``)
+has no state to count with, only the packet, the CPU and a random number (docs/benchmarks.md,
+"--processes: CPU per request and the spread of connections").
 
 One ``/metrics``, one ``/ready``: :mod:`circles.server.processes.siblings`, through a private directory given to
 the others in the environment (:data:`ENV_PROCESS`, :data:`ENV_PROCESSES`, :data:`ENV_DIRECTORY`,
@@ -53,6 +61,7 @@ from zope.interface import implementer
 from circles.common.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
 from circles.common.logs import RELAY_LINE_LIMIT, Logger, relayed_event, tag
 from circles.common.once import Once
+from circles.server.processes.accept import ABSENT, Holdings, SharedPort
 
 log = Logger()
 
@@ -62,9 +71,12 @@ ENV_PROCESS, ENV_PROCESSES, ENV_DIRECTORY = "CIRCLES_PROCESS", "CIRCLES_PROCESSE
 #: Which start in its number's place a process is: 1, then 2 for the one started again in its
 #: place, and so on (the first process's count of the server's counts tells them apart).
 ENV_GENERATION = "CIRCLES_PROCESS_GENERATION"
-#: The descriptor of the listening socket the first process made for one of the others.
+#: The descriptor of the listening socket the first process gives the others.
 ENV_LISTEN_FD = "CIRCLES_LISTEN_FD"
 LISTEN_FD = 3
+#: The descriptor of the :class:`~circles.server.processes.accept.Holdings` the first process gives the others.
+ENV_HOLDINGS_FD = "CIRCLES_HOLDINGS_FD"
+HOLDINGS_FD = 4
 #: The longest line read from another process (its events are cut at RELAY_LINE_LIMIT already).
 MAX_LINE = 2 * RELAY_LINE_LIMIT
 
@@ -73,21 +85,31 @@ def _family(interface: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in interface else socket.AF_INET
 
 
-def reuse_port_socket(port: int, interface: str = "", backlog: int = 50, listen: bool = True) -> socket.socket:
-    """A TCP socket bound to ``interface:port`` that other sockets of this user may share
-    (``SO_REUSEPORT``), listening unless ``listen`` is false; :class:`OSError` if it cannot be
-    bound."""
+def reuse_port_socket(port: int, interface: str = "", backlog: int = 50) -> socket.socket:
+    """A TCP socket listening on ``interface:port`` that other sockets of this user may share
+    (``SO_REUSEPORT``); :class:`OSError` if it cannot be bound."""
     sock = socket.socket(_family(interface), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        if listen:
-            sock.listen(backlog)
+        sock.listen(backlog)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def inherited_holdings() -> tuple[Holdings, int] | None:
+    """The :class:`~circles.server.processes.accept.Holdings` the first process gave this one and
+    this one's number in it, if any (only in one of the others of a ``--processes``)."""
+    member = member_from_environment()
+    if member is None:
+        return None
+    try:
+        return Holdings(int(os.environ[ENV_HOLDINGS_FD]), member[1]), member[0]
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 def inherited_listen_fd() -> int | None:
@@ -104,7 +126,8 @@ def inherited_listen_fd() -> int | None:
 @implementer(IStreamServerEndpoint)
 class ReusePortEndpoint:
     """TCP (optionally TLS) on a port that other processes bind too (``SO_REUSEPORT``), or, with
-    ``fd``, on the listening socket the first process of ``--processes`` made for this one."""
+    ``fd``, on the listening socket the first process of ``--processes`` gave this one (which
+    then accepts as :mod:`circles.server.processes.accept` says)."""
 
     def __init__(self, reactor, port: int, interface: str = "", backlog: int = 50, tls=None,
                  fd: int | None = None) -> None:
@@ -122,17 +145,16 @@ class ReusePortEndpoint:
                 sock = reuse_port_socket(self._port, self._interface, self._backlog)
                 fd, family = sock.fileno(), sock.family
             else:
-                fd, family = self._fd, _family(self._interface)
-                # Bound by the first process; listening from now on, as this process serves.
-                inherited = socket.socket(fileno=os.dup(fd))
-                try:
-                    inherited.listen(self._backlog)
-                finally:
-                    inherited.close()
+                fd, family = self._fd, _family(self._interface)  # the first process's, listening
             os.set_blocking(fd, False)
             if self._tls is not None:
                 factory = TLSMemoryBIOFactory(self._tls, False, factory)
-            port = self._reactor.adoptStreamPort(fd, family, factory)
+            port = SharedPort._fromListeningDescriptor(self._reactor, fd, family, factory)
+            port.startListening()
+            if self._fd is not None:
+                shared = inherited_holdings()
+                if shared is not None:
+                    port.share(*shared)
         except OSError as e:
             return fail(CannotListenError(self._interface, self._port, e))
         finally:
@@ -257,8 +279,9 @@ class ServerProcesses(Service):
         self._delays: dict[int, RestartDelay] = {}
         self._generations: dict[int, int] = {}  # number -> how many processes were started in its place
         self._restarts: dict = {}  # number -> the pending callLater starting it again
-        self._backlog = backlog
-        self._sockets: dict[int, socket.socket] = {}  # number -> its listening socket, kept for its restarts
+        self._backlog = backlog  # unused: the others share the first process's socket, and its backlog
+        self._socket: socket.socket | None = None  # the listening socket, kept for the others' restarts
+        self.holdings: Holdings | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -267,15 +290,13 @@ class ServerProcesses(Service):
         self._listening().addCallback(self._bind_theirs)
 
     def _bind_theirs(self, ports: list) -> None:
-        if self._sockets:
+        if self._socket is not None:
             return
-        host = ports[0].getHost()
-        interface = "" if host.host in ("0.0.0.0", "::") else host.host
-        try:
-            self._sockets = {number: reuse_port_socket(host.port, interface, self._backlog, listen=False)
-                             for number in range(2, self._count + 2)}
-        except OSError as e:
-            raise CannotListenError(interface, host.port, e) from e
+        # Ours, kept (a descriptor of its own) for as long as others may start.
+        self._socket = socket.socket(fileno=os.dup(ports[0].fileno()))
+        self.holdings = Holdings.create(self._count + 1)
+        if isinstance(ports[0], SharedPort):
+            ports[0].share(self.holdings, 1)
 
     def startService(self) -> None:
         super().startService()
@@ -298,18 +319,18 @@ class ServerProcesses(Service):
         if not self.running:
             return
         child = _Child(number, self._reactor)
-        command = self._command
-        assert command is not None  # made by startService
+        command, shared, holdings = self._command, self._socket, self.holdings
+        assert command is not None and shared is not None and holdings is not None  # made by startService
         generation = self._generations[number] = self._generations.get(number, 0) + 1
         env = dict(os.environ, **{ENV_PROCESS: str(number), ENV_PROCESSES: str(self._count + 1),
                                   ENV_DIRECTORY: self._directory, ENV_LISTEN_FD: str(LISTEN_FD),
-                                  ENV_GENERATION: str(generation)})
+                                  ENV_HOLDINGS_FD: str(HOLDINGS_FD), ENV_GENERATION: str(generation)})
         # Its standard output and error are pipes to us (its log). It leads a session of its own:
         # a terminal's Ctrl-C reaches only us, and we stop it with one SIGTERM (two stop signals
         # make a twistd log ReactorNotRunning with a traceback).
         transport = self._reactor.spawnProcess(child, command[0], dies_with_this_process(command, own_session=True),
-                                               env=env, childFDs={0: "w", 1: "r", 2: "r",
-                                                                  LISTEN_FD: self._sockets[number].fileno()})
+                                               env=env, childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: shared.fileno(),
+                                                                  HOLDINGS_FD: holdings.fd})
         child.ended.when().addCallback(self._ended, child)
         self.children.append(child)
         self._delays[number].started()
@@ -320,11 +341,8 @@ class ServerProcesses(Service):
         if child in self.children:
             self.children.remove(child)
             if self.running:
-                try:
-                    # Not to hold connections for nobody: the kernel gives them to the others.
-                    self._sockets[child.number].shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                if self.holdings is not None:  # not accepting: nobody leaves connections to it
+                    self.holdings.set(child.number, ABSENT)
                 delay = self._delays[child.number].after_exit()
                 log.error("server process {n} exited ({how}) while serving; starting it again in {delay:g}s",
                           n=child.number, how=how, delay=delay)
@@ -336,9 +354,9 @@ class ServerProcesses(Service):
         for call in restarts.values():
             call.cancel()
         children, self.children = list(self.children), []
-        sockets, self._sockets = self._sockets, {}
-        for sock in sockets.values():
-            sock.close()  # the children hold their own descriptors
+        if self._socket is not None:
+            self._socket.close()  # the others hold their own descriptors
+            self._socket = None
         # Each drains its own connections on SIGTERM; one still there after the grace is killed.
         return DeferredList([ensureDeferred(terminate(self._reactor, child.transport, child.ended, self._stop_timeout))
                              for child in children], consumeErrors=True)

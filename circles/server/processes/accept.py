@@ -1,0 +1,178 @@
+"""Who of ``--processes N`` accepts a connection: the one holding the fewest, or whoever has time.
+
+The N processes accept from one listening socket (one queue), bound by the first process and
+inherited by the others (:mod:`circles.server.processes.group`). On its own a shared queue gives
+each connection to whichever process calls ``accept`` first: under load that is one with time to
+spare (a busy process is not waiting in ``epoll``), but connections made while the server is
+idle (a client opening its pool at start) fall to whichever wakes first, and measured 0/50, 49/1,
+5/45 over runs of 50: worse than ``SO_REUSEPORT``'s hash of the 4-tuple (17/33 to 26/24), which
+is blind to load, both ways (docs/benchmarks.md, "--processes: CPU per request and the spread of
+connections").
+
+So each process also says in :class:`Holdings` (shared memory, two numbers per process) how many
+connections it holds and a turn (a random number it draws again each time it accepts), and takes
+from the queue at once only while it comes first by (connections held, turn) among the
+processes that accept: it holds the fewest, or as few as the fewest and drew the lowest turn
+(a draw, not an order: a strict alternation would give every other connection to the same
+process, as every WebSocket of a client that fetches a nonce over HTTP before each one). Then it
+takes no more than brings it level with the next (one, on a tie). A process that does
+not come first waits :data:`WAIT`, then takes what is still queued, which the others had the
+time to take: one that is busy, stopped (``SIGSTOP``) or dead delays a connection by
+:data:`WAIT` at most. 50 connections opened one after another split 25/25, 1,000 split 500/500.
+
+``epoll`` wakes every process waiting on the socket for each connection (the herd; no
+``EPOLLEXCLUSIVE``, which would wake only the first, one that may not come first and waits):
+with a few processes, a few wake-ups per connection, one of which accepts.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import struct
+from typing import cast
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReactorTime
+
+#: Seconds a process that does not come first waits before accepting.
+WAIT = 0.01
+#: The connections held by a process that does not accept (not started, stopped listening, dead).
+ABSENT = -1
+#: The most connections a process that waited takes at once (Twisted's first accept loop).
+AFTER_WAIT = 100
+_SLOT = struct.Struct("qq")  # per process: connections held, turn; aligned 64-bit words
+
+
+class Holdings:
+    """How many connections each of ``count`` processes holds (numbered 1 to ``count``) and
+    when each last accepted, in memory shared through the descriptor ``fd``; :meth:`create`
+    makes it (the first process), the others open it by its descriptor."""
+
+    def __init__(self, fd: int, count: int) -> None:
+        self.fd = fd
+        self.count = count
+        self._map = mmap.mmap(fd, _SLOT.size * count)
+
+    @classmethod
+    def create(cls, count: int) -> Holdings:
+        fd = os.memfd_create("circles-holdings")  # close-on-exec: a child gets it by childFDs
+        os.ftruncate(fd, _SLOT.size * count)
+        holdings = cls(fd, count)
+        for number in range(1, count + 1):
+            holdings.set(number, ABSENT)
+        return holdings
+
+    def _get(self, number: int) -> tuple[int, int]:
+        return _SLOT.unpack_from(self._map, _SLOT.size * (number - 1))
+
+    def set(self, number: int, held: int, took: bool = False) -> None:
+        """Process ``number`` holds ``held`` connections (ABSENT: it does not accept); with
+        ``took``, it has just accepted (it draws its turn again)."""
+        turn = random.getrandbits(62) if took else self._get(number)[1]
+        _SLOT.pack_into(self._map, _SLOT.size * (number - 1), held, turn)
+
+    def get(self, number: int) -> int:
+        """The connections process ``number`` holds (ABSENT: it does not accept)."""
+        return self._get(number)[0]
+
+    def first_but(self, number: int) -> tuple[int, int] | None:
+        """(connections held, turn) of the accepting process other than ``number`` that comes
+        first; None if no other accepts."""
+        others = [self._get(n) for n in range(1, self.count + 1) if n != number]
+        return min((score for score in others if score[0] >= 0), default=None)
+
+    def score(self, number: int) -> tuple[int, int]:
+        return self._get(number)
+
+
+class _Held(tcp.Server):
+    """A connection that tells its port when it closes."""
+
+    def connectionLost(self, reason) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            cast("SharedPort", self.server).released()
+
+
+class SharedPort(tcp.Port):
+    """A listening port whose socket other processes accept from too: once :meth:`share` gave it
+    its number and the :class:`Holdings`, it accepts as the module's docstring says; until then
+    (and with ``--reuse-port`` alone) as Twisted's port does."""
+
+    transport = _Held
+
+    holdings: Holdings | None = None
+    number = 0
+    held = 0  # connections accepted on this port and still open
+    _later = None  # the delayed call taking what the others left queued
+    _waited = False
+
+    def share(self, holdings: Holdings, number: int) -> None:
+        self.holdings, self.number = holdings, number
+        self._publish()
+
+    def _publish(self, took: bool = False) -> None:
+        if self.holdings is not None:
+            accepting = self.connected and not self.disconnecting
+            self.holdings.set(self.number, self.held if accepting else ABSENT, took)
+
+    def startListening(self) -> None:
+        super().startListening()
+        self._publish()
+
+    def doRead(self) -> None:
+        holdings = self.holdings
+        first = None if holdings is None else holdings.first_but(self.number)
+        if holdings is None or first is None:
+            self._accept()
+        elif self._waited:
+            self._accept(AFTER_WAIT)
+        elif holdings.score(self.number) <= first:
+            self._accept(max(1, first[0] - self.held))
+        else:
+            # Another comes first: its turn, for WAIT (it wakes for this connection too).
+            self.stopReading()
+            self._later = cast(IReactorTime, self.reactor).callLater(WAIT, self._after_wait)
+
+    def _after_wait(self) -> None:
+        self._later = None
+        if not self.connected or self.disconnecting:
+            return
+        self._waited = True  # whatever is queued now, the others had the time to take
+        try:
+            self.doRead()
+        finally:
+            self._waited = False
+        self.startReading()
+
+    def _accept(self, at_most: int | None = None) -> None:
+        if at_most is not None:
+            self.numberAccepts = at_most
+        before = self.sessionno
+        super().doRead()
+        if self.sessionno != before:
+            self.held += self.sessionno - before
+            self._publish(took=True)
+
+    def released(self) -> None:
+        self.held -= 1
+        self._publish()
+
+    def loseConnection(self, *args, **kwargs):
+        done = super().loseConnection(*args, **kwargs)
+        self._publish()  # ABSENT from now on: the others no longer leave connections to this one
+        return done
+
+    stopListening = loseConnection
+
+    def connectionLost(self, reason) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._publish()  # not accepting: ABSENT
