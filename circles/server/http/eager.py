@@ -79,5 +79,6 @@ def send_eagerly(port) -> bool:
     if port.transport is tcp.Server:
         port.transport = EagerServer
     elif issubclass(port.transport, tcp.Server) and not issubclass(port.transport, EagerServer):
-        port.transport = type(f"Eager{port.transport.__name__}", (port.transport, EagerServer), {})
+        mixed: type[tcp.Server] = type(f"Eager{port.transport.__name__}", (port.transport, EagerServer), {})
+        port.transport = mixed
     return issubclass(port.transport, EagerServer)
