@@ -172,7 +172,8 @@ class Meters:
     """CPU of each part over the same window (server, its private Redis, workers, generator), and
     with ``profile_dir`` a py-spy profile of the server and the workers over it."""
 
-    def __init__(self, server_pid: int, worker_pids: list, profile_dir: str = None, seconds: float = 0) -> None:
+    def __init__(self, server_pid: int, worker_pids: list, profile_dir: str = None, seconds: float = 0,
+                 redis_socket: str = None) -> None:
         # Under the first server process: its private Redis and the other server processes (--processes).
         below = TreeCPU._tree(server_pid)[1:]
         redis = [pid for pid in below if "redis-server" in _cmdline(pid)]
@@ -184,11 +185,21 @@ class Meters:
             (f"worker{i}", pid) for i, pid in enumerate(worker_pids)]] if profile_dir else []
         self.profile_dir = profile_dir
         self.seconds = seconds
+        self.redis_socket = redis_socket  # the private Redis: its commands over the window, by name
+        self.commands: dict = {}
+
+    def _commandstats(self) -> dict:
+        import redis
+
+        stats = redis.Redis(unix_socket_path=self.redis_socket).info("commandstats")
+        return {name[len("cmdstat_"):]: row["calls"] for name, row in stats.items()}
 
     def add(self, name: str, meter: TreeCPU) -> None:
         self.parts[name] = meter
 
     def start(self) -> None:
+        if self.redis_socket:
+            self.commands = self._commandstats()
         for meter in self.parts.values():
             meter.start()
         for name, pid in self._profile:
@@ -200,6 +211,10 @@ class Meters:
 
     def stop(self) -> dict:
         used = {name: meter.stop() for name, meter in self.parts.items()}
+        if self.redis_socket:
+            before, after = self.commands, self._commandstats()
+            self.commands = {name: calls - before.get(name, 0) for name, calls in after.items()
+                             if calls > before.get(name, 0) and name != "info"}
         for proc in self.profiles:
             proc.wait(60)
         return used
@@ -209,7 +224,13 @@ class Meters:
         children included) is the steadier figure on a shared machine."""
         per = {name: round(seconds / max(plays, 1) * 1e6, 1) for name, seconds in used.items()}
         per["total"] = round(sum(used.values()) / max(plays, 1) * 1e6, 1)
-        return {"worker_cpu_us_per_play": per["workers"], "cpu_us_per_play": per}
+        result = {"worker_cpu_us_per_play": per["workers"], "cpu_us_per_play": per}
+        if self.commands:
+            # Round trips to Redis per play (every client's: server, workers), by command; an EVALSHA
+            # is one Lua step, whatever it does inside.
+            result["redis_commands_per_play"] = {name: round(calls / max(plays, 1), 3)
+                                                 for name, calls in sorted(self.commands.items())}
+        return result
 
 
 async def load(url: str, connections: int, seconds: float, warmup: float, cpu: Meters = None) -> dict:
@@ -311,7 +332,8 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
             wait_for(worker, r"waiting for tasks")
         for worker in workers:
             drain(worker)
-        cpu = Meters(args.server_pid, [worker.pid for worker in workers], args.profile, args.seconds)
+        cpu = Meters(args.server_pid, [worker.pid for worker in workers], args.profile, args.seconds,
+                     os.path.join(state, "redis.sock"))
         if args.generator.name == "node":
             result = load_node(args.generator.command, f"ws://127.0.0.1:{port}", circle, args.connections,
                                args.seconds, args.warmup, cpu)
