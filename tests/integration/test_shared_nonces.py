@@ -109,9 +109,9 @@ def _authenticate(url: str, params: dict, processes: list, port: int) -> tuple[d
 
 
 def test_an_http_nonce_authenticates_by_the_method_on_any_process(tmp_path):
-    """A nonce is a nonce wherever it was fetched: 20 from GET /auth/nonce, each used by the
-    authenticate method on a fresh WebSocket, which lands on either process: 20 of 20 (before,
-    0: the method knew only its session's nonces). Single use across the processes; and a
+    """A nonce is a nonce wherever it was fetched: 20 (or more, until both processes held one)
+    from GET /auth/nonce, each used by the authenticate method on a fresh WebSocket, which lands
+    on either process: every one (before, none: the method knew only its session's nonces). Single use across the processes; and a
     session's nonce stays bound to its session: a URL elsewhere is refused 401."""
     circle, user = Key(), Key()
     with twistd(["--auth", "-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1"],
@@ -128,7 +128,11 @@ def test_an_http_nonce_authenticates_by_the_method_on_any_process(tmp_path):
         base = f"127.0.0.1:{port}"
         url = f"ws://{base}/{circle.pubkey}"
         replies, whoamis, held, used = [], [], [], []
-        for _ in range(20):
+        # 20 at least, and until each process has held one (on a busy machine the process that
+        # comes first may not be awake within the 10 ms the other leaves it: then the other takes
+        # the connection).
+        while len(replies) < 20 or not all(any(h[i] for h in held) for i in range(2)):
+            assert len(replies) < 200, held
             status, _, body = _fetch(f"http://{base}/auth/nonce?public_key={user.pubkey}")
             assert status == 200, body
             params = {"pubkey": user.pubkey, "signature": user.eth_sign(body["nonce"]), "nonce": body["nonce"]}
@@ -137,10 +141,8 @@ def test_an_http_nonce_authenticates_by_the_method_on_any_process(tmp_path):
             replies.append(reply.get("result", reply))
             whoamis.append(whoami)
             held.append(where)
-        assert replies == [{"authenticated": True, "pubkey": user.pubkey}] * 20
-        assert whoamis == [{"circle": circle.pubkey, "authenticated": True, "pubkey": user.pubkey}] * 20
-        # The kernel spread the WebSockets over both processes (each held one at some point).
-        assert all(any(h[i] for h in held) for i in range(2)), held
+        assert replies == [{"authenticated": True, "pubkey": user.pubkey}] * len(replies)
+        assert whoamis == [{"circle": circle.pubkey, "authenticated": True, "pubkey": user.pubkey}] * len(replies)
         # Single use across the processes: no nonce authenticates a second time, wherever it lands.
         for params in used[:6]:
             reply, whoami, _ = _authenticate(url, params, processes, port)
