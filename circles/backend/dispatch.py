@@ -38,7 +38,8 @@ import math
 import uuid
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from circles.backend import tasks
@@ -99,6 +100,7 @@ class RedisScriptRunner(RedisRunner):
         self.task_ttl = task_ttl
         self.max_output = max_output
         self.webhook_attempts = webhook_attempts
+        self._enqueues: list[tuple[list, list, Deferred]] = []  # plays to queue at the end of this turn
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
         self.housekeeping = Housekeeping(reactor, prefix, lambda: self._commands, self._command, self.is_connected,
                                          circles)
@@ -187,7 +189,10 @@ class RedisScriptRunner(RedisRunner):
         keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, circle),
                 tasks.circle_workers_key(self.prefix, circle), policy_key(self.prefix, circle),
                 members_key(self.prefix, circle)]
-        d = self._command("eval", tasks.ENQUEUE, keys, [ttl, task_id, "1" if admit else "", request.caller] + fields)
+        d: Deferred = Deferred()
+        self._enqueues.append((keys, [ttl, task_id, "1" if admit else "", request.caller] + fields, d))
+        if len(self._enqueues) == 1:
+            self.clock.callLater(0, self._send_enqueues)
 
         def queued(result) -> None:
             if int(result[0]) < 0:
@@ -197,6 +202,35 @@ class RedisScriptRunner(RedisRunner):
             log.debug("queued task {task} for circle {circle} from {source}",
                       task=task_id, circle=request.circle, source=request.source)
         return d.addCallback(queued)
+
+    def _send_enqueues(self) -> None:
+        """The plays of this turn of the reactor, queued in one step: ENQUEUE for one,
+        ENQUEUE_MANY for several (Redis trouble fails each as it would fail one)."""
+        batch, self._enqueues = self._enqueues, []
+        # A play given up on meanwhile (its client left in this same turn) was expired already, on
+        # a task not written yet: it is not written now either.
+        gone = [entry for entry in batch if not self.replies.waits_for(entry[1][1])]
+        for _, _, d in gone:
+            d.errback(CancelledError())
+        batch = [entry for entry in batch if entry not in gone]
+        if not batch:
+            return
+        if len(batch) == 1:
+            keys, args, d = batch[0]
+            self._command("eval", tasks.ENQUEUE, keys, args).chainDeferred(d)
+            return
+        sent = self._command("eval", tasks.ENQUEUE_MANY, [key for keys, _, _ in batch for key in keys],
+                             [arg for _, args, _ in batch for arg in [len(args), *args]])
+
+        def each(results: list) -> None:
+            for (_, _, d), result in zip(batch, results):
+                d.callback(result)
+
+        def failed(failure: Failure) -> None:
+            for _, _, d in batch:
+                d.errback(failure)
+
+        sent.addCallbacks(each, failed)
 
     # -- the reply list -------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ side is one Lua script, so it is atomic in Redis:
 
 - ``ENQUEUE`` (server, plays): write the task hash and LPUSH its id on the circle's queue, only
   if a live worker serves the circle and, for a client's play, the circle's policy lets the caller
-  play (else nothing is written: the play is refused at once).
+  play (else nothing is written: the play is refused at once). ``ENQUEUE_MANY``: the same for
+  several plays in one step.
 - ``ENQUEUE_ONCE`` (server, webhooks): the same without the worker check, only if a "seen" key
   for the event can be claimed (``SET NX``) in the same step; a redelivered event gets the first
   task's id instead.
@@ -132,6 +133,23 @@ _NOW = """local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
+# The step ENQUEUE takes for one task, as a Lua function (ENQUEUE_MANY takes it for several):
+# its five keys from index ``k`` of ``K``, its ``n`` arguments from index ``a`` of ``A``.
+_ENQUEUE_ONE = """
+local function enqueue(K, k, A, a, n)
+  if A[a + 2] == '1' then
+    local allowed, policy = admits(K[k + 3], K[k + 4], A[a + 3])
+    if not allowed then return {-1, policy} end
+  end
+  if redis.call('ZCOUNT', K[k + 2], now, '+inf') == 0 then return {0} end
+  redis.call('HSET', K[k], unpack(A, a + 4, a + n - 1))
+  redis.call('EXPIRE', K[k], A[a])
+  redis.call('LPUSH', K[k + 1], A[a + 1])
+  if redis.call('TTL', K[k + 1]) < tonumber(A[a]) then redis.call('EXPIRE', K[k + 1], A[a]) end
+  return {1}
+end
+"""
+
 # KEYS: task, queue, the circle's live workers, its policy, its members. ARGV: ttl, task id, '1'
 # to queue only if the circle's policy lets the caller play (a play from a client: one round trip
 # for both) or '', the caller, field, value, field, value...
@@ -139,17 +157,21 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 # refuses the caller (circles.backend.members.ADMITS): nothing is written then. The queue's TTL is
 # only ever extended: a short-lived play must not shorten the life of a queue holding a
 # long-lived webhook task.
-ENQUEUE = ADMITS + _NOW + """
-if ARGV[3] == '1' then
-  local allowed, policy = admits(KEYS[4], KEYS[5], ARGV[4])
-  if not allowed then return {-1, policy} end
+ENQUEUE = ADMITS + _NOW + _ENQUEUE_ONE + """
+return enqueue(KEYS, 1, ARGV, 1, #ARGV)
+"""
+
+# ENQUEUE for several tasks at once (the plays a server has in one turn of its event loop).
+# KEYS: ENQUEUE's five for each task. ARGV: for each task, how many arguments it has, then
+# ENQUEUE's arguments. Returns ENQUEUE's answer for each, in order.
+ENQUEUE_MANY = ADMITS + _NOW + _ENQUEUE_ONE + """
+local out, a = {}, 1
+for i = 1, #KEYS / 5 do
+  local n = tonumber(ARGV[a])
+  out[i] = enqueue(KEYS, 5 * i - 4, ARGV, a + 1, n)
+  a = a + 1 + n
 end
-if redis.call('ZCOUNT', KEYS[3], now, '+inf') == 0 then return {0} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], ARGV[2])
-if redis.call('TTL', KEYS[2]) < tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return {1}
+return out
 """
 
 # KEYS: seen, task, queue. ARGV: seen ttl, task ttl, task id, field, value, field, value...

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from circles.backend import tasks
 from circles.backend.dispatch import RedisScriptRunner
 from circles.backend.redis_url import parse_redis_url
-from circles.backend.scripts import BackendUnavailable, NotAMember, ScriptFailed, ScriptRequest, ScriptTimeout
+from circles.backend.scripts import BackendUnavailable, NotAMember, NoWorker, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.worker.service import Worker
 
 from ..play_client import eventually, new_key, pk, sleep
@@ -415,6 +415,41 @@ async def test_a_play_is_admitted_by_the_circle_s_policy_in_the_step_that_queues
     assert sorted(redis_client("HGET", f"circles:task:{t}", "script")
                   for t in redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1)) == ["admitted", "unchecked"]
     for waiting in (admitted, unchecked):
+        waiting.cancel()
+        with pytest.raises(CancelledError):
+            await waiting
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_plays_of_one_turn_are_queued_in_one_step_each_with_its_own_answer(redis_server, start,
+                                                                                    redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    member, stranger, nobody_serves = pk(new_key()), pk(new_key()), pk(new_key())
+    redis_client("SET", f"circles:policy:{CIRCLE}", "members")
+    redis_client("SADD", f"circles:members:{CIRCLE}", member)
+    redis_client("CONFIG", "RESETSTAT")
+    # In one turn of the reactor: admitted plays, a refused one, one to a circle without a worker,
+    # one not checked (an init script's), and one whose caller leaves before the turn ends.
+    admitted = [runner.run_admitted(request(f"admitted {i}", caller=member)) for i in range(30)]
+    refused = runner.run_admitted(request("refused", caller=stranger))
+    no_worker = runner.run_admitted(request("no worker", circle=nobody_serves, caller=member))
+    unchecked = runner.run(request("unchecked", caller=stranger))
+    left = runner.run_admitted(request("left", caller=member))
+    left.cancel()
+    with pytest.raises(NotAMember):
+        await refused
+    with pytest.raises(NoWorker):
+        await no_worker
+    with pytest.raises(CancelledError):
+        await left
+    await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 31)
+    scripts = sorted(redis_client("HGET", f"circles:task:{t}", "script")
+                     for t in redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1))
+    assert scripts == sorted([f"admitted {i}" for i in range(30)] + ["unchecked"])
+    assert len(redis_client("KEYS", "circles:task:*")) == 31  # nothing of the refused, unserved or left
+    assert command_calls(redis_client, "evalsha") + command_calls(redis_client, "eval") <= 2  # one step (and a STATS)
+    for waiting in admitted + [unchecked]:
         waiting.cancel()
         with pytest.raises(CancelledError):
             await waiting
