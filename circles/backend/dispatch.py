@@ -227,6 +227,11 @@ class RedisScriptRunner(RedisRunner):
                 d.callback(result)
 
         def failed(failure: Failure) -> None:
+            if failure.check(ValueError):
+                # A field that cannot be sent (not UTF-8): each on its own, so that only its play fails.
+                for keys, args, d in batch:
+                    self._command("eval", tasks.ENQUEUE, keys, args).chainDeferred(d)
+                return
             for _, _, d in batch:
                 d.errback(failure)
 

@@ -137,7 +137,9 @@ def test_idle_timeouts_write_a_bounded_log(tmp_path):
 
 def test_a_redis_refusing_writes_does_not_write_a_line_per_play(tmp_path, redis_server):
     """Redis at its maxmemory refuses every task: 300 plays answered -32004 wrote 300 warnings.
-    Now the 1st, 10th and 100th (then every 1000th), each with the running count."""
+    Failed commands are logged the 1st, 10th and 100th (then every 1000th), each with the running
+    count; and the 100 plays of one turn are one command (ENQUEUE_MANY), after which the runner
+    knows Redis is full and refuses without asking: one line for the 300."""
     from websockets.sync.client import connect
 
     from ..support import Key, twistd
@@ -157,6 +159,6 @@ def test_a_redis_refusing_writes_does_not_write_a_line_per_play(tmp_path, redis_
                 assert {r["error"]["code"] for r in json.loads(ws.recv(timeout=30))} == {-32004}
         redis("CONFIG", "SET", "maxmemory", "0")
     warnings = [line for line in server.lines if "Redis command failed" in line]
-    assert len(warnings) == 3 and "OOM" in warnings[0]
-    assert [re.search(r"\((\d+) failed commands so far\)", line)[1] for line in warnings] == ["1", "10", "100"]
+    assert len(warnings) == 1 and "OOM" in warnings[0], warnings
+    assert re.search(r"\((\d+) failed commands so far\)", warnings[0])[1] == "1"
     redis.close()

@@ -453,3 +453,19 @@ async def test_the_plays_of_one_turn_are_queued_in_one_step_each_with_its_own_an
         waiting.cancel()
         with pytest.raises(CancelledError):
             await waiting
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_that_cannot_be_sent_fails_alone_not_the_plays_queued_with_it(redis_server, start,
+                                                                                  redis_client):
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    good = [runner.run(request(f"good {i}")) for i in range(3)]
+    bad = runner.run(request("lone \ud800 surrogate"))  # (a client's play is refused before: -32602)
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        await bad
+    await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 3)
+    for waiting in good:
+        waiting.cancel()
+        with pytest.raises(CancelledError):
+            await waiting
