@@ -97,6 +97,16 @@ async def connection(url: str, key: coincurve.PrivateKey, until: float, latencie
             i += 1
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """utime+stime of ``pid`` from /proc, in seconds; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class TreeCPU:
     """CPU time (utime+stime) of a process and all its descendants over a window, sampled every
     quarter second from /proc so that a descendant that ends within the window (an engine child
@@ -124,19 +134,10 @@ class TreeCPU:
                 pass
         return found
 
-    @staticmethod
-    def _cpu(pid: int):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
-
     def _sample(self) -> None:
         for root in self.roots:
             for pid in self._tree(root) if self.descendants else [root]:
-                cpu = self._cpu(pid)
+                cpu = cpu_seconds(pid)
                 if cpu is not None:
                     # What ran before the window counts from the first sample; what started
                     # within it, from nothing.

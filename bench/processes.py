@@ -41,19 +41,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.play import cpu_seconds
 from bench.run import BIN, NO_CAP, PYTHON, ROOT, choose_generator, free_port, log, machine_info
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime+stime of ``pid`` from /proc, in seconds; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class Server:

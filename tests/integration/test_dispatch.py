@@ -46,6 +46,14 @@ async def serving(worker):
     return worker
 
 
+async def given_up(*plays) -> None:
+    """Cancel ``plays`` (their client left) and see each fail so."""
+    for play in plays:
+        play.cancel()
+        with pytest.raises(CancelledError):
+            await play
+
+
 async def connected(runner):
     await eventually(runner.is_connected)
     return runner
@@ -414,10 +422,7 @@ async def test_a_play_is_admitted_by_the_circle_s_policy_in_the_step_that_queues
     await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 2)
     assert sorted(redis_client("HGET", f"circles:task:{t}", "script")
                   for t in redis_client("LRANGE", f"circles:queue:{CIRCLE}", 0, -1)) == ["admitted", "unchecked"]
-    for waiting in (admitted, unchecked):
-        waiting.cancel()
-        with pytest.raises(CancelledError):
-            await waiting
+    await given_up(admitted, unchecked)
 
 
 @pytest_twisted.ensureDeferred
@@ -449,10 +454,7 @@ async def test_the_plays_of_one_turn_are_queued_in_one_step_each_with_its_own_an
     assert scripts == sorted([f"admitted {i}" for i in range(30)] + ["unchecked"])
     assert len(redis_client("KEYS", "circles:task:*")) == 31  # nothing of the refused, unserved or left
     assert command_calls(redis_client, "evalsha") + command_calls(redis_client, "eval") <= 2  # one step (and a STATS)
-    for waiting in admitted + [unchecked]:
-        waiting.cancel()
-        with pytest.raises(CancelledError):
-            await waiting
+    await given_up(*admitted, unchecked)
 
 
 @pytest_twisted.ensureDeferred
@@ -465,7 +467,4 @@ async def test_a_task_that_cannot_be_sent_fails_alone_not_the_plays_queued_with_
     with pytest.raises(ValueError, match="not valid UTF-8"):
         await bad
     await eventually(lambda: redis_client("LLEN", f"circles:queue:{CIRCLE}") == 3)
-    for waiting in good:
-        waiting.cancel()
-        with pytest.raises(CancelledError):
-            await waiting
+    await given_up(*good)
