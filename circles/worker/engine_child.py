@@ -11,11 +11,17 @@ bytes (a script's text, an output, an error message: UTF-8, lone surrogates kept
 
 - parent: ``{"kind": "init", "spec", "path", "max_memory"}``; child: ``{"kind": "ready", "pid",
   "baseline", "limit"}`` or ``{"kind": "failed"}`` with the reason as body;
-- parent: ``{"kind": "task", "context": {...}, "cpu": seconds}``, the script as body; child:
-  ``{"kind": "done"}`` with the output as body, or ``{"kind": "error", "type": ...}`` with the
-  message as body; ``type`` is ``engine`` (an :class:`EngineError`, with ``reason``, and
+- parent: ``{"kind": "task", "context": {...}, "cpu": seconds, "epoch": n}``, the script as
+  body; child: ``{"kind": "done"}`` with the output as body, or ``{"kind": "error", "type": ...}``
+  with the message as body; ``type`` is ``engine`` (an :class:`EngineError`, with ``reason``, and
   ``limit``/``size`` for output too large), ``exception`` (anything else an engine raised, with
-  ``name`` and ``traceback``) or ``memory`` (a MemoryError: the address space is used up).
+  ``name`` and ``traceback``) or ``memory`` (a MemoryError: the address space is used up). After
+  ``exception`` or ``memory`` the child starts no other script: it is replaced.
+- the parent may send tasks before the one running has ended: they run in order, each answered
+  once it ends. :data:`GIVE_BACK` (a signal) takes back those not started: the child drops them,
+  and the tasks of earlier epochs it reads later, and answers ``{"kind": "returned", "started":
+  n}``, the tasks it has started in all (answered ones and the one it runs). The signal is
+  blocked but while a script runs or the child waits for tasks, so it never cuts a frame.
 
 Its stdout and stdin are the protocol's alone: what an engine prints goes to stderr, and its
 stdin reads nothing. Each script runs in an empty private directory (its working directory,
@@ -31,44 +37,63 @@ import json
 import math
 import os
 import shutil
+import signal
 import stat
 import struct
 import sys
 import tempfile
 import traceback
+from collections import deque
 from typing import Any
 
 FRAME = struct.Struct(">II")
+#: The signal that takes back the tasks a child has not started (see above).
+GIVE_BACK = signal.SIGUSR1
 MAX_TRACEBACK = 16 * 1024  # characters of an engine's traceback sent for the worker's debug log
 
 
 class Reader:
-    """Frames from ``fd``, read in large pieces (most frames take one read)."""
+    """Frames from ``fd``, read in large pieces (one read brings all the frames sent together)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buffer = bytearray()
 
-    def _fill(self, size: int) -> bool:
-        while len(self.buffer) < size:
-            chunk = os.read(self.fd, max(size - len(self.buffer), 65536))
-            if not chunk:
-                return False  # the worker closed our stdin
-            self.buffer += chunk
+    def read(self) -> bool:
+        """Read what there is (waiting for something); False at end of file."""
+        chunk = os.read(self.fd, max(65536, self._missing()))
+        if not chunk:
+            return False  # the worker closed our stdin
+        self.buffer += chunk
         return True
 
-    def frame(self) -> tuple[dict, bytes] | None:
-        """The next frame, None at end of file."""
-        if not self._fill(FRAME.size):
+    def _missing(self) -> int:
+        if len(self.buffer) < FRAME.size:
+            return 0
+        header_size, body_size = FRAME.unpack_from(self.buffer)
+        return FRAME.size + header_size + body_size - len(self.buffer)
+
+    def complete(self) -> tuple[dict, bytes] | None:
+        """The next frame if the buffer holds all of it, else None."""
+        if len(self.buffer) < FRAME.size:
             return None
         header_size, body_size = FRAME.unpack_from(self.buffer)
         end = FRAME.size + header_size + body_size
-        if not self._fill(end):
+        if len(self.buffer) < end:
             return None
         header = json.loads(self.buffer[FRAME.size:FRAME.size + header_size])
         body = bytes(self.buffer[FRAME.size + header_size:end])
         del self.buffer[:end]
         return header, body
+
+    def frame(self) -> tuple[dict, bytes] | None:
+        """The next frame, None at end of file."""
+        while True:
+            frame = self.complete()
+            if frame is not None:
+                return frame
+            if not self.read():
+                return None
 
 
 def encode_frame(header: dict, body: bytes = b"") -> bytes:
@@ -112,6 +137,11 @@ class Child:
 
         self.hard_cpu = resource.getrlimit(resource.RLIMIT_CPU)[1]  # only this process could lower it
         self.cpu_limit: int | None = None  # the soft RLIMIT_CPU set last
+        self.baseline: int | None = None  # its address space once the engine was loaded
+        self.limit: int | None = None  # RLIMIT_AS set from it
+        self.broken = False  # an engine raised other than EngineError: this child runs no more
+        self.environment: dict[str, str] | None = None  # what the last script was given
+        self.environment_seen: dict | None = None  # os.environ's own data then
 
     def run(self, header: dict, body: bytes) -> bytes:
         """One script: the reply frame, or :data:`MEMORY` when the address space ran out."""
@@ -160,15 +190,22 @@ class Child:
         except OSError:
             return False
 
-    @staticmethod
-    def _set_environment(wanted: dict[str, str]) -> None:
+    def _set_environment(self, wanted: dict[str, str]) -> None:
         """``os.environ`` made ``wanted``, changing only what differs (what the previous script's
-        context set, or an engine changed)."""
-        for name in [name for name in os.environ if name not in wanted]:
+        context set, or an engine changed). When the engine changed nothing (``os.environ``'s
+        data is as the last script got it: one comparison of two dicts of bytes), only what
+        differs from that script's is changed, not every variable read and decoded again."""
+        data = getattr(os.environ, "_data", None)  # CPython's os._Environ keeps its bytes there
+        given = self.environment
+        if given is None or data is None or data != self.environment_seen:
+            given = dict(os.environ)
+        for name in [name for name in given if name not in wanted]:
             del os.environ[name]
         for name, value in wanted.items():
-            if os.environ.get(name) != value:
+            if given.get(name) != value:
                 os.environ[name] = value
+        self.environment = wanted
+        self.environment_seen = dict(data) if data is not None else None
 
     def _attempt(self, context: Any, script: str, limit: int) -> bytes:
         engines = self.engines
@@ -192,6 +229,7 @@ class Child:
             return encode_frame({"kind": "error", "type": "engine", "reason": e.reason,
                                  "output": len(printed_bytes)}, error + printed_bytes)
         except BaseException as e:  # an engine's bug (or exit): the worker says it as it does in-process
+            self.broken = True
             trace = "".join(traceback.format_exception(e))[-MAX_TRACEBACK:]
             return encode_frame({"kind": "error", "type": "exception", "name": type(e).__name__,
                                  "traceback": trace}, _text(str(e), limit))
@@ -221,6 +259,60 @@ class Child:
 #: The reply to a script that ran out of memory, made before any script ran: sending it must not
 #: need memory the script took.
 MEMORY = encode_frame({"kind": "error", "type": "memory"})
+
+
+class Loop:
+    """The tasks read and not started yet, run one after the other, and :data:`GIVE_BACK`."""
+
+    def __init__(self, child: Child, reader: Reader, out: int) -> None:
+        self.child = child
+        self.reader = reader
+        self.out = out
+        self.pending: deque[tuple[dict, bytes]] = deque()
+        self.epoch = 0  # take-backs so far: tasks sent before the last one are dropped
+        self.started = 0
+        self.stopped = False  # after an engine's exception or memory error: no task starts
+
+    def give_back(self, signum: int, frame: Any) -> None:
+        """The signal's handler: drop the tasks not started, say how many started."""
+        self.epoch += 1
+        self.pending.clear()
+        write_all(self.out, encode_frame({"kind": "returned", "started": self.started}))
+
+    def serve(self) -> int:
+        signals = {GIVE_BACK}
+        signal.signal(GIVE_BACK, self.give_back)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # but while a script runs or a read waits
+        write_all(self.out, encode_frame({"kind": "ready", "pid": os.getpid(), "baseline": self.child.baseline,
+                                          "limit": self.child.limit}))
+        while True:
+            if not self.pending:
+                while (frame := self.reader.complete()) is not None:
+                    header = frame[0]
+                    if header.get("kind") == "task" and header.get("epoch", 0) == self.epoch and not self.stopped:
+                        self.pending.append(frame)
+            if not self.pending:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+                try:
+                    more = self.reader.read()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+                if not more:
+                    return 0
+                continue
+            header, body = self.pending.popleft()
+            self.started += 1
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            try:
+                reply = self.child.run(header, body)
+            except MemoryError:
+                reply = MEMORY
+            finally:
+                signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            write_all(self.out, reply)
+            if reply is MEMORY or self.child.broken:
+                self.stopped = True  # it is replaced: what it holds goes to another child
+                self.pending.clear()
 
 
 def main() -> int:
@@ -253,16 +345,8 @@ def main() -> int:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    write_all(protocol_out, encode_frame({"kind": "ready", "pid": os.getpid(), "baseline": baseline, "limit": limit}))
-    while True:
-        try:
-            frame = reader.frame()
-            if frame is None:
-                return 0
-            reply = child.run(*frame)
-        except MemoryError:
-            reply = MEMORY
-        write_all(protocol_out, reply)
+    child.baseline, child.limit = baseline, limit
+    return Loop(child, reader, protocol_out).serve()
 
 
 if __name__ == "__main__":

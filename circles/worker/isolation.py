@@ -15,6 +15,14 @@ child processes (:mod:`circles.worker.engine_child`) and keeps the worker's reac
   task costs a round trip over a pipe, not a process start; a child is replaced after a script
   that failed other than by an :class:`EngineError` (an engine bug, memory, a crash, the
   deadline) and after ``tasks_per_child`` scripts;
+- a script is sent to a child that is running one already, to start when that one ends, while
+  that one has run for less than ``hold / 2`` and the child holds fewer than ``depth``: the
+  scripts of a busy worker then run a few after each other in warm children instead of each
+  waking a cold one (a wake-up of each side costs more than a small script, see
+  docs/benchmarks.md). Scripts queued behind one that has run ``hold`` seconds are taken back
+  (:data:`GIVE_BACK`, a signal the child answers at once with how many it started) and run in
+  other children, so a long script holds no other; a script started is never run again: a child
+  that dies or is killed had started none of those queued behind the one it ran;
 - children get an allow-list of the worker's environment, not its secrets
   (:func:`~circles.worker.engines.passed_environment`), and each script a fresh directory;
 - children die with the worker (``PR_SET_PDEATHSIG``, :func:`circles.common.children.dies_with_this_process`).
@@ -60,6 +68,12 @@ log = Logger()
 #: Scripts a child runs before it is replaced (what an engine leaks, or a heap fragments, goes);
 #: a start costs about 0.13 s of CPU, so 1,000 would have been 0.13 ms on each script.
 TASKS_PER_CHILD = 10_000
+#: Scripts a child holds at most: the one it runs and those queued behind it.
+DEPTH = 4
+#: Seconds a script may run with others queued behind it before they are taken back.
+HOLD = 0.010
+#: What the worker sends a child to take back the scripts it has not started (engine_child.py).
+GIVE_BACK = signal.SIGUSR1
 #: Bytes a reply frame may have beyond the output cap (its header): a child sending more is killed.
 HEADER_ROOM = 64 * 1024
 STDERR_KEPT = 8192
@@ -85,10 +99,12 @@ _CONTEXT_FIELDS = tuple(field.name for field in attrs.fields(ScriptContext))
 
 @attrs.define(eq=False)
 class _Job:
-    frame: bytes
+    header: dict  # of its frame, but the child's epoch
+    body: bytes  # the script
     done: Deferred
     limit: int  # the output cap of this script
     child: _Child | None = None
+    cancelled: bool = False  # at its deadline while queued in a child: dropped when taken back
 
 
 class _Child(ProcessProtocol):
@@ -99,13 +115,24 @@ class _Child(ProcessProtocol):
         self.pool = pool
         self.home = home  # private directory: its working directory, HOME, TMPDIR
         self.pid: int | None = None
+        self.engine_pid: int | None = None  # the engine's process (its "ready" says), GIVE_BACK's
         self.ready = False
         self.killed = False  # by us: the deadline, a retirement, a stop
-        self.job: _Job | None = None
-        self.tasks = 0
+        self.jobs: deque[_Job] = deque()  # sent and not answered, in order: the first one runs
+        self.head_since = 0.0  # when the first of jobs started (about: when it became the first)
+        self.sent = 0  # task frames sent (those taken back not counted)
+        self.tasks = 0  # scripts answered
+        self.epoch = 0  # take-backs so far: a frame of an earlier epoch is dropped by the child
+        self.giving_back = False  # GIVE_BACK sent, its answer not received yet
+        self.retiring = False  # to be replaced once its scripts are answered: sent nothing more
         self.ended = Once()
         self._buffer = bytearray()
         self._stderr = bytearray()
+
+    @property
+    def job(self) -> _Job | None:
+        """The script it runs (or will run first)."""
+        return self.jobs[0] if self.jobs else None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # the supervisor's: the process group's id
@@ -197,7 +224,9 @@ class IsolatedEngine:
     (RLIMIT_AS), also given to the engine as ``context.max_memory`` when the worker gave none;
     None or 0: no limit. ``cpu_seconds``: CPU time a script may use (RLIMIT_CPU), a backstop to
     the kill at the deadline; None: none. ``env_names``: variables of the worker's environment
-    the children see beyond :func:`~circles.worker.engines.passed_environment`'s.
+    the children see beyond :func:`~circles.worker.engines.passed_environment`'s. ``depth``:
+    scripts a child may hold (1: one at a time); ``hold``: seconds a script may run with others
+    queued behind it before they are taken back.
 
     Cancelling a call (the worker's timeout) kills its child: the Deferred fails with
     CancelledError, which the worker reports as the script's timeout. :meth:`start` starts the
@@ -206,7 +235,8 @@ class IsolatedEngine:
 
     def __init__(self, spec: str, *, reactor: Any, size: int = 1, max_memory: int | None = DEFAULT_MAX_MEMORY,
                  cpu_seconds: float | None = None, max_output: int = DEFAULT_MAX_OUTPUT,
-                 env_names: tuple[str, ...] | list[str] = (), tasks_per_child: int = TASKS_PER_CHILD) -> None:
+                 env_names: tuple[str, ...] | list[str] = (), tasks_per_child: int = TASKS_PER_CHILD,
+                 depth: int = DEPTH, hold: float = HOLD) -> None:
         if size < 1:
             raise ValueError("an isolated engine needs at least one process")
         self.spec = spec
@@ -217,9 +247,13 @@ class IsolatedEngine:
         self.max_output = max_output
         self.env_names = tuple(env_names)
         self.tasks_per_child = tasks_per_child
+        self.depth = max(depth, 1)
+        self.hold = hold
         self.path = [os.path.abspath(entry or os.curdir) for entry in sys.path]
         self._children: set[_Child] = set()  # alive and ours to use (not killed)
         self._free: deque[_Child] = deque()  # of those, the ones with no script (starting or ready)
+        self._busy: set[_Child] = set()  # of those, the ones with scripts
+        self._sweeping: Any = None  # the call of _sweep to come
         self._dying: set[_Child] = set()  # killed, not reaped yet
         self._queue: deque[_Job] = deque()
         self._warm = False  # keep `size` children started (after start())
@@ -236,19 +270,23 @@ class IsolatedEngine:
         fields = {name: getattr(context, name) for name in _CONTEXT_FIELDS}
         fields["max_output"] = limit
         fields["max_memory"] = context.max_memory or self.max_memory
-        frame = encode_frame({"kind": "task", "context": fields, "cpu": self.cpu_seconds},
-                             script.encode("utf-8", "surrogatepass"))
+        header = {"kind": "task", "context": fields, "cpu": self.cpu_seconds}
 
         def cancel(d: Deferred) -> None:
             # Not answered: the Deferred fails with CancelledError, the worker's timeout.
-            if job.child is None:
+            child = job.child
+            if child is None:
                 self._queue.remove(job)
-            else:
-                child, job.child, child.job = job.child, None, None
+            elif child.job is job:
+                child.jobs.popleft()
+                job.child = None
                 log.debug("script stopped at its deadline: child {pid} killed", pid=child.pid)
                 self._kill(child)
+            else:
+                job.cancelled = True  # queued behind another: taken back, it never starts
+                self._give_back(child)
 
-        job = _Job(frame, Deferred(cancel), limit)
+        job = _Job(header, script.encode("utf-8", "surrogatepass"), Deferred(cancel), limit)
         self._queue.append(job)
         self._dispatch()
         return job.done
@@ -284,19 +322,25 @@ class IsolatedEngine:
                 self.reactor.removeSystemEventTrigger(trigger)
             except (ValueError, KeyError):
                 pass  # it is firing now: this is that trigger's call
+        if self._sweeping is not None and self._sweeping.active():
+            self._sweeping.cancel()
+        self._sweeping = None
         queued, self._queue = self._queue, deque()
+        for child in list(self._children):
+            jobs, child.jobs = child.jobs, deque()
+            self._kill(child)
+            for index, job in enumerate(jobs):
+                job.child = None
+                if job.cancelled:
+                    continue
+                if index == 0:
+                    job.done.errback(EngineError("the worker stopped while the script ran"))
+                else:
+                    queued.append(job)  # it had not started
         for job in queued:
             job.done.errback(EngineError("the worker is stopping"))
-        for child in list(self._children):
-            running, child.job = child.job, None
-            self._kill(child)
-            if running is not None:
-                running.child = None
-                running.done.errback(EngineError("the worker stopped while the script ran"))
         self._fail_ready(EngineError("the worker is stopping"))
         return DeferredList([child.ended.when() for child in self._dying]).addCallback(lambda _: None)
-
-    # -- children -------------------------------------------------------------------------------
 
     def _watch_shutdown(self) -> None:
         if self._shutdown_trigger is None:
@@ -324,21 +368,52 @@ class IsolatedEngine:
 
     def _dispatch(self) -> None:
         while self._queue and not self._stopping:
-            if self._free:
-                child = self._take_free()
-            elif len(self._children) < self.size:
-                try:
-                    child = self._spawn()
-                except Exception as e:
-                    job = self._queue.popleft()
-                    job.done.errback(EngineError(f"cannot start the engine's process: {e}"))
-                    continue
-                self._free.remove(child)
-            else:
+            child = self._behind_a_short_one() or self._idle()
+            if child is None:
                 return
-            job = self._queue.popleft()
-            job.child, child.job = child, job
-            child.send(job.frame)
+            self._send(child, self._queue.popleft())
+
+    def _behind_a_short_one(self) -> _Child | None:
+        """A child running a script that started less than ``hold / 2`` ago, holding fewer than
+        ``depth``: of those, the one holding the fewest."""
+        if self.depth < 2:
+            return None
+        recent = self.reactor.seconds() - self.hold / 2
+        best = None
+        for child in self._busy:
+            if (len(child.jobs) < self.depth and child.head_since > recent and not child.giving_back
+                    and not child.retiring and (best is None or len(child.jobs) < len(best.jobs))):
+                best = child
+        return best
+
+    def _idle(self) -> _Child | None:
+        """A child holding no script: started already if any is, else a new one."""
+        if self._free:
+            return self._take_free()
+        if len(self._children) < self.size:
+            try:
+                child = self._spawn()
+            except Exception as e:
+                job = self._queue.popleft()
+                job.done.errback(EngineError(f"cannot start the engine's process: {e}"))
+                return None if not self._queue else self._idle()
+            self._free.remove(child)
+            return child
+        return None
+
+    def _send(self, child: _Child, job: _Job) -> None:
+        job.child = child
+        if not child.jobs:
+            child.head_since = self.reactor.seconds()
+            self._busy.add(child)
+        child.jobs.append(job)
+        child.sent += 1
+        if child.sent >= self.tasks_per_child:
+            child.retiring = True
+        if len(child.jobs) == 2:
+            self._sweep_later()
+        header = dict(job.header, epoch=child.epoch)
+        child.send(encode_frame(header, job.body))
 
     def _take_free(self) -> _Child:
         """The ready child that ran a script last (its memory is warm in the caches), else the
@@ -350,13 +425,91 @@ class IsolatedEngine:
                 return child
         return self._free.popleft()
 
-    def _kill(self, child: _Child) -> None:
-        """Kill ``child`` and start another in its place (when warm)."""
+    # -- taking back what waits behind a long script --------------------------------------------------
+
+    def _sweep_later(self) -> None:
+        if self._sweeping is None and not self._stopping:
+            self._sweeping = self.reactor.callLater(self.hold, self._sweep)
+
+    def _sweep(self) -> None:
+        """Take back the scripts queued behind one that has run ``hold`` seconds."""
+        self._sweeping = None
+        late = self.reactor.seconds() - self.hold
+        waiting = False
+        for child in list(self._busy):
+            if len(child.jobs) > 1 and not child.giving_back:
+                if child.head_since <= late:
+                    self._give_back(child)
+                else:
+                    waiting = True
+        if waiting:
+            self._sweep_later()
+
+    def _give_back(self, child: _Child) -> None:
+        """Ask ``child`` for the scripts it has not started (it answers "returned")."""
+        if child.giving_back or child.killed or child.engine_pid is None:
+            return
+        child.giving_back = True
+        child.epoch += 1
+        try:
+            os.kill(child.engine_pid, GIVE_BACK)
+        except OSError:
+            pass  # it is gone: its end hands them back (_ended)
+
+    def _taken_back(self, child: _Child, started: int) -> None:
+        """``child`` started ``started`` scripts in all: the ones it holds beyond those come back
+        to the queue, first, in their order (those cancelled meanwhile go)."""
+        child.giving_back = False
+        running = max(started - child.tasks, 0)  # 1 if it runs one now, else 0
+        returned = list(child.jobs)[running:]
+        for _ in returned:
+            child.jobs.pop()
+        child.sent = started
+        self._requeue(returned)
+        if not child.jobs:
+            self._idle_again(child)
+        elif child.jobs[0].cancelled:
+            self._kill(child)  # past that script's deadline already: it started before its take-back
+            return
+        self._dispatch()
+
+    def _requeue(self, jobs: list[_Job]) -> None:
+        """Scripts a child had not started, back at the head of the queue in their order."""
+        for job in reversed(jobs):
+            job.child = None
+            if not job.cancelled:
+                self._queue.appendleft(job)
+
+    def _idle_again(self, child: _Child) -> None:
+        """``child`` holds no script now: free to take the next (once it answered a take-back:
+        until then what it is sent might be counted on neither side), or replaced if retiring."""
+        self._busy.discard(child)
+        if child.giving_back:
+            return  # _taken_back comes back here
+        if child.retiring:
+            self._kill(child)
+        elif child not in self._free:
+            self._free.append(child)
+
+    # -- children ending --------------------------------------------------------------------------
+
+    def _kill(self, child: _Child, error: Exception | None = None) -> None:
+        """Kill ``child`` and start another in its place (when warm). What it held beyond the
+        script it ran (removed already) had not started: queued again, or failed with ``error``."""
         self._children.discard(child)
+        self._busy.discard(child)
         if child in self._free:
             self._free.remove(child)
+        held, child.jobs = list(child.jobs), deque()
         self._dying.add(child)
         child.kill()
+        if error is None:
+            self._requeue(held)
+        else:
+            for job in held:
+                job.child = None
+                if not job.cancelled:
+                    job.done.errback(error)
         self._replace()
         self._dispatch()
 
@@ -368,16 +521,23 @@ class IsolatedEngine:
             except Exception as e:  # (no fork, no fd): the next script tries again
                 log.error("cannot start an engine process: {error}", error=str(e))
 
-    def _finish(self, child: _Child, result: Any, retire: bool = False) -> None:
-        """``child``'s script ended with ``result`` (a string or an exception)."""
-        job, child.job = child.job, None
+    def _finish(self, child: _Child, result: Any, retire: bool = False, error: Exception | None = None) -> None:
+        """``child``'s script ended with ``result`` (a string or an exception). ``retire``: the
+        child is replaced; it started no script after this one (engine_child.py), so those it held
+        are queued again, unless ``error`` says they fail with it."""
+        job = child.jobs.popleft() if child.jobs else None
         child.tasks += 1
-        if retire or child.tasks >= self.tasks_per_child:
-            self._kill(child)
-        else:
-            self._free.append(child)
+        child.head_since = self.reactor.seconds()
+        if retire:
+            self._kill(child, error)
+        elif not child.jobs:
+            self._idle_again(child)
             self._dispatch()
-        if job is not None:
+        elif child.jobs[0].cancelled and not child.giving_back:
+            self._kill(child)  # the next would start past its deadline (not asked back: the sweep's race)
+        else:
+            self._dispatch()
+        if job is not None and not job.cancelled:
             job.child = None
             if isinstance(result, BaseException):
                 job.done.errback(result)
@@ -388,6 +548,7 @@ class IsolatedEngine:
         kind = header.get("kind")
         if kind == "ready" and not child.ready:
             child.ready = True
+            child.engine_pid = header.get("pid")
             log.debug("engine child {pid} ready: {baseline} bytes, limit {limit}", pid=child.pid,
                       baseline=header.get("baseline"), limit=header.get("limit"))
             if self._all_ready():
@@ -401,7 +562,10 @@ class IsolatedEngine:
             self._warm = False  # no use starting it again and again: on demand only
             error = EngineError(f"the engine cannot be loaded: {reason}")
             self._fail_ready(error)
-            self._finish(child, error, retire=True)
+            self._finish(child, error, retire=True, error=error)
+            return
+        if kind == "returned" and child.giving_back and isinstance(header.get("started"), int):
+            self._taken_back(child, header["started"])
             return
         if child.job is None or not child.ready:
             self._misbehaved(child, f"an unexpected {kind!r} reply")
@@ -437,12 +601,14 @@ class IsolatedEngine:
             self._finish(child, error)
 
     def _misbehaved(self, child: _Child, what: str) -> None:
+        """Killed: what it held fails too (it may have started the next one: nothing says)."""
         log.warn("engine child {pid} sent {what}: killed", pid=child.pid, what=what)
         job = child.job
+        error = EngineError(f"the engine's process failed: it sent {what}")
         if job is not None and what.startswith("a reply of"):
-            self._finish(child, OutputTooLarge(job.limit), retire=True)
+            self._finish(child, OutputTooLarge(job.limit), retire=True, error=error)
         else:
-            self._finish(child, EngineError(f"the engine's process failed: it sent {what}"), retire=True)
+            self._finish(child, error, retire=True, error=error)
 
     def _ended(self, child: _Child, reason: Failure) -> None:
         self._dying.discard(child)
@@ -456,6 +622,7 @@ class IsolatedEngine:
                  during=" running a script" if job is not None else "",
                  detail=(": " + detail.splitlines()[-1]) if detail else "")
         self._children.discard(child)
+        self._busy.discard(child)
         if child in self._free:
             self._free.remove(child)
         if job is None and not child.ready:
@@ -472,10 +639,13 @@ class IsolatedEngine:
         else:
             error = EngineError(f"the engine's process died running the script ({how})")
         child.killed = True
-        child.job = None
+        held, child.jobs = list(child.jobs), deque()
+        if job is not None:
+            held.pop(0)
+        self._requeue(held)  # the ones behind the one it ran had not started
         self._replace()
         self._dispatch()
-        if job is not None:
+        if job is not None and not job.cancelled:
             job.child = None
             job.done.errback(error)
         elif not child.ready:

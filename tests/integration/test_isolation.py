@@ -15,7 +15,7 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 
 from circles import CirclesService, Config
 from circles.worker import tap as worker_tap
@@ -500,4 +500,94 @@ async def test_large_scripts_and_outputs_cross_the_pipes_whole():
     script = "é" * 600_000 + "\ud800"  # 1.2 MB of UTF-8, more than a pipe holds, and a lone surrogate
     output = await engine(script, attrs.evolve(CONTEXT, max_output=2_000_000))
     assert output.split(":", 1)[1] == script
+    await engine.stop()
+
+
+# -- scripts queued behind another in a child ------------------------------------------------------
+
+def ran(path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest_twisted.ensureDeferred
+async def test_scripts_queued_behind_a_long_one_are_taken_back_and_run_in_another_child(tmp_path):
+    engine = isolated("record", size=2)
+    await engine.start()
+    spinning = engine("spin", CONTEXT)
+    queued = [engine(f"{tmp_path / 'ran'}:s{i}", CONTEXT) for i in range(3)]
+    [busy] = [child for child in engine._children if child.jobs]
+    assert len(busy.jobs) == 4  # sent behind the spinning one, to start when it ends
+    pids = [await d for d in queued]  # the spinning one runs 60 s: they were taken back
+    assert not spinning.called and busy.job is not None and not busy.killed
+    assert str(busy.engine_pid) not in pids and len(set(pids)) == 1
+    assert ran(tmp_path / "ran") == ["s0", "s1", "s2"]  # each once, in their order
+    spinning.cancel()
+    with pytest.raises(CancelledError):
+        await spinning
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_that_dies_or_fails_ran_none_of_what_it_held_after(tmp_path):
+    engine = isolated("record", size=2)
+    await engine.start()
+    log = tmp_path / "ran"
+    for failing, error in (("die", r"^the engine's process died running the script \(exit status 3\)$"),
+                           ("raise", r"^ValueError: a bug$")):
+        calls = [engine(f"{log}:before-{failing}", CONTEXT), engine(failing, CONTEXT)]
+        calls += [engine(f"{log}:after-{failing}-{i}", CONTEXT) for i in range(2)]
+        assert max(len(child.jobs) for child in engine._children) == 4  # all four in one child
+        first = await calls[0]
+        with pytest.raises(EngineError, match=error):
+            await calls[1]
+        after = [await d for d in calls[2:]]
+        assert first not in after  # the one that failed was replaced, what it held ran elsewhere
+    # Each exactly once: the failed child had started none of those behind the failing script.
+    assert ran(log) == ["before-die", "after-die-0", "after-die-1",
+                        "before-raise", "after-raise-0", "after-raise-1"]
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_script_past_its_deadline_while_queued_never_runs(tmp_path):
+    engine = isolated("record", size=1)
+    await engine.start()
+    spinning = engine("spin", CONTEXT)
+    late = engine(f"{tmp_path / 'ran'}:late", CONTEXT)
+    on_time = engine(f"{tmp_path / 'ran'}:on-time", CONTEXT)
+    [child] = engine._children
+    assert len(child.jobs) == 3
+    late.cancel()  # the worker's timeout, while it waits behind the spinning one
+    with pytest.raises(CancelledError):
+        await late
+    # Taken back, it is dropped; the other one waits for a child (the only one spins), then runs.
+    await eventually(lambda: not child.giving_back)
+    assert [job.cancelled for job in child.jobs] == [False] and not spinning.called
+    spinning.cancel()
+    with pytest.raises(CancelledError):
+        await spinning
+    assert await on_time != str(child.engine_pid)
+    assert ran(tmp_path / "ran") == ["on-time"]
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_answers_its_scripts_before_it_is_replaced(tmp_path):
+    engine = isolated("record", size=1, tasks_per_child=3)
+    await engine.start()
+    pids = await DeferredList([engine(f"{tmp_path / 'ran'}:s{i}", CONTEXT) for i in range(7)], fireOnOneErrback=True)
+    pids = [pid for _, pid in pids]
+    assert [len(set(pids[i:i + 3])) for i in (0, 3)] == [1, 1] and len(set(pids)) == 3  # none killed mid-way
+    assert ran(tmp_path / "ran") == [f"s{i}" for i in range(7)]
+    await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_depth_one_sends_a_child_one_script_at_a_time(tmp_path):
+    engine = isolated("record", size=2, depth=1)
+    await engine.start()
+    calls = [engine(f"{tmp_path / 'ran'}:s{i}", CONTEXT) for i in range(5)]
+    assert sorted(len(child.jobs) for child in engine._children) == [1, 1] and len(engine._queue) == 3
+    await DeferredList(calls, fireOnOneErrback=True)
+    assert sorted(ran(tmp_path / "ran")) == [f"s{i}" for i in range(5)]
     await engine.stop()
