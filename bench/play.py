@@ -328,7 +328,7 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
         for _ in range(args.workers):
             worker = start(["circles-worker", "-k", circle, "--state-dir", state, "--engine", args.engine,
                             "--concurrency", str(args.concurrency),
-                            *(["--isolation", isolation] if isolation else [])], state)
+                            *(["--isolation", isolation] if isolation else [])], state, args.pin_workers)
             workers.append(worker)
             wait_for(worker, r"waiting for tasks")
         for worker in workers:
@@ -362,6 +362,10 @@ def main() -> None:
     parser.add_argument("--generator", choices=["auto", "node", "python"], default="auto",
                         help="load generator: bench/node/loadgen.mjs or this module's (auto: node when it can run)")
     parser.add_argument("--processes", type=int, default=1, help="server --processes (its CPU: all of them)")
+    parser.add_argument("--pin-server", metavar="CPUS", default=None,
+                        help="taskset -c CPUS for the server (and its private Redis, which it starts)")
+    parser.add_argument("--pin-workers", metavar="CPUS", default=None,
+                        help="taskset -c CPUS for the workers (and their engine children)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="py-spy profiles (collapsed stacks) of the server and workers over the window, into DIR")
     args = parser.parse_args()
@@ -372,7 +376,7 @@ def main() -> None:
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
-                        "--state-dir", state, "--processes", str(args.processes)], state)
+                        "--state-dir", state, "--processes", str(args.processes)], state, args.pin_server)
         try:
             args.server_pid = server.pid
             port = int(wait_for(server, r"starting on (\d+)").group(1))

@@ -254,6 +254,7 @@ class IsolatedEngine:
         self._free: deque[_Child] = deque()  # of those, the ones with no script (starting or ready)
         self._busy: set[_Child] = set()  # of those, the ones with scripts
         self._sweeping: Any = None  # the call of _sweep to come
+        self._outgoing: dict[_Child, list[bytes]] | None = None  # frames for the end of this turn
         self._dying: set[_Child] = set()  # killed, not reaped yet
         self._queue: deque[_Job] = deque()
         self._warm = False  # keep `size` children started (after start())
@@ -412,8 +413,19 @@ class IsolatedEngine:
             child.retiring = True
         if len(child.jobs) == 2:
             self._sweep_later()
-        header = dict(job.header, epoch=child.epoch)
-        child.send(encode_frame(header, job.body))
+        frame = encode_frame(dict(job.header, epoch=child.epoch), job.body)
+        if self._outgoing is None:
+            self._outgoing = {}
+            self.reactor.callLater(0, self._write_out)
+        self._outgoing.setdefault(child, []).append(frame)
+
+    def _write_out(self) -> None:
+        """Write the frames of this turn of the reactor, each child's in one write: a child woken
+        by the first of several reads them all at once (its script starts in the next turn)."""
+        outgoing, self._outgoing = self._outgoing or {}, None
+        for child, frames in outgoing.items():
+            if not child.killed:  # (a child killed meanwhile: its scripts were queued again)
+                child.send(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _take_free(self) -> _Child:
         """The ready child that ran a script last (its memory is warm in the caches), else the
