@@ -154,6 +154,8 @@ def play_round(processes: int, args) -> dict:
     """bench/play.py --processes N: the figures it prints (CPU per play per part)."""
     argv = [PYTHON, "-m", "bench.play", "--processes", str(processes), "--connections", str(args.play_connections),
             "--seconds", str(args.play_seconds), "--generator", args.generator]
+    if args.pin:  # the server processes (and Redis) on CPU 1 as for whoami, the worker on CPU 0
+        argv += ["--pin-server", "1", "--pin-workers", "0"]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, cwd=str(ROOT), timeout=args.play_seconds + 300)
     if done.returncode != 0:
         raise RuntimeError(f"bench/play.py exited {done.returncode}")
@@ -215,7 +217,7 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--generator", choices=["node"], default="node", help="the load generator (Node only)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--pin", action="store_true",
-                        help="whoami: every server process (and its Redis) on CPU 1, the generator on CPU 0, for every "
+                        help="every server process (and its Redis) on CPU 1, the generator (and with --play the worker) on CPU 0, for every "
                              "configuration alike: CPU per call without the generator's core shared")
     args = parser.parse_args(argv)
     global PIN_GENERATOR

@@ -86,7 +86,8 @@ def waits(script, context):
 
 def record(script, context):
     """``PATH:NAME`` appends NAME to the file PATH (what ran, and how often) and answers the
-    child's pid; "spin" is busy for 60 s, "die" ends the child, "raise" is an engine's bug."""
+    child's pid; "spin" is busy for 60 s, "die" ends the child, "raise" is an engine's bug, ``PATH:deaf``
+    ignores the take-back signal (SIGUSR1) from then on, and sleeps 2 s once it is written down."""
     if script == "spin":
         return spin(script, context)
     if script == "die":
@@ -94,6 +95,12 @@ def record(script, context):
     if script == "raise":
         raise ValueError("a bug")
     path, name = script.rsplit(":", 1)
+    if name == "deaf":  # an engine that takes the take-back signal for itself
+        import signal
+
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with open(path, "a") as f:
         f.write(name + "\n")
+    if name == "deaf":
+        time.sleep(2)
     return str(os.getpid())

@@ -74,6 +74,9 @@ DEPTH = 4
 HOLD = 0.010
 #: What the worker sends a child to take back the scripts it has not started (engine_child.py).
 GIVE_BACK = signal.SIGUSR1
+#: Seconds an idle child has to answer a take-back before it is replaced (an engine that
+#: changed the signal's handler never answers: the child would be held out of use for good).
+GIVE_BACK_PATIENCE = 1.0
 #: Bytes a reply frame may have beyond the output cap (its header): a child sending more is killed.
 HEADER_ROOM = 64 * 1024
 STDERR_KEPT = 8192
@@ -116,6 +119,7 @@ class _Child(ProcessProtocol):
         self.home = home  # private directory: its working directory, HOME, TMPDIR
         self.pid: int | None = None
         self.engine_pid: int | None = None  # the engine's process (its "ready" says), GIVE_BACK's
+        self.pidfd: int | None = None  # of engine_pid, opened while it is surely that process
         self.ready = False
         self.killed = False  # by us: the deadline, a retirement, a stop
         self.jobs: deque[_Job] = deque()  # sent and not answered, in order: the first one runs
@@ -212,8 +216,30 @@ class _Child(ProcessProtocol):
             except OSError:
                 pass
         shutil.rmtree(self.home, ignore_errors=True)
+        self.close_pidfd()
         self.pool._ended(self, reason)
         self.ended.fire(None)
+
+    def open_pidfd(self) -> None:
+        """A pidfd of the engine's process, so that a signal never reaches another process that
+        got its pid once it ended (its supervisor reaps it, not us)."""
+        if self.engine_pid is not None and hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(self.engine_pid)
+            except OSError:
+                self.pidfd = None  # gone already, or no pidfd here: os.kill then
+
+    def close_pidfd(self) -> None:
+        fd, self.pidfd = self.pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def signal_engine(self, number: int) -> None:
+        """Send ``number`` to the engine's process (not its supervisor); OSError if it is gone."""
+        if self.pidfd is not None:
+            signal.pidfd_send_signal(self.pidfd, number)
+        elif self.engine_pid is not None:
+            os.kill(self.engine_pid, number)
 
 
 class IsolatedEngine:
@@ -464,7 +490,7 @@ class IsolatedEngine:
         child.giving_back = True
         child.epoch += 1
         try:
-            os.kill(child.engine_pid, GIVE_BACK)
+            child.signal_engine(GIVE_BACK)
         except OSError:
             pass  # it is gone: its end hands them back (_ended)
 
@@ -497,11 +523,19 @@ class IsolatedEngine:
         until then what it is sent might be counted on neither side), or replaced if retiring."""
         self._busy.discard(child)
         if child.giving_back:
-            return  # _taken_back comes back here
+            # _taken_back comes back here; a child that never answers is replaced.
+            self.reactor.callLater(GIVE_BACK_PATIENCE, self._unanswered, child, child.epoch)
+            return
         if child.retiring:
             self._kill(child)
         elif child not in self._free:
             self._free.append(child)
+
+    def _unanswered(self, child: _Child, epoch: int) -> None:
+        if child.giving_back and child.epoch == epoch and not child.jobs and not child.killed:
+            log.warn("engine child {pid} did not answer a take-back ({signal}): replaced", pid=child.pid,
+                     signal=signal.Signals(GIVE_BACK).name)
+            self._kill(child)
 
     # -- children ending --------------------------------------------------------------------------
 
@@ -560,7 +594,8 @@ class IsolatedEngine:
         kind = header.get("kind")
         if kind == "ready" and not child.ready:
             child.ready = True
-            child.engine_pid = header.get("pid")
+            child.engine_pid = header.get("pid") if isinstance(header.get("pid"), int) else None
+            child.open_pidfd()
             log.debug("engine child {pid} ready: {baseline} bytes, limit {limit}", pid=child.pid,
                       baseline=header.get("baseline"), limit=header.get("limit"))
             if self._all_ready():

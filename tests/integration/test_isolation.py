@@ -591,3 +591,24 @@ async def test_depth_one_sends_a_child_one_script_at_a_time(tmp_path):
     await DeferredList(calls, fireOnOneErrback=True)
     assert sorted(ran(tmp_path / "ran")) == [f"s{i}" for i in range(5)]
     await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_that_does_not_answer_a_take_back_is_replaced_once_idle(tmp_path):
+    engine = isolated("record", size=1)
+    await engine.start()
+    deaf = engine(f"{tmp_path / 'ran'}:deaf", CONTEXT)
+    queued = engine(f"{tmp_path / 'ran'}:queued", CONTEXT)
+    [child] = engine._children
+    await eventually(lambda: ran(tmp_path / "ran") == ["deaf"])  # it runs, deaf to the signal
+    queued.cancel()  # asks for it back: the engine ignores the signal
+    with pytest.raises(CancelledError):
+        await queued
+    pid = await deaf
+    assert child.giving_back
+    await eventually(lambda: gone(int(pid)))  # idle and silent: replaced, not held out of use
+    await engine.ready()
+    assert await engine(f"{tmp_path / 'ran'}:after", CONTEXT) != pid
+    # The engine broke the take-back: the cancelled script ran all the same (its answer dropped).
+    assert ran(tmp_path / "ran") == ["deaf", "queued", "after"]
+    await engine.stop()
