@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--engine", default="circles.worker.tiny_engine:run")
     parser.add_argument("--isolation", default=None)
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose worker runs")
+    parser.add_argument("--profile", metavar="FILE", default=None,
+                        help="the worker under cProfile (twistd --profiler cprofile --savestats), its stats into FILE")
     args = parser.parse_args()
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
@@ -50,6 +52,8 @@ def main() -> None:
             r = redis.Redis(unix_socket_path=sock)
             r.ping()
             command = [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=", "--logfile=-",
+                       *([f"--profile={os.path.abspath(args.profile)}", "--profiler=cprofile", "--savestats"]
+                         if args.profile else []),
                        "circles-worker", "-k", circle, "--redis-url", f"unix://{sock}", "--engine", args.engine,
                        "--concurrency", str(args.concurrency),
                        *(["--isolation", args.isolation] if args.isolation else [])]

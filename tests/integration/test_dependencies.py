@@ -111,6 +111,32 @@ def test_commands_are_built_byte_for_byte_as_txredisapi_builds_them(args, charse
     assert built(build_command) == built(txredisapis_build_command)
 
 
+def test_the_reply_converter_replaced_is_the_one_reviewed():
+    import txredisapi
+
+    from circles.backend import txredisapi_patches
+
+    assert source_digest(txredisapi_patches.txredisapis_try_convert_data) == "e1f2ed24e0e84206"
+    assert txredisapi.BaseRedisProtocol.tryConvertData is txredisapi_patches.convert_reply
+
+
+REPLY = st.recursive(st.one_of(st.binary(), st.text().map(lambda t: t.encode("utf-8", "surrogatepass")), st.text(),
+                               st.integers(), st.floats(allow_nan=False), st.none()),
+                     lambda items: st.lists(items, max_size=8), max_leaves=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(reply=REPLY, charset=st.sampled_from(["utf-8", "latin-1", None]), numbers=st.booleans())
+def test_replies_are_converted_as_txredisapi_converts_them(reply, charset, numbers):
+    import txredisapi
+
+    from circles.backend.txredisapi_patches import convert_reply, txredisapis_try_convert_data
+
+    protocol = txredisapi.RedisProtocol(charset=charset, convertNumbers=numbers)
+    ours, theirs = convert_reply(protocol, reply), txredisapis_try_convert_data(protocol, reply)
+    assert ours == theirs and repr(ours) == repr(theirs)  # the same values, of the same types
+
+
 def test_pyproject_pins_the_txredisapi_line_that_was_reviewed():
     pin = _pin("txredisapi")
     assert ">=1.6" in pin and "<1.7" in pin, pin
