@@ -417,13 +417,12 @@ class IsolatedEngine:
         """A child holding no script: started already if any is, else a new one."""
         if self._free:
             return self._take_free()
-        if len(self._children) < self.size:
+        while len(self._children) < self.size and self._queue:
             try:
                 child = self._spawn()
-            except Exception as e:
-                job = self._queue.popleft()
-                job.done.errback(EngineError(f"cannot start the engine's process: {e}"))
-                return None if not self._queue else self._idle()
+            except Exception as e:  # (no fork, no fd): the script waiting first fails, the next tries again
+                self._queue.popleft().done.errback(EngineError(f"cannot start the engine's process: {e}"))
+                continue
             self._free.remove(child)
             return child
         return None
@@ -503,6 +502,7 @@ class IsolatedEngine:
         for _ in returned:
             child.jobs.pop()
         child.sent = started
+        child.retiring = started >= self.tasks_per_child
         self._requeue(returned)
         if not child.jobs:
             self._idle_again(child)

@@ -612,3 +612,20 @@ async def test_a_child_that_does_not_answer_a_take_back_is_replaced_once_idle(tm
     # The engine broke the take-back: the cancelled script ran all the same (its answer dropped).
     assert ran(tmp_path / "ran") == ["deaf", "queued", "after"]
     await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_that_cannot_be_started_fails_the_script_waiting_and_the_next_tries_again(monkeypatch):
+    engine = isolated("echo", size=1)
+    spawn = engine._spawn
+
+    def no_fork():
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(engine, "_spawn", no_fork)
+    for _ in range(3):
+        with pytest.raises(EngineError, match="^cannot start the engine's process: Resource temporarily unavailable$"):
+            await engine("x", CONTEXT)
+    monkeypatch.setattr(engine, "_spawn", spawn)
+    assert (await engine("x", CONTEXT)).endswith(":x")
+    await engine.stop()
