@@ -126,7 +126,7 @@ class Child:
     """The engine, and what one script changes that the next must not see."""
 
     def __init__(self, engine: Any, home: str) -> None:
-        from circles.worker import engines  # after sys.path is the worker's
+        from circles.worker import engine_api as engines  # after sys.path is the worker's
 
         self.engines = engines
         self.engine = engine
@@ -328,7 +328,7 @@ def main() -> int:
     init = frame[0]
     sys.path[:] = list(init["path"]) + [entry for entry in sys.path if entry not in init["path"]]
     home = os.getcwd()
-    from circles.worker.engines import load_engine
+    from circles.worker.engine_api import load_engine
 
     try:
         engine = load_engine(init["spec"])

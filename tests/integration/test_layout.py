@@ -56,6 +56,40 @@ def test_the_shared_pieces_load_no_side_of_the_seams(module):
     assert loaded(names, SERVER + ("circles.worker", "circles.client", "circles.backend", "circles.tryout")) == []
 
 
+#: What an engine child has no use for: it reads frames on a pipe and calls the engine.
+NOT_FOR_AN_ENGINE_CHILD = ("twisted", "txredisapi", "autobahn", "OpenSSL", "cryptography", "circles.backend",
+                           "circles.server", "circles.worker.engines", "circles.worker.isolation",
+                           "circles.worker.service")
+
+
+def test_an_engine_child_loads_neither_twisted_nor_redis(tmp_path):
+    # A child replaced (after tasks_per_child scripts, a deadline, a memory error) starts in some
+    # 70 ms of CPU with the tiny engine, not the 250 ms that importing Twisted and txredisapi took
+    # (docs/benchmarks.md): a client whose scripts each cost a child must not cost that much more.
+    statement = ("import json, os, sys\n"
+                 "from circles.worker.engine_child import Reader, encode_frame\n"
+                 "import subprocess\n"
+                 "child = subprocess.Popen([sys.executable, '-c', 'import atexit, json, sys; "
+                 "atexit.register(lambda: sys.stderr.write(json.dumps(sorted(sys.modules)))); "
+                 "from circles.worker.engine_child import main; main()'], stdin=subprocess.PIPE, "
+                 "stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=sys.argv[1])\n"
+                 "os.write(child.stdin.fileno(), encode_frame({'kind': 'init', 'spec': 'circles.worker.tiny_engine:run', "
+                 "'path': sys.path, 'max_memory': 0}))\n"
+                 "os.write(child.stdin.fileno(), encode_frame({'kind': 'task', 'context': {'task_id': 't', 'circle': 'c', "
+                 "'caller': '', 'source': 'ws'}}, b'40 + 2'))\n"
+                 "reader = Reader(child.stdout.fileno())\n"
+                 "answers = [reader.frame(), reader.frame()]\n"
+                 "child.stdin.close()\n"
+                 "modules = child.stderr.read().decode()\n"
+                 "child.wait()\n"
+                 "print(json.dumps([[h for h, _ in answers], answers[1][1].decode(), json.loads(modules)]))")
+    result = subprocess.run([sys.executable, "-c", statement, str(tmp_path)], capture_output=True, text=True, check=True)
+    headers, output, names = json.loads(result.stdout.splitlines()[-1])
+    assert [h["kind"] for h in headers] == ["ready", "done"] and output == "42"  # the engine did run
+    assert "circles.worker.tiny_engine.evaluator" in names
+    assert loaded(set(names), NOT_FOR_AN_ENGINE_CHILD) == []
+
+
 def test_the_circles_command_loads_nothing_of_the_server_nor_the_worker():
     # What `circles keygen` runs before it parses its arguments.
     names = imported("import circles.client.cli")

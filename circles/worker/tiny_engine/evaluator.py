@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from circles.worker.engines import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
+from circles.worker.engine_api import DEFAULT_MAX_OUTPUT, EngineError, OutputTooLarge, ScriptContext, output_of_lines
 from circles.worker.tiny_engine.builtins import BUILTINS, MUTATING, accepts
 from circles.worker.tiny_engine.parser import Parser
 from circles.worker.tiny_engine.tokens import Tokenizer

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from circles.worker.engines import EngineError
+from circles.worker.engine_api import EngineError
 from circles.worker.tiny_engine.values import MAX_DEPTH, UNIT, check_int, error
 
 #: Binary operators: precedence (higher binds tighter), as in Rhai's table; ``**`` is right-associative.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from itertools import chain, repeat
 from typing import Any
 
-from circles.worker.engines import EngineError, OutputTooLarge
+from circles.worker.engine_api import EngineError, OutputTooLarge
 
 MAX_SCRIPT = 64 * 1024
 MAX_STEPS = 100_000
