@@ -34,13 +34,17 @@ def allocate(script, context):
 
 def environment(script, context):
     """What the script could read: its environment, working directory (and what is in it) and
-    context; the script "litter" leaves a file there."""
+    context; the script "litter" leaves a file there, "litter-hidden" too and sets the directory's
+    mtime back."""
     seen = {"environ": dict(os.environ), "cwd": os.getcwd(), "files": os.listdir("."),
             "mode": os.stat(".").st_mode & 0o777, "max_memory": context.max_memory,
             "max_output": context.max_output}
-    if script == "litter":
+    if script in ("litter", "litter-hidden"):
+        before = os.stat(".")
         with open("left-behind", "w") as f:
             f.write("for the next script?")
+        if script == "litter-hidden":  # its directory's mtime as it was (its ctime cannot be set back)
+            os.utime(".", ns=(before.st_atime_ns, before.st_mtime_ns))
     return json.dumps(seen)
 
 

@@ -42,6 +42,7 @@ import stat
 import struct
 import sys
 import tempfile
+import time
 import traceback
 from collections import deque
 from typing import Any
@@ -50,6 +51,10 @@ FRAME = struct.Struct(">II")
 #: The signal that takes back the tasks a child has not started (see above).
 GIVE_BACK = signal.SIGUSR1
 MAX_TRACEBACK = 16 * 1024  # characters of an engine's traceback sent for the worker's debug log
+#: Seconds past a directory's last change after which an unchanged ``lstat`` says it is still
+#: empty (:meth:`Child._untouched`): more than the coarsest timestamps of a local file system
+#: (whole seconds, ext4 with small inodes; two for FAT's mtime).
+SETTLED = 2.0
 
 
 class Reader:
@@ -133,6 +138,7 @@ class Child:
         self.home = home
         self.base_environment = dict(os.environ)  # the worker's allow-list (passed_environment)
         self.work: str | None = None  # the next script's directory, when the last one left it empty
+        self.settled: tuple | None = None  # its lstat when found empty, long after its last change
         import resource
 
         self.hard_cpu = resource.getrlimit(resource.RLIMIT_CPU)[1]  # only this process could lower it
@@ -177,18 +183,35 @@ class Child:
         if not self._untouched(work):
             os.chdir("/")  # not in what goes (its home may be gone already)
             shutil.rmtree(work, ignore_errors=True)
-            self.work = None  # the next script gets a new one
+            self.work = self.settled = None  # the next script gets a new one
         return MEMORY if out_of_memory else reply
 
-    @staticmethod
-    def _untouched(work: str) -> bool:
+    def _untouched(self, work: str) -> bool:
         """Whether a script left its directory as it found it (empty, private): then the next one
-        may have it, and a script's start costs no mkdir and rmdir (0.15 ms on a journalled disk)."""
+        may have it, and a script's start costs no mkdir and rmdir (0.15 ms on a journalled disk).
+
+        A directory found empty :data:`SETTLED` seconds after its last change is not listed again
+        while its ``lstat`` stays the same: any entry added or removed, and any change of its mode,
+        sets its ctime to the time of that change, later than the one seen, and no process can set
+        a ctime back. Listing it (open, getdents, close) took five system calls a script."""
         try:
             info = os.lstat(work)
-            return stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and not os.listdir(work)
         except OSError:
             return False
+        seen = (info.st_dev, info.st_ino, info.st_mode, info.st_nlink, info.st_mtime_ns, info.st_ctime_ns)
+        if seen == self.settled:
+            return True
+        if not (stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700):
+            return False
+        try:
+            if os.listdir(work):
+                return False
+        except OSError:
+            return False
+        # The file system's clock, not a scheduler's: the timestamps a change would write.
+        settled = time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > SETTLED * 1e9
+        self.settled = seen if settled else None
+        return True
 
     def _set_environment(self, wanted: dict[str, str]) -> None:
         """``os.environ`` made ``wanted``, changing only what differs (what the previous script's

@@ -16,10 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.task import deferLater
 
 from circles import CirclesService, Config
 from circles.worker import tap as worker_tap
-from circles.worker.engine_child import FRAME
+from circles.worker.engine_child import FRAME, SETTLED
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext, ScriptTimedOut
 from circles.worker.isolation import IsolatedEngine
 
@@ -455,6 +456,25 @@ def test_a_stopped_or_killed_worker_leaves_no_engine_process_behind(tmp_path, ho
         while any(alive(pid) for pid in supervisors + engines):
             assert time.monotonic() < deadline, "an engine process outlived its worker"
             time.sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_left_empty_is_reused_and_one_left_changed_is_not():
+    # Past engine_child.SETTLED seconds the child no longer lists a directory whose lstat has not
+    # changed: a file left behind must still be seen, even with the directory's mtime set back.
+    engine = isolated("environment", size=1)
+    await engine.start()
+    pid = engine.pids()
+    first = json.loads(await engine("x", CONTEXT))
+    await deferLater(reactor, SETTLED + 0.2, lambda: None)
+    for script in ("x", "x", "litter-hidden"):  # found empty and settled, then by its lstat alone
+        seen = json.loads(await engine(script, CONTEXT))
+        assert seen["cwd"] == first["cwd"] and seen["files"] == []
+    after = json.loads(await engine("x", CONTEXT))
+    assert after["cwd"] != first["cwd"] and after["files"] == []  # the littered one went
+    assert not os.path.exists(first["cwd"])
+    assert engine.pids() == pid
+    await engine.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -19,6 +19,10 @@ SYMBOLS = sorted(["+", "-", "*", "/", "%", "**", "==", "!=", "<", "<=", ">", ">=
                   "|", "^", "<<", ">>", "=", "+=", "-=", "*=", "/=", "%=", "**=", "<<=", ">>=", "&=",
                   "|=", "^=", "(", ")", "{", "}", "[", "]", "#{", ",", ";", ":", ".", "..", "..=",
                   "??"], key=len, reverse=True)
+#: SYMBOLS by their first character, longest first: a symbol is found in a few comparisons.
+SYMBOLS_BY_FIRST: dict[str, list[str]] = {}
+for _symbol in SYMBOLS:
+    SYMBOLS_BY_FIRST.setdefault(_symbol[0], []).append(_symbol)
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 
 
@@ -77,7 +81,7 @@ class Tokenizer:
             elif c == "'":
                 raise error(pos, "character literals are not supported by this engine (use a string)")
             else:
-                for symbol in SYMBOLS:
+                for symbol in SYMBOLS_BY_FIRST.get(c, ()):
                     if text.startswith(symbol, self.i):
                         break
                 else:
