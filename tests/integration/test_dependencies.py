@@ -111,6 +111,30 @@ def test_commands_are_built_byte_for_byte_as_txredisapi_builds_them(args, charse
     assert built(build_command) == built(txredisapis_build_command)
 
 
+#: What our connections send most: keys, ids, scripts and numbers of arguments.
+PACKED = st.one_of(st.text(), st.binary(), st.integers(), st.text(alphabet=st.characters(codec="utf-8")))
+
+
+@settings(max_examples=500, deadline=None)
+@given(args=st.lists(PACKED, max_size=40))
+def test_commands_packed_by_hiredis_are_the_bytes_txredisapi_builds(args):
+    # The other test mixes in a float or a bool, which keeps most commands out of hiredis's
+    # pack_command: these are the ones it packs (text of any code point, lone surrogates too).
+    import txredisapi
+
+    from circles.backend.txredisapi_patches import build_command, txredisapis_build_command
+
+    protocol = txredisapi.RedisProtocol(charset="utf-8")
+
+    def built(builder):
+        try:
+            return builder(protocol, *args)
+        except txredisapi.InvalidData as e:
+            return ("InvalidData", str(e))
+
+    assert built(build_command) == built(txredisapis_build_command)
+
+
 def test_the_reply_converter_replaced_is_the_one_reviewed():
     import txredisapi
 
