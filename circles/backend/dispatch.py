@@ -100,7 +100,7 @@ class RedisScriptRunner(RedisRunner):
         self.task_ttl = task_ttl
         self.max_output = max_output
         self.webhook_attempts = webhook_attempts
-        self._enqueues: list[tuple[list, list, Deferred]] = []  # plays to queue at the end of this turn
+        self._enqueues: list[tuple] = []  # plays to queue at the end of this turn: (task id, request, admit, deadline, d)
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
         self.housekeeping = Housekeeping(reactor, prefix, lambda: self._commands, self._command, self.is_connected,
                                          circles)
@@ -183,14 +183,10 @@ class RedisScriptRunner(RedisRunner):
 
     def _write(self, task_id: str, request: ScriptRequest, admit: bool) -> Deferred:
         """Queue a task whose reply comes to this server's reply list (``admit``: if the circle's
-        policy lets its caller play)."""
-        fields, ttl = self._fields(request, None, self.reply_key)
-        circle = request.circle
-        keys = [tasks.task_key(self.prefix, task_id), tasks.queue_key(self.prefix, circle),
-                tasks.circle_workers_key(self.prefix, circle), policy_key(self.prefix, circle),
-                members_key(self.prefix, circle)]
+        policy lets its caller play), with the other plays of this turn of the reactor."""
         d: Deferred = Deferred()
-        self._enqueues.append((keys, [ttl, task_id, "1" if admit else "", request.caller] + fields, d))
+        deadline = tasks.timestamp(self.clock.seconds() + request.timeout)
+        self._enqueues.append((task_id, request, admit, deadline, d))
         if len(self._enqueues) == 1:
             self.clock.callLater(0, self._send_enqueues)
 
@@ -204,35 +200,52 @@ class RedisScriptRunner(RedisRunner):
         return d.addCallback(queued)
 
     def _send_enqueues(self) -> None:
-        """The plays of this turn of the reactor, queued in one step: ENQUEUE for one,
-        ENQUEUE_MANY for several (Redis trouble fails each as it would fail one)."""
+        """The plays of this turn of the reactor, queued in one step (Redis trouble fails each as
+        it would fail one)."""
         batch, self._enqueues = self._enqueues, []
         # A play given up on meanwhile (its client left in this same turn) was expired already, on
         # a task not written yet: it is not written now either.
-        gone = [entry for entry in batch if not self.replies.waits_for(entry[1][1])]
-        for _, _, d in gone:
+        gone = [entry for entry in batch if not self.replies.waits_for(entry[0])]
+        for *_, d in gone:
             d.errback(CancelledError())
         batch = [entry for entry in batch if entry not in gone]
-        if not batch:
-            return
-        if len(batch) == 1:
-            keys, args, d = batch[0]
-            self._command("eval", tasks.ENQUEUE, keys, args).chainDeferred(d)
-            return
-        sent = self._command("eval", tasks.ENQUEUE_MANY, [key for keys, _, _ in batch for key in keys],
-                             [arg for _, args, _ in batch for arg in [len(args), *args]])
+        if batch:
+            self._enqueue(batch)
+
+    def _enqueue(self, batch: list) -> None:
+        """One ENQUEUE for ``batch``: what its tasks share (their circles' keys, the reply list,
+        the status and timestamps) is sent once."""
+        now = tasks.timestamp(self.clock.seconds())
+        shared = ["reply_to", self.reply_key, "status", tasks.PENDING, "output", "", "error", "",
+                  "created_at", now, "updated_at", now]
+        if self.max_output is not None:
+            shared += ["max_output", str(self.max_output)]
+        circles: dict[str, int] = {}
+        keys: list = []
+        plays: list = []
+        for task_id, request, admit, deadline, _ in batch:
+            circle = request.circle
+            number = circles.get(circle)
+            if number is None:
+                number = circles[circle] = len(circles) + 1
+                keys += [tasks.queue_key(self.prefix, circle), tasks.circle_workers_key(self.prefix, circle),
+                         policy_key(self.prefix, circle), members_key(self.prefix, circle)]
+            plays += [number, math.ceil(request.timeout) + self.task_ttl, task_id, "1" if admit else "",
+                      request.caller, request.script, request.source, deadline]
+        keys += [tasks.task_key(self.prefix, task_id) for task_id, *_ in batch]
+        sent = self._command("eval", tasks.ENQUEUE, keys, [len(circles), *circles, len(shared), *shared, *plays])
 
         def each(results: list) -> None:
-            for (_, _, d), result in zip(batch, results):
+            for (*_, d), result in zip(batch, results):
                 d.callback(result)
 
         def failed(failure: Failure) -> None:
-            if failure.check(ValueError):
+            if failure.check(ValueError) and len(batch) > 1:
                 # A field that cannot be sent (not UTF-8): each on its own, so that only its play fails.
-                for keys, args, d in batch:
-                    self._command("eval", tasks.ENQUEUE, keys, args).chainDeferred(d)
+                for entry in batch:
+                    self._enqueue([entry])
                 return
-            for _, _, d in batch:
+            for *_, d in batch:
                 d.errback(failure)
 
         sent.addCallbacks(each, failed)

@@ -6,8 +6,8 @@ side is one Lua script, so it is atomic in Redis:
 
 - ``ENQUEUE`` (server, plays): write the task hash and LPUSH its id on the circle's queue, only
   if a live worker serves the circle and, for a client's play, the circle's policy lets the caller
-  play (else nothing is written: the play is refused at once). ``ENQUEUE_MANY``: the same for
-  several plays in one step.
+  play (else nothing is written: the play is refused at once); for the plays of one turn of the
+  server's event loop at once.
 - ``ENQUEUE_ONCE`` (server, webhooks): the same without the worker check, only if a "seen" key
   for the event can be claimed (``SET NX``) in the same step; a redelivered event gets the first
   task's id instead.
@@ -133,43 +133,48 @@ _NOW = """local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# The step ENQUEUE takes for one task, as a Lua function (ENQUEUE_MANY takes it for several):
-# its five keys from index ``k`` of ``K``, its ``n`` arguments from index ``a`` of ``A``.
-_ENQUEUE_ONE = """
-local function enqueue(K, k, A, a, n)
-  if A[a + 2] == '1' then
-    local allowed, policy = admits(K[k + 3], K[k + 4], A[a + 3])
-    if not allowed then return {-1, policy} end
+# KEYS: for each circle of the step, its queue, live workers, policy and members; then each play's
+# task key. ARGV: the number of circles, each circle's id; the number of arguments shared by every
+# task of the step, then those (field, value, ...: the reply list, status, timestamps, ...); then
+# for each play eight arguments: its circle's number (1 for the first), the task's ttl, its
+# id, '1' to queue it only if the circle's policy lets the caller play (a client's play: one round
+# trip for both) or '', the caller, the script, the source, the deadline.
+# Returns for each play, in order: {1} when queued; {0} when no live worker serves the circle,
+# {-1, policy} when the policy refuses the caller (circles.backend.members.ADMITS): nothing is
+# written for it then. The queue's TTL is only ever extended: a short-lived play must not shorten
+# the life of a queue holding a long-lived webhook task. The server queues the plays of one turn
+# of its event loop in one step: what they share is sent once.
+ENQUEUE = ADMITS + _NOW + """
+local circles = tonumber(ARGV[1])
+local a = 2 + circles
+local shared = {}
+for i = 1, tonumber(ARGV[a]) do shared[i] = ARGV[a + i] end
+a = a + 1 + #shared
+local live, queue_ttl, out = {}, {}, {}
+for task = 4 * circles + 1, #KEYS do
+  local c, ttl, id, caller = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 4]
+  local k = 4 * c - 3
+  local allowed, policy = true, nil
+  if ARGV[a + 3] == '1' then allowed, policy = admits(KEYS[k + 2], KEYS[k + 3], caller) end
+  if not allowed then
+    out[#out + 1] = {-1, policy}
+  else
+    if live[c] == nil then live[c] = redis.call('ZCOUNT', KEYS[k + 1], now, '+inf') > 0 end
+    if not live[c] then
+      out[#out + 1] = {0}
+    else
+      redis.call('HSET', KEYS[task], 'circle', ARGV[1 + c], 'caller', caller, 'script', ARGV[a + 5],
+                 'source', ARGV[a + 6], 'deadline', ARGV[a + 7], unpack(shared))
+      redis.call('EXPIRE', KEYS[task], ttl)
+      redis.call('LPUSH', KEYS[k], id)
+      if (queue_ttl[c] or 0) < ttl then
+        if redis.call('TTL', KEYS[k]) < ttl then redis.call('EXPIRE', KEYS[k], ttl) end
+        queue_ttl[c] = ttl
+      end
+      out[#out + 1] = {1}
+    end
   end
-  if redis.call('ZCOUNT', K[k + 2], now, '+inf') == 0 then return {0} end
-  redis.call('HSET', K[k], unpack(A, a + 4, a + n - 1))
-  redis.call('EXPIRE', K[k], A[a])
-  redis.call('LPUSH', K[k + 1], A[a + 1])
-  if redis.call('TTL', K[k + 1]) < tonumber(A[a]) then redis.call('EXPIRE', K[k + 1], A[a]) end
-  return {1}
-end
-"""
-
-# KEYS: task, queue, the circle's live workers, its policy, its members. ARGV: ttl, task id, '1'
-# to queue only if the circle's policy lets the caller play (a play from a client: one round trip
-# for both) or '', the caller, field, value, field, value...
-# Returns {1} when queued; {0} when no live worker serves the circle, {-1, policy} when the policy
-# refuses the caller (circles.backend.members.ADMITS): nothing is written then. The queue's TTL is
-# only ever extended: a short-lived play must not shorten the life of a queue holding a
-# long-lived webhook task.
-ENQUEUE = ADMITS + _NOW + _ENQUEUE_ONE + """
-return enqueue(KEYS, 1, ARGV, 1, #ARGV)
-"""
-
-# ENQUEUE for several tasks at once (the plays a server has in one turn of its event loop).
-# KEYS: ENQUEUE's five for each task. ARGV: for each task, how many arguments it has, then
-# ENQUEUE's arguments. Returns ENQUEUE's answer for each, in order.
-ENQUEUE_MANY = ADMITS + _NOW + _ENQUEUE_ONE + """
-local out, a = {}, 1
-for i = 1, #KEYS / 5 do
-  local n = tonumber(ARGV[a])
-  out[i] = enqueue(KEYS, 5 * i - 4, ARGV, a + 1, n)
-  a = a + 1 + n
+  a = a + 8
 end
 return out
 """
@@ -239,11 +244,14 @@ return redis.call('HGETALL', KEYS[1])
 """
 
 # KEYS: processing list, registry, queue. ARGV: now, worker id, prefix, most.
-# Returns {id, fields, id, fields, ...}: up to ``most`` tasks moved from the queue's end (as BLMOVE
-# does) into the processing list and claimed as CLAIM claims one ({} when the queue is empty), or
+# Returns {id, values, id, values, ...}: up to ``most`` tasks moved from the queue's end (as BLMOVE
+# does) into the processing list and claimed as CLAIM claims one, each with the values of its
+# fields TAKEN (HMGET: nil for one it has not) ({} when the queue is empty), or
 # nil when this worker is not live (nothing is moved). Under load a worker takes what it has room
 # for in one round trip instead of a BLMOVE and a CLAIM for each; a task that is no longer pending
 # (expired while it waited) is dropped from the processing list, as CLAIM drops it.
+#: The fields of a task TAKE answers with, in this order: what a worker needs to run it.
+TAKEN = ("script", "circle", "caller", "source", "deadline", "data", "max_output", "attempts", "reply_to")
 TAKE = _NOW + """
 local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])
 if not expiry or tonumber(expiry) < now then return false end
@@ -256,13 +264,14 @@ for _ = 1, tonumber(ARGV[4]) do
     redis.call('HINCRBY', key, 'attempts', 1)
     redis.call('HSET', key, 'status', 'processing', 'updated_at', ARGV[1], 'worker', ARGV[2])
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGETALL', key)
+    out[#out + 1] = redis.call('HMGET', key, TAKEN)
   else
     redis.call('LREM', KEYS[1], 0, id)
   end
 end
 return out
-"""
+""".replace("TAKEN", ", ".join(f"'{name}'" for name in TAKEN))
+
 
 # The step FINISH takes for one task, as a Lua function of its keys and arguments (FINISH_MANY
 # takes it for several): task key, processing list, reply list (nil: none), then status, output,

@@ -153,7 +153,7 @@ class JobWorker(Worker):
             self._free -= 1
             self._start_task(job_id, circle)
 
-    async def _run_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
+    async def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
         schema, steps = self.schema, self.schema.steps
         key = schema.job_key(task_id)
         now = self.reactor.seconds()
@@ -168,7 +168,7 @@ class JobWorker(Worker):
         context = ScriptContext(task_id=task_id, circle=job.circle or circle, caller=job.caller, source=job.source,
                                 data=job.data, max_output=self.max_output)
         timeout = min(self.script_timeout, job.timeout) if job.timeout else self.script_timeout
-        outcome = await self._run_here(task_id, self._outcome(task_id, job.script, context, timeout, now))
+        outcome = await self._outcome(task_id, job.script, context, timeout, now)
         status = schema.finished if outcome.status == tasks.COMPLETED else schema.failed
         recorded, written = await self._eval_patiently(
             "record the result of", task_id, steps.finish, [key, schema.reply_key(task_id)],

@@ -20,7 +20,7 @@ import os
 import secrets
 import socket
 import unicodedata
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -172,7 +172,8 @@ class Worker(Service):
         self._beats = LoopingCall(self._beat)
         self._beats.clock = self.reactor
         self._beats.start(self.heartbeat, now=True)
-        self._loops = [ensureDeferred(self._take_tasks(circle)) for circle in self.circles]
+        self._loops = [ensureDeferred(self._take_tasks(circle)).addErrback(self._loop_failed, circle)
+                       for circle in self.circles]
         self._start_checks()
 
     def _start_checks(self) -> None:
@@ -184,6 +185,13 @@ class Worker(Service):
         """Stop taking tasks; fires once the running scripts finished, the worker deregistered
         and Redis is let go."""
         return ensureDeferred(self._stop())
+
+    def _loop_failed(self, failure: Failure, circle: str) -> Failure | None:
+        """A bug that ended a circle's loop is said, not left in a Deferred nobody reads."""
+        if failure.check(CancelledError):
+            return failure
+        log.failure("taking the tasks of circle {circle} (no more are taken here)", failure, circle=circle)
+        return None
 
     async def _stop(self) -> None:
         Service.stopService(self)
@@ -459,8 +467,8 @@ class Worker(Service):
         try:
             reply = await self._eval(tasks.TAKE, [self._processing, self._registry, queue],
                                      [tasks.timestamp(self.reactor.seconds()), self.worker_id, self.prefix, most])
-            for task_id, fields in zip(reply[0::2], reply[1::2]) if reply else ():
-                self._start_task(text(task_id), circle, fields)
+            for task_id, values in zip(reply[0::2], reply[1::2]) if reply else ():
+                self._start_task(text(task_id), circle, values)
                 taken += 1
         finally:
             self._free += most - taken
@@ -469,10 +477,10 @@ class Worker(Service):
                 self._release(0)
         return taken
 
-    def _start_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
-        """Run a task in a slot already taken; ``fields``: it is claimed already, these are its fields."""
+    def _start_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
+        """Run a task in a slot already taken; ``taken``: TAKE claimed it, with these values."""
         self._held.add(task_id)
-        d = ensureDeferred(self._run_task(task_id, circle, fields))
+        d = ensureDeferred(self._run_task(task_id, circle, taken))
         self._running.add(d)
         d.addBoth(self._task_done, d, task_id)
 
@@ -509,20 +517,23 @@ class Worker(Service):
             raise RedisError("not connected to Redis")
         return connection.eval(script, keys, args)
 
-    async def _run_task(self, task_id: str, circle: str, fields: list | None = None) -> None:
-        """Claim the task (unless ``fields`` are those of its claim already), run it, record its result."""
+    async def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
+        """Claim the task (unless ``taken``: TAKE claimed it, these are the values of its fields
+        :data:`~circles.backend.tasks.TAKEN`), run it, record its result."""
         key = tasks.task_key(self.prefix, task_id)
         now = self.reactor.seconds()
-        if fields is None:
+        if taken is not None:
+            task = {name: text(value) for name, value in zip(tasks.TAKEN, taken) if value is not None}
+        else:
             keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
             claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
                                                          [tasks.timestamp(now), self.worker_id, task_id])
             if not claimed:
                 return
-        if not fields:
-            log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
-            return
-        task = {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}
+            if not fields:
+                log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
+                return
+            task = {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}
         try:
             deadline: float | None = float(task.get("deadline", ""))
         except ValueError:
@@ -544,7 +555,7 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
-        outcome = await self._run_here(task_id, self._outcome(task_id, task.get("script", ""), context, timeout, now))
+        outcome = await self._outcome(task_id, task.get("script", ""), context, timeout, now)
         status, output, error, reason = outcome.status, outcome.output, outcome.error, outcome.reason
         duration = self.reactor.seconds() - now
         reply_to = task.get("reply_to", "")
@@ -594,12 +605,12 @@ class Worker(Service):
                        started: float) -> tasks.Outcome:
         """Run ``script`` with the engine, bounded by ``timeout`` seconds and the context's
         ``max_output``: its :class:`~circles.backend.tasks.Outcome` (``completed``, or ``error``
-        with its reason), a failure logged within the worker's budget. Cancelling it stops the
-        script as its timeout would."""
+        with its reason), a failure logged within the worker's budget. While it runs,
+        :meth:`_stop_here` stops it (``context.task_id`` is ``task_id``)."""
         max_output = context.max_output or self.max_output
         status, output, error, reason = tasks.COMPLETED, "", "", ""
         try:
-            output = await self._execute(script, context, timeout)
+            output = await self._execute(script, context, timeout, stoppable=True)
             size = output_size(output)
             if size > max_output:  # an engine that did not stop at the cap itself
                 output = ""
@@ -638,17 +649,6 @@ class Worker(Service):
                     log.warn("could not {what} task {task}: {error}", what=what, task=task_id, error=str(e))
                     return False, None
             await deferLater(self.reactor, 0.5, lambda: None)
-
-    async def _run_here(self, task_id: str, outcome: Coroutine[Any, Any, tasks.Outcome]) -> tasks.Outcome:
-        """``outcome`` (:meth:`_outcome`), known as the script running here for ``task_id``
-        meanwhile, so that :meth:`_stop_here` can stop it."""
-        execution = ensureDeferred(outcome)
-        self._executions[task_id] = execution
-        try:
-            return await execution
-        finally:
-            self._executions.pop(task_id, None)
-            self._stopping.discard(task_id)
 
     # -- stopping what nobody waits for -----------------------------------------------------------
 
@@ -693,20 +693,28 @@ class Worker(Service):
         finally:
             self._checking = False
 
-    async def _execute(self, script: str, context: ScriptContext, timeout: float) -> str:
+    async def _execute(self, script: str, context: ScriptContext, timeout: float, stoppable: bool = False) -> str:
         """The engine's output as text; the engine's Deferred is cancelled once ``timeout``
-        seconds passed (:class:`ScriptTimedOut`), or once its task is no longer this worker's to
-        run (:class:`TaskStopped`)."""
+        seconds passed (:class:`ScriptTimedOut`), or (``stoppable``: a task's script, known as
+        the one running here for ``context.task_id`` meanwhile) once its task is no longer this
+        worker's to run (:meth:`_stop_here`, :class:`TaskStopped`)."""
         d = maybeDeferred(self.engine, script, context)
         timer = self.reactor.callLater(timeout, d.cancel)
+        if stoppable:
+            self._executions[context.task_id] = d
+        stopped = False
         try:
             try:
                 output = await d
             finally:
                 if timer.active():
                     timer.cancel()
+                if stoppable:
+                    self._executions.pop(context.task_id, None)
+                    stopped = context.task_id in self._stopping
+                    self._stopping.discard(context.task_id)
         except CancelledError:
-            if context.task_id in self._stopping:
+            if stopped:
                 raise TaskStopped("stopped: its task was no longer this worker's to run") from None
             raise ScriptTimedOut(f"script timed out after {timeout:g}s") from None
         if output is None:

@@ -138,7 +138,7 @@ def test_idle_timeouts_write_a_bounded_log(tmp_path):
 def test_a_redis_refusing_writes_does_not_write_a_line_per_play(tmp_path, redis_server):
     """Redis at its maxmemory refuses every task: 300 plays answered -32004 wrote 300 warnings.
     Failed commands are logged the 1st, 10th and 100th (then every 1000th), each with the running
-    count; and the 100 plays of one turn are one command (ENQUEUE_MANY), after which the runner
+    count; and the 100 plays of one turn are one command (one ENQUEUE), after which the runner
     knows Redis is full and refuses without asking: one line for the 300."""
     from websockets.sync.client import connect
 

@@ -124,5 +124,5 @@ def test_worker_protocol_doc_has_the_lua_steps_as_run():
     from ..support import ROOT
     blocks = [b.strip() for b in re.findall(r"```lua\n(.*?)```", (ROOT / "docs/worker-protocol.md").read_text(), re.S)]
     for name in ("ENQUEUE", "ENQUEUE_ONCE", "HEARTBEAT", "DEREGISTER", "CLAIM", "GIVE_BACK", "FINISH", "EXPIRE",
-                 "TAKE_RESULT", "DEAD_WORKERS", "REAP", "REQUEUE", "STATS", "TAKE", "FINISH_MANY", "ENQUEUE_MANY"):
+                 "TAKE_RESULT", "DEAD_WORKERS", "REAP", "REQUEUE", "STATS", "TAKE", "FINISH_MANY"):
         assert getattr(tasks, name).strip() in blocks, name
