@@ -200,3 +200,24 @@ def test_the_server_listens_before_it_loads_what_only_serving_needs(redis_server
     assert port > 0
     assert {"circles.service", "autobahn.twisted.resource", "txredisapi", "prometheus_client"} <= set(names)
     assert loaded(set(names), NOT_BEFORE_LISTENING) == []
+
+
+@pytest.mark.parametrize("plugin, argv", [("circles", ["--port", "0", "--interface", "127.0.0.1"]),
+                                          ("circles_worker", ["-k", GENERATOR, "--engine", "circles.worker.tiny_engine:run"])],
+                         ids=["server", "worker"])
+def test_twistd_leaves_what_start_up_made_out_of_garbage_collections(redis_server, plugin, argv):
+    # The plugin's makeService, then the reactor running: start-up's objects are frozen (gc.freeze),
+    # so that no full collection walks them again (docs/benchmarks.md).
+    statement = ("import gc, json\n"
+                 f"from twisted.plugins.circles_plugin import {plugin} as plugin\n"
+                 "from twisted.internet import reactor\n"
+                 "options = plugin.options()\n"
+                 f"options.parseOptions(['--redis-url', {redis_server.url!r}, *{argv!r}])\n"
+                 "root = plugin.makeService(options)\n"
+                 "before = gc.get_freeze_count()\n"
+                 "reactor.callLater(0.1, reactor.stop)\n"
+                 "reactor.run()\n"
+                 "print(json.dumps([before, gc.get_freeze_count()]))")
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
+    before, after = json.loads(result.stdout.splitlines()[-1])
+    assert before == 0 and after > 10_000
