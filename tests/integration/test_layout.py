@@ -25,6 +25,12 @@ def imported(statement: str) -> set:
     return set(json.loads(result.stdout.splitlines()[-1]))
 
 
+def printed(statement: str, *argv: str):
+    """What ``statement``, run in a fresh interpreter (with ``argv``), printed last, as JSON."""
+    result = subprocess.run([sys.executable, "-c", statement, *argv], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def loaded(names: set, prefixes) -> list:
     return sorted(n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes))
 
@@ -83,8 +89,7 @@ def test_an_engine_child_loads_neither_twisted_nor_redis(tmp_path):
                  "modules = child.stderr.read().decode()\n"
                  "child.wait()\n"
                  "print(json.dumps([[h for h, _ in answers], answers[1][1].decode(), json.loads(modules)]))")
-    result = subprocess.run([sys.executable, "-c", statement, str(tmp_path)], capture_output=True, text=True, check=True)
-    headers, output, names = json.loads(result.stdout.splitlines()[-1])
+    headers, output, names = printed(statement, str(tmp_path))
     assert [h["kind"] for h in headers] == ["ready", "done"] and output == "42"  # the engine did run
     assert "circles.worker.tiny_engine.evaluator" in names
     assert loaded(set(names), NOT_FOR_AN_ENGINE_CHILD) == []
@@ -150,8 +155,7 @@ def test_a_remote_command_still_loads_what_it_needs():
                  "from circles.client.cli import main\n"
                  "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
                  "print(json.dumps([code, sorted(sys.modules)]))")
-    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
-    code, names = json.loads(result.stdout.splitlines()[-1])
+    code, names = printed(statement)
     assert code == 3
     assert {"twisted.internet.reactor", "autobahn.twisted.websocket", "circles.client.connection"} <= set(names)
 
@@ -195,8 +199,7 @@ def test_the_server_listens_before_it_loads_what_only_serving_needs(redis_server
                  "root.startService()\n"
                  "[service] = root\n"
                  "print(json.dumps([service.listeners[0].port.getHost().port, sorted(sys.modules)]))")
-    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
-    port, names = json.loads(result.stdout.splitlines()[-1])
+    port, names = printed(statement)
     assert port > 0
     assert {"circles.service", "autobahn.twisted.resource", "txredisapi", "prometheus_client"} <= set(names)
     assert loaded(set(names), NOT_BEFORE_LISTENING) == []
@@ -218,6 +221,5 @@ def test_twistd_leaves_what_start_up_made_out_of_garbage_collections(redis_serve
                  "reactor.callLater(0.1, reactor.stop)\n"
                  "reactor.run()\n"
                  "print(json.dumps([before, gc.get_freeze_count()]))")
-    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
-    before, after = json.loads(result.stdout.splitlines()[-1])
+    before, after = printed(statement)
     assert before == 0 and after > 10_000
