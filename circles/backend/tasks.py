@@ -246,10 +246,12 @@ return redis.call('HGETALL', KEYS[1])
 # KEYS: processing list, registry, queue. ARGV: now, worker id, prefix, most.
 # Returns {id, values, id, values, ...}: up to ``most`` tasks moved from the queue's end (as BLMOVE
 # does) into the processing list and claimed as CLAIM claims one, each with the values of its
-# fields TAKEN (HMGET: nil for one it has not) ({} when the queue is empty), or
-# nil when this worker is not live (nothing is moved). Under load a worker takes what it has room
-# for in one round trip instead of a BLMOVE and a CLAIM for each; a task that is no longer pending
-# (expired while it waited) is dropped from the processing list, as CLAIM drops it.
+# fields TAKEN (HMGET: nil for one it has not; ``attempts`` as counted by this claim) ({} when
+# the queue is empty), or nil when this worker is not live (nothing is moved). Under load a
+# worker takes what it has room for in one round trip instead of a BLMOVE and a CLAIM for each; a
+# task that is no longer pending (expired while it waited) is dropped from the processing list,
+# as CLAIM drops it. One HMGET reads the fields and the status, one HSET claims (three commands a
+# task, the attempt counted from the value read: the step is atomic).
 #: The fields of a task TAKE answers with, in this order: what a worker needs to run it.
 TAKEN = ("script", "circle", "caller", "source", "deadline", "data", "max_output", "attempts", "reply_to")
 TAKE = _NOW + """
@@ -260,29 +262,34 @@ for _ = 1, tonumber(ARGV[4]) do
   local id = redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
   if not id then break end
   local key = ARGV[3] .. 'task:' .. id
-  if redis.call('HGET', key, 'status') == 'pending' then
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'status', 'processing', 'updated_at', ARGV[1], 'worker', ARGV[2])
+  local f = redis.call('HMGET', key, TAKEN, 'status')
+  if f[STATUS] == 'pending' then
+    local attempts = tostring((tonumber(f[ATTEMPTS]) or 0) + 1)
+    redis.call('HSET', key, 'status', 'processing', 'updated_at', ARGV[1], 'worker', ARGV[2], 'attempts', attempts)
+    f[ATTEMPTS], f[STATUS] = attempts, nil
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HMGET', key, TAKEN)
+    out[#out + 1] = f
   else
     redis.call('LREM', KEYS[1], 0, id)
   end
 end
 return out
-""".replace("TAKEN", ", ".join(f"'{name}'" for name in TAKEN))
+""".replace("TAKEN", ", ".join(f"'{name}'" for name in TAKEN)).replace(
+    "STATUS", str(len(TAKEN) + 1)).replace("ATTEMPTS", str(TAKEN.index("attempts") + 1))
 
 
 # The step FINISH takes for one task, as a Lua function of its keys and arguments (FINISH_MANY
 # takes it for several): task key, processing list, reply list (nil: none), then status, output,
 # error, now, status ttl, reply, reason, task id, worker id, result ttl (a table, from index ``at``).
+# It pushes the reply; the caller sets the reply list's TTL (FINISH_MANY once a list).
 _FINISH_ONE = """
 local function finish(task, processing, reply_list, A, at)
   local status, output, failure, stamp = A[at], A[at + 1], A[at + 2], A[at + 3]
   local status_ttl, reply, reason, id, worker, result_ttl = A[at + 4], A[at + 5], A[at + 6], A[at + 7],
     A[at + 8], A[at + 9]
   redis.call('LREM', processing, 0, id)
-  if redis.call('HGET', task, 'status') ~= 'processing' or redis.call('HGET', task, 'worker') ~= worker then
+  local held = redis.call('HMGET', task, 'status', 'worker')
+  if held[1] ~= 'processing' or held[2] ~= worker then
     return 0
   end
   if reply_list and string.sub(reply, 1, 1) ~= '{' then
@@ -297,7 +304,6 @@ local function finish(task, processing, reply_list, A, at)
   end
   if reply_list then
     redis.call('LPUSH', reply_list, reply)
-    redis.call('EXPIRE', reply_list, result_ttl)
   end
   return 1
 end
@@ -310,19 +316,29 @@ end
 # only its status fields, for ``status ttl`` seconds. A bare task id as the reply: the result
 # stays in the hash (``result ttl`` seconds) for the server to read, which then deletes it.
 FINISH = _FINISH_ONE + """
-return finish(KEYS[1], KEYS[2], KEYS[3], ARGV, 1)
+local written = finish(KEYS[1], KEYS[2], KEYS[3], ARGV, 1)
+if written == 1 and KEYS[3] then redis.call('EXPIRE', KEYS[3], ARGV[10]) end
+return written
 """
 
 # FINISH for several tasks at once (the results a worker has in one turn of its event loop).
 # KEYS: for each task, its task key, processing list and reply list ('' for none). ARGV: for
-# each, FINISH's ten arguments. Returns FINISH's answer for each, in order.
+# each, FINISH's ten arguments. Returns FINISH's answer for each, in order. A reply list that got
+# replies (the replies of one server's plays share one) gets its TTL once, the longest asked.
 FINISH_MANY = _FINISH_ONE + """
-local out = {}
+local out, lists, ttls = {}, {}, {}
 for i = 1, #KEYS / 3 do
   local reply_list = KEYS[3 * i]
   if reply_list == '' then reply_list = nil end
-  out[i] = finish(KEYS[3 * i - 2], KEYS[3 * i - 1], reply_list, ARGV, 10 * (i - 1) + 1)
+  local at = 10 * (i - 1) + 1
+  out[i] = finish(KEYS[3 * i - 2], KEYS[3 * i - 1], reply_list, ARGV, at)
+  if out[i] == 1 and reply_list then
+    local ttl = tonumber(ARGV[at + 9])
+    if ttls[reply_list] == nil then lists[#lists + 1] = reply_list end
+    if (ttls[reply_list] or 0) < ttl then ttls[reply_list] = ttl end
+  end
 end
+for _, reply_list in ipairs(lists) do redis.call('EXPIRE', reply_list, ttls[reply_list]) end
 return out
 """
 

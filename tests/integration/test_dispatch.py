@@ -370,6 +370,45 @@ async def test_a_backlog_is_taken_as_many_as_slots_free_per_step_not_one_blmove_
     assert redis_client("LLEN", processing) == 0
 
 
+def test_take_counts_the_attempt_from_what_it_reads_and_finish_many_sets_each_reply_list_s_ttl_once(redis_client):
+    """TAKE reads a task's fields and status in one HMGET and claims it in one HSET: the attempt is
+    counted from the value read (none yet: 1). FINISH_MANY pushes every reply, then sets the TTL of
+    each reply list that got one once, the longest asked; a list that got none is left alone."""
+    prefix, worker = "take-test:", "w1"
+    processing, registry = tasks.processing_key(prefix, worker), tasks.workers_key(prefix)
+    queue = tasks.queue_key(prefix, CIRCLE)
+    now = int(redis_client("TIME")[0])
+    redis_client("ZADD", registry, now + 60, worker)
+    redis_client("HSET", f"{prefix}task:a", "status", "pending", "script", "one", "circle", CIRCLE, "reply_to", "r1")
+    redis_client("HSET", f"{prefix}task:b", "status", "pending", "script", "two", "attempts", "1")  # run once, reaped
+    redis_client("HSET", f"{prefix}task:c", "status", "expired", "script", "three")  # expired while it waited
+    redis_client("LPUSH", queue, "a", "b", "c")  # taken from the right: a first
+    taken = redis_client("EVAL", tasks.TAKE, 3, processing, registry, queue, "stamp", worker, prefix, 5)
+    assert taken == ["a", ["one", CIRCLE, None, None, None, None, None, "1", "r1"],
+                     "b", ["two", None, None, None, None, None, None, "2", None]]
+    assert [redis_client("HGET", f"{prefix}task:{t}", "attempts") for t in "ab"] == ["1", "2"]
+    assert [redis_client("HGET", f"{prefix}task:a", f) for f in ("status", "worker", "updated_at")] == [
+        "processing", worker, "stamp"]
+    assert redis_client("HGET", f"{prefix}task:c", "status") == "expired"
+    assert sorted(redis_client("LRANGE", processing, 0, -1)) == ["a", "b"]
+    assert redis_client("LLEN", queue) == 0
+
+    def finish(task: str, reply_list: str, ttl: int) -> tuple[list, list]:
+        return ([f"{prefix}task:{task}", processing, reply_list],
+                ["completed", "", "", "stamp", 30, '{"ok": 1}', "", task, worker, ttl])
+
+    steps = [finish("b", "r1", 300), finish("a", "r1", 100), finish("c", "r2", 300)]  # c: not this worker's
+    keys = [k for step in steps for k in step[0]]
+    args = [a for step in steps for a in step[1]]
+    assert redis_client("EVAL", tasks.FINISH_MANY, len(keys), *keys, *args) == [1, 1, 0]
+    assert redis_client("LRANGE", "r1", 0, -1) == ['{"ok": 1}'] * 2
+    assert 290 < redis_client("TTL", "r1") <= 300
+    assert redis_client("EXISTS", "r2") == 0
+    assert redis_client("LLEN", processing) == 0
+    assert redis_client("HGET", f"{prefix}task:a", "status") == "completed"
+    assert redis_client("HGET", f"{prefix}task:a", "script") is None
+
+
 @pytest_twisted.ensureDeferred
 async def test_tasks_in_its_processing_list_that_nothing_runs_are_adopted_at_start_and_after_a_lost_connection(
         redis_server, start, redis_client):
