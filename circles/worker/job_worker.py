@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from txredisapi import RedisError
 
@@ -153,7 +153,10 @@ class JobWorker(Worker):
             self._free -= 1
             self._start_task(job_id, circle)
 
-    async def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
+    def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> Deferred:
+        return ensureDeferred(self._run_job(task_id, circle))
+
+    async def _run_job(self, task_id: str, circle: str) -> None:
         schema, steps = self.schema, self.schema.steps
         key = schema.job_key(task_id)
         now = self.reactor.seconds()

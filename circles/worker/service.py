@@ -42,6 +42,7 @@ from circles.backend.txredisapi_patches import drop_connections, live_connection
 from circles.backend.values import text
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger
+from circles.common.logs import enabled as log_enabled
 from circles.common.once import Once
 from circles.worker.engines import (
     DEFAULT_MAX_OUTPUT,
@@ -517,23 +518,31 @@ class Worker(Service):
             raise RedisError("not connected to Redis")
         return connection.eval(script, keys, args)
 
-    async def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
+    def _run_task(self, task_id: str, circle: str, taken: list | None = None) -> Deferred:
         """Claim the task (unless ``taken``: TAKE claimed it, these are the values of its fields
-        :data:`~circles.backend.tasks.TAKEN`), run it, record its result."""
-        key = tasks.task_key(self.prefix, task_id)
+        :data:`~circles.backend.tasks.TAKEN`), run it, record its result.
+
+        Callbacks, not a coroutine, once the task is claimed: per task (the hot path)."""
+        if taken is None:
+            return ensureDeferred(self._claim_and_run(task_id, circle))
+        task = {name: text(value) for name, value in zip(tasks.TAKEN, taken) if value is not None}
+        return self._run(task_id, task, self.reactor.seconds())
+
+    async def _claim_and_run(self, task_id: str, circle: str) -> None:
         now = self.reactor.seconds()
-        if taken is not None:
-            task = {name: text(value) for name, value in zip(tasks.TAKEN, taken) if value is not None}
-        else:
-            keys = [key, self._processing, self._registry, tasks.queue_key(self.prefix, circle)]
-            claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
-                                                         [tasks.timestamp(now), self.worker_id, task_id])
-            if not claimed:
-                return
-            if not fields:
-                log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
-                return
-            task = {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}
+        keys = [tasks.task_key(self.prefix, task_id), self._processing, self._registry,
+                tasks.queue_key(self.prefix, circle)]
+        claimed, fields = await self._eval_patiently("claim", task_id, tasks.CLAIM, keys,
+                                                     [tasks.timestamp(now), self.worker_id, task_id])
+        if not claimed:
+            return
+        if not fields:
+            log.info("skipped task {task}: expired, gone, or no longer this worker's", task=printable(task_id))
+            return
+        await self._run(task_id, {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}, now)
+
+    def _run(self, task_id: str, task: dict[str, str], now: float) -> Deferred:
+        """Run a claimed task (``task``: its fields) and record its result."""
         try:
             deadline: float | None = float(task.get("deadline", ""))
         except ValueError:
@@ -555,22 +564,32 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
-        outcome = await self._outcome(task_id, task.get("script", ""), context, timeout, now)
-        status, output, error, reason = outcome.status, outcome.output, outcome.error, outcome.reason
-        duration = self.reactor.seconds() - now
-        reply_to = task.get("reply_to", "")
-        keys = [key, self._processing] + ([reply_to] if reply_to else [])
-        recorded, written = await self._record(task_id, keys, [
-            status, output, error, tasks.timestamp(self.reactor.seconds()), tasks.STATUS_TTL,
-            tasks.encode_reply(outcome), reason, task_id, self.worker_id, self.task_ttl])
+        d = self._outcome(task_id, task.get("script", ""), context, timeout, now)
+        return d.addCallback(self._finished, context, task.get("reply_to", ""), now)
+
+    def _finished(self, outcome: tasks.Outcome, context: ScriptContext, reply_to: str, started: float) -> Deferred:
+        """Record ``outcome`` (FINISH, with the other results of this turn)."""
+        task_id = outcome.task_id
+        now = self.reactor.seconds()
+        keys = [tasks.task_key(self.prefix, task_id), self._processing] + ([reply_to] if reply_to else [])
+        d = self._record(task_id, keys, [
+            outcome.status, outcome.output, outcome.error, tasks.timestamp(now), tasks.STATUS_TTL,
+            tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl])
+        return d.addCallback(self._recorded, outcome, context, now - started)
+
+    def _recorded(self, result: tuple[bool, Any], outcome: tasks.Outcome, context: ScriptContext,
+                  duration: float) -> None:
+        recorded, written = result
         if not recorded:
             return
         if not int(written):
             log.info("task {task} expired, or was given to another worker, while it ran; result dropped",
-                     task=printable(task_id))
-        log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s", task=task_id,
-                  circle=context.circle, source=context.source or "-", duration=duration,
-                  outcome=(status if int(written) else "expired") + (f" ({reason})" if reason else ""))
+                     task=printable(outcome.task_id))
+        if log_enabled(LogLevel.debug):
+            log.debug("task {task} for circle {circle} ({source}): {outcome} in {duration:.3f}s",
+                      task=outcome.task_id, circle=context.circle, source=context.source or "-", duration=duration,
+                      outcome=(outcome.status if int(written) else "expired")
+                      + (f" ({outcome.reason})" if outcome.reason else ""))
 
     def _record(self, task_id: str, keys: list, args: list) -> Deferred:
         """FINISH for ``task_id`` (``(recorded, written)`` as :meth:`_eval_patiently` answers it),
@@ -601,36 +620,42 @@ class Worker(Service):
         for i, (*_, d) in enumerate(batch):
             d.callback((recorded, written[i] if recorded else None))
 
-    async def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
-                       started: float) -> tasks.Outcome:
+    def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
+                 started: float) -> Deferred:
         """Run ``script`` with the engine, bounded by ``timeout`` seconds and the context's
-        ``max_output``: its :class:`~circles.backend.tasks.Outcome` (``completed``, or ``error``
-        with its reason), a failure logged within the worker's budget. While it runs,
+        ``max_output``: a Deferred of its :class:`~circles.backend.tasks.Outcome` (``completed``,
+        or ``error`` with its reason), a failure logged within the worker's budget. While it runs,
         :meth:`_stop_here` stops it (``context.task_id`` is ``task_id``)."""
+        d = self._execute(script, context, timeout, stoppable=True)
+        return d.addBoth(self._judged, task_id, context, started)
+
+    def _judged(self, result: str | Failure, task_id: str, context: ScriptContext,
+                started: float) -> tasks.Outcome | Failure:
         max_output = context.max_output or self.max_output
-        status, output, error, reason = tasks.COMPLETED, "", "", ""
-        try:
-            output = await self._execute(script, context, timeout, stoppable=True)
-            size = output_size(output)
-            if size > max_output:  # an engine that did not stop at the cap itself
-                output = ""
-                raise OutputTooLarge(max_output, size)
-        except EngineError as e:
-            status, error, reason = tasks.ERROR, _capped(str(e), max_output), e.reason
+        if not isinstance(result, Failure):
+            size = output_size(result)
+            if size <= max_output:
+                return tasks.Outcome(task_id, tasks.COMPLETED, result, "", "")
+            result = Failure(OutputTooLarge(max_output, size))  # an engine that did not stop at the cap itself
+        e = result.value
+        output, reason = "", ""
+        if isinstance(e, EngineError):
+            error, reason = _capped(str(e), max_output), e.reason
             # What it printed before the error goes with it (docs/worker-protocol.md, "output").
             output = output_before_error(e.output, error, max_output)
-        except Exception as e:  # a bug in an --engine callable: its traceback is for debugging it
-            log.debug("the engine raised on task {task}", task=task_id, log_failure=Failure())
-            status, error = tasks.ERROR, _capped(f"{type(e).__name__}: {e}", max_output)
-        if status != tasks.COMPLETED:
-            # A client can fail scripts as fast as it sends them: logged within a budget, and
-            # what comes from the script escaped (no control character reaches the log).
-            self.failures.note(printable(context.caller or context.source), reason or "error",
-                               "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
-                               task=printable(task_id), circle=printable(context.circle),
-                               source=printable(context.source), duration=self.reactor.seconds() - started,
-                               reason=reason or "error", why=printable(_summary(error, reason)))
-        return tasks.Outcome(task_id, status, output, error, reason)
+        elif isinstance(e, Exception):  # a bug in an --engine callable: its traceback is for debugging it
+            log.debug("the engine raised on task {task}", task=task_id, log_failure=result)
+            error = _capped(f"{type(e).__name__}: {e}", max_output)
+        else:
+            return result
+        # A client can fail scripts as fast as it sends them: logged within a budget, and
+        # what comes from the script escaped (no control character reaches the log).
+        self.failures.note(printable(context.caller or context.source), reason or "error",
+                           "task {task} for circle {circle} failed after {duration:.3f}s: {why}",
+                           task=printable(task_id), circle=printable(context.circle),
+                           source=printable(context.source), duration=self.reactor.seconds() - started,
+                           reason=reason or "error", why=printable(_summary(error, reason)))
+        return tasks.Outcome(task_id, tasks.ERROR, output, error, reason)
 
     async def _eval_patiently(self, what: str, task_id: str, script: str, keys: list,
                               args: list) -> tuple[bool, Any]:
@@ -693,30 +718,34 @@ class Worker(Service):
         finally:
             self._checking = False
 
-    async def _execute(self, script: str, context: ScriptContext, timeout: float, stoppable: bool = False) -> str:
-        """The engine's output as text; the engine's Deferred is cancelled once ``timeout``
-        seconds passed (:class:`ScriptTimedOut`), or (``stoppable``: a task's script, known as
-        the one running here for ``context.task_id`` meanwhile) once its task is no longer this
-        worker's to run (:meth:`_stop_here`, :class:`TaskStopped`)."""
+    def _execute(self, script: str, context: ScriptContext, timeout: float, stoppable: bool = False) -> Deferred:
+        """A Deferred of the engine's output as text; the engine's Deferred is cancelled once
+        ``timeout`` seconds passed (:class:`ScriptTimedOut`), or (``stoppable``: a task's script,
+        known as the one running here for ``context.task_id`` meanwhile) once its task is no
+        longer this worker's to run (:meth:`_stop_here`, :class:`TaskStopped`)."""
         d = maybeDeferred(self.engine, script, context)
+        if d.called:  # answered at once (an engine in this process): nothing to time or stop
+            return d.addBoth(self._executed, None, None, timeout)
         timer = self.reactor.callLater(timeout, d.cancel)
-        if stoppable:
-            self._executions[context.task_id] = d
+        task_id = context.task_id if stoppable else None
+        if task_id is not None:
+            self._executions[task_id] = d
+        return d.addBoth(self._executed, timer, task_id, timeout)
+
+    def _executed(self, output: Any, timer: Any, task_id: str | None, timeout: float) -> str | Failure:
+        if timer is not None and timer.active():
+            timer.cancel()
         stopped = False
-        try:
-            try:
-                output = await d
-            finally:
-                if timer.active():
-                    timer.cancel()
-                if stoppable:
-                    self._executions.pop(context.task_id, None)
-                    stopped = context.task_id in self._stopping
-                    self._stopping.discard(context.task_id)
-        except CancelledError:
-            if stopped:
-                raise TaskStopped("stopped: its task was no longer this worker's to run") from None
-            raise ScriptTimedOut(f"script timed out after {timeout:g}s") from None
+        if task_id is not None:
+            self._executions.pop(task_id, None)
+            stopped = task_id in self._stopping
+            self._stopping.discard(task_id)
+        if isinstance(output, Failure):
+            if output.check(CancelledError):
+                if stopped:
+                    raise TaskStopped("stopped: its task was no longer this worker's to run")
+                raise ScriptTimedOut(f"script timed out after {timeout:g}s")
+            return output
         if output is None:
             return ""
         if isinstance(output, bytes):
