@@ -724,12 +724,12 @@ class Worker(Service):
         known as the one running here for ``context.task_id`` meanwhile) once its task is no
         longer this worker's to run (:meth:`_stop_here`, :class:`TaskStopped`)."""
         d = maybeDeferred(self.engine, script, context)
-        if d.called:  # answered at once (an engine in this process): nothing to time or stop
-            return d.addBoth(self._executed, None, None, timeout)
-        timer = self.reactor.callLater(timeout, d.cancel)
-        task_id = context.task_id if stoppable else None
-        if task_id is not None:
-            self._executions[task_id] = d
+        timer, task_id = None, None
+        if not d.called:  # (one answered at once, by an engine in this process: nothing to time or stop)
+            timer = self.reactor.callLater(timeout, d.cancel)
+            if stoppable:
+                task_id = context.task_id
+                self._executions[task_id] = d
         return d.addBoth(self._executed, timer, task_id, timeout)
 
     def _executed(self, output: Any, timer: Any, task_id: str | None, timeout: float) -> str | Failure:
