@@ -35,10 +35,10 @@ The parts it composes:
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,7 +50,9 @@ from circles.backend.replies import Replies
 from circles.backend.runner import RedisRunner
 from circles.backend.scripts import IAdmittingScriptRunner, NotAMember, NoWorker, Queued, ScriptRequest
 from circles.backend.values import text
+from circles.common.ids import random_uuid
 from circles.common.logs import Logger
+from circles.common.logs import enabled as log_enabled
 
 log = Logger()
 
@@ -100,7 +102,7 @@ class RedisScriptRunner(RedisRunner):
         self.task_ttl = task_ttl
         self.max_output = max_output
         self.webhook_attempts = webhook_attempts
-        self._enqueues: list[tuple] = []  # plays to queue at the end of this turn: (task id, request, admit, deadline, d)
+        self._enqueues: list[tuple] = []  # plays to queue at the end of this turn: (task id, request, admit, deadline)
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
         self.housekeeping = Housekeeping(reactor, prefix, lambda: self._commands, self._command, self.is_connected,
                                          circles)
@@ -123,9 +125,9 @@ class RedisScriptRunner(RedisRunner):
     def _run(self, request: ScriptRequest, admit: bool) -> Deferred:
         if not self.is_connected():
             return fail(self._refusal())
-        task_id = str(uuid.uuid4())
+        task_id = random_uuid()
         result = self.replies.wait(task_id, request)
-        self._write(task_id, request, admit).addErrback(lambda failure: self.replies.not_queued(task_id, failure))
+        self._write(task_id, request, admit)
         return result
 
     def enqueue_once(self, request: ScriptRequest, data_json: str, key: str, ttl: int) -> Deferred:
@@ -137,7 +139,7 @@ class RedisScriptRunner(RedisRunner):
         ``key`` is free."""
         if not self.is_connected():
             return fail(self._refusal())
-        task_id = str(uuid.uuid4())
+        task_id = random_uuid()
         fields, task_ttl = self._fields(request, data_json, "")
         keys = [tasks.seen_key(self.prefix, key), tasks.task_key(self.prefix, task_id),
                 tasks.queue_key(self.prefix, request.circle)]
@@ -181,23 +183,13 @@ class RedisScriptRunner(RedisRunner):
             fields["max_attempts"] = str(self.webhook_attempts)  # runs allowed when workers are lost
         return [item for pair in fields.items() for item in pair], math.ceil(request.timeout) + self.task_ttl
 
-    def _write(self, task_id: str, request: ScriptRequest, admit: bool) -> Deferred:
+    def _write(self, task_id: str, request: ScriptRequest, admit: bool) -> None:
         """Queue a task whose reply comes to this server's reply list (``admit``: if the circle's
-        policy lets its caller play), with the other plays of this turn of the reactor."""
-        d: Deferred = Deferred()
-        deadline = tasks.timestamp(self.clock.seconds() + request.timeout)
-        self._enqueues.append((task_id, request, admit, deadline, d))
+        policy lets its caller play), with the other plays of this turn of the reactor; a play
+        that is not queued fails (:meth:`Replies.not_queued`)."""
+        self._enqueues.append((task_id, request, admit, tasks.timestamp(self.clock.seconds() + request.timeout)))
         if len(self._enqueues) == 1:
             self.clock.callLater(0, self._send_enqueues)
-
-        def queued(result) -> None:
-            if int(result[0]) < 0:
-                raise NotAMember(text(result[1]))
-            if not int(result[0]):
-                raise NoWorker("no worker is serving this circle")
-            log.debug("queued task {task} for circle {circle} from {source}",
-                      task=task_id, circle=request.circle, source=request.source)
-        return d.addCallback(queued)
 
     def _send_enqueues(self) -> None:
         """The plays of this turn of the reactor, queued in one step (Redis trouble fails each as
@@ -205,12 +197,23 @@ class RedisScriptRunner(RedisRunner):
         batch, self._enqueues = self._enqueues, []
         # A play given up on meanwhile (its client left in this same turn) was expired already, on
         # a task not written yet: it is not written now either.
-        gone = [entry for entry in batch if not self.replies.waits_for(entry[0])]
-        for *_, d in gone:
-            d.errback(CancelledError())
-        batch = [entry for entry in batch if entry not in gone]
+        batch = [entry for entry in batch if self.replies.waits_for(entry[0])]
         if batch:
             self._enqueue(batch)
+
+    def _queued(self, task_id: str, request: ScriptRequest, result: Any) -> None:
+        """ENQUEUE's answer for one play: one refused (not a member, no live worker) fails now."""
+        try:
+            if int(result[0]) < 0:
+                raise NotAMember(text(result[1]))
+            if not int(result[0]):
+                raise NoWorker("no worker is serving this circle")
+        except Exception:
+            self.replies.not_queued(task_id, Failure())
+            return
+        if log_enabled(LogLevel.debug):
+            log.debug("queued task {task} for circle {circle} from {source}",
+                      task=task_id, circle=request.circle, source=request.source)
 
     def _enqueue(self, batch: list) -> None:
         """One ENQUEUE for ``batch``: what its tasks share (their circles' keys, the reply list,
@@ -223,7 +226,7 @@ class RedisScriptRunner(RedisRunner):
         circles: dict[str, int] = {}
         keys: list = []
         plays: list = []
-        for task_id, request, admit, deadline, _ in batch:
+        for task_id, request, admit, deadline in batch:
             circle = request.circle
             number = circles.get(circle)
             if number is None:
@@ -236,8 +239,8 @@ class RedisScriptRunner(RedisRunner):
         sent = self._command("eval", tasks.ENQUEUE, keys, [len(circles), *circles, len(shared), *shared, *plays])
 
         def each(results: list) -> None:
-            for (*_, d), result in zip(batch, results):
-                d.callback(result)
+            for (task_id, request, *_), result in zip(batch, results):
+                self._queued(task_id, request, result)
 
         def failed(failure: Failure) -> None:
             if failure.check(ValueError) and len(batch) > 1:
@@ -245,8 +248,8 @@ class RedisScriptRunner(RedisRunner):
                 for entry in batch:
                     self._enqueue([entry])
                 return
-            for *_, d in batch:
-                d.errback(failure)
+            for task_id, *_ in batch:
+                self.replies.not_queued(task_id, failure)
 
         sent.addCallbacks(each, failed)
 

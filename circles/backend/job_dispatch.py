@@ -30,7 +30,6 @@ serves waits until its timeout (-32003) rather than being refused at once (-3200
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +46,7 @@ from circles.backend.replies import Replies, Waiting
 from circles.backend.runner import RedisRunner
 from circles.backend.scripts import IScriptRunner, Queued, ScriptRequest
 from circles.backend.values import text
+from circles.common.ids import random_uuid
 from circles.common.logs import Logger
 
 log = Logger()
@@ -235,7 +235,7 @@ class JobScriptRunner(RedisRunner):
         """Write the job, push its id; fire with the output, or fail with a ScriptError."""
         if not self.is_connected():
             return fail(self._refusal())
-        job_id = str(uuid.uuid4())
+        job_id = random_uuid()
         result = self.replies.wait(job_id, request)
         fields, ttl = self._job(job_id, request, None)
         d = self._command("eval", self.schema.steps.dispatch,
@@ -248,7 +248,7 @@ class JobScriptRunner(RedisRunner):
         ``ttl`` seconds; nobody waits for its result. Fire with a :class:`Queued`."""
         if not self.is_connected():
             return fail(self._refusal())
-        job_id = str(uuid.uuid4())
+        job_id = random_uuid()
         fields, job_ttl = self._job(job_id, request, data_json)
         keys = [tasks.seen_key(self.prefix, key), self.schema.job_key(job_id), self.schema.queue_key(request.circle)]
         args = [ttl, job_ttl, job_id] + fields

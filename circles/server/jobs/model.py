@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Iterable
 
 import attrs
+
+from circles.common.ids import random_uuid
 
 CREATED = "created"
 DISPATCHED = "dispatched"
@@ -77,7 +78,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 
 def new_job_id() -> str:
     """A job's id: a random UUID (version 4), as the server alone chooses them."""
-    return str(uuid.uuid4())
+    return random_uuid()
 
 
 def is_job_id(value: object) -> bool:

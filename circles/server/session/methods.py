@@ -9,7 +9,7 @@ messages their errors carry. Each contract's OpenRPC document describes them; te
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
@@ -343,21 +343,32 @@ def play(session: Session, script: str, timeout: float | None = None) -> Deferre
         d = runner.run(request)
     elif IAdmittingScriptRunner.providedBy(runner):
         # Asked at each play, in the step that queues it: a member removed, or a circle closed,
-        # is refused from the next one.
+        # is refused from the next one (NotAMember, answered by _played).
         d = runner.run_admitted(request)
-        d.addErrback(_not_admitted, session, request)
     else:
         d = gateway.members.check(session.circle, request.caller)
         d.addCallback(_admitted, session, request)
     session.hold(d)
-    # Callbacks, not a coroutine: per play (the hot path).
-    d.addBoth(_settled, session, d)
-    d.addBoth(_timed, gateway, started)
-    shape = session.contract.play_result
-    if shape is not None:  # None: the contract answers the output itself
-        d.addCallback(shape)
-    d.addErrback(_script_error, session, limit)
-    return d
+    # One callback, not a coroutine nor a chain of them: per play (the hot path).
+    return d.addBoth(_played, session, d, started, limit, request, session.contract.play_result)
+
+
+def _played(result, session: Session, d: Deferred, started: float, limit: float, request: ScriptRequest,
+            shape: Callable[[str], Any] | None) -> Any:
+    """A play's Deferred ``d`` fired: it waits no more, its time is observed (unless cancelled:
+    never answered), and its output takes the contract's ``shape`` (None: the output as it is),
+    or its failure becomes the RPC error the design names."""
+    session.release(d)
+    gateway = session.gateway
+    if not isinstance(result, Failure):
+        gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+        return result if shape is None else shape(result)
+    if result.check(CancelledError):
+        return result
+    gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
+    if result.check(NotAMember):
+        return _not_admitted(result, session, request)
+    return _script_error(result, session, limit)
 
 
 def _admitted(verdict, session: Session, request: ScriptRequest) -> Deferred:
@@ -403,17 +414,6 @@ def _note_membership(session: Session, key: str) -> None:
                   may="may" if verdict.allowed else "may not")
 
     members.check(session.circle, key).addCallbacks(noted, lambda failure: None)
-
-
-def _settled(result, session: Session, d: Deferred):
-    session.release(d)
-    return result
-
-
-def _timed(result, gateway: Gateway, started: float):
-    if not (isinstance(result, Failure) and result.check(CancelledError)):  # cancelled: never answered
-        gateway.metrics.play_seconds.observe(gateway.clock.seconds() - started)
-    return result
 
 
 def _script_error(failure, session: Session, timeout: float) -> Any:
