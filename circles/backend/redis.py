@@ -13,7 +13,7 @@ from circles.backend import txredisapi_patches  # noqa: F401  (replaces txredisa
 from circles.backend.reachability import Reachability, Watched
 from circles.backend.redis_url import RedisAddress, host_port
 from circles.backend.sentinel import SENTINEL_TIMEOUT, PrimaryEndpoint, PrimaryFactory, PrimarySubscriber, Sentinels
-from circles.backend.txredisapi_patches import Subscriber
+from circles.backend.txredisapi_patches import EagerProtocol, Subscriber
 
 
 def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout: float | None = None,
@@ -49,6 +49,7 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
             password=address.password, replyTimeout=reply_timeout, convertNumbers=False,
             username=address.username,
         )
+        factory.protocol = EagerProtocol
         endpoint = address.endpoint(reactor)
         factory.maxDelay = 2.0
     if on_message is not None:

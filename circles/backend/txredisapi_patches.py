@@ -47,6 +47,7 @@ from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import LogLevel
 
+from circles.common.eager import send_eagerly_on
 from circles.common.logs import Logger
 
 
@@ -153,7 +154,16 @@ txredisapis_try_convert_data = txredisapi.BaseRedisProtocol.tryConvertData
 txredisapi.BaseRedisProtocol.tryConvertData = convert_reply
 
 
-class CheckedProtocol(txredisapi.RedisProtocol):
+class EagerProtocol(txredisapi.RedisProtocol):
+    """txredisapi's connection, whose commands are sent at once when nothing is queued
+    (:mod:`circles.common.eager`), not on the reactor's next turn after two ``epoll_ctl``."""
+
+    def connectionMade(self) -> Deferred:
+        send_eagerly_on(self.transport)
+        return super().connectionMade()
+
+
+class CheckedProtocol(EagerProtocol):
     """A connection checked (:meth:`usable`) before it is used, and closed unless it passes.
 
     Only then does RedisProtocol's own start make it ready (and the pool take it), and only if
@@ -167,6 +177,7 @@ class CheckedProtocol(txredisapi.RedisProtocol):
         raise NotImplementedError
 
     def connectionMade(self) -> Deferred:
+        send_eagerly_on(self.transport)  # AUTH and the check too
         return ensureDeferred(self._check())
 
     async def _check(self) -> None:

@@ -278,3 +278,35 @@ def test_a_port_with_a_connection_class_of_its_own_gets_it_with_the_eager_ways_m
         port.stopListening()
     # --processes's shared port: its connections count themselves, and are eager too.
     assert issubclass(SharedPort.transport, tcp.Server) and SharedPort.transport is not tcp.Server
+
+
+#: The same for a Unix connection's file descriptor passing, which EagerWrites leaves to Twisted
+#: while any is queued (it reads ``_sendmsgQueue``, which these fill and drain).
+SENDMSG_SOURCES = {
+    "writeSomeData": "bea6b41b8609e7c9",
+    "sendFileDescriptor": "5fb8217b72cdb829",
+}
+
+
+@pytest.mark.parametrize("method", sorted(SENDMSG_SOURCES))
+def test_the_twisted_fd_passing_eager_writes_leaves_alone_is_the_one_reviewed(method):
+    from twisted.internet import unix
+
+    assert source_digest(vars(unix._SendmsgMixin)[method]) == SENDMSG_SOURCES[method]
+
+
+def test_client_connections_switch_to_eager_writes_and_others_are_left_alone():
+    from twisted.internet import unix
+
+    from circles.common.eager import EagerTCPClient, EagerUNIXClient, EagerWrites, send_eagerly_on
+
+    class Fake:  # a test's or a custom reactor's transport
+        pass
+
+    fake = Fake()
+    assert not send_eagerly_on(fake) and type(fake) is Fake
+    for plain, eager in ((tcp.Client, EagerTCPClient), (unix.Client, EagerUNIXClient)):
+        transport = plain.__new__(plain)  # the class is what is switched: no socket needed
+        assert send_eagerly_on(transport) and type(transport) is eager and isinstance(transport, plain)
+        assert send_eagerly_on(transport) and type(transport) is eager  # once is enough
+    assert issubclass(EagerServer, EagerWrites)

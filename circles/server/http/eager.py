@@ -1,24 +1,18 @@
-"""TCP connections that send at once when nothing is queued, as asyncio's transports do.
+"""Accepted TCP connections that send at once when nothing is queued (circles.common.eager),
+and close at once when nothing is left to send.
 
-Twisted's ``FileDescriptor.write`` always queues: it asks the reactor to watch the socket for
-writability (an ``epoll_ctl``), sends on the next loop turn, then stops watching (another
-``epoll_ctl``). For a gateway whose every reply is one small frame that is three system
-calls and a reactor turn per message where one ``send`` would do; on the ``fetch_nonce``
-benchmark it was a third of the server's time per call.
-
-:class:`EagerServer` tries ``send`` first when its buffer is empty and queues only what the
-kernel did not take, so order, backpressure (the buffer and producers work as before) and
-error handling (a failed send leaves the bytes queued, and the reactor's next write reports
-the loss the usual way) are Twisted's own. Likewise ``loseConnection`` with nothing left to
-flush closes on the next reactor turn instead of first waiting for writability (which cost two
-``epoll_ctl`` and an empty ``send`` per connection); ``connectionLost`` still comes later,
-never from inside ``loseConnection``. :func:`send_eagerly` switches a listening
-``twisted.internet.tcp.Port`` to it; other ports (a custom reactor's) are left as they are.
+:class:`EagerServer` writes as :class:`~circles.common.eager.EagerWrites` does: on the
+``fetch_nonce`` benchmark Twisted's queued writes were a third of the server's time per call.
+``loseConnection`` with nothing left to flush closes on the next reactor turn instead of first
+waiting for writability (which cost two ``epoll_ctl`` and an empty ``send`` per connection);
+``connectionLost`` still comes later, never from inside ``loseConnection``.
+:func:`send_eagerly` switches a listening ``twisted.internet.tcp.Port`` to it; other ports (a
+custom reactor's) are left as they are.
 
 It reads ``tcp.Server``'s private buffers and flags (``_tempDataBuffer``, ``_writeDisconnecting``,
-``_writeDisconnected``, ``_aborting``), here only, so ``pyproject.toml`` pins Twisted's line (as it
-pins Autobahn's) and ``tests/unit/test_eager.py`` holds digests of the Twisted code reviewed: a new
-Twisted that changes any of it fails there first.
+``_writeDisconnected``, ``_aborting``), here and in circles.common.eager only, so
+``pyproject.toml`` pins Twisted's line (as it pins Autobahn's) and ``tests/unit/test_eager.py``
+holds digests of the Twisted code reviewed: a new Twisted that changes any of it fails there first.
 """
 
 from __future__ import annotations
@@ -26,28 +20,11 @@ from __future__ import annotations
 from twisted.internet import main, tcp
 from twisted.python.failure import Failure
 
+from circles.common.eager import EagerWrites
 
-class EagerServer(tcp.Server):
+
+class EagerServer(EagerWrites, tcp.Server):
     """A server-side TCP connection whose ``write`` sends at once when nothing is queued."""
-
-    def write(self, data: bytes) -> None:
-        if (self.dataBuffer or self._tempDataBuffer or self.TLS or not self.connected
-                or self.disconnecting or self._writeDisconnecting or self._writeDisconnected
-                or not isinstance(data, bytes)):
-            super().write(data)  # Twisted's own path: queue, or refuse, or drop
-            return
-        try:
-            sent = self.socket.send(data)
-        except OSError:
-            sent = 0  # would block, or failed: queued below; doWrite reports a real error
-        if sent < len(data):
-            super().write(data[sent:] if sent else data)
-
-    def writeSequence(self, iovec) -> None:
-        if self.dataBuffer or self._tempDataBuffer or self.TLS:
-            super().writeSequence(iovec)
-        else:
-            self.write(b"".join(iovec))
 
     def loseConnection(self) -> None:
         if (self.connected and not self.disconnecting and not self.TLS
