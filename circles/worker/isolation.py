@@ -65,9 +65,11 @@ from circles.worker.engines import (
 
 log = Logger()
 
-#: Scripts a child runs before it is replaced (what an engine leaks, or a heap fragments, goes);
-#: a start costs about 0.13 s of CPU, so 1,000 would have been 0.13 ms on each script.
-TASKS_PER_CHILD = 10_000
+#: Scripts a child runs before it is replaced (what an engine leaks, or a heap fragments, goes;
+#: what a script allocates is bounded by RLIMIT_AS whatever the count). A start costs about 80 ms
+#: of CPU (the child 60, its supervisor 18): 1.6 us on each script, where 10,000 cost 8 (2% of a
+#: play's CPU end to end). At 800 scripts a second a busy child is replaced about once a minute.
+TASKS_PER_CHILD = 50_000
 #: Scripts a child holds at most: the one it runs and those queued behind it.
 DEPTH = 4
 #: Seconds a script may run with others queued behind it before they are taken back.
