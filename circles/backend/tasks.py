@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 from circles.backend.members import ADMITS
+from circles.common import fast_json
 
 DEFAULT_PREFIX = "circles:"
 
@@ -501,7 +502,7 @@ def encode_reply(outcome: Outcome) -> str:
     reply = {"task_id": outcome.task_id, "status": outcome.status, "output": outcome.output, "error": outcome.error}
     if outcome.reason:
         reply["reason"] = outcome.reason  # only when there is one; servers that predate it ignore it
-    return json.dumps(reply, separators=(",", ":"))
+    return fast_json.dumps(reply).decode("utf-8")
 
 
 def decode_reply(entry: str) -> tuple[str, Outcome | None]:
@@ -513,7 +514,7 @@ def decode_reply(entry: str) -> tuple[str, Outcome | None]:
             raise MalformedReply("not a task id")
         return entry, None
     try:
-        reply: Any = json.loads(entry)
+        reply: Any = fast_json.loads(entry)
     except ValueError:
         raise MalformedReply("not JSON") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("task_id"), str):

@@ -33,7 +33,6 @@ worker's secrets).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -46,6 +45,8 @@ import time
 import traceback
 from collections import deque
 from typing import Any
+
+from circles.common import fast_json
 
 FRAME = struct.Struct(">II")
 #: The signal that takes back the tasks a child has not started (see above).
@@ -86,7 +87,7 @@ class Reader:
         end = FRAME.size + header_size + body_size
         if len(self.buffer) < end:
             return None
-        header = json.loads(self.buffer[FRAME.size:FRAME.size + header_size])
+        header = fast_json.loads(self.buffer[FRAME.size:FRAME.size + header_size])
         body = bytes(self.buffer[FRAME.size + header_size:end])
         del self.buffer[:end]
         return header, body
@@ -102,7 +103,7 @@ class Reader:
 
 
 def encode_frame(header: dict, body: bytes = b"") -> bytes:
-    encoded = json.dumps(header).encode("ascii")
+    encoded = fast_json.dumps(header)
     return FRAME.pack(len(encoded), len(body)) + encoded + body
 
 

@@ -32,7 +32,6 @@ The cost, measured: docs/benchmarks.md ("Isolation").
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -49,6 +48,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 import circles
+from circles.common import fast_json
 from circles.common.children import dies_with_this_process, how_it_ended
 from circles.common.logs import Logger
 from circles.common.once import Once
@@ -159,7 +159,7 @@ class _Child(ProcessProtocol):
             if len(self._buffer) < end:
                 return
             try:
-                header = json.loads(bytes(self._buffer[FRAME.size:FRAME.size + header_size]))
+                header = fast_json.loads(self._buffer[FRAME.size:FRAME.size + header_size])
             except ValueError:
                 self.pool._misbehaved(self, "a reply that is not a frame")
                 return
