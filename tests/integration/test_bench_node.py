@@ -121,3 +121,6 @@ def test_play_through_a_worker_from_node(tmp_path):
     assert result["plays"] > 0 and result["plays_per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert result["worker_cpu_us_per_play"] > 0  # the window was signalled and the worker's CPU taken over it
+    ratios = result["cpu_per_generator_cpu"]
+    assert ratios["total"] == pytest.approx(result["cpu_us_per_play"]["total"] / result["cpu_us_per_play"]["generator"],
+                                            abs=0.01)
