@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -29,6 +27,7 @@ import orjson
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
+from circles.common.fast_json import LONG_DIGITS, too_deep
 from circles.common.logs import Logger
 
 if TYPE_CHECKING:  # for the checker only: typing's own TypeIs is Python 3.13's
@@ -194,17 +193,6 @@ class Methods:
         return self._methods.get(name)
 
 
-MAX_DEPTH = 256  # arrays/objects inside one another, the batch array included
-# A string, or an unterminated one to the end of the text (a lone backslash last included), so a
-# match that starts at a quote never fails. Were the closing quote required, a text of one quote
-# and then escaped quotes (\"\"\"...) would be scanned to its end from every quote in turn:
-# quadratic work (a 32 KB message took seconds, a 1 MiB one hours). An unterminated string is
-# invalid JSON anyway, and nothing after it can nest.
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -216,30 +204,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def too_deep(text: str | bytes) -> bool:
-    """Whether ``text`` nests arrays/objects deeper than MAX_DEPTH (cheap when it cannot): what
-    to ask before json's C decoder sees untrusted text (see :func:`parse`; webhook bodies too)."""
-    if isinstance(text, bytes):
-        if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
-            return False
-        text = text.decode("utf-8", "replace")
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return False
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
-
-
 # Built once: json.loads/dumps with options build a new decoder/encoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-#: 19 digits in a row may be an integer beyond 64 bits, which orjson would turn into a float.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def parse(payload: str | bytes) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
-    if not too_deep(data) and _LONG_DIGITS.search(data) is None:
+    if not too_deep(data) and LONG_DIGITS.search(data) is None:
         try:
             # orjson takes UTF-8 only and refuses NaN, Infinity and numbers that overflow.
             return orjson.loads(data)

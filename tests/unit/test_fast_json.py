@@ -42,3 +42,16 @@ def test_the_cases_orjson_alone_would_get_wrong():
 def test_what_is_not_json_is_a_value_error(text):
     with pytest.raises(ValueError):
         fast_json.loads(text)
+
+
+def test_text_nested_deeper_than_the_bound_is_refused_before_any_decoder():
+    # A child or a reply can send anything: json's C decoder recurses once a level, and under a
+    # raised recursion limit 100,000 levels would overflow the C stack instead of raising.
+    deep = b"[" * (fast_json.MAX_DEPTH + 1) + b"]" * (fast_json.MAX_DEPTH + 1)
+    with pytest.raises(ValueError, match="nested deeper"):
+        fast_json.loads(deep)
+    with pytest.raises(ValueError, match="nested deeper"):
+        fast_json.loads(b"[" * 100_000)
+    ok = b"[" * fast_json.MAX_DEPTH + b"]" * fast_json.MAX_DEPTH
+    assert fast_json.loads(ok) is not None
+    assert fast_json.loads(bytearray(b'{"kind":"done"}')) == {"kind": "done"}

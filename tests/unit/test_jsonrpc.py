@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from circles.common.fast_json import MAX_DEPTH
 from circles.common.jsonrpc import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
-    MAX_DEPTH,
     PARSE_ERROR,
     Dispatcher,
     Methods,

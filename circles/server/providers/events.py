@@ -22,7 +22,7 @@ import attrs
 # The same bound as JSON-RPC messages: json's C decoder recurses once per level and stops only at
 # the interpreter's recursion limit, which a library may have raised far past what the C stack
 # holds (see circles.common.jsonrpc.parse).
-from circles.common.jsonrpc import MAX_DEPTH, too_deep
+from circles.common.fast_json import MAX_DEPTH, too_deep
 
 #: ``status.overall`` values an iDenfy result callback carries (REVIEWING while a human reviews,
 #: with ``final`` false).
