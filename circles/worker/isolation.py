@@ -70,8 +70,11 @@ log = Logger()
 #: of CPU (the child 60, its supervisor 18): 1.6 us on each script, where 10,000 cost 8 (2% of a
 #: play's CPU end to end). At 800 scripts a second a busy child is replaced about once a minute.
 TASKS_PER_CHILD = 50_000
-#: Scripts a child holds at most: the one it runs and those queued behind it.
-DEPTH = 4
+#: Scripts a child holds at most: the one it runs and those queued behind it. Deeper, fewer
+#: children wake for the same scripts (bench/isolation.py, 16 in flight over 16 children: the
+#: children's CPU per script 66-68 us at 4, 53-59 at 8, 46-48 at 16 where the worker's own rose
+#: from 20 to 28-31).
+DEPTH = 8
 #: Seconds a script may run with others queued behind it before they are taken back.
 HOLD = 0.010
 #: What the worker sends a child to take back the scripts it has not started (engine_child.py).
