@@ -196,10 +196,11 @@ async def test_a_slow_reader_pauses_the_producer_then_resumes_it():
 
 # --- the Twisted code EagerServer was reviewed against ---------------------------------------
 
-#: sha256 (first 16 hex digits) of each Twisted method whose behaviour EagerServer relies on or
-#: mirrors (the buffers and flags it reads, the paths it takes instead), as reviewed for the
+#: sha256 (first 16 hex digits) of each Twisted method whose behaviour the eager writes rely on or
+#: mirror (the buffers and flags they read, the paths they take instead), as reviewed for the
 #: Twisted line pyproject.toml pins. When Twisted changes one, this fails: read the new source against
-#: circles/server/http/eager.py, carry over what matters, and record the new digest.
+#: circles/common/eager.py and circles/server/http/eager.py (or the isolated engine), carry over
+#: what matters, and record the new digest.
 TWISTED_SOURCES = {
     ("FileDescriptor", "write"): "3e46c97fc173bc7e",
     ("FileDescriptor", "writeSequence"): "1606f230d318191a",
@@ -214,16 +215,29 @@ TWISTED_SOURCES = {
     ("ConnectionMixin", "writeSequence"): "a892b82c72b8fe70",
     ("ConnectionMixin", "loseConnection"): "fc4b216ae210b045",
     ("Port", "doRead"): "d240fc123090ee23",  # builds each connection from port.transport
+    # The pipe writer of a child process, which the isolated engine writes around when nothing is
+    # queued (``_Child.send`` in circles/worker/isolation.py: it reads ``pipes[0]``, its ``fd`` and
+    # the buffers and flags of FileDescriptor above).
+    ("ProcessWriter", "__init__"): "680686970708190e",  # makes the fd non-blocking, watches it for its far end's close
+    ("ProcessWriter", "write"): "bf0e8e07b455ced9",
+    ("ProcessWriter", "writeSomeData"): "8498ffe6cdfcb850",
+    ("ProcessWriter", "doRead"): "97532be52ab34a87",
+    # A Unix connection's file descriptor passing, which EagerWrites (circles/common/eager.py)
+    # leaves to Twisted while any is queued: it reads ``_sendmsgQueue``, which these fill and drain.
+    ("_SendmsgMixin", "writeSomeData"): "bea6b41b8609e7c9",
+    ("_SendmsgMixin", "sendFileDescriptor"): "5fb8217b72cdb829",
 }
 
 
 def _twisted_method(owner: str, method: str):
-    classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port)}
+    from twisted.internet import process, unix
+
+    classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port, process.ProcessWriter, unix._SendmsgMixin)}
     return vars(classes[owner])[method]
 
 
 @pytest.mark.parametrize("owner, method", sorted(TWISTED_SOURCES))
-def test_the_twisted_code_eager_server_relies_on_is_the_one_reviewed(owner, method):
+def test_the_twisted_code_written_around_is_the_one_reviewed(owner, method):
     assert source_digest(_twisted_method(owner, method)) == TWISTED_SOURCES[owner, method]
 
 
@@ -235,24 +249,6 @@ def test_setup_pins_the_twisted_line_that_was_reviewed():
     pin = next(r for r in requires("circles-gateway") if r.startswith("twisted"))
     assert "<27" in pin and ">=26.10" in pin, pin
     assert version("twisted").startswith("26."), version("twisted")
-
-
-#: The same for the pipe writer of a child process, which the isolated engine writes around when
-#: nothing is queued (``_Child.send`` in circles/worker/isolation.py: it reads ``pipes[0]``, its
-#: ``fd`` and the buffers and flags of FileDescriptor above).
-PROCESS_WRITER_SOURCES = {
-    "__init__": "680686970708190e",  # makes the fd non-blocking, watches it for its far end's close
-    "write": "bf0e8e07b455ced9",
-    "writeSomeData": "8498ffe6cdfcb850",
-    "doRead": "97532be52ab34a87",
-}
-
-
-@pytest.mark.parametrize("method", sorted(PROCESS_WRITER_SOURCES))
-def test_the_twisted_pipe_writer_the_isolated_engine_writes_around_is_the_one_reviewed(method):
-    from twisted.internet import process
-
-    assert source_digest(vars(process.ProcessWriter)[method]) == PROCESS_WRITER_SOURCES[method]
 
 
 def test_a_port_with_a_connection_class_of_its_own_gets_it_with_the_eager_ways_mixed_in():
@@ -278,21 +274,6 @@ def test_a_port_with_a_connection_class_of_its_own_gets_it_with_the_eager_ways_m
         port.stopListening()
     # --processes's shared port: its connections count themselves, and are eager too.
     assert issubclass(SharedPort.transport, tcp.Server) and SharedPort.transport is not tcp.Server
-
-
-#: The same for a Unix connection's file descriptor passing, which EagerWrites leaves to Twisted
-#: while any is queued (it reads ``_sendmsgQueue``, which these fill and drain).
-SENDMSG_SOURCES = {
-    "writeSomeData": "bea6b41b8609e7c9",
-    "sendFileDescriptor": "5fb8217b72cdb829",
-}
-
-
-@pytest.mark.parametrize("method", sorted(SENDMSG_SOURCES))
-def test_the_twisted_fd_passing_eager_writes_leaves_alone_is_the_one_reviewed(method):
-    from twisted.internet import unix
-
-    assert source_digest(vars(unix._SendmsgMixin)[method]) == SENDMSG_SOURCES[method]
 
 
 def test_client_connections_switch_to_eager_writes_and_others_are_left_alone():
