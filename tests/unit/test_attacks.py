@@ -204,7 +204,7 @@ def test_a_string_match_starting_at_any_quote_never_fails():
     """The depth check strips strings with one regex pass. A match that could fail after
     scanning to the end of the text would be tried again from the next quote: quadratic work, a
     1 MiB message holding the CPU for hours. So from every quote the pattern matches."""
-    from circles.common.jsonrpc import _STRING
+    from circles.common.fast_json import _STRING
 
     for text in _UNTERMINATED:
         quotes = [i for i, c in enumerate(text) if c == '"']
