@@ -48,6 +48,11 @@ def environment(script, context):
     return json.dumps(seen)
 
 
+def policy(script, context):
+    """The scheduling policy the script runs under."""
+    return str(os.sched_getscheduler(0))
+
+
 def raises(script, context):
     raise ValueError(f"bad script {script!r}")
 

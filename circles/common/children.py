@@ -30,6 +30,7 @@ from circles.common.once import Once
 #              SIGKILL the whole group, what the program started too; exit as the program did
 #   as=N       the program's RLIMIT_AS (soft and hard): at most N bytes of address space
 #   cpu=N      the program's RLIMIT_CPU: SIGXCPU after N seconds of CPU, SIGKILL one later
+#   batch      the program runs under SCHED_BATCH (Linux; where it cannot, as it was)
 # If we died before the request was made, the child goes at once. A program that cannot be
 # started is one line on stderr and exit status 1.
 _SHIM = """\
@@ -48,6 +49,9 @@ def limit():
         resource.setrlimit(which, (soft, hard))
 def start():
     if limits: limit()
+    if 'batch' in options:
+        try: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except (AttributeError, OSError): pass
     try: os.execv(argv[0], argv)
     except OSError as e: os.write(2, f'cannot start {argv[0]}: {e.strerror}'.encode()); os._exit(1)
 if 'session' in options: os.setsid()
@@ -70,7 +74,7 @@ os._exit(os.waitstatus_to_exitcode(status))
 
 
 def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: bool = False,
-                           limits: dict | None = None) -> list:
+                           limits: dict | None = None, batch: bool = False) -> list:
     """``argv`` (``argv[0]`` a path) wrapped so the child is terminated if this process dies
     (Linux; elsewhere only the other options apply, and with none ``argv`` is unchanged).
 
@@ -83,6 +87,11 @@ def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: 
         starts: ``{"as": bytes}`` (RLIMIT_AS, its address space) and ``{"cpu": seconds}``
         (RLIMIT_CPU: SIGXCPU then, SIGKILL a second later); None or 0 for no limit. Only
         lowered: a limit the worker has already that is lower stays.
+    :param batch: the program (and what it starts) runs under ``SCHED_BATCH`` (Linux): the same
+        share of the CPU, but woken it does not preempt the process running, the worker that
+        is still handing out work (a script's child, woken by each frame, took the CPU from the
+        worker between two frames). No privilege needed; where it is refused, the program runs
+        as it was.
     """
     options = []
     if own_session or supervise:
@@ -91,6 +100,8 @@ def dies_with_this_process(argv: list, *, own_session: bool = False, supervise: 
         options.append("pdeathsig")
     if supervise:
         options.append("supervise")
+    if batch and sys.platform.startswith("linux"):
+        options.append("batch")
     for name, value in sorted((limits or {}).items()):
         if name not in ("as", "cpu"):
             raise ValueError(f"unknown limit {name!r}")

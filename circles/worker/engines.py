@@ -296,7 +296,7 @@ class ExecEngine:
         try:
             # Under a supervisor leading the script's process group, which it kills should we die.
             self.reactor.spawnProcess(process, sys.executable,
-                                      dies_with_this_process(argv, supervise=True, limits=self.limits),
+                                      dies_with_this_process(argv, supervise=True, limits=self.limits, batch=True),
                                       env=env, path=home)
         except Exception as e:
             cleanup()

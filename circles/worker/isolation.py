@@ -386,7 +386,8 @@ class IsolatedEngine:
         env["HOME"] = env["TMPDIR"] = home
         # Where this package is, so `-m` finds it whatever the worker's own path was.
         env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(circles.__file__)))
-        argv = dies_with_this_process([sys.executable, "-m", "circles.worker.engine_child"], supervise=True)
+        argv = dies_with_this_process([sys.executable, "-m", "circles.worker.engine_child"], supervise=True,
+                                      batch=True)
         try:
             self.reactor.spawnProcess(child, argv[0], argv, env=env, path=home,
                                       childFDs={0: "w", 1: "r", 2: "r"})

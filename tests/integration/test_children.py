@@ -113,6 +113,20 @@ def test_a_program_that_cannot_start_is_one_line(tmp_path, options):
 
 
 @linux_only
+@pytest.mark.parametrize("options", [{}, {"supervise": True}, {"supervise": True, "limits": {"cpu": 60}}])
+def test_batch_runs_the_program_and_what_it_starts_under_sched_batch(options):
+    """Engine children and --exec scripts: woken, they do not preempt the worker."""
+    program = [sys.executable, "-c", "import os, subprocess, sys; print(os.sched_getscheduler(0)); "
+               "sys.stdout.flush(); subprocess.run([sys.executable, '-c', 'import os; print(os.sched_getscheduler(0))'])"]
+    batch = subprocess.run(dies_with_this_process(program, batch=True, **options), capture_output=True, text=True,
+                           timeout=60)
+    assert batch.stdout.split() == [str(os.SCHED_BATCH)] * 2, batch.stderr
+    plain = subprocess.run(dies_with_this_process(program, **options), capture_output=True, text=True, timeout=60)
+    assert plain.stdout.split() == [str(os.sched_getscheduler(0))] * 2, plain.stderr
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH
+
+
+@linux_only
 @pytest.mark.parametrize("options, status", [({}, 1), ({"own_session": True}, 1), ({"supervise": True}, -9)])
 def test_a_child_whose_parent_is_gone_already_does_not_run(tmp_path, options, status):
     """The parent died between the fork and the request for the signal: the child sees it has

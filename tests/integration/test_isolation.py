@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import attrs
 import pytest
@@ -20,7 +23,7 @@ from twisted.internet.task import deferLater
 
 from circles import CirclesService, Config
 from circles.worker import tap as worker_tap
-from circles.worker.engine_child import FRAME, SETTLED
+from circles.worker.engine_child import FRAME, GIVE_BACK, SETTLED, encode_frame
 from circles.worker.engines import EngineError, OutputTooLarge, ScriptContext, ScriptTimedOut
 from circles.worker.isolation import IsolatedEngine
 
@@ -407,6 +410,8 @@ async def test_exec_commands_get_the_rlimits(tmp_path, monkeypatch):
     engine = parse("-k", CIRCLE, "--state-dir", str(tmp_path), "--exec", "sh {script_file}",
                    "--max-script-memory", str(100 * MiB), "--script-timeout", "5").engine
     assert await engine("ulimit -v; ulimit -t", CONTEXT) == f"{100 * 1024}\n6"
+    # SCHED_BATCH (3): field 41 of its stat; the shell's name has no space.
+    assert (await engine("cut -d' ' -f41 /proc/$$/stat", CONTEXT)).strip() == str(os.SCHED_BATCH)
     with pytest.raises(EngineError, match="^exit status"):
         # 200 MiB in one string: more address space than the command may have.
         await engine(f"exec {__import__('sys').executable} -c 'x = bytearray(200 * 2**20)'", CONTEXT)
@@ -600,6 +605,67 @@ async def test_a_child_answers_its_scripts_before_it_is_replaced(tmp_path):
     assert [len(set(pids[i:i + 3])) for i in (0, 3)] == [1, 1] and len(set(pids)) == 3  # none killed mid-way
     assert ran(tmp_path / "ran") == [f"s{i}" for i in range(7)]
     await engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_children_run_under_sched_batch():
+    """Woken by a frame, a child does not take the CPU from the worker still writing frames to others."""
+    engine = isolated("policy", size=1)
+    try:
+        assert await engine("", CONTEXT) == str(os.SCHED_BATCH)
+    finally:
+        await engine.stop()
+
+
+def test_take_backs_never_cut_a_frame(tmp_path):
+    """The take-back signal, sent again and again to a real child while it writes replies larger
+    than a pipe holds (its writes wait part-way for us to read): every frame comes whole, every
+    reply intact, each take-back answered once with the scripts started so far, and every
+    script started is answered."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = subprocess.Popen([sys.executable, "-m", "circles.worker.engine_child"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=tmp_path, env={"PATH": os.defpath, "PYTHONPATH": root})
+    size = 150_000  # more than twice what a pipe holds
+    context = dict(attrs.asdict(CONTEXT), max_output=size)
+
+    def send(header: dict, body: bytes = b"") -> None:
+        child.stdin.write(encode_frame(header, body))
+        child.stdin.flush()
+
+    def receive() -> tuple[dict, bytes] | None:
+        head = child.stdout.read(FRAME.size)
+        if not head:
+            return None
+        header_size, body_size = FRAME.unpack(head)
+        return json.loads(child.stdout.read(header_size)), child.stdout.read(body_size)
+
+    try:
+        send({"kind": "init", "spec": f"{ENGINES}:big", "path": [root], "max_memory": 0})
+        ready, _ = receive()
+        answered = started = 0
+        for epoch in range(30):
+            for _ in range(4):
+                send({"kind": "task", "context": context, "cpu": 0, "epoch": epoch}, str(size).encode())
+            time.sleep(0.01)  # pacing only: the child is likely blocked in a reply's write by now
+            os.kill(ready["pid"], GIVE_BACK)
+            while True:
+                header, body = receive()
+                if header["kind"] == "returned":
+                    assert answered <= header["started"] <= answered + 1  # at most the one running
+                    assert header["started"] >= started
+                    started = header["started"]
+                    break
+                assert header == {"kind": "done"} and body == b"x" * size
+                answered += 1
+        child.stdin.close()
+        while (frame := receive()) is not None:  # the reply of a script started before the last take-back
+            assert frame == ({"kind": "done"}, b"x" * size)
+            answered += 1
+        assert answered == started >= 30
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest_twisted.ensureDeferred
