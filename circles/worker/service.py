@@ -135,7 +135,7 @@ class Worker(Service):
         self._slot_waiters: list[Deferred] = []
         self._running: set[Deferred] = set()
         self._held: set[str] = set()  # the tasks this worker runs (or claims), by id
-        self._results: list[tuple[str, list, list, Deferred]] = []  # FINISHes for the end of this turn
+        self._results: list[tuple] = []  # FINISHes for the end of this turn (_finished)
         # What this worker's processing list holds and nothing here runs is adopted at the start (a
         # worker of the same id before it) and after a lost connection (a reply lost with it).
         self._adopt_needed = True
@@ -481,7 +481,7 @@ class Worker(Service):
     def _start_task(self, task_id: str, circle: str, taken: list | None = None) -> None:
         """Run a task in a slot already taken; ``taken``: TAKE claimed it, with these values."""
         self._held.add(task_id)
-        d = ensureDeferred(self._run_task(task_id, circle, taken))
+        d = self._run_task(task_id, circle, taken)
         self._running.add(d)
         d.addBoth(self._task_done, d, task_id)
 
@@ -525,7 +525,9 @@ class Worker(Service):
         Callbacks, not a coroutine, once the task is claimed: per task (the hot path)."""
         if taken is None:
             return ensureDeferred(self._claim_and_run(task_id, circle))
-        task = {name: text(value) for name, value in zip(tasks.TAKEN, taken) if value is not None}
+        # (txredisapi gives text; bytes only where a value is not UTF-8.)
+        task = {name: value if type(value) is str else text(value)
+                for name, value in zip(tasks.TAKEN, taken) if value is not None}
         return self._run(task_id, task, self.reactor.seconds())
 
     async def _claim_and_run(self, task_id: str, circle: str) -> None:
@@ -542,7 +544,8 @@ class Worker(Service):
         await self._run(task_id, {text(k): text(v) for k, v in zip(fields[0::2], fields[1::2])}, now)
 
     def _run(self, task_id: str, task: dict[str, str], now: float) -> Deferred:
-        """Run a claimed task (``task``: its fields) and record its result."""
+        """Run a claimed task (``task``: its fields) and record its result: a Deferred that fires
+        once it is recorded."""
         try:
             deadline: float | None = float(task.get("deadline", ""))
         except ValueError:
@@ -564,18 +567,27 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
+        recorded: Deferred = Deferred()
         d = self._outcome(task_id, task.get("script", ""), context, timeout, now)
-        return d.addCallback(self._finished, context, task.get("reply_to", ""), now)
+        d.addCallback(self._finished, context, task.get("reply_to", ""), now, recorded)
+        d.addErrback(recorded.errback)
+        return recorded
 
-    def _finished(self, outcome: tasks.Outcome, context: ScriptContext, reply_to: str, started: float) -> Deferred:
-        """Record ``outcome`` (FINISH, with the other results of this turn)."""
+    def _finished(self, outcome: tasks.Outcome, context: ScriptContext, reply_to: str, started: float,
+                  recorded: Deferred) -> None:
+        """Record ``outcome`` (FINISH, with the other results of this turn of the reactor: one
+        FINISH_MANY for all of them), then fire ``recorded``.
+
+        ``recorded`` is fired by :meth:`_record_results` itself, not chained to a Deferred of the
+        FINISH: per task (the hot path)."""
         task_id = outcome.task_id
         now = self.reactor.seconds()
         keys = [tasks.task_key(self.prefix, task_id), self._processing] + ([reply_to] if reply_to else [])
-        d = self._record(task_id, keys, [
-            outcome.status, outcome.output, outcome.error, tasks.timestamp(now), tasks.STATUS_TTL,
-            tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl])
-        return d.addCallback(self._recorded, outcome, context, now - started)
+        args = [outcome.status, outcome.output, outcome.error, tasks.timestamp(now), tasks.STATUS_TTL,
+                tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl]
+        self._results.append((task_id, keys, args, recorded, outcome, context, now - started))
+        if len(self._results) == 1:
+            self.reactor.callLater(0, lambda: ensureDeferred(self._record_results()))
 
     def _recorded(self, result: tuple[bool, Any], outcome: tasks.Outcome, context: ScriptContext,
                   duration: float) -> None:
@@ -591,34 +603,33 @@ class Worker(Service):
                       outcome=(outcome.status if int(written) else "expired")
                       + (f" ({outcome.reason})" if outcome.reason else ""))
 
-    def _record(self, task_id: str, keys: list, args: list) -> Deferred:
-        """FINISH for ``task_id`` (``(recorded, written)`` as :meth:`_eval_patiently` answers it),
-        sent with the other results of this turn of the reactor: one FINISH_MANY for all of them."""
-        d: Deferred = Deferred()
-        self._results.append((task_id, keys, args, d))
-        if len(self._results) == 1:
-            self.reactor.callLater(0, lambda: ensureDeferred(self._record_results()))
-        return d
-
     async def _record_results(self) -> None:
+        """The FINISHes of a turn (:meth:`_finished`), in one round trip; each task's ``recorded``
+        fired after :meth:`_recorded`."""
         batch, self._results = self._results, []
         try:
             if len(batch) == 1:
-                task_id, keys, args, d = batch[0]
-                d.callback(await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, args))
-                return
-            all_keys = [key for _, keys, _, _ in batch for key in (keys + [""])[:3]]
-            all_args = [arg for _, _, args, _ in batch for arg in args]
-            what = f"{batch[0][0]} and {len(batch) - 1} more"
-            recorded, written = await self._eval_patiently("record the results of", what, tasks.FINISH_MANY,
-                                                           all_keys, all_args)
+                task_id, keys, args = batch[0][:3]
+                results = [await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, args)]
+            else:
+                all_keys = [key for entry in batch for key in (entry[1] + [""])[:3]]
+                all_args = [arg for entry in batch for arg in entry[2]]
+                what = f"{batch[0][0]} and {len(batch) - 1} more"
+                recorded, written = await self._eval_patiently("record the results of", what, tasks.FINISH_MANY,
+                                                               all_keys, all_args)
+                results = [(recorded, written[i] if recorded else None) for i in range(len(batch))]
         except Exception:
-            for *_, d in batch:
-                if not d.called:
-                    d.errback()
+            failure = Failure()
+            for entry in batch:
+                entry[3].errback(failure)
             return
-        for i, (*_, d) in enumerate(batch):
-            d.callback((recorded, written[i] if recorded else None))
+        for (_, _, _, done, outcome, context, duration), result in zip(batch, results):
+            try:
+                self._recorded(result, outcome, context, duration)
+            except Exception:
+                done.errback()
+            else:
+                done.callback(None)
 
     def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
                  started: float) -> Deferred:
