@@ -567,6 +567,7 @@ class Worker(Service):
         if deadline is not None:
             # No use running past the server's deadline; a second of grace for clock skew.
             timeout = min(timeout, max(deadline - now + 1.0, 1.0))
+        # A chain, not a coroutine: per task (the hot path).
         recorded: Deferred = Deferred()
         d = self._outcome(task_id, task.get("script", ""), context, timeout, now)
         d.addCallback(self._finished, context, task.get("reply_to", ""), now, recorded)

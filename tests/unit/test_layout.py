@@ -45,6 +45,7 @@ CALLBACK_CHAINS = {
     ("circles/server/session/methods.py", "play"),
     ("circles/backend/commands.py", "command"),
     ("circles/backend/replies.py", "route"),
+    ("circles/worker/service.py", "_run"),
 }
 _ADD = {"addCallback", "addCallbacks", "addErrback", "addBoth"}
 _SEES_RESULTS = {"addCallback", "addCallbacks", "addBoth"}  # an errback alone only consumes failures
