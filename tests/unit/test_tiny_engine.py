@@ -387,6 +387,31 @@ def test_backtick_strings_keep_any_text(text):
     assert run(f"`{text}`", CONTEXT) == text
 
 
+def test_white_space_skipped_in_one_step_is_str_isspace():
+    """The tokenizer skips white space with a regular expression: the same characters as
+    ``str.isspace``, every code point checked."""
+    from circles.worker.tiny_engine.tokens import _SPACE
+
+    assert [c for c in map(chr, range(0x110000)) if (_SPACE.fullmatch(c) is not None) != c.isspace()] == []
+
+
+_LAYOUT = st.lists(st.sampled_from([" ", "\t", "\n", "\r\n", "\u2028", "\u00a0", "// note\n", "/* a\nb */",
+                                    "let x = 1;", "x", "42", '"a\\nb"', "`t\n${x}\n`", "+"]), max_size=30).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LAYOUT, st.sampled_from(["", "`a\nb ${ 1 + ", "#{ a: "]))
+def test_positions_count_every_line_passed(before, opened):
+    """Runs of space, comments and plain text are taken in one step: the line and column of
+    what comes after them are still those of the text, lines counted at each "\n" (the only
+    line end the tokenizer counts). Every piece tokenizes, so the "@" is the first error."""
+    text = before + opened
+    line = text.count("\n") + 1
+    column = len(text) - (text.rfind("\n") + 1) + 1
+    with pytest.raises(EngineError, match=f"^line {line}, column {column}: unexpected character '@'"):
+        run(text + "@", CONTEXT)
+
+
 def _big_printer(prints: int) -> str:
     """A script that prints a 64 KiB string ``prints`` times (doubling 1 character 16 times)."""
     lines = ['let s0 = "x";'] + [f"let s{i + 1} = s{i} + s{i};" for i in range(16)]

@@ -4,6 +4,7 @@ column))``; the kinds are int float str tmpl name kw op eof."""
 from __future__ import annotations
 
 import math
+import re
 
 from circles.worker.tiny_engine.values import INT_MAX, check_string, error
 
@@ -23,6 +24,16 @@ SYMBOLS = sorted(["+", "-", "*", "/", "%", "**", "==", "!=", "<", "<=", ">", ">=
 SYMBOLS_BY_FIRST: dict[str, list[str]] = {}
 for _symbol in SYMBOLS:
     SYMBOLS_BY_FIRST.setdefault(_symbol[0], []).append(_symbol)
+#: What the tokenizer skips or takes in one step, in C: white space (``str.isspace``'s, which is
+#: ``\s``'s) and line comments, the rest of a name (ASCII letters, digits, ``_``), a run of ASCII
+#: digits.
+_SPACE = re.compile(r"(?:\s+|//[^\n]*)+")
+_WORD = re.compile(r"[0-9A-Za-z_]*")
+_DIGITS = re.compile(r"[0-9]+")
+#: A run of plain characters in a string (no quote, backslash or line end) and in a backtick
+#: string (no backtick, no ``$``): taken in one step.
+_PLAIN = re.compile(r'[^"\\\n]+')
+_PLAIN_TEMPLATE = re.compile(r"[^`$]+")
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
 
 
@@ -43,6 +54,14 @@ class Tokenizer:
                 self.line_start = self.i + 1
             self.i += 1
 
+    def jump(self, j: int) -> None:
+        """To ``j``, counting the lines passed (as :meth:`advance` would, one step at a time)."""
+        lines = self.text.count("\n", self.i, j)
+        if lines:
+            self.line += lines
+            self.line_start = self.text.rfind("\n", self.i, j) + 1
+        self.i = j
+
     def tokens(self, until_brace: bool = False) -> list:
         """All tokens to the end, or (``until_brace``) to the ``}`` closing a ``${``."""
         out: list = []
@@ -58,19 +77,17 @@ class Tokenizer:
                 return out
             c = text[self.i]
             if until_brace and c == "}" and depth == 0:
-                self.advance()
+                self.i += 1
                 out.append(("eof", None, pos))
                 return out
             if c.isdigit():
                 out.append(self.number(pos))
             elif c.isalpha() or c == "_":
-                j = self.i
-                while j < len(text) and (text[j].isalnum() or text[j] == "_") and text[j].isascii():
-                    j += 1
+                j = _WORD.match(text, self.i).end()  # type: ignore[union-attr]  # (it matches "" at least)
                 word = text[self.i:j]
-                if not word.isascii() or not word.isidentifier():
+                if not word.isidentifier():
                     raise error(pos, f"unexpected character {text[self.i]!r}")
-                self.advance(j - self.i)
+                self.i = j  # (no line ends in a name, nor in a symbol below)
                 if word in UNSUPPORTED:
                     raise error(pos, f"'{word}' is not supported by this engine")
                 out.append(("kw" if word in KEYWORDS else "name", word, pos))
@@ -90,18 +107,15 @@ class Tokenizer:
                     depth += 1
                 elif symbol == "}":
                     depth -= 1
-                self.advance(len(symbol))
+                self.i += len(symbol)
                 out.append(("op", symbol, pos))
 
     def skip_space(self) -> None:
         text = self.text
         while self.i < len(text):
-            c = text[self.i]
-            if c.isspace():
-                self.advance()
-            elif text.startswith("//", self.i):
-                while self.i < len(text) and text[self.i] != "\n":
-                    self.advance()
+            space = _SPACE.match(text, self.i)
+            if space is not None:
+                self.jump(space.end())
             elif text.startswith("/*", self.i):
                 pos, nesting = self.pos(), 0
                 while True:
@@ -123,6 +137,14 @@ class Tokenizer:
     def number(self, pos: tuple) -> tuple:
         text = self.text
         j = self.i
+        run = _DIGITS.match(text, j)
+        if run is not None and run.end() - j <= 18:
+            # The usual case in one step: up to 18 ASCII digits (under INT_MAX), followed by
+            # nothing that would make it another number (or an error) below.
+            after = text[run.end():run.end() + 1]
+            if not (after.isalnum() or after == "_" or after == "."):
+                self.i = run.end()
+                return ("int", int(text[j:self.i]), pos)
         if text.startswith(("0x", "0o", "0b"), j):
             base = {"x": 16, "o": 8, "b": 2}[text[j + 1]]
             j += 2
@@ -174,6 +196,11 @@ class Tokenizer:
         while True:
             if self.i >= len(text) or text[self.i] == "\n":
                 raise error(pos, "unterminated string")
+            plain = _PLAIN.match(text, self.i)
+            if plain is not None:
+                parts.append(plain.group())
+                self.i = plain.end()
+                continue
             c = text[self.i]
             if c == '"':
                 self.advance()
@@ -213,6 +240,11 @@ class Tokenizer:
         while True:
             if self.i >= len(text):
                 raise error(pos, "unterminated string")
+            plain = _PLAIN_TEMPLATE.match(text, self.i)
+            if plain is not None:
+                piece.append(plain.group())
+                self.jump(plain.end())
+                continue
             c = text[self.i]
             if c == "`":
                 if text.startswith("``", self.i):  # a doubled backtick is one backtick
