@@ -310,6 +310,65 @@ def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
         assert "started server process 2 again" in server.output
 
 
+def _burst(port: int, count: int) -> list:
+    """``count`` connections opened at once (a client's pool, a load balancer's), none waiting
+    for another: non-blocking connects in one go."""
+    import socket
+
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        sockets.append(sock)
+    return sockets
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_a_burst_of_connections_is_dealt_evenly(tmp_path, processes):
+    """Connections opened all at once go to each process in turn, as connections opened one
+    after another do: each process holds its share (before: 1/49, 4/46, 17/33 over bursts of
+    50, the process that had waited taking all that was queued)."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", str(processes), "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, processes)
+        members = _server_processes(server.proc.pid)
+        count = 12 * processes
+        for _ in range(2):
+            sockets = _burst(port, count)
+            try:
+                assert eventually_true(lambda: sum(_established(p, port) for p in members) == count)
+                held = sorted(_established(p, port) for p in members)
+                assert held[-1] - held[0] <= 1, held
+            finally:
+                for sock in sockets:
+                    sock.close()
+            assert eventually_true(lambda: sum(_established(p, port) for p in members) == 0)
+
+
+def test_a_stopped_process_delays_a_burst_only_briefly(tmp_path):
+    """SIGSTOP one of two: the other one, having waited its turn in vain, takes the whole burst."""
+    circle = Key()
+    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, 2)
+        first, child = _server_processes(server.proc.pid)
+        child.suspend()
+        sockets = _burst(port, 20)
+        try:
+            assert eventually_true(lambda: _established(first, port) == 20)
+        finally:
+            child.resume()
+            for sock in sockets:
+                sock.close()
+
+
 def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
     """SIGSTOP one of them: a scrape the other one takes answers after circles.server.processes.siblings.ASK_TIMEOUT
     with the stopped one reported down (one the stopped one takes waits, as it would alone)."""
