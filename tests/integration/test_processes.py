@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -163,6 +164,16 @@ def _wait_serving(server, count: int, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _serving(tmp_path, circle: Key, processes: int):
+    """``twistd circles --processes N`` on a free port, every process connected to Redis: (server, port)."""
+    with twistd(["-k", circle.pubkey, "--processes", str(processes), "--port", "0", "--interface", "127.0.0.1",
+                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
+        port = server.wait_listening()
+        _wait_serving(server, processes)
+        yield server, port
+
+
 def _get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
@@ -251,10 +262,7 @@ def test_a_daemon_logs_every_process_to_its_logfile(tmp_path):
 def test_one_scrape_counts_every_process(tmp_path):
     """Each process answered /metrics with its own share; one scrape now reports them all."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         processes = _server_processes(server.proc.pid)
         clients = [connect(f"ws://127.0.0.1:{port}/{circle.pubkey}").__enter__() for _ in range(40)]
         try:
@@ -280,10 +288,7 @@ def test_one_scrape_counts_every_process(tmp_path):
 
 def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         assert eventually_true(lambda: _get(port, "/ready")[0] == 200)
         status, body = _get(port, "/ready")
         assert json.loads(body) == {"status": "ready", "processes": {"1": "ready", "2": "ready"}}
@@ -333,10 +338,7 @@ def test_a_burst_of_connections_is_dealt_evenly(tmp_path, processes):
     after another do: each process holds its share (before: 1/49, 4/46, 17/33 over bursts of
     50, the process that had waited taking all that was queued)."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", str(processes), "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, processes)
+    with _serving(tmp_path, circle, processes) as (server, port):
         members = _server_processes(server.proc.pid)
         count = 12 * processes
         for _ in range(2):
@@ -354,10 +356,7 @@ def test_a_burst_of_connections_is_dealt_evenly(tmp_path, processes):
 def test_a_stopped_process_delays_a_burst_only_briefly(tmp_path):
     """SIGSTOP one of two: the other one, having waited its turn in vain, takes the whole burst."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         first, child = _server_processes(server.proc.pid)
         child.suspend()
         sockets = _burst(port, 20)
@@ -373,10 +372,7 @@ def test_a_hung_process_does_not_hang_the_scrape(tmp_path):
     """SIGSTOP one of them: a scrape the other one takes answers after circles.server.processes.siblings.ASK_TIMEOUT
     with the stopped one reported down (one the stopped one takes waits, as it would alone)."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         child = _server_processes(server.proc.pid)[1]
         child.suspend()
         try:
@@ -492,10 +488,7 @@ def test_counters_never_go_down_across_a_killed_and_restarted_process(tmp_path):
     requests, then 206), for good once it was started again. Now no counting sample goes down in
     any scrape, while it is dead, once it is back, and after; and nothing is counted twice."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         processes = _server_processes(server.proc.pid)
         _whoami_on_both(port, circle, processes)
         scrapes = _Scrapes(port)
@@ -517,10 +510,7 @@ def test_counters_never_go_down_while_a_process_hangs(tmp_path):
     """SIGSTOP one of them, then SIGCONT: while it does not answer, its last counts stay in the
     sums; once it answers again, its live counts (never lower) take their place."""
     circle = Key()
-    with twistd(["-k", circle.pubkey, "--processes", "2", "--port", "0", "--interface", "127.0.0.1",
-                 "--state-dir", str(tmp_path / "state")], tmp_path) as server:
-        port = server.wait_listening()
-        _wait_serving(server, 2)
+    with _serving(tmp_path, circle, 2) as (server, port):
         processes = _server_processes(server.proc.pid)
         _whoami_on_both(port, circle, processes)
         scrapes = _Scrapes(port)
