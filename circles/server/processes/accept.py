@@ -15,7 +15,8 @@ from the queue at once only while it comes first by (connections held, turn) amo
 processes that accept: it holds the fewest, or as few as the fewest and drew the lowest turn
 (a draw, not an order: a strict alternation would give every other connection to the same
 process, as every WebSocket of a client that fetches a nonce over HTTP before each one). Then it
-takes no more than brings it level with the next (one, on a tie). A process that does
+takes no more than brings it level with the next, and :data:`TURN` - 1 more (what is queued, if
+less): no process leads another by more than that. A process that does
 not come first stops accepting and looks every :data:`LOOK` at whether the one that came first
 took its turn: once it did, this one takes its own, as if it had just woken; if it took none in
 :data:`WAIT`, this one takes what is still queued. So one that is busy, stopped (``SIGSTOP``) or
@@ -23,7 +24,8 @@ dead delays a connection by :data:`WAIT` at most, and two that each saw the othe
 of connections, as a pool opened at once makes) lose a millisecond, not the burst. 50
 connections opened one after another split 25/25, 1,000 split 500/500; 50 opened at once split
 25/25 too (before the looks: 1/49, 4/46, 17/33, the one that had waited taking all that was
-queued), 3 processes 16/17/17, 4 processes 12/12/13/13.
+queued), 3 processes 15-16/16-17/17-18; 500 opened at once 250/250, all accepted 85-97 ms after
+the first connect (``bench/accept_burst.py``; one at a time a turn: 250-280 ms).
 
 ``epoll`` wakes every process waiting on the socket for each connection (the herd; no
 ``EPOLLEXCLUSIVE``, which would wake only the first, one that may not come first and waits):
@@ -51,6 +53,10 @@ LOOK = 0.001
 ABSENT = -1
 #: The most connections a process that waited takes at once (Twisted's first accept loop).
 AFTER_WAIT = 100
+#: The connections a process that comes first takes beyond those that bring it level with the
+#: next, plus one: a turn. More than one, so that a burst is not dealt one connection per LOOK;
+#: few, so that a process leads another by TURN - 1 connections at most.
+TURN = 4
 _SLOT = struct.Struct("qq")  # per process: connections held, turn; aligned 64-bit words
 
 
@@ -142,7 +148,7 @@ class SharedPort(tcp.Port):
         elif self._waited:
             self._accept(AFTER_WAIT)
         elif holdings.score(self.number) <= first:
-            self._accept(max(1, first[0] - self.held))
+            self._accept(max(1, first[0] - self.held) + TURN - 1)
         else:
             # Another comes first: its turn (it wakes for this connection too).
             self.stopReading()
