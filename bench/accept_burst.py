@@ -34,9 +34,10 @@ def held(port: int) -> dict[str, int]:
     return dict(collections.Counter(re.findall(r"pid=(\d+)", out)))
 
 
-def burst(port: int, count: int) -> dict:
+def open_at_once(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to ``port`` on 127.0.0.1 opened at once, none waiting for another:
+    non-blocking connects in one go (also tests/integration/test_processes.py's bursts)."""
     sockets = []
-    began = time.monotonic()
     for _ in range(count):
         sock = socket.socket()
         sock.setblocking(False)
@@ -45,6 +46,12 @@ def burst(port: int, count: int) -> dict:
         except BlockingIOError:
             pass
         sockets.append(sock)
+    return sockets
+
+
+def burst(port: int, count: int) -> dict:
+    began = time.monotonic()
+    sockets = open_at_once(port, count)
     connected = time.monotonic()
     while sum(held(port).values()) < count and time.monotonic() - began < 10:
         time.sleep(0.002)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
+from bench.accept_burst import open_at_once
 from circles.server.processes.accept import TURN
 from devtools.twistd import TWISTD
 
@@ -316,42 +317,30 @@ def test_a_killed_process_makes_the_server_unready_until_it_is_back(tmp_path):
         assert "started server process 2 again" in server.output
 
 
-def _burst(port: int, count: int) -> list:
-    """``count`` connections opened at once (a client's pool, a load balancer's), none waiting
-    for another: non-blocking connects in one go."""
-    import socket
-
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.setblocking(False)
-        try:
-            sock.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        sockets.append(sock)
-    return sockets
-
-
 @pytest.mark.parametrize("processes", [2, 3])
 def test_a_burst_of_connections_is_dealt_evenly(tmp_path, processes):
     """Connections opened all at once go to each process in turns, as connections opened one
     after another do: no process leads another by a turn (before: 1/49, 4/46, 17/33 over
-    bursts of 50, the process that had waited taking all that was queued)."""
+    bursts of 50, the process that had waited taking all that was queued).
+
+    Two bursts of three: a process that the machine leaves without the CPU for 10 ms (this
+    suite runs tests side by side) counts as busy, and the others take its share, as they
+    should; that may spoil one burst, not most."""
     circle = Key()
     with _serving(tmp_path, circle, processes) as (server, port):
         members = _server_processes(server.proc.pid)
         count = 12 * processes
-        for _ in range(2):
-            sockets = _burst(port, count)
+        splits = []
+        for _ in range(3):
+            sockets = open_at_once(port, count)
             try:
                 assert eventually_true(lambda: sum(_established(p, port) for p in members) == count)
-                held = sorted(_established(p, port) for p in members)
-                assert held[-1] - held[0] < TURN, held
+                splits.append(sorted(_established(p, port) for p in members))
             finally:
                 for sock in sockets:
                     sock.close()
             assert eventually_true(lambda: sum(_established(p, port) for p in members) == 0)
+        assert sum(held[-1] - held[0] < TURN for held in splits) >= 2, splits
 
 
 def test_a_stopped_process_delays_a_burst_only_briefly(tmp_path):
@@ -360,7 +349,7 @@ def test_a_stopped_process_delays_a_burst_only_briefly(tmp_path):
     with _serving(tmp_path, circle, 2) as (server, port):
         first, child = _server_processes(server.proc.pid)
         child.suspend()
-        sockets = _burst(port, 20)
+        sockets = open_at_once(port, 20)
         try:
             assert eventually_true(lambda: _established(first, port) == 20)
         finally:
