@@ -21,7 +21,7 @@ import secrets
 import socket
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
@@ -73,6 +73,18 @@ class TaskStopped(EngineError):
     while its script ran: the script was killed, as its timeout would have."""
 
     reason = STOPPED
+
+
+class _Finish(NamedTuple):
+    """A task's result waiting for this turn's FINISH_MANY (:meth:`Worker._finished`)."""
+
+    task_id: str
+    keys: list
+    args: list
+    recorded: Deferred  # fired once it is recorded
+    outcome: tasks.Outcome
+    context: ScriptContext
+    duration: float
 
 
 class Worker(Service):
@@ -135,7 +147,7 @@ class Worker(Service):
         self._slot_waiters: list[Deferred] = []
         self._running: set[Deferred] = set()
         self._held: set[str] = set()  # the tasks this worker runs (or claims), by id
-        self._results: list[tuple] = []  # FINISHes for the end of this turn (_finished)
+        self._results: list[_Finish] = []  # FINISHes for the end of this turn
         # What this worker's processing list holds and nothing here runs is adopted at the start (a
         # worker of the same id before it) and after a lost connection (a reply lost with it).
         self._adopt_needed = True
@@ -586,7 +598,7 @@ class Worker(Service):
         keys = [tasks.task_key(self.prefix, task_id), self._processing] + ([reply_to] if reply_to else [])
         args = [outcome.status, outcome.output, outcome.error, tasks.timestamp(now), tasks.STATUS_TTL,
                 tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl]
-        self._results.append((task_id, keys, args, recorded, outcome, context, now - started))
+        self._results.append(_Finish(task_id, keys, args, recorded, outcome, context, now - started))
         if len(self._results) == 1:
             self.reactor.callLater(0, lambda: ensureDeferred(self._record_results()))
 
@@ -610,27 +622,28 @@ class Worker(Service):
         batch, self._results = self._results, []
         try:
             if len(batch) == 1:
-                task_id, keys, args = batch[0][:3]
-                results = [await self._eval_patiently("record the result of", task_id, tasks.FINISH, keys, args)]
+                one = batch[0]
+                results = [await self._eval_patiently("record the result of", one.task_id, tasks.FINISH, one.keys,
+                                                      one.args)]
             else:
-                all_keys = [key for entry in batch for key in (entry[1] + [""])[:3]]
-                all_args = [arg for entry in batch for arg in entry[2]]
-                what = f"{batch[0][0]} and {len(batch) - 1} more"
+                all_keys = [key for entry in batch for key in (entry.keys + [""])[:3]]
+                all_args = [arg for entry in batch for arg in entry.args]
+                what = f"{batch[0].task_id} and {len(batch) - 1} more"
                 recorded, written = await self._eval_patiently("record the results of", what, tasks.FINISH_MANY,
                                                                all_keys, all_args)
                 results = [(recorded, written[i] if recorded else None) for i in range(len(batch))]
         except Exception:
             failure = Failure()
             for entry in batch:
-                entry[3].errback(failure)
+                entry.recorded.errback(failure)
             return
-        for (_, _, _, done, outcome, context, duration), result in zip(batch, results):
+        for entry, result in zip(batch, results):
             try:
-                self._recorded(result, outcome, context, duration)
+                self._recorded(result, entry.outcome, entry.context, entry.duration)
             except Exception:
-                done.errback()
+                entry.recorded.errback()
             else:
-                done.callback(None)
+                entry.recorded.callback(None)
 
     def _outcome(self, task_id: str, script: str, context: ScriptContext, timeout: float,
                  started: float) -> Deferred:
