@@ -102,13 +102,14 @@ from circles.common.keys import PATH_KEY_LENGTHS, InvalidKey, normalize_pubkey
 from circles.common.logs import Logger
 from circles.common.once import Once
 from circles.common.signatures import AuthenticationFailed
+from circles.common.timers import TimerLane
 from circles.server.access.limits import ConnectionCount, OriginPolicy, address_key
 from circles.server.gateway import Gateway
 from circles.server.session.backlog import Backlog
 from circles.server.session.contracts.base import Contract
 from circles.server.session.methods import Session, Sessions
 from circles.server.tls import release_buffers
-from circles.server.websocket import TimerLane, TrimmedServerFactory, TrimmedServerProtocol
+from circles.server.websocket import TrimmedServerFactory, TrimmedServerProtocol
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from circles.backend import tasks
 from circles.backend.scripts import BackendUnavailable, ScriptFailed, ScriptRequest, ScriptTimeout
 from circles.backend.values import text
 from circles.common.logs import Logger
+from circles.common.timers import TimerLanes
 
 log = Logger()
 
@@ -29,16 +30,16 @@ REPLY_GRACE = 5.0
 
 
 class Waiting:
-    """A play waiting for its reply."""
+    """A play waiting for its reply. Its deadline is in the :class:`Replies`' timers (its
+    timeout's lane, by task id); ``grace`` is the wait for a reply already on its way once the
+    deadline passed (:data:`REPLY_GRACE`), while there is one."""
 
-    def __init__(self, request: ScriptRequest, deferred: Deferred, timer) -> None:
+    __slots__ = ("request", "deferred", "grace")
+
+    def __init__(self, request: ScriptRequest, deferred: Deferred) -> None:
         self.request = request
         self.deferred = deferred
-        self.timer = timer
-
-    def stop_timer(self) -> None:
-        if self.timer.active():
-            self.timer.cancel()
+        self.grace: IDelayedCall | None = None
 
 
 class Replies:
@@ -57,6 +58,9 @@ class Replies:
         self._command = command
         self._connected = connected
         self._waiting: dict[str, Waiting] = {}
+        # Each play's deadline, by task id: the plays of one timeout (most share the default)
+        # behind one call of the clock, not a DelayedCall each in the reactor's heap.
+        self._deadlines = TimerLanes(clock, self._timed_out)
         self._abandoned: set[str] = set()  # tasks given up on while Redis was unreachable
 
     def __len__(self) -> int:
@@ -66,15 +70,21 @@ class Replies:
         """A Deferred for the reply of ``task_id``, failed with :class:`ScriptTimeout` once
         ``request.timeout`` passes."""
         result: Deferred = Deferred(lambda _: self._cancelled(task_id))
-        timer = self.clock.callLater(request.timeout, self._timed_out, task_id)
-        self._waiting[task_id] = Waiting(request, result, timer)
+        self._deadlines.set(request.timeout, task_id)
+        self._waiting[task_id] = Waiting(request, result)
         return result
+
+    def _stop_timers(self, task_id: str, entry: Waiting) -> None:
+        """``task_id``'s play waits no more: its deadline (and grace) will not fire."""
+        self._deadlines.cancel(entry.request.timeout, task_id)
+        if entry.grace is not None and entry.grace.active():
+            entry.grace.cancel()
 
     def not_queued(self, task_id: str, failure: Failure) -> None:
         """The task of a play could not be queued: the play fails with ``failure``."""
         entry = self._waiting.pop(task_id, None)
         if entry is not None:
-            entry.stop_timer()
+            self._stop_timers(task_id, entry)
             entry.deferred.errback(failure)
 
     def stop(self, reason: str = "the server is shutting down", abandon: bool = False) -> list[str]:
@@ -82,7 +92,7 @@ class Replies:
         expire their tasks once Redis is back (:meth:`expire_abandoned`)."""
         waiting, self._waiting = self._waiting, {}
         for task_id, entry in waiting.items():
-            entry.stop_timer()
+            self._stop_timers(task_id, entry)
             if abandon:
                 self._abandoned.add(task_id)
             entry.deferred.errback(BackendUnavailable(reason))
@@ -132,7 +142,7 @@ class Replies:
     def _finished_at_deadline(self, task_id: str, entry: Waiting, outcome: tasks.Outcome) -> None:
         """A worker finished just before the deadline: its reply is already on the reply list
         (FINISH pushed it in the same step), and routes to this entry."""
-        entry.timer = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
+        entry.grace = self.clock.callLater(REPLY_GRACE, self._gave_up, task_id)
 
     def _gave_up(self, task_id: str) -> None:
         entry = self._waiting.pop(task_id, None)
@@ -145,7 +155,7 @@ class Replies:
         entry = self._waiting.pop(task_id, None)
         if entry is None:
             return
-        entry.stop_timer()
+        self._stop_timers(task_id, entry)
         if self._connected():
             self.expire(task_id, "its caller is gone (the connection closed)").addErrback(
                 lambda _: self._abandoned.add(task_id))
@@ -165,7 +175,7 @@ class Replies:
         if waiting is None:
             log.debug("reply for task {task} that nobody waits for (timed out?)", task=task_id)
             return
-        waiting.stop_timer()
+        self._stop_timers(task_id, waiting)
         if outcome is not None:
             self._settle(waiting.deferred, outcome)
             return
@@ -179,7 +189,7 @@ class Replies:
         """The outcome of ``task_id``, read otherwise than from a reply: to the play waiting for it."""
         waiting = self._waiting.pop(task_id, None)
         if waiting is not None:
-            waiting.stop_timer()
+            self._stop_timers(task_id, waiting)
             self._settle(waiting.deferred, outcome)
 
     def waiting_for(self) -> list[str]:

@@ -15,7 +15,7 @@ send queue, two futures, a UTF-8 validator, traffic counters and event lists for
 or not, and a timer of the clock for each of its deadlines. Here its state is in slots
 (:data:`AUTOBAHN_STATE`), the handshake is let go once open, what only some connections use is
 made when first used, and the timers of one delay share one call of the clock
-(:class:`TimerLane`): 4 kB of resident memory per idle connection where it was 10.7 kB
+(:class:`~circles.common.timers.TimerLane`): 4 kB of resident memory per idle connection where it was 10.7 kB
 (docs/benchmarks.md).
 
 Autobahn internals relied on (pyproject.toml pins Autobahn's line, and ``tests/test_protocol.py``
@@ -45,7 +45,7 @@ changes any of it fails there first):
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -63,6 +63,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
+from circles.common.timers import TimerLane, TimerLanes
 
 log = Logger()
 
@@ -445,80 +446,6 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
             super()._closeConnection(abort)
 
 
-class TimerLane:
-    """Timers of one delay on one clock, all behind a single call of the clock.
-
-    A timer is a key (any hashable object: a connection, a :class:`_Timer`) and its deadline,
-    ``delay`` seconds after it was set. The clock only moves forward, so a lane's timers come
-    due in the order they were set (or last :meth:`reset`): an insertion-ordered dict holds them,
-    and one call of the clock, at the first one's deadline, fires each as it comes due, with
-    ``fire(key)``. Each deadline is exact, as a call of its own would be; a timer costs an entry
-    of that dict (about 75 bytes) where a ``DelayedCall`` of its own costs some 400.
-
-    (Should the wall clock step back, the timers set afterwards wait behind those set before,
-    which are late by the step as a ``DelayedCall`` would be: none is later than that.)
-    """
-
-    __slots__ = ("_clock", "delay", "_fire", "_due", "_call")
-
-    def __init__(self, clock: IReactorTime, delay: float, fire: Callable[[Any], object]) -> None:
-        self._clock = clock
-        self.delay = delay
-        self._fire = fire
-        self._due: OrderedDict = OrderedDict()  # key -> deadline, the first due first
-        self._call: IDelayedCall | None = None  # at the first deadline, while there is one
-
-    def __len__(self) -> int:
-        return len(self._due)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._due
-
-    def set(self, key: object) -> None:
-        """Fire ``key`` ``delay`` seconds from now (or, if it is set already, then instead)."""
-        due = self._due
-        when = self._clock.seconds() + self.delay
-        if key in due:
-            due.move_to_end(key)
-        due[key] = when
-        if self._call is None:
-            self._call = self._clock.callLater(self.delay, self._expire)
-
-    def reset(self, key: object) -> None:
-        """Fire ``key``, which is set, ``delay`` seconds from now instead (a ``KeyError`` if it is not)."""
-        due = self._due
-        due.move_to_end(key)
-        due[key] = self._clock.seconds() + self.delay
-
-    def cancel(self, key: object) -> None:
-        """Never fire ``key`` (if it is set)."""
-        due = self._due
-        if due.pop(key, None) is not None and not due and self._call is not None and self._call is not _EXPIRING:
-            self._call.cancel()
-            self._call = None
-
-    def _expire(self) -> None:
-        self._call = _EXPIRING  # what the timers fired set is armed once they are done
-        due = self._due
-        now = self._clock.seconds()
-        while due:
-            key = next(iter(due))
-            if due[key] > now:
-                break
-            del due[key]
-            try:
-                self._fire(key)
-            except Exception:  # as the reactor does with a call that raises: the others still fire
-                log.failure("a timer failed", Failure())
-        self._call = None
-        if due:
-            self._call = self._clock.callLater(max(0.0, due[next(iter(due))] - self._clock.seconds()), self._expire)
-
-
-#: A lane's call while it fires its timers (those they set wait for the lane to re-arm).
-_EXPIRING: Any = object()
-
-
 #: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.
 _EVENTS = ("message",)
 #: Where a connection that nobody asked ``is_open`` of is: opening (Autobahn is about to fire
@@ -544,18 +471,19 @@ TrimmedServerProtocol._slot_defaults = _class_defaults(TrimmedServerProtocol, Tr
 
 
 class _Timer:
-    """One of Autobahn's timers, in its lane of :class:`_Timers`: cancelling one that has fired,
-    or was cancelled, is a no-op (as Autobahn expects of txaio's)."""
+    """One of Autobahn's timers, in its delay's lane of :class:`_Timers`: cancelling one that has
+    fired, or was cancelled, is a no-op (as Autobahn expects of txaio's)."""
 
-    __slots__ = ("_lane", "_func", "_args")
+    __slots__ = ("_lanes", "_delay", "_func", "_args")
 
-    def __init__(self, lane: TimerLane, func: Callable[..., object], args: tuple) -> None:
-        self._lane = lane
+    def __init__(self, lanes: TimerLanes, delay: float, func: Callable[..., object], args: tuple) -> None:
+        self._lanes = lanes
+        self._delay = delay
         self._func = func
         self._args = args
 
     def cancel(self) -> None:
-        self._lane.cancel(self)
+        self._lanes.cancel(self._delay, self)
 
     def _run(self) -> None:
         self._func(*self._args)
@@ -573,14 +501,11 @@ class _Timers:
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
-        self._lanes: dict[float, TimerLane] = {}
+        self._lanes = TimerLanes(clock, _Timer._run)
 
     def call_later(self, delay: float, func: Callable[..., object], *args, **kwargs) -> _Timer:
-        lane = self._lanes.get(delay)
-        if lane is None:
-            lane = self._lanes[delay] = TimerLane(self._clock, delay, _Timer._run)
-        timer = _Timer(lane, partial(func, **kwargs) if kwargs else func, args)
-        lane.set(timer)
+        timer = _Timer(self._lanes, delay, partial(func, **kwargs) if kwargs else func, args)
+        self._lanes.set(delay, timer)
         return timer
 
     def lane(self, delay: float, fire: Callable[[Any], object]) -> TimerLane:

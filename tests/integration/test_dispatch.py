@@ -119,6 +119,26 @@ async def test_worker_finishing_after_expiry_does_not_overwrite(redis_server, st
 
 
 @pytest_twisted.ensureDeferred
+async def test_plays_waiting_hold_a_call_of_the_clock_per_timeout_not_one_each(redis_server, start, redis_client):
+    # A DelayedCall per play sat in the reactor's heap (compared in Python at every call of the
+    # clock); the plays of one timeout share one now, and a timeout's lane goes with its last play.
+    runner = await connected(start(make_runner(redis_server)))
+    redis_client.pretend_worker(CIRCLE)
+    before = len(reactor.getDelayedCalls())
+    plays = [runner.run(request(f"waits {i}", timeout=20)) for i in range(100)]
+    plays += [runner.run(request(f"its own {i}", timeout=20 + (i + 1) / 8)) for i in range(3)]
+    await eventually(lambda: len(redis_client("KEYS", "circles:task:*")) == 103)
+    assert len(reactor.getDelayedCalls()) - before <= 4, reactor.getDelayedCalls()
+    short = runner.run(request("times out", timeout=0.25))
+    with pytest.raises(ScriptTimeout):
+        await short  # each still at its own deadline
+    await given_up(*plays)
+    assert len(runner.replies) == 0 and len(runner.replies._deadlines) == 0
+    # what is left: the expiries of the tasks given up on, each a command with txredisapi's reply timeout
+    await eventually(lambda: len(reactor.getDelayedCalls()) <= before)
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_plays_share_one_blocking_connection(redis_server, start, redis_client):
     runner = await connected(start(make_runner(redis_server)))
     gate = Deferred()

@@ -1,4 +1,4 @@
-"""Timer lanes (circles.server.websocket.TimerLane): the timers of one delay behind one call of
+"""Timer lanes (circles.common.timers): the timers of one delay behind one call of
 the clock, each still firing at its own deadline. Driven by a ``Clock``: deadlines and counts of
 calls, never durations."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from circles.server.websocket import TimerLane, _Timers
+from circles.common.timers import TimerLane, TimerLanes
+from circles.server.websocket import _Timers
 
 from ..inmemory import captured_log
 
@@ -152,3 +153,58 @@ def test_autobahns_timers_each_at_its_deadline_cancelling_twice_is_nothing(clock
     ping.cancel()
     other.cancel()
     assert clock.getDelayedCalls() == []
+
+
+def test_lanes_one_per_delay_each_let_go_once_empty(clock):
+    fired: list = []
+    lanes = TimerLanes(clock, lambda key: fired.append((key, clock.seconds())))
+    for key in range(50):
+        lanes.set(30, key)
+    lanes.set(0.5, "short")
+    lanes.set(0.75, "shorter")
+    assert len(lanes) == 3 and len(clock.getDelayedCalls()) == 3  # a call per delay, not per timer
+    lanes.cancel(0.75, "shorter")  # its lane's last: let go, its call with it
+    assert len(lanes) == 2 and len(clock.getDelayedCalls()) == 2
+    lanes.cancel(0.75, "shorter")  # again, and with no lane: nothing
+    clock.advance(0.5)
+    assert fired == [("short", 0.5)] and len(lanes) == 1  # fired its lane's last: let go
+    for key in range(49):
+        lanes.cancel(30, key)
+    assert len(lanes) == 1
+    clock.advance(29.5)
+    assert fired == [("short", 0.5), (49, 30)]
+    assert len(lanes) == 0 and clock.getDelayedCalls() == []
+
+
+def test_distinct_delays_chosen_by_callers_leave_nothing_behind(clock):
+    # Delays a client picks (a play's timeout): each costs a lane only while its timers wait.
+    lanes = TimerLanes(clock, lambda key: None)
+    for n in range(1000):
+        lanes.set(1 + n / 1024, n)
+    assert len(lanes) == 1000
+    for n in range(0, 1000, 2):
+        lanes.cancel(1 + n / 1024, n)
+    clock.advance(2)
+    assert len(lanes) == 0 and clock.getDelayedCalls() == []
+
+
+def test_a_lane_whose_last_timer_raises_is_let_go_and_one_set_as_it_fires_still_fires(clock):
+    fired: list = []
+
+    def fire(key):
+        fired.append((key, clock.seconds()))
+        if key == "a":
+            lanes.set(10, "again")  # the same delay, from inside its lane's firing
+        if key == "b":
+            raise RuntimeError("boom")
+
+    lanes = TimerLanes(clock, fire)
+    lanes.set(10, "a")
+    clock.advance(10)
+    assert len(lanes) == 1
+    clock.advance(10)
+    assert fired == [("a", 10), ("again", 20)] and len(lanes) == 0
+    lanes.set(10, "b")
+    with captured_log():
+        clock.advance(10)
+    assert len(lanes) == 0 and clock.getDelayedCalls() == []
