@@ -107,16 +107,34 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def context_switches(pid: int) -> tuple[int, int] | None:
+    """``pid``'s voluntary (it slept: waited for work) and involuntary (preempted) context
+    switches from /proc, its main thread's; None once it is gone."""
+    try:
+        found = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.endswith("ctxt_switches"):
+                    found[name] = int(value)
+        return found["voluntary_ctxt_switches"], found["nonvoluntary_ctxt_switches"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class TreeCPU:
     """CPU time (utime+stime) of a process and all its descendants over a window, sampled every
     quarter second from /proc so that a descendant that ends within the window (an engine child
-    replaced) still counts up to its last sample."""
+    replaced) still counts up to its last sample; and their context switches (:meth:`switches`),
+    counted the same way."""
 
     def __init__(self, pids: list, descendants: bool = True) -> None:
         self.roots = list(pids)
         self.descendants = descendants
         self.first: dict = {}
         self.last: dict = {}
+        self.first_switches: dict = {}
+        self.last_switches: dict = {}
         self._opened = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -143,6 +161,10 @@ class TreeCPU:
                     # within it, from nothing.
                     self.first.setdefault(pid, 0.0 if self._opened else cpu)
                     self.last[pid] = cpu
+                switches = context_switches(pid)
+                if switches is not None:
+                    self.first_switches.setdefault(pid, (0, 0) if self._opened else switches)
+                    self.last_switches[pid] = switches
         self._opened = True
 
     def _run(self) -> None:
@@ -159,6 +181,11 @@ class TreeCPU:
         self._thread.join()
         self._sample()
         return sum(self.last[pid] - self.first[pid] for pid in self.last)
+
+    def switches(self) -> tuple[int, int]:
+        """Voluntary and involuntary context switches in the window (after :meth:`stop`)."""
+        return (sum(last[0] - self.first_switches[pid][0] for pid, last in self.last_switches.items()),
+                sum(last[1] - self.first_switches[pid][1] for pid, last in self.last_switches.items()))
 
 
 def _cmdline(pid: int) -> str:
@@ -232,6 +259,11 @@ class Meters:
             # (a quarter within minutes on a shared VM) this moves less than the microseconds do.
             result["cpu_per_generator_cpu"] = {name: round(us / per["generator"], 2)
                                                for name, us in per.items() if name != "generator"}
+        # Wake-ups (voluntary: a process slept for want of work) and preemptions per play, each
+        # part: how many plays a process handles each time it wakes, and how often it is cut off.
+        result["switches_per_play"] = {
+            name: dict(zip(("voluntary", "involuntary"), (round(n / max(plays, 1), 3) for n in meter.switches())))
+            for name, meter in self.parts.items()}
         if self.commands:
             # Round trips to Redis per play (every client's: server, workers), by command; an EVALSHA
             # is one Lua step, whatever it does inside.
