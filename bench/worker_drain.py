@@ -66,8 +66,10 @@ def main() -> None:
                 time.sleep(0.05)  # registered, and 3 s for its engine's children to be ready
             r.config_resetstat()
             cpu = TreeCPU([worker.pid])
+            own_cpu = TreeCPU([worker.pid], descendants=False)  # the worker's process alone, its children left out
             redis_cpu = TreeCPU([server.pid])
             cpu.start()
+            own_cpu.start()
             redis_cpu.start()
             started = time.monotonic()
             now = time.time()
@@ -90,7 +92,7 @@ def main() -> None:
                     raise RuntimeError("not drained within 600 s")
                 time.sleep(0.05)
             elapsed = time.monotonic() - started
-            used, used_redis = cpu.stop(), redis_cpu.stop()
+            used, used_own, used_redis = cpu.stop(), own_cpu.stop(), redis_cpu.stop()
             # The worker's commands (this script's own HSET, LPUSH and LLEN left out), per task.
             ours = {"hset", "lpush", "llen", "config", "info"}
             commands = {name[len("cmdstat_"):]: round(stats["calls"] / args.tasks, 3)
@@ -105,6 +107,7 @@ def main() -> None:
     print(json.dumps({"tasks": args.tasks, "root": args.root, "engine": args.engine, "isolation": args.isolation,
                       "concurrency": args.concurrency, "seconds": round(elapsed, 2),
                       "tasks_per_s": round(args.tasks / elapsed), "worker_cpu_us_per_task": round(used / args.tasks * 1e6, 1),
+                      "worker_own_cpu_us_per_task": round(used_own / args.tasks * 1e6, 1),
                       "redis_cpu_us_per_task": round(used_redis / args.tasks * 1e6, 1),
                       "commands_per_task": commands, "errors_in_first_50": errors, "machine": machine()}))
 
