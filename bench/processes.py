@@ -160,8 +160,13 @@ def play_round(processes: int, args) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"bench/play.py exited {done.returncode}")
     result = json.loads(done.stdout)
+    commands = result.get("redis_commands_per_play") or {}
     return {"processes": processes, "plays_per_s": result["plays_per_s"], "p99_ms": result["p99_ms"],
-            "cpu_us_per_play": result.get("cpu_us_per_play")}
+            "cpu_us_per_play": result.get("cpu_us_per_play"),
+            # How much each process batches: its wake-ups, and the plays of an ENQUEUE step (each
+            # reads ZCOUNT once) and replies of a BLMPOP, per play.
+            "server_wakeups_per_play": ((result.get("switches_per_play") or {}).get("server") or {}).get("voluntary"),
+            "enqueue_steps_per_play": commands.get("zcount"), "blmpop_per_play": commands.get("blmpop")}
 
 
 def median(rows: list, field: str) -> float | None:
@@ -195,12 +200,15 @@ def markdown(report: dict) -> str:
                          + " | " + " · ".join("/".join(f"{b:.0%}" for b in r["busy"]) for r in mine) + " |")
     if report.get("play"):
         lines += ["", "| play | processes | CPU us per play: server (all processes) | Redis | workers | generator | "
-                  "plays/s | p99 ms |", "|---|---|---|---|---|---|---|---|"]
+                  "plays/s | p99 ms | server wake-ups per play | ENQUEUE steps per play | BLMPOP per play |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for n in report["configurations"]:
             for r in (r for r in report["play"] if r["processes"] == n):
                 cpu = r.get("cpu_us_per_play") or {}
                 lines.append(f"| play | {n} | {cpu.get('server')} | {cpu.get('redis')} | {cpu.get('workers')} | "
-                             f"{cpu.get('generator')} | {r['plays_per_s']:,.0f} | {r['p99_ms']} |")
+                             f"{cpu.get('generator')} | {r['plays_per_s']:,.0f} | {r['p99_ms']} | "
+                             f"{r.get('server_wakeups_per_play')} | {r.get('enqueue_steps_per_play')} | "
+                             f"{r.get('blmpop_per_play')} |")
     return "\n".join(lines) + "\n"
 
 
