@@ -17,8 +17,9 @@ from typing import Any
 
 import orjson
 
-#: 19 digits in a row may be an integer beyond 64 bits, which orjson would read as a float.
-LONG_DIGITS = re.compile(rb"[0-9]{19}")
+#: Every ASCII digit as "0": 19 digits in a row then show as :data:`_LONG_RUN`.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
 
 MAX_DEPTH = 256  # arrays/objects inside one another (a JSON-RPC batch's array included)
 # A string, or an unterminated one to the end of the text (a lone backslash last included), so a
@@ -45,6 +46,13 @@ def too_deep(text: str | bytes) -> bool:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
 
 
+def long_digits(data: bytes) -> bool:
+    """Whether ``data`` has 19 digits in a row: maybe an integer beyond 64 bits, which orjson
+    would read as a float. (One ``translate`` and one substring search, in C: a regular
+    expression's search took three to four times as long, two of them a play.)"""
+    return _LONG_RUN in data.translate(_DIGITS_AS_ZERO)
+
+
 def dumps(value: Any) -> bytes:
     """``value`` as compact JSON text, UTF-8 encoded (what orjson refuses: the standard library's,
     non-ASCII escaped)."""
@@ -61,7 +69,7 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if too_deep(raw):
         raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
-    if LONG_DIGITS.search(raw) is None:
+    if not long_digits(raw):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

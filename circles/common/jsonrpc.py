@@ -27,7 +27,7 @@ import orjson
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 
-from circles.common.fast_json import LONG_DIGITS, too_deep
+from circles.common.fast_json import long_digits, too_deep
 from circles.common.logs import Logger
 
 if TYPE_CHECKING:  # for the checker only: typing's own TypeIs is Python 3.13's
@@ -212,7 +212,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 def parse(payload: str | bytes) -> JSONValue:
     """Decode one message; RPCError(-32700) for anything that is not JSON we can represent."""
     data = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
-    if not too_deep(data) and LONG_DIGITS.search(data) is None:
+    if not too_deep(data) and not long_digits(data):
         try:
             # orjson takes UTF-8 only and refuses NaN, Infinity and numbers that overflow.
             return orjson.loads(data)

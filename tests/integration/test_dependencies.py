@@ -12,6 +12,7 @@ carry over what matters, and record the new digest.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from importlib.metadata import requires, version
 
@@ -68,6 +69,13 @@ TXREDISAPI_SOURCES = {
     ("RedisFactory", "buildProtocol"): "0b0068a2927ac69f",
     # pmessage replies to messageReceived, others (a PING's while subscribed) to the command waiting.
     ("SubscriberProtocol", "replyReceived"): "c5c770fea9980a47",
+    # what eval_script calls as txredisapi's eval did: EVALSHA (adding the digest to
+    # script_hashes once it worked), EVAL to load a script, and EVAL again after a NOSCRIPT.
+    ("BaseRedisProtocol", "evalsha"): "bd30e96e91d3e1d3",
+    ("BaseRedisProtocol", "_eval"): "9d5948afc2fa0ca7",
+    ("BaseRedisProtocol", "_eval_success"): "c6a8a611b436a906",
+    ("BaseRedisProtocol", "_evalsha_failed"): "3e9fcb5d0af5ba6d",
+    ("BaseRedisProtocol", "_evalsha_errback"): "fc5c6010963c4d86",
 }
 
 
@@ -242,6 +250,51 @@ async def test_a_pool_holds_its_live_connections_and_each_dropped_one_comes_back
     finally:
         await factory.disconnect()
     assert txredisapi_patches.live_connection(factory) is None
+
+
+def test_the_eval_replaced_is_the_one_reviewed():
+    import txredisapi
+
+    assert source_digest(txredisapi_patches.txredisapis_eval) == "14a8f1ba9e2ced7d"
+    assert txredisapi.BaseRedisProtocol.eval is txredisapi_patches.eval_script
+
+
+@pytest_twisted.ensureDeferred
+async def test_eval_loads_a_script_once_runs_it_by_digest_and_loads_it_again_when_redis_lost_it(redis_server):
+    """eval_script as txredisapi's eval: EVAL the first time, EVALSHA after, EVAL again after a
+    SCRIPT FLUSH (NOSCRIPT); the digest is Redis's own (SCRIPT LOAD's), from text or bytes."""
+    import txredisapi
+
+    factory = connect(parse_redis_url(redis_server.url), reactor, poolsize=1)
+    script = "return {KEYS[1], ARGV[1], 'é'}"
+    try:
+        await eventually(lambda: factory.size == 1)
+        connection = txredisapi_patches.live_connection(factory)
+        data, digest = txredisapi_patches.script_digest(script)
+        assert data == script.encode() and digest == await connection.execute_command("SCRIPT", "LOAD", script)
+        await connection.execute_command("SCRIPT", "FLUSH")
+        calls = await connection.execute_command("CONFIG", "RESETSTAT")
+
+        async def stats() -> dict:
+            info = await connection.execute_command("INFO", "commandstats")
+            return {name: int(re.search(r"calls=(\d+)", line).group(1)) for name, line in
+                    (row.split(":", 1) for row in info.splitlines() if row.startswith("cmdstat_"))}
+
+        assert await connection.eval(script, ["k"], ["a"]) == ["k", "a", "é"]
+        assert digest in connection.script_hashes
+        assert await connection.eval(script.encode(), ["k2"], [7]) == ["k2", "7", "é"]  # bytes: the same script
+        assert await connection.eval(bytearray(script.encode()), ["k3"], ["c"]) == ["k3", "c", "é"]
+        counted = await stats()
+        assert counted.get("cmdstat_eval") == 1 and counted.get("cmdstat_evalsha") == 2, counted
+        await connection.execute_command("SCRIPT", "FLUSH")
+        assert await connection.eval(script, ["k4"], ["d"]) == ["k4", "d", "é"]  # NOSCRIPT, then EVAL
+        counted = await stats()
+        assert counted.get("cmdstat_eval") == 2 and counted.get("cmdstat_evalsha") == 3, counted
+        with pytest.raises(txredisapi.ResponseError):
+            await connection.eval("return redis.call('NOSUCHCOMMAND')")
+        assert calls == "OK"
+    finally:
+        await factory.disconnect()
 
 
 # --- Twisted ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -36,6 +37,30 @@ def test_the_cases_orjson_alone_would_get_wrong():
     assert fast_json.loads(b'"\\ud800"') == "\ud800"  # valid JSON that orjson refuses
     assert fast_json.dumps("\ud800") == b'"\\ud800"'
     assert fast_json.dumps({"kind": "done"}) == b'{"kind":"done"}'
+
+
+# Digits and what borders them: runs of every length around 19, other ASCII, and UTF-8 (whose
+# bytes are never ASCII digits, though a character may be a digit elsewhere: U+0660, U+FF10).
+_digit_texts = st.lists(
+    st.integers(0, 25).map(lambda n: b"7" * n) | st.sampled_from([b"0", b"9", b"x", b" ", b"-", b".", b"e", b"/", b":"])
+    | st.text(max_size=3).map(lambda t: t.encode("utf-8", "surrogatepass")) | st.binary(max_size=3),
+    max_size=8).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_digit_texts)
+def test_long_digits_is_a_run_of_19_ascii_digits(data):
+    assert fast_json.long_digits(data) == (re.search(rb"[0-9]{19}", data) is not None)
+    assert fast_json.long_digits(bytearray(data)) == fast_json.long_digits(data)
+
+
+def test_a_run_of_exactly_19_digits_anywhere_is_long_and_18_is_not():
+    for at in (b"", b'{"n":', b"x" * 1000):
+        assert fast_json.long_digits(at + b"1234567890123456789")
+        assert fast_json.long_digits(at + b"1234567890123456789" + b"}")
+        assert not fast_json.long_digits(at + b"123456789012345678" + b"}")
+        assert not fast_json.long_digits(at + b"123456789012345678.123456789012345678")
+    assert not fast_json.long_digits("٠١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦٧٨٩".encode())  # Arabic-Indic digits: not JSON's
 
 
 @pytest.mark.parametrize("text", [b"", b"{", b"nul", b'{"a": 1} x', b"\xff\xfe{}", "[1,]"])
