@@ -58,7 +58,7 @@ class Gateway:
         #: The jobs of the hero contract's jobs methods: in memory here; in Redis once the service
         #: has one (:meth:`use_job_store`).
         self.jobs = self._jobs(MemoryJobStore(clock))
-        self.metrics = Metrics()
+        self.metrics = Metrics(clock)
         # Info lines about what clients get wrong, per minute, process-wide (circles.common.log_budget).
         self.anomaly_log = LogBudget(clock, "sessions' anomalies", shown=50)
         self.refusal_log = LogBudget(clock, "refused WebSocket upgrades", shown=10)

@@ -44,7 +44,7 @@ def test_distinct_unknown_methods_keep_no_memory():
         assert _send(session, {"jsonrpc": "2.0", "method": name, "id": i})["error"]["code"] == -32601
         assert _send(session, {"jsonrpc": "2.0", "method": name + "-notification"}) is None
     # One series (and one cached child) for all of them: the label "unknown" with -32601.
-    assert len(gateway.metrics._request_children) == 1
+    assert len(gateway.metrics._requests._counts) == 1
     [series] = _request_series(gateway)
     assert 'method="unknown"' in series and series.endswith(" 600.0")
 
