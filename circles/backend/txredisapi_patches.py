@@ -165,14 +165,15 @@ def script_digest(script: str | bytes) -> tuple[bytes, str]:
     """A Lua script's bytes (UTF-8) and the SHA-1 that EVALSHA names it by, in hex: made once a
     script (circles' steps are a dozen constants; the cache's bound keeps a caller with scripts
     of its own from growing it)."""
-    data = script.encode() if isinstance(script, str) else bytes(script)
+    data = script.encode() if isinstance(script, str) else script
     return data, hashlib.sha1(data).hexdigest()
 
 
-def eval_script(self: txredisapi.BaseRedisProtocol, script: str | bytes, keys: Any = (), args: Any = ()) -> Deferred:
+def eval_script(self: txredisapi.BaseRedisProtocol, script: str | bytes | bytearray, keys: Any = (),
+                args: Any = ()) -> Deferred:
     """txredisapi's ``eval`` (EVALSHA once Redis has the script, EVAL to load it, EVAL again
     after a NOSCRIPT), the script's bytes and digest from :func:`script_digest`."""
-    data, digest = script_digest(script if type(script) in (str, bytes) else bytes(script))
+    data, digest = script_digest(script if isinstance(script, (str, bytes)) else bytes(script))
     if digest in self.script_hashes:
         return self.evalsha(digest, keys, args).addErrback(self._evalsha_failed, data, digest, keys, args)
     return self._eval(data, digest, keys, args)
