@@ -596,7 +596,9 @@ class Worker(Service):
         task_id = outcome.task_id
         now = self.reactor.seconds()
         keys = [tasks.task_key(self.prefix, task_id), self._processing] + ([reply_to] if reply_to else [])
-        args = [outcome.status, outcome.output, outcome.error, tasks.timestamp(now), tasks.STATUS_TTL,
+        # The reply object carries the output and the error; FINISH writes them into the hash
+        # only for a bare task id as the reply, which this worker never sends: not sent twice.
+        args = [outcome.status, "", "", tasks.timestamp(now), tasks.STATUS_TTL,
                 tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl]
         self._results.append(_Finish(task_id, keys, args, recorded, outcome, context, now - started))
         if len(self._results) == 1:

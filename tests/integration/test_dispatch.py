@@ -334,6 +334,25 @@ async def test_output_larger_than_the_server_takes_never_reaches_redis(redis_ser
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_output_crosses_to_redis_once(redis_server, start, redis_client):
+    """The reply object carries the output; the worker does not send it a second time beside it
+    (FINISH would not store it: the hash keeps a played task's status fields only)."""
+    runner = await connected(start(make_runner(redis_server)))
+    await serving(start(make_worker(redis_server, engine=lambda s, c: "y" * 300_000)))
+    assert await runner.run(request("warm")) == "y" * 300_000  # the steps' scripts loaded
+
+    def input_bytes() -> int:
+        return int(redis_client("INFO", "stats").split("total_net_input_bytes:", 1)[1].split()[0])
+
+    before = input_bytes()
+    assert await runner.run(request("big")) == "y" * 300_000
+    sent = input_bytes() - before
+    assert 300_000 < sent < 330_000, sent  # twice the output were 600,000 and more
+    for key in redis_client("KEYS", "circles:task:*"):
+        assert "output" not in redis_client.hgetall(key)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_worker_cap_applies_when_smaller_and_engines_see_it(redis_server, start):
     runner = await connected(start(make_runner(redis_server, max_output=1000)))
     caps = []
