@@ -5,6 +5,7 @@ however busy the machine is, for changes too small for the rounds of bench/play.
     .venv/bin/python -m bench.instructions --part worker            # play: the worker's (its engine children apart)
     .venv/bin/python -m bench.instructions --workload whoami        # the server's a whoami call
     .venv/bin/python -m bench.instructions --root /path/to/another/checkout --repeat 3
+    .venv/bin/python -m bench.instructions --keep DIR && callgrind_annotate DIR/1/callgrind.out.1 | head -40
 
 Starts ``twistd -n circles --auth`` (with its private Redis) and a worker (the tiny engine, in
 engine children as by default), one of the two (``--part``) under ``valgrind --tool=callgrind
@@ -190,15 +191,25 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="worker --concurrency")
     parser.add_argument("--repeat", type=int, default=1, help="runs, each with fresh processes")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose server and worker run")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="keep each run's callgrind output and logs in DIR/1, DIR/2, ... (for callgrind_annotate)")
     args = parser.parse_args()
     if args.part == "worker" and args.workload != "play":
         parser.error("--part worker counts plays only")
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("valgrind (Debian's package) is needed: apt-get install valgrind")
     runs = []
-    for _ in range(args.repeat):
+    for number in range(1, args.repeat + 1):
         with tempfile.TemporaryDirectory() as state:
             runs.append(run_once(args, state))
+            if args.keep:
+                kept = Path(args.keep) / str(number)
+                kept.mkdir(parents=True, exist_ok=True)
+                for path in Path(state).glob("callgrind.out*"):
+                    shutil.copy(path, kept)
+                for name in ("server.log", "worker.log"):
+                    if (Path(state) / name).exists():
+                        shutil.copy(Path(state) / name, kept)
         print(json.dumps(runs[-1]), file=sys.stderr)
     per_call = sorted(run["instructions_per_call"] for run in runs)
     print(json.dumps({"workload": args.workload, "part": args.part, "root": args.root,
