@@ -2,12 +2,16 @@
 
     .venv/bin/python -m bench.worker_drain [--tasks 20000] [--concurrency 16] [--engine SPEC] [--isolation MODE]
     .venv/bin/python -m bench.worker_drain --root /path/to/another/checkout   # the same, that checkout's worker
+    .venv/bin/python -m bench.worker_drain --callgrind --tasks 3000          # its instructions a task (valgrind)
 
 Starts a redis-server of its own (a Unix socket in a temporary directory), starts ``twistd circles-worker``, and once
 it is ready writes N tasks as a server's ENQUEUE would (their replies to a list nobody reads) and
 reports, once every reply is there, the worker's CPU (its engine children included)
 and Redis's per task, and the wall time. The queue always holds a backlog, as under load; what it
 measures is the worker's own cost per task, steady on a shared machine where plays/s is not.
+``--callgrind`` runs the worker under valgrind's callgrind, counting over the drain only, and
+reports its instructions a task too: with the queue full, every TAKE takes as many tasks as
+slots are free, so the count is steadier than ``bench/instructions.py --part worker``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import coincurve
 import redis
 
+from bench.instructions import control, instructions
 from bench.play import TreeCPU, machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--engine", default="circles.worker.tiny_engine:run")
     parser.add_argument("--isolation", default=None)
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose worker runs")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="the worker under callgrind: its instructions a task over the drain (and slowly)")
     parser.add_argument("--profile", metavar="FILE", default=None,
                         help="the worker under cProfile (twistd --profiler cprofile --savestats), its stats into FILE")
     args = parser.parse_args()
@@ -57,6 +64,9 @@ def main() -> None:
                        "circles-worker", "-k", circle, "--redis-url", f"unix://{sock}", "--engine", args.engine,
                        "--concurrency", str(args.concurrency),
                        *(["--isolation", args.isolation] if args.isolation else [])]
+            if args.callgrind:
+                command = [shutil.which("valgrind"), "--tool=callgrind", "--instr-atstart=no",
+                           f"--callgrind-out-file={os.path.join(state, 'callgrind.out')}", sys.executable, *command]
             worker = subprocess.Popen(command, cwd=state, env=dict(os.environ, PYTHONPATH=args.root),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 60
@@ -71,6 +81,8 @@ def main() -> None:
             cpu.start()
             own_cpu.start()
             redis_cpu.start()
+            if args.callgrind:
+                control(worker.pid, "-i", "on")
             started = time.monotonic()
             now = time.time()
             pipe = r.pipeline(transaction=False)
@@ -93,6 +105,11 @@ def main() -> None:
                 time.sleep(0.05)
             elapsed = time.monotonic() - started
             used, used_own, used_redis = cpu.stop(), own_cpu.stop(), redis_cpu.stop()
+            counted = None
+            if args.callgrind:
+                control(worker.pid, "-i", "off")
+                control(worker.pid, "-d")
+                counted = round(instructions(state, "callgrind.out") / args.tasks)
             # The worker's commands (this script's own HSET, LPUSH and LLEN left out), per task.
             ours = {"hset", "lpush", "llen", "config", "info"}
             commands = {name[len("cmdstat_"):]: round(stats["calls"] / args.tasks, 3)
@@ -109,6 +126,7 @@ def main() -> None:
                       "tasks_per_s": round(args.tasks / elapsed), "worker_cpu_us_per_task": round(used / args.tasks * 1e6, 1),
                       "worker_own_cpu_us_per_task": round(used_own / args.tasks * 1e6, 1),
                       "redis_cpu_us_per_task": round(used_redis / args.tasks * 1e6, 1),
+                      **({"worker_instructions_per_task": counted} if args.callgrind else {}),
                       "commands_per_task": commands, "errors_in_first_50": errors, "machine": machine()}))
 
 
