@@ -4,7 +4,6 @@ import gc
 
 from twisted.application.service import ServiceMaker
 
-
 #: The server's youngest generation is collected once this many more objects are alive than
 #: before, not Python's 700: under load most of what a play makes is gone by then, and the server's
 #: instructions a play fell by 2% over 15,000 plays (docs/benchmarks.md). The worker's did not
