@@ -92,10 +92,8 @@ def instructions(dump_dir: str, prefix: str) -> int:
 async def calls(url: str, workload: str, connections: int, warmup: int, count: int, counting) -> dict:
     template = CALLS[workload]
     left = {"warm": warmup * connections, "measured": count}
-    phase = {"name": "warm"}
     warmed = asyncio.Event()
     go = asyncio.Event()
-    done = asyncio.Event()
 
     async def one(key: coincurve.PrivateKey) -> None:
         pubkey = key.public_key.format().hex()
@@ -109,8 +107,9 @@ async def calls(url: str, workload: str, connections: int, warmup: int, count: i
                                       "params": {"pubkey": pubkey, "signature": signature}, "id": 1}))
             assert "result" in json.loads(await ws.recv())
             i = 2
-            for name, event in (("warm", warmed), ("measured", done)):
+            for name in ("warm", "measured"):
                 if name == "measured":
+                    warmed.set()  # this one's share of the warm-up is done
                     await go.wait()
                 while left[name] > 0:
                     left[name] -= 1
@@ -119,7 +118,6 @@ async def calls(url: str, workload: str, connections: int, warmup: int, count: i
                     if "result" not in reply:
                         raise RuntimeError(f"{workload} failed: {reply}")
                     i += 1
-                event.set()
 
     tasks = [asyncio.create_task(one(coincurve.PrivateKey())) for _ in range(connections)]
     waiting = asyncio.create_task(warmed.wait())
@@ -130,7 +128,6 @@ async def calls(url: str, workload: str, connections: int, warmup: int, count: i
     await asyncio.sleep(1)  # the last warm-up calls answered everywhere
     counting(True)
     started = time.monotonic()
-    phase["name"] = "measured"
     go.set()
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - started
