@@ -103,6 +103,16 @@ def test_ratios_are_of_the_medians_with_the_goals_marked_and_the_rounds_paired()
     assert run.ratio_mark({}, "autobahn") == "n/a"
 
 
+def test_a_ratio_just_short_of_its_goal_misses_it_and_does_not_print_as_the_goal():
+    # 1504 / 1506 rounds to 1.0; it is 0.9987, short of the goal of 1.0.
+    row = run.ratios(_medians(ours=[1504.0], websockets=[1506.0], autobahn=[1253.0]))["fetch_nonce_x50"]
+    assert row["meets ours/websockets"] is False and row["ours/websockets"] == 0.99
+    assert run.ratio_mark(row, "websockets") == "0.99 ✗"
+    assert row["meets ours/autobahn"] is True and row["ours/autobahn"] == 1.2  # 1.2003: meets, printed 1.2
+    row = run.ratios(_medians(ours=[1199.6], websockets=[1000.0], autobahn=[1000.0]))["fetch_nonce_x50"]
+    assert row["meets ours/autobahn"] is False and run.ratio_mark(row, "autobahn") == "1.19 ✗"  # not "1.2 ✗"
+
+
 def test_no_ratio_without_both_figures():
     results = _medians(ours=[1000.0], websockets=[1000.0], autobahn=[1000.0])
     results["autobahn"]["fetch_nonce_x50"] = run.combine([{"failed": "load generator exited 1"}], "ops_per_s")
