@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 
 from circles.common.logs import Logger
 from circles.common.timers import TimerLane, TimerLanes
+from circles.server.http.eager import close_at_once
 
 log = Logger()
 
@@ -438,10 +439,14 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
         # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
         # connection a drain closes. The peer has read all: close in order, bounded the same way.
+        # Closing in order, nothing more is written: over plain TCP the FIN goes at once
+        # (close_at_once), so that the server ends the connection first (RFC 6455 7.1.1).
         secure = self._transport_details is not None and self._transport_details.is_secure
         if abort and (secure or self.wasClean):
-            self.transport.loseConnection()
+            close_at_once(self.transport)
             self._tls_abort = self.factory.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
+        elif not abort:
+            close_at_once(self.transport)
         else:
             super()._closeConnection(abort)
 

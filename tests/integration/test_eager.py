@@ -3,13 +3,18 @@ tests/unit/test_eager.py)."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest_twisted
 from twisted.internet import reactor
 
 from circles import CirclesService, Config
 from circles.server.http.eager import EagerServer
 
+from ..play_client import eventually
 from ..support import Key
+from ..unit.test_limits import in_thread, serve
+from .test_limits import masked_frame, raw_upgrade
 
 
 @pytest_twisted.ensureDeferred
@@ -19,3 +24,25 @@ async def test_the_service_accepts_with_eager_connections(start):
                                    reactor=reactor))
     [port] = await service.when_listening()
     assert issubclass(port.transport, EagerServer)  # counted by the accept gate, eager all the same
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_ends_the_tcp_connection_first_once_a_client_closes(start):
+    """RFC 6455 7.1.1: the server closes the TCP connection first, so that the TIME_WAIT is its
+    own. Its FIN leaves with the close frame that answers the client's, not on a later turn of
+    the reactor, by which a busy server let the client's FIN come first (4% of connections)."""
+    service, port = await serve(start)
+    sock = await in_thread(raw_upgrade, port)
+    try:
+        sock.settimeout(5)
+        [protocol] = await eventually(lambda: list(service.factory.open_connections))
+        # The client's close, given to the server as its reactor would; then, the reactor held,
+        # the client reads the answer and the end of the stream.
+        protocol.dataReceived(masked_frame(struct.pack("!H", 1000), opcode=0x8))
+        received = b""
+        while chunk := sock.recv(1024):
+            received += chunk
+        assert received == b"\x88\x02\x03\xe8"  # the close frame (1000), then the FIN
+        await eventually(lambda: not service.factory.open_connections)
+    finally:
+        sock.close()

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
-from circles.server.http.eager import EagerServer, send_eagerly
+from circles.server.http.eager import EagerServer, close_at_once, send_eagerly
 
 from ..support import source_digest
 
@@ -134,6 +134,62 @@ async def test_close_with_nothing_queued_comes_later_and_cleanly():
         assert not servers[0].lost_inside_call  # never from inside loseConnection
     finally:
         await port.stopListening()
+
+
+async def accepted(servers: list) -> Server:
+    while not servers:
+        await task.deferLater(reactor, 0.01, lambda: None)
+    return servers[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_at_once_sends_the_fin_before_the_reactor_turns_and_drops_what_comes_after():
+    client = socket.socket()
+    client.settimeout(5)
+
+    def script(protocol):
+        protocol.transport.write(b"bye")
+        protocol.at_once = close_at_once(protocol.transport)
+        protocol.transport.write(b" and after")  # the write side is shut: dropped
+        chunks = []
+        while chunk := client.recv(1024):  # blocks the reactor: the FIN must be there already
+            chunks.append(chunk)
+        protocol.received = b"".join(chunks)
+
+    port, servers = listen(script)
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        server = await accepted(servers)
+        [reason] = await server.lost
+        assert server.at_once is True and server.received == b"bye"
+        assert reason.check(ConnectionDone) and not server.lost_inside_call
+        assert client.recv(1024) == b""
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_at_once_with_bytes_queued_closes_the_usual_way():
+    def script(protocol):
+        tcp.Server.write(protocol.transport, b"queued|")  # as a partial send leaves bytes queued
+        protocol.at_once = close_at_once(protocol.transport)
+        protocol.transport.write(b"then this")  # Twisted's promise: flushed before the close
+
+    port, servers = listen(script)
+    try:
+        assert await deferToThread(read_all, port.getHost().port) == b"queued|then this"
+        [reason] = await servers[0].lost
+        assert servers[0].at_once is False and reason.check(ConnectionDone)
+    finally:
+        await port.stopListening()
+
+
+def test_close_at_once_on_another_transport_only_loses_the_connection():
+    from twisted.internet.testing import StringTransport
+
+    transport = StringTransport()
+    assert close_at_once(transport) is False and transport.disconnecting
 
 
 @pytest_twisted.ensureDeferred
