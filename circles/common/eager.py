@@ -9,7 +9,8 @@ command to Redis) that is three system calls and a reactor turn where one ``send
 what the kernel did not take, so order, backpressure (the buffer and producers work as before)
 and error handling (a failed send leaves the bytes queued, and the reactor's next write reports
 the loss the usual way) are Twisted's own. TLS connections, and a Unix connection with file
-descriptors to pass, keep Twisted's path whole. The server's client connections are
+descriptors to pass, keep Twisted's path whole. :func:`close_at_once` is ``loseConnection`` with
+the FIN sent at once, for a protocol that writes nothing more. The server's client connections are
 ``circles.server.http.eager.EagerServer``; :func:`send_eagerly_on` switches a client connection
 (the workers' and servers' to Redis) once it is made.
 
@@ -21,7 +22,9 @@ Twisted code reviewed: a new Twisted that changes any of it fails there first.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet import tcp, unix
 
@@ -58,6 +61,32 @@ class EagerUNIXClient(EagerWrites, unix.Client):
 
 
 _EAGER = {tcp.Client: EagerTCPClient, unix.Client: EagerUNIXClient}
+
+
+def close_at_once(transport: Any) -> bool:
+    """``transport.loseConnection()``, and for an :class:`EagerWrites` connection with nothing
+    left to send, the FIN at once (``shutdown(SHUT_WR)``) rather than with the close, which
+    Twisted makes on a later turn of the reactor; True if it went at once. For a protocol that
+    writes nothing more: what is written after is dropped, as after a half-close.
+
+    A WebSocket server after its closing handshake is one: RFC 6455 7.1.1 wants the server to end
+    the TCP connection first, so that the TIME_WAIT is the server's and not the client's (which
+    could not reuse that address and port for two minutes); on a busy server the later turn came
+    so late that the client's FIN came first on several connections in a hundred. Over TLS
+    (Twisted's TLS transport, which forwards unknown attributes to the TCP one) the close waits
+    for close_notify as before: only the connection's own class is checked."""
+    transport.loseConnection()
+    if not (isinstance(transport, EagerWrites) and transport.connected and transport.disconnecting
+            and not transport.disconnected and not transport.TLS and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataBuffer
+            and not getattr(transport, "_sendmsgQueue", None)):
+        return False
+    try:
+        transport.socket.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False  # (the peer is gone already) the close reports it
+    transport._writeDisconnected = True  # Twisted's write drops what comes after, as after loseWriteConnection
+    return True
 
 
 def send_eagerly_on(transport: object) -> bool:

@@ -62,9 +62,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from circles.common.eager import close_at_once
 from circles.common.logs import Logger
 from circles.common.timers import TimerLane, TimerLanes
-from circles.server.http.eager import close_at_once
 
 log = Logger()
 

@@ -15,7 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
-from circles.server.http.eager import EagerServer, close_at_once, send_eagerly
+from circles.common.eager import close_at_once
+from circles.server.http.eager import EagerServer, send_eagerly
 
 from ..support import source_digest
 

@@ -5,8 +5,9 @@ and close at once when nothing is left to send.
 ``fetch_nonce`` benchmark Twisted's queued writes were a third of the server's time per call.
 ``loseConnection`` with nothing left to flush closes on the next reactor turn instead of first
 waiting for writability (which cost two ``epoll_ctl`` and an empty ``send`` per connection);
-``connectionLost`` still comes later, never from inside ``loseConnection``.
-:func:`close_at_once` is for a protocol that has said its last word: the FIN goes at once.
+``connectionLost`` still comes later, never from inside ``loseConnection``
+(:func:`circles.common.eager.close_at_once`, for a protocol that has said its last word, sends
+the FIN before that).
 :func:`send_eagerly` switches a listening ``twisted.internet.tcp.Port`` to it; other ports (a
 custom reactor's) are left as they are.
 
@@ -17,8 +18,6 @@ holds digests of the Twisted code reviewed: a new Twisted that changes any of it
 """
 
 from __future__ import annotations
-
-import socket
 
 from twisted.internet import main, tcp
 from twisted.python.failure import Failure
@@ -48,30 +47,6 @@ class EagerServer(EagerWrites, tcp.Server):
             self.startWriting()
             return
         self.connectionLost(Failure(main.CONNECTION_DONE))
-
-
-def close_at_once(transport) -> bool:
-    """``transport.loseConnection()``, and for an :class:`EagerServer` with nothing left to send,
-    the FIN at once (``shutdown(SHUT_WR)``) rather than with the close on the next reactor turn;
-    True if it went at once. For a protocol that writes nothing more: what is written after is
-    dropped, as after a half-close. A WebSocket after its closing handshake is one: RFC 6455
-    7.1.1 wants the server to end the TCP connection first, so that the TIME_WAIT is the
-    server's and not the client's (which could not reuse that address and port for two minutes);
-    on a busy server the next turn came so late that the client's FIN came first for several
-    connections in a hundred. Over TLS (Twisted's TLS transport, which forwards unknown
-    attributes to the TCP one) the close waits for close_notify as before: only the connection
-    itself is checked."""
-    transport.loseConnection()
-    if not (isinstance(transport, EagerServer) and transport.connected and transport.disconnecting
-            and not transport.disconnected and not transport.TLS and not transport._writeDisconnected
-            and not transport.dataBuffer and not transport._tempDataBuffer):
-        return False
-    try:
-        transport.socket.shutdown(socket.SHUT_WR)
-    except OSError:
-        return False  # (the peer is gone already) the close on the next turn reports it
-    transport._writeDisconnected = True  # Twisted's write drops what comes after, as after loseWriteConnection
-    return True
 
 
 def send_eagerly(port) -> bool:
