@@ -442,13 +442,12 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         # Closing in order, nothing more is written: over plain TCP the FIN goes at once
         # (close_at_once), so that the server ends the connection first (RFC 6455 7.1.1).
         secure = self._transport_details is not None and self._transport_details.is_secure
-        if abort and (secure or self.wasClean):
-            close_at_once(self.transport)
-            self._tls_abort = self.factory.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
-        elif not abort:
-            close_at_once(self.transport)
-        else:
+        if abort and not (secure or self.wasClean):
             super()._closeConnection(abort)
+            return
+        close_at_once(self.transport)
+        if abort:
+            self._tls_abort = self.factory.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
 
 
 #: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.
