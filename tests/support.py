@@ -149,6 +149,58 @@ def client_tls(ca_pem: str) -> ssl.SSLContext:
     return context
 
 
+class RawTLSClient:
+    """A TLS client over a plain socket (``ssl.MemoryBIO``), so that a test sees the TCP stream
+    under TLS: where it ends (the FIN) and what came before, record by record. Blocking."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = 5) -> None:
+        self.incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self._outgoing, server_hostname="localhost")
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.incoming.write(self.sock.recv(65536))
+
+    def _flush(self) -> None:
+        self.sock.sendall(self._outgoing.read())
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def read_until(self, end: bytes) -> bytes:
+        """Application bytes, one at a time, up to and including ``end``."""
+        got = b""
+        while not got.endswith(end):
+            try:
+                got += self.tls.read(1)
+            except ssl.SSLWantReadError:
+                chunk = self.sock.recv(65536)
+                assert chunk, f"closed after {got!r}"
+                self.incoming.write(chunk)
+        return got
+
+    def raw_until_fin(self) -> bytes:
+        """What the TCP stream carries until the server's FIN (fed to the TLS reader too)."""
+        raw = b""
+        while chunk := self.sock.recv(65536):
+            raw += chunk
+        self.incoming.write(raw)
+        return raw
+
+    def close_notify(self) -> None:
+        """Answer the server's close_notify with ours."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self._flush()
+
+
 def source_digest(function) -> str:
     """The first 16 hex digits of the sha256 of ``function``'s source: what a test pins for
     third-party code we subclass or copy, so that a change upstream is read before it runs."""

@@ -26,7 +26,9 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import tcp, unix
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 class EagerWrites(tcp.Connection):
@@ -72,20 +74,35 @@ def close_at_once(transport: Any) -> bool:
     A WebSocket server after its closing handshake is one: RFC 6455 7.1.1 wants the server to end
     the TCP connection first, so that the TIME_WAIT is the server's and not the client's (which
     could not reuse that address and port for two minutes); on a busy server the later turn came
-    so late that the client's FIN came first on several connections in a hundred. Over TLS
-    (Twisted's TLS transport, which forwards unknown attributes to the TCP one) the close waits
-    for close_notify as before: only the connection's own class is checked."""
+    so late that the client's FIN came first on several connections in a hundred.
+
+    Over TLS (Twisted's TLS transport over an eager connection) the FIN follows the close_notify
+    that ``loseConnection`` wrote, and the connection still reads: Twisted closes it once the
+    peer's close_notify comes (RFC 8446 6.1: each side sends close_notify before closing its
+    write side, and need not wait for the other's). Waiting for the peer's close_notify first,
+    as Twisted does, let every client end the TCP connection before the server."""
     transport.loseConnection()
-    if not (isinstance(transport, EagerWrites) and transport.connected and transport.disconnecting
-            and not transport.disconnected and not transport.TLS and not transport._writeDisconnected
-            and not transport.dataBuffer and not transport._tempDataBuffer
-            and not getattr(transport, "_sendmsgQueue", None)):
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        if (transport._aborted or not transport.disconnecting
+                or not transport._tlsConnection.get_shutdown() & SSL.SENT_SHUTDOWN):
+            return False  # close_notify not written yet (data held for the handshake, a producer)
+        return _end_writing(transport.transport)
+    return isinstance(transport, EagerWrites) and bool(transport.disconnecting) and _end_writing(transport)
+
+
+def _end_writing(connection: Any) -> bool:
+    """``shutdown(SHUT_WR)`` on an :class:`EagerWrites` connection with nothing left to send,
+    and Twisted's flag that drops what is written after; True if it did."""
+    if not (isinstance(connection, EagerWrites) and connection.connected and not connection.disconnected
+            and not connection.TLS and not connection._writeDisconnecting and not connection._writeDisconnected
+            and not connection.dataBuffer and not connection._tempDataBuffer
+            and not getattr(connection, "_sendmsgQueue", None)):
         return False
     try:
-        transport.socket.shutdown(socket.SHUT_WR)
+        connection.socket.shutdown(socket.SHUT_WR)
     except OSError:
         return False  # (the peer is gone already) the close reports it
-    transport._writeDisconnected = True  # Twisted's write drops what comes after, as after loseWriteConnection
+    connection._writeDisconnected = True  # Twisted's write drops what comes after, as after loseWriteConnection
     return True
 
 

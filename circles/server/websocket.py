@@ -439,8 +439,8 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
         # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
         # connection a drain closes. The peer has read all: close in order, bounded the same way.
-        # Closing in order, nothing more is written: over plain TCP the FIN goes at once
-        # (close_at_once), so that the server ends the connection first (RFC 6455 7.1.1).
+        # Closing in order, nothing more is written: the FIN goes at once (close_at_once; over
+        # TLS right after close_notify), so that the server ends the connection first (RFC 6455 7.1.1).
         secure = self._transport_details is not None and self._transport_details.is_secure
         if abort and not (secure or self.wasClean):
             super()._closeConnection(abort)

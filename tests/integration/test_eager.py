@@ -3,17 +3,22 @@ tests/unit/test_eager.py)."""
 
 from __future__ import annotations
 
+import base64
+import os
+import ssl
 import struct
 
 import pytest_twisted
 from twisted.internet import reactor
 
 from circles import CirclesService, Config
+from circles.server import tls
 from circles.server.http.eager import EagerServer
 
+from ..inmemory import NoScriptBackend
 from ..play_client import eventually
-from ..support import Key
-from ..unit.test_limits import in_thread, serve
+from ..support import Key, RawTLSClient
+from ..unit.test_limits import CIRCLE, in_thread, serve
 from .test_limits import masked_frame, raw_upgrade
 
 
@@ -46,3 +51,29 @@ async def test_the_server_ends_the_tcp_connection_first_once_a_client_closes(sta
         await eventually(lambda: not service.factory.open_connections)
     finally:
         sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_the_server_ends_the_tcp_connection_first_too(start, tls_files):
+    """Over TLS the close frame, the server's close_notify and its FIN leave together: before,
+    the server waited for the client's close_notify, and the client always closed first."""
+    service = start(CirclesService(Config(circles=[CIRCLE], listen=(), port=0, interface="127.0.0.1",
+                                          tls=tls.load(tls_files["cert"], tls_files["key"])),
+                                   reactor=reactor, scripts=NoScriptBackend()))
+    [port] = await service.when_listening()
+    client = await in_thread(RawTLSClient, port.getHost().port, ssl.create_default_context(cafile=tls_files["ca"]))
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        await in_thread(client.send, (f"GET /{CIRCLE} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                      f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert (await in_thread(client.read_until, b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        [protocol] = await eventually(lambda: list(service.factory.open_connections))
+        protocol.dataReceived(masked_frame(struct.pack("!H", 1000), opcode=0x8))  # then, the reactor held:
+        client.raw_until_fin()
+        assert client.tls.read() == b"\x88\x02\x03\xe8"  # the close frame (1000)
+        assert client.tls.read() == b""  # the server's close_notify; the FIN came after it
+        client.close_notify()
+        await eventually(lambda: not service.factory.open_connections)
+    finally:
+        client.sock.close()

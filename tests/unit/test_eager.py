@@ -18,7 +18,8 @@ from zope.interface import implementer
 from circles.common.eager import close_at_once
 from circles.server.http.eager import EagerServer, send_eagerly
 
-from ..support import source_digest
+from ..play_client import eventually
+from ..support import RawTLSClient, source_digest
 
 
 class Server(Protocol):
@@ -186,6 +187,83 @@ async def test_close_at_once_with_bytes_queued_closes_the_usual_way():
         await port.stopListening()
 
 
+class TLSServer(Server):
+    """Runs ``script(protocol)`` on the first bytes it reads (sent after the TLS handshake)."""
+
+    def connectionMade(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        Server.connectionMade(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_at_once_over_tls_sends_the_fin_after_close_notify_and_reads_the_peers():
+    """Over TLS the FIN follows the server's close_notify at once (before, the server waited for
+    the peer's close_notify and the client always ended the TCP connection first); the
+    connection still reads, and closes, cleanly, once the peer's close_notify comes."""
+    import ssl
+
+    import trustme
+    from twisted.internet import ssl as twisted_ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    ca = trustme.CA()
+    options = twisted_ssl.PrivateCertificate.loadPEM(
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.bytes()).options()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    clients: list = []
+
+    def script(protocol):
+        protocol.transport.write(b"bye")
+        protocol.at_once = close_at_once(protocol.transport)
+        protocol.raw = clients[0].raw_until_fin()  # blocks the reactor: close_notify and the FIN are there
+
+    def build(addr):
+        servers.append(TLSServer(script))
+        return servers[-1]
+
+    servers: list = []
+    port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, _Factory(build)), interface="127.0.0.1")
+    assert send_eagerly(port)
+    try:
+        client = await deferToThread(RawTLSClient, port.getHost().port, context)
+        clients.append(client)
+        await deferToThread(client.send, b"go")
+        server = await accepted(servers)
+        await eventually(lambda: hasattr(server, "raw"))
+        assert server.at_once is True
+        assert client.tls.read() == b"bye"
+        assert client.tls.read() == b""  # then the server's close_notify (without it: SSLWantReadError)
+        assert not server.lost.called  # half-closed: it waits for the client's close_notify
+        client.close_notify()
+        [reason] = await server.lost
+        assert reason.check(ConnectionDone)
+        client.sock.close()
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_whose_fin_has_gone_still_closes_on_a_later_turn():
+    """After close_at_once's FIN over TLS, the peer's close_notify makes Twisted's TLS transport
+    close the TCP connection: that close comes on a later turn, never from inside the call."""
+    from circles.common.eager import _end_writing
+
+    def script(protocol):
+        assert _end_writing(protocol.transport)
+        protocol.transport.loseConnection()
+
+    port, servers = listen(script)
+    try:
+        assert await deferToThread(read_all, port.getHost().port) == b""
+        [reason] = await servers[0].lost
+        assert reason.check(ConnectionDone) and not servers[0].lost_inside_call
+    finally:
+        await port.stopListening()
+
+
 def test_close_at_once_on_another_transport_only_loses_the_connection():
     from twisted.internet.testing import StringTransport
 
@@ -283,13 +361,24 @@ TWISTED_SOURCES = {
     # leaves to Twisted while any is queued: it reads ``_sendmsgQueue``, which these fill and drain.
     ("_SendmsgMixin", "writeSomeData"): "bea6b41b8609e7c9",
     ("_SendmsgMixin", "sendFileDescriptor"): "5fb8217b72cdb829",
+    # Twisted's TLS transport, after whose close_notify close_at_once sends the FIN: loseConnection
+    # writes close_notify (at once, or not while data waits for the handshake or a producer), the
+    # peer's close_notify closes the TCP connection (which EagerServer then closes on the next turn).
+    ("BufferingTLSTransport", "loseConnection"): "3b78ec1fa7972cf7",
+    ("TLSMemoryBIOProtocol", "loseConnection"): "5681a9bd1bd76930",
+    ("TLSMemoryBIOProtocol", "_shutdownTLS"): "f72004ba90a03215",
+    ("TLSMemoryBIOProtocol", "_flushSendBIO"): "c034168e4f0faf2c",
+    ("TLSMemoryBIOProtocol", "_flushReceiveBIO"): "b45e129f60c44862",
+    ("TLSMemoryBIOProtocol", "_tlsShutdownFinished"): "e78b042366fe0af0",
 }
 
 
 def _twisted_method(owner: str, method: str):
     from twisted.internet import process, unix
+    from twisted.protocols import tls
 
-    classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port, process.ProcessWriter, unix._SendmsgMixin)}
+    classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port, process.ProcessWriter, unix._SendmsgMixin,
+                                             *tls.BufferingTLSTransport.__mro__)}
     return vars(classes[owner])[method]
 
 

@@ -29,6 +29,15 @@ class EagerServer(EagerWrites, tcp.Server):
     """A server-side TCP connection whose ``write`` sends at once when nothing is queued."""
 
     def loseConnection(self) -> None:
+        if self.connected and not self.disconnecting and self._writeDisconnected:
+            # Its FIN has gone (circles.common.eager.close_at_once, over TLS before the peer's
+            # close_notify): Twisted would close from inside this call, and so call the
+            # protocols' connectionLost from inside their own dataReceived.
+            self.stopReading()
+            self.stopWriting()
+            self.disconnecting = 1
+            self.reactor.callLater(0, self._close_now)  # type: ignore[attr-defined]  # every reactor is IReactorTime
+            return
         if (self.connected and not self.disconnecting and not self.TLS
                 and not self._writeDisconnecting and not self._writeDisconnected
                 and not self.dataBuffer and not self._tempDataBuffer
