@@ -426,6 +426,10 @@ class CircleProtocol(TrimmedServerProtocol):
         self.wasNotCleanReason = "the peer did not read its replies"
         self.drop(abort=True)
 
+    def unread_grace(self) -> float:
+        """A closing connection's replies still queued get what an open one's get: --slow-reader-timeout."""
+        return self.factory.gateway.config.slow_reader_timeout
+
     def refusing(self, reason: str, code: int, responseHeaders) -> tuple:
         """The refusal logged within the gateway's budget; a plain GET on a circle answered 426
         with ``Upgrade: websocket`` (a browser's address bar, curl: RFC 9110 wants Upgrade)."""

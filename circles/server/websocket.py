@@ -68,8 +68,9 @@ from circles.common.timers import TimerLane, TimerLanes
 
 log = Logger()
 
-#: Seconds a TLS peer gets to finish an aborting close in order (see ``_closeConnection``).
-TLS_ABORT_GRACE = 2.0
+#: Seconds a peer gets to finish a close in order once it has all we sent: to answer TLS's
+#: close_notify, or the close of an aborting close (see ``_closeConnection``).
+CLOSE_GRACE = 2.0
 
 
 #: What Autobahn keeps of each connection, in slots of :class:`TrimmedServerProtocol` rather than
@@ -130,7 +131,7 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
     without Autobahn's warning.
     """
 
-    __slots__ = (*AUTOBAHN_STATE, "_is_closed", "_is_open", "_utf8validator", "_tls_abort")
+    __slots__ = (*AUTOBAHN_STATE, "_is_closed", "_is_open", "_utf8validator", "_close_deadline")
     #: (name, value) of each slot a base class has a class attribute for: the slot starts with it,
     #: as the attribute read before it is set would have been (``transport``, ``peer``...).
     _slot_defaults: tuple = ()
@@ -148,7 +149,7 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         self._results = None
         self._transport_details: TransportDetails | None = None
         self._utf8validator: Utf8Validator | None = None  # made at the first text message (utf8validator)
-        self._tls_abort: IDelayedCall | None = None  # aborts a TLS peer which does not finish closing
+        self._close_deadline: IDelayedCall | None = None  # aborts a peer which does not finish closing
 
     @property
     def is_closed(self) -> Deferred:
@@ -245,10 +246,10 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
                 self.websocket_extensions_in_use = ()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._tls_abort is not None:
-            if self._tls_abort.active():
-                self._tls_abort.cancel()
-            self._tls_abort = None
+        if self._close_deadline is not None:
+            if self._close_deadline.active():
+                self._close_deadline.cancel()
+            self._close_deadline = None
         if _is_tls_error(reason.value):
             self.log.error(_maybe_tls_reason(reason.value))
         self._connectionLost(reason)
@@ -430,24 +431,35 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
             txaio.resolve(self.is_closed, self)
             self._closeConnection(abort)
 
+    def unread_grace(self) -> float:
+        """Seconds a peer gets to read what is still queued for it when the connection closes
+        (then it is aborted; 0: no bound). :data:`CLOSE_GRACE`, here."""
+        return CLOSE_GRACE
+
     def _closeConnection(self, abort: bool = False) -> None:
         # Autobahn aborts right after queuing its close frame (a protocol error's 1002, a ping
         # timeout). Over TLS, Twisted holds small writes until the end of the reactor turn and
-        # an abort throws them away, so the peer never learned why. Close in order there (what
-        # is queued, then close_notify), and abort only a peer that has not finished within
-        # TLS_ABORT_GRACE. Plain TCP sends at once (circles.server.http.eager): aborting loses nothing.
-        # Autobahn aborts after a clean closing handshake too (the peer answered our close): a
-        # reset a load balancer counts as a server error (HAProxy's "SD", eresp) on every
-        # connection a drain closes. The peer has read all: close in order, bounded the same way.
+        # an abort throws them away, so the peer never learned why: close in order there (what
+        # is queued, then close_notify). Plain TCP sends at once (circles.server.http.eager):
+        # aborting loses nothing. Autobahn aborts after a clean closing handshake too (the peer
+        # answered our close): a reset a load balancer counts as a server error (HAProxy's "SD",
+        # eresp) on every connection a drain closes. The peer has read all: close in order.
         # Closing in order, nothing more is written: the FIN goes at once (close_at_once; over
         # TLS right after close_notify), so that the server ends the connection first (RFC 6455 7.1.1).
         secure = self._transport_details is not None and self._transport_details.is_secure
         if abort and not (secure or self.wasClean):
             super()._closeConnection(abort)
             return
-        close_at_once(self.transport)
-        if abort:
-            self._tls_abort = self.factory.clock.callLater(TLS_ABORT_GRACE, self.transport.abortConnection)
+        if close_at_once(self.transport):
+            if not secure:
+                return  # the FIN has gone, the close follows on the next turn
+            grace = CLOSE_GRACE  # for the peer's close_notify
+        else:
+            # Bytes still queued go first, and wait on the peer: one that never reads would hold
+            # the connection for ever (an open one is bounded by the slow-reader timeout).
+            grace = CLOSE_GRACE if abort else self.unread_grace()
+        if grace > 0:
+            self._close_deadline = self.factory.clock.callLater(grace, self.transport.abortConnection)
 
 
 #: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.

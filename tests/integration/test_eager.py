@@ -4,7 +4,9 @@ tests/unit/test_eager.py)."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import socket
 import ssl
 import struct
 
@@ -14,6 +16,7 @@ from twisted.internet import reactor
 from circles import CirclesService, Config
 from circles.server import tls
 from circles.server.http.eager import EagerServer
+from circles.server.websocket import CLOSE_GRACE
 
 from ..inmemory import NoScriptBackend
 from ..play_client import eventually
@@ -53,27 +56,70 @@ async def test_the_server_ends_the_tcp_connection_first_once_a_client_closes(sta
         sock.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_over_tls_the_server_ends_the_tcp_connection_first_too(start, tls_files):
-    """Over TLS the close frame, the server's close_notify and its FIN leave together: before,
-    the server waited for the client's close_notify, and the client always closed first."""
+async def _tls_websocket(start, tls_files) -> tuple[CirclesService, RawTLSClient]:
+    """A TLS service (no script backend) and a WebSocket opened to it by a RawTLSClient."""
     service = start(CirclesService(Config(circles=[CIRCLE], listen=(), port=0, interface="127.0.0.1",
                                           tls=tls.load(tls_files["cert"], tls_files["key"])),
                                    reactor=reactor, scripts=NoScriptBackend()))
     [port] = await service.when_listening()
     client = await in_thread(RawTLSClient, port.getHost().port, ssl.create_default_context(cafile=tls_files["ca"]))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await in_thread(client.send, (f"GET /{CIRCLE} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert (await in_thread(client.read_until, b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return service, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_the_server_ends_the_tcp_connection_first_too(start, tls_files):
+    """Over TLS the close frame, the server's close_notify and its FIN leave together: before,
+    the server waited for the client's close_notify, and the client always closed first."""
+    service, client = await _tls_websocket(start, tls_files)
     try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        await in_thread(client.send, (f"GET /{CIRCLE} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-                                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                                      f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        assert (await in_thread(client.read_until, b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
         [protocol] = await eventually(lambda: list(service.factory.open_connections))
         protocol.dataReceived(masked_frame(struct.pack("!H", 1000), opcode=0x8))  # then, the reactor held:
         client.raw_until_fin()
         assert client.tls.read() == b"\x88\x02\x03\xe8"  # the close frame (1000)
         assert client.tls.read() == b""  # the server's close_notify; the FIN came after it
         client.close_notify()
-        await eventually(lambda: not service.factory.open_connections)
+        await eventually(lambda: protocol.transport.transport.disconnected)
     finally:
         client.sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_a_client_that_never_answers_close_notify_is_not_held(start, tls_files):
+    """After its close frame, close_notify and FIN, the server waits for the client's close_notify
+    (Twisted's TLS transport), but not for ever: a client that stays silent held the
+    descriptor and its TLS state until it left."""
+    service, client = await _tls_websocket(start, tls_files)
+    try:
+        [protocol] = await eventually(lambda: list(service.factory.open_connections))
+        await in_thread(client.send, masked_frame(struct.pack("!H", 1000), opcode=0x8))
+        await in_thread(client.raw_until_fin)
+        assert client.tls.read() == b"\x88\x02\x03\xe8" and client.tls.read() == b""
+        # The client never sends its close_notify, nor closes: the server's TCP connection ends.
+        await eventually(lambda: protocol.transport.transport.disconnected, timeout=3 * CLOSE_GRACE)
+    finally:
+        client.sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_closes_with_replies_unread_and_never_reads_is_not_held(start):
+    """Replies queued when the client's close frame comes go first, then the close: a client
+    that never reads them held the descriptor and the buffer for ever (its close frame had
+    ended the slow-reader bound). It gets --slow-reader-timeout to read them, as when open."""
+    service, port = await serve(start, rate_limit=0, slow_reader_timeout=1)
+    sock = await in_thread(raw_upgrade, port, rcvbuf=4096)
+    try:
+        [protocol] = await eventually(lambda: list(service.factory.open_connections))
+        protocol.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        calls = b"".join(masked_frame(json.dumps({"jsonrpc": "2.0", "id": i, "method": "whoami"}).encode())
+                         for i in range(200))  # more replies than the kernel's buffers take, fewer than pause it
+        await in_thread(sock.sendall, calls + masked_frame(struct.pack("!H", 1000), opcode=0x8))
+        await eventually(lambda: protocol.state == protocol.STATE_CLOSED)
+        assert protocol.transport.dataBuffer or protocol.transport._tempDataBuffer  # still queued
+        await eventually(lambda: protocol.transport.disconnected, timeout=10)
+    finally:
+        sock.close()
