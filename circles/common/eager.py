@@ -10,7 +10,8 @@ what the kernel did not take, so order, backpressure (the buffer and producers w
 and error handling (a failed send leaves the bytes queued, and the reactor's next write reports
 the loss the usual way) are Twisted's own. TLS connections, and a Unix connection with file
 descriptors to pass, keep Twisted's path whole. :func:`close_at_once` is ``loseConnection`` with
-the FIN sent at once, for a protocol that writes nothing more. The server's client connections are
+the FIN sent at once, for a protocol that writes nothing more; :func:`close_in_order` adds a
+deadline to a close that waits on the peer. The server's client connections are
 ``circles.server.http.eager.EagerServer``; :func:`send_eagerly_on` switches a client connection
 (the workers' and servers' to Redis) once it is made.
 
@@ -23,11 +24,12 @@ Twisted code reviewed: a new Twisted that changes any of it fails there first.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import tcp, unix
+from twisted.internet.interfaces import IDelayedCall
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
@@ -88,6 +90,27 @@ def close_at_once(transport: Any) -> bool:
             return False  # close_notify not written yet (data held for the handshake, a producer)
         return _end_writing(transport.transport)
     return isinstance(transport, EagerWrites) and bool(transport.disconnecting) and _end_writing(transport)
+
+
+#: Seconds a peer that has all we sent gets to finish a close (to answer TLS's close_notify)
+#: before the connection is aborted: see :func:`close_in_order`.
+CLOSE_GRACE = 2.0
+
+
+def close_in_order(transport: Any, call_later: Callable[..., IDelayedCall], unread_grace: float) -> IDelayedCall | None:
+    """:func:`close_at_once`, and a deadline on a close that waits on the peer, after which the
+    connection is aborted: :data:`CLOSE_GRACE` for its close_notify (TLS), ``unread_grace``
+    seconds to read what is still queued for it (0: no deadline). The deadline, which the
+    caller cancels when the connection is lost; None if there is none.
+
+    Without it a close waited as long as the peer liked: Twisted's TLS transport for the
+    peer's close_notify, ``loseConnection`` for the queue to drain, with no timer of the
+    protocol's left to end it (a WebSocket closed, an HTTP answer with ``Connection: close``)."""
+    at_once = close_at_once(transport)
+    if at_once and not isinstance(transport, TLSMemoryBIOProtocol):
+        return None  # the FIN has gone, the close follows on the next turn
+    grace = CLOSE_GRACE if at_once else unread_grace
+    return call_later(grace, transport.abortConnection) if grace > 0 else None
 
 
 def _end_writing(connection: Any) -> bool:

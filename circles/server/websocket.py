@@ -62,15 +62,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTranspor
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from circles.common.eager import close_at_once
+from circles.common.eager import CLOSE_GRACE, close_in_order
 from circles.common.logs import Logger
 from circles.common.timers import TimerLane, TimerLanes
 
 log = Logger()
-
-#: Seconds a peer gets to finish a close in order once it has all we sent: to answer TLS's
-#: close_notify, or the close of an aborting close (see ``_closeConnection``).
-CLOSE_GRACE = 2.0
 
 
 #: What Autobahn keeps of each connection, in slots of :class:`TrimmedServerProtocol` rather than
@@ -450,16 +446,11 @@ class TrimmedServerProtocol(WebSocketServerProtocol):
         if abort and not (secure or self.wasClean):
             super()._closeConnection(abort)
             return
-        if close_at_once(self.transport):
-            if not secure:
-                return  # the FIN has gone, the close follows on the next turn
-            grace = CLOSE_GRACE  # for the peer's close_notify
-        else:
-            # Bytes still queued go first, and wait on the peer: one that never reads would hold
-            # the connection for ever (an open one is bounded by the slow-reader timeout).
-            grace = CLOSE_GRACE if abort else self.unread_grace()
-        if grace > 0:
-            self._close_deadline = self.factory.clock.callLater(grace, self.transport.abortConnection)
+        # A close that waits on the peer (for its close_notify, or to read what is queued) is
+        # bounded: an aborting one by CLOSE_GRACE (Autobahn's abort was at once), the others as
+        # an open connection's unread replies are (unread_grace).
+        self._close_deadline = close_in_order(self.transport, self.factory.clock.callLater,
+                                              CLOSE_GRACE if abort else self.unread_grace())
 
 
 #: The events Autobahn's protocol may fire (its ``set_valid_events``): the same for every connection.

@@ -321,6 +321,7 @@ TWISTED_WEB_SOURCES = {
     ("HTTPChannel", "pauseProducing"): "8fe306cf284ba8e7",
     ("HTTPChannel", "resumeProducing"): "561ac237d3468e84",
     ("HTTPChannel", "timeoutConnection"): "f08552855cd242e0",
+    ("HTTPChannel", "loseConnection"): "ad10d919b228424b",  # replaced: _networkProducer off, then the close in order
     ("LineReceiver", "dataReceived"): "6f773dd6b423a279",  # _buffer, _busyReceiving, line_mode, rawDataReceived
 }
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import ssl
 import struct
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 
 from circles import CirclesService, Config
+from circles.common.eager import CLOSE_GRACE
 from circles.server import tls
 from circles.server.http.eager import EagerServer
-from circles.server.websocket import CLOSE_GRACE
 
 from ..inmemory import NoScriptBackend
 from ..play_client import eventually
@@ -123,3 +124,63 @@ async def test_a_client_that_closes_with_replies_unread_and_never_reads_is_not_h
         await eventually(lambda: protocol.transport.disconnected, timeout=10)
     finally:
         sock.close()
+
+
+def _server_side(client: socket.socket):
+    """The server's connection (a twisted tcp.Server) to ``client``, a loopback socket."""
+    [connection] = [reader for reader in reactor.getReaders()
+                    if isinstance(reader, tcp.Server) and reader.getPeer().port == client.getsockname()[1]]
+    return connection
+
+
+def _http_exchange(sock, request: bytes) -> bytes:
+    """Send a request, read its answer's head and its body (by Content-Length). Blocking."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_answer_with_connection_close_ends_the_tcp_connection_at_once(start):
+    """A client that asks for "Connection: close" (HTTP/1.0 clients, probes) gets the answer and
+    the server's FIN together: the server, not the client, keeps the TIME_WAIT."""
+    service, port = await serve(start)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        head = await in_thread(_http_exchange, sock, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")  # kept alive: now the channel is there
+        channel = await eventually(lambda: _server_side(sock).protocol._inner)
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(4096):  # the reactor held: the FIN is there already
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and b"connection: close" in received.lower()
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_an_http_client_that_never_answers_close_notify_is_not_held(start, tls_files):
+    """After an answer with "Connection: close" the HTTP channel has no deadline running, and
+    over TLS the close waited for the client's close_notify: a client that never sent it held
+    its connection (and the TLS state) for ever. Now it gets CLOSE_GRACE."""
+    service = start(CirclesService(Config(circles=[CIRCLE], listen=(), port=0, interface="127.0.0.1",
+                                          tls=tls.load(tls_files["cert"], tls_files["key"])),
+                                   reactor=reactor, scripts=NoScriptBackend()))
+    [port] = await service.when_listening()
+    client = await in_thread(RawTLSClient, port.getHost().port, ssl.create_default_context(cafile=tls_files["ca"]))
+    try:
+        connection = await eventually(lambda: _server_side(client.sock))
+        await in_thread(client.send, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        await in_thread(client.raw_until_fin)  # the answer, close_notify and the FIN
+        assert client.tls.read(4096).startswith(b"HTTP/1.1 200") and client.tls.read() == b""
+        # The client never sends its close_notify, nor closes.
+        await eventually(lambda: connection.disconnected, timeout=3 * CLOSE_GRACE)
+    finally:
+        client.sock.close()

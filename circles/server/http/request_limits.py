@@ -23,7 +23,9 @@ any of it fails there first). Twisted offers no public way to do any of this:
 - :class:`RequestDeadlineChannel` reads ``HTTPChannel``'s ``_handlingRequest`` (a request is being
   answered), ``_waitingForTransport`` (the transport paused us), ``_dataBuffer`` (pipelined bytes
   read meanwhile, which it takes over) and ``_networkProducer`` (what it pauses), and
-  ``LineReceiver``'s ``_buffer``, ``_busyReceiving`` and ``line_mode`` (a head still being read).
+  ``LineReceiver``'s ``_buffer``, ``_busyReceiving`` and ``line_mode`` (a head still being read);
+  it replaces ``HTTPChannel.loseConnection`` (``_networkProducer`` off, then the close, here in
+  order and with a deadline: :func:`circles.common.eager.close_in_order`).
 - :class:`BoundedRequest` stops the parsing of its channel by replacing the channel's
   ``dataReceived`` and ``rawDataReceived`` on the instance: ``LineReceiver`` calls both through
   ``self``; and it relies on ``HTTPChannel`` asking ``gotLength`` before it looks at
@@ -40,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from circles.common.eager import CLOSE_GRACE, close_in_order
 from circles.common.log_budget import LogBudget
 from circles.server.access.limits import half_close
 from circles.server.config import DEFAULT_MAX_REQUEST_BODY
@@ -127,6 +130,7 @@ class RequestDeadlineChannel(HTTPChannel):
     """
 
     _deadline = None
+    _closing = None  # the deadline of a close that waits on the client (close_in_order)
     _timed_out = False
     _held: bytes | None = None  # pipelined bytes waiting for the transport to drain
     #: Seconds a timed-out client gets to answer our TLS close_notify before the connection is
@@ -204,6 +208,20 @@ class RequestDeadlineChannel(HTTPChannel):
             self._timed_out = True
             super().timeoutConnection()
 
+    def loseConnection(self) -> None:
+        # Twisted's (the producer off, then the transport's close), in order and bounded: after
+        # an answer with "Connection: close" no deadline of the channel runs, and over TLS the
+        # close waited for the client's close_notify: a client that never sent it held its
+        # connection for ever. The FIN goes at once too (over TLS the server then keeps the
+        # TIME_WAIT; over plain TCP curl has mostly closed already, as soon as the body was whole).
+        self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]  # the transport, as IProducer
+        if self._closing is None and self.transport is not None:
+            self._closing = close_in_order(self.transport, self.callLater, self.timeOut or CLOSE_GRACE)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
+        if self._closing is not None:
+            if self._closing.active():
+                self._closing.cancel()
+            self._closing = None
         super().connectionLost(reason)
