@@ -57,13 +57,19 @@ async def test_the_server_ends_the_tcp_connection_first_once_a_client_closes(sta
         sock.close()
 
 
-async def _tls_websocket(start, tls_files) -> tuple[CirclesService, RawTLSClient]:
-    """A TLS service (no script backend) and a WebSocket opened to it by a RawTLSClient."""
+async def _tls_client(start, tls_files) -> tuple[CirclesService, RawTLSClient]:
+    """A TLS service (no script backend) and a RawTLSClient connected to it."""
     service = start(CirclesService(Config(circles=[CIRCLE], listen=(), port=0, interface="127.0.0.1",
                                           tls=tls.load(tls_files["cert"], tls_files["key"])),
                                    reactor=reactor, scripts=NoScriptBackend()))
     [port] = await service.when_listening()
     client = await in_thread(RawTLSClient, port.getHost().port, ssl.create_default_context(cafile=tls_files["ca"]))
+    return service, client
+
+
+async def _tls_websocket(start, tls_files) -> tuple[CirclesService, RawTLSClient]:
+    """A TLS service (no script backend) and a WebSocket opened to it by a RawTLSClient."""
+    service, client = await _tls_client(start, tls_files)
     key = base64.b64encode(os.urandom(16)).decode()
     await in_thread(client.send, (f"GET /{CIRCLE} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
@@ -170,11 +176,7 @@ async def test_over_tls_an_http_client_that_never_answers_close_notify_is_not_he
     """After an answer with "Connection: close" the HTTP channel has no deadline running, and
     over TLS the close waited for the client's close_notify: a client that never sent it held
     its connection (and the TLS state) for ever. Now it gets CLOSE_GRACE."""
-    service = start(CirclesService(Config(circles=[CIRCLE], listen=(), port=0, interface="127.0.0.1",
-                                          tls=tls.load(tls_files["cert"], tls_files["key"])),
-                                   reactor=reactor, scripts=NoScriptBackend()))
-    [port] = await service.when_listening()
-    client = await in_thread(RawTLSClient, port.getHost().port, ssl.create_default_context(cafile=tls_files["ca"]))
+    _, client = await _tls_client(start, tls_files)
     try:
         connection = await eventually(lambda: _server_side(client.sock))
         await in_thread(client.send, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
