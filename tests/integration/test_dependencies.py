@@ -308,7 +308,7 @@ def test_the_twisted_client_service_code_relied_on_is_the_one_reviewed():
 
 
 #: The HTTPChannel and LineReceiver code whose private state RequestDeadlineChannel reads or
-#: replaces, and the Request methods BoundedRequest overrides
+#: replaces, the Request methods BoundedRequest overrides and the chunked decoder it counts
 #: (circles/server/http/request_limits.py).
 TWISTED_WEB_SOURCES = {
     ("HTTPChannel", "__init__"): "3c799fc1cbf9818b",  # _handlingRequest, _dataBuffer
@@ -323,15 +323,20 @@ TWISTED_WEB_SOURCES = {
     ("HTTPChannel", "timeoutConnection"): "f08552855cd242e0",
     ("HTTPChannel", "loseConnection"): "ad10d919b228424b",  # replaced: _networkProducer off, then the close in order
     ("LineReceiver", "dataReceived"): "6f773dd6b423a279",  # _buffer, _busyReceiving, line_mode, rawDataReceived
+    # the decoder is chosen as the header comes, before gotLength (where CountedChunks replaces it)
+    ("HTTPChannel", "_maybeChooseTransferDecoder"): "3b92d266a3c7bd2c",
+    ("_ChunkedTransferDecoder", "__init__"): "33d2107fa07649a2",  # dataCallback, finishCallback, _buffer
+    ("_ChunkedTransferDecoder", "_dataReceived_CHUNK_LENGTH"): "b8f33f5942b1075f",  # True: a size read, state BODY
+    ("_ChunkedTransferDecoder", "dataReceived"): "5a1ed98161d9d8f9",  # loops while _buffer holds bytes
 }
 
 
 @pytest.mark.parametrize("owner, method", sorted(TWISTED_WEB_SOURCES))
 def test_the_twisted_web_code_request_limits_relies_on_is_the_one_reviewed(owner, method):
     from twisted.protocols.basic import LineReceiver
-    from twisted.web.http import HTTPChannel
+    from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 
-    owners = {"HTTPChannel": HTTPChannel, "LineReceiver": LineReceiver}
+    owners = {"HTTPChannel": HTTPChannel, "LineReceiver": LineReceiver, "_ChunkedTransferDecoder": _ChunkedTransferDecoder}
     assert source_digest(vars(owners[owner])[method]) == TWISTED_WEB_SOURCES[owner, method]
 
 

@@ -370,6 +370,45 @@ async def test_chunked_body_over_limit_is_refused_while_it_arrives(make_server):
     assert server.scripts.queued == []
 
 
+def chunked(path: str, body: bytes, size: int) -> bytes:
+    """A whole request with ``body`` in chunks of ``size`` bytes, signed as Stripe signs it."""
+    headers = "".join(f"{k}: {v}\r\n" for k, v in stripe_headers(body, timestamp=NOW).items())
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size))
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            f"Connection: close\r\n{headers}\r\n").encode() + chunks + b"0\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_in_too_many_chunks_is_refused_once_they_pass_the_limit(make_server, monkeypatch):
+    """Twisted's decoder spends some 3 us on a chunk however small: 1 MiB in 1-byte chunks took
+    3 s of the reactor's CPU (1 MiB in one piece, 2 ms). A body comes in MAX_CHUNKS chunks at
+    most; past them it is refused at once, and what the same read brought is not decoded."""
+    from circles.server.http.request_limits import MAX_CHUNKS, BoundedRequest
+
+    decoded = []
+    handle = BoundedRequest.handleContentChunk
+    monkeypatch.setattr(BoundedRequest, "handleContentChunk", lambda self, data: decoded.append(1) or handle(self, data))
+    server = make_server()
+    path = f"/webhooks/stripe/{CIRCLE}"
+    body = encode(stripe_event("evt_in_chunks"))
+    body = body[:-1] + b" " * (MAX_CHUNKS - len(body)) + b"}"  # MAX_CHUNKS bytes: one a chunk
+    answer, _ = await raw_exchange(server.port, chunked(path, body, 1))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert len(server.scripts.queued) == 1 and len(decoded) == MAX_CHUNKS
+    # One chunk more, and 100,000 more in the same write: refused, and the decoding stopped there.
+    decoded.clear()
+    body = encode(stripe_event("evt_in_too_many_chunks"))
+    body = body[:-1] + b" " * (MAX_CHUNKS + 100_000 - len(body)) + b"}"
+    answer, _ = await raw_exchange(server.port, chunked(path, body, 1))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert answer.endswith(b'{"error":"request body in too many chunks (at most %d)"}' % MAX_CHUNKS)
+    assert len(decoded) == MAX_CHUNKS and len(server.scripts.queued) == 1
+    # The same body in fewer, larger chunks is fine.
+    answer, _ = await raw_exchange(server.port, chunked(path, body, 1000))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert len(server.scripts.queued) == 2
+
+
 @pytest_twisted.ensureDeferred
 async def test_body_at_the_limit_is_accepted(make_server):
     body = encode(stripe_event())
