@@ -185,6 +185,17 @@ def test_tls13_suites_are_accepted(server, suite):
     assert negotiated(report) == suite and "TLSv1.3" in report
 
 
+@needs_openssl
+def test_a_client_asking_to_renegotiate_is_refused(server):
+    """Each renegotiation would be a whole handshake (the server signs again) on one connection,
+    as often as the client asks: OpenSSL 3 refuses a client's by default, and this holds it so."""
+    result = subprocess.run([OPENSSL, "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername", "localhost",
+                             "-tls1_2"], input="R\n", capture_output=True, text=True, timeout=30)
+    report = result.stdout + result.stderr
+    assert negotiated(report) != "(NONE)" and "RENEGOTIATING" in report
+    assert "no renegotiation" in report
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
 def test_tls_1_0_and_1_1_are_refused(server, rsa_files, version):
     context = client_tls(rsa_files["ca"])
