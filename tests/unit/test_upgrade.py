@@ -70,6 +70,8 @@ async def test_upgrade_sent_in_pieces_is_routed_whole(port):
 async def test_other_requests_reach_the_site(port):
     answer = await threads.deferToThread(_exchange, port, [b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"])
     assert answer.startswith(b"HTTP/1.1 200 ")
+    # named as the upgrade's 101 names it, not Twisted with its version (TwistedWeb/26.10.0)
+    assert b"\r\nServer: circles\r\n" in answer and b"Twisted" not in answer
     # A circle path without the upgrade is the Site's too: the WebSocket resource asks for one.
     answer = await threads.deferToThread(_exchange, port, [f"GET /{CIRCLE} HTTP/1.1\r\nHost: x\r\n\r\n".encode()])
     assert answer.startswith(b"HTTP/1.1 426 ")

@@ -65,7 +65,8 @@ BARE_LF_ANSWER = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r
 
 
 class BoundedRequest(Request):
-    """A ``Request`` refusing bodies over ``max_body`` bytes; see :func:`bounded_request_factory`."""
+    """A ``Request`` refusing bodies over ``max_body`` bytes (see :func:`bounded_request_factory`),
+    whose answers name the server ``circles``."""
 
     max_body: int = DEFAULT_MAX_REQUEST_BODY
     log_budget: LogBudget  # where refusals are logged: anyone can make them (bounded_request_factory sets it)
@@ -94,6 +95,11 @@ class BoundedRequest(Request):
             self._refuse()
             return
         super().handleContentChunk(data)
+
+    def setHeader(self, name, value) -> None:
+        # Twisted names itself and its version in every answer (``TwistedWeb/26.10.0``, set in
+        # ``process``): a scanner's first question answered. The upgrade's 101 says "circles".
+        super().setHeader(name, b"circles" if name == b"Server" else value)
 
     def requestReceived(self, command, path, version) -> None:
         if self._refused:
