@@ -9,7 +9,7 @@ with a Python engine that echoes the script (``--engine``: another), opens N con
 authenticates each (eth personal_sign), then has every connection
 play a trivial script (``40 + 2``) in a loop, one request in flight per connection, for a fixed
 time. Reports plays/s and latency percentiles as JSON. Loopback only; every loop is bounded by
---seconds. The connections are made by bench/node/loadgen.mjs (Node: ``ws``, ``@noble/secp256k1``)
+--seconds. The connections are made by bench/node/loadgen.mjs (Node: ``ws``, ``tiny-secp256k1``)
 when node and its npm packages are there, else here with the ``websockets`` client
 (``--generator`` chooses, as for bench/run.py).
 

@@ -6,7 +6,7 @@
 Each server (ours under ``twistd -n``, the ``websockets`` peer, the bare Autobahn peer) runs
 pinned to one CPU with ``taskset``; the load generator to another (where the machine has two
 CPUs and ``taskset``; otherwise unpinned, and the report says so). The load generator is
-bench/node/loadgen.mjs (Node: ``ws`` and ``@noble/secp256k1``) when node and the npm packages
+bench/node/loadgen.mjs (Node: ``ws`` and ``tiny-secp256k1``) when node and the npm packages
 are there, else bench/loadgen.py (``--generator`` chooses). Measurements are interleaved: for
 each workload, round r runs every target in turn, the order rotated from round to round, so
 that a change in the machine's load falls on all of them alike; each target's figure is the
@@ -54,7 +54,7 @@ VARIANTS = ("ours-2p", "ours-open")
 #: What ours-open switches off (the nonce cap and the connection cap are off for ours too).
 LIMITS_OFF = ["--rate-limit", "0", "--idle-timeout", "0", "--ping-interval", "0"]
 NODE_LOADGEN = HERE / "node" / "loadgen.mjs"
-NODE_PACKAGES = ("ws", "@noble/secp256k1", "@noble/hashes")
+NODE_PACKAGES = ("ws", "tiny-secp256k1", "@noble/hashes")
 #: The goals: ours over each peer, throughput, on the rpc and auth rows.
 GOALS = {"websockets": 1.0, "autobahn": 1.2}
 PEERS = ("websockets", "autobahn")

@@ -1,4 +1,4 @@
-"""The Node load generator (bench/node/loadgen.mjs: ws and @noble/secp256k1) against real servers,
+"""The Node load generator (bench/node/loadgen.mjs: ws and tiny-secp256k1) against real servers,
 as bench/run.py starts them: `twistd -n circles` with the benchmark's flags and the two peers. An
 auth workload without errors means every server accepted the generator's EIP-191 signatures.
 Needs node and the npm packages (scripts/setup --with-npm)."""
@@ -25,7 +25,7 @@ def loadgen(*args) -> dict:
 
 def test_the_node_generator_has_its_packages():
     versions = loadgen("--check")
-    assert versions["ws"] and versions["@noble/secp256k1"] and versions["@noble/hashes"], versions
+    assert versions["ws"] and versions["tiny-secp256k1"] and versions["@noble/hashes"], versions
     chosen = run.choose_generator("auto")
     assert chosen.name == "node" and chosen.command[-1] == str(run.NODE_LOADGEN)
 
