@@ -189,8 +189,9 @@ def machine_info() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "circles", "bench"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        # What runs: the server and the benchmark, not the results of earlier runs.
+        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "circles", "bench",
+                                     ":(exclude)bench/results"], capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),

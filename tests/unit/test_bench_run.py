@@ -230,3 +230,25 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys):
             run.main(argv)
         assert exited.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_checkout_is_dirty_by_its_code_not_by_the_results_of_earlier_runs(monkeypatch, tmp_path):
+    """A run's own result files, written into bench/results, marked the next run "dirty"."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for name in ("circles/a.py", "bench/run.py", "bench/results/old.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "start")
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    assert run.machine_info()["git_dirty"] is False
+    (tmp_path / "bench/results/2026-12-08T000000.json").write_text("{}")
+    (tmp_path / "bench/results/old.md").write_text("y\n")
+    assert run.machine_info()["git_dirty"] is False
+    (tmp_path / "bench/run.py").write_text("y\n")
+    assert run.machine_info()["git_dirty"] is True
