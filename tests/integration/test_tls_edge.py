@@ -186,7 +186,8 @@ def _nonce_statuses(port: int, source: str, n: int) -> list:
             if not data:
                 break
             received += data
-    return [line.split(b" ")[1].decode() for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    # each answer's status line (an answer with its length ends with its body, no line end)
+    return [status.decode() for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="needs IPv6 sockets")
