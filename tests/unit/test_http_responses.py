@@ -192,3 +192,12 @@ def test_webhook_refusals(method, path, status, body, extra):
         assert got_body == body
     assert (headers[b"content-type"], headers[b"cache-control"]) == (b"application/json", b"no-store")
     assert {name: headers.get(name) for name in extra} == extra
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/nothing"), ("GET", "/a/b/c"), ("POST", "/nothing"),
+                                          ("GET", "/playground/nothing.js")])
+def test_a_path_no_route_takes_is_a_json_404(method, path):
+    """Twisted's own page was HTML (and chunked); every other answer of the server is JSON."""
+    status, headers, body = get(path) if method == "GET" else post(path, b"x", {})
+    assert (status, headers[b"content-type"], body) == (b"HTTP/1.1 404 Not Found", b"application/json",
+                                                        b'{"error":"not found"}')

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 _COMPACT = (",", ":")
@@ -49,3 +50,16 @@ def answer_later(request: IRequest, answer: Deferred) -> object:
 
     answer.addCallback(write)
     return NOT_DONE_YET
+
+
+class NotFound(Resource):
+    """Any path no route takes, any method: 404 ``{"error":"not found"}``, as the webhook
+    routes answer one (Twisted's own page was HTML, and chunked)."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        return json_response(request, 404, {"error": "not found"}, no_store=False)
+
+
+NOT_FOUND = NotFound()

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.logger import LogLevel
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import Site
 
@@ -27,7 +26,7 @@ from circles.server.gateway import Gateway
 from circles.server.http.document import Document
 from circles.server.http.playground import Playground
 from circles.server.http.request_limits import RequestDeadlineChannel, bounded_request_factory
-from circles.server.http.responses import answer_later, json_response
+from circles.server.http.responses import NOT_FOUND, answer_later, json_response
 from circles.server.metrics import Metrics
 
 access = Logger()  # the access log: debug
@@ -145,7 +144,7 @@ class Root(Resource):
         # it is one this server serves (404 there too).
         if len(path) in PATH_KEY_LENGTHS:
             return self._circles
-        return notFound()
+        return NOT_FOUND
 
 
 class _Site(Site):

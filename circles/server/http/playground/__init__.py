@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.util import redirectTo
 
 from circles.server.http.document import Document
+from circles.server.http.responses import NOT_FOUND
 
 _FILES = {
     b"": ("index.html", b"text/html; charset=utf-8"),
@@ -65,7 +65,7 @@ class Playground(Resource):
                        for name, (filename, content_type) in _FILES.items()}
 
     def getChild(self, path: bytes, request) -> IResource:
-        return self._files.get(path) or notFound()
+        return self._files.get(path) or NOT_FOUND
 
     def render_GET(self, request) -> bytes:
         return redirectTo(b"playground/", request)
