@@ -322,6 +322,7 @@ TWISTED_WEB_SOURCES = {
     ("HTTPChannel", "resumeProducing"): "561ac237d3468e84",
     ("HTTPChannel", "timeoutConnection"): "f08552855cd242e0",
     ("HTTPChannel", "loseConnection"): "ad10d919b228424b",  # replaced: _networkProducer off, then the close in order
+    ("HTTPChannel", "_respondToBadRequestAndDisconnect"): "c7ccc0f4450a7d6b",  # replaced: the same, with a reason
     ("LineReceiver", "dataReceived"): "6f773dd6b423a279",  # _buffer, _busyReceiving, line_mode, rawDataReceived
     # the decoder is chosen as the header comes, before gotLength (where CountedChunks replaces it)
     ("HTTPChannel", "_maybeChooseTransferDecoder"): "3b92d266a3c7bd2c",

@@ -201,3 +201,20 @@ def test_a_path_no_route_takes_is_a_json_404(method, path):
     status, headers, body = get(path) if method == "GET" else post(path, b"x", {})
     assert (status, headers[b"content-type"], body) == (b"HTTP/1.1 404 Not Found", b"application/json",
                                                         b'{"error":"not found"}')
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+    b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+], ids=["no-colon", "nul-in-value", "two-lengths", "negative-length", "gzip", "bad-chunk", "request-line"])
+def test_a_malformed_request_is_a_400_that_says_so(raw):
+    """Twisted answered these with the status line alone."""
+    status, headers, body = exchange(raw, Runner())
+    assert (status, headers[b"content-type"]) == (b"HTTP/1.1 400 Bad Request", b"application/json")
+    assert json.loads(body) == {"error": "malformed HTTP/1.1 request (RFC 9112): its request line, a header or its "
+                                         "chunked body"}

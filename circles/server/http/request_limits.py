@@ -25,7 +25,8 @@ any of it fails there first). Twisted offers no public way to do any of this:
   read meanwhile, which it takes over) and ``_networkProducer`` (what it pauses), and
   ``LineReceiver``'s ``_buffer``, ``_busyReceiving`` and ``line_mode`` (a head still being read);
   it replaces ``HTTPChannel.loseConnection`` (``_networkProducer`` off, then the close, here in
-  order and with a deadline: :func:`circles.common.eager.close_in_order`).
+  order and with a deadline: :func:`circles.common.eager.close_in_order`), and
+  ``_respondToBadRequestAndDisconnect`` (the 400 with a reason).
 - :class:`BoundedRequest` stops the parsing of its channel by replacing the channel's
   ``dataReceived`` and ``rawDataReceived`` on the instance: ``LineReceiver`` calls both through
   ``self``; and it relies on ``HTTPChannel`` asking ``gotLength`` before it looks at
@@ -60,8 +61,11 @@ MAX_CHUNKS = 4096
 _TOO_LARGE = b'{"error":"request body too large"}'
 _TOO_MANY_CHUNKS = b'{"error":"request body in too many chunks (at most %d)"}' % MAX_CHUNKS
 _BARE_LF = b'{"error":"a line of the request head ends in a bare LF: HTTP/1.1 lines end in CRLF"}'
-BARE_LF_ANSWER = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                  b"connection: close\r\n\r\n%s" % (len(_BARE_LF), _BARE_LF))
+_MALFORMED = b'{"error":"malformed HTTP/1.1 request (RFC 9112): its request line, a header or its chunked body"}'
+_ANSWER_400 = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+               b"connection: close\r\n\r\n%s")
+BARE_LF_ANSWER = _ANSWER_400 % (len(_BARE_LF), _BARE_LF)
+MALFORMED_ANSWER = _ANSWER_400 % (len(_MALFORMED), _MALFORMED)
 
 
 class BoundedRequest(Request):
@@ -224,6 +228,14 @@ class RequestDeadlineChannel(HTTPChannel):
             return
         self._buffer = b""
         self.transport.write(BARE_LF_ANSWER)
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answered the status alone. Its callers: a request line or header that breaks
+        # RFC 9112, over maxHeaders headers, a bad or second Content-Length, a Transfer-Encoding
+        # other than chunked, a malformed chunked body.
+        if self.transport is not None:
+            self.transport.write(MALFORMED_ANSWER)
         self.loseConnection()
 
     def requestDone(self, request) -> None:
