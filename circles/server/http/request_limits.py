@@ -50,6 +50,7 @@ from circles.common.eager import CLOSE_GRACE, close_in_order
 from circles.common.log_budget import LogBudget
 from circles.server.access.limits import half_close
 from circles.server.config import DEFAULT_MAX_REQUEST_BODY
+from circles.server.http.responses import refusal
 
 LINGER = 5.0  # seconds a refused connection may keep sending before it is dropped
 
@@ -58,14 +59,12 @@ LINGER = 5.0  # seconds a refused connection may keep sending before it is dropp
 #: 1 MiB as one body takes 2 ms. The same bound as a WebSocket message's frames (--max-fragments).
 MAX_CHUNKS = 4096
 
-_TOO_LARGE = b'{"error":"request body too large"}'
-_TOO_MANY_CHUNKS = b'{"error":"request body in too many chunks (at most %d)"}' % MAX_CHUNKS
-_BARE_LF = b'{"error":"a line of the request head ends in a bare LF: HTTP/1.1 lines end in CRLF"}'
-_MALFORMED = b'{"error":"malformed HTTP/1.1 request (RFC 9112): its request line, a header or its chunked body"}'
-_ANSWER_400 = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-               b"connection: close\r\n\r\n%s")
-BARE_LF_ANSWER = _ANSWER_400 % (len(_BARE_LF), _BARE_LF)
-MALFORMED_ANSWER = _ANSWER_400 % (len(_MALFORMED), _MALFORMED)
+_TOO_LARGE = refusal(b"413 Content Too Large", b"request body too large")
+_TOO_MANY_CHUNKS = refusal(b"413 Content Too Large", b"request body in too many chunks (at most %d)" % MAX_CHUNKS)
+BARE_LF_ANSWER = refusal(b"400 Bad Request",
+                         b"a line of the request head ends in a bare LF: HTTP/1.1 lines end in CRLF")
+MALFORMED_ANSWER = refusal(b"400 Bad Request",
+                           b"malformed HTTP/1.1 request (RFC 9112): its request line, a header or its chunked body")
 
 
 class BoundedRequest(Request):
@@ -123,8 +122,7 @@ class BoundedRequest(Request):
                              limit=self.max_body if limit is None else limit)
         # Stop parsing: anything more the client sends is dropped unread.
         channel.rawDataReceived = channel.dataReceived = lambda data: None  # type: ignore[method-assign]
-        transport.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer), answer))
+        transport.write(answer)
         if not half_close(transport):
             transport.loseConnection()  # over TLS: the answer, then close_notify
         timer = channel.callLater(LINGER, transport.abortConnection)

@@ -36,6 +36,15 @@ def json_response(request: IRequest, status: int, body: Any, *, compact: bool = 
     return encoded
 
 
+def refusal(status: bytes, error: bytes) -> bytes:
+    """A whole answer, head and JSON body ``{"error": error}``, that closes the connection: for
+    refusals written straight to the transport, before or outside a ``Request`` (a head too
+    large, a body refused as it arrives, a malformed request). ``error`` holds no quote."""
+    body = b'{"error":"%s"}' % error
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, len(body), body))
+
+
 def answer_later(request: IRequest, answer: Deferred) -> object:
     """For a ``render_*`` method whose body comes later: write what ``answer`` fires with (the
     body, bytes, once the status and headers are set) and finish, unless the client went away

@@ -39,6 +39,7 @@ from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger, worth_logging
 from circles.server.access.limits import address_key, half_close
+from circles.server.http.responses import refusal
 
 log = Logger()
 
@@ -48,15 +49,9 @@ MAX_HEAD = 16 * 1024
 MAX_LINE = 16 * 1024
 
 
-def _answer(status: bytes, error: bytes) -> bytes:
-    body = b'{"error":"%s"}' % error
-    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, len(body), body))
-
-
-URI_TOO_LONG = _answer(b"414 URI Too Long", b"request line over 16 KiB")
-HEAD_TOO_LARGE = _answer(b"431 Request Header Fields Too Large", b"request head over 16 KiB")
-TOO_MANY_PENDING = _answer(b"503 Service Unavailable", b"too many unfinished requests from this address")
+URI_TOO_LONG = refusal(b"414 URI Too Long", b"request line over 16 KiB")
+HEAD_TOO_LARGE = refusal(b"431 Request Header Fields Too Large", b"request head over 16 KiB")
+TOO_MANY_PENDING = refusal(b"503 Service Unavailable", b"too many unfinished requests from this address")
 
 
 #: OpenSSL's reasons for a TLS handshake that began with a plain HTTP request instead.
