@@ -341,6 +341,34 @@ def test_the_twisted_web_code_request_limits_relies_on_is_the_one_reviewed(owner
     assert source_digest(vars(owners[owner])[method]) == TWISTED_WEB_SOURCES[owner, method]
 
 
+#: The reactor loop circles.common.event_loop replaces (EPollReactor.doPoll, whose loop it
+#: repeats without callWithLogger), what it calls in its place, where the reactor calls it
+#: (mainLoop: self.doIteration, looked up at each turn) and what keeps a legacy event's
+#: ``system``: callWithLogger's prefix and its handling of errors, the root context every
+#: thread's tracker starts from, and the copy of it every legacy event and context starts from.
+TWISTED_LOOP_SOURCES = {
+    ("epollreactor", "EPollReactor.doPoll"): "09b62ae68ef01b4b",  # replaced
+    ("posixbase", "_PollLikeMixin._doReadOrWrite"): "5ffee55b79492b00",
+    ("base", "ReactorBase.mainLoop"): "769125a86d0cd7e9",
+    ("log", "callWithLogger"): "802f8564bca3531f",
+    ("log", "callWithContext"): "c44b5124f288e82f",
+    ("log", "LogPublisher.msg"): "6750a61e2bd3df23",
+    ("context", "ContextTracker.__init__"): "578c556c8bd47a43",
+}
+
+
+@pytest.mark.parametrize("module, name", sorted(TWISTED_LOOP_SOURCES))
+def test_the_twisted_loop_code_event_loop_replaces_is_the_one_reviewed(module, name):
+    from twisted.internet import base, epollreactor, posixbase
+    from twisted.python import context, log
+
+    owner = {"epollreactor": epollreactor, "posixbase": posixbase, "base": base, "log": log, "context": context}[module]
+    *outer, last = name.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    assert source_digest(vars(owner)[last]) == TWISTED_LOOP_SOURCES[module, name]
+
+
 #: twisted.python.usage: the option parsers map each option to its handler in Options._dispatch,
 #: and a typed option's handler is a CoerceParameter whose dispatch parseOptions calls
 #: (circles/common/options.py names the option in its message).

@@ -208,7 +208,7 @@ def test_the_server_listens_before_it_loads_what_only_serving_needs(redis_server
 @pytest.mark.parametrize("plugin, argv", [("circles", ["--port", "0", "--interface", "127.0.0.1"]),
                                           ("circles_worker", ["-k", GENERATOR, "--engine", "circles.worker.tiny_engine:run"])],
                          ids=["server", "worker"])
-def test_twistd_leaves_what_start_up_made_out_of_garbage_collections(redis_server, plugin, argv):
+def test_twistd_freezes_start_up_and_serves_events_directly(redis_server, plugin, argv):
     # The plugin's makeService, then the reactor running: start-up's objects are frozen (gc.freeze),
     # so that no full collection walks them again (docs/benchmarks.md).
     statement = ("import gc, json\n"
@@ -220,8 +220,11 @@ def test_twistd_leaves_what_start_up_made_out_of_garbage_collections(redis_serve
                  "before = gc.get_freeze_count()\n"
                  "reactor.callLater(0.1, reactor.stop)\n"
                  "reactor.run()\n"
-                 "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))")
-    before, after, thresholds = printed(statement)
+                 "loop = getattr(reactor.doIteration, '__self__', None)\n"
+                 "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold(), type(loop).__name__]))")
+    before, after, thresholds, loop = printed(statement)
     assert before == 0 and after > 10_000
+    # Each event served by a direct call (circles.common.event_loop), in both processes.
+    assert loop == "DirectPoll"
     # The server's youngest generation waits for more objects (the worker gained nothing by it).
     assert thresholds == ([5000, 10, 10] if plugin == "circles" else [700, 10, 10])

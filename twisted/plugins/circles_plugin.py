@@ -39,7 +39,10 @@ class _Plugin(ServiceMaker):
     def makeService(self, options):
         from twisted.internet import reactor
 
+        from circles.common.event_loop import serve_events_directly
+
         service = super().makeService(options)
+        serve_events_directly(reactor)  # a process of its own: see circles.common.event_loop
         reactor.callWhenRunning(_freeze_start_up, self.young_generation)
         return service
 
