@@ -5,8 +5,9 @@ Twisted's ``EPollReactor.doPoll`` serves every ready descriptor through
 log context around the call (two dict copies, a thread-local lookup, a push and a pop), so that
 an event logged through the legacy ``twisted.python.log`` during the call (Twisted's traceback of
 an exception out of ``doRead``, say) names the connection in its ``system``. About 1.5 us an
-event; the server spends 19-22 us of CPU on a whole ``whoami`` call at 50 connections, and
-without it 12% less (docs/benchmarks.md, "The reactor's loop").
+event, paid by every read of every connection for events that almost never happen: without it
+the server executes 14% fewer instructions a ``whoami`` and 6% fewer a ``play``
+(docs/benchmarks.md, "The reactor's loop").
 
 :func:`serve_events_directly` gives a reactor the same loop with a direct call. The ``system``
 is kept, read only when a legacy event is logged: the root log context's ``system`` becomes the
