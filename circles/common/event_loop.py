@@ -29,7 +29,8 @@ NO_SYSTEM = "-"
 
 
 def _prefix(selectable: Any) -> str:
-    """``selectable``'s log prefix, as ``callWithLogger`` reads it."""
+    """``selectable``'s log prefix, as ``callWithLogger`` reads it (which also logs the exception
+    of a ``logPrefix`` that raises, before every call of the descriptor: here it is not logged)."""
     try:
         return selectable.logPrefix()
     except KeyboardInterrupt:
@@ -59,18 +60,20 @@ class DirectPoll:
                 return
             raise
         serve = reactor._doReadOrWrite
-        for fd, event in ready:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            self.serving = selectable
-            try:
-                serve(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                log.err(system=_prefix(selectable))
-        self.serving = None
+        try:
+            for fd, event in ready:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                self.serving = selectable
+                try:
+                    serve(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.err(system=_prefix(selectable))
+        finally:
+            self.serving = None
 
 
 class _ServedSystem(dict):

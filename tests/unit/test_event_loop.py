@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import threading
 
-import pytest
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.pollreactor import PollReactor
@@ -18,9 +17,10 @@ from circles.common import event_loop
 
 
 class Descriptor(FileDescriptor):
-    """One end of a socket pair, read by ``on_read(self)``; its log prefix names it."""
+    """One end of a socket pair, read by ``on_read(self)``; its log prefix is its name (None: a
+    ``logPrefix`` that raises)."""
 
-    def __init__(self, reactor, name: str, on_read) -> None:
+    def __init__(self, reactor, name: str | None, on_read) -> None:
         super().__init__(reactor)
         self.name = name
         self.on_read = on_read
@@ -32,6 +32,8 @@ class Descriptor(FileDescriptor):
         return self.socket.fileno()
 
     def logPrefix(self) -> str:
+        if self.name is None:
+            raise KeyError("no prefix")
         return self.name
 
     def doRead(self):
@@ -39,21 +41,17 @@ class Descriptor(FileDescriptor):
         return self.on_read(self)
 
     def connectionLost(self, reason) -> None:
-        self.lost.append(reason.type)
+        self.lost.append(reason.type.__name__)
         self.reactor.removeReader(self)
         if self.name == "loses-badly":
             raise RuntimeError("connectionLost failed")
 
-    def close(self) -> None:
-        self.socket.close()
-        self.peer.close()
+
+def says_hello(descriptor: Descriptor) -> None:
+    log.msg("hello")
 
 
-def legacy_message(message: str) -> None:
-    log.msg(message)
-
-
-def logged_from_a_thread(descriptor: Descriptor) -> None:
+def logs_from_a_thread(descriptor: Descriptor) -> None:
     thread = threading.Thread(target=log.msg, args=("from a thread",))
     thread.start()
     thread.join()
@@ -67,25 +65,16 @@ def disconnects(descriptor: Descriptor):
     return ValueError("disconnect me")  # a reason: _doReadOrWrite disconnects, connectionLost raises
 
 
-@pytest.fixture
-def root_context():
-    """The root log context as it was: serve_events_directly changes it for the process."""
-    saved = context.defaultContextDict[log.ILogContext]
-    yield
-    context.defaultContextDict[log.ILogContext] = saved
-
-
-def one_iteration(direct: bool) -> tuple[list, dict]:
-    """Four descriptors ready at once on a new epoll reactor, served by one iteration of its loop
-    (Twisted's or the direct one); then a message outside any. The legacy events seen, as
-    (system, message or error), and how each descriptor ended."""
+def served_at_once(direct: bool, *reads) -> tuple[list, dict]:
+    """Descriptors, ``(name, on_read)`` each, ready at once on a new epoll reactor and served by
+    one iteration of its loop (Twisted's or the direct one); then a legacy message outside any.
+    The legacy events logged, as (system, message or error), and how each descriptor ended. The
+    root log context is Twisted's again afterwards (serve_events_directly changes it)."""
+    root = context.defaultContextDict[log.ILogContext]
     reactor = EPollReactor()
     if direct:
         assert event_loop.serve_events_directly(reactor)
-    descriptors = [Descriptor(reactor, "says-hello,1,127.0.0.1", lambda d: legacy_message("hello")),
-                   Descriptor(reactor, "raises", raises),
-                   Descriptor(reactor, "loses-badly", disconnects),
-                   Descriptor(reactor, "threaded", logged_from_a_thread)]
+    descriptors = [Descriptor(reactor, name, on_read) for name, on_read in reads]
     events: list = []
 
     def observe(event: dict) -> None:
@@ -103,21 +92,25 @@ def one_iteration(direct: bool) -> tuple[list, dict]:
         log.msg("after")
     finally:
         globalLogPublisher.removeObserver(observe)
+        context.defaultContextDict[log.ILogContext] = root
         for descriptor in descriptors:
             reactor.removeReader(descriptor)
-            descriptor.close()
+            descriptor.socket.close()
+            descriptor.peer.close()
         reactor._poller.close()
         reactor.waker.connectionLost(None)
-    return sorted(events), {d.name: [t.__name__ for t in d.lost] for d in descriptors}
+    return sorted(events), {d.name: d.lost for d in descriptors}
 
 
-def test_the_direct_loop_serves_and_logs_as_twisteds_own(root_context):
+def test_the_direct_loop_serves_and_logs_as_twisteds_own():
     """Each descriptor's legacy events name it (as callWithLogger's context did), an exception
     out of doRead disconnects its descriptor only, one out of the disconnection is logged with
     its descriptor's name and the other descriptors are still served; a thread's event and an
     event outside every descriptor say ``-``."""
-    direct = one_iteration(direct=True)
-    assert direct == one_iteration(direct=False)
+    reads = [("says-hello,1,127.0.0.1", says_hello), ("raises", raises), ("loses-badly", disconnects),
+             ("threaded", logs_from_a_thread)]
+    direct = served_at_once(True, *reads)
+    assert direct == served_at_once(False, *reads)
     events, lost = direct
     assert events == [("-", "after"), ("-", "from a thread"), ("loses-badly", "connectionLost failed"),
                       ("raises", "doRead failed"), ("says-hello,1,127.0.0.1", "hello")]
@@ -125,31 +118,16 @@ def test_the_direct_loop_serves_and_logs_as_twisteds_own(root_context):
                     "threaded": []}
 
 
-def test_a_buggy_log_prefix_is_named_as_twisted_names_it(root_context):
-    class Buggy(Descriptor):
-        def logPrefix(self) -> str:
-            raise KeyError("no prefix")
-
-    reactor = EPollReactor()
-    assert event_loop.serve_events_directly(reactor)
-    descriptor = Buggy(reactor, "buggy", lambda d: legacy_message("hello"))
-    events: list = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        reactor.addReader(descriptor)
-        descriptor.peer.send(b"x")
-        reactor.doIteration(1)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-        reactor.removeReader(descriptor)
-        descriptor.close()
-        reactor._poller.close()
-        reactor.waker.connectionLost(None)
-    [hello] = [e for e in events if e.get("message") == ("hello",)]
-    assert hello["log_system"] == "(buggy logPrefix method)"
+def test_a_buggy_log_prefix_is_named_as_twisted_names_it():
+    """Twisted also logs the prefix's own exception before every call of the descriptor; the
+    direct loop asks for the prefix only when an event is logged, and does not."""
+    events, _ = served_at_once(True, (None, says_hello))
+    assert events == [("(buggy logPrefix method)", "hello"), ("-", "after")]
+    twisteds, _ = served_at_once(False, (None, says_hello))
+    assert twisteds == [("(buggy logPrefix method)", "hello"), ("(buggy logPrefix method)", "no prefix"), ("-", "after")]
 
 
-def test_only_the_epoll_reactor_is_changed(root_context):
+def test_only_the_epoll_reactor_is_changed():
     reactor = PollReactor()
     try:
         iteration = reactor.doIteration
