@@ -184,21 +184,6 @@ class RawTLSClient:
                 self.incoming.write(chunk)
         return got
 
-    def until_close_notify(self) -> bytes:
-        """Application bytes up to the server's close_notify."""
-        got = b""
-        while True:
-            try:
-                chunk = self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                data = self.sock.recv(65536)
-                assert data, f"closed after {got!r}, without close_notify"
-                self.incoming.write(data)
-                continue
-            if not chunk:
-                return got
-            got += chunk
-
     def raw_until_fin(self) -> bytes:
         """What the TCP stream carries until the server's FIN (fed to the TLS reader too)."""
         raw = b""

@@ -30,7 +30,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IDelayedCall
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 class EagerWrites(tcp.Connection):
@@ -126,24 +126,6 @@ def _end_writing(connection: Any) -> bool:
     except OSError:
         return False  # (the peer is gone already) the close reports it
     connection._writeDisconnected = True  # Twisted's write drops what comes after, as after loseWriteConnection
-    return True
-
-
-def tls_writes_at_once(transport: object) -> bool:
-    """Make Twisted's TLS transport of a connection just made (``BufferingTLSTransport``, what
-    every TLS connection of Twisted's gets) write as its base class ``TLSMemoryBIOProtocol``
-    does: each write encrypted and handed to the connection at once (which sends it at once when
-    nothing is queued), instead of held for a ``DelayedCall`` of the next turn of the reactor,
-    one a connection a turn. Over ``wss://`` that call was 10-28% of the server's CPU a message
-    (docs/benchmarks.md). Writes of one turn are then records of their own, as they are sends of
-    their own without TLS. True if it was one; anything else is left as it is."""
-    if type(transport) is not BufferingTLSTransport:
-        return False
-    tls: Any = transport
-    if "write" not in vars(tls) or getattr(tls._aggregator, "_buffer", None) != []:  # a write held, or lost
-        return False
-    del tls.write  # the aggregator's, set on the instance
-    tls.__class__ = TLSMemoryBIOProtocol
     return True
 
 

@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import time
-from contextlib import nullcontext
 
 import pytest
 import trustme
@@ -148,63 +147,6 @@ def test_a_wss_connection_carries_on_as_its_tls_buffers_are_let_go(server, rsa_f
             time.sleep(1.5)
             ws.send(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": 20 + round_}))
             assert json.loads(ws.recv(timeout=30))["id"] == 20 + round_
-
-
-def frame(text: bytes) -> bytes:
-    """A client's text frame (masked with the zero key) of under 126 bytes."""
-    return bytes([0x81, 0x80 | len(text)]) + b"\0\0\0\0" + text
-
-
-def application_records(raw: bytes) -> int:
-    """How many TLS records of application data (type 23) ``raw``, whole records, holds."""
-    count, at = 0, 0
-    while at + 5 <= len(raw):
-        count += raw[at] == 23
-        at += 5 + int.from_bytes(raw[at + 3:at + 5], "big")
-    assert at == len(raw), "not whole records"
-    return count
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_wss_reply_goes_out_in_its_own_record_at_once(server, rsa_files, tmp_path, processes):
-    """Two requests in one record get their replies in two records: each reply frame is encrypted
-    and sent as it is written (circles.common.eager.tls_writes_at_once), not held by Twisted's TLS
-    transport for a later turn of the reactor and sent with the other; under ``--processes``
-    too (whose TLS is a wrapping factory, not the listening port's). HTTP on the same port is
-    answered as before."""
-    from ..support import RawTLSClient
-
-    context = ssl.create_default_context(cafile=rsa_files["ca"])
-    args = ["--tls-cert", rsa_files["combined"], "--port", "0", "--interface", "127.0.0.1", "--processes", "2"]
-    with (twistd(args, tmp_path) if processes == 2 else nullcontext(server)) as process:
-        port = process.wait_listening() if processes == 2 else server.port
-        client = RawTLSClient(port, context, timeout=30)
-        key = base64.b64encode(os.urandom(16)).decode()
-        client.send(f"GET /{CIRCLE.pubkey} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
-        client.send(frame(b'{"jsonrpc":"2.0","method":"whoami","id":1}') +
-                    frame(b'{"jsonrpc":"2.0","method":"whoami","id":2}'))
-        raw, text = b"", b""
-        while b'"id":2' not in text:
-            chunk = client.sock.recv(65536)
-            assert chunk, f"closed after {text!r}"
-            raw += chunk
-            client.incoming.write(chunk)
-            try:
-                while piece := client.tls.read(65536):
-                    text += piece
-            except ssl.SSLWantReadError:
-                pass
-        assert b'"id":1' in text
-        assert application_records(raw) == 2, raw
-        client.sock.close()
-
-        http = RawTLSClient(port, context, timeout=30)
-        http.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        answer = http.until_close_notify()
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}')
-        http.sock.close()
 
 
 # -- the cipher policy ------------------------------------------------------------------------

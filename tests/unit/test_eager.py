@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
-from circles.common.eager import close_at_once, tls_writes_at_once
+from circles.common.eager import close_at_once
 from circles.server.http.eager import EagerServer, send_eagerly
 
 from ..play_client import eventually
@@ -245,84 +245,6 @@ async def test_close_at_once_over_tls_sends_the_fin_after_close_notify_and_reads
         await port.stopListening()
 
 
-@pytest.mark.parametrize("at_once", [True, False], ids=["at-once", "twisteds"])
-@pytest_twisted.ensureDeferred
-async def test_tls_writes_at_once_go_out_before_the_reactor_turns(at_once):
-    """A TLS transport given tls_writes_at_once encrypts and sends each write within the call:
-    the client reads it while the server's reactor is still blocked in that call. Twisted's own
-    holds it for the next turn (the client reads nothing then). Either way the connection then
-    writes a sequence, closes with its close_notify and ends as usual."""
-    import ssl
-
-    import trustme
-    from twisted.internet import ssl as twisted_ssl
-    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-
-    ca = trustme.CA()
-    options = twisted_ssl.PrivateCertificate.loadPEM(
-        ca.issue_cert("localhost").private_key_and_cert_chain_pem.bytes()).options()
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    clients: list = []
-
-    def script(protocol):
-        protocol.transport.write(b"first")
-        clients[0].sock.settimeout(0.5)
-        try:
-            protocol.read_in_call = clients[0].read_until(b"first")  # blocks the reactor
-        except TimeoutError:
-            protocol.read_in_call = None
-        clients[0].sock.settimeout(5)
-        protocol.transport.writeSequence([b" then", b" more"])
-        protocol.transport.loseConnection()
-
-    class Switched(TLSServer):
-        def connectionMade(self) -> None:
-            self.switched = tls_writes_at_once(self.transport) if at_once else False
-
-    def build(addr):
-        servers.append(Switched(script))
-        return servers[-1]
-
-    servers: list = []
-    port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, _Factory(build)), interface="127.0.0.1")
-    assert send_eagerly(port)
-    try:
-        client = await deferToThread(RawTLSClient, port.getHost().port, context)
-        clients.append(client)
-        await deferToThread(client.send, b"go")
-        server = await accepted(servers)
-        await eventually(lambda: hasattr(server, "read_in_call"))
-        assert server.switched is at_once
-        assert type(server.transport) is (TLSMemoryBIOProtocol if at_once else BufferingTLSTransport)
-        assert server.read_in_call == (b"first" if at_once else None)
-        rest = await deferToThread(client.until_close_notify)
-        assert (server.read_in_call or b"") + rest == b"first then more"
-        client.close_notify()
-        [reason] = await server.lost
-        assert reason.check(ConnectionDone)
-        client.sock.close()
-    finally:
-        await port.stopListening()
-
-
-def test_tls_writes_at_once_leaves_other_transports_and_held_writes_alone():
-    import trustme
-    from twisted.internet import ssl as twisted_ssl
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
-
-    options = twisted_ssl.PrivateCertificate.loadPEM(
-        trustme.CA().issue_cert("localhost").private_key_and_cert_chain_pem.bytes()).options()
-    factory = TLSMemoryBIOFactory(options, False, Factory.forProtocol(Protocol), clock=Clock())
-    held = factory.buildProtocol(None)
-    held.makeConnection(StringTransport())
-    held.write(b"held for the next turn")
-    assert not tls_writes_at_once(held) and type(held) is BufferingTLSTransport
-    assert not tls_writes_at_once(StringTransport()) and not tls_writes_at_once(object())
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_connection_whose_fin_has_gone_still_closes_on_a_later_turn():
     """After close_at_once's FIN over TLS, the peer's close_notify makes Twisted's TLS transport
@@ -448,16 +370,6 @@ TWISTED_SOURCES = {
     ("TLSMemoryBIOProtocol", "_flushSendBIO"): "c034168e4f0faf2c",
     ("TLSMemoryBIOProtocol", "_flushReceiveBIO"): "b45e129f60c44862",
     ("TLSMemoryBIOProtocol", "_tlsShutdownFinished"): "e78b042366fe0af0",
-    # tls_writes_at_once: what BufferingTLSTransport adds to its base class (the aggregator, and
-    # its write set on the instance) and undoes when lost, and the base class's own writes, which
-    # a switched transport uses.
-    ("BufferingTLSTransport", "__init__"): "2d7152b65488afb9",
-    ("BufferingTLSTransport", "writeSequence"): "ec75e8b6dcd82413",
-    ("BufferingTLSTransport", "connectionLost"): "7e3899252d6d6485",
-    ("_AggregateSmallWrites", "__init__"): "f1e4308f8b0a3c65",  # _buffer
-    ("TLSMemoryBIOProtocol", "write"): "e029bcaebbb754c2",
-    ("TLSMemoryBIOProtocol", "writeSequence"): "ae7c1896ce442c14",
-    ("TLSMemoryBIOProtocol", "_write"): "b795cc8e83620d7d",
 }
 
 
@@ -466,7 +378,7 @@ def _twisted_method(owner: str, method: str):
     from twisted.protocols import tls
 
     classes = {cls.__name__: cls for cls in (*tcp.Server.__mro__, tcp.Port, process.ProcessWriter, unix._SendmsgMixin,
-                                             *tls.BufferingTLSTransport.__mro__, tls._AggregateSmallWrites)}
+                                             *tls.BufferingTLSTransport.__mro__)}
     return vars(classes[owner])[method]
 
 

@@ -35,7 +35,6 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from circles.common.eager import tls_writes_at_once
 from circles.common.keys import PATH_KEY_LENGTHS
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger, worth_logging
@@ -167,10 +166,6 @@ class _FirstBytes(Protocol):
         self._router.routed(self._peer)
         self._peer = None
         upgrade = not malformed and end >= 0 and is_circle_upgrade(self._head[:end])
-        if upgrade:
-            # A WebSocket's frames are whole writes: over TLS each goes out at once. An HTTP
-            # answer keeps Twisted's TLS aggregation (its head and body in one record).
-            tls_writes_at_once(self.transport)
         factory = self._router.websocket if upgrade else self._router.site
         inner = factory.buildProtocol(self._addr)
         if inner is None:
