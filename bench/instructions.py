@@ -4,6 +4,7 @@ however busy the machine is, for changes too small for the rounds of bench/play.
     .venv/bin/python -m bench.instructions                          # play: the server's instructions a play
     .venv/bin/python -m bench.instructions --part worker            # play: the worker's (its engine children apart)
     .venv/bin/python -m bench.instructions --workload whoami        # the server's a whoami call
+    .venv/bin/python -m bench.instructions --workload whoami --tls  # the same over wss://
     .venv/bin/python -m bench.instructions --root /path/to/another/checkout --repeat 3
     .venv/bin/python -m bench.instructions --keep DIR && callgrind_annotate DIR/1/callgrind.out.1 | head -40
 
@@ -13,7 +14,9 @@ engine children as by default), one of the two (``--part``) under ``valgrind --t
 (the ``websockets`` client), authenticates each (eth personal_sign), has each make ``--warmup``
 calls, one in flight per connection; then turns counting on (``callgrind_control -i on``),
 has them make ``--calls`` calls in all, turns it off, and reports the instructions executed
-(callgrind's ``Ir``: of that process alone, its kernel time not included) per call.
+(callgrind's ``Ir``: of that process alone, its kernel time not included) per call. With
+``--tls`` the server has a certificate of a CA made for the run (``trustme``), and the client
+speaks ``wss://`` to it.
 
 What it counts is the Python and C code the process runs, not the system calls' cost in the
 kernel, waiting, or caches: a change that saves instructions shows here whatever else runs on
@@ -32,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,7 @@ import time
 from pathlib import Path
 
 import coincurve
+import trustme
 import websockets
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -89,7 +94,8 @@ def instructions(dump_dir: str, prefix: str) -> int:
     return total
 
 
-async def calls(url: str, workload: str, connections: int, warmup: int, count: int, counting) -> dict:
+async def calls(url: str, workload: str, connections: int, warmup: int, count: int, counting,
+                tls: ssl.SSLContext | None = None) -> dict:
     template = CALLS[workload]
     left = {"warm": warmup * connections, "measured": count}
     warmed = asyncio.Event()
@@ -98,7 +104,7 @@ async def calls(url: str, workload: str, connections: int, warmup: int, count: i
     async def one(key: coincurve.PrivateKey) -> None:
         pubkey = key.public_key.format().hex()
         async with websockets.connect(url, max_size=None, compression=None, ping_interval=None,
-                                      open_timeout=60, close_timeout=60) as ws:
+                                      open_timeout=60, close_timeout=60, ssl=tls) as ws:
             await ws.send(json.dumps({"jsonrpc": "2.0", "method": "fetch_nonce", "params": {"pubkey": pubkey},
                                       "id": 0}))
             nonce = json.loads(await ws.recv())["result"]["nonce"]
@@ -140,9 +146,16 @@ def run_once(args, state: str) -> dict:
     out = os.path.join(state, "callgrind.out")
     server_log, worker_log = os.path.join(state, "server.log"), os.path.join(state, "worker.log")
     procs = []
+    tls_args, client_tls, scheme = [], None, "ws"
+    if args.tls:
+        ca = trustme.CA()
+        cert = os.path.join(state, "server.pem")
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(cert)
+        tls_args, client_tls, scheme = ["--tls-cert", cert], ssl.create_default_context(), "wss"
+        ca.configure_trust(client_tls)
     try:
         server = start(["circles", "--auth", "-k", circle, "--port", "0", "--interface", "127.0.0.1",
-                        "--rate-limit", "1e9", "--state-dir", state], state, args.root, server_log,
+                        "--rate-limit", "1e9", "--state-dir", state, *tls_args], state, args.root, server_log,
                        out if args.part == "server" else None)
         procs.append(server)
         port = int(wait_for_line(server_log, r"starting on (\d+)", server).group(1))
@@ -160,8 +173,8 @@ def run_once(args, state: str) -> dict:
             if not on:
                 control(counted.pid, "-d")
 
-        result = asyncio.run(calls(f"ws://127.0.0.1:{port}/{circle}", args.workload, args.connections, args.warmup,
-                                   args.calls, counting))
+        result = asyncio.run(calls(f"{scheme}://127.0.0.1:{port}/{circle}", args.workload, args.connections,
+                                   args.warmup, args.calls, counting, client_tls))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -186,6 +199,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="calls counted, in all")
     parser.add_argument("--engine", default="circles.worker.tiny_engine:run")
     parser.add_argument("--concurrency", type=int, default=16, help="worker --concurrency")
+    parser.add_argument("--tls", action="store_true", help="over wss:// (a certificate made for the run)")
     parser.add_argument("--repeat", type=int, default=1, help="runs, each with fresh processes")
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose server and worker run")
     parser.add_argument("--keep", metavar="DIR", default=None,
@@ -209,7 +223,7 @@ def main() -> None:
                         shutil.copy(Path(state) / name, kept)
         print(json.dumps(runs[-1]), file=sys.stderr)
     per_call = sorted(run["instructions_per_call"] for run in runs)
-    print(json.dumps({"workload": args.workload, "part": args.part, "root": args.root,
+    print(json.dumps({"workload": args.workload, "part": args.part, "tls": args.tls, "root": args.root,
                       "connections": args.connections, "calls": args.calls, "runs": runs,
                       "median_instructions_per_call": per_call[len(per_call) // 2],
                       "spread": round((per_call[-1] - per_call[0]) / per_call[0], 4),

@@ -13,7 +13,7 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, ensureDeferred, maybeDeferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.task import deferLater
@@ -91,7 +91,7 @@ def server_endpoints(config: Config, reactor: Any) -> list:
                                   fd=inherited_listen_fd())]
     if config.tls is not None:
         port = DEFAULT_TLS_PORT if config.port is None else config.port
-        return [SSL4ServerEndpoint(reactor, port, config.tls, backlog=LISTEN_BACKLOG, interface=config.interface)]
+        return [tls.TLSServerEndpoint(reactor, port, config.tls, backlog=LISTEN_BACKLOG, interface=config.interface)]
     port = DEFAULT_PLAIN_PORT if config.port is None else config.port
     return [TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=config.interface)]
 

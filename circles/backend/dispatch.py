@@ -50,6 +50,7 @@ from circles.backend.replies import Replies
 from circles.backend.runner import RedisRunner
 from circles.backend.scripts import IAdmittingScriptRunner, NotAMember, NoWorker, Queued, ScriptRequest
 from circles.backend.values import text
+from circles.common.event_loop import TurnEnd
 from circles.common.ids import random_uuid
 from circles.common.logs import Logger
 from circles.common.logs import enabled as log_enabled
@@ -103,6 +104,7 @@ class RedisScriptRunner(RedisRunner):
         self.max_output = max_output
         self.webhook_attempts = webhook_attempts
         self._enqueues: list[tuple] = []  # plays to queue at the end of this turn: (task id, request, admit, deadline)
+        self._turn_end = TurnEnd(reactor)
         self.replies = Replies(reactor, prefix, self.reply_key, self._command, self.is_connected)
         self.housekeeping = Housekeeping(reactor, prefix, lambda: self._commands, self._command, self.is_connected,
                                          circles)
@@ -189,7 +191,7 @@ class RedisScriptRunner(RedisRunner):
         that is not queued fails (:meth:`Replies.not_queued`)."""
         self._enqueues.append((task_id, request, admit, tasks.timestamp(self.clock.seconds() + request.timeout)))
         if len(self._enqueues) == 1:
-            self.clock.callLater(0, self._send_enqueues)
+            self._turn_end.callLater(0, self._send_enqueues)
 
     def _send_enqueues(self) -> None:
         """The plays of this turn of the reactor, queued in one step (Redis trouble fails each as

@@ -14,15 +14,26 @@ is kept, read only when a legacy event is logged: the root log context's ``syste
 log prefix of the descriptor being served (in the reactor's thread; ``-`` elsewhere and between
 events, as before). For a process of its own only (``twistd``'s plugins): it changes Twisted's
 root log context, which an embedding application owns.
+
+The direct loop also ends each turn itself: :class:`TurnEnd` is a clock whose ``callLater(0, f)``
+runs ``f`` right after the poll's events are served, from a list, where the reactor's makes a
+``DelayedCall`` and pushes it on the heap of timers, to be popped, checked and called by the next
+``runUntilCurrent``. It is for work gathered over a turn and done once at its end: Twisted's TLS
+transport writes the records of a turn so (:func:`circles.server.tls.tls_factory`). Without the
+direct loop (an embedding application, another reactor) it is the reactor's ``callLater``.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.error import AlreadyCalled, AlreadyCancelled
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python import context, log
+from zope.interface import implementer
 
 #: What the root context's ``system`` is outside of any descriptor's call, as Twisted sets it.
 NO_SYSTEM = "-"
@@ -46,12 +57,18 @@ class DirectPoll:
         self._reactor = reactor
         self.thread = threading.get_ident()
         self.serving: Any = None  # the descriptor whose event is being served, or None
+        self.turn_end: list[TurnEndCall] = []  # run after the events being served
 
     def poll(self, timeout: float | None) -> None:
-        """One wait for events (at most ``timeout`` seconds, None: as long as it takes) and each
-        event served; an exception out of one is logged as ``callWithLogger`` logs it and the
-        others are still served."""
+        """One wait for events (at most ``timeout`` seconds, None: as long as it takes), each
+        event served, then the calls for the end of the turn; an exception out of one is logged as
+        ``callWithLogger`` (or ``runUntilCurrent``) logs it and the others are still served."""
         reactor = self._reactor
+        if self.turn_end:
+            # Asked for outside the events (by a timer, a thread's call): run before waiting, and
+            # do not wait, as the timeout counted none of what they may have set off.
+            self.end_turn()
+            timeout = 0
         selectables = reactor._selectables
         try:
             ready = reactor._poller.poll(-1 if timeout is None else timeout, len(selectables))
@@ -74,6 +91,78 @@ class DirectPoll:
                     log.err(system=_prefix(selectable))
         finally:
             self.serving = None
+        if self.turn_end:
+            self.end_turn()
+
+    def end_turn(self) -> None:
+        """The calls asked for the end of this turn (those they ask for run at the next one's)."""
+        calls, self.turn_end = self.turn_end, []
+        for call in calls:
+            function = call.function
+            if function is None:
+                continue  # cancelled
+            call.function = None
+            call.called = True
+            try:
+                function(*call.args, **call.kw)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(None, "while handling a call at the end of a turn")
+
+
+@implementer(IDelayedCall)
+class TurnEndCall:
+    """A call for the end of a turn (:class:`TurnEnd`): what ``callLater(0)`` returns."""
+
+    __slots__ = ("function", "args", "kw", "called", "_time")
+
+    def __init__(self, function: Callable[..., object], args: tuple, kw: dict, time: float) -> None:
+        self.function: Callable[..., object] | None = function
+        self.args, self.kw, self._time = args, kw, time
+        self.called = False
+
+    def getTime(self) -> float:
+        return self._time
+
+    def active(self) -> bool:
+        return self.function is not None
+
+    def cancel(self) -> None:
+        if self.function is None:
+            raise AlreadyCalled() if self.called else AlreadyCancelled()
+        self.function, self.args, self.kw = None, (), {}
+
+    def delay(self, secondsLater: float) -> None:
+        raise NotImplementedError("a call at the end of the turn is not moved")
+
+    def reset(self, secondsFromNow: float) -> None:
+        raise NotImplementedError("a call at the end of the turn is not moved")
+
+
+@implementer(IReactorTime)
+class TurnEnd:
+    """``reactor``'s clock, whose ``callLater(0, f)`` runs ``f`` at the end of the direct loop's
+    turn (after the events being served, or before the next wait when asked for outside them)
+    instead of by the timers' next run; the reactor's own ``callLater`` for another delay, or
+    for a reactor without the direct loop."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def seconds(self) -> float:
+        return self._reactor.seconds()
+
+    def getDelayedCalls(self) -> list[IDelayedCall]:
+        return self._reactor.getDelayedCalls()
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall:
+        loop = getattr(self._reactor.doIteration, "__self__", None)
+        if delay != 0 or not isinstance(loop, DirectPoll):
+            return self._reactor.callLater(delay, callable, *args, **kw)
+        call = TurnEndCall(callable, args, kw, self._reactor.seconds())
+        loop.turn_end.append(call)
+        return call
 
 
 class _ServedSystem(dict):

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 import circles
 from circles.common import fast_json
 from circles.common.children import dies_with_this_process, how_it_ended
+from circles.common.event_loop import TurnEnd
 from circles.common.logs import Logger
 from circles.common.once import Once
 from circles.worker.engine_child import FRAME, encode_frame
@@ -286,6 +287,7 @@ class IsolatedEngine:
         self._busy: set[_Child] = set()  # of those, the ones with scripts
         self._sweeping: Any = None  # the call of _sweep to come
         self._outgoing: dict[_Child, list[bytes]] | None = None  # frames for the end of this turn
+        self._turn_end = TurnEnd(reactor)
         self._dying: set[_Child] = set()  # killed, not reaped yet
         self._queue: deque[_Job] = deque()
         self._warm = False  # keep `size` children started (after start())
@@ -447,7 +449,7 @@ class IsolatedEngine:
         frame = encode_frame(dict(job.header, epoch=child.epoch), job.body)
         if self._outgoing is None:
             self._outgoing = {}
-            self.reactor.callLater(0, self._write_out)
+            self._turn_end.callLater(0, self._write_out)
         self._outgoing.setdefault(child, []).append(frame)
 
     def _write_out(self) -> None:

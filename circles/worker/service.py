@@ -40,6 +40,7 @@ from circles.backend.redis_url import RedisAddress
 from circles.backend.scripts import SOURCE_INIT
 from circles.backend.txredisapi_patches import drop_connections, live_connection
 from circles.backend.values import text
+from circles.common.event_loop import TurnEnd
 from circles.common.log_budget import LogBudget
 from circles.common.logs import Logger
 from circles.common.logs import enabled as log_enabled
@@ -132,6 +133,7 @@ class Worker(Service):
         self.circles = list(circles)
         self.engine = engine
         self.reactor = reactor
+        self._turn_end = TurnEnd(reactor)  # results recorded at the end of the turn that got them
         self.prefix = prefix
         self.concurrency = concurrency
         self.script_timeout = script_timeout
@@ -602,7 +604,7 @@ class Worker(Service):
                 tasks.encode_reply(outcome), outcome.reason, task_id, self.worker_id, self.task_ttl]
         self._results.append(_Finish(task_id, keys, args, recorded, outcome, context, now - started))
         if len(self._results) == 1:
-            self.reactor.callLater(0, lambda: ensureDeferred(self._record_results()))
+            self._turn_end.callLater(0, lambda: ensureDeferred(self._record_results()))
 
     def _recorded(self, result: tuple[bool, Any], outcome: tasks.Outcome, context: ScriptContext,
                   duration: float) -> None:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import time
+from contextlib import nullcontext
 
 import pytest
 import trustme
@@ -147,6 +148,73 @@ def test_a_wss_connection_carries_on_as_its_tls_buffers_are_let_go(server, rsa_f
             time.sleep(1.5)
             ws.send(json.dumps({"jsonrpc": "2.0", "method": "whoami", "id": 20 + round_}))
             assert json.loads(ws.recv(timeout=30))["id"] == 20 + round_
+
+
+def frame(text: bytes) -> bytes:
+    """A client's text frame (masked with the zero key) of under 126 bytes."""
+    return bytes([0x81, 0x80 | len(text)]) + b"\0\0\0\0" + text
+
+
+def application_records(raw: bytes) -> int:
+    """How many TLS records of application data (type 23) ``raw``, whole records, holds."""
+    count, at = 0, 0
+    while at + 5 <= len(raw):
+        count += raw[at] == 23
+        at += 5 + int.from_bytes(raw[at + 3:at + 5], "big")
+    assert at == len(raw), "not whole records"
+    return count
+
+
+def upgraded(port: int, context: ssl.SSLContext, timeout: float = 30):
+    """A RawTLSClient with its WebSocket open on the circle."""
+    from ..support import RawTLSClient
+
+    client = RawTLSClient(port, context, timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    client.send(f"GET /{CIRCLE.pubkey} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+    return client
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_replies_of_one_turn_go_out_in_one_record(server, rsa_files, tmp_path, processes):
+    """Two requests in one record are answered in one turn of the reactor, and their two reply
+    frames go out in one TLS record, written at the turn's end (circles.server.tls.tls_factory):
+    not a record a frame. Under ``--processes`` too, whose TLS wraps the shared port's factory."""
+    args = ["--tls-cert", rsa_files["combined"], "--port", "0", "--interface", "127.0.0.1", "--processes", "2",
+            "-k", CIRCLE.pubkey]
+    with (twistd(args, tmp_path) if processes == 2 else nullcontext(server)) as process:
+        port = process.wait_listening() if processes == 2 else server.port
+        client = upgraded(port, ssl.create_default_context(cafile=rsa_files["ca"]))
+        client.send(frame(b'{"jsonrpc":"2.0","method":"whoami","id":1}') +
+                    frame(b'{"jsonrpc":"2.0","method":"whoami","id":2}'))
+        raw, text = b"", b""
+        while b'"id":2' not in text:
+            chunk = client.sock.recv(65536)
+            assert chunk, f"closed after {text!r}"
+            raw += chunk
+            client.incoming.write(chunk)
+            try:
+                while piece := client.tls.read(65536):
+                    text += piece
+            except ssl.SSLWantReadError:
+                pass
+        assert b'"id":1' in text
+        assert application_records(raw) == 1, raw
+        client.sock.close()
+
+
+def test_what_a_timer_writes_reaches_an_idle_wss_client(rsa_files, tmp_path):
+    """A ping is written by a timer, outside every event, and held for the end of the turn like
+    every other write: it reaches a client that sends nothing. (That it goes before the reactor
+    waits again, rather than with its next wake-up, is tests/unit/test_event_loop.py's.)"""
+    args = ["--tls-cert", rsa_files["combined"], "--port", "0", "--interface", "127.0.0.1", "-k", CIRCLE.pubkey,
+            "--ping-interval", "1", "--ping-timeout", "30"]
+    with twistd(args, tmp_path) as process:
+        client = upgraded(process.wait_listening(), ssl.create_default_context(cafile=rsa_files["ca"]), timeout=10)
+        assert client.read_until(b"\x89") == b"\x89"  # a ping frame, first of all (else the read times out)
+        client.sock.close()
 
 
 # -- the cipher policy ------------------------------------------------------------------------

@@ -136,3 +136,155 @@ def test_only_the_epoll_reactor_is_changed():
         assert type(context.defaultContextDict[log.ILogContext]) is dict
     finally:
         reactor.waker.connectionLost(None)
+
+
+# -- the end of a turn ---------------------------------------------------------------------------
+
+def direct_reactor() -> EPollReactor:
+    reactor = EPollReactor()
+    root = context.defaultContextDict[log.ILogContext]
+    try:
+        assert event_loop.serve_events_directly(reactor)
+    finally:
+        context.defaultContextDict[log.ILogContext] = root  # Twisted's again: only the loop is tested here
+    return reactor
+
+
+def close(reactor: EPollReactor, *descriptors: Descriptor) -> None:
+    for descriptor in descriptors:
+        reactor.removeReader(descriptor)
+        descriptor.socket.close()
+        descriptor.peer.close()
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
+
+
+class WatchedPoller:
+    """The reactor's epoll object, the timeout of each of its waits written down."""
+
+    def __init__(self, poller) -> None:
+        self._poller = poller
+        self.waits: list = []
+
+    def poll(self, timeout, count):
+        self.waits.append(timeout)
+        return self._poller.poll(timeout, count)
+
+    def __getattr__(self, name: str):
+        return getattr(self._poller, name)
+
+
+def watched(reactor: EPollReactor) -> WatchedPoller:
+    reactor._poller = WatchedPoller(reactor._poller)
+    return reactor._poller
+
+
+def test_a_call_for_the_turns_end_runs_after_every_event_of_the_turn_without_a_timer():
+    """Each of two descriptors ready at once asks for a call at the turn's end: both run once,
+    in the order asked, after both descriptors were served and in the same iteration, with no
+    DelayedCall on the reactor's heap; one cancelled does not run."""
+    reactor = direct_reactor()
+    poller = watched(reactor)
+    clock = event_loop.TurnEnd(reactor)
+    done: list = []
+
+    def asks(descriptor: Descriptor) -> None:
+        done.append(f"served {descriptor.name}")
+        clock.callLater(0, done.append, f"end after {descriptor.name}")
+        clock.callLater(0, done.append, "cancelled").cancel()
+        assert reactor.getDelayedCalls() == []
+
+    descriptors = [Descriptor(reactor, name, asks) for name in ("a", "b")]
+    try:
+        for descriptor in descriptors:
+            reactor.addReader(descriptor)
+            descriptor.peer.send(b"x")
+        reactor.doIteration(5)
+    finally:
+        close(reactor, *descriptors)
+    assert sorted(done[:2]) == ["served a", "served b"]
+    first, second = (name[-1] for name in done[:2])
+    assert done[2:] == [f"end after {first}", f"end after {second}"]
+    assert poller.waits == [5]
+
+
+def test_a_call_asked_for_outside_the_events_runs_before_the_next_wait_which_does_not_wait():
+    """A timer (or a thread's call) asks for the end of the turn before the loop polls: the
+    call runs first and the poll does not block, so what it sent is not held until some event."""
+    reactor = direct_reactor()
+    poller = watched(reactor)
+    clock = event_loop.TurnEnd(reactor)
+    done: list = []
+    reactor.callLater(0, lambda: clock.callLater(0, done.append, "flushed"))
+    try:
+        reactor.runUntilCurrent()
+        assert done == []
+        reactor.doIteration(30)
+    finally:
+        close(reactor)
+    assert done == ["flushed"]
+    assert poller.waits == [0]
+
+
+def test_an_exception_of_one_call_is_logged_and_the_others_still_run():
+    reactor = direct_reactor()
+    clock = event_loop.TurnEnd(reactor)
+    done: list = []
+    failures: list = []
+
+    def observe(event: dict) -> None:
+        if event.get("isError"):
+            failures.append((event["why"], event["failure"].value.args[0]))
+
+    def raises() -> None:
+        raise ValueError("flush failed")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        clock.callLater(0, raises)
+        clock.callLater(0, done.append, "still run")
+        reactor.doIteration(0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        close(reactor)
+    assert done == ["still run"]
+    assert failures == [("while handling a call at the end of a turn", "flush failed")]
+
+
+def test_a_call_for_the_turns_end_is_cancelled_and_reports_its_state_as_a_delayed_call_does():
+    import pytest
+    from twisted.internet.error import AlreadyCalled, AlreadyCancelled
+
+    reactor = direct_reactor()
+    clock = event_loop.TurnEnd(reactor)
+    try:
+        kept, dropped = clock.callLater(0, lambda: None), clock.callLater(0, lambda: None)
+        assert kept.active() and dropped.active() and kept.getTime() <= reactor.seconds()
+        dropped.cancel()
+        assert not dropped.active()
+        with pytest.raises(AlreadyCancelled):
+            dropped.cancel()
+        reactor.doIteration(0)
+        assert not kept.active()
+        with pytest.raises(AlreadyCalled):
+            kept.cancel()
+    finally:
+        close(reactor)
+
+
+def test_without_the_direct_loop_or_with_a_delay_it_is_the_reactors_call_later():
+    from twisted.internet.base import DelayedCall
+
+    plain = EPollReactor()
+    direct = direct_reactor()
+    try:
+        later = event_loop.TurnEnd(plain).callLater(0, lambda: None)
+        assert type(later) is DelayedCall and plain.getDelayedCalls() == [later]
+        timer = event_loop.TurnEnd(direct).callLater(0.5, lambda: None)
+        assert type(timer) is DelayedCall and direct.getDelayedCalls() == [timer]
+        assert event_loop.TurnEnd(direct).getDelayedCalls() == [timer]
+    finally:
+        for reactor in (plain, direct):
+            for call in reactor.getDelayedCalls():
+                call.cancel()
+            close(reactor)

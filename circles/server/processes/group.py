@@ -55,13 +55,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProcessTransport, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from circles.common.children import RestartDelay, dies_with_this_process, how_it_ended, terminate
 from circles.common.logs import RELAY_LINE_LIMIT, Logger, relayed_event, tag
 from circles.common.once import Once
 from circles.server.processes.accept import ABSENT, Holdings, SharedPort
+from circles.server.tls import tls_factory
 
 log = Logger()
 
@@ -148,7 +148,7 @@ class ReusePortEndpoint:
                 fd, family = self._fd, _family(self._interface)  # the first process's, listening
             os.set_blocking(fd, False)
             if self._tls is not None:
-                factory = TLSMemoryBIOFactory(self._tls, False, factory)
+                factory = tls_factory(self._reactor, self._tls, factory)
             port = SharedPort._fromListeningDescriptor(self._reactor, fd, family, factory)
             port.startListening()
             if self._fd is not None:
