@@ -346,6 +346,8 @@ def test_the_twisted_web_code_request_limits_relies_on_is_the_one_reviewed(owner
 #: (mainLoop: self.doIteration, looked up at each turn) and what keeps a legacy event's
 #: ``system``: callWithLogger's prefix and its handling of errors, the root context every
 #: thread's tracker starts from, and the copy of it every legacy event and context starts from.
+#: Then what its TurnEnd clock serves in Twisted's TLS: the factory's ``clock`` handed to each
+#: connection's aggregator, which calls ``callLater(0)`` and only ``cancel``s what it gets.
 TWISTED_LOOP_SOURCES = {
     ("epollreactor", "EPollReactor.doPoll"): "09b62ae68ef01b4b",  # replaced
     ("posixbase", "_PollLikeMixin._doReadOrWrite"): "5ffee55b79492b00",
@@ -354,15 +356,22 @@ TWISTED_LOOP_SOURCES = {
     ("log", "callWithContext"): "c44b5124f288e82f",
     ("log", "LogPublisher.msg"): "6750a61e2bd3df23",
     ("context", "ContextTracker.__init__"): "578c556c8bd47a43",
+    ("tls", "TLSMemoryBIOFactory.__init__"): "b703d9989165fa86",
+    ("tls", "BufferingTLSTransport.__init__"): "2d7152b65488afb9",
+    ("tls", "_AggregateSmallWrites.write"): "6353c884a8ca58c5",
+    ("tls", "_AggregateSmallWrites._scheduledFlush"): "7ac107fe663decc3",
+    ("tls", "_AggregateSmallWrites.close"): "05d8af686a9e5f85",
 }
 
 
 @pytest.mark.parametrize("module, name", sorted(TWISTED_LOOP_SOURCES))
 def test_the_twisted_loop_code_event_loop_replaces_is_the_one_reviewed(module, name):
     from twisted.internet import base, epollreactor, posixbase
+    from twisted.protocols import tls
     from twisted.python import context, log
 
-    owner = {"epollreactor": epollreactor, "posixbase": posixbase, "base": base, "log": log, "context": context}[module]
+    owner = {"epollreactor": epollreactor, "posixbase": posixbase, "base": base, "log": log, "context": context,
+             "tls": tls}[module]
     *outer, last = name.split(".")
     for part in outer:
         owner = getattr(owner, part)
