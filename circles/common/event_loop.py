@@ -157,7 +157,7 @@ class TurnEnd:
         return self._reactor.getDelayedCalls()
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall:
-        loop = getattr(self._reactor.doIteration, "__self__", None)
+        loop = getattr(getattr(self._reactor, "doIteration", None), "__self__", None)  # none on a test's Clock
         if delay != 0 or not isinstance(loop, DirectPoll):
             return self._reactor.callLater(delay, callable, *args, **kw)
         call = TurnEndCall(callable, args, kw, self._reactor.seconds())

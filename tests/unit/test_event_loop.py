@@ -10,6 +10,7 @@ import threading
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.pollreactor import PollReactor
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python import context, log
 
@@ -283,6 +284,9 @@ def test_without_the_direct_loop_or_with_a_delay_it_is_the_reactors_call_later()
         timer = event_loop.TurnEnd(direct).callLater(0.5, lambda: None)
         assert type(timer) is DelayedCall and direct.getDelayedCalls() == [timer]
         assert event_loop.TurnEnd(direct).getDelayedCalls() == [timer]
+        clock = Clock()  # a test's clock, which has no loop at all
+        later = event_loop.TurnEnd(clock).callLater(0, lambda: None)
+        assert clock.getDelayedCalls() == [later]
     finally:
         for reactor in (plain, direct):
             for call in reactor.getDelayedCalls():
