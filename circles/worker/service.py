@@ -421,7 +421,7 @@ class Worker(Service):
                 await self._interruptibly(self._when_free())
                 # The slots that free up in the same turn of the reactor (the replies of several
                 # scripts read at once) are taken together, in one TAKE.
-                await self._interruptibly(deferLater(self.reactor, 0, lambda: None))
+                await self._interruptibly(deferLater(self._turn_end, 0, lambda: None))
             await self._interruptibly(self._when_registered())  # never hold a task unregistered
             if circle in self._inits_ended:  # the circle's init script first
                 await self._interruptibly(self._inits_ended[circle].when())

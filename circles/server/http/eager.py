@@ -3,8 +3,9 @@ and close at once when nothing is left to send.
 
 :class:`EagerServer` writes as :class:`~circles.common.eager.EagerWrites` does: on the
 ``fetch_nonce`` benchmark Twisted's queued writes were a third of the server's time per call.
-``loseConnection`` with nothing left to flush closes on the next reactor turn instead of first
-waiting for writability (which cost two ``epoll_ctl`` and an empty ``send`` per connection);
+``loseConnection`` with nothing left to flush closes at the end of the reactor's turn
+(:class:`circles.common.event_loop.TurnEnd`) instead of first waiting for writability (which
+cost two ``epoll_ctl`` and an empty ``send`` per connection);
 ``connectionLost`` still comes later, never from inside ``loseConnection``
 (:func:`circles.common.eager.close_at_once`, for a protocol that has said its last word, sends
 the FIN before that).
@@ -23,6 +24,7 @@ from twisted.internet import main, tcp
 from twisted.python.failure import Failure
 
 from circles.common.eager import EagerWrites
+from circles.common.event_loop import TurnEnd
 
 
 class EagerServer(EagerWrites, tcp.Server):
@@ -36,7 +38,7 @@ class EagerServer(EagerWrites, tcp.Server):
             self.stopReading()
             self.stopWriting()
             self.disconnecting = 1
-            self.reactor.callLater(0, self._close_now)  # type: ignore[attr-defined]  # every reactor is IReactorTime
+            TurnEnd(self.reactor).callLater(0, self._close_now)
             return
         if (self.connected and not self.disconnecting and not self.TLS
                 and not self._writeDisconnecting and not self._writeDisconnected
@@ -44,7 +46,7 @@ class EagerServer(EagerWrites, tcp.Server):
                 and (self.producer is None or (self.streamingProducer and not self.producerPaused))):
             self.stopReading()
             self.disconnecting = 1
-            self.reactor.callLater(0, self._close_now)  # type: ignore[attr-defined]  # every reactor is IReactorTime
+            TurnEnd(self.reactor).callLater(0, self._close_now)
             return
         super().loseConnection()
 
