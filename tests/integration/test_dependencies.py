@@ -400,10 +400,12 @@ def test_the_twisted_usage_code_options_relies_on_is_the_one_reviewed(owner, met
 #: The pyOpenSSL code release_buffers relies on, as reviewed for 26.4: a Connection made without
 #: a socket speaks through two memory BIOs set on its SSL (``_into_ssl``, ``_from_ssl``, ``_ssl``),
 #: which its BIO methods read each time (nothing else keeps them); and Twisted's TLS hands out that
-#: Connection (``getHandle``).
+#: Connection (``getHandle``). The server's TLS transport (``_TLSTransport``) reads the length of
+#: ``_from_ssl`` where ``bio_read`` would raise WantReadError (``_handle_bio_errors``) on an empty one.
 PYOPENSSL_SOURCES = {
     ("Connection", "__init__"): "3161e88318ab2413",
     ("Connection", "bio_read"): "bc83763ed40fc664",
+    ("Connection", "_handle_bio_errors"): "eaea77f2e1fab12e",
     ("Connection", "bio_write"): "2198d63b78ada6dc",
     ("Connection", "bio_shutdown"): "5989bd920a4dd852",
 }
@@ -420,6 +422,55 @@ def test_twisted_tls_hands_out_its_pyopenssl_connection():
     from twisted.protocols.tls import TLSMemoryBIOProtocol
 
     assert source_digest(vars(TLSMemoryBIOProtocol)["getHandle"]) == "5c7a1b12501164b3"
+
+
+def test_the_outgoing_bio_is_empty_exactly_when_twisted_would_find_nothing_to_send():
+    """What ``_TLSTransport._flushSendBIO`` skips is what Twisted's would do nothing with: over a
+    real handshake and a record each way, the server's outgoing BIO reads as empty exactly when
+    ``bio_read`` raises WantReadError, and otherwise holds what ``bio_read`` gives. Twisted's
+    ``_flushSendBIO`` is the one reviewed (it reads the BIO and writes what it got, nothing else)."""
+    import trustme
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    assert source_digest(vars(TLSMemoryBIOProtocol)["_flushSendBIO"]) == "c034168e4f0faf2c"
+    ca = trustme.CA()
+    server_context, client_context = SSL.Context(SSL.TLS_METHOD), SSL.Context(SSL.TLS_METHOD)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
+    server.set_accept_state()
+    client.set_connect_state()
+    seen = {"empty": 0, "full": 0}
+
+    def drain(sender, receiver) -> None:
+        while True:
+            pending = lib.BIO_get_mem_data(sender._from_ssl, ffi.NULL)
+            try:
+                data = sender.bio_read(2 ** 15)
+            except SSL.WantReadError:
+                assert pending == 0
+                seen["empty"] += 1
+                return
+            assert pending > 0 and len(data) == min(pending, 2 ** 15)
+            seen["full"] += 1
+            receiver.bio_write(data)
+
+    for _ in range(4):  # the handshake's flights
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except SSL.WantReadError:
+                pass
+        drain(client, server)
+        drain(server, client)
+    client.send(b"ping")
+    drain(client, server)
+    assert server.recv(100) == b"ping"
+    server.send(b"pong")
+    drain(server, client)
+    assert client.recv(100) == b"pong"
+    assert seen["empty"] >= 4 and seen["full"] >= 4
 
 
 def test_pyproject_pins_the_pyopenssl_line_that_was_reviewed():
