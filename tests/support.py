@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -262,3 +262,34 @@ def run_twistd_to_exit(args: list, cwd: Path, timeout: float = 60) -> subprocess
     """Run twistd expecting it to refuse to start; return what it printed."""
     return subprocess.run([TWISTD, "-n", "--pidfile=", "circles", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def carry(source, sink) -> None:
+    """All the ciphertext ``source`` has to send, written into ``sink`` (pyOpenSSL connections on
+    memory BIOs)."""
+    from OpenSSL import SSL
+
+    while True:
+        try:
+            sink.bio_write(source.bio_read(2 ** 16))
+        except SSL.WantReadError:
+            return
+
+
+def tls_pair(server_context, client_context, carry: Callable = carry) -> tuple:
+    """A server and a client pyOpenSSL connection on memory BIOs (as Twisted's TLS makes them),
+    past the handshake, whose flights ``carry(source, sink)`` takes from one to the other."""
+    from OpenSSL import SSL
+
+    server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(4):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        carry(client, server)
+        carry(server, client)
+    return server, client

@@ -33,7 +33,7 @@ from circles.server.tls import endpoint_parameters
 
 from ..inmemory import captured_log
 from ..play_client import eventually
-from ..support import source_digest
+from ..support import source_digest, tls_pair
 
 
 @contextmanager
@@ -438,9 +438,6 @@ def test_the_outgoing_bio_is_empty_exactly_when_twisted_would_find_nothing_to_se
     ca = trustme.CA()
     server_context, client_context = SSL.Context(SSL.TLS_METHOD), SSL.Context(SSL.TLS_METHOD)
     ca.issue_cert("localhost").configure_cert(server_context)
-    server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
-    server.set_accept_state()
-    client.set_connect_state()
     seen = {"empty": 0, "full": 0}
 
     def drain(sender, receiver) -> None:
@@ -456,14 +453,7 @@ def test_the_outgoing_bio_is_empty_exactly_when_twisted_would_find_nothing_to_se
             seen["full"] += 1
             receiver.bio_write(data)
 
-    for _ in range(4):  # the handshake's flights
-        for end in (client, server):
-            try:
-                end.do_handshake()
-            except SSL.WantReadError:
-                pass
-        drain(client, server)
-        drain(server, client)
+    server, client = tls_pair(server_context, client_context, carry=drain)
     client.send(b"ping")
     drain(client, server)
     assert server.recv(100) == b"ping"

@@ -33,6 +33,7 @@ from circles.server.tls import load, release_buffers
 from circles.tryout import devcert
 
 from ..inmemory import session_layer
+from ..support import carry, tls_pair
 from .test_protocol import (  # noqa: F401 (fixtures)
     CIRCLE,
     Client,
@@ -133,7 +134,7 @@ def test_an_idle_connection_holds_little_of_the_heap(clock):
 # --- fragmented messages ---------------------------------------------------------------------------
 
 
-def test_one_byte_fragments_cost_what_they_carry(txaio_clock):
+def test_one_byte_fragments_cost_what_theycarry(txaio_clock):
     """Autobahn kept some 40 bytes per fragment (a 1 MiB message in 1-byte fragments: 53 MB);
     gathered as they arrive, a message's fragments hold about what they carry."""
     server, _ = open_raw(make_gateway(txaio_clock))
@@ -377,34 +378,6 @@ def tls_contexts(tmp_path_factory):
     return server, client
 
 
-def _carry(source, sink) -> None:
-    from OpenSSL import SSL
-
-    while True:
-        try:
-            sink.bio_write(source.bio_read(2 ** 16))
-        except SSL.WantReadError:
-            return
-
-
-def _tls_pair(tls_contexts):
-    """A server and a client pyOpenSSL connection on memory BIOs (as Twisted's TLS makes them), past the handshake."""
-    from OpenSSL import SSL
-
-    server, client = SSL.Connection(tls_contexts[0], None), SSL.Connection(tls_contexts[1], None)
-    server.set_accept_state()
-    client.set_connect_state()
-    for _ in range(4):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except SSL.WantReadError:
-                pass
-        _carry(client, server)
-        _carry(server, client)
-    return server, client
-
-
 def _read_all(connection) -> bytes:
     from OpenSSL import SSL
 
@@ -421,7 +394,7 @@ def test_a_tls_connection_lets_go_of_the_largest_read_it_ever_made(tls_contexts)
     at a time (as Twisted reads a large message) held 85 kB for as long as it lived. Released,
     once nothing is on its way, the connection holds no more than one that never read it, and
     keeps working."""
-    pairs = [_tls_pair(tls_contexts) for _ in range(40)]
+    pairs = [tls_pair(*tls_contexts) for _ in range(40)]
     burst = b"x" * 16_000
     for server, client in pairs:
         for _ in range(4):
@@ -442,24 +415,24 @@ def test_a_tls_connection_lets_go_of_the_largest_read_it_ever_made(tls_contexts)
     assert released > 64_000, released  # the 64 kB read's buffer, and the handshake's
     for server, client in pairs:  # the connections carry on, both ways, on their new buffers
         client.send(b"after")
-        _carry(client, server)
+        carry(client, server)
         assert _read_all(server) == b"after"
         server.send(b"reply")
-        _carry(server, client)
+        carry(server, client)
         assert _read_all(client) == b"reply"
 
 
 def test_tls_buffers_are_not_let_go_while_ciphertext_is_on_its_way(tls_contexts):
-    server, client = _tls_pair(tls_contexts)
+    server, client = tls_pair(*tls_contexts)
     client.send(b"in flight")
-    _carry(client, server)  # written into the server's BIO, not yet read by it
+    carry(client, server)  # written into the server's BIO, not yet read by it
     into = server._into_ssl
     assert not release_buffers(server)
     assert server._into_ssl is into
     assert _read_all(server) == b"in flight"
     server.send(b"out")  # and on its way out, not yet sent
     assert not release_buffers(server)
-    _carry(server, client)
+    carry(server, client)
     assert release_buffers(server) and server._into_ssl is not into
     assert not release_buffers(object())  # not a pyOpenSSL connection: nothing done
 

@@ -94,13 +94,18 @@ def served_at_once(direct: bool, *reads) -> tuple[list, dict]:
     finally:
         globalLogPublisher.removeObserver(observe)
         context.defaultContextDict[log.ILogContext] = root
-        for descriptor in descriptors:
-            reactor.removeReader(descriptor)
-            descriptor.socket.close()
-            descriptor.peer.close()
-        reactor._poller.close()
-        reactor.waker.connectionLost(None)
+        close(reactor, *descriptors)
     return sorted(events), {d.name: d.lost for d in descriptors}
+
+
+def close(reactor: EPollReactor, *descriptors: Descriptor) -> None:
+    """Let go of ``reactor``'s epoll, its waker and ``descriptors`` (each reading)."""
+    for descriptor in descriptors:
+        reactor.removeReader(descriptor)
+        descriptor.socket.close()
+        descriptor.peer.close()
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
 
 
 def test_the_direct_loop_serves_and_logs_as_twisteds_own():
@@ -149,15 +154,6 @@ def direct_reactor() -> EPollReactor:
     finally:
         context.defaultContextDict[log.ILogContext] = root  # Twisted's again: only the loop is tested here
     return reactor
-
-
-def close(reactor: EPollReactor, *descriptors: Descriptor) -> None:
-    for descriptor in descriptors:
-        reactor.removeReader(descriptor)
-        descriptor.socket.close()
-        descriptor.peer.close()
-    reactor._poller.close()
-    reactor.waker.connectionLost(None)
 
 
 class WatchedPoller:
