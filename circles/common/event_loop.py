@@ -19,8 +19,10 @@ The direct loop also ends each turn itself: :class:`TurnEnd` is a clock whose ``
 runs ``f`` right after the poll's events are served, from a list, where the reactor's makes a
 ``DelayedCall`` and pushes it on the heap of timers, to be popped, checked and called by the next
 ``runUntilCurrent``. It is for work gathered over a turn and done once at its end: Twisted's TLS
-transport writes the records of a turn so (:func:`circles.server.tls.tls_factory`). Without the
-direct loop (an embedding application, another reactor) it is the reactor's ``callLater``.
+transport writes a connection's records of a turn so (:func:`circles.server.tls.tls_factory`),
+the server queues its plays, and the worker writes to its engine children and records its
+results. Without the direct loop (an embedding application, another reactor) it is the
+reactor's ``callLater``.
 """
 
 from __future__ import annotations
