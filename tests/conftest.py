@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, kind))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def direct_loop():
+    """The reactor's loop as twistd runs it for the server and the worker (both plugins call
+    serve_events_directly): each event served by a direct call, and TurnEnd's calls at the end
+    of each turn. The services started in process are tested on that loop, not Twisted's own."""
+    from twisted.internet import reactor
+
+    from circles.common.event_loop import serve_events_directly
+
+    assert serve_events_directly(reactor), f"not an epoll reactor: {reactor!r}"
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A test CA (trustme) and a server certificate for localhost/127.0.0.1, as PEM files."""

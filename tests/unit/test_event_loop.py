@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest_twisted
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.pollreactor import PollReactor
@@ -135,11 +136,12 @@ def test_a_buggy_log_prefix_is_named_as_twisted_names_it():
 
 def test_only_the_epoll_reactor_is_changed():
     reactor = PollReactor()
+    root = context.defaultContextDict[log.ILogContext]
     try:
         iteration = reactor.doIteration
         assert not event_loop.serve_events_directly(reactor)
         assert reactor.doIteration == iteration
-        assert type(context.defaultContextDict[log.ILogContext]) is dict
+        assert context.defaultContextDict[log.ILogContext] is root
     finally:
         reactor.waker.connectionLost(None)
 
@@ -288,3 +290,16 @@ def test_without_the_direct_loop_or_with_a_delay_it_is_the_reactors_call_later()
             for call in reactor.getDelayedCalls():
                 call.cancel()
             close(reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_services_in_process_run_on_the_loop_twistd_gives_them():
+    """tests/conftest.py gives the suite's reactor the direct loop, as both plugins give theirs:
+    a call for the end of the turn is the loop's, and it runs."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    ran: Deferred = Deferred()
+    call = event_loop.TurnEnd(reactor).callLater(0, ran.callback, "ran")
+    assert isinstance(call, event_loop.TurnEndCall)
+    assert await ran == "ran"
