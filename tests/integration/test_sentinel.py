@@ -343,6 +343,16 @@ def _in_sync(node) -> bool:
     return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
 
 
+def _demoted(node) -> bool:
+    """A primary made a replica by SENTINEL FAILOVER, and in sync with the new one. Sentinel
+    kills the normal clients of the primary it demotes (CLIENT KILL TYPE normal, with its
+    REPLICAOF), so that they go to the new one: a poll's connection killed so is "not yet"."""
+    try:
+        return _fields(_ask(node, "INFO", "replication")).get("role") == "slave" and _in_sync(node)
+    except ConnectionError:
+        return False
+
+
 def _knows_again(redis, sentinel, replicas: list) -> bool:
     """A Sentinel after SENTINEL RESET: it knows the other Sentinels and the replicas again."""
     master = _pairs(_ask(sentinel, "SENTINEL", "MASTER", redis.master))
@@ -396,8 +406,7 @@ async def test_the_primary_is_replaced_as_deployment_md_says_and_plays_go_on(tmp
         assert _ask(redis.sentinels[0], "SENTINEL", "FAILOVER", redis.master) == "OK"  # 2.
         await eventually(lambda: _ask(redis.sentinels[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", redis.master)
                          == ["127.0.0.1", str(replica.port)], timeout=30)  # 3.
-        await eventually(lambda: _fields(_ask(old, "INFO", "replication")).get("role") == "slave"
-                         and _in_sync(old), timeout=30)
+        await eventually(lambda: _demoted(old), timeout=30)
         new = await _replace_replica(redis, tmp_path, "new", old, primary=replica)  # 4. now a replica
 
         await eventually(lambda: runner.is_connected() and port_of(runner._commands) == replica.port)
