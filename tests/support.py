@@ -276,12 +276,14 @@ def carry(source, sink) -> None:
             return
 
 
-def tls_pair(server_context, client_context, carry: Callable = carry) -> tuple:
+def tls_pair(server_context, client_context, carry: Callable = carry, server=None) -> tuple:
     """A server and a client pyOpenSSL connection on memory BIOs (as Twisted's TLS makes them),
-    past the handshake, whose flights ``carry(source, sink)`` takes from one to the other."""
+    past the handshake, whose flights ``carry(source, sink)`` takes from one to the other.
+    ``server``: the server connection, made by the caller (``server_context`` is then unused)."""
     from OpenSSL import SSL
 
-    server, client = SSL.Connection(server_context, None), SSL.Connection(client_context, None)
+    server = SSL.Connection(server_context, None) if server is None else server
+    client = SSL.Connection(client_context, None)
     server.set_accept_state()
     client.set_connect_state()
     for _ in range(4):

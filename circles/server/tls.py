@@ -30,7 +30,12 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib  # the OpenSSL bindings pyOpenSSL itself calls
 from twisted.internet.defer import Deferred, execute
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, DiffieHellmanParameters, TLSVersion
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
@@ -194,6 +199,42 @@ class _TLSTransport(BufferingTLSTransport):
         super()._flushSendBIO()
 
 
+class _Connection(SSL.Connection):
+    """pyOpenSSL's connection, whose ``recv`` says at once that there is nothing to read when
+    there is nothing: no ciphertext in its incoming memory BIO and no plaintext decrypted and
+    not yet read (``SSL_pending``).
+
+    Twisted's ``_flushReceiveBIO`` calls ``recv`` until it raises ``WantReadError``, so every
+    read from the peer ends with one ``SSL_read`` on an empty BIO, the error looked up and
+    a 32 KiB buffer allocated for nothing: 1.3 us of the server's CPU a request. OpenSSL reads
+    no further ahead than the record it needs (``read_ahead`` is off: Twisted and we leave it
+    so), so when both are empty ``SSL_read`` has nothing to work on. After ``bio_shutdown``
+    the question goes to OpenSSL again, whose answer is then the end of the stream."""
+
+    _at_eof = False
+
+    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        if not (self._at_eof or lib.BIO_get_mem_data(self._into_ssl, ffi.NULL) or lib.SSL_pending(self._ssl)):
+            raise SSL.WantReadError()
+        return super().recv(bufsiz, flags)
+
+    def bio_shutdown(self) -> None:
+        super().bio_shutdown()
+        self._at_eof = True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ConnectionCreator:
+    """Server connections from Twisted's options, as Twisted makes them from a context factory
+    (one ``Connection`` on the options' context, with memory BIOs), of the class above."""
+
+    def __init__(self, options: CertificateOptions) -> None:
+        self._options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return _Connection(self._options.getContext(), None)
+
+
 class _TLSFactory(TLSMemoryBIOFactory):
     protocol = _TLSTransport
 
@@ -205,8 +246,9 @@ def tls_factory(reactor: Any, options: CertificateOptions, factory: IProtocolFac
     reply frames) is encrypted and sent at the end of that turn
     (:class:`circles.common.event_loop.TurnEnd`), not from a ``DelayedCall`` of its own on the
     next turn's timers: the records are the same, a turn's writes in one. And the transport
-    looks for ciphertext to send only when there is some (:class:`_TLSTransport`)."""
-    return _TLSFactory(options, False, factory, clock=TurnEnd(reactor))
+    looks for ciphertext to send only when there is some (:class:`_TLSTransport`), and for
+    plaintext to read only when there can be some (:class:`_Connection`)."""
+    return _TLSFactory(_ConnectionCreator(options), False, factory, clock=TurnEnd(reactor))
 
 
 @implementer(IStreamServerEndpoint)

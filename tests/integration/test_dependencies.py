@@ -463,6 +463,126 @@ def test_the_outgoing_bio_is_empty_exactly_when_twisted_would_find_nothing_to_se
     assert seen["empty"] >= 4 and seen["full"] >= 4
 
 
+#: What ``circles.server.tls._Connection.recv`` stands on: pyOpenSSL's ``recv`` (``SSL_read`` into
+#: a new buffer, its error raised) and ``bio_shutdown`` (the incoming BIO's EOF); Twisted's
+#: ``_flushReceiveBIO``, which calls ``recv`` until WantReadError, ``dataReceived``, which calls it
+#: only past the handshake, ``connectionLost``, which calls it after ``bio_shutdown``, and
+#: ``_convertToAppropriateFactory``, which takes the connection from our creator's
+#: ``serverConnectionForTLS``.
+RECEIVE_SOURCES = {
+    ("OpenSSL.SSL", "Connection", "recv"): "84b0e9671ae37797",
+    ("OpenSSL.SSL", "Connection", "bio_shutdown"): "5989bd920a4dd852",
+    ("twisted.protocols.tls", "TLSMemoryBIOProtocol", "_flushReceiveBIO"): "b45e129f60c44862",
+    ("twisted.protocols.tls", "TLSMemoryBIOProtocol", "dataReceived"): "0c9326eac628dc89",
+    ("twisted.protocols.tls", "TLSMemoryBIOProtocol", "connectionLost"): "db44a0b303d81d19",
+    ("twisted.protocols.tls", None, "_convertToAppropriateFactory"): "4da2d8eafba84c67",
+}
+
+
+@pytest.mark.parametrize("module, owner, name", sorted(RECEIVE_SOURCES, key=str))
+def test_the_receive_code_relied_on_is_the_one_reviewed(module, owner, name):
+    import importlib
+
+    where = importlib.import_module(module)
+    where = where if owner is None else vars(where)[owner]
+    assert source_digest(vars(where)[name]) == RECEIVE_SOURCES[module, owner, name]
+
+
+@pytest.fixture(scope="module")
+def tls_server_options():
+    """Our server options (circles.server.tls) for a certificate made for the run."""
+    import trustme
+    from OpenSSL import crypto
+
+    from circles.server.tls import server_options
+
+    leaf = trustme.CA().issue_cert("localhost")
+    return server_options(crypto.load_privatekey(crypto.FILETYPE_PEM, leaf.private_key_pem.bytes()),
+                          crypto.load_certificate(crypto.FILETYPE_PEM, leaf.cert_chain_pems[0].bytes()))
+
+
+def _our_pair(options):
+    from OpenSSL import SSL
+
+    from circles.server.tls import _ConnectionCreator
+
+    server = _ConnectionCreator(options).serverConnectionForTLS(None)
+    return tls_pair(None, SSL.Context(SSL.TLS_CLIENT_METHOD), server=server)
+
+
+_STEPS = st.lists(st.one_of(
+    st.tuples(st.just("send"), st.integers(1, 40_000)),  # the client writes: one or more records
+    st.tuples(st.just("carry"), st.integers(1, 20_000)),  # that many ciphertext bytes reach the server
+    st.tuples(st.just("read"), st.sampled_from([1, 100, 2 ** 15])),  # the server reads as Twisted does
+), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=_STEPS)
+def test_the_server_connection_says_nothing_to_read_only_when_openssl_would(tls_server_options, steps):
+    """``_Connection.recv`` raises WantReadError without asking OpenSSL when its BIO is empty and
+    nothing decrypted waits. Over a real handshake, records written and carried in any sizes
+    (partial records, several at once, a record read a byte at a time), whenever it does,
+    pyOpenSSL's own ``recv`` says the same; and every byte sent is read, in order."""
+    from OpenSSL import SSL
+
+    server, client = _our_pair(tls_server_options)
+    sent, got, ciphertext, shortcuts = bytearray(), bytearray(), bytearray(), 0
+
+    def read(bufsiz: int) -> None:
+        nonlocal shortcuts
+        while True:
+            try:
+                got.extend(server.recv(bufsiz))
+            except SSL.WantReadError:
+                with pytest.raises(SSL.WantReadError):
+                    SSL.Connection.recv(server, bufsiz)
+                shortcuts += 1
+                return
+
+    for step, size in steps + [("carry", 10 ** 6), ("read", 2 ** 15)]:
+        if step == "send":
+            data = bytes([len(sent) % 251]) * size
+            client.sendall(data)
+            sent.extend(data)
+        elif step == "carry":
+            try:
+                while True:
+                    ciphertext.extend(client.bio_read(2 ** 16))
+            except SSL.WantReadError:
+                pass
+            if ciphertext:
+                server.bio_write(bytes(ciphertext[:size]))
+                del ciphertext[:size]
+        else:
+            read(size)
+    assert got == sent
+    assert shortcuts >= 1
+
+
+def test_the_server_connection_still_reports_how_the_stream_ended(tls_server_options):
+    """The end of the stream is OpenSSL's to tell: the peer's close_notify (ZeroReturnError, which
+    Twisted takes for a clean close) or the TCP connection lost without it (``bio_shutdown``, then
+    pyOpenSSL's "Unexpected EOF"), even with nothing in the BIO."""
+    from OpenSSL import SSL
+
+    server, client = _our_pair(tls_server_options)
+    with pytest.raises(SSL.WantReadError):
+        server.recv(2 ** 15)
+    client.shutdown()
+    server.bio_write(client.bio_read(2 ** 16))
+    with pytest.raises(SSL.ZeroReturnError):
+        server.recv(2 ** 15)
+
+    server, client = _our_pair(tls_server_options)
+    client.send(b"last words")
+    server.bio_write(client.bio_read(2 ** 16))
+    server.bio_shutdown()
+    assert server.recv(2 ** 15) == b"last words"
+    with pytest.raises(SSL.SysCallError, match="Unexpected EOF"):
+        server.recv(2 ** 15)
+
+
 def test_pyproject_pins_the_pyopenssl_line_that_was_reviewed():
     pin = _pin("pyopenssl")
     assert ">=26.4" in pin and "<27" in pin, pin
