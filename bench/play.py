@@ -308,11 +308,12 @@ async def load(url: str, connections: int, seconds: float, warmup: float, cpu: M
 
 
 def load_node(command: tuple, base_url: str, circle: str, connections: int, seconds: float, warmup: float,
-              cpu: Meters = None) -> dict:
+              cpu: Meters = None, rate: float = 0) -> dict:
     """The same load from bench/node/loadgen.mjs: it says on stderr when its measured window starts
-    and ends, and the workers' CPU is taken over that window."""
+    and ends, and the workers' CPU is taken over that window. ``rate``: plays a second in an open
+    loop (0: each connection's next play sent when its last is answered)."""
     proc = subprocess.Popen([*command, "play", "--url", base_url, "--circle", circle, "--connections", str(connections),
-                             "--duration", str(seconds), "--warmup", str(warmup)],
+                             "--duration", str(seconds), "--warmup", str(warmup), "--rate", str(rate)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if cpu is not None:
         cpu.add("generator", TreeCPU([proc.pid]))
@@ -375,7 +376,7 @@ def measure(args, circle: str, state: str, port: int, isolation: str = None) -> 
                      os.path.join(state, "redis.sock"))
         if args.generator.name == "node":
             result = load_node(args.generator.command, f"ws://127.0.0.1:{port}", circle, args.connections,
-                               args.seconds, args.warmup, cpu)
+                               args.seconds, args.warmup, cpu, args.rate)
         else:
             result = asyncio.run(load(f"ws://127.0.0.1:{port}/{circle}", args.connections, args.seconds,
                                       args.warmup, cpu))
@@ -400,6 +401,8 @@ def main() -> None:
     parser.add_argument("--generator", choices=["auto", "node", "python"], default="auto",
                         help="load generator: bench/node/loadgen.mjs or this module's (auto: node when it can run)")
     parser.add_argument("--processes", type=int, default=1, help="server --processes (its CPU: all of them)")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="plays a second, sent in an open loop (Node generator); 0: one in flight a connection")
     parser.add_argument("--pin-server", metavar="CPUS", default=None,
                         help="taskset -c CPUS for the server (and its private Redis, which it starts)")
     parser.add_argument("--pin-workers", metavar="CPUS", default=None,
@@ -411,6 +414,8 @@ def main() -> None:
         os.makedirs(args.profile, exist_ok=True)
     args.generator = choose_generator(args.generator)
     print(f"load generator: {args.generator.name} ({args.generator.why})", file=sys.stderr)
+    if args.rate and args.generator.name != "node":
+        parser.error("--rate needs the Node generator")
     circle = coincurve.PrivateKey().public_key.format().hex()
     with tempfile.TemporaryDirectory() as state:
         # No per-connection rate limit (as bench/run.py's servers): a connection with one play in

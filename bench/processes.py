@@ -154,6 +154,8 @@ def play_round(processes: int, args) -> dict:
     """bench/play.py --processes N: the figures it prints (CPU per play per part)."""
     argv = [PYTHON, "-m", "bench.play", "--processes", str(processes), "--connections", str(args.play_connections),
             "--seconds", str(args.play_seconds), "--generator", args.generator]
+    if args.play_rate:
+        argv += ["--rate", str(args.play_rate)]
     if args.pin:  # the server processes (and Redis) on CPU 1 as for whoami, the worker on CPU 0
         argv += ["--pin-server", "1", "--pin-workers", "0"]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, cwd=str(ROOT), timeout=args.play_seconds + 300)
@@ -162,6 +164,7 @@ def play_round(processes: int, args) -> dict:
     result = json.loads(done.stdout)
     commands = result.get("redis_commands_per_play") or {}
     return {"processes": processes, "plays_per_s": result["plays_per_s"], "p99_ms": result["p99_ms"],
+            "offered_per_s": result.get("rate") or None, "behind": result.get("behind"),
             "cpu_us_per_play": result.get("cpu_us_per_play"),
             # How much each process batches: its wake-ups, and the plays of an ENQUEUE step (each
             # reads ZCOUNT once) and replies of a BLMPOP, per play.
@@ -200,15 +203,23 @@ def markdown(report: dict) -> str:
                          + " | " + " · ".join("/".join(f"{b:.0%}" for b in r["busy"]) for r in mine) + " |")
     if report.get("play"):
         lines += ["", "| play | processes | CPU us per play: server (all processes) | Redis | workers | generator | "
-                  "plays/s | p99 ms | server wake-ups per play | ENQUEUE steps per play | BLMPOP per play |",
+                  "plays/s (offered) | p99 ms | server wake-ups per play | ENQUEUE steps per play | BLMPOP per play |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        servers = {}
         for n in report["configurations"]:
             for r in (r for r in report["play"] if r["processes"] == n):
                 cpu = r.get("cpu_us_per_play") or {}
+                servers.setdefault(n, []).append(cpu.get("server"))
+                offered = f" ({r['offered_per_s']:,.0f}, {r['behind']} behind)" if r.get("offered_per_s") else ""
                 lines.append(f"| play | {n} | {cpu.get('server')} | {cpu.get('redis')} | {cpu.get('workers')} | "
-                             f"{cpu.get('generator')} | {r['plays_per_s']:,.0f} | {r['p99_ms']} | "
+                             f"{cpu.get('generator')} | {r['plays_per_s']:,.0f}{offered} | {r['p99_ms']} | "
                              f"{r.get('server_wakeups_per_play')} | {r.get('enqueue_steps_per_play')} | "
                              f"{r.get('blmpop_per_play')} |")
+        medians = {n: sorted(v)[len(v) // 2] for n, v in servers.items() if None not in v}
+        first = medians.get(report["configurations"][0])
+        if first:
+            lines += ["", "Server CPU a play, median: " + "; ".join(
+                f"{n} process(es) {us} us (x{us / first:.2f})" for n, us in medians.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +233,10 @@ def main(argv: list | None = None) -> None:
     parser.add_argument("--play", action="store_true", help="also bench/play.py --processes N each round")
     parser.add_argument("--play-connections", type=int, default=50)
     parser.add_argument("--play-seconds", type=float, default=10)
+    parser.add_argument("--play-rate", type=float, default=0,
+                        help="plays a second in an open loop, the same for every configuration (bench/play.py "
+                             "--rate): CPU per play at one load; 0: one play in flight a connection, each "
+                             "configuration at its own saturation")
     parser.add_argument("--generator", choices=["node"], default="node", help="the load generator (Node only)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--pin", action="store_true",

@@ -25,7 +25,11 @@
 // * churn: `--rounds` rounds of `--per-round` connections (connect, `fetch_nonce`, close), server
 //   RSS after every round, the last compared with the first.
 // * play (bench/play.py --generator node): N connections authenticate on the circle `--circle`,
-//   then each plays `40 + 2` in a loop, one in flight; plays/s and latency. It prints
+//   then each plays `40 + 2` in a loop, one in flight; plays/s and latency. With `--rate R` the
+//   load is an open loop instead: R plays a second in all, sent on the connections in turn on a
+//   1 ms tick whatever the replies (at most 50 waiting on a connection: a play due on a fuller
+//   one is counted in `behind` and not sent), each latency from its own send; so that
+//   configurations are compared at the same load, not each at its own saturation. It prints
 //   "window start" and "window end" on stderr around the measured window, so that the caller can
 //   take the worker's CPU time over the same window.
 //
@@ -608,7 +612,74 @@ async function churn({ url, rounds, perRound, concurrency, serverPid, settle, ci
 
 // --- workload: play --------------------------------------------------------------------------
 
-async function play({ url, circle, connections, duration, warmup }) {
+/** The open loop of play --rate: `rate` plays a second over `sockets`, in turn. */
+async function pacedPlays(sockets, rate, duration, warmup) {
+  const MAX_WAITING = 50;  // the server's --max-plays is 100 a connection
+  const latencies = [];
+  const sentAt = sockets.map(() => new Map());  // id -> send time, a map a connection
+  let measuring = false;
+  let errors = 0;
+  let behind = 0;
+  let lastError = null;
+  let nextId = 2;
+  const readers = sockets.map(async (ws, i) => {
+    for (;;) {
+      let reply;
+      try {
+        reply = await ws.recv();
+      } catch {
+        return;  // closed at the end
+      }
+      const { id, result, error } = JSON.parse(reply);
+      const t0 = sentAt[i].get(id);
+      sentAt[i].delete(id);
+      if (result === undefined) {
+        errors += 1;
+        lastError = `play failed: ${JSON.stringify(error).slice(0, 200)}`;
+      } else if (measuring && t0 !== undefined && t0.measured) {
+        latencies.push(now() - t0.time);
+      }
+    }
+  });
+  let sent = 0;
+  const started = now();
+  let windowStart = null;
+  let windowEnd = null;
+  await new Promise((resolve) => {
+    const tick = setInterval(() => {
+      const t = now();
+      if (windowStart === null && t - started >= warmup) {
+        windowStart = t;
+        measuring = true;
+        process.stderr.write('window start\n');
+      }
+      if (windowStart !== null && t - windowStart >= duration) {
+        windowEnd = t;
+        measuring = false;
+        process.stderr.write('window end\n');
+        clearInterval(tick);
+        resolve();
+        return;
+      }
+      const due = Math.floor(rate * (t - started));
+      for (; sent < due; sent++) {
+        const i = sent % sockets.length;
+        if (sentAt[i].size >= MAX_WAITING) {
+          behind += 1;
+          continue;
+        }
+        const id = nextId++;
+        sentAt[i].set(id, { time: now(), measured: measuring });
+        sockets[i].send(`{"jsonrpc":"2.0","method":"play","params":{"script":"40 + 2"},"id":${id}}`);
+      }
+    }, 1);
+  });
+  const waited = now();
+  while (sentAt.some((m) => m.size) && now() - waited < 30) await sleep(0.01);
+  return { latencies, elapsed: windowEnd - windowStart, errors, behind, lastError, readers };
+}
+
+async function play({ url, circle, connections, duration, warmup, rate }) {
   if (!circle) throw new Error('play needs --circle (the circle the server serves and a worker runs)');
   const latencies = [];
   let measuring = false;
@@ -643,6 +714,13 @@ async function play({ url, circle, connections, duration, warmup }) {
   }
 
   const sockets = await Promise.all(Array.from({ length: connections }, session));
+  if (rate > 0) {
+    const paced = await pacedPlays(sockets, rate, duration, warmup);
+    await Promise.all(sockets.map((ws) => ws.close()));
+    await withTimeout(Promise.all(paced.readers), 30, 'play readers');
+    return playResult(connections, paced.latencies, paced.elapsed, paced.errors, paced.lastError,
+                      { rate, behind: paced.behind });
+  }
   const loops = Promise.all(sockets.map(loop));
   await sleep(warmup);
   measuring = true;
@@ -656,13 +734,17 @@ async function play({ url, circle, connections, duration, warmup }) {
   stop = true;
   await withTimeout(loops, 60, 'play');
   await Promise.all(sockets.map((ws) => ws.close()));
+  return playResult(connections, measured, elapsed, errors, lastError);
+}
+
+function playResult(connections, measured, elapsed, errors, lastError, extra = {}) {
   const sorted = Float64Array.from(measured).sort();
   // bench/play.py's percentiles: the value at index floor(p * n), in ms to two decimals.
   const pct = (p) => (sorted.length ? round(sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))] * 1000, 2)
     : null);
   const out = { workload: 'play', generator: 'node', connections, seconds: round(elapsed, 2),
                 plays: measured.length, plays_per_s: round(measured.length / elapsed, 1),
-                p50_ms: pct(0.5), p90_ms: pct(0.9), p99_ms: pct(0.99), errors };
+                p50_ms: pct(0.5), p90_ms: pct(0.9), p99_ms: pct(0.99), errors, ...extra };
   if (lastError) out.last_error = lastError;
   return out;
 }
@@ -684,7 +766,8 @@ function summary(result) {
       + `${result.server_bytes_per_idle_conn ?? '?'} B/conn server RSS`;
   }
   if (kind === 'play') {
-    return `play x${result.connections}: ${Math.round(result.plays_per_s)} plays/s, p50 ${result.p50_ms} ms, `
+    const paced = result.rate ? ` (offered ${result.rate}/s, ${result.behind} behind)` : '';
+    return `play x${result.connections}: ${Math.round(result.plays_per_s)} plays/s${paced}, p50 ${result.p50_ms} ms, `
       + `p99 ${result.p99_ms} ms, errors ${result.errors}`;
   }
   return `churn: ${result.rounds}x${result.per_round}, rss round1 ${result.server_rss_round1_mb} MB, `
@@ -719,6 +802,7 @@ async function main(argv) {
         connections: { type: 'string', default: '1' }, method: { type: 'string', default: 'fetch_nonce' },
         concurrency: { type: 'string', default: '20' }, duration: { type: 'string', default: '10' },
         warmup: { type: 'string', default: '2' }, procs: { type: 'string', default: '1' },
+        rate: { type: 'string', default: '0' },
         count: { type: 'string', default: '10000' }, batch: { type: 'string', default: '50' },
         hold: { type: 'string', default: '5' }, rounds: { type: 'string', default: '10' },
         'per-round': { type: 'string', default: '10000' }, settle: { type: 'string', default: '1' },
@@ -762,7 +846,7 @@ async function main(argv) {
     result = await churn({ ...options, rounds: Math.max(1, number('rounds')), perRound: number('per-round'),
                            concurrency: Math.max(1, number('concurrency')) });
   } else {
-    result = await play({ ...options, connections: Math.max(1, number('connections')) });
+    result = await play({ ...options, connections: Math.max(1, number('connections')), rate: number('rate', false) });
   }
   if (overflows !== null) {
     // Non-zero: connects waited for SYN retransmits because the server's accept backlog was full;

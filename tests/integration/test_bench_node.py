@@ -124,3 +124,17 @@ def test_play_through_a_worker_from_node(tmp_path):
     ratios = result["cpu_per_generator_cpu"]
     assert ratios["total"] == pytest.approx(result["cpu_us_per_play"]["total"] / result["cpu_us_per_play"]["generator"],
                                             abs=0.01)
+
+
+def test_play_at_a_set_rate_from_node(tmp_path):
+    """bench/play.py --rate: an open loop of 100 plays a second over 4 connections, whatever the
+    replies; the plays answered in the window come to that rate, none held back."""
+    done = subprocess.run([sys.executable, "-m", "bench.play", "--connections", "4", "--seconds", "2", "--warmup", "0.5",
+                           "--concurrency", "2", "--generator", "node", "--rate", "100"],
+                          capture_output=True, text=True, timeout=300, cwd=str(run.ROOT))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["rate"], result["behind"]) == (100, 0), result
+    assert 150 <= result["plays"] <= 250, result  # 2 s at 100 a second, counted by the replies
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert result["worker_cpu_us_per_play"] > 0
