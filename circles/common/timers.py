@@ -1,6 +1,6 @@
 """Many timers on one clock behind few calls of it: a :class:`TimerLane` holds the timers of one
 delay behind a single call, and :class:`TimerLanes` a lane per delay, each lane made when first
-needed and let go when its last timer fires or is cancelled.
+needed and let go once it holds no timer and its call has come (or at once, past a few lanes).
 
 A ``DelayedCall`` costs some 400 bytes, and the reactor keeps it in a heap compared in Python:
 each one set and cancelled costs several comparisons, and every other call of the clock (a
@@ -35,16 +35,25 @@ class TimerLane:
 
     (Should the wall clock step back, the timers set afterwards wait behind those set before,
     which are late by the step as a ``DelayedCall`` would be: none is later than that.)
+
+    The call stays when the last timer is cancelled, and ends the lane's round when it comes,
+    firing nothing: a timer set meanwhile is due no sooner than it (the delay is the lane's), so
+    the call still comes first and arms the next. A lane that holds one timer at a time (a play
+    waiting for its reply, while the server is not busy) would otherwise make and cancel a
+    ``DelayedCall`` per timer: 2.6% of the server's instructions a play (docs/benchmarks.md,
+    "Unbatched plays"). ``idle(lane)`` is called when the lane's call has come and left it empty.
     """
 
-    __slots__ = ("_clock", "delay", "_fire", "_due", "_call")
+    __slots__ = ("_clock", "delay", "_fire", "_due", "_call", "_idle")
 
-    def __init__(self, clock: IReactorTime, delay: float, fire: Callable[[Any], object]) -> None:
+    def __init__(self, clock: IReactorTime, delay: float, fire: Callable[[Any], object],
+                 idle: Callable[[TimerLane], object] | None = None) -> None:
         self._clock = clock
         self.delay = delay
         self._fire = fire
+        self._idle = idle
         self._due: OrderedDict = OrderedDict()  # key -> deadline, the first due first
-        self._call: IDelayedCall | None = None  # at the first deadline, while there is one
+        self._call: IDelayedCall | None = None  # no later than the first deadline, while one may come
 
     def __len__(self) -> int:
         return len(self._due)
@@ -69,9 +78,12 @@ class TimerLane:
         due[key] = self._clock.seconds() + self.delay
 
     def cancel(self, key: Hashable) -> None:
-        """Never fire ``key`` (if it is set)."""
-        due = self._due
-        if due.pop(key, None) is not None and not due and self._call is not None and self._call is not _EXPIRING:
+        """Never fire ``key`` (if it is set). The lane's call stays (see above)."""
+        self._due.pop(key, None)
+
+    def stop(self) -> None:
+        """Cancel the lane's call now, once it holds no timer (to let go of it at once)."""
+        if self._call is not None and self._call is not _EXPIRING:
             self._call.cancel()
             self._call = None
 
@@ -91,17 +103,26 @@ class TimerLane:
         self._call = None
         if due:
             self._call = self._clock.callLater(max(0.0, due[next(iter(due))] - self._clock.seconds()), self._expire)
+        elif self._idle is not None:
+            self._idle(self)
 
 
 #: A lane's call while it fires its timers (those they set wait for the lane to re-arm).
 _EXPIRING: Any = object()
 
 
+#: Lanes a :class:`TimerLanes` keeps, empty, until their call comes; past these, a lane is let go
+#: as soon as its last timer is cancelled.
+IDLE_LANES = 4
+
+
 class TimerLanes:
     """Timers of any delay on one clock, each key fired with ``fire(key)`` at its deadline: a
-    :class:`TimerLane` per delay, while it holds a timer. Delays a caller chooses (a play's
-    timeout) make a lane each, and each is let go once empty, so distinct delays cost no more
-    than a call of the clock each would, and nothing once their timers are gone."""
+    :class:`TimerLane` per delay, while it holds a timer or its call is still to come. Delays a
+    caller chooses (a play's timeout) make a lane each: while more than :data:`IDLE_LANES` are
+    held, a lane whose last timer is cancelled is let go at once, with its call, so distinct
+    delays cost no more than a call of the clock each would, and nothing once their timers are
+    gone (the few lanes kept, no later than their delay)."""
 
     __slots__ = ("_clock", "_fire", "_lanes")
 
@@ -119,7 +140,7 @@ class TimerLanes:
         again with another delay only once it fired or was cancelled."""
         lane = self._lanes.get(delay)
         if lane is None:
-            lane = self._lanes[delay] = TimerLane(self._clock, delay, lambda key: self._fired(delay, key))
+            lane = self._lanes[delay] = TimerLane(self._clock, delay, self._fire, self._idle)
         lane.set(key)
 
     def cancel(self, delay: float, key: Hashable) -> None:
@@ -127,13 +148,10 @@ class TimerLanes:
         lane = self._lanes.get(delay)
         if lane is not None:
             lane.cancel(key)
-            if not lane:
+            if not lane and len(self._lanes) > IDLE_LANES:
+                lane.stop()
                 del self._lanes[delay]
 
-    def _fired(self, delay: float, key: Hashable) -> None:
-        try:
-            self._fire(key)
-        finally:
-            lane = self._lanes.get(delay)
-            if lane is not None and not lane:
-                del self._lanes[delay]  # it fires no more: its loop ends with nothing left to arm
+    def _idle(self, lane: TimerLane) -> None:
+        if self._lanes.get(lane.delay) is lane:  # not one let go already, nor one made since
+            del self._lanes[lane.delay]  # its call came and found nothing: it arms none

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from circles.common.timers import TimerLane, TimerLanes
+from circles.common.timers import IDLE_LANES, TimerLane, TimerLanes
 from circles.server.websocket import _Timers
 
 from ..inmemory import captured_log
@@ -84,7 +84,7 @@ def test_reset_of_a_timer_not_set_is_a_key_error(clock):
         lane.reset("a")
 
 
-def test_a_cancelled_timer_never_fires_and_the_last_leaves_no_call_behind(clock):
+def test_a_cancelled_timer_never_fires_and_the_last_leaves_its_call_until_it_comes(clock):
     lane, fired = lane_of(clock)
     lane.set("a")
     lane.set("b")
@@ -95,9 +95,22 @@ def test_a_cancelled_timer_never_fires_and_the_last_leaves_no_call_behind(clock)
     assert fired == ["b"]
     lane.set("c")
     lane.cancel("c")
-    assert clock.getDelayedCalls() == []
-    clock.advance(20)
+    [call] = clock.getDelayedCalls()  # kept: a lane holding one timer at a time makes no call per timer
+    clock.advance(4)
+    lane.set("d")  # due at 24, after the call kept (at 20): no second call
+    assert clock.getDelayedCalls() == [call]
+    lane.cancel("d")
+    lane.set("e")  # due at 24 too
+    clock.advance(6)
+    assert fired == ["b"] and "e" in lane and len(clock.getDelayedCalls()) == 1  # the call came, armed the next
+    clock.advance(3.9921875)
     assert fired == ["b"]
+    clock.advance(0.0078125)
+    assert fired == ["b", "e"] and clock.getDelayedCalls() == []  # at its own deadline, nothing left behind
+    lane.set("f")
+    lane.cancel("f")
+    clock.advance(10)
+    assert fired == ["b", "e"] and clock.getDelayedCalls() == []  # the call came, fired nothing, armed nothing
 
 
 def test_a_timer_that_raises_does_not_stop_the_others(clock):
@@ -163,16 +176,33 @@ def test_lanes_one_per_delay_each_let_go_once_empty(clock):
     lanes.set(0.5, "short")
     lanes.set(0.75, "shorter")
     assert len(lanes) == 3 and len(clock.getDelayedCalls()) == 3  # a call per delay, not per timer
-    lanes.cancel(0.75, "shorter")  # its lane's last: let go, its call with it
-    assert len(lanes) == 2 and len(clock.getDelayedCalls()) == 2
-    lanes.cancel(0.75, "shorter")  # again, and with no lane: nothing
+    lanes.cancel(0.75, "shorter")  # its lane's last: kept, a few lanes held, until its call comes
+    assert len(lanes) == 3 and len(clock.getDelayedCalls()) == 3
+    lanes.cancel(0.75, "shorter")  # again: nothing
     clock.advance(0.5)
-    assert fired == [("short", 0.5)] and len(lanes) == 1  # fired its lane's last: let go
+    assert fired == [("short", 0.5)] and len(lanes) == 2  # fired its lane's last: let go
+    clock.advance(0.25)
+    assert len(lanes) == 1 and len(clock.getDelayedCalls()) == 1  # its call came and found nothing: let go
     for key in range(49):
         lanes.cancel(30, key)
     assert len(lanes) == 1
-    clock.advance(29.5)
+    clock.advance(29.25)
     assert fired == [("short", 0.5), (49, 30)]
+    assert len(lanes) == 0 and clock.getDelayedCalls() == []
+
+
+def test_past_a_few_lanes_one_emptied_goes_at_once_with_its_call(clock):
+    lanes = TimerLanes(clock, lambda key: None)
+    for n in range(IDLE_LANES + 3):
+        lanes.set(10 + n, n)
+    assert len(lanes) == IDLE_LANES + 3 and len(clock.getDelayedCalls()) == IDLE_LANES + 3
+    for n in range(IDLE_LANES + 3):
+        lanes.cancel(10 + n, n)
+    # let go at once while more than IDLE_LANES were held; the last IDLE_LANES wait for their call
+    assert len(lanes) == IDLE_LANES and len(clock.getDelayedCalls()) == IDLE_LANES
+    lanes.set(10 + IDLE_LANES + 2, "again")  # the same delay as a lane kept: that lane, no new call
+    assert len(lanes) == IDLE_LANES and len(clock.getDelayedCalls()) == IDLE_LANES
+    clock.advance(100)
     assert len(lanes) == 0 and clock.getDelayedCalls() == []
 
 
