@@ -52,6 +52,7 @@ def connect(address: RedisAddress, reactor, *, poolsize: int = 1, reply_timeout:
         factory.protocol = EagerProtocol
         endpoint = address.endpoint(reactor)
         factory.maxDelay = 2.0
+    factory.clock = reactor  # the reply timeouts' (EagerProtocol)
     if on_message is not None:
         factory.protocol = PrimarySubscriber if address.sentinels else Subscriber
         factory.on_message = on_message

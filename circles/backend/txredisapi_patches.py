@@ -23,6 +23,9 @@ any connection is made). txredisapi names both at call time:
   txredisapi's gives, faster where circles' connections are (``convertNumbers=False``, a
   charset): its own calls a method per value with three type checks each, some 30 values for a
   task a worker takes, a fifth of the worker's own CPU per task.
+- ``RedisProtocol.execute_command``'s reply timeout, on our connections (:class:`EagerProtocol`):
+  a timer in a lane instead of a ``DelayedCall`` each; what it does when it fires is txredisapi's
+  ``fire_timeout``, copied.
 - ``BaseRedisProtocol.eval``: txredisapi's, with each script's bytes and SHA-1 digest made once
   (:func:`script_digest`) rather than at every call: encoding and hashing the few kilobytes of
   a step's Lua was 1.5% of the instructions a worker spends on a play (``bench/instructions.py``).
@@ -55,6 +58,7 @@ from twisted.logger import LogLevel
 
 from circles.common.eager import send_eagerly_on
 from circles.common.logs import Logger
+from circles.common.timers import TimerLane
 
 
 class QuietLogger(Logger):
@@ -186,11 +190,53 @@ txredisapi.BaseRedisProtocol.eval = eval_script
 
 class EagerProtocol(txredisapi.RedisProtocol):
     """txredisapi's connection, whose commands are sent at once when nothing is queued
-    (:mod:`circles.common.eager`), not on the reactor's next turn after two ``epoll_ctl``."""
+    (:mod:`circles.common.eager`), not on the reactor's next turn after two ``epoll_ctl``.
+
+    Its reply timeouts are entries of one :class:`~circles.common.timers.TimerLane` on the
+    factory's ``clock`` (:func:`circles.backend.redis.connect` sets it), where txredisapi makes
+    a ``DelayedCall`` for every command and cancels it at the reply: 3% of the server's
+    instructions a play when plays come one at a time (docs/benchmarks.md, "Unbatched plays").
+    What a timeout does is txredisapi's (:meth:`_reply_timed_out`)."""
+
+    _reply_timeouts: TimerLane | None = None
 
     def connectionMade(self) -> Deferred:
         send_eagerly_on(self.transport)
+        clock = getattr(self.factory, "clock", None)
+        if self.replyTimeout and clock is not None:
+            self._reply_timeouts = TimerLane(clock, self.replyTimeout, self._reply_timed_out)
         return super().connectionMade()
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred:
+        lane = self._reply_timeouts
+        if lane is None or not kwargs.get("apply_timeout", True):
+            return super().execute_command(*args, **kwargs)
+        kwargs["apply_timeout"] = False
+        result = super().execute_command(*args, **kwargs)
+        lane.set(result)
+        return result.addBoth(_answered, lane, result)
+
+    def _reply_timed_out(self, result: Deferred) -> None:
+        # txredisapi's fire_timeout: the command fails, so does every one waiting, and the
+        # connection is dropped (a reply still to come would be taken for the next command's).
+        if result.called:
+            return  # answered; a callback of its own still running
+        error = f"Not received Redis response in {self.replyTimeout} seconds"
+        result.errback(txredisapi.TimeoutError(error))
+        while self.replyQueue.waiting:
+            self.replyQueue.put(txredisapi.TimeoutError(error))
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)  # fails the commands waiting: their timeouts go with them
+        lane = self._reply_timeouts
+        if lane is not None and not lane:
+            lane.stop()
+
+
+def _answered(value: Any, lane: TimerLane, result: Deferred) -> Any:
+    lane.cancel(result)
+    return value
 
 
 class CheckedProtocol(EagerProtocol):

@@ -76,6 +76,10 @@ TXREDISAPI_SOURCES = {
     ("BaseRedisProtocol", "_eval_success"): "c6a8a611b436a906",
     ("BaseRedisProtocol", "_evalsha_failed"): "3e9fcb5d0af5ba6d",
     ("BaseRedisProtocol", "_evalsha_errback"): "fc5c6010963c4d86",
+    # a command's Deferred, with its reply timeout unless apply_timeout=False (EagerProtocol puts
+    # it in a lane instead, doing what fire_timeout does); connectionLost fails the commands waiting.
+    ("BaseRedisProtocol", "execute_command"): "835c592bd9402e99",
+    ("BaseRedisProtocol", "connectionLost"): "c6ad321624dac656",
 }
 
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import time
 
 import pytest
 import pytest_twisted
+import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
@@ -21,7 +24,7 @@ from devtools.redis_server import REDIS_SERVER, RedisProcess
 
 @pytest.fixture
 def redis_both():
-    """A redis-server listening on TCP and on a Unix socket: (tcp url, unix url)."""
+    """A redis-server listening on TCP and on a Unix socket: (tcp url, unix url, its process)."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed")
     directory = tempfile.mkdtemp(prefix="eager-")  # short: a Unix socket's path has a small limit
@@ -29,7 +32,7 @@ def redis_both():
     server = RedisProcess(directory, args=["--unixsocket", sock, "--unixsocketperm", "700"])
     server.start()
     try:
-        yield server.url, f"unix://{sock}"
+        yield server.url, f"unix://{sock}", server.process
     finally:
         server.kill()
         shutil.rmtree(directory, ignore_errors=True)
@@ -54,5 +57,39 @@ async def test_commands_to_redis_leave_at_once_and_in_order(redis_both, over):
         replies += [connection.execute_command("INCR", "n") for _ in range(300)]
         assert await gatherResults(replies) == ["OK", size] + list(range(1, 301))
         assert (transport.dataBuffer, transport._tempDataBuffer) == (b"", [])
+    finally:
+        await factory.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_timeouts_are_one_lane_and_still_fail_the_commands_and_the_connection(redis_both):
+    """Each command's reply timeout is an entry of one lane of timers (one call of the clock for
+    the connection, none made per command), and a Redis that stops answering still fails the
+    command after the timeout with txredisapi's TimeoutError, fails the others waiting, and drops
+    the connection, which comes back once Redis answers again."""
+    from ..play_client import eventually
+
+    factory = connect(parse_redis_url(redis_both[0]), reactor, reply_timeout=0.5)
+    server = redis_both[2]
+    try:
+        connection = await factory.getConnection(peek=True)
+        before = len(reactor.getDelayedCalls())
+        replies = [connection.execute_command("INCR", "n") for _ in range(200)]
+        assert len(reactor.getDelayedCalls()) <= before + 1  # the lane's call, not 200
+        assert await gatherResults(replies) == list(range(1, 201))
+        server.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            first, second = connection.execute_command("PING"), connection.execute_command("INCR", "n")
+            with pytest.raises(txredisapi.TimeoutError, match="Not received Redis response in 0.5 seconds"):
+                await first
+            assert 0.4 < time.monotonic() - started < 5
+            with pytest.raises(txredisapi.TimeoutError):
+                await second
+            await eventually(lambda: not connection.connected)
+        finally:
+            server.send_signal(signal.SIGCONT)
+        again = await factory.getConnection(peek=True)
+        assert again is not connection and await again.execute_command("PING") == "PONG"
     finally:
         await factory.disconnect()
