@@ -40,7 +40,7 @@ class TimerLane:
     firing nothing: a timer set meanwhile is due no sooner than it (the delay is the lane's), so
     the call still comes first and arms the next. A lane that holds one timer at a time (a play
     waiting for its reply, while the server is not busy) would otherwise make and cancel a
-    ``DelayedCall`` per timer: 2.6% of the server's instructions a play (docs/benchmarks.md,
+    ``DelayedCall`` per timer: 2.4% of the server's instructions a play (docs/benchmarks.md,
     "Unbatched plays"). ``idle(lane)`` is called when the lane's call has come and left it empty.
     """
 
