@@ -1,7 +1,7 @@
 """Where circles changes txredisapi or leans on its internals: in this module only.
 
 pyproject.toml pins the txredisapi line this was written against (1.6), and
-``tests/test_dependencies.py`` checks each assumption below, with the source digests of the
+``tests/integration/test_dependencies.py`` checks each assumption below, with the source digests of the
 txredisapi code relied on: a txredisapi that changes any of it fails there, not in production.
 
 What is replaced, when this module is imported (:mod:`circles.backend.redis` imports it before
