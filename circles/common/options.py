@@ -73,7 +73,7 @@ def one_line_mistakes(options: type, command: str) -> type:
 
     To name the option in a type mistake it wraps each ``CoerceParameter``'s ``dispatch``, found
     in ``usage.Options._dispatch`` (private to Twisted, which has no public way to it; the
-    Twisted code relied on is pinned by ``tests/test_dependencies.py``).
+    Twisted code relied on is pinned by ``tests/integration/test_dependencies.py``).
     """
     class OneLine(options):
         def __init__(self) -> None:

@@ -18,7 +18,7 @@ made when first used, and the timers of one delay share one call of the clock
 (:class:`~circles.common.timers.TimerLane`): 4 kB of resident memory per idle connection where it was 10.7 kB
 (docs/benchmarks.md).
 
-Autobahn internals relied on (pyproject.toml pins Autobahn's line, and ``tests/test_protocol.py``
+Autobahn internals relied on (pyproject.toml pins Autobahn's line, and ``tests/unit/test_protocol.py``
 holds the digests of the Autobahn source each override was written against: an Autobahn that
 changes any of it fails there first):
 

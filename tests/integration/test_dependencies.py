@@ -3,8 +3,8 @@ library's internals (a private attribute, a name replaced at run time, the sourc
 overridden or relied on) against the installed version, and the pins in pyproject.toml that
 keep that version in the line reviewed. An upgrade that changes any of it fails here first.
 
-Elsewhere: Twisted's ``tcp.Server`` internals (``tests/test_eager.py``) and Autobahn's
-(``tests/test_protocol.py``).
+Elsewhere: Twisted's ``tcp.Server`` internals (``tests/unit/test_eager.py``) and Autobahn's
+(``tests/unit/test_protocol.py``).
 
 When a digest here fails: read the library's new source against the module named beside it,
 carry over what matters, and record the new digest.

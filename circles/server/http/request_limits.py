@@ -17,7 +17,7 @@ seconds whatever the client does.
 The limit applies to every route of the Site: the webhooks are the only ones taking a body.
 
 Twisted internals relied on, here only (pyproject.toml pins Twisted's line, and
-``tests/test_dependencies.py`` holds digests of the Twisted code reviewed: a Twisted that changes
+``tests/integration/test_dependencies.py`` holds digests of the Twisted code reviewed: a Twisted that changes
 any of it fails there first). Twisted offers no public way to do any of this:
 
 - :class:`RequestDeadlineChannel` reads ``HTTPChannel``'s ``_handlingRequest`` (a request is being
